@@ -1,0 +1,57 @@
+//! blockvol's Kubernetes API: the `BlockVolume`, `BlockReplica` and `BlockNode` custom
+//! resources (group `blockvol.io`, version `v1alpha1`), the labels, finalizers and names
+//! every component shares, and the validation the CRD schema enforces, mirrored in Rust
+//! so controllers and the CSI driver reject the same objects the API server rejects.
+
+pub mod crd;
+pub mod node;
+pub mod quantity;
+pub mod replica;
+pub mod volume;
+
+pub use node::{BlockNode, BlockNodeSpec, BlockNodeStatus};
+pub use quantity::{QuantityError, parse_quantity_bytes};
+pub use replica::{
+    BlockReplica, BlockReplicaSpec, BlockReplicaStatus, PeerAssignment, PeerStatus, ReplicaRole,
+    ReplicaState,
+};
+pub use volume::{
+    BlockVolume, BlockVolumeSpec, BlockVolumeStatus, Durability, ReplicaSummary, ValidationError,
+    VolumePhase,
+};
+
+/// API group of every blockvol resource.
+pub const GROUP: &str = "blockvol.io";
+/// API version served and stored.
+pub const VERSION: &str = "v1alpha1";
+/// The CSI driver name, as registered with the kubelet and named in StorageClasses.
+pub const CSI_DRIVER_NAME: &str = "csi.blockvol.io";
+
+/// Label on a `BlockReplica` naming the `BlockVolume` it belongs to.
+pub const LABEL_VOLUME: &str = "blockvol.io/volume";
+/// Label on a `BlockReplica` naming the node whose agent runs it.
+pub const LABEL_NODE: &str = "blockvol.io/node";
+/// Label on objects managed by blockvol components.
+pub const LABEL_MANAGED_BY: &str = "app.kubernetes.io/managed-by";
+
+/// Finalizer the operator holds on a `BlockVolume` until every replica is gone.
+pub const FINALIZER_VOLUME: &str = "blockvol.io/replicas";
+/// Finalizer the node agent holds on a `BlockReplica` until its disk space is freed.
+pub const FINALIZER_REPLICA: &str = "blockvol.io/disk";
+
+/// Topology key the CSI driver reports for each node.
+pub const TOPOLOGY_NODE_KEY: &str = "topology.blockvol.io/node";
+
+/// Field managers: one per component, so server-side apply keeps one writer per field.
+pub const FIELD_MANAGER_OPERATOR: &str = "blockvol-operator";
+pub const FIELD_MANAGER_AGENT: &str = "blockvol-agent";
+pub const FIELD_MANAGER_CSI: &str = "blockvol-csi";
+
+/// Block sizes a volume may have, in bytes.
+pub const BLOCK_SIZES: [u32; 2] = [512, 4096];
+/// Default block size in bytes.
+pub const DEFAULT_BLOCK_SIZE: u32 = 4096;
+/// Replica count bounds and default.
+pub const MIN_REPLICAS: u8 = 1;
+pub const MAX_REPLICAS: u8 = 5;
+pub const DEFAULT_REPLICAS: u8 = 3;

@@ -1,0 +1,150 @@
+//! `BlockReplica`: one replica's assignment. The spec is written by the operator only
+//! (node, role, epoch, geometry, peers, committed in-sync set); the status by the node
+//! agent only (state, LSNs, per-peer states). One writer per field, so no status fights.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::volume::Durability;
+
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "blockvol.io",
+    version = "v1alpha1",
+    kind = "BlockReplica",
+    shortname = "br",
+    status = "BlockReplicaStatus",
+    printcolumn = r#"{"name":"Volume","type":"string","jsonPath":".spec.volume"}"#,
+    printcolumn = r#"{"name":"Node","type":"string","jsonPath":".spec.node"}"#,
+    printcolumn = r#"{"name":"Role","type":"string","jsonPath":".spec.role"}"#,
+    printcolumn = r#"{"name":"Epoch","type":"integer","jsonPath":".spec.epoch"}"#,
+    printcolumn = r#"{"name":"State","type":"string","jsonPath":".status.state"}"#,
+    printcolumn = r#"{"name":"Flushed","type":"integer","jsonPath":".status.flushedLsn"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "self.replicaId == oldSelf.replicaId && self.volume == oldSelf.volume && self.node == oldSelf.node",
+        "message": "spec.replicaId, spec.volume and spec.node are immutable: a replica never moves",
+        "reason": "FieldValueForbidden"
+    },
+    {
+        "rule": "self.epoch >= oldSelf.epoch",
+        "message": "spec.epoch may only grow",
+        "fieldPath": ".epoch",
+        "reason": "FieldValueForbidden"
+    }
+]))]
+pub struct BlockReplicaSpec {
+    /// Name of the owning `BlockVolume`.
+    pub volume: String,
+    /// Stable identity of this replica; never an address.
+    pub replica_id: String,
+    /// Node whose agent runs this replica.
+    pub node: String,
+    pub role: ReplicaRole,
+    /// Replication epoch this assignment belongs to.
+    pub epoch: u64,
+    /// Volume size in bytes.
+    pub size_bytes: u64,
+    #[schemars(extend("enum" = [512, 4096]))]
+    pub block_size: u32,
+    #[serde(default)]
+    pub durability: Durability,
+    /// For a primary: the replicas it ships to.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub peers: Vec<PeerAssignment>,
+    /// For a primary: the committed in-sync set (ReplicaIDs, including itself).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub in_sync_set: Vec<String>,
+    #[serde(default)]
+    pub in_sync_set_generation: u64,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum ReplicaRole {
+    Primary,
+    #[default]
+    Replica,
+}
+
+/// A peer a primary ships to. The address is resolved from the peer's `BlockNode`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PeerAssignment {
+    pub replica_id: String,
+    pub node: String,
+}
+
+/// Replica states, as the replication protocol defines them.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum ReplicaState {
+    #[default]
+    Pending,
+    Disconnected,
+    Connecting,
+    CatchingUp,
+    InSync,
+    Degraded,
+    NeedsRebuild,
+    Rebuilding,
+    /// This replica is the primary and serving IO.
+    Serving,
+    /// The agent cannot run this replica (see `lastError`).
+    Failed,
+}
+
+/// Observed state of one replica, written by its node agent only.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BlockReplicaStatus {
+    #[serde(default)]
+    pub state: ReplicaState,
+    /// Role the agent is acting in (may lag the spec during a change).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<ReplicaRole>,
+    /// Highest epoch the agent has persisted for this replica.
+    #[serde(default)]
+    pub epoch: u64,
+    #[serde(default)]
+    pub head_lsn: u64,
+    #[serde(default)]
+    pub received_lsn: u64,
+    /// Highest LSN durable on this replica's disk.
+    #[serde(default)]
+    pub flushed_lsn: u64,
+    #[serde(default)]
+    pub checkpoint_lsn: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size_bytes: Option<u64>,
+    /// For a primary: what it knows of each peer.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub peers: Vec<PeerStatus>,
+    /// For a primary: committed members it cannot reach; flush acks are blocked until
+    /// the operator commits an in-sync set without them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unreachable: Vec<String>,
+    /// The in-sync set generation the agent is acting on.
+    #[serde(default)]
+    pub in_sync_set_generation: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PeerStatus {
+    pub replica_id: String,
+    pub state: ReplicaState,
+    #[serde(default)]
+    pub flushed_lsn: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+}

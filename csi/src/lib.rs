@@ -1,0 +1,1 @@
+//! The blockvol CSI driver: Identity, Controller and Node services.

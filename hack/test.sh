@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Runs every blockvol test on this machine: installs what the tests need (system
+# packages, the pinned Kubernetes binaries), then lints and runs the test suites.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n==> %s\n' "$*"; }
+
+step "dependencies"
+hack/deps.sh
+if [ -x hack/tools/build.sh ]; then
+  hack/tools/build.sh
+  # shellcheck disable=SC1091
+  source hack/tools/env.sh
+fi
+
+step "format (cargo fmt --check)"
+cargo fmt --all -- --check
+
+step "lint (cargo clippy -D warnings)"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+step "CRDs match the Rust types"
+cargo run -q --locked -p api --bin crdgen -- --stdout >/dev/null
+
+step "tests (cargo test)"
+cargo test --workspace --locked
+
+echo
+echo "all blockvol tests passed"
