@@ -23,6 +23,12 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 step "CRDs match the Rust types"
 cargo run -q --locked -p api --bin crdgen -- --stdout >/dev/null
 
+if command -v helm >/dev/null; then
+  step "Helm chart (lint, rendered manifests match)"
+  helm lint --quiet charts/blockvol
+  hack/render.sh --check
+fi
+
 step "tests (cargo test)"
 cargo test --workspace --locked
 
