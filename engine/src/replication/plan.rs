@@ -1,0 +1,704 @@
+//! Recovery planner and executors. The planner classifies a reconnecting replica from the
+//! primary's retained history (zero gap, catch-up, rebuild), acquires the pins the recovery
+//! needs and returns a plan that binds its targets; executors consume the plan without
+//! re-deriving anything, and every exit path releases every pin (logged as
+//! `exec_resources_released`).
+
+use std::collections::BTreeSet;
+
+use super::retention::{HoldId, Pinner};
+use super::storage::{BaseKind, BasePin, ReplicaLog};
+use super::types::{Epoch, Lsn, ReplicaId};
+use super::wire::Body;
+use super::{Error, Result};
+
+/// The primary's retained history at handshake time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetainedHistory {
+    pub epoch: Epoch,
+    pub head: Lsn,
+    pub retained_start: Lsn,
+    pub checkpoint: Lsn,
+    pub checkpoint_trusted: bool,
+}
+
+impl RetainedHistory {
+    pub fn from_log(log: &dyn ReplicaLog, epoch: Epoch) -> Self {
+        Self {
+            epoch,
+            head: log.head_lsn(),
+            retained_start: log.retained_start(),
+            checkpoint: log.checkpoint_lsn(),
+            checkpoint_trusted: log.checkpoint_trusted(),
+        }
+    }
+}
+
+/// What the replica said in the reconnect handshake.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HandshakeReply {
+    /// Durable R.
+    pub flushed: Lsn,
+    /// Epoch of the replica's entry at R (log-matching check).
+    pub flushed_epoch: Epoch,
+    /// Highest LSN received (may exceed R by unsynced entries).
+    pub received: Lsn,
+    pub checkpoint: Lsn,
+    pub replica_epoch: Epoch,
+}
+
+/// Drop the replica's entries after `after`; it verifies its entry there has `expect_epoch`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Truncation {
+    pub after: Lsn,
+    pub expect_epoch: Epoch,
+}
+
+/// Handshake classification.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The replica knows a newer epoch: this primary is stale.
+    Fenced {
+        replica_epoch: Epoch,
+    },
+    /// Nothing to copy; a barrier grants InSync.
+    ZeroGap {
+        from: Lsn,
+        truncate: Option<Truncation>,
+    },
+    /// Replay (from, target] with a frozen target.
+    CatchUp {
+        from: Lsn,
+        target: Lsn,
+        truncate: Option<Truncation>,
+    },
+    NeedsRebuild {
+        reason: &'static str,
+    },
+}
+
+/// Classifies a handshake. The matrix: R = H zero gap; S <= R+1 <= H catch-up over
+/// (R, H] with H frozen; R+1 < S rebuild; R > H truncate the suffix when the replica can
+/// (its checkpoint is not past H) - those entries were never acknowledged, because every ack
+/// needed this primary's history - otherwise rebuild. Before any reuse of the replica's
+/// prefix, its entry at the resume point must carry the same epoch as ours (log matching),
+/// and unsynced entries above R are truncated since they may come from an older primary.
+pub fn classify_handshake(
+    h: &HandshakeReply,
+    hist: &RetainedHistory,
+    epoch_at: &dyn Fn(Lsn) -> Option<Epoch>,
+    catchup_entries_max: u64,
+) -> Outcome {
+    if h.replica_epoch > hist.epoch {
+        return Outcome::Fenced {
+            replica_epoch: h.replica_epoch,
+        };
+    }
+    let r = h.flushed;
+    if r > hist.head {
+        if h.checkpoint > hist.head {
+            return Outcome::NeedsRebuild {
+                reason: "replica ahead of primary and its suffix is already in its extent",
+            };
+        }
+        let Some(e) = epoch_at(hist.head) else {
+            return Outcome::NeedsRebuild {
+                reason: "replica ahead of primary and head epoch unknown",
+            };
+        };
+        return Outcome::ZeroGap {
+            from: hist.head,
+            truncate: Some(Truncation {
+                after: hist.head,
+                expect_epoch: e,
+            }),
+        };
+    }
+    if r.next() < hist.retained_start {
+        return Outcome::NeedsRebuild {
+            reason: "replica needs WAL older than the retained start",
+        };
+    }
+    match epoch_at(r) {
+        Some(e) if e == h.flushed_epoch => {}
+        Some(_) => {
+            return Outcome::NeedsRebuild {
+                reason: "replica history diverged (epoch at its flushed LSN differs)",
+            };
+        }
+        None => {
+            return Outcome::NeedsRebuild {
+                reason: "cannot verify the replica's history at its flushed LSN",
+            };
+        }
+    }
+    let truncate = (h.received > r).then_some(Truncation {
+        after: r,
+        expect_epoch: h.flushed_epoch,
+    });
+    if r == hist.head {
+        return Outcome::ZeroGap { from: r, truncate };
+    }
+    if hist.head.0 - r.0 > catchup_entries_max {
+        return Outcome::NeedsRebuild {
+            reason: "catch-up range exceeds catchup_entries_max",
+        };
+    }
+    Outcome::CatchUp {
+        from: r,
+        target: hist.head,
+        truncate,
+    }
+}
+
+/// Structured recovery log entry kinds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EventKind {
+    SessionStarted,
+    HandshakeClassified(String),
+    PlanCreated(String),
+    PinFailed(String),
+    CatchUpProgress { flushed: Lsn, target: Lsn },
+    SessionCompleted,
+    SessionInvalidated { reason: String },
+    ExecResourcesReleased { holds: usize, base_pins: usize },
+    EscalatedNeedsRebuild { reason: String },
+    StateChanged { from: String, to: String },
+}
+
+impl EventKind {
+    /// Stable snake_case name for logs and assertions.
+    pub fn name(&self) -> &'static str {
+        match self {
+            EventKind::SessionStarted => "session_started",
+            EventKind::HandshakeClassified(_) => "handshake_classified",
+            EventKind::PlanCreated(_) => "plan_created",
+            EventKind::PinFailed(_) => "pin_failed",
+            EventKind::CatchUpProgress { .. } => "catchup_progress",
+            EventKind::SessionCompleted => "session_completed",
+            EventKind::SessionInvalidated { .. } => "session_invalidated",
+            EventKind::ExecResourcesReleased { .. } => "exec_resources_released",
+            EventKind::EscalatedNeedsRebuild { .. } => "escalated_needs_rebuild",
+            EventKind::StateChanged { .. } => "state_changed",
+        }
+    }
+}
+
+/// One structured recovery log record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecoveryEvent {
+    pub at_ms: u64,
+    pub replica: ReplicaId,
+    pub session: u64,
+    pub kind: EventKind,
+}
+
+/// What a plan does, with its targets bound.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PlanKind {
+    CatchUp { from: Lsn, target: Lsn },
+    Rebuild { base: BasePin, target: Lsn },
+}
+
+/// A recovery plan: bound targets plus the pins it owns. Only `release_plan` ends it.
+#[derive(Debug)]
+#[must_use = "a plan owns pins; pass it to an executor or release_plan"]
+pub struct RecoveryPlan {
+    replica: ReplicaId,
+    session: u64,
+    kind: PlanKind,
+    holds: Vec<HoldId>,
+    base_pin: Option<BasePin>,
+}
+
+impl RecoveryPlan {
+    pub fn replica(&self) -> &ReplicaId {
+        &self.replica
+    }
+    pub fn session(&self) -> u64 {
+        self.session
+    }
+    pub fn kind(&self) -> &PlanKind {
+        &self.kind
+    }
+    pub fn holds(&self) -> &[HoldId] {
+        &self.holds
+    }
+}
+
+/// Plans a catch-up over (from, target]: holds WAL from `from` (entry `from` kept for the
+/// log-matching check).
+pub fn plan_catch_up(
+    replica: &ReplicaId,
+    session: u64,
+    from: Lsn,
+    target: Lsn,
+    pinner: &mut Pinner,
+    log: &dyn ReplicaLog,
+) -> Result<RecoveryPlan> {
+    let hold = pinner.hold_wal(replica, from, log.retained_start())?;
+    Ok(RecoveryPlan {
+        replica: replica.clone(),
+        session,
+        kind: PlanKind::CatchUp { from, target },
+        holds: vec![hold],
+        base_pin: None,
+    })
+}
+
+/// Plans a rebuild: a trusted checkpoint snapshot plus its WAL tail when the tail is still
+/// retained, otherwise the full base. Target = head now (frozen).
+pub fn plan_rebuild(
+    replica: &ReplicaId,
+    session: u64,
+    pinner: &mut Pinner,
+    log: &mut dyn ReplicaLog,
+) -> Result<RecoveryPlan> {
+    let checkpoint = log.checkpoint_lsn();
+    let snapshot_ok = log.checkpoint_trusted()
+        && checkpoint > Lsn::ZERO
+        && log.retained_start() <= checkpoint.next();
+    let target = log.head_lsn();
+    if snapshot_ok {
+        let base = log.pin_base(BaseKind::Snapshot)?;
+        match pinner.hold_snapshot(replica, base.base_lsn, log.retained_start()) {
+            Ok(h) => {
+                return Ok(RecoveryPlan {
+                    replica: replica.clone(),
+                    session,
+                    kind: PlanKind::Rebuild {
+                        base: base.clone(),
+                        target,
+                    },
+                    holds: vec![h],
+                    base_pin: Some(base),
+                });
+            }
+            Err(e) => {
+                log.release_base(&base);
+                return Err(e);
+            }
+        }
+    }
+    let base = log.pin_base(BaseKind::FullBase)?;
+    let h = pinner.hold_full_base(replica);
+    let target = target.max(base.base_lsn);
+    Ok(RecoveryPlan {
+        replica: replica.clone(),
+        session,
+        kind: PlanKind::Rebuild {
+            base: base.clone(),
+            target,
+        },
+        holds: vec![h],
+        base_pin: Some(base),
+    })
+}
+
+/// Releases every pin a plan owns and logs it.
+pub fn release_plan(
+    plan: RecoveryPlan,
+    pinner: &mut Pinner,
+    log: &mut dyn ReplicaLog,
+    now_ms: u64,
+    events: &mut Vec<RecoveryEvent>,
+) {
+    let mut holds = 0;
+    for h in &plan.holds {
+        if pinner.release(*h) {
+            holds += 1;
+        }
+    }
+    let mut base_pins = 0;
+    if let Some(b) = &plan.base_pin {
+        log.release_base(b);
+        base_pins = 1;
+    }
+    events.push(RecoveryEvent {
+        at_ms: now_ms,
+        replica: plan.replica.clone(),
+        session: plan.session,
+        kind: EventKind::ExecResourcesReleased { holds, base_pins },
+    });
+}
+
+/// Catch-up budget (named bounds, units last).
+#[derive(Debug, Clone, Copy)]
+pub struct CatchUpBudget {
+    pub entries_max: u64,
+    pub duration_ms_max: u64,
+    pub progress_deadline_ms: u64,
+}
+
+/// Executes a catch-up plan step by step: a batch of entries, then a barrier whose reply is
+/// the progress signal. Cannot go past the plan's frozen target.
+#[derive(Debug)]
+pub struct CatchUpExec {
+    plan: RecoveryPlan,
+    from: Lsn,
+    target: Lsn,
+    next: Lsn,
+    acked: Lsn,
+    entries_sent: u64,
+    started_ms: u64,
+    last_progress_ms: u64,
+}
+
+impl CatchUpExec {
+    pub fn new(plan: RecoveryPlan, now_ms: u64) -> Result<Self> {
+        let PlanKind::CatchUp { from, target } = plan.kind else {
+            return Err(Error::Storage(
+                "catch-up executor given a rebuild plan".into(),
+            ));
+        };
+        Ok(Self {
+            plan,
+            from,
+            target,
+            next: from.next(),
+            acked: from,
+            entries_sent: 0,
+            started_ms: now_ms,
+            last_progress_ms: now_ms,
+        })
+    }
+    pub fn target(&self) -> Lsn {
+        self.target
+    }
+    pub fn from(&self) -> Lsn {
+        self.from
+    }
+    pub fn session(&self) -> u64 {
+        self.plan.session
+    }
+    /// Next batch of entries (empty once everything up to the target was sent) and the
+    /// barrier LSN to ask for after it.
+    pub fn next_batch(&mut self, log: &dyn ReplicaLog, batch_max: u64) -> Result<(Vec<Body>, Lsn)> {
+        if self.next > self.target {
+            return Ok((Vec::new(), self.target));
+        }
+        let want = (self.target.0 - self.next.0 + 1).min(batch_max.max(1));
+        let entries = log.scan_from(self.next, usize::try_from(want).unwrap_or(usize::MAX))?;
+        if entries.is_empty() {
+            return Err(Error::Recycled {
+                from: self.next,
+                retained_start: log.retained_start(),
+            });
+        }
+        let mut out = Vec::with_capacity(entries.len());
+        for e in entries {
+            self.next = e.lsn.next();
+            out.push(Body::Entry(e));
+        }
+        self.entries_sent += out.len() as u64;
+        Ok((out, self.next.prev()))
+    }
+    /// Records durable progress; returns true once the frozen target is durable.
+    pub fn on_progress(&mut self, flushed: Lsn, now_ms: u64) -> bool {
+        if flushed > self.acked {
+            self.acked = flushed.min(self.target);
+            self.last_progress_ms = now_ms;
+        }
+        self.acked >= self.target
+    }
+    pub fn progress(&self) -> Lsn {
+        self.acked
+    }
+    /// Budget violation, if any.
+    pub fn over_budget(&self, b: &CatchUpBudget, now_ms: u64) -> Option<&'static str> {
+        if self.entries_sent > b.entries_max {
+            return Some("catch-up exceeded catchup_entries_max");
+        }
+        if now_ms.saturating_sub(self.started_ms) > b.duration_ms_max {
+            return Some("catch-up exceeded catchup_duration_ms_max");
+        }
+        if now_ms.saturating_sub(self.last_progress_ms) > b.progress_deadline_ms {
+            return Some("catch-up made no progress within catchup_progress_deadline_ms");
+        }
+        None
+    }
+    pub fn into_plan(self) -> RecoveryPlan {
+        self.plan
+    }
+}
+
+/// Executes a rebuild plan: RebuildStart, then base blocks interleaved with the WAL tail
+/// (base_lsn, target], then BaseDone. The replica lets live WAL entries win over base blocks.
+#[derive(Debug)]
+pub struct RebuildExec {
+    plan: RecoveryPlan,
+    base: BasePin,
+    target: Lsn,
+    started: bool,
+    base_cursor: Option<u64>,
+    base_blocks_sent: u64,
+    tail_next: Lsn,
+    done_sent: bool,
+    started_ms: u64,
+    last_progress_ms: u64,
+}
+
+impl RebuildExec {
+    pub fn new(plan: RecoveryPlan, now_ms: u64) -> Result<Self> {
+        let PlanKind::Rebuild { base, target } = plan.kind.clone() else {
+            return Err(Error::Storage(
+                "rebuild executor given a catch-up plan".into(),
+            ));
+        };
+        Ok(Self {
+            plan,
+            tail_next: base.base_lsn.next(),
+            base,
+            target,
+            started: false,
+            base_cursor: Some(0),
+            base_blocks_sent: 0,
+            done_sent: false,
+            started_ms: now_ms,
+            last_progress_ms: now_ms,
+        })
+    }
+    pub fn target(&self) -> Lsn {
+        self.target
+    }
+    pub fn base_lsn(&self) -> Lsn {
+        self.base.base_lsn
+    }
+    pub fn session(&self) -> u64 {
+        self.plan.session
+    }
+    pub fn done_sent(&self) -> bool {
+        self.done_sent
+    }
+    /// Restarts the transfer from scratch (a new connection: the replica starts over).
+    pub fn restart(&mut self, now_ms: u64) {
+        self.started = false;
+        self.base_cursor = Some(0);
+        self.base_blocks_sent = 0;
+        self.tail_next = self.base.base_lsn.next();
+        self.done_sent = false;
+        self.last_progress_ms = now_ms;
+    }
+    /// Next step's messages and the barrier LSN to ask for after them.
+    pub fn next_batch(
+        &mut self,
+        log: &dyn ReplicaLog,
+        blocks_max: usize,
+        entries_max: u64,
+    ) -> Result<(Vec<Body>, Lsn)> {
+        let session = self.plan.session;
+        let mut out = Vec::new();
+        if !self.started {
+            self.started = true;
+            out.push(Body::RebuildStart {
+                session,
+                base_lsn: self.base.base_lsn,
+                base_epoch: self.base.base_epoch,
+                target: self.target,
+            });
+        }
+        if let Some(cursor) = self.base_cursor {
+            let (blocks, next) = log.read_base(&self.base, cursor, blocks_max.max(1))?;
+            self.base_blocks_sent += blocks.len() as u64;
+            for (lba, data) in blocks {
+                out.push(Body::BaseBlock { session, lba, data });
+            }
+            self.base_cursor = next;
+        }
+        if self.tail_next <= self.target {
+            let want = (self.target.0 - self.tail_next.0 + 1).min(entries_max.max(1));
+            let entries =
+                log.scan_from(self.tail_next, usize::try_from(want).unwrap_or(usize::MAX))?;
+            if entries.is_empty() {
+                return Err(Error::Recycled {
+                    from: self.tail_next,
+                    retained_start: log.retained_start(),
+                });
+            }
+            for e in entries {
+                self.tail_next = e.lsn.next();
+                out.push(Body::Entry(e));
+            }
+        }
+        if self.base_cursor.is_none() && self.tail_next > self.target && !self.done_sent {
+            self.done_sent = true;
+            out.push(Body::BaseDone {
+                session,
+                blocks: self.base_blocks_sent,
+            });
+        }
+        Ok((out, self.tail_next.prev().max(self.base.base_lsn)))
+    }
+    pub fn on_progress(&mut self, now_ms: u64) {
+        self.last_progress_ms = now_ms;
+    }
+    pub fn over_budget(&self, progress_deadline_ms: u64, now_ms: u64) -> Option<&'static str> {
+        if self.started && now_ms.saturating_sub(self.last_progress_ms) > progress_deadline_ms {
+            return Some("rebuild made no progress within rebuild_progress_deadline_ms");
+        }
+        None
+    }
+    pub fn started_ms(&self) -> u64 {
+        self.started_ms
+    }
+    pub fn into_plan(self) -> RecoveryPlan {
+        self.plan
+    }
+}
+
+/// Tracks which LBAs live WAL entries wrote during a rebuild, so base blocks never
+/// overwrite newer data.
+#[derive(Debug, Default)]
+pub struct WrittenSet {
+    blocks: BTreeSet<u64>,
+    ranges: Vec<(u64, u64)>,
+}
+
+/// Runs longer than this are kept as a range rather than per block.
+const WRITTEN_SET_RANGE_BLOCKS_MIN: u64 = 1024;
+
+impl WrittenSet {
+    pub fn mark(&mut self, start: u64, blocks: u64) {
+        if blocks >= WRITTEN_SET_RANGE_BLOCKS_MIN {
+            self.ranges.push((start, start.saturating_add(blocks)));
+        } else {
+            for b in start..start.saturating_add(blocks) {
+                self.blocks.insert(b);
+            }
+        }
+    }
+    pub fn contains(&self, lba: u64) -> bool {
+        self.blocks.contains(&lba) || self.ranges.iter().any(|(s, e)| lba >= *s && lba < *e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hist(head: u64, start: u64) -> RetainedHistory {
+        RetainedHistory {
+            epoch: Epoch(2),
+            head: Lsn(head),
+            retained_start: Lsn(start),
+            checkpoint: Lsn(start.saturating_sub(1)),
+            checkpoint_trusted: true,
+        }
+    }
+    fn reply(r: u64, recv: u64) -> HandshakeReply {
+        HandshakeReply {
+            flushed: Lsn(r),
+            flushed_epoch: Epoch(1),
+            received: Lsn(recv),
+            checkpoint: Lsn(0),
+            replica_epoch: Epoch(2),
+        }
+    }
+    fn all_epoch_one(_: Lsn) -> Option<Epoch> {
+        Some(Epoch(1))
+    }
+
+    #[test]
+    fn handshake_r_equals_h_is_zero_gap() {
+        let o = classify_handshake(&reply(10, 10), &hist(10, 1), &all_epoch_one, 1000);
+        assert_eq!(
+            o,
+            Outcome::ZeroGap {
+                from: Lsn(10),
+                truncate: None
+            }
+        );
+    }
+
+    #[test]
+    fn handshake_gap_within_retention_catches_up_to_frozen_head() {
+        let o = classify_handshake(&reply(4, 4), &hist(10, 5), &all_epoch_one, 1000);
+        assert_eq!(
+            o,
+            Outcome::CatchUp {
+                from: Lsn(4),
+                target: Lsn(10),
+                truncate: None
+            }
+        );
+    }
+
+    #[test]
+    fn handshake_gap_beyond_retention_needs_rebuild() {
+        let o = classify_handshake(&reply(3, 3), &hist(10, 5), &all_epoch_one, 1000);
+        assert!(matches!(o, Outcome::NeedsRebuild { .. }));
+    }
+
+    #[test]
+    fn handshake_replica_ahead_with_unflushed_extent_truncates_to_head() {
+        let o = classify_handshake(&reply(12, 12), &hist(10, 1), &all_epoch_one, 1000);
+        assert_eq!(
+            o,
+            Outcome::ZeroGap {
+                from: Lsn(10),
+                truncate: Some(Truncation {
+                    after: Lsn(10),
+                    expect_epoch: Epoch(1)
+                })
+            }
+        );
+    }
+
+    #[test]
+    fn handshake_replica_ahead_with_suffix_in_extent_needs_rebuild() {
+        let mut r = reply(12, 12);
+        r.checkpoint = Lsn(11);
+        let o = classify_handshake(&r, &hist(10, 1), &all_epoch_one, 1000);
+        assert!(matches!(o, Outcome::NeedsRebuild { .. }));
+    }
+
+    #[test]
+    fn handshake_replica_with_newer_epoch_fences_primary() {
+        let mut r = reply(10, 10);
+        r.replica_epoch = Epoch(3);
+        let o = classify_handshake(&r, &hist(10, 1), &all_epoch_one, 1000);
+        assert_eq!(
+            o,
+            Outcome::Fenced {
+                replica_epoch: Epoch(3)
+            }
+        );
+    }
+
+    #[test]
+    fn handshake_diverged_history_needs_rebuild() {
+        let o = classify_handshake(&reply(6, 6), &hist(10, 1), &|_| Some(Epoch(2)), 1000);
+        assert!(matches!(o, Outcome::NeedsRebuild { .. }));
+    }
+
+    #[test]
+    fn handshake_unsynced_suffix_is_truncated_before_catch_up() {
+        let o = classify_handshake(&reply(4, 8), &hist(10, 1), &all_epoch_one, 1000);
+        assert_eq!(
+            o,
+            Outcome::CatchUp {
+                from: Lsn(4),
+                target: Lsn(10),
+                truncate: Some(Truncation {
+                    after: Lsn(4),
+                    expect_epoch: Epoch(1)
+                })
+            }
+        );
+    }
+
+    #[test]
+    fn handshake_catch_up_over_entry_budget_needs_rebuild() {
+        let o = classify_handshake(&reply(4, 4), &hist(100, 1), &all_epoch_one, 50);
+        assert!(matches!(o, Outcome::NeedsRebuild { .. }));
+    }
+
+    #[test]
+    fn written_set_tracks_blocks_and_long_ranges() {
+        let mut w = WrittenSet::default();
+        w.mark(5, 2);
+        w.mark(10_000, 5000);
+        assert!(w.contains(5) && w.contains(6) && !w.contains(7));
+        assert!(w.contains(12_000) && !w.contains(15_000));
+    }
+}
