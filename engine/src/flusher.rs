@@ -43,6 +43,10 @@ impl Inner {
             }
             if let Err(e) = self.flush_cycle() {
                 tracing::warn!(file = %self.disk.describe(), error = %e, "flusher cycle failed");
+                // Writers waiting for space must learn about the failure now, not at
+                // their timeout.
+                drop(lock(&self.wal));
+                self.space_cv.notify_all();
             }
         }
     }
@@ -70,7 +74,12 @@ impl Inner {
                 return Ok(());
             }
             let h = st.head_lsn;
-            if h == checkpoint && new_tail(h, st.tail_lsn) == st.tail_lsn {
+            // Nothing to copy, the tail cannot move, and both superblock copies
+            // already agree on the tail.
+            if h == checkpoint
+                && new_tail(h, st.tail_lsn) == st.tail_lsn
+                && st.free_from == st.tail_pos
+            {
                 return Ok(());
             }
             (h, read(&self.map).runs())
@@ -106,7 +115,7 @@ impl Inner {
             let pos = st.entry(t).map(|e| e.pos).unwrap_or(st.head_pos);
             (pos, t)
         };
-        self.persist(|sb| {
+        let prev_tail = self.persist(|sb| {
             sb.checkpoint_lsn = Lsn(h);
             sb.wal_tail_pos = WalPos(tail_pos);
             sb.wal_tail_lsn = Lsn(tail_lsn);
@@ -119,6 +128,7 @@ impl Inner {
             }
             st.tail_pos = tail_pos;
             st.tail_lsn = tail_lsn;
+            st.note_persisted(prev_tail);
             self.checkpoint_lsn.store(h, Ordering::Release);
             self.retained_start.store(tail_lsn, Ordering::Release);
         }

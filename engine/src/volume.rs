@@ -131,11 +131,27 @@ pub(crate) struct WalState {
     pub(crate) rebuilding: bool,
     /// Generation new records are written with (mirrors the persisted superblock).
     pub(crate) wal_gen: u64,
+    /// WAL space before this position may be reused: the lower of the tails in the two
+    /// superblock copies (and never above `tail_pos`). Waiting for both copies means
+    /// falling back to the older copy after a torn superblock write never starts
+    /// recovery from overwritten records.
+    pub(crate) free_from: u64,
 }
 
 impl WalState {
     pub(crate) fn used(&self) -> u64 {
         self.head_pos - self.tail_pos
+    }
+
+    /// Bytes not yet reusable by appends.
+    pub(crate) fn occupied(&self) -> u64 {
+        self.head_pos - self.free_from
+    }
+
+    /// Records that a superblock write made `prev_tail` (the tail in the copy that was
+    /// not overwritten) the older of the two persisted tails.
+    pub(crate) fn note_persisted(&mut self, prev_tail: u64) {
+        self.free_from = self.free_from.max(prev_tail.min(self.tail_pos));
     }
 
     pub(crate) fn entry(&self, lsn: u64) -> Option<&IndexEntry> {
@@ -324,6 +340,7 @@ impl Volume {
                 index: rec.index,
                 rebuilding,
                 wal_gen: 0,
+                free_from: rec.tail_pos,
             }),
             space_cv: Condvar::new(),
             map: RwLock::new(rec.map),
@@ -355,11 +372,12 @@ impl Volume {
             let mut st = lock(&inner.wal);
             inner.zero_next_slot(&st)?;
             let tail = (st.tail_pos, st.tail_lsn);
-            inner.persist(|sb| {
+            let prev = inner.persist(|sb| {
                 sb.wal_gen += 1;
                 sb.wal_tail_pos = WalPos(tail.0);
                 sb.wal_tail_lsn = Lsn(tail.1);
             })?;
+            st.note_persisted(prev);
             st.wal_gen = lock(&inner.sb).wal_gen;
             drop(st);
             inner.gc.reset_durable(head);
@@ -682,7 +700,7 @@ impl Volume {
     /// setting the same value is a no-op. Entries appended after it returns carry it.
     pub fn set_epoch(&self, e: Epoch) -> Result<()> {
         let i = &self.inner;
-        let _st = lock(&i.wal);
+        let mut st = lock(&i.wal);
         let cur = i.epoch.load(Ordering::Acquire);
         if e.0 < cur {
             return Err(Error::EpochRegression {
@@ -693,7 +711,8 @@ impl Volume {
         if e.0 == cur {
             return Ok(());
         }
-        i.persist(|sb| sb.epoch = e)?;
+        let prev = i.persist(|sb| sb.epoch = e)?;
+        st.note_persisted(prev);
         i.epoch.store(e.0, Ordering::Release);
         tracing::info!(file = %i.disk.describe(), epoch = e.0, "epoch persisted");
         Ok(())
@@ -878,7 +897,8 @@ impl Inner {
     }
 
     /// Writes the superblock with `f` applied, into the older slot, and syncs.
-    pub(crate) fn persist(&self, f: impl FnOnce(&mut Superblock)) -> Result<()> {
+    /// Returns the WAL tail of the copy left in place (the previous newest).
+    pub(crate) fn persist(&self, f: impl FnOnce(&mut Superblock)) -> Result<u64> {
         let mut cur = lock(&self.sb);
         let mut next = cur.clone();
         f(&mut next);
@@ -889,8 +909,9 @@ impl Inner {
             .and_then(|()| self.disk.sync());
         match res {
             Ok(()) => {
+                let prev_tail = cur.wal_tail_pos.0;
                 *cur = next;
-                Ok(())
+                Ok(prev_tail)
             }
             Err(e) => {
                 let err = self.io_err(e);
@@ -972,8 +993,8 @@ impl Inner {
                 });
             }
             let need = self.needed(&st, record_len);
-            let after = st.used() + need;
-            if after <= wal && (after <= hard || st.used() == 0) {
+            let after = st.occupied() + need;
+            if after <= wal && (after <= hard || st.occupied() == 0) {
                 if after > soft {
                     self.kick();
                 }
@@ -983,7 +1004,7 @@ impl Inner {
             let now = Instant::now();
             if now >= deadline {
                 tracing::warn!(file = %self.disk.describe(), needed_bytes = need,
-                    used_bytes = st.used(), "WAL full");
+                    occupied_bytes = st.occupied(), "WAL full");
                 return Err(Error::WalFull {
                     needed_bytes: need,
                     timeout_ms: self.cfg.wal_full_timeout_ms,
@@ -1055,7 +1076,7 @@ impl Inner {
         } else {
             (st.head_pos, over)
         };
-        if st.used() + need > wal {
+        if st.occupied() + need > wal {
             return Ok(());
         }
         self.disk
@@ -1095,7 +1116,8 @@ impl Inner {
             }
         }
         self.zero_next_slot(&st)?;
-        self.persist(|sb| sb.wal_gen += 1)?;
+        let prev = self.persist(|sb| sb.wal_gen += 1)?;
+        st.note_persisted(prev);
         st.wal_gen = lock(&self.sb).wal_gen;
         if self.gc.durable() > lsn {
             self.gc.reset_durable(lsn);
@@ -1123,13 +1145,14 @@ impl Inner {
         write(&self.map).clear();
         self.zero_next_slot(&st)?;
         let tail_pos = st.tail_pos;
-        self.persist(|sb| {
+        let prev = self.persist(|sb| {
             sb.flags |= FLAG_REBUILD_IN_PROGRESS;
             sb.checkpoint_lsn = Lsn(0);
             sb.wal_tail_lsn = Lsn(1);
             sb.wal_tail_pos = WalPos(tail_pos);
             sb.wal_gen += 1;
         })?;
+        st.note_persisted(prev);
         st.wal_gen = lock(&self.sb).wal_gen;
         self.checkpoint_lsn.store(0, Ordering::Release);
         self.retained_start.store(1, Ordering::Release);
@@ -1155,13 +1178,14 @@ impl Inner {
         st.head_lsn = checkpoint;
         self.zero_next_slot(&st)?;
         let tail_pos = st.tail_pos;
-        self.persist(|sb| {
+        let prev = self.persist(|sb| {
             sb.flags &= !FLAG_REBUILD_IN_PROGRESS;
             sb.checkpoint_lsn = Lsn(checkpoint);
             sb.wal_tail_lsn = Lsn(checkpoint + 1);
             sb.wal_tail_pos = WalPos(tail_pos);
             sb.wal_gen += 1;
         })?;
+        st.note_persisted(prev);
         st.wal_gen = lock(&self.sb).wal_gen;
         st.rebuilding = false;
         self.head_lsn.store(checkpoint, Ordering::Release);
