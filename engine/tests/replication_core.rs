@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use engine::replication::{
-    Action, Body, ConnId, Durability, Endpoint, EntryOp, Epoch, EventKind, FlushId, Generation,
+    Action, Body, ConnId, Durability, Endpoint, EntryKind, Epoch, EventKind, FlushId, Generation,
     Input, Lba, Lsn, MemLog, Peer, PrimaryConfig, PrimaryCore, ReceiverAction, ReceiverConfig,
     ReceiverCore, ReceiverEvent, ReceiverInput, RecoveryEvent, ReplicaId, ReplicaLog, ReplicaState,
     Report, VolumeId, VolumeMsg,
@@ -78,7 +78,6 @@ impl Net {
                     core: ReceiverCore::new(
                         vol(),
                         ReceiverConfig {
-                            block_bytes: 8,
                             ..ReceiverConfig::default()
                         },
                     ),
@@ -239,12 +238,7 @@ impl Net {
     fn write(&mut self, lba: u64, byte: u8) -> Lsn {
         let e = self
             .plog
-            .append_local(
-                Lba(lba),
-                EntryOp::Write {
-                    data: vec![byte; 8],
-                },
-            )
+            .append_local(EntryKind::Write, Lba(lba), 1, vec![byte; 8])
             .unwrap();
         let l = e.lsn;
         self.input(Input::Appended(e));
@@ -447,7 +441,9 @@ fn barrier_waits_until_received_covers_its_lsn() {
         lsn: Lsn(1),
         epoch: Epoch(1),
         lba: Lba(0),
-        op: EntryOp::Write { data: vec![1; 8] },
+        kind: EntryKind::Write,
+        blocks: 1,
+        data: vec![1; 8],
     };
     let out = rx.step(
         1,
@@ -535,7 +531,9 @@ fn barrier_reply_never_reports_progress_when_fsync_fails() {
         lsn: Lsn(1),
         epoch: Epoch(1),
         lba: Lba(0),
-        op: EntryOp::Write { data: vec![1; 8] },
+        kind: EntryKind::Write,
+        blocks: 1,
+        data: vec![1; 8],
     };
     rx.step(
         0,
@@ -577,9 +575,9 @@ fn receiver_refuses_gaps_and_skips_duplicates() {
         lsn: Lsn(l),
         epoch: Epoch(1),
         lba: Lba(l),
-        op: EntryOp::Write {
-            data: vec![l as u8; 8],
-        },
+        kind: EntryKind::Write,
+        blocks: 1,
+        data: vec![l as u8; 8],
     };
     rx.step(
         0,
@@ -670,7 +668,9 @@ fn receiver_persists_a_newer_epoch_and_refuses_older_ones() {
         lsn: Lsn(1),
         epoch: Epoch(2),
         lba: Lba(0),
-        op: EntryOp::Trim { blocks: 1 },
+        kind: EntryKind::Trim,
+        blocks: 1,
+        data: Vec::new(),
     };
     rx.step(
         0,
@@ -920,7 +920,9 @@ fn replica_ahead_with_unflushed_suffix_is_truncated_to_primary_head() {
         lsn: Lsn(2),
         epoch: Epoch(1),
         lba: Lba(9),
-        op: EntryOp::Write { data: vec![9; 8] },
+        kind: EntryKind::Write,
+        blocks: 1,
+        data: vec![9; 8],
     };
     n.replicas[0].log.append_replicated(&extra).unwrap();
     n.replicas[0].reachable = true;
@@ -945,7 +947,9 @@ fn diverged_replica_history_needs_rebuild() {
         lsn: Lsn(1),
         epoch: Epoch(7),
         lba: Lba(9),
-        op: EntryOp::Write { data: vec![9; 8] },
+        kind: EntryKind::Write,
+        blocks: 1,
+        data: vec![9; 8],
     };
     n.replicas[0].log.append_replicated(&other).unwrap();
     n.replicas[0].log.sync().unwrap();
@@ -1004,7 +1008,9 @@ fn rebuild_uses_full_base_when_the_checkpoint_is_not_usable() {
         lsn: Lsn(1),
         epoch: Epoch(7),
         lba: Lba(9),
-        op: EntryOp::Write { data: vec![9; 8] },
+        kind: EntryKind::Write,
+        blocks: 1,
+        data: vec![9; 8],
     };
     n.replicas[0].log = MemLog::new();
     n.replicas[0].log.append_replicated(&other).unwrap();
@@ -1034,7 +1040,9 @@ fn rebuild_pin_failure_is_logged_and_leaves_no_session() {
         lsn: Lsn(1),
         epoch: Epoch(7),
         lba: Lba(9),
-        op: EntryOp::Write { data: vec![9; 8] },
+        kind: EntryKind::Write,
+        blocks: 1,
+        data: vec![9; 8],
     };
     n.replicas[0].log.append_replicated(&other).unwrap();
     n.replicas[0].log.sync().unwrap();
@@ -1055,7 +1063,9 @@ fn rebuild_of_a_committed_member_is_refused() {
         lsn: Lsn(1),
         epoch: Epoch(7),
         lba: Lba(9),
-        op: EntryOp::Write { data: vec![9; 8] },
+        kind: EntryKind::Write,
+        blocks: 1,
+        data: vec![9; 8],
     };
     n.replicas[0].log.append_replicated(&other).unwrap();
     n.replicas[0].log.sync().unwrap();
@@ -1079,7 +1089,6 @@ fn live_wal_entry_wins_over_a_later_base_block_for_the_same_lba() {
     let mut rx = ReceiverCore::new(
         vol(),
         ReceiverConfig {
-            block_bytes: 8,
             ..ReceiverConfig::default()
         },
     );
@@ -1106,9 +1115,9 @@ fn live_wal_entry_wins_over_a_later_base_block_for_the_same_lba() {
         lsn: Lsn(11),
         epoch: Epoch(1),
         lba: Lba(3),
-        op: EntryOp::Write {
-            data: vec![0xAA; 8],
-        },
+        kind: EntryKind::Write,
+        blocks: 1,
+        data: vec![0xAA; 8],
     };
     rx.step(
         0,
@@ -1209,7 +1218,9 @@ fn entries_are_shipped_in_lsn_order_and_out_of_order_appends_are_ignored() {
         lsn: Lsn(3),
         epoch: Epoch(1),
         lba: Lba(0),
-        op: EntryOp::Trim { blocks: 1 },
+        kind: EntryKind::Trim,
+        blocks: 1,
+        data: Vec::new(),
     };
     n.input(Input::Appended(e));
     let lsns: Vec<u64> = n

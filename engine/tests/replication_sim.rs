@@ -11,7 +11,7 @@ use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
 
 use engine::replication::{
-    Action, ConnId, Durability, Endpoint, EntryOp, Epoch, FlushId, Generation, Input, Lba, Lsn,
+    Action, ConnId, Durability, Endpoint, EntryKind, Epoch, FlushId, Generation, Input, Lba, Lsn,
     MemLog, Peer, PrimaryConfig, PrimaryCore, ReceiverAction, ReceiverConfig, ReceiverCore,
     ReceiverEvent, ReceiverInput, ReplicaId, ReplicaLog, Report, VolumeId, VolumeMsg, WalEntry,
 };
@@ -160,19 +160,12 @@ fn ident(e: &WalEntry) -> (Epoch, u64) {
     for b in e.lba.0.to_le_bytes() {
         mix(b);
     }
-    match &e.op {
-        EntryOp::Write { data } => {
-            mix(1);
-            for b in data {
-                mix(*b);
-            }
-        }
-        EntryOp::Trim { blocks } => {
-            mix(2);
-            for b in blocks.to_le_bytes() {
-                mix(b);
-            }
-        }
+    mix(e.kind as u8);
+    for b in e.blocks.to_le_bytes() {
+        mix(b);
+    }
+    for b in &e.data {
+        mix(*b);
     }
     (e.epoch, h)
 }
@@ -186,7 +179,7 @@ impl Checker {
 
     /// The member's durable log must contain every acknowledged entry up to `upto`.
     fn check_member(&mut self, now: u64, what: &str, idx: usize, log: &MemLog, upto: Lsn) {
-        if upto == Lsn::ZERO {
+        if upto == Lsn(0) {
             return;
         }
         if log.rebuilding() {
@@ -207,7 +200,7 @@ impl Checker {
             return;
         }
         let origin = log.origin();
-        if origin > Lsn::ZERO
+        if origin > Lsn(0)
             && origin <= upto
             && let Some((e, _)) = self.acked.get(&origin.0).copied()
             && log.epoch_at(origin) != Some(e)
@@ -309,7 +302,7 @@ impl Checker {
         from: Lsn,
         upto: Lsn,
     ) {
-        if upto == Lsn::ZERO {
+        if upto == Lsn(0) {
             return;
         }
         if log.rebuilding() || log.durable_lsn() < upto {
@@ -398,7 +391,6 @@ impl Sim {
         let rcfg = ReceiverConfig {
             barrier_timeout_ms: 50,
             pending_barriers_max: 64,
-            block_bytes: 8,
             test_knob_accept_stale_epoch: knobs.accept_stale_epoch,
         };
         let volume = VolumeId::new("vol-sim").unwrap();
@@ -452,7 +444,7 @@ impl Sim {
             checker: Checker {
                 durability,
                 acked: BTreeMap::new(),
-                acked_max: Lsn::ZERO,
+                acked_max: Lsn(0),
                 violations: Vec::new(),
                 acks: 0,
             },
@@ -1140,16 +1132,19 @@ impl Sim {
             if writes && self.rng.ppm(300_000) {
                 self.write_counter += 1;
                 let lba = Lba(self.rng.below(24));
-                let op = if self.rng.below(20) == 0 {
-                    EntryOp::Trim {
-                        blocks: self.rng.range(1, 4) as u32,
-                    }
+                let (kind, blocks, data) = if self.rng.below(20) == 0 {
+                    (EntryKind::Trim, self.rng.range(1, 4) as u32, Vec::new())
                 } else {
-                    EntryOp::Write {
-                        data: self.write_counter.to_le_bytes().to_vec(),
-                    }
+                    (
+                        EntryKind::Write,
+                        1,
+                        self.write_counter.to_le_bytes().to_vec(),
+                    )
                 };
-                let e = self.nodes[p].log.append_local(lba, op).unwrap();
+                let e = self.nodes[p]
+                    .log
+                    .append_local(kind, lba, blocks, data)
+                    .unwrap();
                 self.primary_input(p, Input::Appended(e));
             }
             if self.rng.ppm(60_000) {
@@ -1259,7 +1254,7 @@ impl Sim {
             let upto = self.checker.acked_max;
             for &m in &self.cp.committed {
                 let log = &self.nodes[m].log;
-                if upto > Lsn::ZERO && (log.rebuilding() || log.durable_lsn() < upto) {
+                if upto > Lsn(0) && (log.rebuilding() || log.durable_lsn() < upto) {
                     let msg = format!(
                         "committed member node{m} durable {} < acknowledged {upto} (rebuilding: {})",
                         log.durable_lsn(),

@@ -7,7 +7,7 @@ use engine::replication::wire::{
     PROTOCOL_VERSION, ResumeStatus, ServerAuth, decode_frame, encode_frame,
 };
 use engine::replication::{
-    Body, EntryOp, Epoch, Lba, Lsn, Message, VolumeId, VolumeMsg, WalEntry, WireConfig, WireError,
+    Body, EntryKind, Epoch, Lba, Lsn, Message, VolumeId, VolumeMsg, WalEntry, WireConfig, WireError,
 };
 
 fn vm(body: Body) -> Message {
@@ -23,9 +23,9 @@ fn all_messages() -> Vec<Message> {
         lsn: Lsn(42),
         epoch: Epoch(6),
         lba: Lba(1 << 40),
-        op: EntryOp::Write {
-            data: vec![0xAB; 4096],
-        },
+        kind: EntryKind::Write,
+        blocks: 1,
+        data: vec![0xAB; 4096],
     };
     vec![
         Message::Auth(Auth::Hello {
@@ -48,7 +48,9 @@ fn all_messages() -> Vec<Message> {
             lsn: Lsn(43),
             epoch: Epoch(7),
             lba: Lba(3),
-            op: EntryOp::Trim { blocks: 9 },
+            kind: EntryKind::Trim,
+            blocks: 9,
+            data: Vec::new(),
         })),
         vm(Body::BarrierRequest { id: 5, lsn: Lsn(9) }),
         vm(Body::BarrierResponse {
@@ -256,7 +258,9 @@ fn entry_with_lsn_zero_is_refused() {
         lsn: Lsn(0),
         epoch: Epoch(1),
         lba: Lba(0),
-        op: EntryOp::Trim { blocks: 1 },
+        kind: EntryKind::Trim,
+        blocks: 1,
+        data: Vec::new(),
     })));
     assert!(matches!(
         decode_frame(&f, &WireConfig::default()),

@@ -21,7 +21,9 @@ pub use primary::{
 pub use receiver::{ReceiverAction, ReceiverConfig, ReceiverCore, ReceiverEvent, ReceiverInput};
 pub use retention::{HoldId, HoldKind, Pinner};
 pub use storage::{AppendOutcome, BaseKind, BasePin, MemLog, ReplicaLog};
-pub use types::{Endpoint, EntryOp, Epoch, Generation, Lba, Lsn, ReplicaId, VolumeId, WalEntry};
+pub use types::{
+    Endpoint, EntryKind, Epoch, Generation, Lba, Lsn, ReplicaId, VolumeId, WalEntry, entry_bytes,
+};
 pub use wire::{Body, Message, VolumeMsg, WireConfig, WireError};
 
 /// Connection handle chosen by the core; the I/O shell maps it to a socket.

@@ -256,7 +256,7 @@ pub fn plan_rebuild(
 ) -> Result<RecoveryPlan> {
     let checkpoint = log.checkpoint_lsn();
     let snapshot_ok = log.checkpoint_trusted()
-        && checkpoint > Lsn::ZERO
+        && checkpoint > Lsn(0)
         && log.retained_start() <= checkpoint.next();
     let target = log.head_lsn();
     if snapshot_ok {
@@ -391,7 +391,7 @@ impl CatchUpExec {
             out.push(Body::Entry(e));
         }
         self.entries_sent += out.len() as u64;
-        Ok((out, self.next.prev()))
+        Ok((out, Lsn(self.next.0.saturating_sub(1))))
     }
     /// Records durable progress; returns true once the frozen target is durable.
     pub fn on_progress(&mut self, flushed: Lsn, now_ms: u64) -> bool {
@@ -527,7 +527,10 @@ impl RebuildExec {
                 blocks: self.base_blocks_sent,
             });
         }
-        Ok((out, self.tail_next.prev().max(self.base.base_lsn)))
+        Ok((
+            out,
+            Lsn(self.tail_next.0.saturating_sub(1)).max(self.base.base_lsn),
+        ))
     }
     pub fn on_progress(&mut self, now_ms: u64) {
         self.last_progress_ms = now_ms;

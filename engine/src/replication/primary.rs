@@ -298,7 +298,7 @@ impl PrimaryCore {
             local_durable: log.durable_lsn(),
             fsync_inflight: false,
             pending: VecDeque::new(),
-            acked_high: Lsn::ZERO,
+            acked_high: Lsn(0),
             pinner: Pinner::new(),
             floor: None,
             bytes: VecDeque::new(),
@@ -454,7 +454,7 @@ impl PrimaryCore {
     }
 
     fn member_flushed(&self, id: &ReplicaId) -> Lsn {
-        self.senders.get(id).map_or(Lsn::ZERO, |s| s.flushed)
+        self.senders.get(id).map_or(Lsn(0), |s| s.flushed)
     }
 
     fn evaluate_gate(&mut self) {
@@ -486,7 +486,7 @@ impl PrimaryCore {
     }
 
     fn request_local_fsync(&mut self) {
-        let want = self.pending.back().map_or(Lsn::ZERO, |f| f.lsn);
+        let want = self.pending.back().map_or(Lsn(0), |f| f.lsn);
         if !self.fsync_inflight && self.local_durable < want {
             self.fsync_inflight = true;
             self.out.push(Action::LocalFsync { upto: self.head });
@@ -606,7 +606,7 @@ impl PrimaryCore {
                             conn_up: false,
                             session: 0,
                             handshake_deadline_ms: 0,
-                            flushed: Lsn::ZERO,
+                            flushed: Lsn(0),
                             progress_known: false,
                             live: false,
                             exec: None,
@@ -1263,7 +1263,7 @@ impl PrimaryCore {
                 if let Some(s) = self.senders.get_mut(&id) {
                     s.session = session;
                     s.exec = Some(Exec::Rebuild(exec));
-                    s.flushed = Lsn::ZERO;
+                    s.flushed = Lsn(0);
                     s.progress_known = false;
                     s.counting = false;
                     s.next_connect_ms = 0;
@@ -1282,7 +1282,7 @@ impl PrimaryCore {
             return;
         }
         self.head = e.lsn;
-        self.bytes_total += e.size_bytes();
+        self.bytes_total += super::types::entry_bytes(&e);
         self.bytes.push_back((e.lsn, self.bytes_total));
         let targets: Vec<ConnId> = self
             .senders

@@ -7,7 +7,7 @@
 use super::ConnId;
 use super::plan::WrittenSet;
 use super::storage::{AppendOutcome, ReplicaLog};
-use super::types::{EntryOp, Epoch, Lsn, VolumeId};
+use super::types::{Epoch, Lsn, VolumeId};
 use super::wire::{BarrierStatus, Body, ErrorCode, ResumeStatus, VolumeMsg};
 
 /// Receiver bounds.
@@ -17,8 +17,6 @@ pub struct ReceiverConfig {
     pub barrier_timeout_ms: u64,
     /// Most barriers waiting at once; more are refused with Timeout.
     pub pending_barriers_max: usize,
-    /// Block size, to know how many LBAs a write covers.
-    pub block_bytes: u64,
     /// Test-only: accept entries from an older epoch (lets the simulation prove its checker
     /// catches stale-epoch writes). Never set in production.
     pub test_knob_accept_stale_epoch: bool,
@@ -29,7 +27,6 @@ impl Default for ReceiverConfig {
         Self {
             barrier_timeout_ms: 5_000,
             pending_barriers_max: 1024,
-            block_bytes: 4096,
             test_knob_accept_stale_epoch: false,
         }
     }
@@ -124,7 +121,7 @@ impl ReceiverCore {
             session_epoch: None,
             rebuild: None,
             pending: Vec::new(),
-            flushed_reported: Lsn::ZERO,
+            flushed_reported: Lsn(0),
             failed: None,
             events: Vec::new(),
         }
@@ -217,15 +214,15 @@ impl ReceiverCore {
                 Body::BarrierRequest { id, .. } => Body::BarrierResponse {
                     id,
                     status: BarrierStatus::StaleEpoch,
-                    flushed: Lsn::ZERO,
+                    flushed: Lsn(0),
                 },
                 Body::ResumeRequest { session, .. } => Body::ResumeResponse {
                     session,
                     status: ResumeStatus::StaleEpoch,
-                    flushed: Lsn::ZERO,
+                    flushed: Lsn(0),
                     flushed_epoch: Epoch(0),
-                    received: Lsn::ZERO,
-                    checkpoint: Lsn::ZERO,
+                    received: Lsn(0),
+                    checkpoint: Lsn(0),
                     replica_epoch: local,
                 },
                 _ => Body::Error {
@@ -265,10 +262,10 @@ impl ReceiverCore {
                         Body::ResumeResponse {
                             session,
                             status: ResumeStatus::NeedsRebuild,
-                            flushed: Lsn::ZERO,
+                            flushed: Lsn(0),
                             flushed_epoch: Epoch(0),
-                            received: Lsn::ZERO,
-                            checkpoint: Lsn::ZERO,
+                            received: Lsn(0),
+                            checkpoint: Lsn(0),
                             replica_epoch: log.epoch(),
                         },
                     ));
@@ -309,12 +306,7 @@ impl ReceiverCore {
                             local_epoch: log.epoch(),
                         });
                         if let Some(rb) = self.rebuild.as_mut() {
-                            let blocks = match &entry.op {
-                                EntryOp::Write { data } => (data.len() as u64)
-                                    .div_ceil(self.cfg.block_bytes.max(1))
-                                    .max(1),
-                                EntryOp::Trim { blocks } => u64::from(*blocks),
-                            };
+                            let blocks = u64::from(entry.blocks);
                             rb.written.mark(entry.lba.0, blocks);
                         }
                         self.complete_barriers(now_ms, log, out);
@@ -344,7 +336,7 @@ impl ReceiverCore {
                         Body::BarrierResponse {
                             id,
                             status: BarrierStatus::NoSession,
-                            flushed: Lsn::ZERO,
+                            flushed: Lsn(0),
                         },
                     ));
                     return;
@@ -356,7 +348,7 @@ impl ReceiverCore {
                         Body::BarrierResponse {
                             id,
                             status: BarrierStatus::Timeout,
-                            flushed: Lsn::ZERO,
+                            flushed: Lsn(0),
                         },
                     ));
                     return;
@@ -417,7 +409,7 @@ impl ReceiverCore {
                 }
                 self.events.push(ReceiverEvent::RebuildStarted { base_lsn });
                 self.session_epoch = Some(epoch);
-                self.flushed_reported = Lsn::ZERO;
+                self.flushed_reported = Lsn(0);
                 self.rebuild = Some(RebuildRecv {
                     session,
                     written: WrittenSet::default(),
@@ -520,7 +512,7 @@ impl ReceiverCore {
                         Body::BarrierResponse {
                             id: p.id,
                             status: BarrierStatus::FsyncFailed,
-                            flushed: Lsn::ZERO,
+                            flushed: Lsn(0),
                         },
                     ));
                 }
@@ -546,7 +538,7 @@ impl ReceiverCore {
                 Body::BarrierResponse {
                     id: p.id,
                     status: BarrierStatus::Timeout,
-                    flushed: Lsn::ZERO,
+                    flushed: Lsn(0),
                 },
             ));
         }

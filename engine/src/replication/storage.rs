@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use super::types::{EntryOp, Epoch, Lba, Lsn, WalEntry};
+use super::types::{EntryKind, Epoch, Lba, Lsn, WalEntry};
 use super::{Error, Result};
 
 /// Which base image a rebuild copies.
@@ -81,17 +81,22 @@ type Blocks = BTreeMap<Lba, Vec<u8>>;
 type PinnedBase = (BasePin, Vec<(Lba, Vec<u8>)>);
 
 fn apply(state: &mut Blocks, e: &WalEntry) {
-    match &e.op {
-        EntryOp::Write { data } => {
-            state.insert(e.lba, data.clone());
+    match e.kind {
+        EntryKind::Write => {
+            let blocks = e.blocks.max(1) as usize;
+            let bs = (e.data.len() / blocks).max(1);
+            for (i, chunk) in e.data.chunks(bs).enumerate() {
+                state.insert(Lba(e.lba.0 + i as u64), chunk.to_vec());
+            }
         }
-        EntryOp::Trim { blocks } => {
-            let end = Lba(e.lba.0.saturating_add(u64::from(*blocks)));
+        EntryKind::Trim | EntryKind::Zero => {
+            let end = Lba(e.lba.0.saturating_add(u64::from(e.blocks)));
             let doomed: Vec<Lba> = state.range(e.lba..end).map(|(k, _)| *k).collect();
             for k in doomed {
                 state.remove(&k);
             }
         }
+        EntryKind::Padding => {}
     }
 }
 
@@ -126,16 +131,25 @@ impl MemLog {
         }
     }
 
-    /// Local write on a primary: assigns the next LSN at the current epoch.
-    pub fn append_local(&mut self, lba: Lba, op: EntryOp) -> Result<WalEntry> {
+    /// Local write on a primary: assigns the next LSN at the current epoch. A write's
+    /// `data` is `blocks` equal blocks; trims and zeroes carry none.
+    pub fn append_local(
+        &mut self,
+        kind: EntryKind,
+        lba: Lba,
+        blocks: u32,
+        data: Vec<u8>,
+    ) -> Result<WalEntry> {
         if self.rebuilding {
             return Err(Error::Storage("volume is being rebuilt".into()));
         }
         let e = WalEntry {
             lsn: self.head_lsn().next(),
             epoch: self.epoch,
+            kind,
             lba,
-            op,
+            blocks,
+            data,
         };
         self.entries.push(e.clone());
         Ok(e)
@@ -208,7 +222,7 @@ impl ReplicaLog for MemLog {
     }
     fn durable_lsn(&self) -> Lsn {
         if self.rebuilding {
-            Lsn::ZERO
+            Lsn(0)
         } else {
             self.durable
         }
@@ -223,7 +237,7 @@ impl ReplicaLog for MemLog {
         self.retained_start
     }
     fn epoch_at(&self, lsn: Lsn) -> Option<Epoch> {
-        if lsn == Lsn::ZERO {
+        if lsn == Lsn(0) {
             return Some(Epoch(0));
         }
         if lsn == self.origin {

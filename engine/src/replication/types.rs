@@ -6,42 +6,8 @@ use std::fmt;
 
 use super::{Error, Result};
 
-/// Log sequence number: dense, starts at 1, 0 means "nothing".
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
-pub struct Lsn(pub u64);
-
-impl Lsn {
-    pub const ZERO: Lsn = Lsn(0);
-    pub fn next(self) -> Lsn {
-        Lsn(self.0.saturating_add(1))
-    }
-    pub fn prev(self) -> Lsn {
-        Lsn(self.0.saturating_sub(1))
-    }
-    pub fn get(self) -> u64 {
-        self.0
-    }
-}
-
-impl fmt::Display for Lsn {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.0)
-    }
-}
-
-/// Primary term, minted by the control plane; every message carries one.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
-pub struct Epoch(pub u64);
-
-impl fmt::Display for Epoch {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.0)
-    }
-}
-
-/// Logical block address, in blocks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
-pub struct Lba(pub u64);
+pub use crate::types::{Epoch, Lba, Lsn};
+pub use crate::wal::{EntryKind, WalEntry};
 
 /// Generation of the committed in-sync set (bumped by the control plane on every change).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -140,32 +106,7 @@ impl fmt::Display for Endpoint {
     }
 }
 
-/// What a WAL entry does to the volume.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum EntryOp {
-    /// Write `data` starting at the entry's LBA.
-    Write { data: Vec<u8> },
-    /// Discard `blocks` blocks starting at the entry's LBA (they read back as zeros).
-    Trim { blocks: u32 },
-}
-
-/// One WAL record as replicated: `epoch` is the epoch it was written in (kept when a later
-/// primary re-ships it during catch-up; the message epoch is separate).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct WalEntry {
-    pub lsn: Lsn,
-    pub epoch: Epoch,
-    pub lba: Lba,
-    pub op: EntryOp,
-}
-
-impl WalEntry {
-    /// Bytes this entry costs in the log (header plus payload); used by the byte budget.
-    pub fn size_bytes(&self) -> u64 {
-        const HEADER_BYTES: u64 = 38;
-        match &self.op {
-            EntryOp::Write { data } => HEADER_BYTES + data.len() as u64,
-            EntryOp::Trim { .. } => HEADER_BYTES,
-        }
-    }
+/// Bytes an entry costs in the log; used by the retention byte budget.
+pub fn entry_bytes(e: &WalEntry) -> u64 {
+    e.encoded_len() as u64
 }

@@ -7,7 +7,7 @@
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
-use super::types::{EntryOp, Epoch, Lba, Lsn, VolumeId, WalEntry};
+use super::types::{EntryKind, Epoch, Lba, Lsn, VolumeId, WalEntry};
 
 /// Frame magic, "BVRP".
 pub const FRAME_MAGIC: u32 = 0x4256_5250;
@@ -232,9 +232,6 @@ mod ty {
     pub const ERROR: u8 = 0x1f;
 }
 
-const OP_WRITE: u8 = 1;
-const OP_TRIM: u8 = 2;
-
 struct W(Vec<u8>);
 
 impl W {
@@ -349,53 +346,36 @@ fn type_of(msg: &Message) -> u8 {
     }
 }
 
-/// Encodes the WAL entry record (also usable on its own, e.g. by tests).
+/// The entry travels in its own self-checking WAL encoding, length-prefixed.
 fn put_entry(w: &mut W, e: &WalEntry) {
-    w.u64(e.lsn.0);
-    w.u64(e.epoch.0);
-    w.u64(e.lba.0);
-    match &e.op {
-        EntryOp::Write { data } => {
-            w.u8(OP_WRITE);
-            w.bytes(data);
-        }
-        EntryOp::Trim { blocks } => {
-            w.u8(OP_TRIM);
-            w.u32(*blocks);
-        }
-    }
+    w.bytes(&e.encode());
 }
 
 fn get_entry(r: &mut R<'_>, max: usize) -> Result<WalEntry, WireError> {
-    let lsn = r.lsn("entry.lsn")?;
-    if lsn == Lsn::ZERO {
+    let raw = r.bytes("entry", max)?;
+    let (entry, used) = WalEntry::decode(raw).map_err(|e| WireError::InvalidField {
+        field: "entry",
+        reason: e.to_string(),
+    })?;
+    if used != raw.len() {
+        return Err(WireError::InvalidField {
+            field: "entry",
+            reason: format!("{} bytes after the entry", raw.len() - used),
+        });
+    }
+    if entry.lsn == Lsn(0) {
         return Err(WireError::InvalidField {
             field: "entry.lsn",
             reason: "LSN 0 is reserved".into(),
         });
     }
-    let epoch = r.epoch("entry.epoch")?;
-    let lba = Lba(r.u64("entry.lba")?);
-    let op = match r.u8("entry.op")? {
-        OP_WRITE => EntryOp::Write {
-            data: r.bytes("entry.data", max)?.to_vec(),
-        },
-        OP_TRIM => EntryOp::Trim {
-            blocks: r.u32("entry.blocks")?,
-        },
-        other => {
-            return Err(WireError::InvalidField {
-                field: "entry.op",
-                reason: format!("unknown op {other}"),
-            });
-        }
-    };
-    Ok(WalEntry {
-        lsn,
-        epoch,
-        lba,
-        op,
-    })
+    if entry.kind == EntryKind::Padding {
+        return Err(WireError::InvalidField {
+            field: "entry.kind",
+            reason: "padding is never replicated".into(),
+        });
+    }
+    Ok(entry)
 }
 
 fn encode_payload(msg: &Message, w: &mut W) {
