@@ -1084,14 +1084,9 @@ fn rebuild_of_a_committed_member_is_refused() {
 }
 
 #[test]
-fn live_wal_entry_wins_over_a_later_base_block_for_the_same_lba() {
+fn rebuild_installs_the_base_before_the_tail_so_newer_wal_wins() {
     let mut log = MemLog::new();
-    let mut rx = ReceiverCore::new(
-        vol(),
-        ReceiverConfig {
-            ..ReceiverConfig::default()
-        },
-    );
+    let mut rx = ReceiverCore::new(vol(), ReceiverConfig::default());
     let c = ConnId(1);
     let m = |body| VolumeMsg {
         volume: vol(),
@@ -1111,7 +1106,8 @@ fn live_wal_entry_wins_over_a_later_base_block_for_the_same_lba() {
         },
         &mut log,
     );
-    let e = engine::replication::WalEntry {
+    // Entries before the base is complete are refused, never mixed under the base.
+    let early = engine::replication::WalEntry {
         lsn: Lsn(11),
         epoch: Epoch(1),
         lba: Lba(3),
@@ -1119,14 +1115,17 @@ fn live_wal_entry_wins_over_a_later_base_block_for_the_same_lba() {
         blocks: 1,
         data: vec![0xAA; 8],
     };
-    rx.step(
+    let out = rx.step(
         0,
         ReceiverInput::Received {
             conn: c,
-            msg: m(Body::Entry(e)),
+            msg: m(Body::Entry(early.clone())),
         },
         &mut log,
     );
+    assert!(out.iter().any(
+        |a| matches!(a, ReceiverAction::Send { msg, .. } if matches!(msg.body, Body::Error { .. }))
+    ));
     rx.step(
         0,
         ReceiverInput::Received {
@@ -1162,10 +1161,70 @@ fn live_wal_entry_wins_over_a_later_base_block_for_the_same_lba() {
         },
         &mut log,
     );
+    assert!(!log.rebuilding());
+    assert_eq!(log.durable_lsn(), Lsn(10));
+    rx.step(
+        0,
+        ReceiverInput::Received {
+            conn: c,
+            msg: m(Body::Entry(early)),
+        },
+        &mut log,
+    );
     let s = log.state_at(Lsn(11));
     assert_eq!(s.get(&Lba(3)), Some(&vec![0xAA; 8]));
     assert_eq!(s.get(&Lba(4)), Some(&vec![0x22; 8]));
-    assert!(!log.rebuilding());
+}
+
+#[test]
+fn base_done_with_a_missing_block_fails_the_rebuild() {
+    let mut log = MemLog::new();
+    let mut rx = ReceiverCore::new(vol(), ReceiverConfig::default());
+    let c = ConnId(1);
+    let m = |body| VolumeMsg {
+        volume: vol(),
+        epoch: Epoch(1),
+        body,
+    };
+    rx.step(
+        0,
+        ReceiverInput::Received {
+            conn: c,
+            msg: m(Body::RebuildStart {
+                session: 4,
+                base_lsn: Lsn(10),
+                base_epoch: Epoch(1),
+                target: Lsn(10),
+            }),
+        },
+        &mut log,
+    );
+    rx.step(
+        0,
+        ReceiverInput::Received {
+            conn: c,
+            msg: m(Body::BaseBlock {
+                session: 4,
+                lba: Lba(3),
+                data: vec![0x11; 8],
+            }),
+        },
+        &mut log,
+    );
+    let out = rx.step(
+        0,
+        ReceiverInput::Received {
+            conn: c,
+            msg: m(Body::BaseDone {
+                session: 4,
+                blocks: 2,
+            }),
+        },
+        &mut log,
+    );
+    assert!(out.iter().any(|a| matches!(a, ReceiverAction::Send { msg, .. }
+        if matches!(msg.body, Body::Error { code: engine::replication::wire::ErrorCode::RebuildFailed, .. }))));
+    assert!(log.rebuilding(), "an incomplete base was declared finished");
 }
 
 #[test]

@@ -632,7 +632,6 @@ impl Sim {
                 ReceiverEvent::Truncated { .. } => "rx_truncated",
                 ReceiverEvent::RebuildStarted { .. } => "rx_rebuild_started",
                 ReceiverEvent::RebuildFinished { .. } => "rx_rebuild_finished",
-                ReceiverEvent::BaseBlockSkipped { .. } => "rx_base_block_skipped",
                 ReceiverEvent::StorageFailed { .. } => "rx_storage_failed",
             };
             *self.stats.entry(name.to_string()).or_default() += 1;

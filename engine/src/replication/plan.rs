@@ -4,8 +4,6 @@
 //! re-deriving anything, and every exit path releases every pin (logged as
 //! `exec_resources_released`).
 
-use std::collections::BTreeSet;
-
 use super::retention::{HoldId, Pinner};
 use super::storage::{BaseKind, BasePin, ReplicaLog};
 use super::types::{Epoch, Lsn, ReplicaId};
@@ -422,8 +420,8 @@ impl CatchUpExec {
     }
 }
 
-/// Executes a rebuild plan: RebuildStart, then base blocks interleaved with the WAL tail
-/// (base_lsn, target], then BaseDone. The replica lets live WAL entries win over base blocks.
+/// Executes a rebuild plan: RebuildStart, base blocks, BaseDone, then the WAL tail
+/// (base_lsn, target]; a barrier after every step paces it and proves progress.
 #[derive(Debug)]
 pub struct RebuildExec {
     plan: RecoveryPlan,
@@ -467,9 +465,6 @@ impl RebuildExec {
     pub fn session(&self) -> u64 {
         self.plan.session
     }
-    pub fn done_sent(&self) -> bool {
-        self.done_sent
-    }
     /// Restarts the transfer from scratch (a new connection: the replica starts over).
     pub fn restart(&mut self, now_ms: u64) {
         self.started = false;
@@ -479,7 +474,9 @@ impl RebuildExec {
         self.done_sent = false;
         self.last_progress_ms = now_ms;
     }
-    /// Next step's messages and the barrier LSN to ask for after them.
+    /// Next step's messages and the barrier LSN to ask for after them: RebuildStart and
+    /// the base blocks first, then BaseDone, then the WAL tail (base_lsn, target] - so the
+    /// tail, being newer, always wins over the base.
     pub fn next_batch(
         &mut self,
         log: &dyn ReplicaLog,
@@ -504,6 +501,16 @@ impl RebuildExec {
                 out.push(Body::BaseBlock { session, lba, data });
             }
             self.base_cursor = next;
+            if next.is_none() {
+                self.done_sent = true;
+                out.push(Body::BaseDone {
+                    session,
+                    blocks: self.base_blocks_sent,
+                });
+                return Ok((out, self.base.base_lsn));
+            }
+            // The replica has no durable prefix while the base is copied.
+            return Ok((out, Lsn(0)));
         }
         if self.tail_next <= self.target {
             let want = (self.target.0 - self.tail_next.0 + 1).min(entries_max.max(1));
@@ -520,17 +527,14 @@ impl RebuildExec {
                 out.push(Body::Entry(e));
             }
         }
-        if self.base_cursor.is_none() && self.tail_next > self.target && !self.done_sent {
-            self.done_sent = true;
-            out.push(Body::BaseDone {
-                session,
-                blocks: self.base_blocks_sent,
-            });
-        }
         Ok((
             out,
             Lsn(self.tail_next.0.saturating_sub(1)).max(self.base.base_lsn),
         ))
+    }
+    /// Base installed and the tail up to the target sent.
+    pub fn finished(&self) -> bool {
+        self.done_sent && self.tail_next > self.target
     }
     pub fn on_progress(&mut self, now_ms: u64) {
         self.last_progress_ms = now_ms;
@@ -546,32 +550,6 @@ impl RebuildExec {
     }
     pub fn into_plan(self) -> RecoveryPlan {
         self.plan
-    }
-}
-
-/// Tracks which LBAs live WAL entries wrote during a rebuild, so base blocks never
-/// overwrite newer data.
-#[derive(Debug, Default)]
-pub struct WrittenSet {
-    blocks: BTreeSet<u64>,
-    ranges: Vec<(u64, u64)>,
-}
-
-/// Runs longer than this are kept as a range rather than per block.
-const WRITTEN_SET_RANGE_BLOCKS_MIN: u64 = 1024;
-
-impl WrittenSet {
-    pub fn mark(&mut self, start: u64, blocks: u64) {
-        if blocks >= WRITTEN_SET_RANGE_BLOCKS_MIN {
-            self.ranges.push((start, start.saturating_add(blocks)));
-        } else {
-            for b in start..start.saturating_add(blocks) {
-                self.blocks.insert(b);
-            }
-        }
-    }
-    pub fn contains(&self, lba: u64) -> bool {
-        self.blocks.contains(&lba) || self.ranges.iter().any(|(s, e)| lba >= *s && lba < *e)
     }
 }
 
@@ -694,14 +672,5 @@ mod tests {
     fn handshake_catch_up_over_entry_budget_needs_rebuild() {
         let o = classify_handshake(&reply(4, 4), &hist(100, 1), &all_epoch_one, 50);
         assert!(matches!(o, Outcome::NeedsRebuild { .. }));
-    }
-
-    #[test]
-    fn written_set_tracks_blocks_and_long_ranges() {
-        let mut w = WrittenSet::default();
-        w.mark(5, 2);
-        w.mark(10_000, 5000);
-        assert!(w.contains(5) && w.contains(6) && !w.contains(7));
-        assert!(w.contains(12_000) && !w.contains(15_000));
     }
 }

@@ -255,6 +255,7 @@ pub struct PrimaryCore {
     acked_high: Lsn,
     pinner: Pinner,
     floor: Option<Lsn>,
+    floor_applied: bool,
     bytes: VecDeque<(Lsn, u64)>,
     bytes_total: u64,
     next_conn: u64,
@@ -301,6 +302,7 @@ impl PrimaryCore {
             acked_high: Lsn(0),
             pinner: Pinner::new(),
             floor: None,
+            floor_applied: false,
             bytes: VecDeque::new(),
             bytes_total: 0,
             next_conn: 0,
@@ -1191,7 +1193,7 @@ impl PrimaryCore {
             }
             Some(Exec::Rebuild(r)) => {
                 r.on_progress(now);
-                if r.done_sent() {
+                if r.finished() {
                     self.go_live(id, log);
                 } else {
                     self.rebuild_step(id, log);
@@ -1478,8 +1480,9 @@ impl PrimaryCore {
             }
         }
         let floor = self.pinner.min_floor();
-        if floor != self.floor {
+        if floor != self.floor || !self.floor_applied {
             self.floor = floor;
+            self.floor_applied = true;
             log.set_retention_floor(floor);
         }
         let keep_from = floor.unwrap_or(self.head);

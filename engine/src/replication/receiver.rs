@@ -5,7 +5,6 @@
 //! fsynced, with a flushed LSN that never moves backwards within a session.
 
 use super::ConnId;
-use super::plan::WrittenSet;
 use super::storage::{AppendOutcome, ReplicaLog};
 use super::types::{Epoch, Lsn, VolumeId};
 use super::wire::{BarrierStatus, Body, ErrorCode, ResumeStatus, VolumeMsg};
@@ -76,9 +75,6 @@ pub enum ReceiverEvent {
     RebuildFinished {
         head: Lsn,
     },
-    BaseBlockSkipped {
-        lba: u64,
-    },
     StorageFailed {
         reason: String,
     },
@@ -96,7 +92,9 @@ struct PendingBarrier {
 #[derive(Debug)]
 struct RebuildRecv {
     session: u64,
-    written: WrittenSet,
+    base_lsn: Lsn,
+    base_epoch: Epoch,
+    blocks: u64,
 }
 
 /// Replica-side core for one volume.
@@ -305,10 +303,6 @@ impl ReceiverCore {
                             msg_epoch: msg.epoch,
                             local_epoch: log.epoch(),
                         });
-                        if let Some(rb) = self.rebuild.as_mut() {
-                            let blocks = u64::from(entry.blocks);
-                            rb.written.mark(entry.lba.0, blocks);
-                        }
                         self.complete_barriers(now_ms, log, out);
                     }
                     Ok(AppendOutcome::Duplicate) => {}
@@ -403,7 +397,7 @@ impl ReceiverCore {
                 base_epoch,
                 ..
             } => {
-                if let Err(e) = log.begin_rebuild(base_lsn, base_epoch) {
+                if let Err(e) = log.begin_rebuild() {
                     out.push(self.error(conn, epoch, ErrorCode::RebuildFailed, e.to_string()));
                     return;
                 }
@@ -412,11 +406,13 @@ impl ReceiverCore {
                 self.flushed_reported = Lsn(0);
                 self.rebuild = Some(RebuildRecv {
                     session,
-                    written: WrittenSet::default(),
+                    base_lsn,
+                    base_epoch,
+                    blocks: 0,
                 });
             }
             Body::BaseBlock { session, lba, data } => {
-                let Some(rb) = self.rebuild.as_ref().filter(|r| r.session == session) else {
+                let Some(rb) = self.rebuild.as_mut().filter(|r| r.session == session) else {
                     out.push(self.error(
                         conn,
                         epoch,
@@ -425,17 +421,14 @@ impl ReceiverCore {
                     ));
                     return;
                 };
-                if rb.written.contains(lba.0) {
-                    self.events
-                        .push(ReceiverEvent::BaseBlockSkipped { lba: lba.0 });
-                    return;
-                }
+                rb.blocks += 1;
                 if let Err(e) = log.install_base_block(lba, &data) {
+                    self.rebuild = None;
                     out.push(self.error(conn, epoch, ErrorCode::RebuildFailed, e.to_string()));
                 }
             }
-            Body::BaseDone { session, .. } => {
-                if self.rebuild.as_ref().map(|r| r.session) != Some(session) {
+            Body::BaseDone { session, blocks } => {
+                let Some(rb) = self.rebuild.take().filter(|r| r.session == session) else {
                     out.push(self.error(
                         conn,
                         epoch,
@@ -443,12 +436,24 @@ impl ReceiverCore {
                         "base done without a rebuild".into(),
                     ));
                     return;
+                };
+                if rb.blocks != blocks {
+                    out.push(self.error(
+                        conn,
+                        epoch,
+                        ErrorCode::RebuildFailed,
+                        format!("received {} base blocks, primary sent {blocks}", rb.blocks),
+                    ));
+                    return;
                 }
-                self.rebuild = None;
-                match log.finish_rebuild() {
-                    Ok(()) => self.events.push(ReceiverEvent::RebuildFinished {
-                        head: log.head_lsn(),
-                    }),
+                // The tail is replayed after this, so live WAL always wins over the base.
+                match log.finish_rebuild(rb.base_lsn, rb.base_epoch) {
+                    Ok(()) => {
+                        self.flushed_reported = log.durable_lsn();
+                        self.events.push(ReceiverEvent::RebuildFinished {
+                            head: log.head_lsn(),
+                        })
+                    }
                     Err(e) => {
                         out.push(self.error(conn, epoch, ErrorCode::RebuildFailed, e.to_string()))
                     }
@@ -489,6 +494,8 @@ impl ReceiverCore {
         };
         match synced {
             Ok(durable) => {
+                // Keep the entry at the durable point: the next handshake proves its epoch.
+                log.set_retention_floor(Some(durable));
                 // Reported progress never moves backwards.
                 self.flushed_reported = self.flushed_reported.max(durable);
                 for p in ready {

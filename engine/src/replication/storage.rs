@@ -41,7 +41,7 @@ pub enum AppendOutcome {
 /// Storage as the replication protocol sees it. Contract:
 /// - LSNs are dense; `append_replicated` accepts exactly head+1 and skips <= head.
 /// - `durable_lsn` only covers entries made durable by `sync` (or the flusher), and is 0
-///   while a rebuild is unfinished.
+///   while a rebuild is unfinished (base blocks first, then the tail after it finished).
 /// - `set_epoch` is durable before it returns.
 /// - `truncate_after(l)` fails if `l` is below the checkpoint (those entries are in the
 ///   extent already).
@@ -69,11 +69,13 @@ pub trait ReplicaLog {
     /// Reads base blocks from `cursor`; returns the blocks and the next cursor (None = done).
     fn read_base(&self, pin: &BasePin, cursor: u64, max: usize) -> Result<BaseChunk>;
     fn release_base(&mut self, pin: &BasePin);
-    /// Discards all content and starts a rebuild whose base is `base_lsn`.
-    fn begin_rebuild(&mut self, base_lsn: Lsn, base_epoch: Epoch) -> Result<()>;
+    /// Discards all content and starts a rebuild; appends are refused until it finishes
+    /// and a crash leaves an empty log marked as rebuilding.
+    fn begin_rebuild(&mut self) -> Result<()>;
     fn install_base_block(&mut self, lba: Lba, data: &[u8]) -> Result<()>;
-    /// Makes the rebuilt image durable and ends the rebuild.
-    fn finish_rebuild(&mut self) -> Result<()>;
+    /// Makes the base image durable as of `base_lsn` (whose entry had `base_epoch`) and
+    /// ends the rebuild; the WAL tail is then appended from `base_lsn + 1`.
+    fn finish_rebuild(&mut self, base_lsn: Lsn, base_epoch: Epoch) -> Result<()>;
     fn rebuilding(&self) -> bool;
 }
 
@@ -275,7 +277,9 @@ impl ReplicaLog for MemLog {
             });
         }
         if self.rebuilding {
-            apply(&mut self.rebuild_state, entry);
+            return Err(Error::Storage(
+                "appends are refused until the rebuild finishes".into(),
+            ));
         }
         self.entries.push(entry.clone());
         Ok(AppendOutcome::Appended)
@@ -351,12 +355,10 @@ impl ReplicaLog for MemLog {
     fn release_base(&mut self, pin: &BasePin) {
         self.pins.remove(&pin.id);
     }
-    fn begin_rebuild(&mut self, base_lsn: Lsn, base_epoch: Epoch) -> Result<()> {
+    fn begin_rebuild(&mut self) -> Result<()> {
         let epoch = self.epoch;
         *self = MemLog::new();
         self.epoch = epoch;
-        self.origin = base_lsn;
-        self.origin_epoch = base_epoch;
         self.rebuilding = true;
         Ok(())
     }
@@ -367,19 +369,17 @@ impl ReplicaLog for MemLog {
         self.rebuild_state.insert(lba, data.to_vec());
         Ok(())
     }
-    fn finish_rebuild(&mut self) -> Result<()> {
+    fn finish_rebuild(&mut self, base_lsn: Lsn, base_epoch: Epoch) -> Result<()> {
         if !self.rebuilding {
             return Err(Error::Storage("no rebuild in progress".into()));
         }
-        let head = self.head_lsn();
-        let head_epoch = self.epoch_at(head).unwrap_or(self.origin_epoch);
         self.origin_state = std::mem::take(&mut self.rebuild_state);
-        self.origin = head;
-        self.origin_epoch = head_epoch;
+        self.origin = base_lsn;
+        self.origin_epoch = base_epoch;
         self.entries.clear();
-        self.durable = head;
-        self.checkpoint = head;
-        self.retained_start = head.next();
+        self.durable = base_lsn;
+        self.checkpoint = base_lsn;
+        self.retained_start = base_lsn.next();
         self.rebuilding = false;
         Ok(())
     }
