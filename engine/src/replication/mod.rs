@@ -9,6 +9,7 @@ pub mod receiver;
 pub mod retention;
 pub mod storage;
 pub mod types;
+pub mod volume_log;
 pub mod wire;
 
 pub use plan::{
@@ -20,10 +21,11 @@ pub use primary::{
 };
 pub use receiver::{ReceiverAction, ReceiverConfig, ReceiverCore, ReceiverEvent, ReceiverInput};
 pub use retention::{HoldId, HoldKind, Pinner};
-pub use storage::{AppendOutcome, BaseKind, BasePin, MemLog, ReplicaLog};
+pub use storage::{AppendOutcome, BaseChunk, BaseKind, BasePin, MemLog, ReplicaLog};
 pub use types::{
     Endpoint, EntryKind, Epoch, Generation, Lba, Lsn, ReplicaId, VolumeId, WalEntry, entry_bytes,
 };
+pub use volume_log::VolumeLog;
 pub use wire::{Body, Message, VolumeMsg, WireConfig, WireError};
 
 /// Connection handle chosen by the core; the I/O shell maps it to a socket.
