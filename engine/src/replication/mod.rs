@@ -3,6 +3,7 @@
 //! rebuild. The protocol core is sans-IO (events in, actions out) so a seeded simulation can
 //! drive it; storage is reached only through the `ReplicaLog` trait.
 
+pub mod net;
 pub mod plan;
 pub mod primary;
 pub mod receiver;
@@ -12,6 +13,7 @@ pub mod types;
 pub mod volume_log;
 pub mod wire;
 
+pub use net::{NetConfig, NetError, PrimaryHandle, PrimarySnapshot, ReceiverServer, spawn_primary};
 pub use plan::{
     EventKind, HandshakeReply, Outcome, RecoveryEvent, RecoveryPlan, RetainedHistory,
     classify_handshake,

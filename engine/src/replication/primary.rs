@@ -336,6 +336,13 @@ impl PrimaryCore {
     pub fn flushed_of(&self, id: &ReplicaId) -> Option<Lsn> {
         self.senders.get(id).map(|s| s.flushed)
     }
+    /// Every replica with its state and known durable progress.
+    pub fn replicas(&self) -> Vec<(ReplicaId, ReplicaState, Lsn)> {
+        self.senders
+            .values()
+            .map(|s| (s.id.clone(), s.state, s.flushed))
+            .collect()
+    }
     pub fn is_counted(&self, id: &ReplicaId) -> bool {
         self.committed.contains(id) || self.senders.get(id).is_some_and(|s| s.counting)
     }
@@ -1280,7 +1287,12 @@ impl PrimaryCore {
     }
 
     fn on_appended(&mut self, e: WalEntry) {
-        if e.lsn <= self.head {
+        if e.lsn != self.head.next() {
+            // Duplicates are harmless; a gap means the shell lost an entry and must resync
+            // from the log (`head()` says where), so never ship out of order.
+            if e.lsn > self.head.next() {
+                tracing::warn!(volume = %self.volume, head = %self.head, got = %e.lsn, "appended entry out of order; waiting for resync");
+            }
             return;
         }
         self.head = e.lsn;

@@ -48,7 +48,14 @@ fn map(e: crate::Error) -> Error {
 }
 
 impl VolumeLog {
+    /// Wraps `vol` and at once holds its durable entry in the WAL: the next reconnect
+    /// handshake proves that entry's epoch, and a reopened volume's flusher would otherwise
+    /// recycle it first. A primary core replaces this floor on its first step.
     pub fn new(vol: Arc<Volume>) -> Self {
+        let durable = vol.durable_lsn();
+        if durable > Lsn(0) && !vol.is_rebuilding() {
+            vol.set_retention_floor(Some(durable));
+        }
         Self {
             vol,
             pins: BTreeMap::new(),
