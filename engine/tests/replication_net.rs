@@ -415,7 +415,7 @@ async fn garbage_and_truncated_frames_close_the_connection_and_apply_nothing() {
     let mut c = TcpStream::connect(addr).await.unwrap();
     let (_, hello) = ClientAuth::start(b"wrong-secret", "raw", [6; NONCE_BYTES]);
     c.write_all(&encode_frame(&hello)).await.unwrap();
-    let mut proof = Message::Auth(engine::replication::wire::Auth::Proof {
+    let proof = Message::Auth(engine::replication::wire::Auth::Proof {
         proof: [0; NONCE_BYTES],
     });
     c.write_all(&encode_frame(&proof)).await.unwrap();
@@ -436,8 +436,6 @@ async fn garbage_and_truncated_frames_close_the_connection_and_apply_nothing() {
     c.shutdown().await.unwrap();
     expect_closed(&mut c).await;
 
-    proof = Message::Auth(engine::replication::wire::Auth::Accepted);
-    let _ = proof;
     let deadline = Instant::now() + Duration::from_millis(WAIT_MS);
     loop {
         let r = s.rejections();
@@ -454,4 +452,41 @@ async fn garbage_and_truncated_frames_close_the_connection_and_apply_nothing() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert_eq!(rv.head_lsn(), Lsn(0), "a rejected frame was applied");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_writers_are_shipped_densely_in_lsn_order() {
+    let d = Dir::new();
+    let pv = create(&d.file("p"));
+    let r0v = create(&d.file("r0"));
+    let s0 = server(any_addr(), "n0", r0v.clone()).await;
+    let h = spawn_primary(
+        pv.clone(),
+        vid(),
+        rid("p"),
+        pcfg(),
+        Generation(1),
+        vec![rid("p"), rid("r0")],
+        vec![peer("r0", s0.local_addr())],
+        NetConfig::new("np", SECRET),
+    );
+    wait_for("r0 in sync", &h, |s| in_sync(s, "r0")).await;
+    let writers: Vec<_> = (0..4u64)
+        .map(|t| {
+            let v = pv.clone();
+            std::thread::spawn(move || {
+                for i in 0..100u64 {
+                    write(&v, t * 100 + i, (t * 100 + i) as u8);
+                }
+            })
+        })
+        .collect();
+    for w in writers {
+        w.join().unwrap();
+    }
+    let l = h.flush().await.unwrap();
+    assert_eq!(l, Lsn(400));
+    assert!(r0v.durable_lsn() >= Lsn(400));
+    assert_eq!(r0v.head_lsn(), pv.head_lsn());
+    same_content(&pv, &r0v, 400);
 }
