@@ -673,4 +673,168 @@ mod tests {
         let o = classify_handshake(&reply(4, 4), &hist(100, 1), &all_epoch_one, 50);
         assert!(matches!(o, Outcome::NeedsRebuild { .. }));
     }
+
+    use crate::replication::storage::MemLog;
+    use crate::replication::types::{EntryKind, Lba};
+
+    fn log_with(n: u64) -> MemLog {
+        let mut m = MemLog::new();
+        m.set_epoch(Epoch(1)).unwrap();
+        for i in 0..n {
+            m.append_local(EntryKind::Write, Lba(i % 7), 1, vec![i as u8; 8])
+                .unwrap();
+        }
+        m.sync().unwrap();
+        m
+    }
+
+    fn rid() -> ReplicaId {
+        ReplicaId::new("r1").unwrap()
+    }
+
+    #[test]
+    fn rebuild_plan_binds_its_source_even_if_storage_moves_on() {
+        let mut log = log_with(20);
+        log.flush_checkpoint();
+        for i in 0..5 {
+            log.append_local(EntryKind::Write, Lba(i), 1, vec![0xEE; 8])
+                .unwrap();
+        }
+        let mut pinner = Pinner::new();
+        let plan = plan_rebuild(&rid(), 7, &mut pinner, &mut log).unwrap();
+        log.set_retention_floor(pinner.min_floor());
+        let PlanKind::Rebuild { base, target } = plan.kind().clone() else {
+            panic!("expected a rebuild plan");
+        };
+        assert_eq!(base.kind, BaseKind::Snapshot);
+        // Storage history changes after planning.
+        for i in 0..10 {
+            log.append_local(EntryKind::Write, Lba(i), 1, vec![0xFF; 8])
+                .unwrap();
+        }
+        log.sync().unwrap();
+        log.flush_checkpoint();
+        let mut exec = RebuildExec::new(plan, 0).unwrap();
+        let (msgs, _) = exec.next_batch(&log, 1000, 1000).unwrap();
+        match &msgs[0] {
+            Body::RebuildStart {
+                base_lsn,
+                target: t,
+                ..
+            } => {
+                assert_eq!(*base_lsn, base.base_lsn);
+                assert_eq!(*base_lsn, Lsn(20));
+                assert_eq!(*t, target);
+                assert_eq!(*t, Lsn(25));
+            }
+            other => panic!("expected RebuildStart, got {other:?}"),
+        }
+        // The tail stops at the bound target, not the new head.
+        let mut last = Lsn(0);
+        while !exec.finished() {
+            let (msgs, _) = exec.next_batch(&log, 1000, 3).unwrap();
+            for m in msgs {
+                if let Body::Entry(e) = m {
+                    last = e.lsn;
+                }
+            }
+        }
+        assert_eq!(last, Lsn(25));
+        let mut events = Vec::new();
+        release_plan(exec.into_plan(), &mut pinner, &mut log, 1, &mut events);
+        assert!(pinner.is_empty());
+        assert_eq!(events[0].kind.name(), "exec_resources_released");
+    }
+
+    #[test]
+    fn rebuild_without_a_usable_checkpoint_pins_the_full_base() {
+        let mut log = log_with(5);
+        let mut pinner = Pinner::new();
+        let plan = plan_rebuild(&rid(), 1, &mut pinner, &mut log).unwrap();
+        let PlanKind::Rebuild { base, target } = plan.kind().clone() else {
+            panic!("expected a rebuild plan");
+        };
+        assert_eq!(base.kind, BaseKind::FullBase);
+        assert_eq!(target, Lsn(5));
+        assert_eq!(pinner.min_floor(), None, "a full base holds no WAL");
+        let mut events = Vec::new();
+        release_plan(plan, &mut pinner, &mut log, 0, &mut events);
+    }
+
+    #[test]
+    fn rebuild_plan_pin_failure_leaves_no_hold() {
+        let mut log = log_with(5);
+        log.fail_pin_base = true;
+        let mut pinner = Pinner::new();
+        assert!(plan_rebuild(&rid(), 1, &mut pinner, &mut log).is_err());
+        assert!(pinner.is_empty());
+    }
+
+    #[test]
+    fn executors_refuse_plans_of_the_other_kind() {
+        let mut log = log_with(5);
+        let mut pinner = Pinner::new();
+        let rebuild = plan_rebuild(&rid(), 1, &mut pinner, &mut log).unwrap();
+        assert!(CatchUpExec::new(rebuild, 0).is_err());
+        let catchup = plan_catch_up(&rid(), 2, Lsn(1), Lsn(5), &mut pinner, &log).unwrap();
+        assert!(RebuildExec::new(catchup, 0).is_err());
+    }
+
+    #[test]
+    fn catch_up_budget_counts_only_entries_it_ships() {
+        let log = log_with(60);
+        let mut pinner = Pinner::new();
+        let b = CatchUpBudget {
+            entries_max: 40,
+            duration_ms_max: 1_000,
+            progress_deadline_ms: 1_000,
+        };
+        // A replica at 30 needs 30 entries: within a budget of 40 despite its long prefix.
+        let plan = plan_catch_up(&rid(), 1, Lsn(30), Lsn(60), &mut pinner, &log).unwrap();
+        let mut exec = CatchUpExec::new(plan, 0).unwrap();
+        while exec
+            .next_batch(&log, 7)
+            .map(|(m, _)| !m.is_empty())
+            .unwrap()
+        {}
+        assert_eq!(exec.over_budget(&b, 1), None);
+        // From 10 it needs 50: over budget.
+        let plan = plan_catch_up(&rid(), 2, Lsn(10), Lsn(60), &mut pinner, &log).unwrap();
+        let mut exec = CatchUpExec::new(plan, 0).unwrap();
+        while exec
+            .next_batch(&log, 7)
+            .map(|(m, _)| !m.is_empty())
+            .unwrap()
+        {}
+        assert!(exec.over_budget(&b, 1).is_some());
+    }
+
+    #[test]
+    fn catch_up_progress_is_capped_at_the_frozen_target() {
+        let log = log_with(20);
+        let mut pinner = Pinner::new();
+        let plan = plan_catch_up(&rid(), 1, Lsn(5), Lsn(10), &mut pinner, &log).unwrap();
+        let mut exec = CatchUpExec::new(plan, 0).unwrap();
+        assert!(!exec.on_progress(Lsn(8), 1));
+        assert!(exec.on_progress(Lsn(19), 2));
+        assert_eq!(exec.progress(), Lsn(10));
+        let (msgs, barrier) = exec.next_batch(&log, 100).unwrap();
+        assert_eq!(msgs.len(), 5, "shipped past the frozen target");
+        assert_eq!(barrier, Lsn(10));
+    }
+
+    #[test]
+    fn catch_up_without_progress_misses_its_deadline() {
+        let log = log_with(20);
+        let mut pinner = Pinner::new();
+        let plan = plan_catch_up(&rid(), 1, Lsn(5), Lsn(10), &mut pinner, &log).unwrap();
+        let exec = CatchUpExec::new(plan, 0).unwrap();
+        let b = CatchUpBudget {
+            entries_max: 100,
+            duration_ms_max: 10_000,
+            progress_deadline_ms: 50,
+        };
+        assert_eq!(exec.over_budget(&b, 50), None);
+        assert!(exec.over_budget(&b, 51).unwrap().contains("progress"));
+    }
 }
