@@ -37,10 +37,14 @@ fn vcfg() -> VolumeConfig {
 }
 
 fn create(path: &Path) -> Arc<Volume> {
+    create_with_wal(path, 2 << 20)
+}
+
+fn create_with_wal(path: &Path, wal_size_bytes: u64) -> Arc<Volume> {
     let opts = CreateOptions {
         size_bytes: 4 << 20,
         block_size: BS as u32,
-        wal_size_bytes: 2 << 20,
+        wal_size_bytes,
         epoch: Epoch(1),
         ..CreateOptions::default()
     };
@@ -93,7 +97,7 @@ where
             Instant::now() < deadline,
             "timed out waiting for {what}: {s:?}"
         );
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        tokio::time::sleep(Duration::from_millis(2)).await;
     }
 }
 
@@ -180,17 +184,22 @@ async fn killed_replica_restarts_and_catches_up_from_retained_wal() {
     }
     h.flush().await.unwrap();
     // Kill the replica mid-stream: its server and volume go away.
-    drop(s0);
+    s0.shutdown().await;
     drop(r0v);
     for i in 0..100u64 {
         write(&pv, i % 64, 2 + i as u8);
     }
+    // Bind first, then open and host at once: hosting holds the durable entry in the WAL
+    // before the reopened volume's flusher could recycle it.
+    let s0 = ReceiverServer::bind(addr, NetConfig::new("n0", SECRET))
+        .await
+        .unwrap();
     let r0v = open(&d.file("r0"));
+    s0.host(vid(), r0v.clone(), ReceiverConfig::default());
     assert!(
         r0v.durable_lsn() >= Lsn(50),
         "acked data lost on the replica"
     );
-    let _s0 = server(addr, "n0", r0v.clone()).await;
     let snap = wait_for("r0 caught up", &h, |s| {
         in_sync(s, "r0") && s.replicas[&rid("r0")].1 >= Lsn(150)
     })
@@ -227,7 +236,7 @@ async fn replica_away_past_the_retention_budget_is_rebuilt() {
         NetConfig::new("np", SECRET),
     );
     wait_for("r0 in sync", &h, |s| in_sync(s, "r0")).await;
-    drop(s0);
+    s0.shutdown().await;
     for i in 0..100u64 {
         write(&pv, i % 80, 9 + i as u8);
     }
@@ -284,7 +293,7 @@ async fn replica_address_change_keeps_its_identity() {
         snap.replicas[&rid("r0")].1 >= l,
         "progress of the same replica was lost"
     );
-    drop(s0);
+    s0.shutdown().await;
     write(&pv, 2, 2);
     h.flush().await.unwrap();
     same_content(&pv, &r0v, 4);
@@ -293,8 +302,8 @@ async fn replica_address_change_keeps_its_identity() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn epoch_bump_mid_catch_up_releases_the_session_pins() {
     let d = Dir::new();
-    let pv = create(&d.file("p"));
-    let r0v = create(&d.file("r0"));
+    let pv = create_with_wal(&d.file("p"), 16 << 20);
+    let r0v = create_with_wal(&d.file("r0"), 16 << 20);
     let s0 = server(any_addr(), "n0", r0v.clone()).await;
     let addr = s0.local_addr();
     let cfg = PrimaryConfig {
@@ -312,8 +321,9 @@ async fn epoch_bump_mid_catch_up_releases_the_session_pins() {
         NetConfig::new("np", SECRET),
     );
     wait_for("r0 in sync", &h, |s| in_sync(s, "r0")).await;
-    drop(s0);
-    for i in 0..400u64 {
+    s0.shutdown().await;
+    // Enough one-entry batches that the catch-up is still running when we look.
+    for i in 0..1500u64 {
         write(&pv, i % 200, i as u8);
     }
     let _s0 = server(addr, "n0", r0v.clone()).await;

@@ -1,7 +1,7 @@
 //! I/O shell: tokio TCP transport driving the sans-IO cores over real volumes. A
 //! `ReceiverServer` is the node's data port (many volumes multiplexed by volume ID on each
-//! authenticated connection); a primary driver runs one `PrimaryCore` per volume with one
-//! outbound connection per ReplicaID. Every connection authenticates (HMAC challenge-response)
+//! authenticated connection); a primary driver runs one `PrimaryCore` per volume with a data
+//! and a control connection per ReplicaID. Every connection authenticates (HMAC challenge-response)
 //! before any volume message is read; a malformed frame closes that connection with a logged
 //! reason and nothing from it is applied. Queues are bounded; a full send queue ends the
 //! session (the core recovers by catch-up) instead of growing memory.
@@ -353,8 +353,16 @@ impl ReceiverServer {
         lock(&self.shared.conns).len()
     }
 
-    /// Stops accepting and closes every connection.
-    pub fn shutdown(self) {
+    /// Stops accepting, closes every connection, and returns once the listening socket is
+    /// released (so the address can be bound again).
+    pub async fn shutdown(mut self) {
+        let tasks = std::mem::take(&mut self.tasks);
+        for t in &tasks {
+            t.abort();
+        }
+        for t in tasks {
+            let _ = t.await;
+        }
         drop(self);
     }
 }
@@ -429,7 +437,7 @@ async fn serve_conn(s: Arc<ServerShared>, stream: TcpStream, peer: SocketAddr) {
 
 enum Cmd {
     Input(Input),
-    Attach(ConnId, mpsc::Sender<VolumeMsg>, tokio::task::AbortHandle),
+    Attach(ConnId, PeerLink),
     Flush(oneshot::Sender<Result<Lsn, String>>),
     Snapshot(oneshot::Sender<PrimarySnapshot>),
 }
@@ -505,13 +513,107 @@ impl Drop for PrimaryHandle {
     }
 }
 
+/// The two connections of one replica session: the data connection carries everything
+/// whose order matters (handshake, truncation, entries, rebuild, barriers - a barrier must
+/// not overtake the entries and truncations before it); the control connection carries
+/// heartbeats, so liveness is not judged behind a data backlog.
+struct PeerLink {
+    data: mpsc::Sender<VolumeMsg>,
+    ctrl: mpsc::Sender<VolumeMsg>,
+    aborts: Vec<tokio::task::AbortHandle>,
+}
+
+impl PeerLink {
+    /// Queues a message; true if the queue is full or closed (the session must end).
+    fn send(&self, msg: VolumeMsg) -> bool {
+        let q = match msg.body {
+            super::wire::Body::Heartbeat { .. } => &self.ctrl,
+            _ => &self.data,
+        };
+        q.try_send(msg).is_err()
+    }
+    fn abort(self) {
+        for a in self.aborts {
+            a.abort();
+        }
+    }
+}
+
+type LinkReaders = (JoinHandle<()>, JoinHandle<()>);
+type OneLink = (mpsc::Sender<VolumeMsg>, JoinHandle<()>, JoinHandle<()>);
+
+async fn open_one(
+    conn: ConnId,
+    addr: SocketAddr,
+    cfg: &NetConfig,
+    tx: &mpsc::UnboundedSender<Cmd>,
+) -> Result<OneLink, NetError> {
+    let stream = tokio::time::timeout(
+        Duration::from_millis(cfg.dial_timeout_ms),
+        TcpStream::connect(addr),
+    )
+    .await
+    .map_err(|_| NetError::Timeout("dial"))??;
+    let (mut reader, w) = client_handshake(stream, cfg).await?;
+    let (wtx, wrx) = mpsc::channel(cfg.send_queue_frames_max.max(1));
+    let writer = spawn_writer(w, wrx);
+    let tx = tx.clone();
+    let read_task = tokio::spawn(async move {
+        loop {
+            match reader.next().await {
+                Ok(Message::Volume(msg)) => {
+                    if tx.send(Cmd::Input(Input::Received { conn, msg })).is_err() {
+                        break;
+                    }
+                }
+                Ok(Message::Auth(_)) => break,
+                Err(e) => {
+                    if !matches!(e, NetError::Closed) {
+                        tracing::warn!(conn = conn.0, error = %e, "replica connection closed");
+                    }
+                    break;
+                }
+            }
+        }
+    });
+    Ok((wtx, read_task, writer))
+}
+
+async fn open_link(
+    conn: ConnId,
+    addr: SocketAddr,
+    cfg: &NetConfig,
+    tx: &mpsc::UnboundedSender<Cmd>,
+) -> Result<(PeerLink, LinkReaders), NetError> {
+    let (data, data_reader, data_writer) = open_one(conn, addr, cfg, tx).await?;
+    let (ctrl, ctrl_reader, ctrl_writer) = match open_one(conn, addr, cfg, tx).await {
+        Ok(x) => x,
+        Err(e) => {
+            data_reader.abort();
+            data_writer.abort();
+            return Err(e);
+        }
+    };
+    let link = PeerLink {
+        data,
+        ctrl,
+        aborts: vec![
+            data_reader.abort_handle(),
+            ctrl_reader.abort_handle(),
+            data_writer.abort_handle(),
+            ctrl_writer.abort_handle(),
+        ],
+    };
+    Ok((link, (data_reader, ctrl_reader)))
+}
+
 struct Driver {
     core: PrimaryCore,
     log: VolumeLog,
     cfg: NetConfig,
     start: Instant,
     tx: mpsc::UnboundedSender<Cmd>,
-    conns: HashMap<ConnId, (mpsc::Sender<VolumeMsg>, tokio::task::AbortHandle)>,
+    conns: HashMap<ConnId, PeerLink>,
     flushes: HashMap<FlushId, oneshot::Sender<Result<Lsn, String>>>,
     next_flush: u64,
     events: VecDeque<RecoveryEvent>,
@@ -609,8 +711,8 @@ impl Driver {
     fn on_cmd(&mut self, c: Cmd) {
         match c {
             Cmd::Input(i) => self.step(i),
-            Cmd::Attach(conn, tx, abort) => {
-                self.conns.insert(conn, (tx, abort));
+            Cmd::Attach(conn, link) => {
+                self.conns.insert(conn, link);
             }
             Cmd::Flush(reply) => {
                 self.resync();
@@ -662,58 +764,27 @@ impl Driver {
                 let cfg = self.cfg.clone();
                 let tx = self.tx.clone();
                 tokio::spawn(async move {
-                    let dial = tokio::time::timeout(
-                        Duration::from_millis(cfg.dial_timeout_ms),
-                        TcpStream::connect(endpoint.addr()),
-                    )
-                    .await;
-                    let stream = match dial {
-                        Ok(Ok(s)) => s,
-                        _ => {
-                            let _ = tx.send(Cmd::Input(Input::ConnectFailed(conn)));
-                            return;
-                        }
-                    };
-                    let (mut reader, w) = match client_handshake(stream, &cfg).await {
-                        Ok(x) => x,
-                        Err(e) => {
-                            tracing::warn!(%replica, %endpoint, error = %e, "replica handshake failed");
-                            let _ = tx.send(Cmd::Input(Input::ConnectFailed(conn)));
-                            return;
-                        }
-                    };
-                    let (wtx, wrx) = mpsc::channel(cfg.send_queue_frames_max.max(1));
-                    let writer = spawn_writer(w, wrx);
-                    let tx2 = tx.clone();
-                    let read_task = tokio::spawn(async move {
-                        loop {
-                            match reader.next().await {
-                                Ok(Message::Volume(msg)) => {
-                                    if tx2.send(Cmd::Input(Input::Received { conn, msg })).is_err()
-                                    {
-                                        break;
-                                    }
-                                }
-                                Ok(Message::Auth(_)) => break,
-                                Err(e) => {
-                                    if !matches!(e, NetError::Closed) {
-                                        tracing::warn!(conn = conn.0, error = %e, "replica connection closed");
-                                    }
-                                    break;
-                                }
+                    match open_link(conn, endpoint.addr(), &cfg, &tx).await {
+                        Ok((link, (data, ctrl))) => {
+                            let _ = tx.send(Cmd::Attach(conn, link));
+                            let _ = tx.send(Cmd::Input(Input::Connected(conn)));
+                            // Either connection ending ends the session.
+                            tokio::select! {
+                                _ = data => {}
+                                _ = ctrl => {}
                             }
+                            let _ = tx.send(Cmd::Input(Input::ConnectionLost(conn)));
                         }
-                        let _ = tx2.send(Cmd::Input(Input::ConnectionLost(conn)));
-                    });
-                    let _ = tx.send(Cmd::Attach(conn, wtx, read_task.abort_handle()));
-                    let _ = tx.send(Cmd::Input(Input::Connected(conn)));
-                    let _ = read_task.await;
-                    writer.abort();
+                        Err(e) => {
+                            tracing::warn!(%replica, %endpoint, error = %e, "replica connection failed");
+                            let _ = tx.send(Cmd::Input(Input::ConnectFailed(conn)));
+                        }
+                    }
                 });
             }
             Action::Send { conn, msg } => {
                 let failed = match self.conns.get(&conn) {
-                    Some((tx, _)) => tx.try_send(msg).is_err(),
+                    Some(link) => link.send(msg),
                     None => false,
                 };
                 if failed {
@@ -760,8 +831,8 @@ impl Driver {
     }
 
     fn close(&mut self, conn: ConnId) {
-        if let Some((_, abort)) = self.conns.remove(&conn) {
-            abort.abort();
+        if let Some(link) = self.conns.remove(&conn) {
+            link.abort();
         }
     }
 }
