@@ -51,6 +51,10 @@ pub struct Superblock {
     /// step back to an older generation. That keeps stale records left behind a torn
     /// or truncated head from ever being replayed.
     pub wal_gen: u64,
+    /// Lowest generation the record at the tail may carry: the walk starts from it,
+    /// so a stale record left at an empty tail by an older generation is never taken
+    /// for the first record.
+    pub wal_tail_gen: u64,
     pub epoch: Epoch,
     /// Non-zero while an expansion to this size is in progress.
     pub prepared_size: u64,
@@ -111,7 +115,7 @@ impl Superblock {
         put_u64(&mut b, self.epoch.0);
         put_u64(&mut b, self.prepared_size);
         put_u64(&mut b, self.expand_epoch);
-        put_u64(&mut b, 0); // reserved
+        put_u64(&mut b, self.wal_tail_gen);
         let crc = crc32c::crc32c(&b);
         put_u32(&mut b, crc);
         debug_assert_eq!(b.len(), ENCODED_LEN);
@@ -166,6 +170,7 @@ impl Superblock {
             epoch: Epoch(r.u64()?),
             prepared_size: r.u64()?,
             expand_epoch: r.u64()?,
+            wal_tail_gen: r.u64()?,
         };
         sb.validate()?;
         Ok(sb)
@@ -205,6 +210,12 @@ impl Superblock {
                 "wal_tail_lsn {} outside 1..={} (checkpoint + 1)",
                 self.wal_tail_lsn,
                 self.checkpoint_lsn.0 + 1
+            ));
+        }
+        if self.wal_tail_gen > self.wal_gen {
+            return Err(format!(
+                "wal_tail_gen {} above wal_gen {}",
+                self.wal_tail_gen, self.wal_gen
             ));
         }
         if self.prepared_size != 0
@@ -294,6 +305,7 @@ mod tests {
             wal_tail_pos: WalPos(12345),
             wal_tail_lsn: Lsn(5),
             wal_gen: 2,
+            wal_tail_gen: 1,
             epoch: Epoch(4),
             prepared_size: 0,
             expand_epoch: 0,

@@ -49,6 +49,7 @@ fn superblock() -> impl Strategy<Value = Superblock> {
             wal_tail_pos: WalPos(ck * 100),
             wal_tail_lsn: Lsn(ck + 1),
             wal_gen: 3,
+            wal_tail_gen: 2,
             epoch: Epoch(2),
             prepared_size: 0,
             expand_epoch: 0,
