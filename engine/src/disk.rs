@@ -11,6 +11,7 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 /// Sector size used for torn-write simulation: a power cut keeps or loses whole sectors.
@@ -40,6 +41,8 @@ pub trait Disk: Send + Sync {
 pub struct FileDisk {
     file: File,
     path: PathBuf,
+    /// Cached length, so bounds checks cost no syscall.
+    len: AtomicU64,
 }
 
 impl FileDisk {
@@ -54,6 +57,7 @@ impl FileDisk {
         Ok(FileDisk {
             file,
             path: path.to_path_buf(),
+            len: AtomicU64::new(0),
         })
     }
 
@@ -63,9 +67,11 @@ impl FileDisk {
             .read(true)
             .write(true)
             .open(path)?;
+        let len = file.metadata()?.len();
         Ok(FileDisk {
             file,
             path: path.to_path_buf(),
+            len: AtomicU64::new(len),
         })
     }
 
@@ -73,14 +79,30 @@ impl FileDisk {
     pub fn path(&self) -> &Path {
         &self.path
     }
+
+    fn check(&self, offset: u64, n: usize) -> io::Result<()> {
+        let len = self.len.load(Ordering::Acquire);
+        match offset.checked_add(n as u64) {
+            Some(end) if end <= len => Ok(()),
+            _ => Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!(
+                    "range {offset}+{n} past end of {} ({len} bytes)",
+                    self.path.display()
+                ),
+            )),
+        }
+    }
 }
 
 impl Disk for FileDisk {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.check(offset, buf.len())?;
         self.file.read_exact_at(buf, offset)
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.check(offset, buf.len())?;
         self.file.write_all_at(buf, offset)
     }
 
@@ -90,12 +112,13 @@ impl Disk for FileDisk {
 
     fn set_len(&self, len: u64) -> io::Result<()> {
         self.file.set_len(len)?;
+        self.len.store(len, Ordering::Release);
         // The size is metadata: sync_all so a grown file stays grown after a crash.
         self.file.sync_all()
     }
 
     fn len(&self) -> io::Result<u64> {
-        Ok(self.file.metadata()?.len())
+        Ok(self.len.load(Ordering::Acquire))
     }
 
     fn describe(&self) -> String {
