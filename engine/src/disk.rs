@@ -25,6 +25,11 @@ pub trait Disk: Send + Sync {
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
     /// Makes every completed write durable (fdatasync).
     fn sync(&self) -> io::Result<()>;
+    /// Makes `len` bytes at `offset` read as zeros, like `write_at` of zeros (same
+    /// durability rules). Files deallocate the range instead of writing it.
+    fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+        crate::extent::write_zeroes_by_writing(self, offset, len)
+    }
     /// Grows or shrinks the disk; new bytes read as zeros. Durable on return.
     fn set_len(&self, len: u64) -> io::Result<()>;
     /// Current size in bytes.
@@ -108,6 +113,39 @@ impl Disk for FileDisk {
 
     fn sync(&self) -> io::Result<()> {
         self.file.sync_data()
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+        use std::os::fd::AsRawFd;
+        let end = offset
+            .checked_add(len)
+            .ok_or_else(|| io::Error::other("range overflow"))?;
+        self.check(offset, 0)?;
+        self.check(end, 0)?;
+        let (Ok(off), Ok(n)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
+            return crate::extent::write_zeroes_by_writing(self, offset, len);
+        };
+        // SAFETY: fallocate only reads its integer arguments; the descriptor is owned
+        // by `self.file` and open for the duration of the call.
+        let rc = unsafe {
+            libc::fallocate(
+                self.file.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                off,
+                n,
+            )
+        };
+        if rc == 0 {
+            return Ok(());
+        }
+        let err = io::Error::last_os_error();
+        match err.raw_os_error() {
+            // Filesystems without hole punching: write the zeros.
+            Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) => {
+                crate::extent::write_zeroes_by_writing(self, offset, len)
+            }
+            _ => Err(err),
+        }
     }
 
     fn set_len(&self, len: u64) -> io::Result<()> {

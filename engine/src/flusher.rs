@@ -96,7 +96,7 @@ impl Inner {
                         Source::Wal { data_pos } => {
                             extent::copy_range(disk, layout.wal_phys(data_pos), dst, len)?
                         }
-                        Source::Zero => extent::write_zeroes(disk, dst, len)?,
+                        Source::Zero => disk.write_zeroes(dst, len)?,
                     }
                 }
                 disk.sync()

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use crate::dirty_map::{DirtyMap, Source};
 use crate::disk::{Disk, FileDisk};
 use crate::error::{Error, Result};
-use crate::extent::{self, Layout};
+use crate::extent::Layout;
 use crate::group_commit::GroupCommit;
 use crate::recovery::{self, IndexEntry};
 use crate::superblock::{self, FLAG_REBUILD_IN_PROGRESS, SUPERBLOCK_SLOT_SIZE, Superblock};
@@ -252,7 +252,7 @@ impl Volume {
             .map_err(|e| Error::io(&what, e))?;
         if !fresh {
             // Old records from whatever used this disk before must not look like ours.
-            extent::write_zeroes(&*disk, layout.wal_offset, layout.wal_size)
+            disk.write_zeroes(layout.wal_offset, layout.wal_size)
                 .map_err(|e| Error::io(&what, e))?;
         }
         let mut sb = Superblock {
@@ -556,6 +556,16 @@ impl Volume {
 
     pub fn block_size(&self) -> u32 {
         self.inner.layout.block_size
+    }
+
+    /// The durability mode recorded at create.
+    pub fn durability(&self) -> DurabilityMode {
+        lock(&self.inner.sb).durability
+    }
+
+    /// The volume's identity, generated at create.
+    pub fn uuid(&self) -> [u8; 16] {
+        lock(&self.inner.sb).uuid
     }
 
     /// Last appended LSN.

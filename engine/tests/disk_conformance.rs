@@ -30,6 +30,18 @@ fn conformance(disk: &dyn Disk) {
     disk.read_at(&mut r, 0).unwrap();
     assert!(r[100..].iter().all(|&x| x == 7), "growing keeps data");
     assert!(!disk.describe().is_empty());
+    // write_zeroes zeroes exactly its range (files punch a hole).
+    disk.write_at(&[5u8; 12288], 4096).unwrap();
+    disk.write_zeroes(8192, 4096).unwrap();
+    let mut z = vec![1u8; 12288];
+    disk.read_at(&mut z, 4096).unwrap();
+    assert!(z[..4096].iter().all(|&x| x == 5));
+    assert!(z[4096..8192].iter().all(|&x| x == 0));
+    assert!(z[8192..].iter().all(|&x| x == 5));
+    assert!(
+        disk.write_zeroes(32 * 1024 - 10, 20).is_err(),
+        "zeroes past end"
+    );
 }
 
 #[test]
@@ -39,6 +51,37 @@ fn file_disk_meets_the_disk_contract() {
     let disk = FileDisk::create(&path).unwrap();
     conformance(&disk);
     assert!(disk.describe().contains("d.img"));
+}
+
+#[test]
+fn trimming_a_whole_file_volume_deallocates_instead_of_writing_zeros() {
+    use engine::{CreateOptions, Lba, Volume, VolumeConfig};
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("v.img");
+    let opts = CreateOptions {
+        size_bytes: 256 << 20,
+        block_size: 4096,
+        wal_size_bytes: 1 << 20,
+        ..CreateOptions::default()
+    };
+    let vol = Volume::create_file(&path, opts, VolumeConfig::default()).unwrap();
+    let data = vec![0xEEu8; 8 << 20];
+    for i in 0..4u64 {
+        vol.write(Lba(i * 2048), &data).unwrap();
+    }
+    vol.flush().unwrap();
+    vol.checkpoint().unwrap();
+    let before = std::fs::metadata(&path).unwrap().blocks() * 512;
+    assert!(before >= 32 << 20, "data allocated ({before} bytes)");
+    vol.trim(Lba(0), (256 << 20) / 4096).unwrap();
+    vol.flush().unwrap();
+    vol.checkpoint().unwrap();
+    let after = std::fs::metadata(&path).unwrap().blocks() * 512;
+    assert!(after < 8 << 20, "trim left {after} bytes allocated");
+    let mut b = vec![1u8; 4096];
+    vol.read(Lba(100), &mut b).unwrap();
+    assert!(b.iter().all(|&x| x == 0));
 }
 
 #[test]
