@@ -1199,6 +1199,12 @@ impl Inner {
     }
 
     fn finish_rebuild(&self, checkpoint: u64) -> Result<()> {
+        if checkpoint >= superblock::MAX_COUNTER {
+            return Err(Error::invalid(
+                "checkpoint",
+                format!("{checkpoint} exceeds {}", superblock::MAX_COUNTER),
+            ));
+        }
         let _cycle = lock(&self.flush_cycle);
         self.gc.check()?;
         let mut st = lock(&self.wal);

@@ -100,6 +100,37 @@ proptest! {
     }
 
     #[test]
+    fn superblock_with_valid_crc_but_arbitrary_fields_never_panics(
+        f in proptest::collection::vec(any::<u64>(), 12),
+        bs in any::<u32>(),
+        flags in any::<u32>(),
+        uuid in any::<[u8; 16]>(),
+    ) {
+        let sb = Superblock {
+            flags,
+            seq: f[0],
+            uuid,
+            volume_size: f[1],
+            block_size: bs,
+            durability: DurabilityMode::SyncAll,
+            wal_offset: f[2] % 3 * 4096,
+            wal_size: f[3],
+            extent_offset: f[4],
+            checkpoint_lsn: Lsn(f[5]),
+            wal_tail_pos: WalPos(f[6]),
+            wal_tail_lsn: Lsn(f[7]),
+            wal_gen: f[8],
+            wal_tail_gen: f[9],
+            epoch: Epoch(f[10]),
+            prepared_size: f[11],
+            expand_epoch: 0,
+        };
+        if let Ok(d) = Superblock::decode(&sb.encode()) {
+            prop_assert_eq!(d, sb);
+        }
+    }
+
+    #[test]
     fn superblock_decode_rejects_mutations_and_never_panics(
         sb in superblock(),
         idx in any::<prop::sample::Index>(),
