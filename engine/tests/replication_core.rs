@@ -1316,3 +1316,21 @@ fn local_fsync_failure_fails_flushes_and_reports_the_disk() {
     assert!(n.failed.contains(&f));
     assert!(n.reports.contains(&Report::LocalDiskFailed));
 }
+
+#[test]
+fn endpoints_must_be_canonical_ip_and_port() {
+    assert!(Endpoint::parse("10.0.0.5:7000").is_ok());
+    assert!(Endpoint::parse(":7000").is_err());
+    assert!(Endpoint::parse("0.0.0.0:7000").is_err());
+    assert!(Endpoint::parse("[::]:7000").is_err());
+    assert!(Endpoint::parse("10.0.0.5:0").is_err());
+    assert!(Endpoint::parse("node-a:7000").is_err());
+}
+
+#[test]
+fn replica_identity_is_validated_and_never_an_address_format_requirement() {
+    assert!(ReplicaId::new("pvc-1/node-a").is_ok());
+    assert!(ReplicaId::new("").is_err());
+    assert!(ReplicaId::new("a b").is_err());
+    assert!(ReplicaId::new("x".repeat(254)).is_err());
+}

@@ -500,3 +500,45 @@ async fn concurrent_writers_are_shipped_densely_in_lsn_order() {
     assert_eq!(r0v.head_lsn(), pv.head_lsn());
     same_content(&pv, &r0v, 400);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_data_port_serves_several_volumes() {
+    let d = Dir::new();
+    let s = ReceiverServer::bind(any_addr(), NetConfig::new("n0", SECRET))
+        .await
+        .unwrap();
+    let mut handles = Vec::new();
+    let mut pairs = Vec::new();
+    for v in ["vol-a", "vol-b"] {
+        let id = VolumeId::new(v).unwrap();
+        let pv = create(&d.file(&format!("p-{v}")));
+        let rv = create(&d.file(&format!("r-{v}")));
+        s.host(id.clone(), rv.clone(), ReceiverConfig::default());
+        let h = spawn_primary(
+            pv.clone(),
+            id,
+            rid("p"),
+            pcfg(),
+            Generation(1),
+            vec![rid("p"), rid("r0")],
+            vec![peer("r0", s.local_addr())],
+            NetConfig::new("np", SECRET),
+        );
+        handles.push(h);
+        pairs.push((pv, rv));
+    }
+    for (i, (pv, _)) in pairs.iter().enumerate() {
+        for lba in 0..20u64 {
+            write(pv, lba, (i as u8 + 1) * 10);
+        }
+    }
+    for h in &handles {
+        h.flush().await.unwrap();
+    }
+    for (pv, rv) in &pairs {
+        same_content(pv, rv, 20);
+    }
+    let mut a = vec![0u8; BS];
+    pairs[1].1.read(Lba(3), &mut a).unwrap();
+    assert_eq!(a[0], 20, "volumes were mixed up on the shared port");
+}
