@@ -1334,3 +1334,17 @@ fn replica_identity_is_validated_and_never_an_address_format_requirement() {
     assert!(ReplicaId::new("a b").is_err());
     assert!(ReplicaId::new("x".repeat(254)).is_err());
 }
+
+#[test]
+fn reassigning_the_same_endpoints_keeps_the_live_session() {
+    let mut n = Net::new(1, cfg(), &["p", "r0"]);
+    n.tick(1);
+    assert_eq!(n.state("r0"), ReplicaState::InSync);
+    let peers = n.peers();
+    n.input(Input::PeersAssigned(peers));
+    assert_eq!(n.state("r0"), ReplicaState::InSync);
+    assert!(
+        !n.event_names().contains(&"session_invalidated"),
+        "an unchanged assignment was treated as an endpoint change"
+    );
+}
