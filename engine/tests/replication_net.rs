@@ -542,3 +542,54 @@ async fn one_data_port_serves_several_volumes() {
     pairs[1].1.read(Lba(3), &mut a).unwrap();
     assert_eq!(a[0], 20, "volumes were mixed up on the shared port");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_member_blocks_flush_until_the_control_plane_commits_without_it() {
+    let d = Dir::new();
+    let pv = create(&d.file("p"));
+    let r0v = create(&d.file("r0"));
+    let s0 = server(any_addr(), "n0", r0v.clone()).await;
+    let h = Arc::new(spawn_primary(
+        pv.clone(),
+        vid(),
+        rid("p"),
+        pcfg(),
+        Generation(1),
+        vec![rid("p"), rid("r0")],
+        vec![peer("r0", s0.local_addr())],
+        NetConfig::new("np", SECRET),
+    ));
+    wait_for("r0 in sync", &h, |s| in_sync(s, "r0")).await;
+    s0.shutdown().await;
+    write(&pv, 0, 1);
+    let h2 = h.clone();
+    let flush = tokio::spawn(async move { h2.flush().await });
+    let deadline = Instant::now() + Duration::from_millis(WAIT_MS);
+    loop {
+        let r = tokio::time::timeout(Duration::from_millis(500), h.next_report()).await;
+        if let Ok(Some(engine::replication::Report::MemberUnreachable {
+            replica,
+            generation,
+        })) = r
+        {
+            assert_eq!(replica, rid("r0"));
+            assert_eq!(generation, Generation(1));
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "unreachable member never reported"
+        );
+    }
+    assert!(
+        !flush.is_finished(),
+        "flush acked without the committed member"
+    );
+    h.commit_in_sync_set(Generation(2), vec![rid("p")]);
+    let l = tokio::time::timeout(Duration::from_millis(WAIT_MS), flush)
+        .await
+        .expect("flush still blocked after the commit")
+        .unwrap()
+        .unwrap();
+    assert_eq!(l, Lsn(1));
+}

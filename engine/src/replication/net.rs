@@ -6,9 +6,8 @@
 //! reason and nothing from it is applied. Queues are bounded; a full send queue ends the
 //! session (the core recovers by catch-up) instead of growing memory.
 //!
-//! Volume writes must come from threads outside the async runtime when a primary driver is
-//! attached: the append observer hands entries over without blocking, and on overflow the
-//! driver re-reads them from the WAL.
+//! The append observer hands entries to the driver without blocking the writer; if its
+//! queue is full the driver re-reads the missing entries from the WAL, in order.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -460,6 +459,7 @@ pub struct PrimaryHandle {
     tx: mpsc::UnboundedSender<Cmd>,
     task: JoinHandle<()>,
     vol: Arc<Volume>,
+    reports: tokio::sync::Mutex<mpsc::Receiver<Report>>,
 }
 
 impl PrimaryHandle {
@@ -493,6 +493,12 @@ impl PrimaryHandle {
         self.vol.set_epoch(e).map_err(|x| x.to_string())?;
         let _ = self.tx.send(Cmd::Input(Input::EpochChanged(e)));
         Ok(())
+    }
+
+    /// Next report for the control plane (state changes, unreachable or in-sync members,
+    /// NeedsRebuild, fencing). `None` once the driver stopped.
+    pub async fn next_report(&self) -> Option<Report> {
+        self.reports.lock().await.recv().await
     }
 
     pub async fn snapshot(&self) -> Option<PrimarySnapshot> {
@@ -618,6 +624,7 @@ struct Driver {
     next_flush: u64,
     events: VecDeque<RecoveryEvent>,
     reports: VecDeque<Report>,
+    report_tx: mpsc::Sender<Report>,
     overflow: Arc<AtomicBool>,
 }
 
@@ -635,6 +642,7 @@ pub fn spawn_primary(
     cfg: NetConfig,
 ) -> PrimaryHandle {
     let (tx, mut rx) = mpsc::unbounded_channel::<Cmd>();
+    let (report_tx, report_rx) = mpsc::channel::<Report>(cfg.events_kept_max.max(1));
     let (atx, mut arx) = mpsc::channel::<WalEntry>(cfg.append_queue_entries_max.max(1));
     let overflow = Arc::new(AtomicBool::new(false));
     let ov = overflow.clone();
@@ -657,6 +665,7 @@ pub fn spawn_primary(
         next_flush: 0,
         events: VecDeque::new(),
         reports: VecDeque::new(),
+        report_tx,
         overflow,
     };
     let task = tokio::spawn(async move {
@@ -680,7 +689,12 @@ pub fn spawn_primary(
             }
         }
     });
-    PrimaryHandle { tx, task, vol }
+    PrimaryHandle {
+        tx,
+        task,
+        vol,
+        reports: tokio::sync::Mutex::new(report_rx),
+    }
 }
 
 impl Driver {
@@ -825,7 +839,12 @@ impl Driver {
                 if self.reports.len() >= self.cfg.events_kept_max {
                     self.reports.pop_front();
                 }
-                self.reports.push_back(r);
+                self.reports.push_back(r.clone());
+                if self.report_tx.try_send(r).is_err() {
+                    tracing::debug!(
+                        "report queue full or unread; dropping a report (status stays in snapshots)"
+                    );
+                }
             }
         }
     }
