@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use engine::replication::{
     Endpoint, Generation, NetConfig, Peer, PrimaryConfig, ReceiverConfig, ReceiverServer,
-    ReplicaId, VolumeId, spawn_primary,
+    ReplicaId, Transport, VolumeId, spawn_primary,
 };
 use engine::{CreateOptions, Epoch, Lba, Volume, VolumeConfig};
 
@@ -106,7 +106,7 @@ fn run_once(
         Generation(1),
         members,
         peers,
-        NetConfig::new("np", SECRET),
+        Transport::new(NetConfig::new("np", SECRET)),
     );
     // The first flush waits for every member's handshake and barrier.
     let deadline = Instant::now() + Duration::from_secs(30);

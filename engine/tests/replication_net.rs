@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use engine::replication::wire::{ClientAuth, Message, NONCE_BYTES, encode_frame};
 use engine::replication::{
     Body, Endpoint, EventKind, Generation, NetConfig, Peer, PrimaryConfig, PrimaryHandle,
-    PrimarySnapshot, ReceiverConfig, ReceiverServer, ReplicaId, ReplicaState, VolumeId, VolumeMsg,
-    spawn_primary,
+    PrimarySnapshot, ReceiverConfig, ReceiverServer, ReplicaId, ReplicaState, Transport, VolumeId,
+    VolumeMsg, spawn_primary,
 };
 use engine::{CreateOptions, EntryKind, Epoch, Lba, Lsn, Volume, VolumeConfig, WalEntry};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -148,7 +148,7 @@ async fn rf3_flush_is_acked_once_both_replicas_have_the_data() {
         Generation(1),
         vec![rid("p"), rid("r0"), rid("r1")],
         vec![peer("r0", s0.local_addr()), peer("r1", s1.local_addr())],
-        NetConfig::new("np", SECRET),
+        Transport::new(NetConfig::new("np", SECRET)),
     );
     wait_for("both in sync", &h, |s| in_sync(s, "r0") && in_sync(s, "r1")).await;
     for i in 0..200u64 {
@@ -176,7 +176,7 @@ async fn killed_replica_restarts_and_catches_up_from_retained_wal() {
         Generation(1),
         vec![rid("p"), rid("r0")],
         vec![peer("r0", addr)],
-        NetConfig::new("np", SECRET),
+        Transport::new(NetConfig::new("np", SECRET)),
     );
     wait_for("r0 in sync", &h, |s| in_sync(s, "r0")).await;
     for i in 0..50u64 {
@@ -233,7 +233,7 @@ async fn replica_away_past_the_retention_budget_is_rebuilt() {
         Generation(1),
         vec![rid("p")],
         vec![peer("r0", addr)],
-        NetConfig::new("np", SECRET),
+        Transport::new(NetConfig::new("np", SECRET)),
     );
     wait_for("r0 in sync", &h, |s| in_sync(s, "r0")).await;
     s0.shutdown().await;
@@ -276,7 +276,7 @@ async fn replica_address_change_keeps_its_identity() {
         Generation(1),
         vec![rid("p"), rid("r0")],
         vec![peer("r0", s0.local_addr())],
-        NetConfig::new("np", SECRET),
+        Transport::new(NetConfig::new("np", SECRET)),
     );
     wait_for("r0 in sync", &h, |s| in_sync(s, "r0")).await;
     write(&pv, 1, 1);
@@ -318,7 +318,7 @@ async fn epoch_bump_mid_catch_up_releases_the_session_pins() {
         Generation(1),
         vec![rid("p")],
         vec![peer("r0", addr)],
-        NetConfig::new("np", SECRET),
+        Transport::new(NetConfig::new("np", SECRET)),
     );
     wait_for("r0 in sync", &h, |s| in_sync(s, "r0")).await;
     s0.shutdown().await;
@@ -478,7 +478,7 @@ async fn concurrent_writers_are_shipped_densely_in_lsn_order() {
         Generation(1),
         vec![rid("p"), rid("r0")],
         vec![peer("r0", s0.local_addr())],
-        NetConfig::new("np", SECRET),
+        Transport::new(NetConfig::new("np", SECRET)),
     );
     wait_for("r0 in sync", &h, |s| in_sync(s, "r0")).await;
     let writers: Vec<_> = (0..4u64)
@@ -507,6 +507,8 @@ async fn one_data_port_serves_several_volumes() {
     let s = ReceiverServer::bind(any_addr(), NetConfig::new("n0", SECRET))
         .await
         .unwrap();
+    // One transport per node: both volumes share one connection pair to the peer.
+    let transport = Transport::new(NetConfig::new("np", SECRET));
     let mut handles = Vec::new();
     let mut pairs = Vec::new();
     for v in ["vol-a", "vol-b"] {
@@ -522,10 +524,13 @@ async fn one_data_port_serves_several_volumes() {
             Generation(1),
             vec![rid("p"), rid("r0")],
             vec![peer("r0", s.local_addr())],
-            NetConfig::new("np", SECRET),
+            transport.clone(),
         );
         handles.push(h);
         pairs.push((pv, rv));
+    }
+    for h in &handles {
+        wait_for("replica in sync", h, |s| in_sync(s, "r0")).await;
     }
     for (i, (pv, _)) in pairs.iter().enumerate() {
         for lba in 0..20u64 {
@@ -538,6 +543,11 @@ async fn one_data_port_serves_several_volumes() {
     for (pv, rv) in &pairs {
         same_content(pv, rv, 20);
     }
+    assert_eq!(
+        transport.links(),
+        1,
+        "volumes did not share the connection pair"
+    );
     let mut a = vec![0u8; BS];
     pairs[1].1.read(Lba(3), &mut a).unwrap();
     assert_eq!(a[0], 20, "volumes were mixed up on the shared port");
@@ -557,7 +567,7 @@ async fn unreachable_member_blocks_flush_until_the_control_plane_commits_without
         Generation(1),
         vec![rid("p"), rid("r0")],
         vec![peer("r0", s0.local_addr())],
-        NetConfig::new("np", SECRET),
+        Transport::new(NetConfig::new("np", SECRET)),
     ));
     wait_for("r0 in sync", &h, |s| in_sync(s, "r0")).await;
     s0.shutdown().await;

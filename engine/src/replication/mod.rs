@@ -13,7 +13,9 @@ pub mod types;
 pub mod volume_log;
 pub mod wire;
 
-pub use net::{NetConfig, NetError, PrimaryHandle, PrimarySnapshot, ReceiverServer, spawn_primary};
+pub use net::{
+    NetConfig, NetError, PrimaryHandle, PrimarySnapshot, ReceiverServer, Transport, spawn_primary,
+};
 pub use plan::{
     EventKind, HandshakeReply, Outcome, RecoveryEvent, RecoveryPlan, RetainedHistory,
     classify_handshake,

@@ -1,7 +1,7 @@
 //! I/O shell: tokio TCP transport driving the sans-IO cores over real volumes. A
 //! `ReceiverServer` is the node's data port (many volumes multiplexed by volume ID on each
-//! authenticated connection); a primary driver runs one `PrimaryCore` per volume with a data
-//! and a control connection per ReplicaID. Every connection authenticates (HMAC challenge-response)
+//! authenticated connection); a primary driver runs one `PrimaryCore` per volume over the node's
+//! `Transport` (one data and one control connection per peer, shared by all volumes). Every connection authenticates (HMAC challenge-response)
 //! before any volume message is read; a malformed frame closes that connection with a logged
 //! reason and nothing from it is applied. Queues are bounded; a full send queue ends the
 //! session (the core recovers by catch-up) instead of growing memory.
@@ -436,7 +436,7 @@ async fn serve_conn(s: Arc<ServerShared>, stream: TcpStream, peer: SocketAddr) {
 
 enum Cmd {
     Input(Input),
-    Attach(ConnId, PeerLink),
+    Attach(ConnId, Arc<SharedLink>),
     Flush(oneshot::Sender<Result<Lsn, String>>),
     Snapshot(oneshot::Sender<PrimarySnapshot>),
 }
@@ -519,98 +519,163 @@ impl Drop for PrimaryHandle {
     }
 }
 
-/// The two connections of one replica session: the data connection carries everything
-/// whose order matters (handshake, truncation, entries, rebuild, barriers - a barrier must
-/// not overtake the entries and truncations before it); the control connection carries
-/// heartbeats, so liveness is not judged behind a data backlog.
-struct PeerLink {
-    data: mpsc::Sender<VolumeMsg>,
-    ctrl: mpsc::Sender<VolumeMsg>,
-    aborts: Vec<tokio::task::AbortHandle>,
+/// Outbound links of one node, shared by every primary volume on it: one data and one
+/// control connection per peer address, multiplexing volumes by volume ID. The data
+/// connection carries everything whose order matters (handshake, truncation, entries,
+/// rebuild, barriers - a barrier must not overtake the entries and truncations before it);
+/// the control connection carries heartbeats, so liveness is not judged behind a data
+/// backlog.
+pub struct Transport {
+    cfg: NetConfig,
+    slots: Mutex<HashMap<SocketAddr, LinkSlot>>,
 }
 
-impl PeerLink {
-    /// Queues a message; true if the queue is full or closed (the session must end).
+/// One peer's link, dialed at most once at a time.
+type LinkSlot = Arc<tokio::sync::Mutex<Option<Arc<SharedLink>>>>;
+
+impl Transport {
+    pub fn new(cfg: NetConfig) -> Arc<Self> {
+        Arc::new(Self {
+            cfg,
+            slots: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Live links (connection pairs) to peers.
+    pub fn links(&self) -> usize {
+        let slots: Vec<_> = lock(&self.slots).values().cloned().collect();
+        slots
+            .iter()
+            .filter(|s| {
+                s.try_lock()
+                    .map(|g| g.as_ref().is_some_and(|l| l.alive()))
+                    .unwrap_or(true)
+            })
+            .count()
+    }
+
+    async fn link(&self, addr: SocketAddr) -> Result<Arc<SharedLink>, NetError> {
+        let slot = lock(&self.slots).entry(addr).or_default().clone();
+        let mut g = slot.lock().await;
+        if let Some(l) = g.as_ref()
+            && l.alive()
+        {
+            return Ok(l.clone());
+        }
+        let l = SharedLink::dial(addr, &self.cfg).await?;
+        *g = Some(l.clone());
+        Ok(l)
+    }
+}
+
+struct Sub {
+    conn: ConnId,
+    tx: mpsc::UnboundedSender<Cmd>,
+}
+
+struct SharedLink {
+    data: mpsc::Sender<VolumeMsg>,
+    ctrl: mpsc::Sender<VolumeMsg>,
+    subs: Mutex<HashMap<VolumeId, Sub>>,
+    alive: AtomicBool,
+    tasks: Mutex<Vec<tokio::task::AbortHandle>>,
+}
+
+impl SharedLink {
+    async fn dial(addr: SocketAddr, cfg: &NetConfig) -> Result<Arc<SharedLink>, NetError> {
+        let open = |cfg: NetConfig| async move {
+            let stream = tokio::time::timeout(
+                Duration::from_millis(cfg.dial_timeout_ms),
+                TcpStream::connect(addr),
+            )
+            .await
+            .map_err(|_| NetError::Timeout("dial"))??;
+            client_handshake(stream, &cfg).await
+        };
+        let (data_r, data_w) = open(cfg.clone()).await?;
+        let (ctrl_r, ctrl_w) = open(cfg.clone()).await?;
+        let (dtx, drx) = mpsc::channel(cfg.send_queue_frames_max.max(1));
+        let (ctx, crx) = mpsc::channel(cfg.send_queue_frames_max.max(1));
+        let link = Arc::new(SharedLink {
+            data: dtx,
+            ctrl: ctx,
+            subs: Mutex::new(HashMap::new()),
+            alive: AtomicBool::new(true),
+            tasks: Mutex::new(Vec::new()),
+        });
+        let mut tasks = vec![
+            spawn_writer(data_w, drx).abort_handle(),
+            spawn_writer(ctrl_w, crx).abort_handle(),
+        ];
+        for mut reader in [data_r, ctrl_r] {
+            let l = link.clone();
+            tasks.push(
+                tokio::spawn(async move {
+                    loop {
+                        match reader.next().await {
+                            Ok(Message::Volume(msg)) => l.route(msg),
+                            Ok(Message::Auth(_)) => break,
+                            Err(e) => {
+                                if !matches!(e, NetError::Closed) {
+                                    tracing::warn!(%addr, error = %e, "replica link closed");
+                                }
+                                break;
+                            }
+                        }
+                    }
+                    l.fail();
+                })
+                .abort_handle(),
+            );
+        }
+        lock(&link.tasks).extend(tasks);
+        Ok(link)
+    }
+
+    fn alive(&self) -> bool {
+        self.alive.load(Ordering::Acquire)
+    }
+
+    fn route(&self, msg: VolumeMsg) {
+        if let Some(sub) = lock(&self.subs).get(&msg.volume) {
+            let conn = sub.conn;
+            let _ = sub.tx.send(Cmd::Input(Input::Received { conn, msg }));
+        }
+    }
+
+    fn subscribe(&self, volume: VolumeId, conn: ConnId, tx: mpsc::UnboundedSender<Cmd>) {
+        lock(&self.subs).insert(volume, Sub { conn, tx });
+    }
+
+    fn unsubscribe(&self, volume: &VolumeId, conn: ConnId) {
+        let mut subs = lock(&self.subs);
+        if subs.get(volume).is_some_and(|s| s.conn == conn) {
+            subs.remove(volume);
+        }
+    }
+
+    /// Queues a message; false if the link cannot take it.
     fn send(&self, msg: VolumeMsg) -> bool {
         let q = match msg.body {
             super::wire::Body::Heartbeat { .. } => &self.ctrl,
             _ => &self.data,
         };
-        q.try_send(msg).is_err()
+        self.alive() && q.try_send(msg).is_ok()
     }
-    fn abort(self) {
-        for a in self.aborts {
-            a.abort();
+
+    /// Ends the link and every session riding on it.
+    fn fail(&self) {
+        if !self.alive.swap(false, Ordering::AcqRel) {
+            return;
+        }
+        let subs: Vec<Sub> = lock(&self.subs).drain().map(|(_, s)| s).collect();
+        for s in subs {
+            let _ = s.tx.send(Cmd::Input(Input::ConnectionLost(s.conn)));
+        }
+        for t in lock(&self.tasks).drain(..) {
+            t.abort();
         }
     }
-}
-
-type LinkReaders = (JoinHandle<()>, JoinHandle<()>);
-type OneLink = (mpsc::Sender<VolumeMsg>, JoinHandle<()>, JoinHandle<()>);
-
-async fn open_one(
-    conn: ConnId,
-    addr: SocketAddr,
-    cfg: &NetConfig,
-    tx: &mpsc::UnboundedSender<Cmd>,
-) -> Result<OneLink, NetError> {
-    let stream = tokio::time::timeout(
-        Duration::from_millis(cfg.dial_timeout_ms),
-        TcpStream::connect(addr),
-    )
-    .await
-    .map_err(|_| NetError::Timeout("dial"))??;
-    let (mut reader, w) = client_handshake(stream, cfg).await?;
-    let (wtx, wrx) = mpsc::channel(cfg.send_queue_frames_max.max(1));
-    let writer = spawn_writer(w, wrx);
-    let tx = tx.clone();
-    let read_task = tokio::spawn(async move {
-        loop {
-            match reader.next().await {
-                Ok(Message::Volume(msg)) => {
-                    if tx.send(Cmd::Input(Input::Received { conn, msg })).is_err() {
-                        break;
-                    }
-                }
-                Ok(Message::Auth(_)) => break,
-                Err(e) => {
-                    if !matches!(e, NetError::Closed) {
-                        tracing::warn!(conn = conn.0, error = %e, "replica connection closed");
-                    }
-                    break;
-                }
-            }
-        }
-    });
-    Ok((wtx, read_task, writer))
-}
-
-async fn open_link(
-    conn: ConnId,
-    addr: SocketAddr,
-    cfg: &NetConfig,
-    tx: &mpsc::UnboundedSender<Cmd>,
-) -> Result<(PeerLink, LinkReaders), NetError> {
-    let (data, data_reader, data_writer) = open_one(conn, addr, cfg, tx).await?;
-    let (ctrl, ctrl_reader, ctrl_writer) = match open_one(conn, addr, cfg, tx).await {
-        Ok(x) => x,
-        Err(e) => {
-            data_reader.abort();
-            data_writer.abort();
-            return Err(e);
-        }
-    };
-    let link = PeerLink {
-        data,
-        ctrl,
-        aborts: vec![
-            data_reader.abort_handle(),
-            ctrl_reader.abort_handle(),
-            data_writer.abort_handle(),
-            ctrl_writer.abort_handle(),
-        ],
-    };
-    Ok((link, (data_reader, ctrl_reader)))
 }
 
 struct Driver {
@@ -619,7 +684,9 @@ struct Driver {
     cfg: NetConfig,
     start: Instant,
     tx: mpsc::UnboundedSender<Cmd>,
-    conns: HashMap<ConnId, PeerLink>,
+    conns: HashMap<ConnId, Arc<SharedLink>>,
+    transport: Arc<Transport>,
+    volume: VolumeId,
     flushes: HashMap<FlushId, oneshot::Sender<Result<Lsn, String>>>,
     next_flush: u64,
     events: VecDeque<RecoveryEvent>,
@@ -639,8 +706,9 @@ pub fn spawn_primary(
     generation: Generation,
     committed: Vec<ReplicaId>,
     peers: Vec<Peer>,
-    cfg: NetConfig,
+    transport: Arc<Transport>,
 ) -> PrimaryHandle {
+    let cfg = transport.cfg.clone();
     let (tx, mut rx) = mpsc::unbounded_channel::<Cmd>();
     let (report_tx, report_rx) = mpsc::channel::<Report>(cfg.events_kept_max.max(1));
     let (atx, mut arx) = mpsc::channel::<WalEntry>(cfg.append_queue_entries_max.max(1));
@@ -653,7 +721,15 @@ pub fn spawn_primary(
     })));
     let log = VolumeLog::new(vol.clone());
     let epoch = vol.epoch();
-    let core = PrimaryCore::new(volume, self_id, epoch, pcfg, generation, committed, &log);
+    let core = PrimaryCore::new(
+        volume.clone(),
+        self_id,
+        epoch,
+        pcfg,
+        generation,
+        committed,
+        &log,
+    );
     let mut d = Driver {
         core,
         log,
@@ -661,6 +737,8 @@ pub fn spawn_primary(
         start: Instant::now(),
         tx: tx.clone(),
         conns: HashMap::new(),
+        transport,
+        volume,
         flushes: HashMap::new(),
         next_flush: 0,
         events: VecDeque::new(),
@@ -775,19 +853,15 @@ impl Driver {
                 endpoint,
                 replica,
             } => {
-                let cfg = self.cfg.clone();
+                let transport = self.transport.clone();
                 let tx = self.tx.clone();
+                let volume = self.volume.clone();
                 tokio::spawn(async move {
-                    match open_link(conn, endpoint.addr(), &cfg, &tx).await {
-                        Ok((link, (data, ctrl))) => {
+                    match transport.link(endpoint.addr()).await {
+                        Ok(link) => {
+                            link.subscribe(volume, conn, tx.clone());
                             let _ = tx.send(Cmd::Attach(conn, link));
                             let _ = tx.send(Cmd::Input(Input::Connected(conn)));
-                            // Either connection ending ends the session.
-                            tokio::select! {
-                                _ = data => {}
-                                _ = ctrl => {}
-                            }
-                            let _ = tx.send(Cmd::Input(Input::ConnectionLost(conn)));
                         }
                         Err(e) => {
                             tracing::warn!(%replica, %endpoint, error = %e, "replica connection failed");
@@ -797,13 +871,11 @@ impl Driver {
                 });
             }
             Action::Send { conn, msg } => {
-                let failed = match self.conns.get(&conn) {
-                    Some(link) => link.send(msg),
-                    None => false,
-                };
-                if failed {
-                    self.close(conn);
-                    let _ = self.tx.send(Cmd::Input(Input::ConnectionLost(conn)));
+                if let Some(link) = self.conns.get(&conn)
+                    && !link.send(msg)
+                {
+                    // A full or dead link ends every session on it; each hears ConnectionLost.
+                    link.fail();
                 }
             }
             Action::Close { conn, reason } => {
@@ -851,7 +923,7 @@ impl Driver {
 
     fn close(&mut self, conn: ConnId) {
         if let Some(link) = self.conns.remove(&conn) {
-            link.abort();
+            link.unsubscribe(&self.volume, conn);
         }
     }
 }
