@@ -643,8 +643,15 @@ impl SharedLink {
         }
     }
 
-    fn subscribe(&self, volume: VolumeId, conn: ConnId, tx: mpsc::UnboundedSender<Cmd>) {
-        lock(&self.subs).insert(volume, Sub { conn, tx });
+    /// Routes `volume`'s messages to this session; false if the link already died.
+    fn subscribe(&self, volume: VolumeId, conn: ConnId, tx: mpsc::UnboundedSender<Cmd>) -> bool {
+        let mut subs = lock(&self.subs);
+        // Checked under the lock `fail` drains, so a session is never left on a dead link.
+        if !self.alive() {
+            return false;
+        }
+        subs.insert(volume, Sub { conn, tx });
+        true
     }
 
     fn unsubscribe(&self, volume: &VolumeId, conn: ConnId) {
@@ -665,10 +672,13 @@ impl SharedLink {
 
     /// Ends the link and every session riding on it.
     fn fail(&self) {
-        if !self.alive.swap(false, Ordering::AcqRel) {
-            return;
-        }
-        let subs: Vec<Sub> = lock(&self.subs).drain().map(|(_, s)| s).collect();
+        let subs: Vec<Sub> = {
+            let mut g = lock(&self.subs);
+            if !self.alive.swap(false, Ordering::AcqRel) {
+                return;
+            }
+            g.drain().map(|(_, s)| s).collect()
+        };
         for s in subs {
             let _ = s.tx.send(Cmd::Input(Input::ConnectionLost(s.conn)));
         }
@@ -858,10 +868,12 @@ impl Driver {
                 let volume = self.volume.clone();
                 tokio::spawn(async move {
                     match transport.link(endpoint.addr()).await {
-                        Ok(link) => {
-                            link.subscribe(volume, conn, tx.clone());
+                        Ok(link) if link.subscribe(volume, conn, tx.clone()) => {
                             let _ = tx.send(Cmd::Attach(conn, link));
                             let _ = tx.send(Cmd::Input(Input::Connected(conn)));
+                        }
+                        Ok(_) => {
+                            let _ = tx.send(Cmd::Input(Input::ConnectFailed(conn)));
                         }
                         Err(e) => {
                             tracing::warn!(%replica, %endpoint, error = %e, "replica connection failed");
@@ -876,6 +888,8 @@ impl Driver {
                 {
                     // A full or dead link ends every session on it; each hears ConnectionLost.
                     link.fail();
+                    self.close(conn);
+                    let _ = self.tx.send(Cmd::Input(Input::ConnectionLost(conn)));
                 }
             }
             Action::Close { conn, reason } => {
