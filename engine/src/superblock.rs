@@ -282,6 +282,11 @@ pub fn validate_geometry(volume_size: u64, block_size: u32, wal_size: u64) -> Re
             crate::wal::MIN_WAL_SIZE
         ));
     }
+    if wal_size < 16 * u64::from(block_size) {
+        return Err(format!(
+            "wal_size {wal_size} (must hold at least 16 blocks of {block_size} bytes)"
+        ));
+    }
     Ok(())
 }
 
