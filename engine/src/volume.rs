@@ -409,7 +409,9 @@ impl Volume {
     }
 
     /// Appends a WRITE; `data` is a whole number of blocks inside the volume. Returns
-    /// the LSN of the (last) entry. Not durable until `flush`.
+    /// the LSN of the (last) entry. Not durable until `flush`. Writes longer than
+    /// `max_entry_bytes` become several entries; like a disk, a multi-entry write is
+    /// not atomic (after an error or a crash a prefix of it may have landed).
     pub fn write(&self, lba: Lba, data: &[u8]) -> Result<Lsn> {
         let i = &self.inner;
         let bs = i.layout.bs();
