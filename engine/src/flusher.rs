@@ -136,6 +136,18 @@ impl Inner {
             self.retained_start.store(tail_lsn, Ordering::Release);
         }
         self.space_cv.notify_all();
+        // The copy just overwritten still holds the old tail, so the freed space is not
+        // reusable yet; write the other copy too, so writers get it now rather than
+        // one cycle later.
+        let lagging = {
+            let st = lock(&self.wal);
+            st.free_from < st.tail_pos
+        };
+        if lagging {
+            let prev_tail = self.persist(|_| {})?;
+            lock(&self.wal).note_persisted(prev_tail);
+            self.space_cv.notify_all();
+        }
         self.flusher_cycles.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(checkpoint = h, tail_lsn, "flusher cycle done");
         Ok(())
