@@ -51,14 +51,17 @@ pub struct FileDisk {
 }
 
 impl FileDisk {
-    /// Creates (or truncates) the file at `path`.
+    /// Creates (or truncates) the file at `path`. Fails if another open `FileDisk`
+    /// (in any process) holds the file.
     pub fn create(path: &Path) -> io::Result<FileDisk> {
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
-            .truncate(true)
+            .truncate(false)
             .open(path)?;
+        lock_exclusive(&file, path)?;
+        file.set_len(0)?;
         Ok(FileDisk {
             file,
             path: path.to_path_buf(),
@@ -66,12 +69,14 @@ impl FileDisk {
         })
     }
 
-    /// Opens an existing file at `path` for reading and writing.
+    /// Opens an existing file at `path` for reading and writing. Fails if another
+    /// open `FileDisk` (in any process) holds the file.
     pub fn open(path: &Path) -> io::Result<FileDisk> {
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .open(path)?;
+        lock_exclusive(&file, path)?;
         let len = file.metadata()?.len();
         Ok(FileDisk {
             file,
@@ -162,6 +167,25 @@ impl Disk for FileDisk {
     fn describe(&self) -> String {
         self.path.display().to_string()
     }
+}
+
+/// Takes an exclusive advisory lock (flock) so two volumes never run on one file; the
+/// kernel drops it when the descriptor closes, also when the process is killed.
+fn lock_exclusive(file: &File, path: &Path) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: flock only takes the integer descriptor, owned by `file` and open.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc == 0 {
+        return Ok(());
+    }
+    let err = io::Error::last_os_error();
+    if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        return Err(io::Error::new(
+            io::ErrorKind::WouldBlock,
+            format!("{} is in use by another open volume", path.display()),
+        ));
+    }
+    Err(err)
 }
 
 /// How a simulated power loss treats writes that were not yet synced.

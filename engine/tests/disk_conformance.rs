@@ -85,6 +85,26 @@ fn trimming_a_whole_file_volume_deallocates_instead_of_writing_zeros() {
 }
 
 #[test]
+fn a_volume_file_cannot_be_opened_twice_at_once() {
+    use engine::{Error, Volume, VolumeConfig};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("locked.img");
+    let opts = engine::CreateOptions {
+        size_bytes: 1 << 20,
+        wal_size_bytes: 256 * 1024,
+        ..engine::CreateOptions::default()
+    };
+    let vol = Volume::create_file(&path, opts, VolumeConfig::default()).unwrap();
+    let err = Volume::open_file(&path, VolumeConfig::default())
+        .err()
+        .expect("second open must fail");
+    assert!(matches!(err, Error::Io { .. }), "{err}");
+    assert!(err.to_string().contains("in use"), "{err}");
+    drop(vol);
+    Volume::open_file(&path, VolumeConfig::default()).unwrap();
+}
+
+#[test]
 fn sim_disk_meets_the_disk_contract() {
     conformance(&SimDisk::new("conf"));
 }

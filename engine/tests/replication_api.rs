@@ -584,3 +584,130 @@ fn failed_sync_poisons_the_volume() {
     ));
     assert_eq!(vol.durable_lsn(), Lsn(0));
 }
+
+#[test]
+fn group_commit_batching_window_still_makes_every_flush_durable() {
+    let cfg = VolumeConfig {
+        group_commit_max_delay_us: 500,
+        ..manual_cfg()
+    };
+    let disk = SimDisk::new("window");
+    let vol =
+        Arc::new(Volume::create(Box::new(disk.clone()), small_opts(64, 1 << 20), cfg).unwrap());
+    let threads: Vec<_> = (0..6u64)
+        .map(|t| {
+            let vol = vol.clone();
+            std::thread::spawn(move || {
+                for i in 0..20u64 {
+                    let lsn = vol
+                        .write(Lba(t * 10 + i % 10), &block(t * 100 + i))
+                        .unwrap();
+                    let durable = vol.flush().unwrap();
+                    assert!(
+                        durable >= lsn,
+                        "flush returned {durable} before {lsn} was durable"
+                    );
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let stats = vol.stats();
+    assert!(
+        stats.group_commit_syncs <= 120,
+        "{} syncs for 120 flushes",
+        stats.group_commit_syncs
+    );
+    // Everything acknowledged is on "disk" even if the power goes now.
+    drop(vol);
+    let vol = Volume::open(
+        Box::new(disk.crash(engine::CrashMode::DropUnsynced, 1)),
+        manual_cfg(),
+    )
+    .unwrap();
+    assert_eq!(vol.head_lsn(), Lsn(120));
+}
+
+#[test]
+fn removed_append_observer_is_no_longer_called() {
+    let (_d, vol) = sim_volume("observer", 16, 256 * 1024);
+    let n = Arc::new(AtomicU64::new(0));
+    let n2 = n.clone();
+    vol.set_append_observer(Some(Arc::new(move |_e: &WalEntry| {
+        n2.fetch_add(1, Ordering::SeqCst);
+    })));
+    vol.write(Lba(0), &block(1)).unwrap();
+    vol.set_append_observer(None);
+    vol.write(Lba(0), &block(2)).unwrap();
+    assert_eq!(n.load(Ordering::SeqCst), 1);
+}
+
+#[test]
+fn entry_epochs_are_known_for_retained_entries_and_the_recycled_checkpoint() {
+    let (disk, vol) = sim_volume("epochs", 16, 256 * 1024);
+    assert_eq!(
+        vol.entry_epoch(Lsn(0)),
+        None,
+        "a new volume has no history point"
+    );
+    vol.write(Lba(0), &block(1)).unwrap(); // 1 @ epoch 1
+    vol.set_epoch(Epoch(4)).unwrap();
+    vol.write(Lba(1), &block(2)).unwrap(); // 2 @ epoch 4
+    assert_eq!(vol.entry_epoch(Lsn(1)), Some(Epoch(1)));
+    assert_eq!(vol.entry_epoch(Lsn(2)), Some(Epoch(4)));
+    assert_eq!(vol.entry_epoch(Lsn(3)), None);
+    vol.flush().unwrap();
+    vol.checkpoint().unwrap();
+    assert!(matches!(
+        vol.scan_from(Lsn(2), 1),
+        Err(Error::WalRecycled { .. })
+    ));
+    assert_eq!(
+        vol.entry_epoch(Lsn(1)),
+        None,
+        "recycled and not the checkpoint"
+    );
+    assert_eq!(
+        vol.entry_epoch(Lsn(2)),
+        Some(Epoch(4)),
+        "checkpoint epoch from the superblock"
+    );
+    drop(vol);
+    let vol = Volume::open(
+        Box::new(disk.crash(engine::CrashMode::DropUnsynced, 1)),
+        manual_cfg(),
+    )
+    .unwrap();
+    assert_eq!(
+        vol.entry_epoch(Lsn(2)),
+        Some(Epoch(4)),
+        "persisted across a power loss"
+    );
+}
+
+#[test]
+fn rebuild_base_point_epoch_survives_restart() {
+    let (disk, vol) = sim_volume("base-epoch", 16, 256 * 1024);
+    vol.begin_rebuild().unwrap();
+    vol.install_base_block(Lba(0), &block(5)).unwrap();
+    vol.finish_rebuild_with_epoch(Lsn(90), Epoch(6)).unwrap();
+    assert_eq!(vol.entry_epoch(Lsn(90)), Some(Epoch(6)));
+    drop(vol);
+    let vol = Volume::open(
+        Box::new(disk.crash(engine::CrashMode::DropUnsynced, 2)),
+        manual_cfg(),
+    )
+    .unwrap();
+    assert_eq!(vol.head_lsn(), Lsn(90));
+    assert_eq!(vol.entry_epoch(Lsn(90)), Some(Epoch(6)));
+    assert_eq!(read_block(&vol, 0), block(5));
+    assert!(
+        matches!(
+            vol.finish_rebuild(Lsn(1)),
+            Err(Error::InvalidArgument { .. })
+        ),
+        "no rebuild in progress"
+    );
+}
