@@ -1,0 +1,943 @@
+//! I/O shell: tokio TCP transport driving the sans-IO cores over real volumes. A
+//! `ReceiverServer` is the node's data port (many volumes multiplexed by volume ID on each
+//! authenticated connection); a primary driver runs one `PrimaryCore` per volume over the node's
+//! `Transport` (one data and one control connection per peer, shared by all volumes). Every connection authenticates (HMAC challenge-response)
+//! before any volume message is read; a malformed frame closes that connection with a logged
+//! reason and nothing from it is applied. Queues are bounded; a full send queue ends the
+//! session (the core recovers by catch-up) instead of growing memory.
+//!
+//! The append observer hands entries to the driver without blocking the writer; if its
+//! queue is full the driver re-reads the missing entries from the WAL, in order.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+use super::ConnId;
+use super::plan::RecoveryEvent;
+use super::primary::{
+    Action, FlushId, Input, Peer, PrimaryConfig, PrimaryCore, ReplicaState, Report,
+};
+use super::receiver::{ReceiverAction, ReceiverConfig, ReceiverCore, ReceiverInput};
+use super::storage::ReplicaLog;
+use super::types::{Epoch, Generation, Lsn, ReplicaId, VolumeId, WalEntry};
+use super::volume_log::VolumeLog;
+use super::wire::{
+    ClientAuth, FrameDecoder, Message, NONCE_BYTES, ServerAuth, VolumeMsg, WireConfig, WireError,
+    encode_frame,
+};
+use crate::volume::Volume;
+
+/// Transport settings (units last).
+#[derive(Debug, Clone)]
+pub struct NetConfig {
+    /// This node's name, sent in the hello.
+    pub node_name: String,
+    /// Shared cluster secret for peer authentication.
+    pub cluster_secret: Vec<u8>,
+    pub wire: WireConfig,
+    pub dial_timeout_ms: u64,
+    pub auth_timeout_ms: u64,
+    /// Frames queued per connection before the session is ended.
+    pub send_queue_frames_max: usize,
+    /// Appended entries queued between the volume and the driver before it falls back to
+    /// re-reading the WAL.
+    pub append_queue_entries_max: usize,
+    pub tick_interval_ms: u64,
+    /// Recovery events kept for inspection.
+    pub events_kept_max: usize,
+}
+
+impl NetConfig {
+    pub fn new(node_name: &str, cluster_secret: &[u8]) -> Self {
+        Self {
+            node_name: node_name.to_string(),
+            cluster_secret: cluster_secret.to_vec(),
+            wire: WireConfig::default(),
+            dial_timeout_ms: 3_000,
+            auth_timeout_ms: 3_000,
+            send_queue_frames_max: 65_536,
+            append_queue_entries_max: 65_536,
+            tick_interval_ms: 10,
+            events_kept_max: 4096,
+        }
+    }
+}
+
+/// Why a connection ended.
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("bad frame: {0}")]
+    Wire(#[from] WireError),
+    #[error("peer closed the connection")]
+    Closed,
+    #[error("timed out during {0}")]
+    Timeout(&'static str),
+}
+
+fn nonce() -> [u8; NONCE_BYTES] {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let mut out = [0u8; NONCE_BYTES];
+    let ok = std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut out))
+        .is_ok();
+    if !ok {
+        // Uniqueness is what matters for a nonce; mix time, pid and a counter.
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let c = COUNTER.fetch_add(1, Ordering::Relaxed);
+        out[..16].copy_from_slice(&t.to_le_bytes());
+        out[16..24].copy_from_slice(&c.to_le_bytes());
+        out[24..28].copy_from_slice(&std::process::id().to_le_bytes());
+    }
+    out
+}
+
+async fn write_msg(w: &mut OwnedWriteHalf, m: &Message) -> Result<(), NetError> {
+    w.write_all(&encode_frame(m)).await?;
+    Ok(())
+}
+
+struct FrameReader {
+    r: OwnedReadHalf,
+    dec: FrameDecoder,
+    buf: Vec<u8>,
+}
+
+impl FrameReader {
+    fn new(r: OwnedReadHalf, cfg: WireConfig) -> Self {
+        Self {
+            r,
+            dec: FrameDecoder::new(cfg),
+            buf: vec![0u8; 64 * 1024],
+        }
+    }
+    async fn next(&mut self) -> Result<Message, NetError> {
+        loop {
+            if let Some(m) = self.dec.next_message()? {
+                return Ok(m);
+            }
+            let n = self.r.read(&mut self.buf).await?;
+            if n == 0 {
+                return Err(if self.dec.buffered_bytes() > 0 {
+                    NetError::Wire(WireError::Truncated {
+                        field: "frame cut by end of stream",
+                    })
+                } else {
+                    NetError::Closed
+                });
+            }
+            self.dec.feed(&self.buf[..n]);
+        }
+    }
+}
+
+async fn client_handshake(
+    stream: TcpStream,
+    cfg: &NetConfig,
+) -> Result<(FrameReader, OwnedWriteHalf), NetError> {
+    let _ = stream.set_nodelay(true);
+    let (r, mut w) = stream.into_split();
+    let mut reader = FrameReader::new(r, cfg.wire);
+    let fut = async {
+        let (mut auth, hello) = ClientAuth::start(&cfg.cluster_secret, &cfg.node_name, nonce());
+        write_msg(&mut w, &hello).await?;
+        while !auth.is_authenticated() {
+            let m = reader.next().await?;
+            if let Some(reply) = auth.on_message(&m)? {
+                write_msg(&mut w, &reply).await?;
+            }
+        }
+        Ok::<(), NetError>(())
+    };
+    tokio::time::timeout(Duration::from_millis(cfg.auth_timeout_ms), fut)
+        .await
+        .map_err(|_| NetError::Timeout("authentication"))??;
+    Ok((reader, w))
+}
+
+async fn server_handshake(
+    stream: TcpStream,
+    cfg: &NetConfig,
+) -> Result<(FrameReader, OwnedWriteHalf, String), NetError> {
+    let _ = stream.set_nodelay(true);
+    let (r, mut w) = stream.into_split();
+    let mut reader = FrameReader::new(r, cfg.wire);
+    let fut = async {
+        let mut auth = ServerAuth::new(&cfg.cluster_secret, &cfg.node_name, nonce());
+        while !auth.is_authenticated() {
+            let m = reader.next().await?;
+            if let Some(reply) = auth.on_message(&m)? {
+                write_msg(&mut w, &reply).await?;
+            }
+        }
+        Ok::<String, NetError>(auth.peer().unwrap_or_default().to_string())
+    };
+    let peer = tokio::time::timeout(Duration::from_millis(cfg.auth_timeout_ms), fut)
+        .await
+        .map_err(|_| NetError::Timeout("authentication"))??;
+    Ok((reader, w, peer))
+}
+
+fn spawn_writer(mut w: OwnedWriteHalf, mut rx: mpsc::Receiver<VolumeMsg>) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        while let Some(m) = rx.recv().await {
+            if write_msg(&mut w, &Message::Volume(m)).await.is_err() {
+                break;
+            }
+        }
+        let _ = w.shutdown().await;
+    })
+}
+
+// ----- receiver side ----------------------------------------------------------------------
+
+struct Hosted {
+    core: ReceiverCore,
+    log: VolumeLog,
+}
+
+struct ConnEntry {
+    tx: mpsc::Sender<VolumeMsg>,
+    reader: Option<tokio::task::AbortHandle>,
+}
+
+struct ServerShared {
+    cfg: NetConfig,
+    start: Instant,
+    volumes: Mutex<HashMap<VolumeId, Arc<Mutex<Hosted>>>>,
+    conns: Mutex<HashMap<ConnId, ConnEntry>>,
+    next_conn: AtomicU64,
+    rejected: Mutex<VecDeque<String>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl ServerShared {
+    fn now_ms(&self) -> u64 {
+        self.start.elapsed().as_millis() as u64
+    }
+
+    fn reject(&self, reason: String) {
+        tracing::warn!(node = %self.cfg.node_name, %reason, "replication connection closed");
+        let mut r = lock(&self.rejected);
+        if r.len() >= self.cfg.events_kept_max {
+            r.pop_front();
+        }
+        r.push_back(reason);
+    }
+
+    fn close(&self, conn: ConnId) {
+        if let Some(e) = lock(&self.conns).remove(&conn)
+            && let Some(a) = e.reader
+        {
+            a.abort();
+        }
+    }
+
+    fn route(&self, actions: Vec<ReceiverAction>) {
+        for a in actions {
+            match a {
+                ReceiverAction::Send { conn, msg } => {
+                    let full = match lock(&self.conns).get(&conn) {
+                        Some(e) => e.tx.try_send(msg).is_err(),
+                        None => false,
+                    };
+                    if full {
+                        self.reject(format!("send queue of connection {} overflowed", conn.0));
+                        self.close(conn);
+                    }
+                }
+                ReceiverAction::Close { conn, reason } => {
+                    self.reject(reason);
+                    self.close(conn);
+                }
+            }
+        }
+    }
+
+    fn step(&self, hosted: &Arc<Mutex<Hosted>>, input: ReceiverInput) {
+        let actions = tokio::task::block_in_place(|| {
+            let mut h = lock(hosted);
+            let Hosted { core, log } = &mut *h;
+            core.step(self.now_ms(), input, log)
+        });
+        self.route(actions);
+    }
+}
+
+/// The node's replication data port.
+pub struct ReceiverServer {
+    addr: SocketAddr,
+    shared: Arc<ServerShared>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl ReceiverServer {
+    /// Binds and starts accepting. The bound address is canonical (`local_addr`).
+    pub async fn bind(addr: SocketAddr, cfg: NetConfig) -> std::io::Result<Self> {
+        let listener = TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        let tick = cfg.tick_interval_ms.max(1);
+        let shared = Arc::new(ServerShared {
+            cfg,
+            start: Instant::now(),
+            volumes: Mutex::new(HashMap::new()),
+            conns: Mutex::new(HashMap::new()),
+            next_conn: AtomicU64::new(0),
+            rejected: Mutex::new(VecDeque::new()),
+        });
+        let s = shared.clone();
+        let accept = tokio::spawn(async move {
+            loop {
+                let Ok((stream, peer)) = listener.accept().await else {
+                    continue;
+                };
+                let s = s.clone();
+                tokio::spawn(async move { serve_conn(s, stream, peer).await });
+            }
+        });
+        let s = shared.clone();
+        let ticker = tokio::spawn(async move {
+            let mut iv = tokio::time::interval(Duration::from_millis(tick));
+            loop {
+                iv.tick().await;
+                let vols: Vec<Arc<Mutex<Hosted>>> = lock(&s.volumes).values().cloned().collect();
+                for v in vols {
+                    s.step(&v, ReceiverInput::Tick);
+                }
+            }
+        });
+        Ok(Self {
+            addr,
+            shared,
+            tasks: vec![accept, ticker],
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Serves `vol` as a replica of volume `id`.
+    pub fn host(&self, id: VolumeId, vol: Arc<Volume>, cfg: ReceiverConfig) {
+        let hosted = Hosted {
+            core: ReceiverCore::new(id.clone(), cfg),
+            log: VolumeLog::new(vol),
+        };
+        lock(&self.shared.volumes).insert(id, Arc::new(Mutex::new(hosted)));
+    }
+
+    /// Reasons connections were closed for (most recent last).
+    pub fn rejections(&self) -> Vec<String> {
+        lock(&self.shared.rejected).iter().cloned().collect()
+    }
+
+    /// Number of open connections.
+    pub fn connections(&self) -> usize {
+        lock(&self.shared.conns).len()
+    }
+
+    /// Stops accepting, closes every connection, and returns once the listening socket is
+    /// released (so the address can be bound again).
+    pub async fn shutdown(mut self) {
+        let tasks = std::mem::take(&mut self.tasks);
+        for t in &tasks {
+            t.abort();
+        }
+        for t in tasks {
+            let _ = t.await;
+        }
+        drop(self);
+    }
+}
+
+impl Drop for ReceiverServer {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+        let conns: Vec<ConnId> = lock(&self.shared.conns).keys().copied().collect();
+        for c in conns {
+            self.shared.close(c);
+        }
+        lock(&self.shared.volumes).clear();
+    }
+}
+
+async fn serve_conn(s: Arc<ServerShared>, stream: TcpStream, peer: SocketAddr) {
+    let (mut reader, w, node) = match server_handshake(stream, &s.cfg).await {
+        Ok(x) => x,
+        Err(e) => {
+            s.reject(format!("peer {peer} failed authentication: {e}"));
+            return;
+        }
+    };
+    let conn = ConnId(s.next_conn.fetch_add(1, Ordering::Relaxed) + 1);
+    let (tx, rx) = mpsc::channel(s.cfg.send_queue_frames_max.max(1));
+    let writer = spawn_writer(w, rx);
+    lock(&s.conns).insert(conn, ConnEntry { tx, reader: None });
+    tracing::debug!(%peer, node = %node, conn = conn.0, "replication peer authenticated");
+    let s2 = s.clone();
+    let task = tokio::spawn(async move {
+        loop {
+            match reader.next().await {
+                Ok(Message::Volume(msg)) => {
+                    let hosted = lock(&s2.volumes).get(&msg.volume).cloned();
+                    match hosted {
+                        Some(h) => s2.step(&h, ReceiverInput::Received { conn, msg }),
+                        None => {
+                            s2.reject(format!("peer {peer} sent to unknown volume {}", msg.volume));
+                            break;
+                        }
+                    }
+                }
+                Ok(Message::Auth(_)) => {
+                    s2.reject(format!(
+                        "peer {peer} sent an authentication message after authenticating"
+                    ));
+                    break;
+                }
+                Err(NetError::Closed) => break,
+                Err(e) => {
+                    s2.reject(format!("peer {peer}: {e}"));
+                    break;
+                }
+            }
+        }
+        s2.close(conn);
+        let vols: Vec<Arc<Mutex<Hosted>>> = lock(&s2.volumes).values().cloned().collect();
+        for v in vols {
+            s2.step(&v, ReceiverInput::ConnectionLost(conn));
+        }
+    });
+    if let Some(e) = lock(&s.conns).get_mut(&conn) {
+        e.reader = Some(task.abort_handle());
+    }
+    let _ = task.await;
+    writer.abort();
+}
+
+// ----- primary side -----------------------------------------------------------------------
+
+enum Cmd {
+    Input(Input),
+    Attach(ConnId, Arc<SharedLink>),
+    Flush(oneshot::Sender<Result<Lsn, String>>),
+    Snapshot(oneshot::Sender<PrimarySnapshot>),
+}
+
+/// What the driver reports when asked.
+#[derive(Debug, Clone, Default)]
+pub struct PrimarySnapshot {
+    pub replicas: BTreeMap<ReplicaId, (ReplicaState, Lsn)>,
+    pub holds: usize,
+    pub retention_floor: Option<Lsn>,
+    pub head: Lsn,
+    pub acked_high: Lsn,
+    pub fenced: Option<Epoch>,
+    pub events: Vec<RecoveryEvent>,
+    pub reports: Vec<Report>,
+}
+
+/// Handle to a running primary driver.
+pub struct PrimaryHandle {
+    tx: mpsc::UnboundedSender<Cmd>,
+    task: JoinHandle<()>,
+    vol: Arc<Volume>,
+    reports: tokio::sync::Mutex<mpsc::Receiver<Report>>,
+}
+
+impl PrimaryHandle {
+    /// Group-committed flush: resolves with the acked LSN, or the reason it failed.
+    pub async fn flush(&self) -> Result<Lsn, String> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Cmd::Flush(tx))
+            .map_err(|_| "replication driver stopped".to_string())?;
+        rx.await
+            .map_err(|_| "replication driver stopped".to_string())?
+    }
+
+    pub fn assign_peers(&self, peers: Vec<Peer>) {
+        let _ = self.tx.send(Cmd::Input(Input::PeersAssigned(peers)));
+    }
+
+    pub fn commit_in_sync_set(&self, generation: Generation, members: Vec<ReplicaId>) {
+        let _ = self.tx.send(Cmd::Input(Input::InSyncSetCommitted {
+            generation,
+            members,
+        }));
+    }
+
+    pub fn request_rebuild(&self, id: ReplicaId) {
+        let _ = self.tx.send(Cmd::Input(Input::RebuildRequested(id)));
+    }
+
+    /// The control plane re-asserted this primary at a newer epoch (persists it first).
+    pub fn change_epoch(&self, e: Epoch) -> Result<(), String> {
+        self.vol.set_epoch(e).map_err(|x| x.to_string())?;
+        let _ = self.tx.send(Cmd::Input(Input::EpochChanged(e)));
+        Ok(())
+    }
+
+    /// Next report for the control plane (state changes, unreachable or in-sync members,
+    /// NeedsRebuild, fencing). `None` once the driver stopped.
+    pub async fn next_report(&self) -> Option<Report> {
+        self.reports.lock().await.recv().await
+    }
+
+    pub async fn snapshot(&self) -> Option<PrimarySnapshot> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(Cmd::Snapshot(tx)).ok()?;
+        rx.await.ok()
+    }
+
+    pub fn stop(self) {
+        self.vol.set_append_observer(None);
+        self.task.abort();
+    }
+}
+
+impl Drop for PrimaryHandle {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Outbound links of one node, shared by every primary volume on it: one data and one
+/// control connection per peer address, multiplexing volumes by volume ID. The data
+/// connection carries everything whose order matters (handshake, truncation, entries,
+/// rebuild, barriers - a barrier must not overtake the entries and truncations before it);
+/// the control connection carries heartbeats, so liveness is not judged behind a data
+/// backlog.
+pub struct Transport {
+    cfg: NetConfig,
+    slots: Mutex<HashMap<SocketAddr, LinkSlot>>,
+}
+
+/// One peer's link, dialed at most once at a time.
+type LinkSlot = Arc<tokio::sync::Mutex<Option<Arc<SharedLink>>>>;
+
+impl Transport {
+    pub fn new(cfg: NetConfig) -> Arc<Self> {
+        Arc::new(Self {
+            cfg,
+            slots: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Live links (connection pairs) to peers.
+    pub fn links(&self) -> usize {
+        let slots: Vec<_> = lock(&self.slots).values().cloned().collect();
+        slots
+            .iter()
+            .filter(|s| {
+                s.try_lock()
+                    .map(|g| g.as_ref().is_some_and(|l| l.alive()))
+                    .unwrap_or(true)
+            })
+            .count()
+    }
+
+    async fn link(&self, addr: SocketAddr) -> Result<Arc<SharedLink>, NetError> {
+        let slot = lock(&self.slots).entry(addr).or_default().clone();
+        let mut g = slot.lock().await;
+        if let Some(l) = g.as_ref()
+            && l.alive()
+        {
+            return Ok(l.clone());
+        }
+        let l = SharedLink::dial(addr, &self.cfg).await?;
+        *g = Some(l.clone());
+        Ok(l)
+    }
+}
+
+struct Sub {
+    conn: ConnId,
+    tx: mpsc::UnboundedSender<Cmd>,
+}
+
+struct SharedLink {
+    data: mpsc::Sender<VolumeMsg>,
+    ctrl: mpsc::Sender<VolumeMsg>,
+    subs: Mutex<HashMap<VolumeId, Sub>>,
+    alive: AtomicBool,
+    tasks: Mutex<Vec<tokio::task::AbortHandle>>,
+}
+
+impl SharedLink {
+    async fn dial(addr: SocketAddr, cfg: &NetConfig) -> Result<Arc<SharedLink>, NetError> {
+        let open = |cfg: NetConfig| async move {
+            let stream = tokio::time::timeout(
+                Duration::from_millis(cfg.dial_timeout_ms),
+                TcpStream::connect(addr),
+            )
+            .await
+            .map_err(|_| NetError::Timeout("dial"))??;
+            client_handshake(stream, &cfg).await
+        };
+        let (data_r, data_w) = open(cfg.clone()).await?;
+        let (ctrl_r, ctrl_w) = open(cfg.clone()).await?;
+        let (dtx, drx) = mpsc::channel(cfg.send_queue_frames_max.max(1));
+        let (ctx, crx) = mpsc::channel(cfg.send_queue_frames_max.max(1));
+        let link = Arc::new(SharedLink {
+            data: dtx,
+            ctrl: ctx,
+            subs: Mutex::new(HashMap::new()),
+            alive: AtomicBool::new(true),
+            tasks: Mutex::new(Vec::new()),
+        });
+        let mut tasks = vec![
+            spawn_writer(data_w, drx).abort_handle(),
+            spawn_writer(ctrl_w, crx).abort_handle(),
+        ];
+        for mut reader in [data_r, ctrl_r] {
+            let l = link.clone();
+            tasks.push(
+                tokio::spawn(async move {
+                    loop {
+                        match reader.next().await {
+                            Ok(Message::Volume(msg)) => l.route(msg),
+                            Ok(Message::Auth(_)) => break,
+                            Err(e) => {
+                                if !matches!(e, NetError::Closed) {
+                                    tracing::warn!(%addr, error = %e, "replica link closed");
+                                }
+                                break;
+                            }
+                        }
+                    }
+                    l.fail();
+                })
+                .abort_handle(),
+            );
+        }
+        lock(&link.tasks).extend(tasks);
+        Ok(link)
+    }
+
+    fn alive(&self) -> bool {
+        self.alive.load(Ordering::Acquire)
+    }
+
+    fn route(&self, msg: VolumeMsg) {
+        if let Some(sub) = lock(&self.subs).get(&msg.volume) {
+            let conn = sub.conn;
+            let _ = sub.tx.send(Cmd::Input(Input::Received { conn, msg }));
+        }
+    }
+
+    /// Routes `volume`'s messages to this session; false if the link already died.
+    fn subscribe(&self, volume: VolumeId, conn: ConnId, tx: mpsc::UnboundedSender<Cmd>) -> bool {
+        let mut subs = lock(&self.subs);
+        // Checked under the lock `fail` drains, so a session is never left on a dead link.
+        if !self.alive() {
+            return false;
+        }
+        subs.insert(volume, Sub { conn, tx });
+        true
+    }
+
+    fn unsubscribe(&self, volume: &VolumeId, conn: ConnId) {
+        let mut subs = lock(&self.subs);
+        if subs.get(volume).is_some_and(|s| s.conn == conn) {
+            subs.remove(volume);
+        }
+    }
+
+    /// Queues a message; false if the link cannot take it.
+    fn send(&self, msg: VolumeMsg) -> bool {
+        let q = match msg.body {
+            super::wire::Body::Heartbeat { .. } => &self.ctrl,
+            _ => &self.data,
+        };
+        self.alive() && q.try_send(msg).is_ok()
+    }
+
+    /// Ends the link and every session riding on it.
+    fn fail(&self) {
+        let subs: Vec<Sub> = {
+            let mut g = lock(&self.subs);
+            if !self.alive.swap(false, Ordering::AcqRel) {
+                return;
+            }
+            g.drain().map(|(_, s)| s).collect()
+        };
+        for s in subs {
+            let _ = s.tx.send(Cmd::Input(Input::ConnectionLost(s.conn)));
+        }
+        for t in lock(&self.tasks).drain(..) {
+            t.abort();
+        }
+    }
+}
+
+struct Driver {
+    core: PrimaryCore,
+    log: VolumeLog,
+    cfg: NetConfig,
+    start: Instant,
+    tx: mpsc::UnboundedSender<Cmd>,
+    conns: HashMap<ConnId, Arc<SharedLink>>,
+    transport: Arc<Transport>,
+    volume: VolumeId,
+    flushes: HashMap<FlushId, oneshot::Sender<Result<Lsn, String>>>,
+    next_flush: u64,
+    events: VecDeque<RecoveryEvent>,
+    reports: VecDeque<Report>,
+    report_tx: mpsc::Sender<Report>,
+    overflow: Arc<AtomicBool>,
+}
+
+/// Starts the primary driver for `vol` (at `epoch`, already persisted) and attaches the
+/// volume's append observer to it.
+#[allow(clippy::too_many_arguments)]
+pub fn spawn_primary(
+    vol: Arc<Volume>,
+    volume: VolumeId,
+    self_id: ReplicaId,
+    pcfg: PrimaryConfig,
+    generation: Generation,
+    committed: Vec<ReplicaId>,
+    peers: Vec<Peer>,
+    transport: Arc<Transport>,
+) -> PrimaryHandle {
+    let cfg = transport.cfg.clone();
+    let (tx, mut rx) = mpsc::unbounded_channel::<Cmd>();
+    let (report_tx, report_rx) = mpsc::channel::<Report>(cfg.events_kept_max.max(1));
+    let (atx, mut arx) = mpsc::channel::<WalEntry>(cfg.append_queue_entries_max.max(1));
+    let overflow = Arc::new(AtomicBool::new(false));
+    let ov = overflow.clone();
+    vol.set_append_observer(Some(Arc::new(move |e: &WalEntry| {
+        if atx.try_send(e.clone()).is_err() {
+            ov.store(true, Ordering::Release);
+        }
+    })));
+    let log = VolumeLog::new(vol.clone());
+    let epoch = vol.epoch();
+    let core = PrimaryCore::new(
+        volume.clone(),
+        self_id,
+        epoch,
+        pcfg,
+        generation,
+        committed,
+        &log,
+    );
+    let mut d = Driver {
+        core,
+        log,
+        cfg,
+        start: Instant::now(),
+        tx: tx.clone(),
+        conns: HashMap::new(),
+        transport,
+        volume,
+        flushes: HashMap::new(),
+        next_flush: 0,
+        events: VecDeque::new(),
+        reports: VecDeque::new(),
+        report_tx,
+        overflow,
+    };
+    let task = tokio::spawn(async move {
+        d.step(Input::PeersAssigned(peers));
+        let mut iv = tokio::time::interval(Duration::from_millis(d.cfg.tick_interval_ms.max(1)));
+        loop {
+            tokio::select! {
+                biased;
+                e = arx.recv() => match e {
+                    Some(e) => d.step(Input::Appended(e)),
+                    None => break,
+                },
+                c = rx.recv() => match c {
+                    Some(c) => d.on_cmd(c),
+                    None => break,
+                },
+                _ = iv.tick() => {
+                    d.resync();
+                    d.step(Input::Tick);
+                }
+            }
+        }
+    });
+    PrimaryHandle {
+        tx,
+        task,
+        vol,
+        reports: tokio::sync::Mutex::new(report_rx),
+    }
+}
+
+impl Driver {
+    fn now_ms(&self) -> u64 {
+        self.start.elapsed().as_millis() as u64
+    }
+
+    /// Feeds entries the observer could not queue, re-read from the WAL in order.
+    fn resync(&mut self) {
+        if !self.overflow.swap(false, Ordering::AcqRel) && self.log.head_lsn() <= self.core.head() {
+            return;
+        }
+        loop {
+            let from = self.core.head().next();
+            if from > self.log.head_lsn() {
+                break;
+            }
+            let batch = match self.log.scan_from(from, 1024) {
+                Ok(b) if !b.is_empty() => b,
+                _ => break,
+            };
+            for e in batch {
+                self.step(Input::Appended(e));
+            }
+        }
+    }
+
+    fn on_cmd(&mut self, c: Cmd) {
+        match c {
+            Cmd::Input(i) => self.step(i),
+            Cmd::Attach(conn, link) => {
+                self.conns.insert(conn, link);
+            }
+            Cmd::Flush(reply) => {
+                self.resync();
+                self.next_flush += 1;
+                let id = FlushId(self.next_flush);
+                self.flushes.insert(id, reply);
+                self.step(Input::FlushRequested(id));
+            }
+            Cmd::Snapshot(reply) => {
+                let mut snap = PrimarySnapshot {
+                    holds: self.core.pinner().len(),
+                    retention_floor: self.core.retention_floor(),
+                    head: self.core.head(),
+                    acked_high: self.core.acked_high(),
+                    fenced: self.core.fenced(),
+                    events: self.events.iter().cloned().collect(),
+                    reports: self.reports.iter().cloned().collect(),
+                    ..PrimarySnapshot::default()
+                };
+                for (id, st, fl) in self.core.replicas() {
+                    snap.replicas.insert(id, (st, fl));
+                }
+                let _ = reply.send(snap);
+            }
+        }
+    }
+
+    fn step(&mut self, input: Input) {
+        let now = self.now_ms();
+        let actions = tokio::task::block_in_place(|| self.core.step(now, input, &mut self.log));
+        for e in self.core.take_events() {
+            if self.events.len() >= self.cfg.events_kept_max {
+                self.events.pop_front();
+            }
+            self.events.push_back(e);
+        }
+        for a in actions {
+            self.act(a);
+        }
+    }
+
+    fn act(&mut self, a: Action) {
+        match a {
+            Action::Connect {
+                conn,
+                endpoint,
+                replica,
+            } => {
+                let transport = self.transport.clone();
+                let tx = self.tx.clone();
+                let volume = self.volume.clone();
+                tokio::spawn(async move {
+                    match transport.link(endpoint.addr()).await {
+                        Ok(link) if link.subscribe(volume, conn, tx.clone()) => {
+                            let _ = tx.send(Cmd::Attach(conn, link));
+                            let _ = tx.send(Cmd::Input(Input::Connected(conn)));
+                        }
+                        Ok(_) => {
+                            let _ = tx.send(Cmd::Input(Input::ConnectFailed(conn)));
+                        }
+                        Err(e) => {
+                            tracing::warn!(%replica, %endpoint, error = %e, "replica connection failed");
+                            let _ = tx.send(Cmd::Input(Input::ConnectFailed(conn)));
+                        }
+                    }
+                });
+            }
+            Action::Send { conn, msg } => {
+                if let Some(link) = self.conns.get(&conn)
+                    && !link.send(msg)
+                {
+                    // A full or dead link ends every session on it; each hears ConnectionLost.
+                    link.fail();
+                    self.close(conn);
+                    let _ = self.tx.send(Cmd::Input(Input::ConnectionLost(conn)));
+                }
+            }
+            Action::Close { conn, reason } => {
+                tracing::debug!(conn = conn.0, %reason, "closing replica connection");
+                self.close(conn);
+            }
+            Action::LocalFsync { .. } => {
+                let vol = self.log.volume().clone();
+                let tx = self.tx.clone();
+                tokio::task::spawn_blocking(move || {
+                    let input = match vol.flush() {
+                        Ok(d) => Input::LocalFsyncDone { durable: d },
+                        Err(e) => {
+                            tracing::error!(error = %e, "local flush failed");
+                            Input::LocalFsyncFailed
+                        }
+                    };
+                    let _ = tx.send(Cmd::Input(input));
+                });
+            }
+            Action::FlushAcked { id, lsn } => {
+                if let Some(r) = self.flushes.remove(&id) {
+                    let _ = r.send(Ok(lsn));
+                }
+            }
+            Action::FlushFailed { id, reason } => {
+                if let Some(r) = self.flushes.remove(&id) {
+                    let _ = r.send(Err(reason));
+                }
+            }
+            Action::Report(r) => {
+                tracing::info!(report = ?r, "replication report");
+                if self.reports.len() >= self.cfg.events_kept_max {
+                    self.reports.pop_front();
+                }
+                self.reports.push_back(r.clone());
+                if self.report_tx.try_send(r).is_err() {
+                    tracing::debug!(
+                        "report queue full or unread; dropping a report (status stays in snapshots)"
+                    );
+                }
+            }
+        }
+    }
+
+    fn close(&mut self, conn: ConnId) {
+        if let Some(link) = self.conns.remove(&conn) {
+            link.unsubscribe(&self.volume, conn);
+        }
+    }
+}

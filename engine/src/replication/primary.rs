@@ -1,0 +1,1505 @@
+//! Primary side of the protocol, sans-IO: one sender per stable ReplicaID (surviving address
+//! and epoch changes, which only invalidate its session), the replica state machine, the
+//! reconnect handshake, catch-up and rebuild through plans, retention pins and budgets, and
+//! the durability gate. Guarantees: under `SyncAll` a flush at LSN L is acked only when the
+//! local fsync covers L and every member of the committed in-sync set (plus every joined
+//! member counted since its first successful barrier) reported durable flushed >= L; the
+//! primary never drops a member itself - it reports it and waits for a committed set.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use super::ConnId;
+use super::plan::{
+    self, CatchUpBudget, CatchUpExec, EventKind, HandshakeReply, Outcome, RebuildExec,
+    RecoveryEvent, RetainedHistory,
+};
+use super::retention::{HoldId, Pinner};
+use super::storage::ReplicaLog;
+use super::types::{Endpoint, Epoch, Generation, Lsn, ReplicaId, VolumeId, WalEntry};
+use super::wire::{BarrierStatus, Body, ErrorCode, ResumeStatus, VolumeMsg};
+
+/// Flush acknowledgement rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// Ack when every committed in-sync member has the data durable.
+    SyncAll,
+    /// Ack after the local fsync.
+    Async,
+}
+
+/// Primary bounds and policy. Every bound is named with its unit last.
+#[derive(Debug, Clone)]
+pub struct PrimaryConfig {
+    pub durability: Durability,
+    /// A barrier (or handshake) without an answer for this long fails the session.
+    pub barrier_timeout_ms: u64,
+    pub reconnect_backoff_ms: u64,
+    pub catchup_batch_entries: u64,
+    pub catchup_entries_max: u64,
+    pub catchup_duration_ms_max: u64,
+    pub catchup_progress_deadline_ms: u64,
+    /// Consecutive failed catch-ups before NeedsRebuild.
+    pub catchup_retries_max: u32,
+    pub rebuild_batch_blocks: usize,
+    pub rebuild_batch_entries: u64,
+    pub rebuild_progress_deadline_ms: u64,
+    /// A lagging replica out of contact this long loses its WAL hold (NeedsRebuild).
+    pub wal_retention_timeout_ms: u64,
+    /// A lagging replica needing more WAL than this loses its hold (NeedsRebuild).
+    pub wal_retention_bytes_max: u64,
+    /// A flush still waiting after this long fails (it is never acked unsafely).
+    pub flush_timeout_ms: u64,
+    /// A blocked flush waits this long for a missing member before reporting it unreachable.
+    pub member_unreachable_after_ms: u64,
+    pub heartbeat_interval_ms: u64,
+    /// Test-only: ack flushes without waiting for members (lets the simulation prove its
+    /// checker catches a broken gate). Never set in production.
+    pub test_knob_skip_member_gate: bool,
+}
+
+impl Default for PrimaryConfig {
+    fn default() -> Self {
+        Self {
+            durability: Durability::SyncAll,
+            barrier_timeout_ms: 5_000,
+            reconnect_backoff_ms: 500,
+            catchup_batch_entries: 256,
+            catchup_entries_max: 1 << 20,
+            catchup_duration_ms_max: 300_000,
+            catchup_progress_deadline_ms: 30_000,
+            catchup_retries_max: 3,
+            rebuild_batch_blocks: 256,
+            rebuild_batch_entries: 256,
+            rebuild_progress_deadline_ms: 60_000,
+            wal_retention_timeout_ms: 300_000,
+            wal_retention_bytes_max: 64 << 20,
+            flush_timeout_ms: 60_000,
+            member_unreachable_after_ms: 5_000,
+            heartbeat_interval_ms: 1_000,
+            test_knob_skip_member_gate: false,
+        }
+    }
+}
+
+/// Identifies one flush request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct FlushId(pub u64);
+
+/// A replica assignment: identity plus current address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peer {
+    pub id: ReplicaId,
+    pub endpoint: Endpoint,
+}
+
+/// Per-replica state as the primary sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplicaState {
+    Disconnected,
+    Connecting,
+    CatchingUp,
+    InSync,
+    Degraded,
+    NeedsRebuild,
+    Rebuilding,
+}
+
+/// Inputs to the primary core.
+#[derive(Debug, Clone)]
+pub enum Input {
+    Tick,
+    PeersAssigned(Vec<Peer>),
+    InSyncSetCommitted {
+        generation: Generation,
+        members: Vec<ReplicaId>,
+    },
+    /// The local volume appended this entry (in LSN order, under its append lock).
+    Appended(WalEntry),
+    FlushRequested(FlushId),
+    LocalFsyncDone {
+        durable: Lsn,
+    },
+    LocalFsyncFailed,
+    Connected(ConnId),
+    ConnectFailed(ConnId),
+    ConnectionLost(ConnId),
+    Received {
+        conn: ConnId,
+        msg: VolumeMsg,
+    },
+    /// The control plane asks to rebuild a replica that reported NeedsRebuild.
+    RebuildRequested(ReplicaId),
+    /// The control plane re-asserted this primary with a newer epoch (already persisted).
+    EpochChanged(Epoch),
+}
+
+/// Facts for the control plane.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Report {
+    StateChanged {
+        replica: ReplicaId,
+        state: ReplicaState,
+        flushed: Lsn,
+    },
+    /// A member the gate counts cannot be reached; flush acks wait for a new committed set.
+    MemberUnreachable {
+        replica: ReplicaId,
+        generation: Generation,
+    },
+    /// A member is counted for every ack from now on and may be committed at `generation`.
+    MemberInSync {
+        replica: ReplicaId,
+        generation: Generation,
+        flushed: Lsn,
+    },
+    NeedsRebuild {
+        replica: ReplicaId,
+        reason: String,
+    },
+    /// A peer knows a newer epoch: this primary must stop.
+    Fenced {
+        observed: Epoch,
+    },
+    LocalDiskFailed,
+}
+
+/// Actions for the shell.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    Connect {
+        conn: ConnId,
+        replica: ReplicaId,
+        endpoint: Endpoint,
+    },
+    Send {
+        conn: ConnId,
+        msg: VolumeMsg,
+    },
+    Close {
+        conn: ConnId,
+        reason: String,
+    },
+    LocalFsync {
+        upto: Lsn,
+    },
+    FlushAcked {
+        id: FlushId,
+        lsn: Lsn,
+    },
+    FlushFailed {
+        id: FlushId,
+        reason: String,
+    },
+    Report(Report),
+}
+
+#[derive(Debug)]
+enum Exec {
+    CatchUp(CatchUpExec),
+    Rebuild(RebuildExec),
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Inflight {
+    id: u64,
+    lsn: Lsn,
+    sent_ms: u64,
+}
+
+#[derive(Debug)]
+struct Sender {
+    id: ReplicaId,
+    endpoint: Endpoint,
+    state: ReplicaState,
+    conn: Option<ConnId>,
+    conn_up: bool,
+    session: u64,
+    handshake_deadline_ms: u64,
+    /// Durable progress the replica reported in this primary's epoch.
+    flushed: Lsn,
+    progress_known: bool,
+    /// Appended entries are shipped as they come.
+    live: bool,
+    exec: Option<Exec>,
+    barrier: Option<Inflight>,
+    catchup_failures: u32,
+    next_connect_ms: u64,
+    last_contact_ms: u64,
+    hold: Option<HoldId>,
+    counting: bool,
+    rebuild_requested: bool,
+    unreachable_reported: Option<Generation>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct PendingFlush {
+    id: FlushId,
+    lsn: Lsn,
+    at_ms: u64,
+}
+
+/// The primary's replication core for one volume.
+#[derive(Debug)]
+pub struct PrimaryCore {
+    volume: VolumeId,
+    self_id: ReplicaId,
+    epoch: Epoch,
+    cfg: PrimaryConfig,
+    senders: BTreeMap<ReplicaId, Sender>,
+    generation: Generation,
+    committed: BTreeSet<ReplicaId>,
+    head: Lsn,
+    local_durable: Lsn,
+    fsync_inflight: bool,
+    pending: VecDeque<PendingFlush>,
+    acked_high: Lsn,
+    pinner: Pinner,
+    floor: Option<Lsn>,
+    floor_applied: bool,
+    bytes: VecDeque<(Lsn, u64)>,
+    bytes_total: u64,
+    next_conn: u64,
+    next_session: u64,
+    next_barrier: u64,
+    heartbeat_seq: u64,
+    last_heartbeat_ms: u64,
+    fenced: Option<Epoch>,
+    disk_failed: bool,
+    events: Vec<RecoveryEvent>,
+    out: Vec<Action>,
+    now: u64,
+}
+
+fn state_name(s: ReplicaState) -> String {
+    format!("{s:?}")
+}
+
+impl PrimaryCore {
+    /// A primary at `epoch` (already persisted) with the committed set it was given.
+    pub fn new(
+        volume: VolumeId,
+        self_id: ReplicaId,
+        epoch: Epoch,
+        cfg: PrimaryConfig,
+        generation: Generation,
+        committed: Vec<ReplicaId>,
+        log: &dyn ReplicaLog,
+    ) -> Self {
+        let committed: BTreeSet<ReplicaId> =
+            committed.into_iter().filter(|m| *m != self_id).collect();
+        Self {
+            volume,
+            self_id,
+            epoch,
+            cfg,
+            senders: BTreeMap::new(),
+            generation,
+            committed,
+            head: log.head_lsn(),
+            local_durable: log.durable_lsn(),
+            fsync_inflight: false,
+            pending: VecDeque::new(),
+            acked_high: Lsn(0),
+            pinner: Pinner::new(),
+            floor: None,
+            floor_applied: false,
+            bytes: VecDeque::new(),
+            bytes_total: 0,
+            next_conn: 0,
+            next_session: 0,
+            next_barrier: 0,
+            heartbeat_seq: 0,
+            last_heartbeat_ms: 0,
+            fenced: None,
+            disk_failed: false,
+            events: Vec::new(),
+            out: Vec::new(),
+            now: 0,
+        }
+    }
+
+    pub fn epoch(&self) -> Epoch {
+        self.epoch
+    }
+    pub fn fenced(&self) -> Option<Epoch> {
+        self.fenced
+    }
+    pub fn head(&self) -> Lsn {
+        self.head
+    }
+    pub fn acked_high(&self) -> Lsn {
+        self.acked_high
+    }
+    pub fn state_of(&self, id: &ReplicaId) -> Option<ReplicaState> {
+        self.senders.get(id).map(|s| s.state)
+    }
+    pub fn flushed_of(&self, id: &ReplicaId) -> Option<Lsn> {
+        self.senders.get(id).map(|s| s.flushed)
+    }
+    /// Every replica with its state and known durable progress.
+    pub fn replicas(&self) -> Vec<(ReplicaId, ReplicaState, Lsn)> {
+        self.senders
+            .values()
+            .map(|s| (s.id.clone(), s.state, s.flushed))
+            .collect()
+    }
+    pub fn is_counted(&self, id: &ReplicaId) -> bool {
+        self.committed.contains(id) || self.senders.get(id).is_some_and(|s| s.counting)
+    }
+    pub fn pinner(&self) -> &Pinner {
+        &self.pinner
+    }
+    pub fn retention_floor(&self) -> Option<Lsn> {
+        self.floor
+    }
+    pub fn pending_flushes(&self) -> usize {
+        self.pending.len()
+    }
+    /// Latest time every committed member answered (barrier or heartbeat) - the read-fencing
+    /// proof that this primary is still primary. `None` if some member never answered.
+    pub fn member_proof_ms(&self) -> Option<u64> {
+        let mut min: Option<u64> = None;
+        for m in &self.committed {
+            let s = self.senders.get(m)?;
+            if s.last_contact_ms == 0 {
+                return None;
+            }
+            min = Some(min.map_or(s.last_contact_ms, |v| v.min(s.last_contact_ms)));
+        }
+        min
+    }
+    /// Structured recovery log since the last call.
+    pub fn take_events(&mut self) -> Vec<RecoveryEvent> {
+        std::mem::take(&mut self.events)
+    }
+
+    fn event(&mut self, replica: &ReplicaId, session: u64, kind: EventKind) {
+        tracing::debug!(volume = %self.volume, %replica, session, event = kind.name(), ?kind, "replication event");
+        self.events.push(RecoveryEvent {
+            at_ms: self.now,
+            replica: replica.clone(),
+            session,
+            kind,
+        });
+    }
+
+    fn msg(&self, body: Body) -> VolumeMsg {
+        VolumeMsg {
+            volume: self.volume.clone(),
+            epoch: self.epoch,
+            body,
+        }
+    }
+
+    fn send(&mut self, conn: ConnId, body: Body) {
+        let m = self.msg(body);
+        self.out.push(Action::Send { conn, msg: m });
+    }
+
+    /// Feeds one input at time `now_ms`; returns the actions to perform in order.
+    pub fn step(&mut self, now_ms: u64, input: Input, log: &mut dyn ReplicaLog) -> Vec<Action> {
+        self.now = self.now.max(now_ms);
+        if self.fenced.is_some() || self.disk_failed {
+            if let Input::FlushRequested(id) = input {
+                self.out.push(Action::FlushFailed {
+                    id,
+                    reason: "primary is fenced or its disk failed".into(),
+                });
+            }
+            return std::mem::take(&mut self.out);
+        }
+        match input {
+            Input::Tick => self.on_tick(log),
+            Input::PeersAssigned(peers) => self.on_peers(peers, log),
+            Input::InSyncSetCommitted {
+                generation,
+                members,
+            } => self.on_committed(generation, members),
+            Input::Appended(e) => self.on_appended(e),
+            Input::FlushRequested(id) => {
+                self.pending.push_back(PendingFlush {
+                    id,
+                    lsn: self.head,
+                    at_ms: self.now,
+                });
+                self.request_local_fsync();
+                self.request_barriers();
+            }
+            Input::LocalFsyncDone { durable } => {
+                self.fsync_inflight = false;
+                self.local_durable = self.local_durable.max(durable);
+                self.request_local_fsync();
+            }
+            Input::LocalFsyncFailed => {
+                self.fsync_inflight = false;
+                self.disk_failed = true;
+                self.fail_all_flushes("local fsync failed");
+                self.out.push(Action::Report(Report::LocalDiskFailed));
+            }
+            Input::Connected(conn) => self.on_connected(conn, log),
+            Input::ConnectFailed(conn) => self.on_conn_gone(conn, "connect failed", log),
+            Input::ConnectionLost(conn) => self.on_conn_gone(conn, "connection lost", log),
+            Input::Received { conn, msg } => self.on_received(conn, msg, log),
+            Input::RebuildRequested(id) => self.on_rebuild_requested(id, log),
+            Input::EpochChanged(e) => self.on_epoch_changed(e, log),
+        }
+        if self.fenced.is_none() && !self.disk_failed {
+            self.evaluate_gate();
+            self.update_retention(log);
+        }
+        std::mem::take(&mut self.out)
+    }
+
+    // ----- gate -------------------------------------------------------------------------
+
+    fn gate_members(&self) -> Vec<ReplicaId> {
+        let mut m: BTreeSet<ReplicaId> = self.committed.clone();
+        for s in self.senders.values() {
+            if s.counting {
+                m.insert(s.id.clone());
+            }
+        }
+        m.into_iter().collect()
+    }
+
+    fn member_flushed(&self, id: &ReplicaId) -> Lsn {
+        self.senders.get(id).map_or(Lsn(0), |s| s.flushed)
+    }
+
+    fn evaluate_gate(&mut self) {
+        let members = self.gate_members();
+        while let Some(f) = self.pending.front().copied() {
+            let local_ok = self.local_durable >= f.lsn;
+            let members_ok = self.cfg.durability == Durability::Async
+                || self.cfg.test_knob_skip_member_gate
+                || members.iter().all(|m| self.member_flushed(m) >= f.lsn);
+            if !(local_ok && members_ok) {
+                break;
+            }
+            self.pending.pop_front();
+            self.acked_high = self.acked_high.max(f.lsn);
+            self.out.push(Action::FlushAcked {
+                id: f.id,
+                lsn: f.lsn,
+            });
+        }
+    }
+
+    fn fail_all_flushes(&mut self, reason: &str) {
+        while let Some(f) = self.pending.pop_front() {
+            self.out.push(Action::FlushFailed {
+                id: f.id,
+                reason: reason.to_string(),
+            });
+        }
+    }
+
+    fn request_local_fsync(&mut self) {
+        let want = self.pending.back().map_or(Lsn(0), |f| f.lsn);
+        if !self.fsync_inflight && self.local_durable < want {
+            self.fsync_inflight = true;
+            self.out.push(Action::LocalFsync { upto: self.head });
+        }
+    }
+
+    fn request_barriers(&mut self) {
+        let Some(want) = self.pending.back().map(|f| f.lsn) else {
+            return;
+        };
+        let ids: Vec<ReplicaId> = self.senders.keys().cloned().collect();
+        for id in ids {
+            let need = self.senders.get(&id).is_some_and(|s| {
+                s.live && s.conn_up && s.barrier.is_none() && s.exec.is_none() && s.flushed < want
+            });
+            if need {
+                self.send_barrier(&id, self.head);
+            }
+        }
+    }
+
+    fn send_barrier(&mut self, id: &ReplicaId, lsn: Lsn) {
+        self.next_barrier += 1;
+        let bid = self.next_barrier;
+        let now = self.now;
+        let Some(s) = self.senders.get_mut(id) else {
+            return;
+        };
+        let Some(conn) = s.conn else {
+            return;
+        };
+        s.barrier = Some(Inflight {
+            id: bid,
+            lsn,
+            sent_ms: now,
+        });
+        self.send(conn, Body::BarrierRequest { id: bid, lsn });
+    }
+
+    // ----- control plane ----------------------------------------------------------------
+
+    fn on_committed(&mut self, generation: Generation, members: Vec<ReplicaId>) {
+        if generation <= self.generation {
+            return;
+        }
+        self.generation = generation;
+        self.committed = members.into_iter().filter(|m| *m != self.self_id).collect();
+        let ids: Vec<ReplicaId> = self.senders.keys().cloned().collect();
+        for id in ids {
+            let committed = self.committed.contains(&id);
+            let gen_now = self.generation;
+            let Some(s) = self.senders.get_mut(&id) else {
+                continue;
+            };
+            s.unreachable_reported = None;
+            if committed {
+                s.counting = true;
+            } else if s.counting {
+                if s.state == ReplicaState::InSync {
+                    // Still counted; ask again at the new generation.
+                    let flushed = s.flushed;
+                    self.out.push(Action::Report(Report::MemberInSync {
+                        replica: id.clone(),
+                        generation: gen_now,
+                        flushed,
+                    }));
+                } else {
+                    s.counting = false;
+                }
+            }
+        }
+    }
+
+    fn on_peers(&mut self, peers: Vec<Peer>, log: &mut dyn ReplicaLog) {
+        let wanted: BTreeMap<ReplicaId, Endpoint> = peers
+            .into_iter()
+            .filter(|p| p.id != self.self_id)
+            .map(|p| (p.id, p.endpoint))
+            .collect();
+        let gone: Vec<ReplicaId> = self
+            .senders
+            .keys()
+            .filter(|k| !wanted.contains_key(*k))
+            .cloned()
+            .collect();
+        for id in gone {
+            self.invalidate_session(&id, "replica removed", log);
+            if let Some(s) = self.senders.remove(&id)
+                && let Some(h) = s.hold
+            {
+                self.pinner.release(h);
+            }
+        }
+        for (id, endpoint) in wanted {
+            match self.senders.get_mut(&id) {
+                Some(s) if s.endpoint == endpoint => {}
+                Some(s) => {
+                    s.endpoint = endpoint;
+                    self.invalidate_session(&id, "endpoint_changed", log);
+                    if let Some(s) = self.senders.get_mut(&id)
+                        && s.state != ReplicaState::NeedsRebuild
+                        && s.state != ReplicaState::Rebuilding
+                    {
+                        s.next_connect_ms = 0;
+                        self.set_state(&id, ReplicaState::Disconnected);
+                    }
+                }
+                None => {
+                    let counting = self.committed.contains(&id);
+                    self.senders.insert(
+                        id.clone(),
+                        Sender {
+                            id: id.clone(),
+                            endpoint,
+                            state: ReplicaState::Disconnected,
+                            conn: None,
+                            conn_up: false,
+                            session: 0,
+                            handshake_deadline_ms: 0,
+                            flushed: Lsn(0),
+                            progress_known: false,
+                            live: false,
+                            exec: None,
+                            barrier: None,
+                            catchup_failures: 0,
+                            next_connect_ms: 0,
+                            last_contact_ms: 0,
+                            hold: None,
+                            counting,
+                            rebuild_requested: false,
+                            unreachable_reported: None,
+                        },
+                    );
+                }
+            }
+        }
+    }
+
+    fn on_epoch_changed(&mut self, e: Epoch, log: &mut dyn ReplicaLog) {
+        if e <= self.epoch {
+            return;
+        }
+        self.epoch = e;
+        let ids: Vec<ReplicaId> = self.senders.keys().cloned().collect();
+        for id in ids {
+            self.invalidate_session(&id, "epoch_changed", log);
+            if let Some(s) = self.senders.get_mut(&id)
+                && s.state != ReplicaState::NeedsRebuild
+                && s.state != ReplicaState::Rebuilding
+            {
+                s.next_connect_ms = 0;
+                self.set_state(&id, ReplicaState::Disconnected);
+            }
+        }
+    }
+
+    /// Ends the sender's session (connection, executor and its pins); the sender survives.
+    fn invalidate_session(&mut self, id: &ReplicaId, reason: &str, log: &mut dyn ReplicaLog) {
+        let now = self.now;
+        let Some(s) = self.senders.get_mut(id) else {
+            return;
+        };
+        let session = s.session;
+        let conn = s.conn.take();
+        s.conn_up = false;
+        s.live = false;
+        s.barrier = None;
+        let exec = s.exec.take();
+        let had_session = conn.is_some() || exec.is_some();
+        if let Some(c) = conn {
+            self.out.push(Action::Close {
+                conn: c,
+                reason: reason.to_string(),
+            });
+        }
+        if had_session {
+            self.event(
+                id,
+                session,
+                EventKind::SessionInvalidated {
+                    reason: reason.to_string(),
+                },
+            );
+        }
+        if let Some(exec) = exec {
+            let plan = match exec {
+                Exec::CatchUp(c) => c.into_plan(),
+                Exec::Rebuild(r) => r.into_plan(),
+            };
+            plan::release_plan(plan, &mut self.pinner, log, now, &mut self.events);
+        }
+    }
+
+    fn fence(&mut self, observed: Epoch) {
+        if self.fenced.is_some() {
+            return;
+        }
+        tracing::warn!(volume = %self.volume, epoch = %self.epoch, %observed, "primary fenced by a newer epoch");
+        self.fenced = Some(observed);
+        self.fail_all_flushes("primary fenced by a newer epoch");
+        let conns: Vec<ConnId> = self
+            .senders
+            .values_mut()
+            .filter_map(|s| {
+                s.conn_up = false;
+                s.live = false;
+                s.conn.take()
+            })
+            .collect();
+        for c in conns {
+            self.out.push(Action::Close {
+                conn: c,
+                reason: "fenced".into(),
+            });
+        }
+        self.out.push(Action::Report(Report::Fenced { observed }));
+    }
+
+    fn set_state(&mut self, id: &ReplicaId, to: ReplicaState) {
+        let Some(s) = self.senders.get_mut(id) else {
+            return;
+        };
+        let from = s.state;
+        if from == to {
+            return;
+        }
+        s.state = to;
+        let (session, flushed) = (s.session, s.flushed);
+        self.event(
+            id,
+            session,
+            EventKind::StateChanged {
+                from: state_name(from),
+                to: state_name(to),
+            },
+        );
+        self.out.push(Action::Report(Report::StateChanged {
+            replica: id.clone(),
+            state: to,
+            flushed,
+        }));
+    }
+
+    // ----- connections ------------------------------------------------------------------
+
+    fn sender_by_conn(&self, conn: ConnId) -> Option<ReplicaId> {
+        self.senders
+            .values()
+            .find(|s| s.conn == Some(conn))
+            .map(|s| s.id.clone())
+    }
+
+    fn open_conn(&mut self, id: &ReplicaId) {
+        self.next_conn += 1;
+        self.next_session += 1;
+        let conn = ConnId(self.next_conn);
+        let session = self.next_session;
+        let deadline = self.now.saturating_add(self.cfg.barrier_timeout_ms);
+        let Some(s) = self.senders.get_mut(id) else {
+            return;
+        };
+        s.conn = Some(conn);
+        s.conn_up = false;
+        s.session = session;
+        s.handshake_deadline_ms = deadline;
+        let endpoint = s.endpoint.clone();
+        self.event(id, session, EventKind::SessionStarted);
+        self.out.push(Action::Connect {
+            conn,
+            replica: id.clone(),
+            endpoint,
+        });
+    }
+
+    fn on_connected(&mut self, conn: ConnId, log: &mut dyn ReplicaLog) {
+        let Some(id) = self.sender_by_conn(conn) else {
+            self.out.push(Action::Close {
+                conn,
+                reason: "stale connection".into(),
+            });
+            return;
+        };
+        let (state, session) = match self.senders.get_mut(&id) {
+            Some(s) => {
+                s.conn_up = true;
+                (s.state, s.session)
+            }
+            None => return,
+        };
+        match state {
+            ReplicaState::Connecting => {
+                let body = Body::ResumeRequest {
+                    session,
+                    head: self.head,
+                    retained_start: log.retained_start(),
+                };
+                self.send(conn, body);
+            }
+            ReplicaState::Rebuilding => {
+                if let Some(s) = self.senders.get_mut(&id)
+                    && let Some(Exec::Rebuild(r)) = s.exec.as_mut()
+                {
+                    r.restart(self.now);
+                }
+                self.rebuild_step(&id, log);
+            }
+            _ => {}
+        }
+    }
+
+    fn on_conn_gone(&mut self, conn: ConnId, reason: &str, log: &mut dyn ReplicaLog) {
+        if let Some(id) = self.sender_by_conn(conn) {
+            self.fail_sender(&id, reason, log);
+        }
+    }
+
+    /// A transport or protocol failure: ends the session; catch-up failures count toward
+    /// the retry limit; a rebuild keeps its plan and reconnects.
+    fn fail_sender(&mut self, id: &ReplicaId, reason: &str, log: &mut dyn ReplicaLog) {
+        let Some(s) = self.senders.get(id) else {
+            return;
+        };
+        let state = s.state;
+        let was_catchup = matches!(s.exec, Some(Exec::CatchUp(_)));
+        tracing::info!(volume = %self.volume, replica = %id, ?state, reason, "replica session failed");
+        if state == ReplicaState::Rebuilding {
+            // Keep the plan; drop only the connection and retry after backoff.
+            let backoff = self.now.saturating_add(self.cfg.reconnect_backoff_ms);
+            if let Some(s) = self.senders.get_mut(id) {
+                if let Some(c) = s.conn.take() {
+                    self.out.push(Action::Close {
+                        conn: c,
+                        reason: reason.to_string(),
+                    });
+                }
+                s.conn_up = false;
+                s.live = false;
+                s.barrier = None;
+                s.next_connect_ms = backoff;
+            }
+            return;
+        }
+        self.invalidate_session(id, reason, log);
+        let retries_max = self.cfg.catchup_retries_max;
+        let backoff = self.now.saturating_add(self.cfg.reconnect_backoff_ms);
+        let mut escalate = false;
+        if let Some(s) = self.senders.get_mut(id) {
+            s.next_connect_ms = backoff;
+            if was_catchup {
+                s.catchup_failures += 1;
+                escalate = s.catchup_failures >= retries_max;
+            }
+        }
+        if escalate {
+            self.escalate(id, "catch-up failed catchup_retries_max times", log);
+        } else if state != ReplicaState::NeedsRebuild {
+            self.set_state(id, ReplicaState::Degraded);
+        }
+    }
+
+    fn escalate(&mut self, id: &ReplicaId, reason: &str, log: &mut dyn ReplicaLog) {
+        self.invalidate_session(id, reason, log);
+        let session = self.senders.get(id).map_or(0, |s| s.session);
+        if let Some(s) = self.senders.get_mut(id) {
+            if let Some(h) = s.hold.take() {
+                self.pinner.release(h);
+            }
+            s.progress_known = false;
+            s.catchup_failures = 0;
+            s.rebuild_requested = false;
+        }
+        self.event(
+            id,
+            session,
+            EventKind::EscalatedNeedsRebuild {
+                reason: reason.to_string(),
+            },
+        );
+        self.set_state(id, ReplicaState::NeedsRebuild);
+        self.out.push(Action::Report(Report::NeedsRebuild {
+            replica: id.clone(),
+            reason: reason.to_string(),
+        }));
+    }
+
+    // ----- messages ---------------------------------------------------------------------
+
+    fn on_received(&mut self, conn: ConnId, msg: VolumeMsg, log: &mut dyn ReplicaLog) {
+        let Some(id) = self.sender_by_conn(conn) else {
+            return;
+        };
+        if msg.volume != self.volume {
+            self.fail_sender(&id, "message for another volume", log);
+            return;
+        }
+        if msg.epoch > self.epoch {
+            self.fence(msg.epoch);
+            return;
+        }
+        if msg.epoch < self.epoch {
+            self.fail_sender(&id, "reply from an older epoch", log);
+            return;
+        }
+        if let Some(s) = self.senders.get_mut(&id) {
+            s.last_contact_ms = self.now;
+        }
+        match msg.body {
+            Body::ResumeResponse {
+                session,
+                status,
+                flushed,
+                flushed_epoch,
+                received,
+                checkpoint,
+                replica_epoch,
+            } => {
+                let ok = self
+                    .senders
+                    .get(&id)
+                    .is_some_and(|s| s.state == ReplicaState::Connecting && s.session == session);
+                if !ok {
+                    return;
+                }
+                match status {
+                    ResumeStatus::StaleEpoch => self.fence(replica_epoch),
+                    ResumeStatus::NeedsRebuild => {
+                        self.escalate(&id, "replica has an interrupted rebuild", log)
+                    }
+                    ResumeStatus::Ok => {
+                        let reply = HandshakeReply {
+                            flushed,
+                            flushed_epoch,
+                            received,
+                            checkpoint,
+                            replica_epoch,
+                        };
+                        self.on_handshake(&id, conn, reply, log);
+                    }
+                }
+            }
+            Body::BarrierResponse {
+                id: bid,
+                status,
+                flushed,
+            } => self.on_barrier_response(&id, bid, status, flushed, log),
+            Body::HeartbeatAck { .. } => {}
+            Body::Error {
+                code,
+                current_epoch,
+                detail,
+            } => {
+                if code == ErrorCode::StaleEpoch && current_epoch > self.epoch {
+                    self.fence(current_epoch);
+                } else if matches!(code, ErrorCode::TruncateRefused | ErrorCode::RebuildFailed) {
+                    if self.state_of(&id) == Some(ReplicaState::Rebuilding) {
+                        self.invalidate_session(&id, &detail, log);
+                    }
+                    self.escalate(&id, &format!("replica refused: {detail}"), log);
+                } else {
+                    self.fail_sender(&id, &format!("replica error {code:?}: {detail}"), log);
+                }
+            }
+            _ => self.fail_sender(&id, "replica sent a primary-only message", log),
+        }
+    }
+
+    fn on_handshake(
+        &mut self,
+        id: &ReplicaId,
+        conn: ConnId,
+        reply: HandshakeReply,
+        log: &mut dyn ReplicaLog,
+    ) {
+        let hist = RetainedHistory::from_log(log, self.epoch);
+        let hist = RetainedHistory {
+            head: self.head,
+            ..hist
+        };
+        let outcome = {
+            let lr: &dyn ReplicaLog = log;
+            plan::classify_handshake(
+                &reply,
+                &hist,
+                &|l| lr.epoch_at(l),
+                self.cfg.catchup_entries_max,
+            )
+        };
+        let session = self.senders.get(id).map_or(0, |s| s.session);
+        self.event(
+            id,
+            session,
+            EventKind::HandshakeClassified(format!("{outcome:?}")),
+        );
+        match outcome {
+            Outcome::Fenced { replica_epoch } => self.fence(replica_epoch),
+            Outcome::NeedsRebuild { reason } => self.escalate(id, reason, log),
+            Outcome::ZeroGap { from, truncate } => {
+                if let Some(t) = truncate {
+                    self.send(
+                        conn,
+                        Body::Truncate {
+                            session,
+                            after: t.after,
+                            expect_epoch: t.expect_epoch,
+                        },
+                    );
+                }
+                if let Some(s) = self.senders.get_mut(id) {
+                    s.flushed = from;
+                    s.progress_known = true;
+                    s.live = true;
+                }
+                self.send_barrier(id, self.head);
+            }
+            Outcome::CatchUp {
+                from,
+                target,
+                truncate,
+            } => {
+                let plan =
+                    match plan::plan_catch_up(id, session, from, target, &mut self.pinner, log) {
+                        Ok(p) => p,
+                        Err(e) => {
+                            self.event(id, session, EventKind::PinFailed(e.to_string()));
+                            self.fail_sender(id, "catch-up pin failed", log);
+                            return;
+                        }
+                    };
+                self.event(
+                    id,
+                    session,
+                    EventKind::PlanCreated(format!("{:?}", plan.kind())),
+                );
+                let exec = match CatchUpExec::new(plan, self.now) {
+                    Ok(e) => e,
+                    Err(e) => {
+                        self.fail_sender(id, &e.to_string(), log);
+                        return;
+                    }
+                };
+                if let Some(t) = truncate {
+                    self.send(
+                        conn,
+                        Body::Truncate {
+                            session,
+                            after: t.after,
+                            expect_epoch: t.expect_epoch,
+                        },
+                    );
+                }
+                if let Some(s) = self.senders.get_mut(id) {
+                    s.flushed = from;
+                    s.progress_known = true;
+                    s.exec = Some(Exec::CatchUp(exec));
+                }
+                self.set_state(id, ReplicaState::CatchingUp);
+                self.catchup_step(id, log);
+            }
+        }
+    }
+
+    fn catchup_step(&mut self, id: &ReplicaId, log: &mut dyn ReplicaLog) {
+        let batch = self.cfg.catchup_batch_entries;
+        let res = match self.senders.get_mut(id).and_then(|s| s.exec.as_mut()) {
+            Some(Exec::CatchUp(c)) => c.next_batch(log, batch),
+            _ => return,
+        };
+        let conn = self.senders.get(id).and_then(|s| s.conn);
+        match (res, conn) {
+            (Ok((bodies, barrier_lsn)), Some(conn)) => {
+                for b in bodies {
+                    self.send(conn, b);
+                }
+                self.send_barrier(id, barrier_lsn);
+            }
+            (Err(e), _) => {
+                let reason = format!("catch-up source unavailable: {e}");
+                self.escalate(id, &reason, log);
+            }
+            (Ok(_), None) => {}
+        }
+    }
+
+    fn rebuild_step(&mut self, id: &ReplicaId, log: &mut dyn ReplicaLog) {
+        let (blocks, entries) = (
+            self.cfg.rebuild_batch_blocks,
+            self.cfg.rebuild_batch_entries,
+        );
+        let res = match self.senders.get_mut(id).and_then(|s| s.exec.as_mut()) {
+            Some(Exec::Rebuild(r)) => r.next_batch(log, blocks, entries),
+            _ => return,
+        };
+        let conn = self.senders.get(id).and_then(|s| s.conn);
+        match (res, conn) {
+            (Ok((bodies, barrier_lsn)), Some(conn)) => {
+                for b in bodies {
+                    self.send(conn, b);
+                }
+                self.send_barrier(id, barrier_lsn);
+            }
+            (Err(e), _) => {
+                let reason = format!("rebuild source unavailable: {e}");
+                self.invalidate_session(id, &reason, log);
+                self.escalate(id, &reason, log);
+            }
+            (Ok(_), None) => {}
+        }
+    }
+
+    /// Ends a recovery executor (target reached): ship the live tail past the frozen
+    /// target, release the plan's pins, and ask for a barrier at head.
+    fn go_live(&mut self, id: &ReplicaId, log: &mut dyn ReplicaLog) {
+        let Some(s) = self.senders.get_mut(id) else {
+            return;
+        };
+        let Some(exec) = s.exec.take() else {
+            return;
+        };
+        let (target, session, plan) = match exec {
+            Exec::CatchUp(c) => (c.target(), c.session(), c.into_plan()),
+            Exec::Rebuild(r) => (r.target(), r.session(), r.into_plan()),
+        };
+        let Some(conn) = s.conn else {
+            plan::release_plan(plan, &mut self.pinner, log, self.now, &mut self.events);
+            return;
+        };
+        s.live = true;
+        let mut from = target.next();
+        let mut ok = true;
+        while from <= self.head {
+            match log.scan_from(from, 1024) {
+                Ok(entries) if !entries.is_empty() => {
+                    for e in entries {
+                        from = e.lsn.next();
+                        self.send(conn, Body::Entry(e));
+                    }
+                }
+                _ => {
+                    ok = false;
+                    break;
+                }
+            }
+        }
+        self.send(
+            conn,
+            Body::CatchUpDone {
+                session,
+                last: target,
+            },
+        );
+        plan::release_plan(plan, &mut self.pinner, log, self.now, &mut self.events);
+        self.event(id, session, EventKind::SessionCompleted);
+        if ok {
+            self.send_barrier(id, self.head);
+        } else {
+            self.fail_sender(id, "live tail no longer retained", log);
+        }
+    }
+
+    fn on_barrier_response(
+        &mut self,
+        id: &ReplicaId,
+        bid: u64,
+        status: BarrierStatus,
+        flushed: Lsn,
+        log: &mut dyn ReplicaLog,
+    ) {
+        let Some(s) = self.senders.get_mut(id) else {
+            return;
+        };
+        let Some(inflight) = s.barrier.filter(|b| b.id == bid) else {
+            return;
+        };
+        s.barrier = None;
+        match status {
+            BarrierStatus::Ok => {}
+            BarrierStatus::StaleEpoch => {
+                self.fence(Epoch(self.epoch.0 + 1));
+                return;
+            }
+            other => {
+                self.fail_sender(id, &format!("barrier failed: {other:?}"), log);
+                return;
+            }
+        }
+        if flushed > s.flushed {
+            s.flushed = flushed;
+        }
+        let now = self.now;
+        let session = s.session;
+        match s.exec.as_mut() {
+            Some(Exec::CatchUp(c)) => {
+                let done = c.on_progress(flushed, now);
+                let target = c.target();
+                self.event(id, session, EventKind::CatchUpProgress { flushed, target });
+                if done {
+                    self.go_live(id, log);
+                } else {
+                    self.catchup_step(id, log);
+                }
+                return;
+            }
+            Some(Exec::Rebuild(r)) => {
+                r.on_progress(now);
+                if r.finished() {
+                    self.go_live(id, log);
+                } else {
+                    self.rebuild_step(id, log);
+                }
+                return;
+            }
+            None => {}
+        }
+        // Only a barrier success grants InSync, and only if it covers every ack so far.
+        let grant = s.live
+            && s.state != ReplicaState::InSync
+            && flushed >= inflight.lsn
+            && flushed >= self.acked_high;
+        if grant {
+            s.catchup_failures = 0;
+            s.progress_known = true;
+            let newly_counted = !s.counting;
+            s.counting = true;
+            s.unreachable_reported = None;
+            self.set_state(id, ReplicaState::InSync);
+            if newly_counted {
+                self.out.push(Action::Report(Report::MemberInSync {
+                    replica: id.clone(),
+                    generation: self.generation,
+                    flushed,
+                }));
+            }
+        } else if self
+            .senders
+            .get(id)
+            .is_some_and(|s| s.live && s.state != ReplicaState::InSync)
+        {
+            // Not enough yet: ask again at the current head.
+            self.send_barrier(id, self.head);
+            return;
+        }
+        self.request_barriers();
+    }
+
+    fn on_rebuild_requested(&mut self, id: ReplicaId, log: &mut dyn ReplicaLog) {
+        if self.state_of(&id) != Some(ReplicaState::NeedsRebuild) {
+            return;
+        }
+        if self.committed.contains(&id) {
+            // Wiping a committed member would lose acknowledged data; it must be removed
+            // from the set first.
+            self.out.push(Action::Report(Report::MemberUnreachable {
+                replica: id.clone(),
+                generation: self.generation,
+            }));
+            return;
+        }
+        self.next_session += 1;
+        let session = self.next_session;
+        match plan::plan_rebuild(&id, session, &mut self.pinner, log) {
+            Ok(plan) => {
+                self.event(
+                    &id,
+                    session,
+                    EventKind::PlanCreated(format!("{:?}", plan.kind())),
+                );
+                let exec = match RebuildExec::new(plan, self.now) {
+                    Ok(e) => e,
+                    Err(e) => {
+                        self.event(&id, session, EventKind::PinFailed(e.to_string()));
+                        return;
+                    }
+                };
+                if let Some(s) = self.senders.get_mut(&id) {
+                    s.session = session;
+                    s.exec = Some(Exec::Rebuild(exec));
+                    s.flushed = Lsn(0);
+                    s.progress_known = false;
+                    s.counting = false;
+                    s.next_connect_ms = 0;
+                    s.rebuild_requested = true;
+                }
+                self.set_state(&id, ReplicaState::Rebuilding);
+            }
+            Err(e) => {
+                self.event(&id, session, EventKind::PinFailed(e.to_string()));
+            }
+        }
+    }
+
+    fn on_appended(&mut self, e: WalEntry) {
+        if e.lsn != self.head.next() {
+            // Duplicates are harmless; a gap means the shell lost an entry and must resync
+            // from the log (`head()` says where), so never ship out of order.
+            if e.lsn > self.head.next() {
+                tracing::warn!(volume = %self.volume, head = %self.head, got = %e.lsn, "appended entry out of order; waiting for resync");
+            }
+            return;
+        }
+        self.head = e.lsn;
+        self.bytes_total += super::types::entry_bytes(&e);
+        self.bytes.push_back((e.lsn, self.bytes_total));
+        let targets: Vec<ConnId> = self
+            .senders
+            .values()
+            .filter(|s| s.live && s.conn.is_some())
+            .filter_map(|s| s.conn)
+            .collect();
+        for c in targets {
+            self.send(c, Body::Entry(e.clone()));
+        }
+    }
+
+    // ----- time -------------------------------------------------------------------------
+
+    fn on_tick(&mut self, log: &mut dyn ReplicaLog) {
+        let now = self.now;
+        let ids: Vec<ReplicaId> = self.senders.keys().cloned().collect();
+        for id in &ids {
+            let Some(s) = self.senders.get(id) else {
+                continue;
+            };
+            let state = s.state;
+            let barrier_late = s
+                .barrier
+                .is_some_and(|b| now.saturating_sub(b.sent_ms) > self.cfg.barrier_timeout_ms);
+            let handshake_late = state == ReplicaState::Connecting
+                && s.conn.is_some()
+                && !s.live
+                && now > s.handshake_deadline_ms;
+            let budget = match &s.exec {
+                Some(Exec::CatchUp(c)) => c.over_budget(
+                    &CatchUpBudget {
+                        entries_max: self.cfg.catchup_entries_max,
+                        duration_ms_max: self.cfg.catchup_duration_ms_max,
+                        progress_deadline_ms: self.cfg.catchup_progress_deadline_ms,
+                    },
+                    now,
+                ),
+                Some(Exec::Rebuild(r)) => r.over_budget(self.cfg.rebuild_progress_deadline_ms, now),
+                None => None,
+            };
+            let may_connect = s.conn.is_none() && now >= s.next_connect_ms;
+            if let Some(reason) = budget {
+                if state == ReplicaState::Rebuilding {
+                    self.escalate(id, reason, log);
+                } else {
+                    self.fail_sender(id, reason, log);
+                }
+                continue;
+            }
+            if barrier_late {
+                self.fail_sender(id, "barrier timed out", log);
+                continue;
+            }
+            if handshake_late {
+                self.fail_sender(id, "handshake timed out", log);
+                continue;
+            }
+            match state {
+                ReplicaState::Disconnected | ReplicaState::Degraded if may_connect => {
+                    self.open_conn(id);
+                    self.set_state(id, ReplicaState::Connecting);
+                }
+                ReplicaState::Rebuilding if may_connect => self.open_conn(id),
+                _ => {}
+            }
+        }
+        self.check_retention_budgets(log);
+        self.check_unreachable();
+        self.check_flush_timeouts();
+        self.request_barriers();
+        if now.saturating_sub(self.last_heartbeat_ms) >= self.cfg.heartbeat_interval_ms {
+            self.last_heartbeat_ms = now;
+            self.heartbeat_seq += 1;
+            let seq = self.heartbeat_seq;
+            let conns: Vec<ConnId> = self
+                .senders
+                .values()
+                .filter(|s| s.state == ReplicaState::InSync && s.conn_up)
+                .filter_map(|s| s.conn)
+                .collect();
+            for c in conns {
+                self.send(c, Body::Heartbeat { seq });
+            }
+        }
+    }
+
+    fn check_flush_timeouts(&mut self) {
+        while let Some(f) = self.pending.front().copied() {
+            if self.now.saturating_sub(f.at_ms) <= self.cfg.flush_timeout_ms {
+                break;
+            }
+            self.pending.pop_front();
+            self.out.push(Action::FlushFailed {
+                id: f.id,
+                reason: "flush timed out waiting for the committed in-sync set".into(),
+            });
+        }
+    }
+
+    fn check_unreachable(&mut self) {
+        if self.cfg.durability == Durability::Async {
+            return;
+        }
+        let Some(f) = self.pending.front().copied() else {
+            return;
+        };
+        if self.now.saturating_sub(f.at_ms) < self.cfg.member_unreachable_after_ms {
+            return;
+        }
+        let gen_now = self.generation;
+        for m in self.gate_members() {
+            if self.member_flushed(&m) >= f.lsn {
+                continue;
+            }
+            let report = match self.senders.get_mut(&m) {
+                Some(s) => {
+                    let r = s.unreachable_reported != Some(gen_now);
+                    s.unreachable_reported = Some(gen_now);
+                    r
+                }
+                None => true,
+            };
+            if report {
+                tracing::warn!(volume = %self.volume, replica = %m, generation = gen_now.0, "in-sync member unreachable; flush acks wait for the control plane");
+                self.out.push(Action::Report(Report::MemberUnreachable {
+                    replica: m,
+                    generation: gen_now,
+                }));
+            }
+        }
+    }
+
+    fn lag_bytes(&self, from: Lsn) -> u64 {
+        let at = match self.bytes.binary_search_by(|(l, _)| l.cmp(&from)) {
+            Ok(i) => self.bytes.get(i).map_or(0, |(_, b)| *b),
+            Err(0) => self.bytes.front().map_or(self.bytes_total, |(_, b)| *b),
+            Err(i) => self.bytes.get(i - 1).map_or(0, |(_, b)| *b),
+        };
+        self.bytes_total.saturating_sub(at)
+    }
+
+    fn check_retention_budgets(&mut self, log: &mut dyn ReplicaLog) {
+        let now = self.now;
+        let mut doomed = Vec::new();
+        for s in self.senders.values() {
+            if s.hold.is_none() || s.state == ReplicaState::InSync {
+                continue;
+            }
+            if now.saturating_sub(s.last_contact_ms) > self.cfg.wal_retention_timeout_ms {
+                doomed.push((
+                    s.id.clone(),
+                    "lagging replica exceeded wal_retention_timeout_ms",
+                ));
+            } else if self.lag_bytes(s.flushed) > self.cfg.wal_retention_bytes_max {
+                doomed.push((
+                    s.id.clone(),
+                    "lagging replica exceeded wal_retention_bytes_max",
+                ));
+            }
+        }
+        for (id, reason) in doomed {
+            self.escalate(&id, reason, log);
+        }
+    }
+
+    /// Keeps one WAL hold per recoverable replica at its flushed LSN and hands the minimum
+    /// of all holds to storage as the retention floor.
+    fn update_retention(&mut self, log: &mut dyn ReplicaLog) {
+        let retained = log.retained_start();
+        let ids: Vec<ReplicaId> = self.senders.keys().cloned().collect();
+        for id in ids {
+            let Some(s) = self.senders.get_mut(&id) else {
+                continue;
+            };
+            let recoverable = s.progress_known
+                && !matches!(
+                    s.state,
+                    ReplicaState::NeedsRebuild | ReplicaState::Rebuilding
+                );
+            match (recoverable, s.hold) {
+                (true, Some(h)) => self.pinner.advance(h, s.flushed),
+                (true, None) => {
+                    if let Ok(h) = self.pinner.hold_wal(&id, s.flushed, retained) {
+                        s.hold = Some(h);
+                    }
+                }
+                (false, Some(h)) => {
+                    self.pinner.release(h);
+                    s.hold = None;
+                }
+                (false, None) => {}
+            }
+        }
+        let floor = self.pinner.min_floor();
+        if floor != self.floor || !self.floor_applied {
+            self.floor = floor;
+            self.floor_applied = true;
+            log.set_retention_floor(floor);
+        }
+        let keep_from = floor.unwrap_or(self.head);
+        while self.bytes.len() > 1 && self.bytes.get(1).is_some_and(|(l, _)| *l <= keep_from) {
+            self.bytes.pop_front();
+        }
+    }
+}

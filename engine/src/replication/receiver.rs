@@ -1,0 +1,553 @@
+//! Replica side of the protocol, sans-IO: applies entries strictly in LSN order (gap →
+//! refuse and report, duplicate → skip), persists the highest epoch seen before acting on it
+//! and refuses lower ones (so a stale primary's barriers fail), answers the reconnect
+//! handshake, and answers a barrier only after everything up to its LSN is received and
+//! fsynced, with a flushed LSN that never moves backwards within a session.
+
+use super::ConnId;
+use super::storage::{AppendOutcome, ReplicaLog};
+use super::types::{Epoch, Lsn, VolumeId};
+use super::wire::{BarrierStatus, Body, ErrorCode, ResumeStatus, VolumeMsg};
+
+/// Receiver bounds.
+#[derive(Debug, Clone, Copy)]
+pub struct ReceiverConfig {
+    /// A barrier whose LSN has not arrived within this time fails with Timeout.
+    pub barrier_timeout_ms: u64,
+    /// Most barriers waiting at once; more are refused with Timeout.
+    pub pending_barriers_max: usize,
+    /// Test-only: accept entries from an older epoch (lets the simulation prove its checker
+    /// catches stale-epoch writes). Never set in production.
+    pub test_knob_accept_stale_epoch: bool,
+}
+
+impl Default for ReceiverConfig {
+    fn default() -> Self {
+        Self {
+            barrier_timeout_ms: 5_000,
+            pending_barriers_max: 1024,
+            test_knob_accept_stale_epoch: false,
+        }
+    }
+}
+
+/// Inputs to the receiver.
+#[derive(Debug, Clone)]
+pub enum ReceiverInput {
+    Received { conn: ConnId, msg: VolumeMsg },
+    ConnectionLost(ConnId),
+    Tick,
+}
+
+/// Actions for the shell.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReceiverAction {
+    Send { conn: ConnId, msg: VolumeMsg },
+    Close { conn: ConnId, reason: String },
+}
+
+/// What happened, for logs, status and the simulation's checker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReceiverEvent {
+    Applied {
+        lsn: Lsn,
+        msg_epoch: Epoch,
+        local_epoch: Epoch,
+    },
+    EpochAdopted {
+        from: Epoch,
+        to: Epoch,
+    },
+    StaleRefused {
+        msg_epoch: Epoch,
+        local_epoch: Epoch,
+    },
+    GapRefused {
+        expected: Lsn,
+        got: Lsn,
+    },
+    Truncated {
+        after: Lsn,
+    },
+    RebuildStarted {
+        base_lsn: Lsn,
+    },
+    RebuildFinished {
+        head: Lsn,
+    },
+    StorageFailed {
+        reason: String,
+    },
+}
+
+#[derive(Debug)]
+struct PendingBarrier {
+    conn: ConnId,
+    id: u64,
+    lsn: Lsn,
+    deadline_ms: u64,
+    epoch: Epoch,
+}
+
+#[derive(Debug)]
+struct RebuildRecv {
+    session: u64,
+    base_lsn: Lsn,
+    base_epoch: Epoch,
+    blocks: u64,
+}
+
+/// Replica-side core for one volume.
+#[derive(Debug)]
+pub struct ReceiverCore {
+    volume: VolumeId,
+    cfg: ReceiverConfig,
+    /// Epoch of the last handshake (resume or rebuild start) - entries need one.
+    session_epoch: Option<Epoch>,
+    rebuild: Option<RebuildRecv>,
+    pending: Vec<PendingBarrier>,
+    flushed_reported: Lsn,
+    failed: Option<String>,
+    events: Vec<ReceiverEvent>,
+}
+
+impl ReceiverCore {
+    pub fn new(volume: VolumeId, cfg: ReceiverConfig) -> Self {
+        Self {
+            volume,
+            cfg,
+            session_epoch: None,
+            rebuild: None,
+            pending: Vec::new(),
+            flushed_reported: Lsn(0),
+            failed: None,
+            events: Vec::new(),
+        }
+    }
+
+    pub fn take_events(&mut self) -> Vec<ReceiverEvent> {
+        std::mem::take(&mut self.events)
+    }
+
+    /// Set after a storage failure: the replica refuses everything until reopened.
+    pub fn failed(&self) -> Option<&str> {
+        self.failed.as_deref()
+    }
+
+    fn reply(&self, conn: ConnId, epoch: Epoch, body: Body) -> ReceiverAction {
+        ReceiverAction::Send {
+            conn,
+            msg: VolumeMsg {
+                volume: self.volume.clone(),
+                epoch,
+                body,
+            },
+        }
+    }
+
+    fn error(&self, conn: ConnId, epoch: Epoch, code: ErrorCode, detail: String) -> ReceiverAction {
+        self.reply(
+            conn,
+            epoch,
+            Body::Error {
+                code,
+                current_epoch: epoch,
+                detail,
+            },
+        )
+    }
+
+    fn fail(&mut self, reason: String) {
+        tracing::error!(volume = %self.volume, %reason, "replica storage failed");
+        self.events.push(ReceiverEvent::StorageFailed {
+            reason: reason.clone(),
+        });
+        self.failed = Some(reason);
+    }
+
+    /// Feeds one input; returns the actions to perform in order.
+    pub fn step(
+        &mut self,
+        now_ms: u64,
+        input: ReceiverInput,
+        log: &mut dyn ReplicaLog,
+    ) -> Vec<ReceiverAction> {
+        let mut out = Vec::new();
+        match input {
+            ReceiverInput::Tick => self.expire_barriers(now_ms, log, &mut out),
+            ReceiverInput::ConnectionLost(conn) => self.pending.retain(|p| p.conn != conn),
+            ReceiverInput::Received { conn, msg } => {
+                self.on_message(now_ms, conn, msg, log, &mut out)
+            }
+        }
+        out
+    }
+
+    fn on_message(
+        &mut self,
+        now_ms: u64,
+        conn: ConnId,
+        msg: VolumeMsg,
+        log: &mut dyn ReplicaLog,
+        out: &mut Vec<ReceiverAction>,
+    ) {
+        let local = log.epoch();
+        if msg.volume != self.volume {
+            out.push(ReceiverAction::Close {
+                conn,
+                reason: format!("message for volume {} sent to {}", msg.volume, self.volume),
+            });
+            return;
+        }
+        if let Some(reason) = &self.failed {
+            out.push(self.error(conn, local, ErrorCode::StorageFailed, reason.clone()));
+            return;
+        }
+        if msg.epoch < local && !self.cfg.test_knob_accept_stale_epoch {
+            self.events.push(ReceiverEvent::StaleRefused {
+                msg_epoch: msg.epoch,
+                local_epoch: local,
+            });
+            let body = match msg.body {
+                Body::BarrierRequest { id, .. } => Body::BarrierResponse {
+                    id,
+                    status: BarrierStatus::StaleEpoch,
+                    flushed: Lsn(0),
+                },
+                Body::ResumeRequest { session, .. } => Body::ResumeResponse {
+                    session,
+                    status: ResumeStatus::StaleEpoch,
+                    flushed: Lsn(0),
+                    flushed_epoch: Epoch(0),
+                    received: Lsn(0),
+                    checkpoint: Lsn(0),
+                    replica_epoch: local,
+                },
+                _ => Body::Error {
+                    code: ErrorCode::StaleEpoch,
+                    current_epoch: local,
+                    detail: format!("message epoch {} is older than {}", msg.epoch, local),
+                },
+            };
+            out.push(self.reply(conn, local, body));
+            return;
+        }
+        if msg.epoch > local {
+            // Persist before acting on the new epoch.
+            if let Err(e) = log.set_epoch(msg.epoch) {
+                self.fail(format!("persisting epoch {}: {e}", msg.epoch));
+                out.push(self.error(conn, local, ErrorCode::StorageFailed, e.to_string()));
+                return;
+            }
+            self.events.push(ReceiverEvent::EpochAdopted {
+                from: local,
+                to: msg.epoch,
+            });
+            self.session_epoch = None;
+            self.rebuild = None;
+            self.pending.clear();
+        }
+        let epoch = msg.epoch.max(local);
+        match msg.body {
+            Body::ResumeRequest { session, .. } => {
+                if log.rebuilding() {
+                    // An interrupted rebuild leaves no usable prefix: only a new rebuild helps.
+                    self.rebuild = None;
+                    self.session_epoch = None;
+                    out.push(self.reply(
+                        conn,
+                        epoch,
+                        Body::ResumeResponse {
+                            session,
+                            status: ResumeStatus::NeedsRebuild,
+                            flushed: Lsn(0),
+                            flushed_epoch: Epoch(0),
+                            received: Lsn(0),
+                            checkpoint: Lsn(0),
+                            replica_epoch: log.epoch(),
+                        },
+                    ));
+                    return;
+                }
+                self.session_epoch = Some(epoch);
+                let flushed = log.durable_lsn();
+                out.push(self.reply(
+                    conn,
+                    epoch,
+                    Body::ResumeResponse {
+                        session,
+                        status: ResumeStatus::Ok,
+                        flushed,
+                        flushed_epoch: log.epoch_at(flushed).unwrap_or(Epoch(0)),
+                        received: log.head_lsn(),
+                        checkpoint: log.checkpoint_lsn(),
+                        replica_epoch: log.epoch(),
+                    },
+                ));
+                self.flushed_reported = flushed;
+            }
+            Body::Entry(entry) => {
+                if self.session_epoch != Some(epoch) {
+                    out.push(self.error(
+                        conn,
+                        epoch,
+                        ErrorCode::NoSession,
+                        "entry before a handshake at this epoch".into(),
+                    ));
+                    return;
+                }
+                match log.append_replicated(&entry) {
+                    Ok(AppendOutcome::Appended) => {
+                        self.events.push(ReceiverEvent::Applied {
+                            lsn: entry.lsn,
+                            msg_epoch: msg.epoch,
+                            local_epoch: log.epoch(),
+                        });
+                        self.complete_barriers(now_ms, log, out);
+                    }
+                    Ok(AppendOutcome::Duplicate) => {}
+                    Err(super::Error::Gap { expected, got }) => {
+                        self.events
+                            .push(ReceiverEvent::GapRefused { expected, got });
+                        out.push(self.error(
+                            conn,
+                            epoch,
+                            ErrorCode::Gap,
+                            format!("expected LSN {expected}, got {got}"),
+                        ));
+                    }
+                    Err(e) => {
+                        self.fail(format!("append: {e}"));
+                        out.push(self.error(conn, epoch, ErrorCode::StorageFailed, e.to_string()));
+                    }
+                }
+            }
+            Body::BarrierRequest { id, lsn } => {
+                if self.session_epoch != Some(epoch) {
+                    out.push(self.reply(
+                        conn,
+                        epoch,
+                        Body::BarrierResponse {
+                            id,
+                            status: BarrierStatus::NoSession,
+                            flushed: Lsn(0),
+                        },
+                    ));
+                    return;
+                }
+                if self.pending.len() >= self.cfg.pending_barriers_max {
+                    out.push(self.reply(
+                        conn,
+                        epoch,
+                        Body::BarrierResponse {
+                            id,
+                            status: BarrierStatus::Timeout,
+                            flushed: Lsn(0),
+                        },
+                    ));
+                    return;
+                }
+                self.pending.push(PendingBarrier {
+                    conn,
+                    id,
+                    lsn,
+                    deadline_ms: now_ms.saturating_add(self.cfg.barrier_timeout_ms),
+                    epoch,
+                });
+                self.complete_barriers(now_ms, log, out);
+            }
+            Body::Truncate {
+                after,
+                expect_epoch,
+                ..
+            } => {
+                if self.session_epoch != Some(epoch) {
+                    out.push(self.error(
+                        conn,
+                        epoch,
+                        ErrorCode::NoSession,
+                        "truncate before a handshake".into(),
+                    ));
+                    return;
+                }
+                if log.epoch_at(after) != Some(expect_epoch) {
+                    out.push(self.error(
+                        conn,
+                        epoch,
+                        ErrorCode::TruncateRefused,
+                        format!("entry at {after} does not have epoch {expect_epoch}"),
+                    ));
+                    return;
+                }
+                match log.truncate_after(after) {
+                    Ok(()) => {
+                        self.events.push(ReceiverEvent::Truncated { after });
+                        // A truncation starts a new durable baseline for this session.
+                        self.flushed_reported = self.flushed_reported.min(after);
+                    }
+                    Err(e) => {
+                        out.push(self.error(conn, epoch, ErrorCode::TruncateRefused, e.to_string()))
+                    }
+                }
+            }
+            Body::CatchUpDone { .. } => {}
+            Body::RebuildStart {
+                session,
+                base_lsn,
+                base_epoch,
+                ..
+            } => {
+                if let Err(e) = log.begin_rebuild() {
+                    out.push(self.error(conn, epoch, ErrorCode::RebuildFailed, e.to_string()));
+                    return;
+                }
+                self.events.push(ReceiverEvent::RebuildStarted { base_lsn });
+                self.session_epoch = Some(epoch);
+                self.flushed_reported = Lsn(0);
+                self.rebuild = Some(RebuildRecv {
+                    session,
+                    base_lsn,
+                    base_epoch,
+                    blocks: 0,
+                });
+            }
+            Body::BaseBlock { session, lba, data } => {
+                let Some(rb) = self.rebuild.as_mut().filter(|r| r.session == session) else {
+                    out.push(self.error(
+                        conn,
+                        epoch,
+                        ErrorCode::NoSession,
+                        "base block without a rebuild".into(),
+                    ));
+                    return;
+                };
+                rb.blocks += 1;
+                if let Err(e) = log.install_base_block(lba, &data) {
+                    self.rebuild = None;
+                    out.push(self.error(conn, epoch, ErrorCode::RebuildFailed, e.to_string()));
+                }
+            }
+            Body::BaseDone { session, blocks } => {
+                let Some(rb) = self.rebuild.take().filter(|r| r.session == session) else {
+                    out.push(self.error(
+                        conn,
+                        epoch,
+                        ErrorCode::NoSession,
+                        "base done without a rebuild".into(),
+                    ));
+                    return;
+                };
+                if rb.blocks != blocks {
+                    out.push(self.error(
+                        conn,
+                        epoch,
+                        ErrorCode::RebuildFailed,
+                        format!("received {} base blocks, primary sent {blocks}", rb.blocks),
+                    ));
+                    return;
+                }
+                // The tail is replayed after this, so live WAL always wins over the base.
+                match log.finish_rebuild(rb.base_lsn, rb.base_epoch) {
+                    Ok(()) => {
+                        self.flushed_reported = log.durable_lsn();
+                        self.events.push(ReceiverEvent::RebuildFinished {
+                            head: log.head_lsn(),
+                        })
+                    }
+                    Err(e) => {
+                        out.push(self.error(conn, epoch, ErrorCode::RebuildFailed, e.to_string()))
+                    }
+                }
+            }
+            Body::Heartbeat { seq } => {
+                out.push(self.reply(conn, epoch, Body::HeartbeatAck { seq }))
+            }
+            Body::BarrierResponse { .. }
+            | Body::ResumeResponse { .. }
+            | Body::HeartbeatAck { .. }
+            | Body::Error { .. } => {
+                out.push(ReceiverAction::Close {
+                    conn,
+                    reason: "primary-bound message sent to a replica".into(),
+                });
+            }
+        }
+    }
+
+    fn complete_barriers(
+        &mut self,
+        _now_ms: u64,
+        log: &mut dyn ReplicaLog,
+        out: &mut Vec<ReceiverAction>,
+    ) {
+        let head = log.head_lsn();
+        if !self.pending.iter().any(|p| p.lsn <= head) {
+            return;
+        }
+        let synced = log.sync();
+        let ready: Vec<PendingBarrier> = {
+            let (ready, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut self.pending)
+                .into_iter()
+                .partition(|p| p.lsn <= head);
+            self.pending = rest;
+            ready
+        };
+        match synced {
+            Ok(durable) => {
+                // Keep the entry at the durable point: the next handshake proves its epoch.
+                log.set_retention_floor(Some(durable));
+                // Reported progress never moves backwards.
+                self.flushed_reported = self.flushed_reported.max(durable);
+                for p in ready {
+                    out.push(self.reply(
+                        p.conn,
+                        p.epoch,
+                        Body::BarrierResponse {
+                            id: p.id,
+                            status: BarrierStatus::Ok,
+                            flushed: self.flushed_reported,
+                        },
+                    ));
+                }
+            }
+            Err(e) => {
+                self.fail(format!("fsync: {e}"));
+                for p in ready {
+                    out.push(self.reply(
+                        p.conn,
+                        p.epoch,
+                        Body::BarrierResponse {
+                            id: p.id,
+                            status: BarrierStatus::FsyncFailed,
+                            flushed: Lsn(0),
+                        },
+                    ));
+                }
+            }
+        }
+    }
+
+    fn expire_barriers(
+        &mut self,
+        now_ms: u64,
+        log: &mut dyn ReplicaLog,
+        out: &mut Vec<ReceiverAction>,
+    ) {
+        self.complete_barriers(now_ms, log, out);
+        let (expired, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut self.pending)
+            .into_iter()
+            .partition(|p| now_ms >= p.deadline_ms);
+        self.pending = rest;
+        for p in expired {
+            out.push(self.reply(
+                p.conn,
+                p.epoch,
+                Body::BarrierResponse {
+                    id: p.id,
+                    status: BarrierStatus::Timeout,
+                    flushed: Lsn(0),
+                },
+            ));
+        }
+    }
+}

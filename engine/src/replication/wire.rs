@@ -1,0 +1,960 @@
+//! Replication wire format: length-prefixed, versioned, CRC32C-checked frames, volume
+//! messages multiplexed by volume ID (each carrying the sender's epoch), and the
+//! challenge-response peer authentication that must complete before any data is accepted.
+//! The decoder bounds every length and never panics; a bad frame is an error naming the
+//! problem, and the connection that sent it is closed.
+
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+
+use super::types::{EntryKind, Epoch, Lba, Lsn, VolumeId, WalEntry};
+
+/// Frame magic, "BVRP".
+pub const FRAME_MAGIC: u32 = 0x4256_5250;
+/// Protocol version spoken by this build.
+pub const PROTOCOL_VERSION: u8 = 1;
+/// magic(4) version(1) type(1) flags(2) payload_len(4)
+pub const FRAME_HEADER_BYTES: usize = 12;
+/// CRC32C trailer over header and payload.
+pub const FRAME_TRAILER_BYTES: usize = 4;
+/// Default bound on a frame's payload.
+pub const DEFAULT_FRAME_PAYLOAD_BYTES_MAX: usize = 8 << 20;
+/// Longest free-text detail accepted in an error message.
+pub const ERROR_DETAIL_BYTES_MAX: usize = 1024;
+/// Longest node name in a hello.
+pub const NODE_NAME_BYTES_MAX: usize = 253;
+/// Nonce and MAC length (bytes).
+pub const NONCE_BYTES: usize = 32;
+
+/// Why a frame could not be decoded or a peer could not be authenticated.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WireError {
+    #[error("bad frame magic {found:#010x} (expected {FRAME_MAGIC:#010x})")]
+    BadMagic { found: u32 },
+    #[error("unsupported protocol version {found} (this build speaks {PROTOCOL_VERSION})")]
+    UnsupportedVersion { found: u8 },
+    #[error("frame payload of {len} bytes exceeds frame_payload_bytes_max {max}")]
+    FrameTooLarge { len: usize, max: usize },
+    #[error(
+        "frame checksum mismatch (crc32c computed {computed:#010x}, frame says {stored:#010x})"
+    )]
+    ChecksumMismatch { computed: u32, stored: u32 },
+    #[error("unknown message type {0:#04x}")]
+    UnknownType(u8),
+    #[error("reserved frame flags {0:#06x} are set")]
+    ReservedFlags(u16),
+    #[error("message truncated while reading {field}")]
+    Truncated { field: &'static str },
+    #[error("{0} trailing bytes after message")]
+    TrailingBytes(usize),
+    #[error("invalid field {field}: {reason}")]
+    InvalidField { field: &'static str, reason: String },
+    #[error("peer authentication failed: {0}")]
+    AuthFailed(&'static str),
+    #[error("message {0} received before peer authentication completed")]
+    NotAuthenticated(&'static str),
+}
+
+/// Wire limits; every length read from the network is checked against them.
+#[derive(Debug, Clone, Copy)]
+pub struct WireConfig {
+    pub frame_payload_bytes_max: usize,
+}
+
+impl Default for WireConfig {
+    fn default() -> Self {
+        Self {
+            frame_payload_bytes_max: DEFAULT_FRAME_PAYLOAD_BYTES_MAX,
+        }
+    }
+}
+
+/// Outcome of a barrier on the replica.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BarrierStatus {
+    Ok = 0,
+    StaleEpoch = 1,
+    Timeout = 2,
+    FsyncFailed = 3,
+    NoSession = 4,
+}
+
+/// Outcome of the reconnect handshake on the replica.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResumeStatus {
+    Ok = 0,
+    StaleEpoch = 1,
+    /// The replica has no usable prefix (an interrupted rebuild).
+    NeedsRebuild = 2,
+}
+
+/// Error codes carried by `Body::Error`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorCode {
+    StaleEpoch = 1,
+    Gap = 2,
+    NoSession = 3,
+    StorageFailed = 4,
+    TruncateRefused = 5,
+    RebuildFailed = 6,
+    Malformed = 7,
+}
+
+/// Per-volume message bodies.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Body {
+    /// One WAL entry, shipped in LSN order.
+    Entry(WalEntry),
+    /// Wait until everything up to `lsn` is received, fsync, reply with durable progress.
+    BarrierRequest {
+        id: u64,
+        lsn: Lsn,
+    },
+    /// `flushed` is the replica's durable LSN after its fsync (never lowered).
+    BarrierResponse {
+        id: u64,
+        status: BarrierStatus,
+        flushed: Lsn,
+    },
+    /// Reconnect handshake from the primary: head H and first retained LSN S.
+    ResumeRequest {
+        session: u64,
+        head: Lsn,
+        retained_start: Lsn,
+    },
+    /// Replica's answer: durable R (and the epoch of its entry at R), received head,
+    /// checkpoint, and its persisted epoch.
+    ResumeResponse {
+        session: u64,
+        status: ResumeStatus,
+        flushed: Lsn,
+        flushed_epoch: Epoch,
+        received: Lsn,
+        checkpoint: Lsn,
+        replica_epoch: Epoch,
+    },
+    /// Drop entries after `after`, provided the entry at `after` has `expect_epoch`.
+    Truncate {
+        session: u64,
+        after: Lsn,
+        expect_epoch: Epoch,
+    },
+    /// End of a catch-up range (diagnostic: the last LSN sent).
+    CatchUpDone {
+        session: u64,
+        last: Lsn,
+    },
+    /// Start of a rebuild: the replica discards its content and takes a base at `base_lsn`.
+    RebuildStart {
+        session: u64,
+        base_lsn: Lsn,
+        base_epoch: Epoch,
+        target: Lsn,
+    },
+    /// One base block (skipped by the replica if a live WAL entry already wrote that LBA).
+    BaseBlock {
+        session: u64,
+        lba: Lba,
+        data: Vec<u8>,
+    },
+    /// All base blocks sent.
+    BaseDone {
+        session: u64,
+        blocks: u64,
+    },
+    /// Liveness and epoch proof.
+    Heartbeat {
+        seq: u64,
+    },
+    HeartbeatAck {
+        seq: u64,
+    },
+    /// A refusal with a reason; `current_epoch` lets a stale primary learn it is fenced.
+    Error {
+        code: ErrorCode,
+        current_epoch: Epoch,
+        detail: String,
+    },
+}
+
+/// A message for one volume; the epoch is the sender's current epoch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeMsg {
+    pub volume: VolumeId,
+    pub epoch: Epoch,
+    pub body: Body,
+}
+
+/// Connection-level authentication messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Auth {
+    Hello {
+        version: u8,
+        node: String,
+        nonce: [u8; NONCE_BYTES],
+    },
+    Challenge {
+        version: u8,
+        node: String,
+        nonce: [u8; NONCE_BYTES],
+        proof: [u8; NONCE_BYTES],
+    },
+    Proof {
+        proof: [u8; NONCE_BYTES],
+    },
+    Accepted,
+}
+
+/// Anything that travels in a frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    Auth(Auth),
+    Volume(VolumeMsg),
+}
+
+mod ty {
+    pub const HELLO: u8 = 0x01;
+    pub const CHALLENGE: u8 = 0x02;
+    pub const PROOF: u8 = 0x03;
+    pub const ACCEPTED: u8 = 0x04;
+    pub const ENTRY: u8 = 0x10;
+    pub const BARRIER_REQ: u8 = 0x11;
+    pub const BARRIER_RESP: u8 = 0x12;
+    pub const RESUME_REQ: u8 = 0x13;
+    pub const RESUME_RESP: u8 = 0x14;
+    pub const TRUNCATE: u8 = 0x15;
+    pub const CATCHUP_DONE: u8 = 0x16;
+    pub const REBUILD_START: u8 = 0x17;
+    pub const BASE_BLOCK: u8 = 0x18;
+    pub const BASE_DONE: u8 = 0x19;
+    pub const HEARTBEAT: u8 = 0x1a;
+    pub const HEARTBEAT_ACK: u8 = 0x1b;
+    pub const ERROR: u8 = 0x1f;
+}
+
+struct W(Vec<u8>);
+
+impl W {
+    fn u8(&mut self, v: u8) {
+        self.0.push(v);
+    }
+    fn u32(&mut self, v: u32) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn u64(&mut self, v: u64) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn bytes(&mut self, v: &[u8]) {
+        self.u32(v.len() as u32);
+        self.0.extend_from_slice(v);
+    }
+    fn str(&mut self, v: &str) {
+        self.bytes(v.as_bytes());
+    }
+    fn arr(&mut self, v: &[u8; NONCE_BYTES]) {
+        self.0.extend_from_slice(v);
+    }
+}
+
+struct R<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> R<'a> {
+    fn take(&mut self, n: usize, field: &'static str) -> Result<&'a [u8], WireError> {
+        let end = self
+            .pos
+            .checked_add(n)
+            .ok_or(WireError::Truncated { field })?;
+        let s = self
+            .buf
+            .get(self.pos..end)
+            .ok_or(WireError::Truncated { field })?;
+        self.pos = end;
+        Ok(s)
+    }
+    fn u8(&mut self, f: &'static str) -> Result<u8, WireError> {
+        Ok(self.take(1, f)?[0])
+    }
+    fn u32(&mut self, f: &'static str) -> Result<u32, WireError> {
+        let s = self.take(4, f)?;
+        let mut a = [0u8; 4];
+        a.copy_from_slice(s);
+        Ok(u32::from_le_bytes(a))
+    }
+    fn u64(&mut self, f: &'static str) -> Result<u64, WireError> {
+        let s = self.take(8, f)?;
+        let mut a = [0u8; 8];
+        a.copy_from_slice(s);
+        Ok(u64::from_le_bytes(a))
+    }
+    fn bytes(&mut self, f: &'static str, max: usize) -> Result<&'a [u8], WireError> {
+        let len = self.u32(f)? as usize;
+        if len > max {
+            return Err(WireError::InvalidField {
+                field: f,
+                reason: format!("length {len} exceeds {max}"),
+            });
+        }
+        self.take(len, f)
+    }
+    fn string(&mut self, f: &'static str, max: usize) -> Result<String, WireError> {
+        let b = self.bytes(f, max)?;
+        String::from_utf8(b.to_vec()).map_err(|_| WireError::InvalidField {
+            field: f,
+            reason: "not UTF-8".into(),
+        })
+    }
+    fn arr(&mut self, f: &'static str) -> Result<[u8; NONCE_BYTES], WireError> {
+        let s = self.take(NONCE_BYTES, f)?;
+        let mut a = [0u8; NONCE_BYTES];
+        a.copy_from_slice(s);
+        Ok(a)
+    }
+    fn lsn(&mut self, f: &'static str) -> Result<Lsn, WireError> {
+        Ok(Lsn(self.u64(f)?))
+    }
+    fn epoch(&mut self, f: &'static str) -> Result<Epoch, WireError> {
+        Ok(Epoch(self.u64(f)?))
+    }
+}
+
+fn type_of(msg: &Message) -> u8 {
+    match msg {
+        Message::Auth(a) => match a {
+            Auth::Hello { .. } => ty::HELLO,
+            Auth::Challenge { .. } => ty::CHALLENGE,
+            Auth::Proof { .. } => ty::PROOF,
+            Auth::Accepted => ty::ACCEPTED,
+        },
+        Message::Volume(v) => match &v.body {
+            Body::Entry(_) => ty::ENTRY,
+            Body::BarrierRequest { .. } => ty::BARRIER_REQ,
+            Body::BarrierResponse { .. } => ty::BARRIER_RESP,
+            Body::ResumeRequest { .. } => ty::RESUME_REQ,
+            Body::ResumeResponse { .. } => ty::RESUME_RESP,
+            Body::Truncate { .. } => ty::TRUNCATE,
+            Body::CatchUpDone { .. } => ty::CATCHUP_DONE,
+            Body::RebuildStart { .. } => ty::REBUILD_START,
+            Body::BaseBlock { .. } => ty::BASE_BLOCK,
+            Body::BaseDone { .. } => ty::BASE_DONE,
+            Body::Heartbeat { .. } => ty::HEARTBEAT,
+            Body::HeartbeatAck { .. } => ty::HEARTBEAT_ACK,
+            Body::Error { .. } => ty::ERROR,
+        },
+    }
+}
+
+/// The entry travels in its own self-checking WAL encoding, length-prefixed.
+fn put_entry(w: &mut W, e: &WalEntry) {
+    w.bytes(&e.encode());
+}
+
+fn get_entry(r: &mut R<'_>, max: usize) -> Result<WalEntry, WireError> {
+    let raw = r.bytes("entry", max)?;
+    let (entry, used) = WalEntry::decode(raw).map_err(|e| WireError::InvalidField {
+        field: "entry",
+        reason: e.to_string(),
+    })?;
+    if used != raw.len() {
+        return Err(WireError::InvalidField {
+            field: "entry",
+            reason: format!("{} bytes after the entry", raw.len() - used),
+        });
+    }
+    if entry.lsn == Lsn(0) {
+        return Err(WireError::InvalidField {
+            field: "entry.lsn",
+            reason: "LSN 0 is reserved".into(),
+        });
+    }
+    if entry.kind == EntryKind::Padding {
+        return Err(WireError::InvalidField {
+            field: "entry.kind",
+            reason: "padding is never replicated".into(),
+        });
+    }
+    Ok(entry)
+}
+
+fn encode_payload(msg: &Message, w: &mut W) {
+    match msg {
+        Message::Auth(a) => match a {
+            Auth::Hello {
+                version,
+                node,
+                nonce,
+            } => {
+                w.u8(*version);
+                w.str(node);
+                w.arr(nonce);
+            }
+            Auth::Challenge {
+                version,
+                node,
+                nonce,
+                proof,
+            } => {
+                w.u8(*version);
+                w.str(node);
+                w.arr(nonce);
+                w.arr(proof);
+            }
+            Auth::Proof { proof } => w.arr(proof),
+            Auth::Accepted => {}
+        },
+        Message::Volume(v) => {
+            w.str(v.volume.as_str());
+            w.u64(v.epoch.0);
+            match &v.body {
+                Body::Entry(e) => put_entry(w, e),
+                Body::BarrierRequest { id, lsn } => {
+                    w.u64(*id);
+                    w.u64(lsn.0);
+                }
+                Body::BarrierResponse {
+                    id,
+                    status,
+                    flushed,
+                } => {
+                    w.u64(*id);
+                    w.u8(*status as u8);
+                    w.u64(flushed.0);
+                }
+                Body::ResumeRequest {
+                    session,
+                    head,
+                    retained_start,
+                } => {
+                    w.u64(*session);
+                    w.u64(head.0);
+                    w.u64(retained_start.0);
+                }
+                Body::ResumeResponse {
+                    session,
+                    status,
+                    flushed,
+                    flushed_epoch,
+                    received,
+                    checkpoint,
+                    replica_epoch,
+                } => {
+                    w.u64(*session);
+                    w.u8(*status as u8);
+                    w.u64(flushed.0);
+                    w.u64(flushed_epoch.0);
+                    w.u64(received.0);
+                    w.u64(checkpoint.0);
+                    w.u64(replica_epoch.0);
+                }
+                Body::Truncate {
+                    session,
+                    after,
+                    expect_epoch,
+                } => {
+                    w.u64(*session);
+                    w.u64(after.0);
+                    w.u64(expect_epoch.0);
+                }
+                Body::CatchUpDone { session, last } => {
+                    w.u64(*session);
+                    w.u64(last.0);
+                }
+                Body::RebuildStart {
+                    session,
+                    base_lsn,
+                    base_epoch,
+                    target,
+                } => {
+                    w.u64(*session);
+                    w.u64(base_lsn.0);
+                    w.u64(base_epoch.0);
+                    w.u64(target.0);
+                }
+                Body::BaseBlock { session, lba, data } => {
+                    w.u64(*session);
+                    w.u64(lba.0);
+                    w.bytes(data);
+                }
+                Body::BaseDone { session, blocks } => {
+                    w.u64(*session);
+                    w.u64(*blocks);
+                }
+                Body::Heartbeat { seq } | Body::HeartbeatAck { seq } => w.u64(*seq),
+                Body::Error {
+                    code,
+                    current_epoch,
+                    detail,
+                } => {
+                    w.u8(*code as u8);
+                    w.u64(current_epoch.0);
+                    let mut d = detail.as_str();
+                    while d.len() > ERROR_DETAIL_BYTES_MAX {
+                        // Cut on a char boundary so the peer's UTF-8 check passes.
+                        let mut cut = ERROR_DETAIL_BYTES_MAX;
+                        while !d.is_char_boundary(cut) {
+                            cut -= 1;
+                        }
+                        d = &d[..cut];
+                    }
+                    w.str(d);
+                }
+            }
+        }
+    }
+}
+
+/// Encodes one message as a complete frame.
+pub fn encode_frame(msg: &Message) -> Vec<u8> {
+    let mut w = W(Vec::with_capacity(64));
+    w.u32(FRAME_MAGIC);
+    w.u8(PROTOCOL_VERSION);
+    w.u8(type_of(msg));
+    w.0.extend_from_slice(&0u16.to_le_bytes());
+    w.u32(0);
+    encode_payload(msg, &mut w);
+    let payload_len = (w.0.len() - FRAME_HEADER_BYTES) as u32;
+    w.0[8..12].copy_from_slice(&payload_len.to_le_bytes());
+    let crc = crc32c::crc32c(&w.0);
+    w.u32(crc);
+    w.0
+}
+
+fn status_barrier(v: u8) -> Result<BarrierStatus, WireError> {
+    Ok(match v {
+        0 => BarrierStatus::Ok,
+        1 => BarrierStatus::StaleEpoch,
+        2 => BarrierStatus::Timeout,
+        3 => BarrierStatus::FsyncFailed,
+        4 => BarrierStatus::NoSession,
+        _ => {
+            return Err(WireError::InvalidField {
+                field: "barrier.status",
+                reason: format!("unknown status {v}"),
+            });
+        }
+    })
+}
+
+fn status_resume(v: u8) -> Result<ResumeStatus, WireError> {
+    Ok(match v {
+        0 => ResumeStatus::Ok,
+        1 => ResumeStatus::StaleEpoch,
+        2 => ResumeStatus::NeedsRebuild,
+        _ => {
+            return Err(WireError::InvalidField {
+                field: "resume.status",
+                reason: format!("unknown status {v}"),
+            });
+        }
+    })
+}
+
+fn error_code(v: u8) -> Result<ErrorCode, WireError> {
+    Ok(match v {
+        1 => ErrorCode::StaleEpoch,
+        2 => ErrorCode::Gap,
+        3 => ErrorCode::NoSession,
+        4 => ErrorCode::StorageFailed,
+        5 => ErrorCode::TruncateRefused,
+        6 => ErrorCode::RebuildFailed,
+        7 => ErrorCode::Malformed,
+        _ => {
+            return Err(WireError::InvalidField {
+                field: "error.code",
+                reason: format!("unknown code {v}"),
+            });
+        }
+    })
+}
+
+fn decode_payload(t: u8, p: &[u8], max: usize) -> Result<Message, WireError> {
+    let mut r = R { buf: p, pos: 0 };
+    let msg = match t {
+        ty::HELLO => Message::Auth(Auth::Hello {
+            version: r.u8("hello.version")?,
+            node: r.string("hello.node", NODE_NAME_BYTES_MAX)?,
+            nonce: r.arr("hello.nonce")?,
+        }),
+        ty::CHALLENGE => Message::Auth(Auth::Challenge {
+            version: r.u8("challenge.version")?,
+            node: r.string("challenge.node", NODE_NAME_BYTES_MAX)?,
+            nonce: r.arr("challenge.nonce")?,
+            proof: r.arr("challenge.proof")?,
+        }),
+        ty::PROOF => Message::Auth(Auth::Proof {
+            proof: r.arr("proof.mac")?,
+        }),
+        ty::ACCEPTED => Message::Auth(Auth::Accepted),
+        ty::ENTRY..=ty::HEARTBEAT_ACK | ty::ERROR => {
+            let vol = r.string("volume", super::types::IDENT_LEN_MAX)?;
+            let volume = VolumeId::new(vol).map_err(|e| WireError::InvalidField {
+                field: "volume",
+                reason: e.to_string(),
+            })?;
+            let epoch = r.epoch("epoch")?;
+            let body = match t {
+                ty::ENTRY => Body::Entry(get_entry(&mut r, max)?),
+                ty::BARRIER_REQ => Body::BarrierRequest {
+                    id: r.u64("barrier.id")?,
+                    lsn: r.lsn("barrier.lsn")?,
+                },
+                ty::BARRIER_RESP => Body::BarrierResponse {
+                    id: r.u64("barrier.id")?,
+                    status: status_barrier(r.u8("barrier.status")?)?,
+                    flushed: r.lsn("barrier.flushed")?,
+                },
+                ty::RESUME_REQ => Body::ResumeRequest {
+                    session: r.u64("resume.session")?,
+                    head: r.lsn("resume.head")?,
+                    retained_start: r.lsn("resume.retained_start")?,
+                },
+                ty::RESUME_RESP => Body::ResumeResponse {
+                    session: r.u64("resume.session")?,
+                    status: status_resume(r.u8("resume.status")?)?,
+                    flushed: r.lsn("resume.flushed")?,
+                    flushed_epoch: r.epoch("resume.flushed_epoch")?,
+                    received: r.lsn("resume.received")?,
+                    checkpoint: r.lsn("resume.checkpoint")?,
+                    replica_epoch: r.epoch("resume.replica_epoch")?,
+                },
+                ty::TRUNCATE => Body::Truncate {
+                    session: r.u64("truncate.session")?,
+                    after: r.lsn("truncate.after")?,
+                    expect_epoch: r.epoch("truncate.expect_epoch")?,
+                },
+                ty::CATCHUP_DONE => Body::CatchUpDone {
+                    session: r.u64("catchup.session")?,
+                    last: r.lsn("catchup.last")?,
+                },
+                ty::REBUILD_START => Body::RebuildStart {
+                    session: r.u64("rebuild.session")?,
+                    base_lsn: r.lsn("rebuild.base_lsn")?,
+                    base_epoch: r.epoch("rebuild.base_epoch")?,
+                    target: r.lsn("rebuild.target")?,
+                },
+                ty::BASE_BLOCK => Body::BaseBlock {
+                    session: r.u64("base.session")?,
+                    lba: Lba(r.u64("base.lba")?),
+                    data: r.bytes("base.data", max)?.to_vec(),
+                },
+                ty::BASE_DONE => Body::BaseDone {
+                    session: r.u64("base.session")?,
+                    blocks: r.u64("base.blocks")?,
+                },
+                ty::HEARTBEAT => Body::Heartbeat {
+                    seq: r.u64("heartbeat.seq")?,
+                },
+                ty::HEARTBEAT_ACK => Body::HeartbeatAck {
+                    seq: r.u64("heartbeat.seq")?,
+                },
+                ty::ERROR => Body::Error {
+                    code: error_code(r.u8("error.code")?)?,
+                    current_epoch: r.epoch("error.current_epoch")?,
+                    detail: r.string("error.detail", ERROR_DETAIL_BYTES_MAX)?,
+                },
+                other => return Err(WireError::UnknownType(other)),
+            };
+            Message::Volume(VolumeMsg {
+                volume,
+                epoch,
+                body,
+            })
+        }
+        other => return Err(WireError::UnknownType(other)),
+    };
+    if r.pos != p.len() {
+        return Err(WireError::TrailingBytes(p.len() - r.pos));
+    }
+    Ok(msg)
+}
+
+/// Decodes one frame from the front of `buf`. `Ok(None)` means more bytes are needed; on
+/// success returns the message and the number of bytes consumed. Garbage is reported as
+/// early as the header allows, so a peer cannot make us buffer an oversized frame.
+pub fn decode_frame(buf: &[u8], cfg: &WireConfig) -> Result<Option<(Message, usize)>, WireError> {
+    let mut r = R { buf, pos: 0 };
+    let Ok(magic) = r.u32("magic") else {
+        // Check the bytes we have against the magic prefix to fail fast on garbage.
+        let want = FRAME_MAGIC.to_le_bytes();
+        if buf.iter().zip(want.iter()).any(|(a, b)| a != b) {
+            let mut a = [0u8; 4];
+            for (d, s) in a.iter_mut().zip(buf.iter()) {
+                *d = *s;
+            }
+            return Err(WireError::BadMagic {
+                found: u32::from_le_bytes(a),
+            });
+        }
+        return Ok(None);
+    };
+    if magic != FRAME_MAGIC {
+        return Err(WireError::BadMagic { found: magic });
+    }
+    let Ok(version) = r.u8("version") else {
+        return Ok(None);
+    };
+    if version != PROTOCOL_VERSION {
+        return Err(WireError::UnsupportedVersion { found: version });
+    }
+    if buf.len() < FRAME_HEADER_BYTES {
+        return Ok(None);
+    }
+    let t = r.u8("type")?;
+    let flags = u16::from_le_bytes([buf[6], buf[7]]);
+    r.pos = 8;
+    if flags != 0 {
+        return Err(WireError::ReservedFlags(flags));
+    }
+    let len = r.u32("payload_len")? as usize;
+    if len > cfg.frame_payload_bytes_max {
+        return Err(WireError::FrameTooLarge {
+            len,
+            max: cfg.frame_payload_bytes_max,
+        });
+    }
+    let total = FRAME_HEADER_BYTES + len + FRAME_TRAILER_BYTES;
+    if buf.len() < total {
+        return Ok(None);
+    }
+    let body_end = FRAME_HEADER_BYTES + len;
+    let computed = crc32c::crc32c(&buf[..body_end]);
+    let mut a = [0u8; 4];
+    a.copy_from_slice(&buf[body_end..total]);
+    let stored = u32::from_le_bytes(a);
+    if computed != stored {
+        return Err(WireError::ChecksumMismatch { computed, stored });
+    }
+    let msg = decode_payload(
+        t,
+        &buf[FRAME_HEADER_BYTES..body_end],
+        cfg.frame_payload_bytes_max,
+    )?;
+    Ok(Some((msg, total)))
+}
+
+/// Incremental decoder for a byte stream: feed bytes, pull messages. After an error the
+/// stream is unusable and the connection must be closed.
+#[derive(Debug, Default)]
+pub struct FrameDecoder {
+    cfg: WireConfig,
+    buf: Vec<u8>,
+    failed: bool,
+}
+
+impl FrameDecoder {
+    pub fn new(cfg: WireConfig) -> Self {
+        Self {
+            cfg,
+            buf: Vec::new(),
+            failed: false,
+        }
+    }
+    pub fn feed(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+    }
+    /// Next complete message, `Ok(None)` if more bytes are needed.
+    pub fn next_message(&mut self) -> Result<Option<Message>, WireError> {
+        if self.failed {
+            return Err(WireError::Truncated {
+                field: "stream after an earlier error",
+            });
+        }
+        match decode_frame(&self.buf, &self.cfg) {
+            Ok(Some((m, n))) => {
+                self.buf.drain(..n);
+                Ok(Some(m))
+            }
+            Ok(None) => Ok(None),
+            Err(e) => {
+                self.failed = true;
+                self.buf.clear();
+                Err(e)
+            }
+        }
+    }
+    /// Bytes buffered but not yet decoded.
+    pub fn buffered_bytes(&self) -> usize {
+        self.buf.len()
+    }
+}
+
+type HmacSha256 = Hmac<Sha256>;
+
+const SERVER_LABEL: &[u8] = b"blockvol-repl-server-v1";
+const CLIENT_LABEL: &[u8] = b"blockvol-repl-client-v1";
+
+fn mac(
+    secret: &[u8],
+    label: &[u8],
+    client_nonce: &[u8; NONCE_BYTES],
+    server_nonce: &[u8; NONCE_BYTES],
+    node: &str,
+) -> Result<HmacSha256, WireError> {
+    let mut m = HmacSha256::new_from_slice(secret)
+        .map_err(|_| WireError::AuthFailed("cluster secret is not a usable HMAC key"))?;
+    m.update(label);
+    m.update(client_nonce);
+    m.update(server_nonce);
+    m.update(&(node.len() as u32).to_le_bytes());
+    m.update(node.as_bytes());
+    Ok(m)
+}
+
+fn tag(m: HmacSha256) -> [u8; NONCE_BYTES] {
+    let out = m.finalize().into_bytes();
+    let mut a = [0u8; NONCE_BYTES];
+    a.copy_from_slice(&out);
+    a
+}
+
+/// Dialing side of the peer authentication. The caller supplies nonces from a CSPRNG.
+#[derive(Debug)]
+pub struct ClientAuth {
+    secret: Vec<u8>,
+    node: String,
+    nonce: [u8; NONCE_BYTES],
+    server_nonce: Option<[u8; NONCE_BYTES]>,
+    done: bool,
+}
+
+impl ClientAuth {
+    /// Returns the state and the Hello to send.
+    pub fn start(secret: &[u8], node: &str, nonce: [u8; NONCE_BYTES]) -> (Self, Message) {
+        let hello = Message::Auth(Auth::Hello {
+            version: PROTOCOL_VERSION,
+            node: node.to_string(),
+            nonce,
+        });
+        (
+            Self {
+                secret: secret.to_vec(),
+                node: node.to_string(),
+                nonce,
+                server_nonce: None,
+                done: false,
+            },
+            hello,
+        )
+    }
+
+    /// Handles the server's message; returns the next message to send, if any.
+    pub fn on_message(&mut self, msg: &Message) -> Result<Option<Message>, WireError> {
+        match msg {
+            Message::Auth(Auth::Challenge {
+                version,
+                node,
+                nonce,
+                proof,
+            }) if self.server_nonce.is_none() => {
+                if *version != PROTOCOL_VERSION {
+                    return Err(WireError::UnsupportedVersion { found: *version });
+                }
+                mac(&self.secret, SERVER_LABEL, &self.nonce, nonce, node)?
+                    .verify_slice(proof)
+                    .map_err(|_| {
+                        WireError::AuthFailed("server proof does not match the cluster secret")
+                    })?;
+                self.server_nonce = Some(*nonce);
+                let p = tag(mac(
+                    &self.secret,
+                    CLIENT_LABEL,
+                    &self.nonce,
+                    nonce,
+                    &self.node,
+                )?);
+                Ok(Some(Message::Auth(Auth::Proof { proof: p })))
+            }
+            Message::Auth(Auth::Accepted) if self.server_nonce.is_some() => {
+                self.done = true;
+                Ok(None)
+            }
+            Message::Auth(_) => Err(WireError::AuthFailed("unexpected authentication message")),
+            Message::Volume(_) => Err(WireError::NotAuthenticated("volume message")),
+        }
+    }
+
+    pub fn is_authenticated(&self) -> bool {
+        self.done
+    }
+}
+
+/// Listening side of the peer authentication.
+#[derive(Debug)]
+pub struct ServerAuth {
+    secret: Vec<u8>,
+    node: String,
+    nonce: [u8; NONCE_BYTES],
+    client: Option<([u8; NONCE_BYTES], String)>,
+    done: bool,
+}
+
+impl ServerAuth {
+    pub fn new(secret: &[u8], node: &str, nonce: [u8; NONCE_BYTES]) -> Self {
+        Self {
+            secret: secret.to_vec(),
+            node: node.to_string(),
+            nonce,
+            client: None,
+            done: false,
+        }
+    }
+
+    /// Handles the client's message; returns the reply. Any volume message before the
+    /// proof verified is refused.
+    pub fn on_message(&mut self, msg: &Message) -> Result<Option<Message>, WireError> {
+        match msg {
+            Message::Auth(Auth::Hello {
+                version,
+                node,
+                nonce,
+            }) if self.client.is_none() => {
+                if *version != PROTOCOL_VERSION {
+                    return Err(WireError::UnsupportedVersion { found: *version });
+                }
+                let proof = tag(mac(
+                    &self.secret,
+                    SERVER_LABEL,
+                    nonce,
+                    &self.nonce,
+                    &self.node,
+                )?);
+                self.client = Some((*nonce, node.clone()));
+                Ok(Some(Message::Auth(Auth::Challenge {
+                    version: PROTOCOL_VERSION,
+                    node: self.node.clone(),
+                    nonce: self.nonce,
+                    proof,
+                })))
+            }
+            Message::Auth(Auth::Proof { proof }) if !self.done => {
+                let Some((cn, node)) = &self.client else {
+                    return Err(WireError::AuthFailed("proof before hello"));
+                };
+                mac(&self.secret, CLIENT_LABEL, cn, &self.nonce, node)?
+                    .verify_slice(proof)
+                    .map_err(|_| {
+                        WireError::AuthFailed("client proof does not match the cluster secret")
+                    })?;
+                self.done = true;
+                Ok(Some(Message::Auth(Auth::Accepted)))
+            }
+            Message::Auth(_) => Err(WireError::AuthFailed("unexpected authentication message")),
+            Message::Volume(_) => Err(WireError::NotAuthenticated("volume message")),
+        }
+    }
+
+    pub fn is_authenticated(&self) -> bool {
+        self.done
+    }
+
+    /// The authenticated peer's node name.
+    pub fn peer(&self) -> Option<&str> {
+        if self.done {
+            self.client.as_ref().map(|(_, n)| n.as_str())
+        } else {
+            None
+        }
+    }
+}

@@ -1,0 +1,1350 @@
+//! Behaviour tests for the replication cores: one primary core and its receivers over an
+//! in-memory, instantly delivering network. Each test names the protocol rule it pins down.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use engine::replication::{
+    Action, Body, ConnId, Durability, Endpoint, EntryKind, Epoch, EventKind, FlushId, Generation,
+    Input, Lba, Lsn, MemLog, Peer, PrimaryConfig, PrimaryCore, ReceiverAction, ReceiverConfig,
+    ReceiverCore, ReceiverEvent, ReceiverInput, RecoveryEvent, ReplicaId, ReplicaLog, ReplicaState,
+    Report, VolumeId, VolumeMsg,
+};
+
+fn rid(s: &str) -> ReplicaId {
+    ReplicaId::new(s).unwrap()
+}
+
+fn vol() -> VolumeId {
+    VolumeId::new("vol-a").unwrap()
+}
+
+enum Pending {
+    ToPrimary(Input),
+    ToReplica(usize, ReceiverInput),
+}
+
+struct Replica {
+    id: ReplicaId,
+    core: ReceiverCore,
+    log: MemLog,
+    reachable: bool,
+    /// Messages to this replica are dropped silently (a hung peer).
+    blackhole: bool,
+    /// Barrier replies from this replica are lost (it stalls mid catch-up).
+    mute_barriers: bool,
+    events: Vec<ReceiverEvent>,
+    addr_gen: u8,
+}
+
+struct Net {
+    now: u64,
+    primary: PrimaryCore,
+    plog: MemLog,
+    replicas: Vec<Replica>,
+    conns: BTreeMap<ConnId, usize>,
+    open: BTreeSet<ConnId>,
+    queue: VecDeque<Pending>,
+    acked: Vec<(FlushId, Lsn)>,
+    failed: Vec<FlushId>,
+    reports: Vec<Report>,
+    events: Vec<RecoveryEvent>,
+    sent: Vec<(usize, VolumeMsg)>,
+    next_flush: u64,
+}
+
+fn endpoint(i: usize, gen_: u8) -> Endpoint {
+    Endpoint::parse(&format!("10.0.{gen_}.{}:7000", i + 10)).unwrap()
+}
+
+impl Net {
+    fn new(n: usize, cfg: PrimaryConfig, committed: &[&str]) -> Self {
+        let mut plog = MemLog::new();
+        plog.set_epoch(Epoch(1)).unwrap();
+        let primary = PrimaryCore::new(
+            vol(),
+            rid("p"),
+            Epoch(1),
+            cfg,
+            Generation(1),
+            committed.iter().map(|s| rid(s)).collect(),
+            &plog,
+        );
+        let replicas = (0..n)
+            .map(|i| {
+                let mut log = MemLog::new();
+                log.set_epoch(Epoch(1)).unwrap();
+                Replica {
+                    id: rid(&format!("r{i}")),
+                    core: ReceiverCore::new(
+                        vol(),
+                        ReceiverConfig {
+                            ..ReceiverConfig::default()
+                        },
+                    ),
+                    log,
+                    reachable: true,
+                    blackhole: false,
+                    mute_barriers: false,
+                    events: Vec::new(),
+                    addr_gen: 0,
+                }
+            })
+            .collect();
+        let mut net = Net {
+            now: 1,
+            primary,
+            plog,
+            replicas,
+            conns: BTreeMap::new(),
+            open: BTreeSet::new(),
+            queue: VecDeque::new(),
+            acked: Vec::new(),
+            failed: Vec::new(),
+            reports: Vec::new(),
+            events: Vec::new(),
+            sent: Vec::new(),
+            next_flush: 0,
+        };
+        let peers = net.peers();
+        net.input(Input::PeersAssigned(peers));
+        net
+    }
+
+    fn peers(&self) -> Vec<Peer> {
+        self.replicas
+            .iter()
+            .enumerate()
+            .map(|(i, r)| Peer {
+                id: r.id.clone(),
+                endpoint: endpoint(i, r.addr_gen),
+            })
+            .collect()
+    }
+
+    fn input(&mut self, i: Input) {
+        self.queue.push_back(Pending::ToPrimary(i));
+        self.pump();
+    }
+
+    fn pump(&mut self) {
+        let mut steps = 0;
+        while let Some(p) = self.queue.pop_front() {
+            steps += 1;
+            assert!(steps < 1_000_000, "network did not quiesce");
+            match p {
+                Pending::ToPrimary(i) => {
+                    let acts = self.primary.step(self.now, i, &mut self.plog);
+                    self.events.extend(self.primary.take_events());
+                    for a in acts {
+                        self.primary_action(a);
+                    }
+                }
+                Pending::ToReplica(r, i) => {
+                    let rep = &mut self.replicas[r];
+                    let acts = rep.core.step(self.now, i, &mut rep.log);
+                    rep.events.extend(rep.core.take_events());
+                    for a in acts {
+                        match a {
+                            ReceiverAction::Send { conn, msg } => {
+                                let muted = self.replicas[r].mute_barriers
+                                    && matches!(msg.body, Body::BarrierResponse { .. });
+                                if self.open.contains(&conn)
+                                    && !self.replicas[r].blackhole
+                                    && !muted
+                                {
+                                    self.queue.push_back(Pending::ToPrimary(Input::Received {
+                                        conn,
+                                        msg,
+                                    }));
+                                }
+                            }
+                            ReceiverAction::Close { conn, .. } => {
+                                if self.open.remove(&conn) {
+                                    self.queue
+                                        .push_back(Pending::ToPrimary(Input::ConnectionLost(conn)));
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn primary_action(&mut self, a: Action) {
+        match a {
+            Action::Connect {
+                conn, endpoint: ep, ..
+            } => {
+                let target = (0..self.replicas.len())
+                    .find(|&i| endpoint(i, self.replicas[i].addr_gen) == ep);
+                match target {
+                    Some(t) if self.replicas[t].reachable => {
+                        self.conns.insert(conn, t);
+                        self.open.insert(conn);
+                        self.queue
+                            .push_back(Pending::ToPrimary(Input::Connected(conn)));
+                    }
+                    _ => self
+                        .queue
+                        .push_back(Pending::ToPrimary(Input::ConnectFailed(conn))),
+                }
+            }
+            Action::Send { conn, msg } => {
+                if self.open.contains(&conn)
+                    && let Some(&r) = self.conns.get(&conn)
+                {
+                    self.sent.push((r, msg.clone()));
+                    if !self.replicas[r].blackhole {
+                        self.queue.push_back(Pending::ToReplica(
+                            r,
+                            ReceiverInput::Received { conn, msg },
+                        ));
+                    }
+                }
+            }
+            Action::Close { conn, .. } => {
+                if self.open.remove(&conn)
+                    && let Some(&r) = self.conns.get(&conn)
+                {
+                    self.queue
+                        .push_back(Pending::ToReplica(r, ReceiverInput::ConnectionLost(conn)));
+                }
+            }
+            Action::LocalFsync { .. } => match self.plog.sync() {
+                Ok(d) => self
+                    .queue
+                    .push_back(Pending::ToPrimary(Input::LocalFsyncDone { durable: d })),
+                Err(_) => self
+                    .queue
+                    .push_back(Pending::ToPrimary(Input::LocalFsyncFailed)),
+            },
+            Action::FlushAcked { id, lsn } => self.acked.push((id, lsn)),
+            Action::FlushFailed { id, .. } => self.failed.push(id),
+            Action::Report(r) => self.reports.push(r),
+        }
+    }
+
+    fn tick(&mut self, ms: u64) {
+        self.now += ms;
+        self.input(Input::Tick);
+        for r in 0..self.replicas.len() {
+            self.queue
+                .push_back(Pending::ToReplica(r, ReceiverInput::Tick));
+        }
+        self.pump();
+    }
+
+    fn write(&mut self, lba: u64, byte: u8) -> Lsn {
+        let e = self
+            .plog
+            .append_local(EntryKind::Write, Lba(lba), 1, vec![byte; 8])
+            .unwrap();
+        let l = e.lsn;
+        self.input(Input::Appended(e));
+        l
+    }
+
+    fn flush(&mut self) -> FlushId {
+        self.next_flush += 1;
+        let id = FlushId(self.next_flush);
+        self.input(Input::FlushRequested(id));
+        id
+    }
+
+    fn is_acked(&self, id: FlushId) -> bool {
+        self.acked.iter().any(|(f, _)| *f == id)
+    }
+
+    fn state(&self, r: &str) -> ReplicaState {
+        self.primary.state_of(&rid(r)).unwrap()
+    }
+
+    /// Disconnect a replica's current connection from the network side.
+    fn drop_conns_of(&mut self, r: usize) {
+        let conns: Vec<ConnId> = self
+            .conns
+            .iter()
+            .filter(|(c, t)| **t == r && self.open.contains(c))
+            .map(|(c, _)| *c)
+            .collect();
+        for c in conns {
+            self.open.remove(&c);
+            self.queue
+                .push_back(Pending::ToPrimary(Input::ConnectionLost(c)));
+            self.queue
+                .push_back(Pending::ToReplica(r, ReceiverInput::ConnectionLost(c)));
+        }
+        self.pump();
+    }
+
+    fn event_names(&self) -> Vec<&'static str> {
+        self.events.iter().map(|e| e.kind.name()).collect()
+    }
+
+    fn settle(&mut self) {
+        for _ in 0..20 {
+            self.tick(5);
+        }
+    }
+}
+
+fn cfg() -> PrimaryConfig {
+    PrimaryConfig {
+        barrier_timeout_ms: 100,
+        reconnect_backoff_ms: 10,
+        member_unreachable_after_ms: 50,
+        catchup_batch_entries: 4,
+        ..PrimaryConfig::default()
+    }
+}
+
+#[test]
+fn fresh_replicas_reach_in_sync_through_handshake_and_barrier() {
+    let mut n = Net::new(2, cfg(), &["p", "r0", "r1"]);
+    n.tick(1);
+    assert_eq!(n.state("r0"), ReplicaState::InSync);
+    assert_eq!(n.state("r1"), ReplicaState::InSync);
+    let l = n.write(1, 7);
+    let f = n.flush();
+    assert!(n.is_acked(f));
+    for r in &n.replicas {
+        assert!(r.log.durable_lsn() >= l);
+    }
+}
+
+#[test]
+fn only_a_barrier_success_grants_in_sync() {
+    let mut n = Net::new(1, cfg(), &["p", "r0"]);
+    // Handshake completes but barrier replies are lost.
+    n.replicas[0].blackhole = false;
+    n.tick(1);
+    assert_eq!(n.state("r0"), ReplicaState::InSync);
+    n.drop_conns_of(0);
+    assert_eq!(n.state("r0"), ReplicaState::Degraded);
+    // Reconnect where the replica answers nothing: the connection alone grants nothing.
+    n.replicas[0].blackhole = true;
+    n.tick(20);
+    assert_eq!(n.state("r0"), ReplicaState::Connecting);
+    n.tick(200);
+    assert_ne!(n.state("r0"), ReplicaState::InSync);
+}
+
+#[test]
+fn sync_all_flush_waits_for_every_committed_member() {
+    let mut n = Net::new(2, cfg(), &["p", "r0", "r1"]);
+    n.tick(1);
+    n.replicas[1].blackhole = true;
+    n.write(3, 1);
+    let f = n.flush();
+    assert!(!n.is_acked(f), "acked without r1's barrier");
+    assert!(n.replicas[0].log.durable_lsn() >= Lsn(1));
+}
+
+#[test]
+fn async_flush_acks_after_local_fsync_only() {
+    let c = PrimaryConfig {
+        durability: Durability::Async,
+        ..cfg()
+    };
+    let mut n = Net::new(1, c, &["p", "r0"]);
+    n.tick(1);
+    n.replicas[0].blackhole = true;
+    n.write(3, 1);
+    let f = n.flush();
+    assert!(n.is_acked(f));
+    assert_eq!(n.plog.durable_lsn(), Lsn(1));
+}
+
+#[test]
+fn unreachable_member_blocks_acks_until_a_smaller_set_is_committed() {
+    let mut n = Net::new(2, cfg(), &["p", "r0", "r1"]);
+    n.tick(1);
+    n.replicas[1].reachable = false;
+    n.drop_conns_of(1);
+    n.write(3, 1);
+    let f = n.flush();
+    assert!(!n.is_acked(f));
+    n.tick(60);
+    assert!(
+        n.reports.iter().any(
+            |r| matches!(r, Report::MemberUnreachable { replica, .. } if replica.as_str() == "r1")
+        ),
+        "unreachable member not reported: {:?}",
+        n.reports
+    );
+    assert!(!n.is_acked(f), "the primary dropped a member on its own");
+    n.input(Input::InSyncSetCommitted {
+        generation: Generation(2),
+        members: vec![rid("p"), rid("r0")],
+    });
+    assert!(n.is_acked(f));
+}
+
+#[test]
+fn joining_member_counts_from_its_first_barrier_and_is_reported_in_sync() {
+    let mut n = Net::new(2, cfg(), &["p", "r0"]);
+    n.tick(1);
+    assert_eq!(n.state("r1"), ReplicaState::InSync);
+    assert!(n.primary.is_counted(&rid("r1")));
+    assert!(n.reports.iter().any(|r| matches!(r,
+        Report::MemberInSync { replica, generation, .. } if replica.as_str() == "r1" && *generation == Generation(1))));
+    // Not committed yet, but counted: its silence blocks acks.
+    n.replicas[1].blackhole = true;
+    n.write(1, 1);
+    let f = n.flush();
+    assert!(!n.is_acked(f));
+    // The primary does not drop it by itself: it reports it and waits for a commit.
+    n.tick(200);
+    assert!(!n.is_acked(f));
+    assert!(n.reports.iter().any(|r| matches!(r,
+        Report::MemberUnreachable { replica, generation } if replica.as_str() == "r1" && *generation == Generation(1))));
+    n.input(Input::InSyncSetCommitted {
+        generation: Generation(2),
+        members: vec![rid("p"), rid("r0")],
+    });
+    assert!(n.is_acked(f));
+}
+
+#[test]
+fn barrier_waits_until_received_covers_its_lsn() {
+    let mut log = MemLog::new();
+    let mut rx = ReceiverCore::new(vol(), ReceiverConfig::default());
+    let c = ConnId(1);
+    let m = |body| VolumeMsg {
+        volume: vol(),
+        epoch: Epoch(1),
+        body,
+    };
+    rx.step(
+        0,
+        ReceiverInput::Received {
+            conn: c,
+            msg: m(Body::ResumeRequest {
+                session: 1,
+                head: Lsn(2),
+                retained_start: Lsn(1),
+            }),
+        },
+        &mut log,
+    );
+    let out = rx.step(
+        0,
+        ReceiverInput::Received {
+            conn: c,
+            msg: m(Body::BarrierRequest { id: 9, lsn: Lsn(1) }),
+        },
+        &mut log,
+    );
+    assert!(out.iter().all(|a| !matches!(a, ReceiverAction::Send { msg, .. } if matches!(msg.body, Body::BarrierResponse { .. }))));
+    let e = engine::replication::WalEntry {
+        lsn: Lsn(1),
+        epoch: Epoch(1),
+        lba: Lba(0),
+        kind: EntryKind::Write,
+        blocks: 1,
+        data: vec![1; 8],
+    };
+    let out = rx.step(
+        1,
+        ReceiverInput::Received {
+            conn: c,
+            msg: m(Body::Entry(e)),
+        },
+        &mut log,
+    );
+    let flushed = out.iter().find_map(|a| match a {
+        ReceiverAction::Send { msg, .. } => match msg.body {
+            Body::BarrierResponse { id: 9, flushed, .. } => Some(flushed),
+            _ => None,
+        },
+        _ => None,
+    });
+    assert_eq!(flushed, Some(Lsn(1)));
+    assert_eq!(log.durable_lsn(), Lsn(1), "reply sent before fsync");
+}
+
+#[test]
+fn barrier_times_out_when_entries_never_arrive() {
+    let mut log = MemLog::new();
+    let mut rx = ReceiverCore::new(
+        vol(),
+        ReceiverConfig {
+            barrier_timeout_ms: 10,
+            ..ReceiverConfig::default()
+        },
+    );
+    let c = ConnId(1);
+    let m = |body| VolumeMsg {
+        volume: vol(),
+        epoch: Epoch(1),
+        body,
+    };
+    rx.step(
+        0,
+        ReceiverInput::Received {
+            conn: c,
+            msg: m(Body::ResumeRequest {
+                session: 1,
+                head: Lsn(5),
+                retained_start: Lsn(1),
+            }),
+        },
+        &mut log,
+    );
+    rx.step(
+        0,
+        ReceiverInput::Received {
+            conn: c,
+            msg: m(Body::BarrierRequest { id: 3, lsn: Lsn(5) }),
+        },
+        &mut log,
+    );
+    let out = rx.step(11, ReceiverInput::Tick, &mut log);
+    assert!(out.iter().any(|a| matches!(a, ReceiverAction::Send { msg, .. }
+        if matches!(msg.body, Body::BarrierResponse { id: 3, status: engine::replication::wire::BarrierStatus::Timeout, .. }))));
+}
+
+#[test]
+fn barrier_reply_never_reports_progress_when_fsync_fails() {
+    let mut log = MemLog::new();
+    let mut rx = ReceiverCore::new(vol(), ReceiverConfig::default());
+    let c = ConnId(1);
+    let m = |body| VolumeMsg {
+        volume: vol(),
+        epoch: Epoch(1),
+        body,
+    };
+    rx.step(
+        0,
+        ReceiverInput::Received {
+            conn: c,
+            msg: m(Body::ResumeRequest {
+                session: 1,
+                head: Lsn(0),
+                retained_start: Lsn(1),
+            }),
+        },
+        &mut log,
+    );
+    let e = engine::replication::WalEntry {
+        lsn: Lsn(1),
+        epoch: Epoch(1),
+        lba: Lba(0),
+        kind: EntryKind::Write,
+        blocks: 1,
+        data: vec![1; 8],
+    };
+    rx.step(
+        0,
+        ReceiverInput::Received {
+            conn: c,
+            msg: m(Body::Entry(e)),
+        },
+        &mut log,
+    );
+    log.fail_next_sync = true;
+    let out = rx.step(
+        0,
+        ReceiverInput::Received {
+            conn: c,
+            msg: m(Body::BarrierRequest { id: 1, lsn: Lsn(1) }),
+        },
+        &mut log,
+    );
+    assert!(out.iter().any(|a| matches!(a, ReceiverAction::Send { msg, .. }
+        if matches!(msg.body, Body::BarrierResponse { status: engine::replication::wire::BarrierStatus::FsyncFailed, flushed: Lsn(0), .. }))));
+    assert_eq!(log.durable_lsn(), Lsn(0));
+    assert!(
+        rx.failed().is_some(),
+        "a replica whose fsync failed must stop accepting"
+    );
+}
+
+#[test]
+fn receiver_refuses_gaps_and_skips_duplicates() {
+    let mut log = MemLog::new();
+    let mut rx = ReceiverCore::new(vol(), ReceiverConfig::default());
+    let c = ConnId(1);
+    let m = |body| VolumeMsg {
+        volume: vol(),
+        epoch: Epoch(1),
+        body,
+    };
+    let e = |l: u64| engine::replication::WalEntry {
+        lsn: Lsn(l),
+        epoch: Epoch(1),
+        lba: Lba(l),
+        kind: EntryKind::Write,
+        blocks: 1,
+        data: vec![l as u8; 8],
+    };
+    rx.step(
+        0,
+        ReceiverInput::Received {
+            conn: c,
+            msg: m(Body::ResumeRequest {
+                session: 1,
+                head: Lsn(0),
+                retained_start: Lsn(1),
+            }),
+        },
+        &mut log,
+    );
+    rx.step(
+        0,
+        ReceiverInput::Received {
+            conn: c,
+            msg: m(Body::Entry(e(1))),
+        },
+        &mut log,
+    );
+    let out = rx.step(
+        0,
+        ReceiverInput::Received {
+            conn: c,
+            msg: m(Body::Entry(e(3))),
+        },
+        &mut log,
+    );
+    assert!(out.iter().any(|a| matches!(a, ReceiverAction::Send { msg, .. }
+        if matches!(msg.body, Body::Error { code: engine::replication::wire::ErrorCode::Gap, .. }))));
+    assert_eq!(log.head_lsn(), Lsn(1));
+    rx.step(
+        0,
+        ReceiverInput::Received {
+            conn: c,
+            msg: m(Body::Entry(e(1))),
+        },
+        &mut log,
+    );
+    assert_eq!(log.head_lsn(), Lsn(1));
+    assert!(rx.take_events().iter().any(|e| matches!(
+        e,
+        ReceiverEvent::GapRefused {
+            expected: Lsn(2),
+            got: Lsn(3)
+        }
+    )));
+}
+
+#[test]
+fn receiver_persists_a_newer_epoch_and_refuses_older_ones() {
+    let mut log = MemLog::new();
+    let mut rx = ReceiverCore::new(vol(), ReceiverConfig::default());
+    let c = ConnId(1);
+    let m = |epoch: u64, body| VolumeMsg {
+        volume: vol(),
+        epoch: Epoch(epoch),
+        body,
+    };
+    rx.step(
+        0,
+        ReceiverInput::Received {
+            conn: c,
+            msg: m(
+                3,
+                Body::ResumeRequest {
+                    session: 1,
+                    head: Lsn(0),
+                    retained_start: Lsn(1),
+                },
+            ),
+        },
+        &mut log,
+    );
+    assert_eq!(log.epoch(), Epoch(3));
+    let out = rx.step(
+        0,
+        ReceiverInput::Received {
+            conn: ConnId(2),
+            msg: m(2, Body::BarrierRequest { id: 1, lsn: Lsn(0) }),
+        },
+        &mut log,
+    );
+    assert!(out.iter().any(|a| matches!(a, ReceiverAction::Send { msg, .. }
+        if msg.epoch == Epoch(3) && matches!(msg.body, Body::BarrierResponse { status: engine::replication::wire::BarrierStatus::StaleEpoch, .. }))));
+    let e = engine::replication::WalEntry {
+        lsn: Lsn(1),
+        epoch: Epoch(2),
+        lba: Lba(0),
+        kind: EntryKind::Trim,
+        blocks: 1,
+        data: Vec::new(),
+    };
+    rx.step(
+        0,
+        ReceiverInput::Received {
+            conn: ConnId(2),
+            msg: m(2, Body::Entry(e)),
+        },
+        &mut log,
+    );
+    assert_eq!(log.head_lsn(), Lsn(0), "stale primary's entry applied");
+}
+
+#[test]
+fn stale_primary_is_fenced_by_a_replica_with_a_newer_epoch() {
+    let mut n = Net::new(1, cfg(), &["p", "r0"]);
+    n.tick(1);
+    n.replicas[0].log.set_epoch(Epoch(5)).unwrap();
+    n.write(1, 1);
+    let f = n.flush();
+    assert!(!n.is_acked(f));
+    assert!(n.failed.contains(&f));
+    assert_eq!(n.primary.fenced(), Some(Epoch(5)));
+    assert!(
+        n.reports
+            .iter()
+            .any(|r| matches!(r, Report::Fenced { observed: Epoch(5) }))
+    );
+}
+
+#[test]
+fn reconnect_catches_up_from_handshake_flushed_to_a_frozen_target() {
+    let mut n = Net::new(2, cfg(), &["p", "r0", "r1"]);
+    n.tick(1);
+    n.replicas[1].reachable = false;
+    n.drop_conns_of(1);
+    for i in 0..20 {
+        n.write(i, i as u8);
+    }
+    n.input(Input::InSyncSetCommitted {
+        generation: Generation(2),
+        members: vec![rid("p"), rid("r0")],
+    });
+    n.replicas[1].reachable = true;
+    n.tick(20);
+    let classified: Vec<&RecoveryEvent> = n
+        .events
+        .iter()
+        .filter(|e| matches!(e.kind, EventKind::PlanCreated(_)))
+        .collect();
+    assert!(!classified.is_empty());
+    assert!(
+        format!("{:?}", classified[0].kind).contains("CatchUp { from: Lsn(0), target: Lsn(20) }")
+    );
+    n.settle();
+    assert_eq!(n.state("r1"), ReplicaState::InSync);
+    assert_eq!(n.replicas[1].log.head_lsn(), Lsn(20));
+    assert!(n.event_names().contains(&"exec_resources_released"));
+    assert_eq!(
+        n.primary.pinner().len(),
+        2,
+        "only the per-replica progress holds remain"
+    );
+}
+
+#[test]
+fn catch_up_never_ships_past_its_frozen_target_before_going_live() {
+    let mut n = Net::new(1, cfg(), &["p"]);
+    n.replicas[0].reachable = false;
+    for i in 0..10 {
+        n.write(i, 1);
+    }
+    n.replicas[0].reachable = true;
+    n.replicas[0].mute_barriers = true;
+    n.tick(20);
+    // First batch only (catchup_batch_entries = 4), all within (0, 10].
+    let entries: Vec<Lsn> = n
+        .sent
+        .iter()
+        .filter_map(|(_, m)| match &m.body {
+            Body::Entry(e) => Some(e.lsn),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(entries, vec![Lsn(1), Lsn(2), Lsn(3), Lsn(4)]);
+    // New writes during catch-up are not shipped live.
+    n.write(50, 1);
+    assert!(
+        !n.sent
+            .iter()
+            .any(|(_, m)| matches!(&m.body, Body::Entry(e) if e.lsn == Lsn(11)))
+    );
+}
+
+#[test]
+fn catch_up_failing_retry_limit_times_escalates_to_needs_rebuild() {
+    let c = PrimaryConfig {
+        catchup_retries_max: 3,
+        ..cfg()
+    };
+    let mut n = Net::new(1, c, &["p"]);
+    n.replicas[0].reachable = false;
+    for i in 0..10 {
+        n.write(i, 1);
+    }
+    n.replicas[0].reachable = true;
+    n.replicas[0].mute_barriers = true;
+    for _ in 0..3 {
+        n.tick(20);
+        assert_eq!(n.state("r0"), ReplicaState::CatchingUp);
+        n.drop_conns_of(0);
+    }
+    assert_eq!(n.state("r0"), ReplicaState::NeedsRebuild);
+    assert!(
+        n.reports
+            .iter()
+            .any(|r| matches!(r, Report::NeedsRebuild { .. }))
+    );
+    assert_eq!(
+        n.primary.pinner().len(),
+        0,
+        "escalation released every hold"
+    );
+}
+
+#[test]
+fn retention_floor_holds_wal_for_a_lagging_replica() {
+    let mut n = Net::new(1, cfg(), &["p"]);
+    n.tick(1);
+    n.write(0, 1);
+    let f = n.flush();
+    assert!(n.is_acked(f));
+    n.replicas[0].reachable = false;
+    n.drop_conns_of(0);
+    for i in 0..10 {
+        n.write(i, 2);
+    }
+    n.flush();
+    n.tick(5);
+    assert_eq!(n.primary.retention_floor(), Some(Lsn(1)));
+    n.plog.flush_checkpoint();
+    assert!(
+        n.plog.retained_start() <= Lsn(2),
+        "WAL needed by the replica was recycled"
+    );
+}
+
+#[test]
+fn retention_time_budget_escalates_and_releases_the_hold() {
+    let c = PrimaryConfig {
+        wal_retention_timeout_ms: 100,
+        ..cfg()
+    };
+    let mut n = Net::new(1, c, &["p"]);
+    n.tick(1);
+    n.write(0, 1);
+    n.flush();
+    n.replicas[0].reachable = false;
+    n.drop_conns_of(0);
+    n.tick(50);
+    assert!(n.primary.retention_floor().is_some());
+    n.tick(100);
+    assert_eq!(n.state("r0"), ReplicaState::NeedsRebuild);
+    assert_eq!(n.primary.retention_floor(), None);
+}
+
+#[test]
+fn retention_byte_budget_escalates_a_lagging_replica() {
+    let c = PrimaryConfig {
+        wal_retention_bytes_max: 200,
+        ..cfg()
+    };
+    let mut n = Net::new(1, c, &["p"]);
+    n.tick(1);
+    n.replicas[0].reachable = false;
+    n.drop_conns_of(0);
+    for i in 0..20 {
+        n.write(i, 1);
+    }
+    n.tick(5);
+    assert_eq!(n.state("r0"), ReplicaState::NeedsRebuild);
+    assert_eq!(n.primary.retention_floor(), None);
+}
+
+#[test]
+fn epoch_change_mid_catch_up_invalidates_the_session_and_releases_pins() {
+    let mut n = Net::new(1, cfg(), &["p"]);
+    n.replicas[0].reachable = false;
+    for i in 0..10 {
+        n.write(i, 1);
+    }
+    n.replicas[0].reachable = true;
+    n.replicas[0].mute_barriers = true;
+    n.tick(20);
+    assert_eq!(n.state("r0"), ReplicaState::CatchingUp);
+    let holds_before = n.primary.pinner().len();
+    assert!(holds_before >= 1);
+    n.plog.set_epoch(Epoch(2)).unwrap();
+    n.input(Input::EpochChanged(Epoch(2)));
+    let names = n.event_names();
+    let inv = names
+        .iter()
+        .rposition(|e| *e == "session_invalidated")
+        .expect("session_invalidated logged");
+    let rel = names
+        .iter()
+        .rposition(|e| *e == "exec_resources_released")
+        .expect("resources released");
+    assert!(inv < rel);
+    assert!(n.events.iter().any(
+        |e| matches!(&e.kind, EventKind::SessionInvalidated { reason } if reason == "epoch_changed")
+    ));
+    assert!(
+        n.primary.pinner().len() < holds_before,
+        "catch-up pin still held"
+    );
+    assert_eq!(n.state("r0"), ReplicaState::Disconnected);
+}
+
+#[test]
+fn endpoint_change_keeps_replica_identity_and_invalidates_its_session() {
+    let mut n = Net::new(1, cfg(), &["p", "r0"]);
+    n.tick(1);
+    n.write(0, 1);
+    let f = n.flush();
+    assert!(n.is_acked(f));
+    n.replicas[0].addr_gen = 1;
+    let peers = n.peers();
+    n.input(Input::PeersAssigned(peers));
+    assert!(n.events.iter().any(|e| matches!(&e.kind, EventKind::SessionInvalidated { reason } if reason == "endpoint_changed")));
+    // Same sender: progress and counting survive the address change.
+    assert_eq!(n.primary.flushed_of(&rid("r0")), Some(Lsn(1)));
+    assert!(n.primary.is_counted(&rid("r0")));
+    n.tick(20);
+    assert_eq!(n.state("r0"), ReplicaState::InSync);
+}
+
+#[test]
+fn replica_ahead_with_unflushed_suffix_is_truncated_to_primary_head() {
+    let mut n = Net::new(1, cfg(), &["p"]);
+    n.tick(1);
+    n.write(0, 1);
+    n.flush();
+    // The replica holds entries the primary never had (an old primary's tail), unsynced.
+    n.replicas[0].reachable = false;
+    n.drop_conns_of(0);
+    let extra = engine::replication::WalEntry {
+        lsn: Lsn(2),
+        epoch: Epoch(1),
+        lba: Lba(9),
+        kind: EntryKind::Write,
+        blocks: 1,
+        data: vec![9; 8],
+    };
+    n.replicas[0].log.append_replicated(&extra).unwrap();
+    n.replicas[0].reachable = true;
+    n.tick(20);
+    assert!(
+        n.replicas[0]
+            .events
+            .iter()
+            .any(|e| matches!(e, ReceiverEvent::Truncated { after: Lsn(1) }))
+    );
+    assert_eq!(n.state("r0"), ReplicaState::InSync);
+    assert_eq!(n.replicas[0].log.head_lsn(), Lsn(1));
+}
+
+#[test]
+fn diverged_replica_history_needs_rebuild() {
+    let mut n = Net::new(1, cfg(), &["p"]);
+    n.replicas[0].reachable = false;
+    n.write(0, 1);
+    n.write(1, 1);
+    let other = engine::replication::WalEntry {
+        lsn: Lsn(1),
+        epoch: Epoch(7),
+        lba: Lba(9),
+        kind: EntryKind::Write,
+        blocks: 1,
+        data: vec![9; 8],
+    };
+    n.replicas[0].log.append_replicated(&other).unwrap();
+    n.replicas[0].log.sync().unwrap();
+    n.replicas[0].reachable = true;
+    n.tick(20);
+    assert_eq!(n.state("r0"), ReplicaState::NeedsRebuild);
+}
+
+#[test]
+fn rebuild_from_snapshot_and_tail_converges_and_only_a_barrier_grants_in_sync() {
+    let mut n = Net::new(1, cfg(), &["p"]);
+    n.replicas[0].reachable = false;
+    for i in 0..12 {
+        n.write(i % 5, i as u8);
+    }
+    n.plog.sync().unwrap();
+    n.plog.flush_checkpoint();
+    for i in 0..4 {
+        n.write(i, 100 + i as u8);
+    }
+    // Make the WAL prefix unavailable so the handshake asks for a rebuild.
+    n.plog.set_retention_floor(None);
+    n.replicas[0].reachable = true;
+    n.tick(20);
+    assert_eq!(n.state("r0"), ReplicaState::NeedsRebuild);
+    n.input(Input::RebuildRequested(rid("r0")));
+    assert!(
+        n.events
+            .iter()
+            .any(|e| matches!(&e.kind, EventKind::PlanCreated(p) if p.contains("Snapshot")))
+    );
+    n.settle();
+    assert_eq!(n.state("r0"), ReplicaState::InSync);
+    let head = n.plog.head_lsn();
+    assert_eq!(n.replicas[0].log.state_at(head), n.plog.state_at(head));
+    assert_eq!(
+        n.primary.pinner().len(),
+        1,
+        "rebuild pins released, progress hold kept"
+    );
+}
+
+#[test]
+fn rebuild_uses_full_base_when_the_checkpoint_is_not_usable() {
+    let mut n = Net::new(1, cfg(), &["p"]);
+    n.replicas[0].reachable = false;
+    for i in 0..6 {
+        n.write(i, i as u8);
+    }
+    n.replicas[0].reachable = true;
+    n.tick(1);
+    // Force the escalation path via a diverged history.
+    n.replicas[0].reachable = false;
+    n.drop_conns_of(0);
+    let other = engine::replication::WalEntry {
+        lsn: Lsn(1),
+        epoch: Epoch(7),
+        lba: Lba(9),
+        kind: EntryKind::Write,
+        blocks: 1,
+        data: vec![9; 8],
+    };
+    n.replicas[0].log = MemLog::new();
+    n.replicas[0].log.append_replicated(&other).unwrap();
+    n.replicas[0].log.sync().unwrap();
+    n.replicas[0].reachable = true;
+    n.tick(20);
+    assert_eq!(n.state("r0"), ReplicaState::NeedsRebuild);
+    n.input(Input::RebuildRequested(rid("r0")));
+    assert!(
+        n.events
+            .iter()
+            .any(|e| matches!(&e.kind, EventKind::PlanCreated(p) if p.contains("FullBase")))
+    );
+    n.settle();
+    assert_eq!(n.state("r0"), ReplicaState::InSync);
+    let head = n.plog.head_lsn();
+    assert_eq!(n.replicas[0].log.state_at(head), n.plog.state_at(head));
+}
+
+#[test]
+fn rebuild_pin_failure_is_logged_and_leaves_no_session() {
+    let mut n = Net::new(1, cfg(), &["p"]);
+    n.replicas[0].reachable = false;
+    n.write(0, 1);
+    n.replicas[0].reachable = true;
+    let other = engine::replication::WalEntry {
+        lsn: Lsn(1),
+        epoch: Epoch(7),
+        lba: Lba(9),
+        kind: EntryKind::Write,
+        blocks: 1,
+        data: vec![9; 8],
+    };
+    n.replicas[0].log.append_replicated(&other).unwrap();
+    n.replicas[0].log.sync().unwrap();
+    n.tick(20);
+    n.plog.fail_pin_base = true;
+    n.input(Input::RebuildRequested(rid("r0")));
+    assert!(n.event_names().contains(&"pin_failed"));
+    assert_eq!(n.state("r0"), ReplicaState::NeedsRebuild);
+    assert_eq!(n.primary.pinner().len(), 0);
+}
+
+#[test]
+fn rebuild_of_a_committed_member_is_refused() {
+    let mut n = Net::new(1, cfg(), &["p", "r0"]);
+    n.replicas[0].reachable = false;
+    n.write(0, 1);
+    let other = engine::replication::WalEntry {
+        lsn: Lsn(1),
+        epoch: Epoch(7),
+        lba: Lba(9),
+        kind: EntryKind::Write,
+        blocks: 1,
+        data: vec![9; 8],
+    };
+    n.replicas[0].log.append_replicated(&other).unwrap();
+    n.replicas[0].log.sync().unwrap();
+    n.replicas[0].reachable = true;
+    n.tick(20);
+    assert_eq!(n.state("r0"), ReplicaState::NeedsRebuild);
+    n.input(Input::RebuildRequested(rid("r0")));
+    assert_eq!(
+        n.state("r0"),
+        ReplicaState::NeedsRebuild,
+        "a committed member was wiped"
+    );
+    assert!(n.reports.iter().any(
+        |r| matches!(r, Report::MemberUnreachable { replica, .. } if replica.as_str() == "r0")
+    ));
+}
+
+#[test]
+fn rebuild_installs_the_base_before_the_tail_so_newer_wal_wins() {
+    let mut log = MemLog::new();
+    let mut rx = ReceiverCore::new(vol(), ReceiverConfig::default());
+    let c = ConnId(1);
+    let m = |body| VolumeMsg {
+        volume: vol(),
+        epoch: Epoch(1),
+        body,
+    };
+    rx.step(
+        0,
+        ReceiverInput::Received {
+            conn: c,
+            msg: m(Body::RebuildStart {
+                session: 4,
+                base_lsn: Lsn(10),
+                base_epoch: Epoch(1),
+                target: Lsn(11),
+            }),
+        },
+        &mut log,
+    );
+    // Entries before the base is complete are refused, never mixed under the base.
+    let early = engine::replication::WalEntry {
+        lsn: Lsn(11),
+        epoch: Epoch(1),
+        lba: Lba(3),
+        kind: EntryKind::Write,
+        blocks: 1,
+        data: vec![0xAA; 8],
+    };
+    let out = rx.step(
+        0,
+        ReceiverInput::Received {
+            conn: c,
+            msg: m(Body::Entry(early.clone())),
+        },
+        &mut log,
+    );
+    assert!(out.iter().any(
+        |a| matches!(a, ReceiverAction::Send { msg, .. } if matches!(msg.body, Body::Error { .. }))
+    ));
+    rx.step(
+        0,
+        ReceiverInput::Received {
+            conn: c,
+            msg: m(Body::BaseBlock {
+                session: 4,
+                lba: Lba(3),
+                data: vec![0x11; 8],
+            }),
+        },
+        &mut log,
+    );
+    rx.step(
+        0,
+        ReceiverInput::Received {
+            conn: c,
+            msg: m(Body::BaseBlock {
+                session: 4,
+                lba: Lba(4),
+                data: vec![0x22; 8],
+            }),
+        },
+        &mut log,
+    );
+    rx.step(
+        0,
+        ReceiverInput::Received {
+            conn: c,
+            msg: m(Body::BaseDone {
+                session: 4,
+                blocks: 2,
+            }),
+        },
+        &mut log,
+    );
+    assert!(!log.rebuilding());
+    assert_eq!(log.durable_lsn(), Lsn(10));
+    rx.step(
+        0,
+        ReceiverInput::Received {
+            conn: c,
+            msg: m(Body::Entry(early)),
+        },
+        &mut log,
+    );
+    let s = log.state_at(Lsn(11));
+    assert_eq!(s.get(&Lba(3)), Some(&vec![0xAA; 8]));
+    assert_eq!(s.get(&Lba(4)), Some(&vec![0x22; 8]));
+}
+
+#[test]
+fn base_done_with_a_missing_block_fails_the_rebuild() {
+    let mut log = MemLog::new();
+    let mut rx = ReceiverCore::new(vol(), ReceiverConfig::default());
+    let c = ConnId(1);
+    let m = |body| VolumeMsg {
+        volume: vol(),
+        epoch: Epoch(1),
+        body,
+    };
+    rx.step(
+        0,
+        ReceiverInput::Received {
+            conn: c,
+            msg: m(Body::RebuildStart {
+                session: 4,
+                base_lsn: Lsn(10),
+                base_epoch: Epoch(1),
+                target: Lsn(10),
+            }),
+        },
+        &mut log,
+    );
+    rx.step(
+        0,
+        ReceiverInput::Received {
+            conn: c,
+            msg: m(Body::BaseBlock {
+                session: 4,
+                lba: Lba(3),
+                data: vec![0x11; 8],
+            }),
+        },
+        &mut log,
+    );
+    let out = rx.step(
+        0,
+        ReceiverInput::Received {
+            conn: c,
+            msg: m(Body::BaseDone {
+                session: 4,
+                blocks: 2,
+            }),
+        },
+        &mut log,
+    );
+    assert!(out.iter().any(|a| matches!(a, ReceiverAction::Send { msg, .. }
+        if matches!(msg.body, Body::Error { code: engine::replication::wire::ErrorCode::RebuildFailed, .. }))));
+    assert!(log.rebuilding(), "an incomplete base was declared finished");
+}
+
+#[test]
+fn interrupted_rebuild_answers_handshake_with_needs_rebuild() {
+    let mut log = MemLog::new();
+    let mut rx = ReceiverCore::new(vol(), ReceiverConfig::default());
+    let c = ConnId(1);
+    let m = |body| VolumeMsg {
+        volume: vol(),
+        epoch: Epoch(1),
+        body,
+    };
+    rx.step(
+        0,
+        ReceiverInput::Received {
+            conn: c,
+            msg: m(Body::RebuildStart {
+                session: 4,
+                base_lsn: Lsn(10),
+                base_epoch: Epoch(1),
+                target: Lsn(11),
+            }),
+        },
+        &mut log,
+    );
+    let out = rx.step(
+        0,
+        ReceiverInput::Received {
+            conn: ConnId(2),
+            msg: m(Body::ResumeRequest {
+                session: 5,
+                head: Lsn(11),
+                retained_start: Lsn(1),
+            }),
+        },
+        &mut log,
+    );
+    assert!(out.iter().any(|a| matches!(a, ReceiverAction::Send { msg, .. }
+        if matches!(msg.body, Body::ResumeResponse { status: engine::replication::wire::ResumeStatus::NeedsRebuild, .. }))));
+}
+
+#[test]
+fn entries_are_shipped_in_lsn_order_and_out_of_order_appends_are_ignored() {
+    let mut n = Net::new(1, cfg(), &["p", "r0"]);
+    n.tick(1);
+    for i in 0..5 {
+        n.write(i, 1);
+    }
+    let e = engine::replication::WalEntry {
+        lsn: Lsn(3),
+        epoch: Epoch(1),
+        lba: Lba(0),
+        kind: EntryKind::Trim,
+        blocks: 1,
+        data: Vec::new(),
+    };
+    n.input(Input::Appended(e));
+    let lsns: Vec<u64> = n
+        .sent
+        .iter()
+        .filter_map(|(_, m)| match &m.body {
+            Body::Entry(e) => Some(e.lsn.0),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(lsns, vec![1, 2, 3, 4, 5]);
+}
+
+#[test]
+fn heartbeat_answers_give_the_primary_its_member_proof() {
+    let mut n = Net::new(1, cfg(), &["p", "r0"]);
+    assert_eq!(n.primary.member_proof_ms(), None);
+    n.tick(1);
+    n.tick(1_000);
+    let proof = n.primary.member_proof_ms().expect("proof");
+    assert!(
+        proof >= 1_000,
+        "proof {proof} is older than the last heartbeat"
+    );
+}
+
+#[test]
+fn local_fsync_failure_fails_flushes_and_reports_the_disk() {
+    let mut n = Net::new(1, cfg(), &["p", "r0"]);
+    n.tick(1);
+    n.write(0, 1);
+    n.plog.fail_next_sync = true;
+    let f = n.flush();
+    assert!(n.failed.contains(&f));
+    assert!(n.reports.contains(&Report::LocalDiskFailed));
+}
+
+#[test]
+fn endpoints_must_be_canonical_ip_and_port() {
+    assert!(Endpoint::parse("10.0.0.5:7000").is_ok());
+    assert!(Endpoint::parse(":7000").is_err());
+    assert!(Endpoint::parse("0.0.0.0:7000").is_err());
+    assert!(Endpoint::parse("[::]:7000").is_err());
+    assert!(Endpoint::parse("10.0.0.5:0").is_err());
+    assert!(Endpoint::parse("node-a:7000").is_err());
+}
+
+#[test]
+fn replica_identity_is_validated_and_never_an_address_format_requirement() {
+    assert!(ReplicaId::new("pvc-1/node-a").is_ok());
+    assert!(ReplicaId::new("").is_err());
+    assert!(ReplicaId::new("a b").is_err());
+    assert!(ReplicaId::new("x".repeat(254)).is_err());
+}
+
+#[test]
+fn reassigning_the_same_endpoints_keeps_the_live_session() {
+    let mut n = Net::new(1, cfg(), &["p", "r0"]);
+    n.tick(1);
+    assert_eq!(n.state("r0"), ReplicaState::InSync);
+    let peers = n.peers();
+    n.input(Input::PeersAssigned(peers));
+    assert_eq!(n.state("r0"), ReplicaState::InSync);
+    assert!(
+        !n.event_names().contains(&"session_invalidated"),
+        "an unchanged assignment was treated as an endpoint change"
+    );
+}

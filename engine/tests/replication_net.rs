@@ -1,0 +1,605 @@
+//! Component tests of the TCP shell on 127.0.0.1 over real volume files: restart and
+//! catch-up, rebuild past the retention budget, address change with identity preserved,
+//! epoch bump mid catch-up, and garbage frames from a raw socket.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use engine::replication::wire::{ClientAuth, Message, NONCE_BYTES, encode_frame};
+use engine::replication::{
+    Body, Endpoint, EventKind, Generation, NetConfig, Peer, PrimaryConfig, PrimaryHandle,
+    PrimarySnapshot, ReceiverConfig, ReceiverServer, ReplicaId, ReplicaState, Transport, VolumeId,
+    VolumeMsg, spawn_primary,
+};
+use engine::{CreateOptions, EntryKind, Epoch, Lba, Lsn, Volume, VolumeConfig, WalEntry};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const BS: usize = 4096;
+const SECRET: &[u8] = b"test-cluster-secret";
+const WAIT_MS: u64 = 20_000;
+
+fn vid() -> VolumeId {
+    VolumeId::new("vol-net").unwrap()
+}
+
+fn rid(s: &str) -> ReplicaId {
+    ReplicaId::new(s).unwrap()
+}
+
+fn vcfg() -> VolumeConfig {
+    VolumeConfig {
+        flush_interval_ms: 10,
+        ..VolumeConfig::default()
+    }
+}
+
+fn create(path: &Path) -> Arc<Volume> {
+    create_with_wal(path, 2 << 20)
+}
+
+fn create_with_wal(path: &Path, wal_size_bytes: u64) -> Arc<Volume> {
+    let opts = CreateOptions {
+        size_bytes: 4 << 20,
+        block_size: BS as u32,
+        wal_size_bytes,
+        epoch: Epoch(1),
+        ..CreateOptions::default()
+    };
+    Arc::new(Volume::create_file(path, opts, vcfg()).unwrap())
+}
+
+fn open(path: &Path) -> Arc<Volume> {
+    Arc::new(Volume::open_file(path, vcfg()).unwrap())
+}
+
+fn pcfg() -> PrimaryConfig {
+    PrimaryConfig {
+        barrier_timeout_ms: 2_000,
+        reconnect_backoff_ms: 50,
+        member_unreachable_after_ms: 200,
+        ..PrimaryConfig::default()
+    }
+}
+
+async fn server(addr: SocketAddr, name: &str, vol: Arc<Volume>) -> ReceiverServer {
+    let s = ReceiverServer::bind(addr, NetConfig::new(name, SECRET))
+        .await
+        .unwrap();
+    s.host(vid(), vol, ReceiverConfig::default());
+    s
+}
+
+fn any_addr() -> SocketAddr {
+    "127.0.0.1:0".parse().unwrap()
+}
+
+fn peer(id: &str, addr: SocketAddr) -> Peer {
+    Peer {
+        id: rid(id),
+        endpoint: Endpoint::new(addr).unwrap(),
+    }
+}
+
+async fn wait_for<F>(what: &str, h: &PrimaryHandle, mut f: F) -> PrimarySnapshot
+where
+    F: FnMut(&PrimarySnapshot) -> bool,
+{
+    let deadline = Instant::now() + Duration::from_millis(WAIT_MS);
+    loop {
+        let s = h.snapshot().await.expect("driver alive");
+        if f(&s) {
+            return s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}: {s:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+fn in_sync(s: &PrimarySnapshot, id: &str) -> bool {
+    s.replicas
+        .get(&rid(id))
+        .is_some_and(|(st, _)| *st == ReplicaState::InSync)
+}
+
+fn write(vol: &Volume, lba: u64, byte: u8) {
+    vol.write(Lba(lba), &vec![byte; BS]).unwrap();
+}
+
+fn same_content(a: &Volume, b: &Volume, blocks: u64) {
+    for lba in 0..blocks {
+        let mut x = vec![0u8; BS];
+        let mut y = vec![0u8; BS];
+        a.read(Lba(lba), &mut x).unwrap();
+        b.read(Lba(lba), &mut y).unwrap();
+        assert!(x == y, "replica differs at LBA {lba}");
+    }
+}
+
+struct Dir(tempfile::TempDir);
+
+impl Dir {
+    fn new() -> Self {
+        Dir(tempfile::tempdir().unwrap())
+    }
+    fn file(&self, name: &str) -> PathBuf {
+        self.0.path().join(name)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rf3_flush_is_acked_once_both_replicas_have_the_data() {
+    let d = Dir::new();
+    let pv = create(&d.file("p"));
+    let r0v = create(&d.file("r0"));
+    let r1v = create(&d.file("r1"));
+    let s0 = server(any_addr(), "n0", r0v.clone()).await;
+    let s1 = server(any_addr(), "n1", r1v.clone()).await;
+    let h = spawn_primary(
+        pv.clone(),
+        vid(),
+        rid("p"),
+        pcfg(),
+        Generation(1),
+        vec![rid("p"), rid("r0"), rid("r1")],
+        vec![peer("r0", s0.local_addr()), peer("r1", s1.local_addr())],
+        Transport::new(NetConfig::new("np", SECRET)),
+    );
+    wait_for("both in sync", &h, |s| in_sync(s, "r0") && in_sync(s, "r1")).await;
+    for i in 0..200u64 {
+        write(&pv, (i * 7) % 256, i as u8);
+    }
+    let l = h.flush().await.unwrap();
+    assert!(l >= Lsn(200));
+    assert!(r0v.durable_lsn() >= l && r1v.durable_lsn() >= l);
+    same_content(&pv, &r0v, 256);
+    same_content(&pv, &r1v, 256);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_replica_restarts_and_catches_up_from_retained_wal() {
+    let d = Dir::new();
+    let pv = create(&d.file("p"));
+    let r0v = create(&d.file("r0"));
+    let s0 = server(any_addr(), "n0", r0v.clone()).await;
+    let addr = s0.local_addr();
+    let h = spawn_primary(
+        pv.clone(),
+        vid(),
+        rid("p"),
+        pcfg(),
+        Generation(1),
+        vec![rid("p"), rid("r0")],
+        vec![peer("r0", addr)],
+        Transport::new(NetConfig::new("np", SECRET)),
+    );
+    wait_for("r0 in sync", &h, |s| in_sync(s, "r0")).await;
+    for i in 0..50u64 {
+        write(&pv, i, 1);
+    }
+    h.flush().await.unwrap();
+    // Kill the replica mid-stream: its server and volume go away.
+    s0.shutdown().await;
+    drop(r0v);
+    for i in 0..100u64 {
+        write(&pv, i % 64, 2 + i as u8);
+    }
+    // Bind first, then open and host at once: hosting holds the durable entry in the WAL
+    // before the reopened volume's flusher could recycle it.
+    let s0 = ReceiverServer::bind(addr, NetConfig::new("n0", SECRET))
+        .await
+        .unwrap();
+    let r0v = open(&d.file("r0"));
+    s0.host(vid(), r0v.clone(), ReceiverConfig::default());
+    assert!(
+        r0v.durable_lsn() >= Lsn(50),
+        "acked data lost on the replica"
+    );
+    let snap = wait_for("r0 caught up", &h, |s| {
+        in_sync(s, "r0") && s.replicas[&rid("r0")].1 >= Lsn(150)
+    })
+    .await;
+    assert!(
+        snap.events
+            .iter()
+            .any(|e| matches!(e.kind, EventKind::CatchUpProgress { .. })),
+        "reconnect did not go through catch-up"
+    );
+    h.flush().await.unwrap();
+    same_content(&pv, &r0v, 64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replica_away_past_the_retention_budget_is_rebuilt() {
+    let d = Dir::new();
+    let pv = create(&d.file("p"));
+    let r0v = create(&d.file("r0"));
+    let s0 = server(any_addr(), "n0", r0v.clone()).await;
+    let addr = s0.local_addr();
+    let cfg = PrimaryConfig {
+        wal_retention_bytes_max: 128 * 1024,
+        ..pcfg()
+    };
+    let h = spawn_primary(
+        pv.clone(),
+        vid(),
+        rid("p"),
+        cfg,
+        Generation(1),
+        vec![rid("p")],
+        vec![peer("r0", addr)],
+        Transport::new(NetConfig::new("np", SECRET)),
+    );
+    wait_for("r0 in sync", &h, |s| in_sync(s, "r0")).await;
+    s0.shutdown().await;
+    for i in 0..100u64 {
+        write(&pv, i % 80, 9 + i as u8);
+    }
+    wait_for("r0 escalated", &h, |s| {
+        s.replicas
+            .get(&rid("r0"))
+            .is_some_and(|(st, _)| *st == ReplicaState::NeedsRebuild)
+    })
+    .await;
+    // The joined member was counted; the control plane drops it, then asks for a rebuild.
+    h.commit_in_sync_set(Generation(2), vec![rid("p")]);
+    h.flush().await.unwrap();
+    pv.checkpoint().unwrap();
+    let _s0 = server(addr, "n0", r0v.clone()).await;
+    h.request_rebuild(rid("r0"));
+    let snap = wait_for("r0 rebuilt", &h, |s| in_sync(s, "r0")).await;
+    assert!(
+        snap.events
+            .iter()
+            .any(|e| matches!(&e.kind, EventKind::PlanCreated(p) if p.contains("Rebuild")))
+    );
+    h.flush().await.unwrap();
+    same_content(&pv, &r0v, 100);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replica_address_change_keeps_its_identity() {
+    let d = Dir::new();
+    let pv = create(&d.file("p"));
+    let r0v = create(&d.file("r0"));
+    let s0 = server(any_addr(), "n0", r0v.clone()).await;
+    let h = spawn_primary(
+        pv.clone(),
+        vid(),
+        rid("p"),
+        pcfg(),
+        Generation(1),
+        vec![rid("p"), rid("r0")],
+        vec![peer("r0", s0.local_addr())],
+        Transport::new(NetConfig::new("np", SECRET)),
+    );
+    wait_for("r0 in sync", &h, |s| in_sync(s, "r0")).await;
+    write(&pv, 1, 1);
+    let l = h.flush().await.unwrap();
+    // The replica comes up at a new address; its live session at the old one is ended.
+    let s0b = server(any_addr(), "n0", r0v.clone()).await;
+    h.assign_peers(vec![peer("r0", s0b.local_addr())]);
+    let snap = wait_for("r0 in sync at its new address", &h, |s| {
+        in_sync(s, "r0")
+            && s.events.iter().any(|e| matches!(&e.kind, EventKind::SessionInvalidated { reason } if reason == "endpoint_changed"))
+    })
+    .await;
+    assert!(
+        snap.replicas[&rid("r0")].1 >= l,
+        "progress of the same replica was lost"
+    );
+    s0.shutdown().await;
+    write(&pv, 2, 2);
+    h.flush().await.unwrap();
+    same_content(&pv, &r0v, 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn epoch_bump_mid_catch_up_releases_the_session_pins() {
+    let d = Dir::new();
+    let pv = create_with_wal(&d.file("p"), 16 << 20);
+    let r0v = create_with_wal(&d.file("r0"), 16 << 20);
+    let s0 = server(any_addr(), "n0", r0v.clone()).await;
+    let addr = s0.local_addr();
+    let cfg = PrimaryConfig {
+        catchup_batch_entries: 1,
+        ..pcfg()
+    };
+    let h = spawn_primary(
+        pv.clone(),
+        vid(),
+        rid("p"),
+        cfg,
+        Generation(1),
+        vec![rid("p")],
+        vec![peer("r0", addr)],
+        Transport::new(NetConfig::new("np", SECRET)),
+    );
+    wait_for("r0 in sync", &h, |s| in_sync(s, "r0")).await;
+    s0.shutdown().await;
+    // Enough one-entry batches that the catch-up is still running when we look.
+    for i in 0..1500u64 {
+        write(&pv, i % 200, i as u8);
+    }
+    let _s0 = server(addr, "n0", r0v.clone()).await;
+    wait_for("r0 catching up", &h, |s| {
+        s.replicas
+            .get(&rid("r0"))
+            .is_some_and(|(st, _)| *st == ReplicaState::CatchingUp)
+    })
+    .await;
+    h.change_epoch(Epoch(2)).unwrap();
+    let snap = wait_for("session invalidated and released", &h, |s| {
+        let inv = s.events.iter().rposition(|e| matches!(&e.kind, EventKind::SessionInvalidated { reason } if reason == "epoch_changed"));
+        let rel = s.events.iter().rposition(|e| matches!(e.kind, EventKind::ExecResourcesReleased { .. }));
+        matches!((inv, rel), (Some(i), Some(r)) if r > i)
+    })
+    .await;
+    assert!(
+        snap.holds <= 1,
+        "catch-up pin survived the epoch change: {} holds",
+        snap.holds
+    );
+    wait_for("r0 back in sync at epoch 2", &h, |s| in_sync(s, "r0")).await;
+    assert_eq!(
+        r0v.epoch(),
+        Epoch(2),
+        "replica did not persist the new epoch"
+    );
+    h.flush().await.unwrap();
+    same_content(&pv, &r0v, 200);
+}
+
+async fn expect_closed(stream: &mut TcpStream) {
+    let mut buf = [0u8; 1024];
+    let deadline = Instant::now() + Duration::from_millis(WAIT_MS);
+    loop {
+        let r = tokio::time::timeout(Duration::from_millis(100), stream.read(&mut buf)).await;
+        match r {
+            Ok(Ok(0)) | Ok(Err(_)) => return,
+            Ok(Ok(_)) => {}
+            Err(_) => assert!(Instant::now() < deadline, "server kept the connection open"),
+        }
+    }
+}
+
+async fn authenticated(addr: SocketAddr) -> TcpStream {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let (mut auth, hello) = ClientAuth::start(SECRET, "raw", [5; NONCE_BYTES]);
+    s.write_all(&encode_frame(&hello)).await.unwrap();
+    let mut dec = engine::replication::wire::FrameDecoder::new(Default::default());
+    let mut buf = [0u8; 4096];
+    while !auth.is_authenticated() {
+        let n = s.read(&mut buf).await.unwrap();
+        assert!(n > 0, "server closed during authentication");
+        dec.feed(&buf[..n]);
+        while let Some(m) = dec.next_message().unwrap() {
+            if let Some(reply) = auth.on_message(&m).unwrap() {
+                s.write_all(&encode_frame(&reply)).await.unwrap();
+            }
+        }
+    }
+    s
+}
+
+fn entry_frame() -> Vec<u8> {
+    encode_frame(&Message::Volume(VolumeMsg {
+        volume: vid(),
+        epoch: Epoch(1),
+        body: Body::Entry(WalEntry {
+            lsn: Lsn(1),
+            epoch: Epoch(1),
+            kind: EntryKind::Write,
+            lba: Lba(0),
+            blocks: 1,
+            data: vec![0xEE; BS],
+        }),
+    }))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_and_truncated_frames_close_the_connection_and_apply_nothing() {
+    let d = Dir::new();
+    let rv = create(&d.file("r"));
+    let s = server(any_addr(), "n0", rv.clone()).await;
+    let addr = s.local_addr();
+
+    // Not our protocol at all.
+    let mut c = TcpStream::connect(addr).await.unwrap();
+    c.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    expect_closed(&mut c).await;
+
+    // A valid entry frame without authentication.
+    let mut c = TcpStream::connect(addr).await.unwrap();
+    c.write_all(&entry_frame()).await.unwrap();
+    expect_closed(&mut c).await;
+
+    // Wrong secret.
+    let mut c = TcpStream::connect(addr).await.unwrap();
+    let (_, hello) = ClientAuth::start(b"wrong-secret", "raw", [6; NONCE_BYTES]);
+    c.write_all(&encode_frame(&hello)).await.unwrap();
+    let proof = Message::Auth(engine::replication::wire::Auth::Proof {
+        proof: [0; NONCE_BYTES],
+    });
+    c.write_all(&encode_frame(&proof)).await.unwrap();
+    expect_closed(&mut c).await;
+
+    // Authenticated, then a frame whose checksum is wrong.
+    let mut c = authenticated(addr).await;
+    let mut f = entry_frame();
+    let n = f.len();
+    f[n - 10] ^= 0xFF;
+    c.write_all(&f).await.unwrap();
+    expect_closed(&mut c).await;
+
+    // Authenticated, then a frame cut short by the peer closing.
+    let mut c = authenticated(addr).await;
+    let f = entry_frame();
+    c.write_all(&f[..f.len() / 2]).await.unwrap();
+    c.shutdown().await.unwrap();
+    expect_closed(&mut c).await;
+
+    let deadline = Instant::now() + Duration::from_millis(WAIT_MS);
+    loop {
+        let r = s.rejections();
+        let has = |needle: &str| r.iter().any(|x| x.contains(needle));
+        if has("bad frame magic")
+            && has("before peer authentication")
+            && has("authentication failed")
+            && has("checksum mismatch")
+            && has("cut by end of stream")
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "missing logged reasons: {r:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(rv.head_lsn(), Lsn(0), "a rejected frame was applied");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_writers_are_shipped_densely_in_lsn_order() {
+    let d = Dir::new();
+    let pv = create(&d.file("p"));
+    let r0v = create(&d.file("r0"));
+    let s0 = server(any_addr(), "n0", r0v.clone()).await;
+    let h = spawn_primary(
+        pv.clone(),
+        vid(),
+        rid("p"),
+        pcfg(),
+        Generation(1),
+        vec![rid("p"), rid("r0")],
+        vec![peer("r0", s0.local_addr())],
+        Transport::new(NetConfig::new("np", SECRET)),
+    );
+    wait_for("r0 in sync", &h, |s| in_sync(s, "r0")).await;
+    let writers: Vec<_> = (0..4u64)
+        .map(|t| {
+            let v = pv.clone();
+            std::thread::spawn(move || {
+                for i in 0..100u64 {
+                    write(&v, t * 100 + i, (t * 100 + i) as u8);
+                }
+            })
+        })
+        .collect();
+    for w in writers {
+        w.join().unwrap();
+    }
+    let l = h.flush().await.unwrap();
+    assert_eq!(l, Lsn(400));
+    assert!(r0v.durable_lsn() >= Lsn(400));
+    assert_eq!(r0v.head_lsn(), pv.head_lsn());
+    same_content(&pv, &r0v, 400);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_data_port_serves_several_volumes() {
+    let d = Dir::new();
+    let s = ReceiverServer::bind(any_addr(), NetConfig::new("n0", SECRET))
+        .await
+        .unwrap();
+    // One transport per node: both volumes share one connection pair to the peer.
+    let transport = Transport::new(NetConfig::new("np", SECRET));
+    let mut handles = Vec::new();
+    let mut pairs = Vec::new();
+    for v in ["vol-a", "vol-b"] {
+        let id = VolumeId::new(v).unwrap();
+        let pv = create(&d.file(&format!("p-{v}")));
+        let rv = create(&d.file(&format!("r-{v}")));
+        s.host(id.clone(), rv.clone(), ReceiverConfig::default());
+        let h = spawn_primary(
+            pv.clone(),
+            id,
+            rid("p"),
+            pcfg(),
+            Generation(1),
+            vec![rid("p"), rid("r0")],
+            vec![peer("r0", s.local_addr())],
+            transport.clone(),
+        );
+        handles.push(h);
+        pairs.push((pv, rv));
+    }
+    for h in &handles {
+        wait_for("replica in sync", h, |s| in_sync(s, "r0")).await;
+    }
+    for (i, (pv, _)) in pairs.iter().enumerate() {
+        for lba in 0..20u64 {
+            write(pv, lba, (i as u8 + 1) * 10);
+        }
+    }
+    for h in &handles {
+        h.flush().await.unwrap();
+    }
+    for (pv, rv) in &pairs {
+        same_content(pv, rv, 20);
+    }
+    assert_eq!(
+        transport.links(),
+        1,
+        "volumes did not share the connection pair"
+    );
+    let mut a = vec![0u8; BS];
+    pairs[1].1.read(Lba(3), &mut a).unwrap();
+    assert_eq!(a[0], 20, "volumes were mixed up on the shared port");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_member_blocks_flush_until_the_control_plane_commits_without_it() {
+    let d = Dir::new();
+    let pv = create(&d.file("p"));
+    let r0v = create(&d.file("r0"));
+    let s0 = server(any_addr(), "n0", r0v.clone()).await;
+    let h = Arc::new(spawn_primary(
+        pv.clone(),
+        vid(),
+        rid("p"),
+        pcfg(),
+        Generation(1),
+        vec![rid("p"), rid("r0")],
+        vec![peer("r0", s0.local_addr())],
+        Transport::new(NetConfig::new("np", SECRET)),
+    ));
+    wait_for("r0 in sync", &h, |s| in_sync(s, "r0")).await;
+    s0.shutdown().await;
+    write(&pv, 0, 1);
+    let h2 = h.clone();
+    let flush = tokio::spawn(async move { h2.flush().await });
+    let deadline = Instant::now() + Duration::from_millis(WAIT_MS);
+    loop {
+        let r = tokio::time::timeout(Duration::from_millis(500), h.next_report()).await;
+        if let Ok(Some(engine::replication::Report::MemberUnreachable {
+            replica,
+            generation,
+        })) = r
+        {
+            assert_eq!(replica, rid("r0"));
+            assert_eq!(generation, Generation(1));
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "unreachable member never reported"
+        );
+    }
+    assert!(
+        !flush.is_finished(),
+        "flush acked without the committed member"
+    );
+    h.commit_in_sync_set(Generation(2), vec![rid("p")]);
+    let l = tokio::time::timeout(Duration::from_millis(WAIT_MS), flush)
+        .await
+        .expect("flush still blocked after the commit")
+        .unwrap()
+        .unwrap();
+    assert_eq!(l, Lsn(1));
+}

@@ -1,0 +1,430 @@
+//! The replication cores over the engine's real `Volume` (through `VolumeLog`), and one
+//! conformance suite for the `ReplicaLog` contract run against both implementations.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::{Arc, Mutex};
+
+use engine::replication::{
+    Action, BaseKind, ConnId, Endpoint, Epoch, FlushId, Generation, Input, Lsn, MemLog, Peer,
+    PrimaryConfig, PrimaryCore, ReceiverAction, ReceiverConfig, ReceiverCore, ReceiverInput,
+    ReplicaId, ReplicaLog, ReplicaState, Report, VolumeId, VolumeLog,
+};
+use engine::{CreateOptions, EntryKind, Lba, SimDisk, Volume, VolumeConfig, WalEntry};
+
+const BS: usize = 4096;
+
+fn new_volume(name: &str) -> Arc<Volume> {
+    let opts = CreateOptions {
+        size_bytes: 1 << 20,
+        block_size: BS as u32,
+        wal_size_bytes: 1 << 20,
+        epoch: Epoch(1),
+        ..CreateOptions::default()
+    };
+    let cfg = VolumeConfig {
+        flush_interval_ms: 5,
+        ..VolumeConfig::default()
+    };
+    Arc::new(Volume::create(Box::new(SimDisk::new(name)), opts, cfg).unwrap())
+}
+
+// ----- conformance ------------------------------------------------------------------------
+
+fn entry(lsn: u64, lba: u64, byte: u8) -> WalEntry {
+    WalEntry {
+        lsn: Lsn(lsn),
+        epoch: Epoch(1),
+        kind: EntryKind::Write,
+        lba: Lba(lba),
+        blocks: 1,
+        data: vec![byte; BS],
+    }
+}
+
+fn conformance(log: &mut dyn ReplicaLog) {
+    // Dense appends; duplicates skipped; gaps refused.
+    assert_eq!(log.head_lsn(), Lsn(0));
+    for l in 1..=5 {
+        log.append_replicated(&entry(l, l, l as u8)).unwrap();
+    }
+    assert_eq!(
+        log.append_replicated(&entry(3, 3, 3)).unwrap(),
+        engine::replication::AppendOutcome::Duplicate
+    );
+    assert!(matches!(
+        log.append_replicated(&entry(9, 1, 1)),
+        Err(engine::replication::Error::Gap {
+            expected: Lsn(6),
+            got: Lsn(9)
+        })
+    ));
+    assert_eq!(log.head_lsn(), Lsn(5));
+    // Durable only after sync.
+    let d = log.sync().unwrap();
+    assert_eq!(d, Lsn(5));
+    assert_eq!(log.durable_lsn(), Lsn(5));
+    // Scans return entries in order with their epochs.
+    let got = log.scan_from(Lsn(2), 2).unwrap();
+    assert_eq!(
+        got.iter().map(|e| e.lsn).collect::<Vec<_>>(),
+        vec![Lsn(2), Lsn(3)]
+    );
+    assert_eq!(log.epoch_at(Lsn(4)), Some(Epoch(1)));
+    assert_eq!(log.epoch_at(Lsn(0)), Some(Epoch(0)));
+    // Truncation of the suffix.
+    log.append_replicated(&entry(6, 6, 6)).unwrap();
+    log.truncate_after(Lsn(5)).unwrap();
+    assert_eq!(log.head_lsn(), Lsn(5));
+    // Epoch persists and is readable.
+    log.set_epoch(Epoch(4)).unwrap();
+    assert_eq!(log.epoch(), Epoch(4));
+    // A base pin reflects the checkpoint; a rebuild installs it and the tail follows.
+    let pin = log.pin_base(BaseKind::FullBase).unwrap();
+    assert!(pin.base_lsn >= Lsn(5));
+    let mut blocks = Vec::new();
+    let mut cursor = Some(0);
+    while let Some(c) = cursor {
+        let (b, next) = log.read_base(&pin, c, 64).unwrap();
+        blocks.extend(b);
+        cursor = next;
+    }
+    log.release_base(&pin);
+    let base = pin.base_lsn;
+    log.begin_rebuild().unwrap();
+    assert!(log.rebuilding());
+    assert_eq!(log.durable_lsn(), Lsn(0));
+    assert!(log.append_replicated(&entry(base.0 + 1, 1, 1)).is_err());
+    for (lba, data) in &blocks {
+        log.install_base_block(*lba, data).unwrap();
+    }
+    log.finish_rebuild(base, pin.base_epoch).unwrap();
+    assert!(!log.rebuilding());
+    assert_eq!(log.head_lsn(), base);
+    assert_eq!(log.durable_lsn(), base);
+    assert_eq!(log.epoch_at(base), Some(pin.base_epoch));
+    log.append_replicated(&entry(base.0 + 1, 1, 0x77)).unwrap();
+    assert_eq!(log.head_lsn(), base.next());
+}
+
+#[test]
+fn mem_log_meets_the_replica_log_contract() {
+    let mut m = MemLog::new();
+    m.set_epoch(Epoch(1)).unwrap();
+    conformance(&mut m);
+}
+
+#[test]
+fn volume_log_meets_the_replica_log_contract() {
+    let mut v = VolumeLog::new(new_volume("conf"));
+    conformance(&mut v);
+}
+
+// ----- cores over volumes -----------------------------------------------------------------
+
+fn rid(s: &str) -> ReplicaId {
+    ReplicaId::new(s).unwrap()
+}
+
+fn vol() -> VolumeId {
+    VolumeId::new("vol-v").unwrap()
+}
+
+enum Pending {
+    ToPrimary(Input),
+    ToReplica(usize, ReceiverInput),
+}
+
+struct Cluster {
+    now: u64,
+    pvol: Arc<Volume>,
+    plog: VolumeLog,
+    primary: PrimaryCore,
+    appended: Arc<Mutex<Vec<WalEntry>>>,
+    reps: Vec<(ReceiverCore, VolumeLog, bool)>,
+    conns: BTreeMap<ConnId, usize>,
+    open: BTreeSet<ConnId>,
+    queue: VecDeque<Pending>,
+    acked: Vec<FlushId>,
+    reports: Vec<Report>,
+    next_flush: u64,
+}
+
+fn ep(i: usize) -> Endpoint {
+    Endpoint::parse(&format!("127.0.0.{}:7000", i + 2)).unwrap()
+}
+
+impl Cluster {
+    fn new(n: usize, cfg: PrimaryConfig) -> Self {
+        let pvol = new_volume("primary");
+        let appended = Arc::new(Mutex::new(Vec::new()));
+        let sink = appended.clone();
+        pvol.set_append_observer(Some(Arc::new(move |e: &WalEntry| {
+            sink.lock().unwrap().push(e.clone());
+        })));
+        let plog = VolumeLog::new(pvol.clone());
+        let members: Vec<ReplicaId> = (0..n).map(|i| rid(&format!("r{i}"))).collect();
+        let primary = PrimaryCore::new(
+            vol(),
+            rid("p"),
+            Epoch(1),
+            cfg,
+            Generation(1),
+            members,
+            &plog,
+        );
+        let reps = (0..n)
+            .map(|i| {
+                (
+                    ReceiverCore::new(vol(), ReceiverConfig::default()),
+                    VolumeLog::new(new_volume(&format!("r{i}"))),
+                    true,
+                )
+            })
+            .collect();
+        let mut c = Cluster {
+            now: 1,
+            pvol,
+            plog,
+            primary,
+            appended,
+            reps,
+            conns: BTreeMap::new(),
+            open: BTreeSet::new(),
+            queue: VecDeque::new(),
+            acked: Vec::new(),
+            reports: Vec::new(),
+            next_flush: 0,
+        };
+        let peers = (0..n)
+            .map(|i| Peer {
+                id: rid(&format!("r{i}")),
+                endpoint: ep(i),
+            })
+            .collect();
+        c.input(Input::PeersAssigned(peers));
+        c
+    }
+
+    fn input(&mut self, i: Input) {
+        self.queue.push_back(Pending::ToPrimary(i));
+        self.pump();
+    }
+
+    fn pump(&mut self) {
+        while let Some(p) = self.queue.pop_front() {
+            match p {
+                Pending::ToPrimary(i) => {
+                    for a in self.primary.step(self.now, i, &mut self.plog) {
+                        self.action(a);
+                    }
+                }
+                Pending::ToReplica(r, i) => {
+                    let (core, log, _) = &mut self.reps[r];
+                    for a in core.step(self.now, i, log) {
+                        match a {
+                            ReceiverAction::Send { conn, msg } => {
+                                if self.open.contains(&conn) {
+                                    self.queue.push_back(Pending::ToPrimary(Input::Received {
+                                        conn,
+                                        msg,
+                                    }));
+                                }
+                            }
+                            ReceiverAction::Close { conn, .. } => {
+                                if self.open.remove(&conn) {
+                                    self.queue
+                                        .push_back(Pending::ToPrimary(Input::ConnectionLost(conn)));
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn action(&mut self, a: Action) {
+        match a {
+            Action::Connect { conn, endpoint, .. } => {
+                let t = (0..self.reps.len()).find(|&i| ep(i) == endpoint);
+                match t {
+                    Some(t) if self.reps[t].2 => {
+                        self.conns.insert(conn, t);
+                        self.open.insert(conn);
+                        self.queue
+                            .push_back(Pending::ToPrimary(Input::Connected(conn)));
+                    }
+                    _ => self
+                        .queue
+                        .push_back(Pending::ToPrimary(Input::ConnectFailed(conn))),
+                }
+            }
+            Action::Send { conn, msg } => {
+                if self.open.contains(&conn) {
+                    let r = self.conns[&conn];
+                    self.queue
+                        .push_back(Pending::ToReplica(r, ReceiverInput::Received { conn, msg }));
+                }
+            }
+            Action::Close { conn, .. } => {
+                if self.open.remove(&conn) {
+                    let r = self.conns[&conn];
+                    self.queue
+                        .push_back(Pending::ToReplica(r, ReceiverInput::ConnectionLost(conn)));
+                }
+            }
+            Action::LocalFsync { .. } => {
+                let d = self.pvol.flush().unwrap();
+                self.queue
+                    .push_back(Pending::ToPrimary(Input::LocalFsyncDone { durable: d }));
+            }
+            Action::FlushAcked { id, .. } => self.acked.push(id),
+            Action::FlushFailed { .. } => {}
+            Action::Report(r) => self.reports.push(r),
+        }
+    }
+
+    fn write(&mut self, lba: u64, byte: u8) {
+        self.pvol.write(Lba(lba), &vec![byte; BS]).unwrap();
+        let entries: Vec<WalEntry> = std::mem::take(&mut *self.appended.lock().unwrap());
+        for e in entries {
+            self.input(Input::Appended(e));
+        }
+    }
+
+    fn flush(&mut self) -> FlushId {
+        self.next_flush += 1;
+        let id = FlushId(self.next_flush);
+        self.input(Input::FlushRequested(id));
+        id
+    }
+
+    fn tick(&mut self, ms: u64) {
+        self.now += ms;
+        self.input(Input::Tick);
+        for r in 0..self.reps.len() {
+            self.queue
+                .push_back(Pending::ToReplica(r, ReceiverInput::Tick));
+        }
+        self.pump();
+    }
+
+    fn cut(&mut self, r: usize) {
+        self.reps[r].2 = false;
+        let conns: Vec<ConnId> = self
+            .conns
+            .iter()
+            .filter(|(c, t)| **t == r && self.open.contains(c))
+            .map(|(c, _)| *c)
+            .collect();
+        for c in conns {
+            self.open.remove(&c);
+            self.queue
+                .push_back(Pending::ToPrimary(Input::ConnectionLost(c)));
+            self.queue
+                .push_back(Pending::ToReplica(r, ReceiverInput::ConnectionLost(c)));
+        }
+        self.pump();
+    }
+
+    fn state(&self, r: usize) -> ReplicaState {
+        self.primary.state_of(&rid(&format!("r{r}"))).unwrap()
+    }
+
+    fn assert_same_content(&self, r: usize, lbas: std::ops::Range<u64>) {
+        let rv = self.reps[r].1.volume();
+        for lba in lbas {
+            let mut a = vec![0u8; BS];
+            let mut b = vec![0u8; BS];
+            self.pvol.read(Lba(lba), &mut a).unwrap();
+            rv.read(Lba(lba), &mut b).unwrap();
+            assert_eq!(a[0], b[0], "replica r{r} differs at LBA {lba}");
+        }
+    }
+}
+
+fn cfg() -> PrimaryConfig {
+    PrimaryConfig {
+        barrier_timeout_ms: 1_000,
+        reconnect_backoff_ms: 10,
+        catchup_batch_entries: 8,
+        ..PrimaryConfig::default()
+    }
+}
+
+#[test]
+fn volume_replicas_stay_identical_and_flush_acks_after_their_barriers() {
+    let mut c = Cluster::new(2, cfg());
+    c.tick(1);
+    for i in 0..40 {
+        c.write(i % 16, i as u8 + 1);
+    }
+    let f = c.flush();
+    assert!(c.acked.contains(&f));
+    for r in 0..2 {
+        assert!(c.reps[r].1.volume().durable_lsn() >= Lsn(40));
+        c.assert_same_content(r, 0..16);
+    }
+}
+
+#[test]
+fn volume_replica_catches_up_after_a_disconnect() {
+    let mut c = Cluster::new(2, cfg());
+    c.tick(1);
+    c.write(0, 1);
+    c.cut(1);
+    for i in 0..30 {
+        c.write(i % 10, 50 + i as u8);
+    }
+    c.input(Input::InSyncSetCommitted {
+        generation: Generation(2),
+        members: vec![rid("p"), rid("r0")],
+    });
+    let f = c.flush();
+    assert!(c.acked.contains(&f));
+    c.reps[1].2 = true;
+    c.tick(20);
+    c.tick(20);
+    assert_eq!(c.state(1), ReplicaState::InSync);
+    c.assert_same_content(1, 0..10);
+}
+
+#[test]
+fn volume_replica_is_rebuilt_after_its_wal_was_released() {
+    let c0 = PrimaryConfig {
+        wal_retention_bytes_max: 64 * 1024,
+        ..cfg()
+    };
+    let mut c = Cluster::new(1, c0);
+    c.tick(1);
+    c.write(0, 1);
+    c.cut(0);
+    for i in 0..64 {
+        c.write(i % 32, 100 + i as u8);
+    }
+    c.tick(5);
+    assert_eq!(
+        c.state(0),
+        ReplicaState::NeedsRebuild,
+        "byte budget did not escalate"
+    );
+    // Let the flusher recycle what the replica would have needed.
+    c.pvol.flush().unwrap();
+    c.pvol.checkpoint().unwrap();
+    c.input(Input::InSyncSetCommitted {
+        generation: Generation(2),
+        members: vec![rid("p")],
+    });
+    c.reps[0].2 = true;
+    c.input(Input::RebuildRequested(rid("r0")));
+    for _ in 0..10 {
+        c.tick(20);
+    }
+    assert_eq!(c.state(0), ReplicaState::InSync);
+    c.assert_same_content(0, 0..32);
+    assert!(
+        c.reports
+            .iter()
+            .any(|r| matches!(r, Report::MemberInSync { .. }))
+    );
+}
