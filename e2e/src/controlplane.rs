@@ -195,6 +195,9 @@ impl ControlPlane {
                 "--authorization-mode=Node,RBAC",
                 "--service-cluster-ip-range=10.96.0.0/16",
                 "--profiling=false",
+                // The default reconciler tries to publish 127.0.0.1 as the kubernetes
+                // Service endpoint, which the API rejects as loopback.
+                "--endpoint-reconciler-type=none",
                 &v,
             ]),
             root.join("kube-apiserver.log"),

@@ -294,11 +294,11 @@ async fn size_can_grow_but_never_shrink() {
         assert_names_field(&status, "spec.size", &case);
     }
 
-    // Same size in another spelling, then growth in both spellings.
+    // Same size in another spelling, then growth in several spellings.
     for (size, bytes) in [
-        (json!(2147483648u64), 2u64 << 30),
+        (json!("2147483648"), 2u64 << 30),
         (json!("3Gi"), 3 << 30),
-        (json!(4294967296u64), 4 << 30),
+        (json!("4294967296"), 4 << 30),
     ] {
         let vol = api
             .patch(
