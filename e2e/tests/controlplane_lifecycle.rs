@@ -95,6 +95,24 @@ async fn full_control_plane_serves_kubectl_nodes_and_controllers_then_cleans_up(
         .expect("kubectl get node");
     assert_eq!(ready.trim(), "True");
 
+    // The same cluster reached as an "existing" one through its kubeconfig: usable, and
+    // dropping that handle leaves the cluster running.
+    let external = ControlPlane::external(cp.kubeconfig())
+        .await
+        .expect("connect through the kubeconfig");
+    assert!(external.is_external());
+    assert!(external.daemon_pids().is_empty());
+    assert_eq!(external.server_url().trim_end_matches('/'), cp.server_url());
+    let nodes: kube::Api<k8s_openapi::api::core::v1::Node> = kube::Api::all(external.client());
+    assert!(nodes.get_opt("worker-1").await.expect("get node").is_some());
+    drop(external);
+    assert!(pids.iter().all(|(_, pid)| exists(*pid as i32)));
+    let readyz = cp
+        .kubectl(["get", "--raw", "/readyz"])
+        .await
+        .expect("kubectl");
+    assert_eq!(readyz.trim(), "ok");
+
     drop(cp);
     assert_all_gone(&pids, &dir);
 }
