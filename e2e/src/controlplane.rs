@@ -94,7 +94,11 @@ impl ControlPlane {
     /// leaves that cluster running.
     pub async fn external(kubeconfig: &Path) -> Result<ControlPlane> {
         let config = read_config(kubeconfig).await?;
-        let server_url = config.cluster_url.to_string();
+        let server_url = config
+            .cluster_url
+            .to_string()
+            .trim_end_matches('/')
+            .to_owned();
         let client = Client::try_from(config)?;
         Ok(ControlPlane {
             client,

@@ -102,7 +102,7 @@ async fn full_control_plane_serves_kubectl_nodes_and_controllers_then_cleans_up(
         .expect("connect through the kubeconfig");
     assert!(external.is_external());
     assert!(external.daemon_pids().is_empty());
-    assert_eq!(external.server_url().trim_end_matches('/'), cp.server_url());
+    assert_eq!(external.server_url(), cp.server_url());
     let nodes: kube::Api<k8s_openapi::api::core::v1::Node> = kube::Api::all(external.client());
     assert!(nodes.get_opt("worker-1").await.expect("get node").is_some());
     drop(external);
