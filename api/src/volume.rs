@@ -39,6 +39,12 @@ use crate::{BLOCK_SIZES, DEFAULT_BLOCK_SIZE, DEFAULT_REPLICAS, MAX_REPLICAS, MIN
         "reason": "FieldValueInvalid"
     },
     {
+        "rule": "type(self.size) == string || self.size <= 2147483647",
+        "message": "spec.size written as a plain integer must be at most 2147483647 (int32, what Kubernetes clients decode); write larger sizes as a quantity string such as 10Gi",
+        "fieldPath": ".size",
+        "reason": "FieldValueInvalid"
+    },
+    {
         "rule": "!isQuantity(string(self.size)) || !quantity(string(self.size)).isInteger() || quantity(string(self.size)).asInteger() % self.blockSize == 0",
         "message": "spec.size must be a multiple of spec.blockSize",
         "fieldPath": ".size",
@@ -65,7 +71,8 @@ use crate::{BLOCK_SIZES, DEFAULT_BLOCK_SIZE, DEFAULT_REPLICAS, MAX_REPLICAS, MIN
 ]))]
 pub struct BlockVolumeSpec {
     /// Capacity of the volume: a quantity (`10Gi`) or a byte count, a multiple of
-    /// `blockSize`. May grow; never shrink.
+    /// `blockSize`. May grow; never shrink. A plain integer must fit in int32 (clients
+    /// decode it as one); larger sizes are written as quantity strings.
     #[schemars(schema_with = "size_schema")]
     pub size: IntOrString,
     /// Number of replicas, each on a distinct node (1 to 5).

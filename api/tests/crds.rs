@@ -93,7 +93,14 @@ fn volume_schema_carries_cel_rules_naming_their_fields() {
         .collect();
     assert_eq!(
         field_paths,
-        [".size", ".size", ".size", ".blockSize", ".durability"]
+        [
+            ".size",
+            ".size",
+            ".size",
+            ".size",
+            ".blockSize",
+            ".durability"
+        ]
     );
     for rule in rules {
         let message = rule["message"].as_str().unwrap();
