@@ -75,7 +75,11 @@ fn ext4_on_attached_volume_survives_detach_restart_and_reattach() {
 
     let a = FuseLoopAttacher::new(FuseLoopConfig::new(&state_dir)).expect("attacher");
     let dev = a.attach("vol-fs", &s.socket).expect("attach");
-    assert!(dev.to_string_lossy().starts_with("/dev/loop"), "{}", dev.display());
+    assert!(
+        dev.to_string_lossy().starts_with("/dev/loop"),
+        "{}",
+        dev.display()
+    );
     // Attaching again returns the same device.
     assert_eq!(a.attach("vol-fs", &s.socket).expect("re-attach"), dev);
     let listed = a.list().expect("list");
