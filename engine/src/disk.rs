@@ -1,0 +1,374 @@
+//! The byte device a volume lives on. `FileDisk` is a (sparse) file accessed with
+//! pread/pwrite/fdatasync; `SimDisk` is an in-memory disk that remembers which writes
+//! were synced, so tests can cut the power (dropping or tearing unsynced writes) and
+//! inject I/O errors deterministically.
+//!
+//! Contract shared by every implementation: `write_at` is visible to later `read_at`
+//! calls immediately; it survives a power loss only after a later `sync` returned Ok.
+//! Reads and writes past `len()` fail (the volume sizes the disk with `set_len` first).
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+/// Sector size used for torn-write simulation: a power cut keeps or loses whole sectors.
+pub const SECTOR_SIZE: u64 = 512;
+
+/// A byte-addressed device with an explicit durability barrier.
+pub trait Disk: Send + Sync {
+    /// Fills `buf` from `offset`; fails if the range is not entirely inside the disk.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    /// Writes all of `buf` at `offset`; fails if the range ends past the disk.
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+    /// Makes every completed write durable (fdatasync).
+    fn sync(&self) -> io::Result<()>;
+    /// Grows or shrinks the disk; new bytes read as zeros. Durable on return.
+    fn set_len(&self, len: u64) -> io::Result<()>;
+    /// Current size in bytes.
+    fn len(&self) -> io::Result<u64>;
+    /// Whether the disk has zero length.
+    fn is_empty(&self) -> io::Result<bool> {
+        Ok(self.len()? == 0)
+    }
+    /// A name for error messages (a file path for files).
+    fn describe(&self) -> String;
+}
+
+/// A volume file on a host filesystem.
+pub struct FileDisk {
+    file: File,
+    path: PathBuf,
+}
+
+impl FileDisk {
+    /// Creates (or truncates) the file at `path`.
+    pub fn create(path: &Path) -> io::Result<FileDisk> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)?;
+        Ok(FileDisk {
+            file,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// Opens an existing file at `path` for reading and writing.
+    pub fn open(path: &Path) -> io::Result<FileDisk> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)?;
+        Ok(FileDisk {
+            file,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// The path this disk was opened from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Disk for FileDisk {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.file.read_exact_at(buf, offset)
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.file.write_all_at(buf, offset)
+    }
+
+    fn sync(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.file.set_len(len)?;
+        // The size is metadata: sync_all so a grown file stays grown after a crash.
+        self.file.sync_all()
+    }
+
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.file.metadata()?.len())
+    }
+
+    fn describe(&self) -> String {
+        self.path.display().to_string()
+    }
+}
+
+/// How a simulated power loss treats writes that were not yet synced.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CrashMode {
+    /// Every unsynced write is lost.
+    DropUnsynced,
+    /// Unsynced writes reach the disk in issue order up to a random point; the write at
+    /// that point is torn at a sector boundary (its first sectors land, the rest not).
+    TearLast,
+    /// Each unsynced write independently lands, is lost, or is torn at a sector
+    /// boundary (disks reorder writes between barriers).
+    Random,
+}
+
+/// Makes injected I/O errors: each counter is the number of successful operations of
+/// that kind before every later one fails.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct FaultPlan {
+    pub fail_writes_after: Option<u64>,
+    pub fail_syncs_after: Option<u64>,
+    pub fail_reads_after: Option<u64>,
+}
+
+#[derive(Default)]
+struct SimState {
+    /// What a reader sees now.
+    current: Vec<u8>,
+    /// What survives a power loss.
+    durable: Vec<u8>,
+    /// Writes since the last sync, in issue order.
+    pending: Vec<(u64, Vec<u8>)>,
+    faults: FaultPlan,
+    writes: u64,
+    syncs: u64,
+    reads: u64,
+    dead: bool,
+}
+
+/// An in-memory disk that tracks synced vs unsynced writes. Clones share the same
+/// storage, so a test can keep a handle while the volume owns another.
+#[derive(Clone, Default)]
+pub struct SimDisk {
+    state: Arc<Mutex<SimState>>,
+    name: Arc<str>,
+}
+
+fn injected(kind: &str) -> io::Error {
+    io::Error::other(format!("injected {kind} error"))
+}
+
+fn bounds(len: usize, offset: u64, n: usize) -> io::Result<std::ops::Range<usize>> {
+    let start = usize::try_from(offset).map_err(|_| io::Error::other("offset overflow"))?;
+    let end = start.checked_add(n).filter(|&e| e <= len).ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            format!("range {offset}+{n} past end of disk ({len} bytes)"),
+        )
+    })?;
+    Ok(start..end)
+}
+
+/// splitmix64: a small deterministic generator so crash outcomes follow the seed.
+struct SplitMix(u64);
+
+impl SplitMix {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        if n == 0 { 0 } else { self.next() % n }
+    }
+}
+
+impl SimDisk {
+    /// An empty disk named `name` (used in error messages).
+    pub fn new(name: &str) -> SimDisk {
+        SimDisk {
+            state: Arc::new(Mutex::new(SimState::default())),
+            name: Arc::from(name),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, SimState> {
+        // A panic while holding this lock can only come from a test assertion; the
+        // state is still consistent, so keep going.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Replaces the fault plan and resets the operation counters.
+    pub fn set_faults(&self, faults: FaultPlan) {
+        let mut s = self.lock();
+        s.faults = faults;
+        s.writes = 0;
+        s.syncs = 0;
+        s.reads = 0;
+    }
+
+    /// Number of unsynced writes.
+    pub fn pending_writes(&self) -> usize {
+        self.lock().pending.len()
+    }
+
+    /// Simulates a power loss: returns a new disk holding what survived, per `mode`,
+    /// deterministically from `seed`. This handle becomes dead (every operation fails),
+    /// so a volume still using it cannot touch the survivor.
+    pub fn crash(&self, mode: CrashMode, seed: u64) -> SimDisk {
+        let mut s = self.lock();
+        s.dead = true;
+        let mut image = s.durable.clone();
+        let mut rng = SplitMix(seed ^ 0xD1B5_4A32_D192_ED03);
+        let pending = std::mem::take(&mut s.pending);
+        let apply = |image: &mut Vec<u8>, off: u64, data: &[u8]| {
+            let start = off as usize;
+            let end = (start + data.len()).min(image.len());
+            if start < end {
+                image[start..end].copy_from_slice(&data[..end - start]);
+            }
+        };
+        let torn_len = |rng: &mut SplitMix, off: u64, len: usize| -> usize {
+            // Keep whole sectors from the start of the write: cut at a sector boundary
+            // strictly inside the write, if there is one.
+            let first_boundary = (off / SECTOR_SIZE + 1) * SECTOR_SIZE;
+            let end = off + len as u64;
+            if first_boundary >= end {
+                return 0;
+            }
+            let boundaries = (end - 1 - first_boundary) / SECTOR_SIZE + 1;
+            let cut = first_boundary + rng.below(boundaries) * SECTOR_SIZE;
+            (cut - off) as usize
+        };
+        match mode {
+            CrashMode::DropUnsynced => {}
+            CrashMode::TearLast => {
+                let keep = rng.below(pending.len() as u64 + 1) as usize;
+                for (off, data) in pending.iter().take(keep) {
+                    apply(&mut image, *off, data);
+                }
+                if let Some((off, data)) = pending.get(keep) {
+                    let n = torn_len(&mut rng, *off, data.len());
+                    apply(&mut image, *off, &data[..n]);
+                }
+            }
+            CrashMode::Random => {
+                for (off, data) in &pending {
+                    match rng.below(3) {
+                        0 => {}
+                        1 => apply(&mut image, *off, data),
+                        _ => {
+                            let n = torn_len(&mut rng, *off, data.len());
+                            apply(&mut image, *off, &data[..n]);
+                        }
+                    }
+                }
+            }
+        }
+        SimDisk {
+            state: Arc::new(Mutex::new(SimState {
+                current: image.clone(),
+                durable: image,
+                ..SimState::default()
+            })),
+            name: self.name.clone(),
+        }
+    }
+
+    /// Overwrites bytes directly in both the current and the durable image (for
+    /// corruption tests); bypasses fault injection.
+    pub fn corrupt(&self, offset: u64, data: &[u8]) {
+        let mut s = self.lock();
+        let start = offset as usize;
+        let end = (start + data.len()).min(s.current.len());
+        if start < end {
+            let n = end - start;
+            s.current[start..end].copy_from_slice(&data[..n]);
+            s.durable[start..end].copy_from_slice(&data[..n]);
+        }
+    }
+
+    /// Reads bytes from the current image (bypasses fault injection).
+    pub fn peek(&self, offset: u64, len: usize) -> Vec<u8> {
+        let s = self.lock();
+        let start = (offset as usize).min(s.current.len());
+        let end = (start + len).min(s.current.len());
+        s.current[start..end].to_vec()
+    }
+}
+
+impl Disk for SimDisk {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let mut s = self.lock();
+        if s.dead {
+            return Err(io::Error::other("disk lost power"));
+        }
+        if s.faults.fail_reads_after.is_some_and(|n| s.reads >= n) {
+            return Err(injected("read"));
+        }
+        s.reads += 1;
+        let r = bounds(s.current.len(), offset, buf.len())?;
+        buf.copy_from_slice(&s.current[r]);
+        Ok(())
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        let mut s = self.lock();
+        if s.dead {
+            return Err(io::Error::other("disk lost power"));
+        }
+        if s.faults.fail_writes_after.is_some_and(|n| s.writes >= n) {
+            return Err(injected("write"));
+        }
+        s.writes += 1;
+        let r = bounds(s.current.len(), offset, buf.len())?;
+        s.current[r].copy_from_slice(buf);
+        s.pending.push((offset, buf.to_vec()));
+        Ok(())
+    }
+
+    fn sync(&self) -> io::Result<()> {
+        let mut s = self.lock();
+        if s.dead {
+            return Err(io::Error::other("disk lost power"));
+        }
+        if s.faults.fail_syncs_after.is_some_and(|n| s.syncs >= n) {
+            return Err(injected("sync"));
+        }
+        s.syncs += 1;
+        let SimState {
+            current,
+            durable,
+            pending,
+            ..
+        } = &mut *s;
+        for (off, data) in pending.drain(..) {
+            let start = off as usize;
+            durable[start..start + data.len()].copy_from_slice(&current[start..start + data.len()]);
+        }
+        Ok(())
+    }
+
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        let mut s = self.lock();
+        if s.dead {
+            return Err(io::Error::other("disk lost power"));
+        }
+        let len = usize::try_from(len).map_err(|_| io::Error::other("length overflow"))?;
+        s.current.resize(len, 0);
+        s.durable.resize(len, 0);
+        // Pending writes past the new end no longer exist.
+        s.pending
+            .retain(|(off, data)| (*off as usize) + data.len() <= len);
+        Ok(())
+    }
+
+    fn len(&self) -> io::Result<u64> {
+        let s = self.lock();
+        if s.dead {
+            return Err(io::Error::other("disk lost power"));
+        }
+        Ok(s.current.len() as u64)
+    }
+
+    fn describe(&self) -> String {
+        format!("simdisk:{}", self.name)
+    }
+}

@@ -1,0 +1,140 @@
+//! The flusher: moves WAL data into the extent and frees WAL space.
+//!
+//! One cycle: under the append lock, take the head LSN H and a copy of the dirty map
+//! (every run in it has LSN <= H); make the WAL durable up to H; copy each run into the
+//! extent; sync; drop runs <= H from the dirty map; persist the superblock with
+//! checkpoint H and the new tail; only then let writers reuse the freed space. Copying
+//! only durable entries means a crash can never leave extent blocks newer than the
+//! WAL that explains them; persisting the tail before reuse means recovery never starts
+//! from overwritten records. The tail stops at the retention floor, and nothing is
+//! copied while a base image pins the extent.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use crate::dirty_map::Source;
+use crate::error::Result;
+use crate::extent;
+use crate::types::{Lsn, WalPos};
+use crate::volume::{Inner, lock, read, write};
+
+impl Inner {
+    /// Body of the flusher thread: a cycle every `flush_interval_ms`, or sooner when
+    /// kicked, until shutdown.
+    pub(crate) fn flusher_loop(&self) {
+        let interval = Duration::from_millis(self.cfg.flush_interval_ms);
+        loop {
+            {
+                let mut c = lock(&self.ctl);
+                if !c.shutdown && !c.kick {
+                    c = self
+                        .ctl_cv
+                        .wait_timeout(c, interval)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0;
+                }
+                if c.shutdown {
+                    break;
+                }
+                c.kick = false;
+            }
+            if self.gc.failed().is_some() {
+                continue;
+            }
+            if let Err(e) = self.flush_cycle() {
+                tracing::warn!(file = %self.disk.describe(), error = %e, "flusher cycle failed");
+                // Writers waiting for space must learn about the failure now, not at
+                // their timeout.
+                drop(lock(&self.wal));
+                self.space_cv.notify_all();
+            }
+        }
+    }
+
+    /// One flusher cycle (see the module docs). A no-op while a base image is pinned,
+    /// during a rebuild, or when there is nothing to move.
+    pub(crate) fn flush_cycle(&self) -> Result<()> {
+        let _cycle = lock(&self.flush_cycle);
+        self.gc.check()?;
+        if lock(&self.ctl).base_pins > 0 {
+            return Ok(());
+        }
+        let checkpoint = self.checkpoint_lsn.load(Ordering::Acquire);
+        let floor = self.retention_floor.load(Ordering::Acquire);
+        let new_tail = |h: u64, tail_lsn: u64| {
+            let mut t = h + 1;
+            if floor != 0 {
+                t = t.min(floor);
+            }
+            t.max(tail_lsn)
+        };
+        let (h, runs) = {
+            let st = lock(&self.wal);
+            if st.rebuilding {
+                return Ok(());
+            }
+            let h = st.head_lsn;
+            // Nothing to copy, the tail cannot move, and both superblock copies
+            // already agree on the tail.
+            if h == checkpoint
+                && new_tail(h, st.tail_lsn) == st.tail_lsn
+                && st.free_from == st.tail_pos
+            {
+                return Ok(());
+            }
+            (h, read(&self.map).runs())
+        };
+        if h > checkpoint {
+            self.sync_to(h)?;
+            let layout = self.layout;
+            let disk = &*self.disk;
+            let copy = || -> std::io::Result<()> {
+                for run in &runs {
+                    let dst = layout.extent_off(run.start);
+                    let len = (run.end - run.start) * layout.bs();
+                    match run.src {
+                        Source::Wal { data_pos } => {
+                            extent::copy_range(disk, layout.wal_phys(data_pos), dst, len)?
+                        }
+                        Source::Zero => extent::write_zeroes(disk, dst, len)?,
+                    }
+                }
+                disk.sync()
+            };
+            if let Err(e) = copy() {
+                let err = self.io_err(e);
+                self.gc
+                    .poison(format!("flusher failed to write the extent: {err}"));
+                return Err(err);
+            }
+            write(&self.map).remove_up_to(h);
+        }
+        let (tail_pos, tail_lsn) = {
+            let st = lock(&self.wal);
+            let t = new_tail(h, st.tail_lsn);
+            let pos = st.entry(t).map(|e| e.pos).unwrap_or(st.head_pos);
+            (pos, t)
+        };
+        let prev_tail = self.persist(|sb| {
+            sb.checkpoint_lsn = Lsn(h);
+            sb.wal_tail_pos = WalPos(tail_pos);
+            sb.wal_tail_lsn = Lsn(tail_lsn);
+        })?;
+        {
+            let _reclaim = write(&self.reclaim);
+            let mut st = lock(&self.wal);
+            while st.index.front().is_some_and(|e| e.lsn < tail_lsn) {
+                st.index.pop_front();
+            }
+            st.tail_pos = tail_pos;
+            st.tail_lsn = tail_lsn;
+            st.note_persisted(prev_tail);
+            self.checkpoint_lsn.store(h, Ordering::Release);
+            self.retained_start.store(tail_lsn, Ordering::Release);
+        }
+        self.space_cv.notify_all();
+        self.flusher_cycles.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(checkpoint = h, tail_lsn, "flusher cycle done");
+        Ok(())
+    }
+}

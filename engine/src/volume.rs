@@ -1,0 +1,1198 @@
+//! A volume: one file holding a superblock pair, a circular WAL and an extent. Writes
+//! append a WAL record and update the dirty map; `flush` makes everything appended so
+//! far durable with one shared fdatasync (group commit); a background flusher copies WAL
+//! data into the extent and advances the checkpoint and the WAL tail.
+//!
+//! Guarantees: LSNs are dense and assigned in WAL order, also under concurrent writers;
+//! a flushed entry survives any crash; an entry that did not fully reach the disk is
+//! never applied; the durable LSN only moves forward (except by an explicit truncation
+//! or rebuild) and only after a sync; WAL space is reused only after the superblock that
+//! releases it is durable, and never for entries at or above the retention floor.
+
+use std::collections::VecDeque;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::dirty_map::{DirtyMap, Source};
+use crate::disk::{Disk, FileDisk};
+use crate::error::{Error, Result};
+use crate::extent::{self, Layout};
+use crate::group_commit::GroupCommit;
+use crate::recovery::{self, IndexEntry};
+use crate::superblock::{self, FLAG_REBUILD_IN_PROGRESS, SUPERBLOCK_SLOT_SIZE, Superblock};
+use crate::types::{DurabilityMode, Epoch, Lba, Lsn, WalPos};
+use crate::wal::{self, EntryKind, RECORD_OVERHEAD, RecordHeader, WalEntry};
+
+/// Geometry and identity of a new volume.
+#[derive(Clone, Debug)]
+pub struct CreateOptions {
+    pub size_bytes: u64,
+    pub block_size: u32,
+    pub wal_size_bytes: u64,
+    pub durability: DurabilityMode,
+    pub epoch: Epoch,
+}
+
+impl Default for CreateOptions {
+    fn default() -> Self {
+        CreateOptions {
+            size_bytes: 64 << 20,
+            block_size: 4096,
+            wal_size_bytes: 64 << 20,
+            durability: DurabilityMode::SyncAll,
+            epoch: Epoch(0),
+        }
+    }
+}
+
+/// Runtime settings of an open volume (not persisted).
+#[derive(Clone, Debug)]
+pub struct VolumeConfig {
+    /// How often the flusher runs when nobody kicks it.
+    pub flush_interval_ms: u64,
+    /// How long a writer waits for WAL space before failing with `WalFull`.
+    pub wal_full_timeout_ms: u64,
+    /// WAL fill level (percent) above which every append kicks the flusher.
+    pub wal_soft_watermark_pct: u8,
+    /// WAL fill level (percent) above which writers wait for the flusher.
+    pub wal_hard_watermark_pct: u8,
+    /// Batching window before a group-commit leader syncs (0 = sync at once).
+    pub group_commit_max_delay_us: u64,
+    /// Largest data payload of one WAL entry; longer writes become several entries.
+    /// Capped at 1/8 of the WAL.
+    pub max_entry_bytes: u64,
+}
+
+impl Default for VolumeConfig {
+    fn default() -> Self {
+        VolumeConfig {
+            flush_interval_ms: 100,
+            wal_full_timeout_ms: 5000,
+            wal_soft_watermark_pct: 70,
+            wal_hard_watermark_pct: 90,
+            group_commit_max_delay_us: 0,
+            max_entry_bytes: 1 << 20,
+        }
+    }
+}
+
+impl VolumeConfig {
+    fn validate(&self) -> Result<()> {
+        if self.flush_interval_ms == 0 {
+            return Err(Error::invalid("flush_interval_ms", "must be at least 1"));
+        }
+        if !(1..=100).contains(&self.wal_hard_watermark_pct) {
+            return Err(Error::invalid(
+                "wal_hard_watermark_pct",
+                format!("{} (allowed 1..=100)", self.wal_hard_watermark_pct),
+            ));
+        }
+        if self.wal_soft_watermark_pct > self.wal_hard_watermark_pct {
+            return Err(Error::invalid(
+                "wal_soft_watermark_pct",
+                format!(
+                    "{} (must not exceed wal_hard_watermark_pct {})",
+                    self.wal_soft_watermark_pct, self.wal_hard_watermark_pct
+                ),
+            ));
+        }
+        if self.max_entry_bytes == 0 {
+            return Err(Error::invalid("max_entry_bytes", "must be positive"));
+        }
+        Ok(())
+    }
+}
+
+/// Counters for tests, benchmarks and metrics.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct VolumeStats {
+    /// fdatasync calls made by group commit.
+    pub group_commit_syncs: u64,
+    /// Flusher cycles that moved the checkpoint or the tail.
+    pub flusher_cycles: u64,
+    pub wal_used_bytes: u64,
+    pub wal_size_bytes: u64,
+    pub dirty_runs: u64,
+}
+
+/// Callback run for every appended entry, in LSN order, under the append lock.
+pub type AppendObserver = Arc<dyn Fn(&WalEntry) + Send + Sync>;
+
+/// Append-side state, guarded by the append lock.
+pub(crate) struct WalState {
+    pub(crate) head_lsn: u64,
+    pub(crate) head_pos: u64,
+    pub(crate) tail_pos: u64,
+    pub(crate) tail_lsn: u64,
+    pub(crate) index: VecDeque<IndexEntry>,
+    pub(crate) rebuilding: bool,
+    /// Generation new records are written with (mirrors the persisted superblock).
+    pub(crate) wal_gen: u64,
+    /// WAL space before this position may be reused: the lower of the tails in the two
+    /// superblock copies (and never above `tail_pos`). Waiting for both copies means
+    /// falling back to the older copy after a torn superblock write never starts
+    /// recovery from overwritten records.
+    pub(crate) free_from: u64,
+}
+
+impl WalState {
+    pub(crate) fn used(&self) -> u64 {
+        self.head_pos - self.tail_pos
+    }
+
+    /// Bytes not yet reusable by appends.
+    pub(crate) fn occupied(&self) -> u64 {
+        self.head_pos - self.free_from
+    }
+
+    /// Records that a superblock write made `prev_tail` (the tail in the copy that was
+    /// not overwritten) the older of the two persisted tails.
+    pub(crate) fn note_persisted(&mut self, prev_tail: u64) {
+        self.free_from = self.free_from.max(prev_tail.min(self.tail_pos));
+    }
+
+    pub(crate) fn entry(&self, lsn: u64) -> Option<&IndexEntry> {
+        let first = self.index.front()?.lsn;
+        let i = usize::try_from(lsn.checked_sub(first)?).ok()?;
+        self.index.get(i)
+    }
+}
+
+pub(crate) struct FlusherCtl {
+    pub(crate) kick: bool,
+    pub(crate) shutdown: bool,
+    pub(crate) base_pins: u64,
+}
+
+pub(crate) struct Inner {
+    pub(crate) disk: Box<dyn Disk>,
+    pub(crate) layout: Layout,
+    pub(crate) cfg: VolumeConfig,
+    pub(crate) max_entry_bytes: u64,
+    pub(crate) size_bytes: AtomicU64,
+    pub(crate) wal: Mutex<WalState>,
+    pub(crate) space_cv: Condvar,
+    pub(crate) map: RwLock<DirtyMap>,
+    /// Held (read) while WAL bytes are read outside the append lock; held (write) while
+    /// the tail moves, so freed space is never reused under a reader.
+    pub(crate) reclaim: RwLock<()>,
+    pub(crate) sb: Mutex<Superblock>,
+    pub(crate) gc: GroupCommit,
+    pub(crate) head_lsn: AtomicU64,
+    pub(crate) checkpoint_lsn: AtomicU64,
+    pub(crate) retained_start: AtomicU64,
+    pub(crate) epoch: AtomicU64,
+    /// 0 = no floor.
+    pub(crate) retention_floor: AtomicU64,
+    pub(crate) flusher_cycles: AtomicU64,
+    /// Serializes flusher cycles with truncation, rebuild and base pinning.
+    pub(crate) flush_cycle: Mutex<()>,
+    pub(crate) ctl: Mutex<FlusherCtl>,
+    pub(crate) ctl_cv: Condvar,
+    pub(crate) observer: RwLock<Option<AppendObserver>>,
+    pub(crate) expand_lock: Mutex<()>,
+}
+
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+pub(crate) fn read<T>(m: &RwLock<T>) -> RwLockReadGuard<'_, T> {
+    m.read().unwrap_or_else(|e| e.into_inner())
+}
+pub(crate) fn write<T>(m: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
+    m.write().unwrap_or_else(|e| e.into_inner())
+}
+
+/// An open volume. All methods take `&self` and may be called from many threads.
+pub struct Volume {
+    inner: Arc<Inner>,
+    flusher: Option<JoinHandle<()>>,
+}
+
+/// A consistent image of the extent as of `checkpoint()`, for rebuilding a replica.
+/// While any `BaseImage` is alive the flusher does not touch the extent (writes keep
+/// landing in the WAL; if the WAL fills, writers wait and then fail with `WalFull`), so
+/// every block read through it is the state at the checkpoint. Entries after the
+/// checkpoint stay in the WAL while pinned; set a retention floor before dropping the
+/// image if the tail will be needed afterwards.
+pub struct BaseImage {
+    inner: Arc<Inner>,
+    checkpoint: Lsn,
+}
+
+fn random_uuid() -> [u8; 16] {
+    let mut out = [0u8; 16];
+    let ok = std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut out))
+        .is_ok();
+    if !ok {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let mix = t ^ (u128::from(std::process::id()) << 64);
+        out = mix.to_le_bytes();
+    }
+    out
+}
+
+impl Volume {
+    /// Formats `disk` as a new volume and opens it.
+    pub fn create(disk: Box<dyn Disk>, opts: CreateOptions, cfg: VolumeConfig) -> Result<Volume> {
+        cfg.validate()?;
+        superblock::validate_geometry(opts.size_bytes, opts.block_size, opts.wal_size_bytes)
+            .map_err(|reason| Error::invalid("CreateOptions", reason))?;
+        let layout = Layout::new(opts.block_size, opts.wal_size_bytes);
+        let what = disk.describe();
+        let fresh = disk.is_empty().map_err(|e| Error::io(&what, e))?;
+        disk.set_len(layout.disk_len(opts.size_bytes))
+            .map_err(|e| Error::io(&what, e))?;
+        if !fresh {
+            // Old records from whatever used this disk before must not look like ours.
+            extent::write_zeroes(&*disk, layout.wal_offset, layout.wal_size)
+                .map_err(|e| Error::io(&what, e))?;
+        }
+        let mut sb = Superblock {
+            flags: 0,
+            seq: 0,
+            uuid: random_uuid(),
+            volume_size: opts.size_bytes,
+            block_size: opts.block_size,
+            durability: opts.durability,
+            wal_offset: layout.wal_offset,
+            wal_size: layout.wal_size,
+            extent_offset: layout.extent_offset,
+            checkpoint_lsn: Lsn(0),
+            wal_tail_pos: WalPos(0),
+            wal_tail_lsn: Lsn(1),
+            wal_gen: 1,
+            epoch: opts.epoch,
+            prepared_size: 0,
+            expand_epoch: 0,
+        };
+        for seq in 0..2 {
+            sb.seq = seq;
+            disk.write_at(&sb.encode(), Superblock::slot_offset(sb.slot()))
+                .map_err(|e| Error::io(&what, e))?;
+        }
+        disk.sync().map_err(|e| Error::io(&what, e))?;
+        tracing::info!(file = %what, size_bytes = opts.size_bytes, block_size = opts.block_size,
+            wal_size_bytes = opts.wal_size_bytes, "created volume");
+        Volume::open(disk, cfg)
+    }
+
+    /// Opens an existing volume, replaying the WAL after the checkpoint.
+    pub fn open(disk: Box<dyn Disk>, cfg: VolumeConfig) -> Result<Volume> {
+        cfg.validate()?;
+        let what = disk.describe();
+        let io = |e| Error::io(&what, e);
+        let disk_len = disk.len().map_err(io)?;
+        let mut a = vec![0u8; superblock::ENCODED_LEN];
+        let mut b = vec![0u8; superblock::ENCODED_LEN];
+        if disk_len >= 2 * SUPERBLOCK_SLOT_SIZE {
+            disk.read_at(&mut a, 0).map_err(io)?;
+            disk.read_at(&mut b, SUPERBLOCK_SLOT_SIZE).map_err(io)?;
+        }
+        let mut sb = superblock::choose(&what, &a, &b)?;
+        let layout = Layout {
+            block_size: sb.block_size,
+            wal_offset: sb.wal_offset,
+            wal_size: sb.wal_size,
+            extent_offset: sb.extent_offset,
+        };
+        if sb.prepared_size != 0 {
+            tracing::warn!(file = %what, prepared_size = sb.prepared_size,
+                "discarding an expansion interrupted by a crash");
+            sb.prepared_size = 0;
+        }
+        let need = layout.disk_len(sb.volume_size);
+        if disk_len < need {
+            return Err(Error::corrupt(
+                what,
+                format!("file is {disk_len} bytes but the superblock needs {need}"),
+            ));
+        }
+        let rebuilding = sb.flags & FLAG_REBUILD_IN_PROGRESS != 0;
+        let rec = recovery::recover(&*disk, &layout, &sb)?;
+        tracing::info!(file = %what, checkpoint = sb.checkpoint_lsn.0, head = rec.head_lsn,
+            replayed = rec.map.len(), stop = %rec.stop_reason, rebuilding, "recovered WAL");
+
+        let checkpoint = sb.checkpoint_lsn.0;
+        let head = rec.head_lsn;
+        let max_entry_bytes = cfg
+            .max_entry_bytes
+            .min(layout.wal_size / 8)
+            .max(u64::from(sb.block_size))
+            / u64::from(sb.block_size)
+            * u64::from(sb.block_size);
+        let inner = Arc::new(Inner {
+            layout,
+            max_entry_bytes,
+            size_bytes: AtomicU64::new(sb.volume_size),
+            wal: Mutex::new(WalState {
+                head_lsn: head,
+                head_pos: rec.head_pos,
+                tail_pos: rec.tail_pos,
+                tail_lsn: rec.tail_lsn,
+                index: rec.index,
+                rebuilding,
+                wal_gen: 0,
+                free_from: rec.tail_pos,
+            }),
+            space_cv: Condvar::new(),
+            map: RwLock::new(rec.map),
+            reclaim: RwLock::new(()),
+            gc: GroupCommit::new(0, Duration::from_micros(cfg.group_commit_max_delay_us)),
+            head_lsn: AtomicU64::new(head),
+            checkpoint_lsn: AtomicU64::new(checkpoint),
+            retained_start: AtomicU64::new(rec.tail_lsn),
+            epoch: AtomicU64::new(sb.epoch.0),
+            retention_floor: AtomicU64::new(0),
+            flusher_cycles: AtomicU64::new(0),
+            flush_cycle: Mutex::new(()),
+            ctl: Mutex::new(FlusherCtl {
+                kick: false,
+                shutdown: false,
+                base_pins: 0,
+            }),
+            ctl_cv: Condvar::new(),
+            observer: RwLock::new(None),
+            expand_lock: Mutex::new(()),
+            sb: Mutex::new(sb),
+            disk,
+            cfg,
+        });
+        {
+            // Everything found is part of the chain; make it durable (it may be only in
+            // the page cache after a process kill), then start a new WAL generation so
+            // stale records beyond the head can never join the chain.
+            let mut st = lock(&inner.wal);
+            inner.zero_next_slot(&st)?;
+            let tail = (st.tail_pos, st.tail_lsn);
+            let prev = inner.persist(|sb| {
+                sb.wal_gen += 1;
+                sb.wal_tail_pos = WalPos(tail.0);
+                sb.wal_tail_lsn = Lsn(tail.1);
+            })?;
+            st.note_persisted(prev);
+            st.wal_gen = lock(&inner.sb).wal_gen;
+            drop(st);
+            inner.gc.reset_durable(head);
+        }
+        let worker = inner.clone();
+        let flusher = std::thread::Builder::new()
+            .name("blockvol-flusher".into())
+            .spawn(move || worker.flusher_loop())
+            .map_err(|e| Error::io("spawning the flusher thread", e))?;
+        Ok(Volume {
+            inner,
+            flusher: Some(flusher),
+        })
+    }
+
+    /// Creates a volume in a new sparse file at `path` (truncating any existing file).
+    pub fn create_file(path: &Path, opts: CreateOptions, cfg: VolumeConfig) -> Result<Volume> {
+        let disk = FileDisk::create(path).map_err(|e| Error::io(path.display().to_string(), e))?;
+        Volume::create(Box::new(disk), opts, cfg)
+    }
+
+    /// Opens the volume file at `path`.
+    pub fn open_file(path: &Path, cfg: VolumeConfig) -> Result<Volume> {
+        let disk = FileDisk::open(path).map_err(|e| Error::io(path.display().to_string(), e))?;
+        Volume::open(Box::new(disk), cfg)
+    }
+
+    /// Appends a WRITE; `data` is a whole number of blocks inside the volume. Returns
+    /// the LSN of the (last) entry. Not durable until `flush`.
+    pub fn write(&self, lba: Lba, data: &[u8]) -> Result<Lsn> {
+        let i = &self.inner;
+        let bs = i.layout.bs();
+        if data.is_empty() || !(data.len() as u64).is_multiple_of(bs) {
+            return Err(Error::invalid(
+                "data",
+                format!(
+                    "length {} is not a positive multiple of block size {bs}",
+                    data.len()
+                ),
+            ));
+        }
+        i.check_range(lba.0, data.len() as u64 / bs)?;
+        let mut last = Lsn(0);
+        let mut block = lba.0;
+        for chunk in data.chunks(i.max_entry_bytes as usize) {
+            let blocks = chunk.len() as u64 / bs;
+            last = i.append_local(EntryKind::Write, block, blocks as u32, chunk)?;
+            block += blocks;
+        }
+        Ok(last)
+    }
+
+    /// A write that is durable when it returns.
+    pub fn write_fua(&self, lba: Lba, data: &[u8]) -> Result<Lsn> {
+        let lsn = self.write(lba, data)?;
+        self.inner.sync_to(lsn.0)?;
+        Ok(lsn)
+    }
+
+    /// Reads whole blocks: newest data from the WAL where dirty, else from the extent.
+    /// Trimmed, zeroed and never-written blocks read as zeros.
+    pub fn read(&self, lba: Lba, buf: &mut [u8]) -> Result<()> {
+        let i = &self.inner;
+        let bs = i.layout.bs();
+        if buf.is_empty() || !(buf.len() as u64).is_multiple_of(bs) {
+            return Err(Error::invalid(
+                "buf",
+                format!(
+                    "length {} is not a positive multiple of block size {bs}",
+                    buf.len()
+                ),
+            ));
+        }
+        let blocks = buf.len() as u64 / bs;
+        i.check_range(lba.0, blocks)?;
+        i.gc.check()?;
+        let what = || format!("read of {}", i.disk.describe());
+        let map = read(&i.map);
+        let mut cursor = lba.0;
+        let end = lba.0 + blocks;
+        let slice = |s: u64, e: u64| -> std::ops::Range<usize> {
+            ((s - lba.0) * bs) as usize..((e - lba.0) * bs) as usize
+        };
+        for run in map.lookup(lba.0, end) {
+            if cursor < run.start {
+                let r = slice(cursor, run.start);
+                i.disk
+                    .read_at(&mut buf[r], i.layout.extent_off(cursor))
+                    .map_err(|e| Error::io(what(), e))?;
+            }
+            let r = slice(run.start, run.end);
+            match run.src {
+                Source::Wal { data_pos } => i
+                    .disk
+                    .read_at(&mut buf[r], i.layout.wal_phys(data_pos))
+                    .map_err(|e| Error::io(what(), e))?,
+                Source::Zero => buf[r].fill(0),
+            }
+            cursor = run.end;
+        }
+        if cursor < end {
+            let r = slice(cursor, end);
+            i.disk
+                .read_at(&mut buf[r], i.layout.extent_off(cursor))
+                .map_err(|e| Error::io(what(), e))?;
+        }
+        Ok(())
+    }
+
+    /// Discards `blocks` blocks from `lba`; they read as zeros afterwards.
+    pub fn trim(&self, lba: Lba, blocks: u64) -> Result<Lsn> {
+        self.inner.append_range(EntryKind::Trim, lba.0, blocks)
+    }
+
+    /// Zeroes `blocks` blocks from `lba`.
+    pub fn write_zeroes(&self, lba: Lba, blocks: u64) -> Result<Lsn> {
+        self.inner.append_range(EntryKind::Zero, lba.0, blocks)
+    }
+
+    /// Makes everything appended before the call durable and returns the durable LSN.
+    /// Concurrent callers share one fdatasync.
+    pub fn flush(&self) -> Result<Lsn> {
+        let target = self.inner.head_lsn.load(Ordering::Acquire);
+        self.inner.sync_to(target).map(Lsn)
+    }
+
+    /// Runs one flusher cycle now: copies durable WAL data to the extent and advances
+    /// the checkpoint and the tail. Returns the checkpoint LSN.
+    pub fn checkpoint(&self) -> Result<Lsn> {
+        self.inner.flush_cycle()?;
+        Ok(self.checkpoint_lsn())
+    }
+
+    /// Grows the volume to `new_size_bytes` (a multiple of the block size).
+    pub fn expand(&self, new_size_bytes: u64) -> Result<()> {
+        let i = &self.inner;
+        let _g = lock(&i.expand_lock);
+        i.gc.check()?;
+        let cur = i.size_bytes.load(Ordering::Acquire);
+        let bs = i.layout.bs();
+        if new_size_bytes < cur || !new_size_bytes.is_multiple_of(bs) {
+            return Err(Error::invalid(
+                "new_size_bytes",
+                format!(
+                    "{new_size_bytes} (must be a multiple of block size {bs} and at least the current size {cur})"
+                ),
+            ));
+        }
+        if new_size_bytes == cur {
+            return Ok(());
+        }
+        i.layout
+            .extent_offset
+            .checked_add(new_size_bytes)
+            .ok_or_else(|| Error::invalid("new_size_bytes", "file size overflows"))?;
+        i.persist(|sb| sb.prepared_size = new_size_bytes)?;
+        i.disk
+            .set_len(i.layout.disk_len(new_size_bytes))
+            .map_err(|e| Error::io(i.disk.describe(), e))?;
+        i.persist(|sb| {
+            sb.volume_size = new_size_bytes;
+            sb.prepared_size = 0;
+            sb.expand_epoch += 1;
+        })?;
+        i.size_bytes.store(new_size_bytes, Ordering::Release);
+        tracing::info!(file = %i.disk.describe(), new_size_bytes, "expanded volume");
+        Ok(())
+    }
+
+    pub fn size_bytes(&self) -> u64 {
+        self.inner.size_bytes.load(Ordering::Acquire)
+    }
+
+    pub fn block_size(&self) -> u32 {
+        self.inner.layout.block_size
+    }
+
+    /// Last appended LSN.
+    pub fn head_lsn(&self) -> Lsn {
+        Lsn(self.inner.head_lsn.load(Ordering::Acquire))
+    }
+
+    /// Last LSN known durable (flushedLSN).
+    pub fn durable_lsn(&self) -> Lsn {
+        Lsn(self.inner.gc.durable())
+    }
+
+    /// Last LSN in the extent and recorded in the superblock.
+    pub fn checkpoint_lsn(&self) -> Lsn {
+        Lsn(self.inner.checkpoint_lsn.load(Ordering::Acquire))
+    }
+
+    /// Oldest LSN still readable from the WAL (`scan_from` accepts it). Equals
+    /// `head_lsn + 1` when nothing is retained.
+    pub fn retained_start(&self) -> Lsn {
+        Lsn(self.inner.retained_start.load(Ordering::Acquire))
+    }
+
+    /// The flusher never frees WAL entries with LSN >= `floor`. `None` removes it.
+    pub fn set_retention_floor(&self, floor: Option<Lsn>) {
+        let v = floor.map(|l| l.0.max(1)).unwrap_or(0);
+        self.inner.retention_floor.store(v, Ordering::Release);
+        self.inner.kick();
+    }
+
+    /// The current retention floor.
+    pub fn retention_floor(&self) -> Option<Lsn> {
+        match self.inner.retention_floor.load(Ordering::Acquire) {
+            0 => None,
+            v => Some(Lsn(v)),
+        }
+    }
+
+    /// Up to `max_entries` retained entries from `from` on, in LSN order (catch-up).
+    /// Fails with `WalRecycled` if `from < retained_start()`; empty if `from > head`.
+    pub fn scan_from(&self, from: Lsn, max_entries: usize) -> Result<Vec<WalEntry>> {
+        let i = &self.inner;
+        i.gc.check()?;
+        let _reclaim = read(&i.reclaim);
+        let picked: Vec<IndexEntry> = {
+            let st = lock(&i.wal);
+            if from.0 < st.tail_lsn {
+                return Err(Error::WalRecycled {
+                    from,
+                    retained_start: Lsn(st.tail_lsn),
+                });
+            }
+            (from.0..=st.head_lsn)
+                .take(max_entries)
+                .filter_map(|l| st.entry(l).copied())
+                .collect()
+        };
+        let mut out = Vec::with_capacity(picked.len());
+        let mut buf = Vec::new();
+        for e in picked {
+            buf.resize(e.len as usize, 0);
+            i.disk
+                .read_at(&mut buf, i.layout.wal_phys(e.pos))
+                .map_err(|err| Error::io(format!("WAL of {}", i.disk.describe()), err))?;
+            let bad = |reason: String| {
+                Error::corrupt(
+                    format!("WAL record LSN {} of {}", e.lsn, i.disk.describe()),
+                    reason,
+                )
+            };
+            let h = RecordHeader::parse(&buf).map_err(|x| bad(x.to_string()))?;
+            h.verify(&buf).map_err(|x| bad(x.to_string()))?;
+            let (entry, _) =
+                WalEntry::decode(&buf[wal::RECORD_PREFIX_LEN..]).map_err(|x| bad(x.to_string()))?;
+            if entry.lsn.0 != e.lsn {
+                return Err(bad(format!("holds LSN {}", entry.lsn)));
+            }
+            out.push(entry);
+        }
+        Ok(out)
+    }
+
+    /// Replica side: appends an entry shipped by the primary, keeping its LSN and
+    /// epoch. `entry.lsn <= head` is a duplicate and is skipped; a gap is an error.
+    pub fn append_replicated(&self, entry: &WalEntry) -> Result<()> {
+        let i = &self.inner;
+        let bs = i.layout.bs();
+        match entry.kind {
+            EntryKind::Padding => {
+                return Err(Error::invalid("entry.kind", "PADDING is not replicated"));
+            }
+            EntryKind::Write => {
+                if entry.blocks == 0 || entry.data.len() as u64 != u64::from(entry.blocks) * bs {
+                    return Err(Error::invalid(
+                        "entry.data",
+                        format!(
+                            "{} bytes for {} blocks of {bs} bytes",
+                            entry.data.len(),
+                            entry.blocks
+                        ),
+                    ));
+                }
+                if entry.data.len() as u64 > i.layout.wal_size / 4 {
+                    return Err(Error::invalid(
+                        "entry.data",
+                        format!("{} bytes is too large for this WAL", entry.data.len()),
+                    ));
+                }
+            }
+            EntryKind::Trim | EntryKind::Zero => {
+                if entry.blocks == 0 || !entry.data.is_empty() {
+                    return Err(Error::invalid(
+                        "entry",
+                        "TRIM/ZERO need blocks > 0 and no data",
+                    ));
+                }
+            }
+        }
+        i.check_range(entry.lba.0, u64::from(entry.blocks))?;
+        let mut st = i.lock_for_append()?;
+        if entry.lsn.0 <= st.head_lsn {
+            return Ok(());
+        }
+        if entry.lsn.0 != st.head_lsn + 1 {
+            return Err(Error::LsnGap {
+                expected: Lsn(st.head_lsn + 1),
+                got: entry.lsn,
+            });
+        }
+        st = i.wait_for_space(st, wal::record_len_for(entry.data.len()))?;
+        i.append_locked(&mut st, entry)
+    }
+
+    /// Drops WAL entries after `lsn` (a replica's divergent suffix). Fails if the
+    /// checkpoint is already past `lsn`. The durable LSN drops to `lsn` if higher.
+    pub fn truncate_after(&self, lsn: Lsn) -> Result<()> {
+        self.inner.truncate_after(lsn.0)
+    }
+
+    pub fn epoch(&self) -> Epoch {
+        Epoch(self.inner.epoch.load(Ordering::Acquire))
+    }
+
+    /// Persists a new epoch (superblock + sync) before returning. Lowering it fails;
+    /// setting the same value is a no-op. Entries appended after it returns carry it.
+    pub fn set_epoch(&self, e: Epoch) -> Result<()> {
+        let i = &self.inner;
+        let mut st = lock(&i.wal);
+        let cur = i.epoch.load(Ordering::Acquire);
+        if e.0 < cur {
+            return Err(Error::EpochRegression {
+                current: Epoch(cur),
+                requested: e,
+            });
+        }
+        if e.0 == cur {
+            return Ok(());
+        }
+        let prev = i.persist(|sb| sb.epoch = e)?;
+        st.note_persisted(prev);
+        i.epoch.store(e.0, Ordering::Release);
+        tracing::info!(file = %i.disk.describe(), epoch = e.0, "epoch persisted");
+        Ok(())
+    }
+
+    /// Installs (or with `None` removes) the callback run for every appended entry,
+    /// in LSN order, under the append lock. Keep it short: it delays every writer.
+    pub fn set_append_observer(&self, f: Option<AppendObserver>) {
+        let _st = lock(&self.inner.wal);
+        *write(&self.inner.observer) = f;
+    }
+
+    /// Pins the extent at the current checkpoint for a rebuild source (see
+    /// [`BaseImage`]).
+    pub fn base_snapshot(&self) -> Result<BaseImage> {
+        let i = &self.inner;
+        i.gc.check()?;
+        let _cycle = lock(&i.flush_cycle);
+        lock(&i.ctl).base_pins += 1;
+        Ok(BaseImage {
+            inner: i.clone(),
+            checkpoint: Lsn(i.checkpoint_lsn.load(Ordering::Acquire)),
+        })
+    }
+
+    /// Replica side: starts a rebuild. Discards the WAL and dirty map, persists a
+    /// rebuild-in-progress flag (a crash leaves the volume marked, with head,
+    /// durable and checkpoint LSN 0), and refuses writes until `finish_rebuild`.
+    pub fn begin_rebuild(&self) -> Result<()> {
+        self.inner.begin_rebuild()
+    }
+
+    /// Whether a rebuild is in progress (also after a crash during one).
+    pub fn is_rebuilding(&self) -> bool {
+        lock(&self.inner.wal).rebuilding
+    }
+
+    /// Replica side: writes base blocks straight into the extent during a rebuild.
+    pub fn install_base_block(&self, lba: Lba, data: &[u8]) -> Result<()> {
+        let i = &self.inner;
+        let bs = i.layout.bs();
+        if data.is_empty() || !(data.len() as u64).is_multiple_of(bs) {
+            return Err(Error::invalid(
+                "data",
+                format!(
+                    "length {} is not a positive multiple of block size {bs}",
+                    data.len()
+                ),
+            ));
+        }
+        i.check_range(lba.0, data.len() as u64 / bs)?;
+        i.gc.check()?;
+        if !lock(&i.wal).rebuilding {
+            return Err(Error::invalid(
+                "install_base_block",
+                "call begin_rebuild first",
+            ));
+        }
+        i.disk
+            .write_at(data, i.layout.extent_off(lba.0))
+            .map_err(|e| Error::io(i.disk.describe(), e))
+    }
+
+    /// Replica side: ends a rebuild whose base image is as of `checkpoint`. Syncs the
+    /// extent; afterwards head, durable and checkpoint LSN are `checkpoint` and the
+    /// tail is replayed with `append_replicated` from `checkpoint + 1`.
+    pub fn finish_rebuild(&self, checkpoint: Lsn) -> Result<()> {
+        self.inner.finish_rebuild(checkpoint.0)
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> VolumeStats {
+        let i = &self.inner;
+        let st = lock(&i.wal);
+        VolumeStats {
+            group_commit_syncs: i.gc.syncs(),
+            flusher_cycles: i.flusher_cycles.load(Ordering::Relaxed),
+            wal_used_bytes: st.used(),
+            wal_size_bytes: i.layout.wal_size,
+            dirty_runs: read(&i.map).len() as u64,
+        }
+    }
+
+    /// Flushes, checkpoints and stops the flusher.
+    pub fn close(mut self) -> Result<()> {
+        let r = self.flush().and_then(|_| {
+            if lock(&self.inner.ctl).base_pins == 0 {
+                self.inner.flush_cycle()
+            } else {
+                Ok(())
+            }
+        });
+        self.stop_flusher();
+        r
+    }
+
+    fn stop_flusher(&mut self) {
+        {
+            let mut c = lock(&self.inner.ctl);
+            c.shutdown = true;
+        }
+        self.inner.ctl_cv.notify_all();
+        if let Some(h) = self.flusher.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+impl Drop for Volume {
+    fn drop(&mut self) {
+        self.stop_flusher();
+    }
+}
+
+impl BaseImage {
+    /// The LSN the image is consistent at.
+    pub fn checkpoint(&self) -> Lsn {
+        self.checkpoint
+    }
+
+    /// Volume size at the time of reading.
+    pub fn size_bytes(&self) -> u64 {
+        self.inner.size_bytes.load(Ordering::Acquire)
+    }
+
+    /// Reads whole blocks of the pinned extent.
+    pub fn read(&self, lba: Lba, buf: &mut [u8]) -> Result<()> {
+        let i = &self.inner;
+        let bs = i.layout.bs();
+        if buf.is_empty() || !(buf.len() as u64).is_multiple_of(bs) {
+            return Err(Error::invalid(
+                "buf",
+                format!(
+                    "length {} is not a positive multiple of block size {bs}",
+                    buf.len()
+                ),
+            ));
+        }
+        i.check_range(lba.0, buf.len() as u64 / bs)?;
+        i.disk
+            .read_at(buf, i.layout.extent_off(lba.0))
+            .map_err(|e| Error::io(i.disk.describe(), e))
+    }
+}
+
+impl Drop for BaseImage {
+    fn drop(&mut self) {
+        let mut c = lock(&self.inner.ctl);
+        c.base_pins = c.base_pins.saturating_sub(1);
+        c.kick = true;
+        drop(c);
+        self.inner.ctl_cv.notify_all();
+    }
+}
+
+impl Inner {
+    fn check_range(&self, lba: u64, blocks: u64) -> Result<()> {
+        let total = self.size_bytes.load(Ordering::Acquire) / self.layout.bs();
+        match lba.checked_add(blocks) {
+            Some(end) if blocks > 0 && end <= total => Ok(()),
+            _ => Err(Error::range(format!(
+                "blocks {lba}+{blocks} outside the volume's {total} blocks"
+            ))),
+        }
+    }
+
+    pub(crate) fn io_err(&self, e: std::io::Error) -> Error {
+        Error::io(self.disk.describe(), e)
+    }
+
+    fn kick(&self) {
+        lock(&self.ctl).kick = true;
+        self.ctl_cv.notify_all();
+    }
+
+    pub(crate) fn sync_to(&self, target: u64) -> Result<u64> {
+        self.gc.sync_to(
+            target,
+            || self.head_lsn.load(Ordering::Acquire),
+            || self.disk.sync(),
+        )
+    }
+
+    /// Writes the superblock with `f` applied, into the older slot, and syncs.
+    /// Returns the WAL tail of the copy left in place (the previous newest).
+    pub(crate) fn persist(&self, f: impl FnOnce(&mut Superblock)) -> Result<u64> {
+        let mut cur = lock(&self.sb);
+        let mut next = cur.clone();
+        f(&mut next);
+        next.seq = cur.seq + 1;
+        let res = self
+            .disk
+            .write_at(&next.encode(), Superblock::slot_offset(next.slot()))
+            .and_then(|()| self.disk.sync());
+        match res {
+            Ok(()) => {
+                let prev_tail = cur.wal_tail_pos.0;
+                *cur = next;
+                Ok(prev_tail)
+            }
+            Err(e) => {
+                let err = self.io_err(e);
+                self.gc.poison(format!("superblock update failed: {err}"));
+                Err(err)
+            }
+        }
+    }
+
+    fn lock_for_append(&self) -> Result<MutexGuard<'_, WalState>> {
+        self.gc.check()?;
+        let st = lock(&self.wal);
+        if st.rebuilding {
+            return Err(Error::Rebuilding {
+                reason: "writes are refused until finish_rebuild".into(),
+            });
+        }
+        Ok(st)
+    }
+
+    fn append_range(&self, kind: EntryKind, lba: u64, blocks: u64) -> Result<Lsn> {
+        self.check_range(lba, blocks)?;
+        let mut last = Lsn(0);
+        let mut done = 0u64;
+        while done < blocks {
+            let n = (blocks - done).min(u64::from(u32::MAX));
+            last = self.append_local(kind, lba + done, n as u32, &[])?;
+            done += n;
+        }
+        Ok(last)
+    }
+
+    fn append_local(&self, kind: EntryKind, lba: u64, blocks: u32, data: &[u8]) -> Result<Lsn> {
+        let st = self.lock_for_append()?;
+        let mut st = self.wait_for_space(st, wal::record_len_for(data.len()))?;
+        let entry = WalEntry {
+            lsn: Lsn(st.head_lsn + 1),
+            epoch: Epoch(self.epoch.load(Ordering::Acquire)),
+            kind,
+            lba: Lba(lba),
+            blocks,
+            data: data.to_vec(),
+        };
+        self.append_locked(&mut st, &entry)?;
+        Ok(entry.lsn)
+    }
+
+    /// Ring bytes an append of `record_len` needs at the current head (including the
+    /// rest of the lap when it must wrap).
+    fn needed(&self, st: &WalState, record_len: u64) -> u64 {
+        let rem = self.layout.lap_remaining(st.head_pos);
+        if record_len > rem {
+            rem + record_len
+        } else {
+            record_len
+        }
+    }
+
+    /// Admission control: returns once the append fits under the hard watermark (or
+    /// at all, when the WAL is otherwise empty); waits for the flusher up to
+    /// `wal_full_timeout_ms`.
+    fn wait_for_space<'a>(
+        &'a self,
+        mut st: MutexGuard<'a, WalState>,
+        record_len: u64,
+    ) -> Result<MutexGuard<'a, WalState>> {
+        let wal = self.layout.wal_size;
+        let hard = wal * u64::from(self.cfg.wal_hard_watermark_pct) / 100;
+        let soft = wal * u64::from(self.cfg.wal_soft_watermark_pct) / 100;
+        let timeout = Duration::from_millis(self.cfg.wal_full_timeout_ms);
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(reason) = self.gc.failed() {
+                return Err(Error::Failed { reason });
+            }
+            if st.rebuilding {
+                return Err(Error::Rebuilding {
+                    reason: "writes are refused until finish_rebuild".into(),
+                });
+            }
+            let need = self.needed(&st, record_len);
+            let after = st.occupied() + need;
+            if after <= wal && (after <= hard || st.occupied() == 0) {
+                if after > soft {
+                    self.kick();
+                }
+                return Ok(st);
+            }
+            self.kick();
+            let now = Instant::now();
+            if now >= deadline {
+                tracing::warn!(file = %self.disk.describe(), needed_bytes = need,
+                    occupied_bytes = st.occupied(), "WAL full");
+                return Err(Error::WalFull {
+                    needed_bytes: need,
+                    timeout_ms: self.cfg.wal_full_timeout_ms,
+                });
+            }
+            st = self
+                .space_cv
+                .wait_timeout(st, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// Writes `entry` at the head (padding first if it must wrap) and publishes it.
+    /// The caller checked the space and that `entry.lsn == head + 1`.
+    fn append_locked(&self, st: &mut WalState, entry: &WalEntry) -> Result<()> {
+        let wal_gen = st.wal_gen;
+        let record = wal::encode_record(entry, wal_gen, None);
+        let len = record.len() as u64;
+        let rem = self.layout.lap_remaining(st.head_pos);
+        let mut pos = st.head_pos;
+        if len > rem {
+            if rem >= RECORD_OVERHEAD as u64 {
+                let pad = WalEntry {
+                    lsn: entry.lsn,
+                    epoch: entry.epoch,
+                    kind: EntryKind::Padding,
+                    lba: Lba(0),
+                    blocks: 0,
+                    data: Vec::new(),
+                };
+                let rec = wal::encode_record(&pad, wal_gen, Some(rem));
+                self.disk
+                    .write_at(&rec, self.layout.wal_phys(pos))
+                    .map_err(|e| self.io_err(e))?;
+            }
+            pos += rem;
+        }
+        self.disk
+            .write_at(&record, self.layout.wal_phys(pos))
+            .map_err(|e| self.io_err(e))?;
+        let ie = IndexEntry {
+            lsn: entry.lsn.0,
+            pos,
+            len,
+            kind: entry.kind,
+            lba: entry.lba.0,
+            blocks: entry.blocks,
+        };
+        ie.apply(&mut write(&self.map));
+        st.index.push_back(ie);
+        st.head_pos = pos + len;
+        st.head_lsn = entry.lsn.0;
+        self.head_lsn.store(entry.lsn.0, Ordering::Release);
+        if let Some(obs) = read(&self.observer).as_ref() {
+            obs(entry);
+        }
+        Ok(())
+    }
+
+    /// Zeroes the record slot at the head so nothing stale there can extend the chain
+    /// before the next append. Skipped when the WAL is full (the slot is the tail).
+    fn zero_next_slot(&self, st: &WalState) -> Result<()> {
+        let wal = self.layout.wal_size;
+        let over = RECORD_OVERHEAD as u64;
+        let rem = self.layout.lap_remaining(st.head_pos);
+        let (pos, need) = if rem < over {
+            (st.head_pos + rem, rem + over)
+        } else {
+            (st.head_pos, over)
+        };
+        if st.occupied() + need > wal {
+            return Ok(());
+        }
+        self.disk
+            .write_at(&[0u8; RECORD_OVERHEAD], self.layout.wal_phys(pos))
+            .map_err(|e| self.io_err(e))
+    }
+
+    fn truncate_after(&self, lsn: u64) -> Result<()> {
+        let _cycle = lock(&self.flush_cycle);
+        let mut st = self.lock_for_append()?;
+        if lsn >= st.head_lsn {
+            return Ok(());
+        }
+        let checkpoint = self.checkpoint_lsn.load(Ordering::Acquire);
+        if lsn < checkpoint {
+            return Err(Error::TruncationUnsafe {
+                lsn: Lsn(lsn),
+                checkpoint: Lsn(checkpoint),
+            });
+        }
+        let new_head_pos = match st.entry(lsn) {
+            Some(e) => e.pos + e.len,
+            None => st.tail_pos,
+        };
+        let dropped = st.head_lsn - lsn;
+        while st.index.back().is_some_and(|e| e.lsn > lsn) {
+            st.index.pop_back();
+        }
+        st.head_pos = new_head_pos;
+        st.head_lsn = lsn;
+        self.head_lsn.store(lsn, Ordering::Release);
+        {
+            let mut map = write(&self.map);
+            map.clear();
+            for e in st.index.iter().filter(|e| e.lsn > checkpoint) {
+                e.apply(&mut map);
+            }
+        }
+        self.zero_next_slot(&st)?;
+        let prev = self.persist(|sb| sb.wal_gen += 1)?;
+        st.note_persisted(prev);
+        st.wal_gen = lock(&self.sb).wal_gen;
+        if self.gc.durable() > lsn {
+            self.gc.reset_durable(lsn);
+        }
+        tracing::info!(file = %self.disk.describe(), lsn, dropped, "truncated WAL");
+        Ok(())
+    }
+
+    fn begin_rebuild(&self) -> Result<()> {
+        let _cycle = lock(&self.flush_cycle);
+        self.gc.check()?;
+        let mut st = lock(&self.wal);
+        if lock(&self.ctl).base_pins > 0 {
+            return Err(Error::invalid(
+                "begin_rebuild",
+                "a base image of this volume is pinned",
+            ));
+        }
+        st.rebuilding = true;
+        st.index.clear();
+        st.tail_pos = st.head_pos;
+        st.tail_lsn = 1;
+        st.head_lsn = 0;
+        self.head_lsn.store(0, Ordering::Release);
+        write(&self.map).clear();
+        self.zero_next_slot(&st)?;
+        let tail_pos = st.tail_pos;
+        let prev = self.persist(|sb| {
+            sb.flags |= FLAG_REBUILD_IN_PROGRESS;
+            sb.checkpoint_lsn = Lsn(0);
+            sb.wal_tail_lsn = Lsn(1);
+            sb.wal_tail_pos = WalPos(tail_pos);
+            sb.wal_gen += 1;
+        })?;
+        st.note_persisted(prev);
+        st.wal_gen = lock(&self.sb).wal_gen;
+        self.checkpoint_lsn.store(0, Ordering::Release);
+        self.retained_start.store(1, Ordering::Release);
+        self.gc.reset_durable(0);
+        tracing::info!(file = %self.disk.describe(), "rebuild started");
+        Ok(())
+    }
+
+    fn finish_rebuild(&self, checkpoint: u64) -> Result<()> {
+        let _cycle = lock(&self.flush_cycle);
+        self.gc.check()?;
+        let mut st = lock(&self.wal);
+        if !st.rebuilding {
+            return Err(Error::invalid("finish_rebuild", "no rebuild in progress"));
+        }
+        self.disk.sync().map_err(|e| {
+            let err = self.io_err(e);
+            self.gc.poison(format!("sync after rebuild failed: {err}"));
+            err
+        })?;
+        st.tail_pos = st.head_pos;
+        st.tail_lsn = checkpoint + 1;
+        st.head_lsn = checkpoint;
+        self.zero_next_slot(&st)?;
+        let tail_pos = st.tail_pos;
+        let prev = self.persist(|sb| {
+            sb.flags &= !FLAG_REBUILD_IN_PROGRESS;
+            sb.checkpoint_lsn = Lsn(checkpoint);
+            sb.wal_tail_lsn = Lsn(checkpoint + 1);
+            sb.wal_tail_pos = WalPos(tail_pos);
+            sb.wal_gen += 1;
+        })?;
+        st.note_persisted(prev);
+        st.wal_gen = lock(&self.sb).wal_gen;
+        st.rebuilding = false;
+        self.head_lsn.store(checkpoint, Ordering::Release);
+        self.checkpoint_lsn.store(checkpoint, Ordering::Release);
+        self.retained_start.store(checkpoint + 1, Ordering::Release);
+        self.gc.reset_durable(checkpoint);
+        tracing::info!(file = %self.disk.describe(), checkpoint, "rebuild finished");
+        Ok(())
+    }
+}

@@ -1,0 +1,243 @@
+//! Property test: random write/trim/zero/flush/checkpoint/fault/crash sequences on a
+//! SimDisk, checked against a model. After every power loss the reopened volume must
+//! equal the model as of some LSN R with (last acknowledged flush) <= R <= (last
+//! issued LSN): a prefix of the log, so every flushed entry is there and no block is
+//! torn or mixed from a later write.
+
+mod common;
+
+use common::*;
+use engine::{CrashMode, FaultPlan, Lba, Lsn, SimDisk, Volume, VolumeConfig};
+use proptest::prelude::*;
+
+const BLOCKS: u64 = 32;
+const WAL: u64 = 128 * 1024;
+
+#[derive(Clone, Debug)]
+enum Op {
+    Write {
+        lba: u64,
+        blocks: u64,
+        tag: u64,
+    },
+    Trim {
+        lba: u64,
+        blocks: u64,
+    },
+    Zero {
+        lba: u64,
+        blocks: u64,
+    },
+    Flush,
+    WriteFua {
+        lba: u64,
+        tag: u64,
+    },
+    Checkpoint,
+    Faults {
+        writes: Option<u64>,
+        syncs: Option<u64>,
+    },
+    Crash {
+        mode: u8,
+        seed: u64,
+    },
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    let range = (0..BLOCKS).prop_flat_map(|lba| (Just(lba), 1..=(BLOCKS - lba).min(4)));
+    prop_oneof![
+        8 => (range.clone(), any::<u64>()).prop_map(|((lba, blocks), tag)| Op::Write { lba, blocks, tag: tag | 1 }),
+        1 => range.clone().prop_map(|(lba, blocks)| Op::Trim { lba, blocks }),
+        1 => range.prop_map(|(lba, blocks)| Op::Zero { lba, blocks }),
+        2 => Just(Op::Flush),
+        1 => (0..BLOCKS, any::<u64>()).prop_map(|(lba, tag)| Op::WriteFua { lba, tag: tag | 1 }),
+        1 => Just(Op::Checkpoint),
+        1 => (proptest::option::of(0u64..40), proptest::option::of(0u64..6))
+            .prop_map(|(writes, syncs)| Op::Faults { writes, syncs }),
+        2 => (0u8..3, any::<u64>()).prop_map(|(mode, seed)| Op::Crash { mode, seed }),
+    ]
+}
+
+fn cfg() -> VolumeConfig {
+    VolumeConfig {
+        wal_full_timeout_ms: 2_000,
+        ..manual_cfg()
+    }
+}
+
+/// Per-block content tags (0 = zeros); block i of a write tagged t has tag t + i.
+type Blocks = Vec<u64>;
+
+struct Model {
+    base: Blocks,
+    base_lsn: u64,
+    /// Effects of LSN base_lsn+1.. in order: (lba, blocks, tag or 0 for zeros).
+    log: Vec<(u64, u64, u64)>,
+    acked: u64,
+}
+
+impl Model {
+    fn at(&self, lsn: u64) -> Blocks {
+        let mut b = self.base.clone();
+        for &(lba, n, tag) in &self.log[..(lsn - self.base_lsn) as usize] {
+            for i in 0..n {
+                b[(lba + i) as usize] = if tag == 0 { 0 } else { tag.wrapping_add(i) };
+            }
+        }
+        b
+    }
+    fn head(&self) -> u64 {
+        self.base_lsn + self.log.len() as u64
+    }
+}
+
+fn expect_block(tag: u64) -> Vec<u8> {
+    if tag == 0 { vec![0u8; BS] } else { block(tag) }
+}
+
+fn check_volume(vol: &Volume, want: &Blocks, when: &str) -> Result<(), TestCaseError> {
+    for lba in 0..BLOCKS {
+        let got = read_block(vol, lba);
+        prop_assert!(
+            got == expect_block(want[lba as usize]),
+            "{when}: block {lba} differs from the model (want tag {})",
+            want[lba as usize]
+        );
+    }
+    Ok(())
+}
+
+fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
+    let mut disk = SimDisk::new("model");
+    let mut vol =
+        Some(Volume::create(Box::new(disk.clone()), small_opts(BLOCKS, WAL), cfg()).unwrap());
+    let mut m = Model {
+        base: vec![0; BLOCKS as usize],
+        base_lsn: 0,
+        log: vec![],
+        acked: 0,
+    };
+    let crash = |disk: &mut SimDisk,
+                 vol: &mut Option<Volume>,
+                 m: &mut Model,
+                 mode: u8,
+                 seed: u64|
+     -> Result<(), TestCaseError> {
+        let mode = [
+            CrashMode::DropUnsynced,
+            CrashMode::TearLast,
+            CrashMode::Random,
+        ][mode as usize % 3];
+        let after = disk.crash(mode, seed);
+        drop(vol.take());
+        *disk = after;
+        let v = Volume::open(Box::new(disk.clone()), cfg())
+            .map_err(|e| TestCaseError::fail(format!("reopen: {e}")))?;
+        let r = v.head_lsn().0;
+        prop_assert!(
+            r >= m.acked,
+            "recovered head {} lost acknowledged flush {}",
+            r,
+            m.acked
+        );
+        prop_assert!(
+            r <= m.head(),
+            "recovered head {} beyond last issued {}",
+            r,
+            m.head()
+        );
+        prop_assert_eq!(v.durable_lsn().0, r);
+        let want = m.at(r);
+        check_volume(
+            &v,
+            &want,
+            &format!("after crash ({mode:?}, seed {seed}) at LSN {r}"),
+        )?;
+        m.base = want;
+        m.base_lsn = r;
+        m.log.clear();
+        m.acked = r;
+        *vol = Some(v);
+        Ok(())
+    };
+    for op in ops {
+        let v = vol.as_ref().unwrap();
+        let expected = Lsn(m.head() + 1);
+        match op {
+            Op::Write { lba, blocks, tag } => {
+                let data: Vec<u8> = (0..blocks)
+                    .flat_map(|i| block(tag.wrapping_add(i)))
+                    .collect();
+                if let Ok(lsn) = v.write(Lba(lba), &data) {
+                    prop_assert_eq!(lsn, expected);
+                    m.log.push((lba, blocks, tag));
+                } else {
+                    prop_assert_eq!(
+                        v.head_lsn(),
+                        Lsn(m.head()),
+                        "a failed write consumed an LSN"
+                    );
+                }
+            }
+            Op::WriteFua { lba, tag } => match v.write_fua(Lba(lba), &block(tag)) {
+                Ok(lsn) => {
+                    prop_assert_eq!(lsn, expected);
+                    m.log.push((lba, 1, tag));
+                    m.acked = lsn.0;
+                }
+                Err(_) => {
+                    // The write may have been appended before the sync failed.
+                    if v.head_lsn() == expected {
+                        m.log.push((lba, 1, tag));
+                    }
+                }
+            },
+            Op::Trim { lba, blocks } | Op::Zero { lba, blocks } => {
+                let r = if matches!(op, Op::Trim { .. }) {
+                    v.trim(Lba(lba), blocks)
+                } else {
+                    v.write_zeroes(Lba(lba), blocks)
+                };
+                if let Ok(lsn) = r {
+                    prop_assert_eq!(lsn, expected);
+                    m.log.push((lba, blocks, 0));
+                }
+            }
+            Op::Flush => {
+                if let Ok(d) = v.flush() {
+                    prop_assert_eq!(d.0, m.head(), "flush must cover every append before it");
+                    m.acked = d.0;
+                }
+            }
+            Op::Checkpoint => {
+                if v.checkpoint().is_ok() {
+                    prop_assert!(v.checkpoint_lsn().0 <= v.durable_lsn().0);
+                    check_volume(v, &m.at(m.head()), "after checkpoint")?;
+                }
+            }
+            Op::Faults { writes, syncs } => {
+                disk.set_faults(FaultPlan {
+                    fail_writes_after: writes,
+                    fail_syncs_after: syncs,
+                    fail_reads_after: None,
+                });
+            }
+            Op::Crash { mode, seed } => crash(&mut disk, &mut vol, &mut m, mode, seed)?,
+        }
+    }
+    crash(&mut disk, &mut vol, &mut m, 1, 7)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig {
+        cases: std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(48),
+        failure_persistence: None,
+        .. ProptestConfig::default()
+    })]
+
+    #[test]
+    fn volume_after_any_crash_equals_a_log_prefix_containing_every_flush(ops in proptest::collection::vec(op(), 1..120)) {
+        run(ops)?;
+    }
+}
