@@ -4,6 +4,7 @@
 //! answered as they complete. Protocol violations close only the offending connection.
 
 mod backend;
+mod engine_backend;
 pub mod proto;
 mod registry;
 mod server;
