@@ -536,3 +536,55 @@ fn unix_socket_serves_the_same_protocol() {
     assert_eq!(hello[..8], NBD_MAGIC.to_be_bytes());
     assert_eq!(hello[8..16], IHAVEOPT.to_be_bytes());
 }
+
+#[test]
+fn server_shutdown_closes_connections_and_stops_listening() {
+    let (s, _b) = TestServer::with_mem_export("v", 1 << 20, 512);
+    let (mut c, _, _) = Raw::go(&s, "v");
+    let mut negotiating = Raw::greet(&s, FLAG_C_FIXED_NEWSTYLE);
+    assert_eq!(c.simple(CMD_FLUSH, 0, 1, 0, 0), 0);
+    s.server.as_ref().expect("server").shutdown();
+    assert!(c.closed_by_server());
+    assert!(negotiating.closed_by_server());
+    assert!(wait_until(Duration::from_secs(5), || TcpStream::connect(
+        s.addr
+    )
+    .is_err()));
+    assert!(!s.socket.exists(), "unix socket file left behind");
+}
+
+#[test]
+fn writes_acknowledged_on_several_connections_are_visible_on_all() {
+    let (s, b) = TestServer::with_mem_export("v", 16 << 20, 4096);
+    let workers: Vec<_> = (0..4u64)
+        .map(|w| {
+            let (mut c, _, flags) = Raw::go(&s, "v");
+            assert_ne!(flags & TFLAG_CAN_MULTI_CONN, 0);
+            std::thread::spawn(move || {
+                for i in 0..64u64 {
+                    let off = (w * 64 + i) * 65536;
+                    assert_eq!(c.write(i, 0, off, &pattern(w * 1000 + i, 65536)), 0);
+                }
+                c
+            })
+        })
+        .collect();
+    let mut conns: Vec<Raw> = workers
+        .into_iter()
+        .map(|h| h.join().expect("writer thread"))
+        .collect();
+    // One flush covers the acknowledged writes of every connection.
+    assert_eq!(conns[0].simple(CMD_FLUSH, 0, 500, 0, 0), 0);
+    for (w, c) in conns.iter_mut().enumerate() {
+        let other = (w as u64 + 1) % 4;
+        let off = (other * 64 + 5) * 65536;
+        assert_eq!(
+            c.read(600, off, 65536).expect("read"),
+            pattern(other * 1000 + 5, 65536)
+        );
+    }
+    assert_eq!(
+        read_backend(b.as_ref(), 255 * 65536, 65536),
+        pattern(3063, 65536)
+    );
+}
