@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::{TcpListener, UnixListener};
-use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tracing::{debug, info, warn};
 
 use super::backend::{BackendError, BlockBackend};
@@ -32,7 +32,8 @@ pub const DEFAULT_TCP_ADDR: &str = "127.0.0.1:10809";
 pub struct ServerConfig {
     /// Requests being executed or waiting for their reply to be written.
     pub max_in_flight_requests: usize,
-    /// READ/WRITE payload bytes held by requests in flight.
+    /// READ/WRITE payload bytes held by requests in flight, including READ data
+    /// waiting to be written to the socket.
     pub max_in_flight_bytes: u32,
     /// Largest READ/WRITE payload accepted (advertised as the maximum block size).
     pub max_payload_bytes: u32,
@@ -503,10 +504,13 @@ fn lookup(shared: &Shared, name: &str) -> Option<Arc<Export>> {
 }
 
 /// One reply for the writer task: a simple reply header plus READ data on success.
+/// It carries the request's in-flight permits, so READ data waiting to be written
+/// still counts against the bounds.
 struct Reply {
     handle: u64,
     error: u32,
     data: Vec<u8>,
+    _permits: (OwnedSemaphorePermit, OwnedSemaphorePermit),
 }
 
 /// Checks a request against the export before any backend call. Returns the NBD error
@@ -692,6 +696,7 @@ where
                 handle: h.handle,
                 error: errno,
                 data: Vec::new(),
+                _permits: (req_permit, byte_permit),
             };
             if tx.send(reply).await.is_err() {
                 break Ok(());
@@ -722,9 +727,9 @@ where
                     handle: h.handle,
                     error,
                     data,
+                    _permits: (req_permit, byte_permit),
                 })
                 .await;
-            drop((req_permit, byte_permit));
         });
     };
     // In-flight requests finish and their replies are written before the socket closes.
