@@ -588,3 +588,101 @@ fn writes_acknowledged_on_several_connections_are_visible_on_all() {
         pattern(3063, 65536)
     );
 }
+
+/// Holds every read inside the backend until released, counting how many are inside.
+struct GatedBackend {
+    inner: node_agent::nbd::MemBackend,
+    state: std::sync::Mutex<(usize, usize, bool)>, // (inside now, most inside, open)
+    cv: std::sync::Condvar,
+}
+
+impl BlockBackend for GatedBackend {
+    fn size_bytes(&self) -> u64 {
+        self.inner.size_bytes()
+    }
+    fn block_size(&self) -> u32 {
+        self.inner.block_size()
+    }
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), node_agent::nbd::BackendError> {
+        let mut st = self.state.lock().expect("lock");
+        st.0 += 1;
+        st.1 = st.1.max(st.0);
+        self.cv.notify_all();
+        while !st.2 {
+            st = self.cv.wait(st).expect("wait");
+        }
+        st.0 -= 1;
+        drop(st);
+        self.inner.read(offset, buf)
+    }
+    fn write(&self, o: u64, d: &[u8]) -> Result<(), node_agent::nbd::BackendError> {
+        self.inner.write(o, d)
+    }
+    fn write_fua(&self, o: u64, d: &[u8]) -> Result<(), node_agent::nbd::BackendError> {
+        self.inner.write_fua(o, d)
+    }
+    fn flush(&self) -> Result<(), node_agent::nbd::BackendError> {
+        self.inner.flush()
+    }
+    fn trim(&self, o: u64, l: u64) -> Result<(), node_agent::nbd::BackendError> {
+        self.inner.trim(o, l)
+    }
+    fn write_zeroes(&self, o: u64, l: u64) -> Result<(), node_agent::nbd::BackendError> {
+        self.inner.write_zeroes(o, l)
+    }
+    fn flush_is_volume_wide(&self) -> bool {
+        true
+    }
+}
+
+#[test]
+fn requests_in_flight_per_connection_are_bounded() {
+    let config = ServerConfig {
+        max_in_flight_requests: 3,
+        ..ServerConfig::default()
+    };
+    let s = TestServer::start(config);
+    let gate = std::sync::Arc::new(GatedBackend {
+        inner: node_agent::nbd::MemBackend::new(1 << 20, 512).expect("mem"),
+        state: std::sync::Mutex::new((0, 0, false)),
+        cv: std::sync::Condvar::new(),
+    });
+    s.registry
+        .add("v", gate.clone() as std::sync::Arc<dyn BlockBackend>)
+        .expect("add");
+    let (mut c, _, _) = Raw::go(&s, "v");
+    for i in 0..12u64 {
+        c.request(CMD_READ, 0, i, i * 4096, 4096);
+    }
+    // Three reads run concurrently (so requests are not serialized)...
+    assert!(wait_until(Duration::from_secs(5), || gate
+        .state
+        .lock()
+        .expect("lock")
+        .0
+        == 3));
+    // ...and while they are held, the other nine stay queued behind the bound.
+    assert!(!wait_until(Duration::from_millis(300), || gate
+        .state
+        .lock()
+        .expect("lock")
+        .0
+        > 3));
+    gate.state.lock().expect("lock").2 = true;
+    gate.cv.notify_all();
+    let mut handles: Vec<u64> = (0..12)
+        .map(|_| {
+            let (err, h) = c.reply();
+            assert_eq!(err, 0);
+            c.bytes(4096);
+            h
+        })
+        .collect();
+    handles.sort();
+    assert_eq!(handles, (0..12).collect::<Vec<u64>>());
+    assert_eq!(
+        gate.state.lock().expect("lock").1,
+        3,
+        "more than 3 reads were in flight"
+    );
+}
