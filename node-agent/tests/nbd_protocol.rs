@@ -686,3 +686,66 @@ fn requests_in_flight_per_connection_are_bounded() {
         "more than 3 reads were in flight"
     );
 }
+
+/// Fails reads at block 0 with an I/O error, panics on reads at block 1, and reports
+/// writes at block 2 as out of space; everything else goes to memory.
+struct FaultyBackend(node_agent::nbd::MemBackend);
+
+impl BlockBackend for FaultyBackend {
+    fn size_bytes(&self) -> u64 {
+        self.0.size_bytes()
+    }
+    fn block_size(&self) -> u32 {
+        4096
+    }
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), node_agent::nbd::BackendError> {
+        match offset {
+            0 => Err(node_agent::nbd::BackendError::Io(
+                "injected read error".into(),
+            )),
+            4096 => panic!("injected backend panic"),
+            _ => self.0.read(offset, buf),
+        }
+    }
+    fn write(&self, o: u64, d: &[u8]) -> Result<(), node_agent::nbd::BackendError> {
+        if o == 8192 {
+            return Err(node_agent::nbd::BackendError::NoSpace("injected".into()));
+        }
+        self.0.write(o, d)
+    }
+    fn write_fua(&self, o: u64, d: &[u8]) -> Result<(), node_agent::nbd::BackendError> {
+        self.write(o, d)
+    }
+    fn flush(&self) -> Result<(), node_agent::nbd::BackendError> {
+        self.0.flush()
+    }
+    fn trim(&self, o: u64, l: u64) -> Result<(), node_agent::nbd::BackendError> {
+        self.0.trim(o, l)
+    }
+    fn write_zeroes(&self, o: u64, l: u64) -> Result<(), node_agent::nbd::BackendError> {
+        self.0.write_zeroes(o, l)
+    }
+    fn flush_is_volume_wide(&self) -> bool {
+        false
+    }
+}
+
+#[test]
+fn backend_errors_and_panics_become_error_replies() {
+    let s = TestServer::start(ServerConfig::default());
+    let b = FaultyBackend(node_agent::nbd::MemBackend::new(1 << 20, 4096).expect("mem"));
+    s.registry
+        .add(
+            "v",
+            std::sync::Arc::new(b) as std::sync::Arc<dyn BlockBackend>,
+        )
+        .expect("add");
+    let (mut c, _, flags) = Raw::go(&s, "v");
+    // Flush is not volume-wide here, so multi-conn must not be advertised.
+    assert_eq!(flags & TFLAG_CAN_MULTI_CONN, 0);
+    assert_eq!(c.read(1, 0, 4096), Err(EIO));
+    assert_eq!(c.read(2, 4096, 4096), Err(EIO));
+    assert_eq!(c.write(3, 0, 8192, &[1u8; 4096]), ENOSPC);
+    assert_eq!(c.write(4, 0, 12288, &[1u8; 4096]), 0);
+    assert_eq!(c.read(5, 12288, 4096).expect("read"), vec![1u8; 4096]);
+}

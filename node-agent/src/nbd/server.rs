@@ -705,31 +705,38 @@ where
         }
         let backend = backend.clone();
         let tx = tx.clone();
-        let name = export.name().to_owned();
-        tokio::spawn(async move {
-            let job = tokio::task::spawn_blocking(move || execute(backend.as_ref(), &h, payload));
-            let (error, data) = match job.await {
+        let export = export.clone();
+        // One blocking-pool task per request; it sends its own reply so nothing else
+        // has to be scheduled on the way back.
+        tokio::task::spawn_blocking(move || {
+            let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                execute(backend.as_ref(), &h, payload)
+            }));
+            let (error, data) = match run {
                 Ok(Ok(data)) => (0, data),
                 Ok(Err(e)) => {
-                    warn!(export = %name, command = h.command, offset = h.offset,
+                    warn!(export = export.name(), command = h.command, offset = h.offset,
                           length = h.length, error = %e, "nbd: backend request failed");
                     (e.nbd_errno(), Vec::new())
                 }
-                Err(e) => {
-                    warn!(export = %name, command = h.command, error = %e,
-                          "nbd: backend request panicked");
+                Err(_) => {
+                    warn!(
+                        export = export.name(),
+                        command = h.command,
+                        offset = h.offset,
+                        length = h.length,
+                        "nbd: backend request panicked"
+                    );
                     (proto::EIO, Vec::new())
                 }
             };
             // A closed channel means the writer is gone; the connection is ending.
-            let _ = tx
-                .send(Reply {
-                    handle: h.handle,
-                    error,
-                    data,
-                    _permits: (req_permit, byte_permit),
-                })
-                .await;
+            let _ = tx.blocking_send(Reply {
+                handle: h.handle,
+                error,
+                data,
+                _permits: (req_permit, byte_permit),
+            });
         });
     };
     // In-flight requests finish and their replies are written before the socket closes.
