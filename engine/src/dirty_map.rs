@@ -194,4 +194,51 @@ mod tests {
         m.remove_up_to(4);
         assert!(m.runs().iter().all(|r| r.lsn > 4));
     }
+
+    proptest::proptest! {
+        #[test]
+        fn dirty_map_matches_a_per_block_model(
+            ops in proptest::collection::vec((0u64..64, 1u64..16, proptest::bool::ANY, 0u64..4), 1..60),
+            probe in (0u64..64, 1u64..64),
+        ) {
+            let mut m = DirtyMap::new(512);
+            let mut model: Vec<Option<(u64, Option<u64>)>> = vec![None; 128];
+            for (i, (start, len, zero, remove)) in ops.into_iter().enumerate() {
+                let lsn = i as u64 + 1;
+                let end = start + len;
+                let src = if zero { Source::Zero } else { Source::Wal { data_pos: lsn << 20 } };
+                m.insert(start, end, lsn, src);
+                for b in start..end {
+                    model[b as usize] = Some((lsn, (!zero).then_some((lsn << 20) + (b - start) * 512)));
+                }
+                if remove == 0 {
+                    let upto = lsn / 2;
+                    m.remove_up_to(upto);
+                    for slot in model.iter_mut() {
+                        if slot.is_some_and(|(l, _)| l <= upto) {
+                            *slot = None;
+                        }
+                    }
+                }
+            }
+            let (s, n) = probe;
+            let runs = m.lookup(s, s + n);
+            let mut seen = vec![None; 128];
+            let mut prev_end = s;
+            for r in &runs {
+                proptest::prop_assert!(r.start >= prev_end && r.start < r.end && r.end <= s + n);
+                prev_end = r.end;
+                for b in r.start..r.end {
+                    let pos = match r.src {
+                        Source::Zero => None,
+                        Source::Wal { data_pos } => Some(data_pos + (b - r.start) * 512),
+                    };
+                    seen[b as usize] = Some((r.lsn, pos));
+                }
+            }
+            for b in s..s + n {
+                proptest::prop_assert_eq!(seen[b as usize], model[b as usize], "block {}", b);
+            }
+        }
+    }
 }

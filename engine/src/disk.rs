@@ -11,6 +11,7 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 /// Sector size used for torn-write simulation: a power cut keeps or loses whole sectors.
@@ -24,6 +25,11 @@ pub trait Disk: Send + Sync {
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
     /// Makes every completed write durable (fdatasync).
     fn sync(&self) -> io::Result<()>;
+    /// Makes `len` bytes at `offset` read as zeros, like `write_at` of zeros (same
+    /// durability rules). Files deallocate the range instead of writing it.
+    fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+        crate::extent::write_zeroes_by_writing(self, offset, len)
+    }
     /// Grows or shrinks the disk; new bytes read as zeros. Durable on return.
     fn set_len(&self, len: u64) -> io::Result<()>;
     /// Current size in bytes.
@@ -40,32 +46,42 @@ pub trait Disk: Send + Sync {
 pub struct FileDisk {
     file: File,
     path: PathBuf,
+    /// Cached length, so bounds checks cost no syscall.
+    len: AtomicU64,
 }
 
 impl FileDisk {
-    /// Creates (or truncates) the file at `path`.
+    /// Creates (or truncates) the file at `path`. Fails if another open `FileDisk`
+    /// (in any process) holds the file.
     pub fn create(path: &Path) -> io::Result<FileDisk> {
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
-            .truncate(true)
+            .truncate(false)
             .open(path)?;
+        lock_exclusive(&file, path)?;
+        file.set_len(0)?;
         Ok(FileDisk {
             file,
             path: path.to_path_buf(),
+            len: AtomicU64::new(0),
         })
     }
 
-    /// Opens an existing file at `path` for reading and writing.
+    /// Opens an existing file at `path` for reading and writing. Fails if another
+    /// open `FileDisk` (in any process) holds the file.
     pub fn open(path: &Path) -> io::Result<FileDisk> {
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .open(path)?;
+        lock_exclusive(&file, path)?;
+        let len = file.metadata()?.len();
         Ok(FileDisk {
             file,
             path: path.to_path_buf(),
+            len: AtomicU64::new(len),
         })
     }
 
@@ -73,14 +89,30 @@ impl FileDisk {
     pub fn path(&self) -> &Path {
         &self.path
     }
+
+    fn check(&self, offset: u64, n: usize) -> io::Result<()> {
+        let len = self.len.load(Ordering::Acquire);
+        match offset.checked_add(n as u64) {
+            Some(end) if end <= len => Ok(()),
+            _ => Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!(
+                    "range {offset}+{n} past end of {} ({len} bytes)",
+                    self.path.display()
+                ),
+            )),
+        }
+    }
 }
 
 impl Disk for FileDisk {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.check(offset, buf.len())?;
         self.file.read_exact_at(buf, offset)
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.check(offset, buf.len())?;
         self.file.write_all_at(buf, offset)
     }
 
@@ -88,19 +120,72 @@ impl Disk for FileDisk {
         self.file.sync_data()
     }
 
+    fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+        use std::os::fd::AsRawFd;
+        let end = offset
+            .checked_add(len)
+            .ok_or_else(|| io::Error::other("range overflow"))?;
+        self.check(offset, 0)?;
+        self.check(end, 0)?;
+        let (Ok(off), Ok(n)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
+            return crate::extent::write_zeroes_by_writing(self, offset, len);
+        };
+        // SAFETY: fallocate only reads its integer arguments; the descriptor is owned
+        // by `self.file` and open for the duration of the call.
+        let rc = unsafe {
+            libc::fallocate(
+                self.file.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                off,
+                n,
+            )
+        };
+        if rc == 0 {
+            return Ok(());
+        }
+        let err = io::Error::last_os_error();
+        match err.raw_os_error() {
+            // Filesystems without hole punching: write the zeros.
+            Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) => {
+                crate::extent::write_zeroes_by_writing(self, offset, len)
+            }
+            _ => Err(err),
+        }
+    }
+
     fn set_len(&self, len: u64) -> io::Result<()> {
         self.file.set_len(len)?;
+        self.len.store(len, Ordering::Release);
         // The size is metadata: sync_all so a grown file stays grown after a crash.
         self.file.sync_all()
     }
 
     fn len(&self) -> io::Result<u64> {
-        Ok(self.file.metadata()?.len())
+        Ok(self.len.load(Ordering::Acquire))
     }
 
     fn describe(&self) -> String {
         self.path.display().to_string()
     }
+}
+
+/// Takes an exclusive advisory lock (flock) so two volumes never run on one file; the
+/// kernel drops it when the descriptor closes, also when the process is killed.
+fn lock_exclusive(file: &File, path: &Path) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: flock only takes the integer descriptor, owned by `file` and open.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc == 0 {
+        return Ok(());
+    }
+    let err = io::Error::last_os_error();
+    if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        return Err(io::Error::new(
+            io::ErrorKind::WouldBlock,
+            format!("{} is in use by another open volume", path.display()),
+        ));
+    }
+    Err(err)
 }
 
 /// How a simulated power loss treats writes that were not yet synced.

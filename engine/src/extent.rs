@@ -56,8 +56,13 @@ impl Layout {
     }
 }
 
-/// Writes `len` zero bytes at `offset`, in bounded chunks.
-pub fn write_zeroes(disk: &dyn Disk, offset: u64, len: u64) -> std::io::Result<()> {
+/// Writes `len` zero bytes at `offset`, in bounded chunks (the portable way to zero a
+/// range; `Disk::write_zeroes` may deallocate instead).
+pub fn write_zeroes_by_writing<D: Disk + ?Sized>(
+    disk: &D,
+    offset: u64,
+    len: u64,
+) -> std::io::Result<()> {
     let zeros = vec![0u8; COPY_CHUNK_BYTES.min(len as usize)];
     let mut done = 0u64;
     while done < len {

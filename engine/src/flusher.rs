@@ -96,7 +96,7 @@ impl Inner {
                         Source::Wal { data_pos } => {
                             extent::copy_range(disk, layout.wal_phys(data_pos), dst, len)?
                         }
-                        Source::Zero => extent::write_zeroes(disk, dst, len)?,
+                        Source::Zero => disk.write_zeroes(dst, len)?,
                     }
                 }
                 disk.sync()
@@ -109,16 +109,19 @@ impl Inner {
             }
             write(&self.map).remove_up_to(h);
         }
-        let (tail_pos, tail_lsn) = {
+        let (tail_pos, tail_lsn, tail_gen) = {
             let st = lock(&self.wal);
             let t = new_tail(h, st.tail_lsn);
-            let pos = st.entry(t).map(|e| e.pos).unwrap_or(st.head_pos);
-            (pos, t)
+            match st.entry(t) {
+                Some(e) => (e.pos, t, e.wal_gen),
+                None => (st.head_pos, t, st.wal_gen),
+            }
         };
         let prev_tail = self.persist(|sb| {
             sb.checkpoint_lsn = Lsn(h);
             sb.wal_tail_pos = WalPos(tail_pos);
             sb.wal_tail_lsn = Lsn(tail_lsn);
+            sb.wal_tail_gen = tail_gen;
         })?;
         {
             let _reclaim = write(&self.reclaim);
@@ -133,6 +136,18 @@ impl Inner {
             self.retained_start.store(tail_lsn, Ordering::Release);
         }
         self.space_cv.notify_all();
+        // The copy just overwritten still holds the old tail, so the freed space is not
+        // reusable yet; write the other copy too, so writers get it now rather than
+        // one cycle later.
+        let lagging = {
+            let st = lock(&self.wal);
+            st.free_from < st.tail_pos
+        };
+        if lagging {
+            let prev_tail = self.persist(|_| {})?;
+            lock(&self.wal).note_persisted(prev_tail);
+            self.space_cv.notify_all();
+        }
         self.flusher_cycles.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(checkpoint = h, tail_lsn, "flusher cycle done");
         Ok(())

@@ -5,7 +5,7 @@
 //! A failed sync poisons the volume: after an fsync error the kernel may have dropped
 //! the dirty pages, so a later "successful" sync would prove nothing (fail-stop).
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -22,6 +22,8 @@ pub(crate) struct GroupCommit {
     cv: Condvar,
     durable: AtomicU64,
     syncs: AtomicU64,
+    /// Mirrors `State::failed.is_some()` so the IO fast path needs no lock.
+    failed_flag: AtomicBool,
     max_delay: Duration,
 }
 
@@ -32,6 +34,7 @@ impl GroupCommit {
             cv: Condvar::new(),
             durable: AtomicU64::new(durable),
             syncs: AtomicU64::new(0),
+            failed_flag: AtomicBool::new(false),
             max_delay,
         }
     }
@@ -50,6 +53,9 @@ impl GroupCommit {
 
     /// The poison reason, if the volume failed.
     pub(crate) fn failed(&self) -> Option<String> {
+        if !self.failed_flag.load(Ordering::Acquire) {
+            return None;
+        }
         self.lock().failed.clone()
     }
 
@@ -59,6 +65,7 @@ impl GroupCommit {
         if st.failed.is_none() {
             tracing::error!(%reason, "volume failed; refusing further IO");
             st.failed = Some(reason);
+            self.failed_flag.store(true, Ordering::Release);
         }
         self.cv.notify_all();
     }
@@ -114,6 +121,7 @@ impl GroupCommit {
                     let reason = format!("fdatasync failed: {e}");
                     tracing::error!(%reason, "volume failed; refusing further IO");
                     st.failed = Some(reason);
+                    self.failed_flag.store(true, Ordering::Release);
                 }
             }
             self.cv.notify_all();

@@ -27,6 +27,8 @@ pub(crate) struct IndexEntry {
     pub kind: EntryKind,
     pub lba: u64,
     pub blocks: u32,
+    /// Generation the record was written in.
+    pub wal_gen: u64,
 }
 
 impl IndexEntry {
@@ -67,7 +69,7 @@ pub(crate) fn recover(disk: &dyn Disk, layout: &Layout, sb: &Superblock) -> Resu
     let mut pos = sb.wal_tail_pos.0;
     let end_limit = pos + wal;
     let mut expected = sb.wal_tail_lsn.0;
-    let mut last_gen = 0u64;
+    let mut last_gen = sb.wal_tail_gen;
     let mut header = [0u8; HEADER_PROBE];
     let mut record = Vec::new();
     let read_err = |e| Error::io(format!("WAL of {}", disk.describe()), e);
@@ -141,6 +143,7 @@ pub(crate) fn recover(disk: &dyn Disk, layout: &Layout, sb: &Superblock) -> Resu
             kind: e.kind,
             lba: e.lba.0,
             blocks: e.blocks,
+            wal_gen: h.wal_gen,
         };
         if ie.lsn > checkpoint {
             ie.apply(&mut map);
@@ -159,6 +162,11 @@ pub(crate) fn recover(disk: &dyn Disk, layout: &Layout, sb: &Superblock) -> Resu
         tail_lsn: sb.wal_tail_lsn.0,
         stop_reason,
     };
+    if rec.index.is_empty() {
+        // Nothing retained: the tail is the head. Any padding the walk crossed belongs
+        // to an older generation and must not be where the next walk starts.
+        rec.tail_pos = rec.head_pos;
+    }
     if rec.head_lsn < checkpoint {
         // The retained entries below the checkpoint are damaged. Their data is in the
         // extent already; only their history for catch-up is lost.

@@ -23,6 +23,9 @@ pub const ENCODED_LEN: usize = 8 + 4 + 4 + 8 + 16 + 8 + 4 + 4 + 8 * 11 + 4;
 pub const FLAG_REBUILD_IN_PROGRESS: u32 = 1;
 const KNOWN_FLAGS: u32 = FLAG_REBUILD_IN_PROGRESS;
 
+/// Upper bound for LSNs, WAL positions and generations in a valid superblock.
+pub const MAX_COUNTER: u64 = 1 << 62;
+
 /// Smallest and largest supported block sizes.
 pub const MIN_BLOCK_SIZE: u32 = 512;
 pub const MAX_BLOCK_SIZE: u32 = 65536;
@@ -51,6 +54,10 @@ pub struct Superblock {
     /// step back to an older generation. That keeps stale records left behind a torn
     /// or truncated head from ever being replayed.
     pub wal_gen: u64,
+    /// Lowest generation the record at the tail may carry: the walk starts from it,
+    /// so a stale record left at an empty tail by an older generation is never taken
+    /// for the first record.
+    pub wal_tail_gen: u64,
     pub epoch: Epoch,
     /// Non-zero while an expansion to this size is in progress.
     pub prepared_size: u64,
@@ -111,7 +118,7 @@ impl Superblock {
         put_u64(&mut b, self.epoch.0);
         put_u64(&mut b, self.prepared_size);
         put_u64(&mut b, self.expand_epoch);
-        put_u64(&mut b, 0); // reserved
+        put_u64(&mut b, self.wal_tail_gen);
         let crc = crc32c::crc32c(&b);
         put_u32(&mut b, crc);
         debug_assert_eq!(b.len(), ENCODED_LEN);
@@ -166,6 +173,7 @@ impl Superblock {
             epoch: Epoch(r.u64()?),
             prepared_size: r.u64()?,
             expand_epoch: r.u64()?,
+            wal_tail_gen: r.u64()?,
         };
         sb.validate()?;
         Ok(sb)
@@ -200,11 +208,31 @@ impl Superblock {
         if self.extent_offset.checked_add(self.volume_size).is_none() {
             return Err("extent_offset + volume_size overflows".into());
         }
+        // Counters this large cannot come from real use; rejecting them keeps every
+        // later `+ 1` and position sum far from overflow.
+        for (name, v) in [
+            ("checkpoint_lsn", self.checkpoint_lsn.0),
+            ("wal_tail_lsn", self.wal_tail_lsn.0),
+            ("wal_tail_pos", self.wal_tail_pos.0),
+            ("wal_gen", self.wal_gen),
+        ] {
+            if v > MAX_COUNTER {
+                return Err(format!(
+                    "{name} {v} is implausibly large (max {MAX_COUNTER})"
+                ));
+            }
+        }
         if self.wal_tail_lsn.0 == 0 || self.wal_tail_lsn.0 > self.checkpoint_lsn.0 + 1 {
             return Err(format!(
                 "wal_tail_lsn {} outside 1..={} (checkpoint + 1)",
                 self.wal_tail_lsn,
                 self.checkpoint_lsn.0 + 1
+            ));
+        }
+        if self.wal_tail_gen > self.wal_gen {
+            return Err(format!(
+                "wal_tail_gen {} above wal_gen {}",
+                self.wal_tail_gen, self.wal_gen
             ));
         }
         if self.prepared_size != 0
@@ -245,10 +273,18 @@ pub fn validate_geometry(volume_size: u64, block_size: u32, wal_size: u64) -> Re
             "volume_size {volume_size} (must be a positive multiple of block_size {block_size})"
         ));
     }
-    if wal_size < crate::wal::MIN_WAL_SIZE || !wal_size.is_multiple_of(4096) {
+    if wal_size < crate::wal::MIN_WAL_SIZE
+        || !wal_size.is_multiple_of(4096)
+        || wal_size > MAX_COUNTER
+    {
         return Err(format!(
             "wal_size {wal_size} (must be a multiple of 4096 and at least {})",
             crate::wal::MIN_WAL_SIZE
+        ));
+    }
+    if wal_size < 16 * u64::from(block_size) {
+        return Err(format!(
+            "wal_size {wal_size} (must hold at least 16 blocks of {block_size} bytes)"
         ));
     }
     Ok(())
@@ -294,6 +330,7 @@ mod tests {
             wal_tail_pos: WalPos(12345),
             wal_tail_lsn: Lsn(5),
             wal_gen: 2,
+            wal_tail_gen: 1,
             epoch: Epoch(4),
             prepared_size: 0,
             expand_epoch: 0,

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use crate::dirty_map::{DirtyMap, Source};
 use crate::disk::{Disk, FileDisk};
 use crate::error::{Error, Result};
-use crate::extent::{self, Layout};
+use crate::extent::Layout;
 use crate::group_commit::GroupCommit;
 use crate::recovery::{self, IndexEntry};
 use crate::superblock::{self, FLAG_REBUILD_IN_PROGRESS, SUPERBLOCK_SLOT_SIZE, Superblock};
@@ -252,7 +252,7 @@ impl Volume {
             .map_err(|e| Error::io(&what, e))?;
         if !fresh {
             // Old records from whatever used this disk before must not look like ours.
-            extent::write_zeroes(&*disk, layout.wal_offset, layout.wal_size)
+            disk.write_zeroes(layout.wal_offset, layout.wal_size)
                 .map_err(|e| Error::io(&what, e))?;
         }
         let mut sb = Superblock {
@@ -269,6 +269,7 @@ impl Volume {
             wal_tail_pos: WalPos(0),
             wal_tail_lsn: Lsn(1),
             wal_gen: 1,
+            wal_tail_gen: 1,
             epoch: opts.epoch,
             prepared_size: 0,
             expand_epoch: 0,
@@ -370,12 +371,14 @@ impl Volume {
             // the page cache after a process kill), then start a new WAL generation so
             // stale records beyond the head can never join the chain.
             let mut st = lock(&inner.wal);
-            inner.zero_next_slot(&st)?;
+            inner.zero_slot_at(st.head_pos, st.occupied())?;
             let tail = (st.tail_pos, st.tail_lsn);
+            let tail_gen = st.entry(st.tail_lsn).map(|e| e.wal_gen);
             let prev = inner.persist(|sb| {
                 sb.wal_gen += 1;
                 sb.wal_tail_pos = WalPos(tail.0);
                 sb.wal_tail_lsn = Lsn(tail.1);
+                sb.wal_tail_gen = tail_gen.unwrap_or(sb.wal_gen);
             })?;
             st.note_persisted(prev);
             st.wal_gen = lock(&inner.sb).wal_gen;
@@ -406,7 +409,9 @@ impl Volume {
     }
 
     /// Appends a WRITE; `data` is a whole number of blocks inside the volume. Returns
-    /// the LSN of the (last) entry. Not durable until `flush`.
+    /// the LSN of the (last) entry. Not durable until `flush`. Writes longer than
+    /// `max_entry_bytes` become several entries; like a disk, a multi-entry write is
+    /// not atomic (after an error or a crash a prefix of it may have landed).
     pub fn write(&self, lba: Lba, data: &[u8]) -> Result<Lsn> {
         let i = &self.inner;
         let bs = i.layout.bs();
@@ -553,6 +558,16 @@ impl Volume {
 
     pub fn block_size(&self) -> u32 {
         self.inner.layout.block_size
+    }
+
+    /// The durability mode recorded at create.
+    pub fn durability(&self) -> DurabilityMode {
+        lock(&self.inner.sb).durability
+    }
+
+    /// The volume's identity, generated at create.
+    pub fn uuid(&self) -> [u8; 16] {
+        lock(&self.inner.sb).uuid
     }
 
     /// Last appended LSN.
@@ -1053,6 +1068,7 @@ impl Inner {
             kind: entry.kind,
             lba: entry.lba.0,
             blocks: entry.blocks,
+            wal_gen,
         };
         ie.apply(&mut write(&self.map));
         st.index.push_back(ie);
@@ -1065,18 +1081,19 @@ impl Inner {
         Ok(())
     }
 
-    /// Zeroes the record slot at the head so nothing stale there can extend the chain
-    /// before the next append. Skipped when the WAL is full (the slot is the tail).
-    fn zero_next_slot(&self, st: &WalState) -> Result<()> {
+    /// Zeroes the record slot at `head_pos` so nothing stale there can extend the
+    /// chain before the next append. Skipped when that slot is not free space
+    /// (`occupied` bytes are in use); the generation check covers that case.
+    fn zero_slot_at(&self, head_pos: u64, occupied: u64) -> Result<()> {
         let wal = self.layout.wal_size;
         let over = RECORD_OVERHEAD as u64;
-        let rem = self.layout.lap_remaining(st.head_pos);
+        let rem = self.layout.lap_remaining(head_pos);
         let (pos, need) = if rem < over {
-            (st.head_pos + rem, rem + over)
+            (head_pos + rem, rem + over)
         } else {
-            (st.head_pos, over)
+            (head_pos, over)
         };
-        if st.occupied() + need > wal {
+        if occupied + need > wal {
             return Ok(());
         }
         self.disk
@@ -1084,6 +1101,8 @@ impl Inner {
             .map_err(|e| self.io_err(e))
     }
 
+    /// Disk effects first (zero the first dropped slot, bump the generation), memory
+    /// after: a failed truncation leaves the in-memory state untouched.
     fn truncate_after(&self, lsn: u64) -> Result<()> {
         let _cycle = lock(&self.flush_cycle);
         let mut st = self.lock_for_append()?;
@@ -1102,6 +1121,29 @@ impl Inner {
             None => st.tail_pos,
         };
         let dropped = st.head_lsn - lsn;
+        // The first dropped record must stop the walk even before anything new is
+        // appended. Its slot lies inside the dropped range, so zeroing it is always safe.
+        let over = RECORD_OVERHEAD as u64;
+        let rem = self.layout.lap_remaining(new_head_pos);
+        let slot = if rem < over {
+            new_head_pos + rem
+        } else {
+            new_head_pos
+        };
+        if slot + over <= st.head_pos {
+            self.disk
+                .write_at(&[0u8; RECORD_OVERHEAD], self.layout.wal_phys(slot))
+                .map_err(|e| self.io_err(e))?;
+        }
+        let empty_tail = lsn < st.tail_lsn;
+        let prev = self.persist(|sb| {
+            sb.wal_gen += 1;
+            if empty_tail {
+                sb.wal_tail_gen = sb.wal_gen;
+            }
+        })?;
+        st.note_persisted(prev);
+        st.wal_gen = lock(&self.sb).wal_gen;
         while st.index.back().is_some_and(|e| e.lsn > lsn) {
             st.index.pop_back();
         }
@@ -1115,10 +1157,6 @@ impl Inner {
                 e.apply(&mut map);
             }
         }
-        self.zero_next_slot(&st)?;
-        let prev = self.persist(|sb| sb.wal_gen += 1)?;
-        st.note_persisted(prev);
-        st.wal_gen = lock(&self.sb).wal_gen;
         if self.gc.durable() > lsn {
             self.gc.reset_durable(lsn);
         }
@@ -1136,24 +1174,25 @@ impl Inner {
                 "a base image of this volume is pinned",
             ));
         }
-        st.rebuilding = true;
-        st.index.clear();
-        st.tail_pos = st.head_pos;
-        st.tail_lsn = 1;
-        st.head_lsn = 0;
-        self.head_lsn.store(0, Ordering::Release);
-        write(&self.map).clear();
-        self.zero_next_slot(&st)?;
-        let tail_pos = st.tail_pos;
+        let tail_pos = st.head_pos;
+        self.zero_slot_at(tail_pos, st.occupied())?;
         let prev = self.persist(|sb| {
             sb.flags |= FLAG_REBUILD_IN_PROGRESS;
             sb.checkpoint_lsn = Lsn(0);
             sb.wal_tail_lsn = Lsn(1);
             sb.wal_tail_pos = WalPos(tail_pos);
             sb.wal_gen += 1;
+            sb.wal_tail_gen = sb.wal_gen;
         })?;
+        st.rebuilding = true;
+        st.index.clear();
+        st.tail_pos = tail_pos;
+        st.tail_lsn = 1;
+        st.head_lsn = 0;
         st.note_persisted(prev);
         st.wal_gen = lock(&self.sb).wal_gen;
+        self.head_lsn.store(0, Ordering::Release);
+        write(&self.map).clear();
         self.checkpoint_lsn.store(0, Ordering::Release);
         self.retained_start.store(1, Ordering::Release);
         self.gc.reset_durable(0);
@@ -1162,6 +1201,12 @@ impl Inner {
     }
 
     fn finish_rebuild(&self, checkpoint: u64) -> Result<()> {
+        if checkpoint >= superblock::MAX_COUNTER {
+            return Err(Error::invalid(
+                "checkpoint",
+                format!("{checkpoint} exceeds {}", superblock::MAX_COUNTER),
+            ));
+        }
         let _cycle = lock(&self.flush_cycle);
         self.gc.check()?;
         let mut st = lock(&self.wal);
@@ -1173,18 +1218,19 @@ impl Inner {
             self.gc.poison(format!("sync after rebuild failed: {err}"));
             err
         })?;
-        st.tail_pos = st.head_pos;
-        st.tail_lsn = checkpoint + 1;
-        st.head_lsn = checkpoint;
-        self.zero_next_slot(&st)?;
-        let tail_pos = st.tail_pos;
+        let tail_pos = st.head_pos;
+        self.zero_slot_at(tail_pos, st.occupied())?;
         let prev = self.persist(|sb| {
             sb.flags &= !FLAG_REBUILD_IN_PROGRESS;
             sb.checkpoint_lsn = Lsn(checkpoint);
             sb.wal_tail_lsn = Lsn(checkpoint + 1);
             sb.wal_tail_pos = WalPos(tail_pos);
             sb.wal_gen += 1;
+            sb.wal_tail_gen = sb.wal_gen;
         })?;
+        st.tail_pos = tail_pos;
+        st.tail_lsn = checkpoint + 1;
+        st.head_lsn = checkpoint;
         st.note_persisted(prev);
         st.wal_gen = lock(&self.sb).wal_gen;
         st.rebuilding = false;

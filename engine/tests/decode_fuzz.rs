@@ -49,6 +49,7 @@ fn superblock() -> impl Strategy<Value = Superblock> {
             wal_tail_pos: WalPos(ck * 100),
             wal_tail_lsn: Lsn(ck + 1),
             wal_gen: 3,
+            wal_tail_gen: 2,
             epoch: Epoch(2),
             prepared_size: 0,
             expand_epoch: 0,
@@ -96,6 +97,37 @@ proptest! {
         m[idx.index(rec.len())] ^= xor;
         let ok = RecordHeader::parse(&m).and_then(|h| h.verify(&m)).is_ok();
         prop_assert!(!ok, "mutated record accepted");
+    }
+
+    #[test]
+    fn superblock_with_valid_crc_but_arbitrary_fields_never_panics(
+        f in proptest::collection::vec(any::<u64>(), 12),
+        bs in any::<u32>(),
+        flags in any::<u32>(),
+        uuid in any::<[u8; 16]>(),
+    ) {
+        let sb = Superblock {
+            flags,
+            seq: f[0],
+            uuid,
+            volume_size: f[1],
+            block_size: bs,
+            durability: DurabilityMode::SyncAll,
+            wal_offset: f[2] % 3 * 4096,
+            wal_size: f[3],
+            extent_offset: f[4],
+            checkpoint_lsn: Lsn(f[5]),
+            wal_tail_pos: WalPos(f[6]),
+            wal_tail_lsn: Lsn(f[7]),
+            wal_gen: f[8],
+            wal_tail_gen: f[9],
+            epoch: Epoch(f[10]),
+            prepared_size: f[11],
+            expand_epoch: 0,
+        };
+        if let Ok(d) = Superblock::decode(&sb.encode()) {
+            prop_assert_eq!(d, sb);
+        }
     }
 
     #[test]

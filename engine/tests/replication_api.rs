@@ -584,3 +584,62 @@ fn failed_sync_poisons_the_volume() {
     ));
     assert_eq!(vol.durable_lsn(), Lsn(0));
 }
+
+#[test]
+fn group_commit_batching_window_still_makes_every_flush_durable() {
+    let cfg = VolumeConfig {
+        group_commit_max_delay_us: 500,
+        ..manual_cfg()
+    };
+    let disk = SimDisk::new("window");
+    let vol =
+        Arc::new(Volume::create(Box::new(disk.clone()), small_opts(64, 1 << 20), cfg).unwrap());
+    let threads: Vec<_> = (0..6u64)
+        .map(|t| {
+            let vol = vol.clone();
+            std::thread::spawn(move || {
+                for i in 0..20u64 {
+                    let lsn = vol
+                        .write(Lba(t * 10 + i % 10), &block(t * 100 + i))
+                        .unwrap();
+                    let durable = vol.flush().unwrap();
+                    assert!(
+                        durable >= lsn,
+                        "flush returned {durable} before {lsn} was durable"
+                    );
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let stats = vol.stats();
+    assert!(
+        stats.group_commit_syncs <= 120,
+        "{} syncs for 120 flushes",
+        stats.group_commit_syncs
+    );
+    // Everything acknowledged is on "disk" even if the power goes now.
+    drop(vol);
+    let vol = Volume::open(
+        Box::new(disk.crash(engine::CrashMode::DropUnsynced, 1)),
+        manual_cfg(),
+    )
+    .unwrap();
+    assert_eq!(vol.head_lsn(), Lsn(120));
+}
+
+#[test]
+fn removed_append_observer_is_no_longer_called() {
+    let (_d, vol) = sim_volume("observer", 16, 256 * 1024);
+    let n = Arc::new(AtomicU64::new(0));
+    let n2 = n.clone();
+    vol.set_append_observer(Some(Arc::new(move |_e: &WalEntry| {
+        n2.fetch_add(1, Ordering::SeqCst);
+    })));
+    vol.write(Lba(0), &block(1)).unwrap();
+    vol.set_append_observer(None);
+    vol.write(Lba(0), &block(2)).unwrap();
+    assert_eq!(n.load(Ordering::SeqCst), 1);
+}

@@ -147,3 +147,63 @@ fn large_writes_are_split_into_entries_and_read_back() {
     vol.read(Lba(100), &mut out).unwrap();
     assert_eq!(out, data);
 }
+
+#[test]
+fn create_rejects_invalid_geometry_and_config_naming_the_problem() {
+    use engine::{CreateOptions, SimDisk, VolumeConfig};
+    let bad = [
+        (
+            CreateOptions {
+                block_size: 1000,
+                ..small_opts(16, 256 * 1024)
+            },
+            "block_size",
+        ),
+        (
+            CreateOptions {
+                size_bytes: 4097,
+                ..small_opts(16, 256 * 1024)
+            },
+            "volume_size",
+        ),
+        (
+            CreateOptions {
+                wal_size_bytes: 4096,
+                ..small_opts(16, 256 * 1024)
+            },
+            "wal_size",
+        ),
+        (
+            CreateOptions {
+                block_size: 65536,
+                size_bytes: 1 << 20,
+                wal_size_bytes: 512 * 1024,
+                ..small_opts(16, 0)
+            },
+            "16 blocks",
+        ),
+    ];
+    for (opts, needle) in bad {
+        let err = Volume::create(Box::new(SimDisk::new("bad")), opts, manual_cfg())
+            .err()
+            .expect("must fail");
+        assert!(matches!(err, Error::InvalidArgument { .. }), "{err}");
+        assert!(
+            err.to_string().contains(needle),
+            "{err} should mention {needle}"
+        );
+    }
+    let cfg = VolumeConfig {
+        wal_soft_watermark_pct: 95,
+        wal_hard_watermark_pct: 90,
+        ..manual_cfg()
+    };
+    let err = Volume::create(
+        Box::new(SimDisk::new("cfg")),
+        small_opts(16, 256 * 1024),
+        cfg,
+    )
+    .err()
+    .expect("must fail");
+    assert!(err.to_string().contains("wal_soft_watermark_pct"), "{err}");
+}
