@@ -189,3 +189,74 @@ fn attach_fails_cleanly_when_the_export_does_not_exist() {
     );
     assert_eq!(a.list().expect("list"), Vec::new());
 }
+
+/// Kills and reaps a child process on drop.
+struct ChildGuard(std::process::Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn attach_recovers_from_a_crash_between_mount_and_losetup() {
+    let (s, _b) = TestServer::with_mem_export("vol-crash", 16 << 20, 4096);
+    let state_dir = s.dir.path().join("attach-state");
+    let _cleanup = Cleanup {
+        mounts: Vec::new(),
+        state_dir: state_dir.clone(),
+    };
+    let vol_dir = state_dir.join("vol-crash");
+    let mount_dir = vol_dir.join("mnt");
+    std::fs::create_dir_all(&mount_dir).expect("mkdir");
+    // What an agent leaves when it dies right after nbdfuse mounted: a FUSE mount, a
+    // running nbdfuse, and a state file without a loop device.
+    let old = ChildGuard(
+        std::process::Command::new("nbdfuse")
+            .arg(&mount_dir)
+            .arg(s.unix_uri("vol-crash"))
+            .spawn()
+            .expect("spawn nbdfuse"),
+    );
+    assert!(wait_until(Duration::from_secs(10), || mount_dir
+        .join("nbd")
+        .exists()));
+    let state = serde_json::json!({
+        "volume": "vol-crash",
+        "socket": s.socket,
+        "nbdfuse_pid": old.0.id(),
+        "loop_device": null,
+    });
+    std::fs::write(vol_dir.join("state.json"), state.to_string()).expect("state");
+
+    let a = FuseLoopAttacher::new(FuseLoopConfig::new(&state_dir)).expect("attacher");
+    let dev = a
+        .attach("vol-crash", &s.socket)
+        .expect("attach over leftovers");
+    let old_pid = old.0.id();
+    let old_alive = std::fs::read_to_string(format!("/proc/{old_pid}/stat"))
+        .map(|st| {
+            !st.rsplit_once(')')
+                .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
+        })
+        .unwrap_or(false);
+    assert!(!old_alive, "the leftover nbdfuse was not stopped");
+    // The new attachment works end to end.
+    run_ok(
+        "dd",
+        &[
+            "if=/dev/zero",
+            &format!("of={}", dev.display()),
+            "bs=4096",
+            "count=16",
+            "oflag=direct",
+        ],
+    );
+    a.detach("vol-crash").expect("detach");
+    assert!(wait_until(Duration::from_secs(5), || !nbdfuse_running_for(
+        &mount_dir
+    )));
+    assert!(!vol_dir.exists());
+}
