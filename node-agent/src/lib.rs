@@ -1,2 +1,5 @@
 //! The blockvol node agent: runs the engine volumes of its node's `BlockReplica`s,
 //! serves them over NBD, attaches kernel block devices, and reports status.
+
+pub mod attach;
+pub mod nbd;

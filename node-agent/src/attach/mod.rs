@@ -1,0 +1,125 @@
+//! Turns a volume's NBD export (on the agent's unix socket) into a kernel block device
+//! that `mkfs` and `mount` accept. Attach and detach are idempotent and keep their
+//! state on disk, so an agent restarted with devices in use can still detach them.
+
+mod fuse_loop;
+mod kernel;
+mod sys;
+
+use std::path::{Path, PathBuf};
+
+pub use fuse_loop::{FuseLoopAttacher, FuseLoopConfig};
+pub use kernel::{KernelNbdAttacher, kernel_nbd_available};
+
+/// Errors of the attach layer.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("volume name {name:?} is invalid: {reason}")]
+    InvalidVolumeName { name: String, reason: String },
+    #[error("unsupported on this host: {0}")]
+    Unsupported(String),
+    #[error("volume {volume} device {device} is busy: {reason}")]
+    Busy {
+        volume: String,
+        device: PathBuf,
+        reason: String,
+    },
+    #[error("volume {volume} is already attached through socket {socket}")]
+    AttachedElsewhere { volume: String, socket: PathBuf },
+    #[error("`{command}` failed ({status}): {stderr}")]
+    Command {
+        command: String,
+        status: String,
+        stderr: String,
+    },
+    #[error("cannot start {program}: {source}")]
+    Spawn {
+        program: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{what} did not happen within {timeout_ms} ms{detail}")]
+    Timeout {
+        what: String,
+        timeout_ms: u64,
+        detail: String,
+    },
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("state file {path} is unreadable: {reason}")]
+    State { path: PathBuf, reason: String },
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// One attached volume as recorded by an attacher.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attachment {
+    pub volume: String,
+    pub socket: PathBuf,
+    /// The block device, once attach got that far.
+    pub device: Option<PathBuf>,
+}
+
+/// Makes and removes block devices for volumes. Implementations are blocking (they run
+/// external programs); call them from a blocking context.
+///
+/// Guarantees: `attach` of an attached volume returns its existing device; `detach` of
+/// a volume that is not attached succeeds; both clean up partial work from a crash.
+pub trait Attacher: Send + Sync {
+    /// Attaches the export named `volume` served on the unix socket `socket` and returns
+    /// the block device path.
+    fn attach(&self, volume: &str, socket: &Path) -> Result<PathBuf>;
+    /// Removes the block device of `volume`. Fails with `Busy` while it is mounted.
+    fn detach(&self, volume: &str) -> Result<()>;
+    /// The volumes this attacher has attached (also those from before a restart).
+    fn list(&self) -> Result<Vec<Attachment>>;
+}
+
+/// Volume names become directory names and NBD URI paths, so only a safe alphabet is
+/// accepted: ASCII letters, digits, `-`, `_`, `.`; not starting with `.`; ≤ 253 bytes.
+pub fn validate_volume_name(name: &str) -> Result<()> {
+    let reason = if name.is_empty() {
+        "empty"
+    } else if name.len() > 253 {
+        "longer than 253 bytes"
+    } else if name.starts_with('.') {
+        "starts with '.'"
+    } else if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+    {
+        "allowed characters are ASCII letters, digits, '-', '_' and '.'"
+    } else {
+        return Ok(());
+    };
+    Err(Error::InvalidVolumeName {
+        name: name.chars().take(64).collect(),
+        reason: reason.into(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn volume_names_outside_the_safe_alphabet_are_rejected() {
+        for ok in ["pvc-0a1b", "vol_1.data", "A"] {
+            assert!(validate_volume_name(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", ".", "..", "a/b", "a b", "a?x", &"x".repeat(254)] {
+            assert!(
+                matches!(
+                    validate_volume_name(bad),
+                    Err(Error::InvalidVolumeName { .. })
+                ),
+                "{bad}"
+            );
+        }
+    }
+}

@@ -1,0 +1,202 @@
+//! Host facts the attachers rely on, read from /proc and /sys rather than remembered,
+//! so decisions after a restart reflect what the kernel actually has.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use super::{Error, Result};
+
+/// Runs a program to completion; a non-zero exit becomes `Error::Command` with stderr.
+pub fn run(program: &str, args: &[&str]) -> Result<String> {
+    let out = Command::new(program)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|source| Error::Spawn {
+            program: program.into(),
+            source,
+        })?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    } else {
+        Err(Error::Command {
+            command: format!("{program} {}", args.join(" ")),
+            status: out.status.to_string(),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        })
+    }
+}
+
+/// Undoes the octal escapes (`\040` for space, ...) /proc uses in paths.
+fn unescape_proc(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && let Some(digits) = s.get(i + 1..i + 4)
+            && digits.bytes().all(|c| (b'0'..=b'7').contains(&c))
+            && let Ok(v) = u8::from_str_radix(digits, 8)
+        {
+            out.push(v);
+            i += 4;
+            continue;
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// (major:minor, mount point) of every mount in this mount namespace.
+fn mounts() -> Vec<(String, PathBuf)> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    text.lines()
+        .filter_map(|line| {
+            let mut f = line.split(' ');
+            let dev = f.nth(2)?;
+            let _root = f.next()?;
+            let mount_point = f.next()?;
+            Some((dev.to_owned(), PathBuf::from(unescape_proc(mount_point))))
+        })
+        .collect()
+}
+
+pub fn is_mount_point(path: &Path) -> bool {
+    mounts().iter().any(|(_, mp)| mp == path)
+}
+
+/// Where the block device with `major:minor` is mounted, if anywhere.
+pub fn mounted_at(dev_numbers: &str) -> Option<PathBuf> {
+    mounts()
+        .into_iter()
+        .find(|(d, _)| d == dev_numbers)
+        .map(|(_, mp)| mp)
+}
+
+/// Loop devices whose backing file is `file`, as `/dev/loopN` paths.
+pub fn loop_devices_backed_by(file: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir("/sys/block") else {
+        return Vec::new();
+    };
+    let want = file.to_string_lossy().into_owned();
+    let deleted = format!("{want} (deleted)");
+    let mut found: Vec<PathBuf> = entries
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if !name.starts_with("loop") {
+                return None;
+            }
+            let backing = std::fs::read_to_string(e.path().join("loop/backing_file")).ok()?;
+            let backing = backing.trim_end_matches('\n');
+            (backing == want || backing == deleted).then(|| PathBuf::from("/dev").join(name))
+        })
+        .collect();
+    found.sort();
+    found
+}
+
+/// `major:minor` of a block device from sysfs (`/dev/loop3` → `/sys/block/loop3/dev`).
+pub fn dev_numbers(device: &Path) -> Option<String> {
+    let name = device.file_name()?;
+    let s = std::fs::read_to_string(Path::new("/sys/block").join(name).join("dev")).ok()?;
+    Some(s.trim().to_owned())
+}
+
+/// Whether some other block device (device-mapper, md) is stacked on `device`.
+pub fn has_holders(device: &Path) -> bool {
+    device
+        .file_name()
+        .and_then(|n| std::fs::read_dir(Path::new("/sys/block").join(n).join("holders")).ok())
+        .is_some_and(|mut d| d.next().is_some())
+}
+
+/// Whether `pid` is a live (not zombie) process whose command line contains every one
+/// of `needles`: guards against signalling a recycled PID.
+pub fn process_matches(pid: u32, needles: &[&str]) -> bool {
+    let proc_dir = PathBuf::from(format!("/proc/{pid}"));
+    let Ok(stat) = std::fs::read_to_string(proc_dir.join("stat")) else {
+        return false;
+    };
+    // Field 3 follows the parenthesised command name, which may contain spaces.
+    let state = stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.trim_start().chars().next());
+    if state == Some('Z') || state.is_none() {
+        return false;
+    }
+    let Ok(cmdline) = std::fs::read(proc_dir.join("cmdline")) else {
+        return false;
+    };
+    let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+    needles.iter().all(|n| cmdline.contains(n))
+}
+
+/// The lowest PID of a live process whose command line contains every needle.
+pub fn find_process(needles: &[&str]) -> Option<u32> {
+    let mut pids: Vec<u32> = std::fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .filter(|&pid| pid != std::process::id() && process_matches(pid, needles))
+        .collect();
+    pids.sort_unstable();
+    pids.first().copied()
+}
+
+pub fn signal(pid: u32, sig: libc::c_int) {
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return;
+    };
+    if pid <= 0 {
+        return;
+    }
+    // SAFETY: kill(2) has no memory-safety preconditions; a stale PID yields ESRCH.
+    unsafe {
+        libc::kill(pid, sig);
+    }
+}
+
+/// Polls `done` every few milliseconds until it returns true or `timeout_ms` passes.
+pub fn wait_until(timeout_ms: u64, mut done: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + Duration::from_millis(timeout_ms);
+    loop {
+        if done() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proc_escapes_are_decoded() {
+        assert_eq!(unescape_proc(r"/mnt/a\040b"), "/mnt/a b");
+        assert_eq!(unescape_proc(r"/plain"), "/plain");
+        assert_eq!(unescape_proc(r"/trailing\04"), r"/trailing\04");
+        assert_eq!(unescape_proc(r"\"), r"\");
+    }
+
+    #[test]
+    fn root_is_a_mount_point_and_a_plain_dir_is_not() {
+        assert!(is_mount_point(Path::new("/")));
+        let d = tempfile::tempdir().expect("tempdir");
+        assert!(!is_mount_point(d.path()));
+    }
+
+    #[test]
+    fn own_process_matches_its_command_line_and_pid_zero_does_not() {
+        let me = std::process::id();
+        assert!(process_matches(me, &[]));
+        assert!(!process_matches(me, &["no-such-needle-in-cmdline"]));
+        assert!(!process_matches(0, &[]));
+    }
+}
