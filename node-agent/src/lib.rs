@@ -1,2 +1,4 @@
 //! The blockvol node agent: runs the engine volumes of its node's `BlockReplica`s,
 //! serves them over NBD, attaches kernel block devices, and reports status.
+
+pub mod k8s;
