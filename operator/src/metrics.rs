@@ -73,7 +73,7 @@ impl Default for Metrics {
         registry.register("volumes", "Volumes by phase", volumes.clone());
         registry.register(
             "leader",
-            "1 while this operator holds the leader Lease",
+            "Whether this operator holds the leader Lease",
             leader.clone(),
         );
         Metrics {
