@@ -90,7 +90,11 @@ fn replica(
         in_sync_set_generation: 1,
     };
     // A label value cannot hold a path; the spec field can, and that is what is attacked.
-    let label = if volume.contains('/') { "unsafe" } else { volume };
+    let label = if volume.contains('/') {
+        "unsafe"
+    } else {
+        volume
+    };
     json!({
         "apiVersion": "blockvol.io/v1alpha1",
         "kind": "BlockReplica",
