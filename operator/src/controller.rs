@@ -24,7 +24,7 @@ use kube::runtime::{Controller, watcher};
 use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 
-use crate::leader::lease_expired;
+use crate::leader::LeaseObserver;
 use crate::metrics::Metrics;
 use crate::model::ReplicaView;
 use crate::placement::NodeCandidate;
@@ -71,6 +71,8 @@ pub struct Context {
     pub settings: ControllerSettings,
     pub metrics: Arc<Metrics>,
     pub recorder: Recorder,
+    /// Node agent Leases as this process saw them change (see [`LeaseObserver`]).
+    lease_observer: LeaseObserver,
     failures: std::sync::Mutex<BTreeMap<String, u32>>,
 }
 
@@ -93,6 +95,7 @@ impl Context {
             settings,
             metrics,
             recorder,
+            lease_observer: LeaseObserver::default(),
             failures: Default::default(),
         }
     }
@@ -106,7 +109,11 @@ struct NodeLease {
     expires: Option<Timestamp>,
 }
 
-fn node_leases(leases: &[Lease], now: Timestamp) -> BTreeMap<String, NodeLease> {
+fn node_leases(
+    leases: &[Lease],
+    now: Timestamp,
+    observer: &LeaseObserver,
+) -> BTreeMap<String, NodeLease> {
     leases
         .iter()
         .filter_map(|l| {
@@ -119,7 +126,13 @@ fn node_leases(leases: &[Lease], now: Timestamp) -> BTreeMap<String, NodeLease> 
             Some((
                 l.name_any(),
                 NodeLease {
-                    live: !lease_expired(spec, now),
+                    live: !observer.expired_at(
+                        &l.name_any(),
+                        spec,
+                        l.metadata.resource_version.as_deref().unwrap_or_default(),
+                        now,
+                        std::time::Instant::now(),
+                    ),
                     expires,
                 },
             ))
@@ -224,7 +237,7 @@ async fn observe(ctx: &Context, volume: &str) -> Result<Observation> {
         all_replicas,
         replicas,
         nodes,
-        leases: node_leases(&leases, now),
+        leases: node_leases(&leases, now, &ctx.lease_observer),
         now,
     })
 }

@@ -3,7 +3,9 @@
 //! so two candidates never both believe they took it; a leader that cannot renew
 //! within the lease duration stops acting before anyone else may take over.
 
-use std::time::Duration;
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
@@ -33,15 +35,69 @@ pub fn lease_expired(spec: &LeaseSpec, now: Timestamp) -> bool {
     renewed.0 + duration <= now
 }
 
+/// Local observations of Lease records, so that expiry never rests on the holder's
+/// clock alone: a Lease counts as expired only when its renewTime (stamped by the
+/// holder) says so *and* this process has not seen the record change for a whole lease
+/// duration by its own monotonic clock (the client-go leader-election rule). A fresh
+/// process therefore waits one full duration before it declares anything expired.
+#[derive(Debug, Default)]
+pub struct LeaseObserver {
+    seen: Mutex<BTreeMap<String, (String, Instant)>>,
+}
+
+impl LeaseObserver {
+    /// Records the Lease `name` at `version` (its resourceVersion) and says whether it
+    /// has expired at `now` (wall clock) / `local_now` (this process's clock).
+    pub fn expired_at(
+        &self,
+        name: &str,
+        spec: &LeaseSpec,
+        version: &str,
+        now: Timestamp,
+        local_now: Instant,
+    ) -> bool {
+        if spec.holder_identity.is_none() {
+            // Released on purpose by its holder.
+            return true;
+        }
+        let observed = {
+            let mut seen = match self.seen.lock() {
+                Ok(g) => g,
+                Err(p) => p.into_inner(),
+            };
+            let entry = seen
+                .entry(name.to_string())
+                .or_insert_with(|| (version.to_string(), local_now));
+            if entry.0 != version {
+                *entry = (version.to_string(), local_now);
+            }
+            entry.1
+        };
+        let duration = Duration::from_secs(
+            u64::try_from(spec.lease_duration_seconds.unwrap_or(0)).unwrap_or(0),
+        );
+        lease_expired(spec, now) && local_now.saturating_duration_since(observed) >= duration
+    }
+
+    pub fn expired(&self, name: &str, spec: &LeaseSpec, version: &str) -> bool {
+        self.expired_at(name, spec, version, Timestamp::now(), Instant::now())
+    }
+}
+
 /// One candidate for leadership.
 pub struct LeaderElector {
     api: Api<Lease>,
     settings: LeaderSettings,
+    observer: LeaseObserver,
 }
 
 impl LeaderElector {
     pub fn new(api: Api<Lease>, settings: LeaderSettings) -> Self {
-        LeaderElector { api, settings }
+        LeaderElector {
+            api,
+            settings,
+            observer: LeaseObserver::default(),
+        }
     }
 
     pub fn settings(&self) -> &LeaderSettings {
@@ -85,7 +141,12 @@ impl LeaderElector {
         };
         let spec = current.spec.clone().unwrap_or_default();
         let ours = spec.holder_identity.as_deref() == Some(self.settings.identity.as_str());
-        if !ours && !lease_expired(&spec, now) && spec.holder_identity.is_some() {
+        let version = current
+            .metadata
+            .resource_version
+            .clone()
+            .unwrap_or_default();
+        if !ours && !self.observer.expired(name, &spec, &version) {
             return Ok(false);
         }
         let transitions = spec.lease_transitions.unwrap_or(0);
@@ -205,5 +266,29 @@ mod tests {
                 "{renewed:?} {duration}"
             );
         }
+    }
+
+    #[test]
+    fn observer_needs_both_clocks_to_agree_before_expiry() {
+        let now = Timestamp::from_second(1_800_000_000).unwrap();
+        let t0 = Instant::now();
+        let later = |s| t0 + Duration::from_secs(s);
+        let o = LeaseObserver::default();
+        let stale = spec(Some(100), 10, now);
+        // The holder's renewTime is long past, but this process only just saw it.
+        assert!(!o.expired_at("l", &stale, "1", now, t0));
+        assert!(!o.expired_at("l", &stale, "1", now, later(9)));
+        assert!(o.expired_at("l", &stale, "1", now, later(10)));
+        // A change of the record (a renewal, whatever its stamp) restarts the local clock.
+        assert!(!o.expired_at("l", &stale, "2", now, later(11)));
+        assert!(o.expired_at("l", &stale, "2", now, later(21)));
+        // Fresh by the holder's clock: never expired, however long unchanged.
+        let fresh = spec(Some(1), 10, now);
+        assert!(!o.expired_at("m", &fresh, "1", now, t0));
+        assert!(!o.expired_at("m", &fresh, "1", now, later(60)));
+        // Released on purpose: expired at once.
+        let mut released = fresh.clone();
+        released.holder_identity = None;
+        assert!(o.expired_at("n", &released, "1", now, t0));
     }
 }

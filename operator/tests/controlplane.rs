@@ -252,7 +252,7 @@ async fn volume_lifecycle_placement_in_sync_promotion_expansion_deletion() {
     for (n, z) in [("n1", "z1"), ("n2", "z2"), ("n3", "z3")] {
         agents.insert(n.to_string(), agent(&client, n, z).await);
     }
-    let (_op, metrics) = operator(&client, "op-a");
+    let (op, _) = operator(&client, "op-a");
     let vols: Api<BlockVolume> = Api::all(client.clone());
     vols.create(
         &PostParams::default(),
@@ -312,6 +312,49 @@ async fn volume_lifecycle_placement_in_sync_promotion_expansion_deletion() {
     assert_eq!(ready.observed_generation, v.metadata.generation);
     assert!(v.finalizers().iter().any(|f| f == api::FINALIZER_VOLUME));
     assert!(events_with_reason(&client, "Placed").await >= 1);
+
+    // Operator restart with the volume status lost: the new leader recovers epoch,
+    // primary and in-sync set from the replicas and creates no replica.
+    drop(op);
+    vols.patch_status(
+        "vol1",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"status": null})),
+    )
+    .await
+    .expect("wipe status");
+    assert!(volume(&client, "vol1").await.unwrap().status.is_none());
+    let (_op, metrics) = operator(&client, "op-b");
+    let v = wait_for("status recovered by the new operator", || async {
+        volume(&client, "vol1").await.filter(|v| {
+            v.status
+                .as_ref()
+                .is_some_and(|s| s.phase == VolumePhase::Ready)
+        })
+    })
+    .await;
+    let st = v.status.unwrap();
+    assert_eq!(
+        (st.epoch, st.in_sync_set_generation, st.in_sync_count),
+        (1, 1, 3)
+    );
+    let mut before: Vec<String> = placed.iter().map(|r| r.name_any()).collect();
+    let mut after: Vec<String> = replicas_of(&client, "vol1")
+        .await
+        .iter()
+        .map(|r| r.name_any())
+        .collect();
+    before.sort();
+    after.sort();
+    assert_eq!(
+        before, after,
+        "no replica created or lost across the restart"
+    );
+    let p0 = placed
+        .iter()
+        .find(|r| r.spec.role == ReplicaRole::Primary)
+        .unwrap();
+    assert_eq!(st.primary.as_deref(), Some(p0.name_any().as_str()));
 
     // The primary cannot reach one member: the operator commits the set without it.
     let primary = placed
