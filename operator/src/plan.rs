@@ -33,6 +33,7 @@ pub mod reason {
     pub const NO_ELIGIBLE_PRIMARY: &str = "NoEligiblePrimary";
     pub const CONFLICTING_PRIMARIES: &str = "ConflictingPrimaries";
     pub const INVALID_SPEC: &str = "InvalidSpec";
+    pub const REPLICA_REMOVED: &str = "ReplicaRemoved";
 }
 
 /// Longest volume name: it is a label value on every replica.
@@ -403,6 +404,55 @@ pub fn plan(obs: &Observed<'_>, settings: &ReplacementSettings) -> Plan {
                     views.extend(chosen.iter().map(|n| new_view(obs.name, n, obs.nodes)));
                 }
                 Err(e) => events.push(warning(reason::INSUFFICIENT_NODES, e.to_string())),
+            }
+        }
+        // spec.replicas went down: remove the least useful non-primary replicas. A
+        // committed member leaves the set in the same commit, written (with the
+        // primary's assignment) before the replica is deleted.
+        let excess = active(&views, &delete).saturating_sub(desired);
+        if excess > 0 && state.primary.is_some() {
+            let mut victims: Vec<&ReplicaView> = views
+                .iter()
+                .filter(|r| !r.deleting && !delete.contains(&r.id))
+                .filter(|r| Some(r.id.as_str()) != state.primary.as_deref())
+                .collect();
+            victims.sort_by_key(|r| {
+                (
+                    state.in_sync.contains(&r.id),
+                    crate::replacement::unhealthy(r).is_none(),
+                    r.flushed_lsn(),
+                    r.id.clone(),
+                )
+            });
+            let victims: Vec<String> = victims
+                .into_iter()
+                .take(excess)
+                .map(|r| r.id.clone())
+                .collect();
+            let members: Vec<String> = state
+                .in_sync
+                .members
+                .iter()
+                .filter(|m| !victims.contains(m))
+                .cloned()
+                .collect();
+            if members.len() != state.in_sync.members.len() && !members.is_empty() {
+                state.in_sync = InSyncSet::new(members, state.in_sync.generation.saturating_add(1));
+                events.push(normal(
+                    reason::IN_SYNC_SET_CHANGED,
+                    format!(
+                        "committed in-sync set generation {}; removed {} (spec.replicas is {desired})",
+                        state.in_sync.generation,
+                        victims.join(", ")
+                    ),
+                ));
+            }
+            for v in victims {
+                events.push(normal(
+                    reason::REPLICA_REMOVED,
+                    format!("removing replica {v}: spec.replicas is {desired}"),
+                ));
+                delete.push(v);
             }
         }
     }
@@ -888,6 +938,26 @@ mod tests {
         assert!(w.reasons().contains(&reason::EXPANDED));
         w.all_report_healthy(10);
         assert_eq!(w.step().status.size_bytes, Some(2 * GI));
+    }
+
+    #[test]
+    fn lowering_replicas_removes_non_primary_members_after_committing_the_smaller_set() {
+        let mut w = World::new(3);
+        w.step();
+        w.all_report_healthy(10);
+        w.step();
+        let pid = w.primary().id.clone();
+        w.spec.replicas = 1;
+        let p = w.step();
+        assert_eq!(p.delete.len(), 2);
+        assert!(!p.delete.contains(&pid), "the primary stays");
+        assert_eq!(p.status.in_sync_set, vec![pid.clone()]);
+        assert_eq!(p.status.in_sync_set_generation, 2);
+        let prim = p.apply.iter().find(|s| s.replica_id == pid).unwrap();
+        assert_eq!((prim.in_sync_set.len(), prim.peers.len()), (1, 0));
+        assert_eq!(w.replicas.len(), 1);
+        assert_eq!(p.status.phase, VolumePhase::Ready);
+        assert!(w.step().delete.is_empty(), "nothing more to remove");
     }
 
     #[test]
