@@ -163,10 +163,18 @@ fn settings() -> ControllerSettings {
 
 /// An operator running in this process, stopped (Lease kept, like a crash) when dropped.
 fn operator(client: &Client, identity: &str) -> (Task, Arc<Metrics>) {
+    operator_with(client, identity, settings())
+}
+
+fn operator_with(
+    client: &Client,
+    identity: &str,
+    settings: ControllerSettings,
+) -> (Task, Arc<Metrics>) {
     let metrics = Arc::new(Metrics::default());
     let ctx = Arc::new(Context::new(
         client.clone(),
-        settings(),
+        settings,
         metrics.clone(),
         Some(identity.into()),
     ));
@@ -609,4 +617,102 @@ async fn two_operators_one_leader_and_failover_of_leadership() {
         (h == survivor && leading(&survivor_metrics)).then_some(())
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replica_needing_rebuild_is_replaced_on_another_node_and_rejoins() {
+    let (_cp, client) = start().await;
+    let mut _agents = Vec::new();
+    for (n, z) in [("n1", "z1"), ("n2", "z2"), ("n3", "z3")] {
+        _agents.push(agent(&client, n, z).await);
+    }
+    let mut s = settings();
+    s.replacement.replica_failure_grace_ms = 1_000;
+    let (_op, _m) = operator_with(&client, "op-a", s);
+    Api::<BlockVolume>::all(client.clone())
+        .create(
+            &PostParams::default(),
+            &BlockVolume::new("vol3", BlockVolumeSpec::with_size("16Mi")),
+        )
+        .await
+        .unwrap();
+    let placed = wait_for("3 replicas placed", || async {
+        let rs = replicas_of(&client, "vol3").await;
+        (rs.len() == 3).then_some(rs)
+    })
+    .await;
+    // A fourth node joins only now, so it is the only place for a replacement.
+    _agents.push(agent(&client, "n4", "z4").await);
+    for r in &placed {
+        report(&client, &r.name_any(), &healthy(r, 5)).await;
+    }
+    let primary = placed
+        .iter()
+        .find(|r| r.spec.role == ReplicaRole::Primary)
+        .unwrap()
+        .clone();
+    let bad = placed
+        .iter()
+        .find(|r| r.spec.role != ReplicaRole::Primary)
+        .unwrap()
+        .clone();
+    let mut pst = healthy(&primary, 5);
+    pst.unreachable = vec![bad.name_any()];
+    report(&client, &primary.name_any(), &pst).await;
+    let mut bst = healthy(&bad, 5);
+    bst.state = ReplicaState::NeedsRebuild;
+    report(&client, &bad.name_any(), &bst).await;
+
+    let new = wait_for("replacement on the fourth node", || async {
+        let rs = replicas_of(&client, "vol3").await;
+        let gone = !rs.iter().any(|r| r.name_any() == bad.name_any());
+        let new = rs.into_iter().find(|r| r.spec.node == "n4")?;
+        gone.then_some(new)
+    })
+    .await;
+    assert_eq!(new.spec.epoch, 1);
+    let p = Api::<BlockReplica>::all(client.clone())
+        .get(&primary.name_any())
+        .await
+        .unwrap();
+    assert!(
+        p.spec.peers.iter().any(|x| x.replica_id == new.name_any()),
+        "primary ships to the new replica"
+    );
+    assert!(
+        !p.spec.in_sync_set.contains(&new.name_any()),
+        "a new replica joins only once reported in sync"
+    );
+    assert!(events_with_reason(&client, "ReplicaFailed").await >= 1);
+    assert!(events_with_reason(&client, "RebuildStarted").await >= 1);
+
+    // The primary reports the rebuilt replica in sync: it joins the committed set.
+    report(&client, &new.name_any(), &healthy(&new, 5)).await;
+    pst.unreachable.clear();
+    pst.peers = replicas_of(&client, "vol3")
+        .await
+        .iter()
+        .filter(|r| r.name_any() != primary.name_any())
+        .map(|r| PeerStatus {
+            replica_id: r.name_any(),
+            state: ReplicaState::InSync,
+            flushed_lsn: 5,
+            last_error: None,
+        })
+        .collect();
+    report(&client, &primary.name_any(), &pst).await;
+    wait_for(
+        "rebuilt replica in the set and the volume Ready",
+        || async {
+            volume(&client, "vol3").await.filter(|v| {
+                v.status.as_ref().is_some_and(|s| {
+                    s.phase == VolumePhase::Ready
+                        && s.in_sync_count == 3
+                        && s.in_sync_set.contains(&new.name_any())
+                })
+            })
+        },
+    )
+    .await;
+    assert!(events_with_reason(&client, "RebuildCompleted").await >= 1);
 }
