@@ -39,6 +39,12 @@ pub const FINALIZER_VOLUME: &str = "blockvol.io/replicas";
 /// Finalizer the node agent holds on a `BlockReplica` until its disk space is freed.
 pub const FINALIZER_REPLICA: &str = "blockvol.io/disk";
 
+/// Annotation on a `BlockVolume` naming the node it is attached to. The CSI controller
+/// sets it on ControllerPublishVolume and removes it on ControllerUnpublishVolume; the
+/// operator mirrors it into `status.attachedTo` and keeps an attached volume from being
+/// deleted until it is detached.
+pub const ANNOTATION_ATTACHED_NODE: &str = "blockvol.io/attached-node";
+
 /// Topology key the CSI driver reports for each node.
 pub const TOPOLOGY_NODE_KEY: &str = "topology.blockvol.io/node";
 

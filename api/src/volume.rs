@@ -212,6 +212,10 @@ pub struct ReplicaSummary {
     pub state: String,
     #[serde(default)]
     pub flushed_lsn: u64,
+    /// Since when the operator has seen this replica unusable (node agent gone,
+    /// `NeedsRebuild` or `Failed`); it is replaced once this is older than the grace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unhealthy_since: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
 }
 
 /// Condition types a `BlockVolume` reports.

@@ -3,3 +3,4 @@
 
 pub mod attach;
 pub mod nbd;
+pub mod k8s;

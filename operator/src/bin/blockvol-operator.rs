@@ -1,13 +1,110 @@
+//! The blockvol operator binary: parses settings, connects, serves metrics and runs the
+//! Lease-elected controller from the library.
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context as _;
 use clap::Parser;
+use operator::replacement::ReplacementSettings;
+use operator::{Context, ControllerSettings, LeaderElector, LeaderSettings, Metrics};
 
 /// blockvol operator: placement, epochs, in-sync set, failover, rebuild.
 #[derive(Parser, Debug)]
 #[command(version)]
-struct Args {}
+struct Args {
+    /// Namespace of the leader Lease and of the node agents' Leases.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "blockvol-system")]
+    namespace: String,
+    /// Name of the leader-election Lease.
+    #[arg(long, default_value = "blockvol-operator")]
+    leader_lease_name: String,
+    /// This operator's identity in the leader Lease.
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+    /// Seconds a leader's claim lasts without renewal.
+    #[arg(long, default_value_t = 15)]
+    lease_duration_s: u32,
+    /// Milliseconds between leader Lease renewals.
+    #[arg(long, default_value_t = 2_000)]
+    renew_interval_ms: u64,
+    /// Address of the Prometheus metrics endpoint.
+    #[arg(long, default_value = "0.0.0.0:9090")]
+    metrics_addr: SocketAddr,
+    /// Milliseconds between periodic re-checks of each volume.
+    #[arg(long, default_value_t = 30_000)]
+    resync_interval_ms: u64,
+    /// Milliseconds a replica may report NeedsRebuild or Failed before it is replaced.
+    #[arg(long, default_value_t = 60_000)]
+    replica_failure_grace_ms: u64,
+    /// Milliseconds a node agent may be gone before its replicas are replaced.
+    #[arg(long, default_value_t = 300_000)]
+    node_gone_grace_ms: u64,
+    /// Most replicas rebuilding onto one node at once.
+    #[arg(long, default_value_t = 2)]
+    max_rebuilds_per_node: u32,
+    /// Log as JSON lines.
+    #[arg(long)]
+    log_json: bool,
+}
 
-fn main() -> anyhow::Result<()> {
-    let _args = Args::parse();
-    anyhow::bail!(
-        "blockvol-operator is not implemented yet: only --help and --version work in this build"
-    )
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    if args.log_json {
+        tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .init();
+    } else {
+        tracing_subscriber::fmt().with_env_filter(filter).init();
+    }
+    let client = kube::Client::try_default()
+        .await
+        .context("connecting to the Kubernetes API")?;
+    let identity = match args.identity {
+        Some(i) => i,
+        None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .context("no --identity and no hostname")?,
+    };
+    let metrics = Arc::new(Metrics::default());
+    let listener = operator::metrics::bind(args.metrics_addr).await?;
+    tokio::spawn(operator::metrics::serve(listener, metrics.clone()));
+    let settings = ControllerSettings {
+        node_lease_namespace: args.namespace.clone(),
+        replacement: ReplacementSettings {
+            replica_failure_grace_ms: args.replica_failure_grace_ms,
+            node_gone_grace_ms: args.node_gone_grace_ms,
+            max_rebuilds_per_node: args.max_rebuilds_per_node,
+        },
+        resync_interval_ms: args.resync_interval_ms,
+        ..Default::default()
+    };
+    let ctx = Arc::new(Context::new(
+        client.clone(),
+        settings,
+        metrics,
+        Some(identity.clone()),
+    ));
+    let elector = LeaderElector::new(
+        kube::Api::namespaced(client, &args.namespace),
+        LeaderSettings {
+            lease_name: args.leader_lease_name,
+            identity,
+            lease_duration_s: args.lease_duration_s,
+            renew_interval_ms: args.renew_interval_ms,
+        },
+    );
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    let shutdown = async move {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    };
+    operator::run(ctx, elector, shutdown).await?;
+    Ok(())
 }

@@ -1,0 +1,594 @@
+//! The `BlockVolume` reconciler: observes a volume, its replicas, the nodes and their
+//! agent Leases, runs [`crate::plan`], and performs the plan (replica specs and volume
+//! status by server-side apply as `blockvol-operator`, Events, finalizer). Every step is
+//! idempotent, so a retry or a restarted operator converges to the same objects.
+//!
+//! Reads that a decision's safety rests on (replicas, Leases) come straight from the API
+//! server at the start of each reconcile, never from a possibly stale cache: a stale
+//! Lease would make a live primary look expired.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use api::{BlockNode, BlockReplica, BlockReplicaSpec, BlockVolume, BlockVolumeStatus};
+use futures::StreamExt;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::{Controller, watcher};
+use kube::{Client, Resource, ResourceExt};
+use serde_json::json;
+
+use crate::leader::LeaseObserver;
+use crate::metrics::Metrics;
+use crate::model::ReplicaView;
+use crate::placement::NodeCandidate;
+use crate::plan::{Cleanup, Observed, Plan, plan, plan_cleanup};
+use crate::replacement::{ReplacementSettings, is_rebuilding};
+use crate::{Error, Result};
+
+/// Settings of the volume controller.
+#[derive(Clone, Debug)]
+pub struct ControllerSettings {
+    /// Namespace holding the node agents' Leases (one per node, named after it).
+    pub node_lease_namespace: String,
+    pub replacement: ReplacementSettings,
+    /// Re-check every volume at least this often, in milliseconds.
+    pub resync_interval_ms: u64,
+    /// First retry after a failed reconcile, in milliseconds; doubles per failure.
+    pub error_backoff_initial_ms: u64,
+    /// Longest retry delay after failures, in milliseconds.
+    pub error_backoff_max_ms: u64,
+    /// How often to re-check a volume whose deletion waits (detach, replica removal), in
+    /// milliseconds.
+    pub deletion_poll_ms: u64,
+    /// Concurrent reconciles.
+    pub concurrency: u16,
+}
+
+impl Default for ControllerSettings {
+    fn default() -> Self {
+        ControllerSettings {
+            node_lease_namespace: "blockvol-system".into(),
+            replacement: ReplacementSettings::default(),
+            resync_interval_ms: 30_000,
+            error_backoff_initial_ms: 500,
+            error_backoff_max_ms: 60_000,
+            deletion_poll_ms: 1_000,
+            concurrency: 4,
+        }
+    }
+}
+
+/// Shared state of the reconciler.
+pub struct Context {
+    pub client: Client,
+    pub settings: ControllerSettings,
+    pub metrics: Arc<Metrics>,
+    pub recorder: Recorder,
+    /// Node agent Leases as this process saw them change (see [`LeaseObserver`]).
+    lease_observer: LeaseObserver,
+    failures: std::sync::Mutex<BTreeMap<String, u32>>,
+}
+
+impl Context {
+    pub fn new(
+        client: Client,
+        settings: ControllerSettings,
+        metrics: Arc<Metrics>,
+        instance: Option<String>,
+    ) -> Self {
+        let recorder = Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: api::FIELD_MANAGER_OPERATOR.into(),
+                instance,
+            },
+        );
+        Context {
+            client,
+            settings,
+            metrics,
+            recorder,
+            lease_observer: LeaseObserver::default(),
+            failures: Default::default(),
+        }
+    }
+}
+
+/// Liveness of one node agent, from its Lease.
+#[derive(Clone, Copy, Debug)]
+struct NodeLease {
+    live: bool,
+    /// When the lease runs out unless renewed.
+    expires: Option<Timestamp>,
+}
+
+fn node_leases(
+    leases: &[Lease],
+    now: Timestamp,
+    observer: &LeaseObserver,
+) -> BTreeMap<String, NodeLease> {
+    leases
+        .iter()
+        .filter_map(|l| {
+            let spec = l.spec.as_ref()?;
+            let expires = spec.renew_time.as_ref().map(|t| {
+                t.0 + k8s_openapi::jiff::SignedDuration::from_secs(i64::from(
+                    spec.lease_duration_seconds.unwrap_or(0),
+                ))
+            });
+            Some((
+                l.name_any(),
+                NodeLease {
+                    live: !observer.expired_at(
+                        &l.name_any(),
+                        spec,
+                        l.metadata.resource_version.as_deref().unwrap_or_default(),
+                        now,
+                        std::time::Instant::now(),
+                    ),
+                    expires,
+                },
+            ))
+        })
+        .collect()
+}
+
+fn view(
+    r: &BlockReplica,
+    nodes: &[BlockNode],
+    leases: &BTreeMap<String, NodeLease>,
+) -> ReplicaView {
+    ReplicaView {
+        id: r.name_any(),
+        spec: r.spec.clone(),
+        status: r.status.clone(),
+        deleting: r.metadata.deletion_timestamp.is_some(),
+        node_live: leases.get(&r.spec.node).is_some_and(|l| l.live),
+        node_registered: nodes.iter().any(|n| n.name_any() == r.spec.node),
+    }
+}
+
+/// Free space per node: what the agent reports allocatable, minus replicas assigned to
+/// the node that its agent has not yet accounted for (no reported size).
+fn candidates(
+    nodes: &[BlockNode],
+    all_replicas: &[BlockReplica],
+    leases: &BTreeMap<String, NodeLease>,
+) -> Vec<NodeCandidate> {
+    nodes
+        .iter()
+        .map(|n| {
+            let name = n.name_any();
+            let pending: u64 = all_replicas
+                .iter()
+                .filter(|r| {
+                    r.spec.node == name && r.status.as_ref().and_then(|s| s.size_bytes).is_none()
+                })
+                .map(|r| r.spec.size_bytes)
+                .sum();
+            let mut labels = n.labels().clone();
+            labels.extend(n.spec.topology.clone());
+            NodeCandidate {
+                name: name.clone(),
+                labels,
+                free_bytes: n
+                    .status
+                    .as_ref()
+                    .map(|s| s.allocatable_bytes)
+                    .unwrap_or(0)
+                    .saturating_sub(pending),
+                live: leases.get(&name).is_some_and(|l| l.live),
+            }
+        })
+        .collect()
+}
+
+fn now_seconds() -> Timestamp {
+    // Stored times have second precision; computing with the same precision keeps an
+    // unchanged status byte-identical, so it is not rewritten.
+    Timestamp::from_second(Timestamp::now().as_second()).unwrap_or_else(|_| Timestamp::now())
+}
+
+struct Observation {
+    all_replicas: Vec<BlockReplica>,
+    replicas: Vec<BlockReplica>,
+    nodes: Vec<BlockNode>,
+    leases: BTreeMap<String, NodeLease>,
+    now: Timestamp,
+}
+
+async fn observe(ctx: &Context, volume: &str) -> Result<Observation> {
+    let replicas_api: Api<BlockReplica> = Api::all(ctx.client.clone());
+    let nodes_api: Api<BlockNode> = Api::all(ctx.client.clone());
+    let leases_api: Api<Lease> =
+        Api::namespaced(ctx.client.clone(), &ctx.settings.node_lease_namespace);
+    let all_replicas = replicas_api
+        .list(&ListParams::default())
+        .await
+        .map_err(Error::Kube)?
+        .items;
+    let nodes = nodes_api
+        .list(&ListParams::default())
+        .await
+        .map_err(Error::Kube)?
+        .items;
+    let leases = leases_api
+        .list(&ListParams::default())
+        .await
+        .map_err(Error::Kube)?
+        .items;
+    let now = now_seconds();
+    let replicas = all_replicas
+        .iter()
+        .filter(|r| {
+            r.labels().get(api::LABEL_VOLUME).map(String::as_str) == Some(volume)
+                && r.spec.volume == volume
+        })
+        .cloned()
+        .collect();
+    Ok(Observation {
+        all_replicas,
+        replicas,
+        nodes,
+        leases: node_leases(&leases, now, &ctx.lease_observer),
+        now,
+    })
+}
+
+fn attached_to(vol: &BlockVolume) -> Option<&str> {
+    vol.annotations()
+        .get(api::ANNOTATION_ATTACHED_NODE)
+        .map(String::as_str)
+        .filter(|s| !s.is_empty())
+}
+
+async fn publish(ctx: &Context, vol: &BlockVolume, warning: bool, reason: &str, note: String) {
+    let ev = Event {
+        type_: if warning {
+            EventType::Warning
+        } else {
+            EventType::Normal
+        },
+        reason: reason.into(),
+        note: Some(note),
+        action: reason.into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&ev, &vol.object_ref(&())).await {
+        tracing::warn!(volume = %vol.name_any(), reason, error = %e, "publishing event failed");
+    }
+}
+
+async fn write_status(ctx: &Context, vol: &BlockVolume, status: &BlockVolumeStatus) -> Result<()> {
+    if vol.status.as_ref() == Some(status) {
+        return Ok(());
+    }
+    let api: Api<BlockVolume> = Api::all(ctx.client.clone());
+    let patch = json!({
+        "apiVersion": format!("{}/{}", api::GROUP, api::VERSION),
+        "kind": "BlockVolume",
+        "status": status,
+    });
+    api.patch_status(
+        &vol.name_any(),
+        &PatchParams::apply(api::FIELD_MANAGER_OPERATOR).force(),
+        &Patch::Apply(&patch),
+    )
+    .await
+    .map_err(Error::Kube)?;
+    Ok(())
+}
+
+async fn apply_replica(ctx: &Context, vol: &BlockVolume, spec: &BlockReplicaSpec) -> Result<()> {
+    let api: Api<BlockReplica> = Api::all(ctx.client.clone());
+    let owner = vol
+        .controller_owner_ref(&())
+        .ok_or_else(|| Error::MissingField("metadata.uid"))?;
+    let patch = json!({
+        "apiVersion": format!("{}/{}", api::GROUP, api::VERSION),
+        "kind": "BlockReplica",
+        "metadata": {
+            "name": spec.replica_id,
+            "labels": {
+                api::LABEL_VOLUME: spec.volume,
+                api::LABEL_NODE: spec.node,
+                api::LABEL_MANAGED_BY: api::FIELD_MANAGER_OPERATOR,
+            },
+            "ownerReferences": [owner],
+        },
+        "spec": spec,
+    });
+    api.patch(
+        &spec.replica_id,
+        &PatchParams::apply(api::FIELD_MANAGER_OPERATOR).force(),
+        &Patch::Apply(&patch),
+    )
+    .await
+    .map_err(Error::Kube)?;
+    Ok(())
+}
+
+async fn delete_replica(ctx: &Context, name: &str) -> Result<()> {
+    let api: Api<BlockReplica> = Api::all(ctx.client.clone());
+    match api.delete(name, &DeleteParams::default()).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+        Err(e) => Err(Error::Kube(e)),
+    }
+}
+
+/// Removes the node agent's finalizer from a replica whose node is gone for good.
+async fn release_orphan(ctx: &Context, r: &BlockReplica) -> Result<()> {
+    let api: Api<BlockReplica> = Api::all(ctx.client.clone());
+    let keep: Vec<&String> = r
+        .finalizers()
+        .iter()
+        .filter(|f| *f != api::FINALIZER_REPLICA)
+        .collect();
+    if keep.len() == r.finalizers().len() {
+        return Ok(());
+    }
+    let patch = json!({"metadata": {"finalizers": keep, "resourceVersion": r.resource_version()}});
+    match api
+        .patch(
+            &r.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+        Err(e) => Err(Error::Kube(e)),
+    }
+}
+
+async fn apply_volume(vol: Arc<BlockVolume>, ctx: &Context) -> Result<Action> {
+    let name = vol.name_any();
+    let obs = observe(ctx, &name).await?;
+    let views: Vec<ReplicaView> = obs
+        .replicas
+        .iter()
+        .map(|r| view(r, &obs.nodes, &obs.leases))
+        .collect();
+    let nodes = candidates(&obs.nodes, &obs.all_replicas, &obs.leases);
+    let mut rebuilding: BTreeMap<String, u32> = BTreeMap::new();
+    for r in &obs.all_replicas {
+        if is_rebuilding(&view(r, &obs.nodes, &obs.leases)) {
+            *rebuilding.entry(r.spec.node.clone()).or_default() += 1;
+        }
+    }
+    let p: Plan = plan(
+        &Observed {
+            name: &name,
+            generation: vol.metadata.generation,
+            spec: &vol.spec,
+            status: vol.status.as_ref(),
+            attached_to: attached_to(&vol),
+            replicas: &views,
+            nodes: &nodes,
+            rebuilding_per_node: &rebuilding,
+            now: obs.now,
+        },
+        &ctx.settings.replacement,
+    );
+    for spec in &p.apply {
+        apply_replica(ctx, &vol, spec).await?;
+    }
+    for d in &p.delete {
+        delete_replica(ctx, d).await?;
+    }
+    write_status(ctx, &vol, &p.status).await?;
+    for e in &p.events {
+        tracing::info!(volume = %name, reason = e.reason, note = %e.note, "event");
+        publish(ctx, &vol, e.warning, e.reason, e.note.clone()).await;
+    }
+    ctx.metrics.set_phase(&name, Some(p.status.phase));
+
+    // Come back when the primary's lease would run out: expiry makes no watch event.
+    let mut after = Duration::from_millis(ctx.settings.resync_interval_ms);
+    let primary_node = p.status.primary_node.as_deref();
+    if let Some(expires) = primary_node
+        .and_then(|n| obs.leases.get(n))
+        .filter(|l| l.live)
+        .and_then(|l| l.expires)
+    {
+        let until = obs.now.duration_until(expires);
+        let until = Duration::try_from(until).unwrap_or_default() + Duration::from_millis(500);
+        after = after.min(until);
+    }
+    // Pending grace clocks need a look when they run out.
+    if p.status
+        .replicas
+        .iter()
+        .any(|r| r.unhealthy_since.is_some())
+    {
+        let grace = ctx
+            .settings
+            .replacement
+            .replica_failure_grace_ms
+            .min(ctx.settings.replacement.node_gone_grace_ms);
+        after = after.min(Duration::from_millis(grace.max(1_000)));
+    }
+    Ok(Action::requeue(after))
+}
+
+async fn cleanup_volume(vol: Arc<BlockVolume>, ctx: &Context) -> Result<Action> {
+    let name = vol.name_any();
+    let obs = observe(ctx, &name).await?;
+    let views: Vec<ReplicaView> = obs
+        .replicas
+        .iter()
+        .map(|r| view(r, &obs.nodes, &obs.leases))
+        .collect();
+    let cleanup = plan_cleanup(&views, attached_to(&vol));
+    let state = crate::recovery::recover_state(vol.status.as_ref(), &views).unwrap_or_default();
+    let status = crate::status::volume_status(&crate::status::StatusInput {
+        generation: vol.metadata.generation,
+        deleting: true,
+        attached_to: attached_to(&vol),
+        desired_replicas: vol.spec.replicas,
+        state: &state,
+        replicas: &views,
+        blocked: None,
+        size_bytes: vol.status.as_ref().and_then(|s| s.size_bytes),
+        previous: vol.status.as_ref(),
+        now: obs.now,
+    });
+    match cleanup {
+        Cleanup::WaitForDetach { node } => {
+            write_status(ctx, &vol, &status).await?;
+            ctx.metrics.set_phase(&name, Some(status.phase));
+            Err(Error::Waiting(format!(
+                "volume is attached to node {node}; deleted once detached"
+            )))
+        }
+        Cleanup::DeleteReplicas { delete, orphaned } => {
+            write_status(ctx, &vol, &status).await?;
+            ctx.metrics.set_phase(&name, Some(status.phase));
+            for d in &delete {
+                delete_replica(ctx, d).await?;
+            }
+            for o in &orphaned {
+                if let Some(r) = obs.replicas.iter().find(|r| &r.name_any() == o) {
+                    release_orphan(ctx, r).await?;
+                }
+            }
+            Err(Error::Waiting(format!(
+                "waiting for {} replica(s) to be removed",
+                views.len()
+            )))
+        }
+        Cleanup::Done => {
+            ctx.metrics.set_phase(&name, None);
+            tracing::info!(volume = %name, "all replicas removed; releasing the volume");
+            Ok(Action::await_change())
+        }
+    }
+}
+
+/// Reconciles one volume (the `Controller` entry point).
+pub async fn reconcile(vol: Arc<BlockVolume>, ctx: Arc<Context>) -> Result<Action> {
+    let started = Instant::now();
+    let name = vol.name_any();
+    let api: Api<BlockVolume> = Api::all(ctx.client.clone());
+    let result = finalizer(&api, api::FINALIZER_VOLUME, vol, |ev| async {
+        match ev {
+            Finalizer::Apply(v) => apply_volume(v, &ctx).await,
+            Finalizer::Cleanup(v) => cleanup_volume(v, &ctx).await,
+        }
+    })
+    .await
+    .map_err(|e| Error::Finalizer(Box::new(e)));
+    let secs = started.elapsed().as_secs_f64();
+    match &result {
+        Ok(_) => {
+            ctx.metrics.reconciled("ok", secs);
+            if let Ok(mut f) = ctx.failures.lock() {
+                f.remove(&name);
+            }
+        }
+        Err(e) => {
+            ctx.metrics.reconciled("error", secs);
+            ctx.metrics.reconcile_failed(e.metric_label());
+        }
+    }
+    result
+}
+
+/// Requeues a failed reconcile: waiting states poll at a fixed pace; real failures back
+/// off exponentially per volume.
+pub fn error_policy(vol: Arc<BlockVolume>, err: &Error, ctx: Arc<Context>) -> Action {
+    let name = vol.name_any();
+    if err.is_waiting() {
+        tracing::debug!(volume = %name, reason = %err, "waiting");
+        return Action::requeue(Duration::from_millis(ctx.settings.deletion_poll_ms));
+    }
+    let n = ctx
+        .failures
+        .lock()
+        .map(|mut f| {
+            let n = f.entry(name.clone()).or_default();
+            *n = n.saturating_add(1);
+            *n
+        })
+        .unwrap_or(1);
+    let delay = ctx
+        .settings
+        .error_backoff_initial_ms
+        .saturating_mul(1u64 << n.saturating_sub(1).min(20))
+        .min(ctx.settings.error_backoff_max_ms);
+    tracing::warn!(volume = %name, error = %err, failures = n, retry_ms = delay, "reconcile failed");
+    Action::requeue(Duration::from_millis(delay))
+}
+
+/// Runs the volume controller until `shutdown` resolves.
+pub async fn run(
+    ctx: Arc<Context>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    let client = ctx.client.clone();
+    let volumes: Api<BlockVolume> = Api::all(client.clone());
+    let replicas: Api<BlockReplica> = Api::all(client.clone());
+    let nodes: Api<BlockNode> = Api::all(client.clone());
+    let leases: Api<Lease> = Api::namespaced(client.clone(), &ctx.settings.node_lease_namespace);
+    let controller = Controller::new(volumes, watcher::Config::default().any_semantic());
+    let store = controller.store();
+    let all_volumes = move || -> Vec<ObjectRef<BlockVolume>> {
+        store
+            .state()
+            .iter()
+            .map(|v| ObjectRef::from_obj(&**v))
+            .collect()
+    };
+    let for_nodes = all_volumes.clone();
+    // Lease renewals change only renewTime; react to new holders and new Leases, and
+    // let the per-volume requeue (timed to the primary's lease expiry) catch expiries.
+    let seen = std::sync::Mutex::new(BTreeMap::<String, u64>::new());
+    let lease_mapper = move |l: Lease| {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        let spec = l.spec.as_ref();
+        spec.and_then(|s| s.holder_identity.clone()).hash(&mut h);
+        spec.and_then(|s| s.lease_transitions).hash(&mut h);
+        spec.and_then(|s| s.lease_duration_seconds).hash(&mut h);
+        let changed = seen
+            .lock()
+            .map(|mut m| m.insert(l.name_any(), h.finish()) != Some(h.finish()))
+            .unwrap_or(true);
+        if changed { all_volumes() } else { Vec::new() }
+    };
+    let settings = &ctx.settings;
+    controller
+        .with_config(kube::runtime::Config::default().concurrency(settings.concurrency))
+        .owns(replicas, watcher::Config::default().any_semantic())
+        .watches(
+            nodes,
+            watcher::Config::default().any_semantic(),
+            move |_| for_nodes(),
+        )
+        .watches(
+            leases,
+            watcher::Config::default().any_semantic(),
+            lease_mapper,
+        )
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, ctx.clone())
+        .for_each(|res| async move {
+            match res {
+                Ok((obj, _)) => tracing::debug!(volume = %obj.name, "reconciled"),
+                Err(kube::runtime::controller::Error::ReconcilerFailed(e, obj)) => {
+                    tracing::debug!(volume = %obj.name, error = %e, "reconcile did not finish")
+                }
+                Err(e) => tracing::warn!(error = %e, "controller error"),
+            }
+        })
+        .await;
+}

@@ -1,0 +1,255 @@
+//! Prometheus metrics of the operator and the HTTP endpoint that serves them. The
+//! endpoint is deliberately tiny (GET /metrics and /healthz, bounded request size and
+//! read time) so the operator needs no web framework.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use api::VolumePhase;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+use crate::{Error, Result};
+
+/// Largest HTTP request head the endpoint reads, in bytes.
+pub const MAX_REQUEST_BYTES: usize = 8 * 1024;
+/// How long a client may take to send its request, in milliseconds.
+pub const REQUEST_TIMEOUT_MS: u64 = 5_000;
+
+type Labels = Vec<(String, String)>;
+
+pub struct Metrics {
+    registry: Registry,
+    reconciles: Family<Labels, Counter>,
+    errors: Family<Labels, Counter>,
+    duration: Family<Labels, Histogram, fn() -> Histogram>,
+    volumes: Family<Labels, Gauge>,
+    leader: Gauge,
+    phases: Mutex<BTreeMap<String, VolumePhase>>,
+}
+
+const PHASES: [VolumePhase; 6] = [
+    VolumePhase::Pending,
+    VolumePhase::Creating,
+    VolumePhase::Ready,
+    VolumePhase::Degraded,
+    VolumePhase::Failed,
+    VolumePhase::Deleting,
+];
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("blockvol_operator");
+        let reconciles = Family::<Labels, Counter>::default();
+        let errors = Family::<Labels, Counter>::default();
+        let duration = Family::<Labels, Histogram>::new_with_constructor(
+            (|| Histogram::new(exponential_buckets(0.005, 2.0, 12))) as fn() -> Histogram,
+        );
+        let volumes = Family::<Labels, Gauge>::default();
+        let leader = Gauge::default();
+        registry.register(
+            "reconciles",
+            "Volume reconciles by result",
+            reconciles.clone(),
+        );
+        registry.register(
+            "reconcile_errors",
+            "Failed volume reconciles by reason",
+            errors.clone(),
+        );
+        registry.register(
+            "reconcile_duration_seconds",
+            "Time one volume reconcile took",
+            duration.clone(),
+        );
+        registry.register("volumes", "Volumes by phase", volumes.clone());
+        registry.register(
+            "leader",
+            "Whether this operator holds the leader Lease",
+            leader.clone(),
+        );
+        Metrics {
+            registry,
+            reconciles,
+            errors,
+            duration,
+            volumes,
+            leader,
+            phases: Mutex::new(BTreeMap::new()),
+        }
+    }
+}
+
+impl Metrics {
+    pub fn reconciled(&self, result: &str, seconds: f64) {
+        let l = vec![("result".to_string(), result.to_string())];
+        self.reconciles.get_or_create(&l).inc();
+        self.duration.get_or_create(&l).observe(seconds);
+    }
+
+    pub fn reconcile_failed(&self, reason: &str) {
+        self.errors
+            .get_or_create(&vec![("reason".to_string(), reason.to_string())])
+            .inc();
+    }
+
+    /// Records a volume's phase; `None` forgets the volume (it is gone).
+    pub fn set_phase(&self, volume: &str, phase: Option<VolumePhase>) {
+        let Ok(mut phases) = self.phases.lock() else {
+            return;
+        };
+        match phase {
+            Some(p) => phases.insert(volume.to_string(), p),
+            None => phases.remove(volume),
+        };
+        for p in PHASES {
+            let n = phases.values().filter(|v| **v == p).count();
+            self.volumes
+                .get_or_create(&vec![("phase".to_string(), format!("{p:?}"))])
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
+    }
+
+    pub fn set_leader(&self, leading: bool) {
+        self.leader.set(i64::from(leading));
+    }
+
+    /// The metrics in the Prometheus text format.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        if encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+/// Serves `/metrics` and `/healthz` on `listener` until the task is dropped.
+pub async fn serve(listener: TcpListener, metrics: std::sync::Arc<Metrics>) -> Result<()> {
+    loop {
+        let (mut conn, peer) = listener.accept().await.map_err(Error::Metrics)?;
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; MAX_REQUEST_BYTES];
+            let mut len = 0;
+            let read = tokio::time::timeout(Duration::from_millis(REQUEST_TIMEOUT_MS), async {
+                while len < buf.len() {
+                    let n = conn.read(&mut buf[len..]).await?;
+                    if n == 0 {
+                        break;
+                    }
+                    len += n;
+                    if buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
+                        break;
+                    }
+                }
+                Ok::<_, std::io::Error>(())
+            })
+            .await;
+            if !matches!(read, Ok(Ok(()))) {
+                tracing::debug!(%peer, "metrics request not read in time");
+                return;
+            }
+            let head = String::from_utf8_lossy(&buf[..len]);
+            let path = head.split_whitespace().nth(1).unwrap_or("");
+            let (code, body) = match path {
+                "/metrics" => ("200 OK", metrics.render()),
+                "/healthz" | "/readyz" => ("200 OK", "ok\n".to_string()),
+                _ => ("404 Not Found", "not found\n".to_string()),
+            };
+            let resp = format!(
+                "HTTP/1.1 {code}\r\ncontent-type: text/plain; version=0.0.4; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = conn.write_all(resp.as_bytes()).await;
+            let _ = conn.shutdown().await;
+        });
+    }
+}
+
+/// Binds the metrics endpoint.
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener> {
+    TcpListener::bind(addr).await.map_err(Error::Metrics)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn volumes_by_phase_follow_set_and_forget() {
+        let m = Metrics::default();
+        m.set_phase("a", Some(VolumePhase::Ready));
+        m.set_phase("b", Some(VolumePhase::Ready));
+        m.set_phase("c", Some(VolumePhase::Degraded));
+        let text = m.render();
+        assert!(
+            text.contains("blockvol_operator_volumes{phase=\"Ready\"} 2"),
+            "{text}"
+        );
+        m.set_phase("b", None);
+        m.set_phase("c", Some(VolumePhase::Ready));
+        let text = m.render();
+        assert!(
+            text.contains("blockvol_operator_volumes{phase=\"Ready\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("blockvol_operator_volumes{phase=\"Degraded\"} 0"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn reconcile_counters_are_labelled() {
+        let m = Metrics::default();
+        m.reconciled("ok", 0.01);
+        m.reconcile_failed("Kube");
+        let text = m.render();
+        assert!(
+            text.contains("blockvol_operator_reconciles_total{result=\"ok\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("blockvol_operator_reconcile_errors_total{reason=\"Kube\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("blockvol_operator_reconcile_duration_seconds_count{result=\"ok\"} 1"),
+            "{text}"
+        );
+    }
+
+    #[tokio::test]
+    async fn endpoint_serves_metrics_and_404s_other_paths() {
+        let m = std::sync::Arc::new(Metrics::default());
+        m.set_leader(true);
+        let l = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let server = tokio::spawn(serve(l, m));
+        let get = |path: &'static str| async move {
+            let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+            c.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes())
+                .await
+                .unwrap();
+            let mut out = String::new();
+            c.read_to_string(&mut out).await.unwrap();
+            out
+        };
+        let body = get("/metrics").await;
+        assert!(
+            body.starts_with("HTTP/1.1 200") && body.contains("blockvol_operator_leader 1"),
+            "{body}"
+        );
+        assert!(get("/nope").await.starts_with("HTTP/1.1 404"));
+        server.abort();
+    }
+}

@@ -1,0 +1,439 @@
+//! Placement: which live nodes get a volume's new replicas. Pure function of the node
+//! views; guarantees distinct nodes, the node selector, enough free space, and a spread
+//! across the topology key (zone by default) and then hostname.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+/// Node label for the zone, the default first spreading domain.
+pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+/// Node label for the host name, the second spreading domain.
+pub const HOSTNAME_LABEL: &str = "kubernetes.io/hostname";
+
+/// What placement knows about one node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeCandidate {
+    pub name: String,
+    /// Node labels (BlockNode labels merged with its topology).
+    pub labels: BTreeMap<String, String>,
+    /// Bytes the node can still promise to new replicas.
+    pub free_bytes: u64,
+    /// The node's agent Lease is current.
+    pub live: bool,
+}
+
+/// One placement question.
+#[derive(Clone, Debug, Default)]
+pub struct PlacementRequest<'a> {
+    /// How many new replicas to place.
+    pub count: usize,
+    pub size_bytes: u64,
+    pub node_selector: Option<&'a BTreeMap<String, String>>,
+    /// Spreading key; `None` means zone.
+    pub topology_key: Option<&'a str>,
+    /// Nodes that already hold a replica of the volume (never chosen again, but they
+    /// count toward the spread).
+    pub existing_nodes: &'a [String],
+    /// Nodes that must not be chosen (for example: at their rebuild limit).
+    pub excluded_nodes: &'a [String],
+}
+
+/// Why nodes were not eligible, for the condition message a user reads.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Ineligible {
+    pub not_live: usize,
+    pub already_hold_replica: usize,
+    pub selector_mismatch: usize,
+    pub not_enough_space: usize,
+    pub excluded: usize,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "need {needed} node(s) for new replicas but only {available} eligible (of {total}: {} without a live agent, {} already hold a replica, {} do not match spec.nodeSelector, {} lack {size_bytes} free bytes, {} at their rebuild limit)",
+    ineligible.not_live,
+    ineligible.already_hold_replica,
+    ineligible.selector_mismatch,
+    ineligible.not_enough_space,
+    ineligible.excluded
+)]
+pub struct InsufficientNodes {
+    pub needed: usize,
+    pub available: usize,
+    pub total: usize,
+    pub size_bytes: u64,
+    pub ineligible: Ineligible,
+}
+
+fn matches_selector(
+    labels: &BTreeMap<String, String>,
+    sel: Option<&BTreeMap<String, String>>,
+) -> bool {
+    sel.is_none_or(|sel| sel.iter().all(|(k, v)| labels.get(k) == Some(v)))
+}
+
+fn domain<'a>(c: &'a NodeCandidate, key: &str) -> &'a str {
+    match c.labels.get(key) {
+        Some(v) => v,
+        // A node without a hostname label is its own host.
+        None if key == HOSTNAME_LABEL => &c.name,
+        None => "",
+    }
+}
+
+/// Chooses `count` distinct nodes for new replicas, or says how many are missing.
+///
+/// Order of preference for each pick: fewest replicas of this volume already in the
+/// node's topology domain, then on its host, then most free space, then name (so the
+/// result is deterministic for the same inputs).
+pub fn place(
+    nodes: &[NodeCandidate],
+    req: &PlacementRequest<'_>,
+) -> Result<Vec<String>, InsufficientNodes> {
+    let mut ineligible = Ineligible::default();
+    let mut eligible: Vec<&NodeCandidate> = Vec::new();
+    let mut seen = BTreeSet::new();
+    for n in nodes {
+        if !seen.insert(n.name.as_str()) {
+            continue;
+        }
+        if req.existing_nodes.contains(&n.name) {
+            ineligible.already_hold_replica += 1;
+        } else if !n.live {
+            ineligible.not_live += 1;
+        } else if !matches_selector(&n.labels, req.node_selector) {
+            ineligible.selector_mismatch += 1;
+        } else if n.free_bytes < req.size_bytes {
+            ineligible.not_enough_space += 1;
+        } else if req.excluded_nodes.contains(&n.name) {
+            ineligible.excluded += 1;
+        } else {
+            eligible.push(n);
+        }
+    }
+    if eligible.len() < req.count {
+        return Err(InsufficientNodes {
+            needed: req.count,
+            available: eligible.len(),
+            total: seen.len(),
+            size_bytes: req.size_bytes,
+            ineligible,
+        });
+    }
+    let keys = [req.topology_key.unwrap_or(ZONE_LABEL), HOSTNAME_LABEL];
+    let mut used: [BTreeMap<String, usize>; 2] = Default::default();
+    for existing in req.existing_nodes {
+        if let Some(n) = nodes.iter().find(|n| &n.name == existing) {
+            for (i, k) in keys.iter().enumerate() {
+                *used[i].entry(domain(n, k).to_string()).or_default() += 1;
+            }
+        }
+    }
+    let mut chosen = Vec::with_capacity(req.count);
+    for _ in 0..req.count {
+        let best = eligible
+            .iter()
+            .enumerate()
+            .min_by_key(|(_, n)| {
+                (
+                    used[0].get(domain(n, keys[0])).copied().unwrap_or(0),
+                    used[1].get(domain(n, keys[1])).copied().unwrap_or(0),
+                    std::cmp::Reverse(n.free_bytes),
+                    n.name.clone(),
+                )
+            })
+            .map(|(i, _)| i);
+        let Some(i) = best else { break };
+        let n = eligible.swap_remove(i);
+        for (i, k) in keys.iter().enumerate() {
+            *used[i].entry(domain(n, k).to_string()).or_default() += 1;
+        }
+        chosen.push(n.name.clone());
+    }
+    Ok(chosen)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GI: u64 = 1 << 30;
+
+    fn node(name: &str, zone: &str, free: u64) -> NodeCandidate {
+        let mut labels = BTreeMap::new();
+        if !zone.is_empty() {
+            labels.insert(ZONE_LABEL.to_string(), zone.to_string());
+        }
+        NodeCandidate {
+            name: name.into(),
+            labels,
+            free_bytes: free,
+            live: true,
+        }
+    }
+
+    fn dead(mut n: NodeCandidate) -> NodeCandidate {
+        n.live = false;
+        n
+    }
+
+    fn labelled(mut n: NodeCandidate, k: &str, v: &str) -> NodeCandidate {
+        n.labels.insert(k.into(), v.into());
+        n
+    }
+
+    fn zones_of(nodes: &[NodeCandidate], chosen: &[String]) -> BTreeSet<String> {
+        chosen
+            .iter()
+            .map(|c| domain(nodes.iter().find(|n| &n.name == c).unwrap(), ZONE_LABEL).to_string())
+            .collect()
+    }
+
+    #[test]
+    fn placement_table() {
+        struct Case {
+            name: &'static str,
+            nodes: Vec<NodeCandidate>,
+            count: usize,
+            existing: Vec<String>,
+            selector: Option<BTreeMap<String, String>>,
+            want: Result<Vec<&'static str>, (usize, usize)>,
+        }
+        let sel = |k: &str, v: &str| Some(BTreeMap::from([(k.to_string(), v.to_string())]));
+        let cases = vec![
+            Case {
+                name: "three nodes in three zones: one replica each",
+                nodes: vec![
+                    node("a", "z1", GI),
+                    node("b", "z2", GI),
+                    node("c", "z3", GI),
+                ],
+                count: 3,
+                existing: vec![],
+                selector: None,
+                want: Ok(vec!["a", "b", "c"]),
+            },
+            Case {
+                name: "spread across zones before packing a zone",
+                nodes: vec![
+                    node("a1", "z1", 9 * GI),
+                    node("a2", "z1", 9 * GI),
+                    node("b1", "z2", GI),
+                ],
+                count: 2,
+                existing: vec![],
+                selector: None,
+                want: Ok(vec!["a1", "b1"]),
+            },
+            Case {
+                name: "existing replicas count toward the spread",
+                nodes: vec![
+                    node("a1", "z1", GI),
+                    node("a2", "z1", GI),
+                    node("b1", "z2", GI),
+                ],
+                count: 1,
+                existing: vec!["b1".into()],
+                selector: None,
+                want: Ok(vec!["a1"]),
+            },
+            Case {
+                name: "dead nodes are never chosen",
+                nodes: vec![dead(node("a", "z1", GI)), node("b", "z2", GI)],
+                count: 2,
+                existing: vec![],
+                selector: None,
+                want: Err((2, 1)),
+            },
+            Case {
+                name: "nodes without enough space are skipped",
+                nodes: vec![node("a", "z1", GI - 1), node("b", "z2", GI)],
+                count: 1,
+                existing: vec![],
+                selector: None,
+                want: Ok(vec!["b"]),
+            },
+            Case {
+                name: "node selector honoured",
+                nodes: vec![
+                    labelled(node("a", "z1", 5 * GI), "disk", "hdd"),
+                    labelled(node("b", "z2", GI), "disk", "ssd"),
+                ],
+                count: 1,
+                existing: vec![],
+                selector: sel("disk", "ssd"),
+                want: Ok(vec!["b"]),
+            },
+            Case {
+                name: "a node holding a replica is never chosen twice",
+                nodes: vec![node("a", "z1", GI), node("b", "z2", GI)],
+                count: 2,
+                existing: vec!["a".into()],
+                selector: None,
+                want: Err((2, 1)),
+            },
+            Case {
+                name: "duplicate node entries do not count twice",
+                nodes: vec![node("a", "z1", GI), node("a", "z1", GI)],
+                count: 2,
+                existing: vec![],
+                selector: None,
+                want: Err((2, 1)),
+            },
+            Case {
+                name: "same zone: spread by hostname then most free space",
+                nodes: vec![
+                    labelled(node("a", "", GI), HOSTNAME_LABEL, "h1"),
+                    labelled(node("b", "", 3 * GI), HOSTNAME_LABEL, "h1"),
+                    labelled(node("c", "", 2 * GI), HOSTNAME_LABEL, "h2"),
+                ],
+                count: 2,
+                existing: vec![],
+                selector: None,
+                want: Ok(vec!["b", "c"]),
+            },
+            Case {
+                name: "zero replicas needs nothing",
+                nodes: vec![],
+                count: 0,
+                existing: vec![],
+                selector: None,
+                want: Ok(vec![]),
+            },
+        ];
+        for c in cases {
+            let req = PlacementRequest {
+                count: c.count,
+                size_bytes: GI,
+                node_selector: c.selector.as_ref(),
+                topology_key: None,
+                existing_nodes: &c.existing,
+                excluded_nodes: &[],
+            };
+            let got = place(&c.nodes, &req).map_err(|e| (e.needed, e.available));
+            let want = c
+                .want
+                .map(|v| v.into_iter().map(String::from).collect::<Vec<_>>());
+            assert_eq!(got, want, "case: {}", c.name);
+        }
+    }
+
+    #[test]
+    fn custom_topology_key_spreads_by_that_label() {
+        let nodes = vec![
+            labelled(node("a", "z1", GI), "rack", "r1"),
+            labelled(node("b", "z2", GI), "rack", "r1"),
+            labelled(node("c", "z1", GI), "rack", "r2"),
+        ];
+        let req = PlacementRequest {
+            count: 2,
+            size_bytes: GI,
+            topology_key: Some("rack"),
+            ..Default::default()
+        };
+        let got = place(&nodes, &req).unwrap();
+        assert_eq!(got, vec!["a", "c"]);
+        assert_eq!(
+            zones_of(&nodes, &got).len(),
+            1,
+            "rack spread wins over zones"
+        );
+    }
+
+    #[test]
+    fn insufficient_nodes_message_says_why_each_node_was_skipped() {
+        let nodes = vec![
+            dead(node("a", "z1", GI)),
+            node("b", "z2", 1),
+            labelled(node("c", "z3", GI), "disk", "hdd"),
+            node("d", "z4", GI),
+            node("e", "z5", GI),
+        ];
+        let sel = BTreeMap::from([("disk".to_string(), "hdd".to_string())]);
+        let existing = vec!["d".to_string()];
+        let excluded = vec!["e".to_string()];
+        let mut req = PlacementRequest {
+            count: 2,
+            size_bytes: GI,
+            existing_nodes: &existing,
+            excluded_nodes: &excluded,
+            ..Default::default()
+        };
+        req.node_selector = None;
+        let err = place(&nodes, &req).unwrap_err();
+        assert_eq!((err.needed, err.available, err.total), (2, 1, 5));
+        assert_eq!(
+            err.ineligible,
+            Ineligible {
+                not_live: 1,
+                already_hold_replica: 1,
+                selector_mismatch: 0,
+                not_enough_space: 1,
+                excluded: 1
+            }
+        );
+        req.node_selector = Some(&sel);
+        let err = place(&nodes, &req).unwrap_err();
+        assert_eq!(err.available, 1);
+        assert_eq!(err.ineligible.selector_mismatch, 2, "b and e lack disk=hdd");
+        assert_eq!(
+            (err.ineligible.not_enough_space, err.ineligible.excluded),
+            (0, 0)
+        );
+        let msg = err.to_string();
+        assert!(
+            msg.contains("need 2 node(s)") && msg.contains("only 1 eligible"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn result_nodes_are_distinct_and_eligible_for_many_shapes() {
+        // Exhaustive over small shapes: never a duplicate, never a dead or full node.
+        for n in 0..7usize {
+            for count in 0..6usize {
+                let nodes: Vec<_> = (0..n)
+                    .map(|i| {
+                        let mut c = node(
+                            &format!("n{i}"),
+                            &format!("z{}", i % 3),
+                            GI * (i as u64 % 3),
+                        );
+                        c.live = i % 4 != 3;
+                        c
+                    })
+                    .collect();
+                let req = PlacementRequest {
+                    count,
+                    size_bytes: GI,
+                    ..Default::default()
+                };
+                let eligible = nodes
+                    .iter()
+                    .filter(|c| c.live && c.free_bytes >= GI)
+                    .count();
+                match place(&nodes, &req) {
+                    Ok(got) => {
+                        assert_eq!(got.len(), count);
+                        let set: BTreeSet<_> = got.iter().collect();
+                        assert_eq!(set.len(), count, "duplicates in {got:?}");
+                        for g in &got {
+                            let c = nodes.iter().find(|c| &c.name == g).unwrap();
+                            assert!(c.live && c.free_bytes >= GI);
+                        }
+                        let zones = zones_of(&nodes, &got).len();
+                        let eligible_zones: BTreeSet<_> = nodes
+                            .iter()
+                            .filter(|c| c.live && c.free_bytes >= GI)
+                            .map(|c| domain(c, ZONE_LABEL))
+                            .collect();
+                        assert_eq!(zones, count.min(eligible_zones.len()), "spread {got:?}");
+                    }
+                    Err(e) => {
+                        assert!(eligible < count);
+                        assert_eq!((e.needed, e.available), (count, eligible));
+                    }
+                }
+            }
+        }
+    }
+}

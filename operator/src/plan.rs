@@ -1,0 +1,988 @@
+//! One reconcile of a `BlockVolume` as a pure function: from the observed volume,
+//! replicas and nodes to the replica specs to apply, replicas to delete, the status and
+//! the events. The controller performs the plan; tests run it without an API server.
+//!
+//! Write order matters and the plan encodes it: replica specs (a newly promoted primary
+//! first) before the volume status, so an operator that stops half-way leaves the
+//! replicas ahead of the status, which [`crate::recovery`] then trusts.
+
+use std::collections::BTreeMap;
+
+use api::{BlockReplicaSpec, BlockVolumeSpec, BlockVolumeStatus, PeerAssignment, ReplicaRole};
+use k8s_openapi::jiff::Timestamp;
+
+use crate::expansion::{reached_size, replicas_to_expand};
+use crate::in_sync::{InSyncSet, next_in_sync_set};
+use crate::model::ReplicaView;
+use crate::placement::{NodeCandidate, PlacementRequest, place};
+use crate::promotion::{PrimaryLease, PromotionDecision, choose_promotion};
+use crate::recovery::recover_state;
+use crate::replacement::{ReplacementSettings, nodes_at_rebuild_limit, replacements};
+use crate::status::{Blocked, StatusInput, unhealthy_since, volume_status};
+
+/// Stable Event reasons, one per kind of decision.
+pub mod reason {
+    pub const PLACED: &str = "Placed";
+    pub const PROMOTED: &str = "Promoted";
+    pub const IN_SYNC_SET_CHANGED: &str = "InSyncSetChanged";
+    pub const REPLICA_FAILED: &str = "ReplicaFailed";
+    pub const REBUILD_STARTED: &str = "RebuildStarted";
+    pub const REBUILD_COMPLETED: &str = "RebuildCompleted";
+    pub const EXPANDED: &str = "Expanded";
+    pub const INSUFFICIENT_NODES: &str = "InsufficientNodes";
+    pub const NO_ELIGIBLE_PRIMARY: &str = "NoEligiblePrimary";
+    pub const CONFLICTING_PRIMARIES: &str = "ConflictingPrimaries";
+    pub const INVALID_SPEC: &str = "InvalidSpec";
+    pub const REPLICA_REMOVED: &str = "ReplicaRemoved";
+}
+
+/// Longest volume name: it is a label value on every replica.
+pub const MAX_VOLUME_NAME_LEN: usize = 63;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PlannedEvent {
+    pub warning: bool,
+    pub reason: &'static str,
+    pub note: String,
+}
+
+fn normal(reason: &'static str, note: String) -> PlannedEvent {
+    PlannedEvent {
+        warning: false,
+        reason,
+        note,
+    }
+}
+
+fn warning(reason: &'static str, note: String) -> PlannedEvent {
+    PlannedEvent {
+        warning: true,
+        reason,
+        note,
+    }
+}
+
+/// What the controller observed for one volume.
+#[derive(Clone, Debug)]
+pub struct Observed<'a> {
+    pub name: &'a str,
+    pub generation: Option<i64>,
+    pub spec: &'a BlockVolumeSpec,
+    pub status: Option<&'a BlockVolumeStatus>,
+    pub attached_to: Option<&'a str>,
+    /// Every `BlockReplica` of the volume, including those being deleted.
+    pub replicas: &'a [ReplicaView],
+    /// Every registered node, with free space net of replicas not yet accounted for.
+    pub nodes: &'a [NodeCandidate],
+    /// Rebuilding replicas per node, across all volumes.
+    pub rebuilding_per_node: &'a BTreeMap<String, u32>,
+    pub now: Timestamp,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Plan {
+    /// Replica specs to apply (create or update), in this order.
+    pub apply: Vec<BlockReplicaSpec>,
+    /// Replicas to delete (after the applies).
+    pub delete: Vec<String>,
+    pub status: BlockVolumeStatus,
+    pub events: Vec<PlannedEvent>,
+}
+
+/// The `BlockReplica` name (and ReplicaID) for a volume's replica on a node: a function
+/// of both, so a repeated create after a lost response is idempotent instead of a
+/// duplicate.
+pub fn replica_name(volume: &str, node: &str) -> String {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in node.bytes() {
+        h ^= u32::from(b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    format!("{volume}-{h:08x}")
+}
+
+fn new_view(volume: &str, node: &str, nodes: &[NodeCandidate]) -> ReplicaView {
+    let id = replica_name(volume, node);
+    ReplicaView {
+        spec: BlockReplicaSpec {
+            volume: volume.into(),
+            replica_id: id.clone(),
+            node: node.into(),
+            role: ReplicaRole::Replica,
+            epoch: 0,
+            size_bytes: 0,
+            block_size: 0,
+            durability: Default::default(),
+            peers: vec![],
+            in_sync_set: vec![],
+            in_sync_set_generation: 0,
+        },
+        id,
+        status: None,
+        deleting: false,
+        node_live: nodes.iter().any(|n| n.name == node && n.live),
+        node_registered: nodes.iter().any(|n| n.name == node),
+    }
+}
+
+fn status_only(obs: &Observed<'_>, blocked: Blocked, event: PlannedEvent) -> Plan {
+    let state = crate::recovery::VolumeState {
+        epoch: obs.status.map(|s| s.epoch).unwrap_or(0),
+        primary: obs.status.and_then(|s| s.primary.clone()),
+        in_sync: obs
+            .status
+            .map(|s| InSyncSet::new(s.in_sync_set.clone(), s.in_sync_set_generation))
+            .unwrap_or_default(),
+    };
+    let status = volume_status(&StatusInput {
+        generation: obs.generation,
+        deleting: false,
+        attached_to: obs.attached_to,
+        desired_replicas: obs.spec.replicas,
+        state: &state,
+        replicas: obs.replicas,
+        blocked: Some(&blocked),
+        size_bytes: obs.status.and_then(|s| s.size_bytes),
+        previous: obs.status,
+        now: obs.now,
+    });
+    Plan {
+        apply: vec![],
+        delete: vec![],
+        status,
+        events: vec![event],
+    }
+}
+
+/// Plans one reconcile of a volume that is not being deleted.
+pub fn plan(obs: &Observed<'_>, settings: &ReplacementSettings) -> Plan {
+    if obs.name.len() > MAX_VOLUME_NAME_LEN {
+        let m = format!(
+            "volume name is {} characters; at most {MAX_VOLUME_NAME_LEN} fit the replicas' {} label",
+            obs.name.len(),
+            api::LABEL_VOLUME
+        );
+        return status_only(
+            obs,
+            Blocked::InvalidSpec(m.clone()),
+            warning(reason::INVALID_SPEC, m),
+        );
+    }
+    let size = match obs.spec.validate().and_then(|()| obs.spec.size_bytes()) {
+        Ok(s) => s,
+        Err(e) => {
+            let m = e.to_string();
+            return status_only(
+                obs,
+                Blocked::InvalidSpec(m.clone()),
+                warning(reason::INVALID_SPEC, m),
+            );
+        }
+    };
+    let mut state = match recover_state(obs.status, obs.replicas) {
+        Ok(s) => s,
+        Err(e) => {
+            let m = e.to_string();
+            return status_only(
+                obs,
+                Blocked::ConflictingPrimaries(m.clone()),
+                warning(reason::CONFLICTING_PRIMARIES, m),
+            );
+        }
+    };
+    let desired = usize::from(obs.spec.replicas);
+    let mut events = Vec::new();
+    let mut blocked = None;
+    let mut views: Vec<ReplicaView> = obs.replicas.to_vec();
+    let mut delete: Vec<String> = Vec::new();
+    let mut promoted: Option<String> = None;
+    let placement = |count: usize, existing: &[String], excluded: &[String]| {
+        place(
+            obs.nodes,
+            &PlacementRequest {
+                count,
+                size_bytes: size,
+                node_selector: obs.spec.node_selector.as_ref(),
+                topology_key: obs.spec.topology_key.as_deref(),
+                existing_nodes: existing,
+                excluded_nodes: excluded,
+            },
+        )
+    };
+    let holding_nodes = |views: &[ReplicaView]| -> Vec<String> {
+        views.iter().map(|r| r.node().to_string()).collect()
+    };
+    let active = |views: &[ReplicaView], delete: &[String]| -> usize {
+        views
+            .iter()
+            .filter(|r| !r.deleting && !delete.contains(&r.id))
+            .count()
+    };
+
+    let initial = state.primary.is_none() && active(&views, &delete) == 0;
+    if initial {
+        match placement(desired, &holding_nodes(&views), &[]) {
+            Ok(chosen) => {
+                let new: Vec<ReplicaView> = chosen
+                    .iter()
+                    .map(|n| new_view(obs.name, n, obs.nodes))
+                    .collect();
+                state.epoch = state.epoch.saturating_add(1);
+                state.primary = new.first().map(|v| v.id.clone());
+                // A fresh volume holds no acknowledged write, so every replica starts in
+                // the committed set: none can have missed an ack.
+                state.in_sync = InSyncSet::new(
+                    new.iter().map(|v| v.id.clone()).collect(),
+                    state.in_sync.generation.saturating_add(1),
+                );
+                events.push(normal(
+                    reason::PLACED,
+                    format!(
+                        "placed {} replica(s) on node(s) {}; primary {} at epoch {}",
+                        new.len(),
+                        chosen.join(", "),
+                        state.primary.as_deref().unwrap_or_default(),
+                        state.epoch
+                    ),
+                ));
+                views.extend(new);
+            }
+            Err(e) => {
+                events.push(warning(reason::INSUFFICIENT_NODES, e.to_string()));
+                blocked = Some(Blocked::InsufficientNodes(e.to_string()));
+            }
+        }
+    } else {
+        let primary_id = state.primary.clone().unwrap_or_default();
+        let primary_view = views.iter().find(|r| r.id == primary_id && !r.deleting);
+        let lease = match primary_view {
+            Some(p) if p.node_live => PrimaryLease::Current,
+            _ => PrimaryLease::Expired,
+        };
+        match choose_promotion(
+            state.epoch,
+            &primary_id,
+            lease,
+            &state.in_sync.members,
+            &views,
+        ) {
+            PromotionDecision::KeepPrimary => {
+                if let Some(change) = primary_view
+                    .and_then(|p| next_in_sync_set(&state.in_sync, state.epoch, p, &views))
+                {
+                    let mut note =
+                        format!("committed in-sync set generation {}", change.set.generation);
+                    if !change.removed.is_empty() {
+                        note += &format!(
+                            "; removed {} (unreachable from primary {primary_id})",
+                            change.removed.join(", ")
+                        );
+                    }
+                    if !change.added.is_empty() {
+                        note += &format!(
+                            "; added {} (in sync with primary {primary_id})",
+                            change.added.join(", ")
+                        );
+                    }
+                    events.push(normal(reason::IN_SYNC_SET_CHANGED, note));
+                    for id in &change.added {
+                        events.push(normal(
+                            reason::REBUILD_COMPLETED,
+                            format!("replica {id} caught up and joined the in-sync set"),
+                        ));
+                    }
+                    state.in_sync = change.set;
+                }
+            }
+            PromotionDecision::Promote { replica_id, epoch } => {
+                let flushed = views
+                    .iter()
+                    .find(|r| r.id == replica_id)
+                    .map(|r| r.flushed_lsn())
+                    .unwrap_or(0);
+                let node = views
+                    .iter()
+                    .find(|r| r.id == replica_id)
+                    .map(|r| r.node().to_string())
+                    .unwrap_or_default();
+                events.push(normal(
+                    reason::PROMOTED,
+                    format!(
+                        "promoted replica {replica_id} on node {node} (flushed LSN {flushed}) to primary at epoch {epoch}; the node agent of primary {primary_id} stopped renewing its lease"
+                    ),
+                ));
+                // The deposed primary is fenced by the new epoch; it leaves the set now
+                // so the new primary need not wait for it.
+                let members: Vec<String> = state
+                    .in_sync
+                    .members
+                    .iter()
+                    .filter(|m| **m != primary_id)
+                    .cloned()
+                    .collect();
+                if members.len() != state.in_sync.members.len() {
+                    events.push(normal(
+                        reason::IN_SYNC_SET_CHANGED,
+                        format!(
+                            "committed in-sync set generation {}; removed deposed primary {primary_id}",
+                            state.in_sync.generation.saturating_add(1)
+                        ),
+                    ));
+                    state.in_sync =
+                        InSyncSet::new(members, state.in_sync.generation.saturating_add(1));
+                }
+                state.epoch = epoch;
+                state.primary = Some(replica_id.clone());
+                promoted = Some(replica_id);
+            }
+            PromotionDecision::NoEligibleMember { reason: why } => {
+                events.push(warning(reason::NO_ELIGIBLE_PRIMARY, why.clone()));
+                blocked = Some(Blocked::NoEligiblePrimary(why));
+            }
+        }
+
+        // Replace replicas unusable past their grace, then fill up to spec.replicas.
+        let mut rebuilding = obs.rebuilding_per_node.clone();
+        let since = unhealthy_since(obs.status);
+        for rep in replacements(
+            &views,
+            state.primary.as_deref(),
+            &state.in_sync,
+            &since,
+            obs.now,
+            settings,
+        ) {
+            let Some(old) = views.iter().find(|r| r.id == rep.replica_id).cloned() else {
+                continue;
+            };
+            let excluded = nodes_at_rebuild_limit(&rebuilding, settings.max_rebuilds_per_node);
+            match placement(1, &holding_nodes(&views), &excluded) {
+                Ok(chosen) => {
+                    for node in chosen {
+                        let v = new_view(obs.name, &node, obs.nodes);
+                        events.push(warning(
+                            reason::REPLICA_FAILED,
+                            format!(
+                                "replica {} on node {} is replaced: {} for longer than the grace period",
+                                old.id,
+                                old.node(),
+                                rep.reason.describe()
+                            ),
+                        ));
+                        events.push(normal(
+                            reason::REBUILD_STARTED,
+                            format!("new replica {} on node {node} replaces {}", v.id, old.id),
+                        ));
+                        *rebuilding.entry(node).or_default() += 1;
+                        views.push(v);
+                        delete.push(old.id.clone());
+                    }
+                }
+                Err(e) => events.push(warning(
+                    reason::INSUFFICIENT_NODES,
+                    format!(
+                        "cannot replace replica {} ({}): {e}",
+                        old.id,
+                        rep.reason.describe()
+                    ),
+                )),
+            }
+        }
+        let missing = desired.saturating_sub(active(&views, &delete));
+        if missing > 0 && state.primary.is_some() {
+            let excluded = nodes_at_rebuild_limit(&rebuilding, settings.max_rebuilds_per_node);
+            match placement(missing, &holding_nodes(&views), &excluded) {
+                Ok(chosen) => {
+                    events.push(normal(
+                        reason::PLACED,
+                        format!(
+                            "placed {} new replica(s) on node(s) {}",
+                            chosen.len(),
+                            chosen.join(", ")
+                        ),
+                    ));
+                    views.extend(chosen.iter().map(|n| new_view(obs.name, n, obs.nodes)));
+                }
+                Err(e) => events.push(warning(reason::INSUFFICIENT_NODES, e.to_string())),
+            }
+        }
+        // spec.replicas went down: remove the least useful non-primary replicas. A
+        // committed member leaves the set in the same commit, written (with the
+        // primary's assignment) before the replica is deleted.
+        let excess = active(&views, &delete).saturating_sub(desired);
+        if excess > 0 && state.primary.is_some() {
+            let mut victims: Vec<&ReplicaView> = views
+                .iter()
+                .filter(|r| !r.deleting && !delete.contains(&r.id))
+                .filter(|r| Some(r.id.as_str()) != state.primary.as_deref())
+                .collect();
+            victims.sort_by_key(|r| {
+                (
+                    state.in_sync.contains(&r.id),
+                    crate::replacement::unhealthy(r).is_none(),
+                    r.flushed_lsn(),
+                    r.id.clone(),
+                )
+            });
+            let victims: Vec<String> = victims
+                .into_iter()
+                .take(excess)
+                .map(|r| r.id.clone())
+                .collect();
+            let members: Vec<String> = state
+                .in_sync
+                .members
+                .iter()
+                .filter(|m| !victims.contains(m))
+                .cloned()
+                .collect();
+            if members.len() != state.in_sync.members.len() && !members.is_empty() {
+                state.in_sync = InSyncSet::new(members, state.in_sync.generation.saturating_add(1));
+                events.push(normal(
+                    reason::IN_SYNC_SET_CHANGED,
+                    format!(
+                        "committed in-sync set generation {}; removed {} (spec.replicas is {desired})",
+                        state.in_sync.generation,
+                        victims.join(", ")
+                    ),
+                ));
+            }
+            for v in victims {
+                events.push(normal(
+                    reason::REPLICA_REMOVED,
+                    format!("removing replica {v}: spec.replicas is {desired}"),
+                ));
+                delete.push(v);
+            }
+        }
+    }
+
+    for v in views.iter_mut() {
+        if delete.contains(&v.id) {
+            v.deleting = true;
+        }
+    }
+    let grow = replicas_to_expand(size, &views);
+    if !grow.is_empty() && !initial {
+        let existing: Vec<&String> = grow
+            .iter()
+            .filter(|id| obs.replicas.iter().any(|r| &r.id == *id))
+            .collect();
+        if !existing.is_empty() {
+            events.push(normal(
+                reason::EXPANDED,
+                format!(
+                    "expanding replica(s) {} to {size} bytes",
+                    existing
+                        .iter()
+                        .map(|s| s.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            ));
+        }
+    }
+
+    // Desired spec of every kept replica.
+    let kept: Vec<&ReplicaView> = views.iter().filter(|r| !r.deleting).collect();
+    let mut apply = Vec::new();
+    if state.primary.is_some() {
+        for r in &kept {
+            let is_primary = state.primary.as_deref() == Some(r.id.as_str());
+            let mut peers: Vec<PeerAssignment> = if is_primary {
+                kept.iter()
+                    .filter(|o| o.id != r.id)
+                    .map(|o| PeerAssignment {
+                        replica_id: o.id.clone(),
+                        node: o.node().to_string(),
+                    })
+                    .collect()
+            } else {
+                vec![]
+            };
+            peers.sort_by(|a, b| a.replica_id.cmp(&b.replica_id));
+            let want = BlockReplicaSpec {
+                volume: obs.name.to_string(),
+                replica_id: r.id.clone(),
+                node: r.node().to_string(),
+                role: if is_primary {
+                    ReplicaRole::Primary
+                } else {
+                    ReplicaRole::Replica
+                },
+                epoch: state.epoch.max(r.spec.epoch),
+                size_bytes: size.max(r.spec.size_bytes),
+                block_size: obs.spec.block_size,
+                durability: obs.spec.durability,
+                peers,
+                in_sync_set: state.in_sync.members.clone(),
+                in_sync_set_generation: state.in_sync.generation,
+            };
+            if want != r.spec {
+                apply.push(want);
+            }
+        }
+    }
+    // A promoted primary's assignment is written first: if the operator stops after it,
+    // recovery finds the new primary at the new epoch.
+    apply.sort_by_key(|s| {
+        (
+            Some(&s.replica_id) != promoted.as_ref(),
+            s.role != ReplicaRole::Primary,
+            s.replica_id.clone(),
+        )
+    });
+
+    let status_views: Vec<ReplicaView> = views
+        .iter()
+        .map(|r| {
+            let mut r = r.clone();
+            if let Some(s) = apply.iter().find(|s| s.replica_id == r.id) {
+                r.spec = s.clone();
+            }
+            r
+        })
+        .collect();
+    let status = volume_status(&StatusInput {
+        generation: obs.generation,
+        deleting: false,
+        attached_to: obs.attached_to,
+        desired_replicas: obs.spec.replicas,
+        state: &state,
+        replicas: &status_views,
+        blocked: blocked.as_ref(),
+        size_bytes: reached_size(&status_views),
+        previous: obs.status,
+        now: obs.now,
+    });
+    Plan {
+        apply,
+        delete,
+        status,
+        events,
+    }
+}
+
+/// What deleting a volume takes right now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Cleanup {
+    /// The volume is attached; nothing is deleted until it is detached.
+    WaitForDetach { node: String },
+    /// Delete these replicas (those not already being deleted) and strip the agent's
+    /// finalizer from those whose node is gone for good (no `BlockNode`: no agent will
+    /// ever free that disk); then wait for all of them to disappear.
+    DeleteReplicas {
+        delete: Vec<String>,
+        orphaned: Vec<String>,
+    },
+    /// No replica is left: the volume's finalizer can go.
+    Done,
+}
+
+pub fn plan_cleanup(replicas: &[ReplicaView], attached_to: Option<&str>) -> Cleanup {
+    if let Some(node) = attached_to {
+        return Cleanup::WaitForDetach {
+            node: node.to_string(),
+        };
+    }
+    if replicas.is_empty() {
+        return Cleanup::Done;
+    }
+    Cleanup::DeleteReplicas {
+        delete: replicas
+            .iter()
+            .filter(|r| !r.deleting)
+            .map(|r| r.id.clone())
+            .collect(),
+        orphaned: replicas
+            .iter()
+            .filter(|r| !r.node_registered)
+            .map(|r| r.id.clone())
+            .collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::placement::ZONE_LABEL;
+    use api::ReplicaState::*;
+    use api::VolumePhase;
+    use k8s_openapi::jiff::SignedDuration;
+
+    const GI: u64 = 1 << 30;
+
+    fn nodes(n: usize) -> Vec<NodeCandidate> {
+        (1..=n)
+            .map(|i| NodeCandidate {
+                name: format!("n{i}"),
+                labels: BTreeMap::from([(ZONE_LABEL.to_string(), format!("z{i}"))]),
+                free_bytes: 10 * GI,
+                live: true,
+            })
+            .collect()
+    }
+
+    /// A tiny in-memory API: applies plans the way the controller does.
+    struct World {
+        spec: BlockVolumeSpec,
+        status: Option<BlockVolumeStatus>,
+        replicas: Vec<ReplicaView>,
+        nodes: Vec<NodeCandidate>,
+        now: Timestamp,
+        events: Vec<PlannedEvent>,
+    }
+
+    impl World {
+        fn new(n: usize) -> Self {
+            World {
+                spec: BlockVolumeSpec::with_size("1Gi"),
+                status: None,
+                replicas: vec![],
+                nodes: nodes(n),
+                now: Timestamp::from_second(1_800_000_000).unwrap(),
+                events: vec![],
+            }
+        }
+
+        fn plan(&self) -> Plan {
+            let rebuilding = BTreeMap::new();
+            plan(
+                &Observed {
+                    name: "vol",
+                    generation: Some(1),
+                    spec: &self.spec,
+                    status: self.status.as_ref(),
+                    attached_to: None,
+                    replicas: &self.replicas,
+                    nodes: &self.nodes,
+                    rebuilding_per_node: &rebuilding,
+                    now: self.now,
+                },
+                &ReplacementSettings::default(),
+            )
+        }
+
+        fn step(&mut self) -> Plan {
+            let p = self.plan();
+            for s in &p.apply {
+                match self.replicas.iter_mut().find(|r| r.id == s.replica_id) {
+                    Some(r) => r.spec = s.clone(),
+                    None => {
+                        let live = self.nodes.iter().any(|n| n.name == s.node && n.live);
+                        self.replicas.push(ReplicaView {
+                            id: s.replica_id.clone(),
+                            spec: s.clone(),
+                            status: None,
+                            deleting: false,
+                            node_live: live,
+                            node_registered: true,
+                        });
+                    }
+                }
+            }
+            self.replicas.retain(|r| !p.delete.contains(&r.id));
+            self.status = Some(p.status.clone());
+            self.events.extend(p.events.clone());
+            p
+        }
+
+        /// Every replica reports healthy at its assigned epoch.
+        fn all_report_healthy(&mut self, flushed: u64) {
+            for r in &mut self.replicas {
+                let st = r.status.get_or_insert_with(Default::default);
+                st.epoch = r.spec.epoch;
+                st.role = Some(r.spec.role);
+                st.state = if r.spec.role == ReplicaRole::Primary {
+                    Serving
+                } else {
+                    InSync
+                };
+                st.flushed_lsn = flushed;
+                st.size_bytes = Some(r.spec.size_bytes);
+            }
+        }
+
+        fn primary(&self) -> &ReplicaView {
+            let id = self.status.as_ref().unwrap().primary.clone().unwrap();
+            self.replicas.iter().find(|r| r.id == id).unwrap()
+        }
+
+        fn kill_node(&mut self, node: &str) {
+            for n in &mut self.nodes {
+                if n.name == node {
+                    n.live = false;
+                }
+            }
+            for r in &mut self.replicas {
+                if r.node() == node {
+                    r.node_live = false;
+                }
+            }
+        }
+
+        fn reasons(&self) -> Vec<&'static str> {
+            self.events.iter().map(|e| e.reason).collect()
+        }
+    }
+
+    #[test]
+    fn new_volume_is_placed_on_distinct_nodes_with_primary_at_epoch_one() {
+        let mut w = World::new(4);
+        let p = w.step();
+        assert_eq!(p.apply.len(), 3);
+        assert_eq!(
+            p.apply[0].role,
+            ReplicaRole::Primary,
+            "primary written first"
+        );
+        let nodes: std::collections::BTreeSet<_> = p.apply.iter().map(|s| s.node.clone()).collect();
+        assert_eq!(nodes.len(), 3);
+        for s in &p.apply {
+            assert_eq!(
+                (
+                    s.epoch,
+                    s.size_bytes,
+                    s.in_sync_set.len(),
+                    s.in_sync_set_generation
+                ),
+                (1, GI, 3, 1)
+            );
+        }
+        assert_eq!(p.apply[0].peers.len(), 2);
+        assert_eq!(p.status.epoch, 1);
+        assert_eq!(p.status.phase, VolumePhase::Creating);
+        assert_eq!(w.reasons(), vec![reason::PLACED]);
+    }
+
+    #[test]
+    fn reconcile_is_idempotent_once_converged() {
+        let mut w = World::new(3);
+        w.step();
+        w.all_report_healthy(10);
+        let p = w.step();
+        assert_eq!(p.status.phase, VolumePhase::Ready);
+        assert_eq!(p.status.in_sync_count, 3);
+        let again = w.step();
+        assert!(
+            again.apply.is_empty() && again.delete.is_empty() && again.events.is_empty(),
+            "{again:?}"
+        );
+        assert_eq!(again.status, p.status);
+    }
+
+    #[test]
+    fn lost_status_never_duplicates_replicas() {
+        let mut w = World::new(5);
+        w.step();
+        w.all_report_healthy(10);
+        w.status = None;
+        let p = w.step();
+        assert!(p.apply.is_empty(), "{:?}", p.apply);
+        assert_eq!(w.replicas.len(), 3);
+        assert_eq!((p.status.epoch, p.status.in_sync_count), (1, 3));
+        assert!(p.status.primary.is_some());
+    }
+
+    #[test]
+    fn too_few_nodes_leaves_the_volume_pending_with_counts() {
+        let mut w = World::new(2);
+        let p = w.step();
+        assert!(p.apply.is_empty());
+        assert_eq!(p.status.phase, VolumePhase::Pending);
+        let e = &p.events[0];
+        assert!(e.warning && e.reason == reason::INSUFFICIENT_NODES);
+        assert!(
+            e.note.contains("need 3") && e.note.contains("only 2"),
+            "{}",
+            e.note
+        );
+    }
+
+    #[test]
+    fn unreachable_member_is_dropped_then_added_back() {
+        let mut w = World::new(3);
+        w.step();
+        w.all_report_healthy(10);
+        w.step();
+        let pid = w.primary().id.clone();
+        let other = w.replicas.iter().find(|r| r.id != pid).unwrap().id.clone();
+        let prim = w.replicas.iter_mut().find(|r| r.id == pid).unwrap();
+        prim.status.as_mut().unwrap().unreachable = vec![other.clone()];
+        let p = w.step();
+        assert_eq!(
+            (p.status.in_sync_set_generation, p.status.in_sync_count),
+            (2, 2)
+        );
+        assert!(!p.status.in_sync_set.contains(&other));
+        assert!(p.apply.iter().all(|s| s.in_sync_set_generation == 2));
+        assert_eq!(p.status.phase, VolumePhase::Degraded);
+        let prim = w.replicas.iter_mut().find(|r| r.id == pid).unwrap();
+        let st = prim.status.as_mut().unwrap();
+        st.unreachable.clear();
+        st.peers = vec![api::PeerStatus {
+            replica_id: other.clone(),
+            state: InSync,
+            flushed_lsn: 10,
+            last_error: None,
+        }];
+        let p = w.step();
+        assert_eq!(
+            (p.status.in_sync_set_generation, p.status.in_sync_count),
+            (3, 3)
+        );
+        assert!(w.reasons().contains(&reason::REBUILD_COMPLETED));
+    }
+
+    #[test]
+    fn expired_primary_lease_promotes_highest_flushed_member_at_next_epoch() {
+        let mut w = World::new(3);
+        w.step();
+        w.all_report_healthy(10);
+        w.step();
+        let old = w.primary().clone();
+        let others: Vec<String> = w
+            .replicas
+            .iter()
+            .filter(|r| r.id != old.id)
+            .map(|r| r.id.clone())
+            .collect();
+        w.replicas
+            .iter_mut()
+            .find(|r| r.id == others[1])
+            .unwrap()
+            .status
+            .as_mut()
+            .unwrap()
+            .flushed_lsn = 12;
+        w.kill_node(old.node());
+        let p = w.step();
+        assert_eq!(p.apply[0].replica_id, others[1], "new primary's spec first");
+        assert_eq!(
+            (p.apply[0].role, p.apply[0].epoch),
+            (ReplicaRole::Primary, 2)
+        );
+        assert_eq!(p.status.primary.as_ref(), Some(&others[1]));
+        assert_eq!(p.status.epoch, 2);
+        assert!(!p.status.in_sync_set.contains(&old.id));
+        let old_spec = p.apply.iter().find(|s| s.replica_id == old.id).unwrap();
+        assert_eq!((old_spec.role, old_spec.epoch), (ReplicaRole::Replica, 2));
+        assert!(w.reasons().contains(&reason::PROMOTED));
+        // Re-running does not promote again.
+        let again = w.step();
+        assert_eq!(again.status.epoch, 2);
+    }
+
+    #[test]
+    fn needs_rebuild_replica_is_replaced_on_another_node_after_grace() {
+        let mut w = World::new(4);
+        w.step();
+        w.all_report_healthy(10);
+        w.step();
+        let pid = w.primary().id.clone();
+        let bad = w.replicas.iter().find(|r| r.id != pid).unwrap().clone();
+        w.replicas
+            .iter_mut()
+            .find(|r| r.id == pid)
+            .unwrap()
+            .status
+            .as_mut()
+            .unwrap()
+            .unreachable = vec![bad.id.clone()];
+        w.replicas
+            .iter_mut()
+            .find(|r| r.id == bad.id)
+            .unwrap()
+            .status
+            .as_mut()
+            .unwrap()
+            .state = NeedsRebuild;
+        let p = w.step();
+        assert!(p.delete.is_empty(), "grace starts now");
+        w.now += SignedDuration::from_secs(61);
+        let p = w.step();
+        assert_eq!(p.delete, vec![bad.id.clone()]);
+        let new = p
+            .apply
+            .iter()
+            .find(|s| {
+                !w.replicas
+                    .iter()
+                    .any(|r| r.id == s.replica_id && r.status.is_some())
+            })
+            .unwrap();
+        assert_ne!(new.node, bad.spec.node);
+        assert_eq!(w.replicas.len(), 3);
+        let r = w.reasons();
+        assert!(
+            r.contains(&reason::REPLICA_FAILED) && r.contains(&reason::REBUILD_STARTED),
+            "{r:?}"
+        );
+        let prim = w.replicas.iter().find(|r| r.id == pid).unwrap();
+        assert_eq!(prim.spec.peers.len(), 2);
+        assert!(prim.spec.peers.iter().all(|p| p.replica_id != bad.id));
+    }
+
+    #[test]
+    fn growing_the_size_expands_every_replica() {
+        let mut w = World::new(3);
+        w.step();
+        w.all_report_healthy(10);
+        w.step();
+        w.spec.size =
+            k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String("2Gi".into());
+        let p = w.step();
+        assert_eq!(p.apply.len(), 3);
+        assert!(p.apply.iter().all(|s| s.size_bytes == 2 * GI));
+        assert_eq!(p.status.size_bytes, Some(GI), "replicas have not grown yet");
+        assert!(w.reasons().contains(&reason::EXPANDED));
+        w.all_report_healthy(10);
+        assert_eq!(w.step().status.size_bytes, Some(2 * GI));
+    }
+
+    #[test]
+    fn lowering_replicas_removes_non_primary_members_after_committing_the_smaller_set() {
+        let mut w = World::new(3);
+        w.step();
+        w.all_report_healthy(10);
+        w.step();
+        let pid = w.primary().id.clone();
+        w.spec.replicas = 1;
+        let p = w.step();
+        assert_eq!(p.delete.len(), 2);
+        assert!(!p.delete.contains(&pid), "the primary stays");
+        assert_eq!(p.status.in_sync_set, vec![pid.clone()]);
+        assert_eq!(p.status.in_sync_set_generation, 2);
+        let prim = p.apply.iter().find(|s| s.replica_id == pid).unwrap();
+        assert_eq!((prim.in_sync_set.len(), prim.peers.len()), (1, 0));
+        assert_eq!(w.replicas.len(), 1);
+        assert_eq!(p.status.phase, VolumePhase::Ready);
+        assert!(w.step().delete.is_empty(), "nothing more to remove");
+    }
+
+    #[test]
+    fn cleanup_waits_for_detach_then_deletes_and_frees_orphans() {
+        let mut a = crate::model::test_support::replica("a", "n1");
+        a.node_registered = false;
+        let b = crate::model::test_support::replica("b", "n2").deleting();
+        assert_eq!(
+            plan_cleanup(&[a.clone(), b.clone()], Some("n7")),
+            Cleanup::WaitForDetach { node: "n7".into() }
+        );
+        assert_eq!(
+            plan_cleanup(&[a, b], None),
+            Cleanup::DeleteReplicas {
+                delete: vec!["a".into()],
+                orphaned: vec!["a".into()]
+            }
+        );
+        assert_eq!(plan_cleanup(&[], None), Cleanup::Done);
+    }
+
+    #[test]
+    fn replica_names_are_stable_per_node_and_distinct_across_nodes() {
+        assert_eq!(replica_name("v", "n1"), replica_name("v", "n1"));
+        assert_ne!(replica_name("v", "n1"), replica_name("v", "n2"));
+        assert!(replica_name("v", "n1").starts_with("v-"));
+    }
+}

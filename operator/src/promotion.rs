@@ -1,0 +1,260 @@
+//! Promotion: which replica becomes primary when the primary's node agent is gone.
+//! Guarantees (DESIGN invariant 3): only a member of the committed in-sync set, only
+//! after the old primary's Lease expired, the highest flushed LSN wins, epoch + 1.
+
+use api::ReplicaState;
+
+use crate::model::ReplicaView;
+
+/// Liveness of the primary's node agent, from its Lease.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PrimaryLease {
+    /// Renewed within its duration: the primary may still be serving IO.
+    Current,
+    /// Not renewed within its duration (or missing): the primary has stopped serving.
+    Expired,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PromotionDecision {
+    /// The primary's agent is alive; nothing to do.
+    KeepPrimary,
+    /// Promote `replica_id` at `epoch` (the current epoch + 1).
+    Promote { replica_id: String, epoch: u64 },
+    /// No member of the committed in-sync set can take over; the volume waits for the
+    /// old primary (or a member) to come back. The text says why, for a condition.
+    NoEligibleMember { reason: String },
+}
+
+/// Decides whether and whom to promote.
+///
+/// `in_sync_set` is the committed set; `replicas` are all replicas of the volume. A
+/// member is eligible when it is not the old primary, not being deleted, its node agent
+/// is live, and it does not report `Failed` or `NeedsRebuild`. Ties on flushed LSN go
+/// to the smallest ReplicaID so the answer is stable across operator restarts.
+pub fn choose_promotion(
+    epoch: u64,
+    primary: &str,
+    primary_lease: PrimaryLease,
+    in_sync_set: &[String],
+    replicas: &[ReplicaView],
+) -> PromotionDecision {
+    if primary_lease == PrimaryLease::Current {
+        return PromotionDecision::KeepPrimary;
+    }
+    let best = replicas
+        .iter()
+        .filter(|r| r.id != primary && in_sync_set.contains(&r.id))
+        .filter(|r| !r.deleting && r.node_live)
+        .filter(|r| !matches!(r.state(), ReplicaState::Failed | ReplicaState::NeedsRebuild))
+        .max_by(|a, b| {
+            a.flushed_lsn()
+                .cmp(&b.flushed_lsn())
+                .then_with(|| b.id.cmp(&a.id))
+        });
+    match best {
+        Some(r) => PromotionDecision::Promote {
+            replica_id: r.id.clone(),
+            epoch: epoch.saturating_add(1),
+        },
+        None => {
+            let others: Vec<&String> = in_sync_set.iter().filter(|m| *m != primary).collect();
+            let reason = if others.is_empty() {
+                format!(
+                    "primary {primary} is the only member of the committed in-sync set; waiting for its node agent to return"
+                )
+            } else {
+                format!(
+                    "no member of the committed in-sync set ({}) has a live node agent and a usable copy; waiting for one to return",
+                    others
+                        .iter()
+                        .map(|s| s.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            };
+            PromotionDecision::NoEligibleMember { reason }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::test_support::replica;
+    use ReplicaState::*;
+
+    fn set(ids: &[&str]) -> Vec<String> {
+        ids.iter().map(|s| s.to_string()).collect()
+    }
+
+    fn promote(id: &str, epoch: u64) -> PromotionDecision {
+        PromotionDecision::Promote {
+            replica_id: id.into(),
+            epoch,
+        }
+    }
+
+    #[test]
+    #[allow(clippy::type_complexity)]
+    fn promotion_table() {
+        let p = || {
+            replica("p", "n1")
+                .primary()
+                .reports(Serving, 4, 100)
+                .node_dead()
+        };
+        let cases: Vec<(
+            &str,
+            PrimaryLease,
+            Vec<&str>,
+            Vec<ReplicaView>,
+            Option<PromotionDecision>,
+        )> = vec![
+            (
+                "lease current: never promote, even with better candidates",
+                PrimaryLease::Current,
+                vec!["p", "a"],
+                vec![p(), replica("a", "n2").reports(InSync, 4, 500)],
+                Some(PromotionDecision::KeepPrimary),
+            ),
+            (
+                "promotion picks highest flushed in-sync member",
+                PrimaryLease::Expired,
+                vec!["p", "a", "b"],
+                vec![
+                    p(),
+                    replica("a", "n2").reports(InSync, 4, 90),
+                    replica("b", "n3").reports(InSync, 4, 95),
+                ],
+                Some(promote("b", 5)),
+            ),
+            (
+                "a replica outside the committed set is never promoted, however far ahead",
+                PrimaryLease::Expired,
+                vec!["p", "a"],
+                vec![
+                    p(),
+                    replica("a", "n2").reports(InSync, 4, 10),
+                    replica("b", "n3").reports(InSync, 4, 999),
+                ],
+                Some(promote("a", 5)),
+            ),
+            (
+                "members on dead nodes are skipped",
+                PrimaryLease::Expired,
+                vec!["p", "a", "b"],
+                vec![
+                    p(),
+                    replica("a", "n2").reports(InSync, 4, 200).node_dead(),
+                    replica("b", "n3").reports(InSync, 4, 100),
+                ],
+                Some(promote("b", 5)),
+            ),
+            (
+                "failed and needs-rebuild members are skipped",
+                PrimaryLease::Expired,
+                vec!["p", "a", "b"],
+                vec![
+                    p(),
+                    replica("a", "n2").reports(Failed, 4, 200),
+                    replica("b", "n3").reports(NeedsRebuild, 4, 300),
+                ],
+                None,
+            ),
+            (
+                "tie on flushed LSN goes to the smallest id",
+                PrimaryLease::Expired,
+                vec!["p", "b", "a"],
+                vec![
+                    p(),
+                    replica("b", "n3").reports(InSync, 4, 7),
+                    replica("a", "n2").reports(InSync, 4, 7),
+                ],
+                Some(promote("a", 5)),
+            ),
+            (
+                "primary alone in the set: nobody can take over",
+                PrimaryLease::Expired,
+                vec!["p"],
+                vec![p(), replica("a", "n2").reports(InSync, 4, 100)],
+                None,
+            ),
+            (
+                "a member being deleted is not promoted",
+                PrimaryLease::Expired,
+                vec!["p", "a"],
+                vec![p(), replica("a", "n2").reports(InSync, 4, 100).deleting()],
+                None,
+            ),
+        ];
+        for (name, lease, in_sync, replicas, want) in cases {
+            let got = choose_promotion(4, "p", lease, &set(&in_sync), &replicas);
+            match want {
+                Some(w) => assert_eq!(got, w, "case: {name}"),
+                None => assert!(
+                    matches!(got, PromotionDecision::NoEligibleMember { .. }),
+                    "case: {name}: {got:?}"
+                ),
+            }
+        }
+    }
+
+    #[test]
+    fn no_eligible_member_reason_names_the_situation() {
+        let r = [replica("p", "n1").primary()];
+        let PromotionDecision::NoEligibleMember { reason } =
+            choose_promotion(1, "p", PrimaryLease::Expired, &set(&["p"]), &r)
+        else {
+            panic!("expected no member");
+        };
+        assert!(reason.contains("only member"), "{reason}");
+    }
+
+    #[test]
+    fn promoted_member_always_in_set_and_never_behind_another_eligible_member() {
+        // Exhaustive over 3 candidates × flushed {0,1,2} × in-set × live.
+        let lsns = [0u64, 1, 2];
+        for mask in 0..(1u32 << 9) {
+            let mut replicas = vec![replica("p", "n0").primary()];
+            let mut in_set = vec!["p".to_string()];
+            for i in 0..3u32 {
+                let id = format!("r{i}");
+                let bits = (mask >> (i * 3)) & 0b111;
+                let mut r = replica(&id, &format!("n{}", i + 1)).reports(
+                    InSync,
+                    1,
+                    lsns[(bits & 0b11) as usize % 3],
+                );
+                if bits & 0b100 == 0 {
+                    in_set.push(id.clone());
+                }
+                if (mask >> i) & 1 == 1 {
+                    r = r.node_dead();
+                }
+                replicas.push(r);
+            }
+            match choose_promotion(1, "p", PrimaryLease::Expired, &in_set, &replicas) {
+                PromotionDecision::Promote { replica_id, epoch } => {
+                    assert_eq!(epoch, 2);
+                    assert!(in_set.contains(&replica_id));
+                    let chosen = replicas.iter().find(|r| r.id == replica_id).unwrap();
+                    assert!(chosen.node_live && chosen.id != "p");
+                    for r in &replicas {
+                        if r.id != "p" && r.node_live && in_set.contains(&r.id) {
+                            assert!(r.flushed_lsn() <= chosen.flushed_lsn());
+                        }
+                    }
+                }
+                PromotionDecision::NoEligibleMember { .. } => {
+                    assert!(
+                        !replicas
+                            .iter()
+                            .any(|r| r.id != "p" && r.node_live && in_set.contains(&r.id))
+                    );
+                }
+                PromotionDecision::KeepPrimary => panic!("lease expired"),
+            }
+        }
+    }
+}

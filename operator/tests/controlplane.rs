@@ -1,0 +1,718 @@
+//! The operator against a real kube-apiserver: the test plays three node agents (it
+//! registers BlockNodes, renews their Leases and writes BlockReplica status) and checks
+//! placement, the in-sync set commits, promotion, expansion, deletion and leader
+//! election through the API only. Every wait is a bounded poll of a condition.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use api::{
+    BlockNode, BlockNodeSpec, BlockNodeStatus, BlockReplica, BlockReplicaStatus, BlockVolume,
+    BlockVolumeSpec, PeerStatus, ReplicaRole, ReplicaState, VolumePhase,
+};
+use e2e::{ControlPlane, ControlPlaneOptions};
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
+use kube::{Client, ResourceExt};
+use operator::replacement::ReplacementSettings;
+use operator::{Context, ControllerSettings, LeaderElector, LeaderSettings, Metrics};
+use serde_json::json;
+use tokio::task::JoinHandle;
+
+const NS: &str = "blockvol-system";
+/// Longest any single expectation may take.
+const WAIT_TIMEOUT_MS: u64 = 60_000;
+const POLL_MS: u64 = 100;
+/// Node agent Lease duration the simulated agents use.
+const NODE_LEASE_S: i32 = 2;
+const MI: u64 = 1 << 20;
+
+async fn wait_for<T, F, Fut>(what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(WAIT_TIMEOUT_MS);
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {WAIT_TIMEOUT_MS} ms waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(POLL_MS)).await;
+    }
+}
+
+/// Aborts its task when dropped, so a failing test leaves nothing running.
+struct Task(JoinHandle<()>);
+
+impl Drop for Task {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+async fn start() -> (ControlPlane, Client) {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "operator=info".into()),
+        )
+        .with_test_writer()
+        .try_init();
+    let cp = ControlPlane::start(ControlPlaneOptions::default())
+        .await
+        .expect("control plane starts");
+    cp.apply_crds(&e2e::crds_dir()).await.expect("CRDs apply");
+    let client = cp.client();
+    let ns = Namespace {
+        metadata: ObjectMeta {
+            name: Some(NS.into()),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    Api::<Namespace>::all(client.clone())
+        .create(&PostParams::default(), &ns)
+        .await
+        .expect("namespace");
+    (cp, client)
+}
+
+/// A simulated node agent: a registered BlockNode and a Lease renewed until dropped.
+async fn agent(client: &Client, name: &str, zone: &str) -> Task {
+    let nodes: Api<BlockNode> = Api::all(client.clone());
+    let mut topology = BTreeMap::new();
+    topology.insert("topology.kubernetes.io/zone".to_string(), zone.to_string());
+    let node = BlockNode::new(
+        name,
+        BlockNodeSpec {
+            node_name: name.into(),
+            data_address: format!("10.1.0.{}:7400", name.trim_start_matches('n')),
+            data_dir: "/var/lib/blockvol".into(),
+            topology,
+        },
+    );
+    nodes
+        .create(&PostParams::default(), &node)
+        .await
+        .expect("BlockNode");
+    let status = BlockNodeStatus {
+        capacity_bytes: 1 << 34,
+        allocatable_bytes: 1 << 34,
+        ..Default::default()
+    };
+    nodes
+        .patch_status(
+            name,
+            &PatchParams::apply(api::FIELD_MANAGER_AGENT).force(),
+            &Patch::Apply(json!({"apiVersion": "blockvol.io/v1alpha1", "kind": "BlockNode", "status": status})),
+        )
+        .await
+        .expect("BlockNode status");
+    let leases: Api<Lease> = Api::namespaced(client.clone(), NS);
+    let name = name.to_string();
+    Task(tokio::spawn(async move {
+        loop {
+            let lease = Lease {
+                metadata: ObjectMeta {
+                    name: Some(name.clone()),
+                    ..Default::default()
+                },
+                spec: Some(LeaseSpec {
+                    holder_identity: Some(name.clone()),
+                    lease_duration_seconds: Some(NODE_LEASE_S),
+                    renew_time: Some(MicroTime(Timestamp::now())),
+                    ..Default::default()
+                }),
+            };
+            let _ = leases
+                .patch(
+                    &name,
+                    &PatchParams::apply("test-agent").force(),
+                    &Patch::Apply(&lease),
+                )
+                .await;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    }))
+}
+
+fn settings() -> ControllerSettings {
+    ControllerSettings {
+        node_lease_namespace: NS.into(),
+        replacement: ReplacementSettings {
+            replica_failure_grace_ms: 600_000,
+            node_gone_grace_ms: 600_000,
+            max_rebuilds_per_node: 2,
+        },
+        resync_interval_ms: 1_000,
+        error_backoff_initial_ms: 100,
+        error_backoff_max_ms: 2_000,
+        deletion_poll_ms: 200,
+        concurrency: 2,
+    }
+}
+
+/// An operator running in this process, stopped (Lease kept, like a crash) when dropped.
+fn operator(client: &Client, identity: &str) -> (Task, Arc<Metrics>) {
+    operator_with(client, identity, settings())
+}
+
+fn operator_with(
+    client: &Client,
+    identity: &str,
+    settings: ControllerSettings,
+) -> (Task, Arc<Metrics>) {
+    let metrics = Arc::new(Metrics::default());
+    let ctx = Arc::new(Context::new(
+        client.clone(),
+        settings,
+        metrics.clone(),
+        Some(identity.into()),
+    ));
+    let elector = LeaderElector::new(
+        Api::namespaced(client.clone(), NS),
+        LeaderSettings {
+            lease_name: "blockvol-operator".into(),
+            identity: identity.into(),
+            lease_duration_s: 3,
+            renew_interval_ms: 500,
+        },
+    );
+    let task = tokio::spawn(async move {
+        let r = operator::run(ctx, elector, std::future::pending()).await;
+        if let Err(e) = r {
+            tracing::warn!(error = %e, "operator stopped");
+        }
+    });
+    (Task(task), metrics)
+}
+
+async fn replicas_of(client: &Client, volume: &str) -> Vec<BlockReplica> {
+    Api::<BlockReplica>::all(client.clone())
+        .list(&ListParams::default().labels(&format!("{}={volume}", api::LABEL_VOLUME)))
+        .await
+        .map(|l| l.items)
+        .unwrap_or_default()
+}
+
+async fn volume(client: &Client, name: &str) -> Option<BlockVolume> {
+    Api::<BlockVolume>::all(client.clone())
+        .get_opt(name)
+        .await
+        .ok()
+        .flatten()
+}
+
+/// Writes a replica's status the way its node agent would.
+async fn report(client: &Client, replica: &str, status: &BlockReplicaStatus) {
+    Api::<BlockReplica>::all(client.clone())
+        .patch_status(
+            replica,
+            &PatchParams::apply(api::FIELD_MANAGER_AGENT).force(),
+            &Patch::Apply(json!({"apiVersion": "blockvol.io/v1alpha1", "kind": "BlockReplica", "status": status})),
+        )
+        .await
+        .expect("replica status");
+}
+
+fn healthy(r: &BlockReplica, flushed: u64) -> BlockReplicaStatus {
+    let primary = r.spec.role == ReplicaRole::Primary;
+    BlockReplicaStatus {
+        state: if primary {
+            ReplicaState::Serving
+        } else {
+            ReplicaState::InSync
+        },
+        role: Some(r.spec.role),
+        epoch: r.spec.epoch,
+        flushed_lsn: flushed,
+        size_bytes: Some(r.spec.size_bytes),
+        ..Default::default()
+    }
+}
+
+async fn events_with_reason(client: &Client, reason: &str) -> usize {
+    Api::<k8s_openapi::api::events::v1::Event>::all(client.clone())
+        .list(&ListParams::default())
+        .await
+        .map(|l| {
+            l.items
+                .iter()
+                .filter(|e| e.reason.as_deref() == Some(reason))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn volume_lifecycle_placement_in_sync_promotion_expansion_deletion() {
+    let (_cp, client) = start().await;
+    let mut agents: BTreeMap<String, Task> = BTreeMap::new();
+    for (n, z) in [("n1", "z1"), ("n2", "z2"), ("n3", "z3")] {
+        agents.insert(n.to_string(), agent(&client, n, z).await);
+    }
+    let (op, _) = operator(&client, "op-a");
+    let vols: Api<BlockVolume> = Api::all(client.clone());
+    vols.create(
+        &PostParams::default(),
+        &BlockVolume::new("vol1", BlockVolumeSpec::with_size("64Mi")),
+    )
+    .await
+    .expect("create volume");
+
+    // Placement: three replicas on three distinct nodes, one primary, epoch 1.
+    let placed = wait_for("3 replicas placed", || async {
+        let rs = replicas_of(&client, "vol1").await;
+        (rs.len() == 3).then_some(rs)
+    })
+    .await;
+    let nodes: std::collections::BTreeSet<_> = placed.iter().map(|r| r.spec.node.clone()).collect();
+    assert_eq!(nodes.len(), 3, "distinct nodes");
+    assert_eq!(
+        placed
+            .iter()
+            .filter(|r| r.spec.role == ReplicaRole::Primary)
+            .count(),
+        1
+    );
+    assert!(
+        placed
+            .iter()
+            .all(|r| r.spec.epoch == 1 && r.spec.size_bytes == 64 * MI)
+    );
+    assert!(
+        placed
+            .iter()
+            .all(|r| r.owner_references().iter().any(|o| o.kind == "BlockVolume"))
+    );
+
+    // The agents report in sync: the volume becomes Ready with all three in the set.
+    for r in &placed {
+        report(&client, &r.name_any(), &healthy(r, 10)).await;
+    }
+    let v = wait_for("volume Ready", || async {
+        volume(&client, "vol1").await.filter(|v| {
+            v.status
+                .as_ref()
+                .is_some_and(|s| s.phase == VolumePhase::Ready)
+        })
+    })
+    .await;
+    let st = v.status.clone().unwrap();
+    assert_eq!(
+        (st.in_sync_count, st.in_sync_set_generation, st.epoch),
+        (3, 1, 1)
+    );
+    let ready = st.conditions.iter().find(|c| c.type_ == "Ready").unwrap();
+    assert_eq!(
+        (ready.status.as_str(), ready.reason.as_str()),
+        ("True", "PrimaryServing")
+    );
+    assert_eq!(ready.observed_generation, v.metadata.generation);
+    assert!(v.finalizers().iter().any(|f| f == api::FINALIZER_VOLUME));
+    assert!(events_with_reason(&client, "Placed").await >= 1);
+
+    // Operator restart with the volume status lost: the new leader recovers epoch,
+    // primary and in-sync set from the replicas and creates no replica.
+    drop(op);
+    vols.patch_status(
+        "vol1",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"status": null})),
+    )
+    .await
+    .expect("wipe status");
+    assert!(volume(&client, "vol1").await.unwrap().status.is_none());
+    let (_op, metrics) = operator(&client, "op-b");
+    let v = wait_for("status recovered by the new operator", || async {
+        volume(&client, "vol1").await.filter(|v| {
+            v.status
+                .as_ref()
+                .is_some_and(|s| s.phase == VolumePhase::Ready)
+        })
+    })
+    .await;
+    let st = v.status.unwrap();
+    assert_eq!(
+        (st.epoch, st.in_sync_set_generation, st.in_sync_count),
+        (1, 1, 3)
+    );
+    let mut before: Vec<String> = placed.iter().map(|r| r.name_any()).collect();
+    let mut after: Vec<String> = replicas_of(&client, "vol1")
+        .await
+        .iter()
+        .map(|r| r.name_any())
+        .collect();
+    before.sort();
+    after.sort();
+    assert_eq!(
+        before, after,
+        "no replica created or lost across the restart"
+    );
+    let p0 = placed
+        .iter()
+        .find(|r| r.spec.role == ReplicaRole::Primary)
+        .unwrap();
+    assert_eq!(st.primary.as_deref(), Some(p0.name_any().as_str()));
+
+    // The primary cannot reach one member: the operator commits the set without it.
+    let primary = placed
+        .iter()
+        .find(|r| r.spec.role == ReplicaRole::Primary)
+        .unwrap()
+        .clone();
+    let others: Vec<BlockReplica> = placed
+        .iter()
+        .filter(|r| r.spec.role != ReplicaRole::Primary)
+        .cloned()
+        .collect();
+    let dropped = others[0].name_any();
+    let mut pst = healthy(&primary, 10);
+    pst.unreachable = vec![dropped.clone()];
+    report(&client, &primary.name_any(), &pst).await;
+    let v = wait_for("set without the unreachable member", || async {
+        volume(&client, "vol1").await.filter(|v| {
+            v.status
+                .as_ref()
+                .is_some_and(|s| s.in_sync_set_generation == 2)
+        })
+    })
+    .await;
+    let st = v.status.unwrap();
+    assert_eq!(st.in_sync_set.len(), 2);
+    assert!(!st.in_sync_set.contains(&dropped));
+    assert_eq!(st.phase, VolumePhase::Degraded);
+    let p = Api::<BlockReplica>::all(client.clone())
+        .get(&primary.name_any())
+        .await
+        .unwrap();
+    assert_eq!(
+        p.spec.in_sync_set_generation, 2,
+        "the primary's assignment carries the commit"
+    );
+    assert!(!p.spec.in_sync_set.contains(&dropped));
+
+    // It catches up and the primary reports it InSync: it joins again (generation 3).
+    pst.unreachable.clear();
+    pst.peers = others
+        .iter()
+        .map(|o| PeerStatus {
+            replica_id: o.name_any(),
+            state: ReplicaState::InSync,
+            flushed_lsn: 10,
+            last_error: None,
+        })
+        .collect();
+    report(&client, &primary.name_any(), &pst).await;
+    wait_for("member added back", || async {
+        volume(&client, "vol1").await.filter(|v| {
+            v.status
+                .as_ref()
+                .is_some_and(|s| s.in_sync_set_generation == 3 && s.in_sync_count == 3)
+        })
+    })
+    .await;
+
+    // The members differ in flushed LSN; the primary's agent dies.
+    let (low, high) = (&others[0], &others[1]);
+    report(&client, &low.name_any(), &healthy(low, 15)).await;
+    report(&client, &high.name_any(), &healthy(high, 20)).await;
+    wait_for("flushed LSNs visible in the volume status", || async {
+        volume(&client, "vol1").await.filter(|v| {
+            v.status.as_ref().is_some_and(|s| {
+                s.replicas
+                    .iter()
+                    .any(|r| r.replica_id == high.name_any() && r.flushed_lsn == 20)
+            })
+        })
+    })
+    .await;
+    assert_eq!(
+        volume(&client, "vol1").await.unwrap().status.unwrap().epoch,
+        1,
+        "no promotion while the lease is current"
+    );
+    drop(agents.remove(&primary.spec.node));
+    let v = wait_for("promotion after the primary's lease expired", || async {
+        volume(&client, "vol1")
+            .await
+            .filter(|v| v.status.as_ref().is_some_and(|s| s.epoch == 2))
+    })
+    .await;
+    let st = v.status.unwrap();
+    assert_eq!(
+        st.primary.as_deref(),
+        Some(high.name_any().as_str()),
+        "highest flushed LSN wins"
+    );
+    assert!(
+        !st.in_sync_set.contains(&primary.name_any()),
+        "deposed primary leaves the set"
+    );
+    let rs = replicas_of(&client, "vol1").await;
+    for r in &rs {
+        assert_eq!(r.spec.epoch, 2, "{} carries the new epoch", r.name_any());
+        let want = if r.name_any() == high.name_any() {
+            ReplicaRole::Primary
+        } else {
+            ReplicaRole::Replica
+        };
+        assert_eq!(r.spec.role, want);
+    }
+    assert!(events_with_reason(&client, "Promoted").await >= 1);
+
+    // Expansion: every replica's size follows the spec.
+    vols.patch(
+        "vol1",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"size": "128Mi"}})),
+    )
+    .await
+    .expect("expand");
+    wait_for("every replica expanded", || async {
+        let rs = replicas_of(&client, "vol1").await;
+        (rs.len() == 3 && rs.iter().all(|r| r.spec.size_bytes == 128 * MI)).then_some(())
+    })
+    .await;
+
+    // An attached volume waits for detach before it is deleted, and says so.
+    vols.patch(
+        "vol1",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"annotations": {api::ANNOTATION_ATTACHED_NODE: "n2"}}})),
+    )
+    .await
+    .unwrap();
+    vols.delete("vol1", &DeleteParams::default())
+        .await
+        .expect("delete");
+    wait_for("deletion waits for detach", || async {
+        volume(&client, "vol1").await.filter(|v| {
+            v.status.as_ref().is_some_and(|s| {
+                s.conditions
+                    .iter()
+                    .any(|c| c.type_ == "Attached" && c.reason == "DeletionWaitsForDetach")
+            })
+        })
+    })
+    .await;
+    assert_eq!(
+        replicas_of(&client, "vol1").await.len(),
+        3,
+        "nothing deleted while attached"
+    );
+    vols.patch(
+        "vol1",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"annotations": {api::ANNOTATION_ATTACHED_NODE: null}}})),
+    )
+    .await
+    .unwrap();
+    wait_for("volume and replicas gone", || async {
+        let gone = volume(&client, "vol1").await.is_none()
+            && replicas_of(&client, "vol1").await.is_empty();
+        gone.then_some(())
+    })
+    .await;
+    let text = metrics.render();
+    assert!(
+        text.contains("blockvol_operator_reconciles_total{result=\"ok\"}"),
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn too_few_nodes_reports_insufficient_nodes_then_places_when_one_joins() {
+    let (_cp, client) = start().await;
+    let _a1 = agent(&client, "n1", "z1").await;
+    let _a2 = agent(&client, "n2", "z2").await;
+    let (_op, _m) = operator(&client, "op-a");
+    Api::<BlockVolume>::all(client.clone())
+        .create(
+            &PostParams::default(),
+            &BlockVolume::new("vol2", BlockVolumeSpec::with_size("16Mi")),
+        )
+        .await
+        .unwrap();
+    let v = wait_for("Pending with InsufficientNodes", || async {
+        volume(&client, "vol2").await.filter(|v| {
+            v.status
+                .as_ref()
+                .is_some_and(|s| s.phase == VolumePhase::Pending)
+        })
+    })
+    .await;
+    let ready = v
+        .status
+        .unwrap()
+        .conditions
+        .into_iter()
+        .find(|c| c.type_ == "Ready")
+        .unwrap();
+    assert_eq!(ready.reason, "InsufficientNodes");
+    assert!(
+        ready.message.contains("need 3") && ready.message.contains("only 2"),
+        "{}",
+        ready.message
+    );
+    assert!(replicas_of(&client, "vol2").await.is_empty());
+    let _a3 = agent(&client, "n3", "z3").await;
+    wait_for("placed once a third node joins", || async {
+        (replicas_of(&client, "vol2").await.len() == 3).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_operators_one_leader_and_failover_of_leadership() {
+    let (_cp, client) = start().await;
+    let (op_a, m_a) = operator(&client, "op-a");
+    let (op_b, m_b) = operator(&client, "op-b");
+    let leases: Api<Lease> = Api::namespaced(client.clone(), NS);
+    let holder = wait_for("a leader", || async {
+        leases
+            .get_opt("blockvol-operator")
+            .await
+            .ok()
+            .flatten()
+            .and_then(|l| l.spec.and_then(|s| s.holder_identity))
+    })
+    .await;
+    let leading = |m: &Metrics| {
+        m.render()
+            .lines()
+            .any(|l| l == "blockvol_operator_leader 1")
+    };
+    wait_for("the holder reports leading", || async {
+        let (a, b) = (leading(&m_a), leading(&m_b));
+        (a != b).then_some(())
+    })
+    .await;
+    assert_eq!(leading(&m_a), holder == "op-a");
+    // Stop the leader without releasing (a crash): the other takes over after expiry.
+    let (survivor, survivor_metrics, _keep) = if holder == "op-a" {
+        drop(op_a);
+        ("op-b", m_b, op_b)
+    } else {
+        drop(op_b);
+        ("op-a", m_a, op_a)
+    };
+    wait_for("the other operator takes over", || async {
+        let h = leases
+            .get_opt("blockvol-operator")
+            .await
+            .ok()
+            .flatten()?
+            .spec?
+            .holder_identity?;
+        (h == survivor && leading(&survivor_metrics)).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replica_needing_rebuild_is_replaced_on_another_node_and_rejoins() {
+    let (_cp, client) = start().await;
+    let mut _agents = Vec::new();
+    for (n, z) in [("n1", "z1"), ("n2", "z2"), ("n3", "z3")] {
+        _agents.push(agent(&client, n, z).await);
+    }
+    let mut s = settings();
+    s.replacement.replica_failure_grace_ms = 1_000;
+    let (_op, _m) = operator_with(&client, "op-a", s);
+    Api::<BlockVolume>::all(client.clone())
+        .create(
+            &PostParams::default(),
+            &BlockVolume::new("vol3", BlockVolumeSpec::with_size("16Mi")),
+        )
+        .await
+        .unwrap();
+    let placed = wait_for("3 replicas placed", || async {
+        let rs = replicas_of(&client, "vol3").await;
+        (rs.len() == 3).then_some(rs)
+    })
+    .await;
+    // A fourth node joins only now, so it is the only place for a replacement.
+    _agents.push(agent(&client, "n4", "z4").await);
+    for r in &placed {
+        report(&client, &r.name_any(), &healthy(r, 5)).await;
+    }
+    let primary = placed
+        .iter()
+        .find(|r| r.spec.role == ReplicaRole::Primary)
+        .unwrap()
+        .clone();
+    let bad = placed
+        .iter()
+        .find(|r| r.spec.role != ReplicaRole::Primary)
+        .unwrap()
+        .clone();
+    let mut pst = healthy(&primary, 5);
+    pst.unreachable = vec![bad.name_any()];
+    report(&client, &primary.name_any(), &pst).await;
+    let mut bst = healthy(&bad, 5);
+    bst.state = ReplicaState::NeedsRebuild;
+    report(&client, &bad.name_any(), &bst).await;
+
+    let new = wait_for("replacement on the fourth node", || async {
+        let rs = replicas_of(&client, "vol3").await;
+        let gone = !rs.iter().any(|r| r.name_any() == bad.name_any());
+        let new = rs.into_iter().find(|r| r.spec.node == "n4")?;
+        gone.then_some(new)
+    })
+    .await;
+    assert_eq!(new.spec.epoch, 1);
+    let p = Api::<BlockReplica>::all(client.clone())
+        .get(&primary.name_any())
+        .await
+        .unwrap();
+    assert!(
+        p.spec.peers.iter().any(|x| x.replica_id == new.name_any()),
+        "primary ships to the new replica"
+    );
+    assert!(
+        !p.spec.in_sync_set.contains(&new.name_any()),
+        "a new replica joins only once reported in sync"
+    );
+    assert!(events_with_reason(&client, "ReplicaFailed").await >= 1);
+    assert!(events_with_reason(&client, "RebuildStarted").await >= 1);
+
+    // The primary reports the rebuilt replica in sync: it joins the committed set.
+    report(&client, &new.name_any(), &healthy(&new, 5)).await;
+    pst.unreachable.clear();
+    pst.peers = replicas_of(&client, "vol3")
+        .await
+        .iter()
+        .filter(|r| r.name_any() != primary.name_any())
+        .map(|r| PeerStatus {
+            replica_id: r.name_any(),
+            state: ReplicaState::InSync,
+            flushed_lsn: 5,
+            last_error: None,
+        })
+        .collect();
+    report(&client, &primary.name_any(), &pst).await;
+    wait_for(
+        "rebuilt replica in the set and the volume Ready",
+        || async {
+            volume(&client, "vol3").await.filter(|v| {
+                v.status.as_ref().is_some_and(|s| {
+                    s.phase == VolumePhase::Ready
+                        && s.in_sync_count == 3
+                        && s.in_sync_set.contains(&new.name_any())
+                })
+            })
+        },
+    )
+    .await;
+    assert!(events_with_reason(&client, "RebuildCompleted").await >= 1);
+}
