@@ -1,0 +1,127 @@
+#!/usr/bin/env bash
+# Builds the pinned Kubernetes test tools (etcd, kube-apiserver, kubectl, ...) from Go
+# modules into a cache outside the clone, keyed by a hash of the pinning go.mod/go.sum
+# files, so a rebuild only happens when a pin changes. Idempotent; safe to run
+# concurrently (a lock serialises builds of the same key).
+#
+#   hack/tools/build.sh              build whatever is missing
+#   hack/tools/build.sh --print-bin  print the bin directory for the current pins
+#
+# Environment: BLOCKVOL_TOOLS_CACHE (default ~/.cache/blockvol-tools).
+set -euo pipefail
+
+tools_dir="$(cd "$(dirname "$0")" && pwd)"
+
+kube_version="v1.34.4"
+
+# Version stamps the Kubernetes binaries report (kubectl version, /version); without them
+# they report v0.0.0-master and client/server skew checks complain.
+kube_ldflags="-s -w"
+for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+  kube_ldflags+=" -X ${pkg}.gitVersion=${kube_version} -X ${pkg}.gitMajor=1 -X ${pkg}.gitMinor=34"
+  kube_ldflags+=" -X ${pkg}.gitTreeState=clean -X ${pkg}.buildDate=1970-01-01T00:00:00Z"
+done
+
+# module directory | output binary name | Go package
+# Binaries of one module are built by a single `go build` so they share compile work.
+targets=(
+  "etcd|etcd|go.etcd.io/etcd/server/v3"
+  "kubernetes|kube-apiserver|k8s.io/kubernetes/cmd/kube-apiserver"
+  "kubernetes|kubectl|k8s.io/kubernetes/cmd/kubectl"
+  "kubernetes|kube-controller-manager|k8s.io/kubernetes/cmd/kube-controller-manager"
+  "csi-sanity|csi-sanity|github.com/kubernetes-csi/csi-test/v5/cmd/csi-sanity"
+  "helm|helm|helm.sh/helm/v3/cmd/helm"
+)
+
+ldflags_for() {
+  case "$1" in
+    kubernetes) printf '%s' "$kube_ldflags" ;;
+    *) printf '%s' "-s -w" ;;
+  esac
+}
+
+modules=()
+for t in "${targets[@]}"; do
+  m="${t%%|*}"
+  [[ " ${modules[*]} " == *" $m "* ]] || modules+=("$m")
+done
+
+# The cache key covers everything that changes the output: the pins and the build recipe.
+cache_key() {
+  {
+    for m in "${modules[@]}"; do
+      cat "$tools_dir/$m/go.mod" "$tools_dir/$m/go.sum"
+    done
+    printf '%s\n' "${targets[@]}" "$kube_ldflags" "$(go env GOVERSION GOOS GOARCH)"
+  } | sha256sum | cut -c1-16
+}
+
+cache_root="${BLOCKVOL_TOOLS_CACHE:-$HOME/.cache/blockvol-tools}"
+key="$(cache_key)"
+bin_dir="$cache_root/$key/bin"
+
+if [ "${1:-}" = "--print-bin" ]; then
+  printf '%s\n' "$bin_dir"
+  exit 0
+fi
+
+all_present() {
+  for t in "${targets[@]}"; do
+    IFS='|' read -r _ name _ <<<"$t"
+    [ -x "$bin_dir/$name" ] || return 1
+  done
+}
+
+if all_present; then
+  echo "==> tools: all present in $bin_dir"
+  exit 0
+fi
+
+mkdir -p "$bin_dir"
+exec 9>"$cache_root/$key/.lock"
+flock 9
+
+export GOFLAGS="-trimpath -mod=readonly"
+export CGO_ENABLED=0
+
+echo "==> tools: building into $bin_dir"
+total_start=$SECONDS
+for m in "${modules[@]}"; do
+  pkgs=()
+  names=()
+  for t in "${targets[@]}"; do
+    IFS='|' read -r tm name pkg <<<"$t"
+    [ "$tm" = "$m" ] || continue
+    [ -x "$bin_dir/$name" ] && continue
+    pkgs+=("$pkg")
+    names+=("$name")
+  done
+  [ ${#pkgs[@]} -gt 0 ] || continue
+
+  stage="$(mktemp -d "$cache_root/$key/stage.XXXXXX")"
+  log="$cache_root/$key/build-$m.log"
+  start=$SECONDS
+  echo "    $m: go build ${names[*]} (log: $log)"
+  # `go build -o dir/` names a binary after its package; single packages get an explicit
+  # name because some (etcd's server/v3) would otherwise be named after the module path.
+  if [ ${#pkgs[@]} -eq 1 ]; then
+    out="$stage/${names[0]}"
+  else
+    out="$stage/"
+  fi
+  if ! (cd "$tools_dir/$m" && go build -ldflags="$(ldflags_for "$m")" -o "$out" "${pkgs[@]}") >"$log" 2>&1; then
+    cat "$log" >&2
+    rm -rf "$stage"
+    echo "tools: building $m failed (see above)" >&2
+    exit 1
+  fi
+  for i in "${!pkgs[@]}"; do
+    name="${names[$i]}"
+    built="$stage/$name"
+    [ -x "$built" ] || built="$stage/$(basename "${pkgs[$i]}")"
+    mv -f "$built" "$bin_dir/$name"
+    printf '    built %-26s %4ds  (%s)\n' "$name" $((SECONDS - start)) "$(du -h "$bin_dir/$name" | cut -f1)"
+  done
+  rm -rf "$stage"
+done
+echo "==> tools: done in $((SECONDS - total_start))s"
