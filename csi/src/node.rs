@@ -18,6 +18,7 @@ use crate::agent::{Agent, AgentSettings};
 use crate::csi_proto::node_server::Node;
 use crate::csi_proto::node_service_capability::rpc::Type as RpcType;
 use crate::csi_proto::node_service_capability::{self, Rpc};
+use crate::csi_proto::volume_capability::access_mode::Mode;
 use crate::csi_proto::*;
 use crate::error::{Error, Result};
 use crate::guard::InFlight;
@@ -103,6 +104,18 @@ fn remove_path(path: &Path) -> Result<()> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(Error::io(format!("removing {}", path.display()), e)),
     }
+}
+
+/// The path a volume is published at, for calls that only inspect or grow it. A
+/// path that is not absolute and clean cannot be one the CO published, so the
+/// volume is reported not found there.
+fn volume_path(path: &str) -> Result<PathBuf> {
+    if path.is_empty() {
+        return Err(Error::InvalidArgument("volume_path is required".into()));
+    }
+    check_path("volume_path", path)
+        .map_err(|e| Error::NotFound(format!("no volume can be published there: {e}")))?;
+    Ok(PathBuf::from(path))
 }
 
 impl NodeService {
@@ -221,14 +234,34 @@ impl NodeService {
             Access::Block => staging.join(BLOCK_STAGE_FILE),
             Access::Mount { .. } => staging.clone(),
         };
-        if mount_at(&source)?.is_none() {
+        let Some(staged) = mount_at(&source)? else {
             return Err(Error::FailedPrecondition(format!(
                 "volume {volume_id:?} is not staged at {}",
                 staging.display()
             )));
-        }
+        };
         if mount_at(&target)?.is_some() {
             return Ok(NodePublishVolumeResponse {});
+        }
+        if cap.mode == Mode::SingleNodeSingleWriter {
+            // The same filesystem or device node mounted anywhere but the staging path
+            // is another publication of this volume.
+            let others: Vec<String> = mount::mounts()?
+                .into_iter()
+                .filter(|m| {
+                    m.source == staged.source
+                        && m.root == staged.root
+                        && m.fs_type == staged.fs_type
+                        && Path::new(&m.target) != source
+                })
+                .map(|m| m.target)
+                .collect();
+            if let Some(other) = others.first() {
+                return Err(Error::FailedPrecondition(format!(
+                    "volume {volume_id:?} has access mode SINGLE_NODE_SINGLE_WRITER and is \
+                     already published at {other}"
+                )));
+            }
         }
         match cap.access {
             Access::Block => create_file(&target)?,
@@ -278,8 +311,7 @@ impl NodeService {
 
     async fn stats(&self, req: NodeGetVolumeStatsRequest) -> Result<NodeGetVolumeStatsResponse> {
         let volume_id = required("volume_id", &req.volume_id)?;
-        check_path("volume_path", &req.volume_path)?;
-        let path = PathBuf::from(&req.volume_path);
+        let path = volume_path(&req.volume_path)?;
         let meta = match std::fs::metadata(&path) {
             Ok(m) => m,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -336,13 +368,12 @@ impl NodeService {
 
     async fn expand(&self, req: NodeExpandVolumeRequest) -> Result<NodeExpandVolumeResponse> {
         let volume_id = required("volume_id", &req.volume_id)?;
-        check_path("volume_path", &req.volume_path)?;
+        let path = volume_path(&req.volume_path)?;
         let block = match req.volume_capability.as_ref() {
             Some(c) => matches!(check_capability(c)?.access, Access::Block),
             None => false,
         };
         let _guard = self.inflight.try_acquire(volume_id)?;
-        let path = PathBuf::from(&req.volume_path);
         if !path.exists() {
             return Err(Error::NotFound(format!(
                 "volume path {} does not exist",

@@ -6,10 +6,11 @@
 
 mod common;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::time::Duration;
 
-use api::{BlockNode, BlockNodeSpec, BlockVolume};
+use api::BlockVolume;
+use common::operator::{create_block_node, play_operator, set_conditions};
 use common::{Served, serve_csi, wait_for_socket};
 use csi::agent::unix_channel;
 use csi::controller::{ANNOTATION_ATTACHED_TO, ControllerService, ControllerSettings};
@@ -20,83 +21,12 @@ use csi::csi_proto::*;
 use csi::identity::IdentityService;
 use csi::server::Services;
 use e2e::{ControlPlane, ControlPlaneOptions};
-use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
-use kube::{Client, ResourceExt};
-use serde_json::json;
+use kube::ResourceExt;
+use kube::api::{Api, ListParams};
 use tonic::Code;
 use tonic::transport::Channel;
 
 const MIB: i64 = 1 << 20;
-
-/// Marks every BlockVolume not named `pending-*` Ready, the operator's job.
-fn play_operator(client: Client) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        let api: Api<BlockVolume> = Api::all(client);
-        loop {
-            if let Ok(list) = api.list(&ListParams::default()).await {
-                for bv in list.items {
-                    let name = bv.name_any();
-                    let ready = bv
-                        .status
-                        .as_ref()
-                        .is_some_and(|s| s.conditions.iter().any(|c| c.type_ == "Ready"));
-                    if !ready && !name.starts_with("pending-") {
-                        let _ = set_conditions(&api, &name, &[("Ready", "True")]).await;
-                    }
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    })
-}
-
-async fn set_conditions(
-    api: &Api<BlockVolume>,
-    name: &str,
-    conds: &[(&str, &str)],
-) -> kube::Result<BlockVolume> {
-    let now = k8s_openapi::jiff::Timestamp::now().to_string();
-    let conditions: Vec<_> = conds
-        .iter()
-        .map(|(t, s)| {
-            json!({
-                "type": t, "status": s, "reason": "PlayedByTest",
-                "message": format!("{t}={s} set by the test"), "lastTransitionTime": now,
-            })
-        })
-        .collect();
-    api.patch_status(
-        name,
-        &PatchParams::default(),
-        &Patch::Merge(json!({"status": {"conditions": conditions}})),
-    )
-    .await
-}
-
-async fn create_block_node(client: &Client, name: &str, allocatable: u64) {
-    let api: Api<BlockNode> = Api::all(client.clone());
-    let node = BlockNode::new(
-        name,
-        BlockNodeSpec {
-            node_name: name.into(),
-            data_address: "127.0.0.1:7700".into(),
-            data_dir: "/var/lib/blockvol".into(),
-            topology: BTreeMap::new(),
-        },
-    );
-    api.create(&PostParams::default(), &node)
-        .await
-        .expect("create BlockNode");
-    api.patch_status(
-        name,
-        &PatchParams::default(),
-        &Patch::Merge(
-            json!({"status": {"allocatableBytes": allocatable, "capacityBytes": allocatable}}),
-        ),
-    )
-    .await
-    .expect("BlockNode status");
-}
 
 fn mount_cap(mode: Mode) -> VolumeCapability {
     VolumeCapability {

@@ -5,6 +5,8 @@
 
 #![allow(dead_code)]
 
+pub mod operator;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -107,12 +109,17 @@ impl Drop for LoopAgent {
 }
 
 /// The agent as a gRPC service (a local type, so the foreign trait can be implemented).
-pub struct AgentService(pub Arc<LoopAgent>);
+/// With `volumes` set, a volume's backing file gets the size of its BlockVolume, as a
+/// real agent's replica would.
+pub struct AgentService {
+    agent: Arc<LoopAgent>,
+    volumes: Option<kube::Api<api::BlockVolume>>,
+}
 
 impl std::ops::Deref for AgentService {
     type Target = LoopAgent;
     fn deref(&self) -> &LoopAgent {
-        &self.0
+        &self.agent
     }
 }
 
@@ -130,6 +137,18 @@ impl NodeAgent for AgentService {
         }
         if req.volume_id.is_empty() {
             return Err(Status::invalid_argument("volume_id is required"));
+        }
+        if let Some(volumes) = &self.volumes {
+            let bv = volumes
+                .get_opt(&req.volume_id)
+                .await
+                .map_err(|e| Status::unavailable(e.to_string()))?
+                .ok_or_else(|| Status::not_found(format!("no volume {}", req.volume_id)))?;
+            let size = bv
+                .spec
+                .size_bytes()
+                .map_err(|e| Status::internal(e.to_string()))?;
+            self.set_size(&req.volume_id, size);
         }
         if let Some(a) = self.attached(&req.volume_id) {
             let size = std::fs::metadata(&a.file).map(|m| m.len()).unwrap_or(0);
@@ -250,11 +269,20 @@ impl Drop for Served {
 
 /// Serves the agent on a unix socket.
 pub fn serve_agent(agent: Arc<LoopAgent>, socket: &Path) -> Served {
+    serve_agent_for(agent, None, socket)
+}
+
+/// Serves the agent on a unix socket, sizing volumes from their BlockVolumes.
+pub fn serve_agent_for(
+    agent: Arc<LoopAgent>,
+    volumes: Option<kube::Api<api::BlockVolume>>,
+    socket: &Path,
+) -> Served {
     let incoming = csi::server::listen_unix(socket).expect("agent socket");
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(async move {
         let _ = tonic::transport::Server::builder()
-            .add_service(NodeAgentServer::new(AgentService(agent)))
+            .add_service(NodeAgentServer::new(AgentService { agent, volumes }))
             .serve_with_incoming_shutdown(incoming, async {
                 let _ = stopped.await;
             })
