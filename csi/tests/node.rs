@@ -586,3 +586,57 @@ async fn node_info_reports_the_node_topology_and_capabilities() {
         assert!(have.contains(&(want as i32)), "{want:?} advertised");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn single_writer_volume_is_published_at_one_target_only() {
+    let h = Harness::start().await;
+    let mut c = h.client();
+    let staging = h.path("staging/vol-once");
+    let (first, second) = (h.path("pods/a/volume"), h.path("pods/b/volume"));
+    let cap = mount_cap("ext4", Mode::SingleNodeSingleWriter);
+    c.node_stage_volume(stage_req("vol-once", &staging, cap.clone()))
+        .await
+        .unwrap();
+    c.node_publish_volume(publish_req(
+        "vol-once",
+        &staging,
+        &first,
+        cap.clone(),
+        false,
+    ))
+    .await
+    .expect("first target");
+    c.node_publish_volume(publish_req(
+        "vol-once",
+        &staging,
+        &first,
+        cap.clone(),
+        false,
+    ))
+    .await
+    .expect("same target again");
+    let err = c
+        .node_publish_volume(publish_req(
+            "vol-once",
+            &staging,
+            &second,
+            cap.clone(),
+            false,
+        ))
+        .await
+        .expect_err("second target");
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(!is_mounted(&second));
+    c.node_unpublish_volume(unpublish_req("vol-once", &first))
+        .await
+        .unwrap();
+    c.node_publish_volume(publish_req("vol-once", &staging, &second, cap, false))
+        .await
+        .expect("free once the first is unpublished");
+    c.node_unpublish_volume(unpublish_req("vol-once", &second))
+        .await
+        .unwrap();
+    c.node_unstage_volume(unstage_req("vol-once", &staging))
+        .await
+        .unwrap();
+}
