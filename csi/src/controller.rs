@@ -58,6 +58,9 @@ pub struct ControllerSettings {
     pub default_volume_size_bytes: u64,
     /// Largest page ListVolumes returns when the caller sets no max_entries.
     pub list_page_entries_max: usize,
+    /// How often a guarded update is re-read and retried when another writer (the
+    /// operator's status updates) changed the object first; then ABORTED.
+    pub conflict_retries_max: u32,
 }
 
 impl Default for ControllerSettings {
@@ -67,6 +70,7 @@ impl Default for ControllerSettings {
             ready_poll_interval_ms: 500,
             default_volume_size_bytes: 1 << 30,
             list_page_entries_max: 500,
+            conflict_retries_max: 5,
         }
     }
 }
@@ -418,7 +422,9 @@ impl ControllerService {
         let interval = Duration::from_millis(self.settings.ready_poll_interval_ms.max(1));
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
-            let bv = self.must_get_volume(name).await?;
+            let bv = self.get_volume(name).await?.ok_or_else(|| {
+                Error::Aborted(format!("volume {name:?} was deleted while waiting for it"))
+            })?;
             if condition_true(&bv, condition::READY) {
                 return Ok(bv);
             }
@@ -448,9 +454,11 @@ impl ControllerService {
             )));
         }
         let dp = DeleteParams {
+            // The uid alone: status updates must not make the delete fail, and no
+            // publish can interleave (same in-flight guard).
             preconditions: bv.metadata.uid.clone().map(|uid| kube::api::Preconditions {
                 uid: Some(uid),
-                resource_version: bv.metadata.resource_version.clone(),
+                resource_version: None,
             }),
             ..Default::default()
         };
@@ -485,7 +493,7 @@ impl ControllerService {
             .ok_or_else(|| Error::InvalidArgument("volume_capability is required".into()))?;
         let cap = check_capability(cap)?;
         let _guard = self.inflight.try_acquire(name)?;
-        let bv = self.must_get_volume(name).await?;
+        self.must_get_volume(name).await?;
         if !self.node_exists(node).await? {
             return Err(Error::NotFound(format!(
                 "node {node:?} has no blockvol node agent (no BlockNode)"
@@ -493,37 +501,47 @@ impl ControllerService {
         }
         let readonly = req.readonly || cap.is_read_only();
         let readonly_str = if readonly { "true" } else { "false" };
-        match attached_node(&bv) {
-            Some(current) if current == node => {
-                let was_ro = annotation(&bv, ANNOTATION_ATTACHED_READONLY) == Some("true");
-                if was_ro != readonly {
-                    return Err(Error::AlreadyExists(format!(
-                        "volume {name:?} is already published to node {node:?} with \
-                         readonly={was_ro}, the request asks for readonly={readonly}"
+        let mut attempt = 0;
+        loop {
+            let bv = self.must_get_volume(name).await?;
+            match attached_node(&bv) {
+                Some(current) if current == node => {
+                    let was_ro = annotation(&bv, ANNOTATION_ATTACHED_READONLY) == Some("true");
+                    if was_ro != readonly {
+                        return Err(Error::AlreadyExists(format!(
+                            "volume {name:?} is already published to node {node:?} with \
+                             readonly={was_ro}, the request asks for readonly={readonly}"
+                        )));
+                    }
+                    return Ok(ControllerPublishVolumeResponse {
+                        publish_context: HashMap::new(),
+                    });
+                }
+                Some(current) => {
+                    return Err(Error::FailedPrecondition(format!(
+                        "volume {name:?} is published to node {current:?}; a blockvol volume \
+                         is attached to one node at a time, unpublish it there first"
                     )));
                 }
-                return Ok(ControllerPublishVolumeResponse {
-                    publish_context: HashMap::new(),
-                });
+                None => {}
             }
-            Some(current) => {
-                return Err(Error::FailedPrecondition(format!(
-                    "volume {name:?} is published to node {current:?}; a blockvol volume is \
-                     attached to one node at a time, unpublish it there first"
-                )));
-            }
-            None => {}
-        }
-        let patch = json!({
-            "metadata": {
-                "resourceVersion": bv.metadata.resource_version,
-                "annotations": {
-                    ANNOTATION_ATTACHED_TO: node,
-                    ANNOTATION_ATTACHED_READONLY: readonly_str,
+            let patch = json!({
+                "metadata": {
+                    "resourceVersion": bv.metadata.resource_version,
+                    "annotations": {
+                        ANNOTATION_ATTACHED_TO: node,
+                        ANNOTATION_ATTACHED_READONLY: readonly_str,
+                    }
                 }
+            });
+            match self.patch(name, &patch).await {
+                Ok(_) => break,
+                Err(Error::Aborted(_)) if attempt < self.settings.conflict_retries_max => {
+                    attempt += 1;
+                }
+                Err(e) => return Err(e),
             }
-        });
-        self.patch(name, &patch).await?;
+        }
         tracing::info!(node, readonly, "published");
         Ok(ControllerPublishVolumeResponse {
             publish_context: HashMap::new(),
@@ -557,31 +575,38 @@ impl ControllerService {
     ) -> Result<ControllerUnpublishVolumeResponse> {
         let name = required("volume_id", &req.volume_id)?;
         let _guard = self.inflight.try_acquire(name)?;
-        let Some(bv) = self.get_volume(name).await? else {
-            return Ok(ControllerUnpublishVolumeResponse {});
-        };
-        let Some(current) = annotation(&bv, ANNOTATION_ATTACHED_TO) else {
-            return Ok(ControllerUnpublishVolumeResponse {});
-        };
-        if !req.node_id.is_empty() && req.node_id != current {
-            // Not published to that node: nothing to undo there.
-            return Ok(ControllerUnpublishVolumeResponse {});
-        }
-        let patch = json!({
-            "metadata": {
-                "resourceVersion": bv.metadata.resource_version,
-                "annotations": {
-                    ANNOTATION_ATTACHED_TO: null,
-                    ANNOTATION_ATTACHED_READONLY: null,
-                }
+        let mut attempt = 0;
+        loop {
+            let Some(bv) = self.get_volume(name).await? else {
+                return Ok(ControllerUnpublishVolumeResponse {});
+            };
+            let Some(current) = annotation(&bv, ANNOTATION_ATTACHED_TO) else {
+                return Ok(ControllerUnpublishVolumeResponse {});
+            };
+            if !req.node_id.is_empty() && req.node_id != current {
+                // Not published to that node: nothing to undo there.
+                return Ok(ControllerUnpublishVolumeResponse {});
             }
-        });
-        match self.patch(name, &patch).await {
-            Ok(_) | Err(Error::NotFound(_)) => {}
-            Err(e) => return Err(e),
+            let patch = json!({
+                "metadata": {
+                    "resourceVersion": bv.metadata.resource_version,
+                    "annotations": {
+                        ANNOTATION_ATTACHED_TO: null,
+                        ANNOTATION_ATTACHED_READONLY: null,
+                    }
+                }
+            });
+            match self.patch(name, &patch).await {
+                Ok(_) | Err(Error::NotFound(_)) => {
+                    tracing::info!(node = %current, "unpublished");
+                    return Ok(ControllerUnpublishVolumeResponse {});
+                }
+                Err(Error::Aborted(_)) if attempt < self.settings.conflict_retries_max => {
+                    attempt += 1;
+                }
+                Err(e) => return Err(e),
+            }
         }
-        tracing::info!(node = %current, "unpublished");
-        Ok(ControllerUnpublishVolumeResponse {})
     }
 
     async fn validate(
@@ -730,37 +755,47 @@ impl ControllerService {
             check_capability(c)?;
         }
         let _guard = self.inflight.try_acquire(name)?;
-        let bv = self.must_get_volume(name).await?;
-        let current = size_of(&bv)?;
-        let wanted = size_for_capacity(Some(range), bv.spec.block_size, current)?;
         // Always through the node: for a filesystem (resize2fs/xfs_growfs) and for a
         // raw block device too, whose kernel device the agent must grow.
         let node_expansion_required = true;
-        if wanted <= current {
-            return Ok(ControllerExpandVolumeResponse {
-                capacity_bytes: current as i64,
-                node_expansion_required,
+        let mut attempt = 0;
+        loop {
+            let bv = self.must_get_volume(name).await?;
+            let current = size_of(&bv)?;
+            let wanted = size_for_capacity(Some(range), bv.spec.block_size, current)?;
+            if wanted <= current {
+                return Ok(ControllerExpandVolumeResponse {
+                    capacity_bytes: current as i64,
+                    node_expansion_required,
+                });
+            }
+            let mut new_spec = bv.spec.clone();
+            new_spec.size = IntOrString::String(wanted.to_string());
+            new_spec
+                .validate_update(&bv.spec)
+                .map_err(|e| Error::InvalidArgument(format!("expansion would be invalid: {e}")))?;
+            let patch = json!({
+                "metadata": { "resourceVersion": bv.metadata.resource_version },
+                "spec": { "size": wanted.to_string() }
             });
+            match self.patch(name, &patch).await {
+                Ok(_) => {
+                    tracing::info!(
+                        from_bytes = current,
+                        to_bytes = wanted,
+                        "expanded BlockVolume"
+                    );
+                    return Ok(ControllerExpandVolumeResponse {
+                        capacity_bytes: wanted as i64,
+                        node_expansion_required,
+                    });
+                }
+                Err(Error::Aborted(_)) if attempt < self.settings.conflict_retries_max => {
+                    attempt += 1;
+                }
+                Err(e) => return Err(e),
+            }
         }
-        let mut new_spec = bv.spec.clone();
-        new_spec.size = IntOrString::String(wanted.to_string());
-        new_spec
-            .validate_update(&bv.spec)
-            .map_err(|e| Error::InvalidArgument(format!("expansion would be invalid: {e}")))?;
-        let patch = json!({
-            "metadata": { "resourceVersion": bv.metadata.resource_version },
-            "spec": { "size": wanted.to_string() }
-        });
-        self.patch(name, &patch).await?;
-        tracing::info!(
-            from_bytes = current,
-            to_bytes = wanted,
-            "expanded BlockVolume"
-        );
-        Ok(ControllerExpandVolumeResponse {
-            capacity_bytes: wanted as i64,
-            node_expansion_required,
-        })
     }
 
     async fn get(&self, req: ControllerGetVolumeRequest) -> Result<ControllerGetVolumeResponse> {
