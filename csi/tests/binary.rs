@@ -1,0 +1,120 @@
+//! The `blockvol-csi` binary wires the services to the endpoint: started in node mode
+//! it answers Identity and Node calls on its unix socket and exits cleanly on SIGTERM.
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use csi::agent::unix_channel;
+use csi::csi_proto::identity_client::IdentityClient;
+use csi::csi_proto::node_client::NodeClient;
+use csi::csi_proto::plugin_capability::service::Type as ServiceType;
+use csi::csi_proto::{
+    GetPluginCapabilitiesRequest, GetPluginInfoRequest, NodeGetInfoRequest, ProbeRequest,
+    plugin_capability,
+};
+
+/// Kills the child if the test fails before it is stopped.
+struct Child(Option<tokio::process::Child>);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        if let Some(c) = self.0.as_mut() {
+            let _ = c.start_kill();
+        }
+    }
+}
+
+async fn wait_for_socket(path: &Path) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while tokio::net::UnixStream::connect(path).await.is_err() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no socket at {}",
+            path.display()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn node_mode_serves_identity_and_node_and_stops_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("csi.sock");
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_blockvol-csi"))
+        .args(["--mode", "node", "--node-id", "worker-1"])
+        .arg(format!("--endpoint=unix://{}", socket.display()))
+        .arg(format!(
+            "--agent-socket={}",
+            dir.path().join("agent.sock").display()
+        ))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("binary starts");
+    let mut child = Child(Some(child));
+    wait_for_socket(&socket).await;
+    let channel = unix_channel(&socket, Duration::from_secs(10)).unwrap();
+
+    let mut identity = IdentityClient::new(channel.clone());
+    let info = identity
+        .get_plugin_info(GetPluginInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(info.name, api::CSI_DRIVER_NAME);
+    assert_eq!(info.vendor_version, env!("CARGO_PKG_VERSION"));
+    assert_eq!(
+        identity
+            .probe(ProbeRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .ready,
+        Some(true)
+    );
+    let caps = identity
+        .get_plugin_capabilities(GetPluginCapabilitiesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let services: Vec<i32> = caps
+        .capabilities
+        .iter()
+        .filter_map(|c| match &c.r#type {
+            Some(plugin_capability::Type::Service(s)) => Some(s.r#type),
+            _ => None,
+        })
+        .collect();
+    assert!(services.contains(&(ServiceType::VolumeAccessibilityConstraints as i32)));
+    assert!(
+        !services.contains(&(ServiceType::ControllerService as i32)),
+        "node mode does not claim the controller service"
+    );
+    assert!(
+        caps.capabilities
+            .iter()
+            .any(|c| matches!(c.r#type, Some(plugin_capability::Type::VolumeExpansion(_))))
+    );
+
+    let node_info = NodeClient::new(channel)
+        .node_get_info(NodeGetInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(node_info.node_id, "worker-1");
+
+    let mut c = child.0.take().unwrap();
+    let pid = c.id().expect("running");
+    let sent = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let status = tokio::time::timeout(Duration::from_secs(10), c.wait())
+        .await
+        .expect("exits within 10 s of SIGTERM")
+        .unwrap();
+    assert!(status.success(), "clean exit, got {status}");
+}

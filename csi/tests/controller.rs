@@ -1,0 +1,582 @@
+//! Controller service over real unix-socket gRPC against a real kube-apiserver with
+//! the blockvol CRDs applied. No operator runs, so the test plays it: a background
+//! task marks new BlockVolumes Ready (except those named `pending-*`, which stay
+//! unready to exercise CreateVolume's bounded wait). Needs the control-plane binaries
+//! that hack/tools/build.sh installs.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use api::BlockVolume;
+use common::operator::{create_block_node, play_operator, set_conditions};
+use common::{Served, serve_csi, wait_for_socket};
+use csi::agent::unix_channel;
+use csi::controller::{ANNOTATION_ATTACHED_TO, ControllerService, ControllerSettings};
+use csi::csi_proto::controller_client::ControllerClient;
+use csi::csi_proto::volume_capability::access_mode::Mode;
+use csi::csi_proto::volume_capability::{AccessMode, AccessType, MountVolume};
+use csi::csi_proto::*;
+use csi::identity::IdentityService;
+use csi::server::Services;
+use e2e::{ControlPlane, ControlPlaneOptions};
+use kube::ResourceExt;
+use kube::api::{Api, ListParams};
+use tonic::Code;
+use tonic::transport::Channel;
+
+const MIB: i64 = 1 << 20;
+
+fn mount_cap(mode: Mode) -> VolumeCapability {
+    VolumeCapability {
+        access_mode: Some(AccessMode { mode: mode as i32 }),
+        access_type: Some(AccessType::Mount(MountVolume::default())),
+    }
+}
+
+fn create_req(name: &str, required: i64, params: &[(&str, &str)]) -> CreateVolumeRequest {
+    CreateVolumeRequest {
+        name: name.into(),
+        capacity_range: Some(CapacityRange {
+            required_bytes: required,
+            limit_bytes: 0,
+        }),
+        volume_capabilities: vec![mount_cap(Mode::SingleNodeWriter)],
+        parameters: params
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        ..Default::default()
+    }
+}
+
+fn publish_req(volume: &str, node: &str) -> ControllerPublishVolumeRequest {
+    ControllerPublishVolumeRequest {
+        volume_id: volume.into(),
+        node_id: node.into(),
+        volume_capability: Some(mount_cap(Mode::SingleNodeWriter)),
+        ..Default::default()
+    }
+}
+
+struct Env {
+    c: ControllerClient<Channel>,
+    volumes: Api<BlockVolume>,
+}
+
+async fn create_volume_applies_the_parameters_and_waits_for_ready(env: &mut Env) {
+    let resp = env
+        .c
+        .create_volume(create_req(
+            "pvc-params",
+            10 * MIB + 1,
+            &[
+                ("replicas", "2"),
+                ("durability", "async"),
+                ("blockSize", "512"),
+                ("fsType", "xfs"),
+                ("csi.storage.k8s.io/pvc/name", "data"),
+            ],
+        ))
+        .await
+        .expect("create")
+        .into_inner();
+    let vol = resp.volume.expect("volume");
+    assert_eq!(vol.volume_id, "pvc-params");
+    assert_eq!(
+        vol.capacity_bytes,
+        10 * MIB + 512,
+        "rounded up to the block size"
+    );
+    assert_eq!(
+        vol.volume_context
+            .get("blockvol.io/fsType")
+            .map(String::as_str),
+        Some("xfs")
+    );
+    let bv = env
+        .volumes
+        .get("pvc-params")
+        .await
+        .expect("BlockVolume exists");
+    assert_eq!(bv.spec.size_bytes(), Ok((10 * MIB + 512) as u64));
+    assert_eq!(bv.spec.replicas, 2);
+    assert_eq!(bv.spec.durability, api::Durability::Async);
+    assert_eq!(bv.spec.block_size, 512);
+
+    // Same request again: same volume. Different size: AlreadyExists.
+    let again = env
+        .c
+        .create_volume(create_req(
+            "pvc-params",
+            10 * MIB + 1,
+            &[
+                ("replicas", "2"),
+                ("durability", "async"),
+                ("blockSize", "512"),
+                ("fsType", "xfs"),
+            ],
+        ))
+        .await
+        .expect("idempotent create")
+        .into_inner();
+    assert_eq!(again.volume.unwrap().volume_id, "pvc-params");
+    let err = env
+        .c
+        .create_volume(create_req(
+            "pvc-params",
+            20 * MIB,
+            &[
+                ("replicas", "2"),
+                ("durability", "async"),
+                ("blockSize", "512"),
+                ("fsType", "xfs"),
+            ],
+        ))
+        .await
+        .expect_err("different size");
+    assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
+    let err = env
+        .c
+        .create_volume(create_req("pvc-params", 10 * MIB + 1, &[("replicas", "3")]))
+        .await
+        .expect_err("different params");
+    assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
+}
+
+async fn names_that_are_not_labels_map_to_a_hashed_volume(env: &mut Env) {
+    let resp = env
+        .c
+        .create_volume(create_req("Sanity Volume #1", MIB, &[]))
+        .await
+        .expect("create")
+        .into_inner();
+    let id = resp.volume.unwrap().volume_id;
+    assert_eq!(id, csi::names::volume_name_for("Sanity Volume #1"));
+    assert!(id.starts_with("bv-"), "{id}");
+    env.volumes
+        .get(&id)
+        .await
+        .expect("hashed BlockVolume exists");
+}
+
+async fn bad_parameters_create_nothing(env: &mut Env) {
+    let before = env
+        .volumes
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .len();
+    for (params, name) in [
+        (vec![("replicas", "7")], "replicas"),
+        (vec![("durability", "quorum")], "durability"),
+        (vec![("blockSize", "1024")], "blockSize"),
+        (vec![("fsType", "btrfs")], "fsType"),
+        (vec![("replicaCount", "3")], "replicaCount"),
+    ] {
+        let err = env
+            .c
+            .create_volume(create_req("pvc-bad", MIB, &params))
+            .await
+            .expect_err(name);
+        assert_eq!(err.code(), Code::InvalidArgument, "{name}: {err:?}");
+        assert!(err.message().contains(name), "{name}: {}", err.message());
+    }
+    let mut multi = create_req("pvc-bad", MIB, &[]);
+    multi.volume_capabilities = vec![mount_cap(Mode::MultiNodeMultiWriter)];
+    let err = env
+        .c
+        .create_volume(multi)
+        .await
+        .expect_err("multi-node writer");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message().contains("MULTI_NODE_MULTI_WRITER"),
+        "{}",
+        err.message()
+    );
+    let err = env
+        .c
+        .create_volume(CreateVolumeRequest {
+            capacity_range: Some(CapacityRange {
+                required_bytes: 4097,
+                limit_bytes: 5000,
+            }),
+            ..create_req("pvc-bad", 0, &[])
+        })
+        .await
+        .expect_err("rounding past the limit");
+    assert_eq!(err.code(), Code::OutOfRange);
+    let after = env
+        .volumes
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .len();
+    assert_eq!(
+        before, after,
+        "no BlockVolume was created for a bad request"
+    );
+}
+
+async fn unready_volume_times_out_and_is_kept_for_the_retry(env: &mut Env) {
+    let err = env
+        .c
+        .create_volume(create_req("pending-one", MIB, &[]))
+        .await
+        .expect_err("never Ready");
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
+    env.volumes
+        .get("pending-one")
+        .await
+        .expect("the BlockVolume is kept, not deleted");
+    set_conditions(&env.volumes, "pending-one", &[("Ready", "True")])
+        .await
+        .unwrap();
+    let resp = env
+        .c
+        .create_volume(create_req("pending-one", MIB, &[]))
+        .await
+        .expect("retry succeeds once Ready");
+    assert_eq!(resp.into_inner().volume.unwrap().volume_id, "pending-one");
+}
+
+async fn publish_records_one_attachment_and_blocks_delete(env: &mut Env) {
+    env.c
+        .create_volume(create_req("pvc-pub", MIB, &[]))
+        .await
+        .expect("create");
+    env.c
+        .controller_publish_volume(publish_req("pvc-pub", "node-a"))
+        .await
+        .expect("publish");
+    let bv = env.volumes.get("pvc-pub").await.unwrap();
+    assert_eq!(
+        bv.annotations()
+            .get(ANNOTATION_ATTACHED_TO)
+            .map(String::as_str),
+        Some("node-a")
+    );
+    env.c
+        .controller_publish_volume(publish_req("pvc-pub", "node-a"))
+        .await
+        .expect("publish again to the same node");
+    let err = env
+        .c
+        .controller_publish_volume(publish_req("pvc-pub", "node-b"))
+        .await
+        .expect_err("second node");
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    let err = env
+        .c
+        .controller_publish_volume(publish_req("pvc-pub", "no-such-node"))
+        .await
+        .expect_err("unknown node");
+    assert_eq!(err.code(), Code::NotFound);
+    let err = env
+        .c
+        .controller_publish_volume(publish_req("no-such-volume", "node-a"))
+        .await
+        .expect_err("unknown volume");
+    assert_eq!(err.code(), Code::NotFound);
+
+    let err = env
+        .c
+        .delete_volume(DeleteVolumeRequest {
+            volume_id: "pvc-pub".into(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("delete while attached");
+    assert_eq!(err.code(), Code::FailedPrecondition);
+
+    let got = env
+        .c
+        .controller_get_volume(ControllerGetVolumeRequest {
+            volume_id: "pvc-pub".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        got.status.as_ref().unwrap().published_node_ids,
+        vec!["node-a".to_string()]
+    );
+
+    // Unpublish from another node changes nothing; from node-a it detaches.
+    env.c
+        .controller_unpublish_volume(ControllerUnpublishVolumeRequest {
+            volume_id: "pvc-pub".into(),
+            node_id: "node-b".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(
+        env.volumes
+            .get("pvc-pub")
+            .await
+            .unwrap()
+            .annotations()
+            .contains_key(ANNOTATION_ATTACHED_TO)
+    );
+    for _ in 0..2 {
+        env.c
+            .controller_unpublish_volume(ControllerUnpublishVolumeRequest {
+                volume_id: "pvc-pub".into(),
+                node_id: "node-a".into(),
+                ..Default::default()
+            })
+            .await
+            .expect("unpublish (twice)");
+    }
+    assert!(
+        !env.volumes
+            .get("pvc-pub")
+            .await
+            .unwrap()
+            .annotations()
+            .contains_key(ANNOTATION_ATTACHED_TO)
+    );
+    env.c
+        .controller_publish_volume(publish_req("pvc-pub", "node-b"))
+        .await
+        .expect("free to move after unpublish");
+    env.c
+        .controller_unpublish_volume(ControllerUnpublishVolumeRequest {
+            volume_id: "pvc-pub".into(),
+            node_id: "node-b".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    for _ in 0..2 {
+        env.c
+            .delete_volume(DeleteVolumeRequest {
+                volume_id: "pvc-pub".into(),
+                ..Default::default()
+            })
+            .await
+            .expect("delete (twice)");
+    }
+    assert!(env.volumes.get_opt("pvc-pub").await.unwrap().is_none());
+}
+
+async fn expand_grows_the_spec_size_and_never_shrinks(env: &mut Env) {
+    env.c
+        .create_volume(create_req("pvc-grow", 8 * MIB, &[]))
+        .await
+        .expect("create");
+    let resp = env
+        .c
+        .controller_expand_volume(ControllerExpandVolumeRequest {
+            volume_id: "pvc-grow".into(),
+            capacity_range: Some(CapacityRange {
+                required_bytes: 16 * MIB + 1,
+                limit_bytes: 0,
+            }),
+            volume_capability: Some(mount_cap(Mode::SingleNodeWriter)),
+            ..Default::default()
+        })
+        .await
+        .expect("expand")
+        .into_inner();
+    assert_eq!(resp.capacity_bytes, 16 * MIB + 4096);
+    assert!(resp.node_expansion_required);
+    let bv = env.volumes.get("pvc-grow").await.unwrap();
+    assert_eq!(bv.spec.size_bytes(), Ok((16 * MIB + 4096) as u64));
+    let resp = env
+        .c
+        .controller_expand_volume(ControllerExpandVolumeRequest {
+            volume_id: "pvc-grow".into(),
+            capacity_range: Some(CapacityRange {
+                required_bytes: 4 * MIB,
+                limit_bytes: 0,
+            }),
+            ..Default::default()
+        })
+        .await
+        .expect("smaller request is a no-op")
+        .into_inner();
+    assert_eq!(resp.capacity_bytes, 16 * MIB + 4096);
+    let err = env
+        .c
+        .controller_expand_volume(ControllerExpandVolumeRequest {
+            volume_id: "no-such-volume".into(),
+            capacity_range: Some(CapacityRange {
+                required_bytes: MIB,
+                limit_bytes: 0,
+            }),
+            ..Default::default()
+        })
+        .await
+        .expect_err("unknown volume");
+    assert_eq!(err.code(), Code::NotFound);
+}
+
+async fn degraded_volume_reports_an_abnormal_condition(env: &mut Env) {
+    env.c
+        .create_volume(create_req("pvc-health", MIB, &[]))
+        .await
+        .expect("create");
+    let get = |c: &mut ControllerClient<Channel>| {
+        let mut c = c.clone();
+        async move {
+            c.controller_get_volume(ControllerGetVolumeRequest {
+                volume_id: "pvc-health".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .status
+            .unwrap()
+            .volume_condition
+            .unwrap()
+        }
+    };
+    assert!(!get(&mut env.c).await.abnormal);
+    set_conditions(
+        &env.volumes,
+        "pvc-health",
+        &[("Ready", "True"), ("Degraded", "True")],
+    )
+    .await
+    .unwrap();
+    let cond = get(&mut env.c).await;
+    assert!(cond.abnormal, "{cond:?}");
+    assert!(cond.message.contains("degraded"), "{}", cond.message);
+}
+
+async fn list_volumes_pages_with_tokens(env: &mut Env) {
+    let all = env
+        .c
+        .list_volumes(ListVolumesRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(all.next_token.is_empty());
+    let total = all.entries.len();
+    assert!(total >= 3, "earlier scenarios made volumes: {total}");
+    let mut seen = Vec::new();
+    let mut token = String::new();
+    for _ in 0..total {
+        let page = env
+            .c
+            .list_volumes(ListVolumesRequest {
+                max_entries: 2,
+                starting_token: token.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(page.entries.len() <= 2);
+        seen.extend(
+            page.entries
+                .into_iter()
+                .map(|e| e.volume.unwrap().volume_id),
+        );
+        token = page.next_token;
+        if token.is_empty() {
+            break;
+        }
+    }
+    let mut expected: Vec<String> = all
+        .entries
+        .into_iter()
+        .map(|e| e.volume.unwrap().volume_id)
+        .collect();
+    expected.sort();
+    assert_eq!(seen, expected, "pages cover every volume once, in order");
+    let err = env
+        .c
+        .list_volumes(ListVolumesRequest {
+            max_entries: 1,
+            starting_token: "invalid-token".into(),
+        })
+        .await
+        .expect_err("bad token");
+    assert_eq!(err.code(), Code::Aborted);
+}
+
+async fn capacity_sums_allocatable_bytes_by_topology(env: &mut Env) {
+    let all = env
+        .c
+        .get_capacity(GetCapacityRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(all.available_capacity, 3000 + 1000);
+    let one = env
+        .c
+        .get_capacity(GetCapacityRequest {
+            accessible_topology: Some(Topology {
+                segments: HashMap::from([(
+                    api::TOPOLOGY_NODE_KEY.to_string(),
+                    "node-b".to_string(),
+                )]),
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(one.available_capacity, 1000);
+    let err = env
+        .c
+        .get_capacity(GetCapacityRequest {
+            parameters: HashMap::from([("replicas".to_string(), "0".to_string())]),
+            ..Default::default()
+        })
+        .await
+        .expect_err("bad parameters");
+    assert_eq!(err.code(), Code::InvalidArgument);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn controller_against_a_real_api_server() {
+    let cp = ControlPlane::start(ControlPlaneOptions::default())
+        .await
+        .expect("control plane starts");
+    cp.apply_crds(&e2e::crds_dir()).await.expect("CRDs applied");
+    let client = cp.client();
+    create_block_node(&client, "node-a", 3000).await;
+    create_block_node(&client, "node-b", 1000).await;
+    let operator = play_operator(client.clone());
+
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("csi.sock");
+    let _served: Served = serve_csi(
+        Services {
+            identity: IdentityService::new(true),
+            controller: Some(ControllerService::new(
+                client.clone(),
+                ControllerSettings {
+                    create_ready_timeout_ms: 2_000,
+                    ready_poll_interval_ms: 50,
+                    ..ControllerSettings::default()
+                },
+            )),
+            node: None,
+        },
+        &socket,
+    );
+    wait_for_socket(&socket).await;
+    let mut env = Env {
+        c: ControllerClient::new(unix_channel(&socket, Duration::from_secs(30)).unwrap()),
+        volumes: Api::all(client.clone()),
+    };
+
+    create_volume_applies_the_parameters_and_waits_for_ready(&mut env).await;
+    names_that_are_not_labels_map_to_a_hashed_volume(&mut env).await;
+    bad_parameters_create_nothing(&mut env).await;
+    unready_volume_times_out_and_is_kept_for_the_retry(&mut env).await;
+    publish_records_one_attachment_and_blocks_delete(&mut env).await;
+    expand_grows_the_spec_size_and_never_shrinks(&mut env).await;
+    degraded_volume_reports_an_abnormal_condition(&mut env).await;
+    list_volumes_pages_with_tokens(&mut env).await;
+    capacity_sums_allocatable_bytes_by_topology(&mut env).await;
+    operator.abort();
+}

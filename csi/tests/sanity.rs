@@ -1,0 +1,146 @@
+//! The Kubernetes CSI conformance suite, `csi-sanity`, against `--mode all`: identity,
+//! controller (on a real kube-apiserver, the test playing the operator) and node (with
+//! an agent that attaches loop devices) in one endpoint. Needs the binaries that
+//! hack/tools/build.sh installs, root and loop devices.
+
+mod common;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::operator::{create_block_node, play_operator};
+use common::{LoopAgent, Served, serve_agent_for, serve_csi, unmount_all_under, wait_for_socket};
+use csi::agent::AgentSettings;
+use csi::controller::{ControllerService, ControllerSettings};
+use csi::identity::IdentityService;
+use csi::mount::CommandSettings;
+use csi::node::{NodeService, NodeSettings};
+use csi::server::Services;
+use e2e::{ControlPlane, ControlPlaneOptions};
+use kube::Api;
+
+const NODE: &str = "sanity-node";
+/// Test volume size: xfs (whose online grow works without CAP_SYS_RESOURCE) needs
+/// 300 MB. The backing files are sparse.
+const VOLUME_BYTES: u64 = 320 << 20;
+/// Upper bound of the whole suite run.
+const SANITY_TIMEOUT_MS: u64 = 600_000;
+
+/// Tears down in order: servers, mounts, loop devices, then the temp dir.
+struct Teardown {
+    agent: Arc<LoopAgent>,
+    dir: std::path::PathBuf,
+}
+
+impl Drop for Teardown {
+    fn drop(&mut self) {
+        unmount_all_under(&self.dir);
+        self.agent.detach_all();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn csi_sanity_passes_against_mode_all() {
+    let sanity = e2e::tool("csi-sanity").expect("csi-sanity is built by hack/tools/build.sh");
+    let cp = ControlPlane::start(ControlPlaneOptions::default())
+        .await
+        .expect("control plane starts");
+    cp.apply_crds(&e2e::crds_dir()).await.expect("CRDs applied");
+    let client = cp.client();
+    create_block_node(&client, NODE, 100 << 30).await;
+    let operator = play_operator(client.clone());
+
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Arc::new(LoopAgent::new(dir.path(), VOLUME_BYTES));
+    let _teardown = Teardown {
+        agent: Arc::clone(&agent),
+        dir: dir.path().to_path_buf(),
+    };
+    let agent_socket = dir.path().join("agent.sock");
+    let _agent_server: Served = serve_agent_for(
+        Arc::clone(&agent),
+        Some(Api::all(client.clone())),
+        &agent_socket,
+    );
+    let csi_socket = dir.path().join("csi.sock");
+    let _csi: Served = serve_csi(
+        Services {
+            identity: IdentityService::new(true),
+            controller: Some(ControllerService::new(
+                client.clone(),
+                ControllerSettings {
+                    create_ready_timeout_ms: 10_000,
+                    ready_poll_interval_ms: 50,
+                    default_volume_size_bytes: VOLUME_BYTES,
+                    ..ControllerSettings::default()
+                },
+            )),
+            node: Some(
+                NodeService::new(NodeSettings {
+                    node_id: NODE.into(),
+                    agent: AgentSettings {
+                        socket_path: agent_socket.clone(),
+                        agent_call_timeout_ms: 60_000,
+                    },
+                    commands: CommandSettings::default(),
+                })
+                .unwrap(),
+            ),
+        },
+        &csi_socket,
+    );
+    wait_for_socket(&agent_socket).await;
+    wait_for_socket(&csi_socket).await;
+
+    let params = dir.path().join("params.yaml");
+    std::fs::write(&params, "fsType: xfs\n").unwrap();
+    let report = dir.path().join("sanity.log");
+    let status = run_sanity(&sanity, dir.path(), &csi_socket, &params, &report).await;
+    let log = std::fs::read_to_string(&report).unwrap_or_default();
+    let summary: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("Ran ") || l.contains("Passed") || l.contains("[FAIL]"))
+        .collect();
+    println!("csi-sanity summary:\n{}", summary.join("\n"));
+    operator.abort();
+    assert!(status, "csi-sanity failed; full output:\n{log}");
+}
+
+async fn run_sanity(
+    sanity: &Path,
+    dir: &Path,
+    socket: &Path,
+    params: &Path,
+    report: &Path,
+) -> bool {
+    let out = std::fs::File::create(report).unwrap();
+    let err = out.try_clone().unwrap();
+    let mut child = tokio::process::Command::new(sanity)
+        .arg(format!("--csi.endpoint=unix://{}", socket.display()))
+        .arg(format!(
+            "--csi.stagingdir={}",
+            dir.join("sanity-staging").display()
+        ))
+        .arg(format!(
+            "--csi.mountdir={}",
+            dir.join("sanity-mount").display()
+        ))
+        .arg(format!("--csi.testvolumesize={VOLUME_BYTES}"))
+        .arg(format!("--csi.testvolumeexpandsize={}", 2 * VOLUME_BYTES))
+        .arg(format!("--csi.testvolumeparameters={}", params.display()))
+        .arg("--ginkgo.no-color")
+        .stdout(out)
+        .stderr(err)
+        .kill_on_drop(true)
+        .spawn()
+        .expect("csi-sanity starts");
+    match tokio::time::timeout(Duration::from_millis(SANITY_TIMEOUT_MS), child.wait()).await {
+        Ok(Ok(status)) => status.success(),
+        Ok(Err(e)) => panic!("waiting for csi-sanity: {e}"),
+        Err(_) => {
+            let _ = child.kill().await;
+            panic!("csi-sanity did not finish within {SANITY_TIMEOUT_MS} ms");
+        }
+    }
+}
