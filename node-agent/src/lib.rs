@@ -2,5 +2,5 @@
 //! serves them over NBD, attaches kernel block devices, and reports status.
 
 pub mod attach;
-pub mod nbd;
 pub mod k8s;
+pub mod nbd;
