@@ -189,8 +189,8 @@ async fn killed_replica_restarts_and_catches_up_from_retained_wal() {
     for i in 0..100u64 {
         write(&pv, i % 64, 2 + i as u8);
     }
-    // Bind first, then open and host at once: hosting holds the durable entry in the WAL
-    // before the reopened volume's flusher could recycle it.
+    // Restart on the same address; the reopened volume still answers the epoch of its
+    // durable entry (checkpoint epoch persisted), so the handshake can verify its history.
     let s0 = ReceiverServer::bind(addr, NetConfig::new("n0", SECRET))
         .await
         .unwrap();

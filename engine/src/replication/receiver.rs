@@ -494,8 +494,6 @@ impl ReceiverCore {
         };
         match synced {
             Ok(durable) => {
-                // Keep the entry at the durable point: the next handshake proves its epoch.
-                log.set_retention_floor(Some(durable));
                 // Reported progress never moves backwards.
                 self.flushed_reported = self.flushed_reported.max(durable);
                 for p in ready {

@@ -1,7 +1,8 @@
 //! `ReplicaLog` over the engine's `Volume`: the adapter the I/O shell uses so the sans-IO
 //! cores drive real storage. It maps the volume's errors onto the replication contract and
-//! fills two gaps: base images are read block by block from a pinned `BaseImage`, and the
-//! epoch of a rebuild's base point is remembered (in memory) for the next handshake.
+//! reads base images block by block from a pinned `BaseImage`; the volume answers the epoch
+//! of any retained entry and of its checkpoint entry (persisted), which the handshake's
+//! log-matching check needs.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -16,8 +17,6 @@ pub struct VolumeLog {
     vol: Arc<Volume>,
     pins: BTreeMap<u64, BaseImage>,
     next_pin: u64,
-    /// (base LSN, epoch) of the last finished rebuild; the WAL no longer holds that entry.
-    base_point: Option<(Lsn, Epoch)>,
 }
 
 impl std::fmt::Debug for VolumeLog {
@@ -48,19 +47,11 @@ fn map(e: crate::Error) -> Error {
 }
 
 impl VolumeLog {
-    /// Wraps `vol` and at once holds its durable entry in the WAL: the next reconnect
-    /// handshake proves that entry's epoch, and a reopened volume's flusher would otherwise
-    /// recycle it first. A primary core replaces this floor on its first step.
     pub fn new(vol: Arc<Volume>) -> Self {
-        let durable = vol.durable_lsn();
-        if durable > Lsn(0) && !vol.is_rebuilding() {
-            vol.set_retention_floor(Some(durable));
-        }
         Self {
             vol,
             pins: BTreeMap::new(),
             next_pin: 0,
-            base_point: None,
         }
     }
 
@@ -104,15 +95,7 @@ impl ReplicaLog for VolumeLog {
         if lsn == Lsn(0) {
             return Some(Epoch(0));
         }
-        if let Some((l, e)) = self.base_point
-            && l == lsn
-        {
-            return Some(e);
-        }
-        match self.vol.scan_from(lsn, 1) {
-            Ok(v) => v.first().filter(|e| e.lsn == lsn).map(|e| e.epoch),
-            Err(_) => None,
-        }
+        self.vol.entry_epoch(lsn)
     }
     fn scan_from(&self, from: Lsn, max: usize) -> Result<Vec<WalEntry>> {
         self.vol.scan_from(from, max).map_err(map)
@@ -181,16 +164,15 @@ impl ReplicaLog for VolumeLog {
         self.pins.remove(&pin.id);
     }
     fn begin_rebuild(&mut self) -> Result<()> {
-        self.base_point = None;
         self.vol.begin_rebuild().map_err(map)
     }
     fn install_base_block(&mut self, lba: Lba, data: &[u8]) -> Result<()> {
         self.vol.install_base_block(lba, data).map_err(map)
     }
     fn finish_rebuild(&mut self, base_lsn: Lsn, base_epoch: Epoch) -> Result<()> {
-        self.vol.finish_rebuild(base_lsn).map_err(map)?;
-        self.base_point = Some((base_lsn, base_epoch));
-        Ok(())
+        self.vol
+            .finish_rebuild_with_epoch(base_lsn, base_epoch)
+            .map_err(map)
     }
     fn rebuilding(&self) -> bool {
         self.vol.is_rebuilding()

@@ -702,8 +702,8 @@ pub fn decode_frame(buf: &[u8], cfg: &WireConfig) -> Result<Option<(Message, usi
         return Ok(None);
     }
     let t = r.u8("type")?;
-    let flags = u16::from_le_bytes([buf[6], buf[7]]);
-    r.pos = 8;
+    let flags_bytes = r.take(2, "flags")?;
+    let flags = u16::from_le_bytes([flags_bytes[0], flags_bytes[1]]);
     if flags != 0 {
         return Err(WireError::ReservedFlags(flags));
     }
@@ -719,18 +719,18 @@ pub fn decode_frame(buf: &[u8], cfg: &WireConfig) -> Result<Option<(Message, usi
         return Ok(None);
     }
     let body_end = FRAME_HEADER_BYTES + len;
-    let computed = crc32c::crc32c(&buf[..body_end]);
-    let mut a = [0u8; 4];
-    a.copy_from_slice(&buf[body_end..total]);
-    let stored = u32::from_le_bytes(a);
+    let (Some(covered), Some(payload)) =
+        (buf.get(..body_end), buf.get(FRAME_HEADER_BYTES..body_end))
+    else {
+        return Ok(None);
+    };
+    let computed = crc32c::crc32c(covered);
+    r.pos = body_end;
+    let stored = r.u32("crc")?;
     if computed != stored {
         return Err(WireError::ChecksumMismatch { computed, stored });
     }
-    let msg = decode_payload(
-        t,
-        &buf[FRAME_HEADER_BYTES..body_end],
-        cfg.frame_payload_bytes_max,
-    )?;
+    let msg = decode_payload(t, payload, cfg.frame_payload_bytes_max)?;
     Ok(Some((msg, total)))
 }
 
