@@ -884,6 +884,7 @@ impl Controller for ControllerService {
             capabilities: [
                 RpcType::CreateDeleteVolume,
                 RpcType::PublishUnpublishVolume,
+                RpcType::PublishReadonly,
                 RpcType::ListVolumes,
                 RpcType::GetCapacity,
                 RpcType::ExpandVolume,
