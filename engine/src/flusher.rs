@@ -15,7 +15,7 @@ use std::time::Duration;
 use crate::dirty_map::Source;
 use crate::error::Result;
 use crate::extent;
-use crate::types::{Lsn, WalPos};
+use crate::types::{Epoch, Lsn, WalPos};
 use crate::volume::{Inner, lock, read, write};
 
 impl Inner {
@@ -109,12 +109,13 @@ impl Inner {
             }
             write(&self.map).remove_up_to(h);
         }
-        let (tail_pos, tail_lsn, tail_gen) = {
+        let (tail_pos, tail_lsn, tail_gen, ck_epoch) = {
             let st = lock(&self.wal);
             let t = new_tail(h, st.tail_lsn);
+            let ck_epoch = st.entry(h).map(|e| Epoch(e.epoch));
             match st.entry(t) {
-                Some(e) => (e.pos, t, e.wal_gen),
-                None => (st.head_pos, t, st.wal_gen),
+                Some(e) => (e.pos, t, e.wal_gen, ck_epoch),
+                None => (st.head_pos, t, st.wal_gen, ck_epoch),
             }
         };
         let prev_tail = self.persist(|sb| {
@@ -122,6 +123,9 @@ impl Inner {
             sb.wal_tail_pos = WalPos(tail_pos);
             sb.wal_tail_lsn = Lsn(tail_lsn);
             sb.wal_tail_gen = tail_gen;
+            if let Some(e) = ck_epoch {
+                sb.checkpoint_epoch = e;
+            }
         })?;
         {
             let _reclaim = write(&self.reclaim);

@@ -29,6 +29,8 @@ pub(crate) struct IndexEntry {
     pub blocks: u32,
     /// Generation the record was written in.
     pub wal_gen: u64,
+    /// Epoch the entry carries.
+    pub epoch: u64,
 }
 
 impl IndexEntry {
@@ -144,6 +146,7 @@ pub(crate) fn recover(disk: &dyn Disk, layout: &Layout, sb: &Superblock) -> Resu
             lba: e.lba.0,
             blocks: e.blocks,
             wal_gen: h.wal_gen,
+            epoch: e.epoch.0,
         };
         if ie.lsn > checkpoint {
             ie.apply(&mut map);

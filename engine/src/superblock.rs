@@ -17,11 +17,15 @@ pub const WAL_OFFSET: u64 = SUPERBLOCK_SLOT_SIZE * SUPERBLOCK_COPIES;
 const MAGIC: &[u8; 8] = b"BLKVOLSB";
 const VERSION: u32 = 1;
 /// Length of the encoded superblock including its CRC.
-pub const ENCODED_LEN: usize = 8 + 4 + 4 + 8 + 16 + 8 + 4 + 4 + 8 * 11 + 4;
+pub const ENCODED_LEN: usize = 8 + 4 + 4 + 8 + 16 + 8 + 4 + 4 + 8 * 12 + 4;
 
 /// Flag: a rebuild began and has not finished; the extent is not a consistent image.
 pub const FLAG_REBUILD_IN_PROGRESS: u32 = 1;
 const KNOWN_FLAGS: u32 = FLAG_REBUILD_IN_PROGRESS;
+
+/// `checkpoint_epoch` value meaning "not known" (a new volume, or a rebuild finished
+/// without one).
+pub const UNKNOWN_EPOCH: Epoch = Epoch(u64::MAX);
 
 /// Upper bound for LSNs, WAL positions and generations in a valid superblock.
 pub const MAX_COUNTER: u64 = 1 << 62;
@@ -58,6 +62,9 @@ pub struct Superblock {
     /// so a stale record left at an empty tail by an older generation is never taken
     /// for the first record.
     pub wal_tail_gen: u64,
+    /// Epoch of the entry at `checkpoint_lsn`, kept so the history's last point can be
+    /// proven after the WAL recycled that entry; `UNKNOWN_EPOCH` when not known.
+    pub checkpoint_epoch: Epoch,
     pub epoch: Epoch,
     /// Non-zero while an expansion to this size is in progress.
     pub prepared_size: u64,
@@ -119,6 +126,7 @@ impl Superblock {
         put_u64(&mut b, self.prepared_size);
         put_u64(&mut b, self.expand_epoch);
         put_u64(&mut b, self.wal_tail_gen);
+        put_u64(&mut b, self.checkpoint_epoch.0);
         let crc = crc32c::crc32c(&b);
         put_u32(&mut b, crc);
         debug_assert_eq!(b.len(), ENCODED_LEN);
@@ -174,6 +182,7 @@ impl Superblock {
             prepared_size: r.u64()?,
             expand_epoch: r.u64()?,
             wal_tail_gen: r.u64()?,
+            checkpoint_epoch: Epoch(r.u64()?),
         };
         sb.validate()?;
         Ok(sb)
@@ -331,6 +340,7 @@ mod tests {
             wal_tail_lsn: Lsn(5),
             wal_gen: 2,
             wal_tail_gen: 1,
+            checkpoint_epoch: Epoch(3),
             epoch: Epoch(4),
             prepared_size: 0,
             expand_epoch: 0,

@@ -270,6 +270,7 @@ impl Volume {
             wal_tail_lsn: Lsn(1),
             wal_gen: 1,
             wal_tail_gen: 1,
+            checkpoint_epoch: superblock::UNKNOWN_EPOCH,
             epoch: opts.epoch,
             prepared_size: 0,
             expand_epoch: 0,
@@ -793,9 +794,30 @@ impl Volume {
 
     /// Replica side: ends a rebuild whose base image is as of `checkpoint`. Syncs the
     /// extent; afterwards head, durable and checkpoint LSN are `checkpoint` and the
-    /// tail is replayed with `append_replicated` from `checkpoint + 1`.
+    /// tail is replayed with `append_replicated` from `checkpoint + 1`. The epoch of
+    /// the base point is recorded as unknown; see `finish_rebuild_with_epoch`.
     pub fn finish_rebuild(&self, checkpoint: Lsn) -> Result<()> {
-        self.inner.finish_rebuild(checkpoint.0)
+        self.inner
+            .finish_rebuild(checkpoint.0, superblock::UNKNOWN_EPOCH)
+    }
+
+    /// `finish_rebuild`, also persisting `epoch` as the epoch of the entry at
+    /// `checkpoint`, so `entry_epoch(checkpoint)` answers it after a restart.
+    pub fn finish_rebuild_with_epoch(&self, checkpoint: Lsn, epoch: Epoch) -> Result<()> {
+        self.inner.finish_rebuild(checkpoint.0, epoch)
+    }
+
+    /// Epoch of the entry at `lsn`, if known: from the WAL while the entry is retained,
+    /// or from the superblock for the checkpoint entry after it was recycled.
+    pub fn entry_epoch(&self, lsn: Lsn) -> Option<Epoch> {
+        let i = &self.inner;
+        let st = lock(&i.wal);
+        if let Some(e) = st.entry(lsn.0) {
+            return Some(Epoch(e.epoch));
+        }
+        let sb = lock(&i.sb);
+        (lsn == sb.checkpoint_lsn && sb.checkpoint_epoch != superblock::UNKNOWN_EPOCH)
+            .then_some(sb.checkpoint_epoch)
     }
 
     /// Counters.
@@ -1069,6 +1091,7 @@ impl Inner {
             lba: entry.lba.0,
             blocks: entry.blocks,
             wal_gen,
+            epoch: entry.epoch.0,
         };
         ie.apply(&mut write(&self.map));
         st.index.push_back(ie);
@@ -1179,6 +1202,7 @@ impl Inner {
         let prev = self.persist(|sb| {
             sb.flags |= FLAG_REBUILD_IN_PROGRESS;
             sb.checkpoint_lsn = Lsn(0);
+            sb.checkpoint_epoch = superblock::UNKNOWN_EPOCH;
             sb.wal_tail_lsn = Lsn(1);
             sb.wal_tail_pos = WalPos(tail_pos);
             sb.wal_gen += 1;
@@ -1200,7 +1224,7 @@ impl Inner {
         Ok(())
     }
 
-    fn finish_rebuild(&self, checkpoint: u64) -> Result<()> {
+    fn finish_rebuild(&self, checkpoint: u64, checkpoint_epoch: Epoch) -> Result<()> {
         if checkpoint >= superblock::MAX_COUNTER {
             return Err(Error::invalid(
                 "checkpoint",
@@ -1223,6 +1247,7 @@ impl Inner {
         let prev = self.persist(|sb| {
             sb.flags &= !FLAG_REBUILD_IN_PROGRESS;
             sb.checkpoint_lsn = Lsn(checkpoint);
+            sb.checkpoint_epoch = checkpoint_epoch;
             sb.wal_tail_lsn = Lsn(checkpoint + 1);
             sb.wal_tail_pos = WalPos(tail_pos);
             sb.wal_gen += 1;

@@ -643,3 +643,71 @@ fn removed_append_observer_is_no_longer_called() {
     vol.write(Lba(0), &block(2)).unwrap();
     assert_eq!(n.load(Ordering::SeqCst), 1);
 }
+
+#[test]
+fn entry_epochs_are_known_for_retained_entries_and_the_recycled_checkpoint() {
+    let (disk, vol) = sim_volume("epochs", 16, 256 * 1024);
+    assert_eq!(
+        vol.entry_epoch(Lsn(0)),
+        None,
+        "a new volume has no history point"
+    );
+    vol.write(Lba(0), &block(1)).unwrap(); // 1 @ epoch 1
+    vol.set_epoch(Epoch(4)).unwrap();
+    vol.write(Lba(1), &block(2)).unwrap(); // 2 @ epoch 4
+    assert_eq!(vol.entry_epoch(Lsn(1)), Some(Epoch(1)));
+    assert_eq!(vol.entry_epoch(Lsn(2)), Some(Epoch(4)));
+    assert_eq!(vol.entry_epoch(Lsn(3)), None);
+    vol.flush().unwrap();
+    vol.checkpoint().unwrap();
+    assert!(matches!(
+        vol.scan_from(Lsn(2), 1),
+        Err(Error::WalRecycled { .. })
+    ));
+    assert_eq!(
+        vol.entry_epoch(Lsn(1)),
+        None,
+        "recycled and not the checkpoint"
+    );
+    assert_eq!(
+        vol.entry_epoch(Lsn(2)),
+        Some(Epoch(4)),
+        "checkpoint epoch from the superblock"
+    );
+    drop(vol);
+    let vol = Volume::open(
+        Box::new(disk.crash(engine::CrashMode::DropUnsynced, 1)),
+        manual_cfg(),
+    )
+    .unwrap();
+    assert_eq!(
+        vol.entry_epoch(Lsn(2)),
+        Some(Epoch(4)),
+        "persisted across a power loss"
+    );
+}
+
+#[test]
+fn rebuild_base_point_epoch_survives_restart() {
+    let (disk, vol) = sim_volume("base-epoch", 16, 256 * 1024);
+    vol.begin_rebuild().unwrap();
+    vol.install_base_block(Lba(0), &block(5)).unwrap();
+    vol.finish_rebuild_with_epoch(Lsn(90), Epoch(6)).unwrap();
+    assert_eq!(vol.entry_epoch(Lsn(90)), Some(Epoch(6)));
+    drop(vol);
+    let vol = Volume::open(
+        Box::new(disk.crash(engine::CrashMode::DropUnsynced, 2)),
+        manual_cfg(),
+    )
+    .unwrap();
+    assert_eq!(vol.head_lsn(), Lsn(90));
+    assert_eq!(vol.entry_epoch(Lsn(90)), Some(Epoch(6)));
+    assert_eq!(read_block(&vol, 0), block(5));
+    assert!(
+        matches!(
+            vol.finish_rebuild(Lsn(1)),
+            Err(Error::InvalidArgument { .. })
+        ),
+        "no rebuild in progress"
+    );
+}
