@@ -151,6 +151,8 @@ fn fio_nbd_engine_verifies_crc32c_under_concurrency() {
             "--size=32M",
             "--verify=crc32c",
             "--verify_fatal=1",
+            // fio would otherwise leave a verify state file in the working directory.
+            "--verify_state_save=0",
             "--do_verify=1",
             "--fsync=32",
             "--output-format=json",

@@ -75,6 +75,8 @@ fn fio_verify_passes_against_an_engine_volume() {
             "--size=32M",
             "--verify=crc32c",
             "--verify_fatal=1",
+            // fio would otherwise leave a verify state file in the working directory.
+            "--verify_state_save=0",
             "--fsync=16",
             "--output-format=json",
         ],
