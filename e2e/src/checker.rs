@@ -135,13 +135,11 @@ impl NbdClient {
             s.read_exact(&mut payload).await?;
             match reply {
                 REP_ACK => break,
-                REP_INFO => {
-                    if payload.len() >= 12 && payload[..2] == INFO_EXPORT.to_be_bytes() {
-                        let mut size = [0u8; 8];
-                        size.copy_from_slice(&payload[2..10]);
-                        let tflags = u16::from_be_bytes([payload[10], payload[11]]);
-                        export_info = Some((u64::from_be_bytes(size), tflags));
-                    }
+                REP_INFO if payload.len() >= 12 && payload[..2] == INFO_EXPORT.to_be_bytes() => {
+                    let mut size = [0u8; 8];
+                    size.copy_from_slice(&payload[2..10]);
+                    let tflags = u16::from_be_bytes([payload[10], payload[11]]);
+                    export_info = Some((u64::from_be_bytes(size), tflags));
                 }
                 r if r & REP_ERR_BIT != 0 => {
                     return Err(CheckError::Refused {

@@ -134,7 +134,7 @@ impl BlockBackend for Broken {
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), BackendError> {
         let lba = offset / u64::from(BS);
         match self.fault {
-            Fault::StaleReads if lba % 4 == 0 => self.first.read(offset, buf),
+            Fault::StaleReads if lba.is_multiple_of(4) => self.first.read(offset, buf),
             _ => self.live.read(offset, buf),
         }
     }
@@ -145,8 +145,8 @@ impl BlockBackend for Broken {
             self.first.write(offset, data)?;
         }
         match self.fault {
-            Fault::DropWrites if n % 10 == 0 => Ok(()),
-            Fault::TearWrites if n % 16 == 0 => {
+            Fault::DropWrites if n.is_multiple_of(10) => Ok(()),
+            Fault::TearWrites if n.is_multiple_of(16) => {
                 let mut d = data.to_vec();
                 if let Some(b) = d.get_mut(2000) {
                     *b ^= 0x01;
@@ -366,4 +366,55 @@ async fn sigkilled_server_loses_no_acknowledged_flushed_write() {
         "kill/restart: rounds {rounds}, faults injected {rounds}, durable writes {durable_total}, \
          verifications passed {verified}, lost 0"
     );
+}
+
+async fn cli(args: &[&str]) -> (Option<i32>, String) {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_blockvol-check"))
+        .args(args)
+        .output()
+        .await
+        .expect("run blockvol-check");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code(), text)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_verifies_a_clean_volume_and_fails_on_a_lost_block() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let vol = Arc::new(engine_volume(&dir.path().join("v.img")));
+    let (_server, target) = serve(vol.clone(), dir.path()).await;
+    let Target::Unix { path, .. } = &target else {
+        unreachable!("serve() listens on a unix socket")
+    };
+    let sock = path.display().to_string();
+    let ledger = dir.path().join("ledger.json");
+    let ledger_s = ledger.display().to_string();
+    let conn = ["--unix", &sock, "--export", EXPORT, "--ledger", &ledger_s];
+    let mut write = vec!["write"];
+    write.extend_from_slice(&conn);
+    write.extend_from_slice(&["--writes", "300", "--lba-count", "64", "--seed", "9"]);
+    let (code, text) = cli(&write).await;
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains("made durable 300"), "{text}");
+    let mut verify = vec!["verify"];
+    verify.extend_from_slice(&conn);
+    let (code, text) = cli(&verify).await;
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains("findings 0"), "{text}");
+
+    // Lose one durable block behind the checker's back.
+    let l = Ledger::load(&ledger).expect("ledger");
+    let (&lba, _) = l
+        .blocks
+        .iter()
+        .find(|(_, r)| r.durable_seq > 0)
+        .expect("a durable block");
+    BlockBackend::write(&*vol, lba * u64::from(BS), &vec![0u8; BS as usize]).expect("zero");
+    let (code, text) = cli(&verify).await;
+    assert_eq!(code, Some(1), "{text}");
+    assert!(text.contains(&format!("Missing {{ lba: {lba}")), "{text}");
 }

@@ -280,3 +280,114 @@ fn fuzz_cases() -> u32 {
         .and_then(|v| v.parse().ok())
         .unwrap_or(256)
 }
+
+/// One move of an attacker who knows a recorded genuine session but not the secret.
+#[derive(Debug, Clone)]
+enum Move {
+    /// Hello to session `to` with a nonce: 0 random, 1 the other session's server
+    /// nonce, 2 the recorded session's client nonce.
+    Hello {
+        to: usize,
+        nonce_from: u8,
+        random: [u8; 32],
+        node: u8,
+    },
+    /// Proof to session `to`: 0 random, 1 the recorded genuine proof, 2 the last server
+    /// proof seen from either session (reflection).
+    Proof {
+        to: usize,
+        proof_from: u8,
+        random: [u8; 32],
+    },
+}
+
+fn attack_move() -> impl Strategy<Value = Move> {
+    prop_oneof![
+        (0usize..2, 0u8..3, any::<[u8; 32]>(), 0u8..2).prop_map(
+            |(to, nonce_from, random, node)| {
+                Move::Hello {
+                    to,
+                    nonce_from,
+                    random,
+                    node,
+                }
+            }
+        ),
+        (0usize..2, 0u8..3, any::<[u8; 32]>()).prop_map(|(to, proof_from, random)| Move::Proof {
+            to,
+            proof_from,
+            random
+        }),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig {
+        cases: fuzz_cases(),
+        ..ProptestConfig::default()
+    })]
+
+    /// Replay, reflection and cross-session splicing of authentication messages never
+    /// authenticate a peer that lacks the cluster secret.
+    #[test]
+    fn handshake_messages_spliced_across_sessions_never_authenticate(
+        moves in proptest::collection::vec(attack_move(), 1..12),
+        server_nonces in any::<([u8; 32], [u8; 32])>(),
+    ) {
+        use engine::replication::wire::{Auth, PROTOCOL_VERSION, ServerAuth};
+        // A recorded genuine session under another server nonce.
+        let recorded_client_nonce = [1u8; NONCE_BYTES];
+        let (mut client, hello) = ClientAuth::start(SECRET, "peer", recorded_client_nonce);
+        let mut old = ServerAuth::new(SECRET, "n0", [2u8; NONCE_BYTES]);
+        let challenge = old.on_message(&hello).expect("hello").expect("challenge");
+        let Some(Message::Auth(Auth::Proof { proof: recorded_proof })) =
+            client.on_message(&challenge).expect("challenge ok")
+        else {
+            panic!("client sent no proof");
+        };
+        // The recorded proof is genuine: it opens the session it was made for.
+        let accepted = old
+            .on_message(&Message::Auth(Auth::Proof { proof: recorded_proof }))
+            .expect("genuine proof");
+        prop_assert!(old.is_authenticated() && accepted.is_some());
+        prop_assume!(server_nonces.0 != [2u8; 32] && server_nonces.1 != [2u8; 32]);
+
+        let nonces = [server_nonces.0, server_nonces.1];
+        let mut sessions = [
+            Some(ServerAuth::new(SECRET, "n0", nonces[0])),
+            Some(ServerAuth::new(SECRET, "n0", nonces[1])),
+        ];
+        let mut last_server_proof = [0u8; 32];
+        for m in moves {
+            let (to, msg) = match m {
+                Move::Hello { to, nonce_from, random, node } => {
+                    let nonce = match nonce_from {
+                        0 => random,
+                        1 => nonces[1 - to],
+                        _ => recorded_client_nonce,
+                    };
+                    let node = if node == 0 { "peer" } else { "n0" }.to_string();
+                    (to, Message::Auth(Auth::Hello { version: PROTOCOL_VERSION, node, nonce }))
+                }
+                Move::Proof { to, proof_from, random } => {
+                    let proof = match proof_from {
+                        0 => random,
+                        1 => recorded_proof,
+                        _ => last_server_proof,
+                    };
+                    (to, Message::Auth(Auth::Proof { proof }))
+                }
+            };
+            let Some(s) = sessions[to].as_mut() else { continue };
+            match s.on_message(&msg) {
+                Ok(Some(Message::Auth(Auth::Challenge { proof, .. }))) => last_server_proof = proof,
+                Ok(_) => {}
+                // The server closes the connection on any error.
+                Err(_) => sessions[to] = None,
+            }
+            for s in sessions.iter().flatten() {
+                prop_assert!(!s.is_authenticated(), "authenticated without the secret");
+            }
+        }
+    }
+}
