@@ -660,17 +660,6 @@ pub async fn verify_ledger(target: &Target, ledger: &Ledger) -> Result<VerifyRep
     Ok(report)
 }
 
-/// After a verified restart the ledger's view of the device is what was read: a write
-/// that was sent but never made durable may or may not have survived, so nothing changes
-/// except that later rounds use higher sequences (already guaranteed by `next_seq`).
-pub fn remaining_unverified(ledger: &Ledger) -> u64 {
-    ledger
-        .blocks
-        .values()
-        .filter(|r| r.sent_seq > r.durable_seq)
-        .count() as u64
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
