@@ -36,8 +36,9 @@ use super::wire::{
 };
 use crate::volume::Volume;
 
-/// Transport settings (units last).
-#[derive(Debug, Clone)]
+/// Transport settings (units last). `Debug` redacts the cluster secret so a logged
+/// config cannot leak it.
+#[derive(Clone)]
 pub struct NetConfig {
     /// This node's name, sent in the hello.
     pub node_name: String,
@@ -54,6 +55,25 @@ pub struct NetConfig {
     pub tick_interval_ms: u64,
     /// Recovery events kept for inspection.
     pub events_kept_max: usize,
+}
+
+impl std::fmt::Debug for NetConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NetConfig")
+            .field("node_name", &self.node_name)
+            .field(
+                "cluster_secret",
+                &format_args!("<{} bytes redacted>", self.cluster_secret.len()),
+            )
+            .field("wire", &self.wire)
+            .field("dial_timeout_ms", &self.dial_timeout_ms)
+            .field("auth_timeout_ms", &self.auth_timeout_ms)
+            .field("send_queue_frames_max", &self.send_queue_frames_max)
+            .field("append_queue_entries_max", &self.append_queue_entries_max)
+            .field("tick_interval_ms", &self.tick_interval_ms)
+            .field("events_kept_max", &self.events_kept_max)
+            .finish()
+    }
 }
 
 impl NetConfig {
