@@ -367,6 +367,32 @@ async fn rf3_volume_survives_killing_the_primary_agent() {
         first_diff, None,
         "the new primary's export differs from what was flushed"
     );
+
+    // The new primary accepts writes, and FLUSH completes without the dead member
+    // (the operator committed an in-sync set without it).
+    let socket = agents[&new_node].nbd_socket.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        run(
+            "qemu-io",
+            &[
+                "-f",
+                "raw",
+                "-c",
+                "write -P 0x77 8M 64k",
+                "-c",
+                "flush",
+                "-c",
+                "read -P 0x77 8M 64k",
+                &unix_uri(&socket),
+            ],
+        )
+    })
+    .await
+    .expect("writer");
+    assert!(
+        !out.contains("failed") && !out.contains("mismatch"),
+        "writing through the new primary: {out}"
+    );
     drop(agents);
     drop(cp);
 }
