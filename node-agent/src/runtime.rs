@@ -291,6 +291,11 @@ impl EngineRuntime {
                         Report::StateChanged { .. } => {}
                         Report::NeedsRebuild { replica, reason } => {
                             s.errors.insert(replica.as_str().to_string(), reason);
+                            // The API has no separate rebuild request: the operator keeps
+                            // an assigned peer in the primary's spec exactly while it wants
+                            // that replica to exist, so the primary rebuilds it right away
+                            // (the operator still replaces it if it stays unhealthy).
+                            handle.request_rebuild(replica);
                         }
                         Report::Fenced { observed } => s.fenced_by = Some(observed.0),
                         Report::LocalDiskFailed => s.local_disk_failed = true,

@@ -77,7 +77,12 @@ impl Drop for AgentProcess {
         self.kill();
         if std::thread::panicking() {
             let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-            let tail: Vec<&str> = log.lines().rev().take(60).collect();
+            let tail: Vec<&str> = log
+                .lines()
+                .filter(|l| !l.contains("connection failed"))
+                .rev()
+                .take(40)
+                .collect();
             eprintln!("---- agent {} log (last lines) ----", self.node);
             for l in tail.iter().rev() {
                 eprintln!("{l}");
@@ -95,7 +100,11 @@ fn spawn_agent(node: &str, root: &Path, kubeconfig: &Path, secret: &Path) -> Age
     let dir = root.join(node);
     std::fs::create_dir_all(&dir).expect("agent dir");
     let log = dir.join("agent.log");
-    let out = std::fs::File::create(&log).expect("log file");
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log)
+        .expect("log file");
     let err = out.try_clone().expect("log file");
     let nbd_dir = dir.join("run");
     let child = Command::new(env!("CARGO_BIN_EXE_blockvol-agent"))
@@ -393,6 +402,31 @@ async fn rf3_volume_survives_killing_the_primary_agent() {
         !out.contains("failed") && !out.contains("mismatch"),
         "writing through the new primary: {out}"
     );
+
+    // The crashed agent comes back (on a new data port): the new primary finds it at
+    // its new address and brings its replica back in sync (its WAL was recycled, so by
+    // a rebuild), as a replica of the new epoch.
+    agents.insert(
+        first_node.clone(),
+        spawn_agent(&first_node, root.path(), cp.kubeconfig(), &secret),
+    );
+    wait_for(
+        "the old primary rebuilt and in sync with the new primary",
+        || async {
+            let rs = replicas(&client).await;
+            let old = rs.iter().find(|r| r.name_any() == first_primary)?;
+            let np = rs.iter().find(|r| r.name_any() == new_primary)?;
+            let in_sync = np.status.as_ref()?.peers.iter().any(|p| {
+                p.replica_id == first_primary
+                    && p.state == ReplicaState::InSync
+                    && p.flushed_lsn >= head
+            });
+            let demoted = old.spec.role == ReplicaRole::Replica
+                && old.status.as_ref().is_some_and(|x| x.epoch == st.epoch);
+            (in_sync && demoted).then_some(())
+        },
+    )
+    .await;
     drop(agents);
     drop(cp);
 }
