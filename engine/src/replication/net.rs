@@ -362,6 +362,18 @@ impl ReceiverServer {
         lock(&self.shared.volumes).insert(id, Arc::new(Mutex::new(hosted)));
     }
 
+    /// Stops serving volume `id` (it became primary here, or was deleted). Messages for it
+    /// that arrive later are treated like those for any unknown volume. Returns whether it
+    /// was hosted.
+    pub fn unhost(&self, id: &VolumeId) -> bool {
+        lock(&self.shared.volumes).remove(id).is_some()
+    }
+
+    /// Whether volume `id` is served here.
+    pub fn is_hosted(&self, id: &VolumeId) -> bool {
+        lock(&self.shared.volumes).contains_key(id)
+    }
+
     /// Reasons connections were closed for (most recent last).
     pub fn rejections(&self) -> Vec<String> {
         lock(&self.shared.rejected).iter().cloned().collect()

@@ -1,13 +1,12 @@
 use clap::Parser;
-
-/// blockvol node agent: runs replicas, serves NBD, attaches block devices.
-#[derive(Parser, Debug)]
-#[command(version)]
-struct Args {}
+use tracing_subscriber::EnvFilter;
 
 fn main() -> anyhow::Result<()> {
-    let _args = Args::parse();
-    anyhow::bail!(
-        "blockvol-agent is not implemented yet: only --help and --version work in this build"
-    )
+    let settings = node_agent::agent::Settings::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .init();
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(node_agent::agent::run(settings))?;
+    Ok(())
 }

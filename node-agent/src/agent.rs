@@ -1,0 +1,501 @@
+//! The node agent daemon: wires registration, the Lease, the replica loop over the
+//! engine runtime, the replication data port, the NBD server and the local attach
+//! service together. Settings are validated before anything binds or touches the API,
+//! so a bad flag fails at start with the flag's name.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use engine::replication::{NetConfig, ReceiverServer, Transport};
+use kube::Client;
+use tokio_stream::wrappers::UnixListenerStream;
+
+use crate::attach::{Attacher, FuseLoopAttacher, FuseLoopConfig};
+use crate::attach_service::AttachService;
+use crate::k8s::{
+    AgentContext, LeaseRenewer, LeaseSettings, NodeRegistration, ReplicaSettings, keep_registered,
+    run_replicas, validate_data_address,
+};
+use crate::nbd::{ExportRegistry, NbdServer, ServerConfig};
+use crate::runtime::{EngineRuntime, EngineSettings};
+
+/// Name of the NBD server's unix socket inside `--nbd-socket-dir`.
+pub const NBD_SOCKET_NAME: &str = "nbd.sock";
+
+/// Command-line settings; the names match the Helm chart's node DaemonSet.
+#[derive(clap::Parser, Debug, Clone)]
+#[command(
+    version,
+    about = "blockvol node agent: runs replicas, serves NBD, attaches block devices"
+)]
+pub struct Settings {
+    /// This node's name (the Kubernetes Node name).
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: String,
+    /// Namespace of the node Leases.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "blockvol-system")]
+    pub namespace: String,
+    /// Directory holding the replicas' volume files.
+    #[arg(long, default_value = "/var/lib/blockvol")]
+    pub data_dir: PathBuf,
+    /// ip:port of the replication data port; peers dial it, so no wildcard or `:port`.
+    #[arg(long)]
+    pub data_address: String,
+    /// Unix socket of the attach service for the CSI node plugin.
+    #[arg(long)]
+    pub agent_socket: PathBuf,
+    /// File holding the shared secret peers authenticate with.
+    #[arg(long)]
+    pub peer_secret_file: PathBuf,
+    /// How long the node Lease holds without renewal, in seconds.
+    #[arg(long = "lease-duration-seconds", default_value_t = 10)]
+    pub lease_duration_s: u32,
+    /// Address of the metrics endpoint (`GET /metrics`); empty disables it.
+    #[arg(long, default_value = "")]
+    pub metrics_addr: String,
+    /// Kubeconfig file; without it the in-cluster config or $KUBECONFIG is used.
+    #[arg(long)]
+    pub kubeconfig: Option<PathBuf>,
+    /// Directory of the NBD server's unix socket (default: <data-dir>/run).
+    #[arg(long)]
+    pub nbd_socket_dir: Option<PathBuf>,
+    /// Optional loopback TCP address for the NBD server (tools, benchmarks).
+    #[arg(long)]
+    pub nbd_tcp_addr: Option<SocketAddr>,
+    /// How often replica status is re-reported, in milliseconds.
+    #[arg(long, default_value_t = 2_000)]
+    pub status_interval_ms: u64,
+    /// How often the BlockNode is re-applied, in milliseconds.
+    #[arg(long, default_value_t = 30_000)]
+    pub registration_interval_ms: u64,
+}
+
+/// Errors that stop the agent from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("--{flag}: {reason}")]
+    Setting { flag: &'static str, reason: String },
+    #[error("{what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("Kubernetes client: {0}")]
+    Client(String),
+    #[error("data port {address}: {source}")]
+    DataPort {
+        address: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("NBD server: {0}")]
+    Nbd(#[from] crate::nbd::Error),
+    #[error("attach: {0}")]
+    Attach(#[from] crate::attach::Error),
+    #[error("attach service: {0}")]
+    Grpc(String),
+    #[error("metrics endpoint {address}: {source}")]
+    Metrics {
+        address: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Settings {
+    /// Checks every flag that can be checked without side effects.
+    pub fn validate(&self) -> Result<SocketAddr> {
+        let setting = |flag, reason: String| Error::Setting { flag, reason };
+        if self.node_name.is_empty() {
+            return Err(setting("node-name", "is required".into()));
+        }
+        let addr = validate_data_address(&self.data_address)
+            .map_err(|e| setting("data-address", e.to_string()))?;
+        if self.lease_duration_s < 2 {
+            return Err(setting(
+                "lease-duration-seconds",
+                format!("{} is below the minimum 2", self.lease_duration_s),
+            ));
+        }
+        if let Some(a) = self.nbd_tcp_addr
+            && !a.ip().is_loopback()
+        {
+            return Err(setting(
+                "nbd-tcp-addr",
+                format!("{a} is not a loopback address; NBD has no authentication"),
+            ));
+        }
+        Ok(addr)
+    }
+
+    pub fn nbd_socket(&self) -> PathBuf {
+        self.nbd_socket_dir
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("run"))
+            .join(NBD_SOCKET_NAME)
+    }
+}
+
+/// Reads the peer secret: the file's bytes without a trailing newline; empty is refused.
+pub fn read_peer_secret(path: &Path) -> Result<Vec<u8>> {
+    let mut s = std::fs::read(path).map_err(|source| Error::Io {
+        what: "reading peer secret",
+        path: path.to_path_buf(),
+        source,
+    })?;
+    while s.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+        s.pop();
+    }
+    if s.is_empty() {
+        return Err(Error::Setting {
+            flag: "peer-secret-file",
+            reason: format!("{} is empty", path.display()),
+        });
+    }
+    Ok(s)
+}
+
+async fn client(settings: &Settings) -> Result<Client> {
+    let config = match &settings.kubeconfig {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(path)
+                .map_err(|e| Error::Client(format!("{}: {e}", path.display())))?;
+            kube::Config::from_custom_kubeconfig(kc, &Default::default())
+                .await
+                .map_err(|e| Error::Client(e.to_string()))?
+        }
+        None => kube::Config::infer()
+            .await
+            .map_err(|e| Error::Client(e.to_string()))?,
+    };
+    Client::try_from(config).map_err(|e| Error::Client(e.to_string()))
+}
+
+/// Topology labels copied from the Kubernetes Node (zone, region, hostname); the
+/// hostname defaults to the node name so placement can spread without a Node object.
+async fn topology(client: &Client, node_name: &str) -> BTreeMap<String, String> {
+    const COPIED: [&str; 3] = [
+        "topology.kubernetes.io/zone",
+        "topology.kubernetes.io/region",
+        "kubernetes.io/hostname",
+    ];
+    let nodes: kube::Api<k8s_openapi::api::core::v1::Node> = kube::Api::all(client.clone());
+    let labels = match nodes.get_opt(node_name).await {
+        Ok(Some(n)) => n.metadata.labels.unwrap_or_default(),
+        Ok(None) => BTreeMap::new(),
+        Err(e) => {
+            tracing::warn!(node = %node_name, error = %e, "reading the Node's topology labels");
+            BTreeMap::new()
+        }
+    };
+    let mut out: BTreeMap<String, String> = labels
+        .into_iter()
+        .filter(|(k, _)| COPIED.contains(&k.as_str()))
+        .collect();
+    out.entry("kubernetes.io/hostname".into())
+        .or_insert_with(|| node_name.to_string());
+    out.insert(api::TOPOLOGY_NODE_KEY.into(), node_name.to_string());
+    out
+}
+
+fn create_dir(what: &'static str, path: &Path) -> Result<()> {
+    std::fs::create_dir_all(path).map_err(|source| Error::Io {
+        what,
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+fn bind_unix(path: &Path) -> Result<UnixListenerStream> {
+    if let Some(parent) = path.parent() {
+        create_dir("creating the agent socket directory", parent)?;
+    }
+    // A socket left by an earlier run would make bind fail.
+    if std::fs::symlink_metadata(path).is_ok_and(|m| {
+        use std::os::unix::fs::FileTypeExt;
+        m.file_type().is_socket()
+    }) {
+        let _ = std::fs::remove_file(path);
+    }
+    let l = tokio::net::UnixListener::bind(path).map_err(|source| Error::Io {
+        what: "binding the agent socket",
+        path: path.to_path_buf(),
+        source,
+    })?;
+    Ok(UnixListenerStream::new(l))
+}
+
+/// Serves `GET /metrics` with the agent's gauges in Prometheus text format.
+async fn serve_metrics(listener: tokio::net::TcpListener, runtime: Arc<EngineRuntime>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    loop {
+        let Ok((mut s, _)) = listener.accept().await else {
+            continue;
+        };
+        let runtime = runtime.clone();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 1024];
+            let _ = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await;
+            let body = format!(
+                "# HELP blockvol_agent_exports NBD exports served by this agent.\n\
+                 # TYPE blockvol_agent_exports gauge\n\
+                 blockvol_agent_exports {}\n",
+                runtime.exports().names().len()
+            );
+            let resp = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = s.write_all(resp.as_bytes()).await;
+        });
+    }
+}
+
+/// Handles of a started agent; dropping it stops every task (like a crash: the
+/// Lease is not released and the data stays).
+pub struct Agent {
+    pub runtime: Arc<EngineRuntime>,
+    pub data_address: SocketAddr,
+    pub nbd_socket: PathBuf,
+    pub nbd_tcp: Option<SocketAddr>,
+    nbd: NbdServer,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+        self.nbd.shutdown();
+    }
+}
+
+impl Agent {
+    /// Starts every part of the agent and returns once all listeners are bound.
+    pub async fn start(settings: Settings) -> Result<Agent> {
+        let data_address = settings.validate()?;
+        let secret = read_peer_secret(&settings.peer_secret_file)?;
+        create_dir("creating the data directory", &settings.data_dir)?;
+        let data_dir = std::fs::canonicalize(&settings.data_dir).map_err(|source| Error::Io {
+            what: "resolving the data directory",
+            path: settings.data_dir.clone(),
+            source,
+        })?;
+        let client = client(&settings).await?;
+
+        let net = NetConfig::new(&settings.node_name, &secret);
+        let receiver = Arc::new(
+            ReceiverServer::bind(data_address, net.clone())
+                .await
+                .map_err(|source| Error::DataPort {
+                    address: data_address,
+                    source,
+                })?,
+        );
+        let transport = Transport::new(net);
+
+        let exports = ExportRegistry::new();
+        let nbd = NbdServer::new(exports.clone(), ServerConfig::default())?;
+        let nbd_socket = settings.nbd_socket();
+        if let Some(dir) = nbd_socket.parent() {
+            create_dir("creating the NBD socket directory", dir)?;
+        }
+        nbd.listen_unix(&nbd_socket).await?;
+        let nbd_tcp = match settings.nbd_tcp_addr {
+            Some(a) => Some(nbd.listen_tcp(a).await?),
+            None => None,
+        };
+
+        let lease = Arc::new(LeaseRenewer::new(
+            client.clone(),
+            LeaseSettings {
+                lease_duration_s: settings.lease_duration_s,
+                renew_interval_ms: (u64::from(settings.lease_duration_s) * 1000 / 4).max(250),
+                ..LeaseSettings::new(settings.namespace.clone(), settings.node_name.clone())
+            },
+        ));
+        let fence = {
+            let lease = lease.clone();
+            Arc::new(move || lease.is_fresh())
+        };
+        let runtime = Arc::new(EngineRuntime::new(
+            EngineSettings::default(),
+            receiver.clone(),
+            transport,
+            exports.clone(),
+            fence,
+        ));
+
+        let mut tasks = Vec::new();
+        if !settings.metrics_addr.is_empty() {
+            let l = tokio::net::TcpListener::bind(&settings.metrics_addr)
+                .await
+                .map_err(|source| Error::Metrics {
+                    address: settings.metrics_addr.clone(),
+                    source,
+                })?;
+            tasks.push(tokio::spawn(serve_metrics(l, runtime.clone())));
+        }
+
+        let attacher: Arc<dyn Attacher> = Arc::new(FuseLoopAttacher::new(FuseLoopConfig::new(
+            data_dir.join("attach"),
+        ))?);
+        let local = {
+            let runtime = runtime.clone();
+            Arc::new(move |volume: &str| runtime.local_role(volume).is_some())
+        };
+        let service = AttachService::new(exports, nbd_socket.clone(), attacher, local);
+        let incoming = bind_unix(&settings.agent_socket)?;
+        tasks.push(tokio::spawn(async move {
+            let r = tonic::transport::Server::builder()
+                .add_service(csi::agent_proto::node_agent_server::NodeAgentServer::new(
+                    service,
+                ))
+                .serve_with_incoming(incoming)
+                .await;
+            if let Err(e) = r {
+                tracing::error!(error = %e, "attach service stopped");
+            }
+        }));
+
+        {
+            let lease = lease.clone();
+            tasks.push(tokio::spawn(async move { lease.run().await }));
+        }
+
+        let ctx = Arc::new(AgentContext::new(
+            client.clone(),
+            ReplicaSettings {
+                node_name: settings.node_name.clone(),
+                data_dir: data_dir.clone(),
+                status_interval_ms: settings.status_interval_ms,
+                error_retry_ms: 1_000,
+            },
+            runtime.clone(),
+        ));
+        let registration = NodeRegistration {
+            node_name: settings.node_name.clone(),
+            data_address: data_address.to_string(),
+            data_dir: data_dir.clone(),
+            topology: topology(&client, &settings.node_name).await,
+            agent_version: env!("CARGO_PKG_VERSION").to_string(),
+        };
+        {
+            let ctx = ctx.clone();
+            let client = client.clone();
+            let interval = settings.registration_interval_ms;
+            tasks.push(tokio::spawn(async move {
+                let c = ctx.clone();
+                keep_registered(registration, client, move || c.promised_bytes(), interval).await
+            }));
+        }
+        tasks.push(tokio::spawn(async move {
+            run_replicas(ctx, std::future::pending()).await
+        }));
+        tracing::info!(node = %settings.node_name, data_address = %data_address, nbd_socket = %nbd_socket.display(), "agent started");
+        Ok(Agent {
+            runtime,
+            data_address,
+            nbd_socket,
+            nbd_tcp,
+            nbd,
+            tasks,
+        })
+    }
+
+    /// Stops serving: replicas closed (exports removed, drivers stopped), tasks ended.
+    pub async fn shutdown(self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+        self.runtime.close_all().await;
+    }
+}
+
+/// Runs the agent until SIGTERM or Ctrl-C.
+pub async fn run(settings: Settings) -> Result<()> {
+    let agent = Agent::start(settings).await?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| Error::Setting {
+            flag: "signal",
+            reason: e.to_string(),
+        })?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    tracing::info!("shutting down");
+    agent.shutdown().await;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn parse(extra: &[&str]) -> std::result::Result<Settings, clap::Error> {
+        let mut args = vec![
+            "blockvol-agent",
+            "--node-name=n1",
+            "--agent-socket=/run/a.sock",
+            "--peer-secret-file=/etc/s",
+        ];
+        args.extend_from_slice(extra);
+        Settings::try_parse_from(args)
+    }
+
+    #[test]
+    fn chart_flags_parse_and_data_address_must_be_dialable() {
+        let s = parse(&[
+            "--namespace=ns",
+            "--data-dir=/var/lib/blockvol",
+            "--data-address=10.0.0.5:7400",
+            "--lease-duration-seconds=15",
+            "--metrics-addr=0.0.0.0:9091",
+        ])
+        .expect("chart flags parse");
+        assert_eq!(s.validate().unwrap().to_string(), "10.0.0.5:7400");
+        assert_eq!(s.lease_duration_s, 15);
+        assert_eq!(
+            s.nbd_socket(),
+            PathBuf::from("/var/lib/blockvol/run/nbd.sock")
+        );
+        for bad in ["0.0.0.0:7400", ":7400", "[::]:7400", "node1:7400"] {
+            let s = parse(&[&format!("--data-address={bad}")]).unwrap();
+            let e = s.validate().unwrap_err().to_string();
+            assert!(e.starts_with("--data-address"), "{bad}: {e}");
+        }
+        let s = parse(&[
+            "--data-address=10.0.0.5:7400",
+            "--nbd-tcp-addr=0.0.0.0:10809",
+        ])
+        .unwrap();
+        assert!(s.validate().unwrap_err().to_string().contains("loopback"));
+        assert!(parse(&[]).is_err(), "--data-address is required");
+    }
+
+    #[test]
+    fn peer_secret_trailing_newline_is_stripped_and_empty_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("s");
+        std::fs::write(&p, "abc\n").unwrap();
+        assert_eq!(read_peer_secret(&p).unwrap(), b"abc");
+        std::fs::write(&p, "\n").unwrap();
+        assert!(
+            read_peer_secret(&p)
+                .unwrap_err()
+                .to_string()
+                .contains("empty")
+        );
+        assert!(read_peer_secret(&d.path().join("missing")).is_err());
+    }
+}

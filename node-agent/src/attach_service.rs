@@ -1,0 +1,176 @@
+//! The agent's local gRPC service for the CSI node plugin (`blockvol.agent.v1.NodeAgent`,
+//! defined in csi/proto/agent.proto): Attach turns the volume's NBD export on this node
+//! into a kernel block device through an [`Attacher`]; every call is idempotent and
+//! errors carry the gRPC codes the proto documents.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use csi::agent_proto::node_agent_server::NodeAgent;
+use csi::agent_proto::{
+    AttachRequest, AttachResponse, DetachRequest, DetachResponse, ExpandRequest, ExpandResponse,
+    StatsRequest, StatsResponse,
+};
+use tonic::{Request, Response, Status};
+
+use crate::attach::{self, Attacher, validate_volume_name};
+use crate::nbd::ExportRegistry;
+
+/// Which volumes have a local replica at all (to tell NOT_FOUND from
+/// FAILED_PRECONDITION when there is no export here).
+pub type LocalVolumes = Arc<dyn Fn(&str) -> bool + Send + Sync>;
+
+/// The attach service: exports come from the NBD registry, devices from the attacher.
+pub struct AttachService {
+    exports: ExportRegistry,
+    nbd_socket: PathBuf,
+    attacher: Arc<dyn Attacher>,
+    local: LocalVolumes,
+}
+
+impl AttachService {
+    pub fn new(
+        exports: ExportRegistry,
+        nbd_socket: PathBuf,
+        attacher: Arc<dyn Attacher>,
+        local: LocalVolumes,
+    ) -> Self {
+        AttachService {
+            exports,
+            nbd_socket,
+            attacher,
+            local,
+        }
+    }
+
+    fn check_name(volume: &str) -> Result<(), Status> {
+        if volume.is_empty() {
+            return Err(Status::invalid_argument("volume_id is required"));
+        }
+        validate_volume_name(volume).map_err(|e| Status::invalid_argument(e.to_string()))
+    }
+
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&dyn Attacher) -> attach::Result<T> + Send + 'static,
+    ) -> Result<T, Status> {
+        let a = self.attacher.clone();
+        tokio::task::spawn_blocking(move || f(&*a))
+            .await
+            .map_err(|e| Status::internal(format!("attach task: {e}")))?
+            .map_err(status_of)
+    }
+}
+
+fn status_of(e: attach::Error) -> Status {
+    match &e {
+        attach::Error::InvalidVolumeName { .. } => Status::invalid_argument(e.to_string()),
+        attach::Error::Busy { .. } | attach::Error::AttachedElsewhere { .. } => {
+            Status::failed_precondition(e.to_string())
+        }
+        attach::Error::Unsupported(_) => Status::failed_precondition(e.to_string()),
+        attach::Error::Timeout { .. } => Status::unavailable(e.to_string()),
+        _ => Status::internal(e.to_string()),
+    }
+}
+
+#[tonic::async_trait]
+impl NodeAgent for AttachService {
+    async fn attach(
+        &self,
+        request: Request<AttachRequest>,
+    ) -> Result<Response<AttachResponse>, Status> {
+        let req = request.into_inner();
+        Self::check_name(&req.volume_id)?;
+        if req.readonly {
+            return Err(Status::failed_precondition(
+                "read-only attachment is not supported by this agent",
+            ));
+        }
+        let Some(export) = self.exports.get(&req.volume_id) else {
+            return Err(if (self.local)(&req.volume_id) {
+                Status::failed_precondition(format!(
+                    "volume {} has no serving primary on this node (forwarding to a remote primary is not supported)",
+                    req.volume_id
+                ))
+            } else {
+                Status::not_found(format!(
+                    "volume {} has no replica on this node",
+                    req.volume_id
+                ))
+            });
+        };
+        let size_bytes = export.backend().size_bytes();
+        let volume = req.volume_id.clone();
+        let socket = self.nbd_socket.clone();
+        let device = self.blocking(move |a| a.attach(&volume, &socket)).await?;
+        tracing::info!(volume = %req.volume_id, device = %device.display(), "attached");
+        Ok(Response::new(AttachResponse {
+            device_path: device.display().to_string(),
+            size_bytes,
+        }))
+    }
+
+    async fn detach(
+        &self,
+        request: Request<DetachRequest>,
+    ) -> Result<Response<DetachResponse>, Status> {
+        let req = request.into_inner();
+        Self::check_name(&req.volume_id)?;
+        let volume = req.volume_id.clone();
+        self.blocking(move |a| a.detach(&volume)).await?;
+        tracing::info!(volume = %req.volume_id, "detached");
+        Ok(Response::new(DetachResponse {}))
+    }
+
+    async fn stats(
+        &self,
+        request: Request<StatsRequest>,
+    ) -> Result<Response<StatsResponse>, Status> {
+        let req = request.into_inner();
+        Self::check_name(&req.volume_id)?;
+        let list = self.blocking(|a| a.list()).await?;
+        let attachment = list.into_iter().find(|x| x.volume == req.volume_id);
+        let export = self.exports.get(&req.volume_id);
+        let (healthy, message) = match (&attachment, &export) {
+            (_, Some(_)) => (true, String::new()),
+            (Some(_), None) => (
+                false,
+                "the volume's primary no longer serves on this node".to_string(),
+            ),
+            (None, None) => (false, "the volume is not served on this node".to_string()),
+        };
+        Ok(Response::new(StatsResponse {
+            attached: attachment.as_ref().is_some_and(|a| a.device.is_some()),
+            device_path: attachment
+                .and_then(|a| a.device)
+                .map(|d| d.display().to_string())
+                .unwrap_or_default(),
+            size_bytes: export.map(|e| e.backend().size_bytes()).unwrap_or(0),
+            healthy,
+            message,
+        }))
+    }
+
+    async fn expand(
+        &self,
+        request: Request<ExpandRequest>,
+    ) -> Result<Response<ExpandResponse>, Status> {
+        let req = request.into_inner();
+        Self::check_name(&req.volume_id)?;
+        let export = self.exports.get(&req.volume_id).ok_or_else(|| {
+            Status::failed_precondition(format!(
+                "volume {} has no serving primary on this node",
+                req.volume_id
+            ))
+        })?;
+        let size = export.backend().size_bytes();
+        if size < req.size_bytes {
+            return Err(Status::failed_precondition(format!(
+                "volume {} is {size} bytes here; the replicas have not grown to {} bytes yet",
+                req.volume_id, req.size_bytes
+            )));
+        }
+        Ok(Response::new(ExpandResponse { size_bytes: size }))
+    }
+}

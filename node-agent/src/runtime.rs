@@ -1,0 +1,623 @@
+//! The engine-backed [`ReplicaRuntime`]: one engine volume file per local replica, a
+//! primary driver (and its NBD export) for each local primary, and the node's data port
+//! hosting every local non-primary replica. The epoch is persisted in the volume before
+//! any role change acts, and a demoted primary is fenced (writes refused, export removed,
+//! driver stopped) before it starts receiving as a replica.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use api::{BlockReplicaStatus, PeerStatus, ReplicaRole, ReplicaState};
+use engine::replication::{
+    self as repl, Endpoint, Generation, PrimaryConfig, PrimaryHandle, ReceiverConfig,
+    ReceiverServer, ReplicaId, Report, Transport, VolumeId, spawn_primary,
+};
+use engine::{CreateOptions, DurabilityMode, Epoch, Volume, VolumeConfig};
+use tokio::task::JoinHandle;
+
+use crate::k8s::{Assignment, ReplicaRuntime, RuntimeError};
+use crate::nbd::{BackendError, BlockBackend, ExportRegistry};
+
+/// Name of the engine volume file inside a replica's directory.
+pub const VOLUME_FILE_NAME: &str = "volume.img";
+
+/// Settings of the engine runtime (units last).
+#[derive(Clone, Debug)]
+pub struct EngineSettings {
+    /// WAL size of newly created volumes, in bytes (capped to the volume size, floor 1 MiB).
+    pub wal_size_bytes: u64,
+    pub volume: VolumeConfig,
+    pub primary: PrimaryConfig,
+    pub receiver: ReceiverConfig,
+    /// How long removing an NBD export waits for its connections to close.
+    pub export_remove_wait_ms: u64,
+}
+
+impl Default for EngineSettings {
+    fn default() -> Self {
+        EngineSettings {
+            wal_size_bytes: 64 << 20,
+            volume: VolumeConfig::default(),
+            primary: PrimaryConfig::default(),
+            receiver: ReceiverConfig::default(),
+            export_remove_wait_ms: 5_000,
+        }
+    }
+}
+
+/// Decides whether a local primary may serve IO right now (the agent's Lease fence:
+/// once renewals stop, the operator may promote elsewhere, so this node must stop
+/// acknowledging writes first).
+pub type IoFence = Arc<dyn Fn() -> bool + Send + Sync>;
+
+/// What a running local primary keeps beside its driver.
+struct Primary {
+    handle: Arc<PrimaryHandle>,
+    backend: Arc<ReplicatedBackend>,
+    reports: JoinHandle<()>,
+    seen: Arc<Mutex<ReportState>>,
+    peers: Vec<repl::Peer>,
+    generation: u64,
+    in_sync_set: Vec<String>,
+}
+
+#[derive(Default)]
+struct ReportState {
+    unreachable: BTreeSet<String>,
+    fenced_by: Option<u64>,
+    local_disk_failed: bool,
+    errors: BTreeMap<String, String>,
+}
+
+struct Local {
+    vol: Arc<Volume>,
+    path: PathBuf,
+    applied: Option<Assignment>,
+    primary: Option<Primary>,
+    hosted: bool,
+    last_error: Option<String>,
+}
+
+/// The production [`ReplicaRuntime`].
+pub struct EngineRuntime {
+    settings: EngineSettings,
+    receiver: Arc<ReceiverServer>,
+    transport: Arc<Transport>,
+    exports: ExportRegistry,
+    fence: IoFence,
+    replicas: tokio::sync::Mutex<BTreeMap<String, Local>>,
+    /// Volume name → role of its local replica, readable without awaiting.
+    roles: Mutex<BTreeMap<String, ReplicaRole>>,
+}
+
+fn failed(replica: &str, message: impl std::fmt::Display) -> RuntimeError {
+    RuntimeError::Failed {
+        replica: replica.to_string(),
+        message: message.to_string(),
+    }
+}
+
+fn map_state(s: repl::ReplicaState) -> ReplicaState {
+    match s {
+        repl::ReplicaState::Disconnected => ReplicaState::Disconnected,
+        repl::ReplicaState::Connecting => ReplicaState::Connecting,
+        repl::ReplicaState::CatchingUp => ReplicaState::CatchingUp,
+        repl::ReplicaState::InSync => ReplicaState::InSync,
+        repl::ReplicaState::Degraded => ReplicaState::Degraded,
+        repl::ReplicaState::NeedsRebuild => ReplicaState::NeedsRebuild,
+        repl::ReplicaState::Rebuilding => ReplicaState::Rebuilding,
+    }
+}
+
+fn durability_mode(d: api::Durability) -> DurabilityMode {
+    match d {
+        api::Durability::SyncAll => DurabilityMode::SyncAll,
+        api::Durability::Async => DurabilityMode::Async,
+    }
+}
+
+fn repl_durability(d: api::Durability) -> repl::Durability {
+    match d {
+        api::Durability::SyncAll => repl::Durability::SyncAll,
+        api::Durability::Async => repl::Durability::Async,
+    }
+}
+
+impl EngineRuntime {
+    pub fn new(
+        settings: EngineSettings,
+        receiver: Arc<ReceiverServer>,
+        transport: Arc<Transport>,
+        exports: ExportRegistry,
+        fence: IoFence,
+    ) -> Self {
+        EngineRuntime {
+            settings,
+            receiver,
+            transport,
+            exports,
+            fence,
+            replicas: tokio::sync::Mutex::new(BTreeMap::new()),
+            roles: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// The NBD exports this runtime publishes (one per local primary, named after the
+    /// volume).
+    pub fn exports(&self) -> &ExportRegistry {
+        &self.exports
+    }
+
+    /// Role of the local replica of `volume`, if this node has one (applied).
+    pub fn local_role(&self, volume: &str) -> Option<ReplicaRole> {
+        self.roles
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(volume)
+            .copied()
+    }
+
+    fn set_role(&self, volume: &str, role: Option<ReplicaRole>) {
+        let mut m = self.roles.lock().unwrap_or_else(|e| e.into_inner());
+        match role {
+            Some(r) => m.insert(volume.to_string(), r),
+            None => m.remove(volume),
+        };
+    }
+
+    /// Stops every local replica (shutdown): exports removed, drivers stopped, volumes
+    /// closed. Data stays.
+    pub async fn close_all(&self) {
+        let ids: Vec<String> = self.replicas.lock().await.keys().cloned().collect();
+        for id in ids {
+            let _ = self.close(&id).await;
+        }
+    }
+
+    fn open_volume(&self, a: &Assignment) -> Result<(Volume, PathBuf), RuntimeError> {
+        let path = a.dir.join(VOLUME_FILE_NAME);
+        let id = &a.replica_id;
+        if path.exists() {
+            let v = Volume::open_file(&path, self.settings.volume.clone())
+                .map_err(|e| failed(id, format!("open {}: {e}", path.display())))?;
+            return Ok((v, path));
+        }
+        std::fs::create_dir_all(&a.dir)
+            .map_err(|e| failed(id, format!("create {}: {e}", a.dir.display())))?;
+        let opts = CreateOptions {
+            size_bytes: a.size_bytes,
+            block_size: a.block_size,
+            wal_size_bytes: self.settings.wal_size_bytes.min(a.size_bytes).max(1 << 20),
+            durability: durability_mode(a.durability),
+            epoch: Epoch(0),
+        };
+        // Create under a temporary name and rename, so a crash never leaves a
+        // half-initialised file under the real name.
+        let tmp = a.dir.join(format!("{VOLUME_FILE_NAME}.creating"));
+        let _ = std::fs::remove_file(&tmp);
+        let v = Volume::create_file(&tmp, opts, self.settings.volume.clone())
+            .map_err(|e| failed(id, format!("create {}: {e}", tmp.display())))?;
+        std::fs::rename(&tmp, &path)
+            .map_err(|e| failed(id, format!("rename to {}: {e}", path.display())))?;
+        if let Ok(d) = std::fs::File::open(&a.dir) {
+            let _ = d.sync_all();
+        }
+        tracing::info!(replica = %id, path = %path.display(), size_bytes = a.size_bytes, "volume created");
+        Ok((v, path))
+    }
+
+    fn engine_peers(a: &Assignment) -> Vec<repl::Peer> {
+        a.peers
+            .iter()
+            .filter_map(|p| {
+                let addr = p.address.as_deref()?;
+                let id = ReplicaId::new(p.replica_id.clone()).ok()?;
+                match Endpoint::parse(addr) {
+                    Ok(endpoint) => Some(repl::Peer { id, endpoint }),
+                    Err(e) => {
+                        tracing::warn!(peer = %p.replica_id, address = %addr, error = %e, "peer address unusable");
+                        None
+                    }
+                }
+            })
+            .collect()
+    }
+
+    fn ids(a: &Assignment) -> Result<(VolumeId, ReplicaId), RuntimeError> {
+        let v = VolumeId::new(a.volume.clone()).map_err(|e| failed(&a.replica_id, e))?;
+        let r = ReplicaId::new(a.replica_id.clone()).map_err(|e| failed(&a.replica_id, e))?;
+        Ok((v, r))
+    }
+
+    /// Fences and stops a local primary: writes fail from now on, the export goes away,
+    /// the driver stops and the volume's append observer is removed.
+    async fn stop_primary(&self, volume: &str, l: &mut Local) {
+        let Some(p) = l.primary.take() else { return };
+        p.backend.fenced.store(true, Ordering::Release);
+        if let Err(e) = self
+            .exports
+            .remove(volume, self.settings.export_remove_wait_ms)
+            .await
+        {
+            tracing::warn!(volume, error = %e, "NBD export removal");
+        }
+        p.reports.abort();
+        l.vol.set_append_observer(None);
+        drop(p.handle);
+        tracing::info!(volume, "primary stopped");
+    }
+
+    fn start_primary(&self, a: &Assignment, l: &mut Local) -> Result<(), RuntimeError> {
+        let (vid, rid) = Self::ids(a)?;
+        let members = a
+            .in_sync_set
+            .iter()
+            .filter_map(|m| ReplicaId::new(m.clone()).ok())
+            .collect();
+        let peers = Self::engine_peers(a);
+        let pcfg = PrimaryConfig {
+            durability: repl_durability(a.durability),
+            ..self.settings.primary.clone()
+        };
+        let handle = Arc::new(spawn_primary(
+            l.vol.clone(),
+            vid,
+            rid,
+            pcfg,
+            Generation(a.in_sync_set_generation),
+            members,
+            peers.clone(),
+            self.transport.clone(),
+        ));
+        let seen = Arc::new(Mutex::new(ReportState::default()));
+        let reports = {
+            let handle = handle.clone();
+            let seen = seen.clone();
+            let volume = a.volume.clone();
+            tokio::spawn(async move {
+                while let Some(r) = handle.next_report().await {
+                    tracing::info!(volume = %volume, report = ?r, "replication report");
+                    let mut s = seen.lock().unwrap_or_else(|e| e.into_inner());
+                    match r {
+                        Report::MemberUnreachable { replica, .. } => {
+                            s.unreachable.insert(replica.as_str().to_string());
+                        }
+                        Report::MemberInSync { replica, .. } => {
+                            s.unreachable.remove(replica.as_str());
+                            s.errors.remove(replica.as_str());
+                        }
+                        Report::StateChanged { .. } => {}
+                        Report::NeedsRebuild { replica, reason } => {
+                            s.errors.insert(replica.as_str().to_string(), reason);
+                            // The API has no separate rebuild request: the operator keeps
+                            // an assigned peer in the primary's spec exactly while it wants
+                            // that replica to exist, so the primary rebuilds it right away
+                            // (the operator still replaces it if it stays unhealthy).
+                            handle.request_rebuild(replica);
+                        }
+                        Report::Fenced { observed } => s.fenced_by = Some(observed.0),
+                        Report::LocalDiskFailed => s.local_disk_failed = true,
+                    }
+                }
+            })
+        };
+        let backend = Arc::new(ReplicatedBackend {
+            vol: l.vol.clone(),
+            handle: handle.clone(),
+            rt: tokio::runtime::Handle::current(),
+            fenced: AtomicBool::new(false),
+            fence: self.fence.clone(),
+        });
+        // A stale export of this volume (an earlier primary term) must not survive.
+        if self.exports.get(&a.volume).is_some() {
+            tracing::warn!(volume = %a.volume, "replacing a stale NBD export");
+        }
+        self.exports
+            .add(&a.volume, backend.clone() as Arc<dyn BlockBackend>)
+            .map_err(|e| failed(&a.replica_id, format!("NBD export: {e}")))?;
+        tracing::info!(volume = %a.volume, replica = %a.replica_id, epoch = a.epoch, peers = peers.len(), "primary started");
+        l.primary = Some(Primary {
+            handle,
+            backend,
+            reports,
+            seen,
+            peers,
+            generation: a.in_sync_set_generation,
+            in_sync_set: a.in_sync_set.clone(),
+        });
+        Ok(())
+    }
+}
+
+impl ReplicaRuntime for EngineRuntime {
+    async fn open(&self, a: &Assignment) -> Result<(), RuntimeError> {
+        let mut m = self.replicas.lock().await;
+        if let Some(l) = m.get(&a.replica_id) {
+            let current = l.vol.size_bytes();
+            if a.size_bytes < current {
+                return Err(RuntimeError::Shrink {
+                    replica: a.replica_id.clone(),
+                    current,
+                    offered: a.size_bytes,
+                });
+            }
+            if a.size_bytes > current {
+                l.vol
+                    .expand(a.size_bytes)
+                    .map_err(|e| failed(&a.replica_id, format!("expand: {e}")))?;
+                tracing::info!(replica = %a.replica_id, size_bytes = a.size_bytes, "volume grown");
+            }
+            return Ok(());
+        }
+        let (vol, path) = self.open_volume(a)?;
+        let current = vol.size_bytes();
+        if a.size_bytes < current {
+            return Err(RuntimeError::Shrink {
+                replica: a.replica_id.clone(),
+                current,
+                offered: a.size_bytes,
+            });
+        }
+        if a.size_bytes > current {
+            vol.expand(a.size_bytes)
+                .map_err(|e| failed(&a.replica_id, format!("expand: {e}")))?;
+        }
+        m.insert(
+            a.replica_id.clone(),
+            Local {
+                vol: Arc::new(vol),
+                path,
+                applied: None,
+                primary: None,
+                hosted: false,
+                last_error: None,
+            },
+        );
+        Ok(())
+    }
+
+    async fn apply(&self, a: &Assignment) -> Result<(), RuntimeError> {
+        let mut m = self.replicas.lock().await;
+        let l = m
+            .get_mut(&a.replica_id)
+            .ok_or_else(|| RuntimeError::NotOpen(a.replica_id.clone()))?;
+        let persisted = l.vol.epoch().0;
+        if a.epoch < persisted {
+            return Err(RuntimeError::StaleEpoch {
+                replica: a.replica_id.clone(),
+                offered: a.epoch,
+                persisted,
+            });
+        }
+        if l.applied.as_ref() == Some(a) {
+            return Ok(());
+        }
+        let (vid, _) = Self::ids(a)?;
+        // Demotion first: a primary that is no longer primary stops acknowledging writes
+        // before anything else changes.
+        if a.role != ReplicaRole::Primary {
+            self.stop_primary(&a.volume, l).await;
+        }
+        // Persist the epoch before acting on the role.
+        l.vol
+            .set_epoch(Epoch(a.epoch))
+            .map_err(|e| failed(&a.replica_id, format!("persist epoch {}: {e}", a.epoch)))?;
+        match a.role {
+            ReplicaRole::Primary => {
+                if l.hosted {
+                    self.receiver.unhost(&vid);
+                    l.hosted = false;
+                }
+                match &mut l.primary {
+                    Some(p) => {
+                        if a.epoch > persisted {
+                            p.handle
+                                .change_epoch(Epoch(a.epoch))
+                                .map_err(|e| failed(&a.replica_id, e))?;
+                        }
+                        let peers = Self::engine_peers(a);
+                        if peers != p.peers {
+                            p.handle.assign_peers(peers.clone());
+                            p.peers = peers;
+                        }
+                        if a.in_sync_set_generation != p.generation
+                            || a.in_sync_set != p.in_sync_set
+                        {
+                            let members = a
+                                .in_sync_set
+                                .iter()
+                                .filter_map(|m| ReplicaId::new(m.clone()).ok())
+                                .collect();
+                            p.handle
+                                .commit_in_sync_set(Generation(a.in_sync_set_generation), members);
+                            p.generation = a.in_sync_set_generation;
+                            p.in_sync_set = a.in_sync_set.clone();
+                            let mut s = p.seen.lock().unwrap_or_else(|e| e.into_inner());
+                            s.unreachable.retain(|u| a.in_sync_set.contains(u));
+                        }
+                    }
+                    None => {
+                        if let Err(e) = self.start_primary(a, l) {
+                            l.last_error = Some(e.to_string());
+                            return Err(e);
+                        }
+                    }
+                }
+            }
+            ReplicaRole::Replica => {
+                if !l.hosted {
+                    self.receiver
+                        .host(vid, l.vol.clone(), self.settings.receiver);
+                    l.hosted = true;
+                    tracing::info!(volume = %a.volume, replica = %a.replica_id, epoch = a.epoch, "receiving as replica");
+                }
+            }
+        }
+        l.last_error = None;
+        l.applied = Some(a.clone());
+        self.set_role(&a.volume, Some(a.role));
+        Ok(())
+    }
+
+    async fn status(&self, replica_id: &str) -> Option<BlockReplicaStatus> {
+        let (vol, a, snapshot, seen, last_error) = {
+            let m = self.replicas.lock().await;
+            let l = m.get(replica_id)?;
+            let a = l.applied.clone()?;
+            let p = l.primary.as_ref();
+            (
+                l.vol.clone(),
+                a,
+                p.map(|p| p.handle.clone()),
+                p.map(|p| p.seen.clone()),
+                l.last_error.clone(),
+            )
+        };
+        let mut st = BlockReplicaStatus {
+            role: Some(a.role),
+            epoch: vol.epoch().0,
+            head_lsn: vol.head_lsn().0,
+            received_lsn: vol.head_lsn().0,
+            flushed_lsn: vol.durable_lsn().0,
+            checkpoint_lsn: vol.checkpoint_lsn().0,
+            size_bytes: Some(vol.size_bytes()),
+            in_sync_set_generation: a.in_sync_set_generation,
+            last_error,
+            ..Default::default()
+        };
+        match (a.role, snapshot, seen) {
+            (ReplicaRole::Primary, Some(h), Some(seen)) => {
+                let snap = h.snapshot().await;
+                let s = seen.lock().unwrap_or_else(|e| e.into_inner());
+                st.state = ReplicaState::Serving;
+                if let Some(e) = s.fenced_by {
+                    st.state = ReplicaState::Failed;
+                    st.last_error = Some(format!("fenced: a peer knows the newer epoch {e}"));
+                } else if s.local_disk_failed {
+                    st.state = ReplicaState::Failed;
+                    st.last_error = Some("the local disk failed".into());
+                } else if !(self.fence)() {
+                    st.state = ReplicaState::Disconnected;
+                    st.last_error = Some("the node's Lease is not fresh: IO is fenced".into());
+                }
+                if let Some(snap) = snap {
+                    st.peers = snap
+                        .replicas
+                        .iter()
+                        .map(|(id, (state, flushed))| PeerStatus {
+                            replica_id: id.as_str().to_string(),
+                            state: map_state(*state),
+                            flushed_lsn: flushed.0,
+                            last_error: s.errors.get(id.as_str()).cloned(),
+                        })
+                        .collect();
+                }
+                st.unreachable = s.unreachable.iter().cloned().collect();
+            }
+            (ReplicaRole::Primary, _, _) => st.state = ReplicaState::Failed,
+            (ReplicaRole::Replica, _, _) => st.state = ReplicaState::InSync,
+        }
+        Some(st)
+    }
+
+    async fn close(&self, replica_id: &str) -> Result<(), RuntimeError> {
+        let mut m = self.replicas.lock().await;
+        let Some(mut l) = m.remove(replica_id) else {
+            return Ok(());
+        };
+        if let Some(a) = l.applied.clone() {
+            self.set_role(&a.volume, None);
+            self.stop_primary(&a.volume, &mut l).await;
+            if l.hosted
+                && let Ok((vid, _)) = Self::ids(&a)
+            {
+                self.receiver.unhost(&vid);
+            }
+        }
+        tracing::info!(replica = replica_id, path = %l.path.display(), "replica closed");
+        Ok(())
+    }
+
+    async fn delete(&self, replica_id: &str, dir: &Path) -> Result<(), RuntimeError> {
+        self.close(replica_id).await?;
+        match std::fs::remove_dir_all(dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(failed(replica_id, format!("remove {}: {e}", dir.display()))),
+        }
+        if let Some(parent) = dir.parent() {
+            // The volume directory goes when its last replica does; not empty is fine.
+            let _ = std::fs::remove_dir(parent);
+        }
+        Ok(())
+    }
+}
+
+/// The NBD backend of a local primary: reads from the local volume, writes append to it
+/// (and so reach the replication driver through the append observer), and FLUSH is the
+/// replication durability gate (local fsync plus every committed in-sync member).
+pub struct ReplicatedBackend {
+    vol: Arc<Volume>,
+    handle: Arc<PrimaryHandle>,
+    rt: tokio::runtime::Handle,
+    fenced: AtomicBool,
+    fence: IoFence,
+}
+
+impl ReplicatedBackend {
+    fn check_writable(&self) -> Result<(), BackendError> {
+        if self.fenced.load(Ordering::Acquire) {
+            return Err(BackendError::Io(
+                "this replica is no longer the primary".into(),
+            ));
+        }
+        if !(self.fence)() {
+            return Err(BackendError::Io(
+                "the node's Lease is not fresh; IO is fenced".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl BlockBackend for ReplicatedBackend {
+    fn size_bytes(&self) -> u64 {
+        self.vol.size_bytes()
+    }
+    fn block_size(&self) -> u32 {
+        self.vol.block_size()
+    }
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), BackendError> {
+        self.check_writable()?;
+        BlockBackend::read(&*self.vol, offset, buf)
+    }
+    fn write(&self, offset: u64, data: &[u8]) -> Result<(), BackendError> {
+        self.check_writable()?;
+        BlockBackend::write(&*self.vol, offset, data)
+    }
+    fn write_fua(&self, offset: u64, data: &[u8]) -> Result<(), BackendError> {
+        self.write(offset, data)?;
+        self.flush()
+    }
+    fn flush(&self) -> Result<(), BackendError> {
+        self.check_writable()?;
+        // Called on the NBD server's blocking pool, never on a runtime worker.
+        self.rt
+            .block_on(self.handle.flush())
+            .map(drop)
+            .map_err(|e| BackendError::Io(format!("replicated flush: {e}")))
+    }
+    fn trim(&self, offset: u64, length: u64) -> Result<(), BackendError> {
+        self.check_writable()?;
+        BlockBackend::trim(&*self.vol, offset, length)
+    }
+    fn write_zeroes(&self, offset: u64, length: u64) -> Result<(), BackendError> {
+        self.check_writable()?;
+        BlockBackend::write_zeroes(&*self.vol, offset, length)
+    }
+    fn flush_is_volume_wide(&self) -> bool {
+        true
+    }
+}

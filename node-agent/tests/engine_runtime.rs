@@ -1,0 +1,214 @@
+//! The engine runtime over real volume files and real data ports on 127.0.0.1, without
+//! Kubernetes: a primary's export writes reach its replica before FLUSH returns, the
+//! Lease fence and demotion stop IO, the epoch is persisted and never lowered, and
+//! deletion removes the replica's files.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use api::{Durability, ReplicaRole, ReplicaState};
+use engine::replication::{NetConfig, ReceiverServer, Transport};
+use node_agent::k8s::{Assignment, Peer, ReplicaRuntime, RuntimeError};
+use node_agent::nbd::{BlockBackend, ExportRegistry};
+use node_agent::runtime::{EngineRuntime, EngineSettings, VOLUME_FILE_NAME};
+
+const SECRET: &[u8] = b"runtime-test-secret";
+const SIZE: u64 = 8 << 20;
+
+struct Node {
+    runtime: EngineRuntime,
+    address: String,
+    live: Arc<AtomicBool>,
+}
+
+async fn node(name: &str) -> Node {
+    let net = NetConfig::new(name, SECRET);
+    let receiver = Arc::new(
+        ReceiverServer::bind("127.0.0.1:0".parse().unwrap(), net.clone())
+            .await
+            .expect("data port"),
+    );
+    let address = receiver.local_addr().to_string();
+    let live = Arc::new(AtomicBool::new(true));
+    let l = live.clone();
+    let settings = EngineSettings {
+        wal_size_bytes: 4 << 20,
+        ..EngineSettings::default()
+    };
+    let runtime = EngineRuntime::new(
+        settings,
+        receiver,
+        Transport::new(net),
+        ExportRegistry::new(),
+        Arc::new(move || l.load(Ordering::Acquire)),
+    );
+    Node {
+        runtime,
+        address,
+        live,
+    }
+}
+
+fn assignment(
+    dir: &Path,
+    id: &str,
+    role: ReplicaRole,
+    epoch: u64,
+    peer: Option<(&str, &str)>,
+) -> Assignment {
+    Assignment {
+        volume: "vol".into(),
+        replica_id: id.into(),
+        dir: dir.join("vol").join(id),
+        role,
+        epoch,
+        size_bytes: SIZE,
+        block_size: 4096,
+        durability: Durability::SyncAll,
+        peers: peer
+            .map(|(pid, addr)| Peer {
+                replica_id: pid.into(),
+                node: "b".into(),
+                address: Some(addr.into()),
+            })
+            .into_iter()
+            .collect(),
+        in_sync_set: match peer {
+            Some((pid, _)) => vec![id.into(), pid.into()],
+            None => vec![id.into()],
+        },
+        in_sync_set_generation: 1,
+    }
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(f).await.expect("blocking task")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn primary_flush_reaches_the_replica_and_demotion_fences_the_export() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (node("a").await, node("b").await);
+    let rb = assignment(&dir.path().join("b"), "r2", ReplicaRole::Replica, 1, None);
+    b.runtime.open(&rb).await.unwrap();
+    b.runtime.apply(&rb).await.unwrap();
+    let ra = assignment(
+        &dir.path().join("a"),
+        "r1",
+        ReplicaRole::Primary,
+        1,
+        Some(("r2", &b.address)),
+    );
+    a.runtime.open(&ra).await.unwrap();
+    a.runtime.apply(&ra).await.unwrap();
+    a.runtime.apply(&ra).await.unwrap();
+    assert_eq!(a.runtime.local_role("vol"), Some(ReplicaRole::Primary));
+
+    let export = a
+        .runtime
+        .exports()
+        .get("vol")
+        .expect("export of the primary");
+    let backend: Arc<dyn BlockBackend> = export.backend().clone();
+    let be = backend.clone();
+    blocking(move || {
+        be.write(0, &[7u8; 8192]).expect("write");
+        be.flush().expect("replicated flush");
+    })
+    .await;
+    let head = a.runtime.status("r1").await.unwrap().head_lsn;
+    assert!(head >= 1);
+    let sb = b.runtime.status("r2").await.unwrap();
+    assert!(
+        sb.flushed_lsn >= head,
+        "flush returned before the replica had the data durable: replica {} < head {head}",
+        sb.flushed_lsn
+    );
+    let sa = a.runtime.status("r1").await.unwrap();
+    assert_eq!(sa.state, ReplicaState::Serving);
+    assert!(
+        sa.peers
+            .iter()
+            .any(|p| p.replica_id == "r2" && p.flushed_lsn >= head),
+        "{:?}",
+        sa.peers
+    );
+
+    // Without a fresh Lease the primary stops serving IO.
+    a.live.store(false, Ordering::Release);
+    let be = backend.clone();
+    assert!(blocking(move || be.write(0, &[1u8; 4096])).await.is_err());
+    assert_eq!(
+        a.runtime.status("r1").await.unwrap().state,
+        ReplicaState::Disconnected
+    );
+    a.live.store(true, Ordering::Release);
+
+    // Demotion at a newer epoch: the export goes and the old handle refuses writes.
+    let demoted = Assignment {
+        role: ReplicaRole::Replica,
+        epoch: 2,
+        peers: vec![],
+        ..ra.clone()
+    };
+    a.runtime.apply(&demoted).await.unwrap();
+    assert!(a.runtime.exports().get("vol").is_none());
+    let be = backend.clone();
+    assert!(blocking(move || be.write(0, &[1u8; 4096])).await.is_err());
+    let st = a.runtime.status("r1").await.unwrap();
+    assert_eq!((st.epoch, st.state), (2, ReplicaState::InSync));
+    assert!(matches!(
+        a.runtime.apply(&ra).await,
+        Err(RuntimeError::StaleEpoch { persisted: 2, .. })
+    ));
+
+    // The epoch survives a close and reopen.
+    a.runtime.close("r1").await.unwrap();
+    drop(backend);
+    drop(export);
+    let reopened = node("a2").await;
+    let again = Assignment {
+        epoch: 1,
+        ..demoted.clone()
+    };
+    reopened.runtime.open(&again).await.unwrap();
+    assert!(matches!(
+        reopened.runtime.apply(&again).await,
+        Err(RuntimeError::StaleEpoch { persisted: 2, .. })
+    ));
+
+    // Deletion removes the files.
+    let file = demoted.dir.join(VOLUME_FILE_NAME);
+    assert!(file.exists());
+    reopened.runtime.delete("r1", &demoted.dir).await.unwrap();
+    assert!(!file.exists() && !demoted.dir.exists());
+    reopened.runtime.delete("r1", &demoted.dir).await.unwrap();
+    assert!(reopened.runtime.status("r1").await.is_none());
+}
+
+#[tokio::test]
+async fn shrinking_a_replica_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let n = node("a").await;
+    let a = assignment(dir.path(), "r1", ReplicaRole::Replica, 1, None);
+    n.runtime.open(&a).await.unwrap();
+    let smaller = Assignment {
+        size_bytes: SIZE / 2,
+        ..a.clone()
+    };
+    assert!(matches!(
+        n.runtime.open(&smaller).await,
+        Err(RuntimeError::Shrink { .. })
+    ));
+    let bigger = Assignment {
+        size_bytes: SIZE * 2,
+        ..a.clone()
+    };
+    n.runtime.open(&bigger).await.unwrap();
+    n.runtime.apply(&bigger).await.unwrap();
+    assert_eq!(
+        n.runtime.status("r1").await.unwrap().size_bytes,
+        Some(SIZE * 2)
+    );
+}
