@@ -5,12 +5,18 @@
 # concurrently (a lock serialises builds of the same key).
 #
 #   hack/tools/build.sh              build whatever is missing
+#   hack/tools/build.sh etcd kubectl build only the named binaries (if missing)
 #   hack/tools/build.sh --print-bin  print the bin directory for the current pins
 #
 # Environment: BLOCKVOL_TOOLS_CACHE (default ~/.cache/blockvol-tools).
 set -euo pipefail
 
 tools_dir="$(cd "$(dirname "$0")" && pwd)"
+
+if ! command -v go >/dev/null; then
+  echo "tools: the Go toolchain (go) is not on PATH; install Go 1.26 or newer" >&2
+  exit 1
+fi
 
 kube_version="v1.34.4"
 
@@ -31,11 +37,16 @@ targets=(
   "kubernetes|kube-controller-manager|k8s.io/kubernetes/cmd/kube-controller-manager"
   "csi-sanity|csi-sanity|github.com/kubernetes-csi/csi-test/v5/cmd/csi-sanity"
   "helm|helm|helm.sh/helm/v3/cmd/helm"
+  "csi-sidecars|csi-attacher|github.com/kubernetes-csi/external-attacher/v4/cmd/csi-attacher"
+  "csi-sidecars|csi-resizer|github.com/kubernetes-csi/external-resizer/v2/cmd/csi-resizer"
+  "csi-provisioner|csi-provisioner|github.com/kubernetes-csi/external-provisioner/v6/cmd/csi-provisioner"
 )
 
 ldflags_for() {
   case "$1" in
     kubernetes) printf '%s' "$kube_ldflags" ;;
+    helm) printf '%s' "-s -w -X helm.sh/helm/v3/internal/version.version=v3.22.0" ;;
+    csi-sanity) printf '%s' "-s -w -X main.VERSION=v5.6.0" ;;
     *) printf '%s' "-s -w" ;;
   esac
 }
@@ -52,7 +63,7 @@ cache_key() {
     for m in "${modules[@]}"; do
       cat "$tools_dir/$m/go.mod" "$tools_dir/$m/go.sum"
     done
-    printf '%s\n' "${targets[@]}" "$kube_ldflags" "$(go env GOVERSION GOOS GOARCH)"
+    printf '%s\n' "${targets[@]}" "$(declare -f ldflags_for)" "$kube_ldflags" "$(go env GOVERSION GOOS GOARCH)"
   } | sha256sum | cut -c1-16
 }
 
@@ -65,9 +76,28 @@ if [ "${1:-}" = "--print-bin" ]; then
   exit 0
 fi
 
+# Binaries asked for on the command line (default: all).
+wanted() {
+  [ ${#requested[@]} -eq 0 ] && return 0
+  [[ " ${requested[*]} " == *" $1 "* ]]
+}
+requested=("$@")
+for r in "${requested[@]}"; do
+  found=no
+  for t in "${targets[@]}"; do
+    IFS='|' read -r _ name _ <<<"$t"
+    [ "$name" = "$r" ] && found=yes
+  done
+  if [ "$found" = no ]; then
+    echo "tools: unknown binary '$r'" >&2
+    exit 2
+  fi
+done
+
 all_present() {
   for t in "${targets[@]}"; do
     IFS='|' read -r _ name _ <<<"$t"
+    wanted "$name" || continue
     [ -x "$bin_dir/$name" ] || return 1
   done
 }
@@ -92,6 +122,7 @@ for m in "${modules[@]}"; do
   for t in "${targets[@]}"; do
     IFS='|' read -r tm name pkg <<<"$t"
     [ "$tm" = "$m" ] || continue
+    wanted "$name" || continue
     [ -x "$bin_dir/$name" ] && continue
     pkgs+=("$pkg")
     names+=("$name")
