@@ -72,13 +72,15 @@ async fn operator_reports_and_guards_a_csi_published_attachment() {
         .expect("CreateVolume")
         .into_inner();
     let id = created.volume.expect("volume").volume_id;
-    let v = vols.get(&id).await.expect("BlockVolume");
-    assert_eq!(
-        v.status.as_ref().map(|s| s.phase),
-        Some(VolumePhase::Ready),
-        "{:?}",
-        v.status
-    );
+    // Ready=True may come while the last replica still catches up; then all three.
+    let v = wait_for("volume Ready with 3 in sync", || async {
+        vols.get(&id).await.ok().filter(|v| {
+            v.status
+                .as_ref()
+                .is_some_and(|s| s.phase == VolumePhase::Ready && s.in_sync_count == 3)
+        })
+    })
+    .await;
     assert_eq!(v.status.as_ref().and_then(|s| s.attached_to.clone()), None);
 
     csi.controller_publish_volume(Request::new(ControllerPublishVolumeRequest {

@@ -233,14 +233,15 @@ async fn pvc_is_provisioned_attached_expanded_and_deleted_through_the_sidecars()
         .expect("CSI PV");
     assert_eq!(handle.0, DRIVER);
     let vols: Api<BlockVolume> = Api::all(client.clone());
-    let bv = vols.get(&handle.1).await.expect("BlockVolume of the PV");
-    assert_eq!(
-        bv.status.as_ref().map(|s| s.phase),
-        Some(VolumePhase::Ready),
-        "{:?}",
-        bv.status
-    );
-    assert_eq!(bv.status.as_ref().map(|s| s.in_sync_count), Some(3));
+    // Bound once CreateVolume saw Ready=True; all three replicas in sync follows.
+    let bv = wait_for("BlockVolume Ready with 3 in sync", || async {
+        vols.get(&handle.1).await.ok().filter(|v| {
+            v.status
+                .as_ref()
+                .is_some_and(|s| s.phase == VolumePhase::Ready && s.in_sync_count == 3)
+        })
+    })
+    .await;
     assert_eq!(bv.spec.replicas, 3);
     assert_eq!(bv.spec.size_bytes(), Ok(64 * MIB as u64));
     let replicas: Api<BlockReplica> = Api::all(client.clone());
