@@ -197,6 +197,9 @@ impl ControlPlane {
                 ),
                 "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
                 "--authorization-mode=Node,RBAC",
+                // As in every real cluster: the CSI node plugin and the node agent
+                // run privileged, and their DaemonSet must be accepted.
+                "--allow-privileged=true",
                 "--service-cluster-ip-range=10.96.0.0/16",
                 "--profiling=false",
                 // The default reconciler tries to publish 127.0.0.1 as the kubernetes
