@@ -194,26 +194,10 @@ async fn server_handshake(
 /// How long `ReceiverServer::shutdown` waits for connection tasks to finish.
 const SHUTDOWN_WAIT_MS: u64 = 5_000;
 
-/// Largest batch of already-queued frames the writer coalesces into one socket write.
-const WRITE_BATCH_BYTES_MAX: usize = 256 * 1024;
-
-/// Sends queued messages in order. Whatever is already queued when the writer wakes goes
-/// out in one write (up to `WRITE_BATCH_BYTES_MAX`): a flush's entries and its barrier
-/// then cost one syscall and one receiver wakeup instead of one per frame. Nothing waits
-/// for more messages to arrive, so a lone barrier is never delayed.
 fn spawn_writer(mut w: OwnedWriteHalf, mut rx: mpsc::Receiver<VolumeMsg>) -> JoinHandle<()> {
     tokio::spawn(async move {
-        let mut batch = Vec::new();
         while let Some(m) = rx.recv().await {
-            batch.clear();
-            batch.extend_from_slice(&encode_frame(&Message::Volume(m)));
-            while batch.len() < WRITE_BATCH_BYTES_MAX {
-                match rx.try_recv() {
-                    Ok(m) => batch.extend_from_slice(&encode_frame(&Message::Volume(m))),
-                    Err(_) => break,
-                }
-            }
-            if w.write_all(&batch).await.is_err() {
+            if write_msg(&mut w, &Message::Volume(m)).await.is_err() {
                 break;
             }
         }
