@@ -75,7 +75,7 @@ fn compare(
     let mib = bytes as f64 / ops as f64 / (1 << 20) as f64;
     let (me, mf) = (median(&mut e), median(&mut f));
     println!(
-        "{name:<28} engine {me:>9.0} op/s {:>7.1} MiB/s | file {mf:>9.0} op/s {:>7.1} MiB/s | engine/file median {:.2} (min {emin:.2}, max {emax:.2})",
+        "{name:<28} engine {me:>9.0} op/s {:>7.1} MiB/s | file {mf:>9.0} op/s {:>7.1} MiB/s | engine/plain = {:.2} (median; min {emin:.2}, max {emax:.2})",
         me * mib,
         mf * mib,
         median(&mut r),

@@ -198,5 +198,15 @@ fn main() -> Result<(), Box<dyn Error>> {
             s / s1
         );
     }
+    let r: Vec<f64> = rand.iter_mut().map(|v| median(v) / r1).collect();
+    let s: Vec<f64> = seq.iter_mut().map(|v| median(v) / s1).collect();
+    println!(
+        "\n4 KiB random, flush/32:       RF2/RF1 = {:.2}, RF3/RF1 = {:.2}",
+        r[1], r[2]
+    );
+    println!(
+        "1 MiB sequential, flush each: RF2/RF1 = {:.2}, RF3/RF1 = {:.2}",
+        s[1], s[2]
+    );
     Ok(())
 }

@@ -211,6 +211,9 @@ async fn server_handshake(
     Ok((reader, w, peer))
 }
 
+/// How long `ReceiverServer::shutdown` waits for connection tasks to finish.
+const SHUTDOWN_WAIT_MS: u64 = 5_000;
+
 fn spawn_writer(mut w: OwnedWriteHalf, mut rx: mpsc::Receiver<VolumeMsg>) -> JoinHandle<()> {
     tokio::spawn(async move {
         while let Some(m) = rx.recv().await {
@@ -385,7 +388,9 @@ impl ReceiverServer {
     }
 
     /// Stops accepting, closes every connection, and returns once the listening socket is
-    /// released (so the address can be bound again).
+    /// released (so the address can be bound again) and the connection tasks have let go
+    /// of the hosted volumes (so their files can be reopened), or after
+    /// `SHUTDOWN_WAIT_MS` if a connection is still stuck in its handshake.
     pub async fn shutdown(mut self) {
         let tasks = std::mem::take(&mut self.tasks);
         for t in &tasks {
@@ -394,7 +399,14 @@ impl ReceiverServer {
         for t in tasks {
             let _ = t.await;
         }
+        let shared = self.shared.clone();
+        // Drop closes the connections and forgets the volumes; a reader task may still be
+        // inside a step (holding its volume) until that step returns.
         drop(self);
+        let deadline = Instant::now() + Duration::from_millis(SHUTDOWN_WAIT_MS);
+        while Arc::strong_count(&shared) > 1 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
     }
 }
 
