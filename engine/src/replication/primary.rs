@@ -622,7 +622,9 @@ impl PrimaryCore {
                             barrier: None,
                             catchup_failures: 0,
                             next_connect_ms: 0,
-                            last_contact_ms: 0,
+                            // The retention budget's clock starts when the member is
+                            // assigned, not at the epoch of the primary's clock.
+                            last_contact_ms: self.now,
                             hold: None,
                             counting,
                             rebuild_requested: false,
@@ -1472,15 +1474,26 @@ impl PrimaryCore {
             let Some(s) = self.senders.get_mut(&id) else {
                 continue;
             };
-            let recoverable = s.progress_known
-                && !matches!(
-                    s.state,
-                    ReplicaState::NeedsRebuild | ReplicaState::Rebuilding
-                );
+            let recoverable = !matches!(
+                s.state,
+                ReplicaState::NeedsRebuild | ReplicaState::Rebuilding
+            );
+            // Until a member's progress is known (before its first handshake), hold all
+            // WAL still retained: it may need any of it, and freeing it would turn a
+            // member that is only slow to connect into a rebuild.
+            let from = if s.progress_known {
+                s.flushed
+            } else {
+                Lsn(retained.0.saturating_sub(1))
+            };
             match (recoverable, s.hold) {
-                (true, Some(h)) => self.pinner.advance(h, s.flushed),
+                (true, Some(h)) => {
+                    if s.progress_known {
+                        self.pinner.advance(h, s.flushed);
+                    }
+                }
                 (true, None) => {
-                    if let Ok(h) = self.pinner.hold_wal(&id, s.flushed, retained) {
+                    if let Ok(h) = self.pinner.hold_wal(&id, from, retained) {
                         s.hold = Some(h);
                     }
                 }
