@@ -1084,6 +1084,71 @@ fn rebuild_of_a_committed_member_is_refused() {
 }
 
 #[test]
+fn refused_rebuild_of_a_committed_member_starts_once_it_leaves_the_set() {
+    let mut n = Net::new(1, cfg(), &["p", "r0"]);
+    n.replicas[0].reachable = false;
+    n.write(0, 1);
+    let other = engine::replication::WalEntry {
+        lsn: Lsn(1),
+        epoch: Epoch(7),
+        lba: Lba(9),
+        kind: EntryKind::Write,
+        blocks: 1,
+        data: vec![9; 8],
+    };
+    n.replicas[0].log.append_replicated(&other).unwrap();
+    n.replicas[0].log.sync().unwrap();
+    n.replicas[0].reachable = true;
+    n.tick(20);
+    assert_eq!(n.state("r0"), ReplicaState::NeedsRebuild);
+    n.input(Input::RebuildRequested(rid("r0")));
+    assert_eq!(n.state("r0"), ReplicaState::NeedsRebuild);
+    // The control plane drops it from the set; nobody asks again, yet it is rebuilt.
+    n.input(Input::InSyncSetCommitted {
+        generation: Generation(2),
+        members: vec![rid("p")],
+    });
+    assert!(
+        n.events
+            .iter()
+            .any(|e| matches!(&e.kind, EventKind::PlanCreated(_))),
+        "the deferred rebuild never started: {:?}",
+        n.event_names()
+    );
+    n.settle();
+    assert_eq!(n.state("r0"), ReplicaState::InSync);
+    let head = n.plog.head_lsn();
+    assert_eq!(n.replicas[0].log.state_at(head), n.plog.state_at(head));
+}
+
+#[test]
+fn committed_member_reported_unreachable_is_reported_in_sync_when_it_returns() {
+    let mut n = Net::new(1, cfg(), &["p", "r0"]);
+    n.tick(1);
+    assert_eq!(n.state("r0"), ReplicaState::InSync);
+    n.replicas[0].reachable = false;
+    n.drop_conns_of(0);
+    n.write(3, 1);
+    let f = n.flush();
+    n.tick(60);
+    assert!(n.reports.iter().any(|r| matches!(r,
+        Report::MemberUnreachable { replica, generation } if replica.as_str() == "r0" && *generation == Generation(1))));
+    let before = n.reports.len();
+    // It comes back before the control plane acted: the primary must say so, or the
+    // control plane keeps it listed unreachable.
+    n.replicas[0].reachable = true;
+    n.settle();
+    assert_eq!(n.state("r0"), ReplicaState::InSync);
+    assert!(n.is_acked(f));
+    assert!(
+        n.reports[before..].iter().any(|r| matches!(r,
+            Report::MemberInSync { replica, generation, .. } if replica.as_str() == "r0" && *generation == Generation(1))),
+        "no in-sync report after the unreachable one: {:?}",
+        &n.reports[before..]
+    );
+}
+
+#[test]
 fn rebuild_installs_the_base_before_the_tail_so_newer_wal_wins() {
     let mut log = MemLog::new();
     let mut rx = ReceiverCore::new(vol(), ReceiverConfig::default());

@@ -427,6 +427,32 @@ async fn rf3_volume_survives_killing_the_primary_agent() {
         },
     )
     .await;
+
+    // The surviving replica and the rejoined one are both back in the committed set:
+    // the volume counts three in-sync members and the new primary sees both peers
+    // InSync and none unreachable.
+    wait_for("all three members in sync at the new epoch", || async {
+        let v = volume(&client).await?;
+        let vs = v.status.as_ref()?;
+        let rs = replicas(&client).await;
+        let np = rs.iter().find(|r| r.name_any() == new_primary)?;
+        let ns = np.status.as_ref()?;
+        let peers_in_sync = ns.peers.len() == 2
+            && ns
+                .peers
+                .iter()
+                .all(|p| p.state == ReplicaState::InSync && p.flushed_lsn >= head);
+        let done = vs.in_sync_count == 3
+            && vs.epoch == st.epoch
+            && peers_in_sync
+            && ns.unreachable.is_empty()
+            && rs.len() == 3
+            && rs
+                .iter()
+                .all(|r| r.status.as_ref().is_some_and(|s| s.epoch == st.epoch));
+        done.then_some(())
+    })
+    .await;
     drop(agents);
     drop(cp);
 }

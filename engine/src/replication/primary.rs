@@ -228,6 +228,9 @@ struct Sender {
     hold: Option<HoldId>,
     counting: bool,
     rebuild_requested: bool,
+    /// A rebuild was asked for while the replica was a committed member; it starts once
+    /// the control plane removes it from the set.
+    rebuild_deferred: bool,
     unreachable_reported: Option<Generation>,
 }
 
@@ -414,7 +417,7 @@ impl PrimaryCore {
             Input::InSyncSetCommitted {
                 generation,
                 members,
-            } => self.on_committed(generation, members),
+            } => self.on_committed(generation, members, log),
             Input::Appended(e) => self.on_appended(e),
             Input::FlushRequested(id) => {
                 self.pending.push_back(PendingFlush {
@@ -537,7 +540,12 @@ impl PrimaryCore {
 
     // ----- control plane ----------------------------------------------------------------
 
-    fn on_committed(&mut self, generation: Generation, members: Vec<ReplicaId>) {
+    fn on_committed(
+        &mut self,
+        generation: Generation,
+        members: Vec<ReplicaId>,
+        log: &mut dyn ReplicaLog,
+    ) {
         if generation <= self.generation {
             return;
         }
@@ -550,10 +558,10 @@ impl PrimaryCore {
             let Some(s) = self.senders.get_mut(&id) else {
                 continue;
             };
-            s.unreachable_reported = None;
             if committed {
                 s.counting = true;
             } else if s.counting {
+                s.unreachable_reported = None;
                 if s.state == ReplicaState::InSync {
                     // Still counted; ask again at the new generation.
                     let flushed = s.flushed;
@@ -566,6 +574,16 @@ impl PrimaryCore {
                     s.counting = false;
                 }
             }
+        }
+        // Rebuilds refused while their replica was committed may start now.
+        let deferred: Vec<ReplicaId> = self
+            .senders
+            .values()
+            .filter(|s| s.rebuild_deferred && !self.committed.contains(&s.id))
+            .map(|s| s.id.clone())
+            .collect();
+        for id in deferred {
+            self.on_rebuild_requested(id, log);
         }
     }
 
@@ -628,6 +646,7 @@ impl PrimaryCore {
                             hold: None,
                             counting,
                             rebuild_requested: false,
+                            rebuild_deferred: false,
                             unreachable_reported: None,
                         },
                     );
@@ -1221,9 +1240,12 @@ impl PrimaryCore {
             s.progress_known = true;
             let newly_counted = !s.counting;
             s.counting = true;
-            s.unreachable_reported = None;
+            // A committed member reported unreachable at this generation (it was still
+            // catching up when a flush timed out) must be reported back in sync, or the
+            // control plane keeps treating it as unreachable.
+            let was_reported_unreachable = s.unreachable_reported.take().is_some();
             self.set_state(id, ReplicaState::InSync);
-            if newly_counted {
+            if newly_counted || was_reported_unreachable {
                 self.out.push(Action::Report(Report::MemberInSync {
                     replica: id.clone(),
                     generation: self.generation,
@@ -1243,12 +1265,18 @@ impl PrimaryCore {
     }
 
     fn on_rebuild_requested(&mut self, id: ReplicaId, log: &mut dyn ReplicaLog) {
+        if let Some(s) = self.senders.get_mut(&id) {
+            s.rebuild_deferred = false;
+        }
         if self.state_of(&id) != Some(ReplicaState::NeedsRebuild) {
             return;
         }
         if self.committed.contains(&id) {
             // Wiping a committed member would lose acknowledged data; it must be removed
-            // from the set first.
+            // from the set first (reported unreachable), and the rebuild waits for that.
+            if let Some(s) = self.senders.get_mut(&id) {
+                s.rebuild_deferred = true;
+            }
             self.out.push(Action::Report(Report::MemberUnreachable {
                 replica: id.clone(),
                 generation: self.generation,
