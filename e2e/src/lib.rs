@@ -4,6 +4,7 @@
 
 pub mod controlplane;
 pub mod error;
+pub mod local;
 pub mod pki;
 mod process;
 pub mod tools;
