@@ -42,8 +42,11 @@ pub const FINALIZER_REPLICA: &str = "blockvol.io/disk";
 /// Annotation on a `BlockVolume` naming the node it is attached to. The CSI controller
 /// sets it on ControllerPublishVolume and removes it on ControllerUnpublishVolume; the
 /// operator mirrors it into `status.attachedTo` and keeps an attached volume from being
-/// deleted until it is detached.
+/// deleted until it is detached. Only the CSI controller writes it.
 pub const ANNOTATION_ATTACHED_NODE: &str = "blockvol.io/attached-node";
+/// Annotation on a `BlockVolume`, `"true"` when its attachment is read-only. Written
+/// together with [`ANNOTATION_ATTACHED_NODE`] and removed with it.
+pub const ANNOTATION_ATTACHED_READONLY: &str = "blockvol.io/attached-readonly";
 
 /// Topology key the CSI driver reports for each node.
 pub const TOPOLOGY_NODE_KEY: &str = "topology.blockvol.io/node";

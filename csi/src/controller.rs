@@ -8,7 +8,7 @@
 //!   made it Ready within `create_ready_timeout_ms` it answers DEADLINE_EXCEEDED and
 //!   leaves the object, so the provisioner's retry picks it up.
 //! - Attachment is recorded by this service alone, in the annotation
-//!   [`ANNOTATION_ATTACHED_TO`] on the BlockVolume, written with the object's
+//!   [`api::ANNOTATION_ATTACHED_NODE`] on the BlockVolume, written with the object's
 //!   resourceVersion so two publishers cannot both win.
 
 use std::collections::{BTreeMap, HashMap};
@@ -35,11 +35,6 @@ use crate::params::{
 };
 use crate::rpc::{required, run};
 
-/// Annotation naming the node a volume is published to. Written only by the CSI
-/// controller; the operator reads it (data locality, status.attachedTo).
-pub const ANNOTATION_ATTACHED_TO: &str = "blockvol.io/attached-to";
-/// Annotation, `"true"` when the publication is read-only.
-pub const ANNOTATION_ATTACHED_READONLY: &str = "blockvol.io/attached-readonly";
 /// Annotation holding the CSI volume name the object was created for.
 pub const ANNOTATION_CSI_NAME: &str = "blockvol.io/csi-volume-name";
 /// Annotation holding the StorageClass `fsType`, handed to the node in the context.
@@ -120,7 +115,7 @@ fn annotation<'a>(bv: &'a BlockVolume, key: &str) -> Option<&'a str> {
 
 /// The node the volume is published to, from our annotation or the operator's status.
 fn attached_node(bv: &BlockVolume) -> Option<String> {
-    annotation(bv, ANNOTATION_ATTACHED_TO)
+    annotation(bv, api::ANNOTATION_ATTACHED_NODE)
         .map(str::to_string)
         .or_else(|| bv.status.as_ref().and_then(|s| s.attached_to.clone()))
         .filter(|n| !n.is_empty())
@@ -506,7 +501,7 @@ impl ControllerService {
             let bv = self.must_get_volume(name).await?;
             match attached_node(&bv) {
                 Some(current) if current == node => {
-                    let was_ro = annotation(&bv, ANNOTATION_ATTACHED_READONLY) == Some("true");
+                    let was_ro = annotation(&bv, api::ANNOTATION_ATTACHED_READONLY) == Some("true");
                     if was_ro != readonly {
                         return Err(Error::AlreadyExists(format!(
                             "volume {name:?} is already published to node {node:?} with \
@@ -529,8 +524,8 @@ impl ControllerService {
                 "metadata": {
                     "resourceVersion": bv.metadata.resource_version,
                     "annotations": {
-                        ANNOTATION_ATTACHED_TO: node,
-                        ANNOTATION_ATTACHED_READONLY: readonly_str,
+                        api::ANNOTATION_ATTACHED_NODE: node,
+                        api::ANNOTATION_ATTACHED_READONLY: readonly_str,
                     }
                 }
             });
@@ -580,7 +575,7 @@ impl ControllerService {
             let Some(bv) = self.get_volume(name).await? else {
                 return Ok(ControllerUnpublishVolumeResponse {});
             };
-            let Some(current) = annotation(&bv, ANNOTATION_ATTACHED_TO) else {
+            let Some(current) = annotation(&bv, api::ANNOTATION_ATTACHED_NODE) else {
                 return Ok(ControllerUnpublishVolumeResponse {});
             };
             if !req.node_id.is_empty() && req.node_id != current {
@@ -591,8 +586,8 @@ impl ControllerService {
                 "metadata": {
                     "resourceVersion": bv.metadata.resource_version,
                     "annotations": {
-                        ANNOTATION_ATTACHED_TO: null,
-                        ANNOTATION_ATTACHED_READONLY: null,
+                        api::ANNOTATION_ATTACHED_NODE: null,
+                        api::ANNOTATION_ATTACHED_READONLY: null,
                     }
                 }
             });

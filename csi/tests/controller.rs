@@ -13,7 +13,7 @@ use api::BlockVolume;
 use common::operator::{create_block_node, play_operator, set_conditions};
 use common::{Served, serve_csi, wait_for_socket};
 use csi::agent::unix_channel;
-use csi::controller::{ANNOTATION_ATTACHED_TO, ControllerService, ControllerSettings};
+use csi::controller::{ControllerService, ControllerSettings};
 use csi::csi_proto::controller_client::ControllerClient;
 use csi::csi_proto::volume_capability::access_mode::Mode;
 use csi::csi_proto::volume_capability::{AccessMode, AccessType, MountVolume};
@@ -256,7 +256,7 @@ async fn publish_records_one_attachment_and_blocks_delete(env: &mut Env) {
     let bv = env.volumes.get("pvc-pub").await.unwrap();
     assert_eq!(
         bv.annotations()
-            .get(ANNOTATION_ATTACHED_TO)
+            .get(api::ANNOTATION_ATTACHED_NODE)
             .map(String::as_str),
         Some("node-a")
     );
@@ -321,7 +321,7 @@ async fn publish_records_one_attachment_and_blocks_delete(env: &mut Env) {
             .await
             .unwrap()
             .annotations()
-            .contains_key(ANNOTATION_ATTACHED_TO)
+            .contains_key(api::ANNOTATION_ATTACHED_NODE)
     );
     for _ in 0..2 {
         env.c
@@ -339,7 +339,7 @@ async fn publish_records_one_attachment_and_blocks_delete(env: &mut Env) {
             .await
             .unwrap()
             .annotations()
-            .contains_key(ANNOTATION_ATTACHED_TO)
+            .contains_key(api::ANNOTATION_ATTACHED_NODE)
     );
     env.c
         .controller_publish_volume(publish_req("pvc-pub", "node-b"))
