@@ -116,7 +116,12 @@ fn write_peer_secret(path: &Path) -> Result<()> {
     std::fs::File::open("/dev/urandom")
         .and_then(|mut f| f.read_exact(&mut key))
         .map_err(|e| Error::io("reading /dev/urandom for the peer secret", e))?;
-    let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+    let mut hex = String::with_capacity(PEER_SECRET_BYTES * 2);
+    for b in key {
+        use std::fmt::Write;
+        // Writing into a String cannot fail.
+        let _ = write!(hex, "{b:02x}");
+    }
     let mut file = std::fs::OpenOptions::new()
         .write(true)
         .create(true)

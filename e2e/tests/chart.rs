@@ -170,8 +170,12 @@ impl Can {
             self.sa,
             self.verb,
             self.resource,
-            self.subresource.map(|s| format!("/{s}")).unwrap_or_default(),
-            self.namespace.map(|n| format!(" in {n}")).unwrap_or_default()
+            self.subresource
+                .map(|s| format!("/{s}"))
+                .unwrap_or_default(),
+            self.namespace
+                .map(|n| format!(" in {n}"))
+                .unwrap_or_default()
         )
     }
 }
@@ -210,7 +214,14 @@ fn allowed() -> Vec<Can> {
         v.push(can("csi-controller", verb, BN));
     }
     v.push(can("csi-controller", "create", "persistentvolumes"));
-    v.push(can("csi-controller", "patch", "volumeattachments.storage.k8s.io").status());
+    v.push(
+        can(
+            "csi-controller",
+            "patch",
+            "volumeattachments.storage.k8s.io",
+        )
+        .status(),
+    );
     v.push(can("csi-controller", "patch", "persistentvolumeclaims").status());
     v.push(can("csi-controller", "update", LEASES).in_ns(NS));
     // Node agent: its BlockNode, its replicas' status, its Lease.
