@@ -69,8 +69,13 @@ start() {
 }
 
 step "pinned Kubernetes tools (built once, cached)"
-# shellcheck source=hack/tools/env.sh
-source hack/tools/env.sh
+if [ -n "${BLOCKVOL_TOOLS_BIN:-}" ] && [ -x "$BLOCKVOL_TOOLS_BIN/kube-apiserver" ]; then
+  export PATH="$BLOCKVOL_TOOLS_BIN:$PATH"
+else
+  hack/tools/build.sh
+  # shellcheck source=hack/tools/env.sh
+  source hack/tools/env.sh
+fi
 note "$BLOCKVOL_TOOLS_BIN"
 
 step "building blockvol (debug, incremental)"
@@ -85,7 +90,7 @@ for b in blockvol-local blockvol-operator blockvol-agent blockvol-csi crdgen; do
 done
 
 step "CRDs (deploy/crds/)"
-"$BIN/crdgen" >/dev/null
+"$BIN/crdgen" >/dev/null 2>&1
 ls deploy/crds/ | sed 's/^/    /'
 
 rm -rf "$STATE/run" "$STATE/pids" "$STATE/ready"
