@@ -202,6 +202,8 @@ impl ControlPlane {
                 "--allow-privileged=true",
                 "--service-cluster-ip-range=10.96.0.0/16",
                 "--profiling=false",
+                // The node DaemonSet runs privileged (loop devices, mounts).
+                "--allow-privileged=true",
                 // The default reconciler tries to publish 127.0.0.1 as the kubernetes
                 // Service endpoint, which the API rejects as loopback.
                 "--endpoint-reconciler-type=none",

@@ -5,6 +5,7 @@
 pub mod checker;
 pub mod controlplane;
 pub mod error;
+pub mod local;
 pub mod pki;
 mod process;
 pub mod tools;
