@@ -960,12 +960,18 @@ fn diverged_replica_history_needs_rebuild() {
 
 #[test]
 fn rebuild_from_snapshot_and_tail_converges_and_only_a_barrier_grants_in_sync() {
-    let mut n = Net::new(1, cfg(), &["p"]);
+    let c = PrimaryConfig {
+        wal_retention_timeout_ms: 10,
+        ..cfg()
+    };
+    let mut n = Net::new(1, c, &["p"]);
     n.replicas[0].reachable = false;
     for i in 0..12 {
         n.write(i % 5, i as u8);
     }
     n.plog.sync().unwrap();
+    // The replica stays away past its retention budget, so its WAL hold is released.
+    n.tick(20);
     n.plog.flush_checkpoint();
     for i in 0..4 {
         n.write(i, 100 + i as u8);
@@ -1411,5 +1417,32 @@ fn reassigning_the_same_endpoints_keeps_the_live_session() {
     assert!(
         !n.event_names().contains(&"session_invalidated"),
         "an unchanged assignment was treated as an endpoint change"
+    );
+}
+
+#[test]
+fn member_that_has_not_connected_yet_keeps_the_wal_it_will_need() {
+    let mut n = Net::new(1, cfg(), &["p"]);
+    n.replicas[0].reachable = false;
+    for i in 0..10 {
+        n.write(i, 1);
+    }
+    let f = n.flush();
+    n.tick(5);
+    assert!(n.is_acked(f));
+    n.plog.flush_checkpoint();
+    assert!(
+        n.plog.retained_start() <= Lsn(1),
+        "WAL recycled before the member's first handshake: retained start {}",
+        n.plog.retained_start()
+    );
+    n.replicas[0].reachable = true;
+    n.tick(50);
+    assert_eq!(n.state("r0"), ReplicaState::InSync);
+    assert!(
+        !n.event_names()
+            .iter()
+            .any(|e| *e == "escalated_needs_rebuild"),
+        "a member that was only slow to connect must catch up, not be rebuilt"
     );
 }

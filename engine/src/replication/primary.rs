@@ -225,6 +225,8 @@ struct Sender {
     catchup_failures: u32,
     next_connect_ms: u64,
     last_contact_ms: u64,
+    /// When this member was assigned; starts its retention budget before first contact.
+    assigned_ms: u64,
     hold: Option<HoldId>,
     counting: bool,
     rebuild_requested: bool,
@@ -640,9 +642,8 @@ impl PrimaryCore {
                             barrier: None,
                             catchup_failures: 0,
                             next_connect_ms: 0,
-                            // The retention budget's clock starts when the member is
-                            // assigned, not at the epoch of the primary's clock.
-                            last_contact_ms: self.now,
+                            last_contact_ms: 0,
+                            assigned_ms: self.now,
                             hold: None,
                             counting,
                             rebuild_requested: false,
@@ -1476,7 +1477,10 @@ impl PrimaryCore {
             if s.hold.is_none() || s.state == ReplicaState::InSync {
                 continue;
             }
-            if now.saturating_sub(s.last_contact_ms) > self.cfg.wal_retention_timeout_ms {
+            // The budget's clock starts at the later of the last contact and the
+            // assignment, so a member that has not connected yet gets a full budget.
+            let since = s.last_contact_ms.max(s.assigned_ms);
+            if now.saturating_sub(since) > self.cfg.wal_retention_timeout_ms {
                 doomed.push((
                     s.id.clone(),
                     "lagging replica exceeded wal_retention_timeout_ms",
