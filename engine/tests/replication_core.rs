@@ -1440,9 +1440,7 @@ fn member_that_has_not_connected_yet_keeps_the_wal_it_will_need() {
     n.tick(50);
     assert_eq!(n.state("r0"), ReplicaState::InSync);
     assert!(
-        !n.event_names()
-            .iter()
-            .any(|e| *e == "escalated_needs_rebuild"),
+        !n.event_names().contains(&"escalated_needs_rebuild"),
         "a member that was only slow to connect must catch up, not be rebuilt"
     );
 }
