@@ -416,16 +416,7 @@ impl Volume {
     pub fn write(&self, lba: Lba, data: &[u8]) -> Result<Lsn> {
         let i = &self.inner;
         let bs = i.layout.bs();
-        if data.is_empty() || !(data.len() as u64).is_multiple_of(bs) {
-            return Err(Error::invalid(
-                "data",
-                format!(
-                    "length {} is not a positive multiple of block size {bs}",
-                    data.len()
-                ),
-            ));
-        }
-        i.check_range(lba.0, data.len() as u64 / bs)?;
+        i.check_blocks("data", lba, data.len())?;
         let mut last = Lsn(0);
         let mut block = lba.0;
         for chunk in data.chunks(i.max_entry_bytes as usize) {
@@ -448,17 +439,7 @@ impl Volume {
     pub fn read(&self, lba: Lba, buf: &mut [u8]) -> Result<()> {
         let i = &self.inner;
         let bs = i.layout.bs();
-        if buf.is_empty() || !(buf.len() as u64).is_multiple_of(bs) {
-            return Err(Error::invalid(
-                "buf",
-                format!(
-                    "length {} is not a positive multiple of block size {bs}",
-                    buf.len()
-                ),
-            ));
-        }
-        let blocks = buf.len() as u64 / bs;
-        i.check_range(lba.0, blocks)?;
+        let blocks = i.check_blocks("buf", lba, buf.len())?;
         i.gc.check()?;
         let what = || format!("read of {}", i.disk.describe());
         let map = read(&i.map);
@@ -769,17 +750,7 @@ impl Volume {
     /// Replica side: writes base blocks straight into the extent during a rebuild.
     pub fn install_base_block(&self, lba: Lba, data: &[u8]) -> Result<()> {
         let i = &self.inner;
-        let bs = i.layout.bs();
-        if data.is_empty() || !(data.len() as u64).is_multiple_of(bs) {
-            return Err(Error::invalid(
-                "data",
-                format!(
-                    "length {} is not a positive multiple of block size {bs}",
-                    data.len()
-                ),
-            ));
-        }
-        i.check_range(lba.0, data.len() as u64 / bs)?;
+        i.check_blocks("data", lba, data.len())?;
         i.gc.check()?;
         if !lock(&i.wal).rebuilding {
             return Err(Error::invalid(
@@ -878,17 +849,7 @@ impl BaseImage {
     /// Reads whole blocks of the pinned extent.
     pub fn read(&self, lba: Lba, buf: &mut [u8]) -> Result<()> {
         let i = &self.inner;
-        let bs = i.layout.bs();
-        if buf.is_empty() || !(buf.len() as u64).is_multiple_of(bs) {
-            return Err(Error::invalid(
-                "buf",
-                format!(
-                    "length {} is not a positive multiple of block size {bs}",
-                    buf.len()
-                ),
-            ));
-        }
-        i.check_range(lba.0, buf.len() as u64 / bs)?;
+        i.check_blocks("buf", lba, buf.len())?;
         i.disk
             .read_at(buf, i.layout.extent_off(lba.0))
             .map_err(|e| Error::io(i.disk.describe(), e))
@@ -906,6 +867,21 @@ impl Drop for BaseImage {
 }
 
 impl Inner {
+    /// Checks that a buffer of `len` bytes is a positive whole number of blocks inside
+    /// the volume starting at `lba`; returns the block count.
+    fn check_blocks(&self, field: &'static str, lba: Lba, len: usize) -> Result<u64> {
+        let bs = self.layout.bs();
+        if len == 0 || !(len as u64).is_multiple_of(bs) {
+            return Err(Error::invalid(
+                field,
+                format!("length {len} is not a positive multiple of block size {bs}"),
+            ));
+        }
+        let blocks = len as u64 / bs;
+        self.check_range(lba.0, blocks)?;
+        Ok(blocks)
+    }
+
     fn check_range(&self, lba: u64, blocks: u64) -> Result<()> {
         let total = self.size_bytes.load(Ordering::Acquire) / self.layout.bs();
         match lba.checked_add(blocks) {
