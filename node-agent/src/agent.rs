@@ -19,6 +19,7 @@ use crate::k8s::{
     AgentContext, LeaseRenewer, LeaseSettings, NodeRegistration, ReplicaSettings, keep_registered,
     run_replicas, validate_data_address,
 };
+use crate::metrics::{self, AgentMetrics, NbdMetrics, Readiness};
 use crate::nbd::{ExportRegistry, NbdServer, ServerConfig};
 use crate::runtime::{EngineRuntime, EngineSettings};
 
@@ -53,7 +54,8 @@ pub struct Settings {
     /// How long the node Lease holds without renewal, in seconds.
     #[arg(long = "lease-duration-seconds", default_value_t = 10)]
     pub lease_duration_s: u32,
-    /// Address of the metrics endpoint (`GET /metrics`); empty disables it.
+    /// Address of the metrics and health endpoint (`/metrics`, `/healthz`, `/readyz`);
+    /// empty disables it.
     #[arg(long, default_value = "")]
     pub metrics_addr: String,
     /// Kubeconfig file; without it the in-cluster config or $KUBECONFIG is used.
@@ -232,29 +234,22 @@ fn bind_unix(path: &Path) -> Result<UnixListenerStream> {
     Ok(UnixListenerStream::new(l))
 }
 
-/// Serves `GET /metrics` with the agent's gauges in Prometheus text format.
-async fn serve_metrics(listener: tokio::net::TcpListener, runtime: Arc<EngineRuntime>) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+/// Applies the `BlockNode` until it succeeds once (readiness waits for that), retrying
+/// every `interval_ms`.
+async fn register_once(
+    registration: &NodeRegistration,
+    client: &Client,
+    ctx: &AgentContext<EngineRuntime>,
+    interval_ms: u64,
+) {
     loop {
-        let Ok((mut s, _)) = listener.accept().await else {
-            continue;
-        };
-        let runtime = runtime.clone();
-        tokio::spawn(async move {
-            let mut buf = [0u8; 1024];
-            let _ = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await;
-            let body = format!(
-                "# HELP blockvol_agent_exports NBD exports served by this agent.\n\
-                 # TYPE blockvol_agent_exports gauge\n\
-                 blockvol_agent_exports {}\n",
-                runtime.exports().names().len()
-            );
-            let resp = format!(
-                "HTTP/1.1 200 OK\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = s.write_all(resp.as_bytes()).await;
-        });
+        match registration.apply(client, ctx.promised_bytes()).await {
+            Ok(_) => return,
+            Err(e) => {
+                tracing::warn!(node = %registration.node_name, error = %e, "BlockNode registration failed")
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(interval_ms)).await;
     }
 }
 
@@ -265,6 +260,8 @@ pub struct Agent {
     pub data_address: SocketAddr,
     pub nbd_socket: PathBuf,
     pub nbd_tcp: Option<SocketAddr>,
+    /// Where `/metrics`, `/healthz` and `/readyz` are served, when enabled.
+    pub metrics_addr: Option<SocketAddr>,
     nbd: NbdServer,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -326,23 +323,39 @@ impl Agent {
             let lease = lease.clone();
             Arc::new(move || lease.is_fresh())
         };
-        let runtime = Arc::new(EngineRuntime::new(
-            EngineSettings::default(),
-            receiver.clone(),
-            transport,
-            exports.clone(),
-            fence,
-        ));
+        let nbd_metrics = NbdMetrics::default();
+        let runtime = Arc::new(
+            EngineRuntime::new(
+                EngineSettings::default(),
+                receiver.clone(),
+                transport,
+                exports.clone(),
+                fence,
+            )
+            .with_nbd_metrics(nbd_metrics.clone()),
+        );
+        let readiness = Arc::new(Readiness::default());
+        readiness.set_data_port(receiver.local_addr());
 
         let mut tasks = Vec::new();
+        let mut metrics_addr = None;
         if !settings.metrics_addr.is_empty() {
+            let bind_err = |source| Error::Metrics {
+                address: settings.metrics_addr.clone(),
+                source,
+            };
             let l = tokio::net::TcpListener::bind(&settings.metrics_addr)
                 .await
-                .map_err(|source| Error::Metrics {
-                    address: settings.metrics_addr.clone(),
-                    source,
-                })?;
-            tasks.push(tokio::spawn(serve_metrics(l, runtime.clone())));
+                .map_err(bind_err)?;
+            metrics_addr = Some(l.local_addr().map_err(bind_err)?);
+            let metrics = Arc::new(AgentMetrics::new(
+                nbd_metrics,
+                runtime.clone(),
+                lease.clone(),
+                readiness.clone(),
+                data_dir.clone(),
+            ));
+            tasks.push(tokio::spawn(metrics::serve(l, metrics)));
         }
 
         let attacher: Arc<dyn Attacher> = Arc::new(FuseLoopAttacher::new(FuseLoopConfig::new(
@@ -392,7 +405,10 @@ impl Agent {
             let ctx = ctx.clone();
             let client = client.clone();
             let interval = settings.registration_interval_ms;
+            let readiness = readiness.clone();
             tasks.push(tokio::spawn(async move {
+                register_once(&registration, &client, &ctx, interval).await;
+                readiness.set_registered();
                 let c = ctx.clone();
                 keep_registered(registration, client, move || c.promised_bytes(), interval).await
             }));
@@ -406,6 +422,7 @@ impl Agent {
             data_address,
             nbd_socket,
             nbd_tcp,
+            metrics_addr,
             nbd,
             tasks,
         })
