@@ -13,7 +13,7 @@ use engine::replication::{NetConfig, ReceiverServer, Transport};
 use kube::Client;
 use tokio_stream::wrappers::UnixListenerStream;
 
-use crate::attach::{Attacher, FuseLoopAttacher, FuseLoopConfig};
+use crate::attach::{Attacher, FuseLoopAttacher, FuseLoopConfig, ProxyCommand};
 use crate::attach_service::AttachService;
 use crate::k8s::{
     AgentContext, LeaseRenewer, LeaseSettings, NodeRegistration, ReplicaSettings, keep_registered,
@@ -73,6 +73,10 @@ pub struct Settings {
     /// How often the BlockNode is re-applied, in milliseconds.
     #[arg(long, default_value_t = 30_000)]
     pub registration_interval_ms: u64,
+    /// Put an attach proxy (this binary's `attach-proxy` subcommand) between each
+    /// attached device and the NBD socket, so devices survive agent restarts.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub attach_proxy: bool,
 }
 
 /// Errors that stop the agent from starting.
@@ -358,9 +362,19 @@ impl Agent {
             tasks.push(tokio::spawn(metrics::serve(l, metrics)));
         }
 
-        let attacher: Arc<dyn Attacher> = Arc::new(FuseLoopAttacher::new(FuseLoopConfig::new(
-            data_dir.join("attach"),
-        ))?);
+        let proxy = if settings.attach_proxy {
+            Some(ProxyCommand::current_exe().map_err(|source| Error::Io {
+                what: "locating the agent binary for the attach proxy",
+                path: PathBuf::from("/proc/self/exe"),
+                source,
+            })?)
+        } else {
+            None
+        };
+        let attacher: Arc<dyn Attacher> = Arc::new(FuseLoopAttacher::new(FuseLoopConfig {
+            proxy,
+            ..FuseLoopConfig::new(data_dir.join("attach"))
+        })?);
         let local = {
             let runtime = runtime.clone();
             Arc::new(move |volume: &str| runtime.local_role(volume).is_some())

@@ -483,9 +483,13 @@ fn replica_gauges(r: &mut Registry, samples: &[ReplicaSample]) {
         epoch.get_or_create(&l).set(gauge_i64(st.epoch));
         head.get_or_create(&l).set(gauge_i64(st.head_lsn));
         flushed.get_or_create(&l).set(gauge_i64(st.flushed_lsn));
-        checkpoint.get_or_create(&l).set(gauge_i64(st.checkpoint_lsn));
+        checkpoint
+            .get_or_create(&l)
+            .set(gauge_i64(st.checkpoint_lsn));
         wal_used.get_or_create(&l).set(gauge_i64(s.wal_used_bytes));
-        wal_capacity.get_or_create(&l).set(gauge_i64(s.wal_size_bytes));
+        wal_capacity
+            .get_or_create(&l)
+            .set(gauge_i64(s.wal_size_bytes));
         if s.wal_size_bytes > 0 {
             wal_fill
                 .get_or_create(&l)
@@ -507,7 +511,9 @@ fn replica_gauges(r: &mut Registry, samples: &[ReplicaSample]) {
                 replica: l.replica.clone(),
                 peer: p.replica_id.clone(),
             };
-            peer_flushed.get_or_create(&pl).set(gauge_i64(p.flushed_lsn));
+            peer_flushed
+                .get_or_create(&pl)
+                .set(gauge_i64(p.flushed_lsn));
             peer_lag
                 .get_or_create(&pl)
                 .set(gauge_i64(st.head_lsn.saturating_sub(p.flushed_lsn)));
@@ -523,7 +529,11 @@ fn replica_gauges(r: &mut Registry, samples: &[ReplicaSample]) {
             }
         }
     }
-    r.register("replica_epoch", "Epoch persisted in the replica's volume", epoch);
+    r.register(
+        "replica_epoch",
+        "Epoch persisted in the replica's volume",
+        epoch,
+    );
     r.register("replica_head_lsn", "Highest LSN in the replica's WAL", head);
     r.register(
         "replica_flushed_lsn",
@@ -688,12 +698,9 @@ mod tests {
 
     #[test]
     fn latency_buckets_span_50us_to_10s() {
-        let b: Vec<f64> = exponential_buckets_range(
-            LATENCY_BUCKET_MIN_S,
-            LATENCY_BUCKET_MAX_S,
-            LATENCY_BUCKETS,
-        )
-        .collect();
+        let b: Vec<f64> =
+            exponential_buckets_range(LATENCY_BUCKET_MIN_S, LATENCY_BUCKET_MAX_S, LATENCY_BUCKETS)
+                .collect();
         assert_eq!(b.len(), usize::from(LATENCY_BUCKETS));
         assert!((b[0] - 50e-6).abs() < 1e-12, "{b:?}");
         assert!((b[b.len() - 1] - 10.0).abs() < 1e-9, "{b:?}");
