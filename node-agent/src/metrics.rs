@@ -125,6 +125,9 @@ pub struct NbdMetrics {
     latency: HistogramFamily<OpLabels>,
     read_bytes: Family<VolumeLabels, Counter>,
     written_bytes: Family<VolumeLabels, Counter>,
+    /// Live wrappers per label set: a volume's series go when its last export does, so
+    /// volumes deleted or moved away do not stay in every scrape.
+    live: Arc<std::sync::Mutex<std::collections::HashMap<VolumeLabels, usize>>>,
 }
 
 impl Default for NbdMetrics {
@@ -135,6 +138,7 @@ impl Default for NbdMetrics {
             latency: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
             read_bytes: Family::default(),
             written_bytes: Family::default(),
+            live: Arc::default(),
         }
     }
 }
@@ -182,13 +186,14 @@ impl NbdMetrics {
             replica: replica.to_string(),
             role: role_label(role).to_string(),
         };
+        *self
+            .live
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(labels.clone())
+            .or_default() += 1;
         let op = |op: NbdOp| {
-            let l = OpLabels {
-                volume: labels.volume.clone(),
-                replica: labels.replica.clone(),
-                role: labels.role.clone(),
-                op: op.label().to_string(),
-            };
+            let l = op_labels(&labels, op);
             OpMeter {
                 requests: self.requests.get_or_create_owned(&l),
                 errors: self.errors.get_or_create_owned(&l),
@@ -204,7 +209,39 @@ impl NbdMetrics {
             read_bytes: self.read_bytes.get_or_create_owned(&labels),
             written_bytes: self.written_bytes.get_or_create_owned(&labels),
             inner,
+            owner: self.clone(),
+            labels,
         })
+    }
+
+    /// Forgets one wrapper of `labels`; the last one removes the series.
+    fn release(&self, labels: &VolumeLabels) {
+        let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(n) = live.get_mut(labels) else {
+            return;
+        };
+        *n -= 1;
+        if *n > 0 {
+            return;
+        }
+        live.remove(labels);
+        for op in NbdOp::ALL {
+            let l = op_labels(labels, op);
+            self.requests.remove(&l);
+            self.errors.remove(&l);
+            self.latency.remove(&l);
+        }
+        self.read_bytes.remove(labels);
+        self.written_bytes.remove(labels);
+    }
+}
+
+fn op_labels(v: &VolumeLabels, op: NbdOp) -> OpLabels {
+    OpLabels {
+        volume: v.volume.clone(),
+        replica: v.replica.clone(),
+        role: v.role.clone(),
+        op: op.label().to_string(),
     }
 }
 
@@ -239,6 +276,16 @@ pub struct MeteredBackend {
     write_zeroes: OpMeter,
     read_bytes: Counter,
     written_bytes: Counter,
+    owner: NbdMetrics,
+    labels: VolumeLabels,
+}
+
+impl Drop for MeteredBackend {
+    fn drop(&mut self) {
+        // The export is gone and its connections closed (the registry held the last
+        // reference), so nothing counts under these labels any more.
+        self.owner.release(&self.labels);
+    }
 }
 
 impl BlockBackend for MeteredBackend {
@@ -694,6 +741,19 @@ mod tests {
         ] {
             assert!(text.lines().any(|t| t == line), "missing {line}\n{text}");
         }
+        // A second wrapper of the same volume (a new primary term) shares the series;
+        // they go when the last wrapper does.
+        let again = m.wrap(
+            "v1",
+            "v1-r0",
+            ReplicaRole::Primary,
+            Arc::new(MemBackend::new(8192, 512).expect("backend")),
+        );
+        drop(b);
+        assert!(render(&registry).contains("volume=\"v1\""));
+        drop(again);
+        let text = render(&registry);
+        assert!(!text.contains("volume=\"v1\""), "{text}");
     }
 
     #[test]
