@@ -21,6 +21,8 @@ pub struct Exposition {
     pub samples: Vec<Sample>,
 }
 
+type LabelPairs = Vec<(String, String)>;
+
 /// Suffixes a sample name may add to its family name, by family type.
 fn suffixes(kind: &str) -> &'static [&'static str] {
     match kind {
@@ -82,9 +84,8 @@ fn parse_value(v: &str, line: &str) -> Result<f64, String> {
 /// Parses and checks `text` (see the module docs).
 pub fn parse(text: &str) -> Result<Exposition, String> {
     let mut exp = Exposition::default();
-    let mut lines = text.lines().peekable();
     let mut saw_eof = false;
-    while let Some(line) = lines.next() {
+    for line in text.lines() {
         if saw_eof {
             return Err(format!("text after # EOF: {line:?}"));
         }
@@ -172,14 +173,15 @@ impl Exposition {
         for family in histograms {
             let bucket = format!("{family}_bucket");
             let count = format!("{family}_count");
-            let mut series: BTreeMap<Vec<(String, String)>, Vec<(f64, f64)>> = BTreeMap::new();
+            // Labels without `le` → (bound, cumulative count) per bucket.
+            let mut series: BTreeMap<LabelPairs, Vec<(f64, f64)>> = BTreeMap::new();
             for s in self.samples.iter().filter(|s| s.name == bucket) {
                 let le = s
                     .labels
                     .get("le")
                     .ok_or_else(|| format!("{bucket} sample without le"))?;
                 let le = parse_value(le, &bucket)?;
-                let key: Vec<(String, String)> = s
+                let key: LabelPairs = s
                     .labels
                     .iter()
                     .filter(|(k, _)| k.as_str() != "le")

@@ -3,7 +3,7 @@
 //! server is back, and every byte acknowledged before and after is there. Without a
 //! server for longer than the reconnect timeout, requests fail with EIO.
 
-use std::path::PathBuf;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -27,7 +27,7 @@ fn settings(dir: &std::path::Path, reconnect_timeout_ms: u64) -> ProxySettings {
     }
 }
 
-async fn serve(registry: &ExportRegistry, socket: &PathBuf) -> NbdServer {
+async fn serve(registry: &ExportRegistry, socket: &Path) -> NbdServer {
     let s = NbdServer::new(registry.clone(), ServerConfig::default()).expect("server");
     s.listen_unix(socket).await.expect("listen");
     s

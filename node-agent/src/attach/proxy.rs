@@ -180,27 +180,19 @@ impl ProxyBackend {
     }
 
     /// Runs one request, re-dialing and retrying until the deadline (module docs).
-    fn call(
-        &self,
-        what: &str,
-        command: u16,
-        flags: u16,
-        offset: u64,
-        length: u32,
-        payload: &[u8],
-        mut read_into: Option<&mut [u8]>,
-    ) -> Result<(), BackendError> {
+    fn call(&self, req: Request<'_>, mut read_into: Option<&mut [u8]>) -> Result<(), BackendError> {
+        let what = req.what;
         let timeout_ms = self.settings.reconnect_timeout_ms;
         let deadline = Instant::now() + Duration::from_millis(timeout_ms);
         let mut attempt = 0u32;
         loop {
             let outcome = self.take().and_then(|mut c| {
                 let r = c.request(
-                    command,
-                    flags,
-                    offset,
-                    length,
-                    payload,
+                    req.command,
+                    req.flags,
+                    req.offset,
+                    req.length,
+                    req.payload,
                     read_into.as_deref_mut(),
                 )?;
                 Ok((c, r))
@@ -242,6 +234,34 @@ impl ProxyBackend {
     }
 }
 
+/// One NBD request as the proxy forwards it; `what` names it in logs and errors.
+struct Request<'a> {
+    what: &'static str,
+    command: u16,
+    flags: u16,
+    offset: u64,
+    length: u32,
+    payload: &'a [u8],
+}
+
+impl<'a> Request<'a> {
+    fn new(what: &'static str, command: u16, offset: u64, length: u32) -> Self {
+        Request {
+            what,
+            command,
+            flags: 0,
+            offset,
+            length,
+            payload: &[],
+        }
+    }
+    fn with_payload(mut self, payload: &'a [u8], flags: u16) -> Self {
+        self.payload = payload;
+        self.flags = flags;
+        self
+    }
+}
+
 fn len32(n: u64) -> Result<u32, BackendError> {
     u32::try_from(n).map_err(|_| BackendError::Invalid(format!("request of {n} bytes")))
 }
@@ -255,32 +275,27 @@ impl BlockBackend for ProxyBackend {
     }
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), BackendError> {
         let n = len32(buf.len() as u64)?;
-        self.call("read", CMD_READ, 0, offset, n, &[], Some(buf))
+        self.call(Request::new("read", CMD_READ, offset, n), Some(buf))
     }
     fn write(&self, offset: u64, data: &[u8]) -> Result<(), BackendError> {
         let n = len32(data.len() as u64)?;
-        self.call("write", CMD_WRITE, 0, offset, n, data, None)
+        let req = Request::new("write", CMD_WRITE, offset, n).with_payload(data, 0);
+        self.call(req, None)
     }
     fn write_fua(&self, offset: u64, data: &[u8]) -> Result<(), BackendError> {
         let n = len32(data.len() as u64)?;
-        self.call("write", CMD_WRITE, CMD_FLAG_FUA, offset, n, data, None)
+        let req = Request::new("write", CMD_WRITE, offset, n).with_payload(data, CMD_FLAG_FUA);
+        self.call(req, None)
     }
     fn flush(&self) -> Result<(), BackendError> {
-        self.call("flush", CMD_FLUSH, 0, 0, 0, &[], None)
+        self.call(Request::new("flush", CMD_FLUSH, 0, 0), None)
     }
     fn trim(&self, offset: u64, length: u64) -> Result<(), BackendError> {
-        self.call("trim", CMD_TRIM, 0, offset, len32(length)?, &[], None)
+        self.call(Request::new("trim", CMD_TRIM, offset, len32(length)?), None)
     }
     fn write_zeroes(&self, offset: u64, length: u64) -> Result<(), BackendError> {
-        self.call(
-            "write_zeroes",
-            CMD_WRITE_ZEROES,
-            0,
-            offset,
-            len32(length)?,
-            &[],
-            None,
-        )
+        let req = Request::new("write_zeroes", CMD_WRITE_ZEROES, offset, len32(length)?);
+        self.call(req, None)
     }
     fn flush_is_volume_wide(&self) -> bool {
         self.info.transmission_flags & TFLAG_CAN_MULTI_CONN != 0
