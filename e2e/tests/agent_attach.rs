@@ -15,9 +15,16 @@ use e2e::devices::{
     AttachmentGuard, attach_dir, leftovers, mounts_under, processes_mentioning, run,
 };
 use kube::api::{Api, DeleteParams};
+use node_agent::nbd::client::Connection;
+use node_agent::nbd::proto::{CMD_READ, CMD_WRITE};
 
 const TIMEOUT: Duration = Duration::from_secs(90);
 const CALL_TIMEOUT_MS: u64 = 60_000;
+/// The restart test's filesystem covers the first 48 MiB of its 64 MiB volume; raw
+/// writes go to the rest.
+const FS_SIZE: &str = "48M";
+const RAW_OFFSET: u64 = 56 << 20;
+const RAW_BYTES: u32 = 64 << 10;
 
 /// Deterministic file contents: a xorshift stream seeded per file.
 fn contents(seed: u64, len: usize) -> Vec<u8> {
@@ -57,6 +64,25 @@ fn proxies(data_dir: &Path, volume: &str) -> Vec<u32> {
         .filter(|(_, cmd)| cmd.contains("attach-proxy"))
         .map(|(pid, _)| pid)
         .collect()
+}
+
+/// Writes `data` at `offset` straight to the agent's export and disconnects without a
+/// flush: acknowledged, not yet durable.
+fn raw_write(socket: &Path, volume: &str, offset: u64, data: &[u8]) {
+    let mut c = Connection::connect(socket, volume, Duration::from_secs(30)).expect("connect");
+    let errno = c
+        .request(CMD_WRITE, 0, offset, data.len() as u32, data, None)
+        .expect("write answered");
+    assert_eq!(errno, 0, "raw write");
+}
+
+fn raw_read(socket: &Path, volume: &str, offset: u64, len: u32) -> Option<Vec<u8>> {
+    let mut c = Connection::connect(socket, volume, Duration::from_secs(30)).ok()?;
+    let mut buf = vec![0u8; len as usize];
+    let errno = c
+        .request(CMD_READ, 0, offset, len, &[], Some(&mut buf))
+        .ok()?;
+    (errno == 0).then_some(buf)
 }
 
 fn agent_client(a: &AgentProcess) -> Agent {
@@ -210,7 +236,7 @@ async fn attached_device_survives_primary_agent_restarts_and_detaches_cleanly() 
         .await
         .expect("attach")
         .device_path;
-    run("mkfs.ext4", &["-q", "-F", &dev]).expect("mkfs.ext4");
+    run("mkfs.ext4", &["-q", "-F", &dev, FS_SIZE]).expect("mkfs.ext4");
     mount(&dev, &mnt);
     let proxy = proxies(&data_dir, VOLUME);
     assert_eq!(proxy.len(), 1, "one attach proxy serves the device");
@@ -218,6 +244,17 @@ async fn attached_device_survives_primary_agent_restarts_and_detaches_cleanly() 
     write_synced(&files[0].0, &files[0].1);
 
     for (i, signal) in ["SIGTERM", "SIGKILL"].into_iter().enumerate() {
+        let p = primary(&mut cluster, &v);
+        // Acknowledged by this agent process but never flushed: it must outlive the
+        // process (page cache + WAL), see the attach proxy's docs.
+        let raw = contents(300 + i as u64, RAW_BYTES as usize);
+        let raw_at = RAW_OFFSET + i as u64 * u64::from(RAW_BYTES);
+        {
+            let (socket, raw) = (p.nbd_socket.clone(), raw.clone());
+            tokio::task::spawn_blocking(move || raw_write(&socket, VOLUME, raw_at, &raw))
+                .await
+                .expect("raw writer");
+        }
         let p = primary(&mut cluster, &v);
         match signal {
             "SIGTERM" => p.terminate(),
@@ -248,6 +285,22 @@ async fn attached_device_survives_primary_agent_restarts_and_detaches_cleanly() 
             paused_at.elapsed()
         );
         files.push((path, data));
+        let socket = primary(&mut cluster, &v).nbd_socket.clone();
+        let got = wait_for("a read from the restarted agent", TIMEOUT, || {
+            let socket = socket.clone();
+            async move {
+                tokio::task::spawn_blocking(move || raw_read(&socket, VOLUME, raw_at, RAW_BYTES))
+                    .await
+                    .ok()
+                    .flatten()
+            }
+        })
+        .await
+        .expect("restarted agent serves reads");
+        assert!(
+            got == raw,
+            "{signal}: an acknowledged, unflushed write was lost"
+        );
         let now = cluster
             .volume(VOLUME)
             .await

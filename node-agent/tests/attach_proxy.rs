@@ -144,7 +144,7 @@ async fn requests_fail_with_eio_once_the_agent_stays_away_past_the_timeout() {
     proxy.shutdown();
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proxy_start_names_the_socket_when_the_agent_is_unreachable() {
     let dir = tempfile::tempdir().expect("tempdir");
     let s = settings(dir.path(), 100);
@@ -156,6 +156,22 @@ async fn proxy_start_names_the_socket_when_the_agent_is_unreachable() {
         e.contains("agent.sock") && e.contains("not reachable"),
         "{e}"
     );
+    // A server without the export refuses it by name.
+    let server = serve(&ExportRegistry::new(), &s.upstream).await;
+    let upstream = s.upstream.clone();
+    let refused = tokio::task::spawn_blocking(move || {
+        match Connection::connect(&upstream, EXPORT, IO_TIMEOUT) {
+            Ok(_) => panic!("negotiated a missing export"),
+            Err(e) => e.to_string(),
+        }
+    })
+    .await
+    .expect("client");
+    assert!(
+        refused.contains("\"vol\"") && refused.contains("refused"),
+        "{refused}"
+    );
+    server.shutdown();
     let mut bad = s;
     bad.export = String::new();
     let e = match Proxy::start(bad).await {
