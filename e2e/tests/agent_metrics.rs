@@ -230,6 +230,7 @@ async fn agent_metrics_count_nbd_io_exactly_and_readyz_follows_the_lease() {
         value(&peer_lag, "blockvol_agent_peer_flushed_lsn", &pl),
         head
     );
+    assert_eq!(value(&peer_lag, "blockvol_agent_peer_lag_bytes", &pl), 0.0);
     let fill = value(&peer_lag, "blockvol_agent_wal_fill_ratio", vol_labels);
     assert!((0.0..=1.0).contains(&fill), "WAL fill {fill}");
     assert!(value(&peer_lag, "blockvol_agent_replica_epoch", vol_labels) >= 1.0);

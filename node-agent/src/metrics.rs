@@ -519,6 +519,7 @@ fn replica_gauges(r: &mut Registry, samples: &[ReplicaSample]) {
     let state = Family::<StateLabels, Gauge>::default();
     let peer_flushed = Family::<PeerLabels, Gauge>::default();
     let peer_lag = Family::<PeerLabels, Gauge>::default();
+    let peer_lag_bytes = Family::<PeerLabels, Gauge>::default();
     let peer_state = Family::<PeerStateLabels, Gauge>::default();
     for s in samples {
         let st = &s.status;
@@ -564,6 +565,9 @@ fn replica_gauges(r: &mut Registry, samples: &[ReplicaSample]) {
             peer_lag
                 .get_or_create(&pl)
                 .set(gauge_i64(st.head_lsn.saturating_sub(p.flushed_lsn)));
+            if let Some(bytes) = s.peer_lag_bytes.get(&p.replica_id) {
+                peer_lag_bytes.get_or_create(&pl).set(gauge_i64(*bytes));
+            }
             for candidate in STATES {
                 peer_state
                     .get_or_create(&PeerStateLabels {
@@ -613,6 +617,11 @@ fn replica_gauges(r: &mut Registry, samples: &[ReplicaSample]) {
         "peer_lag_lsn",
         "The local primary's head LSN minus the peer's flushed LSN",
         peer_lag,
+    );
+    r.register(
+        "peer_lag_bytes",
+        "WAL bytes after the peer's flushed LSN (absent once they left the WAL)",
+        peer_lag_bytes,
     );
     r.register(
         "peer_state",
@@ -790,6 +799,7 @@ mod tests {
             status,
             wal_used_bytes: 256,
             wal_size_bytes: 1024,
+            peer_lag_bytes: [("v-r1".to_string(), 120)].into(),
         }];
         let mut r = Registry::with_prefix(METRIC_PREFIX);
         replica_gauges(&mut r, &samples);
@@ -802,6 +812,7 @@ mod tests {
             format!(r#"blockvol_agent_replica_state{{{l},state="Serving"}} 1"#),
             format!(r#"blockvol_agent_replica_state{{{l},state="InSync"}} 0"#),
             r#"blockvol_agent_peer_lag_lsn{volume="v",replica="v-r0",peer="v-r1"} 30"#.into(),
+            r#"blockvol_agent_peer_lag_bytes{volume="v",replica="v-r0",peer="v-r1"} 120"#.into(),
             r#"blockvol_agent_peer_state{volume="v",replica="v-r0",peer="v-r1",state="CatchingUp"} 1"#.into(),
         ] {
             assert!(text.lines().any(|t| t == line), "missing {line}\n{text}");

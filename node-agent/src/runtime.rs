@@ -14,7 +14,7 @@ use engine::replication::{
     self as repl, Endpoint, Generation, PrimaryConfig, PrimaryHandle, ReceiverConfig,
     ReceiverServer, ReplicaId, Report, Transport, VolumeId, spawn_primary,
 };
-use engine::{CreateOptions, DurabilityMode, Epoch, Volume, VolumeConfig};
+use engine::{CreateOptions, DurabilityMode, Epoch, Lsn, Volume, VolumeConfig};
 use tokio::task::JoinHandle;
 
 use crate::k8s::{Assignment, ReplicaRuntime, RuntimeError};
@@ -103,6 +103,9 @@ pub struct ReplicaSample {
     pub status: BlockReplicaStatus,
     pub wal_used_bytes: u64,
     pub wal_size_bytes: u64,
+    /// Peer replica ID → WAL bytes after its flushed LSN, for peers whose missing
+    /// entries are still in the WAL.
+    pub peer_lag_bytes: BTreeMap<String, u64>,
 }
 
 fn failed(replica: &str, message: impl std::fmt::Display) -> RuntimeError {
@@ -182,12 +185,21 @@ impl EngineRuntime {
                 continue;
             };
             let stats = vol.stats();
+            let peer_lag_bytes = status
+                .peers
+                .iter()
+                .filter_map(|p| {
+                    let bytes = vol.wal_bytes_after(Lsn(p.flushed_lsn))?;
+                    Some((p.replica_id.clone(), bytes))
+                })
+                .collect();
             out.push(ReplicaSample {
                 volume,
                 replica_id,
                 status,
                 wal_used_bytes: stats.wal_used_bytes,
                 wal_size_bytes: stats.wal_size_bytes,
+                peer_lag_bytes,
             });
         }
         out
