@@ -11,8 +11,9 @@ use std::sync::{Arc, Mutex};
 
 use api::{BlockReplicaStatus, PeerStatus, ReplicaRole, ReplicaState};
 use engine::replication::{
-    self as repl, Endpoint, Generation, PrimaryConfig, PrimaryHandle, ReceiverConfig,
-    ReceiverServer, ReplicaId, Report, Transport, VolumeId, spawn_primary,
+    self as repl, Endpoint, ForwardHandler, ForwardOp, ForwardOutcome, ForwardPayload,
+    ForwardStatus, Generation, PrimaryConfig, PrimaryHandle, ReceiverConfig, ReceiverServer,
+    ReplicaId, Report, Transport, VolumeId, spawn_primary,
 };
 use engine::{CreateOptions, DurabilityMode, Epoch, Volume, VolumeConfig};
 use tokio::task::JoinHandle;
@@ -90,6 +91,109 @@ pub struct EngineRuntime {
     replicas: tokio::sync::Mutex<BTreeMap<String, Local>>,
     /// Volume name → role of its local replica, readable without awaiting.
     roles: Mutex<BTreeMap<String, ReplicaRole>>,
+    serving: LocalPrimaries,
+}
+
+/// The backends of this node's serving primaries by volume name: what forwarded IO from
+/// other nodes executes on (the same backend the local NBD export uses, so the
+/// durability gate, the epoch fence and the Lease fence all apply).
+#[derive(Clone, Default)]
+pub struct LocalPrimaries {
+    map: Arc<Mutex<BTreeMap<String, Arc<ReplicatedBackend>>>>,
+}
+
+impl LocalPrimaries {
+    fn set(&self, volume: &str, backend: Option<Arc<ReplicatedBackend>>) {
+        let mut m = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        match backend {
+            Some(b) => m.insert(volume.to_string(), b),
+            None => m.remove(volume),
+        };
+    }
+
+    fn get(&self, volume: &str) -> Option<Arc<ReplicatedBackend>> {
+        self.map
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(volume)
+            .cloned()
+    }
+}
+
+fn forward_status(e: &BackendError) -> ForwardStatus {
+    match e {
+        BackendError::Io(_) => ForwardStatus::Io,
+        BackendError::NoSpace(_) => ForwardStatus::NoSpace,
+        BackendError::Invalid(_) => ForwardStatus::Invalid,
+        BackendError::ReadOnly(_) => ForwardStatus::ReadOnly,
+    }
+}
+
+impl ForwardHandler for LocalPrimaries {
+    fn handle(&self, volume: &VolumeId, epoch: Epoch, op: ForwardOp) -> ForwardOutcome {
+        let Some(b) = self.get(volume.as_str()) else {
+            return ForwardOutcome::failed(
+                ForwardStatus::NotPrimary,
+                format!("no primary of volume {volume} serves on this node"),
+            );
+        };
+        let mine = b.vol.epoch();
+        let refuse = |status, detail: String| ForwardOutcome {
+            epoch: mine,
+            ..ForwardOutcome::failed(status, detail)
+        };
+        if let Err(e) = b.check_writable() {
+            return refuse(ForwardStatus::NotPrimary, e.to_string());
+        }
+        if epoch < mine {
+            return refuse(
+                ForwardStatus::StaleEpoch,
+                format!("request epoch {} is older than {}", epoch.0, mine.0),
+            );
+        }
+        if epoch > mine {
+            return refuse(
+                ForwardStatus::NotPrimary,
+                format!(
+                    "request epoch {} is newer than this primary's {}",
+                    epoch.0, mine.0
+                ),
+            );
+        }
+        match execute(&*b, op) {
+            Ok(payload) => ForwardOutcome::ok(mine, payload),
+            // A failure because this primary was deposed meanwhile is a routing answer,
+            // not a medium error: the forwarder retries on the new primary.
+            Err(e) if b.check_writable().is_err() || b.vol.epoch() != mine => {
+                refuse(ForwardStatus::NotPrimary, e.to_string())
+            }
+            Err(e) => refuse(forward_status(&e), e.to_string()),
+        }
+    }
+}
+
+/// Runs one forwarded operation on a backend.
+fn execute(b: &dyn BlockBackend, op: ForwardOp) -> Result<ForwardPayload, BackendError> {
+    match op {
+        ForwardOp::Geometry => Ok(ForwardPayload::Geometry {
+            size_bytes: b.size_bytes(),
+            block_size: b.block_size(),
+        }),
+        ForwardOp::Read { offset, length } => {
+            let mut buf = vec![0u8; length as usize];
+            b.read(offset, &mut buf)?;
+            Ok(ForwardPayload::Data(buf))
+        }
+        ForwardOp::Write { offset, data } => b.write(offset, &data).map(|_| ForwardPayload::None),
+        ForwardOp::WriteFua { offset, data } => {
+            b.write_fua(offset, &data).map(|_| ForwardPayload::None)
+        }
+        ForwardOp::Flush => b.flush().map(|_| ForwardPayload::None),
+        ForwardOp::Trim { offset, length } => b.trim(offset, length).map(|_| ForwardPayload::None),
+        ForwardOp::WriteZeroes { offset, length } => {
+            b.write_zeroes(offset, length).map(|_| ForwardPayload::None)
+        }
+    }
 }
 
 fn failed(replica: &str, message: impl std::fmt::Display) -> RuntimeError {
@@ -141,7 +245,13 @@ impl EngineRuntime {
             fence,
             replicas: tokio::sync::Mutex::new(BTreeMap::new()),
             roles: Mutex::new(BTreeMap::new()),
+            serving: LocalPrimaries::default(),
         }
+    }
+
+    /// The executor of IO forwarded to this node's primaries (for the data port).
+    pub fn local_primaries(&self) -> LocalPrimaries {
+        self.serving.clone()
     }
 
     /// The NBD exports this runtime publishes (one per local primary, named after the
@@ -236,6 +346,7 @@ impl EngineRuntime {
     async fn stop_primary(&self, volume: &str, l: &mut Local) {
         let Some(p) = l.primary.take() else { return };
         p.backend.fenced.store(true, Ordering::Release);
+        self.serving.set(volume, None);
         if let Err(e) = self
             .exports
             .remove(volume, self.settings.export_remove_wait_ms)
@@ -317,6 +428,7 @@ impl EngineRuntime {
         self.exports
             .add(&a.volume, backend.clone() as Arc<dyn BlockBackend>)
             .map_err(|e| failed(&a.replica_id, format!("NBD export: {e}")))?;
+        self.serving.set(&a.volume, Some(backend.clone()));
         tracing::info!(volume = %a.volume, replica = %a.replica_id, epoch = a.epoch, peers = peers.len(), "primary started");
         l.primary = Some(Primary {
             handle,
