@@ -96,6 +96,33 @@ async fn write_files(dir: &Path, first: u64, n: u64) -> BTreeMap<String, Vec<u8>
     .expect("writer")
 }
 
+/// The `forwarding re-routed` events in an agent's log that moved to `new_primary`,
+/// as their `pause_ms` values.
+fn reroute_pauses(log: &Path, new_primary: &str) -> Vec<u64> {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    // Strip ANSI colour sequences the log formatter may add.
+    let mut plain = String::with_capacity(text.len());
+    let mut esc = false;
+    for ch in text.chars() {
+        match (esc, ch) {
+            (false, '\u{1b}') => esc = true,
+            (true, 'm') => esc = false,
+            (true, _) => {}
+            (false, c) => plain.push(c),
+        }
+    }
+    plain
+        .lines()
+        .filter(|l| {
+            l.contains("forwarding re-routed") && l.contains(&format!("new_primary={new_primary}"))
+        })
+        .filter_map(|l| {
+            let rest = &l[l.find("pause_ms=")? + "pause_ms=".len()..];
+            rest.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
+        })
+        .collect()
+}
+
 fn verify(dir: &Path, files: &BTreeMap<String, Vec<u8>>) {
     for (name, want) in files {
         let got = std::fs::read(dir.join(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
@@ -127,7 +154,7 @@ async fn ready(c: &TestCluster, min_epoch: u64) -> (String, String, u64) {
                 && s.in_sync_count == 2
                 && s.epoch >= min_epoch
                 && serving)
-                .then(|| (s.primary?, s.primary_node?, s.epoch))
+                .then(|| Some((s.primary?, s.primary_node?, s.epoch)))
                 .flatten()
         },
     )
@@ -211,10 +238,20 @@ async fn mounted_forwarded_device_survives_killing_the_primary_agent() {
     let mut files = write_files(&mnt.dir, 0, 16).await;
 
     cluster.agent(&first_node).expect("primary agent").kill();
+    // Write and sync right away: the sync is in flight while there is no primary, and
+    // completes through the same mounted device once the new primary serves.
+    let started = std::time::Instant::now();
+    files.extend(write_files(&mnt.dir, 16, 8).await);
+    println!("writes + sync across the failover took {:?}", started.elapsed());
     let (_, second_node, epoch2) = ready_without(&cluster, &first_node, epoch1).await;
     assert_ne!(second_node, first_node);
-    // The same mounted device takes new writes and syncs through the new primary.
-    files.extend(write_files(&mnt.dir, 16, 8).await);
+    let log3 = cluster.agent("node-3").expect("node-3").dir.join("agent.log");
+    let pauses = reroute_pauses(&log3, &second_node);
+    assert!(
+        !pauses.is_empty(),
+        "node-3 never re-routed its forwarded IO to {second_node}"
+    );
+    println!("node-3 re-routed to {second_node}: pause_ms {pauses:?}");
     mnt.unmount();
     let mut mnt = Mounted::mount(&device, &mnt.dir.clone());
     verify(&mnt.dir, &files);
@@ -239,9 +276,18 @@ async fn mounted_forwarded_device_survives_killing_the_primary_agent() {
     files.extend(write_files(&mnt.dir, 24, 8).await);
 
     cluster.agent(&second_node).expect("second primary").kill();
+    let started = std::time::Instant::now();
+    files.extend(write_files(&mnt.dir, 32, 8).await);
+    println!("writes + sync across the failover took {:?}", started.elapsed());
     let (_, third_node, _) = ready_without(&cluster, &second_node, epoch2).await;
     assert_eq!(third_node, first_node, "the only other member was promoted");
-    files.extend(write_files(&mnt.dir, 32, 8).await);
+    let log1 = cluster.agent(&first_node).expect("agent").dir.join("agent.log");
+    let pauses = reroute_pauses(&log1, &first_node);
+    assert!(
+        !pauses.is_empty(),
+        "{first_node} never re-routed its forwarded IO to its own new primary"
+    );
+    println!("{first_node} re-routed to itself: pause_ms {pauses:?}");
     mnt.unmount();
     let mut mnt = Mounted::mount(&device, &mnt.dir.clone());
     verify(&mnt.dir, &files);
@@ -270,7 +316,7 @@ async fn ready_without(c: &TestCluster, dead_node: &str, old_epoch: u64) -> (Str
                     .is_some_and(|x| x.state == ReplicaState::Serving && x.epoch == s.epoch)
         });
         (s.epoch > old_epoch && node != dead_node && serving)
-            .then(|| (s.primary?, node, s.epoch))
+            .then(|| Some((s.primary?, node, s.epoch)))
             .flatten()
     })
     .await
