@@ -41,6 +41,8 @@ pub struct AttachService {
     attacher: Arc<dyn Attacher>,
     local: LocalVolumes,
     forwarding: Option<Forwarding>,
+    /// The forwarding backends by volume, for Expand (the registry holds them untyped).
+    forwarded: std::sync::Mutex<std::collections::BTreeMap<String, Arc<ForwardingBackend>>>,
 }
 
 impl AttachService {
@@ -56,6 +58,7 @@ impl AttachService {
             attacher,
             local,
             forwarding: None,
+            forwarded: Default::default(),
         }
     }
 
@@ -97,9 +100,12 @@ impl AttachService {
         )
         .await
         .map_err(|e| Status::unavailable(format!("volume {volume}: reaching its primary: {e}")))?;
-        let backend: Arc<dyn BlockBackend> = Arc::new(backend);
+        let typed = Arc::new(backend);
+        let backend: Arc<dyn BlockBackend> = typed.clone();
         match f.exports.add(volume, backend.clone()) {
-            Ok(_) => {}
+            Ok(_) => {
+                self.forwarded_map().insert(volume.to_string(), typed);
+            }
             // A concurrent Attach made it first; use that one.
             Err(crate::nbd::Error::ExportExists(_)) => {}
             Err(e) => return Err(Status::internal(format!("forwarding export: {e}"))),
@@ -109,10 +115,17 @@ impl AttachService {
         Ok((served.unwrap_or(backend), f.nbd_socket.clone()))
     }
 
+    fn forwarded_map(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::BTreeMap<String, Arc<ForwardingBackend>>> {
+        self.forwarded.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     async fn remove_forwarding(&self, volume: &str) -> Result<(), Status> {
         let Some(f) = &self.forwarding else {
             return Ok(());
         };
+        self.forwarded_map().remove(volume);
         match f.exports.remove(volume, f.remove_wait_ms).await {
             Ok(()) => {
                 tracing::info!(volume, "forwarding export removed");
@@ -255,6 +268,20 @@ impl NodeAgent for AttachService {
     ) -> Result<Response<ExpandResponse>, Status> {
         let req = request.into_inner();
         Self::check_name(&req.volume_id)?;
+        let forwarded = self.forwarded_map().get(&req.volume_id).cloned();
+        if let Some(b) = forwarded {
+            // The primary grows first; a forwarded attachment learns the size from it.
+            let size = b.refresh_size().await.map_err(|e| {
+                Status::unavailable(format!("volume {}: asking its primary: {e}", req.volume_id))
+            })?;
+            if size < req.size_bytes {
+                return Err(Status::failed_precondition(format!(
+                    "volume {} is {size} bytes at its primary; the replicas have not grown to {} bytes yet",
+                    req.volume_id, req.size_bytes
+                )));
+            }
+            return Ok(Response::new(ExpandResponse { size_bytes: size }));
+        }
         let export = self.exports.get(&req.volume_id).ok_or_else(|| {
             Status::failed_precondition(format!(
                 "volume {} has no serving primary on this node",
