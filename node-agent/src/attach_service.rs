@@ -14,7 +14,7 @@ use csi::agent_proto::{
 use tonic::{Request, Response, Status};
 
 use crate::attach::{self, Attacher, validate_volume_name};
-use crate::forward::{ForwardSettings, ForwardingBackend, PrimaryResolver};
+use crate::forward::{ForwardSettings, ForwardingBackend, PrimaryResolver, ResolveError};
 use crate::nbd::{BlockBackend, ExportRegistry};
 
 /// Which volumes have a local replica at all (to tell NOT_FOUND from
@@ -92,6 +92,17 @@ impl AttachService {
                 "volume {volume} has no serving primary on this node and forwarding is off"
             )));
         };
+        // Answer at once when there is nothing to wait for; a primary that exists but is
+        // unreachable is waited for (failover_wait_ms) like any forwarded request.
+        match f.resolver.resolve(volume).await {
+            Ok(_) | Err(ResolveError::Lookup(_)) => {}
+            Err(e @ ResolveError::UnknownVolume(_)) => {
+                return Err(Status::not_found(e.to_string()));
+            }
+            Err(e @ ResolveError::NoPrimary(_)) => {
+                return Err(Status::failed_precondition(e.to_string()));
+            }
+        }
         let backend = ForwardingBackend::open(
             volume,
             f.net.clone(),

@@ -19,7 +19,7 @@ use engine::replication::{
 };
 use futures::future::BoxFuture;
 use node_agent::forward::{
-    ForwardSettings, ForwardingBackend, PrimaryResolver, PrimaryTarget, execute_on,
+    ForwardSettings, ForwardingBackend, PrimaryResolver, PrimaryTarget, ResolveError, execute_on,
 };
 use node_agent::nbd::{BlockBackend, MemBackend};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -132,9 +132,12 @@ impl TestResolver {
 }
 
 impl PrimaryResolver for TestResolver {
-    fn resolve<'a>(&'a self, _volume: &'a str) -> BoxFuture<'a, Result<PrimaryTarget, String>> {
+    fn resolve<'a>(
+        &'a self,
+        _volume: &'a str,
+    ) -> BoxFuture<'a, Result<PrimaryTarget, ResolveError>> {
         let t = self.target.lock().unwrap().clone();
-        Box::pin(async move { t.ok_or_else(|| "no primary yet".to_string()) })
+        Box::pin(async move { t.ok_or_else(|| ResolveError::NoPrimary(VOLUME.into())) })
     }
 }
 

@@ -23,7 +23,9 @@ use engine::replication::{
     VolumeId,
 };
 use futures::future::BoxFuture;
-use node_agent::forward::{ForwardSettings, ForwardingBackend, PrimaryResolver, PrimaryTarget};
+use node_agent::forward::{
+    ForwardSettings, ForwardingBackend, PrimaryResolver, PrimaryTarget, ResolveError,
+};
 use node_agent::k8s::{Assignment, Peer, ReplicaRuntime};
 use node_agent::nbd::{BlockBackend, ExportRegistry, ServerConfig};
 use node_agent::runtime::{EngineRuntime, EngineSettings};
@@ -86,7 +88,10 @@ fn assignment(dir: &Path, id: &str, role: ReplicaRole, peer: Option<(&str, Strin
 struct Fixed(PrimaryTarget);
 
 impl PrimaryResolver for Fixed {
-    fn resolve<'a>(&'a self, _volume: &'a str) -> BoxFuture<'a, Result<PrimaryTarget, String>> {
+    fn resolve<'a>(
+        &'a self,
+        _volume: &'a str,
+    ) -> BoxFuture<'a, Result<PrimaryTarget, ResolveError>> {
         let t = self.0.clone();
         Box::pin(async move { Ok(t) })
     }
