@@ -238,8 +238,7 @@ async fn mounted_forwarded_device_survives_killing_the_primary_agent() {
     let e = node3
         .attach("no-such-volume", false)
         .await
-        .err()
-        .expect("Attach of an unknown volume fails")
+        .expect_err("Attach of an unknown volume fails")
         .to_string();
     assert!(e.contains("has no replicas"), "{e}");
     assert!(
