@@ -14,7 +14,8 @@ use kube::Client;
 use tokio_stream::wrappers::UnixListenerStream;
 
 use crate::attach::{Attacher, FuseLoopAttacher, FuseLoopConfig, ProxyCommand};
-use crate::attach_service::AttachService;
+use crate::attach_service::{AttachService, Forwarding};
+use crate::forward::{ForwardSettings, KubeResolver};
 use crate::k8s::{
     AgentContext, LeaseRenewer, LeaseSettings, NodeRegistration, ReplicaSettings, keep_registered,
     run_replicas, validate_data_address,
@@ -25,6 +26,9 @@ use crate::runtime::{EngineRuntime, EngineSettings};
 
 /// Name of the NBD server's unix socket inside `--nbd-socket-dir`.
 pub const NBD_SOCKET_NAME: &str = "nbd.sock";
+/// Name of the forwarding NBD server's unix socket inside `--nbd-socket-dir` (exports of
+/// volumes whose primary is on another node).
+pub const FORWARD_SOCKET_NAME: &str = "forward.sock";
 
 /// Command-line settings; the names match the Helm chart's node DaemonSet.
 #[derive(clap::Parser, Debug, Clone)]
@@ -77,6 +81,14 @@ pub struct Settings {
     /// attached device and the NBD socket, so devices survive agent restarts.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub attach_proxy: bool,
+    /// Bound of the acknowledged-but-unflushed writes a forwarding export keeps for
+    /// replay on a new primary, in bytes (reaching it forwards a FLUSH first).
+    #[arg(long, default_value_t = 64 << 20)]
+    pub forward_replay_bytes_max: u64,
+    /// How long forwarded IO waits for a reachable primary during a failover before it
+    /// fails with EIO, in milliseconds.
+    #[arg(long, default_value_t = 120_000)]
+    pub forward_failover_wait_ms: u64,
 }
 
 /// Errors that stop the agent from starting.
@@ -130,6 +142,24 @@ impl Settings {
                 format!("{} is below the minimum 2", self.lease_duration_s),
             ));
         }
+        if self.forward_replay_bytes_max < 1 << 20 {
+            return Err(setting(
+                "forward-replay-bytes-max",
+                format!(
+                    "{} is below the minimum 1048576",
+                    self.forward_replay_bytes_max
+                ),
+            ));
+        }
+        if self.forward_failover_wait_ms < 1_000 {
+            return Err(setting(
+                "forward-failover-wait-ms",
+                format!(
+                    "{} is below the minimum 1000",
+                    self.forward_failover_wait_ms
+                ),
+            ));
+        }
         if let Some(a) = self.nbd_tcp_addr
             && !a.ip().is_loopback()
         {
@@ -142,10 +172,17 @@ impl Settings {
     }
 
     pub fn nbd_socket(&self) -> PathBuf {
+        self.nbd_socket_dir().join(NBD_SOCKET_NAME)
+    }
+
+    pub fn forward_socket(&self) -> PathBuf {
+        self.nbd_socket_dir().join(FORWARD_SOCKET_NAME)
+    }
+
+    fn nbd_socket_dir(&self) -> PathBuf {
         self.nbd_socket_dir
             .clone()
             .unwrap_or_else(|| self.data_dir.join("run"))
-            .join(NBD_SOCKET_NAME)
     }
 }
 
@@ -266,7 +303,9 @@ pub struct Agent {
     pub nbd_tcp: Option<SocketAddr>,
     /// Where `/metrics`, `/healthz` and `/readyz` are served, when enabled.
     pub metrics_addr: Option<SocketAddr>,
+    pub forward_socket: PathBuf,
     nbd: NbdServer,
+    forward_nbd: NbdServer,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -276,6 +315,7 @@ impl Drop for Agent {
             t.abort();
         }
         self.nbd.shutdown();
+        self.forward_nbd.shutdown();
     }
 }
 
@@ -301,7 +341,7 @@ impl Agent {
                     source,
                 })?,
         );
-        let transport = Transport::new(net);
+        let transport = Transport::new(net.clone());
 
         let exports = ExportRegistry::new();
         let nbd = NbdServer::new(exports.clone(), ServerConfig::default())?;
@@ -314,6 +354,10 @@ impl Agent {
             Some(a) => Some(nbd.listen_tcp(a).await?),
             None => None,
         };
+        let forward_exports = ExportRegistry::new();
+        let forward_nbd = NbdServer::new(forward_exports.clone(), ServerConfig::default())?;
+        let forward_socket = settings.forward_socket();
+        forward_nbd.listen_unix(&forward_socket).await?;
 
         let lease = Arc::new(LeaseRenewer::new(
             client.clone(),
@@ -340,6 +384,7 @@ impl Agent {
         );
         let readiness = Arc::new(Readiness::default());
         readiness.set_data_port(receiver.local_addr());
+        receiver.set_forward_handler(Arc::new(runtime.local_primaries()));
 
         let mut tasks = Vec::new();
         let mut metrics_addr = None;
@@ -379,7 +424,19 @@ impl Agent {
             let runtime = runtime.clone();
             Arc::new(move |volume: &str| runtime.local_role(volume).is_some())
         };
-        let service = AttachService::new(exports, nbd_socket.clone(), attacher, local);
+        let service = AttachService::new(exports, nbd_socket.clone(), attacher, local)
+            .with_forwarding(Forwarding {
+                exports: forward_exports,
+                nbd_socket: forward_socket.clone(),
+                net,
+                settings: ForwardSettings {
+                    replay_bytes_max: settings.forward_replay_bytes_max,
+                    failover_wait_ms: settings.forward_failover_wait_ms,
+                    ..ForwardSettings::default()
+                },
+                resolver: Arc::new(KubeResolver::new(client.clone())),
+                remove_wait_ms: EngineSettings::default().export_remove_wait_ms,
+            });
         let incoming = bind_unix(&settings.agent_socket)?;
         tasks.push(tokio::spawn(async move {
             let r = tonic::transport::Server::builder()
@@ -437,7 +494,9 @@ impl Agent {
             nbd_socket,
             nbd_tcp,
             metrics_addr,
+            forward_socket,
             nbd,
+            forward_nbd,
             tasks,
         })
     }

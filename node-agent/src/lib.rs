@@ -4,6 +4,7 @@
 pub mod agent;
 pub mod attach;
 pub mod attach_service;
+pub mod forward;
 pub mod k8s;
 pub mod metrics;
 pub mod nbd;

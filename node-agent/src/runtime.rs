@@ -11,8 +11,9 @@ use std::sync::{Arc, Mutex};
 
 use api::{BlockReplicaStatus, PeerStatus, ReplicaRole, ReplicaState};
 use engine::replication::{
-    self as repl, Endpoint, Generation, PrimaryConfig, PrimaryHandle, ReceiverConfig,
-    ReceiverServer, ReplicaId, Report, Transport, VolumeId, spawn_primary,
+    self as repl, Endpoint, ForwardHandler, ForwardOp, ForwardOutcome, ForwardStatus, Generation,
+    PrimaryConfig, PrimaryHandle, ReceiverConfig, ReceiverServer, ReplicaId, Report, Transport,
+    VolumeId, spawn_primary,
 };
 use engine::{CreateOptions, DurabilityMode, Epoch, Lsn, Volume, VolumeConfig};
 use tokio::task::JoinHandle;
@@ -93,6 +94,7 @@ pub struct EngineRuntime {
     roles: Mutex<BTreeMap<String, ReplicaRole>>,
     /// Counts NBD traffic of the exports this runtime publishes, when set.
     nbd_metrics: Option<NbdMetrics>,
+    serving: LocalPrimaries,
 }
 
 /// One local replica's reported status and WAL usage, sampled for metrics.
@@ -106,6 +108,84 @@ pub struct ReplicaSample {
     /// Peer replica ID → WAL bytes after its flushed LSN, for peers whose missing
     /// entries are still in the WAL.
     pub peer_lag_bytes: BTreeMap<String, u64>,
+}
+
+/// The backends of this node's serving primaries by volume name: what forwarded IO from
+/// other nodes executes on (the same backend the local NBD export uses, so the
+/// durability gate, the epoch fence and the Lease fence all apply).
+#[derive(Clone, Default)]
+pub struct LocalPrimaries {
+    map: Arc<Mutex<BTreeMap<String, Arc<ReplicatedBackend>>>>,
+}
+
+impl LocalPrimaries {
+    fn set(&self, volume: &str, backend: Option<Arc<ReplicatedBackend>>) {
+        let mut m = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        match backend {
+            Some(b) => m.insert(volume.to_string(), b),
+            None => m.remove(volume),
+        };
+    }
+
+    fn get(&self, volume: &str) -> Option<Arc<ReplicatedBackend>> {
+        self.map
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(volume)
+            .cloned()
+    }
+}
+
+fn forward_status(e: &BackendError) -> ForwardStatus {
+    match e {
+        BackendError::Io(_) => ForwardStatus::Io,
+        BackendError::NoSpace(_) => ForwardStatus::NoSpace,
+        BackendError::Invalid(_) => ForwardStatus::Invalid,
+        BackendError::ReadOnly(_) => ForwardStatus::ReadOnly,
+    }
+}
+
+impl ForwardHandler for LocalPrimaries {
+    fn handle(&self, volume: &VolumeId, epoch: Epoch, op: ForwardOp) -> ForwardOutcome {
+        let Some(b) = self.get(volume.as_str()) else {
+            return ForwardOutcome::failed(
+                ForwardStatus::NotPrimary,
+                format!("no primary of volume {volume} serves on this node"),
+            );
+        };
+        let mine = b.vol.epoch();
+        let refuse = |status, detail: String| ForwardOutcome {
+            epoch: mine,
+            ..ForwardOutcome::failed(status, detail)
+        };
+        if let Err(e) = b.check_writable() {
+            return refuse(ForwardStatus::NotPrimary, e.to_string());
+        }
+        if epoch < mine {
+            return refuse(
+                ForwardStatus::StaleEpoch,
+                format!("request epoch {} is older than {}", epoch.0, mine.0),
+            );
+        }
+        if epoch > mine {
+            return refuse(
+                ForwardStatus::NotPrimary,
+                format!(
+                    "request epoch {} is newer than this primary's {}",
+                    epoch.0, mine.0
+                ),
+            );
+        }
+        match crate::forward::execute_on(&*b, op) {
+            Ok(payload) => ForwardOutcome::ok(mine, payload),
+            // A failure because this primary was deposed meanwhile is a routing answer,
+            // not a medium error: the forwarder retries on the new primary.
+            Err(e) if b.check_writable().is_err() || b.vol.epoch() != mine => {
+                refuse(ForwardStatus::NotPrimary, e.to_string())
+            }
+            Err(e) => refuse(forward_status(&e), e.to_string()),
+        }
+    }
 }
 
 fn failed(replica: &str, message: impl std::fmt::Display) -> RuntimeError {
@@ -158,7 +238,13 @@ impl EngineRuntime {
             replicas: tokio::sync::Mutex::new(BTreeMap::new()),
             roles: Mutex::new(BTreeMap::new()),
             nbd_metrics: None,
+            serving: LocalPrimaries::default(),
         }
+    }
+
+    /// The executor of IO forwarded to this node's primaries (for the data port).
+    pub fn local_primaries(&self) -> LocalPrimaries {
+        self.serving.clone()
     }
 
     /// Counts the NBD traffic of every export published from now on.
@@ -297,6 +383,7 @@ impl EngineRuntime {
     async fn stop_primary(&self, volume: &str, l: &mut Local) {
         let Some(p) = l.primary.take() else { return };
         p.backend.fenced.store(true, Ordering::Release);
+        self.serving.set(volume, None);
         if let Err(e) = self
             .exports
             .remove(volume, self.settings.export_remove_wait_ms)
@@ -382,6 +469,7 @@ impl EngineRuntime {
         self.exports
             .add(&a.volume, exported)
             .map_err(|e| failed(&a.replica_id, format!("NBD export: {e}")))?;
+        self.serving.set(&a.volume, Some(backend.clone()));
         tracing::info!(volume = %a.volume, replica = %a.replica_id, epoch = a.epoch, peers = peers.len(), "primary started");
         l.primary = Some(Primary {
             handle,
