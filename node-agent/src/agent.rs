@@ -71,6 +71,17 @@ pub struct Settings {
     /// How often the BlockNode is re-applied, in milliseconds.
     #[arg(long, default_value_t = 30_000)]
     pub registration_interval_ms: u64,
+    /// How long a local primary keeps WAL for a replica it cannot reach, in
+    /// milliseconds; after that the replica needs a rebuild (and the operator replaces
+    /// it once its own grace runs out).
+    #[arg(long, default_value_t = 300_000)]
+    pub wal_retention_timeout_ms: u64,
+}
+
+fn engine_settings(s: &Settings) -> EngineSettings {
+    let mut e = EngineSettings::default();
+    e.primary.wal_retention_timeout_ms = s.wal_retention_timeout_ms;
+    e
 }
 
 /// Errors that stop the agent from starting.
@@ -327,7 +338,7 @@ impl Agent {
             Arc::new(move || lease.is_fresh())
         };
         let runtime = Arc::new(EngineRuntime::new(
-            EngineSettings::default(),
+            engine_settings(&settings),
             receiver.clone(),
             transport,
             exports.clone(),
