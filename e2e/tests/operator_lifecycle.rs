@@ -272,6 +272,74 @@ async fn planned_primary_moves_keep_every_flushed_byte() {
         (s.epoch, s.primary_node.as_deref()),
         (3, Some(third_node.as_str()))
     );
+
+    // 3. A move recorded by an operator that then died is resumed by its restart: with
+    // the operator down, the status holds a `Requested` move (nothing else asks for
+    // one any more); the restarted operator finishes it.
+    patch_volume(
+        &c,
+        vol,
+        json!({
+            "metadata": {"annotations": {
+                (api::ANNOTATION_MOVE_PRIMARY_TO): null,
+                (api::ANNOTATION_ATTACHED_NODE): null,
+            }},
+            "spec": {"dataLocality": "disabled"},
+        }),
+    )
+    .await;
+    settled(&c, vol, "detached, still on the third node", 3, |s| {
+        s.epoch == 3 && s.attached_to.is_none()
+    })
+    .await;
+    let mut c = c;
+    c.operators[0].kill();
+    let rs = c.replicas(vol).await;
+    let to = rs
+        .iter()
+        .find(|r| r.spec.node == first_node)
+        .expect("replica on the first node");
+    let from = s.primary.clone().expect("primary");
+    Api::<BlockVolume>::all(c.client.clone())
+        .patch_status(
+            vol,
+            // Exactly as the operator writes its status: server-side apply, its manager.
+            &PatchParams::apply(api::FIELD_MANAGER_OPERATOR),
+            &Patch::Apply(&json!({
+                "apiVersion": format!("{}/{}", api::GROUP, api::VERSION),
+                "kind": "BlockVolume",
+                "status": {"primaryMove": {
+                "from": from,
+                "to": to.name_any(),
+                "toNode": first_node,
+                "epoch": 4,
+                "phase": "Requested",
+                "reason": "Requested",
+                "startedAt": k8s_openapi::jiff::Timestamp::from_second(
+                    k8s_openapi::jiff::Timestamp::now().as_second(),
+                )
+                .expect("now")
+                .to_string(),
+            }}})),
+        )
+        .await
+        .expect("record a move as a dead operator would have");
+    c.operators[0].restart().expect("operator restarts");
+    let st = settled(
+        &c,
+        vol,
+        "the recorded move finished after the restart",
+        3,
+        |s| s.epoch == 4 && s.primary_node.as_deref() == Some(first_node.as_str()),
+    )
+    .await;
+    let t1 = target(agent(&c, &first_node), vol);
+    assert_same(
+        &read_all(&t1, VOLUME_BYTES).await,
+        &image,
+        "after the resumed move",
+    );
+    assert_eq!(st.primary.as_deref(), Some(to.name_any().as_str()));
 }
 
 /// A replica whose agent stays away longer than the WAL retention budget and the
