@@ -116,12 +116,19 @@ async fn write_and_flush(t: &Target, image: &mut [u8], seed: u8, stride: usize) 
         .enumerate()
     {
         chunk.fill(seed.wrapping_add(i as u8) | 1);
-        nbd.write((i * CHUNK) as u64, chunk).await.expect("write");
-        if n % FLUSH_EVERY == FLUSH_EVERY - 1 {
-            nbd.flush().await.expect("flush");
+        let offset = (i * CHUNK) as u64;
+        if let Err(e) = nbd.write(offset, chunk).await {
+            panic!("write at {offset} through {t:?}: {e}");
+        }
+        if n % FLUSH_EVERY == FLUSH_EVERY - 1
+            && let Err(e) = nbd.flush().await
+        {
+            panic!("flush through {t:?}: {e}");
         }
     }
-    nbd.flush().await.expect("flush");
+    if let Err(e) = nbd.flush().await {
+        panic!("flush through {t:?}: {e}");
+    }
     nbd.disconnect().await;
 }
 
