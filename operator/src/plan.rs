@@ -223,6 +223,16 @@ fn demoted_spec(obs: &Observed<'_>, m: &api::PrimaryMove) -> Option<BlockReplica
     })
 }
 
+/// A replica assigned `Replica` whose live agent still reports acting as primary.
+fn unconfirmed_demotion(views: &[ReplicaView]) -> Option<&ReplicaView> {
+    views.iter().find(|r| {
+        !r.deleting
+            && r.node_live
+            && r.spec.role == ReplicaRole::Replica
+            && r.reported_role() == Some(ReplicaRole::Primary)
+    })
+}
+
 /// Plans one reconcile of a volume that is not being deleted.
 pub fn plan(obs: &Observed<'_>, settings: &ReplacementSettings, moves: &MoveSettings) -> Plan {
     if obs.name.len() > MAX_VOLUME_NAME_LEN {
@@ -436,6 +446,17 @@ pub fn plan(obs: &Observed<'_>, settings: &ReplacementSettings, moves: &MoveSett
                 PromotionDecision::KeepPrimary
             }
             None if recorded_move.is_some() => PromotionDecision::KeepPrimary,
+            // No primary is assigned at the current epoch, yet a live replica still
+            // reports serving as one (a demotion whose move record was lost): promoting
+            // now could leave it acknowledging, so wait for its demotion report or for
+            // its Lease to expire.
+            None if state.primary.is_none() && unconfirmed_demotion(&views).is_some() => {
+                let r = unconfirmed_demotion(&views)
+                    .map(|r| r.id.clone())
+                    .unwrap_or_default();
+                tracing::info!(volume = obs.name, replica = %r, "waiting for a demoted primary to confirm");
+                PromotionDecision::KeepPrimary
+            }
             None => choose_promotion(
                 state.epoch,
                 &primary_id,
@@ -1285,6 +1306,31 @@ mod tests {
         let again = w.step();
         assert_eq!(again.status.epoch, 2);
         assert_eq!(again.status.primary_move, None);
+    }
+
+    #[test]
+    fn lost_status_mid_move_never_promotes_while_the_demoted_primary_may_serve() {
+        let mut w = converged();
+        let old = w.primary().clone();
+        let target = w.replicas.iter().find(|r| r.id != old.id).unwrap().clone();
+        w.move_to = Some(target.node().to_string());
+        w.step();
+        w.step();
+        // The status (and the move record with it) is lost; the annotation is gone too.
+        w.status = None;
+        w.move_to = None;
+        for _ in 0..2 {
+            let p = w.step();
+            assert_eq!(p.status.primary, None, "{:?}", p.events);
+            assert_eq!(primaries_at(&w, 2), 0);
+        }
+        // Its agent confirms the demotion: the standard rule may now promote.
+        let r = w.replicas.iter_mut().find(|r| r.id == old.id).unwrap();
+        let st = r.status.as_mut().unwrap();
+        (st.role, st.epoch, st.state) = (Some(ReplicaRole::Replica), 2, InSync);
+        let p = w.step();
+        assert!(p.status.primary.is_some());
+        assert_eq!(primaries_at(&w, p.status.epoch), 1);
     }
 
     #[test]
