@@ -16,8 +16,8 @@ pub use replica::{
     ReplicaState,
 };
 pub use volume::{
-    BlockVolume, BlockVolumeSpec, BlockVolumeStatus, Durability, ReplicaSummary, ValidationError,
-    VolumePhase,
+    BlockVolume, BlockVolumeSpec, BlockVolumeStatus, DataLocality, Durability, MovePhase,
+    MoveReason, PrimaryMove, ReplicaSummary, ValidationError, VolumePhase,
 };
 
 /// API group of every blockvol resource.
@@ -47,6 +47,13 @@ pub const ANNOTATION_ATTACHED_NODE: &str = "blockvol.io/attached-node";
 /// Annotation on a `BlockVolume`, `"true"` when its attachment is read-only. Written
 /// together with [`ANNOTATION_ATTACHED_NODE`] and removed with it.
 pub const ANNOTATION_ATTACHED_READONLY: &str = "blockvol.io/attached-readonly";
+
+/// Annotation on a `BlockVolume` asking the operator to move the primary to the named
+/// node (a planned switchover: the old primary is demoted first, so no acknowledged write
+/// is lost and no failover timeout is waited out). The node must hold a replica in the
+/// committed in-sync set. A standing request: while it is set and satisfiable, the
+/// operator keeps the primary there. Written by the cluster admin only.
+pub const ANNOTATION_MOVE_PRIMARY_TO: &str = "blockvol.io/move-primary-to";
 
 /// Topology key the CSI driver reports for each node.
 pub const TOPOLOGY_NODE_KEY: &str = "topology.blockvol.io/node";

@@ -200,6 +200,47 @@ pub struct BlockVolumeStatus {
     pub size_bytes: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+    /// A planned primary move in progress. Recorded before any replica changes, so an
+    /// operator that restarts mid-move resumes it instead of starting a failover.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub primary_move: Option<PrimaryMove>,
+}
+
+/// A planned switchover of the primary to another committed in-sync member.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PrimaryMove {
+    /// ReplicaID of the primary being moved away from.
+    pub from: String,
+    /// ReplicaID of the member that becomes primary.
+    pub to: String,
+    /// Node of `to`.
+    pub to_node: String,
+    /// Epoch the old primary is demoted to and the new one promoted at (current + 1).
+    pub epoch: u64,
+    pub phase: MovePhase,
+    pub reason: MoveReason,
+    /// When the move was recorded; it is abandoned after the operator's move timeout.
+    pub started_at: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time,
+}
+
+/// Steps of a primary move, in order.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum MovePhase {
+    /// Recorded; no replica has changed yet.
+    Requested,
+    /// The old primary is assigned `Replica` at the new epoch; waiting for it to report
+    /// the demotion and for the target to hold every entry it flushed.
+    Demoting,
+}
+
+/// What asked for a primary move.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum MoveReason {
+    /// `spec.dataLocality: BestEffort` and the volume is attached on the target's node.
+    DataLocality,
+    /// The `blockvol.io/move-primary-to` annotation names the target's node.
+    Requested,
 }
 
 /// One line per replica in the volume status.

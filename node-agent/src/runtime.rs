@@ -35,6 +35,10 @@ pub struct EngineSettings {
     pub receiver: ReceiverConfig,
     /// How long removing an NBD export waits for its connections to close.
     pub export_remove_wait_ms: u64,
+    /// How long a demoted primary's last replicated flush may take, in milliseconds.
+    /// The drain lets a planned primary move finish at once (the target then holds every
+    /// entry); if it fails or times out the operator falls back to its promotion rule.
+    pub demotion_drain_timeout_ms: u64,
 }
 
 impl Default for EngineSettings {
@@ -45,6 +49,7 @@ impl Default for EngineSettings {
             primary: PrimaryConfig::default(),
             receiver: ReceiverConfig::default(),
             export_remove_wait_ms: 5_000,
+            demotion_drain_timeout_ms: 5_000,
         }
     }
 }
@@ -378,6 +383,26 @@ impl EngineRuntime {
         Ok((v, r))
     }
 
+    /// Before a demotion: refuses new IO, then ships and flushes (at the old epoch) what
+    /// the primary already holds, so its replicas end with every entry it has. Bounded by
+    /// `demotion_drain_timeout_ms`; a failure only means the operator waits for the
+    /// target to catch up or falls back to its promotion rule. Acknowledges nothing new:
+    /// the export's FLUSH path is fenced first.
+    async fn drain_primary(&self, volume: &str, l: &mut Local) {
+        let Some(p) = l.primary.as_ref() else { return };
+        p.backend.fenced.store(true, Ordering::Release);
+        let wait = std::time::Duration::from_millis(self.settings.demotion_drain_timeout_ms);
+        match tokio::time::timeout(wait, p.handle.flush()).await {
+            Ok(Ok(lsn)) => tracing::info!(volume, lsn = lsn.0, "demoted primary drained"),
+            Ok(Err(e)) => tracing::warn!(volume, error = %e, "demoted primary could not drain"),
+            Err(_) => tracing::warn!(
+                volume,
+                timeout_ms = self.settings.demotion_drain_timeout_ms,
+                "demoted primary drain timed out"
+            ),
+        }
+    }
+
     /// Fences and stops a local primary: writes fail from now on, the export goes away,
     /// the driver stops and the volume's append observer is removed.
     async fn stop_primary(&self, volume: &str, l: &mut Local) {
@@ -551,6 +576,7 @@ impl ReplicaRuntime for EngineRuntime {
         // Demotion first: a primary that is no longer primary stops acknowledging writes
         // before anything else changes.
         if a.role != ReplicaRole::Primary {
+            self.drain_primary(&a.volume, l).await;
             self.stop_primary(&a.volume, l).await;
         }
         // Persist the epoch before acting on the role.

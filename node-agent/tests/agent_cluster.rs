@@ -176,6 +176,7 @@ fn operator(client: &Client) -> Task {
         error_backoff_max_ms: 2_000,
         deletion_poll_ms: 200,
         concurrency: 2,
+        moves: Default::default(),
     };
     let ctx = Arc::new(Context::new(
         client.clone(),

@@ -187,6 +187,95 @@ async fn primary_flush_reaches_the_replica_and_demotion_fences_the_export() {
     assert!(reopened.runtime.status("r1").await.is_none());
 }
 
+/// A planned primary move as the operator drives it: the primary is demoted (Replica at
+/// epoch 2) with writes it never flushed; its drain leaves the replica holding every
+/// entry it has, so the replica can be promoted at epoch 2 at once, serves the same
+/// bytes, and the old primary rejoins under it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_demotion_drains_unflushed_writes_to_the_replica_before_stopping() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (node("a").await, node("b").await);
+    let rb = assignment(&dir.path().join("b"), "r2", ReplicaRole::Replica, 1, None);
+    b.runtime.open(&rb).await.unwrap();
+    b.runtime.apply(&rb).await.unwrap();
+    let ra = assignment(
+        &dir.path().join("a"),
+        "r1",
+        ReplicaRole::Primary,
+        1,
+        Some(("r2", &b.address)),
+    );
+    a.runtime.open(&ra).await.unwrap();
+    a.runtime.apply(&ra).await.unwrap();
+    let backend: Arc<dyn BlockBackend> = a.runtime.exports().get("vol").unwrap().backend().clone();
+    let be = backend.clone();
+    blocking(move || {
+        be.write(0, &[3u8; 4096]).expect("write");
+        be.flush().expect("first flush");
+        // Never flushed by the client.
+        for i in 1..32u64 {
+            be.write(i * 4096, &[0x40 + i as u8; 4096]).expect("write");
+        }
+    })
+    .await;
+    let head = a.runtime.status("r1").await.unwrap().head_lsn;
+    assert!(head >= 32, "head {head}");
+
+    let demoted = Assignment {
+        role: ReplicaRole::Replica,
+        epoch: 2,
+        peers: vec![],
+        ..ra.clone()
+    };
+    a.runtime.apply(&demoted).await.unwrap();
+    let sa = a.runtime.status("r1").await.unwrap();
+    let sb = b.runtime.status("r2").await.unwrap();
+    assert_eq!((sa.role, sa.epoch), (Some(ReplicaRole::Replica), 2));
+    assert!(
+        sb.flushed_lsn >= sa.flushed_lsn && sb.flushed_lsn >= head,
+        "after the drain the replica must hold every entry: replica flushed {} < old primary flushed {} / head {head}",
+        sb.flushed_lsn,
+        sa.flushed_lsn
+    );
+
+    // Promote the replica at the same new epoch, shipping to the demoted primary.
+    let promoted = assignment(
+        &dir.path().join("b"),
+        "r2",
+        ReplicaRole::Primary,
+        2,
+        Some(("r1", &a.address)),
+    );
+    b.runtime.apply(&promoted).await.unwrap();
+    let nb: Arc<dyn BlockBackend> = b.runtime.exports().get("vol").unwrap().backend().clone();
+    let got = blocking(move || {
+        let mut buf = vec![0u8; 32 * 4096];
+        nb.read(0, &mut buf).expect("read");
+        nb.write(64 * 4096, &[9u8; 4096])
+            .expect("write at the new epoch");
+        nb.flush().expect("flush with the old primary as a member");
+        buf
+    })
+    .await;
+    assert!(got[..4096].iter().all(|&x| x == 3));
+    for i in 1..32usize {
+        assert!(
+            got[i * 4096..(i + 1) * 4096]
+                .iter()
+                .all(|&x| x == 0x40 + i as u8),
+            "block {i} differs on the new primary"
+        );
+    }
+    let sa = a.runtime.status("r1").await.unwrap();
+    let sb = b.runtime.status("r2").await.unwrap();
+    assert!(
+        sa.flushed_lsn >= sb.head_lsn,
+        "the old primary rejoined: flushed {} of head {}",
+        sa.flushed_lsn,
+        sb.head_lsn
+    );
+}
+
 #[tokio::test]
 async fn shrinking_a_replica_is_refused() {
     let dir = tempfile::tempdir().unwrap();

@@ -29,6 +29,7 @@ use crate::metrics::Metrics;
 use crate::model::ReplicaView;
 use crate::placement::NodeCandidate;
 use crate::plan::{Cleanup, Observed, Plan, plan, plan_cleanup};
+use crate::primary_move::{MoveSettings, wanted_move};
 use crate::replacement::{ReplacementSettings, is_rebuilding};
 use crate::{Error, Result};
 
@@ -38,6 +39,7 @@ pub struct ControllerSettings {
     /// Namespace holding the node agents' Leases (one per node, named after it).
     pub node_lease_namespace: String,
     pub replacement: ReplacementSettings,
+    pub moves: MoveSettings,
     /// Re-check every volume at least this often, in milliseconds.
     pub resync_interval_ms: u64,
     /// First retry after a failed reconcile, in milliseconds; doubles per failure.
@@ -56,6 +58,7 @@ impl Default for ControllerSettings {
         ControllerSettings {
             node_lease_namespace: "blockvol-system".into(),
             replacement: ReplacementSettings::default(),
+            moves: MoveSettings::default(),
             resync_interval_ms: 30_000,
             error_backoff_initial_ms: 500,
             error_backoff_max_ms: 60_000,
@@ -242,6 +245,13 @@ async fn observe(ctx: &Context, volume: &str) -> Result<Observation> {
     })
 }
 
+/// The admin's request to move the primary (see [`api::ANNOTATION_MOVE_PRIMARY_TO`]).
+fn move_primary_to(vol: &BlockVolume) -> Option<&str> {
+    vol.annotations()
+        .get(api::ANNOTATION_MOVE_PRIMARY_TO)
+        .map(String::as_str)
+}
+
 fn attached_to(vol: &BlockVolume) -> Option<&str> {
     vol.annotations()
         .get(api::ANNOTATION_ATTACHED_NODE)
@@ -372,12 +382,18 @@ async fn apply_volume(vol: Arc<BlockVolume>, ctx: &Context) -> Result<Action> {
             spec: &vol.spec,
             status: vol.status.as_ref(),
             attached_to: attached_to(&vol),
+            move_request: wanted_move(
+                move_primary_to(&vol),
+                vol.spec.data_locality,
+                attached_to(&vol),
+            ),
             replicas: &views,
             nodes: &nodes,
             rebuilding_per_node: &rebuilding,
             now: obs.now,
         },
         &ctx.settings.replacement,
+        &ctx.settings.moves,
     );
     for spec in &p.apply {
         apply_replica(ctx, &vol, spec).await?;
@@ -403,6 +419,11 @@ async fn apply_volume(vol: Arc<BlockVolume>, ctx: &Context) -> Result<Action> {
         let until = obs.now.duration_until(expires);
         let until = Duration::try_from(until).unwrap_or_default() + Duration::from_millis(500);
         after = after.min(until);
+    }
+    // A move in progress waits on agent reports (which trigger reconciles) and on its
+    // timeout (which does not).
+    if p.status.primary_move.is_some() {
+        after = after.min(Duration::from_millis(1_000));
     }
     // Pending grace clocks need a look when they run out.
     if p.status
@@ -439,6 +460,7 @@ async fn cleanup_volume(vol: Arc<BlockVolume>, ctx: &Context) -> Result<Action> 
         replicas: &views,
         blocked: None,
         size_bytes: vol.status.as_ref().and_then(|s| s.size_bytes),
+        primary_move: None,
         previous: vol.status.as_ref(),
         now: obs.now,
     });

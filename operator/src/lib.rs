@@ -11,6 +11,7 @@ pub mod metrics;
 pub mod model;
 pub mod placement;
 pub mod plan;
+pub mod primary_move;
 pub mod promotion;
 pub mod recovery;
 pub mod replacement;

@@ -15,6 +15,7 @@ use crate::expansion::{reached_size, replicas_to_expand};
 use crate::in_sync::{InSyncSet, next_in_sync_set};
 use crate::model::ReplicaView;
 use crate::placement::{NodeCandidate, PlacementRequest, place};
+use crate::primary_move::{MoveInput, MoveOutcome, MoveRequest, MoveSettings, MoveStep};
 use crate::promotion::{PrimaryLease, PromotionDecision, choose_promotion};
 use crate::recovery::recover_state;
 use crate::replacement::{ReplacementSettings, nodes_at_rebuild_limit, replacements};
@@ -34,6 +35,11 @@ pub mod reason {
     pub const CONFLICTING_PRIMARIES: &str = "ConflictingPrimaries";
     pub const INVALID_SPEC: &str = "InvalidSpec";
     pub const REPLICA_REMOVED: &str = "ReplicaRemoved";
+    pub const MOVE_STARTED: &str = "PrimaryMoveStarted";
+    pub const PRIMARY_DEMOTED: &str = "PrimaryDemoted";
+    pub const PRIMARY_MOVED: &str = "PrimaryMoved";
+    pub const MOVE_ABANDONED: &str = "PrimaryMoveAbandoned";
+    pub const MOVE_REJECTED: &str = "PrimaryMoveRejected";
 }
 
 /// Longest volume name: it is a label value on every replica.
@@ -70,6 +76,9 @@ pub struct Observed<'a> {
     pub spec: &'a BlockVolumeSpec,
     pub status: Option<&'a BlockVolumeStatus>,
     pub attached_to: Option<&'a str>,
+    /// Where the primary should be, if somewhere in particular (see
+    /// [`crate::primary_move::wanted_move`]).
+    pub move_request: Option<MoveRequest<'a>>,
     /// Every `BlockReplica` of the volume, including those being deleted.
     pub replicas: &'a [ReplicaView],
     /// Every registered node, with free space net of replicas not yet accounted for.
@@ -143,6 +152,7 @@ fn status_only(obs: &Observed<'_>, blocked: Blocked, event: PlannedEvent) -> Pla
         replicas: obs.replicas,
         blocked: Some(&blocked),
         size_bytes: obs.status.and_then(|s| s.size_bytes),
+        primary_move: obs.status.and_then(|s| s.primary_move.as_ref()),
         previous: obs.status,
         now: obs.now,
     });
@@ -154,8 +164,77 @@ fn status_only(obs: &Observed<'_>, blocked: Blocked, event: PlannedEvent) -> Pla
     }
 }
 
+/// The plan while a move waits or demotes the old primary: no primary exists at the
+/// move's epoch, so nothing else (placement, replacement, expansion) changes until the
+/// move ends. `demote` carries the old primary's new assignment.
+fn moving_plan(
+    obs: &Observed<'_>,
+    state: &crate::recovery::VolumeState,
+    current: &api::PrimaryMove,
+    demote: Option<BlockReplicaSpec>,
+    events: Vec<PlannedEvent>,
+) -> Plan {
+    let views: Vec<ReplicaView> = obs
+        .replicas
+        .iter()
+        .map(|r| {
+            let mut r = r.clone();
+            if let Some(s) = demote.as_ref().filter(|s| s.replica_id == r.id) {
+                r.spec = s.clone();
+            }
+            r
+        })
+        .collect();
+    let state = crate::recovery::VolumeState {
+        epoch: state.epoch.max(current.epoch),
+        primary: None,
+        in_sync: state.in_sync.clone(),
+    };
+    let status = volume_status(&StatusInput {
+        generation: obs.generation,
+        deleting: false,
+        attached_to: obs.attached_to,
+        desired_replicas: obs.spec.replicas,
+        state: &state,
+        replicas: &views,
+        blocked: None,
+        size_bytes: obs.status.and_then(|s| s.size_bytes),
+        primary_move: Some(current),
+        previous: obs.status,
+        now: obs.now,
+    });
+    Plan {
+        apply: demote.into_iter().collect(),
+        delete: vec![],
+        status,
+        events,
+    }
+}
+
+/// The old primary's assignment during a move: a replica at the move's epoch, shipping
+/// to nobody.
+fn demoted_spec(obs: &Observed<'_>, m: &api::PrimaryMove) -> Option<BlockReplicaSpec> {
+    let from = obs.replicas.iter().find(|r| r.id == m.from)?;
+    Some(BlockReplicaSpec {
+        role: ReplicaRole::Replica,
+        epoch: from.spec.epoch.max(m.epoch),
+        peers: vec![],
+        ..from.spec.clone()
+    })
+}
+
+/// A replica assigned `Replica` whose live agent still reports acting as primary.
+fn unconfirmed_demotion(views: &[ReplicaView]) -> Option<&ReplicaView> {
+    views.iter().find(|r| {
+        !r.deleting
+            && r.node_live
+            && r.spec.role == ReplicaRole::Replica
+            && r.reported_role() == Some(ReplicaRole::Primary)
+    })
+}
+
 /// Plans one reconcile of a volume that is not being deleted.
-pub fn plan(obs: &Observed<'_>, settings: &ReplacementSettings) -> Plan {
+pub fn plan(obs: &Observed<'_>, settings: &ReplacementSettings, moves: &MoveSettings) -> Plan {
     if obs.name.len() > MAX_VOLUME_NAME_LEN {
         let m = format!(
             "volume name is {} characters; at most {MAX_VOLUME_NAME_LEN} fit the replicas' {} label",
@@ -196,6 +275,8 @@ pub fn plan(obs: &Observed<'_>, settings: &ReplacementSettings) -> Plan {
     let mut views: Vec<ReplicaView> = obs.replicas.to_vec();
     let mut delete: Vec<String> = Vec::new();
     let mut promoted: Option<String> = None;
+    // The primary move recorded in the status after this reconcile.
+    let mut recorded_move: Option<api::PrimaryMove> = None;
     let placement = |count: usize, existing: &[String], excluded: &[String]| {
         place(
             obs.nodes,
@@ -253,19 +334,138 @@ pub fn plan(obs: &Observed<'_>, settings: &ReplacementSettings) -> Plan {
             }
         }
     } else {
+        let step = crate::primary_move::step(&MoveInput {
+            current: obs.status.and_then(|s| s.primary_move.as_ref()),
+            request: obs.move_request,
+            state: &state,
+            replicas: &views,
+            now: obs.now,
+            settings: moves,
+        });
+        let mut move_promotion: Option<(String, u64)> = None;
+        match step {
+            MoveStep::Idle => {}
+            MoveStep::Rejected {
+                reason: why_kind,
+                why,
+            } => {
+                // Data locality is best effort: only an explicit request is worth a
+                // warning every time it cannot be honoured.
+                if why_kind == api::MoveReason::Requested {
+                    events.push(warning(
+                        reason::MOVE_REJECTED,
+                        format!("cannot move the primary: {why}"),
+                    ));
+                }
+            }
+            MoveStep::Record(m) => {
+                events.push(normal(
+                    reason::MOVE_STARTED,
+                    format!(
+                        "moving primary {} to replica {} on node {} at epoch {} ({:?})",
+                        m.from, m.to, m.to_node, m.epoch, m.reason
+                    ),
+                ));
+                recorded_move = Some(m);
+            }
+            MoveStep::Demote(m) => {
+                let event = normal(
+                    reason::PRIMARY_DEMOTED,
+                    format!(
+                        "demoting primary {} to a replica at epoch {}; replica {} takes over once it holds every flushed entry",
+                        m.from, m.epoch, m.to
+                    ),
+                );
+                let spec = demoted_spec(obs, &m);
+                return moving_plan(obs, &state, &m, spec, vec![event]);
+            }
+            MoveStep::Wait { current, why } => {
+                tracing::debug!(volume = obs.name, why = %why, "primary move waiting");
+                return moving_plan(obs, &state, &current, None, vec![]);
+            }
+            MoveStep::Promote {
+                replica_id,
+                epoch,
+                outcome,
+            } => {
+                let from = obs
+                    .status
+                    .and_then(|s| s.primary_move.as_ref())
+                    .map(|m| m.from.clone())
+                    .unwrap_or_default();
+                let node = views
+                    .iter()
+                    .find(|r| r.id == replica_id)
+                    .map(|r| r.node().to_string())
+                    .unwrap_or_default();
+                match outcome {
+                    MoveOutcome::Completed => events.push(normal(
+                        reason::PRIMARY_MOVED,
+                        format!(
+                            "replica {replica_id} on node {node} is primary at epoch {epoch}; {from} rejoins as a replica"
+                        ),
+                    )),
+                    MoveOutcome::Abandoned { why, deposed } => {
+                        events.push(warning(
+                            reason::MOVE_ABANDONED,
+                            format!(
+                                "primary move abandoned: {why}; replica {replica_id} on node {node} is primary at epoch {epoch}"
+                            ),
+                        ));
+                        if deposed && state.in_sync.contains(&from) && state.in_sync.members.len() > 1 {
+                            let members: Vec<String> = state
+                                .in_sync
+                                .members
+                                .iter()
+                                .filter(|m| **m != from)
+                                .cloned()
+                                .collect();
+                            state.in_sync =
+                                InSyncSet::new(members, state.in_sync.generation.saturating_add(1));
+                        }
+                    }
+                }
+                move_promotion = Some((replica_id, epoch));
+            }
+            MoveStep::Clear { why } => {
+                tracing::info!(volume = obs.name, why = %why, "primary move record cleared");
+            }
+        }
         let primary_id = state.primary.clone().unwrap_or_default();
         let primary_view = views.iter().find(|r| r.id == primary_id && !r.deleting);
         let lease = match primary_view {
             Some(p) if p.node_live => PrimaryLease::Current,
             _ => PrimaryLease::Expired,
         };
-        match choose_promotion(
-            state.epoch,
-            &primary_id,
-            lease,
-            &state.in_sync.members,
-            &views,
-        ) {
+        let decision = match move_promotion {
+            Some((replica_id, epoch)) => {
+                state.epoch = epoch;
+                state.primary = Some(replica_id.clone());
+                promoted = Some(replica_id);
+                // Already promoted: the rest of this reconcile runs as KeepPrimary.
+                PromotionDecision::KeepPrimary
+            }
+            None if recorded_move.is_some() => PromotionDecision::KeepPrimary,
+            // No primary is assigned at the current epoch, yet a live replica still
+            // reports serving as one (a demotion whose move record was lost): promoting
+            // now could leave it acknowledging, so wait for its demotion report or for
+            // its Lease to expire.
+            None if state.primary.is_none() && unconfirmed_demotion(&views).is_some() => {
+                let r = unconfirmed_demotion(&views)
+                    .map(|r| r.id.clone())
+                    .unwrap_or_default();
+                tracing::info!(volume = obs.name, replica = %r, "waiting for a demoted primary to confirm");
+                PromotionDecision::KeepPrimary
+            }
+            None => choose_promotion(
+                state.epoch,
+                &primary_id,
+                lease,
+                &state.in_sync.members,
+                &views,
+            ),
+        };
+        match decision {
             PromotionDecision::KeepPrimary => {
                 if let Some(change) = primary_view
                     .and_then(|p| next_in_sync_set(&state.in_sync, state.epoch, p, &views))
@@ -552,6 +752,7 @@ pub fn plan(obs: &Observed<'_>, settings: &ReplacementSettings) -> Plan {
         replicas: &status_views,
         blocked: blocked.as_ref(),
         size_bytes: reached_size(&status_views),
+        primary_move: recorded_move.as_ref(),
         previous: obs.status,
         now: obs.now,
     });
@@ -631,6 +832,7 @@ mod tests {
         nodes: Vec<NodeCandidate>,
         now: Timestamp,
         events: Vec<PlannedEvent>,
+        move_to: Option<String>,
     }
 
     impl World {
@@ -642,6 +844,7 @@ mod tests {
                 nodes: nodes(n),
                 now: Timestamp::from_second(1_800_000_000).unwrap(),
                 events: vec![],
+                move_to: None,
             }
         }
 
@@ -654,12 +857,17 @@ mod tests {
                     spec: &self.spec,
                     status: self.status.as_ref(),
                     attached_to: None,
+                    move_request: self.move_to.as_deref().map(|node| MoveRequest {
+                        node,
+                        reason: api::MoveReason::Requested,
+                    }),
                     replicas: &self.replicas,
                     nodes: &self.nodes,
                     rebuilding_per_node: &rebuilding,
                     now: self.now,
                 },
                 &ReplacementSettings::default(),
+                &MoveSettings::default(),
             )
         }
 
@@ -977,6 +1185,166 @@ mod tests {
             }
         );
         assert_eq!(plan_cleanup(&[], None), Cleanup::Done);
+    }
+
+    /// Converged RF3 volume whose primary reports both peers in sync.
+    fn converged() -> World {
+        let mut w = World::new(3);
+        w.step();
+        w.all_report_healthy(10);
+        w.step();
+        let pid = w.primary().id.clone();
+        let others: Vec<String> = w
+            .replicas
+            .iter()
+            .filter(|r| r.id != pid)
+            .map(|r| r.id.clone())
+            .collect();
+        let prim = w.replicas.iter_mut().find(|r| r.id == pid).unwrap();
+        prim.status.as_mut().unwrap().peers = others
+            .iter()
+            .map(|id| api::PeerStatus {
+                replica_id: id.clone(),
+                state: InSync,
+                flushed_lsn: 10,
+                last_error: None,
+            })
+            .collect();
+        w
+    }
+
+    fn primaries_at(w: &World, epoch: u64) -> usize {
+        w.replicas
+            .iter()
+            .filter(|r| r.spec.role == ReplicaRole::Primary && r.spec.epoch == epoch)
+            .count()
+    }
+
+    #[test]
+    fn planned_move_demotes_first_then_promotes_the_target_at_epoch_plus_one() {
+        let mut w = converged();
+        let old = w.primary().clone();
+        let target = w.replicas.iter().find(|r| r.id != old.id).unwrap().clone();
+        w.move_to = Some(target.node().to_string());
+
+        // 1. Recorded in the status only.
+        let p = w.step();
+        assert!(p.apply.is_empty() && p.delete.is_empty(), "{p:?}");
+        let m = p.status.primary_move.clone().expect("move recorded");
+        assert_eq!(
+            (m.phase, m.epoch, m.to.as_str()),
+            (api::MovePhase::Requested, 2, target.id.as_str())
+        );
+        assert_eq!(p.status.primary.as_deref(), Some(old.id.as_str()));
+
+        // 2. The old primary alone is reassigned: a replica at epoch 2; nobody is primary.
+        let p = w.step();
+        assert_eq!(p.apply.len(), 1, "{:?}", p.apply);
+        assert_eq!(p.apply[0].replica_id, old.id);
+        assert_eq!(
+            (p.apply[0].role, p.apply[0].epoch),
+            (ReplicaRole::Replica, 2)
+        );
+        assert_eq!(p.status.primary, None);
+        assert_eq!(
+            p.status.primary_move.as_ref().unwrap().phase,
+            api::MovePhase::Demoting
+        );
+        assert_eq!(primaries_at(&w, 2), 0);
+
+        // Until the old primary's agent confirms the demotion, nothing is promoted, also
+        // by an operator that lost everything but the stored objects.
+        for _ in 0..3 {
+            let p = w.step();
+            assert!(p.apply.is_empty(), "{:?}", p.apply);
+            assert_eq!(p.status.primary, None);
+        }
+
+        // 3. The agent reports the demotion (flushed 12, after its last drain); the target
+        // has flushed less: still wait. Once the target has everything: promote it.
+        let r = w.replicas.iter_mut().find(|r| r.id == old.id).unwrap();
+        let st = r.status.as_mut().unwrap();
+        (st.role, st.epoch, st.state, st.flushed_lsn) = (Some(ReplicaRole::Replica), 2, InSync, 12);
+        assert!(w.step().apply.is_empty());
+        w.replicas
+            .iter_mut()
+            .find(|r| r.id == target.id)
+            .unwrap()
+            .status
+            .as_mut()
+            .unwrap()
+            .flushed_lsn = 12;
+        let p = w.step();
+        assert_eq!(
+            p.apply[0].replica_id, target.id,
+            "new primary written first"
+        );
+        assert_eq!(
+            (p.apply[0].role, p.apply[0].epoch),
+            (ReplicaRole::Primary, 2)
+        );
+        assert_eq!(p.status.primary.as_deref(), Some(target.id.as_str()));
+        assert_eq!(p.status.epoch, 2);
+        assert_eq!(p.status.primary_move, None);
+        assert!(
+            p.status.in_sync_set.contains(&old.id),
+            "the demoted primary stays a member"
+        );
+        assert_eq!(primaries_at(&w, 2), 1);
+        assert_eq!(primaries_at(&w, 1), 0);
+        let r = w.reasons();
+        for want in [
+            reason::MOVE_STARTED,
+            reason::PRIMARY_DEMOTED,
+            reason::PRIMARY_MOVED,
+        ] {
+            assert!(r.contains(&want), "{r:?}");
+        }
+
+        // The annotation is now satisfied: nothing more happens.
+        w.all_report_healthy(12);
+        let again = w.step();
+        assert_eq!(again.status.epoch, 2);
+        assert_eq!(again.status.primary_move, None);
+    }
+
+    #[test]
+    fn lost_status_mid_move_never_promotes_while_the_demoted_primary_may_serve() {
+        let mut w = converged();
+        let old = w.primary().clone();
+        let target = w.replicas.iter().find(|r| r.id != old.id).unwrap().clone();
+        w.move_to = Some(target.node().to_string());
+        w.step();
+        w.step();
+        // The status (and the move record with it) is lost; the annotation is gone too.
+        w.status = None;
+        w.move_to = None;
+        for _ in 0..2 {
+            let p = w.step();
+            assert_eq!(p.status.primary, None, "{:?}", p.events);
+            assert_eq!(primaries_at(&w, 2), 0);
+        }
+        // Its agent confirms the demotion: the standard rule may now promote.
+        let r = w.replicas.iter_mut().find(|r| r.id == old.id).unwrap();
+        let st = r.status.as_mut().unwrap();
+        (st.role, st.epoch, st.state) = (Some(ReplicaRole::Replica), 2, InSync);
+        let p = w.step();
+        assert!(p.status.primary.is_some());
+        assert_eq!(primaries_at(&w, p.status.epoch), 1);
+    }
+
+    #[test]
+    fn move_request_to_a_node_without_an_in_sync_replica_is_rejected_with_a_warning() {
+        let mut w = converged();
+        w.move_to = Some("n9".into());
+        let p = w.step();
+        assert!(p.apply.is_empty() && p.status.primary_move.is_none());
+        let e = p
+            .events
+            .iter()
+            .find(|e| e.reason == reason::MOVE_REJECTED)
+            .expect("warning");
+        assert!(e.warning && e.note.contains("n9"), "{}", e.note);
     }
 
     #[test]

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use api::volume::condition;
-use api::{BlockVolumeStatus, ReplicaRole, ReplicaSummary, VolumePhase};
+use api::{BlockVolumeStatus, MovePhase, PrimaryMove, ReplicaRole, ReplicaSummary, VolumePhase};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 
@@ -37,6 +37,8 @@ pub struct StatusInput<'a> {
     pub replicas: &'a [ReplicaView],
     pub blocked: Option<&'a Blocked>,
     pub size_bytes: Option<u64>,
+    /// The primary move to record, if one is in progress.
+    pub primary_move: Option<&'a PrimaryMove>,
     pub previous: Option<&'a BlockVolumeStatus>,
     pub now: Timestamp,
 }
@@ -116,6 +118,19 @@ pub fn volume_status(input: &StatusInput<'_>) -> BlockVolumeStatus {
             }
             Blocked::InvalidSpec(m) => cond(condition::READY, false, "InvalidSpec", m.clone()),
         }
+    } else if let Some(m) = input
+        .primary_move
+        .filter(|m| m.phase == MovePhase::Demoting)
+    {
+        cond(
+            condition::READY,
+            false,
+            "PrimaryMoving",
+            format!(
+                "primary {} is being demoted so that replica {} on node {} takes over at epoch {}; IO pauses until it does",
+                m.from, m.to, m.to_node, m.epoch
+            ),
+        )
     } else if primary_serving {
         let p = primary
             .map(|p| (p.id.as_str(), p.node()))
@@ -219,6 +234,13 @@ pub fn volume_status(input: &StatusInput<'_>) -> BlockVolumeStatus {
                 | Blocked::ConflictingPrimaries(_)
                 | Blocked::InvalidSpec(_),
             ) => VolumePhase::Failed,
+            // A planned switchover is a pause, not a failure: keep the phase.
+            _ if input
+                .primary_move
+                .is_some_and(|m| m.phase == MovePhase::Demoting) =>
+            {
+                previous_phase
+            }
             _ if primary_serving && in_sync_count >= desired => VolumePhase::Ready,
             _ if primary_serving => VolumePhase::Degraded,
             _ if matches!(
@@ -289,6 +311,7 @@ pub fn volume_status(input: &StatusInput<'_>) -> BlockVolumeStatus {
         attached_to: input.attached_to.map(String::from),
         size_bytes: input.size_bytes,
         observed_generation: input.generation,
+        primary_move: input.primary_move.cloned(),
     }
 }
 
@@ -337,6 +360,7 @@ mod tests {
             replicas,
             blocked: None,
             size_bytes: None,
+            primary_move: None,
             previous: None,
             now: t(0),
         }

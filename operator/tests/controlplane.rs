@@ -158,6 +158,7 @@ fn settings() -> ControllerSettings {
         error_backoff_max_ms: 2_000,
         deletion_poll_ms: 200,
         concurrency: 2,
+        moves: Default::default(),
     }
 }
 

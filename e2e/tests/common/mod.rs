@@ -167,6 +167,7 @@ pub fn operator(client: &Client) -> Task {
         error_backoff_max_ms: 2_000,
         deletion_poll_ms: 200,
         concurrency: 2,
+        moves: Default::default(),
     };
     let ctx = Arc::new(Context::new(
         client.clone(),

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use clap::Parser;
+use operator::primary_move::MoveSettings;
 use operator::replacement::ReplacementSettings;
 use operator::{Context, ControllerSettings, LeaderElector, LeaderSettings, Metrics};
 
@@ -42,6 +43,10 @@ struct Args {
     /// Most replicas rebuilding onto one node at once.
     #[arg(long, default_value_t = 2)]
     max_rebuilds_per_node: u32,
+    /// Milliseconds a planned primary move may take before it is abandoned (the
+    /// standard promotion rule then picks the primary).
+    #[arg(long, default_value_t = 30_000)]
+    primary_move_timeout_ms: u64,
     /// Log as JSON lines.
     #[arg(long)]
     log_json: bool,
@@ -78,6 +83,9 @@ async fn main() -> anyhow::Result<()> {
             replica_failure_grace_ms: args.replica_failure_grace_ms,
             node_gone_grace_ms: args.node_gone_grace_ms,
             max_rebuilds_per_node: args.max_rebuilds_per_node,
+        },
+        moves: MoveSettings {
+            primary_move_timeout_ms: args.primary_move_timeout_ms,
         },
         resync_interval_ms: args.resync_interval_ms,
         ..Default::default()
