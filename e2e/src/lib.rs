@@ -6,6 +6,7 @@ pub mod chart;
 pub mod checker;
 pub mod controlplane;
 pub mod error;
+pub mod faults;
 pub mod local;
 pub mod pki;
 mod process;

@@ -1,0 +1,560 @@
+//! Fault scenarios against a real kube-apiserver with three `blockvol-agent` processes and
+//! `blockvol-operator` processes: the lost-write checker writes self-describing blocks
+//! through the primary's NBD socket, a seeded fault hits mid-load, and after recovery every
+//! acknowledged-and-flushed write must read back from the (new) primary: zero missing,
+//! stale or torn blocks. Every wait is a bounded poll of a condition.
+//!
+//! The agent and operator binaries must be built first:
+//! `cargo build -p node-agent -p operator --bins`. Trials per scenario come from
+//! `BLOCKVOL_CHAOS_TRIALS`, the seed from `BLOCKVOL_CHAOS_SEED`.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use api::{
+    BlockReplica, BlockVolume, BlockVolumeSpec, BlockVolumeStatus, ReplicaRole, ReplicaState,
+    VolumePhase,
+};
+use e2e::checker::{Checker, CheckerConfig, Ledger, Target, WriteSummary};
+use e2e::faults::{PortPartition, SeededRng, TcpRelay, env_u64, rules_tagged};
+use e2e::{ControlPlane, ControlPlaneOptions};
+use k8s_openapi::api::core::v1::Namespace;
+use kube::api::{Api, ListParams, ObjectMeta, PostParams};
+use kube::{Client, ResourceExt};
+
+const NS: &str = "blockvol-system";
+const VOLUME: &str = "chaos1";
+const NODES: [&str; 3] = ["n1", "n2", "n3"];
+/// Bound on any one expectation (failover, rejoin, rebuild) on a busy 2-core host.
+const WAIT_TIMEOUT_MS: u64 = 120_000;
+const POLL_MS: u64 = 200;
+/// Node Lease duration of the agents: the IO fence and the failover delay.
+const AGENT_LEASE_S: u64 = 3;
+/// Leader Lease duration of the operators.
+const OPERATOR_LEASE_S: u64 = 3;
+/// Blocks of 4 KiB the checker writes over (8 MiB of the 32 MiB volume).
+const CHECK_LBAS: u64 = 2048;
+/// Upper bound on writes of one load phase; a fault normally ends it much earlier.
+const LOAD_WRITES_MAX: u64 = 200_000;
+const TRIALS_ENV: &str = "BLOCKVOL_CHAOS_TRIALS";
+const SEED_ENV: &str = "BLOCKVOL_CHAOS_SEED";
+/// Comment tag of this suite's iptables rules.
+const IPTABLES_TAG: &str = "blockvol-chaos";
+
+/// The scenarios share the host's two cores and the loopback iptables table: one at a time.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+async fn wait_for<T, F, Fut>(what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + Duration::from_millis(WAIT_TIMEOUT_MS);
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {WAIT_TIMEOUT_MS} ms waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(POLL_MS)).await;
+    }
+}
+
+/// Directory of the workspace binaries next to this test executable (`target/debug`),
+/// or `BLOCKVOL_BIN_DIR`.
+fn bin(name: &str) -> PathBuf {
+    let dir = std::env::var_os("BLOCKVOL_BIN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let exe = std::env::current_exe().expect("test executable path");
+            exe.parent()
+                .and_then(Path::parent)
+                .expect("target dir")
+                .to_path_buf()
+        });
+    let p = dir.join(name);
+    assert!(
+        p.exists(),
+        "{} is missing: run `cargo build -p node-agent -p operator --bins` first",
+        p.display()
+    );
+    p
+}
+
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr").port()
+}
+
+/// A child in its own process group, SIGKILLed and reaped on `kill` or drop; its log
+/// tail is printed when the test fails.
+struct Proc {
+    name: String,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Proc {
+    fn spawn(name: &str, cmd: &mut Command, log: PathBuf) -> Proc {
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .expect("log file");
+        let err = out.try_clone().expect("log file");
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .process_group(0)
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {name}: {e}"));
+        Proc {
+            name: name.into(),
+            child: Some(child),
+            log,
+        }
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn running(&self) -> bool {
+        self.child.is_some()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(30).collect();
+            eprintln!("---- {} log (last lines) ----", self.name);
+            for l in tail.iter().rev() {
+                eprintln!("{l}");
+            }
+        }
+    }
+}
+
+/// One simulated node: a fixed data port (so a restart keeps its address) and its own
+/// relay to the API server (so its API traffic can be partitioned alone).
+struct Node {
+    name: String,
+    dir: PathBuf,
+    data_port: u16,
+    relay: TcpRelay,
+    kubeconfig: PathBuf,
+    agent: Option<Proc>,
+}
+
+impl Node {
+    fn nbd_socket(&self) -> PathBuf {
+        self.dir
+            .join("run")
+            .join(node_agent::agent::NBD_SOCKET_NAME)
+    }
+}
+
+/// The cluster under test: control plane, three agent processes, operator processes.
+struct Cluster {
+    root: tempfile::TempDir,
+    nodes: BTreeMap<String, Node>,
+    operators: BTreeMap<String, Proc>,
+    secret: PathBuf,
+    client: Client,
+    // Last, so the processes above stop before the API server does.
+    cp: ControlPlane,
+}
+
+/// Operator failure graces: large unless a scenario wants replacement.
+#[derive(Clone, Copy)]
+struct OperatorGraces {
+    replica_failure_grace_ms: u64,
+    node_gone_grace_ms: u64,
+}
+
+const NO_REPLACEMENT: OperatorGraces = OperatorGraces {
+    replica_failure_grace_ms: 600_000,
+    node_gone_grace_ms: 600_000,
+};
+
+impl Cluster {
+    async fn start(prefix: &str) -> Cluster {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| "e2e=info".into()),
+            )
+            .with_test_writer()
+            .try_init();
+        let cp = ControlPlane::start(ControlPlaneOptions::default())
+            .await
+            .expect("control plane starts");
+        cp.apply_crds(&e2e::crds_dir()).await.expect("CRDs apply");
+        let client = cp.client();
+        let ns = Namespace {
+            metadata: ObjectMeta {
+                name: Some(NS.into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        Api::<Namespace>::all(client.clone())
+            .create(&PostParams::default(), &ns)
+            .await
+            .expect("namespace");
+        let root = tempfile::Builder::new()
+            .prefix(prefix)
+            .tempdir()
+            .expect("tempdir");
+        let secret = root.path().join("peer-secret");
+        std::fs::write(&secret, "chaos-cluster-secret\n").expect("secret");
+        let api_addr: std::net::SocketAddr = cp
+            .server_url()
+            .trim_start_matches("https://")
+            .parse()
+            .expect("API server address");
+        let admin = std::fs::read_to_string(cp.kubeconfig()).expect("kubeconfig");
+        let mut nodes = BTreeMap::new();
+        for name in NODES {
+            let dir = root.path().join(name);
+            std::fs::create_dir_all(&dir).expect("node dir");
+            let relay = TcpRelay::start(api_addr).await.expect("relay");
+            let kubeconfig = dir.join("kubeconfig");
+            let url = format!("https://{}", relay.addr());
+            std::fs::write(&kubeconfig, admin.replace(cp.server_url(), &url)).expect("kubeconfig");
+            nodes.insert(
+                name.to_string(),
+                Node {
+                    name: name.into(),
+                    dir,
+                    data_port: free_port(),
+                    relay,
+                    kubeconfig,
+                    agent: None,
+                },
+            );
+        }
+        let mut c = Cluster {
+            root,
+            nodes,
+            operators: BTreeMap::new(),
+            secret,
+            client,
+            cp,
+        };
+        for n in NODES {
+            c.start_agent(n);
+        }
+        c
+    }
+
+    fn start_agent(&mut self, name: &str) {
+        let secret = self.secret.clone();
+        let node = self.nodes.get_mut(name).expect("node");
+        let mut cmd = Command::new(bin("blockvol-agent"));
+        cmd.arg(format!("--node-name={name}"))
+            .arg(format!("--namespace={NS}"))
+            .arg(format!("--data-dir={}", node.dir.join("data").display()))
+            .arg(format!("--data-address=127.0.0.1:{}", node.data_port))
+            .arg(format!(
+                "--agent-socket={}",
+                node.dir.join("agent.sock").display()
+            ))
+            .arg(format!("--peer-secret-file={}", secret.display()))
+            .arg(format!("--lease-duration-seconds={AGENT_LEASE_S}"))
+            .arg(format!("--kubeconfig={}", node.kubeconfig.display()))
+            .arg(format!(
+                "--nbd-socket-dir={}",
+                node.dir.join("run").display()
+            ))
+            .arg("--status-interval-ms=300")
+            .arg("--registration-interval-ms=1000")
+            .env("RUST_LOG", "info");
+        let log = node.dir.join("agent.log");
+        node.agent = Some(Proc::spawn(&format!("agent {name}"), &mut cmd, log));
+    }
+
+    /// SIGKILL, like a crash of the node.
+    fn kill_agent(&mut self, name: &str) {
+        if let Some(mut p) = self.nodes.get_mut(name).and_then(|n| n.agent.take()) {
+            p.kill();
+        }
+        tracing::info!(node = name, "agent killed");
+    }
+
+    fn start_operator(&mut self, identity: &str, graces: OperatorGraces) {
+        let mut cmd = Command::new(bin("blockvol-operator"));
+        cmd.arg(format!("--namespace={NS}"))
+            .arg(format!("--identity={identity}"))
+            .arg(format!("--lease-duration-s={OPERATOR_LEASE_S}"))
+            .arg("--renew-interval-ms=500")
+            .arg("--metrics-addr=127.0.0.1:0")
+            .arg("--resync-interval-ms=1000")
+            .arg(format!(
+                "--replica-failure-grace-ms={}",
+                graces.replica_failure_grace_ms
+            ))
+            .arg(format!("--node-gone-grace-ms={}", graces.node_gone_grace_ms))
+            .env("KUBECONFIG", self.cp.kubeconfig())
+            .env("RUST_LOG", "info");
+        let log = self.root.path().join(format!("operator-{identity}.log"));
+        self.operators.insert(
+            identity.into(),
+            Proc::spawn(&format!("operator {identity}"), &mut cmd, log),
+        );
+    }
+
+    fn kill_operator(&mut self, identity: &str) {
+        if let Some(mut p) = self.operators.remove(identity) {
+            p.kill();
+        }
+        tracing::info!(identity, "operator killed");
+    }
+
+    async fn create_volume(&self) {
+        Api::<BlockVolume>::all(self.client.clone())
+            .create(
+                &PostParams::default(),
+                &BlockVolume::new(VOLUME, BlockVolumeSpec::with_size("32Mi")),
+            )
+            .await
+            .expect("create volume");
+    }
+
+    async fn volume(&self) -> Option<BlockVolumeStatus> {
+        Api::<BlockVolume>::all(self.client.clone())
+            .get_opt(VOLUME)
+            .await
+            .ok()
+            .flatten()
+            .and_then(|v| v.status)
+    }
+
+    async fn replicas(&self) -> Vec<BlockReplica> {
+        Api::<BlockReplica>::all(self.client.clone())
+            .list(&ListParams::default().labels(&format!("{}={VOLUME}", api::LABEL_VOLUME)))
+            .await
+            .map(|l| l.items)
+            .unwrap_or_default()
+    }
+
+    /// Ready with all three members committed in sync at one epoch (at least
+    /// `min_epoch`), the primary Serving and seeing both peers InSync.
+    async fn healthy(&self, min_epoch: u64) -> BlockVolumeStatus {
+        wait_for(
+            &format!("three in-sync members at epoch >= {min_epoch}"),
+            || async {
+                let st = self.volume().await?;
+                let rs = self.replicas().await;
+                let primary = rs.iter().find(|r| Some(r.name_any()) == st.primary)?;
+                let ps = primary.status.as_ref()?;
+                let ok = st.phase == VolumePhase::Ready
+                    && st.in_sync_count == 3
+                    && st.epoch >= min_epoch
+                    && primary.spec.role == ReplicaRole::Primary
+                    && ps.state == ReplicaState::Serving
+                    && ps.epoch == st.epoch
+                    && ps.unreachable.is_empty()
+                    && ps.peers.len() == 2
+                    && ps.peers.iter().all(|p| p.state == ReplicaState::InSync)
+                    && rs.len() == 3
+                    && rs
+                        .iter()
+                        .all(|r| r.status.as_ref().is_some_and(|s| s.epoch == st.epoch));
+                ok.then_some(st)
+            },
+        )
+        .await
+    }
+
+    /// A primary other than `old` Serving at an epoch above `epoch`.
+    async fn promoted(&self, old_primary: &str, epoch: u64) -> BlockVolumeStatus {
+        wait_for(
+            &format!("a new primary (not {old_primary}) serving above epoch {epoch}"),
+            || async {
+                let st = self.volume().await?;
+                let p = st.primary.clone()?;
+                if st.epoch <= epoch || p == old_primary {
+                    return None;
+                }
+                let rs = self.replicas().await;
+                let r = rs.iter().find(|r| r.name_any() == p)?;
+                let serving = r.spec.role == ReplicaRole::Primary
+                    && r.status
+                        .as_ref()
+                        .is_some_and(|s| s.state == ReplicaState::Serving && s.epoch == st.epoch);
+                serving.then_some(st)
+            },
+        )
+        .await
+    }
+
+    fn target(&self, node: &str) -> Target {
+        Target::Unix {
+            path: self.nodes[node].nbd_socket(),
+            export: VOLUME.into(),
+        }
+    }
+
+    /// Checks that no agent died on its own (a crash would hide as a "fault").
+    fn assert_agents_alive(&mut self) {
+        for n in self.nodes.values_mut() {
+            if let Some(p) = n.agent.as_mut()
+                && let Some(c) = p.child.as_mut()
+                && let Ok(Some(status)) = c.try_wait()
+            {
+                panic!("agent {} exited on its own: {status}", n.name);
+            }
+        }
+    }
+}
+
+fn checker(seed: u64, flush_every_writes: u32) -> Arc<Checker> {
+    Checker::new(
+        Ledger::new(CheckerConfig {
+            volume_id: VOLUME.into(),
+            seed,
+            workers: 4,
+            block_size_bytes: 4096,
+            lba_start: 0,
+            lba_count: CHECK_LBAS,
+            flush_every_writes,
+        })
+        .expect("checker config"),
+    )
+}
+
+/// Counts over one scenario, printed at its end.
+#[derive(Default, Debug)]
+struct Tally {
+    trials: u64,
+    faults: u64,
+    writes_durable: u64,
+    writes_verified: u64,
+}
+
+impl Tally {
+    fn print(&self, scenario: &str, seed: u64) {
+        println!(
+            "chaos {scenario}: seed {seed}, trials run {}, faults injected {}, durable writes {}, writes verified {}, lost 0",
+            self.trials, self.faults, self.writes_durable, self.writes_verified
+        );
+    }
+}
+
+/// Starts a load phase through `target` in the background.
+fn start_load(
+    checker: &Arc<Checker>,
+    target: Target,
+    writes: u64,
+) -> tokio::task::JoinHandle<WriteSummary> {
+    let c = checker.clone();
+    tokio::spawn(async move { c.run_writes(&target, writes).await })
+}
+
+/// Waits until `n` more flushes were acknowledged than `base`.
+async fn flushes_reach(checker: &Checker, n: u64) {
+    let mut rx = checker.flush_progress();
+    let what = format!("{n} acknowledged flushes");
+    tokio::time::timeout(
+        Duration::from_millis(WAIT_TIMEOUT_MS),
+        rx.wait_for(|v| *v >= n),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+    .expect("progress channel");
+}
+
+/// Reads the whole ledger back through `target`; every durable write must be there.
+async fn verify_clean(checker: &Checker, target: &Target, tally: &mut Tally, what: &str) {
+    let report = checker.verify(target).await.expect("verify reads back");
+    assert!(
+        report.is_clean(),
+        "{what}: acknowledged writes lost: {report}"
+    );
+    tally.writes_verified += report.writes_verified;
+    println!("{what}: {report}");
+}
+
+fn trials(default: u64) -> u64 {
+    env_u64(TRIALS_ENV, default).expect(TRIALS_ENV)
+}
+
+fn seed() -> u64 {
+    env_u64(SEED_ENV, 20_261_126).expect(SEED_ENV)
+}
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Scenario 1: SIGKILL the primary's agent at a seeded moment under load; the operator
+/// promotes; everything acknowledged reads back through the new primary; the killed agent
+/// restarts and rejoins (three in sync) before the next trial.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn primary_agent_sigkill_under_load_loses_no_acknowledged_write() {
+    let _serial = serial();
+    let seed = seed();
+    let mut rng = SeededRng::new(seed);
+    let mut c = Cluster::start("chaos-primary-").await;
+    c.start_operator("op-1", NO_REPLACEMENT);
+    c.create_volume().await;
+    let ck = checker(seed, 8);
+    let mut tally = Tally::default();
+    let mut st = c.healthy(1).await;
+    for trial in 0..trials(2) {
+        let old_node = st.primary_node.clone().expect("primary node");
+        let old_primary = st.primary.clone().expect("primary");
+        let kill_after = rng.range(1, 20);
+        let extra_ms = rng.range(0, 50);
+        let base = *ck.flush_progress().borrow();
+        let load = start_load(&ck, c.target(&old_node), LOAD_WRITES_MAX);
+        flushes_reach(&ck, base + kill_after).await;
+        tokio::time::sleep(Duration::from_millis(extra_ms)).await;
+        c.kill_agent(&old_node);
+        tally.faults += 1;
+        let sum = load.await.expect("load task");
+        assert!(
+            !sum.stopped_by.is_empty(),
+            "the load must have been cut by the kill"
+        );
+        tally.writes_durable += sum.writes_made_durable;
+        println!(
+            "trial {trial}: killed primary {old_primary} on {old_node} after {} acked flushes (+{extra_ms} ms), {} writes durable",
+            sum.flushes_acked, sum.writes_made_durable
+        );
+        let new = c.promoted(&old_primary, st.epoch).await;
+        assert_eq!(new.epoch, st.epoch + 1, "one failover, one epoch bump");
+        let new_node = new.primary_node.clone().expect("new primary node");
+        verify_clean(
+            &ck,
+            &c.target(&new_node),
+            &mut tally,
+            &format!("trial {trial}"),
+        )
+        .await;
+        c.start_agent(&old_node);
+        st = c.healthy(new.epoch).await;
+        assert_eq!(st.epoch, new.epoch, "the rejoin bumped no epoch");
+        c.assert_agents_alive();
+        tally.trials += 1;
+    }
+    // A final read of everything after the last rejoin.
+    let node = st.primary_node.clone().expect("primary node");
+    verify_clean(&ck, &c.target(&node), &mut tally, "after the last rejoin").await;
+    tally.print("primary-sigkill", seed);
+}
