@@ -41,6 +41,8 @@ const OPERATOR_LEASE_S: u64 = 3;
 const CHECK_LBAS: u64 = 2048;
 /// Upper bound on writes of one load phase; a fault normally ends it much earlier.
 const LOAD_WRITES_MAX: u64 = 200_000;
+/// WAL retention time budget the agents get in the replica-kill scenario.
+const RETENTION_BUDGET_MS: u64 = 15_000;
 const TRIALS_ENV: &str = "BLOCKVOL_CHAOS_TRIALS";
 const SEED_ENV: &str = "BLOCKVOL_CHAOS_SEED";
 /// Comment tag of this suite's iptables rules.
@@ -129,10 +131,6 @@ impl Proc {
             let _ = c.wait();
         }
     }
-
-    fn running(&self) -> bool {
-        self.child.is_some()
-    }
 }
 
 impl Drop for Proc {
@@ -175,6 +173,8 @@ struct Cluster {
     operators: BTreeMap<String, Proc>,
     secret: PathBuf,
     client: Client,
+    /// `--wal-retention-timeout-ms` for agents started from now on (agent default if None).
+    wal_retention_timeout_ms: Option<u64>,
     // Last, so the processes above stop before the API server does.
     cp: ControlPlane,
 }
@@ -254,12 +254,22 @@ impl Cluster {
             operators: BTreeMap::new(),
             secret,
             client,
+            wal_retention_timeout_ms: None,
             cp,
         };
         for n in NODES {
             c.start_agent(n);
         }
         c
+    }
+
+    /// Restarts every agent with this retention budget.
+    fn set_wal_retention_timeout_ms(&mut self, ms: u64) {
+        self.wal_retention_timeout_ms = Some(ms);
+        for n in NODES {
+            self.kill_agent(n);
+            self.start_agent(n);
+        }
     }
 
     fn start_agent(&mut self, name: &str) {
@@ -284,6 +294,9 @@ impl Cluster {
             .arg("--status-interval-ms=300")
             .arg("--registration-interval-ms=1000")
             .env("RUST_LOG", "info");
+        if let Some(ms) = self.wal_retention_timeout_ms {
+            cmd.arg(format!("--wal-retention-timeout-ms={ms}"));
+        }
         let log = node.dir.join("agent.log");
         node.agent = Some(Proc::spawn(&format!("agent {name}"), &mut cmd, log));
     }
@@ -403,6 +416,35 @@ impl Cluster {
         .await
     }
 
+    /// ReplicaID of the volume's replica on `node`.
+    async fn replica_on(&self, node: &str) -> String {
+        self.replicas()
+            .await
+            .into_iter()
+            .find(|r| r.spec.node == node)
+            .map(|r| r.name_any())
+            .unwrap_or_else(|| panic!("no replica on {node}"))
+    }
+
+    /// Waits until the primary reports `replica` in `state`.
+    async fn peer_state_is(&self, replica: &str, state: ReplicaState) {
+        wait_for(
+            &format!("the primary reporting {replica} as {state:?}"),
+            || async {
+                let st = self.volume().await?;
+                let rs = self.replicas().await;
+                let p = rs.iter().find(|r| Some(r.name_any()) == st.primary)?;
+                p.status
+                    .as_ref()?
+                    .peers
+                    .iter()
+                    .any(|p| p.replica_id == replica && p.state == state)
+                    .then_some(())
+            },
+        )
+        .await
+    }
+
     fn target(&self, node: &str) -> Target {
         Target::Unix {
             path: self.nodes[node].nbd_socket(),
@@ -481,6 +523,13 @@ async fn flushes_reach(checker: &Checker, n: u64) {
 
 /// Reads the whole ledger back through `target`; every durable write must be there.
 async fn verify_clean(checker: &Checker, target: &Target, tally: &mut Tally, what: &str) {
+    // The status can report Serving a moment before the export is registered.
+    wait_for(&format!("{target:?} accepting NBD clients"), || async {
+        let c = e2e::checker::NbdClient::connect(target).await.ok()?;
+        c.disconnect().await;
+        Some(())
+    })
+    .await;
     let report = checker.verify(target).await.expect("verify reads back");
     assert!(
         report.is_clean(),
@@ -557,4 +606,399 @@ async fn primary_agent_sigkill_under_load_loses_no_acknowledged_write() {
     let node = st.primary_node.clone().expect("primary node");
     verify_clean(&ck, &c.target(&node), &mut tally, "after the last rejoin").await;
     tally.print("primary-sigkill", seed);
+}
+
+/// Records when the checker's flush count last moved, so a test can bound the moment of
+/// the last acknowledged flush. Observation lags the ack, so the bound is conservative.
+struct AckClock {
+    last: Arc<std::sync::Mutex<Option<Instant>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl AckClock {
+    fn start(checker: &Checker) -> AckClock {
+        let last = Arc::new(std::sync::Mutex::new(None));
+        let mut rx = checker.flush_progress();
+        let l = last.clone();
+        let task = tokio::spawn(async move {
+            while rx.changed().await.is_ok() {
+                *l.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+            }
+        });
+        AckClock { last, task }
+    }
+
+    fn last_ack(&self) -> Option<Instant> {
+        *self.last.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Drop for AckClock {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Records every epoch the volume status shows, polled faster than a failover, so a
+/// test can tell one bump from two.
+struct EpochLog {
+    seen: Arc<std::sync::Mutex<Vec<u64>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl EpochLog {
+    fn start(client: &Client) -> EpochLog {
+        let seen: Arc<std::sync::Mutex<Vec<u64>>> = Arc::default();
+        let s = seen.clone();
+        let api = Api::<BlockVolume>::all(client.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                if let Ok(Some(v)) = api.get_opt(VOLUME).await
+                    && let Some(e) = v.status.map(|s| s.epoch)
+                {
+                    let mut seen = s.lock().unwrap_or_else(|e| e.into_inner());
+                    if seen.last() != Some(&e) {
+                        seen.push(e);
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        });
+        EpochLog { seen, task }
+    }
+
+    fn seen(&self) -> Vec<u64> {
+        self.seen.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+impl Drop for EpochLog {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The node of another member than the primary, picked by the seed.
+fn pick_replica_node(st: &BlockVolumeStatus, rng: &mut SeededRng) -> String {
+    let primary = st.primary_node.clone().expect("primary node");
+    let others: Vec<&str> = NODES.iter().copied().filter(|n| *n != primary).collect();
+    rng.pick(&others).expect("two replica nodes").to_string()
+}
+
+/// Asserts that a load phase ran to its end: no write or flush failed.
+fn assert_uninterrupted(sum: &WriteSummary, what: &str) {
+    assert!(
+        sum.stopped_by.is_empty(),
+        "{what}: the load was interrupted: {:?}",
+        sum.stopped_by
+    );
+}
+
+/// Scenario 6: SIGKILL all three agents together mid-write, restart them all: the volume
+/// comes back Ready with a primary and every acknowledged write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn whole_cluster_sigkill_and_restart_loses_no_acknowledged_write() {
+    let _serial = serial();
+    let seed = seed() ^ 6;
+    let mut rng = SeededRng::new(seed);
+    let mut c = Cluster::start("chaos-all-").await;
+    c.start_operator("op-1", NO_REPLACEMENT);
+    c.create_volume().await;
+    let ck = checker(seed, 8);
+    let mut tally = Tally::default();
+    let mut st = c.healthy(1).await;
+    for trial in 0..trials(1) {
+        let node = st.primary_node.clone().expect("primary node");
+        let kill_after = rng.range(1, 20);
+        let base = *ck.flush_progress().borrow();
+        let load = start_load(&ck, c.target(&node), LOAD_WRITES_MAX);
+        flushes_reach(&ck, base + kill_after).await;
+        for n in NODES {
+            c.kill_agent(n);
+        }
+        tally.faults += 1;
+        let sum = load.await.expect("load task");
+        tally.writes_durable += sum.writes_made_durable;
+        println!(
+            "trial {trial}: killed all agents after {} acked flushes, {} writes durable",
+            sum.flushes_acked, sum.writes_made_durable
+        );
+        // The statuses still say healthy until the operator sees the Leases expire; a
+        // health check before that would read the dead agents' last reports.
+        wait_for("the operator noticing every agent gone", || async {
+            c.volume()
+                .await
+                .filter(|v| v.phase != VolumePhase::Ready || v.in_sync_count < 3)
+        })
+        .await;
+        for n in NODES {
+            c.start_agent(n);
+        }
+        st = c.healthy(st.epoch).await;
+        let node = st.primary_node.clone().expect("primary node");
+        verify_clean(&ck, &c.target(&node), &mut tally, &format!("trial {trial}")).await;
+        c.assert_agents_alive();
+        tally.trials += 1;
+    }
+    tally.print("whole-cluster-sigkill", seed);
+}
+
+/// Scenario 4a: SIGKILL the operator right after the primary's agent, start a new
+/// operator: the failover completes with one epoch bump and no acknowledged write lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn operator_killed_during_failover_completes_it_after_restart() {
+    let _serial = serial();
+    let seed = seed() ^ 4;
+    let mut rng = SeededRng::new(seed);
+    let mut c = Cluster::start("chaos-opkill-").await;
+    c.start_operator("op-0", NO_REPLACEMENT);
+    c.create_volume().await;
+    let ck = checker(seed, 8);
+    let mut tally = Tally::default();
+    let mut st = c.healthy(1).await;
+    for trial in 0..trials(1) {
+        let old_node = st.primary_node.clone().expect("primary node");
+        let old_primary = st.primary.clone().expect("primary");
+        let base = *ck.flush_progress().borrow();
+        let load = start_load(&ck, c.target(&old_node), LOAD_WRITES_MAX);
+        flushes_reach(&ck, base + rng.range(1, 20)).await;
+        c.kill_agent(&old_node);
+        let old_op = format!("op-{trial}");
+        c.kill_operator(&old_op);
+        tally.faults += 2;
+        let sum = load.await.expect("load task");
+        tally.writes_durable += sum.writes_made_durable;
+        c.start_operator(&format!("op-{}", trial + 1), NO_REPLACEMENT);
+        let new = c.promoted(&old_primary, st.epoch).await;
+        assert_eq!(new.epoch, st.epoch + 1, "one failover, one epoch bump");
+        let new_node = new.primary_node.clone().expect("new primary node");
+        println!(
+            "trial {trial}: killed primary on {old_node} and operator {old_op}; promoted on {new_node} at epoch {}",
+            new.epoch
+        );
+        verify_clean(&ck, &c.target(&new_node), &mut tally, &format!("trial {trial}")).await;
+        c.start_agent(&old_node);
+        st = c.healthy(new.epoch).await;
+        assert_eq!(st.epoch, new.epoch, "the rejoin bumped no epoch");
+        tally.trials += 1;
+    }
+    tally.print("operator-sigkill-during-failover", seed);
+}
+
+/// Scenario 4b: two operators run at once (Lease leader election) while the primary's
+/// agent is killed: exactly one writes epochs, so each failover bumps the epoch by one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_operators_bump_the_epoch_once_per_failover() {
+    let _serial = serial();
+    let seed = seed() ^ 44;
+    let mut rng = SeededRng::new(seed);
+    let mut c = Cluster::start("chaos-twoops-").await;
+    c.start_operator("op-a", NO_REPLACEMENT);
+    c.start_operator("op-b", NO_REPLACEMENT);
+    c.create_volume().await;
+    let ck = checker(seed, 8);
+    let mut tally = Tally::default();
+    let mut st = c.healthy(1).await;
+    let epochs = EpochLog::start(&c.client);
+    let first_epoch = st.epoch;
+    for trial in 0..trials(1) {
+        let old_node = st.primary_node.clone().expect("primary node");
+        let old_primary = st.primary.clone().expect("primary");
+        let base = *ck.flush_progress().borrow();
+        let load = start_load(&ck, c.target(&old_node), LOAD_WRITES_MAX);
+        flushes_reach(&ck, base + rng.range(1, 20)).await;
+        c.kill_agent(&old_node);
+        tally.faults += 1;
+        let sum = load.await.expect("load task");
+        tally.writes_durable += sum.writes_made_durable;
+        let new = c.promoted(&old_primary, st.epoch).await;
+        assert_eq!(new.epoch, st.epoch + 1, "one failover, one epoch bump");
+        let new_node = new.primary_node.clone().expect("new primary node");
+        verify_clean(&ck, &c.target(&new_node), &mut tally, &format!("trial {trial}")).await;
+        c.start_agent(&old_node);
+        st = c.healthy(new.epoch).await;
+        assert_eq!(st.epoch, new.epoch, "the rejoin bumped no epoch");
+        tally.trials += 1;
+    }
+    let seen = epochs.seen();
+    let want: Vec<u64> = (first_epoch..=first_epoch + tally.trials).collect();
+    assert_eq!(seen, want, "epochs the volume showed, in order");
+    println!("epochs seen: {seen:?}");
+    tally.print("two-operators", seed);
+}
+
+/// Scenario 2: SIGKILL a replica's agent under load. Writes go on (flushes wait until
+/// the operator commits the smaller in-sync set). Restarted within the WAL retention
+/// budget it catches up; restarted after the primary gave up its WAL (NeedsRebuild) it
+/// is rebuilt. Three in sync again after each, and nothing acknowledged lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replica_agent_sigkill_catches_up_or_is_rebuilt_without_loss() {
+    let _serial = serial();
+    let seed = seed() ^ 2;
+    let mut rng = SeededRng::new(seed);
+    let mut c = Cluster::start("chaos-replica-").await;
+    c.set_wal_retention_timeout_ms(RETENTION_BUDGET_MS);
+    c.start_operator("op-1", NO_REPLACEMENT);
+    c.create_volume().await;
+    let ck = checker(seed, 8);
+    let mut tally = Tally::default();
+    let mut st = c.healthy(1).await;
+    for trial in 0..trials(1) {
+        for beyond_budget in [false, true] {
+            let primary_node = st.primary_node.clone().expect("primary node");
+            let victim = pick_replica_node(&st, &mut rng);
+            let victim_id = c.replica_on(&victim).await;
+            let base = *ck.flush_progress().borrow();
+            let load = start_load(&ck, c.target(&primary_node), 400);
+            flushes_reach(&ck, base + rng.range(1, 20)).await;
+            c.kill_agent(&victim);
+            let down_since = Instant::now();
+            tally.faults += 1;
+            let sum = load.await.expect("load task");
+            assert_uninterrupted(&sum, "writes while a replica is down");
+            tally.writes_durable += sum.writes_made_durable;
+            if beyond_budget {
+                // The primary gives up the victim's WAL once the budget has passed.
+                c.peer_state_is(&victim_id, ReplicaState::NeedsRebuild).await;
+                assert!(
+                    down_since.elapsed() >= Duration::from_millis(RETENTION_BUDGET_MS),
+                    "the WAL hold was dropped before the budget ran out"
+                );
+            } else {
+                assert!(
+                    down_since.elapsed() < Duration::from_millis(RETENTION_BUDGET_MS - 3_000),
+                    "the restart must come well within the budget"
+                );
+            }
+            c.start_agent(&victim);
+            st = c.healthy(st.epoch).await;
+            println!(
+                "trial {trial}: replica {victim_id} on {victim} killed, restarted {} the {RETENTION_BUDGET_MS} ms budget after {} ms; {} writes durable meanwhile",
+                if beyond_budget { "beyond" } else { "within" },
+                down_since.elapsed().as_millis(),
+                sum.writes_made_durable
+            );
+            let node = st.primary_node.clone().expect("primary node");
+            verify_clean(&ck, &c.target(&node), &mut tally, &format!("trial {trial}")).await;
+            tally.trials += 1;
+        }
+    }
+    tally.print("replica-sigkill", seed);
+}
+
+/// Scenario 3a/3b: partition the primary from one replica, then from both, under load:
+/// flushes stall until the operator commits the smaller in-sync set and then go on; after
+/// healing, the members rejoin; nothing acknowledged is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn primary_partitioned_from_replicas_acks_only_what_the_committed_set_holds() {
+    let _serial = serial();
+    let seed = seed() ^ 3;
+    let mut rng = SeededRng::new(seed);
+    let mut c = Cluster::start("chaos-netsplit-").await;
+    c.start_operator("op-1", NO_REPLACEMENT);
+    c.create_volume().await;
+    let ck = checker(seed, 8);
+    let mut tally = Tally::default();
+    let mut st = c.healthy(1).await;
+    for trial in 0..trials(1) {
+        for cut_all in [false, true] {
+            let primary_node = st.primary_node.clone().expect("primary node");
+            let cut: Vec<String> = if cut_all {
+                NODES
+                    .iter()
+                    .filter(|n| **n != primary_node)
+                    .map(|n| n.to_string())
+                    .collect()
+            } else {
+                vec![pick_replica_node(&st, &mut rng)]
+            };
+            let mut cut_ids = Vec::new();
+            for n in &cut {
+                cut_ids.push(c.replica_on(n).await);
+            }
+            let ports: Vec<u16> = cut.iter().map(|n| c.nodes[n].data_port).collect();
+            let base = *ck.flush_progress().borrow();
+            let load = start_load(&ck, c.target(&primary_node), 1_200);
+            flushes_reach(&ck, base + rng.range(1, 20)).await;
+            let mut partition = PortPartition::new(IPTABLES_TAG, &ports).expect("partition");
+            tally.faults += 1;
+            let sum = load.await.expect("load task");
+            assert_uninterrupted(&sum, "writes while partitioned");
+            tally.writes_durable += sum.writes_made_durable;
+            // The flushes that completed past the cut were acked for a committed set
+            // without the cut members.
+            let now = c.volume().await.expect("volume status");
+            assert!(
+                cut_ids.iter().all(|id| !now.in_sync_set.contains(id)),
+                "flushes went on while partitioned, so the committed set must exclude {cut_ids:?}: {:?}",
+                now.in_sync_set
+            );
+            assert!(now.in_sync_set_generation > st.in_sync_set_generation);
+            verify_clean(&ck, &c.target(&primary_node), &mut tally, &format!("trial {trial} partitioned")).await;
+            partition.heal().expect("heal");
+            st = c.healthy(st.epoch).await;
+            println!(
+                "trial {trial}: primary on {primary_node} cut from {cut:?}; {} writes durable while cut; committed set shrank, rejoined at generation {}",
+                sum.writes_made_durable, st.in_sync_set_generation
+            );
+            tally.trials += 1;
+        }
+    }
+    assert!(rules_tagged(IPTABLES_TAG).expect("iptables -S").is_empty());
+    tally.print("partition-primary-replicas", seed);
+}
+
+/// Scenario 3c: partition the primary's agent from the API server under load. Its Lease
+/// stops renewing, so it must stop acknowledging flushes within the Lease duration; the
+/// operator promotes another member only after that, and the new primary has every
+/// acknowledged write. After healing, the old primary rejoins as a replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn primary_cut_from_api_server_stops_acking_within_its_lease() {
+    let _serial = serial();
+    let seed = seed() ^ 33;
+    let mut rng = SeededRng::new(seed);
+    let mut c = Cluster::start("chaos-apisplit-").await;
+    c.start_operator("op-1", NO_REPLACEMENT);
+    c.create_volume().await;
+    let ck = checker(seed, 4);
+    let mut tally = Tally::default();
+    let mut st = c.healthy(1).await;
+    for trial in 0..trials(1) {
+        let old_node = st.primary_node.clone().expect("primary node");
+        let old_primary = st.primary.clone().expect("primary");
+        let clock = AckClock::start(&ck);
+        let base = *ck.flush_progress().borrow();
+        let load = start_load(&ck, c.target(&old_node), LOAD_WRITES_MAX);
+        flushes_reach(&ck, base + rng.range(1, 20)).await;
+        let relay_port = c.nodes[&old_node].relay.addr().port();
+        let mut partition = PortPartition::new(IPTABLES_TAG, &[relay_port]).expect("partition");
+        let cut_at = Instant::now();
+        tally.faults += 1;
+        let new = c.promoted(&old_primary, st.epoch).await;
+        assert_eq!(new.epoch, st.epoch + 1, "one failover, one epoch bump");
+        let promoted_after = cut_at.elapsed();
+        let sum = load.await.expect("load task");
+        tally.writes_durable += sum.writes_made_durable;
+        let last = clock.last_ack().expect("some flush was acked");
+        let lease = Duration::from_secs(AGENT_LEASE_S);
+        let acked_after_cut = last.saturating_duration_since(cut_at);
+        assert!(
+            acked_after_cut <= lease,
+            "the cut-off primary acked a flush {acked_after_cut:?} after losing the API server, beyond its {lease:?} Lease"
+        );
+        let new_node = new.primary_node.clone().expect("new primary node");
+        println!(
+            "trial {trial}: primary on {old_node} cut from the API server; last ack {} ms after the cut (Lease {} ms); promoted on {new_node} after {} ms",
+            acked_after_cut.as_millis(),
+            lease.as_millis(),
+            promoted_after.as_millis()
+        );
+        verify_clean(&ck, &c.target(&new_node), &mut tally, &format!("trial {trial}")).await;
+        partition.heal().expect("heal");
+        st = c.healthy(new.epoch).await;
+        assert_eq!(st.epoch, new.epoch, "the rejoin bumped no epoch");
+        tally.trials += 1;
+    }
+    assert!(rules_tagged(IPTABLES_TAG).expect("iptables -S").is_empty());
+    tally.print("partition-primary-apiserver", seed);
 }

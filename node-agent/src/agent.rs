@@ -71,6 +71,10 @@ pub struct Settings {
     /// How often the BlockNode is re-applied, in milliseconds.
     #[arg(long, default_value_t = 30_000)]
     pub registration_interval_ms: u64,
+    /// How long a primary keeps WAL for a lagging replica out of contact before that
+    /// replica needs a rebuild, in milliseconds (the retention time budget).
+    #[arg(long, default_value_t = engine::replication::PrimaryConfig::default().wal_retention_timeout_ms)]
+    pub wal_retention_timeout_ms: u64,
 }
 
 /// Errors that stop the agent from starting.
@@ -122,6 +126,12 @@ impl Settings {
             return Err(setting(
                 "lease-duration-seconds",
                 format!("{} is below the minimum 2", self.lease_duration_s),
+            ));
+        }
+        if self.wal_retention_timeout_ms == 0 {
+            return Err(setting(
+                "wal-retention-timeout-ms",
+                "0 would drop a lagging replica's WAL at once; give a budget of at least 1".into(),
             ));
         }
         if let Some(a) = self.nbd_tcp_addr
@@ -326,8 +336,10 @@ impl Agent {
             let lease = lease.clone();
             Arc::new(move || lease.is_fresh())
         };
+        let mut engine_settings = EngineSettings::default();
+        engine_settings.primary.wal_retention_timeout_ms = settings.wal_retention_timeout_ms;
         let runtime = Arc::new(EngineRuntime::new(
-            EngineSettings::default(),
+            engine_settings,
             receiver.clone(),
             transport,
             exports.clone(),
@@ -480,6 +492,9 @@ mod tests {
         ])
         .unwrap();
         assert!(s.validate().unwrap_err().to_string().contains("loopback"));
+        let s = parse(&["--data-address=10.0.0.5:7400", "--wal-retention-timeout-ms=0"]).unwrap();
+        let e = s.validate().unwrap_err().to_string();
+        assert!(e.starts_with("--wal-retention-timeout-ms"), "{e}");
         assert!(parse(&[]).is_err(), "--data-address is required");
     }
 
