@@ -168,7 +168,8 @@ impl Node {
 
 /// The cluster under test: control plane, three agent processes, operator processes.
 struct Cluster {
-    root: tempfile::TempDir,
+    /// Kept (and its path printed) when the test fails, for the logs inside.
+    root: Option<tempfile::TempDir>,
     nodes: BTreeMap<String, Node>,
     operators: BTreeMap<String, Proc>,
     secret: PathBuf,
@@ -249,7 +250,7 @@ impl Cluster {
             );
         }
         let mut c = Cluster {
-            root,
+            root: Some(root),
             nodes,
             operators: BTreeMap::new(),
             secret,
@@ -261,6 +262,10 @@ impl Cluster {
             c.start_agent(n);
         }
         c
+    }
+
+    fn root_dir(&self) -> &Path {
+        self.root.as_ref().expect("cluster dir").path()
     }
 
     /// Restarts every agent with this retention budget.
@@ -324,7 +329,7 @@ impl Cluster {
             .arg(format!("--node-gone-grace-ms={}", graces.node_gone_grace_ms))
             .env("KUBECONFIG", self.cp.kubeconfig())
             .env("RUST_LOG", "info");
-        let log = self.root.path().join(format!("operator-{identity}.log"));
+        let log = self.root_dir().join(format!("operator-{identity}.log"));
         self.operators.insert(
             identity.into(),
             Proc::spawn(&format!("operator {identity}"), &mut cmd, log),
@@ -426,10 +431,10 @@ impl Cluster {
             .unwrap_or_else(|| panic!("no replica on {node}"))
     }
 
-    /// Waits until the primary reports `replica` in `state`.
-    async fn peer_state_is(&self, replica: &str, state: ReplicaState) {
+    /// Waits until the primary reports `replica` in one of `states`.
+    async fn peer_state_in(&self, replica: &str, states: &[ReplicaState]) {
         wait_for(
-            &format!("the primary reporting {replica} as {state:?}"),
+            &format!("the primary reporting {replica} as one of {states:?}"),
             || async {
                 let st = self.volume().await?;
                 let rs = self.replicas().await;
@@ -438,11 +443,25 @@ impl Cluster {
                     .as_ref()?
                     .peers
                     .iter()
-                    .any(|p| p.replica_id == replica && p.state == state)
+                    .any(|p| p.replica_id == replica && states.contains(&p.state))
                     .then_some(())
             },
         )
         .await
+    }
+
+    /// Bytes in `node`'s agent log so far, to read only what follows later.
+    fn log_len(&self, node: &str) -> usize {
+        std::fs::metadata(self.nodes[node].dir.join("agent.log")).map_or(0, |m| m.len() as usize)
+    }
+
+    /// Whether `node`'s agent logged, after `from` bytes, the primary moving `replica`
+    /// to `state` (the runtime logs each replication report).
+    fn logged_peer_state(&self, node: &str, from: usize, replica: &str, state: &str) -> bool {
+        let log = std::fs::read(self.nodes[node].dir.join("agent.log")).unwrap_or_default();
+        let tail = String::from_utf8_lossy(log.get(from..).unwrap_or_default());
+        let needle = format!("replica: ReplicaId(\"{replica}\"), state: {state}");
+        tail.contains(&needle)
     }
 
     fn target(&self, node: &str) -> Target {
@@ -461,6 +480,20 @@ impl Cluster {
             {
                 panic!("agent {} exited on its own: {status}", n.name);
             }
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for n in self.nodes.values_mut() {
+            drop(n.agent.take());
+        }
+        self.operators.clear();
+        if std::thread::panicking()
+            && let Some(root) = self.root.take()
+        {
+            eprintln!("agent and operator logs kept in {}", root.keep().display());
         }
     }
 }
@@ -851,6 +884,7 @@ async fn replica_agent_sigkill_catches_up_or_is_rebuilt_without_loss() {
             let base = *ck.flush_progress().borrow();
             let load = start_load(&ck, c.target(&primary_node), 400);
             flushes_reach(&ck, base + rng.range(1, 20)).await;
+            let log_from = c.log_len(&primary_node);
             c.kill_agent(&victim);
             let down_since = Instant::now();
             tally.faults += 1;
@@ -859,7 +893,12 @@ async fn replica_agent_sigkill_catches_up_or_is_rebuilt_without_loss() {
             tally.writes_durable += sum.writes_made_durable;
             if beyond_budget {
                 // The primary gives up the victim's WAL once the budget has passed.
-                c.peer_state_is(&victim_id, ReplicaState::NeedsRebuild).await;
+                // (Rebuilding follows NeedsRebuild at once; either shows the escalation.)
+                c.peer_state_in(
+                    &victim_id,
+                    &[ReplicaState::NeedsRebuild, ReplicaState::Rebuilding],
+                )
+                .await;
                 assert!(
                     down_since.elapsed() >= Duration::from_millis(RETENTION_BUDGET_MS),
                     "the WAL hold was dropped before the budget ran out"
@@ -870,12 +909,25 @@ async fn replica_agent_sigkill_catches_up_or_is_rebuilt_without_loss() {
                     "the restart must come well within the budget"
                 );
             }
+            let restarted_after = down_since.elapsed();
             c.start_agent(&victim);
             st = c.healthy(st.epoch).await;
+            assert_eq!(
+                st.primary_node.as_deref(),
+                Some(primary_node.as_str()),
+                "a replica's crash moved the primary"
+            );
+            let rebuilt = c.logged_peer_state(&primary_node, log_from, &victim_id, "Rebuilding");
+            let caught_up = c.logged_peer_state(&primary_node, log_from, &victim_id, "CatchingUp");
+            assert_eq!(
+                rebuilt, beyond_budget,
+                "rebuilt exactly when restarted beyond the retention budget (caught up: {caught_up})"
+            );
             println!(
-                "trial {trial}: replica {victim_id} on {victim} killed, restarted {} the {RETENTION_BUDGET_MS} ms budget after {} ms; {} writes durable meanwhile",
+                "trial {trial}: replica {victim_id} on {victim} killed, restarted {} the {RETENTION_BUDGET_MS} ms budget after {} ms, {}; {} writes durable meanwhile",
                 if beyond_budget { "beyond" } else { "within" },
-                down_since.elapsed().as_millis(),
+                restarted_after.as_millis(),
+                if rebuilt { "rebuilt" } else { "caught up" },
                 sum.writes_made_durable
             );
             let node = st.primary_node.clone().expect("primary node");
