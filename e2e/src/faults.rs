@@ -149,6 +149,9 @@ impl PortPartition {
 
     /// Removes the rules now (idempotent); the first failure is returned after trying all.
     pub fn heal(&mut self) -> Result<()> {
+        if self.rules.is_empty() {
+            return Ok(());
+        }
         let mut first = None;
         for rule in self.rules.drain(..) {
             let mut del = vec!["-D".to_string()];

@@ -644,25 +644,41 @@ async fn primary_agent_sigkill_under_load_loses_no_acknowledged_write() {
 /// Records when the checker's flush count last moved, so a test can bound the moment of
 /// the last acknowledged flush. Observation lags the ack, so the bound is conservative.
 struct AckClock {
-    last: Arc<std::sync::Mutex<Option<Instant>>>,
+    acks: Arc<std::sync::Mutex<Vec<Instant>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl AckClock {
     fn start(checker: &Checker) -> AckClock {
-        let last = Arc::new(std::sync::Mutex::new(None));
+        let acks: Arc<std::sync::Mutex<Vec<Instant>>> = Arc::default();
         let mut rx = checker.flush_progress();
-        let l = last.clone();
+        let a = acks.clone();
         let task = tokio::spawn(async move {
             while rx.changed().await.is_ok() {
-                *l.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+                a.lock().unwrap_or_else(|e| e.into_inner()).push(Instant::now());
             }
         });
-        AckClock { last, task }
+        AckClock { acks, task }
     }
 
     fn last_ack(&self) -> Option<Instant> {
-        *self.last.lock().unwrap_or_else(|e| e.into_inner())
+        self.acks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .last()
+            .copied()
+    }
+
+    /// The longest time without an ack from `from` on (until the last ack).
+    fn longest_gap_since(&self, from: Instant) -> Duration {
+        let acks = self.acks.lock().unwrap_or_else(|e| e.into_inner());
+        let mut prev = from;
+        let mut gap = Duration::ZERO;
+        for t in acks.iter().filter(|t| **t > from) {
+            gap = gap.max(t.duration_since(prev));
+            prev = *t;
+        }
+        gap
     }
 }
 
@@ -969,10 +985,12 @@ async fn primary_partitioned_from_replicas_acks_only_what_the_committed_set_hold
                 cut_ids.push(c.replica_on(n).await);
             }
             let ports: Vec<u16> = cut.iter().map(|n| c.nodes[n].data_port).collect();
+            let clock = AckClock::start(&ck);
             let base = *ck.flush_progress().borrow();
             let load = start_load(&ck, c.target(&primary_node), 1_200);
             flushes_reach(&ck, base + rng.range(1, 20)).await;
             let mut partition = PortPartition::new(IPTABLES_TAG, &ports).expect("partition");
+            let cut_at = Instant::now();
             tally.faults += 1;
             let sum = load.await.expect("load task");
             assert_uninterrupted(&sum, "writes while partitioned");
@@ -990,8 +1008,10 @@ async fn primary_partitioned_from_replicas_acks_only_what_the_committed_set_hold
             partition.heal().expect("heal");
             st = c.healthy(st.epoch).await;
             println!(
-                "trial {trial}: primary on {primary_node} cut from {cut:?}; {} writes durable while cut; committed set shrank, rejoined at generation {}",
-                sum.writes_made_durable, st.in_sync_set_generation
+                "trial {trial}: primary on {primary_node} cut from {cut:?}; longest flush stall after the cut {} ms; {} writes durable in the phase; in-sync set shrank, rejoined at generation {}",
+                clock.longest_gap_since(cut_at).as_millis(),
+                sum.writes_made_durable,
+                st.in_sync_set_generation
             );
             tally.trials += 1;
         }
