@@ -18,6 +18,12 @@ pub enum Error {
     )]
     ToolsNotLocated { script: PathBuf },
 
+    #[error(
+        "{path} is not built: run `cargo build --workspace --bins` (or `cargo test --workspace`, \
+         which builds it) first"
+    )]
+    BinaryMissing { path: PathBuf },
+
     #[error("{context}: {source}")]
     Io {
         context: String,

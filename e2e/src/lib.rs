@@ -4,6 +4,7 @@
 
 pub mod chart;
 pub mod checker;
+pub mod cluster;
 pub mod controlplane;
 pub mod error;
 pub mod faults;
