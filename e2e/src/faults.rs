@@ -17,6 +17,15 @@ pub enum FaultError {
     BadEnv { var: String, value: String },
     #[error("iptables {args:?}: {reason}")]
     Iptables { args: Vec<String>, reason: String },
+    #[error("{command}: {reason}")]
+    Command { command: String, reason: String },
+    #[error("{what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("relay {what}: {source}")]
     Relay {
         what: &'static str,
@@ -169,6 +178,102 @@ impl PortPartition {
 impl Drop for PortPartition {
     fn drop(&mut self) {
         let _ = self.heal();
+    }
+}
+
+fn run(program: &str, args: &[&str]) -> Result<String> {
+    let command = format!("{program} {}", args.join(" "));
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .map_err(|e| FaultError::Command {
+            command: command.clone(),
+            reason: e.to_string(),
+        })?;
+    if !out.status.success() {
+        return Err(FaultError::Command {
+            command,
+            reason: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// A small ext4 filesystem in an image file, attached to a loop device and mounted on
+/// `mountpoint`, so a data directory can run out of space for real. No blocks are
+/// reserved for root (the agents run as root here). Dropping it unmounts it and
+/// detaches the loop device; stop every process using it first.
+pub struct LoopFs {
+    mountpoint: std::path::PathBuf,
+    device: Option<String>,
+    mounted: bool,
+}
+
+impl LoopFs {
+    pub fn mount(image: &std::path::Path, size_mib: u64, mountpoint: &std::path::Path) -> Result<LoopFs> {
+        let io = |what, path: &std::path::Path| {
+            let path = path.to_path_buf();
+            move |source| FaultError::Io { what, path, source }
+        };
+        std::fs::File::create(image)
+            .and_then(|f| f.set_len(size_mib << 20))
+            .map_err(io("creating the image", image))?;
+        std::fs::create_dir_all(mountpoint).map_err(io("creating the mountpoint", mountpoint))?;
+        let img = image.display().to_string();
+        run("mkfs.ext4", &["-q", "-F", "-m", "0", &img])?;
+        let mut fs = LoopFs {
+            mountpoint: mountpoint.to_path_buf(),
+            device: None,
+            mounted: false,
+        };
+        fs.device = Some(run("losetup", &["-f", "--show", &img])?);
+        let dev = fs.device.clone().unwrap_or_default();
+        run("mount", &[&dev, &mountpoint.display().to_string()])?;
+        fs.mounted = true;
+        tracing::info!(device = %dev, mountpoint = %mountpoint.display(), size_mib, "loop filesystem mounted");
+        Ok(fs)
+    }
+
+    /// Writes a filler file until the filesystem is full, so the next allocation fails
+    /// with ENOSPC. Returns the bytes written.
+    pub fn fill(&self) -> Result<u64> {
+        use std::io::Write;
+        let path = self.mountpoint.join("filler");
+        let mut f = std::fs::File::create(&path).map_err(|source| FaultError::Io {
+            what: "creating",
+            path: path.clone(),
+            source,
+        })?;
+        let mut written = 0u64;
+        for chunk in [1usize << 20, 4096] {
+            let buf = vec![0xf1u8; chunk];
+            while f.write_all(&buf).is_ok() {
+                written += chunk as u64;
+            }
+        }
+        let _ = f.sync_all();
+        tracing::info!(mountpoint = %self.mountpoint.display(), written, "filesystem filled");
+        Ok(written)
+    }
+
+    /// Unmounts and detaches now (idempotent).
+    pub fn unmount(&mut self) -> Result<()> {
+        if self.mounted {
+            run("umount", &[&self.mountpoint.display().to_string()])?;
+            self.mounted = false;
+        }
+        if let Some(dev) = self.device.take() {
+            run("losetup", &["-d", &dev])?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for LoopFs {
+    fn drop(&mut self) {
+        if let Err(e) = self.unmount() {
+            tracing::warn!(error = %e, mountpoint = %self.mountpoint.display(), "removing the loop filesystem");
+        }
     }
 }
 

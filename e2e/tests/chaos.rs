@@ -1,18 +1,16 @@
 //! Fault scenarios against a real kube-apiserver with three `blockvol-agent` processes and
-//! `blockvol-operator` processes: the lost-write checker writes self-describing blocks
-//! through the primary's NBD socket, a seeded fault hits mid-load, and after recovery every
-//! acknowledged-and-flushed write must read back from the (new) primary: zero missing,
-//! stale or torn blocks. Every wait is a bounded poll of a condition.
+//! `blockvol-operator` processes (started by `e2e::cluster`): the lost-write checker
+//! writes self-describing blocks through the primary's NBD socket, a seeded fault hits
+//! mid-load, and after recovery every acknowledged-and-flushed write must read back from
+//! the (new) primary: zero missing, stale or torn blocks. Every wait is a bounded poll.
 //!
-//! The agent and operator binaries must be built first:
-//! `cargo build -p node-agent -p operator --bins`. Trials per scenario come from
+//! The agent and operator binaries must be built first (`cargo test --workspace` does;
+//! alone: `cargo build -p node-agent -p operator --bins`). Trials per scenario come from
 //! `BLOCKVOL_CHAOS_TRIALS`, the seed from `BLOCKVOL_CHAOS_SEED`.
 
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -21,22 +19,17 @@ use api::{
     VolumePhase,
 };
 use e2e::checker::{Checker, CheckerConfig, Ledger, Target, WriteSummary};
-use e2e::faults::{PortPartition, SeededRng, TcpRelay, env_u64, rules_tagged};
-use e2e::{ControlPlane, ControlPlaneOptions};
-use k8s_openapi::api::core::v1::Namespace;
-use kube::api::{Api, ListParams, ObjectMeta, PostParams};
+use e2e::cluster::{AgentOptions, AgentProcess, TestCluster, TestClusterOptions};
+use e2e::faults::{LoopFs, PortPartition, SeededRng, TcpRelay, env_u64, rules_tagged};
+use kube::api::{Api, PostParams};
 use kube::{Client, ResourceExt};
 
-const NS: &str = "blockvol-system";
 const VOLUME: &str = "chaos1";
 const NODES: [&str; 3] = ["n1", "n2", "n3"];
 /// Bound on any one expectation (failover, rejoin, rebuild) on a busy 2-core host.
 const WAIT_TIMEOUT_MS: u64 = 120_000;
-const POLL_MS: u64 = 200;
 /// Node Lease duration of the agents: the IO fence and the failover delay.
-const AGENT_LEASE_S: u64 = 3;
-/// Leader Lease duration of the operators.
-const OPERATOR_LEASE_S: u64 = 3;
+const AGENT_LEASE_S: u32 = 3;
 /// Blocks of 4 KiB the checker writes over (8 MiB of the 32 MiB volume).
 const CHECK_LBAS: u64 = 2048;
 /// Upper bound on writes of one load phase; a fault normally ends it much earlier.
@@ -51,149 +44,31 @@ const IPTABLES_TAG: &str = "blockvol-chaos";
 /// The scenarios share the host's two cores and the loopback iptables table: one at a time.
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-async fn wait_for<T, F, Fut>(what: &str, mut f: F) -> T
+/// A bounded poll; a timeout fails the test with `what`.
+async fn wait_for<T, F, Fut>(what: &str, f: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Option<T>>,
 {
-    let deadline = Instant::now() + Duration::from_millis(WAIT_TIMEOUT_MS);
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {WAIT_TIMEOUT_MS} ms waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(POLL_MS)).await;
-    }
+    e2e::cluster::wait_for(what, Duration::from_millis(WAIT_TIMEOUT_MS), f)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
 }
 
-/// Directory of the workspace binaries next to this test executable (`target/debug`),
-/// or `BLOCKVOL_BIN_DIR`.
-fn bin(name: &str) -> PathBuf {
-    let dir = std::env::var_os("BLOCKVOL_BIN_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            let exe = std::env::current_exe().expect("test executable path");
-            exe.parent()
-                .and_then(Path::parent)
-                .expect("target dir")
-                .to_path_buf()
-        });
-    let p = dir.join(name);
-    assert!(
-        p.exists(),
-        "{} is missing: run `cargo build -p node-agent -p operator --bins` first",
-        p.display()
-    );
-    p
-}
-
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr").port()
-}
-
-/// A child in its own process group, SIGKILLed and reaped on `kill` or drop; its log
-/// tail is printed when the test fails.
-struct Proc {
-    name: String,
-    child: Option<Child>,
-    log: PathBuf,
-}
-
-impl Proc {
-    fn spawn(name: &str, cmd: &mut Command, log: PathBuf) -> Proc {
-        let out = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log)
-            .expect("log file");
-        let err = out.try_clone().expect("log file");
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            .process_group(0)
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting {name}: {e}"));
-        Proc {
-            name: name.into(),
-            child: Some(child),
-            log,
-        }
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill();
-        if std::thread::panicking() {
-            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-            let tail: Vec<&str> = log.lines().rev().take(30).collect();
-            eprintln!("---- {} log (last lines) ----", self.name);
-            for l in tail.iter().rev() {
-                eprintln!("{l}");
-            }
-        }
-    }
-}
-
-/// One simulated node: a fixed data port (so a restart keeps its address) and its own
-/// relay to the API server (so its API traffic can be partitioned alone).
-struct Node {
-    name: String,
-    dir: PathBuf,
-    data_port: u16,
-    relay: TcpRelay,
-    kubeconfig: PathBuf,
-    agent: Option<Proc>,
-}
-
-impl Node {
-    fn nbd_socket(&self) -> PathBuf {
-        self.dir
-            .join("run")
-            .join(node_agent::agent::NBD_SOCKET_NAME)
-    }
-}
-
-/// The cluster under test: control plane, three agent processes, operator processes.
+/// The cluster under test: `e2e::cluster` processes, plus one API relay per agent so a
+/// single agent's API traffic can be partitioned (all agents reach the API server from
+/// 127.0.0.1, so only a port of its own tells one agent's packets apart).
 struct Cluster {
-    /// Kept (and its path printed) when the test fails, for the logs inside.
-    root: Option<tempfile::TempDir>,
-    nodes: BTreeMap<String, Node>,
-    operators: BTreeMap<String, Proc>,
-    secret: PathBuf,
-    client: Client,
-    /// `--wal-retention-timeout-ms` for agents started from now on (agent default if None).
-    wal_retention_timeout_ms: Option<u64>,
-    // Last, so the processes above stop before the API server does.
-    cp: ControlPlane,
+    tc: TestCluster,
+    relays: BTreeMap<String, TcpRelay>,
+    /// Small filesystems under agents' data dirs; unmounted after the agents stop.
+    small_disks: Vec<LoopFs>,
 }
-
-/// Operator failure graces: large unless a scenario wants replacement.
-#[derive(Clone, Copy)]
-struct OperatorGraces {
-    replica_failure_grace_ms: u64,
-    node_gone_grace_ms: u64,
-}
-
-const NO_REPLACEMENT: OperatorGraces = OperatorGraces {
-    replica_failure_grace_ms: 600_000,
-    node_gone_grace_ms: 600_000,
-};
 
 impl Cluster {
-    async fn start(prefix: &str) -> Cluster {
+    /// Control plane, three agents (with `agent_args` on their command line), no
+    /// operator yet.
+    async fn start(agent_args: &[String]) -> Cluster {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(
                 tracing_subscriber::EnvFilter::try_from_default_env()
@@ -201,150 +76,126 @@ impl Cluster {
             )
             .with_test_writer()
             .try_init();
-        let cp = ControlPlane::start(ControlPlaneOptions::default())
-            .await
-            .expect("control plane starts");
-        cp.apply_crds(&e2e::crds_dir()).await.expect("CRDs apply");
-        let client = cp.client();
-        let ns = Namespace {
-            metadata: ObjectMeta {
-                name: Some(NS.into()),
-                ..Default::default()
-            },
-            ..Default::default()
+        let mut opts = TestClusterOptions::nodes(0);
+        opts.operators = 0;
+        opts.agent = AgentOptions {
+            lease_duration_s: AGENT_LEASE_S,
+            extra_args: agent_args.to_vec(),
+            log_filter: "info".into(),
+            ..AgentOptions::default()
         };
-        Api::<Namespace>::all(client.clone())
-            .create(&PostParams::default(), &ns)
-            .await
-            .expect("namespace");
-        let root = tempfile::Builder::new()
-            .prefix(prefix)
-            .tempdir()
-            .expect("tempdir");
-        let secret = root.path().join("peer-secret");
-        std::fs::write(&secret, "chaos-cluster-secret\n").expect("secret");
+        let mut tc = TestCluster::start(opts).await.expect("cluster starts");
+        let cp = &tc.control_plane;
         let api_addr: std::net::SocketAddr = cp
             .server_url()
             .trim_start_matches("https://")
             .parse()
             .expect("API server address");
         let admin = std::fs::read_to_string(cp.kubeconfig()).expect("kubeconfig");
-        let mut nodes = BTreeMap::new();
-        for name in NODES {
-            let dir = root.path().join(name);
-            std::fs::create_dir_all(&dir).expect("node dir");
+        let mut relays = BTreeMap::new();
+        for node in NODES {
             let relay = TcpRelay::start(api_addr).await.expect("relay");
-            let kubeconfig = dir.join("kubeconfig");
+            let kubeconfig = tc.root.path().join(format!("kubeconfig-{node}"));
             let url = format!("https://{}", relay.addr());
-            std::fs::write(&kubeconfig, admin.replace(cp.server_url(), &url)).expect("kubeconfig");
-            nodes.insert(
-                name.to_string(),
-                Node {
-                    name: name.into(),
-                    dir,
-                    data_port: free_port(),
-                    relay,
-                    kubeconfig,
-                    agent: None,
-                },
-            );
+            std::fs::write(&kubeconfig, admin.replace(cp.server_url(), &url))
+                .expect("kubeconfig");
+            let agent = AgentProcess::spawn(
+                &tc.agent_binary,
+                node,
+                tc.root.path(),
+                &kubeconfig,
+                &tc.peer_secret_file,
+                &tc.options.agent,
+            )
+            .expect("agent starts");
+            tc.agents.push(agent);
+            relays.insert(node.to_string(), relay);
         }
-        let mut c = Cluster {
-            root: Some(root),
-            nodes,
-            operators: BTreeMap::new(),
-            secret,
-            client,
-            wal_retention_timeout_ms: None,
-            cp,
-        };
-        for n in NODES {
-            c.start_agent(n);
-        }
-        c
-    }
-
-    fn root_dir(&self) -> &Path {
-        self.root.as_ref().expect("cluster dir").path()
-    }
-
-    /// Restarts every agent with this retention budget.
-    fn set_wal_retention_timeout_ms(&mut self, ms: u64) {
-        self.wal_retention_timeout_ms = Some(ms);
-        for n in NODES {
-            self.kill_agent(n);
-            self.start_agent(n);
+        tc.wait_registered(Duration::from_millis(WAIT_TIMEOUT_MS))
+            .await
+            .expect("agents register");
+        Cluster {
+            tc,
+            relays,
+            small_disks: Vec::new(),
         }
     }
 
-    fn start_agent(&mut self, name: &str) {
-        let secret = self.secret.clone();
-        let node = self.nodes.get_mut(name).expect("node");
-        let mut cmd = Command::new(bin("blockvol-agent"));
-        cmd.arg(format!("--node-name={name}"))
-            .arg(format!("--namespace={NS}"))
-            .arg(format!("--data-dir={}", node.dir.join("data").display()))
-            .arg(format!("--data-address=127.0.0.1:{}", node.data_port))
-            .arg(format!(
-                "--agent-socket={}",
-                node.dir.join("agent.sock").display()
-            ))
-            .arg(format!("--peer-secret-file={}", secret.display()))
-            .arg(format!("--lease-duration-seconds={AGENT_LEASE_S}"))
-            .arg(format!("--kubeconfig={}", node.kubeconfig.display()))
-            .arg(format!(
-                "--nbd-socket-dir={}",
-                node.dir.join("run").display()
-            ))
-            .arg("--status-interval-ms=300")
-            .arg("--registration-interval-ms=1000")
-            .env("RUST_LOG", "info");
-        if let Some(ms) = self.wal_retention_timeout_ms {
-            cmd.arg(format!("--wal-retention-timeout-ms={ms}"));
-        }
-        let log = node.dir.join("agent.log");
-        node.agent = Some(Proc::spawn(&format!("agent {name}"), &mut cmd, log));
+    fn agent(&self, node: &str) -> &AgentProcess {
+        self.tc
+            .agents
+            .iter()
+            .find(|a| a.node == node)
+            .unwrap_or_else(|| panic!("no agent {node}"))
+    }
+
+    /// Starts the killed agent again with the same data dir, data port and relay.
+    fn start_agent(&mut self, node: &str) {
+        self.tc
+            .agent(node)
+            .expect("agent")
+            .restart()
+            .expect("agent restarts");
     }
 
     /// SIGKILL, like a crash of the node.
-    fn kill_agent(&mut self, name: &str) {
-        if let Some(mut p) = self.nodes.get_mut(name).and_then(|n| n.agent.take()) {
-            p.kill();
-        }
-        tracing::info!(node = name, "agent killed");
+    fn kill_agent(&mut self, node: &str) {
+        self.tc.agent(node).expect("agent").kill();
+        tracing::info!(node, "agent killed");
     }
 
-    fn start_operator(&mut self, identity: &str, graces: OperatorGraces) {
-        let mut cmd = Command::new(bin("blockvol-operator"));
-        cmd.arg(format!("--namespace={NS}"))
-            .arg(format!("--identity={identity}"))
-            .arg(format!("--lease-duration-s={OPERATOR_LEASE_S}"))
-            .arg("--renew-interval-ms=500")
-            .arg("--metrics-addr=127.0.0.1:0")
-            .arg("--resync-interval-ms=1000")
-            .arg(format!(
-                "--replica-failure-grace-ms={}",
-                graces.replica_failure_grace_ms
-            ))
-            .arg(format!("--node-gone-grace-ms={}", graces.node_gone_grace_ms))
-            .env("KUBECONFIG", self.cp.kubeconfig())
-            .env("RUST_LOG", "info");
-        let log = self.root_dir().join(format!("operator-{identity}.log"));
-        self.operators.insert(
-            identity.into(),
-            Proc::spawn(&format!("operator {identity}"), &mut cmd, log),
-        );
+    fn start_operator(&mut self, identity: &str) {
+        self.tc.add_operator(identity).expect("operator starts");
     }
 
     fn kill_operator(&mut self, identity: &str) {
-        if let Some(mut p) = self.operators.remove(identity) {
-            p.kill();
-        }
+        self.tc
+            .operators
+            .iter_mut()
+            .find(|o| o.identity == identity)
+            .unwrap_or_else(|| panic!("no operator {identity}"))
+            .kill();
         tracing::info!(identity, "operator killed");
     }
 
+    fn client(&self) -> Client {
+        self.tc.client.clone()
+    }
+
+    fn data_port(&self, node: &str) -> u16 {
+        self.agent(node).data_address.port()
+    }
+
+    fn relay_port(&self, node: &str) -> u16 {
+        self.relays[node].addr().port()
+    }
+
+    /// Moves `node`'s data dir onto a fresh `size_mib` ext4 filesystem (the agent must be
+    /// stopped), so it can be filled later.
+    fn move_data_to_small_disk(&mut self, node: &str, size_mib: u64) -> usize {
+        let data = self.agent(node).data_dir.clone();
+        let old = data.with_extension("old");
+        std::fs::rename(&data, &old).expect("moving the data dir aside");
+        let image = self.tc.root.path().join(format!("{node}-disk.img"));
+        let fs = LoopFs::mount(&image, size_mib, &data).expect("small filesystem");
+        self.small_disks.push(fs);
+        let out = std::process::Command::new("cp")
+            .args(["-a", "--sparse=always"])
+            .arg(format!("{}/.", old.display()))
+            .arg(&data)
+            .output()
+            .expect("cp");
+        assert!(out.status.success(), "cp: {}", String::from_utf8_lossy(&out.stderr));
+        std::fs::remove_dir_all(&old).expect("removing the old data dir");
+        self.small_disks.len() - 1
+    }
+
+    fn agent_log(&self, node: &str) -> PathBuf {
+        self.agent(node).dir.join("agent.log")
+    }
+
     async fn create_volume(&self) {
-        Api::<BlockVolume>::all(self.client.clone())
+        Api::<BlockVolume>::all(self.client())
             .create(
                 &PostParams::default(),
                 &BlockVolume::new(VOLUME, BlockVolumeSpec::with_size("32Mi")),
@@ -354,20 +205,11 @@ impl Cluster {
     }
 
     async fn volume(&self) -> Option<BlockVolumeStatus> {
-        Api::<BlockVolume>::all(self.client.clone())
-            .get_opt(VOLUME)
-            .await
-            .ok()
-            .flatten()
-            .and_then(|v| v.status)
+        self.tc.volume(VOLUME).await.and_then(|v| v.status)
     }
 
     async fn replicas(&self) -> Vec<BlockReplica> {
-        Api::<BlockReplica>::all(self.client.clone())
-            .list(&ListParams::default().labels(&format!("{}={VOLUME}", api::LABEL_VOLUME)))
-            .await
-            .map(|l| l.items)
-            .unwrap_or_default()
+        self.tc.replicas(VOLUME).await
     }
 
     /// Ready with all three members committed in sync at one epoch (at least
@@ -452,13 +294,13 @@ impl Cluster {
 
     /// Bytes in `node`'s agent log so far, to read only what follows later.
     fn log_len(&self, node: &str) -> usize {
-        std::fs::metadata(self.nodes[node].dir.join("agent.log")).map_or(0, |m| m.len() as usize)
+        std::fs::metadata(self.agent_log(node)).map_or(0, |m| m.len() as usize)
     }
 
     /// Whether `node`'s agent logged, after `from` bytes, the primary moving `replica`
     /// to `state` (the runtime logs each replication report).
     fn logged_peer_state(&self, node: &str, from: usize, replica: &str, state: &str) -> bool {
-        let log = std::fs::read(self.nodes[node].dir.join("agent.log")).unwrap_or_default();
+        let log = std::fs::read(self.agent_log(node)).unwrap_or_default();
         let tail = String::from_utf8_lossy(log.get(from..).unwrap_or_default());
         let needle = format!("replica: ReplicaId(\"{replica}\"), state: {state}");
         tail.contains(&needle)
@@ -466,34 +308,25 @@ impl Cluster {
 
     fn target(&self, node: &str) -> Target {
         Target::Unix {
-            path: self.nodes[node].nbd_socket(),
+            path: self.agent(node).nbd_socket.clone(),
             export: VOLUME.into(),
-        }
-    }
-
-    /// Checks that no agent died on its own (a crash would hide as a "fault").
-    fn assert_agents_alive(&mut self) {
-        for n in self.nodes.values_mut() {
-            if let Some(p) = n.agent.as_mut()
-                && let Some(c) = p.child.as_mut()
-                && let Ok(Some(status)) = c.try_wait()
-            {
-                panic!("agent {} exited on its own: {status}", n.name);
-            }
         }
     }
 }
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        for n in self.nodes.values_mut() {
-            drop(n.agent.take());
+        // Nothing may use a small filesystem when it is unmounted.
+        for a in &mut self.tc.agents {
+            a.kill();
         }
-        self.operators.clear();
+        self.small_disks.clear();
+        // Keep the logs of a failed run: swap an empty directory in for the cluster's.
         if std::thread::panicking()
-            && let Some(root) = self.root.take()
+            && let Ok(empty) = tempfile::tempdir()
         {
-            eprintln!("agent and operator logs kept in {}", root.keep().display());
+            let kept = std::mem::replace(&mut self.tc.root, empty).keep();
+            eprintln!("agent and operator logs kept in {}", kept.display());
         }
     }
 }
@@ -592,8 +425,8 @@ async fn primary_agent_sigkill_under_load_loses_no_acknowledged_write() {
     let _serial = serial();
     let seed = seed();
     let mut rng = SeededRng::new(seed);
-    let mut c = Cluster::start("chaos-primary-").await;
-    c.start_operator("op-1", NO_REPLACEMENT);
+    let mut c = Cluster::start(&[]).await;
+    c.start_operator("op-1");
     c.create_volume().await;
     let ck = checker(seed, 8);
     let mut tally = Tally::default();
@@ -632,8 +465,7 @@ async fn primary_agent_sigkill_under_load_loses_no_acknowledged_write() {
         c.start_agent(&old_node);
         st = c.healthy(new.epoch).await;
         assert_eq!(st.epoch, new.epoch, "the rejoin bumped no epoch");
-        c.assert_agents_alive();
-        tally.trials += 1;
+            tally.trials += 1;
     }
     // A final read of everything after the last rejoin.
     let node = st.primary_node.clone().expect("primary node");
@@ -750,8 +582,8 @@ async fn whole_cluster_sigkill_and_restart_loses_no_acknowledged_write() {
     let _serial = serial();
     let seed = seed() ^ 6;
     let mut rng = SeededRng::new(seed);
-    let mut c = Cluster::start("chaos-all-").await;
-    c.start_operator("op-1", NO_REPLACEMENT);
+    let mut c = Cluster::start(&[]).await;
+    c.start_operator("op-1");
     c.create_volume().await;
     let ck = checker(seed, 8);
     let mut tally = Tally::default();
@@ -786,8 +618,7 @@ async fn whole_cluster_sigkill_and_restart_loses_no_acknowledged_write() {
         st = c.healthy(st.epoch).await;
         let node = st.primary_node.clone().expect("primary node");
         verify_clean(&ck, &c.target(&node), &mut tally, &format!("trial {trial}")).await;
-        c.assert_agents_alive();
-        tally.trials += 1;
+            tally.trials += 1;
     }
     tally.print("whole-cluster-sigkill", seed);
 }
@@ -799,8 +630,8 @@ async fn operator_killed_during_failover_completes_it_after_restart() {
     let _serial = serial();
     let seed = seed() ^ 4;
     let mut rng = SeededRng::new(seed);
-    let mut c = Cluster::start("chaos-opkill-").await;
-    c.start_operator("op-0", NO_REPLACEMENT);
+    let mut c = Cluster::start(&[]).await;
+    c.start_operator("op-0");
     c.create_volume().await;
     let ck = checker(seed, 8);
     let mut tally = Tally::default();
@@ -817,7 +648,7 @@ async fn operator_killed_during_failover_completes_it_after_restart() {
         tally.faults += 2;
         let sum = load.await.expect("load task");
         tally.writes_durable += sum.writes_made_durable;
-        c.start_operator(&format!("op-{}", trial + 1), NO_REPLACEMENT);
+        c.start_operator(&format!("op-{}", trial + 1));
         let new = c.promoted(&old_primary, st.epoch).await;
         assert_eq!(new.epoch, st.epoch + 1, "one failover, one epoch bump");
         let new_node = new.primary_node.clone().expect("new primary node");
@@ -841,14 +672,14 @@ async fn two_operators_bump_the_epoch_once_per_failover() {
     let _serial = serial();
     let seed = seed() ^ 44;
     let mut rng = SeededRng::new(seed);
-    let mut c = Cluster::start("chaos-twoops-").await;
-    c.start_operator("op-a", NO_REPLACEMENT);
-    c.start_operator("op-b", NO_REPLACEMENT);
+    let mut c = Cluster::start(&[]).await;
+    c.start_operator("op-a");
+    c.start_operator("op-b");
     c.create_volume().await;
     let ck = checker(seed, 8);
     let mut tally = Tally::default();
     let mut st = c.healthy(1).await;
-    let epochs = EpochLog::start(&c.client);
+    let epochs = EpochLog::start(&c.client());
     let first_epoch = st.epoch;
     for trial in 0..trials(1) {
         let old_node = st.primary_node.clone().expect("primary node");
@@ -885,9 +716,11 @@ async fn replica_agent_sigkill_catches_up_or_is_rebuilt_without_loss() {
     let _serial = serial();
     let seed = seed() ^ 2;
     let mut rng = SeededRng::new(seed);
-    let mut c = Cluster::start("chaos-replica-").await;
-    c.set_wal_retention_timeout_ms(RETENTION_BUDGET_MS);
-    c.start_operator("op-1", NO_REPLACEMENT);
+    let mut c = Cluster::start(&[format!(
+        "--wal-retention-timeout-ms={RETENTION_BUDGET_MS}"
+    )])
+    .await;
+    c.start_operator("op-1");
     c.create_volume().await;
     let ck = checker(seed, 8);
     let mut tally = Tally::default();
@@ -962,8 +795,8 @@ async fn primary_partitioned_from_replicas_acks_only_what_the_committed_set_hold
     let _serial = serial();
     let seed = seed() ^ 3;
     let mut rng = SeededRng::new(seed);
-    let mut c = Cluster::start("chaos-netsplit-").await;
-    c.start_operator("op-1", NO_REPLACEMENT);
+    let mut c = Cluster::start(&[]).await;
+    c.start_operator("op-1");
     c.create_volume().await;
     let ck = checker(seed, 8);
     let mut tally = Tally::default();
@@ -984,7 +817,7 @@ async fn primary_partitioned_from_replicas_acks_only_what_the_committed_set_hold
             for n in &cut {
                 cut_ids.push(c.replica_on(n).await);
             }
-            let ports: Vec<u16> = cut.iter().map(|n| c.nodes[n].data_port).collect();
+            let ports: Vec<u16> = cut.iter().map(|n| c.data_port(n)).collect();
             let clock = AckClock::start(&ck);
             let base = *ck.flush_progress().borrow();
             let load = start_load(&ck, c.target(&primary_node), 1_200);
@@ -1029,8 +862,8 @@ async fn primary_cut_from_api_server_stops_acking_within_its_lease() {
     let _serial = serial();
     let seed = seed() ^ 33;
     let mut rng = SeededRng::new(seed);
-    let mut c = Cluster::start("chaos-apisplit-").await;
-    c.start_operator("op-1", NO_REPLACEMENT);
+    let mut c = Cluster::start(&[]).await;
+    c.start_operator("op-1");
     c.create_volume().await;
     let ck = checker(seed, 4);
     let mut tally = Tally::default();
@@ -1042,7 +875,7 @@ async fn primary_cut_from_api_server_stops_acking_within_its_lease() {
         let base = *ck.flush_progress().borrow();
         let load = start_load(&ck, c.target(&old_node), LOAD_WRITES_MAX);
         flushes_reach(&ck, base + rng.range(1, 20)).await;
-        let relay_port = c.nodes[&old_node].relay.addr().port();
+        let relay_port = c.relay_port(&old_node);
         let mut partition = PortPartition::new(IPTABLES_TAG, &[relay_port]).expect("partition");
         let cut_at = Instant::now();
         tally.faults += 1;
@@ -1052,7 +885,7 @@ async fn primary_cut_from_api_server_stops_acking_within_its_lease() {
         let sum = load.await.expect("load task");
         tally.writes_durable += sum.writes_made_durable;
         let last = clock.last_ack().expect("some flush was acked");
-        let lease = Duration::from_secs(AGENT_LEASE_S);
+        let lease = Duration::from_secs(u64::from(AGENT_LEASE_S));
         let acked_after_cut = last.saturating_duration_since(cut_at);
         assert!(
             acked_after_cut <= lease,
@@ -1073,4 +906,69 @@ async fn primary_cut_from_api_server_stops_acking_within_its_lease() {
     }
     assert!(rules_tagged(IPTABLES_TAG).expect("iptables -S").is_empty());
     tally.print("partition-primary-apiserver", seed);
+}
+
+/// Scenario 5: a replica's data dir sits on a small filesystem that is then filled. Its
+/// next append fails (ENOSPC); the replica reports the failure in its BlockReplica
+/// status, the primary acks no flush the failed member was counted for once it cannot
+/// hold it (the operator commits the set without it), writes go on, and nothing
+/// acknowledged is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replica_disk_full_is_reported_and_dropped_without_loss() {
+    let _serial = serial();
+    let seed = seed() ^ 5;
+    let mut rng = SeededRng::new(seed);
+    let mut c = Cluster::start(&[]).await;
+    c.start_operator("op-1");
+    c.create_volume().await;
+    let ck = checker(seed, 8);
+    let mut tally = Tally::default();
+    let st = c.healthy(1).await;
+    let primary_node = st.primary_node.clone().expect("primary node");
+    let victim = pick_replica_node(&st, &mut rng);
+    let victim_id = c.replica_on(&victim).await;
+
+    // Some data first, then the victim's files move onto a 32 MiB filesystem.
+    let sum = ck.run_writes(&c.target(&primary_node), 200).await;
+    assert_uninterrupted(&sum, "writes before the move");
+    c.kill_agent(&victim);
+    let disk = c.move_data_to_small_disk(&victim, 32);
+    c.start_agent(&victim);
+    let st = c.healthy(st.epoch).await;
+
+    let filled = c.small_disks[disk].fill().expect("fill");
+    tally.faults += 1;
+    let clock = AckClock::start(&ck);
+    let full_at = Instant::now();
+    let sum = ck.run_writes(&c.target(&primary_node), 1_200).await;
+    assert_uninterrupted(&sum, "writes while a replica's disk is full");
+    tally.writes_durable += sum.writes_made_durable;
+
+    let failed = wait_for("the full replica reporting its storage failure", || async {
+        let rs = c.replicas().await;
+        let r = rs.iter().find(|r| r.name_any() == victim_id)?;
+        let s = r.status.as_ref()?;
+        (s.state == ReplicaState::Failed).then(|| s.last_error.clone().unwrap_or_default())
+    })
+    .await;
+    assert!(
+        failed.contains("storage failed"),
+        "the status names the failure: {failed}"
+    );
+    let now = c.volume().await.expect("volume status");
+    assert!(
+        !now.in_sync_set.contains(&victim_id),
+        "flushes went on, so the committed set must exclude the failed {victim_id}: {:?}",
+        now.in_sync_set
+    );
+    assert!(now.in_sync_set_generation > st.in_sync_set_generation);
+    assert_eq!(now.primary_node.as_deref(), Some(primary_node.as_str()));
+    verify_clean(&ck, &c.target(&primary_node), &mut tally, "disk full").await;
+    tally.trials += 1;
+    println!(
+        "replica {victim_id} on {victim}: filesystem filled ({filled} bytes of filler), status {failed:?}; longest flush stall {} ms; {} writes durable meanwhile",
+        clock.longest_gap_since(full_at).as_millis(),
+        sum.writes_made_durable
+    );
+    tally.print("replica-disk-full", seed);
 }

@@ -517,7 +517,17 @@ impl ReplicaRuntime for EngineRuntime {
                 st.unreachable = s.unreachable.iter().cloned().collect();
             }
             (ReplicaRole::Primary, _, _) => st.state = ReplicaState::Failed,
-            (ReplicaRole::Replica, _, _) => st.state = ReplicaState::InSync,
+            (ReplicaRole::Replica, _, _) => {
+                st.state = ReplicaState::InSync;
+                // A replica whose disk refused an append or fsync accepts nothing more
+                // until reopened; saying so lets the operator drop or replace it.
+                if let Ok((vid, _)) = Self::ids(&a)
+                    && let Some(reason) = self.receiver.storage_failure(&vid)
+                {
+                    st.state = ReplicaState::Failed;
+                    st.last_error = Some(format!("replica storage failed: {reason}"));
+                }
+            }
         }
         Some(st)
     }
