@@ -210,7 +210,11 @@ pub struct LoopFs {
 }
 
 impl LoopFs {
-    pub fn mount(image: &std::path::Path, size_mib: u64, mountpoint: &std::path::Path) -> Result<LoopFs> {
+    pub fn mount(
+        image: &std::path::Path,
+        size_mib: u64,
+        mountpoint: &std::path::Path,
+    ) -> Result<LoopFs> {
         let io = |what, path: &std::path::Path| {
             let path = path.to_path_buf();
             move |source| FaultError::Io { what, path, source }
@@ -288,12 +292,13 @@ pub struct TcpRelay {
 
 impl TcpRelay {
     pub async fn start(target: SocketAddr) -> Result<TcpRelay> {
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .map_err(|source| FaultError::Relay {
-                what: "binding 127.0.0.1:0",
-                source,
-            })?;
+        let listener =
+            TcpListener::bind("127.0.0.1:0")
+                .await
+                .map_err(|source| FaultError::Relay {
+                    what: "binding 127.0.0.1:0",
+                    source,
+                })?;
         let addr = listener.local_addr().map_err(|source| FaultError::Relay {
             what: "reading the local address",
             source,

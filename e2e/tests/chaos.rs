@@ -42,7 +42,7 @@ const SEED_ENV: &str = "BLOCKVOL_CHAOS_SEED";
 const IPTABLES_TAG: &str = "blockvol-chaos";
 
 /// The scenarios share the host's two cores and the loopback iptables table: one at a time.
-static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// A bounded poll; a timeout fails the test with `what`.
 async fn wait_for<T, F, Fut>(what: &str, f: F) -> T
@@ -97,8 +97,7 @@ impl Cluster {
             let relay = TcpRelay::start(api_addr).await.expect("relay");
             let kubeconfig = tc.root.path().join(format!("kubeconfig-{node}"));
             let url = format!("https://{}", relay.addr());
-            std::fs::write(&kubeconfig, admin.replace(cp.server_url(), &url))
-                .expect("kubeconfig");
+            std::fs::write(&kubeconfig, admin.replace(cp.server_url(), &url)).expect("kubeconfig");
             let agent = AgentProcess::spawn(
                 &tc.agent_binary,
                 node,
@@ -185,7 +184,11 @@ impl Cluster {
             .arg(&data)
             .output()
             .expect("cp");
-        assert!(out.status.success(), "cp: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "cp: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         std::fs::remove_dir_all(&old).expect("removing the old data dir");
         self.small_disks.len() - 1
     }
@@ -413,8 +416,10 @@ fn seed() -> u64 {
     env_u64(SEED_ENV, 20_261_126).expect(SEED_ENV)
 }
 
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+/// Each test has its own runtime; tokio's Mutex works across them and is not poisoned
+/// by a failed test.
+async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().await
 }
 
 /// Scenario 1: SIGKILL the primary's agent at a seeded moment under load; the operator
@@ -422,7 +427,7 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
 /// restarts and rejoins (three in sync) before the next trial.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn primary_agent_sigkill_under_load_loses_no_acknowledged_write() {
-    let _serial = serial();
+    let _serial = serial().await;
     let seed = seed();
     let mut rng = SeededRng::new(seed);
     let mut c = Cluster::start(&[]).await;
@@ -465,7 +470,7 @@ async fn primary_agent_sigkill_under_load_loses_no_acknowledged_write() {
         c.start_agent(&old_node);
         st = c.healthy(new.epoch).await;
         assert_eq!(st.epoch, new.epoch, "the rejoin bumped no epoch");
-            tally.trials += 1;
+        tally.trials += 1;
     }
     // A final read of everything after the last rejoin.
     let node = st.primary_node.clone().expect("primary node");
@@ -487,7 +492,9 @@ impl AckClock {
         let a = acks.clone();
         let task = tokio::spawn(async move {
             while rx.changed().await.is_ok() {
-                a.lock().unwrap_or_else(|e| e.into_inner()).push(Instant::now());
+                a.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(Instant::now());
             }
         });
         AckClock { acks, task }
@@ -579,7 +586,7 @@ fn assert_uninterrupted(sum: &WriteSummary, what: &str) {
 /// comes back Ready with a primary and every acknowledged write.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn whole_cluster_sigkill_and_restart_loses_no_acknowledged_write() {
-    let _serial = serial();
+    let _serial = serial().await;
     let seed = seed() ^ 6;
     let mut rng = SeededRng::new(seed);
     let mut c = Cluster::start(&[]).await;
@@ -618,7 +625,7 @@ async fn whole_cluster_sigkill_and_restart_loses_no_acknowledged_write() {
         st = c.healthy(st.epoch).await;
         let node = st.primary_node.clone().expect("primary node");
         verify_clean(&ck, &c.target(&node), &mut tally, &format!("trial {trial}")).await;
-            tally.trials += 1;
+        tally.trials += 1;
     }
     tally.print("whole-cluster-sigkill", seed);
 }
@@ -627,7 +634,7 @@ async fn whole_cluster_sigkill_and_restart_loses_no_acknowledged_write() {
 /// operator: the failover completes with one epoch bump and no acknowledged write lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn operator_killed_during_failover_completes_it_after_restart() {
-    let _serial = serial();
+    let _serial = serial().await;
     let seed = seed() ^ 4;
     let mut rng = SeededRng::new(seed);
     let mut c = Cluster::start(&[]).await;
@@ -656,7 +663,13 @@ async fn operator_killed_during_failover_completes_it_after_restart() {
             "trial {trial}: killed primary on {old_node} and operator {old_op}; promoted on {new_node} at epoch {}",
             new.epoch
         );
-        verify_clean(&ck, &c.target(&new_node), &mut tally, &format!("trial {trial}")).await;
+        verify_clean(
+            &ck,
+            &c.target(&new_node),
+            &mut tally,
+            &format!("trial {trial}"),
+        )
+        .await;
         c.start_agent(&old_node);
         st = c.healthy(new.epoch).await;
         assert_eq!(st.epoch, new.epoch, "the rejoin bumped no epoch");
@@ -669,7 +682,7 @@ async fn operator_killed_during_failover_completes_it_after_restart() {
 /// agent is killed: exactly one writes epochs, so each failover bumps the epoch by one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_operators_bump_the_epoch_once_per_failover() {
-    let _serial = serial();
+    let _serial = serial().await;
     let seed = seed() ^ 44;
     let mut rng = SeededRng::new(seed);
     let mut c = Cluster::start(&[]).await;
@@ -694,7 +707,13 @@ async fn two_operators_bump_the_epoch_once_per_failover() {
         let new = c.promoted(&old_primary, st.epoch).await;
         assert_eq!(new.epoch, st.epoch + 1, "one failover, one epoch bump");
         let new_node = new.primary_node.clone().expect("new primary node");
-        verify_clean(&ck, &c.target(&new_node), &mut tally, &format!("trial {trial}")).await;
+        verify_clean(
+            &ck,
+            &c.target(&new_node),
+            &mut tally,
+            &format!("trial {trial}"),
+        )
+        .await;
         c.start_agent(&old_node);
         st = c.healthy(new.epoch).await;
         assert_eq!(st.epoch, new.epoch, "the rejoin bumped no epoch");
@@ -713,13 +732,11 @@ async fn two_operators_bump_the_epoch_once_per_failover() {
 /// is rebuilt. Three in sync again after each, and nothing acknowledged lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn replica_agent_sigkill_catches_up_or_is_rebuilt_without_loss() {
-    let _serial = serial();
+    let _serial = serial().await;
     let seed = seed() ^ 2;
     let mut rng = SeededRng::new(seed);
-    let mut c = Cluster::start(&[format!(
-        "--wal-retention-timeout-ms={RETENTION_BUDGET_MS}"
-    )])
-    .await;
+    let mut c =
+        Cluster::start(&[format!("--wal-retention-timeout-ms={RETENTION_BUDGET_MS}")]).await;
     c.start_operator("op-1");
     c.create_volume().await;
     let ck = checker(seed, 8);
@@ -792,7 +809,7 @@ async fn replica_agent_sigkill_catches_up_or_is_rebuilt_without_loss() {
 /// healing, the members rejoin; nothing acknowledged is lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn primary_partitioned_from_replicas_acks_only_what_the_committed_set_holds() {
-    let _serial = serial();
+    let _serial = serial().await;
     let seed = seed() ^ 3;
     let mut rng = SeededRng::new(seed);
     let mut c = Cluster::start(&[]).await;
@@ -837,7 +854,13 @@ async fn primary_partitioned_from_replicas_acks_only_what_the_committed_set_hold
                 now.in_sync_set
             );
             assert!(now.in_sync_set_generation > st.in_sync_set_generation);
-            verify_clean(&ck, &c.target(&primary_node), &mut tally, &format!("trial {trial} partitioned")).await;
+            verify_clean(
+                &ck,
+                &c.target(&primary_node),
+                &mut tally,
+                &format!("trial {trial} partitioned"),
+            )
+            .await;
             partition.heal().expect("heal");
             st = c.healthy(st.epoch).await;
             println!(
@@ -859,7 +882,7 @@ async fn primary_partitioned_from_replicas_acks_only_what_the_committed_set_hold
 /// acknowledged write. After healing, the old primary rejoins as a replica.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn primary_cut_from_api_server_stops_acking_within_its_lease() {
-    let _serial = serial();
+    let _serial = serial().await;
     let seed = seed() ^ 33;
     let mut rng = SeededRng::new(seed);
     let mut c = Cluster::start(&[]).await;
@@ -898,7 +921,13 @@ async fn primary_cut_from_api_server_stops_acking_within_its_lease() {
             lease.as_millis(),
             promoted_after.as_millis()
         );
-        verify_clean(&ck, &c.target(&new_node), &mut tally, &format!("trial {trial}")).await;
+        verify_clean(
+            &ck,
+            &c.target(&new_node),
+            &mut tally,
+            &format!("trial {trial}"),
+        )
+        .await;
         partition.heal().expect("heal");
         st = c.healthy(new.epoch).await;
         assert_eq!(st.epoch, new.epoch, "the rejoin bumped no epoch");
@@ -915,7 +944,7 @@ async fn primary_cut_from_api_server_stops_acking_within_its_lease() {
 /// acknowledged is lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn replica_disk_full_is_reported_and_dropped_without_loss() {
-    let _serial = serial();
+    let _serial = serial().await;
     let seed = seed() ^ 5;
     let mut rng = SeededRng::new(seed);
     let mut c = Cluster::start(&[]).await;

@@ -492,7 +492,11 @@ mod tests {
         ])
         .unwrap();
         assert!(s.validate().unwrap_err().to_string().contains("loopback"));
-        let s = parse(&["--data-address=10.0.0.5:7400", "--wal-retention-timeout-ms=0"]).unwrap();
+        let s = parse(&[
+            "--data-address=10.0.0.5:7400",
+            "--wal-retention-timeout-ms=0",
+        ])
+        .unwrap();
         let e = s.validate().unwrap_err().to_string();
         assert!(e.starts_with("--wal-retention-timeout-ms"), "{e}");
         assert!(parse(&[]).is_err(), "--data-address is required");
