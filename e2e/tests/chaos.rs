@@ -36,6 +36,10 @@ const CHECK_LBAS: u64 = 2048;
 const LOAD_WRITES_MAX: u64 = 200_000;
 /// WAL retention time budget the agents get in the replica-kill scenario.
 const RETENTION_BUDGET_MS: u64 = 15_000;
+/// Replica-failure grace of the operator in the disk-full scenario.
+const REPLACEMENT_GRACE_MS: u64 = 5_000;
+/// The node that joins to take a replaced replica.
+const SPARE_NODE: &str = "n4";
 const TRIALS_ENV: &str = "BLOCKVOL_CHAOS_TRIALS";
 const SEED_ENV: &str = "BLOCKVOL_CHAOS_SEED";
 /// Comment tag of this suite's iptables rules.
@@ -84,40 +88,45 @@ impl Cluster {
             log_filter: "info".into(),
             ..AgentOptions::default()
         };
-        let mut tc = TestCluster::start(opts).await.expect("cluster starts");
-        let cp = &tc.control_plane;
+        let tc = TestCluster::start(opts).await.expect("cluster starts");
+        let mut c = Cluster {
+            tc,
+            relays: BTreeMap::new(),
+            small_disks: Vec::new(),
+        };
+        for node in NODES {
+            c.add_node(node).await;
+        }
+        c.tc.wait_registered(Duration::from_millis(WAIT_TIMEOUT_MS))
+            .await
+            .expect("agents register");
+        c
+    }
+
+    /// Starts an agent for a new node, with its own relay to the API server.
+    async fn add_node(&mut self, node: &str) {
+        let cp = &self.tc.control_plane;
         let api_addr: std::net::SocketAddr = cp
             .server_url()
             .trim_start_matches("https://")
             .parse()
             .expect("API server address");
         let admin = std::fs::read_to_string(cp.kubeconfig()).expect("kubeconfig");
-        let mut relays = BTreeMap::new();
-        for node in NODES {
-            let relay = TcpRelay::start(api_addr).await.expect("relay");
-            let kubeconfig = tc.root.path().join(format!("kubeconfig-{node}"));
-            let url = format!("https://{}", relay.addr());
-            std::fs::write(&kubeconfig, admin.replace(cp.server_url(), &url)).expect("kubeconfig");
-            let agent = AgentProcess::spawn(
-                &tc.agent_binary,
-                node,
-                tc.root.path(),
-                &kubeconfig,
-                &tc.peer_secret_file,
-                &tc.options.agent,
-            )
-            .expect("agent starts");
-            tc.agents.push(agent);
-            relays.insert(node.to_string(), relay);
-        }
-        tc.wait_registered(Duration::from_millis(WAIT_TIMEOUT_MS))
-            .await
-            .expect("agents register");
-        Cluster {
-            tc,
-            relays,
-            small_disks: Vec::new(),
-        }
+        let relay = TcpRelay::start(api_addr).await.expect("relay");
+        let kubeconfig = self.tc.root.path().join(format!("kubeconfig-{node}"));
+        let url = format!("https://{}", relay.addr());
+        std::fs::write(&kubeconfig, admin.replace(cp.server_url(), &url)).expect("kubeconfig");
+        let agent = AgentProcess::spawn(
+            &self.tc.agent_binary,
+            node,
+            self.tc.root.path(),
+            &kubeconfig,
+            &self.tc.peer_secret_file,
+            &self.tc.options.agent,
+        )
+        .expect("agent starts");
+        self.tc.agents.push(agent);
+        self.relays.insert(node.to_string(), relay);
     }
 
     fn agent(&self, node: &str) -> &AgentProcess {
@@ -939,15 +948,16 @@ async fn primary_cut_from_api_server_stops_acking_within_its_lease() {
 
 /// Scenario 5: a replica's data dir sits on a small filesystem that is then filled. Its
 /// next append fails (ENOSPC); the replica reports the failure in its BlockReplica
-/// status, the primary acks no flush the failed member was counted for once it cannot
-/// hold it (the operator commits the set without it), writes go on, and nothing
-/// acknowledged is lost.
+/// status, flushes wait until the operator commits the set without it and then go on,
+/// and the operator replaces it on a fourth node (after a 5 s grace), which is rebuilt
+/// into the set. Nothing acknowledged is lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn replica_disk_full_is_reported_and_dropped_without_loss() {
+async fn replica_disk_full_is_reported_dropped_and_replaced_without_loss() {
     let _serial = serial().await;
     let seed = seed() ^ 5;
     let mut rng = SeededRng::new(seed);
     let mut c = Cluster::start(&[]).await;
+    c.tc.options.operator.replica_failure_grace_ms = REPLACEMENT_GRACE_MS;
     c.start_operator("op-1");
     c.create_volume().await;
     let ck = checker(seed, 8);
@@ -993,9 +1003,34 @@ async fn replica_disk_full_is_reported_and_dropped_without_loss() {
     assert!(now.in_sync_set_generation > st.in_sync_set_generation);
     assert_eq!(now.primary_node.as_deref(), Some(primary_node.as_str()));
     verify_clean(&ck, &c.target(&primary_node), &mut tally, "disk full").await;
+
+    // A fourth node joins; the failed replica is replaced there and rebuilt.
+    c.add_node(SPARE_NODE).await;
+    let back = c.healthy(st.epoch).await;
+    let rs = c.replicas().await;
+    assert!(
+        rs.iter().all(|r| r.name_any() != victim_id),
+        "the failed replica {victim_id} is gone"
+    );
+    assert!(
+        rs.iter().any(|r| r.spec.node == SPARE_NODE),
+        "a replica on {SPARE_NODE}: {:?}",
+        rs.iter().map(|r| &r.spec.node).collect::<Vec<_>>()
+    );
+    assert_eq!(back.primary_node.as_deref(), Some(primary_node.as_str()));
+    let after = ck.run_writes(&c.target(&primary_node), 200).await;
+    assert_uninterrupted(&after, "writes after the replacement");
+    tally.writes_durable += after.writes_made_durable;
+    verify_clean(
+        &ck,
+        &c.target(&primary_node),
+        &mut tally,
+        "after the replacement",
+    )
+    .await;
     tally.trials += 1;
     println!(
-        "replica {victim_id} on {victim}: filesystem filled ({filled} bytes of filler), status {failed:?}; longest flush stall {} ms; {} writes durable meanwhile",
+        "replica {victim_id} on {victim}: filesystem filled ({filled} bytes of filler), status {failed:?}; longest flush stall {} ms; {} writes durable meanwhile; replaced on {SPARE_NODE}",
         clock.longest_gap_since(full_at).as_millis(),
         sum.writes_made_durable
     );
