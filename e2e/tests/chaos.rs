@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use api::{
     BlockReplica, BlockVolume, BlockVolumeSpec, BlockVolumeStatus, ReplicaRole, ReplicaState,
@@ -21,6 +21,7 @@ use api::{
 use e2e::checker::{Checker, CheckerConfig, Ledger, Target, WriteSummary};
 use e2e::cluster::{AgentOptions, AgentProcess, TestCluster, TestClusterOptions};
 use e2e::faults::{LoopFs, PortPartition, SeededRng, TcpRelay, env_u64, rules_tagged};
+use k8s_openapi::api::coordination::v1::Lease;
 use kube::api::{Api, PostParams};
 use kube::{Client, ResourceExt};
 
@@ -36,6 +37,8 @@ const CHECK_LBAS: u64 = 2048;
 const LOAD_WRITES_MAX: u64 = 200_000;
 /// WAL retention time budget the agents get in the replica-kill scenario.
 const RETENTION_BUDGET_MS: u64 = 15_000;
+/// How much later than the real ack the test may observe it (one scheduling delay).
+const ACK_OBSERVATION_SLACK: Duration = Duration::from_millis(100);
 /// Replica-failure grace of the operator in the disk-full scenario.
 const REPLACEMENT_GRACE_MS: u64 = 5_000;
 /// The node that joins to take a replaced replica.
@@ -200,6 +203,14 @@ impl Cluster {
         );
         std::fs::remove_dir_all(&old).expect("removing the old data dir");
         self.small_disks.len() - 1
+    }
+
+    /// `renewTime` of `node`'s Lease: the agent's last successful renewal.
+    async fn lease_renew_time(&self, node: &str) -> SystemTime {
+        let leases: Api<Lease> = Api::namespaced(self.client(), e2e::cluster::NAMESPACE);
+        let l = leases.get(node).await.expect("node Lease");
+        let t = l.spec.and_then(|s| s.renew_time).expect("renewTime");
+        SystemTime::from(t.0)
     }
 
     fn agent_log(&self, node: &str) -> PathBuf {
@@ -487,29 +498,30 @@ async fn primary_agent_sigkill_under_load_loses_no_acknowledged_write() {
     tally.print("primary-sigkill", seed);
 }
 
-/// Records when the checker's flush count last moved, so a test can bound the moment of
-/// the last acknowledged flush. Observation lags the ack, so the bound is conservative.
+/// Records when the checker's flush count moved (wall clock, to compare with a Lease's
+/// renewTime), so a test can bound the moment of the last acknowledged flush.
+/// Observation lags the ack by a scheduling delay, never leads it.
 struct AckClock {
-    acks: Arc<std::sync::Mutex<Vec<Instant>>>,
+    acks: Arc<std::sync::Mutex<Vec<SystemTime>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl AckClock {
     fn start(checker: &Checker) -> AckClock {
-        let acks: Arc<std::sync::Mutex<Vec<Instant>>> = Arc::default();
+        let acks: Arc<std::sync::Mutex<Vec<SystemTime>>> = Arc::default();
         let mut rx = checker.flush_progress();
         let a = acks.clone();
         let task = tokio::spawn(async move {
             while rx.changed().await.is_ok() {
                 a.lock()
                     .unwrap_or_else(|e| e.into_inner())
-                    .push(Instant::now());
+                    .push(SystemTime::now());
             }
         });
         AckClock { acks, task }
     }
 
-    fn last_ack(&self) -> Option<Instant> {
+    fn last_ack(&self) -> Option<SystemTime> {
         self.acks
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -518,12 +530,12 @@ impl AckClock {
     }
 
     /// The longest time without an ack from `from` on (until the last ack).
-    fn longest_gap_since(&self, from: Instant) -> Duration {
+    fn longest_gap_since(&self, from: SystemTime) -> Duration {
         let acks = self.acks.lock().unwrap_or_else(|e| e.into_inner());
         let mut prev = from;
         let mut gap = Duration::ZERO;
         for t in acks.iter().filter(|t| **t > from) {
-            gap = gap.max(t.duration_since(prev));
+            gap = gap.max(t.duration_since(prev).unwrap_or_default());
             prev = *t;
         }
         gap
@@ -849,7 +861,7 @@ async fn primary_partitioned_from_replicas_acks_only_what_the_committed_set_hold
             let load = start_load(&ck, c.target(&primary_node), 1_200);
             flushes_reach(&ck, base + rng.range(1, 20)).await;
             let mut partition = PortPartition::new(IPTABLES_TAG, &ports).expect("partition");
-            let cut_at = Instant::now();
+            let cut_at = SystemTime::now();
             tally.faults += 1;
             let sum = load.await.expect("load task");
             assert_uninterrupted(&sum, "writes while partitioned");
@@ -909,24 +921,33 @@ async fn primary_cut_from_api_server_stops_acking_within_its_lease() {
         flushes_reach(&ck, base + rng.range(1, 20)).await;
         let relay_port = c.relay_port(&old_node);
         let mut partition = PortPartition::new(IPTABLES_TAG, &[relay_port]).expect("partition");
-        let cut_at = Instant::now();
+        let cut_at = SystemTime::now();
         tally.faults += 1;
         let new = c.promoted(&old_primary, st.epoch).await;
         assert_eq!(new.epoch, st.epoch + 1, "one failover, one epoch bump");
-        let promoted_after = cut_at.elapsed();
+        let promoted_after = cut_at.elapsed().unwrap_or_default();
         let sum = load.await.expect("load task");
         tally.writes_durable += sum.writes_made_durable;
+        // The isolated agent's last proof of primacy is its last successful Lease
+        // renewal, stamped in the Lease it could still write before the cut.
+        let renewed = c.lease_renew_time(&old_node).await;
         let last = clock.last_ack().expect("some flush was acked");
         let lease = Duration::from_secs(u64::from(AGENT_LEASE_S));
-        let acked_after_cut = last.saturating_duration_since(cut_at);
+        let fence_at = renewed + lease;
+        let late = last.duration_since(fence_at).unwrap_or_default();
         assert!(
-            acked_after_cut <= lease,
-            "the cut-off primary acked a flush {acked_after_cut:?} after losing the API server, beyond its {lease:?} Lease"
+            late <= ACK_OBSERVATION_SLACK,
+            "the cut-off primary acked a flush {late:?} after its Lease (renewed {:?} before the cut, {lease:?}) ran out",
+            cut_at.duration_since(renewed).unwrap_or_default()
         );
         let new_node = new.primary_node.clone().expect("new primary node");
         println!(
-            "trial {trial}: primary on {old_node} cut from the API server; last ack {} ms after the cut (Lease {} ms); promoted on {new_node} after {} ms",
-            acked_after_cut.as_millis(),
+            "trial {trial}: primary on {old_node} cut from the API server {} ms after its last renewal; last ack {} ms after that renewal (Lease {} ms); promoted on {new_node} {} ms after the cut",
+            cut_at
+                .duration_since(renewed)
+                .unwrap_or_default()
+                .as_millis(),
+            last.duration_since(renewed).unwrap_or_default().as_millis(),
             lease.as_millis(),
             promoted_after.as_millis()
         );
@@ -978,7 +999,7 @@ async fn replica_disk_full_is_reported_dropped_and_replaced_without_loss() {
     let filled = c.small_disks[disk].fill().expect("fill");
     tally.faults += 1;
     let clock = AckClock::start(&ck);
-    let full_at = Instant::now();
+    let full_at = SystemTime::now();
     let sum = ck.run_writes(&c.target(&primary_node), 1_200).await;
     assert_uninterrupted(&sum, "writes while a replica's disk is full");
     tally.writes_durable += sum.writes_made_durable;

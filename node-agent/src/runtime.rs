@@ -617,7 +617,11 @@ impl BlockBackend for ReplicatedBackend {
         self.rt
             .block_on(self.handle.flush())
             .map(drop)
-            .map_err(|e| BackendError::Io(format!("replicated flush: {e}")))
+            .map_err(|e| BackendError::Io(format!("replicated flush: {e}")))?;
+        // A flush can wait for members longer than the Lease lasts. Once the Lease has
+        // run out another member may be primary, so an ack now would come from a
+        // deposed primary: check the fence again before acknowledging.
+        self.check_writable()
     }
     fn trim(&self, offset: u64, length: u64) -> Result<(), BackendError> {
         self.check_writable()?;
