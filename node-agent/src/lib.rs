@@ -5,5 +5,6 @@ pub mod agent;
 pub mod attach;
 pub mod attach_service;
 pub mod k8s;
+pub mod metrics;
 pub mod nbd;
 pub mod runtime;
