@@ -8,6 +8,7 @@ pub mod cluster;
 pub mod controlplane;
 pub mod devices;
 pub mod error;
+pub mod faults;
 pub mod local;
 pub mod openmetrics;
 pub mod pki;

@@ -696,7 +696,17 @@ impl ReplicaRuntime for EngineRuntime {
                 st.unreachable = s.unreachable.iter().cloned().collect();
             }
             (ReplicaRole::Primary, _, _) => st.state = ReplicaState::Failed,
-            (ReplicaRole::Replica, _, _) => st.state = ReplicaState::InSync,
+            (ReplicaRole::Replica, _, _) => {
+                st.state = ReplicaState::InSync;
+                // A replica whose disk refused an append or fsync accepts nothing more
+                // until reopened; saying so lets the operator drop or replace it.
+                if let Ok((vid, _)) = Self::ids(&a)
+                    && let Some(reason) = self.receiver.storage_failure(&vid)
+                {
+                    st.state = ReplicaState::Failed;
+                    st.last_error = Some(format!("replica storage failed: {reason}"));
+                }
+            }
         }
         Some(st)
     }
@@ -786,7 +796,11 @@ impl BlockBackend for ReplicatedBackend {
         self.rt
             .block_on(self.handle.flush())
             .map(drop)
-            .map_err(|e| BackendError::Io(format!("replicated flush: {e}")))
+            .map_err(|e| BackendError::Io(format!("replicated flush: {e}")))?;
+        // A flush can wait for members longer than the Lease lasts. Once the Lease has
+        // run out another member may be primary, so an ack now would come from a
+        // deposed primary: check the fence again before acknowledging.
+        self.check_writable()
     }
     fn trim(&self, offset: u64, length: u64) -> Result<(), BackendError> {
         self.check_writable()?;

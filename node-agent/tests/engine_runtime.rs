@@ -301,3 +301,67 @@ async fn shrinking_a_replica_is_refused() {
         Some(SIZE * 2)
     );
 }
+
+/// A flush waiting for an unreachable member when the Lease runs out is not acknowledged
+/// when the wait ends: the Lease may have let another member become primary meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flush_outliving_the_lease_is_not_acknowledged() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = node("a").await;
+    // A member nobody answers for: the flush waits for the control plane.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead_addr = dead.local_addr().unwrap().to_string();
+    drop(dead);
+    let ra = assignment(
+        dir.path(),
+        "r1",
+        ReplicaRole::Primary,
+        1,
+        Some(("r2", &dead_addr)),
+    );
+    a.runtime.open(&ra).await.unwrap();
+    a.runtime.apply(&ra).await.unwrap();
+    let backend: Arc<dyn BlockBackend> = a
+        .runtime
+        .exports()
+        .get("vol")
+        .expect("export of the primary")
+        .backend()
+        .clone();
+    let flush = tokio::task::spawn_blocking(move || {
+        backend.write(0, &[9u8; 4096]).expect("write");
+        backend.flush()
+    });
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !a
+        .runtime
+        .status("r1")
+        .await
+        .is_some_and(|s| s.unreachable.iter().any(|m| m == "r2"))
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "r2 never reported unreachable"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(
+        !flush.is_finished(),
+        "the flush must still be waiting for r2"
+    );
+    // The Lease runs out, then the smaller set is committed and the wait ends.
+    a.live.store(false, Ordering::Release);
+    let alone = Assignment {
+        peers: vec![],
+        in_sync_set: vec!["r1".into()],
+        in_sync_set_generation: 2,
+        ..ra.clone()
+    };
+    a.runtime.apply(&alone).await.unwrap();
+    let result = tokio::time::timeout(std::time::Duration::from_secs(30), flush)
+        .await
+        .expect("the flush ends once the set is committed")
+        .expect("flush task");
+    let e = result.expect_err("a flush finishing after the Lease ran out was acknowledged");
+    assert!(e.to_string().contains("Lease"), "{e}");
+}

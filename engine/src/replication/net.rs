@@ -390,6 +390,20 @@ impl ReceiverServer {
         lock(&self.shared.volumes).contains_key(id)
     }
 
+    /// Why the replica of volume `id` stopped accepting entries (a failed append or
+    /// fsync), if it did; the agent reports it so the operator can drop the member.
+    pub fn storage_failure(&self, id: &VolumeId) -> Option<String> {
+        let hosted = lock(&self.shared.volumes).get(id).cloned()?;
+        // The core is locked while it appends or fsyncs; a status report must not wait
+        // behind a stalled disk, so a busy core reads as "no failure known yet".
+        let h = match hosted.try_lock() {
+            Ok(h) => h,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return None,
+        };
+        h.core.failed().map(str::to_string)
+    }
+
     /// Reasons connections were closed for (most recent last).
     pub fn rejections(&self) -> Vec<String> {
         lock(&self.shared.rejected).iter().cloned().collect()

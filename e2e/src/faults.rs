@@ -1,0 +1,364 @@
+//! Fault injection for scenario tests: seeded choices, trial counts from the environment,
+//! loopback partitions with iptables and a TCP relay whose port can be partitioned.
+//!
+//! Guarantees: every iptables rule added here carries the guard's comment tag and is
+//! removed when its guard drops (also when the test panics), so nothing outlives a test.
+//! Rules only ever match the guard's own ports on the loopback interface.
+
+use std::net::SocketAddr;
+use std::process::Command;
+
+use tokio::net::{TcpListener, TcpStream};
+
+/// Errors of the fault tools, each naming what was attempted.
+#[derive(Debug, thiserror::Error)]
+pub enum FaultError {
+    #[error("{var}={value:?} is not a whole number")]
+    BadEnv { var: String, value: String },
+    #[error("iptables {args:?}: {reason}")]
+    Iptables { args: Vec<String>, reason: String },
+    #[error("{command}: {reason}")]
+    Command { command: String, reason: String },
+    #[error("{what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("relay {what}: {source}")]
+    Relay {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+pub type Result<T, E = FaultError> = std::result::Result<T, E>;
+
+/// A whole number from the environment, or `default` when the variable is unset.
+pub fn env_u64(var: &str, default: u64) -> Result<u64> {
+    match std::env::var(var) {
+        Ok(v) => v.trim().parse().map_err(|_| FaultError::BadEnv {
+            var: var.into(),
+            value: v,
+        }),
+        Err(_) => Ok(default),
+    }
+}
+
+/// A small deterministic generator (splitmix64): the same seed gives the same faults,
+/// so a failing trial is rerun by setting the seed it printed.
+#[derive(Debug, Clone)]
+pub struct SeededRng(u64);
+
+impl SeededRng {
+    pub fn new(seed: u64) -> Self {
+        SeededRng(seed)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// A value in `lo..=hi` (`lo` when the range is empty).
+    pub fn range(&mut self, lo: u64, hi: u64) -> u64 {
+        if hi <= lo {
+            return lo;
+        }
+        lo + self.next_u64() % (hi - lo + 1)
+    }
+
+    /// One element of a non-empty slice.
+    pub fn pick<'a, T>(&mut self, items: &'a [T]) -> Option<&'a T> {
+        if items.is_empty() {
+            return None;
+        }
+        let i = self.next_u64() % items.len() as u64;
+        items.get(i as usize)
+    }
+}
+
+fn iptables(args: &[String]) -> Result<String> {
+    let out = Command::new("iptables")
+        .args(args)
+        .output()
+        .map_err(|e| FaultError::Iptables {
+            args: args.to_vec(),
+            reason: e.to_string(),
+        })?;
+    if !out.status.success() {
+        return Err(FaultError::Iptables {
+            args: args.to_vec(),
+            reason: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Rules currently in the filter table that carry `tag` in their comment.
+pub fn rules_tagged(tag: &str) -> Result<Vec<String>> {
+    Ok(iptables(&["-S".into()])?
+        .lines()
+        .filter(|l| l.contains(tag))
+        .map(str::to_string)
+        .collect())
+}
+
+/// Drops every TCP packet to or from the given loopback ports while it lives: the
+/// listeners on those ports become unreachable and their open connections stall, like
+/// a network partition of one host. The rules go into OUTPUT on `lo` (every loopback
+/// packet passes there) and are deleted on drop.
+pub struct PortPartition {
+    tag: String,
+    rules: Vec<Vec<String>>,
+}
+
+impl PortPartition {
+    /// Installs the rules; `tag` names the test so leftovers are attributable.
+    pub fn new(tag: &str, ports: &[u16]) -> Result<PortPartition> {
+        let mut p = PortPartition {
+            tag: tag.to_string(),
+            rules: Vec::new(),
+        };
+        for port in ports {
+            for dir in ["--dport", "--sport"] {
+                let rule: Vec<String> = [
+                    "OUTPUT",
+                    "-o",
+                    "lo",
+                    "-p",
+                    "tcp",
+                    dir,
+                    &port.to_string(),
+                    "-m",
+                    "comment",
+                    "--comment",
+                    tag,
+                    "-j",
+                    "DROP",
+                ]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
+                let mut add = vec!["-I".to_string()];
+                add.extend(rule.iter().cloned());
+                // On failure `p` drops here and removes the rules already added.
+                iptables(&add)?;
+                p.rules.push(rule);
+            }
+        }
+        tracing::info!(tag, ?ports, "partition installed");
+        Ok(p)
+    }
+
+    /// Removes the rules now (idempotent); the first failure is returned after trying all.
+    pub fn heal(&mut self) -> Result<()> {
+        if self.rules.is_empty() {
+            return Ok(());
+        }
+        let mut first = None;
+        for rule in self.rules.drain(..) {
+            let mut del = vec!["-D".to_string()];
+            del.extend(rule);
+            if let Err(e) = iptables(&del) {
+                tracing::warn!(error = %e, "removing a partition rule");
+                first.get_or_insert(e);
+            }
+        }
+        tracing::info!(tag = %self.tag, "partition healed");
+        first.map_or(Ok(()), Err)
+    }
+}
+
+impl Drop for PortPartition {
+    fn drop(&mut self) {
+        let _ = self.heal();
+    }
+}
+
+fn run(program: &str, args: &[&str]) -> Result<String> {
+    let command = format!("{program} {}", args.join(" "));
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .map_err(|e| FaultError::Command {
+            command: command.clone(),
+            reason: e.to_string(),
+        })?;
+    if !out.status.success() {
+        return Err(FaultError::Command {
+            command,
+            reason: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// A small ext4 filesystem in an image file, attached to a loop device and mounted on
+/// `mountpoint`, so a data directory can run out of space for real. No blocks are
+/// reserved for root (the agents run as root here). Dropping it unmounts it and
+/// detaches the loop device; stop every process using it first.
+pub struct LoopFs {
+    mountpoint: std::path::PathBuf,
+    device: Option<String>,
+    mounted: bool,
+}
+
+impl LoopFs {
+    pub fn mount(
+        image: &std::path::Path,
+        size_mib: u64,
+        mountpoint: &std::path::Path,
+    ) -> Result<LoopFs> {
+        let io = |what, path: &std::path::Path| {
+            let path = path.to_path_buf();
+            move |source| FaultError::Io { what, path, source }
+        };
+        std::fs::File::create(image)
+            .and_then(|f| f.set_len(size_mib << 20))
+            .map_err(io("creating the image", image))?;
+        std::fs::create_dir_all(mountpoint).map_err(io("creating the mountpoint", mountpoint))?;
+        let img = image.display().to_string();
+        run("mkfs.ext4", &["-q", "-F", "-m", "0", &img])?;
+        let mut fs = LoopFs {
+            mountpoint: mountpoint.to_path_buf(),
+            device: None,
+            mounted: false,
+        };
+        fs.device = Some(run("losetup", &["-f", "--show", &img])?);
+        let dev = fs.device.clone().unwrap_or_default();
+        run("mount", &[&dev, &mountpoint.display().to_string()])?;
+        fs.mounted = true;
+        tracing::info!(device = %dev, mountpoint = %mountpoint.display(), size_mib, "loop filesystem mounted");
+        Ok(fs)
+    }
+
+    /// Writes a filler file until the filesystem is full, so the next allocation fails
+    /// with ENOSPC. Returns the bytes written.
+    pub fn fill(&self) -> Result<u64> {
+        use std::io::Write;
+        let path = self.mountpoint.join("filler");
+        let mut f = std::fs::File::create(&path).map_err(|source| FaultError::Io {
+            what: "creating",
+            path: path.clone(),
+            source,
+        })?;
+        let mut written = 0u64;
+        for chunk in [1usize << 20, 4096] {
+            let buf = vec![0xf1u8; chunk];
+            while f.write_all(&buf).is_ok() {
+                written += chunk as u64;
+            }
+        }
+        let _ = f.sync_all();
+        tracing::info!(mountpoint = %self.mountpoint.display(), written, "filesystem filled");
+        Ok(written)
+    }
+
+    /// Unmounts and detaches now (idempotent).
+    pub fn unmount(&mut self) -> Result<()> {
+        if self.mounted {
+            run("umount", &[&self.mountpoint.display().to_string()])?;
+            self.mounted = false;
+        }
+        if let Some(dev) = self.device.take() {
+            run("losetup", &["-d", &dev])?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for LoopFs {
+    fn drop(&mut self) {
+        if let Err(e) = self.unmount() {
+            tracing::warn!(error = %e, mountpoint = %self.mountpoint.display(), "removing the loop filesystem");
+        }
+    }
+}
+
+/// A TCP relay on a fresh loopback port forwarding to `target`. Pointing one client at
+/// its own relay gives that client a port of its own, so a [`PortPartition`] of the relay
+/// port cuts exactly that client off (agents all reach the API server from 127.0.0.1).
+/// The relay task stops when this is dropped.
+pub struct TcpRelay {
+    addr: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl TcpRelay {
+    pub async fn start(target: SocketAddr) -> Result<TcpRelay> {
+        let listener =
+            TcpListener::bind("127.0.0.1:0")
+                .await
+                .map_err(|source| FaultError::Relay {
+                    what: "binding 127.0.0.1:0",
+                    source,
+                })?;
+        let addr = listener.local_addr().map_err(|source| FaultError::Relay {
+            what: "reading the local address",
+            source,
+        })?;
+        let task = tokio::spawn(async move {
+            let mut conns = tokio::task::JoinSet::new();
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else {
+                    return;
+                };
+                conns.spawn(async move {
+                    if let Ok(mut outbound) = TcpStream::connect(target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+                while conns.try_join_next().is_some() {}
+            }
+        });
+        Ok(TcpRelay { addr, task })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+impl Drop for TcpRelay {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seeded_rng_repeats_and_stays_in_range() {
+        let a: Vec<u64> = {
+            let mut r = SeededRng::new(7);
+            (0..100).map(|_| r.range(3, 9)).collect()
+        };
+        let b: Vec<u64> = {
+            let mut r = SeededRng::new(7);
+            (0..100).map(|_| r.range(3, 9)).collect()
+        };
+        assert_eq!(a, b);
+        assert!(a.iter().all(|v| (3..=9).contains(v)));
+        assert!(a.iter().any(|v| *v != a[0]), "not constant");
+        assert_eq!(SeededRng::new(1).range(5, 5), 5);
+        assert_eq!(SeededRng::new(1).pick::<u8>(&[]), None);
+    }
+
+    #[test]
+    fn env_u64_names_the_variable_on_bad_input() {
+        let var = "BLOCKVOL_FAULTS_TEST_BAD_NUMBER";
+        // SAFETY: this test alone uses this variable name.
+        unsafe { std::env::set_var(var, "ten") };
+        let e = env_u64(var, 1).unwrap_err().to_string();
+        assert!(e.contains(var) && e.contains("ten"), "{e}");
+        assert_eq!(env_u64("BLOCKVOL_FAULTS_TEST_UNSET", 4).unwrap(), 4);
+    }
+}

@@ -1,0 +1,1059 @@
+//! Fault scenarios against a real kube-apiserver with three `blockvol-agent` processes and
+//! `blockvol-operator` processes (started by `e2e::cluster`): the lost-write checker
+//! writes self-describing blocks through the primary's NBD socket, a seeded fault hits
+//! mid-load, and after recovery every acknowledged-and-flushed write must read back from
+//! the (new) primary: zero missing, stale or torn blocks. Every wait is a bounded poll.
+//!
+//! The agent and operator binaries must be built first (`cargo test --workspace` does;
+//! alone: `cargo build -p node-agent -p operator --bins`). Trials per scenario come from
+//! `BLOCKVOL_CHAOS_TRIALS`, the seed from `BLOCKVOL_CHAOS_SEED`.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use api::{
+    BlockReplica, BlockVolume, BlockVolumeSpec, BlockVolumeStatus, ReplicaRole, ReplicaState,
+    VolumePhase,
+};
+use e2e::checker::{Checker, CheckerConfig, Ledger, Target, WriteSummary};
+use e2e::cluster::{AgentOptions, AgentProcess, TestCluster, TestClusterOptions};
+use e2e::faults::{LoopFs, PortPartition, SeededRng, TcpRelay, env_u64, rules_tagged};
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::api::{Api, PostParams};
+use kube::{Client, ResourceExt};
+
+const VOLUME: &str = "chaos1";
+const NODES: [&str; 3] = ["n1", "n2", "n3"];
+/// Bound on any one expectation (failover, rejoin, rebuild) on a busy 2-core host.
+const WAIT_TIMEOUT_MS: u64 = 120_000;
+/// Node Lease duration of the agents: the IO fence and the failover delay.
+const AGENT_LEASE_S: u32 = 3;
+/// Blocks of 4 KiB the checker writes over (8 MiB of the 32 MiB volume).
+const CHECK_LBAS: u64 = 2048;
+/// Upper bound on writes of one load phase; a fault normally ends it much earlier.
+const LOAD_WRITES_MAX: u64 = 200_000;
+/// WAL retention time budget the agents get in the replica-kill scenario.
+const RETENTION_BUDGET_MS: u64 = 15_000;
+/// How much later than the real ack the test may observe it (one scheduling delay).
+const ACK_OBSERVATION_SLACK: Duration = Duration::from_millis(100);
+/// Replica-failure grace of the operator in the disk-full scenario.
+const REPLACEMENT_GRACE_MS: u64 = 5_000;
+/// The node that joins to take a replaced replica.
+const SPARE_NODE: &str = "n4";
+const TRIALS_ENV: &str = "BLOCKVOL_CHAOS_TRIALS";
+const SEED_ENV: &str = "BLOCKVOL_CHAOS_SEED";
+/// Comment tag of this suite's iptables rules.
+const IPTABLES_TAG: &str = "blockvol-chaos";
+
+/// The scenarios share the host's two cores and the loopback iptables table: one at a time.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// A bounded poll; a timeout fails the test with `what`.
+async fn wait_for<T, F, Fut>(what: &str, f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    e2e::cluster::wait_for(what, Duration::from_millis(WAIT_TIMEOUT_MS), f)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// The cluster under test: `e2e::cluster` processes, plus one API relay per agent so a
+/// single agent's API traffic can be partitioned (all agents reach the API server from
+/// 127.0.0.1, so only a port of its own tells one agent's packets apart).
+struct Cluster {
+    tc: TestCluster,
+    relays: BTreeMap<String, TcpRelay>,
+    /// Small filesystems under agents' data dirs; unmounted after the agents stop.
+    small_disks: Vec<LoopFs>,
+}
+
+impl Cluster {
+    /// Control plane, three agents (with `agent_args` on their command line), no
+    /// operator yet.
+    async fn start(agent_args: &[String]) -> Cluster {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| "e2e=info".into()),
+            )
+            .with_test_writer()
+            .try_init();
+        let mut opts = TestClusterOptions::nodes(0);
+        opts.operators = 0;
+        opts.agent = AgentOptions {
+            lease_duration_s: AGENT_LEASE_S,
+            extra_args: agent_args.to_vec(),
+            log_filter: "info".into(),
+            ..AgentOptions::default()
+        };
+        let tc = TestCluster::start(opts).await.expect("cluster starts");
+        let mut c = Cluster {
+            tc,
+            relays: BTreeMap::new(),
+            small_disks: Vec::new(),
+        };
+        for node in NODES {
+            c.add_node(node).await;
+        }
+        c.tc.wait_registered(Duration::from_millis(WAIT_TIMEOUT_MS))
+            .await
+            .expect("agents register");
+        c
+    }
+
+    /// Starts an agent for a new node, with its own relay to the API server.
+    async fn add_node(&mut self, node: &str) {
+        let cp = &self.tc.control_plane;
+        let api_addr: std::net::SocketAddr = cp
+            .server_url()
+            .trim_start_matches("https://")
+            .parse()
+            .expect("API server address");
+        let admin = std::fs::read_to_string(cp.kubeconfig()).expect("kubeconfig");
+        let relay = TcpRelay::start(api_addr).await.expect("relay");
+        let kubeconfig = self.tc.root.path().join(format!("kubeconfig-{node}"));
+        let url = format!("https://{}", relay.addr());
+        std::fs::write(&kubeconfig, admin.replace(cp.server_url(), &url)).expect("kubeconfig");
+        let agent = AgentProcess::spawn(
+            &self.tc.agent_binary,
+            node,
+            self.tc.root.path(),
+            &kubeconfig,
+            &self.tc.peer_secret_file,
+            &self.tc.options.agent,
+        )
+        .expect("agent starts");
+        self.tc.agents.push(agent);
+        self.relays.insert(node.to_string(), relay);
+    }
+
+    fn agent(&self, node: &str) -> &AgentProcess {
+        self.tc
+            .agents
+            .iter()
+            .find(|a| a.node == node)
+            .unwrap_or_else(|| panic!("no agent {node}"))
+    }
+
+    /// Starts the killed agent again with the same data dir, data port and relay.
+    fn start_agent(&mut self, node: &str) {
+        self.tc
+            .agent(node)
+            .expect("agent")
+            .restart()
+            .expect("agent restarts");
+    }
+
+    /// SIGKILL, like a crash of the node.
+    fn kill_agent(&mut self, node: &str) {
+        self.tc.agent(node).expect("agent").kill();
+        tracing::info!(node, "agent killed");
+    }
+
+    fn start_operator(&mut self, identity: &str) {
+        self.tc.add_operator(identity).expect("operator starts");
+    }
+
+    fn kill_operator(&mut self, identity: &str) {
+        self.tc
+            .operators
+            .iter_mut()
+            .find(|o| o.identity == identity)
+            .unwrap_or_else(|| panic!("no operator {identity}"))
+            .kill();
+        tracing::info!(identity, "operator killed");
+    }
+
+    fn client(&self) -> Client {
+        self.tc.client.clone()
+    }
+
+    fn data_port(&self, node: &str) -> u16 {
+        self.agent(node).data_address.port()
+    }
+
+    fn relay_port(&self, node: &str) -> u16 {
+        self.relays[node].addr().port()
+    }
+
+    /// Moves `node`'s data dir onto a fresh `size_mib` ext4 filesystem (the agent must be
+    /// stopped), so it can be filled later.
+    fn move_data_to_small_disk(&mut self, node: &str, size_mib: u64) -> usize {
+        let data = self.agent(node).data_dir.clone();
+        let old = data.with_extension("old");
+        std::fs::rename(&data, &old).expect("moving the data dir aside");
+        let image = self.tc.root.path().join(format!("{node}-disk.img"));
+        let fs = LoopFs::mount(&image, size_mib, &data).expect("small filesystem");
+        self.small_disks.push(fs);
+        let out = std::process::Command::new("cp")
+            .args(["-a", "--sparse=always"])
+            .arg(format!("{}/.", old.display()))
+            .arg(&data)
+            .output()
+            .expect("cp");
+        assert!(
+            out.status.success(),
+            "cp: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::fs::remove_dir_all(&old).expect("removing the old data dir");
+        self.small_disks.len() - 1
+    }
+
+    /// `renewTime` of `node`'s Lease: the agent's last successful renewal.
+    async fn lease_renew_time(&self, node: &str) -> SystemTime {
+        let leases: Api<Lease> = Api::namespaced(self.client(), e2e::cluster::NAMESPACE);
+        let l = leases.get(node).await.expect("node Lease");
+        let t = l.spec.and_then(|s| s.renew_time).expect("renewTime");
+        SystemTime::from(t.0)
+    }
+
+    fn agent_log(&self, node: &str) -> PathBuf {
+        self.agent(node).dir.join("agent.log")
+    }
+
+    async fn create_volume(&self) {
+        Api::<BlockVolume>::all(self.client())
+            .create(
+                &PostParams::default(),
+                &BlockVolume::new(VOLUME, BlockVolumeSpec::with_size("32Mi")),
+            )
+            .await
+            .expect("create volume");
+    }
+
+    async fn volume(&self) -> Option<BlockVolumeStatus> {
+        self.tc.volume(VOLUME).await.and_then(|v| v.status)
+    }
+
+    async fn replicas(&self) -> Vec<BlockReplica> {
+        self.tc.replicas(VOLUME).await
+    }
+
+    /// Ready with all three members committed in sync at one epoch (at least
+    /// `min_epoch`), the primary Serving and seeing both peers InSync.
+    async fn healthy(&self, min_epoch: u64) -> BlockVolumeStatus {
+        wait_for(
+            &format!("three in-sync members at epoch >= {min_epoch}"),
+            || async {
+                let st = self.volume().await?;
+                let rs = self.replicas().await;
+                let primary = rs.iter().find(|r| Some(r.name_any()) == st.primary)?;
+                let ps = primary.status.as_ref()?;
+                let ok = st.phase == VolumePhase::Ready
+                    && st.in_sync_count == 3
+                    && st.epoch >= min_epoch
+                    && primary.spec.role == ReplicaRole::Primary
+                    && ps.state == ReplicaState::Serving
+                    && ps.epoch == st.epoch
+                    && ps.unreachable.is_empty()
+                    && ps.peers.len() == 2
+                    && ps.peers.iter().all(|p| p.state == ReplicaState::InSync)
+                    && rs.len() == 3
+                    && rs
+                        .iter()
+                        .all(|r| r.status.as_ref().is_some_and(|s| s.epoch == st.epoch));
+                ok.then_some(st)
+            },
+        )
+        .await
+    }
+
+    /// A primary other than `old` Serving at an epoch above `epoch`.
+    async fn promoted(&self, old_primary: &str, epoch: u64) -> BlockVolumeStatus {
+        wait_for(
+            &format!("a new primary (not {old_primary}) serving above epoch {epoch}"),
+            || async {
+                let st = self.volume().await?;
+                let p = st.primary.clone()?;
+                if st.epoch <= epoch || p == old_primary {
+                    return None;
+                }
+                let rs = self.replicas().await;
+                let r = rs.iter().find(|r| r.name_any() == p)?;
+                let serving = r.spec.role == ReplicaRole::Primary
+                    && r.status
+                        .as_ref()
+                        .is_some_and(|s| s.state == ReplicaState::Serving && s.epoch == st.epoch);
+                serving.then_some(st)
+            },
+        )
+        .await
+    }
+
+    /// ReplicaID of the volume's replica on `node`.
+    async fn replica_on(&self, node: &str) -> String {
+        self.replicas()
+            .await
+            .into_iter()
+            .find(|r| r.spec.node == node)
+            .map(|r| r.name_any())
+            .unwrap_or_else(|| panic!("no replica on {node}"))
+    }
+
+    /// Waits until the primary reports `replica` in one of `states`.
+    async fn peer_state_in(&self, replica: &str, states: &[ReplicaState]) {
+        wait_for(
+            &format!("the primary reporting {replica} as one of {states:?}"),
+            || async {
+                let st = self.volume().await?;
+                let rs = self.replicas().await;
+                let p = rs.iter().find(|r| Some(r.name_any()) == st.primary)?;
+                p.status
+                    .as_ref()?
+                    .peers
+                    .iter()
+                    .any(|p| p.replica_id == replica && states.contains(&p.state))
+                    .then_some(())
+            },
+        )
+        .await
+    }
+
+    /// Bytes in `node`'s agent log so far, to read only what follows later.
+    fn log_len(&self, node: &str) -> usize {
+        std::fs::metadata(self.agent_log(node)).map_or(0, |m| m.len() as usize)
+    }
+
+    /// Whether `node`'s agent logged, after `from` bytes, the primary moving `replica`
+    /// to `state` (the runtime logs each replication report).
+    fn logged_peer_state(&self, node: &str, from: usize, replica: &str, state: &str) -> bool {
+        let log = std::fs::read(self.agent_log(node)).unwrap_or_default();
+        let tail = String::from_utf8_lossy(log.get(from..).unwrap_or_default());
+        let needle = format!("replica: ReplicaId(\"{replica}\"), state: {state}");
+        tail.contains(&needle)
+    }
+
+    fn target(&self, node: &str) -> Target {
+        Target::Unix {
+            path: self.agent(node).nbd_socket.clone(),
+            export: VOLUME.into(),
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        // Nothing may use a small filesystem when it is unmounted.
+        for a in &mut self.tc.agents {
+            a.kill();
+        }
+        self.small_disks.clear();
+        // Keep the logs of a failed run: swap an empty directory in for the cluster's.
+        if std::thread::panicking()
+            && let Ok(empty) = tempfile::tempdir()
+        {
+            let kept = std::mem::replace(&mut self.tc.root, empty).keep();
+            eprintln!("agent and operator logs kept in {}", kept.display());
+        }
+    }
+}
+
+fn checker(seed: u64, flush_every_writes: u32) -> Arc<Checker> {
+    Checker::new(
+        Ledger::new(CheckerConfig {
+            volume_id: VOLUME.into(),
+            seed,
+            workers: 4,
+            block_size_bytes: 4096,
+            lba_start: 0,
+            lba_count: CHECK_LBAS,
+            flush_every_writes,
+        })
+        .expect("checker config"),
+    )
+}
+
+/// Counts over one scenario, printed at its end.
+#[derive(Default, Debug)]
+struct Tally {
+    trials: u64,
+    faults: u64,
+    writes_durable: u64,
+    writes_verified: u64,
+}
+
+impl Tally {
+    fn print(&self, scenario: &str, seed: u64) {
+        println!(
+            "chaos {scenario}: seed {seed}, trials run {}, faults injected {}, durable writes {}, writes verified {}, lost 0",
+            self.trials, self.faults, self.writes_durable, self.writes_verified
+        );
+    }
+}
+
+/// Starts a load phase through `target` in the background.
+fn start_load(
+    checker: &Arc<Checker>,
+    target: Target,
+    writes: u64,
+) -> tokio::task::JoinHandle<WriteSummary> {
+    let c = checker.clone();
+    tokio::spawn(async move { c.run_writes(&target, writes).await })
+}
+
+/// Waits until `n` more flushes were acknowledged than `base`.
+async fn flushes_reach(checker: &Checker, n: u64) {
+    let mut rx = checker.flush_progress();
+    let what = format!("{n} acknowledged flushes");
+    tokio::time::timeout(
+        Duration::from_millis(WAIT_TIMEOUT_MS),
+        rx.wait_for(|v| *v >= n),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+    .expect("progress channel");
+}
+
+/// Reads the whole ledger back through `target`; every durable write must be there.
+async fn verify_clean(checker: &Checker, target: &Target, tally: &mut Tally, what: &str) {
+    // The status can report Serving a moment before the export is registered.
+    wait_for(&format!("{target:?} accepting NBD clients"), || async {
+        let c = e2e::checker::NbdClient::connect(target).await.ok()?;
+        c.disconnect().await;
+        Some(())
+    })
+    .await;
+    let report = checker.verify(target).await.expect("verify reads back");
+    assert!(
+        report.is_clean(),
+        "{what}: acknowledged writes lost: {report}"
+    );
+    tally.writes_verified += report.writes_verified;
+    println!("{what}: {report}");
+}
+
+fn trials(default: u64) -> u64 {
+    env_u64(TRIALS_ENV, default).expect(TRIALS_ENV)
+}
+
+fn seed() -> u64 {
+    env_u64(SEED_ENV, 20_261_126).expect(SEED_ENV)
+}
+
+/// Each test has its own runtime; tokio's Mutex works across them and is not poisoned
+/// by a failed test.
+async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().await
+}
+
+/// Scenario 1: SIGKILL the primary's agent at a seeded moment under load; the operator
+/// promotes; everything acknowledged reads back through the new primary; the killed agent
+/// restarts and rejoins (three in sync) before the next trial.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn primary_agent_sigkill_under_load_loses_no_acknowledged_write() {
+    let _serial = serial().await;
+    let seed = seed();
+    let mut rng = SeededRng::new(seed);
+    let mut c = Cluster::start(&[]).await;
+    c.start_operator("op-1");
+    c.create_volume().await;
+    let ck = checker(seed, 8);
+    let mut tally = Tally::default();
+    let mut st = c.healthy(1).await;
+    for trial in 0..trials(2) {
+        let old_node = st.primary_node.clone().expect("primary node");
+        let old_primary = st.primary.clone().expect("primary");
+        let kill_after = rng.range(1, 20);
+        let extra_ms = rng.range(0, 50);
+        let base = *ck.flush_progress().borrow();
+        let load = start_load(&ck, c.target(&old_node), LOAD_WRITES_MAX);
+        flushes_reach(&ck, base + kill_after).await;
+        tokio::time::sleep(Duration::from_millis(extra_ms)).await;
+        c.kill_agent(&old_node);
+        tally.faults += 1;
+        let sum = load.await.expect("load task");
+        assert!(
+            !sum.stopped_by.is_empty(),
+            "the load must have been cut by the kill"
+        );
+        tally.writes_durable += sum.writes_made_durable;
+        println!(
+            "trial {trial}: killed primary {old_primary} on {old_node} after {} acked flushes (+{extra_ms} ms), {} writes durable",
+            sum.flushes_acked, sum.writes_made_durable
+        );
+        let new = c.promoted(&old_primary, st.epoch).await;
+        assert_eq!(new.epoch, st.epoch + 1, "one failover, one epoch bump");
+        let new_node = new.primary_node.clone().expect("new primary node");
+        verify_clean(
+            &ck,
+            &c.target(&new_node),
+            &mut tally,
+            &format!("trial {trial}"),
+        )
+        .await;
+        c.start_agent(&old_node);
+        st = c.healthy(new.epoch).await;
+        assert_eq!(st.epoch, new.epoch, "the rejoin bumped no epoch");
+        tally.trials += 1;
+    }
+    // A final read of everything after the last rejoin.
+    let node = st.primary_node.clone().expect("primary node");
+    verify_clean(&ck, &c.target(&node), &mut tally, "after the last rejoin").await;
+    tally.print("primary-sigkill", seed);
+}
+
+/// Records when the checker's flush count moved (wall clock, to compare with a Lease's
+/// renewTime), so a test can bound the moment of the last acknowledged flush.
+/// Observation lags the ack by a scheduling delay, never leads it.
+struct AckClock {
+    acks: Arc<std::sync::Mutex<Vec<SystemTime>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl AckClock {
+    fn start(checker: &Checker) -> AckClock {
+        let acks: Arc<std::sync::Mutex<Vec<SystemTime>>> = Arc::default();
+        let mut rx = checker.flush_progress();
+        let a = acks.clone();
+        let task = tokio::spawn(async move {
+            while rx.changed().await.is_ok() {
+                a.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(SystemTime::now());
+            }
+        });
+        AckClock { acks, task }
+    }
+
+    fn last_ack(&self) -> Option<SystemTime> {
+        self.acks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .last()
+            .copied()
+    }
+
+    /// The longest time without an ack from `from` on (until the last ack).
+    fn longest_gap_since(&self, from: SystemTime) -> Duration {
+        let acks = self.acks.lock().unwrap_or_else(|e| e.into_inner());
+        let mut prev = from;
+        let mut gap = Duration::ZERO;
+        for t in acks.iter().filter(|t| **t > from) {
+            gap = gap.max(t.duration_since(prev).unwrap_or_default());
+            prev = *t;
+        }
+        gap
+    }
+}
+
+impl Drop for AckClock {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Records every epoch the volume status shows, polled faster than a failover, so a
+/// test can tell one bump from two.
+struct EpochLog {
+    seen: Arc<std::sync::Mutex<Vec<u64>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl EpochLog {
+    fn start(client: &Client) -> EpochLog {
+        let seen: Arc<std::sync::Mutex<Vec<u64>>> = Arc::default();
+        let s = seen.clone();
+        let api = Api::<BlockVolume>::all(client.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                if let Ok(Some(v)) = api.get_opt(VOLUME).await
+                    && let Some(e) = v.status.map(|s| s.epoch)
+                {
+                    let mut seen = s.lock().unwrap_or_else(|e| e.into_inner());
+                    if seen.last() != Some(&e) {
+                        seen.push(e);
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        });
+        EpochLog { seen, task }
+    }
+
+    fn seen(&self) -> Vec<u64> {
+        self.seen.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+impl Drop for EpochLog {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The node of another member than the primary, picked by the seed.
+fn pick_replica_node(st: &BlockVolumeStatus, rng: &mut SeededRng) -> String {
+    let primary = st.primary_node.clone().expect("primary node");
+    let others: Vec<&str> = NODES.iter().copied().filter(|n| *n != primary).collect();
+    rng.pick(&others).expect("two replica nodes").to_string()
+}
+
+/// Asserts that a load phase ran to its end: no write or flush failed.
+fn assert_uninterrupted(sum: &WriteSummary, what: &str) {
+    assert!(
+        sum.stopped_by.is_empty(),
+        "{what}: the load was interrupted: {:?}",
+        sum.stopped_by
+    );
+}
+
+/// Scenario 6: SIGKILL all three agents together mid-write, restart them all: the volume
+/// comes back Ready with a primary and every acknowledged write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn whole_cluster_sigkill_and_restart_loses_no_acknowledged_write() {
+    let _serial = serial().await;
+    let seed = seed() ^ 6;
+    let mut rng = SeededRng::new(seed);
+    let mut c = Cluster::start(&[]).await;
+    c.start_operator("op-1");
+    c.create_volume().await;
+    let ck = checker(seed, 8);
+    let mut tally = Tally::default();
+    let mut st = c.healthy(1).await;
+    for trial in 0..trials(1) {
+        let node = st.primary_node.clone().expect("primary node");
+        let kill_after = rng.range(1, 20);
+        let base = *ck.flush_progress().borrow();
+        let load = start_load(&ck, c.target(&node), LOAD_WRITES_MAX);
+        flushes_reach(&ck, base + kill_after).await;
+        for n in NODES {
+            c.kill_agent(n);
+        }
+        tally.faults += 1;
+        let sum = load.await.expect("load task");
+        tally.writes_durable += sum.writes_made_durable;
+        println!(
+            "trial {trial}: killed all agents after {} acked flushes, {} writes durable",
+            sum.flushes_acked, sum.writes_made_durable
+        );
+        // The statuses still say healthy until the operator sees the Leases expire; a
+        // health check before that would read the dead agents' last reports.
+        wait_for("the operator noticing every agent gone", || async {
+            c.volume()
+                .await
+                .filter(|v| v.phase != VolumePhase::Ready || v.in_sync_count < 3)
+        })
+        .await;
+        for n in NODES {
+            c.start_agent(n);
+        }
+        st = c.healthy(st.epoch).await;
+        let node = st.primary_node.clone().expect("primary node");
+        verify_clean(&ck, &c.target(&node), &mut tally, &format!("trial {trial}")).await;
+        tally.trials += 1;
+    }
+    tally.print("whole-cluster-sigkill", seed);
+}
+
+/// Scenario 4a: SIGKILL the operator right after the primary's agent, start a new
+/// operator: the failover completes with one epoch bump and no acknowledged write lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn operator_killed_during_failover_completes_it_after_restart() {
+    let _serial = serial().await;
+    let seed = seed() ^ 4;
+    let mut rng = SeededRng::new(seed);
+    let mut c = Cluster::start(&[]).await;
+    c.start_operator("op-0");
+    c.create_volume().await;
+    let ck = checker(seed, 8);
+    let mut tally = Tally::default();
+    let mut st = c.healthy(1).await;
+    for trial in 0..trials(1) {
+        let old_node = st.primary_node.clone().expect("primary node");
+        let old_primary = st.primary.clone().expect("primary");
+        let base = *ck.flush_progress().borrow();
+        let load = start_load(&ck, c.target(&old_node), LOAD_WRITES_MAX);
+        flushes_reach(&ck, base + rng.range(1, 20)).await;
+        c.kill_agent(&old_node);
+        let old_op = format!("op-{trial}");
+        c.kill_operator(&old_op);
+        tally.faults += 2;
+        let sum = load.await.expect("load task");
+        tally.writes_durable += sum.writes_made_durable;
+        c.start_operator(&format!("op-{}", trial + 1));
+        let new = c.promoted(&old_primary, st.epoch).await;
+        assert_eq!(new.epoch, st.epoch + 1, "one failover, one epoch bump");
+        let new_node = new.primary_node.clone().expect("new primary node");
+        println!(
+            "trial {trial}: killed primary on {old_node} and operator {old_op}; promoted on {new_node} at epoch {}",
+            new.epoch
+        );
+        verify_clean(
+            &ck,
+            &c.target(&new_node),
+            &mut tally,
+            &format!("trial {trial}"),
+        )
+        .await;
+        c.start_agent(&old_node);
+        st = c.healthy(new.epoch).await;
+        assert_eq!(st.epoch, new.epoch, "the rejoin bumped no epoch");
+        tally.trials += 1;
+    }
+    tally.print("operator-sigkill-during-failover", seed);
+}
+
+/// Scenario 4b: two operators run at once (Lease leader election) while the primary's
+/// agent is killed: exactly one writes epochs, so each failover bumps the epoch by one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_operators_bump_the_epoch_once_per_failover() {
+    let _serial = serial().await;
+    let seed = seed() ^ 44;
+    let mut rng = SeededRng::new(seed);
+    let mut c = Cluster::start(&[]).await;
+    c.start_operator("op-a");
+    c.start_operator("op-b");
+    c.create_volume().await;
+    let ck = checker(seed, 8);
+    let mut tally = Tally::default();
+    let mut st = c.healthy(1).await;
+    let epochs = EpochLog::start(&c.client());
+    let first_epoch = st.epoch;
+    for trial in 0..trials(1) {
+        let old_node = st.primary_node.clone().expect("primary node");
+        let old_primary = st.primary.clone().expect("primary");
+        let base = *ck.flush_progress().borrow();
+        let load = start_load(&ck, c.target(&old_node), LOAD_WRITES_MAX);
+        flushes_reach(&ck, base + rng.range(1, 20)).await;
+        c.kill_agent(&old_node);
+        tally.faults += 1;
+        let sum = load.await.expect("load task");
+        tally.writes_durable += sum.writes_made_durable;
+        let new = c.promoted(&old_primary, st.epoch).await;
+        assert_eq!(new.epoch, st.epoch + 1, "one failover, one epoch bump");
+        let new_node = new.primary_node.clone().expect("new primary node");
+        verify_clean(
+            &ck,
+            &c.target(&new_node),
+            &mut tally,
+            &format!("trial {trial}"),
+        )
+        .await;
+        c.start_agent(&old_node);
+        st = c.healthy(new.epoch).await;
+        assert_eq!(st.epoch, new.epoch, "the rejoin bumped no epoch");
+        tally.trials += 1;
+    }
+    let seen = epochs.seen();
+    let want: Vec<u64> = (first_epoch..=first_epoch + tally.trials).collect();
+    assert_eq!(seen, want, "epochs the volume showed, in order");
+    println!("epochs seen: {seen:?}");
+    tally.print("two-operators", seed);
+}
+
+/// Scenario 2: SIGKILL a replica's agent under load. Writes go on (flushes wait until
+/// the operator commits the smaller in-sync set). Restarted within the WAL retention
+/// budget it catches up; restarted after the primary gave up its WAL (NeedsRebuild) it
+/// is rebuilt. Three in sync again after each, and nothing acknowledged lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replica_agent_sigkill_catches_up_or_is_rebuilt_without_loss() {
+    let _serial = serial().await;
+    let seed = seed() ^ 2;
+    let mut rng = SeededRng::new(seed);
+    let mut c =
+        Cluster::start(&[format!("--wal-retention-timeout-ms={RETENTION_BUDGET_MS}")]).await;
+    c.start_operator("op-1");
+    c.create_volume().await;
+    let ck = checker(seed, 8);
+    let mut tally = Tally::default();
+    let mut st = c.healthy(1).await;
+    for trial in 0..trials(1) {
+        for beyond_budget in [false, true] {
+            let primary_node = st.primary_node.clone().expect("primary node");
+            let victim = pick_replica_node(&st, &mut rng);
+            let victim_id = c.replica_on(&victim).await;
+            let base = *ck.flush_progress().borrow();
+            let load = start_load(&ck, c.target(&primary_node), 400);
+            flushes_reach(&ck, base + rng.range(1, 20)).await;
+            let log_from = c.log_len(&primary_node);
+            c.kill_agent(&victim);
+            let down_since = Instant::now();
+            tally.faults += 1;
+            let sum = load.await.expect("load task");
+            assert_uninterrupted(&sum, "writes while a replica is down");
+            tally.writes_durable += sum.writes_made_durable;
+            if beyond_budget {
+                // The primary gives up the victim's WAL once the budget has passed.
+                // (Rebuilding follows NeedsRebuild at once; either shows the escalation.)
+                c.peer_state_in(
+                    &victim_id,
+                    &[ReplicaState::NeedsRebuild, ReplicaState::Rebuilding],
+                )
+                .await;
+                assert!(
+                    down_since.elapsed() >= Duration::from_millis(RETENTION_BUDGET_MS),
+                    "the WAL hold was dropped before the budget ran out"
+                );
+            } else {
+                assert!(
+                    down_since.elapsed() < Duration::from_millis(RETENTION_BUDGET_MS - 3_000),
+                    "the restart must come well within the budget"
+                );
+            }
+            let restarted_after = down_since.elapsed();
+            c.start_agent(&victim);
+            st = c.healthy(st.epoch).await;
+            assert_eq!(
+                st.primary_node.as_deref(),
+                Some(primary_node.as_str()),
+                "a replica's crash moved the primary"
+            );
+            let rebuilt = c.logged_peer_state(&primary_node, log_from, &victim_id, "Rebuilding");
+            let caught_up = c.logged_peer_state(&primary_node, log_from, &victim_id, "CatchingUp");
+            assert_eq!(
+                rebuilt, beyond_budget,
+                "rebuilt exactly when restarted beyond the retention budget (caught up: {caught_up})"
+            );
+            println!(
+                "trial {trial}: replica {victim_id} on {victim} killed, restarted {} the {RETENTION_BUDGET_MS} ms budget after {} ms, {}; {} writes durable meanwhile",
+                if beyond_budget { "beyond" } else { "within" },
+                restarted_after.as_millis(),
+                if rebuilt { "rebuilt" } else { "caught up" },
+                sum.writes_made_durable
+            );
+            let node = st.primary_node.clone().expect("primary node");
+            verify_clean(&ck, &c.target(&node), &mut tally, &format!("trial {trial}")).await;
+            tally.trials += 1;
+        }
+    }
+    tally.print("replica-sigkill", seed);
+}
+
+/// Scenario 3a/3b: partition the primary from one replica, then from both, under load:
+/// flushes stall until the operator commits the smaller in-sync set and then go on; after
+/// healing, the members rejoin; nothing acknowledged is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn primary_partitioned_from_replicas_acks_only_what_the_committed_set_holds() {
+    let _serial = serial().await;
+    let seed = seed() ^ 3;
+    let mut rng = SeededRng::new(seed);
+    let mut c = Cluster::start(&[]).await;
+    c.start_operator("op-1");
+    c.create_volume().await;
+    let ck = checker(seed, 8);
+    let mut tally = Tally::default();
+    let mut st = c.healthy(1).await;
+    for trial in 0..trials(1) {
+        for cut_all in [false, true] {
+            let primary_node = st.primary_node.clone().expect("primary node");
+            let cut: Vec<String> = if cut_all {
+                NODES
+                    .iter()
+                    .filter(|n| **n != primary_node)
+                    .map(|n| n.to_string())
+                    .collect()
+            } else {
+                vec![pick_replica_node(&st, &mut rng)]
+            };
+            let mut cut_ids = Vec::new();
+            for n in &cut {
+                cut_ids.push(c.replica_on(n).await);
+            }
+            let ports: Vec<u16> = cut.iter().map(|n| c.data_port(n)).collect();
+            let clock = AckClock::start(&ck);
+            let base = *ck.flush_progress().borrow();
+            let load = start_load(&ck, c.target(&primary_node), 1_200);
+            flushes_reach(&ck, base + rng.range(1, 20)).await;
+            let mut partition = PortPartition::new(IPTABLES_TAG, &ports).expect("partition");
+            let cut_at = SystemTime::now();
+            tally.faults += 1;
+            let sum = load.await.expect("load task");
+            assert_uninterrupted(&sum, "writes while partitioned");
+            tally.writes_durable += sum.writes_made_durable;
+            // The flushes that completed past the cut were acked for a committed set
+            // without the cut members.
+            let now = c.volume().await.expect("volume status");
+            assert!(
+                cut_ids.iter().all(|id| !now.in_sync_set.contains(id)),
+                "flushes went on while partitioned, so the committed set must exclude {cut_ids:?}: {:?}",
+                now.in_sync_set
+            );
+            assert!(now.in_sync_set_generation > st.in_sync_set_generation);
+            verify_clean(
+                &ck,
+                &c.target(&primary_node),
+                &mut tally,
+                &format!("trial {trial} partitioned"),
+            )
+            .await;
+            partition.heal().expect("heal");
+            st = c.healthy(st.epoch).await;
+            println!(
+                "trial {trial}: primary on {primary_node} cut from {cut:?}; longest flush stall after the cut {} ms; {} writes durable in the phase; in-sync set shrank, rejoined at generation {}",
+                clock.longest_gap_since(cut_at).as_millis(),
+                sum.writes_made_durable,
+                st.in_sync_set_generation
+            );
+            tally.trials += 1;
+        }
+    }
+    assert!(rules_tagged(IPTABLES_TAG).expect("iptables -S").is_empty());
+    tally.print("partition-primary-replicas", seed);
+}
+
+/// Scenario 3c: partition the primary's agent from the API server under load. Its Lease
+/// stops renewing, so it must stop acknowledging flushes within the Lease duration; the
+/// operator promotes another member only after that, and the new primary has every
+/// acknowledged write. After healing, the old primary rejoins as a replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn primary_cut_from_api_server_stops_acking_within_its_lease() {
+    let _serial = serial().await;
+    let seed = seed() ^ 33;
+    let mut rng = SeededRng::new(seed);
+    let mut c = Cluster::start(&[]).await;
+    c.start_operator("op-1");
+    c.create_volume().await;
+    let ck = checker(seed, 4);
+    let mut tally = Tally::default();
+    let mut st = c.healthy(1).await;
+    for trial in 0..trials(1) {
+        let old_node = st.primary_node.clone().expect("primary node");
+        let old_primary = st.primary.clone().expect("primary");
+        let clock = AckClock::start(&ck);
+        let base = *ck.flush_progress().borrow();
+        let load = start_load(&ck, c.target(&old_node), LOAD_WRITES_MAX);
+        flushes_reach(&ck, base + rng.range(1, 20)).await;
+        let relay_port = c.relay_port(&old_node);
+        let mut partition = PortPartition::new(IPTABLES_TAG, &[relay_port]).expect("partition");
+        let cut_at = SystemTime::now();
+        tally.faults += 1;
+        let new = c.promoted(&old_primary, st.epoch).await;
+        assert_eq!(new.epoch, st.epoch + 1, "one failover, one epoch bump");
+        let promoted_after = cut_at.elapsed().unwrap_or_default();
+        let sum = load.await.expect("load task");
+        tally.writes_durable += sum.writes_made_durable;
+        // The isolated agent's last proof of primacy is its last successful Lease
+        // renewal, stamped in the Lease it could still write before the cut.
+        let renewed = c.lease_renew_time(&old_node).await;
+        let last = clock.last_ack().expect("some flush was acked");
+        let lease = Duration::from_secs(u64::from(AGENT_LEASE_S));
+        let fence_at = renewed + lease;
+        let late = last.duration_since(fence_at).unwrap_or_default();
+        assert!(
+            late <= ACK_OBSERVATION_SLACK,
+            "the cut-off primary acked a flush {late:?} after its Lease (renewed {:?} before the cut, {lease:?}) ran out",
+            cut_at.duration_since(renewed).unwrap_or_default()
+        );
+        let new_node = new.primary_node.clone().expect("new primary node");
+        println!(
+            "trial {trial}: primary on {old_node} cut from the API server {} ms after its last renewal; last ack {} ms after that renewal (Lease {} ms); promoted on {new_node} {} ms after the cut",
+            cut_at
+                .duration_since(renewed)
+                .unwrap_or_default()
+                .as_millis(),
+            last.duration_since(renewed).unwrap_or_default().as_millis(),
+            lease.as_millis(),
+            promoted_after.as_millis()
+        );
+        verify_clean(
+            &ck,
+            &c.target(&new_node),
+            &mut tally,
+            &format!("trial {trial}"),
+        )
+        .await;
+        partition.heal().expect("heal");
+        st = c.healthy(new.epoch).await;
+        assert_eq!(st.epoch, new.epoch, "the rejoin bumped no epoch");
+        tally.trials += 1;
+    }
+    assert!(rules_tagged(IPTABLES_TAG).expect("iptables -S").is_empty());
+    tally.print("partition-primary-apiserver", seed);
+}
+
+/// Scenario 5: a replica's data dir sits on a small filesystem that is then filled. Its
+/// next append fails (ENOSPC); the replica reports the failure in its BlockReplica
+/// status, flushes wait until the operator commits the set without it and then go on,
+/// and the operator replaces it on a fourth node (after a 5 s grace), which is rebuilt
+/// into the set. Nothing acknowledged is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replica_disk_full_is_reported_dropped_and_replaced_without_loss() {
+    let _serial = serial().await;
+    let seed = seed() ^ 5;
+    let mut rng = SeededRng::new(seed);
+    let mut c = Cluster::start(&[]).await;
+    c.tc.options.operator.replica_failure_grace_ms = REPLACEMENT_GRACE_MS;
+    c.start_operator("op-1");
+    c.create_volume().await;
+    let ck = checker(seed, 8);
+    let mut tally = Tally::default();
+    let st = c.healthy(1).await;
+    let primary_node = st.primary_node.clone().expect("primary node");
+    let victim = pick_replica_node(&st, &mut rng);
+    let victim_id = c.replica_on(&victim).await;
+
+    // Some data first, then the victim's files move onto a 32 MiB filesystem.
+    let sum = ck.run_writes(&c.target(&primary_node), 200).await;
+    assert_uninterrupted(&sum, "writes before the move");
+    c.kill_agent(&victim);
+    let disk = c.move_data_to_small_disk(&victim, 32);
+    c.start_agent(&victim);
+    let st = c.healthy(st.epoch).await;
+
+    let filled = c.small_disks[disk].fill().expect("fill");
+    tally.faults += 1;
+    let clock = AckClock::start(&ck);
+    let full_at = SystemTime::now();
+    let sum = ck.run_writes(&c.target(&primary_node), 1_200).await;
+    assert_uninterrupted(&sum, "writes while a replica's disk is full");
+    tally.writes_durable += sum.writes_made_durable;
+
+    let failed = wait_for("the full replica reporting its storage failure", || async {
+        let rs = c.replicas().await;
+        let r = rs.iter().find(|r| r.name_any() == victim_id)?;
+        let s = r.status.as_ref()?;
+        (s.state == ReplicaState::Failed).then(|| s.last_error.clone().unwrap_or_default())
+    })
+    .await;
+    assert!(
+        failed.contains("storage failed"),
+        "the status names the failure: {failed}"
+    );
+    let now = c.volume().await.expect("volume status");
+    assert!(
+        !now.in_sync_set.contains(&victim_id),
+        "flushes went on, so the committed set must exclude the failed {victim_id}: {:?}",
+        now.in_sync_set
+    );
+    assert!(now.in_sync_set_generation > st.in_sync_set_generation);
+    assert_eq!(now.primary_node.as_deref(), Some(primary_node.as_str()));
+    verify_clean(&ck, &c.target(&primary_node), &mut tally, "disk full").await;
+
+    // A fourth node joins; the failed replica is replaced there and rebuilt.
+    c.add_node(SPARE_NODE).await;
+    let back = c.healthy(st.epoch).await;
+    let rs = c.replicas().await;
+    assert!(
+        rs.iter().all(|r| r.name_any() != victim_id),
+        "the failed replica {victim_id} is gone"
+    );
+    assert!(
+        rs.iter().any(|r| r.spec.node == SPARE_NODE),
+        "a replica on {SPARE_NODE}: {:?}",
+        rs.iter().map(|r| &r.spec.node).collect::<Vec<_>>()
+    );
+    assert_eq!(back.primary_node.as_deref(), Some(primary_node.as_str()));
+    let after = ck.run_writes(&c.target(&primary_node), 200).await;
+    assert_uninterrupted(&after, "writes after the replacement");
+    tally.writes_durable += after.writes_made_durable;
+    verify_clean(
+        &ck,
+        &c.target(&primary_node),
+        &mut tally,
+        "after the replacement",
+    )
+    .await;
+    tally.trials += 1;
+    println!(
+        "replica {victim_id} on {victim}: filesystem filled ({filled} bytes of filler), status {failed:?}; longest flush stall {} ms; {} writes durable meanwhile; replaced on {SPARE_NODE}",
+        clock.longest_gap_since(full_at).as_millis(),
+        sum.writes_made_durable
+    );
+    tally.print("replica-disk-full", seed);
+}
