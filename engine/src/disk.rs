@@ -30,6 +30,11 @@ pub trait Disk: Send + Sync {
     fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
         crate::extent::write_zeroes_by_writing(self, offset, len)
     }
+    /// Copies `len` bytes from `src` to `dst` (ranges must not overlap), like
+    /// `read_at` + `write_at` (same durability rules). Files copy inside the kernel.
+    fn copy_within(&self, src: u64, dst: u64, len: u64) -> io::Result<()> {
+        crate::extent::copy_by_reading(self, src, dst, len)
+    }
     /// Grows or shrinks the disk; new bytes read as zeros. Durable on return.
     fn set_len(&self, len: u64) -> io::Result<()>;
     /// Current size in bytes.
@@ -118,6 +123,54 @@ impl Disk for FileDisk {
 
     fn sync(&self) -> io::Result<()> {
         self.file.sync_data()
+    }
+
+    /// `copy_file_range` within the file: the flusher's WAL-to-extent copy then costs
+    /// one page-cache copy in the kernel instead of a read into and a write out of a
+    /// user buffer. Falls back to reading and writing where the kernel refuses.
+    fn copy_within(&self, src: u64, dst: u64, len: u64) -> io::Result<()> {
+        use std::os::fd::AsRawFd;
+        self.check(src, len as usize)?;
+        self.check(dst, len as usize)?;
+        if src.max(dst) < src.min(dst) + len {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("copy {src}->{dst} of {len} bytes overlaps itself"),
+            ));
+        }
+        let fd = self.file.as_raw_fd();
+        let mut done = 0u64;
+        while done < len {
+            let mut off_in = (src + done) as libc::loff_t;
+            let mut off_out = (dst + done) as libc::loff_t;
+            let want = (len - done).min(1 << 30) as usize;
+            // SAFETY: valid fd and offset pointers for the duration of the call.
+            let n = unsafe { libc::copy_file_range(fd, &mut off_in, fd, &mut off_out, want, 0) };
+            if n > 0 {
+                done += n as u64;
+                continue;
+            }
+            if n == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("copy_file_range stopped at {} of {len} bytes", done),
+                ));
+            }
+            let err = io::Error::last_os_error();
+            match err.raw_os_error() {
+                Some(libc::EINTR) => continue,
+                Some(libc::EXDEV | libc::EOPNOTSUPP | libc::ENOSYS | libc::EINVAL) => {
+                    return crate::extent::copy_by_reading(
+                        self,
+                        src + done,
+                        dst + done,
+                        len - done,
+                    );
+                }
+                _ => return Err(err),
+            }
+        }
+        Ok(())
     }
 
     fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
