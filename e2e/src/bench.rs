@@ -243,6 +243,10 @@ pub struct Sample {
     /// CPU seconds the target's server processes used during the run (blockvol agents
     /// and nbdkit; none for the local file).
     pub server_cpu_s: Option<f64>,
+    /// Why the run failed (fio's message, e.g. an I/O error); the run is then left out
+    /// of the summary and listed in the report.
+    #[serde(default)]
+    pub error: Option<String>,
 }
 
 /// Summary of one pattern on one target.
@@ -260,7 +264,7 @@ pub struct Cell {
 /// Medians over the samples of each (pattern, target).
 pub fn summarize(samples: &[Sample]) -> BTreeMap<String, BTreeMap<String, Cell>> {
     let mut groups: BTreeMap<(String, String), Vec<&Sample>> = BTreeMap::new();
-    for s in samples {
+    for s in samples.iter().filter(|s| s.error.is_none()) {
         groups
             .entry((s.pattern.clone(), s.target.clone()))
             .or_default()
@@ -323,14 +327,12 @@ pub fn ratios(summary: &BTreeMap<String, BTreeMap<String, Cell>>) -> Vec<Ratio> 
                     });
                 }
             }
-            if t.starts_with("rf3") {
-                if let Some(b) = iops("rf1") {
-                    out.push(Ratio {
-                        pattern: p.clone(),
-                        name: format!("{t}/rf1"),
-                        value: c.iops.median / b,
-                    });
-                }
+            if let Some(b) = iops("rf1").filter(|_| t.starts_with("rf3")) {
+                out.push(Ratio {
+                    pattern: p.clone(),
+                    name: format!("{t}/rf1"),
+                    value: c.iops.median / b,
+                });
             }
         }
     }
@@ -465,6 +467,22 @@ impl Report {
             }
             let _ = writeln!(md);
         }
+        let failed: Vec<&Sample> = self.samples.iter().filter(|s| s.error.is_some()).collect();
+        if !failed.is_empty() {
+            let _ = writeln!(md, "\nFailed runs (left out of the medians above):\n");
+            for s in failed {
+                let msg = s.error.as_deref().unwrap_or_default();
+                let first = msg.lines().find(|l| l.contains("error")).unwrap_or(msg);
+                let _ = writeln!(
+                    md,
+                    "- {} on {} (rep {}): {}",
+                    s.pattern,
+                    s.target,
+                    s.rep,
+                    first.trim()
+                );
+            }
+        }
         let cpu_rows: Vec<(String, String, f64)> = self
             .summary
             .iter()
@@ -555,6 +573,7 @@ mod tests {
                 ..FioResult::default()
             },
             server_cpu_s: cpu,
+            error: None,
         }
     }
 
@@ -568,6 +587,11 @@ mod tests {
             sample(p, "rf1", 200.0, Some(2.0)),
             sample(p, "rf3-sync", 50.0, Some(3.0)),
         ];
+        let mut samples = samples;
+        samples.push(Sample {
+            error: Some("fio: io_u error on file bench: Input/output error".into()),
+            ..sample(p, "rf1", 1.0, None)
+        });
         let summary = summarize(&samples);
         assert_eq!(summary[p]["nbdkit"].iops.median, 200.0);
         // 2 CPU s for 2000 writes = 1000 s per million.
@@ -602,6 +626,10 @@ mod tests {
             "{md}"
         );
         assert!(md.contains("rf3-sync/rf1"), "{md}");
+        assert!(
+            md.contains("- randwrite-4k-qd16-fsync32 on rf1 (rep 1): fio: io_u error"),
+            "{md}"
+        );
         assert!(
             md.contains("| randwrite-4k-qd16-fsync32 | rf1 | 1000.0 |"),
             "{md}"

@@ -23,6 +23,12 @@ pub trait Disk: Send + Sync {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
     /// Writes all of `buf` at `offset`; fails if the range ends past the disk.
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+    /// Writes the concatenation of `bufs` at `offset`, like one `write_at` of it (same
+    /// bounds and durability rules). Files use one `pwritev`, so callers can write a
+    /// header and a borrowed payload without copying them together.
+    fn write_vectored_at(&self, bufs: &[&[u8]], offset: u64) -> io::Result<()> {
+        self.write_at(&bufs.concat(), offset)
+    }
     /// Makes every completed write durable (fdatasync).
     fn sync(&self) -> io::Result<()>;
     /// Makes `len` bytes at `offset` read as zeros, like `write_at` of zeros (same
@@ -123,6 +129,56 @@ impl Disk for FileDisk {
 
     fn sync(&self) -> io::Result<()> {
         self.file.sync_data()
+    }
+
+    fn write_vectored_at(&self, bufs: &[&[u8]], offset: u64) -> io::Result<()> {
+        use std::os::fd::AsRawFd;
+        let total: usize = bufs.iter().map(|b| b.len()).sum();
+        self.check(offset, total)?;
+        let fd = self.file.as_raw_fd();
+        let mut done = 0usize;
+        while done < total {
+            // The pieces not yet written, the first one cut by what was.
+            let mut skip = done;
+            let mut iov = Vec::with_capacity(bufs.len());
+            for b in bufs {
+                if skip >= b.len() {
+                    skip -= b.len();
+                    continue;
+                }
+                let rest = &b[skip..];
+                skip = 0;
+                iov.push(libc::iovec {
+                    iov_base: rest.as_ptr() as *mut libc::c_void,
+                    iov_len: rest.len(),
+                });
+            }
+            // SAFETY: every iovec points into a live borrowed slice; pwritev only reads
+            // from them.
+            let n = unsafe {
+                libc::pwritev(
+                    fd,
+                    iov.as_ptr(),
+                    iov.len() as libc::c_int,
+                    (offset + done as u64) as libc::off_t,
+                )
+            };
+            if n < 0 {
+                let err = io::Error::last_os_error();
+                if err.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(err);
+            }
+            if n == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::WriteZero,
+                    format!("pwritev wrote nothing at {}", offset + done as u64),
+                ));
+            }
+            done += n as usize;
+        }
+        Ok(())
     }
 
     /// `copy_file_range` within the file: the flusher's WAL-to-extent copy then costs

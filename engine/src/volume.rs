@@ -1043,8 +1043,8 @@ impl Inner {
         owned: Option<&WalEntry>,
     ) -> Result<()> {
         let wal_gen = st.wal_gen;
-        let record = wal::encode_record_ref(entry, wal_gen, None);
-        let len = record.len() as u64;
+        let record = wal::encode_record_parts(entry, wal_gen);
+        let len = wal::record_len_for(entry.data.len());
         let rem = self.layout.lap_remaining(st.head_pos);
         let mut pos = st.head_pos;
         if len > rem {
@@ -1065,7 +1065,10 @@ impl Inner {
             pos += rem;
         }
         self.disk
-            .write_at(&record, self.layout.wal_phys(pos))
+            .write_vectored_at(
+                &[&record.head, entry.data, &record.tail],
+                self.layout.wal_phys(pos),
+            )
             .map_err(|e| self.io_err(e))?;
         let ie = IndexEntry {
             lsn: entry.lsn.0,

@@ -428,7 +428,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
     tracing::info!("preconditioning: one sequential fill of every target, so reads hit data");
     for (t, ep) in &endpoints {
-        let fill: Vec<String> = ["--rw=write", "--bs=1M", "--iodepth=4", "--end_fsync=1"]
+        // A flush every 16 MiB: replicated volumes return EIO to long runs of writes
+        // without a flush once their WAL is full (see docs/performance.md).
+        let fill: Vec<String> = ["--rw=write", "--bs=1M", "--iodepth=4", "--fsync=16"]
             .iter()
             .map(|s| s.to_string())
             .collect();
@@ -444,9 +446,23 @@ async fn run(args: Args) -> anyhow::Result<()> {
             let n = endpoints.len();
             for k in 0..n {
                 let (t, ep) = &endpoints[(k + rep as usize) % n];
-                let (result, cpu) = measure(&plan, ep, pattern)
-                    .await
-                    .with_context(|| format!("{} on {t}", pattern.name))?;
+                let (result, cpu) = match measure(&plan, ep, pattern).await {
+                    Ok(r) => r,
+                    Err(e) => {
+                        // A failed run is a result (e.g. EIO from a full WAL): record
+                        // it and go on with the others.
+                        tracing::warn!(pattern = pattern.name, target = %t, rep, error = %e, "run failed");
+                        samples.push(Sample {
+                            pattern: pattern.name.to_string(),
+                            target: t.clone(),
+                            rep,
+                            result: FioResult::default(),
+                            server_cpu_s: None,
+                            error: Some(format!("{e:#}")),
+                        });
+                        continue;
+                    }
+                };
                 tracing::info!(
                     pattern = pattern.name,
                     target = %t,
@@ -463,6 +479,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     rep,
                     result,
                     server_cpu_s: cpu,
+                    error: None,
                 });
             }
         }
