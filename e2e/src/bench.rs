@@ -472,14 +472,16 @@ impl Report {
             let _ = writeln!(md, "\nFailed runs (left out of the medians above):\n");
             for s in failed {
                 let msg = s.error.as_deref().unwrap_or_default();
+                // fio's own message, without the command line in front of it.
                 let first = msg.lines().find(|l| l.contains("error")).unwrap_or(msg);
+                let short = first.rsplit_once("): ").map_or(first, |(_, r)| r);
                 let _ = writeln!(
                     md,
                     "- {} on {} (rep {}): {}",
                     s.pattern,
                     s.target,
                     s.rep,
-                    first.trim()
+                    short.trim()
                 );
             }
         }
@@ -589,7 +591,11 @@ mod tests {
         ];
         let mut samples = samples;
         samples.push(Sample {
-            error: Some("fio: io_u error on file bench: Input/output error".into()),
+            error: Some(
+                "fio [\"--rw=write\"] failed (exit status: 1): fio: io_u error on file bench: \
+                 Input/output error"
+                    .into(),
+            ),
             ..sample(p, "rf1", 1.0, None)
         });
         let summary = summarize(&samples);
