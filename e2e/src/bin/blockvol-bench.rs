@@ -534,10 +534,12 @@ impl Drop for RemoveOnDrop {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    // The default filter hides the Kubernetes client's connection errors while the
+    // control plane is still coming up (it retries).
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,kube=warn".into()),
+                .unwrap_or_else(|_| "info,kube=warn,kube_client=off".into()),
         )
         .init();
     let args = Args::parse();
