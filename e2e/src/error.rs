@@ -54,6 +54,13 @@ pub enum Error {
     #[error("parsing {path}: {message}")]
     Manifest { path: PathBuf, message: String },
 
+    #[error("`{command}` failed ({status}): {stderr}")]
+    Command {
+        command: String,
+        status: String,
+        stderr: String,
+    },
+
     #[error("`kubectl {args}` failed ({status}): {stderr}")]
     Kubectl {
         args: String,

@@ -14,18 +14,35 @@ use csi::agent_proto::{
 use tonic::{Request, Response, Status};
 
 use crate::attach::{self, Attacher, validate_volume_name};
-use crate::nbd::ExportRegistry;
+use crate::forward::{ForwardSettings, ForwardingBackend, PrimaryResolver, ResolveError};
+use crate::nbd::{BlockBackend, ExportRegistry};
 
 /// Which volumes have a local replica at all (to tell NOT_FOUND from
 /// FAILED_PRECONDITION when there is no export here).
 pub type LocalVolumes = Arc<dyn Fn(&str) -> bool + Send + Sync>;
 
-/// The attach service: exports come from the NBD registry, devices from the attacher.
+/// Forwarding exports: served on their own NBD socket (same export name, the volume's),
+/// so they never collide with a local primary's export when the primary moves here.
+pub struct Forwarding {
+    pub exports: ExportRegistry,
+    pub nbd_socket: PathBuf,
+    pub net: engine::replication::NetConfig,
+    pub settings: ForwardSettings,
+    pub resolver: Arc<dyn PrimaryResolver>,
+    /// How long removing a forwarding export waits for its connections to close.
+    pub remove_wait_ms: u64,
+}
+
+/// The attach service: exports come from the NBD registry (a local primary) or are
+/// forwarding exports made on demand; devices come from the attacher.
 pub struct AttachService {
     exports: ExportRegistry,
     nbd_socket: PathBuf,
     attacher: Arc<dyn Attacher>,
     local: LocalVolumes,
+    forwarding: Option<Forwarding>,
+    /// The forwarding backends by volume, for Expand (the registry holds them untyped).
+    forwarded: std::sync::Mutex<std::collections::BTreeMap<String, Arc<ForwardingBackend>>>,
 }
 
 impl AttachService {
@@ -40,6 +57,95 @@ impl AttachService {
             nbd_socket,
             attacher,
             local,
+            forwarding: None,
+            forwarded: Default::default(),
+        }
+    }
+
+    /// Lets Attach work on nodes without the volume's primary, by forwarding.
+    pub fn with_forwarding(mut self, forwarding: Forwarding) -> Self {
+        self.forwarding = Some(forwarding);
+        self
+    }
+
+    /// The export serving `volume` here and the socket it is on: an existing forwarding
+    /// export first (a device attached through it stays on it even when the primary moves
+    /// here), else a local primary's export.
+    fn served(&self, volume: &str) -> Option<(Arc<dyn BlockBackend>, PathBuf)> {
+        if let Some(f) = &self.forwarding
+            && let Some(e) = f.exports.get(volume)
+        {
+            return Some((e.backend().clone(), f.nbd_socket.clone()));
+        }
+        self.exports
+            .get(volume)
+            .map(|e| (e.backend().clone(), self.nbd_socket.clone()))
+    }
+
+    /// Makes the forwarding export of `volume` (resolving and reaching its primary).
+    async fn open_forwarding(
+        &self,
+        volume: &str,
+    ) -> Result<(Arc<dyn BlockBackend>, PathBuf), Status> {
+        let Some(f) = &self.forwarding else {
+            return Err(Status::failed_precondition(format!(
+                "volume {volume} has no serving primary on this node and forwarding is off"
+            )));
+        };
+        // Answer at once when there is nothing to wait for; a primary that exists but is
+        // unreachable is waited for (failover_wait_ms) like any forwarded request.
+        match f.resolver.resolve(volume).await {
+            Ok(_) | Err(ResolveError::Lookup(_)) => {}
+            Err(e @ ResolveError::UnknownVolume(_)) => {
+                return Err(Status::not_found(e.to_string()));
+            }
+            Err(e @ ResolveError::NoPrimary(_)) => {
+                return Err(Status::failed_precondition(e.to_string()));
+            }
+        }
+        let backend = ForwardingBackend::open(
+            volume,
+            f.net.clone(),
+            f.settings.clone(),
+            f.resolver.clone(),
+        )
+        .await
+        .map_err(|e| Status::unavailable(format!("volume {volume}: reaching its primary: {e}")))?;
+        let typed = Arc::new(backend);
+        let backend: Arc<dyn BlockBackend> = typed.clone();
+        match f.exports.add(volume, backend.clone()) {
+            Ok(_) => {
+                self.forwarded_map().insert(volume.to_string(), typed);
+            }
+            // A concurrent Attach made it first; use that one.
+            Err(crate::nbd::Error::ExportExists(_)) => {}
+            Err(e) => return Err(Status::internal(format!("forwarding export: {e}"))),
+        }
+        tracing::info!(volume, "forwarding export created");
+        let served = f.exports.get(volume).map(|e| e.backend().clone());
+        Ok((served.unwrap_or(backend), f.nbd_socket.clone()))
+    }
+
+    fn forwarded_map(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::BTreeMap<String, Arc<ForwardingBackend>>> {
+        self.forwarded.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    async fn remove_forwarding(&self, volume: &str) -> Result<(), Status> {
+        let Some(f) = &self.forwarding else {
+            return Ok(());
+        };
+        self.forwarded_map().remove(volume);
+        match f.exports.remove(volume, f.remove_wait_ms).await {
+            Ok(()) => {
+                tracing::info!(volume, "forwarding export removed");
+                Ok(())
+            }
+            Err(crate::nbd::Error::ExportNotFound(_)) => Ok(()),
+            Err(e) => Err(Status::unavailable(format!(
+                "removing the forwarding export: {e}"
+            ))),
         }
     }
 
@@ -87,23 +193,37 @@ impl NodeAgent for AttachService {
                 "read-only attachment is not supported by this agent",
             ));
         }
-        let Some(export) = self.exports.get(&req.volume_id) else {
-            return Err(if (self.local)(&req.volume_id) {
-                Status::failed_precondition(format!(
-                    "volume {} has no serving primary on this node (forwarding to a remote primary is not supported)",
-                    req.volume_id
-                ))
-            } else {
-                Status::not_found(format!(
-                    "volume {} has no replica on this node",
-                    req.volume_id
-                ))
-            });
+        let (backend, socket, created) = match self.served(&req.volume_id) {
+            Some((b, s)) => (b, s, false),
+            None if self.forwarding.is_none() => {
+                return Err(if (self.local)(&req.volume_id) {
+                    Status::failed_precondition(format!(
+                        "volume {} has no serving primary on this node",
+                        req.volume_id
+                    ))
+                } else {
+                    Status::not_found(format!(
+                        "volume {} has no replica on this node",
+                        req.volume_id
+                    ))
+                });
+            }
+            None => {
+                let (b, s) = self.open_forwarding(&req.volume_id).await?;
+                (b, s, true)
+            }
         };
-        let size_bytes = export.backend().size_bytes();
+        let size_bytes = backend.size_bytes();
         let volume = req.volume_id.clone();
-        let socket = self.nbd_socket.clone();
-        let device = self.blocking(move |a| a.attach(&volume, &socket)).await?;
+        let device = match self.blocking(move |a| a.attach(&volume, &socket)).await {
+            Ok(d) => d,
+            Err(e) => {
+                if created {
+                    let _ = self.remove_forwarding(&req.volume_id).await;
+                }
+                return Err(e);
+            }
+        };
         tracing::info!(volume = %req.volume_id, device = %device.display(), "attached");
         Ok(Response::new(AttachResponse {
             device_path: device.display().to_string(),
@@ -119,6 +239,7 @@ impl NodeAgent for AttachService {
         Self::check_name(&req.volume_id)?;
         let volume = req.volume_id.clone();
         self.blocking(move |a| a.detach(&volume)).await?;
+        self.remove_forwarding(&req.volume_id).await?;
         tracing::info!(volume = %req.volume_id, "detached");
         Ok(Response::new(DetachResponse {}))
     }
@@ -131,7 +252,7 @@ impl NodeAgent for AttachService {
         Self::check_name(&req.volume_id)?;
         let list = self.blocking(|a| a.list()).await?;
         let attachment = list.into_iter().find(|x| x.volume == req.volume_id);
-        let export = self.exports.get(&req.volume_id);
+        let export = self.served(&req.volume_id);
         let (healthy, message) = match (&attachment, &export) {
             (_, Some(_)) => (true, String::new()),
             (Some(_), None) => (
@@ -146,7 +267,7 @@ impl NodeAgent for AttachService {
                 .and_then(|a| a.device)
                 .map(|d| d.display().to_string())
                 .unwrap_or_default(),
-            size_bytes: export.map(|e| e.backend().size_bytes()).unwrap_or(0),
+            size_bytes: export.map(|(b, _)| b.size_bytes()).unwrap_or(0),
             healthy,
             message,
         }))
@@ -158,6 +279,20 @@ impl NodeAgent for AttachService {
     ) -> Result<Response<ExpandResponse>, Status> {
         let req = request.into_inner();
         Self::check_name(&req.volume_id)?;
+        let forwarded = self.forwarded_map().get(&req.volume_id).cloned();
+        if let Some(b) = forwarded {
+            // The primary grows first; a forwarded attachment learns the size from it.
+            let size = b.refresh_size().await.map_err(|e| {
+                Status::unavailable(format!("volume {}: asking its primary: {e}", req.volume_id))
+            })?;
+            if size < req.size_bytes {
+                return Err(Status::failed_precondition(format!(
+                    "volume {} is {size} bytes at its primary; the replicas have not grown to {} bytes yet",
+                    req.volume_id, req.size_bytes
+                )));
+            }
+            return Ok(Response::new(ExpandResponse { size_bytes: size }));
+        }
         let export = self.exports.get(&req.volume_id).ok_or_else(|| {
             Status::failed_precondition(format!(
                 "volume {} has no serving primary on this node",

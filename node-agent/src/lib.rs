@@ -4,6 +4,8 @@
 pub mod agent;
 pub mod attach;
 pub mod attach_service;
+pub mod forward;
 pub mod k8s;
+pub mod metrics;
 pub mod nbd;
 pub mod runtime;

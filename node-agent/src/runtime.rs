@@ -11,13 +11,15 @@ use std::sync::{Arc, Mutex};
 
 use api::{BlockReplicaStatus, PeerStatus, ReplicaRole, ReplicaState};
 use engine::replication::{
-    self as repl, Endpoint, Generation, PrimaryConfig, PrimaryHandle, ReceiverConfig,
-    ReceiverServer, ReplicaId, Report, Transport, VolumeId, spawn_primary,
+    self as repl, Endpoint, ForwardHandler, ForwardOp, ForwardOutcome, ForwardStatus, Generation,
+    PrimaryConfig, PrimaryHandle, ReceiverConfig, ReceiverServer, ReplicaId, Report, Transport,
+    VolumeId, spawn_primary,
 };
-use engine::{CreateOptions, DurabilityMode, Epoch, Volume, VolumeConfig};
+use engine::{CreateOptions, DurabilityMode, Epoch, Lsn, Volume, VolumeConfig};
 use tokio::task::JoinHandle;
 
 use crate::k8s::{Assignment, ReplicaRuntime, RuntimeError};
+use crate::metrics::NbdMetrics;
 use crate::nbd::{BackendError, BlockBackend, ExportRegistry};
 
 /// Name of the engine volume file inside a replica's directory.
@@ -90,6 +92,100 @@ pub struct EngineRuntime {
     replicas: tokio::sync::Mutex<BTreeMap<String, Local>>,
     /// Volume name → role of its local replica, readable without awaiting.
     roles: Mutex<BTreeMap<String, ReplicaRole>>,
+    /// Counts NBD traffic of the exports this runtime publishes, when set.
+    nbd_metrics: Option<NbdMetrics>,
+    serving: LocalPrimaries,
+}
+
+/// One local replica's reported status and WAL usage, sampled for metrics.
+#[derive(Clone, Debug)]
+pub struct ReplicaSample {
+    pub volume: String,
+    pub replica_id: String,
+    pub status: BlockReplicaStatus,
+    pub wal_used_bytes: u64,
+    pub wal_size_bytes: u64,
+    /// Peer replica ID → WAL bytes after its flushed LSN, for peers whose missing
+    /// entries are still in the WAL.
+    pub peer_lag_bytes: BTreeMap<String, u64>,
+}
+
+/// The backends of this node's serving primaries by volume name: what forwarded IO from
+/// other nodes executes on (the same backend the local NBD export uses, so the
+/// durability gate, the epoch fence and the Lease fence all apply).
+#[derive(Clone, Default)]
+pub struct LocalPrimaries {
+    map: Arc<Mutex<BTreeMap<String, Arc<ReplicatedBackend>>>>,
+}
+
+impl LocalPrimaries {
+    fn set(&self, volume: &str, backend: Option<Arc<ReplicatedBackend>>) {
+        let mut m = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        match backend {
+            Some(b) => m.insert(volume.to_string(), b),
+            None => m.remove(volume),
+        };
+    }
+
+    fn get(&self, volume: &str) -> Option<Arc<ReplicatedBackend>> {
+        self.map
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(volume)
+            .cloned()
+    }
+}
+
+fn forward_status(e: &BackendError) -> ForwardStatus {
+    match e {
+        BackendError::Io(_) => ForwardStatus::Io,
+        BackendError::NoSpace(_) => ForwardStatus::NoSpace,
+        BackendError::Invalid(_) => ForwardStatus::Invalid,
+        BackendError::ReadOnly(_) => ForwardStatus::ReadOnly,
+    }
+}
+
+impl ForwardHandler for LocalPrimaries {
+    fn handle(&self, volume: &VolumeId, epoch: Epoch, op: ForwardOp) -> ForwardOutcome {
+        let Some(b) = self.get(volume.as_str()) else {
+            return ForwardOutcome::failed(
+                ForwardStatus::NotPrimary,
+                format!("no primary of volume {volume} serves on this node"),
+            );
+        };
+        let mine = b.vol.epoch();
+        let refuse = |status, detail: String| ForwardOutcome {
+            epoch: mine,
+            ..ForwardOutcome::failed(status, detail)
+        };
+        if let Err(e) = b.check_writable() {
+            return refuse(ForwardStatus::NotPrimary, e.to_string());
+        }
+        if epoch < mine {
+            return refuse(
+                ForwardStatus::StaleEpoch,
+                format!("request epoch {} is older than {}", epoch.0, mine.0),
+            );
+        }
+        if epoch > mine {
+            return refuse(
+                ForwardStatus::NotPrimary,
+                format!(
+                    "request epoch {} is newer than this primary's {}",
+                    epoch.0, mine.0
+                ),
+            );
+        }
+        match crate::forward::execute_on(&*b, op) {
+            Ok(payload) => ForwardOutcome::ok(mine, payload),
+            // A failure because this primary was deposed meanwhile is a routing answer,
+            // not a medium error: the forwarder retries on the new primary.
+            Err(e) if b.check_writable().is_err() || b.vol.epoch() != mine => {
+                refuse(ForwardStatus::NotPrimary, e.to_string())
+            }
+            Err(e) => refuse(forward_status(&e), e.to_string()),
+        }
+    }
 }
 
 fn failed(replica: &str, message: impl std::fmt::Display) -> RuntimeError {
@@ -141,7 +237,58 @@ impl EngineRuntime {
             fence,
             replicas: tokio::sync::Mutex::new(BTreeMap::new()),
             roles: Mutex::new(BTreeMap::new()),
+            nbd_metrics: None,
+            serving: LocalPrimaries::default(),
         }
+    }
+
+    /// The executor of IO forwarded to this node's primaries (for the data port).
+    pub fn local_primaries(&self) -> LocalPrimaries {
+        self.serving.clone()
+    }
+
+    /// Counts the NBD traffic of every export published from now on.
+    pub fn with_nbd_metrics(mut self, metrics: NbdMetrics) -> Self {
+        self.nbd_metrics = Some(metrics);
+        self
+    }
+
+    /// The status of every applied local replica plus its WAL usage, as one scrape
+    /// sees it (each replica is sampled on its own, not all at one instant).
+    pub async fn samples(&self) -> Vec<ReplicaSample> {
+        let listed: Vec<(String, String, Arc<Volume>)> = {
+            let m = self.replicas.lock().await;
+            m.iter()
+                .filter_map(|(id, l)| {
+                    let a = l.applied.as_ref()?;
+                    Some((id.clone(), a.volume.clone(), l.vol.clone()))
+                })
+                .collect()
+        };
+        let mut out = Vec::with_capacity(listed.len());
+        for (replica_id, volume, vol) in listed {
+            let Some(status) = self.status(&replica_id).await else {
+                continue;
+            };
+            let stats = vol.stats();
+            let peer_lag_bytes = status
+                .peers
+                .iter()
+                .filter_map(|p| {
+                    let bytes = vol.wal_bytes_after(Lsn(p.flushed_lsn))?;
+                    Some((p.replica_id.clone(), bytes))
+                })
+                .collect();
+            out.push(ReplicaSample {
+                volume,
+                replica_id,
+                status,
+                wal_used_bytes: stats.wal_used_bytes,
+                wal_size_bytes: stats.wal_size_bytes,
+                peer_lag_bytes,
+            });
+        }
+        out
     }
 
     /// The NBD exports this runtime publishes (one per local primary, named after the
@@ -236,6 +383,7 @@ impl EngineRuntime {
     async fn stop_primary(&self, volume: &str, l: &mut Local) {
         let Some(p) = l.primary.take() else { return };
         p.backend.fenced.store(true, Ordering::Release);
+        self.serving.set(volume, None);
         if let Err(e) = self
             .exports
             .remove(volume, self.settings.export_remove_wait_ms)
@@ -314,9 +462,14 @@ impl EngineRuntime {
         if self.exports.get(&a.volume).is_some() {
             tracing::warn!(volume = %a.volume, "replacing a stale NBD export");
         }
+        let exported: Arc<dyn BlockBackend> = match &self.nbd_metrics {
+            Some(m) => m.wrap(&a.volume, &a.replica_id, a.role, backend.clone()),
+            None => backend.clone(),
+        };
         self.exports
-            .add(&a.volume, backend.clone() as Arc<dyn BlockBackend>)
+            .add(&a.volume, exported)
             .map_err(|e| failed(&a.replica_id, format!("NBD export: {e}")))?;
+        self.serving.set(&a.volume, Some(backend.clone()));
         tracing::info!(volume = %a.volume, replica = %a.replica_id, epoch = a.epoch, peers = peers.len(), "primary started");
         l.primary = Some(Primary {
             handle,

@@ -3,6 +3,7 @@
 //! rebuild. The protocol core is sans-IO (events in, actions out) so a seeded simulation can
 //! drive it; storage is reached only through the `ReplicaLog` trait.
 
+pub mod forward;
 pub mod net;
 pub mod plan;
 pub mod primary;
@@ -13,6 +14,7 @@ pub mod types;
 pub mod volume_log;
 pub mod wire;
 
+pub use forward::{ForwardClient, ForwardError, ForwardHandler, ForwardOutcome};
 pub use net::{
     NetConfig, NetError, PrimaryHandle, PrimarySnapshot, ReceiverServer, Transport, spawn_primary,
 };
@@ -30,7 +32,10 @@ pub use types::{
     Endpoint, EntryKind, Epoch, Generation, Lba, Lsn, ReplicaId, VolumeId, WalEntry, entry_bytes,
 };
 pub use volume_log::VolumeLog;
-pub use wire::{Body, Message, VolumeMsg, WireConfig, WireError};
+pub use wire::{
+    Body, ForwardMsg, ForwardOp, ForwardPayload, ForwardStatus, Message, VolumeMsg, WireConfig,
+    WireError,
+};
 
 /// Connection handle chosen by the core; the I/O shell maps it to a socket.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]

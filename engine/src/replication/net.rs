@@ -22,6 +22,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use super::ConnId;
+use super::forward::{FORWARD_IN_FLIGHT_MAX, ForwardHandler, ForwardOutcome};
 use super::plan::RecoveryEvent;
 use super::primary::{
     Action, FlushId, Input, Peer, PrimaryConfig, PrimaryCore, ReplicaState, Report,
@@ -31,8 +32,8 @@ use super::storage::ReplicaLog;
 use super::types::{Epoch, Generation, Lsn, ReplicaId, VolumeId, WalEntry};
 use super::volume_log::VolumeLog;
 use super::wire::{
-    ClientAuth, FrameDecoder, Message, NONCE_BYTES, ServerAuth, VolumeMsg, WireConfig, WireError,
-    encode_frame,
+    ClientAuth, ForwardMsg, ForwardStatus, FrameDecoder, Message, NONCE_BYTES, ServerAuth,
+    VolumeMsg, WireConfig, WireError, encode_frame,
 };
 use crate::volume::Volume;
 
@@ -125,12 +126,12 @@ fn nonce() -> [u8; NONCE_BYTES] {
     out
 }
 
-async fn write_msg(w: &mut OwnedWriteHalf, m: &Message) -> Result<(), NetError> {
+pub(crate) async fn write_msg(w: &mut OwnedWriteHalf, m: &Message) -> Result<(), NetError> {
     w.write_all(&encode_frame(m)).await?;
     Ok(())
 }
 
-struct FrameReader {
+pub(crate) struct FrameReader {
     r: OwnedReadHalf,
     dec: FrameDecoder,
     buf: Vec<u8>,
@@ -144,7 +145,7 @@ impl FrameReader {
             buf: vec![0u8; 64 * 1024],
         }
     }
-    async fn next(&mut self) -> Result<Message, NetError> {
+    pub(crate) async fn next(&mut self) -> Result<Message, NetError> {
         loop {
             if let Some(m) = self.dec.next_message()? {
                 return Ok(m);
@@ -164,7 +165,7 @@ impl FrameReader {
     }
 }
 
-async fn client_handshake(
+pub(crate) async fn client_handshake(
     stream: TcpStream,
     cfg: &NetConfig,
 ) -> Result<(FrameReader, OwnedWriteHalf), NetError> {
@@ -214,10 +215,13 @@ async fn server_handshake(
 /// How long `ReceiverServer::shutdown` waits for connection tasks to finish.
 const SHUTDOWN_WAIT_MS: u64 = 5_000;
 
-fn spawn_writer(mut w: OwnedWriteHalf, mut rx: mpsc::Receiver<VolumeMsg>) -> JoinHandle<()> {
+pub(crate) fn spawn_writer<T: Into<Message> + Send + 'static>(
+    mut w: OwnedWriteHalf,
+    mut rx: mpsc::Receiver<T>,
+) -> JoinHandle<()> {
     tokio::spawn(async move {
         while let Some(m) = rx.recv().await {
-            if write_msg(&mut w, &Message::Volume(m)).await.is_err() {
+            if write_msg(&mut w, &m.into()).await.is_err() {
                 break;
             }
         }
@@ -233,7 +237,7 @@ struct Hosted {
 }
 
 struct ConnEntry {
-    tx: mpsc::Sender<VolumeMsg>,
+    tx: mpsc::Sender<Message>,
     reader: Option<tokio::task::AbortHandle>,
 }
 
@@ -244,6 +248,9 @@ struct ServerShared {
     conns: Mutex<HashMap<ConnId, ConnEntry>>,
     next_conn: AtomicU64,
     rejected: Mutex<VecDeque<String>>,
+    /// Executes forwarded block IO for local primaries; without one, every forwarded
+    /// request is answered `NotPrimary`.
+    forward: Mutex<Option<Arc<dyn ForwardHandler>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -277,7 +284,7 @@ impl ServerShared {
             match a {
                 ReceiverAction::Send { conn, msg } => {
                     let full = match lock(&self.conns).get(&conn) {
-                        Some(e) => e.tx.try_send(msg).is_err(),
+                        Some(e) => e.tx.try_send(Message::Volume(msg)).is_err(),
                         None => false,
                     };
                     if full {
@@ -323,6 +330,7 @@ impl ReceiverServer {
             conns: Mutex::new(HashMap::new()),
             next_conn: AtomicU64::new(0),
             rejected: Mutex::new(VecDeque::new()),
+            forward: Mutex::new(None),
         });
         let s = shared.clone();
         let accept = tokio::spawn(async move {
@@ -370,6 +378,11 @@ impl ReceiverServer {
     /// was hosted.
     pub fn unhost(&self, id: &VolumeId) -> bool {
         lock(&self.shared.volumes).remove(id).is_some()
+    }
+
+    /// Installs the executor of forwarded block IO (see [`ForwardHandler`]).
+    pub fn set_forward_handler(&self, handler: Arc<dyn ForwardHandler>) {
+        *lock(&self.shared.forward) = Some(handler);
     }
 
     /// Whether volume `id` is served here.
@@ -437,9 +450,49 @@ async fn serve_conn(s: Arc<ServerShared>, stream: TcpStream, peer: SocketAddr) {
     lock(&s.conns).insert(conn, ConnEntry { tx, reader: None });
     tracing::debug!(%peer, node = %node, conn = conn.0, "replication peer authenticated");
     let s2 = s.clone();
+    let forward_slots = Arc::new(tokio::sync::Semaphore::new(FORWARD_IN_FLIGHT_MAX));
     let task = tokio::spawn(async move {
         loop {
             match reader.next().await {
+                Ok(Message::Forward(ForwardMsg::Request {
+                    id,
+                    volume,
+                    epoch,
+                    op,
+                })) => {
+                    // Bounded: at most FORWARD_IN_FLIGHT_MAX requests run per connection;
+                    // the reader waits (TCP backpressure) beyond that.
+                    let Ok(permit) = forward_slots.clone().acquire_owned().await else {
+                        break;
+                    };
+                    let handler = lock(&s2.forward).clone();
+                    let tx = lock(&s2.conns).get(&conn).map(|e| e.tx.clone());
+                    let Some(tx) = tx else { break };
+                    tokio::spawn(async move {
+                        let outcome = match handler {
+                            Some(h) => {
+                                tokio::task::spawn_blocking(move || h.handle(&volume, epoch, op))
+                                    .await
+                                    .unwrap_or_else(|e| {
+                                        ForwardOutcome::failed(
+                                            ForwardStatus::Io,
+                                            format!("forward handler failed: {e}"),
+                                        )
+                                    })
+                            }
+                            None => ForwardOutcome::failed(
+                                ForwardStatus::NotPrimary,
+                                "this agent serves no forwarded IO".into(),
+                            ),
+                        };
+                        let _ = tx.send(Message::Forward(outcome.into_reply(id))).await;
+                        drop(permit);
+                    });
+                }
+                Ok(Message::Forward(ForwardMsg::Reply { .. })) => {
+                    s2.reject(format!("peer {peer} sent a forward reply to the data port"));
+                    break;
+                }
                 Ok(Message::Volume(msg)) => {
                     let hosted = lock(&s2.volumes).get(&msg.volume).cloned();
                     match hosted {
@@ -658,7 +711,7 @@ impl SharedLink {
                     loop {
                         match reader.next().await {
                             Ok(Message::Volume(msg)) => l.route(msg),
-                            Ok(Message::Auth(_)) => break,
+                            Ok(Message::Auth(_) | Message::Forward(_)) => break,
                             Err(e) => {
                                 if !matches!(e, NetError::Closed) {
                                     tracing::warn!(%addr, error = %e, "replica link closed");

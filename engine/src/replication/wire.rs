@@ -210,6 +210,99 @@ pub enum Auth {
 pub enum Message {
     Auth(Auth),
     Volume(VolumeMsg),
+    /// Block IO forwarded from a node without the primary to the primary's agent.
+    Forward(ForwardMsg),
+}
+
+impl From<VolumeMsg> for Message {
+    fn from(m: VolumeMsg) -> Self {
+        Message::Volume(m)
+    }
+}
+
+impl From<ForwardMsg> for Message {
+    fn from(m: ForwardMsg) -> Self {
+        Message::Forward(m)
+    }
+}
+
+/// Largest data length of one forwarded READ or WRITE; bigger NBD requests are split by
+/// the forwarder so a frame stays below the default payload bound.
+pub const FORWARD_DATA_BYTES_MAX: usize = 4 << 20;
+
+/// One block operation forwarded to the primary's agent. Offsets and lengths are bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ForwardOp {
+    /// Ask for the volume's size and block size.
+    Geometry,
+    Read {
+        offset: u64,
+        length: u32,
+    },
+    Write {
+        offset: u64,
+        data: Vec<u8>,
+    },
+    /// A write that is durable (on every committed in-sync member) when acknowledged.
+    WriteFua {
+        offset: u64,
+        data: Vec<u8>,
+    },
+    /// Durability point for every write acknowledged before it was sent.
+    Flush,
+    Trim {
+        offset: u64,
+        length: u64,
+    },
+    WriteZeroes {
+        offset: u64,
+        length: u64,
+    },
+}
+
+/// Outcome of a forwarded operation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ForwardStatus {
+    Ok = 0,
+    /// The serving agent holds no serving primary of the volume (demoted, fenced, never
+    /// was): re-resolve the primary.
+    NotPrimary = 1,
+    /// The request's epoch is older than the primary's: re-resolve, then retry.
+    StaleEpoch = 2,
+    /// The primary could not do it (disk, replication barrier); the client sees EIO.
+    Io = 3,
+    /// The request is invalid for the volume (range, alignment).
+    Invalid = 4,
+    NoSpace = 5,
+    ReadOnly = 6,
+}
+
+/// Result payload of a forwarded operation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ForwardPayload {
+    None,
+    Data(Vec<u8>),
+    Geometry { size_bytes: u64, block_size: u32 },
+}
+
+/// Forwarded-IO messages; `id` pairs a reply with its request on one connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ForwardMsg {
+    Request {
+        id: u64,
+        volume: VolumeId,
+        /// The epoch the forwarder believes is current.
+        epoch: Epoch,
+        op: ForwardOp,
+    },
+    Reply {
+        id: u64,
+        status: ForwardStatus,
+        /// The serving agent's epoch of the volume (0 when it has none).
+        epoch: Epoch,
+        detail: String,
+        payload: ForwardPayload,
+    },
 }
 
 mod ty {
@@ -230,6 +323,18 @@ mod ty {
     pub const HEARTBEAT: u8 = 0x1a;
     pub const HEARTBEAT_ACK: u8 = 0x1b;
     pub const ERROR: u8 = 0x1f;
+    pub const FORWARD_REQ: u8 = 0x30;
+    pub const FORWARD_REPLY: u8 = 0x31;
+}
+
+mod fop {
+    pub const GEOMETRY: u8 = 0;
+    pub const READ: u8 = 1;
+    pub const WRITE: u8 = 2;
+    pub const WRITE_FUA: u8 = 3;
+    pub const FLUSH: u8 = 4;
+    pub const TRIM: u8 = 5;
+    pub const WRITE_ZEROES: u8 = 6;
 }
 
 struct W(Vec<u8>);
@@ -343,7 +448,197 @@ fn type_of(msg: &Message) -> u8 {
             Body::HeartbeatAck { .. } => ty::HEARTBEAT_ACK,
             Body::Error { .. } => ty::ERROR,
         },
+        Message::Forward(ForwardMsg::Request { .. }) => ty::FORWARD_REQ,
+        Message::Forward(ForwardMsg::Reply { .. }) => ty::FORWARD_REPLY,
     }
+}
+
+fn put_detail(w: &mut W, detail: &str) {
+    let mut d = detail;
+    while d.len() > ERROR_DETAIL_BYTES_MAX {
+        // Cut on a char boundary so the peer's UTF-8 check passes.
+        let mut cut = ERROR_DETAIL_BYTES_MAX;
+        while !d.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        d = &d[..cut];
+    }
+    w.str(d);
+}
+
+fn encode_forward(m: &ForwardMsg, w: &mut W) {
+    match m {
+        ForwardMsg::Request {
+            id,
+            volume,
+            epoch,
+            op,
+        } => {
+            w.u64(*id);
+            w.str(volume.as_str());
+            w.u64(epoch.0);
+            match op {
+                ForwardOp::Geometry => w.u8(fop::GEOMETRY),
+                ForwardOp::Read { offset, length } => {
+                    w.u8(fop::READ);
+                    w.u64(*offset);
+                    w.u32(*length);
+                }
+                ForwardOp::Write { offset, data } => {
+                    w.u8(fop::WRITE);
+                    w.u64(*offset);
+                    w.bytes(data);
+                }
+                ForwardOp::WriteFua { offset, data } => {
+                    w.u8(fop::WRITE_FUA);
+                    w.u64(*offset);
+                    w.bytes(data);
+                }
+                ForwardOp::Flush => w.u8(fop::FLUSH),
+                ForwardOp::Trim { offset, length } => {
+                    w.u8(fop::TRIM);
+                    w.u64(*offset);
+                    w.u64(*length);
+                }
+                ForwardOp::WriteZeroes { offset, length } => {
+                    w.u8(fop::WRITE_ZEROES);
+                    w.u64(*offset);
+                    w.u64(*length);
+                }
+            }
+        }
+        ForwardMsg::Reply {
+            id,
+            status,
+            epoch,
+            detail,
+            payload,
+        } => {
+            w.u64(*id);
+            w.u8(*status as u8);
+            w.u64(epoch.0);
+            put_detail(w, detail);
+            match payload {
+                ForwardPayload::None => w.u8(0),
+                ForwardPayload::Data(d) => {
+                    w.u8(1);
+                    w.bytes(d);
+                }
+                ForwardPayload::Geometry {
+                    size_bytes,
+                    block_size,
+                } => {
+                    w.u8(2);
+                    w.u64(*size_bytes);
+                    w.u32(*block_size);
+                }
+            }
+        }
+    }
+}
+
+fn forward_data(r: &mut R<'_>, max: usize) -> Result<Vec<u8>, WireError> {
+    Ok(r.bytes("forward.data", max.min(FORWARD_DATA_BYTES_MAX))?
+        .to_vec())
+}
+
+fn decode_forward_request(r: &mut R<'_>, max: usize) -> Result<ForwardMsg, WireError> {
+    let id = r.u64("forward.id")?;
+    let vol = r.string("forward.volume", super::types::IDENT_LEN_MAX)?;
+    let volume = VolumeId::new(vol).map_err(|e| WireError::InvalidField {
+        field: "forward.volume",
+        reason: e.to_string(),
+    })?;
+    let epoch = r.epoch("forward.epoch")?;
+    let op = match r.u8("forward.op")? {
+        fop::GEOMETRY => ForwardOp::Geometry,
+        fop::READ => {
+            let offset = r.u64("forward.offset")?;
+            let length = r.u32("forward.length")?;
+            if length as usize > FORWARD_DATA_BYTES_MAX {
+                return Err(WireError::InvalidField {
+                    field: "forward.length",
+                    reason: format!("read of {length} bytes exceeds {FORWARD_DATA_BYTES_MAX}"),
+                });
+            }
+            ForwardOp::Read { offset, length }
+        }
+        fop::WRITE => ForwardOp::Write {
+            offset: r.u64("forward.offset")?,
+            data: forward_data(r, max)?,
+        },
+        fop::WRITE_FUA => ForwardOp::WriteFua {
+            offset: r.u64("forward.offset")?,
+            data: forward_data(r, max)?,
+        },
+        fop::FLUSH => ForwardOp::Flush,
+        fop::TRIM => ForwardOp::Trim {
+            offset: r.u64("forward.offset")?,
+            length: r.u64("forward.length")?,
+        },
+        fop::WRITE_ZEROES => ForwardOp::WriteZeroes {
+            offset: r.u64("forward.offset")?,
+            length: r.u64("forward.length")?,
+        },
+        other => {
+            return Err(WireError::InvalidField {
+                field: "forward.op",
+                reason: format!("unknown operation {other}"),
+            });
+        }
+    };
+    Ok(ForwardMsg::Request {
+        id,
+        volume,
+        epoch,
+        op,
+    })
+}
+
+fn forward_status(v: u8) -> Result<ForwardStatus, WireError> {
+    Ok(match v {
+        0 => ForwardStatus::Ok,
+        1 => ForwardStatus::NotPrimary,
+        2 => ForwardStatus::StaleEpoch,
+        3 => ForwardStatus::Io,
+        4 => ForwardStatus::Invalid,
+        5 => ForwardStatus::NoSpace,
+        6 => ForwardStatus::ReadOnly,
+        _ => {
+            return Err(WireError::InvalidField {
+                field: "forward.status",
+                reason: format!("unknown status {v}"),
+            });
+        }
+    })
+}
+
+fn decode_forward_reply(r: &mut R<'_>, max: usize) -> Result<ForwardMsg, WireError> {
+    let id = r.u64("forward.id")?;
+    let status = forward_status(r.u8("forward.status")?)?;
+    let epoch = r.epoch("forward.epoch")?;
+    let detail = r.string("forward.detail", ERROR_DETAIL_BYTES_MAX)?;
+    let payload = match r.u8("forward.payload")? {
+        0 => ForwardPayload::None,
+        1 => ForwardPayload::Data(forward_data(r, max)?),
+        2 => ForwardPayload::Geometry {
+            size_bytes: r.u64("forward.size_bytes")?,
+            block_size: r.u32("forward.block_size")?,
+        },
+        other => {
+            return Err(WireError::InvalidField {
+                field: "forward.payload",
+                reason: format!("unknown payload kind {other}"),
+            });
+        }
+    };
+    Ok(ForwardMsg::Reply {
+        id,
+        status,
+        epoch,
+        detail,
+        payload,
+    })
 }
 
 /// The entry travels in its own self-checking WAL encoding, length-prefixed.
@@ -489,19 +784,11 @@ fn encode_payload(msg: &Message, w: &mut W) {
                 } => {
                     w.u8(*code as u8);
                     w.u64(current_epoch.0);
-                    let mut d = detail.as_str();
-                    while d.len() > ERROR_DETAIL_BYTES_MAX {
-                        // Cut on a char boundary so the peer's UTF-8 check passes.
-                        let mut cut = ERROR_DETAIL_BYTES_MAX;
-                        while !d.is_char_boundary(cut) {
-                            cut -= 1;
-                        }
-                        d = &d[..cut];
-                    }
-                    w.str(d);
+                    put_detail(w, detail);
                 }
             }
         }
+        Message::Forward(f) => encode_forward(f, w),
     }
 }
 
@@ -662,6 +949,8 @@ fn decode_payload(t: u8, p: &[u8], max: usize) -> Result<Message, WireError> {
                 body,
             })
         }
+        ty::FORWARD_REQ => Message::Forward(decode_forward_request(&mut r, max)?),
+        ty::FORWARD_REPLY => Message::Forward(decode_forward_reply(&mut r, max)?),
         other => return Err(WireError::UnknownType(other)),
     };
     if r.pos != p.len() {
@@ -872,6 +1161,7 @@ impl ClientAuth {
             }
             Message::Auth(_) => Err(WireError::AuthFailed("unexpected authentication message")),
             Message::Volume(_) => Err(WireError::NotAuthenticated("volume message")),
+            Message::Forward(_) => Err(WireError::NotAuthenticated("forward message")),
         }
     }
 
@@ -942,6 +1232,7 @@ impl ServerAuth {
             }
             Message::Auth(_) => Err(WireError::AuthFailed("unexpected authentication message")),
             Message::Volume(_) => Err(WireError::NotAuthenticated("volume message")),
+            Message::Forward(_) => Err(WireError::NotAuthenticated("forward message")),
         }
     }
 

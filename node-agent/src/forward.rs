@@ -1,0 +1,656 @@
+//! Forwarding frontend: serves a volume over NBD on a node whose agent does not hold the
+//! volume's primary, by sending every request to the primary's agent over the data port
+//! (engine `replication::forward`). The kernel device talks to this agent only, so a
+//! failover moves the primary without the device noticing more than a pause.
+//!
+//! # Guarantees
+//! - A request is answered only by an agent serving the primary at the epoch the
+//!   forwarder resolved; "not primary", "stale epoch" and connection loss pause IO,
+//!   re-resolve the primary (with bounded backoff, for at most `failover_wait_ms`), and
+//!   retry the request there.
+//! - No acknowledged write is lost by a failover. A write acknowledged to the NBD client
+//!   is durable only once a forwarded FLUSH covering it succeeded; until then the old
+//!   primary may lose it when it dies. So every acknowledged-but-unflushed WRITE, TRIM
+//!   and WRITE_ZEROES is kept here (offset and data, in acknowledgement order) and, after
+//!   switching to a new primary, replayed there before any other request — in
+//!   particular before the next FLUSH — is forwarded. A successful FLUSH drops the
+//!   entries acknowledged before it was sent. WRITE_FUA is durable when acknowledged and
+//!   is not kept.
+//! - The replay buffer is bounded by `replay_bytes_max`: a write that would overflow it
+//!   first forwards a FLUSH. Concurrent writers may overshoot by at most the requests in
+//!   flight (the NBD server bounds those).
+//!
+//! # Assumptions
+//! - One forwarding export per volume per node, and one writer node per volume
+//!   (ReadWriteOnce): replaying old writes on a new primary is correct only if nobody
+//!   else wrote the same blocks in between.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use engine::Epoch;
+use engine::replication::wire::FORWARD_DATA_BYTES_MAX;
+use engine::replication::{
+    ForwardClient, ForwardOp, ForwardOutcome, ForwardPayload, ForwardStatus, NetConfig, VolumeId,
+};
+use futures::future::BoxFuture;
+
+use crate::nbd::{BackendError, BlockBackend};
+
+/// Settings of a forwarding export (units last).
+#[derive(Clone, Debug)]
+pub struct ForwardSettings {
+    /// Bound of the acknowledged-but-unflushed writes kept for replay, in bytes.
+    pub replay_bytes_max: u64,
+    /// A forwarded request without a reply for this long ends its connection.
+    pub request_timeout_ms: u64,
+    /// First wait between re-resolve attempts; doubled up to `reconnect_backoff_max_ms`.
+    pub reconnect_backoff_initial_ms: u64,
+    pub reconnect_backoff_max_ms: u64,
+    /// How long one request waits for a reachable primary before failing with EIO.
+    pub failover_wait_ms: u64,
+}
+
+impl Default for ForwardSettings {
+    fn default() -> Self {
+        ForwardSettings {
+            replay_bytes_max: 64 << 20,
+            request_timeout_ms: 30_000,
+            reconnect_backoff_initial_ms: 50,
+            reconnect_backoff_max_ms: 2_000,
+            failover_wait_ms: 120_000,
+        }
+    }
+}
+
+/// Where a volume's primary serves, as the control plane says.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PrimaryTarget {
+    /// Node of the primary (for logs).
+    pub node: String,
+    /// The primary agent's data port.
+    pub addr: SocketAddr,
+    pub epoch: Epoch,
+}
+
+/// Why a volume's primary could not be resolved.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ResolveError {
+    /// The control plane knows no replica of the volume.
+    #[error("volume {0} has no replicas")]
+    UnknownVolume(String),
+    /// The volume exists but no replica is assigned the primary role (yet).
+    #[error("volume {0} has no primary assigned")]
+    NoPrimary(String),
+    /// The API or the primary's node record could not be read.
+    #[error("{0}")]
+    Lookup(String),
+}
+
+/// Finds a volume's current primary. During IO, errors are logged and retried.
+pub trait PrimaryResolver: Send + Sync + 'static {
+    fn resolve<'a>(&'a self, volume: &'a str)
+    -> BoxFuture<'a, Result<PrimaryTarget, ResolveError>>;
+}
+
+/// One operation kept for replay.
+#[derive(Debug)]
+struct Kept {
+    seq: u64,
+    op: ForwardOp,
+}
+
+/// Acknowledged-but-unflushed operations in acknowledgement order.
+#[derive(Default, Debug)]
+struct ReplayLog {
+    ops: VecDeque<Kept>,
+    bytes: u64,
+    next_seq: u64,
+}
+
+/// Bytes an operation costs in the replay buffer (trims and zeroes cost their header).
+fn kept_bytes(op: &ForwardOp) -> u64 {
+    match op {
+        ForwardOp::Write { data, .. } | ForwardOp::WriteFua { data, .. } => data.len() as u64 + 32,
+        _ => 32,
+    }
+}
+
+impl ReplayLog {
+    fn push(&mut self, op: ForwardOp) {
+        self.bytes += kept_bytes(&op);
+        self.ops.push_back(Kept {
+            seq: self.next_seq,
+            op,
+        });
+        self.next_seq += 1;
+    }
+    /// Drops every operation acknowledged before sequence `upto` (a FLUSH sent then
+    /// succeeded).
+    fn drop_before(&mut self, upto: u64) {
+        while self.ops.front().is_some_and(|k| k.seq < upto) {
+            if let Some(k) = self.ops.pop_front() {
+                self.bytes -= kept_bytes(&k.op);
+            }
+        }
+    }
+}
+
+/// The connection requests currently go to; `generation` grows on every switch.
+#[derive(Default)]
+struct Route {
+    generation: u64,
+    target: Option<PrimaryTarget>,
+    client: Option<Arc<ForwardClient>>,
+}
+
+struct Inner {
+    volume: VolumeId,
+    net: NetConfig,
+    settings: ForwardSettings,
+    resolver: Arc<dyn PrimaryResolver>,
+    /// Requests hold it shared for their whole round trip (and the replay-log update
+    /// after it); a switch holds it exclusively, so it never misses a write acknowledged
+    /// on the old route.
+    route: tokio::sync::RwLock<Route>,
+    replay: Mutex<ReplayLog>,
+    switches: AtomicU64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// What happened to one attempt.
+enum Attempt {
+    Done(ForwardPayload),
+    Failed(BackendError),
+    /// Re-resolve and retry, for this reason.
+    Reroute(String),
+}
+
+fn classify(o: ForwardOutcome) -> Attempt {
+    match o.status {
+        ForwardStatus::Ok => Attempt::Done(o.payload),
+        ForwardStatus::NotPrimary => Attempt::Reroute(format!(
+            "not primary (serving epoch {}): {}",
+            o.epoch.0, o.detail
+        )),
+        ForwardStatus::StaleEpoch => {
+            Attempt::Reroute(format!("stale epoch (primary is at {})", o.epoch.0))
+        }
+        ForwardStatus::Io => Attempt::Failed(BackendError::Io(o.detail)),
+        ForwardStatus::Invalid => Attempt::Failed(BackendError::Invalid(o.detail)),
+        ForwardStatus::NoSpace => Attempt::Failed(BackendError::NoSpace(o.detail)),
+        ForwardStatus::ReadOnly => Attempt::Failed(BackendError::ReadOnly(o.detail)),
+    }
+}
+
+impl Inner {
+    /// Forwards `op` once on the current route; on success runs `after` while the route
+    /// is still held (so a switch cannot slip between the acknowledgement and it).
+    async fn attempt(
+        &self,
+        op: &ForwardOp,
+        after: impl FnOnce(&ReplayLog) -> Option<u64>,
+    ) -> (u64, Attempt, Option<u64>) {
+        let route = self.route.read().await;
+        let generation = route.generation;
+        let (Some(client), Some(target)) = (route.client.clone(), route.target.clone()) else {
+            return (
+                generation,
+                Attempt::Reroute("no primary resolved yet".into()),
+                None,
+            );
+        };
+        let mark = after(&lock(&self.replay));
+        match client.call(&self.volume, target.epoch, op.clone()).await {
+            Ok(o) => {
+                let a = classify(o);
+                if let Attempt::Done(_) = &a {
+                    self.on_success(op, mark);
+                }
+                (generation, a, mark)
+            }
+            Err(e) => (generation, Attempt::Reroute(e.to_string()), mark),
+        }
+    }
+
+    /// Replay-log bookkeeping of a forwarded operation that succeeded.
+    fn on_success(&self, op: &ForwardOp, flush_mark: Option<u64>) {
+        let mut log = lock(&self.replay);
+        match op {
+            ForwardOp::Write { .. } | ForwardOp::Trim { .. } | ForwardOp::WriteZeroes { .. } => {
+                log.push(op.clone())
+            }
+            ForwardOp::Flush => {
+                if let Some(m) = flush_mark {
+                    log.drop_before(m);
+                }
+            }
+            ForwardOp::WriteFua { .. } | ForwardOp::Read { .. } | ForwardOp::Geometry => {}
+        }
+    }
+
+    /// Forwards `op`, re-routing and retrying until it gets a definite answer or the
+    /// failover wait is over.
+    async fn execute(&self, op: ForwardOp) -> Result<ForwardPayload, BackendError> {
+        let deadline = Instant::now() + Duration::from_millis(self.settings.failover_wait_ms);
+        let is_flush = matches!(op, ForwardOp::Flush);
+        let mut backoff = 0;
+        loop {
+            // A FLUSH covers what was acknowledged before it was sent: remember where
+            // the replay log ended at that moment.
+            let (generation, a, _) = self
+                .attempt(&op, |log| is_flush.then_some(log.next_seq))
+                .await;
+            let reason = match a {
+                Attempt::Done(p) => return Ok(p),
+                Attempt::Failed(e) => return Err(e),
+                Attempt::Reroute(reason) => reason,
+            };
+            // A primary that connects but keeps failing this request must not make the
+            // retry loop spin: back off between attempts and give up at the deadline.
+            if backoff > 0 {
+                if Instant::now() + Duration::from_millis(backoff) > deadline {
+                    return Err(BackendError::Io(format!(
+                        "volume {}: {} kept failing for failover_wait_ms {} (last: {reason})",
+                        self.volume,
+                        engine::replication::forward::op_name(&op),
+                        self.settings.failover_wait_ms
+                    )));
+                }
+                tokio::time::sleep(Duration::from_millis(backoff)).await;
+            }
+            backoff = (backoff * 2).clamp(
+                self.settings.reconnect_backoff_initial_ms.max(1),
+                self.settings.reconnect_backoff_max_ms.max(1),
+            );
+            self.switch(generation, &reason, deadline).await?;
+        }
+    }
+
+    /// Replaces the route of `failed_generation` (no-op if another request already did):
+    /// re-resolves the primary, connects, replays the unflushed operations there, and
+    /// only then lets requests through again.
+    async fn switch(
+        &self,
+        failed_generation: u64,
+        reason: &str,
+        deadline: Instant,
+    ) -> Result<(), BackendError> {
+        let mut route = self.route.write().await;
+        if route.generation != failed_generation {
+            return Ok(());
+        }
+        let started = Instant::now();
+        let old = route.target.clone();
+        route.client = None;
+        let mut backoff = self.settings.reconnect_backoff_initial_ms.max(1);
+        let mut last: String;
+        let mut attempts = 0u32;
+        loop {
+            attempts += 1;
+            match self.try_route().await {
+                Ok((target, client, replayed)) => {
+                    tracing::info!(
+                        volume = %self.volume,
+                        old_primary = old.as_ref().map(|t| t.node.as_str()).unwrap_or("-"),
+                        new_primary = %target.node,
+                        new_address = %target.addr,
+                        epoch = target.epoch.0,
+                        pause_ms = started.elapsed().as_millis() as u64,
+                        attempts,
+                        replayed_ops = replayed.0,
+                        replayed_bytes = replayed.1,
+                        reason,
+                        "forwarding re-routed"
+                    );
+                    route.target = Some(target);
+                    route.client = Some(Arc::new(client));
+                    route.generation += 1;
+                    self.switches.fetch_add(1, Ordering::Relaxed);
+                    return Ok(());
+                }
+                Err(e) => {
+                    tracing::warn!(volume = %self.volume, attempt = attempts, error = %e, "re-resolving the primary failed");
+                    last = e;
+                }
+            }
+            if Instant::now() + Duration::from_millis(backoff) > deadline {
+                return Err(BackendError::Io(format!(
+                    "volume {}: no primary reachable within failover_wait_ms {} ({attempts} attempts; last: {last})",
+                    self.volume, self.settings.failover_wait_ms
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(backoff)).await;
+            backoff = (backoff * 2).min(self.settings.reconnect_backoff_max_ms.max(1));
+        }
+    }
+
+    /// One resolve + connect + replay round. Returns the replayed (ops, bytes).
+    async fn try_route(&self) -> Result<(PrimaryTarget, ForwardClient, (u64, u64)), String> {
+        let target = self
+            .resolver
+            .resolve(self.volume.as_str())
+            .await
+            .map_err(|e| e.to_string())?;
+        let client =
+            ForwardClient::connect(target.addr, &self.net, self.settings.request_timeout_ms)
+                .await
+                .map_err(|e| e.to_string())?;
+        // The log cannot change while the route is held exclusively; copy it out so no
+        // lock is held across the network round trips.
+        let ops: Vec<ForwardOp> = lock(&self.replay)
+            .ops
+            .iter()
+            .map(|k| k.op.clone())
+            .collect();
+        let mut bytes = 0;
+        for op in &ops {
+            let o = client
+                .call(&self.volume, target.epoch, op.clone())
+                .await
+                .map_err(|e| format!("replay on {}: {e}", target.node))?;
+            if o.status != ForwardStatus::Ok {
+                return Err(format!(
+                    "replay on {}: {:?}: {}",
+                    target.node, o.status, o.detail
+                ));
+            }
+            bytes += kept_bytes(op);
+        }
+        Ok((target, client, (ops.len() as u64, bytes)))
+    }
+
+    /// Forwards a write-like operation, flushing first if the replay buffer would
+    /// overflow.
+    async fn write_op(&self, op: ForwardOp) -> Result<(), BackendError> {
+        if !matches!(op, ForwardOp::WriteFua { .. }) {
+            let over = {
+                let log = lock(&self.replay);
+                log.bytes + kept_bytes(&op) > self.settings.replay_bytes_max && !log.ops.is_empty()
+            };
+            if over {
+                self.execute(ForwardOp::Flush).await?;
+            }
+        }
+        self.execute(op).await.map(drop)
+    }
+}
+
+/// An NBD backend that forwards to the volume's primary on another agent (see the
+/// module docs for the guarantees).
+pub struct ForwardingBackend {
+    inner: Arc<Inner>,
+    rt: tokio::runtime::Handle,
+    size_bytes: AtomicU64,
+    block_size: u32,
+}
+
+impl ForwardingBackend {
+    /// Resolves the primary, connects and reads the geometry. Fails if no primary is
+    /// reachable within `failover_wait_ms`.
+    pub async fn open(
+        volume: &str,
+        net: NetConfig,
+        settings: ForwardSettings,
+        resolver: Arc<dyn PrimaryResolver>,
+    ) -> Result<Self, BackendError> {
+        let volume = VolumeId::new(volume.to_string())
+            .map_err(|e| BackendError::Invalid(format!("volume name: {e}")))?;
+        let inner = Arc::new(Inner {
+            volume,
+            net,
+            settings,
+            resolver,
+            route: tokio::sync::RwLock::new(Route::default()),
+            replay: Mutex::new(ReplayLog::default()),
+            switches: AtomicU64::new(0),
+        });
+        let (size_bytes, block_size) = geometry(&inner).await?;
+        Ok(ForwardingBackend {
+            inner,
+            rt: tokio::runtime::Handle::current(),
+            size_bytes: AtomicU64::new(size_bytes),
+            block_size,
+        })
+    }
+
+    /// Re-reads the size from the primary (after an expansion); returns it.
+    pub async fn refresh_size(&self) -> Result<u64, BackendError> {
+        let (size, _) = geometry(&self.inner).await?;
+        self.size_bytes.fetch_max(size, Ordering::AcqRel);
+        Ok(self.size_bytes.load(Ordering::Acquire))
+    }
+
+    /// The primary requests currently go to.
+    pub async fn current_primary(&self) -> Option<PrimaryTarget> {
+        self.inner.route.read().await.target.clone()
+    }
+
+    /// How many times the route was switched (first connection included).
+    pub fn switches(&self) -> u64 {
+        self.inner.switches.load(Ordering::Relaxed)
+    }
+
+    /// Bytes of acknowledged-but-unflushed operations kept for replay.
+    pub fn unflushed_bytes(&self) -> u64 {
+        lock(&self.inner.replay).bytes
+    }
+
+    /// Runs `f` on the runtime from the NBD server's blocking pool.
+    fn block_on<T>(&self, f: impl std::future::Future<Output = T>) -> T {
+        self.rt.block_on(f)
+    }
+
+    /// Splits `[offset, offset+len)` into pieces a forward frame can carry.
+    fn pieces(offset: u64, len: usize) -> impl Iterator<Item = (u64, std::ops::Range<usize>)> {
+        (0..len)
+            .step_by(FORWARD_DATA_BYTES_MAX)
+            .map(move |s| (offset + s as u64, s..(s + FORWARD_DATA_BYTES_MAX).min(len)))
+    }
+}
+
+async fn geometry(inner: &Inner) -> Result<(u64, u32), BackendError> {
+    match inner.execute(ForwardOp::Geometry).await? {
+        ForwardPayload::Geometry {
+            size_bytes,
+            block_size,
+        } => Ok((size_bytes, block_size)),
+        other => Err(BackendError::Io(format!(
+            "primary answered GEOMETRY with {other:?}"
+        ))),
+    }
+}
+
+impl BlockBackend for ForwardingBackend {
+    fn size_bytes(&self) -> u64 {
+        self.size_bytes.load(Ordering::Acquire)
+    }
+    fn block_size(&self) -> u32 {
+        self.block_size
+    }
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), BackendError> {
+        let len = buf.len();
+        for (off, range) in Self::pieces(offset, len) {
+            let length = (range.end - range.start) as u32;
+            let p = self.block_on(self.inner.execute(ForwardOp::Read {
+                offset: off,
+                length,
+            }))?;
+            match p {
+                ForwardPayload::Data(d) if d.len() == range.len() => buf[range].copy_from_slice(&d),
+                other => {
+                    return Err(BackendError::Io(format!(
+                        "primary answered READ of {length} bytes with {}",
+                        match other {
+                            ForwardPayload::Data(d) => format!("{} bytes", d.len()),
+                            _ => "no data".into(),
+                        }
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+    fn write(&self, offset: u64, data: &[u8]) -> Result<(), BackendError> {
+        for (off, range) in Self::pieces(offset, data.len()) {
+            self.block_on(self.inner.write_op(ForwardOp::Write {
+                offset: off,
+                data: data[range].to_vec(),
+            }))?;
+        }
+        Ok(())
+    }
+    fn write_fua(&self, offset: u64, data: &[u8]) -> Result<(), BackendError> {
+        for (off, range) in Self::pieces(offset, data.len()) {
+            self.block_on(self.inner.write_op(ForwardOp::WriteFua {
+                offset: off,
+                data: data[range].to_vec(),
+            }))?;
+        }
+        Ok(())
+    }
+    fn flush(&self) -> Result<(), BackendError> {
+        self.block_on(self.inner.execute(ForwardOp::Flush))
+            .map(drop)
+    }
+    fn trim(&self, offset: u64, length: u64) -> Result<(), BackendError> {
+        self.block_on(self.inner.write_op(ForwardOp::Trim { offset, length }))
+    }
+    fn write_zeroes(&self, offset: u64, length: u64) -> Result<(), BackendError> {
+        self.block_on(
+            self.inner
+                .write_op(ForwardOp::WriteZeroes { offset, length }),
+        )
+    }
+    /// Every connection of the export shares this backend, its replay log and its
+    /// route, and the primary's flush is volume-wide.
+    fn flush_is_volume_wide(&self) -> bool {
+        true
+    }
+}
+
+/// Runs one forwarded operation on a backend (the serving side of forwarding).
+pub fn execute_on(b: &dyn BlockBackend, op: ForwardOp) -> Result<ForwardPayload, BackendError> {
+    match op {
+        ForwardOp::Geometry => Ok(ForwardPayload::Geometry {
+            size_bytes: b.size_bytes(),
+            block_size: b.block_size(),
+        }),
+        ForwardOp::Read { offset, length } => {
+            let mut buf = vec![0u8; length as usize];
+            b.read(offset, &mut buf)?;
+            Ok(ForwardPayload::Data(buf))
+        }
+        ForwardOp::Write { offset, data } => b.write(offset, &data).map(|_| ForwardPayload::None),
+        ForwardOp::WriteFua { offset, data } => {
+            b.write_fua(offset, &data).map(|_| ForwardPayload::None)
+        }
+        ForwardOp::Flush => b.flush().map(|_| ForwardPayload::None),
+        ForwardOp::Trim { offset, length } => b.trim(offset, length).map(|_| ForwardPayload::None),
+        ForwardOp::WriteZeroes { offset, length } => {
+            b.write_zeroes(offset, length).map(|_| ForwardPayload::None)
+        }
+    }
+}
+
+/// Resolves a volume's primary from the API: the `BlockReplica` of the volume with role
+/// Primary and the highest epoch (the assignment its agent acts on), and the data
+/// address of that node's `BlockNode`.
+pub struct KubeResolver {
+    client: kube::Client,
+}
+
+impl KubeResolver {
+    pub fn new(client: kube::Client) -> Self {
+        KubeResolver { client }
+    }
+}
+
+impl PrimaryResolver for KubeResolver {
+    fn resolve<'a>(
+        &'a self,
+        volume: &'a str,
+    ) -> BoxFuture<'a, Result<PrimaryTarget, ResolveError>> {
+        Box::pin(async move {
+            let replicas: kube::Api<api::BlockReplica> = kube::Api::all(self.client.clone());
+            let lp =
+                kube::api::ListParams::default().labels(&format!("{}={volume}", api::LABEL_VOLUME));
+            let list = replicas.list(&lp).await.map_err(|e| {
+                ResolveError::Lookup(format!("listing the replicas of {volume}: {e}"))
+            })?;
+            let mine: Vec<_> = list
+                .items
+                .iter()
+                .filter(|r| r.spec.volume == volume)
+                .collect();
+            if mine.is_empty() {
+                return Err(ResolveError::UnknownVolume(volume.to_string()));
+            }
+            let primary = mine
+                .into_iter()
+                .filter(|r| r.spec.role == api::ReplicaRole::Primary)
+                .max_by_key(|r| r.spec.epoch)
+                .ok_or_else(|| ResolveError::NoPrimary(volume.to_string()))?;
+            let nodes: kube::Api<api::BlockNode> = kube::Api::all(self.client.clone());
+            let node = nodes
+                .get_opt(&primary.spec.node)
+                .await
+                .map_err(|e| {
+                    ResolveError::Lookup(format!("reading BlockNode {}: {e}", primary.spec.node))
+                })?
+                .ok_or_else(|| {
+                    ResolveError::Lookup(format!("BlockNode {} does not exist", primary.spec.node))
+                })?;
+            let addr: SocketAddr = node.spec.data_address.parse().map_err(|e| {
+                ResolveError::Lookup(format!(
+                    "BlockNode {} data address {:?}: {e}",
+                    primary.spec.node, node.spec.data_address
+                ))
+            })?;
+            Ok(PrimaryTarget {
+                node: primary.spec.node.clone(),
+                addr,
+                epoch: Epoch(primary.spec.epoch),
+            })
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replay_log_drops_only_what_a_flush_covered() {
+        let mut log = ReplayLog::default();
+        log.push(ForwardOp::Write {
+            offset: 0,
+            data: vec![1; 4096],
+        });
+        let mark = log.next_seq;
+        log.push(ForwardOp::Trim {
+            offset: 4096,
+            length: 4096,
+        });
+        assert_eq!(log.bytes, 4096 + 32 + 32);
+        log.drop_before(mark);
+        assert_eq!(log.ops.len(), 1);
+        assert_eq!(log.bytes, 32);
+        assert!(matches!(log.ops[0].op, ForwardOp::Trim { .. }));
+    }
+
+    #[test]
+    fn large_requests_split_into_frame_sized_pieces() {
+        let p: Vec<_> = ForwardingBackend::pieces(4096, FORWARD_DATA_BYTES_MAX * 2 + 512).collect();
+        assert_eq!(p.len(), 3);
+        assert_eq!(p[0], (4096, 0..FORWARD_DATA_BYTES_MAX));
+        assert_eq!(p[2].0, 4096 + 2 * FORWARD_DATA_BYTES_MAX as u64);
+        assert_eq!(p[2].1.len(), 512);
+    }
+}
