@@ -32,5 +32,10 @@ fi
 step "tests (cargo test)"
 cargo test --workspace --locked
 
+step "benchmark suite, smoke mode (about a minute; bench/run.sh runs the real thing)"
+cargo build --locked -q -p node-agent -p operator -p e2e \
+  --bin blockvol-agent --bin blockvol-operator --bin blockvol-bench
+target/debug/blockvol-bench --mode smoke --out target/bench-smoke --agent-build "dev profile"
+
 echo
 echo "all blockvol tests passed"

@@ -34,12 +34,16 @@ pub const NBD_SOCKET_NAME: &str = "nbd.sock";
 /// How often [`wait_for`] re-checks its condition.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(200);
 
-/// Where a workspace binary is: next to the running test's `deps/` directory.
+/// Where a workspace binary is: next to the running program (a workspace binary such
+/// as `blockvol-bench`), else next to the running test's `deps/` directory.
 pub fn workspace_binary(name: &str) -> Result<PathBuf> {
     let exe = std::env::current_exe().map_err(|e| Error::io("locating the test binary", e))?;
+    let own_dir = exe.parent();
+    if let Some(beside) = own_dir.map(|dir| dir.join(name)).filter(|p| p.is_file()) {
+        return Ok(beside);
+    }
     // target/<profile>/deps/<test> → target/<profile>/<name>
-    let path = exe
-        .parent()
+    let path = own_dir
         .and_then(Path::parent)
         .map(|dir| dir.join(name))
         .unwrap_or_else(|| PathBuf::from(name));
@@ -434,6 +438,9 @@ pub struct TestClusterOptions {
     pub operator: OperatorOptions,
     /// Also run kube-controller-manager (needed for PVCs, VolumeAttachments, GC).
     pub controller_manager: bool,
+    /// Directory the processes' scratch directory is made in (volume files live there,
+    /// so it decides the disk); the system temp dir when `None`.
+    pub root_parent: Option<PathBuf>,
 }
 
 impl TestClusterOptions {
@@ -445,6 +452,7 @@ impl TestClusterOptions {
             operators: 1,
             operator: OperatorOptions::default(),
             controller_manager: false,
+            root_parent: None,
         }
     }
 }
@@ -471,10 +479,13 @@ impl TestCluster {
     pub async fn start(options: TestClusterOptions) -> Result<TestCluster> {
         let agent_binary = workspace_binary("blockvol-agent")?;
         let operator_binary = workspace_binary("blockvol-operator")?;
-        let root = tempfile::Builder::new()
-            .prefix("blockvol-cluster-")
-            .tempdir()
-            .map_err(|e| Error::io("creating the cluster directory", e))?;
+        let mut root = tempfile::Builder::new();
+        root.prefix("blockvol-cluster-");
+        let root = match &options.root_parent {
+            Some(dir) => root.tempdir_in(dir),
+            None => root.tempdir(),
+        }
+        .map_err(|e| Error::io("creating the cluster directory", e))?;
         let control_plane = ControlPlane::start(ControlPlaneOptions {
             controller_manager: options.controller_manager,
             ..ControlPlaneOptions::default()

@@ -2,6 +2,7 @@
 //! built from pinned binaries (etcd, kube-apiserver, kube-controller-manager, kubectl),
 //! torn down on drop, or an existing cluster named by `BLOCKVOL_E2E_KUBECONFIG`.
 
+pub mod bench;
 pub mod chart;
 pub mod checker;
 pub mod cluster;

@@ -23,12 +23,23 @@ pub trait Disk: Send + Sync {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
     /// Writes all of `buf` at `offset`; fails if the range ends past the disk.
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+    /// Writes the concatenation of `bufs` at `offset`, like one `write_at` of it (same
+    /// bounds and durability rules). Files use one `pwritev`, so callers can write a
+    /// header and a borrowed payload without copying them together.
+    fn write_vectored_at(&self, bufs: &[&[u8]], offset: u64) -> io::Result<()> {
+        self.write_at(&bufs.concat(), offset)
+    }
     /// Makes every completed write durable (fdatasync).
     fn sync(&self) -> io::Result<()>;
     /// Makes `len` bytes at `offset` read as zeros, like `write_at` of zeros (same
     /// durability rules). Files deallocate the range instead of writing it.
     fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
         crate::extent::write_zeroes_by_writing(self, offset, len)
+    }
+    /// Copies `len` bytes from `src` to `dst` (ranges must not overlap), like
+    /// `read_at` + `write_at` (same durability rules). Files copy inside the kernel.
+    fn copy_within(&self, src: u64, dst: u64, len: u64) -> io::Result<()> {
+        crate::extent::copy_by_reading(self, src, dst, len)
     }
     /// Grows or shrinks the disk; new bytes read as zeros. Durable on return.
     fn set_len(&self, len: u64) -> io::Result<()>;
@@ -118,6 +129,104 @@ impl Disk for FileDisk {
 
     fn sync(&self) -> io::Result<()> {
         self.file.sync_data()
+    }
+
+    fn write_vectored_at(&self, bufs: &[&[u8]], offset: u64) -> io::Result<()> {
+        use std::os::fd::AsRawFd;
+        let total: usize = bufs.iter().map(|b| b.len()).sum();
+        self.check(offset, total)?;
+        let fd = self.file.as_raw_fd();
+        let mut done = 0usize;
+        while done < total {
+            // The pieces not yet written, the first one cut by what was.
+            let mut skip = done;
+            let mut iov = Vec::with_capacity(bufs.len());
+            for b in bufs {
+                if skip >= b.len() {
+                    skip -= b.len();
+                    continue;
+                }
+                let rest = &b[skip..];
+                skip = 0;
+                iov.push(libc::iovec {
+                    iov_base: rest.as_ptr() as *mut libc::c_void,
+                    iov_len: rest.len(),
+                });
+            }
+            // SAFETY: every iovec points into a live borrowed slice; pwritev only reads
+            // from them.
+            let n = unsafe {
+                libc::pwritev(
+                    fd,
+                    iov.as_ptr(),
+                    iov.len() as libc::c_int,
+                    (offset + done as u64) as libc::off_t,
+                )
+            };
+            if n < 0 {
+                let err = io::Error::last_os_error();
+                if err.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(err);
+            }
+            if n == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::WriteZero,
+                    format!("pwritev wrote nothing at {}", offset + done as u64),
+                ));
+            }
+            done += n as usize;
+        }
+        Ok(())
+    }
+
+    /// `copy_file_range` within the file: the flusher's WAL-to-extent copy then costs
+    /// one page-cache copy in the kernel instead of a read into and a write out of a
+    /// user buffer. Falls back to reading and writing where the kernel refuses.
+    fn copy_within(&self, src: u64, dst: u64, len: u64) -> io::Result<()> {
+        use std::os::fd::AsRawFd;
+        self.check(src, len as usize)?;
+        self.check(dst, len as usize)?;
+        if src.max(dst) < src.min(dst) + len {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("copy {src}->{dst} of {len} bytes overlaps itself"),
+            ));
+        }
+        let fd = self.file.as_raw_fd();
+        let mut done = 0u64;
+        while done < len {
+            let mut off_in = (src + done) as libc::loff_t;
+            let mut off_out = (dst + done) as libc::loff_t;
+            let want = (len - done).min(1 << 30) as usize;
+            // SAFETY: valid fd and offset pointers for the duration of the call.
+            let n = unsafe { libc::copy_file_range(fd, &mut off_in, fd, &mut off_out, want, 0) };
+            if n > 0 {
+                done += n as u64;
+                continue;
+            }
+            if n == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("copy_file_range stopped at {} of {len} bytes", done),
+                ));
+            }
+            let err = io::Error::last_os_error();
+            match err.raw_os_error() {
+                Some(libc::EINTR) => continue,
+                Some(libc::EXDEV | libc::EOPNOTSUPP | libc::ENOSYS | libc::EINVAL) => {
+                    return crate::extent::copy_by_reading(
+                        self,
+                        src + done,
+                        dst + done,
+                        len - done,
+                    );
+                }
+                _ => return Err(err),
+            }
+        }
+        Ok(())
     }
 
     fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {

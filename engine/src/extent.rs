@@ -73,8 +73,18 @@ pub fn write_zeroes_by_writing<D: Disk + ?Sized>(
     Ok(())
 }
 
-/// Copies `len` bytes from `src` to `dst` on the same disk, in bounded chunks.
+/// Copies `len` bytes from `src` to `dst` on the same disk (see [`Disk::copy_within`]).
 pub fn copy_range(disk: &dyn Disk, src: u64, dst: u64, len: u64) -> std::io::Result<()> {
+    disk.copy_within(src, dst, len)
+}
+
+/// The portable copy behind [`Disk::copy_within`]: through a user buffer, in chunks.
+pub fn copy_by_reading<D: Disk + ?Sized>(
+    disk: &D,
+    src: u64,
+    dst: u64,
+    len: u64,
+) -> std::io::Result<()> {
     let mut buf = vec![0u8; COPY_CHUNK_BYTES.min(len as usize)];
     let mut done = 0u64;
     while done < len {

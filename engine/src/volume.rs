@@ -24,7 +24,7 @@ use crate::group_commit::GroupCommit;
 use crate::recovery::{self, IndexEntry};
 use crate::superblock::{self, FLAG_REBUILD_IN_PROGRESS, SUPERBLOCK_SLOT_SIZE, Superblock};
 use crate::types::{DurabilityMode, Epoch, Lba, Lsn, WalPos};
-use crate::wal::{self, EntryKind, RECORD_OVERHEAD, RecordHeader, WalEntry};
+use crate::wal::{self, EntryKind, EntryRef, RECORD_OVERHEAD, RecordHeader, WalEntry};
 
 /// Geometry and identity of a new volume.
 #[derive(Clone, Debug)]
@@ -680,7 +680,7 @@ impl Volume {
             });
         }
         st = i.wait_for_space(st, wal::record_len_for(entry.data.len()))?;
-        i.append_locked(&mut st, entry)
+        i.append_locked(&mut st, EntryRef::from(entry), Some(entry))
     }
 
     /// Drops WAL entries after `lsn` (a replica's divergent suffix). Fails if the
@@ -973,15 +973,15 @@ impl Inner {
     fn append_local(&self, kind: EntryKind, lba: u64, blocks: u32, data: &[u8]) -> Result<Lsn> {
         let st = self.lock_for_append()?;
         let mut st = self.wait_for_space(st, wal::record_len_for(data.len()))?;
-        let entry = WalEntry {
+        let entry = EntryRef {
             lsn: Lsn(st.head_lsn + 1),
             epoch: Epoch(self.epoch.load(Ordering::Acquire)),
             kind,
             lba: Lba(lba),
             blocks,
-            data: data.to_vec(),
+            data,
         };
-        self.append_locked(&mut st, &entry)?;
+        self.append_locked(&mut st, entry, None)?;
         Ok(entry.lsn)
     }
 
@@ -1045,11 +1045,19 @@ impl Inner {
     }
 
     /// Writes `entry` at the head (padding first if it must wrap) and publishes it.
-    /// The caller checked the space and that `entry.lsn == head + 1`.
-    fn append_locked(&self, st: &mut WalState, entry: &WalEntry) -> Result<()> {
+    /// The caller checked the space and that `entry.lsn == head + 1`. `owned` is the
+    /// same entry when the caller already has it owned (shipped entries), so the append
+    /// observer gets it without a copy; local writes pass `None` and their data is
+    /// copied only into the record (and for an observer, if one is set).
+    fn append_locked(
+        &self,
+        st: &mut WalState,
+        entry: EntryRef<'_>,
+        owned: Option<&WalEntry>,
+    ) -> Result<()> {
         let wal_gen = st.wal_gen;
-        let record = wal::encode_record(entry, wal_gen, None);
-        let len = record.len() as u64;
+        let record = wal::encode_record_parts(entry, wal_gen);
+        let len = wal::record_len_for(entry.data.len());
         let rem = self.layout.lap_remaining(st.head_pos);
         let mut pos = st.head_pos;
         if len > rem {
@@ -1070,7 +1078,10 @@ impl Inner {
             pos += rem;
         }
         self.disk
-            .write_at(&record, self.layout.wal_phys(pos))
+            .write_vectored_at(
+                &[&record.head, entry.data, &record.tail],
+                self.layout.wal_phys(pos),
+            )
             .map_err(|e| self.io_err(e))?;
         let ie = IndexEntry {
             lsn: entry.lsn.0,
@@ -1088,7 +1099,10 @@ impl Inner {
         st.head_lsn = entry.lsn.0;
         self.head_lsn.store(entry.lsn.0, Ordering::Release);
         if let Some(obs) = read(&self.observer).as_ref() {
-            obs(entry);
+            match owned {
+                Some(e) => obs(e),
+                None => obs(&entry.to_entry()),
+            }
         }
         Ok(())
     }

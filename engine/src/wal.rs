@@ -87,6 +87,92 @@ pub struct WalEntry {
     pub data: Vec<u8>,
 }
 
+/// An entry whose data is borrowed: what the local append path encodes, so a client's
+/// buffer goes into the WAL record without an intermediate owned copy.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct EntryRef<'a> {
+    pub lsn: Lsn,
+    pub epoch: Epoch,
+    pub kind: EntryKind,
+    pub lba: Lba,
+    pub blocks: u32,
+    pub data: &'a [u8],
+}
+
+impl EntryRef<'_> {
+    /// An owned copy (for observers that keep the entry).
+    pub fn to_entry(self) -> WalEntry {
+        WalEntry {
+            lsn: self.lsn,
+            epoch: self.epoch,
+            kind: self.kind,
+            lba: self.lba,
+            blocks: self.blocks,
+            data: self.data.to_vec(),
+        }
+    }
+
+    /// Appends the entry header (everything before the data) to `out`.
+    fn encode_header_into(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(ENTRY_MAGIC);
+        out.push(ENTRY_VERSION);
+        out.push(self.kind.code());
+        out.extend_from_slice(&[0, 0]);
+        out.extend_from_slice(&self.lsn.0.to_le_bytes());
+        out.extend_from_slice(&self.epoch.0.to_le_bytes());
+        out.extend_from_slice(&self.lba.0.to_le_bytes());
+        out.extend_from_slice(&self.blocks.to_le_bytes());
+        out.extend_from_slice(&(self.data.len() as u32).to_le_bytes());
+    }
+
+    /// Appends the encoded entry to `out`; returns the entry CRC.
+    fn encode_into(&self, out: &mut Vec<u8>) -> u32 {
+        let start = out.len();
+        self.encode_header_into(out);
+        out.extend_from_slice(self.data);
+        let crc = crc32c::crc32c(&out[start..]);
+        out.extend_from_slice(&crc.to_le_bytes());
+        crc
+    }
+}
+
+/// A WAL record in three pieces: `head` (record prefix and entry header), the entry's
+/// data (borrowed, not copied) and `tail` (entry CRC and record CRC). Written with one
+/// vectored write, the bytes are exactly those of [`encode_record`].
+pub(crate) struct RecordParts {
+    pub head: Vec<u8>,
+    pub tail: [u8; 8],
+}
+
+/// The pieces of the record for a non-PADDING `entry` in generation `wal_gen`.
+pub(crate) fn encode_record_parts(entry: EntryRef<'_>, wal_gen: u64) -> RecordParts {
+    let record_len = record_len_for(entry.data.len());
+    let mut head = Vec::with_capacity(RECORD_PREFIX_LEN + ENTRY_HEADER_LEN);
+    head.extend_from_slice(RECORD_MAGIC);
+    head.extend_from_slice(&[0, 0, 0, 0]);
+    head.extend_from_slice(&record_len.to_le_bytes());
+    head.extend_from_slice(&wal_gen.to_le_bytes());
+    entry.encode_header_into(&mut head);
+    let entry_crc = crc32c::crc32c_append(crc32c::crc32c(&head[RECORD_PREFIX_LEN..]), entry.data);
+    let mut tail = [0u8; 8];
+    tail[..4].copy_from_slice(&entry_crc.to_le_bytes());
+    tail[4..].copy_from_slice(&record_crc(&head[..RECORD_PREFIX_LEN], entry_crc).to_le_bytes());
+    RecordParts { head, tail }
+}
+
+impl<'a> From<&'a WalEntry> for EntryRef<'a> {
+    fn from(e: &'a WalEntry) -> Self {
+        EntryRef {
+            lsn: e.lsn,
+            epoch: e.epoch,
+            kind: e.kind,
+            lba: e.lba,
+            blocks: e.blocks,
+            data: &e.data,
+        }
+    }
+}
+
 /// Why bytes did not decode as an entry or record.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum DecodeError {
@@ -195,20 +281,7 @@ impl WalEntry {
 
     /// Appends the encoded entry to `out`; returns the entry CRC.
     pub fn encode_into(&self, out: &mut Vec<u8>) -> u32 {
-        let start = out.len();
-        out.extend_from_slice(ENTRY_MAGIC);
-        out.push(ENTRY_VERSION);
-        out.push(self.kind.code());
-        out.extend_from_slice(&[0, 0]);
-        out.extend_from_slice(&self.lsn.0.to_le_bytes());
-        out.extend_from_slice(&self.epoch.0.to_le_bytes());
-        out.extend_from_slice(&self.lba.0.to_le_bytes());
-        out.extend_from_slice(&self.blocks.to_le_bytes());
-        out.extend_from_slice(&(self.data.len() as u32).to_le_bytes());
-        out.extend_from_slice(&self.data);
-        let crc = crc32c::crc32c(&out[start..]);
-        out.extend_from_slice(&crc.to_le_bytes());
-        crc
+        EntryRef::from(self).encode_into(out)
     }
 
     /// The bytes that go on the wire.
@@ -258,6 +331,15 @@ pub const RECORD_DATA_OFFSET: u64 = (RECORD_PREFIX_LEN + ENTRY_HEADER_LEN) as u6
 /// `advance` is the number of ring bytes the record stands for (the rest of the lap);
 /// for other kinds pass `None`.
 pub fn encode_record(entry: &WalEntry, wal_gen: u64, advance: Option<u64>) -> Vec<u8> {
+    encode_record_ref(EntryRef::from(entry), wal_gen, advance)
+}
+
+/// [`encode_record`] over a borrowed entry: the data is copied once, into the record.
+pub(crate) fn encode_record_ref(
+    entry: EntryRef<'_>,
+    wal_gen: u64,
+    advance: Option<u64>,
+) -> Vec<u8> {
     let own_len = record_len_for(entry.data.len());
     let record_len = advance.unwrap_or(own_len);
     let mut out = Vec::with_capacity(own_len as usize);
@@ -351,6 +433,23 @@ mod tests {
             blocks: 2,
             data: (0..1024u32).map(|i| i as u8).collect(),
         }
+    }
+
+    #[test]
+    fn record_parts_are_the_bytes_of_the_whole_record() {
+        let e = WalEntry {
+            lsn: Lsn(9),
+            epoch: Epoch(2),
+            kind: EntryKind::Write,
+            lba: Lba(77),
+            blocks: 2,
+            data: (0..8192u32).map(|i| (i * 7) as u8).collect(),
+        };
+        let parts = encode_record_parts(EntryRef::from(&e), 3);
+        let mut joined = parts.head.clone();
+        joined.extend_from_slice(&e.data);
+        joined.extend_from_slice(&parts.tail);
+        assert_eq!(joined, encode_record(&e, 3, None));
     }
 
     #[test]

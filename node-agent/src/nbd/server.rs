@@ -672,14 +672,14 @@ where
         };
         let mut payload = Vec::new();
         if h.command == proto::CMD_WRITE {
-            payload = vec![0u8; h.length as usize];
             let read = tokio::select! {
-                r = rd.read_exact(&mut payload) => r,
+                r = read_payload(&mut rd, h.length) => r,
                 _ = removed.wait_for(|r| *r) => break Ok(()),
                 _ = shutdown.wait_for(|s| *s) => break Ok(()),
             };
-            if let Err(e) = read {
-                break Err(e.into());
+            match read {
+                Ok(p) => payload = p,
+                Err(e) => break Err(e.into()),
             }
         }
         if let Err(errno) = check_request(&h, backend.size_bytes(), min_block, max_payload) {
@@ -747,6 +747,24 @@ where
         Ok(r) => r.map_err(ConnError::from),
         Err(e) => Err(ConnError::Io(std::io::Error::other(e))),
     }
+}
+
+/// Reads a WRITE payload of exactly `len` bytes into a fresh buffer. The buffer is
+/// filled straight from the socket, without zeroing it first (a 1 MiB memset per
+/// request showed up in profiles of sequential writes).
+async fn read_payload<R: AsyncRead + Unpin>(rd: &mut R, len: u32) -> std::io::Result<Vec<u8>> {
+    let mut payload = Vec::with_capacity(len as usize);
+    rd.take(u64::from(len)).read_to_end(&mut payload).await?;
+    if payload.len() != len as usize {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            format!(
+                "client hung up after {} of {len} WRITE payload bytes",
+                payload.len()
+            ),
+        ));
+    }
+    Ok(payload)
 }
 
 async fn write_replies<W: AsyncWrite + Unpin>(
