@@ -7,6 +7,7 @@ pub mod checker;
 pub mod cluster;
 pub mod controlplane;
 pub mod error;
+pub mod kubelet;
 pub mod local;
 pub mod pki;
 mod process;
