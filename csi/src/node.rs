@@ -38,6 +38,9 @@ pub struct NodeSettings {
     pub node_id: String,
     pub agent: AgentSettings,
     pub commands: CommandSettings,
+    /// The kubelet's directory: when set, staging and target paths must lie under it,
+    /// so a confused or hostile caller cannot mount over arbitrary host paths.
+    pub kubelet_dir: Option<PathBuf>,
 }
 
 /// The Node service.
@@ -46,6 +49,7 @@ pub struct NodeService {
     node_id: String,
     agent: Agent,
     commands: CommandSettings,
+    kubelet_dir: Option<PathBuf>,
     inflight: InFlight,
 }
 
@@ -58,8 +62,26 @@ impl NodeService {
             node_id: settings.node_id,
             agent: Agent::new(&settings.agent)?,
             commands: settings.commands,
+            kubelet_dir: settings.kubelet_dir,
             inflight: InFlight::new(),
         })
+    }
+}
+
+impl NodeService {
+    /// [`check_path`], and with a kubelet directory configured, that `path` lies
+    /// strictly inside it.
+    fn check_kubelet_path(&self, field: &str, path: &str) -> Result<()> {
+        check_path(field, path)?;
+        match &self.kubelet_dir {
+            Some(dir) if !Path::new(path).starts_with(dir) || Path::new(path) == dir => {
+                Err(Error::InvalidArgument(format!(
+                    "{field} {path:?} is outside the kubelet directory {}",
+                    dir.display()
+                )))
+            }
+            _ => Ok(()),
+        }
     }
 }
 
@@ -121,7 +143,7 @@ fn volume_path(path: &str) -> Result<PathBuf> {
 impl NodeService {
     async fn stage(&self, req: NodeStageVolumeRequest) -> Result<NodeStageVolumeResponse> {
         let volume_id = required("volume_id", &req.volume_id)?;
-        check_path("staging_target_path", &req.staging_target_path)?;
+        self.check_kubelet_path("staging_target_path", &req.staging_target_path)?;
         let cap = capability(req.volume_capability.as_ref())?;
         let _guard = self.inflight.try_acquire(volume_id)?;
         let staging = PathBuf::from(&req.staging_target_path);
@@ -209,7 +231,7 @@ impl NodeService {
 
     async fn unstage(&self, req: NodeUnstageVolumeRequest) -> Result<NodeUnstageVolumeResponse> {
         let volume_id = required("volume_id", &req.volume_id)?;
-        check_path("staging_target_path", &req.staging_target_path)?;
+        self.check_kubelet_path("staging_target_path", &req.staging_target_path)?;
         let _guard = self.inflight.try_acquire(volume_id)?;
         let staging = PathBuf::from(&req.staging_target_path);
         let dev_file = staging.join(BLOCK_STAGE_FILE);
@@ -223,8 +245,8 @@ impl NodeService {
 
     async fn publish(&self, req: NodePublishVolumeRequest) -> Result<NodePublishVolumeResponse> {
         let volume_id = required("volume_id", &req.volume_id)?;
-        check_path("staging_target_path", &req.staging_target_path)?;
-        check_path("target_path", &req.target_path)?;
+        self.check_kubelet_path("staging_target_path", &req.staging_target_path)?;
+        self.check_kubelet_path("target_path", &req.target_path)?;
         let cap = capability(req.volume_capability.as_ref())?;
         let _guard = self.inflight.try_acquire(volume_id)?;
         let staging = PathBuf::from(&req.staging_target_path);
@@ -277,7 +299,7 @@ impl NodeService {
         req: NodeUnpublishVolumeRequest,
     ) -> Result<NodeUnpublishVolumeResponse> {
         let volume_id = required("volume_id", &req.volume_id)?;
-        check_path("target_path", &req.target_path)?;
+        self.check_kubelet_path("target_path", &req.target_path)?;
         let _guard = self.inflight.try_acquire(volume_id)?;
         let target = PathBuf::from(&req.target_path);
         mount::unmount(&self.commands, &target).await?;

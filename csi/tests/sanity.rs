@@ -84,6 +84,7 @@ async fn csi_sanity_passes_against_mode_all() {
                         agent_call_timeout_ms: 60_000,
                     },
                     commands: CommandSettings::default(),
+                    kubelet_dir: None,
                 })
                 .unwrap(),
             ),

@@ -10,7 +10,7 @@
 //! is idempotent, like the kubelet's reconciler: running `mount` twice or `unmount` on
 //! a volume that is half torn down finishes the work instead of failing.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -21,7 +21,7 @@ use csi::csi_proto::{
     CapacityRange, NodeExpandVolumeRequest, NodeGetInfoRequest, NodePublishVolumeRequest,
     NodeStageVolumeRequest, NodeUnpublishVolumeRequest, NodeUnstageVolumeRequest, VolumeCapability,
 };
-use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
+use k8s_openapi::api::core::v1::{Node, PersistentVolume, PersistentVolumeClaim};
 use k8s_openapi::api::storage::v1::{
     CSINode, CSINodeDriver, CSINodeSpec, VolumeAttachment, VolumeAttachmentSource,
     VolumeAttachmentSpec,
@@ -176,8 +176,9 @@ impl Kubelet {
     }
 
     /// Registers the node plugin as the kubelet does when node-driver-registrar shows
-    /// it: asks NodeGetInfo and records the node id and topology keys in the node's
-    /// CSINode object, which csi-attacher reads to name the node to the controller.
+    /// it: asks NodeGetInfo, labels the Node with the plugin's topology segments and
+    /// records the node id and topology keys in the node's CSINode object.
+    /// csi-provisioner needs both to pick a topology, csi-attacher the node id.
     pub async fn register(&self) -> Result<()> {
         let info = self
             .node_client()?
@@ -185,14 +186,19 @@ impl Kubelet {
             .await
             .map_err(|s| self.csi_error("NodeGetInfo", &s))?
             .into_inner();
-        let topology_keys: Vec<String> = info
+        let segments: BTreeMap<String, String> = info
             .accessible_topology
-            .map(|t| {
-                let mut keys: Vec<String> = t.segments.into_keys().collect();
-                keys.sort();
-                keys
-            })
+            .map(|t| t.segments.into_iter().collect())
             .unwrap_or_default();
+        let topology_keys: Vec<String> = segments.keys().cloned().collect();
+        let nodes: Api<Node> = Api::all(self.client.clone());
+        nodes
+            .patch(
+                &self.node,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"metadata": {"labels": segments}})),
+            )
+            .await?;
         let driver = CSINodeDriver {
             name: api::CSI_DRIVER_NAME.into(),
             node_id: info.node_id,

@@ -3,6 +3,8 @@
 //!
 //! - `blockvol-local STATE_DIR`: once ready it writes `STATE_DIR/ready` naming the
 //!   kubeconfig; on a signal it stops every daemon it started and removes `ready`.
+//! - `blockvol-local register --node NODE`: registers the node's CSI plugin (CSINode,
+//!   topology labels) as the kubelet does.
 //! - `blockvol-local mount --pvc NAME --node NODE`: attaches, stages and publishes the
 //!   claim's volume on the node and prints the path it is published at.
 //! - `blockvol-local unmount --pvc NAME --node NODE` (or `--all`): the reverse.
@@ -27,6 +29,16 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Register a node's CSI node plugin (CSINode entry, Node topology labels), as the
+    /// kubelet does when the plugin starts.
+    Register {
+        /// State directory of the running local cluster.
+        #[arg(long, env = "BLOCKVOL_LOCAL_DIR", default_value = ".local-cluster")]
+        state_dir: PathBuf,
+        /// Node whose plugin to register.
+        #[arg(long)]
+        node: String,
+    },
     /// Attach, stage and publish a claim's volume on a node; prints the target path.
     Mount {
         #[command(flatten)]
@@ -94,6 +106,14 @@ async fn main() -> anyhow::Result<()> {
 
 async fn kubelet_command(command: Command) -> anyhow::Result<()> {
     match command {
+        Command::Register { state_dir, node } => {
+            LocalState::new(&state_dir)
+                .kubelet(&node)
+                .await?
+                .register()
+                .await?;
+            eprintln!("the CSI node plugin of {node} is registered");
+        }
         Command::Mount { target, fs_type } => {
             let (pvc, node) = target.claim_and_node()?;
             let kubelet = LocalState::new(&target.state_dir).kubelet(node).await?;
