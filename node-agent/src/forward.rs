@@ -225,17 +225,36 @@ impl Inner {
     async fn execute(&self, op: ForwardOp) -> Result<ForwardPayload, BackendError> {
         let deadline = Instant::now() + Duration::from_millis(self.settings.failover_wait_ms);
         let is_flush = matches!(op, ForwardOp::Flush);
+        let mut backoff = 0;
         loop {
             // A FLUSH covers what was acknowledged before it was sent: remember where
             // the replay log ended at that moment.
             let (generation, a, _) = self
                 .attempt(&op, |log| is_flush.then_some(log.next_seq))
                 .await;
-            match a {
+            let reason = match a {
                 Attempt::Done(p) => return Ok(p),
                 Attempt::Failed(e) => return Err(e),
-                Attempt::Reroute(reason) => self.switch(generation, &reason, deadline).await?,
+                Attempt::Reroute(reason) => reason,
+            };
+            // A primary that connects but keeps failing this request must not make the
+            // retry loop spin: back off between attempts and give up at the deadline.
+            if backoff > 0 {
+                if Instant::now() + Duration::from_millis(backoff) > deadline {
+                    return Err(BackendError::Io(format!(
+                        "volume {}: {} kept failing for failover_wait_ms {} (last: {reason})",
+                        self.volume,
+                        engine::replication::forward::op_name(&op),
+                        self.settings.failover_wait_ms
+                    )));
+                }
+                tokio::time::sleep(Duration::from_millis(backoff)).await;
             }
+            backoff = (backoff * 2).clamp(
+                self.settings.reconnect_backoff_initial_ms.max(1),
+                self.settings.reconnect_backoff_max_ms.max(1),
+            );
+            self.switch(generation, &reason, deadline).await?;
         }
     }
 
@@ -494,6 +513,30 @@ impl BlockBackend for ForwardingBackend {
     /// route, and the primary's flush is volume-wide.
     fn flush_is_volume_wide(&self) -> bool {
         true
+    }
+}
+
+/// Runs one forwarded operation on a backend (the serving side of forwarding).
+pub fn execute_on(b: &dyn BlockBackend, op: ForwardOp) -> Result<ForwardPayload, BackendError> {
+    match op {
+        ForwardOp::Geometry => Ok(ForwardPayload::Geometry {
+            size_bytes: b.size_bytes(),
+            block_size: b.block_size(),
+        }),
+        ForwardOp::Read { offset, length } => {
+            let mut buf = vec![0u8; length as usize];
+            b.read(offset, &mut buf)?;
+            Ok(ForwardPayload::Data(buf))
+        }
+        ForwardOp::Write { offset, data } => b.write(offset, &data).map(|_| ForwardPayload::None),
+        ForwardOp::WriteFua { offset, data } => {
+            b.write_fua(offset, &data).map(|_| ForwardPayload::None)
+        }
+        ForwardOp::Flush => b.flush().map(|_| ForwardPayload::None),
+        ForwardOp::Trim { offset, length } => b.trim(offset, length).map(|_| ForwardPayload::None),
+        ForwardOp::WriteZeroes { offset, length } => {
+            b.write_zeroes(offset, length).map(|_| ForwardPayload::None)
+        }
     }
 }
 

@@ -11,9 +11,9 @@ use std::sync::{Arc, Mutex};
 
 use api::{BlockReplicaStatus, PeerStatus, ReplicaRole, ReplicaState};
 use engine::replication::{
-    self as repl, Endpoint, ForwardHandler, ForwardOp, ForwardOutcome, ForwardPayload,
-    ForwardStatus, Generation, PrimaryConfig, PrimaryHandle, ReceiverConfig, ReceiverServer,
-    ReplicaId, Report, Transport, VolumeId, spawn_primary,
+    self as repl, Endpoint, ForwardHandler, ForwardOp, ForwardOutcome, ForwardStatus, Generation,
+    PrimaryConfig, PrimaryHandle, ReceiverConfig, ReceiverServer, ReplicaId, Report, Transport,
+    VolumeId, spawn_primary,
 };
 use engine::{CreateOptions, DurabilityMode, Epoch, Volume, VolumeConfig};
 use tokio::task::JoinHandle;
@@ -160,7 +160,7 @@ impl ForwardHandler for LocalPrimaries {
                 ),
             );
         }
-        match execute(&*b, op) {
+        match crate::forward::execute_on(&*b, op) {
             Ok(payload) => ForwardOutcome::ok(mine, payload),
             // A failure because this primary was deposed meanwhile is a routing answer,
             // not a medium error: the forwarder retries on the new primary.
@@ -168,30 +168,6 @@ impl ForwardHandler for LocalPrimaries {
                 refuse(ForwardStatus::NotPrimary, e.to_string())
             }
             Err(e) => refuse(forward_status(&e), e.to_string()),
-        }
-    }
-}
-
-/// Runs one forwarded operation on a backend.
-fn execute(b: &dyn BlockBackend, op: ForwardOp) -> Result<ForwardPayload, BackendError> {
-    match op {
-        ForwardOp::Geometry => Ok(ForwardPayload::Geometry {
-            size_bytes: b.size_bytes(),
-            block_size: b.block_size(),
-        }),
-        ForwardOp::Read { offset, length } => {
-            let mut buf = vec![0u8; length as usize];
-            b.read(offset, &mut buf)?;
-            Ok(ForwardPayload::Data(buf))
-        }
-        ForwardOp::Write { offset, data } => b.write(offset, &data).map(|_| ForwardPayload::None),
-        ForwardOp::WriteFua { offset, data } => {
-            b.write_fua(offset, &data).map(|_| ForwardPayload::None)
-        }
-        ForwardOp::Flush => b.flush().map(|_| ForwardPayload::None),
-        ForwardOp::Trim { offset, length } => b.trim(offset, length).map(|_| ForwardPayload::None),
-        ForwardOp::WriteZeroes { offset, length } => {
-            b.write_zeroes(offset, length).map(|_| ForwardPayload::None)
         }
     }
 }

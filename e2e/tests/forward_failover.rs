@@ -1,0 +1,324 @@
+//! A mounted filesystem on a forwarded device survives the loss of the primary: an RF 2
+//! volume on node-1 and node-2 is attached through the agent's gRPC Attach (nbdfuse +
+//! loop) on node-3, which has no replica, and later on the node of a non-primary
+//! replica. The primary's agent is SIGKILLed, the operator promotes the other member,
+//! and IO through the same mounted device resumes; every file written and synced before
+//! the kill reads back identical (after a remount, so from the device, not the cache).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use api::{BlockReplica, BlockVolume, BlockVolumeSpec, ReplicaRole, ReplicaState, VolumePhase};
+use csi::agent::{Agent, AgentSettings};
+use e2e::cluster::{TestCluster, TestClusterOptions, wait_for};
+use kube::ResourceExt;
+use kube::api::{Api, PostParams};
+
+const VOLUME: &str = "fwd-vol";
+const TIMEOUT: Duration = Duration::from_secs(90);
+
+fn run(program: &str, args: &[&str]) -> String {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{program}: {e}"));
+    assert!(
+        out.status.success(),
+        "{program} {args:?}: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Unmounts on drop (also when the test fails), so no mount outlives the test.
+struct Mounted {
+    dir: PathBuf,
+    mounted: bool,
+}
+
+impl Mounted {
+    fn mount(device: &str, dir: &Path) -> Mounted {
+        std::fs::create_dir_all(dir).expect("mount dir");
+        run("mount", &[device, &dir.display().to_string()]);
+        Mounted {
+            dir: dir.to_path_buf(),
+            mounted: true,
+        }
+    }
+
+    fn unmount(&mut self) {
+        if self.mounted {
+            run("umount", &[&self.dir.display().to_string()]);
+            self.mounted = false;
+        }
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        if self.mounted {
+            let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
+        }
+    }
+}
+
+/// Deterministic file content: a seeded xorshift stream.
+fn content(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// Writes files `first..first+n` into `dir` and syncs; returns name → content.
+async fn write_files(dir: &Path, first: u64, n: u64) -> BTreeMap<String, Vec<u8>> {
+    let dir = dir.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        let mut out = BTreeMap::new();
+        for i in first..first + n {
+            let name = format!("file-{i:03}");
+            let data = content(i, 64 * 1024 + (i as usize % 7) * 4096);
+            std::fs::write(dir.join(&name), &data).expect("write file");
+            out.insert(name, data);
+        }
+        run("sync", &[]);
+        out
+    })
+    .await
+    .expect("writer")
+}
+
+/// The `forwarding re-routed` events in an agent's log that moved to `new_primary`,
+/// as their `pause_ms` values.
+fn reroute_pauses(log: &Path, new_primary: &str) -> Vec<u64> {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    // Strip ANSI colour sequences the log formatter may add.
+    let mut plain = String::with_capacity(text.len());
+    let mut esc = false;
+    for ch in text.chars() {
+        match (esc, ch) {
+            (false, '\u{1b}') => esc = true,
+            (true, 'm') => esc = false,
+            (true, _) => {}
+            (false, c) => plain.push(c),
+        }
+    }
+    plain
+        .lines()
+        .filter(|l| {
+            l.contains("forwarding re-routed") && l.contains(&format!("new_primary={new_primary}"))
+        })
+        .filter_map(|l| {
+            let rest = &l[l.find("pause_ms=")? + "pause_ms=".len()..];
+            rest.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
+        })
+        .collect()
+}
+
+fn verify(dir: &Path, files: &BTreeMap<String, Vec<u8>>) {
+    for (name, want) in files {
+        let got = std::fs::read(dir.join(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert!(got == *want, "{name} differs after the failover");
+    }
+}
+
+async fn volume(c: &TestCluster) -> Option<BlockVolume> {
+    c.volume(VOLUME).await
+}
+
+/// Waits until the volume is Ready with both members in sync, and returns the primary's
+/// (replica id, node, epoch).
+async fn ready(c: &TestCluster, min_epoch: u64) -> (String, String, u64) {
+    wait_for(
+        "the RF 2 volume Ready with 2 in-sync members",
+        TIMEOUT,
+        || async {
+            let v = volume(c).await?;
+            let s = v.status?;
+            let rs = c.replicas(VOLUME).await;
+            let serving = rs.iter().any(|r: &BlockReplica| {
+                r.spec.role == ReplicaRole::Primary
+                    && r.status
+                        .as_ref()
+                        .is_some_and(|x| x.state == ReplicaState::Serving && x.epoch == s.epoch)
+            });
+            (s.phase == VolumePhase::Ready
+                && s.in_sync_count == 2
+                && s.epoch >= min_epoch
+                && serving)
+                .then(|| Some((s.primary?, s.primary_node?, s.epoch)))
+                .flatten()
+        },
+    )
+    .await
+    .expect("volume ready")
+}
+
+/// A loop device made by Attach; if the test fails before Detach, it is released on
+/// drop so no loop device outlives the test.
+struct Device {
+    path: String,
+}
+
+impl Drop for Device {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let _ = Command::new("losetup").arg("-d").arg(&self.path).status();
+        }
+    }
+}
+
+async fn attach(agent: &Agent) -> Device {
+    Device {
+        path: agent
+            .attach(VOLUME, false)
+            .await
+            .expect("Attach through the agent")
+            .device_path,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn mounted_forwarded_device_survives_killing_the_primary_agent() {
+    // Two agents first, so the RF 2 volume is placed on node-1 and node-2.
+    let mut cluster = TestCluster::start(TestClusterOptions::nodes(2))
+        .await
+        .expect("cluster");
+    Api::<BlockVolume>::all(cluster.client.clone())
+        .create(&PostParams::default(), &{
+            let mut spec = BlockVolumeSpec::with_size("64Mi");
+            spec.replicas = 2;
+            BlockVolume::new(VOLUME, spec)
+        })
+        .await
+        .expect("create volume");
+    let (_, first_node, epoch1) = ready(&cluster, 1).await;
+    cluster
+        .control_plane
+        .create_node("node-3", &BTreeMap::new())
+        .await
+        .expect("node-3");
+    cluster.add_agent("node-3").expect("node-3 agent");
+    cluster
+        .wait_registered(TIMEOUT)
+        .await
+        .expect("node-3 registered");
+    let nodes: Vec<String> = cluster
+        .replicas(VOLUME)
+        .await
+        .iter()
+        .map(|r| r.spec.node.clone())
+        .collect();
+    assert!(!nodes.contains(&"node-3".to_string()), "{nodes:?}");
+
+    let agent_of = |c: &mut TestCluster, node: &str| {
+        let a = c.agent(node).expect("agent");
+        Agent::new(&AgentSettings {
+            socket_path: a.agent_socket.clone(),
+            agent_call_timeout_ms: 120_000,
+        })
+        .expect("agent client")
+    };
+    let root = cluster.root.path().to_path_buf();
+
+    // Phase 1: node-3 (no replica) forwards to the primary.
+    let node3 = agent_of(&mut cluster, "node-3");
+    let dev3 = attach(&node3).await;
+    let device = dev3.path.clone();
+    run("mkfs.ext4", &["-q", "-F", &device]);
+    let mut mnt = Mounted::mount(&device, &root.join("mnt-node-3"));
+    let mut files = write_files(&mnt.dir, 0, 16).await;
+
+    cluster.agent(&first_node).expect("primary agent").kill();
+    // Write and sync right away: the sync is in flight while there is no primary, and
+    // completes through the same mounted device once the new primary serves.
+    let started = std::time::Instant::now();
+    files.extend(write_files(&mnt.dir, 16, 8).await);
+    println!("writes + sync across the failover took {:?}", started.elapsed());
+    let (_, second_node, epoch2) = ready_without(&cluster, &first_node, epoch1).await;
+    assert_ne!(second_node, first_node);
+    let log3 = cluster.agent("node-3").expect("node-3").dir.join("agent.log");
+    let pauses = reroute_pauses(&log3, &second_node);
+    assert!(
+        !pauses.is_empty(),
+        "node-3 never re-routed its forwarded IO to {second_node}"
+    );
+    println!("node-3 re-routed to {second_node}: pause_ms {pauses:?}");
+    mnt.unmount();
+    let mut mnt = Mounted::mount(&device, &mnt.dir.clone());
+    verify(&mnt.dir, &files);
+    mnt.unmount();
+    node3.detach(VOLUME).await.expect("detach on node-3");
+
+    // Phase 2: the old primary's node comes back as a replica; a device attached there
+    // forwards to the new primary, and when that one is killed the primary moves to
+    // this very node.
+    cluster
+        .agent(&first_node)
+        .expect("old primary agent")
+        .restart()
+        .expect("restart");
+    let (_, p, _) = ready(&cluster, epoch2).await;
+    assert_eq!(p, second_node, "the restarted node rejoined as a replica");
+    let back = agent_of(&mut cluster, &first_node);
+    let dev1 = attach(&back).await;
+    let device = dev1.path.clone();
+    let mut mnt = Mounted::mount(&device, &root.join(format!("mnt-{first_node}")));
+    verify(&mnt.dir, &files);
+    files.extend(write_files(&mnt.dir, 24, 8).await);
+
+    cluster.agent(&second_node).expect("second primary").kill();
+    let started = std::time::Instant::now();
+    files.extend(write_files(&mnt.dir, 32, 8).await);
+    println!("writes + sync across the failover took {:?}", started.elapsed());
+    let (_, third_node, _) = ready_without(&cluster, &second_node, epoch2).await;
+    assert_eq!(third_node, first_node, "the only other member was promoted");
+    let log1 = cluster.agent(&first_node).expect("agent").dir.join("agent.log");
+    let pauses = reroute_pauses(&log1, &first_node);
+    assert!(
+        !pauses.is_empty(),
+        "{first_node} never re-routed its forwarded IO to its own new primary"
+    );
+    println!("{first_node} re-routed to itself: pause_ms {pauses:?}");
+    mnt.unmount();
+    let mut mnt = Mounted::mount(&device, &mnt.dir.clone());
+    verify(&mnt.dir, &files);
+    assert_eq!(files.len(), 40);
+    mnt.unmount();
+    back.detach(VOLUME).await.expect("detach");
+    let v = volume(&cluster).await.expect("volume");
+    println!(
+        "forwarded device survived 2 failovers: epochs {epoch1}→{epoch2}→{}, {} files verified",
+        v.status.map(|s| s.epoch).unwrap_or(0),
+        files.len()
+    );
+}
+
+/// Waits until a member other than the one on `dead_node` was promoted at a higher
+/// epoch and serves. (Only one member is left, so in-sync count is 1.)
+async fn ready_without(c: &TestCluster, dead_node: &str, old_epoch: u64) -> (String, String, u64) {
+    wait_for("another member promoted and serving", TIMEOUT, || async {
+        let s = volume(c).await?.status?;
+        let node = s.primary_node.clone()?;
+        let rs = c.replicas(VOLUME).await;
+        let serving = rs.iter().any(|r| {
+            r.name_any() == s.primary.clone().unwrap_or_default()
+                && r.status
+                    .as_ref()
+                    .is_some_and(|x| x.state == ReplicaState::Serving && x.epoch == s.epoch)
+        });
+        (s.epoch > old_epoch && node != dead_node && serving)
+            .then(|| Some((s.primary?, node, s.epoch)))
+            .flatten()
+    })
+    .await
+    .expect("promotion")
+}

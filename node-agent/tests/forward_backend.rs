@@ -1,0 +1,417 @@
+//! `ForwardingBackend` against in-process primaries: real data ports (`ReceiverServer`,
+//! authenticated, framed) whose forward handler serves a RAM image at a chosen epoch,
+//! and a resolver the test points at whichever primary is current. Covers re-routing
+//! with retry, the replay of acknowledged-but-unflushed writes on a new primary before
+//! its FLUSH, the replay buffer bound, and servers that send garbage.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use engine::Epoch;
+use engine::replication::wire::{
+    FrameDecoder, Message, NONCE_BYTES, ServerAuth, WireConfig, encode_frame,
+};
+use engine::replication::{
+    ForwardHandler, ForwardMsg, ForwardOp, ForwardOutcome, ForwardPayload, ForwardStatus,
+    NetConfig, ReceiverServer, VolumeId,
+};
+use futures::future::BoxFuture;
+use node_agent::forward::{
+    ForwardSettings, ForwardingBackend, PrimaryResolver, PrimaryTarget, execute_on,
+};
+use node_agent::nbd::{BlockBackend, MemBackend};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const SECRET: &[u8] = b"forward-test-secret";
+const SIZE: u64 = 4 << 20;
+const VOLUME: &str = "vol-fwd";
+
+/// A primary: a RAM image served at `epoch` while `serving`, logging what it executed.
+struct FakePrimary {
+    mem: Arc<MemBackend>,
+    epoch: Epoch,
+    serving: AtomicBool,
+    ops: Mutex<Vec<String>>,
+}
+
+impl ForwardHandler for FakePrimary {
+    fn handle(&self, volume: &VolumeId, epoch: Epoch, op: ForwardOp) -> ForwardOutcome {
+        assert_eq!(volume.as_str(), VOLUME);
+        if !self.serving.load(Ordering::Acquire) || epoch > self.epoch {
+            return ForwardOutcome {
+                epoch: self.epoch,
+                ..ForwardOutcome::failed(ForwardStatus::NotPrimary, "deposed".into())
+            };
+        }
+        if epoch < self.epoch {
+            return ForwardOutcome {
+                epoch: self.epoch,
+                ..ForwardOutcome::failed(ForwardStatus::StaleEpoch, "old epoch".into())
+            };
+        }
+        let name = match &op {
+            ForwardOp::Write { offset, data } => format!("WRITE {offset}+{}", data.len()),
+            ForwardOp::Flush => "FLUSH".to_string(),
+            ForwardOp::Trim { offset, length } => format!("TRIM {offset}+{length}"),
+            ForwardOp::WriteZeroes { offset, length } => format!("ZERO {offset}+{length}"),
+            ForwardOp::WriteFua { offset, .. } => format!("FUA {offset}"),
+            ForwardOp::Read { .. } => "READ".to_string(),
+            ForwardOp::Geometry => "GEOMETRY".to_string(),
+        };
+        self.ops.lock().unwrap().push(name);
+        match execute_on(&*self.mem, op) {
+            Ok(p) => ForwardOutcome::ok(self.epoch, p),
+            Err(e) => ForwardOutcome::failed(ForwardStatus::Io, e.to_string()),
+        }
+    }
+}
+
+struct Primary {
+    fake: Arc<FakePrimary>,
+    server: Option<ReceiverServer>,
+    addr: SocketAddr,
+}
+
+impl Primary {
+    async fn start(name: &str, epoch: u64, mem: Arc<MemBackend>) -> Primary {
+        let server =
+            ReceiverServer::bind("127.0.0.1:0".parse().unwrap(), NetConfig::new(name, SECRET))
+                .await
+                .expect("data port");
+        let fake = Arc::new(FakePrimary {
+            mem,
+            epoch: Epoch(epoch),
+            serving: AtomicBool::new(true),
+            ops: Mutex::new(Vec::new()),
+        });
+        server.set_forward_handler(fake.clone());
+        Primary {
+            fake,
+            addr: server.local_addr(),
+            server: Some(server),
+        }
+    }
+
+    fn target(&self, node: &str) -> PrimaryTarget {
+        PrimaryTarget {
+            node: node.into(),
+            addr: self.addr,
+            epoch: self.fake.epoch,
+        }
+    }
+
+    /// Stops the data port (connections closed), like a crashed agent.
+    async fn crash(&mut self) {
+        if let Some(s) = self.server.take() {
+            s.shutdown().await;
+        }
+    }
+
+    fn ops(&self) -> Vec<String> {
+        self.fake.ops.lock().unwrap().clone()
+    }
+}
+
+fn mem() -> Arc<MemBackend> {
+    Arc::new(MemBackend::new(SIZE, 4096).expect("mem"))
+}
+
+/// Points at whatever the test says is the primary now.
+#[derive(Default)]
+struct TestResolver {
+    target: Mutex<Option<PrimaryTarget>>,
+}
+
+impl TestResolver {
+    fn set(&self, t: PrimaryTarget) {
+        *self.target.lock().unwrap() = Some(t);
+    }
+}
+
+impl PrimaryResolver for TestResolver {
+    fn resolve<'a>(&'a self, _volume: &'a str) -> BoxFuture<'a, Result<PrimaryTarget, String>> {
+        let t = self.target.lock().unwrap().clone();
+        Box::pin(async move { t.ok_or_else(|| "no primary yet".to_string()) })
+    }
+}
+
+fn settings() -> ForwardSettings {
+    ForwardSettings {
+        reconnect_backoff_initial_ms: 10,
+        reconnect_backoff_max_ms: 100,
+        failover_wait_ms: 10_000,
+        request_timeout_ms: 5_000,
+        ..ForwardSettings::default()
+    }
+}
+
+async fn open(resolver: Arc<TestResolver>, s: ForwardSettings) -> Arc<ForwardingBackend> {
+    Arc::new(
+        ForwardingBackend::open(VOLUME, NetConfig::new("forwarder", SECRET), s, resolver)
+            .await
+            .expect("open forwarding backend"),
+    )
+}
+
+/// Runs a blocking backend call off the runtime's workers (as the NBD server does).
+async fn blocking<T: Send + 'static>(
+    b: &Arc<ForwardingBackend>,
+    f: impl FnOnce(&ForwardingBackend) -> T + Send + 'static,
+) -> T {
+    let b = b.clone();
+    tokio::task::spawn_blocking(move || f(&b))
+        .await
+        .expect("blocking call")
+}
+
+fn read(b: &ForwardingBackend, offset: u64, len: usize) -> Vec<u8> {
+    let mut buf = vec![0u8; len];
+    b.read(offset, &mut buf).expect("read");
+    buf
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn forwarding_reroutes_to_the_new_primary_and_retries() {
+    let shared = mem();
+    let mut a = Primary::start("a", 1, shared.clone()).await;
+    let resolver = Arc::new(TestResolver::default());
+    resolver.set(a.target("a"));
+    let b = open(resolver.clone(), settings()).await;
+    assert_eq!(b.size_bytes(), SIZE);
+    assert_eq!(b.block_size(), 4096);
+
+    blocking(&b, |b| b.write(8192, &[0xaa; 8192]))
+        .await
+        .expect("write");
+    blocking(&b, |b| b.flush()).await.expect("flush");
+    assert_eq!(b.unflushed_bytes(), 0);
+
+    // The primary dies; a replica holding the same data takes over at epoch 2.
+    a.crash().await;
+    let c = Primary::start("c", 2, shared.clone()).await;
+    resolver.set(c.target("c"));
+    let got = blocking(&b, |b| read(b, 8192, 8192)).await;
+    assert!(got.iter().all(|&x| x == 0xaa), "read after re-route");
+    assert_eq!(b.current_primary().await.expect("route").node, "c");
+    assert_eq!(b.switches(), 2, "initial route plus one re-route");
+
+    // The epoch moves on without a new primary: the old-epoch request is refused as
+    // stale, the forwarder re-resolves and retries.
+    let mut c = c;
+    c.crash().await;
+    let d = Primary::start("d", 3, shared).await;
+    resolver.set(d.target("d"));
+    d.fake.serving.store(true, Ordering::Release);
+    blocking(&b, |b| b.write(0, &[1; 4096]))
+        .await
+        .expect("write after second re-route");
+    assert_eq!(b.current_primary().await.expect("route").epoch, Epoch(3));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn acknowledged_unflushed_writes_are_replayed_on_a_new_primary_before_its_flush() {
+    let mut a = Primary::start("a", 1, mem()).await;
+    let resolver = Arc::new(TestResolver::default());
+    resolver.set(a.target("a"));
+    let b = open(resolver.clone(), settings()).await;
+
+    // W0 is flushed (durable everywhere); W1, a trim and W2 are acknowledged only.
+    blocking(&b, |b| b.write(0, &[0x10; 4096]))
+        .await
+        .expect("w0");
+    blocking(&b, |b| b.flush()).await.expect("flush w0");
+    blocking(&b, |b| b.write(4096, &[0x11; 8192]))
+        .await
+        .expect("w1");
+    blocking(&b, |b| b.trim(20480, 4096)).await.expect("trim");
+    blocking(&b, |b| b.write(8192, &[0x12; 4096]))
+        .await
+        .expect("w2 overlaps w1");
+    assert!(b.unflushed_bytes() >= 12288);
+
+    // The primary dies and the new one lost everything after W0.
+    a.crash().await;
+    let lost = mem();
+    lost.write(0, &[0x10; 4096]).unwrap();
+    let n = Primary::start("n", 2, lost.clone()).await;
+    resolver.set(n.target("n"));
+
+    blocking(&b, |b| b.flush())
+        .await
+        .expect("flush on the new primary");
+    let ops = n.ops();
+    let flush_at = ops
+        .iter()
+        .position(|o| o == "FLUSH")
+        .expect("flush reached n");
+    assert_eq!(
+        &ops[..flush_at],
+        &["WRITE 4096+8192", "TRIM 20480+4096", "WRITE 8192+4096"],
+        "unflushed operations replayed in order before the flush: {ops:?}"
+    );
+    let mut img = vec![0u8; 16384];
+    lost.read(0, &mut img).unwrap();
+    assert!(img[..4096].iter().all(|&x| x == 0x10));
+    assert!(img[4096..8192].iter().all(|&x| x == 0x11));
+    assert!(
+        img[8192..12288].iter().all(|&x| x == 0x12),
+        "later write wins"
+    );
+    assert_eq!(
+        b.unflushed_bytes(),
+        0,
+        "a successful flush drops the buffer"
+    );
+
+    // After that flush nothing is replayed again on the next re-route.
+    let mut n = n;
+    n.crash().await;
+    let m = Primary::start("m", 3, lost).await;
+    resolver.set(m.target("m"));
+    blocking(&b, |b| b.flush()).await.expect("flush on m");
+    assert_eq!(m.ops(), vec!["FLUSH".to_string()]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_full_replay_buffer_forces_a_flush_before_more_writes() {
+    let a = Primary::start("a", 1, mem()).await;
+    let resolver = Arc::new(TestResolver::default());
+    resolver.set(a.target("a"));
+    let max = 64 << 10;
+    let b = open(
+        resolver,
+        ForwardSettings {
+            replay_bytes_max: max,
+            ..settings()
+        },
+    )
+    .await;
+    for i in 0..32u64 {
+        blocking(&b, move |b| b.write(i * 8192, &[i as u8; 8192]))
+            .await
+            .expect("write");
+        assert!(b.unflushed_bytes() <= max, "buffer over its bound");
+    }
+    let ops = a.ops();
+    let flushes = ops.iter().filter(|o| *o == "FLUSH").count();
+    // 32 × 8 KiB = 256 KiB through a 64 KiB buffer: at least three forced flushes.
+    assert!(flushes >= 3, "forced flushes: {flushes} in {ops:?}");
+    let first = ops.iter().position(|o| o == "FLUSH").unwrap();
+    assert!(first <= 8, "first forced flush came after {first} ops");
+}
+
+/// A data port that authenticates properly and then answers every request with `reply`.
+async fn bad_server(reply: Vec<u8>) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = l.accept().await else {
+                return;
+            };
+            let reply = reply.clone();
+            tokio::spawn(async move {
+                let mut auth = ServerAuth::new(SECRET, "bad", [7u8; NONCE_BYTES]);
+                let mut dec = FrameDecoder::new(WireConfig::default());
+                let mut buf = vec![0u8; 65536];
+                loop {
+                    let n = match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => n,
+                    };
+                    dec.feed(&buf[..n]);
+                    while let Ok(Some(m)) = dec.next_message() {
+                        if auth.is_authenticated() {
+                            let _ = s.write_all(&reply).await;
+                            if reply.len() < 16 {
+                                let _ = s.shutdown().await;
+                                return;
+                            }
+                        } else if let Ok(Some(r)) = auth.on_message(&m) {
+                            let _ = s.write_all(&encode_frame(&r)).await;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    (addr, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn garbage_or_short_frames_from_the_server_fail_the_request_without_panicking() {
+    let wrong_payload = encode_frame(&Message::Forward(ForwardMsg::Reply {
+        id: 1,
+        status: ForwardStatus::Ok,
+        epoch: Epoch(1),
+        detail: String::new(),
+        payload: ForwardPayload::Data(vec![0; 3]),
+    }));
+    let mut corrupt = wrong_payload.clone();
+    let last = corrupt.len() - 1;
+    corrupt[last] ^= 0xff;
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("bad magic", b"GARBAGE!GARBAGE!GARBAGE!".to_vec()),
+        ("short frame then close", wrong_payload[..7].to_vec()),
+        ("checksum mismatch", corrupt),
+        ("payload that does not fit GEOMETRY", wrong_payload),
+    ];
+    for (what, reply) in cases {
+        let (addr, task) = bad_server(reply).await;
+        let resolver = Arc::new(TestResolver::default());
+        resolver.set(PrimaryTarget {
+            node: "bad".into(),
+            addr,
+            epoch: Epoch(1),
+        });
+        let started = std::time::Instant::now();
+        let r = ForwardingBackend::open(
+            VOLUME,
+            NetConfig::new("forwarder", SECRET),
+            ForwardSettings {
+                failover_wait_ms: 1_000,
+                ..settings()
+            },
+            resolver,
+        )
+        .await;
+        let e = match r {
+            Ok(_) => panic!("{what}: a garbage-answering server was accepted"),
+            Err(e) => e.to_string(),
+        };
+        assert!(
+            e.contains("no primary reachable") || e.contains("kept failing"),
+            "{what}: {e}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{what}: bounded"
+        );
+        task.abort();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_forwarder_with_the_wrong_secret_is_refused() {
+    let a = Primary::start("a", 1, mem()).await;
+    let resolver = Arc::new(TestResolver::default());
+    resolver.set(a.target("a"));
+    let r = ForwardingBackend::open(
+        VOLUME,
+        NetConfig::new("intruder", b"not-the-secret"),
+        ForwardSettings {
+            failover_wait_ms: 500,
+            ..settings()
+        },
+        resolver,
+    )
+    .await;
+    let e = r.err().expect("refused").to_string();
+    assert!(e.contains("authentication") || e.contains("secret"), "{e}");
+    assert!(
+        a.ops().is_empty(),
+        "nothing executed for an unauthenticated peer"
+    );
+}
