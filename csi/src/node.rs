@@ -429,6 +429,7 @@ impl NodeService {
                     path.display()
                 ))
             })?;
+            check_device_grown(volume_id, Path::new(&entry.source), wanted)?;
             mount::grow_filesystem(
                 &self.commands,
                 &entry.fs_type,
@@ -442,6 +443,26 @@ impl NodeService {
             capacity_bytes: i64::try_from(grown.size_bytes).unwrap_or(i64::MAX),
         })
     }
+}
+
+/// Fails unless the block device under a mount already has `wanted` bytes. The agent's
+/// volume grows first; a device attached through nbdfuse and a loop device keeps the
+/// size it was attached with (growing it while attached is not implemented yet), and
+/// growing the filesystem then would be a silent no-op reported as success.
+fn check_device_grown(volume_id: &str, device: &Path, wanted: u64) -> Result<()> {
+    use std::io::{Seek, SeekFrom};
+    let size = std::fs::File::open(device)
+        .and_then(|mut f| f.seek(SeekFrom::End(0)))
+        .map_err(|e| Error::io(format!("reading the size of {}", device.display()), e))?;
+    if size < wanted {
+        return Err(Error::FailedPrecondition(format!(
+            "volume {volume_id:?} has grown to {wanted} bytes but its device {} on this node \
+             still has {size}: an attached device does not grow yet; unpublish and unstage \
+             the volume and stage it again to use the new size",
+            device.display()
+        )));
+    }
+    Ok(())
 }
 
 #[tonic::async_trait]

@@ -118,7 +118,10 @@ fn reroute_pauses(log: &Path, new_primary: &str) -> Vec<u64> {
         })
         .filter_map(|l| {
             let rest = &l[l.find("pause_ms=")? + "pause_ms=".len()..];
-            rest.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
+            rest.split(|c: char| !c.is_ascii_digit())
+                .next()?
+                .parse()
+                .ok()
         })
         .collect()
 }
@@ -242,10 +245,17 @@ async fn mounted_forwarded_device_survives_killing_the_primary_agent() {
     // completes through the same mounted device once the new primary serves.
     let started = std::time::Instant::now();
     files.extend(write_files(&mnt.dir, 16, 8).await);
-    println!("writes + sync across the failover took {:?}", started.elapsed());
+    println!(
+        "writes + sync across the failover took {:?}",
+        started.elapsed()
+    );
     let (_, second_node, epoch2) = ready_without(&cluster, &first_node, epoch1).await;
     assert_ne!(second_node, first_node);
-    let log3 = cluster.agent("node-3").expect("node-3").dir.join("agent.log");
+    let log3 = cluster
+        .agent("node-3")
+        .expect("node-3")
+        .dir
+        .join("agent.log");
     let pauses = reroute_pauses(&log3, &second_node);
     assert!(
         !pauses.is_empty(),
@@ -278,10 +288,17 @@ async fn mounted_forwarded_device_survives_killing_the_primary_agent() {
     cluster.agent(&second_node).expect("second primary").kill();
     let started = std::time::Instant::now();
     files.extend(write_files(&mnt.dir, 32, 8).await);
-    println!("writes + sync across the failover took {:?}", started.elapsed());
+    println!(
+        "writes + sync across the failover took {:?}",
+        started.elapsed()
+    );
     let (_, third_node, _) = ready_without(&cluster, &second_node, epoch2).await;
     assert_eq!(third_node, first_node, "the only other member was promoted");
-    let log1 = cluster.agent(&first_node).expect("agent").dir.join("agent.log");
+    let log1 = cluster
+        .agent(&first_node)
+        .expect("agent")
+        .dir
+        .join("agent.log");
     let pauses = reroute_pauses(&log1, &first_node);
     assert!(
         !pauses.is_empty(),

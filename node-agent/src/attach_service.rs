@@ -255,13 +255,14 @@ impl NodeAgent for AttachService {
     ) -> Result<Response<ExpandResponse>, Status> {
         let req = request.into_inner();
         Self::check_name(&req.volume_id)?;
-        let export = self.exports.get(&req.volume_id).ok_or_else(|| {
+        // A forwarded attachment reports the size its primary gave when it was opened.
+        let (backend, _) = self.served(&req.volume_id).ok_or_else(|| {
             Status::failed_precondition(format!(
-                "volume {} has no serving primary on this node",
+                "volume {} is not served on this node (no local primary, no forwarded attachment)",
                 req.volume_id
             ))
         })?;
-        let size = export.backend().size_bytes();
+        let size = backend.size_bytes();
         if size < req.size_bytes {
             return Err(Status::failed_precondition(format!(
                 "volume {} is {size} bytes here; the replicas have not grown to {} bytes yet",
