@@ -89,6 +89,9 @@ impl AttachService {
                 "volume {volume} has no serving primary on this node and forwarding is off"
             )));
         };
+        if let Ok(false) = f.resolver.volume_exists(volume).await {
+            return Err(Status::not_found(format!("volume {volume} does not exist")));
+        }
         let backend = ForwardingBackend::open(
             volume,
             f.net.clone(),

@@ -79,6 +79,13 @@ pub struct PrimaryTarget {
 /// Finds a volume's current primary. Errors are reasons, logged and retried.
 pub trait PrimaryResolver: Send + Sync + 'static {
     fn resolve<'a>(&'a self, volume: &'a str) -> BoxFuture<'a, Result<PrimaryTarget, String>>;
+
+    /// Whether the volume exists at all, so an Attach of an unknown volume fails at once
+    /// instead of waiting `failover_wait_ms` for a primary that will never come.
+    /// `Ok(true)` when unknown (the default): the wait then decides.
+    fn volume_exists<'a>(&'a self, _volume: &'a str) -> BoxFuture<'a, Result<bool, String>> {
+        Box::pin(async { Ok(true) })
+    }
 }
 
 /// One operation kept for replay.
@@ -586,6 +593,17 @@ impl PrimaryResolver for KubeResolver {
                 addr,
                 epoch: Epoch(primary.spec.epoch),
             })
+        })
+    }
+
+    fn volume_exists<'a>(&'a self, volume: &'a str) -> BoxFuture<'a, Result<bool, String>> {
+        Box::pin(async move {
+            let volumes: kube::Api<api::BlockVolume> = kube::Api::all(self.client.clone());
+            volumes
+                .get_opt(volume)
+                .await
+                .map(|v| v.is_some())
+                .map_err(|e| format!("reading BlockVolume {volume}: {e}"))
         })
     }
 }
