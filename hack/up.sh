@@ -254,17 +254,17 @@ if [ -n "$MOUNT" ]; then
   [ "$PRIMARY" != node-1 ] && VICTIM=$PRIMARY
   cat <<MSG
 
-The demo PVC is mounted on node-1 at:
-  $MOUNT
+The demo PVC is mounted on node-1 (M is its path):
+  M=$MOUNT
 Write to it (the sync makes the data durable on every in-sync replica):
-  echo more >>$MOUNT/hello.txt && sync $MOUNT/hello.txt
+  echo more >>\$M/hello.txt && sync \$M/hello.txt
 Kill a node agent and watch the volume (primary now on $PRIMARY):
   kubectl get bv -w &
   kill \$(cat $STATE/pids/40-agent-$VICTIM.pid)
-  cat $MOUNT/hello.txt                    # still readable and writable
+  cat \$M/hello.txt                        # still readable and writable
 Move the mount to node-2 (IO is forwarded to the primary when it is elsewhere):
   $BIN/blockvol-local unmount --state-dir $STATE --pvc demo --node node-1
-  $BIN/blockvol-local mount --state-dir $STATE --pvc demo --node node-2
+  M=\$($BIN/blockvol-local mount --state-dir $STATE --pvc demo --node node-2)
 MSG
 elif [ $AGENTS = yes ]; then
   cat <<MSG
