@@ -173,18 +173,16 @@ fn read_checked(dir: &Path, name: &str, want: &[u8]) {
     );
 }
 
-/// The filesystem type mounted at `path`, from /proc/mounts.
+/// The filesystem type mounted at `path` (the topmost mount), from /proc/mounts.
 fn mounted_fs(path: &Path) -> Option<String> {
     let mounts = std::fs::read_to_string("/proc/mounts").expect("/proc/mounts");
     let want = path.display().to_string();
-    mounts
-        .lines()
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split(' ').collect();
-            (f.get(1) == Some(&want.as_str())).then(|| f.get(2).map(|s| s.to_string()))
-        })
-        .last()
-        .flatten()
+    mounts.lines().rev().find_map(|l| {
+        let f: Vec<&str> = l.split(' ').collect();
+        (f.get(1) == Some(&want.as_str()))
+            .then(|| f.get(2).map(|s| s.to_string()))
+            .flatten()
+    })
 }
 
 /// Size of the filesystem mounted at `path`, in bytes.
