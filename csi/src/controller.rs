@@ -114,11 +114,14 @@ fn annotation<'a>(bv: &'a BlockVolume, key: &str) -> Option<&'a str> {
 }
 
 /// The node the volume is published to, from our annotation or the operator's status.
+/// The node the volume is published to. The annotation is the record
+/// ControllerPublish/Unpublish keep; `status.attachedTo` only mirrors it later (the
+/// operator copies it), so it must not be consulted: right after an unpublish it
+/// still names the old node.
 fn attached_node(bv: &BlockVolume) -> Option<String> {
     annotation(bv, api::ANNOTATION_ATTACHED_NODE)
-        .map(str::to_string)
-        .or_else(|| bv.status.as_ref().and_then(|s| s.attached_to.clone()))
         .filter(|n| !n.is_empty())
+        .map(str::to_string)
 }
 
 fn size_of(bv: &BlockVolume) -> Result<u64> {
@@ -660,6 +663,9 @@ impl ControllerService {
         let lp =
             ListParams::default().labels(&format!("{}={MANAGED_BY_CSI}", api::LABEL_MANAGED_BY));
         let mut all = self.volumes.list(&lp).await?.items;
+        // A volume whose DeleteVolume succeeded is gone for the CO, even while the
+        // operator still removes its replicas behind the finalizer.
+        all.retain(|bv| bv.metadata.deletion_timestamp.is_none());
         all.sort_by_key(|bv| bv.name_any());
         if start > all.len() {
             return Err(Error::Aborted(format!(

@@ -22,7 +22,7 @@ use csi::identity::IdentityService;
 use csi::server::Services;
 use e2e::{ControlPlane, ControlPlaneOptions};
 use kube::ResourceExt;
-use kube::api::{Api, ListParams};
+use kube::api::{Api, ListParams, Patch, PatchParams};
 use tonic::Code;
 use tonic::transport::Channel;
 
@@ -365,6 +365,66 @@ async fn publish_records_one_attachment_and_blocks_delete(env: &mut Env) {
     assert!(env.volumes.get_opt("pvc-pub").await.unwrap().is_none());
 }
 
+/// The annotation ControllerPublish writes is the attachment record: a stale
+/// `status.attachedTo` (the operator mirrors the annotation later) must not block
+/// DeleteVolume, and a volume whose deletion waits on a finalizer is no longer listed.
+async fn stale_status_and_pending_deletion_do_not_mislead_the_co(env: &mut Env) {
+    env.c
+        .create_volume(create_req("pvc-stale", MIB, &[]))
+        .await
+        .expect("create");
+    let held = serde_json::json!({
+        "metadata": { "finalizers": ["test.blockvol.io/hold"] },
+    });
+    env.volumes
+        .patch("pvc-stale", &PatchParams::default(), &Patch::Merge(&held))
+        .await
+        .expect("hold the object with a finalizer");
+    let stale = serde_json::json!({ "status": { "attachedTo": "node-a" } });
+    env.volumes
+        .patch_status("pvc-stale", &PatchParams::default(), &Patch::Merge(&stale))
+        .await
+        .expect("a status that still names node-a");
+
+    env.c
+        .delete_volume(DeleteVolumeRequest {
+            volume_id: "pvc-stale".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("unpublished volume deletes despite a stale status.attachedTo");
+    let bv = env
+        .volumes
+        .get("pvc-stale")
+        .await
+        .expect("held by the finalizer");
+    assert!(bv.metadata.deletion_timestamp.is_some());
+    let listed: Vec<String> = env
+        .c
+        .list_volumes(ListVolumesRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .entries
+        .into_iter()
+        .map(|e| e.volume.unwrap().volume_id)
+        .collect();
+    assert!(
+        !listed.contains(&"pvc-stale".to_string()),
+        "a deleted volume is not listed: {listed:?}"
+    );
+
+    let release = serde_json::json!({ "metadata": { "finalizers": null } });
+    env.volumes
+        .patch(
+            "pvc-stale",
+            &PatchParams::default(),
+            &Patch::Merge(&release),
+        )
+        .await
+        .expect("release the finalizer");
+}
+
 async fn expand_grows_the_spec_size_and_never_shrinks(env: &mut Env) {
     env.c
         .create_volume(create_req("pvc-grow", 8 * MIB, &[]))
@@ -574,6 +634,7 @@ async fn controller_against_a_real_api_server() {
     bad_parameters_create_nothing(&mut env).await;
     unready_volume_times_out_and_is_kept_for_the_retry(&mut env).await;
     publish_records_one_attachment_and_blocks_delete(&mut env).await;
+    stale_status_and_pending_deletion_do_not_mislead_the_co(&mut env).await;
     expand_grows_the_spec_size_and_never_shrinks(&mut env).await;
     degraded_volume_reports_an_abnormal_condition(&mut env).await;
     list_volumes_pages_with_tokens(&mut env).await;

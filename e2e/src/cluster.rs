@@ -885,3 +885,68 @@ async fn create_namespace(client: &Client) -> Result<()> {
         Err(e) => Err(Error::Kube(e)),
     }
 }
+
+impl AgentProcess {
+    /// `GET path` on the agent's metrics endpoint (`/metrics`, `/healthz`, `/readyz`):
+    /// the HTTP status code and the body. Needs [`AgentOptions::metrics`].
+    pub async fn http_get(&self, path: &str) -> Result<(u16, String)> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let addr = self.metrics_address.ok_or_else(|| Error::Timeout {
+            what: format!("agent {}: metrics are not enabled", self.node),
+            waited_ms: 0,
+        })?;
+        let context = format!("GET http://{addr}{path}");
+        let mut c = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| Error::io(context.clone(), e))?;
+        c.write_all(format!("GET {path} HTTP/1.1\r\nhost: {addr}\r\n\r\n").as_bytes())
+            .await
+            .map_err(|e| Error::io(context.clone(), e))?;
+        let mut out = String::new();
+        c.read_to_string(&mut out)
+            .await
+            .map_err(|e| Error::io(context.clone(), e))?;
+        let code = out
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        let body = out
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default();
+        Ok((code, body))
+    }
+}
+
+impl TestCluster {
+    /// Creates the BlockVolume `name` and waits until it is Ready with all `replicas`
+    /// in sync.
+    pub async fn create_ready_volume(
+        &self,
+        name: &str,
+        size: &str,
+        replicas: u8,
+        timeout: Duration,
+    ) -> Result<BlockVolume> {
+        let spec = api::BlockVolumeSpec {
+            replicas,
+            ..api::BlockVolumeSpec::with_size(size)
+        };
+        Api::<BlockVolume>::all(self.client.clone())
+            .create(&PostParams::default(), &BlockVolume::new(name, spec))
+            .await?;
+        wait_for(
+            &format!("volume {name} Ready with {replicas} in sync"),
+            timeout,
+            || async {
+                self.volume(name).await.filter(|v| {
+                    v.status.as_ref().is_some_and(|s| {
+                        s.phase == api::VolumePhase::Ready && s.in_sync_count == u32::from(replicas)
+                    })
+                })
+            },
+        )
+        .await
+    }
+}

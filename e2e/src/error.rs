@@ -64,6 +64,13 @@ pub enum Error {
         message: String,
     },
 
+    #[error("`{command}` failed ({status}): {stderr}")]
+    Command {
+        command: String,
+        status: String,
+        stderr: String,
+    },
+
     #[error("`kubectl {args}` failed ({status}): {stderr}")]
     Kubectl {
         args: String,

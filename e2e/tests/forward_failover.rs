@@ -234,6 +234,17 @@ async fn mounted_forwarded_device_survives_killing_the_primary_agent() {
 
     // Phase 1: node-3 (no replica) forwards to the primary.
     let node3 = agent_of(&mut cluster, "node-3");
+    let started = std::time::Instant::now();
+    let e = node3
+        .attach("no-such-volume", false)
+        .await
+        .expect_err("Attach of an unknown volume fails")
+        .to_string();
+    assert!(e.contains("has no replicas"), "{e}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "an unknown volume is refused at once, not after the failover wait"
+    );
     let dev3 = attach(&node3).await;
     let device = dev3.path.clone();
     run("mkfs.ext4", &["-q", "-F", &device]);

@@ -791,6 +791,19 @@ impl Volume {
             .then_some(sb.checkpoint_epoch)
     }
 
+    /// WAL bytes holding the entries after `lsn`: what a replica whose flushed LSN is
+    /// `lsn` still has to receive (replication lag in bytes). `None` once those
+    /// entries have left the WAL: that replica needs a rebuild, and no byte count of
+    /// the WAL describes its distance.
+    pub fn wal_bytes_after(&self, lsn: Lsn) -> Option<u64> {
+        let st = lock(&self.inner.wal);
+        if lsn.0 >= st.head_lsn {
+            return Some(0);
+        }
+        let next = st.entry(lsn.0 + 1)?;
+        Some(st.head_pos.saturating_sub(next.pos))
+    }
+
     /// Counters.
     pub fn stats(&self) -> VolumeStats {
         let i = &self.inner;

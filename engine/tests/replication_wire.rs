@@ -2,12 +2,14 @@
 //! refused with an error naming the problem, the decoder never panics on arbitrary bytes, and
 //! no volume message is accepted before authentication.
 
+use engine::replication::wire::FORWARD_DATA_BYTES_MAX;
 use engine::replication::wire::{
     Auth, BarrierStatus, ClientAuth, ErrorCode, FRAME_HEADER_BYTES, FrameDecoder, NONCE_BYTES,
     PROTOCOL_VERSION, ResumeStatus, ServerAuth, decode_frame, encode_frame,
 };
 use engine::replication::{
-    Body, EntryKind, Epoch, Lba, Lsn, Message, VolumeId, VolumeMsg, WalEntry, WireConfig, WireError,
+    Body, EntryKind, Epoch, ForwardMsg, ForwardOp, ForwardPayload, ForwardStatus, Lba, Lsn,
+    Message, VolumeId, VolumeMsg, WalEntry, WireConfig, WireError,
 };
 
 fn vm(body: Body) -> Message {
@@ -104,6 +106,126 @@ fn all_messages() -> Vec<Message> {
             detail: "expected 5, got 7".into(),
         }),
     ]
+    .into_iter()
+    .chain(forward_messages())
+    .collect()
+}
+
+fn fwd(id: u64, op: ForwardOp) -> Message {
+    Message::Forward(ForwardMsg::Request {
+        id,
+        volume: VolumeId::new("pvc-1234").unwrap(),
+        epoch: Epoch(7),
+        op,
+    })
+}
+
+fn forward_messages() -> Vec<Message> {
+    let reply = |id, status, payload| {
+        Message::Forward(ForwardMsg::Reply {
+            id,
+            status,
+            epoch: Epoch(7),
+            detail: "why".into(),
+            payload,
+        })
+    };
+    vec![
+        fwd(1, ForwardOp::Geometry),
+        fwd(
+            2,
+            ForwardOp::Read {
+                offset: 4096,
+                length: 8192,
+            },
+        ),
+        fwd(
+            3,
+            ForwardOp::Write {
+                offset: 0,
+                data: vec![0x5a; 4096],
+            },
+        ),
+        fwd(
+            4,
+            ForwardOp::WriteFua {
+                offset: 1 << 40,
+                data: vec![1; 512],
+            },
+        ),
+        fwd(5, ForwardOp::Flush),
+        fwd(
+            6,
+            ForwardOp::Trim {
+                offset: 8192,
+                length: 1 << 30,
+            },
+        ),
+        fwd(
+            7,
+            ForwardOp::WriteZeroes {
+                offset: 0,
+                length: 4096,
+            },
+        ),
+        reply(
+            1,
+            ForwardStatus::Ok,
+            ForwardPayload::Geometry {
+                size_bytes: 1 << 30,
+                block_size: 4096,
+            },
+        ),
+        reply(2, ForwardStatus::Ok, ForwardPayload::Data(vec![9; 8192])),
+        reply(3, ForwardStatus::NotPrimary, ForwardPayload::None),
+        reply(4, ForwardStatus::StaleEpoch, ForwardPayload::None),
+        reply(5, ForwardStatus::Io, ForwardPayload::None),
+    ]
+}
+
+#[test]
+fn forwarded_reads_and_writes_beyond_the_data_bound_are_refused() {
+    let cfg = WireConfig::default();
+    let big_read = encode_frame(&fwd(
+        1,
+        ForwardOp::Read {
+            offset: 0,
+            length: FORWARD_DATA_BYTES_MAX as u32 + 1,
+        },
+    ));
+    assert!(matches!(
+        decode_frame(&big_read, &cfg),
+        Err(WireError::InvalidField {
+            field: "forward.length",
+            ..
+        })
+    ));
+    let big_write = encode_frame(&fwd(
+        2,
+        ForwardOp::Write {
+            offset: 0,
+            data: vec![0; FORWARD_DATA_BYTES_MAX + 1],
+        },
+    ));
+    assert!(matches!(
+        decode_frame(&big_write, &cfg),
+        Err(WireError::InvalidField {
+            field: "forward.data",
+            ..
+        })
+    ));
+    // An unknown operation code is named, not guessed.
+    let good = encode_frame(&fwd(3, ForwardOp::Flush));
+    let mut payload = good[FRAME_HEADER_BYTES..good.len() - 4].to_vec();
+    let last = payload.len() - 1;
+    payload[last] = 0x7f;
+    assert!(matches!(
+        decode_frame(&reframe(good[5], &payload), &cfg),
+        Err(WireError::InvalidField {
+            field: "forward.op",
+            ..
+        })
+    ));
 }
 
 #[test]

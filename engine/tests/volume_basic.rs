@@ -207,3 +207,39 @@ fn create_rejects_invalid_geometry_and_config_naming_the_problem() {
     .expect("must fail");
     assert!(err.to_string().contains("wal_soft_watermark_pct"), "{err}");
 }
+
+#[test]
+fn wal_bytes_after_an_lsn_count_the_later_records_until_they_leave_the_wal() {
+    let (_d, vol) = sim_volume("lagbytes", 64, 256 * 1024);
+    assert_eq!(vol.wal_bytes_after(Lsn(0)), Some(0), "empty WAL");
+    for l in 0..4 {
+        vol.write(Lba(l), &block(l)).unwrap();
+    }
+    let all = vol
+        .wal_bytes_after(Lsn(0))
+        .expect("every record is in the WAL");
+    let after_two = vol.wal_bytes_after(Lsn(2)).expect("records 3 and 4");
+    assert_eq!(
+        vol.wal_bytes_after(Lsn(4)),
+        Some(0),
+        "nothing after the head"
+    );
+    assert_eq!(vol.wal_bytes_after(Lsn(9)), Some(0), "beyond the head");
+    assert!(after_two > 0 && after_two < all, "{after_two} of {all}");
+    assert_eq!(
+        all,
+        vol.stats().wal_used_bytes,
+        "the whole WAL is after LSN 0"
+    );
+    assert!(
+        all >= 4 * BS as u64,
+        "four one-block records take at least their data"
+    );
+    vol.flush().unwrap();
+    vol.checkpoint().unwrap();
+    assert_eq!(
+        vol.wal_bytes_after(Lsn(0)),
+        None,
+        "records written back and released are no longer counted"
+    );
+}

@@ -13,13 +13,14 @@ use engine::replication::{NetConfig, ReceiverServer, Transport};
 use kube::Client;
 use tokio_stream::wrappers::UnixListenerStream;
 
-use crate::attach::{Attacher, FuseLoopAttacher, FuseLoopConfig};
+use crate::attach::{Attacher, FuseLoopAttacher, FuseLoopConfig, ProxyCommand};
 use crate::attach_service::{AttachService, Forwarding};
 use crate::forward::{ForwardSettings, KubeResolver};
 use crate::k8s::{
     AgentContext, LeaseRenewer, LeaseSettings, NodeRegistration, ReplicaSettings, keep_registered,
     run_replicas, validate_data_address,
 };
+use crate::metrics::{self, AgentMetrics, NbdMetrics, Readiness};
 use crate::nbd::{ExportRegistry, NbdServer, ServerConfig};
 use crate::runtime::{EngineRuntime, EngineSettings};
 
@@ -57,7 +58,8 @@ pub struct Settings {
     /// How long the node Lease holds without renewal, in seconds.
     #[arg(long = "lease-duration-seconds", default_value_t = 10)]
     pub lease_duration_s: u32,
-    /// Address of the metrics endpoint (`GET /metrics`); empty disables it.
+    /// Address of the metrics and health endpoint (`/metrics`, `/healthz`, `/readyz`);
+    /// empty disables it.
     #[arg(long, default_value = "")]
     pub metrics_addr: String,
     /// Kubeconfig file; without it the in-cluster config or $KUBECONFIG is used.
@@ -75,6 +77,10 @@ pub struct Settings {
     /// How often the BlockNode is re-applied, in milliseconds.
     #[arg(long, default_value_t = 30_000)]
     pub registration_interval_ms: u64,
+    /// Put an attach proxy (this binary's `attach-proxy` subcommand) between each
+    /// attached device and the NBD socket, so devices survive agent restarts.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub attach_proxy: bool,
     /// Bound of the acknowledged-but-unflushed writes a forwarding export keeps for
     /// replay on a new primary, in bytes (reaching it forwards a FLUSH first).
     #[arg(long, default_value_t = 64 << 20)]
@@ -269,29 +275,22 @@ fn bind_unix(path: &Path) -> Result<UnixListenerStream> {
     Ok(UnixListenerStream::new(l))
 }
 
-/// Serves `GET /metrics` with the agent's gauges in Prometheus text format.
-async fn serve_metrics(listener: tokio::net::TcpListener, runtime: Arc<EngineRuntime>) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+/// Applies the `BlockNode` until it succeeds once (readiness waits for that), retrying
+/// every `interval_ms`.
+async fn register_once(
+    registration: &NodeRegistration,
+    client: &Client,
+    ctx: &AgentContext<EngineRuntime>,
+    interval_ms: u64,
+) {
     loop {
-        let Ok((mut s, _)) = listener.accept().await else {
-            continue;
-        };
-        let runtime = runtime.clone();
-        tokio::spawn(async move {
-            let mut buf = [0u8; 1024];
-            let _ = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await;
-            let body = format!(
-                "# HELP blockvol_agent_exports NBD exports served by this agent.\n\
-                 # TYPE blockvol_agent_exports gauge\n\
-                 blockvol_agent_exports {}\n",
-                runtime.exports().names().len()
-            );
-            let resp = format!(
-                "HTTP/1.1 200 OK\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = s.write_all(resp.as_bytes()).await;
-        });
+        match registration.apply(client, ctx.promised_bytes()).await {
+            Ok(_) => return,
+            Err(e) => {
+                tracing::warn!(node = %registration.node_name, error = %e, "BlockNode registration failed")
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(interval_ms)).await;
     }
 }
 
@@ -302,6 +301,8 @@ pub struct Agent {
     pub data_address: SocketAddr,
     pub nbd_socket: PathBuf,
     pub nbd_tcp: Option<SocketAddr>,
+    /// Where `/metrics`, `/healthz` and `/readyz` are served, when enabled.
+    pub metrics_addr: Option<SocketAddr>,
     pub forward_socket: PathBuf,
     nbd: NbdServer,
     forward_nbd: NbdServer,
@@ -370,29 +371,55 @@ impl Agent {
             let lease = lease.clone();
             Arc::new(move || lease.is_fresh())
         };
-        let runtime = Arc::new(EngineRuntime::new(
-            EngineSettings::default(),
-            receiver.clone(),
-            transport,
-            exports.clone(),
-            fence,
-        ));
+        let nbd_metrics = NbdMetrics::default();
+        let runtime = Arc::new(
+            EngineRuntime::new(
+                EngineSettings::default(),
+                receiver.clone(),
+                transport,
+                exports.clone(),
+                fence,
+            )
+            .with_nbd_metrics(nbd_metrics.clone()),
+        );
+        let readiness = Arc::new(Readiness::default());
+        readiness.set_data_port(receiver.local_addr());
         receiver.set_forward_handler(Arc::new(runtime.local_primaries()));
 
         let mut tasks = Vec::new();
+        let mut metrics_addr = None;
         if !settings.metrics_addr.is_empty() {
+            let bind_err = |source| Error::Metrics {
+                address: settings.metrics_addr.clone(),
+                source,
+            };
             let l = tokio::net::TcpListener::bind(&settings.metrics_addr)
                 .await
-                .map_err(|source| Error::Metrics {
-                    address: settings.metrics_addr.clone(),
-                    source,
-                })?;
-            tasks.push(tokio::spawn(serve_metrics(l, runtime.clone())));
+                .map_err(bind_err)?;
+            metrics_addr = Some(l.local_addr().map_err(bind_err)?);
+            let metrics = Arc::new(AgentMetrics::new(
+                nbd_metrics,
+                runtime.clone(),
+                lease.clone(),
+                readiness.clone(),
+                data_dir.clone(),
+            ));
+            tasks.push(tokio::spawn(metrics::serve(l, metrics)));
         }
 
-        let attacher: Arc<dyn Attacher> = Arc::new(FuseLoopAttacher::new(FuseLoopConfig::new(
-            data_dir.join("attach"),
-        ))?);
+        let proxy = if settings.attach_proxy {
+            Some(ProxyCommand::current_exe().map_err(|source| Error::Io {
+                what: "locating the agent binary for the attach proxy",
+                path: PathBuf::from("/proc/self/exe"),
+                source,
+            })?)
+        } else {
+            None
+        };
+        let attacher: Arc<dyn Attacher> = Arc::new(FuseLoopAttacher::new(FuseLoopConfig {
+            proxy,
+            ..FuseLoopConfig::new(data_dir.join("attach"))
+        })?);
         let local = {
             let runtime = runtime.clone();
             Arc::new(move |volume: &str| runtime.local_role(volume).is_some())
@@ -449,7 +476,10 @@ impl Agent {
             let ctx = ctx.clone();
             let client = client.clone();
             let interval = settings.registration_interval_ms;
+            let readiness = readiness.clone();
             tasks.push(tokio::spawn(async move {
+                register_once(&registration, &client, &ctx, interval).await;
+                readiness.set_registered();
                 let c = ctx.clone();
                 keep_registered(registration, client, move || c.promised_bytes(), interval).await
             }));
@@ -463,6 +493,7 @@ impl Agent {
             data_address,
             nbd_socket,
             nbd_tcp,
+            metrics_addr,
             forward_socket,
             nbd,
             forward_nbd,

@@ -14,7 +14,7 @@ use csi::agent_proto::{
 use tonic::{Request, Response, Status};
 
 use crate::attach::{self, Attacher, validate_volume_name};
-use crate::forward::{ForwardSettings, ForwardingBackend, PrimaryResolver};
+use crate::forward::{ForwardSettings, ForwardingBackend, PrimaryResolver, ResolveError};
 use crate::nbd::{BlockBackend, ExportRegistry};
 
 /// Which volumes have a local replica at all (to tell NOT_FOUND from
@@ -41,6 +41,8 @@ pub struct AttachService {
     attacher: Arc<dyn Attacher>,
     local: LocalVolumes,
     forwarding: Option<Forwarding>,
+    /// The forwarding backends by volume, for Expand (the registry holds them untyped).
+    forwarded: std::sync::Mutex<std::collections::BTreeMap<String, Arc<ForwardingBackend>>>,
 }
 
 impl AttachService {
@@ -56,6 +58,7 @@ impl AttachService {
             attacher,
             local,
             forwarding: None,
+            forwarded: Default::default(),
         }
     }
 
@@ -89,8 +92,16 @@ impl AttachService {
                 "volume {volume} has no serving primary on this node and forwarding is off"
             )));
         };
-        if let Ok(false) = f.resolver.volume_exists(volume).await {
-            return Err(Status::not_found(format!("volume {volume} does not exist")));
+        // Answer at once when there is nothing to wait for; a primary that exists but is
+        // unreachable is waited for (failover_wait_ms) like any forwarded request.
+        match f.resolver.resolve(volume).await {
+            Ok(_) | Err(ResolveError::Lookup(_)) => {}
+            Err(e @ ResolveError::UnknownVolume(_)) => {
+                return Err(Status::not_found(e.to_string()));
+            }
+            Err(e @ ResolveError::NoPrimary(_)) => {
+                return Err(Status::failed_precondition(e.to_string()));
+            }
         }
         let backend = ForwardingBackend::open(
             volume,
@@ -100,9 +111,12 @@ impl AttachService {
         )
         .await
         .map_err(|e| Status::unavailable(format!("volume {volume}: reaching its primary: {e}")))?;
-        let backend: Arc<dyn BlockBackend> = Arc::new(backend);
+        let typed = Arc::new(backend);
+        let backend: Arc<dyn BlockBackend> = typed.clone();
         match f.exports.add(volume, backend.clone()) {
-            Ok(_) => {}
+            Ok(_) => {
+                self.forwarded_map().insert(volume.to_string(), typed);
+            }
             // A concurrent Attach made it first; use that one.
             Err(crate::nbd::Error::ExportExists(_)) => {}
             Err(e) => return Err(Status::internal(format!("forwarding export: {e}"))),
@@ -112,10 +126,17 @@ impl AttachService {
         Ok((served.unwrap_or(backend), f.nbd_socket.clone()))
     }
 
+    fn forwarded_map(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::BTreeMap<String, Arc<ForwardingBackend>>> {
+        self.forwarded.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     async fn remove_forwarding(&self, volume: &str) -> Result<(), Status> {
         let Some(f) = &self.forwarding else {
             return Ok(());
         };
+        self.forwarded_map().remove(volume);
         match f.exports.remove(volume, f.remove_wait_ms).await {
             Ok(()) => {
                 tracing::info!(volume, "forwarding export removed");
@@ -258,14 +279,27 @@ impl NodeAgent for AttachService {
     ) -> Result<Response<ExpandResponse>, Status> {
         let req = request.into_inner();
         Self::check_name(&req.volume_id)?;
-        // A forwarded attachment reports the size its primary gave when it was opened.
-        let (backend, _) = self.served(&req.volume_id).ok_or_else(|| {
+        let forwarded = self.forwarded_map().get(&req.volume_id).cloned();
+        if let Some(b) = forwarded {
+            // The primary grows first; a forwarded attachment learns the size from it.
+            let size = b.refresh_size().await.map_err(|e| {
+                Status::unavailable(format!("volume {}: asking its primary: {e}", req.volume_id))
+            })?;
+            if size < req.size_bytes {
+                return Err(Status::failed_precondition(format!(
+                    "volume {} is {size} bytes at its primary; the replicas have not grown to {} bytes yet",
+                    req.volume_id, req.size_bytes
+                )));
+            }
+            return Ok(Response::new(ExpandResponse { size_bytes: size }));
+        }
+        let export = self.exports.get(&req.volume_id).ok_or_else(|| {
             Status::failed_precondition(format!(
-                "volume {} is not served on this node (no local primary, no forwarded attachment)",
+                "volume {} has no serving primary on this node",
                 req.volume_id
             ))
         })?;
-        let size = backend.size_bytes();
+        let size = export.backend().size_bytes();
         if size < req.size_bytes {
             return Err(Status::failed_precondition(format!(
                 "volume {} is {size} bytes here; the replicas have not grown to {} bytes yet",

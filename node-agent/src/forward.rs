@@ -76,16 +76,24 @@ pub struct PrimaryTarget {
     pub epoch: Epoch,
 }
 
-/// Finds a volume's current primary. Errors are reasons, logged and retried.
-pub trait PrimaryResolver: Send + Sync + 'static {
-    fn resolve<'a>(&'a self, volume: &'a str) -> BoxFuture<'a, Result<PrimaryTarget, String>>;
+/// Why a volume's primary could not be resolved.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ResolveError {
+    /// The control plane knows no replica of the volume.
+    #[error("volume {0} has no replicas")]
+    UnknownVolume(String),
+    /// The volume exists but no replica is assigned the primary role (yet).
+    #[error("volume {0} has no primary assigned")]
+    NoPrimary(String),
+    /// The API or the primary's node record could not be read.
+    #[error("{0}")]
+    Lookup(String),
+}
 
-    /// Whether the volume exists at all, so an Attach of an unknown volume fails at once
-    /// instead of waiting `failover_wait_ms` for a primary that will never come.
-    /// `Ok(true)` when unknown (the default): the wait then decides.
-    fn volume_exists<'a>(&'a self, _volume: &'a str) -> BoxFuture<'a, Result<bool, String>> {
-        Box::pin(async { Ok(true) })
-    }
+/// Finds a volume's current primary. During IO, errors are logged and retried.
+pub trait PrimaryResolver: Send + Sync + 'static {
+    fn resolve<'a>(&'a self, volume: &'a str)
+    -> BoxFuture<'a, Result<PrimaryTarget, ResolveError>>;
 }
 
 /// One operation kept for replay.
@@ -325,7 +333,11 @@ impl Inner {
 
     /// One resolve + connect + replay round. Returns the replayed (ops, bytes).
     async fn try_route(&self) -> Result<(PrimaryTarget, ForwardClient, (u64, u64)), String> {
-        let target = self.resolver.resolve(self.volume.as_str()).await?;
+        let target = self
+            .resolver
+            .resolve(self.volume.as_str())
+            .await
+            .map_err(|e| e.to_string())?;
         let client =
             ForwardClient::connect(target.addr, &self.net, self.settings.request_timeout_ms)
                 .await
@@ -561,49 +573,51 @@ impl KubeResolver {
 }
 
 impl PrimaryResolver for KubeResolver {
-    fn resolve<'a>(&'a self, volume: &'a str) -> BoxFuture<'a, Result<PrimaryTarget, String>> {
+    fn resolve<'a>(
+        &'a self,
+        volume: &'a str,
+    ) -> BoxFuture<'a, Result<PrimaryTarget, ResolveError>> {
         Box::pin(async move {
             let replicas: kube::Api<api::BlockReplica> = kube::Api::all(self.client.clone());
             let lp =
                 kube::api::ListParams::default().labels(&format!("{}={volume}", api::LABEL_VOLUME));
-            let list = replicas
-                .list(&lp)
-                .await
-                .map_err(|e| format!("listing the replicas of {volume}: {e}"))?;
-            let primary = list
+            let list = replicas.list(&lp).await.map_err(|e| {
+                ResolveError::Lookup(format!("listing the replicas of {volume}: {e}"))
+            })?;
+            let mine: Vec<_> = list
                 .items
                 .iter()
-                .filter(|r| r.spec.volume == volume && r.spec.role == api::ReplicaRole::Primary)
+                .filter(|r| r.spec.volume == volume)
+                .collect();
+            if mine.is_empty() {
+                return Err(ResolveError::UnknownVolume(volume.to_string()));
+            }
+            let primary = mine
+                .into_iter()
+                .filter(|r| r.spec.role == api::ReplicaRole::Primary)
                 .max_by_key(|r| r.spec.epoch)
-                .ok_or_else(|| format!("volume {volume} has no primary assigned"))?;
+                .ok_or_else(|| ResolveError::NoPrimary(volume.to_string()))?;
             let nodes: kube::Api<api::BlockNode> = kube::Api::all(self.client.clone());
             let node = nodes
                 .get_opt(&primary.spec.node)
                 .await
-                .map_err(|e| format!("reading BlockNode {}: {e}", primary.spec.node))?
-                .ok_or_else(|| format!("BlockNode {} does not exist", primary.spec.node))?;
+                .map_err(|e| {
+                    ResolveError::Lookup(format!("reading BlockNode {}: {e}", primary.spec.node))
+                })?
+                .ok_or_else(|| {
+                    ResolveError::Lookup(format!("BlockNode {} does not exist", primary.spec.node))
+                })?;
             let addr: SocketAddr = node.spec.data_address.parse().map_err(|e| {
-                format!(
+                ResolveError::Lookup(format!(
                     "BlockNode {} data address {:?}: {e}",
                     primary.spec.node, node.spec.data_address
-                )
+                ))
             })?;
             Ok(PrimaryTarget {
                 node: primary.spec.node.clone(),
                 addr,
                 epoch: Epoch(primary.spec.epoch),
             })
-        })
-    }
-
-    fn volume_exists<'a>(&'a self, volume: &'a str) -> BoxFuture<'a, Result<bool, String>> {
-        Box::pin(async move {
-            let volumes: kube::Api<api::BlockVolume> = kube::Api::all(self.client.clone());
-            volumes
-                .get_opt(volume)
-                .await
-                .map(|v| v.is_some())
-                .map_err(|e| format!("reading BlockVolume {volume}: {e}"))
         })
     }
 }

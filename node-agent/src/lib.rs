@@ -6,5 +6,6 @@ pub mod attach;
 pub mod attach_service;
 pub mod forward;
 pub mod k8s;
+pub mod metrics;
 pub mod nbd;
 pub mod runtime;

@@ -15,10 +15,11 @@ use engine::replication::{
     PrimaryConfig, PrimaryHandle, ReceiverConfig, ReceiverServer, ReplicaId, Report, Transport,
     VolumeId, spawn_primary,
 };
-use engine::{CreateOptions, DurabilityMode, Epoch, Volume, VolumeConfig};
+use engine::{CreateOptions, DurabilityMode, Epoch, Lsn, Volume, VolumeConfig};
 use tokio::task::JoinHandle;
 
 use crate::k8s::{Assignment, ReplicaRuntime, RuntimeError};
+use crate::metrics::NbdMetrics;
 use crate::nbd::{BackendError, BlockBackend, ExportRegistry};
 
 /// Name of the engine volume file inside a replica's directory.
@@ -91,7 +92,22 @@ pub struct EngineRuntime {
     replicas: tokio::sync::Mutex<BTreeMap<String, Local>>,
     /// Volume name → role of its local replica, readable without awaiting.
     roles: Mutex<BTreeMap<String, ReplicaRole>>,
+    /// Counts NBD traffic of the exports this runtime publishes, when set.
+    nbd_metrics: Option<NbdMetrics>,
     serving: LocalPrimaries,
+}
+
+/// One local replica's reported status and WAL usage, sampled for metrics.
+#[derive(Clone, Debug)]
+pub struct ReplicaSample {
+    pub volume: String,
+    pub replica_id: String,
+    pub status: BlockReplicaStatus,
+    pub wal_used_bytes: u64,
+    pub wal_size_bytes: u64,
+    /// Peer replica ID → WAL bytes after its flushed LSN, for peers whose missing
+    /// entries are still in the WAL.
+    pub peer_lag_bytes: BTreeMap<String, u64>,
 }
 
 /// The backends of this node's serving primaries by volume name: what forwarded IO from
@@ -221,6 +237,7 @@ impl EngineRuntime {
             fence,
             replicas: tokio::sync::Mutex::new(BTreeMap::new()),
             roles: Mutex::new(BTreeMap::new()),
+            nbd_metrics: None,
             serving: LocalPrimaries::default(),
         }
     }
@@ -228,6 +245,50 @@ impl EngineRuntime {
     /// The executor of IO forwarded to this node's primaries (for the data port).
     pub fn local_primaries(&self) -> LocalPrimaries {
         self.serving.clone()
+    }
+
+    /// Counts the NBD traffic of every export published from now on.
+    pub fn with_nbd_metrics(mut self, metrics: NbdMetrics) -> Self {
+        self.nbd_metrics = Some(metrics);
+        self
+    }
+
+    /// The status of every applied local replica plus its WAL usage, as one scrape
+    /// sees it (each replica is sampled on its own, not all at one instant).
+    pub async fn samples(&self) -> Vec<ReplicaSample> {
+        let listed: Vec<(String, String, Arc<Volume>)> = {
+            let m = self.replicas.lock().await;
+            m.iter()
+                .filter_map(|(id, l)| {
+                    let a = l.applied.as_ref()?;
+                    Some((id.clone(), a.volume.clone(), l.vol.clone()))
+                })
+                .collect()
+        };
+        let mut out = Vec::with_capacity(listed.len());
+        for (replica_id, volume, vol) in listed {
+            let Some(status) = self.status(&replica_id).await else {
+                continue;
+            };
+            let stats = vol.stats();
+            let peer_lag_bytes = status
+                .peers
+                .iter()
+                .filter_map(|p| {
+                    let bytes = vol.wal_bytes_after(Lsn(p.flushed_lsn))?;
+                    Some((p.replica_id.clone(), bytes))
+                })
+                .collect();
+            out.push(ReplicaSample {
+                volume,
+                replica_id,
+                status,
+                wal_used_bytes: stats.wal_used_bytes,
+                wal_size_bytes: stats.wal_size_bytes,
+                peer_lag_bytes,
+            });
+        }
+        out
     }
 
     /// The NBD exports this runtime publishes (one per local primary, named after the
@@ -401,8 +462,12 @@ impl EngineRuntime {
         if self.exports.get(&a.volume).is_some() {
             tracing::warn!(volume = %a.volume, "replacing a stale NBD export");
         }
+        let exported: Arc<dyn BlockBackend> = match &self.nbd_metrics {
+            Some(m) => m.wrap(&a.volume, &a.replica_id, a.role, backend.clone()),
+            None => backend.clone(),
+        };
         self.exports
-            .add(&a.volume, backend.clone() as Arc<dyn BlockBackend>)
+            .add(&a.volume, exported)
             .map_err(|e| failed(&a.replica_id, format!("NBD export: {e}")))?;
         self.serving.set(&a.volume, Some(backend.clone()));
         tracing::info!(volume = %a.volume, replica = %a.replica_id, epoch = a.epoch, peers = peers.len(), "primary started");

@@ -5,7 +5,7 @@
 //! its FLUSH, the replay buffer bound, and servers that send garbage.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -19,7 +19,7 @@ use engine::replication::{
 };
 use futures::future::BoxFuture;
 use node_agent::forward::{
-    ForwardSettings, ForwardingBackend, PrimaryResolver, PrimaryTarget, execute_on,
+    ForwardSettings, ForwardingBackend, PrimaryResolver, PrimaryTarget, ResolveError, execute_on,
 };
 use node_agent::nbd::{BlockBackend, MemBackend};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -31,7 +31,7 @@ const VOLUME: &str = "vol-fwd";
 /// A primary: a RAM image served at `epoch` while `serving`, logging what it executed.
 struct FakePrimary {
     mem: Arc<MemBackend>,
-    epoch: Epoch,
+    epoch: AtomicU64,
     serving: AtomicBool,
     ops: Mutex<Vec<String>>,
 }
@@ -39,15 +39,16 @@ struct FakePrimary {
 impl ForwardHandler for FakePrimary {
     fn handle(&self, volume: &VolumeId, epoch: Epoch, op: ForwardOp) -> ForwardOutcome {
         assert_eq!(volume.as_str(), VOLUME);
-        if !self.serving.load(Ordering::Acquire) || epoch > self.epoch {
+        let mine = Epoch(self.epoch.load(Ordering::Acquire));
+        if !self.serving.load(Ordering::Acquire) || epoch > mine {
             return ForwardOutcome {
-                epoch: self.epoch,
+                epoch: mine,
                 ..ForwardOutcome::failed(ForwardStatus::NotPrimary, "deposed".into())
             };
         }
-        if epoch < self.epoch {
+        if epoch < mine {
             return ForwardOutcome {
-                epoch: self.epoch,
+                epoch: mine,
                 ..ForwardOutcome::failed(ForwardStatus::StaleEpoch, "old epoch".into())
             };
         }
@@ -62,7 +63,7 @@ impl ForwardHandler for FakePrimary {
         };
         self.ops.lock().unwrap().push(name);
         match execute_on(&*self.mem, op) {
-            Ok(p) => ForwardOutcome::ok(self.epoch, p),
+            Ok(p) => ForwardOutcome::ok(mine, p),
             Err(e) => ForwardOutcome::failed(ForwardStatus::Io, e.to_string()),
         }
     }
@@ -82,7 +83,7 @@ impl Primary {
                 .expect("data port");
         let fake = Arc::new(FakePrimary {
             mem,
-            epoch: Epoch(epoch),
+            epoch: AtomicU64::new(epoch),
             serving: AtomicBool::new(true),
             ops: Mutex::new(Vec::new()),
         });
@@ -98,7 +99,7 @@ impl Primary {
         PrimaryTarget {
             node: node.into(),
             addr: self.addr,
-            epoch: self.fake.epoch,
+            epoch: Epoch(self.fake.epoch.load(Ordering::Acquire)),
         }
     }
 
@@ -131,9 +132,12 @@ impl TestResolver {
 }
 
 impl PrimaryResolver for TestResolver {
-    fn resolve<'a>(&'a self, _volume: &'a str) -> BoxFuture<'a, Result<PrimaryTarget, String>> {
+    fn resolve<'a>(
+        &'a self,
+        _volume: &'a str,
+    ) -> BoxFuture<'a, Result<PrimaryTarget, ResolveError>> {
         let t = self.target.lock().unwrap().clone();
-        Box::pin(async move { t.ok_or_else(|| "no primary yet".to_string()) })
+        Box::pin(async move { t.ok_or_else(|| ResolveError::NoPrimary(VOLUME.into())) })
     }
 }
 
@@ -197,17 +201,29 @@ async fn forwarding_reroutes_to_the_new_primary_and_retries() {
     assert_eq!(b.current_primary().await.expect("route").node, "c");
     assert_eq!(b.switches(), 2, "initial route plus one re-route");
 
-    // The epoch moves on without a new primary: the old-epoch request is refused as
-    // stale, the forwarder re-resolves and retries.
-    let mut c = c;
-    c.crash().await;
-    let d = Primary::start("d", 3, shared).await;
-    resolver.set(d.target("d"));
-    d.fake.serving.store(true, Ordering::Release);
+    // The same primary is re-asserted at a newer epoch: the request at the old epoch is
+    // refused as stale (not executed), the forwarder re-resolves and retries at the new one.
+    let writes_before = c.ops().iter().filter(|o| o.starts_with("WRITE")).count();
+    c.fake.epoch.store(3, Ordering::Release);
+    resolver.set(c.target("c"));
     blocking(&b, |b| b.write(0, &[1; 4096]))
         .await
-        .expect("write after second re-route");
+        .expect("write after the epoch change");
     assert_eq!(b.current_primary().await.expect("route").epoch, Epoch(3));
+    assert_eq!(b.switches(), 3, "one more re-route for the stale epoch");
+    let writes_after = c.ops().iter().filter(|o| o.starts_with("WRITE")).count();
+    assert_eq!(
+        writes_after,
+        writes_before + 1,
+        "executed once, at the new epoch"
+    );
+    let d = c;
+
+    // An expansion at the primary is learned on request (Expand of the attachment).
+    d.fake.mem.resize(2 * SIZE).expect("grow the primary");
+    assert_eq!(b.size_bytes(), SIZE, "size is cached until refreshed");
+    assert_eq!(b.refresh_size().await.expect("refresh"), 2 * SIZE);
+    assert_eq!(b.size_bytes(), 2 * SIZE);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -3,7 +3,8 @@
 //! server whose backend sends everything to the primary's data port. qemu-io writes a
 //! pattern through the forwarding export and reads it back; the primary's own export
 //! has the same bytes and the replica has them durable after the forwarded FLUSH. A
-//! replica answers forwarded IO with "not primary"; unauthenticated peers are refused.
+//! replica answers forwarded IO with "not primary"; unauthenticated peers are refused;
+//! a malformed request closes only its connection.
 
 mod common;
 
@@ -14,13 +15,17 @@ use std::sync::Arc;
 use api::{Durability, ReplicaRole};
 use common::{TestServer, run_ok};
 use engine::Epoch;
-use engine::replication::wire::{Message, encode_frame};
+use engine::replication::wire::{
+    ClientAuth, FRAME_HEADER_BYTES, FrameDecoder, Message, NONCE_BYTES, WireConfig, encode_frame,
+};
 use engine::replication::{
     ForwardClient, ForwardMsg, ForwardOp, ForwardStatus, NetConfig, ReceiverServer, Transport,
     VolumeId,
 };
 use futures::future::BoxFuture;
-use node_agent::forward::{ForwardSettings, ForwardingBackend, PrimaryResolver, PrimaryTarget};
+use node_agent::forward::{
+    ForwardSettings, ForwardingBackend, PrimaryResolver, PrimaryTarget, ResolveError,
+};
 use node_agent::k8s::{Assignment, Peer, ReplicaRuntime};
 use node_agent::nbd::{BlockBackend, ExportRegistry, ServerConfig};
 use node_agent::runtime::{EngineRuntime, EngineSettings};
@@ -83,7 +88,10 @@ fn assignment(dir: &Path, id: &str, role: ReplicaRole, peer: Option<(&str, Strin
 struct Fixed(PrimaryTarget);
 
 impl PrimaryResolver for Fixed {
-    fn resolve<'a>(&'a self, _volume: &'a str) -> BoxFuture<'a, Result<PrimaryTarget, String>> {
+    fn resolve<'a>(
+        &'a self,
+        _volume: &'a str,
+    ) -> BoxFuture<'a, Result<PrimaryTarget, ResolveError>> {
         let t = self.0.clone();
         Box::pin(async move { Ok(t) })
     }
@@ -259,6 +267,102 @@ fn unauthenticated_forwarders_are_refused_before_any_io() {
         buf.iter().all(|&x| x == 0),
         "the unauthenticated write was not applied"
     );
-    let rejections = a.receiver.rejections().join("\n");
-    assert!(rejections.contains("authentication"), "{rejections}");
+    // The connection is closed before the reason is recorded: poll for it.
+    let logged = common::wait_until(std::time::Duration::from_secs(10), || {
+        a.receiver
+            .rejections()
+            .iter()
+            .any(|r| r.contains("authentication"))
+    });
+    assert!(logged, "{:?}", a.receiver.rejections());
+}
+
+/// CRC32C (Castagnoli), bitwise: frames with a valid checksum but a bad body.
+fn crc32c(b: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &byte in b {
+        crc ^= u32::from(byte);
+        for _ in 0..8 {
+            let mask = (crc & 1).wrapping_neg();
+            crc = (crc >> 1) ^ (0x82F6_3B78 & mask);
+        }
+    }
+    !crc
+}
+
+/// Reads frames from a blocking stream until one decodes.
+fn next_message(s: &mut std::net::TcpStream, dec: &mut FrameDecoder) -> Message {
+    let mut buf = [0u8; 4096];
+    loop {
+        if let Some(m) = dec.next_message().expect("valid frame from the data port") {
+            return m;
+        }
+        let n = s.read(&mut buf).expect("read");
+        assert!(n > 0, "data port closed during the handshake");
+        dec.feed(&buf[..n]);
+    }
+}
+
+#[test]
+fn a_malformed_forward_request_closes_only_that_connection() {
+    let rt = TestServer::start(ServerConfig::default());
+    let dir = tempfile::tempdir().unwrap();
+    let a = rt.block_on(async {
+        let a = node("a").await;
+        let ra = assignment(dir.path(), "r1", ReplicaRole::Primary, None);
+        a.runtime.open(&ra).await.unwrap();
+        a.runtime.apply(&ra).await.unwrap();
+        a
+    });
+    let addr = a.receiver.local_addr();
+
+    // Authenticate properly, then send a forward request with an unknown operation.
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    let mut dec = FrameDecoder::new(WireConfig::default());
+    let (mut auth, hello) = ClientAuth::start(SECRET, "m", [3u8; NONCE_BYTES]);
+    s.write_all(&encode_frame(&hello)).unwrap();
+    while !auth.is_authenticated() {
+        let m = next_message(&mut s, &mut dec);
+        if let Some(reply) = auth.on_message(&m).expect("server proof") {
+            s.write_all(&encode_frame(&reply)).unwrap();
+        }
+    }
+    let good = encode_frame(&Message::Forward(ForwardMsg::Request {
+        id: 1,
+        volume: VolumeId::new("vol".to_string()).unwrap(),
+        epoch: Epoch(1),
+        op: ForwardOp::Flush,
+    }));
+    // Body = header .. trailer; the operation code is the payload's last byte.
+    let mut payload = good[FRAME_HEADER_BYTES..good.len() - 4].to_vec();
+    let last = payload.len() - 1;
+    payload[last] = 0x7f;
+    let mut bad = good[..FRAME_HEADER_BYTES].to_vec();
+    bad.extend_from_slice(&payload);
+    bad.extend_from_slice(&crc32c(&bad).to_le_bytes());
+    s.write_all(&bad).unwrap();
+    let mut rest = Vec::new();
+    let _ = s.read_to_end(&mut rest);
+    assert!(rest.is_empty(), "no reply to a malformed request");
+    let logged = common::wait_until(std::time::Duration::from_secs(10), || {
+        a.receiver
+            .rejections()
+            .iter()
+            .any(|r| r.contains("forward.op"))
+    });
+    assert!(logged, "{:?}", a.receiver.rejections());
+
+    // The data port keeps serving well-formed forwarded IO.
+    let vol = VolumeId::new("vol".to_string()).unwrap();
+    let reply = rt.block_on(async {
+        let c = ForwardClient::connect(addr, &NetConfig::new("c", SECRET), 5_000)
+            .await
+            .expect("connect");
+        c.call(&vol, Epoch(1), ForwardOp::Flush)
+            .await
+            .expect("reply")
+    });
+    assert_eq!(reply.status, ForwardStatus::Ok, "{reply:?}");
 }

@@ -2,7 +2,11 @@
 //! FUSE mount, and a loop device (direct I/O, so no second page cache) turns that file
 //! into a block device. Per volume, `STATE_DIR/<volume>/` holds the mount point, the
 //! nbdfuse log and `state.json` (socket, nbdfuse PID, loop device); teardown runs in
-//! the only safe order: loop device → FUSE mount → nbdfuse process.
+//! the only safe order: loop device → FUSE mount → nbdfuse process → attach proxy.
+//!
+//! With a proxy command configured, nbdfuse does not dial the agent's socket itself but
+//! an attach proxy (`proxy.sock` in the volume's directory) that re-dials the agent
+//! when it restarts (see [`super::proxy`]), so a device outlives an agent restart.
 
 use std::collections::HashMap;
 use std::fs;
@@ -36,6 +40,27 @@ pub struct FuseLoopConfig {
     pub stop_timeout_ms: u64,
     /// Time the kernel has to release a loop device after `losetup -d`.
     pub loop_release_timeout_ms: u64,
+    /// How to start the attach proxy; `None` connects nbdfuse to the agent directly
+    /// (the device then dies with the agent process).
+    pub proxy: Option<ProxyCommand>,
+}
+
+/// The program and leading arguments that start an attach proxy; the attacher appends
+/// `--listen`, `--upstream` and `--export`.
+#[derive(Debug, Clone)]
+pub struct ProxyCommand {
+    pub program: PathBuf,
+    pub args: Vec<String>,
+}
+
+impl ProxyCommand {
+    /// The running agent binary's own `attach-proxy` subcommand.
+    pub fn current_exe() -> std::io::Result<Self> {
+        Ok(ProxyCommand {
+            program: std::env::current_exe()?,
+            args: vec!["attach-proxy".into()],
+        })
+    }
 }
 
 impl FuseLoopConfig {
@@ -50,6 +75,7 @@ impl FuseLoopConfig {
             ready_timeout_ms: 10_000,
             stop_timeout_ms: 5_000,
             loop_release_timeout_ms: 5_000,
+            proxy: None,
         }
     }
 }
@@ -60,6 +86,9 @@ struct State {
     socket: PathBuf,
     nbdfuse_pid: Option<u32>,
     loop_device: Option<PathBuf>,
+    /// Absent in state files written before the proxy existed.
+    #[serde(default)]
+    proxy_pid: Option<u32>,
 }
 
 /// See the module docs. One attacher per state directory; operations are serialized.
@@ -68,6 +97,8 @@ pub struct FuseLoopAttacher {
     ops: Mutex<()>,
     /// nbdfuse processes started by this instance, kept so they can be reaped.
     children: Mutex<HashMap<String, Child>>,
+    /// Attach proxies started by this instance, kept so they can be reaped.
+    proxies: Mutex<HashMap<String, Child>>,
 }
 
 impl FuseLoopAttacher {
@@ -80,6 +111,7 @@ impl FuseLoopAttacher {
             config,
             ops: Mutex::new(()),
             children: Mutex::new(HashMap::new()),
+            proxies: Mutex::new(HashMap::new()),
         })
     }
 
@@ -94,6 +126,9 @@ impl FuseLoopAttacher {
     }
     fn state_file(&self, volume: &str) -> PathBuf {
         self.volume_dir(volume).join("state.json")
+    }
+    fn proxy_socket(&self, volume: &str) -> PathBuf {
+        super::proxy::socket_in(&self.volume_dir(volume))
     }
 
     fn read_state(&self, volume: &str) -> Result<Option<State>> {
@@ -136,17 +171,157 @@ impl FuseLoopAttacher {
         sys::process_matches(pid, &["nbdfuse", &mnt.to_string_lossy()])
     }
 
+    fn proxy_alive(&self, volume: &str, pid: u32) -> bool {
+        let sock = self.proxy_socket(volume);
+        sys::process_matches(pid, &["attach-proxy", &sock.to_string_lossy()])
+    }
+
     /// Whether the recorded attachment is complete and still in place.
     fn healthy_device(&self, state: &State) -> Option<PathBuf> {
         let dev = state.loop_device.clone()?;
         let pid = state.nbdfuse_pid?;
-        let ok = self.nbdfuse_alive(&state.volume, pid)
+        let proxy_ok = match (&self.config.proxy, state.proxy_pid) {
+            (None, _) => true,
+            (Some(_), Some(p)) => self.proxy_alive(&state.volume, p),
+            (Some(_), None) => false,
+        };
+        let ok = proxy_ok
+            && self.nbdfuse_alive(&state.volume, pid)
             && sys::is_mount_point(&self.mount_dir(&state.volume))
             && sys::loop_devices_backed_by(&self.image_file(&state.volume)).contains(&dev);
         ok.then_some(dev)
     }
 
-    fn start_nbdfuse(&self, volume: &str, socket: &Path) -> Result<u32> {
+    /// Starts the attach proxy for `volume` in front of `socket` and waits until it
+    /// listens; returns its PID and socket.
+    fn start_proxy(
+        &self,
+        cmd: &ProxyCommand,
+        volume: &str,
+        socket: &Path,
+    ) -> Result<(u32, PathBuf)> {
+        let dir = self.volume_dir(volume);
+        fs::create_dir_all(&dir).map_err(|source| Error::Io {
+            path: dir.clone(),
+            source,
+        })?;
+        let listen = self.proxy_socket(volume);
+        let _ = fs::remove_file(&listen);
+        let log_path = dir.join("proxy.log");
+        let io = |source| Error::Io {
+            path: log_path.clone(),
+            source,
+        };
+        let log = fs::File::create(&log_path).map_err(io)?;
+        let log2 = log.try_clone().map_err(io)?;
+        let mut c = Command::new(&cmd.program);
+        c.args(&cmd.args)
+            .arg(format!("--listen={}", listen.display()))
+            .arg(format!("--upstream={}", socket.display()))
+            .arg(format!("--export={volume}"))
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2);
+        // Its own process group, like nbdfuse: it must outlive the agent.
+        std::os::unix::process::CommandExt::process_group(&mut c, 0);
+        let program = cmd.program.display().to_string();
+        let mut child = c.spawn().map_err(|source| Error::Spawn {
+            program: program.clone(),
+            source,
+        })?;
+        let pid = child.id();
+        self.write_state(&State {
+            volume: volume.into(),
+            socket: socket.into(),
+            nbdfuse_pid: None,
+            loop_device: None,
+            proxy_pid: Some(pid),
+        })?;
+        let mut exited = None;
+        let ready = sys::wait_until(self.config.ready_timeout_ms, || {
+            if let Ok(Some(status)) = child.try_wait() {
+                exited = Some(status);
+                return true;
+            }
+            std::os::unix::net::UnixStream::connect(&listen).is_ok()
+        });
+        let log_text = || {
+            fs::read_to_string(&log_path)
+                .unwrap_or_default()
+                .trim()
+                .to_owned()
+        };
+        if let Some(status) = exited {
+            return Err(Error::Command {
+                command: format!("{program} {}", cmd.args.join(" ")),
+                status: status.to_string(),
+                stderr: log_text(),
+            });
+        }
+        self.proxies
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(volume.into(), child);
+        if !ready {
+            return Err(Error::Timeout {
+                what: format!("attach proxy listening on {}", listen.display()),
+                timeout_ms: self.config.ready_timeout_ms,
+                detail: format!("; log: {}", log_text()),
+            });
+        }
+        Ok((pid, listen))
+    }
+
+    fn stop_proxy(&self, volume: &str, pid: Option<u32>) {
+        let child = self
+            .proxies
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(volume);
+        let sock = self.proxy_socket(volume);
+        let pid = match child {
+            Some(mut child) => {
+                sys::signal(child.id(), libc::SIGTERM);
+                if !sys::wait_until(self.config.stop_timeout_ms, || {
+                    matches!(child.try_wait(), Ok(Some(_)) | Err(_))
+                }) {
+                    warn!(
+                        volume,
+                        pid = child.id(),
+                        "attach: proxy ignored SIGTERM, killing"
+                    );
+                    let _ = child.kill();
+                    let _ = child.wait();
+                }
+                return;
+            }
+            // Started by an earlier agent: signal it only if it is still that proxy.
+            None => pid
+                .filter(|&p| self.proxy_alive(volume, p))
+                .or_else(|| sys::find_process(&["attach-proxy", &sock.to_string_lossy()])),
+        };
+        let Some(pid) = pid else { return };
+        sys::signal(pid, libc::SIGTERM);
+        if !sys::wait_until(self.config.stop_timeout_ms, || {
+            !self.proxy_alive(volume, pid)
+        }) {
+            warn!(volume, pid, "attach: proxy ignored SIGTERM, killing");
+            sys::signal(pid, libc::SIGKILL);
+            sys::wait_until(self.config.stop_timeout_ms, || {
+                !self.proxy_alive(volume, pid)
+            });
+        }
+    }
+
+    /// Starts nbdfuse on the export `volume` served at `dial` (the agent's socket or
+    /// the proxy's); the state file records `socket`, the agent's.
+    fn start_nbdfuse(
+        &self,
+        volume: &str,
+        socket: &Path,
+        dial: &Path,
+        proxy_pid: Option<u32>,
+    ) -> Result<u32> {
         let dir = self.volume_dir(volume);
         let mnt = self.mount_dir(volume);
         let pidfile = dir.join("nbdfuse.pid");
@@ -164,7 +339,7 @@ impl FuseLoopAttacher {
             path: log_path.clone(),
             source,
         })?;
-        let uri = nbd_unix_uri(volume, socket);
+        let uri = nbd_unix_uri(volume, dial);
         let mut cmd = Command::new(&self.config.nbdfuse_program);
         cmd.arg("-C")
             .arg(self.config.nbdfuse_connections.to_string())
@@ -189,6 +364,7 @@ impl FuseLoopAttacher {
             socket: socket.into(),
             nbdfuse_pid: Some(pid),
             loop_device: None,
+            proxy_pid,
         })?;
         let mut exited = None;
         let ready = sys::wait_until(self.config.ready_timeout_ms, || {
@@ -313,6 +489,8 @@ impl FuseLoopAttacher {
             sys::run(&self.config.fusermount_program, &["-u", &mnt_str])?;
         }
         self.stop_nbdfuse(volume, state.and_then(|s| s.nbdfuse_pid));
+        // Also without a configured proxy: an earlier agent may have run with one.
+        self.stop_proxy(volume, state.and_then(|s| s.proxy_pid));
         let dir = self.volume_dir(volume);
         match fs::remove_dir_all(&dir) {
             Ok(()) => Ok(()),
@@ -346,7 +524,14 @@ impl Attacher for FuseLoopAttacher {
         self.teardown(volume, state.as_ref())?;
 
         let result = (|| {
-            let pid = self.start_nbdfuse(volume, socket)?;
+            let (proxy_pid, dial) = match &self.config.proxy {
+                Some(cmd) => {
+                    let (pid, listen) = self.start_proxy(cmd, volume, socket)?;
+                    (Some(pid), listen)
+                }
+                None => (None, socket.to_path_buf()),
+            };
+            let pid = self.start_nbdfuse(volume, socket, &dial, proxy_pid)?;
             let image = self.image_file(volume);
             let image_str = image.to_string_lossy();
             let sector = self.config.sector_size_bytes.to_string();
@@ -367,6 +552,7 @@ impl Attacher for FuseLoopAttacher {
                 socket: socket.into(),
                 nbdfuse_pid: Some(pid),
                 loop_device: Some(dev.clone()),
+                proxy_pid,
             })?;
             Ok(dev)
         })();

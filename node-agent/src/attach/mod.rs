@@ -4,11 +4,12 @@
 
 mod fuse_loop;
 mod kernel;
+pub mod proxy;
 mod sys;
 
 use std::path::{Path, PathBuf};
 
-pub use fuse_loop::{FuseLoopAttacher, FuseLoopConfig};
+pub use fuse_loop::{FuseLoopAttacher, FuseLoopConfig, ProxyCommand};
 pub use kernel::{KernelNbdAttacher, kernel_nbd_available};
 
 /// Errors of the attach layer.

@@ -1,12 +1,26 @@
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
-fn main() -> anyhow::Result<()> {
-    let settings = node_agent::agent::Settings::parse();
+use node_agent::attach::proxy::{self, ProxySettings};
+
+/// The subcommand that runs the attach proxy instead of the agent.
+const ATTACH_PROXY: &str = "attach-proxy";
+
+fn init_tracing() {
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .init();
-    let rt = tokio::runtime::Runtime::new()?;
-    rt.block_on(node_agent::agent::run(settings))?;
+}
+
+fn main() -> anyhow::Result<()> {
+    if std::env::args().nth(1).is_some_and(|a| a == ATTACH_PROXY) {
+        let settings = ProxySettings::parse_from(std::env::args().skip(1));
+        init_tracing();
+        tokio::runtime::Runtime::new()?.block_on(proxy::run(settings))?;
+        return Ok(());
+    }
+    let settings = node_agent::agent::Settings::parse();
+    init_tracing();
+    tokio::runtime::Runtime::new()?.block_on(node_agent::agent::run(settings))?;
     Ok(())
 }

@@ -4,6 +4,7 @@
 //! answered as they complete. Protocol violations close only the offending connection.
 
 mod backend;
+pub mod client;
 mod engine_backend;
 pub mod proto;
 mod registry;
