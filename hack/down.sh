@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Stops the local blockvol cluster started by hack/up.sh: unmounts what is mounted under
-# its state dir, detaches loop devices backed by files there, then stops every recorded
+# Stops the local blockvol cluster started by hack/up.sh: unmounts and detaches every
+# volume the way the kubelet would (blockvol-local unmount --all), then cleans up any
+# mount, loop device or nbdfuse process still left under its state dir, then stops every recorded
 # process in reverse start order (SIGTERM, then SIGKILL after a bound). Logs are kept in
 # $BLOCKVOL_LOCAL_DIR/logs; everything else under the state dir is removed.
 set -uo pipefail
@@ -8,21 +9,42 @@ cd "$(dirname "$0")/.."
 STATE="${BLOCKVOL_LOCAL_DIR:-$PWD/.local-cluster}"
 # How long a process may take to exit after SIGTERM, in seconds.
 STOP_TIMEOUT_S=15
+# How long unmounting and detaching every volume through the CSI plugins may take.
+UNMOUNT_TIMEOUT_S=180
 
 [ -d "$STATE" ] || { echo "nothing to stop: $STATE does not exist"; exit 0; }
 
-# Mounts first (deepest first), while the node agents still serve the devices under them.
+# The kubelet's part first, while the control plane, the agents and the CSI plugins still
+# run: unpublish, unstage and detach every mounted volume (the agents then tear down
+# their loop devices and nbdfuse processes themselves).
+if [ -x target/debug/blockvol-local ] && [ -f "$STATE/kubeconfig" ] && [ -f "$STATE/ready" ]; then
+  timeout "${UNMOUNT_TIMEOUT_S}s" target/debug/blockvol-local unmount --all --state-dir "$STATE" \
+    || echo "unmounting through the CSI plugins failed; cleaning up directly"
+fi
+# Whatever is left, in the only safe order: filesystems and bind mounts (deepest first),
+# then loop devices backed by files under the state dir, then the FUSE mounts under them,
+# then the nbdfuse processes serving those.
+if command -v findmnt >/dev/null; then
+  findmnt -rn -o TARGET,FSTYPE | grep -F "$STATE/" | grep -v ' fuse' | awk '{print $1}' \
+    | sort -r | while read -r m; do
+    echo "unmounting $m"
+    umount "$m" || umount -l "$m"
+  done
+fi
+losetup -nl -O NAME,BACK-FILE 2>/dev/null | while read -r dev file; do
+  case "$file" in
+    "$STATE"/*) echo "detaching $dev ($file)"; losetup -d "$dev" ;;
+  esac
+done
 if command -v findmnt >/dev/null; then
   findmnt -rn -o TARGET | grep -F "$STATE/" | sort -r | while read -r m; do
     echo "unmounting $m"
     umount "$m" || umount -l "$m"
   done
 fi
-# Loop devices whose backing file lives under the state dir.
-losetup -nl -O NAME,BACK-FILE 2>/dev/null | while read -r dev file; do
-  case "$file" in
-    "$STATE"/*) echo "detaching $dev ($file)"; losetup -d "$dev" ;;
-  esac
+pgrep -a nbdfuse 2>/dev/null | grep -F "$STATE/" | while read -r pid _; do
+  echo "stopping nbdfuse (pid $pid)"
+  kill "$pid" 2>/dev/null
 done
 
 stop_pid() {

@@ -2,7 +2,8 @@
 # Runs blockvol locally, without Docker: a Kubernetes control plane (etcd, kube-apiserver,
 # kube-controller-manager) with the CRDs, Node objects node-1..3 and the blockvol-system
 # namespace; the operator; the CSI controller (with the CSI sidecars if they are built);
-# and per node a node agent and a CSI node plugin, each a plain process.
+# and per node a node agent and a CSI node plugin, each a plain process; then it plays
+# the kubelet (blockvol-local mount) to mount the demo PVC on node-1 and writes hello.txt.
 #
 # Everything runs in the background after this script returns; state, logs and PID files
 # live under $BLOCKVOL_LOCAL_DIR (default ./.local-cluster). Stop everything with
@@ -31,6 +32,10 @@ step() {
 }
 note() { printf '    %s\n' "$*"; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }
+# A free loopback TCP port (others may run clusters and tests on this machine).
+free_port() {
+  python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
 
 if [ -f "$STATE/pids/00-control-plane.pid" ] && kill -0 "$(cat "$STATE/pids/00-control-plane.pid")" 2>/dev/null; then
   die "a local cluster is already running under $STATE; stop it with hack/down.sh first"
@@ -112,7 +117,7 @@ kubectl get nodes -L topology.kubernetes.io/zone | sed 's/^/    /'
 step "operator"
 start operator 10 "$STATE/logs/operator.log" env KUBECONFIG="$KUBECONFIG" \
   "$BIN/blockvol-operator" --namespace blockvol-system --identity local-operator \
-  --metrics-addr 127.0.0.1:19090
+  --metrics-addr "127.0.0.1:$(free_port)"
 
 step "CSI controller"
 mkdir -p "$STATE/run/controller"
@@ -139,16 +144,14 @@ step "node agents (${NODES[*]})"
 AGENTS=no
 if "$BIN/blockvol-agent" --help 2>/dev/null | grep -q -- '--data-address'; then
   AGENTS=yes
-  port=17401
   for n in "${NODES[@]}"; do
     mkdir -p "$STATE/data/$n" "$STATE/run/$n"
     WAIT_SOCKET="$STATE/run/$n/agent.sock" start "agent-$n" 40 "$STATE/logs/agent-$n.log" \
       env KUBECONFIG="$KUBECONFIG" "$BIN/blockvol-agent" --node-name "$n" \
       --namespace blockvol-system --data-dir "$STATE/data/$n" \
-      --data-address "127.0.0.1:$port" --agent-socket "$STATE/run/$n/agent.sock" \
+      --data-address "127.0.0.1:$(free_port)" --agent-socket "$STATE/run/$n/agent.sock" \
       --peer-secret-file "$STATE/peer-secret" --lease-duration-seconds 10 \
-      --metrics-addr "127.0.0.1:$((port + 100))" --nbd-socket-dir "$STATE/run/$n/nbd"
-    port=$((port + 1))
+      --metrics-addr "127.0.0.1:$(free_port)" --nbd-socket-dir "$STATE/run/$n/nbd"
   done
 else
   note "skipped: blockvol-agent in this build is not the node daemon (it has no --data-address)"
@@ -157,9 +160,15 @@ fi
 step "CSI node plugins"
 if [ $AGENTS = yes ]; then
   for n in "${NODES[@]}"; do
+    mkdir -p "$STATE/kubelet/$n"
     WAIT_SOCKET="$STATE/run/$n/csi.sock" start "csi-node-$n" 50 "$STATE/logs/csi-node-$n.log" \
       "$BIN/blockvol-csi" --mode node --node-id "$n" \
-      --endpoint "unix://$STATE/run/$n/csi.sock" --agent-socket "$STATE/run/$n/agent.sock"
+      --endpoint "unix://$STATE/run/$n/csi.sock" --agent-socket "$STATE/run/$n/agent.sock" \
+      --kubelet-dir "$STATE/kubelet/$n"
+    # What the kubelet does when node-driver-registrar shows it the plugin: the CSINode
+    # entry (node id, topology keys) and the Node's topology label.
+    "$BIN/blockvol-local" register --state-dir "$STATE" --node "$n" 2>>"$STATE/logs/kubelet.log" \
+      || die "registering the CSI node plugin of $n failed (log: $STATE/logs/kubelet.log)"
   done
 else
   note "skipped: a node plugin needs its node agent"
@@ -182,7 +191,9 @@ YAML
 kubectl get storageclass blockvol | sed 's/^/    /'
 
 step "demo PVC"
+DEMO=no
 if [ $SIDECARS = yes ] && [ $AGENTS = yes ]; then
+  DEMO=yes
   kubectl apply -f - >/dev/null <<'YAML'
 apiVersion: v1
 kind: PersistentVolumeClaim
@@ -203,8 +214,25 @@ else
   note "skipped: needs the CSI sidecars and the node agents (see above)"
 fi
 
-step "mount the demo volume on node-1 (NodeStage + NodePublish)"
-note "not done by this build: the kubelet's CSI calls are not played here yet"
+step "mount the demo volume on node-1 (VolumeAttachment, NodeStageVolume, NodePublishVolume)"
+MOUNT=""
+if [ $DEMO = yes ]; then
+  # blockvol-local plays the kubelet: it registers node-1's plugin in its CSINode, creates
+  # the VolumeAttachment (csi-attacher publishes it), then stages (mkfs.ext4 + mount) and
+  # publishes (bind mount) through node-1's CSI node plugin. It prints the target path.
+  MOUNT=$("$BIN/blockvol-local" mount --state-dir "$STATE" --pvc demo --node node-1 \
+    --fs-type ext4 2>>"$STATE/logs/kubelet.log") \
+    || { tail -n 20 "$STATE/logs/kubelet.log" >&2; die "mounting the demo volume failed (log: $STATE/logs/kubelet.log)"; }
+  echo "hello from blockvol" >"$MOUNT/hello.txt"
+  sync "$MOUNT/hello.txt"
+  PV=$(kubectl get pvc demo -o jsonpath='{.spec.volumeName}')
+  PRIMARY=$(kubectl get bv "$PV" -o jsonpath='{.status.primaryNode}')
+  note "mounted at $MOUNT (ext4; PV $PV, primary replica on $PRIMARY)"
+  note "$MOUNT/hello.txt: $(cat "$MOUNT/hello.txt")"
+  findmnt -n -o SOURCE,FSTYPE,SIZE "$MOUNT" | sed 's/^/    /' || true
+else
+  note "skipped: there is no bound demo PVC (see above)"
+fi
 
 printf '    done in %s\n\n' "$(elapsed "$STEP_T")"
 STEP_NAME=""
@@ -219,7 +247,26 @@ Try next:
   tail -f $STATE/logs/operator.log
   ls $STATE/pids/                          # one PID file per process
 MSG
-if [ $AGENTS = yes ]; then
+if [ -n "$MOUNT" ]; then
+  # The device on node-1 is served by node-1's agent, so a failover demo kills another
+  # node's agent: the primary's if it is elsewhere, else a replica's.
+  VICTIM=node-2
+  [ "$PRIMARY" != node-1 ] && VICTIM=$PRIMARY
+  cat <<MSG
+
+The demo PVC is mounted on node-1 (M is its path):
+  M=$MOUNT
+Write to it (the sync makes the data durable on every in-sync replica):
+  echo more >>\$M/hello.txt && sync \$M/hello.txt
+Kill a node agent and watch the volume (primary now on $PRIMARY):
+  kubectl get bv -w &
+  kill \$(cat $STATE/pids/40-agent-$VICTIM.pid)
+  cat \$M/hello.txt                        # still readable and writable
+Move the mount to node-2 (IO is forwarded to the primary when it is elsewhere):
+  $BIN/blockvol-local unmount --state-dir $STATE --pvc demo --node node-1
+  M=\$($BIN/blockvol-local mount --state-dir $STATE --pvc demo --node node-2)
+MSG
+elif [ $AGENTS = yes ]; then
   cat <<MSG
   kill \$(cat $STATE/pids/40-agent-node-1.pid)   # kill a node agent, then watch failover:
   kubectl get bv -w

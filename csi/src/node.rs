@@ -38,6 +38,9 @@ pub struct NodeSettings {
     pub node_id: String,
     pub agent: AgentSettings,
     pub commands: CommandSettings,
+    /// The kubelet's directory: when set, staging and target paths must lie under it,
+    /// so a confused or hostile caller cannot mount over arbitrary host paths.
+    pub kubelet_dir: Option<PathBuf>,
 }
 
 /// The Node service.
@@ -46,6 +49,7 @@ pub struct NodeService {
     node_id: String,
     agent: Agent,
     commands: CommandSettings,
+    kubelet_dir: Option<PathBuf>,
     inflight: InFlight,
 }
 
@@ -58,8 +62,26 @@ impl NodeService {
             node_id: settings.node_id,
             agent: Agent::new(&settings.agent)?,
             commands: settings.commands,
+            kubelet_dir: settings.kubelet_dir,
             inflight: InFlight::new(),
         })
+    }
+}
+
+impl NodeService {
+    /// [`check_path`], and with a kubelet directory configured, that `path` lies
+    /// strictly inside it.
+    fn check_kubelet_path(&self, field: &str, path: &str) -> Result<()> {
+        check_path(field, path)?;
+        match &self.kubelet_dir {
+            Some(dir) if !Path::new(path).starts_with(dir) || Path::new(path) == dir => {
+                Err(Error::InvalidArgument(format!(
+                    "{field} {path:?} is outside the kubelet directory {}",
+                    dir.display()
+                )))
+            }
+            _ => Ok(()),
+        }
     }
 }
 
@@ -121,7 +143,7 @@ fn volume_path(path: &str) -> Result<PathBuf> {
 impl NodeService {
     async fn stage(&self, req: NodeStageVolumeRequest) -> Result<NodeStageVolumeResponse> {
         let volume_id = required("volume_id", &req.volume_id)?;
-        check_path("staging_target_path", &req.staging_target_path)?;
+        self.check_kubelet_path("staging_target_path", &req.staging_target_path)?;
         let cap = capability(req.volume_capability.as_ref())?;
         let _guard = self.inflight.try_acquire(volume_id)?;
         let staging = PathBuf::from(&req.staging_target_path);
@@ -209,7 +231,7 @@ impl NodeService {
 
     async fn unstage(&self, req: NodeUnstageVolumeRequest) -> Result<NodeUnstageVolumeResponse> {
         let volume_id = required("volume_id", &req.volume_id)?;
-        check_path("staging_target_path", &req.staging_target_path)?;
+        self.check_kubelet_path("staging_target_path", &req.staging_target_path)?;
         let _guard = self.inflight.try_acquire(volume_id)?;
         let staging = PathBuf::from(&req.staging_target_path);
         let dev_file = staging.join(BLOCK_STAGE_FILE);
@@ -223,8 +245,8 @@ impl NodeService {
 
     async fn publish(&self, req: NodePublishVolumeRequest) -> Result<NodePublishVolumeResponse> {
         let volume_id = required("volume_id", &req.volume_id)?;
-        check_path("staging_target_path", &req.staging_target_path)?;
-        check_path("target_path", &req.target_path)?;
+        self.check_kubelet_path("staging_target_path", &req.staging_target_path)?;
+        self.check_kubelet_path("target_path", &req.target_path)?;
         let cap = capability(req.volume_capability.as_ref())?;
         let _guard = self.inflight.try_acquire(volume_id)?;
         let staging = PathBuf::from(&req.staging_target_path);
@@ -277,7 +299,7 @@ impl NodeService {
         req: NodeUnpublishVolumeRequest,
     ) -> Result<NodeUnpublishVolumeResponse> {
         let volume_id = required("volume_id", &req.volume_id)?;
-        check_path("target_path", &req.target_path)?;
+        self.check_kubelet_path("target_path", &req.target_path)?;
         let _guard = self.inflight.try_acquire(volume_id)?;
         let target = PathBuf::from(&req.target_path);
         mount::unmount(&self.commands, &target).await?;
@@ -407,6 +429,7 @@ impl NodeService {
                     path.display()
                 ))
             })?;
+            check_device_grown(volume_id, Path::new(&entry.source), wanted)?;
             mount::grow_filesystem(
                 &self.commands,
                 &entry.fs_type,
@@ -420,6 +443,26 @@ impl NodeService {
             capacity_bytes: i64::try_from(grown.size_bytes).unwrap_or(i64::MAX),
         })
     }
+}
+
+/// Fails unless the block device under a mount already has `wanted` bytes. The agent's
+/// volume grows first; a device attached through nbdfuse and a loop device keeps the
+/// size it was attached with (growing it while attached is not implemented yet), and
+/// growing the filesystem then would be a silent no-op reported as success.
+fn check_device_grown(volume_id: &str, device: &Path, wanted: u64) -> Result<()> {
+    use std::io::{Seek, SeekFrom};
+    let size = std::fs::File::open(device)
+        .and_then(|mut f| f.seek(SeekFrom::End(0)))
+        .map_err(|e| Error::io(format!("reading the size of {}", device.display()), e))?;
+    if size < wanted {
+        return Err(Error::FailedPrecondition(format!(
+            "volume {volume_id:?} has grown to {wanted} bytes but its device {} on this node \
+             still has {size}: an attached device does not grow yet; unpublish and unstage \
+             the volume and stage it again to use the new size",
+            device.display()
+        )));
+    }
+    Ok(())
 }
 
 #[tonic::async_trait]

@@ -58,6 +58,7 @@ impl Harness {
                 agent_call_timeout_ms: 30_000,
             },
             commands: CommandSettings::default(),
+            kubelet_dir: None,
         })
         .expect("node service");
         let csi_socket = dir.path().join("csi.sock");

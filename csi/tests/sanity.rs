@@ -85,6 +85,7 @@ async fn csi_sanity_passes_against_mode_all() {
                         agent_call_timeout_ms: 60_000,
                     },
                     commands: CommandSettings::default(),
+                    kubelet_dir: None,
                 })
                 .unwrap(),
             ),
@@ -134,6 +135,7 @@ async fn csi_sanity_passes_against_a_real_agent_and_operator() {
                         agent_call_timeout_ms: 60_000,
                     },
                     commands: CommandSettings::default(),
+                    kubelet_dir: None,
                 })
                 .unwrap(),
             ),

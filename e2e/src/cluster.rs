@@ -1,11 +1,14 @@
 //! blockvol's own daemons as processes for scenario tests: node agents (one per simulated
-//! node, each with its own data directory, data port, NBD socket and attach socket) and
-//! operators, started against a [`ControlPlane`]. They can be killed (SIGKILL, like a
+//! node, each with its own data directory, data port, NBD socket and attach socket),
+//! operators, and the CSI driver (controller with the pinned sidecars, a node plugin per
+//! node, driven by a [`Kubelet`] player), started against a [`ControlPlane`]. They can be killed (SIGKILL, like a
 //! crash), stopped (SIGTERM) and restarted with the same directories and ports. Dropping
 //! a handle kills its process group and reaps it, so nothing outlives the test; when the
-//! test is panicking, the tail of each log is printed.
+//! test is panicking, the tail of each log is printed; dropping the cluster first
+//! unmounts what is mounted under its directory and detaches its loop devices.
 //!
-//! The binaries are the workspace's own (`blockvol-agent`, `blockvol-operator`), found in
+//! The binaries are the workspace's own (`blockvol-agent`, `blockvol-operator`,
+//! `blockvol-csi`), found in
 //! the cargo target directory of the running test (`cargo test --workspace` builds them
 //! before any test runs) unless a path is given.
 
@@ -24,6 +27,7 @@ use kube::Client;
 use kube::api::{Api, ListParams, ObjectMeta, PostParams};
 
 use crate::error::{Error, Result};
+use crate::kubelet::{Kubelet, KubeletSettings};
 use crate::process::LOG_TAIL_LINES;
 use crate::{ControlPlane, ControlPlaneOptions};
 
@@ -33,6 +37,8 @@ pub const NAMESPACE: &str = "blockvol-system";
 pub const NBD_SOCKET_NAME: &str = "nbd.sock";
 /// How often [`wait_for`] re-checks its condition.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(200);
+/// How long a CSI process may take to serve its socket.
+const SOCKET_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Where a workspace binary is: next to the running program (a workspace binary such
 /// as `blockvol-bench`), else next to the running test's `deps/` directory.
@@ -427,6 +433,71 @@ impl OperatorProcess {
     }
 }
 
+/// Settings of the CSI driver processes of a [`TestCluster`].
+#[derive(Clone, Debug)]
+pub struct CsiOptions {
+    /// Bound on each sidecar's CSI calls, in seconds.
+    pub sidecar_timeout_s: u64,
+    /// `RUST_LOG` of the blockvol-csi processes.
+    pub log_filter: String,
+}
+
+impl Default for CsiOptions {
+    fn default() -> Self {
+        CsiOptions {
+            sidecar_timeout_s: 90,
+            log_filter: "info,csi=debug".into(),
+        }
+    }
+}
+
+/// One CSI process: the blockvol-csi controller or node plugin, or a sidecar.
+pub struct CsiProcess {
+    /// `controller`, `node-<node>` or the sidecar's name.
+    pub name: String,
+    /// The CSI socket it serves (the controller's for a sidecar).
+    pub socket: PathBuf,
+    /// For a node plugin: the kubelet directory the plugin accepts paths under.
+    pub kubelet_dir: Option<PathBuf>,
+    process: Restartable,
+}
+
+impl CsiProcess {
+    pub fn pid(&self) -> Option<u32> {
+        self.process.pid()
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.process.is_running()
+    }
+
+    /// SIGKILL, like a crash.
+    pub fn kill(&mut self) {
+        self.process.signal_and_reap(libc::SIGKILL);
+    }
+
+    /// Starts it again with the same socket and settings (no-op if running).
+    pub fn restart(&mut self) -> Result<()> {
+        self.process.start()
+    }
+
+    pub fn log_tail(&self) -> String {
+        self.process.log_tail()
+    }
+}
+
+/// Waits until a unix socket accepts connections (the CSI server is up).
+async fn wait_for_socket(socket: &Path, timeout: Duration) -> Result<()> {
+    let what = format!("{} to accept connections", socket.display());
+    wait_for(&what, timeout, || async {
+        tokio::net::UnixStream::connect(socket)
+            .await
+            .ok()
+            .map(|_| ())
+    })
+    .await
+}
+
 /// Settings of a [`TestCluster`].
 #[derive(Clone, Debug)]
 pub struct TestClusterOptions {
@@ -441,6 +512,7 @@ pub struct TestClusterOptions {
     /// Directory the processes' scratch directory is made in (volume files live there,
     /// so it decides the disk); the system temp dir when `None`.
     pub root_parent: Option<PathBuf>,
+    pub csi: CsiOptions,
 }
 
 impl TestClusterOptions {
@@ -453,6 +525,7 @@ impl TestClusterOptions {
             operator: OperatorOptions::default(),
             controller_manager: false,
             root_parent: None,
+            csi: CsiOptions::default(),
         }
     }
 }
@@ -462,6 +535,8 @@ impl TestClusterOptions {
 /// kill, restart or add processes; everything stops when it is dropped (processes
 /// before the control plane: fields drop in declaration order).
 pub struct TestCluster {
+    /// CSI controller, sidecars and node plugins ([`TestCluster::start_csi`]).
+    pub csi: Vec<CsiProcess>,
     pub agents: Vec<AgentProcess>,
     pub operators: Vec<OperatorProcess>,
     pub client: Client,
@@ -505,6 +580,7 @@ impl TestCluster {
         )
         .map_err(|e| Error::io("writing the peer secret", e))?;
         let mut cluster = TestCluster {
+            csi: Vec::new(),
             agents: Vec::new(),
             operators: Vec::new(),
             client,
@@ -552,6 +628,191 @@ impl TestCluster {
         Ok(self.operators.last_mut().expect("just pushed"))
     }
 
+    /// Starts the CSI driver the way the chart deploys it: the blockvol-csi controller
+    /// with csi-provisioner, csi-attacher and csi-resizer on its socket, and a node
+    /// plugin next to every agent. Needs the controller manager (PVCs bind through it)
+    /// and the pinned sidecars (`hack/tools/build.sh`).
+    pub async fn start_csi(&mut self) -> Result<()> {
+        let csi_binary = workspace_binary("blockvol-csi")?;
+        let kubeconfig = self.control_plane.kubeconfig().display().to_string();
+        let dir = self.root.path().join("csi-controller");
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+        let socket = dir.join("csi.sock");
+        let controller = self.spawn_csi(
+            "controller",
+            &csi_binary,
+            vec![
+                "--mode=controller".into(),
+                format!("--endpoint=unix://{}", socket.display()),
+            ],
+            vec![("KUBECONFIG".into(), kubeconfig.clone())],
+            &socket,
+            None,
+        )?;
+        self.csi.push(controller);
+        wait_for_socket(&socket, SOCKET_TIMEOUT).await?;
+        for (name, extra) in [
+            ("csi-provisioner", "--extra-create-metadata"),
+            ("csi-attacher", ""),
+            ("csi-resizer", "--handle-volume-inuse-error=false"),
+        ] {
+            let mut args = vec![
+                format!("--csi-address={}", socket.display()),
+                format!("--kubeconfig={kubeconfig}"),
+                "--leader-election=false".into(),
+                format!("--timeout={}s", self.options.csi.sidecar_timeout_s),
+            ];
+            if !extra.is_empty() {
+                args.push(extra.into());
+            }
+            let sidecar =
+                self.spawn_csi(name, &crate::tool(name)?, args, Vec::new(), &socket, None)?;
+            self.csi.push(sidecar);
+        }
+        let nodes: Vec<String> = self.agents.iter().map(|a| a.node.clone()).collect();
+        for node in nodes {
+            self.add_csi_node(&node).await?;
+        }
+        Ok(())
+    }
+
+    /// Starts the CSI node plugin of `node` (its agent must run), waits for its socket
+    /// and registers it as the kubelet would (CSINode entry, topology labels); kubelet
+    /// paths are accepted under `<node dir>/kubelet` only.
+    pub async fn add_csi_node(&mut self, node: &str) -> Result<&mut CsiProcess> {
+        let csi_binary = workspace_binary("blockvol-csi")?;
+        let agent =
+            self.agents.iter().find(|a| a.node == node).ok_or_else(|| {
+                Error::Volume(format!("node {node:?} has no agent in this cluster"))
+            })?;
+        let socket = agent.dir.join("csi.sock");
+        let kubelet_dir = agent.dir.join("kubelet");
+        std::fs::create_dir_all(&kubelet_dir)
+            .map_err(|e| Error::io(format!("creating {}", kubelet_dir.display()), e))?;
+        let args = vec![
+            "--mode=node".into(),
+            format!("--node-id={node}"),
+            format!("--endpoint=unix://{}", socket.display()),
+            format!("--agent-socket={}", agent.agent_socket.display()),
+            format!("--kubelet-dir={}", kubelet_dir.display()),
+        ];
+        let plugin = self.spawn_csi(
+            &format!("node-{node}"),
+            &csi_binary,
+            args,
+            Vec::new(),
+            &socket,
+            Some(kubelet_dir),
+        )?;
+        self.csi.push(plugin);
+        wait_for_socket(&socket, SOCKET_TIMEOUT).await?;
+        self.kubelet(node)?.register().await?;
+        Ok(self.csi.last_mut().expect("just pushed"))
+    }
+
+    fn spawn_csi(
+        &self,
+        name: &str,
+        program: &Path,
+        args: Vec<String>,
+        mut env: Vec<(String, String)>,
+        socket: &Path,
+        kubelet_dir: Option<PathBuf>,
+    ) -> Result<CsiProcess> {
+        env.push(("RUST_LOG".into(), self.options.csi.log_filter.clone()));
+        let mut process = Restartable {
+            name: format!("csi {name}"),
+            program: program.to_path_buf(),
+            args,
+            env,
+            log: self.root.path().join(format!("csi-{name}.log")),
+            child: None,
+        };
+        process.start()?;
+        Ok(CsiProcess {
+            name: name.to_string(),
+            socket: socket.to_path_buf(),
+            kubelet_dir,
+            process,
+        })
+    }
+
+    /// The CSI process named `name` (`controller`, `node-<node>`, a sidecar's name).
+    pub fn csi_process(&mut self, name: &str) -> Option<&mut CsiProcess> {
+        self.csi.iter_mut().find(|c| c.name == name)
+    }
+
+    /// A kubelet player for `node`, using its node plugin ([`TestCluster::start_csi`]).
+    pub fn kubelet(&self, node: &str) -> Result<Kubelet> {
+        let plugin = self
+            .csi
+            .iter()
+            .find(|c| c.name == format!("node-{node}"))
+            .ok_or_else(|| Error::Volume(format!("node {node:?} has no CSI node plugin")))?;
+        let dir = plugin
+            .kubelet_dir
+            .clone()
+            .unwrap_or_else(|| self.root.path().join(node).join("kubelet"));
+        Ok(Kubelet::new(
+            self.client.clone(),
+            node,
+            &plugin.socket,
+            &dir,
+            KubeletSettings::default(),
+        ))
+    }
+
+    /// Releases what a failed test may have left on the host under the cluster's
+    /// directory, in the only safe order: filesystems and bind mounts (deepest first),
+    /// loop devices backed by files there (while their FUSE mount still shows the
+    /// path), the FUSE mounts, and the nbdfuse processes serving them. Runs before
+    /// the processes stop.
+    fn release_host_resources(&self) {
+        let root = self.root.path().display().to_string();
+        let mounts: Vec<(String, String)> = std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| {
+                let target = l.split(' ').nth(4)?.to_string();
+                let fs_type = l.split_once(" - ")?.1.split(' ').next()?.to_string();
+                target.starts_with(&root).then_some((target, fs_type))
+            })
+            .collect();
+        let is_fuse = |fs: &str| fs.starts_with("fuse");
+        unmount_all(mounts.iter().filter(|(_, fs)| !is_fuse(fs)).map(|(t, _)| t));
+        for entry in std::fs::read_dir("/sys/block")
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let backing = std::fs::read_to_string(entry.path().join("loop/backing_file"));
+            if name.starts_with("loop") && backing.is_ok_and(|b| b.trim().starts_with(&root)) {
+                tracing::warn!(device = %name, "detaching a leftover loop device");
+                let _ = Command::new("losetup")
+                    .arg("-d")
+                    .arg(format!("/dev/{name}"))
+                    .status();
+            }
+        }
+        unmount_all(mounts.iter().filter(|(_, fs)| is_fuse(fs)).map(|(t, _)| t));
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<libc::pid_t>() else {
+                continue;
+            };
+            let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+            let cmdline = String::from_utf8_lossy(&cmdline);
+            if cmdline.starts_with("nbdfuse") && cmdline.contains(&root) {
+                tracing::warn!(pid, "stopping a leftover nbdfuse");
+                // SAFETY: kill(2) on a pid read from /proc; no memory is touched.
+                unsafe {
+                    libc::kill(pid, libc::SIGKILL);
+                }
+            }
+        }
+    }
+
     /// The agent playing `node`.
     pub fn agent(&mut self, node: &str) -> Option<&mut AgentProcess> {
         self.agents.iter_mut().find(|a| a.node == node)
@@ -593,6 +854,28 @@ impl TestCluster {
             .await
             .map(|l| l.items)
             .unwrap_or_default()
+    }
+}
+
+impl Drop for TestCluster {
+    fn drop(&mut self) {
+        self.release_host_resources();
+    }
+}
+
+/// Unmounts each target, deepest first, lazily when a plain unmount fails.
+fn unmount_all<'a>(targets: impl Iterator<Item = &'a String>) {
+    let mut targets: Vec<&String> = targets.collect();
+    targets.sort_by_key(|t| std::cmp::Reverse(t.len()));
+    for t in targets {
+        tracing::warn!(target = %t, "unmounting a leftover mount");
+        let ok = Command::new("umount")
+            .arg(t)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            let _ = Command::new("umount").arg("-l").arg(t).status();
+        }
     }
 }
 

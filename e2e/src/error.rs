@@ -54,6 +54,16 @@ pub enum Error {
     #[error("parsing {path}: {message}")]
     Manifest { path: PathBuf, message: String },
 
+    #[error("{0}")]
+    Volume(String),
+
+    #[error("{call} on node {node}: {message}")]
+    Csi {
+        call: &'static str,
+        node: String,
+        message: String,
+    },
+
     #[error("`{command}` failed ({status}): {stderr}")]
     Command {
         command: String,

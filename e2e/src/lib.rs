@@ -10,6 +10,7 @@ pub mod controlplane;
 pub mod devices;
 pub mod error;
 pub mod faults;
+pub mod kubelet;
 pub mod local;
 pub mod openmetrics;
 pub mod pki;

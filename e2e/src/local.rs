@@ -12,6 +12,7 @@ use kube::api::{Api, ObjectMeta, PostParams};
 
 use crate::controlplane::{ControlPlane, ControlPlaneOptions};
 use crate::error::{Error, Result};
+use crate::kubelet::{Kubelet, KubeletSettings};
 
 /// Namespace the operator, node agents and CSI driver run in.
 pub const SYSTEM_NAMESPACE: &str = "blockvol-system";
@@ -131,4 +132,76 @@ fn write_peer_secret(path: &Path) -> Result<()> {
         .map_err(|e| Error::io(format!("creating {}", path.display()), e))?;
     std::io::Write::write_all(&mut file, hex.as_bytes())
         .map_err(|e| Error::io(format!("writing {}", path.display()), e))
+}
+
+/// The layout `hack/up.sh` gives a running local cluster's state directory: the
+/// kubeconfig, each node's CSI node plugin socket at `run/<node>/csi.sock`, and the
+/// directory the kubelet player uses for a node at `kubelet/<node>`.
+#[derive(Clone, Debug)]
+pub struct LocalState {
+    dir: PathBuf,
+}
+
+impl LocalState {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        LocalState { dir: dir.into() }
+    }
+
+    pub fn kubeconfig(&self) -> PathBuf {
+        self.dir.join("kubeconfig")
+    }
+
+    /// Socket of `node`'s CSI node plugin.
+    pub fn csi_socket(&self, node: &str) -> PathBuf {
+        self.dir.join("run").join(node).join("csi.sock")
+    }
+
+    /// The kubelet directory of `node`.
+    pub fn kubelet_dir(&self, node: &str) -> PathBuf {
+        self.dir.join("kubelet").join(node)
+    }
+
+    /// Nodes whose node plugin has a socket in this state directory.
+    pub fn kubelet_nodes(&self) -> Result<Vec<String>> {
+        let run = self.dir.join("run");
+        let entries = match std::fs::read_dir(&run) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(Error::io(format!("listing {}", run.display()), e)),
+        };
+        let mut nodes: Vec<String> = entries
+            .filter_map(|e| e.ok())
+            .filter(|e| e.path().join("csi.sock").exists())
+            .filter_map(|e| e.file_name().into_string().ok())
+            .collect();
+        nodes.sort();
+        Ok(nodes)
+    }
+
+    /// A kubelet player for `node`, talking to the cluster named by the kubeconfig.
+    pub async fn kubelet(&self, node: &str) -> Result<Kubelet> {
+        let kubeconfig = self.kubeconfig();
+        if !kubeconfig.is_file() {
+            return Err(Error::Volume(format!(
+                "no local cluster runs under {}: {} is missing (start one with hack/up.sh)",
+                self.dir.display(),
+                kubeconfig.display()
+            )));
+        }
+        let socket = self.csi_socket(node);
+        if !socket.exists() {
+            return Err(Error::Volume(format!(
+                "node {node:?} has no CSI node plugin in this cluster ({} is missing)",
+                socket.display()
+            )));
+        }
+        let client = ControlPlane::external(&kubeconfig).await?.client();
+        Ok(Kubelet::new(
+            client,
+            node,
+            &socket,
+            &self.kubelet_dir(node),
+            KubeletSettings::default(),
+        ))
+    }
 }

@@ -36,6 +36,10 @@ struct Args {
     /// Unix socket of the local blockvol node agent.
     #[arg(long, env = "AGENT_SOCKET", default_value = "/run/blockvol/agent.sock")]
     agent_socket: PathBuf,
+    /// The kubelet's directory (node and all modes): staging and target paths outside
+    /// it are refused. Unset: any absolute path is accepted.
+    #[arg(long, env = "KUBELET_DIR")]
+    kubelet_dir: Option<PathBuf>,
     /// Upper bound of one node-agent call, in milliseconds.
     #[arg(long, default_value_t = 60_000)]
     agent_call_timeout_ms: u64,
@@ -96,6 +100,7 @@ async fn main() -> anyhow::Result<()> {
             commands: CommandSettings {
                 command_timeout_ms: args.command_timeout_ms,
             },
+            kubelet_dir: args.kubelet_dir.clone(),
         })?)
     } else {
         None
