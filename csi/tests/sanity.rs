@@ -97,7 +97,7 @@ async fn csi_sanity_passes_against_mode_all() {
 
     let params = dir.path().join("params.yaml");
     std::fs::write(&params, "fsType: xfs\n").unwrap();
-    let passed = sanity_passes(&sanity, dir.path(), &csi_socket, &params).await;
+    let passed = sanity_passes(&sanity, dir.path(), &csi_socket, &params, None).await;
     operator.abort();
     assert!(passed.0, "csi-sanity failed; full output:\n{}", passed.1);
 }
@@ -147,7 +147,19 @@ async fn csi_sanity_passes_against_a_real_agent_and_operator() {
 
     let params = dir.path().join("params.yaml");
     std::fs::write(&params, "fsType: xfs\nreplicas: \"1\"\n").unwrap();
-    let (passed, log) = sanity_passes(&sanity, dir.path(), &csi_socket, &params).await;
+    // Growing a device while it is published needs the attach to learn the new size;
+    // nbdfuse fixes the size at connect, so with nbdfuse + loop (the attach on hosts
+    // without the nbd module) the node plugin refuses NodeExpand of a published volume
+    // whose device did not grow, and the plugin advertises OFFLINE expansion. The
+    // `--mode all` run above covers this spec with a device that can grow.
+    let (passed, log) = sanity_passes(
+        &sanity,
+        dir.path(),
+        &csi_socket,
+        &params,
+        Some("node-expand is called after node-publish"),
+    )
+    .await;
     assert!(passed, "csi-sanity failed; full output:\n{log}");
     let leftover = std::fs::read_to_string("/proc/mounts")
         .unwrap_or_default()
@@ -172,9 +184,15 @@ impl Drop for UnmountUnder {
 }
 
 /// Runs csi-sanity and prints its summary: (passed, full output).
-async fn sanity_passes(sanity: &Path, dir: &Path, socket: &Path, params: &Path) -> (bool, String) {
+async fn sanity_passes(
+    sanity: &Path,
+    dir: &Path,
+    socket: &Path,
+    params: &Path,
+    skip: Option<&str>,
+) -> (bool, String) {
     let report = dir.join("sanity.log");
-    let status = run_sanity(sanity, dir, socket, params, &report).await;
+    let status = run_sanity(sanity, dir, socket, params, skip, &report).await;
     let log = std::fs::read_to_string(&report).unwrap_or_default();
     let summary: Vec<&str> = log
         .lines()
@@ -218,11 +236,16 @@ async fn run_sanity(
     dir: &Path,
     socket: &Path,
     params: &Path,
+    skip: Option<&str>,
     report: &Path,
 ) -> bool {
     let out = std::fs::File::create(report).unwrap();
     let err = out.try_clone().unwrap();
-    let mut child = tokio::process::Command::new(sanity)
+    let mut cmd = tokio::process::Command::new(sanity);
+    if let Some(pattern) = skip {
+        cmd.arg(format!("--ginkgo.skip={pattern}"));
+    }
+    let mut child = cmd
         .arg(format!("--csi.endpoint=unix://{}", socket.display()))
         .arg(format!(
             "--csi.stagingdir={}",
