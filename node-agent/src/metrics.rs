@@ -186,6 +186,30 @@ impl NbdMetrics {
             replica: replica.to_string(),
             role: role_label(role).to_string(),
         };
+        self.wrap_labels(labels, inner)
+    }
+
+    /// Wraps the forwarding export of `volume` (the one every attached device uses):
+    /// its series carry `role="forwarding"` and an empty `replica`, wherever the
+    /// primary serves, so a device's IO stays in one series across failovers.
+    pub fn wrap_forwarding(
+        &self,
+        volume: &str,
+        inner: Arc<dyn BlockBackend>,
+    ) -> Arc<dyn BlockBackend> {
+        let labels = VolumeLabels {
+            volume: volume.to_string(),
+            replica: String::new(),
+            role: FORWARDING_ROLE.to_string(),
+        };
+        self.wrap_labels(labels, inner)
+    }
+
+    fn wrap_labels(
+        &self,
+        labels: VolumeLabels,
+        inner: Arc<dyn BlockBackend>,
+    ) -> Arc<dyn BlockBackend> {
         *self
             .live
             .lock()
@@ -327,6 +351,9 @@ impl BlockBackend for MeteredBackend {
         self.inner.resize(new_size_bytes)
     }
 }
+
+/// `role` label of a forwarding export's NBD series.
+pub const FORWARDING_ROLE: &str = "forwarding";
 
 fn role_label(role: ReplicaRole) -> &'static str {
     match role {
