@@ -137,7 +137,14 @@ impl RouteClient {
             RouteClient::Tcp(c) => c.call(volume, epoch, op).await.map_err(|e| e.to_string()),
             RouteClient::Local(h) => {
                 // The handler is synchronous and may block on fsync and replication
-                // barriers: keep it off the runtime's workers.
+                // barriers: keep it off the runtime's workers. NBD requests arrive on
+                // blocking-pool threads, where `block_in_place` runs it right there
+                // (no thread hop); a current-thread runtime cannot do that, so it gets
+                // a blocking task.
+                let flavor = tokio::runtime::Handle::current().runtime_flavor();
+                if flavor == tokio::runtime::RuntimeFlavor::MultiThread {
+                    return Ok(tokio::task::block_in_place(|| h.handle(volume, epoch, op)));
+                }
                 let h = h.clone();
                 let volume = volume.clone();
                 tokio::task::spawn_blocking(move || h.handle(&volume, epoch, op))
