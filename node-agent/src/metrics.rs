@@ -793,6 +793,31 @@ mod tests {
     }
 
     #[test]
+    fn forwarding_exports_count_under_their_own_role_until_dropped() {
+        let m = NbdMetrics::default();
+        let mut registry = Registry::with_prefix(METRIC_PREFIX);
+        m.register(&mut registry);
+        let inner = Arc::new(MemBackend::new(8192, 512).expect("backend"));
+        let b = m.wrap_forwarding("v1", inner);
+        b.write(0, &[1u8; 1024]).expect("write");
+        b.flush().expect("flush");
+        let text = render(&registry);
+        let l = r#"volume="v1",replica="",role="forwarding""#;
+        for line in [
+            format!(r#"blockvol_agent_nbd_requests_total{{{l},op="write"}} 1"#),
+            format!(r#"blockvol_agent_nbd_requests_total{{{l},op="flush"}} 1"#),
+            format!(r#"blockvol_agent_nbd_written_bytes_total{{{l}}} 1024"#),
+        ] {
+            assert!(text.contains(&line), "missing {line}:\n{text}");
+        }
+        drop(b);
+        assert!(
+            !render(&registry).contains("role=\"forwarding\""),
+            "a removed forwarding export's series must go"
+        );
+    }
+
+    #[test]
     fn latency_buckets_span_50us_to_10s() {
         let b: Vec<f64> =
             exponential_buckets_range(LATENCY_BUCKET_MIN_S, LATENCY_BUCKET_MAX_S, LATENCY_BUCKETS)
