@@ -18,6 +18,7 @@ use std::time::Duration;
 use api::{BlockReplica, BlockVolume, BlockVolumeSpec, ReplicaRole, ReplicaState, VolumePhase};
 use csi::agent::{Agent, AgentSettings};
 use e2e::cluster::{TestCluster, TestClusterOptions, wait_for};
+use e2e::devices::{AttachmentGuard, leftovers};
 use kube::ResourceExt;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 
@@ -405,6 +406,13 @@ async fn mounted_device_on_the_primary_node_survives_a_planned_move_away() {
         .expect("agent")
         .dir
         .join("agent.log");
+    let data_dir = cluster.agent(&first_node).expect("agent").data_dir.clone();
+    // Tears the attachment down from /proc and /sys if the test fails half-way.
+    let _guard = AttachmentGuard {
+        data_dir: data_dir.clone(),
+        volume: VOLUME.into(),
+        mount_point: root.join("mnt-move"),
+    };
 
     // Attached on the primary's own node: a forwarding export running in process.
     let client = agent_client(&mut cluster, &first_node);
@@ -469,6 +477,8 @@ async fn mounted_device_on_the_primary_node_survives_a_planned_move_away() {
     assert_eq!(files.len(), 32);
     mnt.unmount();
     client.detach(VOLUME).await.expect("detach");
+    let left = leftovers(&data_dir, VOLUME);
+    assert!(left.is_empty(), "detach left {left:?}");
     println!(
         "device on the old primary's node survived the planned move: {} files verified",
         files.len()
@@ -494,6 +504,12 @@ async fn mounted_forwarded_device_survives_restarting_its_agent() {
         .expect("agent")
         .dir
         .join("agent.log");
+    let data_dir = cluster.agent("node-3").expect("agent").data_dir.clone();
+    let _guard = AttachmentGuard {
+        data_dir: data_dir.clone(),
+        volume: VOLUME.into(),
+        mount_point: root.join("mnt-restart"),
+    };
 
     let client = agent_client(&mut cluster, "node-3");
     let dev = attach(&client).await;
@@ -540,11 +556,8 @@ async fn mounted_forwarded_device_survives_restarting_its_agent() {
         stats.message.contains("not served"),
         "the forwarding export survived detach: {stats:?}"
     );
-    let loops = run("losetup", &["-a"]);
-    assert!(
-        !loops.contains(&root.display().to_string()),
-        "a loop device of this test outlives detach: {loops}"
-    );
+    let left = leftovers(&data_dir, VOLUME);
+    assert!(left.is_empty(), "detach after the restart left {left:?}");
     println!(
         "forwarded device survived an agent restart: {} files verified",
         files.len()
