@@ -457,8 +457,8 @@ impl Inner {
     }
 }
 
-/// An NBD backend that forwards to the volume's primary on another agent (see the
-/// module docs for the guarantees).
+/// An NBD backend that forwards to the volume's primary, on another agent over the data
+/// port or on this one in process (see the module docs for the guarantees).
 pub struct ForwardingBackend {
     inner: Arc<Inner>,
     rt: tokio::runtime::Handle,
