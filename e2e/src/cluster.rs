@@ -328,6 +328,15 @@ impl AgentProcess {
         format!("nbd+unix:///{volume}?socket={}", self.nbd_socket.display())
     }
 
+    /// The NBD URI of `volume`'s forwarding export (the one attached devices use), on
+    /// the agent's forwarding socket next to its NBD socket.
+    pub fn forward_uri(&self, volume: &str) -> String {
+        format!(
+            "nbd+unix:///{volume}?socket={}",
+            self.nbd_socket.with_file_name("forward.sock").display()
+        )
+    }
+
     pub fn log_tail(&self) -> String {
         self.process.log_tail()
     }

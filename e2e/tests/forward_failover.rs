@@ -4,6 +4,11 @@
 //! replica. The primary's agent is SIGKILLed, the operator promotes the other member,
 //! and IO through the same mounted device resumes; every file written and synced before
 //! the kill reads back identical (after a remount, so from the device, not the cache).
+//!
+//! Every device goes through a forwarding export, also on the primary's own node (in
+//! process there), so a planned move of the primary away from the device's node and a
+//! restart of the device node's agent pause the mounted filesystem instead of breaking
+//! it.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -13,8 +18,9 @@ use std::time::Duration;
 use api::{BlockReplica, BlockVolume, BlockVolumeSpec, ReplicaRole, ReplicaState, VolumePhase};
 use csi::agent::{Agent, AgentSettings};
 use e2e::cluster::{TestCluster, TestClusterOptions, wait_for};
+use e2e::devices::{AttachmentGuard, leftovers};
 use kube::ResourceExt;
-use kube::api::{Api, PostParams};
+use kube::api::{Api, Patch, PatchParams, PostParams};
 
 const VOLUME: &str = "fwd-vol";
 const TIMEOUT: Duration = Duration::from_secs(90);
@@ -96,9 +102,8 @@ async fn write_files(dir: &Path, first: u64, n: u64) -> BTreeMap<String, Vec<u8>
     .expect("writer")
 }
 
-/// The `forwarding re-routed` events in an agent's log that moved to `new_primary`,
-/// as their `pause_ms` values.
-fn reroute_pauses(log: &Path, new_primary: &str) -> Vec<u64> {
+/// An agent's log without ANSI colour sequences.
+fn plain_log(log: &Path) -> String {
     let text = std::fs::read_to_string(log).unwrap_or_default();
     // Strip ANSI colour sequences the log formatter may add.
     let mut plain = String::with_capacity(text.len());
@@ -112,6 +117,12 @@ fn reroute_pauses(log: &Path, new_primary: &str) -> Vec<u64> {
         }
     }
     plain
+}
+
+/// The `forwarding re-routed` events in an agent's log that moved to `new_primary`,
+/// as their `pause_ms` values.
+fn reroute_pauses(log: &Path, new_primary: &str) -> Vec<u64> {
+    plain_log(log)
         .lines()
         .filter(|l| {
             l.contains("forwarding re-routed") && l.contains(&format!("new_primary={new_primary}"))
@@ -179,6 +190,41 @@ impl Drop for Device {
     }
 }
 
+/// A client of `node`'s attach service.
+fn agent_client(c: &mut TestCluster, node: &str) -> Agent {
+    let a = c.agent(node).expect("agent");
+    Agent::new(&AgentSettings {
+        socket_path: a.agent_socket.clone(),
+        agent_call_timeout_ms: 120_000,
+    })
+    .expect("agent client")
+}
+
+/// Starts two agents and the operator and creates the RF 2 volume (on node-1 and
+/// node-2); returns the cluster, the primary's node and its epoch once Ready.
+async fn two_node_volume() -> (TestCluster, String, u64) {
+    let cluster = TestCluster::start(TestClusterOptions::nodes(2))
+        .await
+        .expect("cluster");
+    Api::<BlockVolume>::all(cluster.client.clone())
+        .create(&PostParams::default(), &{
+            let mut spec = BlockVolumeSpec::with_size("64Mi");
+            spec.replicas = 2;
+            BlockVolume::new(VOLUME, spec)
+        })
+        .await
+        .expect("create volume");
+    let (_, node, epoch) = ready(&cluster, 1).await;
+    (cluster, node, epoch)
+}
+
+/// Whether `log` has a line containing every one of `words`.
+fn log_has(log: &Path, words: &[&str]) -> bool {
+    plain_log(log)
+        .lines()
+        .any(|l| words.iter().all(|w| l.contains(w)))
+}
+
 async fn attach(agent: &Agent) -> Device {
     Device {
         path: agent
@@ -222,14 +268,7 @@ async fn mounted_forwarded_device_survives_killing_the_primary_agent() {
         .collect();
     assert!(!nodes.contains(&"node-3".to_string()), "{nodes:?}");
 
-    let agent_of = |c: &mut TestCluster, node: &str| {
-        let a = c.agent(node).expect("agent");
-        Agent::new(&AgentSettings {
-            socket_path: a.agent_socket.clone(),
-            agent_call_timeout_ms: 120_000,
-        })
-        .expect("agent client")
-    };
+    let agent_of = agent_client;
     let root = cluster.root.path().to_path_buf();
 
     // Phase 1: node-3 (no replica) forwards to the primary.
@@ -349,4 +388,178 @@ async fn ready_without(c: &TestCluster, dead_node: &str, old_epoch: u64) -> (Str
     })
     .await
     .expect("promotion")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn mounted_device_on_the_primary_node_survives_a_planned_move_away() {
+    let (mut cluster, first_node, epoch1) = two_node_volume().await;
+    let other = cluster
+        .replicas(VOLUME)
+        .await
+        .iter()
+        .map(|r| r.spec.node.clone())
+        .find(|n| *n != first_node)
+        .expect("the other member's node");
+    let root = cluster.root.path().to_path_buf();
+    let log = cluster
+        .agent(&first_node)
+        .expect("agent")
+        .dir
+        .join("agent.log");
+    let data_dir = cluster.agent(&first_node).expect("agent").data_dir.clone();
+    // Tears the attachment down from /proc and /sys if the test fails half-way.
+    let _guard = AttachmentGuard {
+        data_dir: data_dir.clone(),
+        volume: VOLUME.into(),
+        mount_point: root.join("mnt-move"),
+    };
+
+    // Attached on the primary's own node: a forwarding export running in process.
+    let client = agent_client(&mut cluster, &first_node);
+    let dev = attach(&client).await;
+    assert!(
+        log_has(&log, &["forwarding export created", "in_process=true"]),
+        "the device on the primary's node does not use the in-process route"
+    );
+    run("mkfs.ext4", &["-q", "-F", &dev.path]);
+    let mut mnt = Mounted::mount(&dev.path, &root.join("mnt-move"));
+    let mut files = write_files(&mnt.dir, 0, 16).await;
+
+    // A planned move: the operator demotes this node's primary and promotes the other
+    // member at epoch + 1; writes and a sync go on while it happens.
+    let started = std::time::Instant::now();
+    Api::<BlockVolume>::all(cluster.client.clone())
+        .patch(
+            VOLUME,
+            &PatchParams::default(),
+            &Patch::Merge(&serde_json::json!({
+                "metadata": {"annotations": {(api::ANNOTATION_MOVE_PRIMARY_TO): other.clone()}}
+            })),
+        )
+        .await
+        .expect("annotate the move");
+    files.extend(write_files(&mnt.dir, 16, 8).await);
+    let (_, moved_to, epoch2) = ready(&cluster, epoch1 + 1).await;
+    assert_eq!(moved_to, other, "the primary moved to the requested node");
+    println!(
+        "primary moved {first_node} -> {moved_to} (epoch {epoch1} -> {epoch2}) in {:?}",
+        started.elapsed()
+    );
+    // IO after the move goes through the same mounted device, now over the data port.
+    files.extend(write_files(&mnt.dir, 24, 8).await);
+    let pauses = reroute_pauses(&log, &other);
+    assert!(
+        !pauses.is_empty(),
+        "{first_node} never re-routed the device's IO to {other}"
+    );
+    assert!(
+        log_has(
+            &log,
+            &[
+                "forwarding re-routed",
+                &format!("new_primary={other}"),
+                "path=\"data-port\""
+            ]
+        ) || log_has(
+            &log,
+            &[
+                "forwarding re-routed",
+                &format!("new_primary={other}"),
+                "path=data-port"
+            ]
+        ),
+        "the re-route to {other} did not use the data port"
+    );
+    println!("{first_node} re-routed to {other}: pause_ms {pauses:?}");
+    mnt.unmount();
+    let mut mnt = Mounted::mount(&dev.path, &mnt.dir.clone());
+    verify(&mnt.dir, &files);
+    assert_eq!(files.len(), 32);
+    mnt.unmount();
+    client.detach(VOLUME).await.expect("detach");
+    let left = leftovers(&data_dir, VOLUME);
+    assert!(left.is_empty(), "detach left {left:?}");
+    println!(
+        "device on the old primary's node survived the planned move: {} files verified",
+        files.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn mounted_forwarded_device_survives_restarting_its_agent() {
+    let (mut cluster, _, _) = two_node_volume().await;
+    cluster
+        .control_plane
+        .create_node("node-3", &BTreeMap::new())
+        .await
+        .expect("node-3");
+    cluster.add_agent("node-3").expect("node-3 agent");
+    cluster
+        .wait_registered(TIMEOUT)
+        .await
+        .expect("node-3 registered");
+    let root = cluster.root.path().to_path_buf();
+    let log = cluster
+        .agent("node-3")
+        .expect("agent")
+        .dir
+        .join("agent.log");
+    let data_dir = cluster.agent("node-3").expect("agent").data_dir.clone();
+    let _guard = AttachmentGuard {
+        data_dir: data_dir.clone(),
+        volume: VOLUME.into(),
+        mount_point: root.join("mnt-restart"),
+    };
+
+    let client = agent_client(&mut cluster, "node-3");
+    let dev = attach(&client).await;
+    run("mkfs.ext4", &["-q", "-F", &dev.path]);
+    let mut mnt = Mounted::mount(&dev.path, &root.join("mnt-restart"));
+    let mut files = write_files(&mnt.dir, 0, 16).await;
+
+    // SIGKILL the device node's agent; writes and a sync are in flight while it is
+    // down (the attach proxy holds them) and complete once it is back.
+    cluster.agent("node-3").expect("agent").kill();
+    let dir = mnt.dir.clone();
+    let writer = tokio::spawn(async move { write_files(&dir, 16, 8).await });
+    let started = std::time::Instant::now();
+    cluster
+        .agent("node-3")
+        .expect("agent")
+        .restart()
+        .expect("restart node-3's agent");
+    files.extend(writer.await.expect("writer across the restart"));
+    println!(
+        "writes + sync across the agent restart took {:?}",
+        started.elapsed()
+    );
+    assert!(
+        log_has(&log, &["restored the forwarding export", VOLUME]),
+        "the restarted agent did not log restoring the export"
+    );
+    files.extend(write_files(&mnt.dir, 24, 8).await);
+    mnt.unmount();
+    let mut mnt = Mounted::mount(&dev.path, &mnt.dir.clone());
+    verify(&mnt.dir, &files);
+    assert_eq!(files.len(), 32);
+    mnt.unmount();
+
+    // Detach after the restart still removes the device and the export.
+    let client = agent_client(&mut cluster, "node-3");
+    client
+        .detach(VOLUME)
+        .await
+        .expect("detach after the restart");
+    let stats = client.stats(VOLUME).await.expect("stats");
+    assert!(!stats.attached, "still attached after detach: {stats:?}");
+    assert!(
+        stats.message.contains("not served"),
+        "the forwarding export survived detach: {stats:?}"
+    );
+    let left = leftovers(&data_dir, VOLUME);
+    assert!(left.is_empty(), "detach after the restart left {left:?}");
+    println!(
+        "forwarded device survived an agent restart: {} files verified",
+        files.len()
+    );
 }

@@ -15,7 +15,7 @@ use tokio_stream::wrappers::UnixListenerStream;
 
 use crate::attach::{Attacher, FuseLoopAttacher, FuseLoopConfig, ProxyCommand};
 use crate::attach_service::{AttachService, Forwarding};
-use crate::forward::{ForwardSettings, KubeResolver};
+use crate::forward::{ForwardSettings, KubeResolver, LocalPath};
 use crate::k8s::{
     AgentContext, LeaseRenewer, LeaseSettings, NodeRegistration, ReplicaSettings, keep_registered,
     run_replicas, validate_data_address,
@@ -410,7 +410,7 @@ impl Agent {
                 .map_err(bind_err)?;
             metrics_addr = Some(l.local_addr().map_err(bind_err)?);
             let metrics = Arc::new(AgentMetrics::new(
-                nbd_metrics,
+                nbd_metrics.clone(),
                 runtime.clone(),
                 lease.clone(),
                 readiness.clone(),
@@ -448,13 +448,28 @@ impl Agent {
                 },
                 resolver: Arc::new(KubeResolver::new(client.clone())),
                 remove_wait_ms: EngineSettings::default().export_remove_wait_ms,
+                local: Some(LocalPath {
+                    node: settings.node_name.clone(),
+                    primaries: Arc::new(runtime.local_primaries()),
+                }),
+                metrics: Some(nbd_metrics),
             });
+        let service = Arc::new(service);
+        {
+            // Devices attached before a restart are kept by their attach proxies, which
+            // re-dial the forwarding socket: give them their exports back.
+            let service = service.clone();
+            tasks.push(tokio::spawn(async move {
+                let restored = service.restore_forwarding().await;
+                tracing::info!(restored, "forwarding exports of attached devices restored");
+            }));
+        }
         let incoming = bind_unix(&settings.agent_socket)?;
         tasks.push(tokio::spawn(async move {
             let r = tonic::transport::Server::builder()
-                .add_service(csi::agent_proto::node_agent_server::NodeAgentServer::new(
-                    service,
-                ))
+                .add_service(
+                    csi::agent_proto::node_agent_server::NodeAgentServer::from_arc(service),
+                )
                 .serve_with_incoming(incoming)
                 .await;
             if let Err(e) = r {

@@ -2,6 +2,13 @@
 //! defined in csi/proto/agent.proto): Attach turns the volume's NBD export on this node
 //! into a kernel block device through an [`Attacher`]; every call is idempotent and
 //! errors carry the gRPC codes the proto documents.
+//!
+//! With forwarding on (the agent's setup), every device is attached through a
+//! forwarding export, also when the primary serves on this node (it then runs requests
+//! in process): one path that survives the primary moving away. Forwarding exports live
+//! in agent memory, so [`AttachService::restore_forwarding`] re-creates them at start for
+//! every attachment the attacher persisted, before the attach proxy gives up
+//! reconnecting.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -14,7 +21,10 @@ use csi::agent_proto::{
 use tonic::{Request, Response, Status};
 
 use crate::attach::{self, Attacher, validate_volume_name};
-use crate::forward::{ForwardSettings, ForwardingBackend, PrimaryResolver, ResolveError};
+use crate::forward::{
+    ForwardSettings, ForwardingBackend, LocalPath, PrimaryResolver, ResolveError,
+};
+use crate::metrics::NbdMetrics;
 use crate::nbd::{BlockBackend, ExportRegistry};
 
 /// Which volumes have a local replica at all (to tell NOT_FOUND from
@@ -31,6 +41,10 @@ pub struct Forwarding {
     pub resolver: Arc<dyn PrimaryResolver>,
     /// How long removing a forwarding export waits for its connections to close.
     pub remove_wait_ms: u64,
+    /// This node's primaries, for the in-process fast path (None: always the data port).
+    pub local: Option<LocalPath>,
+    /// Counts the IO of every forwarding export, when set.
+    pub metrics: Option<NbdMetrics>,
 }
 
 /// The attach service: exports come from the NBD registry (a local primary) or are
@@ -68,14 +82,15 @@ impl AttachService {
         self
     }
 
-    /// The export serving `volume` here and the socket it is on: an existing forwarding
-    /// export first (a device attached through it stays on it even when the primary moves
-    /// here), else a local primary's export.
+    /// The export serving `volume` here and the socket it is on: with forwarding, only
+    /// a forwarding export (devices never attach to a local primary's export, which
+    /// disappears when the primary moves away); without, a local primary's export.
     fn served(&self, volume: &str) -> Option<(Arc<dyn BlockBackend>, PathBuf)> {
-        if let Some(f) = &self.forwarding
-            && let Some(e) = f.exports.get(volume)
-        {
-            return Some((e.backend().clone(), f.nbd_socket.clone()));
+        if let Some(f) = &self.forwarding {
+            return f
+                .exports
+                .get(volume)
+                .map(|e| (e.backend().clone(), f.nbd_socket.clone()));
         }
         self.exports
             .get(volume)
@@ -103,25 +118,31 @@ impl AttachService {
                 return Err(Status::failed_precondition(e.to_string()));
             }
         }
-        let backend = ForwardingBackend::open(
+        let backend = ForwardingBackend::open_with_local(
             volume,
             f.net.clone(),
             f.settings.clone(),
             f.resolver.clone(),
+            f.local.clone(),
         )
         .await
         .map_err(|e| Status::unavailable(format!("volume {volume}: reaching its primary: {e}")))?;
         let typed = Arc::new(backend);
-        let backend: Arc<dyn BlockBackend> = typed.clone();
+        let backend: Arc<dyn BlockBackend> = match &f.metrics {
+            Some(m) => m.wrap_forwarding(volume, typed.clone()),
+            None => typed.clone(),
+        };
         match f.exports.add(volume, backend.clone()) {
             Ok(_) => {
-                self.forwarded_map().insert(volume.to_string(), typed);
+                self.forwarded_map()
+                    .insert(volume.to_string(), typed.clone());
             }
             // A concurrent Attach made it first; use that one.
             Err(crate::nbd::Error::ExportExists(_)) => {}
             Err(e) => return Err(Status::internal(format!("forwarding export: {e}"))),
         }
-        tracing::info!(volume, "forwarding export created");
+        let in_process = typed.is_local().await;
+        tracing::info!(volume, in_process, "forwarding export created");
         let served = f.exports.get(volume).map(|e| e.backend().clone());
         Ok((served.unwrap_or(backend), f.nbd_socket.clone()))
     }
@@ -147,6 +168,52 @@ impl AttachService {
                 "removing the forwarding export: {e}"
             ))),
         }
+    }
+
+    /// Re-creates the forwarding export of every attachment the attacher persisted on
+    /// the forwarding socket (they live in agent memory, so an agent restart lost them
+    /// while the attach proxies keep the devices and re-dial). Each volume is restored
+    /// on its own: one waits for its primary up to `failover_wait_ms` without holding
+    /// up the others. Returns how many exports were restored.
+    ///
+    /// A volume whose primary stays unreachable for that long is logged and left; the
+    /// next Attach of it (the CSI node plugin retries staging) creates the export.
+    pub async fn restore_forwarding(&self) -> usize {
+        let Some(f) = &self.forwarding else {
+            return 0;
+        };
+        let attachments = match self.blocking(|a| a.list()).await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(error = %e, "listing persisted attachments to restore");
+                return 0;
+            }
+        };
+        let mine: Vec<_> = attachments
+            .into_iter()
+            .filter(|a| a.socket == f.nbd_socket)
+            .collect();
+        let restored = futures::future::join_all(mine.iter().map(|a| async move {
+            if f.exports.get(&a.volume).is_some() {
+                return true;
+            }
+            match self.open_forwarding(&a.volume).await {
+                Ok(_) => {
+                    tracing::info!(
+                        volume = %a.volume,
+                        device = %a.device.as_ref().map(|d| d.display().to_string()).unwrap_or_default(),
+                        "restored the forwarding export of an attached device"
+                    );
+                    true
+                }
+                Err(e) => {
+                    tracing::error!(volume = %a.volume, error = %e.message(), "restoring the forwarding export of an attached device failed");
+                    false
+                }
+            }
+        }))
+        .await;
+        restored.into_iter().filter(|ok| *ok).count()
     }
 
     fn check_name(volume: &str) -> Result<(), Status> {

@@ -1,7 +1,9 @@
-//! Forwarding frontend: serves a volume over NBD on a node whose agent does not hold the
-//! volume's primary, by sending every request to the primary's agent over the data port
-//! (engine `replication::forward`). The kernel device talks to this agent only, so a
-//! failover moves the primary without the device noticing more than a pause.
+//! Forwarding frontend: serves a volume over NBD by sending every request to the
+//! volume's primary — over the data port (engine `replication::forward`) when the primary
+//! is on another node, in process through the same [`ForwardHandler`] when it serves on
+//! this node (the fast path: no TCP round trip to our own data port). Every attached
+//! device goes through such an export, so a failover or a planned move of the primary,
+//! also away from this node, pauses the device instead of breaking it.
 //!
 //! # Guarantees
 //! - A request is answered only by an agent serving the primary at the epoch the
@@ -34,7 +36,8 @@ use std::time::{Duration, Instant};
 use engine::Epoch;
 use engine::replication::wire::FORWARD_DATA_BYTES_MAX;
 use engine::replication::{
-    ForwardClient, ForwardOp, ForwardOutcome, ForwardPayload, ForwardStatus, NetConfig, VolumeId,
+    ForwardClient, ForwardHandler, ForwardOp, ForwardOutcome, ForwardPayload, ForwardStatus,
+    NetConfig, VolumeId,
 };
 use futures::future::BoxFuture;
 
@@ -96,6 +99,70 @@ pub trait PrimaryResolver: Send + Sync + 'static {
     -> BoxFuture<'a, Result<PrimaryTarget, ResolveError>>;
 }
 
+/// Executes forwarded operations on this node's serving primaries (the agent's
+/// `LocalPrimaries`): the same handler the data port runs forwarded requests on, so the
+/// epoch, writability and Lease checks are identical on both paths.
+pub trait LocalExecutor: ForwardHandler {
+    /// Whether a primary of `volume` serves on this node right now.
+    fn serves(&self, volume: &str) -> bool;
+}
+
+/// Lets a forwarding export run requests in process when the resolved primary is this
+/// node (compared by node name) and it serves the volume here.
+#[derive(Clone)]
+pub struct LocalPath {
+    /// This node's name, as `PrimaryTarget::node` spells it.
+    pub node: String,
+    pub primaries: Arc<dyn LocalExecutor>,
+}
+
+/// How the current route reaches its primary. Both variants answer with the primary's
+/// `ForwardOutcome`, so re-routing and replay do not care which one is in use.
+enum RouteClient {
+    /// The primary's data port on another node (or ours, when no local primary serves).
+    Tcp(Arc<ForwardClient>),
+    /// This node's primary, called in process.
+    Local(Arc<dyn LocalExecutor>),
+}
+
+impl RouteClient {
+    /// Runs `op` on the primary; an `Err` is a connection-level failure (re-route).
+    async fn call(
+        &self,
+        volume: &VolumeId,
+        epoch: Epoch,
+        op: ForwardOp,
+    ) -> Result<ForwardOutcome, String> {
+        match self {
+            RouteClient::Tcp(c) => c.call(volume, epoch, op).await.map_err(|e| e.to_string()),
+            RouteClient::Local(h) => {
+                // The handler is synchronous and may block on fsync and replication
+                // barriers: keep it off the runtime's workers. NBD requests arrive on
+                // blocking-pool threads, where `block_in_place` runs it right there
+                // (no thread hop); a current-thread runtime cannot do that, so it gets
+                // a blocking task.
+                let flavor = tokio::runtime::Handle::current().runtime_flavor();
+                if flavor == tokio::runtime::RuntimeFlavor::MultiThread {
+                    return Ok(tokio::task::block_in_place(|| h.handle(volume, epoch, op)));
+                }
+                let h = h.clone();
+                let volume = volume.clone();
+                tokio::task::spawn_blocking(move || h.handle(&volume, epoch, op))
+                    .await
+                    .map_err(|e| format!("local primary call: {e}"))
+            }
+        }
+    }
+
+    /// For logs: how requests reach the primary.
+    fn path(&self) -> &'static str {
+        match self {
+            RouteClient::Tcp(_) => "data-port",
+            RouteClient::Local(_) => "in-process",
+        }
+    }
+}
+
 /// One operation kept for replay.
 #[derive(Debug)]
 struct Kept {
@@ -144,7 +211,7 @@ impl ReplayLog {
 struct Route {
     generation: u64,
     target: Option<PrimaryTarget>,
-    client: Option<Arc<ForwardClient>>,
+    client: Option<Arc<RouteClient>>,
 }
 
 struct Inner {
@@ -152,6 +219,7 @@ struct Inner {
     net: NetConfig,
     settings: ForwardSettings,
     resolver: Arc<dyn PrimaryResolver>,
+    local: Option<LocalPath>,
     /// Requests hold it shared for their whole round trip (and the replay-log update
     /// after it); a switch holds it exclusively, so it never misses a write acknowledged
     /// on the old route.
@@ -215,7 +283,7 @@ impl Inner {
                 }
                 (generation, a, mark)
             }
-            Err(e) => (generation, Attempt::Reroute(e.to_string()), mark),
+            Err(e) => (generation, Attempt::Reroute(e), mark),
         }
     }
 
@@ -301,6 +369,7 @@ impl Inner {
                         old_primary = old.as_ref().map(|t| t.node.as_str()).unwrap_or("-"),
                         new_primary = %target.node,
                         new_address = %target.addr,
+                        path = client.path(),
                         epoch = target.epoch.0,
                         pause_ms = started.elapsed().as_millis() as u64,
                         attempts,
@@ -332,16 +401,22 @@ impl Inner {
     }
 
     /// One resolve + connect + replay round. Returns the replayed (ops, bytes).
-    async fn try_route(&self) -> Result<(PrimaryTarget, ForwardClient, (u64, u64)), String> {
+    async fn try_route(&self) -> Result<(PrimaryTarget, RouteClient, (u64, u64)), String> {
         let target = self
             .resolver
             .resolve(self.volume.as_str())
             .await
             .map_err(|e| e.to_string())?;
-        let client =
-            ForwardClient::connect(target.addr, &self.net, self.settings.request_timeout_ms)
-                .await
-                .map_err(|e| e.to_string())?;
+        let client = match &self.local {
+            Some(l) if l.node == target.node && l.primaries.serves(self.volume.as_str()) => {
+                RouteClient::Local(l.primaries.clone())
+            }
+            _ => RouteClient::Tcp(Arc::new(
+                ForwardClient::connect(target.addr, &self.net, self.settings.request_timeout_ms)
+                    .await
+                    .map_err(|e| e.to_string())?,
+            )),
+        };
         // The log cannot change while the route is held exclusively; copy it out so no
         // lock is held across the network round trips.
         let ops: Vec<ForwardOp> = lock(&self.replay)
@@ -382,8 +457,8 @@ impl Inner {
     }
 }
 
-/// An NBD backend that forwards to the volume's primary on another agent (see the
-/// module docs for the guarantees).
+/// An NBD backend that forwards to the volume's primary, on another agent over the data
+/// port or on this one in process (see the module docs for the guarantees).
 pub struct ForwardingBackend {
     inner: Arc<Inner>,
     rt: tokio::runtime::Handle,
@@ -393,12 +468,24 @@ pub struct ForwardingBackend {
 
 impl ForwardingBackend {
     /// Resolves the primary, connects and reads the geometry. Fails if no primary is
-    /// reachable within `failover_wait_ms`.
+    /// reachable within `failover_wait_ms`. Always goes over the data port.
     pub async fn open(
         volume: &str,
         net: NetConfig,
         settings: ForwardSettings,
         resolver: Arc<dyn PrimaryResolver>,
+    ) -> Result<Self, BackendError> {
+        Self::open_with_local(volume, net, settings, resolver, None).await
+    }
+
+    /// Like [`ForwardingBackend::open`], with the in-process fast path to this node's
+    /// primaries when `local` is given.
+    pub async fn open_with_local(
+        volume: &str,
+        net: NetConfig,
+        settings: ForwardSettings,
+        resolver: Arc<dyn PrimaryResolver>,
+        local: Option<LocalPath>,
     ) -> Result<Self, BackendError> {
         let volume = VolumeId::new(volume.to_string())
             .map_err(|e| BackendError::Invalid(format!("volume name: {e}")))?;
@@ -407,6 +494,7 @@ impl ForwardingBackend {
             net,
             settings,
             resolver,
+            local,
             route: tokio::sync::RwLock::new(Route::default()),
             replay: Mutex::new(ReplayLog::default()),
             switches: AtomicU64::new(0),
@@ -430,6 +518,14 @@ impl ForwardingBackend {
     /// The primary requests currently go to.
     pub async fn current_primary(&self) -> Option<PrimaryTarget> {
         self.inner.route.read().await.target.clone()
+    }
+
+    /// Whether requests currently run in process on this node's primary.
+    pub async fn is_local(&self) -> bool {
+        matches!(
+            self.inner.route.read().await.client.as_deref(),
+            Some(RouteClient::Local(_))
+        )
     }
 
     /// How many times the route was switched (first connection included).

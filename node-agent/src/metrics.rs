@@ -186,6 +186,30 @@ impl NbdMetrics {
             replica: replica.to_string(),
             role: role_label(role).to_string(),
         };
+        self.wrap_labels(labels, inner)
+    }
+
+    /// Wraps the forwarding export of `volume` (the one every attached device uses):
+    /// its series carry `role="forwarding"` and an empty `replica`, wherever the
+    /// primary serves, so a device's IO stays in one series across failovers.
+    pub fn wrap_forwarding(
+        &self,
+        volume: &str,
+        inner: Arc<dyn BlockBackend>,
+    ) -> Arc<dyn BlockBackend> {
+        let labels = VolumeLabels {
+            volume: volume.to_string(),
+            replica: String::new(),
+            role: FORWARDING_ROLE.to_string(),
+        };
+        self.wrap_labels(labels, inner)
+    }
+
+    fn wrap_labels(
+        &self,
+        labels: VolumeLabels,
+        inner: Arc<dyn BlockBackend>,
+    ) -> Arc<dyn BlockBackend> {
         *self
             .live
             .lock()
@@ -327,6 +351,9 @@ impl BlockBackend for MeteredBackend {
         self.inner.resize(new_size_bytes)
     }
 }
+
+/// `role` label of a forwarding export's NBD series.
+pub const FORWARDING_ROLE: &str = "forwarding";
 
 fn role_label(role: ReplicaRole) -> &'static str {
     match role {
@@ -763,6 +790,31 @@ mod tests {
         drop(again);
         let text = render(&registry);
         assert!(!text.contains("volume=\"v1\""), "{text}");
+    }
+
+    #[test]
+    fn forwarding_exports_count_under_their_own_role_until_dropped() {
+        let m = NbdMetrics::default();
+        let mut registry = Registry::with_prefix(METRIC_PREFIX);
+        m.register(&mut registry);
+        let inner = Arc::new(MemBackend::new(8192, 512).expect("backend"));
+        let b = m.wrap_forwarding("v1", inner);
+        b.write(0, &[1u8; 1024]).expect("write");
+        b.flush().expect("flush");
+        let text = render(&registry);
+        let l = r#"volume="v1",replica="",role="forwarding""#;
+        for line in [
+            format!(r#"blockvol_agent_nbd_requests_total{{{l},op="write"}} 1"#),
+            format!(r#"blockvol_agent_nbd_requests_total{{{l},op="flush"}} 1"#),
+            format!(r#"blockvol_agent_nbd_written_bytes_total{{{l}}} 1024"#),
+        ] {
+            assert!(text.contains(&line), "missing {line}:\n{text}");
+        }
+        drop(b);
+        assert!(
+            !render(&registry).contains("role=\"forwarding\""),
+            "a removed forwarding export's series must go"
+        );
     }
 
     #[test]

@@ -141,6 +141,14 @@ impl LocalPrimaries {
     }
 }
 
+impl crate::forward::LocalExecutor for LocalPrimaries {
+    /// A primary that is here but not writable (fenced, deposed) does not count: the
+    /// forwarder then asks the data port, which answers with the routing status.
+    fn serves(&self, volume: &str) -> bool {
+        self.get(volume).is_some_and(|b| b.check_writable().is_ok())
+    }
+}
+
 fn forward_status(e: &BackendError) -> ForwardStatus {
     match e {
         BackendError::Io(_) => ForwardStatus::Io,

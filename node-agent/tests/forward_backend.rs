@@ -19,7 +19,8 @@ use engine::replication::{
 };
 use futures::future::BoxFuture;
 use node_agent::forward::{
-    ForwardSettings, ForwardingBackend, PrimaryResolver, PrimaryTarget, ResolveError, execute_on,
+    ForwardSettings, ForwardingBackend, LocalExecutor, LocalPath, PrimaryResolver, PrimaryTarget,
+    ResolveError, execute_on,
 };
 use node_agent::nbd::{BlockBackend, MemBackend};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -66,6 +67,12 @@ impl ForwardHandler for FakePrimary {
             Ok(p) => ForwardOutcome::ok(mine, p),
             Err(e) => ForwardOutcome::failed(ForwardStatus::Io, e.to_string()),
         }
+    }
+}
+
+impl LocalExecutor for FakePrimary {
+    fn serves(&self, volume: &str) -> bool {
+        volume == VOLUME && self.serving.load(Ordering::Acquire)
     }
 }
 
@@ -288,6 +295,105 @@ async fn acknowledged_unflushed_writes_are_replayed_on_a_new_primary_before_its_
     resolver.set(m.target("m"));
     blocking(&b, |b| b.flush()).await.expect("flush on m");
     assert_eq!(m.ops(), vec!["FLUSH".to_string()]);
+}
+
+/// A TCP listener that counts the connections made to it and closes them: stands in
+/// for this node's own data port, which the fast path must not use.
+async fn counting_listener() -> (SocketAddr, Arc<AtomicU64>, tokio::task::JoinHandle<()>) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let n = Arc::new(AtomicU64::new(0));
+    let counted = n.clone();
+    let task = tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            counted.fetch_add(1, Ordering::AcqRel);
+            drop(s);
+        }
+    });
+    (addr, n, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_local_primary_runs_requests_in_process_and_moving_it_away_replays_unflushed_writes() {
+    let here = Arc::new(FakePrimary {
+        mem: mem(),
+        epoch: AtomicU64::new(1),
+        serving: AtomicBool::new(true),
+        ops: Mutex::new(Vec::new()),
+    });
+    let (own_port, connections, listener) = counting_listener().await;
+    let resolver = Arc::new(TestResolver::default());
+    resolver.set(PrimaryTarget {
+        node: "node-here".into(),
+        addr: own_port,
+        epoch: Epoch(1),
+    });
+    let b = Arc::new(
+        ForwardingBackend::open_with_local(
+            VOLUME,
+            NetConfig::new("node-here", SECRET),
+            settings(),
+            resolver.clone(),
+            Some(LocalPath {
+                node: "node-here".into(),
+                primaries: here.clone(),
+            }),
+        )
+        .await
+        .expect("open with a local primary"),
+    );
+    assert!(b.is_local().await, "the route is in process");
+    blocking(&b, |b| b.write(0, &[0x21; 4096]))
+        .await
+        .expect("w0");
+    blocking(&b, |b| b.flush()).await.expect("flush w0");
+    blocking(&b, |b| b.write(4096, &[0x22; 4096]))
+        .await
+        .expect("w1, acknowledged only");
+    let got = blocking(&b, |b| read(b, 0, 8192)).await;
+    assert!(got[..4096].iter().all(|&x| x == 0x21) && got[4096..].iter().all(|&x| x == 0x22));
+    assert_eq!(
+        here.ops.lock().unwrap().clone(),
+        [
+            "GEOMETRY",
+            "WRITE 0+4096",
+            "FLUSH",
+            "WRITE 4096+4096",
+            "READ"
+        ],
+        "every request ran on the local primary"
+    );
+    assert_eq!(
+        connections.load(Ordering::Acquire),
+        0,
+        "no connection to this node's own data port"
+    );
+
+    // A planned move: the local primary is demoted and another node serves at epoch 2
+    // with only what was flushed. The acknowledged W1 is replayed there before FLUSH.
+    here.serving.store(false, Ordering::Release);
+    let moved = mem();
+    moved.write(0, &[0x21; 4096]).unwrap();
+    let remote = Primary::start("node-there", 2, moved.clone()).await;
+    resolver.set(remote.target("node-there"));
+    blocking(&b, |b| b.flush())
+        .await
+        .expect("flush on the new primary");
+    assert!(!b.is_local().await, "the route moved to the data port");
+    assert_eq!(
+        remote.ops(),
+        ["WRITE 4096+4096", "FLUSH"],
+        "the unflushed write was replayed before the flush"
+    );
+    let mut img = vec![0u8; 8192];
+    moved.read(0, &mut img).unwrap();
+    assert!(
+        img[4096..].iter().all(|&x| x == 0x22),
+        "w1 reached the new primary"
+    );
+    assert_eq!(b.unflushed_bytes(), 0);
+    assert_eq!(connections.load(Ordering::Acquire), 0);
+    listener.abort();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
