@@ -699,7 +699,7 @@ async fn unflushed_writes_of_4x_the_wal_succeed(replicas: &[&str], durability: D
     println!(
         "rf{} {durability:?}: {} MiB unflushed through a {} MiB WAL in {:?}; flush acked at {l}; floor {:?}",
         replicas.len() + 1,
-        rounds * BLOCKS * BS as u64 >> 20,
+        (rounds * BLOCKS * BS as u64) >> 20,
         WAL >> 20,
         written,
         snap.retention_floor
