@@ -39,17 +39,26 @@ async fn qemu_io(uri: &str, commands: &[String]) -> Result<String, String> {
     Ok(text)
 }
 
-async fn unflushed_writes_of_3x_the_wal(cluster: &TestCluster, volume: &str, replicas: u8) {
+/// Writes, flushes and reads back through the primary of a new volume; returns what it
+/// measured, or what went wrong (the caller stops the cluster before failing).
+async fn unflushed_writes_of_3x_the_wal(
+    cluster: &TestCluster,
+    volume: &str,
+    replicas: u8,
+) -> Result<String, String> {
     let v = cluster
         .create_ready_volume(volume, &format!("{SIZE_MIB}Mi"), replicas, TIMEOUT)
         .await
-        .expect("volume Ready");
-    let primary_node = v.status.and_then(|s| s.primary_node).expect("primary node");
+        .map_err(|e| format!("volume {volume} not Ready: {e}"))?;
+    let primary_node = v
+        .status
+        .and_then(|s| s.primary_node)
+        .ok_or("no primary node")?;
     let primary = cluster
         .agents
         .iter()
         .find(|a| a.node == primary_node)
-        .expect("primary agent");
+        .ok_or("no agent on the primary node")?;
     let uri = primary.nbd_uri(volume);
     // One connection, 1 MiB writes, no flush until every pass is written.
     let writes: Vec<String> = (0..PASSES)
@@ -57,26 +66,26 @@ async fn unflushed_writes_of_3x_the_wal(cluster: &TestCluster, volume: &str, rep
         .collect();
     let start = Instant::now();
     if let Err(out) = qemu_io(&uri, &writes).await {
-        panic!(
+        return Err(format!(
             "RF{replicas}: unflushed writes failed:\n{out}\nprimary log:\n{}",
             primary.log_tail()
-        );
+        ));
     }
     let elapsed = start.elapsed();
     qemu_io(&uri, &["flush".to_string()])
         .await
-        .expect("flush after the unflushed run");
+        .map_err(|out| format!("RF{replicas}: flush after the unflushed run failed:\n{out}"))?;
     let last = PASSES - 1;
     let reads: Vec<String> = (0..SIZE_MIB)
         .map(|m| format!("read -P {} {m}M 1M", pattern(last, m)))
         .collect();
     if let Err(out) = qemu_io(&uri, &reads).await {
-        panic!("RF{replicas}: read-back differs:\n{out}");
+        return Err(format!("RF{replicas}: read-back differs:\n{out}"));
     }
-    println!(
+    Ok(format!(
         "RF{replicas}: {} MiB unflushed through a {SIZE_MIB} MiB WAL in {elapsed:?}, flush ok, read-back ok",
         PASSES * SIZE_MIB
-    );
+    ))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -84,6 +93,18 @@ async fn unflushed_writes_of_3x_the_wal_succeed_on_rf2_and_rf3_agents() {
     let cluster = TestCluster::start(TestClusterOptions::nodes(3))
         .await
         .expect("cluster starts");
-    unflushed_writes_of_3x_the_wal(&cluster, "walp-rf2", 2).await;
-    unflushed_writes_of_3x_the_wal(&cluster, "walp-rf3", 3).await;
+    let rf2 = unflushed_writes_of_3x_the_wal(&cluster, "walp-rf2", 2).await;
+    let rf3 = match rf2 {
+        Ok(_) => unflushed_writes_of_3x_the_wal(&cluster, "walp-rf3", 3).await,
+        Err(_) => Err("not run".into()),
+    };
+    // Stop every process before failing: a panic while the cluster is alive can leave
+    // the control plane running.
+    drop(cluster);
+    for r in [rf2, rf3] {
+        match r {
+            Ok(line) => println!("{line}"),
+            Err(e) => panic!("{e}"),
+        }
+    }
 }
