@@ -53,7 +53,11 @@ impl Default for CreateOptions {
 pub struct VolumeConfig {
     /// How often the flusher runs when nobody kicks it.
     pub flush_interval_ms: u64,
-    /// How long a writer waits for WAL space before failing with `WalFull`.
+    /// How long a writer waits for WAL space without any being freed before failing with
+    /// `WalFull`. The wait restarts whenever the flusher frees space, so a writer behind a
+    /// slow but moving WAL waits as long as it takes. On a replicated primary this must
+    /// exceed the replication `barrier_timeout_ms`: a stuck replica pins the WAL until
+    /// its barrier times out and its retention budget escalates it to NeedsRebuild.
     pub wal_full_timeout_ms: u64,
     /// WAL fill level (percent) above which every append kicks the flusher.
     pub wal_soft_watermark_pct: u8,
@@ -70,7 +74,7 @@ impl Default for VolumeConfig {
     fn default() -> Self {
         VolumeConfig {
             flush_interval_ms: 100,
-            wal_full_timeout_ms: 5000,
+            wal_full_timeout_ms: 10_000,
             wal_soft_watermark_pct: 70,
             wal_hard_watermark_pct: 90,
             group_commit_max_delay_us: 0,
@@ -997,8 +1001,8 @@ impl Inner {
     }
 
     /// Admission control: returns once the append fits under the hard watermark (or
-    /// at all, when the WAL is otherwise empty); waits for the flusher up to
-    /// `wal_full_timeout_ms`.
+    /// at all, when the WAL is otherwise empty); waits for the flusher, failing only
+    /// after `wal_full_timeout_ms` in which no space was freed.
     fn wait_for_space<'a>(
         &'a self,
         mut st: MutexGuard<'a, WalState>,
@@ -1008,7 +1012,8 @@ impl Inner {
         let hard = wal * u64::from(self.cfg.wal_hard_watermark_pct) / 100;
         let soft = wal * u64::from(self.cfg.wal_soft_watermark_pct) / 100;
         let timeout = Duration::from_millis(self.cfg.wal_full_timeout_ms);
-        let deadline = Instant::now() + timeout;
+        let mut deadline = Instant::now() + timeout;
+        let mut freed_to = st.free_from;
         loop {
             if let Some(reason) = self.gc.failed() {
                 return Err(Error::Failed { reason });
@@ -1028,6 +1033,11 @@ impl Inner {
             }
             self.kick();
             let now = Instant::now();
+            if st.free_from > freed_to {
+                // Space is being freed: keep waiting, however long the whole wait takes.
+                freed_to = st.free_from;
+                deadline = now + timeout;
+            }
             if now >= deadline {
                 tracing::warn!(file = %self.disk.describe(), needed_bytes = need,
                     occupied_bytes = st.occupied(), "WAL full");

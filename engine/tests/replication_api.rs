@@ -711,3 +711,51 @@ fn rebuild_base_point_epoch_survives_restart() {
         "no rebuild in progress"
     );
 }
+
+#[test]
+fn writer_waits_past_wal_full_timeout_while_space_keeps_being_freed() {
+    let disk = SimDisk::new("trickle");
+    let cfg = VolumeConfig {
+        wal_full_timeout_ms: 300,
+        ..manual_cfg()
+    };
+    let wal = 128 * 1024;
+    let vol = Arc::new(Volume::create(Box::new(disk), small_opts(64, wal), cfg).unwrap());
+    vol.set_retention_floor(Some(Lsn(1)));
+    let mut n = 0u64;
+    // Fill to within one single-block record of the hard watermark (90 %).
+    while vol.stats().wal_used_bytes + 4400 <= wal * 90 / 100 {
+        n += 1;
+        vol.write(Lba(8 + n % 56), &block(n)).unwrap();
+    }
+    // The floor frees one single-block entry every 200 ms; a 4-block write needs at least
+    // three of them, so it waits longer than wal_full_timeout_ms, with progress all along.
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let releaser = {
+        let (vol, done) = (vol.clone(), done.clone());
+        std::thread::spawn(move || {
+            let mut floor = 1;
+            while !done.load(std::sync::atomic::Ordering::Acquire) {
+                std::thread::sleep(Duration::from_millis(200));
+                floor += 1;
+                vol.set_retention_floor(Some(Lsn(floor)));
+            }
+            floor
+        })
+    };
+    let big: Vec<u8> = (0..4).flat_map(|i| block(10_000 + i)).collect();
+    let start = Instant::now();
+    let res = vol.write(Lba(0), &big);
+    let waited = start.elapsed();
+    done.store(true, std::sync::atomic::Ordering::Release);
+    let freed = releaser.join().unwrap() - 1;
+    res.unwrap_or_else(|e| panic!("write failed after {waited:?} ({freed} entries freed): {e}"));
+    println!("4-block write waited {waited:?} while {freed} entries were freed one by one");
+    assert!(
+        waited > Duration::from_millis(300),
+        "did not wait: {waited:?}"
+    );
+    for i in 0..4 {
+        assert_eq!(read_block(&vol, i), block(10_000 + i));
+    }
+}

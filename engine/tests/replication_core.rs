@@ -1444,3 +1444,89 @@ fn member_that_has_not_connected_yet_keeps_the_wal_it_will_need() {
         "a member that was only slow to connect must catch up, not be rebuilt"
     );
 }
+
+fn barriers_sent(n: &Net) -> usize {
+    n.sent
+        .iter()
+        .filter(|(_, m)| matches!(m.body, Body::BarrierRequest { .. }))
+        .count()
+}
+
+#[test]
+fn pressure_barriers_advance_the_retention_floor_without_a_flush() {
+    let cfg = PrimaryConfig {
+        pressure_barrier_bytes: 200,
+        background_barrier_interval_ms: u64::MAX,
+        ..cfg()
+    };
+    let mut n = Net::new(2, cfg, &["p", "r0", "r1"]);
+    n.tick(1);
+    assert_eq!(n.state("r0"), ReplicaState::InSync);
+    let before = barriers_sent(&n);
+    let mut last = Lsn(0);
+    for i in 0..50u64 {
+        last = n.write(i, i as u8);
+    }
+    assert!(barriers_sent(&n) > before, "no barrier without a flush");
+    // Every replica fsynced most of the run and the floor followed, with nothing acked.
+    let floor = n.primary.retention_floor().expect("replicas hold WAL");
+    assert!(
+        floor.0 + 10 >= last.0,
+        "floor {floor} stuck far below head {last}"
+    );
+    for r in &n.replicas {
+        assert!(r.log.durable_lsn() >= floor);
+    }
+    assert!(n.acked.is_empty(), "a background barrier acked a flush");
+    assert!(n.failed.is_empty());
+}
+
+#[test]
+fn background_barrier_timer_reports_small_bursts() {
+    let cfg = PrimaryConfig {
+        pressure_barrier_bytes: u64::MAX,
+        background_barrier_interval_ms: 50,
+        ..cfg()
+    };
+    let mut n = Net::new(1, cfg, &["p", "r0"]);
+    // The handshake's barrier just went out; the next one is due 50 ms after it.
+    n.tick(1);
+    let l = n.write(1, 1);
+    n.tick(20);
+    assert!(
+        n.replicas[0].log.durable_lsn() < l,
+        "barrier before the interval"
+    );
+    n.tick(40);
+    assert!(n.replicas[0].log.durable_lsn() >= l);
+    assert_eq!(n.primary.retention_floor(), Some(l));
+    assert!(n.acked.is_empty());
+}
+
+#[test]
+fn stuck_member_without_flushes_is_escalated_by_its_retention_budget() {
+    let cfg = PrimaryConfig {
+        pressure_barrier_bytes: 200,
+        wal_retention_bytes_max: 2_000,
+        ..cfg()
+    };
+    let mut n = Net::new(2, cfg, &["p", "r0", "r1"]);
+    n.tick(1);
+    n.replicas[1].blackhole = true;
+    for i in 0..20u64 {
+        n.write(i, 1);
+    }
+    // r1's pressure barrier times out; the unflushed bytes it holds exceed its budget.
+    n.tick(150);
+    for i in 0..100u64 {
+        n.write(i, 2);
+    }
+    n.tick(5);
+    assert_eq!(n.state("r1"), ReplicaState::NeedsRebuild);
+    assert_eq!(n.state("r0"), ReplicaState::InSync);
+    let floor = n.primary.retention_floor().expect("r0 holds WAL");
+    assert!(
+        floor > Lsn(20),
+        "the stuck member still pins the floor at {floor}"
+    );
+}

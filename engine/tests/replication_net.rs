@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 
 use engine::replication::wire::{ClientAuth, Message, NONCE_BYTES, encode_frame};
 use engine::replication::{
-    Body, Endpoint, EventKind, Generation, NetConfig, Peer, PrimaryConfig, PrimaryHandle,
-    PrimarySnapshot, ReceiverConfig, ReceiverServer, ReplicaId, ReplicaState, Transport, VolumeId,
-    VolumeMsg, spawn_primary,
+    Body, Durability, Endpoint, EventKind, Generation, NetConfig, Peer, PrimaryConfig,
+    PrimaryHandle, PrimarySnapshot, ReceiverConfig, ReceiverServer, ReplicaId, ReplicaState,
+    Transport, VolumeId, VolumeMsg, spawn_primary,
 };
 use engine::{CreateOptions, EntryKind, Epoch, Lba, Lsn, Volume, VolumeConfig, WalEntry};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -602,4 +602,170 @@ async fn unreachable_member_blocks_flush_until_the_control_plane_commits_without
         .unwrap()
         .unwrap();
     assert_eq!(l, Lsn(1));
+}
+
+/// Writes `rounds` passes over the first `blocks` blocks in `chunk_blocks`-block writes,
+/// never flushing; every block's content names its round and LBA.
+fn unflushed_passes(vol: &Volume, blocks: u64, chunk_blocks: u64, rounds: u64) {
+    for round in 0..rounds {
+        for start in (0..blocks).step_by(chunk_blocks as usize) {
+            let mut buf = Vec::with_capacity((chunk_blocks as usize) * BS);
+            for lba in start..start + chunk_blocks {
+                buf.extend(pass_block(round, lba));
+            }
+            if let Err(e) = vol.write(Lba(start), &buf) {
+                panic!("unflushed write at LBA {start} of pass {round} failed: {e}");
+            }
+        }
+    }
+}
+
+fn pass_block(round: u64, lba: u64) -> Vec<u8> {
+    let mut b = vec![(round as u8) ^ (lba as u8); BS];
+    b[..8].copy_from_slice(&round.to_le_bytes());
+    b[8..16].copy_from_slice(&lba.to_le_bytes());
+    b
+}
+
+fn holds_last_pass(vol: &Volume, who: &str, blocks: u64, round: u64) {
+    for lba in 0..blocks {
+        let mut got = vec![0u8; BS];
+        vol.read(Lba(lba), &mut got).unwrap();
+        assert!(
+            got == pass_block(round, lba),
+            "{who} does not hold pass {round} at LBA {lba}"
+        );
+    }
+}
+
+/// Writes of 4x the WAL size with no FLUSH: the primary must ask replicas for barriers on
+/// its own, or the retention floor never moves and the WAL fills up (`WalFull`, EIO).
+async fn unflushed_writes_of_4x_the_wal_succeed(replicas: &[&str], durability: Durability) {
+    const WAL: u64 = 2 << 20;
+    const BLOCKS: u64 = (4 << 20) / BS as u64;
+    let d = Dir::new();
+    let pv = create_with_wal(&d.file("p"), WAL);
+    let mut servers = Vec::new();
+    let mut vols = Vec::new();
+    let mut peers = Vec::new();
+    let mut committed = vec![rid("p")];
+    for (i, r) in replicas.iter().enumerate() {
+        let v = create_with_wal(&d.file(r), WAL);
+        let s = server(any_addr(), &format!("n{i}"), v.clone()).await;
+        peers.push(peer(r, s.local_addr()));
+        committed.push(rid(r));
+        vols.push(v);
+        servers.push(s);
+    }
+    let h = spawn_primary(
+        pv.clone(),
+        vid(),
+        rid("p"),
+        PrimaryConfig {
+            durability,
+            ..pcfg()
+        },
+        Generation(1),
+        committed,
+        peers,
+        Transport::new(NetConfig::new("np", SECRET)),
+    );
+    wait_for("all in sync", &h, |s| {
+        replicas.iter().all(|r| in_sync(s, r))
+    })
+    .await;
+    // 4 MiB volume, 2 passes in 256 KiB writes: 8 MiB = 4x the WAL, no flush in between.
+    let rounds = 2;
+    let start = Instant::now();
+    let pv2 = pv.clone();
+    tokio::task::spawn_blocking(move || unflushed_passes(&pv2, BLOCKS, 64, rounds))
+        .await
+        .unwrap();
+    let written = start.elapsed();
+    holds_last_pass(&pv, "primary", BLOCKS, rounds - 1);
+    let l = h.flush().await.unwrap();
+    let snap = if durability == Durability::Async {
+        // Async acks after the local fsync; the background barriers still bring every
+        // replica's reported durable LSN up to the flush without another client FLUSH.
+        wait_for("replicas durable up to the flush", &h, |s| {
+            replicas
+                .iter()
+                .all(|r| s.replicas.get(&rid(r)).is_some_and(|(_, f)| *f >= l))
+        })
+        .await
+    } else {
+        h.snapshot().await.unwrap()
+    };
+    println!(
+        "rf{} {durability:?}: {} MiB unflushed through a {} MiB WAL in {:?}; flush acked at {l}; floor {:?}",
+        replicas.len() + 1,
+        (rounds * BLOCKS * BS as u64) >> 20,
+        WAL >> 20,
+        written,
+        snap.retention_floor
+    );
+    for (r, v) in replicas.iter().zip(&vols) {
+        assert!(v.durable_lsn() >= l, "{r} acked flush {l} without the data");
+        assert!(in_sync(&snap, r), "{r} left the in-sync set: {snap:?}");
+        holds_last_pass(v, r, BLOCKS, rounds - 1);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rf2_unflushed_writes_of_4x_the_wal_succeed_and_replicate() {
+    unflushed_writes_of_4x_the_wal_succeed(&["r0"], Durability::SyncAll).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rf3_unflushed_writes_of_4x_the_wal_succeed_and_replicate() {
+    unflushed_writes_of_4x_the_wal_succeed(&["r0", "r1"], Durability::SyncAll).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rf3_async_unflushed_writes_of_4x_the_wal_succeed_and_replicate() {
+    unflushed_writes_of_4x_the_wal_succeed(&["r0", "r1"], Durability::Async).await;
+}
+
+/// A replica that goes away during unflushed writes may keep at most half the WAL (its
+/// retention budget, fitted to the WAL): it is escalated to NeedsRebuild and writers
+/// carry on, instead of the WAL staying full and every write failing with `WalFull`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replica_lost_during_unflushed_writes_escalates_instead_of_filling_the_wal() {
+    const WAL: u64 = 2 << 20;
+    const BLOCKS: u64 = (4 << 20) / BS as u64;
+    let d = Dir::new();
+    let pv = create_with_wal(&d.file("p"), WAL);
+    let r0v = create_with_wal(&d.file("r0"), WAL);
+    let s0 = server(any_addr(), "n0", r0v.clone()).await;
+    let h = spawn_primary(
+        pv.clone(),
+        vid(),
+        rid("p"),
+        pcfg(),
+        Generation(1),
+        vec![rid("p"), rid("r0")],
+        vec![peer("r0", s0.local_addr())],
+        Transport::new(NetConfig::new("np", SECRET)),
+    );
+    wait_for("r0 in sync", &h, |s| in_sync(s, "r0")).await;
+    s0.shutdown().await;
+    let pv2 = pv.clone();
+    tokio::task::spawn_blocking(move || unflushed_passes(&pv2, BLOCKS, 64, 2))
+        .await
+        .unwrap();
+    holds_last_pass(&pv, "primary", BLOCKS, 1);
+    let snap = wait_for("r0 escalated", &h, |s| {
+        s.replicas
+            .get(&rid("r0"))
+            .is_some_and(|(st, _)| *st == ReplicaState::NeedsRebuild)
+    })
+    .await;
+    assert_eq!(
+        snap.retention_floor, None,
+        "escalated replica still pins WAL"
+    );
+    // r0 is a committed member: flush acks wait for the control plane to drop it.
+    h.commit_in_sync_set(Generation(2), vec![rid("p")]);
+    let l = h.flush().await.unwrap();
+    assert!(pv.durable_lsn() >= l);
 }

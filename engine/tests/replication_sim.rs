@@ -386,6 +386,8 @@ impl Sim {
             flush_timeout_ms: 1_000,
             member_unreachable_after_ms: 80,
             heartbeat_interval_ms: 30,
+            pressure_barrier_bytes: 600,
+            background_barrier_interval_ms: 40,
             test_knob_skip_member_gate: knobs.skip_member_gate,
         };
         let rcfg = ReceiverConfig {

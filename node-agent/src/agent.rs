@@ -81,6 +81,15 @@ pub struct Settings {
     /// replica needs a rebuild, in milliseconds (the retention time budget).
     #[arg(long, default_value_t = engine::replication::PrimaryConfig::default().wal_retention_timeout_ms)]
     pub wal_retention_timeout_ms: u64,
+    /// How long a write waits for WAL space without any being freed before it fails with
+    /// EIO, in milliseconds. Must exceed the replication barrier timeout, so a stuck
+    /// replica is escalated (and its WAL freed) before writers give up.
+    #[arg(long, default_value_t = engine::VolumeConfig::default().wal_full_timeout_ms)]
+    pub wal_full_timeout_ms: u64,
+    /// How often a primary asks a replica that is behind for a barrier without a client
+    /// FLUSH, so the WAL it holds is freed, in milliseconds.
+    #[arg(long, default_value_t = engine::replication::PrimaryConfig::default().background_barrier_interval_ms)]
+    pub background_barrier_interval_ms: u64,
     /// Put an attach proxy (this binary's `attach-proxy` subcommand) between each
     /// attached device and the NBD socket, so devices survive agent restarts.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
@@ -168,6 +177,22 @@ impl Settings {
             return Err(setting(
                 "wal-retention-timeout-ms",
                 "0 would drop a lagging replica's WAL at once; give a budget of at least 1".into(),
+            ));
+        }
+        let barrier_timeout_ms = engine::replication::PrimaryConfig::default().barrier_timeout_ms;
+        if self.wal_full_timeout_ms <= barrier_timeout_ms {
+            return Err(setting(
+                "wal-full-timeout-ms",
+                format!(
+                    "{} must exceed the barrier timeout ({barrier_timeout_ms} ms), or writers fail before a stuck replica is escalated",
+                    self.wal_full_timeout_ms
+                ),
+            ));
+        }
+        if self.background_barrier_interval_ms == 0 {
+            return Err(setting(
+                "background-barrier-interval-ms",
+                "0 would send barriers without pause; give at least 1".into(),
             ));
         }
         if let Some(a) = self.nbd_tcp_addr
@@ -384,6 +409,9 @@ impl Agent {
         let nbd_metrics = NbdMetrics::default();
         let mut engine_settings = EngineSettings::default();
         engine_settings.primary.wal_retention_timeout_ms = settings.wal_retention_timeout_ms;
+        engine_settings.primary.background_barrier_interval_ms =
+            settings.background_barrier_interval_ms;
+        engine_settings.volume.wal_full_timeout_ms = settings.wal_full_timeout_ms;
         let runtime = Arc::new(
             EngineRuntime::new(
                 engine_settings,
@@ -604,6 +632,16 @@ mod tests {
         .unwrap();
         let e = s.validate().unwrap_err().to_string();
         assert!(e.starts_with("--wal-retention-timeout-ms"), "{e}");
+        let s = parse(&["--data-address=10.0.0.5:7400", "--wal-full-timeout-ms=5000"]).unwrap();
+        let e = s.validate().unwrap_err().to_string();
+        assert!(e.starts_with("--wal-full-timeout-ms"), "{e}");
+        let s = parse(&[
+            "--data-address=10.0.0.5:7400",
+            "--background-barrier-interval-ms=0",
+        ])
+        .unwrap();
+        let e = s.validate().unwrap_err().to_string();
+        assert!(e.starts_with("--background-barrier-interval-ms"), "{e}");
         assert!(parse(&[]).is_err(), "--data-address is required");
     }
 

@@ -840,6 +840,7 @@ pub fn spawn_primary(
             ov.store(true, Ordering::Release);
         }
     })));
+    let pcfg = pcfg.fit_to_wal(vol.stats().wal_size_bytes);
     let log = VolumeLog::new(vol.clone());
     let epoch = vol.epoch();
     let core = PrimaryCore::new(

@@ -52,6 +52,13 @@ pub struct PrimaryConfig {
     /// A blocked flush waits this long for a missing member before reporting it unreachable.
     pub member_unreachable_after_ms: u64,
     pub heartbeat_interval_ms: u64,
+    /// A live replica holding this many shipped bytes not yet reported durable gets a
+    /// barrier without waiting for a client FLUSH, so its retention hold (and the WAL
+    /// behind it) moves on during long runs of unflushed writes. Capped by `fit_to_wal`.
+    pub pressure_barrier_bytes: u64,
+    /// A live replica behind the head gets a barrier at least this often, so the WAL is
+    /// reclaimed after write bursts too small to reach `pressure_barrier_bytes`.
+    pub background_barrier_interval_ms: u64,
     /// Test-only: ack flushes without waiting for members (lets the simulation prove its
     /// checker catches a broken gate). Never set in production.
     pub test_knob_skip_member_gate: bool,
@@ -76,8 +83,24 @@ impl Default for PrimaryConfig {
             flush_timeout_ms: 60_000,
             member_unreachable_after_ms: 5_000,
             heartbeat_interval_ms: 1_000,
+            pressure_barrier_bytes: 8 << 20,
+            background_barrier_interval_ms: 1_000,
             test_knob_skip_member_gate: false,
         }
+    }
+}
+
+impl PrimaryConfig {
+    /// Fits the byte bounds to a WAL of `wal_size_bytes`: a replica's unflushed bytes get
+    /// a barrier at a quarter of the WAL at most, and a lagging replica may hold at most
+    /// half of it before escalating to NeedsRebuild. With a larger retention budget a
+    /// stuck replica would keep the WAL full forever and writers would only ever see
+    /// `WalFull`; below half, the budget always trips before writers reach the WAL's
+    /// hard watermark.
+    pub fn fit_to_wal(mut self, wal_size_bytes: u64) -> Self {
+        self.pressure_barrier_bytes = self.pressure_barrier_bytes.min(wal_size_bytes / 4).max(1);
+        self.wal_retention_bytes_max = self.wal_retention_bytes_max.min(wal_size_bytes / 2);
+        self
     }
 }
 
@@ -222,6 +245,8 @@ struct Sender {
     live: bool,
     exec: Option<Exec>,
     barrier: Option<Inflight>,
+    /// When the last barrier was sent; paces background barriers.
+    last_barrier_ms: u64,
     catchup_failures: u32,
     next_connect_ms: u64,
     last_contact_ms: u64,
@@ -273,6 +298,17 @@ pub struct PrimaryCore {
     events: Vec<RecoveryEvent>,
     out: Vec<Action>,
     now: u64,
+}
+
+/// The flushed LSN the gate may count after a handshake that reported `from`. A replica
+/// asked to truncate has not proven yet that its entries up to the truncation point match
+/// this primary's (it may refuse); until its next barrier answers, only what was already
+/// trusted in this primary's epoch, cut at the truncation point, counts.
+fn trusted_flushed(current: Lsn, from: Lsn, truncate: Option<&super::plan::Truncation>) -> Lsn {
+    match truncate {
+        None => from,
+        Some(t) => current.min(t.after),
+    }
 }
 
 fn state_name(s: ReplicaState) -> String {
@@ -522,6 +558,31 @@ impl PrimaryCore {
         }
     }
 
+    /// Barriers nobody asked for: a live replica that holds `pressure_barrier_bytes`
+    /// unreported bytes, or that is behind the head for `background_barrier_interval_ms`,
+    /// is asked to fsync and report its flushed LSN, so the retention floor advances
+    /// without a client FLUSH. These barriers ack nothing: the gate still acks only
+    /// pending flushes, and a replica not yet InSync is granted InSync by them only under
+    /// the usual rule (a success covering every ack so far).
+    fn request_background_barriers(&mut self) {
+        let now = self.now;
+        let due: Vec<ReplicaId> = self
+            .senders
+            .values()
+            .filter(|s| s.live && s.conn_up && s.barrier.is_none() && s.exec.is_none())
+            .filter(|s| s.flushed < self.head)
+            .filter(|s| {
+                self.lag_bytes(s.flushed) >= self.cfg.pressure_barrier_bytes
+                    || now.saturating_sub(s.last_barrier_ms)
+                        >= self.cfg.background_barrier_interval_ms
+            })
+            .map(|s| s.id.clone())
+            .collect();
+        for id in due {
+            self.send_barrier(&id, self.head);
+        }
+    }
+
     fn send_barrier(&mut self, id: &ReplicaId, lsn: Lsn) {
         self.next_barrier += 1;
         let bid = self.next_barrier;
@@ -537,6 +598,7 @@ impl PrimaryCore {
             lsn,
             sent_ms: now,
         });
+        s.last_barrier_ms = now;
         self.send(conn, Body::BarrierRequest { id: bid, lsn });
     }
 
@@ -640,6 +702,7 @@ impl PrimaryCore {
                             live: false,
                             exec: None,
                             barrier: None,
+                            last_barrier_ms: 0,
                             catchup_failures: 0,
                             next_connect_ms: 0,
                             last_contact_ms: 0,
@@ -886,6 +949,9 @@ impl PrimaryCore {
                 self.pinner.release(h);
             }
             s.progress_known = false;
+            // Its history is no longer trusted: what it reported must not count toward
+            // any later flush ack (it matters while it is still a committed member).
+            s.flushed = Lsn(0);
             s.catchup_failures = 0;
             s.rebuild_requested = false;
         }
@@ -1026,7 +1092,7 @@ impl PrimaryCore {
                     );
                 }
                 if let Some(s) = self.senders.get_mut(id) {
-                    s.flushed = from;
+                    s.flushed = trusted_flushed(s.flushed, from, truncate.as_ref());
                     s.progress_known = true;
                     s.live = true;
                 }
@@ -1069,7 +1135,7 @@ impl PrimaryCore {
                     );
                 }
                 if let Some(s) = self.senders.get_mut(id) {
-                    s.flushed = from;
+                    s.flushed = trusted_flushed(s.flushed, from, truncate.as_ref());
                     s.progress_known = true;
                     s.exec = Some(Exec::CatchUp(exec));
                 }
@@ -1263,6 +1329,7 @@ impl PrimaryCore {
             return;
         }
         self.request_barriers();
+        self.request_background_barriers();
     }
 
     fn on_rebuild_requested(&mut self, id: ReplicaId, log: &mut dyn ReplicaLog) {
@@ -1338,6 +1405,7 @@ impl PrimaryCore {
         for c in targets {
             self.send(c, Body::Entry(e.clone()));
         }
+        self.request_background_barriers();
     }
 
     // ----- time -------------------------------------------------------------------------
@@ -1399,6 +1467,7 @@ impl PrimaryCore {
         self.check_unreachable();
         self.check_flush_timeouts();
         self.request_barriers();
+        self.request_background_barriers();
         if now.saturating_sub(self.last_heartbeat_ms) >= self.cfg.heartbeat_interval_ms {
             self.last_heartbeat_ms = now;
             self.heartbeat_seq += 1;
