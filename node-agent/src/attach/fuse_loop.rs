@@ -225,7 +225,7 @@ impl FuseLoopAttacher {
         // Its own process group, like nbdfuse: it must outlive the agent.
         std::os::unix::process::CommandExt::process_group(&mut c, 0);
         let program = cmd.program.display().to_string();
-        let mut child = c.spawn().map_err(|source| Error::Spawn {
+        let child = c.spawn().map_err(|source| Error::Spawn {
             program: program.clone(),
             source,
         })?;
@@ -237,39 +237,65 @@ impl FuseLoopAttacher {
             loop_device: None,
             proxy_pid: Some(pid),
         })?;
+        self.await_ready(
+            child,
+            &self.proxies,
+            volume,
+            &log_path,
+            || format!("{program} {}", cmd.args.join(" ")),
+            || format!("attach proxy listening on {}", listen.display()),
+            || std::os::unix::net::UnixStream::connect(&listen).is_ok(),
+        )?;
+        Ok((pid, listen))
+    }
+
+    /// Waits until a helper process we spawned (nbdfuse, the attach proxy) is `ready`,
+    /// failing with its log if it exits first or with a timeout. Unless it exited, the
+    /// child is kept in `children` under `volume` either way, so a detach stops it.
+    #[allow(clippy::too_many_arguments)]
+    fn await_ready(
+        &self,
+        mut child: Child,
+        children: &Mutex<HashMap<String, Child>>,
+        volume: &str,
+        log_path: &Path,
+        command: impl FnOnce() -> String,
+        what: impl FnOnce() -> String,
+        mut ready: impl FnMut() -> bool,
+    ) -> Result<()> {
         let mut exited = None;
-        let ready = sys::wait_until(self.config.ready_timeout_ms, || {
+        let became_ready = sys::wait_until(self.config.ready_timeout_ms, || {
             if let Ok(Some(status)) = child.try_wait() {
                 exited = Some(status);
                 return true;
             }
-            std::os::unix::net::UnixStream::connect(&listen).is_ok()
+            ready()
         });
         let log_text = || {
-            fs::read_to_string(&log_path)
+            fs::read_to_string(log_path)
                 .unwrap_or_default()
                 .trim()
                 .to_owned()
         };
         if let Some(status) = exited {
             return Err(Error::Command {
-                command: format!("{program} {}", cmd.args.join(" ")),
+                command: command(),
                 status: status.to_string(),
                 stderr: log_text(),
             });
         }
-        self.proxies
+        children
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(volume.into(), child);
-        if !ready {
+        if !became_ready {
             return Err(Error::Timeout {
-                what: format!("attach proxy listening on {}", listen.display()),
+                what: what(),
                 timeout_ms: self.config.ready_timeout_ms,
                 detail: format!("; log: {}", log_text()),
             });
         }
-        Ok((pid, listen))
+        Ok(())
     }
 
     fn stop_proxy(&self, volume: &str, pid: Option<u32>) {
@@ -353,7 +379,7 @@ impl FuseLoopAttacher {
         // Its own process group: signals aimed at the agent's group (Ctrl-C, a
         // supervisor stopping the agent) must not take attached devices down.
         std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
-        let mut child = cmd.spawn().map_err(|source| Error::Spawn {
+        let child = cmd.spawn().map_err(|source| Error::Spawn {
             program: self.config.nbdfuse_program.clone(),
             source,
         })?;
@@ -366,38 +392,15 @@ impl FuseLoopAttacher {
             loop_device: None,
             proxy_pid,
         })?;
-        let mut exited = None;
-        let ready = sys::wait_until(self.config.ready_timeout_ms, || {
-            if let Ok(Some(status)) = child.try_wait() {
-                exited = Some(status);
-                return true;
-            }
-            pidfile.exists() && self.image_file(volume).exists()
-        });
-        let log_text = || {
-            fs::read_to_string(&log_path)
-                .unwrap_or_default()
-                .trim()
-                .to_owned()
-        };
-        if let Some(status) = exited {
-            return Err(Error::Command {
-                command: format!("{} {} {}", self.config.nbdfuse_program, mnt.display(), uri),
-                status: status.to_string(),
-                stderr: log_text(),
-            });
-        }
-        self.children
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(volume.into(), child);
-        if !ready {
-            return Err(Error::Timeout {
-                what: format!("nbdfuse mounting {}", mnt.display()),
-                timeout_ms: self.config.ready_timeout_ms,
-                detail: format!("; log: {}", log_text()),
-            });
-        }
+        self.await_ready(
+            child,
+            &self.children,
+            volume,
+            &log_path,
+            || format!("{} {} {}", self.config.nbdfuse_program, mnt.display(), uri),
+            || format!("nbdfuse mounting {}", mnt.display()),
+            || pidfile.exists() && self.image_file(volume).exists(),
+        )?;
         Ok(pid)
     }
 
