@@ -427,9 +427,9 @@ impl KernelNbdAttacher {
                         warn!(volume = a.volume, error = %e, "attach: kernel nbd device not reconnected; its IO fails until the volume is attached again");
                         break;
                     }
-                    Err(_) => std::thread::sleep(Duration::from_millis(
-                        self.config.reconnect_interval_ms,
-                    )),
+                    Err(_) => {
+                        std::thread::sleep(Duration::from_millis(self.config.reconnect_interval_ms))
+                    }
                 }
             }
         }
@@ -491,7 +491,8 @@ impl Attacher for KernelNbdAttacher {
                 }
                 DeviceState::Foreign => warn!(
                     volume,
-                    index, "attach: recorded nbd device now belongs to another backend; attaching anew"
+                    index,
+                    "attach: recorded nbd device now belongs to another backend; attaching anew"
                 ),
                 DeviceState::Gone => {}
             }
@@ -577,8 +578,8 @@ mod tests {
 
     fn attacher() -> (tempfile::TempDir, KernelNbdAttacher) {
         let dir = tempfile::tempdir().expect("tempdir");
-        let a = KernelNbdAttacher::new(KernelNbdConfig::new(dir.path().join("k")))
-            .expect("attacher");
+        let a =
+            KernelNbdAttacher::new(KernelNbdConfig::new(dir.path().join("k"))).expect("attacher");
         (dir, a)
     }
 

@@ -167,7 +167,9 @@ mod tests {
     #[test]
     fn auto_prefers_the_kernel_and_falls_back_with_the_reason() {
         assert_eq!(
-            choose(AttachMode::Auto, false, false, ok).expect("choice").0,
+            choose(AttachMode::Auto, false, false, ok)
+                .expect("choice")
+                .0,
             Choice::Kernel
         );
         let (c, why) = choose(AttachMode::Auto, false, false, missing).expect("choice");
@@ -195,7 +197,9 @@ mod tests {
         assert_eq!(c, Choice::FuseLoop);
         assert!(why.contains("not managed"), "{why}");
         assert_eq!(
-            choose(AttachMode::Kernel, false, true, ok).expect("choice").0,
+            choose(AttachMode::Kernel, false, true, ok)
+                .expect("choice")
+                .0,
             Choice::Kernel
         );
         let err = choose(AttachMode::Kernel, false, false, missing).expect_err("no driver");
