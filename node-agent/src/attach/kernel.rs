@@ -413,25 +413,40 @@ impl KernelNbdAttacher {
             }
         };
         let deadline = Instant::now() + Duration::from_secs(self.config.dead_conn_timeout_s);
+        // Rounds over every pending device, so one export that never returns does not
+        // hold the others up.
+        let mut pending: Vec<(String, Option<Error>)> = attachments
+            .into_iter()
+            .filter(|a| a.device.is_some())
+            .map(|a| (a.volume, None))
+            .collect();
         let mut done = 0;
-        for a in attachments.into_iter().filter(|a| a.device.is_some()) {
-            loop {
-                match self.reconnect_volume(&a.volume) {
-                    Ok(true) => {
-                        info!(volume = a.volume, "attach: kernel nbd device reconnected");
+        loop {
+            pending.retain_mut(|(volume, last)| match self.reconnect_volume(volume) {
+                Ok(revived) => {
+                    if revived {
+                        info!(volume = %volume, "attach: kernel nbd device reconnected");
                         done += 1;
-                        break;
                     }
-                    Ok(false) => break,
-                    Err(e) if Instant::now() >= deadline => {
-                        warn!(volume = a.volume, error = %e, "attach: kernel nbd device not reconnected; its IO fails until the volume is attached again");
-                        break;
-                    }
-                    Err(_) => {
-                        std::thread::sleep(Duration::from_millis(self.config.reconnect_interval_ms))
-                    }
+                    false
                 }
+                Err(e) => {
+                    *last = Some(e);
+                    true
+                }
+            });
+            if pending.is_empty() || Instant::now() >= deadline {
+                break;
             }
+            std::thread::sleep(Duration::from_millis(self.config.reconnect_interval_ms));
+        }
+        for (volume, last) in pending {
+            let error = last.map(|e| e.to_string()).unwrap_or_default();
+            warn!(
+                volume,
+                error,
+                "attach: kernel nbd device not reconnected; its IO fails until the volume is attached again"
+            );
         }
         done
     }
@@ -650,6 +665,25 @@ mod tests {
         fs::write(a.state_file("v"), b"{not json").expect("write");
         let err = a.list().expect_err("corrupt");
         assert!(matches!(err, Error::State { .. }), "{err:?}");
+    }
+
+    #[test]
+    fn reconnect_gives_up_at_the_deadline_and_keeps_the_record() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let a = KernelNbdAttacher::new(KernelNbdConfig {
+            dead_conn_timeout_s: 0,
+            ..KernelNbdConfig::new(dir.path())
+        })
+        .expect("attacher");
+        a.write_state(&State {
+            volume: "vol-r".into(),
+            socket: dir.path().join("absent.sock"),
+            index: Some(2),
+            size_bytes: 1 << 20,
+        })
+        .expect("write");
+        assert_eq!(a.reconnect_all(), 0);
+        assert_eq!(a.list().expect("list").len(), 1, "the record survives");
     }
 
     #[test]
