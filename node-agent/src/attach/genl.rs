@@ -413,6 +413,7 @@ fn parse_ext_ack(body: &[u8], flags: u16) -> (Option<String>, Option<u32>) {
 pub struct GenlSocket {
     fd: OwnedFd,
     seq: u32,
+    timeout: Duration,
 }
 
 fn last_os_error(command: &str) -> GenlError {
@@ -483,7 +484,11 @@ impl GenlSocket {
         if rc < 0 {
             return Err(last_os_error(WHAT));
         }
-        Ok(GenlSocket { fd, seq: 1 })
+        Ok(GenlSocket {
+            fd,
+            seq: 1,
+            timeout,
+        })
     }
 
     /// The sequence number for the next request.
@@ -518,8 +523,20 @@ impl GenlSocket {
         if sent < 0 {
             return Err(last_os_error(command));
         }
+        // Each receive is bounded by SO_RCVTIMEO; the deadline also bounds a stream of
+        // unrelated datagrams.
+        let deadline = std::time::Instant::now() + self.timeout;
         let mut data = Vec::new();
         loop {
+            if std::time::Instant::now() >= deadline {
+                return Err(GenlError::Io {
+                    command: command.into(),
+                    source: io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "no complete reply from the kernel in time",
+                    ),
+                });
+            }
             let datagram = self.recv(command)?;
             let Some(datagram) = datagram else {
                 continue; // not from the kernel
