@@ -368,3 +368,315 @@ fn the_agent_falls_back_to_fuse_loop_where_the_driver_is_missing() {
     assert!(text.contains("--attacher=kernel"), "{text}");
     assert!(text.contains("nbd"), "{text}");
 }
+
+// ---- The attacher's logic against an in-memory driver -------------------------------
+
+/// An in-memory stand-in for the kernel driver, following `NbdControl`'s contract: it
+/// keeps its own reference to every socket it is given (so the attacher may close its
+/// copies), creates `dev/nbdN` and `sys/nbdN/{dev,backend}` under a temp dir, and
+/// answers STATUS. `calls` records every operation for the assertions.
+#[derive(Default)]
+struct FakeDriver {
+    devices: std::collections::BTreeMap<u32, FakeDevice>,
+    calls: Vec<String>,
+}
+
+struct FakeDevice {
+    request: nbd_genl::ConnectRequest,
+    size_bytes: u64,
+    sockets: Vec<std::os::unix::net::UnixStream>,
+}
+
+#[derive(Clone)]
+struct Fake {
+    driver: Arc<std::sync::Mutex<FakeDriver>>,
+    root: std::path::PathBuf,
+}
+
+fn take_fds(fds: &[u32]) -> Vec<std::os::unix::net::UnixStream> {
+    fds.iter()
+        .map(|&fd| {
+            // SAFETY: the fd is open for the duration of the call (the caller's copy).
+            let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd as i32) };
+            std::os::unix::net::UnixStream::from(borrowed.try_clone_to_owned().expect("dup"))
+        })
+        .collect()
+}
+
+fn einval(command: &str) -> GenlError {
+    GenlError::Kernel {
+        command: command.into(),
+        errno: libc::EINVAL,
+        message: None,
+        missing_attr: None,
+    }
+}
+
+impl Fake {
+    fn new() -> (tempfile::TempDir, Self) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let fake = Fake {
+            driver: Default::default(),
+            root: dir.path().to_path_buf(),
+        };
+        (dir, fake)
+    }
+
+    fn config(&self) -> KernelNbdConfig {
+        KernelNbdConfig {
+            dev_dir: self.root.join("dev"),
+            sys_block_dir: self.root.join("sys"),
+            device_timeout_ms: 1_000,
+            ..KernelNbdConfig::new(self.root.join("state"))
+        }
+    }
+
+    fn attacher(&self) -> KernelNbdAttacher {
+        let fake = self.clone();
+        KernelNbdAttacher::with_control(
+            self.config(),
+            Box::new(move || Ok(Box::new(fake.clone()) as Box<dyn nbd_genl::NbdControl>)),
+        )
+        .expect("attacher")
+    }
+
+    fn driver(&self) -> std::sync::MutexGuard<'_, FakeDriver> {
+        self.driver.lock().expect("fake driver")
+    }
+
+    fn calls(&self) -> Vec<String> {
+        self.driver().calls.clone()
+    }
+}
+
+impl nbd_genl::NbdControl for Fake {
+    fn connect(&mut self, req: &nbd_genl::ConnectRequest) -> Result<u32, GenlError> {
+        let mut d = self.driver();
+        d.calls.push(format!("connect {}", req.socket_fds.len()));
+        let index = match req.index {
+            Some(i) if d.devices.contains_key(&i) => {
+                return Err(GenlError::Kernel {
+                    command: "NBD_CMD_CONNECT".into(),
+                    errno: libc::EBUSY,
+                    message: None,
+                    missing_attr: None,
+                });
+            }
+            Some(i) => i,
+            None => (0..).find(|i| !d.devices.contains_key(i)).expect("free"),
+        };
+        let sys = self.root.join("sys").join(format!("nbd{index}"));
+        std::fs::create_dir_all(&sys).expect("sys dir");
+        std::fs::create_dir_all(self.root.join("dev")).expect("dev dir");
+        std::fs::write(sys.join("dev"), format!("43:{}\n", index * 16)).expect("dev");
+        if let Some(b) = &req.backend_identifier {
+            std::fs::write(sys.join("backend"), format!("{b}\n")).expect("backend");
+        }
+        std::fs::write(self.root.join("dev").join(format!("nbd{index}")), b"").expect("node");
+        d.devices.insert(
+            index,
+            FakeDevice {
+                request: req.clone(),
+                size_bytes: req.size_bytes,
+                sockets: take_fds(&req.socket_fds),
+            },
+        );
+        Ok(index)
+    }
+
+    fn reconfigure(&mut self, req: &nbd_genl::ReconfigureRequest) -> Result<(), GenlError> {
+        let mut d = self.driver();
+        d.calls.push(format!(
+            "reconfigure {} size={:?} sockets={}",
+            req.index,
+            req.size_bytes,
+            req.socket_fds.len()
+        ));
+        let Some(dev) = d.devices.get_mut(&req.index) else {
+            return Err(einval("NBD_CMD_RECONFIGURE"));
+        };
+        if let Some(s) = req.size_bytes {
+            dev.size_bytes = s;
+        }
+        if !req.socket_fds.is_empty() {
+            dev.sockets = take_fds(&req.socket_fds);
+        }
+        Ok(())
+    }
+
+    fn disconnect(&mut self, index: u32) -> Result<(), GenlError> {
+        let mut d = self.driver();
+        d.calls.push(format!("disconnect {index}"));
+        d.devices.remove(&index);
+        let _ = std::fs::remove_file(self.root.join(format!("sys/nbd{index}/backend")));
+        Ok(())
+    }
+
+    fn status(&mut self, index: Option<u32>) -> Result<Vec<nbd_genl::DeviceStatus>, GenlError> {
+        let d = self.driver();
+        Ok(d.devices
+            .keys()
+            .filter(|&&i| index.is_none_or(|want| want == i))
+            .map(|&i| nbd_genl::DeviceStatus {
+                index: i,
+                connected: true,
+            })
+            .collect())
+    }
+}
+
+/// Writes through socket `n` of device `index` as the kernel would and checks that the
+/// bytes reached the export.
+fn io_through_device(fake: &Fake, index: u32, n: usize, backend: &MemBackend, seed: u8) {
+    let mut d = fake.driver();
+    let s = &mut d.devices.get_mut(&index).expect("device").sockets[n];
+    let data = vec![seed; 4096];
+    let offset = u64::from(seed) * 4096;
+    assert_eq!(raw_request(s, CMD_WRITE, offset, &data, 0, 1).0, 0);
+    let mut direct = vec![0u8; 4096];
+    backend.read(offset, &mut direct).expect("backend read");
+    assert_eq!(direct, data);
+}
+
+#[test]
+fn attach_hands_negotiated_sockets_to_the_driver_and_io_flows_through_them() {
+    let (server, backend) = TestServer::with_mem_export("vol-a", 16 << 20, 512);
+    let (_dir, fake) = Fake::new();
+    let a = fake.attacher();
+    let dev = a.attach("vol-a", &server.socket).expect("attach");
+    assert_eq!(dev, fake.root.join("dev/nbd0"));
+    {
+        let d = fake.driver();
+        let req = &d.devices[&0].request;
+        assert_eq!(req.index, None, "the kernel picks the index");
+        assert_eq!(req.size_bytes, 16 << 20);
+        assert_eq!(req.block_size_bytes, 4096);
+        assert_eq!(req.timeout_s, 60);
+        assert_eq!(req.dead_conn_timeout_s, 120);
+        assert_eq!(
+            req.client_flags, 0,
+            "the device must outlive a dead connection"
+        );
+        let flags = req.server_flags as u16;
+        assert_ne!(flags & node_agent::nbd::proto::TFLAG_SEND_FLUSH, 0);
+        assert_ne!(flags & node_agent::nbd::proto::TFLAG_CAN_MULTI_CONN, 0);
+        assert_eq!(req.socket_fds.len(), 2);
+        assert_eq!(req.backend_identifier.as_deref(), Some("blockvol/vol-a"));
+    }
+    // The attacher closed its copies; the driver's sockets still carry IO.
+    io_through_device(&fake, 0, 0, &backend, 1);
+    io_through_device(&fake, 0, 1, &backend, 2);
+    let listed = a.list().expect("list");
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].device.as_deref(), Some(dev.as_path()));
+
+    // Attach again: the same device, revived with fresh sockets, no second CONNECT.
+    assert_eq!(a.attach("vol-a", &server.socket).expect("again"), dev);
+    assert_eq!(
+        fake.calls(),
+        ["connect 2", "reconfigure 0 size=None sockets=2"]
+    );
+    io_through_device(&fake, 0, 1, &backend, 3);
+
+    let err = a
+        .attach("vol-a", &server.dir.path().join("other.sock"))
+        .expect_err("other socket");
+    assert!(matches!(err, Error::AttachedElsewhere { .. }), "{err:?}");
+}
+
+#[test]
+fn a_restarted_agent_reconnects_its_devices_and_follows_a_grown_export() {
+    let (server, backend) = TestServer::with_mem_export("vol-r", 16 << 20, 512);
+    let (_dir, fake) = Fake::new();
+    fake.attacher()
+        .attach("vol-r", &server.socket)
+        .expect("attach");
+    backend.resize(32 << 20).expect("grow export");
+
+    // A new attacher on the same state directory, as after an agent restart.
+    let a = fake.attacher();
+    assert_eq!(a.reconnect_all(), 1);
+    assert_eq!(
+        fake.calls().last().map(String::as_str),
+        Some("reconfigure 0 size=Some(33554432) sockets=2")
+    );
+    assert_eq!(fake.driver().devices[&0].size_bytes, 32 << 20);
+    io_through_device(&fake, 0, 0, &backend, 7);
+
+    a.resize("vol-r", 48 << 20).expect("resize");
+    assert_eq!(
+        fake.calls().last().map(String::as_str),
+        Some("reconfigure 0 size=Some(50331648) sockets=0")
+    );
+    let err = a.resize("vol-x", 1 << 20).expect_err("unknown volume");
+    assert!(matches!(err, Error::NotAttached { .. }), "{err:?}");
+}
+
+#[test]
+fn detach_disconnects_only_our_own_device_and_forgets_it() {
+    let (server, _b) = TestServer::with_mem_export("vol-d", 8 << 20, 512);
+    server.add_mem("vol-e", 8 << 20, 512);
+    let (_dir, fake) = Fake::new();
+    let a = fake.attacher();
+    a.attach("vol-d", &server.socket).expect("attach d");
+    a.attach("vol-e", &server.socket).expect("attach e");
+    a.detach("vol-d").expect("detach");
+    assert!(fake.calls().contains(&"disconnect 0".to_owned()));
+    assert!(!fake.driver().devices.contains_key(&0));
+    a.detach("vol-d").expect("detach twice");
+    assert_eq!(
+        fake.calls()
+            .iter()
+            .filter(|c| c.starts_with("disconnect"))
+            .count(),
+        1
+    );
+
+    // Index 1 now carries someone else's backend: detach forgets it, leaves it alone.
+    std::fs::write(fake.root.join("sys/nbd1/backend"), "other-tool\n").expect("retag");
+    a.detach("vol-e").expect("detach e");
+    assert!(fake.driver().devices.contains_key(&1));
+    assert_eq!(
+        fake.calls()
+            .iter()
+            .filter(|c| c.starts_with("disconnect"))
+            .count(),
+        1
+    );
+    assert!(a.list().expect("list").is_empty());
+}
+
+#[test]
+fn a_device_left_by_a_crash_is_adopted_and_a_vanished_one_reconnected() {
+    let (server, _b) = TestServer::with_mem_export("vol-c", 8 << 20, 512);
+    let (_dir, fake) = Fake::new();
+    let a = fake.attacher();
+    let dev = a.attach("vol-c", &server.socket).expect("attach");
+    // A crash between CONNECT and the state write: only the device's tag remains.
+    std::fs::remove_dir_all(fake.root.join("state/vol-c")).expect("lose state");
+    assert_eq!(a.attach("vol-c", &server.socket).expect("adopt"), dev);
+    assert_eq!(
+        fake.calls()
+            .iter()
+            .filter(|c| c.starts_with("connect"))
+            .count(),
+        1,
+        "adopted, not connected twice: {:?}",
+        fake.calls()
+    );
+    assert_eq!(
+        a.list().expect("list")[0].device.as_deref(),
+        Some(dev.as_path())
+    );
+
+    // The device was torn down behind the agent's back: attach connects anew.
+    fake.driver().devices.clear();
+    a.attach("vol-c", &server.socket).expect("reattach");
+    assert_eq!(
+        fake.calls()
+            .iter()
+            .filter(|c| c.starts_with("connect"))
+            .count(),
+        2
+    );
+}

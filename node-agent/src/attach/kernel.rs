@@ -22,7 +22,8 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
-use super::nbd_genl::{ConnectRequest, NbdNetlink, ReconfigureRequest};
+use super::genl::GenlError;
+use super::nbd_genl::{ConnectRequest, NbdControl, NbdNetlink, ReconfigureRequest};
 use super::sys;
 use super::{Attacher, Attachment, Error, Result, validate_volume_name};
 use crate::nbd::client::{Connection, ExportInfo};
@@ -56,6 +57,10 @@ pub struct KernelNbdConfig {
     pub device_timeout_ms: u64,
     /// Pause between attempts to reach an export while reconnecting after a restart.
     pub reconnect_interval_ms: u64,
+    /// Where the device nodes appear (`/dev`).
+    pub dev_dir: PathBuf,
+    /// Where the kernel describes block devices (`/sys/block`).
+    pub sys_block_dir: PathBuf,
 }
 
 impl KernelNbdConfig {
@@ -70,6 +75,8 @@ impl KernelNbdConfig {
             netlink_timeout_ms: 5_000,
             device_timeout_ms: 5_000,
             reconnect_interval_ms: 200,
+            dev_dir: PathBuf::from("/dev"),
+            sys_block_dir: PathBuf::from("/sys/block"),
         }
     }
 
@@ -92,10 +99,6 @@ impl KernelNbdConfig {
 /// The backend identifier a volume's device carries.
 pub fn backend_identifier(volume: &str) -> String {
     format!("blockvol/{volume}")
-}
-
-pub fn device_path(index: u32) -> PathBuf {
-    PathBuf::from(format!("/dev/nbd{index}"))
 }
 
 /// Negotiated connections to one export, ready for the kernel.
@@ -189,14 +192,28 @@ enum DeviceState {
     Foreign,
 }
 
+/// Opens a connection to the driver (a netlink socket, or a test double).
+pub type OpenControl = Box<dyn Fn() -> Result<Box<dyn NbdControl>, GenlError> + Send + Sync>;
+
 /// See the module docs. One attacher per state directory; operations are serialized.
 pub struct KernelNbdAttacher {
     config: KernelNbdConfig,
     ops: Mutex<()>,
+    open_control: OpenControl,
 }
 
 impl KernelNbdAttacher {
+    /// The attacher over the kernel's generic netlink interface.
     pub fn new(config: KernelNbdConfig) -> Result<Self> {
+        let timeout = Duration::from_millis(config.netlink_timeout_ms);
+        Self::with_control(
+            config,
+            Box::new(move || Ok(Box::new(NbdNetlink::open(timeout)?) as Box<dyn NbdControl>)),
+        )
+    }
+
+    /// The attacher over another implementation of the driver's operations.
+    pub fn with_control(config: KernelNbdConfig, open_control: OpenControl) -> Result<Self> {
         config.validate()?;
         fs::create_dir_all(&config.state_dir).map_err(|source| Error::Io {
             path: config.state_dir.clone(),
@@ -205,6 +222,7 @@ impl KernelNbdAttacher {
         Ok(Self {
             config,
             ops: Mutex::new(()),
+            open_control,
         })
     }
 
@@ -215,10 +233,23 @@ impl KernelNbdAttacher {
         self.volume_dir(volume).join("state.json")
     }
 
-    fn netlink(&self) -> Result<NbdNetlink> {
-        Ok(NbdNetlink::open(Duration::from_millis(
-            self.config.netlink_timeout_ms,
-        ))?)
+    fn netlink(&self) -> Result<Box<dyn NbdControl>> {
+        Ok((self.open_control)()?)
+    }
+
+    /// The device node of index `index`.
+    pub fn device_path(&self, index: u32) -> PathBuf {
+        self.config.dev_dir.join(format!("nbd{index}"))
+    }
+
+    fn sys_dir(&self, index: u32) -> PathBuf {
+        self.config.sys_block_dir.join(format!("nbd{index}"))
+    }
+
+    fn read_backend(&self, index: u32) -> Option<String> {
+        fs::read_to_string(self.sys_dir(index).join("backend"))
+            .ok()
+            .map(|s| s.trim_end_matches('\n').to_owned())
     }
 
     fn read_state(&self, volume: &str) -> Result<Option<State>> {
@@ -267,7 +298,12 @@ impl KernelNbdAttacher {
         }
     }
 
-    fn device_state(&self, nl: &mut NbdNetlink, index: u32, volume: &str) -> Result<DeviceState> {
+    fn device_state(
+        &self,
+        nl: &mut dyn NbdControl,
+        index: u32,
+        volume: &str,
+    ) -> Result<DeviceState> {
         let configured = nl
             .status(Some(index))?
             .iter()
@@ -275,7 +311,7 @@ impl KernelNbdAttacher {
         if !configured {
             return Ok(DeviceState::Gone);
         }
-        Ok(match read_backend(index) {
+        Ok(match self.read_backend(index) {
             Some(b) if !b.is_empty() && b != backend_identifier(volume) => DeviceState::Foreign,
             _ => DeviceState::Ours,
         })
@@ -284,17 +320,17 @@ impl KernelNbdAttacher {
     /// The configured device carrying `volume`'s backend identifier, if any.
     fn find_by_backend(&self, volume: &str) -> Option<u32> {
         let want = backend_identifier(volume);
-        let entries = fs::read_dir("/sys/block").ok()?;
+        let entries = fs::read_dir(&self.config.sys_block_dir).ok()?;
         entries.flatten().find_map(|e| {
             let name = e.file_name().to_string_lossy().into_owned();
             let index: u32 = name.strip_prefix("nbd")?.parse().ok()?;
-            (read_backend(index).as_deref() == Some(want.as_str())).then_some(index)
+            (self.read_backend(index).as_deref() == Some(want.as_str())).then_some(index)
         })
     }
 
     /// Hands freshly negotiated sockets to device `index` (replacing dead connections;
     /// the kernel ignores extras) and applies a size change of the export.
-    fn reconnect(&self, nl: &mut NbdNetlink, state: &State, index: u32) -> Result<State> {
+    fn reconnect(&self, nl: &mut dyn NbdControl, state: &State, index: u32) -> Result<State> {
         let neg = negotiate(
             &state.socket,
             &state.volume,
@@ -322,7 +358,7 @@ impl KernelNbdAttacher {
         Ok(next)
     }
 
-    fn connect_new(&self, nl: &mut NbdNetlink, volume: &str, socket: &Path) -> Result<PathBuf> {
+    fn connect_new(&self, nl: &mut dyn NbdControl, volume: &str, socket: &Path) -> Result<PathBuf> {
         let neg = negotiate(
             socket,
             volume,
@@ -361,7 +397,7 @@ impl KernelNbdAttacher {
         drop(neg);
         state.index = Some(index);
         self.write_state(&state)?;
-        let dev = device_path(index);
+        let dev = self.device_path(index);
         if !sys::wait_until(self.config.device_timeout_ms, || dev.exists()) {
             return Err(Error::Timeout {
                 what: format!("device node {} for volume {volume}", dev.display()),
@@ -384,7 +420,7 @@ impl KernelNbdAttacher {
         let state = self.read_state(volume)?.ok_or_else(not_attached)?;
         let index = state.index.ok_or_else(not_attached)?;
         let mut nl = self.netlink()?;
-        if self.device_state(&mut nl, index, volume)? != DeviceState::Ours {
+        if self.device_state(nl.as_mut(), index, volume)? != DeviceState::Ours {
             return Err(not_attached());
         }
         nl.reconfigure(&ReconfigureRequest {
@@ -461,18 +497,12 @@ impl KernelNbdAttacher {
             return Ok(false);
         };
         let mut nl = self.netlink()?;
-        if self.device_state(&mut nl, index, volume)? != DeviceState::Ours {
+        if self.device_state(nl.as_mut(), index, volume)? != DeviceState::Ours {
             return Ok(false);
         }
-        self.reconnect(&mut nl, &state, index)?;
+        self.reconnect(nl.as_mut(), &state, index)?;
         Ok(true)
     }
-}
-
-fn read_backend(index: u32) -> Option<String> {
-    fs::read_to_string(format!("/sys/block/nbd{index}/backend"))
-        .ok()
-        .map(|s| s.trim_end_matches('\n').to_owned())
 }
 
 impl Attacher for KernelNbdAttacher {
@@ -487,7 +517,7 @@ impl Attacher for KernelNbdAttacher {
             index = self.find_by_backend(volume);
         }
         if let Some(index) = index {
-            match self.device_state(&mut nl, index, volume)? {
+            match self.device_state(nl.as_mut(), index, volume)? {
                 DeviceState::Ours => {
                     let state = recorded.unwrap_or_else(|| State {
                         volume: volume.into(),
@@ -501,8 +531,8 @@ impl Attacher for KernelNbdAttacher {
                             socket: state.socket,
                         });
                     }
-                    self.reconnect(&mut nl, &state, index)?;
-                    return Ok(device_path(index));
+                    self.reconnect(nl.as_mut(), &state, index)?;
+                    return Ok(self.device_path(index));
                 }
                 DeviceState::Foreign => warn!(
                     volume,
@@ -512,7 +542,7 @@ impl Attacher for KernelNbdAttacher {
                 DeviceState::Gone => {}
             }
         }
-        self.connect_new(&mut nl, volume, socket)
+        self.connect_new(nl.as_mut(), volume, socket)
     }
 
     fn detach(&self, volume: &str) -> Result<()> {
@@ -524,16 +554,18 @@ impl Attacher for KernelNbdAttacher {
             None => self.find_by_backend(volume),
         };
         if let Some(index) = index {
-            let dev = device_path(index);
-            if let Some(numbers) = sys::dev_numbers(&dev) {
-                if let Some(mp) = sys::mounted_at(&numbers) {
+            let dev = self.device_path(index);
+            let sys_dir = self.sys_dir(index);
+            if let Ok(numbers) = fs::read_to_string(sys_dir.join("dev")) {
+                let numbers = numbers.trim();
+                if let Some(mp) = sys::mounted_at(numbers) {
                     return Err(Error::Busy {
                         volume: volume.into(),
                         device: dev,
                         reason: format!("mounted at {}", mp.display()),
                     });
                 }
-                if sys::has_holders(&dev) {
+                if fs::read_dir(sys_dir.join("holders")).is_ok_and(|mut d| d.next().is_some()) {
                     return Err(Error::Busy {
                         volume: volume.into(),
                         device: dev,
@@ -542,7 +574,7 @@ impl Attacher for KernelNbdAttacher {
                 }
             }
             let mut nl = self.netlink()?;
-            match self.device_state(&mut nl, index, volume)? {
+            match self.device_state(nl.as_mut(), index, volume)? {
                 DeviceState::Ours => {
                     nl.disconnect(index)?;
                     info!(volume, device = %dev.display(), "attach: kernel nbd device disconnected");
@@ -578,7 +610,7 @@ impl Attacher for KernelNbdAttacher {
                 out.push(Attachment {
                     volume: s.volume,
                     socket: s.socket,
-                    device: s.index.map(device_path),
+                    device: s.index.map(|i| self.device_path(i)),
                 });
             }
         }

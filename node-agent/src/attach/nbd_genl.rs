@@ -210,6 +210,20 @@ pub fn parse_status_reply(replies: &[Vec<u8>]) -> Result<Vec<DeviceStatus>, Genl
     Ok(out)
 }
 
+/// The four operations the kernel attacher needs from the driver. [`NbdNetlink`] is the
+/// real one; tests substitute an in-memory driver.
+///
+/// Contract (as the kernel implements it): `connect` takes its own reference to every
+/// socket fd before returning, so the caller may close its copies; `reconfigure` with
+/// sockets replaces dead connections and ignores extras; `disconnect` of an index that
+/// is not configured succeeds; `status` of an unknown index lists nothing.
+pub trait NbdControl {
+    fn connect(&mut self, req: &ConnectRequest) -> Result<u32, GenlError>;
+    fn reconfigure(&mut self, req: &ReconfigureRequest) -> Result<(), GenlError>;
+    fn disconnect(&mut self, index: u32) -> Result<(), GenlError>;
+    fn status(&mut self, index: Option<u32>) -> Result<Vec<DeviceStatus>, GenlError>;
+}
+
 /// A socket bound to the resolved "nbd" family. Every operation is one request and its
 /// ack; errors name the command.
 #[derive(Debug)]
@@ -236,9 +250,11 @@ impl NbdNetlink {
         let request = encode(self.family, seq)?;
         self.socket.transact(command, &request, seq, self.family)
     }
+}
 
+impl NbdControl for NbdNetlink {
     /// Configures a device; returns its index.
-    pub fn connect(&mut self, req: &ConnectRequest) -> Result<u32, GenlError> {
+    fn connect(&mut self, req: &ConnectRequest) -> Result<u32, GenlError> {
         let replies = self.call("NBD_CMD_CONNECT", |f, s| encode_connect(req, f, s))?;
         match (parse_connect_reply(&replies), req.index) {
             (Ok(i), _) => Ok(i),
@@ -248,17 +264,17 @@ impl NbdNetlink {
         }
     }
 
-    pub fn reconfigure(&mut self, req: &ReconfigureRequest) -> Result<(), GenlError> {
+    fn reconfigure(&mut self, req: &ReconfigureRequest) -> Result<(), GenlError> {
         self.call("NBD_CMD_RECONFIGURE", |f, s| encode_reconfigure(req, f, s))
             .map(drop)
     }
 
-    pub fn disconnect(&mut self, index: u32) -> Result<(), GenlError> {
+    fn disconnect(&mut self, index: u32) -> Result<(), GenlError> {
         self.call("NBD_CMD_DISCONNECT", |f, s| encode_disconnect(index, f, s))
             .map(drop)
     }
 
-    pub fn status(&mut self, index: Option<u32>) -> Result<Vec<DeviceStatus>, GenlError> {
+    fn status(&mut self, index: Option<u32>) -> Result<Vec<DeviceStatus>, GenlError> {
         let replies = self.call("NBD_CMD_STATUS", |f, s| encode_status(index, f, s))?;
         parse_status_reply(&replies)
     }
