@@ -13,7 +13,7 @@ use engine::replication::{NetConfig, ReceiverServer, Transport};
 use kube::Client;
 use tokio_stream::wrappers::UnixListenerStream;
 
-use crate::attach::{Attacher, FuseLoopAttacher, FuseLoopConfig, ProxyCommand};
+use crate::attach::{Attacher, ProxyCommand};
 use crate::attach_service::{AttachService, Forwarding};
 use crate::forward::{ForwardSettings, KubeResolver, LocalPath};
 use crate::k8s::{
@@ -94,6 +94,10 @@ pub struct Settings {
     /// attached device and the NBD socket, so devices survive agent restarts.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub attach_proxy: bool,
+    /// How volumes become block devices: `kernel` (the nbd driver over netlink), `fuse-loop`
+    /// (nbdfuse + loop), or `auto` (the kernel driver where it answers, else fuse-loop).
+    #[arg(long, value_enum, default_value_t = crate::attach::AttachMode::Auto)]
+    pub attacher: crate::attach::AttachMode,
     /// Bound of the acknowledged-but-unflushed writes a forwarding export keeps for
     /// replay on a new primary, in bytes (reaching it forwards a FLUSH first).
     #[arg(long, default_value_t = 64 << 20)]
@@ -456,10 +460,8 @@ impl Agent {
         } else {
             None
         };
-        let attacher: Arc<dyn Attacher> = Arc::new(FuseLoopAttacher::new(FuseLoopConfig {
-            proxy,
-            ..FuseLoopConfig::new(data_dir.join("attach"))
-        })?);
+        let opened = crate::attach::open_attacher(settings.attacher, &data_dir, proxy)?;
+        let attacher: Arc<dyn Attacher> = opened.attacher;
         let local = {
             let runtime = runtime.clone();
             Arc::new(move |volume: &str| runtime.local_role(volume).is_some())
@@ -490,6 +492,12 @@ impl Agent {
             tasks.push(tokio::spawn(async move {
                 let restored = service.restore_forwarding().await;
                 tracing::info!(restored, "forwarding exports of attached devices restored");
+            }));
+        }
+        if let Some(kernel) = opened.kernel {
+            // Kernel nbd devices outlive the agent with dead sockets: give them new ones.
+            tasks.push(tokio::task::spawn_blocking(move || {
+                kernel.reconnect_all();
             }));
         }
         let incoming = bind_unix(&settings.agent_socket)?;

@@ -3,14 +3,18 @@
 //! state on disk, so an agent restarted with devices in use can still detach them.
 
 mod fuse_loop;
-mod kernel;
+pub mod genl;
+pub mod kernel;
+pub mod nbd_genl;
 pub mod proxy;
+pub mod select;
 mod sys;
 
 use std::path::{Path, PathBuf};
 
 pub use fuse_loop::{FuseLoopAttacher, FuseLoopConfig, ProxyCommand};
-pub use kernel::{KernelNbdAttacher, kernel_nbd_available};
+pub use kernel::{KernelNbdAttacher, KernelNbdConfig, kernel_nbd_available};
+pub use select::{AttachMode, open_attacher};
 
 /// Errors of the attach layer.
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +57,17 @@ pub enum Error {
     },
     #[error("state file {path} is unreadable: {reason}")]
     State { path: PathBuf, reason: String },
+    #[error("kernel nbd: {0}")]
+    Netlink(#[from] genl::GenlError),
+    #[error("volume {volume}: NBD handshake on {socket}: {source}")]
+    Handshake {
+        volume: String,
+        socket: PathBuf,
+        #[source]
+        source: crate::nbd::client::ClientError,
+    },
+    #[error("volume {volume} is not attached")]
+    NotAttached { volume: String },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -165,6 +165,21 @@ impl Connection {
         self.info
     }
 
+    /// Ends this client's use of the connection and returns the socket, positioned at
+    /// the start of the transmission phase with nothing sent or buffered, for another
+    /// NBD client (the kernel driver) to take over. The socket timeouts are cleared:
+    /// the new owner bounds its own waits.
+    pub fn into_stream(self) -> std::io::Result<UnixStream> {
+        // Skip Drop (it would send NBD_CMD_DISC) and move the stream out.
+        let this = std::mem::ManuallyDrop::new(self);
+        // SAFETY: `this` is never used or dropped again, so the stream is moved out
+        // exactly once; the other fields are plain integers without drop glue.
+        let stream = unsafe { std::ptr::read(&this.stream) };
+        stream.set_read_timeout(None)?;
+        stream.set_write_timeout(None)?;
+        Ok(stream)
+    }
+
     /// Sends one request and waits for its reply. `Ok(errno)` is the server's answer
     /// (0 is success; `read_into` holds the data then); `Err` means the connection broke
     /// and the request's outcome is unknown.
