@@ -941,10 +941,15 @@ pub fn parse_perf_report(text: &str) -> Vec<ProfileEntry> {
                 pct.push(v);
                 rest = tail.trim_start();
             }
+            // Columns are padded with runs of spaces; a symbol has single spaces at most
+            // (`<T as Trait>::f`), and perf may append `-` columns after it.
             let symbol = rest
                 .strip_prefix("[.] ")
                 .or_else(|| rest.strip_prefix("[k] "))
                 .unwrap_or(rest)
+                .split("  ")
+                .next()
+                .unwrap_or_default()
                 .trim();
             match (pct.as_slice(), symbol.is_empty()) {
                 (&[children, own], false) => Some(ProfileEntry {
@@ -1140,13 +1145,15 @@ mod tests {
     fn perf_report_lines_give_children_and_self_per_symbol() {
         let text = "# Children      Self  Symbol\n# ........  ........  ......\n#\n\
                     \x20   42.50%     0.00%  [.] tokio::runtime::task::raw::poll\n\
-                    \x20   12.25%    12.25%  [k] copy_user_enhanced_fast_string\n\
+                    \x20   12.25%    12.25%  [k] copy_user_enhanced_fast_string      -  -\n\
+                    \x20    5.00%     0.10%  [.] <engine::Wal as engine::Log>::append  -\n\
                     \x20    3.00%     1.50%  [.] engine::wal::Wal::append\n\
                     \n   not a line\n";
         let all = parse_perf_report(text);
-        assert_eq!(all.len(), 3, "{all:?}");
+        assert_eq!(all.len(), 4, "{all:?}");
         assert_eq!(all[1].symbol, "copy_user_enhanced_fast_string");
-        assert_eq!((all[2].children_pct, all[2].self_pct), (3.0, 1.5));
+        assert_eq!(all[2].symbol, "<engine::Wal as engine::Log>::append");
+        assert_eq!((all[3].children_pct, all[3].self_pct), (3.0, 1.5));
         let p = Profile::from_report("row", "perf record", "f", text, 2);
         assert_eq!(p.by_children[0].symbol, "tokio::runtime::task::raw::poll");
         assert_eq!(p.by_self[0].symbol, "copy_user_enhanced_fast_string");

@@ -11,7 +11,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use api::{BlockVolume, ReplicaRole, ReplicaState, VolumePhase};
@@ -23,10 +23,11 @@ use crate::bench::{
     self, EXT4_JOBS, Ext4Rows, FailoverRows, FailoverTrial, FioResult, Profile, RebuildRows,
     RebuildRun, Sample,
 };
-use crate::checker::{Checker, CheckerConfig, Ledger, Target};
+use crate::checker::{CheckerConfig, Ledger, NbdClient, Target, make_block, verify_ledger};
 use crate::cluster::{TestCluster, wait_for};
 use crate::devices::{AttachmentGuard, run};
 use crate::error::{Error, Result};
+use crate::faults::SeededRng;
 
 /// Bound on a volume becoming Ready with every replica in sync.
 pub const VOLUME_READY_TIMEOUT: Duration = Duration::from_secs(300);
@@ -320,6 +321,7 @@ pub async fn ext4_rows(
     rows.summarize();
     run("umount", &[&rf3_mount.display().to_string()])?;
     drop(local);
+    let _ = std::fs::remove_file(scratch.join("local-ext4.img"));
     client
         .detach(VOLUME)
         .await
@@ -428,6 +430,78 @@ pub async fn ensure_writer_node(cluster: &mut TestCluster) -> Result<()> {
     cluster.wait_registered(VOLUME_READY_TIMEOUT).await
 }
 
+/// One connection writing checker blocks (see `checker`), each write followed by a
+/// FLUSH, until told to stop; the ledger records every write sent and every write a
+/// flush covered, so `verify_ledger` can judge what reads back. Unlike
+/// `Checker::run_writes` it runs until stopped and stops between two writes, so the
+/// ledger is never read while a write is in flight.
+struct FlushedWriter {
+    ledger: Arc<Mutex<Ledger>>,
+    /// Flushes acknowledged so far.
+    progress: tokio::sync::watch::Sender<u64>,
+}
+
+impl FlushedWriter {
+    fn new(ledger: Ledger) -> FlushedWriter {
+        FlushedWriter {
+            ledger: Arc::new(Mutex::new(ledger)),
+            progress: tokio::sync::watch::channel(0).0,
+        }
+    }
+
+    fn ledger(&self) -> Ledger {
+        self.ledger
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Writes until `stop` turns true; the error says why it stopped early.
+    fn start(
+        &self,
+        target: Target,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+    ) -> tokio::task::JoinHandle<std::result::Result<(), String>> {
+        let ledger = self.ledger.clone();
+        let progress = self.progress.clone();
+        tokio::spawn(async move {
+            let mut c = NbdClient::connect(&target)
+                .await
+                .map_err(|e| format!("connect: {e}"))?;
+            let cfg = ledger
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .config
+                .clone();
+            let bs = u64::from(cfg.block_size_bytes);
+            let mut rng = SeededRng::new(cfg.seed ^ *progress.borrow());
+            while !*stop.borrow_and_update() {
+                let lba = cfg.lba_start + rng.next_u64() % cfg.lba_count;
+                let seq = {
+                    let mut l = ledger.lock().unwrap_or_else(|e| e.into_inner());
+                    let s = l.next_seq;
+                    l.next_seq += 1;
+                    l.blocks.entry(lba).or_default().sent_seq = s;
+                    s
+                };
+                let block = make_block(&cfg.volume_id, bs as usize, lba, seq);
+                c.write(lba * bs, &block)
+                    .await
+                    .map_err(|e| format!("write of LBA {lba}: {e}"))?;
+                c.flush().await.map_err(|e| format!("flush: {e}"))?;
+                {
+                    let mut l = ledger.lock().unwrap_or_else(|e| e.into_inner());
+                    let r = l.blocks.entry(lba).or_default();
+                    r.durable_seq = r.durable_seq.max(seq);
+                }
+                progress.send_modify(|n| *n += 1);
+            }
+            c.disconnect().await;
+            Ok(())
+        })
+    }
+}
+
 /// Waits until the checker has acknowledged `n` flushes in all; `None` if the writer
 /// stopped or `timeout` passed first.
 async fn flushes_reach(
@@ -473,7 +547,7 @@ pub async fn failover_rows(
         .attach(VOLUME, false)
         .await
         .map_err(|e| fail(format!("Attach of {VOLUME} on {WRITER_NODE}: {e}")))?;
-    let checker = Checker::new(
+    let writer = FlushedWriter::new(
         Ledger::new(CheckerConfig {
             volume_id: VOLUME.into(),
             seed: 0xb10c_f00d,
@@ -498,7 +572,7 @@ pub async fn failover_rows(
     for trial in 1..=trials {
         let (primary, e) = ready_primary(cluster, VOLUME, 3, epoch).await?;
         epoch = e;
-        let t = failover_trial(cluster, &checker, &target, trial, &primary, epoch).await;
+        let t = failover_trial(cluster, &writer, &target, trial, &primary, epoch).await;
         tracing::info!(
             trial,
             seconds = t.seconds,
@@ -525,7 +599,7 @@ pub async fn failover_rows(
 
 async fn failover_trial(
     cluster: &mut TestCluster,
-    checker: &Arc<Checker>,
+    writer: &FlushedWriter,
     target: &Target,
     trial: u32,
     primary: &str,
@@ -536,22 +610,17 @@ async fn failover_trial(
         killed_node: primary.to_string(),
         ..FailoverTrial::default()
     };
-    let mut progress = checker.flush_progress();
+    let mut progress = writer.progress.subscribe();
     let base = *progress.borrow();
-    let writer = {
-        let (c, tg) = (checker.clone(), target.clone());
-        tokio::spawn(async move { c.run_writes(&tg, u64::MAX / 2).await })
-    };
-    let stop = |writer: tokio::task::JoinHandle<crate::checker::WriteSummary>| async move {
-        if writer.is_finished() {
-            return writer
-                .await
-                .map(|s| s.stopped_by.join("; "))
-                .unwrap_or_else(|e| e.to_string());
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let running = writer.start(target.clone(), stop_rx);
+    let stop = |running: tokio::task::JoinHandle<std::result::Result<(), String>>| async move {
+        let _ = stop_tx.send(true);
+        match running.await {
+            Ok(Ok(())) => String::new(),
+            Ok(Err(e)) => e,
+            Err(e) => format!("writer task: {e}"),
         }
-        writer.abort();
-        let _ = writer.await;
-        String::new()
     };
     if flushes_reach(
         &mut progress,
@@ -561,26 +630,28 @@ async fn failover_trial(
     .await
     .is_none()
     {
-        t.error = Some(format!("writer did not start: {}", stop(writer).await));
+        t.error = Some(format!("writer did not start: {}", stop(running).await));
         return t;
     }
-    let at_kill = *progress.borrow();
     let killed = Instant::now();
     match cluster.agent(primary) {
         Some(a) => a.kill(),
         None => {
             t.error = Some(format!("no agent for {primary}"));
-            stop(writer).await;
+            stop(running).await;
             return t;
         }
     }
-    // The flush acknowledged after `at_kill + 1` covers a write sent after the kill.
+    // Read after the kill: flush `at_kill + 1` is acknowledged after this read, so
+    // write `at_kill + 2` was sent after the kill, and its flush is the first one that
+    // surely covers a write the dead primary never saw.
+    let at_kill = *progress.borrow();
     let Some(resumed) = flushes_reach(&mut progress, at_kill + 2, FAILOVER_WRITE_TIMEOUT).await
     else {
         t.error = Some(format!(
             "no write acknowledged within {:?} of the kill: {}",
             FAILOVER_WRITE_TIMEOUT,
-            stop(writer).await
+            stop(running).await
         ));
         return t;
     };
@@ -591,8 +662,8 @@ async fn failover_trial(
         FAILOVER_WRITE_TIMEOUT,
     )
     .await;
-    let why = stop(writer).await;
-    if more.is_none() {
+    let why = stop(running).await;
+    if more.is_none() || !why.is_empty() {
         t.error = Some(format!("writer stalled after the failover: {why}"));
     }
     t.writes_durable = *progress.borrow() - base;
@@ -605,7 +676,8 @@ async fn failover_trial(
         Ok(n) => t.new_primary_node = n,
         Err(e) => t.error = Some(e.to_string()),
     }
-    match checker.verify(target).await {
+    let ledger = writer.ledger();
+    match verify_ledger(target, &ledger).await {
         Ok(r) => {
             t.writes_verified = r.writes_verified;
             t.lost = r.findings.len() as u64;

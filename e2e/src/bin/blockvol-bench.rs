@@ -681,7 +681,10 @@ async fn run_scenarios(
         "--wal-retention-timeout-ms={SCENARIO_WAL_RETENTION_TIMEOUT_MS}"
     )];
     opts.operator.log_filter = "info".into();
-    opts.root_parent = Some(scratch.to_path_buf());
+    // Directly in the work directory (same disk as the scratch directory): attach
+    // sockets live under the agents' data directories, and a unix socket path must
+    // stay shorter than 108 bytes.
+    opts.root_parent = Some(args.work_dir.clone());
     let lease_s = opts.agent.lease_duration_s;
     let mut cluster = TestCluster::start(opts).await?;
     let mut out = Scenarios::default();
@@ -702,13 +705,19 @@ async fn run_scenarios(
                 out.ext4 = Some(rows);
                 out.profile = profile;
             }
-            Err(e) => out.errors.push(format!("ext4: failed: {e}")),
+            Err(e) => {
+                tracing::error!(error = %e, "ext4 rows failed");
+                out.errors.push(format!("ext4: failed: {e}"));
+            }
         }
     }
     if plan.runs("failover") {
         match scenarios::failover_rows(&mut cluster, args.failover_trials, lease_s).await {
             Ok(rows) => out.failover = Some(rows),
-            Err(e) => out.errors.push(format!("failover: failed: {e}")),
+            Err(e) => {
+                tracing::error!(error = %e, "failover rows failed");
+                out.errors.push(format!("failover: failed: {e}"));
+            }
         }
     }
     if plan.runs("rebuild") {
@@ -718,7 +727,10 @@ async fn run_scenarios(
         };
         match scenarios::rebuild_rows(&mut cluster, scratch, &settings).await {
             Ok(rows) => out.rebuild = Some(rows),
-            Err(e) => out.errors.push(format!("rebuild: failed: {e}")),
+            Err(e) => {
+                tracing::error!(error = %e, "rebuild rows failed");
+                out.errors.push(format!("rebuild: failed: {e}"));
+            }
         }
     }
     Ok(out)
