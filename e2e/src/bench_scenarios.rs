@@ -399,7 +399,21 @@ async fn profile_run(
             "0.5",
         ],
     )?;
-    std::fs::write(&p.report_text, &text)
+    // perf pads every line to its widest symbol (kilobytes per line); keep the
+    // comment header and one `children% self% symbol` line per entry.
+    let mut compact: String = text
+        .lines()
+        .take_while(|l| l.starts_with('#'))
+        .filter(|l| !l.contains("...."))
+        .map(|l| format!("{}\n", l.split_whitespace().collect::<Vec<_>>().join(" ")))
+        .collect();
+    for e in bench::parse_perf_report(&text) {
+        compact.push_str(&format!(
+            "{:6.2}% {:6.2}% {}\n",
+            e.children_pct, e.self_pct, e.symbol
+        ));
+    }
+    std::fs::write(&p.report_text, compact)
         .map_err(|e| Error::io(format!("writing {}", p.report_text.display()), e))?;
     Ok(Profile::from_report(
         &format!("{} on rf3-ext4", job.name),
