@@ -208,7 +208,8 @@ fn select_rows(a: &Args) -> anyhow::Result<(Vec<&'static str>, Vec<String>, Vec<
             }
         } else if matches!(a.mode, Mode::Smoke) && r != "fio" {
             skipped.push(format!(
-                "{r}: smoke mode skips it (it needs a 3-node cluster and minutes);                  run --mode quick or --rows {r}"
+                "{r}: smoke mode skips it (it needs a 3-node cluster and minutes); \
+                 run --mode quick or --rows {r}"
             ));
         } else {
             rows.push(r);
