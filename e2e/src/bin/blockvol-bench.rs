@@ -34,6 +34,8 @@ const ROWS: &[&str] = &["fio", "ext4", "failover", "rebuild"];
 /// WAL retention budget of the agents of the scenario rows: the rebuild rows wait for
 /// the primary to give a dead replica up, so the budget bounds their set-up time.
 const SCENARIO_WAL_RETENTION_TIMEOUT_MS: u64 = 5_000;
+/// Longest unix socket path the kernel accepts (sun_path, with its NUL).
+const UNIX_SOCKET_PATH_BYTES_MAX: usize = 108;
 /// Functions listed per table of the profile.
 const PROFILE_TOP: usize = 15;
 /// Bound on a volume becoming Ready with every replica in sync.
@@ -489,6 +491,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
             );
         }
     }
+    if plan.runs("ext4") || plan.runs("failover") || plan.runs("rebuild") {
+        check_work_dir(&args.work_dir)?;
+    }
     let started = utc_now("+%Y-%m-%dT%H:%M:%SZ");
     let stamp = utc_now("+%Y%m%dT%H%M%SZ");
     let scratch = args.work_dir.join(&stamp);
@@ -652,6 +657,26 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     if !scenario.errors.is_empty() {
         bail!("rows failed: {}", scenario.errors.join("; "));
+    }
+    Ok(())
+}
+
+/// Fails when the scenario rows' attach sockets under `work_dir` would exceed the unix
+/// socket path limit (checked before anything runs).
+fn check_work_dir(work_dir: &Path) -> anyhow::Result<()> {
+    // The cluster directory's name, the node, the attach directory of the longest
+    // volume name and the socket (see `e2e::bench_scenarios`).
+    let longest = work_dir.join(format!(
+        "blockvol-cluster-XXXXXX/{}/data/attach/bench-failover/proxy.sock",
+        scenarios::WRITER_NODE
+    ));
+    if longest.as_os_str().len() >= UNIX_SOCKET_PATH_BYTES_MAX {
+        bail!(
+            "--work-dir {} is too long for the scenario rows: their attach sockets \
+             ({}) must stay under {UNIX_SOCKET_PATH_BYTES_MAX} bytes; use a shorter path",
+            work_dir.display(),
+            longest.display()
+        );
     }
     Ok(())
 }
