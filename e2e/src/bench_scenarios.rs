@@ -308,8 +308,8 @@ pub async fn ext4_rows(
     };
     let mut rows = Ext4Rows {
         device: format!(
-            "{device} from the agent's Attach on the primary's node {node} (the agent's \
-             attach path: nbdfuse + loop here), ext4"
+            "{device} from the agent's Attach on the primary's node {node} (whatever \
+             device the agent's attach path makes on this host), ext4"
         ),
         local: "ext4 on a loop device (--direct-io=on) over an image file in the work \
                 directory, same disk"

@@ -479,7 +479,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let plan = Plan::from_args(&args)?;
     let mut tools = vec!["fio", "nbdkit", "nbdinfo"];
     if plan.runs("ext4") {
-        tools.extend(["mkfs.ext4", "losetup", "mount", "nbdfuse"]);
+        tools.extend(["mkfs.ext4", "losetup", "mount"]);
     }
     if args.perf && plan.runs("ext4") {
         tools.push("perf");
