@@ -3,11 +3,18 @@
 # processes (RF1, RF2 syncAll, RF3 syncAll, RF3 async, on a local control plane), against
 # `nbdkit file`, and against a local file (libaio, O_DIRECT). Targets are interleaved in
 # every repetition; the report has medians, min–max, ratios and agent CPU per I/O.
+# Further rows: fio on ext4 through an attached RF3 device against ext4 on a local loop
+# device, failover time under a lost-write checker, replica rebuild rate against the
+# disk, and (--perf) the agents' top functions from `perf record -e cpu-clock -g`.
 #
 # Usage: bench/run.sh [--mode smoke|quick|full] [--reps N] [--runtime-s S] [--size-mib M]
 #                     [--targets a,b] [--patterns p,q] [--out DIR] [--work-dir DIR]
+#                     [--rows fio,ext4,failover,rebuild] [--skip-rows a,b] [--perf]
+#                     [--failover-trials N] [--rebuild-sizes-mib a,b]
 #   --mode     smoke: 1 × 1 s per pattern on nbdkit, local, rf1 (about a minute, checks
-#              that the suite works); quick (default): 3 × 5 s, 256 MiB; full: 5 × 10 s, 1 GiB
+#              that the suite works; the other row groups are skipped with the reason);
+#              quick (default): 3 × 5 s, 256 MiB, rebuilds of 256 MiB and 1 GiB;
+#              full: 5 × 10 s, 1 GiB, rebuilds of 1 GiB and 4 GiB
 #   --out      report directory (default bench/results): <UTC timestamp>.json and .md
 #   --work-dir scratch directory on the disk to measure (default /var/tmp/blockvol-bench)
 # Every option is passed to blockvol-bench (`target/debug/blockvol-bench --help`).

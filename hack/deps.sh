@@ -2,7 +2,7 @@
 # Installs the system packages blockvol's tests and local cluster use (idempotent).
 set -euo pipefail
 
-packages=(nbdkit libnbd-bin fio qemu-utils e2fsprogs xfsprogs fuse3 iproute2 iptables util-linux python3-libnbd)
+packages=(nbdkit libnbd-bin fio qemu-utils e2fsprogs xfsprogs fuse3 iproute2 iptables util-linux python3-libnbd linux-perf)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

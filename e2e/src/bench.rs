@@ -366,7 +366,7 @@ pub struct RunSettings {
 }
 
 /// The whole report written to `<out>/<timestamp>.json`.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Report {
     pub started_utc: String,
     pub finished_utc: String,
@@ -375,6 +375,22 @@ pub struct Report {
     pub samples: Vec<Sample>,
     pub summary: BTreeMap<String, BTreeMap<String, Cell>>,
     pub ratios: Vec<Ratio>,
+    /// fio through a real block device with ext4 on it (absent: row not run).
+    #[serde(default)]
+    pub ext4: Option<Ext4Rows>,
+    #[serde(default)]
+    pub failover: Option<FailoverRows>,
+    #[serde(default)]
+    pub rebuild: Option<RebuildRows>,
+    /// Where the agents spent CPU during one row (`--perf`).
+    #[serde(default)]
+    pub profile: Option<Profile>,
+    /// Rows not run, each with the reason.
+    #[serde(default)]
+    pub skipped: Vec<String>,
+    /// Every target of the run that was missed, in words (empty: all met or none run).
+    #[serde(default)]
+    pub targets_missed: Vec<String>,
 }
 
 impl Report {
@@ -395,6 +411,39 @@ impl Report {
              agent build: {}.\n",
             s.mode, s.reps, s.runtime_s, s.ramp_s, s.size_mib, s.agent_build
         );
+        if !self.samples.is_empty() {
+            self.fio_markdown(&mut md);
+        }
+        if let Some(e) = &self.ext4 {
+            e.markdown(&mut md);
+        }
+        if let Some(f) = &self.failover {
+            f.markdown(&mut md);
+        }
+        if let Some(r) = &self.rebuild {
+            r.markdown(&mut md);
+        }
+        if let Some(p) = &self.profile {
+            p.markdown(&mut md);
+        }
+        if !self.skipped.is_empty() {
+            let _ = writeln!(md, "\nRows not run:\n");
+            for s in &self.skipped {
+                let _ = writeln!(md, "- {s}");
+            }
+        }
+        if !self.targets_missed.is_empty() {
+            let _ = writeln!(md, "\n**Targets missed:**\n");
+            for t in &self.targets_missed {
+                let _ = writeln!(md, "- {t}");
+            }
+        }
+        md
+    }
+
+    /// The fio matrix: per-pattern table, ratios, failed runs, CPU per I/O.
+    fn fio_markdown(&self, md: &mut String) {
+        let s = &self.settings;
         let _ = writeln!(
             md,
             "| pattern | target | IOPS median | IOPS min–max | MiB/s | p50 µs | p99 µs | p99.9 µs | fsync p50/p99/p99.9 µs |"
@@ -508,7 +557,456 @@ impl Report {
                 let _ = writeln!(md, "| {p} | {t} | {v:.1} |");
             }
         }
-        md
+    }
+
+    /// Fills `targets_missed` from the new rows' results.
+    pub fn judge_targets(&mut self) {
+        let mut missed = Vec::new();
+        if let Some(f) = &self.failover {
+            missed.extend(f.missed());
+        }
+        if let Some(r) = &self.rebuild {
+            missed.extend(r.missed());
+        }
+        self.targets_missed = missed;
+    }
+}
+
+/// The same fio jobs (psync, O_DIRECT, on a file in an ext4 filesystem) on an RF3
+/// volume attached as a block device and on a loop device over an image file on the
+/// same disk. Targets: `rf3-ext4`, `local-ext4`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Ext4Rows {
+    /// How the RF3 device was made (e.g. "Attach: nbdfuse + loop").
+    pub device: String,
+    /// What the local baseline is.
+    pub local: String,
+    pub file_size_mib: u64,
+    pub samples: Vec<Sample>,
+    pub summary: BTreeMap<String, BTreeMap<String, Cell>>,
+    /// `rf3-ext4/local-ext4` per job, ratio of median IOPS.
+    pub ratios: Vec<Ratio>,
+}
+
+/// The fio jobs of the ext4 rows (psync, O_DIRECT; besides file, size and time).
+pub const EXT4_JOBS: &[Pattern] = &[
+    Pattern {
+        name: "ext4-randwrite-4k-fsync32",
+        summary: "4 KiB random write, psync, fsync every 32 writes",
+        args: &["--rw=randwrite", "--bs=4k", "--fsync=32"],
+        latency_row: false,
+    },
+    Pattern {
+        name: "ext4-seqwrite-1m",
+        summary: "1 MiB sequential write, psync",
+        args: &["--rw=write", "--bs=1M"],
+        latency_row: false,
+    },
+    Pattern {
+        name: "ext4-seqread-1m",
+        summary: "1 MiB sequential read, psync",
+        args: &["--rw=read", "--bs=1M"],
+        latency_row: false,
+    },
+];
+
+impl Ext4Rows {
+    /// Summary and `rf3-ext4/local-ext4` ratios from the samples.
+    pub fn summarize(&mut self) {
+        self.summary = summarize(&self.samples);
+        self.ratios = self
+            .summary
+            .iter()
+            .filter_map(|(p, cells)| {
+                let rf3 = cells.get("rf3-ext4")?.iops.median;
+                let local = cells.get("local-ext4")?.iops.median;
+                (local > 0.0).then(|| Ratio {
+                    pattern: p.clone(),
+                    name: "rf3-ext4/local-ext4".into(),
+                    value: rf3 / local,
+                })
+            })
+            .collect();
+    }
+
+    fn markdown(&self, md: &mut String) {
+        let _ = writeln!(
+            md,
+            "\n## Through a block device with ext4\n\nRF3 volume: {}. Local: {}. fio psync, \
+             O_DIRECT, on a {} MiB file in the mounted filesystem; targets interleaved.\n",
+            self.device, self.local, self.file_size_mib
+        );
+        let _ = writeln!(
+            md,
+            "| job | rf3-ext4 IOPS (min–max) | MiB/s | local-ext4 IOPS (min–max) | MiB/s | RF3/local |"
+        );
+        let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|");
+        for j in EXT4_JOBS {
+            let Some(cells) = self.summary.get(j.name) else {
+                continue;
+            };
+            let cell = |t: &str| {
+                cells
+                    .get(t)
+                    .map_or(("—".to_string(), "—".to_string()), |c| {
+                        (
+                            format!("{:.0} ({:.0}–{:.0})", c.iops.median, c.iops.min, c.iops.max),
+                            format!("{:.1}", c.mib_s.median),
+                        )
+                    })
+            };
+            let (ri, rm) = cell("rf3-ext4");
+            let (li, lm) = cell("local-ext4");
+            let ratio = self
+                .ratios
+                .iter()
+                .find(|r| r.pattern == j.name)
+                .map_or("—".to_string(), |r| format!("{:.2}", r.value));
+            let _ = writeln!(md, "| {} | {ri} | {rm} | {li} | {lm} | {ratio} |", j.name);
+        }
+        for s in self.samples.iter().filter(|s| s.error.is_some()) {
+            let _ = writeln!(
+                md,
+                "\n- failed: {} on {} (rep {}): {}",
+                s.pattern,
+                s.target,
+                s.rep,
+                s.error.as_deref().unwrap_or_default()
+            );
+        }
+    }
+}
+
+/// Failover target: median time from the SIGKILL of the primary's agent to the first
+/// acknowledged write after it.
+pub const FAILOVER_P50_TARGET_S: f64 = 5.0;
+/// Failover target: the slowest trial.
+pub const FAILOVER_MAX_TARGET_S: f64 = 10.0;
+/// Rebuild target: rebuild rate against the disk's sequential write rate.
+pub const REBUILD_RATIO_TARGET: f64 = 0.5;
+
+/// One failover trial.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct FailoverTrial {
+    pub trial: u32,
+    pub killed_node: String,
+    pub new_primary_node: String,
+    /// SIGKILL to the first write sent after it and acknowledged with its flush.
+    pub seconds: Option<f64>,
+    /// Writes acknowledged and flushed during the trial.
+    pub writes_durable: u64,
+    /// Durable writes read back intact after the trial (all trials so far).
+    pub writes_verified: u64,
+    /// Durable writes missing, stale, torn or misplaced after the trial.
+    pub lost: u64,
+    pub error: Option<String>,
+}
+
+/// Failover under a writer: the writer goes through the forwarding export of a node
+/// without a replica, so its connection survives the primary's death.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct FailoverRows {
+    pub lease_duration_s: u32,
+    pub writer: String,
+    pub trials: Vec<FailoverTrial>,
+    pub seconds: Option<Spread>,
+    /// Median (p50) of the trials that recovered.
+    pub p50_s: Option<f64>,
+    pub max_s: Option<f64>,
+    pub writes_durable: u64,
+    pub lost: u64,
+}
+
+impl FailoverRows {
+    /// p50/max over the trials that recovered; durable and lost totals.
+    pub fn summarize(&mut self) {
+        let s: Vec<f64> = self.trials.iter().filter_map(|t| t.seconds).collect();
+        self.seconds = Spread::of(&s);
+        self.p50_s = self.seconds.map(|s| s.median);
+        self.max_s = self.seconds.map(|s| s.max);
+        self.writes_durable = self.trials.iter().map(|t| t.writes_durable).sum();
+        self.lost = self.trials.iter().map(|t| t.lost).max().unwrap_or(0);
+    }
+
+    /// The failover targets missed, in words.
+    pub fn missed(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let failed = self.trials.iter().filter(|t| t.seconds.is_none()).count();
+        if failed > 0 {
+            out.push(format!(
+                "failover: {failed} of {} trials never wrote again (see the trial table)",
+                self.trials.len()
+            ));
+        }
+        match self.p50_s {
+            Some(p) if p > FAILOVER_P50_TARGET_S => out.push(format!(
+                "failover p50 {p:.2} s > target {FAILOVER_P50_TARGET_S} s"
+            )),
+            None if !self.trials.is_empty() => {
+                out.push("failover: no trial recovered, p50 unknown".into())
+            }
+            _ => {}
+        }
+        if let Some(m) = self.max_s.filter(|m| *m > FAILOVER_MAX_TARGET_S) {
+            out.push(format!(
+                "failover max {m:.2} s > target {FAILOVER_MAX_TARGET_S} s"
+            ));
+        }
+        if self.lost > 0 {
+            out.push(format!(
+                "failover: {} acknowledged writes LOST (must be 0)",
+                self.lost
+            ));
+        }
+        out
+    }
+
+    fn markdown(&self, md: &mut String) {
+        let _ = writeln!(
+            md,
+            "\n## Failover under a writer\n\nRF3 syncAll volume; {}. Each trial SIGKILLs the \
+             primary's agent and measures the time to the first write sent after the kill and \
+             acknowledged with its FLUSH (agent Lease {} s); then the ledger of every flushed \
+             write is read back, the killed agent restarted and three replicas in sync awaited. \
+             Targets: p50 ≤ {FAILOVER_P50_TARGET_S} s, max ≤ {FAILOVER_MAX_TARGET_S} s, 0 lost.\n",
+            self.writer, self.lease_duration_s
+        );
+        let fmt = |v: Option<f64>| v.map_or("—".to_string(), |v| format!("{v:.2}"));
+        let _ = writeln!(
+            md,
+            "Result: p50 {} s, max {} s over {} trials; {} writes flushed during the trials, {} lost.\n",
+            fmt(self.p50_s),
+            fmt(self.max_s),
+            self.trials.len(),
+            self.writes_durable,
+            self.lost
+        );
+        let _ = writeln!(
+            md,
+            "| trial | killed | new primary | kill → write s | flushed writes | verified | lost | error |"
+        );
+        let _ = writeln!(md, "|---:|---|---|---:|---:|---:|---:|---|");
+        for t in &self.trials {
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} | {} | {} | {} | {} | {} |",
+                t.trial,
+                t.killed_node,
+                t.new_primary_node,
+                fmt(t.seconds),
+                t.writes_durable,
+                t.writes_verified,
+                t.lost,
+                t.error.as_deref().unwrap_or("")
+            );
+        }
+    }
+}
+
+/// One rebuild of a replica.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct RebuildRun {
+    pub size_mib: u64,
+    pub concurrent_writes: bool,
+    /// "rebuild started" to "rebuild finished" in the rebuilt replica's log.
+    pub seconds: Option<f64>,
+    pub mib_s: Option<f64>,
+    /// Rebuild rate over the disk's sequential write rate.
+    pub ratio_to_disk: Option<f64>,
+    /// IOPS the concurrent writer got during the rebuild.
+    pub client_iops: Option<f64>,
+    pub error: Option<String>,
+}
+
+/// Rebuild rate against the disk's sequential write rate measured in the same run.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct RebuildRows {
+    pub replicas: u8,
+    /// fio sequential write (1 MiB, O_DIRECT, libaio QD4) on a local file, MiB/s.
+    pub disk_seq_write_mib_s: f64,
+    pub disk_job: String,
+    pub writer_job: String,
+    pub runs: Vec<RebuildRun>,
+}
+
+impl RebuildRows {
+    /// Fills each run's rate and ratio from its seconds.
+    pub fn summarize(&mut self) {
+        let disk = self.disk_seq_write_mib_s;
+        for r in &mut self.runs {
+            r.mib_s = r
+                .seconds
+                .filter(|s| *s > 0.0)
+                .map(|s| r.size_mib as f64 / s);
+            r.ratio_to_disk = r.mib_s.filter(|_| disk > 0.0).map(|m| m / disk);
+        }
+    }
+
+    pub fn missed(&self) -> Vec<String> {
+        self.runs
+            .iter()
+            .filter_map(|r| {
+                let what = format!(
+                    "rebuild of {} MiB {}",
+                    r.size_mib,
+                    if r.concurrent_writes {
+                        "with client writes"
+                    } else {
+                        "idle"
+                    }
+                );
+                match r.ratio_to_disk {
+                    Some(x) if x < REBUILD_RATIO_TARGET => Some(format!(
+                        "{what}: {x:.2}× disk < target {REBUILD_RATIO_TARGET}×"
+                    )),
+                    Some(_) => None,
+                    None => Some(format!(
+                        "{what}: not measured ({})",
+                        r.error.as_deref().unwrap_or("no rate")
+                    )),
+                }
+            })
+            .collect()
+    }
+
+    fn markdown(&self, md: &mut String) {
+        let _ = writeln!(
+            md,
+            "\n## Rebuild\n\nA replica of an RF{} volume filled end to end is made to need a \
+             rebuild (its agent is killed until the primary gives up its WAL, then restarted); \
+             the time is from \"rebuild started\" to \"rebuild finished\" in its log. Disk: \
+             {} = {:.0} MiB/s. Concurrent writes: {}. Target: rebuild ≥ {REBUILD_RATIO_TARGET}× disk.\n",
+            self.replicas, self.disk_job, self.disk_seq_write_mib_s, self.writer_job
+        );
+        let _ = writeln!(
+            md,
+            "| size MiB | client writes | seconds | MiB/s | rebuild/disk | client IOPS | note |"
+        );
+        let _ = writeln!(md, "|---:|---|---:|---:|---:|---:|---|");
+        let fmt = |v: Option<f64>, p: usize| v.map_or("—".to_string(), |v| format!("{v:.p$}"));
+        for r in &self.runs {
+            let note = match (&r.error, r.ratio_to_disk) {
+                (Some(e), _) => e.clone(),
+                (None, Some(x)) if x < REBUILD_RATIO_TARGET => "TARGET MISSED".into(),
+                _ => String::new(),
+            };
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} | {} | {} | {} | {} |",
+                r.size_mib,
+                if r.concurrent_writes { "yes" } else { "no" },
+                fmt(r.seconds, 2),
+                fmt(r.mib_s, 0),
+                fmt(r.ratio_to_disk, 2),
+                fmt(r.client_iops, 0),
+                note
+            );
+        }
+    }
+}
+
+/// One line of `perf report`: percentages of samples with the symbol on the stack
+/// (children) and at the top of it (self).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ProfileEntry {
+    pub children_pct: f64,
+    pub self_pct: f64,
+    pub symbol: String,
+}
+
+/// The agents' CPU profile during one row (`perf record -e cpu-clock -g`).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Profile {
+    pub row: String,
+    pub command: String,
+    pub samples_file: String,
+    /// Top entries by children percentage.
+    pub by_children: Vec<ProfileEntry>,
+    /// Top entries by self percentage.
+    pub by_self: Vec<ProfileEntry>,
+}
+
+/// Entries of `perf report --stdio --children --sort symbol -g none` output: lines
+/// `  45.23%     1.10%  [.] symbol` (comments and blank lines skipped).
+pub fn parse_perf_report(text: &str) -> Vec<ProfileEntry> {
+    text.lines()
+        .filter(|l| !l.trim_start().starts_with('#'))
+        .filter_map(|l| {
+            let mut rest = l.trim();
+            let mut pct = Vec::new();
+            while let Some((tok, tail)) = rest.split_once(char::is_whitespace) {
+                let Some(v) = tok.strip_suffix('%').and_then(|v| v.parse::<f64>().ok()) else {
+                    break;
+                };
+                pct.push(v);
+                rest = tail.trim_start();
+            }
+            // Columns are padded with runs of spaces; a symbol has single spaces at most
+            // (`<T as Trait>::f`), and perf may append `-` columns after it.
+            let symbol = rest
+                .strip_prefix("[.] ")
+                .or_else(|| rest.strip_prefix("[k] "))
+                .unwrap_or(rest)
+                .split("  ")
+                .next()
+                .unwrap_or_default()
+                .trim();
+            match (pct.as_slice(), symbol.is_empty()) {
+                (&[children, own], false) => Some(ProfileEntry {
+                    children_pct: children,
+                    self_pct: own,
+                    symbol: symbol.to_string(),
+                }),
+                _ => None,
+            }
+        })
+        .collect()
+}
+
+impl Profile {
+    /// Keeps the `top` entries by children and by self percentage.
+    pub fn from_report(row: &str, command: &str, file: &str, text: &str, top: usize) -> Profile {
+        let all = parse_perf_report(text);
+        let pick = |key: fn(&ProfileEntry) -> f64| {
+            let mut v = all.clone();
+            v.sort_by(|a, b| key(b).total_cmp(&key(a)));
+            v.truncate(top);
+            v
+        };
+        Profile {
+            row: row.into(),
+            command: command.into(),
+            samples_file: file.into(),
+            by_children: pick(|e| e.children_pct),
+            by_self: pick(|e| e.self_pct),
+        }
+    }
+
+    fn markdown(&self, md: &mut String) {
+        let _ = writeln!(
+            md,
+            "\n## Where the time goes ({})\n\n`{}` on every agent process during one extra \
+             run of the row (samples: `{}`; no flame graph: it would need another tool).\n",
+            self.row, self.command, self.samples_file
+        );
+        for (title, list) in [
+            ("by self", &self.by_self),
+            ("by children (self + callees)", &self.by_children),
+        ] {
+            let _ = writeln!(md, "Top functions {title}:\n");
+            let _ = writeln!(md, "| children % | self % | function |");
+            let _ = writeln!(md, "|---:|---:|---|");
+            for e in list {
+                let _ = writeln!(
+                    md,
+                    "| {:.2} | {:.2} | `{}` |",
+                    e.children_pct,
+                    e.self_pct,
+                    e.symbol.replace('|', "\\|")
+                );
+            }
+            let _ = writeln!(md);
+        }
     }
 }
 
@@ -625,6 +1123,7 @@ mod tests {
             samples,
             summary,
             ratios: r,
+            ..Report::default()
         };
         let md = report.markdown();
         assert!(
@@ -640,6 +1139,139 @@ mod tests {
             md.contains("| randwrite-4k-qd16-fsync32 | rf1 | 1000.0 |"),
             "{md}"
         );
+    }
+
+    #[test]
+    fn perf_report_lines_give_children_and_self_per_symbol() {
+        let text = "# Children      Self  Symbol\n# ........  ........  ......\n#\n\
+                    \x20   42.50%     0.00%  [.] tokio::runtime::task::raw::poll\n\
+                    \x20   12.25%    12.25%  [k] copy_user_enhanced_fast_string      -  -\n\
+                    \x20    5.00%     0.10%  [.] <engine::Wal as engine::Log>::append  -\n\
+                    \x20    3.00%     1.50%  [.] engine::wal::Wal::append\n\
+                    \n   not a line\n";
+        let all = parse_perf_report(text);
+        assert_eq!(all.len(), 4, "{all:?}");
+        assert_eq!(all[1].symbol, "copy_user_enhanced_fast_string");
+        assert_eq!(all[2].symbol, "<engine::Wal as engine::Log>::append");
+        assert_eq!((all[3].children_pct, all[3].self_pct), (3.0, 1.5));
+        let p = Profile::from_report("row", "perf record", "f", text, 2);
+        assert_eq!(p.by_children[0].symbol, "tokio::runtime::task::raw::poll");
+        assert_eq!(p.by_self[0].symbol, "copy_user_enhanced_fast_string");
+        assert_eq!(p.by_self.len(), 2);
+    }
+
+    fn trial(seconds: Option<f64>, lost: u64) -> FailoverTrial {
+        FailoverTrial {
+            seconds,
+            writes_durable: 10,
+            lost,
+            ..FailoverTrial::default()
+        }
+    }
+
+    #[test]
+    fn failover_targets_are_judged_on_p50_max_losses_and_stuck_trials() {
+        let mut f = FailoverRows {
+            trials: vec![
+                trial(Some(3.0), 0),
+                trial(Some(4.0), 0),
+                trial(Some(4.5), 0),
+            ],
+            ..FailoverRows::default()
+        };
+        f.summarize();
+        assert_eq!(
+            (f.p50_s, f.max_s, f.writes_durable),
+            (Some(4.0), Some(4.5), 30)
+        );
+        assert!(f.missed().is_empty(), "{:?}", f.missed());
+        f.trials.push(trial(Some(12.0), 0));
+        f.trials.push(trial(None, 2));
+        f.summarize();
+        let m = f.missed().join("\n");
+        assert!(m.contains("1 of 5 trials never wrote again"), "{m}");
+        assert!(m.contains("max 12.00 s > target 10 s"), "{m}");
+        assert!(m.contains("2 acknowledged writes LOST"), "{m}");
+        assert!(!m.contains("p50"), "p50 4.25 s meets the target: {m}");
+    }
+
+    #[test]
+    fn rebuild_rate_is_compared_with_the_disk_and_a_slow_one_is_called_out() {
+        let mut r = RebuildRows {
+            replicas: 2,
+            disk_seq_write_mib_s: 400.0,
+            runs: vec![
+                RebuildRun {
+                    size_mib: 1024,
+                    seconds: Some(4.0),
+                    ..RebuildRun::default()
+                },
+                RebuildRun {
+                    size_mib: 1024,
+                    concurrent_writes: true,
+                    seconds: Some(8.0),
+                    ..RebuildRun::default()
+                },
+                RebuildRun {
+                    size_mib: 4096,
+                    error: Some("timed out".into()),
+                    ..RebuildRun::default()
+                },
+            ],
+            ..RebuildRows::default()
+        };
+        r.summarize();
+        assert_eq!(r.runs[0].mib_s, Some(256.0));
+        assert_eq!(r.runs[0].ratio_to_disk, Some(0.64));
+        assert_eq!(r.runs[1].ratio_to_disk, Some(0.32));
+        let m = r.missed();
+        assert_eq!(m.len(), 2, "{m:?}");
+        assert!(
+            m[0].contains("1024 MiB with client writes: 0.32× disk"),
+            "{m:?}"
+        );
+        assert!(
+            m[1].contains("4096 MiB idle: not measured (timed out)"),
+            "{m:?}"
+        );
+        let mut report = Report {
+            rebuild: Some(r),
+            failover: Some(FailoverRows {
+                trials: vec![trial(Some(2.0), 0)],
+                ..FailoverRows::default()
+            }),
+            skipped: vec!["perf: not asked for (--perf)".into()],
+            ..Report::default()
+        };
+        report.failover.as_mut().expect("set").summarize();
+        report.judge_targets();
+        let md = report.markdown();
+        assert!(md.contains("**Targets missed:**"), "{md}");
+        assert!(md.contains("TARGET MISSED"), "{md}");
+        assert!(
+            md.contains("Result: p50 2.00 s, max 2.00 s over 1 trials"),
+            "{md}"
+        );
+        assert!(md.contains("- perf: not asked for"), "{md}");
+    }
+
+    #[test]
+    fn ext4_rows_compare_the_rf3_device_with_the_local_one() {
+        let p = "ext4-seqwrite-1m";
+        let mut e = Ext4Rows {
+            samples: vec![
+                sample(p, "rf3-ext4", 100.0, None),
+                sample(p, "local-ext4", 400.0, None),
+            ],
+            ..Ext4Rows::default()
+        };
+        e.summarize();
+        assert_eq!(e.ratios.len(), 1);
+        assert_eq!(e.ratios[0].value, 0.25);
+        let mut md = String::new();
+        e.markdown(&mut md);
+        assert!(md.contains("| ext4-seqwrite-1m | 100 (100–100) |"), "{md}");
+        assert!(md.contains("| 0.25 |"), "{md}");
     }
 
     #[test]

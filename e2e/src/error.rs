@@ -57,6 +57,9 @@ pub enum Error {
     #[error("{0}")]
     Volume(String),
 
+    #[error("benchmark: {0}")]
+    Bench(String),
+
     #[error("{call} on node {node}: {message}")]
     Csi {
         call: &'static str,

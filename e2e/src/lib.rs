@@ -3,6 +3,7 @@
 //! torn down on drop, or an existing cluster named by `BLOCKVOL_E2E_KUBECONFIG`.
 
 pub mod bench;
+pub mod bench_scenarios;
 pub mod chart;
 pub mod checker;
 pub mod cluster;

@@ -3,7 +3,10 @@
 //! control plane, NBD over loopback TCP), against `nbdkit file` on a plain file, and
 //! directly against a local file (libaio, O_DIRECT) as the physical reference. Targets
 //! run interleaved per repetition; the report (JSON and markdown) has medians, ranges,
-//! ratios and the agents' CPU time per I/O.
+//! ratios and the agents' CPU time per I/O. Further rows (`--rows`): fio on ext4 through
+//! an attached RF3 device against ext4 on a local loop device, failover time under a
+//! lost-write checker, replica rebuild rate against the disk, and optionally a CPU
+//! profile of the agents (`e2e::bench_scenarios`).
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -13,6 +16,7 @@ use anyhow::{Context, bail};
 use api::{BlockVolume, BlockVolumeSpec, Durability, VolumePhase};
 use clap::{Parser, ValueEnum};
 use e2e::bench::{self, FioResult, Machine, PATTERNS, Pattern, Report, RunSettings, Sample};
+use e2e::bench_scenarios::{self as scenarios, Ext4Settings, ProfileSettings, RebuildSettings};
 use e2e::cluster::{TestCluster, TestClusterOptions, free_port, wait_for};
 use kube::api::{Api, PostParams};
 
@@ -25,6 +29,15 @@ const TARGETS: &[&str] = &[
     "rf3-sync",
     "rf3-async",
 ];
+/// Row groups: the fio matrix over the targets, then the rows of `e2e::bench_scenarios`.
+const ROWS: &[&str] = &["fio", "ext4", "failover", "rebuild"];
+/// WAL retention budget of the agents of the scenario rows: the rebuild rows wait for
+/// the primary to give a dead replica up, so the budget bounds their set-up time.
+const SCENARIO_WAL_RETENTION_TIMEOUT_MS: u64 = 5_000;
+/// Longest unix socket path the kernel accepts (sun_path, with its NUL).
+const UNIX_SOCKET_PATH_BYTES_MAX: usize = 108;
+/// Functions listed per table of the profile.
+const PROFILE_TOP: usize = 15;
 /// Bound on a volume becoming Ready with every replica in sync.
 const VOLUME_READY_TIMEOUT: Duration = Duration::from_secs(180);
 /// Bound on an NBD server answering after its process or export appeared.
@@ -71,10 +84,33 @@ struct Args {
     /// How the agent binary was built, recorded in the report.
     #[arg(long, default_value = "debug profile")]
     agent_build: String,
+    /// Comma-separated row groups to run: fio (the targets × patterns matrix), ext4,
+    /// failover, rebuild. Default: all (smoke mode: fio only).
+    #[arg(long, value_delimiter = ',')]
+    rows: Option<Vec<String>>,
+    /// Comma-separated row groups to leave out.
+    #[arg(long, value_delimiter = ',')]
+    skip_rows: Vec<String>,
+    /// Profile the agents with `perf record -e cpu-clock -g` during one extra run of
+    /// the RF3 ext4 4 KiB write job and put the top functions into the report.
+    #[arg(long)]
+    perf: bool,
+    /// Failover trials (default 10).
+    #[arg(long, default_value_t = 10)]
+    failover_trials: u32,
+    /// Comma-separated volume sizes of the rebuild rows, MiB (quick: 256,1024; full:
+    /// 1024,4096).
+    #[arg(long, value_delimiter = ',')]
+    rebuild_sizes_mib: Option<Vec<u64>>,
 }
 
 struct Plan {
     mode: &'static str,
+    /// Row groups to run, in `ROWS` order.
+    rows: Vec<&'static str>,
+    /// Row groups left out, each with the reason.
+    skipped: Vec<String>,
+    rebuild_sizes_mib: Vec<u64>,
     reps: u32,
     runtime_s: u32,
     ramp_s: u32,
@@ -106,8 +142,12 @@ impl Plan {
                 .collect::<Result<Vec<_>, _>>()?,
             None => PATTERNS.iter().collect(),
         };
+        let (rows, skipped, rebuild_sizes) = select_rows(a)?;
         let plan = Plan {
             mode,
+            rows,
+            skipped,
+            rebuild_sizes_mib: rebuild_sizes,
             reps: a.reps.unwrap_or(reps),
             runtime_s: a.runtime_s.unwrap_or(runtime_s),
             ramp_s,
@@ -118,7 +158,22 @@ impl Plan {
         if plan.reps == 0 || plan.runtime_s == 0 || plan.size_mib < 16 {
             bail!("--reps and --runtime-s must be at least 1 and --size-mib at least 16");
         }
+        if plan.runs("failover") && a.failover_trials == 0 {
+            bail!("--failover-trials must be at least 1");
+        }
+        if plan.rebuild_sizes_mib.iter().any(|s| *s < 16) {
+            bail!("--rebuild-sizes-mib: every size must be at least 16");
+        }
+        let mut plan = plan;
+        if !plan.runs("fio") {
+            plan.targets.clear();
+            plan.patterns.clear();
+        }
         Ok(plan)
+    }
+
+    fn runs(&self, row: &str) -> bool {
+        self.rows.contains(&row)
     }
 
     /// Replica count of the largest blockvol target (0: no cluster needed).
@@ -129,6 +184,50 @@ impl Plan {
             .max()
             .unwrap_or(0)
     }
+}
+
+/// The row groups to run and the reasons for the others; the rebuild sizes.
+fn select_rows(a: &Args) -> anyhow::Result<(Vec<&'static str>, Vec<String>, Vec<u64>)> {
+    let known = |r: &String| -> anyhow::Result<()> {
+        if !ROWS.contains(&r.as_str()) {
+            bail!("unknown row {r:?}; known: {}", ROWS.join(", "));
+        }
+        Ok(())
+    };
+    for r in a.rows.iter().flatten().chain(&a.skip_rows) {
+        known(r)?;
+    }
+    let mut skipped = Vec::new();
+    let mut rows = Vec::new();
+    for &r in ROWS {
+        if a.skip_rows.iter().any(|s| s == r) {
+            skipped.push(format!("{r}: left out (--skip-rows)"));
+        } else if let Some(chosen) = &a.rows {
+            if chosen.iter().any(|c| c == r) {
+                rows.push(r);
+            } else {
+                skipped.push(format!("{r}: not selected (--rows)"));
+            }
+        } else if matches!(a.mode, Mode::Smoke) && r != "fio" {
+            skipped.push(format!(
+                "{r}: smoke mode skips it (it needs a 3-node cluster and minutes); \
+                 run --mode quick or --rows {r}"
+            ));
+        } else {
+            rows.push(r);
+        }
+    }
+    if a.perf && !rows.contains(&"ext4") {
+        skipped.push("perf: the profile is taken during the ext4 rows, which do not run".into());
+    } else if !a.perf && rows.contains(&"ext4") {
+        skipped.push("perf: not asked for (--perf)".into());
+    }
+    let sizes = match (&a.rebuild_sizes_mib, a.mode) {
+        (Some(s), _) => s.clone(),
+        (None, Mode::Full) => vec![1024, 4096],
+        (None, _) => vec![256, 1024],
+    };
+    Ok((rows, skipped, sizes))
 }
 
 /// (replicas, durability) of a blockvol target; `None` for the baselines.
@@ -378,10 +477,22 @@ fn utc_now(format: &str) -> String {
 
 async fn run(args: Args) -> anyhow::Result<()> {
     let plan = Plan::from_args(&args)?;
-    for tool in ["fio", "nbdkit", "nbdinfo"] {
+    let mut tools = vec!["fio", "nbdkit", "nbdinfo"];
+    if plan.runs("ext4") {
+        tools.extend(["mkfs.ext4", "losetup", "mount"]);
+    }
+    if args.perf && plan.runs("ext4") {
+        tools.push("perf");
+    }
+    for tool in tools {
         if command_output("sh", &["-c", &format!("command -v {tool}")]).is_empty() {
-            bail!("{tool} is not installed (hack/deps.sh installs it)");
+            bail!(
+                "{tool} is not installed (hack/deps.sh installs it; perf: apt-get install linux-perf)"
+            );
         }
+    }
+    if plan.runs("ext4") || plan.runs("failover") || plan.runs("rebuild") {
+        check_work_dir(&args.work_dir)?;
     }
     let started = utc_now("+%Y-%m-%dT%H:%M:%SZ");
     let stamp = utc_now("+%Y%m%dT%H%M%SZ");
@@ -426,7 +537,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         endpoints.push((t.clone(), ep));
     }
 
-    tracing::info!("preconditioning: one sequential fill of every target, so reads hit data");
+    if !endpoints.is_empty() {
+        tracing::info!("preconditioning: one sequential fill of every target, so reads hit data");
+    }
     for (t, ep) in &endpoints {
         // A flush every 16 MiB: replicated volumes return EIO to long runs of writes
         // without a flush once their WAL is full (see docs/performance.md).
@@ -485,9 +598,20 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
     }
 
+    // The fio matrix's servers and cluster stop before the scenario rows start theirs.
+    drop(endpoints);
+    drop(servers);
+    drop(cluster);
+    let mut scenario = Scenarios::default();
+    if plan.runs("ext4") || plan.runs("failover") || plan.runs("rebuild") {
+        scenario = run_scenarios(&plan, &args, &scratch, &stamp).await?;
+    }
+
     let summary = bench::summarize(&samples);
     let ratios = bench::ratios(&summary);
-    let report = Report {
+    let mut skipped = plan.skipped.clone();
+    skipped.extend(scenario.errors.iter().cloned());
+    let mut report = Report {
         started_utc: started,
         finished_utc: utc_now("+%Y-%m-%dT%H:%M:%SZ"),
         machine: Machine {
@@ -507,7 +631,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
         samples,
         summary,
         ratios,
+        ext4: scenario.ext4,
+        failover: scenario.failover,
+        rebuild: scenario.rebuild,
+        profile: scenario.profile,
+        skipped,
+        targets_missed: Vec::new(),
     };
+    report.judge_targets();
     let json = args.out.join(format!("{stamp}.json"));
     let md = args.out.join(format!("{stamp}.md"));
     std::fs::write(&json, serde_json::to_vec_pretty(&report)?)
@@ -517,7 +648,118 @@ async fn run(args: Args) -> anyhow::Result<()> {
     println!("{text}");
     println!("report: {} and {}", json.display(), md.display());
 
+    let lost = report.failover.as_ref().map_or(0, |f| f.lost);
+    if lost > 0 {
+        bail!(
+            "FAILOVER LOST {lost} ACKNOWLEDGED WRITES (see the failover table in {})",
+            md.display()
+        );
+    }
+    if !scenario.errors.is_empty() {
+        bail!("rows failed: {}", scenario.errors.join("; "));
+    }
     Ok(())
+}
+
+/// Fails when the scenario rows' attach sockets under `work_dir` would exceed the unix
+/// socket path limit (checked before anything runs).
+fn check_work_dir(work_dir: &Path) -> anyhow::Result<()> {
+    // The cluster directory's name, the node, the attach directory of the longest
+    // volume name and the socket (see `e2e::bench_scenarios`).
+    let longest = work_dir.join(format!(
+        "blockvol-cluster-XXXXXX/{}/data/attach/bench-failover/proxy.sock",
+        scenarios::WRITER_NODE
+    ));
+    if longest.as_os_str().len() >= UNIX_SOCKET_PATH_BYTES_MAX {
+        bail!(
+            "--work-dir {} is too long for the scenario rows: their attach sockets \
+             ({}) must stay under {UNIX_SOCKET_PATH_BYTES_MAX} bytes; use a shorter path",
+            work_dir.display(),
+            longest.display()
+        );
+    }
+    Ok(())
+}
+
+/// Results of the scenario rows; a row that failed is named in `errors`.
+#[derive(Default)]
+struct Scenarios {
+    ext4: Option<bench::Ext4Rows>,
+    failover: Option<bench::FailoverRows>,
+    rebuild: Option<bench::RebuildRows>,
+    profile: Option<bench::Profile>,
+    errors: Vec<String>,
+}
+
+/// Starts a 3-node cluster (a fourth, replica-less node joins for the failover writer)
+/// and runs the selected scenario rows on it, in the order ext4, failover, rebuild.
+async fn run_scenarios(
+    plan: &Plan,
+    args: &Args,
+    scratch: &Path,
+    stamp: &str,
+) -> anyhow::Result<Scenarios> {
+    tracing::info!(rows = ?plan.rows, "starting the cluster of the scenario rows");
+    let mut opts = TestClusterOptions::nodes(3);
+    opts.agent.nbd_tcp = true;
+    opts.agent.log_filter = "info".into();
+    opts.agent.extra_args = vec![format!(
+        "--wal-retention-timeout-ms={SCENARIO_WAL_RETENTION_TIMEOUT_MS}"
+    )];
+    opts.operator.log_filter = "info".into();
+    // Directly in the work directory (same disk as the scratch directory): attach
+    // sockets live under the agents' data directories, and a unix socket path must
+    // stay shorter than 108 bytes.
+    opts.root_parent = Some(args.work_dir.clone());
+    let lease_s = opts.agent.lease_duration_s;
+    let mut cluster = TestCluster::start(opts).await?;
+    let mut out = Scenarios::default();
+    if plan.runs("ext4") {
+        let settings = Ext4Settings {
+            file_size_mib: plan.size_mib,
+            reps: plan.reps,
+            runtime_s: plan.runtime_s,
+            ramp_s: plan.ramp_s,
+            profile: args.perf.then(|| ProfileSettings {
+                scratch: scratch.to_path_buf(),
+                report_text: args.out.join(format!("{stamp}.perf.txt")),
+                top: PROFILE_TOP,
+            }),
+        };
+        match scenarios::ext4_rows(&mut cluster, scratch, &settings).await {
+            Ok((rows, profile)) => {
+                out.ext4 = Some(rows);
+                out.profile = profile;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "ext4 rows failed");
+                out.errors.push(format!("ext4: failed: {e}"));
+            }
+        }
+    }
+    if plan.runs("failover") {
+        match scenarios::failover_rows(&mut cluster, args.failover_trials, lease_s).await {
+            Ok(rows) => out.failover = Some(rows),
+            Err(e) => {
+                tracing::error!(error = %e, "failover rows failed");
+                out.errors.push(format!("failover: failed: {e}"));
+            }
+        }
+    }
+    if plan.runs("rebuild") {
+        let settings = RebuildSettings {
+            sizes_mib: plan.rebuild_sizes_mib.clone(),
+            disk_runtime_s: plan.runtime_s.max(5) * 2,
+        };
+        match scenarios::rebuild_rows(&mut cluster, scratch, &settings).await {
+            Ok(rows) => out.rebuild = Some(rows),
+            Err(e) => {
+                tracing::error!(error = %e, "rebuild rows failed");
+                out.errors.push(format!("rebuild: failed: {e}"));
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// Removes the run's scratch directory, also when the run fails or is interrupted
