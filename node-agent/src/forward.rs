@@ -52,6 +52,9 @@ pub struct ForwardSettings {
     pub request_timeout_ms: u64,
     /// First wait between re-resolve attempts; doubled up to `reconnect_backoff_max_ms`.
     pub reconnect_backoff_initial_ms: u64,
+    /// Longest wait between re-resolve attempts. A promotion is noticed at most this
+    /// long after it is written, so it stays well below the Lease duration; each
+    /// attempt costs two reads from the API server.
     pub reconnect_backoff_max_ms: u64,
     /// How long one request waits for a reachable primary before failing with EIO.
     pub failover_wait_ms: u64,
@@ -63,7 +66,7 @@ impl Default for ForwardSettings {
             replay_bytes_max: 64 << 20,
             request_timeout_ms: 30_000,
             reconnect_backoff_initial_ms: 50,
-            reconnect_backoff_max_ms: 2_000,
+            reconnect_backoff_max_ms: 250,
             failover_wait_ms: 120_000,
         }
     }
