@@ -684,7 +684,7 @@ impl ReplicaRuntime for EngineRuntime {
                     st.last_error = Some(format!("fenced: a peer knows the newer epoch {e}"));
                 } else if s.local_disk_failed {
                     st.state = ReplicaState::Failed;
-                    st.last_error = Some("the local disk failed".into());
+                    st.last_error = Some(api::PRIMARY_DISK_FAILED_ERROR.into());
                 } else if !(self.fence)() {
                     st.state = ReplicaState::Disconnected;
                     st.last_error = Some("the node's Lease is not fresh: IO is fenced".into());
