@@ -24,8 +24,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use fuser::{
     BackgroundSession, Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
     Generation, INodeNo, LockOwner, MountOption, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate,
-    ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite,
-    Request, TimeOrNow, WriteFlags,
+    ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request,
+    TimeOrNow, WriteFlags,
 };
 
 use crate::faults::{FaultError, Result};
@@ -104,8 +104,8 @@ impl FaultFs {
             move |source| FaultError::Io { what, path, source }
         };
         std::fs::create_dir_all(mountpoint).map_err(io("creating the mountpoint", mountpoint))?;
-        let backing =
-            std::fs::canonicalize(backing).map_err(io("resolving the backing directory", backing))?;
+        let backing = std::fs::canonicalize(backing)
+            .map_err(io("resolving the backing directory", backing))?;
         let switch = Arc::new(FaultSwitch::default());
         let fs = Passthrough {
             switch: switch.clone(),
@@ -220,7 +220,10 @@ impl Nodes {
             .map(|(p, i)| (p.clone(), *i))
             .collect();
         for (p, i) in moved {
-            let rest = p.strip_prefix(from).map(Path::to_path_buf).unwrap_or_default();
+            let rest = p
+                .strip_prefix(from)
+                .map(Path::to_path_buf)
+                .unwrap_or_default();
             let np = if rest.as_os_str().is_empty() {
                 to.to_path_buf()
             } else {
@@ -606,7 +609,11 @@ impl Filesystem for Passthrough {
         let Some(f) = self.file(fh) else {
             return reply.error(Errno::EBADF);
         };
-        let r = if datasync { f.sync_data() } else { f.sync_all() };
+        let r = if datasync {
+            f.sync_data()
+        } else {
+            f.sync_all()
+        };
         match r {
             Ok(()) => {
                 self.switch.fsyncs_ok.fetch_add(1, Ordering::SeqCst);

@@ -585,7 +585,10 @@ mod tests {
         let mut back = vec![0u8; len];
         r.read_exact(&mut back).await?;
         let _w = writer.await.expect("writer task")?;
-        assert_eq!(back, data, "the proxy must pass bytes unchanged and in order");
+        assert_eq!(
+            back, data,
+            "the proxy must pass bytes unchanged and in order"
+        );
         Ok(start.elapsed())
     }
 
@@ -603,7 +606,11 @@ mod tests {
         };
         proxy.shape(d, d);
         let t = round_trip(proxy.addr(), 100).await.unwrap();
-        assert!(t >= 2 * delay, "round trip {t:?} under the added {:?}", 2 * delay);
+        assert!(
+            t >= 2 * delay,
+            "round trip {t:?} under the added {:?}",
+            2 * delay
+        );
 
         // Bandwidth: 256 KiB at 512 KiB/s cannot arrive in under half a second.
         let cap = LinkShape {
@@ -612,7 +619,10 @@ mod tests {
         };
         proxy.shape(cap, LinkShape::default());
         let t = round_trip(proxy.addr(), 256 << 10).await.unwrap();
-        assert!(t >= std::time::Duration::from_millis(500), "256 KiB in {t:?}");
+        assert!(
+            t >= std::time::Duration::from_millis(500),
+            "256 KiB in {t:?}"
+        );
 
         // Cut: an open connection is closed, new ones are refused; restore heals.
         proxy.shape(LinkShape::default(), LinkShape::default());
