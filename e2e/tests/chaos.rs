@@ -1066,7 +1066,16 @@ async fn replica_storage_fault_is_reported_dropped_and_replaced(
     let mut spares = 4..;
     for trial in 0..trials(1) {
         for &fault in faults {
-            let victim = pick_replica_node(&st, &mut rng);
+            // Replaced replicas live on new nodes: pick among the current members.
+            let mut members: Vec<String> = c
+                .replicas()
+                .await
+                .into_iter()
+                .map(|r| r.spec.node)
+                .filter(|n| Some(n) != st.primary_node.as_ref())
+                .collect();
+            members.sort();
+            let victim = rng.pick(&members).expect("two replica nodes").clone();
             let victim_id = c.replica_on(&victim).await;
             // Some data first; a filled disk needs the victim's files on a small filesystem.
             let sum = ck.run_writes(&c.target(&primary_node), 200).await;
