@@ -58,6 +58,12 @@ pub const ANNOTATION_MOVE_PRIMARY_TO: &str = "blockvol.io/move-primary-to";
 /// Topology key the CSI driver reports for each node.
 pub const TOPOLOGY_NODE_KEY: &str = "topology.blockvol.io/node";
 
+/// `lastError` of a `Failed` primary whose own disk refused an fsync or a write. The
+/// engine fail-stops such a volume (no later fsync can prove what an earlier failed one
+/// lost), so it serves no IO while its agent still renews the node Lease; the operator
+/// promotes another member on seeing it, as if the Lease had expired.
+pub const PRIMARY_DISK_FAILED_ERROR: &str = "the local disk failed (fsync or write error); the volume serves no IO here until its agent restarts on a working disk";
+
 /// Field managers: one per component, so server-side apply keeps one writer per field.
 pub const FIELD_MANAGER_OPERATOR: &str = "blockvol-operator";
 pub const FIELD_MANAGER_AGENT: &str = "blockvol-agent";

@@ -10,6 +10,7 @@ pub mod cluster;
 pub mod controlplane;
 pub mod devices;
 pub mod error;
+pub mod faultfs;
 pub mod faults;
 pub mod kubelet;
 pub mod local;

@@ -20,7 +20,10 @@ use api::{
 };
 use e2e::checker::{Checker, CheckerConfig, Ledger, Target, WriteSummary};
 use e2e::cluster::{AgentOptions, AgentProcess, TestCluster, TestClusterOptions};
-use e2e::faults::{LoopFs, PortPartition, SeededRng, TcpRelay, env_u64, rules_tagged};
+use e2e::faultfs::{FaultFs, FaultSwitch};
+use e2e::faults::{
+    LinkShape, LoopFs, PortPartition, SeededRng, ShapedProxy, TcpRelay, env_u64, rules_tagged,
+};
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::api::{Api, PostParams};
 use kube::{Client, ResourceExt};
@@ -41,8 +44,6 @@ const RETENTION_BUDGET_MS: u64 = 15_000;
 const ACK_OBSERVATION_SLACK: Duration = Duration::from_millis(100);
 /// Replica-failure grace of the operator in the disk-full scenario.
 const REPLACEMENT_GRACE_MS: u64 = 5_000;
-/// The node that joins to take a replaced replica.
-const SPARE_NODE: &str = "n4";
 const TRIALS_ENV: &str = "BLOCKVOL_CHAOS_TRIALS";
 const SEED_ENV: &str = "BLOCKVOL_CHAOS_SEED";
 /// Comment tag of this suite's iptables rules.
@@ -70,12 +71,32 @@ struct Cluster {
     relays: BTreeMap<String, TcpRelay>,
     /// Small filesystems under agents' data dirs; unmounted after the agents stop.
     small_disks: Vec<LoopFs>,
+    /// How agents added from now on are set up.
+    setup: NodeSetup,
+    /// Fault-injecting filesystems holding agents' data dirs, by node.
+    fault_disks: BTreeMap<String, FaultFs>,
+    /// Shaping proxies in front of agents' data ports (their advertised address), by node.
+    proxies: BTreeMap<String, ShapedProxy>,
+}
+
+/// Per-node setup of a [`Cluster`].
+#[derive(Clone, Copy, Debug, Default)]
+struct NodeSetup {
+    /// The agent's data dir lives on a [`FaultFs`] (backed by `data.backing`).
+    fault_disk: bool,
+    /// Peers reach the agent's data port through a [`ShapedProxy`].
+    proxied: bool,
 }
 
 impl Cluster {
     /// Control plane, three agents (with `agent_args` on their command line), no
     /// operator yet.
     async fn start(agent_args: &[String]) -> Cluster {
+        Self::start_with(agent_args, NodeSetup::default()).await
+    }
+
+    /// Like [`start`](Self::start), every agent set up as `setup` says.
+    async fn start_with(agent_args: &[String], setup: NodeSetup) -> Cluster {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(
                 tracing_subscriber::EnvFilter::try_from_default_env()
@@ -96,6 +117,9 @@ impl Cluster {
             tc,
             relays: BTreeMap::new(),
             small_disks: Vec::new(),
+            setup,
+            fault_disks: BTreeMap::new(),
+            proxies: BTreeMap::new(),
         };
         for node in NODES {
             c.add_node(node).await;
@@ -119,17 +143,52 @@ impl Cluster {
         let kubeconfig = self.tc.root.path().join(format!("kubeconfig-{node}"));
         let url = format!("https://{}", relay.addr());
         std::fs::write(&kubeconfig, admin.replace(cp.server_url(), &url)).expect("kubeconfig");
+        let mut opts = self.tc.options.agent.clone();
+        if self.setup.fault_disk {
+            let dir = self.tc.root.path().join(node);
+            let backing = dir.join("data.backing");
+            std::fs::create_dir_all(&backing).expect("creating the backing dir");
+            let fs = FaultFs::mount(&backing, &dir.join("data")).expect("fault filesystem");
+            self.fault_disks.insert(node.to_string(), fs);
+        }
+        let proxy = if self.setup.proxied {
+            let p = ShapedProxy::start(None).await.expect("proxy");
+            opts.extra_args
+                .push(format!("--advertise-data-address={}", p.addr()));
+            Some(p)
+        } else {
+            None
+        };
         let agent = AgentProcess::spawn(
             &self.tc.agent_binary,
             node,
             self.tc.root.path(),
             &kubeconfig,
             &self.tc.peer_secret_file,
-            &self.tc.options.agent,
+            &opts,
         )
         .expect("agent starts");
+        if let Some(p) = proxy {
+            p.set_target(agent.data_address);
+            self.proxies.insert(node.to_string(), p);
+        }
         self.tc.agents.push(agent);
         self.relays.insert(node.to_string(), relay);
+    }
+
+    /// The fault switch of `node`'s data dir.
+    fn disk_faults(&self, node: &str) -> Arc<FaultSwitch> {
+        self.fault_disks
+            .get(node)
+            .unwrap_or_else(|| panic!("{node} has no fault filesystem"))
+            .switch()
+            .clone()
+    }
+
+    fn proxy(&self, node: &str) -> &ShapedProxy {
+        self.proxies
+            .get(node)
+            .unwrap_or_else(|| panic!("{node} has no proxy"))
     }
 
     fn agent(&self, node: &str) -> &AgentProcess {
@@ -344,6 +403,7 @@ impl Drop for Cluster {
             a.kill();
         }
         self.small_disks.clear();
+        self.fault_disks.clear();
         // Keep the logs of a failed run: swap an empty directory in for the cluster's.
         if std::thread::panicking()
             && let Ok(empty) = tempfile::tempdir()
@@ -967,93 +1027,574 @@ async fn primary_cut_from_api_server_stops_acking_within_its_lease() {
     tally.print("partition-primary-apiserver", seed);
 }
 
-/// Scenario 5: a replica's data dir sits on a small filesystem that is then filled. Its
-/// next append fails (ENOSPC); the replica reports the failure in its BlockReplica
-/// status, flushes wait until the operator commits the set without it and then go on,
-/// and the operator replaces it on a fourth node (after a 5 s grace), which is rebuilt
-/// into the set. Nothing acknowledged is lost.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn replica_disk_full_is_reported_dropped_and_replaced_without_loss() {
-    let _serial = serial().await;
-    let seed = seed() ^ 5;
+/// A disk fault of scenarios 5 and 7.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum StorageFault {
+    /// The data dir's small ext4 filesystem is filled (ENOSPC on the next append).
+    DiskFull,
+    /// fsync and fdatasync on the data dir fail with EIO.
+    FsyncEio,
+    /// Writes to the data dir fail with EIO.
+    WriteEio,
+}
+
+/// Scenarios 5 and 7: a replica's disk fails under write load (`faults` in turn, one
+/// victim each). The replica reports the failure in its BlockReplica status, flushes
+/// wait until the operator commits the set without it and then go on, and the operator
+/// replaces it on a new node (after a 5 s grace), which is rebuilt into the set. Each
+/// victim's agent is stopped after its replacement, so a later fault hits another node.
+/// Nothing acknowledged is lost.
+async fn replica_storage_fault_is_reported_dropped_and_replaced(
+    scenario: &str,
+    seed: u64,
+    faults: &[StorageFault],
+) {
     let mut rng = SeededRng::new(seed);
-    let mut c = Cluster::start(&[]).await;
+    let fuse = faults.iter().any(|f| *f != StorageFault::DiskFull);
+    let setup = NodeSetup {
+        fault_disk: fuse,
+        ..NodeSetup::default()
+    };
+    let mut c = Cluster::start_with(&[], setup).await;
     c.tc.options.operator.replica_failure_grace_ms = REPLACEMENT_GRACE_MS;
     c.start_operator("op-1");
     c.create_volume().await;
     let ck = checker(seed, 8);
     let mut tally = Tally::default();
-    let st = c.healthy(1).await;
+    let mut st = c.healthy(1).await;
     let primary_node = st.primary_node.clone().expect("primary node");
-    let victim = pick_replica_node(&st, &mut rng);
-    let victim_id = c.replica_on(&victim).await;
+    let mut spares = 4..;
+    for trial in 0..trials(1) {
+        for &fault in faults {
+            // Replaced replicas live on new nodes: pick among the current members.
+            let mut members: Vec<String> = c
+                .replicas()
+                .await
+                .into_iter()
+                .map(|r| r.spec.node)
+                .filter(|n| Some(n) != st.primary_node.as_ref())
+                .collect();
+            members.sort();
+            let victim = rng.pick(&members).expect("two replica nodes").clone();
+            let victim_id = c.replica_on(&victim).await;
+            // Some data first; a filled disk needs the victim's files on a small filesystem.
+            let sum = ck.run_writes(&c.target(&primary_node), 200).await;
+            assert_uninterrupted(&sum, "writes before the fault");
+            tally.writes_durable += sum.writes_made_durable;
+            let small_disk = (fault == StorageFault::DiskFull).then(|| {
+                c.kill_agent(&victim);
+                let d = c.move_data_to_small_disk(&victim, 32);
+                c.start_agent(&victim);
+                d
+            });
+            if small_disk.is_some() {
+                st = c.healthy(st.epoch).await;
+            }
+            let injected = match (fault, small_disk) {
+                (StorageFault::DiskFull, Some(d)) => {
+                    let filled = c.small_disks[d].fill().expect("fill");
+                    format!("filesystem filled ({filled} bytes of filler)")
+                }
+                (StorageFault::FsyncEio, _) => {
+                    c.disk_faults(&victim).set_fail_fsync(true);
+                    "fsync fails with EIO".to_string()
+                }
+                (StorageFault::WriteEio, _) => {
+                    c.disk_faults(&victim).set_fail_writes(true);
+                    "writes fail with EIO".to_string()
+                }
+                (StorageFault::DiskFull, None) => unreachable!("a full disk is a small one"),
+            };
+            tally.faults += 1;
+            let clock = AckClock::start(&ck);
+            let fault_at = SystemTime::now();
+            let sum = ck.run_writes(&c.target(&primary_node), 1_200).await;
+            assert_uninterrupted(&sum, &format!("writes while a replica's disk: {injected}"));
+            tally.writes_durable += sum.writes_made_durable;
+            if fault != StorageFault::DiskFull {
+                let sw = c.disk_faults(&victim);
+                assert!(
+                    sw.fsync_failures() + sw.write_failures() > 0,
+                    "the replica on {victim} met no injected error"
+                );
+            }
 
-    // Some data first, then the victim's files move onto a 32 MiB filesystem.
-    let sum = ck.run_writes(&c.target(&primary_node), 200).await;
-    assert_uninterrupted(&sum, "writes before the move");
-    c.kill_agent(&victim);
-    let disk = c.move_data_to_small_disk(&victim, 32);
-    c.start_agent(&victim);
-    let st = c.healthy(st.epoch).await;
+            let failed = wait_for(
+                "the faulty replica reporting its storage failure",
+                || async {
+                    let rs = c.replicas().await;
+                    let r = rs.iter().find(|r| r.name_any() == victim_id)?;
+                    let s = r.status.as_ref()?;
+                    (s.state == ReplicaState::Failed)
+                        .then(|| s.last_error.clone().unwrap_or_default())
+                },
+            )
+            .await;
+            assert!(
+                failed.contains("storage failed"),
+                "the status names the failure: {failed}"
+            );
+            let now = c.volume().await.expect("volume status");
+            assert!(
+                !now.in_sync_set.contains(&victim_id),
+                "flushes went on, so the committed set must exclude the failed {victim_id}: {:?}",
+                now.in_sync_set
+            );
+            assert!(now.in_sync_set_generation > st.in_sync_set_generation);
+            assert_eq!(now.primary_node.as_deref(), Some(primary_node.as_str()));
+            verify_clean(
+                &ck,
+                &c.target(&primary_node),
+                &mut tally,
+                &format!("trial {trial} {fault:?}"),
+            )
+            .await;
 
-    let filled = c.small_disks[disk].fill().expect("fill");
-    tally.faults += 1;
-    let clock = AckClock::start(&ck);
-    let full_at = SystemTime::now();
-    let sum = ck.run_writes(&c.target(&primary_node), 1_200).await;
-    assert_uninterrupted(&sum, "writes while a replica's disk is full");
-    tally.writes_durable += sum.writes_made_durable;
+            // A new node joins; the failed replica is replaced there and rebuilt.
+            let spare = format!("n{}", spares.next().unwrap_or(4));
+            c.add_node(&spare).await;
+            let back = c.healthy(st.epoch).await;
+            let rs = c.replicas().await;
+            assert!(
+                rs.iter().all(|r| r.name_any() != victim_id),
+                "the failed replica {victim_id} is gone"
+            );
+            assert!(
+                rs.iter().any(|r| r.spec.node == spare),
+                "a replica on {spare}: {:?}",
+                rs.iter().map(|r| &r.spec.node).collect::<Vec<_>>()
+            );
+            assert_eq!(back.primary_node.as_deref(), Some(primary_node.as_str()));
+            let after = ck.run_writes(&c.target(&primary_node), 200).await;
+            assert_uninterrupted(&after, "writes after the replacement");
+            tally.writes_durable += after.writes_made_durable;
+            verify_clean(
+                &ck,
+                &c.target(&primary_node),
+                &mut tally,
+                &format!("trial {trial} {fault:?}: after the replacement"),
+            )
+            .await;
+            println!(
+                "trial {trial}: replica {victim_id} on {victim}: {injected}, status {failed:?}; longest flush stall {} ms; {} writes durable meanwhile; replaced on {spare}",
+                clock.longest_gap_since(fault_at).as_millis(),
+                sum.writes_made_durable
+            );
+            // The victim's node hosts nothing of the volume now; stop it so the next
+            // replacement cannot land on its broken disk.
+            c.kill_agent(&victim);
+            st = back;
+            tally.trials += 1;
+        }
+    }
+    tally.print(scenario, seed);
+}
 
-    let failed = wait_for("the full replica reporting its storage failure", || async {
-        let rs = c.replicas().await;
-        let r = rs.iter().find(|r| r.name_any() == victim_id)?;
-        let s = r.status.as_ref()?;
-        (s.state == ReplicaState::Failed).then(|| s.last_error.clone().unwrap_or_default())
-    })
-    .await;
-    assert!(
-        failed.contains("storage failed"),
-        "the status names the failure: {failed}"
-    );
-    let now = c.volume().await.expect("volume status");
-    assert!(
-        !now.in_sync_set.contains(&victim_id),
-        "flushes went on, so the committed set must exclude the failed {victim_id}: {:?}",
-        now.in_sync_set
-    );
-    assert!(now.in_sync_set_generation > st.in_sync_set_generation);
-    assert_eq!(now.primary_node.as_deref(), Some(primary_node.as_str()));
-    verify_clean(&ck, &c.target(&primary_node), &mut tally, "disk full").await;
-
-    // A fourth node joins; the failed replica is replaced there and rebuilt.
-    c.add_node(SPARE_NODE).await;
-    let back = c.healthy(st.epoch).await;
-    let rs = c.replicas().await;
-    assert!(
-        rs.iter().all(|r| r.name_any() != victim_id),
-        "the failed replica {victim_id} is gone"
-    );
-    assert!(
-        rs.iter().any(|r| r.spec.node == SPARE_NODE),
-        "a replica on {SPARE_NODE}: {:?}",
-        rs.iter().map(|r| &r.spec.node).collect::<Vec<_>>()
-    );
-    assert_eq!(back.primary_node.as_deref(), Some(primary_node.as_str()));
-    let after = ck.run_writes(&c.target(&primary_node), 200).await;
-    assert_uninterrupted(&after, "writes after the replacement");
-    tally.writes_durable += after.writes_made_durable;
-    verify_clean(
-        &ck,
-        &c.target(&primary_node),
-        &mut tally,
-        "after the replacement",
+/// Scenario 5: a replica's data dir sits on a small filesystem that is then filled. Its
+/// next append fails (ENOSPC).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replica_disk_full_is_reported_dropped_and_replaced_without_loss() {
+    let _serial = serial().await;
+    replica_storage_fault_is_reported_dropped_and_replaced(
+        "replica-disk-full",
+        seed() ^ 5,
+        &[StorageFault::DiskFull],
     )
     .await;
-    tally.trials += 1;
+}
+
+/// Scenario 7a: a replica's data dir is on a fault-injecting filesystem; first its
+/// fsyncs fail with EIO, then (another victim) its writes. A replica whose fsync failed
+/// must never count as in sync again: the kernel may have dropped the pages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replica_fsync_or_write_eio_is_reported_dropped_and_replaced_without_loss() {
+    let _serial = serial().await;
+    replica_storage_fault_is_reported_dropped_and_replaced(
+        "replica-disk-eio",
+        seed() ^ 7,
+        &[StorageFault::FsyncEio, StorageFault::WriteEio],
+    )
+    .await;
+}
+
+/// Scenario 7b: the PRIMARY's fsync fails with EIO under load. No flush may be
+/// acknowledged after the failure (the engine fail-stops the volume instead of retrying
+/// the fsync), the primary reports its disk failed, the operator promotes another
+/// member at epoch + 1 although the old primary's agent still renews its Lease, and
+/// every acknowledged write reads back through the new primary. Then the disk heals,
+/// the old primary's agent restarts and rejoins as a replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn primary_fsync_eio_acks_nothing_more_and_fails_over_without_loss() {
+    let _serial = serial().await;
+    let seed = seed() ^ 71;
+    let mut rng = SeededRng::new(seed);
+    let setup = NodeSetup {
+        fault_disk: true,
+        ..NodeSetup::default()
+    };
+    let mut c = Cluster::start_with(&[], setup).await;
+    c.start_operator("op-1");
+    c.create_volume().await;
+    let ck = checker(seed, 4);
+    let mut tally = Tally::default();
+    let mut st = c.healthy(1).await;
+    for trial in 0..trials(1) {
+        let old_node = st.primary_node.clone().expect("primary node");
+        let old_primary = st.primary.clone().expect("primary");
+        let faults = c.disk_faults(&old_node);
+        let clock = AckClock::start(&ck);
+        let base = *ck.flush_progress().borrow();
+        let load = start_load(&ck, c.target(&old_node), LOAD_WRITES_MAX);
+        flushes_reach(&ck, base + rng.range(1, 20)).await;
+        faults.set_fail_fsync(true);
+        tally.faults += 1;
+        let sum = load.await.expect("load task");
+        tally.writes_durable += sum.writes_made_durable;
+        assert!(
+            !sum.stopped_by.is_empty(),
+            "the load must have been stopped by the failed fsync"
+        );
+        let failed_at = faults
+            .first_failure_at()
+            .expect("the primary met an injected fsync error");
+        let last = clock.last_ack().expect("some flush was acked");
+        let late = last.duration_since(failed_at).unwrap_or_default();
+        assert!(
+            late <= ACK_OBSERVATION_SLACK,
+            "a flush was acknowledged {late:?} after the primary's fsync failed"
+        );
+        let new = c.promoted(&old_primary, st.epoch).await;
+        assert_eq!(new.epoch, st.epoch + 1, "one failover, one epoch bump");
+        let new_node = new.primary_node.clone().expect("new primary node");
+        let old_status = wait_for("the old primary reporting its failed disk", || async {
+            let rs = c.replicas().await;
+            let s = rs
+                .iter()
+                .find(|r| r.name_any() == old_primary)?
+                .status
+                .clone()?;
+            (s.state == ReplicaState::Failed).then(|| s.last_error.unwrap_or_default())
+        })
+        .await;
+        println!(
+            "trial {trial}: primary {old_primary} on {old_node}: fsync EIO after {} acked flushes ({} injected errors); load stopped by {:?}; last ack {} ms before the first error; promoted on {new_node}; old primary reports {old_status:?}",
+            sum.flushes_acked,
+            faults.fsync_failures(),
+            sum.stopped_by.first(),
+            failed_at
+                .duration_since(last)
+                .unwrap_or_default()
+                .as_millis(),
+        );
+        verify_clean(
+            &ck,
+            &c.target(&new_node),
+            &mut tally,
+            &format!("trial {trial}"),
+        )
+        .await;
+        faults.set_fail_fsync(false);
+        c.kill_agent(&old_node);
+        c.start_agent(&old_node);
+        st = c.healthy(new.epoch).await;
+        assert_eq!(st.epoch, new.epoch, "the rejoin bumped no epoch");
+        tally.trials += 1;
+    }
+    let node = st.primary_node.clone().expect("primary node");
+    verify_clean(&ck, &c.target(&node), &mut tally, "after the last rejoin").await;
+    tally.print("primary-fsync-eio", seed);
+}
+
+/// One-way delay of the slow link in scenario 8.
+const SLOW_LINK_DELAY_MS: u64 = 40;
+/// Bandwidth cap toward the replica behind the slow link, bytes per second.
+const SLOW_LINK_BYTES_PER_S: u64 = 128 << 10;
+/// Bandwidth cap of the link a rebuild goes through, bytes per second.
+const REBUILD_LINK_BYTES_PER_S: u64 = 4 << 20;
+/// Writes of each load phase over the slow link.
+const SLOW_PHASE_WRITES: u64 = 400;
+/// WAL retention budget in scenario 8: how long a cut-off replica keeps its WAL hold.
+const SLOW_RETENTION_BUDGET_MS: u64 = 5_000;
+/// The async volume of scenario 8.
+const ASYNC_VOLUME: &str = "chaos-async";
+
+fn slow_link() -> (LinkShape, LinkShape) {
+    let delay = Duration::from_millis(SLOW_LINK_DELAY_MS);
+    (
+        LinkShape {
+            delay,
+            bytes_per_s: Some(SLOW_LINK_BYTES_PER_S),
+        },
+        LinkShape {
+            delay,
+            bytes_per_s: None,
+        },
+    )
+}
+
+/// Blocks 0..CHECK_LBAS of the volume file of `replica` on `node`, read with the engine
+/// (the agent must be stopped; opening recovers the file like an agent restart).
+fn replica_blocks(c: &Cluster, node: &str, volume: &str, replica: &str) -> Vec<u8> {
+    let path = c
+        .agent(node)
+        .data_dir
+        .join(volume)
+        .join(replica)
+        .join(node_agent::runtime::VOLUME_FILE_NAME);
+    let v = engine::Volume::open_file(&path, engine::VolumeConfig::default())
+        .unwrap_or_else(|e| panic!("opening {}: {e}", path.display()));
+    let mut buf = vec![0u8; (CHECK_LBAS * 4096) as usize];
+    v.read(engine::Lba(0), &mut buf)
+        .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    buf
+}
+
+/// Scenario 8: the data port of a replica sits behind a userspace proxy with 40 ms
+/// one-way delay and a 128 KiB/s cap toward it. A syncAll volume's flushes wait for that
+/// replica (the load cannot finish faster than its data crosses the cap, and the
+/// replica stays in the committed set); an async volume's flushes do not (its load
+/// finishes before the data could have crossed, and the primary's status shows the
+/// replica behind). Then the link is cut beyond the WAL retention budget, so the
+/// replica must be rebuilt, and the rebuild runs through a 4 MiB/s link. Nothing
+/// acknowledged is lost, and afterwards every replica holds the same blocks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replica_behind_a_slow_link_holds_only_sync_flushes_and_rebuilds_through_it() {
+    let _serial = serial().await;
+    let seed = seed() ^ 8;
+    let mut rng = SeededRng::new(seed);
+    let setup = NodeSetup {
+        proxied: true,
+        ..NodeSetup::default()
+    };
+    let mut c = Cluster::start_with(
+        &[format!(
+            "--wal-retention-timeout-ms={SLOW_RETENTION_BUDGET_MS}"
+        )],
+        setup,
+    )
+    .await;
+    c.start_operator("op-1");
+    c.create_volume().await;
+    let mut spec = BlockVolumeSpec::with_size("32Mi");
+    spec.durability = api::Durability::Async;
+    Api::<BlockVolume>::all(c.client())
+        .create(
+            &PostParams::default(),
+            &BlockVolume::new(ASYNC_VOLUME, spec),
+        )
+        .await
+        .expect("create the async volume");
+    let ck = checker(seed, 8);
+    let mut tally = Tally::default();
+    let mut st = c.healthy(1).await;
+    let primary_node = st.primary_node.clone().expect("primary node");
+    let async_st = wait_for("the async volume Ready with three in sync", || async {
+        let st = c.tc.volume(ASYNC_VOLUME).await?.status?;
+        (st.phase == VolumePhase::Ready && st.in_sync_count == 3).then_some(st)
+    })
+    .await;
+    let (fwd, bwd) = slow_link();
+
+    for trial in 0..trials(1) {
+        // syncAll: every acknowledged flush waited for the slow replica.
+        let slow = pick_replica_node(&st, &mut rng);
+        let slow_id = c.replica_on(&slow).await;
+        c.proxy(&slow).shape(fwd, bwd);
+        tally.faults += 1;
+        let started = Instant::now();
+        let sum = ck
+            .run_writes(&c.target(&primary_node), SLOW_PHASE_WRITES)
+            .await;
+        let took = started.elapsed();
+        assert_uninterrupted(&sum, "syncAll writes over the slow link");
+        tally.writes_durable += sum.writes_made_durable;
+        let now = c.volume().await.expect("volume status");
+        assert!(
+            now.in_sync_set.contains(&slow_id)
+                && now.in_sync_set_generation == st.in_sync_set_generation,
+            "the slow replica {slow_id} stayed in the committed set: {:?}",
+            now.in_sync_set
+        );
+        let crossed = Duration::from_secs_f64(
+            (sum.writes_made_durable * 4096) as f64 / SLOW_LINK_BYTES_PER_S as f64,
+        );
+        assert!(
+            took >= crossed,
+            "syncAll acknowledged {} writes in {took:?}, faster than their data can reach the slow replica ({crossed:?})",
+            sum.writes_made_durable
+        );
+        c.proxy(&slow)
+            .shape(LinkShape::default(), LinkShape::default());
+        verify_clean(
+            &ck,
+            &c.target(&primary_node),
+            &mut tally,
+            &format!("trial {trial} syncAll over the slow link"),
+        )
+        .await;
+
+        // async: flushes go on at local speed; the lag shows in the primary's status.
+        let async_primary = async_st.primary_node.clone().expect("async primary node");
+        let async_slow = NODES
+            .iter()
+            .copied()
+            .find(|n| *n != async_primary)
+            .expect("a replica node");
+        c.proxy(async_slow).shape(fwd, bwd);
+        tally.faults += 1;
+        let ack = Checker::new(
+            Ledger::new(CheckerConfig {
+                volume_id: ASYNC_VOLUME.into(),
+                seed: seed ^ 0xa5,
+                workers: 4,
+                block_size_bytes: 4096,
+                lba_start: 0,
+                lba_count: CHECK_LBAS,
+                flush_every_writes: 8,
+            })
+            .expect("checker config"),
+        );
+        let async_target = Target::Unix {
+            path: c.agent(&async_primary).nbd_socket.clone(),
+            export: ASYNC_VOLUME.into(),
+        };
+        let started = Instant::now();
+        let asum = ack.run_writes(&async_target, SLOW_PHASE_WRITES).await;
+        let async_took = started.elapsed();
+        assert_uninterrupted(&asum, "async writes over the slow link");
+        tally.writes_durable += asum.writes_made_durable;
+        let async_crossed = Duration::from_secs_f64(
+            (asum.writes_made_durable * 4096) as f64 / SLOW_LINK_BYTES_PER_S as f64,
+        );
+        assert!(
+            async_took < async_crossed,
+            "async flushes waited for the slow replica: {} writes took {async_took:?}, their data needs {async_crossed:?} to cross",
+            asum.writes_made_durable
+        );
+        let (head, behind) = wait_for(
+            "the async primary reporting its slow replica behind",
+            || async {
+                let rs = c.tc.replicas(ASYNC_VOLUME).await;
+                let p = rs
+                    .iter()
+                    .find(|r| r.spec.node == async_primary)?
+                    .status
+                    .clone()?;
+                let slow_id = rs.iter().find(|r| r.spec.node == async_slow)?.name_any();
+                let peer = p.peers.iter().find(|x| x.replica_id == slow_id)?;
+                (peer.flushed_lsn < p.head_lsn).then_some((p.head_lsn, peer.flushed_lsn))
+            },
+        )
+        .await;
+        c.proxy(async_slow)
+            .shape(LinkShape::default(), LinkShape::default());
+        wait_for("the async replica caught up", || async {
+            let rs = c.tc.replicas(ASYNC_VOLUME).await;
+            let p = rs
+                .iter()
+                .find(|r| r.spec.node == async_primary)?
+                .status
+                .clone()?;
+            (p.peers.len() == 2
+                && p.peers
+                    .iter()
+                    .all(|x| x.flushed_lsn >= head && x.state == ReplicaState::InSync))
+            .then_some(())
+        })
+        .await;
+        let report = ack.verify(&async_target).await.expect("verify reads back");
+        assert!(
+            report.is_clean(),
+            "async volume: acknowledged writes lost: {report}"
+        );
+        tally.writes_verified += report.writes_verified;
+        println!(
+            "trial {trial}: {SLOW_LINK_DELAY_MS} ms each way, {} KiB/s toward the replica: syncAll {} writes in {} ms (their data needs >= {} ms to cross), async {} writes in {} ms; async primary head {head}, slow replica flushed {behind}",
+            SLOW_LINK_BYTES_PER_S >> 10,
+            sum.writes_made_durable,
+            took.as_millis(),
+            crossed.as_millis(),
+            asum.writes_made_durable,
+            async_took.as_millis(),
+        );
+
+        // Cut beyond the retention budget, then rebuild through a capped link.
+        let victim = pick_replica_node(&st, &mut rng);
+        let victim_id = c.replica_on(&victim).await;
+        let log_from = c.log_len(&primary_node);
+        c.proxy(&victim).cut();
+        let cut_at = Instant::now();
+        tally.faults += 1;
+        let sum = ck
+            .run_writes(&c.target(&primary_node), SLOW_PHASE_WRITES)
+            .await;
+        assert_uninterrupted(&sum, "writes while a replica is cut off");
+        tally.writes_durable += sum.writes_made_durable;
+        c.peer_state_in(
+            &victim_id,
+            &[ReplicaState::NeedsRebuild, ReplicaState::Rebuilding],
+        )
+        .await;
+        assert!(
+            cut_at.elapsed() >= Duration::from_millis(SLOW_RETENTION_BUDGET_MS),
+            "the WAL hold was dropped before the budget ran out"
+        );
+        let capped = LinkShape {
+            delay: Duration::from_millis(SLOW_LINK_DELAY_MS),
+            bytes_per_s: Some(REBUILD_LINK_BYTES_PER_S),
+        };
+        c.proxy(&victim).shape(capped, capped);
+        c.proxy(&victim).restore();
+        let restored = Instant::now();
+        st = c.healthy(st.epoch).await;
+        let rebuilt_in = restored.elapsed();
+        assert!(
+            c.logged_peer_state(&primary_node, log_from, &victim_id, "Rebuilding"),
+            "the cut-off replica {victim_id} was rebuilt"
+        );
+        c.proxy(&victim)
+            .shape(LinkShape::default(), LinkShape::default());
+        verify_clean(
+            &ck,
+            &c.target(&primary_node),
+            &mut tally,
+            &format!("trial {trial} after the rebuild"),
+        )
+        .await;
+        println!(
+            "trial {trial}: replica {victim_id} on {victim} cut off, escalated after the {SLOW_RETENTION_BUDGET_MS} ms budget, rebuilt through {} MiB/s + {SLOW_LINK_DELAY_MS} ms in {} ms",
+            REBUILD_LINK_BYTES_PER_S >> 20,
+            rebuilt_in.as_millis()
+        );
+        tally.trials += 1;
+    }
+
+    // Every replica holds the same blocks: stop the agents and read each file.
+    let ids: Vec<(String, String)> = c
+        .replicas()
+        .await
+        .into_iter()
+        .map(|r| (r.spec.node.clone(), r.name_any()))
+        .collect();
+    for a in &mut c.tc.agents {
+        a.kill();
+    }
+    let blocks: Vec<Vec<u8>> = ids
+        .iter()
+        .map(|(node, id)| replica_blocks(&c, node, VOLUME, id))
+        .collect();
+    for (i, b) in blocks.iter().enumerate().skip(1) {
+        assert!(
+            *b == blocks[0],
+            "replica {} differs from {} in the checked range",
+            ids[i].1,
+            ids[0].1
+        );
+    }
     println!(
-        "replica {victim_id} on {victim}: filesystem filled ({filled} bytes of filler), status {failed:?}; longest flush stall {} ms; {} writes durable meanwhile; replaced on {SPARE_NODE}",
-        clock.longest_gap_since(full_at).as_millis(),
-        sum.writes_made_durable
+        "{} replicas identical over {} blocks",
+        blocks.len(),
+        CHECK_LBAS
     );
-    tally.print("replica-disk-full", seed);
+    tally.print("slow-link", seed);
 }

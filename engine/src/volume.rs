@@ -561,6 +561,12 @@ impl Volume {
         Lsn(self.inner.head_lsn.load(Ordering::Acquire))
     }
 
+    /// Why the volume failed, if it did: after a failed fsync or extent write it refuses
+    /// all IO until reopened (fail-stop), whether or not a caller has asked for IO since.
+    pub fn failure(&self) -> Option<String> {
+        self.inner.gc.failed()
+    }
+
     /// Last LSN known durable (flushedLSN).
     pub fn durable_lsn(&self) -> Lsn {
         Lsn(self.inner.gc.durable())

@@ -49,6 +49,11 @@ pub struct Settings {
     /// ip:port of the replication data port; peers dial it, so no wildcard or `:port`.
     #[arg(long)]
     pub data_address: String,
+    /// ip:port peers are told to dial for the data port (the node's `BlockNode`), when
+    /// it differs from `--data-address`: behind NAT, a load balancer or a proxy. Empty:
+    /// `--data-address`.
+    #[arg(long, default_value = "")]
+    pub advertise_data_address: String,
     /// Unix socket of the attach service for the CSI node plugin.
     #[arg(long)]
     pub agent_socket: PathBuf,
@@ -153,6 +158,10 @@ impl Settings {
         }
         let addr = validate_data_address(&self.data_address)
             .map_err(|e| setting("data-address", e.to_string()))?;
+        if !self.advertise_data_address.is_empty() {
+            validate_data_address(&self.advertise_data_address)
+                .map_err(|e| setting("advertise-data-address", e.to_string()))?;
+        }
         if self.lease_duration_s < 2 {
             return Err(setting(
                 "lease-duration-seconds",
@@ -530,7 +539,11 @@ impl Agent {
         ));
         let registration = NodeRegistration {
             node_name: settings.node_name.clone(),
-            data_address: data_address.to_string(),
+            data_address: if settings.advertise_data_address.is_empty() {
+                data_address.to_string()
+            } else {
+                settings.advertise_data_address.clone()
+            },
             data_dir: data_dir.clone(),
             topology: topology(&client, &settings.node_name).await,
             agent_version: env!("CARGO_PKG_VERSION").to_string(),
@@ -650,6 +663,19 @@ mod tests {
         .unwrap();
         let e = s.validate().unwrap_err().to_string();
         assert!(e.starts_with("--background-barrier-interval-ms"), "{e}");
+        let s = parse(&[
+            "--data-address=10.0.0.5:7400",
+            "--advertise-data-address=:7400",
+        ])
+        .unwrap();
+        let e = s.validate().unwrap_err().to_string();
+        assert!(e.starts_with("--advertise-data-address"), "{e}");
+        let s = parse(&[
+            "--data-address=10.0.0.5:7400",
+            "--advertise-data-address=192.0.2.7:17400",
+        ])
+        .unwrap();
+        assert_eq!(s.validate().unwrap().to_string(), "10.0.0.5:7400");
         assert!(parse(&[]).is_err(), "--data-address is required");
     }
 

@@ -682,9 +682,12 @@ impl ReplicaRuntime for EngineRuntime {
                 if let Some(e) = s.fenced_by {
                     st.state = ReplicaState::Failed;
                     st.last_error = Some(format!("fenced: a peer knows the newer epoch {e}"));
-                } else if s.local_disk_failed {
+                } else if s.local_disk_failed || vol.failure().is_some() {
+                    // Also when no flush has met the failure yet (the background flusher
+                    // did): the volume refuses all IO either way, so say so and let the
+                    // operator promote another member.
                     st.state = ReplicaState::Failed;
-                    st.last_error = Some("the local disk failed".into());
+                    st.last_error = Some(api::PRIMARY_DISK_FAILED_ERROR.into());
                 } else if !(self.fence)() {
                     st.state = ReplicaState::Disconnected;
                     st.last_error = Some("the node's Lease is not fresh: IO is fenced".into());
@@ -708,9 +711,10 @@ impl ReplicaRuntime for EngineRuntime {
                 st.state = ReplicaState::InSync;
                 // A replica whose disk refused an append or fsync accepts nothing more
                 // until reopened; saying so lets the operator drop or replace it.
-                if let Ok((vid, _)) = Self::ids(&a)
-                    && let Some(reason) = self.receiver.storage_failure(&vid)
-                {
+                let receiver_failure = Self::ids(&a)
+                    .ok()
+                    .and_then(|(vid, _)| self.receiver.storage_failure(&vid));
+                if let Some(reason) = receiver_failure.or_else(|| vol.failure()) {
                     st.state = ReplicaState::Failed;
                     st.last_error = Some(format!("replica storage failed: {reason}"));
                 }

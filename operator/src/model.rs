@@ -105,6 +105,10 @@ pub(crate) mod test_support {
             self.status.get_or_insert_with(Default::default).role = Some(role);
             self
         }
+        pub fn reports_error(mut self, error: &str) -> Self {
+            self.status.get_or_insert_with(Default::default).last_error = Some(error.into());
+            self
+        }
         pub fn reports_size(mut self, size: u64) -> Self {
             self.status.get_or_insert_with(Default::default).size_bytes = Some(size);
             self

@@ -16,7 +16,7 @@ use crate::in_sync::{InSyncSet, next_in_sync_set};
 use crate::model::ReplicaView;
 use crate::placement::{NodeCandidate, PlacementRequest, place};
 use crate::primary_move::{MoveInput, MoveOutcome, MoveRequest, MoveSettings, MoveStep};
-use crate::promotion::{PrimaryLease, PromotionDecision, choose_promotion};
+use crate::promotion::{PromotionDecision, choose_promotion, primary_lease};
 use crate::recovery::recover_state;
 use crate::replacement::{ReplacementSettings, nodes_at_rebuild_limit, replacements};
 use crate::status::{Blocked, StatusInput, unhealthy_since, volume_status};
@@ -433,10 +433,7 @@ pub fn plan(obs: &Observed<'_>, settings: &ReplacementSettings, moves: &MoveSett
         }
         let primary_id = state.primary.clone().unwrap_or_default();
         let primary_view = views.iter().find(|r| r.id == primary_id && !r.deleting);
-        let lease = match primary_view {
-            Some(p) if p.node_live => PrimaryLease::Current,
-            _ => PrimaryLease::Expired,
-        };
+        let lease = primary_lease(primary_view, state.epoch);
         let decision = match move_promotion {
             Some((replica_id, epoch)) => {
                 state.epoch = epoch;

@@ -11,8 +11,31 @@ use crate::model::ReplicaView;
 pub enum PrimaryLease {
     /// Renewed within its duration: the primary may still be serving IO.
     Current,
-    /// Not renewed within its duration (or missing): the primary has stopped serving.
+    /// Not renewed within its duration (or missing), or its agent reports the primary
+    /// fail-stopped on a disk error: the primary has stopped serving.
     Expired,
+}
+
+/// The primary's liveness as promotion sees it. A live agent whose primary reports
+/// [`api::PRIMARY_DISK_FAILED_ERROR`] at the volume's current `epoch` counts as expired:
+/// the engine refuses every read, write and flush of a volume after a failed fsync,
+/// so the primary serves nothing, and waiting for a Lease that keeps being renewed
+/// would leave the volume down for good. An older epoch's report proves nothing about
+/// the current term.
+pub fn primary_lease(primary: Option<&ReplicaView>, epoch: u64) -> PrimaryLease {
+    match primary {
+        Some(p) if p.node_live && !disk_failed_at(p, epoch) => PrimaryLease::Current,
+        _ => PrimaryLease::Expired,
+    }
+}
+
+fn disk_failed_at(p: &ReplicaView, epoch: u64) -> bool {
+    p.status.as_ref().is_some_and(|s| {
+        s.state == ReplicaState::Failed
+            && s.role == Some(api::ReplicaRole::Primary)
+            && s.epoch == epoch
+            && s.last_error.as_deref() == Some(api::PRIMARY_DISK_FAILED_ERROR)
+    })
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -256,5 +279,43 @@ mod tests {
                 PromotionDecision::KeepPrimary => panic!("lease expired"),
             }
         }
+    }
+
+    #[test]
+    fn a_live_primary_whose_disk_failed_is_promoted_away() {
+        let failed = |epoch| {
+            replica("p", "n1")
+                .primary()
+                .reports(Failed, epoch, 100)
+                .reports_error(api::PRIMARY_DISK_FAILED_ERROR)
+        };
+        assert_eq!(primary_lease(Some(&failed(4)), 4), PrimaryLease::Expired);
+        assert_eq!(
+            primary_lease(Some(&failed(4).node_dead()), 4),
+            PrimaryLease::Expired
+        );
+        assert_eq!(primary_lease(None, 4), PrimaryLease::Expired);
+        // The report of an older term, another failure, or a healthy primary: the
+        // Lease alone decides.
+        assert_eq!(primary_lease(Some(&failed(3)), 4), PrimaryLease::Current);
+        let fenced = replica("p", "n1")
+            .primary()
+            .reports(Failed, 4, 100)
+            .reports_error("fenced: a peer knows the newer epoch 5");
+        assert_eq!(primary_lease(Some(&fenced), 4), PrimaryLease::Current);
+        let serving = replica("p", "n1").primary().reports(Serving, 4, 100);
+        assert_eq!(primary_lease(Some(&serving), 4), PrimaryLease::Current);
+        // A replica (not the primary) reporting the text proves nothing about IO.
+        let as_replica = replica("p", "n1")
+            .reports(Failed, 4, 100)
+            .reports_error(api::PRIMARY_DISK_FAILED_ERROR);
+        assert_eq!(primary_lease(Some(&as_replica), 4), PrimaryLease::Current);
+
+        let views = vec![failed(4), replica("a", "n2").reports(InSync, 4, 100)];
+        let lease = primary_lease(views.first(), 4);
+        assert_eq!(
+            choose_promotion(4, "p", lease, &set(&["p", "a"]), &views),
+            promote("a", 5)
+        );
     }
 }
