@@ -254,7 +254,12 @@ impl Volume {
         let fresh = disk.is_empty().map_err(|e| Error::io(&what, e))?;
         disk.set_len(layout.disk_len(opts.size_bytes))
             .map_err(|e| Error::io(&what, e))?;
-        if !fresh {
+        if fresh {
+            // Every client flush syncs WAL writes; on allocated blocks those syncs never
+            // wait for a filesystem journal commit, from the first lap on.
+            disk.preallocate(layout.wal_offset, layout.wal_size)
+                .map_err(|e| Error::io(&what, e))?;
+        } else {
             // Old records from whatever used this disk before must not look like ours.
             disk.write_zeroes(layout.wal_offset, layout.wal_size)
                 .map_err(|e| Error::io(&what, e))?;
