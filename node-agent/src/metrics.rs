@@ -348,6 +348,9 @@ impl BlockBackend for MeteredBackend {
         }
         Some(r)
     }
+    fn runs_inline(&self) -> bool {
+        self.inner.runs_inline()
+    }
     fn flush(&self) -> Result<(), BackendError> {
         self.flush.time(|| self.inner.flush())
     }

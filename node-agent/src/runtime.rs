@@ -804,6 +804,9 @@ impl BlockBackend for ReplicatedBackend {
         }
         BlockBackend::try_write(&*self.vol, offset, data)
     }
+    fn runs_inline(&self) -> bool {
+        true
+    }
     fn flush(&self) -> Result<(), BackendError> {
         self.check_writable()?;
         // Called on the NBD server's blocking pool, never on a runtime worker. Without

@@ -60,6 +60,9 @@ impl BlockBackend for Volume {
             Err(e) => Some(Err(map_err(e))),
         }
     }
+    fn runs_inline(&self) -> bool {
+        true
+    }
     fn flush(&self) -> Result<(), BackendError> {
         Volume::flush(self).map(drop).map_err(map_err)
     }

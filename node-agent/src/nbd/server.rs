@@ -619,6 +619,7 @@ where
     let config = &shared.config;
     let backend = export.backend().clone();
     let (min_block, _, max_payload) = block_sizes(config, backend.as_ref());
+    let runs_inline = backend.runs_inline();
     // Held until this function returns, so `connection_count` covers the drain.
     let mut removed = export.removed();
     let mut shutdown = shared.shutdown.subscribe();
@@ -712,7 +713,7 @@ where
             }
             continue;
         }
-        let inline = h.length <= config.inline_request_max_bytes;
+        let inline = h.length <= config.inline_request_max_bytes && runs_inline;
         if inline
             && h.command == proto::CMD_WRITE
             && h.length > 0
