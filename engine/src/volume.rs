@@ -462,6 +462,15 @@ impl Volume {
         Ok(Some(entry.lsn))
     }
 
+    /// Whether an append with `data_len` bytes of data would proceed now without waiting
+    /// for the flusher. Exact for a caller that is the volume's only appender (a
+    /// replica's connection); only a hint otherwise.
+    pub fn has_room_for(&self, data_len: usize) -> bool {
+        let i = &self.inner;
+        let st = lock(&i.wal);
+        matches!(i.has_space(&st, wal::record_len_for(data_len)), Ok(true))
+    }
+
     /// A write that is durable when it returns.
     pub fn write_fua(&self, lba: Lba, data: &[u8]) -> Result<Lsn> {
         let lsn = self.write(lba, data)?;

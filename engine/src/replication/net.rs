@@ -32,7 +32,7 @@ use super::storage::ReplicaLog;
 use super::types::{Epoch, Generation, Lsn, ReplicaId, VolumeId, WalEntry};
 use super::volume_log::VolumeLog;
 use super::wire::{
-    ClientAuth, ForwardMsg, ForwardStatus, FrameDecoder, Message, NONCE_BYTES, ServerAuth,
+    Body, ClientAuth, ForwardMsg, ForwardStatus, FrameDecoder, Message, NONCE_BYTES, ServerAuth,
     VolumeMsg, WireConfig, WireError, encode_frame,
 };
 use crate::volume::Volume;
@@ -301,11 +301,32 @@ impl ServerShared {
     }
 
     fn step(&self, hosted: &Arc<Mutex<Hosted>>, input: ReceiverInput) {
-        let actions = tokio::task::block_in_place(|| {
-            let mut h = lock(hosted);
+        let now = self.now_ms();
+        // An entry that fits in the WAL is one page-cache write: it runs inline, since
+        // `block_in_place` would hand this worker's queue to another thread per entry.
+        // Anything that may fsync (a barrier, an entry completing one), wait for WAL
+        // space, or read the log for a rebuild runs in `block_in_place`.
+        let mut h = lock(hosted);
+        let inline = match &input {
+            ReceiverInput::Received { msg, .. } => match &msg.body {
+                Body::Entry(e) => {
+                    !h.core.barriers_pending() && h.log.volume().has_room_for(e.data.len())
+                }
+                _ => false,
+            },
+            _ => false,
+        };
+        let actions = if inline {
             let Hosted { core, log } = &mut *h;
-            core.step(self.now_ms(), input, log)
-        });
+            core.step(now, input, log)
+        } else {
+            drop(h);
+            tokio::task::block_in_place(|| {
+                let mut h = lock(hosted);
+                let Hosted { core, log } = &mut *h;
+                core.step(now, input, log)
+            })
+        };
         self.route(actions);
     }
 }
