@@ -809,8 +809,9 @@ impl BlockBackend for ReplicatedBackend {
     }
     fn flush(&self) -> Result<(), BackendError> {
         self.check_writable()?;
-        // Called on the NBD server's blocking pool, never on a runtime worker. Without
-        // peers the local fsync is the whole gate and runs right here.
+        // Called on the NBD server's blocking pool or in `block_in_place`, never plainly
+        // on a runtime worker. Without peers the local fsync is the whole gate and runs
+        // right here.
         if self.handle.try_flush_local().is_none() {
             self.rt
                 .block_on(self.handle.flush())

@@ -857,7 +857,7 @@ impl BlockBackend for BlocksOnRuntime {
         self.write(offset, data)
     }
     fn flush(&self) -> Result<(), node_agent::nbd::BackendError> {
-        Ok(())
+        self.rt.block_on(async { Ok(()) })
     }
     fn trim(&self, offset: u64, length: u64) -> Result<(), node_agent::nbd::BackendError> {
         self.mem.trim(offset, length)
@@ -887,4 +887,6 @@ fn backends_that_block_on_the_runtime_are_never_called_on_the_connection_task() 
     let (mut c, _, _) = Raw::go(&s, "v");
     assert_eq!(c.write(1, 0, 4096, &pattern(3, 4096)), 0);
     assert_eq!(c.read(2, 4096, 4096).expect("read"), pattern(3, 4096));
+    // A FLUSH alone on its connection runs on the connection's task, in block_in_place.
+    assert_eq!(c.simple(CMD_FLUSH, 0, 3, 0, 0), 0);
 }

@@ -620,6 +620,9 @@ where
     let backend = export.backend().clone();
     let (min_block, _, max_payload) = block_sizes(config, backend.as_ref());
     let runs_inline = backend.runs_inline();
+    // `block_in_place` needs a multi-thread runtime.
+    let can_block_in_place = tokio::runtime::Handle::current().runtime_flavor()
+        == tokio::runtime::RuntimeFlavor::MultiThread;
     // Held until this function returns, so `connection_count` covers the drain.
     let mut removed = export.removed();
     let mut shutdown = shared.shutdown.subscribe();
@@ -753,6 +756,28 @@ where
                 }
                 continue;
             }
+        }
+        // A FLUSH with nothing else in flight on this connection (a client waiting for
+        // each reply, as at queue depth 1) runs on this task: nothing could overlap it
+        // anyway, and it saves the hand-off to a pool thread and back.
+        // `block_in_place` moves this worker's other tasks to another thread meanwhile.
+        if h.command == proto::CMD_FLUSH
+            && can_block_in_place
+            && requests.available_permits() + 1 == config.max_in_flight_requests
+        {
+            let (error, data) = tokio::task::block_in_place(|| {
+                run_request(backend.as_ref(), export.name(), &h, payload)
+            });
+            let reply = Reply {
+                handle: h.handle,
+                error,
+                data,
+                _permits: (req_permit, byte_permit),
+            };
+            if tx.send(reply).await.is_err() {
+                break Ok(());
+            }
+            continue;
         }
         if inline && h.command == proto::CMD_READ {
             let (error, data) = run_request(backend.as_ref(), export.name(), &h, payload);
