@@ -779,7 +779,7 @@ impl BlockBackend for Declining {
         data: &[u8],
     ) -> Option<Result<(), node_agent::nbd::BackendError>> {
         let n = self.tries.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        (n % 2 == 0).then(|| self.mem.write(offset, data))
+        n.is_multiple_of(2).then(|| self.mem.write(offset, data))
     }
     fn runs_inline(&self) -> bool {
         true
