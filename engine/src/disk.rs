@@ -36,6 +36,14 @@ pub trait Disk: Send + Sync {
     fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
         crate::extent::write_zeroes_by_writing(self, offset, len)
     }
+    /// Makes `len` bytes at `offset` of a freshly sized disk (reading as zeros already)
+    /// cheap to overwrite and sync later. Files write the zeros, so the filesystem
+    /// allocates the blocks now: overwriting allocated blocks changes no metadata, so a
+    /// later fdatasync need not commit the filesystem journal. Others do nothing.
+    /// Durable after the next `sync`.
+    fn preallocate(&self, _offset: u64, _len: u64) -> io::Result<()> {
+        Ok(())
+    }
     /// Copies `len` bytes from `src` to `dst` (ranges must not overlap), like
     /// `read_at` + `write_at` (same durability rules). Files copy inside the kernel.
     fn copy_within(&self, src: u64, dst: u64, len: u64) -> io::Result<()> {
@@ -260,6 +268,12 @@ impl Disk for FileDisk {
             }
             _ => Err(err),
         }
+    }
+
+    fn preallocate(&self, offset: u64, len: u64) -> io::Result<()> {
+        // Not fallocate: its unwritten extents are converted (a metadata change, so a
+        // journal commit on fdatasync) on first write.
+        crate::extent::write_zeroes_by_writing(self, offset, len)
     }
 
     fn set_len(&self, len: u64) -> io::Result<()> {

@@ -254,7 +254,12 @@ impl Volume {
         let fresh = disk.is_empty().map_err(|e| Error::io(&what, e))?;
         disk.set_len(layout.disk_len(opts.size_bytes))
             .map_err(|e| Error::io(&what, e))?;
-        if !fresh {
+        if fresh {
+            // Every client flush syncs WAL writes; on allocated blocks those syncs never
+            // wait for a filesystem journal commit, from the first lap on.
+            disk.preallocate(layout.wal_offset, layout.wal_size)
+                .map_err(|e| Error::io(&what, e))?;
+        } else {
             // Old records from whatever used this disk before must not look like ours.
             disk.write_zeroes(layout.wal_offset, layout.wal_size)
                 .map_err(|e| Error::io(&what, e))?;
@@ -429,6 +434,41 @@ impl Volume {
             block += blocks;
         }
         Ok(last)
+    }
+
+    /// Like [`Volume::write`], but never waits for WAL space: returns `Ok(None)`, having
+    /// written nothing, when the write would have to wait for the flusher or needs more
+    /// than one entry. For callers that must not block for long (an async task), which
+    /// then retry with `write` where blocking is fine.
+    pub fn try_write(&self, lba: Lba, data: &[u8]) -> Result<Option<Lsn>> {
+        let i = &self.inner;
+        let blocks = i.check_blocks("data", lba, data.len())?;
+        if data.len() as u64 > i.max_entry_bytes {
+            return Ok(None);
+        }
+        let mut st = i.lock_for_append()?;
+        if !i.has_space(&st, wal::record_len_for(data.len()))? {
+            return Ok(None);
+        }
+        let entry = EntryRef {
+            lsn: Lsn(st.head_lsn + 1),
+            epoch: Epoch(i.epoch.load(Ordering::Acquire)),
+            kind: EntryKind::Write,
+            lba,
+            blocks: blocks as u32,
+            data,
+        };
+        i.append_locked(&mut st, entry, None)?;
+        Ok(Some(entry.lsn))
+    }
+
+    /// Whether an append with `data_len` bytes of data would proceed now without waiting
+    /// for the flusher. Exact for a caller that is the volume's only appender (a
+    /// replica's connection); only a hint otherwise.
+    pub fn has_room_for(&self, data_len: usize) -> bool {
+        let i = &self.inner;
+        let st = lock(&i.wal);
+        matches!(i.has_space(&st, wal::record_len_for(data_len)), Ok(true))
     }
 
     /// A write that is durable when it returns.
@@ -1014,30 +1054,14 @@ impl Inner {
         mut st: MutexGuard<'a, WalState>,
         record_len: u64,
     ) -> Result<MutexGuard<'a, WalState>> {
-        let wal = self.layout.wal_size;
-        let hard = wal * u64::from(self.cfg.wal_hard_watermark_pct) / 100;
-        let soft = wal * u64::from(self.cfg.wal_soft_watermark_pct) / 100;
         let timeout = Duration::from_millis(self.cfg.wal_full_timeout_ms);
         let mut deadline = Instant::now() + timeout;
         let mut freed_to = st.free_from;
         loop {
-            if let Some(reason) = self.gc.failed() {
-                return Err(Error::Failed { reason });
-            }
-            if st.rebuilding {
-                return Err(Error::Rebuilding {
-                    reason: "writes are refused until finish_rebuild".into(),
-                });
-            }
-            let need = self.needed(&st, record_len);
-            let after = st.occupied() + need;
-            if after <= wal && (after <= hard || st.occupied() == 0) {
-                if after > soft {
-                    self.kick();
-                }
+            if self.has_space(&st, record_len)? {
                 return Ok(st);
             }
-            self.kick();
+            let need = self.needed(&st, record_len);
             let now = Instant::now();
             if st.free_from > freed_to {
                 // Space is being freed: keep waiting, however long the whole wait takes.
@@ -1058,6 +1082,29 @@ impl Inner {
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
         }
+    }
+
+    /// Whether an append of `record_len` fits under the hard watermark now (or at all,
+    /// when the WAL is otherwise empty); kicks the flusher past the soft watermark.
+    /// Fails if the volume failed or is being rebuilt.
+    fn has_space(&self, st: &WalState, record_len: u64) -> Result<bool> {
+        if let Some(reason) = self.gc.failed() {
+            return Err(Error::Failed { reason });
+        }
+        if st.rebuilding {
+            return Err(Error::Rebuilding {
+                reason: "writes are refused until finish_rebuild".into(),
+            });
+        }
+        let wal = self.layout.wal_size;
+        let hard = wal * u64::from(self.cfg.wal_hard_watermark_pct) / 100;
+        let soft = wal * u64::from(self.cfg.wal_soft_watermark_pct) / 100;
+        let after = st.occupied() + self.needed(st, record_len);
+        let fits = after <= wal && (after <= hard || st.occupied() == 0);
+        if !fits || after > soft {
+            self.kick();
+        }
+        Ok(fits)
     }
 
     /// Writes `entry` at the head (padding first if it must wrap) and publishes it.

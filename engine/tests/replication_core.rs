@@ -1530,3 +1530,46 @@ fn stuck_member_without_flushes_is_escalated_by_its_retention_budget() {
         "the stuck member still pins the floor at {floor}"
     );
 }
+
+#[test]
+fn gate_is_local_only_exactly_without_peers_or_committed_members() {
+    let n = Net::new(0, cfg(), &["p"]);
+    assert!(n.primary.gate_is_local_only());
+    let n = Net::new(1, cfg(), &["p"]);
+    assert!(!n.primary.gate_is_local_only(), "an assigned peer may join");
+    let n = Net::new(0, cfg(), &["p", "r0"]);
+    assert!(!n.primary.gate_is_local_only(), "a committed member counts");
+}
+
+#[test]
+fn member_is_not_granted_in_sync_below_a_locally_acked_flush() {
+    // The shell acknowledged a flush of LSN 2 by the local fsync alone, before the core
+    // had even seen the appends (they are still queued). A replica joining now must not
+    // be granted InSync at the core's older head.
+    let mut n = Net::new(1, cfg(), &["p"]);
+    let queued: Vec<_> = (0..2u8)
+        .map(|i| {
+            n.plog
+                .append_local(EntryKind::Write, Lba(u64::from(i)), 1, vec![i; 8])
+                .unwrap()
+        })
+        .collect();
+    n.input(Input::AckedLocally { lsn: Lsn(2) });
+    assert_eq!(n.primary.acked_high(), Lsn(2));
+    n.settle();
+    assert_ne!(n.state("r0"), ReplicaState::InSync);
+    assert!(!n.primary.is_counted(&rid("r0")));
+    assert!(
+        !n.reports
+            .iter()
+            .any(|r| matches!(r, Report::MemberInSync { .. }))
+    );
+    // Once the appends reach the core they are shipped, and the next barrier grants.
+    for e in queued {
+        n.input(Input::Appended(e));
+    }
+    n.tick(PrimaryConfig::default().background_barrier_interval_ms);
+    n.settle();
+    assert_eq!(n.state("r0"), ReplicaState::InSync);
+    assert!(n.replicas[0].log.durable_lsn() >= Lsn(2));
+}

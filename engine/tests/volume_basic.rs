@@ -243,3 +243,26 @@ fn wal_bytes_after_an_lsn_count_the_later_records_until_they_leave_the_wal() {
         "records written back and released are no longer counted"
     );
 }
+
+#[test]
+fn a_created_volume_file_has_its_wal_allocated_and_its_data_area_sparse() {
+    use std::os::unix::fs::MetadataExt;
+    let d = tempfile::tempdir().unwrap();
+    let path = d.path().join("v.img");
+    let wal = 4u64 << 20;
+    let vol = Volume::create_file(&path, small_opts(4096, wal), manual_cfg()).unwrap();
+    // Allocated WAL blocks make WAL syncs pure data syncs (no journal commit); the
+    // 16 MiB data area stays thin.
+    let allocated = std::fs::metadata(&path).unwrap().blocks() * 512;
+    assert!(
+        allocated >= wal,
+        "only {allocated} of the {wal} WAL bytes allocated"
+    );
+    assert!(
+        allocated < wal + (4 << 20),
+        "{allocated} bytes allocated: data area not sparse"
+    );
+    vol.write(Lba(1), &block(9)).unwrap();
+    vol.flush().unwrap();
+    assert_eq!(read_block(&vol, 1), block(9));
+}

@@ -281,12 +281,16 @@ impl OpMeter {
     fn time<T>(&self, f: impl FnOnce() -> Result<T, BackendError>) -> Result<T, BackendError> {
         let started = Instant::now();
         let r = f();
+        self.record(started, r.is_ok());
+        r
+    }
+
+    fn record(&self, started: Instant, ok: bool) {
         self.latency.observe(started.elapsed().as_secs_f64());
         self.requests.inc();
-        if r.is_err() {
+        if !ok {
             self.errors.inc();
         }
-        r
     }
 }
 
@@ -333,6 +337,19 @@ impl BlockBackend for MeteredBackend {
         self.write.time(|| self.inner.write_fua(offset, data))?;
         self.written_bytes.inc_by(data.len() as u64);
         Ok(())
+    }
+    fn try_write(&self, offset: u64, data: &[u8]) -> Option<Result<(), BackendError>> {
+        // Counted only when it happened; a `None` is followed by a counted `write`.
+        let started = Instant::now();
+        let r = self.inner.try_write(offset, data)?;
+        self.write.record(started, r.is_ok());
+        if r.is_ok() {
+            self.written_bytes.inc_by(data.len() as u64);
+        }
+        Some(r)
+    }
+    fn runs_inline(&self) -> bool {
+        self.inner.runs_inline()
     }
     fn flush(&self) -> Result<(), BackendError> {
         self.flush.time(|| self.inner.flush())

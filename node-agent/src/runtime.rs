@@ -802,13 +802,26 @@ impl BlockBackend for ReplicatedBackend {
         self.write(offset, data)?;
         self.flush()
     }
+    fn try_write(&self, offset: u64, data: &[u8]) -> Option<Result<(), BackendError>> {
+        if let Err(e) = self.check_writable() {
+            return Some(Err(e));
+        }
+        BlockBackend::try_write(&*self.vol, offset, data)
+    }
+    fn runs_inline(&self) -> bool {
+        true
+    }
     fn flush(&self) -> Result<(), BackendError> {
         self.check_writable()?;
-        // Called on the NBD server's blocking pool, never on a runtime worker.
-        self.rt
-            .block_on(self.handle.flush())
-            .map(drop)
-            .map_err(|e| BackendError::Io(format!("replicated flush: {e}")))?;
+        // Called on the NBD server's blocking pool or in `block_in_place`, never plainly
+        // on a runtime worker. Without peers the local fsync is the whole gate and runs
+        // right here.
+        if self.handle.try_flush_local().is_none() {
+            self.rt
+                .block_on(self.handle.flush())
+                .map(drop)
+                .map_err(|e| BackendError::Io(format!("replicated flush: {e}")))?;
+        }
         // A flush can wait for members longer than the Lease lasts. Once the Lease has
         // run out another member may be primary, so an ack now would come from a
         // deposed primary: check the fence again before acknowledging.

@@ -749,3 +749,144 @@ fn backend_errors_and_panics_become_error_replies() {
     assert_eq!(c.write(4, 0, 12288, &[1u8; 4096]), 0);
     assert_eq!(c.read(5, 12288, 4096).expect("read"), vec![1u8; 4096]);
 }
+
+/// A memory image whose `try_write` declines every other call (as an engine volume does
+/// when its WAL is full), counting where each write ran.
+struct Declining {
+    mem: node_agent::nbd::MemBackend,
+    tries: std::sync::atomic::AtomicU64,
+    pooled_writes: std::sync::atomic::AtomicU64,
+}
+
+impl BlockBackend for Declining {
+    fn size_bytes(&self) -> u64 {
+        self.mem.size_bytes()
+    }
+    fn block_size(&self) -> u32 {
+        self.mem.block_size()
+    }
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), node_agent::nbd::BackendError> {
+        self.mem.read(offset, buf)
+    }
+    fn write(&self, offset: u64, data: &[u8]) -> Result<(), node_agent::nbd::BackendError> {
+        self.pooled_writes
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.mem.write(offset, data)
+    }
+    fn try_write(
+        &self,
+        offset: u64,
+        data: &[u8],
+    ) -> Option<Result<(), node_agent::nbd::BackendError>> {
+        let n = self.tries.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        n.is_multiple_of(2).then(|| self.mem.write(offset, data))
+    }
+    fn runs_inline(&self) -> bool {
+        true
+    }
+    fn write_fua(&self, offset: u64, data: &[u8]) -> Result<(), node_agent::nbd::BackendError> {
+        self.write(offset, data)
+    }
+    fn flush(&self) -> Result<(), node_agent::nbd::BackendError> {
+        Ok(())
+    }
+    fn trim(&self, offset: u64, length: u64) -> Result<(), node_agent::nbd::BackendError> {
+        self.mem.trim(offset, length)
+    }
+    fn write_zeroes(&self, offset: u64, length: u64) -> Result<(), node_agent::nbd::BackendError> {
+        self.mem.write_zeroes(offset, length)
+    }
+    fn flush_is_volume_wide(&self) -> bool {
+        true
+    }
+}
+
+#[test]
+fn writes_declined_on_the_connection_task_still_land_through_the_pool() {
+    let s = TestServer::start(ServerConfig::default());
+    let b = std::sync::Arc::new(Declining {
+        mem: node_agent::nbd::MemBackend::new(1 << 20, 4096).expect("mem"),
+        tries: Default::default(),
+        pooled_writes: Default::default(),
+    });
+    s.registry
+        .add("v", b.clone() as std::sync::Arc<dyn BlockBackend>)
+        .expect("export");
+    let (mut c, _, _) = Raw::go(&s, "v");
+    for i in 0..8u64 {
+        let data = pattern(i + 1, 4096);
+        assert_eq!(c.write(i, 0, i * 4096, &data), 0, "write {i}");
+    }
+    // FUA and large writes never try the inline path.
+    assert_eq!(c.write(8, CMD_FLAG_FUA, 8 * 4096, &pattern(9, 4096)), 0);
+    assert_eq!(c.write(9, 0, 64 << 10, &pattern(10, 256 << 10)), 0);
+    use std::sync::atomic::Ordering::SeqCst;
+    assert_eq!(b.tries.load(SeqCst), 8);
+    assert_eq!(b.pooled_writes.load(SeqCst), 4 + 2);
+    for i in 0..9u64 {
+        let got = c.read(100 + i, i * 4096, 4096).expect("read");
+        assert_eq!(got, pattern(i + 1, 4096), "block {i}");
+    }
+    assert_eq!(
+        c.read(200, 64 << 10, 256 << 10).expect("large read"),
+        pattern(10, 256 << 10)
+    );
+}
+
+/// A backend that, like a forwarding one, drives the runtime from `read`: legal on the
+/// blocking pool, a panic on a runtime worker.
+struct BlocksOnRuntime {
+    mem: node_agent::nbd::MemBackend,
+    rt: tokio::runtime::Handle,
+}
+
+impl BlockBackend for BlocksOnRuntime {
+    fn size_bytes(&self) -> u64 {
+        self.mem.size_bytes()
+    }
+    fn block_size(&self) -> u32 {
+        self.mem.block_size()
+    }
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), node_agent::nbd::BackendError> {
+        self.rt.block_on(async { self.mem.read(offset, buf) })
+    }
+    fn write(&self, offset: u64, data: &[u8]) -> Result<(), node_agent::nbd::BackendError> {
+        self.rt.block_on(async { self.mem.write(offset, data) })
+    }
+    fn write_fua(&self, offset: u64, data: &[u8]) -> Result<(), node_agent::nbd::BackendError> {
+        self.write(offset, data)
+    }
+    fn flush(&self) -> Result<(), node_agent::nbd::BackendError> {
+        self.rt.block_on(async { Ok(()) })
+    }
+    fn trim(&self, offset: u64, length: u64) -> Result<(), node_agent::nbd::BackendError> {
+        self.mem.trim(offset, length)
+    }
+    fn write_zeroes(&self, offset: u64, length: u64) -> Result<(), node_agent::nbd::BackendError> {
+        self.mem.write_zeroes(offset, length)
+    }
+    fn flush_is_volume_wide(&self) -> bool {
+        true
+    }
+}
+
+#[test]
+fn backends_that_block_on_the_runtime_are_never_called_on_the_connection_task() {
+    let s = TestServer::start(ServerConfig::default());
+    let rt = s.rt.as_ref().expect("runtime").handle().clone();
+    let b = BlocksOnRuntime {
+        mem: node_agent::nbd::MemBackend::new(1 << 20, 4096).expect("mem"),
+        rt,
+    };
+    s.registry
+        .add(
+            "v",
+            std::sync::Arc::new(b) as std::sync::Arc<dyn BlockBackend>,
+        )
+        .expect("export");
+    let (mut c, _, _) = Raw::go(&s, "v");
+    assert_eq!(c.write(1, 0, 4096, &pattern(3, 4096)), 0);
+    assert_eq!(c.read(2, 4096, 4096).expect("read"), pattern(3, 4096));
+    // A FLUSH alone on its connection runs on the connection's task, in block_in_place.
+    assert_eq!(c.simple(CMD_FLUSH, 0, 3, 0, 0), 0);
+}

@@ -32,7 +32,7 @@ use super::storage::ReplicaLog;
 use super::types::{Epoch, Generation, Lsn, ReplicaId, VolumeId, WalEntry};
 use super::volume_log::VolumeLog;
 use super::wire::{
-    ClientAuth, ForwardMsg, ForwardStatus, FrameDecoder, Message, NONCE_BYTES, ServerAuth,
+    Body, ClientAuth, ForwardMsg, ForwardStatus, FrameDecoder, Message, NONCE_BYTES, ServerAuth,
     VolumeMsg, WireConfig, WireError, encode_frame,
 };
 use crate::volume::Volume;
@@ -301,11 +301,32 @@ impl ServerShared {
     }
 
     fn step(&self, hosted: &Arc<Mutex<Hosted>>, input: ReceiverInput) {
-        let actions = tokio::task::block_in_place(|| {
-            let mut h = lock(hosted);
+        let now = self.now_ms();
+        // An entry that fits in the WAL is one page-cache write: it runs inline, since
+        // `block_in_place` would hand this worker's queue to another thread per entry.
+        // Anything that may fsync (a barrier, an entry completing one), wait for WAL
+        // space, or read the log for a rebuild runs in `block_in_place`.
+        let mut h = lock(hosted);
+        let inline = match &input {
+            ReceiverInput::Received { msg, .. } => match &msg.body {
+                Body::Entry(e) => {
+                    !h.core.barriers_pending() && h.log.volume().has_room_for(e.data.len())
+                }
+                _ => false,
+            },
+            _ => false,
+        };
+        let actions = if inline {
             let Hosted { core, log } = &mut *h;
-            core.step(self.now_ms(), input, log)
-        });
+            core.step(now, input, log)
+        } else {
+            drop(h);
+            tokio::task::block_in_place(|| {
+                let mut h = lock(hosted);
+                let Hosted { core, log } = &mut *h;
+                core.step(now, input, log)
+            })
+        };
         self.route(actions);
     }
 }
@@ -565,12 +586,29 @@ pub struct PrimarySnapshot {
     pub reports: Vec<Report>,
 }
 
+/// Lets a flush skip the driver while the gate needs only the local fsync (no peers):
+/// at RF1 a flush is then one group-committed fdatasync on the caller's thread instead
+/// of a round trip through the driver task and the blocking pool.
+///
+/// Protocol (all SeqCst, so each side sees the other's write): a flusher checks `open`,
+/// fsyncs, raises `acked`, and acknowledges only if `open` still holds; otherwise it
+/// asks the driver. Before any input that could add a member the driver closes `open`
+/// and feeds `acked` to the core (`Input::AckedLocally`), so a member is only granted
+/// InSync once it holds everything acknowledged this way; after each step it reopens
+/// `open` if `PrimaryCore::gate_is_local_only` holds.
+#[derive(Default)]
+struct LocalGate {
+    open: AtomicBool,
+    acked: AtomicU64,
+}
+
 /// Handle to a running primary driver.
 pub struct PrimaryHandle {
     tx: mpsc::UnboundedSender<Cmd>,
     task: JoinHandle<()>,
     vol: Arc<Volume>,
     reports: tokio::sync::Mutex<mpsc::Receiver<Report>>,
+    local_gate: Arc<LocalGate>,
 }
 
 impl PrimaryHandle {
@@ -582,6 +620,21 @@ impl PrimaryHandle {
             .map_err(|_| "replication driver stopped".to_string())?;
         rx.await
             .map_err(|_| "replication driver stopped".to_string())?
+    }
+
+    /// Blocking flush for a primary whose gate is local-only (no peers, nothing
+    /// committed): fsyncs the volume on the calling thread. `None` means the driver must
+    /// decide (peers exist, the gate changed meanwhile, or the fsync failed and the
+    /// driver must see the failure); call [`PrimaryHandle::flush`] then. Never call it
+    /// on a runtime worker: it blocks for an fdatasync.
+    pub fn try_flush_local(&self) -> Option<Lsn> {
+        let g = &self.local_gate;
+        if !g.open.load(Ordering::SeqCst) {
+            return None;
+        }
+        let lsn = self.vol.flush().ok()?;
+        g.acked.fetch_max(lsn.0, Ordering::SeqCst);
+        g.open.load(Ordering::SeqCst).then_some(lsn)
     }
 
     pub fn assign_peers(&self, peers: Vec<Peer>) {
@@ -814,6 +867,7 @@ struct Driver {
     reports: VecDeque<Report>,
     report_tx: mpsc::Sender<Report>,
     overflow: Arc<AtomicBool>,
+    local_gate: Arc<LocalGate>,
 }
 
 /// Starts the primary driver for `vol` (at `epoch`, already persisted) and attaches the
@@ -852,6 +906,7 @@ pub fn spawn_primary(
         committed,
         &log,
     );
+    let local_gate = Arc::new(LocalGate::default());
     let mut d = Driver {
         core,
         log,
@@ -867,6 +922,7 @@ pub fn spawn_primary(
         reports: VecDeque::new(),
         report_tx,
         overflow,
+        local_gate: local_gate.clone(),
     };
     let task = tokio::spawn(async move {
         d.step(Input::PeersAssigned(peers));
@@ -894,6 +950,7 @@ pub fn spawn_primary(
         task,
         vol,
         reports: tokio::sync::Mutex::new(report_rx),
+        local_gate,
     }
 }
 
@@ -955,8 +1012,40 @@ impl Driver {
     }
 
     fn step(&mut self, input: Input) {
+        // Appends, local fsync results and flush requests cannot add a member; every
+        // other input might, so it first closes the local gate and absorbs its acks
+        // (see `LocalGate`).
+        if !matches!(
+            input,
+            Input::Appended(_) | Input::LocalFsyncDone { .. } | Input::FlushRequested(_)
+        ) {
+            self.local_gate.open.store(false, Ordering::SeqCst);
+            let acked = Lsn(self.local_gate.acked.load(Ordering::SeqCst));
+            if acked > self.core.acked_high() {
+                self.step_core(Input::AckedLocally { lsn: acked });
+            }
+        }
+        self.step_core(input);
+        let local_only = self.core.gate_is_local_only();
+        self.local_gate.open.store(local_only, Ordering::SeqCst);
+    }
+
+    fn step_core(&mut self, input: Input) {
         let now = self.now_ms();
-        let actions = tokio::task::block_in_place(|| self.core.step(now, input, &mut self.log));
+        // These inputs only queue sends and update counters: no log read, no sync. They
+        // run inline; `block_in_place` would hand this worker's queue to another thread
+        // on every append.
+        let actions = if matches!(
+            input,
+            Input::Appended(_)
+                | Input::FlushRequested(_)
+                | Input::LocalFsyncDone { .. }
+                | Input::AckedLocally { .. }
+        ) {
+            self.core.step(now, input, &mut self.log)
+        } else {
+            tokio::task::block_in_place(|| self.core.step(now, input, &mut self.log))
+        };
         for e in self.core.take_events() {
             if self.events.len() >= self.cfg.events_kept_max {
                 self.events.pop_front();

@@ -154,6 +154,12 @@ pub enum Input {
     RebuildRequested(ReplicaId),
     /// The control plane re-asserted this primary with a newer epoch (already persisted).
     EpochChanged(Epoch),
+    /// Flushes up to `lsn` were acknowledged by the local fsync alone while
+    /// [`PrimaryCore::gate_is_local_only`] held. Raises the ack high-water mark, so no
+    /// member is granted InSync later without everything acknowledged that way.
+    AckedLocally {
+        lsn: Lsn,
+    },
 }
 
 /// Facts for the control plane.
@@ -371,6 +377,16 @@ impl PrimaryCore {
     pub fn acked_high(&self) -> Lsn {
         self.acked_high
     }
+    /// Whether a flush needs nothing but the local fsync: no peer is assigned, no member
+    /// is committed, and the primary is neither fenced nor failed. While this holds the
+    /// shell may acknowledge flushes without stepping the core, reporting them with
+    /// [`Input::AckedLocally`] before any input that could add a member.
+    pub fn gate_is_local_only(&self) -> bool {
+        self.senders.is_empty()
+            && self.committed.is_empty()
+            && self.fenced.is_none()
+            && !self.disk_failed
+    }
     pub fn state_of(&self, id: &ReplicaId) -> Option<ReplicaState> {
         self.senders.get(id).map(|s| s.state)
     }
@@ -483,6 +499,7 @@ impl PrimaryCore {
             Input::Received { conn, msg } => self.on_received(conn, msg, log),
             Input::RebuildRequested(id) => self.on_rebuild_requested(id, log),
             Input::EpochChanged(e) => self.on_epoch_changed(e, log),
+            Input::AckedLocally { lsn } => self.acked_high = self.acked_high.max(lsn),
         }
         if self.fenced.is_none() && !self.disk_failed {
             self.evaluate_gate();
@@ -1324,6 +1341,13 @@ impl PrimaryCore {
             .get(id)
             .is_some_and(|s| s.live && s.state != ReplicaState::InSync)
         {
+            if flushed >= self.head {
+                // It holds all this core has seen, yet less than a flush acknowledged
+                // locally (`Input::AckedLocally`) whose appends are still on their way:
+                // asking again now would only spin. A background barrier asks once the
+                // head has moved.
+                return;
+            }
             // Not enough yet: ask again at the current head.
             self.send_barrier(id, self.head);
             return;

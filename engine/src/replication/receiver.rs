@@ -129,6 +129,12 @@ impl ReceiverCore {
         std::mem::take(&mut self.events)
     }
 
+    /// Whether a barrier waits for entries still to come: the entry that completes it
+    /// makes that step fsync.
+    pub fn barriers_pending(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
     /// Set after a storage failure: the replica refuses everything until reopened.
     pub fn failed(&self) -> Option<&str> {
         self.failed.as_deref()

@@ -52,6 +52,20 @@ pub trait BlockBackend: Send + Sync + 'static {
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), BackendError>;
     fn write(&self, offset: u64, data: &[u8]) -> Result<(), BackendError>;
     fn write_fua(&self, offset: u64, data: &[u8]) -> Result<(), BackendError>;
+    /// A `write` that returns at once instead of waiting (for free log space, for
+    /// another node): `None` means it would have had to wait and nothing was written,
+    /// and the caller then uses `write` where blocking is fine. Only called when
+    /// `runs_inline` is true.
+    fn try_write(&self, _offset: u64, _data: &[u8]) -> Option<Result<(), BackendError>> {
+        None
+    }
+    /// Whether `read` and `try_write` may run on an async runtime's worker thread: they
+    /// cost about a memory copy and never block on a runtime (`Handle::block_on` would
+    /// panic there) or wait on another node. The server then runs small requests on
+    /// the connection's task instead of handing them to the blocking pool.
+    fn runs_inline(&self) -> bool {
+        false
+    }
     fn flush(&self) -> Result<(), BackendError>;
     /// Discards a range; later reads may return anything until it is written again.
     fn trim(&self, offset: u64, length: u64) -> Result<(), BackendError>;
@@ -146,6 +160,12 @@ impl BlockBackend for MemBackend {
     }
     fn write_fua(&self, offset: u64, data: &[u8]) -> Result<(), BackendError> {
         self.write(offset, data)
+    }
+    fn try_write(&self, offset: u64, data: &[u8]) -> Option<Result<(), BackendError>> {
+        Some(self.write(offset, data))
+    }
+    fn runs_inline(&self) -> bool {
+        true
     }
     fn flush(&self) -> Result<(), BackendError> {
         Ok(())

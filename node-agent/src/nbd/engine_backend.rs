@@ -49,6 +49,20 @@ impl BlockBackend for Volume {
             .map(drop)
             .map_err(map_err)
     }
+    fn try_write(&self, offset: u64, data: &[u8]) -> Option<Result<(), BackendError>> {
+        let lba = match blocks(self, offset, data.len() as u64) {
+            Ok((lba, _)) => lba,
+            Err(e) => return Some(Err(e)),
+        };
+        match Volume::try_write(self, lba, data) {
+            Ok(Some(_)) => Some(Ok(())),
+            Ok(None) => None,
+            Err(e) => Some(Err(map_err(e))),
+        }
+    }
+    fn runs_inline(&self) -> bool {
+        true
+    }
     fn flush(&self) -> Result<(), BackendError> {
         Volume::flush(self).map(drop).map_err(map_err)
     }

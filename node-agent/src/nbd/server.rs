@@ -1,7 +1,9 @@
 //! Listeners, the fixed newstyle handshake and the transmission loop.
 //!
 //! Per connection, one task reads requests in order, validates them, and hands each to
-//! the blocking pool; a second task writes replies in completion order. The number and
+//! the blocking pool, except small READs and WRITEs that need not wait, which it serves
+//! itself (a page-cache copy costs less than the hand-off to another thread); a second
+//! task writes replies in completion order. The number and
 //! payload bytes of requests in flight are bounded, so a fast client cannot make the
 //! server buffer without limit. A reply is only sent after the backend call returned, so
 //! a FLUSH covers every write already acknowledged on any connection (given a
@@ -51,6 +53,12 @@ pub struct ServerConfig {
     pub max_connections: usize,
     /// Export served to clients that ask for the empty name (`nbd://host:port`).
     pub default_export: Option<String>,
+    /// READs, and WRITEs without FUA, up to this many bytes run on the connection's own
+    /// task instead of the blocking pool: no thread hand-off per request, at the price
+    /// of blocking that task (and its runtime worker) for the copy. A WRITE goes to the
+    /// pool anyway when the backend would have to wait (`BlockBackend::try_write`).
+    /// 0 sends every request to the pool.
+    pub inline_request_max_bytes: u32,
 }
 
 impl Default for ServerConfig {
@@ -66,6 +74,7 @@ impl Default for ServerConfig {
             reply_write_timeout_ms: 30_000,
             max_connections: 256,
             default_export: None,
+            inline_request_max_bytes: 128 << 10,
         }
     }
 }
@@ -610,6 +619,10 @@ where
     let config = &shared.config;
     let backend = export.backend().clone();
     let (min_block, _, max_payload) = block_sizes(config, backend.as_ref());
+    let runs_inline = backend.runs_inline();
+    // `block_in_place` needs a multi-thread runtime.
+    let can_block_in_place = tokio::runtime::Handle::current().runtime_flavor()
+        == tokio::runtime::RuntimeFlavor::MultiThread;
     // Held until this function returns, so `connection_count` covers the drain.
     let mut removed = export.removed();
     let mut shutdown = shared.shutdown.subscribe();
@@ -703,21 +716,22 @@ where
             }
             continue;
         }
-        let backend = backend.clone();
-        let tx = tx.clone();
-        let export = export.clone();
-        // One blocking-pool task per request; it sends its own reply so nothing else
-        // has to be scheduled on the way back.
-        tokio::task::spawn_blocking(move || {
-            let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                execute(backend.as_ref(), &h, payload)
+        let inline = h.length <= config.inline_request_max_bytes && runs_inline;
+        if inline
+            && h.command == proto::CMD_WRITE
+            && h.length > 0
+            && h.flags & proto::CMD_FLAG_FUA == 0
+        {
+            let tried = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                backend.try_write(h.offset, &payload)
             }));
-            let (error, data) = match run {
-                Ok(Ok(data)) => (0, data),
-                Ok(Err(e)) => {
+            let error = match tried {
+                Ok(None) => None,
+                Ok(Some(Ok(()))) => Some(0),
+                Ok(Some(Err(e))) => {
                     warn!(export = export.name(), command = h.command, offset = h.offset,
                           length = h.length, error = %e, "nbd: backend request failed");
-                    (e.nbd_errno(), Vec::new())
+                    Some(e.nbd_errno())
                 }
                 Err(_) => {
                     warn!(
@@ -727,9 +741,64 @@ where
                         length = h.length,
                         "nbd: backend request panicked"
                     );
-                    (proto::EIO, Vec::new())
+                    Some(proto::EIO)
                 }
             };
+            if let Some(error) = error {
+                let reply = Reply {
+                    handle: h.handle,
+                    error,
+                    data: Vec::new(),
+                    _permits: (req_permit, byte_permit),
+                };
+                if tx.send(reply).await.is_err() {
+                    break Ok(());
+                }
+                continue;
+            }
+        }
+        // A FLUSH with nothing else in flight on this connection (a client waiting for
+        // each reply, as at queue depth 1) runs on this task: nothing could overlap it
+        // anyway, and it saves the hand-off to a pool thread and back.
+        // `block_in_place` moves this worker's other tasks to another thread meanwhile.
+        if h.command == proto::CMD_FLUSH
+            && can_block_in_place
+            && requests.available_permits() + 1 == config.max_in_flight_requests
+        {
+            let (error, data) = tokio::task::block_in_place(|| {
+                run_request(backend.as_ref(), export.name(), &h, payload)
+            });
+            let reply = Reply {
+                handle: h.handle,
+                error,
+                data,
+                _permits: (req_permit, byte_permit),
+            };
+            if tx.send(reply).await.is_err() {
+                break Ok(());
+            }
+            continue;
+        }
+        if inline && h.command == proto::CMD_READ {
+            let (error, data) = run_request(backend.as_ref(), export.name(), &h, payload);
+            let reply = Reply {
+                handle: h.handle,
+                error,
+                data,
+                _permits: (req_permit, byte_permit),
+            };
+            if tx.send(reply).await.is_err() {
+                break Ok(());
+            }
+            continue;
+        }
+        let backend = backend.clone();
+        let tx = tx.clone();
+        let export = export.clone();
+        // One blocking-pool task per request; it sends its own reply so nothing else
+        // has to be scheduled on the way back.
+        tokio::task::spawn_blocking(move || {
+            let (error, data) = run_request(backend.as_ref(), export.name(), &h, payload);
             // A closed channel means the writer is gone; the connection is ending.
             let _ = tx.blocking_send(Reply {
                 handle: h.handle,
@@ -746,6 +815,37 @@ where
     match written {
         Ok(r) => r.map_err(ConnError::from),
         Err(e) => Err(ConnError::Io(std::io::Error::other(e))),
+    }
+}
+
+/// Executes a validated request and turns the outcome into (NBD error, READ data). A
+/// panicking backend fails only its request.
+fn run_request(
+    backend: &dyn BlockBackend,
+    export: &str,
+    h: &RequestHeader,
+    payload: Vec<u8>,
+) -> (u32, Vec<u8>) {
+    let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        execute(backend, h, payload)
+    }));
+    match run {
+        Ok(Ok(data)) => (0, data),
+        Ok(Err(e)) => {
+            warn!(export, command = h.command, offset = h.offset,
+                  length = h.length, error = %e, "nbd: backend request failed");
+            (e.nbd_errno(), Vec::new())
+        }
+        Err(_) => {
+            warn!(
+                export,
+                command = h.command,
+                offset = h.offset,
+                length = h.length,
+                "nbd: backend request panicked"
+            );
+            (proto::EIO, Vec::new())
+        }
     }
 }
 
