@@ -25,13 +25,13 @@ impl KernelNbdAttacher {
         if kernel_nbd_available() {
             Error::Unsupported(
                 "the kernel nbd driver is present, but attaching through it (netlink) is not \
-                 implemented in this build; use the nbdfuse + loop attacher"
+                 implemented in this build; use the FUSE + loop attacher"
                     .into(),
             )
         } else {
             Error::Unsupported(
                 "the kernel nbd driver is not loaded (no /sys/module/nbd, no /dev/nbd0); \
-                 use the nbdfuse + loop attacher"
+                 use the FUSE + loop attacher"
                     .into(),
             )
         }
