@@ -321,10 +321,16 @@ async fn filesystem_volume_moves_grows_and_survives_replica_and_primary_loss() {
         )
         .await
         .expect("resize PVC");
-    let grown = kubelet
-        .expand(NS, "data")
-        .await
-        .expect("online node expansion");
+    // Like the kubelet, retry NodeExpandVolume until the operator grew the replicas.
+    let grown = wait_for("online node expansion", WAIT, || async {
+        kubelet
+            .expand(NS, "data")
+            .await
+            .inspect_err(|e| println!("node expansion not done yet: {e}"))
+            .ok()
+    })
+    .await
+    .expect("online node expansion");
     assert_eq!(
         mounted_fs(&m.target_path).as_deref(),
         Some("xfs"),
