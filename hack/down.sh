@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Stops the local blockvol cluster started by hack/up.sh: unmounts and detaches every
 # volume the way the kubelet would (blockvol-local unmount --all), then cleans up any
-# mount, loop device or nbdfuse process still left under its state dir, then stops every recorded
+# mount, loop device or attach proxy still left under its state dir, then stops every recorded
 # process in reverse start order (SIGTERM, then SIGKILL after a bound). Logs are kept in
 # $BLOCKVOL_LOCAL_DIR/logs; everything else under the state dir is removed.
 set -uo pipefail
@@ -16,14 +16,14 @@ UNMOUNT_TIMEOUT_S=180
 
 # The kubelet's part first, while the control plane, the agents and the CSI plugins still
 # run: unpublish, unstage and detach every mounted volume (the agents then tear down
-# their loop devices and nbdfuse processes themselves).
+# their loop devices and attach proxies themselves).
 if [ -x target/debug/blockvol-local ] && [ -f "$STATE/kubeconfig" ] && [ -f "$STATE/ready" ]; then
   timeout "${UNMOUNT_TIMEOUT_S}s" target/debug/blockvol-local unmount --all --state-dir "$STATE" \
     || echo "unmounting through the CSI plugins failed; cleaning up directly"
 fi
 # Whatever is left, in the only safe order: filesystems and bind mounts (deepest first),
 # then loop devices backed by files under the state dir, then the FUSE mounts under them,
-# then the nbdfuse processes serving those.
+# then the attach proxies (or an earlier version's nbdfuse) serving those.
 if command -v findmnt >/dev/null; then
   findmnt -rn -o TARGET,FSTYPE | grep -F "$STATE/" | grep -v ' fuse' | awk '{print $1}' \
     | sort -r | while read -r m; do
@@ -42,8 +42,8 @@ if command -v findmnt >/dev/null; then
     umount "$m" || umount -l "$m"
   done
 fi
-pgrep -a nbdfuse 2>/dev/null | grep -F "$STATE/" | while read -r pid _; do
-  echo "stopping nbdfuse (pid $pid)"
+pgrep -af 'nbdfuse|attach-proxy' 2>/dev/null | grep -F "$STATE/" | while read -r pid _; do
+  echo "stopping attach process (pid $pid)"
   kill "$pid" 2>/dev/null
 done
 

@@ -56,13 +56,13 @@ impl Identity for IdentityService {
         if self.controller {
             capabilities.push(service(ServiceType::ControllerService));
         }
-        // Offline: an attached device (nbdfuse + loop) keeps the size it was attached
-        // with, so a published volume's filesystem only sees a new size after it is
-        // staged again.
+        // Online: the agent grows an attached device in place (its attach proxy grows
+        // the volume file, then the loop device), and NodeExpandVolume grows the
+        // mounted filesystem.
         capabilities.push(PluginCapability {
             r#type: Some(plugin_capability::Type::VolumeExpansion(
                 plugin_capability::VolumeExpansion {
-                    r#type: ExpansionType::Offline as i32,
+                    r#type: ExpansionType::Online as i32,
                 },
             )),
         });

@@ -446,9 +446,9 @@ impl NodeService {
 }
 
 /// Fails unless the block device under a mount already has `wanted` bytes. The agent's
-/// volume grows first; a device attached through nbdfuse and a loop device keeps the
-/// size it was attached with (growing it while attached is not implemented yet), and
-/// growing the filesystem then would be a silent no-op reported as success.
+/// Expand grows the attached device before answering; should the device still be
+/// smaller (an agent that cannot grow it), growing the filesystem would be a silent
+/// no-op reported as success.
 fn check_device_grown(volume_id: &str, device: &Path, wanted: u64) -> Result<()> {
     use std::io::{Seek, SeekFrom};
     let size = std::fs::File::open(device)
@@ -457,8 +457,8 @@ fn check_device_grown(volume_id: &str, device: &Path, wanted: u64) -> Result<()>
     if size < wanted {
         return Err(Error::FailedPrecondition(format!(
             "volume {volume_id:?} has grown to {wanted} bytes but its device {} on this node \
-             still has {size}: an attached device does not grow yet; unpublish and unstage \
-             the volume and stage it again to use the new size",
+             still has {size}: the node agent did not grow the attached device; check its \
+             log, or unpublish and unstage the volume and stage it again to use the new size",
             device.display()
         )));
     }

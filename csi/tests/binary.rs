@@ -93,9 +93,12 @@ async fn node_mode_serves_identity_and_node_and_stops_on_sigterm() {
         "node mode does not claim the controller service"
     );
     assert!(
-        caps.capabilities
-            .iter()
-            .any(|c| matches!(c.r#type, Some(plugin_capability::Type::VolumeExpansion(_))))
+        caps.capabilities.iter().any(|c| matches!(
+            &c.r#type,
+            Some(plugin_capability::Type::VolumeExpansion(e))
+                if e.r#type == plugin_capability::volume_expansion::Type::Online as i32
+        )),
+        "online volume expansion is advertised: {caps:?}"
     );
 
     let node_info = NodeClient::new(channel)

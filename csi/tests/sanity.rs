@@ -103,7 +103,7 @@ async fn csi_sanity_passes_against_mode_all() {
 }
 
 /// The same suite with nothing played by the test: a real `blockvol-agent` process
-/// (engine volumes, its NBD frontend, nbdfuse + loop attach) and a real
+/// (engine volumes, its NBD frontend, FUSE file + loop attach) and a real
 /// `blockvol-operator` process on the control plane; one node, so `replicas: "1"`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn csi_sanity_passes_against_a_real_agent_and_operator() {
@@ -147,19 +147,9 @@ async fn csi_sanity_passes_against_a_real_agent_and_operator() {
 
     let params = dir.path().join("params.yaml");
     std::fs::write(&params, "fsType: xfs\nreplicas: \"1\"\n").unwrap();
-    // Growing a device while it is published needs the attach to learn the new size;
-    // nbdfuse fixes the size at connect, so with nbdfuse + loop (the attach on hosts
-    // without the nbd module) the node plugin refuses NodeExpand of a published volume
-    // whose device did not grow, and the plugin advertises OFFLINE expansion. The
-    // `--mode all` run above covers this spec with a device that can grow.
-    let (passed, log) = sanity_passes(
-        &sanity,
-        dir.path(),
-        &csi_socket,
-        &params,
-        Some("node-expand is called after node-publish"),
-    )
-    .await;
+    // Includes NodeExpand of a published volume: the agent grows the attached device
+    // in place and the node plugin grows the mounted xfs.
+    let (passed, log) = sanity_passes(&sanity, dir.path(), &csi_socket, &params, None).await;
     assert!(passed, "csi-sanity failed; full output:\n{log}");
     let leftover = std::fs::read_to_string("/proc/mounts")
         .unwrap_or_default()

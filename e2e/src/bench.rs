@@ -577,7 +577,7 @@ impl Report {
 /// same disk. Targets: `rf3-ext4`, `local-ext4`.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Ext4Rows {
-    /// How the RF3 device was made (e.g. "Attach: nbdfuse + loop").
+    /// How the RF3 device was made (e.g. "Attach: FUSE + loop").
     pub device: String,
     /// What the local baseline is.
     pub local: String,

@@ -145,7 +145,7 @@ impl Restartable {
     }
 
     /// Sends `signal` to the process only (not its group: a test may want the
-    /// processes it spawned, such as nbdfuse, to outlive it) and reaps it.
+    /// processes it spawned, such as attach proxies, to outlive it) and reaps it.
     fn signal_and_reap(&mut self, signal: libc::c_int) {
         if let Some(mut c) = self.child.take() {
             // SAFETY: kill(2) on the pid of a child we have not reaped yet; no memory is
@@ -775,8 +775,8 @@ impl TestCluster {
     /// Releases what a failed test may have left on the host under the cluster's
     /// directory, in the only safe order: filesystems and bind mounts (deepest first),
     /// loop devices backed by files there (while their FUSE mount still shows the
-    /// path), the FUSE mounts, and the nbdfuse processes serving them. Runs before
-    /// the processes stop.
+    /// path), the FUSE mounts, and the attach proxies (or an earlier version's nbdfuse)
+    /// serving them. Runs before the processes stop.
     fn release_host_resources(&self) {
         let root = self.root.path().display().to_string();
         let mounts: Vec<(String, String)> = std::fs::read_to_string("/proc/self/mountinfo")
@@ -812,8 +812,10 @@ impl TestCluster {
             };
             let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
             let cmdline = String::from_utf8_lossy(&cmdline);
-            if cmdline.starts_with("nbdfuse") && cmdline.contains(&root) {
-                tracing::warn!(pid, "stopping a leftover nbdfuse");
+            let server = cmdline.starts_with("nbdfuse")
+                || cmdline.split('\0').nth(1) == Some("attach-proxy");
+            if server && cmdline.contains(&root) {
+                tracing::warn!(pid, "stopping a leftover attach proxy or nbdfuse");
                 // SAFETY: kill(2) on a pid read from /proc; no memory is touched.
                 unsafe {
                     libc::kill(pid, libc::SIGKILL);

@@ -1,4 +1,4 @@
-//! Block devices an agent attached (nbdfuse + loop, optionally behind the attach proxy)
+//! Block devices an agent attached (the attach proxy's FUSE file + a loop device)
 //! as scenario tests see them: make a filesystem, mount, find what an attachment left
 //! behind, and a guard that tears everything down when a test fails half-way. The
 //! guard works from `/proc` and `/sys` only, never through the agent, so a broken agent
@@ -26,7 +26,7 @@ pub fn run(program: &str, args: &[&str]) -> Result<String> {
 }
 
 /// Where the FUSE + loop attacher of an agent with data directory `data_dir` keeps
-/// `volume`'s state (mount point, logs, proxy socket).
+/// `volume`'s state (mount point, logs, proxy control socket).
 pub fn attach_dir(data_dir: &Path, volume: &str) -> PathBuf {
     data_dir.join("attach").join(volume)
 }

@@ -1,5 +1,5 @@
-//! Real block devices from real agent processes (nbdfuse + loop behind the attach
-//! proxy) on RF3 volumes: an ext4 filesystem survives detach and re-attach; an attached
+//! Real block devices from real agent processes (the attach proxy's FUSE file + loop
+//! device) on RF3 volumes: an ext4 filesystem survives detach and re-attach; an attached
 //! and mounted device survives its primary agent's restart (SIGTERM and SIGKILL) with
 //! IO pausing and resuming and nothing lost; a detach by the restarted agent leaves
 //! nothing behind; deleting the volume removes every replica's files.

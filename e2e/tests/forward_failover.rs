@@ -1,5 +1,5 @@
 //! A mounted filesystem on a forwarded device survives the loss of the primary: an RF 2
-//! volume on node-1 and node-2 is attached through the agent's gRPC Attach (nbdfuse +
+//! volume on node-1 and node-2 is attached through the agent's gRPC Attach (FUSE file +
 //! loop) on node-3, which has no replica, and later on the node of a non-primary
 //! replica. The primary's agent is SIGKILLed, the operator promotes the other member,
 //! and IO through the same mounted device resumes; every file written and synced before

@@ -5,7 +5,7 @@
 //! (FUSE + loop devices made by the agents) and read back after the volume moved, grew,
 //! lost a replica's node and failed over.
 //!
-//! Needs root (mount, loop devices), nbdfuse and the pinned tools (`hack/tools/build.sh`).
+//! Needs root (mount, loop devices, FUSE) and the pinned tools (`hack/tools/build.sh`).
 //! The scenarios run one at a time: each starts a whole cluster.
 
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -310,9 +310,8 @@ async fn filesystem_volume_moves_grows_and_survives_replica_and_primary_loss() {
         Some(second.as_str())
     );
 
-    // Grown: csi-resizer grows the volume; the filesystem grows at the next stage.
-    // (Online growth is refused: an attached nbdfuse + loop device keeps its size, so
-    // the node plugin reports FAILED_PRECONDITION instead of a no-op success.)
+    // Grown while mounted: csi-resizer grows the volume, NodeExpandVolume grows the
+    // attached device and the mounted xfs; nothing is unmounted.
     let before = fs_bytes(&m.target_path);
     Api::<PersistentVolumeClaim>::namespaced(client.clone(), NS)
         .patch(
@@ -322,17 +321,21 @@ async fn filesystem_volume_moves_grows_and_survives_replica_and_primary_loss() {
         )
         .await
         .expect("resize PVC");
-    let online = kubelet.expand(NS, "data").await;
-    println!("online expansion: {online:?}");
-    kubelet
-        .unmount(NS, "data")
-        .await
-        .expect("unmount for expansion");
-    let m = kubelet
-        .mount(NS, "data", None)
-        .await
-        .expect("mount after resize");
-    let grown = kubelet.expand(NS, "data").await.expect("node expansion");
+    // Like the kubelet, retry NodeExpandVolume until the operator grew the replicas.
+    let grown = wait_for("online node expansion", WAIT, || async {
+        kubelet
+            .expand(NS, "data")
+            .await
+            .inspect_err(|e| println!("node expansion not done yet: {e}"))
+            .ok()
+    })
+    .await
+    .expect("online node expansion");
+    assert_eq!(
+        mounted_fs(&m.target_path).as_deref(),
+        Some("xfs"),
+        "still mounted"
+    );
     assert!(grown >= 448 * MIB, "device grew to {grown} bytes");
     let after = fs_bytes(&m.target_path);
     println!("filesystem grew from {before} to {after} bytes");

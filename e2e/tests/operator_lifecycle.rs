@@ -642,8 +642,8 @@ async fn leader_handover_then_failover_time_measurement() {
 }
 
 /// Frees what an attach made if the test stops before its Detach: the loop device and
-/// FUSE mounts under the agent's directory (the agent's process group, nbdfuse
-/// included, is killed by the cluster's drop).
+/// FUSE mounts under the agent's directory (the cluster's drop stops leftover attach
+/// proxies).
 struct AttachCleanup {
     device: String,
     under: std::path::PathBuf,
@@ -689,14 +689,11 @@ fn device_bytes(device: &str) -> u64 {
         .expect("a byte count")
 }
 
-/// Growing `spec.size` while the volume is attached (the agent's gRPC Attach: nbdfuse +
-/// loop): every replica grows, the export serves the new size to new connections, the
-/// agent's Expand answers with it, and the data is intact. The attached device is then
-/// detached and nothing (loop device, FUSE mount) is left behind.
-///
-/// Not done: the loop device keeps its attach-time size (nbdfuse learns the size at
-/// connect and FUSE+loop have no resize path), so the device's size is printed, not
-/// asserted; online device growth needs a re-attach today.
+/// Growing `spec.size` while the volume is attached (the agent's gRPC Attach: FUSE file
+/// + loop): every replica grows, the export serves the new size to new connections, the
+/// agent's Expand grows the attached device in place and answers with its size, and the
+/// data is intact. The attached device is then detached and nothing (loop device, FUSE
+/// mount) is left behind.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn expansion_while_attached_grows_every_replica_and_the_export() {
     let c = cluster(3, |_| {}).await;
@@ -747,9 +744,10 @@ async fn expansion_while_attached_grows_every_replica_and_the_export() {
         got[VOLUME_BYTES..].iter().all(|&b| b == 0),
         "the new space reads zero"
     );
-    println!(
-        "attached device {device}: {} bytes after growing the volume to {grown} (export: {grown})",
-        device_bytes(&device)
+    assert_eq!(
+        device_bytes(&device),
+        grown,
+        "the attached device grew without a re-attach"
     );
 
     grpc.detach(vol).await.expect("Detach");

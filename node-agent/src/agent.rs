@@ -95,12 +95,13 @@ pub struct Settings {
     /// FLUSH, so the WAL it holds is freed, in milliseconds.
     #[arg(long, default_value_t = engine::replication::PrimaryConfig::default().background_barrier_interval_ms)]
     pub background_barrier_interval_ms: u64,
-    /// Put an attach proxy (this binary's `attach-proxy` subcommand) between each
-    /// attached device and the NBD socket, so devices survive agent restarts.
+    /// Let attached devices wait for a restarted agent: each device's attach proxy (this
+    /// binary's `attach-proxy` subcommand, which serves it) re-dials the NBD socket for
+    /// up to 60 s. With false, their I/O fails as soon as the agent is gone.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub attach_proxy: bool,
     /// How volumes become block devices: `kernel` (the nbd driver over netlink), `fuse-loop`
-    /// (nbdfuse + loop), or `auto` (the kernel driver where it answers, else fuse-loop).
+    /// (FUSE + loop), or `auto` (the kernel driver where it answers, else fuse-loop).
     #[arg(long, value_enum, default_value_t = crate::attach::AttachMode::Auto)]
     pub attacher: crate::attach::AttachMode,
     /// Bound of the acknowledged-but-unflushed writes a forwarding export keeps for
@@ -460,15 +461,14 @@ impl Agent {
             tasks.push(tokio::spawn(metrics::serve(l, metrics)));
         }
 
-        let proxy = if settings.attach_proxy {
-            Some(ProxyCommand::current_exe().map_err(|source| Error::Io {
-                what: "locating the agent binary for the attach proxy",
-                path: PathBuf::from("/proc/self/exe"),
-                source,
-            })?)
-        } else {
-            None
-        };
+        let mut proxy = ProxyCommand::current_exe().map_err(|source| Error::Io {
+            what: "locating the agent binary for the attach proxy",
+            path: PathBuf::from("/proc/self/exe"),
+            source,
+        })?;
+        if !settings.attach_proxy {
+            proxy.args.push("--reconnect-timeout-ms=0".into());
+        }
         let opened = crate::attach::open_attacher(settings.attacher, &data_dir, proxy)?;
         let attacher: Arc<dyn Attacher> = opened.attacher;
         let local = {

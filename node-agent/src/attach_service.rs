@@ -1,7 +1,8 @@
 //! The agent's local gRPC service for the CSI node plugin (`blockvol.agent.v1.NodeAgent`,
 //! defined in csi/proto/agent.proto): Attach turns the volume's NBD export on this node
-//! into a kernel block device through an [`Attacher`]; every call is idempotent and
-//! errors carry the gRPC codes the proto documents.
+//! into a kernel block device through an [`Attacher`]; Expand grows an attached device
+//! to the volume's new size while it stays in use. Every call is idempotent and errors
+//! carry the gRPC codes the proto documents.
 //!
 //! With forwarding on (the agent's setup), every device is attached through a
 //! forwarding export, also when the primary serves on this node (it then runs requests
@@ -235,6 +236,30 @@ impl AttachService {
     }
 }
 
+impl AttachService {
+    /// Grows the attached device of `volume` (if it has one here) to the export's
+    /// `size`, in use: returns the device's size as the kernel reports it, or `size`
+    /// when nothing is attached.
+    async fn grow_device(&self, volume: &str, size: u64) -> Result<u64, Status> {
+        let list = self.blocking(|a| a.list()).await?;
+        if !list
+            .iter()
+            .any(|a| a.volume == volume && a.device.is_some())
+        {
+            return Ok(size);
+        }
+        let v = volume.to_string();
+        let device_size = self.blocking(move |a| a.resize(&v)).await?;
+        if device_size < size {
+            return Err(Status::internal(format!(
+                "volume {volume}: its device has {device_size} bytes after growing, the volume {size}"
+            )));
+        }
+        tracing::info!(volume, size_bytes = device_size, "attached device grown");
+        Ok(device_size)
+    }
+}
+
 fn status_of(e: attach::Error) -> Status {
     match &e {
         attach::Error::InvalidVolumeName { .. } => Status::invalid_argument(e.to_string()),
@@ -243,6 +268,12 @@ fn status_of(e: attach::Error) -> Status {
         }
         attach::Error::Unsupported(_) => Status::failed_precondition(e.to_string()),
         attach::Error::Timeout { .. } => Status::unavailable(e.to_string()),
+        attach::Error::NotAttached { .. } => Status::failed_precondition(e.to_string()),
+        // The export did not answer the handshake (agent restarting, volume not yet
+        // served): worth a retry, like a timeout.
+        attach::Error::Resize { .. } | attach::Error::Handshake { .. } => {
+            Status::unavailable(e.to_string())
+        }
         _ => Status::internal(e.to_string()),
     }
 }
@@ -358,6 +389,7 @@ impl NodeAgent for AttachService {
                     req.volume_id, req.size_bytes
                 )));
             }
+            let size = self.grow_device(&req.volume_id, size).await?;
             return Ok(Response::new(ExpandResponse { size_bytes: size }));
         }
         let export = self.exports.get(&req.volume_id).ok_or_else(|| {
@@ -373,6 +405,7 @@ impl NodeAgent for AttachService {
                 req.volume_id, req.size_bytes
             )));
         }
+        let size = self.grow_device(&req.volume_id, size).await?;
         Ok(Response::new(ExpandResponse { size_bytes: size }))
     }
 }

@@ -1,7 +1,7 @@
 //! The kernel NBD attacher, as far as a host without the nbd module can check it: the
 //! netlink constants against the installed uapi headers, a real generic netlink round
 //! trip to this kernel, the userspace handshake against the agent's NBD server (and the
-//! sockets it would hand to the kernel), and the fallback to nbdfuse + loop.
+//! sockets it would hand to the kernel), and the fallback to FUSE + loop.
 
 mod common;
 
@@ -15,7 +15,7 @@ use node_agent::attach::genl::{self, GenlError, GenlSocket};
 use node_agent::attach::kernel::{self, KernelNbdAttacher, KernelNbdConfig};
 use node_agent::attach::nbd_genl::{self, NbdNetlink};
 use node_agent::attach::select::{self, AttachMode, Choice};
-use node_agent::attach::{Attacher, Error};
+use node_agent::attach::{Attacher, Error, ProxyCommand};
 use node_agent::nbd::proto::{CMD_READ, CMD_WRITE, RequestHeader, SIMPLE_REPLY_MAGIC};
 use node_agent::nbd::{BackendError, BlockBackend, MemBackend};
 
@@ -219,7 +219,7 @@ fn attach_without_the_driver_fails_with_the_reason_and_leaves_no_record() {
     );
     assert!(err.to_string().contains("\"nbd\""), "{err}");
     assert!(a.list().expect("list").is_empty());
-    let err = a.resize("vol-k", 16 << 20).expect_err("not attached");
+    let err = a.resize_to("vol-k", 16 << 20).expect_err("not attached");
     assert!(matches!(err, Error::NotAttached { .. }), "{err:?}");
 }
 
@@ -353,15 +353,20 @@ fn the_agent_falls_back_to_fuse_loop_where_the_driver_is_missing() {
         return; // on such hosts auto picks the kernel; covered by select's unit tests
     }
     let data = tempfile::tempdir().expect("tempdir");
-    let opened = select::open_attacher(AttachMode::Auto, data.path(), None).expect("auto");
+    // Opening an attacher starts no proxy; only an attach would.
+    let proxy = || ProxyCommand {
+        program: "/bin/false".into(),
+        args: Vec::new(),
+    };
+    let opened = select::open_attacher(AttachMode::Auto, data.path(), proxy()).expect("auto");
     assert_eq!(opened.choice, Choice::FuseLoop);
     assert!(opened.kernel.is_none());
     assert!(data.path().join("attach").is_dir(), "fuse-loop state dir");
 
-    let opened = select::open_attacher(AttachMode::FuseLoop, data.path(), None).expect("forced");
+    let opened = select::open_attacher(AttachMode::FuseLoop, data.path(), proxy()).expect("forced");
     assert_eq!(opened.choice, Choice::FuseLoop);
 
-    let err = select::open_attacher(AttachMode::Kernel, data.path(), None)
+    let err = select::open_attacher(AttachMode::Kernel, data.path(), proxy())
         .err()
         .expect("kernel forced without the driver");
     let text = err.to_string();
@@ -603,12 +608,12 @@ fn a_restarted_agent_reconnects_its_devices_and_follows_a_grown_export() {
     assert_eq!(fake.driver().devices[&0].size_bytes, 32 << 20);
     io_through_device(&fake, 0, 0, &backend, 7);
 
-    a.resize("vol-r", 48 << 20).expect("resize");
+    a.resize_to("vol-r", 48 << 20).expect("resize");
     assert_eq!(
         fake.calls().last().map(String::as_str),
         Some("reconfigure 0 size=Some(50331648) sockets=0")
     );
-    let err = a.resize("vol-x", 1 << 20).expect_err("unknown volume");
+    let err = a.resize_to("vol-x", 1 << 20).expect_err("unknown volume");
     assert!(matches!(err, Error::NotAttached { .. }), "{err:?}");
 }
 

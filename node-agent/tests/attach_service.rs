@@ -1,7 +1,9 @@
 //! The attach gRPC service (csi/proto/agent.proto) over its unix socket, with a real
 //! engine primary exported over NBD and the FUSE + loop attacher: Attach gives a block
 //! device whose writes land in the volume, calls are idempotent, and the documented
-//! error codes come back. Needs root, FUSE, loop devices and nbdfuse (present in CI).
+//! error codes come back. Needs root, FUSE and loop devices (present in CI).
+
+mod common;
 
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -12,9 +14,9 @@ use api::{Durability, ReplicaRole};
 use csi::agent::unix_channel;
 use csi::agent_proto::node_agent_client::NodeAgentClient;
 use csi::agent_proto::node_agent_server::NodeAgentServer;
-use csi::agent_proto::{AttachRequest, DetachRequest, StatsRequest};
+use csi::agent_proto::{AttachRequest, DetachRequest, ExpandRequest, StatsRequest};
 use engine::replication::{NetConfig, ReceiverServer, Transport};
-use node_agent::attach::{Attacher, FuseLoopAttacher, FuseLoopConfig};
+use node_agent::attach::{Attacher, FuseLoopAttacher};
 use node_agent::attach_service::AttachService;
 use node_agent::k8s::{Assignment, ReplicaRuntime};
 use node_agent::nbd::{ExportRegistry, NbdServer, ServerConfig};
@@ -30,7 +32,7 @@ struct Cleanup {
 
 impl Drop for Cleanup {
     fn drop(&mut self) {
-        if let Ok(a) = FuseLoopAttacher::new(FuseLoopConfig::new(&self.state_dir))
+        if let Ok(a) = FuseLoopAttacher::new(common::attach_config(&self.state_dir))
             && let Ok(list) = a.list()
         {
             for x in list {
@@ -97,7 +99,7 @@ async fn attach_gives_a_block_device_whose_writes_reach_the_volume() {
         state_dir: state_dir.clone(),
     };
     let attacher: Arc<dyn Attacher> =
-        Arc::new(FuseLoopAttacher::new(FuseLoopConfig::new(&state_dir)).unwrap());
+        Arc::new(FuseLoopAttacher::new(common::attach_config(&state_dir)).unwrap());
     let r = runtime.clone();
     let service = AttachService::new(
         exports.clone(),
@@ -189,6 +191,54 @@ async fn attach_gives_a_block_device_whose_writes_reach_the_volume() {
         .into_inner();
     assert!(st.attached && st.healthy, "{st:?}");
     assert_eq!(st.device_path, att.device_path);
+
+    // Expand before the volume grew names the sizes; after, the attached device grows
+    // in place and keeps its data.
+    let err = client
+        .expand(ExpandRequest {
+            volume_id: "vol".into(),
+            size_bytes: 32 << 20,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err}");
+    let grown_assignment = Assignment {
+        size_bytes: 32 << 20,
+        ..assignment(dir.path())
+    };
+    runtime
+        .open(&grown_assignment)
+        .await
+        .expect("grow the volume");
+    let grown = client
+        .expand(ExpandRequest {
+            volume_id: "vol".into(),
+            size_bytes: 32 << 20,
+        })
+        .await
+        .expect("expand")
+        .into_inner();
+    assert_eq!(grown.size_bytes, 32 << 20);
+    let device = att.device_path.clone();
+    let (size, kept) = tokio::task::spawn_blocking(move || {
+        use std::io::{Seek, SeekFrom};
+        let mut f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&device)
+            .expect("open device");
+        let size = f.seek(SeekFrom::End(0)).expect("device size");
+        f.write_all_at(&[0x6bu8; 4096], 30 << 20)
+            .expect("write in the grown range");
+        f.sync_all().expect("fsync");
+        let mut kept = vec![0u8; 8192];
+        f.read_exact_at(&mut kept, 1 << 20).expect("read");
+        (size, kept)
+    })
+    .await
+    .unwrap();
+    assert_eq!(size, 32 << 20, "the device shows the new size");
+    assert!(kept.iter().all(|b| *b == 0x5a), "data before growing kept");
 
     client
         .detach(DetachRequest {

@@ -1,12 +1,15 @@
-//! Attach without the kernel NBD driver: `nbdfuse` exposes the export as a file on a
-//! FUSE mount, and a loop device (direct I/O, so no second page cache) turns that file
-//! into a block device. Per volume, `STATE_DIR/<volume>/` holds the mount point, the
-//! nbdfuse log and `state.json` (socket, nbdfuse PID, loop device); teardown runs in
-//! the only safe order: loop device → FUSE mount → nbdfuse process → attach proxy.
+//! Attach through a FUSE file and a loop device: the attach proxy (this binary's
+//! `attach-proxy` subcommand, see [`super::proxy`]) serves the volume as the file
+//! `mnt/disk` on its own FUSE mount, and a loop device (direct I/O, so no second page
+//! cache) turns that file into a block device. Per volume, `STATE_DIR/<volume>/` holds
+//! the mount point, the proxy's control socket and log, and `state.json` (socket, proxy
+//! PID, loop device); teardown runs in the only safe order: loop device → FUSE mount →
+//! proxy process. The proxy re-dials the agent when it restarts, so a device outlives
+//! an agent restart, and grows its file on request, so a device grows while mounted
+//! ([`FuseLoopAttacher::resize`](super::Attacher::resize)).
 //!
-//! With a proxy command configured, nbdfuse does not dial the agent's socket itself but
-//! an attach proxy (`proxy.sock` in the volume's directory) that re-dials the agent
-//! when it restarts (see [`super::proxy`]), so a device outlives an agent restart.
+//! Attachments made by earlier versions (an `nbdfuse` process serving `mnt/nbd`) are
+//! still found and torn down.
 
 use std::collections::HashMap;
 use std::fs;
@@ -26,27 +29,23 @@ use super::{Attacher, Attachment, Error, Result, validate_volume_name};
 pub struct FuseLoopConfig {
     /// Directory for per-volume state and mount points; must survive agent restarts.
     pub state_dir: PathBuf,
-    pub nbdfuse_program: String,
     pub losetup_program: String,
     pub fusermount_program: String,
     /// Logical sector size of the loop device; must be a multiple of the export's
     /// minimum block size so the kernel never sends a request the server rejects.
     pub sector_size_bytes: u32,
-    /// NBD connections nbdfuse opens (multi-conn).
-    pub nbdfuse_connections: u32,
-    /// Time nbdfuse has to connect and mount.
+    /// Time the attach proxy has to reach the agent and mount.
     pub ready_timeout_ms: u64,
-    /// Time nbdfuse has to exit after SIGTERM before it gets SIGKILL.
+    /// Time the attach proxy has to exit after SIGTERM before it gets SIGKILL.
     pub stop_timeout_ms: u64,
     /// Time the kernel has to release a loop device after `losetup -d`.
     pub loop_release_timeout_ms: u64,
-    /// How to start the attach proxy; `None` connects nbdfuse to the agent directly
-    /// (the device then dies with the agent process).
-    pub proxy: Option<ProxyCommand>,
+    /// How to start the attach proxy, which serves the volume file.
+    pub proxy: ProxyCommand,
 }
 
 /// The program and leading arguments that start an attach proxy; the attacher appends
-/// `--listen`, `--upstream` and `--export`.
+/// `--mount`, `--control`, `--upstream` and `--export`.
 #[derive(Debug, Clone)]
 pub struct ProxyCommand {
     pub program: PathBuf,
@@ -64,18 +63,16 @@ impl ProxyCommand {
 }
 
 impl FuseLoopConfig {
-    pub fn new(state_dir: impl Into<PathBuf>) -> Self {
+    pub fn new(state_dir: impl Into<PathBuf>, proxy: ProxyCommand) -> Self {
         Self {
             state_dir: state_dir.into(),
-            nbdfuse_program: "nbdfuse".into(),
             losetup_program: "losetup".into(),
             fusermount_program: "fusermount3".into(),
             sector_size_bytes: 4096,
-            nbdfuse_connections: 4,
             ready_timeout_ms: 10_000,
             stop_timeout_ms: 5_000,
             loop_release_timeout_ms: 5_000,
-            proxy: None,
+            proxy,
         }
     }
 }
@@ -84,6 +81,8 @@ impl FuseLoopConfig {
 struct State {
     volume: String,
     socket: PathBuf,
+    /// Only in state files of earlier versions, which served the file with nbdfuse.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     nbdfuse_pid: Option<u32>,
     loop_device: Option<PathBuf>,
     /// Absent in state files written before the proxy existed.
@@ -95,8 +94,6 @@ struct State {
 pub struct FuseLoopAttacher {
     config: FuseLoopConfig,
     ops: Mutex<()>,
-    /// nbdfuse processes started by this instance, kept so they can be reaped.
-    children: Mutex<HashMap<String, Child>>,
     /// Attach proxies started by this instance, kept so they can be reaped.
     proxies: Mutex<HashMap<String, Child>>,
 }
@@ -110,7 +107,6 @@ impl FuseLoopAttacher {
         Ok(Self {
             config,
             ops: Mutex::new(()),
-            children: Mutex::new(HashMap::new()),
             proxies: Mutex::new(HashMap::new()),
         })
     }
@@ -122,13 +118,17 @@ impl FuseLoopAttacher {
         self.volume_dir(volume).join("mnt")
     }
     fn image_file(&self, volume: &str) -> PathBuf {
+        self.mount_dir(volume).join(super::fuse_export::DISK_FILE)
+    }
+    /// The file nbdfuse served in earlier versions.
+    fn legacy_image_file(&self, volume: &str) -> PathBuf {
         self.mount_dir(volume).join("nbd")
     }
     fn state_file(&self, volume: &str) -> PathBuf {
         self.volume_dir(volume).join("state.json")
     }
-    fn proxy_socket(&self, volume: &str) -> PathBuf {
-        super::proxy::socket_in(&self.volume_dir(volume))
+    fn control_socket(&self, volume: &str) -> PathBuf {
+        super::proxy::control_socket_in(&self.volume_dir(volume))
     }
 
     fn read_state(&self, volume: &str) -> Result<Option<State>> {
@@ -171,42 +171,44 @@ impl FuseLoopAttacher {
         sys::process_matches(pid, &["nbdfuse", &mnt.to_string_lossy()])
     }
 
+    /// Matches the proxy by the mount point it serves, which identifies it whichever
+    /// version started it.
     fn proxy_alive(&self, volume: &str, pid: u32) -> bool {
-        let sock = self.proxy_socket(volume);
-        sys::process_matches(pid, &["attach-proxy", &sock.to_string_lossy()])
+        let mnt = self.mount_dir(volume);
+        sys::process_matches(pid, &["attach-proxy", &mnt.to_string_lossy()])
+            || sys::process_matches(pid, &["attach-proxy", &self.legacy_proxy_socket(volume)])
+    }
+    /// The socket an earlier version's proxy listened on for nbdfuse.
+    fn legacy_proxy_socket(&self, volume: &str) -> String {
+        self.volume_dir(volume)
+            .join("proxy.sock")
+            .to_string_lossy()
+            .into_owned()
     }
 
     /// Whether the recorded attachment is complete and still in place.
     fn healthy_device(&self, state: &State) -> Option<PathBuf> {
         let dev = state.loop_device.clone()?;
-        let pid = state.nbdfuse_pid?;
-        let proxy_ok = match (&self.config.proxy, state.proxy_pid) {
-            (None, _) => true,
-            (Some(_), Some(p)) => self.proxy_alive(&state.volume, p),
-            (Some(_), None) => false,
-        };
-        let ok = proxy_ok
-            && self.nbdfuse_alive(&state.volume, pid)
+        let pid = state.proxy_pid?;
+        let ok = state.nbdfuse_pid.is_none()
+            && self.proxy_alive(&state.volume, pid)
             && sys::is_mount_point(&self.mount_dir(&state.volume))
             && sys::loop_devices_backed_by(&self.image_file(&state.volume)).contains(&dev);
         ok.then_some(dev)
     }
 
-    /// Starts the attach proxy for `volume` in front of `socket` and waits until it
-    /// listens; returns its PID and socket.
-    fn start_proxy(
-        &self,
-        cmd: &ProxyCommand,
-        volume: &str,
-        socket: &Path,
-    ) -> Result<(u32, PathBuf)> {
+    /// Starts the attach proxy serving `volume` from the agent's `socket` and waits
+    /// until its volume file and control socket are up; returns its PID.
+    fn start_proxy(&self, volume: &str, socket: &Path) -> Result<u32> {
+        let cmd = &self.config.proxy;
         let dir = self.volume_dir(volume);
-        fs::create_dir_all(&dir).map_err(|source| Error::Io {
-            path: dir.clone(),
+        let mnt = self.mount_dir(volume);
+        fs::create_dir_all(&mnt).map_err(|source| Error::Io {
+            path: mnt.clone(),
             source,
         })?;
-        let listen = self.proxy_socket(volume);
-        let _ = fs::remove_file(&listen);
+        let control = self.control_socket(volume);
+        let _ = fs::remove_file(&control);
         let log_path = dir.join("proxy.log");
         let io = |source| Error::Io {
             path: log_path.clone(),
@@ -216,13 +218,15 @@ impl FuseLoopAttacher {
         let log2 = log.try_clone().map_err(io)?;
         let mut c = Command::new(&cmd.program);
         c.args(&cmd.args)
-            .arg(format!("--listen={}", listen.display()))
+            .arg(format!("--mount={}", mnt.display()))
+            .arg(format!("--control={}", control.display()))
             .arg(format!("--upstream={}", socket.display()))
             .arg(format!("--export={volume}"))
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log2);
-        // Its own process group, like nbdfuse: it must outlive the agent.
+        // Its own process group: signals aimed at the agent's group (Ctrl-C, a
+        // supervisor stopping the agent) must not take attached devices down.
         std::os::unix::process::CommandExt::process_group(&mut c, 0);
         let program = cmd.program.display().to_string();
         let child = c.spawn().map_err(|source| Error::Spawn {
@@ -230,6 +234,7 @@ impl FuseLoopAttacher {
             source,
         })?;
         let pid = child.id();
+        // Recorded before waiting, so a crash from here on still leaves a trail to clean.
         self.write_state(&State {
             volume: volume.into(),
             socket: socket.into(),
@@ -237,26 +242,28 @@ impl FuseLoopAttacher {
             loop_device: None,
             proxy_pid: Some(pid),
         })?;
+        let image = self.image_file(volume);
         self.await_ready(
             child,
-            &self.proxies,
             volume,
             &log_path,
             || format!("{program} {}", cmd.args.join(" ")),
-            || format!("attach proxy listening on {}", listen.display()),
-            || std::os::unix::net::UnixStream::connect(&listen).is_ok(),
+            || format!("attach proxy serving {}", image.display()),
+            || {
+                sys::is_mount_point(&mnt)
+                    && image.exists()
+                    && std::os::unix::net::UnixStream::connect(&control).is_ok()
+            },
         )?;
-        Ok((pid, listen))
+        Ok(pid)
     }
 
-    /// Waits until a helper process we spawned (nbdfuse, the attach proxy) is `ready`,
-    /// failing with its log if it exits first or with a timeout. Unless it exited, the
-    /// child is kept in `children` under `volume` either way, so a detach stops it.
-    #[allow(clippy::too_many_arguments)]
+    /// Waits until the attach proxy we spawned is `ready`, failing with its log if it
+    /// exits first or with a timeout. Unless it exited, the child is kept under
+    /// `volume` either way, so a detach stops it.
     fn await_ready(
         &self,
         mut child: Child,
-        children: &Mutex<HashMap<String, Child>>,
         volume: &str,
         log_path: &Path,
         command: impl FnOnce() -> String,
@@ -284,7 +291,7 @@ impl FuseLoopAttacher {
                 stderr: log_text(),
             });
         }
-        children
+        self.proxies
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(volume.into(), child);
@@ -304,7 +311,7 @@ impl FuseLoopAttacher {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(volume);
-        let sock = self.proxy_socket(volume);
+        let mnt = self.mount_dir(volume);
         let pid = match child {
             Some(mut child) => {
                 sys::signal(child.id(), libc::SIGTERM);
@@ -324,7 +331,10 @@ impl FuseLoopAttacher {
             // Started by an earlier agent: signal it only if it is still that proxy.
             None => pid
                 .filter(|&p| self.proxy_alive(volume, p))
-                .or_else(|| sys::find_process(&["attach-proxy", &sock.to_string_lossy()])),
+                .or_else(|| sys::find_process(&["attach-proxy", &mnt.to_string_lossy()]))
+                .or_else(|| {
+                    sys::find_process(&["attach-proxy", &self.legacy_proxy_socket(volume)])
+                }),
         };
         let Some(pid) = pid else { return };
         sys::signal(pid, libc::SIGTERM);
@@ -339,123 +349,40 @@ impl FuseLoopAttacher {
         }
     }
 
-    /// Starts nbdfuse on the export `volume` served at `dial` (the agent's socket or
-    /// the proxy's); the state file records `socket`, the agent's.
-    fn start_nbdfuse(
-        &self,
-        volume: &str,
-        socket: &Path,
-        dial: &Path,
-        proxy_pid: Option<u32>,
-    ) -> Result<u32> {
-        let dir = self.volume_dir(volume);
-        let mnt = self.mount_dir(volume);
-        let pidfile = dir.join("nbdfuse.pid");
-        let _ = fs::remove_file(&pidfile);
-        fs::create_dir_all(&mnt).map_err(|source| Error::Io {
-            path: mnt.clone(),
-            source,
-        })?;
-        let log_path = dir.join("nbdfuse.log");
-        let log = fs::File::create(&log_path).map_err(|source| Error::Io {
-            path: log_path.clone(),
-            source,
-        })?;
-        let log2 = log.try_clone().map_err(|source| Error::Io {
-            path: log_path.clone(),
-            source,
-        })?;
-        let uri = nbd_unix_uri(volume, dial);
-        let mut cmd = Command::new(&self.config.nbdfuse_program);
-        cmd.arg("-C")
-            .arg(self.config.nbdfuse_connections.to_string())
-            .arg("-P")
-            .arg(&pidfile)
-            .arg(&mnt)
-            .arg(&uri)
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log2);
-        // Its own process group: signals aimed at the agent's group (Ctrl-C, a
-        // supervisor stopping the agent) must not take attached devices down.
-        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
-        let child = cmd.spawn().map_err(|source| Error::Spawn {
-            program: self.config.nbdfuse_program.clone(),
-            source,
-        })?;
-        let pid = child.id();
-        // Recorded before waiting, so a crash from here on still leaves a trail to clean.
-        self.write_state(&State {
-            volume: volume.into(),
-            socket: socket.into(),
-            nbdfuse_pid: Some(pid),
-            loop_device: None,
-            proxy_pid,
-        })?;
-        self.await_ready(
-            child,
-            &self.children,
-            volume,
-            &log_path,
-            || format!("{} {} {}", self.config.nbdfuse_program, mnt.display(), uri),
-            || format!("nbdfuse mounting {}", mnt.display()),
-            || pidfile.exists() && self.image_file(volume).exists(),
-        )?;
-        Ok(pid)
-    }
-
+    /// Stops an nbdfuse an earlier version started for `volume`, if it still runs.
     fn stop_nbdfuse(&self, volume: &str, pid: Option<u32>) {
-        let child = self
-            .children
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(volume);
-        match child {
-            Some(mut child) => {
-                // Ours: signal, wait (reaping it), escalate.
-                sys::signal(child.id(), libc::SIGTERM);
-                let gone = sys::wait_until(self.config.stop_timeout_ms, || {
-                    matches!(child.try_wait(), Ok(Some(_)) | Err(_))
-                });
-                if !gone {
-                    warn!(
-                        volume,
-                        pid = child.id(),
-                        "attach: nbdfuse ignored SIGTERM, killing"
-                    );
-                    let _ = child.kill();
-                    let _ = child.wait();
-                }
-            }
-            None => {
-                // Started by an earlier agent: only signal it if it is still that nbdfuse;
-                // without a usable PID, look for it by its mount point.
-                let mnt = self.mount_dir(volume);
-                let pid = pid
-                    .filter(|&p| self.nbdfuse_alive(volume, p))
-                    .or_else(|| sys::find_process(&["nbdfuse", &mnt.to_string_lossy()]));
-                let Some(pid) = pid else { return };
-                sys::signal(pid, libc::SIGTERM);
-                if !sys::wait_until(self.config.stop_timeout_ms, || {
-                    !self.nbdfuse_alive(volume, pid)
-                }) {
-                    warn!(volume, pid, "attach: nbdfuse ignored SIGTERM, killing");
-                    sys::signal(pid, libc::SIGKILL);
-                    sys::wait_until(self.config.stop_timeout_ms, || {
-                        !self.nbdfuse_alive(volume, pid)
-                    });
-                }
-            }
+        // Only signal it if it is still that nbdfuse; without a usable PID, look for it
+        // by its mount point.
+        let mnt = self.mount_dir(volume);
+        let pid = pid
+            .filter(|&p| self.nbdfuse_alive(volume, p))
+            .or_else(|| sys::find_process(&["nbdfuse", &mnt.to_string_lossy()]));
+        let Some(pid) = pid else { return };
+        sys::signal(pid, libc::SIGTERM);
+        if !sys::wait_until(self.config.stop_timeout_ms, || {
+            !self.nbdfuse_alive(volume, pid)
+        }) {
+            warn!(volume, pid, "attach: nbdfuse ignored SIGTERM, killing");
+            sys::signal(pid, libc::SIGKILL);
+            sys::wait_until(self.config.stop_timeout_ms, || {
+                !self.nbdfuse_alive(volume, pid)
+            });
         }
     }
 
     /// Removes whatever exists of an attachment, in teardown order. Refuses while the
     /// block device is mounted or has holders, leaving everything in place.
     fn teardown(&self, volume: &str, state: Option<&State>) -> Result<()> {
-        let image = self.image_file(volume);
+        let images = [self.image_file(volume), self.legacy_image_file(volume)];
+        let loop_devices = || -> Vec<PathBuf> {
+            images
+                .iter()
+                .flat_map(|i| sys::loop_devices_backed_by(i))
+                .collect()
+        };
         // Found through sysfs, not the state file: a crash may have happened between
         // `losetup` and recording its result.
-        let devices = sys::loop_devices_backed_by(&image);
+        let devices = loop_devices();
         for dev in &devices {
             if let Some(mp) = sys::dev_numbers(dev).and_then(|n| sys::mounted_at(&n)) {
                 return Err(Error::Busy {
@@ -478,7 +405,7 @@ impl FuseLoopAttacher {
         }
         // losetup -d only schedules the release; the FUSE file stays open until it happens.
         if !sys::wait_until(self.config.loop_release_timeout_ms, || {
-            sys::loop_devices_backed_by(&image).is_empty()
+            loop_devices().is_empty()
         }) {
             return Err(Error::Timeout {
                 what: format!("release of loop device(s) {devices:?}"),
@@ -491,8 +418,9 @@ impl FuseLoopAttacher {
             let mnt_str = mnt.to_string_lossy();
             sys::run(&self.config.fusermount_program, &["-u", &mnt_str])?;
         }
+        // The proxy exits by itself once its mount is gone; this reaps it (or stops one
+        // that hangs). An earlier version's nbdfuse goes before its proxy.
         self.stop_nbdfuse(volume, state.and_then(|s| s.nbdfuse_pid));
-        // Also without a configured proxy: an earlier agent may have run with one.
         self.stop_proxy(volume, state.and_then(|s| s.proxy_pid));
         let dir = self.volume_dir(volume);
         match fs::remove_dir_all(&dir) {
@@ -527,14 +455,7 @@ impl Attacher for FuseLoopAttacher {
         self.teardown(volume, state.as_ref())?;
 
         let result = (|| {
-            let (proxy_pid, dial) = match &self.config.proxy {
-                Some(cmd) => {
-                    let (pid, listen) = self.start_proxy(cmd, volume, socket)?;
-                    (Some(pid), listen)
-                }
-                None => (None, socket.to_path_buf()),
-            };
-            let pid = self.start_nbdfuse(volume, socket, &dial, proxy_pid)?;
+            let proxy_pid = self.start_proxy(volume, socket)?;
             let image = self.image_file(volume);
             let image_str = image.to_string_lossy();
             let sector = self.config.sector_size_bytes.to_string();
@@ -553,15 +474,15 @@ impl Attacher for FuseLoopAttacher {
             self.write_state(&State {
                 volume: volume.into(),
                 socket: socket.into(),
-                nbdfuse_pid: Some(pid),
+                nbdfuse_pid: None,
                 loop_device: Some(dev.clone()),
-                proxy_pid,
+                proxy_pid: Some(proxy_pid),
             })?;
             Ok(dev)
         })();
         match result {
             Ok(dev) => {
-                info!(volume, device = %dev.display(), "attach: attached via nbdfuse + loop");
+                info!(volume, device = %dev.display(), "attach: attached via FUSE file + loop");
                 Ok(dev)
             }
             Err(e) => {
@@ -613,49 +534,91 @@ impl Attacher for FuseLoopAttacher {
         out.sort_by(|a, b| a.volume.cmp(&b.volume));
         Ok(out)
     }
-}
 
-/// `nbd+unix:///VOLUME?socket=PATH`, percent-encoding the socket path where needed.
-fn nbd_unix_uri(volume: &str, socket: &Path) -> String {
-    let mut enc = String::new();
-    for b in socket.to_string_lossy().bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'/' | b'-' | b'_' | b'.' | b'~') {
-            enc.push(char::from(b));
-        } else {
-            enc.push_str(&format!("%{b:02X}"));
+    /// Asks the proxy to re-read the export's size (its control socket), checks the
+    /// kernel sees the file at that size, grows the loop device (`losetup -c`) and
+    /// reads the device's size back (BLKGETSIZE64).
+    fn resize(&self, volume: &str) -> Result<u64> {
+        validate_volume_name(volume)?;
+        let _guard = self.ops.lock().unwrap_or_else(|e| e.into_inner());
+        let dev = self
+            .read_state(volume)?
+            .and_then(|state| self.healthy_device(&state))
+            .ok_or_else(|| Error::NotAttached {
+                volume: volume.into(),
+            })?;
+        let failed = |reason: String| Error::Resize {
+            volume: volume.into(),
+            device: dev.clone(),
+            reason,
+        };
+        let size = super::proxy::request_resize(&self.control_socket(volume))
+            .map_err(|e| failed(format!("the attach proxy could not refresh the size: {e}")))?;
+        // Attributes are not cached (TTL 0), so this stat asks the proxy and updates
+        // the size the kernel holds for the file, which `losetup -c` reads.
+        let image = self.image_file(volume);
+        let file_size = fs::metadata(&image)
+            .map_err(|source| Error::Io {
+                path: image.clone(),
+                source,
+            })?
+            .len();
+        if file_size != size {
+            return Err(failed(format!(
+                "the volume file {} shows {file_size} bytes, the export has {size}",
+                image.display()
+            )));
         }
+        let dev_str = dev.to_string_lossy();
+        sys::run(&self.config.losetup_program, &["-c", &dev_str])?;
+        let sector = u64::from(self.config.sector_size_bytes);
+        let expected = size - size % sector;
+        let dev_size = sys::block_device_size(&dev).map_err(|source| Error::Io {
+            path: dev.clone(),
+            source,
+        })?;
+        if dev_size != expected {
+            return Err(failed(format!(
+                "after `losetup -c` the device has {dev_size} bytes, expected {expected}"
+            )));
+        }
+        info!(volume, device = %dev.display(), size_bytes = dev_size, "attach: device grown");
+        Ok(dev_size)
     }
-    format!("nbd+unix:///{volume}?socket={enc}")
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn unix_uri_escapes_socket_path_characters() {
-        assert_eq!(
-            nbd_unix_uri("vol-1", Path::new("/run/a b&c.sock")),
-            "nbd+unix:///vol-1?socket=/run/a%20b%26c.sock"
-        );
+    fn config(dir: &Path) -> FuseLoopConfig {
+        let proxy = ProxyCommand {
+            program: "/nonexistent/blockvol-agent".into(),
+            args: vec!["attach-proxy".into()],
+        };
+        FuseLoopConfig::new(dir, proxy)
     }
 
     #[test]
     fn detach_of_unknown_volume_succeeds_and_list_is_empty() {
         let d = tempfile::tempdir().expect("tempdir");
-        let a = FuseLoopAttacher::new(FuseLoopConfig::new(d.path())).expect("attacher");
+        let a = FuseLoopAttacher::new(config(d.path())).expect("attacher");
         a.detach("never-attached").expect("detach");
         assert_eq!(a.list().expect("list"), Vec::new());
         assert!(matches!(
             a.attach("../x", Path::new("/tmp/s")),
             Err(Error::InvalidVolumeName { .. })
         ));
+        assert!(matches!(
+            a.resize("never-attached"),
+            Err(Error::NotAttached { volume: v }) if v == "never-attached"
+        ));
     }
 
     #[test]
     fn unreadable_state_file_fails_list_but_not_detach() {
         let d = tempfile::tempdir().expect("tempdir");
-        let a = FuseLoopAttacher::new(FuseLoopConfig::new(d.path())).expect("attacher");
+        let a = FuseLoopAttacher::new(config(d.path())).expect("attacher");
         fs::create_dir_all(d.path().join("v")).expect("mkdir");
         fs::write(d.path().join("v/state.json"), b"{not json").expect("write");
         assert!(matches!(a.list(), Err(Error::State { .. })));

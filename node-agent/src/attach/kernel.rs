@@ -411,7 +411,7 @@ impl KernelNbdAttacher {
 
     /// Changes the size of `volume`'s device online (NBD_CMD_RECONFIGURE with
     /// NBD_ATTR_SIZE_BYTES). The export must already serve the new size.
-    pub fn resize(&self, volume: &str, size_bytes: u64) -> Result<()> {
+    pub fn resize_to(&self, volume: &str, size_bytes: u64) -> Result<()> {
         validate_volume_name(volume)?;
         let _ops = self.ops.lock().unwrap_or_else(|e| e.into_inner());
         let not_attached = || Error::NotAttached {
@@ -587,6 +587,28 @@ impl Attacher for KernelNbdAttacher {
             }
         }
         self.remove_state(volume)
+    }
+
+    /// Reads the export's current size with a fresh handshake, hands it to the driver
+    /// and returns the device's size as the kernel then reports it.
+    fn resize(&self, volume: &str) -> Result<u64> {
+        validate_volume_name(volume)?;
+        let state = self.read_state(volume)?.ok_or_else(|| Error::NotAttached {
+            volume: volume.into(),
+        })?;
+        let neg = negotiate(
+            &state.socket,
+            volume,
+            1,
+            Duration::from_millis(self.config.handshake_timeout_ms),
+        )?;
+        drop(neg.streams);
+        self.resize_to(volume, neg.info.size_bytes)?;
+        let device = self.device_path(state.index.unwrap_or_default());
+        sys::block_device_size(&device).map_err(|source| Error::Io {
+            path: device,
+            source,
+        })
     }
 
     fn list(&self) -> Result<Vec<Attachment>> {

@@ -2,6 +2,7 @@
 //! that `mkfs` and `mount` accept. Attach and detach are idempotent and keep their
 //! state on disk, so an agent restarted with devices in use can still detach them.
 
+pub mod fuse_export;
 mod fuse_loop;
 pub mod genl;
 pub mod kernel;
@@ -66,8 +67,14 @@ pub enum Error {
         #[source]
         source: crate::nbd::client::ClientError,
     },
-    #[error("volume {volume} is not attached")]
+    #[error("volume {volume} has no attached device on this node")]
     NotAttached { volume: String },
+    #[error("volume {volume}: growing device {device} failed: {reason}")]
+    Resize {
+        volume: String,
+        device: PathBuf,
+        reason: String,
+    },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -94,6 +101,14 @@ pub trait Attacher: Send + Sync {
     fn detach(&self, volume: &str) -> Result<()>;
     /// The volumes this attacher has attached (also those from before a restart).
     fn list(&self) -> Result<Vec<Attachment>>;
+    /// Grows the attached device of `volume` to the export's current size (after the
+    /// volume grew) while it stays in use, and returns the device's size in bytes as
+    /// the kernel reports it. Fails with `NotAttached` when `volume` has no device.
+    fn resize(&self, volume: &str) -> Result<u64> {
+        Err(Error::Unsupported(format!(
+            "growing the attached device of volume {volume} is not supported by this attacher"
+        )))
+    }
 }
 
 /// Volume names become directory names and NBD URI paths, so only a safe alphabet is

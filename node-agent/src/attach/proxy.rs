@@ -1,13 +1,12 @@
-//! The attach proxy (`blockvol-agent attach-proxy`): a small long-lived process between
-//! the kernel-facing NBD client (nbdfuse) and the agent's NBD socket. nbdfuse does not
-//! reconnect when its server goes away, so without the proxy an agent restart leaves a
-//! dead device. The proxy serves nbdfuse on its own unix socket and forwards every
-//! request to the agent; when the agent's connection breaks it re-dials (the restarted
-//! agent re-creates its socket and export) and retries the requests that were in
-//! flight, so the device only pauses.
+//! The attach proxy (`blockvol-agent attach-proxy`): a small long-lived process that
+//! serves one volume to the kernel as a file on its own FUSE mount (`MOUNT/disk`, see
+//! [`super::fuse_export`]) and forwards every request to the agent's NBD socket. A loop
+//! device on that file is the attached block device. When the agent's connection breaks
+//! the proxy re-dials (the restarted agent re-creates its socket and export) and retries
+//! the requests that were in flight, so the device only pauses across an agent restart.
 //!
 //! Why retrying loses no acknowledged write:
-//! - A request is answered to nbdfuse only after the agent answered it.
+//! - A request is answered to the kernel only after the agent answered it.
 //! - A write the old agent process acknowledged was appended to its volume's WAL with
 //!   `pwrite`: the bytes sit in the kernel's page cache, which outlives the process (a
 //!   SIGKILL included), and the restarted agent recovers them from the volume file and
@@ -22,36 +21,52 @@
 //!   above never has two overlapping writes in flight whose order matters.
 //!
 //! Requests wait for the agent at most `reconnect_timeout_ms`; after that they fail
-//! with EIO, as they would have without the proxy.
+//! with EIO. Up to `upstream_connections` requests are in flight to the agent at once,
+//! each on its own connection (one when the export does not promise volume-wide FLUSH).
+//!
+//! Online growth: the proxy listens on a control socket (`control.sock` in the volume's
+//! attach directory). A client writes the line `resize`; the proxy asks the agent for
+//! the export's size, sets the file to it, drops the kernel's cached attributes and
+//! answers `ok SIZE` (or `error MESSAGE`). Growing the loop device on top is then the
+//! caller's job (`losetup -c`).
 
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use super::fuse_export::{FuseExport, FuseExportConfig, SizeNotifier};
 
 use crate::nbd::client::{ClientError, Connection, ExportInfo};
 use crate::nbd::proto::{
     CMD_FLAG_FUA, CMD_FLUSH, CMD_READ, CMD_TRIM, CMD_WRITE, CMD_WRITE_ZEROES, EINVAL, EIO, ENOSPC,
     EPERM, ESHUTDOWN, TFLAG_CAN_MULTI_CONN,
 };
-use crate::nbd::{BackendError, BlockBackend, ExportRegistry, NbdServer, ServerConfig};
+use crate::nbd::{BackendError, BlockBackend};
 
 /// Command-line settings of `blockvol-agent attach-proxy`.
 #[derive(clap::Parser, Debug, Clone)]
 #[command(
     name = "blockvol-agent attach-proxy",
-    about = "Serves one volume to nbdfuse and reconnects to the agent across agent restarts"
+    about = "Serves one volume as a file on a FUSE mount and reconnects to the agent across agent restarts"
 )]
 pub struct ProxySettings {
-    /// Unix socket nbdfuse connects to.
+    /// Existing directory to mount on; the volume appears as the file `disk` in it.
     #[arg(long)]
-    pub listen: PathBuf,
+    pub mount: PathBuf,
+    /// Unix socket for control commands (`resize`).
+    #[arg(long)]
+    pub control: PathBuf,
     /// The agent's NBD unix socket.
     #[arg(long)]
     pub upstream: PathBuf,
-    /// Export (volume) name, the same on both sides.
+    /// Export (volume) name on the agent.
     #[arg(long)]
     pub export: String,
-    /// How long a request waits for the agent to come back before it fails with EIO.
+    /// How long a request waits for the agent to come back before it fails with EIO
+    /// (0: fail at once, the device dies with the agent process).
     #[arg(long, default_value_t = 60_000)]
     pub reconnect_timeout_ms: u64,
     /// Pause between attempts to reach the agent.
@@ -61,6 +76,9 @@ pub struct ProxySettings {
     /// counts as gone after this and the request is retried).
     #[arg(long, default_value_t = 30_000)]
     pub io_timeout_ms: u64,
+    /// Requests in flight to the agent at once, each on its own connection.
+    #[arg(long, default_value_t = 8)]
+    pub upstream_connections: u32,
 }
 
 /// Errors that stop the proxy.
@@ -77,8 +95,18 @@ pub enum ProxyError {
         timeout_ms: u64,
         last: ClientError,
     },
-    #[error("NBD server: {0}")]
-    Nbd(#[from] crate::nbd::Error),
+    #[error("mounting the volume file on {mount}: {source}")]
+    Mount {
+        mount: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("control socket {path}: {source}")]
+    Control {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("signal handler: {0}")]
     Signal(#[source] std::io::Error),
 }
@@ -94,8 +122,11 @@ impl ProxySettings {
         if self.export.is_empty() {
             return bad("export", "is empty");
         }
-        if self.listen == self.upstream {
-            return bad("listen", "must differ from --upstream");
+        if self.control == self.upstream {
+            return bad("control", "must differ from --upstream");
+        }
+        if self.upstream_connections == 0 {
+            return bad("upstream-connections", "must be at least 1");
         }
         if self.reconnect_interval_ms == 0 || self.io_timeout_ms == 0 {
             return bad(
@@ -112,6 +143,8 @@ impl ProxySettings {
 pub struct ProxyBackend {
     settings: ProxySettings,
     info: ExportInfo,
+    /// The export's size as last learned from the agent; only grows.
+    size_bytes: AtomicU64,
     /// Idle negotiated connections; a request takes one or dials a new one.
     idle: Mutex<Vec<Connection>>,
 }
@@ -137,10 +170,21 @@ impl ProxyBackend {
     /// Connects once (retrying for `reconnect_timeout_ms`) to learn the geometry.
     pub fn connect(settings: ProxySettings) -> Result<Self, ProxyError> {
         settings.validate()?;
+        let conn = Self::dial_until_deadline(&settings)?;
+        Ok(ProxyBackend {
+            info: conn.info(),
+            size_bytes: AtomicU64::new(conn.info().size_bytes),
+            idle: Mutex::new(vec![conn]),
+            settings,
+        })
+    }
+
+    /// A fresh connection (so a fresh handshake), retried for `reconnect_timeout_ms`.
+    fn dial_until_deadline(settings: &ProxySettings) -> Result<Connection, ProxyError> {
         let deadline = Instant::now() + Duration::from_millis(settings.reconnect_timeout_ms);
-        let conn = loop {
-            match Self::dial(&settings) {
-                Ok(c) => break c,
+        loop {
+            match Self::dial(settings) {
+                Ok(c) => return Ok(c),
                 Err(last) if Instant::now() >= deadline => {
                     return Err(ProxyError::Unreachable {
                         socket: settings.upstream.clone(),
@@ -151,12 +195,29 @@ impl ProxyBackend {
                 }
                 Err(_) => std::thread::sleep(Duration::from_millis(settings.reconnect_interval_ms)),
             }
-        };
-        Ok(ProxyBackend {
-            info: conn.info(),
-            idle: Mutex::new(vec![conn]),
-            settings,
-        })
+        }
+    }
+
+    /// Asks the agent for the export's current size (a new handshake) and adopts it
+    /// when it grew. Returns the size in effect.
+    pub fn refresh_size(&self) -> Result<u64, ProxyError> {
+        let conn = Self::dial_until_deadline(&self.settings)?;
+        let learned = conn.info().size_bytes;
+        self.give_back(conn);
+        let before = self.size_bytes.fetch_max(learned, Ordering::AcqRel);
+        if learned < before {
+            tracing::warn!(
+                learned,
+                kept = before,
+                "attach proxy: the agent reports a smaller export; keeping the larger size"
+            );
+        }
+        Ok(self.size_bytes.load(Ordering::Acquire))
+    }
+
+    /// Whether one FLUSH covers writes sent on every connection (NBD multi-conn).
+    pub fn multi_conn(&self) -> bool {
+        self.info.transmission_flags & TFLAG_CAN_MULTI_CONN != 0
     }
 
     fn dial(settings: &ProxySettings) -> Result<Connection, ClientError> {
@@ -268,7 +329,7 @@ fn len32(n: u64) -> Result<u32, BackendError> {
 
 impl BlockBackend for ProxyBackend {
     fn size_bytes(&self) -> u64 {
-        self.info.size_bytes
+        self.size_bytes.load(Ordering::Acquire)
     }
     fn block_size(&self) -> u32 {
         self.info.block_size
@@ -298,57 +359,226 @@ impl BlockBackend for ProxyBackend {
         self.call(req, None)
     }
     fn flush_is_volume_wide(&self) -> bool {
-        self.info.transmission_flags & TFLAG_CAN_MULTI_CONN != 0
+        self.multi_conn()
     }
 }
 
-/// A running proxy: its NBD server and the socket it listens on.
+/// A running proxy: the mounted volume file and its control socket.
 pub struct Proxy {
-    server: NbdServer,
-    pub listen: PathBuf,
+    export: FuseExport,
+    control: ControlServer,
+    pub mount: PathBuf,
 }
 
 impl Proxy {
-    /// Reaches the agent (blocking, bounded), then serves the export on `listen`.
+    /// Reaches the agent (blocking, bounded), mounts the volume file and opens the
+    /// control socket.
     pub async fn start(settings: ProxySettings) -> Result<Proxy, ProxyError> {
         let s = settings.clone();
-        let backend = tokio::task::spawn_blocking(move || ProxyBackend::connect(s))
+        tokio::task::spawn_blocking(move || Self::start_blocking(s))
             .await
             .map_err(|e| ProxyError::Setting {
                 flag: "upstream",
-                reason: format!("connect task failed: {e}"),
-            })??;
-        let registry = ExportRegistry::new();
-        registry.add(&settings.export, Arc::new(backend) as Arc<dyn BlockBackend>)?;
-        let server = NbdServer::new(registry, ServerConfig::default())?;
-        server.listen_unix(&settings.listen).await?;
-        tracing::info!(listen = %settings.listen.display(), upstream = %settings.upstream.display(), export = %settings.export, "attach proxy serving");
+                reason: format!("start task failed: {e}"),
+            })?
+    }
+
+    fn start_blocking(settings: ProxySettings) -> Result<Proxy, ProxyError> {
+        let backend = Arc::new(ProxyBackend::connect(settings.clone())?);
+        let workers = if backend.multi_conn() {
+            settings.upstream_connections as usize
+        } else {
+            1
+        };
+        let config = FuseExportConfig {
+            workers,
+            fs_name: format!("blockvol:{}", settings.export),
+            ..FuseExportConfig::default()
+        };
+        let export =
+            FuseExport::mount(backend.clone(), &settings.mount, config).map_err(|source| {
+                ProxyError::Mount {
+                    mount: settings.mount.clone(),
+                    source,
+                }
+            })?;
+        let control = match ControlServer::start(&settings.control, backend, export.size_notifier())
+        {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = export.unmount();
+                return Err(e);
+            }
+        };
+        tracing::info!(mount = %settings.mount.display(), control = %settings.control.display(), upstream = %settings.upstream.display(), export = %settings.export, workers, "attach proxy serving");
         Ok(Proxy {
-            server,
-            listen: settings.listen,
+            export,
+            control,
+            mount: settings.mount,
         })
     }
 
-    /// Stops serving (in-flight requests finish first) and removes the socket.
-    pub fn shutdown(&self) {
-        self.server.shutdown();
+    /// The volume file.
+    pub fn file(&self) -> PathBuf {
+        self.export.file()
+    }
+
+    /// Resolves once the volume file is no longer served (unmounted from outside).
+    /// Only the first call waits; later calls resolve at once.
+    pub async fn ended(&mut self) {
+        if let Some(rx) = self.export.take_ended() {
+            let _ = rx.await;
+        }
+    }
+
+    /// Closes the control socket and unmounts the volume file (lazily while a loop
+    /// device still uses it).
+    pub fn shutdown(self) -> std::io::Result<()> {
+        self.control.stop();
+        self.export.unmount()
     }
 }
 
-/// Runs the proxy until SIGTERM or Ctrl-C.
+/// Answers `resize` on the control socket from a thread of its own.
+struct ControlServer {
+    path: PathBuf,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// Longest a control client may take to send its command or read the answer.
+const CONTROL_IO_TIMEOUT_MS: u64 = 5_000;
+
+impl ControlServer {
+    fn start(
+        path: &Path,
+        backend: Arc<ProxyBackend>,
+        notifier: SizeNotifier,
+    ) -> Result<Self, ProxyError> {
+        let err = |source| ProxyError::Control {
+            path: path.to_path_buf(),
+            source,
+        };
+        match std::fs::remove_file(path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(err(e)),
+        }
+        let listener = UnixListener::bind(path).map_err(err)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopping = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("attach-proxy-control".into())
+            .spawn(move || {
+                for conn in listener.incoming() {
+                    if stopping.load(Ordering::Acquire) {
+                        return;
+                    }
+                    match conn {
+                        Ok(c) => serve_control(c, &backend, &notifier),
+                        Err(e) => tracing::warn!(error = %e, "attach proxy: control accept"),
+                    }
+                }
+            })
+            .map_err(err)?;
+        Ok(ControlServer {
+            path: path.to_path_buf(),
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    fn stop(mut self) {
+        self.stop.store(true, Ordering::Release);
+        // Wakes the accept loop so it sees the flag.
+        let _ = UnixStream::connect(&self.path);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+fn serve_control(mut conn: UnixStream, backend: &ProxyBackend, notifier: &SizeNotifier) {
+    let timeout = Some(Duration::from_millis(CONTROL_IO_TIMEOUT_MS));
+    let _ = conn.set_read_timeout(timeout);
+    let _ = conn.set_write_timeout(timeout);
+    let mut line = String::new();
+    let read = BufReader::new(&mut conn)
+        .take(CONTROL_LINE_BYTES_MAX)
+        .read_line(&mut line);
+    let answer = match (read, line.trim()) {
+        (Err(e), _) => format!("error reading the command: {e}"),
+        (Ok(_), "resize") => match backend.refresh_size() {
+            Ok(size) => match notifier.size_changed() {
+                Ok(()) => {
+                    tracing::info!(
+                        size_bytes = size,
+                        "attach proxy: volume file size refreshed"
+                    );
+                    format!("ok {size}")
+                }
+                Err(e) => format!("error invalidating the kernel's attributes: {e}"),
+            },
+            Err(e) => format!("error {e}"),
+        },
+        (Ok(_), other) => format!(
+            "error unknown command {:?}; the only command is `resize`",
+            other.chars().take(64).collect::<String>()
+        ),
+    };
+    let _ = conn.write_all(format!("{answer}\n").as_bytes());
+}
+
+/// Longest control command line read, in bytes.
+const CONTROL_LINE_BYTES_MAX: u64 = 256;
+
+/// Asks the attach proxy listening on `control` to re-read the export's size and set
+/// its volume file to it; returns the new size in bytes.
+pub fn request_resize(control: &Path) -> Result<u64, String> {
+    let timeout = Some(Duration::from_millis(CONTROL_IO_TIMEOUT_MS * 2));
+    let mut c = UnixStream::connect(control)
+        .map_err(|e| format!("connecting to {}: {e}", control.display()))?;
+    let _ = c.set_read_timeout(timeout);
+    let _ = c.set_write_timeout(timeout);
+    c.write_all(b"resize\n")
+        .map_err(|e| format!("sending to {}: {e}", control.display()))?;
+    let mut line = String::new();
+    BufReader::new(&mut c)
+        .take(CONTROL_LINE_BYTES_MAX)
+        .read_line(&mut line)
+        .map_err(|e| format!("reading the answer from {}: {e}", control.display()))?;
+    let line = line.trim();
+    if let Some(size) = line.strip_prefix("ok ") {
+        return size
+            .parse()
+            .map_err(|_| format!("unexpected answer {line:?} from {}", control.display()));
+    }
+    Err(line
+        .strip_prefix("error ")
+        .map(str::to_owned)
+        .unwrap_or_else(|| format!("unexpected answer {line:?} from {}", control.display())))
+}
+
+/// Runs the proxy until SIGTERM or Ctrl-C, or until its mount is removed from outside.
 pub async fn run(settings: ProxySettings) -> Result<(), ProxyError> {
-    let proxy = Proxy::start(settings).await?;
+    let mut proxy = Proxy::start(settings).await?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(ProxyError::Signal)?;
     tokio::select! {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
+        _ = proxy.ended() => {
+            tracing::info!(mount = %proxy.mount.display(), "attach proxy: volume file unmounted, exiting");
+        }
     }
-    proxy.shutdown();
+    if let Err(e) = proxy.shutdown() {
+        tracing::warn!(error = %e, "attach proxy: unmounting the volume file");
+    }
     Ok(())
 }
 
-/// The proxy's socket for a volume's attach directory.
-pub fn socket_in(dir: &Path) -> PathBuf {
-    dir.join("proxy.sock")
+/// The proxy's control socket for a volume's attach directory.
+pub fn control_socket_in(dir: &Path) -> PathBuf {
+    dir.join("control.sock")
 }

@@ -1,5 +1,5 @@
 //! Which attacher the agent runs: the kernel NBD driver where the kernel has it (faster,
-//! resizable online), nbdfuse + loop elsewhere. Devices attached before a restart stay
+//! resizable online), FUSE + loop elsewhere. Devices attached before a restart stay
 //! with the attacher that made them, so changing hosts or settings never orphans one.
 
 use std::path::Path;
@@ -15,11 +15,11 @@ use super::{Attacher, Error, FuseLoopAttacher, FuseLoopConfig, ProxyCommand, Res
 /// The `--attacher` setting.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum AttachMode {
-    /// The kernel driver when it is available, else nbdfuse + loop.
+    /// The kernel driver when it is available, else FUSE + loop.
     Auto,
     /// The kernel driver; the agent does not start without it.
     Kernel,
-    /// nbdfuse + loop, even where the kernel driver exists.
+    /// FUSE + loop, even where the kernel driver exists.
     FuseLoop,
 }
 
@@ -69,7 +69,7 @@ pub fn choose(
         },
         AttachMode::Auto if fuse_attached => Ok((
             Choice::FuseLoop,
-            "devices attached through nbdfuse + loop before".into(),
+            "devices attached through FUSE + loop before".into(),
         )),
         AttachMode::Auto => match probe() {
             Ok(()) => Ok((Choice::Kernel, "the kernel nbd driver is available".into())),
@@ -110,17 +110,10 @@ pub struct Opened {
 }
 
 /// Chooses and builds the attacher for an agent with `data_dir` (state in
-/// `attach/` for nbdfuse + loop, `attach-kernel/` for the kernel driver).
-pub fn open_attacher(
-    mode: AttachMode,
-    data_dir: &Path,
-    proxy: Option<ProxyCommand>,
-) -> Result<Opened> {
+/// `attach/` for FUSE + loop, `attach-kernel/` for the kernel driver).
+pub fn open_attacher(mode: AttachMode, data_dir: &Path, proxy: ProxyCommand) -> Result<Opened> {
     let kernel_config = KernelNbdConfig::new(data_dir.join("attach-kernel"));
-    let fuse_config = FuseLoopConfig {
-        proxy,
-        ..FuseLoopConfig::new(data_dir.join("attach"))
-    };
+    let fuse_config = FuseLoopConfig::new(data_dir.join("attach"), proxy);
     let timeout = Duration::from_millis(kernel_config.netlink_timeout_ms);
     let (choice, reason) = choose(
         mode,
@@ -140,9 +133,9 @@ pub fn open_attacher(
         }
         Choice::FuseLoop => {
             if mode == AttachMode::Auto {
-                info!(%reason, "attach: using nbdfuse + loop devices");
+                info!(%reason, "attach: using FUSE + loop devices");
             } else {
-                warn!(%reason, "attach: using nbdfuse + loop devices");
+                warn!(%reason, "attach: using FUSE + loop devices");
             }
             Opened {
                 attacher: Arc::new(FuseLoopAttacher::new(fuse_config)?),

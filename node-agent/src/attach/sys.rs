@@ -146,6 +146,22 @@ pub fn find_process(needles: &[&str]) -> Option<u32> {
     pids.first().copied()
 }
 
+/// The size of a block device in bytes as the kernel reports it (BLKGETSIZE64).
+pub fn block_device_size(device: &Path) -> std::io::Result<u64> {
+    use std::os::fd::AsRawFd;
+    /// `_IOR(0x12, 114, size_t)` on 64-bit Linux.
+    const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
+    let f = std::fs::File::open(device)?;
+    let mut size: u64 = 0;
+    // SAFETY: BLKGETSIZE64 writes one u64 through the pointer, which points at `size`
+    // and lives across the call; the fd is open for the duration.
+    let rc = unsafe { libc::ioctl(f.as_raw_fd(), BLKGETSIZE64 as _, &mut size as *mut u64) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(size)
+}
+
 pub fn signal(pid: u32, sig: libc::c_int) {
     let Ok(pid) = libc::pid_t::try_from(pid) else {
         return;

@@ -146,3 +146,12 @@ pub fn read_backend(b: &dyn BlockBackend, offset: u64, len: usize) -> Vec<u8> {
 pub fn path_str(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
 }
+
+/// Attacher settings whose attach proxy is this package's `blockvol-agent attach-proxy`.
+pub fn attach_config(state_dir: &Path) -> node_agent::attach::FuseLoopConfig {
+    let proxy = node_agent::attach::ProxyCommand {
+        program: PathBuf::from(env!("CARGO_BIN_EXE_blockvol-agent")),
+        args: vec!["attach-proxy".into()],
+    };
+    node_agent::attach::FuseLoopConfig::new(state_dir, proxy)
+}
