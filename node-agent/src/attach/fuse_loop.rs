@@ -132,38 +132,11 @@ impl FuseLoopAttacher {
     }
 
     fn read_state(&self, volume: &str) -> Result<Option<State>> {
-        let path = self.state_file(volume);
-        match fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes)
-                .map(Some)
-                .map_err(|e| Error::State {
-                    path,
-                    reason: e.to_string(),
-                }),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(source) => Err(Error::Io { path, source }),
-        }
+        super::read_state_file(&self.state_file(volume))
     }
 
-    /// Replaces the state file atomically (write temp, fsync, rename).
     fn write_state(&self, state: &State) -> Result<()> {
-        let path = self.state_file(&state.volume);
-        let tmp = path.with_extension("json.tmp");
-        let io = |source, p: &Path| Error::Io {
-            path: p.to_path_buf(),
-            source,
-        };
-        let bytes = serde_json::to_vec_pretty(state).map_err(|e| Error::State {
-            path: path.clone(),
-            reason: e.to_string(),
-        })?;
-        {
-            use std::io::Write;
-            let mut f = fs::File::create(&tmp).map_err(|e| io(e, &tmp))?;
-            f.write_all(&bytes).map_err(|e| io(e, &tmp))?;
-            f.sync_all().map_err(|e| io(e, &tmp))?;
-        }
-        fs::rename(&tmp, &path).map_err(|e| io(e, &path))
+        super::write_state_file(&self.state_file(&state.volume), state)
     }
 
     fn nbdfuse_alive(&self, volume: &str, pid: u32) -> bool {

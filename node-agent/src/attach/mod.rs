@@ -111,6 +111,42 @@ pub trait Attacher: Send + Sync {
     }
 }
 
+/// Reads a JSON state record; `None` when the file does not exist.
+fn read_state_file<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Option<T>> {
+    match std::fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| Error::State {
+                path: path.to_path_buf(),
+                reason: e.to_string(),
+            }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(Error::Io {
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+/// Replaces a JSON state record atomically (write a temporary file, fsync, rename), so a
+/// crash leaves either the old record or the new one.
+fn write_state_file<T: serde::Serialize>(path: &Path, state: &T) -> Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("json.tmp");
+    let io = |source, p: &Path| Error::Io {
+        path: p.to_path_buf(),
+        source,
+    };
+    let bytes = serde_json::to_vec_pretty(state).map_err(|e| Error::State {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    let mut f = std::fs::File::create(&tmp).map_err(|e| io(e, &tmp))?;
+    f.write_all(&bytes).map_err(|e| io(e, &tmp))?;
+    f.sync_all().map_err(|e| io(e, &tmp))?;
+    std::fs::rename(&tmp, path).map_err(|e| io(e, path))
+}
+
 /// Volume names become directory names and NBD URI paths, so only a safe alphabet is
 /// accepted: ASCII letters, digits, `-`, `_`, `.`; not starting with `.`; ≤ 253 bytes.
 pub fn validate_volume_name(name: &str) -> Result<()> {

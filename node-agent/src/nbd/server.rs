@@ -761,52 +761,42 @@ where
         // each reply, as at queue depth 1) runs on this task: nothing could overlap it
         // anyway, and it saves the hand-off to a pool thread and back.
         // `block_in_place` moves this worker's other tasks to another thread meanwhile.
-        if h.command == proto::CMD_FLUSH
+        let (error, data) = if h.command == proto::CMD_FLUSH
             && can_block_in_place
             && requests.available_permits() + 1 == config.max_in_flight_requests
         {
-            let (error, data) = tokio::task::block_in_place(|| {
+            tokio::task::block_in_place(|| {
                 run_request(backend.as_ref(), export.name(), &h, payload)
+            })
+        } else if inline && h.command == proto::CMD_READ {
+            run_request(backend.as_ref(), export.name(), &h, payload)
+        } else {
+            let backend = backend.clone();
+            let tx = tx.clone();
+            let export = export.clone();
+            // One blocking-pool task per request; it sends its own reply so nothing
+            // else has to be scheduled on the way back.
+            tokio::task::spawn_blocking(move || {
+                let (error, data) = run_request(backend.as_ref(), export.name(), &h, payload);
+                // A closed channel means the writer is gone; the connection is ending.
+                let _ = tx.blocking_send(Reply {
+                    handle: h.handle,
+                    error,
+                    data,
+                    _permits: (req_permit, byte_permit),
+                });
             });
-            let reply = Reply {
-                handle: h.handle,
-                error,
-                data,
-                _permits: (req_permit, byte_permit),
-            };
-            if tx.send(reply).await.is_err() {
-                break Ok(());
-            }
             continue;
+        };
+        let reply = Reply {
+            handle: h.handle,
+            error,
+            data,
+            _permits: (req_permit, byte_permit),
+        };
+        if tx.send(reply).await.is_err() {
+            break Ok(());
         }
-        if inline && h.command == proto::CMD_READ {
-            let (error, data) = run_request(backend.as_ref(), export.name(), &h, payload);
-            let reply = Reply {
-                handle: h.handle,
-                error,
-                data,
-                _permits: (req_permit, byte_permit),
-            };
-            if tx.send(reply).await.is_err() {
-                break Ok(());
-            }
-            continue;
-        }
-        let backend = backend.clone();
-        let tx = tx.clone();
-        let export = export.clone();
-        // One blocking-pool task per request; it sends its own reply so nothing else
-        // has to be scheduled on the way back.
-        tokio::task::spawn_blocking(move || {
-            let (error, data) = run_request(backend.as_ref(), export.name(), &h, payload);
-            // A closed channel means the writer is gone; the connection is ending.
-            let _ = tx.blocking_send(Reply {
-                handle: h.handle,
-                error,
-                data,
-                _permits: (req_permit, byte_permit),
-            });
-        });
     };
     // In-flight requests finish and their replies are written before the socket closes.
     drop(tx);
