@@ -40,6 +40,8 @@ pub struct PrimaryConfig {
     pub catchup_progress_deadline_ms: u64,
     /// Consecutive failed catch-ups before NeedsRebuild.
     pub catchup_retries_max: u32,
+    /// Base blocks shipped per rebuild round trip (each batch ends with a barrier the
+    /// replica answers before the next goes out): 2048 × 4 KiB = 8 MiB in flight.
     pub rebuild_batch_blocks: usize,
     pub rebuild_batch_entries: u64,
     pub rebuild_progress_deadline_ms: u64,
@@ -75,7 +77,7 @@ impl Default for PrimaryConfig {
             catchup_duration_ms_max: 300_000,
             catchup_progress_deadline_ms: 30_000,
             catchup_retries_max: 3,
-            rebuild_batch_blocks: 256,
+            rebuild_batch_blocks: 2048,
             rebuild_batch_entries: 256,
             rebuild_progress_deadline_ms: 60_000,
             wal_retention_timeout_ms: 300_000,
