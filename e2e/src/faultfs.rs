@@ -284,6 +284,27 @@ fn attr(ino: u64, m: &std::fs::Metadata) -> FileAttr {
 }
 
 impl Passthrough {
+    /// Removes the entry `name` of `parent` with `remove` (file or directory) and
+    /// forgets its inode.
+    fn remove_child(
+        &self,
+        parent: INodeNo,
+        name: &OsStr,
+        remove: fn(&Path) -> std::io::Result<()>,
+        reply: ReplyEmpty,
+    ) {
+        let Some((rel, full)) = self.nodes().child(parent, name) else {
+            return reply.error(Errno::ENOENT);
+        };
+        match remove(&full) {
+            Ok(()) => {
+                self.nodes().remove(&rel);
+                reply.ok()
+            }
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
     fn nodes(&self) -> MutexGuard<'_, Nodes> {
         self.nodes.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -425,29 +446,11 @@ impl Filesystem for Passthrough {
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let Some((rel, full)) = self.nodes().child(parent, name) else {
-            return reply.error(Errno::ENOENT);
-        };
-        match std::fs::remove_file(&full) {
-            Ok(()) => {
-                self.nodes().remove(&rel);
-                reply.ok()
-            }
-            Err(e) => reply.error(errno(e)),
-        }
+        self.remove_child(parent, name, |p| std::fs::remove_file(p), reply)
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let Some((rel, full)) = self.nodes().child(parent, name) else {
-            return reply.error(Errno::ENOENT);
-        };
-        match std::fs::remove_dir(&full) {
-            Ok(()) => {
-                self.nodes().remove(&rel);
-                reply.ok()
-            }
-            Err(e) => reply.error(errno(e)),
-        }
+        self.remove_child(parent, name, |p| std::fs::remove_dir(p), reply)
     }
 
     fn rename(

@@ -287,6 +287,21 @@ impl Drop for LoopFs {
 /// its own relay gives that client a port of its own, so a [`PortPartition`] of the relay
 /// port cuts exactly that client off (agents all reach the API server from 127.0.0.1).
 /// The relay task stops when this is dropped.
+/// A listener on a free loopback port, and its address.
+async fn bind_loopback() -> Result<(TcpListener, SocketAddr)> {
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .map_err(|source| FaultError::Relay {
+            what: "binding 127.0.0.1:0",
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(|source| FaultError::Relay {
+        what: "reading the local address",
+        source,
+    })?;
+    Ok((listener, addr))
+}
+
 pub struct TcpRelay {
     addr: SocketAddr,
     task: tokio::task::JoinHandle<()>,
@@ -294,17 +309,7 @@ pub struct TcpRelay {
 
 impl TcpRelay {
     pub async fn start(target: SocketAddr) -> Result<TcpRelay> {
-        let listener =
-            TcpListener::bind("127.0.0.1:0")
-                .await
-                .map_err(|source| FaultError::Relay {
-                    what: "binding 127.0.0.1:0",
-                    source,
-                })?;
-        let addr = listener.local_addr().map_err(|source| FaultError::Relay {
-            what: "reading the local address",
-            source,
-        })?;
+        let (listener, addr) = bind_loopback().await?;
         let task = tokio::spawn(async move {
             let mut conns = tokio::task::JoinSet::new();
             loop {
@@ -377,17 +382,7 @@ impl ShapedProxy {
     /// Starts the proxy; without a target it refuses connections until
     /// [`set_target`](Self::set_target).
     pub async fn start(target: Option<SocketAddr>) -> Result<ShapedProxy> {
-        let listener =
-            TcpListener::bind("127.0.0.1:0")
-                .await
-                .map_err(|source| FaultError::Relay {
-                    what: "binding 127.0.0.1:0",
-                    source,
-                })?;
-        let addr = listener.local_addr().map_err(|source| FaultError::Relay {
-            what: "reading the local address",
-            source,
-        })?;
+        let (listener, addr) = bind_loopback().await?;
         let state = Arc::new(std::sync::Mutex::new(ProxyState {
             target,
             ..ProxyState::default()
