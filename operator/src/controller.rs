@@ -281,9 +281,13 @@ async fn write_status(ctx: &Context, vol: &BlockVolume, status: &BlockVolumeStat
         return Ok(());
     }
     let api: Api<BlockVolume> = Api::all(ctx.client.clone());
+    // The resourceVersion makes the write conditional: a status computed from an older
+    // object (a second reconcile, a deposed leader) is refused with a conflict instead of
+    // erasing what a newer write recorded, such as a primary move's phase.
     let patch = json!({
         "apiVersion": format!("{}/{}", api::GROUP, api::VERSION),
         "kind": "BlockVolume",
+        "metadata": { "resourceVersion": vol.resource_version() },
         "status": status,
     });
     api.patch_status(
@@ -292,7 +296,13 @@ async fn write_status(ctx: &Context, vol: &BlockVolume, status: &BlockVolumeStat
         &Patch::Apply(&patch),
     )
     .await
-    .map_err(Error::Kube)?;
+    .map_err(|e| match e {
+        kube::Error::Api(ae) if ae.code == 409 => Error::Waiting(format!(
+            "volume {} changed while its status was computed; recomputing",
+            vol.name_any()
+        )),
+        e => Error::Kube(e),
+    })?;
     Ok(())
 }
 
@@ -360,8 +370,14 @@ async fn release_orphan(ctx: &Context, r: &BlockReplica) -> Result<()> {
     }
 }
 
-async fn apply_volume(vol: Arc<BlockVolume>, ctx: &Context) -> Result<Action> {
-    let name = vol.name_any();
+async fn apply_volume(cached: Arc<BlockVolume>, ctx: &Context) -> Result<Action> {
+    let name = cached.name_any();
+    // Decide from the stored object, not the watch cache: the cache may predate this
+    // operator's own last status write, and a plan made from it would undo that write.
+    let api: Api<BlockVolume> = Api::all(ctx.client.clone());
+    let Some(vol) = api.get_opt(&name).await.map_err(Error::Kube)? else {
+        return Ok(Action::await_change());
+    };
     let obs = observe(ctx, &name).await?;
     let views: Vec<ReplicaView> = obs
         .replicas

@@ -285,8 +285,30 @@ pub fn step(input: &MoveInput<'_>) -> MoveStep {
     }
 }
 
+/// The old primary is already assigned `Replica` at the move's epoch and nobody is
+/// primary at it: the demotion was written, but the `Demoting` phase was not (the
+/// operator stopped between the two writes, or this reconcile saw an older status).
+fn demotion_written(input: &MoveInput<'_>, m: &PrimaryMove) -> bool {
+    input.state.epoch == m.epoch
+        && input.state.primary.is_none()
+        && find(input.replicas, &m.from)
+            .is_some_and(|f| f.spec.role == ReplicaRole::Replica && f.spec.epoch == m.epoch)
+}
+
 fn requested(input: &MoveInput<'_>, m: &PrimaryMove) -> MoveStep {
     let state = input.state;
+    if demotion_written(input, m) {
+        // Carry on from where the demotion stands; never fall through to "the primary
+        // changed", which would leave the volume primary-less at the move's epoch.
+        // Demote again (the same spec, idempotent) to record the phase while waiting.
+        return match demoting(input, m) {
+            MoveStep::Wait { current, .. } => MoveStep::Demote(PrimaryMove {
+                phase: MovePhase::Demoting,
+                ..current
+            }),
+            other => other,
+        };
+    }
     if state.epoch.saturating_add(1) != m.epoch || state.primary.as_deref() != Some(&m.from) {
         return MoveStep::Clear {
             why: format!(
@@ -713,6 +735,24 @@ mod tests {
                 replicas: promoted,
                 now: 1,
                 want: "Clear",
+            },
+            Case {
+                name: "demotion written but the status still says Requested: keep demoting",
+                current: Some(mv(MovePhase::Requested)),
+                request: None,
+                state: state(5, None),
+                replicas: demoting_views(false, 100, 100),
+                now: 1,
+                want: "Demote p @5",
+            },
+            Case {
+                name: "demotion written and confirmed, status still Requested: promote the target",
+                current: Some(mv(MovePhase::Requested)),
+                request: None,
+                state: state(5, None),
+                replicas: demoting_views(true, 100, 100),
+                now: 1,
+                want: "Promote a @5 completed",
             },
             Case {
                 name: "a failover overtook the recorded move",
