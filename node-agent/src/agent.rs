@@ -526,6 +526,12 @@ impl Agent {
             let lease = lease.clone();
             tasks.push(tokio::spawn(async move { lease.run().await }));
         }
+        tasks.push(tokio::spawn(confirm_after_lapses(
+            client.clone(),
+            settings.node_name.clone(),
+            lease.clone(),
+            runtime.clone(),
+        )));
 
         let ctx = Arc::new(AgentContext::new(
             client.clone(),
@@ -583,6 +589,55 @@ impl Agent {
             t.abort();
         }
         self.runtime.close_all().await;
+    }
+}
+
+/// Keeps the Lease fence shut after each lapse until this node's `BlockReplica`s have
+/// been read afresh from the API server (a LIST, not the watch cache, which may lag) and
+/// every local primary they no longer name at its epoch is fenced. Retries every
+/// `LAPSE_CONFIRM_RETRY_MS` while the API server does not answer.
+async fn confirm_after_lapses(
+    client: kube::Client,
+    node: String,
+    lease: Arc<LeaseRenewer>,
+    runtime: Arc<EngineRuntime>,
+) {
+    const LAPSE_CONFIRM_RETRY_MS: u64 = 500;
+    let api: kube::Api<api::BlockReplica> = kube::Api::all(client);
+    let selector = format!("{}={}", api::LABEL_NODE, node);
+    let mut renewed = lease.last_renewed();
+    loop {
+        if let Some(lapse) = lease.unconfirmed_lapse() {
+            match api
+                .list(&kube::api::ListParams::default().labels(&selector))
+                .await
+            {
+                Ok(list) => {
+                    let assigned = list
+                        .items
+                        .iter()
+                        .filter(|r| r.metadata.deletion_timestamp.is_none())
+                        .map(|r| (r.spec.replica_id.clone(), (r.spec.role, r.spec.epoch)))
+                        .collect();
+                    let fenced = runtime.fence_unassigned_primaries(&assigned).await;
+                    lease.confirm(lapse);
+                    tracing::info!(
+                        lapse,
+                        fenced,
+                        "assignments re-read after a lease lapse; IO fence open"
+                    );
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "re-reading this node's assignments after a lease lapse failed; IO stays fenced");
+                    tokio::time::sleep(Duration::from_millis(LAPSE_CONFIRM_RETRY_MS)).await;
+                    continue;
+                }
+            }
+        }
+        if renewed.changed().await.is_err() {
+            return;
+        }
     }
 }
 

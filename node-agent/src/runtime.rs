@@ -6,7 +6,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use api::{BlockReplicaStatus, PeerStatus, ReplicaRole, ReplicaState};
@@ -304,6 +304,34 @@ impl EngineRuntime {
         out
     }
 
+    /// Fences every local primary that `assigned` (replica ID → role and epoch, read
+    /// afresh from the API server) no longer names primary at the epoch it serves; the
+    /// fence holds until an assignment at the newer epoch is applied (a demotion stops
+    /// the primary anyway). Returns how many were fenced. Called after a Lease lapse,
+    /// before IO resumes.
+    pub async fn fence_unassigned_primaries(
+        &self,
+        assigned: &BTreeMap<String, (ReplicaRole, u64)>,
+    ) -> usize {
+        let m = self.replicas.lock().await;
+        let mut fenced = 0;
+        for (id, l) in m.iter() {
+            let Some(p) = l.primary.as_ref() else {
+                continue;
+            };
+            let serving = l.vol.epoch().0;
+            let wanted = match assigned.get(id) {
+                Some((ReplicaRole::Primary, e)) if *e == serving => continue,
+                Some((ReplicaRole::Primary, e)) => (*e).max(serving.saturating_add(1)),
+                _ => u64::MAX,
+            };
+            p.backend.min_epoch.fetch_max(wanted, Ordering::AcqRel);
+            tracing::warn!(replica = %id, epoch = serving, "primary no longer assigned at its epoch; fenced");
+            fenced += 1;
+        }
+        fenced
+    }
+
     /// The NBD exports this runtime publishes (one per local primary, named after the
     /// volume).
     pub fn exports(&self) -> &ExportRegistry {
@@ -453,9 +481,11 @@ impl EngineRuntime {
             self.transport.clone(),
         ));
         let seen = Arc::new(Mutex::new(ReportState::default()));
+        let min_epoch = Arc::new(AtomicU64::new(0));
         let reports = {
             let handle = handle.clone();
             let seen = seen.clone();
+            let min_epoch = min_epoch.clone();
             let volume = a.volume.clone();
             tokio::spawn(async move {
                 while let Some(r) = handle.next_report().await {
@@ -478,7 +508,12 @@ impl EngineRuntime {
                             // (the operator still replaces it if it stays unhealthy).
                             handle.request_rebuild(replica);
                         }
-                        Report::Fenced { observed } => s.fenced_by = Some(observed.0),
+                        Report::Fenced { observed } => {
+                            // A peer holds a newer epoch: another primary may serve now.
+                            // Reads stop too, and the forwarding path answers NotPrimary.
+                            min_epoch.fetch_max(observed.0, Ordering::AcqRel);
+                            s.fenced_by = Some(observed.0);
+                        }
                         Report::LocalDiskFailed => s.local_disk_failed = true,
                     }
                 }
@@ -490,6 +525,7 @@ impl EngineRuntime {
             rt: tokio::runtime::Handle::current(),
             fenced: AtomicBool::new(false),
             fence: self.fence.clone(),
+            min_epoch,
         });
         // A stale export of this volume (an earlier primary term) must not survive.
         if self.exports.get(&a.volume).is_some() {
@@ -765,6 +801,12 @@ pub struct ReplicatedBackend {
     rt: tokio::runtime::Handle,
     fenced: AtomicBool,
     fence: IoFence,
+    /// The lowest epoch at which this primary may serve: raised when a peer reports a
+    /// newer epoch or the API server assigns one (or `u64::MAX` when it no longer
+    /// names this replica primary). The primary is fenced until an assignment at that
+    /// epoch has been applied, so a deposed primary never serves a read after it could
+    /// have learnt of its demotion.
+    min_epoch: Arc<AtomicU64>,
 }
 
 impl ReplicatedBackend {
@@ -773,6 +815,15 @@ impl ReplicatedBackend {
             return Err(BackendError::Io(
                 "this replica is no longer the primary".into(),
             ));
+        }
+        let wanted = self.min_epoch.load(Ordering::Acquire);
+        let mine = self.vol.epoch().0;
+        if mine < wanted {
+            return Err(BackendError::Io(if wanted == u64::MAX {
+                format!("this replica is no longer assigned primary (it serves epoch {mine})")
+            } else {
+                format!("epoch {wanted} exists; this primary at epoch {mine} is fenced")
+            }));
         }
         if !(self.fence)() {
             return Err(BackendError::Io(

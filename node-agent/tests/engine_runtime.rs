@@ -365,3 +365,166 @@ async fn a_flush_outliving_the_lease_is_not_acknowledged() {
     let e = result.expect_err("a flush finishing after the Lease ran out was acknowledged");
     assert!(e.to_string().contains("Lease"), "{e}");
 }
+
+/// After a Lease lapse the agent re-reads its assignments from the API server: a primary
+/// they no longer name at its epoch serves nothing, reads included (a deposed primary
+/// must not return pre-failover data), and the forwarding path answers NotPrimary so a
+/// forwarder re-routes instead of failing the client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_the_api_no_longer_names_serves_no_reads() {
+    use engine::replication::{Epoch, ForwardHandler, ForwardOp, ForwardStatus, VolumeId};
+    use std::collections::BTreeMap;
+
+    let dir = tempfile::tempdir().unwrap();
+    let a = node("a").await;
+    let ra = assignment(dir.path(), "r1", ReplicaRole::Primary, 1, None);
+    a.runtime.open(&ra).await.unwrap();
+    a.runtime.apply(&ra).await.unwrap();
+    let backend: Arc<dyn BlockBackend> = a
+        .runtime
+        .exports()
+        .get("vol")
+        .expect("export of the primary")
+        .backend()
+        .clone();
+    let be = backend.clone();
+    blocking(move || {
+        be.write(0, &[5u8; 4096]).expect("write");
+        be.flush().expect("flush");
+    })
+    .await;
+    let read = |be: Arc<dyn BlockBackend>| {
+        blocking(move || {
+            let mut buf = vec![0u8; 4096];
+            be.read(0, &mut buf).map(|_| buf[0])
+        })
+    };
+    assert_eq!(read(backend.clone()).await.expect("read"), 5);
+
+    // Still assigned at its epoch: nothing changes.
+    let same = BTreeMap::from([("r1".to_string(), (ReplicaRole::Primary, 1))]);
+    assert_eq!(a.runtime.fence_unassigned_primaries(&same).await, 0);
+    assert_eq!(read(backend.clone()).await.expect("read"), 5);
+
+    // Demoted in the API while this node could not hear it.
+    let demoted = BTreeMap::from([("r1".to_string(), (ReplicaRole::Replica, 2))]);
+    assert_eq!(a.runtime.fence_unassigned_primaries(&demoted).await, 1);
+    let e = read(backend.clone())
+        .await
+        .expect_err("a deposed primary served a read");
+    assert!(e.to_string().contains("no longer assigned"), "{e}");
+    let out = a.runtime.local_primaries().handle(
+        &VolumeId::new("vol".to_string()).unwrap(),
+        Epoch(1),
+        ForwardOp::Read {
+            offset: 0,
+            length: 4096,
+        },
+    );
+    assert_eq!(out.status, ForwardStatus::NotPrimary, "{}", out.detail);
+}
+
+/// A primary the API assigns a newer epoch is fenced until it applied that epoch, then
+/// serves again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_assigned_a_newer_epoch_serves_once_it_applied_it() {
+    use std::collections::BTreeMap;
+
+    let dir = tempfile::tempdir().unwrap();
+    let a = node("a").await;
+    let ra = assignment(dir.path(), "r1", ReplicaRole::Primary, 1, None);
+    a.runtime.open(&ra).await.unwrap();
+    a.runtime.apply(&ra).await.unwrap();
+    let backend: Arc<dyn BlockBackend> = a
+        .runtime
+        .exports()
+        .get("vol")
+        .expect("export of the primary")
+        .backend()
+        .clone();
+    let newer = BTreeMap::from([("r1".to_string(), (ReplicaRole::Primary, 3))]);
+    assert_eq!(a.runtime.fence_unassigned_primaries(&newer).await, 1);
+    let be = backend.clone();
+    assert!(blocking(move || be.write(0, &[1u8; 4096])).await.is_err());
+    a.runtime
+        .apply(&Assignment { epoch: 3, ..ra })
+        .await
+        .unwrap();
+    let be = backend.clone();
+    blocking(move || {
+        be.write(0, &[1u8; 4096])
+            .expect("write at the applied epoch");
+        be.flush().expect("flush at the applied epoch");
+    })
+    .await;
+}
+
+/// A primary whose replica answers with a newer epoch (another primary was promoted)
+/// stops serving at once, reads included, before any assignment reaches its agent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_fenced_by_a_peer_serves_no_reads() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (node("a").await, node("b").await);
+    let rb = assignment(&dir.path().join("b"), "r2", ReplicaRole::Replica, 1, None);
+    b.runtime.open(&rb).await.unwrap();
+    b.runtime.apply(&rb).await.unwrap();
+    let ra = assignment(
+        &dir.path().join("a"),
+        "r1",
+        ReplicaRole::Primary,
+        1,
+        Some(("r2", &b.address)),
+    );
+    a.runtime.open(&ra).await.unwrap();
+    a.runtime.apply(&ra).await.unwrap();
+    let backend: Arc<dyn BlockBackend> = a
+        .runtime
+        .exports()
+        .get("vol")
+        .expect("export of the primary")
+        .backend()
+        .clone();
+    let be = backend.clone();
+    blocking(move || {
+        be.write(0, &[3u8; 4096]).expect("write");
+        be.flush().expect("replicated flush");
+    })
+    .await;
+
+    // The replica learns epoch 2 (it was promoted, or follows a new primary).
+    b.runtime
+        .apply(&Assignment { epoch: 2, ..rb })
+        .await
+        .unwrap();
+    // The old primary's next barrier meets the newer epoch.
+    let be = backend.clone();
+    let flush = tokio::task::spawn_blocking(move || {
+        let _ = be.write(4096, &[4u8; 4096]);
+        be.flush()
+    });
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !a
+        .runtime
+        .status("r1")
+        .await
+        .and_then(|s| s.last_error)
+        .is_some_and(|e| e.contains("fenced"))
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the primary never reported being fenced by its peer"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let be = backend.clone();
+    let read = blocking(move || {
+        let mut buf = vec![0u8; 4096];
+        be.read(0, &mut buf)
+    })
+    .await;
+    assert!(read.is_err(), "a primary fenced by its peer served a read");
+    assert!(
+        flush.await.expect("flush task").is_err(),
+        "a fenced primary acknowledged a flush"
+    );
+}
