@@ -1377,6 +1377,52 @@ fn heartbeat_answers_give_the_primary_its_member_proof() {
     );
 }
 
+/// The proof dates from when the answered heartbeat left, never from when its answer
+/// came: a member may have persisted a newer epoch right after answering.
+#[test]
+fn the_member_proof_dates_from_the_heartbeat_not_its_answer() {
+    let mut n = Net::new(1, cfg(), &["p", "r0"]);
+    n.tick(1);
+    n.tick(1_000);
+    let sent_at = n.now;
+    let first = n.primary.member_proof_ms().expect("proof");
+    assert_eq!(
+        first, sent_at,
+        "the proof rests on the heartbeat sent at {sent_at}"
+    );
+    // The member stops answering (a hung peer); time passes, heartbeats go unanswered.
+    n.replicas[0].blackhole = true;
+    n.tick(1_000);
+    n.tick(1_000);
+    assert_eq!(
+        n.primary.member_proof_ms(),
+        Some(first),
+        "unanswered heartbeats must not renew the proof"
+    );
+}
+
+/// A member that has persisted a newer epoch answers no heartbeat at this one: the old
+/// primary's proof is gone at the member's first answer.
+#[test]
+fn a_member_at_a_newer_epoch_ends_the_member_proof() {
+    let mut n = Net::new(1, cfg(), &["p", "r0"]);
+    n.tick(1);
+    n.tick(1_000);
+    assert!(n.primary.member_proof_ms().is_some());
+    n.replicas[0].log.set_epoch(Epoch(2)).unwrap();
+    n.tick(1_000);
+    n.tick(1_000);
+    assert_eq!(n.primary.member_proof_ms(), None);
+}
+
+/// Without another committed member nobody else can be promoted: the proof holds alone.
+#[test]
+fn a_primary_without_other_members_holds_its_own_proof() {
+    let mut n = Net::new(1, cfg(), &["p"]);
+    n.tick(5_000);
+    assert_eq!(n.primary.member_proof_ms(), Some(n.now));
+}
+
 #[test]
 fn local_fsync_failure_fails_flushes_and_reports_the_disk() {
     let mut n = Net::new(1, cfg(), &["p", "r0"]);

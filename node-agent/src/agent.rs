@@ -95,6 +95,13 @@ pub struct Settings {
     /// FLUSH, so the WAL it holds is freed, in milliseconds.
     #[arg(long, default_value_t = engine::replication::PrimaryConfig::default().background_barrier_interval_ms)]
     pub background_barrier_interval_ms: u64,
+    /// How long a heartbeat answered by every in-sync member lets a primary serve without
+    /// a fresh Lease (through an API-server outage), in milliseconds; a promoted replica
+    /// waits this long after the last heartbeat it answered before serving. Must exceed
+    /// the heartbeat interval (1000 ms) plus a round trip, and should stay below the
+    /// Lease duration so an ordinary failover does not wait at all.
+    #[arg(long, default_value_t = EngineSettings::default().member_proof_window_ms)]
+    pub member_proof_window_ms: u64,
     /// Let attached devices wait for a restarted agent: each device's attach proxy (this
     /// binary's `attach-proxy` subcommand, which serves it) re-dials the NBD socket for
     /// up to 60 s. With false, their I/O fails as soon as the agent is gone.
@@ -200,6 +207,16 @@ impl Settings {
                 format!(
                     "{} must exceed the barrier timeout ({barrier_timeout_ms} ms), or writers fail before a stuck replica is escalated",
                     self.wal_full_timeout_ms
+                ),
+            ));
+        }
+        let heartbeat_ms = engine::replication::PrimaryConfig::default().heartbeat_interval_ms;
+        if self.member_proof_window_ms <= heartbeat_ms {
+            return Err(setting(
+                "member-proof-window-ms",
+                format!(
+                    "{} must exceed the heartbeat interval ({heartbeat_ms} ms), or a healthy primary loses its proof between heartbeats",
+                    self.member_proof_window_ms
                 ),
             ));
         }
@@ -426,6 +443,7 @@ impl Agent {
         engine_settings.primary.background_barrier_interval_ms =
             settings.background_barrier_interval_ms;
         engine_settings.volume.wal_full_timeout_ms = settings.wal_full_timeout_ms;
+        engine_settings.member_proof_window_ms = settings.member_proof_window_ms;
         let runtime = Arc::new(
             EngineRuntime::new(
                 engine_settings,

@@ -39,6 +39,12 @@ pub struct EngineSettings {
     /// The drain lets a planned primary move finish at once (the target then holds every
     /// entry); if it fails or times out the operator falls back to its promotion rule.
     pub demotion_drain_timeout_ms: u64,
+    /// How long, in milliseconds, an answered heartbeat lets a primary serve without a
+    /// fresh Lease: while every committed in-sync member answered one sent within this
+    /// window, no other member can have been promoted (a promoted member waits this long
+    /// after the last heartbeat it received before it serves). Keeps IO going through an
+    /// API-server outage. Must exceed the heartbeat interval plus a round trip.
+    pub member_proof_window_ms: u64,
 }
 
 impl Default for EngineSettings {
@@ -50,13 +56,15 @@ impl Default for EngineSettings {
             receiver: ReceiverConfig::default(),
             export_remove_wait_ms: 5_000,
             demotion_drain_timeout_ms: 5_000,
+            member_proof_window_ms: 3_000,
         }
     }
 }
 
-/// Decides whether a local primary may serve IO right now (the agent's Lease fence:
-/// once renewals stop, the operator may promote elsewhere, so this node must stop
-/// acknowledging writes first).
+/// Decides whether a local primary may serve IO right now on the strength of the
+/// agent's Lease (once renewals stop, the operator may promote elsewhere, so this node
+/// must stop acknowledging first). A primary also serves while its member proof is
+/// fresh (see [`EngineSettings::member_proof_window_ms`]).
 pub type IoFence = Arc<dyn Fn() -> bool + Send + Sync>;
 
 /// What a running local primary keeps beside its driver.
@@ -100,6 +108,9 @@ pub struct EngineRuntime {
     /// Counts NBD traffic of the exports this runtime publishes, when set.
     nbd_metrics: Option<NbdMetrics>,
     serving: LocalPrimaries,
+    /// When this runtime started: heartbeats answered by an earlier agent process came
+    /// before it.
+    started: std::time::Instant,
 }
 
 /// One local replica's reported status and WAL usage, sampled for metrics.
@@ -252,6 +263,7 @@ impl EngineRuntime {
             roles: Mutex::new(BTreeMap::new()),
             nbd_metrics: None,
             serving: LocalPrimaries::default(),
+            started: std::time::Instant::now(),
         }
     }
 
@@ -458,7 +470,16 @@ impl EngineRuntime {
         tracing::info!(volume, "primary stopped");
     }
 
-    fn start_primary(&self, a: &Assignment, l: &mut Local) -> Result<(), RuntimeError> {
+    fn proof_window(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.settings.member_proof_window_ms)
+    }
+
+    fn start_primary(
+        &self,
+        a: &Assignment,
+        l: &mut Local,
+        serve_after: std::time::Instant,
+    ) -> Result<(), RuntimeError> {
         let (vid, rid) = Self::ids(a)?;
         let members = a
             .in_sync_set
@@ -526,7 +547,12 @@ impl EngineRuntime {
             fenced: AtomicBool::new(false),
             fence: self.fence.clone(),
             min_epoch,
+            proof_window: self.proof_window(),
+            serve_after,
         });
+        if serve_after > std::time::Instant::now() {
+            tracing::info!(volume = %a.volume, epoch = a.epoch, wait_ms = serve_after.saturating_duration_since(std::time::Instant::now()).as_millis() as u64, "promoted primary waits out the previous primary's member proof");
+        }
         // A stale export of this volume (an earlier primary term) must not survive.
         if self.exports.get(&a.volume).is_some() {
             tracing::warn!(volume = %a.volume, "replacing a stale NBD export");
@@ -629,6 +655,20 @@ impl ReplicaRuntime for EngineRuntime {
             .map_err(|e| failed(&a.replica_id, format!("persist epoch {}: {e}", a.epoch)))?;
         match a.role {
             ReplicaRole::Primary => {
+                // A promotion (a newer epoch over an earlier one) waits until the old
+                // primary's member proof, which may rest on heartbeats this replica
+                // answered, has run out. Heartbeats answered by an earlier agent process
+                // came before this runtime started.
+                let last_answer = if l.hosted {
+                    self.receiver.last_heartbeat(&vid)
+                } else {
+                    None
+                };
+                let serve_after = if persisted > 0 && a.epoch > persisted {
+                    last_answer.unwrap_or(self.started) + self.proof_window()
+                } else {
+                    std::time::Instant::now()
+                };
                 if l.hosted {
                     self.receiver.unhost(&vid);
                     l.hosted = false;
@@ -662,7 +702,7 @@ impl ReplicaRuntime for EngineRuntime {
                         }
                     }
                     None => {
-                        if let Err(e) = self.start_primary(a, l) {
+                        if let Err(e) = self.start_primary(a, l, serve_after) {
                             l.last_error = Some(e.to_string());
                             return Err(e);
                         }
@@ -685,7 +725,7 @@ impl ReplicaRuntime for EngineRuntime {
     }
 
     async fn status(&self, replica_id: &str) -> Option<BlockReplicaStatus> {
-        let (vol, a, snapshot, seen, last_error) = {
+        let (vol, a, snapshot, seen, backend, last_error) = {
             let m = self.replicas.lock().await;
             let l = m.get(replica_id)?;
             let a = l.applied.clone()?;
@@ -695,6 +735,7 @@ impl ReplicaRuntime for EngineRuntime {
                 a,
                 p.map(|p| p.handle.clone()),
                 p.map(|p| p.seen.clone()),
+                p.map(|p| p.backend.clone()),
                 l.last_error.clone(),
             )
         };
@@ -724,9 +765,11 @@ impl ReplicaRuntime for EngineRuntime {
                     // operator promote another member.
                     st.state = ReplicaState::Failed;
                     st.last_error = Some(api::PRIMARY_DISK_FAILED_ERROR.into());
-                } else if !(self.fence)() {
+                } else if let Some(Err(e)) = backend.as_ref().map(|b| b.check_writable()) {
+                    // Fenced (no Lease and no member proof, or deposed), or a promoted
+                    // primary still waiting out its predecessor's proof: not serving.
                     st.state = ReplicaState::Disconnected;
-                    st.last_error = Some("the node's Lease is not fresh: IO is fenced".into());
+                    st.last_error = Some(e.to_string());
                 }
                 if let Some(snap) = snap {
                     st.peers = snap
@@ -807,6 +850,10 @@ pub struct ReplicatedBackend {
     /// epoch has been applied, so a deposed primary never serves a read after it could
     /// have learnt of its demotion.
     min_epoch: Arc<AtomicU64>,
+    proof_window: std::time::Duration,
+    /// A promoted primary serves from this moment on: the previous primary's member
+    /// proof may rest on heartbeats this replica answered until then.
+    serve_after: std::time::Instant,
 }
 
 impl ReplicatedBackend {
@@ -825,12 +872,28 @@ impl ReplicatedBackend {
                 format!("epoch {wanted} exists; this primary at epoch {mine} is fenced")
             }));
         }
-        if !(self.fence)() {
+        if !self.has_proof() {
             return Err(BackendError::Io(
-                "the node's Lease is not fresh; IO is fenced".into(),
+                "the node's Lease is not fresh and not every in-sync member answered a recent heartbeat; IO is fenced".into(),
             ));
         }
+        let now = std::time::Instant::now();
+        if now < self.serve_after {
+            return Err(BackendError::Io(format!(
+                "promoted primary waits {} ms more for the previous primary's member proof to run out",
+                self.serve_after.duration_since(now).as_millis()
+            )));
+        }
         Ok(())
+    }
+
+    /// A fresh Lease renewal, or a fresh member proof (DESIGN invariant 3).
+    fn has_proof(&self) -> bool {
+        (self.fence)()
+            || self
+                .handle
+                .member_proof_age()
+                .is_some_and(|age| age < self.proof_window)
     }
 }
 

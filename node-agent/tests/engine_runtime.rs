@@ -15,6 +15,8 @@ use node_agent::runtime::{EngineRuntime, EngineSettings, VOLUME_FILE_NAME};
 
 const SECRET: &[u8] = b"runtime-test-secret";
 const SIZE: u64 = 8 << 20;
+/// Above the 1 s heartbeat interval plus a round trip, short enough for tests.
+const PROOF_WINDOW_MS: u64 = 1_500;
 
 struct Node {
     runtime: EngineRuntime,
@@ -34,6 +36,7 @@ async fn node(name: &str) -> Node {
     let l = live.clone();
     let settings = EngineSettings {
         wal_size_bytes: 4 << 20,
+        member_proof_window_ms: PROOF_WINDOW_MS,
         ..EngineSettings::default()
     };
     let runtime = EngineRuntime::new(
@@ -86,6 +89,29 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
     tokio::task::spawn_blocking(f).await.expect("blocking task")
 }
 
+/// Waits until `backend` serves: a new primary serves once its members answered a
+/// heartbeat (or its Lease is fresh) and, after a promotion, once the previous
+/// primary's member proof ran out.
+async fn until_serving(backend: &Arc<dyn BlockBackend>) {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        let be = backend.clone();
+        let r = blocking(move || {
+            let mut buf = vec![0u8; 4096];
+            be.read(0, &mut buf)
+        })
+        .await;
+        match r {
+            Ok(()) => return,
+            Err(e) => assert!(
+                tokio::time::Instant::now() < deadline,
+                "the primary never served: {e}"
+            ),
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn primary_flush_reaches_the_replica_and_demotion_fences_the_export() {
     let dir = tempfile::tempdir().unwrap();
@@ -135,13 +161,20 @@ async fn primary_flush_reaches_the_replica_and_demotion_fences_the_export() {
         sa.peers
     );
 
-    // Without a fresh Lease the primary stops serving IO.
+    // Without a fresh Lease the primary keeps serving while its member answers
+    // heartbeats (an API-server outage alone does not stop IO).
     a.live.store(false, Ordering::Release);
+    until_serving(&backend).await;
     let be = backend.clone();
-    assert!(blocking(move || be.write(0, &[1u8; 4096])).await.is_err());
+    blocking(move || {
+        be.write(0, &[1u8; 4096])
+            .expect("write on the member proof alone");
+        be.flush().expect("flush on the member proof alone");
+    })
+    .await;
     assert_eq!(
         a.runtime.status("r1").await.unwrap().state,
-        ReplicaState::Disconnected
+        ReplicaState::Serving
     );
     a.live.store(true, Ordering::Release);
 
@@ -248,6 +281,7 @@ async fn graceful_demotion_drains_unflushed_writes_to_the_replica_before_stoppin
     );
     b.runtime.apply(&promoted).await.unwrap();
     let nb: Arc<dyn BlockBackend> = b.runtime.exports().get("vol").unwrap().backend().clone();
+    until_serving(&nb).await;
     let got = blocking(move || {
         let mut buf = vec![0u8; 32 * 4096];
         nb.read(0, &mut buf).expect("read");
@@ -302,10 +336,13 @@ async fn shrinking_a_replica_is_refused() {
     );
 }
 
-/// A flush waiting for an unreachable member when the Lease runs out is not acknowledged
-/// when the wait ends: the Lease may have let another member become primary meanwhile.
+/// A flush waiting for an unreachable member when the Lease runs out is acknowledged
+/// only on proof that nobody else can be primary: here the operator committed the set
+/// without the dead member, so only this primary can ever be promoted (the member proof
+/// of a primary alone in its set holds by itself). Without that commit the flush waits
+/// (and fails at its timeout): the dead member might have been promoted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_flush_outliving_the_lease_is_not_acknowledged() {
+async fn a_flush_outliving_the_lease_is_acknowledged_only_on_a_proof() {
     let dir = tempfile::tempdir().unwrap();
     let a = node("a").await;
     // A member nobody answers for: the flush waits for the control plane.
@@ -345,12 +382,24 @@ async fn a_flush_outliving_the_lease_is_not_acknowledged() {
         );
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
+    // The Lease runs out: no proof at all (r2 never answered), so nothing is served.
+    a.live.store(false, Ordering::Release);
     assert!(
         !flush.is_finished(),
         "the flush must still be waiting for r2"
     );
-    // The Lease runs out, then the smaller set is committed and the wait ends.
-    a.live.store(false, Ordering::Release);
+    let probe: Arc<dyn BlockBackend> = a
+        .runtime
+        .exports()
+        .get("vol")
+        .expect("export of the primary")
+        .backend()
+        .clone();
+    let e = blocking(move || probe.write(8192, &[1u8; 4096]))
+        .await
+        .expect_err("a write was accepted without a Lease or a member proof");
+    assert!(e.to_string().contains("fenced"), "{e}");
+    // The smaller set is committed: the wait ends.
     let alone = Assignment {
         peers: vec![],
         in_sync_set: vec!["r1".into()],
@@ -362,8 +411,110 @@ async fn a_flush_outliving_the_lease_is_not_acknowledged() {
         .await
         .expect("the flush ends once the set is committed")
         .expect("flush task");
-    let e = result.expect_err("a flush finishing after the Lease ran out was acknowledged");
-    assert!(e.to_string().contains("Lease"), "{e}");
+    result.expect("with r2 out of the committed set, this primary alone can serve");
+}
+
+/// Without a Lease and without answers from its members, a primary stops within the
+/// member-proof window; a member promoted meanwhile waits out that window after the
+/// last heartbeat it answered before it serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_lease_or_member_answers_the_primary_stops_and_the_promoted_one_waits() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (node("a").await, node("b").await);
+    let rb = assignment(&dir.path().join("b"), "r2", ReplicaRole::Replica, 1, None);
+    b.runtime.open(&rb).await.unwrap();
+    b.runtime.apply(&rb).await.unwrap();
+    let ra = assignment(
+        &dir.path().join("a"),
+        "r1",
+        ReplicaRole::Primary,
+        1,
+        Some(("r2", &b.address)),
+    );
+    a.runtime.open(&ra).await.unwrap();
+    a.runtime.apply(&ra).await.unwrap();
+    let old: Arc<dyn BlockBackend> = a
+        .runtime
+        .exports()
+        .get("vol")
+        .expect("export of the primary")
+        .backend()
+        .clone();
+    let be = old.clone();
+    blocking(move || {
+        be.write(0, &[6u8; 4096]).expect("write");
+        be.flush().expect("flush");
+    })
+    .await;
+    // Give r2 a heartbeat to answer, so its promotion below must wait.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    a.live.store(false, Ordering::Release);
+    loop {
+        let be = old.clone();
+        if blocking(move || be.write(0, &[6u8; 4096])).await.is_ok() {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the member proof never held"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+
+    // The operator promotes r2 at epoch 2 (the old primary's Lease expired).
+    let promoted = Assignment {
+        role: ReplicaRole::Primary,
+        epoch: 2,
+        peers: vec![],
+        in_sync_set: vec!["r2".into()],
+        in_sync_set_generation: 2,
+        ..rb.clone()
+    };
+    let t0 = std::time::Instant::now();
+    b.runtime.apply(&promoted).await.unwrap();
+    let new: Arc<dyn BlockBackend> = b
+        .runtime
+        .exports()
+        .get("vol")
+        .expect("export of the promoted primary")
+        .backend()
+        .clone();
+    let be = new.clone();
+    let early = blocking(move || be.write(4096, &[7u8; 4096])).await;
+    let early_err = early.expect_err("the promoted primary served before the old proof ran out");
+    assert!(
+        early_err.to_string().contains("member proof"),
+        "{early_err}"
+    );
+
+    // The old primary loses its proof (r2 answers nothing at epoch 1 any more) and
+    // stops; the new one starts serving; the old one stopped first.
+    let mut old_stopped = None;
+    let mut new_serving = None;
+    while old_stopped.is_none() || new_serving.is_none() {
+        assert!(
+            tokio::time::Instant::now() < deadline + std::time::Duration::from_secs(10),
+            "old stopped {old_stopped:?}, new serving {new_serving:?}"
+        );
+        if old_stopped.is_none() {
+            let be = old.clone();
+            if blocking(move || be.write(0, &[8u8; 4096])).await.is_err() {
+                old_stopped = Some(t0.elapsed());
+            }
+        }
+        if new_serving.is_none() {
+            let be = new.clone();
+            if blocking(move || be.write(4096, &[7u8; 4096])).await.is_ok() {
+                new_serving = Some(t0.elapsed());
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let (old_stopped, new_serving) = (old_stopped.unwrap(), new_serving.unwrap());
+    assert!(
+        old_stopped <= new_serving,
+        "the new primary served at {new_serving:?}, the old one stopped only at {old_stopped:?}"
+    );
 }
 
 /// After a Lease lapse the agent re-reads its assignments from the API server: a primary

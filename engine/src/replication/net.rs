@@ -234,6 +234,9 @@ pub(crate) fn spawn_writer<T: Into<Message> + Send + 'static>(
 struct Hosted {
     core: ReceiverCore,
     log: VolumeLog,
+    /// When the last heartbeat from a primary arrived: every answer to it was sent
+    /// later, so a primary's member proof resting on this replica is never newer.
+    last_heartbeat: Option<Instant>,
 }
 
 struct ConnEntry {
@@ -307,6 +310,11 @@ impl ServerShared {
         // Anything that may fsync (a barrier, an entry completing one), wait for WAL
         // space, or read the log for a rebuild runs in `block_in_place`.
         let mut h = lock(hosted);
+        if let ReceiverInput::Received { msg, .. } = &input
+            && matches!(msg.body, Body::Heartbeat { .. })
+        {
+            h.last_heartbeat = Some(Instant::now());
+        }
         let inline = match &input {
             ReceiverInput::Received { msg, .. } => match &msg.body {
                 Body::Entry(e) => {
@@ -317,13 +325,13 @@ impl ServerShared {
             _ => false,
         };
         let actions = if inline {
-            let Hosted { core, log } = &mut *h;
+            let Hosted { core, log, .. } = &mut *h;
             core.step(now, input, log)
         } else {
             drop(h);
             tokio::task::block_in_place(|| {
                 let mut h = lock(hosted);
-                let Hosted { core, log } = &mut *h;
+                let Hosted { core, log, .. } = &mut *h;
                 core.step(now, input, log)
             })
         };
@@ -390,6 +398,7 @@ impl ReceiverServer {
         let hosted = Hosted {
             core: ReceiverCore::new(id.clone(), cfg),
             log: VolumeLog::new(vol),
+            last_heartbeat: None,
         };
         lock(&self.shared.volumes).insert(id, Arc::new(Mutex::new(hosted)));
     }
@@ -399,6 +408,14 @@ impl ReceiverServer {
     /// was hosted.
     pub fn unhost(&self, id: &VolumeId) -> bool {
         lock(&self.shared.volumes).remove(id).is_some()
+    }
+
+    /// When a heartbeat for volume `id` last arrived here (`None` if none did, or it is
+    /// not hosted). A replica promoted to primary waits until the member-proof window
+    /// has passed since then, so the old primary's proof has run out before it serves.
+    pub fn last_heartbeat(&self, id: &VolumeId) -> Option<Instant> {
+        let hosted = lock(&self.shared.volumes).get(id).cloned()?;
+        lock(&hosted).last_heartbeat
     }
 
     /// Installs the executor of forwarded block IO (see [`ForwardHandler`]).
@@ -602,6 +619,29 @@ struct LocalGate {
     acked: AtomicU64,
 }
 
+/// The driver's latest member proof (see `PrimaryCore::member_proof_ms`), readable
+/// without a round trip to the driver: IO checks it on every request.
+struct MemberProof {
+    start: Instant,
+    /// Proof time in the driver's milliseconds plus one; 0 while there is none.
+    at_ms_plus_one: AtomicU64,
+}
+
+impl MemberProof {
+    fn publish(&self, proof_ms: Option<u64>) {
+        self.at_ms_plus_one.store(
+            proof_ms.map_or(0, |m| m.saturating_add(1)),
+            Ordering::Release,
+        );
+    }
+
+    fn age(&self) -> Option<Duration> {
+        let v = self.at_ms_plus_one.load(Ordering::Acquire);
+        let at = self.start + Duration::from_millis(v.checked_sub(1)?);
+        Some(Instant::now().saturating_duration_since(at))
+    }
+}
+
 /// Handle to a running primary driver.
 pub struct PrimaryHandle {
     tx: mpsc::UnboundedSender<Cmd>,
@@ -609,9 +649,18 @@ pub struct PrimaryHandle {
     vol: Arc<Volume>,
     reports: tokio::sync::Mutex<mpsc::Receiver<Report>>,
     local_gate: Arc<LocalGate>,
+    proof: Arc<MemberProof>,
 }
 
 impl PrimaryHandle {
+    /// How old the member proof is: every committed in-sync member answered a heartbeat
+    /// at this primary's epoch that was sent that long ago. `None` while some member has
+    /// not answered (or the primary is fenced or failed). With no other committed
+    /// member the proof is always fresh.
+    pub fn member_proof_age(&self) -> Option<Duration> {
+        self.proof.age()
+    }
+
     /// Group-committed flush: resolves with the acked LSN, or the reason it failed.
     pub async fn flush(&self) -> Result<Lsn, String> {
         let (tx, rx) = oneshot::channel();
@@ -868,6 +917,7 @@ struct Driver {
     report_tx: mpsc::Sender<Report>,
     overflow: Arc<AtomicBool>,
     local_gate: Arc<LocalGate>,
+    proof: Arc<MemberProof>,
 }
 
 /// Starts the primary driver for `vol` (at `epoch`, already persisted) and attaches the
@@ -907,11 +957,16 @@ pub fn spawn_primary(
         &log,
     );
     let local_gate = Arc::new(LocalGate::default());
+    let start = Instant::now();
+    let proof = Arc::new(MemberProof {
+        start,
+        at_ms_plus_one: AtomicU64::new(0),
+    });
     let mut d = Driver {
         core,
         log,
         cfg,
-        start: Instant::now(),
+        start,
         tx: tx.clone(),
         conns: HashMap::new(),
         transport,
@@ -923,6 +978,7 @@ pub fn spawn_primary(
         report_tx,
         overflow,
         local_gate: local_gate.clone(),
+        proof: proof.clone(),
     };
     let task = tokio::spawn(async move {
         d.step(Input::PeersAssigned(peers));
@@ -951,6 +1007,7 @@ pub fn spawn_primary(
         vol,
         reports: tokio::sync::Mutex::new(report_rx),
         local_gate,
+        proof,
     }
 }
 
@@ -1028,6 +1085,7 @@ impl Driver {
         self.step_core(input);
         let local_only = self.core.gate_is_local_only();
         self.local_gate.open.store(local_only, Ordering::SeqCst);
+        self.proof.publish(self.core.member_proof_ms());
     }
 
     fn step_core(&mut self, input: Input) {

@@ -258,6 +258,10 @@ struct Sender {
     catchup_failures: u32,
     next_connect_ms: u64,
     last_contact_ms: u64,
+    /// When the newest heartbeat this member answered at this primary's epoch was sent
+    /// (0: none yet). A member answers at an epoch only while it has not persisted a
+    /// newer one, so until `proof_ms` + the proof window nobody else is primary.
+    proof_ms: u64,
     /// When this member was assigned; starts its retention budget before first contact.
     assigned_ms: u64,
     hold: Option<HoldId>,
@@ -275,6 +279,10 @@ struct PendingFlush {
     lsn: Lsn,
     at_ms: u64,
 }
+
+/// Heartbeats whose send time is kept for the member proof; an answer to an older one
+/// proves nothing newer than the proofs already held.
+const HEARTBEATS_TRACKED: usize = 16;
 
 /// The primary's replication core for one volume.
 #[derive(Debug)]
@@ -301,6 +309,9 @@ pub struct PrimaryCore {
     next_barrier: u64,
     heartbeat_seq: u64,
     last_heartbeat_ms: u64,
+    /// (sequence, send time) of the newest heartbeats, so an answer proves liveness as
+    /// of the moment its heartbeat left, never later.
+    heartbeats_sent: VecDeque<(u64, u64)>,
     fenced: Option<Epoch>,
     disk_failed: bool,
     events: Vec<RecoveryEvent>,
@@ -359,6 +370,7 @@ impl PrimaryCore {
             next_barrier: 0,
             heartbeat_seq: 0,
             last_heartbeat_ms: 0,
+            heartbeats_sent: VecDeque::new(),
             fenced: None,
             disk_failed: false,
             events: Vec::new(),
@@ -414,18 +426,27 @@ impl PrimaryCore {
     pub fn pending_flushes(&self) -> usize {
         self.pending.len()
     }
-    /// Latest time every committed member answered (barrier or heartbeat) - the read-fencing
-    /// proof that this primary is still primary. `None` if some member never answered.
+    /// The member proof of DESIGN invariant 3: the send time of the oldest among the
+    /// newest heartbeats each committed in-sync member answered at this epoch. Only a
+    /// committed member can be promoted, and a member stops answering at this epoch once
+    /// it has persisted a newer one, so no other primary serves before this moment plus
+    /// the proof window (a promoted member waits out that window after its last answer).
+    /// `None` while some committed member has not answered, or this primary is fenced or
+    /// failed. With no other committed member the proof holds by itself (nobody else
+    /// can be promoted), so it is `now`.
     pub fn member_proof_ms(&self) -> Option<u64> {
-        let mut min: Option<u64> = None;
+        if self.fenced.is_some() || self.disk_failed {
+            return None;
+        }
+        let mut min = self.now;
         for m in &self.committed {
             let s = self.senders.get(m)?;
-            if s.last_contact_ms == 0 {
+            if s.proof_ms == 0 {
                 return None;
             }
-            min = Some(min.map_or(s.last_contact_ms, |v| v.min(s.last_contact_ms)));
+            min = min.min(s.proof_ms);
         }
-        min
+        Some(min)
     }
     /// Structured recovery log since the last call.
     pub fn take_events(&mut self) -> Vec<RecoveryEvent> {
@@ -725,6 +746,7 @@ impl PrimaryCore {
                             catchup_failures: 0,
                             next_connect_ms: 0,
                             last_contact_ms: 0,
+                            proof_ms: 0,
                             assigned_ms: self.now,
                             hold: None,
                             counting,
@@ -1048,7 +1070,16 @@ impl PrimaryCore {
                 status,
                 flushed,
             } => self.on_barrier_response(&id, bid, status, flushed, log),
-            Body::HeartbeatAck { .. } => {}
+            Body::HeartbeatAck { seq } => {
+                let sent = self
+                    .heartbeats_sent
+                    .iter()
+                    .find(|(q, _)| *q == seq)
+                    .map(|(_, at)| *at);
+                if let (Some(at), Some(s)) = (sent, self.senders.get_mut(&id)) {
+                    s.proof_ms = s.proof_ms.max(at);
+                }
+            }
             Body::Error {
                 code,
                 current_epoch,
@@ -1498,6 +1529,10 @@ impl PrimaryCore {
             self.last_heartbeat_ms = now;
             self.heartbeat_seq += 1;
             let seq = self.heartbeat_seq;
+            if self.heartbeats_sent.len() >= HEARTBEATS_TRACKED {
+                self.heartbeats_sent.pop_front();
+            }
+            self.heartbeats_sent.push_back((seq, now));
             let conns: Vec<ConnId> = self
                 .senders
                 .values()
