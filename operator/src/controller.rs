@@ -51,6 +51,10 @@ pub struct ControllerSettings {
     pub deletion_poll_ms: u64,
     /// Concurrent reconciles.
     pub concurrency: u16,
+    /// Reading the API server taking at least this long, in milliseconds, counts as a
+    /// gap in this operator's view: node Leases it saw before may have missed renewals
+    /// that could not reach the server, so their expiry counts from the end of it.
+    pub api_gap_ms: u64,
 }
 
 impl Default for ControllerSettings {
@@ -64,6 +68,7 @@ impl Default for ControllerSettings {
             error_backoff_max_ms: 60_000,
             deletion_poll_ms: 1_000,
             concurrency: 4,
+            api_gap_ms: 2_000,
         }
     }
 }
@@ -212,21 +217,35 @@ async fn observe(ctx: &Context, volume: &str) -> Result<Observation> {
     let nodes_api: Api<BlockNode> = Api::all(ctx.client.clone());
     let leases_api: Api<Lease> =
         Api::namespaced(ctx.client.clone(), &ctx.settings.node_lease_namespace);
+    // A failed or slow LIST means this process did not see the API server for a while:
+    // the Lease expiry clocks restart at its end (see `LeaseObserver::api_gap`).
+    let started = std::time::Instant::now();
+    let gap = |e: kube::Error| {
+        ctx.lease_observer.api_gap(std::time::Instant::now());
+        Error::Kube(e)
+    };
     let all_replicas = replicas_api
         .list(&ListParams::default())
         .await
-        .map_err(Error::Kube)?
+        .map_err(gap)?
         .items;
     let nodes = nodes_api
         .list(&ListParams::default())
         .await
-        .map_err(Error::Kube)?
+        .map_err(gap)?
         .items;
     let leases = leases_api
         .list(&ListParams::default())
         .await
-        .map_err(Error::Kube)?
+        .map_err(gap)?
         .items;
+    if started.elapsed() >= Duration::from_millis(ctx.settings.api_gap_ms) {
+        tracing::warn!(
+            took_ms = started.elapsed().as_millis() as u64,
+            "reading the API server was slow; node Lease expiry counts from now"
+        );
+        ctx.lease_observer.api_gap(std::time::Instant::now());
+    }
     let now = now_seconds();
     let replicas = all_replicas
         .iter()

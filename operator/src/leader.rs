@@ -40,12 +40,31 @@ pub fn lease_expired(spec: &LeaseSpec, now: Timestamp) -> bool {
 /// holder) says so *and* this process has not seen the record change for a whole lease
 /// duration by its own monotonic clock (the client-go leader-election rule). A fresh
 /// process therefore waits one full duration before it declares anything expired.
+///
+/// The same holds after this process could not see the API server for a while
+/// ([`LeaseObserver::api_gap`]): an outage of the API server stops every agent's
+/// renewals at once, and when it ends every Lease looks stale until the agents renew
+/// again. Expiry then counts from the end of the gap, so an outage alone never promotes
+/// anything (primaries keep serving on their member proof meanwhile).
 #[derive(Debug, Default)]
 pub struct LeaseObserver {
     seen: Mutex<BTreeMap<String, (String, Instant)>>,
+    /// Since when this process has seen the API server without a gap.
+    watching_since: Mutex<Option<Instant>>,
 }
 
 impl LeaseObserver {
+    /// This process could not observe the API server from some time until `until` (a
+    /// failed or very slow request): Lease records seen before then say nothing about
+    /// renewals that could not reach the server meanwhile.
+    pub fn api_gap(&self, until: Instant) {
+        let mut w = match self.watching_since.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        *w = Some(w.map_or(until, |t| t.max(until)));
+    }
+
     /// Records the Lease `name` at `version` (its resourceVersion) and says whether it
     /// has expired at `now` (wall clock) / `local_now` (this process's clock).
     pub fn expired_at(
@@ -73,6 +92,11 @@ impl LeaseObserver {
             }
             entry.1
         };
+        let since = match self.watching_since.lock() {
+            Ok(g) => *g,
+            Err(p) => *p.into_inner(),
+        };
+        let observed = since.map_or(observed, |s| observed.max(s));
         let duration = Duration::from_secs(
             u64::try_from(spec.lease_duration_seconds.unwrap_or(0)).unwrap_or(0),
         );
@@ -290,5 +314,25 @@ mod tests {
         let mut released = fresh.clone();
         released.holder_identity = None;
         assert!(o.expired_at("n", &released, "1", now, t0));
+    }
+
+    /// After an API-server outage every Lease looks stale: expiry counts from the end
+    /// of the gap, so the agents get a whole duration to renew before any promotion.
+    #[test]
+    fn an_api_gap_restarts_every_expiry_clock() {
+        let now = Timestamp::from_second(1_800_000_000).unwrap();
+        let t0 = Instant::now();
+        let later = |s| t0 + Duration::from_secs(s);
+        let o = LeaseObserver::default();
+        let stale = spec(Some(100), 10, now);
+        assert!(!o.expired_at("l", &stale, "1", now, t0));
+        // Unchanged for a whole duration, but the server was unreachable until 30 s.
+        o.api_gap(later(30));
+        assert!(!o.expired_at("l", &stale, "1", now, later(31)));
+        assert!(!o.expired_at("l", &stale, "1", now, later(39)));
+        assert!(o.expired_at("l", &stale, "1", now, later(40)));
+        // An older gap reported late never moves the clock back.
+        o.api_gap(later(20));
+        assert!(o.expired_at("l", &stale, "1", now, later(40)));
     }
 }
