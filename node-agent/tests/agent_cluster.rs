@@ -177,6 +177,7 @@ fn operator(client: &Client) -> Task {
         deletion_poll_ms: 200,
         concurrency: 2,
         moves: Default::default(),
+        ..Default::default()
     };
     let ctx = Arc::new(Context::new(
         client.clone(),

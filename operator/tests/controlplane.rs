@@ -159,6 +159,7 @@ fn settings() -> ControllerSettings {
         deletion_poll_ms: 200,
         concurrency: 2,
         moves: Default::default(),
+        ..Default::default()
     }
 }
 
