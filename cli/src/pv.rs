@@ -244,6 +244,53 @@ mod tests {
         assert_eq!(pv.spec.unwrap().capacity.unwrap()["storage"].0, "10Gi");
     }
 
+    /// The README's example is what `pv db-data` prints for the README's 10Gi volume,
+    /// so the documented way to use a `kubectl apply`'d volume cannot drift.
+    #[test]
+    fn the_readme_static_pv_example_is_what_the_command_prints() {
+        const MARKER: &str = "<!-- static-pv-example:";
+        let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"))
+            .expect("README.md");
+        let start = readme
+            .find(MARKER)
+            .expect("the README marks its static PV example");
+        let body = &readme[start..];
+        let body = &body[body.find("```yaml\n").expect("a yaml block") + 8..];
+        let body = &body[..body.find("```").expect("the block ends")];
+        let docs: Vec<serde_json::Value> = body
+            .split("\n---\n")
+            .map(|d| serde_norway::from_str(d).expect("README YAML parses"))
+            .collect();
+        let v = volume("db-data", "10Gi");
+        let (pv, pvc) = objects(
+            &v,
+            &StaticPv {
+                pv_name: "db-data".into(),
+                claim_name: "db-data".into(),
+                claim_namespace: "default".into(),
+                fs_type: "ext4".into(),
+                mode: VolumeMode::Filesystem,
+            },
+        )
+        .unwrap();
+        let printed: Vec<serde_json::Value> = to_yaml(&pv, &pvc)
+            .unwrap()
+            .split("\n---\n")
+            .skip(1)
+            .map(|d| serde_norway::from_str(d).unwrap())
+            .collect();
+        assert_eq!(
+            docs[..2],
+            printed[..],
+            "README example and `pv` output differ"
+        );
+        assert_eq!(docs[2]["kind"], "Pod");
+        assert_eq!(
+            docs[2]["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"],
+            "db-data"
+        );
+    }
+
     #[test]
     fn yaml_is_two_documents_with_kinds() {
         let v = volume("db-data", "1Gi");
