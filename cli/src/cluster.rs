@@ -44,17 +44,17 @@ impl Cluster {
             .volumes()
             .list(&ListParams::default())
             .await
-            .map_err(|e| Error::kube("listing BlockVolumes", e))?
+            .map_err(|e| Error::kube_list("listing BlockVolumes", e))?
             .items;
         let replicas = Api::<BlockReplica>::all(self.client.clone())
             .list(&ListParams::default())
             .await
-            .map_err(|e| Error::kube("listing BlockReplicas", e))?
+            .map_err(|e| Error::kube_list("listing BlockReplicas", e))?
             .items;
         let nodes = Api::<BlockNode>::all(self.client.clone())
             .list(&ListParams::default())
             .await
-            .map_err(|e| Error::kube("listing BlockNodes", e))?
+            .map_err(|e| Error::kube_list("listing BlockNodes", e))?
             .items;
         let pvs = self.blockvol_pvs().await.ok();
         let leases = self.agent_leases().await.ok();
@@ -103,7 +103,7 @@ impl Cluster {
         Ok(Api::<BlockReplica>::all(self.client.clone())
             .list(&lp)
             .await
-            .map_err(|e| Error::kube(format!("listing the BlockReplicas of {volume}"), e))?
+            .map_err(|e| Error::kube_list(format!("listing the BlockReplicas of {volume}"), e))?
             .items)
     }
 

@@ -73,6 +73,11 @@ pub enum Error {
         "cannot reach the Kubernetes API ({0}); check KUBECONFIG or --kubeconfig and `kubectl cluster-info`"
     )]
     Connect(String),
+    #[error(
+        "{what}: the blockvol CRDs are not installed in this cluster; apply them with \
+         `kubectl apply --server-side -f deploy/crds/` (or install the Helm chart)"
+    )]
+    CrdsMissing { what: String },
     #[error("{what}: {source}")]
     Kube {
         what: String,
@@ -86,7 +91,7 @@ pub enum Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
-    /// A Kubernetes API error while doing `what` (a phrase such as "listing BlockVolumes").
+    /// A Kubernetes API error while doing `what` (a phrase such as "reading BlockVolume x").
     pub fn kube(what: impl Into<String>, source: kube::Error) -> Error {
         let what = what.into();
         let what = match &source {
@@ -94,19 +99,18 @@ impl Error {
                 "{what} was forbidden; your user needs RBAC access to it \
                  (`kubectl auth can-i --list` shows what you may do)"
             ),
-            kube::Error::Api(s)
-                if s.code == 404
-                    && s.message
-                        .contains("the server could not find the requested resource") =>
-            {
-                format!(
-                    "{what}: the blockvol CRDs are not installed; apply them with \
-                 `kubectl apply --server-side -f deploy/crds/`"
-                )
-            }
             _ => what,
         };
         Error::Kube { what, source }
+    }
+
+    /// An error listing a blockvol kind: a 404 on a list means the kind is not served,
+    /// i.e. the CRDs are not installed.
+    pub fn kube_list(what: impl Into<String>, source: kube::Error) -> Error {
+        if is_not_found(&source) {
+            return Error::CrdsMissing { what: what.into() };
+        }
+        Error::kube(what, source)
     }
 }
 

@@ -310,15 +310,24 @@ async fn plugin_reads_and_steers_blockvol_objects_on_a_real_api_server() {
     })
     .await
     .unwrap_or_else(|e| panic!("starting the control plane: {e}"));
-    cp.apply_crds(&e2e::crds_dir())
-        .await
-        .unwrap_or_else(|e| panic!("applying CRDs: {e}"));
-    write_objects(&cp).await;
     let dir = tempfile::tempdir().expect("temp dir");
     let plugin = Plugin {
         cp: &cp,
         dir: dir.path(),
     };
+    if !cp.is_external() {
+        let err = plugin.fails(&["get", "volumes"]).await;
+        assert!(
+            err.contains(
+                "listing BlockVolumes: the blockvol CRDs are not installed in this cluster"
+            ),
+            "{err}"
+        );
+    }
+    cp.apply_crds(&e2e::crds_dir())
+        .await
+        .unwrap_or_else(|e| panic!("applying CRDs: {e}"));
+    write_objects(&cp).await;
 
     // get: human sizes, in-sync n/m, readiness from the Leases, per-replica lag.
     let volumes = plugin.ok(&["get", "volumes"]).await;
