@@ -147,6 +147,22 @@ pub async fn run(
         }
     )
     .ok();
+    let in_set = v
+        .status
+        .as_ref()
+        .map_or(&[][..], |s| s.in_sync_set.as_slice());
+    if let Some(r) = replicas
+        .iter()
+        .find(|r| r.spec.node == node && !in_set.contains(&r.spec.replica_id))
+    {
+        writeln!(
+            out,
+            "note: replica {} on {node} is not in the committed in-sync set yet; the operator \
+             rejects the move (PrimaryMoveRejected) until it is, and the request stays set",
+            r.spec.replica_id
+        )
+        .ok();
+    }
     let Some(timeout) = wait else {
         writeln!(
             out,

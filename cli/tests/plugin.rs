@@ -429,7 +429,11 @@ async fn plugin_reads_and_steers_blockvol_objects_on_a_real_api_server() {
             .and_then(|a| a.get(api::ANNOTATION_MOVE_PRIMARY_TO).cloned())
     };
     assert_eq!(annotation(&volumes_api.get(VOLUME).await.unwrap()), None);
-    plugin.ok(&["move-primary", VOLUME, "--to", "node-3"]).await;
+    let said = plugin.ok(&["move-primary", VOLUME, "--to", "node-3"]).await;
+    assert!(
+        said.contains("note: replica vol-a-r3 on node-3 is not in the committed in-sync set yet"),
+        "{said}"
+    );
     assert_eq!(
         annotation(&volumes_api.get(VOLUME).await.unwrap()).as_deref(),
         Some("node-3")
