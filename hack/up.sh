@@ -87,10 +87,10 @@ step "building blockvol (debug, incremental)"
 # Line tables only: full debug info makes each Kubernetes-client binary ~250 MB.
 # Unchanged crates are reused; incremental data inside a crate is not kept (disk).
 export CARGO_PROFILE_DEV_DEBUG=line-tables-only CARGO_INCREMENTAL=0
-cargo build --bins --locked -p api -p operator -p node-agent -p csi -p e2e 2>&1 \
+cargo build --bins --locked -p api -p operator -p node-agent -p csi -p e2e -p kubectl-blockvol 2>&1 \
   | { grep -Ev '^\s+(Compiling|Checking)' || true; } \
   || die "the build failed"
-for b in blockvol-local blockvol-operator blockvol-agent blockvol-csi crdgen; do
+for b in blockvol-local blockvol-operator blockvol-agent blockvol-csi crdgen kubectl-blockvol; do
   [ -x "$BIN/$b" ] || die "$BIN/$b was not built"
 done
 
@@ -242,6 +242,8 @@ blockvol is running locally (total $(elapsed "$T0")). State, logs and PID files:
 
 Try next:
   export KUBECONFIG=$KUBECONFIG
+  export PATH=$BIN:\$PATH                  # puts kubectl-blockvol on PATH as \`kubectl blockvol\`
+  kubectl blockvol get volumes            # sizes, claims, in-sync n/m, attached node
   kubectl get bv,br,bn -A                 # volumes, replicas, nodes
   kubectl get nodes -L topology.kubernetes.io/zone
   tail -f $STATE/logs/operator.log
@@ -258,6 +260,8 @@ The demo PVC is mounted on node-1 (M is its path):
   M=$MOUNT
 Write to it (the sync makes the data durable on every in-sync replica):
   echo more >>\$M/hello.txt && sync \$M/hello.txt
+Its story (replicas, lag, in-sync set, attachment, Events):
+  kubectl blockvol describe volume default/demo
 Kill a node agent and watch the volume (primary now on $PRIMARY):
   kubectl get bv -w &
   kill \$(cat $STATE/pids/40-agent-$VICTIM.pid)

@@ -14,10 +14,12 @@ use serde::{Deserialize, Serialize};
     kind = "BlockNode",
     shortname = "bn",
     status = "BlockNodeStatus",
-    printcolumn = r#"{"name":"Address","type":"string","jsonPath":".spec.dataAddress"}"#,
+    category = "blockvol",
+    doc = "One blockvol node agent: where its replicas live and how to reach it (written by the agent); liveness is the agent's Lease, named after the node.",
     printcolumn = r#"{"name":"Capacity","type":"integer","jsonPath":".status.capacityBytes"}"#,
     printcolumn = r#"{"name":"Allocatable","type":"integer","jsonPath":".status.allocatableBytes"}"#,
-    printcolumn = r#"{"name":"Version","type":"string","jsonPath":".status.agentVersion"}"#,
+    printcolumn = r#"{"name":"Address","type":"string","jsonPath":".spec.dataAddress","priority":1}"#,
+    printcolumn = r#"{"name":"Version","type":"string","jsonPath":".status.agentVersion","priority":1}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]

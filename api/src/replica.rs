@@ -16,12 +16,16 @@ use crate::volume::Durability;
     kind = "BlockReplica",
     shortname = "br",
     status = "BlockReplicaStatus",
+    category = "blockvol",
+    doc = "One replica of a BlockVolume: the operator's assignment (node, role, epoch, peers, committed in-sync set) and its node agent's report (state, LSNs, peers).",
     printcolumn = r#"{"name":"Volume","type":"string","jsonPath":".spec.volume"}"#,
     printcolumn = r#"{"name":"Node","type":"string","jsonPath":".spec.node"}"#,
     printcolumn = r#"{"name":"Role","type":"string","jsonPath":".spec.role"}"#,
-    printcolumn = r#"{"name":"Epoch","type":"integer","jsonPath":".spec.epoch"}"#,
     printcolumn = r#"{"name":"State","type":"string","jsonPath":".status.state"}"#,
-    printcolumn = r#"{"name":"Flushed","type":"integer","jsonPath":".status.flushedLsn"}"#,
+    printcolumn = r#"{"name":"Epoch","type":"integer","jsonPath":".spec.epoch"}"#,
+    printcolumn = r#"{"name":"Acting","type":"string","jsonPath":".status.role","priority":1}"#,
+    printcolumn = r#"{"name":"Flushed","type":"integer","jsonPath":".status.flushedLsn","priority":1}"#,
+    printcolumn = r#"{"name":"Error","type":"string","jsonPath":".status.lastError","priority":1}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]

@@ -22,12 +22,16 @@ use crate::{BLOCK_SIZES, DEFAULT_BLOCK_SIZE, DEFAULT_REPLICAS, MAX_REPLICAS, MIN
     kind = "BlockVolume",
     shortname = "bv",
     status = "BlockVolumeStatus",
+    category = "blockvol",
+    doc = "A replicated block volume: the size, replica count and durability a user asks for, and the placement, primary, committed in-sync set and attachment the operator reports.",
     printcolumn = r#"{"name":"Size","type":"string","jsonPath":".spec.size"}"#,
     printcolumn = r#"{"name":"Replicas","type":"integer","jsonPath":".spec.replicas"}"#,
-    printcolumn = r#"{"name":"Durability","type":"string","jsonPath":".spec.durability"}"#,
+    printcolumn = r#"{"name":"InSync","type":"integer","jsonPath":".status.inSyncCount"}"#,
     printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
     printcolumn = r#"{"name":"Primary","type":"string","jsonPath":".status.primaryNode"}"#,
-    printcolumn = r#"{"name":"InSync","type":"integer","jsonPath":".status.inSyncCount"}"#,
+    printcolumn = r#"{"name":"Attached","type":"string","jsonPath":".status.attachedTo"}"#,
+    printcolumn = r#"{"name":"Durability","type":"string","jsonPath":".spec.durability","priority":1}"#,
+    printcolumn = r#"{"name":"Epoch","type":"integer","jsonPath":".status.epoch","priority":1}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
