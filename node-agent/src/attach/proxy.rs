@@ -512,12 +512,17 @@ impl ProxyBackend {
         }
         let (ops, bytes) = (log.ops.len(), log.bytes);
         // Not needed for correctness (the log stays and is replayed again), but it spares
-        // the next connection the replay.
-        let flushed = send(c, CMD_FLUSH, 0, 0, 0, &[]).is_ok();
-        if flushed {
-            let end = log.next_seq;
-            log.drop_before(end);
-        }
+        // the next connection the replay. A FLUSH the agent refused leaves the log and
+        // the connection as they are; a broken connection does not join the pool.
+        let flushed = match send(c, CMD_FLUSH, 0, 0, 0, &[]) {
+            Ok(()) => {
+                let end = log.next_seq;
+                log.drop_before(end);
+                true
+            }
+            Err(Failure::Final(_)) => false,
+            Err(retry) => return Err(retry),
+        };
         tracing::info!(
             replayed_ops = ops,
             replayed_bytes = bytes,
