@@ -2,17 +2,19 @@
 //! agent restarted while the volume failed over, covers every write acknowledged
 //! before it, or fails.
 //!
-//! The RF 2 volume is attached on its primary's node (FUSE file + loop device through
-//! the attach proxy). Blocks are written with O_DIRECT and no fsync while the other
-//! member's agent is paused (SIGSTOP), so the primary acknowledges writes it has not
-//! shipped yet. The primary's agent is SIGKILLed, the paused agent resumed; the primary
-//! node's agent stays down until the operator promoted the other member (its Lease ran
-//! out), then it restarts: its volume rejoins as a replica and loses the unshipped
-//! suffix, and its new forwarding export has no replay log. Then one fsync on the
-//! device. If it succeeds, every block must read back as last written: the attach
-//! proxy's own replay log is what carries the writes the dead agent acknowledged to
-//! the new primary.
+//! The RF 2 volume is attached (FUSE file + loop device through the attach proxy) on
+//! its primary's node, or on a third node. Blocks are written with O_DIRECT and no
+//! fsync while the other member's agent is paused (SIGSTOP), so the primary
+//! acknowledges writes it has not shipped yet. The primary's agent (and the client
+//! node's) is SIGKILLed, the paused agent resumed; the client node's agent stays down
+//! until the operator promoted the other member (the primary's Lease ran out), then it
+//! restarts. The old primary's unshipped suffix is gone (a restarted old primary
+//! rejoins as a replica and truncates it), and the new forwarding export on the client
+//! node has no replay log. Then one fsync on the device. If it succeeds, every block
+//! must read back as last written: the attach proxy's own replay log is what carries
+//! the writes the dead agent acknowledged to the new primary.
 
+use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::process::Command;
@@ -178,9 +180,29 @@ impl Drop for Device {
     }
 }
 
+/// Where the device is attached.
+#[derive(Clone, Copy, Debug)]
+enum Client {
+    /// On the primary's node: that node's agent dies (and its volume fails over).
+    OnThePrimarysNode,
+    /// On a third node without a replica: that node's agent and the primary's agent die
+    /// together, and only the client node's agent comes back.
+    Elsewhere,
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_flush_after_the_primary_nodes_agent_restarted_across_a_failover_loses_no_acknowledged_write()
  {
+    flush_after_a_restart_across_a_failover(Client::OnThePrimarysNode).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_flush_after_the_client_nodes_agent_restarted_while_the_primary_failed_over_loses_no_acknowledged_write()
+ {
+    flush_after_a_restart_across_a_failover(Client::Elsewhere).await;
+}
+
+async fn flush_after_a_restart_across_a_failover(layout: Client) {
     let mut cluster = TestCluster::start(TestClusterOptions::nodes(2))
         .await
         .expect("cluster");
@@ -198,18 +220,34 @@ async fn a_flush_after_the_primary_nodes_agent_restarted_across_a_failover_loses
     } else {
         "node-1"
     };
-    let data_dir = cluster.agent(&primary).expect("agent").data_dir.clone();
+    let client_node = match layout {
+        Client::OnThePrimarysNode => primary.clone(),
+        Client::Elsewhere => {
+            cluster
+                .control_plane
+                .create_node("node-3", &BTreeMap::new())
+                .await
+                .expect("node-3");
+            cluster.add_agent("node-3").expect("node-3 agent");
+            cluster
+                .wait_registered(TIMEOUT)
+                .await
+                .expect("node-3 registered");
+            "node-3".to_string()
+        }
+    };
+    let data_dir = cluster.agent(&client_node).expect("agent").data_dir.clone();
     let _guard = AttachmentGuard {
         data_dir: data_dir.clone(),
         volume: VOLUME.into(),
         mount_point: cluster.root.path().join("unused-mount-point"),
     };
-    let client = agent_client(&mut cluster, &primary);
+    let client = agent_client(&mut cluster, &client_node);
     let dev = Device {
         path: client
             .attach(VOLUME, false)
             .await
-            .expect("Attach on the primary's node")
+            .unwrap_or_else(|e| panic!("Attach on {client_node}: {e}"))
             .device_path,
     };
 
@@ -247,18 +285,19 @@ async fn a_flush_after_the_primary_nodes_agent_restarted_across_a_failover_loses
     })
     .await
     .expect("round 1");
+    cluster.agent(&client_node).expect("agent").kill();
     cluster.agent(&primary).expect("agent").kill();
     drop(paused);
-    println!("{written} blocks acknowledged without a FLUSH before the primary's agent died");
+    println!("{layout:?}: {written} blocks acknowledged without a FLUSH before the agents died");
 
-    // The primary node's agent stays down until the other member serves.
+    // The client node's agent stays down until the other member serves.
     let (new_primary, epoch2) = promoted_away_from(&cluster, &primary, epoch1).await;
     assert_eq!(new_primary, other);
     cluster
-        .agent(&primary)
+        .agent(&client_node)
         .expect("agent")
         .restart()
-        .expect("restart the old primary's agent");
+        .expect("restart the client node's agent");
 
     let (f, flushed) = tokio::task::spawn_blocking(move || {
         let r = f.sync_all();
@@ -295,7 +334,7 @@ async fn a_flush_after_the_primary_nodes_agent_restarted_across_a_failover_loses
         );
     }
 
-    let client = agent_client(&mut cluster, &primary);
+    let client = agent_client(&mut cluster, &client_node);
     client.detach(VOLUME).await.expect("detach");
     let left = leftovers(&data_dir, VOLUME);
     assert!(left.is_empty(), "detach left {left:?}");
