@@ -10,14 +10,23 @@
 //!   forwarder resolved; "not primary", "stale epoch" and connection loss pause IO,
 //!   re-resolve the primary (with bounded backoff, for at most `failover_wait_ms`), and
 //!   retry the request there.
-//! - No acknowledged write is lost by a failover. A write acknowledged to the NBD client
-//!   is durable only once a forwarded FLUSH covering it succeeded; until then the old
-//!   primary may lose it when it dies. So every acknowledged-but-unflushed WRITE, TRIM
-//!   and WRITE_ZEROES is kept here (offset and data, in acknowledgement order) and, after
-//!   switching to a new primary, replayed there before any other request — in
-//!   particular before the next FLUSH — is forwarded. A successful FLUSH drops the
-//!   entries acknowledged before it was sent. WRITE_FUA is durable when acknowledged and
-//!   is not kept.
+//! - No acknowledged write is lost by a failover while this agent process lives. A write
+//!   acknowledged to the NBD client is durable only once a forwarded FLUSH covering it
+//!   succeeded; until then the old primary may lose it when it dies. So every
+//!   acknowledged-but-unflushed WRITE (FUA included), TRIM and WRITE_ZEROES is kept here
+//!   (offset and data, in acknowledgement order) and, after switching to a new primary,
+//!   replayed there before any other request — in particular before the next FLUSH — is
+//!   forwarded. A successful FLUSH drops the entries acknowledged before it was sent. A
+//!   WRITE_FUA is already durable, but it is kept all the same: replaying an older kept
+//!   write of the same block without it would put the older data back.
+//! - The replay log is in memory and dies with the agent process. Across an agent
+//!   restart the guarantee comes from the NBD client: a broken connection tells it that
+//!   writes no FLUSH covered may be lost. The attach proxy (`attach::proxy`), which
+//!   serves every device attached through it, keeps its own replay log for exactly this
+//!   and replays it to the restarted agent before any other request, so a FLUSH through
+//!   the new process covers what the old one acknowledged even if the primary failed
+//!   over meanwhile. A client that reconnects by itself and sends only a FLUSH gets no
+//!   such promise for writes acknowledged on its old connection.
 //! - The replay buffer is bounded by `replay_bytes_max`: a write that would overflow it
 //!   first forwards a FLUSH. Concurrent writers may overshoot by at most the requests in
 //!   flight (the NBD server bounds those).
@@ -294,15 +303,16 @@ impl Inner {
     fn on_success(&self, op: &ForwardOp, flush_mark: Option<u64>) {
         let mut log = lock(&self.replay);
         match op {
-            ForwardOp::Write { .. } | ForwardOp::Trim { .. } | ForwardOp::WriteZeroes { .. } => {
-                log.push(op.clone())
-            }
+            ForwardOp::Write { .. }
+            | ForwardOp::WriteFua { .. }
+            | ForwardOp::Trim { .. }
+            | ForwardOp::WriteZeroes { .. } => log.push(op.clone()),
             ForwardOp::Flush => {
                 if let Some(m) = flush_mark {
                     log.drop_before(m);
                 }
             }
-            ForwardOp::WriteFua { .. } | ForwardOp::Read { .. } | ForwardOp::Geometry => {}
+            ForwardOp::Read { .. } | ForwardOp::Geometry => {}
         }
     }
 
@@ -447,14 +457,12 @@ impl Inner {
     /// Forwards a write-like operation, flushing first if the replay buffer would
     /// overflow.
     async fn write_op(&self, op: ForwardOp) -> Result<(), BackendError> {
-        if !matches!(op, ForwardOp::WriteFua { .. }) {
-            let over = {
-                let log = lock(&self.replay);
-                log.bytes + kept_bytes(&op) > self.settings.replay_bytes_max && !log.ops.is_empty()
-            };
-            if over {
-                self.execute(ForwardOp::Flush).await?;
-            }
+        let over = {
+            let log = lock(&self.replay);
+            log.bytes + kept_bytes(&op) > self.settings.replay_bytes_max && !log.ops.is_empty()
+        };
+        if over {
+            self.execute(ForwardOp::Flush).await?;
         }
         self.execute(op).await.map(drop)
     }

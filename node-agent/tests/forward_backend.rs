@@ -297,6 +297,43 @@ async fn acknowledged_unflushed_writes_are_replayed_on_a_new_primary_before_its_
     assert_eq!(m.ops(), vec!["FLUSH".to_string()]);
 }
 
+/// A FUA write is durable when acknowledged, so the new primary holds it; an older
+/// unflushed write of the same block is not. Replaying that older write alone on the
+/// new primary would put the older data back under a FUA write the client was told is
+/// durable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replayed_write_never_overwrites_a_later_fua_write_of_the_same_block() {
+    let mut a = Primary::start("a", 1, mem()).await;
+    let resolver = Arc::new(TestResolver::default());
+    resolver.set(a.target("a"));
+    let b = open(resolver.clone(), settings()).await;
+
+    blocking(&b, |b| b.write(4096, &[0x21; 4096]))
+        .await
+        .expect("write");
+    blocking(&b, |b| b.write_fua(4096, &[0x22; 4096]))
+        .await
+        .expect("FUA write of the same block");
+
+    // The primary dies; the new one holds the FUA write, not the plain one before it.
+    a.crash().await;
+    let survivor = mem();
+    survivor.write(4096, &[0x22; 4096]).unwrap();
+    let n = Primary::start("n", 2, survivor.clone()).await;
+    resolver.set(n.target("n"));
+
+    blocking(&b, |b| b.flush())
+        .await
+        .expect("flush on the new primary");
+    let mut block = vec![0u8; 4096];
+    survivor.read(4096, &mut block).unwrap();
+    assert!(
+        block.iter().all(|&x| x == 0x22),
+        "the acknowledged FUA write was replaced by an older write; new primary ran {:?}",
+        n.ops()
+    );
+}
+
 /// A TCP listener that counts the connections made to it and closes them: stands in
 /// for this node's own data port, which the fast path must not use.
 async fn counting_listener() -> (SocketAddr, Arc<AtomicU64>, tokio::task::JoinHandle<()>) {

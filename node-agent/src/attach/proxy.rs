@@ -5,24 +5,50 @@
 //! the proxy re-dials (the restarted agent re-creates its socket and export) and retries
 //! the requests that were in flight, so the device only pauses across an agent restart.
 //!
-//! Why retrying loses no acknowledged write:
-//! - A request is answered to the kernel only after the agent answered it.
-//! - A write the old agent process acknowledged was appended to its volume's WAL with
-//!   `pwrite`: the bytes sit in the kernel's page cache, which outlives the process (a
-//!   SIGKILL included), and the restarted agent recovers them from the volume file and
-//!   ships them to its replicas on reconnect. The next FLUSH through the new process
-//!   fsyncs the file (the page cache holds the old process's writes too) and waits for
-//!   the in-sync set, so it covers them.
-//! - On a power loss, writes that no acknowledged FLUSH covered may be lost; that is
-//!   exactly the NBD contract (only FLUSH and FUA promise durability). Everything a
-//!   FLUSH acknowledged is fsynced on every member of the committed in-sync set.
-//! - A retried request either never ran or ran on the old process. READ, WRITE, TRIM,
-//!   WRITE_ZEROES and FLUSH give the same result when run twice, and the block layer
-//!   above never has two overlapping writes in flight whose order matters.
+//! # Why retrying loses no acknowledged write
+//! A write the agent acknowledged is durable only once a FLUSH covering it succeeded
+//! (the NBD contract). Until then it may exist nowhere but in the process that
+//! acknowledged it: the agent's forwarding export keeps its own replay log in memory,
+//! and the primary may still hold it only in a send queue. If that agent process dies
+//! and the volume fails over while it is down, the restarted agent routes to a new
+//! primary that never received the write. A FLUSH answered by that agent would then
+//! claim a write the volume no longer holds. So the proxy keeps the guarantee itself:
+//! - Every WRITE (FUA or not), TRIM and WRITE_ZEROES the agent acknowledged is kept in
+//!   the proxy's replay log, in acknowledgement order, with its data. A successful
+//!   FLUSH drops the operations acknowledged before that FLUSH was sent.
+//! - A connection may reach a different agent process than the connection before it
+//!   (an agent restart is invisible at the socket), so every dialled connection is a
+//!   new upstream incarnation: before any request uses it, the whole replay log is
+//!   sent on it in acknowledgement order, and then a FLUSH (which, when it succeeds,
+//!   empties the log). Dialling and replaying run exclusively: no other request is in
+//!   flight, so no new request is overtaken by an older replayed operation, and a
+//!   later TRIM or FUA write stays later than an older WRITE of the same block.
+//! - Requests hold the upstream shared for their whole round trip, including the
+//!   replay-log update after the answer, so an operation acknowledged on the old
+//!   incarnation is always either in the log when a replay starts or not yet
+//!   acknowledged (and then retried on the new connection).
+//! - Hence a FLUSH answered on a connection covers every operation the proxy
+//!   acknowledged before sending it: each one was acknowledged by the process behind
+//!   that connection or replayed to it before the connection was used.
+//! - The log is bounded by `replay_bytes_max`: a write that would overflow it first
+//!   sends a FLUSH. Concurrent writers may overshoot by the requests in flight.
+//! - If the replay cannot complete before a request's `reconnect_timeout_ms`, that
+//!   request fails with EIO and the log is kept: a later FLUSH still succeeds only on a
+//!   connection that received all of it.
+//!
+//! Assumptions: one agent process serves the socket at a time (a replaced process no
+//! longer answers: its connections are closed); one writer per volume (ReadWriteOnce),
+//! so replaying old operations overwrites nobody else's data; and the block layer above
+//! never has two overlapping writes in flight whose order matters, so acknowledgement
+//! order is the order that counts. A retried request either never ran or ran on the
+//! old process; READ, WRITE, TRIM, WRITE_ZEROES and FLUSH give the same result when
+//! run twice.
 //!
 //! Requests wait for the agent at most `reconnect_timeout_ms`; after that they fail
 //! with EIO. Up to `upstream_connections` requests are in flight to the agent at once,
 //! each on its own connection (one when the export does not promise volume-wide FLUSH).
+//! The pool is dialled to that size at once, so requests never wait for each other to
+//! open a connection while the agent is up.
 //!
 //! Online growth: the proxy listens on a control socket (`control.sock` in the volume's
 //! attach directory). A client writes the line `resize`; the proxy asks the agent for
@@ -30,11 +56,12 @@
 //! answers `ok SIZE` (or `error MESSAGE`). Growing the loop device on top is then the
 //! caller's job (`losetup -c`).
 
+use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use super::fuse_export::{FuseExport, FuseExportConfig, SizeNotifier};
@@ -79,6 +106,11 @@ pub struct ProxySettings {
     /// Requests in flight to the agent at once, each on its own connection.
     #[arg(long, default_value_t = 8)]
     pub upstream_connections: u32,
+    /// Bound of the acknowledged operations no FLUSH covered yet that the proxy keeps to
+    /// replay to a restarted agent, in bytes (data plus 32 per operation). A write that
+    /// would pass it first sends a FLUSH.
+    #[arg(long, default_value_t = 64 << 20)]
+    pub replay_bytes_max: u64,
 }
 
 /// Errors that stop the proxy.
@@ -138,20 +170,91 @@ impl ProxySettings {
     }
 }
 
-/// A [`BlockBackend`] that forwards to the agent's export over pooled connections and
-/// re-dials on failure (see the module docs).
+/// A [`BlockBackend`] that forwards to the agent's export over pooled connections,
+/// re-dials on failure and replays what no FLUSH covered yet (see the module docs).
 pub struct ProxyBackend {
     settings: ProxySettings,
     info: ExportInfo,
     /// The export's size as last learned from the agent; only grows.
     size_bytes: AtomicU64,
-    /// Idle negotiated connections; a request takes one or dials a new one.
+    /// Connections the pool holds when the agent is up.
+    pool_size: usize,
+    /// Held shared by a request for its round trip and its replay-log update; held
+    /// exclusively to dial and replay, so nothing is in flight then.
+    upstream: RwLock<()>,
+    /// Idle negotiated connections, each replayed to when it was dialled.
     idle: Mutex<Vec<Connection>>,
+    /// Acknowledged operations no FLUSH covered yet.
+    replay: Mutex<ReplayLog>,
+}
+
+/// An operation the agent acknowledged that no FLUSH covered yet, as it was sent.
+#[derive(Debug)]
+struct Kept {
+    seq: u64,
+    command: u16,
+    flags: u16,
+    offset: u64,
+    length: u32,
+    payload: Vec<u8>,
+}
+
+/// Bytes one kept operation costs in the replay log.
+fn kept_bytes(payload_len: usize) -> u64 {
+    payload_len as u64 + 32
+}
+
+/// Acknowledged, not yet flushed operations in acknowledgement order.
+#[derive(Debug, Default)]
+struct ReplayLog {
+    ops: VecDeque<Kept>,
+    bytes: u64,
+    next_seq: u64,
+}
+
+impl ReplayLog {
+    fn push(&mut self, req: &Request<'_>) {
+        self.bytes += kept_bytes(req.payload.len());
+        self.ops.push_back(Kept {
+            seq: self.next_seq,
+            command: req.command,
+            flags: req.flags,
+            offset: req.offset,
+            length: req.length,
+            payload: req.payload.to_vec(),
+        });
+        self.next_seq += 1;
+    }
+
+    /// Drops the operations acknowledged before sequence `upto` (a FLUSH sent when the
+    /// log ended there succeeded).
+    fn drop_before(&mut self, upto: u64) {
+        while let Some(k) = self.ops.pop_front() {
+            if k.seq >= upto {
+                self.ops.push_front(k);
+                break;
+            }
+            self.bytes -= kept_bytes(k.payload.len());
+        }
+    }
+}
+
+/// Why one attempt at a request did not succeed.
+enum Failure {
+    /// The answer to give the kernel.
+    Final(BackendError),
+    /// Try again after `reconnect_interval_ms`, for this reason.
+    Retry(String),
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Whether an answer from the agent means "try again": ESHUTDOWN is what a stopping
-/// agent answers in-flight requests with; EIO is also what a restarted agent answers
-/// until its Lease is renewed (IO fence), so it is retried until the deadline too.
+/// agent answers in-flight requests with (its connections are dropped); EIO is also
+/// what a restarted agent answers until its Lease is renewed (IO fence), so it is
+/// retried on the same connection until the deadline.
 fn retryable(errno: u32) -> bool {
     errno == ESHUTDOWN || errno == EIO
 }
@@ -168,13 +271,32 @@ fn backend_error(errno: u32, what: &str) -> BackendError {
 
 impl ProxyBackend {
     /// Connects once (retrying for `reconnect_timeout_ms`) to learn the geometry.
+    /// Nothing was acknowledged yet, so the first connections need no replay.
     pub fn connect(settings: ProxySettings) -> Result<Self, ProxyError> {
         settings.validate()?;
         let conn = Self::dial_until_deadline(&settings)?;
+        let info = conn.info();
+        let pool_size = if info.transmission_flags & TFLAG_CAN_MULTI_CONN != 0 {
+            settings.upstream_connections as usize
+        } else {
+            1
+        };
+        let mut idle = vec![conn];
+        // The rest of the pool; whatever fails here is dialled by the first request
+        // that finds no idle connection.
+        while idle.len() < pool_size {
+            match Self::dial(&settings) {
+                Ok(c) => idle.push(c),
+                Err(_) => break,
+            }
+        }
         Ok(ProxyBackend {
-            info: conn.info(),
-            size_bytes: AtomicU64::new(conn.info().size_bytes),
-            idle: Mutex::new(vec![conn]),
+            info,
+            size_bytes: AtomicU64::new(info.size_bytes),
+            pool_size,
+            upstream: RwLock::new(()),
+            idle: Mutex::new(idle),
+            replay: Mutex::new(ReplayLog::default()),
             settings,
         })
     }
@@ -201,9 +323,8 @@ impl ProxyBackend {
     /// Asks the agent for the export's current size (a new handshake) and adopts it
     /// when it grew. Returns the size in effect.
     pub fn refresh_size(&self) -> Result<u64, ProxyError> {
-        let conn = Self::dial_until_deadline(&self.settings)?;
-        let learned = conn.info().size_bytes;
-        self.give_back(conn);
+        // Used for the handshake only: a connection joins the pool only after a replay.
+        let learned = Self::dial_until_deadline(&self.settings)?.info().size_bytes;
         let before = self.size_bytes.fetch_max(learned, Ordering::AcqRel);
         if learned < before {
             tracing::warn!(
@@ -228,16 +349,16 @@ impl ProxyBackend {
         )
     }
 
-    fn take(&self) -> Result<Connection, ClientError> {
-        let pooled = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
-        match pooled {
-            Some(c) => Ok(c),
-            None => Self::dial(&self.settings),
-        }
+    /// Bytes of acknowledged operations no FLUSH covered yet, kept for replay.
+    pub fn unflushed_bytes(&self) -> u64 {
+        lock(&self.replay).bytes
     }
 
     fn give_back(&self, c: Connection) {
-        self.idle.lock().unwrap_or_else(|e| e.into_inner()).push(c);
+        let mut idle = lock(&self.idle);
+        if idle.len() < self.pool_size {
+            idle.push(c);
+        }
     }
 
     /// Runs one request, re-dialing and retrying until the deadline (module docs).
@@ -247,20 +368,8 @@ impl ProxyBackend {
         let deadline = Instant::now() + Duration::from_millis(timeout_ms);
         let mut attempt = 0u32;
         loop {
-            let outcome = self.take().and_then(|mut c| {
-                let r = c.request(
-                    req.command,
-                    req.flags,
-                    req.offset,
-                    req.length,
-                    req.payload,
-                    read_into.as_deref_mut(),
-                )?;
-                Ok((c, r))
-            });
-            let failure = match outcome {
-                Ok((c, 0)) => {
-                    self.give_back(c);
+            let failure = match self.attempt(&req, read_into.as_deref_mut(), deadline) {
+                Ok(()) => {
                     if attempt > 0 {
                         tracing::info!(
                             what,
@@ -270,19 +379,11 @@ impl ProxyBackend {
                     }
                     return Ok(());
                 }
-                Ok((c, errno)) if !retryable(errno) => {
-                    self.give_back(c);
-                    return Err(backend_error(errno, what));
-                }
-                // The connection that answered a retryable error may belong to a
-                // stopping agent: drop it and dial again.
-                Ok((_, errno)) => backend_error(errno, what).to_string(),
-                Err(e) => e.to_string(),
+                Err(Failure::Final(e)) => return Err(e),
+                Err(Failure::Retry(reason)) => reason,
             };
             if attempt == 0 {
                 tracing::warn!(what, error = %failure, "attach proxy: agent unavailable, retrying");
-                // Every idle connection went to the same agent process: drop them all.
-                self.idle.lock().unwrap_or_else(|e| e.into_inner()).clear();
             }
             attempt += 1;
             if Instant::now() >= deadline {
@@ -292,6 +393,158 @@ impl ProxyBackend {
             }
             std::thread::sleep(Duration::from_millis(self.settings.reconnect_interval_ms));
         }
+    }
+
+    /// Sends `req` once on an idle connection; when there is none, first fills the pool
+    /// (dialling and replaying exclusively).
+    fn attempt(
+        &self,
+        req: &Request<'_>,
+        mut read_into: Option<&mut [u8]>,
+        deadline: Instant,
+    ) -> Result<(), Failure> {
+        loop {
+            {
+                let _shared = self.upstream.read().unwrap_or_else(|e| e.into_inner());
+                let pooled = lock(&self.idle).pop();
+                if let Some(mut c) = pooled {
+                    // A FLUSH covers what was acknowledged before it was sent.
+                    let flush_mark = lock(&self.replay).next_seq;
+                    let answer = c.request(
+                        req.command,
+                        req.flags,
+                        req.offset,
+                        req.length,
+                        req.payload,
+                        read_into.as_deref_mut(),
+                    );
+                    return match answer {
+                        Ok(0) => {
+                            // Still shared: a replay cannot start before this is logged.
+                            self.acknowledged(req, flush_mark);
+                            self.give_back(c);
+                            Ok(())
+                        }
+                        Ok(EIO) => {
+                            self.give_back(c);
+                            Err(Failure::Retry(backend_error(EIO, req.what).to_string()))
+                        }
+                        Ok(errno) if retryable(errno) => {
+                            self.drop_connections();
+                            Err(Failure::Retry(backend_error(errno, req.what).to_string()))
+                        }
+                        Ok(errno) => {
+                            self.give_back(c);
+                            Err(Failure::Final(backend_error(errno, req.what)))
+                        }
+                        Err(e) => {
+                            self.drop_connections();
+                            Err(Failure::Retry(e.to_string()))
+                        }
+                    };
+                }
+            }
+            // Every connection is busy or gone: wait for the requests in flight, then
+            // dial what is missing.
+            let _exclusive = self.upstream.write().unwrap_or_else(|e| e.into_inner());
+            self.fill_pool(deadline)?;
+        }
+    }
+
+    /// The connections of a process that failed one request: the idle ones go (the
+    /// busy ones fail on their own or come back).
+    fn drop_connections(&self) {
+        lock(&self.idle).clear();
+    }
+
+    /// Replay-log bookkeeping of an operation the agent acknowledged.
+    fn acknowledged(&self, req: &Request<'_>, flush_mark: u64) {
+        let mut log = lock(&self.replay);
+        match req.command {
+            CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES => log.push(req),
+            CMD_FLUSH => log.drop_before(flush_mark),
+            _ => {}
+        }
+    }
+
+    /// Dials the connections the pool lacks, replaying the log to each before it joins.
+    /// Call with the upstream held exclusively. Succeeds when at least one connection
+    /// is idle afterwards.
+    fn fill_pool(&self, deadline: Instant) -> Result<(), Failure> {
+        while lock(&self.idle).len() < self.pool_size {
+            let dialled = Self::dial(&self.settings)
+                .map_err(|e| Failure::Retry(e.to_string()))
+                .and_then(|mut c| self.replay_onto(&mut c, deadline).map(|()| c));
+            match dialled {
+                Ok(c) => lock(&self.idle).push(c),
+                Err(_) if !lock(&self.idle).is_empty() => return Ok(()),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends every kept operation on a freshly dialled connection (a possibly new agent
+    /// process) in acknowledgement order, then a FLUSH; a successful FLUSH empties the
+    /// log. EIO answers (a restarted agent before its Lease is renewed) are retried on
+    /// the same connection until `deadline`.
+    fn replay_onto(&self, c: &mut Connection, deadline: Instant) -> Result<(), Failure> {
+        let mut log = lock(&self.replay);
+        if log.ops.is_empty() {
+            return Ok(());
+        }
+        let started = Instant::now();
+        let send = |c: &mut Connection, command, flags, offset, length, payload: &[u8]| loop {
+            match c.request(command, flags, offset, length, payload, None) {
+                Ok(0) => return Ok(()),
+                Ok(EIO) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(self.settings.reconnect_interval_ms))
+                }
+                Ok(errno) if retryable(errno) => {
+                    return Err(Failure::Retry(backend_error(errno, "replay").to_string()));
+                }
+                Ok(errno) => return Err(Failure::Final(backend_error(errno, "replay"))),
+                Err(e) => return Err(Failure::Retry(format!("replay: {e}"))),
+            }
+        };
+        for k in &log.ops {
+            send(c, k.command, k.flags, k.offset, k.length, &k.payload)?;
+        }
+        let (ops, bytes) = (log.ops.len(), log.bytes);
+        // Not needed for correctness (the log stays and is replayed again), but it spares
+        // the next connection the replay. A FLUSH the agent refused leaves the log and
+        // the connection as they are; a broken connection does not join the pool.
+        let flushed = match send(c, CMD_FLUSH, 0, 0, 0, &[]) {
+            Ok(()) => {
+                let end = log.next_seq;
+                log.drop_before(end);
+                true
+            }
+            Err(Failure::Final(_)) => false,
+            Err(retry) => return Err(retry),
+        };
+        tracing::info!(
+            replayed_ops = ops,
+            replayed_bytes = bytes,
+            flushed,
+            pause_ms = started.elapsed().as_millis() as u64,
+            "attach proxy: replayed unflushed operations to the agent"
+        );
+        Ok(())
+    }
+
+    /// Sends a write-like request, flushing first if keeping it would overflow the
+    /// replay log.
+    fn write_like(&self, req: Request<'_>) -> Result<(), BackendError> {
+        let over = {
+            let log = lock(&self.replay);
+            !log.ops.is_empty()
+                && log.bytes + kept_bytes(req.payload.len()) > self.settings.replay_bytes_max
+        };
+        if over {
+            self.flush()?;
+        }
+        self.call(req, None)
     }
 }
 
@@ -340,23 +593,24 @@ impl BlockBackend for ProxyBackend {
     }
     fn write(&self, offset: u64, data: &[u8]) -> Result<(), BackendError> {
         let n = len32(data.len() as u64)?;
-        let req = Request::new("write", CMD_WRITE, offset, n).with_payload(data, 0);
-        self.call(req, None)
+        self.write_like(Request::new("write", CMD_WRITE, offset, n).with_payload(data, 0))
     }
     fn write_fua(&self, offset: u64, data: &[u8]) -> Result<(), BackendError> {
         let n = len32(data.len() as u64)?;
         let req = Request::new("write", CMD_WRITE, offset, n).with_payload(data, CMD_FLAG_FUA);
-        self.call(req, None)
+        // Kept like any write: replaying an older write of the same block without it
+        // would put the older data back.
+        self.write_like(req)
     }
     fn flush(&self) -> Result<(), BackendError> {
         self.call(Request::new("flush", CMD_FLUSH, 0, 0), None)
     }
     fn trim(&self, offset: u64, length: u64) -> Result<(), BackendError> {
-        self.call(Request::new("trim", CMD_TRIM, offset, len32(length)?), None)
+        self.write_like(Request::new("trim", CMD_TRIM, offset, len32(length)?))
     }
     fn write_zeroes(&self, offset: u64, length: u64) -> Result<(), BackendError> {
         let req = Request::new("write_zeroes", CMD_WRITE_ZEROES, offset, len32(length)?);
-        self.call(req, None)
+        self.write_like(req)
     }
     fn flush_is_volume_wide(&self) -> bool {
         self.multi_conn()
