@@ -2,7 +2,9 @@
 //! primary driver (and its NBD export) for each local primary, and the node's data port
 //! hosting every local non-primary replica. The epoch is persisted in the volume before
 //! any role change acts, and a demoted primary is fenced (writes refused, export removed,
-//! driver stopped) before it starts receiving as a replica.
+//! driver stopped) before it starts receiving as a replica. A volume reopened at the
+//! epoch it is assigned to serve at as primary does not serve there (it may have lost
+//! entries it issued at that epoch) and reports that it needs a new epoch.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -85,6 +87,10 @@ struct Local {
     primary: Option<Primary>,
     hosted: bool,
     last_error: Option<String>,
+    /// Assigned primary at the epoch the volume was reopened at: it does not serve and
+    /// reports [`api::PRIMARY_NEEDS_NEW_EPOCH_ERROR`] until the operator assigns a new
+    /// epoch (see [`Volume::may_begin_primary_term`]).
+    needs_new_epoch: bool,
 }
 
 /// The production [`ReplicaRuntime`].
@@ -559,6 +565,7 @@ impl ReplicaRuntime for EngineRuntime {
                 primary: None,
                 hosted: false,
                 last_error: None,
+                needs_new_epoch: false,
             },
         );
         Ok(())
@@ -591,6 +598,7 @@ impl ReplicaRuntime for EngineRuntime {
         l.vol
             .set_epoch(Epoch(a.epoch))
             .map_err(|e| failed(&a.replica_id, format!("persist epoch {}: {e}", a.epoch)))?;
+        l.needs_new_epoch = false;
         match a.role {
             ReplicaRole::Primary => {
                 if l.hosted {
@@ -625,6 +633,16 @@ impl ReplicaRuntime for EngineRuntime {
                             s.unreachable.retain(|u| a.in_sync_set.contains(u));
                         }
                     }
+                    // Reopened at this epoch (an agent restart, a power loss): the
+                    // volume may have lost entries it issued and shipped at this epoch,
+                    // and serving now would issue their LSNs again with other data. It
+                    // waits for a new epoch instead, which the operator assigns at once
+                    // on seeing the report (to this replica or a member that is ahead).
+                    None if !l.vol.may_begin_primary_term(Epoch(a.epoch)) => {
+                        tracing::warn!(volume = %a.volume, replica = %a.replica_id, epoch = a.epoch,
+                            "not serving as primary at the epoch the volume was reopened at; waiting for a new epoch");
+                        l.needs_new_epoch = true;
+                    }
                     None => {
                         if let Err(e) = self.start_primary(a, l) {
                             l.last_error = Some(e.to_string());
@@ -649,7 +667,7 @@ impl ReplicaRuntime for EngineRuntime {
     }
 
     async fn status(&self, replica_id: &str) -> Option<BlockReplicaStatus> {
-        let (vol, a, snapshot, seen, last_error) = {
+        let (vol, a, snapshot, seen, last_error, needs_new_epoch) = {
             let m = self.replicas.lock().await;
             let l = m.get(replica_id)?;
             let a = l.applied.clone()?;
@@ -660,6 +678,7 @@ impl ReplicaRuntime for EngineRuntime {
                 p.map(|p| p.handle.clone()),
                 p.map(|p| p.seen.clone()),
                 l.last_error.clone(),
+                l.needs_new_epoch,
             )
         };
         let mut st = BlockReplicaStatus {
@@ -706,7 +725,12 @@ impl ReplicaRuntime for EngineRuntime {
                 }
                 st.unreachable = s.unreachable.iter().cloned().collect();
             }
-            (ReplicaRole::Primary, _, _) => st.state = ReplicaState::Failed,
+            (ReplicaRole::Primary, _, _) => {
+                st.state = ReplicaState::Failed;
+                if needs_new_epoch {
+                    st.last_error = Some(api::PRIMARY_NEEDS_NEW_EPOCH_ERROR.into());
+                }
+            }
             (ReplicaRole::Replica, _, _) => {
                 st.state = ReplicaState::InSync;
                 // A replica whose disk refused an append or fsync accepts nothing more
