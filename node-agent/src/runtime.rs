@@ -505,9 +505,13 @@ impl EngineRuntime {
             Some(m) => m.wrap(&a.volume, &a.replica_id, a.role, backend.clone()),
             None => backend.clone(),
         };
-        self.exports
-            .add(&a.volume, exported)
-            .map_err(|e| failed(&a.replica_id, format!("NBD export: {e}")))?;
+        if let Err(e) = self.exports.add(&a.volume, exported) {
+            // Nothing was served: stop the driver again (the report task holds its
+            // handle), or it would keep shipping whatever the volume appends later.
+            reports.abort();
+            l.vol.set_append_observer(None);
+            return Err(failed(&a.replica_id, format!("NBD export: {e}")));
+        }
         self.serving.set(&a.volume, Some(backend.clone()));
         tracing::info!(volume = %a.volume, replica = %a.replica_id, epoch = a.epoch, peers = peers.len(), "primary started");
         l.primary = Some(Primary {
@@ -595,9 +599,16 @@ impl ReplicaRuntime for EngineRuntime {
             self.stop_primary(&a.volume, l).await;
         }
         // Persist the epoch before acting on the role.
-        l.vol
-            .set_epoch(Epoch(a.epoch))
-            .map_err(|e| failed(&a.replica_id, format!("persist epoch {}: {e}", a.epoch)))?;
+        if let Err(e) = l.vol.set_epoch(Epoch(a.epoch)) {
+            // A running primary that cannot record its new epoch stops serving at the
+            // old one too: the operator promotes another member once this failure has
+            // lasted its grace, and by then nothing may be acknowledged here.
+            self.stop_primary(&a.volume, l).await;
+            return Err(failed(
+                &a.replica_id,
+                format!("persist epoch {}: {e}", a.epoch),
+            ));
+        }
         l.needs_new_epoch = false;
         match a.role {
             ReplicaRole::Primary => {

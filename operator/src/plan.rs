@@ -436,7 +436,14 @@ pub fn plan(obs: &Observed<'_>, settings: &ReplacementSettings, moves: &MoveSett
         }
         let primary_id = state.primary.clone().unwrap_or_default();
         let primary_view = views.iter().find(|r| r.id == primary_id && !r.deleting);
-        let standing = primary_standing(primary_view, state.epoch);
+        let since = unhealthy_since(obs.status);
+        let standing = primary_standing(
+            primary_view,
+            state.epoch,
+            since.get(&primary_id).copied(),
+            obs.now,
+            settings.primary_failure_grace_ms,
+        );
         let lease = match standing {
             PrimaryStanding::Serving => PrimaryLease::Current,
             PrimaryStanding::Gone { .. } => PrimaryLease::Expired,
@@ -560,7 +567,6 @@ pub fn plan(obs: &Observed<'_>, settings: &ReplacementSettings, moves: &MoveSett
 
         // Replace replicas unusable past their grace, then fill up to spec.replicas.
         let mut rebuilding = obs.rebuilding_per_node.clone();
-        let since = unhealthy_since(obs.status);
         for rep in replacements(
             &views,
             state.primary.as_deref(),
@@ -1409,6 +1415,63 @@ mod tests {
         assert!(!p.status.in_sync_set.contains(&old.id));
         let old_spec = p.apply.iter().find(|s| s.replica_id == old.id).unwrap();
         assert_eq!((old_spec.role, old_spec.epoch), (ReplicaRole::Replica, 2));
+    }
+
+    #[test]
+    fn promoted_primary_that_cannot_take_its_assignment_is_promoted_away_after_the_grace() {
+        let mut w = converged();
+        let old = w.primary().clone();
+        w.kill_node(old.node());
+        let p = w.step();
+        let b = p.status.primary.clone().expect("promoted");
+        assert_eq!(p.status.epoch, 2);
+        let c = w
+            .replicas
+            .iter()
+            .find(|r| r.id != old.id && r.id != b)
+            .unwrap()
+            .id
+            .clone();
+        // B's agent cannot persist epoch 2: it reports its last role and epoch, Failed.
+        report(&mut w, &b, |st| {
+            (st.state, st.role, st.epoch) = (Failed, Some(ReplicaRole::Replica), 1);
+            st.last_error = Some(format!(
+                "replica runtime: replica {b} failed: persist epoch 2: I/O error"
+            ));
+        });
+        let grace = ReplacementSettings::default().primary_failure_grace_ms;
+        let p = w.step();
+        assert_eq!(
+            (p.status.primary.as_deref(), p.status.epoch),
+            (Some(b.as_str()), 2),
+            "a failure just seen gets its grace"
+        );
+        w.now += SignedDuration::from_millis(i64::try_from(grace).unwrap() - 1);
+        let p = w.step();
+        assert_eq!(
+            (p.status.primary.as_deref(), p.status.epoch),
+            (Some(b.as_str()), 2),
+            "not before the grace"
+        );
+        w.now += SignedDuration::from_millis(1);
+        let p = w.step();
+        assert_eq!(
+            (p.status.primary.as_deref(), p.status.epoch),
+            (Some(c.as_str()), 3)
+        );
+        assert_eq!(p.apply[0].replica_id, c, "new primary's spec first");
+        let e = w
+            .events
+            .iter()
+            .rfind(|e| e.reason == reason::PROMOTED)
+            .unwrap();
+        assert!(
+            e.note.contains("could not take its assignment"),
+            "{}",
+            e.note
+        );
+        assert!(!p.status.in_sync_set.contains(&b));
+        assert_eq!(primaries_at(&w, 3), 1);
     }
 
     #[test]

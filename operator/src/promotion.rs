@@ -1,9 +1,11 @@
 //! Promotion: which replica becomes primary when the primary serves no IO: its node
-//! agent is gone, its disk failed, or it was reopened at its epoch and needs a new one. Guarantees (DESIGN invariant 3): only a member of the
+//! agent is gone, its disk failed, it cannot take its assignment, or it was reopened at
+//! its epoch and needs a new one. Guarantees (DESIGN invariant 3): only a member of the
 //! committed in-sync set, only once the old primary serves nothing (its Lease expired, or
 //! its live agent reports it serves nothing), the highest flushed LSN wins, epoch + 1.
 
 use api::{ReplicaRole, ReplicaState};
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
 
 use crate::model::ReplicaView;
 
@@ -61,7 +63,19 @@ pub enum PrimaryStanding {
 ///   candidate itself. Its agent restarted (or its node lost power) and it refuses to
 ///   serve at an epoch it may already have issued LSNs at; it serves nothing, and every
 ///   entry it acknowledged is on every committed member and in its own durable log.
-pub fn primary_standing(primary: Option<&ReplicaView>, epoch: u64) -> PrimaryStanding {
+/// - It reports `Failed` without acting as primary at `epoch` (its agent could not apply
+///   the assignment: persisting the epoch, opening the volume or exporting it failed),
+///   continuously since `failing_since`, for at least `grace_ms`: gone. Such an agent
+///   never started serving at `epoch` (it reports a role and epoch only after applying
+///   them) and stops a primary of an older epoch that cannot move to `epoch`; the grace
+///   lets a transient failure heal by the agent's own retries first.
+pub fn primary_standing(
+    primary: Option<&ReplicaView>,
+    epoch: u64,
+    failing_since: Option<Timestamp>,
+    now: Timestamp,
+    grace_ms: u64,
+) -> PrimaryStanding {
     let Some(p) = primary else {
         return PrimaryStanding::Gone {
             why: "no primary is assigned".into(),
@@ -90,6 +104,26 @@ pub fn primary_standing(primary: Option<&ReplicaView>, epoch: u64) -> PrimarySta
                 p.id
             ),
             candidate: true,
+        };
+    }
+    let not_taken = p.status.as_ref().is_some_and(|s| {
+        s.state == ReplicaState::Failed && (s.role != Some(ReplicaRole::Primary) || s.epoch < epoch)
+    });
+    let grace = SignedDuration::from_millis(i64::try_from(grace_ms).unwrap_or(i64::MAX));
+    if let Some(since) = failing_since.filter(|_| not_taken)
+        && now.duration_since(since) >= grace
+    {
+        let error = p
+            .status
+            .as_ref()
+            .and_then(|s| s.last_error.as_deref())
+            .unwrap_or("no error given");
+        return PrimaryStanding::Gone {
+            why: format!(
+                "primary {} could not take its assignment at epoch {epoch} for {grace_ms} ms ({error})",
+                p.id
+            ),
+            candidate: false,
         };
     }
     PrimaryStanding::Serving
@@ -379,9 +413,21 @@ mod tests {
     #[test]
     #[allow(clippy::type_complexity)]
     fn primary_standing_table() {
-        // (case, primary, want: None = serving, Some(candidate) = gone)
-        let cases: Vec<(&str, Option<ReplicaView>, Option<bool>)> = vec![
-            ("no primary", None, Some(false)),
+        let t0 = Timestamp::from_second(1_800_000_000).unwrap();
+        let grace_ms = 30_000;
+        let at = |ms: i64| t0 + SignedDuration::from_millis(ms);
+        let persist_failed = || {
+            replica("b", "n2")
+                .primary()
+                .epoch(5)
+                .reports(Failed, 4, 100)
+                .reports_role(ReplicaRole::Replica)
+                .reports_error("replica runtime: replica b failed: persist epoch 5: I/O error")
+        };
+        // (case, primary, failing since (ms before now), want: None = serving,
+        // Some(candidate) = gone)
+        let cases: Vec<(&str, Option<ReplicaView>, Option<i64>, Option<bool>)> = vec![
+            ("no primary", None, None, Some(false)),
             (
                 "lease expired",
                 Some(
@@ -390,11 +436,13 @@ mod tests {
                         .reports(Serving, 5, 9)
                         .node_dead(),
                 ),
+                None,
                 Some(false),
             ),
             (
                 "serving",
                 Some(replica("b", "n2").primary().reports(Serving, 5, 9)),
+                None,
                 None,
             ),
             (
@@ -405,6 +453,7 @@ mod tests {
                         .reports(Failed, 5, 9)
                         .reports_error(api::PRIMARY_DISK_FAILED_ERROR),
                 ),
+                None,
                 Some(false),
             ),
             (
@@ -415,6 +464,7 @@ mod tests {
                         .reports(Failed, 5, 9)
                         .reports_error(api::PRIMARY_NEEDS_NEW_EPOCH_ERROR),
                 ),
+                None,
                 Some(true),
             ),
             (
@@ -426,10 +476,65 @@ mod tests {
                         .reports_error(api::PRIMARY_NEEDS_NEW_EPOCH_ERROR),
                 ),
                 None,
+                None,
+            ),
+            (
+                "promoted, could not persist the epoch, within the grace",
+                Some(persist_failed()),
+                Some(grace_ms - 1),
+                None,
+            ),
+            (
+                "promoted, could not persist the epoch, for the grace",
+                Some(persist_failed()),
+                Some(grace_ms),
+                Some(false),
+            ),
+            (
+                "promoted, could not persist the epoch, no clock yet",
+                Some(persist_failed()),
+                None,
+                None,
+            ),
+            (
+                "re-asserted primary stuck at the older epoch, for the grace",
+                Some(
+                    replica("b", "n2")
+                        .primary()
+                        .reports(Failed, 4, 9)
+                        .reports_error("persist epoch 5: I/O error"),
+                ),
+                Some(grace_ms),
+                Some(false),
+            ),
+            (
+                "failed as primary at the current epoch for another reason (fenced)",
+                Some(
+                    replica("b", "n2")
+                        .primary()
+                        .reports(Failed, 5, 9)
+                        .reports_error("fenced: a peer knows the newer epoch 6"),
+                ),
+                Some(grace_ms),
+                None,
+            ),
+            (
+                "a replica role reported without a failure (still applying)",
+                Some(
+                    replica("b", "n2")
+                        .primary()
+                        .reports(InSync, 4, 9)
+                        .reports_role(ReplicaRole::Replica),
+                ),
+                Some(grace_ms),
+                None,
             ),
         ];
-        for (name, primary, want) in cases {
-            let got = match primary_standing(primary.as_ref(), 5) {
+        for (name, primary, since_ms, want) in cases {
+            let now = at(grace_ms * 2);
+            let since = since_ms.map(|ms| now - SignedDuration::from_millis(ms));
+            let got = primary_standing(primary.as_ref(), 5, since, now, grace_ms as u64);
+            let got = match got {
                 PrimaryStanding::Serving => None,
                 PrimaryStanding::Gone { candidate, .. } => Some(candidate),
             };
