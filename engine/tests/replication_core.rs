@@ -443,6 +443,61 @@ fn joining_member_counts_from_its_first_barrier_and_is_reported_in_sync() {
     assert!(n.is_acked(f));
 }
 
+/// DESIGN invariant 2 for a joiner that drops before its commit: the primary keeps
+/// counting it (the control plane may be committing it from its in-sync report) and
+/// reports it unreachable at the current generation; the control plane answers with the
+/// same members at the next generation, and the flush resumes within
+/// `member_unreachable_after_ms` plus one reconcile - not after the retention budget.
+#[test]
+fn joiner_cut_before_its_commit_stops_blocking_flushes_after_one_unreachable_report() {
+    let c = cfg();
+    let mut n = Net::new(2, c.clone(), &["p", "r0"]);
+    n.tick(1);
+    assert!(
+        n.primary.is_counted(&rid("r1")),
+        "counted from its first barrier"
+    );
+    n.replicas[1].reachable = false;
+    n.drop_conns_of(1);
+    n.write(1, 1);
+    let asked = n.now;
+    let f = n.flush();
+    // The control plane reconciles every `reconcile_ms`: an unreachable peer outside the
+    // committed set, reported at the committed generation, gets the same members at the
+    // next generation.
+    let reconcile_ms = 5;
+    let mut generation = Generation(1);
+    while !n.is_acked(f) && n.now < asked + c.wal_retention_timeout_ms {
+        n.tick(reconcile_ms);
+        let outsider = n.reports.drain(..).any(|r| {
+            matches!(r, Report::MemberUnreachable { replica, generation: g }
+                if replica.as_str() == "r1" && g == generation)
+        });
+        if outsider {
+            generation = Generation(generation.0 + 1);
+            n.input(Input::InSyncSetCommitted {
+                generation,
+                members: vec![rid("p"), rid("r0")],
+            });
+        }
+    }
+    assert!(n.is_acked(f), "the flush never resumed");
+    assert!(
+        n.now <= asked + c.member_unreachable_after_ms + 2 * reconcile_ms,
+        "the flush resumed {} ms after it was asked",
+        n.now - asked
+    );
+    assert_eq!(generation, Generation(2), "one commit was enough");
+    assert!(!n.primary.is_counted(&rid("r1")));
+    // Back, it catches up, is counted again and reported in sync for a commit.
+    n.replicas[1].reachable = true;
+    n.settle();
+    assert_eq!(n.state("r1"), ReplicaState::InSync);
+    assert!(n.primary.is_counted(&rid("r1")));
+    assert!(n.reports.iter().any(|r| matches!(r,
+        Report::MemberInSync { replica, generation: g, .. } if replica.as_str() == "r1" && *g == Generation(2))));
+}
+
 #[test]
 fn barrier_waits_until_received_covers_its_lsn() {
     let mut log = MemLog::new();
