@@ -64,6 +64,13 @@ pub const TOPOLOGY_NODE_KEY: &str = "topology.blockvol.io/node";
 /// promotes another member on seeing it, as if the Lease had expired.
 pub const PRIMARY_DISK_FAILED_ERROR: &str = "the local disk failed (fsync or write error); the volume serves no IO here until its agent restarts on a working disk";
 
+/// `lastError` of a `Failed` primary whose volume was reopened (agent restart, node power
+/// loss) at the epoch it is assigned to serve at. It may have lost entries it had already
+/// issued and shipped at that epoch, so serving there again could give one LSN two
+/// contents; it serves nothing and waits for a new epoch. The operator answers with the
+/// standard promotion at epoch + 1, where this replica itself is a candidate.
+pub const PRIMARY_NEEDS_NEW_EPOCH_ERROR: &str = "the volume was reopened at the epoch it is assigned to serve at; it serves no IO until the operator assigns a new epoch";
+
 /// Field managers: one per component, so server-side apply keeps one writer per field.
 pub const FIELD_MANAGER_OPERATOR: &str = "blockvol-operator";
 pub const FIELD_MANAGER_AGENT: &str = "blockvol-agent";

@@ -214,6 +214,10 @@ pub(crate) fn write<T>(m: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
 pub struct Volume {
     inner: Arc<Inner>,
     flusher: Option<JoinHandle<()>>,
+    /// The persisted epoch found when this volume was opened from disk; `None` for a
+    /// volume created by this process (it holds no entries yet). See
+    /// [`Volume::may_begin_primary_term`].
+    reopened_at: Option<Epoch>,
 }
 
 /// A consistent image of the extent as of `checkpoint()`, for rebuilding a replica.
@@ -292,7 +296,10 @@ impl Volume {
         disk.sync().map_err(|e| Error::io(&what, e))?;
         tracing::info!(file = %what, size_bytes = opts.size_bytes, block_size = opts.block_size,
             wal_size_bytes = opts.wal_size_bytes, "created volume");
-        Volume::open(disk, cfg)
+        let mut v = Volume::open(disk, cfg)?;
+        // Nothing was ever appended to it: it may serve as primary at any epoch.
+        v.reopened_at = None;
+        Ok(v)
     }
 
     /// Opens an existing volume, replaying the WAL after the checkpoint.
@@ -400,9 +407,11 @@ impl Volume {
             .name("blockvol-flusher".into())
             .spawn(move || worker.flusher_loop())
             .map_err(|e| Error::io("spawning the flusher thread", e))?;
+        let reopened_at = Some(Epoch(inner.epoch.load(Ordering::Acquire)));
         Ok(Volume {
             inner,
             flusher: Some(flusher),
+            reopened_at,
         })
     }
 
@@ -763,6 +772,25 @@ impl Volume {
         i.epoch.store(e.0, Ordering::Release);
         tracing::info!(file = %i.disk.describe(), epoch = e.0, "epoch persisted");
         Ok(())
+    }
+
+    /// Whether this volume may start serving as primary at `epoch`: only at an epoch
+    /// above the one persisted when it was opened from disk (any epoch for a volume
+    /// created by this process).
+    ///
+    /// Why: a primary assigns LSNs head+1, head+2, ... at its epoch and ships them before
+    /// its own fsync, so a replica may durably hold entries the primary loses in a power
+    /// loss. Reopened at the same epoch, the primary would assign those LSNs again to
+    /// different data, and log matching (which compares epochs only) could not tell the
+    /// two histories apart. Entries at an epoch are appended only after that epoch was
+    /// persisted ([`Volume::set_epoch`] syncs first), so a volume opened at persisted epoch
+    /// E holds no entry it issued itself at any epoch above E: serving at E + 1 or later
+    /// can never reuse an (epoch, LSN) pair. Serving again at E needs a new epoch from the
+    /// control plane. Within one open the head moves back only by a truncation or a
+    /// rebuild as a replica, which a newer primary (at a newer epoch) asks for, so a term
+    /// restarted within one open (after a failed start, say) never reuses an LSN either.
+    pub fn may_begin_primary_term(&self, epoch: Epoch) -> bool {
+        self.reopened_at.is_none_or(|e| epoch > e)
     }
 
     /// Installs (or with `None` removes) the callback run for every appended entry,

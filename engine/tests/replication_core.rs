@@ -278,6 +278,43 @@ impl Net {
         self.pump();
     }
 
+    /// The primary's node lost power and its agent starts the primary again, as the node
+    /// agent and the control plane do together: at the persisted epoch if the log allows
+    /// a primary term there, otherwise the control plane promotes it (the only live
+    /// member here) at the next epoch. Connections die with the old process.
+    fn restart_primary_after_power_loss(&mut self, committed: &[&str]) -> Epoch {
+        self.plog.power_loss();
+        let conns: Vec<ConnId> = self.open.iter().copied().collect();
+        for c in conns {
+            self.open.remove(&c);
+            if let Some(&r) = self.conns.get(&c) {
+                self.queue
+                    .push_back(Pending::ToReplica(r, ReceiverInput::ConnectionLost(c)));
+            }
+        }
+        self.conns.clear();
+        self.pump();
+        let persisted = self.plog.epoch();
+        let epoch = if self.plog.may_begin_primary_term(persisted) {
+            persisted
+        } else {
+            Epoch(persisted.0 + 1)
+        };
+        self.plog.set_epoch(epoch).unwrap();
+        self.primary = PrimaryCore::new(
+            vol(),
+            rid("p"),
+            epoch,
+            cfg(),
+            Generation(10),
+            committed.iter().map(|s| rid(s)).collect(),
+            &self.plog,
+        );
+        let peers = self.peers();
+        self.input(Input::PeersAssigned(peers));
+        epoch
+    }
+
     fn event_names(&self) -> Vec<&'static str> {
         self.events.iter().map(|e| e.kind.name()).collect()
     }
@@ -404,6 +441,61 @@ fn joining_member_counts_from_its_first_barrier_and_is_reported_in_sync() {
         members: vec![rid("p"), rid("r0")],
     });
     assert!(n.is_acked(f));
+}
+
+/// DESIGN invariant 2 for a joiner that drops before its commit: the primary keeps
+/// counting it (the control plane may be committing it from its in-sync report) and
+/// reports it unreachable at the current generation; the control plane answers with the
+/// same members at the next generation, and the flush resumes within
+/// `member_unreachable_after_ms` plus one reconcile - not after the retention budget.
+#[test]
+fn joiner_cut_before_its_commit_stops_blocking_flushes_after_one_unreachable_report() {
+    let c = cfg();
+    let mut n = Net::new(2, c.clone(), &["p", "r0"]);
+    n.tick(1);
+    assert!(
+        n.primary.is_counted(&rid("r1")),
+        "counted from its first barrier"
+    );
+    n.replicas[1].reachable = false;
+    n.drop_conns_of(1);
+    n.write(1, 1);
+    let asked = n.now;
+    let f = n.flush();
+    // The control plane reconciles every `reconcile_ms`: an unreachable peer outside the
+    // committed set, reported at the committed generation, gets the same members at the
+    // next generation.
+    let reconcile_ms = 5;
+    let mut generation = Generation(1);
+    while !n.is_acked(f) && n.now < asked + c.wal_retention_timeout_ms {
+        n.tick(reconcile_ms);
+        let outsider = n.reports.drain(..).any(|r| {
+            matches!(r, Report::MemberUnreachable { replica, generation: g }
+                if replica.as_str() == "r1" && g == generation)
+        });
+        if outsider {
+            generation = Generation(generation.0 + 1);
+            n.input(Input::InSyncSetCommitted {
+                generation,
+                members: vec![rid("p"), rid("r0")],
+            });
+        }
+    }
+    assert!(n.is_acked(f), "the flush never resumed");
+    assert!(
+        n.now <= asked + c.member_unreachable_after_ms + 2 * reconcile_ms,
+        "the flush resumed {} ms after it was asked",
+        n.now - asked
+    );
+    assert_eq!(generation, Generation(2), "one commit was enough");
+    assert!(!n.primary.is_counted(&rid("r1")));
+    // Back, it catches up, is counted again and reported in sync for a commit.
+    n.replicas[1].reachable = true;
+    n.settle();
+    assert_eq!(n.state("r1"), ReplicaState::InSync);
+    assert!(n.primary.is_counted(&rid("r1")));
+    assert!(n.reports.iter().any(|r| matches!(r,
+        Report::MemberInSync { replica, generation: g, .. } if replica.as_str() == "r1" && *g == Generation(2))));
 }
 
 #[test]
@@ -935,6 +1027,81 @@ fn replica_ahead_with_unflushed_suffix_is_truncated_to_primary_head() {
     );
     assert_eq!(n.state("r0"), ReplicaState::InSync);
     assert_eq!(n.replicas[0].log.head_lsn(), Lsn(1));
+}
+
+/// No (epoch, LSN) may name two different entries on any two logs.
+fn same_epoch_and_lsn_means_same_entry(a: &MemLog, b: &MemLog) -> Result<(), String> {
+    let top = a.head_lsn().max(b.head_lsn());
+    let mut l = Lsn(1);
+    while l <= top {
+        if let (Some(x), Some(y)) = (a.entry_at(l), b.entry_at(l))
+            && x.epoch == y.epoch
+            && x != y
+        {
+            return Err(format!(
+                "LSN {l} at epoch {} holds different entries: {x:?} vs {y:?}",
+                x.epoch
+            ));
+        }
+        l = l.next();
+    }
+    Ok(())
+}
+
+/// A replica fsyncs what it received every flusher cycle, so it can hold more durably
+/// than the primary; the primary then loses its unsynced tail in a power loss. Restarted
+/// at the same epoch it would issue those LSNs again with other data, and a replica
+/// whose flushed LSN carries that same epoch would keep its old entries (log matching
+/// compares epochs only). A reopened log refuses a primary term at its persisted epoch,
+/// so the restarted primary serves at a new epoch and the handshake sees the divergence.
+#[test]
+fn a_primary_restarted_after_power_loss_never_reissues_lsns_at_its_old_epoch() {
+    let mut n = Net::new(1, cfg(), &["p", "r0"]);
+    n.tick(1);
+    for lba in 0..5 {
+        n.write(lba, 1);
+    }
+    let f = n.flush();
+    assert!(n.is_acked(f));
+    // Shipped on append, before the primary's own fsync; the replica's flusher syncs them.
+    for lba in 5..10 {
+        n.write(lba, 1);
+    }
+    assert_eq!(n.replicas[0].log.head_lsn(), Lsn(10));
+    n.replicas[0].log.sync().unwrap();
+    assert_eq!(
+        (n.plog.durable_lsn(), n.replicas[0].log.durable_lsn()),
+        (Lsn(5), Lsn(10))
+    );
+    // Power loss takes the primary's node; the replica is out of reach when its agent
+    // returns (and was dropped from the committed set meanwhile).
+    n.replicas[0].reachable = false;
+    let epoch = n.restart_primary_after_power_loss(&["p"]);
+    assert_eq!(n.plog.head_lsn(), Lsn(5), "the unsynced tail is gone");
+    // The client writes other data; its flush is acknowledged by the primary alone.
+    for lba in 5..12 {
+        n.write(lba, 2);
+    }
+    let f = n.flush();
+    assert!(n.is_acked(f));
+    // The replica comes back and handshakes.
+    n.replicas[0].reachable = true;
+    n.settle();
+    same_epoch_and_lsn_means_same_entry(&n.plog, &n.replicas[0].log).unwrap();
+    assert_ne!(
+        n.state("r0"),
+        ReplicaState::InSync,
+        "a replica holding other entries at LSNs 6..10 was taken as in sync"
+    );
+    // Rebuilt, it holds exactly the primary's content.
+    n.input(Input::RebuildRequested(rid("r0")));
+    n.settle();
+    assert_eq!(n.state("r0"), ReplicaState::InSync);
+    same_epoch_and_lsn_means_same_entry(&n.plog, &n.replicas[0].log).unwrap();
+    let head = n.plog.head_lsn();
+    assert_eq!(n.replicas[0].log.head_lsn(), head);
+    assert_eq!(n.replicas[0].log.state_at(head), n.plog.state_at(head));
+    assert_eq!(epoch, Epoch(2), "served again only at a new epoch");
 }
 
 #[test]

@@ -2,8 +2,12 @@
 //! the sans-IO cores over a simulated network (delay, reorder across connections, FIFO
 //! within one, drops, partitions, address changes), simulated disks (power loss, fsync
 //! failure), client writes and flushes, and a simulated control plane that commits in-sync
-//! set changes and promotes. A checker asserts the durability, ordering and fencing
-//! invariants. Every run is reproducible from its seed:
+//! set changes and promotes. A crashed node comes back as its agent would bring it back:
+//! as a replica, or - when its assignment still says primary at the current epoch because
+//! no failover happened - as primary, which the log's primary-term rule turns into a
+//! refusal the control plane answers with a promotion at the next epoch. A checker
+//! asserts the durability, ordering and fencing invariants, and that no (epoch, LSN) is
+//! ever issued for two different entries. Every run is reproducible from its seed:
 //! `SIM_SEED=123 cargo test -p engine --test replication_sim -- --nocapture`
 //! `SIM_SEEDS=20000` runs more seeds than the default.
 
@@ -50,6 +54,9 @@ impl Rng {
 struct Knobs {
     skip_member_gate: bool,
     accept_stale_epoch: bool,
+    /// A restarted primary serves at its old epoch even when its log refuses a primary
+    /// term there (the behaviour before the rule existed).
+    unguarded_primary_restart: bool,
 }
 
 // ----- model ------------------------------------------------------------------------------
@@ -132,6 +139,11 @@ enum Ev {
     Restart {
         node: usize,
     },
+    /// The agent of `node` refused to serve as primary at `epoch` and says so.
+    NeedsNewEpoch {
+        node: usize,
+        epoch: Epoch,
+    },
 }
 
 struct Cp {
@@ -145,6 +157,8 @@ struct Cp {
 
 struct Checker {
     durability: Durability,
+    /// Every entry a primary ever appended, by (epoch, LSN).
+    issued: BTreeMap<(Epoch, u64), (Epoch, u64)>,
     acked: BTreeMap<u64, (Epoch, u64)>,
     acked_max: Lsn,
     violations: Vec<String>,
@@ -174,6 +188,25 @@ impl Checker {
     fn violation(&mut self, now: u64, s: String) {
         if self.violations.len() < 20 {
             self.violations.push(format!("t={now}ms: {s}"));
+        }
+    }
+
+    /// A primary appended `e`: no other entry may ever carry the same (epoch, LSN), or
+    /// log matching (which compares epochs) could take two histories for one.
+    fn on_issued(&mut self, now: u64, node: usize, e: &WalEntry) {
+        let id = ident(e);
+        match self.issued.get(&(e.epoch, e.lsn.0)).copied() {
+            Some(prev) if prev != id => self.violation(
+                now,
+                format!(
+                    "node{node} issued LSN {} at epoch {} twice with different content ({prev:?}, then {id:?})",
+                    e.lsn, e.epoch
+                ),
+            ),
+            Some(_) => {}
+            None => {
+                self.issued.insert((e.epoch, e.lsn.0), id);
+            }
         }
     }
 
@@ -349,6 +382,7 @@ struct Sim {
     partitions: Vec<(usize, usize, u64)>,
     pcfg: PrimaryConfig,
     rcfg: ReceiverConfig,
+    knobs: Knobs,
     volume: VolumeId,
     next_flush: u64,
     write_counter: u64,
@@ -445,6 +479,7 @@ impl Sim {
             },
             checker: Checker {
                 durability,
+                issued: BTreeMap::new(),
                 acked: BTreeMap::new(),
                 acked_max: Lsn(0),
                 violations: Vec::new(),
@@ -453,6 +488,7 @@ impl Sim {
             partitions: Vec::new(),
             pcfg,
             rcfg,
+            knobs,
             volume,
             next_flush: 0,
             write_counter: 0,
@@ -793,9 +829,66 @@ impl Sim {
                             self.nodes[node].log.durable_lsn()
                         );
                     }
+                    // No failover happened (or its promotion reached a dead node): the
+                    // assignment says primary at the current epoch, and the agent applies
+                    // it again.
+                    if self.cp.primary == node && !self.nodes[node].log.rebuilding() {
+                        self.restart_as_primary(node);
+                    }
+                }
+            }
+            Ev::NeedsNewEpoch { node, epoch } => {
+                // The primary serves nothing: promote at the next epoch right away (the
+                // restarted node itself is a candidate).
+                if self.cp.primary == node && self.cp.epoch == epoch {
+                    self.failover(false);
                 }
             }
         }
+    }
+
+    /// The agent starts a restarted node as primary at the current epoch, the way
+    /// `Promote` does, unless its log refuses a primary term there: then it reports that
+    /// it needs a new epoch and waits as a replica.
+    fn restart_as_primary(&mut self, idx: usize) {
+        let epoch = self.cp.epoch;
+        if epoch > self.nodes[idx].log.epoch() {
+            self.nodes[idx].log.set_epoch(epoch).unwrap();
+        }
+        let allowed = self.knobs.unguarded_primary_restart
+            || self.nodes[idx].log.may_begin_primary_term(epoch);
+        if !allowed {
+            *self
+                .stats
+                .entry("primary_restart_refused".into())
+                .or_default() += 1;
+            let d = self.rng.range(2, 10);
+            self.schedule(self.now + d, Ev::NeedsNewEpoch { node: idx, epoch });
+            return;
+        }
+        *self
+            .stats
+            .entry("primary_restart_served".into())
+            .or_default() += 1;
+        let committed: Vec<ReplicaId> = self
+            .cp
+            .committed
+            .iter()
+            .map(|&i| self.nodes[i].id.clone())
+            .collect();
+        let peers = self.peers_for(idx);
+        let node = &mut self.nodes[idx];
+        let core = PrimaryCore::new(
+            self.volume.clone(),
+            node.id.clone(),
+            epoch,
+            self.pcfg.clone(),
+            self.cp.generation,
+            committed,
+            &node.log,
+        );
+        node.role = Role::Primary(Box::new(core));
+        self.primary_input(idx, Input::PeersAssigned(peers));
     }
 
     // ----- control plane --------------------------------------------------------------
@@ -1004,6 +1097,16 @@ impl Sim {
                     return;
                 }
                 node.log.set_epoch(epoch).unwrap();
+                if !node.log.may_begin_primary_term(epoch) {
+                    // Never happens: every promotion is at a new epoch, above any epoch a
+                    // node was reopened at. The agent would refuse and report it.
+                    let now = self.now;
+                    self.checker.violation(
+                        now,
+                        format!("node{idx} promoted at epoch {epoch} its log was reopened at"),
+                    );
+                    return;
+                }
                 node.incarnation += 1;
                 let core = PrimaryCore::new(
                     self.volume.clone(),
@@ -1146,6 +1249,8 @@ impl Sim {
                     .log
                     .append_local(kind, lba, blocks, data)
                     .unwrap();
+                let now = self.now;
+                self.checker.on_issued(now, p, &e);
                 self.primary_input(p, Input::Appended(e));
             }
             if self.rng.ppm(60_000) {
@@ -1417,6 +1522,7 @@ fn simulation_holds_durability_ordering_and_fencing_invariants() {
             "escalated_needs_rebuild",
             "session_invalidated",
             "state->InSync",
+            "primary_restart_refused",
         ] {
             assert!(
                 stats.get(k).copied().unwrap_or(0) > 0,
@@ -1462,4 +1568,24 @@ fn checker_catches_a_receiver_that_accepts_stale_epochs() {
         })
         .count();
     assert!(caught > 0, "stale-epoch writes went unnoticed in 200 seeds");
+}
+
+#[test]
+fn checker_catches_a_restarted_primary_that_reissues_lsns_at_its_old_epoch() {
+    let knobs = Knobs {
+        unguarded_primary_restart: true,
+        ..Knobs::default()
+    };
+    let caught = (1..=400u64)
+        .filter(|&s| {
+            run_seed(s, knobs)
+                .violations
+                .iter()
+                .any(|v| v.contains("twice with different content"))
+        })
+        .count();
+    assert!(
+        caught > 0,
+        "a primary restarted at its old epoch went unnoticed in 400 seeds"
+    );
 }

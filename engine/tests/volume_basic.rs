@@ -3,7 +3,7 @@
 mod common;
 
 use common::*;
-use engine::{CrashMode, Error, Lba, Lsn, Volume};
+use engine::{CrashMode, Epoch, Error, Lba, Lsn, Volume};
 
 #[test]
 fn written_blocks_read_back_and_unwritten_read_as_zeros() {
@@ -132,6 +132,37 @@ fn flushed_writes_survive_power_loss_and_unflushed_may_vanish() {
     assert_eq!(vol.head_lsn(), Lsn(2));
     assert_eq!(read_block(&vol, 1), block(1));
     assert_eq!(read_block(&vol, 2), block(2));
+}
+
+/// A volume reopened after power loss may have lost entries it issued at its persisted
+/// epoch (and shipped to replicas); it may serve as primary again only at a newer epoch.
+#[test]
+fn a_reopened_volume_serves_as_primary_only_above_its_persisted_epoch() {
+    let (disk, vol) = sim_volume("term", 32, 128 * 1024);
+    assert!(
+        vol.may_begin_primary_term(Epoch(0)),
+        "created here: no entry was ever issued"
+    );
+    vol.set_epoch(Epoch(3)).unwrap();
+    assert!(vol.may_begin_primary_term(Epoch(3)));
+    vol.write(Lba(1), &block(1)).unwrap();
+    vol.flush().unwrap();
+    vol.write(Lba(2), &block(2)).unwrap();
+    let after = disk.crash(CrashMode::DropUnsynced, 1);
+    drop(vol);
+    let vol = Volume::open(Box::new(after), manual_cfg()).unwrap();
+    assert_eq!(
+        vol.head_lsn(),
+        Lsn(1),
+        "LSN 2 is gone and would be issued again"
+    );
+    assert!(!vol.may_begin_primary_term(Epoch(3)));
+    assert!(vol.may_begin_primary_term(Epoch(4)));
+    vol.set_epoch(Epoch(4)).unwrap();
+    assert!(
+        !vol.may_begin_primary_term(Epoch(3)),
+        "the rule looks at the epoch found on open"
+    );
 }
 
 #[test]

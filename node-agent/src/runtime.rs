@@ -2,7 +2,9 @@
 //! primary driver (and its NBD export) for each local primary, and the node's data port
 //! hosting every local non-primary replica. The epoch is persisted in the volume before
 //! any role change acts, and a demoted primary is fenced (writes refused, export removed,
-//! driver stopped) before it starts receiving as a replica.
+//! driver stopped) before it starts receiving as a replica. A volume reopened at the
+//! epoch it is assigned to serve at as primary does not serve there (it may have lost
+//! entries it issued at that epoch) and reports that it needs a new epoch.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -93,6 +95,10 @@ struct Local {
     primary: Option<Primary>,
     hosted: bool,
     last_error: Option<String>,
+    /// Assigned primary at the epoch the volume was reopened at: it does not serve and
+    /// reports [`api::PRIMARY_NEEDS_NEW_EPOCH_ERROR`] until the operator assigns a new
+    /// epoch (see [`Volume::may_begin_primary_term`]).
+    needs_new_epoch: bool,
 }
 
 /// The production [`ReplicaRuntime`].
@@ -561,9 +567,13 @@ impl EngineRuntime {
             Some(m) => m.wrap(&a.volume, &a.replica_id, a.role, backend.clone()),
             None => backend.clone(),
         };
-        self.exports
-            .add(&a.volume, exported)
-            .map_err(|e| failed(&a.replica_id, format!("NBD export: {e}")))?;
+        if let Err(e) = self.exports.add(&a.volume, exported) {
+            // Nothing was served: stop the driver again (the report task holds its
+            // handle), or it would keep shipping whatever the volume appends later.
+            reports.abort();
+            l.vol.set_append_observer(None);
+            return Err(failed(&a.replica_id, format!("NBD export: {e}")));
+        }
         self.serving.set(&a.volume, Some(backend.clone()));
         tracing::info!(volume = %a.volume, replica = %a.replica_id, epoch = a.epoch, peers = peers.len(), "primary started");
         l.primary = Some(Primary {
@@ -621,6 +631,7 @@ impl ReplicaRuntime for EngineRuntime {
                 primary: None,
                 hosted: false,
                 last_error: None,
+                needs_new_epoch: false,
             },
         );
         Ok(())
@@ -649,22 +660,36 @@ impl ReplicaRuntime for EngineRuntime {
             self.drain_primary(&a.volume, l).await;
             self.stop_primary(&a.volume, l).await;
         }
+        // This replica was the primary at the persisted epoch (it may be waiting for a
+        // new one after a restart): no other primary's member proof can be outstanding.
+        let primary_here_before = l.needs_new_epoch
+            || l.applied
+                .as_ref()
+                .is_some_and(|p| p.role == ReplicaRole::Primary && p.epoch == persisted);
         // Persist the epoch before acting on the role.
-        l.vol
-            .set_epoch(Epoch(a.epoch))
-            .map_err(|e| failed(&a.replica_id, format!("persist epoch {}: {e}", a.epoch)))?;
+        if let Err(e) = l.vol.set_epoch(Epoch(a.epoch)) {
+            // A running primary that cannot record its new epoch stops serving at the
+            // old one too: the operator promotes another member once this failure has
+            // lasted its grace, and by then nothing may be acknowledged here.
+            self.stop_primary(&a.volume, l).await;
+            return Err(failed(
+                &a.replica_id,
+                format!("persist epoch {}: {e}", a.epoch),
+            ));
+        }
+        l.needs_new_epoch = false;
         match a.role {
             ReplicaRole::Primary => {
-                // A promotion (a newer epoch over an earlier one) waits until the old
-                // primary's member proof, which may rest on heartbeats this replica
-                // answered, has run out. Heartbeats answered by an earlier agent process
-                // came before this runtime started.
+                // A promotion (a newer epoch over an earlier one held by another
+                // primary) waits until the old primary's member proof, which may rest on
+                // heartbeats this replica answered, has run out. Heartbeats answered by
+                // an earlier agent process came before this runtime started.
                 let last_answer = if l.hosted {
                     self.receiver.last_heartbeat(&vid)
                 } else {
                     None
                 };
-                let serve_after = if persisted > 0 && a.epoch > persisted {
+                let serve_after = if persisted > 0 && a.epoch > persisted && !primary_here_before {
                     last_answer.unwrap_or(self.started) + self.proof_window()
                 } else {
                     std::time::Instant::now()
@@ -701,6 +726,16 @@ impl ReplicaRuntime for EngineRuntime {
                             s.unreachable.retain(|u| a.in_sync_set.contains(u));
                         }
                     }
+                    // Reopened at this epoch (an agent restart, a power loss): the
+                    // volume may have lost entries it issued and shipped at this epoch,
+                    // and serving now would issue their LSNs again with other data. It
+                    // waits for a new epoch instead, which the operator assigns at once
+                    // on seeing the report (to this replica or a member that is ahead).
+                    None if !l.vol.may_begin_primary_term(Epoch(a.epoch)) => {
+                        tracing::warn!(volume = %a.volume, replica = %a.replica_id, epoch = a.epoch,
+                            "not serving as primary at the epoch the volume was reopened at; waiting for a new epoch");
+                        l.needs_new_epoch = true;
+                    }
                     None => {
                         if let Err(e) = self.start_primary(a, l, serve_after) {
                             l.last_error = Some(e.to_string());
@@ -725,7 +760,7 @@ impl ReplicaRuntime for EngineRuntime {
     }
 
     async fn status(&self, replica_id: &str) -> Option<BlockReplicaStatus> {
-        let (vol, a, snapshot, seen, backend, last_error) = {
+        let (vol, a, snapshot, seen, backend, last_error, needs_new_epoch) = {
             let m = self.replicas.lock().await;
             let l = m.get(replica_id)?;
             let a = l.applied.clone()?;
@@ -737,6 +772,7 @@ impl ReplicaRuntime for EngineRuntime {
                 p.map(|p| p.seen.clone()),
                 p.map(|p| p.backend.clone()),
                 l.last_error.clone(),
+                l.needs_new_epoch,
             )
         };
         let mut st = BlockReplicaStatus {
@@ -785,7 +821,12 @@ impl ReplicaRuntime for EngineRuntime {
                 }
                 st.unreachable = s.unreachable.iter().cloned().collect();
             }
-            (ReplicaRole::Primary, _, _) => st.state = ReplicaState::Failed,
+            (ReplicaRole::Primary, _, _) => {
+                st.state = ReplicaState::Failed;
+                if needs_new_epoch {
+                    st.last_error = Some(api::PRIMARY_NEEDS_NEW_EPOCH_ERROR.into());
+                }
+            }
             (ReplicaRole::Replica, _, _) => {
                 st.state = ReplicaState::InSync;
                 // A replica whose disk refused an append or fsync accepts nothing more

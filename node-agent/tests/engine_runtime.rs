@@ -679,3 +679,77 @@ async fn a_primary_fenced_by_a_peer_serves_no_reads() {
         "a fenced primary acknowledged a flush"
     );
 }
+
+/// An agent restart reopens the volume at the epoch it served at: it may have lost
+/// entries it issued (and shipped) there, so it does not serve at that epoch again. It
+/// reports `api::PRIMARY_NEEDS_NEW_EPOCH_ERROR` as a Failed primary and serves once the
+/// operator assigns the next epoch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_reopened_at_its_epoch_serves_only_at_a_new_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = node("a").await;
+    let at1 = assignment(dir.path(), "r1", ReplicaRole::Primary, 1, None);
+    first.runtime.open(&at1).await.unwrap();
+    first.runtime.apply(&at1).await.unwrap();
+    let backend: Arc<dyn BlockBackend> = first
+        .runtime
+        .exports()
+        .get("vol")
+        .expect("export of the primary")
+        .backend()
+        .clone();
+    blocking(move || {
+        backend.write(0, &[5u8; 4096]).expect("write");
+        backend.flush().expect("flush");
+    })
+    .await;
+    first.runtime.close_all().await;
+    drop(first);
+
+    // The stopped driver's task lets go of the volume file once the runtime drops it.
+    let again = node("a").await;
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while let Err(e) = again.runtime.open(&at1).await {
+        assert!(tokio::time::Instant::now() < deadline, "reopen: {e}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    again.runtime.apply(&at1).await.unwrap();
+    let st = again.runtime.status("r1").await.unwrap();
+    assert_eq!(
+        (st.state, st.role, st.epoch),
+        (ReplicaState::Failed, Some(ReplicaRole::Primary), 1)
+    );
+    assert_eq!(
+        st.last_error.as_deref(),
+        Some(api::PRIMARY_NEEDS_NEW_EPOCH_ERROR)
+    );
+    assert!(
+        again.runtime.exports().get("vol").is_none(),
+        "nothing served"
+    );
+    // Applying the same assignment again changes nothing.
+    again.runtime.apply(&at1).await.unwrap();
+    assert!(again.runtime.exports().get("vol").is_none());
+
+    let at2 = assignment(dir.path(), "r1", ReplicaRole::Primary, 2, None);
+    again.runtime.apply(&at2).await.unwrap();
+    let st = again.runtime.status("r1").await.unwrap();
+    assert_eq!(
+        (st.state, st.epoch, st.last_error),
+        (ReplicaState::Serving, 2, None)
+    );
+    let backend: Arc<dyn BlockBackend> = again
+        .runtime
+        .exports()
+        .get("vol")
+        .expect("export at the new epoch")
+        .backend()
+        .clone();
+    let got = blocking(move || {
+        let mut buf = vec![0u8; 4096];
+        backend.read(0, &mut buf).expect("read");
+        buf
+    })
+    .await;
+    assert_eq!(got, vec![5u8; 4096]);
+}

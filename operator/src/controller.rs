@@ -470,7 +470,8 @@ async fn apply_volume(cached: Arc<BlockVolume>, ctx: &Context) -> Result<Action>
             .settings
             .replacement
             .replica_failure_grace_ms
-            .min(ctx.settings.replacement.node_gone_grace_ms);
+            .min(ctx.settings.replacement.node_gone_grace_ms)
+            .min(ctx.settings.replacement.primary_failure_grace_ms);
         after = after.min(Duration::from_millis(grace.max(1_000)));
     }
     Ok(Action::requeue(after))

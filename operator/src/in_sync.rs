@@ -2,6 +2,18 @@
 //! it cannot reach and peers it has counted for every ack since their first barrier; the
 //! operator commits the new set with generation + 1. It never drops the last member and
 //! never acts on a report from a stale primary or an older epoch.
+//!
+//! A peer the primary counts but the operator has not committed yet (it joined, then
+//! dropped before its commit) blocks every flush just like a member. The primary may not
+//! stop counting it on its own: the operator may be committing it at that very moment
+//! from the primary's earlier in-sync report, and a committed member must never have
+//! missed an ack. So the operator decides: an unreachable non-member reported at the
+//! current generation gets a commit of the same members at generation + 1, which tells
+//! the primary that this peer is not a member (it stops counting it unless it is back in
+//! sync by then, in which case it reports it in sync again). Because that commit comes
+//! from a report that names the peer unreachable, and an unreachable peer is never added,
+//! the peer can only be committed later from a newer in-sync report - one the primary
+//! sends only after a barrier that covers every ack so far.
 
 use api::{ReplicaRole, ReplicaState};
 
@@ -45,6 +57,9 @@ pub struct InSyncChange {
 /// Removals: committed members the primary lists as unreachable (never the primary
 /// itself, and never the last member). Additions: replicas of this volume (not being
 /// deleted) the primary reports `InSync` and does not also list as unreachable.
+/// Otherwise, when the report was made at the committed generation and lists an
+/// unreachable peer outside the set (one the primary counts), the same members are
+/// committed at generation + 1 so the primary stops counting it.
 pub fn next_in_sync_set(
     committed: &InSyncSet,
     epoch: u64,
@@ -75,7 +90,14 @@ pub fn next_in_sync_set(
         .map(|p| p.replica_id.clone())
         .collect();
     if removed.is_empty() && added.is_empty() {
-        return None;
+        let counted_outsider = report.in_sync_set_generation == committed.generation
+            && report
+                .unreachable
+                .iter()
+                .any(|u| *u != primary.id && !committed.contains(u));
+        if !counted_outsider {
+            return None;
+        }
     }
     let members = committed
         .members
@@ -155,9 +177,23 @@ mod tests {
                 None,
             ),
             (
-                "unreachable non-member changes nothing",
+                "a peer both in sync and unreachable at the current generation: recommitted, not added",
+                s(&["p"], 2),
+                p().reports_generation(2)
+                    .unreachable(&["a"])
+                    .peer("a", InSync),
+                Some((vec!["p"], 3)),
+            ),
+            (
+                "unreachable non-member (counted, never committed): same members, generation + 1",
                 s(&["p", "a"], 2),
-                p().unreachable(&["c"]),
+                p().reports_generation(2).unreachable(&["c"]),
+                Some((vec!["a", "p"], 3)),
+            ),
+            (
+                "unreachable non-member reported at an older generation: already uncounted",
+                s(&["p", "a"], 3),
+                p().reports_generation(2).unreachable(&["c"]),
                 None,
             ),
             (

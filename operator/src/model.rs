@@ -109,6 +109,13 @@ pub(crate) mod test_support {
             self.status.get_or_insert_with(Default::default).last_error = Some(error.into());
             self
         }
+        /// The in-sync set generation the agent reports having applied.
+        pub fn reports_generation(mut self, generation: u64) -> Self {
+            self.status
+                .get_or_insert_with(Default::default)
+                .in_sync_set_generation = generation;
+            self
+        }
         pub fn reports_size(mut self, size: u64) -> Self {
             self.status.get_or_insert_with(Default::default).size_bytes = Some(size);
             self

@@ -16,7 +16,10 @@ use crate::in_sync::{InSyncSet, next_in_sync_set};
 use crate::model::ReplicaView;
 use crate::placement::{NodeCandidate, PlacementRequest, place};
 use crate::primary_move::{MoveInput, MoveOutcome, MoveRequest, MoveSettings, MoveStep};
-use crate::promotion::{PromotionDecision, choose_promotion, primary_lease};
+use crate::promotion::{
+    PrimaryLease, PrimaryStanding, PromotionDecision, choose_promotion, choose_repromotion,
+    primary_standing,
+};
 use crate::recovery::recover_state;
 use crate::replacement::{ReplacementSettings, nodes_at_rebuild_limit, replacements};
 use crate::status::{Blocked, StatusInput, unhealthy_since, volume_status};
@@ -433,7 +436,18 @@ pub fn plan(obs: &Observed<'_>, settings: &ReplacementSettings, moves: &MoveSett
         }
         let primary_id = state.primary.clone().unwrap_or_default();
         let primary_view = views.iter().find(|r| r.id == primary_id && !r.deleting);
-        let lease = primary_lease(primary_view, state.epoch);
+        let since = unhealthy_since(obs.status);
+        let standing = primary_standing(
+            primary_view,
+            state.epoch,
+            since.get(&primary_id).copied(),
+            obs.now,
+            settings.primary_failure_grace_ms,
+        );
+        let lease = match standing {
+            PrimaryStanding::Serving => PrimaryLease::Current,
+            PrimaryStanding::Gone { .. } => PrimaryLease::Expired,
+        };
         let decision = match move_promotion {
             Some((replica_id, epoch)) => {
                 state.epoch = epoch;
@@ -454,13 +468,21 @@ pub fn plan(obs: &Observed<'_>, settings: &ReplacementSettings, moves: &MoveSett
                 tracing::info!(volume = obs.name, replica = %r, "waiting for a demoted primary to confirm");
                 PromotionDecision::KeepPrimary
             }
-            None => choose_promotion(
-                state.epoch,
-                &primary_id,
-                lease,
-                &state.in_sync.members,
-                &views,
-            ),
+            None => match (&standing, primary_view) {
+                (
+                    PrimaryStanding::Gone {
+                        candidate: true, ..
+                    },
+                    Some(p),
+                ) => choose_repromotion(state.epoch, p, &state.in_sync.members, &views),
+                _ => choose_promotion(
+                    state.epoch,
+                    &primary_id,
+                    lease,
+                    &state.in_sync.members,
+                    &views,
+                ),
+            },
         };
         match decision {
             PromotionDecision::KeepPrimary => {
@@ -502,19 +524,24 @@ pub fn plan(obs: &Observed<'_>, settings: &ReplacementSettings, moves: &MoveSett
                     .find(|r| r.id == replica_id)
                     .map(|r| r.node().to_string())
                     .unwrap_or_default();
+                let why = match &standing {
+                    PrimaryStanding::Gone { why, .. } => why.as_str(),
+                    PrimaryStanding::Serving => "the primary serves no IO",
+                };
                 events.push(normal(
                     reason::PROMOTED,
                     format!(
-                        "promoted replica {replica_id} on node {node} (flushed LSN {flushed}) to primary at epoch {epoch}; the node agent of primary {primary_id} stopped renewing its lease"
+                        "promoted replica {replica_id} on node {node} (flushed LSN {flushed}) to primary at epoch {epoch}; {why}"
                     ),
                 ));
                 // The deposed primary is fenced by the new epoch; it leaves the set now
-                // so the new primary need not wait for it.
+                // so the new primary need not wait for it. A primary promoted again at
+                // the new epoch stays.
                 let members: Vec<String> = state
                     .in_sync
                     .members
                     .iter()
-                    .filter(|m| **m != primary_id)
+                    .filter(|m| **m != primary_id || **m == replica_id)
                     .cloned()
                     .collect();
                 if members.len() != state.in_sync.members.len() {
@@ -540,7 +567,6 @@ pub fn plan(obs: &Observed<'_>, settings: &ReplacementSettings, moves: &MoveSett
 
         // Replace replicas unusable past their grace, then fill up to spec.replicas.
         let mut rebuilding = obs.rebuilding_per_node.clone();
-        let since = unhealthy_since(obs.status);
         for rep in replacements(
             &views,
             state.primary.as_deref(),
@@ -1328,6 +1354,124 @@ mod tests {
         let p = w.step();
         assert!(p.status.primary.is_some());
         assert_eq!(primaries_at(&w, p.status.epoch), 1);
+    }
+
+    fn report(w: &mut World, id: &str, f: impl FnOnce(&mut api::BlockReplicaStatus)) {
+        let r = w.replicas.iter_mut().find(|r| r.id == id).unwrap();
+        f(r.status.get_or_insert_with(Default::default));
+    }
+
+    #[test]
+    fn primary_reopened_at_its_epoch_is_promoted_again_at_the_next_epoch() {
+        let mut w = converged();
+        let old = w.primary().clone();
+        // Its agent restarted: the volume was reopened at epoch 1 and refuses to serve
+        // there. Its node is live (the new agent renews the Lease).
+        report(&mut w, &old.id, |st| {
+            (st.state, st.role, st.epoch) = (Failed, Some(ReplicaRole::Primary), 1);
+            st.last_error = Some(api::PRIMARY_NEEDS_NEW_EPOCH_ERROR.into());
+        });
+        let p = w.step();
+        assert_eq!(p.status.primary.as_deref(), Some(old.id.as_str()));
+        assert_eq!(p.status.epoch, 2);
+        assert_eq!(p.apply[0].replica_id, old.id, "new primary's spec first");
+        assert_eq!(
+            (p.apply[0].role, p.apply[0].epoch),
+            (ReplicaRole::Primary, 2)
+        );
+        assert!(p.status.in_sync_set.contains(&old.id), "it stays a member");
+        assert_eq!(primaries_at(&w, 2), 1);
+        assert!(w.reasons().contains(&reason::PROMOTED));
+        // Serving at epoch 2: nothing more happens.
+        w.all_report_healthy(10);
+        let again = w.step();
+        assert_eq!(
+            (again.status.epoch, again.status.primary.as_deref()),
+            (2, Some(old.id.as_str()))
+        );
+    }
+
+    #[test]
+    fn a_member_ahead_of_a_reopened_primary_takes_over_at_the_next_epoch() {
+        let mut w = converged();
+        let old = w.primary().clone();
+        let ahead = w
+            .replicas
+            .iter()
+            .find(|r| r.id != old.id)
+            .unwrap()
+            .id
+            .clone();
+        // Power loss: the primary kept less than a replica had already fsynced.
+        report(&mut w, &old.id, |st| {
+            (st.state, st.role, st.epoch, st.flushed_lsn) =
+                (Failed, Some(ReplicaRole::Primary), 1, 5);
+            st.last_error = Some(api::PRIMARY_NEEDS_NEW_EPOCH_ERROR.into());
+        });
+        report(&mut w, &ahead, |st| st.flushed_lsn = 12);
+        let p = w.step();
+        assert_eq!(p.status.primary.as_deref(), Some(ahead.as_str()));
+        assert_eq!(p.status.epoch, 2);
+        assert!(!p.status.in_sync_set.contains(&old.id));
+        let old_spec = p.apply.iter().find(|s| s.replica_id == old.id).unwrap();
+        assert_eq!((old_spec.role, old_spec.epoch), (ReplicaRole::Replica, 2));
+    }
+
+    #[test]
+    fn promoted_primary_that_cannot_take_its_assignment_is_promoted_away_after_the_grace() {
+        let mut w = converged();
+        let old = w.primary().clone();
+        w.kill_node(old.node());
+        let p = w.step();
+        let b = p.status.primary.clone().expect("promoted");
+        assert_eq!(p.status.epoch, 2);
+        let c = w
+            .replicas
+            .iter()
+            .find(|r| r.id != old.id && r.id != b)
+            .unwrap()
+            .id
+            .clone();
+        // B's agent cannot persist epoch 2: it reports its last role and epoch, Failed.
+        report(&mut w, &b, |st| {
+            (st.state, st.role, st.epoch) = (Failed, Some(ReplicaRole::Replica), 1);
+            st.last_error = Some(format!(
+                "replica runtime: replica {b} failed: persist epoch 2: I/O error"
+            ));
+        });
+        let grace = ReplacementSettings::default().primary_failure_grace_ms;
+        let p = w.step();
+        assert_eq!(
+            (p.status.primary.as_deref(), p.status.epoch),
+            (Some(b.as_str()), 2),
+            "a failure just seen gets its grace"
+        );
+        w.now += SignedDuration::from_millis(i64::try_from(grace).unwrap() - 1);
+        let p = w.step();
+        assert_eq!(
+            (p.status.primary.as_deref(), p.status.epoch),
+            (Some(b.as_str()), 2),
+            "not before the grace"
+        );
+        w.now += SignedDuration::from_millis(1);
+        let p = w.step();
+        assert_eq!(
+            (p.status.primary.as_deref(), p.status.epoch),
+            (Some(c.as_str()), 3)
+        );
+        assert_eq!(p.apply[0].replica_id, c, "new primary's spec first");
+        let e = w
+            .events
+            .iter()
+            .rfind(|e| e.reason == reason::PROMOTED)
+            .unwrap();
+        assert!(
+            e.note.contains("could not take its assignment"),
+            "{}",
+            e.note
+        );
+        assert!(!p.status.in_sync_set.contains(&b));
+        assert_eq!(primaries_at(&w, 3), 1);
     }
 
     #[test]

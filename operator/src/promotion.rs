@@ -1,8 +1,11 @@
-//! Promotion: which replica becomes primary when the primary's node agent is gone.
-//! Guarantees (DESIGN invariant 3): only a member of the committed in-sync set, only
-//! after the old primary's Lease expired, the highest flushed LSN wins, epoch + 1.
+//! Promotion: which replica becomes primary when the primary serves no IO: its node
+//! agent is gone, its disk failed, it cannot take its assignment, or it was reopened at
+//! its epoch and needs a new one. Guarantees (DESIGN invariant 3): only a member of the
+//! committed in-sync set, only once the old primary serves nothing (its Lease expired, or
+//! its live agent reports it serves nothing), the highest flushed LSN wins, epoch + 1.
 
-use api::ReplicaState;
+use api::{ReplicaRole, ReplicaState};
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
 
 use crate::model::ReplicaView;
 
@@ -30,12 +33,138 @@ pub fn primary_lease(primary: Option<&ReplicaView>, epoch: u64) -> PrimaryLease 
 }
 
 fn disk_failed_at(p: &ReplicaView, epoch: u64) -> bool {
+    failed_as_primary_at(p, epoch, api::PRIMARY_DISK_FAILED_ERROR)
+}
+
+fn failed_as_primary_at(p: &ReplicaView, epoch: u64, error: &str) -> bool {
     p.status.as_ref().is_some_and(|s| {
         s.state == ReplicaState::Failed
-            && s.role == Some(api::ReplicaRole::Primary)
+            && s.role == Some(ReplicaRole::Primary)
             && s.epoch == epoch
-            && s.last_error.as_deref() == Some(api::PRIMARY_DISK_FAILED_ERROR)
+            && s.last_error.as_deref() == Some(error)
     })
+}
+
+/// The assigned primary as promotion sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PrimaryStanding {
+    /// It may be serving IO: keep it.
+    Serving,
+    /// It serves no IO at the current epoch. `why` says why (for the event); with
+    /// `candidate` its own copy is whole and it competes for the next epoch itself.
+    Gone { why: String, candidate: bool },
+}
+
+/// Decides whether the assigned `primary` of a volume at `epoch` may still be serving.
+///
+/// - No primary, or its Lease expired: gone.
+/// - It reports [`api::PRIMARY_DISK_FAILED_ERROR`] at `epoch`: gone (see [`primary_lease`]).
+/// - It reports [`api::PRIMARY_NEEDS_NEW_EPOCH_ERROR`] at `epoch`: gone at once, and a
+///   candidate itself. Its agent restarted (or its node lost power) and it refuses to
+///   serve at an epoch it may already have issued LSNs at; it serves nothing, and every
+///   entry it acknowledged is on every committed member and in its own durable log.
+/// - It reports `Failed` without acting as primary at `epoch` (its agent could not apply
+///   the assignment: persisting the epoch, opening the volume or exporting it failed),
+///   continuously since `failing_since`, for at least `grace_ms`: gone. Such an agent
+///   never started serving at `epoch` (it reports a role and epoch only after applying
+///   them) and stops a primary of an older epoch that cannot move to `epoch`; the grace
+///   lets a transient failure heal by the agent's own retries first.
+pub fn primary_standing(
+    primary: Option<&ReplicaView>,
+    epoch: u64,
+    failing_since: Option<Timestamp>,
+    now: Timestamp,
+    grace_ms: u64,
+) -> PrimaryStanding {
+    let Some(p) = primary else {
+        return PrimaryStanding::Gone {
+            why: "no primary is assigned".into(),
+            candidate: false,
+        };
+    };
+    if !p.node_live {
+        return PrimaryStanding::Gone {
+            why: format!(
+                "the node agent of primary {} stopped renewing its lease",
+                p.id
+            ),
+            candidate: false,
+        };
+    }
+    if disk_failed_at(p, epoch) {
+        return PrimaryStanding::Gone {
+            why: format!("primary {} reports that its disk failed", p.id),
+            candidate: false,
+        };
+    }
+    if failed_as_primary_at(p, epoch, api::PRIMARY_NEEDS_NEW_EPOCH_ERROR) {
+        return PrimaryStanding::Gone {
+            why: format!(
+                "primary {} was reopened at epoch {epoch} and serves only at a new epoch",
+                p.id
+            ),
+            candidate: true,
+        };
+    }
+    let not_taken = p.status.as_ref().is_some_and(|s| {
+        s.state == ReplicaState::Failed && (s.role != Some(ReplicaRole::Primary) || s.epoch < epoch)
+    });
+    let grace = SignedDuration::from_millis(i64::try_from(grace_ms).unwrap_or(i64::MAX));
+    if let Some(since) = failing_since.filter(|_| not_taken)
+        && now.duration_since(since) >= grace
+    {
+        let error = p
+            .status
+            .as_ref()
+            .and_then(|s| s.last_error.as_deref())
+            .unwrap_or("no error given");
+        return PrimaryStanding::Gone {
+            why: format!(
+                "primary {} could not take its assignment at epoch {epoch} for {grace_ms} ms ({error})",
+                p.id
+            ),
+            candidate: false,
+        };
+    }
+    PrimaryStanding::Serving
+}
+
+/// Chooses the next primary when the current one, `primary`, is a candidate itself (see
+/// [`PrimaryStanding::Gone`]): the eligible member with the highest flushed LSN as in
+/// [`choose_promotion`], but the primary competes too and wins ties, so an agent restart
+/// costs one epoch and no move when no member is ahead of it.
+pub fn choose_repromotion(
+    epoch: u64,
+    primary: &ReplicaView,
+    in_sync_set: &[String],
+    replicas: &[ReplicaView],
+) -> PromotionDecision {
+    let others = choose_promotion(
+        epoch,
+        &primary.id,
+        PrimaryLease::Expired,
+        in_sync_set,
+        replicas,
+    );
+    let eligible = in_sync_set.contains(&primary.id) && primary.node_live && !primary.deleting;
+    if !eligible {
+        return others;
+    }
+    let keep = match &others {
+        PromotionDecision::Promote { replica_id, .. } => replicas
+            .iter()
+            .find(|r| &r.id == replica_id)
+            .is_none_or(|r| r.flushed_lsn() <= primary.flushed_lsn()),
+        _ => true,
+    };
+    if keep {
+        PromotionDecision::Promote {
+            replica_id: primary.id.clone(),
+            epoch: epoch.saturating_add(1),
+        }
+    } else {
+        others
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -279,6 +408,180 @@ mod tests {
                 PromotionDecision::KeepPrimary => panic!("lease expired"),
             }
         }
+    }
+
+    #[test]
+    #[allow(clippy::type_complexity)]
+    fn primary_standing_table() {
+        let t0 = Timestamp::from_second(1_800_000_000).unwrap();
+        let grace_ms = 30_000;
+        let at = |ms: i64| t0 + SignedDuration::from_millis(ms);
+        let persist_failed = || {
+            replica("b", "n2")
+                .primary()
+                .epoch(5)
+                .reports(Failed, 4, 100)
+                .reports_role(ReplicaRole::Replica)
+                .reports_error("replica runtime: replica b failed: persist epoch 5: I/O error")
+        };
+        // (case, primary, failing since (ms before now), want: None = serving,
+        // Some(candidate) = gone)
+        let cases: Vec<(&str, Option<ReplicaView>, Option<i64>, Option<bool>)> = vec![
+            ("no primary", None, None, Some(false)),
+            (
+                "lease expired",
+                Some(
+                    replica("b", "n2")
+                        .primary()
+                        .reports(Serving, 5, 9)
+                        .node_dead(),
+                ),
+                None,
+                Some(false),
+            ),
+            (
+                "serving",
+                Some(replica("b", "n2").primary().reports(Serving, 5, 9)),
+                None,
+                None,
+            ),
+            (
+                "disk failed at the current epoch",
+                Some(
+                    replica("b", "n2")
+                        .primary()
+                        .reports(Failed, 5, 9)
+                        .reports_error(api::PRIMARY_DISK_FAILED_ERROR),
+                ),
+                None,
+                Some(false),
+            ),
+            (
+                "reopened at the current epoch: gone at once, and a candidate",
+                Some(
+                    replica("b", "n2")
+                        .primary()
+                        .reports(Failed, 5, 9)
+                        .reports_error(api::PRIMARY_NEEDS_NEW_EPOCH_ERROR),
+                ),
+                None,
+                Some(true),
+            ),
+            (
+                "reopened at an older epoch proves nothing about this one",
+                Some(
+                    replica("b", "n2")
+                        .primary()
+                        .reports(Failed, 4, 9)
+                        .reports_error(api::PRIMARY_NEEDS_NEW_EPOCH_ERROR),
+                ),
+                None,
+                None,
+            ),
+            (
+                "promoted, could not persist the epoch, within the grace",
+                Some(persist_failed()),
+                Some(grace_ms - 1),
+                None,
+            ),
+            (
+                "promoted, could not persist the epoch, for the grace",
+                Some(persist_failed()),
+                Some(grace_ms),
+                Some(false),
+            ),
+            (
+                "promoted, could not persist the epoch, no clock yet",
+                Some(persist_failed()),
+                None,
+                None,
+            ),
+            (
+                "re-asserted primary stuck at the older epoch, for the grace",
+                Some(
+                    replica("b", "n2")
+                        .primary()
+                        .reports(Failed, 4, 9)
+                        .reports_error("persist epoch 5: I/O error"),
+                ),
+                Some(grace_ms),
+                Some(false),
+            ),
+            (
+                "failed as primary at the current epoch for another reason (fenced)",
+                Some(
+                    replica("b", "n2")
+                        .primary()
+                        .reports(Failed, 5, 9)
+                        .reports_error("fenced: a peer knows the newer epoch 6"),
+                ),
+                Some(grace_ms),
+                None,
+            ),
+            (
+                "a replica role reported without a failure (still applying)",
+                Some(
+                    replica("b", "n2")
+                        .primary()
+                        .reports(InSync, 4, 9)
+                        .reports_role(ReplicaRole::Replica),
+                ),
+                Some(grace_ms),
+                None,
+            ),
+        ];
+        for (name, primary, since_ms, want) in cases {
+            let now = at(grace_ms * 2);
+            let since = since_ms.map(|ms| now - SignedDuration::from_millis(ms));
+            let got = primary_standing(primary.as_ref(), 5, since, now, grace_ms as u64);
+            let got = match got {
+                PrimaryStanding::Serving => None,
+                PrimaryStanding::Gone { candidate, .. } => Some(candidate),
+            };
+            assert_eq!(got, want, "case: {name}");
+        }
+    }
+
+    #[test]
+    fn a_reopened_primary_competes_for_the_next_epoch_and_wins_ties() {
+        let reopened = |flushed| {
+            replica("p", "n1")
+                .primary()
+                .reports(Failed, 4, flushed)
+                .reports_error(api::PRIMARY_NEEDS_NEW_EPOCH_ERROR)
+        };
+        let members = set(&["p", "a", "b"]);
+        let views = |p: ReplicaView, a: u64| {
+            vec![
+                p,
+                replica("a", "n2").reports(InSync, 4, a),
+                replica("b", "n3").reports(InSync, 4, 50),
+            ]
+        };
+        let v = views(reopened(100), 100);
+        assert_eq!(
+            choose_repromotion(4, &v[0], &members, &v),
+            promote("p", 5),
+            "a tie keeps the primary where it is"
+        );
+        let v = views(reopened(100), 120);
+        assert_eq!(
+            choose_repromotion(4, &v[0], &members, &v),
+            promote("a", 5),
+            "a member ahead takes over"
+        );
+        let v = views(reopened(100), 120);
+        assert_eq!(
+            choose_repromotion(4, &v[0], &set(&["p"]), &v),
+            promote("p", 5),
+            "alone in the set"
+        );
+        let v = views(reopened(100), 10);
+        assert_eq!(
+            choose_repromotion(4, &v[0], &set(&["a", "b"]), &v),
+            promote("b", 5),
+            "never a primary outside the committed set"
+        );
     }
 
     #[test]

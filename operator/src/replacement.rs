@@ -38,6 +38,10 @@ pub struct ReplacementSettings {
     pub node_gone_grace_ms: u64,
     /// At most this many replicas rebuilding onto one node at once (all volumes).
     pub max_rebuilds_per_node: u32,
+    /// How long an assigned primary whose live agent reports it `Failed` without acting
+    /// as primary at the volume's epoch (it could not apply the assignment) keeps the
+    /// role before another member is promoted.
+    pub primary_failure_grace_ms: u64,
 }
 
 impl Default for ReplacementSettings {
@@ -46,6 +50,7 @@ impl Default for ReplacementSettings {
             replica_failure_grace_ms: 60_000,
             node_gone_grace_ms: 300_000,
             max_rebuilds_per_node: 2,
+            primary_failure_grace_ms: 30_000,
         }
     }
 }
@@ -137,6 +142,7 @@ mod tests {
             replica_failure_grace_ms: 60_000,
             node_gone_grace_ms: 300_000,
             max_rebuilds_per_node: 1,
+            ..ReplacementSettings::default()
         };
         let set = InSyncSet::new(vec!["p".into(), "m".into()], 3);
         // (case, replica, seen unhealthy since (secs before now), want replaced)

@@ -152,6 +152,7 @@ fn settings() -> ControllerSettings {
             replica_failure_grace_ms: 600_000,
             node_gone_grace_ms: 600_000,
             max_rebuilds_per_node: 2,
+            ..ReplacementSettings::default()
         },
         resync_interval_ms: 1_000,
         error_backoff_initial_ms: 100,

@@ -161,6 +161,7 @@ pub fn operator(client: &Client) -> Task {
             replica_failure_grace_ms: 600_000,
             node_gone_grace_ms: 600_000,
             max_rebuilds_per_node: 2,
+            ..ReplacementSettings::default()
         },
         resync_interval_ms: 1_000,
         error_backoff_initial_ms: 100,

@@ -47,9 +47,17 @@ pub enum AppendOutcome {
 ///   extent already).
 /// - `epoch_at(l)` answers for 0, for the last checkpoint/base point, and for any entry
 ///   still in the log; `None` otherwise.
+/// - `may_begin_primary_term(e)` is false for every epoch at or below the one the log
+///   was reopened at after a crash or restart: no (epoch, LSN) is ever issued twice.
 pub trait ReplicaLog {
     fn epoch(&self) -> Epoch;
     fn set_epoch(&mut self, epoch: Epoch) -> Result<()>;
+    /// Whether a primary may start appending at `epoch` on this log. A log reopened
+    /// after a crash may have lost entries it issued (and shipped) at its persisted epoch
+    /// E; issuing their LSNs again at E would give one (epoch, LSN) two contents, which
+    /// log matching cannot detect. So only epochs above E are allowed; the control plane
+    /// supplies one (see [`crate::Volume::may_begin_primary_term`]).
+    fn may_begin_primary_term(&self, epoch: Epoch) -> bool;
     fn head_lsn(&self) -> Lsn;
     fn durable_lsn(&self) -> Lsn;
     fn checkpoint_lsn(&self) -> Lsn;
@@ -116,6 +124,8 @@ pub struct MemLog {
     retained_start: Lsn,
     floor: Option<Lsn>,
     rebuilding: bool,
+    /// The epoch persisted at the last `power_loss` (the log's reopen), if any.
+    reopened_at: Option<Epoch>,
     rebuild_state: Blocks,
     pins: BTreeMap<u64, PinnedBase>,
     next_pin: u64,
@@ -173,10 +183,12 @@ impl MemLog {
 
     /// Power loss: everything not durable is gone; an unfinished rebuild leaves nothing.
     pub fn power_loss(&mut self) {
+        self.reopened_at = Some(self.epoch);
         if self.rebuilding {
             let epoch = self.epoch;
             *self = MemLog::new();
             self.epoch = epoch;
+            self.reopened_at = Some(epoch);
             return;
         }
         let keep = usize::try_from(self.durable.0 - self.origin.0).unwrap_or(usize::MAX);
@@ -218,6 +230,9 @@ impl ReplicaLog for MemLog {
     fn set_epoch(&mut self, epoch: Epoch) -> Result<()> {
         self.epoch = epoch;
         Ok(())
+    }
+    fn may_begin_primary_term(&self, epoch: Epoch) -> bool {
+        self.reopened_at.is_none_or(|e| epoch > e)
     }
     fn head_lsn(&self) -> Lsn {
         Lsn(self.origin.0 + self.entries.len() as u64)

@@ -71,6 +71,9 @@ impl ReplicaLog for VolumeLog {
     fn set_epoch(&mut self, epoch: Epoch) -> Result<()> {
         self.vol.set_epoch(epoch).map_err(map)
     }
+    fn may_begin_primary_term(&self, epoch: Epoch) -> bool {
+        self.vol.may_begin_primary_term(epoch)
+    }
     fn head_lsn(&self) -> Lsn {
         self.vol.head_lsn()
     }

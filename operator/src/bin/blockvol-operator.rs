@@ -43,6 +43,11 @@ struct Args {
     /// Most replicas rebuilding onto one node at once.
     #[arg(long, default_value_t = 2)]
     max_rebuilds_per_node: u32,
+    /// Milliseconds a primary whose agent reports it could not take its assignment
+    /// (Failed, not acting as primary at the volume's epoch) keeps the role before
+    /// another member is promoted.
+    #[arg(long, default_value_t = 30_000)]
+    primary_failure_grace_ms: u64,
     /// Milliseconds a planned primary move may take before it is abandoned (the
     /// standard promotion rule then picks the primary).
     #[arg(long, default_value_t = 30_000)]
@@ -83,6 +88,7 @@ async fn main() -> anyhow::Result<()> {
             replica_failure_grace_ms: args.replica_failure_grace_ms,
             node_gone_grace_ms: args.node_gone_grace_ms,
             max_rebuilds_per_node: args.max_rebuilds_per_node,
+            primary_failure_grace_ms: args.primary_failure_grace_ms,
         },
         moves: MoveSettings {
             primary_move_timeout_ms: args.primary_move_timeout_ms,
