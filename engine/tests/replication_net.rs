@@ -553,6 +553,105 @@ async fn one_data_port_serves_several_volumes() {
     assert_eq!(a[0], 20, "volumes were mixed up on the shared port");
 }
 
+/// A node's data port is shared by every volume between two nodes. A primary whose
+/// replica's node does not host the volume yet (its agent is still creating the file: every
+/// new placement starts like this) must end only its own session there, retrying later; the
+/// other volumes on the same connection stay in sync and keep acknowledging flushes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn message_for_an_unhosted_volume_ends_only_that_volumes_session() {
+    let d = Dir::new();
+    let s = ReceiverServer::bind(any_addr(), NetConfig::new("n0", SECRET))
+        .await
+        .unwrap();
+    let transport = Transport::new(NetConfig::new("np", SECRET));
+    let (a, b) = (
+        VolumeId::new("vol-a").unwrap(),
+        VolumeId::new("vol-b").unwrap(),
+    );
+    let (pa, ra) = (create(&d.file("p-a")), create(&d.file("r-a")));
+    let (pb, rb) = (create(&d.file("p-b")), create(&d.file("r-b")));
+    s.host(a.clone(), ra.clone(), ReceiverConfig::default());
+    let ha = spawn_primary(
+        pa.clone(),
+        a,
+        rid("p"),
+        pcfg(),
+        Generation(1),
+        vec![rid("p"), rid("r0")],
+        vec![peer("r0", s.local_addr())],
+        transport.clone(),
+    );
+    wait_for("vol-a in sync", &ha, |x| in_sync(x, "r0")).await;
+    let a_events_before = ha.snapshot().await.unwrap().events.len();
+
+    // vol-b's replica is assigned on n0, which does not host it yet.
+    let hb = spawn_primary(
+        pb.clone(),
+        b.clone(),
+        rid("p"),
+        pcfg(),
+        Generation(1),
+        vec![rid("p")],
+        vec![peer("r0", s.local_addr())],
+        transport.clone(),
+    );
+    let deadline = Instant::now() + Duration::from_millis(WAIT_MS);
+    let mut round = 0u64;
+    loop {
+        write(&pa, round % 64, round as u8);
+        let flushed = tokio::time::timeout(Duration::from_millis(5_000), ha.flush()).await;
+        let sa = ha.snapshot().await.unwrap();
+        let left: Vec<_> = sa.events[a_events_before..]
+            .iter()
+            .filter(|e| {
+                matches!(&e.kind, EventKind::StateChanged { from, .. } if from == "InSync")
+                    || matches!(e.kind, EventKind::SessionInvalidated { .. })
+            })
+            .collect();
+        assert!(
+            left.is_empty(),
+            "vol-a lost its session while vol-b retried: {left:?}"
+        );
+        assert!(
+            matches!(flushed, Ok(Ok(_))),
+            "vol-a's flush failed or stalled while vol-b retried: {flushed:?}"
+        );
+        let sb = hb.snapshot().await.unwrap();
+        let tries = sb
+            .events
+            .iter()
+            .filter(|e| matches!(e.kind, EventKind::SessionStarted))
+            .count();
+        if tries >= 4 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "vol-b did not retry its session: {sb:?}"
+        );
+        round += 1;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(
+        s.rejections().is_empty(),
+        "the receiver closed a connection: {:?}",
+        s.rejections()
+    );
+    assert_eq!(transport.links(), 1, "the shared link was replaced");
+
+    // Once n0 hosts vol-b, its next attempt connects and replicates.
+    s.host(b, rb.clone(), ReceiverConfig::default());
+    wait_for("vol-b in sync", &hb, |x| in_sync(x, "r0")).await;
+    for lba in 0..8u64 {
+        write(&pb, lba, 0xB0 + lba as u8);
+    }
+    hb.flush().await.unwrap();
+    same_content(&pb, &rb, 8);
+    ha.flush().await.unwrap();
+    same_content(&pa, &ra, 64);
+    assert!(in_sync(&ha.snapshot().await.unwrap(), "r0"));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreachable_member_blocks_flush_until_the_control_plane_commits_without_it() {
     let d = Dir::new();

@@ -926,20 +926,7 @@ impl PrimaryCore {
         let was_catchup = matches!(s.exec, Some(Exec::CatchUp(_)));
         tracing::info!(volume = %self.volume, replica = %id, ?state, reason, "replica session failed");
         if state == ReplicaState::Rebuilding {
-            // Keep the plan; drop only the connection and retry after backoff.
-            let backoff = self.now.saturating_add(self.cfg.reconnect_backoff_ms);
-            if let Some(s) = self.senders.get_mut(id) {
-                if let Some(c) = s.conn.take() {
-                    self.out.push(Action::Close {
-                        conn: c,
-                        reason: reason.to_string(),
-                    });
-                }
-                s.conn_up = false;
-                s.live = false;
-                s.barrier = None;
-                s.next_connect_ms = backoff;
-            }
+            self.drop_rebuild_conn(id, reason);
             return;
         }
         self.invalidate_session(id, reason, log);
@@ -956,6 +943,49 @@ impl PrimaryCore {
         if escalate {
             self.escalate(id, "catch-up failed catchup_retries_max times", log);
         } else if state != ReplicaState::NeedsRebuild {
+            self.set_state(id, ReplicaState::Degraded);
+        }
+    }
+
+    /// A rebuilding replica's connection failed: keep the plan, drop only the
+    /// connection, and retry after backoff.
+    fn drop_rebuild_conn(&mut self, id: &ReplicaId, reason: &str) {
+        let backoff = self.now.saturating_add(self.cfg.reconnect_backoff_ms);
+        if let Some(s) = self.senders.get_mut(id) {
+            if let Some(c) = s.conn.take() {
+                self.out.push(Action::Close {
+                    conn: c,
+                    reason: reason.to_string(),
+                });
+            }
+            s.conn_up = false;
+            s.live = false;
+            s.barrier = None;
+            s.next_connect_ms = backoff;
+        }
+    }
+
+    /// The replica's node hosts no replica of this volume yet (its agent is still
+    /// creating or opening it) or any more. Ends this session only and retries after
+    /// `reconnect_backoff_ms`; it is not a catch-up failure (the replica's data was never
+    /// reached) and a rebuild keeps its plan.
+    fn replica_not_hosted(&mut self, id: &ReplicaId, detail: &str, log: &mut dyn ReplicaLog) {
+        let Some(s) = self.senders.get(id) else {
+            return;
+        };
+        let state = s.state;
+        tracing::info!(volume = %self.volume, replica = %id, ?state, detail, "replica not hosted on its node; retrying later");
+        let reason = "replica not hosted on its node";
+        if state == ReplicaState::Rebuilding {
+            self.drop_rebuild_conn(id, reason);
+            return;
+        }
+        self.invalidate_session(id, reason, log);
+        let backoff = self.now.saturating_add(self.cfg.reconnect_backoff_ms);
+        if let Some(s) = self.senders.get_mut(id) {
+            s.next_connect_ms = backoff;
+        }
+        if state != ReplicaState::NeedsRebuild {
             self.set_state(id, ReplicaState::Degraded);
         }
     }
@@ -996,6 +1026,16 @@ impl PrimaryCore {
         };
         if msg.volume != self.volume {
             self.fail_sender(&id, "message for another volume", log);
+            return;
+        }
+        if let Body::Error {
+            code: ErrorCode::UnknownVolume,
+            detail,
+            ..
+        } = &msg.body
+        {
+            // Says nothing about epochs: the receiver has no replica of this volume.
+            self.replica_not_hosted(&id, detail, log);
             return;
         }
         if msg.epoch > self.epoch {
