@@ -868,3 +868,91 @@ async fn replica_lost_during_unflushed_writes_escalates_instead_of_filling_the_w
     let l = h.flush().await.unwrap();
     assert!(pv.durable_lsn() >= l);
 }
+
+/// The append observer's queue overflowed while nothing pinned the WAL (an RF1 primary:
+/// no member holds retention), and the flusher recycled entries before the stalled
+/// driver re-read them, so they can never be shipped. A replica that joins afterwards and
+/// is committed must still hold every entry a later FLUSH acknowledges: FLUSH either
+/// fails or covers what the members hold, never an ack at the driver's stale head.
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn entries_recycled_before_the_driver_read_them_never_let_a_flush_ack_without_them() {
+    let d = Dir::new();
+    let wal = 128 << 10;
+    let pv = create_with_wal(&d.file("p"), wal);
+    let r0v = create(&d.file("r0"));
+    let mut ncfg = NetConfig::new("np", SECRET);
+    ncfg.append_queue_entries_max = 4;
+    let h = spawn_primary(
+        pv.clone(),
+        vid(),
+        rid("p"),
+        PrimaryConfig {
+            flush_timeout_ms: 3_000,
+            ..pcfg()
+        },
+        Generation(1),
+        vec![rid("p")],
+        vec![],
+        Transport::new(ncfg),
+    );
+    h.snapshot().await.expect("driver alive");
+
+    // Stall the driver: the runtime's only worker waits until released.
+    let (release, wait) = std::sync::mpsc::channel::<()>();
+    let (started_tx, started) = std::sync::mpsc::channel::<()>();
+    let stall = tokio::spawn(async move {
+        started_tx.send(()).unwrap();
+        let _ = wait.recv();
+    });
+    started.recv().unwrap();
+    // Three times the WAL: the volume's flusher (its own thread) recycles it meanwhile.
+    let first = 3 * wal / BS as u64;
+    for lba in 0..first {
+        write(&pv, lba, (lba % 251) as u8 + 1);
+    }
+    assert!(
+        pv.retained_start() > Lsn(5),
+        "the WAL was not recycled: {:?}",
+        pv.retained_start()
+    );
+    release.send(()).unwrap();
+    stall.await.unwrap();
+
+    // A replica joins (control plane: rebuild it, then commit it once in sync).
+    let s0 = server(any_addr(), "n0", r0v.clone()).await;
+    h.assign_peers(vec![peer("r0", s0.local_addr())]);
+    let deadline = Instant::now() + Duration::from_millis(WAIT_MS);
+    loop {
+        let s = h.snapshot().await.unwrap();
+        match s.replicas.get(&rid("r0")).map(|(st, _)| *st) {
+            Some(ReplicaState::InSync) => break,
+            Some(ReplicaState::NeedsRebuild) => h.request_rebuild(rid("r0")),
+            _ => {}
+        }
+        assert!(Instant::now() < deadline, "r0 never got in sync: {s:?}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    h.commit_in_sync_set(Generation(2), vec![rid("p"), rid("r0")]);
+
+    // New writes after the replica is a committed member; then FLUSH.
+    for lba in first..first + 16 {
+        write(&pv, lba, 0xC0);
+    }
+    let head = pv.head_lsn();
+    match h.flush().await {
+        Ok(lsn) => {
+            assert!(
+                lsn >= head,
+                "flush acked at {lsn}, below the head {head} it must cover"
+            );
+            assert!(
+                r0v.durable_lsn() >= head,
+                "flush acked while r0 holds only up to {}",
+                r0v.durable_lsn()
+            );
+            same_content(&pv, &r0v, first + 16);
+        }
+        // Refusing is safe; the replica never got what it would have covered.
+        Err(e) => eprintln!("flush refused: {e}"),
+    }
+}

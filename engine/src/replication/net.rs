@@ -9,7 +9,11 @@
 //! session (the core recovers by catch-up) instead of growing memory.
 //!
 //! The append observer hands entries to the driver without blocking the writer; if its
-//! queue is full the driver re-reads the missing entries from the WAL, in order.
+//! queue is full the driver re-reads the missing entries from the WAL, in order. Entries
+//! the WAL recycled before they were re-read are reported to the core
+//! (`Input::AppendsLost`), which escalates every replica to a rebuild; a FLUSH is
+//! requested at the volume's head, so it is never acknowledged for entries that were not
+//! shipped.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -995,22 +999,39 @@ impl Driver {
         self.start.elapsed().as_millis() as u64
     }
 
-    /// Feeds entries the observer could not queue, re-read from the WAL in order.
+    /// Feeds entries the observer could not queue, re-read from the WAL in order. Entries
+    /// already recycled are reported as lost (the core escalates every replica and
+    /// resumes after them); any other read error is retried at the next tick.
     fn resync(&mut self) {
         if !self.overflow.swap(false, Ordering::AcqRel) && self.log.head_lsn() <= self.core.head() {
             return;
         }
         loop {
-            let from = self.core.head().next();
+            let head = self.core.head();
+            let from = head.next();
             if from > self.log.head_lsn() {
                 break;
             }
-            let batch = match self.log.scan_from(from, 1024) {
-                Ok(b) if !b.is_empty() => b,
-                _ => break,
-            };
-            for e in batch {
-                self.step(Input::Appended(e));
+            match self.log.scan_from(from, 1024) {
+                Ok(batch) if !batch.is_empty() => {
+                    for e in batch {
+                        self.step(Input::Appended(e));
+                    }
+                }
+                Ok(_) => break,
+                Err(super::Error::Recycled { retained_start, .. }) => {
+                    self.step(Input::AppendsLost {
+                        resume_after: Lsn(retained_start.0.saturating_sub(1)),
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(volume = %self.volume, %from, error = %e, "re-reading appended entries failed; retrying");
+                    break;
+                }
+            }
+            if self.core.head() <= head {
+                // Fenced, failed, or nothing moved: stop rather than spin.
+                break;
             }
         }
     }

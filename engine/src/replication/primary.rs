@@ -156,6 +156,14 @@ pub enum Input {
     RebuildRequested(ReplicaId),
     /// The control plane re-asserted this primary with a newer epoch (already persisted).
     EpochChanged(Epoch),
+    /// The shell lost appended entries after [`PrimaryCore::head`]: the log recycled
+    /// them before they could be re-read (the append queue overflowed while nothing
+    /// pinned the WAL). They can never be shipped, so every sender that could still
+    /// receive entries is escalated to NeedsRebuild, and the head moves to
+    /// `resume_after`, from which the shell feeds entries again.
+    AppendsLost {
+        resume_after: Lsn,
+    },
     /// Flushes up to `lsn` were acknowledged by the local fsync alone while
     /// [`PrimaryCore::gate_is_local_only`] held. Raises the ack high-water mark, so no
     /// member is granted InSync later without everything acknowledged that way.
@@ -476,9 +484,12 @@ impl PrimaryCore {
             } => self.on_committed(generation, members, log),
             Input::Appended(e) => self.on_appended(e),
             Input::FlushRequested(id) => {
+                // The volume's head, not this core's: a flush covers every write
+                // acknowledged before it, including entries this core has not been
+                // handed yet (or lost), so it can never be acknowledged without them.
                 self.pending.push_back(PendingFlush {
                     id,
-                    lsn: self.head,
+                    lsn: self.head.max(log.head_lsn()),
                     at_ms: self.now,
                 });
                 self.request_local_fsync();
@@ -502,6 +513,7 @@ impl PrimaryCore {
             Input::RebuildRequested(id) => self.on_rebuild_requested(id, log),
             Input::EpochChanged(e) => self.on_epoch_changed(e, log),
             Input::AckedLocally { lsn } => self.acked_high = self.acked_high.max(lsn),
+            Input::AppendsLost { resume_after } => self.on_appends_lost(resume_after, log),
         }
         if self.fenced.is_none() && !self.disk_failed {
             self.evaluate_gate();
@@ -566,10 +578,17 @@ impl PrimaryCore {
         let Some(want) = self.pending.back().map(|f| f.lsn) else {
             return;
         };
+        // A barrier above this core's head cannot be answered with more than the head:
+        // while a flush waits for entries still on their way, `on_appended` asks again.
         let ids: Vec<ReplicaId> = self.senders.keys().cloned().collect();
         for id in ids {
             let need = self.senders.get(&id).is_some_and(|s| {
-                s.live && s.conn_up && s.barrier.is_none() && s.exec.is_none() && s.flushed < want
+                s.live
+                    && s.conn_up
+                    && s.barrier.is_none()
+                    && s.exec.is_none()
+                    && s.flushed < want
+                    && s.flushed < self.head
             });
             if need {
                 self.send_barrier(&id, self.head);
@@ -1471,7 +1490,32 @@ impl PrimaryCore {
         for c in targets {
             self.send(c, Body::Entry(e.clone()));
         }
+        if !self.pending.is_empty() {
+            self.request_barriers();
+        }
         self.request_background_barriers();
+    }
+
+    fn on_appends_lost(&mut self, resume_after: Lsn, log: &mut dyn ReplicaLog) {
+        if resume_after <= self.head {
+            return;
+        }
+        tracing::error!(volume = %self.volume, head = %self.head, %resume_after, "appended entries were recycled before they could be shipped; every replica needs a rebuild");
+        let ids: Vec<ReplicaId> = self
+            .senders
+            .values()
+            .filter(|s| s.state != ReplicaState::NeedsRebuild)
+            .map(|s| s.id.clone())
+            .collect();
+        for id in ids {
+            self.escalate(
+                &id,
+                "entries it lacks were recycled before they could be shipped",
+                log,
+            );
+        }
+        self.head = resume_after;
+        self.bytes.push_back((resume_after, self.bytes_total));
     }
 
     // ----- time -------------------------------------------------------------------------
