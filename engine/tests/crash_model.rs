@@ -332,6 +332,18 @@ proptest! {
     }
 }
 
+/// Waits until the background flusher completed a cycle (bounded).
+fn wait_for_flusher_cycle(vol: &Volume) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while vol.stats().flusher_cycles == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the kicked flusher never ran"
+        );
+        std::thread::yield_now();
+    }
+}
+
 /// Offset of the extent on a volume's disk, from its newest valid superblock.
 fn extent_offset(disk: &SimDisk) -> u64 {
     let (a, b) = (disk.peek(0, 4096), disk.peek(4096, 4096));
@@ -355,12 +367,16 @@ fn truncation_after_a_crash_inside_a_flusher_cycle_never_resurrects_dropped_writ
         let mut copied_ahead = 0;
         for fail_after in 0..16u64 {
             let (disk, vol) = sim_volume("cycle-crash", 16, WAL);
-            if floor {
-                vol.set_retention_floor(Some(Lsn(1)));
-            }
             vol.write(Lba(first), &block(100 + first)).unwrap();
             vol.flush().unwrap();
-            vol.checkpoint().unwrap();
+            if floor {
+                // Setting a floor kicks the background flusher: let that cycle (the
+                // checkpoint at 1) finish before anything else, so it cannot run later.
+                vol.set_retention_floor(Some(Lsn(1)));
+                wait_for_flusher_cycle(&vol);
+            } else {
+                vol.checkpoint().unwrap();
+            }
             assert_eq!(vol.checkpoint_lsn(), Lsn(1));
             vol.write(Lba(7), &block(7)).unwrap();
             vol.write(Lba(9), &block(9)).unwrap();

@@ -447,12 +447,24 @@ fn crashed_inside_a_flusher_cycle(history: bool) -> Arc<Volume> {
     for fail_after in 0..16 {
         let disk = SimDisk::new("old-primary");
         let v = Volume::create(Box::new(disk.clone()), opts.clone(), cfg.clone()).unwrap();
-        if history {
-            v.set_retention_floor(Some(Lsn(1)));
-        }
         v.append_replicated(&entry(1, 5, 5)).unwrap();
         v.flush().unwrap();
-        v.checkpoint().unwrap();
+        if history {
+            // Setting a floor kicks the background flusher: let that cycle (the
+            // checkpoint at 1) finish now, so it cannot run in the middle of the test.
+            v.set_retention_floor(Some(Lsn(1)));
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+            while v.stats().flusher_cycles == 0 {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the kicked flusher never ran"
+                );
+                std::thread::yield_now();
+            }
+        } else {
+            v.checkpoint().unwrap();
+        }
+        assert_eq!(v.checkpoint_lsn(), Lsn(1));
         v.append_replicated(&entry(2, 7, 7)).unwrap();
         v.append_replicated(&entry(3, 9, 9)).unwrap();
         v.flush().unwrap();
