@@ -464,6 +464,100 @@ async fn garbage_and_truncated_frames_close_the_connection_and_apply_nothing() {
     assert_eq!(rv.head_lsn(), Lsn(0), "a rejected frame was applied");
 }
 
+/// On the wire: a handshake or heartbeat for a volume the node does not host is answered
+/// `UnknownVolume` for that volume (with the sender's epoch), nothing of it is applied to
+/// the hosted volume, and the connection stays open; a malformed frame still closes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_volume_is_answered_per_volume_and_keeps_the_connection() {
+    let d = Dir::new();
+    let rv = create(&d.file("r"));
+    let s = server(any_addr(), "n0", rv.clone()).await;
+    let mut c = authenticated(s.local_addr()).await;
+    let other = VolumeId::new("vol-elsewhere").unwrap();
+    let msg = |volume: &VolumeId, body: Body| {
+        encode_frame(&Message::Volume(VolumeMsg {
+            volume: volume.clone(),
+            epoch: Epoch(3),
+            body,
+        }))
+    };
+    let mut frames = msg(
+        &other,
+        Body::Entry(WalEntry {
+            lsn: Lsn(1),
+            epoch: Epoch(3),
+            kind: EntryKind::Write,
+            lba: Lba(0),
+            blocks: 1,
+            data: vec![1; BS],
+        }),
+    );
+    frames.extend(msg(
+        &other,
+        Body::ResumeRequest {
+            session: 1,
+            head: Lsn(0),
+            retained_start: Lsn(1),
+        },
+    ));
+    frames.extend(msg(&other, Body::Heartbeat { seq: 9 }));
+    c.write_all(&frames).await.unwrap();
+    let mut dec = engine::replication::wire::FrameDecoder::new(Default::default());
+    let mut buf = [0u8; 4096];
+    let mut got = Vec::new();
+    while got.len() < 2 {
+        let n = tokio::time::timeout(Duration::from_millis(WAIT_MS), c.read(&mut buf))
+            .await
+            .expect("no answer")
+            .unwrap();
+        assert!(
+            n > 0,
+            "the server closed the connection: {:?}",
+            s.rejections()
+        );
+        dec.feed(&buf[..n]);
+        while let Some(m) = dec.next_message().unwrap() {
+            got.push(m);
+        }
+    }
+    for m in &got {
+        match m {
+            Message::Volume(VolumeMsg {
+                volume,
+                epoch,
+                body:
+                    Body::Error {
+                        code: engine::replication::wire::ErrorCode::UnknownVolume,
+                        ..
+                    },
+            }) => {
+                assert_eq!(volume, &other);
+                assert_eq!(*epoch, Epoch(3), "the answer must not fence or look stale");
+            }
+            other => panic!("unexpected answer {other:?}"),
+        }
+    }
+    assert!(s.rejections().is_empty(), "{:?}", s.rejections());
+    assert_eq!(
+        rv.head_lsn(),
+        Lsn(0),
+        "an entry for another volume was applied"
+    );
+    // Still a connection with the usual rules: a bad checksum closes it.
+    let mut f = entry_frame();
+    let n = f.len();
+    f[n - 10] ^= 0xFF;
+    c.write_all(&f).await.unwrap();
+    expect_closed(&mut c).await;
+    assert!(
+        s.rejections()
+            .iter()
+            .any(|r| r.contains("checksum mismatch")),
+        "{:?}",
+        s.rejections()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_writers_are_shipped_densely_in_lsn_order() {
     let d = Dir::new();
