@@ -1085,14 +1085,13 @@ async fn api_server_outage_keeps_io_going_without_a_failover() {
     let window = Duration::from_secs(5);
 
     let before = load_until(&ck, &target, Instant::now() + window, "before the outage").await;
-    let apiserver = c
-        .tc
-        .control_plane
-        .daemon_pids()
-        .into_iter()
-        .find(|(name, _)| *name == "kube-apiserver")
-        .map(|(_, pid)| pid)
-        .expect("a local kube-apiserver");
+    let apiserver =
+        c.tc.control_plane
+            .daemon_pids()
+            .into_iter()
+            .find(|(name, _)| *name == "kube-apiserver")
+            .map(|(_, pid)| pid)
+            .expect("a local kube-apiserver");
     let paused = Paused::new(apiserver);
     tally.faults += 1;
     let start = Instant::now();
@@ -1118,7 +1117,11 @@ async fn api_server_outage_keeps_io_going_without_a_failover() {
         "no flush was acknowledged during the outage once the Lease ran out"
     );
     let seen = epochs.seen();
-    assert_eq!(seen, vec![st.epoch], "the outage changed the epoch: {seen:?}");
+    assert_eq!(
+        seen,
+        vec![st.epoch],
+        "the outage changed the epoch: {seen:?}"
+    );
     tally.trials += 1;
     tally.writes_durable = ck.ledger().durable_blocks();
     verify_clean(&ck, &target, &mut tally, "after the outage").await;

@@ -1,7 +1,7 @@
 //! The engine's error type. Every variant names the value that was wrong and, where it
 //! helps, the allowed range, so a caller can show it to an operator unchanged.
 
-use crate::types::{Epoch, Lsn};
+use crate::types::{Epoch, Lba, Lsn};
 
 /// Errors returned by the storage engine.
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +36,10 @@ pub enum Error {
         "cannot truncate after LSN {lsn}: entries up to checkpoint {checkpoint} are already in the extent"
     )]
     TruncationUnsafe { lsn: Lsn, checkpoint: Lsn },
+    #[error(
+        "cannot truncate after LSN {lsn}: the extent may hold entries up to LSN {copied} (a crash interrupted a flusher cycle) and the WAL no longer holds what block {lba} held before them; the replica needs a rebuild"
+    )]
+    TruncationNeedsRebuild { lsn: Lsn, copied: Lsn, lba: Lba },
     #[error("epoch {requested} is lower than the persisted epoch {current}")]
     EpochRegression { current: Epoch, requested: Epoch },
     #[error("volume failed and refuses IO until reopened: {reason}")]

@@ -1,13 +1,16 @@
 //! The flusher: moves WAL data into the extent and frees WAL space.
 //!
 //! One cycle: under the append lock, take the head LSN H and a copy of the dirty map
-//! (every run in it has LSN <= H); make the WAL durable up to H; copy each run into the
-//! extent; sync; drop runs <= H from the dirty map; persist the superblock with
-//! checkpoint H and the new tail; only then let writers reuse the freed space. Copying
-//! only durable entries means a crash can never leave extent blocks newer than the
-//! WAL that explains them; persisting the tail before reuse means recovery never starts
-//! from overwritten records. The tail stops at the retention floor, and nothing is
-//! copied while a base image pins the extent.
+//! (every run in it has LSN <= H); make the WAL durable up to H; persist `copied_lsn` H
+//! in the superblock; copy each run into the extent; sync; drop runs <= H from the dirty
+//! map; persist the superblock with checkpoint H and the new tail; only then let writers
+//! reuse the freed space. Copying only durable entries means a crash can never leave
+//! extent blocks newer than the WAL that explains them; persisting `copied_lsn` first
+//! means that after a crash between the copy and the checkpoint, the volume knows the
+//! extent may hold entries past its checkpoint (a truncation below them must repair
+//! those blocks first, see `Volume::truncate_after`); persisting the tail before reuse
+//! means recovery never starts from overwritten records. The tail stops at the
+//! retention floor, and nothing is copied while a base image pins the extent.
 
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -86,6 +89,10 @@ impl Inner {
         };
         if h > checkpoint {
             self.sync_to(h)?;
+            if lock(&self.sb).copied_lsn.0 < h {
+                let prev_tail = self.persist(|sb| sb.copied_lsn = Lsn(h))?;
+                lock(&self.wal).note_persisted(prev_tail);
+            }
             let layout = self.layout;
             let disk = &*self.disk;
             let copy = || -> std::io::Result<()> {

@@ -28,6 +28,10 @@
 //!   sees them in that order.
 //! - The flusher copies only durable entries into the extent, persists the checkpoint
 //!   before reusing WAL space, and never frees entries at or above the retention floor.
+//! - A truncation never exposes a dropped entry's data: a flusher cycle persists the
+//!   highest LSN it may copy (`copied_lsn`) before copying, and truncating below it
+//!   first restores the blocks those entries wrote (or is refused, and the replica
+//!   must be rebuilt).
 //! - Any failed sync or superblock write fails the volume (fail-stop): later calls
 //!   return `Error::Failed` until it is reopened.
 //! - A rebuild source is a [`BaseImage`]: it pauses the flusher so the extent stays

@@ -3,6 +3,11 @@
 //! writes the slot holding the older copy and syncs, so a torn superblock write always
 //! leaves the previous copy intact. On open the valid copy with the highest sequence
 //! number wins.
+//!
+//! Format versions: 1 is the original layout; 2 appends `copied_lsn`. This build writes
+//! version 2 and reads both (a version 1 copy has `copied_lsn` = its checkpoint, which is
+//! exact: version 1 flushers left nothing past the checkpoint that a later truncation
+//! could expose, except in the crash window version 2 closes).
 
 use crate::error::{Error, Result};
 use crate::types::{DurabilityMode, Epoch, Lsn, WalPos};
@@ -15,9 +20,13 @@ pub const SUPERBLOCK_COPIES: u64 = 2;
 pub const WAL_OFFSET: u64 = SUPERBLOCK_SLOT_SIZE * SUPERBLOCK_COPIES;
 
 const MAGIC: &[u8; 8] = b"BLKVOLSB";
-const VERSION: u32 = 1;
-/// Length of the encoded superblock including its CRC.
-pub const ENCODED_LEN: usize = 8 + 4 + 4 + 8 + 16 + 8 + 4 + 4 + 8 * 12 + 4;
+const VERSION: u32 = 2;
+/// Oldest format version this build still reads.
+const VERSION_MIN: u32 = 1;
+/// Length of an encoded version 1 superblock including its CRC.
+const ENCODED_LEN_V1: usize = 8 + 4 + 4 + 8 + 16 + 8 + 4 + 4 + 8 * 12 + 4;
+/// Length of the encoded superblock (current version) including its CRC.
+pub const ENCODED_LEN: usize = ENCODED_LEN_V1 + 8;
 
 /// Flag: a rebuild began and has not finished; the extent is not a consistent image.
 pub const FLAG_REBUILD_IN_PROGRESS: u32 = 1;
@@ -49,6 +58,11 @@ pub struct Superblock {
     pub extent_offset: u64,
     /// Every entry with LSN <= this is in the extent and the extent is synced.
     pub checkpoint_lsn: Lsn,
+    /// No entry above this LSN was ever copied into the extent (>= `checkpoint_lsn`). A
+    /// flusher cycle persists its target here before it copies, so after a crash inside
+    /// the cycle the extent may hold entries in (checkpoint, copied]; truncating below
+    /// it must first restore the blocks those entries wrote.
+    pub copied_lsn: Lsn,
     /// Logical position of the oldest retained WAL record.
     pub wal_tail_pos: WalPos,
     /// LSN of the record at `wal_tail_pos` (the oldest retained LSN).
@@ -127,22 +141,36 @@ impl Superblock {
         put_u64(&mut b, self.expand_epoch);
         put_u64(&mut b, self.wal_tail_gen);
         put_u64(&mut b, self.checkpoint_epoch.0);
+        put_u64(&mut b, self.copied_lsn.0);
         let crc = crc32c::crc32c(&b);
         put_u32(&mut b, crc);
         debug_assert_eq!(b.len(), ENCODED_LEN);
         b
     }
 
-    /// Decodes and validates one copy. The error text says what is wrong; it never
-    /// panics on any input.
+    /// Decodes and validates one copy (any supported version). The error text says what
+    /// is wrong; it never panics on any input.
     pub fn decode(bytes: &[u8]) -> Result<Superblock, String> {
-        let body = bytes
-            .get(..ENCODED_LEN)
+        let head = bytes
+            .get(..12)
             .ok_or_else(|| format!("only {} bytes, need {ENCODED_LEN}", bytes.len()))?;
-        if &body[..8] != MAGIC {
+        if &head[..8] != MAGIC {
             return Err("bad magic (not a blockvol superblock, or never written)".into());
         }
-        let (data, crc_bytes) = body.split_at(ENCODED_LEN - 4);
+        let version = u32::from_le_bytes([head[8], head[9], head[10], head[11]]);
+        let len = match version {
+            1 => ENCODED_LEN_V1,
+            VERSION => ENCODED_LEN,
+            _ => {
+                return Err(format!(
+                    "unsupported version {version} (supported: {VERSION_MIN}..={VERSION})"
+                ));
+            }
+        };
+        let body = bytes
+            .get(..len)
+            .ok_or_else(|| format!("only {} bytes, need {len}", bytes.len()))?;
+        let (data, crc_bytes) = body.split_at(len - 4);
         let stored = u32::from_le_bytes([crc_bytes[0], crc_bytes[1], crc_bytes[2], crc_bytes[3]]);
         let actual = crc32c::crc32c(data);
         if stored != actual {
@@ -150,20 +178,14 @@ impl Superblock {
                 "checksum mismatch (stored {stored:#010x}, computed {actual:#010x})"
             ));
         }
-        let mut r = Reader { b: data, at: 8 };
-        let version = r.u32()?;
-        if version != VERSION {
-            return Err(format!(
-                "unsupported version {version} (supported: {VERSION})"
-            ));
-        }
+        let mut r = Reader { b: data, at: 12 };
         let flags = r.u32()?;
         let seq = r.u64()?;
         let uuid = r.take::<16>()?;
         let volume_size = r.u64()?;
         let block_size = r.u32()?;
         let [dm, _, _, _] = r.take::<4>()?;
-        let sb = Superblock {
+        let mut sb = Superblock {
             flags,
             seq,
             uuid,
@@ -175,6 +197,7 @@ impl Superblock {
             wal_size: r.u64()?,
             extent_offset: r.u64()?,
             checkpoint_lsn: Lsn(r.u64()?),
+            copied_lsn: Lsn(0),
             wal_tail_pos: WalPos(r.u64()?),
             wal_tail_lsn: Lsn(r.u64()?),
             wal_gen: r.u64()?,
@@ -183,6 +206,11 @@ impl Superblock {
             expand_epoch: r.u64()?,
             wal_tail_gen: r.u64()?,
             checkpoint_epoch: Epoch(r.u64()?),
+        };
+        sb.copied_lsn = if version >= 2 {
+            Lsn(r.u64()?)
+        } else {
+            sb.checkpoint_lsn
         };
         sb.validate()?;
         Ok(sb)
@@ -221,6 +249,7 @@ impl Superblock {
         // later `+ 1` and position sum far from overflow.
         for (name, v) in [
             ("checkpoint_lsn", self.checkpoint_lsn.0),
+            ("copied_lsn", self.copied_lsn.0),
             ("wal_tail_lsn", self.wal_tail_lsn.0),
             ("wal_tail_pos", self.wal_tail_pos.0),
             ("wal_gen", self.wal_gen),
@@ -236,6 +265,12 @@ impl Superblock {
                 "wal_tail_lsn {} outside 1..={} (checkpoint + 1)",
                 self.wal_tail_lsn,
                 self.checkpoint_lsn.0 + 1
+            ));
+        }
+        if self.copied_lsn < self.checkpoint_lsn {
+            return Err(format!(
+                "copied_lsn {} below checkpoint_lsn {}",
+                self.copied_lsn, self.checkpoint_lsn
             ));
         }
         if self.wal_tail_gen > self.wal_gen {
@@ -336,6 +371,7 @@ mod tests {
             wal_size: 1 << 20,
             extent_offset: WAL_OFFSET + (1 << 20),
             checkpoint_lsn: Lsn(10),
+            copied_lsn: Lsn(12),
             wal_tail_pos: WalPos(12345),
             wal_tail_lsn: Lsn(5),
             wal_gen: 2,
@@ -353,6 +389,30 @@ mod tests {
         assert_eq!(Superblock::decode(&sb.encode()).unwrap(), sb);
     }
 
+    /// A version 1 copy (written by an older build) still opens; its copied bound is its
+    /// checkpoint.
+    #[test]
+    fn version_1_superblock_decodes_with_copied_lsn_at_the_checkpoint() {
+        let sb = sample();
+        let mut v1 = sb.encode();
+        v1.truncate(ENCODED_LEN_V1 - 4);
+        v1[8..12].copy_from_slice(&1u32.to_le_bytes());
+        let crc = crc32c::crc32c(&v1);
+        v1.extend_from_slice(&crc.to_le_bytes());
+        v1.resize(ENCODED_LEN, 0xAB);
+        let back = Superblock::decode(&v1).unwrap();
+        assert_eq!(
+            back,
+            Superblock {
+                copied_lsn: sb.checkpoint_lsn,
+                ..sb
+            }
+        );
+        let mut v9 = v1.clone();
+        v9[8..12].copy_from_slice(&9u32.to_le_bytes());
+        assert!(Superblock::decode(&v9).unwrap_err().contains("version 9"));
+    }
+
     #[test]
     fn superblock_with_flipped_bit_is_rejected() {
         let mut b = sample().encode();
@@ -367,6 +427,7 @@ mod tests {
         let mut new = sample();
         new.seq = 8;
         new.checkpoint_lsn = Lsn(20);
+        new.copied_lsn = Lsn(20);
         assert_eq!(choose("f", &old.encode(), &new.encode()).unwrap(), new);
         let mut torn = new.encode();
         torn[60] ^= 1;

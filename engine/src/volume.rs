@@ -279,6 +279,7 @@ impl Volume {
             wal_size: layout.wal_size,
             extent_offset: layout.extent_offset,
             checkpoint_lsn: Lsn(0),
+            copied_lsn: Lsn(0),
             wal_tail_pos: WalPos(0),
             wal_tail_lsn: Lsn(1),
             wal_gen: 1,
@@ -744,6 +745,14 @@ impl Volume {
 
     /// Drops WAL entries after `lsn` (a replica's divergent suffix). Fails if the
     /// checkpoint is already past `lsn`. The durable LSN drops to `lsn` if higher.
+    ///
+    /// After a crash inside a flusher cycle the extent may already hold entries past the
+    /// checkpoint (up to `copied_lsn`). Before dropping any of those, every block only
+    /// dropped entries wrote since the checkpoint gets its content as of the checkpoint
+    /// back (from the newest retained entry at or below it, or zeros while the WAL holds
+    /// the whole history), synced before the truncation is persisted, so no dropped write
+    /// can ever be read again. If some block's earlier content is no longer in the WAL
+    /// the truncation is refused with `TruncationNeedsRebuild` and nothing changes.
     pub fn truncate_after(&self, lsn: Lsn) -> Result<()> {
         self.inner.truncate_after(lsn.0)
     }
@@ -1233,6 +1242,10 @@ impl Inner {
                 checkpoint: Lsn(checkpoint),
             });
         }
+        let copied = lock(&self.sb).copied_lsn.0;
+        if copied > lsn {
+            self.restore_extent_before_truncation(&st, lsn, checkpoint, copied)?;
+        }
         let new_head_pos = match st.entry(lsn) {
             Some(e) => e.pos + e.len,
             None => st.tail_pos,
@@ -1258,6 +1271,11 @@ impl Inner {
             if empty_tail {
                 sb.wal_tail_gen = sb.wal_gen;
             }
+            // Blocks still differing from the checkpoint state are now only ones the
+            // kept entries (checkpoint, lsn] wrote.
+            if sb.copied_lsn.0 > lsn {
+                sb.copied_lsn = Lsn(lsn);
+            }
         })?;
         st.note_persisted(prev);
         st.wal_gen = lock(&self.sb).wal_gen;
@@ -1281,6 +1299,104 @@ impl Inner {
         Ok(())
     }
 
+    /// The extent part of `truncate_after` when the extent may hold entries up to
+    /// `copied` > `lsn`: a block written in (lsn, copied] and not in (checkpoint, lsn]
+    /// (those stay in the dirty map and are read from the WAL, and recovery replays
+    /// them) gets its content as of the checkpoint back, then the extent is synced. The
+    /// whole plan is made before anything is written, so a refusal changes nothing; a
+    /// crash midway leaves the truncation undone and it is simply asked for again.
+    fn restore_extent_before_truncation(
+        &self,
+        st: &WalState,
+        lsn: u64,
+        checkpoint: u64,
+        copied: u64,
+    ) -> Result<()> {
+        let bs = self.layout.block_size;
+        let (mut base, mut kept, mut dropped) =
+            (DirtyMap::new(bs), DirtyMap::new(bs), DirtyMap::new(bs));
+        for e in &st.index {
+            let map = if e.lsn <= checkpoint {
+                &mut base
+            } else if e.lsn <= lsn {
+                &mut kept
+            } else if e.lsn <= copied {
+                &mut dropped
+            } else {
+                continue;
+            };
+            e.apply(map);
+        }
+        // Retained from LSN 1: a block no retained entry wrote was never written.
+        let whole_history = st.tail_lsn <= 1;
+        let mut plan: Vec<(u64, u64, Source)> = Vec::new();
+        let mut fill = |start: u64, end: u64| -> Result<()> {
+            let mut at = start;
+            for r in base.lookup(start, end) {
+                if r.start > at {
+                    if !whole_history {
+                        return Err(Error::TruncationNeedsRebuild {
+                            lsn: Lsn(lsn),
+                            copied: Lsn(copied),
+                            lba: Lba(at),
+                        });
+                    }
+                    plan.push((at, r.start, Source::Zero));
+                }
+                plan.push((r.start, r.end, r.src));
+                at = r.end;
+            }
+            if at < end {
+                if !whole_history {
+                    return Err(Error::TruncationNeedsRebuild {
+                        lsn: Lsn(lsn),
+                        copied: Lsn(copied),
+                        lba: Lba(at),
+                    });
+                }
+                plan.push((at, end, Source::Zero));
+            }
+            Ok(())
+        };
+        for d in dropped.runs() {
+            let mut at = d.start;
+            for k in kept.lookup(d.start, d.end) {
+                if k.start > at {
+                    fill(at, k.start)?;
+                }
+                at = k.end;
+            }
+            if at < d.end {
+                fill(at, d.end)?;
+            }
+        }
+        let layout = self.layout;
+        let disk = &*self.disk;
+        let restore = || -> std::io::Result<()> {
+            for &(start, end, src) in &plan {
+                let dst = layout.extent_off(start);
+                let len = (end - start) * layout.bs();
+                match src {
+                    Source::Wal { data_pos } => {
+                        crate::extent::copy_range(disk, layout.wal_phys(data_pos), dst, len)?
+                    }
+                    Source::Zero => disk.write_zeroes(dst, len)?,
+                }
+            }
+            disk.sync()
+        };
+        if let Err(e) = restore() {
+            let err = self.io_err(e);
+            self.gc.poison(format!(
+                "restoring the extent for a truncation failed: {err}"
+            ));
+            return Err(err);
+        }
+        tracing::info!(file = %self.disk.describe(), lsn, checkpoint, copied, runs = plan.len(),
+            "restored extent blocks written by entries a crashed flusher cycle copied");
+        Ok(())
+    }
+
     fn begin_rebuild(&self) -> Result<()> {
         let _cycle = lock(&self.flush_cycle);
         self.gc.check()?;
@@ -1296,6 +1412,7 @@ impl Inner {
         let prev = self.persist(|sb| {
             sb.flags |= FLAG_REBUILD_IN_PROGRESS;
             sb.checkpoint_lsn = Lsn(0);
+            sb.copied_lsn = Lsn(0);
             sb.checkpoint_epoch = superblock::UNKNOWN_EPOCH;
             sb.wal_tail_lsn = Lsn(1);
             sb.wal_tail_pos = WalPos(tail_pos);
@@ -1341,6 +1458,7 @@ impl Inner {
         let prev = self.persist(|sb| {
             sb.flags &= !FLAG_REBUILD_IN_PROGRESS;
             sb.checkpoint_lsn = Lsn(checkpoint);
+            sb.copied_lsn = Lsn(checkpoint);
             sb.checkpoint_epoch = checkpoint_epoch;
             sb.wal_tail_lsn = Lsn(checkpoint + 1);
             sb.wal_tail_pos = WalPos(tail_pos);

@@ -2,7 +2,10 @@
 //! SimDisk, checked against a model. After every power loss the reopened volume must
 //! equal the model as of some LSN R with (last acknowledged flush) <= R <= (last
 //! issued LSN): a prefix of the log, so every flushed entry is there and no block is
-//! torn or mixed from a later write.
+//! torn or mixed from a later write. The model keeps the whole log across crashes, so a
+//! later truncation may go below the recovered head (as a rejoining old primary's does),
+//! including after a crash inside a flusher cycle left the extent ahead of the
+//! checkpoint: the truncated writes must never be read again.
 
 mod common;
 
@@ -187,9 +190,8 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
             &want,
             &format!("after crash ({mode:?}, seed {seed}) at LSN {r}"),
         )?;
-        m.base = want;
-        m.base_lsn = r;
-        m.log.clear();
+        // Keep the log up to R: a truncation may later cut below R.
+        m.log.truncate((r - m.base_lsn) as usize);
         m.acked = r;
         *vol = Some(v);
         Ok(())
@@ -277,6 +279,13 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                         // The background flusher may have moved the checkpoint meanwhile.
                         prop_assert!(target < v.checkpoint_lsn().0)
                     }
+                    Err(engine::Error::TruncationNeedsRebuild { copied, .. }) => {
+                        // A crashed flusher cycle copied entries past the target and the
+                        // WAL cannot restore what they overwrote: nothing may change.
+                        prop_assert!(target < copied.0);
+                        prop_assert_eq!(v.head_lsn(), Lsn(m.head()));
+                        check_live(v, &m.at(m.head()), "after a refused truncation")?;
+                    }
                     Err(_) => {
                         // An I/O error mid-truncation may or may not have cut the log on
                         // disk; either outcome is a prefix the model accepts.
@@ -320,5 +329,122 @@ proptest! {
     #[test]
     fn volume_after_any_crash_equals_a_log_prefix_containing_every_flush(ops in proptest::collection::vec(op(), 1..120)) {
         run(ops)?;
+    }
+}
+
+/// Waits until the background flusher completed a cycle (bounded).
+fn wait_for_flusher_cycle(vol: &Volume) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while vol.stats().flusher_cycles == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the kicked flusher never ran"
+        );
+        std::thread::yield_now();
+    }
+}
+
+/// Offset of the extent on a volume's disk, from its newest valid superblock.
+fn extent_offset(disk: &SimDisk) -> u64 {
+    let (a, b) = (disk.peek(0, 4096), disk.peek(4096, 4096));
+    engine::superblock::choose("test", &a, &b)
+        .unwrap()
+        .extent_offset
+}
+
+/// A crash inside a flusher cycle (the extent already holds (checkpoint, h] copied and
+/// synced, the superblock still says the old checkpoint), then a truncation below h, as a
+/// killed primary that rejoins behind the new primary gets. LSN 1 writes LBA `first`
+/// (5, or 9 itself), LSN 2 LBA 7, LSN 3 LBA 9; the checkpoint is at 1. Every write count
+/// at which the next cycle can fail is tried; after the crash and `truncate_after(2)` LBA
+/// 9 must read what LSN 1 left there (zeros, or LSN 1's data), never LSN 3's, also after
+/// one more crash. With the WAL retaining the whole history (floor at 1) the truncation
+/// must succeed; without it, refusing (the replica is rebuilt) is the only other answer.
+#[test]
+fn truncation_after_a_crash_inside_a_flusher_cycle_never_resurrects_dropped_writes() {
+    for (floor, first) in [(true, 5u64), (true, 9), (false, 5), (false, 9)] {
+        let case = format!("floor {floor}, LSN 1 writes LBA {first}");
+        let mut copied_ahead = 0;
+        for fail_after in 0..16u64 {
+            let (disk, vol) = sim_volume("cycle-crash", 16, WAL);
+            vol.write(Lba(first), &block(100 + first)).unwrap();
+            vol.flush().unwrap();
+            if floor {
+                // Setting a floor kicks the background flusher: let that cycle (the
+                // checkpoint at 1) finish before anything else, so it cannot run later.
+                vol.set_retention_floor(Some(Lsn(1)));
+                wait_for_flusher_cycle(&vol);
+            } else {
+                vol.checkpoint().unwrap();
+            }
+            assert_eq!(vol.checkpoint_lsn(), Lsn(1));
+            vol.write(Lba(7), &block(7)).unwrap();
+            vol.write(Lba(9), &block(9)).unwrap();
+            vol.flush().unwrap();
+            disk.set_faults(FaultPlan {
+                fail_writes_after: Some(fail_after),
+                ..FaultPlan::default()
+            });
+            let _ = vol.checkpoint();
+            let after = disk.crash(CrashMode::DropUnsynced, fail_after);
+            drop(vol);
+            let v = Volume::open(Box::new(after.clone()), cfg()).unwrap();
+            assert_eq!(v.head_lsn(), Lsn(3), "{case}: flushed entries lost");
+            if v.checkpoint_lsn() != Lsn(1) {
+                continue; // the cycle completed
+            }
+            let ext = extent_offset(&after);
+            if after.peek(ext + 9 * BS as u64, BS) == block(9) {
+                copied_ahead += 1;
+            }
+            let want9 = if first == 9 {
+                block(109)
+            } else {
+                vec![0u8; BS]
+            };
+            match v.truncate_after(Lsn(2)) {
+                Ok(()) => {
+                    let check = |v: &Volume, when: &str| {
+                        assert_eq!(v.head_lsn(), Lsn(2), "{case}, {when}");
+                        assert!(
+                            read_block(v, 9) == want9,
+                            "{case}, {when}: LBA 9 reads a truncated write (cycle failed after {fail_after} writes)"
+                        );
+                        assert!(read_block(v, 7) == block(7), "{case}, {when}: LBA 7");
+                        assert!(
+                            read_block(v, first) == block(100 + first),
+                            "{case}, {when}: LBA {first}"
+                        );
+                    };
+                    check(&v, "after truncation");
+                    let again = after.crash(CrashMode::DropUnsynced, 1);
+                    drop(v);
+                    let v = Volume::open(Box::new(again), cfg()).unwrap();
+                    check(&v, "after truncation and another crash");
+                    v.checkpoint().unwrap();
+                    check(&v, "after the next checkpoint");
+                }
+                Err(engine::Error::TruncationNeedsRebuild { .. }) => {
+                    assert!(
+                        !floor,
+                        "{case}: the WAL holds the whole history, yet the truncation was refused"
+                    );
+                    assert_eq!(
+                        v.head_lsn(),
+                        Lsn(3),
+                        "{case}: a refused truncation changed the head"
+                    );
+                    assert!(
+                        read_block(&v, 9) == block(9),
+                        "{case}: a refused truncation changed LBA 9"
+                    );
+                }
+                Err(e) => panic!("{case}: truncate_after(2): {e}"),
+            }
+        }
+        assert!(
+            copied_ahead > 0,
+            "{case}: no fault point left the extent ahead of the checkpoint"
+        );
     }
 }

@@ -378,6 +378,52 @@ fn sync_all_flush_waits_for_every_committed_member() {
     assert!(n.replicas[0].log.durable_lsn() >= Lsn(1));
 }
 
+/// Entries the log holds but the core was never handed (the shell lost them, and the log
+/// then recycled them) never reach a member. A flush covers the log's head, so it is not
+/// acknowledged on the members' word for less; once the loss is reported every member is
+/// escalated for a rebuild and entries after the lost ones are shipped again.
+#[test]
+fn entries_lost_before_shipping_escalate_every_member_and_never_ack_a_flush() {
+    let mut n = Net::new(2, cfg(), &["p", "r0", "r1"]);
+    n.tick(1);
+    n.write(1, 1);
+    for i in 0..4 {
+        n.plog
+            .append_local(EntryKind::Write, Lba(10 + i), 1, vec![9; 8])
+            .unwrap();
+    }
+    let f = n.flush();
+    n.settle();
+    assert!(
+        !n.is_acked(f),
+        "flush acked although no member received LSNs 2..=5"
+    );
+    n.input(Input::AppendsLost {
+        resume_after: Lsn(5),
+    });
+    for r in ["r0", "r1"] {
+        assert_eq!(n.state(r), ReplicaState::NeedsRebuild, "{r}");
+        assert!(
+            n.reports
+                .iter()
+                .any(|x| matches!(x, Report::NeedsRebuild { replica, .. } if *replica == rid(r))),
+            "{r} not reported"
+        );
+    }
+    assert_eq!(n.primary.head(), Lsn(5));
+    n.settle();
+    assert!(
+        !n.is_acked(f),
+        "flush acked by members that lack its entries"
+    );
+    assert_eq!(n.write(20, 2), Lsn(6));
+    assert_eq!(
+        n.primary.head(),
+        Lsn(6),
+        "entries after the loss are not taken"
+    );
+}
+
 #[test]
 fn async_flush_acks_after_local_fsync_only() {
     let c = PrimaryConfig {

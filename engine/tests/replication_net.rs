@@ -464,6 +464,100 @@ async fn garbage_and_truncated_frames_close_the_connection_and_apply_nothing() {
     assert_eq!(rv.head_lsn(), Lsn(0), "a rejected frame was applied");
 }
 
+/// On the wire: a handshake or heartbeat for a volume the node does not host is answered
+/// `UnknownVolume` for that volume (with the sender's epoch), nothing of it is applied to
+/// the hosted volume, and the connection stays open; a malformed frame still closes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_volume_is_answered_per_volume_and_keeps_the_connection() {
+    let d = Dir::new();
+    let rv = create(&d.file("r"));
+    let s = server(any_addr(), "n0", rv.clone()).await;
+    let mut c = authenticated(s.local_addr()).await;
+    let other = VolumeId::new("vol-elsewhere").unwrap();
+    let msg = |volume: &VolumeId, body: Body| {
+        encode_frame(&Message::Volume(VolumeMsg {
+            volume: volume.clone(),
+            epoch: Epoch(3),
+            body,
+        }))
+    };
+    let mut frames = msg(
+        &other,
+        Body::Entry(WalEntry {
+            lsn: Lsn(1),
+            epoch: Epoch(3),
+            kind: EntryKind::Write,
+            lba: Lba(0),
+            blocks: 1,
+            data: vec![1; BS],
+        }),
+    );
+    frames.extend(msg(
+        &other,
+        Body::ResumeRequest {
+            session: 1,
+            head: Lsn(0),
+            retained_start: Lsn(1),
+        },
+    ));
+    frames.extend(msg(&other, Body::Heartbeat { seq: 9 }));
+    c.write_all(&frames).await.unwrap();
+    let mut dec = engine::replication::wire::FrameDecoder::new(Default::default());
+    let mut buf = [0u8; 4096];
+    let mut got = Vec::new();
+    while got.len() < 2 {
+        let n = tokio::time::timeout(Duration::from_millis(WAIT_MS), c.read(&mut buf))
+            .await
+            .expect("no answer")
+            .unwrap();
+        assert!(
+            n > 0,
+            "the server closed the connection: {:?}",
+            s.rejections()
+        );
+        dec.feed(&buf[..n]);
+        while let Some(m) = dec.next_message().unwrap() {
+            got.push(m);
+        }
+    }
+    for m in &got {
+        match m {
+            Message::Volume(VolumeMsg {
+                volume,
+                epoch,
+                body:
+                    Body::Error {
+                        code: engine::replication::wire::ErrorCode::UnknownVolume,
+                        ..
+                    },
+            }) => {
+                assert_eq!(volume, &other);
+                assert_eq!(*epoch, Epoch(3), "the answer must not fence or look stale");
+            }
+            other => panic!("unexpected answer {other:?}"),
+        }
+    }
+    assert!(s.rejections().is_empty(), "{:?}", s.rejections());
+    assert_eq!(
+        rv.head_lsn(),
+        Lsn(0),
+        "an entry for another volume was applied"
+    );
+    // Still a connection with the usual rules: a bad checksum closes it.
+    let mut f = entry_frame();
+    let n = f.len();
+    f[n - 10] ^= 0xFF;
+    c.write_all(&f).await.unwrap();
+    expect_closed(&mut c).await;
+    assert!(
+        s.rejections()
+            .iter()
+            .any(|r| r.contains("checksum mismatch")),
+        "{:?}",
+        s.rejections()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_writers_are_shipped_densely_in_lsn_order() {
     let d = Dir::new();
@@ -551,6 +645,105 @@ async fn one_data_port_serves_several_volumes() {
     let mut a = vec![0u8; BS];
     pairs[1].1.read(Lba(3), &mut a).unwrap();
     assert_eq!(a[0], 20, "volumes were mixed up on the shared port");
+}
+
+/// A node's data port is shared by every volume between two nodes. A primary whose
+/// replica's node does not host the volume yet (its agent is still creating the file: every
+/// new placement starts like this) must end only its own session there, retrying later; the
+/// other volumes on the same connection stay in sync and keep acknowledging flushes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn message_for_an_unhosted_volume_ends_only_that_volumes_session() {
+    let d = Dir::new();
+    let s = ReceiverServer::bind(any_addr(), NetConfig::new("n0", SECRET))
+        .await
+        .unwrap();
+    let transport = Transport::new(NetConfig::new("np", SECRET));
+    let (a, b) = (
+        VolumeId::new("vol-a").unwrap(),
+        VolumeId::new("vol-b").unwrap(),
+    );
+    let (pa, ra) = (create(&d.file("p-a")), create(&d.file("r-a")));
+    let (pb, rb) = (create(&d.file("p-b")), create(&d.file("r-b")));
+    s.host(a.clone(), ra.clone(), ReceiverConfig::default());
+    let ha = spawn_primary(
+        pa.clone(),
+        a,
+        rid("p"),
+        pcfg(),
+        Generation(1),
+        vec![rid("p"), rid("r0")],
+        vec![peer("r0", s.local_addr())],
+        transport.clone(),
+    );
+    wait_for("vol-a in sync", &ha, |x| in_sync(x, "r0")).await;
+    let a_events_before = ha.snapshot().await.unwrap().events.len();
+
+    // vol-b's replica is assigned on n0, which does not host it yet.
+    let hb = spawn_primary(
+        pb.clone(),
+        b.clone(),
+        rid("p"),
+        pcfg(),
+        Generation(1),
+        vec![rid("p")],
+        vec![peer("r0", s.local_addr())],
+        transport.clone(),
+    );
+    let deadline = Instant::now() + Duration::from_millis(WAIT_MS);
+    let mut round = 0u64;
+    loop {
+        write(&pa, round % 64, round as u8);
+        let flushed = tokio::time::timeout(Duration::from_millis(5_000), ha.flush()).await;
+        let sa = ha.snapshot().await.unwrap();
+        let left: Vec<_> = sa.events[a_events_before..]
+            .iter()
+            .filter(|e| {
+                matches!(&e.kind, EventKind::StateChanged { from, .. } if from == "InSync")
+                    || matches!(e.kind, EventKind::SessionInvalidated { .. })
+            })
+            .collect();
+        assert!(
+            left.is_empty(),
+            "vol-a lost its session while vol-b retried: {left:?}"
+        );
+        assert!(
+            matches!(flushed, Ok(Ok(_))),
+            "vol-a's flush failed or stalled while vol-b retried: {flushed:?}"
+        );
+        let sb = hb.snapshot().await.unwrap();
+        let tries = sb
+            .events
+            .iter()
+            .filter(|e| matches!(e.kind, EventKind::SessionStarted))
+            .count();
+        if tries >= 4 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "vol-b did not retry its session: {sb:?}"
+        );
+        round += 1;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(
+        s.rejections().is_empty(),
+        "the receiver closed a connection: {:?}",
+        s.rejections()
+    );
+    assert_eq!(transport.links(), 1, "the shared link was replaced");
+
+    // Once n0 hosts vol-b, its next attempt connects and replicates.
+    s.host(b, rb.clone(), ReceiverConfig::default());
+    wait_for("vol-b in sync", &hb, |x| in_sync(x, "r0")).await;
+    for lba in 0..8u64 {
+        write(&pb, lba, 0xB0 + lba as u8);
+    }
+    hb.flush().await.unwrap();
+    same_content(&pb, &rb, 8);
+    ha.flush().await.unwrap();
+    same_content(&pa, &ra, 64);
+    assert!(in_sync(&ha.snapshot().await.unwrap(), "r0"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -768,4 +961,92 @@ async fn replica_lost_during_unflushed_writes_escalates_instead_of_filling_the_w
     h.commit_in_sync_set(Generation(2), vec![rid("p")]);
     let l = h.flush().await.unwrap();
     assert!(pv.durable_lsn() >= l);
+}
+
+/// The append observer's queue overflowed while nothing pinned the WAL (an RF1 primary:
+/// no member holds retention), and the flusher recycled entries before the stalled
+/// driver re-read them, so they can never be shipped. A replica that joins afterwards and
+/// is committed must still hold every entry a later FLUSH acknowledges: FLUSH either
+/// fails or covers what the members hold, never an ack at the driver's stale head.
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn entries_recycled_before_the_driver_read_them_never_let_a_flush_ack_without_them() {
+    let d = Dir::new();
+    let wal = 128 << 10;
+    let pv = create_with_wal(&d.file("p"), wal);
+    let r0v = create(&d.file("r0"));
+    let mut ncfg = NetConfig::new("np", SECRET);
+    ncfg.append_queue_entries_max = 4;
+    let h = spawn_primary(
+        pv.clone(),
+        vid(),
+        rid("p"),
+        PrimaryConfig {
+            flush_timeout_ms: 3_000,
+            ..pcfg()
+        },
+        Generation(1),
+        vec![rid("p")],
+        vec![],
+        Transport::new(ncfg),
+    );
+    h.snapshot().await.expect("driver alive");
+
+    // Stall the driver: the runtime's only worker waits until released.
+    let (release, wait) = std::sync::mpsc::channel::<()>();
+    let (started_tx, started) = std::sync::mpsc::channel::<()>();
+    let stall = tokio::spawn(async move {
+        started_tx.send(()).unwrap();
+        let _ = wait.recv();
+    });
+    started.recv().unwrap();
+    // Three times the WAL: the volume's flusher (its own thread) recycles it meanwhile.
+    let first = 3 * wal / BS as u64;
+    for lba in 0..first {
+        write(&pv, lba, (lba % 251) as u8 + 1);
+    }
+    assert!(
+        pv.retained_start() > Lsn(5),
+        "the WAL was not recycled: {:?}",
+        pv.retained_start()
+    );
+    release.send(()).unwrap();
+    stall.await.unwrap();
+
+    // A replica joins (control plane: rebuild it, then commit it once in sync).
+    let s0 = server(any_addr(), "n0", r0v.clone()).await;
+    h.assign_peers(vec![peer("r0", s0.local_addr())]);
+    let deadline = Instant::now() + Duration::from_millis(WAIT_MS);
+    loop {
+        let s = h.snapshot().await.unwrap();
+        match s.replicas.get(&rid("r0")).map(|(st, _)| *st) {
+            Some(ReplicaState::InSync) => break,
+            Some(ReplicaState::NeedsRebuild) => h.request_rebuild(rid("r0")),
+            _ => {}
+        }
+        assert!(Instant::now() < deadline, "r0 never got in sync: {s:?}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    h.commit_in_sync_set(Generation(2), vec![rid("p"), rid("r0")]);
+
+    // New writes after the replica is a committed member; then FLUSH.
+    for lba in first..first + 16 {
+        write(&pv, lba, 0xC0);
+    }
+    let head = pv.head_lsn();
+    match h.flush().await {
+        Ok(lsn) => {
+            assert!(
+                lsn >= head,
+                "flush acked at {lsn}, below the head {head} it must cover"
+            );
+            assert!(
+                r0v.durable_lsn() >= head,
+                "flush acked while r0 holds only up to {}",
+                r0v.durable_lsn()
+            );
+            same_content(&pv, &r0v, first + 16);
+        }
+        // Refusing is safe; the replica never got what it would have covered.
+        Err(e) => eprintln!("flush refused: {e}"),
+    }
 }

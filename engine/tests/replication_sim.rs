@@ -1,13 +1,15 @@
 //! Deterministic simulation of one replicated volume: a primary and 2-4 replicas driven by
 //! the sans-IO cores over a simulated network (delay, reorder across connections, FIFO
 //! within one, drops, partitions, address changes), simulated disks (power loss, fsync
-//! failure), client writes and flushes, and a simulated control plane that commits in-sync
-//! set changes and promotes. A crashed node comes back as its agent would bring it back:
-//! as a replica, or - when its assignment still says primary at the current epoch because
-//! no failover happened - as primary, which the log's primary-term rule turns into a
-//! refusal the control plane answers with a promotion at the next epoch. A checker
-//! asserts the durability, ordering and fencing invariants, and that no (epoch, LSN) is
-//! ever issued for two different entries. Every run is reproducible from its seed:
+//! failure, and power loss inside a flusher cycle, which leaves the modelled extent ahead
+//! of the checkpoint for a later truncation to expose), client writes and flushes, and a
+//! simulated control plane that commits in-sync set changes and promotes. A crashed node
+//! comes back as its agent would bring it back: as a replica, or - when its assignment
+//! still says primary at the current epoch because no failover happened - as primary,
+//! which the log's primary-term rule turns into a refusal the control plane answers with
+//! a promotion at the next epoch. A checker asserts the durability, ordering and fencing
+//! invariants, and that no (epoch, LSN) is ever issued for two different entries. Every
+//! run is reproducible from its seed:
 //! `SIM_SEED=123 cargo test -p engine --test replication_sim -- --nocapture`
 //! `SIM_SEEDS=20000` runs more seeds than the default.
 
@@ -57,6 +59,7 @@ struct Knobs {
     /// A restarted primary serves at its old epoch even when its log refuses a primary
     /// term there (the behaviour before the rule existed).
     unguarded_primary_restart: bool,
+    skip_extent_repair: bool,
 }
 
 // ----- model ------------------------------------------------------------------------------
@@ -73,6 +76,10 @@ struct Node {
     role: Role,
     incarnation: u64,
     addr_gen: u32,
+    /// The flusher's first cycle after a restart does not come before this time (a
+    /// reopened volume runs it after its flush interval): until then an extent a crashed
+    /// cycle left ahead stays exposed to truncation.
+    flusher_from_ms: u64,
 }
 
 struct Conn {
@@ -163,6 +170,28 @@ struct Checker {
     acked_max: Lsn,
     violations: Vec<String>,
     acks: u64,
+}
+
+/// Where what the member's volume reads differs from its log's content at its head (a
+/// dropped write read back from an extent a crashed flusher cycle left ahead).
+fn visible_mismatch(log: &MemLog) -> Option<String> {
+    if log.rebuilding() {
+        return None;
+    }
+    let want = log.state_at(log.head_lsn());
+    let got = log.visible_state();
+    if want == got {
+        return None;
+    }
+    let lba = want
+        .keys()
+        .chain(got.keys())
+        .find(|l| want.get(l) != got.get(l))
+        .copied();
+    Some(format!(
+        "LBA {lba:?} reads a write its log no longer has (head {})",
+        log.head_lsn()
+    ))
 }
 
 fn ident(e: &WalEntry) -> (Epoch, u64) {
@@ -386,6 +415,9 @@ struct Sim {
     volume: VolumeId,
     next_flush: u64,
     write_counter: u64,
+    /// Clients re-resolve the primary after a failover: no IO reaches the new primary
+    /// before this time, so an old primary can rejoin before the new head moves on.
+    client_paused_until_ms: u64,
     flushes_acked: u64,
     faults: bool,
     trace: bool,
@@ -434,12 +466,14 @@ impl Sim {
             .map(|i| {
                 let mut log = MemLog::new();
                 log.set_epoch(Epoch(1)).unwrap();
+                log.test_knob_skip_extent_repair = knobs.skip_extent_repair;
                 Node {
                     id: ReplicaId::new(format!("r{i}")).unwrap(),
                     log,
                     role: Role::Down,
                     incarnation: 0,
                     addr_gen: 0,
+                    flusher_from_ms: 0,
                 }
             })
             .collect();
@@ -492,6 +526,7 @@ impl Sim {
             volume,
             next_flush: 0,
             write_counter: 0,
+            client_paused_until_ms: 0,
             flushes_acked: 0,
             faults: true,
             trace: std::env::var("SIM_TRACE").is_ok(),
@@ -660,8 +695,17 @@ impl Sim {
         let Role::Replica(core) = &mut node.role else {
             return;
         };
+        let copied = node.log.copied_lsn();
         let actions = core.step(now, input, &mut node.log);
         for ev in core.take_events() {
+            if let ReceiverEvent::Truncated { after } = ev
+                && after < copied
+            {
+                *self
+                    .stats
+                    .entry("rx_truncated_below_copied".to_string())
+                    .or_default() += 1;
+            }
             let name = match &ev {
                 ReceiverEvent::Applied { .. } => "rx_applied",
                 ReceiverEvent::EpochAdopted { .. } => "rx_epoch_adopted",
@@ -673,6 +717,12 @@ impl Sim {
                 ReceiverEvent::StorageFailed { .. } => "rx_storage_failed",
             };
             *self.stats.entry(name.to_string()).or_default() += 1;
+            if matches!(ev, ReceiverEvent::Truncated { .. })
+                && let Some(v) = visible_mismatch(&node.log)
+            {
+                self.checker
+                    .violation(now, format!("node{r} after a truncation: {v}"));
+            }
             if let ReceiverEvent::Applied {
                 lsn,
                 msg_epoch,
@@ -692,6 +742,7 @@ impl Sim {
                 }
             }
         }
+
         let failed = core.failed().is_some();
         for a in actions {
             match a {
@@ -741,7 +792,22 @@ impl Sim {
         }
         self.nodes[idx].role = Role::Down;
         self.nodes[idx].incarnation += 1;
-        self.nodes[idx].log.power_loss();
+        if self.rng.below(2) == 0 {
+            *self
+                .stats
+                .entry("crash_inside_flush_cycle".to_string())
+                .or_default() += 1;
+            let log = &self.nodes[idx].log;
+            if log.head_lsn() > log.checkpoint_lsn() {
+                *self
+                    .stats
+                    .entry("crash_inside_flush_cycle_ahead".to_string())
+                    .or_default() += 1;
+            }
+            self.nodes[idx].log.power_loss_inside_flush_cycle();
+        } else {
+            self.nodes[idx].log.power_loss();
+        }
         for key in self.active.clone() {
             if self.conns[key].primary == idx || self.conns[key].replica == idx {
                 self.break_conn(key);
@@ -820,6 +886,7 @@ impl Sim {
             Ev::Restart { node } => {
                 if matches!(self.nodes[node].role, Role::Down) {
                     self.nodes[node].incarnation += 1;
+                    self.nodes[node].flusher_from_ms = self.now + self.rng.range(0, 300);
                     self.nodes[node].role =
                         Role::Replica(ReceiverCore::new(self.volume.clone(), self.rcfg));
                     if self.trace {
@@ -1038,6 +1105,7 @@ impl Sim {
         self.cp.generation = Generation(self.cp.generation.0 + 1);
         self.cp.not_serving_since = None;
         self.cp.needs_rebuild.clear();
+        self.client_paused_until_ms = self.now + self.rng.range(0, 500);
         if self.trace {
             eprintln!(
                 "t={} CP failover node{old} -> node{best} epoch {} committed {:?}",
@@ -1228,6 +1296,9 @@ impl Sim {
     }
 
     fn client_tick(&mut self, writes: bool) {
+        if self.now < self.client_paused_until_ms {
+            return;
+        }
         for p in 0..self.nodes.len() {
             let serving = matches!(&self.nodes[p].role, Role::Primary(c) if c.fenced().is_none());
             if !serving {
@@ -1349,8 +1420,9 @@ impl Sim {
             self.cp_tick(allow_lease_loss);
         }
         if self.now.is_multiple_of(20) {
+            let now = self.now;
             for n in &mut self.nodes {
-                if !matches!(n.role, Role::Down) {
+                if !matches!(n.role, Role::Down) && now >= n.flusher_from_ms {
                     n.log.flush_checkpoint();
                 }
             }
@@ -1412,6 +1484,11 @@ impl Sim {
                     &self.nodes[m].log,
                     upto,
                 );
+            }
+        }
+        for (i, n) in self.nodes.iter().enumerate() {
+            if let Some(v) = visible_mismatch(&n.log) {
+                self.checker.violation(now, format!("node{i} (final): {v}"));
             }
         }
         // Liveness after healing: a flush issued on the healed cluster is acknowledged.
@@ -1520,6 +1597,8 @@ fn simulation_holds_durability_ordering_and_fencing_invariants() {
             "rx_stale_refused",
             "session_completed",
             "escalated_needs_rebuild",
+            "crash_inside_flush_cycle",
+            "rx_truncated_below_copied",
             "session_invalidated",
             "state->InSync",
             "primary_restart_refused",
@@ -1587,5 +1666,25 @@ fn checker_catches_a_restarted_primary_that_reissues_lsns_at_its_old_epoch() {
     assert!(
         caught > 0,
         "a primary restarted at its old epoch went unnoticed in 400 seeds"
+    );
+}
+
+#[test]
+fn checker_catches_a_truncation_that_resurrects_dropped_writes() {
+    let knobs = Knobs {
+        skip_extent_repair: true,
+        ..Knobs::default()
+    };
+    let caught = (1..=200u64)
+        .filter(|&s| {
+            run_seed(s, knobs)
+                .violations
+                .iter()
+                .any(|v| v.contains("reads a write its log no longer has"))
+        })
+        .count();
+    assert!(
+        caught > 0,
+        "truncations exposing a crashed flusher cycle's copies went unnoticed in 200 seeds"
     );
 }

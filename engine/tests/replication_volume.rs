@@ -428,3 +428,104 @@ fn volume_replica_is_rebuilt_after_its_wal_was_released() {
             .any(|r| matches!(r, Report::MemberInSync { .. }))
     );
 }
+
+/// A replica volume in the state a crash inside a flusher cycle leaves: LSNs 1-3 (LBAs 5,
+/// 7, 9, epoch 1) durable, checkpoint 1, and the extent already holding LSN 3's data for
+/// LBA 9. With `history` the WAL keeps everything from LSN 1 (a retention floor).
+fn crashed_inside_a_flusher_cycle(history: bool) -> Arc<Volume> {
+    let opts = CreateOptions {
+        size_bytes: 1 << 20,
+        block_size: BS as u32,
+        wal_size_bytes: 1 << 20,
+        epoch: Epoch(1),
+        ..CreateOptions::default()
+    };
+    let cfg = VolumeConfig {
+        flush_interval_ms: 3_600_000,
+        ..VolumeConfig::default()
+    };
+    for fail_after in 0..16 {
+        let disk = SimDisk::new("old-primary");
+        let v = Volume::create(Box::new(disk.clone()), opts.clone(), cfg.clone()).unwrap();
+        v.append_replicated(&entry(1, 5, 5)).unwrap();
+        v.flush().unwrap();
+        if history {
+            // Setting a floor kicks the background flusher: let that cycle (the
+            // checkpoint at 1) finish now, so it cannot run in the middle of the test.
+            v.set_retention_floor(Some(Lsn(1)));
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+            while v.stats().flusher_cycles == 0 {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the kicked flusher never ran"
+                );
+                std::thread::yield_now();
+            }
+        } else {
+            v.checkpoint().unwrap();
+        }
+        assert_eq!(v.checkpoint_lsn(), Lsn(1));
+        v.append_replicated(&entry(2, 7, 7)).unwrap();
+        v.append_replicated(&entry(3, 9, 9)).unwrap();
+        v.flush().unwrap();
+        disk.set_faults(engine::FaultPlan {
+            fail_writes_after: Some(fail_after),
+            ..engine::FaultPlan::default()
+        });
+        let _ = v.checkpoint();
+        let after = disk.crash(engine::CrashMode::DropUnsynced, 0);
+        drop(v);
+        let (a, b) = (after.peek(0, 4096), after.peek(4096, 4096));
+        let ext = engine::superblock::choose("t", &a, &b)
+            .unwrap()
+            .extent_offset;
+        let v = Volume::open(Box::new(after.clone()), cfg.clone()).unwrap();
+        if v.checkpoint_lsn() == Lsn(1)
+            && v.head_lsn() == Lsn(3)
+            && after.peek(ext + 9 * BS as u64, 1) == [9]
+        {
+            return Arc::new(v);
+        }
+    }
+    panic!("no fault point left the extent ahead of the checkpoint");
+}
+
+/// An old primary killed inside a flusher cycle rejoins behind the new primary (which
+/// never had its LSN 3) and is told to truncate after LSN 2. It must end up identical to
+/// the primary: by restoring the blocks from its WAL history, or, without that history,
+/// by refusing the truncation and being rebuilt. It must never keep LSN 3's data.
+#[test]
+fn replica_crashed_inside_a_flusher_cycle_is_truncated_or_rebuilt_never_divergent() {
+    for history in [true, false] {
+        let mut c = Cluster::new(1, cfg());
+        c.reps[0].2 = false;
+        c.reps[0].1 = VolumeLog::new(crashed_inside_a_flusher_cycle(history));
+        c.write(5, 5);
+        c.write(7, 7);
+        c.tick(1);
+        c.reps[0].2 = true;
+        for _ in 0..10 {
+            c.tick(20);
+        }
+        if !history {
+            assert_eq!(
+                c.state(0),
+                ReplicaState::NeedsRebuild,
+                "the truncation the replica cannot make safely was not escalated"
+            );
+            // The control plane drops it from the committed set and asks for a rebuild.
+            c.input(Input::InSyncSetCommitted {
+                generation: Generation(2),
+                members: vec![rid("p")],
+            });
+            c.input(Input::RebuildRequested(rid("r0")));
+            for _ in 0..10 {
+                c.tick(20);
+            }
+        }
+        assert_eq!(c.state(0), ReplicaState::InSync, "history {history}");
+        c.assert_same_content(0, 0..16);
+        let f = c.flush();
+        assert!(c.acked.contains(&f), "history {history}");
+    }
+}

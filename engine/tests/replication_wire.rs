@@ -105,6 +105,11 @@ fn all_messages() -> Vec<Message> {
             current_epoch: Epoch(7),
             detail: "expected 5, got 7".into(),
         }),
+        vm(Body::Error {
+            code: ErrorCode::UnknownVolume,
+            current_epoch: Epoch(0),
+            detail: "volume pvc-1 is not hosted on node-b".into(),
+        }),
     ]
     .into_iter()
     .chain(forward_messages())

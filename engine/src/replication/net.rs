@@ -3,11 +3,17 @@
 //! authenticated connection); a primary driver runs one `PrimaryCore` per volume over the node's
 //! `Transport` (one data and one control connection per peer, shared by all volumes). Every connection authenticates (HMAC challenge-response)
 //! before any volume message is read; a malformed frame closes that connection with a logged
-//! reason and nothing from it is applied. Queues are bounded; a full send queue ends the
+//! reason and nothing from it is applied. A well-formed message for a volume the receiver
+//! does not host ends only that volume's session (`UnknownVolume`): the shared connection
+//! and the other volumes on it carry on. Queues are bounded; a full send queue ends the
 //! session (the core recovers by catch-up) instead of growing memory.
 //!
 //! The append observer hands entries to the driver without blocking the writer; if its
-//! queue is full the driver re-reads the missing entries from the WAL, in order.
+//! queue is full the driver re-reads the missing entries from the WAL, in order. Entries
+//! the WAL recycled before they were re-read are reported to the core
+//! (`Input::AppendsLost`), which escalates every replica to a rebuild; a FLUSH is
+//! requested at the volume's head, so it is never acknowledged for entries that were not
+//! shipped.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -32,8 +38,8 @@ use super::storage::ReplicaLog;
 use super::types::{Epoch, Generation, Lsn, ReplicaId, VolumeId, WalEntry};
 use super::volume_log::VolumeLog;
 use super::wire::{
-    Body, ClientAuth, ForwardMsg, ForwardStatus, FrameDecoder, Message, NONCE_BYTES, ServerAuth,
-    VolumeMsg, WireConfig, WireError, encode_frame,
+    Body, ClientAuth, ErrorCode, ForwardMsg, ForwardStatus, FrameDecoder, Message, NONCE_BYTES,
+    ServerAuth, VolumeMsg, WireConfig, WireError, encode_frame,
 };
 use crate::volume::Volume;
 
@@ -303,6 +309,43 @@ impl ServerShared {
         }
     }
 
+    /// A message for a volume not hosted here ends that volume's session only: a request
+    /// that awaits an answer (handshake, truncation, rebuild start, barrier, heartbeat) is
+    /// answered `UnknownVolume`, and the primary retries the session later. Entries and
+    /// base blocks are dropped without an answer (they belong to a session that will
+    /// hear `UnknownVolume` at its next barrier or heartbeat), so a primary streaming
+    /// to a volume that was just removed here cannot make this side queue one error per
+    /// entry. The connection stays open for every other volume on it.
+    fn unknown_volume(&self, conn: ConnId, node: &str, msg: VolumeMsg) {
+        let awaits_answer = matches!(
+            msg.body,
+            Body::ResumeRequest { .. }
+                | Body::Truncate { .. }
+                | Body::RebuildStart { .. }
+                | Body::BarrierRequest { .. }
+                | Body::Heartbeat { .. }
+        );
+        if !awaits_answer {
+            return;
+        }
+        tracing::debug!(node = %self.cfg.node_name, peer = %node, volume = %msg.volume, "message for a volume not hosted here; answering UnknownVolume");
+        let reply = VolumeMsg {
+            volume: msg.volume.clone(),
+            // No epoch is known here for this volume; echoing the sender's keeps the
+            // answer from fencing it or looking stale.
+            epoch: msg.epoch,
+            body: Body::Error {
+                code: ErrorCode::UnknownVolume,
+                current_epoch: Epoch(0),
+                detail: format!(
+                    "volume {} is not hosted on {}",
+                    msg.volume, self.cfg.node_name
+                ),
+            },
+        };
+        self.route(vec![ReceiverAction::Send { conn, msg: reply }]);
+    }
+
     fn step(&self, hosted: &Arc<Mutex<Hosted>>, input: ReceiverInput) {
         let now = self.now_ms();
         // An entry that fits in the WAL is one page-cache write: it runs inline, since
@@ -404,8 +447,8 @@ impl ReceiverServer {
     }
 
     /// Stops serving volume `id` (it became primary here, or was deleted). Messages for it
-    /// that arrive later are treated like those for any unknown volume. Returns whether it
-    /// was hosted.
+    /// that arrive later are answered like those for any unknown volume (`UnknownVolume`,
+    /// connection kept). Returns whether it was hosted.
     pub fn unhost(&self, id: &VolumeId) -> bool {
         lock(&self.shared.volumes).remove(id).is_some()
     }
@@ -549,10 +592,7 @@ async fn serve_conn(s: Arc<ServerShared>, stream: TcpStream, peer: SocketAddr) {
                     let hosted = lock(&s2.volumes).get(&msg.volume).cloned();
                     match hosted {
                         Some(h) => s2.step(&h, ReceiverInput::Received { conn, msg }),
-                        None => {
-                            s2.reject(format!("peer {peer} sent to unknown volume {}", msg.volume));
-                            break;
-                        }
+                        None => s2.unknown_volume(conn, &node, msg),
                     }
                 }
                 Ok(Message::Auth(_)) => {
@@ -1016,22 +1056,39 @@ impl Driver {
         self.start.elapsed().as_millis() as u64
     }
 
-    /// Feeds entries the observer could not queue, re-read from the WAL in order.
+    /// Feeds entries the observer could not queue, re-read from the WAL in order. Entries
+    /// already recycled are reported as lost (the core escalates every replica and
+    /// resumes after them); any other read error is retried at the next tick.
     fn resync(&mut self) {
         if !self.overflow.swap(false, Ordering::AcqRel) && self.log.head_lsn() <= self.core.head() {
             return;
         }
         loop {
-            let from = self.core.head().next();
+            let head = self.core.head();
+            let from = head.next();
             if from > self.log.head_lsn() {
                 break;
             }
-            let batch = match self.log.scan_from(from, 1024) {
-                Ok(b) if !b.is_empty() => b,
-                _ => break,
-            };
-            for e in batch {
-                self.step(Input::Appended(e));
+            match self.log.scan_from(from, 1024) {
+                Ok(batch) if !batch.is_empty() => {
+                    for e in batch {
+                        self.step(Input::Appended(e));
+                    }
+                }
+                Ok(_) => break,
+                Err(super::Error::Recycled { retained_start, .. }) => {
+                    self.step(Input::AppendsLost {
+                        resume_after: Lsn(retained_start.0.saturating_sub(1)),
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(volume = %self.volume, %from, error = %e, "re-reading appended entries failed; retrying");
+                    break;
+                }
+            }
+            if self.core.head() <= head {
+                // Fenced, failed, or nothing moved: stop rather than spin.
+                break;
             }
         }
     }

@@ -156,6 +156,14 @@ pub enum Input {
     RebuildRequested(ReplicaId),
     /// The control plane re-asserted this primary with a newer epoch (already persisted).
     EpochChanged(Epoch),
+    /// The shell lost appended entries after [`PrimaryCore::head`]: the log recycled
+    /// them before they could be re-read (the append queue overflowed while nothing
+    /// pinned the WAL). They can never be shipped, so every sender that could still
+    /// receive entries is escalated to NeedsRebuild, and the head moves to
+    /// `resume_after`, from which the shell feeds entries again.
+    AppendsLost {
+        resume_after: Lsn,
+    },
     /// Flushes up to `lsn` were acknowledged by the local fsync alone while
     /// [`PrimaryCore::gate_is_local_only`] held. Raises the ack high-water mark, so no
     /// member is granted InSync later without everything acknowledged that way.
@@ -497,9 +505,12 @@ impl PrimaryCore {
             } => self.on_committed(generation, members, log),
             Input::Appended(e) => self.on_appended(e),
             Input::FlushRequested(id) => {
+                // The volume's head, not this core's: a flush covers every write
+                // acknowledged before it, including entries this core has not been
+                // handed yet (or lost), so it can never be acknowledged without them.
                 self.pending.push_back(PendingFlush {
                     id,
-                    lsn: self.head,
+                    lsn: self.head.max(log.head_lsn()),
                     at_ms: self.now,
                 });
                 self.request_local_fsync();
@@ -523,6 +534,7 @@ impl PrimaryCore {
             Input::RebuildRequested(id) => self.on_rebuild_requested(id, log),
             Input::EpochChanged(e) => self.on_epoch_changed(e, log),
             Input::AckedLocally { lsn } => self.acked_high = self.acked_high.max(lsn),
+            Input::AppendsLost { resume_after } => self.on_appends_lost(resume_after, log),
         }
         if self.fenced.is_none() && !self.disk_failed {
             self.evaluate_gate();
@@ -587,10 +599,17 @@ impl PrimaryCore {
         let Some(want) = self.pending.back().map(|f| f.lsn) else {
             return;
         };
+        // A barrier above this core's head cannot be answered with more than the head:
+        // while a flush waits for entries still on their way, `on_appended` asks again.
         let ids: Vec<ReplicaId> = self.senders.keys().cloned().collect();
         for id in ids {
             let need = self.senders.get(&id).is_some_and(|s| {
-                s.live && s.conn_up && s.barrier.is_none() && s.exec.is_none() && s.flushed < want
+                s.live
+                    && s.conn_up
+                    && s.barrier.is_none()
+                    && s.exec.is_none()
+                    && s.flushed < want
+                    && s.flushed < self.head
             });
             if need {
                 self.send_barrier(&id, self.head);
@@ -948,20 +967,7 @@ impl PrimaryCore {
         let was_catchup = matches!(s.exec, Some(Exec::CatchUp(_)));
         tracing::info!(volume = %self.volume, replica = %id, ?state, reason, "replica session failed");
         if state == ReplicaState::Rebuilding {
-            // Keep the plan; drop only the connection and retry after backoff.
-            let backoff = self.now.saturating_add(self.cfg.reconnect_backoff_ms);
-            if let Some(s) = self.senders.get_mut(id) {
-                if let Some(c) = s.conn.take() {
-                    self.out.push(Action::Close {
-                        conn: c,
-                        reason: reason.to_string(),
-                    });
-                }
-                s.conn_up = false;
-                s.live = false;
-                s.barrier = None;
-                s.next_connect_ms = backoff;
-            }
+            self.drop_rebuild_conn(id, reason);
             return;
         }
         self.invalidate_session(id, reason, log);
@@ -978,6 +984,49 @@ impl PrimaryCore {
         if escalate {
             self.escalate(id, "catch-up failed catchup_retries_max times", log);
         } else if state != ReplicaState::NeedsRebuild {
+            self.set_state(id, ReplicaState::Degraded);
+        }
+    }
+
+    /// A rebuilding replica's connection failed: keep the plan, drop only the
+    /// connection, and retry after backoff.
+    fn drop_rebuild_conn(&mut self, id: &ReplicaId, reason: &str) {
+        let backoff = self.now.saturating_add(self.cfg.reconnect_backoff_ms);
+        if let Some(s) = self.senders.get_mut(id) {
+            if let Some(c) = s.conn.take() {
+                self.out.push(Action::Close {
+                    conn: c,
+                    reason: reason.to_string(),
+                });
+            }
+            s.conn_up = false;
+            s.live = false;
+            s.barrier = None;
+            s.next_connect_ms = backoff;
+        }
+    }
+
+    /// The replica's node hosts no replica of this volume yet (its agent is still
+    /// creating or opening it) or any more. Ends this session only and retries after
+    /// `reconnect_backoff_ms`; it is not a catch-up failure (the replica's data was never
+    /// reached) and a rebuild keeps its plan.
+    fn replica_not_hosted(&mut self, id: &ReplicaId, detail: &str, log: &mut dyn ReplicaLog) {
+        let Some(s) = self.senders.get(id) else {
+            return;
+        };
+        let state = s.state;
+        tracing::info!(volume = %self.volume, replica = %id, ?state, detail, "replica not hosted on its node; retrying later");
+        let reason = "replica not hosted on its node";
+        if state == ReplicaState::Rebuilding {
+            self.drop_rebuild_conn(id, reason);
+            return;
+        }
+        self.invalidate_session(id, reason, log);
+        let backoff = self.now.saturating_add(self.cfg.reconnect_backoff_ms);
+        if let Some(s) = self.senders.get_mut(id) {
+            s.next_connect_ms = backoff;
+        }
+        if state != ReplicaState::NeedsRebuild {
             self.set_state(id, ReplicaState::Degraded);
         }
     }
@@ -1018,6 +1067,16 @@ impl PrimaryCore {
         };
         if msg.volume != self.volume {
             self.fail_sender(&id, "message for another volume", log);
+            return;
+        }
+        if let Body::Error {
+            code: ErrorCode::UnknownVolume,
+            detail,
+            ..
+        } = &msg.body
+        {
+            // Says nothing about epochs: the receiver has no replica of this volume.
+            self.replica_not_hosted(&id, detail, log);
             return;
         }
         if msg.epoch > self.epoch {
@@ -1462,7 +1521,32 @@ impl PrimaryCore {
         for c in targets {
             self.send(c, Body::Entry(e.clone()));
         }
+        if !self.pending.is_empty() {
+            self.request_barriers();
+        }
         self.request_background_barriers();
+    }
+
+    fn on_appends_lost(&mut self, resume_after: Lsn, log: &mut dyn ReplicaLog) {
+        if resume_after <= self.head {
+            return;
+        }
+        tracing::error!(volume = %self.volume, head = %self.head, %resume_after, "appended entries were recycled before they could be shipped; every replica needs a rebuild");
+        let ids: Vec<ReplicaId> = self
+            .senders
+            .values()
+            .filter(|s| s.state != ReplicaState::NeedsRebuild)
+            .map(|s| s.id.clone())
+            .collect();
+        for id in ids {
+            self.escalate(
+                &id,
+                "entries it lacks were recycled before they could be shipped",
+                log,
+            );
+        }
+        self.head = resume_after;
+        self.bytes.push_back((resume_after, self.bytes_total));
     }
 
     // ----- time -------------------------------------------------------------------------

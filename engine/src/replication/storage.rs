@@ -133,6 +133,15 @@ pub struct MemLog {
     pub fail_next_sync: bool,
     /// Fault injection: `pin_base` fails.
     pub fail_pin_base: bool,
+    /// Modelled extent ahead of the checkpoint: after a power loss inside a flusher
+    /// cycle, the blocks entries in (checkpoint, copied] wrote (`None` = zeros), which the
+    /// extent holds although the checkpoint does not cover them. Empty, with `copied` =
+    /// checkpoint, while the extent is exactly the checkpoint's state.
+    ahead: BTreeMap<Lba, Option<Vec<u8>>>,
+    copied: Lsn,
+    /// Test-only: truncate without restoring the blocks in `ahead` (lets the simulation
+    /// prove its checker catches resurrected writes). Never set in production.
+    pub test_knob_skip_extent_repair: bool,
 }
 
 impl MemLog {
@@ -185,15 +194,62 @@ impl MemLog {
     pub fn power_loss(&mut self) {
         self.reopened_at = Some(self.epoch);
         if self.rebuilding {
-            let epoch = self.epoch;
+            let (epoch, knob) = (self.epoch, self.test_knob_skip_extent_repair);
             *self = MemLog::new();
             self.epoch = epoch;
             self.reopened_at = Some(epoch);
+            self.test_knob_skip_extent_repair = knob;
             return;
         }
         let keep = usize::try_from(self.durable.0 - self.origin.0).unwrap_or(usize::MAX);
         self.entries.truncate(keep);
         self.pins.clear();
+    }
+
+    /// Power loss inside a flusher cycle: the cycle had made the log durable up to its
+    /// head, copied every entry past the checkpoint into the extent and synced it, but
+    /// not yet persisted the new checkpoint.
+    pub fn power_loss_inside_flush_cycle(&mut self) {
+        if !self.rebuilding {
+            self.durable = self.head_lsn();
+        }
+        if !self.rebuilding && self.durable > self.checkpoint {
+            let (from, to) = (self.checkpoint, self.durable);
+            let copied: Vec<WalEntry> = self
+                .entries
+                .iter()
+                .filter(|e| e.lsn > from && e.lsn <= to)
+                .cloned()
+                .collect();
+            for e in &copied {
+                apply_ahead(&mut self.ahead, e);
+            }
+            self.copied = self.copied.max(to);
+        }
+        self.power_loss();
+    }
+
+    /// Highest LSN the modelled extent may hold (>= the checkpoint after a completed
+    /// flusher cycle; higher after a power loss inside one).
+    pub fn copied_lsn(&self) -> Lsn {
+        self.copied.max(self.checkpoint)
+    }
+
+    /// What a volume reads: the extent (the checkpoint's state, with the blocks in
+    /// `ahead` over it) with every entry after the checkpoint over that. Equals
+    /// `state_at(head)` unless a truncation resurrected dropped writes.
+    pub fn visible_state(&self) -> BTreeMap<Lba, Vec<u8>> {
+        let mut s = self.state_at(self.checkpoint);
+        for (lba, v) in &self.ahead {
+            match v {
+                Some(d) => s.insert(*lba, d.clone()),
+                None => s.remove(lba),
+            };
+        }
+        for e in self.entries.iter().filter(|e| e.lsn > self.checkpoint) {
+            apply(&mut s, e);
+        }
+        s
     }
 
     /// The flusher: moves the checkpoint to the durable point and recycles WAL entries
@@ -203,6 +259,11 @@ impl MemLog {
             return;
         }
         self.checkpoint = self.checkpoint.max(self.durable);
+        if self.checkpoint >= self.copied {
+            // A completed cycle copies everything up to the checkpoint.
+            self.ahead.clear();
+            self.copied = self.checkpoint;
+        }
         let mut start = self.checkpoint.next();
         if let Some(f) = self.floor {
             start = start.min(f.max(Lsn(1)));
@@ -220,6 +281,61 @@ impl MemLog {
             apply(&mut s, e);
         }
         s
+    }
+}
+
+impl MemLog {
+    /// Mirrors `Volume::truncate_after`: a block in `ahead` that only dropped entries
+    /// wrote since the checkpoint gets the checkpoint's content back if the retained WAL
+    /// knows it (a retained entry at or below the checkpoint wrote it, or the WAL holds
+    /// the whole history); otherwise the truncation is refused and nothing changes.
+    fn restore_ahead_before_truncation(&mut self, lsn: Lsn) -> Result<()> {
+        let written = |from: Lsn, to: Lsn, lba: Lba| {
+            self.entries.iter().any(|e| {
+                e.lsn > from
+                    && e.lsn <= to
+                    && lba >= e.lba
+                    && lba.0 < e.lba.0.saturating_add(u64::from(e.blocks.max(1)))
+            })
+        };
+        let whole_history = self.origin == Lsn(0) && self.retained_start <= Lsn(1);
+        let retained_below = Lsn(self.retained_start.0.saturating_sub(1));
+        let mut restore = Vec::new();
+        for lba in self.ahead.keys() {
+            if written(self.checkpoint, lsn, *lba) {
+                continue; // the kept entries still cover it
+            }
+            if !whole_history && !written(retained_below, self.checkpoint, *lba) {
+                return Err(Error::TruncateBelowCheckpoint {
+                    lsn,
+                    checkpoint: self.copied,
+                });
+            }
+            restore.push(*lba);
+        }
+        for lba in restore {
+            self.ahead.remove(&lba);
+        }
+        self.copied = lsn;
+        Ok(())
+    }
+}
+
+fn apply_ahead(ahead: &mut BTreeMap<Lba, Option<Vec<u8>>>, e: &WalEntry) {
+    match e.kind {
+        EntryKind::Write => {
+            let blocks = e.blocks.max(1) as usize;
+            let bs = (e.data.len() / blocks).max(1);
+            for (i, chunk) in e.data.chunks(bs).enumerate() {
+                ahead.insert(Lba(e.lba.0 + i as u64), Some(chunk.to_vec()));
+            }
+        }
+        EntryKind::Trim | EntryKind::Zero => {
+            for i in 0..u64::from(e.blocks) {
+                ahead.insert(Lba(e.lba.0.saturating_add(i)), None);
+            }
+        }
+        EntryKind::Padding => {}
     }
 }
 
@@ -309,6 +425,9 @@ impl ReplicaLog for MemLog {
         if lsn >= self.head_lsn() {
             return Ok(());
         }
+        if self.copied > lsn && !self.test_knob_skip_extent_repair {
+            self.restore_ahead_before_truncation(lsn)?;
+        }
         let keep = usize::try_from(lsn.0 - self.origin.0).unwrap_or(usize::MAX);
         self.entries.truncate(keep);
         self.durable = self.durable.min(lsn);
@@ -371,10 +490,12 @@ impl ReplicaLog for MemLog {
         self.pins.remove(&pin.id);
     }
     fn begin_rebuild(&mut self) -> Result<()> {
+        let knob = self.test_knob_skip_extent_repair;
         let epoch = self.epoch;
         *self = MemLog::new();
         self.epoch = epoch;
         self.rebuilding = true;
+        self.test_knob_skip_extent_repair = knob;
         Ok(())
     }
     fn install_base_block(&mut self, lba: Lba, data: &[u8]) -> Result<()> {
@@ -394,6 +515,7 @@ impl ReplicaLog for MemLog {
         self.entries.clear();
         self.durable = base_lsn;
         self.checkpoint = base_lsn;
+        self.copied = base_lsn;
         self.retained_start = base_lsn.next();
         self.rebuilding = false;
         Ok(())

@@ -42,6 +42,13 @@ fn map(e: crate::Error) -> Error {
         crate::Error::TruncationUnsafe { lsn, checkpoint } => {
             Error::TruncateBelowCheckpoint { lsn, checkpoint }
         }
+        // Refused like a truncation below the checkpoint: the primary rebuilds the replica.
+        crate::Error::TruncationNeedsRebuild { lsn, copied, .. } => {
+            Error::TruncateBelowCheckpoint {
+                lsn,
+                checkpoint: copied,
+            }
+        }
         other => Error::Storage(other.to_string()),
     }
 }

@@ -3,6 +3,12 @@
 //! challenge-response peer authentication that must complete before any data is accepted.
 //! The decoder bounds every length and never panics; a bad frame is an error naming the
 //! problem, and the connection that sent it is closed.
+//!
+//! Version 1 grows only by additions: a new message type or error code gets a fresh
+//! number and changes nothing else. A peer built before an addition fails to decode it
+//! and closes that connection (the behaviour it had before the addition), so mixed
+//! builds degrade to the older behaviour and never misread a frame. `UnknownVolume`
+//! (error code 8) is such an addition.
 
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
@@ -98,6 +104,10 @@ pub enum ErrorCode {
     TruncateRefused = 5,
     RebuildFailed = 6,
     Malformed = 7,
+    /// The receiver hosts no replica of the named volume (not created or opened yet,
+    /// deleted, or promoted here). Only that volume's session ends; the connection and
+    /// every other volume on it are untouched, and the primary retries later.
+    UnknownVolume = 8,
 }
 
 /// Per-volume message bodies.
@@ -847,6 +857,7 @@ fn error_code(v: u8) -> Result<ErrorCode, WireError> {
         5 => ErrorCode::TruncateRefused,
         6 => ErrorCode::RebuildFailed,
         7 => ErrorCode::Malformed,
+        8 => ErrorCode::UnknownVolume,
         _ => {
             return Err(WireError::InvalidField {
                 field: "error.code",
