@@ -323,6 +323,44 @@ impl Cluster {
         .await
     }
 
+    /// Ends a scenario: once three members are in sync again (the load has ended with a
+    /// flush), every replica holds the same blocks. Stops the agents (SIGKILL; the page
+    /// cache keeps what they wrote) and reads each replica's file, so divergence that
+    /// the checker cannot see through one primary (a member holding entries another
+    /// lacks, an extent resurrected under a truncation) fails the scenario.
+    async fn assert_replicas_identical(&mut self) {
+        self.healthy(0).await;
+        let ids: Vec<(String, String)> = self
+            .replicas()
+            .await
+            .into_iter()
+            .filter(|r| r.metadata.deletion_timestamp.is_none())
+            .map(|r| (r.spec.node.clone(), r.name_any()))
+            .collect();
+        for a in &mut self.tc.agents {
+            a.kill();
+        }
+        let blocks: Vec<Vec<u8>> = ids
+            .iter()
+            .map(|(node, id)| replica_blocks(self, node, VOLUME, id))
+            .collect();
+        for (i, b) in blocks.iter().enumerate().skip(1) {
+            if let Some(at) = b.iter().zip(&blocks[0]).position(|(x, y)| x != y) {
+                panic!(
+                    "replica {} differs from {} at byte {at} (block {})",
+                    ids[i].1,
+                    ids[0].1,
+                    at / 4096
+                );
+            }
+        }
+        println!(
+            "{} replicas identical over {} blocks",
+            blocks.len(),
+            CHECK_LBAS
+        );
+    }
+
     /// A primary other than `old` Serving at an epoch above `epoch`.
     async fn promoted(&self, old_primary: &str, epoch: u64) -> BlockVolumeStatus {
         wait_for(
@@ -555,6 +593,7 @@ async fn primary_agent_sigkill_under_load_loses_no_acknowledged_write() {
     // A final read of everything after the last rejoin.
     let node = st.primary_node.clone().expect("primary node");
     verify_clean(&ck, &c.target(&node), &mut tally, "after the last rejoin").await;
+    c.assert_replicas_identical().await;
     tally.print("primary-sigkill", seed);
 }
 
@@ -708,6 +747,7 @@ async fn whole_cluster_sigkill_and_restart_loses_no_acknowledged_write() {
         verify_clean(&ck, &c.target(&node), &mut tally, &format!("trial {trial}")).await;
         tally.trials += 1;
     }
+    c.assert_replicas_identical().await;
     tally.print("whole-cluster-sigkill", seed);
 }
 
@@ -756,6 +796,7 @@ async fn operator_killed_during_failover_completes_it_after_restart() {
         assert_eq!(st.epoch, new.epoch, "the rejoin bumped no epoch");
         tally.trials += 1;
     }
+    c.assert_replicas_identical().await;
     tally.print("operator-sigkill-during-failover", seed);
 }
 
@@ -804,6 +845,7 @@ async fn two_operators_bump_the_epoch_once_per_failover() {
     let want: Vec<u64> = (first_epoch..=first_epoch + tally.trials).collect();
     assert_eq!(seen, want, "epochs the volume showed, in order");
     println!("epochs seen: {seen:?}");
+    c.assert_replicas_identical().await;
     tally.print("two-operators", seed);
 }
 
@@ -882,6 +924,7 @@ async fn replica_agent_sigkill_catches_up_or_is_rebuilt_without_loss() {
             tally.trials += 1;
         }
     }
+    c.assert_replicas_identical().await;
     tally.print("replica-sigkill", seed);
 }
 
@@ -954,6 +997,7 @@ async fn primary_partitioned_from_replicas_acks_only_what_the_committed_set_hold
         }
     }
     assert!(rules_tagged(IPTABLES_TAG).expect("iptables -S").is_empty());
+    c.assert_replicas_identical().await;
     tally.print("partition-primary-replicas", seed);
 }
 
@@ -1025,6 +1069,7 @@ async fn primary_cut_from_api_server_acks_nothing_after_its_successor_is_promote
         tally.trials += 1;
     }
     assert!(rules_tagged(IPTABLES_TAG).expect("iptables -S").is_empty());
+    c.assert_replicas_identical().await;
     tally.print("partition-primary-apiserver", seed);
 }
 
@@ -1125,6 +1170,7 @@ async fn api_server_outage_keeps_io_going_without_a_failover() {
     tally.trials += 1;
     tally.writes_durable = ck.ledger().durable_blocks();
     verify_clean(&ck, &target, &mut tally, "after the outage").await;
+    c.assert_replicas_identical().await;
     tally.print("api-server-outage", seed);
 }
 
@@ -1288,6 +1334,7 @@ async fn replica_storage_fault_is_reported_dropped_and_replaced(
             tally.trials += 1;
         }
     }
+    c.assert_replicas_identical().await;
     tally.print(scenario, seed);
 }
 
@@ -1403,6 +1450,7 @@ async fn primary_fsync_eio_acks_nothing_more_and_fails_over_without_loss() {
     }
     let node = st.primary_node.clone().expect("primary node");
     verify_clean(&ck, &c.target(&node), &mut tally, "after the last rejoin").await;
+    c.assert_replicas_identical().await;
     tally.print("primary-fsync-eio", seed);
 }
 
@@ -1678,32 +1726,6 @@ async fn replica_behind_a_slow_link_holds_only_sync_flushes_and_rebuilds_through
         tally.trials += 1;
     }
 
-    // Every replica holds the same blocks: stop the agents and read each file.
-    let ids: Vec<(String, String)> = c
-        .replicas()
-        .await
-        .into_iter()
-        .map(|r| (r.spec.node.clone(), r.name_any()))
-        .collect();
-    for a in &mut c.tc.agents {
-        a.kill();
-    }
-    let blocks: Vec<Vec<u8>> = ids
-        .iter()
-        .map(|(node, id)| replica_blocks(&c, node, VOLUME, id))
-        .collect();
-    for (i, b) in blocks.iter().enumerate().skip(1) {
-        assert!(
-            *b == blocks[0],
-            "replica {} differs from {} in the checked range",
-            ids[i].1,
-            ids[0].1
-        );
-    }
-    println!(
-        "{} replicas identical over {} blocks",
-        blocks.len(),
-        CHECK_LBAS
-    );
+    c.assert_replicas_identical().await;
     tally.print("slow-link", seed);
 }
