@@ -85,6 +85,33 @@ fn assignment(
     }
 }
 
+/// The primary's export on node `n`.
+fn export_of(n: &Node) -> Arc<dyn BlockBackend> {
+    n.runtime
+        .exports()
+        .get("vol")
+        .expect("export of the primary")
+        .backend()
+        .clone()
+}
+
+/// Replica r2 on `b` and primary r1 on `a` (shipping to r2), both applied at epoch 1.
+async fn primary_with_replica(dir: &Path, a: &Node, b: &Node) -> (Assignment, Assignment) {
+    let rb = assignment(&dir.join("b"), "r2", ReplicaRole::Replica, 1, None);
+    b.runtime.open(&rb).await.unwrap();
+    b.runtime.apply(&rb).await.unwrap();
+    let ra = assignment(
+        &dir.join("a"),
+        "r1",
+        ReplicaRole::Primary,
+        1,
+        Some(("r2", &b.address)),
+    );
+    a.runtime.open(&ra).await.unwrap();
+    a.runtime.apply(&ra).await.unwrap();
+    (ra, rb)
+}
+
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
     tokio::task::spawn_blocking(f).await.expect("blocking task")
 }
@@ -116,18 +143,7 @@ async fn until_serving(backend: &Arc<dyn BlockBackend>) {
 async fn primary_flush_reaches_the_replica_and_demotion_fences_the_export() {
     let dir = tempfile::tempdir().unwrap();
     let (a, b) = (node("a").await, node("b").await);
-    let rb = assignment(&dir.path().join("b"), "r2", ReplicaRole::Replica, 1, None);
-    b.runtime.open(&rb).await.unwrap();
-    b.runtime.apply(&rb).await.unwrap();
-    let ra = assignment(
-        &dir.path().join("a"),
-        "r1",
-        ReplicaRole::Primary,
-        1,
-        Some(("r2", &b.address)),
-    );
-    a.runtime.open(&ra).await.unwrap();
-    a.runtime.apply(&ra).await.unwrap();
+    let (ra, _) = primary_with_replica(dir.path(), &a, &b).await;
     a.runtime.apply(&ra).await.unwrap();
     assert_eq!(a.runtime.local_role("vol"), Some(ReplicaRole::Primary));
 
@@ -228,18 +244,7 @@ async fn primary_flush_reaches_the_replica_and_demotion_fences_the_export() {
 async fn graceful_demotion_drains_unflushed_writes_to_the_replica_before_stopping() {
     let dir = tempfile::tempdir().unwrap();
     let (a, b) = (node("a").await, node("b").await);
-    let rb = assignment(&dir.path().join("b"), "r2", ReplicaRole::Replica, 1, None);
-    b.runtime.open(&rb).await.unwrap();
-    b.runtime.apply(&rb).await.unwrap();
-    let ra = assignment(
-        &dir.path().join("a"),
-        "r1",
-        ReplicaRole::Primary,
-        1,
-        Some(("r2", &b.address)),
-    );
-    a.runtime.open(&ra).await.unwrap();
-    a.runtime.apply(&ra).await.unwrap();
+    let (ra, _) = primary_with_replica(dir.path(), &a, &b).await;
     let backend: Arc<dyn BlockBackend> = a.runtime.exports().get("vol").unwrap().backend().clone();
     let be = backend.clone();
     blocking(move || {
@@ -358,13 +363,7 @@ async fn a_flush_outliving_the_lease_is_acknowledged_only_on_a_proof() {
     );
     a.runtime.open(&ra).await.unwrap();
     a.runtime.apply(&ra).await.unwrap();
-    let backend: Arc<dyn BlockBackend> = a
-        .runtime
-        .exports()
-        .get("vol")
-        .expect("export of the primary")
-        .backend()
-        .clone();
+    let backend = export_of(&a);
     let flush = tokio::task::spawn_blocking(move || {
         backend.write(0, &[9u8; 4096]).expect("write");
         backend.flush()
@@ -421,25 +420,8 @@ async fn a_flush_outliving_the_lease_is_acknowledged_only_on_a_proof() {
 async fn without_lease_or_member_answers_the_primary_stops_and_the_promoted_one_waits() {
     let dir = tempfile::tempdir().unwrap();
     let (a, b) = (node("a").await, node("b").await);
-    let rb = assignment(&dir.path().join("b"), "r2", ReplicaRole::Replica, 1, None);
-    b.runtime.open(&rb).await.unwrap();
-    b.runtime.apply(&rb).await.unwrap();
-    let ra = assignment(
-        &dir.path().join("a"),
-        "r1",
-        ReplicaRole::Primary,
-        1,
-        Some(("r2", &b.address)),
-    );
-    a.runtime.open(&ra).await.unwrap();
-    a.runtime.apply(&ra).await.unwrap();
-    let old: Arc<dyn BlockBackend> = a
-        .runtime
-        .exports()
-        .get("vol")
-        .expect("export of the primary")
-        .backend()
-        .clone();
+    let (_, rb) = primary_with_replica(dir.path(), &a, &b).await;
+    let old = export_of(&a);
     let be = old.clone();
     blocking(move || {
         be.write(0, &[6u8; 4096]).expect("write");
@@ -531,13 +513,7 @@ async fn a_primary_the_api_no_longer_names_serves_no_reads() {
     let ra = assignment(dir.path(), "r1", ReplicaRole::Primary, 1, None);
     a.runtime.open(&ra).await.unwrap();
     a.runtime.apply(&ra).await.unwrap();
-    let backend: Arc<dyn BlockBackend> = a
-        .runtime
-        .exports()
-        .get("vol")
-        .expect("export of the primary")
-        .backend()
-        .clone();
+    let backend = export_of(&a);
     let be = backend.clone();
     blocking(move || {
         be.write(0, &[5u8; 4096]).expect("write");
@@ -586,13 +562,7 @@ async fn a_primary_assigned_a_newer_epoch_serves_once_it_applied_it() {
     let ra = assignment(dir.path(), "r1", ReplicaRole::Primary, 1, None);
     a.runtime.open(&ra).await.unwrap();
     a.runtime.apply(&ra).await.unwrap();
-    let backend: Arc<dyn BlockBackend> = a
-        .runtime
-        .exports()
-        .get("vol")
-        .expect("export of the primary")
-        .backend()
-        .clone();
+    let backend = export_of(&a);
     let newer = BTreeMap::from([("r1".to_string(), (ReplicaRole::Primary, 3))]);
     assert_eq!(a.runtime.fence_unassigned_primaries(&newer).await, 1);
     let be = backend.clone();
@@ -616,25 +586,8 @@ async fn a_primary_assigned_a_newer_epoch_serves_once_it_applied_it() {
 async fn a_primary_fenced_by_a_peer_serves_no_reads() {
     let dir = tempfile::tempdir().unwrap();
     let (a, b) = (node("a").await, node("b").await);
-    let rb = assignment(&dir.path().join("b"), "r2", ReplicaRole::Replica, 1, None);
-    b.runtime.open(&rb).await.unwrap();
-    b.runtime.apply(&rb).await.unwrap();
-    let ra = assignment(
-        &dir.path().join("a"),
-        "r1",
-        ReplicaRole::Primary,
-        1,
-        Some(("r2", &b.address)),
-    );
-    a.runtime.open(&ra).await.unwrap();
-    a.runtime.apply(&ra).await.unwrap();
-    let backend: Arc<dyn BlockBackend> = a
-        .runtime
-        .exports()
-        .get("vol")
-        .expect("export of the primary")
-        .backend()
-        .clone();
+    let (_, rb) = primary_with_replica(dir.path(), &a, &b).await;
+    let backend = export_of(&a);
     let be = backend.clone();
     blocking(move || {
         be.write(0, &[3u8; 4096]).expect("write");
