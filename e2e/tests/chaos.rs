@@ -1174,6 +1174,69 @@ async fn api_server_outage_keeps_io_going_without_a_failover() {
     tally.print("api-server-outage", seed);
 }
 
+/// Scenario 9b: the primary's agent dies (SIGKILL) while the API server is stopped. IO
+/// pauses: nobody can be promoted without the control plane. Once the API server is
+/// back, the operator promotes another member (one epoch bump, only after the outage),
+/// the new primary holds every acknowledged write, and the old one rejoins.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn primary_killed_during_an_api_server_outage_fails_over_once_it_is_back() {
+    let _serial = serial().await;
+    let seed = seed() ^ 98;
+    let mut c = Cluster::start(&[]).await;
+    c.start_operator("op-1");
+    c.create_volume().await;
+    let ck = checker(seed, 8);
+    let mut tally = Tally::default();
+    let st = c.healthy(1).await;
+    let epochs = EpochLog::start(&c.client());
+    let old_node = st.primary_node.clone().expect("primary node");
+    let old_primary = st.primary.clone().expect("primary");
+    let lease = Duration::from_secs(u64::from(AGENT_LEASE_S));
+    let apiserver = c
+        .tc
+        .control_plane
+        .daemon_pids()
+        .into_iter()
+        .find(|(name, _)| *name == "kube-apiserver")
+        .map(|(_, pid)| pid)
+        .expect("a local kube-apiserver");
+    let target = c.target(&old_node);
+    let paused = Paused::new(apiserver);
+    tally.faults += 1;
+    // Serving on the member proof after the Lease ran out...
+    load_until(&ck, &target, Instant::now() + lease * 2, "outage before the kill").await;
+    // ...until the primary dies; then nothing can take over.
+    let load = start_load(&ck, target.clone(), LOAD_WRITES_MAX);
+    flushes_reach(&ck, *ck.flush_progress().borrow() + 4).await;
+    c.kill_agent(&old_node);
+    let sum = load.await.expect("load task");
+    assert!(
+        !sum.stopped_by.is_empty(),
+        "the load went on although its primary was killed"
+    );
+    let resumed_at = Instant::now() + lease * 2;
+    tokio::time::sleep_until(resumed_at.into()).await;
+    drop(paused);
+    let new = c.promoted(&old_primary, st.epoch).await;
+    let promoted_after_resume = resumed_at.elapsed();
+    assert_eq!(new.epoch, st.epoch + 1, "one failover, one epoch bump");
+    let new_node = new.primary_node.clone().expect("new primary node");
+    verify_clean(&ck, &c.target(&new_node), &mut tally, "after the failover").await;
+    c.start_agent(&old_node);
+    let back = c.healthy(new.epoch).await;
+    assert_eq!(back.epoch, new.epoch, "the rejoin bumped no epoch");
+    let seen = epochs.seen();
+    assert_eq!(seen, vec![st.epoch, new.epoch], "epochs the volume showed");
+    println!(
+        "primary on {old_node} killed during the outage; promoted on {new_node} {} ms after the API server came back",
+        promoted_after_resume.as_millis()
+    );
+    tally.trials += 1;
+    tally.writes_durable = ck.ledger().durable_blocks();
+    c.assert_replicas_identical().await;
+    tally.print("api-server-outage-primary-killed", seed);
+}
+
 /// A disk fault of scenarios 5 and 7.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum StorageFault {

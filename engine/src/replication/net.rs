@@ -1161,6 +1161,10 @@ impl Driver {
         } else {
             tokio::task::block_in_place(|| self.core.step(now, input, &mut self.log))
         };
+        // Before any reply goes out: a flush acknowledged by this step is checked
+        // against the proof this step established (a commit that left the primary alone
+        // in its set), not the one before it.
+        self.proof.publish(self.core.member_proof_ms());
         for e in self.core.take_events() {
             if self.events.len() >= self.cfg.events_kept_max {
                 self.events.pop_front();
