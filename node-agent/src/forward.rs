@@ -45,8 +45,8 @@ use std::time::{Duration, Instant};
 use engine::Epoch;
 use engine::replication::wire::FORWARD_DATA_BYTES_MAX;
 use engine::replication::{
-    ForwardClient, ForwardHandler, ForwardOp, ForwardOutcome, ForwardPayload, ForwardStatus,
-    NetConfig, VolumeId,
+    ForwardClient, ForwardHandler, ForwardOp, ForwardOutcome, ForwardPayload, ForwardSource,
+    ForwardStatus, NetConfig, VolumeId,
 };
 use futures::future::BoxFuture;
 
@@ -133,8 +133,8 @@ pub struct LocalPath {
 enum RouteClient {
     /// The primary's data port on another node (or ours, when no local primary serves).
     Tcp(Arc<ForwardClient>),
-    /// This node's primary, called in process.
-    Local(Arc<dyn LocalExecutor>),
+    /// This node's primary, called in process (as a request from this node).
+    Local(Arc<dyn LocalExecutor>, String),
 }
 
 impl RouteClient {
@@ -147,7 +147,8 @@ impl RouteClient {
     ) -> Result<ForwardOutcome, String> {
         match self {
             RouteClient::Tcp(c) => c.call(volume, epoch, op).await.map_err(|e| e.to_string()),
-            RouteClient::Local(h) => {
+            RouteClient::Local(h, node) => {
+                let from = ForwardSource::in_process(node);
                 // The handler is synchronous and may block on fsync and replication
                 // barriers: keep it off the runtime's workers. NBD requests arrive on
                 // blocking-pool threads, where `block_in_place` runs it right there
@@ -155,11 +156,13 @@ impl RouteClient {
                 // a blocking task.
                 let flavor = tokio::runtime::Handle::current().runtime_flavor();
                 if flavor == tokio::runtime::RuntimeFlavor::MultiThread {
-                    return Ok(tokio::task::block_in_place(|| h.handle(volume, epoch, op)));
+                    return Ok(tokio::task::block_in_place(|| {
+                        h.handle(&from, volume, epoch, op)
+                    }));
                 }
                 let h = h.clone();
                 let volume = volume.clone();
-                tokio::task::spawn_blocking(move || h.handle(&volume, epoch, op))
+                tokio::task::spawn_blocking(move || h.handle(&from, &volume, epoch, op))
                     .await
                     .map_err(|e| format!("local primary call: {e}"))
             }
@@ -170,7 +173,7 @@ impl RouteClient {
     fn path(&self) -> &'static str {
         match self {
             RouteClient::Tcp(_) => "data-port",
-            RouteClient::Local(_) => "in-process",
+            RouteClient::Local(..) => "in-process",
         }
     }
 }
@@ -422,7 +425,7 @@ impl Inner {
             .map_err(|e| e.to_string())?;
         let client = match &self.local {
             Some(l) if l.node == target.node && l.primaries.serves(self.volume.as_str()) => {
-                RouteClient::Local(l.primaries.clone())
+                RouteClient::Local(l.primaries.clone(), l.node.clone())
             }
             _ => RouteClient::Tcp(Arc::new(
                 ForwardClient::connect(target.addr, &self.net, self.settings.request_timeout_ms)
@@ -535,7 +538,7 @@ impl ForwardingBackend {
     pub async fn is_local(&self) -> bool {
         matches!(
             self.inner.route.read().await.client.as_deref(),
-            Some(RouteClient::Local(_))
+            Some(RouteClient::Local(..))
         )
     }
 

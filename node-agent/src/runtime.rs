@@ -13,9 +13,9 @@ use std::sync::{Arc, Mutex};
 
 use api::{BlockReplicaStatus, PeerStatus, ReplicaRole, ReplicaState};
 use engine::replication::{
-    self as repl, Endpoint, ForwardHandler, ForwardOp, ForwardOutcome, ForwardStatus, Generation,
-    PrimaryConfig, PrimaryHandle, ReceiverConfig, ReceiverServer, ReplicaId, Report, Transport,
-    VolumeId, spawn_primary,
+    self as repl, Endpoint, ForwardHandler, ForwardOp, ForwardOutcome, ForwardSource,
+    ForwardStatus, Generation, PrimaryConfig, PrimaryHandle, ReceiverConfig, ReceiverServer,
+    ReplicaId, Report, Transport, VolumeId, spawn_primary,
 };
 use engine::{CreateOptions, DurabilityMode, Epoch, Lsn, Volume, VolumeConfig};
 use tokio::task::JoinHandle;
@@ -176,7 +176,13 @@ fn forward_status(e: &BackendError) -> ForwardStatus {
 }
 
 impl ForwardHandler for LocalPrimaries {
-    fn handle(&self, volume: &VolumeId, epoch: Epoch, op: ForwardOp) -> ForwardOutcome {
+    fn handle(
+        &self,
+        from: &ForwardSource,
+        volume: &VolumeId,
+        epoch: Epoch,
+        op: ForwardOp,
+    ) -> ForwardOutcome {
         let Some(b) = self.get(volume.as_str()) else {
             return ForwardOutcome::failed(
                 ForwardStatus::NotPrimary,
@@ -206,6 +212,12 @@ impl ForwardHandler for LocalPrimaries {
                 ),
             );
         }
+        // Last check before the volume: a request whose connection the forwarder gave up
+        // on (closed, or superseded by a newer one) never runs.
+        let _running = match from.admit() {
+            Ok(g) => g,
+            Err(reason) => return refuse(ForwardStatus::Io, reason),
+        };
         match crate::forward::execute_on(&*b, op) {
             Ok(payload) => ForwardOutcome::ok(mine, payload),
             // A failure because this primary was deposed meanwhile is a routing answer,

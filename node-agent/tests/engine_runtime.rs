@@ -523,7 +523,9 @@ async fn without_lease_or_member_answers_the_primary_stops_and_the_promoted_one_
 /// forwarder re-routes instead of failing the client.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_primary_the_api_no_longer_names_serves_no_reads() {
-    use engine::replication::{Epoch, ForwardHandler, ForwardOp, ForwardStatus, VolumeId};
+    use engine::replication::{
+        Epoch, ForwardHandler, ForwardOp, ForwardSource, ForwardStatus, VolumeId,
+    };
     use std::collections::BTreeMap;
 
     let dir = tempfile::tempdir().unwrap();
@@ -565,6 +567,7 @@ async fn a_primary_the_api_no_longer_names_serves_no_reads() {
         .expect_err("a deposed primary served a read");
     assert!(e.to_string().contains("no longer assigned"), "{e}");
     let out = a.runtime.local_primaries().handle(
+        &ForwardSource::in_process("a"),
         &VolumeId::new("vol".to_string()).unwrap(),
         Epoch(1),
         ForwardOp::Read {
