@@ -138,9 +138,18 @@ pub struct ReplicaSample {
 #[derive(Clone, Default)]
 pub struct LocalPrimaries {
     map: Arc<Mutex<BTreeMap<String, Arc<ReplicatedBackend>>>>,
+    /// Where volumes are attached; once set, only the attached node (or anyone, for a
+    /// volume attached nowhere) may run IO here (see `forward::Attachments`).
+    attachments: Arc<std::sync::OnceLock<Arc<crate::forward::Attachments>>>,
 }
 
 impl LocalPrimaries {
+    /// Accepts forwarded IO, in process too, only from the node `view` says the volume
+    /// is attached to. Set once, for every clone.
+    pub fn fence_by_attachment(&self, view: Arc<crate::forward::Attachments>) {
+        let _ = self.attachments.set(view);
+    }
+
     fn set(&self, volume: &str, backend: Option<Arc<ReplicatedBackend>>) {
         let mut m = self.map.lock().unwrap_or_else(|e| e.into_inner());
         match backend {
@@ -211,6 +220,18 @@ impl ForwardHandler for LocalPrimaries {
                     epoch.0, mine.0
                 ),
             );
+        }
+        if let Some(view) = self.attachments.get() {
+            match view.check(volume.as_str(), from.node()) {
+                crate::forward::AttachmentCheck::Allowed => {}
+                crate::forward::AttachmentCheck::Fenced(detail) => {
+                    tracing::warn!(volume = %volume, node = from.node(), %detail, "forwarded IO refused");
+                    return refuse(ForwardStatus::Io, detail);
+                }
+                crate::forward::AttachmentCheck::Unknown(detail) => {
+                    return refuse(ForwardStatus::NotPrimary, detail);
+                }
+            }
         }
         // Last check before the volume: a request whose connection the forwarder gave up
         // on (closed, or superseded by a newer one) never runs.
