@@ -27,6 +27,11 @@
 //!   the new process covers what the old one acknowledged even if the primary failed
 //!   over meanwhile. A client that reconnects by itself and sends only a FLUSH gets no
 //!   such promise for writes acknowledged on its old connection.
+//! - An `Io` answer is final: the request fails with EIO and is not retried. The
+//!   primary's agent answers so ("fenced: not the attached node") to a node the volume
+//!   is not attached to ([`Attachments`]), and the data port never runs a request of a
+//!   connection this export gave up on after a request sent later (engine
+//!   `replication::forward`, fence of forwarded requests).
 //! - The replay buffer is bounded by `replay_bytes_max`: a write that would overflow it
 //!   first forwards a FLUSH. Concurrent writers may overshoot by at most the requests in
 //!   flight (the NBD server bounds those).

@@ -281,7 +281,9 @@ impl ForwardSource {
 /// this node serves the primary of `volume` at exactly `epoch` (through the same backend
 /// its local NBD export uses, so the durability gate and the fences apply), and answers
 /// `NotPrimary` (no serving primary here, or a newer epoch was offered) or `StaleEpoch`
-/// (the offered epoch is older) otherwise, so the forwarder re-resolves.
+/// (the offered epoch is older) otherwise, so the forwarder re-resolves. It may refuse a
+/// sender (`from.node()`) it does not accept with `Io`, which the forwarder does not
+/// retry.
 pub trait ForwardHandler: Send + Sync + 'static {
     fn handle(
         &self,
