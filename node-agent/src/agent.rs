@@ -15,7 +15,10 @@ use tokio_stream::wrappers::UnixListenerStream;
 
 use crate::attach::{Attacher, ProxyCommand};
 use crate::attach_service::{AttachService, Forwarding};
-use crate::forward::{ForwardSettings, KubeResolver, LocalPath};
+use crate::forward::{
+    Attachments, ForwardSettings, KubeResolver, LocalPath, kube_attachment_lookup,
+    watch_attachments,
+};
 use crate::k8s::{
     AgentContext, LeaseRenewer, LeaseSettings, NodeRegistration, ReplicaSettings, keep_registered,
     run_replicas, validate_data_address,
@@ -29,6 +32,10 @@ pub const NBD_SOCKET_NAME: &str = "nbd.sock";
 /// Name of the forwarding NBD server's unix socket inside `--nbd-socket-dir` (exports of
 /// volumes whose primary is on another node).
 pub const FORWARD_SOCKET_NAME: &str = "forward.sock";
+
+/// How long the primary waits for the API server when it re-reads a volume's attachment
+/// before refusing a forwarding node.
+const ATTACHMENT_LOOKUP_TIMEOUT_MS: u64 = 2_000;
 
 /// Command-line settings; the names match the Helm chart's node DaemonSet.
 #[derive(clap::Parser, Debug, Clone)]
@@ -459,6 +466,18 @@ impl Agent {
         receiver.set_forward_handler(Arc::new(runtime.local_primaries()));
 
         let mut tasks = Vec::new();
+        // Forwarded IO is accepted only from the node a volume is attached to: the view
+        // follows the BlockVolumes' attachment annotations and re-reads a volume from
+        // the API server before refusing a node.
+        let attachments = Arc::new(Attachments::new(kube_attachment_lookup(
+            client.clone(),
+            tokio::runtime::Handle::current(),
+            ATTACHMENT_LOOKUP_TIMEOUT_MS,
+        )));
+        runtime
+            .local_primaries()
+            .fence_by_attachment(attachments.clone());
+        tasks.push(tokio::spawn(watch_attachments(client.clone(), attachments)));
         let mut metrics_addr = None;
         if !settings.metrics_addr.is_empty() {
             let bind_err = |source| Error::Metrics {

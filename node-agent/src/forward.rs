@@ -27,6 +27,11 @@
 //!   the new process covers what the old one acknowledged even if the primary failed
 //!   over meanwhile. A client that reconnects by itself and sends only a FLUSH gets no
 //!   such promise for writes acknowledged on its old connection.
+//! - An `Io` answer is final: the request fails with EIO and is not retried. The
+//!   primary's agent answers so ("fenced: not the attached node") to a node the volume
+//!   is not attached to ([`Attachments`]), and the data port never runs a request of a
+//!   connection this export gave up on after a request sent later (engine
+//!   `replication::forward`, fence of forwarded requests).
 //! - The replay buffer is bounded by `replay_bytes_max`: a write that would overflow it
 //!   first forwards a FLUSH. Concurrent writers may overshoot by at most the requests in
 //!   flight (the NBD server bounds those).
@@ -45,8 +50,8 @@ use std::time::{Duration, Instant};
 use engine::Epoch;
 use engine::replication::wire::FORWARD_DATA_BYTES_MAX;
 use engine::replication::{
-    ForwardClient, ForwardHandler, ForwardOp, ForwardOutcome, ForwardPayload, ForwardStatus,
-    NetConfig, VolumeId,
+    ForwardClient, ForwardHandler, ForwardOp, ForwardOutcome, ForwardPayload, ForwardSource,
+    ForwardStatus, NetConfig, VolumeId,
 };
 use futures::future::BoxFuture;
 
@@ -133,8 +138,8 @@ pub struct LocalPath {
 enum RouteClient {
     /// The primary's data port on another node (or ours, when no local primary serves).
     Tcp(Arc<ForwardClient>),
-    /// This node's primary, called in process.
-    Local(Arc<dyn LocalExecutor>),
+    /// This node's primary, called in process (as a request from this node).
+    Local(Arc<dyn LocalExecutor>, String),
 }
 
 impl RouteClient {
@@ -147,7 +152,8 @@ impl RouteClient {
     ) -> Result<ForwardOutcome, String> {
         match self {
             RouteClient::Tcp(c) => c.call(volume, epoch, op).await.map_err(|e| e.to_string()),
-            RouteClient::Local(h) => {
+            RouteClient::Local(h, node) => {
+                let from = ForwardSource::in_process(node);
                 // The handler is synchronous and may block on fsync and replication
                 // barriers: keep it off the runtime's workers. NBD requests arrive on
                 // blocking-pool threads, where `block_in_place` runs it right there
@@ -155,11 +161,13 @@ impl RouteClient {
                 // a blocking task.
                 let flavor = tokio::runtime::Handle::current().runtime_flavor();
                 if flavor == tokio::runtime::RuntimeFlavor::MultiThread {
-                    return Ok(tokio::task::block_in_place(|| h.handle(volume, epoch, op)));
+                    return Ok(tokio::task::block_in_place(|| {
+                        h.handle(&from, volume, epoch, op)
+                    }));
                 }
                 let h = h.clone();
                 let volume = volume.clone();
-                tokio::task::spawn_blocking(move || h.handle(&volume, epoch, op))
+                tokio::task::spawn_blocking(move || h.handle(&from, &volume, epoch, op))
                     .await
                     .map_err(|e| format!("local primary call: {e}"))
             }
@@ -170,7 +178,7 @@ impl RouteClient {
     fn path(&self) -> &'static str {
         match self {
             RouteClient::Tcp(_) => "data-port",
-            RouteClient::Local(_) => "in-process",
+            RouteClient::Local(..) => "in-process",
         }
     }
 }
@@ -422,7 +430,7 @@ impl Inner {
             .map_err(|e| e.to_string())?;
         let client = match &self.local {
             Some(l) if l.node == target.node && l.primaries.serves(self.volume.as_str()) => {
-                RouteClient::Local(l.primaries.clone())
+                RouteClient::Local(l.primaries.clone(), l.node.clone())
             }
             _ => RouteClient::Tcp(Arc::new(
                 ForwardClient::connect(target.addr, &self.net, self.settings.request_timeout_ms)
@@ -535,7 +543,7 @@ impl ForwardingBackend {
     pub async fn is_local(&self) -> bool {
         matches!(
             self.inner.route.read().await.client.as_deref(),
-            Some(RouteClient::Local(_))
+            Some(RouteClient::Local(..))
         )
     }
 
@@ -729,9 +737,233 @@ impl PrimaryResolver for KubeResolver {
     }
 }
 
+/// What the attachment of a volume says about a forwarded request from a node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AttachmentCheck {
+    /// The volume is attached to the sending node, or attached nowhere.
+    Allowed,
+    /// The volume is attached to another node: refuse for good (the forwarder answers
+    /// EIO and does not retry).
+    Fenced(String),
+    /// The attachment could not be learnt (API unreachable before the first sync):
+    /// refuse for now; the forwarder re-resolves and retries.
+    Unknown(String),
+}
+
+/// Reads the attached node of a volume afresh from the API server (`Ok(None)`: attached
+/// nowhere, or no such `BlockVolume`). Called on a blocking thread.
+pub type AttachmentLookup = Box<dyn Fn(&str) -> Result<Option<String>, String> + Send + Sync>;
+
+#[derive(Default)]
+struct AttachmentState {
+    /// Whether a full list has been seen since the watch (re)started.
+    synced: bool,
+    /// Attached node per volume, as the watch last said.
+    nodes: std::collections::BTreeMap<String, String>,
+    /// The list being received while the watch (re)starts.
+    relist: std::collections::BTreeMap<String, String>,
+}
+
+/// The primary's view of where each volume is attached (the `BlockVolume` annotation
+/// [`api::ANNOTATION_ATTACHED_NODE`] that the CSI controller writes on
+/// ControllerPublish and removes on ControllerUnpublish), fed by a watch of the
+/// `BlockVolume`s ([`watch_attachments`]).
+///
+/// Decision for a forwarded request of `node` on `volume` ([`Attachments::check`]):
+/// - attached to `node`, or attached nowhere: allowed. A volume attached nowhere has no
+///   single writer to protect (the TCP NBD export, tools, CSI sanity checks use it);
+///   once a node's attachment is known, every other node is refused.
+/// - otherwise the cached view may lag (a new attachment just written): it is re-read
+///   from the API server first, and only a fresh answer naming another node refuses
+///   ([`AttachmentCheck::Fenced`]). So detaching A and attaching B refuses A from the
+///   moment B's attachment is known here or in the API server, and B is never refused
+///   because the watch has not caught up.
+/// - before the watch's first full list, every request is checked against the API
+///   server; if that fails the request is refused as [`AttachmentCheck::Unknown`].
+pub struct Attachments {
+    state: Mutex<AttachmentState>,
+    lookup: AttachmentLookup,
+}
+
+impl Attachments {
+    pub fn new(lookup: AttachmentLookup) -> Self {
+        Self {
+            state: Mutex::new(AttachmentState::default()),
+            lookup,
+        }
+    }
+
+    /// The watch (re)starts a full list.
+    pub fn begin_list(&self) {
+        lock(&self.state).relist.clear();
+    }
+
+    /// One volume of the full list.
+    pub fn listed(&self, volume: &str, node: Option<&str>) {
+        if let Some(n) = node {
+            lock(&self.state)
+                .relist
+                .insert(volume.to_string(), n.to_string());
+        }
+    }
+
+    /// The full list is complete: it replaces the view.
+    pub fn end_list(&self) {
+        let mut st = lock(&self.state);
+        st.nodes = std::mem::take(&mut st.relist);
+        st.synced = true;
+    }
+
+    /// A volume changed (`None`: attached nowhere, or deleted).
+    pub fn set(&self, volume: &str, node: Option<&str>) {
+        let mut st = lock(&self.state);
+        match node {
+            Some(n) => st.nodes.insert(volume.to_string(), n.to_string()),
+            None => st.nodes.remove(volume),
+        };
+    }
+
+    /// Whether `node` may forward IO to `volume` (see the type docs). May block on a
+    /// read from the API server.
+    pub fn check(&self, volume: &str, node: &str) -> AttachmentCheck {
+        {
+            let st = lock(&self.state);
+            if st.synced {
+                match st.nodes.get(volume) {
+                    None => return AttachmentCheck::Allowed,
+                    Some(n) if n == node => return AttachmentCheck::Allowed,
+                    Some(_) => {}
+                }
+            }
+        }
+        match (self.lookup)(volume) {
+            Ok(fresh) => {
+                self.set(volume, fresh.as_deref());
+                match fresh {
+                    Some(n) if n != node => AttachmentCheck::Fenced(format!(
+                        "fenced: not the attached node (volume {volume} is attached to {n}, \
+                         the request came from {node})"
+                    )),
+                    _ => AttachmentCheck::Allowed,
+                }
+            }
+            Err(e) => AttachmentCheck::Unknown(format!(
+                "the attachment of volume {volume} is not known yet: {e}"
+            )),
+        }
+    }
+}
+
+/// The attached node a `BlockVolume` records.
+fn attached_node(bv: &api::BlockVolume) -> Option<&str> {
+    bv.metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(api::ANNOTATION_ATTACHED_NODE))
+        .map(String::as_str)
+}
+
+/// Reads one volume's attachment afresh from the API server (for [`Attachments::new`]);
+/// call only on a blocking thread.
+pub fn kube_attachment_lookup(
+    client: kube::Client,
+    rt: tokio::runtime::Handle,
+    timeout_ms: u64,
+) -> AttachmentLookup {
+    Box::new(move |volume: &str| {
+        let api: kube::Api<api::BlockVolume> = kube::Api::all(client.clone());
+        let got = rt.block_on(async {
+            tokio::time::timeout(Duration::from_millis(timeout_ms), api.get_opt(volume)).await
+        });
+        match got {
+            Ok(Ok(bv)) => Ok(bv.as_ref().and_then(attached_node).map(String::from)),
+            Ok(Err(e)) => Err(format!("reading BlockVolume {volume}: {e}")),
+            Err(_) => Err(format!(
+                "reading BlockVolume {volume} took over {timeout_ms} ms"
+            )),
+        }
+    })
+}
+
+/// Keeps `view` in step with the `BlockVolume`s' attachments until the task is dropped.
+/// Watch errors are logged and the watch restarts with backoff (a restart lists anew).
+pub async fn watch_attachments(client: kube::Client, view: Arc<Attachments>) {
+    use futures::StreamExt;
+    use kube::runtime::{WatchStreamExt, watcher};
+    let api: kube::Api<api::BlockVolume> = kube::Api::all(client);
+    let mut events = std::pin::pin!(watcher(api, watcher::Config::default()).default_backoff());
+    while let Some(ev) = events.next().await {
+        match ev {
+            Ok(watcher::Event::Init) => view.begin_list(),
+            Ok(watcher::Event::InitApply(bv)) => {
+                view.listed(&kube::ResourceExt::name_any(&bv), attached_node(&bv))
+            }
+            Ok(watcher::Event::InitDone) => view.end_list(),
+            Ok(watcher::Event::Apply(bv)) => {
+                view.set(&kube::ResourceExt::name_any(&bv), attached_node(&bv))
+            }
+            Ok(watcher::Event::Delete(bv)) => view.set(&kube::ResourceExt::name_any(&bv), None),
+            Err(e) => tracing::warn!(error = %e, "watching volume attachments"),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An attachment view whose API server says `api` (None: unreachable) and counts
+    /// the reads.
+    fn view(api: Arc<Mutex<Option<Option<String>>>>, reads: Arc<AtomicU64>) -> Attachments {
+        Attachments::new(Box::new(move |_v: &str| {
+            reads.fetch_add(1, Ordering::Relaxed);
+            lock(&api).clone().ok_or_else(|| "unreachable".to_string())
+        }))
+    }
+
+    #[test]
+    fn only_the_attached_node_may_forward_and_a_lagging_view_is_re_read() {
+        let api = Arc::new(Mutex::new(None));
+        let reads = Arc::new(AtomicU64::new(0));
+        let v = view(api.clone(), reads.clone());
+        // Before the first list, with the API unreachable: refused, retryably.
+        assert!(matches!(v.check("vol", "a"), AttachmentCheck::Unknown(_)));
+        v.begin_list();
+        v.listed("vol", Some("a"));
+        v.listed("other", None);
+        v.end_list();
+        assert_eq!(v.check("vol", "a"), AttachmentCheck::Allowed);
+        assert_eq!(v.check("other", "b"), AttachmentCheck::Allowed);
+        assert_eq!(reads.load(Ordering::Relaxed), 1);
+
+        // Force-detached from a and attached to b; the watch has not caught up yet:
+        // b is allowed after a fresh read, which also updates the view.
+        *lock(&api) = Some(Some("b".to_string()));
+        assert_eq!(v.check("vol", "b"), AttachmentCheck::Allowed);
+        assert_eq!(reads.load(Ordering::Relaxed), 2);
+        // From now on a is refused for good, b served without reading the API.
+        match v.check("vol", "a") {
+            AttachmentCheck::Fenced(d) => {
+                assert!(d.starts_with("fenced: not the attached node"), "{d}")
+            }
+            other => panic!("a node no longer attached was not fenced: {other:?}"),
+        }
+        let before = reads.load(Ordering::Relaxed);
+        assert_eq!(v.check("vol", "b"), AttachmentCheck::Allowed);
+        assert_eq!(reads.load(Ordering::Relaxed), before);
+
+        // The watch says the attachment moved to c: b is refused at once (retryably
+        // while the API server cannot be read, for good once it confirms).
+        v.set("vol", Some("c"));
+        *lock(&api) = None;
+        assert!(matches!(v.check("vol", "b"), AttachmentCheck::Unknown(_)));
+        *lock(&api) = Some(Some("c".to_string()));
+        assert!(matches!(v.check("vol", "b"), AttachmentCheck::Fenced(_)));
+
+        // Detached everywhere: anyone may forward (tools, the TCP export).
+        v.set("vol", None);
+        assert_eq!(v.check("vol", "b"), AttachmentCheck::Allowed);
+    }
 
     #[test]
     fn replay_log_drops_only_what_a_flush_covered() {

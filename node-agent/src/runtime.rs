@@ -13,9 +13,9 @@ use std::sync::{Arc, Mutex};
 
 use api::{BlockReplicaStatus, PeerStatus, ReplicaRole, ReplicaState};
 use engine::replication::{
-    self as repl, Endpoint, ForwardHandler, ForwardOp, ForwardOutcome, ForwardStatus, Generation,
-    PrimaryConfig, PrimaryHandle, ReceiverConfig, ReceiverServer, ReplicaId, Report, Transport,
-    VolumeId, spawn_primary,
+    self as repl, Endpoint, ForwardHandler, ForwardOp, ForwardOutcome, ForwardSource,
+    ForwardStatus, Generation, PrimaryConfig, PrimaryHandle, ReceiverConfig, ReceiverServer,
+    ReplicaId, Report, Transport, VolumeId, spawn_primary,
 };
 use engine::{CreateOptions, DurabilityMode, Epoch, Lsn, Volume, VolumeConfig};
 use tokio::task::JoinHandle;
@@ -138,9 +138,18 @@ pub struct ReplicaSample {
 #[derive(Clone, Default)]
 pub struct LocalPrimaries {
     map: Arc<Mutex<BTreeMap<String, Arc<ReplicatedBackend>>>>,
+    /// Where volumes are attached; once set, only the attached node (or anyone, for a
+    /// volume attached nowhere) may run IO here (see `forward::Attachments`).
+    attachments: Arc<std::sync::OnceLock<Arc<crate::forward::Attachments>>>,
 }
 
 impl LocalPrimaries {
+    /// Accepts forwarded IO, in process too, only from the node `view` says the volume
+    /// is attached to. Set once, for every clone.
+    pub fn fence_by_attachment(&self, view: Arc<crate::forward::Attachments>) {
+        let _ = self.attachments.set(view);
+    }
+
     fn set(&self, volume: &str, backend: Option<Arc<ReplicatedBackend>>) {
         let mut m = self.map.lock().unwrap_or_else(|e| e.into_inner());
         match backend {
@@ -176,7 +185,13 @@ fn forward_status(e: &BackendError) -> ForwardStatus {
 }
 
 impl ForwardHandler for LocalPrimaries {
-    fn handle(&self, volume: &VolumeId, epoch: Epoch, op: ForwardOp) -> ForwardOutcome {
+    fn handle(
+        &self,
+        from: &ForwardSource,
+        volume: &VolumeId,
+        epoch: Epoch,
+        op: ForwardOp,
+    ) -> ForwardOutcome {
         let Some(b) = self.get(volume.as_str()) else {
             return ForwardOutcome::failed(
                 ForwardStatus::NotPrimary,
@@ -206,6 +221,24 @@ impl ForwardHandler for LocalPrimaries {
                 ),
             );
         }
+        if let Some(view) = self.attachments.get() {
+            match view.check(volume.as_str(), from.node()) {
+                crate::forward::AttachmentCheck::Allowed => {}
+                crate::forward::AttachmentCheck::Fenced(detail) => {
+                    tracing::warn!(volume = %volume, node = from.node(), %detail, "forwarded IO refused");
+                    return refuse(ForwardStatus::Io, detail);
+                }
+                crate::forward::AttachmentCheck::Unknown(detail) => {
+                    return refuse(ForwardStatus::NotPrimary, detail);
+                }
+            }
+        }
+        // Last check before the volume: a request whose connection the forwarder gave up
+        // on (closed, or superseded by a newer one) never runs.
+        let _running = match from.admit() {
+            Ok(g) => g,
+            Err(reason) => return refuse(ForwardStatus::Io, reason),
+        };
         match crate::forward::execute_on(&*b, op) {
             Ok(payload) => ForwardOutcome::ok(mine, payload),
             // A failure because this primary was deposed meanwhile is a routing answer,

@@ -1,7 +1,8 @@
 //! The engine runtime over real volume files and real data ports on 127.0.0.1, without
 //! Kubernetes: a primary's export writes reach its replica before FLUSH returns, the
-//! Lease fence and demotion stop IO, the epoch is persisted and never lowered, and
-//! deletion removes the replica's files.
+//! Lease fence and demotion stop IO, the epoch is persisted and never lowered, forwarded
+//! IO is accepted only from the node the volume is attached to, and deletion removes the
+//! replica's files.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -20,6 +21,7 @@ const PROOF_WINDOW_MS: u64 = 1_500;
 
 struct Node {
     runtime: EngineRuntime,
+    receiver: Arc<ReceiverServer>,
     address: String,
     live: Arc<AtomicBool>,
 }
@@ -41,13 +43,14 @@ async fn node(name: &str) -> Node {
     };
     let runtime = EngineRuntime::new(
         settings,
-        receiver,
+        receiver.clone(),
         Transport::new(net),
         ExportRegistry::new(),
         Arc::new(move || l.load(Ordering::Acquire)),
     );
     Node {
         runtime,
+        receiver,
         address,
         live,
     }
@@ -505,7 +508,9 @@ async fn without_lease_or_member_answers_the_primary_stops_and_the_promoted_one_
 /// forwarder re-routes instead of failing the client.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_primary_the_api_no_longer_names_serves_no_reads() {
-    use engine::replication::{Epoch, ForwardHandler, ForwardOp, ForwardStatus, VolumeId};
+    use engine::replication::{
+        Epoch, ForwardHandler, ForwardOp, ForwardSource, ForwardStatus, VolumeId,
+    };
     use std::collections::BTreeMap;
 
     let dir = tempfile::tempdir().unwrap();
@@ -541,6 +546,7 @@ async fn a_primary_the_api_no_longer_names_serves_no_reads() {
         .expect_err("a deposed primary served a read");
     assert!(e.to_string().contains("no longer assigned"), "{e}");
     let out = a.runtime.local_primaries().handle(
+        &ForwardSource::in_process("a"),
         &VolumeId::new("vol".to_string()).unwrap(),
         Epoch(1),
         ForwardOp::Read {
@@ -705,4 +711,151 @@ async fn a_primary_reopened_at_its_epoch_serves_only_at_a_new_one() {
     })
     .await;
     assert_eq!(got, vec![5u8; 4096]);
+}
+
+/// Forwarded IO runs on a primary only when it comes from the node the volume is attached
+/// to. Attached to b: b's writes land, c's (over the data port, authenticated as c) and
+/// the primary's own node's (in process) are refused as "fenced: not the attached node"
+/// and change nothing. Then b is force-detached and c attached: c is served as soon as
+/// the API server says so (even before the watch caught up), and b's forwarder gets EIO
+/// without re-routing or retrying.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarded_io_is_accepted_only_from_the_attached_node() {
+    use engine::replication::{Epoch, ForwardClient, ForwardOp, ForwardSource, ForwardStatus};
+    use engine::replication::{ForwardHandler, ForwardPayload, VolumeId};
+    use futures::future::BoxFuture;
+    use node_agent::forward::{
+        Attachments, ForwardSettings, ForwardingBackend, PrimaryResolver, PrimaryTarget,
+        ResolveError,
+    };
+    use node_agent::nbd::BackendError;
+    use std::sync::Mutex;
+
+    struct Fixed(PrimaryTarget);
+    impl PrimaryResolver for Fixed {
+        fn resolve<'a>(
+            &'a self,
+            _volume: &'a str,
+        ) -> BoxFuture<'a, Result<PrimaryTarget, ResolveError>> {
+            let t = self.0.clone();
+            Box::pin(async move { Ok(t) })
+        }
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let a = node("a").await;
+    let ra = assignment(dir.path(), "r1", ReplicaRole::Primary, 1, None);
+    a.runtime.open(&ra).await.unwrap();
+    a.runtime.apply(&ra).await.unwrap();
+    let backend: Arc<dyn BlockBackend> = a
+        .runtime
+        .exports()
+        .get("vol")
+        .expect("export of the primary")
+        .backend()
+        .clone();
+    until_serving(&backend).await;
+    let primaries = a.runtime.local_primaries();
+    a.receiver.set_forward_handler(Arc::new(primaries.clone()));
+    // The API server's word on the attachment, and the watch's view of it.
+    let api_says = Arc::new(Mutex::new(Some("b".to_string())));
+    let view = {
+        let api_says = api_says.clone();
+        Arc::new(Attachments::new(Box::new(move |_v: &str| {
+            Ok(api_says.lock().unwrap().clone())
+        })))
+    };
+    view.begin_list();
+    view.listed("vol", Some("b"));
+    view.end_list();
+    primaries.fence_by_attachment(view.clone());
+
+    let addr = a.address.parse().unwrap();
+    let vol = VolumeId::new("vol".to_string()).unwrap();
+    let write = |byte: u8| ForwardOp::Write {
+        offset: 0,
+        data: vec![byte; 4096],
+    };
+    let from_b = ForwardClient::connect(addr, &NetConfig::new("b", SECRET), 10_000)
+        .await
+        .expect("b connects");
+    let from_c = ForwardClient::connect(addr, &NetConfig::new("c", SECRET), 10_000)
+        .await
+        .expect("c connects");
+    let ok = from_b.call(&vol, Epoch(1), write(0xb1)).await.unwrap();
+    assert_eq!(ok.status, ForwardStatus::Ok, "{}", ok.detail);
+    let refused = from_c.call(&vol, Epoch(1), write(0xc1)).await.unwrap();
+    assert_eq!(refused.status, ForwardStatus::Io, "{}", refused.detail);
+    assert!(
+        refused.detail.starts_with("fenced: not the attached node"),
+        "{}",
+        refused.detail
+    );
+    let p = primaries.clone();
+    let v = vol.clone();
+    let local =
+        blocking(move || p.handle(&ForwardSource::in_process("a"), &v, Epoch(1), write(0xa1)))
+            .await;
+    assert_eq!(local.status, ForwardStatus::Io, "{}", local.detail);
+    let read = from_b
+        .call(
+            &vol,
+            Epoch(1),
+            ForwardOp::Read {
+                offset: 0,
+                length: 4096,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(read.status, ForwardStatus::Ok, "{}", read.detail);
+    match read.payload {
+        ForwardPayload::Data(d) => assert!(d.iter().all(|&x| x == 0xb1), "{:#x}", d[0]),
+        other => panic!("read answered {other:?}"),
+    }
+
+    // b's forwarding export, as on b's node.
+    let b_export = Arc::new(
+        ForwardingBackend::open(
+            "vol",
+            NetConfig::new("b", SECRET),
+            ForwardSettings {
+                failover_wait_ms: 60_000,
+                reconnect_backoff_initial_ms: 10,
+                reconnect_backoff_max_ms: 50,
+                ..ForwardSettings::default()
+            },
+            Arc::new(Fixed(PrimaryTarget {
+                node: "a".into(),
+                addr,
+                epoch: Epoch(1),
+            })),
+        )
+        .await
+        .expect("b's export opens"),
+    );
+    // Force-detached from b, attached to c: the API server says so, the watch lags.
+    *api_says.lock().unwrap() = Some("c".to_string());
+    let ok = from_c.call(&vol, Epoch(1), write(0xc2)).await.unwrap();
+    assert_eq!(ok.status, ForwardStatus::Ok, "{}", ok.detail);
+    let switches = b_export.switches();
+    let be = b_export.clone();
+    let e = blocking(move || be.write(0, &[0xb2; 4096]))
+        .await
+        .expect_err("a node no longer attached wrote");
+    assert!(
+        matches!(&e, BackendError::Io(m) if m.contains("fenced: not the attached node")),
+        "{e}"
+    );
+    assert_eq!(
+        b_export.switches(),
+        switches,
+        "a fenced request was re-routed"
+    );
+    let mut buf = vec![0u8; 4096];
+    let be = backend.clone();
+    let buf = blocking(move || be.read(0, &mut buf).map(|_| buf))
+        .await
+        .expect("read on the primary");
+    assert!(buf.iter().all(|&x| x == 0xc2), "block holds {:#x}", buf[0]);
 }

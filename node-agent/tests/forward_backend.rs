@@ -14,8 +14,8 @@ use engine::replication::wire::{
     FrameDecoder, Message, NONCE_BYTES, ServerAuth, WireConfig, encode_frame,
 };
 use engine::replication::{
-    ForwardHandler, ForwardMsg, ForwardOp, ForwardOutcome, ForwardPayload, ForwardStatus,
-    NetConfig, ReceiverServer, VolumeId,
+    ForwardHandler, ForwardMsg, ForwardOp, ForwardOutcome, ForwardPayload, ForwardSource,
+    ForwardStatus, NetConfig, ReceiverServer, VolumeId,
 };
 use futures::future::BoxFuture;
 use node_agent::forward::{
@@ -35,10 +35,63 @@ struct FakePrimary {
     epoch: AtomicU64,
     serving: AtomicBool,
     ops: Mutex<Vec<String>>,
+    /// When armed, the next WRITE blocks in the backend until the test releases it.
+    gate: Mutex<Option<Gate>>,
+}
+
+/// A slow backend for one WRITE: says when the write is inside, waits for `release`,
+/// then says whether it modified the image.
+struct Gate {
+    /// Blocks before the request is admitted to the image (queued, slow path before
+    /// the volume) rather than inside the write.
+    before_admit: bool,
+    entered: std::sync::mpsc::Sender<()>,
+    release: std::sync::mpsc::Receiver<()>,
+    done: std::sync::mpsc::Sender<bool>,
+}
+
+/// The test's end of a [`Gate`].
+struct GateCtl {
+    entered: std::sync::mpsc::Receiver<()>,
+    release: std::sync::mpsc::Sender<()>,
+    done: std::sync::mpsc::Receiver<bool>,
+}
+
+impl FakePrimary {
+    fn arm(&self, before_admit: bool) -> GateCtl {
+        let (etx, erx) = std::sync::mpsc::channel();
+        let (rtx, rrx) = std::sync::mpsc::channel();
+        let (dtx, drx) = std::sync::mpsc::channel();
+        *self.gate.lock().unwrap() = Some(Gate {
+            before_admit,
+            entered: etx,
+            release: rrx,
+            done: dtx,
+        });
+        GateCtl {
+            entered: erx,
+            release: rtx,
+            done: drx,
+        }
+    }
+
+    /// Takes the gate if `op` is a WRITE and one is armed.
+    fn gate_for(&self, op: &ForwardOp) -> Option<Gate> {
+        match op {
+            ForwardOp::Write { .. } => self.gate.lock().unwrap().take(),
+            _ => None,
+        }
+    }
 }
 
 impl ForwardHandler for FakePrimary {
-    fn handle(&self, volume: &VolumeId, epoch: Epoch, op: ForwardOp) -> ForwardOutcome {
+    fn handle(
+        &self,
+        from: &ForwardSource,
+        volume: &VolumeId,
+        epoch: Epoch,
+        op: ForwardOp,
+    ) -> ForwardOutcome {
         assert_eq!(volume.as_str(), VOLUME);
         let mine = Epoch(self.epoch.load(Ordering::Acquire));
         if !self.serving.load(Ordering::Acquire) || epoch > mine {
@@ -62,11 +115,36 @@ impl ForwardHandler for FakePrimary {
             ForwardOp::Read { .. } => "READ".to_string(),
             ForwardOp::Geometry => "GEOMETRY".to_string(),
         };
+        let gate = self.gate_for(&op);
+        let wait = |g: &Gate| {
+            let _ = g.entered.send(());
+            let _ = g.release.recv();
+        };
+        if let Some(g) = gate.as_ref().filter(|g| g.before_admit) {
+            wait(g);
+        }
+        // Like the agent's primaries: admitted right before the image is touched.
+        let _running = match from.admit() {
+            Ok(r) => r,
+            Err(reason) => {
+                if let Some(g) = &gate {
+                    let _ = g.done.send(false);
+                }
+                return ForwardOutcome::failed(ForwardStatus::Io, reason);
+            }
+        };
+        if let Some(g) = gate.as_ref().filter(|g| !g.before_admit) {
+            wait(g);
+        }
         self.ops.lock().unwrap().push(name);
-        match execute_on(&*self.mem, op) {
+        let out = match execute_on(&*self.mem, op) {
             Ok(p) => ForwardOutcome::ok(mine, p),
             Err(e) => ForwardOutcome::failed(ForwardStatus::Io, e.to_string()),
+        };
+        if let Some(g) = gate {
+            let _ = g.done.send(out.status == ForwardStatus::Ok);
         }
+        out
     }
 }
 
@@ -93,6 +171,7 @@ impl Primary {
             epoch: AtomicU64::new(epoch),
             serving: AtomicBool::new(true),
             ops: Mutex::new(Vec::new()),
+            gate: Mutex::new(None),
         });
         server.set_forward_handler(fake.clone());
         Primary {
@@ -357,6 +436,7 @@ async fn a_local_primary_runs_requests_in_process_and_moving_it_away_replays_unf
         epoch: AtomicU64::new(1),
         serving: AtomicBool::new(true),
         ops: Mutex::new(Vec::new()),
+        gate: Mutex::new(None),
     });
     let (own_port, connections, listener) = counting_listener().await;
     let resolver = Arc::new(TestResolver::default());
@@ -573,4 +653,93 @@ async fn a_forwarder_with_the_wrong_secret_is_refused() {
         a.ops().is_empty(),
         "nothing executed for an unauthenticated peer"
     );
+}
+
+/// Waits for a blocking channel receive off the runtime's workers.
+async fn recv<T: Send + 'static>(
+    rx: std::sync::mpsc::Receiver<T>,
+) -> (T, std::sync::mpsc::Receiver<T>) {
+    tokio::task::spawn_blocking(move || {
+        let v = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the gated write never reached this point");
+        (v, rx)
+    })
+    .await
+    .unwrap()
+}
+
+/// A WRITE stuck in a slow primary past the request timeout: the forwarder gives up on
+/// the connection, re-routes (to the same primary, on a new connection) and retries,
+/// then the client writes the same block anew. Once the stuck write is released, the
+/// block must hold the newer write: a request of a connection the forwarder gave up on
+/// never lands after a request sent later.
+///
+/// `before_admit`: the write is stuck before it was admitted to the image (it must then
+/// never run), or inside the write itself (newer requests of the node then wait for it).
+async fn stale_write_case(before_admit: bool) {
+    let a = Primary::start("a", 1, mem()).await;
+    let resolver = Arc::new(TestResolver::default());
+    resolver.set(a.target("a"));
+    let b = open(
+        resolver.clone(),
+        ForwardSettings {
+            request_timeout_ms: 300,
+            ..settings()
+        },
+    )
+    .await;
+    let base = b.switches();
+    let gate = a.fake.arm(before_admit);
+    let writer = {
+        let b = b.clone();
+        tokio::spawn(async move {
+            blocking(&b, |b| b.write(0, &[0xa1; 4096])).await?;
+            blocking(&b, |b| b.write(0, &[0xb2; 4096])).await
+        })
+    };
+    let (_, entered) = recv(gate.entered).await;
+    drop(entered);
+    // Release the stuck write once the client's writes are done, or once the forwarder
+    // has given up on a second connection (the retry is held behind the stuck write).
+    let mut writer = writer;
+    let finished_first = tokio::select! {
+        r = &mut writer => Some(r),
+        _ = async {
+            while b.switches() < base + 2 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        } => None,
+    };
+    gate.release.send(()).unwrap();
+    let (stale_applied, _) = recv(gate.done).await;
+    if before_admit {
+        assert!(
+            !stale_applied,
+            "a request of a connection the forwarder gave up on ran after the close"
+        );
+    }
+    let r = match finished_first {
+        Some(r) => r,
+        None => writer.await,
+    };
+    r.expect("writer task").expect("client writes");
+    let block = blocking(&b, |b| read(b, 0, 4096)).await;
+    assert!(
+        block.iter().all(|&x| x == 0xb2),
+        "block holds {:#x} instead of the newer write; stale write applied: {stale_applied}; primary ran {:?}",
+        block[0],
+        a.ops()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_write_stuck_inside_the_primary_past_the_request_timeout_never_lands_after_a_newer_write()
+{
+    stale_write_case(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_write_stuck_before_admission_past_the_request_timeout_is_cancelled() {
+    stale_write_case(true).await;
 }

@@ -3,7 +3,24 @@
 //! framed, CRC-checked connections replication uses (message family `Message::Forward`).
 //!
 //! Serving side: the data port hands each request to a [`ForwardHandler`] (the node
-//! agent's local primaries), at most [`FORWARD_IN_FLIGHT_MAX`] at a time per connection.
+//! agent's local primaries), at most [`FORWARD_IN_FLIGHT_MAX`] at a time per connection,
+//! together with a [`ForwardSource`]: the authenticated node that sent it and the fence
+//! the request must pass ([`ForwardSource::admit`]) right before it touches the volume.
+//!
+//! # Fence of forwarded requests
+//! A forwarder that gives up on a connection (request timeout, broken path) re-routes and
+//! retries on a new one, possibly to the same primary. Requests it sent on the old
+//! connection must then never land after anything it sends on the new one. [`ForwardFences`]
+//! keeps, per (sending node, volume), the newest connection that sent a request for it:
+//! - a request of a closed connection, or of a connection older than the newest one of its
+//!   node for that volume, is never admitted (answered `Io` "cancelled", not executed);
+//! - a request of a newer connection is handed to the handler only after every admitted
+//!   request of older connections of the same node for the same volume has finished.
+//!
+//! A request already admitted (running inside the volume, e.g. waiting for WAL space)
+//! cannot be taken back; the second rule orders it before everything sent later, so a
+//! stale WRITE never overwrites a newer one. Connection ids grow on every accepted
+//! connection, and a forwarder dials its new connection only after giving up the old one.
 //! Client side: [`ForwardClient`] pipelines requests on one connection and pairs replies
 //! by id. A malformed frame, an unknown reply id, or a reply that does not fit its request
 //! ends the connection with a logged reason and fails every request in flight on it; it
@@ -65,15 +82,216 @@ impl ForwardOutcome {
     }
 }
 
+/// Per (sending node, volume) state of the forwarded-request fence (see the module docs).
+#[derive(Default)]
+struct FenceEntry {
+    /// The newest connection that sent a request for this key.
+    newest: u64,
+    /// Admitted, unfinished requests per connection.
+    running: HashMap<u64, usize>,
+}
+
+/// The forwarded-request fences of one data port (see the module docs).
+#[derive(Default)]
+pub struct ForwardFences {
+    entries: Mutex<HashMap<(String, VolumeId), FenceEntry>>,
+    changed: tokio::sync::Notify,
+}
+
+/// One data-port connection as the fence sees it.
+pub struct ForwardConn {
+    id: u64,
+    closed: AtomicBool,
+}
+
+impl ForwardConn {
+    pub fn new(id: u64) -> Arc<Self> {
+        Arc::new(Self {
+            id,
+            closed: AtomicBool::new(false),
+        })
+    }
+
+    /// Marks the connection closed: none of its requests is admitted from now on.
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+    }
+
+    /// A guard that closes the connection when dropped (also when its reader task is
+    /// aborted).
+    pub fn closes_on_drop(self: &Arc<Self>) -> ClosesOnDrop {
+        ClosesOnDrop(self.clone())
+    }
+}
+
+/// See [`ForwardConn::closes_on_drop`].
+pub struct ClosesOnDrop(Arc<ForwardConn>);
+
+impl Drop for ClosesOnDrop {
+    fn drop(&mut self) {
+        self.0.close();
+    }
+}
+
+impl ForwardFences {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    /// Records that `conn` of `node` sent a request for `volume` (it becomes the newest
+    /// connection of that node for the volume if it is newer), then waits until every
+    /// admitted request of older connections of that node for that volume has finished.
+    pub async fn arrive(&self, conn: &ForwardConn, node: &str, volume: &VolumeId) {
+        let key = (node.to_string(), volume.clone());
+        loop {
+            // Registered before the check, so a finish between check and wait wakes us.
+            let changed = self.changed.notified();
+            {
+                let mut m = lock(&self.entries);
+                let e = m.entry(key.clone()).or_default();
+                e.newest = e.newest.max(conn.id);
+                if !e.running.iter().any(|(c, n)| *c < conn.id && *n > 0) {
+                    return;
+                }
+            }
+            changed.await;
+        }
+    }
+
+    /// Admits one request of `conn` to touch the volume, or says why it is cancelled.
+    fn admit(
+        self: &Arc<Self>,
+        conn: &ForwardConn,
+        node: &str,
+        volume: &VolumeId,
+    ) -> Result<Admitted, String> {
+        let key = (node.to_string(), volume.clone());
+        let mut m = lock(&self.entries);
+        let e = m.entry(key.clone()).or_default();
+        if conn.closed.load(Ordering::Acquire) {
+            return Err(format!(
+                "cancelled: forward connection {} of node {node} is closed",
+                conn.id
+            ));
+        }
+        if e.newest > conn.id {
+            return Err(format!(
+                "cancelled: node {node} forwards volume {volume} on a newer connection"
+            ));
+        }
+        e.newest = e.newest.max(conn.id);
+        *e.running.entry(conn.id).or_default() += 1;
+        Ok(Admitted {
+            fences: Some((self.clone(), key, conn.id)),
+        })
+    }
+
+    fn finish(&self, key: &(String, VolumeId), conn: u64) {
+        {
+            let mut m = lock(&self.entries);
+            if let Some(e) = m.get_mut(key)
+                && let Some(n) = e.running.get_mut(&conn)
+            {
+                *n -= 1;
+                if *n == 0 {
+                    e.running.remove(&conn);
+                }
+            }
+        }
+        self.changed.notify_waiters();
+    }
+}
+
+/// An admitted forwarded request; dropping it marks the request finished.
+#[must_use = "the request counts as running while this lives"]
+pub struct Admitted {
+    fences: Option<(Arc<ForwardFences>, (String, VolumeId), u64)>,
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        if let Some((f, key, conn)) = self.fences.take() {
+            f.finish(&key, conn);
+        }
+    }
+}
+
+/// Who sent a forwarded request, and the fence it passes before touching the volume.
+pub struct ForwardSource {
+    node: String,
+    fence: Option<(Arc<ForwardFences>, Arc<ForwardConn>, VolumeId)>,
+}
+
+impl ForwardSource {
+    /// A request of `conn`, an authenticated data-port connection of `node`.
+    pub fn connection(
+        node: &str,
+        fences: Arc<ForwardFences>,
+        conn: Arc<ForwardConn>,
+        volume: VolumeId,
+    ) -> Self {
+        Self {
+            node: node.to_string(),
+            fence: Some((fences, conn, volume)),
+        }
+    }
+
+    /// A request run in process by this node's own forwarding export: no connection, so
+    /// nothing can outlive it; always admitted.
+    pub fn in_process(node: &str) -> Self {
+        Self {
+            node: node.to_string(),
+            fence: None,
+        }
+    }
+
+    /// The node that sent the request (authenticated by the data-port handshake).
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// Whether the request would still be admitted (a cheap early check).
+    pub fn is_current(&self) -> bool {
+        match &self.fence {
+            None => true,
+            Some((f, conn, volume)) => {
+                !conn.closed.load(Ordering::Acquire)
+                    && lock(&f.entries)
+                        .get(&(self.node.clone(), volume.clone()))
+                        .is_none_or(|e| e.newest <= conn.id)
+            }
+        }
+    }
+
+    /// Admits the request to modify the volume: call right before touching it and keep
+    /// the guard until done. `Err` (the request's connection was closed or superseded)
+    /// means the request must not be executed.
+    pub fn admit(&self) -> Result<Admitted, String> {
+        match &self.fence {
+            None => Ok(Admitted { fences: None }),
+            Some((f, conn, volume)) => f.admit(conn, &self.node, volume),
+        }
+    }
+}
+
 /// Executes forwarded block IO on a local primary.
 ///
-/// Contract: `handle` runs on a blocking thread and may block. It executes `op` only if
+/// Contract: `handle` runs on a blocking thread and may block. It executes `op` only
+/// after `from.admit()` succeeded (and holds the guard while it runs), and only if
 /// this node serves the primary of `volume` at exactly `epoch` (through the same backend
 /// its local NBD export uses, so the durability gate and the fences apply), and answers
 /// `NotPrimary` (no serving primary here, or a newer epoch was offered) or `StaleEpoch`
-/// (the offered epoch is older) otherwise, so the forwarder re-resolves.
+/// (the offered epoch is older) otherwise, so the forwarder re-resolves. It may refuse a
+/// sender (`from.node()`) it does not accept with `Io`, which the forwarder does not
+/// retry.
 pub trait ForwardHandler: Send + Sync + 'static {
-    fn handle(&self, volume: &VolumeId, epoch: Epoch, op: ForwardOp) -> ForwardOutcome;
+    fn handle(
+        &self,
+        from: &ForwardSource,
+        volume: &VolumeId,
+        epoch: Epoch,
+        op: ForwardOp,
+    ) -> ForwardOutcome;
 }
 
 /// Why a forwarded request got no answer from the connection.
@@ -336,5 +554,61 @@ impl ForwardOp {
             },
             other => other.clone(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vol() -> VolumeId {
+        VolumeId::new("v".to_string()).unwrap()
+    }
+
+    #[test]
+    fn a_closed_connection_admits_nothing() {
+        let f = ForwardFences::new();
+        let c = ForwardConn::new(1);
+        let src = ForwardSource::connection("a", f.clone(), c.clone(), vol());
+        drop(src.admit().expect("open connection admits"));
+        c.close();
+        assert!(!src.is_current());
+        let e = src
+            .admit()
+            .err()
+            .expect("closed connection admitted a request");
+        assert!(e.contains("cancelled"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_newer_connection_of_the_node_supersedes_and_waits_for_admitted_requests() {
+        let f = ForwardFences::new();
+        let (old, new) = (ForwardConn::new(1), ForwardConn::new(2));
+        f.arrive(&old, "a", &vol()).await;
+        let old_src = ForwardSource::connection("a", f.clone(), old.clone(), vol());
+        let running = old_src.admit().expect("admitted");
+        // Another node's connections and other volumes are independent.
+        let other = ForwardConn::new(3);
+        f.arrive(&other, "b", &vol()).await;
+        f.arrive(&other, "a", &VolumeId::new("w".to_string()).unwrap())
+            .await;
+        assert!(old_src.is_current());
+
+        let waiter = {
+            let f = f.clone();
+            let new = new.clone();
+            tokio::spawn(async move { f.arrive(&new, "a", &vol()).await })
+        };
+        // The newer connection is recorded at once: nothing of the old one is admitted
+        // any more, while the one already running holds the newer one back.
+        while old_src.is_current() {
+            tokio::task::yield_now().await;
+        }
+        assert!(old_src.admit().is_err());
+        assert!(!waiter.is_finished());
+        drop(running);
+        waiter.await.unwrap();
+        let new_src = ForwardSource::connection("a", f.clone(), new, vol());
+        drop(new_src.admit().expect("the newer connection is admitted"));
     }
 }

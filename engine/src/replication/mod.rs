@@ -14,7 +14,10 @@ pub mod types;
 pub mod volume_log;
 pub mod wire;
 
-pub use forward::{ForwardClient, ForwardError, ForwardHandler, ForwardOutcome};
+pub use forward::{
+    Admitted, ForwardClient, ForwardConn, ForwardError, ForwardFences, ForwardHandler,
+    ForwardOutcome, ForwardSource,
+};
 pub use net::{
     NetConfig, NetError, PrimaryHandle, PrimarySnapshot, ReceiverServer, Transport, spawn_primary,
 };

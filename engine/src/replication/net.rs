@@ -28,7 +28,10 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use super::ConnId;
-use super::forward::{FORWARD_IN_FLIGHT_MAX, ForwardHandler, ForwardOutcome};
+use super::forward::{
+    FORWARD_IN_FLIGHT_MAX, ForwardConn, ForwardFences, ForwardHandler, ForwardOutcome,
+    ForwardSource,
+};
 use super::plan::RecoveryEvent;
 use super::primary::{
     Action, FlushId, Input, Peer, PrimaryConfig, PrimaryCore, ReplicaState, Report,
@@ -260,6 +263,8 @@ struct ServerShared {
     /// Executes forwarded block IO for local primaries; without one, every forwarded
     /// request is answered `NotPrimary`.
     forward: Mutex<Option<Arc<dyn ForwardHandler>>>,
+    /// Orders and cancels forwarded requests across a node's connections.
+    forward_fences: Arc<ForwardFences>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -403,6 +408,7 @@ impl ReceiverServer {
             next_conn: AtomicU64::new(0),
             rejected: Mutex::new(VecDeque::new()),
             forward: Mutex::new(None),
+            forward_fences: ForwardFences::new(),
         });
         let s = shared.clone();
         let accept = tokio::spawn(async move {
@@ -546,7 +552,13 @@ async fn serve_conn(s: Arc<ServerShared>, stream: TcpStream, peer: SocketAddr) {
     tracing::debug!(%peer, node = %node, conn = conn.0, "replication peer authenticated");
     let s2 = s.clone();
     let forward_slots = Arc::new(tokio::sync::Semaphore::new(FORWARD_IN_FLIGHT_MAX));
+    // The fence of this connection's forwarded requests (see `forward`): closing the
+    // connection cancels every request of it not yet admitted to its volume.
+    let fconn = ForwardConn::new(conn.0);
+    let fconn_reader = fconn.clone();
     let task = tokio::spawn(async move {
+        let fconn = fconn_reader;
+        let close_fence = fconn.closes_on_drop();
         loop {
             match reader.next().await {
                 Ok(Message::Forward(ForwardMsg::Request {
@@ -563,18 +575,29 @@ async fn serve_conn(s: Arc<ServerShared>, stream: TcpStream, peer: SocketAddr) {
                     let handler = lock(&s2.forward).clone();
                     let tx = lock(&s2.conns).get(&conn).map(|e| e.tx.clone());
                     let Some(tx) = tx else { break };
+                    let fences = s2.forward_fences.clone();
+                    let fconn = fconn.clone();
+                    let node = node.clone();
                     tokio::spawn(async move {
+                        // Requests this node sent on its older connections for this volume
+                        // finish (or are cancelled) before this one runs.
+                        fences.arrive(&fconn, &node, &volume).await;
+                        let from = ForwardSource::connection(&node, fences, fconn, volume.clone());
                         let outcome = match handler {
-                            Some(h) => {
-                                tokio::task::spawn_blocking(move || h.handle(&volume, epoch, op))
-                                    .await
-                                    .unwrap_or_else(|e| {
-                                        ForwardOutcome::failed(
-                                            ForwardStatus::Io,
-                                            format!("forward handler failed: {e}"),
-                                        )
-                                    })
-                            }
+                            Some(_) if !from.is_current() => ForwardOutcome::failed(
+                                ForwardStatus::Io,
+                                "cancelled: the forward connection was closed or superseded".into(),
+                            ),
+                            Some(h) => tokio::task::spawn_blocking(move || {
+                                h.handle(&from, &volume, epoch, op)
+                            })
+                            .await
+                            .unwrap_or_else(|e| {
+                                ForwardOutcome::failed(
+                                    ForwardStatus::Io,
+                                    format!("forward handler failed: {e}"),
+                                )
+                            }),
                             None => ForwardOutcome::failed(
                                 ForwardStatus::NotPrimary,
                                 "this agent serves no forwarded IO".into(),
@@ -608,6 +631,7 @@ async fn serve_conn(s: Arc<ServerShared>, stream: TcpStream, peer: SocketAddr) {
                 }
             }
         }
+        drop(close_fence);
         s2.close(conn);
         let vols: Vec<Arc<Mutex<Hosted>>> = lock(&s2.volumes).values().cloned().collect();
         for v in vols {
