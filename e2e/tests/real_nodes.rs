@@ -1,0 +1,242 @@
+//! blockvol on real kubelet nodes (`hack/cluster.sh`): three kubelets with their own
+//! containerd, the chart installed with the locally built images, and pods using PVCs.
+//!
+//! One test brings the cluster up once and runs the scenarios in order, because start-up
+//! dominates: a filesystem PVC written and read back by a pod on one node; the pod
+//! deleted and a new one placed on another node by node affinity, which must see the same
+//! bytes; then `hack/cluster.sh down`, after which nothing of the cluster may remain on the
+//! machine. The cluster is taken down when the test fails too (drop guard).
+//!
+//! Needs root, the Debian packages of hack/deps.sh and the pinned tools; it runs the
+//! whole stack, so it takes minutes.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use e2e::realnodes::{BUSYBOX_IMAGE, HostTraces, NODES, RealCluster};
+use k8s_openapi::api::core::v1::{Namespace, PersistentVolumeClaim, Pod};
+use kube::Api;
+use kube::api::{DeleteParams, PostParams};
+use kube::runtime::wait::{await_condition, conditions};
+use serde_json::json;
+
+const NS: &str = "real-nodes";
+/// How long a pod may take from creation to completion (provisioning three replicas,
+/// attaching, formatting, the IO itself).
+const POD_TIMEOUT: Duration = Duration::from_secs(300);
+
+async fn create_namespace(cluster: &RealCluster) {
+    let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": NS}})).unwrap();
+    Api::<Namespace>::all(cluster.api().client())
+        .create(&PostParams::default(), &ns)
+        .await
+        .expect("namespace");
+}
+
+async fn create_pvc(cluster: &RealCluster, name: &str, fs_type_class: &str) {
+    let pvc: PersistentVolumeClaim = serde_json::from_value(json!({
+        "metadata": {"name": name},
+        "spec": {
+            "accessModes": ["ReadWriteOnce"],
+            "storageClassName": fs_type_class,
+            "resources": {"requests": {"storage": "256Mi"}},
+        }
+    }))
+    .unwrap();
+    Api::<PersistentVolumeClaim>::namespaced(cluster.api().client(), NS)
+        .create(&PostParams::default(), &pvc)
+        .await
+        .expect("pvc");
+}
+
+/// A pod running `script` in busybox with the PVC at /data, required onto `node` or
+/// (with `avoid`) onto any node but that one. Its termination message is the script's
+/// last output line written to /dev/termination-log.
+fn pod(name: &str, pvc: &str, script: &str, node: &str, avoid: bool) -> Pod {
+    let operator = if avoid { "NotIn" } else { "In" };
+    serde_json::from_value(json!({
+        "metadata": {"name": name},
+        "spec": {
+            "restartPolicy": "Never",
+            "terminationGracePeriodSeconds": 1,
+            "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [{"matchExpressions": [{
+                    "key": "kubernetes.io/hostname", "operator": operator, "values": [node]
+                }]}]
+            }}},
+            "containers": [{
+                "name": "io",
+                "image": BUSYBOX_IMAGE,
+                "imagePullPolicy": "Never",
+                "command": ["sh", "-ec", script],
+                "volumeMounts": [{"name": "data", "mountPath": "/data"}],
+            }],
+            "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": pvc}}],
+        }
+    }))
+    .unwrap()
+}
+
+/// Runs `pod` to completion; returns (node, termination message). Panics with the pod's
+/// status and log when it fails or times out.
+async fn run_pod(cluster: &RealCluster, pod: Pod) -> (String, String) {
+    let pods = Api::<Pod>::namespaced(cluster.api().client(), NS);
+    let name = pod.metadata.name.clone().unwrap();
+    pods.create(&PostParams::default(), &pod)
+        .await
+        .expect("create pod");
+    let done = tokio::time::timeout(
+        POD_TIMEOUT,
+        await_condition(pods.clone(), &name, |p: Option<&Pod>| {
+            p.and_then(|p| p.status.as_ref())
+                .and_then(|s| s.phase.as_deref())
+                .is_some_and(|phase| phase == "Succeeded" || phase == "Failed")
+        }),
+    )
+    .await;
+    let current = pods.get(&name).await.expect("get pod");
+    let phase = current
+        .status
+        .as_ref()
+        .and_then(|s| s.phase.clone())
+        .unwrap_or_default();
+    if done.is_err() || phase != "Succeeded" {
+        let log = cluster
+            .api()
+            .kubectl(["-n", NS, "logs", &name])
+            .await
+            .unwrap_or_else(|e| format!("(no log: {e})"));
+        let events = cluster
+            .api()
+            .kubectl(["-n", NS, "get", "events", "--sort-by=.lastTimestamp"])
+            .await
+            .unwrap_or_default();
+        panic!(
+            "pod {name} did not succeed (phase {phase:?}, timed out: {}):\nstatus: {:?}\nlog:\n{log}\nevents:\n{events}",
+            done.is_err(),
+            current.status
+        );
+    }
+    let node = current.spec.and_then(|s| s.node_name).unwrap_or_default();
+    let message = current
+        .status
+        .and_then(|s| s.container_statuses)
+        .and_then(|c| c.into_iter().next())
+        .and_then(|c| c.state)
+        .and_then(|s| s.terminated)
+        .and_then(|t| t.message)
+        .unwrap_or_default();
+    (node, message.trim().to_owned())
+}
+
+async fn delete_pod(cluster: &RealCluster, name: &str) {
+    let pods = Api::<Pod>::namespaced(cluster.api().client(), NS);
+    let uid = pods
+        .get(name)
+        .await
+        .expect("get pod")
+        .metadata
+        .uid
+        .unwrap_or_default();
+    pods.delete(name, &DeleteParams::default())
+        .await
+        .expect("delete pod");
+    tokio::time::timeout(
+        POD_TIMEOUT,
+        await_condition(pods, name, conditions::is_deleted(&uid)),
+    )
+    .await
+    .expect("pod deleted in time")
+    .expect("watch");
+}
+
+/// Writes 32 MiB of random data and its checksum, syncs, drops nothing from the cache
+/// (the read-back in the second pod comes from another node's fresh mount).
+const WRITE: &str = "head -c 33554432 /dev/urandom > /data/payload; \
+    sum=$(sha256sum /data/payload | cut -d' ' -f1); echo \"$sum\" > /data/sum; sync; \
+    [ \"$(sha256sum /data/payload | cut -d' ' -f1)\" = \"$sum\" ]; \
+    echo \"$sum\" > /dev/termination-log";
+/// Reads the payload back and checks it against the checksum written with it.
+const READ: &str = "sum=$(sha256sum /data/payload | cut -d' ' -f1); \
+    [ \"$sum\" = \"$(cat /data/sum)\" ]; echo \"$sum\" > /dev/termination-log";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pods_on_real_kubelets_keep_their_data_across_nodes_and_teardown_leaves_nothing() {
+    let before = HostTraces::read();
+    let mut cluster = RealCluster::up().await.expect("hack/cluster.sh up");
+
+    // The chart's node plugin registered itself with every kubelet (no registrar).
+    let csinodes = cluster
+        .api()
+        .kubectl([
+            "get",
+            "csinodes",
+            "-o",
+            "jsonpath={range .items[*]}{.metadata.name}={.spec.drivers[*].name}{\"\\n\"}{end}",
+        ])
+        .await
+        .expect("csinodes");
+    for node in NODES {
+        assert!(
+            csinodes.contains(&format!("{node}=csi.blockvol.io")),
+            "{node} has no csi.blockvol.io registration: {csinodes}"
+        );
+    }
+
+    create_namespace(&cluster).await;
+    create_pvc(&cluster, "ext4-data", "blockvol").await;
+
+    let (first_node, written) =
+        run_pod(&cluster, pod("writer", "ext4-data", WRITE, NODES[0], false)).await;
+    assert_eq!(first_node, NODES[0]);
+    assert_eq!(
+        written.len(),
+        64,
+        "a sha256 in the termination message: {written:?}"
+    );
+    delete_pod(&cluster, "writer").await;
+
+    let (second_node, read) = run_pod(
+        &cluster,
+        pod("reader", "ext4-data", READ, &first_node, true),
+    )
+    .await;
+    assert_ne!(
+        second_node, first_node,
+        "the reader must run on another node"
+    );
+    assert_eq!(
+        read, written,
+        "the data read on {second_node} differs from what {first_node} wrote"
+    );
+    delete_pod(&cluster, "reader").await;
+
+    // Volumes go before the cluster: the PV's replicas are deleted by the operator.
+    let pvcs = Api::<PersistentVolumeClaim>::namespaced(cluster.api().client(), NS);
+    pvcs.delete("ext4-data", &DeleteParams::default())
+        .await
+        .expect("delete pvc");
+
+    if !cluster.is_owned() {
+        return;
+    }
+    cluster.down().expect("hack/cluster.sh down");
+    let after = HostTraces::read();
+    let mut left = BTreeMap::new();
+    left.insert("processes", after.processes.join("; "));
+    left.insert("mounts", after.mounts.join("; "));
+    left.insert("loop devices", after.loop_devices.join("; "));
+    left.insert("cgroups", after.cgroups.join("; "));
+    for (what, value) in &left {
+        assert!(value.is_empty(), "down left {what}: {value}");
+    }
+    assert!(!after.cluster_dir, "down left the cluster dir");
+    assert_eq!(
+        after.sysctls, before.sysctls,
+        "down did not restore the sysctls"
+    );
+    assert_eq!(
+        after.host_dirs, before.host_dirs,
+        "down left host directories"
+    );
+}
