@@ -19,8 +19,6 @@ use crate::error::{Error, Result};
 pub const REAL_CLUSTER_KUBECONFIG_ENV: &str = "BLOCKVOL_REAL_CLUSTER_KUBECONFIG";
 /// The cluster's directory unless `BLOCKVOL_CLUSTER_DIR` says otherwise.
 pub const DEFAULT_CLUSTER_DIR: &str = "/tmp/blockvol-cluster";
-/// Node names `hack/cluster.sh` gives its kubelets.
-pub const NODES: [&str; 3] = ["bv-node-1", "bv-node-2", "bv-node-3"];
 /// The busybox test image `hack/images.sh` loads into every node.
 pub const BUSYBOX_IMAGE: &str = "localhost/busybox:dev";
 

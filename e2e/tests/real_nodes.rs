@@ -13,10 +13,10 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use e2e::realnodes::{BUSYBOX_IMAGE, HostTraces, NODES, RealCluster};
-use k8s_openapi::api::core::v1::{Namespace, PersistentVolumeClaim, Pod};
+use e2e::realnodes::{BUSYBOX_IMAGE, HostTraces, RealCluster};
+use k8s_openapi::api::core::v1::{Namespace, Node, PersistentVolumeClaim, Pod};
 use kube::Api;
-use kube::api::{DeleteParams, PostParams};
+use kube::api::{DeleteParams, ListParams, PostParams};
 use kube::runtime::wait::{await_condition, conditions};
 use serde_json::json;
 
@@ -24,6 +24,27 @@ const NS: &str = "real-nodes";
 /// How long a pod may take from creation to completion (provisioning three replicas,
 /// attaching, formatting, the IO itself).
 const POD_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// The nodes pods may run on (not tainted NoSchedule), sorted by name.
+async fn worker_nodes(cluster: &RealCluster) -> Vec<String> {
+    let nodes = Api::<Node>::all(cluster.api().client())
+        .list(&ListParams::default())
+        .await
+        .expect("nodes");
+    let mut names: Vec<String> = nodes
+        .items
+        .into_iter()
+        .filter(|n| {
+            !n.spec
+                .as_ref()
+                .and_then(|s| s.taints.as_ref())
+                .is_some_and(|t| t.iter().any(|t| t.effect == "NoSchedule"))
+        })
+        .filter_map(|n| n.metadata.name)
+        .collect();
+    names.sort();
+    names
+}
 
 async fn create_namespace(cluster: &RealCluster) {
     let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": NS}})).unwrap();
@@ -176,7 +197,9 @@ async fn pods_on_real_kubelets_keep_their_data_across_nodes_and_teardown_leaves_
         ])
         .await
         .expect("csinodes");
-    for node in NODES {
+    let nodes = worker_nodes(&cluster).await;
+    assert!(nodes.len() >= 2, "two nodes at least: {nodes:?}");
+    for node in &nodes {
         assert!(
             csinodes.contains(&format!("{node}=csi.blockvol.io")),
             "{node} has no csi.blockvol.io registration: {csinodes}"
@@ -186,9 +209,12 @@ async fn pods_on_real_kubelets_keep_their_data_across_nodes_and_teardown_leaves_
     create_namespace(&cluster).await;
     create_pvc(&cluster, "ext4-data", "blockvol").await;
 
-    let (first_node, written) =
-        run_pod(&cluster, pod("writer", "ext4-data", WRITE, NODES[0], false)).await;
-    assert_eq!(first_node, NODES[0]);
+    let (first_node, written) = run_pod(
+        &cluster,
+        pod("writer", "ext4-data", WRITE, &nodes[0], false),
+    )
+    .await;
+    assert_eq!(first_node, nodes[0]);
     assert_eq!(
         written.len(),
         64,
