@@ -4,8 +4,9 @@
 //! One test brings the cluster up once and runs the scenarios in order, because start-up
 //! dominates: a filesystem PVC written and read back by a pod on one node; the pod
 //! deleted and a new one placed on another node by node affinity, which must see the same
-//! bytes; then `hack/cluster.sh down`, after which nothing of the cluster may remain on the
-//! machine. The cluster is taken down when the test fails too (drop guard).
+//! bytes; a raw block PVC written and read back with direct IO; a mounted xfs PVC grown
+//! online, seen by the pod as a larger filesystem; then `hack/cluster.sh down`, after
+//! which nothing of the cluster may remain on the machine. The cluster is taken down when the test fails too (drop guard).
 //!
 //! Needs root, the Debian packages of hack/deps.sh and the pinned tools; it runs the
 //! whole stack, so it takes minutes.
@@ -15,8 +16,9 @@ use std::time::Duration;
 
 use e2e::realnodes::{BUSYBOX_IMAGE, HostTraces, RealCluster};
 use k8s_openapi::api::core::v1::{Namespace, Node, PersistentVolumeClaim, Pod};
+use k8s_openapi::api::storage::v1::StorageClass;
 use kube::Api;
-use kube::api::{DeleteParams, ListParams, PostParams};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::wait::{await_condition, conditions};
 use serde_json::json;
 
@@ -54,13 +56,14 @@ async fn create_namespace(cluster: &RealCluster) {
         .expect("namespace");
 }
 
-async fn create_pvc(cluster: &RealCluster, name: &str, fs_type_class: &str) {
+async fn create_pvc(cluster: &RealCluster, name: &str, class: &str, mode: &str, size: &str) {
     let pvc: PersistentVolumeClaim = serde_json::from_value(json!({
         "metadata": {"name": name},
         "spec": {
             "accessModes": ["ReadWriteOnce"],
-            "storageClassName": fs_type_class,
-            "resources": {"requests": {"storage": "256Mi"}},
+            "storageClassName": class,
+            "volumeMode": mode,
+            "resources": {"requests": {"storage": size}},
         }
     }))
     .unwrap();
@@ -74,8 +77,18 @@ async fn create_pvc(cluster: &RealCluster, name: &str, fs_type_class: &str) {
 /// (with `avoid`) onto any node but that one. Its termination message is the script's
 /// last output line written to /dev/termination-log.
 fn pod(name: &str, pvc: &str, script: &str, node: &str, avoid: bool) -> Pod {
+    pod_with(name, pvc, script, node, avoid, false)
+}
+
+/// As [`pod`]; with `block` the PVC is a raw device at /dev/xvda instead of a mount.
+fn pod_with(name: &str, pvc: &str, script: &str, node: &str, avoid: bool, block: bool) -> Pod {
     let operator = if avoid { "NotIn" } else { "In" };
-    serde_json::from_value(json!({
+    let attach = if block {
+        json!({"volumeDevices": [{"name": "data", "devicePath": "/dev/xvda"}]})
+    } else {
+        json!({"volumeMounts": [{"name": "data", "mountPath": "/data"}]})
+    };
+    let mut pod = json!({
         "metadata": {"name": name},
         "spec": {
             "restartPolicy": "Never",
@@ -90,22 +103,32 @@ fn pod(name: &str, pvc: &str, script: &str, node: &str, avoid: bool) -> Pod {
                 "image": BUSYBOX_IMAGE,
                 "imagePullPolicy": "Never",
                 "command": ["sh", "-ec", script],
-                "volumeMounts": [{"name": "data", "mountPath": "/data"}],
             }],
             "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": pvc}}],
         }
-    }))
-    .unwrap()
+    });
+    for (k, v) in attach.as_object().unwrap() {
+        pod["spec"]["containers"][0][k] = v.clone();
+    }
+    serde_json::from_value(pod).unwrap()
 }
 
 /// Runs `pod` to completion; returns (node, termination message). Panics with the pod's
 /// status and log when it fails or times out.
 async fn run_pod(cluster: &RealCluster, pod: Pod) -> (String, String) {
-    let pods = Api::<Pod>::namespaced(cluster.api().client(), NS);
     let name = pod.metadata.name.clone().unwrap();
-    pods.create(&PostParams::default(), &pod)
+    Api::<Pod>::namespaced(cluster.api().client(), NS)
+        .create(&PostParams::default(), &pod)
         .await
         .expect("create pod");
+    wait_pod_done(cluster, &name).await
+}
+
+/// Waits until pod `name` has finished; returns (node, termination message). Panics
+/// with the pod's status and log when it fails or times out.
+async fn wait_pod_done(cluster: &RealCluster, name: &str) -> (String, String) {
+    let pods = Api::<Pod>::namespaced(cluster.api().client(), NS);
+    let name = name.to_owned();
     let done = tokio::time::timeout(
         POD_TIMEOUT,
         await_condition(pods.clone(), &name, |p: Option<&Pod>| {
@@ -181,6 +204,35 @@ const WRITE: &str = "head -c 33554432 /dev/urandom > /data/payload; \
 const READ: &str = "sum=$(sha256sum /data/payload | cut -d' ' -f1); \
     [ \"$sum\" = \"$(cat /data/sum)\" ]; echo \"$sum\" > /dev/termination-log";
 
+/// Writes 8 MiB of random data to the raw device with direct IO and reads it back.
+const RAW_IO: &str = "head -c 8388608 /dev/urandom > /tmp/payload; \
+    dd if=/tmp/payload of=/dev/xvda bs=1M oflag=direct conv=fsync 2>/dev/null; \
+    a=$(sha256sum /tmp/payload | cut -d' ' -f1); \
+    b=$(dd if=/dev/xvda bs=1M count=8 iflag=direct 2>/dev/null | sha256sum | cut -d' ' -f1); \
+    [ \"$a\" = \"$b\" ]; echo \"$a\" > /dev/termination-log";
+/// Reports the filesystem size (KiB) before and after it grows past 400000 KiB.
+const GROW: &str = "size() { df -k /data | tail -1 | awk '{print $2}'; }; before=$(size); \
+    while [ \"$(size)\" -le 400000 ]; do sleep 1; done; \
+    echo \"$before $(size)\" > /dev/termination-log";
+/// A StorageClass like the chart's, with xfs (its online growth needs no extra
+/// capability, unlike ext4's on some hosts).
+const XFS_CLASS: &str = "real-nodes-xfs";
+
+async fn create_storage_class_xfs(cluster: &RealCluster) {
+    let sc: StorageClass = serde_json::from_value(json!({
+        "metadata": {"name": XFS_CLASS},
+        "provisioner": "csi.blockvol.io",
+        "allowVolumeExpansion": true,
+        "volumeBindingMode": "WaitForFirstConsumer",
+        "parameters": {"replicas": "3", "durability": "syncAll", "fsType": "xfs"},
+    }))
+    .unwrap();
+    Api::<StorageClass>::all(cluster.api().client())
+        .create(&PostParams::default(), &sc)
+        .await
+        .expect("storage class");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pods_on_real_kubelets_keep_their_data_across_nodes_and_teardown_leaves_nothing() {
     let before = HostTraces::read();
@@ -207,7 +259,7 @@ async fn pods_on_real_kubelets_keep_their_data_across_nodes_and_teardown_leaves_
     }
 
     create_namespace(&cluster).await;
-    create_pvc(&cluster, "ext4-data", "blockvol").await;
+    create_pvc(&cluster, "ext4-data", "blockvol", "Filesystem", "256Mi").await;
 
     let (first_node, written) = run_pod(
         &cluster,
@@ -237,13 +289,76 @@ async fn pods_on_real_kubelets_keep_their_data_across_nodes_and_teardown_leaves_
     );
     delete_pod(&cluster, "reader").await;
 
+    // A raw block PVC: written and read back with direct IO through the device.
+    create_pvc(&cluster, "raw", "blockvol", "Block", "128Mi").await;
+    let (_, raw) = run_pod(
+        &cluster,
+        pod_with("raw-io", "raw", RAW_IO, &nodes[1], false, true),
+    )
+    .await;
+    assert_eq!(
+        raw.len(),
+        64,
+        "a sha256 in the termination message: {raw:?}"
+    );
+    delete_pod(&cluster, "raw-io").await;
+
+    // Online expansion of a mounted xfs volume, seen by the pod as a larger filesystem.
+    create_storage_class_xfs(&cluster).await;
+    create_pvc(&cluster, "grow", XFS_CLASS, "Filesystem", "320Mi").await;
+    let grow = pod("grow", "grow", GROW, &nodes[0], false);
+    Api::<Pod>::namespaced(cluster.api().client(), NS)
+        .create(&PostParams::default(), &grow)
+        .await
+        .expect("create pod");
+    tokio::time::timeout(
+        POD_TIMEOUT,
+        await_condition(
+            Api::<Pod>::namespaced(cluster.api().client(), NS),
+            "grow",
+            conditions::is_pod_running(),
+        ),
+    )
+    .await
+    .expect("the pod runs in time")
+    .expect("watch");
+    Api::<PersistentVolumeClaim>::namespaced(cluster.api().client(), NS)
+        .patch(
+            "grow",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"resources": {"requests": {"storage": "640Mi"}}}})),
+        )
+        .await
+        .expect("resize the PVC");
+    let (_, sizes) = wait_pod_done(&cluster, "grow").await;
+    let sizes: Vec<u64> = sizes
+        .split_whitespace()
+        .map(|v| v.parse().expect("sizes in KiB"))
+        .collect();
+    assert!(
+        sizes.len() == 2 && sizes[0] < 400_000 && sizes[1] > 400_000,
+        "the mounted filesystem did not grow past 400000 KiB: {sizes:?}"
+    );
+    delete_pod(&cluster, "grow").await;
+
     // Volumes go before the cluster: the PV's replicas are deleted by the operator.
     let pvcs = Api::<PersistentVolumeClaim>::namespaced(cluster.api().client(), NS);
-    pvcs.delete("ext4-data", &DeleteParams::default())
-        .await
-        .expect("delete pvc");
+    for pvc in ["ext4-data", "raw", "grow"] {
+        pvcs.delete(pvc, &DeleteParams::default())
+            .await
+            .expect("delete pvc");
+    }
 
     if !cluster.is_owned() {
+        // A cluster that stays up gets back to how it was.
+        Api::<StorageClass>::all(cluster.api().client())
+            .delete(XFS_CLASS, &DeleteParams::default())
+            .await
+            .expect("delete storage class");
+        Api::<Namespace>::all(cluster.api().client())
+            .delete(NS, &DeleteParams::default())
+            .await
+            .expect("delete namespace");
         return;
     }
     cluster.down().expect("hack/cluster.sh down");
