@@ -389,7 +389,13 @@ up() {
       *) die "unknown argument $a" ;;
     esac
   done
-  [ ! -e "$dir" ] || die "$dir exists: the cluster is up (or was not taken down); run hack/cluster.sh down"
+  if [ -e "$dir" ]; then
+    # A cluster whose processes are all gone (its owner was killed) is cleaned up; a
+    # live one is left alone.
+    [ -z "$(cgroup_pids)" ] || die "the cluster in $dir is up; hack/cluster.sh down stops it"
+    log "removing the remains of a cluster that was not taken down"
+    down
+  fi
   [ "$(id -u)" -eq 0 ] || die "needs root (namespaces, mounts, cgroups)"
   for t in containerd runc socat nsenter unshare openssl python3 /usr/lib/cni/bridge; do
     command -v "$t" >/dev/null || die "$t is missing; run hack/deps.sh"
