@@ -5,7 +5,9 @@
 //! dominates: a filesystem PVC written and read back by a pod on one node; the pod
 //! deleted and a new one placed on another node by node affinity, which must see the same
 //! bytes; a raw block PVC written and read back with direct IO; a mounted xfs PVC grown
-//! online, seen by the pod as a larger filesystem; then `hack/cluster.sh down`, after
+//! online, seen by the pod as a larger filesystem; `kubectl drain` of the node of a
+//! Deployment's pod, whose replacement elsewhere must read the same bytes; then
+//! `hack/cluster.sh down`, after
 //! which nothing of the cluster may remain on the machine. The cluster is taken down when the test fails too (drop guard).
 //!
 //! Needs root, the Debian packages of hack/deps.sh and the pinned tools; it runs the
@@ -233,6 +235,153 @@ async fn create_storage_class_xfs(cluster: &RealCluster) {
         .expect("storage class");
 }
 
+/// Writes a payload once (first start), verifies it on every later start, then idles.
+const MOVER: &str = "if [ -f /data/sum ]; then \
+      s=$(sha256sum /data/payload | cut -d' ' -f1); \
+      if [ \"$s\" = \"$(cat /data/sum)\" ]; then echo \"verified $s\"; else echo \"mismatch $s\"; fi; \
+    else \
+      head -c 16777216 /dev/urandom > /data/payload; \
+      sha256sum /data/payload | cut -d' ' -f1 > /data/sum; sync; echo \"wrote $(cat /data/sum)\"; \
+    fi; exec sleep 1000000";
+
+/// The pods of the `mover` Deployment: (name, node, running).
+async fn mover_pods(cluster: &RealCluster) -> Vec<(String, String, bool)> {
+    Api::<Pod>::namespaced(cluster.api().client(), NS)
+        .list(&ListParams::default().labels("app=mover"))
+        .await
+        .expect("list pods")
+        .items
+        .into_iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .map(|p| {
+            let running = p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running");
+            (
+                p.metadata.name.unwrap_or_default(),
+                p.spec.and_then(|s| s.node_name).unwrap_or_default(),
+                running,
+            )
+        })
+        .collect()
+}
+
+/// Polls until a running `mover` pod not on `avoid` logs a line starting with `prefix`;
+/// returns (pod, node, line).
+async fn wait_mover_log(
+    cluster: &RealCluster,
+    avoid: &str,
+    prefix: &str,
+) -> (String, String, String) {
+    let deadline = tokio::time::Instant::now() + POD_TIMEOUT;
+    loop {
+        for (pod, node, running) in mover_pods(cluster).await {
+            if !running || node == avoid {
+                continue;
+            }
+            let log = cluster
+                .api()
+                .kubectl(["-n", NS, "logs", &pod])
+                .await
+                .unwrap_or_default();
+            if let Some(line) = log.lines().find(|l| l.starts_with(prefix)) {
+                return (pod, node, line.to_owned());
+            }
+            assert!(
+                !log.contains("mismatch"),
+                "{pod} on {node} read other bytes: {log}"
+            );
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no running mover pod off {avoid:?} logged {prefix:?} in time: {:?}",
+            mover_pods(cluster).await
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+async fn drain_moves_the_pod_and_the_volume_follows(cluster: &RealCluster) {
+    create_pvc(cluster, "moving", "blockvol", "Filesystem", "256Mi").await;
+    let deployment = json!({
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": "mover", "namespace": NS},
+        "spec": {
+            "replicas": 1,
+            "strategy": {"type": "Recreate"},
+            "selector": {"matchLabels": {"app": "mover"}},
+            "template": {
+                "metadata": {"labels": {"app": "mover"}},
+                "spec": {
+                    "terminationGracePeriodSeconds": 1,
+                    "containers": [{
+                        "name": "io",
+                        "image": BUSYBOX_IMAGE,
+                        "imagePullPolicy": "Never",
+                        "command": ["sh", "-ec", MOVER],
+                        "volumeMounts": [{"name": "data", "mountPath": "/data"}],
+                    }],
+                    "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": "moving"}}],
+                }
+            }
+        }
+    });
+    let file = tempfile::NamedTempFile::new().expect("temp file");
+    std::fs::write(file.path(), deployment.to_string()).expect("write manifest");
+    let path = file.path().display().to_string();
+    cluster
+        .api()
+        .kubectl(["apply", "-f", &path])
+        .await
+        .expect("create the deployment");
+    let (_, first_node, wrote) = wait_mover_log(cluster, "", "wrote ").await;
+    let sum = wrote.trim_start_matches("wrote ").to_owned();
+
+    cluster
+        .api()
+        .kubectl([
+            "drain",
+            &first_node,
+            "--ignore-daemonsets",
+            "--delete-emptydir-data",
+            "--timeout=240s",
+        ])
+        .await
+        .expect("kubectl drain");
+    let (_, second_node, verified) = wait_mover_log(cluster, &first_node, "verified ").await;
+    assert_ne!(second_node, first_node);
+    assert_eq!(
+        verified,
+        format!("verified {sum}"),
+        "the volume did not follow the pod from {first_node} to {second_node}"
+    );
+    cluster
+        .api()
+        .kubectl(["uncordon", &first_node])
+        .await
+        .expect("kubectl uncordon");
+    cluster
+        .api()
+        .kubectl(["-n", NS, "delete", "deployment", "mover", "--wait=true"])
+        .await
+        .expect("delete the deployment");
+    // The PVC can go once no pod uses it.
+    let pods = Api::<Pod>::namespaced(cluster.api().client(), NS);
+    let deadline = tokio::time::Instant::now() + POD_TIMEOUT;
+    while !pods
+        .list(&ListParams::default().labels("app=mover"))
+        .await
+        .expect("list pods")
+        .items
+        .is_empty()
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the mover pods did not go"
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pods_on_real_kubelets_keep_their_data_across_nodes_and_teardown_leaves_nothing() {
     let before = HostTraces::read();
@@ -341,9 +490,12 @@ async fn pods_on_real_kubelets_keep_their_data_across_nodes_and_teardown_leaves_
     );
     delete_pod(&cluster, "grow").await;
 
+    // A node drain: the Deployment's pod moves to another node and the volume follows.
+    drain_moves_the_pod_and_the_volume_follows(&cluster).await;
+
     // Volumes go before the cluster: the PV's replicas are deleted by the operator.
     let pvcs = Api::<PersistentVolumeClaim>::namespaced(cluster.api().client(), NS);
-    for pvc in ["ext4-data", "raw", "grow"] {
+    for pvc in ["ext4-data", "raw", "grow", "moving"] {
         pvcs.delete(pvc, &DeleteParams::default())
             .await
             .expect("delete pvc");
