@@ -4,8 +4,8 @@
 //! `BLOCKVOL_REAL_CLUSTER_KUBECONFIG` names a kubeconfig, uses that running cluster and
 //! leaves it up); dropping a cluster it started runs `hack/cluster.sh down`, also when the
 //! test panics. [`HostTraces`] records what the cluster could leave behind on the machine
-//! (processes, mounts, loop devices, cgroups, sysctls, directories) so a test can assert
-//! that `down` removed all of it. The images are made from the binaries already built
+//! (processes, mounts, loop devices, cgroups, sysctls, directories, iptables chains) so
+//! a test can assert that `down` removed all of it. The images are made from the binaries already built
 //! (`cargo build --bins -p operator -p node-agent -p csi`).
 
 use std::path::{Path, PathBuf};
@@ -152,6 +152,8 @@ pub struct HostTraces {
     pub host_dirs: Vec<String>,
     /// Whether the cluster dir exists.
     pub cluster_dir: bool,
+    /// The kubelet's and CNI's iptables chains in this network namespace.
+    pub iptables_chains: Vec<String>,
 }
 
 const NODE_PATHS: [&str; 2] = ["/var/lib/kubelet", "/var/lib/blockvol"];
@@ -240,7 +242,19 @@ impl HostTraces {
             .filter(|d| Path::new(d).exists())
             .map(|d| d.to_string())
             .collect();
+        let iptables_chains = ["iptables-save", "ip6tables-save"]
+            .iter()
+            .filter_map(|tool| Command::new(tool).output().ok())
+            .flat_map(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .lines()
+                    .filter(|l| l.starts_with(':') && (l.contains("KUBE-") || l.contains("CNI-")))
+                    .map(|l| l.split_whitespace().next().unwrap_or_default().to_owned())
+                    .collect::<Vec<_>>()
+            })
+            .collect();
         HostTraces {
+            iptables_chains,
             processes,
             mounts,
             loop_devices,

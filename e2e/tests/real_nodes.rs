@@ -532,4 +532,8 @@ async fn pods_on_real_kubelets_keep_their_data_across_nodes_and_teardown_leaves_
         after.host_dirs, before.host_dirs,
         "down left host directories"
     );
+    assert_eq!(
+        after.iptables_chains, before.iptables_chains,
+        "down left iptables chains"
+    );
 }
