@@ -1,4 +1,5 @@
-//! Compiles the CSI spec and the node-agent service with the vendored protoc, so
+//! Compiles the CSI spec, the node-agent service and the kubelet's plugin-registration
+//! service with the vendored protoc, so
 //! building needs no system protoc. The vendored include directory supplies the
 //! well-known types csi.proto imports (descriptor, wrappers, timestamp).
 
@@ -13,6 +14,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protos = [
         PathBuf::from("proto/csi.proto"),
         PathBuf::from("proto/agent.proto"),
+        PathBuf::from("proto/pluginregistration.proto"),
     ];
     tonic_prost_build::configure()
         .build_server(true)

@@ -5,15 +5,14 @@
 #   KEEP_CLUSTER=1 hack/e2e-kind.sh   # leave the cluster running afterwards
 #
 # Steps: kind create cluster from deploy/kind.yaml (3 workers, /var/lib/blockvol of each
-# under /tmp/blockvol-kind on the host) -> docker build deploy/Dockerfile -> kind load ->
-# helm install charts/blockvol into blockvol-system -> wait for the rollout ->
-# cargo test -p e2e with BLOCKVOL_E2E_KUBECONFIG pointing at the kind cluster.
-# Without Docker use hack/up.sh, which runs the same components as local processes.
+# under /tmp/blockvol-kind on the host) -> hack/images.sh --kind (the same images
+# hack/cluster.sh uses) -> helm install charts/blockvol into blockvol-system with those
+# images -> wait for the rollout -> cargo test -p e2e with BLOCKVOL_E2E_KUBECONFIG and
+# BLOCKVOL_REAL_CLUSTER_KUBECONFIG pointing at the kind cluster, so the real-pod tests
+# run there as they run on hack/cluster.sh. Without Docker use hack/cluster.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CLUSTER="${KIND_CLUSTER_NAME:-blockvol-e2e}"
-VERSION="$(sed -n 's/^appVersion: *"\(.*\)"/\1/p' charts/blockvol/Chart.yaml)"
-IMAGE="blockvol/blockvol:$VERSION"
 KUBECONFIG_FILE="${TMPDIR:-/tmp}/blockvol-kind-$CLUSTER.kubeconfig"
 ROLLOUT_TIMEOUT="${ROLLOUT_TIMEOUT:-300s}"
 
@@ -35,12 +34,15 @@ mkdir -p /tmp/blockvol-kind/worker-{1,2,3}
 kind create cluster --name "$CLUSTER" --config deploy/kind.yaml --kubeconfig "$KUBECONFIG_FILE"
 export KUBECONFIG="$KUBECONFIG_FILE"
 
-docker build -f deploy/Dockerfile -t "$IMAGE" .
-kind load docker-image "$IMAGE" --name "$CLUSTER"
+hack/images.sh --kind "$CLUSTER"
 
 helm install blockvol charts/blockvol --namespace blockvol-system --create-namespace \
-  --set image.tag="$VERSION" --set image.pullPolicy=Never --wait --timeout "$ROLLOUT_TIMEOUT"
+  --set image.repository=localhost/blockvol --set image.tag=dev --set image.pullPolicy=Never \
+  --set sidecars.provisioner.image=localhost/csi-provisioner:dev \
+  --set sidecars.attacher.image=localhost/csi-attacher:dev \
+  --set sidecars.resizer.image=localhost/csi-resizer:dev \
+  --wait --timeout "$ROLLOUT_TIMEOUT"
 kubectl -n blockvol-system rollout status deployment --timeout "$ROLLOUT_TIMEOUT"
 kubectl -n blockvol-system rollout status daemonset --timeout "$ROLLOUT_TIMEOUT"
 
-BLOCKVOL_E2E_KUBECONFIG="$KUBECONFIG_FILE" cargo test -p e2e --locked -- --test-threads=1
+BLOCKVOL_E2E_KUBECONFIG="$KUBECONFIG_FILE" BLOCKVOL_REAL_CLUSTER_KUBECONFIG="$KUBECONFIG_FILE" cargo test -p e2e --locked -- --test-threads=1

@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Runs every blockvol test on this machine: installs what the tests need (system
-# packages, the pinned Kubernetes binaries), then lints and runs the test suites.
+# packages, the pinned Kubernetes binaries), then lints and runs the test suites. The
+# suites include the real-node tests (e2e/tests/real_nodes.rs): they start
+# hack/cluster.sh (three kubelets, images built here, the chart installed), run pods
+# with PVCs and take the cluster down again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -1,5 +1,6 @@
 //! The blockvol CSI driver: Identity, Controller and Node services over gRPC, and the
-//! protocol between the node plugin and the node agent (`agent_proto`).
+//! protocol between the node plugin and the node agent (`agent_proto`), and the node
+//! plugin's registration with the kubelet (`registration`).
 //!
 //! The controller maps CSI volumes onto `BlockVolume` objects and leaves replication
 //! to the operator; the node plugin asks the local node agent for a block device and
@@ -19,6 +20,13 @@ pub mod agent_proto {
     tonic::include_proto!("blockvol.agent.v1");
 }
 
+/// Generated kubelet plugin-registration service (`pluginregistration`, the kubelet's
+/// `pluginregistration.v1` API, `proto/pluginregistration.proto`).
+#[allow(clippy::all, clippy::pedantic, missing_docs)]
+pub mod registration_proto {
+    tonic::include_proto!("pluginregistration");
+}
+
 pub mod agent;
 pub mod controller;
 pub mod error;
@@ -28,6 +36,7 @@ pub mod mount;
 pub mod names;
 pub mod node;
 pub mod params;
+pub mod registration;
 pub mod rpc;
 pub mod server;
 

@@ -121,3 +121,76 @@ async fn node_mode_serves_identity_and_node_and_stops_on_sigterm() {
         .unwrap();
     assert!(status.success(), "clean exit, got {status}");
 }
+
+/// With --registration-dir the node plugin registers itself the way the kubelet's plugin
+/// watcher expects (no node-driver-registrar): a socket named `<driver>-reg.sock` in that
+/// dir answering GetInfo with type CSIPlugin, the driver name, the CSI socket's path and
+/// version 1.0.0, accepting the kubelet's status, and gone after SIGTERM so the kubelet
+/// deregisters the plugin.
+#[tokio::test]
+async fn node_mode_registers_itself_with_the_kubelet_plugin_watcher() {
+    use csi::registration_proto::registration_client::RegistrationClient;
+    use csi::registration_proto::{InfoRequest, RegistrationStatus};
+
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("csi.sock");
+    let registry = dir.path().join("plugins_registry");
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_blockvol-csi"))
+        .args(["--mode", "node", "--node-id", "worker-1"])
+        .arg(format!("--endpoint=unix://{}", socket.display()))
+        .arg(format!(
+            "--agent-socket={}",
+            dir.path().join("agent.sock").display()
+        ))
+        .arg(format!("--registration-dir={}", registry.display()))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("binary starts");
+    let mut child = Child(Some(child));
+    let reg_socket = registry.join("csi.blockvol.io-reg.sock");
+    wait_for_socket(&reg_socket).await;
+    let channel = unix_channel(&reg_socket, Duration::from_secs(10)).unwrap();
+    let mut registration = RegistrationClient::new(channel);
+    let info = registration
+        .get_info(InfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(info.r#type, "CSIPlugin");
+    assert_eq!(info.name, api::CSI_DRIVER_NAME);
+    assert_eq!(info.endpoint, socket.display().to_string());
+    assert_eq!(info.supported_versions, vec!["1.0.0".to_string()]);
+    // The endpoint it names is the CSI socket, serving Node calls.
+    let node_info = NodeClient::new(unix_channel(&socket, Duration::from_secs(10)).unwrap())
+        .node_get_info(NodeGetInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(node_info.node_id, "worker-1");
+    registration
+        .notify_registration_status(RegistrationStatus {
+            plugin_registered: true,
+            error: String::new(),
+        })
+        .await
+        .unwrap();
+
+    let mut c = child.0.take().unwrap();
+    let pid = c.id().expect("running");
+    let sent = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let status = tokio::time::timeout(Duration::from_secs(10), c.wait())
+        .await
+        .expect("exits within 10 s of SIGTERM")
+        .unwrap();
+    assert!(status.success(), "clean exit, got {status}");
+    assert!(
+        !reg_socket.exists(),
+        "the registration socket outlived the plugin"
+    );
+}

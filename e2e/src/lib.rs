@@ -17,6 +17,7 @@ pub mod local;
 pub mod openmetrics;
 pub mod pki;
 mod process;
+pub mod realnodes;
 pub mod tools;
 
 pub use controlplane::{

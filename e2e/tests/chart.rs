@@ -224,10 +224,12 @@ fn allowed() -> Vec<Can> {
     );
     v.push(can("csi-controller", "patch", "persistentvolumeclaims").status());
     v.push(can("csi-controller", "update", LEASES).in_ns(NS));
-    // Node agent: its BlockNode, its replicas' status, its Lease.
+    // Node agent: its BlockNode, its replicas' status, its Lease (renewed by
+    // server-side apply, a PATCH).
     v.push(can("node", "create", BN));
     v.push(can("node", "patch", BR).status());
     v.push(can("node", "update", LEASES).in_ns(NS));
+    v.push(can("node", "patch", LEASES).in_ns(NS));
     v
 }
 

@@ -19,7 +19,12 @@ fn version_output(binary: &str, args: &[&str]) -> String {
 
 #[test]
 fn kubernetes_binaries_report_the_pinned_version() {
-    for binary in ["kube-apiserver", "kube-controller-manager"] {
+    for binary in [
+        "kube-apiserver",
+        "kube-controller-manager",
+        "kube-scheduler",
+        "kubelet",
+    ] {
         let out = version_output(binary, &["--version"]);
         assert_eq!(out.trim(), "Kubernetes v1.34.4", "{binary}");
     }

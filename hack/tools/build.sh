@@ -2,7 +2,10 @@
 # Builds the pinned Kubernetes test tools (etcd, kube-apiserver, kubectl, ...) from Go
 # modules into a cache outside the clone, keyed by a hash of the pinning go.mod/go.sum
 # files, so a rebuild only happens when a pin changes. Idempotent; safe to run
-# concurrently (a lock serialises builds of the same key).
+# concurrently (a lock serialises builds of the same key). Each module's binaries are
+# also kept under a key of that module alone (`modules/<module>-<key>/`), and the bin
+# directory of the overall key links to them, so changing one module's pins rebuilds
+# only that module.
 #
 #   hack/tools/build.sh              build whatever is missing
 #   hack/tools/build.sh etcd kubectl build only the named binaries (if missing)
@@ -35,6 +38,8 @@ targets=(
   "kubernetes|kube-apiserver|k8s.io/kubernetes/cmd/kube-apiserver"
   "kubernetes|kubectl|k8s.io/kubernetes/cmd/kubectl"
   "kubernetes|kube-controller-manager|k8s.io/kubernetes/cmd/kube-controller-manager"
+  "kubernetes|kube-scheduler|k8s.io/kubernetes/cmd/kube-scheduler"
+  "kubernetes|kubelet|k8s.io/kubernetes/cmd/kubelet"
   "csi-sanity|csi-sanity|github.com/kubernetes-csi/csi-test/v5/cmd/csi-sanity"
   "helm|helm|helm.sh/helm/v3/cmd/helm"
   "csi-sidecars|csi-attacher|github.com/kubernetes-csi/external-attacher/v4/cmd/csi-attacher"
@@ -64,6 +69,19 @@ cache_key() {
       cat "$tools_dir/$m/go.mod" "$tools_dir/$m/go.sum"
     done
     printf '%s\n' "${targets[@]}" "$(declare -f ldflags_for)" "$kube_ldflags" "$(go env GOVERSION GOOS GOARCH)"
+  } | sha256sum | cut -c1-16
+}
+
+# The key of one module's binaries: its pins, its targets and its recipe.
+module_key() {
+  local m="$1"
+  {
+    cat "$tools_dir/$m/go.mod" "$tools_dir/$m/go.sum"
+    for t in "${targets[@]}"; do
+      [ "${t%%|*}" = "$m" ] && printf '%s\n' "$t"
+    done
+    ldflags_for "$m"
+    go env GOVERSION GOOS GOARCH
   } | sha256sum | cut -c1-16
 }
 
@@ -114,9 +132,25 @@ flock 9
 export GOFLAGS="-trimpath -mod=readonly"
 export CGO_ENABLED=0
 
+# Binaries a build of another overall key already made from the same module pins.
+for t in "${targets[@]}"; do
+  IFS='|' read -r tm name _ <<<"$t"
+  wanted "$name" || continue
+  [ -x "$bin_dir/$name" ] && continue
+  stored="$cache_root/modules/$tm-$(module_key "$tm")/$name"
+  if [ -x "$stored" ]; then
+    ln -f "$stored" "$bin_dir/$name" 2>/dev/null || cp -f "$stored" "$bin_dir/$name"
+  fi
+done
+if all_present; then
+  echo "==> tools: all present in $bin_dir (reused from unchanged module pins)"
+  exit 0
+fi
+
 echo "==> tools: building into $bin_dir"
 total_start=$SECONDS
 for m in "${modules[@]}"; do
+  store="$cache_root/modules/$m-$(module_key "$m")"
   pkgs=()
   names=()
   for t in "${targets[@]}"; do
@@ -150,7 +184,9 @@ for m in "${modules[@]}"; do
     name="${names[$i]}"
     built="$stage/$name"
     [ -x "$built" ] || built="$stage/$(basename "${pkgs[$i]}")"
-    mv -f "$built" "$bin_dir/$name"
+    mkdir -p "$store"
+    mv -f "$built" "$store/$name"
+    ln -f "$store/$name" "$bin_dir/$name" 2>/dev/null || cp -f "$store/$name" "$bin_dir/$name"
     printf '    built %-26s %4ds  (%s)\n' "$name" $((SECONDS - start)) "$(du -h "$bin_dir/$name" | cut -f1)"
   done
   rm -rf "$stage"

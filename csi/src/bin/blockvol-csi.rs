@@ -1,6 +1,8 @@
 //! blockvol-csi: the CSI driver binary. `--mode controller` runs Identity and
 //! Controller (talks to the Kubernetes API), `--mode node` runs Identity and Node
-//! (talks to the local node agent), `--mode all` runs all three.
+//! (talks to the local node agent), `--mode all` runs all three. With
+//! `--registration-dir` the node plugin also registers itself with the kubelet
+//! (`csi::registration`), so no node-driver-registrar sidecar is needed.
 
 use std::path::PathBuf;
 
@@ -11,6 +13,7 @@ use csi::controller::{ControllerService, ControllerSettings};
 use csi::identity::IdentityService;
 use csi::mount::CommandSettings;
 use csi::node::{NodeService, NodeSettings};
+use csi::registration::{self, RegistrationService};
 use csi::server::{Endpoint, Services, serve};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -52,6 +55,15 @@ struct Args {
     /// How often CreateVolume re-reads the volume while waiting, in milliseconds.
     #[arg(long, default_value_t = 500)]
     ready_poll_interval_ms: u64,
+    /// The kubelet's plugin registration directory (usually
+    /// `<kubelet-dir>/plugins_registry`); node and all modes. Set: the plugin serves the
+    /// kubelet's plugin-registration API on a socket there. Unset: an external
+    /// registrar (node-driver-registrar) registers it.
+    #[arg(long, env = "REGISTRATION_DIR")]
+    registration_dir: Option<PathBuf>,
+    /// The CSI socket's path as the kubelet sees it (default: the --endpoint path).
+    #[arg(long)]
+    kubelet_registration_path: Option<PathBuf>,
     /// Size of a volume whose request names no capacity, in bytes.
     #[arg(long, default_value_t = 1 << 30)]
     default_volume_size_bytes: u64,
@@ -110,13 +122,32 @@ async fn main() -> anyhow::Result<()> {
         controller,
         node,
     };
-    let shutdown = async {
+    let registration = match (&args.registration_dir, with_node) {
+        (Some(dir), true) => {
+            let csi_path = match (&args.kubelet_registration_path, &endpoint) {
+                (Some(p), _) => p.clone(),
+                (None, Endpoint::Unix(p)) => p.clone(),
+                (None, Endpoint::Tcp(_)) => anyhow::bail!(
+                    "--registration-dir needs a unix --endpoint or --kubelet-registration-path"
+                ),
+            };
+            Some((
+                dir.join(registration::socket_name(api::CSI_DRIVER_NAME)),
+                RegistrationService::new(api::CSI_DRIVER_NAME, csi_path),
+            ))
+        }
+        (Some(_), false) => anyhow::bail!("--registration-dir applies to node and all modes"),
+        (None, _) => None,
+    };
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
         let mut term =
             match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
                 Ok(s) => s,
                 Err(e) => {
                     tracing::error!(error = %e, "cannot watch SIGTERM; stopping on Ctrl-C only");
                     let _ = tokio::signal::ctrl_c().await;
+                    let _ = stop_tx.send(true);
                     return;
                 }
             };
@@ -125,7 +156,22 @@ async fn main() -> anyhow::Result<()> {
             _ = tokio::signal::ctrl_c() => {}
         }
         tracing::info!("shutting down");
+        let _ = stop_tx.send(true);
+    });
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
     };
-    serve(&endpoint, services, shutdown).await?;
+    let csi = serve(&endpoint, services, stopped(stop_rx.clone()));
+    match registration {
+        // The kubelet re-attempts a registration whose NodeGetInfo failed on its next
+        // reconcile pass, so the order the two sockets appear in does not matter.
+        Some((socket, service)) => {
+            let reg = registration::serve(&socket, service, stopped(stop_rx));
+            let (csi, reg) = tokio::join!(csi, reg);
+            csi?;
+            reg?;
+        }
+        None => csi.await?,
+    }
     Ok(())
 }
