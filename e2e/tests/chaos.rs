@@ -1192,22 +1192,30 @@ async fn primary_killed_during_an_api_server_outage_fails_over_once_it_is_back()
     let old_node = st.primary_node.clone().expect("primary node");
     let old_primary = st.primary.clone().expect("primary");
     let lease = Duration::from_secs(u64::from(AGENT_LEASE_S));
-    let apiserver = c
-        .tc
-        .control_plane
-        .daemon_pids()
-        .into_iter()
-        .find(|(name, _)| *name == "kube-apiserver")
-        .map(|(_, pid)| pid)
-        .expect("a local kube-apiserver");
+    let apiserver =
+        c.tc.control_plane
+            .daemon_pids()
+            .into_iter()
+            .find(|(name, _)| *name == "kube-apiserver")
+            .map(|(_, pid)| pid)
+            .expect("a local kube-apiserver");
     let target = c.target(&old_node);
     let paused = Paused::new(apiserver);
     tally.faults += 1;
     // Serving on the member proof after the Lease ran out...
-    load_until(&ck, &target, Instant::now() + lease * 2, "outage before the kill").await;
+    load_until(
+        &ck,
+        &target,
+        Instant::now() + lease * 2,
+        "outage before the kill",
+    )
+    .await;
     // ...until the primary dies; then nothing can take over.
     let load = start_load(&ck, target.clone(), LOAD_WRITES_MAX);
-    flushes_reach(&ck, *ck.flush_progress().borrow() + 4).await;
+    // (The watch's read guard must not live across the await: it would block the
+    // checker's progress updates.)
+    let base = *ck.flush_progress().borrow();
+    flushes_reach(&ck, base + 4).await;
     c.kill_agent(&old_node);
     let sum = load.await.expect("load task");
     assert!(
