@@ -1050,3 +1050,120 @@ async fn entries_recycled_before_the_driver_read_them_never_let_a_flush_ack_with
         Err(e) => eprintln!("flush refused: {e}"),
     }
 }
+
+fn settled(s: &PrimarySnapshot, id: &str) -> bool {
+    s.replicas
+        .get(&rid(id))
+        .is_some_and(|(st, _)| matches!(st, ReplicaState::InSync | ReplicaState::NeedsRebuild))
+}
+
+/// Waits until nothing but the test holds `vol` (a stopped driver or server lets go of it
+/// when its task is dropped), then closes it.
+async fn close_when_released(vol: Arc<Volume>) {
+    let deadline = Instant::now() + Duration::from_millis(WAIT_MS);
+    while Arc::strong_count(&vol) > 1 {
+        assert!(Instant::now() < deadline, "volume still held elsewhere");
+        tokio::task::yield_now().await;
+    }
+    Arc::into_inner(vol).unwrap().close().unwrap();
+}
+
+/// RF3 failover over real volume files. Member b is three entries ahead of member c when
+/// primary a's agent dies; a also holds two entries nobody else received, and every
+/// flusher has run. b is promoted; c and the returning a restart from their files (crash
+/// recovery with WAL history behind the checkpoint) and must both be caught up from b's
+/// WAL - a after dropping its unreplicated suffix - never rebuilt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_failover_the_new_primary_catches_up_every_member_without_a_rebuild() {
+    let d = Dir::new();
+    let av = create(&d.file("a"));
+    let bv = create(&d.file("b"));
+    let cv = create(&d.file("c"));
+    let sb = server(any_addr(), "nb", bv.clone()).await;
+    let sc = server(any_addr(), "nc", cv.clone()).await;
+    let (b_addr, c_addr) = (sb.local_addr(), sc.local_addr());
+    let h = spawn_primary(
+        av.clone(),
+        vid(),
+        rid("a"),
+        pcfg(),
+        Generation(1),
+        vec![rid("a"), rid("b"), rid("c")],
+        vec![peer("b", b_addr), peer("c", c_addr)],
+        Transport::new(NetConfig::new("na", SECRET)),
+    );
+    wait_for("b and c in sync", &h, |s| {
+        in_sync(s, "b") && in_sync(s, "c")
+    })
+    .await;
+    for i in 0..40u64 {
+        write(&av, i % 32, 1 + i as u8);
+    }
+    h.flush().await.unwrap();
+    // c's agent dies; the control plane commits {a, b}; b gets three more entries.
+    sc.shutdown().await;
+    close_when_released(cv).await;
+    h.commit_in_sync_set(Generation(2), vec![rid("a"), rid("b")]);
+    for i in 0..3u64 {
+        write(&av, i, 100 + i as u8);
+    }
+    let acked = h.flush().await.unwrap();
+    // a's agent dies with two entries b never got; every flusher ran before.
+    sb.shutdown().await;
+    write(&av, 5, 200);
+    write(&av, 6, 201);
+    av.flush().unwrap();
+    av.checkpoint().unwrap();
+    h.stop();
+    close_when_released(av).await;
+    bv.checkpoint().unwrap();
+    assert!(bv.checkpoint_lsn() >= acked && bv.head_lsn() == acked);
+
+    // b is promoted at epoch 2; a and c come back from their files.
+    bv.set_epoch(Epoch(2)).unwrap();
+    let cv = open(&d.file("c"));
+    let sc = ReceiverServer::bind(c_addr, NetConfig::new("nc", SECRET))
+        .await
+        .unwrap();
+    sc.host(vid(), cv.clone(), ReceiverConfig::default());
+    let av = open(&d.file("a"));
+    assert_eq!(av.head_lsn(), Lsn(acked.0 + 2), "a lost its own entries");
+    let sa = server(any_addr(), "na", av.clone()).await;
+    let h = spawn_primary(
+        bv.clone(),
+        vid(),
+        rid("b"),
+        pcfg(),
+        Generation(3),
+        vec![rid("b")],
+        vec![peer("c", c_addr), peer("a", sa.local_addr())],
+        Transport::new(NetConfig::new("nb", SECRET)),
+    );
+    let snap = wait_for("a and c classified", &h, |s| {
+        settled(s, "a") && settled(s, "c")
+    })
+    .await;
+    let plans: Vec<String> = snap
+        .events
+        .iter()
+        .filter_map(|e| match &e.kind {
+            EventKind::HandshakeClassified(o) => Some(format!("{}: {o}", e.replica)),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        in_sync(&snap, "a") && in_sync(&snap, "c"),
+        "a member was not caught up: {plans:?}"
+    );
+    assert!(
+        !plans.iter().any(|p| p.contains("Rebuild")),
+        "a member was rebuilt: {plans:?}"
+    );
+    for i in 0..8u64 {
+        write(&bv, i, 50 + i as u8);
+    }
+    h.commit_in_sync_set(Generation(4), vec![rid("b"), rid("c"), rid("a")]);
+    h.flush().await.unwrap();
+    same_content(&bv, &cv, 32);
+    same_content(&bv, &av, 32);
+}
