@@ -11,15 +11,26 @@
 //! those blocks first, see `Volume::truncate_after`); persisting the tail before reuse
 //! means recovery never starts from overwritten records. The tail stops at the
 //! retention floor, and nothing is copied while a base image pins the extent.
+//!
+//! H is capped by the extent limit (the retention floor a primary last set, persisted in
+//! the superblock): the extent never holds an entry some member may lack, so a primary
+//! demoted later drops its unreplicated suffix with a plain truncation. Behind the
+//! checkpoint the tail also keeps a bounded WAL history (`wal_history_ms`,
+//! `wal_history_bytes_max`), on every volume and whatever its role, so that a replica
+//! promoted later can catch up members behind it from its own WAL instead of rebuilding
+//! them. History is the first thing freed: it never leaves the needed entries above the
+//! soft watermark, never exceeds half of it, and is dropped whenever a writer waits for
+//! space. Recovery replays only entries past the checkpoint; history entries are indexed
+//! (readable, epochs known) but never reapplied.
 
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use crate::dirty_map::Source;
+use crate::dirty_map::{DirtyMap, Source};
 use crate::error::Result;
 use crate::extent;
 use crate::types::{Epoch, Lsn, WalPos};
-use crate::volume::{Inner, lock, read, write};
+use crate::volume::{Inner, WalState, lock, read, write};
 
 impl Inner {
     /// Body of the flusher thread: a cycle every `flush_interval_ms`, or sooner when
@@ -64,28 +75,52 @@ impl Inner {
         }
         let checkpoint = self.checkpoint_lsn.load(Ordering::Acquire);
         let floor = self.retention_floor.load(Ordering::Acquire);
-        let new_tail = |h: u64, tail_lsn: u64| {
-            let mut t = h + 1;
+        let limit = self.extent_limit.load(Ordering::Acquire);
+        let now = Instant::now();
+        let new_tail = |st: &WalState, h: u64| {
+            let mut keep = h + 1;
             if floor != 0 {
-                t = t.min(floor);
+                keep = keep.min(floor);
             }
-            t.max(tail_lsn)
+            self.history_start(st, keep, now).max(st.tail_lsn)
         };
         let (h, runs) = {
             let st = lock(&self.wal);
             if st.rebuilding {
                 return Ok(());
             }
-            let h = st.head_lsn;
+            {
+                let mut marks = lock(&self.history_marks);
+                if marks.back().is_none_or(|m| m.0 < st.head_lsn) {
+                    marks.push_back((st.head_lsn, now));
+                }
+            }
+            // The extent limit (a primary's retention floor: the lowest LSN every
+            // member has made durable) caps the checkpoint, so a primary that is
+            // demoted later can drop an unreplicated suffix without repairing its
+            // extent.
+            let h = if limit != 0 {
+                st.head_lsn.min(limit).max(checkpoint)
+            } else {
+                st.head_lsn
+            };
             // Nothing to copy, the tail cannot move, and both superblock copies
             // already agree on the tail.
-            if h == checkpoint
-                && new_tail(h, st.tail_lsn) == st.tail_lsn
-                && st.free_from == st.tail_pos
-            {
+            if h == checkpoint && new_tail(&st, h) == st.tail_lsn && st.free_from == st.tail_pos {
                 return Ok(());
             }
-            (h, read(&self.map).runs())
+            let runs = if h == st.head_lsn {
+                read(&self.map).runs()
+            } else {
+                // The dirty map keeps only the newest entry per block; the entries up to
+                // the cap are replayed from the index instead.
+                let mut m = DirtyMap::new(self.layout.block_size);
+                for e in st.index.iter().filter(|e| e.lsn > checkpoint && e.lsn <= h) {
+                    e.apply(&mut m);
+                }
+                m.runs()
+            };
+            (h, runs)
         };
         if h > checkpoint {
             self.sync_to(h)?;
@@ -118,7 +153,7 @@ impl Inner {
         }
         let (tail_pos, tail_lsn, tail_gen, ck_epoch) = {
             let st = lock(&self.wal);
-            let t = new_tail(h, st.tail_lsn);
+            let t = new_tail(&st, h);
             let ck_epoch = st.entry(h).map(|e| Epoch(e.epoch));
             match st.entry(t) {
                 Some(e) => (e.pos, t, e.wal_gen, ck_epoch),
@@ -127,6 +162,7 @@ impl Inner {
         };
         let prev_tail = self.persist(|sb| {
             sb.checkpoint_lsn = Lsn(h);
+            sb.extent_limit_lsn = Lsn(limit);
             sb.wal_tail_pos = WalPos(tail_pos);
             sb.wal_tail_lsn = Lsn(tail_lsn);
             sb.wal_tail_gen = tail_gen;
@@ -145,6 +181,7 @@ impl Inner {
             st.note_persisted(prev_tail);
             self.checkpoint_lsn.store(h, Ordering::Release);
             self.retained_start.store(tail_lsn, Ordering::Release);
+            lock(&self.history_marks).retain(|m| m.0 >= tail_lsn);
         }
         self.space_cv.notify_all();
         // The copy just overwritten still holds the old tail, so the freed space is not
@@ -162,5 +199,39 @@ impl Inner {
         self.flusher_cycles.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(checkpoint = h, tail_lsn, "flusher cycle done");
         Ok(())
+    }
+
+    /// The lowest LSN the WAL history keeps when everything from `keep` on is kept
+    /// anyway (unflushed, or at or above the retention floor): entries younger than
+    /// `wal_history_ms`, within `wal_history_bytes_max`, at most half the soft
+    /// watermark, never more than leaves the kept entries under the soft watermark, and
+    /// none at all while a writer waits for space: history is the first thing freed.
+    fn history_start(&self, st: &WalState, keep: u64, now: Instant) -> u64 {
+        let cfg = &self.cfg;
+        if cfg.wal_history_ms == 0 || cfg.wal_history_bytes_max == 0 || st.waiting_writers > 0 {
+            return keep;
+        }
+        let budget = Duration::from_millis(cfg.wal_history_ms);
+        let mut start = st.tail_lsn;
+        for &(lsn, at) in lock(&self.history_marks).iter() {
+            if now.saturating_duration_since(at) <= budget {
+                break;
+            }
+            start = start.max(lsn + 1);
+        }
+        if start >= keep {
+            return keep;
+        }
+        let soft = self.layout.wal_size * u64::from(cfg.wal_soft_watermark_pct) / 100;
+        let keep_pos = st.entry(keep).map_or(st.head_pos, |e| e.pos);
+        let needed = st.head_pos - keep_pos;
+        let allowed = cfg
+            .wal_history_bytes_max
+            .min(soft / 2)
+            .min(soft.saturating_sub(needed));
+        let i = st
+            .index
+            .partition_point(|e| e.lsn < start || keep_pos.saturating_sub(e.pos) > allowed);
+        st.index.get(i).map_or(keep, |e| e.lsn.min(keep))
     }
 }

@@ -4,10 +4,11 @@
 //! leaves the previous copy intact. On open the valid copy with the highest sequence
 //! number wins.
 //!
-//! Format versions: 1 is the original layout; 2 appends `copied_lsn`. This build writes
-//! version 2 and reads both (a version 1 copy has `copied_lsn` = its checkpoint, which is
-//! exact: version 1 flushers left nothing past the checkpoint that a later truncation
-//! could expose, except in the crash window version 2 closes).
+//! Format versions: 1 is the original layout; 2 appends `copied_lsn`; 3 appends
+//! `extent_limit_lsn`. This build writes version 3 and reads all three (a version 1 copy
+//! has `copied_lsn` = its checkpoint, which is exact: version 1 flushers left nothing past
+//! the checkpoint that a later truncation could expose, except in the crash window
+//! version 2 closes; versions 1 and 2 have no extent limit).
 
 use crate::error::{Error, Result};
 use crate::types::{DurabilityMode, Epoch, Lsn, WalPos};
@@ -20,13 +21,15 @@ pub const SUPERBLOCK_COPIES: u64 = 2;
 pub const WAL_OFFSET: u64 = SUPERBLOCK_SLOT_SIZE * SUPERBLOCK_COPIES;
 
 const MAGIC: &[u8; 8] = b"BLKVOLSB";
-const VERSION: u32 = 2;
+const VERSION: u32 = 3;
 /// Oldest format version this build still reads.
 const VERSION_MIN: u32 = 1;
 /// Length of an encoded version 1 superblock including its CRC.
 const ENCODED_LEN_V1: usize = 8 + 4 + 4 + 8 + 16 + 8 + 4 + 4 + 8 * 12 + 4;
+/// Length of an encoded version 2 superblock including its CRC.
+const ENCODED_LEN_V2: usize = ENCODED_LEN_V1 + 8;
 /// Length of the encoded superblock (current version) including its CRC.
-pub const ENCODED_LEN: usize = ENCODED_LEN_V1 + 8;
+pub const ENCODED_LEN: usize = ENCODED_LEN_V2 + 8;
 
 /// Flag: a rebuild began and has not finished; the extent is not a consistent image.
 pub const FLAG_REBUILD_IN_PROGRESS: u32 = 1;
@@ -63,6 +66,12 @@ pub struct Superblock {
     /// the cycle the extent may hold entries in (checkpoint, copied]; truncating below
     /// it must first restore the blocks those entries wrote.
     pub copied_lsn: Lsn,
+    /// The flusher copies no entry above this LSN into the extent (0: no limit). It is
+    /// the WAL retention floor in force when the copy was written - on a replicated
+    /// primary the lowest LSN every member has made durable - and it survives a restart,
+    /// so a primary that comes back (as a primary or a replica) keeps its extent behind
+    /// what its members have until it receives replicated entries or is truncated.
+    pub extent_limit_lsn: Lsn,
     /// Logical position of the oldest retained WAL record.
     pub wal_tail_pos: WalPos,
     /// LSN of the record at `wal_tail_pos` (the oldest retained LSN).
@@ -142,6 +151,7 @@ impl Superblock {
         put_u64(&mut b, self.wal_tail_gen);
         put_u64(&mut b, self.checkpoint_epoch.0);
         put_u64(&mut b, self.copied_lsn.0);
+        put_u64(&mut b, self.extent_limit_lsn.0);
         let crc = crc32c::crc32c(&b);
         put_u32(&mut b, crc);
         debug_assert_eq!(b.len(), ENCODED_LEN);
@@ -160,6 +170,7 @@ impl Superblock {
         let version = u32::from_le_bytes([head[8], head[9], head[10], head[11]]);
         let len = match version {
             1 => ENCODED_LEN_V1,
+            2 => ENCODED_LEN_V2,
             VERSION => ENCODED_LEN,
             _ => {
                 return Err(format!(
@@ -198,6 +209,7 @@ impl Superblock {
             extent_offset: r.u64()?,
             checkpoint_lsn: Lsn(r.u64()?),
             copied_lsn: Lsn(0),
+            extent_limit_lsn: Lsn(0),
             wal_tail_pos: WalPos(r.u64()?),
             wal_tail_lsn: Lsn(r.u64()?),
             wal_gen: r.u64()?,
@@ -212,6 +224,9 @@ impl Superblock {
         } else {
             sb.checkpoint_lsn
         };
+        if version >= 3 {
+            sb.extent_limit_lsn = Lsn(r.u64()?);
+        }
         sb.validate()?;
         Ok(sb)
     }
@@ -250,6 +265,7 @@ impl Superblock {
         for (name, v) in [
             ("checkpoint_lsn", self.checkpoint_lsn.0),
             ("copied_lsn", self.copied_lsn.0),
+            ("extent_limit_lsn", self.extent_limit_lsn.0),
             ("wal_tail_lsn", self.wal_tail_lsn.0),
             ("wal_tail_pos", self.wal_tail_pos.0),
             ("wal_gen", self.wal_gen),
@@ -372,6 +388,7 @@ mod tests {
             extent_offset: WAL_OFFSET + (1 << 20),
             checkpoint_lsn: Lsn(10),
             copied_lsn: Lsn(12),
+            extent_limit_lsn: Lsn(11),
             wal_tail_pos: WalPos(12345),
             wal_tail_lsn: Lsn(5),
             wal_gen: 2,
@@ -405,6 +422,7 @@ mod tests {
             back,
             Superblock {
                 copied_lsn: sb.checkpoint_lsn,
+                extent_limit_lsn: Lsn(0),
                 ..sb
             }
         );

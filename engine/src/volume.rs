@@ -7,7 +7,9 @@
 //! a flushed entry survives any crash; an entry that did not fully reach the disk is
 //! never applied; the durable LSN only moves forward (except by an explicit truncation
 //! or rebuild) and only after a sync; WAL space is reused only after the superblock that
-//! releases it is durable, and never for entries at or above the retention floor.
+//! releases it is durable, and never for entries at or above the retention floor. A
+//! bounded WAL history behind the checkpoint is kept while no writer needs its space
+//! (see the flusher).
 
 use std::collections::VecDeque;
 use std::path::Path;
@@ -68,6 +70,15 @@ pub struct VolumeConfig {
     /// Largest data payload of one WAL entry; longer writes become several entries.
     /// Capped at 1/8 of the WAL.
     pub max_entry_bytes: u64,
+    /// WAL history: the flusher keeps entries behind the checkpoint that are younger than
+    /// this (ms), so that this volume, once promoted, can catch up members that are a
+    /// little behind it instead of rebuilding them. 0 keeps no history.
+    pub wal_history_ms: u64,
+    /// Most WAL bytes the history may occupy. It never holds more than half the soft
+    /// watermark, nor more than leaves the entries still needed (unflushed or below the
+    /// retention floor) under the soft watermark: history is the first thing freed when
+    /// writers need space, so it never makes them wait. 0 keeps no history.
+    pub wal_history_bytes_max: u64,
 }
 
 impl Default for VolumeConfig {
@@ -79,6 +90,8 @@ impl Default for VolumeConfig {
             wal_hard_watermark_pct: 90,
             group_commit_max_delay_us: 0,
             max_entry_bytes: 1 << 20,
+            wal_history_ms: 300_000,
+            wal_history_bytes_max: 64 << 20,
         }
     }
 }
@@ -140,6 +153,8 @@ pub(crate) struct WalState {
     /// falling back to the older copy after a torn superblock write never starts
     /// recovery from overwritten records.
     pub(crate) free_from: u64,
+    /// Writers waiting for WAL space right now.
+    pub(crate) waiting_writers: u32,
 }
 
 impl WalState {
@@ -191,7 +206,12 @@ pub(crate) struct Inner {
     pub(crate) epoch: AtomicU64,
     /// 0 = no floor.
     pub(crate) retention_floor: AtomicU64,
+    /// 0 = no limit; see `Superblock::extent_limit_lsn`.
+    pub(crate) extent_limit: AtomicU64,
     pub(crate) flusher_cycles: AtomicU64,
+    /// (LSN, when): every entry up to LSN existed at that instant. The flusher adds one
+    /// per cycle and frees history entries older than `wal_history_ms` by them.
+    pub(crate) history_marks: Mutex<VecDeque<(u64, Instant)>>,
     /// Serializes flusher cycles with truncation, rebuild and base pinning.
     pub(crate) flush_cycle: Mutex<()>,
     pub(crate) ctl: Mutex<FlusherCtl>,
@@ -280,6 +300,7 @@ impl Volume {
             extent_offset: layout.extent_offset,
             checkpoint_lsn: Lsn(0),
             copied_lsn: Lsn(0),
+            extent_limit_lsn: Lsn(0),
             wal_tail_pos: WalPos(0),
             wal_tail_lsn: Lsn(1),
             wal_gen: 1,
@@ -360,6 +381,7 @@ impl Volume {
                 rebuilding,
                 wal_gen: 0,
                 free_from: rec.tail_pos,
+                waiting_writers: 0,
             }),
             space_cv: Condvar::new(),
             map: RwLock::new(rec.map),
@@ -370,7 +392,10 @@ impl Volume {
             retained_start: AtomicU64::new(rec.tail_lsn),
             epoch: AtomicU64::new(sb.epoch.0),
             retention_floor: AtomicU64::new(0),
+            extent_limit: AtomicU64::new(sb.extent_limit_lsn.0),
             flusher_cycles: AtomicU64::new(0),
+            // What was recovered counts as written now: its age is unknown.
+            history_marks: Mutex::new(VecDeque::from([(head, Instant::now())])),
             flush_cycle: Mutex::new(()),
             ctl: Mutex::new(FlusherCtl {
                 kick: false,
@@ -633,11 +658,23 @@ impl Volume {
         Lsn(self.inner.retained_start.load(Ordering::Acquire))
     }
 
-    /// The flusher never frees WAL entries with LSN >= `floor`. `None` removes it.
+    /// The flusher never frees WAL entries with LSN >= `floor`, and never copies entries
+    /// above it into the extent (the extent limit, persisted with the next checkpoint and
+    /// restored on open until replicated entries arrive or a truncation or rebuild
+    /// replaces the history). `None` removes both.
     pub fn set_retention_floor(&self, floor: Option<Lsn>) {
         let v = floor.map(|l| l.0.max(1)).unwrap_or(0);
         self.inner.retention_floor.store(v, Ordering::Release);
+        self.inner.extent_limit.store(v, Ordering::Release);
         self.inner.kick();
+    }
+
+    /// The LSN the flusher copies no further than, if any (see `set_retention_floor`).
+    pub fn extent_limit(&self) -> Option<Lsn> {
+        match self.inner.extent_limit.load(Ordering::Acquire) {
+            0 => None,
+            v => Some(Lsn(v)),
+        }
     }
 
     /// The current retention floor.
@@ -696,6 +733,11 @@ impl Volume {
     /// epoch. `entry.lsn <= head` is a duplicate and is skipped; a gap is an error.
     pub fn append_replicated(&self, entry: &WalEntry) -> Result<()> {
         let i = &self.inner;
+        // Entries from a primary: this volume is a replica now, its extent follows its
+        // durable WAL again.
+        if i.extent_limit.load(Ordering::Acquire) != 0 {
+            i.extent_limit.store(0, Ordering::Release);
+        }
         let bs = i.layout.bs();
         match entry.kind {
             EntryKind::Padding => {
@@ -1113,11 +1155,14 @@ impl Inner {
                     timeout_ms: self.cfg.wal_full_timeout_ms,
                 });
             }
+            // A waiting writer makes the flusher drop the WAL history first.
+            st.waiting_writers += 1;
             st = self
                 .space_cv
                 .wait_timeout(st, deadline - now)
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
+            st.waiting_writers -= 1;
         }
     }
 
@@ -1285,6 +1330,7 @@ impl Inner {
         st.head_pos = new_head_pos;
         st.head_lsn = lsn;
         self.head_lsn.store(lsn, Ordering::Release);
+        lock(&self.history_marks).retain(|m| m.0 <= lsn);
         {
             let mut map = write(&self.map);
             map.clear();
@@ -1413,6 +1459,7 @@ impl Inner {
             sb.flags |= FLAG_REBUILD_IN_PROGRESS;
             sb.checkpoint_lsn = Lsn(0);
             sb.copied_lsn = Lsn(0);
+            sb.extent_limit_lsn = Lsn(0);
             sb.checkpoint_epoch = superblock::UNKNOWN_EPOCH;
             sb.wal_tail_lsn = Lsn(1);
             sb.wal_tail_pos = WalPos(tail_pos);
@@ -1431,6 +1478,8 @@ impl Inner {
         self.checkpoint_lsn.store(0, Ordering::Release);
         self.retained_start.store(1, Ordering::Release);
         self.gc.reset_durable(0);
+        lock(&self.history_marks).clear();
+        self.extent_limit.store(0, Ordering::Release);
         tracing::info!(file = %self.disk.describe(), "rebuild started");
         Ok(())
     }
@@ -1459,6 +1508,7 @@ impl Inner {
             sb.flags &= !FLAG_REBUILD_IN_PROGRESS;
             sb.checkpoint_lsn = Lsn(checkpoint);
             sb.copied_lsn = Lsn(checkpoint);
+            sb.extent_limit_lsn = Lsn(0);
             sb.checkpoint_epoch = checkpoint_epoch;
             sb.wal_tail_lsn = Lsn(checkpoint + 1);
             sb.wal_tail_pos = WalPos(tail_pos);
@@ -1475,6 +1525,7 @@ impl Inner {
         self.checkpoint_lsn.store(checkpoint, Ordering::Release);
         self.retained_start.store(checkpoint + 1, Ordering::Release);
         self.gc.reset_durable(checkpoint);
+        *lock(&self.history_marks) = VecDeque::from([(checkpoint, Instant::now())]);
         tracing::info!(file = %self.disk.describe(), checkpoint, "rebuild finished");
         Ok(())
     }

@@ -332,18 +332,6 @@ proptest! {
     }
 }
 
-/// Waits until the background flusher completed a cycle (bounded).
-fn wait_for_flusher_cycle(vol: &Volume) {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while vol.stats().flusher_cycles == 0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the kicked flusher never ran"
-        );
-        std::thread::yield_now();
-    }
-}
-
 /// Offset of the extent on a volume's disk, from its newest valid superblock.
 fn extent_offset(disk: &SimDisk) -> u64 {
     let (a, b) = (disk.peek(0, 4096), disk.peek(4096, 4096));
@@ -358,26 +346,28 @@ fn extent_offset(disk: &SimDisk) -> u64 {
 /// (5, or 9 itself), LSN 2 LBA 7, LSN 3 LBA 9; the checkpoint is at 1. Every write count
 /// at which the next cycle can fail is tried; after the crash and `truncate_after(2)` LBA
 /// 9 must read what LSN 1 left there (zeros, or LSN 1's data), never LSN 3's, also after
-/// one more crash. With the WAL retaining the whole history (floor at 1) the truncation
-/// must succeed; without it, refusing (the replica is rebuilt) is the only other answer.
+/// one more crash. With the WAL retaining the whole history (the WAL history keeps LSN 1
+/// behind the checkpoint) the truncation must succeed; without it, refusing (the replica
+/// is rebuilt) is the only other answer.
 #[test]
 fn truncation_after_a_crash_inside_a_flusher_cycle_never_resurrects_dropped_writes() {
-    for (floor, first) in [(true, 5u64), (true, 9), (false, 5), (false, 9)] {
-        let case = format!("floor {floor}, LSN 1 writes LBA {first}");
+    for (history, first) in [(true, 5u64), (true, 9), (false, 5), (false, 9)] {
+        let case = format!("history {history}, LSN 1 writes LBA {first}");
+        let vcfg = VolumeConfig {
+            wal_history_ms: if history { cfg().wal_history_ms } else { 0 },
+            ..cfg()
+        };
         let mut copied_ahead = 0;
         for fail_after in 0..16u64 {
-            let (disk, vol) = sim_volume("cycle-crash", 16, WAL);
+            let disk = SimDisk::new("cycle-crash");
+            let vol =
+                Volume::create(Box::new(disk.clone()), small_opts(16, WAL), vcfg.clone()).unwrap();
             vol.write(Lba(first), &block(100 + first)).unwrap();
             vol.flush().unwrap();
-            if floor {
-                // Setting a floor kicks the background flusher: let that cycle (the
-                // checkpoint at 1) finish before anything else, so it cannot run later.
-                vol.set_retention_floor(Some(Lsn(1)));
-                wait_for_flusher_cycle(&vol);
-            } else {
-                vol.checkpoint().unwrap();
-            }
+            vol.checkpoint().unwrap();
             assert_eq!(vol.checkpoint_lsn(), Lsn(1));
+            let start = if history { Lsn(1) } else { Lsn(2) };
+            assert_eq!(vol.retained_start(), start, "{case}: retained start");
             vol.write(Lba(7), &block(7)).unwrap();
             vol.write(Lba(9), &block(9)).unwrap();
             vol.flush().unwrap();
@@ -388,7 +378,7 @@ fn truncation_after_a_crash_inside_a_flusher_cycle_never_resurrects_dropped_writ
             let _ = vol.checkpoint();
             let after = disk.crash(CrashMode::DropUnsynced, fail_after);
             drop(vol);
-            let v = Volume::open(Box::new(after.clone()), cfg()).unwrap();
+            let v = Volume::open(Box::new(after.clone()), vcfg.clone()).unwrap();
             assert_eq!(v.head_lsn(), Lsn(3), "{case}: flushed entries lost");
             if v.checkpoint_lsn() != Lsn(1) {
                 continue; // the cycle completed
@@ -419,14 +409,14 @@ fn truncation_after_a_crash_inside_a_flusher_cycle_never_resurrects_dropped_writ
                     check(&v, "after truncation");
                     let again = after.crash(CrashMode::DropUnsynced, 1);
                     drop(v);
-                    let v = Volume::open(Box::new(again), cfg()).unwrap();
+                    let v = Volume::open(Box::new(again), vcfg.clone()).unwrap();
                     check(&v, "after truncation and another crash");
                     v.checkpoint().unwrap();
                     check(&v, "after the next checkpoint");
                 }
                 Err(engine::Error::TruncationNeedsRebuild { .. }) => {
                     assert!(
-                        !floor,
+                        !history,
                         "{case}: the WAL holds the whole history, yet the truncation was refused"
                     );
                     assert_eq!(

@@ -1050,3 +1050,315 @@ async fn entries_recycled_before_the_driver_read_them_never_let_a_flush_ack_with
         Err(e) => eprintln!("flush refused: {e}"),
     }
 }
+
+fn settled(s: &PrimarySnapshot, id: &str) -> bool {
+    s.replicas
+        .get(&rid(id))
+        .is_some_and(|(st, _)| matches!(st, ReplicaState::InSync | ReplicaState::NeedsRebuild))
+}
+
+/// Waits until nothing but the test holds `vol` (a stopped driver or server lets go of it
+/// when its task is dropped), then closes it.
+async fn close_when_released(vol: Arc<Volume>) {
+    let deadline = Instant::now() + Duration::from_millis(WAIT_MS);
+    while Arc::strong_count(&vol) > 1 {
+        assert!(Instant::now() < deadline, "volume still held elsewhere");
+        tokio::task::yield_now().await;
+    }
+    Arc::into_inner(vol).unwrap().close().unwrap();
+}
+
+/// RF3 failover over real volume files. Member b is three entries ahead of member c when
+/// primary a's agent dies; a also holds two entries nobody else received, and every
+/// flusher has run. b is promoted; c and the returning a restart from their files (crash
+/// recovery with WAL history behind the checkpoint) and must both be caught up from b's
+/// WAL - a after dropping its unreplicated suffix - never rebuilt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_failover_the_new_primary_catches_up_every_member_without_a_rebuild() {
+    let d = Dir::new();
+    let av = create(&d.file("a"));
+    let bv = create(&d.file("b"));
+    let cv = create(&d.file("c"));
+    let sb = server(any_addr(), "nb", bv.clone()).await;
+    let sc = server(any_addr(), "nc", cv.clone()).await;
+    let (b_addr, c_addr) = (sb.local_addr(), sc.local_addr());
+    let h = spawn_primary(
+        av.clone(),
+        vid(),
+        rid("a"),
+        pcfg(),
+        Generation(1),
+        vec![rid("a"), rid("b"), rid("c")],
+        vec![peer("b", b_addr), peer("c", c_addr)],
+        Transport::new(NetConfig::new("na", SECRET)),
+    );
+    wait_for("b and c in sync", &h, |s| {
+        in_sync(s, "b") && in_sync(s, "c")
+    })
+    .await;
+    for i in 0..40u64 {
+        write(&av, i % 32, 1 + i as u8);
+    }
+    h.flush().await.unwrap();
+    // c's agent dies; the control plane commits {a, b}; b gets three more entries.
+    sc.shutdown().await;
+    close_when_released(cv).await;
+    h.commit_in_sync_set(Generation(2), vec![rid("a"), rid("b")]);
+    for i in 0..3u64 {
+        write(&av, i, 100 + i as u8);
+    }
+    let acked = h.flush().await.unwrap();
+    // a's agent dies with two entries b never got; every flusher ran before.
+    sb.shutdown().await;
+    write(&av, 5, 200);
+    write(&av, 6, 201);
+    av.flush().unwrap();
+    av.checkpoint().unwrap();
+    h.stop();
+    close_when_released(av).await;
+    bv.checkpoint().unwrap();
+    assert!(bv.checkpoint_lsn() >= acked && bv.head_lsn() == acked);
+
+    // b is promoted at epoch 2; a and c come back from their files.
+    bv.set_epoch(Epoch(2)).unwrap();
+    let cv = open(&d.file("c"));
+    let sc = ReceiverServer::bind(c_addr, NetConfig::new("nc", SECRET))
+        .await
+        .unwrap();
+    sc.host(vid(), cv.clone(), ReceiverConfig::default());
+    let av = open(&d.file("a"));
+    assert_eq!(av.head_lsn(), Lsn(acked.0 + 2), "a lost its own entries");
+    let sa = server(any_addr(), "na", av.clone()).await;
+    let h = spawn_primary(
+        bv.clone(),
+        vid(),
+        rid("b"),
+        pcfg(),
+        Generation(3),
+        vec![rid("b")],
+        vec![peer("c", c_addr), peer("a", sa.local_addr())],
+        Transport::new(NetConfig::new("nb", SECRET)),
+    );
+    let snap = wait_for("a and c classified", &h, |s| {
+        settled(s, "a") && settled(s, "c")
+    })
+    .await;
+    let plans: Vec<String> = snap
+        .events
+        .iter()
+        .filter_map(|e| match &e.kind {
+            EventKind::HandshakeClassified(o) => Some(format!("{}: {o}", e.replica)),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        in_sync(&snap, "a") && in_sync(&snap, "c"),
+        "a member was not caught up: {plans:?}"
+    );
+    assert!(
+        !plans.iter().any(|p| p.contains("Rebuild")),
+        "a member was rebuilt: {plans:?}"
+    );
+    for i in 0..8u64 {
+        write(&bv, i, 50 + i as u8);
+    }
+    h.commit_in_sync_set(Generation(4), vec![rid("b"), rid("c"), rid("a")]);
+    h.flush().await.unwrap();
+    same_content(&bv, &cv, 32);
+    same_content(&bv, &av, 32);
+}
+
+/// The handshake classifications in a snapshot: (time, session, replica, outcome).
+fn classified(s: &PrimarySnapshot) -> Vec<(u64, u64, String, String)> {
+    s.events
+        .iter()
+        .filter_map(|e| match &e.kind {
+            EventKind::HandshakeClassified(o) => {
+                Some((e.at_ms, e.session, e.replica.to_string(), o.clone()))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+/// Bytes a recovery outcome ships: a catch-up its entries (4 KiB writes), a rebuild the
+/// whole volume.
+fn recovery_bytes(outcome: &str, volume_bytes: u64) -> u64 {
+    let lsn_after = |key: &str| -> Option<u64> {
+        let at = outcome.find(key)? + key.len();
+        let digits: String = outcome[at..]
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .collect();
+        digits.parse().ok()
+    };
+    if outcome.contains("NeedsRebuild") {
+        return volume_bytes;
+    }
+    match (lsn_after("from: Lsn("), lsn_after("target: Lsn(")) {
+        (Some(f), Some(t)) => (t - f) * BS as u64,
+        _ => 0,
+    }
+}
+
+/// Measurement, not an assertion (`cargo test -p engine --test replication_net
+/// measure_ -- --ignored --nocapture`): an RF3 volume of 1 GiB with a 64 MiB WAL (the
+/// agent's defaults) under a 4 KiB random writer with a FLUSH every 16 writes, paced at
+/// about 500 writes (2 MiB) a second, so 10 s of writes stay within the retention budget. The
+/// primary a dies; b is promoted at once and the writer moves to it; a comes back from
+/// its file 10 s later. Prints each member's recovery plans and the bytes they ship, and
+/// the time from a's restart until all three are in sync; with and without WAL history
+/// (without it, a replica's checkpoint frees its WAL, as before the history existed).
+#[ignore]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn measure_failover_recovery_with_and_without_wal_history() {
+    const VOLUME_BYTES: u64 = 1 << 30;
+    for history in [true, false] {
+        let d = Dir::new();
+        let cfg = VolumeConfig {
+            wal_history_ms: if history { 300_000 } else { 0 },
+            ..VolumeConfig::default()
+        };
+        let mk = |name: &str| {
+            let opts = CreateOptions {
+                size_bytes: VOLUME_BYTES,
+                block_size: BS as u32,
+                wal_size_bytes: 64 << 20,
+                epoch: Epoch(1),
+                ..CreateOptions::default()
+            };
+            Arc::new(Volume::create_file(&d.file(name), opts, cfg.clone()).unwrap())
+        };
+        let (av, bv, cv) = (mk("a"), mk("b"), mk("c"));
+        let sb = server(any_addr(), "nb", bv.clone()).await;
+        let sc = server(any_addr(), "nc", cv.clone()).await;
+        let a_addr = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let h = spawn_primary(
+            av.clone(),
+            vid(),
+            rid("a"),
+            pcfg(),
+            Generation(1),
+            vec![rid("a"), rid("b"), rid("c")],
+            vec![peer("b", sb.local_addr()), peer("c", sc.local_addr())],
+            Transport::new(NetConfig::new("na", SECRET)),
+        );
+        wait_for("b and c in sync", &h, |s| {
+            in_sync(s, "b") && in_sync(s, "c")
+        })
+        .await;
+        let blocks = VOLUME_BYTES / BS as u64;
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % blocks
+        };
+        let mut n = 0u64;
+        // About 500 writes (2 MiB) a second: 16 writes and a FLUSH per 32 ms tick.
+        let mut pace = tokio::time::interval(Duration::from_millis(32));
+        let until = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < until {
+            n += 1;
+            write(&av, next(), n as u8);
+            if n.is_multiple_of(16) {
+                h.flush().await.unwrap();
+                pace.tick().await;
+            }
+        }
+        let before = n;
+        // a's agent is killed (with a few writes not yet flushed); b's agent turns primary.
+        for _ in 0..5 {
+            n += 1;
+            write(&av, next(), n as u8);
+        }
+        h.stop();
+        sb.shutdown().await;
+        close_when_released(av).await;
+        bv.set_epoch(Epoch(2)).unwrap();
+        let h = spawn_primary(
+            bv.clone(),
+            vid(),
+            rid("b"),
+            pcfg(),
+            Generation(3),
+            vec![rid("b")],
+            vec![peer("c", sc.local_addr()), peer("a", a_addr)],
+            Transport::new(NetConfig::new("nb", SECRET)),
+        );
+        let promoted = Instant::now();
+        let mut c_in_sync = None;
+        // The driver keeps a bounded event list: collect the classifications as they come.
+        let mut seen = std::collections::BTreeSet::new();
+        while promoted.elapsed() < Duration::from_secs(10) {
+            n += 1;
+            write(&bv, next(), n as u8);
+            if n.is_multiple_of(16) {
+                h.flush().await.unwrap();
+                pace.tick().await;
+                let s = h.snapshot().await.unwrap();
+                seen.extend(classified(&s));
+                if c_in_sync.is_none() && in_sync(&s, "c") {
+                    c_in_sync = Some(promoted.elapsed());
+                }
+            }
+        }
+        let during = n - before;
+        let av = Arc::new(Volume::open_file(&d.file("a"), cfg.clone()).unwrap());
+        let sa = ReceiverServer::bind(a_addr, NetConfig::new("na", SECRET))
+            .await
+            .unwrap();
+        sa.host(vid(), av.clone(), ReceiverConfig::default());
+        let restarted = Instant::now();
+        let mut asked: Vec<&str> = Vec::new();
+        let all_in_sync = loop {
+            n += 1;
+            write(&bv, next(), n as u8);
+            if n.is_multiple_of(16) {
+                h.flush().await.unwrap();
+                pace.tick().await;
+                let s = h.snapshot().await.unwrap();
+                seen.extend(classified(&s));
+                if in_sync(&s, "a") && in_sync(&s, "c") {
+                    break Some(restarted.elapsed());
+                }
+                // The control plane's part: a member that needs a rebuild gets one.
+                for m in ["a", "c"] {
+                    if s.replicas
+                        .get(&rid(m))
+                        .is_some_and(|(st, _)| *st == ReplicaState::NeedsRebuild)
+                        && !asked.contains(&m)
+                    {
+                        asked.push(m);
+                        h.request_rebuild(rid(m));
+                    }
+                }
+                if restarted.elapsed() > Duration::from_secs(120) {
+                    println!("not in sync after 120 s: {:?}", s.replicas);
+                    break None;
+                }
+            }
+        };
+        seen.extend(classified(&h.snapshot().await.unwrap()));
+        println!(
+            "history {history}: {before} writes before the failover, {during} while a was down; \
+             c in sync {c_in_sync:?} after the promotion; all three in sync {all_in_sync:?} after a's restart"
+        );
+        for m in ["c", "a"] {
+            let mut total = 0;
+            for (_, _, r, o) in seen.iter().filter(|e| e.2 == m) {
+                let bytes = recovery_bytes(o, VOLUME_BYTES);
+                total += bytes;
+                println!("  {r}: {o} -> {bytes} bytes");
+            }
+            println!("  {m}: {total} bytes shipped for recovery");
+        }
+        h.stop();
+        drop(sa);
+        drop(sc);
+    }
+}

@@ -81,6 +81,9 @@ pub enum Outcome {
 /// needed this primary's history - otherwise rebuild. Before any reuse of the replica's
 /// prefix, its entry at the resume point must carry the same epoch as ours (log matching),
 /// and unsynced entries above R are truncated since they may come from an older primary.
+/// When our entry there is newer than the replica's (a demoted primary's unreplicated
+/// suffix), the replica is truncated where the two histories part and caught up from
+/// there (see `resume_below_divergence`).
 pub fn classify_handshake(
     h: &HandshakeReply,
     hist: &RetainedHistory,
@@ -93,6 +96,11 @@ pub fn classify_handshake(
         };
     }
     let r = h.flushed;
+    if r > hist.head && epoch_at(hist.head).is_some_and(|e| e > h.flushed_epoch) {
+        // Our entry at our head is newer than anything the replica has: its suffix
+        // diverged further down.
+        return resume_below_divergence(h, hist, epoch_at, catchup_entries_max);
+    }
     if r > hist.head {
         if h.checkpoint > hist.head {
             return Outcome::NeedsRebuild {
@@ -119,6 +127,9 @@ pub fn classify_handshake(
     }
     match epoch_at(r) {
         Some(e) if e == h.flushed_epoch => {}
+        Some(e) if e > h.flushed_epoch => {
+            return resume_below_divergence(h, hist, epoch_at, catchup_entries_max);
+        }
         Some(_) => {
             return Outcome::NeedsRebuild {
                 reason: "replica history diverged (epoch at its flushed LSN differs)",
@@ -144,6 +155,70 @@ pub fn classify_handshake(
     }
     Outcome::CatchUp {
         from: r,
+        target: hist.head,
+        truncate,
+    }
+}
+
+/// A replica whose entries at its flushed LSN are older than ours there (typically a
+/// demoted primary with a suffix it never replicated): its log and ours share a prefix up
+/// to some LSN `d`, and the best candidate is the highest retained `d <= min(R, H)` whose
+/// epoch here is not newer than the replica's epoch at R (epochs never decrease along a
+/// log). The replica drops everything after `d` only if its own entry at `d` carries the
+/// same epoch (it refuses otherwise, and is rebuilt), then catches up over (d, H]. Entries
+/// with one epoch all come from that epoch's single primary, so equal (LSN, epoch) means
+/// equal entry. Its extent must not hold anything past `d` (checkpoint <= d).
+fn resume_below_divergence(
+    h: &HandshakeReply,
+    hist: &RetainedHistory,
+    epoch_at: &dyn Fn(Lsn) -> Option<Epoch>,
+    catchup_entries_max: u64,
+) -> Outcome {
+    let shared = |l: Lsn| epoch_at(l).is_some_and(|e| e <= h.flushed_epoch);
+    let mut lo = Lsn(hist.retained_start.0.saturating_sub(1));
+    if epoch_at(lo).is_none() {
+        lo = hist.retained_start;
+    }
+    let mut hi = h.flushed.min(hist.head);
+    if lo > hi || !shared(lo) {
+        return Outcome::NeedsRebuild {
+            reason: "replica history diverged before the retained start",
+        };
+    }
+    // Invariant: shared(lo); the answer is in [lo, hi].
+    while lo < hi {
+        let mid = Lsn(lo.0 + (hi.0 - lo.0).div_ceil(2));
+        if shared(mid) {
+            lo = mid;
+        } else {
+            hi = Lsn(mid.0 - 1);
+        }
+    }
+    let d = lo;
+    if h.checkpoint > d {
+        return Outcome::NeedsRebuild {
+            reason: "replica history diverged and its diverged entries are in its extent",
+        };
+    }
+    let Some(expect_epoch) = epoch_at(d) else {
+        return Outcome::NeedsRebuild {
+            reason: "cannot verify the replica's history at the divergence point",
+        };
+    };
+    let truncate = Some(Truncation {
+        after: d,
+        expect_epoch,
+    });
+    if d == hist.head {
+        return Outcome::ZeroGap { from: d, truncate };
+    }
+    if hist.head.0 - d.0 > catchup_entries_max {
+        return Outcome::NeedsRebuild {
+            reason: "catch-up range exceeds catchup_entries_max",
+        };
+    }
+    Outcome::CatchUp {
+        from: d,
         target: hist.head,
         truncate,
     }
@@ -650,6 +725,42 @@ mod tests {
     fn handshake_diverged_history_needs_rebuild() {
         let o = classify_handshake(&reply(6, 6), &hist(10, 1), &|_| Some(Epoch(2)), 1000);
         assert!(matches!(o, Outcome::NeedsRebuild { .. }));
+    }
+
+    /// Our log: epoch 1 up to LSN 10, epoch 2 after (we were promoted at 11).
+    fn promoted_at_11(l: Lsn) -> Option<Epoch> {
+        Some(if l.0 <= 10 { Epoch(1) } else { Epoch(2) })
+    }
+
+    #[test]
+    fn handshake_demoted_primary_with_unreplicated_suffix_truncates_at_the_divergence() {
+        let expected = Outcome::CatchUp {
+            from: Lsn(10),
+            target: Lsn(20),
+            truncate: Some(Truncation {
+                after: Lsn(10),
+                expect_epoch: Epoch(1),
+            }),
+        };
+        // Behind our head, and ahead of it.
+        for r in [12, 25] {
+            let mut h = reply(r, r);
+            h.checkpoint = Lsn(8);
+            let o = classify_handshake(&h, &hist(20, 3), &promoted_at_11, 1000);
+            assert_eq!(o, expected, "replica at {r}");
+        }
+    }
+
+    #[test]
+    fn handshake_diverged_suffix_in_the_extent_or_before_the_retained_start_needs_rebuild() {
+        let mut h = reply(12, 12);
+        h.checkpoint = Lsn(11);
+        let o = classify_handshake(&h, &hist(20, 3), &promoted_at_11, 1000);
+        assert!(matches!(o, Outcome::NeedsRebuild { .. }), "{o:?}");
+        let mut h = reply(12, 12);
+        h.checkpoint = Lsn(8);
+        let o = classify_handshake(&h, &hist(20, 12), &promoted_at_11, 1000);
+        assert!(matches!(o, Outcome::NeedsRebuild { .. }), "{o:?}");
     }
 
     #[test]

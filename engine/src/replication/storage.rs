@@ -142,6 +142,16 @@ pub struct MemLog {
     /// Test-only: truncate without restoring the blocks in `ahead` (lets the simulation
     /// prove its checker catches resurrected writes). Never set in production.
     pub test_knob_skip_extent_repair: bool,
+    /// WAL history the flusher keeps behind the checkpoint, in entries (the stand-in for
+    /// the volume's time and byte budgets); kept across power loss and rebuilds.
+    pub history_entries: u64,
+    /// Mirrors the volume's extent limit: the retention floor last set, which caps the
+    /// checkpoint; it survives a power loss and is cleared by replicated appends.
+    extent_limit: Option<Lsn>,
+    /// Test-only: no extent limit (the flusher copies up to the durable point, as before
+    /// the limit existed), so crashed flusher cycles leave primaries' extents ahead for
+    /// the simulation's checker to prove itself on. Never set in production.
+    pub test_knob_no_extent_limit: bool,
 }
 
 impl MemLog {
@@ -195,10 +205,13 @@ impl MemLog {
         self.reopened_at = Some(self.epoch);
         if self.rebuilding {
             let (epoch, knob) = (self.epoch, self.test_knob_skip_extent_repair);
+            let (history, no_limit) = (self.history_entries, self.test_knob_no_extent_limit);
             *self = MemLog::new();
             self.epoch = epoch;
             self.reopened_at = Some(epoch);
             self.test_knob_skip_extent_repair = knob;
+            self.history_entries = history;
+            self.test_knob_no_extent_limit = no_limit;
             return;
         }
         let keep = usize::try_from(self.durable.0 - self.origin.0).unwrap_or(usize::MAX);
@@ -213,8 +226,9 @@ impl MemLog {
         if !self.rebuilding {
             self.durable = self.head_lsn();
         }
-        if !self.rebuilding && self.durable > self.checkpoint {
-            let (from, to) = (self.checkpoint, self.durable);
+        let to = self.checkpoint_target();
+        if !self.rebuilding && to > self.checkpoint {
+            let from = self.checkpoint;
             let copied: Vec<WalEntry> = self
                 .entries
                 .iter()
@@ -252,13 +266,24 @@ impl MemLog {
         s
     }
 
-    /// The flusher: moves the checkpoint to the durable point and recycles WAL entries
-    /// below both the checkpoint and the retention floor.
+    /// Where a flusher cycle moves the checkpoint: the durable point, capped by the
+    /// extent limit.
+    fn checkpoint_target(&self) -> Lsn {
+        let to = match self.extent_limit {
+            Some(l) => self.durable.min(l.max(Lsn(1))),
+            None => self.durable,
+        };
+        to.max(self.checkpoint)
+    }
+
+    /// The flusher: moves the checkpoint to the durable point (not past the extent
+    /// limit) and recycles WAL entries below the checkpoint, the retention floor and the
+    /// history.
     pub fn flush_checkpoint(&mut self) {
         if self.rebuilding {
             return;
         }
-        self.checkpoint = self.checkpoint.max(self.durable);
+        self.checkpoint = self.checkpoint_target();
         if self.checkpoint >= self.copied {
             // A completed cycle copies everything up to the checkpoint.
             self.ahead.clear();
@@ -268,6 +293,7 @@ impl MemLog {
         if let Some(f) = self.floor {
             start = start.min(f.max(Lsn(1)));
         }
+        start = Lsn(start.0.saturating_sub(self.history_entries).max(1));
         self.retained_start = self.retained_start.max(start).max(self.origin.next());
     }
 
@@ -413,6 +439,7 @@ impl ReplicaLog for MemLog {
             ));
         }
         self.entries.push(entry.clone());
+        self.extent_limit = None;
         Ok(AppendOutcome::Appended)
     }
     fn truncate_after(&mut self, lsn: Lsn) -> Result<()> {
@@ -443,6 +470,9 @@ impl ReplicaLog for MemLog {
     }
     fn set_retention_floor(&mut self, floor: Option<Lsn>) {
         self.floor = floor;
+        if !self.test_knob_no_extent_limit {
+            self.extent_limit = floor;
+        }
     }
     fn pin_base(&mut self, kind: BaseKind) -> Result<BasePin> {
         if self.fail_pin_base {
@@ -491,11 +521,14 @@ impl ReplicaLog for MemLog {
     }
     fn begin_rebuild(&mut self) -> Result<()> {
         let knob = self.test_knob_skip_extent_repair;
-        let epoch = self.epoch;
+        let (epoch, history) = (self.epoch, self.history_entries);
+        let no_limit = self.test_knob_no_extent_limit;
         *self = MemLog::new();
         self.epoch = epoch;
         self.rebuilding = true;
         self.test_knob_skip_extent_repair = knob;
+        self.history_entries = history;
+        self.test_knob_no_extent_limit = no_limit;
         Ok(())
     }
     fn install_base_block(&mut self, lba: Lba, data: &[u8]) -> Result<()> {

@@ -26,6 +26,26 @@ pub fn manual_cfg() -> VolumeConfig {
     }
 }
 
+/// `manual_cfg` without WAL history: a checkpoint recycles everything no floor holds.
+pub fn no_history_cfg() -> VolumeConfig {
+    VolumeConfig {
+        wal_history_ms: 0,
+        ..manual_cfg()
+    }
+}
+
+/// A volume on a SimDisk that keeps no WAL history.
+pub fn sim_volume_without_history(name: &str, blocks: u64, wal: u64) -> (SimDisk, Volume) {
+    let disk = SimDisk::new(name);
+    let vol = Volume::create(
+        Box::new(disk.clone()),
+        small_opts(blocks, wal),
+        no_history_cfg(),
+    )
+    .expect("create volume");
+    (disk, vol)
+}
+
 pub fn sim_volume(name: &str, blocks: u64, wal: u64) -> (SimDisk, Volume) {
     let disk = SimDisk::new(name);
     let vol = Volume::create(
