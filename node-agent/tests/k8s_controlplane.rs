@@ -172,6 +172,13 @@ async fn agent_registers_renews_runs_and_deletes_replicas() {
         (t.0 > first.0).then_some(())
     })
     .await;
+    // The first renewal of a process follows an unknown gap: the IO fence stays shut
+    // until the assignments were re-read (the agent does that; here the test confirms).
+    let lapse = renewer
+        .unconfirmed_lapse()
+        .expect("the first renewal latches the fence");
+    assert!(!renewer.is_fresh());
+    renewer.confirm(lapse);
     assert!(renewer.is_fresh());
 
     // Replica loop.
