@@ -622,7 +622,11 @@ fn failed_wal_write_poisons_the_volume() {
         vol.read(Lba(0), &mut buf),
         Err(Error::Failed { .. })
     ));
-    assert_eq!(*shipped.lock().unwrap(), vec![1], "a failed write is never shipped");
+    assert_eq!(
+        *shipped.lock().unwrap(),
+        vec![1],
+        "a failed write is never shipped"
+    );
     assert_eq!(vol.durable_lsn(), Lsn(0));
 }
 

@@ -110,6 +110,11 @@ fn all_messages() -> Vec<Message> {
             current_epoch: Epoch(0),
             detail: "volume pvc-1 is not hosted on node-b".into(),
         }),
+        vm(Body::Error {
+            code: ErrorCode::BeyondSize,
+            current_epoch: Epoch(3),
+            detail: "blocks 300+1 outside the volume's 256 blocks".into(),
+        }),
     ]
     .into_iter()
     .chain(forward_messages())

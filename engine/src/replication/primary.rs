@@ -1011,12 +1011,23 @@ impl PrimaryCore {
     /// `reconnect_backoff_ms`; it is not a catch-up failure (the replica's data was never
     /// reached) and a rebuild keeps its plan.
     fn replica_not_hosted(&mut self, id: &ReplicaId, detail: &str, log: &mut dyn ReplicaLog) {
+        self.retry_member_later(id, "replica not hosted on its node", detail, log);
+    }
+
+    /// Ends `id`'s session without blaming its storage or history: it is retried after
+    /// the reconnect backoff and nothing counts toward escalation.
+    fn retry_member_later(
+        &mut self,
+        id: &ReplicaId,
+        reason: &str,
+        detail: &str,
+        log: &mut dyn ReplicaLog,
+    ) {
         let Some(s) = self.senders.get(id) else {
             return;
         };
         let state = s.state;
-        tracing::info!(volume = %self.volume, replica = %id, ?state, detail, "replica not hosted on its node; retrying later");
-        let reason = "replica not hosted on its node";
+        tracing::info!(volume = %self.volume, replica = %id, ?state, detail, reason, "retrying the member later");
         if state == ReplicaState::Rebuilding {
             self.drop_rebuild_conn(id, reason);
             return;
@@ -1146,6 +1157,16 @@ impl PrimaryCore {
             } => {
                 if code == ErrorCode::StaleEpoch && current_epoch > self.epoch {
                     self.fence(current_epoch);
+                } else if code == ErrorCode::BeyondSize {
+                    // The volume grew here first; the replica has not applied the new
+                    // size yet. Not a failure of the replica: retry it after the backoff,
+                    // however often, without counting toward escalation.
+                    self.retry_member_later(
+                        &id,
+                        "replica has not grown to the volume size yet",
+                        &detail,
+                        log,
+                    );
                 } else if matches!(code, ErrorCode::TruncateRefused | ErrorCode::RebuildFailed) {
                     if self.state_of(&id) == Some(ReplicaState::Rebuilding) {
                         self.invalidate_session(&id, &detail, log);

@@ -2,7 +2,9 @@
 //! refuse and report, duplicate → skip), persists the highest epoch seen before acting on it
 //! and refuses lower ones (so a stale primary's barriers fail), answers the reconnect
 //! handshake, and answers a barrier only after everything up to its LSN is received and
-//! fsynced, with a flushed LSN that never moves backwards within a session.
+//! fsynced, with a flushed LSN that never moves backwards within a session. An entry or
+//! base block beyond the replica's size (an expansion it has not applied yet) is refused
+//! with `BeyondSize` and leaves the replica healthy; other storage errors fail it.
 
 use super::ConnId;
 use super::storage::{AppendOutcome, ReplicaLog};
@@ -322,6 +324,12 @@ impl ReceiverCore {
                             format!("expected LSN {expected}, got {got}"),
                         ));
                     }
+                    Err(super::Error::BeyondSize(reason)) => {
+                        // An expansion this replica has not applied yet: nothing was
+                        // written, the storage is fine; the primary retries later.
+                        tracing::info!(volume = %self.volume, lsn = %entry.lsn, %reason, "entry beyond this replica's size; refused until it grows");
+                        out.push(self.error(conn, epoch, ErrorCode::BeyondSize, reason));
+                    }
                     Err(e) => {
                         self.fail(format!("append: {e}"));
                         out.push(self.error(conn, epoch, ErrorCode::StorageFailed, e.to_string()));
@@ -430,7 +438,11 @@ impl ReceiverCore {
                 rb.blocks += 1;
                 if let Err(e) = log.install_base_block(lba, &data) {
                     self.rebuild = None;
-                    out.push(self.error(conn, epoch, ErrorCode::RebuildFailed, e.to_string()));
+                    let code = match e {
+                        super::Error::BeyondSize(_) => ErrorCode::BeyondSize,
+                        _ => ErrorCode::RebuildFailed,
+                    };
+                    out.push(self.error(conn, epoch, code, e.to_string()));
                 }
             }
             Body::BaseDone { session, blocks } => {

@@ -8,7 +8,7 @@
 //! number and changes nothing else. A peer built before an addition fails to decode it
 //! and closes that connection (the behaviour it had before the addition), so mixed
 //! builds degrade to the older behaviour and never misread a frame. `UnknownVolume`
-//! (error code 8) is such an addition.
+//! (error code 8) and `BeyondSize` (error code 9) are such additions.
 
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
@@ -108,6 +108,10 @@ pub enum ErrorCode {
     /// deleted, or promoted here). Only that volume's session ends; the connection and
     /// every other volume on it are untouched, and the primary retries later.
     UnknownVolume = 8,
+    /// The entry (or base block) lies beyond the replica's current size: the volume is
+    /// being expanded and this replica has not grown yet. Nothing was written and the
+    /// replica is healthy; the primary retries this member after its backoff.
+    BeyondSize = 9,
 }
 
 /// Per-volume message bodies.
@@ -858,6 +862,7 @@ fn error_code(v: u8) -> Result<ErrorCode, WireError> {
         6 => ErrorCode::RebuildFailed,
         7 => ErrorCode::Malformed,
         8 => ErrorCode::UnknownVolume,
+        9 => ErrorCode::BeyondSize,
         _ => {
             return Err(WireError::InvalidField {
                 field: "error.code",
