@@ -73,9 +73,16 @@ impl FaultSwitch {
         self.fsyncs_ok.load(Ordering::SeqCst)
     }
 
-    /// When the first injected error was returned, if any was.
+    /// When the first injected error was returned, if any was (since the last
+    /// [`FaultSwitch::forget_first_failure`]).
     pub fn first_failure_at(&self) -> Option<SystemTime> {
         *self.first_failure.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Starts a new observation: `first_failure_at` answers None until the next
+    /// injected error (a scenario that fails the same mount again in a later trial).
+    pub fn forget_first_failure(&self) {
+        *self.first_failure.lock().unwrap_or_else(|e| e.into_inner()) = None;
     }
 
     fn injected(&self, counter: &AtomicU64) -> Errno {

@@ -1444,8 +1444,31 @@ async fn replica_fsync_or_write_eio_is_reported_dropped_and_replaced_without_los
 /// the old primary's agent restarts and rejoins as a replica.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn primary_fsync_eio_acks_nothing_more_and_fails_over_without_loss() {
+    primary_disk_eio_acks_nothing_more_and_fails_over(PrimaryDiskFault::Fsync).await;
+}
+
+/// Like the fsync case, with the primary's disk refusing writes instead: the first failed
+/// WAL append fails the volume, its agent reports the failed disk and the operator
+/// promotes away; nothing is acknowledged after the first injected error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn primary_write_eio_acks_nothing_more_and_fails_over_without_loss() {
+    primary_disk_eio_acks_nothing_more_and_fails_over(PrimaryDiskFault::Writes).await;
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum PrimaryDiskFault {
+    Fsync,
+    Writes,
+}
+
+async fn primary_disk_eio_acks_nothing_more_and_fails_over(fault: PrimaryDiskFault) {
     let _serial = serial().await;
-    let seed = seed() ^ 71;
+    let seed = seed()
+        ^ if fault == PrimaryDiskFault::Fsync {
+            71
+        } else {
+            73
+        };
     let mut rng = SeededRng::new(seed);
     let setup = NodeSetup {
         fault_disk: true,
@@ -1465,22 +1488,27 @@ async fn primary_fsync_eio_acks_nothing_more_and_fails_over_without_loss() {
         let base = *ck.flush_progress().borrow();
         let load = start_load(&ck, c.target(&old_node), LOAD_WRITES_MAX);
         flushes_reach(&ck, base + rng.range(1, 20)).await;
-        faults.set_fail_fsync(true);
+        // This node may have been the victim of an earlier trial.
+        faults.forget_first_failure();
+        match fault {
+            PrimaryDiskFault::Fsync => faults.set_fail_fsync(true),
+            PrimaryDiskFault::Writes => faults.set_fail_writes(true),
+        }
         tally.faults += 1;
         let sum = load.await.expect("load task");
         tally.writes_durable += sum.writes_made_durable;
         assert!(
             !sum.stopped_by.is_empty(),
-            "the load must have been stopped by the failed fsync"
+            "the load must have been stopped by the {fault:?} error"
         );
         let failed_at = faults
             .first_failure_at()
-            .expect("the primary met an injected fsync error");
+            .expect("the primary met an injected error");
         let last = clock.last_ack().expect("some flush was acked");
         let late = last.duration_since(failed_at).unwrap_or_default();
         assert!(
             late <= ACK_OBSERVATION_SLACK,
-            "a flush was acknowledged {late:?} after the primary's fsync failed"
+            "a flush was acknowledged {late:?} after the primary's {fault:?} failed"
         );
         let new = c.promoted(&old_primary, st.epoch).await;
         assert_eq!(new.epoch, st.epoch + 1, "one failover, one epoch bump");
@@ -1496,9 +1524,9 @@ async fn primary_fsync_eio_acks_nothing_more_and_fails_over_without_loss() {
         })
         .await;
         println!(
-            "trial {trial}: primary {old_primary} on {old_node}: fsync EIO after {} acked flushes ({} injected errors); load stopped by {:?}; last ack {} ms before the first error; promoted on {new_node}; old primary reports {old_status:?}",
+            "trial {trial}: primary {old_primary} on {old_node}: {fault:?} EIO after {} acked flushes ({} injected errors); load stopped by {:?}; last ack {} ms before the first error; promoted on {new_node}; old primary reports {old_status:?}",
             sum.flushes_acked,
-            faults.fsync_failures(),
+            faults.fsync_failures() + faults.write_failures(),
             sum.stopped_by.first(),
             failed_at
                 .duration_since(last)
@@ -1513,6 +1541,7 @@ async fn primary_fsync_eio_acks_nothing_more_and_fails_over_without_loss() {
         )
         .await;
         faults.set_fail_fsync(false);
+        faults.set_fail_writes(false);
         c.kill_agent(&old_node);
         c.start_agent(&old_node);
         st = c.healthy(new.epoch).await;
@@ -1522,7 +1551,13 @@ async fn primary_fsync_eio_acks_nothing_more_and_fails_over_without_loss() {
     let node = st.primary_node.clone().expect("primary node");
     verify_clean(&ck, &c.target(&node), &mut tally, "after the last rejoin").await;
     c.assert_replicas_identical().await;
-    tally.print("primary-fsync-eio", seed);
+    tally.print(
+        match fault {
+            PrimaryDiskFault::Fsync => "primary-fsync-eio",
+            PrimaryDiskFault::Writes => "primary-write-eio",
+        },
+        seed,
+    );
 }
 
 /// One-way delay of the slow link in scenario 8.

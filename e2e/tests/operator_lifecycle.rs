@@ -768,3 +768,122 @@ async fn expansion_while_attached_grows_every_replica_and_the_export() {
         "a FUSE mount is left: {mounts}"
     );
 }
+
+/// Sends SIGCONT to a stopped process when dropped, so a failing test never leaves an
+/// agent stopped.
+struct Paused(u32);
+
+impl Paused {
+    fn stop(pid: u32) -> Paused {
+        // SAFETY: plain syscall on a child process of this test.
+        let rc = unsafe { libc::kill(pid as libc::pid_t, libc::SIGSTOP) };
+        assert_eq!(rc, 0, "SIGSTOP {pid}: {}", std::io::Error::last_os_error());
+        Paused(pid)
+    }
+}
+
+impl Drop for Paused {
+    fn drop(&mut self) {
+        // SAFETY: as above.
+        unsafe { libc::kill(self.0 as libc::pid_t, libc::SIGCONT) };
+    }
+}
+
+/// Growing `spec.size` while one replica's agent is paused (SIGSTOP) and cannot apply
+/// the new size: the primary grows and serves the new size, a write lands beyond the
+/// old end (an entry beyond the paused replica's end), and the agent's Expand does not
+/// answer while that in-sync replica is short. Once the agent resumes, the replica
+/// grows, takes the entries beyond its old end (refused as `BeyondSize` while it was
+/// short, never as a storage failure), Expand answers with the new size, and the
+/// volume is back to three in sync at the same epoch with the same replicas (no
+/// failure, no replacement, no rebuild). The data reads back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn expansion_waits_for_a_paused_replica_which_grows_and_catches_up() {
+    let c = cluster(3, |_| {}).await;
+    let vol = "growing-paused";
+    create_volume(&c, vol, "32Mi").await;
+    let st = settled(&c, vol, "RF3 Ready", 3, |s| s.epoch == 1).await;
+    let node = st.primary_node.clone().expect("primary node");
+    let a = agent(&c, &node);
+    let mut image = vec![0u8; VOLUME_BYTES];
+    write_and_flush(&target(a, vol), &mut image, 0x30, 4).await;
+    let before = c.replicas(vol).await;
+    let names: std::collections::BTreeSet<String> = before.iter().map(|r| r.name_any()).collect();
+    let lagging = before
+        .iter()
+        .find(|r| r.spec.node != node)
+        .expect("a replica on another node")
+        .clone();
+    let grpc = csi::agent::Agent::new(&csi::agent::AgentSettings {
+        socket_path: a.agent_socket.clone(),
+        agent_call_timeout_ms: 60_000,
+    })
+    .expect("agent client");
+    let grown = VOLUME_BYTES as u64 + (16 << 20);
+
+    let paused = Paused::stop(
+        agent(&c, &lagging.spec.node)
+            .pid()
+            .expect("the replica's agent runs"),
+    );
+    patch_volume(&c, vol, json!({"spec": {"size": "48Mi"}})).await;
+    let t = target(a, vol);
+    let t = &t;
+    let mut nbd = wait_for(
+        "the primary serving the new size",
+        TIMEOUT,
+        move || async move {
+            let nbd = NbdClient::connect(t).await.ok()?;
+            (nbd.size_bytes() == grown).then_some(nbd)
+        },
+    )
+    .await
+    .expect("the primary grew");
+    let expand = {
+        let grpc = grpc.clone();
+        tokio::spawn(async move { grpc.expand(vol, grown).await })
+    };
+    let tail = vec![0x5bu8; CHUNK];
+    nbd.write(VOLUME_BYTES as u64, &tail)
+        .await
+        .expect("a write beyond the old end");
+    // The fault lasts a second more (well inside the 5 s after which the primary would
+    // report the paused member unreachable).
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    if expand.is_finished() {
+        panic!(
+            "Expand answered while an in-sync replica had not grown: {:?}",
+            expand.await
+        );
+    }
+    drop(paused);
+    let answer = tokio::time::timeout(TIMEOUT, expand)
+        .await
+        .expect("Expand answers once the replica grew")
+        .expect("expand task")
+        .expect("Expand");
+    assert_eq!(answer.size_bytes, grown);
+    nbd.flush().await.expect("flush through the primary");
+    nbd.disconnect().await;
+
+    let st = settled(&c, vol, "RF3 again", 3, |s| s.epoch == 1).await;
+    assert_eq!(st.epoch, 1, "no failover");
+    let after = c.replicas(vol).await;
+    let names_after: std::collections::BTreeSet<String> =
+        after.iter().map(|r| r.name_any()).collect();
+    assert_eq!(names, names_after, "no replica was replaced");
+    let lag = after
+        .iter()
+        .find(|r| r.name_any() == lagging.name_any())
+        .and_then(|r| r.status.clone())
+        .expect("the paused replica's status");
+    assert_ne!(lag.state, ReplicaState::Failed, "{lag:?}");
+    assert_eq!(lag.size_bytes, Some(grown));
+    let got = read_all(&target(a, vol), grown as usize).await;
+    assert_same(&got[..VOLUME_BYTES], &image, "the data before growing");
+    assert_same(
+        &got[VOLUME_BYTES..VOLUME_BYTES + CHUNK],
+        &tail,
+        "the write beyond the old end",
+    );
+}

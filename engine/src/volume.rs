@@ -9,7 +9,8 @@
 //! or rebuild) and only after a sync; WAL space is reused only after the superblock that
 //! releases it is durable, and never for entries at or above the retention floor. A
 //! bounded WAL history behind the checkpoint is kept while no writer needs its space
-//! (see the flusher).
+//! (see the flusher). A failed fsync, WAL append write or extent write is fail-stop: the
+//! volume refuses all IO until reopened and says why in `failure()`.
 
 use std::collections::VecDeque;
 use std::path::Path;
@@ -636,8 +637,9 @@ impl Volume {
         Lsn(self.inner.head_lsn.load(Ordering::Acquire))
     }
 
-    /// Why the volume failed, if it did: after a failed fsync or extent write it refuses
-    /// all IO until reopened (fail-stop), whether or not a caller has asked for IO since.
+    /// Why the volume failed, if it did: after a failed fsync, WAL append write or extent
+    /// write it refuses all IO until reopened (fail-stop), whether or not a caller has
+    /// asked for IO since.
     pub fn failure(&self) -> Option<String> {
         self.inner.gc.failed()
     }
@@ -1038,6 +1040,16 @@ impl Inner {
         Error::io(self.disk.describe(), e)
     }
 
+    /// A WAL append's disk write failed (EIO, ENOSPC on a thin device, a dying disk):
+    /// fail-stop, like a failed fsync. The disk may have refused this record only, but
+    /// a volume that keeps serving on a disk that refuses writes fails every client
+    /// write while nothing fails over; a failed volume is reported and replaced.
+    fn append_write_failed(&self, e: std::io::Error) -> Error {
+        let err = self.io_err(e);
+        self.gc.poison(format!("WAL append failed: {err}"));
+        err
+    }
+
     fn kick(&self) {
         lock(&self.ctl).kick = true;
         self.ctl_cv.notify_all();
@@ -1218,7 +1230,7 @@ impl Inner {
                 let rec = wal::encode_record(&pad, wal_gen, Some(rem));
                 self.disk
                     .write_at(&rec, self.layout.wal_phys(pos))
-                    .map_err(|e| self.io_err(e))?;
+                    .map_err(|e| self.append_write_failed(e))?;
             }
             pos += rem;
         }
@@ -1227,7 +1239,7 @@ impl Inner {
                 &[&record.head, entry.data, &record.tail],
                 self.layout.wal_phys(pos),
             )
-            .map_err(|e| self.io_err(e))?;
+            .map_err(|e| self.append_write_failed(e))?;
         let ie = IndexEntry {
             lsn: entry.lsn.0,
             pos,

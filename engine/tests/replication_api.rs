@@ -586,6 +586,51 @@ fn failed_sync_poisons_the_volume() {
     assert_eq!(vol.durable_lsn(), Lsn(0));
 }
 
+/// A WAL append whose disk write fails (EIO, not fsync) is fail-stop like a failed sync:
+/// the write is refused and never shipped, the volume reports the failure at once (the
+/// agent turns that into a "primary disk failed" report, so a failover follows), and no
+/// later write, read or flush is served or acknowledged, even after the disk recovers.
+#[test]
+fn failed_wal_write_poisons_the_volume() {
+    let (disk, vol) = sim_volume("write-poison", 16, 256 * 1024);
+    let shipped = Arc::new(Mutex::new(Vec::new()));
+    let s2 = shipped.clone();
+    vol.set_append_observer(Some(Arc::new(move |e: &WalEntry| {
+        s2.lock().unwrap().push(e.lsn.0)
+    })));
+    vol.write(Lba(0), &block(1)).unwrap();
+    disk.set_faults(FaultPlan {
+        fail_writes_after: Some(0),
+        ..FaultPlan::default()
+    });
+    assert!(vol.write(Lba(1), &block(2)).is_err());
+    assert!(
+        vol.failure().is_some(),
+        "a failed WAL write must fail the volume before any flush meets it"
+    );
+    disk.set_faults(FaultPlan::default());
+    assert!(
+        matches!(vol.flush(), Err(Error::Failed { .. })),
+        "no flush may be acknowledged after a failed write"
+    );
+    assert!(matches!(
+        vol.write(Lba(2), &block(3)),
+        Err(Error::Failed { .. })
+    ));
+    assert!(matches!(vol.trim(Lba(2), 1), Err(Error::Failed { .. })));
+    let mut buf = vec![0u8; 4096];
+    assert!(matches!(
+        vol.read(Lba(0), &mut buf),
+        Err(Error::Failed { .. })
+    ));
+    assert_eq!(
+        *shipped.lock().unwrap(),
+        vec![1],
+        "a failed write is never shipped"
+    );
+    assert_eq!(vol.durable_lsn(), Lsn(0));
+}
+
 #[test]
 fn group_commit_batching_window_still_makes_every_flush_durable() {
     let cfg = VolumeConfig {

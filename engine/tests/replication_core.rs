@@ -562,6 +562,7 @@ fn barrier_waits_until_received_covers_its_lsn() {
                 session: 1,
                 head: Lsn(2),
                 retained_start: Lsn(1),
+                primary: None,
             }),
         },
         &mut log,
@@ -626,6 +627,7 @@ fn barrier_times_out_when_entries_never_arrive() {
                 session: 1,
                 head: Lsn(5),
                 retained_start: Lsn(1),
+                primary: None,
             }),
         },
         &mut log,
@@ -661,6 +663,7 @@ fn barrier_reply_never_reports_progress_when_fsync_fails() {
                 session: 1,
                 head: Lsn(0),
                 retained_start: Lsn(1),
+                primary: None,
             }),
         },
         &mut log,
@@ -725,6 +728,7 @@ fn receiver_refuses_gaps_and_skips_duplicates() {
                 session: 1,
                 head: Lsn(0),
                 retained_start: Lsn(1),
+                primary: None,
             }),
         },
         &mut log,
@@ -786,6 +790,7 @@ fn receiver_persists_a_newer_epoch_and_refuses_older_ones() {
                     session: 1,
                     head: Lsn(0),
                     retained_start: Lsn(1),
+                    primary: None,
                 },
             ),
         },
@@ -1380,6 +1385,7 @@ fn rebuild_installs_the_base_before_the_tail_so_newer_wal_wins() {
                 base_lsn: Lsn(10),
                 base_epoch: Epoch(1),
                 target: Lsn(11),
+                primary: None,
             }),
         },
         &mut log,
@@ -1473,6 +1479,7 @@ fn base_done_with_a_missing_block_fails_the_rebuild() {
                 base_lsn: Lsn(10),
                 base_epoch: Epoch(1),
                 target: Lsn(10),
+                primary: None,
             }),
         },
         &mut log,
@@ -1524,6 +1531,7 @@ fn interrupted_rebuild_answers_handshake_with_needs_rebuild() {
                 base_lsn: Lsn(10),
                 base_epoch: Epoch(1),
                 target: Lsn(11),
+                primary: None,
             }),
         },
         &mut log,
@@ -1536,6 +1544,7 @@ fn interrupted_rebuild_answers_handshake_with_needs_rebuild() {
                 session: 5,
                 head: Lsn(11),
                 retained_start: Lsn(1),
+                primary: None,
             }),
         },
         &mut log,
@@ -1825,4 +1834,247 @@ fn member_is_not_granted_in_sync_below_a_locally_acked_flush() {
     n.settle();
     assert_eq!(n.state("r0"), ReplicaState::InSync);
     assert!(n.replicas[0].log.durable_lsn() >= Lsn(2));
+}
+
+/// Two primaries at one epoch (an operator leadership overlap wrote two replicas as
+/// primary at E) talking to one replica. The first primary that opened a session at E
+/// owns E on that replica: the second, another ReplicaID, is refused at its handshake
+/// (never truncates, ships to or gets a barrier ack from the replica) and fences
+/// itself; the first keeps replicating and acknowledging flushes.
+#[test]
+fn a_second_primary_at_the_same_epoch_is_refused_and_the_first_keeps_working() {
+    let mut n = Net::new(1, cfg(), &["p", "r0"]);
+    n.tick(1);
+    for i in 0..3 {
+        n.write(i, 0x10 + i as u8);
+    }
+    let f = n.flush();
+    assert!(n.is_acked(f));
+    assert_eq!(n.state("r0"), ReplicaState::InSync);
+    let before: Vec<WalEntryBytes> = (1..=3)
+        .map(|l| entry_bytes(&n.replicas[0].log, l))
+        .collect();
+
+    // The second primary, q, at the same epoch with its own (different) history.
+    let mut qlog = MemLog::new();
+    qlog.set_epoch(Epoch(1)).unwrap();
+    let mut q = PrimaryCore::new(
+        vol(),
+        rid("q"),
+        Epoch(1),
+        cfg(),
+        Generation(1),
+        vec![rid("q"), rid("r0")],
+        &qlog,
+    );
+    // q's connection ids live in their own range on the replica's side.
+    let on_replica = |c: ConnId| ConnId(1_000_000 + c.0);
+    let mut q_inputs: VecDeque<Input> = VecDeque::new();
+    let mut q_reports = Vec::new();
+    let mut q_acked = Vec::new();
+    let mut q_failed = Vec::new();
+    let e = qlog
+        .append_local(EntryKind::Write, Lba(0), 1, vec![0xEE; 8])
+        .unwrap();
+    q_inputs.push_back(Input::PeersAssigned(vec![Peer {
+        id: rid("r0"),
+        endpoint: endpoint(0, 0),
+    }]));
+    q_inputs.push_back(Input::Appended(e));
+    q_inputs.push_back(Input::FlushRequested(FlushId(77)));
+    for _ in 0..20 {
+        q_inputs.push_back(Input::Tick);
+    }
+    let mut steps = 0;
+    while let Some(i) = q_inputs.pop_front() {
+        steps += 1;
+        assert!(steps < 100_000, "q's network did not quiesce");
+        n.now += 1;
+        for a in q.step(n.now, i, &mut qlog) {
+            match a {
+                Action::Connect { conn, .. } => q_inputs.push_back(Input::Connected(conn)),
+                Action::Send { conn, msg } => {
+                    let rep = &mut n.replicas[0];
+                    let acts = rep.core.step(
+                        n.now,
+                        ReceiverInput::Received {
+                            conn: on_replica(conn),
+                            msg,
+                        },
+                        &mut rep.log,
+                    );
+                    rep.events.extend(rep.core.take_events());
+                    for ra in acts {
+                        if let ReceiverAction::Send { msg, .. } = ra {
+                            q_inputs.push_front(Input::Received { conn, msg });
+                        }
+                    }
+                }
+                Action::Close { conn, .. } => {
+                    let rep = &mut n.replicas[0];
+                    rep.core.step(
+                        n.now,
+                        ReceiverInput::ConnectionLost(on_replica(conn)),
+                        &mut rep.log,
+                    );
+                }
+                Action::LocalFsync { .. } => {
+                    let d = qlog.sync().unwrap();
+                    q_inputs.push_back(Input::LocalFsyncDone { durable: d });
+                }
+                Action::FlushAcked { id, .. } => q_acked.push(id),
+                Action::FlushFailed { id, .. } => q_failed.push(id),
+                Action::Report(r) => q_reports.push(r),
+            }
+        }
+    }
+    assert!(
+        q_acked.is_empty(),
+        "the second primary got a flush acknowledged"
+    );
+    assert!(q_failed.contains(&FlushId(77)));
+    assert!(
+        q_reports.iter().any(|r| matches!(r, Report::Fenced { .. })),
+        "the refused primary fences itself: {q_reports:?}"
+    );
+    assert!(
+        !n.replicas[0]
+            .events
+            .iter()
+            .any(|e| matches!(e, ReceiverEvent::Truncated { .. })),
+        "the second primary truncated the replica"
+    );
+    let after: Vec<WalEntryBytes> = (1..=3)
+        .map(|l| entry_bytes(&n.replicas[0].log, l))
+        .collect();
+    assert_eq!(
+        before, after,
+        "the replica's history is the first primary's"
+    );
+
+    // The first primary keeps working on its session.
+    let l = n.write(5, 0x55);
+    let f = n.flush();
+    assert!(
+        n.is_acked(f),
+        "the owner's flush must still be acknowledged"
+    );
+    assert_eq!(entry_bytes(&n.replicas[0].log, l.0), Some(vec![0x55; 8]));
+    n.settle();
+    assert_eq!(n.state("r0"), ReplicaState::InSync);
+    assert!(n.primary.fenced().is_none());
+}
+
+type WalEntryBytes = Option<Vec<u8>>;
+
+fn entry_bytes(log: &MemLog, lsn: u64) -> WalEntryBytes {
+    log.entry_at(Lsn(lsn)).map(|e| e.data.clone())
+}
+
+/// The receiver's side of one primary per epoch, message by message: a handshake from a
+/// primary of an older build (no identity) is accepted while nobody owns the epoch; the
+/// first named primary owns it; from then on only that primary's handshakes (on any
+/// connection) open a session, and entries and barriers on any other connection are
+/// refused.
+#[test]
+fn receiver_binds_an_epoch_to_the_first_named_primary() {
+    let mut core = ReceiverCore::new(vol(), ReceiverConfig::default());
+    let mut log = MemLog::new();
+    log.set_epoch(Epoch(1)).unwrap();
+    let send = |core: &mut ReceiverCore, log: &mut MemLog, conn: u64, body: Body| {
+        let acts = core.step(
+            1,
+            ReceiverInput::Received {
+                conn: ConnId(conn),
+                msg: VolumeMsg {
+                    volume: vol(),
+                    epoch: Epoch(1),
+                    body,
+                },
+            },
+            log,
+        );
+        acts.into_iter()
+            .filter_map(|a| match a {
+                ReceiverAction::Send { msg, .. } => Some(msg.body),
+                ReceiverAction::Close { .. } => None,
+            })
+            .collect::<Vec<_>>()
+    };
+    let resume = |primary: Option<&str>| Body::ResumeRequest {
+        session: 1,
+        head: Lsn(0),
+        retained_start: Lsn(1),
+        primary: primary.map(rid),
+    };
+    let owned = |b: &[Body]| {
+        matches!(
+            b,
+            [Body::Error {
+                code: engine::replication::wire::ErrorCode::SessionOwned,
+                ..
+            }]
+        )
+    };
+    let ok = |b: &[Body]| matches!(b, [Body::ResumeResponse { .. }]);
+    assert!(
+        ok(&send(&mut core, &mut log, 1, resume(None))),
+        "unowned: an old primary is served"
+    );
+    assert!(ok(&send(&mut core, &mut log, 2, resume(Some("p")))));
+    assert!(owned(&send(&mut core, &mut log, 3, resume(Some("q")))));
+    assert!(owned(&send(&mut core, &mut log, 4, resume(None))));
+    assert!(
+        ok(&send(&mut core, &mut log, 5, resume(Some("p")))),
+        "p reconnects"
+    );
+    let entry = |lsn: u64| {
+        Body::Entry(engine::replication::WalEntry {
+            lsn: Lsn(lsn),
+            epoch: Epoch(1),
+            kind: EntryKind::Write,
+            lba: Lba(0),
+            blocks: 1,
+            data: vec![lsn as u8; 8],
+        })
+    };
+    // The unnamed session of conn 1 ended when p took the epoch; q never had one.
+    for conn in [1, 3, 4] {
+        let r = send(&mut core, &mut log, conn, entry(1));
+        assert!(
+            matches!(
+                r.as_slice(),
+                [Body::Error {
+                    code: engine::replication::wire::ErrorCode::NoSession,
+                    ..
+                }]
+            ),
+            "conn {conn}: {r:?}"
+        );
+        let r = send(
+            &mut core,
+            &mut log,
+            conn,
+            Body::BarrierRequest { id: 1, lsn: Lsn(0) },
+        );
+        assert!(
+            !matches!(
+                r.as_slice(),
+                [Body::BarrierResponse {
+                    status: engine::replication::wire::BarrierStatus::Ok,
+                    ..
+                }]
+            ),
+            "conn {conn}: {r:?}"
+        );
+    }
+    assert_eq!(log.head_lsn(), Lsn(0));
+    // p's connections carry the session.
+    assert!(send(&mut core, &mut log, 5, entry(1)).is_empty());
+    assert!(send(&mut core, &mut log, 2, entry(2)).is_empty());
+    assert_eq!(log.head_lsn(), Lsn(2));
+    assert!(matches!(
+        send(&mut core, &mut log, 2, Body::Heartbeat { seq: 2 }).as_slice(),
+        [Body::HeartbeatAck { seq: 2 }]
+    ));
 }

@@ -498,6 +498,7 @@ async fn unknown_volume_is_answered_per_volume_and_keeps_the_connection() {
             session: 1,
             head: Lsn(0),
             retained_start: Lsn(1),
+            primary: None,
         },
     ));
     frames.extend(msg(&other, Body::Heartbeat { seq: 9 }));

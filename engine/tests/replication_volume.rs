@@ -523,3 +523,50 @@ fn replica_crashed_inside_a_flusher_cycle_is_truncated_or_rebuilt_never_divergen
         assert!(c.acked.contains(&f), "history {history}");
     }
 }
+
+/// Expansion grows the primary first and each replica when its agent applies the new
+/// size, so a replica can receive entries beyond its end for a while. That is a race,
+/// not a broken disk: the replica refuses the entry without failing (no StorageFailed,
+/// no rebuild), the primary retries that member after its backoff however often it
+/// takes, and once the replica has grown it catches up and counts again.
+#[test]
+fn a_replica_not_yet_grown_refuses_entries_beyond_its_end_and_catches_up_after_growing() {
+    let mut c = Cluster::new(2, cfg());
+    c.tick(1);
+    c.write(0, 1);
+    let grown = 2 << 20;
+    c.pvol.expand(grown).unwrap();
+    c.reps[1].1.volume().expand(grown).unwrap();
+    // LBA 300 lies beyond r0's 256 blocks.
+    c.write(300, 7);
+    c.write(1, 8);
+    // Far more retries than catchup_retries_max, all of them refused.
+    for _ in 0..20 {
+        c.tick(20);
+    }
+    assert_eq!(
+        c.reps[0].0.failed(),
+        None,
+        "a size race is not a storage failure"
+    );
+    assert_ne!(c.state(0), ReplicaState::NeedsRebuild);
+    assert!(
+        !c.reports
+            .iter()
+            .any(|r| matches!(r, Report::NeedsRebuild { .. })),
+        "no rebuild for a replica that only has to grow: {:?}",
+        c.reports
+    );
+    assert_eq!(c.state(1), ReplicaState::InSync);
+    // The agent applies the new size; the member catches up and counts again.
+    c.reps[0].1.volume().expand(grown).unwrap();
+    for _ in 0..5 {
+        c.tick(20);
+    }
+    assert_eq!(c.state(0), ReplicaState::InSync);
+    let f = c.flush();
+    assert!(c.acked.contains(&f));
+    assert!(c.reps[0].1.volume().durable_lsn() >= Lsn(3));
+    c.assert_same_content(0, 0..2);
+    c.assert_same_content(0, 300..301);
+}

@@ -9,7 +9,7 @@ use engine::replication::wire::{
 };
 use engine::replication::{
     Body, EntryKind, Epoch, ForwardMsg, ForwardOp, ForwardPayload, ForwardStatus, Lba, Lsn,
-    Message, VolumeId, VolumeMsg, WalEntry, WireConfig, WireError,
+    Message, ReplicaId, VolumeId, VolumeMsg, WalEntry, WireConfig, WireError,
 };
 
 fn vm(body: Body) -> Message {
@@ -64,6 +64,13 @@ fn all_messages() -> Vec<Message> {
             session: 1,
             head: Lsn(100),
             retained_start: Lsn(50),
+            primary: None,
+        }),
+        vm(Body::ResumeRequest {
+            session: 1,
+            head: Lsn(100),
+            retained_start: Lsn(50),
+            primary: Some(ReplicaId::new("pvc-1234-r2").unwrap()),
         }),
         vm(Body::ResumeResponse {
             session: 1,
@@ -88,6 +95,14 @@ fn all_messages() -> Vec<Message> {
             base_lsn: Lsn(40),
             base_epoch: Epoch(4),
             target: Lsn(100),
+            primary: None,
+        }),
+        vm(Body::RebuildStart {
+            session: 3,
+            base_lsn: Lsn(40),
+            base_epoch: Epoch(4),
+            target: Lsn(100),
+            primary: Some(ReplicaId::new("pvc-1234-r2").unwrap()),
         }),
         vm(Body::BaseBlock {
             session: 3,
@@ -109,6 +124,11 @@ fn all_messages() -> Vec<Message> {
             code: ErrorCode::UnknownVolume,
             current_epoch: Epoch(0),
             detail: "volume pvc-1 is not hosted on node-b".into(),
+        }),
+        vm(Body::Error {
+            code: ErrorCode::BeyondSize,
+            current_epoch: Epoch(3),
+            detail: "blocks 300+1 outside the volume's 256 blocks".into(),
         }),
     ]
     .into_iter()
@@ -362,6 +382,38 @@ fn payload_with_trailing_bytes_or_unknown_type_is_refused() {
         decode_frame(&f, &WireConfig::default()),
         Err(WireError::UnknownType(0xEE))
     );
+}
+
+/// The handshakes that name the primary are additions with their own type numbers: the
+/// unnamed ones keep their old type and bytes (frames of older builds still decode, with
+/// no identity), the named ones are the old payload followed by the ReplicaID, and an
+/// invalid ReplicaID there is refused.
+#[test]
+fn named_handshakes_extend_the_old_ones_and_old_frames_still_decode() {
+    let cfg = WireConfig::default();
+    let named = |primary| {
+        vm(Body::ResumeRequest {
+            session: 9,
+            head: Lsn(12),
+            retained_start: Lsn(3),
+            primary,
+        })
+    };
+    let old = encode_frame(&named(None));
+    let new = encode_frame(&named(Some(ReplicaId::new("r-a").unwrap())));
+    assert_eq!(old[5], 0x13, "the unnamed handshake keeps its type");
+    assert_ne!(new[5], old[5]);
+    let old_payload = &old[FRAME_HEADER_BYTES..old.len() - 4];
+    let new_payload = &new[FRAME_HEADER_BYTES..new.len() - 4];
+    assert!(new_payload.starts_with(old_payload));
+    assert_eq!(decode_frame(&old, &cfg).unwrap().unwrap().0, named(None));
+    let mut bad = old_payload.to_vec();
+    bad.extend_from_slice(&3u32.to_le_bytes());
+    bad.extend_from_slice(b"a b");
+    assert!(matches!(
+        decode_frame(&reframe(new[5], &bad), &cfg),
+        Err(WireError::InvalidField { .. })
+    ));
 }
 
 #[test]

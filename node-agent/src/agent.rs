@@ -529,7 +529,11 @@ impl Agent {
                     primaries: Arc::new(runtime.local_primaries()),
                 }),
                 metrics: Some(nbd_metrics),
-            });
+            })
+            .with_member_sizes(
+                Arc::new(crate::attach_service::KubeMemberSizes::new(client.clone())),
+                crate::attach_service::EXPAND_WAIT_DEFAULT,
+            );
         let service = Arc::new(service);
         {
             // Devices attached before a restart are kept by their attach proxies, which

@@ -4,6 +4,13 @@
 //! to the volume's new size while it stays in use. Every call is idempotent and errors
 //! carry the gRPC codes the proto documents.
 //!
+//! Expand grows nothing before every member of the volume's committed in-sync set
+//! reports the new size ([`MemberSizes`], when set): the primary grows first and each
+//! replica when its agent applies the new size, and a device grown earlier would send
+//! writes past the end of a replica that has not grown yet. The wait is bounded
+//! (`expand_wait`); past it Expand fails with UNAVAILABLE naming the members still
+//! short, and the caller retries.
+//!
 //! With forwarding on (the agent's setup), every device is attached through a
 //! forwarding export, also when the primary serves on this node (it then runs requests
 //! in process): one path that survives the primary moving away. Forwarding exports live
@@ -13,6 +20,9 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
 
 use csi::agent_proto::node_agent_server::NodeAgent;
 use csi::agent_proto::{
@@ -31,6 +41,116 @@ use crate::nbd::{BlockBackend, ExportRegistry};
 /// Which volumes have a local replica at all (to tell NOT_FOUND from
 /// FAILED_PRECONDITION when there is no export here).
 pub type LocalVolumes = Arc<dyn Fn(&str) -> bool + Send + Sync>;
+
+/// Members short of a size: each ReplicaID with the size it reports (None: none yet).
+pub type ShortMembers = Vec<(String, Option<u64>)>;
+
+/// How far the members of a volume have grown.
+pub trait MemberSizes: Send + Sync + 'static {
+    /// The members of `volume`'s committed in-sync set whose reported size is below
+    /// `size_bytes`, each with the size it reports (None: none reported yet). Empty when
+    /// every member has grown.
+    fn short_of<'a>(
+        &'a self,
+        volume: &'a str,
+        size_bytes: u64,
+    ) -> BoxFuture<'a, Result<ShortMembers, String>>;
+}
+
+/// The members of the committed in-sync set, as the primary's spec (the highest epoch)
+/// names it, whose `BlockReplica` status reports less than `size_bytes`. A member
+/// without a `BlockReplica` counts as short (size None).
+pub fn members_short_of(
+    replicas: &[api::BlockReplica],
+    volume: &str,
+    size_bytes: u64,
+) -> Result<ShortMembers, String> {
+    let mine: Vec<&api::BlockReplica> = replicas
+        .iter()
+        .filter(|r| r.spec.volume == volume)
+        .collect();
+    let primary = mine
+        .iter()
+        .filter(|r| r.spec.role == api::ReplicaRole::Primary)
+        .max_by_key(|r| r.spec.epoch)
+        .ok_or_else(|| format!("volume {volume} has no primary"))?;
+    let mut short = Vec::new();
+    for member in &primary.spec.in_sync_set {
+        let reported = mine
+            .iter()
+            .filter(|r| &r.spec.replica_id == member)
+            .filter_map(|r| r.status.as_ref().and_then(|s| s.size_bytes))
+            .max();
+        if reported.is_none_or(|s| s < size_bytes) {
+            short.push((member.clone(), reported));
+        }
+    }
+    Ok(short)
+}
+
+/// [`MemberSizes`] from the API server: the volume's `BlockReplica`s.
+pub struct KubeMemberSizes {
+    client: kube::Client,
+}
+
+impl KubeMemberSizes {
+    pub fn new(client: kube::Client) -> Self {
+        KubeMemberSizes { client }
+    }
+}
+
+impl MemberSizes for KubeMemberSizes {
+    fn short_of<'a>(
+        &'a self,
+        volume: &'a str,
+        size_bytes: u64,
+    ) -> BoxFuture<'a, Result<ShortMembers, String>> {
+        Box::pin(async move {
+            let replicas: kube::Api<api::BlockReplica> = kube::Api::all(self.client.clone());
+            let lp =
+                kube::api::ListParams::default().labels(&format!("{}={volume}", api::LABEL_VOLUME));
+            let list = replicas
+                .list(&lp)
+                .await
+                .map_err(|e| format!("listing the replicas of {volume}: {e}"))?;
+            members_short_of(&list.items, volume, size_bytes)
+        })
+    }
+}
+
+/// Waits until no member of `volume`'s in-sync set is short of `size_bytes`, asking
+/// `sizes` every `poll` for at most `wait`. The error names the members still short
+/// (or the last lookup error).
+pub async fn wait_for_members(
+    sizes: &dyn MemberSizes,
+    volume: &str,
+    size_bytes: u64,
+    wait: Duration,
+    poll: Duration,
+) -> Result<(), Status> {
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        let why = match sizes.short_of(volume, size_bytes).await {
+            Ok(short) if short.is_empty() => return Ok(()),
+            Ok(short) => short
+                .iter()
+                .map(|(id, s)| match s {
+                    Some(s) => format!("{id} reports {s} bytes"),
+                    None => format!("{id} reports no size"),
+                })
+                .collect::<Vec<_>>()
+                .join(", "),
+            Err(e) => e,
+        };
+        if tokio::time::Instant::now() + poll > deadline {
+            return Err(Status::unavailable(format!(
+                "volume {volume}: not every in-sync replica has grown to {size_bytes} bytes within {} ms ({why}); the device keeps its size, retry later",
+                wait.as_millis()
+            )));
+        }
+        tokio::time::sleep(poll).await;
+    }
+}
 
 /// Forwarding exports: served on their own NBD socket (same export name, the volume's),
 /// so they never collide with a local primary's export when the primary moves here.
@@ -58,7 +178,17 @@ pub struct AttachService {
     forwarding: Option<Forwarding>,
     /// The forwarding backends by volume, for Expand (the registry holds them untyped).
     forwarded: std::sync::Mutex<std::collections::BTreeMap<String, Arc<ForwardingBackend>>>,
+    /// Expand waits for these members' sizes (None: grows at once, for tests without
+    /// an API server).
+    member_sizes: Option<Arc<dyn MemberSizes>>,
+    /// How long Expand waits for the members to grow.
+    expand_wait: Duration,
 }
+
+/// How long Expand waits for every in-sync replica to report the new size by default.
+pub const EXPAND_WAIT_DEFAULT: Duration = Duration::from_secs(30);
+/// How often Expand asks for the replicas' sizes while it waits.
+const EXPAND_POLL: Duration = Duration::from_millis(250);
 
 impl AttachService {
     pub fn new(
@@ -74,6 +204,27 @@ impl AttachService {
             local,
             forwarding: None,
             forwarded: Default::default(),
+            member_sizes: None,
+            expand_wait: EXPAND_WAIT_DEFAULT,
+        }
+    }
+
+    /// Makes Expand wait, at most `wait`, until every in-sync replica reports the new
+    /// size before it grows a device.
+    pub fn with_member_sizes(mut self, sizes: Arc<dyn MemberSizes>, wait: Duration) -> Self {
+        self.member_sizes = Some(sizes);
+        self.expand_wait = wait;
+        self
+    }
+
+    /// Waits until every in-sync member of `volume` has grown to `size` (see the module
+    /// docs); at once without a [`MemberSizes`].
+    async fn members_grown(&self, volume: &str, size: u64) -> Result<(), Status> {
+        match &self.member_sizes {
+            Some(m) => {
+                wait_for_members(m.as_ref(), volume, size, self.expand_wait, EXPAND_POLL).await
+            }
+            None => Ok(()),
         }
     }
 
@@ -389,6 +540,7 @@ impl NodeAgent for AttachService {
                     req.volume_id, req.size_bytes
                 )));
             }
+            self.members_grown(&req.volume_id, size).await?;
             let size = self.grow_device(&req.volume_id, size).await?;
             return Ok(Response::new(ExpandResponse { size_bytes: size }));
         }
@@ -405,7 +557,132 @@ impl NodeAgent for AttachService {
                 req.volume_id, req.size_bytes
             )));
         }
+        self.members_grown(&req.volume_id, size).await?;
         let size = self.grow_device(&req.volume_id, size).await?;
         Ok(Response::new(ExpandResponse { size_bytes: size }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    fn replica(
+        id: &str,
+        role: api::ReplicaRole,
+        epoch: u64,
+        size: Option<u64>,
+    ) -> api::BlockReplica {
+        let mut r = api::BlockReplica::new(
+            &format!("vol-{id}"),
+            api::BlockReplicaSpec {
+                volume: "vol".into(),
+                replica_id: id.into(),
+                node: format!("node-{id}"),
+                role,
+                epoch,
+                size_bytes: 2 << 20,
+                block_size: 4096,
+                durability: api::Durability::SyncAll,
+                peers: vec![],
+                in_sync_set: if role == api::ReplicaRole::Primary {
+                    vec!["a".into(), "b".into(), "c".into()]
+                } else {
+                    vec![]
+                },
+                in_sync_set_generation: 1,
+            },
+        );
+        r.status = size.map(|s| api::BlockReplicaStatus {
+            size_bytes: Some(s),
+            ..Default::default()
+        });
+        r
+    }
+
+    #[test]
+    fn members_short_of_names_every_in_sync_member_below_the_size() {
+        use api::ReplicaRole::{Primary, Replica};
+        let grown = 2 << 20;
+        let all = vec![
+            replica("a", Primary, 3, Some(grown)),
+            replica("b", Replica, 3, Some(1 << 20)),
+            replica("c", Replica, 3, None),
+            // Not in the in-sync set: its size does not matter.
+            replica("d", Replica, 3, Some(1 << 20)),
+        ];
+        assert_eq!(
+            members_short_of(&all, "vol", grown).unwrap(),
+            vec![("b".to_string(), Some(1 << 20)), ("c".to_string(), None)]
+        );
+        assert_eq!(
+            members_short_of(&all, "vol", 1 << 20).unwrap(),
+            vec![("c".to_string(), None)]
+        );
+        let grown_all = vec![
+            replica("a", Primary, 3, Some(grown)),
+            replica("b", Replica, 3, Some(grown)),
+            replica("c", Replica, 3, Some(grown)),
+        ];
+        assert!(
+            members_short_of(&grown_all, "vol", grown)
+                .unwrap()
+                .is_empty()
+        );
+        // A member missing altogether is short, not skipped.
+        assert_eq!(
+            members_short_of(&grown_all[..2], "vol", grown).unwrap(),
+            vec![("c".to_string(), None)]
+        );
+        assert!(
+            members_short_of(&all[1..], "vol", grown).is_err(),
+            "no primary"
+        );
+    }
+
+    /// Short for the first `short_calls` calls, then grown.
+    struct Growing {
+        calls: AtomicUsize,
+        short_calls: usize,
+    }
+
+    impl MemberSizes for Growing {
+        fn short_of<'a>(
+            &'a self,
+            _volume: &'a str,
+            _size_bytes: u64,
+        ) -> BoxFuture<'a, Result<ShortMembers, String>> {
+            let n = self.calls.fetch_add(1, Ordering::SeqCst);
+            let short = if n < self.short_calls {
+                vec![("b".to_string(), Some(1 << 20))]
+            } else {
+                vec![]
+            };
+            Box::pin(async move { Ok(short) })
+        }
+    }
+
+    #[tokio::test]
+    async fn expand_waits_for_the_members_and_gives_up_naming_them() {
+        let poll = Duration::from_millis(5);
+        let growing = Growing {
+            calls: AtomicUsize::new(0),
+            short_calls: 3,
+        };
+        wait_for_members(&growing, "vol", 2 << 20, Duration::from_secs(30), poll)
+            .await
+            .expect("the member grows while Expand waits");
+        assert_eq!(growing.calls.load(Ordering::SeqCst), 4);
+
+        let never = Growing {
+            calls: AtomicUsize::new(0),
+            short_calls: usize::MAX,
+        };
+        let err = wait_for_members(&never, "vol", 2 << 20, Duration::from_millis(50), poll)
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unavailable);
+        assert!(err.message().contains("b reports 1048576 bytes"), "{err}");
     }
 }

@@ -1,13 +1,15 @@
 //! The attach gRPC service (csi/proto/agent.proto) over its unix socket, with a real
 //! engine primary exported over NBD and the FUSE + loop attacher: Attach gives a block
 //! device whose writes land in the volume, calls are idempotent, and the documented
-//! error codes come back. Needs root, FUSE and loop devices (present in CI).
+//! error codes come back; Expand grows the device only after every in-sync replica has
+//! grown. Needs root, FUSE and loop devices (present in CI).
 
 mod common;
 
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use api::{Durability, ReplicaRole};
@@ -16,14 +18,40 @@ use csi::agent_proto::node_agent_client::NodeAgentClient;
 use csi::agent_proto::node_agent_server::NodeAgentServer;
 use csi::agent_proto::{AttachRequest, DetachRequest, ExpandRequest, StatsRequest};
 use engine::replication::{NetConfig, ReceiverServer, Transport};
+use futures::future::BoxFuture;
 use node_agent::attach::{Attacher, FuseLoopAttacher};
-use node_agent::attach_service::AttachService;
+use node_agent::attach_service::{AttachService, MemberSizes, ShortMembers};
 use node_agent::k8s::{Assignment, ReplicaRuntime};
 use node_agent::nbd::{ExportRegistry, NbdServer, ServerConfig};
 use node_agent::runtime::{EngineRuntime, EngineSettings};
 use tokio_stream::wrappers::UnixListenerStream;
 
 const CALL_TIMEOUT_MS: u64 = 30_000;
+
+/// The sizes of the volume's other in-sync member, `r2`: 16 MiB until `grown`.
+struct OneReplica {
+    grown: Arc<AtomicBool>,
+}
+
+impl MemberSizes for OneReplica {
+    fn short_of<'a>(
+        &'a self,
+        _volume: &'a str,
+        size_bytes: u64,
+    ) -> BoxFuture<'a, Result<ShortMembers, String>> {
+        let size = if self.grown.load(Ordering::SeqCst) {
+            32 << 20
+        } else {
+            16 << 20
+        };
+        let short = if size < size_bytes {
+            vec![("r2".to_string(), Some(size))]
+        } else {
+            vec![]
+        };
+        Box::pin(async move { Ok(short) })
+    }
+}
 
 /// Detaches whatever is still attached under the state dir, also when the test failed.
 struct Cleanup {
@@ -101,11 +129,18 @@ async fn attach_gives_a_block_device_whose_writes_reach_the_volume() {
     let attacher: Arc<dyn Attacher> =
         Arc::new(FuseLoopAttacher::new(common::attach_config(&state_dir)).unwrap());
     let r = runtime.clone();
+    let replica_grown = Arc::new(AtomicBool::new(false));
     let service = AttachService::new(
         exports.clone(),
         nbd_socket,
         attacher,
         Arc::new(move |v: &str| r.local_role(v).is_some()),
+    )
+    .with_member_sizes(
+        Arc::new(OneReplica {
+            grown: replica_grown.clone(),
+        }),
+        Duration::from_millis(600),
     );
     let agent_socket = dir.path().join("agent.sock");
     let incoming = UnixListenerStream::new(tokio::net::UnixListener::bind(&agent_socket).unwrap());
@@ -210,6 +245,31 @@ async fn attach_gives_a_block_device_whose_writes_reach_the_volume() {
         .open(&grown_assignment)
         .await
         .expect("grow the volume");
+    // The primary has grown, a replica has not: the device must not grow yet (writes
+    // past the replica's end would follow), and the error says who is short.
+    let err = client
+        .expand(ExpandRequest {
+            volume_id: "vol".into(),
+            size_bytes: 32 << 20,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err}");
+    assert!(err.message().contains("r2 reports 16777216 bytes"), "{err}");
+    let device = att.device_path.clone();
+    let size = tokio::task::spawn_blocking(move || {
+        use std::io::{Seek, SeekFrom};
+        let mut f = std::fs::File::open(&device).expect("open device");
+        f.seek(SeekFrom::End(0)).expect("device size")
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        size,
+        16 << 20,
+        "the device keeps its size until every replica grew"
+    );
+    replica_grown.store(true, Ordering::SeqCst);
     let grown = client
         .expand(ExpandRequest {
             volume_id: "vol".into(),

@@ -65,6 +65,10 @@ pub enum Error {
     HoldRefused(String),
     #[error("storage: {0}")]
     Storage(String),
+    /// The entry or block lies beyond the replica's current size: the volume was
+    /// expanded and this replica has not applied the new size yet. Retryable.
+    #[error("beyond the replica's size: {0}")]
+    BeyondSize(String),
     #[error("wire: {0}")]
     Wire(#[from] WireError),
 }

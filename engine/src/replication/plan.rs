@@ -567,6 +567,8 @@ impl RebuildExec {
                 base_lsn: self.base.base_lsn,
                 base_epoch: self.base.base_epoch,
                 target: self.target,
+                // Stamped with the primary's ReplicaID when the core sends it.
+                primary: None,
             });
         }
         if let Some(cursor) = self.base_cursor {

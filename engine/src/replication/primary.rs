@@ -195,7 +195,9 @@ pub enum Report {
         replica: ReplicaId,
         reason: String,
     },
-    /// A peer knows a newer epoch: this primary must stop.
+    /// A peer knows a newer epoch (`observed`), or a replica is bound to another primary
+    /// at this one (`observed` is then this epoch + 1: only a later epoch may serve):
+    /// this primary must stop.
     Fenced {
         observed: Epoch,
     },
@@ -479,7 +481,13 @@ impl PrimaryCore {
         }
     }
 
-    fn send(&mut self, conn: ConnId, body: Body) {
+    fn send(&mut self, conn: ConnId, mut body: Body) {
+        // Handshakes name this primary: a replica binds its session at an epoch to one
+        // primary and refuses a second one at the same epoch.
+        if let Body::ResumeRequest { primary, .. } | Body::RebuildStart { primary, .. } = &mut body
+        {
+            *primary = Some(self.self_id.clone());
+        }
         let m = self.msg(body);
         self.out.push(Action::Send { conn, msg: m });
     }
@@ -936,6 +944,7 @@ impl PrimaryCore {
                     session,
                     head: self.head,
                     retained_start: log.retained_start(),
+                    primary: Some(self.self_id.clone()),
                 };
                 self.send(conn, body);
             }
@@ -1011,12 +1020,23 @@ impl PrimaryCore {
     /// `reconnect_backoff_ms`; it is not a catch-up failure (the replica's data was never
     /// reached) and a rebuild keeps its plan.
     fn replica_not_hosted(&mut self, id: &ReplicaId, detail: &str, log: &mut dyn ReplicaLog) {
+        self.retry_member_later(id, "replica not hosted on its node", detail, log);
+    }
+
+    /// Ends `id`'s session without blaming its storage or history: it is retried after
+    /// the reconnect backoff and nothing counts toward escalation.
+    fn retry_member_later(
+        &mut self,
+        id: &ReplicaId,
+        reason: &str,
+        detail: &str,
+        log: &mut dyn ReplicaLog,
+    ) {
         let Some(s) = self.senders.get(id) else {
             return;
         };
         let state = s.state;
-        tracing::info!(volume = %self.volume, replica = %id, ?state, detail, "replica not hosted on its node; retrying later");
-        let reason = "replica not hosted on its node";
+        tracing::info!(volume = %self.volume, replica = %id, ?state, detail, reason, "retrying the member later");
         if state == ReplicaState::Rebuilding {
             self.drop_rebuild_conn(id, reason);
             return;
@@ -1146,6 +1166,21 @@ impl PrimaryCore {
             } => {
                 if code == ErrorCode::StaleEpoch && current_epoch > self.epoch {
                     self.fence(current_epoch);
+                } else if code == ErrorCode::SessionOwned && current_epoch == self.epoch {
+                    // Another primary holds this epoch on that replica (two primaries at
+                    // one epoch): this one must stop, and only a later epoch may serve.
+                    tracing::error!(volume = %self.volume, replica = %id, epoch = %self.epoch, detail, "another primary owns this epoch on a replica; fencing");
+                    self.fence(Epoch(self.epoch.0.saturating_add(1)));
+                } else if code == ErrorCode::BeyondSize {
+                    // The volume grew here first; the replica has not applied the new
+                    // size yet. Not a failure of the replica: retry it after the backoff,
+                    // however often, without counting toward escalation.
+                    self.retry_member_later(
+                        &id,
+                        "replica has not grown to the volume size yet",
+                        &detail,
+                        log,
+                    );
                 } else if matches!(code, ErrorCode::TruncateRefused | ErrorCode::RebuildFailed) {
                     if self.state_of(&id) == Some(ReplicaState::Rebuilding) {
                         self.invalidate_session(&id, &detail, log);

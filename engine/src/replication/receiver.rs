@@ -2,11 +2,23 @@
 //! refuse and report, duplicate → skip), persists the highest epoch seen before acting on it
 //! and refuses lower ones (so a stale primary's barriers fail), answers the reconnect
 //! handshake, and answers a barrier only after everything up to its LSN is received and
-//! fsynced, with a flushed LSN that never moves backwards within a session.
+//! fsynced, with a flushed LSN that never moves backwards within a session. An entry or
+//! base block beyond the replica's size (an expansion it has not applied yet) is refused
+//! with `BeyondSize` and leaves the replica healthy; other storage errors fail it.
+//!
+//! One primary per epoch: the first primary that opens a session (resume or rebuild
+//! handshake) naming its ReplicaID at epoch E owns E here; a handshake at E from another
+//! ReplicaID (or from an unnamed primary) is refused with `SessionOwned`, and entries,
+//! barriers, truncations and base blocks are accepted only on connections whose handshake
+//! was accepted (heartbeats, which travel on a separate control connection, are answered
+//! on any). The binding lives in memory: it starts again with the first handshake after
+//! the replica restarts.
+
+use std::collections::BTreeMap;
 
 use super::ConnId;
 use super::storage::{AppendOutcome, ReplicaLog};
-use super::types::{Epoch, Lsn, VolumeId};
+use super::types::{Epoch, Lsn, ReplicaId, VolumeId};
 use super::wire::{BarrierStatus, Body, ErrorCode, ResumeStatus, VolumeMsg};
 
 /// Receiver bounds.
@@ -16,8 +28,9 @@ pub struct ReceiverConfig {
     pub barrier_timeout_ms: u64,
     /// Most barriers waiting at once; more are refused with Timeout.
     pub pending_barriers_max: usize,
-    /// Test-only: accept entries from an older epoch (lets the simulation prove its checker
-    /// catches stale-epoch writes). Never set in production.
+    /// Test-only: accept entries from an older epoch, from any connection (no binding of
+    /// the session to one primary), so the simulation can prove its checker catches
+    /// stale-epoch writes. Never set in production.
     pub test_knob_accept_stale_epoch: bool,
 }
 
@@ -97,6 +110,16 @@ struct RebuildRecv {
     blocks: u64,
 }
 
+/// The session's owner at `session_epoch` and the connections it was accepted on.
+#[derive(Debug, Default)]
+struct Binding {
+    /// The primary that owns the session at that epoch (None: no named primary yet).
+    owner: Option<(Epoch, ReplicaId)>,
+    /// Connections whose handshake was accepted at `session_epoch`, with the primary
+    /// they named.
+    conns: BTreeMap<ConnId, Option<ReplicaId>>,
+}
+
 /// Replica-side core for one volume.
 #[derive(Debug)]
 pub struct ReceiverCore {
@@ -104,6 +127,9 @@ pub struct ReceiverCore {
     cfg: ReceiverConfig,
     /// Epoch of the last handshake (resume or rebuild start) - entries need one.
     session_epoch: Option<Epoch>,
+    /// Which primary owns the session and on which connections (boxed: rarely touched,
+    /// and it keeps the core small).
+    binding: Box<Binding>,
     rebuild: Option<RebuildRecv>,
     pending: Vec<PendingBarrier>,
     flushed_reported: Lsn,
@@ -117,6 +143,7 @@ impl ReceiverCore {
             volume,
             cfg,
             session_epoch: None,
+            binding: Box::default(),
             rebuild: None,
             pending: Vec::new(),
             flushed_reported: Lsn(0),
@@ -181,7 +208,10 @@ impl ReceiverCore {
         let mut out = Vec::new();
         match input {
             ReceiverInput::Tick => self.expire_barriers(now_ms, log, &mut out),
-            ReceiverInput::ConnectionLost(conn) => self.pending.retain(|p| p.conn != conn),
+            ReceiverInput::ConnectionLost(conn) => {
+                self.pending.retain(|p| p.conn != conn);
+                self.binding.conns.remove(&conn);
+            }
             ReceiverInput::Received { conn, msg } => {
                 self.on_message(now_ms, conn, msg, log, &mut out)
             }
@@ -250,10 +280,24 @@ impl ReceiverCore {
                 to: msg.epoch,
             });
             self.session_epoch = None;
+            self.binding.conns.clear();
+            self.binding.owner = None;
             self.rebuild = None;
             self.pending.clear();
         }
         let epoch = msg.epoch.max(local);
+        let handshake_from = match &msg.body {
+            Body::ResumeRequest { primary, .. } | Body::RebuildStart { primary, .. } => {
+                Some(primary.clone())
+            }
+            _ => None,
+        };
+        if let Some(primary) = handshake_from
+            && let Err(detail) = self.claim(conn, epoch, primary)
+        {
+            out.push(self.error(conn, epoch, ErrorCode::SessionOwned, detail));
+            return;
+        }
         match msg.body {
             Body::ResumeRequest { session, .. } => {
                 if log.rebuilding() {
@@ -293,7 +337,7 @@ impl ReceiverCore {
                 self.flushed_reported = flushed;
             }
             Body::Entry(entry) => {
-                if self.session_epoch != Some(epoch) {
+                if !self.in_session(conn, epoch) {
                     out.push(self.error(
                         conn,
                         epoch,
@@ -322,6 +366,12 @@ impl ReceiverCore {
                             format!("expected LSN {expected}, got {got}"),
                         ));
                     }
+                    Err(super::Error::BeyondSize(reason)) => {
+                        // An expansion this replica has not applied yet: nothing was
+                        // written, the storage is fine; the primary retries later.
+                        tracing::info!(volume = %self.volume, lsn = %entry.lsn, %reason, "entry beyond this replica's size; refused until it grows");
+                        out.push(self.error(conn, epoch, ErrorCode::BeyondSize, reason));
+                    }
                     Err(e) => {
                         self.fail(format!("append: {e}"));
                         out.push(self.error(conn, epoch, ErrorCode::StorageFailed, e.to_string()));
@@ -329,7 +379,7 @@ impl ReceiverCore {
                 }
             }
             Body::BarrierRequest { id, lsn } => {
-                if self.session_epoch != Some(epoch) {
+                if !self.in_session(conn, epoch) {
                     out.push(self.reply(
                         conn,
                         epoch,
@@ -367,7 +417,7 @@ impl ReceiverCore {
                 expect_epoch,
                 ..
             } => {
-                if self.session_epoch != Some(epoch) {
+                if !self.in_session(conn, epoch) {
                     out.push(self.error(
                         conn,
                         epoch,
@@ -418,7 +468,12 @@ impl ReceiverCore {
                 });
             }
             Body::BaseBlock { session, lba, data } => {
-                let Some(rb) = self.rebuild.as_mut().filter(|r| r.session == session) else {
+                let in_session = self.in_session(conn, epoch);
+                let Some(rb) = self
+                    .rebuild
+                    .as_mut()
+                    .filter(|r| r.session == session && in_session)
+                else {
                     out.push(self.error(
                         conn,
                         epoch,
@@ -430,11 +485,16 @@ impl ReceiverCore {
                 rb.blocks += 1;
                 if let Err(e) = log.install_base_block(lba, &data) {
                     self.rebuild = None;
-                    out.push(self.error(conn, epoch, ErrorCode::RebuildFailed, e.to_string()));
+                    let code = match e {
+                        super::Error::BeyondSize(_) => ErrorCode::BeyondSize,
+                        _ => ErrorCode::RebuildFailed,
+                    };
+                    out.push(self.error(conn, epoch, code, e.to_string()));
                 }
             }
             Body::BaseDone { session, blocks } => {
-                let Some(rb) = self.rebuild.take().filter(|r| r.session == session) else {
+                let in_session = self.in_session(conn, epoch);
+                let Some(rb) = self.rebuild.take_if(|r| r.session == session && in_session) else {
                     out.push(self.error(
                         conn,
                         epoch,
@@ -466,6 +526,9 @@ impl ReceiverCore {
                 }
             }
             Body::Heartbeat { seq } => {
+                // Answered on any connection: heartbeats travel on a control connection
+                // of their own. A primary sends them only to members in sync with it,
+                // which a refused one never is here (it fences itself at the refusal).
                 out.push(self.reply(conn, epoch, Body::HeartbeatAck { seq }))
             }
             Body::BarrierResponse { .. }
@@ -478,6 +541,52 @@ impl ReceiverCore {
                 });
             }
         }
+    }
+
+    /// Whether `conn` carries the accepted session at `epoch`.
+    fn in_session(&self, conn: ConnId, epoch: Epoch) -> bool {
+        self.session_epoch == Some(epoch)
+            && (self.binding.conns.contains_key(&conn) || self.cfg.test_knob_accept_stale_epoch)
+    }
+
+    /// A handshake on `conn` at `epoch` from `primary`: accepted (and `conn` joins the
+    /// session) unless another primary owns `epoch` here. The first named primary at an
+    /// epoch becomes its owner; connections of anyone else are dropped from the session.
+    fn claim(
+        &mut self,
+        conn: ConnId,
+        epoch: Epoch,
+        primary: Option<ReplicaId>,
+    ) -> Result<(), String> {
+        if self.cfg.test_knob_accept_stale_epoch {
+            return Ok(());
+        }
+        match (&self.binding.owner, &primary) {
+            (Some((e, owner)), _) if *e == epoch => {
+                if primary.as_ref() != Some(owner) {
+                    let who = primary
+                        .as_ref()
+                        .map_or("an unnamed primary", |p| p.as_str());
+                    tracing::warn!(volume = %self.volume, %epoch, %owner, refused = who, "a second primary at one epoch refused");
+                    return Err(format!(
+                        "epoch {epoch} of volume {} is owned here by primary {owner}; refused {who}",
+                        self.volume
+                    ));
+                }
+            }
+            (_, Some(p)) => {
+                self.binding.owner = Some((epoch, p.clone()));
+                self.binding
+                    .conns
+                    .retain(|_, named| named.as_ref() == Some(p));
+            }
+            (_, None) => {}
+        }
+        if self.session_epoch != Some(epoch) {
+            self.binding.conns.clear();
+        }
+        self.binding.conns.insert(conn, primary);
+        Ok(())
     }
 
     fn complete_barriers(

@@ -49,6 +49,9 @@ fn map(e: crate::Error) -> Error {
                 checkpoint: copied,
             }
         }
+        // Entries are checked against the volume size before anything is written: past
+        // the end means this replica has not grown yet (an expansion in progress).
+        crate::Error::OutOfRange { reason } => Error::BeyondSize(reason),
         other => Error::Storage(other.to_string()),
     }
 }

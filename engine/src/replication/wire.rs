@@ -8,12 +8,14 @@
 //! number and changes nothing else. A peer built before an addition fails to decode it
 //! and closes that connection (the behaviour it had before the addition), so mixed
 //! builds degrade to the older behaviour and never misread a frame. `UnknownVolume`
-//! (error code 8) is such an addition.
+//! (error code 8), `BeyondSize` (9) and `SessionOwned` (10) are such additions, and so are
+//! `RESUME_REQ_FROM` and `REBUILD_START_FROM`: the handshakes followed by the primary's
+//! ReplicaID. Frames of the older handshake types still decode (identity None).
 
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
-use super::types::{EntryKind, Epoch, Lba, Lsn, VolumeId, WalEntry};
+use super::types::{EntryKind, Epoch, Lba, Lsn, ReplicaId, VolumeId, WalEntry};
 
 /// Frame magic, "BVRP".
 pub const FRAME_MAGIC: u32 = 0x4256_5250;
@@ -108,6 +110,13 @@ pub enum ErrorCode {
     /// deleted, or promoted here). Only that volume's session ends; the connection and
     /// every other volume on it are untouched, and the primary retries later.
     UnknownVolume = 8,
+    /// The entry (or base block) lies beyond the replica's current size: the volume is
+    /// being expanded and this replica has not grown yet. Nothing was written and the
+    /// replica is healthy; the primary retries this member after its backoff.
+    BeyondSize = 9,
+    /// Another primary (another ReplicaID) owns this epoch's session on the replica: two
+    /// primaries at one epoch. The refused primary stops serving.
+    SessionOwned = 10,
 }
 
 /// Per-volume message bodies.
@@ -126,11 +135,14 @@ pub enum Body {
         status: BarrierStatus,
         flushed: Lsn,
     },
-    /// Reconnect handshake from the primary: head H and first retained LSN S.
+    /// Reconnect handshake from the primary: head H and first retained LSN S, and the
+    /// primary's ReplicaID (None only from builds before the identity was added): a
+    /// replica binds its session at an epoch to the first primary that names itself.
     ResumeRequest {
         session: u64,
         head: Lsn,
         retained_start: Lsn,
+        primary: Option<ReplicaId>,
     },
     /// Replica's answer: durable R (and the epoch of its entry at R), received head,
     /// checkpoint, and its persisted epoch.
@@ -155,11 +167,13 @@ pub enum Body {
         last: Lsn,
     },
     /// Start of a rebuild: the replica discards its content and takes a base at `base_lsn`.
+    /// `primary` as in `ResumeRequest`.
     RebuildStart {
         session: u64,
         base_lsn: Lsn,
         base_epoch: Epoch,
         target: Lsn,
+        primary: Option<ReplicaId>,
     },
     /// One base block (skipped by the replica if a live WAL entry already wrote that LBA).
     BaseBlock {
@@ -332,6 +346,10 @@ mod ty {
     pub const BASE_DONE: u8 = 0x19;
     pub const HEARTBEAT: u8 = 0x1a;
     pub const HEARTBEAT_ACK: u8 = 0x1b;
+    /// RESUME_REQ followed by the primary's ReplicaID.
+    pub const RESUME_REQ_FROM: u8 = 0x1c;
+    /// REBUILD_START followed by the primary's ReplicaID.
+    pub const REBUILD_START_FROM: u8 = 0x1d;
     pub const ERROR: u8 = 0x1f;
     pub const FORWARD_REQ: u8 = 0x30;
     pub const FORWARD_REPLY: u8 = 0x31;
@@ -414,6 +432,14 @@ impl<'a> R<'a> {
         }
         self.take(len, f)
     }
+    fn replica_id(&mut self, f: &'static str) -> Result<ReplicaId, WireError> {
+        let s = self.string(f, super::types::IDENT_LEN_MAX)?;
+        ReplicaId::new(s).map_err(|e| WireError::InvalidField {
+            field: f,
+            reason: e.to_string(),
+        })
+    }
+
     fn string(&mut self, f: &'static str, max: usize) -> Result<String, WireError> {
         let b = self.bytes(f, max)?;
         String::from_utf8(b.to_vec()).map_err(|_| WireError::InvalidField {
@@ -447,11 +473,17 @@ fn type_of(msg: &Message) -> u8 {
             Body::Entry(_) => ty::ENTRY,
             Body::BarrierRequest { .. } => ty::BARRIER_REQ,
             Body::BarrierResponse { .. } => ty::BARRIER_RESP,
-            Body::ResumeRequest { .. } => ty::RESUME_REQ,
+            Body::ResumeRequest { primary: None, .. } => ty::RESUME_REQ,
+            Body::ResumeRequest {
+                primary: Some(_), ..
+            } => ty::RESUME_REQ_FROM,
             Body::ResumeResponse { .. } => ty::RESUME_RESP,
             Body::Truncate { .. } => ty::TRUNCATE,
             Body::CatchUpDone { .. } => ty::CATCHUP_DONE,
-            Body::RebuildStart { .. } => ty::REBUILD_START,
+            Body::RebuildStart { primary: None, .. } => ty::REBUILD_START,
+            Body::RebuildStart {
+                primary: Some(_), ..
+            } => ty::REBUILD_START_FROM,
             Body::BaseBlock { .. } => ty::BASE_BLOCK,
             Body::BaseDone { .. } => ty::BASE_DONE,
             Body::Heartbeat { .. } => ty::HEARTBEAT,
@@ -731,10 +763,14 @@ fn encode_payload(msg: &Message, w: &mut W) {
                     session,
                     head,
                     retained_start,
+                    primary,
                 } => {
                     w.u64(*session);
                     w.u64(head.0);
                     w.u64(retained_start.0);
+                    if let Some(p) = primary {
+                        w.str(p.as_str());
+                    }
                 }
                 Body::ResumeResponse {
                     session,
@@ -771,11 +807,15 @@ fn encode_payload(msg: &Message, w: &mut W) {
                     base_lsn,
                     base_epoch,
                     target,
+                    primary,
                 } => {
                     w.u64(*session);
                     w.u64(base_lsn.0);
                     w.u64(base_epoch.0);
                     w.u64(target.0);
+                    if let Some(p) = primary {
+                        w.str(p.as_str());
+                    }
                 }
                 Body::BaseBlock { session, lba, data } => {
                     w.u64(*session);
@@ -858,6 +898,8 @@ fn error_code(v: u8) -> Result<ErrorCode, WireError> {
         6 => ErrorCode::RebuildFailed,
         7 => ErrorCode::Malformed,
         8 => ErrorCode::UnknownVolume,
+        9 => ErrorCode::BeyondSize,
+        10 => ErrorCode::SessionOwned,
         _ => {
             return Err(WireError::InvalidField {
                 field: "error.code",
@@ -885,7 +927,7 @@ fn decode_payload(t: u8, p: &[u8], max: usize) -> Result<Message, WireError> {
             proof: r.arr("proof.mac")?,
         }),
         ty::ACCEPTED => Message::Auth(Auth::Accepted),
-        ty::ENTRY..=ty::HEARTBEAT_ACK | ty::ERROR => {
+        ty::ENTRY..=ty::REBUILD_START_FROM | ty::ERROR => {
             let vol = r.string("volume", super::types::IDENT_LEN_MAX)?;
             let volume = VolumeId::new(vol).map_err(|e| WireError::InvalidField {
                 field: "volume",
@@ -903,10 +945,15 @@ fn decode_payload(t: u8, p: &[u8], max: usize) -> Result<Message, WireError> {
                     status: status_barrier(r.u8("barrier.status")?)?,
                     flushed: r.lsn("barrier.flushed")?,
                 },
-                ty::RESUME_REQ => Body::ResumeRequest {
+                ty::RESUME_REQ | ty::RESUME_REQ_FROM => Body::ResumeRequest {
                     session: r.u64("resume.session")?,
                     head: r.lsn("resume.head")?,
                     retained_start: r.lsn("resume.retained_start")?,
+                    primary: if t == ty::RESUME_REQ_FROM {
+                        Some(r.replica_id("resume.primary")?)
+                    } else {
+                        None
+                    },
                 },
                 ty::RESUME_RESP => Body::ResumeResponse {
                     session: r.u64("resume.session")?,
@@ -926,11 +973,16 @@ fn decode_payload(t: u8, p: &[u8], max: usize) -> Result<Message, WireError> {
                     session: r.u64("catchup.session")?,
                     last: r.lsn("catchup.last")?,
                 },
-                ty::REBUILD_START => Body::RebuildStart {
+                ty::REBUILD_START | ty::REBUILD_START_FROM => Body::RebuildStart {
                     session: r.u64("rebuild.session")?,
                     base_lsn: r.lsn("rebuild.base_lsn")?,
                     base_epoch: r.epoch("rebuild.base_epoch")?,
                     target: r.lsn("rebuild.target")?,
+                    primary: if t == ty::REBUILD_START_FROM {
+                        Some(r.replica_id("rebuild.primary")?)
+                    } else {
+                        None
+                    },
                 },
                 ty::BASE_BLOCK => Body::BaseBlock {
                     session: r.u64("base.session")?,
