@@ -75,9 +75,17 @@ cgroup_pids() {
 }
 
 kill_all() {
-  local freezer waited=0
+  local freezer waited=0 c
   freezer="$(cg_path freezer "$cg_name")"
   [ -d "$freezer" ] || return 0
+  # A failed `up` tears down from the shell that joined the cluster's cgroups to start
+  # it (make_cgroups): leave them first, or freezing the cgroup would freeze this
+  # teardown too.
+  for c in freezer pids; do
+    [ -w "$(cg_path "$c" "")cgroup.procs" ] || continue
+    echo $$ >"$(cg_path "$c" "")cgroup.procs" 2>/dev/null || true
+    echo "$BASHPID" >"$(cg_path "$c" "")cgroup.procs" 2>/dev/null || true
+  done
   # Frozen processes cannot fork while they are being killed.
   echo FROZEN >"$freezer/freezer.state" 2>/dev/null || true
   for _ in $(seq 1 50); do
