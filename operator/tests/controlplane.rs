@@ -256,6 +256,16 @@ async fn events_with_reason(client: &Client, reason: &str) -> usize {
         .unwrap_or(0)
 }
 
+/// Waits until an Event with `reason` exists. The operator publishes a reconcile's
+/// Events after that reconcile's status write, so a test that has just seen the status
+/// must wait for them rather than list once.
+async fn event_published(client: &Client, reason: &str) {
+    wait_for(&format!("an Event with reason {reason}"), || async {
+        (events_with_reason(client, reason).await >= 1).then_some(())
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn volume_lifecycle_placement_in_sync_promotion_expansion_deletion() {
     let (_cp, client) = start().await;
@@ -322,7 +332,7 @@ async fn volume_lifecycle_placement_in_sync_promotion_expansion_deletion() {
     );
     assert_eq!(ready.observed_generation, v.metadata.generation);
     assert!(v.finalizers().iter().any(|f| f == api::FINALIZER_VOLUME));
-    assert!(events_with_reason(&client, "Placed").await >= 1);
+    event_published(&client, "Placed").await;
 
     // Operator restart with the volume status lost: the new leader recovers epoch,
     // primary and in-sync set from the replicas and creates no replica.
@@ -471,7 +481,7 @@ async fn volume_lifecycle_placement_in_sync_promotion_expansion_deletion() {
         };
         assert_eq!(r.spec.role, want);
     }
-    assert!(events_with_reason(&client, "Promoted").await >= 1);
+    event_published(&client, "Promoted").await;
 
     // Expansion: every replica's size follows the spec.
     vols.patch(
@@ -686,8 +696,8 @@ async fn replica_needing_rebuild_is_replaced_on_another_node_and_rejoins() {
         !p.spec.in_sync_set.contains(&new.name_any()),
         "a new replica joins only once reported in sync"
     );
-    assert!(events_with_reason(&client, "ReplicaFailed").await >= 1);
-    assert!(events_with_reason(&client, "RebuildStarted").await >= 1);
+    event_published(&client, "ReplicaFailed").await;
+    event_published(&client, "RebuildStarted").await;
 
     // The primary reports the rebuilt replica in sync: it joins the committed set.
     report(&client, &new.name_any(), &healthy(&new, 5)).await;
@@ -717,5 +727,5 @@ async fn replica_needing_rebuild_is_replaced_on_another_node_and_rejoins() {
         },
     )
     .await;
-    assert!(events_with_reason(&client, "RebuildCompleted").await >= 1);
+    event_published(&client, "RebuildCompleted").await;
 }
