@@ -489,7 +489,7 @@ fn joining_member_counts_from_its_first_barrier_and_is_reported_in_sync() {
     assert!(n.is_acked(f));
 }
 
-/// DESIGN invariant 2 for a joiner that drops before its commit: the primary keeps
+/// docs/design.md invariant 2 for a joiner that drops before its commit: the primary keeps
 /// counting it (the control plane may be committing it from its in-sync report) and
 /// reports it unreachable at the current generation; the control plane answers with the
 /// same members at the next generation, and the flush resumes within

@@ -961,7 +961,7 @@ impl ReplicatedBackend {
         Ok(())
     }
 
-    /// A fresh Lease renewal, or a fresh member proof (DESIGN invariant 3).
+    /// A fresh Lease renewal, or a fresh member proof (docs/design.md invariant 3).
     fn has_proof(&self) -> bool {
         (self.fence)()
             || self

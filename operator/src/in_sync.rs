@@ -1,4 +1,4 @@
-//! Committed in-sync set transitions (DESIGN invariant 2). The primary reports members
+//! Committed in-sync set transitions (docs/design.md invariant 2). The primary reports members
 //! it cannot reach and peers it has counted for every ack since their first barrier; the
 //! operator commits the new set with generation + 1. It never drops the last member and
 //! never acts on a report from a stale primary or an older epoch.

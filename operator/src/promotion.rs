@@ -1,6 +1,6 @@
 //! Promotion: which replica becomes primary when the primary serves no IO: its node
 //! agent is gone, its disk failed, it cannot take its assignment, or it was reopened at
-//! its epoch and needs a new one. Guarantees (DESIGN invariant 3): only a member of the
+//! its epoch and needs a new one. Guarantees (docs/design.md invariant 3): only a member of the
 //! committed in-sync set, only once the old primary serves nothing (its Lease expired, or
 //! its live agent reports it serves nothing), the highest flushed LSN wins, epoch + 1.
 

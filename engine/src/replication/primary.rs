@@ -436,7 +436,7 @@ impl PrimaryCore {
     pub fn pending_flushes(&self) -> usize {
         self.pending.len()
     }
-    /// The member proof of DESIGN invariant 3: the send time of the oldest among the
+    /// The member proof of docs/design.md invariant 3: the send time of the oldest among the
     /// newest heartbeats each committed in-sync member answered at this epoch. Only a
     /// committed member can be promoted, and a member stops answering at this epoch once
     /// it has persisted a newer one, so no other primary serves before this moment plus
