@@ -235,6 +235,16 @@ pub struct AgentProcess {
 }
 
 impl AgentProcess {
+    /// A client of this agent's attach service (calls may wait two minutes: an attach
+    /// waits for the volume's primary).
+    pub fn attach_client(&self) -> csi::agent::Agent {
+        csi::agent::Agent::new(&csi::agent::AgentSettings {
+            socket_path: self.agent_socket.clone(),
+            agent_call_timeout_ms: 120_000,
+        })
+        .expect("agent client")
+    }
+
     /// Starts an agent for `node` under `root/<node>`.
     pub fn spawn(
         binary: &Path,

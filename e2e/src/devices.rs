@@ -153,3 +153,20 @@ impl Drop for AttachmentGuard {
         self.cleanup();
     }
 }
+
+/// A loop device an Attach call made; released on drop when the test is failing (a
+/// passing test detaches it through the agent), so no loop device outlives a test.
+pub struct LoopDevice {
+    pub path: String,
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let _ = std::process::Command::new("losetup")
+                .arg("-d")
+                .arg(&self.path)
+                .status();
+        }
+    }
+}

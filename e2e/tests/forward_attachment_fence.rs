@@ -13,8 +13,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use api::BlockVolume;
-use csi::agent::{Agent, AgentSettings};
 use e2e::cluster::{TestCluster, TestClusterOptions, wait_for};
+use e2e::devices::LoopDevice;
 use kube::api::{Api, Patch, PatchParams};
 use serde_json::json;
 
@@ -37,26 +37,6 @@ fn qemu_io(uri: &str, cmds: &[&str]) -> (bool, String) {
     );
     let failed = text.contains("failed") || text.contains("error");
     (out.status.success() && !failed, text)
-}
-
-/// A loop device made by Attach, released on drop if the test fails before Detach.
-struct Device(String);
-
-impl Drop for Device {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            let _ = Command::new("losetup").arg("-d").arg(&self.0).status();
-        }
-    }
-}
-
-fn agent_client(c: &mut TestCluster, node: &str) -> Agent {
-    let a = c.agent(node).expect("agent");
-    Agent::new(&AgentSettings {
-        socket_path: a.agent_socket.clone(),
-        agent_call_timeout_ms: 120_000,
-    })
-    .expect("agent client")
 }
 
 async fn attach_to(c: &TestCluster, node: &str) {
@@ -88,21 +68,24 @@ async fn forwarded_writes_are_accepted_only_from_the_attached_node() {
         .map(String::from)
         .collect();
     let (a, b) = (others[0].clone(), others[1].clone());
-    let (agent_a, agent_b) = (agent_client(&mut c, &a), agent_client(&mut c, &b));
-    let _dev_a = Device(
-        agent_a
+    let (agent_a, agent_b) = (
+        c.agent(&a).expect("agent").attach_client(),
+        c.agent(&b).expect("agent").attach_client(),
+    );
+    let _dev_a = LoopDevice {
+        path: agent_a
             .attach(VOLUME, false)
             .await
             .expect("attach on A")
             .device_path,
-    );
-    let _dev_b = Device(
-        agent_b
+    };
+    let _dev_b = LoopDevice {
+        path: agent_b
             .attach(VOLUME, false)
             .await
             .expect("attach on B")
             .device_path,
-    );
+    };
     let uri_a = c.agent(&a).unwrap().forward_uri(VOLUME);
     let uri_b = c.agent(&b).unwrap().forward_uri(VOLUME);
 

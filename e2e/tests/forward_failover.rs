@@ -16,8 +16,9 @@ use std::process::Command;
 use std::time::Duration;
 
 use api::{BlockReplica, BlockVolume, BlockVolumeSpec, ReplicaRole, ReplicaState, VolumePhase};
-use csi::agent::{Agent, AgentSettings};
+use csi::agent::Agent;
 use e2e::cluster::{TestCluster, TestClusterOptions, wait_for};
+use e2e::devices::LoopDevice;
 use e2e::devices::{AttachmentGuard, leftovers};
 use kube::ResourceExt;
 use kube::api::{Api, Patch, PatchParams, PostParams};
@@ -176,30 +177,6 @@ async fn ready(c: &TestCluster, min_epoch: u64) -> (String, String, u64) {
     .expect("volume ready")
 }
 
-/// A loop device made by Attach; if the test fails before Detach, it is released on
-/// drop so no loop device outlives the test.
-struct Device {
-    path: String,
-}
-
-impl Drop for Device {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            let _ = Command::new("losetup").arg("-d").arg(&self.path).status();
-        }
-    }
-}
-
-/// A client of `node`'s attach service.
-fn agent_client(c: &mut TestCluster, node: &str) -> Agent {
-    let a = c.agent(node).expect("agent");
-    Agent::new(&AgentSettings {
-        socket_path: a.agent_socket.clone(),
-        agent_call_timeout_ms: 120_000,
-    })
-    .expect("agent client")
-}
-
 /// Starts two agents and the operator and creates the RF 2 volume (on node-1 and
 /// node-2); returns the cluster, the primary's node and its epoch once Ready.
 async fn two_node_volume() -> (TestCluster, String, u64) {
@@ -225,8 +202,8 @@ fn log_has(log: &Path, words: &[&str]) -> bool {
         .any(|l| words.iter().all(|w| l.contains(w)))
 }
 
-async fn attach(agent: &Agent) -> Device {
-    Device {
+async fn attach(agent: &Agent) -> LoopDevice {
+    LoopDevice {
         path: agent
             .attach(VOLUME, false)
             .await
@@ -268,7 +245,7 @@ async fn mounted_forwarded_device_survives_killing_the_primary_agent() {
         .collect();
     assert!(!nodes.contains(&"node-3".to_string()), "{nodes:?}");
 
-    let agent_of = agent_client;
+    let agent_of = |c: &mut TestCluster, node: &str| c.agent(node).expect("agent").attach_client();
     let root = cluster.root.path().to_path_buf();
 
     // Phase 1: node-3 (no replica) forwards to the primary.
@@ -415,7 +392,7 @@ async fn mounted_device_on_the_primary_node_survives_a_planned_move_away() {
     };
 
     // Attached on the primary's own node: a forwarding export running in process.
-    let client = agent_client(&mut cluster, &first_node);
+    let client = cluster.agent(&first_node).expect("agent").attach_client();
     let dev = attach(&client).await;
     assert!(
         log_has(&log, &["forwarding export created", "in_process=true"]),
@@ -511,7 +488,7 @@ async fn mounted_forwarded_device_survives_restarting_its_agent() {
         mount_point: root.join("mnt-restart"),
     };
 
-    let client = agent_client(&mut cluster, "node-3");
+    let client = cluster.agent("node-3").expect("agent").attach_client();
     let dev = attach(&client).await;
     run("mkfs.ext4", &["-q", "-F", &dev.path]);
     let mut mnt = Mounted::mount(&dev.path, &root.join("mnt-restart"));
@@ -545,7 +522,7 @@ async fn mounted_forwarded_device_survives_restarting_its_agent() {
     mnt.unmount();
 
     // Detach after the restart still removes the device and the export.
-    let client = agent_client(&mut cluster, "node-3");
+    let client = cluster.agent("node-3").expect("agent").attach_client();
     client
         .detach(VOLUME)
         .await

@@ -17,12 +17,11 @@
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use api::{BlockReplica, BlockVolume, BlockVolumeSpec, ReplicaRole, ReplicaState, VolumePhase};
-use csi::agent::{Agent, AgentSettings};
 use e2e::cluster::{TestCluster, TestClusterOptions, wait_for};
+use e2e::devices::LoopDevice;
 use e2e::devices::{AttachmentGuard, attach_dir, leftovers};
 use kube::ResourceExt;
 use kube::api::{Api, PostParams};
@@ -158,28 +157,6 @@ async fn promoted_away_from(c: &TestCluster, dead_node: &str, old_epoch: u64) ->
     .expect("promotion")
 }
 
-fn agent_client(c: &mut TestCluster, node: &str) -> Agent {
-    let a = c.agent(node).expect("agent");
-    Agent::new(&AgentSettings {
-        socket_path: a.agent_socket.clone(),
-        agent_call_timeout_ms: 120_000,
-    })
-    .expect("agent client")
-}
-
-/// Releases the loop device if the test fails before Detach.
-struct Device {
-    path: String,
-}
-
-impl Drop for Device {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            let _ = Command::new("losetup").arg("-d").arg(&self.path).status();
-        }
-    }
-}
-
 /// Where the device is attached.
 #[derive(Clone, Copy, Debug)]
 enum Client {
@@ -242,8 +219,8 @@ async fn flush_after_a_restart_across_a_failover(layout: Client) {
         volume: VOLUME.into(),
         mount_point: cluster.root.path().join("unused-mount-point"),
     };
-    let client = agent_client(&mut cluster, &client_node);
-    let dev = Device {
+    let client = cluster.agent(&client_node).expect("agent").attach_client();
+    let dev = LoopDevice {
         path: client
             .attach(VOLUME, false)
             .await
@@ -334,7 +311,7 @@ async fn flush_after_a_restart_across_a_failover(layout: Client) {
         );
     }
 
-    let client = agent_client(&mut cluster, &client_node);
+    let client = cluster.agent(&client_node).expect("agent").attach_client();
     client.detach(VOLUME).await.expect("detach");
     let left = leftovers(&data_dir, VOLUME);
     assert!(left.is_empty(), "detach left {left:?}");
