@@ -38,7 +38,10 @@ pub struct FuseLoopConfig {
     pub ready_timeout_ms: u64,
     /// Time the attach proxy has to exit after SIGTERM before it gets SIGKILL.
     pub stop_timeout_ms: u64,
-    /// Time the kernel has to release a loop device after `losetup -d`.
+    /// Time the kernel has to release a loop device after `losetup -d`. The release
+    /// writes the device's last dirty pages through the attach proxy to the primary, so
+    /// it can take as long as a failover pause (Lease expiry plus a promoted primary's
+    /// member-proof wait), not just a local page-cache flush.
     pub loop_release_timeout_ms: u64,
     /// How to start the attach proxy, which serves the volume file.
     pub proxy: ProxyCommand,
@@ -71,7 +74,7 @@ impl FuseLoopConfig {
             sector_size_bytes: 4096,
             ready_timeout_ms: 10_000,
             stop_timeout_ms: 5_000,
-            loop_release_timeout_ms: 5_000,
+            loop_release_timeout_ms: 30_000,
             proxy,
         }
     }
