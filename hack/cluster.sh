@@ -338,6 +338,8 @@ mount --bind "$nd/kubelet" /var/lib/kubelet
 # Bidirectional mount propagation (the CSI node plugin) needs a shared kubelet dir.
 mount --make-rshared /var/lib/kubelet
 mount --bind "$nd/blockvol" /var/lib/blockvol
+# So does the data dir: the attach launcher's FUSE mounts reach the agent through it.
+mount --make-rshared /var/lib/blockvol
 mount --bind "$nd/cni" /var/lib/cni
 mount --bind "$nd/containerd" /var/lib/containerd
 mount --bind "$nd/pods" /var/log/pods

@@ -116,6 +116,70 @@ impl RealCluster {
         self.owned
     }
 
+    /// The containerd socket of `node` (`bv-node-N`) of a `hack/cluster.sh` cluster on
+    /// this machine; None for other clusters (their nodes' runtimes are not reachable
+    /// from here).
+    pub fn containerd_socket(&self, node: &str) -> Option<PathBuf> {
+        let n: u32 = node.strip_prefix("bv-node-")?.parse().ok()?;
+        let socket = cluster_dir().join(format!("node-{n}/containerd.sock"));
+        (self.kubeconfig.starts_with(cluster_dir()) && socket.exists()).then_some(socket)
+    }
+
+    /// Runs `ctr -n k8s.io ARGS` against `node`'s containerd (a cluster started here).
+    pub async fn ctr(&self, node: &str, args: &[&str]) -> Result<String> {
+        let socket = self.containerd_socket(node).ok_or_else(|| {
+            Error::Volume(format!(
+                "no containerd of {node} reachable from this machine"
+            ))
+        })?;
+        let out = tokio::process::Command::new("ctr")
+            .arg("--address")
+            .arg(&socket)
+            .args(["-n", "k8s.io"])
+            .args(args)
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .output()
+            .await
+            .map_err(|e| Error::io("running ctr", e))?;
+        if !out.status.success() {
+            return Err(Error::Command {
+                command: format!("ctr {}", args.join(" ")),
+                status: out.status.to_string(),
+                stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+            });
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Runs the pinned helm against the cluster, with the repository as the working
+    /// directory (so `charts/blockvol` names the chart) and helm's own state in a
+    /// directory of the cluster's.
+    pub async fn helm(&self, args: &[&str]) -> Result<String> {
+        let helm = crate::tools::tool("helm")?;
+        let state = cluster_dir().join("helm");
+        let out = tokio::process::Command::new(&helm)
+            .arg(format!("--kubeconfig={}", self.kubeconfig.display()))
+            .args(args)
+            .current_dir(repo())
+            .env("HELM_CACHE_HOME", state.join("cache"))
+            .env("HELM_CONFIG_HOME", state.join("config"))
+            .env("HELM_DATA_HOME", state.join("data"))
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .output()
+            .await
+            .map_err(|e| Error::io(format!("running {}", helm.display()), e))?;
+        if !out.status.success() {
+            return Err(Error::Command {
+                command: format!("helm {}", args.join(" ")),
+                status: out.status.to_string(),
+                stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+            });
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
     /// Takes the cluster down now (`hack/cluster.sh down`); a cluster not started here
     /// is left alone.
     pub fn down(&mut self) -> Result<()> {

@@ -25,6 +25,8 @@ use kube::runtime::wait::{await_condition, conditions};
 use serde_json::json;
 
 const NS: &str = "real-nodes";
+/// The chart's namespace (`hack/cluster.sh up` installs it there).
+const CHART_NS: &str = "blockvol-system";
 /// How long a pod may take from creation to completion (provisioning three replicas,
 /// attaching, formatting, the IO itself).
 const POD_TIMEOUT: Duration = Duration::from_secs(300);
@@ -382,6 +384,303 @@ async fn drain_moves_the_pod_and_the_volume_follows(cluster: &RealCluster) {
     }
 }
 
+/// A lost-write checker in busybox on a raw block device: round r writes the record
+/// `blockvol r=R b=B` to block B = r mod 256 with direct IO and a FLUSH (`conv=fsync`)
+/// and, once acknowledged, records r as the block's newest round. Every 50 rounds it
+/// logs `round R errors E`. When /tmp/stop exists it reads every block back: a block
+/// whose content is not its newest acknowledged record is lost. Its last line (also the
+/// termination message) is `rounds R errors E lost L`.
+const CHECKER: &str = "dev=/dev/xvda; r=0; errs=0; mkdir -p /tmp/acked; \
+    while [ ! -f /tmp/stop ]; do \
+      r=$((r+1)); b=$((r % 256)); \
+      if printf 'blockvol r=%08d b=%04d' $r $b | \
+         dd of=$dev bs=4096 seek=$b conv=sync,fsync oflag=direct 2>/tmp/err; then \
+        echo $r > /tmp/acked/$b; \
+      else errs=$((errs+1)); echo \"write error in round $r: $(cat /tmp/err)\"; fi; \
+      [ $((r % 50)) -ne 0 ] || echo \"round $r errors $errs\"; \
+    done; \
+    lost=0; for f in /tmp/acked/*; do b=${f##*/}; \
+      want=$(printf 'blockvol r=%08d b=%04d' $(cat $f) $b); \
+      got=$(dd if=$dev bs=4096 skip=$b count=1 iflag=direct 2>/dev/null | head -c ${#want}); \
+      [ \"$got\" = \"$want\" ] || { lost=$((lost+1)); echo \"lost: block $b holds '$got', not '$want'\"; }; \
+    done; \
+    echo \"rounds $r errors $errs lost $lost\" | tee /dev/termination-log";
+
+/// The newest `round R` the checker pod `name` logged (0 before the first).
+async fn checker_round(cluster: &RealCluster, name: &str) -> u64 {
+    let log = cluster
+        .api()
+        .kubectl(["-n", NS, "logs", name])
+        .await
+        .unwrap_or_default();
+    assert!(
+        !log.contains("write error"),
+        "the checker saw an IO error:\n{log}"
+    );
+    log.lines()
+        .filter_map(|l| {
+            l.strip_prefix("round ")?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+/// Waits until the checker `name` has acknowledged `more` rounds after the one it is
+/// at now: its IO goes on. Returns the round reached.
+async fn checker_advances(cluster: &RealCluster, name: &str, more: u64, after: &str) -> u64 {
+    let from = checker_round(cluster, name).await;
+    let deadline = tokio::time::Instant::now() + POD_TIMEOUT;
+    loop {
+        let now = checker_round(cluster, name).await;
+        if now >= from + more {
+            eprintln!("checker {name}: rounds {from} -> {now} after {after}");
+            return now;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "checker {name}: IO did not go on after {after} (round {now}, from {from})"
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// The pods of the chart's `component` (node, attach, ...): (name, node, uid).
+async fn chart_pods(cluster: &RealCluster, component: &str) -> Vec<(String, String, String)> {
+    let pods = Api::<Pod>::namespaced(cluster.api().client(), CHART_NS)
+        .list(&ListParams::default().labels(&format!("app.kubernetes.io/component={component}")))
+        .await
+        .expect("list chart pods");
+    let mut out: Vec<_> = pods
+        .items
+        .into_iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .map(|p| {
+            (
+                p.metadata.name.clone().unwrap_or_default(),
+                p.spec
+                    .as_ref()
+                    .and_then(|s| s.node_name.clone())
+                    .unwrap_or_default(),
+                p.metadata.uid.clone().unwrap_or_default(),
+            )
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// The images of the node pods that are not going away.
+async fn node_pod_images(cluster: &RealCluster) -> Vec<String> {
+    Api::<Pod>::namespaced(cluster.api().client(), CHART_NS)
+        .list(&ListParams::default().labels("app.kubernetes.io/component=node"))
+        .await
+        .expect("list node pods")
+        .items
+        .into_iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .filter_map(|p| p.spec?.containers.into_iter().next()?.image)
+        .collect()
+}
+
+/// The node of the primary of the volume bound to PVC `pvc`.
+async fn primary_node(cluster: &RealCluster, pvc: &str) -> String {
+    let volume = Api::<PersistentVolumeClaim>::namespaced(cluster.api().client(), NS)
+        .get(pvc)
+        .await
+        .expect("get pvc")
+        .spec
+        .and_then(|s| s.volume_name)
+        .expect("the PVC is bound");
+    let node = cluster
+        .api()
+        .kubectl([
+            "get",
+            "blockvolumes",
+            "-A",
+            "-o",
+            &format!("jsonpath={{.items[?(@.metadata.name==\"{volume}\")].status.primaryNode}}"),
+        ])
+        .await
+        .expect("get blockvolumes");
+    assert!(!node.trim().is_empty(), "volume {volume} has no primary");
+    node.trim().to_owned()
+}
+
+/// The node pod on `node` once it is Ready with every container running: (name, agent
+/// container ID without the runtime prefix).
+async fn ready_node_pod(cluster: &RealCluster, node: &str) -> (String, String) {
+    let pods = Api::<Pod>::namespaced(cluster.api().client(), CHART_NS);
+    let deadline = tokio::time::Instant::now() + POD_TIMEOUT;
+    loop {
+        for (name, on, _) in chart_pods(cluster, "node").await {
+            if on != node {
+                continue;
+            }
+            let Ok(pod) = pods.get(&name).await else {
+                continue;
+            };
+            let status = pod.status.unwrap_or_default();
+            let ready = status
+                .conditions
+                .unwrap_or_default()
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.status == "True");
+            let agent = status
+                .container_statuses
+                .unwrap_or_default()
+                .into_iter()
+                .find(|c| {
+                    c.name == "agent" && c.state.as_ref().is_some_and(|s| s.running.is_some())
+                })
+                .and_then(|c| c.container_id);
+            if let (true, Some(id)) = (ready, agent) {
+                let id = id.rsplit("://").next().unwrap_or_default().to_owned();
+                return (name, id);
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the node pod on {node} did not become Ready"
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// A raw block PVC written by the checker pod while the agents are killed — the pod of
+/// the primary's node force-deleted, the agent container of the writer's node killed
+/// through containerd — and while `helm upgrade` rolls the node DaemonSet to a new image
+/// tag: IO only pauses (no IO error reaches the pod), no acknowledged write is lost, and
+/// the attach launcher's pods, which serve the attached devices, are never restarted.
+async fn io_survives_agent_kills_and_a_helm_upgrade(cluster: &RealCluster, node: &str) {
+    create_pvc(cluster, "checked", "blockvol", "Block", "64Mi").await;
+    Api::<Pod>::namespaced(cluster.api().client(), NS)
+        .create(
+            &PostParams::default(),
+            &pod_with("checker", "checked", CHECKER, node, false, true),
+        )
+        .await
+        .expect("create the checker pod");
+    checker_advances(cluster, "checker", 100, "the start").await;
+    let launchers = chart_pods(cluster, "attach").await;
+
+    let primary = primary_node(cluster, "checked").await;
+    let (victim, _) = ready_node_pod(cluster, &primary).await;
+    eprintln!("force-deleting {victim} on the primary's node {primary}");
+    cluster
+        .api()
+        .kubectl([
+            "-n",
+            CHART_NS,
+            "delete",
+            "pod",
+            &victim,
+            "--force",
+            "--grace-period=0",
+        ])
+        .await
+        .expect("force-delete the node pod");
+    checker_advances(
+        cluster,
+        "checker",
+        100,
+        "the node pod of the primary was force-deleted",
+    )
+    .await;
+
+    if cluster.containerd_socket(node).is_some() {
+        let (_, agent) = ready_node_pod(cluster, node).await;
+        eprintln!("killing the agent container {agent} on the writer's node {node}");
+        cluster
+            .ctr(node, &["tasks", "kill", "--signal", "SIGKILL", &agent])
+            .await
+            .expect("kill the agent container");
+        checker_advances(
+            cluster,
+            "checker",
+            100,
+            "the writer node's agent container was killed",
+        )
+        .await;
+
+        // The same image under a new tag on every node: the upgrade changes every pod
+        // template that names it.
+        for n in worker_nodes(cluster).await {
+            cluster
+                .ctr(
+                    &n,
+                    &[
+                        "images",
+                        "tag",
+                        "--force",
+                        "localhost/blockvol:dev",
+                        "localhost/blockvol:upgrade",
+                    ],
+                )
+                .await
+                .expect("tag the image");
+        }
+        let upgrade = cluster.helm(&[
+            "upgrade",
+            "blockvol",
+            "charts/blockvol",
+            "--namespace",
+            CHART_NS,
+            "--reuse-values",
+            "--set",
+            "image.tag=upgrade",
+            "--wait",
+            "--timeout",
+            "5m",
+        ]);
+        let (upgraded, _) = tokio::join!(upgrade, async {
+            // IO keeps going while the DaemonSet rolls.
+            checker_advances(cluster, "checker", 50, "the upgrade started").await
+        });
+        upgraded.expect("helm upgrade");
+        // `--wait` returns once the new pods are Ready; the old ones may still be going.
+        let deadline = tokio::time::Instant::now() + POD_TIMEOUT;
+        loop {
+            let images = node_pod_images(cluster).await;
+            if images.iter().all(|i| i == "localhost/blockvol:upgrade") {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the node pods did not roll to the new tag: {images:?}"
+            );
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        checker_advances(cluster, "checker", 100, "the upgrade").await;
+    } else {
+        eprintln!(
+            "the nodes' containerd is not reachable from here: container kill and upgrade skipped"
+        );
+    }
+    assert_eq!(
+        chart_pods(cluster, "attach").await,
+        launchers,
+        "the attach launcher pods were restarted"
+    );
+
+    cluster
+        .api()
+        .kubectl(["-n", NS, "exec", "checker", "--", "touch", "/tmp/stop"])
+        .await
+        .expect("stop the checker");
+    let (_, result) = wait_pod_done(cluster, "checker").await;
+    eprintln!("checker: {result}");
+    let fields: Vec<&str> = result.split_whitespace().collect();
+    assert!(
+        fields.len() == 6 && fields[3] == "0" && fields[5] == "0",
+        "the checker saw IO errors or lost writes: {result}"
+    );
+    delete_pod(cluster, "checker").await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pods_on_real_kubelets_keep_their_data_across_nodes_and_teardown_leaves_nothing() {
     let before = HostTraces::read();
@@ -490,12 +789,15 @@ async fn pods_on_real_kubelets_keep_their_data_across_nodes_and_teardown_leaves_
     );
     delete_pod(&cluster, "grow").await;
 
+    // IO through agent kills and a rolling upgrade of the chart.
+    io_survives_agent_kills_and_a_helm_upgrade(&cluster, &nodes[0]).await;
+
     // A node drain: the Deployment's pod moves to another node and the volume follows.
     drain_moves_the_pod_and_the_volume_follows(&cluster).await;
 
     // Volumes go before the cluster: the PV's replicas are deleted by the operator.
     let pvcs = Api::<PersistentVolumeClaim>::namespaced(cluster.api().client(), NS);
-    for pvc in ["ext4-data", "raw", "grow", "moving"] {
+    for pvc in ["ext4-data", "raw", "grow", "checked", "moving"] {
         pvcs.delete(pvc, &DeleteParams::default())
             .await
             .expect("delete pvc");

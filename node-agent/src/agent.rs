@@ -13,7 +13,7 @@ use engine::replication::{NetConfig, ReceiverServer, Transport};
 use kube::Client;
 use tokio_stream::wrappers::UnixListenerStream;
 
-use crate::attach::{Attacher, ProxyCommand};
+use crate::attach::{Attacher, LauncherClient, LocalProxies, ProxyCommand, ProxyHost};
 use crate::attach_service::{AttachService, Forwarding};
 use crate::forward::{
     Attachments, ForwardSettings, KubeResolver, LocalPath, kube_attachment_lookup,
@@ -114,6 +114,12 @@ pub struct Settings {
     /// up to 60 s. With false, their I/O fails as soon as the agent is gone.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub attach_proxy: bool,
+    /// Start attach proxies through the attach launcher listening on this socket
+    /// (`blockvol-agent attach-launcher`) instead of as children of the agent. In a
+    /// container this is what lets devices outlive the agent's container: its stop ends
+    /// every process in it.
+    #[arg(long)]
+    pub attach_launcher_socket: Option<PathBuf>,
     /// How volumes become block devices: `kernel` (the nbd driver over netlink), `fuse-loop`
     /// (FUSE + loop), or `auto` (the kernel driver where it answers, else fuse-loop).
     #[arg(long, value_enum, default_value_t = crate::attach::AttachMode::Auto)]
@@ -181,6 +187,12 @@ impl Settings {
             return Err(setting(
                 "lease-duration-seconds",
                 format!("{} is below the minimum 2", self.lease_duration_s),
+            ));
+        }
+        if self.attach_launcher_socket.is_some() && !self.attach_proxy {
+            return Err(setting(
+                "attach-launcher-socket",
+                "the launcher keeps devices across agent restarts; it contradicts --attach-proxy=false".into(),
             ));
         }
         if self.forward_replay_bytes_max < 1 << 20 {
@@ -498,15 +510,21 @@ impl Agent {
             tasks.push(tokio::spawn(metrics::serve(l, metrics)));
         }
 
-        let mut proxy = ProxyCommand::current_exe().map_err(|source| Error::Io {
-            what: "locating the agent binary for the attach proxy",
-            path: PathBuf::from("/proc/self/exe"),
-            source,
-        })?;
-        if !settings.attach_proxy {
-            proxy.args.push("--reconnect-timeout-ms=0".into());
-        }
-        let opened = crate::attach::open_attacher(settings.attacher, &data_dir, proxy)?;
+        let proxies: Arc<dyn ProxyHost> = match &settings.attach_launcher_socket {
+            Some(socket) => Arc::new(LauncherClient::new(socket)),
+            None => {
+                let mut proxy = ProxyCommand::current_exe().map_err(|source| Error::Io {
+                    what: "locating the agent binary for the attach proxy",
+                    path: PathBuf::from("/proc/self/exe"),
+                    source,
+                })?;
+                if !settings.attach_proxy {
+                    proxy.args.push("--reconnect-timeout-ms=0".into());
+                }
+                Arc::new(LocalProxies::new(proxy))
+            }
+        };
+        let opened = crate::attach::open_attacher(settings.attacher, &data_dir, proxies)?;
         let attacher: Arc<dyn Attacher> = opened.attacher;
         let local = {
             let runtime = runtime.clone();

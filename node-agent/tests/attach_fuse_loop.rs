@@ -457,3 +457,95 @@ fn attach_replaces_an_earlier_versions_nbdfuse_attachment() {
         && !nbdfuse_running_for(&mount_dir)));
     assert!(!vol_dir.exists());
 }
+
+/// The parent PID of `pid` (from /proc/PID/stat).
+fn parent_pid(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// The attach launcher as its own process (as in its own container): kills itself on drop.
+struct Launcher(std::process::Child);
+
+impl Drop for Launcher {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn a_device_attached_through_the_launcher_is_served_by_the_launchers_child() {
+    let size = 16u64 << 20;
+    let (s, backend) = TestServer::with_mem_export("vol-launched", size, 4096);
+    let state_dir = s.dir.path().join("attach-state");
+    let socket = s.dir.path().join("launcher.sock");
+    let _cleanup = Cleanup {
+        mounts: Vec::new(),
+        state_dir: state_dir.clone(),
+    };
+    let launcher = Launcher(
+        std::process::Command::new(env!("CARGO_BIN_EXE_blockvol-agent"))
+            .args(["attach-launcher", "--socket", path_str(&socket)])
+            .args(["--state-dir", path_str(&state_dir)])
+            .spawn()
+            .expect("start the launcher"),
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || socket.exists()),
+        "the launcher listens"
+    );
+    let through_launcher = || {
+        let mut config = common::attach_config(&state_dir);
+        config.proxies = std::sync::Arc::new(node_agent::attach::LauncherClient::new(&socket));
+        FuseLoopAttacher::new(config).expect("attacher")
+    };
+
+    let a = through_launcher();
+    let dev = a.attach("vol-launched", &s.socket).expect("attach");
+    let state: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(state_dir.join("vol-launched/state.json")).expect("state file"),
+    )
+    .expect("state json");
+    let proxy = state["proxy_pid"].as_u64().expect("proxy pid") as u32;
+    assert_eq!(
+        parent_pid(proxy),
+        Some(launcher.0.id()),
+        "the proxy is the launcher's child, not the attacher's"
+    );
+    let pattern: Vec<u8> = (0..16 * 4096u32).map(|i| (i % 253) as u8).collect();
+    let source = s.dir.path().join("pattern");
+    std::fs::write(&source, &pattern).expect("pattern file");
+    run_ok(
+        "dd",
+        &[
+            &format!("if={}", path_str(&source)),
+            &format!("of={}", path_str(&dev)),
+            "bs=4096",
+            "oflag=direct",
+            "status=none",
+        ],
+    );
+    assert!(read_backend(backend.as_ref(), 0, 16 * 4096) == pattern);
+    drop(a);
+
+    // A fresh attacher (a restarted agent) finds the attachment healthy through the
+    // launcher and detaches it: the launcher stops its proxy.
+    let a = through_launcher();
+    assert_eq!(a.attach("vol-launched", &s.socket).expect("re-attach"), dev);
+    a.detach("vol-launched").expect("detach");
+    let mount_dir = state_dir.join("vol-launched/mnt");
+    assert!(wait_until(Duration::from_secs(5), || !proxy_running_for(
+        &mount_dir
+    )));
+    assert!(
+        !loop_backing_files()
+            .iter()
+            .any(|f| f.contains(path_str(&mount_dir)))
+    );
+}

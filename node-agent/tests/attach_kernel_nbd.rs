@@ -15,7 +15,7 @@ use node_agent::attach::genl::{self, GenlError, GenlSocket};
 use node_agent::attach::kernel::{self, KernelNbdAttacher, KernelNbdConfig};
 use node_agent::attach::nbd_genl::{self, NbdNetlink};
 use node_agent::attach::select::{self, AttachMode, Choice};
-use node_agent::attach::{Attacher, Error, ProxyCommand};
+use node_agent::attach::{Attacher, Error, LocalProxies, ProxyCommand, ProxyHost};
 use node_agent::nbd::proto::{CMD_READ, CMD_WRITE, RequestHeader, SIMPLE_REPLY_MAGIC};
 use node_agent::nbd::{BackendError, BlockBackend, MemBackend};
 
@@ -354,9 +354,11 @@ fn the_agent_falls_back_to_fuse_loop_where_the_driver_is_missing() {
     }
     let data = tempfile::tempdir().expect("tempdir");
     // Opening an attacher starts no proxy; only an attach would.
-    let proxy = || ProxyCommand {
-        program: "/bin/false".into(),
-        args: Vec::new(),
+    let proxy = || -> std::sync::Arc<dyn ProxyHost> {
+        std::sync::Arc::new(LocalProxies::new(ProxyCommand {
+            program: "/bin/false".into(),
+            args: Vec::new(),
+        }))
     };
     let opened = select::open_attacher(AttachMode::Auto, data.path(), proxy()).expect("auto");
     assert_eq!(opened.choice, Choice::FuseLoop);

@@ -9,6 +9,6 @@ fn chart_args_are_flags_the_binary_accepts() {
         &repo,
         "blockvol-agent",
         env!("CARGO_BIN_EXE_blockvol-agent"),
-        1,
+        2, // the agent and the attach launcher
     );
 }

@@ -11,21 +11,20 @@
 //! Attachments made by earlier versions (an `nbdfuse` process serving `mnt/nbd`) are
 //! still found and torn down.
 
-use std::collections::HashMap;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
+use super::launcher::{Identities, ProxyHost};
 use super::sys;
 use super::{Attacher, Attachment, Error, Result, validate_volume_name};
 
 /// Settings of the FUSE + loop attacher. Timeouts bound every wait on an external
 /// process.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct FuseLoopConfig {
     /// Directory for per-volume state and mount points; must survive agent restarts.
     pub state_dir: PathBuf,
@@ -43,30 +42,12 @@ pub struct FuseLoopConfig {
     /// it can take as long as a failover pause (Lease expiry plus a promoted primary's
     /// member-proof wait), not just a local page-cache flush.
     pub loop_release_timeout_ms: u64,
-    /// How to start the attach proxy, which serves the volume file.
-    pub proxy: ProxyCommand,
-}
-
-/// The program and leading arguments that start an attach proxy; the attacher appends
-/// `--mount`, `--control`, `--upstream` and `--export`.
-#[derive(Debug, Clone)]
-pub struct ProxyCommand {
-    pub program: PathBuf,
-    pub args: Vec<String>,
-}
-
-impl ProxyCommand {
-    /// The running agent binary's own `attach-proxy` subcommand.
-    pub fn current_exe() -> std::io::Result<Self> {
-        Ok(ProxyCommand {
-            program: std::env::current_exe()?,
-            args: vec!["attach-proxy".into()],
-        })
-    }
+    /// Where the attach proxies, which serve the volume files, run.
+    pub proxies: Arc<dyn ProxyHost>,
 }
 
 impl FuseLoopConfig {
-    pub fn new(state_dir: impl Into<PathBuf>, proxy: ProxyCommand) -> Self {
+    pub fn new(state_dir: impl Into<PathBuf>, proxies: Arc<dyn ProxyHost>) -> Self {
         Self {
             state_dir: state_dir.into(),
             losetup_program: "losetup".into(),
@@ -75,7 +56,7 @@ impl FuseLoopConfig {
             ready_timeout_ms: 10_000,
             stop_timeout_ms: 5_000,
             loop_release_timeout_ms: 30_000,
-            proxy,
+            proxies,
         }
     }
 }
@@ -97,8 +78,6 @@ struct State {
 pub struct FuseLoopAttacher {
     config: FuseLoopConfig,
     ops: Mutex<()>,
-    /// Attach proxies started by this instance, kept so they can be reaped.
-    proxies: Mutex<HashMap<String, Child>>,
 }
 
 impl FuseLoopAttacher {
@@ -110,7 +89,6 @@ impl FuseLoopAttacher {
         Ok(Self {
             config,
             ops: Mutex::new(()),
-            proxies: Mutex::new(HashMap::new()),
         })
     }
 
@@ -147,12 +125,21 @@ impl FuseLoopAttacher {
         sys::process_matches(pid, &["nbdfuse", &mnt.to_string_lossy()])
     }
 
-    /// Matches the proxy by the mount point it serves, which identifies it whichever
-    /// version started it.
+    /// How the volume's proxy shows in /proc: by the mount point it serves, which
+    /// identifies it whichever version started it.
+    fn proxy_identities(&self, volume: &str) -> Identities {
+        let mnt = self.mount_dir(volume).to_string_lossy().into_owned();
+        vec![
+            vec!["attach-proxy".into(), mnt],
+            vec!["attach-proxy".into(), self.legacy_proxy_socket(volume)],
+        ]
+    }
+
     fn proxy_alive(&self, volume: &str, pid: u32) -> bool {
-        let mnt = self.mount_dir(volume);
-        sys::process_matches(pid, &["attach-proxy", &mnt.to_string_lossy()])
-            || sys::process_matches(pid, &["attach-proxy", &self.legacy_proxy_socket(volume)])
+        self.config
+            .proxies
+            .ended(volume, pid, &self.proxy_identities(volume))
+            .is_none()
     }
     /// The socket an earlier version's proxy listened on for nbdfuse.
     fn legacy_proxy_socket(&self, volume: &str) -> String {
@@ -176,7 +163,6 @@ impl FuseLoopAttacher {
     /// Starts the attach proxy serving `volume` from the agent's `socket` and waits
     /// until its volume file and control socket are up; returns its PID.
     fn start_proxy(&self, volume: &str, socket: &Path) -> Result<u32> {
-        let cmd = &self.config.proxy;
         let dir = self.volume_dir(volume);
         let mnt = self.mount_dir(volume);
         fs::create_dir_all(&mnt).map_err(|source| Error::Io {
@@ -186,30 +172,13 @@ impl FuseLoopAttacher {
         let control = self.control_socket(volume);
         let _ = fs::remove_file(&control);
         let log_path = dir.join("proxy.log");
-        let io = |source| Error::Io {
-            path: log_path.clone(),
-            source,
-        };
-        let log = fs::File::create(&log_path).map_err(io)?;
-        let log2 = log.try_clone().map_err(io)?;
-        let mut c = Command::new(&cmd.program);
-        c.args(&cmd.args)
-            .arg(format!("--mount={}", mnt.display()))
-            .arg(format!("--control={}", control.display()))
-            .arg(format!("--upstream={}", socket.display()))
-            .arg(format!("--export={volume}"))
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log2);
-        // Its own process group: signals aimed at the agent's group (Ctrl-C, a
-        // supervisor stopping the agent) must not take attached devices down.
-        std::os::unix::process::CommandExt::process_group(&mut c, 0);
-        let program = cmd.program.display().to_string();
-        let child = c.spawn().map_err(|source| Error::Spawn {
-            program: program.clone(),
-            source,
-        })?;
-        let pid = child.id();
+        let args = vec![
+            format!("--mount={}", mnt.display()),
+            format!("--control={}", control.display()),
+            format!("--upstream={}", socket.display()),
+            format!("--export={volume}"),
+        ];
+        let pid = self.config.proxies.start(volume, &args, &log_path)?;
         // Recorded before waiting, so a crash from here on still leaves a trail to clean.
         self.write_state(&State {
             volume: volume.into(),
@@ -219,110 +188,48 @@ impl FuseLoopAttacher {
             proxy_pid: Some(pid),
         })?;
         let image = self.image_file(volume);
-        self.await_ready(
-            child,
-            volume,
-            &log_path,
-            || format!("{program} {}", cmd.args.join(" ")),
-            || format!("attach proxy serving {}", image.display()),
-            || {
-                sys::is_mount_point(&mnt)
-                    && image.exists()
-                    && std::os::unix::net::UnixStream::connect(&control).is_ok()
-            },
-        )?;
-        Ok(pid)
-    }
-
-    /// Waits until the attach proxy we spawned is `ready`, failing with its log if it
-    /// exits first or with a timeout. Unless it exited, the child is kept under
-    /// `volume` either way, so a detach stops it.
-    fn await_ready(
-        &self,
-        mut child: Child,
-        volume: &str,
-        log_path: &Path,
-        command: impl FnOnce() -> String,
-        what: impl FnOnce() -> String,
-        mut ready: impl FnMut() -> bool,
-    ) -> Result<()> {
+        let identities = self.proxy_identities(volume);
         let mut exited = None;
         let became_ready = sys::wait_until(self.config.ready_timeout_ms, || {
-            if let Ok(Some(status)) = child.try_wait() {
-                exited = Some(status);
+            if sys::is_mount_point(&mnt)
+                && image.exists()
+                && std::os::unix::net::UnixStream::connect(&control).is_ok()
+            {
                 return true;
             }
-            ready()
+            exited = self.config.proxies.ended(volume, pid, &identities);
+            exited.is_some()
         });
         let log_text = || {
-            fs::read_to_string(log_path)
+            fs::read_to_string(&log_path)
                 .unwrap_or_default()
                 .trim()
                 .to_owned()
         };
         if let Some(status) = exited {
             return Err(Error::Command {
-                command: command(),
-                status: status.to_string(),
+                command: format!("attach proxy {}", args.join(" ")),
+                status,
                 stderr: log_text(),
             });
         }
-        self.proxies
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(volume.into(), child);
         if !became_ready {
             return Err(Error::Timeout {
-                what: what(),
+                what: format!("attach proxy serving {}", image.display()),
                 timeout_ms: self.config.ready_timeout_ms,
                 detail: format!("; log: {}", log_text()),
             });
         }
-        Ok(())
+        Ok(pid)
     }
 
     fn stop_proxy(&self, volume: &str, pid: Option<u32>) {
-        let child = self
-            .proxies
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(volume);
-        let mnt = self.mount_dir(volume);
-        let pid = match child {
-            Some(mut child) => {
-                sys::signal(child.id(), libc::SIGTERM);
-                if !sys::wait_until(self.config.stop_timeout_ms, || {
-                    matches!(child.try_wait(), Ok(Some(_)) | Err(_))
-                }) {
-                    warn!(
-                        volume,
-                        pid = child.id(),
-                        "attach: proxy ignored SIGTERM, killing"
-                    );
-                    let _ = child.kill();
-                    let _ = child.wait();
-                }
-                return;
-            }
-            // Started by an earlier agent: signal it only if it is still that proxy.
-            None => pid
-                .filter(|&p| self.proxy_alive(volume, p))
-                .or_else(|| sys::find_process(&["attach-proxy", &mnt.to_string_lossy()]))
-                .or_else(|| {
-                    sys::find_process(&["attach-proxy", &self.legacy_proxy_socket(volume)])
-                }),
-        };
-        let Some(pid) = pid else { return };
-        sys::signal(pid, libc::SIGTERM);
-        if !sys::wait_until(self.config.stop_timeout_ms, || {
-            !self.proxy_alive(volume, pid)
-        }) {
-            warn!(volume, pid, "attach: proxy ignored SIGTERM, killing");
-            sys::signal(pid, libc::SIGKILL);
-            sys::wait_until(self.config.stop_timeout_ms, || {
-                !self.proxy_alive(volume, pid)
-            });
-        }
+        self.config.proxies.stop(
+            volume,
+            pid,
+            &self.proxy_identities(volume),
+            self.config.stop_timeout_ms,
+        );
     }
 
     /// Stops an nbdfuse an earlier version started for `volume`, if it still runs.
@@ -568,11 +475,11 @@ mod tests {
     use super::*;
 
     fn config(dir: &Path) -> FuseLoopConfig {
-        let proxy = ProxyCommand {
+        let proxy = super::super::ProxyCommand {
             program: "/nonexistent/blockvol-agent".into(),
             args: vec!["attach-proxy".into()],
         };
-        FuseLoopConfig::new(dir, proxy)
+        FuseLoopConfig::new(dir, Arc::new(super::super::LocalProxies::new(proxy)))
     }
 
     #[test]

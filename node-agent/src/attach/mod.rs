@@ -6,6 +6,7 @@ pub mod fuse_export;
 mod fuse_loop;
 pub mod genl;
 pub mod kernel;
+pub mod launcher;
 pub mod nbd_genl;
 pub mod proxy;
 pub mod select;
@@ -13,8 +14,9 @@ mod sys;
 
 use std::path::{Path, PathBuf};
 
-pub use fuse_loop::{FuseLoopAttacher, FuseLoopConfig, ProxyCommand};
+pub use fuse_loop::{FuseLoopAttacher, FuseLoopConfig};
 pub use kernel::{KernelNbdAttacher, KernelNbdConfig, kernel_nbd_available};
+pub use launcher::{LauncherClient, LocalProxies, ProxyCommand, ProxyHost};
 pub use select::{AttachMode, open_attacher};
 
 /// Errors of the attach layer.
@@ -44,6 +46,8 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    #[error("volume {volume}: {reason}")]
+    Launcher { volume: String, reason: String },
     #[error("{what} did not happen within {timeout_ms} ms{detail}")]
     Timeout {
         what: String,

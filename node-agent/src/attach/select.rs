@@ -10,7 +10,7 @@ use tracing::{info, warn};
 
 use super::kernel::{KernelNbdAttacher, KernelNbdConfig};
 use super::nbd_genl::NbdNetlink;
-use super::{Attacher, Error, FuseLoopAttacher, FuseLoopConfig, ProxyCommand, Result};
+use super::{Attacher, Error, FuseLoopAttacher, FuseLoopConfig, ProxyHost, Result};
 
 /// The `--attacher` setting.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -111,9 +111,13 @@ pub struct Opened {
 
 /// Chooses and builds the attacher for an agent with `data_dir` (state in
 /// `attach/` for FUSE + loop, `attach-kernel/` for the kernel driver).
-pub fn open_attacher(mode: AttachMode, data_dir: &Path, proxy: ProxyCommand) -> Result<Opened> {
+pub fn open_attacher(
+    mode: AttachMode,
+    data_dir: &Path,
+    proxies: Arc<dyn ProxyHost>,
+) -> Result<Opened> {
     let kernel_config = KernelNbdConfig::new(data_dir.join("attach-kernel"));
-    let fuse_config = FuseLoopConfig::new(data_dir.join("attach"), proxy);
+    let fuse_config = FuseLoopConfig::new(data_dir.join("attach"), proxies);
     let timeout = Duration::from_millis(kernel_config.netlink_timeout_ms);
     let (choice, reason) = choose(
         mode,

@@ -1,10 +1,14 @@
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
+use node_agent::attach::launcher::{self, LauncherSettings};
 use node_agent::attach::proxy::{self, ProxySettings};
 
 /// The subcommand that runs the attach proxy instead of the agent.
 const ATTACH_PROXY: &str = "attach-proxy";
+/// The subcommand that runs the attach launcher, which starts attach proxies outside the
+/// agent's container.
+const ATTACH_LAUNCHER: &str = "attach-launcher";
 
 fn init_tracing() {
     tracing_subscriber::fmt()
@@ -18,6 +22,14 @@ fn main() -> anyhow::Result<()> {
         init_tracing();
         tokio::runtime::Runtime::new()?.block_on(proxy::run(settings))?;
         return Ok(());
+    }
+    if std::env::args()
+        .nth(1)
+        .is_some_and(|a| a == ATTACH_LAUNCHER)
+    {
+        let settings = LauncherSettings::parse_from(std::env::args().skip(1));
+        init_tracing();
+        return launcher::run(settings);
     }
     let settings = node_agent::agent::Settings::parse();
     init_tracing();

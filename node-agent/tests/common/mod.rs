@@ -153,5 +153,6 @@ pub fn attach_config(state_dir: &Path) -> node_agent::attach::FuseLoopConfig {
         program: PathBuf::from(env!("CARGO_BIN_EXE_blockvol-agent")),
         args: vec!["attach-proxy".into()],
     };
-    node_agent::attach::FuseLoopConfig::new(state_dir, proxy)
+    let proxies = std::sync::Arc::new(node_agent::attach::LocalProxies::new(proxy));
+    node_agent::attach::FuseLoopConfig::new(state_dir, proxies)
 }
