@@ -2078,3 +2078,96 @@ fn receiver_binds_an_epoch_to_the_first_named_primary() {
         [Body::HeartbeatAck { seq: 2 }]
     ));
 }
+
+/// Recovery bytes the core reports for replica `i`'s messages in `sent[from..]`: WAL
+/// entries (encoded size) and base blocks.
+fn shipped_bytes(n: &Net, i: usize, from: usize) -> u64 {
+    n.sent[from..]
+        .iter()
+        .filter(|(to, _)| *to == i)
+        .map(|(_, m)| match &m.body {
+            Body::Entry(e) => engine::replication::entry_bytes(e),
+            Body::BaseBlock { data, .. } => data.len() as u64,
+            _ => 0,
+        })
+        .sum()
+}
+
+#[test]
+fn recovery_bytes_count_catch_up_entries_and_never_live_shipping() {
+    let mut n = Net::new(2, cfg(), &["p", "r0", "r1"]);
+    n.tick(1);
+    n.replicas[1].reachable = false;
+    n.drop_conns_of(1);
+    let live_from = n.sent.len();
+    for i in 0..20 {
+        n.write(i, i as u8);
+    }
+    assert!(
+        shipped_bytes(&n, 0, live_from) > 0,
+        "r0 got the writes live"
+    );
+    n.input(Input::InSyncSetCommitted {
+        generation: Generation(2),
+        members: vec![rid("p"), rid("r0")],
+    });
+    let catch_up_from = n.sent.len();
+    n.replicas[1].reachable = true;
+    n.tick(20);
+    n.settle();
+    assert_eq!(n.state("r1"), ReplicaState::InSync);
+    let caught_up = shipped_bytes(&n, 1, catch_up_from);
+    assert!(caught_up > 0);
+    let bytes = n.primary.recovery_bytes();
+    let r1 = bytes.get(&rid("r1")).copied().unwrap_or_default();
+    assert_eq!(r1.catch_up, caught_up, "every entry the catch-up sent");
+    assert_eq!(r1.rebuild, 0);
+    assert!(
+        bytes.get(&rid("r0")).is_none(),
+        "live shipping to a member that kept up is no recovery: {bytes:?}"
+    );
+    // Once live again, new writes add nothing.
+    n.write(3, 9);
+    n.settle();
+    assert_eq!(n.primary.recovery_bytes()[&rid("r1")].catch_up, caught_up);
+}
+
+#[test]
+fn recovery_bytes_count_rebuild_blocks_and_entries_as_rebuild() {
+    let c = PrimaryConfig {
+        wal_retention_timeout_ms: 10,
+        ..cfg()
+    };
+    let mut n = Net::new(1, c, &["p"]);
+    n.replicas[0].reachable = false;
+    for i in 0..12 {
+        n.write(i % 5, i as u8);
+    }
+    n.plog.sync().unwrap();
+    n.tick(20);
+    n.plog.flush_checkpoint();
+    for i in 0..4 {
+        n.write(i, 100 + i as u8);
+    }
+    n.plog.set_retention_floor(None);
+    n.replicas[0].reachable = true;
+    n.tick(20);
+    assert_eq!(n.state("r0"), ReplicaState::NeedsRebuild);
+    let before = n.primary.recovery_bytes().get(&rid("r0")).copied();
+    let rebuild_from = n.sent.len();
+    n.input(Input::RebuildRequested(rid("r0")));
+    n.settle();
+    assert_eq!(n.state("r0"), ReplicaState::InSync);
+    let shipped = shipped_bytes(&n, 0, rebuild_from);
+    assert!(shipped > 0);
+    let r0 = n.primary.recovery_bytes()[&rid("r0")];
+    assert_eq!(
+        r0.rebuild, shipped,
+        "base blocks and entries of the rebuild"
+    );
+    assert_eq!(
+        r0.catch_up,
+        before.map_or(0, |b| b.catch_up),
+        "a rebuild adds nothing to catch-up bytes"
+    );
+}

@@ -551,7 +551,9 @@ fn gauge_i64(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
-/// Per-replica and per-peer gauges from one sample of every local replica.
+/// Per-replica and per-peer gauges from one sample of every local replica, and the
+/// recovery byte counters each local primary keeps per peer (they count from the start
+/// of its primary term on this node, so they reset when the term or the process does).
 fn replica_gauges(r: &mut Registry, samples: &[ReplicaSample]) {
     let epoch = Family::<VolumeLabels, Gauge>::default();
     let head = Family::<VolumeLabels, Gauge>::default();
@@ -565,6 +567,8 @@ fn replica_gauges(r: &mut Registry, samples: &[ReplicaSample]) {
     let peer_lag = Family::<PeerLabels, Gauge>::default();
     let peer_lag_bytes = Family::<PeerLabels, Gauge>::default();
     let peer_state = Family::<PeerStateLabels, Gauge>::default();
+    let peer_catch_up = Family::<PeerLabels, Counter>::default();
+    let peer_rebuild = Family::<PeerLabels, Counter>::default();
     for s in samples {
         let st = &s.status;
         let l = VolumeLabels {
@@ -596,6 +600,15 @@ fn replica_gauges(r: &mut Registry, samples: &[ReplicaSample]) {
                     state: state_label(candidate),
                 })
                 .set(i64::from(candidate == st.state));
+        }
+        for (peer, bytes) in &s.peer_recovery_bytes {
+            let pl = PeerLabels {
+                volume: l.volume.clone(),
+                replica: l.replica.clone(),
+                peer: peer.clone(),
+            };
+            peer_catch_up.get_or_create(&pl).inc_by(bytes.catch_up);
+            peer_rebuild.get_or_create(&pl).inc_by(bytes.rebuild);
         }
         for p in &st.peers {
             let pl = PeerLabels {
@@ -671,6 +684,16 @@ fn replica_gauges(r: &mut Registry, samples: &[ReplicaSample]) {
         "peer_state",
         "1 for the peer's state as the local primary sees it, 0 for every other state",
         peer_state,
+    );
+    r.register(
+        "peer_catch_up_bytes",
+        "Bytes of WAL entries the local primary sent the peer to catch it up",
+        peer_catch_up,
+    );
+    r.register(
+        "peer_rebuild_bytes",
+        "Bytes of base blocks and WAL entries the local primary sent the peer to rebuild it",
+        peer_rebuild,
     );
 }
 
@@ -846,7 +869,7 @@ mod tests {
     }
 
     #[test]
-    fn replica_gauges_are_one_hot_and_lag_is_head_minus_peer_flushed() {
+    fn replica_gauges_are_one_hot_lag_is_head_minus_peer_flushed_and_recovery_bytes_count() {
         let status = api::BlockReplicaStatus {
             state: ReplicaState::Serving,
             role: Some(ReplicaRole::Primary),
@@ -869,6 +892,14 @@ mod tests {
             wal_used_bytes: 256,
             wal_size_bytes: 1024,
             peer_lag_bytes: [("v-r1".to_string(), 120)].into(),
+            peer_recovery_bytes: [(
+                "v-r1".to_string(),
+                engine::replication::RecoveryBytes {
+                    catch_up: 4160,
+                    rebuild: 0,
+                },
+            )]
+            .into(),
         }];
         let mut r = Registry::with_prefix(METRIC_PREFIX);
         replica_gauges(&mut r, &samples);
@@ -883,6 +914,8 @@ mod tests {
             r#"blockvol_agent_peer_lag_lsn{volume="v",replica="v-r0",peer="v-r1"} 30"#.into(),
             r#"blockvol_agent_peer_lag_bytes{volume="v",replica="v-r0",peer="v-r1"} 120"#.into(),
             r#"blockvol_agent_peer_state{volume="v",replica="v-r0",peer="v-r1",state="CatchingUp"} 1"#.into(),
+            r#"blockvol_agent_peer_catch_up_bytes_total{volume="v",replica="v-r0",peer="v-r1"} 4160"#.into(),
+            r#"blockvol_agent_peer_rebuild_bytes_total{volume="v",replica="v-r0",peer="v-r1"} 0"#.into(),
         ] {
             assert!(text.lines().any(|t| t == line), "missing {line}\n{text}");
         }

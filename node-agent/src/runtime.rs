@@ -130,6 +130,9 @@ pub struct ReplicaSample {
     /// Peer replica ID → WAL bytes after its flushed LSN, for peers whose missing
     /// entries are still in the WAL.
     pub peer_lag_bytes: BTreeMap<String, u64>,
+    /// For a local primary: peer replica ID → bytes its catch-ups and rebuilds were
+    /// sent since this primary term started here (peers never recovered are absent).
+    pub peer_recovery_bytes: BTreeMap<String, repl::RecoveryBytes>,
 }
 
 /// The backends of this node's serving primaries by volume name: what forwarded IO from
@@ -320,19 +323,34 @@ impl EngineRuntime {
     /// The status of every applied local replica plus its WAL usage, as one scrape
     /// sees it (each replica is sampled on its own, not all at one instant).
     pub async fn samples(&self) -> Vec<ReplicaSample> {
-        let listed: Vec<(String, String, Arc<Volume>)> = {
+        type Listed = (String, String, Arc<Volume>, Option<Arc<PrimaryHandle>>);
+        let listed: Vec<Listed> = {
             let m = self.replicas.lock().await;
             m.iter()
                 .filter_map(|(id, l)| {
                     let a = l.applied.as_ref()?;
-                    Some((id.clone(), a.volume.clone(), l.vol.clone()))
+                    let primary = l.primary.as_ref().map(|p| p.handle.clone());
+                    Some((id.clone(), a.volume.clone(), l.vol.clone(), primary))
                 })
                 .collect()
         };
         let mut out = Vec::with_capacity(listed.len());
-        for (replica_id, volume, vol) in listed {
+        for (replica_id, volume, vol, primary) in listed {
             let Some(status) = self.status(&replica_id).await else {
                 continue;
+            };
+            let peer_recovery_bytes = match primary {
+                Some(h) => h
+                    .snapshot()
+                    .await
+                    .map(|snap| {
+                        snap.recovery_bytes
+                            .into_iter()
+                            .map(|(id, b)| (id.as_str().to_string(), b))
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+                None => BTreeMap::new(),
             };
             let stats = vol.stats();
             let peer_lag_bytes = status
@@ -350,6 +368,7 @@ impl EngineRuntime {
                 wal_used_bytes: stats.wal_used_bytes,
                 wal_size_bytes: stats.wal_size_bytes,
                 peer_lag_bytes,
+                peer_recovery_bytes,
             });
         }
         out

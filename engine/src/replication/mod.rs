@@ -26,7 +26,8 @@ pub use plan::{
     classify_handshake,
 };
 pub use primary::{
-    Action, Durability, FlushId, Input, Peer, PrimaryConfig, PrimaryCore, ReplicaState, Report,
+    Action, Durability, FlushId, Input, Peer, PrimaryConfig, PrimaryCore, RecoveryBytes,
+    ReplicaState, Report,
 };
 pub use receiver::{ReceiverAction, ReceiverConfig, ReceiverCore, ReceiverEvent, ReceiverInput};
 pub use retention::{HoldId, HoldKind, Pinner};

@@ -34,7 +34,7 @@ use super::forward::{
 };
 use super::plan::RecoveryEvent;
 use super::primary::{
-    Action, FlushId, Input, Peer, PrimaryConfig, PrimaryCore, ReplicaState, Report,
+    Action, FlushId, Input, Peer, PrimaryConfig, PrimaryCore, RecoveryBytes, ReplicaState, Report,
 };
 use super::receiver::{ReceiverAction, ReceiverConfig, ReceiverCore, ReceiverInput};
 use super::storage::ReplicaLog;
@@ -665,6 +665,8 @@ pub struct PrimarySnapshot {
     pub fenced: Option<Epoch>,
     pub events: Vec<RecoveryEvent>,
     pub reports: Vec<Report>,
+    /// Bytes each replica was sent by catch-ups and rebuilds since this primary started.
+    pub recovery_bytes: BTreeMap<ReplicaId, RecoveryBytes>,
 }
 
 /// Lets a flush skip the driver while the gate needs only the local fsync (no peers):
@@ -1139,6 +1141,7 @@ impl Driver {
                     fenced: self.core.fenced(),
                     events: self.events.iter().cloned().collect(),
                     reports: self.reports.iter().cloned().collect(),
+                    recovery_bytes: self.core.recovery_bytes().clone(),
                     ..PrimarySnapshot::default()
                 };
                 for (id, st, fl) in self.core.replicas() {

@@ -204,6 +204,33 @@ pub enum Report {
     LocalDiskFailed,
 }
 
+/// Bytes this primary core shipped to one replica to recover it, since the core was
+/// created (a new primary term starts from zero): WAL entries (their encoded size)
+/// sent by a catch-up, and base blocks plus WAL entries sent by a rebuild. Live
+/// shipping of new appends to a replica that keeps up is in neither.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RecoveryBytes {
+    pub catch_up: u64,
+    pub rebuild: u64,
+}
+
+/// Which recovery a body was sent for.
+#[derive(Debug, Clone, Copy)]
+enum RecoveryKind {
+    CatchUp,
+    Rebuild,
+}
+
+/// Bytes of `b` that count as recovery traffic: an entry's encoded size, a base block's
+/// data.
+fn recovery_body_bytes(b: &Body) -> u64 {
+    match b {
+        Body::Entry(e) => super::types::entry_bytes(e),
+        Body::BaseBlock { data, .. } => data.len() as u64,
+        _ => 0,
+    }
+}
+
 /// Actions for the shell.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
@@ -325,6 +352,9 @@ pub struct PrimaryCore {
     fenced: Option<Epoch>,
     disk_failed: bool,
     events: Vec<RecoveryEvent>,
+    /// Recovery bytes shipped per replica in this core's lifetime (kept when a sender
+    /// is removed, so a counter never goes back within a term).
+    recovery_sent: BTreeMap<ReplicaId, RecoveryBytes>,
     out: Vec<Action>,
     now: u64,
 }
@@ -384,6 +414,7 @@ impl PrimaryCore {
             fenced: None,
             disk_failed: false,
             events: Vec::new(),
+            recovery_sent: BTreeMap::new(),
             out: Vec::new(),
             now: 0,
         }
@@ -423,6 +454,11 @@ impl PrimaryCore {
             .values()
             .map(|s| (s.id.clone(), s.state, s.flushed))
             .collect()
+    }
+    /// Bytes shipped to each replica by catch-ups and rebuilds since this core was
+    /// created; replicas never recovered by it are absent.
+    pub fn recovery_bytes(&self) -> &BTreeMap<ReplicaId, RecoveryBytes> {
+        &self.recovery_sent
     }
     pub fn is_counted(&self, id: &ReplicaId) -> bool {
         self.committed.contains(id) || self.senders.get(id).is_some_and(|s| s.counting)
@@ -479,6 +515,17 @@ impl PrimaryCore {
             epoch: self.epoch,
             body,
         }
+    }
+
+    /// Sends `body` to `id` on `conn` as part of a `kind` recovery, counting its bytes.
+    fn send_recovery(&mut self, id: &ReplicaId, kind: RecoveryKind, conn: ConnId, body: Body) {
+        let bytes = recovery_body_bytes(&body);
+        let sent = self.recovery_sent.entry(id.clone()).or_default();
+        match kind {
+            RecoveryKind::CatchUp => sent.catch_up += bytes,
+            RecoveryKind::Rebuild => sent.rebuild += bytes,
+        }
+        self.send(conn, body);
     }
 
     fn send(&mut self, conn: ConnId, mut body: Body) {
@@ -1299,7 +1346,7 @@ impl PrimaryCore {
         match (res, conn) {
             (Ok((bodies, barrier_lsn)), Some(conn)) => {
                 for b in bodies {
-                    self.send(conn, b);
+                    self.send_recovery(id, RecoveryKind::CatchUp, conn, b);
                 }
                 self.send_barrier(id, barrier_lsn);
             }
@@ -1324,7 +1371,7 @@ impl PrimaryCore {
         match (res, conn) {
             (Ok((bodies, barrier_lsn)), Some(conn)) => {
                 for b in bodies {
-                    self.send(conn, b);
+                    self.send_recovery(id, RecoveryKind::Rebuild, conn, b);
                 }
                 self.send_barrier(id, barrier_lsn);
             }
@@ -1346,9 +1393,19 @@ impl PrimaryCore {
         let Some(exec) = s.exec.take() else {
             return;
         };
-        let (target, session, plan) = match exec {
-            Exec::CatchUp(c) => (c.target(), c.session(), c.into_plan()),
-            Exec::Rebuild(r) => (r.target(), r.session(), r.into_plan()),
+        let (target, session, plan, kind) = match exec {
+            Exec::CatchUp(c) => (
+                c.target(),
+                c.session(),
+                c.into_plan(),
+                RecoveryKind::CatchUp,
+            ),
+            Exec::Rebuild(r) => (
+                r.target(),
+                r.session(),
+                r.into_plan(),
+                RecoveryKind::Rebuild,
+            ),
         };
         let Some(conn) = s.conn else {
             plan::release_plan(plan, &mut self.pinner, log, self.now, &mut self.events);
@@ -1362,7 +1419,8 @@ impl PrimaryCore {
                 Ok(entries) if !entries.is_empty() => {
                     for e in entries {
                         from = e.lsn.next();
-                        self.send(conn, Body::Entry(e));
+                        // The tail past the frozen target completes that recovery.
+                        self.send_recovery(id, kind, conn, Body::Entry(e));
                     }
                 }
                 _ => {
