@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Renders the Helm chart into deploy/blockvol.yaml (static manifests for kubectl apply).
+# Renders the Helm chart into deploy/blockvol.yaml (static manifests for kubectl apply,
+# the CRDs included: the chart keeps them in templates/crds/).
 # With --check, fails when the committed file differs from a fresh render.
 set -euo pipefail
 cd "$(dirname "$0")/.."
