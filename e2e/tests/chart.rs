@@ -91,12 +91,16 @@ async fn rendered_chart_and_deploy_manifest_pass_strict_server_side_validation()
     cp.apply_crds(&e2e::crds_dir()).await.expect("CRDs apply");
     create_namespace(&cp).await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let rendered = helm(
-        &cp,
-        dir.path(),
-        &["template", RELEASE, "charts/blockvol", "--namespace", NS],
-    )
-    .await;
+    let template = [
+        "template",
+        RELEASE,
+        "charts/blockvol",
+        "--namespace",
+        NS,
+        "--kube-version",
+        e2e::chart::KUBE_VERSION,
+    ];
+    let rendered = helm(&cp, dir.path(), &template).await;
     for kind in [
         "kind: Deployment",
         "kind: DaemonSet",
@@ -111,6 +115,24 @@ async fn rendered_chart_and_deploy_manifest_pass_strict_server_side_validation()
     std::fs::write(&file, rendered).expect("write rendering");
     strict_server_dry_run(&cp, &file).await;
     strict_server_dry_run(&cp, &repo().join("deploy/blockvol.yaml")).await;
+
+    // The registry override, pull secrets and the optional sidecar render valid objects.
+    let mut overridden = template.to_vec();
+    overridden.extend([
+        "--set",
+        "image.registry=registry.example.com/mirror",
+        "--set-json",
+        r#"imagePullSecrets=["regcred",{"name":"othercred"}]"#,
+        "--set",
+        "sidecars.nodeDriverRegistrar.enabled=true",
+        "--set",
+        "metrics.serviceMonitor.enabled=false",
+    ]);
+    let rendered = helm(&cp, dir.path(), &overridden).await;
+    assert!(rendered.contains("image: registry.example.com/mirror/sig-storage/csi-provisioner:"));
+    let file = dir.path().join("overridden.yaml");
+    std::fs::write(&file, rendered).expect("write rendering");
+    strict_server_dry_run(&cp, &file).await;
 }
 
 /// One `kubectl auth can-i` question, as `sa` in the release namespace.
@@ -272,7 +294,7 @@ async fn helm_install_creates_the_objects_and_rbac_allows_only_the_verbs_used() 
         .await
         .expect("control plane starts");
     let dir = tempfile::tempdir().expect("tempdir");
-    helm(
+    let installed = helm(
         &cp,
         dir.path(),
         &[
@@ -285,6 +307,15 @@ async fn helm_install_creates_the_objects_and_rbac_allows_only_the_verbs_used() 
         ],
     )
     .await;
+    // NOTES.txt: what to check, how to make a claim, how to look at volumes.
+    for line in [
+        "kubectl -n blockvol-system rollout status daemonset/blockvol-node",
+        "storageClassName: blockvol",
+        "kubectl blockvol get volumes",
+        "helm uninstall` keeps",
+    ] {
+        assert!(installed.contains(line), "NOTES lack {line:?}: {installed}");
+    }
     let status = helm(&cp, dir.path(), &["status", RELEASE, "--namespace", NS]).await;
     assert!(status.contains("STATUS: deployed"), "{status}");
 
@@ -312,6 +343,9 @@ async fn helm_install_creates_the_objects_and_rbac_allows_only_the_verbs_used() 
         "serviceaccount/blockvol-node",
         "role/blockvol-operator",
         "rolebinding/blockvol-operator",
+        "poddisruptionbudget/blockvol-operator",
+        "service/blockvol-operator-metrics",
+        "service/blockvol-node-metrics",
     ] {
         cp.kubectl(["get", obj, "-n", NS, "-o", "name"])
             .await
@@ -357,8 +391,8 @@ fn older_chart(root: &Path) -> PathBuf {
     let file = chart.join(dir).join("blockvolumes.yaml");
     let text = std::fs::read_to_string(&file).expect("chart CRD");
     let mut crd: serde_json::Value = serde_norway::from_str(&text).expect("CRD YAML");
-    let status = &mut crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]
-        ["status"]["properties"];
+    let status = &mut crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]
+        ["properties"];
     assert!(
         status
             .as_object_mut()
@@ -431,7 +465,12 @@ async fn helm_upgrade_serves_the_new_crd_schema_and_uninstall_keeps_crds_and_vol
         "the older CRD prunes status.attachedTo"
     );
 
-    helm(&cp, dir.path(), &["upgrade", RELEASE, "charts/blockvol", "--namespace", NS]).await;
+    helm(
+        &cp,
+        dir.path(),
+        &["upgrade", RELEASE, "charts/blockvol", "--namespace", NS],
+    )
+    .await;
     let crds = Api::<CustomResourceDefinition>::all(cp.client());
     let crd = crds.get("blockvolumes.blockvol.io").await.expect("CRD");
     let schema = serde_json::to_value(&crd.spec.versions[0].schema).expect("schema");
@@ -465,7 +504,10 @@ async fn helm_upgrade_serves_the_new_crd_schema_and_uninstall_keeps_crds_and_vol
         "blockreplicas.blockvol.io",
         "blocknodes.blockvol.io",
     ] {
-        assert!(out.contains(crd), "uninstall does not say it keeps {crd}: {out}");
+        assert!(
+            out.contains(crd),
+            "uninstall does not say it keeps {crd}: {out}"
+        );
         crds.get(crd)
             .await
             .unwrap_or_else(|e| panic!("helm uninstall deleted {crd}: {e}"));
