@@ -31,6 +31,7 @@ pub mod agent;
 pub mod controller;
 pub mod error;
 pub mod guard;
+pub mod health;
 pub mod identity;
 pub mod mount;
 pub mod names;

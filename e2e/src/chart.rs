@@ -6,6 +6,9 @@
 use std::path::Path;
 use std::process::Command;
 
+/// The Kubernetes version `helm template` renders for (the chart's `kubeVersion` floor).
+pub const KUBE_VERSION: &str = "1.34.0";
+
 /// Renders `charts/blockvol` with the pinned helm, as `helm template` would for users.
 pub fn render_chart(repo: &Path) -> String {
     let helm = crate::tool("helm").expect("helm is built by hack/tools/build.sh");
@@ -17,6 +20,9 @@ pub fn render_chart(repo: &Path) -> String {
             "charts/blockvol",
             "--namespace",
             "blockvol-system",
+            // helm template assumes an old Kubernetes; the chart requires 1.34.
+            "--kube-version",
+            KUBE_VERSION,
         ])
         .env("HELM_CACHE_HOME", home.path().join("cache"))
         .env("HELM_CONFIG_HOME", home.path().join("config"))

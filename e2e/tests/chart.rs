@@ -1,14 +1,22 @@
 //! The Helm chart on a real kube-apiserver: its rendering (and the committed
 //! deploy/blockvol.yaml) passes strict server-side validation, `helm install` creates
 //! every object, and each component's service account may do exactly what its binary
-//! does: the verbs it uses are allowed, a sample of others is denied.
+//! does: the verbs it uses are allowed, a sample of others is denied. `helm upgrade`
+//! brings the CRDs up to the chart's (a field added to the schema is served after the
+//! upgrade) and `helm uninstall` keeps the CRDs and with them every BlockVolume.
 
 use std::path::{Path, PathBuf};
 
 use e2e::{ControlPlane, ControlPlaneOptions};
+use std::time::Duration;
+
+use api::{BlockVolume, BlockVolumeSpec};
 use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::Api;
-use kube::api::{ObjectMeta, PostParams};
+use kube::api::{ObjectMeta, Patch, PatchParams, PostParams};
+use serde_json::json;
 
 const NS: &str = "blockvol-system";
 const RELEASE: &str = "blockvol";
@@ -19,6 +27,11 @@ fn repo() -> PathBuf {
 
 /// Runs the pinned helm against `cp` with its state in `home`; returns stdout.
 async fn helm(cp: &ControlPlane, home: &Path, args: &[&str]) -> String {
+    helm_in(cp, home, &repo(), args).await
+}
+
+/// Runs the pinned helm in `cwd`; returns stdout.
+async fn helm_in(cp: &ControlPlane, home: &Path, cwd: &Path, args: &[&str]) -> String {
     let helm = e2e::tool("helm").expect("helm is built by hack/tools/build.sh");
     let out = tokio::process::Command::new(&helm)
         .args(args)
@@ -26,7 +39,7 @@ async fn helm(cp: &ControlPlane, home: &Path, args: &[&str]) -> String {
         .env("HELM_CACHE_HOME", home.join("cache"))
         .env("HELM_CONFIG_HOME", home.join("config"))
         .env("HELM_DATA_HOME", home.join("data"))
-        .current_dir(repo())
+        .current_dir(cwd)
         .stdin(std::process::Stdio::null())
         .kill_on_drop(true)
         .output()
@@ -78,12 +91,16 @@ async fn rendered_chart_and_deploy_manifest_pass_strict_server_side_validation()
     cp.apply_crds(&e2e::crds_dir()).await.expect("CRDs apply");
     create_namespace(&cp).await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let rendered = helm(
-        &cp,
-        dir.path(),
-        &["template", RELEASE, "charts/blockvol", "--namespace", NS],
-    )
-    .await;
+    let template = [
+        "template",
+        RELEASE,
+        "charts/blockvol",
+        "--namespace",
+        NS,
+        "--kube-version",
+        e2e::chart::KUBE_VERSION,
+    ];
+    let rendered = helm(&cp, dir.path(), &template).await;
     for kind in [
         "kind: Deployment",
         "kind: DaemonSet",
@@ -98,6 +115,24 @@ async fn rendered_chart_and_deploy_manifest_pass_strict_server_side_validation()
     std::fs::write(&file, rendered).expect("write rendering");
     strict_server_dry_run(&cp, &file).await;
     strict_server_dry_run(&cp, &repo().join("deploy/blockvol.yaml")).await;
+
+    // The registry override, pull secrets and the optional sidecar render valid objects.
+    let mut overridden = template.to_vec();
+    overridden.extend([
+        "--set",
+        "image.registry=registry.example.com/mirror",
+        "--set-json",
+        r#"imagePullSecrets=["regcred",{"name":"othercred"}]"#,
+        "--set",
+        "sidecars.nodeDriverRegistrar.enabled=true",
+        "--set",
+        "metrics.serviceMonitor.enabled=false",
+    ]);
+    let rendered = helm(&cp, dir.path(), &overridden).await;
+    assert!(rendered.contains("image: registry.example.com/mirror/sig-storage/csi-provisioner:"));
+    let file = dir.path().join("overridden.yaml");
+    std::fs::write(&file, rendered).expect("write rendering");
+    strict_server_dry_run(&cp, &file).await;
 }
 
 /// One `kubectl auth can-i` question, as `sa` in the release namespace.
@@ -259,7 +294,7 @@ async fn helm_install_creates_the_objects_and_rbac_allows_only_the_verbs_used() 
         .await
         .expect("control plane starts");
     let dir = tempfile::tempdir().expect("tempdir");
-    helm(
+    let installed = helm(
         &cp,
         dir.path(),
         &[
@@ -272,6 +307,15 @@ async fn helm_install_creates_the_objects_and_rbac_allows_only_the_verbs_used() 
         ],
     )
     .await;
+    // NOTES.txt: what to check, how to make a claim, how to look at volumes.
+    for line in [
+        "kubectl -n blockvol-system rollout status daemonset/blockvol-node",
+        "storageClassName: blockvol",
+        "kubectl blockvol get volumes",
+        "helm uninstall` keeps",
+    ] {
+        assert!(installed.contains(line), "NOTES lack {line:?}: {installed}");
+    }
     let status = helm(&cp, dir.path(), &["status", RELEASE, "--namespace", NS]).await;
     assert!(status.contains("STATUS: deployed"), "{status}");
 
@@ -299,6 +343,9 @@ async fn helm_install_creates_the_objects_and_rbac_allows_only_the_verbs_used() 
         "serviceaccount/blockvol-node",
         "role/blockvol-operator",
         "rolebinding/blockvol-operator",
+        "poddisruptionbudget/blockvol-operator",
+        "service/blockvol-operator-metrics",
+        "service/blockvol-node-metrics",
     ] {
         cp.kubectl(["get", obj, "-n", NS, "-o", "name"])
             .await
@@ -317,4 +364,157 @@ async fn helm_install_creates_the_objects_and_rbac_allows_only_the_verbs_used() 
         }
     }
     assert!(wrong.is_empty(), "RBAC mismatches:\n{}", wrong.join("\n"));
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for entry in std::fs::read_dir(from).expect("read chart dir") {
+        let entry = entry.expect("dir entry");
+        let target = to.join(entry.file_name());
+        if entry.file_type().expect("file type").is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).expect("copy chart file");
+        }
+    }
+}
+
+/// The chart as an older release had it: the same, except that the BlockVolume CRD's
+/// status lacks `attachedTo`.
+fn older_chart(root: &Path) -> PathBuf {
+    let chart = root.join("blockvol");
+    copy_dir(&repo().join("charts/blockvol"), &chart);
+    let dir = api::crd::OUTPUTS
+        .iter()
+        .find_map(|o| o.dir.strip_prefix("charts/blockvol/"))
+        .expect("the chart holds a copy of the CRDs");
+    let file = chart.join(dir).join("blockvolumes.yaml");
+    let text = std::fs::read_to_string(&file).expect("chart CRD");
+    let mut crd: serde_json::Value = serde_norway::from_str(&text).expect("CRD YAML");
+    let status = &mut crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]
+        ["properties"];
+    assert!(
+        status
+            .as_object_mut()
+            .expect("status properties")
+            .remove("attachedTo")
+            .is_some(),
+        "the current CRD declares status.attachedTo"
+    );
+    std::fs::write(&file, serde_norway::to_string(&crd).expect("YAML")).expect("write CRD");
+    chart
+}
+
+/// Sets `status.attachedTo` through the status subresource and returns what the API
+/// server stored: `None` while the served schema prunes the field.
+async fn store_attached_to(volumes: &Api<BlockVolume>, name: &str) -> Option<String> {
+    let patched = volumes
+        .patch_status(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"attachedTo": "node-a"}})),
+        )
+        .await
+        .expect("patch status");
+    patched.status.and_then(|s| s.attached_to)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn helm_upgrade_serves_the_new_crd_schema_and_uninstall_keeps_crds_and_volumes() {
+    let cp = ControlPlane::start(ControlPlaneOptions::default())
+        .await
+        .expect("control plane starts");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let old = older_chart(dir.path());
+    // No pods run here (no kubelet): only the API objects are installed.
+    helm_in(
+        &cp,
+        dir.path(),
+        dir.path(),
+        &[
+            "install",
+            RELEASE,
+            old.to_str().expect("utf-8 path"),
+            "--namespace",
+            NS,
+            "--create-namespace",
+        ],
+    )
+    .await;
+    let volumes = Api::<BlockVolume>::all(cp.client());
+    let bv = BlockVolume::new(
+        "kept-volume",
+        BlockVolumeSpec {
+            size: IntOrString::String("1Gi".into()),
+            replicas: 3,
+            durability: Default::default(),
+            block_size: 4096,
+            node_selector: None,
+            topology_key: None,
+            data_locality: None,
+        },
+    );
+    let created = volumes
+        .create(&PostParams::default(), &bv)
+        .await
+        .expect("create a BlockVolume");
+    let uid = created.metadata.uid.clone().expect("uid");
+    assert_eq!(
+        store_attached_to(&volumes, "kept-volume").await,
+        None,
+        "the older CRD prunes status.attachedTo"
+    );
+
+    helm(
+        &cp,
+        dir.path(),
+        &["upgrade", RELEASE, "charts/blockvol", "--namespace", NS],
+    )
+    .await;
+    let crds = Api::<CustomResourceDefinition>::all(cp.client());
+    let crd = crds.get("blockvolumes.blockvol.io").await.expect("CRD");
+    let schema = serde_json::to_value(&crd.spec.versions[0].schema).expect("schema");
+    assert!(
+        !schema["openAPIV3Schema"]["properties"]["status"]["properties"]["attachedTo"].is_null(),
+        "helm upgrade left the older CRD in place"
+    );
+    // The API server swaps its handler for the CRD's objects after the update; wait
+    // (bounded) until the new schema is the one served.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if store_attached_to(&volumes, "kept-volume").await.as_deref() == Some("node-a") {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "30 s after helm upgrade the served schema still prunes status.attachedTo"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let kept = volumes.get("kept-volume").await.expect("volume kept");
+    assert_eq!(kept.metadata.uid.as_deref(), Some(uid.as_str()));
+
+    let out = helm(&cp, dir.path(), &["uninstall", RELEASE, "--namespace", NS]).await;
+    assert!(
+        out.contains("These resources were kept due to the resource policy"),
+        "{out}"
+    );
+    for crd in [
+        "blockvolumes.blockvol.io",
+        "blockreplicas.blockvol.io",
+        "blocknodes.blockvol.io",
+    ] {
+        assert!(
+            out.contains(crd),
+            "uninstall does not say it keeps {crd}: {out}"
+        );
+        crds.get(crd)
+            .await
+            .unwrap_or_else(|e| panic!("helm uninstall deleted {crd}: {e}"));
+    }
+    let kept = volumes
+        .get("kept-volume")
+        .await
+        .expect("helm uninstall deleted a BlockVolume");
+    assert_eq!(kept.metadata.uid.as_deref(), Some(uid.as_str()));
 }

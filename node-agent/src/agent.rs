@@ -740,7 +740,7 @@ mod tests {
             "--data-dir=/var/lib/blockvol",
             "--data-address=10.0.0.5:7400",
             "--lease-duration-seconds=15",
-            "--metrics-addr=0.0.0.0:9091",
+            "--metrics-addr=0.0.0.0:9464",
         ])
         .expect("chart flags parse");
         assert_eq!(s.validate().unwrap().to_string(), "10.0.0.5:7400");

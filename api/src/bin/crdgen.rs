@@ -1,5 +1,5 @@
-//! Writes the CRD YAML to `deploy/crds/` and `charts/blockvol/crds/` (or, with
-//! `--stdout`, prints it).
+//! Writes the CRD YAML to `deploy/crds/` and `charts/blockvol/templates/crds/` (or,
+//! with `--stdout`, prints the `deploy/crds/` form).
 
 use std::path::Path;
 
@@ -12,10 +12,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             println!("---\n{yaml}");
             continue;
         }
-        for dir in api::crd::OUTPUT_DIRS {
-            let dir = root.join(dir);
+        for out in api::crd::OUTPUTS {
+            let dir = root.join(out.dir);
             std::fs::create_dir_all(&dir)?;
-            std::fs::write(dir.join(file), &yaml)?;
+            std::fs::write(dir.join(file), out.render(&crd)?)?;
             eprintln!("wrote {}", dir.join(file).display());
         }
     }

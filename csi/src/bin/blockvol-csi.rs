@@ -2,7 +2,8 @@
 //! Controller (talks to the Kubernetes API), `--mode node` runs Identity and Node
 //! (talks to the local node agent), `--mode all` runs all three. With
 //! `--registration-dir` the node plugin also registers itself with the kubelet
-//! (`csi::registration`), so no node-driver-registrar sidecar is needed.
+//! (`csi::registration`), so no node-driver-registrar sidecar is needed. With
+//! `--health-addr` it serves `GET /healthz` for the kubelet's probes (`csi::health`).
 
 use std::path::PathBuf;
 
@@ -64,6 +65,13 @@ struct Args {
     /// The CSI socket's path as the kubelet sees it (default: the --endpoint path).
     #[arg(long)]
     kubelet_registration_path: Option<PathBuf>,
+    /// Address of the HTTP health endpoint (`GET /healthz`: 200 while this process's
+    /// CSI endpoint answers an Identity Probe). Unset: no health endpoint.
+    #[arg(long, env = "HEALTH_ADDR")]
+    health_addr: Option<std::net::SocketAddr>,
+    /// Upper bound of the Probe behind one `/healthz` answer, in milliseconds.
+    #[arg(long, default_value_t = 3_000)]
+    health_probe_timeout_ms: u64,
     /// Size of a volume whose request names no capacity, in bytes.
     #[arg(long, default_value_t = 1 << 30)]
     default_volume_size_bytes: u64,
@@ -139,6 +147,17 @@ async fn main() -> anyhow::Result<()> {
         (Some(_), false) => anyhow::bail!("--registration-dir applies to node and all modes"),
         (None, _) => None,
     };
+    if let Some(addr) = args.health_addr {
+        let listener = csi::health::bind(addr).await?;
+        tracing::info!(%addr, "serving /healthz");
+        let timeout = std::time::Duration::from_millis(args.health_probe_timeout_ms.max(1));
+        let endpoint = endpoint.clone();
+        tokio::spawn(async move {
+            if let Err(e) = csi::health::serve(listener, endpoint, timeout).await {
+                tracing::error!(error = %e, "health endpoint stopped");
+            }
+        });
+    }
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
         let mut term =
