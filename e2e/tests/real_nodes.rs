@@ -5,8 +5,10 @@
 //! dominates: a filesystem PVC written and read back by a pod on one node; the pod
 //! deleted and a new one placed on another node by node affinity, which must see the same
 //! bytes; a raw block PVC written and read back with direct IO; a mounted xfs PVC grown
-//! online, seen by the pod as a larger filesystem; `kubectl drain` of the node of a
-//! Deployment's pod, whose replacement elsewhere must read the same bytes; then
+//! online, seen by the pod as a larger filesystem; a lost-write checker pod on a raw
+//! block PVC while agents are killed (pod force-deleted, container killed) and `helm
+//! upgrade` rolls the chart; `kubectl drain` of the node of a Deployment's pod on an xfs
+//! PVC, whose replacement elsewhere must read the same bytes; then
 //! `hack/cluster.sh down`, after
 //! which nothing of the cluster may remain on the machine. The cluster is taken down when the test fails too (drop guard).
 //!
@@ -302,7 +304,8 @@ async fn wait_mover_log(
 }
 
 async fn drain_moves_the_pod_and_the_volume_follows(cluster: &RealCluster) {
-    create_pvc(cluster, "moving", "blockvol", "Filesystem", "256Mi").await;
+    // xfs here (ext4 crossed nodes above); xfs needs 300 MiB at least.
+    create_pvc(cluster, "moving", XFS_CLASS, "Filesystem", "320Mi").await;
     let deployment = json!({
         "apiVersion": "apps/v1",
         "kind": "Deployment",
