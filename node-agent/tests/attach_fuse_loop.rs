@@ -469,16 +469,6 @@ fn parent_pid(pid: u32) -> Option<u32> {
         .ok()
 }
 
-/// The attach launcher as its own process (as in its own container): kills itself on drop.
-struct Launcher(std::process::Child);
-
-impl Drop for Launcher {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[test]
 fn a_device_attached_through_the_launcher_is_served_by_the_launchers_child() {
     let size = 16u64 << 20;
@@ -489,7 +479,8 @@ fn a_device_attached_through_the_launcher_is_served_by_the_launchers_child() {
         mounts: Vec::new(),
         state_dir: state_dir.clone(),
     };
-    let launcher = Launcher(
+    // The attach launcher as its own process (as in its own container).
+    let launcher = ChildGuard(
         std::process::Command::new(env!("CARGO_BIN_EXE_blockvol-agent"))
             .args(["attach-launcher", "--socket", path_str(&socket)])
             .args(["--state-dir", path_str(&state_dir)])
