@@ -330,10 +330,15 @@ async fn write_status(
     })
 }
 
-/// Creates or updates a replica's spec. An update carries the resourceVersion the
-/// replica had when the plan was computed (`observed`), so a plan made from an older
-/// view of it (a concurrent reconcile, a deposed leader's in-flight reconcile) is refused
-/// with a conflict instead of overwriting a newer assignment.
+/// Creates or updates a replica's spec, provided the replica is as the plan saw it
+/// (`observed`; `None`: it did not exist). A plan made from an older view of the replica
+/// (a concurrent reconcile, a deposed leader's in-flight reconcile) is refused with a
+/// conflict instead of overwriting a newer assignment.
+///
+/// "As the plan saw it" compares the spec only: the node agent rewrites the status
+/// every few seconds, and that must not refuse the operator's writes. The replica is
+/// read afresh and the write carries that read's resourceVersion, so a spec written in
+/// between still fails the write.
 async fn apply_replica(
     ctx: &Context,
     vol: &BlockVolume,
@@ -344,6 +349,18 @@ async fn apply_replica(
     let owner = vol
         .controller_owner_ref(&())
         .ok_or_else(|| Error::MissingField("metadata.uid"))?;
+    let stale = || {
+        Error::Conflict(format!(
+            "replica {} changed while the plan was computed; recomputing",
+            spec.replica_id
+        ))
+    };
+    let fresh = api.get_opt(&spec.replica_id).await.map_err(Error::Kube)?;
+    let version = match (observed, &fresh) {
+        (None, None) => None,
+        (Some(seen), Some(now)) if seen.spec == now.spec => now.resource_version(),
+        _ => return Err(stale()),
+    };
     let mut metadata = json!({
         "name": spec.replica_id,
         "labels": {
@@ -353,7 +370,7 @@ async fn apply_replica(
         },
         "ownerReferences": [owner],
     });
-    if let Some(rv) = observed.and_then(|r| r.resource_version()) {
+    if let Some(rv) = version {
         metadata["resourceVersion"] = json!(rv);
     }
     let patch = json!({
@@ -369,10 +386,7 @@ async fn apply_replica(
     )
     .await
     .map_err(|e| match e {
-        kube::Error::Api(ae) if ae.code == 409 => Error::Conflict(format!(
-            "replica {} changed while the plan was computed; recomputing",
-            spec.replica_id
-        )),
+        kube::Error::Api(ae) if ae.code == 409 => stale(),
         e => Error::Kube(e),
     })?;
     Ok(())
@@ -511,14 +525,16 @@ pub async fn perform(ctx: &Context, prepared: &Prepared) -> Result<()> {
     let p = &prepared.plan;
     let mut vol = prepared.volume.clone();
     let name = vol.name_any();
+    if claims_primary(vol.status.as_ref(), &p.status) {
+        vol = write_status(ctx, &vol, &p.status).await?;
+    }
     for spec in &p.apply {
         let observed = prepared
             .obs
             .replicas
             .iter()
             .find(|r| r.name_any() == spec.replica_id);
-        let _ = observed;
-        apply_replica(ctx, &vol, spec, None).await?;
+        apply_replica(ctx, &vol, spec, observed).await?;
     }
     for d in &p.delete {
         delete_replica(ctx, d).await?;
