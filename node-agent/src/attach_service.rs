@@ -17,6 +17,12 @@
 //! in agent memory, so [`AttachService::restore_forwarding`] re-creates them at start for
 //! every attachment the attacher persisted, before the attach proxy gives up
 //! reconnecting.
+//!
+//! An Attach names the attachment's generation (from ControllerPublish); the export
+//! sends it with every forwarded request. An export left by an attachment of another
+//! generation (a re-attach to this node) is replaced, and the primary refuses requests
+//! of the old one. Exports restored at start carry no generation (the node alone is
+//! checked) until the next Attach.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -29,6 +35,7 @@ use csi::agent_proto::{
     AttachRequest, AttachResponse, DetachRequest, DetachResponse, ExpandRequest, ExpandResponse,
     StatsRequest, StatsResponse,
 };
+use engine::replication::AttachmentGeneration;
 use tonic::{Request, Response, Status};
 
 use crate::attach::{self, Attacher, validate_volume_name};
@@ -249,10 +256,12 @@ impl AttachService {
             .map(|e| (e.backend().clone(), self.nbd_socket.clone()))
     }
 
-    /// Makes the forwarding export of `volume` (resolving and reaching its primary).
+    /// Makes the forwarding export of `volume` for the attachment of generation
+    /// `attachment` (resolving and reaching its primary).
     async fn open_forwarding(
         &self,
         volume: &str,
+        attachment: Option<AttachmentGeneration>,
     ) -> Result<(Arc<dyn BlockBackend>, PathBuf), Status> {
         let Some(f) = &self.forwarding else {
             return Err(Status::failed_precondition(format!(
@@ -270,12 +279,13 @@ impl AttachService {
                 return Err(Status::failed_precondition(e.to_string()));
             }
         }
-        let backend = ForwardingBackend::open_with_local(
+        let backend = ForwardingBackend::open_attached(
             volume,
             f.net.clone(),
             f.settings.clone(),
             f.resolver.clone(),
             f.local.clone(),
+            attachment,
         )
         .await
         .map_err(|e| Status::unavailable(format!("volume {volume}: reaching its primary: {e}")))?;
@@ -294,9 +304,25 @@ impl AttachService {
             Err(e) => return Err(Status::internal(format!("forwarding export: {e}"))),
         }
         let in_process = typed.is_local().await;
-        tracing::info!(volume, in_process, "forwarding export created");
+        tracing::info!(
+            volume,
+            in_process,
+            attachment = attachment.map(|g| g.0),
+            "forwarding export created"
+        );
         let served = f.exports.get(volume).map(|e| e.backend().clone());
         Ok((served.unwrap_or(backend), f.nbd_socket.clone()))
+    }
+
+    /// Whether the forwarding export of `volume` here serves another attachment than
+    /// the generation `attachment` an Attach asks for (so it must be replaced).
+    fn other_attachment(&self, volume: &str, attachment: Option<AttachmentGeneration>) -> bool {
+        self.forwarding.is_some()
+            && attachment.is_some()
+            && self
+                .forwarded_map()
+                .get(volume)
+                .is_some_and(|e| e.attachment() != attachment)
     }
 
     fn forwarded_map(
@@ -349,7 +375,7 @@ impl AttachService {
             if f.exports.get(&a.volume).is_some() {
                 return true;
             }
-            match self.open_forwarding(&a.volume).await {
+            match self.open_forwarding(&a.volume, None).await {
                 Ok(_) => {
                     tracing::info!(
                         volume = %a.volume,
@@ -442,6 +468,19 @@ impl NodeAgent for AttachService {
                 "read-only attachment is not supported by this agent",
             ));
         }
+        let attachment = (req.attachment_generation > 0)
+            .then_some(AttachmentGeneration(req.attachment_generation));
+        if self.other_attachment(&req.volume_id, attachment) {
+            // An export left by an earlier attachment (a re-attach to this node): its
+            // requests carry the older generation, which the primary refuses; this
+            // attachment gets an export of its own.
+            tracing::info!(
+                volume = %req.volume_id,
+                attachment = req.attachment_generation,
+                "replacing the forwarding export of an earlier attachment"
+            );
+            self.remove_forwarding(&req.volume_id).await?;
+        }
         let (backend, socket, created) = match self.served(&req.volume_id) {
             Some((b, s)) => (b, s, false),
             None if self.forwarding.is_none() => {
@@ -458,7 +497,7 @@ impl NodeAgent for AttachService {
                 });
             }
             None => {
-                let (b, s) = self.open_forwarding(&req.volume_id).await?;
+                let (b, s) = self.open_forwarding(&req.volume_id, attachment).await?;
                 (b, s, true)
             }
         };
