@@ -724,4 +724,121 @@ mod tests {
         assert_eq!(err.code(), tonic::Code::Unavailable);
         assert!(err.message().contains("b reports 1048576 bytes"), "{err}");
     }
+
+    /// Attach hands the attachment generation to the forwarding export, whose requests
+    /// carry it; an Attach of the same generation keeps the export, one of another
+    /// generation (a re-attach to this node) replaces it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_attach_of_a_new_generation_replaces_the_forwarding_export() {
+        use crate::forward::PrimaryTarget;
+        use engine::replication::{
+            Epoch, ForwardHandler, ForwardOp, ForwardOutcome, ForwardPayload, ForwardSource,
+            NetConfig, VolumeId,
+        };
+        use std::path::Path;
+
+        /// A primary on this node that records the generation of every request.
+        #[derive(Default)]
+        struct Primary(std::sync::Mutex<Vec<Option<AttachmentGeneration>>>);
+        impl ForwardHandler for Primary {
+            fn handle(
+                &self,
+                from: &ForwardSource,
+                _volume: &VolumeId,
+                epoch: Epoch,
+                op: ForwardOp,
+            ) -> ForwardOutcome {
+                self.0.lock().unwrap().push(from.attachment());
+                let payload = match op {
+                    ForwardOp::Geometry => ForwardPayload::Geometry {
+                        size_bytes: 1 << 20,
+                        block_size: 4096,
+                    },
+                    ForwardOp::Read { length, .. } => {
+                        ForwardPayload::Data(vec![0; length as usize])
+                    }
+                    _ => ForwardPayload::None,
+                };
+                ForwardOutcome::ok(epoch, payload)
+            }
+        }
+        impl crate::forward::LocalExecutor for Primary {
+            fn serves(&self, _volume: &str) -> bool {
+                true
+            }
+        }
+        struct Here;
+        impl PrimaryResolver for Here {
+            fn resolve<'a>(
+                &'a self,
+                _volume: &'a str,
+            ) -> BoxFuture<'a, Result<PrimaryTarget, ResolveError>> {
+                Box::pin(async {
+                    Ok(PrimaryTarget {
+                        node: "a".into(),
+                        addr: "127.0.0.1:9".parse().unwrap(),
+                        epoch: Epoch(1),
+                    })
+                })
+            }
+        }
+        struct Devices;
+        impl Attacher for Devices {
+            fn attach(&self, volume: &str, _socket: &Path) -> attach::Result<PathBuf> {
+                Ok(PathBuf::from(format!("/dev/test-{volume}")))
+            }
+            fn detach(&self, _volume: &str) -> attach::Result<()> {
+                Ok(())
+            }
+            fn list(&self) -> attach::Result<Vec<attach::Attachment>> {
+                Ok(vec![])
+            }
+        }
+
+        let primary = Arc::new(Primary::default());
+        let svc = AttachService::new(
+            ExportRegistry::new(),
+            PathBuf::from("/nonexistent/nbd.sock"),
+            Arc::new(Devices),
+            Arc::new(|_: &str| false),
+        )
+        .with_forwarding(Forwarding {
+            exports: ExportRegistry::new(),
+            nbd_socket: PathBuf::from("/nonexistent/forward.sock"),
+            net: NetConfig::new("a", b"secret"),
+            settings: ForwardSettings::default(),
+            resolver: Arc::new(Here),
+            remove_wait_ms: 1_000,
+            local: Some(LocalPath {
+                node: "a".into(),
+                primaries: primary.clone(),
+            }),
+            metrics: None,
+        });
+        let attach = |g: u64| {
+            svc.attach(Request::new(AttachRequest {
+                volume_id: "vol".into(),
+                readonly: false,
+                attachment_generation: g,
+            }))
+        };
+        let export = || svc.forwarded_map().get("vol").cloned().expect("export");
+        let g = |n| Some(AttachmentGeneration(n));
+
+        attach(1).await.expect("attach");
+        let first = export();
+        assert_eq!(first.attachment(), g(1));
+        attach(1).await.expect("attach again");
+        assert!(
+            Arc::ptr_eq(&first, &export()),
+            "the same attachment kept its export"
+        );
+        attach(2).await.expect("attach of a new generation");
+        let second = export();
+        assert!(!Arc::ptr_eq(&first, &second), "the export was not replaced");
+        assert_eq!(second.attachment(), g(2));
+        let seen = primary.0.lock().unwrap().clone();
+        assert_eq!(seen.first(), Some(&g(1)), "{seen:?}");
+        assert_eq!(seen.last(), Some(&g(2)), "{seen:?}");
+    }
 }
