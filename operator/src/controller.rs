@@ -6,6 +6,11 @@
 //! Reads that a decision's safety rests on (replicas, Leases) come straight from the API
 //! server at the start of each reconcile, never from a possibly stale cache: a stale
 //! Lease would make a live primary look expired.
+//!
+//! Every write is conditional on the view the plan was made from ([`perform`]), so two
+//! reconciles of one volume (overlapping leaders, a deposed leader's reconcile still in
+//! flight) never both land a plan: the later one fails with [`Error::Conflict`] and is
+//! recomputed.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
