@@ -44,6 +44,14 @@ pub const FINALIZER_REPLICA: &str = "blockvol.io/disk";
 /// operator mirrors it into `status.attachedTo` and keeps an attached volume from being
 /// deleted until it is detached. Only the CSI controller writes it.
 pub const ANNOTATION_ATTACHED_NODE: &str = "blockvol.io/attached-node";
+/// Annotation on a `BlockVolume`: the generation of its attachment, a decimal integer
+/// the CSI controller increments with every ControllerPublish that attaches the volume
+/// (and keeps across ControllerUnpublish, so the next attachment gets a higher one). A
+/// node's forwarding export carries the generation it was attached with, and the
+/// primary refuses forwarded IO of an older generation ("fenced: stale attachment"),
+/// so a re-attach to the same node fences what the older attachment left running.
+/// Only the CSI controller writes it.
+pub const ANNOTATION_ATTACHMENT_GENERATION: &str = "blockvol.io/attachment-generation";
 /// Annotation on a `BlockVolume`, `"true"` when its attachment is read-only. Written
 /// together with [`ANNOTATION_ATTACHED_NODE`] and removed with it.
 pub const ANNOTATION_ATTACHED_READONLY: &str = "blockvol.io/attached-readonly";

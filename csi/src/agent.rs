@@ -60,13 +60,26 @@ impl Agent {
         })
     }
 
+    /// Attaches `volume_id` here, for no attachment generation in particular.
     pub async fn attach(&self, volume_id: &str, readonly: bool) -> Result<AttachResponse> {
+        self.attach_for(volume_id, readonly, 0).await
+    }
+
+    /// Attaches `volume_id` here for the attachment of generation `attachment` (0:
+    /// unknown, from a ControllerPublish that recorded none).
+    pub async fn attach_for(
+        &self,
+        volume_id: &str,
+        readonly: bool,
+        attachment: u64,
+    ) -> Result<AttachResponse> {
         let reply = self
             .client
             .clone()
             .attach(AttachRequest {
                 volume_id: volume_id.to_string(),
                 readonly,
+                attachment_generation: attachment,
             })
             .await
             .map_err(|s| Error::agent("Attach", s))?

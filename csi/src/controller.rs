@@ -9,7 +9,11 @@
 //!   leaves the object, so the provisioner's retry picks it up.
 //! - Attachment is recorded by this service alone, in the annotation
 //!   [`api::ANNOTATION_ATTACHED_NODE`] on the BlockVolume, written with the object's
-//!   resourceVersion so two publishers cannot both win.
+//!   resourceVersion so two publishers cannot both win. Every publish that attaches
+//!   the volume increments [`api::ANNOTATION_ATTACHMENT_GENERATION`] in the same write
+//!   (unpublish keeps it) and hands the generation to the node in the publish context
+//!   ([`CTX_ATTACHMENT_GENERATION`]); a repeated publish of an existing attachment hands
+//!   over the same one.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
@@ -34,6 +38,29 @@ use crate::params::{
     check_capabilities, check_capability, size_for_capacity,
 };
 use crate::rpc::{required, run};
+
+/// Publish-context key carrying the attachment generation to NodeStage (decimal).
+pub const CTX_ATTACHMENT_GENERATION: &str = "blockvol.io/attachment-generation";
+
+/// The attachment generation a BlockVolume records (0: none yet).
+fn attachment_generation(bv: &BlockVolume) -> Result<u64> {
+    match annotation(bv, api::ANNOTATION_ATTACHMENT_GENERATION) {
+        None => Ok(0),
+        Some(v) => v.parse().map_err(|_| {
+            Error::Internal(format!(
+                "annotation {} is {v:?}, not a non-negative integer",
+                api::ANNOTATION_ATTACHMENT_GENERATION
+            ))
+        }),
+    }
+}
+
+fn publish_context(generation: u64) -> HashMap<String, String> {
+    HashMap::from([(
+        CTX_ATTACHMENT_GENERATION.to_string(),
+        generation.to_string(),
+    )])
+}
 
 /// Annotation holding the CSI volume name the object was created for.
 pub const ANNOTATION_CSI_NAME: &str = "blockvol.io/csi-volume-name";
@@ -512,7 +539,7 @@ impl ControllerService {
                         )));
                     }
                     return Ok(ControllerPublishVolumeResponse {
-                        publish_context: HashMap::new(),
+                        publish_context: publish_context(attachment_generation(&bv)?),
                     });
                 }
                 Some(current) => {
@@ -523,27 +550,32 @@ impl ControllerService {
                 }
                 None => {}
             }
+            let generation = attachment_generation(&bv)?.checked_add(1).ok_or_else(|| {
+                Error::Internal(format!("volume {name:?}: attachment generation overflows"))
+            })?;
             let patch = json!({
                 "metadata": {
                     "resourceVersion": bv.metadata.resource_version,
                     "annotations": {
                         api::ANNOTATION_ATTACHED_NODE: node,
                         api::ANNOTATION_ATTACHED_READONLY: readonly_str,
+                        api::ANNOTATION_ATTACHMENT_GENERATION: generation.to_string(),
                     }
                 }
             });
             match self.patch(name, &patch).await {
-                Ok(_) => break,
+                Ok(_) => {
+                    tracing::info!(node, readonly, generation, "published");
+                    return Ok(ControllerPublishVolumeResponse {
+                        publish_context: publish_context(generation),
+                    });
+                }
                 Err(Error::Aborted(_)) if attempt < self.settings.conflict_retries_max => {
                     attempt += 1;
                 }
                 Err(e) => return Err(e),
             }
         }
-        tracing::info!(node, readonly, "published");
-        Ok(ControllerPublishVolumeResponse {
-            publish_context: HashMap::new(),
-        })
     }
 
     /// A merge patch; with a resourceVersion in it, a concurrent writer makes it fail

@@ -53,6 +53,20 @@ pub struct NodeService {
     inflight: InFlight,
 }
 
+/// The attachment generation ControllerPublish handed over in the publish context
+/// ([`crate::controller::CTX_ATTACHMENT_GENERATION`]); 0 when it named none.
+fn attachment_generation(ctx: &std::collections::HashMap<String, String>) -> Result<u64> {
+    match ctx.get(crate::controller::CTX_ATTACHMENT_GENERATION) {
+        None => Ok(0),
+        Some(v) => v.parse().map_err(|_| {
+            Error::InvalidArgument(format!(
+                "publish_context {:?} is {v:?}, not a non-negative integer",
+                crate::controller::CTX_ATTACHMENT_GENERATION
+            ))
+        }),
+    }
+}
+
 impl NodeService {
     pub fn new(settings: NodeSettings) -> Result<Self> {
         if settings.node_id.is_empty() {
@@ -148,13 +162,17 @@ impl NodeService {
         let _guard = self.inflight.try_acquire(volume_id)?;
         let staging = PathBuf::from(&req.staging_target_path);
         let readonly = cap.is_read_only();
+        let attachment = attachment_generation(&req.publish_context)?;
         match &cap.access {
             Access::Block => {
                 let dev_file = staging.join(BLOCK_STAGE_FILE);
                 if mount_at(&dev_file)?.is_some() {
                     return Ok(NodeStageVolumeResponse {});
                 }
-                let attached = self.agent.attach(volume_id, readonly).await?;
+                let attached = self
+                    .agent
+                    .attach_for(volume_id, readonly, attachment)
+                    .await?;
                 create_file(&dev_file)?;
                 mount::bind_mount(
                     &self.commands,
@@ -190,7 +208,10 @@ impl NodeService {
                         existing.source
                     )));
                 }
-                let attached = self.agent.attach(volume_id, readonly).await?;
+                let attached = self
+                    .agent
+                    .attach_for(volume_id, readonly, attachment)
+                    .await?;
                 let device = PathBuf::from(&attached.device_path);
                 match mount::probe(&self.commands, &device).await? {
                     DeviceContent::Filesystem(found) if found == fs => {}
@@ -556,5 +577,33 @@ impl Node for NodeService {
                 )]),
             }),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_attachment_generation_comes_from_the_publish_context() {
+        let ctx = |v: Option<&str>| {
+            v.map(|v| {
+                (
+                    crate::controller::CTX_ATTACHMENT_GENERATION.to_string(),
+                    v.to_string(),
+                )
+            })
+            .into_iter()
+            .collect::<std::collections::HashMap<_, _>>()
+        };
+        assert_eq!(attachment_generation(&ctx(None)).unwrap(), 0);
+        assert_eq!(attachment_generation(&ctx(Some("7"))).unwrap(), 7);
+        for bad in ["-1", "x", ""] {
+            let e = attachment_generation(&ctx(Some(bad))).unwrap_err();
+            assert!(
+                matches!(&e, Error::InvalidArgument(m) if m.contains("publish_context")),
+                "{e}"
+            );
+        }
     }
 }

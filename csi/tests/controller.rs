@@ -249,10 +249,18 @@ async fn publish_records_one_attachment_and_blocks_delete(env: &mut Env) {
         .create_volume(create_req("pvc-pub", MIB, &[]))
         .await
         .expect("create");
-    env.c
+    let generation_of = |r: tonic::Response<ControllerPublishVolumeResponse>| {
+        r.into_inner()
+            .publish_context
+            .get(csi::controller::CTX_ATTACHMENT_GENERATION)
+            .cloned()
+    };
+    let first = env
+        .c
         .controller_publish_volume(publish_req("pvc-pub", "node-a"))
         .await
         .expect("publish");
+    assert_eq!(generation_of(first).as_deref(), Some("1"));
     let bv = env.volumes.get("pvc-pub").await.unwrap();
     assert_eq!(
         bv.annotations()
@@ -260,10 +268,22 @@ async fn publish_records_one_attachment_and_blocks_delete(env: &mut Env) {
             .map(String::as_str),
         Some("node-a")
     );
-    env.c
+    assert_eq!(
+        bv.annotations()
+            .get(api::ANNOTATION_ATTACHMENT_GENERATION)
+            .map(String::as_str),
+        Some("1")
+    );
+    let again = env
+        .c
         .controller_publish_volume(publish_req("pvc-pub", "node-a"))
         .await
         .expect("publish again to the same node");
+    assert_eq!(
+        generation_of(again).as_deref(),
+        Some("1"),
+        "a repeated publish of the same attachment keeps its generation"
+    );
     let err = env
         .c
         .controller_publish_volume(publish_req("pvc-pub", "node-b"))
@@ -341,10 +361,16 @@ async fn publish_records_one_attachment_and_blocks_delete(env: &mut Env) {
             .annotations()
             .contains_key(api::ANNOTATION_ATTACHED_NODE)
     );
-    env.c
+    let moved = env
+        .c
         .controller_publish_volume(publish_req("pvc-pub", "node-b"))
         .await
         .expect("free to move after unpublish");
+    assert_eq!(
+        generation_of(moved).as_deref(),
+        Some("2"),
+        "every new attachment gets a higher generation, also after an unpublish"
+    );
     env.c
         .controller_unpublish_volume(ControllerUnpublishVolumeRequest {
             volume_id: "pvc-pub".into(),

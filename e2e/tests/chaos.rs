@@ -18,7 +18,7 @@ use api::{
     BlockReplica, BlockVolume, BlockVolumeSpec, BlockVolumeStatus, ReplicaRole, ReplicaState,
     VolumePhase,
 };
-use e2e::checker::{Checker, CheckerConfig, Ledger, Target, WriteSummary};
+use e2e::checker::{Checker, CheckerConfig, Ledger, NbdClient, Target, WriteSummary};
 use e2e::cluster::{AgentOptions, AgentProcess, TestCluster, TestClusterOptions};
 use e2e::faultfs::{FaultFs, FaultSwitch};
 use e2e::faults::{
@@ -48,6 +48,10 @@ const TRIALS_ENV: &str = "BLOCKVOL_CHAOS_TRIALS";
 const SEED_ENV: &str = "BLOCKVOL_CHAOS_SEED";
 /// Comment tag of this suite's iptables rules.
 const IPTABLES_TAG: &str = "blockvol-chaos";
+/// A block outside the checker's range, written by the read-fencing probe of 3c.
+const PROBE_LBA: u64 = CHECK_LBAS + 1;
+/// How long 3c reads the probe block through the old primary's node after the heal.
+const STALE_READ_WINDOW: Duration = Duration::from_secs(30);
 
 /// The scenarios share the host's two cores and the loopback iptables table: one at a time.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -1001,12 +1005,72 @@ async fn primary_partitioned_from_replicas_acks_only_what_the_committed_set_hold
     tally.print("partition-primary-replicas", seed);
 }
 
+/// Writes `data` at block `lba` through `target` and flushes it.
+async fn write_flushed(target: &Target, lba: u64, data: &[u8]) {
+    let mut c = NbdClient::connect(target).await.expect("connect");
+    c.write(lba * 4096, data).await.expect("write");
+    c.flush().await.expect("flush");
+    c.disconnect().await;
+}
+
+/// Reads block `lba` through `target` for `window`, over a connection opened before
+/// (`held`, if the export still took one) and over fresh ones: a read may fail (the old
+/// primary's export is fenced or gone), but one that succeeds must return `want`, never
+/// `old`. Returns (reads served, reads refused).
+async fn reads_are_never_stale(
+    target: &Target,
+    mut held: Option<NbdClient>,
+    lba: u64,
+    want: &[u8],
+    old: &[u8],
+    window: Duration,
+) -> (u64, u64) {
+    let end = Instant::now() + window;
+    let (mut served, mut refused) = (0u64, 0u64);
+    let mut buf = vec![0u8; want.len()];
+    while Instant::now() < end {
+        let client = match held.take() {
+            Some(c) => Some(c),
+            None => NbdClient::connect(target).await.ok(),
+        };
+        let Some(mut c) = client else {
+            refused += 1;
+            // Paces the reconnects of a probe that runs for a fixed window.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        match c.read(lba * 4096, &mut buf).await {
+            Ok(()) => {
+                assert!(
+                    buf != old,
+                    "a read through the deposed primary's node returned the value the new \
+                     primary overwrote and flushed ({served} reads served, {refused} refused before)"
+                );
+                assert!(
+                    buf == want,
+                    "a read through the deposed primary's node returned neither the old nor \
+                     the flushed value (first byte {:#x})",
+                    buf[0]
+                );
+                served += 1;
+                held = Some(c);
+            }
+            Err(_) => refused += 1,
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    (served, refused)
+}
+
 /// Scenario 3c: partition the primary's agent from the API server under load. Its Lease
 /// stops renewing; it keeps serving on its member proof (its members still answer its
 /// heartbeats) until the operator, once the Lease expired, promotes another member,
 /// which stops answering at the old epoch: the old primary acknowledges nothing after
-/// the promotion, and the new primary has every acknowledged write. After healing, the
-/// old primary rejoins as a replica.
+/// the promotion, and the new primary has every acknowledged write. A block written
+/// and flushed through the new primary is then read through the old primary's node for
+/// 30 s after healing (its Lease renewals resume before it has re-read its assignment):
+/// a read that succeeds never returns the old value. The old primary rejoins as a
+/// replica.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn primary_cut_from_api_server_acks_nothing_after_its_successor_is_promoted() {
     let _serial = serial().await;
@@ -1021,6 +1085,9 @@ async fn primary_cut_from_api_server_acks_nothing_after_its_successor_is_promote
     for trial in 0..trials(1) {
         let old_node = st.primary_node.clone().expect("primary node");
         let old_primary = st.primary.clone().expect("primary");
+        let old_value = vec![0xa0 ^ (trial as u8); 4096];
+        let new_value = vec![0x5f ^ (trial as u8); 4096];
+        write_flushed(&c.target(&old_node), PROBE_LBA, &old_value).await;
         let clock = AckClock::start(&ck);
         let base = *ck.flush_progress().borrow();
         let load = start_load(&ck, c.target(&old_node), LOAD_WRITES_MAX);
@@ -1063,7 +1130,23 @@ async fn primary_cut_from_api_server_acks_nothing_after_its_successor_is_promote
             &format!("trial {trial}"),
         )
         .await;
+        write_flushed(&c.target(&new_node), PROBE_LBA, &new_value).await;
+        // A connection to the old node's export made before the heal, if it takes one.
+        let held = NbdClient::connect(&c.target(&old_node)).await.ok();
         partition.heal().expect("heal");
+        let (served, refused) = reads_are_never_stale(
+            &c.target(&old_node),
+            held,
+            PROBE_LBA,
+            &new_value,
+            &old_value,
+            STALE_READ_WINDOW,
+        )
+        .await;
+        println!(
+            "trial {trial}: {} s of reads through {old_node} after the heal: {served} served (all the new value), {refused} refused",
+            STALE_READ_WINDOW.as_secs()
+        );
         st = c.healthy(new.epoch).await;
         assert_eq!(st.epoch, new.epoch, "the rejoin bumped no epoch");
         tally.trials += 1;

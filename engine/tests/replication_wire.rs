@@ -8,8 +8,9 @@ use engine::replication::wire::{
     PROTOCOL_VERSION, ResumeStatus, ServerAuth, decode_frame, encode_frame,
 };
 use engine::replication::{
-    Body, EntryKind, Epoch, ForwardMsg, ForwardOp, ForwardPayload, ForwardStatus, Lba, Lsn,
-    Message, ReplicaId, VolumeId, VolumeMsg, WalEntry, WireConfig, WireError,
+    AttachmentGeneration, Body, EntryKind, Epoch, ForwardMsg, ForwardOp, ForwardPayload,
+    ForwardStatus, Lba, Lsn, Message, ReplicaId, VolumeId, VolumeMsg, WalEntry, WireConfig,
+    WireError,
 };
 
 fn vm(body: Body) -> Message {
@@ -142,6 +143,8 @@ fn fwd(id: u64, op: ForwardOp) -> Message {
         volume: VolumeId::new("pvc-1234").unwrap(),
         epoch: Epoch(7),
         op,
+        // Odd ids carry an attachment generation, even ones do not: both frame types.
+        attachment: (id % 2 == 1).then_some(AttachmentGeneration(id * 1000)),
     })
 }
 
@@ -240,7 +243,7 @@ fn forwarded_reads_and_writes_beyond_the_data_bound_are_refused() {
         })
     ));
     // An unknown operation code is named, not guessed.
-    let good = encode_frame(&fwd(3, ForwardOp::Flush));
+    let good = encode_frame(&fwd(4, ForwardOp::Flush));
     let mut payload = good[FRAME_HEADER_BYTES..good.len() - 4].to_vec();
     let last = payload.len() - 1;
     payload[last] = 0x7f;
@@ -414,6 +417,44 @@ fn named_handshakes_extend_the_old_ones_and_old_frames_still_decode() {
         decode_frame(&reframe(new[5], &bad), &cfg),
         Err(WireError::InvalidField { .. })
     ));
+}
+
+/// A forwarded request with an attachment generation is a frame type of its own whose
+/// payload extends the old request's; a request without one keeps the old type, so an
+/// older primary decodes it as before.
+#[test]
+fn attached_forward_requests_extend_the_old_ones_and_old_frames_still_decode() {
+    let cfg = WireConfig::default();
+    let req = |attachment| {
+        Message::Forward(ForwardMsg::Request {
+            id: 4,
+            volume: VolumeId::new("pvc-1").unwrap(),
+            epoch: Epoch(2),
+            op: ForwardOp::Write {
+                offset: 0,
+                data: vec![7; 512],
+            },
+            attachment,
+        })
+    };
+    let old = encode_frame(&req(None));
+    let new = encode_frame(&req(Some(AttachmentGeneration(9))));
+    assert_eq!(
+        old[5], 0x30,
+        "a request without a generation keeps its type"
+    );
+    assert_eq!(new[5], 0x32);
+    let old_payload = &old[FRAME_HEADER_BYTES..old.len() - 4];
+    let new_payload = &new[FRAME_HEADER_BYTES..new.len() - 4];
+    assert!(new_payload.starts_with(old_payload));
+    assert_eq!(&new_payload[old_payload.len()..], &9u64.to_le_bytes());
+    assert_eq!(decode_frame(&old, &cfg).unwrap().unwrap().0, req(None));
+    assert_eq!(
+        decode_frame(&new, &cfg).unwrap().unwrap().0,
+        req(Some(AttachmentGeneration(9)))
+    );
+    // The attached type without its generation is a short frame, not a guess.
+    assert!(decode_frame(&reframe(new[5], old_payload), &cfg).is_err());
 }
 
 #[test]

@@ -17,6 +17,12 @@
 //! in agent memory, so [`AttachService::restore_forwarding`] re-creates them at start for
 //! every attachment the attacher persisted, before the attach proxy gives up
 //! reconnecting.
+//!
+//! An Attach names the attachment's generation (from ControllerPublish); the export
+//! sends it with every forwarded request. An export left by an attachment of another
+//! generation (a re-attach to this node) is replaced, and the primary refuses requests
+//! of the old one. Exports restored at start carry no generation (the node alone is
+//! checked) until the next Attach.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -29,6 +35,7 @@ use csi::agent_proto::{
     AttachRequest, AttachResponse, DetachRequest, DetachResponse, ExpandRequest, ExpandResponse,
     StatsRequest, StatsResponse,
 };
+use engine::replication::AttachmentGeneration;
 use tonic::{Request, Response, Status};
 
 use crate::attach::{self, Attacher, validate_volume_name};
@@ -249,10 +256,12 @@ impl AttachService {
             .map(|e| (e.backend().clone(), self.nbd_socket.clone()))
     }
 
-    /// Makes the forwarding export of `volume` (resolving and reaching its primary).
+    /// Makes the forwarding export of `volume` for the attachment of generation
+    /// `attachment` (resolving and reaching its primary).
     async fn open_forwarding(
         &self,
         volume: &str,
+        attachment: Option<AttachmentGeneration>,
     ) -> Result<(Arc<dyn BlockBackend>, PathBuf), Status> {
         let Some(f) = &self.forwarding else {
             return Err(Status::failed_precondition(format!(
@@ -270,12 +279,13 @@ impl AttachService {
                 return Err(Status::failed_precondition(e.to_string()));
             }
         }
-        let backend = ForwardingBackend::open_with_local(
+        let backend = ForwardingBackend::open_attached(
             volume,
             f.net.clone(),
             f.settings.clone(),
             f.resolver.clone(),
             f.local.clone(),
+            attachment,
         )
         .await
         .map_err(|e| Status::unavailable(format!("volume {volume}: reaching its primary: {e}")))?;
@@ -294,9 +304,25 @@ impl AttachService {
             Err(e) => return Err(Status::internal(format!("forwarding export: {e}"))),
         }
         let in_process = typed.is_local().await;
-        tracing::info!(volume, in_process, "forwarding export created");
+        tracing::info!(
+            volume,
+            in_process,
+            attachment = attachment.map(|g| g.0),
+            "forwarding export created"
+        );
         let served = f.exports.get(volume).map(|e| e.backend().clone());
         Ok((served.unwrap_or(backend), f.nbd_socket.clone()))
+    }
+
+    /// Whether the forwarding export of `volume` here serves another attachment than
+    /// the generation `attachment` an Attach asks for (so it must be replaced).
+    fn other_attachment(&self, volume: &str, attachment: Option<AttachmentGeneration>) -> bool {
+        self.forwarding.is_some()
+            && attachment.is_some()
+            && self
+                .forwarded_map()
+                .get(volume)
+                .is_some_and(|e| e.attachment() != attachment)
     }
 
     fn forwarded_map(
@@ -349,7 +375,7 @@ impl AttachService {
             if f.exports.get(&a.volume).is_some() {
                 return true;
             }
-            match self.open_forwarding(&a.volume).await {
+            match self.open_forwarding(&a.volume, None).await {
                 Ok(_) => {
                     tracing::info!(
                         volume = %a.volume,
@@ -442,6 +468,19 @@ impl NodeAgent for AttachService {
                 "read-only attachment is not supported by this agent",
             ));
         }
+        let attachment = (req.attachment_generation > 0)
+            .then_some(AttachmentGeneration(req.attachment_generation));
+        if self.other_attachment(&req.volume_id, attachment) {
+            // An export left by an earlier attachment (a re-attach to this node): its
+            // requests carry the older generation, which the primary refuses; this
+            // attachment gets an export of its own.
+            tracing::info!(
+                volume = %req.volume_id,
+                attachment = req.attachment_generation,
+                "replacing the forwarding export of an earlier attachment"
+            );
+            self.remove_forwarding(&req.volume_id).await?;
+        }
         let (backend, socket, created) = match self.served(&req.volume_id) {
             Some((b, s)) => (b, s, false),
             None if self.forwarding.is_none() => {
@@ -458,7 +497,7 @@ impl NodeAgent for AttachService {
                 });
             }
             None => {
-                let (b, s) = self.open_forwarding(&req.volume_id).await?;
+                let (b, s) = self.open_forwarding(&req.volume_id, attachment).await?;
                 (b, s, true)
             }
         };
@@ -684,5 +723,122 @@ mod tests {
             .unwrap_err();
         assert_eq!(err.code(), tonic::Code::Unavailable);
         assert!(err.message().contains("b reports 1048576 bytes"), "{err}");
+    }
+
+    /// Attach hands the attachment generation to the forwarding export, whose requests
+    /// carry it; an Attach of the same generation keeps the export, one of another
+    /// generation (a re-attach to this node) replaces it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_attach_of_a_new_generation_replaces_the_forwarding_export() {
+        use crate::forward::PrimaryTarget;
+        use engine::replication::{
+            Epoch, ForwardHandler, ForwardOp, ForwardOutcome, ForwardPayload, ForwardSource,
+            NetConfig, VolumeId,
+        };
+        use std::path::Path;
+
+        /// A primary on this node that records the generation of every request.
+        #[derive(Default)]
+        struct Primary(std::sync::Mutex<Vec<Option<AttachmentGeneration>>>);
+        impl ForwardHandler for Primary {
+            fn handle(
+                &self,
+                from: &ForwardSource,
+                _volume: &VolumeId,
+                epoch: Epoch,
+                op: ForwardOp,
+            ) -> ForwardOutcome {
+                self.0.lock().unwrap().push(from.attachment());
+                let payload = match op {
+                    ForwardOp::Geometry => ForwardPayload::Geometry {
+                        size_bytes: 1 << 20,
+                        block_size: 4096,
+                    },
+                    ForwardOp::Read { length, .. } => {
+                        ForwardPayload::Data(vec![0; length as usize])
+                    }
+                    _ => ForwardPayload::None,
+                };
+                ForwardOutcome::ok(epoch, payload)
+            }
+        }
+        impl crate::forward::LocalExecutor for Primary {
+            fn serves(&self, _volume: &str) -> bool {
+                true
+            }
+        }
+        struct Here;
+        impl PrimaryResolver for Here {
+            fn resolve<'a>(
+                &'a self,
+                _volume: &'a str,
+            ) -> BoxFuture<'a, Result<PrimaryTarget, ResolveError>> {
+                Box::pin(async {
+                    Ok(PrimaryTarget {
+                        node: "a".into(),
+                        addr: "127.0.0.1:9".parse().unwrap(),
+                        epoch: Epoch(1),
+                    })
+                })
+            }
+        }
+        struct Devices;
+        impl Attacher for Devices {
+            fn attach(&self, volume: &str, _socket: &Path) -> attach::Result<PathBuf> {
+                Ok(PathBuf::from(format!("/dev/test-{volume}")))
+            }
+            fn detach(&self, _volume: &str) -> attach::Result<()> {
+                Ok(())
+            }
+            fn list(&self) -> attach::Result<Vec<attach::Attachment>> {
+                Ok(vec![])
+            }
+        }
+
+        let primary = Arc::new(Primary::default());
+        let svc = AttachService::new(
+            ExportRegistry::new(),
+            PathBuf::from("/nonexistent/nbd.sock"),
+            Arc::new(Devices),
+            Arc::new(|_: &str| false),
+        )
+        .with_forwarding(Forwarding {
+            exports: ExportRegistry::new(),
+            nbd_socket: PathBuf::from("/nonexistent/forward.sock"),
+            net: NetConfig::new("a", b"secret"),
+            settings: ForwardSettings::default(),
+            resolver: Arc::new(Here),
+            remove_wait_ms: 1_000,
+            local: Some(LocalPath {
+                node: "a".into(),
+                primaries: primary.clone(),
+            }),
+            metrics: None,
+        });
+        let attach = |g: u64| {
+            svc.attach(Request::new(AttachRequest {
+                volume_id: "vol".into(),
+                readonly: false,
+                attachment_generation: g,
+            }))
+        };
+        let export = || svc.forwarded_map().get("vol").cloned().expect("export");
+        let g = |n| Some(AttachmentGeneration(n));
+
+        attach(1).await.expect("attach");
+        let first = export();
+        assert_eq!(first.attachment(), g(1));
+        attach(1).await.expect("attach again");
+        assert!(
+            Arc::ptr_eq(&first, &export()),
+            "the same attachment kept its export"
+        );
+        attach(2).await.expect("attach of a new generation");
+        let second = export();
+        assert!(!Arc::ptr_eq(&first, &second), "the export was not replaced");
+        assert_eq!(second.attachment(), g(2));
+        let seen = primary.0.lock().unwrap().clone();
+        assert_eq!(seen.first(), Some(&g(1)), "{seen:?}");
+        assert_eq!(seen.last(), Some(&g(2)), "{seen:?}");
     }
 }

@@ -29,9 +29,11 @@
 //!   such promise for writes acknowledged on its old connection.
 //! - An `Io` answer is final: the request fails with EIO and is not retried. The
 //!   primary's agent answers so ("fenced: not the attached node") to a node the volume
-//!   is not attached to ([`Attachments`]), and the data port never runs a request of a
-//!   connection this export gave up on after a request sent later (engine
-//!   `replication::forward`, fence of forwarded requests).
+//!   is not attached to, and ("fenced: stale attachment") to an export of an older
+//!   attachment of the volume than the current one ([`Attachments`]; the export sends
+//!   the attachment generation it was opened with on every request); and the data port
+//!   never runs a request of a connection this export gave up on after a request sent
+//!   later (engine `replication::forward`, fence of forwarded requests).
 //! - The replay buffer is bounded by `replay_bytes_max`: a write that would overflow it
 //!   first forwards a FLUSH. Concurrent writers may overshoot by at most the requests in
 //!   flight (the NBD server bounds those).
@@ -50,8 +52,8 @@ use std::time::{Duration, Instant};
 use engine::Epoch;
 use engine::replication::wire::FORWARD_DATA_BYTES_MAX;
 use engine::replication::{
-    ForwardClient, ForwardHandler, ForwardOp, ForwardOutcome, ForwardPayload, ForwardSource,
-    ForwardStatus, NetConfig, VolumeId,
+    AttachmentGeneration, ForwardClient, ForwardHandler, ForwardOp, ForwardOutcome, ForwardPayload,
+    ForwardSource, ForwardStatus, NetConfig, VolumeId,
 };
 use futures::future::BoxFuture;
 
@@ -138,8 +140,9 @@ pub struct LocalPath {
 enum RouteClient {
     /// The primary's data port on another node (or ours, when no local primary serves).
     Tcp(Arc<ForwardClient>),
-    /// This node's primary, called in process (as a request from this node).
-    Local(Arc<dyn LocalExecutor>, String),
+    /// This node's primary, called in process (as a request from this node, of the
+    /// export's attachment).
+    Local(Arc<dyn LocalExecutor>, String, Option<AttachmentGeneration>),
 }
 
 impl RouteClient {
@@ -152,8 +155,8 @@ impl RouteClient {
     ) -> Result<ForwardOutcome, String> {
         match self {
             RouteClient::Tcp(c) => c.call(volume, epoch, op).await.map_err(|e| e.to_string()),
-            RouteClient::Local(h, node) => {
-                let from = ForwardSource::in_process(node);
+            RouteClient::Local(h, node, attachment) => {
+                let from = ForwardSource::in_process(node).with_attachment(*attachment);
                 // The handler is synchronous and may block on fsync and replication
                 // barriers: keep it off the runtime's workers. NBD requests arrive on
                 // blocking-pool threads, where `block_in_place` runs it right there
@@ -240,6 +243,8 @@ struct Inner {
     settings: ForwardSettings,
     resolver: Arc<dyn PrimaryResolver>,
     local: Option<LocalPath>,
+    /// The attachment this export serves, sent with every request.
+    attachment: Option<AttachmentGeneration>,
     /// Requests hold it shared for their whole round trip (and the replay-log update
     /// after it); a switch holds it exclusively, so it never misses a write acknowledged
     /// on the old route.
@@ -430,12 +435,13 @@ impl Inner {
             .map_err(|e| e.to_string())?;
         let client = match &self.local {
             Some(l) if l.node == target.node && l.primaries.serves(self.volume.as_str()) => {
-                RouteClient::Local(l.primaries.clone(), l.node.clone())
+                RouteClient::Local(l.primaries.clone(), l.node.clone(), self.attachment)
             }
             _ => RouteClient::Tcp(Arc::new(
                 ForwardClient::connect(target.addr, &self.net, self.settings.request_timeout_ms)
                     .await
-                    .map_err(|e| e.to_string())?,
+                    .map_err(|e| e.to_string())?
+                    .with_attachment(self.attachment),
             )),
         };
         // The log cannot change while the route is held exclusively; copy it out so no
@@ -506,6 +512,20 @@ impl ForwardingBackend {
         resolver: Arc<dyn PrimaryResolver>,
         local: Option<LocalPath>,
     ) -> Result<Self, BackendError> {
+        Self::open_attached(volume, net, settings, resolver, local, None).await
+    }
+
+    /// Like [`ForwardingBackend::open_with_local`], for the attachment of generation
+    /// `attachment` (from ControllerPublish): every request carries it, and the primary
+    /// refuses it for good once a newer attachment of the volume exists.
+    pub async fn open_attached(
+        volume: &str,
+        net: NetConfig,
+        settings: ForwardSettings,
+        resolver: Arc<dyn PrimaryResolver>,
+        local: Option<LocalPath>,
+        attachment: Option<AttachmentGeneration>,
+    ) -> Result<Self, BackendError> {
         let volume = VolumeId::new(volume.to_string())
             .map_err(|e| BackendError::Invalid(format!("volume name: {e}")))?;
         let inner = Arc::new(Inner {
@@ -514,6 +534,7 @@ impl ForwardingBackend {
             settings,
             resolver,
             local,
+            attachment,
             route: tokio::sync::RwLock::new(Route::default()),
             replay: Mutex::new(ReplayLog::default()),
             switches: AtomicU64::new(0),
@@ -525,6 +546,11 @@ impl ForwardingBackend {
             size_bytes: AtomicU64::new(size_bytes),
             block_size,
         })
+    }
+
+    /// The attachment generation this export was opened with.
+    pub fn attachment(&self) -> Option<AttachmentGeneration> {
+        self.inner.attachment
     }
 
     /// Re-reads the size from the primary (after an expansion); returns it.
@@ -740,49 +766,106 @@ impl PrimaryResolver for KubeResolver {
 /// What the attachment of a volume says about a forwarded request from a node.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AttachmentCheck {
-    /// The volume is attached to the sending node, or attached nowhere.
+    /// The volume is attached to the sending node (at the generation the request
+    /// carries, if it carries one), or attached nowhere.
     Allowed,
-    /// The volume is attached to another node: refuse for good (the forwarder answers
-    /// EIO and does not retry).
+    /// The volume is attached to another node, or to this node by a newer attachment
+    /// than the request's: refuse for good (the forwarder answers EIO and does not
+    /// retry).
     Fenced(String),
-    /// The attachment could not be learnt (API unreachable before the first sync):
-    /// refuse for now; the forwarder re-resolves and retries.
+    /// The attachment could not be learnt (API unreachable before the first sync), or
+    /// the request names a newer attachment than the API server knows: refuse for now;
+    /// the forwarder re-resolves and retries.
     Unknown(String),
 }
 
-/// Reads the attached node of a volume afresh from the API server (`Ok(None)`: attached
+/// Where a volume is attached: the node, and the attachment's generation when the CSI
+/// controller recorded one ([`api::ANNOTATION_ATTACHMENT_GENERATION`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attachment {
+    pub node: String,
+    pub generation: Option<AttachmentGeneration>,
+}
+
+impl Attachment {
+    /// Attached to `node`, with no generation recorded.
+    pub fn on(node: &str) -> Self {
+        Attachment {
+            node: node.to_string(),
+            generation: None,
+        }
+    }
+
+    /// The same attachment, of generation `g`.
+    pub fn at(mut self, g: u64) -> Self {
+        self.generation = Some(AttachmentGeneration(g));
+        self
+    }
+}
+
+/// Reads the attachment of a volume afresh from the API server (`Ok(None)`: attached
 /// nowhere, or no such `BlockVolume`). Called on a blocking thread.
-pub type AttachmentLookup = Box<dyn Fn(&str) -> Result<Option<String>, String> + Send + Sync>;
+pub type AttachmentLookup = Box<dyn Fn(&str) -> Result<Option<Attachment>, String> + Send + Sync>;
 
 #[derive(Default)]
 struct AttachmentState {
     /// Whether a full list has been seen since the watch (re)started.
     synced: bool,
-    /// Attached node per volume, as the watch last said.
-    nodes: std::collections::BTreeMap<String, String>,
+    /// Attachment per volume, as the watch last said.
+    attached: std::collections::BTreeMap<String, Attachment>,
     /// The list being received while the watch (re)starts.
-    relist: std::collections::BTreeMap<String, String>,
+    relist: std::collections::BTreeMap<String, Attachment>,
 }
 
-/// The primary's view of where each volume is attached (the `BlockVolume` annotation
-/// [`api::ANNOTATION_ATTACHED_NODE`] that the CSI controller writes on
-/// ControllerPublish and removes on ControllerUnpublish), fed by a watch of the
-/// `BlockVolume`s ([`watch_attachments`]).
+/// The primary's view of where each volume is attached (the `BlockVolume` annotations
+/// [`api::ANNOTATION_ATTACHED_NODE`] and [`api::ANNOTATION_ATTACHMENT_GENERATION`] that
+/// the CSI controller writes on ControllerPublish; it removes the node on
+/// ControllerUnpublish), fed by a watch of the `BlockVolume`s ([`watch_attachments`]).
 ///
-/// Decision for a forwarded request of `node` on `volume` ([`Attachments::check`]):
-/// - attached to `node`, or attached nowhere: allowed. A volume attached nowhere has no
-///   single writer to protect (the TCP NBD export, tools, CSI sanity checks use it);
-///   once a node's attachment is known, every other node is refused.
+/// Decision for a forwarded request of `node` on `volume`, carrying the attachment
+/// generation `g` of its export (if any) ([`Attachments::check`]):
+/// - attached to `node` (at generation `g`, when both the request and the attachment
+///   name one), or attached nowhere: allowed. A volume attached nowhere has no single
+///   writer to protect (the TCP NBD export, tools, CSI sanity checks use it); once a
+///   node's attachment is known, every other node is refused.
 /// - otherwise the cached view may lag (a new attachment just written): it is re-read
 ///   from the API server first, and only a fresh answer naming another node refuses
-///   ([`AttachmentCheck::Fenced`]). So detaching A and attaching B refuses A from the
-///   moment B's attachment is known here or in the API server, and B is never refused
-///   because the watch has not caught up.
+///   ([`AttachmentCheck::Fenced`], "fenced: not the attached node"), or one naming
+///   this node at a newer generation than `g` ("fenced: stale attachment": an export
+///   left over by an earlier attachment to the same node, such as a force-detach and
+///   re-attach, whose requests may still be retrying). So detaching A and attaching B
+///   refuses A from the moment B's attachment is known here or in the API server, and
+///   B is never refused because the watch has not caught up. A request naming a newer
+///   generation than even the fresh answer is refused retryably (`Unknown`).
+/// - a request without a generation (a tool's export, an older build) or an attachment
+///   recorded without one (an older CSI controller) is decided by the node alone.
 /// - before the watch's first full list, every request is checked against the API
 ///   server; if that fails the request is refused as [`AttachmentCheck::Unknown`].
 pub struct Attachments {
     state: Mutex<AttachmentState>,
     lookup: AttachmentLookup,
+}
+
+/// How a request of `node` with generation `g` stands against `current`.
+enum Standing {
+    Allowed,
+    OtherNode,
+    Stale,
+    Newer,
+}
+
+fn standing(current: Option<&Attachment>, node: &str, g: Option<AttachmentGeneration>) -> Standing {
+    let Some(a) = current else {
+        return Standing::Allowed;
+    };
+    if a.node != node {
+        return Standing::OtherNode;
+    }
+    match (g, a.generation) {
+        (Some(g), Some(cur)) if g < cur => Standing::Stale,
+        (Some(g), Some(cur)) if g > cur => Standing::Newer,
+        _ => Standing::Allowed,
+    }
 }
 
 impl Attachments {
@@ -799,68 +882,94 @@ impl Attachments {
     }
 
     /// One volume of the full list.
-    pub fn listed(&self, volume: &str, node: Option<&str>) {
-        if let Some(n) = node {
-            lock(&self.state)
-                .relist
-                .insert(volume.to_string(), n.to_string());
+    pub fn listed(&self, volume: &str, attachment: Option<Attachment>) {
+        if let Some(a) = attachment {
+            lock(&self.state).relist.insert(volume.to_string(), a);
         }
     }
 
     /// The full list is complete: it replaces the view.
     pub fn end_list(&self) {
         let mut st = lock(&self.state);
-        st.nodes = std::mem::take(&mut st.relist);
+        st.attached = std::mem::take(&mut st.relist);
         st.synced = true;
     }
 
     /// A volume changed (`None`: attached nowhere, or deleted).
-    pub fn set(&self, volume: &str, node: Option<&str>) {
+    pub fn set(&self, volume: &str, attachment: Option<Attachment>) {
         let mut st = lock(&self.state);
-        match node {
-            Some(n) => st.nodes.insert(volume.to_string(), n.to_string()),
-            None => st.nodes.remove(volume),
+        match attachment {
+            Some(a) => st.attached.insert(volume.to_string(), a),
+            None => st.attached.remove(volume),
         };
     }
 
-    /// Whether `node` may forward IO to `volume` (see the type docs). May block on a
-    /// read from the API server.
-    pub fn check(&self, volume: &str, node: &str) -> AttachmentCheck {
+    /// Whether `node`, forwarding for the attachment of generation `generation`, may
+    /// run IO on `volume` (see the type docs). May block on a read from the API server.
+    pub fn check(
+        &self,
+        volume: &str,
+        node: &str,
+        generation: Option<AttachmentGeneration>,
+    ) -> AttachmentCheck {
         {
             let st = lock(&self.state);
-            if st.synced {
-                match st.nodes.get(volume) {
-                    None => return AttachmentCheck::Allowed,
-                    Some(n) if n == node => return AttachmentCheck::Allowed,
-                    Some(_) => {}
-                }
+            if st.synced
+                && matches!(
+                    standing(st.attached.get(volume), node, generation),
+                    Standing::Allowed
+                )
+            {
+                return AttachmentCheck::Allowed;
             }
         }
-        match (self.lookup)(volume) {
-            Ok(fresh) => {
-                self.set(volume, fresh.as_deref());
-                match fresh {
-                    Some(n) if n != node => AttachmentCheck::Fenced(format!(
-                        "fenced: not the attached node (volume {volume} is attached to {n}, \
-                         the request came from {node})"
-                    )),
-                    _ => AttachmentCheck::Allowed,
-                }
+        let fresh = match (self.lookup)(volume) {
+            Ok(fresh) => fresh,
+            Err(e) => {
+                return AttachmentCheck::Unknown(format!(
+                    "the attachment of volume {volume} is not known yet: {e}"
+                ));
             }
-            Err(e) => AttachmentCheck::Unknown(format!(
-                "the attachment of volume {volume} is not known yet: {e}"
+        };
+        self.set(volume, fresh.clone());
+        let shown = |g: Option<AttachmentGeneration>| {
+            g.map_or_else(|| "none".to_string(), |g| g.to_string())
+        };
+        match (standing(fresh.as_ref(), node, generation), fresh) {
+            (Standing::Allowed, _) | (_, None) => AttachmentCheck::Allowed,
+            (Standing::OtherNode, Some(a)) => AttachmentCheck::Fenced(format!(
+                "fenced: not the attached node (volume {volume} is attached to {}, \
+                 the request came from {node})",
+                a.node
+            )),
+            (Standing::Stale, Some(a)) => AttachmentCheck::Fenced(format!(
+                "fenced: stale attachment (volume {volume} is attached to {node} at \
+                 generation {}, the request was sent for generation {})",
+                shown(a.generation),
+                shown(generation)
+            )),
+            (Standing::Newer, Some(a)) => AttachmentCheck::Unknown(format!(
+                "the request names attachment generation {} of volume {volume}, the API \
+                 server knows {}",
+                shown(generation),
+                shown(a.generation)
             )),
         }
     }
 }
 
-/// The attached node a `BlockVolume` records.
-fn attached_node(bv: &api::BlockVolume) -> Option<&str> {
-    bv.metadata
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(api::ANNOTATION_ATTACHED_NODE))
-        .map(String::as_str)
+/// The attachment a `BlockVolume` records (an unparsable generation counts as none:
+/// the node still decides).
+fn attachment(bv: &api::BlockVolume) -> Option<Attachment> {
+    let annotations = bv.metadata.annotations.as_ref()?;
+    let node = annotations.get(api::ANNOTATION_ATTACHED_NODE)?;
+    Some(Attachment {
+        node: node.clone(),
+        generation: annotations
+            .get(api::ANNOTATION_ATTACHMENT_GENERATION)
+            .and_then(|g| g.parse().ok())
+            .map(AttachmentGeneration),
+    })
 }
 
 /// Reads one volume's attachment afresh from the API server (for [`Attachments::new`]);
@@ -876,7 +985,7 @@ pub fn kube_attachment_lookup(
             tokio::time::timeout(Duration::from_millis(timeout_ms), api.get_opt(volume)).await
         });
         match got {
-            Ok(Ok(bv)) => Ok(bv.as_ref().and_then(attached_node).map(String::from)),
+            Ok(Ok(bv)) => Ok(bv.as_ref().and_then(attachment)),
             Ok(Err(e)) => Err(format!("reading BlockVolume {volume}: {e}")),
             Err(_) => Err(format!(
                 "reading BlockVolume {volume} took over {timeout_ms} ms"
@@ -896,11 +1005,11 @@ pub async fn watch_attachments(client: kube::Client, view: Arc<Attachments>) {
         match ev {
             Ok(watcher::Event::Init) => view.begin_list(),
             Ok(watcher::Event::InitApply(bv)) => {
-                view.listed(&kube::ResourceExt::name_any(&bv), attached_node(&bv))
+                view.listed(&kube::ResourceExt::name_any(&bv), attachment(&bv))
             }
             Ok(watcher::Event::InitDone) => view.end_list(),
             Ok(watcher::Event::Apply(bv)) => {
-                view.set(&kube::ResourceExt::name_any(&bv), attached_node(&bv))
+                view.set(&kube::ResourceExt::name_any(&bv), attachment(&bv))
             }
             Ok(watcher::Event::Delete(bv)) => view.set(&kube::ResourceExt::name_any(&bv), None),
             Err(e) => tracing::warn!(error = %e, "watching volume attachments"),
@@ -914,7 +1023,7 @@ mod tests {
 
     /// An attachment view whose API server says `api` (None: unreachable) and counts
     /// the reads.
-    fn view(api: Arc<Mutex<Option<Option<String>>>>, reads: Arc<AtomicU64>) -> Attachments {
+    fn view(api: Arc<Mutex<Option<Option<Attachment>>>>, reads: Arc<AtomicU64>) -> Attachments {
         Attachments::new(Box::new(move |_v: &str| {
             reads.fetch_add(1, Ordering::Relaxed);
             lock(&api).clone().ok_or_else(|| "unreachable".to_string())
@@ -927,42 +1036,90 @@ mod tests {
         let reads = Arc::new(AtomicU64::new(0));
         let v = view(api.clone(), reads.clone());
         // Before the first list, with the API unreachable: refused, retryably.
-        assert!(matches!(v.check("vol", "a"), AttachmentCheck::Unknown(_)));
+        assert!(matches!(
+            v.check("vol", "a", None),
+            AttachmentCheck::Unknown(_)
+        ));
         v.begin_list();
-        v.listed("vol", Some("a"));
+        v.listed("vol", Some(Attachment::on("a")));
         v.listed("other", None);
         v.end_list();
-        assert_eq!(v.check("vol", "a"), AttachmentCheck::Allowed);
-        assert_eq!(v.check("other", "b"), AttachmentCheck::Allowed);
+        assert_eq!(v.check("vol", "a", None), AttachmentCheck::Allowed);
+        assert_eq!(v.check("other", "b", None), AttachmentCheck::Allowed);
         assert_eq!(reads.load(Ordering::Relaxed), 1);
 
         // Force-detached from a and attached to b; the watch has not caught up yet:
         // b is allowed after a fresh read, which also updates the view.
-        *lock(&api) = Some(Some("b".to_string()));
-        assert_eq!(v.check("vol", "b"), AttachmentCheck::Allowed);
+        *lock(&api) = Some(Some(Attachment::on("b")));
+        assert_eq!(v.check("vol", "b", None), AttachmentCheck::Allowed);
         assert_eq!(reads.load(Ordering::Relaxed), 2);
         // From now on a is refused for good, b served without reading the API.
-        match v.check("vol", "a") {
+        match v.check("vol", "a", None) {
             AttachmentCheck::Fenced(d) => {
                 assert!(d.starts_with("fenced: not the attached node"), "{d}")
             }
             other => panic!("a node no longer attached was not fenced: {other:?}"),
         }
         let before = reads.load(Ordering::Relaxed);
-        assert_eq!(v.check("vol", "b"), AttachmentCheck::Allowed);
+        assert_eq!(v.check("vol", "b", None), AttachmentCheck::Allowed);
         assert_eq!(reads.load(Ordering::Relaxed), before);
 
         // The watch says the attachment moved to c: b is refused at once (retryably
         // while the API server cannot be read, for good once it confirms).
-        v.set("vol", Some("c"));
+        v.set("vol", Some(Attachment::on("c")));
         *lock(&api) = None;
-        assert!(matches!(v.check("vol", "b"), AttachmentCheck::Unknown(_)));
-        *lock(&api) = Some(Some("c".to_string()));
-        assert!(matches!(v.check("vol", "b"), AttachmentCheck::Fenced(_)));
+        assert!(matches!(
+            v.check("vol", "b", None),
+            AttachmentCheck::Unknown(_)
+        ));
+        *lock(&api) = Some(Some(Attachment::on("c")));
+        assert!(matches!(
+            v.check("vol", "b", None),
+            AttachmentCheck::Fenced(_)
+        ));
 
         // Detached everywhere: anyone may forward (tools, the TCP export).
         v.set("vol", None);
-        assert_eq!(v.check("vol", "b"), AttachmentCheck::Allowed);
+        assert_eq!(v.check("vol", "b", None), AttachmentCheck::Allowed);
+    }
+
+    /// A re-attach to the same node bumps the generation: the node's export of the
+    /// older attachment is refused for good, the current one served; a request naming
+    /// a generation the API server does not know yet is refused retryably.
+    #[test]
+    fn an_older_attachment_of_the_same_node_is_fenced() {
+        let api = Arc::new(Mutex::new(Some(Some(Attachment::on("b").at(1)))));
+        let reads = Arc::new(AtomicU64::new(0));
+        let v = view(api.clone(), reads.clone());
+        v.begin_list();
+        v.listed("vol", Some(Attachment::on("b").at(1)));
+        v.end_list();
+        let g = |n| Some(AttachmentGeneration(n));
+        assert_eq!(v.check("vol", "b", g(1)), AttachmentCheck::Allowed);
+        assert_eq!(v.check("vol", "b", None), AttachmentCheck::Allowed);
+        assert_eq!(reads.load(Ordering::Relaxed), 0);
+
+        // Unpublished and published again to b: generation 2, the watch lags.
+        *lock(&api) = Some(Some(Attachment::on("b").at(2)));
+        assert_eq!(v.check("vol", "b", g(2)), AttachmentCheck::Allowed);
+        match v.check("vol", "b", g(1)) {
+            AttachmentCheck::Fenced(d) => assert!(d.starts_with("fenced: stale attachment"), "{d}"),
+            other => panic!("an export of an older attachment was not fenced: {other:?}"),
+        }
+        // Ahead of the API server: not refused for good.
+        assert!(matches!(
+            v.check("vol", "b", g(3)),
+            AttachmentCheck::Unknown(_)
+        ));
+        // Another node stays fenced whatever generation it names.
+        assert!(matches!(
+            v.check("vol", "c", g(2)),
+            AttachmentCheck::Fenced(_)
+        ));
+        // An attachment recorded without a generation: the node alone decides.
+        v.set("vol", Some(Attachment::on("b")));
+        *lock(&api) = Some(Some(Attachment::on("b")));
+        assert_eq!(v.check("vol", "b", g(1)), AttachmentCheck::Allowed);
     }
 
     #[test]

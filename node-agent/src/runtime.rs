@@ -225,7 +225,7 @@ impl ForwardHandler for LocalPrimaries {
             );
         }
         if let Some(view) = self.attachments.get() {
-            match view.check(volume.as_str(), from.node()) {
+            match view.check(volume.as_str(), from.node(), from.attachment()) {
                 crate::forward::AttachmentCheck::Allowed => {}
                 crate::forward::AttachmentCheck::Fenced(detail) => {
                     tracing::warn!(volume = %volume, node = from.node(), %detail, "forwarded IO refused");

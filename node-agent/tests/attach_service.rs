@@ -158,6 +158,7 @@ async fn attach_gives_a_block_device_whose_writes_reach_the_volume() {
         .attach(AttachRequest {
             volume_id: "unknown".into(),
             readonly: false,
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -166,6 +167,7 @@ async fn attach_gives_a_block_device_whose_writes_reach_the_volume() {
         .attach(AttachRequest {
             volume_id: "a/b".into(),
             readonly: false,
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -175,6 +177,7 @@ async fn attach_gives_a_block_device_whose_writes_reach_the_volume() {
         .attach(AttachRequest {
             volume_id: "vol".into(),
             readonly: false,
+            ..Default::default()
         })
         .await
         .expect("attach")
@@ -185,6 +188,7 @@ async fn attach_gives_a_block_device_whose_writes_reach_the_volume() {
         .attach(AttachRequest {
             volume_id: "vol".into(),
             readonly: false,
+            ..Default::default()
         })
         .await
         .expect("attach again")

@@ -725,8 +725,8 @@ async fn forwarded_io_is_accepted_only_from_the_attached_node() {
     use engine::replication::{ForwardHandler, ForwardPayload, VolumeId};
     use futures::future::BoxFuture;
     use node_agent::forward::{
-        Attachments, ForwardSettings, ForwardingBackend, PrimaryResolver, PrimaryTarget,
-        ResolveError,
+        Attachment, Attachments, ForwardSettings, ForwardingBackend, PrimaryResolver,
+        PrimaryTarget, ResolveError,
     };
     use node_agent::nbd::BackendError;
     use std::sync::Mutex;
@@ -758,7 +758,7 @@ async fn forwarded_io_is_accepted_only_from_the_attached_node() {
     let primaries = a.runtime.local_primaries();
     a.receiver.set_forward_handler(Arc::new(primaries.clone()));
     // The API server's word on the attachment, and the watch's view of it.
-    let api_says = Arc::new(Mutex::new(Some("b".to_string())));
+    let api_says = Arc::new(Mutex::new(Some(Attachment::on("b"))));
     let view = {
         let api_says = api_says.clone();
         Arc::new(Attachments::new(Box::new(move |_v: &str| {
@@ -766,7 +766,7 @@ async fn forwarded_io_is_accepted_only_from_the_attached_node() {
         })))
     };
     view.begin_list();
-    view.listed("vol", Some("b"));
+    view.listed("vol", Some(Attachment::on("b")));
     view.end_list();
     primaries.fence_by_attachment(view.clone());
 
@@ -835,7 +835,7 @@ async fn forwarded_io_is_accepted_only_from_the_attached_node() {
         .expect("b's export opens"),
     );
     // Force-detached from b, attached to c: the API server says so, the watch lags.
-    *api_says.lock().unwrap() = Some("c".to_string());
+    *api_says.lock().unwrap() = Some(Attachment::on("c"));
     let ok = from_c.call(&vol, Epoch(1), write(0xc2)).await.unwrap();
     assert_eq!(ok.status, ForwardStatus::Ok, "{}", ok.detail);
     let switches = b_export.switches();
@@ -858,4 +858,177 @@ async fn forwarded_io_is_accepted_only_from_the_attached_node() {
         .await
         .expect("read on the primary");
     assert!(buf.iter().all(|&x| x == 0xc2), "block holds {:#x}", buf[0]);
+}
+
+/// A re-attach to the same node (ControllerUnpublish, then ControllerPublish to it again,
+/// or a force-detach and re-attach) bumps the attachment generation. The node's
+/// forwarding export of the older attachment, which may still hold requests it keeps
+/// retrying, must not write any more: its requests are refused as "fenced: stale
+/// attachment", it surfaces EIO without re-routing or retrying, and the block keeps what
+/// the current attachment wrote. The current export, and requests without a generation
+/// (tools), are served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_export_of_an_older_attachment_to_the_same_node_is_fenced() {
+    use engine::replication::{
+        AttachmentGeneration, Epoch, ForwardClient, ForwardHandler, ForwardOp, ForwardSource,
+        ForwardStatus, VolumeId,
+    };
+    use futures::future::BoxFuture;
+    use node_agent::forward::{
+        Attachment, Attachments, ForwardSettings, ForwardingBackend, PrimaryResolver,
+        PrimaryTarget, ResolveError,
+    };
+    use node_agent::nbd::BackendError;
+    use std::sync::Mutex;
+
+    struct Fixed(PrimaryTarget);
+    impl PrimaryResolver for Fixed {
+        fn resolve<'a>(
+            &'a self,
+            _volume: &'a str,
+        ) -> BoxFuture<'a, Result<PrimaryTarget, ResolveError>> {
+            let t = self.0.clone();
+            Box::pin(async move { Ok(t) })
+        }
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let a = node("a").await;
+    let ra = assignment(dir.path(), "r1", ReplicaRole::Primary, 1, None);
+    a.runtime.open(&ra).await.unwrap();
+    a.runtime.apply(&ra).await.unwrap();
+    let backend: Arc<dyn BlockBackend> = a
+        .runtime
+        .exports()
+        .get("vol")
+        .expect("export of the primary")
+        .backend()
+        .clone();
+    until_serving(&backend).await;
+    let primaries = a.runtime.local_primaries();
+    a.receiver.set_forward_handler(Arc::new(primaries.clone()));
+    let api_says = Arc::new(Mutex::new(Some(Attachment::on("b").at(1))));
+    let view = {
+        let api_says = api_says.clone();
+        Arc::new(Attachments::new(Box::new(move |_v: &str| {
+            Ok(api_says.lock().unwrap().clone())
+        })))
+    };
+    view.begin_list();
+    view.listed("vol", Some(Attachment::on("b").at(1)));
+    view.end_list();
+    primaries.fence_by_attachment(view.clone());
+
+    let addr = a.address.parse().unwrap();
+    let export = |generation: u64| {
+        ForwardingBackend::open_attached(
+            "vol",
+            NetConfig::new("b", SECRET),
+            ForwardSettings {
+                failover_wait_ms: 60_000,
+                reconnect_backoff_initial_ms: 10,
+                reconnect_backoff_max_ms: 50,
+                ..ForwardSettings::default()
+            },
+            Arc::new(Fixed(PrimaryTarget {
+                node: "a".into(),
+                addr,
+                epoch: Epoch(1),
+            })),
+            None,
+            Some(AttachmentGeneration(generation)),
+        )
+    };
+    let old = Arc::new(export(1).await.expect("b's export of attachment 1 opens"));
+    let o = old.clone();
+    blocking(move || o.write(0, &[0xb1; 4096]))
+        .await
+        .expect("the current attachment writes");
+
+    // Unpublished and published to b again: generation 2 in the API server; the watch
+    // has not caught up. b's new export writes; the old one is still open.
+    *api_says.lock().unwrap() = Some(Attachment::on("b").at(2));
+    let new = Arc::new(export(2).await.expect("b's export of attachment 2 opens"));
+    let n = new.clone();
+    blocking(move || n.write(0, &[0xb2; 4096]))
+        .await
+        .expect("the new attachment writes");
+
+    // The old export gave up its connection (a request timeout, a broken path) and dials
+    // anew, as it does before every retry: a connection newer than the new export's,
+    // sending for generation 1.
+    let vol = VolumeId::new("vol".to_string()).unwrap();
+    let write = |byte: u8| ForwardOp::Write {
+        offset: 0,
+        data: vec![byte; 4096],
+    };
+    let redial = ForwardClient::connect(addr, &NetConfig::new("b", SECRET), 10_000)
+        .await
+        .expect("b connects")
+        .with_attachment(Some(AttachmentGeneration(1)));
+    let r = redial.call(&vol, Epoch(1), write(0x01)).await.unwrap();
+    assert_eq!(
+        r.status,
+        ForwardStatus::Io,
+        "a connection of the older attachment wrote ({})",
+        r.detail
+    );
+    assert!(
+        r.detail.starts_with("fenced: stale attachment"),
+        "{}",
+        r.detail
+    );
+    // It neither supersedes nor disturbs the current attachment's export.
+    let n = new.clone();
+    blocking(move || n.write(0, &[0xb3; 4096]))
+        .await
+        .expect("the new attachment writes after the stale connection");
+
+    let switches = old.switches();
+    let o = old.clone();
+    let e = blocking(move || o.write(0, &[0x01; 4096]))
+        .await
+        .expect_err("an export of an older attachment wrote");
+    assert!(
+        matches!(&e, BackendError::Io(m) if m.contains("fenced: stale attachment")),
+        "{e}"
+    );
+    assert_eq!(old.switches(), switches, "a fenced request was re-routed");
+    let o = old.clone();
+    let e = blocking(move || o.flush())
+        .await
+        .expect_err("an export of an older attachment flushed");
+    assert!(matches!(&e, BackendError::Io(_)), "{e}");
+
+    // The handler itself, as the in-process path of b's node would call it.
+    let p = primaries.clone();
+    let v = vol.clone();
+    let stale = blocking(move || {
+        p.handle(
+            &ForwardSource::in_process("b").with_attachment(Some(AttachmentGeneration(1))),
+            &v,
+            Epoch(1),
+            write(0x02),
+        )
+    })
+    .await;
+    assert_eq!(stale.status, ForwardStatus::Io, "{}", stale.detail);
+    assert!(
+        stale.detail.starts_with("fenced: stale attachment"),
+        "{}",
+        stale.detail
+    );
+
+    let mut buf = vec![0u8; 4096];
+    let be = backend.clone();
+    let buf = blocking(move || be.read(0, &mut buf).map(|_| buf))
+        .await
+        .expect("read on the primary");
+    assert!(buf.iter().all(|&x| x == 0xb3), "block holds {:#x}", buf[0]);
+
+    // The current export keeps working.
+    let n = new.clone();
+    blocking(move || n.flush())
+        .await
+        .expect("the new attachment flushes");
 }

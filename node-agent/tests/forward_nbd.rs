@@ -252,6 +252,7 @@ fn unauthenticated_forwarders_are_refused_before_any_io() {
             offset: 0,
             data: vec![0xee; 4096],
         },
+        attachment: None,
     }));
     let mut s = std::net::TcpStream::connect(addr).expect("connect");
     s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
@@ -334,6 +335,7 @@ fn a_malformed_forward_request_closes_only_that_connection() {
         volume: VolumeId::new("vol".to_string()).unwrap(),
         epoch: Epoch(1),
         op: ForwardOp::Flush,
+        attachment: None,
     }));
     // Body = header .. trailer; the operation code is the payload's last byte.
     let mut payload = good[FRAME_HEADER_BYTES..good.len() - 4].to_vec();

@@ -6,6 +6,11 @@
 //! Reads that a decision's safety rests on (replicas, Leases) come straight from the API
 //! server at the start of each reconcile, never from a possibly stale cache: a stale
 //! Lease would make a live primary look expired.
+//!
+//! Every write is conditional on the view the plan was made from ([`perform`]), so two
+//! reconciles of one volume (overlapping leaders, a deposed leader's reconcile still in
+//! flight) never both land a plan: the later one fails with [`Error::Conflict`] and is
+//! recomputed.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -295,9 +300,15 @@ async fn publish(ctx: &Context, vol: &BlockVolume, warning: bool, reason: &str, 
     }
 }
 
-async fn write_status(ctx: &Context, vol: &BlockVolume, status: &BlockVolumeStatus) -> Result<()> {
+/// Writes the volume status, conditional on the volume's resourceVersion; returns the
+/// stored volume (unchanged when the status already was `status`).
+async fn write_status(
+    ctx: &Context,
+    vol: &BlockVolume,
+    status: &BlockVolumeStatus,
+) -> Result<BlockVolume> {
     if vol.status.as_ref() == Some(status) {
-        return Ok(());
+        return Ok(vol.clone());
     }
     let api: Api<BlockVolume> = Api::all(ctx.client.clone());
     // The resourceVersion makes the write conditional: a status computed from an older
@@ -316,32 +327,61 @@ async fn write_status(ctx: &Context, vol: &BlockVolume, status: &BlockVolumeStat
     )
     .await
     .map_err(|e| match e {
-        kube::Error::Api(ae) if ae.code == 409 => Error::Waiting(format!(
+        kube::Error::Api(ae) if ae.code == 409 => Error::Conflict(format!(
             "volume {} changed while its status was computed; recomputing",
             vol.name_any()
         )),
         e => Error::Kube(e),
-    })?;
-    Ok(())
+    })
 }
 
-async fn apply_replica(ctx: &Context, vol: &BlockVolume, spec: &BlockReplicaSpec) -> Result<()> {
+/// Creates or updates a replica's spec, provided the replica is as the plan saw it
+/// (`observed`; `None`: it did not exist). A plan made from an older view of the replica
+/// (a concurrent reconcile, a deposed leader's in-flight reconcile) is refused with a
+/// conflict instead of overwriting a newer assignment.
+///
+/// "As the plan saw it" compares the spec only: the node agent rewrites the status
+/// every few seconds, and that must not refuse the operator's writes. The replica is
+/// read afresh and the write carries that read's resourceVersion, so a spec written in
+/// between still fails the write.
+async fn apply_replica(
+    ctx: &Context,
+    vol: &BlockVolume,
+    spec: &BlockReplicaSpec,
+    observed: Option<&BlockReplica>,
+) -> Result<()> {
     let api: Api<BlockReplica> = Api::all(ctx.client.clone());
     let owner = vol
         .controller_owner_ref(&())
         .ok_or_else(|| Error::MissingField("metadata.uid"))?;
+    let stale = || {
+        Error::Conflict(format!(
+            "replica {} changed while the plan was computed; recomputing",
+            spec.replica_id
+        ))
+    };
+    let fresh = api.get_opt(&spec.replica_id).await.map_err(Error::Kube)?;
+    let version = match (observed, &fresh) {
+        (None, None) => None,
+        (Some(seen), Some(now)) if seen.spec == now.spec => now.resource_version(),
+        _ => return Err(stale()),
+    };
+    let mut metadata = json!({
+        "name": spec.replica_id,
+        "labels": {
+            api::LABEL_VOLUME: spec.volume,
+            api::LABEL_NODE: spec.node,
+            api::LABEL_MANAGED_BY: api::FIELD_MANAGER_OPERATOR,
+        },
+        "ownerReferences": [owner],
+    });
+    if let Some(rv) = version {
+        metadata["resourceVersion"] = json!(rv);
+    }
     let patch = json!({
         "apiVersion": format!("{}/{}", api::GROUP, api::VERSION),
         "kind": "BlockReplica",
-        "metadata": {
-            "name": spec.replica_id,
-            "labels": {
-                api::LABEL_VOLUME: spec.volume,
-                api::LABEL_NODE: spec.node,
-                api::LABEL_MANAGED_BY: api::FIELD_MANAGER_OPERATOR,
-            },
-            "ownerReferences": [owner],
-        },
+        "metadata": metadata,
         "spec": spec,
     });
     api.patch(
@@ -350,7 +390,10 @@ async fn apply_replica(ctx: &Context, vol: &BlockVolume, spec: &BlockReplicaSpec
         &Patch::Apply(&patch),
     )
     .await
-    .map_err(Error::Kube)?;
+    .map_err(|e| match e {
+        kube::Error::Api(ae) if ae.code == 409 => stale(),
+        e => Error::Kube(e),
+    })?;
     Ok(())
 }
 
@@ -389,15 +432,35 @@ async fn release_orphan(ctx: &Context, r: &BlockReplica) -> Result<()> {
     }
 }
 
-async fn apply_volume(cached: Arc<BlockVolume>, ctx: &Context) -> Result<Action> {
-    let name = cached.name_any();
+/// One reconcile's view of a volume and the plan made from it, not yet performed (see
+/// [`prepare`] and [`perform`]).
+pub struct Prepared {
+    /// The volume as read at the start of the reconcile.
+    volume: BlockVolume,
+    obs: Observation,
+    plan: Plan,
+}
+
+impl Prepared {
+    pub fn plan(&self) -> &Plan {
+        &self.plan
+    }
+
+    pub fn volume(&self) -> &BlockVolume {
+        &self.volume
+    }
+}
+
+/// Reads a volume, its replicas, the nodes and their Leases fresh from the API server
+/// and plans the volume's next step (`None`: no such volume).
+pub async fn prepare(ctx: &Context, name: &str) -> Result<Option<Prepared>> {
     // Decide from the stored object, not the watch cache: the cache may predate this
     // operator's own last status write, and a plan made from it would undo that write.
     let api: Api<BlockVolume> = Api::all(ctx.client.clone());
-    let Some(vol) = api.get_opt(&name).await.map_err(Error::Kube)? else {
-        return Ok(Action::await_change());
+    let Some(vol) = api.get_opt(name).await.map_err(Error::Kube)? else {
+        return Ok(None);
     };
-    let obs = observe(ctx, &name).await?;
+    let obs = observe(ctx, name).await?;
     let views: Vec<ReplicaView> = obs
         .replicas
         .iter()
@@ -412,7 +475,7 @@ async fn apply_volume(cached: Arc<BlockVolume>, ctx: &Context) -> Result<Action>
     }
     let p: Plan = plan(
         &Observed {
-            name: &name,
+            name,
             generation: vol.metadata.generation,
             spec: &vol.spec,
             status: vol.status.as_ref(),
@@ -430,8 +493,53 @@ async fn apply_volume(cached: Arc<BlockVolume>, ctx: &Context) -> Result<Action>
         &ctx.settings.replacement,
         &ctx.settings.moves,
     );
+    Ok(Some(Prepared {
+        volume: vol,
+        obs,
+        plan: p,
+    }))
+}
+
+/// Whether a plan assigns a primary that the stored volume status does not record at
+/// that epoch (a promotion, a move's promotion, the first placement).
+fn claims_primary(stored: Option<&BlockVolumeStatus>, planned: &BlockVolumeStatus) -> bool {
+    planned.primary.is_some()
+        && stored.is_none_or(|s| s.epoch != planned.epoch || s.primary != planned.primary)
+}
+
+/// Performs a prepared plan: the replica specs, the deletions, the volume status, the
+/// Events.
+///
+/// # Guarantees
+/// - Every write is conditional on the resourceVersion the plan was made from: the
+///   volume's for its status, each replica's for its spec. A plan computed from a view
+///   that another writer has since changed fails with [`Error::Conflict`] at its first
+///   write that meets the change, and the reconcile is recomputed from a fresh view.
+/// - A plan that assigns a primary at an epoch (a promotion) first records that
+///   assignment in the volume status, conditional on the volume's resourceVersion, and
+///   only then writes any replica spec. The volume is the one object every writer of
+///   the volume's epoch writes, so of two plans made from the same view (two leaders
+///   overlapping, a deposed leader's reconcile still in flight) exactly one gets its
+///   claim stored; the other writes nothing and, recomputed, sees the stored claim,
+///   which [`crate::recovery`] takes as the primary at that epoch. Hence no two
+///   replicas are ever assigned Primary at one epoch.
+///
+/// # Assumptions
+/// - Every writer of replica specs and volume status goes through this function.
+pub async fn perform(ctx: &Context, prepared: &Prepared) -> Result<()> {
+    let p = &prepared.plan;
+    let mut vol = prepared.volume.clone();
+    let name = vol.name_any();
+    if claims_primary(vol.status.as_ref(), &p.status) {
+        vol = write_status(ctx, &vol, &p.status).await?;
+    }
     for spec in &p.apply {
-        apply_replica(ctx, &vol, spec).await?;
+        let observed = prepared
+            .obs
+            .replicas
+            .iter()
+            .find(|r| r.name_any() == spec.replica_id);
+        apply_replica(ctx, &vol, spec, observed).await?;
     }
     for d in &p.delete {
         delete_replica(ctx, d).await?;
@@ -442,6 +550,15 @@ async fn apply_volume(cached: Arc<BlockVolume>, ctx: &Context) -> Result<Action>
         publish(ctx, &vol, e.warning, e.reason, e.note.clone()).await;
     }
     ctx.metrics.set_phase(&name, Some(p.status.phase));
+    Ok(())
+}
+
+async fn apply_volume(cached: Arc<BlockVolume>, ctx: &Context) -> Result<Action> {
+    let Some(prepared) = prepare(ctx, &cached.name_any()).await? else {
+        return Ok(Action::await_change());
+    };
+    perform(ctx, &prepared).await?;
+    let (p, obs) = (&prepared.plan, &prepared.obs);
 
     // Come back when the primary's lease would run out: expiry makes no watch event.
     let mut after = Duration::from_millis(ctx.settings.resync_interval_ms);

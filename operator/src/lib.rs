@@ -35,6 +35,10 @@ pub enum Error {
     /// node agents freeing disks).
     #[error("{0}")]
     Waiting(String),
+    /// A conditional write met an object changed since the plan was computed: the plan
+    /// came from a stale view and is recomputed (see [`controller::perform`]).
+    #[error("conflict: {0}")]
+    Conflict(String),
     #[error("lost leadership: {0}")]
     LostLeadership(String),
     #[error("metrics endpoint: {0}")]
@@ -44,10 +48,11 @@ pub enum Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
-    /// True for the deliberate "try again later" of a waiting deletion.
+    /// True for the deliberate "try again later" of a waiting deletion, and for a plan
+    /// refused as stale (recomputed at the same pace).
     pub fn is_waiting(&self) -> bool {
         match self {
-            Error::Waiting(_) => true,
+            Error::Waiting(_) | Error::Conflict(_) => true,
             Error::Finalizer(f) => matches!(
                 &**f,
                 kube::runtime::finalizer::Error::CleanupFailed(e) | kube::runtime::finalizer::Error::ApplyFailed(e)
@@ -70,6 +75,7 @@ impl Error {
             },
             Error::MissingField(_) => "MissingField",
             Error::Waiting(_) => "Waiting",
+            Error::Conflict(_) => "Conflict",
             Error::LostLeadership(_) => "LostLeadership",
             Error::Metrics(_) => "Metrics",
         }

@@ -4,7 +4,11 @@
 //!
 //! Write order matters and the plan encodes it: replica specs (a newly promoted primary
 //! first) before the volume status, so an operator that stops half-way leaves the
-//! replicas ahead of the status, which [`crate::recovery`] then trusts.
+//! replicas ahead of the status, which [`crate::recovery`] then trusts. One exception,
+//! made by the controller ([`crate::controller::perform`]): a plan that assigns a new
+//! primary first stores that claim (epoch and primary) in the volume status,
+//! conditional on the volume's resourceVersion, which fences a second plan made from
+//! the same view; recovery trusts the status's primary at its epoch as well.
 
 use std::collections::BTreeMap;
 

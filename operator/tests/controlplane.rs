@@ -729,3 +729,156 @@ async fn replica_needing_rebuild_is_replaced_on_another_node_and_rejoins() {
     .await;
     event_published(&client, "RebuildCompleted").await;
 }
+
+/// Plans a promotion of volume `name` with `ctx` as soon as its view shows the
+/// primary's Lease expired (a fresh reconciler waits one Lease duration for that).
+async fn promotion_planned(
+    ctx: &Context,
+    name: &str,
+    epoch: u64,
+) -> operator::controller::Prepared {
+    wait_for(
+        &format!("a plan promoting {name} to epoch {epoch}"),
+        || async {
+            let p = operator::controller::prepare(ctx, name).await.ok()??;
+            (p.plan().status.epoch == epoch && p.plan().status.primary.is_some()).then_some(p)
+        },
+    )
+    .await
+}
+
+/// Two reconciles of one volume race to promote different replicas at the same epoch:
+/// overlapping leaders, or a deposed leader whose reconcile computed its plan before it
+/// lost the Lease and writes after. Each plans from its own view (A sees replica `a`
+/// furthest ahead, B later sees `b`). The first to write stores its promotion; the
+/// other's plan, made from a view the first one changed, must be refused before any of
+/// its writes lands, so no two replicas are ever assigned Primary at one epoch; and,
+/// recomputed, it keeps the stored primary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_reconciles_racing_to_promote_never_assign_two_primaries_at_one_epoch() {
+    let (_cp, client) = start().await;
+    let mut agents: BTreeMap<String, Task> = BTreeMap::new();
+    for (n, z) in [("n1", "z1"), ("n2", "z2"), ("n3", "z3")] {
+        agents.insert(n.to_string(), agent(&client, n, z).await);
+    }
+    let (op, _) = operator(&client, "op-a");
+    Api::<BlockVolume>::all(client.clone())
+        .create(
+            &PostParams::default(),
+            &BlockVolume::new("race", BlockVolumeSpec::with_size("64Mi")),
+        )
+        .await
+        .expect("create volume");
+    let placed = wait_for("3 replicas placed", || async {
+        let rs = replicas_of(&client, "race").await;
+        (rs.len() == 3).then_some(rs)
+    })
+    .await;
+    for r in &placed {
+        report(&client, &r.name_any(), &healthy(r, 10)).await;
+    }
+    wait_for("volume Ready with 3 in sync", || async {
+        volume(&client, "race").await.filter(|v| {
+            v.status
+                .as_ref()
+                .is_some_and(|s| s.phase == VolumePhase::Ready && s.in_sync_count == 3)
+        })
+    })
+    .await;
+    // From here on the test plays the two reconcilers itself.
+    drop(op);
+    let primary = placed
+        .iter()
+        .find(|r| r.spec.role == ReplicaRole::Primary)
+        .unwrap()
+        .clone();
+    let mut others: Vec<BlockReplica> = placed
+        .iter()
+        .filter(|r| r.name_any() != primary.name_any())
+        .cloned()
+        .collect();
+    others.sort_by_key(|r| r.name_any());
+    let (a, b) = (others[0].name_any(), others[1].name_any());
+    drop(agents.remove(&primary.spec.node));
+
+    // A sees `a` furthest ahead.
+    report(&client, &a, &healthy(&others[0], 30)).await;
+    report(&client, &b, &healthy(&others[1], 20)).await;
+    let ctx = |id: &str| {
+        Context::new(
+            client.clone(),
+            settings(),
+            Arc::new(Metrics::default()),
+            Some(id.into()),
+        )
+    };
+    let (ctx_a, ctx_b) = (ctx("op-a"), ctx("op-b"));
+    let plan_a = promotion_planned(&ctx_a, "race", 2).await;
+    assert_eq!(plan_a.plan().status.primary.as_deref(), Some(a.as_str()));
+    // Then `b` reports further ahead, and B plans from its own view.
+    report(&client, &b, &healthy(&others[1], 40)).await;
+    let plan_b = promotion_planned(&ctx_b, "race", 2).await;
+    assert_eq!(plan_b.plan().status.primary.as_deref(), Some(b.as_str()));
+
+    let replicas: Api<BlockReplica> = Api::all(client.clone());
+    operator::controller::perform(&ctx_a, &plan_a)
+        .await
+        .expect("the first promotion is stored");
+    let stored_a = replicas.get(&a).await.unwrap();
+    assert_eq!(
+        (stored_a.spec.role, stored_a.spec.epoch),
+        (ReplicaRole::Primary, 2)
+    );
+    let b_before = replicas.get(&b).await.unwrap();
+
+    let second = operator::controller::perform(&ctx_b, &plan_b).await;
+    let b_after = replicas.get(&b).await.unwrap();
+    let primaries_at_2: Vec<String> = [&stored_a, &b_after]
+        .iter()
+        .filter(|r| r.spec.role == ReplicaRole::Primary && r.spec.epoch == 2)
+        .map(|r| r.name_any())
+        .collect();
+    assert!(
+        !(b_after.spec.role == ReplicaRole::Primary && b_after.spec.epoch == 2),
+        "two replicas were assigned Primary at epoch 2: {a} by the first reconcile, then \
+         {b} by the second (result {second:?})"
+    );
+    assert_eq!(
+        b_after.metadata.resource_version, b_before.metadata.resource_version,
+        "the stale plan wrote replica {b} (primaries at epoch 2: {primaries_at_2:?})"
+    );
+    assert!(
+        matches!(second, Err(operator::Error::Conflict(_))),
+        "the stale plan was not refused as a conflict: {second:?}"
+    );
+    let a_now = replicas.get(&a).await.unwrap();
+    assert_eq!(
+        (a_now.spec.role, a_now.spec.epoch),
+        (ReplicaRole::Primary, 2)
+    );
+
+    // Recomputed from a fresh view, B keeps the stored primary.
+    let again = operator::controller::prepare(&ctx_b, "race")
+        .await
+        .expect("prepare")
+        .expect("volume exists");
+    assert_eq!(
+        (
+            again.plan().status.epoch,
+            again.plan().status.primary.as_deref()
+        ),
+        (2, Some(a.as_str()))
+    );
+    assert!(
+        again
+            .plan()
+            .apply
+            .iter()
+            .all(|s| s.role != ReplicaRole::Primary || s.replica_id == a),
+        "{:?}",
+        again.plan().apply
+    );
+    operator::controller::perform(&ctx_b, &again)
+        .await
+        .expect("the recomputed plan is stored");
+}

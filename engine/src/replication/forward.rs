@@ -17,6 +17,15 @@
 //! - a request of a newer connection is handed to the handler only after every admitted
 //!   request of older connections of the same node for the same volume has finished.
 //!
+//! "Newer" orders connections by the attachment generation their requests carry first
+//! ([`AttachmentGeneration`]; a request without one counts as of the newest generation
+//! seen, so forwarders that send none are ordered by connection id alone, as before
+//! generations existed) and by connection id second. So a
+//! forwarder of an older attachment of the volume to the same node, dialling again after
+//! the current attachment's forwarder connected, never supersedes it: its requests are
+//! refused ("fenced: stale attachment"), and the current attachment's requests still
+//! wait for whatever the older one had admitted.
+//!
 //! A request already admitted (running inside the volume, e.g. waiting for WAL space)
 //! cannot be taken back; the second rule orders it before everything sent later, so a
 //! stale WRITE never overwrites a newer one. Connection ids grow on every accepted
@@ -37,7 +46,9 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::net::{NetConfig, NetError, client_handshake, spawn_writer};
 use super::types::{Epoch, VolumeId};
-use super::wire::{ForwardMsg, ForwardOp, ForwardPayload, ForwardStatus, Message};
+use super::wire::{
+    AttachmentGeneration, ForwardMsg, ForwardOp, ForwardPayload, ForwardStatus, Message,
+};
 
 /// Forwarded requests executed concurrently per data-port connection.
 pub const FORWARD_IN_FLIGHT_MAX: usize = 64;
@@ -82,13 +93,22 @@ impl ForwardOutcome {
     }
 }
 
+/// How new a connection's requests are: attachment generation, then connection id.
+type Rank = (u64, u64);
+
+/// The rank of `conn`'s request against `newest` (a request without a generation takes
+/// the newest one's).
+fn rank(conn: &ForwardConn, attachment: Option<AttachmentGeneration>, newest: Rank) -> Rank {
+    (attachment.map_or(newest.0, |g| g.0), conn.id)
+}
+
 /// Per (sending node, volume) state of the forwarded-request fence (see the module docs).
 #[derive(Default)]
 struct FenceEntry {
     /// The newest connection that sent a request for this key.
-    newest: u64,
+    newest: Rank,
     /// Admitted, unfinished requests per connection.
-    running: HashMap<u64, usize>,
+    running: HashMap<Rank, usize>,
 }
 
 /// The forwarded-request fences of one data port (see the module docs).
@@ -138,10 +158,17 @@ impl ForwardFences {
         Arc::new(Self::default())
     }
 
-    /// Records that `conn` of `node` sent a request for `volume` (it becomes the newest
-    /// connection of that node for the volume if it is newer), then waits until every
-    /// admitted request of older connections of that node for that volume has finished.
-    pub async fn arrive(&self, conn: &ForwardConn, node: &str, volume: &VolumeId) {
+    /// Records that `conn` of `node` sent a request for `volume` for the attachment
+    /// `attachment` (it becomes the newest connection of that node for the volume if it
+    /// is newer), then waits until every admitted request of older connections of that
+    /// node for that volume has finished.
+    pub async fn arrive(
+        &self,
+        conn: &ForwardConn,
+        node: &str,
+        volume: &VolumeId,
+        attachment: Option<AttachmentGeneration>,
+    ) {
         let key = (node.to_string(), volume.clone());
         loop {
             // Registered before the check, so a finish between check and wait wakes us.
@@ -149,8 +176,9 @@ impl ForwardFences {
             {
                 let mut m = lock(&self.entries);
                 let e = m.entry(key.clone()).or_default();
-                e.newest = e.newest.max(conn.id);
-                if !e.running.iter().any(|(c, n)| *c < conn.id && *n > 0) {
+                let mine = rank(conn, attachment, e.newest);
+                e.newest = e.newest.max(mine);
+                if !e.running.iter().any(|(c, n)| *c < mine && *n > 0) {
                     return;
                 }
             }
@@ -164,29 +192,38 @@ impl ForwardFences {
         conn: &ForwardConn,
         node: &str,
         volume: &VolumeId,
+        attachment: Option<AttachmentGeneration>,
     ) -> Result<Admitted, String> {
         let key = (node.to_string(), volume.clone());
         let mut m = lock(&self.entries);
         let e = m.entry(key.clone()).or_default();
+        let mine = rank(conn, attachment, e.newest);
         if conn.closed.load(Ordering::Acquire) {
             return Err(format!(
                 "cancelled: forward connection {} of node {node} is closed",
                 conn.id
             ));
         }
-        if e.newest > conn.id {
+        if e.newest.0 > mine.0 {
+            return Err(format!(
+                "fenced: stale attachment (node {node} forwards volume {volume} for \
+                 attachment generation {}, this connection for {})",
+                e.newest.0, mine.0
+            ));
+        }
+        if e.newest > mine {
             return Err(format!(
                 "cancelled: node {node} forwards volume {volume} on a newer connection"
             ));
         }
-        e.newest = e.newest.max(conn.id);
-        *e.running.entry(conn.id).or_default() += 1;
+        e.newest = e.newest.max(mine);
+        *e.running.entry(mine).or_default() += 1;
         Ok(Admitted {
-            fences: Some((self.clone(), key, conn.id)),
+            fences: Some((self.clone(), key, mine)),
         })
     }
 
-    fn finish(&self, key: &(String, VolumeId), conn: u64) {
+    fn finish(&self, key: &(String, VolumeId), conn: Rank) {
         {
             let mut m = lock(&self.entries);
             if let Some(e) = m.get_mut(key)
@@ -205,7 +242,7 @@ impl ForwardFences {
 /// An admitted forwarded request; dropping it marks the request finished.
 #[must_use = "the request counts as running while this lives"]
 pub struct Admitted {
-    fences: Option<(Arc<ForwardFences>, (String, VolumeId), u64)>,
+    fences: Option<(Arc<ForwardFences>, (String, VolumeId), Rank)>,
 }
 
 impl Drop for Admitted {
@@ -220,6 +257,7 @@ impl Drop for Admitted {
 pub struct ForwardSource {
     node: String,
     fence: Option<(Arc<ForwardFences>, Arc<ForwardConn>, VolumeId)>,
+    attachment: Option<AttachmentGeneration>,
 }
 
 impl ForwardSource {
@@ -233,6 +271,7 @@ impl ForwardSource {
         Self {
             node: node.to_string(),
             fence: Some((fences, conn, volume)),
+            attachment: None,
         }
     }
 
@@ -242,7 +281,20 @@ impl ForwardSource {
         Self {
             node: node.to_string(),
             fence: None,
+            attachment: None,
         }
+    }
+
+    /// The attachment generation the forwarder says it serves (see
+    /// [`AttachmentGeneration`]).
+    pub fn with_attachment(mut self, attachment: Option<AttachmentGeneration>) -> Self {
+        self.attachment = attachment;
+        self
+    }
+
+    /// The attachment generation the request was sent under, if the forwarder knows one.
+    pub fn attachment(&self) -> Option<AttachmentGeneration> {
+        self.attachment
     }
 
     /// The node that sent the request (authenticated by the data-port handshake).
@@ -258,7 +310,7 @@ impl ForwardSource {
                 !conn.closed.load(Ordering::Acquire)
                     && lock(&f.entries)
                         .get(&(self.node.clone(), volume.clone()))
-                        .is_none_or(|e| e.newest <= conn.id)
+                        .is_none_or(|e| e.newest <= rank(conn, self.attachment, e.newest))
             }
         }
     }
@@ -269,7 +321,7 @@ impl ForwardSource {
     pub fn admit(&self) -> Result<Admitted, String> {
         match &self.fence {
             None => Ok(Admitted { fences: None }),
-            Some((f, conn, volume)) => f.admit(conn, &self.node, volume),
+            Some((f, conn, volume)) => f.admit(conn, &self.node, volume, self.attachment),
         }
     }
 }
@@ -282,8 +334,8 @@ impl ForwardSource {
 /// its local NBD export uses, so the durability gate and the fences apply), and answers
 /// `NotPrimary` (no serving primary here, or a newer epoch was offered) or `StaleEpoch`
 /// (the offered epoch is older) otherwise, so the forwarder re-resolves. It may refuse a
-/// sender (`from.node()`) it does not accept with `Io`, which the forwarder does not
-/// retry.
+/// sender (`from.node()`, `from.attachment()`) it does not accept with `Io`, which the
+/// forwarder does not retry.
 pub trait ForwardHandler: Send + Sync + 'static {
     fn handle(
         &self,
@@ -344,6 +396,8 @@ impl ClientShared {
 /// Dropping it closes the connection.
 pub struct ForwardClient {
     shared: Arc<ClientShared>,
+    /// Sent with every request (see [`ForwardClient::with_attachment`]).
+    attachment: Option<AttachmentGeneration>,
     tx: mpsc::Sender<Message>,
     next_id: AtomicU64,
     request_timeout_ms: u64,
@@ -467,11 +521,19 @@ impl ForwardClient {
         });
         Ok(Self {
             shared,
+            attachment: None,
             tx,
             next_id: AtomicU64::new(1),
             request_timeout_ms,
             tasks: vec![writer.abort_handle(), read.abort_handle()],
         })
+    }
+
+    /// Sends `attachment` with every request of this connection, so the primary can
+    /// refuse a forwarder of an older attachment of the volume.
+    pub fn with_attachment(mut self, attachment: Option<AttachmentGeneration>) -> Self {
+        self.attachment = attachment;
+        self
     }
 
     /// The data port this client is connected to.
@@ -512,6 +574,7 @@ impl ForwardClient {
             volume: volume.clone(),
             epoch,
             op,
+            attachment: self.attachment,
         });
         if self.tx.send(msg).await.is_err() {
             self.shared.fail("writer stopped".into());
@@ -584,20 +647,20 @@ mod tests {
     async fn a_newer_connection_of_the_node_supersedes_and_waits_for_admitted_requests() {
         let f = ForwardFences::new();
         let (old, new) = (ForwardConn::new(1), ForwardConn::new(2));
-        f.arrive(&old, "a", &vol()).await;
+        f.arrive(&old, "a", &vol(), None).await;
         let old_src = ForwardSource::connection("a", f.clone(), old.clone(), vol());
         let running = old_src.admit().expect("admitted");
         // Another node's connections and other volumes are independent.
         let other = ForwardConn::new(3);
-        f.arrive(&other, "b", &vol()).await;
-        f.arrive(&other, "a", &VolumeId::new("w".to_string()).unwrap())
+        f.arrive(&other, "b", &vol(), None).await;
+        f.arrive(&other, "a", &VolumeId::new("w".to_string()).unwrap(), None)
             .await;
         assert!(old_src.is_current());
 
         let waiter = {
             let f = f.clone();
             let new = new.clone();
-            tokio::spawn(async move { f.arrive(&new, "a", &vol()).await })
+            tokio::spawn(async move { f.arrive(&new, "a", &vol(), None).await })
         };
         // The newer connection is recorded at once: nothing of the old one is admitted
         // any more, while the one already running holds the newer one back.
@@ -610,5 +673,68 @@ mod tests {
         waiter.await.unwrap();
         let new_src = ForwardSource::connection("a", f.clone(), new, vol());
         drop(new_src.admit().expect("the newer connection is admitted"));
+    }
+
+    /// A connection sending for an older attachment generation, though dialled later,
+    /// never supersedes one of a newer attachment: its requests are refused as a stale
+    /// attachment, the newer one's keep being admitted. The newer attachment still waits
+    /// for what the older one had admitted.
+    #[tokio::test]
+    async fn an_older_attachment_never_supersedes_a_newer_one() {
+        let f = ForwardFences::new();
+        let g = |n| Some(AttachmentGeneration(n));
+        let (first, current, redial) = (
+            ForwardConn::new(1),
+            ForwardConn::new(2),
+            ForwardConn::new(3),
+        );
+        f.arrive(&first, "b", &vol(), g(1)).await;
+        let first_src =
+            ForwardSource::connection("b", f.clone(), first.clone(), vol()).with_attachment(g(1));
+        let running = first_src.admit().expect("admitted");
+        let waiter = {
+            let f = f.clone();
+            let current = current.clone();
+            tokio::spawn(async move { f.arrive(&current, "b", &vol(), g(2)).await })
+        };
+        while first_src.is_current() {
+            tokio::task::yield_now().await;
+        }
+        assert!(
+            !waiter.is_finished(),
+            "generation 2 ran before generation 1's admitted request finished"
+        );
+        drop(running);
+        waiter.await.unwrap();
+        let current_src =
+            ForwardSource::connection("b", f.clone(), current, vol()).with_attachment(g(2));
+
+        f.arrive(&redial, "b", &vol(), g(1)).await;
+        let redial_src =
+            ForwardSource::connection("b", f.clone(), redial, vol()).with_attachment(g(1));
+        assert!(!redial_src.is_current());
+        let e = redial_src
+            .admit()
+            .err()
+            .expect("a stale attachment was admitted");
+        assert!(e.starts_with("fenced: stale attachment"), "{e}");
+        assert!(current_src.is_current());
+        drop(
+            current_src
+                .admit()
+                .expect("the current attachment is admitted"),
+        );
+
+        // A connection that sends no generation (a tool, an older build, an export
+        // restored at agent start) is ordered by its id alone, as before generations.
+        let plain = ForwardConn::new(4);
+        f.arrive(&plain, "b", &vol(), None).await;
+        let plain_src = ForwardSource::connection("b", f.clone(), plain, vol());
+        drop(
+            plain_src
+                .admit()
+                .expect("a later connection without a generation"),
+        );
+        assert!(!current_src.is_current());
     }
 }

@@ -37,8 +37,8 @@ pub use types::{
 };
 pub use volume_log::VolumeLog;
 pub use wire::{
-    Body, ForwardMsg, ForwardOp, ForwardPayload, ForwardStatus, Message, VolumeMsg, WireConfig,
-    WireError,
+    AttachmentGeneration, Body, ForwardMsg, ForwardOp, ForwardPayload, ForwardStatus, Message,
+    VolumeMsg, WireConfig, WireError,
 };
 
 /// Connection handle chosen by the core; the I/O shell maps it to a socket.

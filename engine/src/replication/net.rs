@@ -566,6 +566,7 @@ async fn serve_conn(s: Arc<ServerShared>, stream: TcpStream, peer: SocketAddr) {
                     volume,
                     epoch,
                     op,
+                    attachment,
                 })) => {
                     // Bounded: at most FORWARD_IN_FLIGHT_MAX requests run per connection;
                     // the reader waits (TCP backpressure) beyond that.
@@ -581,12 +582,17 @@ async fn serve_conn(s: Arc<ServerShared>, stream: TcpStream, peer: SocketAddr) {
                     tokio::spawn(async move {
                         // Requests this node sent on its older connections for this volume
                         // finish (or are cancelled) before this one runs.
-                        fences.arrive(&fconn, &node, &volume).await;
-                        let from = ForwardSource::connection(&node, fences, fconn, volume.clone());
+                        fences.arrive(&fconn, &node, &volume, attachment).await;
+                        let from = ForwardSource::connection(&node, fences, fconn, volume.clone())
+                            .with_attachment(attachment);
                         let outcome = match handler {
+                            // The fence's own reason (closed, superseded, stale attachment).
                             Some(_) if !from.is_current() => ForwardOutcome::failed(
                                 ForwardStatus::Io,
-                                "cancelled: the forward connection was closed or superseded".into(),
+                                from.admit().err().unwrap_or_else(|| {
+                                    "cancelled: the forward connection was closed or superseded"
+                                        .into()
+                                }),
                             ),
                             Some(h) => tokio::task::spawn_blocking(move || {
                                 h.handle(&from, &volume, epoch, op)

@@ -11,6 +11,8 @@
 //! (error code 8), `BeyondSize` (9) and `SessionOwned` (10) are such additions, and so are
 //! `RESUME_REQ_FROM` and `REBUILD_START_FROM`: the handshakes followed by the primary's
 //! ReplicaID. Frames of the older handshake types still decode (identity None).
+//! `FORWARD_REQ_ATTACHED` is `FORWARD_REQ` followed by the forwarder's attachment
+//! generation (u64); a request without one is still sent and decoded as `FORWARD_REQ`.
 
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
@@ -309,6 +311,19 @@ pub enum ForwardPayload {
     Geometry { size_bytes: u64, block_size: u32 },
 }
 
+/// Which attachment of a volume a forwarder serves: the CSI controller bumps it with
+/// every ControllerPublish (the BlockVolume annotation
+/// `blockvol.io/attachment-generation`), so the primary can tell a forwarder of the
+/// current attachment from one left over by an older attachment to the same node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct AttachmentGeneration(pub u64);
+
+impl std::fmt::Display for AttachmentGeneration {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
 /// Forwarded-IO messages; `id` pairs a reply with its request on one connection.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ForwardMsg {
@@ -318,6 +333,9 @@ pub enum ForwardMsg {
         /// The epoch the forwarder believes is current.
         epoch: Epoch,
         op: ForwardOp,
+        /// The attachment the forwarder serves (None: a forwarder that knows none, such
+        /// as a tool's export or an older build).
+        attachment: Option<AttachmentGeneration>,
     },
     Reply {
         id: u64,
@@ -353,6 +371,8 @@ mod ty {
     pub const ERROR: u8 = 0x1f;
     pub const FORWARD_REQ: u8 = 0x30;
     pub const FORWARD_REPLY: u8 = 0x31;
+    /// FORWARD_REQ followed by the forwarder's attachment generation.
+    pub const FORWARD_REQ_ATTACHED: u8 = 0x32;
 }
 
 mod fop {
@@ -490,7 +510,13 @@ fn type_of(msg: &Message) -> u8 {
             Body::HeartbeatAck { .. } => ty::HEARTBEAT_ACK,
             Body::Error { .. } => ty::ERROR,
         },
-        Message::Forward(ForwardMsg::Request { .. }) => ty::FORWARD_REQ,
+        Message::Forward(ForwardMsg::Request {
+            attachment: None, ..
+        }) => ty::FORWARD_REQ,
+        Message::Forward(ForwardMsg::Request {
+            attachment: Some(_),
+            ..
+        }) => ty::FORWARD_REQ_ATTACHED,
         Message::Forward(ForwardMsg::Reply { .. }) => ty::FORWARD_REPLY,
     }
 }
@@ -515,6 +541,7 @@ fn encode_forward(m: &ForwardMsg, w: &mut W) {
             volume,
             epoch,
             op,
+            attachment,
         } => {
             w.u64(*id);
             w.str(volume.as_str());
@@ -547,6 +574,9 @@ fn encode_forward(m: &ForwardMsg, w: &mut W) {
                     w.u64(*offset);
                     w.u64(*length);
                 }
+            }
+            if let Some(g) = attachment {
+                w.u64(g.0);
             }
         }
         ForwardMsg::Reply {
@@ -584,7 +614,11 @@ fn forward_data(r: &mut R<'_>, max: usize) -> Result<Vec<u8>, WireError> {
         .to_vec())
 }
 
-fn decode_forward_request(r: &mut R<'_>, max: usize) -> Result<ForwardMsg, WireError> {
+fn decode_forward_request(
+    r: &mut R<'_>,
+    max: usize,
+    attached: bool,
+) -> Result<ForwardMsg, WireError> {
     let id = r.u64("forward.id")?;
     let vol = r.string("forward.volume", super::types::IDENT_LEN_MAX)?;
     let volume = VolumeId::new(vol).map_err(|e| WireError::InvalidField {
@@ -629,11 +663,17 @@ fn decode_forward_request(r: &mut R<'_>, max: usize) -> Result<ForwardMsg, WireE
             });
         }
     };
+    let attachment = if attached {
+        Some(AttachmentGeneration(r.u64("forward.attachment")?))
+    } else {
+        None
+    };
     Ok(ForwardMsg::Request {
         id,
         volume,
         epoch,
         op,
+        attachment,
     })
 }
 
@@ -1012,7 +1052,8 @@ fn decode_payload(t: u8, p: &[u8], max: usize) -> Result<Message, WireError> {
                 body,
             })
         }
-        ty::FORWARD_REQ => Message::Forward(decode_forward_request(&mut r, max)?),
+        ty::FORWARD_REQ => Message::Forward(decode_forward_request(&mut r, max, false)?),
+        ty::FORWARD_REQ_ATTACHED => Message::Forward(decode_forward_request(&mut r, max, true)?),
         ty::FORWARD_REPLY => Message::Forward(decode_forward_reply(&mut r, max)?),
         other => return Err(WireError::UnknownType(other)),
     };
