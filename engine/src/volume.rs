@@ -671,6 +671,15 @@ impl Volume {
         self.inner.kick();
     }
 
+    /// Ends a primary term's WAL retention: the flusher may free the WAL past the old
+    /// floor again. The extent limit stays until replicated entries arrive or a
+    /// truncation or rebuild replaces the history, so a demoted primary can still drop
+    /// an unreplicated suffix without repairing its extent.
+    pub fn release_retention_floor(&self) {
+        self.inner.retention_floor.store(0, Ordering::Release);
+        self.inner.kick();
+    }
+
     /// The LSN the flusher copies no further than, if any (see `set_retention_floor`).
     pub fn extent_limit(&self) -> Option<Lsn> {
         match self.inner.extent_limit.load(Ordering::Acquire) {

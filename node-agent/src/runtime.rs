@@ -524,7 +524,13 @@ impl EngineRuntime {
         }
         p.reports.abort();
         l.vol.set_append_observer(None);
+        // Connections of the removed export may still hold the handle: the driver stops
+        // now. The WAL it held for lagging peers was the term's; as a replica a floor left
+        // behind would pin the WAL until it fills (the driver releases it too when it is
+        // dropped, after any step still running).
+        p.handle.halt();
         drop(p.handle);
+        l.vol.release_retention_floor();
         tracing::info!(volume, "primary stopped");
     }
 

@@ -1032,3 +1032,81 @@ async fn an_export_of_an_older_attachment_to_the_same_node_is_fenced() {
         .await
         .expect("the new attachment flushes");
 }
+
+/// A primary whose WAL was held for a lagging peer (its retention floor) is demoted and
+/// receives as a replica: the floor of its primary term must go with the term. Kept, it
+/// pins the WAL at the lagging peer's LSN, the replica's WAL fills once the new primary
+/// has shipped a WAL's worth, and the replica fails with "WAL full".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_demoted_primary_frees_its_wal_as_a_replica() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (node("a").await, node("b").await);
+    let rb = assignment(&dir.path().join("b"), "r2", ReplicaRole::Replica, 1, None);
+    b.runtime.open(&rb).await.unwrap();
+    b.runtime.apply(&rb).await.unwrap();
+    // r1 ships to r2 (in sync) and to r3, a peer out of the in-sync set that never
+    // answers: the primary keeps WAL for it from its first entry on.
+    let mut ra = assignment(
+        &dir.path().join("a"),
+        "r1",
+        ReplicaRole::Primary,
+        1,
+        Some(("r2", &b.address)),
+    );
+    ra.peers.push(Peer {
+        replica_id: "r3".into(),
+        node: "c".into(),
+        address: Some("127.0.0.1:1".into()),
+    });
+    a.runtime.open(&ra).await.unwrap();
+    a.runtime.apply(&ra).await.unwrap();
+    let backend = export_of(&a);
+    until_serving(&backend).await;
+    blocking(move || {
+        for i in 0..64u64 {
+            backend.write(i * 4096, &[1u8; 4096]).expect("write");
+        }
+        backend.flush().expect("flush with r2");
+    })
+    .await;
+
+    // r1 is demoted, r2 promoted at epoch 2 shipping to r1.
+    let demoted = Assignment {
+        role: ReplicaRole::Replica,
+        epoch: 2,
+        peers: vec![],
+        ..ra.clone()
+    };
+    a.runtime.apply(&demoted).await.unwrap();
+    let promoted = assignment(
+        &dir.path().join("b"),
+        "r2",
+        ReplicaRole::Primary,
+        2,
+        Some(("r1", &a.address)),
+    );
+    b.runtime.apply(&promoted).await.unwrap();
+    let nb = export_of(&b);
+    until_serving(&nb).await;
+    // Three WALs' worth (the WAL is 4 MiB), each MiB flushed with r1 in the set.
+    let written = blocking(move || {
+        for round in 0..12u64 {
+            for i in 0..256u64 {
+                nb.write((i % 1024) * 4096, &[round as u8; 4096])
+                    .map_err(|e| format!("write {round}/{i}: {e}"))?;
+            }
+            nb.flush().map_err(|e| format!("flush {round}: {e}"))?;
+        }
+        Ok::<(), String>(())
+    })
+    .await;
+    written.expect("the new primary's writes and flushes with r1 in sync");
+    let sa = a.runtime.status("r1").await.unwrap();
+    let sb = b.runtime.status("r2").await.unwrap();
+    assert!(
+        sa.flushed_lsn >= sb.flushed_lsn,
+        "r1 fell behind: flushed {} of the primary's {}",
+        sa.flushed_lsn,
+        sb.flushed_lsn
+    );
+}

@@ -792,7 +792,15 @@ impl PrimaryHandle {
         rx.await.ok()
     }
 
+    /// Stops the driver and lets go of the volume.
     pub fn stop(self) {
+        self.halt();
+    }
+
+    /// Stops the driver now, also while other holders of the handle (connections still
+    /// draining on a removed export) keep it: nothing is shipped or retained on the
+    /// volume's behalf after this.
+    pub fn halt(&self) {
         self.vol.set_append_observer(None);
         self.task.abort();
     }
@@ -801,6 +809,14 @@ impl PrimaryHandle {
 impl Drop for PrimaryHandle {
     fn drop(&mut self) {
         self.task.abort();
+    }
+}
+
+impl Drop for Driver {
+    /// The term ends with the driver: the WAL it held for lagging peers is free again.
+    /// This runs after its last step, so no floor set by a step outlives the term.
+    fn drop(&mut self) {
+        self.log.release_retention_floor();
     }
 }
 

@@ -57,6 +57,11 @@ fn map(e: crate::Error) -> Error {
 }
 
 impl VolumeLog {
+    /// Ends the primary term's WAL retention (see [`Volume::release_retention_floor`]).
+    pub(crate) fn release_retention_floor(&self) {
+        self.vol.release_retention_floor();
+    }
+
     pub fn new(vol: Arc<Volume>) -> Self {
         Self {
             vol,
