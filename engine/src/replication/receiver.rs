@@ -5,6 +5,8 @@
 //! fsynced, with a flushed LSN that never moves backwards within a session. An entry or
 //! base block beyond the replica's size (an expansion it has not applied yet) is refused
 //! with `BeyondSize` and leaves the replica healthy; other storage errors fail it.
+//! A refused truncation ends the session on its connection: nothing the primary
+//! pipelined after it (entries, barriers) is accepted there until a new handshake.
 //!
 //! One primary per epoch: the first primary that opens a session (resume or rebuild
 //! handshake) naming its ReplicaID at epoch E owns E here; a handshake at E from another
@@ -427,6 +429,7 @@ impl ReceiverCore {
                     return;
                 }
                 if log.epoch_at(after) != Some(expect_epoch) {
+                    self.end_session_on(conn);
                     out.push(self.error(
                         conn,
                         epoch,
@@ -442,6 +445,7 @@ impl ReceiverCore {
                         self.flushed_reported = self.flushed_reported.min(after);
                     }
                     Err(e) => {
+                        self.end_session_on(conn);
                         out.push(self.error(conn, epoch, ErrorCode::TruncateRefused, e.to_string()))
                     }
                 }
@@ -541,6 +545,14 @@ impl ReceiverCore {
                 });
             }
         }
+    }
+
+    /// A refused truncation ends the session on `conn`: the entries and the barrier the
+    /// primary sent after it assume the truncation happened, and would land on top of a
+    /// suffix that diverged from the primary's history (a new handshake is needed).
+    fn end_session_on(&mut self, conn: ConnId) {
+        self.binding.conns.remove(&conn);
+        self.pending.retain(|p| p.conn != conn);
     }
 
     /// Whether `conn` carries the accepted session at `epoch`.
