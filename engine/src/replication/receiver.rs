@@ -34,6 +34,10 @@ pub struct ReceiverConfig {
     /// the session to one primary), so the simulation can prove its checker catches
     /// stale-epoch writes. Never set in production.
     pub test_knob_accept_stale_epoch: bool,
+    /// Test-only: accept a handshake at the session's epoch from any primary (no
+    /// binding of an epoch to the first named primary), so the simulation can prove its
+    /// checker catches two primaries at one epoch. Never set in production.
+    pub test_knob_no_session_binding: bool,
 }
 
 impl Default for ReceiverConfig {
@@ -42,6 +46,7 @@ impl Default for ReceiverConfig {
             barrier_timeout_ms: 5_000,
             pending_barriers_max: 1024,
             test_knob_accept_stale_epoch: false,
+            test_knob_no_session_binding: false,
         }
     }
 }
@@ -571,6 +576,13 @@ impl ReceiverCore {
         primary: Option<ReplicaId>,
     ) -> Result<(), String> {
         if self.cfg.test_knob_accept_stale_epoch {
+            return Ok(());
+        }
+        if self.cfg.test_knob_no_session_binding {
+            if self.session_epoch != Some(epoch) {
+                self.binding.conns.clear();
+            }
+            self.binding.conns.insert(conn, primary);
             return Ok(());
         }
         match (&self.binding.owner, &primary) {
