@@ -44,6 +44,9 @@
 //! Every run is reproducible from its seed:
 //! `SIM_SEED=123 cargo test -p engine --test replication_sim -- --nocapture`
 //! `SIM_SEEDS=20000` runs more seeds than the default.
+//! `SIM_KNOBS=no_io_fence,...` runs the main test with protections off (see
+//! `knobs_from_env`); `SIM_CHECK_READS=1` cross-checks every single-block read
+//! (`MemLog::visible_block`) against the whole visible state.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
