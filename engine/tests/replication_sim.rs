@@ -1967,6 +1967,20 @@ impl Sim {
             if epoch < self.cp.epoch {
                 *self.stats.entry("deposed_serving_ms".into()).or_default() += 1;
             }
+            let n = &self.nodes[p];
+            if n.lease_latched || self.now >= n.lease_renewed_ms + LEASE_MS {
+                // Serving on the member proof alone (no fresh Lease).
+                *self
+                    .stats
+                    .entry("served_on_member_proof_ms".into())
+                    .or_default() += 1;
+                if self.nodes.len() == 1 && self.now < self.cp.down_until_ms {
+                    *self
+                        .stats
+                        .entry("rf1_served_in_outage_ms".into())
+                        .or_default() += 1;
+                }
+            }
             if self.rng.ppm(40_000) {
                 // Half of the reads go to the forwarded blocks: their writes go on
                 // while local writes pause after a failover.
@@ -2639,6 +2653,8 @@ fn simulation_holds_durability_ordering_and_fencing_invariants() {
             "fwd_timeout",
             "fwd_fence_cancelled",
             "fwd_write_acked",
+            "served_on_member_proof_ms",
+            "rf1_served_in_outage_ms",
         ] {
             assert!(
                 stats.get(k).copied().unwrap_or(0) > 0,
