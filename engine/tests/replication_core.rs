@@ -2169,5 +2169,113 @@ fn recovery_bytes_count_rebuild_blocks_and_entries_as_rebuild() {
         r0.catch_up,
         before.map_or(0, |b| b.catch_up),
         "a rebuild adds nothing to catch-up bytes"
+/// A primary pipelines a truncation, the catch-up entries and a barrier. When the replica
+/// refuses the truncation (its entry at the divergence point has another epoch: its own
+/// suffix diverged further down), it must accept nothing more of that session: the
+/// entries after its head would land on top of its diverged suffix, the barrier would
+/// report them durable, and the primary's log matching (which compares the epoch at the
+/// replica's flushed LSN) would then take the mixed log for its own.
+#[test]
+fn a_replica_that_refused_a_truncation_accepts_no_entries_of_that_session() {
+    let mut core = ReceiverCore::new(vol(), ReceiverConfig::default());
+    let mut log = MemLog::new();
+    log.set_epoch(Epoch(1)).unwrap();
+    for _ in 1..=5 {
+        log.append_local(EntryKind::Write, Lba(0), 1, vec![1; 8])
+            .unwrap();
+    }
+    // Its own suffix at epoch 2 (a primary at epoch 2 that replicated none of it).
+    log.set_epoch(Epoch(2)).unwrap();
+    for _ in 6..=8 {
+        log.append_local(EntryKind::Write, Lba(1), 1, vec![2; 8])
+            .unwrap();
+    }
+    log.sync().unwrap();
+    let mut send = |log: &mut MemLog, body: Body| {
+        core.step(
+            1,
+            ReceiverInput::Received {
+                conn: ConnId(1),
+                msg: VolumeMsg {
+                    volume: vol(),
+                    epoch: Epoch(3),
+                    body,
+                },
+            },
+            log,
+        )
+        .into_iter()
+        .filter_map(|a| match a {
+            ReceiverAction::Send { msg, .. } => Some(msg.body),
+            ReceiverAction::Close { .. } => None,
+        })
+        .collect::<Vec<_>>()
+    };
+    let r = send(
+        &mut log,
+        Body::ResumeRequest {
+            session: 1,
+            head: Lsn(10),
+            retained_start: Lsn(1),
+            primary: Some(rid("p")),
+        },
+    );
+    assert!(
+        matches!(r.as_slice(), [Body::ResumeResponse { .. }]),
+        "{r:?}"
+    );
+    // The primary's history: epoch 1 up to 7, then its own entries at epoch 3.
+    let r = send(
+        &mut log,
+        Body::Truncate {
+            session: 1,
+            after: Lsn(7),
+            expect_epoch: Epoch(1),
+        },
+    );
+    assert!(
+        matches!(
+            r.as_slice(),
+            [Body::Error {
+                code: engine::replication::wire::ErrorCode::TruncateRefused,
+                ..
+            }]
+        ),
+        "{r:?}"
+    );
+    for lsn in 8..=10 {
+        send(
+            &mut log,
+            Body::Entry(engine::replication::WalEntry {
+                lsn: Lsn(lsn),
+                epoch: if lsn <= 7 { Epoch(1) } else { Epoch(3) },
+                kind: EntryKind::Write,
+                lba: Lba(2),
+                blocks: 1,
+                data: vec![3; 8],
+            }),
+        );
+    }
+    let r = send(
+        &mut log,
+        Body::BarrierRequest {
+            id: 1,
+            lsn: Lsn(10),
+        },
+    );
+    assert_eq!(
+        log.head_lsn(),
+        Lsn(8),
+        "entries were appended on top of the diverged suffix"
+    );
+    assert!(
+        !r.iter().any(|b| matches!(
+            b,
+            Body::BarrierResponse {
+                status: engine::replication::wire::BarrierStatus::Ok,
+                ..
+            }
+        )),
+        "a barrier was answered after the refused truncation: {r:?}"
     );
 }

@@ -5,6 +5,8 @@
 //! fsynced, with a flushed LSN that never moves backwards within a session. An entry or
 //! base block beyond the replica's size (an expansion it has not applied yet) is refused
 //! with `BeyondSize` and leaves the replica healthy; other storage errors fail it.
+//! A refused truncation ends the session on its connection: nothing the primary
+//! pipelined after it (entries, barriers) is accepted there until a new handshake.
 //!
 //! One primary per epoch: the first primary that opens a session (resume or rebuild
 //! handshake) naming its ReplicaID at epoch E owns E here; a handshake at E from another
@@ -32,6 +34,10 @@ pub struct ReceiverConfig {
     /// the session to one primary), so the simulation can prove its checker catches
     /// stale-epoch writes. Never set in production.
     pub test_knob_accept_stale_epoch: bool,
+    /// Test-only: accept a handshake at the session's epoch from any primary (no
+    /// binding of an epoch to the first named primary), so the simulation can prove its
+    /// checker catches two primaries at one epoch. Never set in production.
+    pub test_knob_no_session_binding: bool,
 }
 
 impl Default for ReceiverConfig {
@@ -40,6 +46,7 @@ impl Default for ReceiverConfig {
             barrier_timeout_ms: 5_000,
             pending_barriers_max: 1024,
             test_knob_accept_stale_epoch: false,
+            test_knob_no_session_binding: false,
         }
     }
 }
@@ -427,6 +434,7 @@ impl ReceiverCore {
                     return;
                 }
                 if log.epoch_at(after) != Some(expect_epoch) {
+                    self.end_session_on(conn);
                     out.push(self.error(
                         conn,
                         epoch,
@@ -442,6 +450,7 @@ impl ReceiverCore {
                         self.flushed_reported = self.flushed_reported.min(after);
                     }
                     Err(e) => {
+                        self.end_session_on(conn);
                         out.push(self.error(conn, epoch, ErrorCode::TruncateRefused, e.to_string()))
                     }
                 }
@@ -543,6 +552,14 @@ impl ReceiverCore {
         }
     }
 
+    /// A refused truncation ends the session on `conn`: the entries and the barrier the
+    /// primary sent after it assume the truncation happened, and would land on top of a
+    /// suffix that diverged from the primary's history (a new handshake is needed).
+    fn end_session_on(&mut self, conn: ConnId) {
+        self.binding.conns.remove(&conn);
+        self.pending.retain(|p| p.conn != conn);
+    }
+
     /// Whether `conn` carries the accepted session at `epoch`.
     fn in_session(&self, conn: ConnId, epoch: Epoch) -> bool {
         self.session_epoch == Some(epoch)
@@ -559,6 +576,13 @@ impl ReceiverCore {
         primary: Option<ReplicaId>,
     ) -> Result<(), String> {
         if self.cfg.test_knob_accept_stale_epoch {
+            return Ok(());
+        }
+        if self.cfg.test_knob_no_session_binding {
+            if self.session_epoch != Some(epoch) {
+                self.binding.conns.clear();
+            }
+            self.binding.conns.insert(conn, primary);
             return Ok(());
         }
         match (&self.binding.owner, &primary) {

@@ -266,6 +266,44 @@ impl MemLog {
         s
     }
 
+    /// What a volume reads at one block: `visible_state()` at `lba` without building
+    /// the whole state (the simulation reads single blocks often).
+    pub fn visible_block(&self, lba: Lba) -> Option<Vec<u8>> {
+        let covers = |e: &WalEntry| {
+            e.kind != EntryKind::Padding
+                && lba >= e.lba
+                && lba.0 < e.lba.0.saturating_add(u64::from(e.blocks.max(1)))
+        };
+        let block = |e: &WalEntry| {
+            let mut s = Blocks::new();
+            apply(&mut s, e);
+            s.remove(&lba)
+        };
+        let newer = |e: &&WalEntry| e.lsn > self.checkpoint;
+        if let Some(e) = self
+            .entries
+            .iter()
+            .rev()
+            .take_while(newer)
+            .find(|e| covers(e))
+        {
+            return block(e);
+        }
+        if let Some(v) = self.ahead.get(&lba) {
+            return v.clone();
+        }
+        match self
+            .entries
+            .iter()
+            .rev()
+            .skip_while(newer)
+            .find(|e| covers(e))
+        {
+            Some(e) => block(e),
+            None => self.origin_state.get(&lba).cloned(),
+        }
+    }
+
     /// Where a flusher cycle moves the checkpoint: the durable point, capped by the
     /// extent limit.
     fn checkpoint_target(&self) -> Lsn {
