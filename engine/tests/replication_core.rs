@@ -2169,6 +2169,9 @@ fn recovery_bytes_count_rebuild_blocks_and_entries_as_rebuild() {
         r0.catch_up,
         before.map_or(0, |b| b.catch_up),
         "a rebuild adds nothing to catch-up bytes"
+    );
+}
+
 /// A primary pipelines a truncation, the catch-up entries and a barrier. When the replica
 /// refuses the truncation (its entry at the divergence point has another epoch: its own
 /// suffix diverged further down), it must accept nothing more of that session: the
