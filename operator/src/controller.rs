@@ -441,7 +441,7 @@ async fn apply_volume(cached: Arc<BlockVolume>, ctx: &Context) -> Result<Action>
         tracing::info!(volume = %name, reason = e.reason, note = %e.note, "event");
         publish(ctx, &vol, e.warning, e.reason, e.note.clone()).await;
     }
-    ctx.metrics.set_phase(&name, Some(p.status.phase));
+    ctx.metrics.set_volume(&name, vol.spec.replicas, &p.status);
 
     // Come back when the primary's lease would run out: expiry makes no watch event.
     let mut after = Duration::from_millis(ctx.settings.resync_interval_ms);
