@@ -57,7 +57,8 @@ impl Error {
         }
     }
 
-    /// Label for the reconcile error metric.
+    /// The `reason` label of a failed reconcile; `metrics::RECONCILE_ERROR_REASONS` lists
+    /// every value (keep them in step).
     pub fn metric_label(&self) -> &'static str {
         match self {
             Error::Kube(_) => "KubeApi",

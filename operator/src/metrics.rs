@@ -33,6 +33,19 @@ pub const REQUEST_TIMEOUT_MS: u64 = 5_000;
 
 type Labels = Vec<(String, String)>;
 
+/// Every `result` of a reconcile and every `reason` of a failed one (the values of
+/// `Error::metric_label`): their series exist from the start, at zero, so a rate over
+/// them works from the first failure on.
+pub const RECONCILE_RESULTS: [&str; 2] = ["ok", "error"];
+pub const RECONCILE_ERROR_REASONS: [&str; 6] = [
+    "KubeApi",
+    "Finalizer",
+    "MissingField",
+    "Waiting",
+    "LostLeadership",
+    "Metrics",
+];
+
 /// Content type of `/metrics`: the exposition is OpenMetrics text (it ends in `# EOF`).
 pub const OPENMETRICS_CONTENT_TYPE: &str =
     "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -126,6 +139,14 @@ impl Default for Metrics {
             "1 while the volume's status names a primary replica",
             volume_has_primary.clone(),
         );
+        for result in RECONCILE_RESULTS {
+            let l = vec![("result".to_string(), result.to_string())];
+            let _ = reconciles.get_or_create(&l);
+            let _ = duration.get_or_create(&l);
+        }
+        for reason in RECONCILE_ERROR_REASONS {
+            let _ = errors.get_or_create(&vec![("reason".to_string(), reason.to_string())]);
+        }
         Metrics {
             registry,
             reconciles,
@@ -322,6 +343,11 @@ mod tests {
     #[test]
     fn reconcile_counters_are_labelled() {
         let m = Metrics::default();
+        let text = m.render();
+        assert!(
+            text.contains("blockvol_operator_reconcile_errors_total{reason=\"Waiting\"} 0"),
+            "every reason at zero before the first failure: {text}"
+        );
         m.reconciled("ok", 0.01);
         m.reconcile_failed("Kube");
         let text = m.render();
