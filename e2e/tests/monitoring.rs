@@ -254,3 +254,55 @@ fn metric_names_finds_identifiers_not_labels_or_functions() {
         ]
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_agents_report_replica_ready_conditions_with_the_state_as_reason() {
+    use api::BlockReplica;
+    use api::replica::replica_condition;
+    use kube::Api;
+    let cluster = TestCluster::start(TestClusterOptions::nodes(2))
+        .await
+        .expect("cluster starts");
+    cluster
+        .create_ready_volume("vol-conditions", "16Mi", 2, TIMEOUT)
+        .await
+        .expect("volume Ready");
+    let api: Api<BlockReplica> = Api::all(cluster.client.clone());
+    let ready = e2e::cluster::wait_for("both replicas report Ready=True", TIMEOUT, || async {
+        let list = api.list(&Default::default()).await.ok()?;
+        let ours: Vec<_> = list
+            .items
+            .into_iter()
+            .filter(|r| r.spec.volume == "vol-conditions")
+            .collect();
+        let all_ready = ours.len() == 2
+            && ours.iter().all(|r| {
+                r.status.as_ref().is_some_and(|s| {
+                    s.conditions
+                        .iter()
+                        .any(|c| c.type_ == replica_condition::READY && c.status == "True")
+                })
+            });
+        all_ready.then_some(ours)
+    })
+    .await
+    .expect("Ready conditions");
+    for r in &ready {
+        let s = r.status.as_ref().expect("status");
+        let reason = |t: &str| {
+            s.conditions
+                .iter()
+                .find(|c| c.type_ == t)
+                .map(|c| (c.status.clone(), c.reason.clone()))
+        };
+        let state = format!("{:?}", s.state);
+        assert_eq!(
+            reason(replica_condition::READY),
+            Some(("True".into(), state.clone()))
+        );
+        assert_eq!(
+            reason(replica_condition::RECOVERING),
+            Some(("False".into(), state))
+        );
+    }
+}
