@@ -256,7 +256,7 @@ fn metric_names_finds_identifiers_not_labels_or_functions() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn real_agents_report_replica_ready_conditions_with_the_state_as_reason() {
+async fn real_agents_report_replica_and_node_conditions() {
     use api::BlockReplica;
     use api::replica::replica_condition;
     use kube::Api;
@@ -303,6 +303,25 @@ async fn real_agents_report_replica_ready_conditions_with_the_state_as_reason() 
         assert_eq!(
             reason(replica_condition::RECOVERING),
             Some(("False".into(), state))
+        );
+    }
+    // Every BlockNode reports DiskPressure (the test's filesystem has room).
+    let nodes: Api<api::BlockNode> = Api::all(cluster.client.clone());
+    for n in nodes
+        .list(&Default::default())
+        .await
+        .expect("BlockNodes")
+        .items
+    {
+        let c = n
+            .status
+            .iter()
+            .flat_map(|s| s.conditions.iter())
+            .find(|c| c.type_ == "DiskPressure")
+            .unwrap_or_else(|| panic!("{n:?} has no DiskPressure condition"));
+        assert!(
+            ["True", "False"].contains(&c.status.as_str()) && !c.reason.is_empty(),
+            "{c:?}"
         );
     }
 }
