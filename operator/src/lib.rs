@@ -7,6 +7,7 @@ pub mod controller;
 pub mod expansion;
 pub mod in_sync;
 pub mod leader;
+pub mod logging;
 pub mod metrics;
 pub mod model;
 pub mod placement;
