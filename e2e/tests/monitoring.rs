@@ -1,7 +1,9 @@
 //! The chart's monitoring: its alert rules pass `promtool check rules` and the unit tests
 //! in hack/monitoring/rules.test.yaml (`promtool test rules` on recorded series), and
 //! every metric the rules and the Grafana dashboard query is one that real agent and
-//! operator processes export, scraped over HTTP with the OpenMetrics content type.
+//! operator processes export, scraped over HTTP with the OpenMetrics content type. Real
+//! agents also set the BlockReplica (Ready, Recovering) and BlockNode (DiskPressure)
+//! conditions.
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
