@@ -30,6 +30,8 @@ if command -v helm >/dev/null; then
   step "Helm chart (lint, rendered manifests match)"
   helm lint --quiet charts/blockvol
   hack/render.sh --check
+  step "alert rules (promtool check rules, promtool test rules)"
+  cargo test -q --locked -p e2e --test monitoring alert_rules
 fi
 
 step "tests (cargo test)"

@@ -23,6 +23,7 @@ use crate::volume::Durability;
     printcolumn = r#"{"name":"Role","type":"string","jsonPath":".spec.role"}"#,
     printcolumn = r#"{"name":"State","type":"string","jsonPath":".status.state"}"#,
     printcolumn = r#"{"name":"Epoch","type":"integer","jsonPath":".spec.epoch"}"#,
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
     printcolumn = r#"{"name":"Acting","type":"string","jsonPath":".status.role","priority":1}"#,
     printcolumn = r#"{"name":"Flushed","type":"integer","jsonPath":".status.flushedLsn","priority":1}"#,
     printcolumn = r#"{"name":"Error","type":"string","jsonPath":".status.lastError","priority":1}"#,
@@ -140,6 +141,16 @@ pub struct BlockReplicaStatus {
     pub conditions: Vec<Condition>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+}
+
+/// Condition types a `BlockReplica` reports (set by its node agent). Each condition's
+/// `reason` is the replica's state (`Serving`, `InSync`, `CatchingUp`, ...).
+pub mod replica_condition {
+    /// True while the replica holds every acknowledged write and can serve its role:
+    /// a primary `Serving`, a replica `InSync`.
+    pub const READY: &str = "Ready";
+    /// True while the replica is being caught up or rebuilt.
+    pub const RECOVERING: &str = "Recovering";
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]

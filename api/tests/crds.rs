@@ -122,6 +122,25 @@ fn printer_columns(crd: &Value) -> Vec<(String, String, i64)> {
         .collect()
 }
 
+/// The fields of a `.a.b[?(@.c=="x")].d` JSONPath: dots inside brackets do not split.
+fn path_parts(path: &str) -> Vec<String> {
+    let mut parts = vec![String::new()];
+    let mut depth = 0usize;
+    for c in path.trim_start_matches('.').chars() {
+        match c {
+            '[' => depth += 1,
+            ']' => depth = depth.saturating_sub(1),
+            '.' if depth == 0 => {
+                parts.push(String::new());
+                continue;
+            }
+            _ => {}
+        }
+        parts.last_mut().expect("one part").push(c);
+    }
+    parts
+}
+
 #[test]
 fn every_printer_column_reads_a_field_the_schema_declares() {
     for (file, crd) in api::crd::all() {
@@ -132,8 +151,24 @@ fn every_printer_column_reads_a_field_the_schema_declares() {
                 continue;
             }
             let mut node = schema;
-            for part in path.trim_start_matches('.').split('.') {
-                node = &node["properties"][part];
+            for part in path_parts(&path) {
+                // `list[?(@.field=="x")]` selects items of an array.
+                let (field, filter) = match part.split_once('[') {
+                    Some((field, filter)) => (field, Some(filter)),
+                    None => (part.as_str(), None),
+                };
+                node = &node["properties"][field];
+                if let Some(filter) = filter {
+                    node = &node["items"];
+                    let key = filter
+                        .strip_prefix("?(@.")
+                        .and_then(|f| f.split_once("=="))
+                        .map(|(k, _)| k);
+                    assert!(
+                        key.is_some_and(|k| !node["properties"][k].is_null()),
+                        "{file}: column {name} filters {path} on a field the items lack"
+                    );
+                }
                 assert!(
                     !node.is_null(),
                     "{file}: column {name} reads {path}, which the schema does not declare"
@@ -155,7 +190,10 @@ fn default_columns_show_attachment_and_wide_ones_the_details() {
         .filter(|c| c.2 == 0)
         .map(|c| c.0)
         .collect();
-    assert_eq!(default, ["Volume", "Node", "Role", "State", "Epoch", "Age"]);
+    assert_eq!(
+        default,
+        ["Volume", "Node", "Role", "State", "Epoch", "Ready", "Age"]
+    );
     for crd in [
         bv,
         br,

@@ -194,3 +194,48 @@ async fn node_mode_registers_itself_with_the_kubelet_plugin_watcher() {
         "the registration socket outlived the plugin"
     );
 }
+
+#[tokio::test]
+async fn log_format_env_selects_json_lines_and_refuses_unknown_values() {
+    use tokio::io::AsyncBufReadExt;
+    let dir = tempfile::tempdir().unwrap();
+    let start = |format: &str| {
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_blockvol-csi"))
+            .args(["--mode", "node", "--node-id", "worker-1"])
+            .arg(format!(
+                "--endpoint=unix://{}",
+                dir.path().join(format!("{format}.sock")).display()
+            ))
+            .arg(format!(
+                "--agent-socket={}",
+                dir.path().join("agent.sock").display()
+            ))
+            .arg("--health-addr=127.0.0.1:0")
+            .env("RUST_LOG", "info")
+            .env("BLOCKVOL_LOG_FORMAT", format)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("binary starts")
+    };
+
+    let mut json = start("json");
+    let stdout = json.stdout.take().expect("stdout");
+    let mut lines = tokio::io::BufReader::new(stdout).lines();
+    let first = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+        .await
+        .expect("a log line in time")
+        .expect("read")
+        .expect("a line before EOF");
+    let v: serde_json::Value = serde_json::from_str(&first)
+        .unwrap_or_else(|e| panic!("not a JSON log line ({e}): {first}"));
+    assert_eq!(v["level"], "INFO", "{first}");
+    assert!(v["fields"]["message"].is_string(), "{first}");
+    json.kill().await.expect("stop");
+
+    let bad = start("xml").wait_with_output().await.expect("runs");
+    assert!(!bad.status.success(), "an unknown format is refused");
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(stderr.contains("text or json"), "{stderr}");
+}

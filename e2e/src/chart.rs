@@ -11,6 +11,12 @@ pub const KUBE_VERSION: &str = "1.34.0";
 
 /// Renders `charts/blockvol` with the pinned helm, as `helm template` would for users.
 pub fn render_chart(repo: &Path) -> String {
+    render_chart_with(repo, &[])
+}
+
+/// Renders `charts/blockvol` like [`render_chart`] with extra `helm template` arguments
+/// (`--set key=value`, ...).
+pub fn render_chart_with(repo: &Path, extra: &[&str]) -> String {
     let helm = crate::tool("helm").expect("helm is built by hack/tools/build.sh");
     let home = tempfile::tempdir().expect("tempdir");
     let out = Command::new(helm)
@@ -24,6 +30,7 @@ pub fn render_chart(repo: &Path) -> String {
             "--kube-version",
             KUBE_VERSION,
         ])
+        .args(extra)
         .env("HELM_CACHE_HOME", home.path().join("cache"))
         .env("HELM_CONFIG_HOME", home.path().join("config"))
         .env("HELM_DATA_HOME", home.path().join("data"))

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds the pinned Kubernetes test tools (etcd, kube-apiserver, kubectl, ...) from Go
+# Builds the pinned test tools (etcd, kube-apiserver, kubectl, promtool, ...) from Go
 # modules into a cache outside the clone, keyed by a hash of the pinning go.mod/go.sum
 # files, so a rebuild only happens when a pin changes. Idempotent; safe to run
 # concurrently (a lock serialises builds of the same key). Each module's binaries are
@@ -45,6 +45,7 @@ targets=(
   "csi-sidecars|csi-attacher|github.com/kubernetes-csi/external-attacher/v4/cmd/csi-attacher"
   "csi-sidecars|csi-resizer|github.com/kubernetes-csi/external-resizer/v2/cmd/csi-resizer"
   "csi-provisioner|csi-provisioner|github.com/kubernetes-csi/external-provisioner/v6/cmd/csi-provisioner"
+  "promtool|promtool|github.com/prometheus/prometheus/cmd/promtool"
 )
 
 ldflags_for() {

@@ -616,6 +616,10 @@ fn replica_gauges(r: &mut Registry, samples: &[ReplicaSample]) {
                 replica: l.replica.clone(),
                 peer: p.replica_id.clone(),
             };
+            // Zero until the first recovery, so rates and stall alerts see the series
+            // from the start (counters created on first use hide their first step).
+            let _ = peer_catch_up.get_or_create(&pl);
+            let _ = peer_rebuild.get_or_create(&pl);
             peer_flushed
                 .get_or_create(&pl)
                 .set(gauge_i64(p.flushed_lsn));
@@ -877,12 +881,20 @@ mod tests {
             head_lsn: 100,
             flushed_lsn: 90,
             checkpoint_lsn: 50,
-            peers: vec![api::PeerStatus {
-                replica_id: "v-r1".into(),
-                state: ReplicaState::CatchingUp,
-                flushed_lsn: 70,
-                last_error: None,
-            }],
+            peers: vec![
+                api::PeerStatus {
+                    replica_id: "v-r1".into(),
+                    state: ReplicaState::CatchingUp,
+                    flushed_lsn: 70,
+                    last_error: None,
+                },
+                api::PeerStatus {
+                    replica_id: "v-r2".into(),
+                    state: ReplicaState::InSync,
+                    flushed_lsn: 100,
+                    last_error: None,
+                },
+            ],
             ..Default::default()
         };
         let samples = [ReplicaSample {
@@ -916,6 +928,9 @@ mod tests {
             r#"blockvol_agent_peer_state{volume="v",replica="v-r0",peer="v-r1",state="CatchingUp"} 1"#.into(),
             r#"blockvol_agent_peer_catch_up_bytes_total{volume="v",replica="v-r0",peer="v-r1"} 4160"#.into(),
             r#"blockvol_agent_peer_rebuild_bytes_total{volume="v",replica="v-r0",peer="v-r1"} 0"#.into(),
+            // A peer never recovered has its counters at zero.
+            r#"blockvol_agent_peer_catch_up_bytes_total{volume="v",replica="v-r0",peer="v-r2"} 0"#.into(),
+            r#"blockvol_agent_peer_rebuild_bytes_total{volume="v",replica="v-r0",peer="v-r2"} 0"#.into(),
         ] {
             assert!(text.lines().any(|t| t == line), "missing {line}\n{text}");
         }

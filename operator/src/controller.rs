@@ -549,7 +549,7 @@ pub async fn perform(ctx: &Context, prepared: &Prepared) -> Result<()> {
         tracing::info!(volume = %name, reason = e.reason, note = %e.note, "event");
         publish(ctx, &vol, e.warning, e.reason, e.note.clone()).await;
     }
-    ctx.metrics.set_phase(&name, Some(p.status.phase));
+    ctx.metrics.set_volume(&name, vol.spec.replicas, &p.status);
     Ok(())
 }
 

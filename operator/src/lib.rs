@@ -7,6 +7,7 @@ pub mod controller;
 pub mod expansion;
 pub mod in_sync;
 pub mod leader;
+pub mod logging;
 pub mod metrics;
 pub mod model;
 pub mod placement;
@@ -62,7 +63,8 @@ impl Error {
         }
     }
 
-    /// Label for the reconcile error metric.
+    /// The `reason` label of a failed reconcile; `metrics::RECONCILE_ERROR_REASONS` lists
+    /// every value (keep them in step).
     pub fn metric_label(&self) -> &'static str {
         match self {
             Error::Kube(_) => "KubeApi",

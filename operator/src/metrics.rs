@@ -1,13 +1,20 @@
 //! Prometheus metrics of the operator and the HTTP endpoint that serves them. The
 //! endpoint is deliberately tiny (GET /metrics and /healthz, bounded request size and
-//! read time) so the operator needs no web framework.
+//! read time) so the operator needs no web framework; it answers in the OpenMetrics
+//! text format with its content type.
+//!
+//! Besides reconcile counters it exports each volume's health as the leader last wrote
+//! it to the volume's status (phase, desired and in-sync replicas, whether a primary is
+//! set), so alerts can name the volume. Only the leader holds these series: they are
+//! dropped when leadership is lost, when the volume is deleted, and while it is being
+//! deleted (a deleting volume is expected to lose its primary and replicas).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use api::VolumePhase;
+use api::{BlockVolumeStatus, VolumePhase};
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -26,6 +33,23 @@ pub const REQUEST_TIMEOUT_MS: u64 = 5_000;
 
 type Labels = Vec<(String, String)>;
 
+/// Every `result` of a reconcile and every `reason` of a failed one (the values of
+/// `Error::metric_label`): their series exist from the start, at zero, so a rate over
+/// them works from the first failure on.
+pub const RECONCILE_RESULTS: [&str; 2] = ["ok", "error"];
+pub const RECONCILE_ERROR_REASONS: [&str; 6] = [
+    "KubeApi",
+    "Finalizer",
+    "MissingField",
+    "Waiting",
+    "LostLeadership",
+    "Metrics",
+];
+
+/// Content type of `/metrics`: the exposition is OpenMetrics text (it ends in `# EOF`).
+pub const OPENMETRICS_CONTENT_TYPE: &str =
+    "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
 pub struct Metrics {
     registry: Registry,
     reconciles: Family<Labels, Counter>,
@@ -33,7 +57,22 @@ pub struct Metrics {
     duration: Family<Labels, Histogram, fn() -> Histogram>,
     volumes: Family<Labels, Gauge>,
     leader: Gauge,
+    volume_phase: Family<Labels, Gauge>,
+    volume_desired: Family<Labels, Gauge>,
+    volume_in_sync: Family<Labels, Gauge>,
+    volume_has_primary: Family<Labels, Gauge>,
     phases: Mutex<BTreeMap<String, VolumePhase>>,
+}
+
+fn volume_label(volume: &str) -> Labels {
+    vec![("volume".to_string(), volume.to_string())]
+}
+
+fn volume_phase_label(volume: &str, phase: VolumePhase) -> Labels {
+    vec![
+        ("volume".to_string(), volume.to_string()),
+        ("phase".to_string(), format!("{phase:?}")),
+    ]
 }
 
 const PHASES: [VolumePhase; 6] = [
@@ -55,6 +94,10 @@ impl Default for Metrics {
         );
         let volumes = Family::<Labels, Gauge>::default();
         let leader = Gauge::default();
+        let volume_phase = Family::<Labels, Gauge>::default();
+        let volume_desired = Family::<Labels, Gauge>::default();
+        let volume_in_sync = Family::<Labels, Gauge>::default();
+        let volume_has_primary = Family::<Labels, Gauge>::default();
         registry.register(
             "reconciles",
             "Volume reconciles by result",
@@ -76,6 +119,34 @@ impl Default for Metrics {
             "Whether this operator holds the leader Lease",
             leader.clone(),
         );
+        registry.register(
+            "volume_phase",
+            "1 for the volume's phase in its status, 0 for every other phase",
+            volume_phase.clone(),
+        );
+        registry.register(
+            "volume_replicas_desired",
+            "Replicas the volume's spec asks for",
+            volume_desired.clone(),
+        );
+        registry.register(
+            "volume_replicas_in_sync",
+            "Replicas in the volume's in-sync set (they hold every acknowledged write)",
+            volume_in_sync.clone(),
+        );
+        registry.register(
+            "volume_has_primary",
+            "1 while the volume's status names a primary replica",
+            volume_has_primary.clone(),
+        );
+        for result in RECONCILE_RESULTS {
+            let l = vec![("result".to_string(), result.to_string())];
+            let _ = reconciles.get_or_create(&l);
+            let _ = duration.get_or_create(&l);
+        }
+        for reason in RECONCILE_ERROR_REASONS {
+            let _ = errors.get_or_create(&vec![("reason".to_string(), reason.to_string())]);
+        }
         Metrics {
             registry,
             reconciles,
@@ -83,6 +154,10 @@ impl Default for Metrics {
             duration,
             volumes,
             leader,
+            volume_phase,
+            volume_desired,
+            volume_in_sync,
+            volume_has_primary,
             phases: Mutex::new(BTreeMap::new()),
         }
     }
@@ -101,7 +176,8 @@ impl Metrics {
             .inc();
     }
 
-    /// Records a volume's phase; `None` forgets the volume (it is gone).
+    /// Records a volume's phase; `None` forgets the volume (it is gone) and `Deleting`
+    /// drops its per-volume series (it keeps counting in `volumes{phase="Deleting"}`).
     pub fn set_phase(&self, volume: &str, phase: Option<VolumePhase>) {
         let Ok(mut phases) = self.phases.lock() else {
             return;
@@ -110,6 +186,49 @@ impl Metrics {
             Some(p) => phases.insert(volume.to_string(), p),
             None => phases.remove(volume),
         };
+        match phase {
+            Some(p) if p != VolumePhase::Deleting => {
+                for candidate in PHASES {
+                    self.volume_phase
+                        .get_or_create(&volume_phase_label(volume, candidate))
+                        .set(i64::from(candidate == p));
+                }
+            }
+            _ => self.forget_volume(volume),
+        }
+        self.count_phases(&phases);
+    }
+
+    /// Records the status the leader just wrote for `volume` (spec asks for `desired`
+    /// replicas): its phase and health gauges.
+    pub fn set_volume(&self, volume: &str, desired: u8, status: &BlockVolumeStatus) {
+        self.set_phase(volume, Some(status.phase));
+        if status.phase == VolumePhase::Deleting {
+            return;
+        }
+        let l = volume_label(volume);
+        self.volume_desired
+            .get_or_create(&l)
+            .set(i64::from(desired));
+        self.volume_in_sync
+            .get_or_create(&l)
+            .set(i64::from(status.in_sync_count));
+        self.volume_has_primary
+            .get_or_create(&l)
+            .set(i64::from(status.primary.is_some()));
+    }
+
+    fn forget_volume(&self, volume: &str) {
+        for p in PHASES {
+            self.volume_phase.remove(&volume_phase_label(volume, p));
+        }
+        let l = volume_label(volume);
+        self.volume_desired.remove(&l);
+        self.volume_in_sync.remove(&l);
+        self.volume_has_primary.remove(&l);
+    }
+
+    fn count_phases(&self, phases: &BTreeMap<String, VolumePhase>) {
         for p in PHASES {
             let n = phases.values().filter(|v| **v == p).count();
             self.volumes
@@ -118,11 +237,23 @@ impl Metrics {
         }
     }
 
+    /// Records leadership. Losing it forgets every volume: another operator reconciles
+    /// them now, and stale series here would duplicate (or contradict) its own.
     pub fn set_leader(&self, leading: bool) {
         self.leader.set(i64::from(leading));
+        if leading {
+            return;
+        }
+        let Ok(mut phases) = self.phases.lock() else {
+            return;
+        };
+        for volume in std::mem::take(&mut *phases).keys() {
+            self.forget_volume(volume);
+        }
+        self.count_phases(&phases);
     }
 
-    /// The metrics in the Prometheus text format.
+    /// The metrics in the OpenMetrics text format.
     pub fn render(&self) -> String {
         let mut out = String::new();
         if encode(&mut out, &self.registry).is_err() {
@@ -160,13 +291,14 @@ pub async fn serve(listener: TcpListener, metrics: std::sync::Arc<Metrics>) -> R
             }
             let head = String::from_utf8_lossy(&buf[..len]);
             let path = head.split_whitespace().nth(1).unwrap_or("");
-            let (code, body) = match path {
-                "/metrics" => ("200 OK", metrics.render()),
-                "/healthz" | "/readyz" => ("200 OK", "ok\n".to_string()),
-                _ => ("404 Not Found", "not found\n".to_string()),
+            const TEXT: &str = "text/plain; charset=utf-8";
+            let (code, ctype, body) = match path {
+                "/metrics" => ("200 OK", OPENMETRICS_CONTENT_TYPE, metrics.render()),
+                "/healthz" | "/readyz" => ("200 OK", TEXT, "ok\n".to_string()),
+                _ => ("404 Not Found", TEXT, "not found\n".to_string()),
             };
             let resp = format!(
-                "HTTP/1.1 {code}\r\ncontent-type: text/plain; version=0.0.4; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                "HTTP/1.1 {code}\r\ncontent-type: {ctype}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
                 body.len()
             );
             let _ = conn.write_all(resp.as_bytes()).await;
@@ -211,6 +343,11 @@ mod tests {
     #[test]
     fn reconcile_counters_are_labelled() {
         let m = Metrics::default();
+        let text = m.render();
+        assert!(
+            text.contains("blockvol_operator_reconcile_errors_total{reason=\"Waiting\"} 0"),
+            "every reason at zero before the first failure: {text}"
+        );
         m.reconciled("ok", 0.01);
         m.reconcile_failed("Kube");
         let text = m.render();
@@ -224,6 +361,60 @@ mod tests {
         );
         assert!(
             text.contains("blockvol_operator_reconcile_duration_seconds_count{result=\"ok\"} 1"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn volume_health_follows_status_until_deleting_gone_or_leadership_lost() {
+        let m = Metrics::default();
+        let degraded = BlockVolumeStatus {
+            phase: VolumePhase::Degraded,
+            primary: Some("v-r0".into()),
+            in_sync_count: 1,
+            ..Default::default()
+        };
+        m.set_volume("v", 2, &degraded);
+        let text = m.render();
+        for line in [
+            r#"blockvol_operator_volume_phase{volume="v",phase="Degraded"} 1"#,
+            r#"blockvol_operator_volume_phase{volume="v",phase="Ready"} 0"#,
+            r#"blockvol_operator_volume_replicas_desired{volume="v"} 2"#,
+            r#"blockvol_operator_volume_replicas_in_sync{volume="v"} 1"#,
+            r#"blockvol_operator_volume_has_primary{volume="v"} 1"#,
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing {line}\n{text}");
+        }
+        let failed = BlockVolumeStatus {
+            phase: VolumePhase::Failed,
+            ..Default::default()
+        };
+        m.set_volume("w", 1, &failed);
+        let text = m.render();
+        assert!(
+            text.contains(r#"blockvol_operator_volume_has_primary{volume="w"} 0"#),
+            "{text}"
+        );
+        let ones = text
+            .lines()
+            .filter(|l| l.starts_with(r#"blockvol_operator_volume_phase{volume="w""#))
+            .filter(|l| l.ends_with(" 1"))
+            .count();
+        assert_eq!(ones, 1, "one-hot phase\n{text}");
+        // Deleting: no health series (a deleting volume loses its primary on purpose).
+        m.set_phase("v", Some(VolumePhase::Deleting));
+        let text = m.render();
+        assert!(!text.contains(r#"volume="v""#), "{text}");
+        assert!(
+            text.contains(r#"blockvol_operator_volumes{phase="Deleting"} 1"#),
+            "{text}"
+        );
+        // Leadership lost: another operator owns the volumes now.
+        m.set_leader(false);
+        let text = m.render();
+        assert!(!text.contains(r#"volume="w""#), "{text}");
+        assert!(
+            text.contains(r#"blockvol_operator_volumes{phase="Failed"} 0"#),
             "{text}"
         );
     }
@@ -249,6 +440,11 @@ mod tests {
             body.starts_with("HTTP/1.1 200") && body.contains("blockvol_operator_leader 1"),
             "{body}"
         );
+        assert!(
+            body.contains(&format!("\r\ncontent-type: {OPENMETRICS_CONTENT_TYPE}\r\n")),
+            "{body}"
+        );
+        assert!(body.ends_with("# EOF\n"), "{body}");
         assert!(get("/nope").await.starts_with("HTTP/1.1 404"));
         server.abort();
     }

@@ -53,6 +53,14 @@ imagePullSecrets:
 {{- end }}
 {{- end -}}
 
+{{/* The log settings of every blockvol container (logging.level, logging.format). */}}
+{{- define "blockvol.logEnv" -}}
+- name: RUST_LOG
+  value: {{ .Values.logging.level | quote }}
+- name: BLOCKVOL_LOG_FORMAT
+  value: {{ .Values.logging.format | quote }}
+{{- end -}}
+
 {{- define "blockvol.labels" -}}
 app.kubernetes.io/name: blockvol
 app.kubernetes.io/instance: {{ .Release.Name }}

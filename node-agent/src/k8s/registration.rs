@@ -1,6 +1,7 @@
 //! Registration of this node's `BlockNode`: the data address (canonical `ip:port`,
 //! never a wildcard or `:port`, because peers dial it), the data directory, topology
-//! labels, capacity and allocatable space from statvfs, and the agent version.
+//! labels, capacity and allocatable space from statvfs, and the agent version. Its
+//! status carries the `DiskPressure` condition ([`node_conditions`]).
 
 use std::collections::BTreeMap;
 use std::ffi::CString;
@@ -8,6 +9,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use api::{BlockNode, BlockNodeSpec, BlockNodeStatus};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::Client;
 use kube::api::{Api, Patch, PatchParams};
 use serde_json::json;
@@ -105,13 +107,21 @@ impl NodeRegistration {
             "metadata": {"name": self.node_name, "labels": labels},
             "spec": spec,
         });
-        api.patch(&self.node_name, &pp, &Patch::Apply(&body))
+        let current = api
+            .patch(&self.node_name, &pp, &Patch::Apply(&body))
             .await
             .map_err(Error::Kube)?;
+        let previous = current.status.map(|s| s.conditions).unwrap_or_default();
         let status = BlockNodeStatus {
             capacity_bytes: capacity,
             allocatable_bytes: capacity.saturating_sub(promised_bytes).min(available),
             agent_version: Some(self.agent_version.clone()),
+            conditions: node_conditions(
+                capacity,
+                available,
+                &previous,
+                k8s_openapi::jiff::Timestamp::now(),
+            ),
             ..Default::default()
         };
         let body = json!({
@@ -124,6 +134,45 @@ impl NodeRegistration {
             .map_err(Error::Kube)?;
         Ok(status)
     }
+}
+
+/// `BlockNode` condition type: True while less than [`DISK_PRESSURE_FREE_PERCENT`] of
+/// the data directory's filesystem is free.
+pub const DISK_PRESSURE: &str = "DiskPressure";
+pub const DISK_PRESSURE_FREE_PERCENT: u64 = 10;
+
+/// The conditions of a node whose data directory's filesystem has `capacity` bytes,
+/// `available` of them free. A condition whose status is unchanged keeps its
+/// transition time from `previous`.
+pub fn node_conditions(
+    capacity: u64,
+    available: u64,
+    previous: &[Condition],
+    now: k8s_openapi::jiff::Timestamp,
+) -> Vec<Condition> {
+    let pressure =
+        u128::from(available) * 100 < u128::from(capacity) * u128::from(DISK_PRESSURE_FREE_PERCENT);
+    let (status, reason) = if pressure {
+        ("True", "LowDiskSpace")
+    } else {
+        ("False", "EnoughDiskSpace")
+    };
+    let since = previous
+        .iter()
+        .find(|c| c.type_ == DISK_PRESSURE && c.status == status)
+        .map(|c| c.last_transition_time.clone())
+        .unwrap_or(Time(now));
+    vec![Condition {
+        type_: DISK_PRESSURE.to_string(),
+        status: status.to_string(),
+        reason: reason.to_string(),
+        message: format!(
+            "{available} of {capacity} bytes of the data directory's filesystem are free \
+             (pressure below {DISK_PRESSURE_FREE_PERCENT}%)"
+        ),
+        last_transition_time: since,
+        observed_generation: None,
+    }]
 }
 
 /// Keeps the `BlockNode` current: re-applies it every `interval_ms` with the space
@@ -171,6 +220,36 @@ mod tests {
             let err = validate_data_address(bad).unwrap_err().to_string();
             assert!(err.contains(why), "{bad:?}: {err}");
         }
+    }
+
+    #[test]
+    fn disk_pressure_below_ten_percent_free_with_a_stable_transition_time() {
+        let t = |s: i64| k8s_openapi::jiff::Timestamp::from_second(1_800_000_000 + s).unwrap();
+        let c0 = node_conditions(1000, 500, &[], t(0));
+        assert_eq!(
+            (
+                c0[0].type_.as_str(),
+                c0[0].status.as_str(),
+                c0[0].reason.as_str()
+            ),
+            (DISK_PRESSURE, "False", "EnoughDiskSpace")
+        );
+        let at_ten = node_conditions(1000, 100, &c0, t(60));
+        assert_eq!(at_ten[0].status, "False", "10% free is enough");
+        assert_eq!(at_ten[0].last_transition_time, Time(t(0)));
+        let c1 = node_conditions(1000, 99, &c0, t(120));
+        assert_eq!(
+            (c1[0].status.as_str(), c1[0].reason.as_str()),
+            ("True", "LowDiskSpace")
+        );
+        assert_eq!(c1[0].last_transition_time, Time(t(120)));
+        let c2 = node_conditions(1000, 0, &c1, t(180));
+        assert_eq!(
+            c2[0].last_transition_time,
+            Time(t(120)),
+            "still True since 120"
+        );
+        assert_eq!(node_conditions(0, 0, &[], t(0))[0].status, "False");
     }
 
     #[test]

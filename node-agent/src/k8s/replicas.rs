@@ -3,14 +3,20 @@
 //! `blockvol-agent`, status only), and on deletion deletes the disk data before removing
 //! the `blockvol.io/disk` finalizer. Specs whose names would leave the data directory
 //! are refused with a `Failed` status naming the field; the runtime never sees them.
+//! Every status written carries the `Ready` and `Recovering` conditions derived from
+//! the state ([`replica_conditions`]); a condition's transition time changes only when
+//! its status does.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use api::replica::replica_condition;
 use api::{BlockNode, BlockReplica, BlockReplicaStatus, ReplicaState};
 use futures::StreamExt;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
@@ -64,6 +70,77 @@ impl<R: ReplicaRuntime> AgentContext<R> {
     }
 }
 
+/// The conditions of a replica whose status is `st`: `Ready` (a primary `Serving` or a
+/// replica `InSync`) and `Recovering` (`CatchingUp` or `Rebuilding`), each with the
+/// state as reason and the last error (or what the state means) as message. A
+/// condition whose status is unchanged keeps its transition time from `previous`.
+pub fn replica_conditions(
+    st: &BlockReplicaStatus,
+    previous: &[Condition],
+    generation: Option<i64>,
+    now: Timestamp,
+) -> Vec<Condition> {
+    let ready = matches!(st.state, ReplicaState::Serving | ReplicaState::InSync);
+    let recovering = matches!(
+        st.state,
+        ReplicaState::CatchingUp | ReplicaState::Rebuilding
+    );
+    let reason = format!("{:?}", st.state);
+    let message = st
+        .last_error
+        .clone()
+        .unwrap_or_else(|| state_meaning(st.state).to_string());
+    [
+        (replica_condition::READY, ready),
+        (replica_condition::RECOVERING, recovering),
+    ]
+    .into_iter()
+    .map(|(type_, on)| {
+        let status = if on { "True" } else { "False" };
+        let since = previous
+            .iter()
+            .find(|c| c.type_ == type_ && c.status == status)
+            .map(|c| c.last_transition_time.clone())
+            .unwrap_or(Time(now));
+        Condition {
+            type_: type_.to_string(),
+            status: status.to_string(),
+            reason: reason.clone(),
+            message: message.clone(),
+            last_transition_time: since,
+            observed_generation: generation,
+        }
+    })
+    .collect()
+}
+
+fn state_meaning(state: ReplicaState) -> &'static str {
+    match state {
+        ReplicaState::Pending => "the replica is not opened yet",
+        ReplicaState::Disconnected => "not connected to its primary or peers",
+        ReplicaState::Connecting => "connecting to its primary",
+        ReplicaState::CatchingUp => "receiving the WAL entries it missed",
+        ReplicaState::InSync => "holds every acknowledged write",
+        ReplicaState::Degraded => "serving with fewer peers in sync than asked for",
+        ReplicaState::NeedsRebuild => "too far behind to catch up; waits for a rebuild",
+        ReplicaState::Rebuilding => "receiving a full copy from its primary",
+        ReplicaState::Serving => "primary, serving IO",
+        ReplicaState::Failed => "the agent cannot run this replica",
+    }
+}
+
+/// `status` with its conditions derived against what `r` holds now.
+fn with_conditions(r: &BlockReplica, mut status: BlockReplicaStatus) -> BlockReplicaStatus {
+    let previous = r
+        .status
+        .as_ref()
+        .map(|s| s.conditions.as_slice())
+        .unwrap_or_default();
+    status.conditions =
+        replica_conditions(&status, previous, r.metadata.generation, Timestamp::now());
+    status
+}
+
 async fn write_status(client: &Client, name: &str, status: &BlockReplicaStatus) -> Result<()> {
     let api: Api<BlockReplica> = Api::all(client.clone());
     let body = json!({
@@ -86,6 +163,7 @@ async fn report_failure(client: &Client, r: &BlockReplica, err: &Error) -> Resul
     status.state = ReplicaState::Failed;
     status.last_error = Some(err.to_string());
     status.observed_generation = r.metadata.generation;
+    let status = with_conditions(r, status);
     if r.status.as_ref() == Some(&status) {
         return Ok(());
     }
@@ -166,6 +244,7 @@ async fn apply<R: ReplicaRuntime>(r: Arc<BlockReplica>, ctx: &AgentContext<R>) -
     }
     let mut status = ctx.runtime.status(&name).await.unwrap_or_default();
     status.observed_generation = r.metadata.generation;
+    let status = with_conditions(&r, status);
     if r.status.as_ref() != Some(&status) {
         write_status(&ctx.client, &name, &status).await?;
     }
@@ -226,4 +305,82 @@ pub async fn run_replicas<R: ReplicaRuntime>(
             }
         })
         .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(secs: i64) -> Timestamp {
+        Timestamp::from_second(1_800_000_000 + secs).expect("timestamp")
+    }
+
+    fn find<'a>(c: &'a [Condition], type_: &str) -> &'a Condition {
+        c.iter().find(|c| c.type_ == type_).expect("condition")
+    }
+
+    #[test]
+    fn ready_and_recovering_follow_the_state_with_stable_transition_times() {
+        let mut st = BlockReplicaStatus {
+            state: ReplicaState::Rebuilding,
+            ..Default::default()
+        };
+        let c0 = replica_conditions(&st, &[], Some(3), at(0));
+        let ready = find(&c0, replica_condition::READY);
+        assert_eq!(
+            (ready.status.as_str(), ready.reason.as_str()),
+            ("False", "Rebuilding")
+        );
+        assert_eq!(ready.observed_generation, Some(3));
+        let recovering = find(&c0, replica_condition::RECOVERING);
+        assert_eq!(recovering.status, "True");
+        assert_eq!(recovering.message, "receiving a full copy from its primary");
+
+        // Still rebuilding later: nothing moves, so the written status stays equal.
+        let c1 = replica_conditions(&st, &c0, Some(3), at(60));
+        assert_eq!(c1, c0);
+
+        // In sync: Ready turns True now, Recovering turns False now.
+        st.state = ReplicaState::InSync;
+        let c2 = replica_conditions(&st, &c1, Some(3), at(120));
+        let ready = find(&c2, replica_condition::READY);
+        assert_eq!(
+            (ready.status.as_str(), ready.reason.as_str()),
+            ("True", "InSync")
+        );
+        assert_eq!(ready.last_transition_time, Time(at(120)));
+        let recovering = find(&c2, replica_condition::RECOVERING);
+        assert_eq!(recovering.status, "False");
+        assert_eq!(recovering.last_transition_time, Time(at(120)));
+
+        // Failed: the last error is the message.
+        st.state = ReplicaState::Failed;
+        st.last_error = Some("disk gone".into());
+        let c3 = replica_conditions(&st, &c2, Some(4), at(180));
+        let ready = find(&c3, replica_condition::READY);
+        assert_eq!(
+            (
+                ready.status.as_str(),
+                ready.reason.as_str(),
+                ready.message.as_str()
+            ),
+            ("False", "Failed", "disk gone")
+        );
+        // Recovering stayed False since 120.
+        assert_eq!(
+            find(&c3, replica_condition::RECOVERING).last_transition_time,
+            Time(at(120))
+        );
+    }
+
+    #[test]
+    fn a_serving_primary_is_ready() {
+        let st = BlockReplicaStatus {
+            state: ReplicaState::Serving,
+            ..Default::default()
+        };
+        let c = replica_conditions(&st, &[], None, at(0));
+        assert_eq!(find(&c, replica_condition::READY).status, "True");
+        assert_eq!(find(&c, replica_condition::RECOVERING).status, "False");
+    }
 }

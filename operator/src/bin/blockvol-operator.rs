@@ -52,7 +52,7 @@ struct Args {
     /// standard promotion rule then picks the primary).
     #[arg(long, default_value_t = 30_000)]
     primary_move_timeout_ms: u64,
-    /// Log as JSON lines.
+    /// Log as JSON lines (as `BLOCKVOL_LOG_FORMAT=json` does).
     #[arg(long)]
     log_json: bool,
 }
@@ -60,16 +60,12 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    if args.log_json {
-        tracing_subscriber::fmt()
-            .json()
-            .with_env_filter(filter)
-            .init();
-    } else {
-        tracing_subscriber::fmt().with_env_filter(filter).init();
-    }
+    let format = match operator::logging::LogFormat::from_env() {
+        _ if args.log_json => operator::logging::LogFormat::Json,
+        Ok(f) => f,
+        Err(e) => anyhow::bail!(e),
+    };
+    operator::logging::init(format);
     let client = kube::Client::try_default()
         .await
         .context("connecting to the Kubernetes API")?;
