@@ -9,7 +9,7 @@ pub mod quantity;
 pub mod replica;
 pub mod volume;
 
-pub use node::{BlockNode, BlockNodeSpec, BlockNodeStatus};
+pub use node::{BlockNode, BlockNodeSpec, BlockNodeStatus, EvacuationStatus};
 pub use quantity::{QuantityError, parse_quantity_bytes};
 pub use replica::{
     BlockReplica, BlockReplicaSpec, BlockReplicaStatus, PeerAssignment, PeerStatus, ReplicaRole,

@@ -245,6 +245,8 @@ pub enum MoveReason {
     DataLocality,
     /// The `blockvol.io/move-primary-to` annotation names the target's node.
     Requested,
+    /// The primary's node is being drained (`BlockNode.spec.evacuate`).
+    Drain,
 }
 
 /// One line per replica in the volume status.

@@ -572,6 +572,7 @@ pub(crate) mod tests {
                     data_address: "127.0.0.1:7000".into(),
                     data_dir: "/var/lib/blockvol".into(),
                     topology: Default::default(),
+                    ..Default::default()
                 },
             );
             n.status = Some(BlockNodeStatus {

@@ -139,6 +139,7 @@ async fn write_objects(cp: &ControlPlane) {
                 data_address: format!("127.0.0.1:74{i:02}"),
                 data_dir: "/var/lib/blockvol".into(),
                 topology: Default::default(),
+                ..Default::default()
             },
         );
         nodes
