@@ -4,6 +4,7 @@
 //! so controllers and the CSI driver reject the same objects the API server rejects.
 
 pub mod crd;
+pub mod labels;
 pub mod node;
 pub mod quantity;
 pub mod replica;

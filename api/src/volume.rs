@@ -342,6 +342,30 @@ impl BlockVolumeSpec {
                 ),
             ));
         }
+        if let Some(sel) = &self.node_selector {
+            for (k, v) in sel {
+                if !crate::labels::valid_label_key(k) {
+                    return Err(ValidationError::new(
+                        "spec.nodeSelector",
+                        format!("{k:?} is not a valid label key"),
+                    ));
+                }
+                if !crate::labels::valid_label_value(v) {
+                    return Err(ValidationError::new(
+                        "spec.nodeSelector",
+                        format!("{v:?} (for {k:?}) is not a valid label value"),
+                    ));
+                }
+            }
+        }
+        if let Some(k) = &self.topology_key
+            && !crate::labels::valid_label_key(k)
+        {
+            return Err(ValidationError::new(
+                "spec.topologyKey",
+                format!("{k:?} is not a valid label key"),
+            ));
+        }
         let size = self.size_bytes()?;
         if size % u64::from(self.block_size) != 0 {
             return Err(ValidationError::new(
@@ -427,6 +451,21 @@ mod tests {
         let mut s = spec("1Gi");
         s.block_size = 1024;
         assert_eq!(field_of(s.validate()), "spec.blockSize");
+    }
+
+    #[test]
+    fn node_selector_and_topology_key_must_be_label_syntax() {
+        let mut s = spec("1Gi");
+        s.node_selector = Some(BTreeMap::from([("disk".into(), "ssd".into())]));
+        s.topology_key = Some("topology.kubernetes.io/zone".into());
+        assert_eq!(s.validate(), Ok(()));
+        s.node_selector = Some(BTreeMap::from([("bad key".into(), "ssd".into())]));
+        assert_eq!(field_of(s.validate()), "spec.nodeSelector");
+        s.node_selector = Some(BTreeMap::from([("disk".into(), "-ssd".into())]));
+        assert_eq!(field_of(s.validate()), "spec.nodeSelector");
+        s.node_selector = None;
+        s.topology_key = Some("Zone/".into());
+        assert_eq!(field_of(s.validate()), "spec.topologyKey");
     }
 
     #[test]

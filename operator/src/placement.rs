@@ -71,35 +71,7 @@ pub struct SelectorError {
     pub why: &'static str,
 }
 
-fn valid_label_key(k: &str) -> bool {
-    let name = k.rsplit('/').next().unwrap_or(k);
-    let prefix_ok = match k.rsplit_once('/') {
-        Some((p, _)) => {
-            !p.is_empty()
-                && p.len() <= 253
-                && p.chars()
-                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
-        }
-        None => true,
-    };
-    prefix_ok
-        && !name.is_empty()
-        && name.len() <= 63
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
-        && name.ends_with(|c: char| c.is_ascii_alphanumeric())
-}
-
-fn valid_label_value(v: &str) -> bool {
-    v.is_empty()
-        || (v.len() <= 63
-            && v.chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-            && v.starts_with(|c: char| c.is_ascii_alphanumeric())
-            && v.ends_with(|c: char| c.is_ascii_alphanumeric()))
-}
+use api::labels::{valid_label_key, valid_label_value};
 
 impl std::str::FromStr for StorageNodeSelector {
     type Err = SelectorError;
