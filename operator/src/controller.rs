@@ -886,3 +886,108 @@ pub async fn run(
         () = reporter => {}
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use api::BlockNodeSpec;
+    use k8s_openapi::api::core::v1::NodeSpec;
+
+    fn block_node(name: &str, cordoned: bool, evacuate: bool) -> BlockNode {
+        let mut n = BlockNode::new(
+            name,
+            BlockNodeSpec {
+                node_name: name.into(),
+                data_address: "127.0.0.1:7400".into(),
+                data_dir: "/d".into(),
+                cordoned,
+                evacuate,
+                ..Default::default()
+            },
+        );
+        n.status = Some(api::BlockNodeStatus {
+            allocatable_bytes: 1 << 30,
+            ..Default::default()
+        });
+        n
+    }
+
+    fn k8s_node(name: &str, unschedulable: bool, labels: &[(&str, &str)]) -> Node {
+        let mut n = Node::default();
+        n.metadata.name = Some(name.into());
+        n.metadata.labels = Some(
+            labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        );
+        n.spec = Some(NodeSpec {
+            unschedulable: Some(unschedulable),
+            ..Default::default()
+        });
+        n
+    }
+
+    #[test]
+    fn candidates_honour_kubernetes_cordon_storage_cordon_drain_and_storage_selector() {
+        let bns = vec![
+            block_node("plain", false, false),
+            block_node("k8s-cordoned", false, false),
+            block_node("storage-cordoned", true, false),
+            block_node("draining", false, true),
+            block_node("control-plane", false, false),
+            block_node("no-node-object", false, false),
+        ];
+        let nodes = vec![
+            k8s_node("plain", false, &[("disk", "ssd")]),
+            k8s_node("k8s-cordoned", true, &[]),
+            k8s_node("storage-cordoned", false, &[]),
+            k8s_node("draining", false, &[]),
+            k8s_node(
+                "control-plane",
+                false,
+                &[("node-role.kubernetes.io/control-plane", "")],
+            ),
+        ];
+        let leases: BTreeMap<String, NodeLease> = bns
+            .iter()
+            .map(|n| {
+                (
+                    n.name_any(),
+                    NodeLease {
+                        live: true,
+                        expires: None,
+                    },
+                )
+            })
+            .collect();
+        let sel: StorageNodeSelector = "!node-role.kubernetes.io/control-plane".parse().unwrap();
+        let c = candidates(&bns, &nodes, &[], &leases, &sel);
+        let get = |n: &str| c.iter().find(|c| c.name == n).unwrap();
+        let flags = |n: &str| {
+            let c = get(n);
+            (c.cordoned, c.evacuating, c.storage_node)
+        };
+        assert_eq!(flags("plain"), (false, false, true));
+        assert_eq!(flags("k8s-cordoned"), (true, false, true));
+        assert_eq!(flags("storage-cordoned"), (true, false, true));
+        assert_eq!(flags("draining"), (true, true, true));
+        assert_eq!(flags("control-plane"), (false, false, false));
+        assert_eq!(flags("no-node-object"), (false, false, true));
+        assert_eq!(
+            get("plain").labels.get("disk").map(String::as_str),
+            Some("ssd"),
+            "Node labels reach spec.nodeSelector matching"
+        );
+        let placed = crate::placement::place(
+            &c,
+            &crate::placement::PlacementRequest {
+                count: 2,
+                size_bytes: 1 << 20,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(placed, vec!["no-node-object", "plain"]);
+    }
+}
