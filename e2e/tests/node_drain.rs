@@ -1,10 +1,12 @@
 //! Node maintenance against a real kube-apiserver, four `blockvol-agent` processes and a
-//! `blockvol-operator` (started by `e2e::cluster`): a node holding a replica is drained
-//! (`BlockNode.spec.evacuate`, what `kubectl blockvol drain` sets) while the lost-write
-//! checker writes through the primary's NBD socket. The drain must end with no replica on
-//! the node, the volume's committed in-sync set must never drop below `replicas - 1`
-//! members while it runs (polled throughout), and every acknowledged-and-flushed write
-//! must read back: zero lost.
+//! `blockvol-operator` (started by `e2e::cluster`): a node holding a replica — or the
+//! primary — is drained (`BlockNode.spec.evacuate`, what `kubectl blockvol drain` sets)
+//! while the lost-write checker writes through the primary's NBD socket. The drain must
+//! end with no replica on the node, the volume's committed in-sync set must never drop
+//! below `replicas - 1` members while it runs (polled throughout), and every
+//! acknowledged-and-flushed write must read back: zero lost. When the primary moves, the
+//! writer's round on the old primary ends (its writes stop being acknowledged) and the
+//! next round writes through the new primary.
 //!
 //! The agent and operator binaries must be built first (`cargo build -p node-agent -p
 //! operator --bins`).
@@ -28,11 +30,40 @@ const READY_TIMEOUT_MS: u64 = 30_000;
 const POLL_MS: u64 = 100;
 /// Blocks of 4 KiB the checker writes over (4 MiB of the 32 MiB volume).
 const CHECK_LBAS: u64 = 1024;
+/// Bound on the writer's last round once the drain is over.
+const WRITER_STOP_TIMEOUT_MS: u64 = 30_000;
 /// Writes per load round; rounds repeat until the drain is over.
 const ROUND_WRITES: u64 = 200;
 
+/// The scenarios share the host's two cores: one at a time.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn draining_a_replica_node_under_load_moves_every_replica_off_losing_nothing() {
+    let _serial = SERIAL.lock().await;
+    drain_under_load(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn draining_the_primarys_node_moves_the_primary_first_losing_nothing() {
+    let _serial = SERIAL.lock().await;
+    drain_under_load(true).await;
+}
+
+fn nbd_target(tc: &TestCluster, node: &str) -> Target {
+    Target::Unix {
+        path: tc
+            .agents
+            .iter()
+            .find(|a| a.node == node)
+            .expect("agent")
+            .nbd_socket
+            .clone(),
+        export: VOLUME.into(),
+    }
+}
+
+async fn drain_under_load(drain_primary: bool) {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -81,13 +112,16 @@ async fn draining_a_replica_node_under_load_moves_every_replica_off_losing_nothi
     .await
     .unwrap_or_else(|e| panic!("{e}"));
     let primary_node = st.primary_node.clone().expect("primary node");
-    let victim = tc
-        .replicas(VOLUME)
-        .await
-        .into_iter()
-        .map(|r| r.spec.node)
-        .find(|n| *n != primary_node)
-        .expect("a replica off the primary's node");
+    let victim = if drain_primary {
+        primary_node.clone()
+    } else {
+        tc.replicas(VOLUME)
+            .await
+            .into_iter()
+            .map(|r| r.spec.node)
+            .find(|n| *n != primary_node)
+            .expect("a replica off the primary's node")
+    };
 
     // The writer: rounds of checked writes through the primary until the drain is over.
     let checker = Checker::new(
@@ -102,33 +136,40 @@ async fn draining_a_replica_node_under_load_moves_every_replica_off_losing_nothi
         })
         .expect("checker config"),
     );
-    let target = Target::Unix {
-        path: tc
-            .agents
-            .iter()
-            .find(|a| a.node == primary_node)
-            .expect("primary agent")
-            .nbd_socket
-            .clone(),
-        export: VOLUME.into(),
-    };
+    let targets: std::collections::BTreeMap<String, Target> = tc
+        .agents
+        .iter()
+        .map(|a| (a.node.clone(), nbd_target(&tc, &a.node)))
+        .collect();
     let stop = Arc::new(AtomicBool::new(false));
     let writer = {
-        let (ck, target, stop) = (checker.clone(), target.clone(), stop.clone());
+        let (ck, stop, client) = (checker.clone(), stop.clone(), client.clone());
+        let volumes: Api<BlockVolume> = Api::all(client);
         tokio::spawn(async move {
             let mut durable = 0;
             let mut rounds = 0;
+            let mut cut = 0;
             while !stop.load(Ordering::SeqCst) {
+                // Each round writes through the primary of the moment.
+                let primary = volumes
+                    .get(VOLUME)
+                    .await
+                    .ok()
+                    .and_then(|v| v.status)
+                    .filter(|s| s.phase == VolumePhase::Ready)
+                    .and_then(|s| s.primary_node);
+                let Some(target) = primary.and_then(|p| targets.get(&p).cloned()) else {
+                    tokio::time::sleep(Duration::from_millis(POLL_MS)).await;
+                    continue;
+                };
                 let sum = ck.run_writes(&target, ROUND_WRITES).await;
-                assert!(
-                    sum.stopped_by.is_empty(),
-                    "writes through the primary were cut during the drain: {:?}",
-                    sum.stopped_by
-                );
+                if !sum.stopped_by.is_empty() {
+                    cut += 1;
+                }
                 durable += sum.writes_made_durable;
                 rounds += 1;
             }
-            (rounds, durable)
+            (rounds, durable, cut)
         })
     };
     let mut progress = checker.flush_progress();
@@ -189,7 +230,28 @@ async fn draining_a_replica_node_under_load_moves_every_replica_off_losing_nothi
     }
     let drain_took = drain_began.elapsed();
     stop.store(true, Ordering::SeqCst);
-    let (rounds, durable) = writer.await.expect("writer task");
+    let (rounds, durable, cut) =
+        tokio::time::timeout(Duration::from_millis(WRITER_STOP_TIMEOUT_MS), writer)
+            .await
+            .expect("the writer's last round ends (a demoted primary closes its export)")
+            .expect("writer task");
+    if !drain_primary {
+        assert_eq!(cut, 0, "moving a replica cut writes through the primary");
+    }
+    let st = tc
+        .volume(VOLUME)
+        .await
+        .and_then(|v| v.status)
+        .expect("volume status");
+    let primary_now = st.primary_node.clone().expect("primary node");
+    assert_ne!(primary_now, victim, "the primary left the drained node");
+    if !drain_primary {
+        assert_eq!(
+            primary_now, primary_node,
+            "draining a replica moved the primary"
+        );
+    }
+    let target = nbd_target(&tc, &primary_now);
 
     let rs = tc.replicas(VOLUME).await;
     assert!(
@@ -206,7 +268,12 @@ async fn draining_a_replica_node_under_load_moves_every_replica_off_losing_nothi
     assert!(report.is_clean(), "acknowledged writes lost: {report}");
     assert!(report.writes_verified > 0);
     println!(
-        "drained {victim} in {} ms under load: {rounds} write rounds, {durable} writes durable, {report}; committed in-sync members never below {min_in_sync} over {samples} samples; total {} ms",
+        "drained {victim} ({}) in {} ms under load: {rounds} write rounds ({cut} cut by the primary move), {durable} writes durable, {report}; committed in-sync members never below {min_in_sync} over {samples} samples; total {} ms",
+        if drain_primary {
+            "the primary's node"
+        } else {
+            "a replica's node"
+        },
         drain_took.as_millis(),
         started.elapsed().as_millis()
     );
