@@ -63,12 +63,18 @@ pub enum DrainStep {
     WaitForCatchUp { why: String },
     /// Remove this replica (on a draining node); it leaves the committed set first.
     Remove { replica_id: String },
+    /// No node can take the new replica (set by the plan when placement fails); the
+    /// volume gives up its drain slot and tries again later.
+    Blocked { why: String },
 }
 
 impl DrainStep {
     /// Whether the volume is past the slot check (it holds a drain slot).
     pub fn holds_slot(&self) -> bool {
-        !matches!(self, DrainStep::Idle | DrainStep::WaitForSlot { .. })
+        !matches!(
+            self,
+            DrainStep::Idle | DrainStep::WaitForSlot { .. } | DrainStep::Blocked { .. }
+        )
     }
 }
 

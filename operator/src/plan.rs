@@ -707,7 +707,15 @@ pub fn plan(obs: &Observed<'_>, settings: &ReplacementSettings, moves: &MoveSett
                     ));
                     views.extend(chosen.iter().map(|n| new_view(obs.name, n, obs.nodes)));
                 }
-                Err(e) => events.push(warning(reason::INSUFFICIENT_NODES, e.to_string())),
+                Err(e) => {
+                    if drain == DrainStep::AddReplica {
+                        // Nowhere to move to: give the drain slot to a volume that can.
+                        drain = DrainStep::Blocked {
+                            why: format!("draining: no node can take a new replica: {e}"),
+                        };
+                    }
+                    events.push(warning(reason::INSUFFICIENT_NODES, e.to_string()))
+                }
             }
         }
         // spec.replicas went down: remove the least useful non-primary replicas. A
@@ -1461,6 +1469,38 @@ mod tests {
             assert!(r.contains(&want), "{want} missing from {r:?}");
         }
         assert_eq!(w.step().drain, DrainStep::Idle, "nothing more to do");
+    }
+
+    #[test]
+    fn a_drain_with_nowhere_to_go_gives_up_its_slot_and_keeps_every_replica() {
+        let mut w = World::new(3);
+        w.step();
+        agents_catch_up(&mut w, 10);
+        w.step();
+        agents_catch_up(&mut w, 10);
+        w.step();
+        let node = w
+            .replicas
+            .iter()
+            .find(|r| r.spec.role == ReplicaRole::Replica)
+            .unwrap()
+            .node()
+            .to_string();
+        drain(&mut w, &node);
+        let p = w.step();
+        assert!(p.apply.is_empty() && p.delete.is_empty(), "{p:?}");
+        assert!(
+            matches!(&p.drain, DrainStep::Blocked { why } if why.contains("no node can take")),
+            "{:?}",
+            p.drain
+        );
+        assert!(!p.drain.holds_slot());
+        assert!(
+            p.events
+                .iter()
+                .any(|e| e.reason == reason::INSUFFICIENT_NODES)
+        );
+        assert_eq!(p.status.in_sync_set.len(), 3);
     }
 
     #[test]
