@@ -1504,6 +1504,45 @@ mod tests {
     }
 
     #[test]
+    fn calling_a_drain_off_removes_the_uncommitted_replacement_and_keeps_the_set() {
+        let mut w = World::new(4);
+        w.step();
+        agents_catch_up(&mut w, 10);
+        w.step();
+        agents_catch_up(&mut w, 10);
+        w.step();
+        let node = w
+            .replicas
+            .iter()
+            .find(|r| r.spec.role == ReplicaRole::Replica)
+            .unwrap()
+            .node()
+            .to_string();
+        let before: Vec<String> = w.replicas.iter().map(|r| r.id.clone()).collect();
+        drain(&mut w, &node);
+        w.step();
+        let new = w
+            .replicas
+            .iter()
+            .find(|r| !before.contains(&r.id))
+            .expect("a replacement was placed")
+            .id
+            .clone();
+        // Called off before the replacement caught up.
+        for n in &mut w.nodes {
+            (n.evacuating, n.cordoned) = (false, false);
+        }
+        let p = w.step();
+        assert_eq!(p.drain, DrainStep::Idle);
+        assert_eq!(p.delete, vec![new], "the uncommitted replacement goes");
+        assert_eq!(p.status.in_sync_set.len(), 3);
+        assert!(
+            w.replicas.iter().any(|r| r.node() == node),
+            "the old replica stays"
+        );
+    }
+
+    #[test]
     fn a_drain_without_a_slot_changes_nothing() {
         let mut w = World::new(5);
         w.step();
