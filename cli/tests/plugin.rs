@@ -642,6 +642,8 @@ async fn cordon_and_drain_survive_agent_registration(cp: &ControlPlane, plugin: 
         (true, false),
         "re-registration kept the cordon"
     );
+    let table = plugin.ok(&["get", "bn"]).await;
+    assert_eq!(row(&table, "node-2")[7], "Cordoned", "{table}");
 
     let out = plugin.ok(&["drain", "node-2"]).await;
     assert!(out.contains("draining"), "{out}");
@@ -651,6 +653,8 @@ async fn cordon_and_drain_survive_agent_registration(cp: &ControlPlane, plugin: 
         (true, true),
         "re-registration kept the drain"
     );
+    let table = plugin.ok(&["get", "bn"]).await;
+    assert_eq!(row(&table, "node-2")[7], "Draining", "{table}");
 
     // The operator's report, then `drain --wait` following it to the end.
     let evacuation = |left: u32| {
