@@ -18,8 +18,9 @@ use std::time::{Duration, Instant};
 use api::{BlockNode, BlockVolume, BlockVolumeSpec, ReplicaRole, ReplicaState, VolumePhase};
 use e2e::checker::{Checker, CheckerConfig, Ledger, Target};
 use e2e::cluster::{AgentOptions, TestCluster, TestClusterOptions};
+use k8s_openapi::api::core::v1::Event;
 use kube::ResourceExt;
-use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 
 const VOLUME: &str = "drain1";
 /// Bound on the whole drain on a busy 2-core host.
@@ -48,6 +49,15 @@ async fn draining_a_replica_node_under_load_moves_every_replica_off_losing_nothi
 async fn draining_the_primarys_node_moves_the_primary_first_losing_nothing() {
     let _serial = SERIAL.lock().await;
     drain_under_load(true).await;
+}
+
+/// Reasons of the Events about the object named `name`.
+async fn event_reasons(tc: &TestCluster, name: &str) -> Vec<String> {
+    Api::<Event>::all(tc.client.clone())
+        .list(&ListParams::default().fields(&format!("involvedObject.name={name}")))
+        .await
+        .map(|l| l.items.into_iter().filter_map(|e| e.reason).collect())
+        .unwrap_or_default()
 }
 
 fn nbd_target(tc: &TestCluster, node: &str) -> Target {
@@ -264,6 +274,28 @@ async fn drain_under_load(drain_primary: bool) {
         desired as usize + 1,
         "one extra replica at a time"
     );
+    // Progress was reported as Events on the node and on the volume.
+    let mut want_volume = vec!["DrainReplicaPlaced", "DrainReplicaRemoved"];
+    if drain_primary {
+        want_volume.push("PrimaryMoveStarted");
+    }
+    for (object, want) in [
+        (victim.as_str(), vec!["DrainStarted", "DrainCompleted"]),
+        (VOLUME, want_volume),
+    ] {
+        e2e::cluster::wait_for(
+            &format!("Events {want:?} about {object}"),
+            Duration::from_millis(READY_TIMEOUT_MS),
+            || async {
+                let got = event_reasons(&tc, object).await;
+                want.iter()
+                    .all(|w| got.iter().any(|g| g == w))
+                    .then_some(())
+            },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    }
     let report = checker.verify(&target).await.expect("verify reads back");
     assert!(report.is_clean(), "acknowledged writes lost: {report}");
     assert!(report.writes_verified > 0);
