@@ -95,7 +95,11 @@ pub struct BlockVolumeSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node_selector: Option<BTreeMap<String, String>>,
     /// Node label whose values replicas are spread across (default: zone, then hostname).
+    /// A label key: an optional DNS-subdomain prefix and `/`, then a name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(
+        pattern = r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
+    ))]
     pub topology_key: Option<String>,
     /// Whether to keep a replica (and so the primary) on the node that uses the volume.
     #[serde(default, skip_serializing_if = "Option::is_none")]
