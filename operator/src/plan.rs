@@ -718,9 +718,9 @@ pub fn plan(obs: &Observed<'_>, settings: &ReplacementSettings, moves: &MoveSett
                 }
             }
         }
-        // spec.replicas went down: remove the least useful non-primary replicas. A
-        // committed member leaves the set in the same commit, written (with the
-        // primary's assignment) before the replica is deleted.
+        // A drain's replacement is committed: the replica on the draining node leaves
+        // the set in the same commit, written (with the primary's assignment) before the
+        // replica is deleted.
         if let (true, DrainStep::Remove { replica_id }) = (settled, &drain) {
             let node = views
                 .iter()
@@ -752,8 +752,10 @@ pub fn plan(obs: &Observed<'_>, settings: &ReplacementSettings, moves: &MoveSett
             ));
             delete.push(replica_id.clone());
         }
-        // spec.replicas going down waits for a drain to finish: the drain keeps one
-        // extra replica while it moves one.
+        // spec.replicas went down: remove the least useful non-primary replicas. A
+        // committed member leaves the set in the same commit, written (with the
+        // primary's assignment) before the replica is deleted. This waits for a drain
+        // to finish: the drain keeps one extra replica while it moves one.
         let excess = active(&views, &delete).saturating_sub(desired);
         if excess > 0 && state.primary.is_some() && drain == DrainStep::Idle {
             let mut victims: Vec<&ReplicaView> = views
