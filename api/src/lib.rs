@@ -4,12 +4,13 @@
 //! so controllers and the CSI driver reject the same objects the API server rejects.
 
 pub mod crd;
+pub mod labels;
 pub mod node;
 pub mod quantity;
 pub mod replica;
 pub mod volume;
 
-pub use node::{BlockNode, BlockNodeSpec, BlockNodeStatus};
+pub use node::{BlockNode, BlockNodeSpec, BlockNodeStatus, EvacuationStatus};
 pub use quantity::{QuantityError, parse_quantity_bytes};
 pub use replica::{
     BlockReplica, BlockReplicaSpec, BlockReplicaStatus, PeerAssignment, PeerStatus, ReplicaRole,

@@ -95,7 +95,11 @@ pub struct BlockVolumeSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node_selector: Option<BTreeMap<String, String>>,
     /// Node label whose values replicas are spread across (default: zone, then hostname).
+    /// A label key: an optional DNS-subdomain prefix and `/`, then a name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(
+        pattern = r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
+    ))]
     pub topology_key: Option<String>,
     /// Whether to keep a replica (and so the primary) on the node that uses the volume.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -245,6 +249,8 @@ pub enum MoveReason {
     DataLocality,
     /// The `blockvol.io/move-primary-to` annotation names the target's node.
     Requested,
+    /// The primary's node is being drained (`BlockNode.spec.evacuate`).
+    Drain,
 }
 
 /// One line per replica in the volume status.
@@ -340,6 +346,30 @@ impl BlockVolumeSpec {
                 ),
             ));
         }
+        if let Some(sel) = &self.node_selector {
+            for (k, v) in sel {
+                if !crate::labels::valid_label_key(k) {
+                    return Err(ValidationError::new(
+                        "spec.nodeSelector",
+                        format!("{k:?} is not a valid label key"),
+                    ));
+                }
+                if !crate::labels::valid_label_value(v) {
+                    return Err(ValidationError::new(
+                        "spec.nodeSelector",
+                        format!("{v:?} (for {k:?}) is not a valid label value"),
+                    ));
+                }
+            }
+        }
+        if let Some(k) = &self.topology_key
+            && !crate::labels::valid_label_key(k)
+        {
+            return Err(ValidationError::new(
+                "spec.topologyKey",
+                format!("{k:?} is not a valid label key"),
+            ));
+        }
         let size = self.size_bytes()?;
         if size % u64::from(self.block_size) != 0 {
             return Err(ValidationError::new(
@@ -425,6 +455,21 @@ mod tests {
         let mut s = spec("1Gi");
         s.block_size = 1024;
         assert_eq!(field_of(s.validate()), "spec.blockSize");
+    }
+
+    #[test]
+    fn node_selector_and_topology_key_must_be_label_syntax() {
+        let mut s = spec("1Gi");
+        s.node_selector = Some(BTreeMap::from([("disk".into(), "ssd".into())]));
+        s.topology_key = Some("topology.kubernetes.io/zone".into());
+        assert_eq!(s.validate(), Ok(()));
+        s.node_selector = Some(BTreeMap::from([("bad key".into(), "ssd".into())]));
+        assert_eq!(field_of(s.validate()), "spec.nodeSelector");
+        s.node_selector = Some(BTreeMap::from([("disk".into(), "-ssd".into())]));
+        assert_eq!(field_of(s.validate()), "spec.nodeSelector");
+        s.node_selector = None;
+        s.topology_key = Some("Zone/".into());
+        assert_eq!(field_of(s.validate()), "spec.topologyKey");
     }
 
     #[test]

@@ -57,6 +57,18 @@ pub enum Error {
         waited_s: u64,
         last: String,
     },
+    #[error("BlockNode {name} not found; `kubectl get bn` lists the nodes with a blockvol agent")]
+    NodeNotFound { name: String },
+    #[error(
+        "timed out after {waited_s}s waiting for node {node} to drain ({last}); the drain goes on: \
+         `kubectl get bn {node}` shows progress, `kubectl describe bv` of a volume left shows why it waits, \
+         `kubectl blockvol uncordon {node}` calls it off"
+    )]
+    DrainTimedOut {
+        node: String,
+        waited_s: u64,
+        last: String,
+    },
     #[error("{flag}: {message}")]
     InvalidArgument { flag: &'static str, message: String },
     #[error("BlockVolume {name} has an unusable spec.size: {message}")]

@@ -1,11 +1,12 @@
 //! `kubectl blockvol`: a kubectl plugin to see and steer blockvol. `get` joins volumes
 //! with their replicas, claims and nodes; `describe volume` tells one volume's story with
 //! what to do about each unhealthy condition; `move-primary` asks for (and follows) a
-//! planned switchover; `pv` prints a static PersistentVolume and claim for a
+//! planned switchover; `cordon`, `uncordon` and `drain` take a node out of placement
+//! for maintenance (see [`maintenance`]); `pv` prints a static PersistentVolume and claim for a
 //! `kubectl apply`'d BlockVolume; `dump` writes a support bundle.
 //!
-//! It only reads, except `move-primary` (one annotation) — it never writes replica or
-//! status fields, which belong to the operator and the agents. Every error names the
+//! It only reads, except `move-primary` (one annotation) and `cordon`/`uncordon`/`drain`
+//! (the admin's `BlockNode` spec fields) — it never writes replica or status fields, which belong to the operator and the agents. Every error names the
 //! object and what to do; every relative path is resolved against the current directory.
 
 pub mod cluster;
@@ -13,6 +14,7 @@ pub mod describe;
 pub mod dump;
 pub mod error;
 pub mod format;
+pub mod maintenance;
 pub mod move_primary;
 pub mod pv;
 pub mod tar;
@@ -86,6 +88,22 @@ pub enum Command {
         wait: bool,
         /// How long --wait waits (ms, s, m, h).
         #[arg(long, default_value = "60s", value_parser = move_primary::parse_timeout)]
+        timeout: Duration,
+    },
+    /// Keep new replicas off a node (storage cordon); replicas already there stay.
+    Cordon { node: String },
+    /// Let new replicas onto a node again; stops a drain that is still running.
+    Uncordon { node: String },
+    /// Cordon a node and move every replica off it, one volume at a time: a new replica
+    /// elsewhere catches up and joins the in-sync set before the old one is removed; a
+    /// primary is moved first.
+    Drain {
+        node: String,
+        /// Follow the drain until no replica is left on the node.
+        #[arg(long)]
+        wait: bool,
+        /// How long --wait waits (ms, s, m, h).
+        #[arg(long, default_value = "30m", value_parser = move_primary::parse_timeout)]
         timeout: Duration,
     },
     /// Print a static PersistentVolume and a claim bound to it for a BlockVolume.
@@ -220,6 +238,26 @@ pub async fn run(cli: &Cli, cluster: &Cluster, out: &mut dyn Write) -> Result<()
             wait,
             timeout,
         } => move_primary::run(cluster, volume, to, wait.then_some(*timeout), out).await,
+        Command::Cordon { node } => {
+            maintenance::run(cluster, node, maintenance::Maintenance::Cordon, None, out).await
+        }
+        Command::Uncordon { node } => {
+            maintenance::run(cluster, node, maintenance::Maintenance::Uncordon, None, out).await
+        }
+        Command::Drain {
+            node,
+            wait,
+            timeout,
+        } => {
+            maintenance::run(
+                cluster,
+                node,
+                maintenance::Maintenance::Drain,
+                wait.then_some(*timeout),
+                out,
+            )
+            .await
+        }
         Command::Pv {
             volume,
             fs_type,
@@ -327,6 +365,16 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(cli.namespace.as_deref(), Some("apps"));
+        let cli = Cli::try_parse_from(["kubectl-blockvol", "drain", "node-2", "--wait"]).unwrap();
+        assert!(matches!(
+            &cli.command,
+            Command::Drain { node, wait: true, timeout } if node == "node-2" && *timeout == Duration::from_secs(1800)
+        ));
+        let cli = Cli::try_parse_from(["kubectl-blockvol", "cordon", "node-2"]).unwrap();
+        assert!(matches!(&cli.command, Command::Cordon { node } if node == "node-2"));
+        let cli = Cli::try_parse_from(["kubectl-blockvol", "uncordon", "node-2"]).unwrap();
+        assert!(matches!(&cli.command, Command::Uncordon { node } if node == "node-2"));
+        assert!(Cli::try_parse_from(["kubectl-blockvol", "drain"]).is_err());
         assert!(Cli::try_parse_from(["kubectl-blockvol", "describe", "node", "x"]).is_err());
         assert!(Cli::try_parse_from(["kubectl-blockvol", "get", "pods"]).is_err());
     }

@@ -210,8 +210,26 @@ pub struct NodeRow {
     pub used_bytes: u64,
     pub replicas: usize,
     pub primaries: usize,
+    /// The admin's storage state: `Draining` / `Drained` (`spec.evacuate`), `Cordoned`
+    /// (`spec.cordoned`), or `-`.
+    pub maintenance: String,
     pub version: Option<String>,
     pub age: String,
+}
+
+/// The storage maintenance state of a node, one word.
+pub fn maintenance_state(n: &api::BlockNode) -> &'static str {
+    let complete = n
+        .status
+        .as_ref()
+        .and_then(|s| s.evacuation.as_ref())
+        .is_some_and(|e| e.complete);
+    match (n.spec.evacuate, n.spec.cordoned) {
+        (true, _) if complete => "Drained",
+        (true, _) => "Draining",
+        (false, true) => "Cordoned",
+        (false, false) => "-",
+    }
 }
 
 fn created_age(meta: &kube::api::ObjectMeta, now: Timestamp) -> String {
@@ -342,6 +360,7 @@ pub fn node_rows(snap: &Snapshot) -> Vec<NodeRow> {
                 primaries: on_node
                     .filter(|r| r.spec.role == ReplicaRole::Primary)
                     .count(),
+                maintenance: maintenance_state(n).into(),
                 version: status.agent_version.clone(),
                 age: created_age(&n.metadata, now),
                 name,
@@ -434,6 +453,7 @@ pub fn node_table(rows: &[NodeRow], wide: bool) -> Table {
         "USED",
         "REPLICAS",
         "PRIMARIES",
+        "MAINTENANCE",
     ];
     if wide {
         header.extend(["ADDRESS", "VERSION"]);
@@ -454,6 +474,7 @@ pub fn node_table(rows: &[NodeRow], wide: bool) -> Table {
             human_bytes(r.used_bytes),
             r.replicas.to_string(),
             r.primaries.to_string(),
+            r.maintenance.clone(),
         ];
         if wide {
             cells.extend([r.address.clone(), opt(&r.version)]);
@@ -572,6 +593,7 @@ pub(crate) mod tests {
                     data_address: "127.0.0.1:7000".into(),
                     data_dir: "/var/lib/blockvol".into(),
                     topology: Default::default(),
+                    ..Default::default()
                 },
             );
             n.status = Some(BlockNodeStatus {
@@ -746,7 +768,9 @@ pub(crate) mod tests {
         let n1: Vec<&str> = nodes.lines().nth(1).unwrap().split_whitespace().collect();
         assert_eq!(
             n1,
-            ["node-1", "True", "100Gi", "90Gi", "10Gi", "1", "1", "-"]
+            [
+                "node-1", "True", "100Gi", "90Gi", "10Gi", "1", "1", "-", "-"
+            ]
         );
         let reps = replica_table(&replica_rows(&snap, None), true).render();
         assert!(reps.contains("vol-1-c"), "{reps}");

@@ -139,6 +139,7 @@ async fn write_objects(cp: &ControlPlane) {
                 data_address: format!("127.0.0.1:74{i:02}"),
                 data_dir: "/var/lib/blockvol".into(),
                 topology: Default::default(),
+                ..Default::default()
             },
         );
         nodes
@@ -594,5 +595,109 @@ async fn plugin_reads_and_steers_blockvol_objects_on_a_real_api_server() {
     assert_eq!(
         stored.status.unwrap().primary_node.as_deref(),
         Some("node-2")
+    );
+
+    cordon_and_drain_survive_agent_registration(&cp, &plugin).await;
+}
+
+/// `cordon`, `drain [--wait]` and `uncordon` write only the admin's BlockNode fields: a
+/// node agent re-registering (server-side apply of its spec, as the agent does) keeps
+/// them, and `drain --wait` follows `status.evacuation` until the node is empty.
+async fn cordon_and_drain_survive_agent_registration(cp: &ControlPlane, plugin: &Plugin<'_>) {
+    let nodes: Api<BlockNode> = Api::all(cp.client());
+    let register = || async {
+        let spec = BlockNodeSpec {
+            node_name: "node-2".into(),
+            data_address: "127.0.0.1:7401".into(),
+            data_dir: "/var/lib/blockvol".into(),
+            ..Default::default()
+        };
+        nodes
+            .patch(
+                "node-2",
+                &PatchParams::apply(api::FIELD_MANAGER_AGENT).force(),
+                &Patch::Apply(json!({
+                    "apiVersion": "blockvol.io/v1alpha1",
+                    "kind": "BlockNode",
+                    "metadata": {"name": "node-2"},
+                    "spec": spec,
+                })),
+            )
+            .await
+            .expect("agent registration");
+    };
+    let flags = || async {
+        let n = nodes.get("node-2").await.expect("BlockNode");
+        (n.spec.cordoned, n.spec.evacuate)
+    };
+    register().await;
+    let err = plugin.fails(&["cordon", "no-such-node"]).await;
+    assert!(err.contains("BlockNode no-such-node not found"), "{err}");
+
+    let out = plugin.ok(&["cordon", "node-2"]).await;
+    assert!(out.contains("cordoned"), "{out}");
+    register().await;
+    assert_eq!(
+        flags().await,
+        (true, false),
+        "re-registration kept the cordon"
+    );
+    let table = plugin.ok(&["get", "bn"]).await;
+    assert_eq!(row(&table, "node-2")[7], "Cordoned", "{table}");
+
+    let out = plugin.ok(&["drain", "node-2"]).await;
+    assert!(out.contains("draining"), "{out}");
+    register().await;
+    assert_eq!(
+        flags().await,
+        (true, true),
+        "re-registration kept the drain"
+    );
+    let table = plugin.ok(&["get", "bn"]).await;
+    assert_eq!(row(&table, "node-2")[7], "Draining", "{table}");
+
+    // The operator's report, then `drain --wait` following it to the end.
+    let evacuation = |left: u32| {
+        json!({"evacuation": {
+            "replicasLeft": left,
+            "volumesLeft": if left > 0 { vec![VOLUME] } else { vec![] },
+            "complete": left == 0,
+        }})
+    };
+    nodes
+        .patch_status(
+            "node-2",
+            &PatchParams::default(),
+            &status_patch(evacuation(2)),
+        )
+        .await
+        .expect("evacuation status");
+    let (mut child, mut lines) = plugin.spawn(&["drain", "node-2", "--wait", "--timeout", "60s"]);
+    assert!(next_line(&mut lines).await.contains("draining"));
+    let line = next_line(&mut lines).await;
+    assert!(line.contains("2 replica(s) left (volumes vol-a)"), "{line}");
+    nodes
+        .patch_status(
+            "node-2",
+            &PatchParams::default(),
+            &status_patch(evacuation(0)),
+        )
+        .await
+        .expect("evacuation status");
+    let line = next_line(&mut lines).await;
+    assert!(line.contains("drained: no replica is left"), "{line}");
+    let status = tokio::time::timeout(Duration::from_millis(LINE_TIMEOUT_MS), child.wait())
+        .await
+        .expect("drain --wait ends once drained")
+        .expect("waiting for the plugin");
+    assert!(status.success());
+
+    let out = plugin.ok(&["uncordon", "node-2"]).await;
+    assert!(out.contains("uncordoned"), "{out}");
+    assert_eq!(flags().await, (false, false));
+    let n = nodes.get("node-2").await.expect("BlockNode");
+    assert_eq!(
+        n.spec.data_address, "127.0.0.1:7401",
+        "the agent's fields untouched"
     );
 }

@@ -250,18 +250,21 @@ pub fn desired_spec(
     size_bytes: u64,
     topology: Option<&TopologyRequirement>,
 ) -> BlockVolumeSpec {
-    let node_selector = if p.replicas == 1 {
-        pinned_node(topology).map(|n| BTreeMap::from([(api::TOPOLOGY_NODE_KEY.to_string(), n)]))
-    } else {
-        None
-    };
+    let mut node_selector = p.node_selector.clone();
+    if p.replicas == 1
+        && let Some(n) = pinned_node(topology)
+    {
+        node_selector
+            .get_or_insert_with(BTreeMap::new)
+            .insert(api::TOPOLOGY_NODE_KEY.to_string(), n);
+    }
     BlockVolumeSpec {
         size: IntOrString::String(size_bytes.to_string()),
         replicas: p.replicas,
         durability: p.durability,
         block_size: p.block_size,
         node_selector,
-        topology_key: None,
+        topology_key: p.topology_key.clone(),
         data_locality: p.data_locality,
     }
 }
@@ -320,6 +323,13 @@ fn mismatch(
             "node selector",
             format!("{:?}", have.node_selector),
             format!("{:?}", want.node_selector),
+        );
+    }
+    if have.topology_key != want.topology_key {
+        return differs(
+            "topologyKey",
+            format!("{:?}", have.topology_key),
+            format!("{:?}", want.topology_key),
         );
     }
     if have.data_locality != want.data_locality {
@@ -1037,6 +1047,8 @@ mod tests {
             block_size: 512,
             fs_type: None,
             data_locality: Some(DataLocality::BestEffort),
+            node_selector: Some(BTreeMap::from([("disk".into(), "ssd".into())])),
+            topology_key: Some("rack".into()),
         };
         let spec = desired_spec(&p, 1 << 20, None);
         assert_eq!(spec.size_bytes(), Ok(1 << 20));
@@ -1044,6 +1056,28 @@ mod tests {
         assert_eq!(spec.durability, Durability::Async);
         assert_eq!(spec.block_size, 512);
         assert_eq!(spec.data_locality, Some(DataLocality::BestEffort));
+        assert_eq!(p.node_selector, spec.node_selector);
+        assert_eq!(spec.topology_key.as_deref(), Some("rack"));
+        assert_eq!(spec.validate(), Ok(()));
+    }
+
+    #[test]
+    fn a_pinned_single_replica_keeps_the_storage_class_node_selector() {
+        let p = VolumeParams {
+            replicas: 1,
+            node_selector: Some(BTreeMap::from([("disk".into(), "ssd".into())])),
+            ..Default::default()
+        };
+        let req = TopologyRequirement {
+            requisite: vec![topo("a")],
+            preferred: vec![topo("a")],
+        };
+        let sel = desired_spec(&p, 4096, Some(&req)).node_selector.unwrap();
+        assert_eq!(sel.get("disk").map(String::as_str), Some("ssd"));
+        assert_eq!(
+            sel.get(api::TOPOLOGY_NODE_KEY).map(String::as_str),
+            Some("a")
+        );
     }
 
     fn volume(conds: &[(&str, &str)]) -> BlockVolume {

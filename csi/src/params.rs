@@ -25,6 +25,22 @@ pub const PARAM_BLOCK_SIZE: &str = "blockSize";
 pub const PARAM_FS_TYPE: &str = "fsType";
 /// StorageClass parameter: `disabled` or `bestEffort`.
 pub const PARAM_DATA_LOCALITY: &str = "dataLocality";
+/// StorageClass parameter: only nodes with every one of these labels hold a replica;
+/// `key=value` pairs separated by commas (`disk=ssd,blockvol.io/pool=fast`).
+pub const PARAM_NODE_SELECTOR: &str = "nodeSelector";
+/// StorageClass parameter: node label whose values the replicas are spread across
+/// (default: `topology.kubernetes.io/zone`, then hostname).
+pub const PARAM_TOPOLOGY_KEY: &str = "topologyKey";
+/// Every StorageClass parameter the driver accepts.
+pub const PARAMS: [&str; 7] = [
+    PARAM_REPLICAS,
+    PARAM_DURABILITY,
+    PARAM_BLOCK_SIZE,
+    PARAM_FS_TYPE,
+    PARAM_DATA_LOCALITY,
+    PARAM_NODE_SELECTOR,
+    PARAM_TOPOLOGY_KEY,
+];
 /// Parameters the Kubernetes sidecars add themselves; they carry no volume intent.
 pub const SIDECAR_PARAM_PREFIX: &str = "csi.storage.k8s.io/";
 
@@ -48,6 +64,8 @@ pub struct VolumeParams {
     /// Filesystem for mount access, if the StorageClass names one.
     pub fs_type: Option<String>,
     pub data_locality: Option<DataLocality>,
+    pub node_selector: Option<BTreeMap<String, String>>,
+    pub topology_key: Option<String>,
 }
 
 impl Default for VolumeParams {
@@ -58,8 +76,41 @@ impl Default for VolumeParams {
             block_size: DEFAULT_BLOCK_SIZE,
             fs_type: None,
             data_locality: None,
+            node_selector: None,
+            topology_key: None,
         }
     }
+}
+
+/// Parses a `nodeSelector` parameter: `key=value` pairs separated by commas, each key
+/// and value in Kubernetes label syntax, no key twice.
+pub fn parse_node_selector(value: &str) -> Result<BTreeMap<String, String>> {
+    let bad = |why: String| {
+        Error::InvalidArgument(format!(
+            "StorageClass parameter {PARAM_NODE_SELECTOR:?} has invalid value {value:?}: {why}; \
+             write label pairs as key=value separated by commas, such as \"disk=ssd,topology.kubernetes.io/zone=a\""
+        ))
+    };
+    let mut sel = BTreeMap::new();
+    for pair in value.split(',').map(str::trim) {
+        if pair.is_empty() {
+            return Err(bad("an empty pair".into()));
+        }
+        let Some((k, v)) = pair.split_once('=') else {
+            return Err(bad(format!("{pair:?} has no '='")));
+        };
+        let (k, v) = (k.trim(), v.trim());
+        if !api::labels::valid_label_key(k) {
+            return Err(bad(format!("{k:?} is not a valid label key")));
+        }
+        if !api::labels::valid_label_value(v) {
+            return Err(bad(format!("{v:?} is not a valid label value")));
+        }
+        if sel.insert(k.to_string(), v.to_string()).is_some() {
+            return Err(bad(format!("{k:?} appears twice")));
+        }
+    }
+    Ok(sel)
 }
 
 fn invalid_param(name: &str, value: &str, allowed: &str) -> Error {
@@ -120,12 +171,26 @@ impl VolumeParams {
                         }
                     });
                 }
+                PARAM_NODE_SELECTOR => {
+                    params.node_selector = Some(parse_node_selector(value)?);
+                }
+                PARAM_TOPOLOGY_KEY => {
+                    let k = value.trim();
+                    if !api::labels::valid_label_key(k) {
+                        return Err(invalid_param(
+                            key,
+                            value,
+                            "a node label key such as \"topology.kubernetes.io/zone\" or \"kubernetes.io/hostname\"",
+                        ));
+                    }
+                    params.topology_key = Some(k.to_string());
+                }
                 k if k.starts_with(SIDECAR_PARAM_PREFIX) => {}
                 _ => {
+                    let known: Vec<String> = PARAMS.iter().map(|p| format!("{p:?}")).collect();
                     return Err(Error::InvalidArgument(format!(
-                        "unknown StorageClass parameter {key:?}: known parameters are \
-                         {PARAM_REPLICAS:?}, {PARAM_DURABILITY:?}, {PARAM_BLOCK_SIZE:?}, \
-                         {PARAM_FS_TYPE:?}, {PARAM_DATA_LOCALITY:?}"
+                        "unknown StorageClass parameter {key:?}: known parameters are {}",
+                        known.join(", ")
                     )));
                 }
             }
@@ -334,6 +399,51 @@ mod tests {
         assert_eq!(p.block_size, 512);
         assert_eq!(p.fs_type.as_deref(), Some("xfs"));
         assert_eq!(p.data_locality, Some(DataLocality::BestEffort));
+    }
+
+    #[test]
+    fn node_selector_and_topology_key_are_parsed() {
+        let p = VolumeParams::parse(&params(&[
+            ("nodeSelector", "disk=ssd, topology.kubernetes.io/zone=a"),
+            ("topologyKey", "kubernetes.io/hostname"),
+        ]))
+        .unwrap();
+        assert_eq!(
+            p.node_selector,
+            Some(BTreeMap::from([
+                ("disk".to_string(), "ssd".to_string()),
+                ("topology.kubernetes.io/zone".to_string(), "a".to_string()),
+            ]))
+        );
+        assert_eq!(p.topology_key.as_deref(), Some("kubernetes.io/hostname"));
+    }
+
+    #[test]
+    fn bad_node_selector_or_topology_key_is_refused_naming_the_parameter() {
+        for bad in [
+            "",
+            "disk",
+            "disk=ssd,",
+            "disk=ssd,disk=hdd",
+            "bad key=x",
+            "disk=-ssd",
+            "Example.com/x=y",
+        ] {
+            invalid_naming(&[("nodeSelector", bad)], "nodeSelector");
+        }
+        for bad in ["", "bad key", "zone/", "-zone"] {
+            invalid_naming(&[("topologyKey", bad)], "topologyKey");
+        }
+        let err = VolumeParams::parse(&params(&[("nodeSelector", "disk")])).unwrap_err();
+        assert!(err.to_string().contains("key=value"), "{err}");
+    }
+
+    #[test]
+    fn unknown_parameter_error_lists_every_known_parameter() {
+        let err = VolumeParams::parse(&params(&[("nodeselector", "a=b")])).unwrap_err();
+        for p in PARAMS {
+            assert!(err.to_string().contains(&format!("{p:?}")), "{p}: {err}");
+        }
     }
 
     #[test]

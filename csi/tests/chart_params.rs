@@ -37,14 +37,18 @@ fn schema_covers_every_storage_class_parameter_the_driver_accepts() {
         .keys()
         .map(String::as_str)
         .collect();
-    let driver: BTreeSet<&str> = [
-        PARAM_REPLICAS,
-        PARAM_DURABILITY,
-        PARAM_BLOCK_SIZE,
-        PARAM_FS_TYPE,
-        PARAM_DATA_LOCALITY,
-    ]
-    .into();
+    let driver: BTreeSet<&str> = csi::params::PARAMS.into();
+    assert!(
+        [
+            PARAM_REPLICAS,
+            PARAM_DURABILITY,
+            PARAM_BLOCK_SIZE,
+            PARAM_FS_TYPE,
+            PARAM_DATA_LOCALITY,
+        ]
+        .iter()
+        .all(|p| driver.contains(p))
+    );
     assert_eq!(keys, driver);
     assert!(!parses("bogus", "1"), "the driver refuses unknown keys too");
 

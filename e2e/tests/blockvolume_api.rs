@@ -198,6 +198,11 @@ async fn every_invalid_blockvolume_is_rejected_naming_the_field() {
             json!({"size": "1Gi", "durability": "quorum"}),
             "spec.durability",
         ),
+        (
+            "topologyKey not a label key",
+            json!({"size": "1Gi", "topologyKey": "my zone"}),
+            "spec.topologyKey",
+        ),
     ];
     for (i, (case, spec, field)) in cases.iter().enumerate() {
         let obj = raw_volume(&name(&format!("invalid-{i}")), spec.clone());
@@ -212,6 +217,7 @@ async fn every_invalid_blockvolume_is_rejected_naming_the_field() {
         json!({"size": 1536, "blockSize": 512}),
         json!({"size": "1Gi", "replicas": 1}),
         json!({"size": "1Gi", "replicas": 5, "durability": "async"}),
+        json!({"size": "1Gi", "topologyKey": "topology.kubernetes.io/zone"}),
     ]
     .into_iter()
     .enumerate()

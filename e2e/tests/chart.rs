@@ -223,8 +223,9 @@ const EVENTS: &str = "events.events.k8s.io";
 
 fn allowed() -> Vec<Can> {
     let mut v = Vec::new();
-    // Operator: reconciles volumes, applies and deletes replicas, reads nodes and the
-    // agents' Leases, holds the leader Lease, records events.
+    // Operator: reconciles volumes, applies and deletes replicas, reads nodes (cordon,
+    // labels) and the agents' Leases, reports drains in BlockNode status, holds the
+    // leader Lease, records events.
     for verb in ["get", "list", "watch", "patch"] {
         v.push(can("operator", verb, BV));
     }
@@ -234,7 +235,10 @@ fn allowed() -> Vec<Can> {
     }
     for verb in ["get", "list", "watch"] {
         v.push(can("operator", verb, BN));
+        v.push(can("operator", verb, "nodes"));
     }
+    // Drain progress in BlockNode status.
+    v.push(can("operator", "patch", BN).status());
     for verb in ["get", "list", "watch", "create", "update", "patch"] {
         v.push(can("operator", verb, LEASES).in_ns(NS));
     }
@@ -275,6 +279,8 @@ fn denied() -> Vec<Can> {
         can("operator", "create", BN),
         can("operator", "create", LEASES).in_ns("default"),
         can("operator", "delete", "nodes"),
+        can("operator", "patch", "nodes"),
+        can("operator", "patch", BN),
         can("csi-controller", "patch", BV).status(),
         can("csi-controller", "watch", BV),
         can("csi-controller", "delete", BN),

@@ -11,14 +11,23 @@
 //! reconciles of one volume (overlapping leaders, a deposed leader's reconcile still in
 //! flight) never both land a plan: the later one fails with [`Error::Conflict`] and is
 //! recomputed.
+//!
+//! Placement honours the Kubernetes cordon (`Node.spec.unschedulable`), the storage
+//! cordon and drain of each `BlockNode`, and the operator's storage node selector
+//! (matched against the Node's labels merged with the `BlockNode`'s). While leading, a
+//! second loop reports each drain's progress in `BlockNode.status.evacuation` and as
+//! Events on the `BlockNode`.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use api::{BlockNode, BlockReplica, BlockReplicaSpec, BlockVolume, BlockVolumeStatus};
+use api::{
+    BlockNode, BlockReplica, BlockReplicaSpec, BlockVolume, BlockVolumeStatus, EvacuationStatus,
+};
 use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
@@ -29,10 +38,11 @@ use kube::runtime::{Controller, watcher};
 use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 
+use crate::drain::DrainSettings;
 use crate::leader::LeaseObserver;
 use crate::metrics::Metrics;
 use crate::model::ReplicaView;
-use crate::placement::NodeCandidate;
+use crate::placement::{NodeCandidate, StorageNodeSelector};
 use crate::plan::{Cleanup, Observed, Plan, plan, plan_cleanup};
 use crate::primary_move::{MoveSettings, wanted_move};
 use crate::replacement::{ReplacementSettings, is_rebuilding};
@@ -60,6 +70,11 @@ pub struct ControllerSettings {
     /// gap in this operator's view: node Leases it saw before may have missed renewals
     /// that could not reach the server, so their expiry counts from the end of it.
     pub api_gap_ms: u64,
+    /// Only nodes matching this selector get replicas (empty: every node with an agent).
+    pub storage_node_selector: StorageNodeSelector,
+    pub drain: DrainSettings,
+    /// How often drain progress is written to `BlockNode` status, in milliseconds.
+    pub node_status_interval_ms: u64,
 }
 
 impl Default for ControllerSettings {
@@ -74,6 +89,9 @@ impl Default for ControllerSettings {
             deletion_poll_ms: 1_000,
             concurrency: 4,
             api_gap_ms: 2_000,
+            storage_node_selector: StorageNodeSelector::default(),
+            drain: DrainSettings::default(),
+            node_status_interval_ms: 2_000,
         }
     }
 }
@@ -87,6 +105,9 @@ pub struct Context {
     /// Node agent Leases as this process saw them change (see [`LeaseObserver`]).
     lease_observer: LeaseObserver,
     failures: std::sync::Mutex<BTreeMap<String, u32>>,
+    /// Volumes this process let start a drain step, until their drain is over (see
+    /// [`drain_slot`]); bounds `drain.drain_concurrency` across concurrent reconciles.
+    drain_slots: std::sync::Mutex<std::collections::BTreeSet<String>>,
 }
 
 impl Context {
@@ -110,13 +131,14 @@ impl Context {
             recorder,
             lease_observer: LeaseObserver::default(),
             failures: Default::default(),
+            drain_slots: Default::default(),
         }
     }
 }
 
 /// Liveness of one node agent, from its Lease.
 #[derive(Clone, Copy, Debug)]
-struct NodeLease {
+pub struct NodeLease {
     live: bool,
     /// When the lease runs out unless renewed.
     expires: Option<Timestamp>,
@@ -169,15 +191,20 @@ fn view(
 }
 
 /// Free space per node: what the agent reports allocatable, minus replicas assigned to
-/// the node that its agent has not yet accounted for (no reported size).
-fn candidates(
+/// the node that its agent has not yet accounted for (no reported size). A `BlockNode`
+/// whose Kubernetes Node is missing (a test cluster, a node being replaced) is judged
+/// by its own labels and cordon alone.
+pub fn candidates(
     nodes: &[BlockNode],
+    k8s_nodes: &[Node],
     all_replicas: &[BlockReplica],
     leases: &BTreeMap<String, NodeLease>,
+    storage_nodes: &StorageNodeSelector,
 ) -> Vec<NodeCandidate> {
     nodes
         .iter()
         .map(|n| {
+            let k8s = k8s_nodes.iter().find(|k| k.name_any() == n.spec.node_name);
             let name = n.name_any();
             let pending: u64 = all_replicas
                 .iter()
@@ -186,10 +213,18 @@ fn candidates(
                 })
                 .map(|r| r.spec.size_bytes)
                 .sum();
-            let mut labels = n.labels().clone();
+            let mut labels = k8s.map(|k| k.labels().clone()).unwrap_or_default();
+            labels.extend(n.labels().clone());
             labels.extend(n.spec.topology.clone());
+            let k8s_cordoned = k8s
+                .and_then(|k| k.spec.as_ref())
+                .and_then(|s| s.unschedulable)
+                .unwrap_or(false);
             NodeCandidate {
                 name: name.clone(),
+                cordoned: k8s_cordoned || n.spec.storage_cordoned(),
+                evacuating: n.spec.evacuate,
+                storage_node: storage_nodes.matches(&labels),
                 labels,
                 free_bytes: n
                     .status
@@ -213,6 +248,8 @@ struct Observation {
     all_replicas: Vec<BlockReplica>,
     replicas: Vec<BlockReplica>,
     nodes: Vec<BlockNode>,
+    k8s_nodes: Vec<Node>,
+    volumes: Vec<BlockVolume>,
     leases: BTreeMap<String, NodeLease>,
     now: Timestamp,
 }
@@ -244,6 +281,16 @@ async fn observe(ctx: &Context, volume: &str) -> Result<Observation> {
         .await
         .map_err(gap)?
         .items;
+    let k8s_nodes = Api::<Node>::all(ctx.client.clone())
+        .list(&ListParams::default())
+        .await
+        .map_err(gap)?
+        .items;
+    let volumes = Api::<BlockVolume>::all(ctx.client.clone())
+        .list(&ListParams::default())
+        .await
+        .map_err(gap)?
+        .items;
     if started.elapsed() >= Duration::from_millis(ctx.settings.api_gap_ms) {
         tracing::warn!(
             took_ms = started.elapsed().as_millis() as u64,
@@ -264,6 +311,8 @@ async fn observe(ctx: &Context, volume: &str) -> Result<Observation> {
         all_replicas,
         replicas,
         nodes,
+        k8s_nodes,
+        volumes,
         leases: node_leases(&leases, now, &ctx.lease_observer),
         now,
     })
@@ -466,7 +515,14 @@ pub async fn prepare(ctx: &Context, name: &str) -> Result<Option<Prepared>> {
         .iter()
         .map(|r| view(r, &obs.nodes, &obs.leases))
         .collect();
-    let nodes = candidates(&obs.nodes, &obs.all_replicas, &obs.leases);
+    let nodes = candidates(
+        &obs.nodes,
+        &obs.k8s_nodes,
+        &obs.all_replicas,
+        &obs.leases,
+        &ctx.settings.storage_node_selector,
+    );
+    let drain_slot = drain_slot(ctx, &name, &obs, &nodes);
     let mut rebuilding: BTreeMap<String, u32> = BTreeMap::new();
     for r in &obs.all_replicas {
         if is_rebuilding(&view(r, &obs.nodes, &obs.leases)) {
@@ -488,11 +544,17 @@ pub async fn prepare(ctx: &Context, name: &str) -> Result<Option<Prepared>> {
             replicas: &views,
             nodes: &nodes,
             rebuilding_per_node: &rebuilding,
+            drain_slot,
             now: obs.now,
         },
         &ctx.settings.replacement,
         &ctx.settings.moves,
     );
+    if !p.drain.holds_slot()
+        && let Ok(mut slots) = ctx.drain_slots.lock()
+    {
+        slots.remove(name);
+    }
     Ok(Some(Prepared {
         volume: vol,
         obs,
@@ -573,8 +635,8 @@ async fn apply_volume(cached: Arc<BlockVolume>, ctx: &Context) -> Result<Action>
         after = after.min(until);
     }
     // A move in progress waits on agent reports (which trigger reconciles) and on its
-    // timeout (which does not).
-    if p.status.primary_move.is_some() {
+    // timeout (which does not); so does a drain waiting for a slot another volume frees.
+    if p.status.primary_move.is_some() || p.drain != crate::drain::DrainStep::Idle {
         after = after.min(Duration::from_millis(1_000));
     }
     // Pending grace clocks need a look when they run out.
@@ -592,6 +654,175 @@ async fn apply_volume(cached: Arc<BlockVolume>, ctx: &Context) -> Result<Action>
         after = after.min(Duration::from_millis(grace.max(1_000)));
     }
     Ok(Action::requeue(after))
+}
+
+/// Whether volume `name` may take a drain step: it already holds a slot (reserved by
+/// this process, or started before, as its replicas show), or fewer than
+/// `drain_concurrency` other volumes hold one. A granted slot is reserved here, under
+/// the lock, so concurrent reconciles cannot both take the last one; it is released
+/// when the volume's plan no longer holds it.
+fn drain_slot(ctx: &Context, name: &str, obs: &Observation, nodes: &[NodeCandidate]) -> bool {
+    let evacuating = crate::drain::evacuating_nodes(nodes);
+    if evacuating.is_empty() {
+        return false;
+    }
+    let mut holders: std::collections::BTreeSet<String> = obs
+        .volumes
+        .iter()
+        .filter(|v| {
+            let vname = v.name_any();
+            let views: Vec<ReplicaView> = obs
+                .all_replicas
+                .iter()
+                .filter(|r| r.spec.volume == vname)
+                .map(|r| view(r, &obs.nodes, &obs.leases))
+                .collect();
+            let drain_move = v
+                .status
+                .as_ref()
+                .and_then(|s| s.primary_move.as_ref())
+                .is_some_and(|m| m.reason == api::MoveReason::Drain);
+            crate::drain::started(
+                &views,
+                usize::from(v.spec.replicas),
+                &evacuating,
+                drain_move,
+            )
+        })
+        .map(|v| v.name_any())
+        .collect();
+    let Ok(mut slots) = ctx.drain_slots.lock() else {
+        return false;
+    };
+    // Reservations of volumes that no longer exist are dropped.
+    slots.retain(|s| obs.volumes.iter().any(|v| v.name_any() == *s));
+    holders.extend(slots.iter().cloned());
+    if holders.contains(name) {
+        slots.insert(name.to_string());
+        return true;
+    }
+    let limit = usize::try_from(ctx.settings.drain.drain_concurrency).unwrap_or(usize::MAX);
+    if holders.len() < limit {
+        slots.insert(name.to_string());
+        return true;
+    }
+    false
+}
+
+/// Event reasons on a `BlockNode`.
+pub mod node_reason {
+    pub const DRAIN_STARTED: &str = "DrainStarted";
+    pub const DRAIN_PROGRESS: &str = "DrainProgress";
+    pub const DRAIN_COMPLETED: &str = "DrainCompleted";
+}
+
+/// Drain progress of one node from the replicas assigned to it.
+pub fn evacuation_status(node: &str, all_replicas: &[BlockReplica]) -> EvacuationStatus {
+    let here: Vec<&BlockReplica> = all_replicas
+        .iter()
+        .filter(|r| r.spec.node == node)
+        .collect();
+    let mut volumes: Vec<String> = here.iter().map(|r| r.spec.volume.clone()).collect();
+    volumes.sort();
+    volumes.dedup();
+    EvacuationStatus {
+        replicas_left: u32::try_from(here.len()).unwrap_or(u32::MAX),
+        complete: here.is_empty(),
+        volumes_left: volumes,
+    }
+}
+
+/// Writes `status.evacuation` of every draining `BlockNode` (and clears it once the
+/// drain is called off), publishing an Event when a drain starts, when its count of
+/// replicas left changes, and when it completes.
+async fn report_drains(ctx: &Context) -> Result<()> {
+    let nodes_api: Api<BlockNode> = Api::all(ctx.client.clone());
+    let replicas_api: Api<BlockReplica> = Api::all(ctx.client.clone());
+    let nodes = nodes_api
+        .list(&ListParams::default())
+        .await
+        .map_err(Error::Kube)?
+        .items;
+    if !nodes
+        .iter()
+        .any(|n| n.spec.evacuate || n.status.as_ref().is_some_and(|s| s.evacuation.is_some()))
+    {
+        return Ok(());
+    }
+    let replicas = replicas_api
+        .list(&ListParams::default())
+        .await
+        .map_err(Error::Kube)?
+        .items;
+    for n in &nodes {
+        let name = n.name_any();
+        let previous = n.status.as_ref().and_then(|s| s.evacuation.clone());
+        let next = n.spec.evacuate.then(|| evacuation_status(&name, &replicas));
+        if previous == next {
+            continue;
+        }
+        let patch = json!({
+            "apiVersion": format!("{}/{}", api::GROUP, api::VERSION),
+            "kind": "BlockNode",
+            "status": { "evacuation": next },
+        });
+        nodes_api
+            .patch_status(
+                &name,
+                &PatchParams::apply(api::FIELD_MANAGER_OPERATOR).force(),
+                &Patch::Apply(&patch),
+            )
+            .await
+            .map_err(Error::Kube)?;
+        let event = match (&previous, &next) {
+            (None, Some(e)) => Some((
+                node_reason::DRAIN_STARTED,
+                format!(
+                    "draining: {} replica(s) of {} volume(s) to move off this node",
+                    e.replicas_left,
+                    e.volumes_left.len()
+                ),
+            )),
+            (Some(_), Some(e)) if e.complete => Some((
+                node_reason::DRAIN_COMPLETED,
+                "drained: no replica is left on this node".to_string(),
+            )),
+            (Some(p), Some(e)) if p.replicas_left != e.replicas_left => Some((
+                node_reason::DRAIN_PROGRESS,
+                format!(
+                    "draining: {} replica(s) left (volumes {})",
+                    e.replicas_left,
+                    e.volumes_left.join(", ")
+                ),
+            )),
+            _ => None,
+        };
+        if let Some((reason, note)) = event {
+            tracing::info!(node = %name, reason, note = %note, "event");
+            let ev = Event {
+                type_: EventType::Normal,
+                reason: reason.into(),
+                note: Some(note),
+                action: reason.into(),
+                secondary: None,
+            };
+            if let Err(e) = ctx.recorder.publish(&ev, &n.object_ref(&())).await {
+                tracing::warn!(node = %name, reason, error = %e, "publishing event failed");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Runs [`report_drains`] every `node_status_interval_ms` until dropped.
+async fn drain_reporter(ctx: Arc<Context>) {
+    let every = Duration::from_millis(ctx.settings.node_status_interval_ms.max(100));
+    loop {
+        if let Err(e) = report_drains(&ctx).await {
+            tracing::warn!(error = %e, "reporting drain progress failed");
+        }
+        tokio::time::sleep(every).await;
+    }
 }
 
 async fn cleanup_volume(vol: Arc<BlockVolume>, ctx: &Context) -> Result<Action> {
@@ -741,7 +972,8 @@ pub async fn run(
         if changed { all_volumes() } else { Vec::new() }
     };
     let settings = &ctx.settings;
-    controller
+    let reporter = drain_reporter(ctx.clone());
+    let controller = controller
         .with_config(kube::runtime::Config::default().concurrency(settings.concurrency))
         .owns(replicas, watcher::Config::default().any_semantic())
         .watches(
@@ -764,6 +996,115 @@ pub async fn run(
                 }
                 Err(e) => tracing::warn!(error = %e, "controller error"),
             }
-        })
-        .await;
+        });
+    // The reporter never ends; it stops with the controller.
+    tokio::select! {
+        () = controller => {}
+        () = reporter => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use api::BlockNodeSpec;
+    use k8s_openapi::api::core::v1::NodeSpec;
+
+    fn block_node(name: &str, cordoned: bool, evacuate: bool) -> BlockNode {
+        let mut n = BlockNode::new(
+            name,
+            BlockNodeSpec {
+                node_name: name.into(),
+                data_address: "127.0.0.1:7400".into(),
+                data_dir: "/d".into(),
+                cordoned,
+                evacuate,
+                ..Default::default()
+            },
+        );
+        n.status = Some(api::BlockNodeStatus {
+            allocatable_bytes: 1 << 30,
+            ..Default::default()
+        });
+        n
+    }
+
+    fn k8s_node(name: &str, unschedulable: bool, labels: &[(&str, &str)]) -> Node {
+        let mut n = Node::default();
+        n.metadata.name = Some(name.into());
+        n.metadata.labels = Some(
+            labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        );
+        n.spec = Some(NodeSpec {
+            unschedulable: Some(unschedulable),
+            ..Default::default()
+        });
+        n
+    }
+
+    #[test]
+    fn candidates_honour_kubernetes_cordon_storage_cordon_drain_and_storage_selector() {
+        let bns = vec![
+            block_node("plain", false, false),
+            block_node("k8s-cordoned", false, false),
+            block_node("storage-cordoned", true, false),
+            block_node("draining", false, true),
+            block_node("control-plane", false, false),
+            block_node("no-node-object", false, false),
+        ];
+        let nodes = vec![
+            k8s_node("plain", false, &[("disk", "ssd")]),
+            k8s_node("k8s-cordoned", true, &[]),
+            k8s_node("storage-cordoned", false, &[]),
+            k8s_node("draining", false, &[]),
+            k8s_node(
+                "control-plane",
+                false,
+                &[("node-role.kubernetes.io/control-plane", "")],
+            ),
+        ];
+        let leases: BTreeMap<String, NodeLease> = bns
+            .iter()
+            .map(|n| {
+                (
+                    n.name_any(),
+                    NodeLease {
+                        live: true,
+                        expires: None,
+                    },
+                )
+            })
+            .collect();
+        let sel: StorageNodeSelector = "!node-role.kubernetes.io/control-plane".parse().unwrap();
+        let c = candidates(&bns, &nodes, &[], &leases, &sel);
+        let get = |n: &str| c.iter().find(|c| c.name == n).unwrap();
+        let flags = |n: &str| {
+            let c = get(n);
+            (c.cordoned, c.evacuating, c.storage_node)
+        };
+        assert_eq!(flags("plain"), (false, false, true));
+        assert_eq!(flags("k8s-cordoned"), (true, false, true));
+        assert_eq!(flags("storage-cordoned"), (true, false, true));
+        assert_eq!(flags("draining"), (true, true, true));
+        assert_eq!(flags("control-plane"), (false, false, false));
+        assert_eq!(flags("no-node-object"), (false, false, true));
+        assert_eq!(
+            get("plain").labels.get("disk").map(String::as_str),
+            Some("ssd"),
+            "Node labels reach spec.nodeSelector matching"
+        );
+        let placed = crate::placement::place(
+            &c,
+            &crate::placement::PlacementRequest {
+                count: 2,
+                size_bytes: 1 << 20,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(placed, vec!["no-node-object", "plain"]);
+    }
 }

@@ -4,6 +4,7 @@
 //! [`run`] does so only while this process holds the leader Lease.
 
 pub mod controller;
+pub mod drain;
 pub mod expansion;
 pub mod in_sync;
 pub mod leader;

@@ -1,6 +1,8 @@
 //! Placement: which live nodes get a volume's new replicas. Pure function of the node
-//! views; guarantees distinct nodes, the node selector, enough free space, and a spread
-//! across the topology key (zone by default) and then hostname.
+//! views; guarantees distinct nodes, never a cordoned node (Kubernetes cordon, storage
+//! cordon or drain) nor one outside the operator's storage node selector, the volume's
+//! node selector, enough free space, and a spread across the topology key (zone by
+//! default) and then hostname. Cordons only stop new replicas: existing ones stay.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -19,6 +21,107 @@ pub struct NodeCandidate {
     pub free_bytes: u64,
     /// The node's agent Lease is current.
     pub live: bool,
+    /// No new replica may go here: the Kubernetes Node is cordoned
+    /// (`spec.unschedulable`), or the `BlockNode` is storage-cordoned or draining.
+    pub cordoned: bool,
+    /// The node is being drained (`BlockNode.spec.evacuate`): its replicas move away.
+    pub evacuating: bool,
+    /// The node matches the operator's storage node selector (true when none is set).
+    pub storage_node: bool,
+}
+
+impl NodeCandidate {
+    /// A live, uncordoned storage node with `free_bytes` free and no labels.
+    pub fn new(name: impl Into<String>, free_bytes: u64) -> Self {
+        NodeCandidate {
+            name: name.into(),
+            labels: BTreeMap::new(),
+            free_bytes,
+            live: true,
+            cordoned: false,
+            evacuating: false,
+            storage_node: true,
+        }
+    }
+}
+
+/// The operator-wide choice of storage nodes: a Kubernetes equality/existence label
+/// selector (`key=value`, `key==value`, `key!=value`, `key`, `!key`, comma-separated;
+/// every term must hold). Empty: every node with an agent is a storage node.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StorageNodeSelector {
+    terms: Vec<SelectorTerm>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum SelectorTerm {
+    Equals(String, String),
+    NotEquals(String, String),
+    Exists(String),
+    NotExists(String),
+}
+
+/// A storage node selector that does not parse; names the bad term.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "storage node selector term {term:?} is invalid: {why} (write key=value, key!=value, key or !key, comma-separated)"
+)]
+pub struct SelectorError {
+    pub term: String,
+    pub why: &'static str,
+}
+
+use api::labels::{valid_label_key, valid_label_value};
+
+impl std::str::FromStr for StorageNodeSelector {
+    type Err = SelectorError;
+
+    fn from_str(s: &str) -> Result<Self, SelectorError> {
+        let mut terms = Vec::new();
+        for raw in s.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+            let bad = |why| SelectorError {
+                term: raw.to_string(),
+                why,
+            };
+            let term = if let Some((k, v)) = raw.split_once("!=") {
+                SelectorTerm::NotEquals(k.trim().into(), v.trim().into())
+            } else if let Some((k, v)) = raw.split_once("==").or_else(|| raw.split_once('=')) {
+                SelectorTerm::Equals(k.trim().into(), v.trim().into())
+            } else if let Some(k) = raw.strip_prefix('!') {
+                SelectorTerm::NotExists(k.trim().into())
+            } else {
+                SelectorTerm::Exists(raw.into())
+            };
+            let (key, value) = match &term {
+                SelectorTerm::Equals(k, v) | SelectorTerm::NotEquals(k, v) => (k, Some(v)),
+                SelectorTerm::Exists(k) | SelectorTerm::NotExists(k) => (k, None),
+            };
+            if !valid_label_key(key) {
+                return Err(bad("not a valid label key"));
+            }
+            if value.is_some_and(|v| !valid_label_value(v)) {
+                return Err(bad("not a valid label value"));
+            }
+            terms.push(term);
+        }
+        Ok(StorageNodeSelector { terms })
+    }
+}
+
+impl StorageNodeSelector {
+    /// Whether a node with these labels is a storage node.
+    pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
+        self.terms.iter().all(|t| match t {
+            SelectorTerm::Equals(k, v) => labels.get(k) == Some(v),
+            SelectorTerm::NotEquals(k, v) => labels.get(k) != Some(v),
+            SelectorTerm::Exists(k) => labels.contains_key(k),
+            SelectorTerm::NotExists(k) => !labels.contains_key(k),
+        })
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.terms.is_empty()
+    }
 }
 
 /// One placement question.
@@ -42,6 +145,8 @@ pub struct PlacementRequest<'a> {
 pub struct Ineligible {
     pub not_live: usize,
     pub already_hold_replica: usize,
+    pub not_storage_node: usize,
+    pub cordoned: usize,
     pub selector_mismatch: usize,
     pub not_enough_space: usize,
     pub excluded: usize,
@@ -49,9 +154,11 @@ pub struct Ineligible {
 
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error(
-    "need {needed} node(s) for new replicas but only {available} eligible (of {total}: {} without a live agent, {} already hold a replica, {} do not match spec.nodeSelector, {} lack {size_bytes} free bytes, {} at their rebuild limit)",
+    "need {needed} node(s) for new replicas but only {available} eligible (of {total}: {} without a live agent, {} already hold a replica, {} outside the operator's storage node selector, {} cordoned, {} do not match spec.nodeSelector, {} lack {size_bytes} free bytes, {} at their rebuild limit)",
     ineligible.not_live,
     ineligible.already_hold_replica,
+    ineligible.not_storage_node,
+    ineligible.cordoned,
     ineligible.selector_mismatch,
     ineligible.not_enough_space,
     ineligible.excluded
@@ -100,6 +207,10 @@ pub fn place(
             ineligible.already_hold_replica += 1;
         } else if !n.live {
             ineligible.not_live += 1;
+        } else if !n.storage_node {
+            ineligible.not_storage_node += 1;
+        } else if n.cordoned {
+            ineligible.cordoned += 1;
         } else if !matches_selector(&n.labels, req.node_selector) {
             ineligible.selector_mismatch += 1;
         } else if n.free_bytes < req.size_bytes {
@@ -164,11 +275,19 @@ mod tests {
             labels.insert(ZONE_LABEL.to_string(), zone.to_string());
         }
         NodeCandidate {
-            name: name.into(),
             labels,
-            free_bytes: free,
-            live: true,
+            ..NodeCandidate::new(name, free)
         }
+    }
+
+    fn cordoned(mut n: NodeCandidate) -> NodeCandidate {
+        n.cordoned = true;
+        n
+    }
+
+    fn not_storage(mut n: NodeCandidate) -> NodeCandidate {
+        n.storage_node = false;
+        n
     }
 
     fn dead(mut n: NodeCandidate) -> NodeCandidate {
@@ -292,6 +411,50 @@ mod tests {
                 want: Ok(vec!["b", "c"]),
             },
             Case {
+                name: "a cordoned node gets no new replica",
+                nodes: vec![
+                    cordoned(node("a", "z1", 9 * GI)),
+                    node("b", "z2", GI),
+                    node("c", "z3", GI),
+                ],
+                count: 2,
+                existing: vec![],
+                selector: None,
+                want: Ok(vec!["b", "c"]),
+            },
+            Case {
+                name: "cordoned nodes do not count toward the nodes available",
+                nodes: vec![cordoned(node("a", "z1", GI)), node("b", "z2", GI)],
+                count: 2,
+                existing: vec![],
+                selector: None,
+                want: Err((2, 1)),
+            },
+            Case {
+                name: "a cordoned node's existing replica still counts toward the spread",
+                nodes: vec![
+                    cordoned(node("a1", "z1", GI)),
+                    node("a2", "z1", 9 * GI),
+                    node("b1", "z2", GI),
+                ],
+                count: 1,
+                existing: vec!["a1".into()],
+                selector: None,
+                want: Ok(vec!["b1"]),
+            },
+            Case {
+                name: "nodes outside the storage node selector are never chosen",
+                nodes: vec![
+                    not_storage(node("cp", "z1", 9 * GI)),
+                    node("w1", "z2", GI),
+                    node("w2", "z3", GI),
+                ],
+                count: 3,
+                existing: vec![],
+                selector: None,
+                want: Err((3, 2)),
+            },
+            Case {
                 name: "zero replicas needs nothing",
                 nodes: vec![],
                 count: 0,
@@ -366,6 +529,8 @@ mod tests {
             Ineligible {
                 not_live: 1,
                 already_hold_replica: 1,
+                not_storage_node: 0,
+                cordoned: 0,
                 selector_mismatch: 0,
                 not_enough_space: 1,
                 excluded: 1
@@ -384,6 +549,64 @@ mod tests {
             msg.contains("need 2 node(s)") && msg.contains("only 1 eligible"),
             "{msg}"
         );
+    }
+
+    #[test]
+    fn insufficient_nodes_message_counts_cordoned_and_non_storage_nodes() {
+        let nodes = vec![
+            cordoned(node("a", "z1", GI)),
+            not_storage(node("b", "z2", GI)),
+            node("c", "z3", GI),
+        ];
+        let req = PlacementRequest {
+            count: 2,
+            size_bytes: GI,
+            ..Default::default()
+        };
+        let err = place(&nodes, &req).unwrap_err();
+        assert_eq!(
+            (err.ineligible.cordoned, err.ineligible.not_storage_node),
+            (1, 1)
+        );
+        let msg = err.to_string();
+        assert!(
+            msg.contains("1 cordoned")
+                && msg.contains("1 outside the operator's storage node selector"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn storage_node_selector_parses_and_matches_like_kubernetes() {
+        let labels = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let worker = labels(&[("blockvol.io/storage", "true"), ("disk", "ssd")]);
+        let control = labels(&[("node-role.kubernetes.io/control-plane", "")]);
+        let table: &[(&str, bool, bool)] = &[
+            // selector, matches worker, matches control plane
+            ("", true, true),
+            ("blockvol.io/storage=true", true, false),
+            ("blockvol.io/storage==true", true, false),
+            ("disk!=hdd", true, true),
+            ("disk!=ssd", false, true),
+            ("!node-role.kubernetes.io/control-plane", true, false),
+            ("node-role.kubernetes.io/control-plane", false, true),
+            ("blockvol.io/storage=true, disk=ssd", true, false),
+            ("blockvol.io/storage=true,disk=hdd", false, false),
+        ];
+        for (sel, w, c) in table {
+            let parsed: StorageNodeSelector = sel.parse().unwrap_or_else(|e| panic!("{sel}: {e}"));
+            assert_eq!(parsed.matches(&worker), *w, "{sel:?} on the worker");
+            assert_eq!(parsed.matches(&control), *c, "{sel:?} on the control plane");
+        }
+        for bad in ["=x", "a b=c", "disk=ss d", "-disk", "x/=y", "k=v-"] {
+            let err = bad.parse::<StorageNodeSelector>().expect_err(bad);
+            assert!(err.to_string().contains("is invalid"), "{err}");
+        }
     }
 
     #[test]

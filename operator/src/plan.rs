@@ -15,6 +15,7 @@ use std::collections::BTreeMap;
 use api::{BlockReplicaSpec, BlockVolumeSpec, BlockVolumeStatus, PeerAssignment, ReplicaRole};
 use k8s_openapi::jiff::Timestamp;
 
+use crate::drain::{DrainInput, DrainStep, evacuating_nodes};
 use crate::expansion::{reached_size, replicas_to_expand};
 use crate::in_sync::{InSyncSet, next_in_sync_set};
 use crate::model::ReplicaView;
@@ -47,6 +48,8 @@ pub mod reason {
     pub const PRIMARY_MOVED: &str = "PrimaryMoved";
     pub const MOVE_ABANDONED: &str = "PrimaryMoveAbandoned";
     pub const MOVE_REJECTED: &str = "PrimaryMoveRejected";
+    pub const DRAIN_REPLICA_PLACED: &str = "DrainReplicaPlaced";
+    pub const DRAIN_REPLICA_REMOVED: &str = "DrainReplicaRemoved";
 }
 
 /// Longest volume name: it is a label value on every replica.
@@ -92,6 +95,9 @@ pub struct Observed<'a> {
     pub nodes: &'a [NodeCandidate],
     /// Rebuilding replicas per node, across all volumes.
     pub rebuilding_per_node: &'a BTreeMap<String, u32>,
+    /// This volume may start draining (a drain slot is free or already its own); see
+    /// [`crate::drain`]. A volume that has started continues regardless.
+    pub drain_slot: bool,
     pub now: Timestamp,
 }
 
@@ -103,6 +109,9 @@ pub struct Plan {
     pub delete: Vec<String>,
     pub status: BlockVolumeStatus,
     pub events: Vec<PlannedEvent>,
+    /// Where the volume's drain stands after this reconcile (`Idle` when no replica is
+    /// on a draining node).
+    pub drain: DrainStep,
 }
 
 /// The `BlockReplica` name (and ReplicaID) for a volume's replica on a node: a function
@@ -168,6 +177,7 @@ fn status_only(obs: &Observed<'_>, blocked: Blocked, event: PlannedEvent) -> Pla
         delete: vec![],
         status,
         events: vec![event],
+        drain: DrainStep::Idle,
     }
 }
 
@@ -215,6 +225,10 @@ fn moving_plan(
         delete: vec![],
         status,
         events,
+        // A move in progress: the volume keeps its drain slot if it had one.
+        drain: DrainStep::WaitForCatchUp {
+            why: "a primary move is in progress".into(),
+        },
     }
 }
 
@@ -307,6 +321,9 @@ pub fn plan(obs: &Observed<'_>, settings: &ReplacementSettings, moves: &MoveSett
             .count()
     };
 
+    let evacuating = evacuating_nodes(obs.nodes);
+    let mut drain = DrainStep::Idle;
+
     let initial = state.primary.is_none() && active(&views, &delete) == 0;
     if initial {
         match placement(desired, &holding_nodes(&views), &[]) {
@@ -341,9 +358,38 @@ pub fn plan(obs: &Observed<'_>, settings: &ReplacementSettings, moves: &MoveSett
             }
         }
     } else {
+        let drain_input = |state: &crate::recovery::VolumeState, views: &[ReplicaView]| {
+            let drain_move = obs
+                .status
+                .and_then(|s| s.primary_move.as_ref())
+                .is_some_and(|m| m.reason == api::MoveReason::Drain);
+            DrainStepInputs {
+                slot: obs.drain_slot
+                    || crate::drain::started(views, desired, &evacuating, drain_move),
+                state: state.clone(),
+            }
+        };
+        let pre = drain_input(&state, &views);
+        drain = crate::drain::step(&DrainInput {
+            state: &pre.state,
+            replicas: &views,
+            desired,
+            evacuating: &evacuating,
+            slot: pre.slot,
+        });
+        // A drain moves the primary off its node first; a standing request (annotation,
+        // data locality) for a draining node waits until the drain is over.
+        let request = match &drain {
+            DrainStep::MovePrimary { to_node } => Some(MoveRequest {
+                node: to_node.as_str(),
+                reason: api::MoveReason::Drain,
+            }),
+            DrainStep::Idle => obs.move_request,
+            _ => obs.move_request.filter(|r| !evacuating.contains(r.node)),
+        };
         let step = crate::primary_move::step(&MoveInput {
             current: obs.status.and_then(|s| s.primary_move.as_ref()),
-            request: obs.move_request,
+            request,
             state: &state,
             replicas: &views,
             now: obs.now,
@@ -363,6 +409,8 @@ pub fn plan(obs: &Observed<'_>, settings: &ReplacementSettings, moves: &MoveSett
                         reason::MOVE_REJECTED,
                         format!("cannot move the primary: {why}"),
                     ));
+                } else if why_kind == api::MoveReason::Drain {
+                    tracing::info!(volume = obs.name, why = %why, "drain waits to move the primary");
                 }
             }
             MoveStep::Record(m) => {
@@ -615,10 +663,43 @@ pub fn plan(obs: &Observed<'_>, settings: &ReplacementSettings, moves: &MoveSett
                 )),
             }
         }
-        let missing = desired.saturating_sub(active(&views, &delete));
+        // The drain's add/remove step, from the state as this reconcile leaves it. Not
+        // in a reconcile that promoted, started a move or replaced a replica: one change
+        // at a time, each on a fresh observation.
+        let settled = promoted.is_none() && recorded_move.is_none() && delete.is_empty();
+        if settled {
+            let post = drain_input(&state, &views);
+            drain = crate::drain::step(&DrainInput {
+                state: &post.state,
+                replicas: &views,
+                desired,
+                evacuating: &evacuating,
+                slot: pre.slot || post.slot,
+            });
+        }
+        let mut missing = desired.saturating_sub(active(&views, &delete));
+        if settled && drain == DrainStep::AddReplica {
+            missing = missing.max(1);
+        }
         if missing > 0 && state.primary.is_some() {
             let excluded = nodes_at_rebuild_limit(&rebuilding, settings.max_rebuilds_per_node);
             match placement(missing, &holding_nodes(&views), &excluded) {
+                Ok(chosen) if drain == DrainStep::AddReplica => {
+                    let leaving: Vec<&str> = views
+                        .iter()
+                        .filter(|r| !r.deleting && evacuating.contains(r.node()))
+                        .map(|r| r.id.as_str())
+                        .collect();
+                    events.push(normal(
+                        reason::DRAIN_REPLICA_PLACED,
+                        format!(
+                            "draining: placed new replica(s) on node(s) {}; replica(s) {} on draining node(s) are removed once it is committed to the in-sync set",
+                            chosen.join(", "),
+                            leaving.join(", ")
+                        ),
+                    ));
+                    views.extend(chosen.iter().map(|n| new_view(obs.name, n, obs.nodes)));
+                }
                 Ok(chosen) => {
                     events.push(normal(
                         reason::PLACED,
@@ -630,14 +711,57 @@ pub fn plan(obs: &Observed<'_>, settings: &ReplacementSettings, moves: &MoveSett
                     ));
                     views.extend(chosen.iter().map(|n| new_view(obs.name, n, obs.nodes)));
                 }
-                Err(e) => events.push(warning(reason::INSUFFICIENT_NODES, e.to_string())),
+                Err(e) => {
+                    if drain == DrainStep::AddReplica {
+                        // Nowhere to move to: give the drain slot to a volume that can.
+                        drain = DrainStep::Blocked {
+                            why: format!("draining: no node can take a new replica: {e}"),
+                        };
+                    }
+                    events.push(warning(reason::INSUFFICIENT_NODES, e.to_string()))
+                }
             }
+        }
+        // A drain's replacement is committed: the replica on the draining node leaves
+        // the set in the same commit, written (with the primary's assignment) before the
+        // replica is deleted.
+        if let (true, DrainStep::Remove { replica_id }) = (settled, &drain) {
+            let node = views
+                .iter()
+                .find(|r| &r.id == replica_id)
+                .map(|r| r.node().to_string())
+                .unwrap_or_default();
+            if state.in_sync.contains(replica_id) {
+                let members: Vec<String> = state
+                    .in_sync
+                    .members
+                    .iter()
+                    .filter(|m| *m != replica_id)
+                    .cloned()
+                    .collect();
+                state.in_sync = InSyncSet::new(members, state.in_sync.generation.saturating_add(1));
+                events.push(normal(
+                    reason::IN_SYNC_SET_CHANGED,
+                    format!(
+                        "committed in-sync set generation {}; removed {replica_id} (its node {node} is draining)",
+                        state.in_sync.generation
+                    ),
+                ));
+            }
+            events.push(normal(
+                reason::DRAIN_REPLICA_REMOVED,
+                format!(
+                    "draining: removing replica {replica_id} from node {node}; its replacement is committed to the in-sync set"
+                ),
+            ));
+            delete.push(replica_id.clone());
         }
         // spec.replicas went down: remove the least useful non-primary replicas. A
         // committed member leaves the set in the same commit, written (with the
-        // primary's assignment) before the replica is deleted.
+        // primary's assignment) before the replica is deleted. This waits for a drain
+        // to finish: the drain keeps one extra replica while it moves one.
         let excess = active(&views, &delete).saturating_sub(desired);
-        if excess > 0 && state.primary.is_some() {
+        if excess > 0 && state.primary.is_some() && drain == DrainStep::Idle {
             let mut victims: Vec<&ReplicaView> = views
                 .iter()
                 .filter(|r| !r.deleting && !delete.contains(&r.id))
@@ -788,7 +912,14 @@ pub fn plan(obs: &Observed<'_>, settings: &ReplacementSettings, moves: &MoveSett
         delete,
         status,
         events,
+        drain,
     }
+}
+
+/// What the drain step depends on besides the replicas.
+struct DrainStepInputs {
+    slot: bool,
+    state: crate::recovery::VolumeState,
 }
 
 /// What deleting a volume takes right now.
@@ -843,10 +974,8 @@ mod tests {
     fn nodes(n: usize) -> Vec<NodeCandidate> {
         (1..=n)
             .map(|i| NodeCandidate {
-                name: format!("n{i}"),
                 labels: BTreeMap::from([(ZONE_LABEL.to_string(), format!("z{i}"))]),
-                free_bytes: 10 * GI,
-                live: true,
+                ..NodeCandidate::new(format!("n{i}"), 10 * GI)
             })
             .collect()
     }
@@ -860,6 +989,7 @@ mod tests {
         now: Timestamp,
         events: Vec<PlannedEvent>,
         move_to: Option<String>,
+        drain_slot: bool,
     }
 
     impl World {
@@ -872,6 +1002,7 @@ mod tests {
                 now: Timestamp::from_second(1_800_000_000).unwrap(),
                 events: vec![],
                 move_to: None,
+                drain_slot: true,
             }
         }
 
@@ -891,6 +1022,7 @@ mod tests {
                     replicas: &self.replicas,
                     nodes: &self.nodes,
                     rebuilding_per_node: &rebuilding,
+                    drain_slot: self.drain_slot,
                     now: self.now,
                 },
                 &ReplacementSettings::default(),
@@ -1245,6 +1377,217 @@ mod tests {
             .iter()
             .filter(|r| r.spec.role == ReplicaRole::Primary && r.spec.epoch == epoch)
             .count()
+    }
+
+    /// Every agent reports healthy at its assignment and the primary counts every other
+    /// replica in sync: an instant catch-up.
+    fn agents_catch_up(w: &mut World, flushed: u64) {
+        w.all_report_healthy(flushed);
+        let Some(pid) = w.status.as_ref().and_then(|s| s.primary.clone()) else {
+            return;
+        };
+        let others: Vec<String> = w
+            .replicas
+            .iter()
+            .filter(|r| r.id != pid)
+            .map(|r| r.id.clone())
+            .collect();
+        if let Some(p) = w.replicas.iter_mut().find(|r| r.id == pid) {
+            p.status.get_or_insert_with(Default::default).peers = others
+                .iter()
+                .map(|id| api::PeerStatus {
+                    replica_id: id.clone(),
+                    state: InSync,
+                    flushed_lsn: flushed,
+                    last_error: None,
+                })
+                .collect();
+        }
+    }
+
+    fn drain(w: &mut World, node: &str) {
+        for n in &mut w.nodes {
+            if n.name == node {
+                (n.evacuating, n.cordoned) = (true, true);
+            }
+        }
+    }
+
+    #[test]
+    fn draining_the_primarys_node_moves_every_replica_off_without_shrinking_the_set() {
+        let mut w = World::new(5);
+        w.spec.replicas = 3;
+        w.step();
+        agents_catch_up(&mut w, 10);
+        w.step();
+        agents_catch_up(&mut w, 10);
+        w.step();
+        let victim_node = w.primary().node().to_string();
+        drain(&mut w, &victim_node);
+        let mut max_total = 0;
+        for i in 0..40 {
+            agents_catch_up(&mut w, 10 + i);
+            let p = w.step();
+            assert!(
+                p.status.in_sync_set.len() >= 3,
+                "step {i}: committed set {:?} below spec.replicas",
+                p.status.in_sync_set
+            );
+            assert!(
+                p.apply.iter().all(|s| s.node != victim_node
+                    || s.role == ReplicaRole::Replica
+                    || w.status
+                        .as_ref()
+                        .is_some_and(|st| st.primary_node.as_deref() == Some(&victim_node))),
+                "no new primary on the draining node"
+            );
+            assert!(
+                !p.apply.iter().any(|s| s.node == victim_node
+                    && !w
+                        .replicas
+                        .iter()
+                        .any(|r| r.id == s.replica_id && r.node() == victim_node)),
+                "never a new replica on the draining node"
+            );
+            max_total = max_total.max(w.replicas.len());
+            if p.drain == DrainStep::Idle && w.replicas.iter().all(|r| r.node() != victim_node) {
+                break;
+            }
+        }
+        assert!(
+            w.replicas.iter().all(|r| r.node() != victim_node),
+            "drained: {:?}",
+            w.replicas.iter().map(|r| r.node()).collect::<Vec<_>>()
+        );
+        agents_catch_up(&mut w, 100);
+        let p = w.step();
+        assert_eq!(w.replicas.len(), 3);
+        assert_eq!(p.status.in_sync_set.len(), 3);
+        assert_ne!(p.status.primary_node.as_deref(), Some(victim_node.as_str()));
+        assert_eq!(max_total, 4, "one extra replica at a time");
+        let r = w.reasons();
+        for want in [
+            reason::MOVE_STARTED,
+            reason::PRIMARY_MOVED,
+            reason::DRAIN_REPLICA_PLACED,
+            reason::DRAIN_REPLICA_REMOVED,
+        ] {
+            assert!(r.contains(&want), "{want} missing from {r:?}");
+        }
+        assert_eq!(w.step().drain, DrainStep::Idle, "nothing more to do");
+    }
+
+    #[test]
+    fn a_drain_with_nowhere_to_go_gives_up_its_slot_and_keeps_every_replica() {
+        let mut w = World::new(3);
+        w.step();
+        agents_catch_up(&mut w, 10);
+        w.step();
+        agents_catch_up(&mut w, 10);
+        w.step();
+        let node = w
+            .replicas
+            .iter()
+            .find(|r| r.spec.role == ReplicaRole::Replica)
+            .unwrap()
+            .node()
+            .to_string();
+        drain(&mut w, &node);
+        let p = w.step();
+        assert!(p.apply.is_empty() && p.delete.is_empty(), "{p:?}");
+        assert!(
+            matches!(&p.drain, DrainStep::Blocked { why } if why.contains("no node can take")),
+            "{:?}",
+            p.drain
+        );
+        assert!(!p.drain.holds_slot());
+        assert!(
+            p.events
+                .iter()
+                .any(|e| e.reason == reason::INSUFFICIENT_NODES)
+        );
+        assert_eq!(p.status.in_sync_set.len(), 3);
+    }
+
+    #[test]
+    fn calling_a_drain_off_removes_the_uncommitted_replacement_and_keeps_the_set() {
+        let mut w = World::new(4);
+        w.step();
+        agents_catch_up(&mut w, 10);
+        w.step();
+        agents_catch_up(&mut w, 10);
+        w.step();
+        let node = w
+            .replicas
+            .iter()
+            .find(|r| r.spec.role == ReplicaRole::Replica)
+            .unwrap()
+            .node()
+            .to_string();
+        let before: Vec<String> = w.replicas.iter().map(|r| r.id.clone()).collect();
+        drain(&mut w, &node);
+        w.step();
+        let new = w
+            .replicas
+            .iter()
+            .find(|r| !before.contains(&r.id))
+            .expect("a replacement was placed")
+            .id
+            .clone();
+        // Called off before the replacement caught up.
+        for n in &mut w.nodes {
+            (n.evacuating, n.cordoned) = (false, false);
+        }
+        let p = w.step();
+        assert_eq!(p.drain, DrainStep::Idle);
+        assert_eq!(p.delete, vec![new], "the uncommitted replacement goes");
+        assert_eq!(p.status.in_sync_set.len(), 3);
+        assert!(
+            w.replicas.iter().any(|r| r.node() == node),
+            "the old replica stays"
+        );
+    }
+
+    #[test]
+    fn a_drain_without_a_slot_changes_nothing() {
+        let mut w = World::new(5);
+        w.step();
+        agents_catch_up(&mut w, 10);
+        w.step();
+        agents_catch_up(&mut w, 10);
+        w.step();
+        let node = w
+            .replicas
+            .iter()
+            .find(|r| r.spec.role == ReplicaRole::Replica)
+            .unwrap()
+            .node()
+            .to_string();
+        drain(&mut w, &node);
+        w.drain_slot = false;
+        agents_catch_up(&mut w, 11);
+        let p = w.step();
+        assert!(p.apply.is_empty() && p.delete.is_empty(), "{p:?}");
+        assert_eq!(p.drain, DrainStep::WaitForSlot { leaving: 1 });
+        w.drain_slot = true;
+        let before: Vec<String> = w.replicas.iter().map(|r| r.id.clone()).collect();
+        let p = w.step();
+        let new: Vec<&BlockReplicaSpec> = p
+            .apply
+            .iter()
+            .filter(|s| !before.contains(&s.replica_id))
+            .collect();
+        assert_eq!(new.len(), 1, "one new replica: {:?}", p.apply);
+        assert_ne!(new[0].node, node, "never on the draining node");
+        assert!(
+            p.apply
+                .iter()
+                .any(|s| s.role == ReplicaRole::Primary && s.peers.len() == 3)
+        );
+        assert!(
+            p.delete.is_empty(),
+            "nothing removed before the replacement is committed"
+        );
     }
 
     #[test]

@@ -98,6 +98,7 @@ async fn agent(client: &Client, name: &str, zone: &str) -> Task {
             data_address: format!("10.1.0.{}:7400", name.trim_start_matches('n')),
             data_dir: "/var/lib/blockvol".into(),
             topology,
+            ..Default::default()
         },
     );
     nodes

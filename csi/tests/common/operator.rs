@@ -63,6 +63,7 @@ pub async fn create_block_node(client: &Client, name: &str, allocatable: u64) {
             data_address: "127.0.0.1:7700".into(),
             data_dir: "/var/lib/blockvol".into(),
             topology: BTreeMap::new(),
+            ..Default::default()
         },
     );
     api.create(&PostParams::default(), &node)

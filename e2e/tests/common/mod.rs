@@ -72,6 +72,7 @@ pub async fn agent(client: &Client, name: &str) -> Task {
             data_address: "127.0.0.1:7400".into(),
             data_dir: "/var/lib/blockvol".into(),
             topology: BTreeMap::new(),
+            ..Default::default()
         },
     );
     nodes

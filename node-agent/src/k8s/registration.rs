@@ -94,6 +94,7 @@ impl NodeRegistration {
             data_address: self.data_address.clone(),
             data_dir: self.data_dir.display().to_string(),
             topology: self.topology.clone(),
+            ..Default::default()
         };
         let labels: BTreeMap<&str, &str> = self
             .topology

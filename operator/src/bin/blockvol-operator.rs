@@ -52,6 +52,14 @@ struct Args {
     /// standard promotion rule then picks the primary).
     #[arg(long, default_value_t = 30_000)]
     primary_move_timeout_ms: u64,
+    /// Only nodes matching this label selector get replicas (`key=value`, `key!=value`,
+    /// `key`, `!key`, comma-separated; matched against the Node's labels). Empty: every
+    /// node with an agent. Cordoned nodes never get new replicas either way.
+    #[arg(long, default_value = "")]
+    storage_node_selector: operator::placement::StorageNodeSelector,
+    /// Volumes moving replicas off draining nodes at the same time.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    drain_concurrency: u32,
     /// Log as JSON lines (as `BLOCKVOL_LOG_FORMAT=json` does).
     #[arg(long)]
     log_json: bool,
@@ -90,6 +98,10 @@ async fn main() -> anyhow::Result<()> {
             primary_move_timeout_ms: args.primary_move_timeout_ms,
         },
         resync_interval_ms: args.resync_interval_ms,
+        storage_node_selector: args.storage_node_selector,
+        drain: operator::drain::DrainSettings {
+            drain_concurrency: args.drain_concurrency,
+        },
         ..Default::default()
     };
     let ctx = Arc::new(Context::new(
