@@ -115,6 +115,42 @@ async fn primary_with_replica(dir: &Path, a: &Node, b: &Node) -> (Assignment, As
     (ra, rb)
 }
 
+/// A resolver that always names one primary.
+struct Fixed(node_agent::forward::PrimaryTarget);
+
+impl node_agent::forward::PrimaryResolver for Fixed {
+    fn resolve<'a>(
+        &'a self,
+        _volume: &'a str,
+    ) -> futures::future::BoxFuture<
+        'a,
+        Result<node_agent::forward::PrimaryTarget, node_agent::forward::ResolveError>,
+    > {
+        let t = self.0.clone();
+        Box::pin(async move { Ok(t) })
+    }
+}
+
+/// Node a serving primary r1 (no replicas) at epoch 1, executing forwarded IO on its
+/// data port: (node, its export's backend, its local primaries).
+async fn forwarding_primary(
+    dir: &Path,
+) -> (
+    Node,
+    Arc<dyn BlockBackend>,
+    node_agent::runtime::LocalPrimaries,
+) {
+    let a = node("a").await;
+    let ra = assignment(dir, "r1", ReplicaRole::Primary, 1, None);
+    a.runtime.open(&ra).await.unwrap();
+    a.runtime.apply(&ra).await.unwrap();
+    let backend = export_of(&a);
+    until_serving(&backend).await;
+    let primaries = a.runtime.local_primaries();
+    a.receiver.set_forward_handler(Arc::new(primaries.clone()));
+    (a, backend, primaries)
+}
+
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
     tokio::task::spawn_blocking(f).await.expect("blocking task")
 }
@@ -723,40 +759,14 @@ async fn a_primary_reopened_at_its_epoch_serves_only_at_a_new_one() {
 async fn forwarded_io_is_accepted_only_from_the_attached_node() {
     use engine::replication::{Epoch, ForwardClient, ForwardOp, ForwardSource, ForwardStatus};
     use engine::replication::{ForwardHandler, ForwardPayload, VolumeId};
-    use futures::future::BoxFuture;
     use node_agent::forward::{
-        Attachment, Attachments, ForwardSettings, ForwardingBackend, PrimaryResolver,
-        PrimaryTarget, ResolveError,
+        Attachment, Attachments, ForwardSettings, ForwardingBackend, PrimaryTarget,
     };
     use node_agent::nbd::BackendError;
     use std::sync::Mutex;
 
-    struct Fixed(PrimaryTarget);
-    impl PrimaryResolver for Fixed {
-        fn resolve<'a>(
-            &'a self,
-            _volume: &'a str,
-        ) -> BoxFuture<'a, Result<PrimaryTarget, ResolveError>> {
-            let t = self.0.clone();
-            Box::pin(async move { Ok(t) })
-        }
-    }
-
     let dir = tempfile::tempdir().unwrap();
-    let a = node("a").await;
-    let ra = assignment(dir.path(), "r1", ReplicaRole::Primary, 1, None);
-    a.runtime.open(&ra).await.unwrap();
-    a.runtime.apply(&ra).await.unwrap();
-    let backend: Arc<dyn BlockBackend> = a
-        .runtime
-        .exports()
-        .get("vol")
-        .expect("export of the primary")
-        .backend()
-        .clone();
-    until_serving(&backend).await;
-    let primaries = a.runtime.local_primaries();
-    a.receiver.set_forward_handler(Arc::new(primaries.clone()));
+    let (a, backend, primaries) = forwarding_primary(dir.path()).await;
     // The API server's word on the attachment, and the watch's view of it.
     let api_says = Arc::new(Mutex::new(Some(Attachment::on("b"))));
     let view = {
@@ -873,40 +883,14 @@ async fn an_export_of_an_older_attachment_to_the_same_node_is_fenced() {
         AttachmentGeneration, Epoch, ForwardClient, ForwardHandler, ForwardOp, ForwardSource,
         ForwardStatus, VolumeId,
     };
-    use futures::future::BoxFuture;
     use node_agent::forward::{
-        Attachment, Attachments, ForwardSettings, ForwardingBackend, PrimaryResolver,
-        PrimaryTarget, ResolveError,
+        Attachment, Attachments, ForwardSettings, ForwardingBackend, PrimaryTarget,
     };
     use node_agent::nbd::BackendError;
     use std::sync::Mutex;
 
-    struct Fixed(PrimaryTarget);
-    impl PrimaryResolver for Fixed {
-        fn resolve<'a>(
-            &'a self,
-            _volume: &'a str,
-        ) -> BoxFuture<'a, Result<PrimaryTarget, ResolveError>> {
-            let t = self.0.clone();
-            Box::pin(async move { Ok(t) })
-        }
-    }
-
     let dir = tempfile::tempdir().unwrap();
-    let a = node("a").await;
-    let ra = assignment(dir.path(), "r1", ReplicaRole::Primary, 1, None);
-    a.runtime.open(&ra).await.unwrap();
-    a.runtime.apply(&ra).await.unwrap();
-    let backend: Arc<dyn BlockBackend> = a
-        .runtime
-        .exports()
-        .get("vol")
-        .expect("export of the primary")
-        .backend()
-        .clone();
-    until_serving(&backend).await;
-    let primaries = a.runtime.local_primaries();
-    a.receiver.set_forward_handler(Arc::new(primaries.clone()));
+    let (a, backend, primaries) = forwarding_primary(dir.path()).await;
     let api_says = Arc::new(Mutex::new(Some(Attachment::on("b").at(1))));
     let view = {
         let api_says = api_says.clone();
