@@ -522,7 +522,7 @@ pub async fn prepare(ctx: &Context, name: &str) -> Result<Option<Prepared>> {
         &obs.leases,
         &ctx.settings.storage_node_selector,
     );
-    let drain_slot = drain_slot(ctx, &name, &obs, &nodes);
+    let drain_slot = drain_slot(ctx, name, &obs, &nodes);
     let mut rebuilding: BTreeMap<String, u32> = BTreeMap::new();
     for r in &obs.all_replicas {
         if is_rebuilding(&view(r, &obs.nodes, &obs.leases)) {
