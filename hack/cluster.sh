@@ -17,10 +17,10 @@
 # Layout. Addresses live only inside namespaces this script creates: a bridge namespace
 # holds the bridge; the control plane's namespace (10.203.0.2) and each node's namespace
 # (10.203.0.1N, pods 10.204.N.0/24) hang on it with a veth. Each node's namespace has its
-# own mount namespace too, where /var/lib, /var/log and /run are private tmpfs with the
-# node's own directories bound in (/var/lib/kubelet, /var/lib/blockvol, /var/lib/cni,
-# /var/lib/containerd, /var/log/pods), so all three use the chart's default paths and
-# nothing they mount is visible on the machine. The machine reaches the API server on
+# own PID namespace (its own /proc) and mount namespace too, where /var/lib, /var/log and
+# /run are private tmpfs with the node's own directories bound in (/var/lib/kubelet,
+# /var/lib/blockvol, /var/lib/cni, /var/lib/containerd, /var/log/pods), so all three use
+# the chart's default paths and nothing they mount is visible on the machine. The machine reaches the API server on
 # 127.0.0.1:PORT through socat and a unix socket; inside each node namespace the API's
 # service address 10.96.0.1:443 is a socat to the control plane (no kube-proxy). Every
 # process runs in the freezer cgroup /blockvol-cluster, which `down` freezes and kills in
@@ -207,7 +207,9 @@ spawn() { # logfile command...
 holder() { # pidfile unshare-flags...
   local pidf="$1"
   shift
-  setsid unshare "$@" -- sh -c 'echo $$ >"$0"; exec sleep infinity' "$pidf" </dev/null >/dev/null 2>&1 &
+  # The pid as the machine sees it (in a new PID namespace $$ is 1): /proc is still the
+  # machine's, and the shell opens /proc/self/stat itself.
+  setsid unshare "$@" -- sh -c 'exec 3</proc/self/stat; read -r p _ <&3; exec 3<&-; echo "$p" >"$0"; exec sleep infinity' "$pidf" </dev/null >/dev/null 2>&1 &
   local w=0
   until [ -s "$pidf" ]; do
     w=$((w + 1))
@@ -330,6 +332,10 @@ EOF
   # the node directories bound in at the chart's default paths.
   cat >"$nd/start.sh" <<EOF
 set -eu
+# The node's own /proc: its PID 1 is the namespace holder, whose mount namespace is the
+# node's, so a privileged pod's "nsenter --mount=/proc/1/ns/mnt" (the host-exec pods
+# of Kubernetes' storage tests) enters the node's view of the file system.
+mount -t proc node-proc /proc
 mount -t tmpfs -o mode=755 node-var-lib /var/lib
 mount -t tmpfs -o mode=755 node-var-log /var/log
 mount -t tmpfs -o mode=755 node-run /run
@@ -348,14 +354,14 @@ setsid socat TCP-LISTEN:443,bind=$service_ip,reuseaddr,fork TCP:$cp_ip:6443 </de
 setsid containerd --config "$nd/containerd.toml" </dev/null >>"$dir/logs/node-$n-containerd.log" 2>&1 &
 echo \$! >"$nd/containerd.pid"
 EOF
-  nsenter -t "$pid" -n -m -- sh "$nd/start.sh"
+  nsenter -t "$pid" -n -m -p -- sh "$nd/start.sh"
   wait_for "containerd of $name" 30 ctr --address "$nd/containerd.sock" version
 }
 
 start_kubelet() { # n
   local n="$1" nd="$dir/node-$n" pid
   pid="$(cat "$dir/holder-node-$n.pid")"
-  spawn "$dir/logs/node-$n-kubelet.log" nsenter -t "$pid" -n -m -- \
+  spawn "$dir/logs/node-$n-kubelet.log" nsenter -t "$pid" -n -m -p -- \
     "$bin/kubelet" --config="$nd/kubelet.yaml" --kubeconfig="$nd/kubelet.kubeconfig" \
     --root-dir=/var/lib/kubelet --hostname-override="$(node_name "$n")" \
     --node-ip="$(node_ip "$n")" -v=1 >"$nd/kubelet.pid"
@@ -411,7 +417,8 @@ up() {
     command -v "$t" >/dev/null || die "$t is missing; run hack/deps.sh"
   done
   local start=$SECONDS
-  hack/tools/build.sh >&2
+  # Only what the cluster runs (hack/images.sh builds the sidecars it packs).
+  hack/tools/build.sh etcd kube-apiserver kube-controller-manager kube-scheduler kubelet kubectl helm >&2
   bin="$(hack/tools/build.sh --print-bin)"
   mkdir -p "$dir/logs"
   # From here on, a failure takes down what was started (after showing the logs' ends;
@@ -436,7 +443,7 @@ up() {
   nsenter -t "$cp" -n ip link set eth0 up
   for n in $(seq 1 "$nodes"); do
     local np
-    np="$(holder "$dir/holder-node-$n.pid" --net --mount --propagation private)"
+    np="$(holder "$dir/holder-node-$n.pid" --net --mount --propagation private --pid --fork)"
     nsenter -t "$br" -n ip link add "n$n" type veth peer name eth0 netns "/proc/$np/ns/net"
     nsenter -t "$br" -n ip link set "n$n" master br0 up
     nsenter -t "$cp" -n ip route add "10.204.$n.0/24" via "$(node_ip "$n")"

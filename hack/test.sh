@@ -37,6 +37,14 @@ fi
 step "tests (cargo test)"
 cargo test --workspace --locked
 
+step "Kubernetes' storage suites against csi.blockvol.io (own real-kubelet cluster, ~7 min)"
+# Growing a mounted ext4 filesystem needs CAP_SYS_RESOURCE, which this machine's sandbox
+# withholds even from root (docs/testing.md): that one online-expansion spec is left out.
+env -u KUBECONFIG -u BLOCKVOL_REAL_CLUSTER_KUBECONFIG BLOCKVOL_K8S_E2E_PROCS=6 \
+  BLOCKVOL_K8S_E2E_SKIP='\(default fs\)\(allowExpansion\)\] volume-expand should resize volume when PVC is edited while pod is using it' \
+  hack/k8s-storage-e2e.sh \
+  '\] (provisioning|volumes|volumeMode|volumeIO|subPath|fsgroupchangepolicy|multiVolume|volume-expand|volumeLimits) '
+
 step "benchmark suite, smoke mode (about a minute; bench/run.sh runs the real thing)"
 cargo build --locked -q -p node-agent -p operator -p e2e \
   --bin blockvol-agent --bin blockvol-operator --bin blockvol-bench

@@ -1,7 +1,7 @@
 //! Host mount and filesystem operations for the node plugin. Mount state is read from
 //! `/proc/self/mountinfo`, so every step can tell "already done" from "not done" and
 //! be repeated safely; the changes themselves run the host's `mount`, `umount`,
-//! `mkfs.*`, `blkid`, `resize2fs` and `xfs_growfs`, each bounded by a timeout.
+//! `mkfs.*`, `blkid`, `e2fsck`, `resize2fs` and `xfs_growfs`, each bounded by a timeout.
 
 use std::ffi::OsStr;
 use std::path::{Component, Path};
@@ -334,6 +334,78 @@ pub async fn unmount(settings: &CommandSettings, target: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Size in bytes of the ext2/3/4 filesystem whose superblock is `sb` (the 1024 bytes at
+/// byte offset 1024 of the device), or `None` if `sb` is not such a superblock.
+pub fn ext_fs_bytes(sb: &[u8]) -> Option<u64> {
+    let u32_at = |off: usize| -> Option<u32> {
+        sb.get(off..off + 4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    };
+    let magic = sb
+        .get(0x38..0x3a)
+        .map(|b| u16::from_le_bytes([b[0], b[1]]))?;
+    if magic != 0xEF53 {
+        return None;
+    }
+    let log_block = u32_at(0x18)?;
+    if log_block > 6 {
+        return None; // block sizes are 1 KiB to 64 KiB
+    }
+    let mut blocks = u64::from(u32_at(0x04)?);
+    // INCOMPAT_64BIT: the block count has a high half.
+    if u32_at(0x60)? & 0x80 != 0 {
+        blocks |= u64::from(u32_at(0x150)?) << 32;
+    }
+    blocks.checked_mul(1024u64 << log_block)
+}
+
+/// The size of `device` and of the ext2/3/4 filesystem on it (`None` if it holds none).
+fn ext_fs_and_device_bytes(device: &Path) -> Result<(Option<u64>, u64)> {
+    use std::io::{Read, Seek, SeekFrom};
+    let io = |e: std::io::Error| Error::Internal(format!("reading {}: {e}", device.display()));
+    let mut f = std::fs::File::open(device).map_err(io)?;
+    let device_bytes = f.seek(SeekFrom::End(0)).map_err(io)?;
+    let mut sb = vec![0u8; 1024];
+    f.seek(SeekFrom::Start(1024)).map_err(io)?;
+    if f.read_exact(&mut sb).is_err() {
+        return Ok((None, device_bytes));
+    }
+    Ok((ext_fs_bytes(&sb), device_bytes))
+}
+
+/// Grows the ext4 filesystem on the unmounted `device` to fill it (e2fsck -f, then
+/// resize2fs), if the device is larger than the filesystem: a volume expanded while
+/// detached gets its space when it is staged, before it is mounted. Growing offline
+/// needs no CAP_SYS_RESOURCE, which growing a mounted ext4 does (EXT4_IOC_RESIZE_FS),
+/// so this works on hosts whose root lacks it; NodeExpandVolume's resize2fs of the
+/// mounted filesystem then finds nothing to do. Returns whether it grew.
+pub async fn grow_unmounted_ext4(settings: &CommandSettings, device: &Path) -> Result<bool> {
+    let (fs_bytes, device_bytes) = ext_fs_and_device_bytes(device)?;
+    let Some(fs_bytes) = fs_bytes else {
+        return Ok(false);
+    };
+    // Less than a 64 KiB block of room: nothing resize2fs could add.
+    if device_bytes < fs_bytes.saturating_add(64 << 10) {
+        return Ok(false);
+    }
+    // e2fsck exits 1 (or 2) when it fixed something; 4 and above when it could not.
+    let (code, _, stderr) = run(
+        settings,
+        "e2fsck",
+        &[OsStr::new("-f"), OsStr::new("-p"), device.as_os_str()],
+    )
+    .await?;
+    if !(0..=2).contains(&code) {
+        return Err(Error::Command {
+            program: "e2fsck".into(),
+            args: format!("-f -p {}", device.display()),
+            detail: format!("exit code {code}: {}", stderr.trim()),
+        });
+    }
+    run_ok(settings, "resize2fs", &[device.as_os_str()]).await?;
+    Ok(true)
+}
+
 /// Grows the filesystem mounted at `mount_point` on `device` to fill the device.
 pub async fn grow_filesystem(
     settings: &CommandSettings,
@@ -354,6 +426,42 @@ pub async fn grow_filesystem(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A superblock with the given block count (low, high), log block size and
+    /// incompat flags.
+    fn superblock(lo: u32, hi: u32, log_block: u32, incompat: u32) -> Vec<u8> {
+        let mut sb = vec![0u8; 1024];
+        sb[0x04..0x08].copy_from_slice(&lo.to_le_bytes());
+        sb[0x18..0x1c].copy_from_slice(&log_block.to_le_bytes());
+        sb[0x38..0x3a].copy_from_slice(&0xEF53u16.to_le_bytes());
+        sb[0x60..0x64].copy_from_slice(&incompat.to_le_bytes());
+        sb[0x150..0x154].copy_from_slice(&hi.to_le_bytes());
+        sb
+    }
+
+    #[test]
+    fn ext_fs_bytes_reads_the_block_count_and_size() {
+        assert_eq!(ext_fs_bytes(&superblock(262_144, 0, 2, 0)), Some(1 << 30));
+        // The high half only counts with INCOMPAT_64BIT.
+        assert_eq!(ext_fs_bytes(&superblock(1, 1, 2, 0)), Some(4096));
+        assert_eq!(
+            ext_fs_bytes(&superblock(1, 1, 2, 0x80)),
+            Some(((1u64 << 32) + 1) * 4096)
+        );
+    }
+
+    #[test]
+    fn ext_fs_bytes_refuses_what_is_not_an_ext_superblock() {
+        let mut bad_magic = superblock(8, 0, 2, 0);
+        bad_magic[0x38] = 0;
+        assert_eq!(ext_fs_bytes(&bad_magic), None);
+        assert_eq!(ext_fs_bytes(&superblock(8, 0, 7, 0)), None);
+        // Short input (a device smaller than a superblock) is refused, not a panic.
+        assert_eq!(ext_fs_bytes(&superblock(8, 0, 2, 0x80)[..0x100]), None);
+        assert_eq!(ext_fs_bytes(&[]), None);
+        // A block count that overflows the byte size.
+        assert_eq!(ext_fs_bytes(&superblock(u32::MAX, u32::MAX, 6, 0x80)), None);
+    }
 
     const SAMPLE: &str = "\
 22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw

@@ -214,7 +214,16 @@ impl NodeService {
                     .await?;
                 let device = PathBuf::from(&attached.device_path);
                 match mount::probe(&self.commands, &device).await? {
-                    DeviceContent::Filesystem(found) if found == fs => {}
+                    DeviceContent::Filesystem(found) if found == fs => {
+                        // Expanded while detached: grow before mounting (see
+                        // mount::grow_unmounted_ext4). Read-only stages leave it alone.
+                        if fs == "ext4"
+                            && !readonly
+                            && mount::grow_unmounted_ext4(&self.commands, &device).await?
+                        {
+                            tracing::info!(device = %device.display(), "grew ext4 to fill the expanded device before mounting");
+                        }
+                    }
                     DeviceContent::Filesystem(found) => {
                         return Err(Error::FailedPrecondition(format!(
                             "volume {volume_id:?} holds a {found} filesystem, the request \

@@ -411,6 +411,53 @@ async fn expand_grows_the_mounted_filesystem() {
         .unwrap();
 }
 
+/// An ext4 volume expanded while detached (the controller grew it, no node had it):
+/// the next stage grows the filesystem before mounting it, offline, which needs no
+/// CAP_SYS_RESOURCE (growing a mounted ext4 does, and the test machines' root lacks
+/// it, so NodeExpandVolume alone cannot grow it there).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stage_grows_an_ext4_expanded_while_detached() {
+    let h = Harness::start().await;
+    let mut c = h.client();
+    let staging = h.path("staging/vol-ext4grow");
+    let cap = mount_cap("ext4", Mode::SingleNodeWriter);
+    c.node_stage_volume(stage_req("vol-ext4grow", &staging, cap.clone()))
+        .await
+        .expect("stage");
+    std::fs::write(staging.join("before-grow"), b"still here").unwrap();
+    let before = rustix::fs::statvfs(&staging).unwrap();
+    c.node_unstage_volume(unstage_req("vol-ext4grow", &staging))
+        .await
+        .unwrap();
+    assert_eq!(h.agent.attached_count(), 0);
+
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(h.agent.backing_file("vol-ext4grow"))
+        .unwrap()
+        .set_len(2 * VOLUME_BYTES)
+        .unwrap();
+    c.node_stage_volume(stage_req("vol-ext4grow", &staging, cap))
+        .await
+        .expect("stage after the expansion");
+    let after = rustix::fs::statvfs(&staging).unwrap();
+    let (b, a) = (
+        before.f_blocks * before.f_frsize,
+        after.f_blocks * after.f_frsize,
+    );
+    assert!(
+        a > b + VOLUME_BYTES / 2,
+        "the filesystem fills the expanded device: {b} -> {a} bytes"
+    );
+    assert_eq!(
+        std::fs::read(staging.join("before-grow")).unwrap(),
+        b"still here"
+    );
+    c.node_unstage_volume(unstage_req("vol-ext4grow", &staging))
+        .await
+        .unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stage_refuses_to_format_a_device_holding_unknown_data() {
     let h = Harness::start().await;

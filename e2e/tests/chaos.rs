@@ -10,7 +10,7 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -55,6 +55,23 @@ const STALE_READ_WINDOW: Duration = Duration::from_secs(30);
 
 /// The scenarios share the host's two cores and the loopback iptables table: one at a time.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Bytes allocated on disk for every file below `dir` (sparse files count what they hold).
+fn allocated_bytes(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let mut total = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            match entry.metadata() {
+                Ok(m) if m.is_dir() => stack.push(entry.path()),
+                Ok(m) => total += m.blocks() * 512,
+                Err(_) => {}
+            }
+        }
+    }
+    total
+}
 
 /// A bounded poll; a timeout fails the test with `what`.
 async fn wait_for<T, F, Fut>(what: &str, f: F) -> T
@@ -244,12 +261,16 @@ impl Cluster {
         self.relays[node].addr().port()
     }
 
-    /// Moves `node`'s data dir onto a fresh `size_mib` ext4 filesystem (the agent must be
-    /// stopped), so it can be filled later.
-    fn move_data_to_small_disk(&mut self, node: &str, size_mib: u64) -> usize {
+    /// Moves `node`'s data dir onto a fresh ext4 filesystem with `headroom_mib` free
+    /// beyond what the data dir holds (the agent must be stopped), so it can be filled
+    /// later. Sized from the data, because every trial leaves more written blocks in the
+    /// volume files.
+    fn move_data_to_small_disk(&mut self, node: &str, headroom_mib: u64) -> usize {
         let data = self.agent(node).data_dir.clone();
         let old = data.with_extension("old");
         std::fs::rename(&data, &old).expect("moving the data dir aside");
+        // ext4's own metadata and journal take about a tenth of a small filesystem.
+        let size_mib = ((allocated_bytes(&old) >> 20) * 11 / 10 + headroom_mib).max(32);
         let image = self.tc.root.path().join(format!("{node}-disk.img"));
         let fs = LoopFs::mount(&image, size_mib, &data).expect("small filesystem");
         self.small_disks.push(fs);
@@ -1384,7 +1405,7 @@ async fn replica_storage_fault_is_reported_dropped_and_replaced(
             tally.writes_durable += sum.writes_made_durable;
             let small_disk = (fault == StorageFault::DiskFull).then(|| {
                 c.kill_agent(&victim);
-                let d = c.move_data_to_small_disk(&victim, 32);
+                let d = c.move_data_to_small_disk(&victim, 24);
                 c.start_agent(&victim);
                 d
             });

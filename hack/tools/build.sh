@@ -32,7 +32,10 @@ for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
 done
 
 # module directory | output binary name | Go package
-# Binaries of one module are built by a single `go build` so they share compile work.
+# Binaries of one module are built by a single `go build` so they share compile work; a
+# name ending in `.test` is a test binary, built with `go test -c` (Kubernetes' e2e.test).
+# The e2e tools are a module group of their own (same pins as `kubernetes`) so adding
+# them does not change the `kubernetes` key and rebuild the control plane.
 targets=(
   "etcd|etcd|go.etcd.io/etcd/server/v3"
   "kubernetes|kube-apiserver|k8s.io/kubernetes/cmd/kube-apiserver"
@@ -46,11 +49,15 @@ targets=(
   "csi-sidecars|csi-resizer|github.com/kubernetes-csi/external-resizer/v2/cmd/csi-resizer"
   "csi-provisioner|csi-provisioner|github.com/kubernetes-csi/external-provisioner/v6/cmd/csi-provisioner"
   "promtool|promtool|github.com/prometheus/prometheus/cmd/promtool"
+  "kubernetes-e2e|e2e.test|k8s.io/kubernetes/test/e2e"
+  "kubernetes-e2e|ginkgo|github.com/onsi/ginkgo/v2/ginkgo"
+  "kubernetes-e2e|agnhost|k8s.io/kubernetes/test/images/agnhost"
 )
 
 ldflags_for() {
   case "$1" in
     kubernetes) printf '%s' "$kube_ldflags" ;;
+    kubernetes-e2e) printf '%s' "$kube_ldflags" ;;
     helm) printf '%s' "-s -w -X helm.sh/helm/v3/internal/version.version=v3.22.0" ;;
     csi-sanity) printf '%s' "-s -w -X main.VERSION=v5.6.0" ;;
     *) printf '%s' "-s -w" ;;
@@ -170,12 +177,34 @@ for m in "${modules[@]}"; do
   echo "    $m: go build ${names[*]} (log: $log)"
   # `go build -o dir/` names a binary after its package; single packages get an explicit
   # name because some (etcd's server/v3) would otherwise be named after the module path.
-  if [ ${#pkgs[@]} -eq 1 ]; then
-    out="$stage/${names[0]}"
+  # Test binaries (`*.test`) are built one by one with `go test -c`.
+  cmd_pkgs=()
+  cmd_names=()
+  test_pkgs=()
+  test_names=()
+  for i in "${!pkgs[@]}"; do
+    if [[ "${names[$i]}" == *.test ]]; then
+      test_pkgs+=("${pkgs[$i]}")
+      test_names+=("${names[$i]}")
+    else
+      cmd_pkgs+=("${pkgs[$i]}")
+      cmd_names+=("${names[$i]}")
+    fi
+  done
+  if [ ${#cmd_pkgs[@]} -eq 1 ]; then
+    out="$stage/${cmd_names[0]}"
   else
     out="$stage/"
   fi
-  if ! (cd "$tools_dir/$m" && go build -ldflags="$(ldflags_for "$m")" -o "$out" "${pkgs[@]}") >"$log" 2>&1; then
+  if ! (
+    if [ ${#cmd_pkgs[@]} -gt 0 ]; then
+      (cd "$tools_dir/$m" && go build -ldflags="$(ldflags_for "$m")" -o "$out" "${cmd_pkgs[@]}")
+    fi &&
+      for i in "${!test_pkgs[@]}"; do
+        (cd "$tools_dir/$m" && go test -c -ldflags="$(ldflags_for "$m")" \
+          -o "$stage/${test_names[$i]}" "${test_pkgs[$i]}") || exit 1
+      done
+  ) >"$log" 2>&1; then
     cat "$log" >&2
     rm -rf "$stage"
     echo "tools: building $m failed (see above)" >&2
