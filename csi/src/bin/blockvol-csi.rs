@@ -77,26 +77,10 @@ struct Args {
     default_volume_size_bytes: u64,
 }
 
-/// Logging by `RUST_LOG` (default `info`) and `BLOCKVOL_LOG_FORMAT`: `text` (default)
-/// or `json`, as the operator and the agent read them (operator/src/logging.rs).
-fn init_logging() -> anyhow::Result<()> {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    match std::env::var("BLOCKVOL_LOG_FORMAT").as_deref() {
-        Err(_) | Ok("") | Ok("text") => builder.init(),
-        Ok("json") => builder.json().init(),
-        Ok(other) => {
-            anyhow::bail!("BLOCKVOL_LOG_FORMAT={other:?} is not a log format; use text or json")
-        }
-    }
-    Ok(())
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    init_logging()?;
+    csi::logging::init_logging()?;
     let endpoint = Endpoint::parse(&args.endpoint)?;
     let with_controller = matches!(args.mode, Mode::Controller | Mode::All);
     let with_node = matches!(args.mode, Mode::Node | Mode::All);
