@@ -732,6 +732,45 @@ pub fn evacuation_status(node: &str, all_replicas: &[BlockReplica]) -> Evacuatio
     }
 }
 
+/// The Events a change of a node's drain status publishes, in order. A drain that
+/// starts and completes between two reports publishes both DrainStarted and
+/// DrainCompleted, so every drain that starts is seen to end.
+pub fn drain_events(
+    previous: Option<&EvacuationStatus>,
+    next: Option<&EvacuationStatus>,
+) -> Vec<(&'static str, String)> {
+    let mut events = Vec::new();
+    let Some(e) = next else {
+        return events;
+    };
+    match previous {
+        None => events.push((
+            node_reason::DRAIN_STARTED,
+            format!(
+                "draining: {} replica(s) of {} volume(s) to move off this node",
+                e.replicas_left,
+                e.volumes_left.len()
+            ),
+        )),
+        Some(p) if !e.complete && p.replicas_left != e.replicas_left => events.push((
+            node_reason::DRAIN_PROGRESS,
+            format!(
+                "draining: {} replica(s) left (volumes {})",
+                e.replicas_left,
+                e.volumes_left.join(", ")
+            ),
+        )),
+        Some(_) => {}
+    }
+    if e.complete && !previous.is_some_and(|p| p.complete) {
+        events.push((
+            node_reason::DRAIN_COMPLETED,
+            "drained: no replica is left on this node".to_string(),
+        ));
+    }
+    events
+}
+
 /// Writes `status.evacuation` of every draining `BlockNode` (and clears it once the
 /// drain is called off), publishing an Event when a drain starts, when its count of
 /// replicas left changes, and when it completes.
@@ -774,30 +813,7 @@ async fn report_drains(ctx: &Context) -> Result<()> {
             )
             .await
             .map_err(Error::Kube)?;
-        let event = match (&previous, &next) {
-            (None, Some(e)) => Some((
-                node_reason::DRAIN_STARTED,
-                format!(
-                    "draining: {} replica(s) of {} volume(s) to move off this node",
-                    e.replicas_left,
-                    e.volumes_left.len()
-                ),
-            )),
-            (Some(_), Some(e)) if e.complete => Some((
-                node_reason::DRAIN_COMPLETED,
-                "drained: no replica is left on this node".to_string(),
-            )),
-            (Some(p), Some(e)) if p.replicas_left != e.replicas_left => Some((
-                node_reason::DRAIN_PROGRESS,
-                format!(
-                    "draining: {} replica(s) left (volumes {})",
-                    e.replicas_left,
-                    e.volumes_left.join(", ")
-                ),
-            )),
-            _ => None,
-        };
-        if let Some((reason, note)) = event {
+        for (reason, note) in drain_events(previous.as_ref(), next.as_ref()) {
             tracing::info!(node = %name, reason, note = %note, "event");
             let ev = Event {
                 type_: EventType::Normal,
@@ -1027,6 +1043,45 @@ mod tests {
             ..Default::default()
         });
         n
+    }
+
+    fn evac(replicas_left: u32) -> EvacuationStatus {
+        EvacuationStatus {
+            replicas_left,
+            complete: replicas_left == 0,
+            volumes_left: (0..replicas_left).map(|i| format!("v{i}")).collect(),
+        }
+    }
+
+    fn reasons(
+        previous: Option<EvacuationStatus>,
+        next: Option<EvacuationStatus>,
+    ) -> Vec<&'static str> {
+        drain_events(previous.as_ref(), next.as_ref())
+            .into_iter()
+            .map(|(r, _)| r)
+            .collect()
+    }
+
+    #[test]
+    fn every_drain_that_starts_is_seen_to_complete() {
+        use node_reason::*;
+        // Started and done between two reports: both Events, in order.
+        assert_eq!(
+            reasons(None, Some(evac(0))),
+            [DRAIN_STARTED, DRAIN_COMPLETED]
+        );
+        assert_eq!(reasons(None, Some(evac(2))), [DRAIN_STARTED]);
+        assert_eq!(reasons(Some(evac(2)), Some(evac(1))), [DRAIN_PROGRESS]);
+        assert_eq!(reasons(Some(evac(2)), Some(evac(0))), [DRAIN_COMPLETED]);
+        // Nothing new: no Event, and a completed drain is announced once.
+        assert!(reasons(Some(evac(1)), Some(evac(1))).is_empty());
+        assert!(reasons(Some(evac(0)), Some(evac(0))).is_empty());
+        // A drain called off publishes nothing.
+        assert!(reasons(Some(evac(1)), None).is_empty());
+        // A completed drain that finds a replica again reports progress, then completes again.
+        assert_eq!(reasons(Some(evac(0)), Some(evac(1))), [DRAIN_PROGRESS]);
+        assert_eq!(reasons(Some(evac(1)), Some(evac(0))), [DRAIN_COMPLETED]);
     }
 
     fn k8s_node(name: &str, unschedulable: bool, labels: &[(&str, &str)]) -> Node {
