@@ -44,7 +44,7 @@ use super::wire::{
     Body, ClientAuth, ErrorCode, ForwardMsg, ForwardStatus, FrameDecoder, Message, NONCE_BYTES,
     ServerAuth, VolumeMsg, WireConfig, WireError, encode_frame,
 };
-use crate::volume::Volume;
+use crate::storage::volume::Volume;
 
 /// Transport settings (units last). `Debug` redacts the cluster secret so a logged
 /// config cannot leak it.

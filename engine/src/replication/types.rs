@@ -6,8 +6,8 @@ use std::fmt;
 
 use super::{Error, Result};
 
+pub use crate::storage::wal::{EntryKind, WalEntry};
 pub use crate::types::{Epoch, Lba, Lsn};
-pub use crate::wal::{EntryKind, WalEntry};
 
 /// Generation of the committed in-sync set (bumped by the control plane on every change).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]

@@ -26,11 +26,10 @@
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use crate::dirty_map::{DirtyMap, Source};
 use crate::error::Result;
-use crate::extent;
+use crate::storage::dirty_map::{DirtyMap, Source};
+use crate::storage::volume::{Inner, WalState, lock, read, write};
 use crate::types::{Epoch, Lsn, WalPos};
-use crate::volume::{Inner, WalState, lock, read, write};
 
 impl Inner {
     /// Body of the flusher thread: a cycle every `flush_interval_ms`, or sooner when
@@ -136,7 +135,7 @@ impl Inner {
                     let len = (run.end - run.start) * layout.bs();
                     match run.src {
                         Source::Wal { data_pos } => {
-                            extent::copy_range(disk, layout.wal_phys(data_pos), dst, len)?
+                            disk.copy_within(layout.wal_phys(data_pos), dst, len)?
                         }
                         Source::Zero => disk.write_zeroes(dst, len)?,
                     }

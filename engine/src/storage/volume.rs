@@ -19,15 +19,17 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLock
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::dirty_map::{DirtyMap, Source};
-use crate::disk::{Disk, FileDisk};
 use crate::error::{Error, Result};
-use crate::extent::Layout;
-use crate::group_commit::GroupCommit;
-use crate::recovery::{self, IndexEntry};
-use crate::superblock::{self, FLAG_REBUILD_IN_PROGRESS, SUPERBLOCK_SLOT_SIZE, Superblock};
+use crate::storage::dirty_map::{DirtyMap, Source};
+use crate::storage::disk::{Disk, FileDisk};
+use crate::storage::group_commit::GroupCommit;
+use crate::storage::layout::Layout;
+use crate::storage::recovery::{self, IndexEntry};
+use crate::storage::superblock::{
+    self, FLAG_REBUILD_IN_PROGRESS, SUPERBLOCK_SLOT_SIZE, Superblock,
+};
+use crate::storage::wal::{self, EntryKind, EntryRef, RECORD_OVERHEAD, RecordHeader, WalEntry};
 use crate::types::{DurabilityMode, Epoch, Lba, Lsn, WalPos};
-use crate::wal::{self, EntryKind, EntryRef, RECORD_OVERHEAD, RecordHeader, WalEntry};
 
 /// Geometry and identity of a new volume.
 #[derive(Clone, Debug)]
@@ -1445,7 +1447,7 @@ impl Inner {
                 let len = (end - start) * layout.bs();
                 match src {
                     Source::Wal { data_pos } => {
-                        crate::extent::copy_range(disk, layout.wal_phys(data_pos), dst, len)?
+                        disk.copy_within(layout.wal_phys(data_pos), dst, len)?
                     }
                     Source::Zero => disk.write_zeroes(dst, len)?,
                 }
