@@ -38,6 +38,8 @@
 //!   exactly at the checkpoint while writes keep landing in the WAL.
 
 pub mod error;
+pub mod forward;
+pub mod net;
 pub mod replication;
 pub mod storage;
 pub mod types;
