@@ -174,6 +174,13 @@ impl WalState {
     /// not overwritten) the older of the two persisted tails.
     pub(crate) fn note_persisted(&mut self, prev_tail: u64) {
         self.free_from = self.free_from.max(prev_tail.min(self.tail_pos));
+        debug_assert!(
+            self.free_from <= self.tail_pos && self.tail_pos <= self.head_pos,
+            "WAL positions are ordered: free_from {} <= tail {} <= head {}",
+            self.free_from,
+            self.tail_pos,
+            self.head_pos
+        );
     }
 
     pub(crate) fn entry(&self, lsn: u64) -> Option<&IndexEntry> {
@@ -1226,6 +1233,15 @@ impl Inner {
         let wal_gen = st.wal_gen;
         let record = wal::encode_record_parts(entry, wal_gen);
         let len = wal::record_len_for(entry.data.len());
+        debug_assert_eq!(
+            entry.lsn.0,
+            st.head_lsn + 1,
+            "LSNs are dense: an append is the head's successor"
+        );
+        debug_assert!(
+            st.occupied() + self.needed(st, len) <= self.layout.wal_size,
+            "an append never overwrites WAL space that is not free yet"
+        );
         let rem = self.layout.lap_remaining(st.head_pos);
         let mut pos = st.head_pos;
         if len > rem {
@@ -1245,6 +1261,10 @@ impl Inner {
             }
             pos += rem;
         }
+        debug_assert!(
+            self.layout.lap_remaining(pos) >= len,
+            "a record never straddles the end of the ring"
+        );
         self.disk
             .write_vectored_at(
                 &[&record.head, entry.data, &record.tail],
