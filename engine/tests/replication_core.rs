@@ -7,7 +7,7 @@ use engine::replication::{
     Action, Body, ConnId, Durability, Endpoint, EntryKind, Epoch, EventKind, FlushId, Generation,
     Input, Lba, Lsn, MemLog, Peer, PrimaryConfig, PrimaryCore, ReceiverAction, ReceiverConfig,
     ReceiverCore, ReceiverEvent, ReceiverInput, RecoveryEvent, ReplicaId, ReplicaLog, ReplicaState,
-    Report, VolumeId, VolumeMsg,
+    Report, VolumeId, VolumeMsg, step_blocking,
 };
 
 fn rid(s: &str) -> ReplicaId {
@@ -141,7 +141,7 @@ impl Net {
                 }
                 Pending::ToReplica(r, i) => {
                     let rep = &mut self.replicas[r];
-                    let acts = rep.core.step(self.now, i, &mut rep.log);
+                    let acts = step_blocking(&mut rep.core, self.now, i, &mut rep.log);
                     rep.events.extend(rep.core.take_events());
                     for a in acts {
                         match a {
@@ -163,6 +163,9 @@ impl Net {
                                     self.queue
                                         .push_back(Pending::ToPrimary(Input::ConnectionLost(conn)));
                                 }
+                            }
+                            ReceiverAction::Sync { .. } => {
+                                unreachable!("performed by step_blocking")
                             }
                         }
                     }
@@ -554,7 +557,8 @@ fn barrier_waits_until_received_covers_its_lsn() {
         epoch: Epoch(1),
         body,
     };
-    rx.step(
+    step_blocking(
+        &mut rx,
         0,
         ReceiverInput::Received {
             conn: c,
@@ -567,7 +571,8 @@ fn barrier_waits_until_received_covers_its_lsn() {
         },
         &mut log,
     );
-    let out = rx.step(
+    let out = step_blocking(
+        &mut rx,
         0,
         ReceiverInput::Received {
             conn: c,
@@ -584,7 +589,8 @@ fn barrier_waits_until_received_covers_its_lsn() {
         blocks: 1,
         data: vec![1; 8],
     };
-    let out = rx.step(
+    let out = step_blocking(
+        &mut rx,
         1,
         ReceiverInput::Received {
             conn: c,
@@ -619,7 +625,8 @@ fn barrier_times_out_when_entries_never_arrive() {
         epoch: Epoch(1),
         body,
     };
-    rx.step(
+    step_blocking(
+        &mut rx,
         0,
         ReceiverInput::Received {
             conn: c,
@@ -632,7 +639,8 @@ fn barrier_times_out_when_entries_never_arrive() {
         },
         &mut log,
     );
-    rx.step(
+    step_blocking(
+        &mut rx,
         0,
         ReceiverInput::Received {
             conn: c,
@@ -640,7 +648,7 @@ fn barrier_times_out_when_entries_never_arrive() {
         },
         &mut log,
     );
-    let out = rx.step(11, ReceiverInput::Tick, &mut log);
+    let out = step_blocking(&mut rx, 11, ReceiverInput::Tick, &mut log);
     assert!(out.iter().any(|a| matches!(a, ReceiverAction::Send { msg, .. }
         if matches!(msg.body, Body::BarrierResponse { id: 3, status: engine::replication::wire::BarrierStatus::Timeout, .. }))));
 }
@@ -655,7 +663,8 @@ fn barrier_reply_never_reports_progress_when_fsync_fails() {
         epoch: Epoch(1),
         body,
     };
-    rx.step(
+    step_blocking(
+        &mut rx,
         0,
         ReceiverInput::Received {
             conn: c,
@@ -676,7 +685,8 @@ fn barrier_reply_never_reports_progress_when_fsync_fails() {
         blocks: 1,
         data: vec![1; 8],
     };
-    rx.step(
+    step_blocking(
+        &mut rx,
         0,
         ReceiverInput::Received {
             conn: c,
@@ -685,7 +695,8 @@ fn barrier_reply_never_reports_progress_when_fsync_fails() {
         &mut log,
     );
     log.fail_next_sync = true;
-    let out = rx.step(
+    let out = step_blocking(
+        &mut rx,
         0,
         ReceiverInput::Received {
             conn: c,
@@ -720,7 +731,8 @@ fn receiver_refuses_gaps_and_skips_duplicates() {
         blocks: 1,
         data: vec![l as u8; 8],
     };
-    rx.step(
+    step_blocking(
+        &mut rx,
         0,
         ReceiverInput::Received {
             conn: c,
@@ -733,7 +745,8 @@ fn receiver_refuses_gaps_and_skips_duplicates() {
         },
         &mut log,
     );
-    rx.step(
+    step_blocking(
+        &mut rx,
         0,
         ReceiverInput::Received {
             conn: c,
@@ -741,7 +754,8 @@ fn receiver_refuses_gaps_and_skips_duplicates() {
         },
         &mut log,
     );
-    let out = rx.step(
+    let out = step_blocking(
+        &mut rx,
         0,
         ReceiverInput::Received {
             conn: c,
@@ -752,7 +766,8 @@ fn receiver_refuses_gaps_and_skips_duplicates() {
     assert!(out.iter().any(|a| matches!(a, ReceiverAction::Send { msg, .. }
         if matches!(msg.body, Body::Error { code: engine::replication::wire::ErrorCode::Gap, .. }))));
     assert_eq!(log.head_lsn(), Lsn(1));
-    rx.step(
+    step_blocking(
+        &mut rx,
         0,
         ReceiverInput::Received {
             conn: c,
@@ -780,7 +795,8 @@ fn receiver_persists_a_newer_epoch_and_refuses_older_ones() {
         epoch: Epoch(epoch),
         body,
     };
-    rx.step(
+    step_blocking(
+        &mut rx,
         0,
         ReceiverInput::Received {
             conn: c,
@@ -797,7 +813,8 @@ fn receiver_persists_a_newer_epoch_and_refuses_older_ones() {
         &mut log,
     );
     assert_eq!(log.epoch(), Epoch(3));
-    let out = rx.step(
+    let out = step_blocking(
+        &mut rx,
         0,
         ReceiverInput::Received {
             conn: ConnId(2),
@@ -815,7 +832,8 @@ fn receiver_persists_a_newer_epoch_and_refuses_older_ones() {
         blocks: 1,
         data: Vec::new(),
     };
-    rx.step(
+    step_blocking(
+        &mut rx,
         0,
         ReceiverInput::Received {
             conn: ConnId(2),
@@ -1376,7 +1394,8 @@ fn rebuild_installs_the_base_before_the_tail_so_newer_wal_wins() {
         epoch: Epoch(1),
         body,
     };
-    rx.step(
+    step_blocking(
+        &mut rx,
         0,
         ReceiverInput::Received {
             conn: c,
@@ -1399,7 +1418,8 @@ fn rebuild_installs_the_base_before_the_tail_so_newer_wal_wins() {
         blocks: 1,
         data: vec![0xAA; 8],
     };
-    let out = rx.step(
+    let out = step_blocking(
+        &mut rx,
         0,
         ReceiverInput::Received {
             conn: c,
@@ -1410,7 +1430,8 @@ fn rebuild_installs_the_base_before_the_tail_so_newer_wal_wins() {
     assert!(out.iter().any(
         |a| matches!(a, ReceiverAction::Send { msg, .. } if matches!(msg.body, Body::Error { .. }))
     ));
-    rx.step(
+    step_blocking(
+        &mut rx,
         0,
         ReceiverInput::Received {
             conn: c,
@@ -1422,7 +1443,8 @@ fn rebuild_installs_the_base_before_the_tail_so_newer_wal_wins() {
         },
         &mut log,
     );
-    rx.step(
+    step_blocking(
+        &mut rx,
         0,
         ReceiverInput::Received {
             conn: c,
@@ -1434,7 +1456,8 @@ fn rebuild_installs_the_base_before_the_tail_so_newer_wal_wins() {
         },
         &mut log,
     );
-    rx.step(
+    step_blocking(
+        &mut rx,
         0,
         ReceiverInput::Received {
             conn: c,
@@ -1447,7 +1470,8 @@ fn rebuild_installs_the_base_before_the_tail_so_newer_wal_wins() {
     );
     assert!(!log.rebuilding());
     assert_eq!(log.durable_lsn(), Lsn(10));
-    rx.step(
+    step_blocking(
+        &mut rx,
         0,
         ReceiverInput::Received {
             conn: c,
@@ -1470,7 +1494,8 @@ fn base_done_with_a_missing_block_fails_the_rebuild() {
         epoch: Epoch(1),
         body,
     };
-    rx.step(
+    step_blocking(
+        &mut rx,
         0,
         ReceiverInput::Received {
             conn: c,
@@ -1484,7 +1509,8 @@ fn base_done_with_a_missing_block_fails_the_rebuild() {
         },
         &mut log,
     );
-    rx.step(
+    step_blocking(
+        &mut rx,
         0,
         ReceiverInput::Received {
             conn: c,
@@ -1496,7 +1522,8 @@ fn base_done_with_a_missing_block_fails_the_rebuild() {
         },
         &mut log,
     );
-    let out = rx.step(
+    let out = step_blocking(
+        &mut rx,
         0,
         ReceiverInput::Received {
             conn: c,
@@ -1522,7 +1549,8 @@ fn interrupted_rebuild_answers_handshake_with_needs_rebuild() {
         epoch: Epoch(1),
         body,
     };
-    rx.step(
+    step_blocking(
+        &mut rx,
         0,
         ReceiverInput::Received {
             conn: c,
@@ -1536,7 +1564,8 @@ fn interrupted_rebuild_answers_handshake_with_needs_rebuild() {
         },
         &mut log,
     );
-    let out = rx.step(
+    let out = step_blocking(
+        &mut rx,
         0,
         ReceiverInput::Received {
             conn: ConnId(2),
@@ -1895,7 +1924,8 @@ fn a_second_primary_at_the_same_epoch_is_refused_and_the_first_keeps_working() {
                 Action::Connect { conn, .. } => q_inputs.push_back(Input::Connected(conn)),
                 Action::Send { conn, msg } => {
                     let rep = &mut n.replicas[0];
-                    let acts = rep.core.step(
+                    let acts = step_blocking(
+                        &mut rep.core,
                         n.now,
                         ReceiverInput::Received {
                             conn: on_replica(conn),
@@ -1912,7 +1942,8 @@ fn a_second_primary_at_the_same_epoch_is_refused_and_the_first_keeps_working() {
                 }
                 Action::Close { conn, .. } => {
                     let rep = &mut n.replicas[0];
-                    rep.core.step(
+                    step_blocking(
+                        &mut rep.core,
                         n.now,
                         ReceiverInput::ConnectionLost(on_replica(conn)),
                         &mut rep.log,
@@ -1982,7 +2013,8 @@ fn receiver_binds_an_epoch_to_the_first_named_primary() {
     let mut log = MemLog::new();
     log.set_epoch(Epoch(1)).unwrap();
     let send = |core: &mut ReceiverCore, log: &mut MemLog, conn: u64, body: Body| {
-        let acts = core.step(
+        let acts = step_blocking(
+            core,
             1,
             ReceiverInput::Received {
                 conn: ConnId(conn),
@@ -1997,7 +2029,7 @@ fn receiver_binds_an_epoch_to_the_first_named_primary() {
         acts.into_iter()
             .filter_map(|a| match a {
                 ReceiverAction::Send { msg, .. } => Some(msg.body),
-                ReceiverAction::Close { .. } => None,
+                ReceiverAction::Close { .. } | ReceiverAction::Sync { .. } => None,
             })
             .collect::<Vec<_>>()
     };
@@ -2195,7 +2227,8 @@ fn a_replica_that_refused_a_truncation_accepts_no_entries_of_that_session() {
     }
     log.sync().unwrap();
     let mut send = |log: &mut MemLog, body: Body| {
-        core.step(
+        step_blocking(
+            &mut core,
             1,
             ReceiverInput::Received {
                 conn: ConnId(1),
@@ -2210,7 +2243,7 @@ fn a_replica_that_refused_a_truncation_accepts_no_entries_of_that_session() {
         .into_iter()
         .filter_map(|a| match a {
             ReceiverAction::Send { msg, .. } => Some(msg.body),
-            ReceiverAction::Close { .. } => None,
+            ReceiverAction::Close { .. } | ReceiverAction::Sync { .. } => None,
         })
         .collect::<Vec<_>>()
     };
@@ -2280,5 +2313,184 @@ fn a_replica_that_refused_a_truncation_accepts_no_entries_of_that_session() {
             }
         )),
         "a barrier was answered after the refused truncation: {r:?}"
+    );
+}
+
+/// A receiver fed by hand on one connection at epoch 1, its session open: the actions
+/// come back as the core returns them, syncs included, and nothing performs a sync
+/// until `synced`.
+struct Rx {
+    core: ReceiverCore,
+    log: MemLog,
+}
+
+impl Rx {
+    fn in_session() -> Self {
+        let mut rx = Rx {
+            core: ReceiverCore::new(vol(), ReceiverConfig::default()),
+            log: MemLog::new(),
+        };
+        rx.log.set_epoch(Epoch(1)).unwrap();
+        rx.send(Body::ResumeRequest {
+            session: 1,
+            head: Lsn(0),
+            retained_start: Lsn(1),
+            primary: Some(rid("p")),
+        });
+        rx
+    }
+
+    fn send(&mut self, body: Body) -> Vec<ReceiverAction> {
+        let msg = VolumeMsg {
+            volume: vol(),
+            epoch: Epoch(1),
+            body,
+        };
+        let input = ReceiverInput::Received {
+            conn: ConnId(1),
+            msg,
+        };
+        self.core.step(0, input, &mut self.log)
+    }
+
+    fn entry(&mut self, lsn: u64) -> Vec<ReceiverAction> {
+        self.send(Body::Entry(engine::replication::WalEntry {
+            lsn: Lsn(lsn),
+            epoch: Epoch(1),
+            lba: Lba(lsn),
+            kind: EntryKind::Write,
+            blocks: 1,
+            data: vec![lsn as u8; 8],
+        }))
+    }
+
+    fn barrier(&mut self, id: u64, lsn: u64) -> Vec<ReceiverAction> {
+        self.send(Body::BarrierRequest { id, lsn: Lsn(lsn) })
+    }
+
+    /// Performs the sync in flight now and reports it done.
+    fn synced(&mut self) -> Vec<ReceiverAction> {
+        let result = self.log.sync().map_err(|e| e.to_string());
+        self.core
+            .step(0, ReceiverInput::Synced { result }, &mut self.log)
+    }
+}
+
+/// The syncs asked for in `out`, by the LSN they must cover.
+fn syncs(out: &[ReceiverAction]) -> Vec<Lsn> {
+    out.iter()
+        .filter_map(|a| match a {
+            ReceiverAction::Sync { through } => Some(*through),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The barrier answers in `out`: (id, status, flushed).
+fn barrier_answers(
+    out: &[ReceiverAction],
+) -> Vec<(u64, engine::replication::wire::BarrierStatus, Lsn)> {
+    out.iter()
+        .filter_map(|a| match a {
+            ReceiverAction::Send { msg, .. } => match msg.body {
+                Body::BarrierResponse {
+                    id,
+                    status,
+                    flushed,
+                } => Some((id, status, flushed)),
+                _ => None,
+            },
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_barrier_is_answered_only_when_its_fsync_is_done() {
+    use engine::replication::wire::BarrierStatus;
+    let mut rx = Rx::in_session();
+    assert!(syncs(&rx.entry(1)).is_empty(), "no barrier waits yet");
+    let out = rx.barrier(7, 1);
+    assert_eq!(syncs(&out), vec![Lsn(1)]);
+    assert!(
+        barrier_answers(&out).is_empty(),
+        "answered before the fsync"
+    );
+    assert_eq!(rx.log.durable_lsn(), Lsn(0));
+    // Nothing more is asked for while the sync is in flight, and nothing answered.
+    assert!(rx.core.step(1, ReceiverInput::Tick, &mut rx.log).is_empty());
+    let out = rx.synced();
+    assert_eq!(barrier_answers(&out), vec![(7, BarrierStatus::Ok, Lsn(1))]);
+    assert!(syncs(&out).is_empty());
+}
+
+#[test]
+fn barriers_that_become_ready_during_an_fsync_share_the_next_one() {
+    use engine::replication::wire::BarrierStatus;
+    let mut rx = Rx::in_session();
+    rx.entry(1);
+    assert_eq!(syncs(&rx.barrier(1, 1)), vec![Lsn(1)]);
+    // While it runs, three more barriers become ready: none asks for a sync of its own.
+    let mut meanwhile = Vec::new();
+    for lsn in 2..=4 {
+        meanwhile.extend(rx.entry(lsn));
+        meanwhile.extend(rx.barrier(lsn, lsn));
+    }
+    assert!(syncs(&meanwhile).is_empty(), "{meanwhile:?}");
+    assert!(barrier_answers(&meanwhile).is_empty(), "{meanwhile:?}");
+    // The first sync answers only its own barrier (it may have covered more, but it was
+    // not asked to) and asks for one sync for the three others.
+    let out = rx.synced();
+    assert_eq!(barrier_answers(&out), vec![(1, BarrierStatus::Ok, Lsn(4))]);
+    assert_eq!(syncs(&out), vec![Lsn(4)]);
+    let out = rx.synced();
+    assert_eq!(
+        barrier_answers(&out),
+        (2..=4)
+            .map(|id| (id, BarrierStatus::Ok, Lsn(4)))
+            .collect::<Vec<_>>()
+    );
+    assert!(syncs(&out).is_empty());
+}
+
+#[test]
+fn a_failed_fsync_fails_its_barriers_and_the_replica() {
+    use engine::replication::wire::BarrierStatus;
+    let mut rx = Rx::in_session();
+    rx.entry(1);
+    rx.barrier(1, 1);
+    rx.log.fail_next_sync = true;
+    let out = rx.synced();
+    assert_eq!(
+        barrier_answers(&out),
+        vec![(1, BarrierStatus::FsyncFailed, Lsn(0))]
+    );
+    assert!(rx.core.failed().is_some());
+    assert_eq!(rx.log.durable_lsn(), Lsn(0));
+}
+
+#[test]
+fn a_truncation_during_an_fsync_leaves_the_entries_it_removed_unacknowledged() {
+    use engine::replication::wire::BarrierStatus;
+    let mut rx = Rx::in_session();
+    for lsn in 1..=3 {
+        rx.entry(lsn);
+    }
+    assert_eq!(syncs(&rx.barrier(9, 3)), vec![Lsn(3)]);
+    let out = rx.send(Body::Truncate {
+        session: 1,
+        after: Lsn(1),
+        expect_epoch: Epoch(1),
+    });
+    assert!(out.is_empty(), "{out:?}");
+    // The sync covered LSN 3 when it was asked for; that entry is gone now.
+    let out = rx.synced();
+    assert!(barrier_answers(&out).is_empty(), "{out:?}");
+    // The barrier is answered once its LSN arrived again and was synced.
+    rx.entry(2);
+    assert_eq!(syncs(&rx.entry(3)), vec![Lsn(3)]);
+    assert_eq!(
+        barrier_answers(&rx.synced()),
+        vec![(9, BarrierStatus::Ok, Lsn(3))]
     );
 }

@@ -804,6 +804,7 @@ impl Sim {
             pending_barriers_max: 64,
             test_knob_accept_stale_epoch: knobs.accept_stale_epoch,
             test_knob_no_session_binding: knobs.no_session_binding,
+            test_knob_ack_before_synced: false,
         };
         let volume = VolumeId::new("vol-sim").unwrap();
         // WAL history per node (none on a quarter of the runs), drawn from its own stream
@@ -1079,7 +1080,7 @@ impl Sim {
             return;
         };
         let copied = node.log.copied_lsn();
-        let actions = core.step(now, input, &mut node.log);
+        let actions = engine::replication::step_blocking(core, now, input, &mut node.log);
         for ev in core.take_events() {
             if let ReceiverEvent::Truncated { after } = ev
                 && after < copied
@@ -1149,6 +1150,7 @@ impl Sim {
                     let key = conn.0 as usize;
                     self.break_conn(key);
                 }
+                ReceiverAction::Sync { .. } => unreachable!("performed by step_blocking"),
             }
         }
         if failed {

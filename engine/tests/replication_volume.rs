@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use engine::replication::{
     Action, BaseKind, ConnId, Endpoint, Epoch, FlushId, Generation, Input, Lsn, MemLog, Peer,
     PrimaryConfig, PrimaryCore, ReceiverAction, ReceiverConfig, ReceiverCore, ReceiverInput,
-    ReplicaId, ReplicaLog, ReplicaState, Report, VolumeId, VolumeLog,
+    ReplicaId, ReplicaLog, ReplicaState, Report, VolumeId, VolumeLog, step_blocking,
 };
 use engine::{CreateOptions, EntryKind, Lba, SimDisk, Volume, VolumeConfig, WalEntry};
 
@@ -220,7 +220,7 @@ impl Cluster {
                 }
                 Pending::ToReplica(r, i) => {
                     let (core, log, _) = &mut self.reps[r];
-                    for a in core.step(self.now, i, log) {
+                    for a in step_blocking(core, self.now, i, log) {
                         match a {
                             ReceiverAction::Send { conn, msg } => {
                                 if self.open.contains(&conn) {
@@ -235,6 +235,9 @@ impl Cluster {
                                     self.queue
                                         .push_back(Pending::ToPrimary(Input::ConnectionLost(conn)));
                                 }
+                            }
+                            ReceiverAction::Sync { .. } => {
+                                unreachable!("performed by step_blocking")
                             }
                         }
                     }

@@ -22,7 +22,9 @@ use super::lock;
 use crate::forward::fence::{ForwardConn, ForwardFences, ForwardSource};
 use crate::forward::protocol::{FORWARD_IN_FLIGHT_MAX, ForwardHandler, ForwardOutcome};
 use crate::replication::ConnId;
-use crate::replication::receiver::{ReceiverAction, ReceiverConfig, ReceiverCore, ReceiverInput};
+use crate::replication::receiver::{
+    ReceiverAction, ReceiverConfig, ReceiverCore, ReceiverInput, step_blocking,
+};
 use crate::replication::types::{Epoch, VolumeId};
 use crate::replication::volume_log::VolumeLog;
 use crate::replication::wire::{Body, ErrorCode, ForwardMsg, ForwardStatus, Message, VolumeMsg};
@@ -97,6 +99,8 @@ impl ServerShared {
                     self.reject(reason);
                     self.close(conn);
                 }
+                // Performed by `step_blocking` before the actions are routed.
+                ReceiverAction::Sync { .. } => {}
             }
         }
     }
@@ -161,13 +165,13 @@ impl ServerShared {
         };
         let actions = if inline {
             let Hosted { core, log, .. } = &mut *h;
-            core.step(now, input, log)
+            step_blocking(core, now, input, log)
         } else {
             drop(h);
             tokio::task::block_in_place(|| {
                 let mut h = lock(hosted);
                 let Hosted { core, log, .. } = &mut *h;
-                core.step(now, input, log)
+                step_blocking(core, now, input, log)
             })
         };
         self.route(actions);

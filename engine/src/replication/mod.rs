@@ -21,7 +21,9 @@ pub use primary::{
     Action, Durability, FlushId, Input, Peer, PrimaryConfig, PrimaryCore, RecoveryBytes,
     ReplicaState, Report,
 };
-pub use receiver::{ReceiverAction, ReceiverConfig, ReceiverCore, ReceiverEvent, ReceiverInput};
+pub use receiver::{
+    ReceiverAction, ReceiverConfig, ReceiverCore, ReceiverEvent, ReceiverInput, step_blocking,
+};
 pub use retention::{HoldId, HoldKind, Pinner};
 pub use storage::{AppendOutcome, BaseChunk, BaseKind, BasePin, MemLog, ReplicaLog};
 pub use types::{

@@ -2,7 +2,14 @@
 //! refuse and report, duplicate → skip), persists the highest epoch seen before acting on it
 //! and refuses lower ones (so a stale primary's barriers fail), answers the reconnect
 //! handshake, and answers a barrier only after everything up to its LSN is received and
-//! fsynced, with a flushed LSN that never moves backwards within a session. An entry or
+//! fsynced, with a flushed LSN that never moves backwards within a session.
+//!
+//! The core does no I/O of its own: it asks for an fsync with [`ReceiverAction::Sync`]
+//! and answers the barriers it covers only when the shell feeds back
+//! [`ReceiverInput::Synced`]. One sync is in flight at a time; barriers that become
+//! ready meanwhile wait for the next one, so a burst of barriers costs one fsync.
+//! [`step_blocking`] is the shell for callers that may block: it performs each sync at
+//! once, on the calling thread. An entry or
 //! base block beyond the replica's size (an expansion it has not applied yet) is refused
 //! with `BeyondSize` and leaves the replica healthy; other storage errors fail it.
 //! A refused truncation ends the session on its connection: nothing the primary
@@ -38,6 +45,10 @@ pub struct ReceiverConfig {
     /// binding of an epoch to the first named primary), so the simulation can prove its
     /// checker catches two primaries at one epoch. Never set in production.
     pub test_knob_no_session_binding: bool,
+    /// Test-only: answer a barrier as soon as its sync is issued instead of when it is
+    /// done, so the simulation can prove its checker catches acknowledgements of
+    /// entries a crash can still lose. Never set in production.
+    pub test_knob_ack_before_synced: bool,
 }
 
 impl Default for ReceiverConfig {
@@ -47,6 +58,7 @@ impl Default for ReceiverConfig {
             pending_barriers_max: 1024,
             test_knob_accept_stale_epoch: false,
             test_knob_no_session_binding: false,
+            test_knob_ack_before_synced: false,
         }
     }
 }
@@ -54,16 +66,35 @@ impl Default for ReceiverConfig {
 /// Inputs to the receiver.
 #[derive(Debug, Clone)]
 pub enum ReceiverInput {
-    Received { conn: ConnId, msg: VolumeMsg },
+    Received {
+        conn: ConnId,
+        msg: VolumeMsg,
+    },
     ConnectionLost(ConnId),
     Tick,
+    /// The sync asked for by the last [`ReceiverAction::Sync`] finished: the log's
+    /// durable LSN after it, or why it failed (the replica then fails).
+    Synced {
+        result: Result<Lsn, String>,
+    },
 }
 
 /// Actions for the shell.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ReceiverAction {
-    Send { conn: ConnId, msg: VolumeMsg },
-    Close { conn: ConnId, reason: String },
+    Send {
+        conn: ConnId,
+        msg: VolumeMsg,
+    },
+    Close {
+        conn: ConnId,
+        reason: String,
+    },
+    /// Make every entry appended so far durable (at least through `through`), then feed
+    /// back [`ReceiverInput::Synced`]. Never asked for again before that.
+    Sync {
+        through: Lsn,
+    },
 }
 
 /// What happened, for logs, status and the simulation's checker.
@@ -139,6 +170,9 @@ pub struct ReceiverCore {
     binding: Box<Binding>,
     rebuild: Option<RebuildRecv>,
     pending: Vec<PendingBarrier>,
+    /// The sync in flight: the head it was issued at. Barriers at or below it are
+    /// answered when it is done (lowered by a truncation, which removes what it covered).
+    syncing: Option<Lsn>,
     flushed_reported: Lsn,
     failed: Option<String>,
     events: Vec<ReceiverEvent>,
@@ -153,6 +187,7 @@ impl ReceiverCore {
             binding: Box::default(),
             rebuild: None,
             pending: Vec::new(),
+            syncing: None,
             flushed_reported: Lsn(0),
             failed: None,
             events: Vec::new(),
@@ -163,8 +198,8 @@ impl ReceiverCore {
         std::mem::take(&mut self.events)
     }
 
-    /// Whether a barrier waits for entries still to come: the entry that completes it
-    /// makes that step fsync.
+    /// Whether a barrier waits for entries or a sync still to come: the entry that
+    /// completes it makes that step ask for a sync.
     pub fn barriers_pending(&self) -> bool {
         !self.pending.is_empty()
     }
@@ -222,6 +257,7 @@ impl ReceiverCore {
             ReceiverInput::Received { conn, msg } => {
                 self.on_message(now_ms, conn, msg, log, &mut out)
             }
+            ReceiverInput::Synced { result } => self.synced(now_ms, result, log, &mut out),
         }
         out
     }
@@ -360,7 +396,7 @@ impl ReceiverCore {
                             msg_epoch: msg.epoch,
                             local_epoch: log.epoch(),
                         });
-                        self.complete_barriers(now_ms, log, out);
+                        self.complete_barriers(log, out);
                     }
                     Ok(AppendOutcome::Duplicate) => {}
                     Err(super::Error::Gap { expected, got }) => {
@@ -417,7 +453,7 @@ impl ReceiverCore {
                     deadline_ms: now_ms.saturating_add(self.cfg.barrier_timeout_ms),
                     epoch,
                 });
-                self.complete_barriers(now_ms, log, out);
+                self.complete_barriers(log, out);
             }
             Body::Truncate {
                 after,
@@ -446,8 +482,10 @@ impl ReceiverCore {
                 match log.truncate_after(after) {
                     Ok(()) => {
                         self.events.push(ReceiverEvent::Truncated { after });
-                        // A truncation starts a new durable baseline for this session.
+                        // A truncation starts a new durable baseline for this session,
+                        // and the sync in flight no longer covers what it removed.
                         self.flushed_reported = self.flushed_reported.min(after);
+                        self.syncing = self.syncing.map(|s| s.min(after));
                     }
                     Err(e) => {
                         self.end_session_on(conn);
@@ -469,6 +507,7 @@ impl ReceiverCore {
                 self.events.push(ReceiverEvent::RebuildStarted { base_lsn });
                 self.session_epoch = Some(epoch);
                 self.flushed_reported = Lsn(0);
+                self.syncing = self.syncing.map(|_| Lsn(0));
                 self.rebuild = Some(RebuildRecv {
                     session,
                     base_lsn,
@@ -613,54 +652,70 @@ impl ReceiverCore {
         Ok(())
     }
 
-    fn complete_barriers(
-        &mut self,
-        _now_ms: u64,
-        log: &mut dyn ReplicaLog,
-        out: &mut Vec<ReceiverAction>,
-    ) {
+    /// Asks for a sync when a barrier's entries have all arrived and none is in flight.
+    fn complete_barriers(&mut self, log: &dyn ReplicaLog, out: &mut Vec<ReceiverAction>) {
         let head = log.head_lsn();
-        if !self.pending.iter().any(|p| p.lsn <= head) {
+        if self.syncing.is_some() || !self.pending.iter().any(|p| p.lsn <= head) {
             return;
         }
-        let synced = log.sync();
+        self.syncing = Some(head);
+        out.push(ReceiverAction::Sync { through: head });
+        if self.cfg.test_knob_ack_before_synced {
+            self.answer_covered(head, Ok(head), out);
+        }
+    }
+
+    /// The sync in flight finished: answers the barriers it covers, then asks for the
+    /// next one if more barriers became ready meanwhile.
+    fn synced(
+        &mut self,
+        _now_ms: u64,
+        result: Result<Lsn, String>,
+        log: &dyn ReplicaLog,
+        out: &mut Vec<ReceiverAction>,
+    ) {
+        let Some(covered) = self.syncing.take() else {
+            return;
+        };
+        if let Err(e) = &result {
+            self.fail(format!("fsync: {e}"));
+        }
+        self.answer_covered(covered, result, out);
+        self.complete_barriers(log, out);
+    }
+
+    /// Answers the barriers at or below `covered` with the sync's result.
+    fn answer_covered(
+        &mut self,
+        covered: Lsn,
+        result: Result<Lsn, String>,
+        out: &mut Vec<ReceiverAction>,
+    ) {
         let ready: Vec<PendingBarrier> = {
             let (ready, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut self.pending)
                 .into_iter()
-                .partition(|p| p.lsn <= head);
+                .partition(|p| p.lsn <= covered);
             self.pending = rest;
             ready
         };
-        match synced {
+        let (status, flushed) = match result {
             Ok(durable) => {
                 // Reported progress never moves backwards.
                 self.flushed_reported = self.flushed_reported.max(durable);
-                for p in ready {
-                    out.push(self.reply(
-                        p.conn,
-                        p.epoch,
-                        Body::BarrierResponse {
-                            id: p.id,
-                            status: BarrierStatus::Ok,
-                            flushed: self.flushed_reported,
-                        },
-                    ));
-                }
+                (BarrierStatus::Ok, self.flushed_reported)
             }
-            Err(e) => {
-                self.fail(format!("fsync: {e}"));
-                for p in ready {
-                    out.push(self.reply(
-                        p.conn,
-                        p.epoch,
-                        Body::BarrierResponse {
-                            id: p.id,
-                            status: BarrierStatus::FsyncFailed,
-                            flushed: Lsn(0),
-                        },
-                    ));
-                }
-            }
+            Err(_) => (BarrierStatus::FsyncFailed, Lsn(0)),
+        };
+        for p in ready {
+            out.push(self.reply(
+                p.conn,
+                p.epoch,
+                Body::BarrierResponse {
+                    id: p.id,
+                    status,
+                    flushed,
+                },
+            ));
         }
     }
 
@@ -670,7 +725,7 @@ impl ReceiverCore {
         log: &mut dyn ReplicaLog,
         out: &mut Vec<ReceiverAction>,
     ) {
-        self.complete_barriers(now_ms, log, out);
+        self.complete_barriers(log, out);
         let (expired, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut self.pending)
             .into_iter()
             .partition(|p| now_ms >= p.deadline_ms);
@@ -687,4 +742,29 @@ impl ReceiverCore {
             ));
         }
     }
+}
+
+/// Runs one input through `core` and performs every sync it asks for at once, on the
+/// calling thread, feeding each result back: the shell for callers that may block.
+/// Returns the other actions in order (a barrier's answer where its sync was asked for).
+pub fn step_blocking(
+    core: &mut ReceiverCore,
+    now_ms: u64,
+    input: ReceiverInput,
+    log: &mut dyn ReplicaLog,
+) -> Vec<ReceiverAction> {
+    let mut out = Vec::new();
+    let mut todo = core.step(now_ms, input, log);
+    todo.reverse();
+    while let Some(a) = todo.pop() {
+        match a {
+            ReceiverAction::Sync { .. } => {
+                let result = log.sync().map_err(|e| e.to_string());
+                let more = core.step(now_ms, ReceiverInput::Synced { result }, log);
+                todo.extend(more.into_iter().rev());
+            }
+            a => out.push(a),
+        }
+    }
+    out
 }
