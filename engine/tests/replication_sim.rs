@@ -1,8 +1,10 @@
 //! Deterministic simulation of one replicated volume: a primary and 0-4 replicas driven by
 //! the sans-IO cores over a simulated network (delay, reorder across connections, FIFO
 //! within one, drops, partitions, whole-node isolation, address changes), simulated disks
-//! (power loss, fsync failure, and power loss inside a flusher cycle, which leaves the
-//! modelled extent ahead of the checkpoint for a later truncation to expose), client
+//! (power loss, fsync failure, fsyncs that finish after a delay while other messages are
+//! handled - a crash before one finishes loses the tail it would have covered - and power
+//! loss inside a flusher cycle, which leaves the modelled extent ahead of the checkpoint
+//! for a later truncation to expose), client
 //! writes, flushes and reads, and a simulated control plane (API server and operator)
 //! that renews the agents' Leases, commits in-sync set changes and promotes. A crashed
 //! node comes back as its agent would bring it back: as a replica, or - when its
@@ -113,6 +115,8 @@ struct Knobs {
     no_forward_fence: bool,
     /// Replicas do not bind an epoch to the first primary that names itself.
     no_session_binding: bool,
+    /// Replicas answer a barrier when they ask for its fsync, not when it is done.
+    ack_before_synced: bool,
     /// A second, deposed operator's in-flight reconcile tries to promote another member
     /// at the winner's epoch (two primaries at one epoch). Off in the default run: see
     /// `two_primaries_at_one_epoch_lose_no_acknowledged_write`.
@@ -162,6 +166,11 @@ struct Node {
     fences: Arc<ForwardFences>,
     /// Connection ids grow with every accepted data-port connection.
     accepted_conns: u64,
+    /// Counts the receiver cores this node had: a sync finishes only for the core that
+    /// asked for it.
+    receiver_gen: u64,
+    /// Its receiver asked for an fsync that is not done yet.
+    replica_syncing: bool,
 }
 
 struct Conn {
@@ -217,6 +226,11 @@ enum Ev {
     FsyncDone {
         node: usize,
         inc: u64,
+    },
+    /// A replica's fsync, asked for by its receiver core `receiver_gen`, is done.
+    ReplicaSynced {
+        node: usize,
+        receiver_gen: u64,
     },
     CpReport {
         node: usize,
@@ -804,7 +818,7 @@ impl Sim {
             pending_barriers_max: 64,
             test_knob_accept_stale_epoch: knobs.accept_stale_epoch,
             test_knob_no_session_binding: knobs.no_session_binding,
-            test_knob_ack_before_synced: false,
+            test_knob_ack_before_synced: knobs.ack_before_synced,
         };
         let volume = VolumeId::new("vol-sim").unwrap();
         // WAL history per node (none on a quarter of the runs), drawn from its own stream
@@ -838,6 +852,8 @@ impl Sim {
                     needs_new_epoch: false,
                     fences: ForwardFences::new(),
                     accepted_conns: 0,
+                    receiver_gen: 0,
+                    replica_syncing: false,
                 }
             })
             .collect();
@@ -855,6 +871,7 @@ impl Sim {
         nodes[0].role = Role::Primary(Box::new(core));
         for node in nodes.iter_mut().skip(1) {
             node.role = Role::Replica(ReceiverCore::new(volume.clone(), rcfg));
+            node.receiver_gen += 1;
         }
         let mut sim = Sim {
             seed,
@@ -1080,7 +1097,7 @@ impl Sim {
             return;
         };
         let copied = node.log.copied_lsn();
-        let actions = engine::replication::step_blocking(core, now, input, &mut node.log);
+        let actions = core.step(now, input, &mut node.log);
         for ev in core.take_events() {
             if let ReceiverEvent::Truncated { after } = ev
                 && after < copied
@@ -1150,7 +1167,25 @@ impl Sim {
                     let key = conn.0 as usize;
                     self.break_conn(key);
                 }
-                ReceiverAction::Sync { .. } => unreachable!("performed by step_blocking"),
+                ReceiverAction::Sync { .. } => {
+                    // The fsync runs when it is done (it covers whatever was written by
+                    // then); a crash before that loses the tail it would have covered.
+                    let d = if self.faults && self.rng.ppm(50_000) {
+                        self.rng.range(10, 40)
+                    } else {
+                        self.rng.range(1, 6)
+                    };
+                    let receiver_gen = self.nodes[r].receiver_gen;
+                    self.nodes[r].replica_syncing = true;
+                    *self.stats.entry("rx_sync".to_string()).or_default() += 1;
+                    self.schedule(
+                        self.now + d,
+                        Ev::ReplicaSynced {
+                            node: r,
+                            receiver_gen,
+                        },
+                    );
+                }
             }
         }
         if failed {
@@ -1184,6 +1219,13 @@ impl Sim {
         }
         self.nodes[idx].role = Role::Down;
         self.nodes[idx].incarnation += 1;
+        if std::mem::take(&mut self.nodes[idx].replica_syncing) {
+            // The tail that fsync would have covered is lost below.
+            *self
+                .stats
+                .entry("crash_with_replica_fsync_in_flight".to_string())
+                .or_default() += 1;
+        }
         if self.rng.below(2) == 0 {
             *self
                 .stats
@@ -1277,6 +1319,18 @@ impl Sim {
                     }
                 }
             }
+            Ev::ReplicaSynced { node, receiver_gen } => {
+                let n = &mut self.nodes[node];
+                if n.receiver_gen != receiver_gen {
+                    return;
+                }
+                n.replica_syncing = false;
+                if !matches!(n.role, Role::Replica(_)) {
+                    return;
+                }
+                let result = n.log.sync().map_err(|e| e.to_string());
+                self.replica_input(node, ReceiverInput::Synced { result });
+            }
             Ev::CpReport {
                 node,
                 epoch,
@@ -1319,6 +1373,7 @@ impl Sim {
                     self.nodes[node].fences = ForwardFences::new();
                     self.nodes[node].role =
                         Role::Replica(ReceiverCore::new(self.volume.clone(), self.rcfg));
+                    self.nodes[node].receiver_gen += 1;
                     if self.trace {
                         eprintln!(
                             "t={} node{node} RESTART durable={}",
@@ -1776,6 +1831,7 @@ impl Sim {
                 {
                     node.incarnation += 1;
                     node.role = Role::Replica(ReceiverCore::new(self.volume.clone(), self.rcfg));
+                    node.receiver_gen += 1;
                     for key in self.active.clone() {
                         if self.conns[key].primary == idx {
                             self.break_conn(key);
@@ -2595,6 +2651,7 @@ fn knobs_from_env() -> Knobs {
             "no_promotion_wait" => k.no_promotion_wait = true,
             "no_forward_fence" => k.no_forward_fence = true,
             "no_session_binding" => k.no_session_binding = true,
+            "ack_before_synced" => k.ack_before_synced = true,
             "rogue_operator" => k.rogue_operator = true,
             "no_operator_fence" => k.no_operator_fence = true,
             other => panic!("unknown SIM_KNOBS entry {other}"),
@@ -2801,6 +2858,21 @@ fn checker_catches_forwarded_writes_that_land_after_their_retry() {
     };
     let n = seeds_caught("no forward fence", knobs, 150, |v| v.contains("stale read"));
     assert!(n > 0, "stale forwarded writes went unnoticed");
+}
+
+#[test]
+fn checker_catches_a_receiver_that_acks_before_its_fsync_is_done() {
+    // A replica that answers a barrier when it asks for the fsync, not when the fsync
+    // is done, acknowledges entries a crash still loses; a failover to it then loses
+    // writes the primary acknowledged on its word.
+    let knobs = Knobs {
+        ack_before_synced: true,
+        ..Knobs::default()
+    };
+    let n = seeds_caught("ack before synced", knobs, 100, |v| {
+        v.contains("durable") || v.contains("acknowledged")
+    });
+    assert!(n > 0, "barriers answered before their fsync went unnoticed");
 }
 
 fn two_primaries_lose_data(v: &str) -> bool {
