@@ -27,7 +27,7 @@ use std::collections::BTreeMap;
 
 use super::ConnId;
 use super::storage::{AppendOutcome, ReplicaLog};
-use super::types::{Epoch, Lsn, ReplicaId, VolumeId};
+use super::types::{Epoch, Lba, Lsn, ReplicaId, VolumeId, WalEntry};
 use super::wire::{BarrierStatus, Body, ErrorCode, ResumeStatus, VolumeMsg};
 
 /// Receiver bounds.
@@ -262,6 +262,9 @@ impl ReceiverCore {
         out
     }
 
+    /// Checks the message's volume, the replica's health and the epoch (adopting a newer
+    /// one, refusing an older one) and the handshake's owner, then hands the message to
+    /// the function for its kind, at the session's epoch.
     fn on_message(
         &mut self,
         now_ms: u64,
@@ -283,50 +286,11 @@ impl ReceiverCore {
             return;
         }
         if msg.epoch < local && !self.cfg.test_knob_accept_stale_epoch {
-            self.events.push(ReceiverEvent::StaleRefused {
-                msg_epoch: msg.epoch,
-                local_epoch: local,
-            });
-            let body = match msg.body {
-                Body::BarrierRequest { id, .. } => Body::BarrierResponse {
-                    id,
-                    status: BarrierStatus::StaleEpoch,
-                    flushed: Lsn(0),
-                },
-                Body::ResumeRequest { session, .. } => Body::ResumeResponse {
-                    session,
-                    status: ResumeStatus::StaleEpoch,
-                    flushed: Lsn(0),
-                    flushed_epoch: Epoch(0),
-                    received: Lsn(0),
-                    checkpoint: Lsn(0),
-                    replica_epoch: local,
-                },
-                _ => Body::Error {
-                    code: ErrorCode::StaleEpoch,
-                    current_epoch: local,
-                    detail: format!("message epoch {} is older than {}", msg.epoch, local),
-                },
-            };
-            out.push(self.reply(conn, local, body));
+            self.refuse_stale(conn, local, msg, out);
             return;
         }
-        if msg.epoch > local {
-            // Persist before acting on the new epoch.
-            if let Err(e) = log.set_epoch(msg.epoch) {
-                self.fail(format!("persisting epoch {}: {e}", msg.epoch));
-                out.push(self.error(conn, local, ErrorCode::StorageFailed, e.to_string()));
-                return;
-            }
-            self.events.push(ReceiverEvent::EpochAdopted {
-                from: local,
-                to: msg.epoch,
-            });
-            self.session_epoch = None;
-            self.binding.conns.clear();
-            self.binding.owner = None;
-            self.rebuild = None;
-            self.pending.clear();
+        if msg.epoch > local && !self.adopt_epoch(conn, local, msg.epoch, log, out) {
+            return;
         }
         let epoch = msg.epoch.max(local);
         let handshake_from = match &msg.body {
@@ -342,157 +306,23 @@ impl ReceiverCore {
             return;
         }
         match msg.body {
-            Body::ResumeRequest { session, .. } => {
-                if log.rebuilding() {
-                    // An interrupted rebuild leaves no usable prefix: only a new rebuild helps.
-                    self.rebuild = None;
-                    self.session_epoch = None;
-                    out.push(self.reply(
-                        conn,
-                        epoch,
-                        Body::ResumeResponse {
-                            session,
-                            status: ResumeStatus::NeedsRebuild,
-                            flushed: Lsn(0),
-                            flushed_epoch: Epoch(0),
-                            received: Lsn(0),
-                            checkpoint: Lsn(0),
-                            replica_epoch: log.epoch(),
-                        },
-                    ));
-                    return;
-                }
-                self.session_epoch = Some(epoch);
-                let flushed = log.durable_lsn();
-                out.push(self.reply(
-                    conn,
-                    epoch,
-                    Body::ResumeResponse {
-                        session,
-                        status: ResumeStatus::Ok,
-                        flushed,
-                        flushed_epoch: log.epoch_at(flushed).unwrap_or(Epoch(0)),
-                        received: log.head_lsn(),
-                        checkpoint: log.checkpoint_lsn(),
-                        replica_epoch: log.epoch(),
-                    },
-                ));
-                self.flushed_reported = flushed;
-            }
-            Body::Entry(entry) => {
-                if !self.in_session(conn, epoch) {
-                    out.push(self.error(
-                        conn,
-                        epoch,
-                        ErrorCode::NoSession,
-                        "entry before a handshake at this epoch".into(),
-                    ));
-                    return;
-                }
-                match log.append_replicated(&entry) {
-                    Ok(AppendOutcome::Appended) => {
-                        self.events.push(ReceiverEvent::Applied {
-                            lsn: entry.lsn,
-                            msg_epoch: msg.epoch,
-                            local_epoch: log.epoch(),
-                        });
-                        self.complete_barriers(log, out);
-                    }
-                    Ok(AppendOutcome::Duplicate) => {}
-                    Err(super::Error::Gap { expected, got }) => {
-                        self.events
-                            .push(ReceiverEvent::GapRefused { expected, got });
-                        out.push(self.error(
-                            conn,
-                            epoch,
-                            ErrorCode::Gap,
-                            format!("expected LSN {expected}, got {got}"),
-                        ));
-                    }
-                    Err(super::Error::BeyondSize(reason)) => {
-                        // An expansion this replica has not applied yet: nothing was
-                        // written, the storage is fine; the primary retries later.
-                        tracing::info!(volume = %self.volume, lsn = %entry.lsn, %reason, "entry beyond this replica's size; refused until it grows");
-                        out.push(self.error(conn, epoch, ErrorCode::BeyondSize, reason));
-                    }
-                    Err(e) => {
-                        self.fail(format!("append: {e}"));
-                        out.push(self.error(conn, epoch, ErrorCode::StorageFailed, e.to_string()));
-                    }
-                }
-            }
+            Body::ResumeRequest { session, .. } => self.on_resume(conn, epoch, session, log, out),
+            Body::Entry(entry) => self.on_entry(conn, epoch, msg.epoch, &entry, log, out),
             Body::BarrierRequest { id, lsn } => {
-                if !self.in_session(conn, epoch) {
-                    out.push(self.reply(
-                        conn,
-                        epoch,
-                        Body::BarrierResponse {
-                            id,
-                            status: BarrierStatus::NoSession,
-                            flushed: Lsn(0),
-                        },
-                    ));
-                    return;
-                }
-                if self.pending.len() >= self.cfg.pending_barriers_max {
-                    out.push(self.reply(
-                        conn,
-                        epoch,
-                        Body::BarrierResponse {
-                            id,
-                            status: BarrierStatus::Timeout,
-                            flushed: Lsn(0),
-                        },
-                    ));
-                    return;
-                }
-                self.pending.push(PendingBarrier {
+                let barrier = PendingBarrier {
                     conn,
                     id,
                     lsn,
                     deadline_ms: now_ms.saturating_add(self.cfg.barrier_timeout_ms),
                     epoch,
-                });
-                self.complete_barriers(log, out);
+                };
+                self.on_barrier(barrier, log, out)
             }
             Body::Truncate {
                 after,
                 expect_epoch,
                 ..
-            } => {
-                if !self.in_session(conn, epoch) {
-                    out.push(self.error(
-                        conn,
-                        epoch,
-                        ErrorCode::NoSession,
-                        "truncate before a handshake".into(),
-                    ));
-                    return;
-                }
-                if log.epoch_at(after) != Some(expect_epoch) {
-                    self.end_session_on(conn);
-                    out.push(self.error(
-                        conn,
-                        epoch,
-                        ErrorCode::TruncateRefused,
-                        format!("entry at {after} does not have epoch {expect_epoch}"),
-                    ));
-                    return;
-                }
-                match log.truncate_after(after) {
-                    Ok(()) => {
-                        self.events.push(ReceiverEvent::Truncated { after });
-                        // A truncation starts a new durable baseline for this session,
-                        // and the sync in flight no longer covers what it removed.
-                        self.flushed_reported = self.flushed_reported.min(after);
-                        self.syncing = self.syncing.map(|s| s.min(after));
-                    }
-                    Err(e) => {
-                        self.end_session_on(conn);
-                        out.push(self.error(conn, epoch, ErrorCode::TruncateRefused, e.to_string()))
-                    }
-                }
-            }
+            } => self.on_truncate(conn, epoch, after, expect_epoch, log, out),
             Body::CatchUpDone { .. } => {}
             Body::RebuildStart {
                 session,
@@ -500,78 +330,19 @@ impl ReceiverCore {
                 base_epoch,
                 ..
             } => {
-                if let Err(e) = log.begin_rebuild() {
-                    out.push(self.error(conn, epoch, ErrorCode::RebuildFailed, e.to_string()));
-                    return;
-                }
-                self.events.push(ReceiverEvent::RebuildStarted { base_lsn });
-                self.session_epoch = Some(epoch);
-                self.flushed_reported = Lsn(0);
-                self.syncing = self.syncing.map(|_| Lsn(0));
-                self.rebuild = Some(RebuildRecv {
+                let rebuild = RebuildRecv {
                     session,
                     base_lsn,
                     base_epoch,
                     blocks: 0,
-                });
+                };
+                self.on_rebuild_start(conn, epoch, rebuild, log, out)
             }
             Body::BaseBlock { session, lba, data } => {
-                let in_session = self.in_session(conn, epoch);
-                let Some(rb) = self
-                    .rebuild
-                    .as_mut()
-                    .filter(|r| r.session == session && in_session)
-                else {
-                    out.push(self.error(
-                        conn,
-                        epoch,
-                        ErrorCode::NoSession,
-                        "base block without a rebuild".into(),
-                    ));
-                    return;
-                };
-                rb.blocks += 1;
-                if let Err(e) = log.install_base_block(lba, &data) {
-                    self.rebuild = None;
-                    let code = match e {
-                        super::Error::BeyondSize(_) => ErrorCode::BeyondSize,
-                        _ => ErrorCode::RebuildFailed,
-                    };
-                    out.push(self.error(conn, epoch, code, e.to_string()));
-                }
+                self.on_base_block(conn, epoch, session, lba, &data, log, out)
             }
             Body::BaseDone { session, blocks } => {
-                let in_session = self.in_session(conn, epoch);
-                let Some(rb) = self.rebuild.take_if(|r| r.session == session && in_session) else {
-                    out.push(self.error(
-                        conn,
-                        epoch,
-                        ErrorCode::NoSession,
-                        "base done without a rebuild".into(),
-                    ));
-                    return;
-                };
-                if rb.blocks != blocks {
-                    out.push(self.error(
-                        conn,
-                        epoch,
-                        ErrorCode::RebuildFailed,
-                        format!("received {} base blocks, primary sent {blocks}", rb.blocks),
-                    ));
-                    return;
-                }
-                // The tail is replayed after this, so live WAL always wins over the base.
-                match log.finish_rebuild(rb.base_lsn, rb.base_epoch) {
-                    Ok(()) => {
-                        self.flushed_reported = log.durable_lsn();
-                        self.events.push(ReceiverEvent::RebuildFinished {
-                            head: log.head_lsn(),
-                        })
-                    }
-                    Err(e) => {
-                        out.push(self.error(conn, epoch, ErrorCode::RebuildFailed, e.to_string()))
-                    }
-                }
+                self.on_base_done(conn, epoch, session, blocks, log, out)
             }
             Body::Heartbeat { seq } => {
                 // Answered on any connection: heartbeats travel on a control connection
@@ -588,6 +359,348 @@ impl ReceiverCore {
                     reason: "primary-bound message sent to a replica".into(),
                 });
             }
+        }
+    }
+
+    /// A message from an epoch older than the replica's: refused, in the answer its
+    /// request expects where it expects one.
+    fn refuse_stale(
+        &mut self,
+        conn: ConnId,
+        local: Epoch,
+        msg: VolumeMsg,
+        out: &mut Vec<ReceiverAction>,
+    ) {
+        self.events.push(ReceiverEvent::StaleRefused {
+            msg_epoch: msg.epoch,
+            local_epoch: local,
+        });
+        let body = match msg.body {
+            Body::BarrierRequest { id, .. } => Body::BarrierResponse {
+                id,
+                status: BarrierStatus::StaleEpoch,
+                flushed: Lsn(0),
+            },
+            Body::ResumeRequest { session, .. } => Body::ResumeResponse {
+                session,
+                status: ResumeStatus::StaleEpoch,
+                flushed: Lsn(0),
+                flushed_epoch: Epoch(0),
+                received: Lsn(0),
+                checkpoint: Lsn(0),
+                replica_epoch: local,
+            },
+            _ => Body::Error {
+                code: ErrorCode::StaleEpoch,
+                current_epoch: local,
+                detail: format!("message epoch {} is older than {}", msg.epoch, local),
+            },
+        };
+        out.push(self.reply(conn, local, body));
+    }
+
+    /// A newer epoch: persisted before anything acts on it, and it ends the session,
+    /// its owner, a rebuild in progress and the barriers waiting. False (the message is
+    /// refused) when it could not be persisted.
+    fn adopt_epoch(
+        &mut self,
+        conn: ConnId,
+        local: Epoch,
+        epoch: Epoch,
+        log: &mut dyn ReplicaLog,
+        out: &mut Vec<ReceiverAction>,
+    ) -> bool {
+        if let Err(e) = log.set_epoch(epoch) {
+            self.fail(format!("persisting epoch {epoch}: {e}"));
+            out.push(self.error(conn, local, ErrorCode::StorageFailed, e.to_string()));
+            return false;
+        }
+        self.events.push(ReceiverEvent::EpochAdopted {
+            from: local,
+            to: epoch,
+        });
+        self.session_epoch = None;
+        self.binding.conns.clear();
+        self.binding.owner = None;
+        self.rebuild = None;
+        self.pending.clear();
+        true
+    }
+
+    /// The reconnect handshake: the replica's durable and received progress, or
+    /// `NeedsRebuild` when an interrupted rebuild left no usable prefix.
+    fn on_resume(
+        &mut self,
+        conn: ConnId,
+        epoch: Epoch,
+        session: u64,
+        log: &mut dyn ReplicaLog,
+        out: &mut Vec<ReceiverAction>,
+    ) {
+        if log.rebuilding() {
+            // An interrupted rebuild leaves no usable prefix: only a new rebuild helps.
+            self.rebuild = None;
+            self.session_epoch = None;
+            out.push(self.reply(
+                conn,
+                epoch,
+                Body::ResumeResponse {
+                    session,
+                    status: ResumeStatus::NeedsRebuild,
+                    flushed: Lsn(0),
+                    flushed_epoch: Epoch(0),
+                    received: Lsn(0),
+                    checkpoint: Lsn(0),
+                    replica_epoch: log.epoch(),
+                },
+            ));
+            return;
+        }
+        self.session_epoch = Some(epoch);
+        let flushed = log.durable_lsn();
+        out.push(self.reply(
+            conn,
+            epoch,
+            Body::ResumeResponse {
+                session,
+                status: ResumeStatus::Ok,
+                flushed,
+                flushed_epoch: log.epoch_at(flushed).unwrap_or(Epoch(0)),
+                received: log.head_lsn(),
+                checkpoint: log.checkpoint_lsn(),
+                replica_epoch: log.epoch(),
+            },
+        ));
+        self.flushed_reported = flushed;
+    }
+
+    /// One entry, applied strictly in LSN order (gap → refused, duplicate → skipped).
+    fn on_entry(
+        &mut self,
+        conn: ConnId,
+        epoch: Epoch,
+        msg_epoch: Epoch,
+        entry: &WalEntry,
+        log: &mut dyn ReplicaLog,
+        out: &mut Vec<ReceiverAction>,
+    ) {
+        if !self.in_session(conn, epoch) {
+            out.push(self.error(
+                conn,
+                epoch,
+                ErrorCode::NoSession,
+                "entry before a handshake at this epoch".into(),
+            ));
+            return;
+        }
+        match log.append_replicated(entry) {
+            Ok(AppendOutcome::Appended) => {
+                self.events.push(ReceiverEvent::Applied {
+                    lsn: entry.lsn,
+                    msg_epoch,
+                    local_epoch: log.epoch(),
+                });
+                self.complete_barriers(log, out);
+            }
+            Ok(AppendOutcome::Duplicate) => {}
+            Err(super::Error::Gap { expected, got }) => {
+                self.events
+                    .push(ReceiverEvent::GapRefused { expected, got });
+                out.push(self.error(
+                    conn,
+                    epoch,
+                    ErrorCode::Gap,
+                    format!("expected LSN {expected}, got {got}"),
+                ));
+            }
+            Err(super::Error::BeyondSize(reason)) => {
+                // An expansion this replica has not applied yet: nothing was
+                // written, the storage is fine; the primary retries later.
+                tracing::info!(volume = %self.volume, lsn = %entry.lsn, %reason, "entry beyond this replica's size; refused until it grows");
+                out.push(self.error(conn, epoch, ErrorCode::BeyondSize, reason));
+            }
+            Err(e) => {
+                self.fail(format!("append: {e}"));
+                out.push(self.error(conn, epoch, ErrorCode::StorageFailed, e.to_string()));
+            }
+        }
+    }
+
+    /// A barrier waits until everything up to its LSN is received and synced.
+    fn on_barrier(
+        &mut self,
+        barrier: PendingBarrier,
+        log: &mut dyn ReplicaLog,
+        out: &mut Vec<ReceiverAction>,
+    ) {
+        let PendingBarrier {
+            conn, id, epoch, ..
+        } = barrier;
+        let refused = if !self.in_session(conn, epoch) {
+            Some(BarrierStatus::NoSession)
+        } else if self.pending.len() >= self.cfg.pending_barriers_max {
+            Some(BarrierStatus::Timeout)
+        } else {
+            None
+        };
+        if let Some(status) = refused {
+            out.push(self.reply(
+                conn,
+                epoch,
+                Body::BarrierResponse {
+                    id,
+                    status,
+                    flushed: Lsn(0),
+                },
+            ));
+            return;
+        }
+        self.pending.push(barrier);
+        self.complete_barriers(log, out);
+    }
+
+    /// Drops the entries after `after` when the entry there has the epoch the primary
+    /// expects; otherwise refuses, which ends the session on `conn`.
+    fn on_truncate(
+        &mut self,
+        conn: ConnId,
+        epoch: Epoch,
+        after: Lsn,
+        expect_epoch: Epoch,
+        log: &mut dyn ReplicaLog,
+        out: &mut Vec<ReceiverAction>,
+    ) {
+        if !self.in_session(conn, epoch) {
+            out.push(self.error(
+                conn,
+                epoch,
+                ErrorCode::NoSession,
+                "truncate before a handshake".into(),
+            ));
+            return;
+        }
+        if log.epoch_at(after) != Some(expect_epoch) {
+            self.end_session_on(conn);
+            out.push(self.error(
+                conn,
+                epoch,
+                ErrorCode::TruncateRefused,
+                format!("entry at {after} does not have epoch {expect_epoch}"),
+            ));
+            return;
+        }
+        match log.truncate_after(after) {
+            Ok(()) => {
+                self.events.push(ReceiverEvent::Truncated { after });
+                // A truncation starts a new durable baseline for this session,
+                // and the sync in flight no longer covers what it removed.
+                self.flushed_reported = self.flushed_reported.min(after);
+                self.syncing = self.syncing.map(|s| s.min(after));
+            }
+            Err(e) => {
+                self.end_session_on(conn);
+                out.push(self.error(conn, epoch, ErrorCode::TruncateRefused, e.to_string()))
+            }
+        }
+    }
+
+    /// The rebuild handshake: the log starts over from a base the primary streams.
+    fn on_rebuild_start(
+        &mut self,
+        conn: ConnId,
+        epoch: Epoch,
+        rebuild: RebuildRecv,
+        log: &mut dyn ReplicaLog,
+        out: &mut Vec<ReceiverAction>,
+    ) {
+        if let Err(e) = log.begin_rebuild() {
+            out.push(self.error(conn, epoch, ErrorCode::RebuildFailed, e.to_string()));
+            return;
+        }
+        self.events.push(ReceiverEvent::RebuildStarted {
+            base_lsn: rebuild.base_lsn,
+        });
+        self.session_epoch = Some(epoch);
+        self.flushed_reported = Lsn(0);
+        self.syncing = self.syncing.map(|_| Lsn(0));
+        self.rebuild = Some(rebuild);
+    }
+
+    /// One block of the rebuild's base, accepted only inside that rebuild's session.
+    #[allow(clippy::too_many_arguments)]
+    fn on_base_block(
+        &mut self,
+        conn: ConnId,
+        epoch: Epoch,
+        session: u64,
+        lba: Lba,
+        data: &[u8],
+        log: &mut dyn ReplicaLog,
+        out: &mut Vec<ReceiverAction>,
+    ) {
+        let in_session = self.in_session(conn, epoch);
+        let Some(rb) = self
+            .rebuild
+            .as_mut()
+            .filter(|r| r.session == session && in_session)
+        else {
+            out.push(self.error(
+                conn,
+                epoch,
+                ErrorCode::NoSession,
+                "base block without a rebuild".into(),
+            ));
+            return;
+        };
+        rb.blocks += 1;
+        if let Err(e) = log.install_base_block(lba, data) {
+            self.rebuild = None;
+            let code = match e {
+                super::Error::BeyondSize(_) => ErrorCode::BeyondSize,
+                _ => ErrorCode::RebuildFailed,
+            };
+            out.push(self.error(conn, epoch, code, e.to_string()));
+        }
+    }
+
+    /// The end of the base: finishes the rebuild when every block arrived.
+    fn on_base_done(
+        &mut self,
+        conn: ConnId,
+        epoch: Epoch,
+        session: u64,
+        blocks: u64,
+        log: &mut dyn ReplicaLog,
+        out: &mut Vec<ReceiverAction>,
+    ) {
+        let in_session = self.in_session(conn, epoch);
+        let Some(rb) = self.rebuild.take_if(|r| r.session == session && in_session) else {
+            out.push(self.error(
+                conn,
+                epoch,
+                ErrorCode::NoSession,
+                "base done without a rebuild".into(),
+            ));
+            return;
+        };
+        if rb.blocks != blocks {
+            out.push(self.error(
+                conn,
+                epoch,
+                ErrorCode::RebuildFailed,
+                format!("received {} base blocks, primary sent {blocks}", rb.blocks),
+            ));
+            return;
+        }
+        // The tail is replayed after this, so live WAL always wins over the base.
+        match log.finish_rebuild(rb.base_lsn, rb.base_epoch) {
+            Ok(()) => {
+                self.flushed_reported = log.durable_lsn();
+                self.events.push(ReceiverEvent::RebuildFinished {
+                    head: log.head_lsn(),
+                })
+            }
+            Err(e) => out.push(self.error(conn, epoch, ErrorCode::RebuildFailed, e.to_string())),
         }
     }
 
