@@ -1,302 +1,29 @@
 //! Behaviour tests for the replication cores: one primary core and its receivers over an
 //! in-memory, instantly delivering network. Each test names the protocol rule it pins down.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::VecDeque;
 
 use engine::replication::{
     Action, Body, ConnId, Durability, Endpoint, EntryKind, Epoch, EventKind, FlushId, Generation,
     Input, Lba, Lsn, MemLog, Peer, PrimaryConfig, PrimaryCore, ReceiverAction, ReceiverConfig,
     ReceiverCore, ReceiverEvent, ReceiverInput, RecoveryEvent, ReplicaId, ReplicaLog, ReplicaState,
-    Report, VolumeId, VolumeMsg, step_blocking,
+    Report, VolumeMsg, step_blocking,
 };
 
-fn rid(s: &str) -> ReplicaId {
-    ReplicaId::new(s).unwrap()
-}
+mod common;
 
-fn vol() -> VolumeId {
-    VolumeId::new("vol-a").unwrap()
-}
+use common::cluster::{Cluster, endpoint, rid, vol};
 
-enum Pending {
-    ToPrimary(Input),
-    ToReplica(usize, ReceiverInput),
-}
-
-struct Replica {
-    id: ReplicaId,
-    core: ReceiverCore,
-    log: MemLog,
-    reachable: bool,
-    /// Messages to this replica are dropped silently (a hung peer).
-    blackhole: bool,
-    /// Barrier replies from this replica are lost (it stalls mid catch-up).
-    mute_barriers: bool,
-    events: Vec<ReceiverEvent>,
-    addr_gen: u8,
-}
-
-struct Net {
-    now: u64,
-    primary: PrimaryCore,
-    plog: MemLog,
-    replicas: Vec<Replica>,
-    conns: BTreeMap<ConnId, usize>,
-    open: BTreeSet<ConnId>,
-    queue: VecDeque<Pending>,
-    acked: Vec<(FlushId, Lsn)>,
-    failed: Vec<FlushId>,
-    reports: Vec<Report>,
-    events: Vec<RecoveryEvent>,
-    sent: Vec<(usize, VolumeMsg)>,
-    next_flush: u64,
-}
-
-fn endpoint(i: usize, gen_: u8) -> Endpoint {
-    Endpoint::parse(&format!("10.0.{gen_}.{}:7000", i + 10)).unwrap()
-}
+type Net = Cluster<MemLog>;
 
 impl Net {
-    fn new(n: usize, cfg: PrimaryConfig, committed: &[&str]) -> Self {
-        let mut plog = MemLog::new();
-        plog.set_epoch(Epoch(1)).unwrap();
-        let primary = PrimaryCore::new(
-            vol(),
-            rid("p"),
-            Epoch(1),
-            cfg,
-            Generation(1),
-            committed.iter().map(|s| rid(s)).collect(),
-            &plog,
-        );
-        let replicas = (0..n)
-            .map(|i| {
-                let mut log = MemLog::new();
-                log.set_epoch(Epoch(1)).unwrap();
-                Replica {
-                    id: rid(&format!("r{i}")),
-                    core: ReceiverCore::new(
-                        vol(),
-                        ReceiverConfig {
-                            ..ReceiverConfig::default()
-                        },
-                    ),
-                    log,
-                    reachable: true,
-                    blackhole: false,
-                    mute_barriers: false,
-                    events: Vec::new(),
-                    addr_gen: 0,
-                }
-            })
-            .collect();
-        let mut net = Net {
-            now: 1,
-            primary,
-            plog,
-            replicas,
-            conns: BTreeMap::new(),
-            open: BTreeSet::new(),
-            queue: VecDeque::new(),
-            acked: Vec::new(),
-            failed: Vec::new(),
-            reports: Vec::new(),
-            events: Vec::new(),
-            sent: Vec::new(),
-            next_flush: 0,
-        };
-        let peers = net.peers();
-        net.input(Input::PeersAssigned(peers));
-        net
-    }
-
-    fn peers(&self) -> Vec<Peer> {
-        self.replicas
-            .iter()
-            .enumerate()
-            .map(|(i, r)| Peer {
-                id: r.id.clone(),
-                endpoint: endpoint(i, r.addr_gen),
-            })
-            .collect()
-    }
-
-    fn input(&mut self, i: Input) {
-        self.queue.push_back(Pending::ToPrimary(i));
-        self.pump();
-    }
-
-    fn pump(&mut self) {
-        let mut steps = 0;
-        while let Some(p) = self.queue.pop_front() {
-            steps += 1;
-            assert!(steps < 1_000_000, "network did not quiesce");
-            match p {
-                Pending::ToPrimary(i) => {
-                    let acts = self.primary.step(self.now, i, &mut self.plog);
-                    self.events.extend(self.primary.take_events());
-                    for a in acts {
-                        self.primary_action(a);
-                    }
-                }
-                Pending::ToReplica(r, i) => {
-                    let rep = &mut self.replicas[r];
-                    let acts = step_blocking(&mut rep.core, self.now, i, &mut rep.log);
-                    rep.events.extend(rep.core.take_events());
-                    for a in acts {
-                        match a {
-                            ReceiverAction::Send { conn, msg } => {
-                                let muted = self.replicas[r].mute_barriers
-                                    && matches!(msg.body, Body::BarrierResponse { .. });
-                                if self.open.contains(&conn)
-                                    && !self.replicas[r].blackhole
-                                    && !muted
-                                {
-                                    self.queue.push_back(Pending::ToPrimary(Input::Received {
-                                        conn,
-                                        msg,
-                                    }));
-                                }
-                            }
-                            ReceiverAction::Close { conn, .. } => {
-                                if self.open.remove(&conn) {
-                                    self.queue
-                                        .push_back(Pending::ToPrimary(Input::ConnectionLost(conn)));
-                                }
-                            }
-                            ReceiverAction::Sync { .. } => {
-                                unreachable!("performed by step_blocking")
-                            }
-                        }
-                    }
-                }
-            }
-        }
-    }
-
-    fn primary_action(&mut self, a: Action) {
-        match a {
-            Action::Connect {
-                conn, endpoint: ep, ..
-            } => {
-                let target = (0..self.replicas.len())
-                    .find(|&i| endpoint(i, self.replicas[i].addr_gen) == ep);
-                match target {
-                    Some(t) if self.replicas[t].reachable => {
-                        self.conns.insert(conn, t);
-                        self.open.insert(conn);
-                        self.queue
-                            .push_back(Pending::ToPrimary(Input::Connected(conn)));
-                    }
-                    _ => self
-                        .queue
-                        .push_back(Pending::ToPrimary(Input::ConnectFailed(conn))),
-                }
-            }
-            Action::Send { conn, msg } => {
-                if self.open.contains(&conn)
-                    && let Some(&r) = self.conns.get(&conn)
-                {
-                    self.sent.push((r, msg.clone()));
-                    if !self.replicas[r].blackhole {
-                        self.queue.push_back(Pending::ToReplica(
-                            r,
-                            ReceiverInput::Received { conn, msg },
-                        ));
-                    }
-                }
-            }
-            Action::Close { conn, .. } => {
-                if self.open.remove(&conn)
-                    && let Some(&r) = self.conns.get(&conn)
-                {
-                    self.queue
-                        .push_back(Pending::ToReplica(r, ReceiverInput::ConnectionLost(conn)));
-                }
-            }
-            Action::LocalFsync { .. } => match self.plog.sync() {
-                Ok(d) => self
-                    .queue
-                    .push_back(Pending::ToPrimary(Input::LocalFsyncDone { durable: d })),
-                Err(_) => self
-                    .queue
-                    .push_back(Pending::ToPrimary(Input::LocalFsyncFailed)),
-            },
-            Action::FlushAcked { id, lsn } => self.acked.push((id, lsn)),
-            Action::FlushFailed { id, .. } => self.failed.push(id),
-            Action::Report(r) => self.reports.push(r),
-        }
-    }
-
-    fn tick(&mut self, ms: u64) {
-        self.now += ms;
-        self.input(Input::Tick);
-        for r in 0..self.replicas.len() {
-            self.queue
-                .push_back(Pending::ToReplica(r, ReceiverInput::Tick));
-        }
-        self.pump();
-    }
-
-    fn write(&mut self, lba: u64, byte: u8) -> Lsn {
-        let e = self
-            .plog
-            .append_local(EntryKind::Write, Lba(lba), 1, vec![byte; 8])
-            .unwrap();
-        let l = e.lsn;
-        self.input(Input::Appended(e));
-        l
-    }
-
-    fn flush(&mut self) -> FlushId {
-        self.next_flush += 1;
-        let id = FlushId(self.next_flush);
-        self.input(Input::FlushRequested(id));
-        id
-    }
-
-    fn is_acked(&self, id: FlushId) -> bool {
-        self.acked.iter().any(|(f, _)| *f == id)
-    }
-
-    fn state(&self, r: &str) -> ReplicaState {
-        self.primary.state_of(&rid(r)).unwrap()
-    }
-
-    /// Disconnect a replica's current connection from the network side.
-    fn drop_conns_of(&mut self, r: usize) {
-        let conns: Vec<ConnId> = self
-            .conns
-            .iter()
-            .filter(|(c, t)| **t == r && self.open.contains(c))
-            .map(|(c, _)| *c)
-            .collect();
-        for c in conns {
-            self.open.remove(&c);
-            self.queue
-                .push_back(Pending::ToPrimary(Input::ConnectionLost(c)));
-            self.queue
-                .push_back(Pending::ToReplica(r, ReceiverInput::ConnectionLost(c)));
-        }
-        self.pump();
-    }
-
     /// The primary's node lost power and its agent starts the primary again, as the node
     /// agent and the control plane do together: at the persisted epoch if the log allows
     /// a primary term there, otherwise the control plane promotes it (the only live
     /// member here) at the next epoch. Connections die with the old process.
     fn restart_primary_after_power_loss(&mut self, committed: &[&str]) -> Epoch {
         self.plog.power_loss();
-        let conns: Vec<ConnId> = self.open.iter().copied().collect();
-        for c in conns {
-            self.open.remove(&c);
-            if let Some(&r) = self.conns.get(&c) {
-                self.queue
-                    .push_back(Pending::ToReplica(r, ReceiverInput::ConnectionLost(c)));
-            }
-        }
-        self.conns.clear();
-        self.pump();
+        self.drop_primary_conns();
         let persisted = self.plog.epoch();
         let epoch = if self.plog.may_begin_primary_term(persisted) {
             persisted
@@ -316,16 +43,6 @@ impl Net {
         let peers = self.peers();
         self.input(Input::PeersAssigned(peers));
         epoch
-    }
-
-    fn event_names(&self) -> Vec<&'static str> {
-        self.events.iter().map(|e| e.kind.name()).collect()
-    }
-
-    fn settle(&mut self) {
-        for _ in 0..20 {
-            self.tick(5);
-        }
     }
 }
 

@@ -1,15 +1,17 @@
 //! The replication cores over the engine's real `Volume` (through `VolumeLog`), and one
 //! conformance suite for the `ReplicaLog` contract run against both implementations.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::{Arc, Mutex};
 
 use engine::replication::{
-    Action, BaseKind, ConnId, Endpoint, Epoch, FlushId, Generation, Input, Lsn, MemLog, Peer,
-    PrimaryConfig, PrimaryCore, ReceiverAction, ReceiverConfig, ReceiverCore, ReceiverInput,
-    ReplicaId, ReplicaLog, ReplicaState, Report, VolumeId, VolumeLog, step_blocking,
+    BaseKind, Epoch, Generation, Input, Lsn, MemLog, PrimaryConfig, ReplicaLog, ReplicaState,
+    Report, VolumeLog,
 };
 use engine::{CreateOptions, EntryKind, Lba, SimDisk, Volume, VolumeConfig, WalEntry};
+
+mod common;
+
+use common::cluster::{Cluster, rid};
 
 const BS: usize = 4096;
 
@@ -121,39 +123,29 @@ fn volume_log_meets_the_replica_log_contract() {
 
 // ----- cores over volumes -----------------------------------------------------------------
 
-fn rid(s: &str) -> ReplicaId {
-    ReplicaId::new(s).unwrap()
-}
-
-fn vol() -> VolumeId {
-    VolumeId::new("vol-v").unwrap()
-}
-
-enum Pending {
-    ToPrimary(Input),
-    ToReplica(usize, ReceiverInput),
-}
-
-struct Cluster {
-    now: u64,
+/// The shared cluster on the engine's volumes: client writes go through the primary's
+/// `Volume`, and the entries it appends are handed to the primary core.
+struct VolumeCluster {
+    net: Cluster<VolumeLog>,
     pvol: Arc<Volume>,
-    plog: VolumeLog,
-    primary: PrimaryCore,
     appended: Arc<Mutex<Vec<WalEntry>>>,
-    reps: Vec<(ReceiverCore, VolumeLog, bool)>,
-    conns: BTreeMap<ConnId, usize>,
-    open: BTreeSet<ConnId>,
-    queue: VecDeque<Pending>,
-    acked: Vec<FlushId>,
-    reports: Vec<Report>,
-    next_flush: u64,
 }
 
-fn ep(i: usize) -> Endpoint {
-    Endpoint::parse(&format!("127.0.0.{}:7000", i + 2)).unwrap()
+impl std::ops::Deref for VolumeCluster {
+    type Target = Cluster<VolumeLog>;
+    fn deref(&self) -> &Self::Target {
+        &self.net
+    }
 }
 
-impl Cluster {
+impl std::ops::DerefMut for VolumeCluster {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.net
+    }
+}
+
+impl VolumeCluster {
+    /// A primary and `n` replicas on fresh volumes; the replicas are the committed set.
     fn new(n: usize, cfg: PrimaryConfig) -> Self {
         let pvol = new_volume("primary");
         let appended = Arc::new(Mutex::new(Vec::new()));
@@ -161,129 +153,16 @@ impl Cluster {
         pvol.set_append_observer(Some(Arc::new(move |e: &WalEntry| {
             sink.lock().unwrap().push(e.clone());
         })));
-        let plog = VolumeLog::new(pvol.clone());
-        let members: Vec<ReplicaId> = (0..n).map(|i| rid(&format!("r{i}"))).collect();
-        let primary = PrimaryCore::new(
-            vol(),
-            rid("p"),
-            Epoch(1),
-            cfg,
-            Generation(1),
-            members,
-            &plog,
-        );
-        let reps = (0..n)
-            .map(|i| {
-                (
-                    ReceiverCore::new(vol(), ReceiverConfig::default()),
-                    VolumeLog::new(new_volume(&format!("r{i}"))),
-                    true,
-                )
-            })
+        let logs = (0..n)
+            .map(|i| VolumeLog::new(new_volume(&format!("r{i}"))))
             .collect();
-        let mut c = Cluster {
-            now: 1,
+        let members: Vec<String> = (0..n).map(|i| format!("r{i}")).collect();
+        let members: Vec<&str> = members.iter().map(String::as_str).collect();
+        let net = Cluster::on_logs(VolumeLog::new(pvol.clone()), logs, cfg, &members);
+        VolumeCluster {
+            net,
             pvol,
-            plog,
-            primary,
             appended,
-            reps,
-            conns: BTreeMap::new(),
-            open: BTreeSet::new(),
-            queue: VecDeque::new(),
-            acked: Vec::new(),
-            reports: Vec::new(),
-            next_flush: 0,
-        };
-        let peers = (0..n)
-            .map(|i| Peer {
-                id: rid(&format!("r{i}")),
-                endpoint: ep(i),
-            })
-            .collect();
-        c.input(Input::PeersAssigned(peers));
-        c
-    }
-
-    fn input(&mut self, i: Input) {
-        self.queue.push_back(Pending::ToPrimary(i));
-        self.pump();
-    }
-
-    fn pump(&mut self) {
-        while let Some(p) = self.queue.pop_front() {
-            match p {
-                Pending::ToPrimary(i) => {
-                    for a in self.primary.step(self.now, i, &mut self.plog) {
-                        self.action(a);
-                    }
-                }
-                Pending::ToReplica(r, i) => {
-                    let (core, log, _) = &mut self.reps[r];
-                    for a in step_blocking(core, self.now, i, log) {
-                        match a {
-                            ReceiverAction::Send { conn, msg } => {
-                                if self.open.contains(&conn) {
-                                    self.queue.push_back(Pending::ToPrimary(Input::Received {
-                                        conn,
-                                        msg,
-                                    }));
-                                }
-                            }
-                            ReceiverAction::Close { conn, .. } => {
-                                if self.open.remove(&conn) {
-                                    self.queue
-                                        .push_back(Pending::ToPrimary(Input::ConnectionLost(conn)));
-                                }
-                            }
-                            ReceiverAction::Sync { .. } => {
-                                unreachable!("performed by step_blocking")
-                            }
-                        }
-                    }
-                }
-            }
-        }
-    }
-
-    fn action(&mut self, a: Action) {
-        match a {
-            Action::Connect { conn, endpoint, .. } => {
-                let t = (0..self.reps.len()).find(|&i| ep(i) == endpoint);
-                match t {
-                    Some(t) if self.reps[t].2 => {
-                        self.conns.insert(conn, t);
-                        self.open.insert(conn);
-                        self.queue
-                            .push_back(Pending::ToPrimary(Input::Connected(conn)));
-                    }
-                    _ => self
-                        .queue
-                        .push_back(Pending::ToPrimary(Input::ConnectFailed(conn))),
-                }
-            }
-            Action::Send { conn, msg } => {
-                if self.open.contains(&conn) {
-                    let r = self.conns[&conn];
-                    self.queue
-                        .push_back(Pending::ToReplica(r, ReceiverInput::Received { conn, msg }));
-                }
-            }
-            Action::Close { conn, .. } => {
-                if self.open.remove(&conn) {
-                    let r = self.conns[&conn];
-                    self.queue
-                        .push_back(Pending::ToReplica(r, ReceiverInput::ConnectionLost(conn)));
-                }
-            }
-            Action::LocalFsync { .. } => {
-                let d = self.pvol.flush().unwrap();
-                self.queue
-                    .push_back(Pending::ToPrimary(Input::LocalFsyncDone { durable: d }));
-            }
-            Action::FlushAcked { id, .. } => self.acked.push(id),
-            Action::FlushFailed { .. } => {}
-            Action::Report(r) => self.reports.push(r),
         }
     }
 
@@ -295,47 +174,8 @@ impl Cluster {
         }
     }
 
-    fn flush(&mut self) -> FlushId {
-        self.next_flush += 1;
-        let id = FlushId(self.next_flush);
-        self.input(Input::FlushRequested(id));
-        id
-    }
-
-    fn tick(&mut self, ms: u64) {
-        self.now += ms;
-        self.input(Input::Tick);
-        for r in 0..self.reps.len() {
-            self.queue
-                .push_back(Pending::ToReplica(r, ReceiverInput::Tick));
-        }
-        self.pump();
-    }
-
-    fn cut(&mut self, r: usize) {
-        self.reps[r].2 = false;
-        let conns: Vec<ConnId> = self
-            .conns
-            .iter()
-            .filter(|(c, t)| **t == r && self.open.contains(c))
-            .map(|(c, _)| *c)
-            .collect();
-        for c in conns {
-            self.open.remove(&c);
-            self.queue
-                .push_back(Pending::ToPrimary(Input::ConnectionLost(c)));
-            self.queue
-                .push_back(Pending::ToReplica(r, ReceiverInput::ConnectionLost(c)));
-        }
-        self.pump();
-    }
-
-    fn state(&self, r: usize) -> ReplicaState {
-        self.primary.state_of(&rid(&format!("r{r}"))).unwrap()
-    }
-
     fn assert_same_content(&self, r: usize, lbas: std::ops::Range<u64>) {
-        let rv = self.reps[r].1.volume();
+        let rv = self.replicas[r].log.volume();
         for lba in lbas {
             let mut a = vec![0u8; BS];
             let mut b = vec![0u8; BS];
@@ -357,22 +197,22 @@ fn cfg() -> PrimaryConfig {
 
 #[test]
 fn volume_replicas_stay_identical_and_flush_acks_after_their_barriers() {
-    let mut c = Cluster::new(2, cfg());
+    let mut c = VolumeCluster::new(2, cfg());
     c.tick(1);
     for i in 0..40 {
         c.write(i % 16, i as u8 + 1);
     }
     let f = c.flush();
-    assert!(c.acked.contains(&f));
+    assert!(c.is_acked(f));
     for r in 0..2 {
-        assert!(c.reps[r].1.volume().durable_lsn() >= Lsn(40));
+        assert!(c.replicas[r].log.volume().durable_lsn() >= Lsn(40));
         c.assert_same_content(r, 0..16);
     }
 }
 
 #[test]
 fn volume_replica_catches_up_after_a_disconnect() {
-    let mut c = Cluster::new(2, cfg());
+    let mut c = VolumeCluster::new(2, cfg());
     c.tick(1);
     c.write(0, 1);
     c.cut(1);
@@ -384,11 +224,11 @@ fn volume_replica_catches_up_after_a_disconnect() {
         members: vec![rid("p"), rid("r0")],
     });
     let f = c.flush();
-    assert!(c.acked.contains(&f));
-    c.reps[1].2 = true;
+    assert!(c.is_acked(f));
+    c.replicas[1].reachable = true;
     c.tick(20);
     c.tick(20);
-    assert_eq!(c.state(1), ReplicaState::InSync);
+    assert_eq!(c.state("r1"), ReplicaState::InSync);
     c.assert_same_content(1, 0..10);
 }
 
@@ -398,7 +238,7 @@ fn volume_replica_is_rebuilt_after_its_wal_was_released() {
         wal_retention_bytes_max: 64 * 1024,
         ..cfg()
     };
-    let mut c = Cluster::new(1, c0);
+    let mut c = VolumeCluster::new(1, c0);
     c.tick(1);
     c.write(0, 1);
     c.cut(0);
@@ -407,7 +247,7 @@ fn volume_replica_is_rebuilt_after_its_wal_was_released() {
     }
     c.tick(5);
     assert_eq!(
-        c.state(0),
+        c.state("r0"),
         ReplicaState::NeedsRebuild,
         "byte budget did not escalate"
     );
@@ -418,12 +258,12 @@ fn volume_replica_is_rebuilt_after_its_wal_was_released() {
         generation: Generation(2),
         members: vec![rid("p")],
     });
-    c.reps[0].2 = true;
+    c.replicas[0].reachable = true;
     c.input(Input::RebuildRequested(rid("r0")));
     for _ in 0..10 {
         c.tick(20);
     }
-    assert_eq!(c.state(0), ReplicaState::InSync);
+    assert_eq!(c.state("r0"), ReplicaState::InSync);
     c.assert_same_content(0, 0..32);
     assert!(
         c.reports
@@ -494,19 +334,19 @@ fn crashed_inside_a_flusher_cycle(history: bool) -> Arc<Volume> {
 #[test]
 fn replica_crashed_inside_a_flusher_cycle_is_truncated_or_rebuilt_never_divergent() {
     for history in [true, false] {
-        let mut c = Cluster::new(1, cfg());
-        c.reps[0].2 = false;
-        c.reps[0].1 = VolumeLog::new(crashed_inside_a_flusher_cycle(history));
+        let mut c = VolumeCluster::new(1, cfg());
+        c.replicas[0].reachable = false;
+        c.replicas[0].log = VolumeLog::new(crashed_inside_a_flusher_cycle(history));
         c.write(5, 5);
         c.write(7, 7);
         c.tick(1);
-        c.reps[0].2 = true;
+        c.replicas[0].reachable = true;
         for _ in 0..10 {
             c.tick(20);
         }
         if !history {
             assert_eq!(
-                c.state(0),
+                c.state("r0"),
                 ReplicaState::NeedsRebuild,
                 "the truncation the replica cannot make safely was not escalated"
             );
@@ -520,10 +360,10 @@ fn replica_crashed_inside_a_flusher_cycle_is_truncated_or_rebuilt_never_divergen
                 c.tick(20);
             }
         }
-        assert_eq!(c.state(0), ReplicaState::InSync, "history {history}");
+        assert_eq!(c.state("r0"), ReplicaState::InSync, "history {history}");
         c.assert_same_content(0, 0..16);
         let f = c.flush();
-        assert!(c.acked.contains(&f), "history {history}");
+        assert!(c.is_acked(f), "history {history}");
     }
 }
 
@@ -534,12 +374,12 @@ fn replica_crashed_inside_a_flusher_cycle_is_truncated_or_rebuilt_never_divergen
 /// takes, and once the replica has grown it catches up and counts again.
 #[test]
 fn a_replica_not_yet_grown_refuses_entries_beyond_its_end_and_catches_up_after_growing() {
-    let mut c = Cluster::new(2, cfg());
+    let mut c = VolumeCluster::new(2, cfg());
     c.tick(1);
     c.write(0, 1);
     let grown = 2 << 20;
     c.pvol.expand(grown).unwrap();
-    c.reps[1].1.volume().expand(grown).unwrap();
+    c.replicas[1].log.volume().expand(grown).unwrap();
     // LBA 300 lies beyond r0's 256 blocks.
     c.write(300, 7);
     c.write(1, 8);
@@ -548,11 +388,11 @@ fn a_replica_not_yet_grown_refuses_entries_beyond_its_end_and_catches_up_after_g
         c.tick(20);
     }
     assert_eq!(
-        c.reps[0].0.failed(),
+        c.replicas[0].core.failed(),
         None,
         "a size race is not a storage failure"
     );
-    assert_ne!(c.state(0), ReplicaState::NeedsRebuild);
+    assert_ne!(c.state("r0"), ReplicaState::NeedsRebuild);
     assert!(
         !c.reports
             .iter()
@@ -560,16 +400,16 @@ fn a_replica_not_yet_grown_refuses_entries_beyond_its_end_and_catches_up_after_g
         "no rebuild for a replica that only has to grow: {:?}",
         c.reports
     );
-    assert_eq!(c.state(1), ReplicaState::InSync);
+    assert_eq!(c.state("r1"), ReplicaState::InSync);
     // The agent applies the new size; the member catches up and counts again.
-    c.reps[0].1.volume().expand(grown).unwrap();
+    c.replicas[0].log.volume().expand(grown).unwrap();
     for _ in 0..5 {
         c.tick(20);
     }
-    assert_eq!(c.state(0), ReplicaState::InSync);
+    assert_eq!(c.state("r0"), ReplicaState::InSync);
     let f = c.flush();
-    assert!(c.acked.contains(&f));
-    assert!(c.reps[0].1.volume().durable_lsn() >= Lsn(3));
+    assert!(c.is_acked(f));
+    assert!(c.replicas[0].log.volume().durable_lsn() >= Lsn(3));
     c.assert_same_content(0, 0..2);
     c.assert_same_content(0, 300..301);
 }

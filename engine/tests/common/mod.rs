@@ -1,6 +1,8 @@
 //! Shared helpers for the engine's integration tests.
 #![allow(dead_code)]
 
+pub mod cluster;
+
 use engine::{CreateOptions, DurabilityMode, Epoch, SimDisk, Volume, VolumeConfig};
 
 pub const BS: usize = 4096;
