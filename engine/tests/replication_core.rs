@@ -6,13 +6,15 @@ use std::collections::VecDeque;
 use engine::replication::{
     Action, Body, ConnId, Durability, Endpoint, EntryKind, Epoch, EventKind, FlushId, Generation,
     Input, Lba, Lsn, MemLog, Peer, PrimaryConfig, PrimaryCore, ReceiverAction, ReceiverConfig,
-    ReceiverCore, ReceiverEvent, ReceiverInput, RecoveryEvent, ReplicaId, ReplicaLog, ReplicaState,
-    Report, VolumeMsg, step_blocking,
+    ReceiverEvent, ReceiverInput, RecoveryEvent, ReplicaId, ReplicaLog, ReplicaState, Report,
+    step_blocking,
 };
 
 mod common;
 
 use common::cluster::{Cluster, endpoint, rid, vol};
+use common::receiver::{Rx, barrier_answers, bodies, errors, syncs};
+use engine::replication::wire::{BarrierStatus, ErrorCode, ResumeStatus};
 
 type Net = Cluster<MemLog>;
 
@@ -266,234 +268,63 @@ fn joiner_cut_before_its_commit_stops_blocking_flushes_after_one_unreachable_rep
 
 #[test]
 fn barrier_waits_until_received_covers_its_lsn() {
-    let mut log = MemLog::new();
-    let mut rx = ReceiverCore::new(vol(), ReceiverConfig::default());
-    let c = ConnId(1);
-    let m = |body| VolumeMsg {
-        volume: vol(),
-        epoch: Epoch(1),
-        body,
-    };
-    step_blocking(
-        &mut rx,
-        0,
-        ReceiverInput::Received {
-            conn: c,
-            msg: m(Body::ResumeRequest {
-                session: 1,
-                head: Lsn(2),
-                retained_start: Lsn(1),
-                primary: None,
-            }),
-        },
-        &mut log,
-    );
-    let out = step_blocking(
-        &mut rx,
-        0,
-        ReceiverInput::Received {
-            conn: c,
-            msg: m(Body::BarrierRequest { id: 9, lsn: Lsn(1) }),
-        },
-        &mut log,
-    );
-    assert!(out.iter().all(|a| !matches!(a, ReceiverAction::Send { msg, .. } if matches!(msg.body, Body::BarrierResponse { .. }))));
-    let e = engine::replication::WalEntry {
-        lsn: Lsn(1),
-        epoch: Epoch(1),
-        lba: Lba(0),
-        kind: EntryKind::Write,
-        blocks: 1,
-        data: vec![1; 8],
-    };
-    let out = step_blocking(
-        &mut rx,
-        1,
-        ReceiverInput::Received {
-            conn: c,
-            msg: m(Body::Entry(e)),
-        },
-        &mut log,
-    );
-    let flushed = out.iter().find_map(|a| match a {
-        ReceiverAction::Send { msg, .. } => match msg.body {
-            Body::BarrierResponse { id: 9, flushed, .. } => Some(flushed),
-            _ => None,
-        },
-        _ => None,
-    });
+    let mut rx = Rx::default();
+    rx.resume(2);
+    assert!(barrier_answers(&rx.barrier(9, 1)).is_empty());
+    rx.now = 1;
+    let out = rx.entry(1);
+    let flushed = barrier_answers(&out)
+        .into_iter()
+        .find_map(|(id, _, flushed)| (id == 9).then_some(flushed));
     assert_eq!(flushed, Some(Lsn(1)));
-    assert_eq!(log.durable_lsn(), Lsn(1), "reply sent before fsync");
+    assert_eq!(rx.log.durable_lsn(), Lsn(1), "reply sent before fsync");
 }
 
 #[test]
 fn barrier_times_out_when_entries_never_arrive() {
-    let mut log = MemLog::new();
-    let mut rx = ReceiverCore::new(
-        vol(),
-        ReceiverConfig {
-            barrier_timeout_ms: 10,
-            ..ReceiverConfig::default()
-        },
+    let mut rx = Rx::with(ReceiverConfig {
+        barrier_timeout_ms: 10,
+        ..ReceiverConfig::default()
+    });
+    rx.resume(5);
+    rx.barrier(3, 5);
+    let out = rx.tick(11);
+    assert!(
+        barrier_answers(&out)
+            .iter()
+            .any(|&(id, status, _)| id == 3 && status == BarrierStatus::Timeout)
     );
-    let c = ConnId(1);
-    let m = |body| VolumeMsg {
-        volume: vol(),
-        epoch: Epoch(1),
-        body,
-    };
-    step_blocking(
-        &mut rx,
-        0,
-        ReceiverInput::Received {
-            conn: c,
-            msg: m(Body::ResumeRequest {
-                session: 1,
-                head: Lsn(5),
-                retained_start: Lsn(1),
-                primary: None,
-            }),
-        },
-        &mut log,
-    );
-    step_blocking(
-        &mut rx,
-        0,
-        ReceiverInput::Received {
-            conn: c,
-            msg: m(Body::BarrierRequest { id: 3, lsn: Lsn(5) }),
-        },
-        &mut log,
-    );
-    let out = step_blocking(&mut rx, 11, ReceiverInput::Tick, &mut log);
-    assert!(out.iter().any(|a| matches!(a, ReceiverAction::Send { msg, .. }
-        if matches!(msg.body, Body::BarrierResponse { id: 3, status: engine::replication::wire::BarrierStatus::Timeout, .. }))));
 }
 
 #[test]
 fn barrier_reply_never_reports_progress_when_fsync_fails() {
-    let mut log = MemLog::new();
-    let mut rx = ReceiverCore::new(vol(), ReceiverConfig::default());
-    let c = ConnId(1);
-    let m = |body| VolumeMsg {
-        volume: vol(),
-        epoch: Epoch(1),
-        body,
-    };
-    step_blocking(
-        &mut rx,
-        0,
-        ReceiverInput::Received {
-            conn: c,
-            msg: m(Body::ResumeRequest {
-                session: 1,
-                head: Lsn(0),
-                retained_start: Lsn(1),
-                primary: None,
-            }),
-        },
-        &mut log,
-    );
-    let e = engine::replication::WalEntry {
-        lsn: Lsn(1),
-        epoch: Epoch(1),
-        lba: Lba(0),
-        kind: EntryKind::Write,
-        blocks: 1,
-        data: vec![1; 8],
-    };
-    step_blocking(
-        &mut rx,
-        0,
-        ReceiverInput::Received {
-            conn: c,
-            msg: m(Body::Entry(e)),
-        },
-        &mut log,
-    );
-    log.fail_next_sync = true;
-    let out = step_blocking(
-        &mut rx,
-        0,
-        ReceiverInput::Received {
-            conn: c,
-            msg: m(Body::BarrierRequest { id: 1, lsn: Lsn(1) }),
-        },
-        &mut log,
-    );
-    assert!(out.iter().any(|a| matches!(a, ReceiverAction::Send { msg, .. }
-        if matches!(msg.body, Body::BarrierResponse { status: engine::replication::wire::BarrierStatus::FsyncFailed, flushed: Lsn(0), .. }))));
-    assert_eq!(log.durable_lsn(), Lsn(0));
+    let mut rx = Rx::default();
+    rx.resume(0);
+    rx.entry(1);
+    rx.log.fail_next_sync = true;
+    let out = rx.barrier(1, 1);
     assert!(
-        rx.failed().is_some(),
+        barrier_answers(&out)
+            .iter()
+            .any(|&(_, status, flushed)| status == BarrierStatus::FsyncFailed && flushed == Lsn(0))
+    );
+    assert_eq!(rx.log.durable_lsn(), Lsn(0));
+    assert!(
+        rx.core.failed().is_some(),
         "a replica whose fsync failed must stop accepting"
     );
 }
 
 #[test]
 fn receiver_refuses_gaps_and_skips_duplicates() {
-    let mut log = MemLog::new();
-    let mut rx = ReceiverCore::new(vol(), ReceiverConfig::default());
-    let c = ConnId(1);
-    let m = |body| VolumeMsg {
-        volume: vol(),
-        epoch: Epoch(1),
-        body,
-    };
-    let e = |l: u64| engine::replication::WalEntry {
-        lsn: Lsn(l),
-        epoch: Epoch(1),
-        lba: Lba(l),
-        kind: EntryKind::Write,
-        blocks: 1,
-        data: vec![l as u8; 8],
-    };
-    step_blocking(
-        &mut rx,
-        0,
-        ReceiverInput::Received {
-            conn: c,
-            msg: m(Body::ResumeRequest {
-                session: 1,
-                head: Lsn(0),
-                retained_start: Lsn(1),
-                primary: None,
-            }),
-        },
-        &mut log,
-    );
-    step_blocking(
-        &mut rx,
-        0,
-        ReceiverInput::Received {
-            conn: c,
-            msg: m(Body::Entry(e(1))),
-        },
-        &mut log,
-    );
-    let out = step_blocking(
-        &mut rx,
-        0,
-        ReceiverInput::Received {
-            conn: c,
-            msg: m(Body::Entry(e(3))),
-        },
-        &mut log,
-    );
-    assert!(out.iter().any(|a| matches!(a, ReceiverAction::Send { msg, .. }
-        if matches!(msg.body, Body::Error { code: engine::replication::wire::ErrorCode::Gap, .. }))));
-    assert_eq!(log.head_lsn(), Lsn(1));
-    step_blocking(
-        &mut rx,
-        0,
-        ReceiverInput::Received {
-            conn: c,
-            msg: m(Body::Entry(e(1))),
-        },
-        &mut log,
-    );
-    assert_eq!(log.head_lsn(), Lsn(1));
-    assert!(rx.take_events().iter().any(|e| matches!(
+    let mut rx = Rx::default();
+    rx.resume(0);
+    rx.entry(1);
+    assert!(errors(&rx.entry(3)).contains(&ErrorCode::Gap));
+    assert_eq!(rx.log.head_lsn(), Lsn(1));
+    rx.entry(1);
+    assert_eq!(rx.log.head_lsn(), Lsn(1));
+    assert!(rx.core.take_events().iter().any(|e| matches!(
         e,
         ReceiverEvent::GapRefused {
             expected: Lsn(2),
@@ -504,43 +335,21 @@ fn receiver_refuses_gaps_and_skips_duplicates() {
 
 #[test]
 fn receiver_persists_a_newer_epoch_and_refuses_older_ones() {
-    let mut log = MemLog::new();
-    let mut rx = ReceiverCore::new(vol(), ReceiverConfig::default());
-    let c = ConnId(1);
-    let m = |epoch: u64, body| VolumeMsg {
-        volume: vol(),
-        epoch: Epoch(epoch),
-        body,
-    };
-    step_blocking(
-        &mut rx,
-        0,
-        ReceiverInput::Received {
-            conn: c,
-            msg: m(
-                3,
-                Body::ResumeRequest {
-                    session: 1,
-                    head: Lsn(0),
-                    retained_start: Lsn(1),
-                    primary: None,
-                },
-            ),
+    let mut rx = Rx::default();
+    rx.send_on(
+        1,
+        3,
+        Body::ResumeRequest {
+            session: 1,
+            head: Lsn(0),
+            retained_start: Lsn(1),
+            primary: None,
         },
-        &mut log,
     );
-    assert_eq!(log.epoch(), Epoch(3));
-    let out = step_blocking(
-        &mut rx,
-        0,
-        ReceiverInput::Received {
-            conn: ConnId(2),
-            msg: m(2, Body::BarrierRequest { id: 1, lsn: Lsn(0) }),
-        },
-        &mut log,
-    );
+    assert_eq!(rx.log.epoch(), Epoch(3));
+    let out = rx.send_on(2, 2, Body::BarrierRequest { id: 1, lsn: Lsn(0) });
     assert!(out.iter().any(|a| matches!(a, ReceiverAction::Send { msg, .. }
-        if msg.epoch == Epoch(3) && matches!(msg.body, Body::BarrierResponse { status: engine::replication::wire::BarrierStatus::StaleEpoch, .. }))));
+        if msg.epoch == Epoch(3) && matches!(msg.body, Body::BarrierResponse { status: BarrierStatus::StaleEpoch, .. }))));
     let e = engine::replication::WalEntry {
         lsn: Lsn(1),
         epoch: Epoch(2),
@@ -549,16 +358,8 @@ fn receiver_persists_a_newer_epoch_and_refuses_older_ones() {
         blocks: 1,
         data: Vec::new(),
     };
-    step_blocking(
-        &mut rx,
-        0,
-        ReceiverInput::Received {
-            conn: ConnId(2),
-            msg: m(2, Body::Entry(e)),
-        },
-        &mut log,
-    );
-    assert_eq!(log.head_lsn(), Lsn(0), "stale primary's entry applied");
+    rx.send_on(2, 2, Body::Entry(e));
+    assert_eq!(rx.log.head_lsn(), Lsn(0), "stale primary's entry applied");
 }
 
 #[test]
@@ -1103,29 +904,14 @@ fn committed_member_reported_unreachable_is_reported_in_sync_when_it_returns() {
 
 #[test]
 fn rebuild_installs_the_base_before_the_tail_so_newer_wal_wins() {
-    let mut log = MemLog::new();
-    let mut rx = ReceiverCore::new(vol(), ReceiverConfig::default());
-    let c = ConnId(1);
-    let m = |body| VolumeMsg {
-        volume: vol(),
-        epoch: Epoch(1),
-        body,
-    };
-    step_blocking(
-        &mut rx,
-        0,
-        ReceiverInput::Received {
-            conn: c,
-            msg: m(Body::RebuildStart {
-                session: 4,
-                base_lsn: Lsn(10),
-                base_epoch: Epoch(1),
-                target: Lsn(11),
-                primary: None,
-            }),
-        },
-        &mut log,
-    );
+    let mut rx = Rx::default();
+    rx.send(Body::RebuildStart {
+        session: 4,
+        base_lsn: Lsn(10),
+        base_epoch: Epoch(1),
+        target: Lsn(11),
+        primary: None,
+    });
     // Entries before the base is complete are refused, never mixed under the base.
     let early = engine::replication::WalEntry {
         lsn: Lsn(11),
@@ -1135,168 +921,79 @@ fn rebuild_installs_the_base_before_the_tail_so_newer_wal_wins() {
         blocks: 1,
         data: vec![0xAA; 8],
     };
-    let out = step_blocking(
-        &mut rx,
-        0,
-        ReceiverInput::Received {
-            conn: c,
-            msg: m(Body::Entry(early.clone())),
-        },
-        &mut log,
-    );
-    assert!(out.iter().any(
-        |a| matches!(a, ReceiverAction::Send { msg, .. } if matches!(msg.body, Body::Error { .. }))
-    ));
-    step_blocking(
-        &mut rx,
-        0,
-        ReceiverInput::Received {
-            conn: c,
-            msg: m(Body::BaseBlock {
-                session: 4,
-                lba: Lba(3),
-                data: vec![0x11; 8],
-            }),
-        },
-        &mut log,
-    );
-    step_blocking(
-        &mut rx,
-        0,
-        ReceiverInput::Received {
-            conn: c,
-            msg: m(Body::BaseBlock {
-                session: 4,
-                lba: Lba(4),
-                data: vec![0x22; 8],
-            }),
-        },
-        &mut log,
-    );
-    step_blocking(
-        &mut rx,
-        0,
-        ReceiverInput::Received {
-            conn: c,
-            msg: m(Body::BaseDone {
-                session: 4,
-                blocks: 2,
-            }),
-        },
-        &mut log,
-    );
-    assert!(!log.rebuilding());
-    assert_eq!(log.durable_lsn(), Lsn(10));
-    step_blocking(
-        &mut rx,
-        0,
-        ReceiverInput::Received {
-            conn: c,
-            msg: m(Body::Entry(early)),
-        },
-        &mut log,
-    );
-    let s = log.state_at(Lsn(11));
+    assert!(!errors(&rx.send(Body::Entry(early.clone()))).is_empty());
+    for (lba, byte) in [(3, 0x11), (4, 0x22)] {
+        rx.send(Body::BaseBlock {
+            session: 4,
+            lba: Lba(lba),
+            data: vec![byte; 8],
+        });
+    }
+    rx.send(Body::BaseDone {
+        session: 4,
+        blocks: 2,
+    });
+    assert!(!rx.log.rebuilding());
+    assert_eq!(rx.log.durable_lsn(), Lsn(10));
+    rx.send(Body::Entry(early));
+    let s = rx.log.state_at(Lsn(11));
     assert_eq!(s.get(&Lba(3)), Some(&vec![0xAA; 8]));
     assert_eq!(s.get(&Lba(4)), Some(&vec![0x22; 8]));
 }
 
 #[test]
 fn base_done_with_a_missing_block_fails_the_rebuild() {
-    let mut log = MemLog::new();
-    let mut rx = ReceiverCore::new(vol(), ReceiverConfig::default());
-    let c = ConnId(1);
-    let m = |body| VolumeMsg {
-        volume: vol(),
-        epoch: Epoch(1),
-        body,
-    };
-    step_blocking(
-        &mut rx,
-        0,
-        ReceiverInput::Received {
-            conn: c,
-            msg: m(Body::RebuildStart {
-                session: 4,
-                base_lsn: Lsn(10),
-                base_epoch: Epoch(1),
-                target: Lsn(10),
-                primary: None,
-            }),
-        },
-        &mut log,
+    let mut rx = Rx::default();
+    rx.send(Body::RebuildStart {
+        session: 4,
+        base_lsn: Lsn(10),
+        base_epoch: Epoch(1),
+        target: Lsn(10),
+        primary: None,
+    });
+    rx.send(Body::BaseBlock {
+        session: 4,
+        lba: Lba(3),
+        data: vec![0x11; 8],
+    });
+    let out = rx.send(Body::BaseDone {
+        session: 4,
+        blocks: 2,
+    });
+    assert!(errors(&out).contains(&ErrorCode::RebuildFailed));
+    assert!(
+        rx.log.rebuilding(),
+        "an incomplete base was declared finished"
     );
-    step_blocking(
-        &mut rx,
-        0,
-        ReceiverInput::Received {
-            conn: c,
-            msg: m(Body::BaseBlock {
-                session: 4,
-                lba: Lba(3),
-                data: vec![0x11; 8],
-            }),
-        },
-        &mut log,
-    );
-    let out = step_blocking(
-        &mut rx,
-        0,
-        ReceiverInput::Received {
-            conn: c,
-            msg: m(Body::BaseDone {
-                session: 4,
-                blocks: 2,
-            }),
-        },
-        &mut log,
-    );
-    assert!(out.iter().any(|a| matches!(a, ReceiverAction::Send { msg, .. }
-        if matches!(msg.body, Body::Error { code: engine::replication::wire::ErrorCode::RebuildFailed, .. }))));
-    assert!(log.rebuilding(), "an incomplete base was declared finished");
 }
 
 #[test]
 fn interrupted_rebuild_answers_handshake_with_needs_rebuild() {
-    let mut log = MemLog::new();
-    let mut rx = ReceiverCore::new(vol(), ReceiverConfig::default());
-    let c = ConnId(1);
-    let m = |body| VolumeMsg {
-        volume: vol(),
-        epoch: Epoch(1),
-        body,
-    };
-    step_blocking(
-        &mut rx,
-        0,
-        ReceiverInput::Received {
-            conn: c,
-            msg: m(Body::RebuildStart {
-                session: 4,
-                base_lsn: Lsn(10),
-                base_epoch: Epoch(1),
-                target: Lsn(11),
-                primary: None,
-            }),
+    let mut rx = Rx::default();
+    rx.send(Body::RebuildStart {
+        session: 4,
+        base_lsn: Lsn(10),
+        base_epoch: Epoch(1),
+        target: Lsn(11),
+        primary: None,
+    });
+    let out = rx.send_on(
+        2,
+        1,
+        Body::ResumeRequest {
+            session: 5,
+            head: Lsn(11),
+            retained_start: Lsn(1),
+            primary: None,
         },
-        &mut log,
     );
-    let out = step_blocking(
-        &mut rx,
-        0,
-        ReceiverInput::Received {
-            conn: ConnId(2),
-            msg: m(Body::ResumeRequest {
-                session: 5,
-                head: Lsn(11),
-                retained_start: Lsn(1),
-                primary: None,
-            }),
-        },
-        &mut log,
-    );
-    assert!(out.iter().any(|a| matches!(a, ReceiverAction::Send { msg, .. }
-        if matches!(msg.body, Body::ResumeResponse { status: engine::replication::wire::ResumeStatus::NeedsRebuild, .. }))));
+    assert!(bodies(&out).iter().any(|b| matches!(
+        b,
+        Body::ResumeResponse {
+            status: ResumeStatus::NeedsRebuild,
+            ..
+        }
+    )));
 }
 
 #[test]
@@ -1726,30 +1423,10 @@ fn entry_bytes(log: &MemLog, lsn: u64) -> WalEntryBytes {
 /// refused.
 #[test]
 fn receiver_binds_an_epoch_to_the_first_named_primary() {
-    let mut core = ReceiverCore::new(vol(), ReceiverConfig::default());
-    let mut log = MemLog::new();
-    log.set_epoch(Epoch(1)).unwrap();
-    let send = |core: &mut ReceiverCore, log: &mut MemLog, conn: u64, body: Body| {
-        let acts = step_blocking(
-            core,
-            1,
-            ReceiverInput::Received {
-                conn: ConnId(conn),
-                msg: VolumeMsg {
-                    volume: vol(),
-                    epoch: Epoch(1),
-                    body,
-                },
-            },
-            log,
-        );
-        acts.into_iter()
-            .filter_map(|a| match a {
-                ReceiverAction::Send { msg, .. } => Some(msg.body),
-                ReceiverAction::Close { .. } | ReceiverAction::Sync { .. } => None,
-            })
-            .collect::<Vec<_>>()
-    };
+    let mut rx = Rx::default();
+    rx.log.set_epoch(Epoch(1)).unwrap();
+    rx.now = 1;
+    let send = |rx: &mut Rx, conn: u64, body: Body| bodies(&rx.send_on(conn, 1, body));
     let resume = |primary: Option<&str>| Body::ResumeRequest {
         session: 1,
         head: Lsn(0),
@@ -1760,70 +1437,53 @@ fn receiver_binds_an_epoch_to_the_first_named_primary() {
         matches!(
             b,
             [Body::Error {
-                code: engine::replication::wire::ErrorCode::SessionOwned,
+                code: ErrorCode::SessionOwned,
                 ..
             }]
         )
     };
     let ok = |b: &[Body]| matches!(b, [Body::ResumeResponse { .. }]);
     assert!(
-        ok(&send(&mut core, &mut log, 1, resume(None))),
+        ok(&send(&mut rx, 1, resume(None))),
         "unowned: an old primary is served"
     );
-    assert!(ok(&send(&mut core, &mut log, 2, resume(Some("p")))));
-    assert!(owned(&send(&mut core, &mut log, 3, resume(Some("q")))));
-    assert!(owned(&send(&mut core, &mut log, 4, resume(None))));
-    assert!(
-        ok(&send(&mut core, &mut log, 5, resume(Some("p")))),
-        "p reconnects"
-    );
-    let entry = |lsn: u64| {
-        Body::Entry(engine::replication::WalEntry {
-            lsn: Lsn(lsn),
-            epoch: Epoch(1),
-            kind: EntryKind::Write,
-            lba: Lba(0),
-            blocks: 1,
-            data: vec![lsn as u8; 8],
-        })
-    };
+    assert!(ok(&send(&mut rx, 2, resume(Some("p")))));
+    assert!(owned(&send(&mut rx, 3, resume(Some("q")))));
+    assert!(owned(&send(&mut rx, 4, resume(None))));
+    assert!(ok(&send(&mut rx, 5, resume(Some("p")))), "p reconnects");
+    let entry = |lsn: u64| Body::Entry(common::receiver::entry(lsn));
     // The unnamed session of conn 1 ended when p took the epoch; q never had one.
     for conn in [1, 3, 4] {
-        let r = send(&mut core, &mut log, conn, entry(1));
+        let r = send(&mut rx, conn, entry(1));
         assert!(
             matches!(
                 r.as_slice(),
                 [Body::Error {
-                    code: engine::replication::wire::ErrorCode::NoSession,
+                    code: ErrorCode::NoSession,
                     ..
                 }]
             ),
             "conn {conn}: {r:?}"
         );
-        let r = send(
-            &mut core,
-            &mut log,
-            conn,
-            Body::BarrierRequest { id: 1, lsn: Lsn(0) },
-        );
+        let r = send(&mut rx, conn, Body::BarrierRequest { id: 1, lsn: Lsn(0) });
         assert!(
             !matches!(
                 r.as_slice(),
                 [Body::BarrierResponse {
-                    status: engine::replication::wire::BarrierStatus::Ok,
+                    status: BarrierStatus::Ok,
                     ..
                 }]
             ),
             "conn {conn}: {r:?}"
         );
     }
-    assert_eq!(log.head_lsn(), Lsn(0));
+    assert_eq!(rx.log.head_lsn(), Lsn(0));
     // p's connections carry the session.
-    assert!(send(&mut core, &mut log, 5, entry(1)).is_empty());
-    assert!(send(&mut core, &mut log, 2, entry(2)).is_empty());
-    assert_eq!(log.head_lsn(), Lsn(2));
+    assert!(send(&mut rx, 5, entry(1)).is_empty());
+    assert!(send(&mut rx, 2, entry(2)).is_empty());
+    assert_eq!(rx.log.head_lsn(), Lsn(2));
     assert!(matches!(
-        send(&mut core, &mut log, 2, Body::Heartbeat { seq: 2 }).as_slice(),
+        send(&mut rx, 2, Body::Heartbeat { seq: 2 }).as_slice(),
         [Body::HeartbeatAck { seq: 2 }]
     ));
 }
@@ -1929,8 +1589,8 @@ fn recovery_bytes_count_rebuild_blocks_and_entries_as_rebuild() {
 /// replica's flushed LSN) would then take the mixed log for its own.
 #[test]
 fn a_replica_that_refused_a_truncation_accepts_no_entries_of_that_session() {
-    let mut core = ReceiverCore::new(vol(), ReceiverConfig::default());
-    let mut log = MemLog::new();
+    let mut rx = Rx::default();
+    let log = &mut rx.log;
     log.set_epoch(Epoch(1)).unwrap();
     for _ in 1..=5 {
         log.append_local(EntryKind::Write, Lba(0), 1, vec![1; 8])
@@ -1943,29 +1603,9 @@ fn a_replica_that_refused_a_truncation_accepts_no_entries_of_that_session() {
             .unwrap();
     }
     log.sync().unwrap();
-    let mut send = |log: &mut MemLog, body: Body| {
-        step_blocking(
-            &mut core,
-            1,
-            ReceiverInput::Received {
-                conn: ConnId(1),
-                msg: VolumeMsg {
-                    volume: vol(),
-                    epoch: Epoch(3),
-                    body,
-                },
-            },
-            log,
-        )
-        .into_iter()
-        .filter_map(|a| match a {
-            ReceiverAction::Send { msg, .. } => Some(msg.body),
-            ReceiverAction::Close { .. } | ReceiverAction::Sync { .. } => None,
-        })
-        .collect::<Vec<_>>()
-    };
+    let send = |rx: &mut Rx, body: Body| bodies(&rx.send_on(1, 3, body));
     let r = send(
-        &mut log,
+        &mut rx,
         Body::ResumeRequest {
             session: 1,
             head: Lsn(10),
@@ -1979,7 +1619,7 @@ fn a_replica_that_refused_a_truncation_accepts_no_entries_of_that_session() {
     );
     // The primary's history: epoch 1 up to 7, then its own entries at epoch 3.
     let r = send(
-        &mut log,
+        &mut rx,
         Body::Truncate {
             session: 1,
             after: Lsn(7),
@@ -1990,7 +1630,7 @@ fn a_replica_that_refused_a_truncation_accepts_no_entries_of_that_session() {
         matches!(
             r.as_slice(),
             [Body::Error {
-                code: engine::replication::wire::ErrorCode::TruncateRefused,
+                code: ErrorCode::TruncateRefused,
                 ..
             }]
         ),
@@ -1998,7 +1638,7 @@ fn a_replica_that_refused_a_truncation_accepts_no_entries_of_that_session() {
     );
     for lsn in 8..=10 {
         send(
-            &mut log,
+            &mut rx,
             Body::Entry(engine::replication::WalEntry {
                 lsn: Lsn(lsn),
                 epoch: if lsn <= 7 { Epoch(1) } else { Epoch(3) },
@@ -2010,14 +1650,14 @@ fn a_replica_that_refused_a_truncation_accepts_no_entries_of_that_session() {
         );
     }
     let r = send(
-        &mut log,
+        &mut rx,
         Body::BarrierRequest {
             id: 1,
             lsn: Lsn(10),
         },
     );
     assert_eq!(
-        log.head_lsn(),
+        rx.log.head_lsn(),
         Lsn(8),
         "entries were appended on top of the diverged suffix"
     );
@@ -2025,7 +1665,7 @@ fn a_replica_that_refused_a_truncation_accepts_no_entries_of_that_session() {
         !r.iter().any(|b| matches!(
             b,
             Body::BarrierResponse {
-                status: engine::replication::wire::BarrierStatus::Ok,
+                status: BarrierStatus::Ok,
                 ..
             }
         )),
@@ -2033,99 +1673,9 @@ fn a_replica_that_refused_a_truncation_accepts_no_entries_of_that_session() {
     );
 }
 
-/// A receiver fed by hand on one connection at epoch 1, its session open: the actions
-/// come back as the core returns them, syncs included, and nothing performs a sync
-/// until `synced`.
-struct Rx {
-    core: ReceiverCore,
-    log: MemLog,
-}
-
-impl Rx {
-    fn in_session() -> Self {
-        let mut rx = Rx {
-            core: ReceiverCore::new(vol(), ReceiverConfig::default()),
-            log: MemLog::new(),
-        };
-        rx.log.set_epoch(Epoch(1)).unwrap();
-        rx.send(Body::ResumeRequest {
-            session: 1,
-            head: Lsn(0),
-            retained_start: Lsn(1),
-            primary: Some(rid("p")),
-        });
-        rx
-    }
-
-    fn send(&mut self, body: Body) -> Vec<ReceiverAction> {
-        let msg = VolumeMsg {
-            volume: vol(),
-            epoch: Epoch(1),
-            body,
-        };
-        let input = ReceiverInput::Received {
-            conn: ConnId(1),
-            msg,
-        };
-        self.core.step(0, input, &mut self.log)
-    }
-
-    fn entry(&mut self, lsn: u64) -> Vec<ReceiverAction> {
-        self.send(Body::Entry(engine::replication::WalEntry {
-            lsn: Lsn(lsn),
-            epoch: Epoch(1),
-            lba: Lba(lsn),
-            kind: EntryKind::Write,
-            blocks: 1,
-            data: vec![lsn as u8; 8],
-        }))
-    }
-
-    fn barrier(&mut self, id: u64, lsn: u64) -> Vec<ReceiverAction> {
-        self.send(Body::BarrierRequest { id, lsn: Lsn(lsn) })
-    }
-
-    /// Performs the sync in flight now and reports it done.
-    fn synced(&mut self) -> Vec<ReceiverAction> {
-        let result = self.log.sync().map_err(|e| e.to_string());
-        self.core
-            .step(0, ReceiverInput::Synced { result }, &mut self.log)
-    }
-}
-
-/// The syncs asked for in `out`, by the LSN they must cover.
-fn syncs(out: &[ReceiverAction]) -> Vec<Lsn> {
-    out.iter()
-        .filter_map(|a| match a {
-            ReceiverAction::Sync { through } => Some(*through),
-            _ => None,
-        })
-        .collect()
-}
-
-/// The barrier answers in `out`: (id, status, flushed).
-fn barrier_answers(
-    out: &[ReceiverAction],
-) -> Vec<(u64, engine::replication::wire::BarrierStatus, Lsn)> {
-    out.iter()
-        .filter_map(|a| match a {
-            ReceiverAction::Send { msg, .. } => match msg.body {
-                Body::BarrierResponse {
-                    id,
-                    status,
-                    flushed,
-                } => Some((id, status, flushed)),
-                _ => None,
-            },
-            _ => None,
-        })
-        .collect()
-}
-
 #[test]
 fn a_barrier_is_answered_only_when_its_fsync_is_done() {
-    use engine::replication::wire::BarrierStatus;
-    let mut rx = Rx::in_session();
+    let mut rx = Rx::holding_syncs();
     assert!(syncs(&rx.entry(1)).is_empty(), "no barrier waits yet");
     let out = rx.barrier(7, 1);
     assert_eq!(syncs(&out), vec![Lsn(1)]);
@@ -2135,7 +1685,7 @@ fn a_barrier_is_answered_only_when_its_fsync_is_done() {
     );
     assert_eq!(rx.log.durable_lsn(), Lsn(0));
     // Nothing more is asked for while the sync is in flight, and nothing answered.
-    assert!(rx.core.step(1, ReceiverInput::Tick, &mut rx.log).is_empty());
+    assert!(rx.tick(1).is_empty());
     let out = rx.synced();
     assert_eq!(barrier_answers(&out), vec![(7, BarrierStatus::Ok, Lsn(1))]);
     assert!(syncs(&out).is_empty());
@@ -2143,8 +1693,7 @@ fn a_barrier_is_answered_only_when_its_fsync_is_done() {
 
 #[test]
 fn barriers_that_become_ready_during_an_fsync_share_the_next_one() {
-    use engine::replication::wire::BarrierStatus;
-    let mut rx = Rx::in_session();
+    let mut rx = Rx::holding_syncs();
     rx.entry(1);
     assert_eq!(syncs(&rx.barrier(1, 1)), vec![Lsn(1)]);
     // While it runs, three more barriers become ready: none asks for a sync of its own.
@@ -2172,8 +1721,7 @@ fn barriers_that_become_ready_during_an_fsync_share_the_next_one() {
 
 #[test]
 fn a_failed_fsync_fails_its_barriers_and_the_replica() {
-    use engine::replication::wire::BarrierStatus;
-    let mut rx = Rx::in_session();
+    let mut rx = Rx::holding_syncs();
     rx.entry(1);
     rx.barrier(1, 1);
     rx.log.fail_next_sync = true;
@@ -2188,8 +1736,7 @@ fn a_failed_fsync_fails_its_barriers_and_the_replica() {
 
 #[test]
 fn a_truncation_during_an_fsync_leaves_the_entries_it_removed_unacknowledged() {
-    use engine::replication::wire::BarrierStatus;
-    let mut rx = Rx::in_session();
+    let mut rx = Rx::holding_syncs();
     for lsn in 1..=3 {
         rx.entry(lsn);
     }

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod cluster;
+pub mod receiver;
 
 use engine::{CreateOptions, DurabilityMode, Epoch, SimDisk, Volume, VolumeConfig};
 
