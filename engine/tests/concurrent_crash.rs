@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::rng::Rng;
 use common::*;
 use engine::{CrashMode, EntryKind, Lba, SimDisk, Volume, VolumeConfig, WalEntry};
 

@@ -9,6 +9,7 @@ mod common;
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 
+use common::rng::Rng;
 use common::*;
 use engine::{Lba, Volume, VolumeConfig};
 
