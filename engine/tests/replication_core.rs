@@ -685,12 +685,9 @@ fn a_primary_restarted_after_power_loss_never_reissues_lsns_at_its_old_epoch() {
     assert_eq!(epoch, Epoch(2), "served again only at a new epoch");
 }
 
-#[test]
-fn diverged_replica_history_needs_rebuild() {
-    let mut n = Net::new(1, cfg(), &["p"]);
-    n.replicas[0].reachable = false;
-    n.write(0, 1);
-    n.write(1, 1);
+/// Gives replica `r` a durable history of its own: LSN 1 at epoch 7, which no primary
+/// here wrote, so its log no longer matches the primary's.
+fn diverge(n: &mut Net, r: usize) {
     let other = engine::replication::WalEntry {
         lsn: Lsn(1),
         epoch: Epoch(7),
@@ -699,15 +696,25 @@ fn diverged_replica_history_needs_rebuild() {
         blocks: 1,
         data: vec![9; 8],
     };
-    n.replicas[0].log.append_replicated(&other).unwrap();
-    n.replicas[0].log.sync().unwrap();
+    n.replicas[r].log.append_replicated(&other).unwrap();
+    n.replicas[r].log.sync().unwrap();
+}
+
+#[test]
+fn diverged_replica_history_needs_rebuild() {
+    let mut n = Net::new(1, cfg(), &["p"]);
+    n.replicas[0].reachable = false;
+    n.write(0, 1);
+    n.write(1, 1);
+    diverge(&mut n, 0);
     n.replicas[0].reachable = true;
     n.tick(20);
     assert_eq!(n.state("r0"), ReplicaState::NeedsRebuild);
 }
 
-#[test]
-fn rebuild_from_snapshot_and_tail_converges_and_only_a_barrier_grants_in_sync() {
+/// A primary whose only other member, r0, stayed away past its retention budget while
+/// the primary checkpointed and recycled the WAL it needed: r0 now needs a rebuild.
+fn replica_behind_recycled_wal() -> Net {
     let c = PrimaryConfig {
         wal_retention_timeout_ms: 10,
         ..cfg()
@@ -729,6 +736,12 @@ fn rebuild_from_snapshot_and_tail_converges_and_only_a_barrier_grants_in_sync() 
     n.replicas[0].reachable = true;
     n.tick(20);
     assert_eq!(n.state("r0"), ReplicaState::NeedsRebuild);
+    n
+}
+
+#[test]
+fn rebuild_from_snapshot_and_tail_converges_and_only_a_barrier_grants_in_sync() {
+    let mut n = replica_behind_recycled_wal();
     n.input(Input::RebuildRequested(rid("r0")));
     assert!(
         n.events
@@ -758,17 +771,8 @@ fn rebuild_uses_full_base_when_the_checkpoint_is_not_usable() {
     // Force the escalation path via a diverged history.
     n.replicas[0].reachable = false;
     n.drop_conns_of(0);
-    let other = engine::replication::WalEntry {
-        lsn: Lsn(1),
-        epoch: Epoch(7),
-        lba: Lba(9),
-        kind: EntryKind::Write,
-        blocks: 1,
-        data: vec![9; 8],
-    };
     n.replicas[0].log = MemLog::new();
-    n.replicas[0].log.append_replicated(&other).unwrap();
-    n.replicas[0].log.sync().unwrap();
+    diverge(&mut n, 0);
     n.replicas[0].reachable = true;
     n.tick(20);
     assert_eq!(n.state("r0"), ReplicaState::NeedsRebuild);
@@ -790,16 +794,7 @@ fn rebuild_pin_failure_is_logged_and_leaves_no_session() {
     n.replicas[0].reachable = false;
     n.write(0, 1);
     n.replicas[0].reachable = true;
-    let other = engine::replication::WalEntry {
-        lsn: Lsn(1),
-        epoch: Epoch(7),
-        lba: Lba(9),
-        kind: EntryKind::Write,
-        blocks: 1,
-        data: vec![9; 8],
-    };
-    n.replicas[0].log.append_replicated(&other).unwrap();
-    n.replicas[0].log.sync().unwrap();
+    diverge(&mut n, 0);
     n.tick(20);
     n.plog.fail_pin_base = true;
     n.input(Input::RebuildRequested(rid("r0")));
@@ -813,16 +808,7 @@ fn rebuild_of_a_committed_member_is_refused() {
     let mut n = Net::new(1, cfg(), &["p", "r0"]);
     n.replicas[0].reachable = false;
     n.write(0, 1);
-    let other = engine::replication::WalEntry {
-        lsn: Lsn(1),
-        epoch: Epoch(7),
-        lba: Lba(9),
-        kind: EntryKind::Write,
-        blocks: 1,
-        data: vec![9; 8],
-    };
-    n.replicas[0].log.append_replicated(&other).unwrap();
-    n.replicas[0].log.sync().unwrap();
+    diverge(&mut n, 0);
     n.replicas[0].reachable = true;
     n.tick(20);
     assert_eq!(n.state("r0"), ReplicaState::NeedsRebuild);
@@ -842,16 +828,7 @@ fn refused_rebuild_of_a_committed_member_starts_once_it_leaves_the_set() {
     let mut n = Net::new(1, cfg(), &["p", "r0"]);
     n.replicas[0].reachable = false;
     n.write(0, 1);
-    let other = engine::replication::WalEntry {
-        lsn: Lsn(1),
-        epoch: Epoch(7),
-        lba: Lba(9),
-        kind: EntryKind::Write,
-        blocks: 1,
-        data: vec![9; 8],
-    };
-    n.replicas[0].log.append_replicated(&other).unwrap();
-    n.replicas[0].log.sync().unwrap();
+    diverge(&mut n, 0);
     n.replicas[0].reachable = true;
     n.tick(20);
     assert_eq!(n.state("r0"), ReplicaState::NeedsRebuild);
@@ -1543,25 +1520,7 @@ fn recovery_bytes_count_catch_up_entries_and_never_live_shipping() {
 
 #[test]
 fn recovery_bytes_count_rebuild_blocks_and_entries_as_rebuild() {
-    let c = PrimaryConfig {
-        wal_retention_timeout_ms: 10,
-        ..cfg()
-    };
-    let mut n = Net::new(1, c, &["p"]);
-    n.replicas[0].reachable = false;
-    for i in 0..12 {
-        n.write(i % 5, i as u8);
-    }
-    n.plog.sync().unwrap();
-    n.tick(20);
-    n.plog.flush_checkpoint();
-    for i in 0..4 {
-        n.write(i, 100 + i as u8);
-    }
-    n.plog.set_retention_floor(None);
-    n.replicas[0].reachable = true;
-    n.tick(20);
-    assert_eq!(n.state("r0"), ReplicaState::NeedsRebuild);
+    let mut n = replica_behind_recycled_wal();
     let before = n.primary.recovery_bytes().get(&rid("r0")).copied();
     let rebuild_from = n.sent.len();
     n.input(Input::RebuildRequested(rid("r0")));
