@@ -103,10 +103,12 @@ where
     }
 }
 
+fn in_state(s: &PrimarySnapshot, id: &str, state: ReplicaState) -> bool {
+    s.replicas.get(&rid(id)).is_some_and(|(st, _)| *st == state)
+}
+
 fn in_sync(s: &PrimarySnapshot, id: &str) -> bool {
-    s.replicas
-        .get(&rid(id))
-        .is_some_and(|(st, _)| *st == ReplicaState::InSync)
+    in_state(s, id, ReplicaState::InSync)
 }
 
 fn write(vol: &Volume, lba: u64, byte: u8) {
@@ -120,6 +122,63 @@ fn same_content(a: &Volume, b: &Volume, blocks: u64) {
         a.read(Lba(lba), &mut x).unwrap();
         b.read(Lba(lba), &mut y).unwrap();
         assert!(x == y, "replica differs at LBA {lba}");
+    }
+}
+
+/// Primary `id` of the test volume on `vol`, on node `n{id}`.
+fn start_primary(
+    id: &str,
+    vol: &Arc<Volume>,
+    cfg: PrimaryConfig,
+    generation: Generation,
+    committed: &[&str],
+    peers: Vec<Peer>,
+) -> PrimaryHandle {
+    spawn_primary(
+        vol.clone(),
+        vid(),
+        rid(id),
+        cfg,
+        generation,
+        committed.iter().map(|s| rid(s)).collect(),
+        peers,
+        Transport::new(NetConfig::new(&format!("n{id}"), SECRET)),
+    )
+}
+
+/// Primary `p` (node `np`) and replica `r0` (node `n0`, listening at `addr`) on fresh
+/// volume files in `d`, with r0 in sync; `committed` is the committed in-sync set.
+struct PrimaryAndReplica {
+    d: Dir,
+    pv: Arc<Volume>,
+    r0v: Arc<Volume>,
+    s0: ReceiverServer,
+    addr: SocketAddr,
+    h: PrimaryHandle,
+}
+
+async fn primary_and_replica(cfg: PrimaryConfig, committed: &[&str]) -> PrimaryAndReplica {
+    let d = Dir::new();
+    let pv = create(&d.file("p"));
+    let r0v = create(&d.file("r0"));
+    let s0 = server(any_addr(), "n0", r0v.clone()).await;
+    let addr = s0.local_addr();
+    let h = start_primary(
+        "p",
+        &pv,
+        cfg,
+        Generation(1),
+        committed,
+        vec![peer("r0", addr)],
+    );
+    wait_for("r0 in sync", &h, |s| in_sync(s, "r0")).await;
+    PrimaryAndReplica {
+        d,
+        pv,
+        r0v,
+        s0,
+        addr,
+        h,
     }
 }
 
@@ -142,15 +201,13 @@ async fn rf3_flush_is_acked_once_both_replicas_have_the_data() {
     let r1v = create(&d.file("r1"));
     let s0 = server(any_addr(), "n0", r0v.clone()).await;
     let s1 = server(any_addr(), "n1", r1v.clone()).await;
-    let h = spawn_primary(
-        pv.clone(),
-        vid(),
-        rid("p"),
+    let h = start_primary(
+        "p",
+        &pv,
         pcfg(),
         Generation(1),
-        vec![rid("p"), rid("r0"), rid("r1")],
+        &["p", "r0", "r1"],
         vec![peer("r0", s0.local_addr()), peer("r1", s1.local_addr())],
-        Transport::new(NetConfig::new("np", SECRET)),
     );
     wait_for("both in sync", &h, |s| in_sync(s, "r0") && in_sync(s, "r1")).await;
     for i in 0..200u64 {
@@ -165,22 +222,14 @@ async fn rf3_flush_is_acked_once_both_replicas_have_the_data() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_replica_restarts_and_catches_up_from_retained_wal() {
-    let d = Dir::new();
-    let pv = create(&d.file("p"));
-    let r0v = create(&d.file("r0"));
-    let s0 = server(any_addr(), "n0", r0v.clone()).await;
-    let addr = s0.local_addr();
-    let h = spawn_primary(
-        pv.clone(),
-        vid(),
-        rid("p"),
-        pcfg(),
-        Generation(1),
-        vec![rid("p"), rid("r0")],
-        vec![peer("r0", addr)],
-        Transport::new(NetConfig::new("np", SECRET)),
-    );
-    wait_for("r0 in sync", &h, |s| in_sync(s, "r0")).await;
+    let PrimaryAndReplica {
+        d,
+        pv,
+        r0v,
+        s0,
+        addr,
+        h,
+    } = primary_and_replica(pcfg(), &["p", "r0"]).await;
     for i in 0..50u64 {
         write(&pv, i, 1);
     }
@@ -218,34 +267,24 @@ async fn killed_replica_restarts_and_catches_up_from_retained_wal() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replica_away_past_the_retention_budget_is_rebuilt() {
-    let d = Dir::new();
-    let pv = create(&d.file("p"));
-    let r0v = create(&d.file("r0"));
-    let s0 = server(any_addr(), "n0", r0v.clone()).await;
-    let addr = s0.local_addr();
     let cfg = PrimaryConfig {
         wal_retention_bytes_max: 128 * 1024,
         ..pcfg()
     };
-    let h = spawn_primary(
-        pv.clone(),
-        vid(),
-        rid("p"),
-        cfg,
-        Generation(1),
-        vec![rid("p")],
-        vec![peer("r0", addr)],
-        Transport::new(NetConfig::new("np", SECRET)),
-    );
-    wait_for("r0 in sync", &h, |s| in_sync(s, "r0")).await;
+    let PrimaryAndReplica {
+        d: _d,
+        pv,
+        r0v,
+        s0,
+        addr,
+        h,
+    } = primary_and_replica(cfg, &["p"]).await;
     s0.shutdown().await;
     for i in 0..100u64 {
         write(&pv, i % 80, 9 + i as u8);
     }
     wait_for("r0 escalated", &h, |s| {
-        s.replicas
-            .get(&rid("r0"))
-            .is_some_and(|(st, _)| *st == ReplicaState::NeedsRebuild)
+        in_state(s, "r0", ReplicaState::NeedsRebuild)
     })
     .await;
     // The joined member was counted; the control plane drops it, then asks for a rebuild.
@@ -266,21 +305,14 @@ async fn replica_away_past_the_retention_budget_is_rebuilt() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replica_address_change_keeps_its_identity() {
-    let d = Dir::new();
-    let pv = create(&d.file("p"));
-    let r0v = create(&d.file("r0"));
-    let s0 = server(any_addr(), "n0", r0v.clone()).await;
-    let h = spawn_primary(
-        pv.clone(),
-        vid(),
-        rid("p"),
-        pcfg(),
-        Generation(1),
-        vec![rid("p"), rid("r0")],
-        vec![peer("r0", s0.local_addr())],
-        Transport::new(NetConfig::new("np", SECRET)),
-    );
-    wait_for("r0 in sync", &h, |s| in_sync(s, "r0")).await;
+    let PrimaryAndReplica {
+        d: _d,
+        pv,
+        r0v,
+        s0,
+        addr: _,
+        h,
+    } = primary_and_replica(pcfg(), &["p", "r0"]).await;
     write(&pv, 1, 1);
     let l = h.flush().await.unwrap();
     // The replica comes up at a new address; its live session at the old one is ended.
@@ -312,16 +344,7 @@ async fn epoch_bump_mid_catch_up_releases_the_session_pins() {
         catchup_batch_entries: 1,
         ..pcfg()
     };
-    let h = spawn_primary(
-        pv.clone(),
-        vid(),
-        rid("p"),
-        cfg,
-        Generation(1),
-        vec![rid("p")],
-        vec![peer("r0", addr)],
-        Transport::new(NetConfig::new("np", SECRET)),
-    );
+    let h = start_primary("p", &pv, cfg, Generation(1), &["p"], vec![peer("r0", addr)]);
     wait_for("r0 in sync", &h, |s| in_sync(s, "r0")).await;
     s0.shutdown().await;
     // Enough one-entry batches that the catch-up is still running when we look.
@@ -330,9 +353,7 @@ async fn epoch_bump_mid_catch_up_releases_the_session_pins() {
     }
     let _s0 = server(addr, "n0", r0v.clone()).await;
     wait_for("r0 catching up", &h, |s| {
-        s.replicas
-            .get(&rid("r0"))
-            .is_some_and(|(st, _)| *st == ReplicaState::CatchingUp)
+        in_state(s, "r0", ReplicaState::CatchingUp)
     })
     .await;
     h.change_epoch(Epoch(2)).unwrap();
@@ -563,21 +584,14 @@ async fn unknown_volume_is_answered_per_volume_and_keeps_the_connection() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_writers_are_shipped_densely_in_lsn_order() {
-    let d = Dir::new();
-    let pv = create(&d.file("p"));
-    let r0v = create(&d.file("r0"));
-    let s0 = server(any_addr(), "n0", r0v.clone()).await;
-    let h = spawn_primary(
-        pv.clone(),
-        vid(),
-        rid("p"),
-        pcfg(),
-        Generation(1),
-        vec![rid("p"), rid("r0")],
-        vec![peer("r0", s0.local_addr())],
-        Transport::new(NetConfig::new("np", SECRET)),
-    );
-    wait_for("r0 in sync", &h, |s| in_sync(s, "r0")).await;
+    let PrimaryAndReplica {
+        d: _d,
+        pv,
+        r0v,
+        s0: _s0,
+        addr: _,
+        h,
+    } = primary_and_replica(pcfg(), &["p", "r0"]).await;
     let writers: Vec<_> = (0..4u64)
         .map(|t| {
             let v = pv.clone();
@@ -751,21 +765,15 @@ async fn message_for_an_unhosted_volume_ends_only_that_volumes_session() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreachable_member_blocks_flush_until_the_control_plane_commits_without_it() {
-    let d = Dir::new();
-    let pv = create(&d.file("p"));
-    let r0v = create(&d.file("r0"));
-    let s0 = server(any_addr(), "n0", r0v.clone()).await;
-    let h = Arc::new(spawn_primary(
-        pv.clone(),
-        vid(),
-        rid("p"),
-        pcfg(),
-        Generation(1),
-        vec![rid("p"), rid("r0")],
-        vec![peer("r0", s0.local_addr())],
-        Transport::new(NetConfig::new("np", SECRET)),
-    ));
-    wait_for("r0 in sync", &h, |s| in_sync(s, "r0")).await;
+    let PrimaryAndReplica {
+        d: _d,
+        pv,
+        r0v: _r0v,
+        s0,
+        addr: _,
+        h: handle,
+    } = primary_and_replica(pcfg(), &["p", "r0"]).await;
+    let h = Arc::new(handle);
     s0.shutdown().await;
     write(&pv, 0, 1);
     let h2 = h.clone();
@@ -933,15 +941,13 @@ async fn replica_lost_during_unflushed_writes_escalates_instead_of_filling_the_w
     let pv = create_with_wal(&d.file("p"), WAL);
     let r0v = create_with_wal(&d.file("r0"), WAL);
     let s0 = server(any_addr(), "n0", r0v.clone()).await;
-    let h = spawn_primary(
-        pv.clone(),
-        vid(),
-        rid("p"),
+    let h = start_primary(
+        "p",
+        &pv,
         pcfg(),
         Generation(1),
-        vec![rid("p"), rid("r0")],
+        &["p", "r0"],
         vec![peer("r0", s0.local_addr())],
-        Transport::new(NetConfig::new("np", SECRET)),
     );
     wait_for("r0 in sync", &h, |s| in_sync(s, "r0")).await;
     s0.shutdown().await;
@@ -951,9 +957,7 @@ async fn replica_lost_during_unflushed_writes_escalates_instead_of_filling_the_w
         .unwrap();
     holds_last_pass(&pv, "primary", BLOCKS, 1);
     let snap = wait_for("r0 escalated", &h, |s| {
-        s.replicas
-            .get(&rid("r0"))
-            .is_some_and(|(st, _)| *st == ReplicaState::NeedsRebuild)
+        in_state(s, "r0", ReplicaState::NeedsRebuild)
     })
     .await;
     assert_eq!(
@@ -1085,15 +1089,13 @@ async fn after_a_failover_the_new_primary_catches_up_every_member_without_a_rebu
     let sb = server(any_addr(), "nb", bv.clone()).await;
     let sc = server(any_addr(), "nc", cv.clone()).await;
     let (b_addr, c_addr) = (sb.local_addr(), sc.local_addr());
-    let h = spawn_primary(
-        av.clone(),
-        vid(),
-        rid("a"),
+    let h = start_primary(
+        "a",
+        &av,
         pcfg(),
         Generation(1),
-        vec![rid("a"), rid("b"), rid("c")],
+        &["a", "b", "c"],
         vec![peer("b", b_addr), peer("c", c_addr)],
-        Transport::new(NetConfig::new("na", SECRET)),
     );
     wait_for("b and c in sync", &h, |s| {
         in_sync(s, "b") && in_sync(s, "c")
@@ -1132,15 +1134,13 @@ async fn after_a_failover_the_new_primary_catches_up_every_member_without_a_rebu
     let av = open(&d.file("a"));
     assert_eq!(av.head_lsn(), Lsn(acked.0 + 2), "a lost its own entries");
     let sa = server(any_addr(), "na", av.clone()).await;
-    let h = spawn_primary(
-        bv.clone(),
-        vid(),
-        rid("b"),
+    let h = start_primary(
+        "b",
+        &bv,
         pcfg(),
         Generation(3),
-        vec![rid("b")],
+        &["b"],
         vec![peer("c", c_addr), peer("a", sa.local_addr())],
-        Transport::new(NetConfig::new("nb", SECRET)),
     );
     let snap = wait_for("a and c classified", &h, |s| {
         settled(s, "a") && settled(s, "c")
@@ -1239,15 +1239,13 @@ async fn measure_failover_recovery_with_and_without_wal_history() {
             .unwrap()
             .local_addr()
             .unwrap();
-        let h = spawn_primary(
-            av.clone(),
-            vid(),
-            rid("a"),
+        let h = start_primary(
+            "a",
+            &av,
             pcfg(),
             Generation(1),
-            vec![rid("a"), rid("b"), rid("c")],
+            &["a", "b", "c"],
             vec![peer("b", sb.local_addr()), peer("c", sc.local_addr())],
-            Transport::new(NetConfig::new("na", SECRET)),
         );
         wait_for("b and c in sync", &h, |s| {
             in_sync(s, "b") && in_sync(s, "c")
@@ -1283,15 +1281,13 @@ async fn measure_failover_recovery_with_and_without_wal_history() {
         sb.shutdown().await;
         close_when_released(av).await;
         bv.set_epoch(Epoch(2)).unwrap();
-        let h = spawn_primary(
-            bv.clone(),
-            vid(),
-            rid("b"),
+        let h = start_primary(
+            "b",
+            &bv,
             pcfg(),
             Generation(3),
-            vec![rid("b")],
+            &["b"],
             vec![peer("c", sc.local_addr()), peer("a", a_addr)],
-            Transport::new(NetConfig::new("nb", SECRET)),
         );
         let promoted = Instant::now();
         let mut c_in_sync = None;
