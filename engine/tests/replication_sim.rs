@@ -2707,6 +2707,7 @@ fn simulation_holds_durability_ordering_and_fencing_invariants() {
             "fwd_write_acked",
             "served_on_member_proof_ms",
             "rf1_served_in_outage_ms",
+            "crash_with_replica_fsync_in_flight",
         ] {
             assert!(
                 stats.get(k).copied().unwrap_or(0) > 0,
@@ -2715,86 +2716,6 @@ fn simulation_holds_durability_ordering_and_fencing_invariants() {
         }
     }
     assert!(failures.is_empty(), "failing seeds: {failures:?}");
-}
-
-#[test]
-fn checker_catches_a_gate_that_acks_without_barriers() {
-    let knobs = Knobs {
-        skip_member_gate: true,
-        ..Knobs::default()
-    };
-    let caught = (1..=60u64)
-        .filter(|&s| {
-            run_seed(s, knobs)
-                .violations
-                .iter()
-                .any(|v| v.contains("durable") || v.contains("acknowledged entry"))
-        })
-        .count();
-    assert!(
-        caught > 0,
-        "a gate that ignores members went unnoticed in 60 seeds"
-    );
-}
-
-#[test]
-fn checker_catches_a_receiver_that_accepts_stale_epochs() {
-    let knobs = Knobs {
-        accept_stale_epoch: true,
-        ..Knobs::default()
-    };
-    let caught = (1..=200u64)
-        .filter(|&s| {
-            run_seed(s, knobs)
-                .violations
-                .iter()
-                .any(|v| v.contains("stale epoch") || v.contains("acknowledged"))
-        })
-        .count();
-    assert!(caught > 0, "stale-epoch writes went unnoticed in 200 seeds");
-}
-
-#[test]
-fn checker_catches_a_restarted_primary_that_reissues_lsns_at_its_old_epoch() {
-    let knobs = Knobs {
-        unguarded_primary_restart: true,
-        ..Knobs::default()
-    };
-    let caught = (1..=400u64)
-        .filter(|&s| {
-            run_seed(s, knobs)
-                .violations
-                .iter()
-                .any(|v| v.contains("twice with different content"))
-        })
-        .count();
-    assert!(
-        caught > 0,
-        "a primary restarted at its old epoch went unnoticed in 400 seeds"
-    );
-}
-
-#[test]
-fn checker_catches_a_truncation_that_resurrects_dropped_writes() {
-    // Without the extent limit, as with primaries of older builds (and replicas), a
-    // crashed flusher cycle leaves the extent ahead on the nodes that are truncated later.
-    let knobs = Knobs {
-        skip_extent_repair: true,
-        no_extent_limit: true,
-        ..Knobs::default()
-    };
-    let caught = (1..=200u64)
-        .filter(|&s| {
-            run_seed(s, knobs)
-                .violations
-                .iter()
-                .any(|v| v.contains("reads a write its log no longer has"))
-        })
-        .count();
-    assert!(
-        caught > 0,
-        "truncations exposing a crashed flusher cycle's copies went unnoticed in 200 seeds"
-    );
 }
 
 /// How many of the seeds `1..=count` (`SIM_KNOB_SEEDS` overrides `count`) show a
@@ -2811,6 +2732,63 @@ fn seeds_caught(what: &str, knobs: Knobs, count: u64, caught: fn(&str) -> bool) 
     n
 }
 
+/// With a protection off (`knobs`), the checker reports what `caught` recognises for at
+/// least one of the seeds `1..=count`.
+fn assert_caught(what: &str, knobs: Knobs, count: u64, caught: fn(&str) -> bool) {
+    let n = seeds_caught(what, knobs, count, caught);
+    assert!(n > 0, "{what} went unnoticed in {count} seeds");
+}
+
+#[test]
+fn checker_catches_a_gate_that_acks_without_barriers() {
+    let knobs = Knobs {
+        skip_member_gate: true,
+        ..Knobs::default()
+    };
+    assert_caught("a gate that ignores members", knobs, 60, |v| {
+        v.contains("durable") || v.contains("acknowledged entry")
+    });
+}
+
+#[test]
+fn checker_catches_a_receiver_that_accepts_stale_epochs() {
+    let knobs = Knobs {
+        accept_stale_epoch: true,
+        ..Knobs::default()
+    };
+    assert_caught("stale-epoch writes", knobs, 200, |v| {
+        v.contains("stale epoch") || v.contains("acknowledged")
+    });
+}
+
+#[test]
+fn checker_catches_a_restarted_primary_that_reissues_lsns_at_its_old_epoch() {
+    let knobs = Knobs {
+        unguarded_primary_restart: true,
+        ..Knobs::default()
+    };
+    assert_caught("a primary restarted at its old epoch", knobs, 400, |v| {
+        v.contains("twice with different content")
+    });
+}
+
+#[test]
+fn checker_catches_a_truncation_that_resurrects_dropped_writes() {
+    // Without the extent limit, as with primaries of older builds (and replicas), a
+    // crashed flusher cycle leaves the extent ahead on the nodes that are truncated later.
+    let knobs = Knobs {
+        skip_extent_repair: true,
+        no_extent_limit: true,
+        ..Knobs::default()
+    };
+    assert_caught(
+        "truncations exposing a crashed flusher cycle's copies",
+        knobs,
+        200,
+        |v| v.contains("reads a write its log no longer has"),
+    );
+}
+
 #[test]
 fn checker_catches_a_primary_that_serves_reads_without_lease_or_member_proof() {
     // Without the IO fence a primary cut off from the control plane keeps serving after
@@ -2819,8 +2797,7 @@ fn checker_catches_a_primary_that_serves_reads_without_lease_or_member_proof() {
         no_io_fence: true,
         ..Knobs::default()
     };
-    let n = seeds_caught("no IO fence", knobs, 150, |v| v.contains("stale read"));
-    assert!(n > 0, "a deposed primary serving reads went unnoticed");
+    assert_caught("no IO fence", knobs, 150, |v| v.contains("stale read"));
 }
 
 #[test]
@@ -2832,8 +2809,7 @@ fn checker_catches_forwarded_writes_that_land_after_their_retry() {
         no_forward_fence: true,
         ..Knobs::default()
     };
-    let n = seeds_caught("no forward fence", knobs, 150, |v| v.contains("stale read"));
-    assert!(n > 0, "stale forwarded writes went unnoticed");
+    assert_caught("no forward fence", knobs, 150, |v| v.contains("stale read"));
 }
 
 #[test]
@@ -2845,10 +2821,9 @@ fn checker_catches_a_receiver_that_acks_before_its_fsync_is_done() {
         ack_before_synced: true,
         ..Knobs::default()
     };
-    let n = seeds_caught("ack before synced", knobs, 100, |v| {
+    assert_caught("ack before synced", knobs, 100, |v| {
         v.contains("durable") || v.contains("acknowledged")
     });
-    assert!(n > 0, "barriers answered before their fsync went unnoticed");
 }
 
 fn two_primaries_lose_data(v: &str) -> bool {
@@ -2865,8 +2840,7 @@ fn checker_catches_two_primaries_at_one_epoch_without_the_session_binding() {
         no_session_binding: true,
         ..Knobs::default()
     };
-    let n = seeds_caught("no session binding", knobs, 200, two_primaries_lose_data);
-    assert!(n > 0, "two primaries at one epoch went unnoticed");
+    assert_caught("no session binding", knobs, 200, two_primaries_lose_data);
 }
 
 #[test]
@@ -2879,8 +2853,7 @@ fn checker_catches_two_primaries_at_one_epoch_without_the_operator_fence() {
         no_operator_fence: true,
         ..Knobs::default()
     };
-    let n = seeds_caught("no operator fence", knobs, 300, two_primaries_lose_data);
-    assert!(n > 0, "two primaries at one epoch went unnoticed");
+    assert_caught("no operator fence", knobs, 300, two_primaries_lose_data);
 }
 
 /// A deposed operator's in-flight reconcile tries to promote a second member at the
