@@ -15,14 +15,19 @@ use common::cluster::{Cluster, rid};
 
 const BS: usize = 4096;
 
-fn new_volume(name: &str) -> Arc<Volume> {
-    let opts = CreateOptions {
+/// 256 blocks and a 1 MiB WAL at epoch 1.
+fn small_volume() -> CreateOptions {
+    CreateOptions {
         size_bytes: 1 << 20,
         block_size: BS as u32,
         wal_size_bytes: 1 << 20,
         epoch: Epoch(1),
         ..CreateOptions::default()
-    };
+    }
+}
+
+fn new_volume(name: &str) -> Arc<Volume> {
+    let opts = small_volume();
     let cfg = VolumeConfig {
         flush_interval_ms: 5,
         ..VolumeConfig::default()
@@ -277,13 +282,7 @@ fn volume_replica_is_rebuilt_after_its_wal_was_released() {
 /// LBA 9. With `history` the WAL keeps everything from LSN 1 (its WAL history); without
 /// it, the checkpoint recycles LSN 1.
 fn crashed_inside_a_flusher_cycle(history: bool) -> Arc<Volume> {
-    let opts = CreateOptions {
-        size_bytes: 1 << 20,
-        block_size: BS as u32,
-        wal_size_bytes: 1 << 20,
-        epoch: Epoch(1),
-        ..CreateOptions::default()
-    };
+    let opts = small_volume();
     let cfg = VolumeConfig {
         flush_interval_ms: 3_600_000,
         wal_history_ms: if history {
