@@ -232,6 +232,11 @@ impl ReceiverCore {
         )
     }
 
+    /// Refuses a message that needs a session `conn` does not carry at `epoch`.
+    fn no_session(&self, conn: ConnId, epoch: Epoch, detail: &str) -> ReceiverAction {
+        self.error(conn, epoch, ErrorCode::NoSession, detail.into())
+    }
+
     fn fail(&mut self, reason: String) {
         tracing::error!(volume = %self.volume, %reason, "replica storage failed");
         self.events.push(ReceiverEvent::StorageFailed {
@@ -485,12 +490,7 @@ impl ReceiverCore {
         out: &mut Vec<ReceiverAction>,
     ) {
         if !self.in_session(conn, epoch) {
-            out.push(self.error(
-                conn,
-                epoch,
-                ErrorCode::NoSession,
-                "entry before a handshake at this epoch".into(),
-            ));
+            out.push(self.no_session(conn, epoch, "entry before a handshake at this epoch"));
             return;
         }
         match log.append_replicated(entry) {
@@ -571,12 +571,7 @@ impl ReceiverCore {
         out: &mut Vec<ReceiverAction>,
     ) {
         if !self.in_session(conn, epoch) {
-            out.push(self.error(
-                conn,
-                epoch,
-                ErrorCode::NoSession,
-                "truncate before a handshake".into(),
-            ));
+            out.push(self.no_session(conn, epoch, "truncate before a handshake"));
             return;
         }
         if log.epoch_at(after) != Some(expect_epoch) {
@@ -644,12 +639,7 @@ impl ReceiverCore {
             .as_mut()
             .filter(|r| r.session == session && in_session)
         else {
-            out.push(self.error(
-                conn,
-                epoch,
-                ErrorCode::NoSession,
-                "base block without a rebuild".into(),
-            ));
+            out.push(self.no_session(conn, epoch, "base block without a rebuild"));
             return;
         };
         rb.blocks += 1;
@@ -675,12 +665,7 @@ impl ReceiverCore {
     ) {
         let in_session = self.in_session(conn, epoch);
         let Some(rb) = self.rebuild.take_if(|r| r.session == session && in_session) else {
-            out.push(self.error(
-                conn,
-                epoch,
-                ErrorCode::NoSession,
-                "base done without a rebuild".into(),
-            ));
+            out.push(self.no_session(conn, epoch, "base done without a rebuild"));
             return;
         };
         if rb.blocks != blocks {
@@ -804,13 +789,7 @@ impl ReceiverCore {
         result: Result<Lsn, String>,
         out: &mut Vec<ReceiverAction>,
     ) {
-        let ready: Vec<PendingBarrier> = {
-            let (ready, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut self.pending)
-                .into_iter()
-                .partition(|p| p.lsn <= covered);
-            self.pending = rest;
-            ready
-        };
+        let ready = self.take_pending(|p| p.lsn <= covered);
         let (status, flushed) = match result {
             Ok(durable) => {
                 // Reported progress never moves backwards.
@@ -820,16 +799,26 @@ impl ReceiverCore {
             Err(_) => (BarrierStatus::FsyncFailed, Lsn(0)),
         };
         for p in ready {
-            out.push(self.reply(
-                p.conn,
-                p.epoch,
-                Body::BarrierResponse {
-                    id: p.id,
-                    status,
-                    flushed,
-                },
-            ));
+            out.push(self.answer(&p, status, flushed));
         }
+    }
+
+    /// Removes and returns the waiting barriers `done` selects.
+    fn take_pending(&mut self, done: impl Fn(&PendingBarrier) -> bool) -> Vec<PendingBarrier> {
+        let (taken, rest) = std::mem::take(&mut self.pending)
+            .into_iter()
+            .partition(|p| done(p));
+        self.pending = rest;
+        taken
+    }
+
+    fn answer(&self, p: &PendingBarrier, status: BarrierStatus, flushed: Lsn) -> ReceiverAction {
+        let body = Body::BarrierResponse {
+            id: p.id,
+            status,
+            flushed,
+        };
+        self.reply(p.conn, p.epoch, body)
     }
 
     fn expire_barriers(
@@ -839,20 +828,8 @@ impl ReceiverCore {
         out: &mut Vec<ReceiverAction>,
     ) {
         self.complete_barriers(log, out);
-        let (expired, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut self.pending)
-            .into_iter()
-            .partition(|p| now_ms >= p.deadline_ms);
-        self.pending = rest;
-        for p in expired {
-            out.push(self.reply(
-                p.conn,
-                p.epoch,
-                Body::BarrierResponse {
-                    id: p.id,
-                    status: BarrierStatus::Timeout,
-                    flushed: Lsn(0),
-                },
-            ));
+        for p in self.take_pending(|p| now_ms >= p.deadline_ms) {
+            out.push(self.answer(&p, BarrierStatus::Timeout, Lsn(0)));
         }
     }
 }
