@@ -2,18 +2,18 @@
 //! refuse and report, duplicate → skip), persists the highest epoch seen before acting on it
 //! and refuses lower ones (so a stale primary's barriers fail), answers the reconnect
 //! handshake, and answers a barrier only after everything up to its LSN is received and
-//! fsynced, with a flushed LSN that never moves backwards within a session.
+//! fsynced, with a flushed LSN that never moves backwards within a session. An entry or
+//! base block beyond the replica's size (an expansion it has not applied yet) is refused
+//! with `BeyondSize` and leaves the replica healthy; other storage errors fail it.
+//! A refused truncation ends the session on its connection: nothing the primary
+//! pipelined after it (entries, barriers) is accepted there until a new handshake.
 //!
 //! The core does no I/O of its own: it asks for an fsync with [`ReceiverAction::Sync`]
 //! and answers the barriers it covers only when the shell feeds back
 //! [`ReceiverInput::Synced`]. One sync is in flight at a time; barriers that become
 //! ready meanwhile wait for the next one, so a burst of barriers costs one fsync.
 //! [`step_blocking`] is the shell for callers that may block: it performs each sync at
-//! once, on the calling thread. An entry or
-//! base block beyond the replica's size (an expansion it has not applied yet) is refused
-//! with `BeyondSize` and leaves the replica healthy; other storage errors fail it.
-//! A refused truncation ends the session on its connection: nothing the primary
-//! pipelined after it (entries, barriers) is accepted there until a new handshake.
+//! once, on the calling thread.
 //!
 //! One primary per epoch: the first primary that opens a session (resume or rebuild
 //! handshake) naming its ReplicaID at epoch E owns E here; a handshake at E from another
@@ -262,7 +262,7 @@ impl ReceiverCore {
             ReceiverInput::Received { conn, msg } => {
                 self.on_message(now_ms, conn, msg, log, &mut out)
             }
-            ReceiverInput::Synced { result } => self.synced(now_ms, result, log, &mut out),
+            ReceiverInput::Synced { result } => self.synced(result, log, &mut out),
         }
         out
     }
@@ -767,7 +767,6 @@ impl ReceiverCore {
     /// next one if more barriers became ready meanwhile.
     fn synced(
         &mut self,
-        _now_ms: u64,
         result: Result<Lsn, String>,
         log: &dyn ReplicaLog,
         out: &mut Vec<ReceiverAction>,
