@@ -1694,6 +1694,17 @@ fn a_failed_fsync_fails_its_barriers_and_the_replica() {
 }
 
 #[test]
+fn a_failed_fsync_nobody_waits_for_still_fails_the_replica() {
+    let mut rx = Rx::holding_syncs();
+    rx.entry(1);
+    let out = rx.step(ReceiverInput::Synced {
+        result: Err("fsync: EIO".into()),
+    });
+    assert!(barrier_answers(&out).is_empty());
+    assert!(rx.core.failed().is_some());
+}
+
+#[test]
 fn a_truncation_during_an_fsync_leaves_the_entries_it_removed_unacknowledged() {
     let mut rx = Rx::holding_syncs();
     for lsn in 1..=3 {

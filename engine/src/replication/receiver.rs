@@ -764,19 +764,20 @@ impl ReceiverCore {
     }
 
     /// The sync in flight finished: answers the barriers it covers, then asks for the
-    /// next one if more barriers became ready meanwhile.
+    /// next one if more barriers became ready meanwhile. A failed fsync fails the replica
+    /// even when no sync was in flight: what it should have persisted may be lost.
     fn synced(
         &mut self,
         result: Result<Lsn, String>,
         log: &dyn ReplicaLog,
         out: &mut Vec<ReceiverAction>,
     ) {
-        let Some(covered) = self.syncing.take() else {
-            return;
-        };
         if let Err(e) = &result {
             self.fail(format!("fsync: {e}"));
         }
+        let Some(covered) = self.syncing.take() else {
+            return;
+        };
         self.answer_covered(covered, result, out);
         self.complete_barriers(log, out);
     }
