@@ -20,7 +20,9 @@ use engine::replication::{
     ReceiverServer, ReplicaId, ReplicaState, Transport, VolumeId, spawn_primary,
 };
 use engine::{CreateOptions, Epoch, Volume, VolumeConfig};
-use node_agent::nbd::{BackendError, BlockBackend, ExportRegistry, NbdServer, ServerConfig};
+use node_agent::frontend::nbd::{
+    BackendError, BlockBackend, ExportRegistry, NbdServer, ServerConfig,
+};
 
 const BS: u32 = 4096;
 const EXPORT: &str = "vol";

@@ -15,17 +15,18 @@ use tokio_stream::wrappers::UnixListenerStream;
 
 use crate::attach::{Attacher, LauncherClient, LocalProxies, ProxyCommand, ProxyHost};
 use crate::attach_service::{AttachService, Forwarding};
-use crate::forward::{
+use crate::frontend::forwarding::{
     Attachments, ForwardSettings, KubeResolver, LocalPath, kube_attachment_lookup,
     watch_attachments,
 };
+use crate::frontend::metered::NbdMetrics;
+use crate::frontend::nbd::{ExportRegistry, NbdServer, ServerConfig};
 use crate::k8s::{
     AgentContext, LeaseRenewer, LeaseSettings, NodeRegistration, ReplicaSettings, keep_registered,
     run_replicas, validate_data_address,
 };
-use crate::metrics::{self, AgentMetrics, NbdMetrics, Readiness};
-use crate::nbd::{ExportRegistry, NbdServer, ServerConfig};
-use crate::runtime::{EngineRuntime, EngineSettings};
+use crate::metrics::{AgentMetrics, Readiness};
+use crate::replicas::{EngineRuntime, EngineSettings};
 
 /// Name of the NBD server's unix socket inside `--nbd-socket-dir`.
 pub const NBD_SOCKET_NAME: &str = "nbd.sock";
@@ -155,7 +156,7 @@ pub enum Error {
         source: std::io::Error,
     },
     #[error("NBD server: {0}")]
-    Nbd(#[from] crate::nbd::Error),
+    Nbd(#[from] crate::frontend::nbd::Error),
     #[error("attach: {0}")]
     Attach(#[from] crate::attach::Error),
     #[error("attach service: {0}")]
@@ -507,7 +508,7 @@ impl Agent {
                 readiness.clone(),
                 data_dir.clone(),
             ));
-            tasks.push(tokio::spawn(metrics::serve(l, metrics)));
+            tasks.push(tokio::spawn(telemetry::http::serve(l, metrics)));
         }
 
         let proxies: Arc<dyn ProxyHost> = match &settings.attach_launcher_socket {
