@@ -96,7 +96,10 @@ pub async fn serve<P: Probes>(listener: TcpListener, probes: Arc<P>) {
 /// The answer to one request.
 async fn answer<P: Probes, B>(probes: &P, req: &Request<B>) -> Response<Full<Bytes>> {
     if req.method() != Method::GET {
-        let mut r = text(StatusCode::METHOD_NOT_ALLOWED, "only GET is served\n".into());
+        let mut r = text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "only GET is served\n".into(),
+        );
         r.headers_mut()
             .insert(header::ALLOW, header::HeaderValue::from_static("GET"));
         return r;

@@ -8,6 +8,7 @@ use clap::Parser;
 use operator::primary_move::MoveSettings;
 use operator::replacement::ReplacementSettings;
 use operator::{Context, ControllerSettings, LeaderElector, LeaderSettings, Metrics};
+use telemetry::logging::LogFormat;
 
 /// blockvol operator: placement, epochs, in-sync set, failover, rebuild.
 #[derive(Parser, Debug)]
@@ -68,12 +69,12 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let format = match operator::logging::LogFormat::from_env() {
-        _ if args.log_json => operator::logging::LogFormat::Json,
+    let format = match LogFormat::from_env() {
+        _ if args.log_json => LogFormat::Json,
         Ok(f) => f,
-        Err(e) => anyhow::bail!(e),
+        Err(e) => return Err(e.into()),
     };
-    operator::logging::init(format);
+    telemetry::logging::init(format);
     let client = kube::Client::try_default()
         .await
         .context("connecting to the Kubernetes API")?;
@@ -85,7 +86,7 @@ async fn main() -> anyhow::Result<()> {
     };
     let metrics = Arc::new(Metrics::default());
     let listener = operator::metrics::bind(args.metrics_addr).await?;
-    tokio::spawn(operator::metrics::serve(listener, metrics.clone()));
+    tokio::spawn(telemetry::http::serve(listener, metrics.clone()));
     let settings = ControllerSettings {
         node_lease_namespace: args.namespace.clone(),
         replacement: ReplacementSettings {
