@@ -23,8 +23,14 @@ struct Args {
     /// This operator's identity in the leader Lease.
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
-    /// Seconds a leader's claim lasts without renewal.
-    #[arg(long, default_value_t = 15)]
+    /// Seconds a leader's claim lasts without renewal (the node agent's flag has the
+    /// same spelling; `--lease-duration-s` is still accepted, so old arguments keep
+    /// working across an upgrade).
+    #[arg(
+        long = "lease-duration-seconds",
+        alias = "lease-duration-s",
+        default_value_t = 15
+    )]
     lease_duration_s: u32,
     /// Milliseconds between leader Lease renewals.
     #[arg(long, default_value_t = 2_000)]
@@ -130,4 +136,26 @@ async fn main() -> anyhow::Result<()> {
     };
     operator::run(ctx, elector, shutdown).await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn lease_duration_takes_the_agents_spelling_and_still_accepts_the_old_one() {
+        let new = Args::try_parse_from(["blockvol-operator", "--lease-duration-seconds=9"])
+            .expect("new spelling");
+        assert_eq!(new.lease_duration_s, 9);
+        let old = Args::try_parse_from(["blockvol-operator", "--lease-duration-s=7"])
+            .expect("old spelling, as an upgrade from older arguments passes it");
+        assert_eq!(old.lease_duration_s, 7);
+        let help = Args::command().render_long_help().to_string();
+        assert!(help.contains("--lease-duration-seconds"), "{help}");
+        assert!(
+            !help.contains("--lease-duration-s "),
+            "the old spelling is hidden: {help}"
+        );
+    }
 }
