@@ -150,7 +150,51 @@ fn new_view(volume: &str, node: &str, nodes: &[NodeCandidate]) -> ReplicaView {
     }
 }
 
-fn status_only(obs: &Observed<'_>, blocked: Blocked, event: PlannedEvent) -> Box<Plan> {
+impl Observed<'_> {
+    /// The status a plan writes for this volume: `state` and `replicas` as the plan
+    /// leaves them.
+    fn status_of(
+        &self,
+        state: &crate::recovery::VolumeState,
+        replicas: &[ReplicaView],
+        blocked: Option<&Blocked>,
+        size_bytes: Option<u64>,
+        primary_move: Option<&api::PrimaryMove>,
+    ) -> BlockVolumeStatus {
+        volume_status(&StatusInput {
+            generation: self.generation,
+            deleting: false,
+            attached_to: self.attached_to,
+            desired_replicas: self.spec.replicas,
+            state,
+            replicas,
+            blocked,
+            size_bytes,
+            primary_move,
+            previous: self.status,
+            now: self.now,
+        })
+    }
+}
+
+/// `views` with each replica that `specs` names assigned its spec there.
+fn with_specs(views: &[ReplicaView], specs: &[BlockReplicaSpec]) -> Vec<ReplicaView> {
+    views
+        .iter()
+        .map(|r| {
+            let mut r = r.clone();
+            if let Some(s) = specs.iter().find(|s| s.replica_id == r.id) {
+                r.spec = s.clone();
+            }
+            r
+        })
+        .collect()
+}
+
+/// The plan of a volume that cannot be reconciled: its status says why, and so does a
+/// warning Event with the `Ready` condition's reason.
+fn status_only(obs: &Observed<'_>, blocked: Blocked) -> Box<Plan> {
+    let event = warning(blocked.reason(), blocked.message().to_string());
     let state = crate::recovery::VolumeState {
         epoch: obs.status.map(|s| s.epoch).unwrap_or(0),
         primary: obs.status.and_then(|s| s.primary.clone()),
@@ -159,19 +203,13 @@ fn status_only(obs: &Observed<'_>, blocked: Blocked, event: PlannedEvent) -> Box
             .map(|s| InSyncSet::new(s.in_sync_set.clone(), s.in_sync_set_generation))
             .unwrap_or_default(),
     };
-    let status = volume_status(&StatusInput {
-        generation: obs.generation,
-        deleting: false,
-        attached_to: obs.attached_to,
-        desired_replicas: obs.spec.replicas,
-        state: &state,
-        replicas: obs.replicas,
-        blocked: Some(&blocked),
-        size_bytes: obs.status.and_then(|s| s.size_bytes),
-        primary_move: obs.status.and_then(|s| s.primary_move.as_ref()),
-        previous: obs.status,
-        now: obs.now,
-    });
+    let status = obs.status_of(
+        &state,
+        obs.replicas,
+        Some(&blocked),
+        obs.status.and_then(|s| s.size_bytes),
+        obs.status.and_then(|s| s.primary_move.as_ref()),
+    );
     Box::new(Plan {
         apply: vec![],
         delete: vec![],
@@ -191,35 +229,19 @@ fn moving_plan(
     demote: Option<BlockReplicaSpec>,
     events: Vec<PlannedEvent>,
 ) -> Plan {
-    let views: Vec<ReplicaView> = obs
-        .replicas
-        .iter()
-        .map(|r| {
-            let mut r = r.clone();
-            if let Some(s) = demote.as_ref().filter(|s| s.replica_id == r.id) {
-                r.spec = s.clone();
-            }
-            r
-        })
-        .collect();
+    let views = with_specs(obs.replicas, demote.as_slice());
     let state = crate::recovery::VolumeState {
         epoch: state.epoch.max(current.epoch),
         primary: None,
         in_sync: state.in_sync.clone(),
     };
-    let status = volume_status(&StatusInput {
-        generation: obs.generation,
-        deleting: false,
-        attached_to: obs.attached_to,
-        desired_replicas: obs.spec.replicas,
-        state: &state,
-        replicas: &views,
-        blocked: None,
-        size_bytes: obs.status.and_then(|s| s.size_bytes),
-        primary_move: Some(current),
-        previous: obs.status,
-        now: obs.now,
-    });
+    let status = obs.status_of(
+        &state,
+        &views,
+        None,
+        obs.status.and_then(|s| s.size_bytes),
+        Some(current),
+    );
     Plan {
         apply: demote.into_iter().collect(),
         delete: vec![],
@@ -288,32 +310,15 @@ fn validated(obs: &Observed<'_>) -> Result<(u64, crate::recovery::VolumeState), 
             obs.name.len(),
             api::LABEL_VOLUME
         );
-        return Err(status_only(
-            obs,
-            Blocked::InvalidSpec(m.clone()),
-            warning(reason::INVALID_SPEC, m),
-        ));
+        return Err(status_only(obs, Blocked::InvalidSpec(m)));
     }
     let size = obs
         .spec
         .validate()
         .and_then(|()| obs.spec.size_bytes())
-        .map_err(|e| {
-            let m = e.to_string();
-            status_only(
-                obs,
-                Blocked::InvalidSpec(m.clone()),
-                warning(reason::INVALID_SPEC, m),
-            )
-        })?;
-    let state = recover_state(obs.status, obs.replicas).map_err(|e| {
-        let m = e.to_string();
-        status_only(
-            obs,
-            Blocked::ConflictingPrimaries(m.clone()),
-            warning(reason::CONFLICTING_PRIMARIES, m),
-        )
-    })?;
+        .map_err(|e| status_only(obs, Blocked::InvalidSpec(e.to_string())))?;
+    let state = recover_state(obs.status, obs.replicas)
+        .map_err(|e| status_only(obs, Blocked::ConflictingPrimaries(e.to_string())))?;
     Ok((size, state))
 }
 
@@ -1052,30 +1057,14 @@ impl<'o, 'a> Planner<'o, 'a> {
     fn finish(self) -> Plan {
         let obs = self.obs;
         let apply = self.replica_specs();
-        let status_views: Vec<ReplicaView> = self
-            .views
-            .iter()
-            .map(|r| {
-                let mut r = r.clone();
-                if let Some(s) = apply.iter().find(|s| s.replica_id == r.id) {
-                    r.spec = s.clone();
-                }
-                r
-            })
-            .collect();
-        let status = volume_status(&StatusInput {
-            generation: obs.generation,
-            deleting: false,
-            attached_to: obs.attached_to,
-            desired_replicas: obs.spec.replicas,
-            state: &self.state,
-            replicas: &status_views,
-            blocked: self.blocked.as_ref(),
-            size_bytes: reached_size(&status_views),
-            primary_move: self.recorded_move.as_ref(),
-            previous: obs.status,
-            now: obs.now,
-        });
+        let status_views = with_specs(&self.views, &apply);
+        let status = obs.status_of(
+            &self.state,
+            &status_views,
+            self.blocked.as_ref(),
+            reached_size(&status_views),
+            self.recorded_move.as_ref(),
+        );
         Plan {
             apply,
             delete: self.delete,
@@ -1284,6 +1273,44 @@ mod tests {
         assert_eq!(p.status.epoch, 1);
         assert_eq!(p.status.phase, VolumePhase::Creating);
         assert_eq!(w.reasons(), vec![reason::PLACED]);
+    }
+
+    #[test]
+    fn a_volume_that_cannot_be_reconciled_only_reports_why_with_the_ready_reason() {
+        let mut w = World::new(3);
+        w.spec = BlockVolumeSpec::with_size("a lot");
+        let p = w.step();
+        assert!(p.apply.is_empty() && p.delete.is_empty(), "{p:?}");
+        assert_eq!(p.status.phase, VolumePhase::Failed);
+        let e = &p.events[..];
+        assert!(
+            e.len() == 1 && e[0].warning && e[0].reason == reason::INVALID_SPEC,
+            "{e:?}"
+        );
+        let ready = &p.status.conditions[0];
+        assert_eq!(
+            (ready.reason.as_str(), &ready.message),
+            (reason::INVALID_SPEC, &e[0].note)
+        );
+
+        let mut w = World::new(3);
+        w.step();
+        let second = w
+            .replicas
+            .iter_mut()
+            .find(|r| r.spec.role == ReplicaRole::Replica)
+            .unwrap();
+        second.spec.role = ReplicaRole::Primary;
+        w.status = None;
+        let p = w.step();
+        assert!(p.apply.is_empty() && p.delete.is_empty(), "{p:?}");
+        assert_eq!(p.status.phase, VolumePhase::Failed);
+        assert!(
+            p.events.len() == 1 && p.events[0].reason == reason::CONFLICTING_PRIMARIES,
+            "{:?}",
+            p.events
+        );
+        assert_eq!(p.status.conditions[0].reason, reason::CONFLICTING_PRIMARIES);
     }
 
     #[test]
@@ -1569,6 +1596,25 @@ mod tests {
         }
     }
 
+    /// Places the volume and lets every replica catch up and join the in-sync set.
+    fn settle(w: &mut World) {
+        w.step();
+        agents_catch_up(w, 10);
+        w.step();
+        agents_catch_up(w, 10);
+        w.step();
+    }
+
+    /// The node of some replica that is not the primary.
+    fn a_replica_node(w: &World) -> String {
+        w.replicas
+            .iter()
+            .find(|r| r.spec.role == ReplicaRole::Replica)
+            .unwrap()
+            .node()
+            .to_string()
+    }
+
     fn drain(w: &mut World, node: &str) {
         for n in &mut w.nodes {
             if n.name == node {
@@ -1581,11 +1627,7 @@ mod tests {
     fn draining_the_primarys_node_moves_every_replica_off_without_shrinking_the_set() {
         let mut w = World::new(5);
         w.spec.replicas = 3;
-        w.step();
-        agents_catch_up(&mut w, 10);
-        w.step();
-        agents_catch_up(&mut w, 10);
-        w.step();
+        settle(&mut w);
         let victim_node = w.primary().node().to_string();
         drain(&mut w, &victim_node);
         let mut max_total = 0;
@@ -1644,18 +1686,8 @@ mod tests {
     #[test]
     fn a_drain_with_nowhere_to_go_gives_up_its_slot_and_keeps_every_replica() {
         let mut w = World::new(3);
-        w.step();
-        agents_catch_up(&mut w, 10);
-        w.step();
-        agents_catch_up(&mut w, 10);
-        w.step();
-        let node = w
-            .replicas
-            .iter()
-            .find(|r| r.spec.role == ReplicaRole::Replica)
-            .unwrap()
-            .node()
-            .to_string();
+        settle(&mut w);
+        let node = a_replica_node(&w);
         drain(&mut w, &node);
         let p = w.step();
         assert!(p.apply.is_empty() && p.delete.is_empty(), "{p:?}");
@@ -1676,18 +1708,8 @@ mod tests {
     #[test]
     fn calling_a_drain_off_removes_the_uncommitted_replacement_and_keeps_the_set() {
         let mut w = World::new(4);
-        w.step();
-        agents_catch_up(&mut w, 10);
-        w.step();
-        agents_catch_up(&mut w, 10);
-        w.step();
-        let node = w
-            .replicas
-            .iter()
-            .find(|r| r.spec.role == ReplicaRole::Replica)
-            .unwrap()
-            .node()
-            .to_string();
+        settle(&mut w);
+        let node = a_replica_node(&w);
         let before: Vec<String> = w.replicas.iter().map(|r| r.id.clone()).collect();
         drain(&mut w, &node);
         w.step();
@@ -1715,18 +1737,8 @@ mod tests {
     #[test]
     fn a_drain_without_a_slot_changes_nothing() {
         let mut w = World::new(5);
-        w.step();
-        agents_catch_up(&mut w, 10);
-        w.step();
-        agents_catch_up(&mut w, 10);
-        w.step();
-        let node = w
-            .replicas
-            .iter()
-            .find(|r| r.spec.role == ReplicaRole::Replica)
-            .unwrap()
-            .node()
-            .to_string();
+        settle(&mut w);
+        let node = a_replica_node(&w);
         drain(&mut w, &node);
         w.drain_slot = false;
         agents_catch_up(&mut w, 11);

@@ -127,8 +127,9 @@ impl<'a> Health<'a> {
 }
 
 impl Blocked {
-    /// The `Ready` condition's reason while the volume is blocked.
-    fn reason(&self) -> &'static str {
+    /// The `Ready` condition's reason while the volume is blocked (also the reason of
+    /// the warning Event the plan emits).
+    pub(crate) fn reason(&self) -> &'static str {
         match self {
             Blocked::InsufficientNodes(_) => "InsufficientNodes",
             Blocked::NoEligiblePrimary(_) => "NoEligiblePrimary",
@@ -137,7 +138,7 @@ impl Blocked {
         }
     }
 
-    fn message(&self) -> &str {
+    pub(crate) fn message(&self) -> &str {
         match self {
             Blocked::InsufficientNodes(m)
             | Blocked::NoEligiblePrimary(m)
