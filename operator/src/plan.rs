@@ -1183,6 +1183,15 @@ mod tests {
             )
         }
 
+        /// A volume placed on `n` nodes whose replicas all report healthy: Ready.
+        fn ready(n: usize) -> Self {
+            let mut w = World::new(n);
+            w.step();
+            w.all_report_healthy(10);
+            w.step();
+            w
+        }
+
         fn step(&mut self) -> Plan {
             let p = self.plan();
             for s in &p.apply {
@@ -1359,10 +1368,7 @@ mod tests {
 
     #[test]
     fn unreachable_member_is_dropped_then_added_back() {
-        let mut w = World::new(3);
-        w.step();
-        w.all_report_healthy(10);
-        w.step();
+        let mut w = World::ready(3);
         let pid = w.primary().id.clone();
         let other = w.replicas.iter().find(|r| r.id != pid).unwrap().id.clone();
         let prim = w.replicas.iter_mut().find(|r| r.id == pid).unwrap();
@@ -1394,10 +1400,7 @@ mod tests {
 
     #[test]
     fn expired_primary_lease_promotes_highest_flushed_member_at_next_epoch() {
-        let mut w = World::new(3);
-        w.step();
-        w.all_report_healthy(10);
-        w.step();
+        let mut w = World::ready(3);
         let old = w.primary().clone();
         let others: Vec<String> = w
             .replicas
@@ -1433,10 +1436,7 @@ mod tests {
 
     #[test]
     fn needs_rebuild_replica_is_replaced_on_another_node_after_grace() {
-        let mut w = World::new(4);
-        w.step();
-        w.all_report_healthy(10);
-        w.step();
+        let mut w = World::ready(4);
         let pid = w.primary().id.clone();
         let bad = w.replicas.iter().find(|r| r.id != pid).unwrap().clone();
         w.replicas
@@ -1483,10 +1483,7 @@ mod tests {
 
     #[test]
     fn growing_the_size_expands_every_replica() {
-        let mut w = World::new(3);
-        w.step();
-        w.all_report_healthy(10);
-        w.step();
+        let mut w = World::ready(3);
         w.spec.size =
             k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String("2Gi".into());
         let p = w.step();
@@ -1500,10 +1497,7 @@ mod tests {
 
     #[test]
     fn lowering_replicas_removes_non_primary_members_after_committing_the_smaller_set() {
-        let mut w = World::new(3);
-        w.step();
-        w.all_report_healthy(10);
-        w.step();
+        let mut w = World::ready(3);
         let pid = w.primary().id.clone();
         w.spec.replicas = 1;
         let p = w.step();
@@ -1539,10 +1533,7 @@ mod tests {
 
     /// Converged RF3 volume whose primary reports both peers in sync.
     fn converged() -> World {
-        let mut w = World::new(3);
-        w.step();
-        w.all_report_healthy(10);
-        w.step();
+        let mut w = World::ready(3);
         let pid = w.primary().id.clone();
         let others: Vec<String> = w
             .replicas
