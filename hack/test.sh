@@ -20,6 +20,9 @@ fi
 step "format (cargo fmt --check)"
 cargo fmt --all -- --check
 
+step "layout rules (hack/check-layout.sh)"
+hack/check-layout.sh
+
 step "lint (cargo clippy -D warnings)"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 

@@ -15,9 +15,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use e2e::checker::{Checker, CheckerConfig, Ledger, NbdClient, Target, verify_ledger};
+use engine::net::{NetConfig, PrimaryHandle, ReceiverServer, Transport, spawn_primary};
 use engine::replication::{
-    Endpoint, Generation, NetConfig, Peer, PrimaryConfig, PrimaryHandle, ReceiverConfig,
-    ReceiverServer, ReplicaId, ReplicaState, Transport, VolumeId, spawn_primary,
+    Endpoint, Generation, Peer, PrimaryConfig, ReceiverConfig, ReplicaId, ReplicaState, VolumeId,
 };
 use engine::{CreateOptions, Epoch, Volume, VolumeConfig};
 use node_agent::frontend::nbd::{

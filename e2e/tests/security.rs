@@ -8,8 +8,8 @@ use std::path::{Component, Path};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use engine::net::{NetConfig, ReceiverServer};
 use engine::replication::wire::{ClientAuth, FrameDecoder, Message, NONCE_BYTES, encode_frame};
-use engine::replication::{NetConfig, ReceiverServer};
 use node_agent::frontend::nbd::{DEFAULT_TCP_ADDR, ExportRegistry, NbdServer, ServerConfig};
 use proptest::prelude::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -11,9 +11,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use engine::net::{NetConfig, ReceiverServer, Transport, spawn_primary};
 use engine::replication::{
-    Endpoint, Generation, NetConfig, Peer, PrimaryConfig, ReceiverConfig, ReceiverServer,
-    ReplicaId, Transport, VolumeId, spawn_primary,
+    Endpoint, Generation, Peer, PrimaryConfig, ReceiverConfig, ReplicaId, VolumeId,
 };
 use engine::{CreateOptions, Epoch, Lba, Volume, VolumeConfig};
 

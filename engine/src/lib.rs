@@ -37,21 +37,17 @@
 //! - A rebuild source is a [`BaseImage`]: it pauses the flusher so the extent stays
 //!   exactly at the checkpoint while writes keep landing in the WAL.
 
-pub mod dirty_map;
-pub mod disk;
 pub mod error;
-pub mod extent;
-mod flusher;
-mod group_commit;
-mod recovery;
+pub mod forward;
+pub mod net;
 pub mod replication;
-pub mod superblock;
+pub mod storage;
 pub mod types;
-pub mod volume;
-pub mod wal;
 
-pub use disk::{CrashMode, Disk, FaultPlan, FileDisk, SimDisk};
 pub use error::{Error, Result};
+pub use storage::disk::{CrashMode, Disk, FaultPlan, FileDisk, SimDisk};
+pub use storage::volume::{
+    AppendObserver, BaseImage, CreateOptions, Volume, VolumeConfig, VolumeStats,
+};
+pub use storage::wal::{DecodeError, EntryKind, WalEntry};
 pub use types::{DurabilityMode, Epoch, Lba, Lsn, WalPos};
-pub use volume::{AppendObserver, BaseImage, CreateOptions, Volume, VolumeConfig, VolumeStats};
-pub use wal::{DecodeError, EntryKind, WalEntry};

@@ -4,8 +4,8 @@
 mod common;
 
 use common::*;
-use engine::superblock::{SUPERBLOCK_SLOT_SIZE, Superblock, WAL_OFFSET};
-use engine::wal::RECORD_OVERHEAD;
+use engine::storage::superblock::{SUPERBLOCK_SLOT_SIZE, Superblock, WAL_OFFSET};
+use engine::storage::wal::RECORD_OVERHEAD;
 use engine::{Error, Lba, Lsn, Volume};
 
 const RECORD_4K: u64 = (RECORD_OVERHEAD + BS) as u64;

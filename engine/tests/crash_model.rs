@@ -335,7 +335,7 @@ proptest! {
 /// Offset of the extent on a volume's disk, from its newest valid superblock.
 fn extent_offset(disk: &SimDisk) -> u64 {
     let (a, b) = (disk.peek(0, 4096), disk.peek(4096, 4096));
-    engine::superblock::choose("test", &a, &b)
+    engine::storage::superblock::choose("test", &a, &b)
         .unwrap()
         .extent_offset
 }

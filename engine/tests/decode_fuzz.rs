@@ -1,8 +1,8 @@
 //! Decoders of untrusted bytes (WAL entries from peers or disk, records, superblocks)
 //! never panic on random or mutated input, and never accept a mutated encoding.
 
-use engine::superblock::Superblock;
-use engine::wal::{RecordHeader, encode_record};
+use engine::storage::superblock::Superblock;
+use engine::storage::wal::{RecordHeader, encode_record};
 use engine::{DurabilityMode, EntryKind, Epoch, Lba, Lsn, WalEntry, WalPos};
 use proptest::prelude::*;
 
@@ -42,9 +42,9 @@ fn superblock() -> impl Strategy<Value = Superblock> {
             volume_size: blocks * 4096,
             block_size: 4096,
             durability: DurabilityMode::Async,
-            wal_offset: engine::superblock::WAL_OFFSET,
+            wal_offset: engine::storage::superblock::WAL_OFFSET,
             wal_size: 1 << 20,
-            extent_offset: engine::superblock::WAL_OFFSET + (1 << 20),
+            extent_offset: engine::storage::superblock::WAL_OFFSET + (1 << 20),
             checkpoint_lsn: Lsn(ck),
             copied_lsn: Lsn(ck),
             extent_limit_lsn: Lsn(0),

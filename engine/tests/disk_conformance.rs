@@ -2,7 +2,7 @@
 //! read as zeros, ranges past the end fail, and SimDisk's power loss keeps exactly the
 //! synced writes (plus, per mode, whole-sector parts of unsynced ones).
 
-use engine::disk::SECTOR_SIZE;
+use engine::storage::disk::SECTOR_SIZE;
 use engine::{CrashMode, Disk, FaultPlan, FileDisk, SimDisk};
 
 fn conformance(disk: &dyn Disk) {

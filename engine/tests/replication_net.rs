@@ -7,11 +7,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use engine::net::{
+    NetConfig, PrimaryHandle, PrimarySnapshot, ReceiverServer, Transport, spawn_primary,
+};
 use engine::replication::wire::{ClientAuth, Message, NONCE_BYTES, encode_frame};
 use engine::replication::{
-    Body, Durability, Endpoint, EventKind, Generation, NetConfig, Peer, PrimaryConfig,
-    PrimaryHandle, PrimarySnapshot, ReceiverConfig, ReceiverServer, ReplicaId, ReplicaState,
-    Transport, VolumeId, VolumeMsg, spawn_primary,
+    Body, Durability, Endpoint, EventKind, Generation, Peer, PrimaryConfig, ReceiverConfig,
+    ReplicaId, ReplicaState, VolumeId, VolumeMsg,
 };
 use engine::{CreateOptions, EntryKind, Epoch, Lba, Lsn, Volume, VolumeConfig, WalEntry};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

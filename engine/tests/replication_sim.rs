@@ -55,11 +55,11 @@ use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
 use std::future::Future;
 use std::sync::Arc;
 
+use engine::forward::{Admitted, ForwardConn, ForwardFences, ForwardSource};
 use engine::replication::{
-    Action, Admitted, ConnId, Durability, Endpoint, EntryKind, Epoch, FlushId, ForwardConn,
-    ForwardFences, ForwardSource, Generation, Input, Lba, Lsn, MemLog, Peer, PrimaryConfig,
-    PrimaryCore, ReceiverAction, ReceiverConfig, ReceiverCore, ReceiverEvent, ReceiverInput,
-    ReplicaId, ReplicaLog, Report, VolumeId, VolumeMsg, WalEntry,
+    Action, ConnId, Durability, Endpoint, EntryKind, Epoch, FlushId, Generation, Input, Lba, Lsn,
+    MemLog, Peer, PrimaryConfig, PrimaryCore, ReceiverAction, ReceiverConfig, ReceiverCore,
+    ReceiverEvent, ReceiverInput, ReplicaId, ReplicaLog, Report, VolumeId, VolumeMsg, WalEntry,
 };
 
 // ----- PRNG -------------------------------------------------------------------------------

@@ -470,7 +470,7 @@ fn crashed_inside_a_flusher_cycle(history: bool) -> Arc<Volume> {
         let after = disk.crash(engine::CrashMode::DropUnsynced, 0);
         drop(v);
         let (a, b) = (after.peek(0, 4096), after.peek(4096, 4096));
-        let ext = engine::superblock::choose("t", &a, &b)
+        let ext = engine::storage::superblock::choose("t", &a, &b)
             .unwrap()
             .extent_offset;
         let v = Volume::open(Box::new(after.clone()), cfg.clone()).unwrap();

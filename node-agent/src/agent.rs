@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use engine::replication::{NetConfig, ReceiverServer, Transport};
+use engine::net::{NetConfig, ReceiverServer, Transport};
 use kube::Client;
 use tokio_stream::wrappers::UnixListenerStream;
 

@@ -164,7 +164,7 @@ pub async fn wait_for_members(
 pub struct Forwarding {
     pub exports: ExportRegistry,
     pub nbd_socket: PathBuf,
-    pub net: engine::replication::NetConfig,
+    pub net: engine::net::NetConfig,
     pub settings: ForwardSettings,
     pub resolver: Arc<dyn PrimaryResolver>,
     /// How long removing a forwarding export waits for its connections to close.
@@ -731,10 +731,9 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_attach_of_a_new_generation_replaces_the_forwarding_export() {
         use crate::frontend::forwarding::PrimaryTarget;
-        use engine::replication::{
-            Epoch, ForwardHandler, ForwardOp, ForwardOutcome, ForwardPayload, ForwardSource,
-            NetConfig, VolumeId,
-        };
+        use engine::forward::{ForwardHandler, ForwardOutcome, ForwardSource};
+        use engine::net::NetConfig;
+        use engine::replication::{Epoch, ForwardOp, ForwardPayload, VolumeId};
         use std::path::Path;
 
         /// A primary on this node that records the generation of every request.

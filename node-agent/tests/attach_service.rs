@@ -17,7 +17,7 @@ use csi::agent::unix_channel;
 use csi::agent_proto::node_agent_client::NodeAgentClient;
 use csi::agent_proto::node_agent_server::NodeAgentServer;
 use csi::agent_proto::{AttachRequest, DetachRequest, ExpandRequest, StatsRequest};
-use engine::replication::{NetConfig, ReceiverServer, Transport};
+use engine::net::{NetConfig, ReceiverServer, Transport};
 use futures::future::BoxFuture;
 use node_agent::attach::{Attacher, FuseLoopAttacher};
 use node_agent::attach_service::{AttachService, MemberSizes, ShortMembers};

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use api::{Durability, ReplicaRole, ReplicaState};
-use engine::replication::{NetConfig, ReceiverServer, Transport};
+use engine::net::{NetConfig, ReceiverServer, Transport};
 use node_agent::frontend::nbd::{BlockBackend, ExportRegistry};
 use node_agent::replicas::{Assignment, Peer, ReplicaRuntime, RuntimeError};
 use node_agent::replicas::{EngineRuntime, EngineSettings, VOLUME_FILE_NAME};
@@ -547,9 +547,8 @@ async fn without_lease_or_member_answers_the_primary_stops_and_the_promoted_one_
 /// forwarder re-routes instead of failing the client.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_primary_the_api_no_longer_names_serves_no_reads() {
-    use engine::replication::{
-        Epoch, ForwardHandler, ForwardOp, ForwardSource, ForwardStatus, VolumeId,
-    };
+    use engine::forward::{ForwardHandler, ForwardSource};
+    use engine::replication::{Epoch, ForwardOp, ForwardStatus, VolumeId};
     use std::collections::BTreeMap;
 
     let dir = tempfile::tempdir().unwrap();
@@ -760,8 +759,10 @@ async fn a_primary_reopened_at_its_epoch_serves_only_at_a_new_one() {
 /// without re-routing or retrying.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forwarded_io_is_accepted_only_from_the_attached_node() {
-    use engine::replication::{Epoch, ForwardClient, ForwardOp, ForwardSource, ForwardStatus};
-    use engine::replication::{ForwardHandler, ForwardPayload, VolumeId};
+    use engine::forward::ForwardHandler;
+    use engine::forward::{ForwardClient, ForwardSource};
+    use engine::replication::{Epoch, ForwardOp, ForwardStatus};
+    use engine::replication::{ForwardPayload, VolumeId};
     use node_agent::frontend::forwarding::{
         Attachment, Attachments, ForwardSettings, ForwardingBackend, PrimaryTarget,
     };
@@ -882,10 +883,8 @@ async fn forwarded_io_is_accepted_only_from_the_attached_node() {
 /// (tools), are served.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_export_of_an_older_attachment_to_the_same_node_is_fenced() {
-    use engine::replication::{
-        AttachmentGeneration, Epoch, ForwardClient, ForwardHandler, ForwardOp, ForwardSource,
-        ForwardStatus, VolumeId,
-    };
+    use engine::forward::{ForwardClient, ForwardHandler, ForwardSource};
+    use engine::replication::{AttachmentGeneration, Epoch, ForwardOp, ForwardStatus, VolumeId};
     use node_agent::frontend::forwarding::{
         Attachment, Attachments, ForwardSettings, ForwardingBackend, PrimaryTarget,
     };

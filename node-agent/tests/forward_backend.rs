@@ -10,13 +10,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use engine::Epoch;
+use engine::forward::{ForwardHandler, ForwardOutcome, ForwardSource};
+use engine::net::{NetConfig, ReceiverServer};
 use engine::replication::wire::{
     FrameDecoder, Message, NONCE_BYTES, ServerAuth, WireConfig, encode_frame,
 };
-use engine::replication::{
-    ForwardHandler, ForwardMsg, ForwardOp, ForwardOutcome, ForwardPayload, ForwardSource,
-    ForwardStatus, NetConfig, ReceiverServer, VolumeId,
-};
+use engine::replication::{ForwardMsg, ForwardOp, ForwardPayload, ForwardStatus, VolumeId};
 use futures::future::BoxFuture;
 use node_agent::frontend::forwarding::{
     ForwardSettings, ForwardingBackend, LocalExecutor, LocalPath, PrimaryResolver, PrimaryTarget,

@@ -15,13 +15,12 @@ use std::sync::Arc;
 use api::{Durability, ReplicaRole};
 use common::{TestServer, run_ok};
 use engine::Epoch;
+use engine::forward::ForwardClient;
+use engine::net::{NetConfig, ReceiverServer, Transport};
 use engine::replication::wire::{
     ClientAuth, FRAME_HEADER_BYTES, FrameDecoder, Message, NONCE_BYTES, WireConfig, encode_frame,
 };
-use engine::replication::{
-    ForwardClient, ForwardMsg, ForwardOp, ForwardStatus, NetConfig, ReceiverServer, Transport,
-    VolumeId,
-};
+use engine::replication::{ForwardMsg, ForwardOp, ForwardStatus, VolumeId};
 use futures::future::BoxFuture;
 use node_agent::frontend::forwarding::{
     ForwardSettings, ForwardingBackend, PrimaryResolver, PrimaryTarget, ResolveError,

@@ -1,10 +1,9 @@
 //! Replication: ships a primary's WAL to its replicas in LSN order, gates FLUSH acks on the
 //! committed in-sync set's durable progress, and recovers lagging replicas by catch-up or
 //! rebuild. The protocol core is sans-IO (events in, actions out) so a seeded simulation can
-//! drive it; storage is reached only through the `ReplicaLog` trait.
+//! drive it; storage is reached only through the `ReplicaLog` trait. No sockets and no async
+//! runtime here: `crate::net` runs these cores over TCP.
 
-pub mod forward;
-pub mod net;
 pub mod plan;
 pub mod primary;
 pub mod receiver;
@@ -14,13 +13,6 @@ pub mod types;
 pub mod volume_log;
 pub mod wire;
 
-pub use forward::{
-    Admitted, ForwardClient, ForwardConn, ForwardError, ForwardFences, ForwardHandler,
-    ForwardOutcome, ForwardSource,
-};
-pub use net::{
-    NetConfig, NetError, PrimaryHandle, PrimarySnapshot, ReceiverServer, Transport, spawn_primary,
-};
 pub use plan::{
     EventKind, HandshakeReply, Outcome, RecoveryEvent, RecoveryPlan, RetainedHistory,
     classify_handshake,

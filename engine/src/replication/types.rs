@@ -4,10 +4,14 @@
 
 use std::fmt;
 
+// Addresses are values: `core::net` holds the address types (the ones the standard
+// library's net module re-exports) without any socket, so this module does no network IO.
+use core::net::SocketAddr;
+
 use super::{Error, Result};
 
+pub use crate::storage::wal::{EntryKind, WalEntry};
 pub use crate::types::{Epoch, Lba, Lsn};
-pub use crate::wal::{EntryKind, WalEntry};
 
 /// Generation of the committed in-sync set (bumped by the control plane on every change).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -80,22 +84,22 @@ impl fmt::Display for VolumeId {
 /// Canonical `ip:port` endpoint of a replica's data port. Wildcard or empty hosts are refused
 /// because a peer cannot dial them.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct Endpoint(std::net::SocketAddr);
+pub struct Endpoint(SocketAddr);
 
 impl Endpoint {
-    pub fn new(addr: std::net::SocketAddr) -> Result<Self> {
+    pub fn new(addr: SocketAddr) -> Result<Self> {
         if addr.ip().is_unspecified() || addr.port() == 0 {
             return Err(Error::InvalidEndpoint(addr.to_string()));
         }
         Ok(Self(addr))
     }
     pub fn parse(s: &str) -> Result<Self> {
-        let addr: std::net::SocketAddr = s
+        let addr: SocketAddr = s
             .parse()
             .map_err(|_| Error::InvalidEndpoint(s.to_string()))?;
         Self::new(addr)
     }
-    pub fn addr(&self) -> std::net::SocketAddr {
+    pub fn addr(&self) -> SocketAddr {
         self.0
     }
 }

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use super::storage::{AppendOutcome, BaseChunk, BaseKind, BasePin, ReplicaLog};
 use super::types::{Epoch, Lba, Lsn, WalEntry};
 use super::{Error, Result};
-use crate::volume::{BaseImage, Volume};
+use crate::storage::volume::{BaseImage, Volume};
 
 /// A `Volume` seen as a replication log.
 pub struct VolumeLog {

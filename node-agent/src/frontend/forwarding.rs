@@ -50,10 +50,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use engine::Epoch;
+use engine::forward::{ForwardClient, ForwardHandler, ForwardOutcome, ForwardSource};
+use engine::net::NetConfig;
 use engine::replication::wire::FORWARD_DATA_BYTES_MAX;
 use engine::replication::{
-    AttachmentGeneration, ForwardClient, ForwardHandler, ForwardOp, ForwardOutcome, ForwardPayload,
-    ForwardSource, ForwardStatus, NetConfig, VolumeId,
+    AttachmentGeneration, ForwardOp, ForwardPayload, ForwardStatus, VolumeId,
 };
 use futures::future::BoxFuture;
 
@@ -353,7 +354,7 @@ impl Inner {
                     return Err(BackendError::Io(format!(
                         "volume {}: {} kept failing for failover_wait_ms {} (last: {reason})",
                         self.volume,
-                        engine::replication::forward::op_name(&op),
+                        engine::forward::op_name(&op),
                         self.settings.failover_wait_ms
                     )));
                 }

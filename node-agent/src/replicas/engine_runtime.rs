@@ -12,10 +12,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use api::{BlockReplicaStatus, PeerStatus, ReplicaRole, ReplicaState};
+use engine::forward::{ForwardHandler, ForwardOutcome, ForwardSource};
+use engine::net::{PrimaryHandle, ReceiverServer, Transport, spawn_primary};
 use engine::replication::{
-    self as repl, Endpoint, ForwardHandler, ForwardOp, ForwardOutcome, ForwardSource,
-    ForwardStatus, Generation, PrimaryConfig, PrimaryHandle, ReceiverConfig, ReceiverServer,
-    ReplicaId, Report, Transport, VolumeId, spawn_primary,
+    self as repl, Endpoint, ForwardOp, ForwardStatus, Generation, PrimaryConfig, ReceiverConfig,
+    ReplicaId, Report, VolumeId,
 };
 use engine::{CreateOptions, DurabilityMode, Epoch, Lsn, Volume, VolumeConfig};
 use tokio::task::JoinHandle;

@@ -19,15 +19,17 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLock
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::dirty_map::{DirtyMap, Source};
-use crate::disk::{Disk, FileDisk};
 use crate::error::{Error, Result};
-use crate::extent::Layout;
-use crate::group_commit::GroupCommit;
-use crate::recovery::{self, IndexEntry};
-use crate::superblock::{self, FLAG_REBUILD_IN_PROGRESS, SUPERBLOCK_SLOT_SIZE, Superblock};
+use crate::storage::dirty_map::{DirtyMap, Source};
+use crate::storage::disk::{Disk, FileDisk};
+use crate::storage::group_commit::GroupCommit;
+use crate::storage::layout::Layout;
+use crate::storage::recovery::{self, IndexEntry};
+use crate::storage::superblock::{
+    self, FLAG_REBUILD_IN_PROGRESS, SUPERBLOCK_SLOT_SIZE, Superblock,
+};
+use crate::storage::wal::{self, EntryKind, EntryRef, RECORD_OVERHEAD, RecordHeader, WalEntry};
 use crate::types::{DurabilityMode, Epoch, Lba, Lsn, WalPos};
-use crate::wal::{self, EntryKind, EntryRef, RECORD_OVERHEAD, RecordHeader, WalEntry};
 
 /// Geometry and identity of a new volume.
 #[derive(Clone, Debug)]
@@ -172,6 +174,13 @@ impl WalState {
     /// not overwritten) the older of the two persisted tails.
     pub(crate) fn note_persisted(&mut self, prev_tail: u64) {
         self.free_from = self.free_from.max(prev_tail.min(self.tail_pos));
+        debug_assert!(
+            self.free_from <= self.tail_pos && self.tail_pos <= self.head_pos,
+            "WAL positions are ordered: free_from {} <= tail {} <= head {}",
+            self.free_from,
+            self.tail_pos,
+            self.head_pos
+        );
     }
 
     pub(crate) fn entry(&self, lsn: u64) -> Option<&IndexEntry> {
@@ -1224,6 +1233,15 @@ impl Inner {
         let wal_gen = st.wal_gen;
         let record = wal::encode_record_parts(entry, wal_gen);
         let len = wal::record_len_for(entry.data.len());
+        debug_assert_eq!(
+            entry.lsn.0,
+            st.head_lsn + 1,
+            "LSNs are dense: an append is the head's successor"
+        );
+        debug_assert!(
+            st.occupied() + self.needed(st, len) <= self.layout.wal_size,
+            "an append never overwrites WAL space that is not free yet"
+        );
         let rem = self.layout.lap_remaining(st.head_pos);
         let mut pos = st.head_pos;
         if len > rem {
@@ -1243,6 +1261,10 @@ impl Inner {
             }
             pos += rem;
         }
+        debug_assert!(
+            self.layout.lap_remaining(pos) >= len,
+            "a record never straddles the end of the ring"
+        );
         self.disk
             .write_vectored_at(
                 &[&record.head, entry.data, &record.tail],
@@ -1445,7 +1467,7 @@ impl Inner {
                 let len = (end - start) * layout.bs();
                 match src {
                     Source::Wal { data_pos } => {
-                        crate::extent::copy_range(disk, layout.wal_phys(data_pos), dst, len)?
+                        disk.copy_within(layout.wal_phys(data_pos), dst, len)?
                     }
                     Source::Zero => disk.write_zeroes(dst, len)?,
                 }

@@ -1,218 +1,21 @@
-//! Primary side of the protocol, sans-IO: one sender per stable ReplicaID (surviving address
-//! and epoch changes, which only invalidate its session), the replica state machine, the
-//! reconnect handshake, catch-up and rebuild through plans, retention pins and budgets, and
-//! the durability gate. Guarantees: under `SyncAll` a flush at LSN L is acked only when the
-//! local fsync covers L and every member of the committed in-sync set (plus every joined
-//! member counted since its first successful barrier) reported durable flushed >= L; the
-//! primary never drops a member itself - it reports it and waits for a committed set.
+//! `PrimaryCore::step` and the protocol around it: control-plane inputs, connections,
+//! handshakes, catch-up and rebuild through plans, ticks, and retention holds.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
-use super::ConnId;
-use super::plan::{
+use super::sender::{Exec, Sender};
+use super::{Action, Input, Peer, PrimaryConfig, PrimaryCore, RecoveryBytes, ReplicaState, Report};
+use crate::replication::ConnId;
+use crate::replication::plan::{
     self, CatchUpBudget, CatchUpExec, EventKind, HandshakeReply, Outcome, RebuildExec,
     RecoveryEvent, RetainedHistory,
 };
-use super::retention::{HoldId, Pinner};
-use super::storage::ReplicaLog;
-use super::types::{Endpoint, Epoch, Generation, Lsn, ReplicaId, VolumeId, WalEntry};
-use super::wire::{BarrierStatus, Body, ErrorCode, ResumeStatus, VolumeMsg};
-
-/// Flush acknowledgement rule.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Durability {
-    /// Ack when every committed in-sync member has the data durable.
-    SyncAll,
-    /// Ack after the local fsync.
-    Async,
-}
-
-/// Primary bounds and policy. Every bound is named with its unit last.
-#[derive(Debug, Clone)]
-pub struct PrimaryConfig {
-    pub durability: Durability,
-    /// A barrier (or handshake) without an answer for this long fails the session.
-    pub barrier_timeout_ms: u64,
-    pub reconnect_backoff_ms: u64,
-    pub catchup_batch_entries: u64,
-    pub catchup_entries_max: u64,
-    pub catchup_duration_ms_max: u64,
-    pub catchup_progress_deadline_ms: u64,
-    /// Consecutive failed catch-ups before NeedsRebuild.
-    pub catchup_retries_max: u32,
-    /// Base blocks shipped per rebuild round trip (each batch ends with a barrier the
-    /// replica answers before the next goes out): 2048 × 4 KiB = 8 MiB in flight.
-    pub rebuild_batch_blocks: usize,
-    pub rebuild_batch_entries: u64,
-    pub rebuild_progress_deadline_ms: u64,
-    /// A lagging replica out of contact this long loses its WAL hold (NeedsRebuild).
-    pub wal_retention_timeout_ms: u64,
-    /// A lagging replica needing more WAL than this loses its hold (NeedsRebuild).
-    pub wal_retention_bytes_max: u64,
-    /// A flush still waiting after this long fails (it is never acked unsafely).
-    pub flush_timeout_ms: u64,
-    /// A blocked flush waits this long for a missing member before reporting it unreachable.
-    pub member_unreachable_after_ms: u64,
-    pub heartbeat_interval_ms: u64,
-    /// A live replica holding this many shipped bytes not yet reported durable gets a
-    /// barrier without waiting for a client FLUSH, so its retention hold (and the WAL
-    /// behind it) moves on during long runs of unflushed writes. Capped by `fit_to_wal`.
-    pub pressure_barrier_bytes: u64,
-    /// A live replica behind the head gets a barrier at least this often, so the WAL is
-    /// reclaimed after write bursts too small to reach `pressure_barrier_bytes`.
-    pub background_barrier_interval_ms: u64,
-    /// Test-only: ack flushes without waiting for members (lets the simulation prove its
-    /// checker catches a broken gate). Never set in production.
-    pub test_knob_skip_member_gate: bool,
-}
-
-impl Default for PrimaryConfig {
-    fn default() -> Self {
-        Self {
-            durability: Durability::SyncAll,
-            barrier_timeout_ms: 5_000,
-            reconnect_backoff_ms: 500,
-            catchup_batch_entries: 256,
-            catchup_entries_max: 1 << 20,
-            catchup_duration_ms_max: 300_000,
-            catchup_progress_deadline_ms: 30_000,
-            catchup_retries_max: 3,
-            rebuild_batch_blocks: 2048,
-            rebuild_batch_entries: 256,
-            rebuild_progress_deadline_ms: 60_000,
-            wal_retention_timeout_ms: 300_000,
-            wal_retention_bytes_max: 64 << 20,
-            flush_timeout_ms: 60_000,
-            member_unreachable_after_ms: 5_000,
-            heartbeat_interval_ms: 1_000,
-            pressure_barrier_bytes: 8 << 20,
-            background_barrier_interval_ms: 1_000,
-            test_knob_skip_member_gate: false,
-        }
-    }
-}
-
-impl PrimaryConfig {
-    /// Fits the byte bounds to a WAL of `wal_size_bytes`: a replica's unflushed bytes get
-    /// a barrier at a quarter of the WAL at most, and a lagging replica may hold at most
-    /// half of it before escalating to NeedsRebuild. With a larger retention budget a
-    /// stuck replica would keep the WAL full forever and writers would only ever see
-    /// `WalFull`; below half, the budget always trips before writers reach the WAL's
-    /// hard watermark.
-    pub fn fit_to_wal(mut self, wal_size_bytes: u64) -> Self {
-        self.pressure_barrier_bytes = self.pressure_barrier_bytes.min(wal_size_bytes / 4).max(1);
-        self.wal_retention_bytes_max = self.wal_retention_bytes_max.min(wal_size_bytes / 2);
-        self
-    }
-}
-
-/// Identifies one flush request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct FlushId(pub u64);
-
-/// A replica assignment: identity plus current address.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Peer {
-    pub id: ReplicaId,
-    pub endpoint: Endpoint,
-}
-
-/// Per-replica state as the primary sees it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ReplicaState {
-    Disconnected,
-    Connecting,
-    CatchingUp,
-    InSync,
-    Degraded,
-    NeedsRebuild,
-    Rebuilding,
-}
-
-/// Inputs to the primary core.
-#[derive(Debug, Clone)]
-pub enum Input {
-    Tick,
-    PeersAssigned(Vec<Peer>),
-    InSyncSetCommitted {
-        generation: Generation,
-        members: Vec<ReplicaId>,
-    },
-    /// The local volume appended this entry (in LSN order, under its append lock).
-    Appended(WalEntry),
-    FlushRequested(FlushId),
-    LocalFsyncDone {
-        durable: Lsn,
-    },
-    LocalFsyncFailed,
-    Connected(ConnId),
-    ConnectFailed(ConnId),
-    ConnectionLost(ConnId),
-    Received {
-        conn: ConnId,
-        msg: VolumeMsg,
-    },
-    /// The control plane asks to rebuild a replica that reported NeedsRebuild.
-    RebuildRequested(ReplicaId),
-    /// The control plane re-asserted this primary with a newer epoch (already persisted).
-    EpochChanged(Epoch),
-    /// The shell lost appended entries after [`PrimaryCore::head`]: the log recycled
-    /// them before they could be re-read (the append queue overflowed while nothing
-    /// pinned the WAL). They can never be shipped, so every sender that could still
-    /// receive entries is escalated to NeedsRebuild, and the head moves to
-    /// `resume_after`, from which the shell feeds entries again.
-    AppendsLost {
-        resume_after: Lsn,
-    },
-    /// Flushes up to `lsn` were acknowledged by the local fsync alone while
-    /// [`PrimaryCore::gate_is_local_only`] held. Raises the ack high-water mark, so no
-    /// member is granted InSync later without everything acknowledged that way.
-    AckedLocally {
-        lsn: Lsn,
-    },
-}
-
-/// Facts for the control plane.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Report {
-    StateChanged {
-        replica: ReplicaId,
-        state: ReplicaState,
-        flushed: Lsn,
-    },
-    /// A member the gate counts cannot be reached; flush acks wait for a new committed set.
-    MemberUnreachable {
-        replica: ReplicaId,
-        generation: Generation,
-    },
-    /// A member is counted for every ack from now on and may be committed at `generation`.
-    MemberInSync {
-        replica: ReplicaId,
-        generation: Generation,
-        flushed: Lsn,
-    },
-    NeedsRebuild {
-        replica: ReplicaId,
-        reason: String,
-    },
-    /// A peer knows a newer epoch (`observed`), or a replica is bound to another primary
-    /// at this one (`observed` is then this epoch + 1: only a later epoch may serve):
-    /// this primary must stop.
-    Fenced {
-        observed: Epoch,
-    },
-    LocalDiskFailed,
-}
-
-/// Bytes this primary core shipped to one replica to recover it, since the core was
-/// created (a new primary term starts from zero): WAL entries (their encoded size)
-/// sent by a catch-up, and base blocks plus WAL entries sent by a rebuild. Live
-/// shipping of new appends to a replica that keeps up is in neither.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct RecoveryBytes {
-    pub catch_up: u64,
-    pub rebuild: u64,
-}
+use crate::replication::retention::Pinner;
+use crate::replication::storage::ReplicaLog;
+use crate::replication::types::{
+    Endpoint, Epoch, Generation, Lsn, ReplicaId, VolumeId, WalEntry, entry_bytes,
+};
+use crate::replication::wire::{BarrierStatus, Body, ErrorCode, ResumeStatus, VolumeMsg};
 
 /// Which recovery a body was sent for.
 #[derive(Debug, Clone, Copy)]
@@ -225,145 +28,21 @@ enum RecoveryKind {
 /// data.
 fn recovery_body_bytes(b: &Body) -> u64 {
     match b {
-        Body::Entry(e) => super::types::entry_bytes(e),
+        Body::Entry(e) => entry_bytes(e),
         Body::BaseBlock { data, .. } => data.len() as u64,
         _ => 0,
     }
-}
-
-/// Actions for the shell.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Action {
-    Connect {
-        conn: ConnId,
-        replica: ReplicaId,
-        endpoint: Endpoint,
-    },
-    Send {
-        conn: ConnId,
-        msg: VolumeMsg,
-    },
-    Close {
-        conn: ConnId,
-        reason: String,
-    },
-    LocalFsync {
-        upto: Lsn,
-    },
-    FlushAcked {
-        id: FlushId,
-        lsn: Lsn,
-    },
-    FlushFailed {
-        id: FlushId,
-        reason: String,
-    },
-    Report(Report),
-}
-
-#[derive(Debug)]
-enum Exec {
-    CatchUp(CatchUpExec),
-    Rebuild(RebuildExec),
-}
-
-#[derive(Debug, Clone, Copy)]
-struct Inflight {
-    id: u64,
-    lsn: Lsn,
-    sent_ms: u64,
-}
-
-#[derive(Debug)]
-struct Sender {
-    id: ReplicaId,
-    endpoint: Endpoint,
-    state: ReplicaState,
-    conn: Option<ConnId>,
-    conn_up: bool,
-    session: u64,
-    handshake_deadline_ms: u64,
-    /// Durable progress the replica reported in this primary's epoch.
-    flushed: Lsn,
-    progress_known: bool,
-    /// Appended entries are shipped as they come.
-    live: bool,
-    exec: Option<Exec>,
-    barrier: Option<Inflight>,
-    /// When the last barrier was sent; paces background barriers.
-    last_barrier_ms: u64,
-    catchup_failures: u32,
-    next_connect_ms: u64,
-    last_contact_ms: u64,
-    /// When the newest heartbeat this member answered at this primary's epoch was sent
-    /// (0: none yet). A member answers at an epoch only while it has not persisted a
-    /// newer one, so until `proof_ms` + the proof window nobody else is primary.
-    proof_ms: u64,
-    /// When this member was assigned; starts its retention budget before first contact.
-    assigned_ms: u64,
-    hold: Option<HoldId>,
-    counting: bool,
-    rebuild_requested: bool,
-    /// A rebuild was asked for while the replica was a committed member; it starts once
-    /// the control plane removes it from the set.
-    rebuild_deferred: bool,
-    unreachable_reported: Option<Generation>,
-}
-
-#[derive(Debug, Clone, Copy)]
-struct PendingFlush {
-    id: FlushId,
-    lsn: Lsn,
-    at_ms: u64,
 }
 
 /// Heartbeats whose send time is kept for the member proof; an answer to an older one
 /// proves nothing newer than the proofs already held.
 const HEARTBEATS_TRACKED: usize = 16;
 
-/// The primary's replication core for one volume.
-#[derive(Debug)]
-pub struct PrimaryCore {
-    volume: VolumeId,
-    self_id: ReplicaId,
-    epoch: Epoch,
-    cfg: PrimaryConfig,
-    senders: BTreeMap<ReplicaId, Sender>,
-    generation: Generation,
-    committed: BTreeSet<ReplicaId>,
-    head: Lsn,
-    local_durable: Lsn,
-    fsync_inflight: bool,
-    pending: VecDeque<PendingFlush>,
-    acked_high: Lsn,
-    pinner: Pinner,
-    floor: Option<Lsn>,
-    floor_applied: bool,
-    bytes: VecDeque<(Lsn, u64)>,
-    bytes_total: u64,
-    next_conn: u64,
-    next_session: u64,
-    next_barrier: u64,
-    heartbeat_seq: u64,
-    last_heartbeat_ms: u64,
-    /// (sequence, send time) of the newest heartbeats, so an answer proves liveness as
-    /// of the moment its heartbeat left, never later.
-    heartbeats_sent: VecDeque<(u64, u64)>,
-    fenced: Option<Epoch>,
-    disk_failed: bool,
-    events: Vec<RecoveryEvent>,
-    /// Recovery bytes shipped per replica in this core's lifetime (kept when a sender
-    /// is removed, so a counter never goes back within a term).
-    recovery_sent: BTreeMap<ReplicaId, RecoveryBytes>,
-    out: Vec<Action>,
-    now: u64,
-}
-
 /// The flushed LSN the gate may count after a handshake that reported `from`. A replica
 /// asked to truncate has not proven yet that its entries up to the truncation point match
 /// this primary's (it may refuse); until its next barrier answers, only what was already
 /// trusted in this primary's epoch, cut at the truncation point, counts.
-fn trusted_flushed(current: Lsn, from: Lsn, truncate: Option<&super::plan::Truncation>) -> Lsn {
+fn trusted_flushed(current: Lsn, from: Lsn, truncate: Option<&plan::Truncation>) -> Lsn {
     match truncate {
         None => from,
         Some(t) => current.min(t.after),
@@ -432,16 +111,6 @@ impl PrimaryCore {
     pub fn acked_high(&self) -> Lsn {
         self.acked_high
     }
-    /// Whether a flush needs nothing but the local fsync: no peer is assigned, no member
-    /// is committed, and the primary is neither fenced nor failed. While this holds the
-    /// shell may acknowledge flushes without stepping the core, reporting them with
-    /// [`Input::AckedLocally`] before any input that could add a member.
-    pub fn gate_is_local_only(&self) -> bool {
-        self.senders.is_empty()
-            && self.committed.is_empty()
-            && self.fenced.is_none()
-            && !self.disk_failed
-    }
     pub fn state_of(&self, id: &ReplicaId) -> Option<ReplicaState> {
         self.senders.get(id).map(|s| s.state)
     }
@@ -471,28 +140,6 @@ impl PrimaryCore {
     }
     pub fn pending_flushes(&self) -> usize {
         self.pending.len()
-    }
-    /// The member proof of docs/design.md invariant 3: the send time of the oldest among the
-    /// newest heartbeats each committed in-sync member answered at this epoch. Only a
-    /// committed member can be promoted, and a member stops answering at this epoch once
-    /// it has persisted a newer one, so no other primary serves before this moment plus
-    /// the proof window (a promoted member waits out that window after its last answer).
-    /// `None` while some committed member has not answered, or this primary is fenced or
-    /// failed. With no other committed member the proof holds by itself (nobody else
-    /// can be promoted), so it is `now`.
-    pub fn member_proof_ms(&self) -> Option<u64> {
-        if self.fenced.is_some() || self.disk_failed {
-            return None;
-        }
-        let mut min = self.now;
-        for m in &self.committed {
-            let s = self.senders.get(m)?;
-            if s.proof_ms == 0 {
-                return None;
-            }
-            min = min.min(s.proof_ms);
-        }
-        Some(min)
     }
     /// Structured recovery log since the last call.
     pub fn take_events(&mut self) -> Vec<RecoveryEvent> {
@@ -528,7 +175,7 @@ impl PrimaryCore {
         self.send(conn, body);
     }
 
-    fn send(&mut self, conn: ConnId, mut body: Body) {
+    pub(super) fn send(&mut self, conn: ConnId, mut body: Body) {
         // Handshakes name this primary: a replica binds its session at an epoch to one
         // primary and refuses a second one at the same epoch.
         if let Body::ResumeRequest { primary, .. } | Body::RebuildStart { primary, .. } = &mut body
@@ -542,6 +189,7 @@ impl PrimaryCore {
     /// Feeds one input at time `now_ms`; returns the actions to perform in order.
     pub fn step(&mut self, now_ms: u64, input: Input, log: &mut dyn ReplicaLog) -> Vec<Action> {
         self.now = self.now.max(now_ms);
+        let acked_before = self.acked_high;
         if self.fenced.is_some() || self.disk_failed {
             if let Input::FlushRequested(id) = input {
                 self.out.push(Action::FlushFailed {
@@ -563,25 +211,11 @@ impl PrimaryCore {
                 // The volume's head, not this core's: a flush covers every write
                 // acknowledged before it, including entries this core has not been
                 // handed yet (or lost), so it can never be acknowledged without them.
-                self.pending.push_back(PendingFlush {
-                    id,
-                    lsn: self.head.max(log.head_lsn()),
-                    at_ms: self.now,
-                });
-                self.request_local_fsync();
-                self.request_barriers();
+                let lsn = self.head.max(log.head_lsn());
+                self.on_flush_requested(id, lsn);
             }
-            Input::LocalFsyncDone { durable } => {
-                self.fsync_inflight = false;
-                self.local_durable = self.local_durable.max(durable);
-                self.request_local_fsync();
-            }
-            Input::LocalFsyncFailed => {
-                self.fsync_inflight = false;
-                self.disk_failed = true;
-                self.fail_all_flushes("local fsync failed");
-                self.out.push(Action::Report(Report::LocalDiskFailed));
-            }
+            Input::LocalFsyncDone { durable } => self.on_local_fsync_done(durable),
+            Input::LocalFsyncFailed => self.on_local_fsync_failed(),
             Input::Connected(conn) => self.on_connected(conn, log),
             Input::ConnectFailed(conn) => self.on_conn_gone(conn, "connect failed", log),
             Input::ConnectionLost(conn) => self.on_conn_gone(conn, "connection lost", log),
@@ -595,125 +229,11 @@ impl PrimaryCore {
             self.evaluate_gate();
             self.update_retention(log);
         }
+        debug_assert!(
+            self.acked_high >= acked_before,
+            "the acknowledged LSN never moves backwards"
+        );
         std::mem::take(&mut self.out)
-    }
-
-    // ----- gate -------------------------------------------------------------------------
-
-    fn gate_members(&self) -> Vec<ReplicaId> {
-        let mut m: BTreeSet<ReplicaId> = self.committed.clone();
-        for s in self.senders.values() {
-            if s.counting {
-                m.insert(s.id.clone());
-            }
-        }
-        m.into_iter().collect()
-    }
-
-    fn member_flushed(&self, id: &ReplicaId) -> Lsn {
-        self.senders.get(id).map_or(Lsn(0), |s| s.flushed)
-    }
-
-    fn evaluate_gate(&mut self) {
-        let members = self.gate_members();
-        while let Some(f) = self.pending.front().copied() {
-            let local_ok = self.local_durable >= f.lsn;
-            let members_ok = self.cfg.durability == Durability::Async
-                || self.cfg.test_knob_skip_member_gate
-                || members.iter().all(|m| self.member_flushed(m) >= f.lsn);
-            if !(local_ok && members_ok) {
-                break;
-            }
-            self.pending.pop_front();
-            self.acked_high = self.acked_high.max(f.lsn);
-            self.out.push(Action::FlushAcked {
-                id: f.id,
-                lsn: f.lsn,
-            });
-        }
-    }
-
-    fn fail_all_flushes(&mut self, reason: &str) {
-        while let Some(f) = self.pending.pop_front() {
-            self.out.push(Action::FlushFailed {
-                id: f.id,
-                reason: reason.to_string(),
-            });
-        }
-    }
-
-    fn request_local_fsync(&mut self) {
-        let want = self.pending.back().map_or(Lsn(0), |f| f.lsn);
-        if !self.fsync_inflight && self.local_durable < want {
-            self.fsync_inflight = true;
-            self.out.push(Action::LocalFsync { upto: self.head });
-        }
-    }
-
-    fn request_barriers(&mut self) {
-        let Some(want) = self.pending.back().map(|f| f.lsn) else {
-            return;
-        };
-        // A barrier above this core's head cannot be answered with more than the head:
-        // while a flush waits for entries still on their way, `on_appended` asks again.
-        let ids: Vec<ReplicaId> = self.senders.keys().cloned().collect();
-        for id in ids {
-            let need = self.senders.get(&id).is_some_and(|s| {
-                s.live
-                    && s.conn_up
-                    && s.barrier.is_none()
-                    && s.exec.is_none()
-                    && s.flushed < want
-                    && s.flushed < self.head
-            });
-            if need {
-                self.send_barrier(&id, self.head);
-            }
-        }
-    }
-
-    /// Barriers nobody asked for: a live replica that holds `pressure_barrier_bytes`
-    /// unreported bytes, or that is behind the head for `background_barrier_interval_ms`,
-    /// is asked to fsync and report its flushed LSN, so the retention floor advances
-    /// without a client FLUSH. These barriers ack nothing: the gate still acks only
-    /// pending flushes, and a replica not yet InSync is granted InSync by them only under
-    /// the usual rule (a success covering every ack so far).
-    fn request_background_barriers(&mut self) {
-        let now = self.now;
-        let due: Vec<ReplicaId> = self
-            .senders
-            .values()
-            .filter(|s| s.live && s.conn_up && s.barrier.is_none() && s.exec.is_none())
-            .filter(|s| s.flushed < self.head)
-            .filter(|s| {
-                self.lag_bytes(s.flushed) >= self.cfg.pressure_barrier_bytes
-                    || now.saturating_sub(s.last_barrier_ms)
-                        >= self.cfg.background_barrier_interval_ms
-            })
-            .map(|s| s.id.clone())
-            .collect();
-        for id in due {
-            self.send_barrier(&id, self.head);
-        }
-    }
-
-    fn send_barrier(&mut self, id: &ReplicaId, lsn: Lsn) {
-        self.next_barrier += 1;
-        let bid = self.next_barrier;
-        let now = self.now;
-        let Some(s) = self.senders.get_mut(id) else {
-            return;
-        };
-        let Some(conn) = s.conn else {
-            return;
-        };
-        s.barrier = Some(Inflight {
-            id: bid,
-            lsn,
-            sent_ms: now,
-        });
-        s.last_barrier_ms = now;
-        self.send(conn, Body::BarrierRequest { id: bid, lsn });
     }
 
     // ----- control plane ----------------------------------------------------------------
@@ -792,8 +312,7 @@ impl PrimaryCore {
                     s.endpoint = endpoint;
                     self.invalidate_session(&id, "endpoint_changed", log);
                     if let Some(s) = self.senders.get_mut(&id)
-                        && s.state != ReplicaState::NeedsRebuild
-                        && s.state != ReplicaState::Rebuilding
+                        && s.recoverable()
                     {
                         s.next_connect_ms = 0;
                         self.set_state(&id, ReplicaState::Disconnected);
@@ -801,34 +320,8 @@ impl PrimaryCore {
                 }
                 None => {
                     let counting = self.committed.contains(&id);
-                    self.senders.insert(
-                        id.clone(),
-                        Sender {
-                            id: id.clone(),
-                            endpoint,
-                            state: ReplicaState::Disconnected,
-                            conn: None,
-                            conn_up: false,
-                            session: 0,
-                            handshake_deadline_ms: 0,
-                            flushed: Lsn(0),
-                            progress_known: false,
-                            live: false,
-                            exec: None,
-                            barrier: None,
-                            last_barrier_ms: 0,
-                            catchup_failures: 0,
-                            next_connect_ms: 0,
-                            last_contact_ms: 0,
-                            proof_ms: 0,
-                            assigned_ms: self.now,
-                            hold: None,
-                            counting,
-                            rebuild_requested: false,
-                            rebuild_deferred: false,
-                            unreachable_reported: None,
-                        },
-                    );
+                    self.senders
+                        .insert(id.clone(), Sender::new(id, endpoint, counting, self.now));
                 }
             }
         }
@@ -843,8 +336,7 @@ impl PrimaryCore {
         for id in ids {
             self.invalidate_session(&id, "epoch_changed", log);
             if let Some(s) = self.senders.get_mut(&id)
-                && s.state != ReplicaState::NeedsRebuild
-                && s.state != ReplicaState::Rebuilding
+                && s.recoverable()
             {
                 s.next_connect_ms = 0;
                 self.set_state(&id, ReplicaState::Disconnected);
@@ -859,11 +351,7 @@ impl PrimaryCore {
             return;
         };
         let session = s.session;
-        let conn = s.conn.take();
-        s.conn_up = false;
-        s.live = false;
-        s.barrier = None;
-        let exec = s.exec.take();
+        let (conn, exec) = s.end_session();
         let had_session = conn.is_some() || exec.is_some();
         if let Some(c) = conn {
             self.out.push(Action::Close {
@@ -899,11 +387,7 @@ impl PrimaryCore {
         let conns: Vec<ConnId> = self
             .senders
             .values_mut()
-            .filter_map(|s| {
-                s.conn_up = false;
-                s.live = false;
-                s.conn.take()
-            })
+            .filter_map(Sender::disconnect)
             .collect();
         for c in conns {
             self.out.push(Action::Close {
@@ -957,10 +441,7 @@ impl PrimaryCore {
         let Some(s) = self.senders.get_mut(id) else {
             return;
         };
-        s.conn = Some(conn);
-        s.conn_up = false;
-        s.session = session;
-        s.handshake_deadline_ms = deadline;
+        s.begin_session(conn, session, deadline);
         let endpoint = s.endpoint.clone();
         self.event(id, session, EventKind::SessionStarted);
         self.out.push(Action::Connect {
@@ -1048,17 +529,11 @@ impl PrimaryCore {
     /// connection, and retry after backoff.
     fn drop_rebuild_conn(&mut self, id: &ReplicaId, reason: &str) {
         let backoff = self.now.saturating_add(self.cfg.reconnect_backoff_ms);
-        if let Some(s) = self.senders.get_mut(id) {
-            if let Some(c) = s.conn.take() {
-                self.out.push(Action::Close {
-                    conn: c,
-                    reason: reason.to_string(),
-                });
-            }
-            s.conn_up = false;
-            s.live = false;
-            s.barrier = None;
-            s.next_connect_ms = backoff;
+        if let Some(c) = self.senders.get_mut(id).and_then(|s| s.drop_conn(backoff)) {
+            self.out.push(Action::Close {
+                conn: c,
+                reason: reason.to_string(),
+            });
         }
     }
 
@@ -1105,12 +580,9 @@ impl PrimaryCore {
             if let Some(h) = s.hold.take() {
                 self.pinner.release(h);
             }
-            s.progress_known = false;
             // Its history is no longer trusted: what it reported must not count toward
             // any later flush ack (it matters while it is still a committed member).
-            s.flushed = Lsn(0);
-            s.catchup_failures = 0;
-            s.rebuild_requested = false;
+            s.forget_progress();
         }
         self.event(
             id,
@@ -1203,7 +675,7 @@ impl PrimaryCore {
                     .find(|(q, _)| *q == seq)
                     .map(|(_, at)| *at);
                 if let (Some(at), Some(s)) = (sent, self.senders.get_mut(&id)) {
-                    s.proof_ms = s.proof_ms.max(at);
+                    s.record_heartbeat_ack(at);
                 }
             }
             Body::Error {
@@ -1471,9 +943,7 @@ impl PrimaryCore {
                 return;
             }
         }
-        if flushed > s.flushed {
-            s.flushed = flushed;
-        }
+        s.record_flushed(flushed);
         let now = self.now;
         let session = s.session;
         match s.exec.as_mut() {
@@ -1577,13 +1047,7 @@ impl PrimaryCore {
                     }
                 };
                 if let Some(s) = self.senders.get_mut(&id) {
-                    s.session = session;
-                    s.exec = Some(Exec::Rebuild(exec));
-                    s.flushed = Lsn(0);
-                    s.progress_known = false;
-                    s.counting = false;
-                    s.next_connect_ms = 0;
-                    s.rebuild_requested = true;
+                    s.start_rebuild(session, exec);
                 }
                 self.set_state(&id, ReplicaState::Rebuilding);
             }
@@ -1603,13 +1067,12 @@ impl PrimaryCore {
             return;
         }
         self.head = e.lsn;
-        self.bytes_total += super::types::entry_bytes(&e);
+        self.bytes_total += entry_bytes(&e);
         self.bytes.push_back((e.lsn, self.bytes_total));
         let targets: Vec<ConnId> = self
             .senders
             .values()
-            .filter(|s| s.live && s.conn.is_some())
-            .filter_map(|s| s.conn)
+            .filter_map(Sender::live_conn)
             .collect();
         for c in targets {
             self.send(c, Body::Entry(e.clone()));
@@ -1652,13 +1115,8 @@ impl PrimaryCore {
                 continue;
             };
             let state = s.state;
-            let barrier_late = s
-                .barrier
-                .is_some_and(|b| now.saturating_sub(b.sent_ms) > self.cfg.barrier_timeout_ms);
-            let handshake_late = state == ReplicaState::Connecting
-                && s.conn.is_some()
-                && !s.live
-                && now > s.handshake_deadline_ms;
+            let barrier_late = s.barrier_late(now, self.cfg.barrier_timeout_ms);
+            let handshake_late = s.handshake_late(now);
             let budget = match &s.exec {
                 Some(Exec::CatchUp(c)) => c.over_budget(
                     &CatchUpBudget {
@@ -1671,7 +1129,7 @@ impl PrimaryCore {
                 Some(Exec::Rebuild(r)) => r.over_budget(self.cfg.rebuild_progress_deadline_ms, now),
                 None => None,
             };
-            let may_connect = s.conn.is_none() && now >= s.next_connect_ms;
+            let may_connect = s.may_connect(now);
             if let Some(reason) = budget {
                 if state == ReplicaState::Rebuilding {
                     self.escalate(id, reason, log);
@@ -1713,8 +1171,7 @@ impl PrimaryCore {
             let conns: Vec<ConnId> = self
                 .senders
                 .values()
-                .filter(|s| s.state == ReplicaState::InSync && s.conn_up)
-                .filter_map(|s| s.conn)
+                .filter_map(Sender::heartbeat_conn)
                 .collect();
             for c in conns {
                 self.send(c, Body::Heartbeat { seq });
@@ -1722,53 +1179,7 @@ impl PrimaryCore {
         }
     }
 
-    fn check_flush_timeouts(&mut self) {
-        while let Some(f) = self.pending.front().copied() {
-            if self.now.saturating_sub(f.at_ms) <= self.cfg.flush_timeout_ms {
-                break;
-            }
-            self.pending.pop_front();
-            self.out.push(Action::FlushFailed {
-                id: f.id,
-                reason: "flush timed out waiting for the committed in-sync set".into(),
-            });
-        }
-    }
-
-    fn check_unreachable(&mut self) {
-        if self.cfg.durability == Durability::Async {
-            return;
-        }
-        let Some(f) = self.pending.front().copied() else {
-            return;
-        };
-        if self.now.saturating_sub(f.at_ms) < self.cfg.member_unreachable_after_ms {
-            return;
-        }
-        let gen_now = self.generation;
-        for m in self.gate_members() {
-            if self.member_flushed(&m) >= f.lsn {
-                continue;
-            }
-            let report = match self.senders.get_mut(&m) {
-                Some(s) => {
-                    let r = s.unreachable_reported != Some(gen_now);
-                    s.unreachable_reported = Some(gen_now);
-                    r
-                }
-                None => true,
-            };
-            if report {
-                tracing::warn!(volume = %self.volume, replica = %m, generation = gen_now.0, "in-sync member unreachable; flush acks wait for the control plane");
-                self.out.push(Action::Report(Report::MemberUnreachable {
-                    replica: m,
-                    generation: gen_now,
-                }));
-            }
-        }
-    }
-
-    fn lag_bytes(&self, from: Lsn) -> u64 {
+    pub(super) fn lag_bytes(&self, from: Lsn) -> u64 {
         let at = match self.bytes.binary_search_by(|(l, _)| l.cmp(&from)) {
             Ok(i) => self.bytes.get(i).map_or(0, |(_, b)| *b),
             Err(0) => self.bytes.front().map_or(self.bytes_total, |(_, b)| *b),
@@ -1784,9 +1195,7 @@ impl PrimaryCore {
             if s.hold.is_none() || s.state == ReplicaState::InSync {
                 continue;
             }
-            // The budget's clock starts at the later of the last contact and the
-            // assignment, so a member that has not connected yet gets a full budget.
-            let since = s.last_contact_ms.max(s.assigned_ms);
+            let since = s.retention_clock_ms();
             if now.saturating_sub(since) > self.cfg.wal_retention_timeout_ms {
                 doomed.push((
                     s.id.clone(),
@@ -1813,19 +1222,8 @@ impl PrimaryCore {
             let Some(s) = self.senders.get_mut(&id) else {
                 continue;
             };
-            let recoverable = !matches!(
-                s.state,
-                ReplicaState::NeedsRebuild | ReplicaState::Rebuilding
-            );
-            // Until a member's progress is known (before its first handshake), hold all
-            // WAL still retained: it may need any of it, and freeing it would turn a
-            // member that is only slow to connect into a rebuild.
-            let from = if s.progress_known {
-                s.flushed
-            } else {
-                Lsn(retained.0.saturating_sub(1))
-            };
-            match (recoverable, s.hold) {
+            let from = s.hold_from(retained);
+            match (s.recoverable(), s.hold) {
                 (true, Some(h)) => {
                     if s.progress_known {
                         self.pinner.advance(h, s.flushed);

@@ -17,6 +17,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 /// Sector size used for torn-write simulation: a power cut keeps or loses whole sectors.
 pub const SECTOR_SIZE: u64 = 512;
 
+/// Largest single I/O the engine issues when copying or zeroing ranges.
+pub const COPY_CHUNK_BYTES: usize = 1 << 20;
+
 /// A byte-addressed device with an explicit durability barrier.
 pub trait Disk: Send + Sync {
     /// Fills `buf` from `offset`; fails if the range is not entirely inside the disk.
@@ -34,7 +37,7 @@ pub trait Disk: Send + Sync {
     /// Makes `len` bytes at `offset` read as zeros, like `write_at` of zeros (same
     /// durability rules). Files deallocate the range instead of writing it.
     fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
-        crate::extent::write_zeroes_by_writing(self, offset, len)
+        write_zeroes_by_writing(self, offset, len)
     }
     /// Makes `len` bytes at `offset` of a freshly sized disk (reading as zeros already)
     /// cheap to overwrite and sync later. Files write the zeros, so the filesystem
@@ -47,7 +50,7 @@ pub trait Disk: Send + Sync {
     /// Copies `len` bytes from `src` to `dst` (ranges must not overlap), like
     /// `read_at` + `write_at` (same durability rules). Files copy inside the kernel.
     fn copy_within(&self, src: u64, dst: u64, len: u64) -> io::Result<()> {
-        crate::extent::copy_by_reading(self, src, dst, len)
+        copy_by_reading(self, src, dst, len)
     }
     /// Grows or shrinks the disk; new bytes read as zeros. Durable on return.
     fn set_len(&self, len: u64) -> io::Result<()>;
@@ -59,6 +62,36 @@ pub trait Disk: Send + Sync {
     }
     /// A name for error messages (a file path for files).
     fn describe(&self) -> String;
+}
+
+/// Writes `len` zero bytes at `offset`, in bounded chunks (the portable way to zero a
+/// range; `Disk::write_zeroes` may deallocate instead).
+pub fn write_zeroes_by_writing<D: Disk + ?Sized>(
+    disk: &D,
+    offset: u64,
+    len: u64,
+) -> io::Result<()> {
+    let zeros = vec![0u8; COPY_CHUNK_BYTES.min(len as usize)];
+    let mut done = 0u64;
+    while done < len {
+        let n = (len - done).min(zeros.len() as u64) as usize;
+        disk.write_at(&zeros[..n], offset + done)?;
+        done += n as u64;
+    }
+    Ok(())
+}
+
+/// The portable copy behind [`Disk::copy_within`]: through a user buffer, in chunks.
+pub fn copy_by_reading<D: Disk + ?Sized>(disk: &D, src: u64, dst: u64, len: u64) -> io::Result<()> {
+    let mut buf = vec![0u8; COPY_CHUNK_BYTES.min(len as usize)];
+    let mut done = 0u64;
+    while done < len {
+        let n = (len - done).min(buf.len() as u64) as usize;
+        disk.read_at(&mut buf[..n], src + done)?;
+        disk.write_at(&buf[..n], dst + done)?;
+        done += n as u64;
+    }
+    Ok(())
 }
 
 /// A volume file on a host filesystem.
@@ -224,12 +257,7 @@ impl Disk for FileDisk {
             match err.raw_os_error() {
                 Some(libc::EINTR) => continue,
                 Some(libc::EXDEV | libc::EOPNOTSUPP | libc::ENOSYS | libc::EINVAL) => {
-                    return crate::extent::copy_by_reading(
-                        self,
-                        src + done,
-                        dst + done,
-                        len - done,
-                    );
+                    return copy_by_reading(self, src + done, dst + done, len - done);
                 }
                 _ => return Err(err),
             }
@@ -245,7 +273,7 @@ impl Disk for FileDisk {
         self.check(offset, 0)?;
         self.check(end, 0)?;
         let (Ok(off), Ok(n)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
-            return crate::extent::write_zeroes_by_writing(self, offset, len);
+            return write_zeroes_by_writing(self, offset, len);
         };
         // SAFETY: fallocate only reads its integer arguments; the descriptor is owned
         // by `self.file` and open for the duration of the call.
@@ -264,7 +292,7 @@ impl Disk for FileDisk {
         match err.raw_os_error() {
             // Filesystems without hole punching: write the zeros.
             Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) => {
-                crate::extent::write_zeroes_by_writing(self, offset, len)
+                write_zeroes_by_writing(self, offset, len)
             }
             _ => Err(err),
         }
@@ -273,7 +301,7 @@ impl Disk for FileDisk {
     fn preallocate(&self, offset: u64, len: u64) -> io::Result<()> {
         // Not fallocate: its unwritten extents are converted (a metadata change, so a
         // journal commit on fdatasync) on first write.
-        crate::extent::write_zeroes_by_writing(self, offset, len)
+        write_zeroes_by_writing(self, offset, len)
     }
 
     fn set_len(&self, len: u64) -> io::Result<()> {

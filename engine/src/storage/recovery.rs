@@ -6,12 +6,12 @@
 
 use std::collections::VecDeque;
 
-use crate::dirty_map::{DirtyMap, Source};
-use crate::disk::Disk;
 use crate::error::{Error, Result};
-use crate::extent::Layout;
-use crate::superblock::Superblock;
-use crate::wal::{
+use crate::storage::dirty_map::{DirtyMap, Source};
+use crate::storage::disk::Disk;
+use crate::storage::layout::Layout;
+use crate::storage::superblock::Superblock;
+use crate::storage::wal::{
     ENTRY_HEADER_LEN, EntryKind, RECORD_DATA_OFFSET, RECORD_OVERHEAD, RECORD_PREFIX_LEN,
     RecordHeader,
 };

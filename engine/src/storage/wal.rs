@@ -146,6 +146,10 @@ pub(crate) struct RecordParts {
 
 /// The pieces of the record for a non-PADDING `entry` in generation `wal_gen`.
 pub(crate) fn encode_record_parts(entry: EntryRef<'_>, wal_gen: u64) -> RecordParts {
+    debug_assert!(
+        entry.kind != EntryKind::Padding,
+        "PADDING records are built by encode_record"
+    );
     let record_len = record_len_for(entry.data.len());
     let mut head = Vec::with_capacity(RECORD_PREFIX_LEN + ENTRY_HEADER_LEN);
     head.extend_from_slice(RECORD_MAGIC);
@@ -341,6 +345,11 @@ pub(crate) fn encode_record_ref(
     advance: Option<u64>,
 ) -> Vec<u8> {
     let own_len = record_len_for(entry.data.len());
+    // Only PADDING stands for more ring bytes than it writes (the rest of the lap).
+    debug_assert!(
+        advance.is_none_or(|a| entry.kind == EntryKind::Padding && a >= own_len),
+        "only a PADDING record advances past its own length"
+    );
     let record_len = advance.unwrap_or(own_len);
     let mut out = Vec::with_capacity(own_len as usize);
     out.extend_from_slice(RECORD_MAGIC);

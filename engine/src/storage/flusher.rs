@@ -26,11 +26,10 @@
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use crate::dirty_map::{DirtyMap, Source};
 use crate::error::Result;
-use crate::extent;
+use crate::storage::dirty_map::{DirtyMap, Source};
+use crate::storage::volume::{Inner, WalState, lock, read, write};
 use crate::types::{Epoch, Lsn, WalPos};
-use crate::volume::{Inner, WalState, lock, read, write};
 
 impl Inner {
     /// Body of the flusher thread: a cycle every `flush_interval_ms`, or sooner when
@@ -122,12 +121,26 @@ impl Inner {
             };
             (h, runs)
         };
+        debug_assert!(h >= checkpoint, "the checkpoint never moves backwards");
         if h > checkpoint {
             self.sync_to(h)?;
             if lock(&self.sb).copied_lsn.0 < h {
                 let prev_tail = self.persist(|sb| sb.copied_lsn = Lsn(h))?;
                 lock(&self.wal).note_persisted(prev_tail);
             }
+            // Only durable entries reach the extent, and only once `copied_lsn` says so.
+            debug_assert!(
+                self.gc.durable() >= h,
+                "the flusher copies only durable entries"
+            );
+            debug_assert!(
+                lock(&self.sb).copied_lsn.0 >= h,
+                "copied_lsn is persisted before the copy"
+            );
+            debug_assert!(
+                runs.iter().all(|r| r.lsn <= h),
+                "a cycle copies only entries up to H"
+            );
             let layout = self.layout;
             let disk = &*self.disk;
             let copy = || -> std::io::Result<()> {
@@ -136,7 +149,7 @@ impl Inner {
                     let len = (run.end - run.start) * layout.bs();
                     match run.src {
                         Source::Wal { data_pos } => {
-                            extent::copy_range(disk, layout.wal_phys(data_pos), dst, len)?
+                            disk.copy_within(layout.wal_phys(data_pos), dst, len)?
                         }
                         Source::Zero => disk.write_zeroes(dst, len)?,
                     }
@@ -154,6 +167,10 @@ impl Inner {
         let (tail_pos, tail_lsn, tail_gen, ck_epoch) = {
             let st = lock(&self.wal);
             let t = new_tail(&st, h);
+            debug_assert!(
+                t <= (h + 1).max(st.tail_lsn) && (floor == 0 || t <= floor.max(st.tail_lsn)),
+                "the tail never passes the checkpoint or the retention floor"
+            );
             let ck_epoch = st.entry(h).map(|e| Epoch(e.epoch));
             match st.entry(t) {
                 Some(e) => (e.pos, t, e.wal_gen, ck_epoch),

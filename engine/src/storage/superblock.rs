@@ -333,13 +333,13 @@ pub fn validate_geometry(volume_size: u64, block_size: u32, wal_size: u64) -> Re
             "volume_size {volume_size} (must be a positive multiple of block_size {block_size})"
         ));
     }
-    if wal_size < crate::wal::MIN_WAL_SIZE
+    if wal_size < crate::storage::wal::MIN_WAL_SIZE
         || !wal_size.is_multiple_of(4096)
         || wal_size > MAX_COUNTER
     {
         return Err(format!(
             "wal_size {wal_size} (must be a multiple of 4096 and at least {})",
-            crate::wal::MIN_WAL_SIZE
+            crate::storage::wal::MIN_WAL_SIZE
         ));
     }
     if wal_size < 16 * u64::from(block_size) {
