@@ -37,7 +37,7 @@ use crate::params::{
     Access, CTX_BLOCK_SIZE, CTX_DURABILITY, CTX_FS_TYPE, CTX_REPLICAS, VolumeParams,
     check_capabilities, check_capability, size_for_capacity,
 };
-use crate::rpc::{required, run};
+use crate::rpc::{required, required_capability, run};
 
 /// Publish-context key carrying the attachment generation to NodeStage (decimal).
 pub const CTX_ATTACHMENT_GENERATION: &str = "blockvol.io/attachment-generation";
@@ -522,11 +522,7 @@ impl ControllerService {
     ) -> Result<ControllerPublishVolumeResponse> {
         let name = required("volume_id", &req.volume_id)?;
         let node = required("node_id", &req.node_id)?;
-        let cap = req
-            .volume_capability
-            .as_ref()
-            .ok_or_else(|| Error::InvalidArgument("volume_capability is required".into()))?;
-        let cap = check_capability(cap)?;
+        let cap = required_capability(req.volume_capability.as_ref())?;
         let _guard = self.inflight.try_acquire(name)?;
         self.must_get_volume(name).await?;
         if !self.node_exists(node).await? {

@@ -4,15 +4,14 @@
 //! Contract: `GET /healthz` answers 200 only when the process's own CSI endpoint answers
 //! an Identity `Probe` as ready within the probe timeout (what the upstream livenessprobe
 //! sidecar checks: the gRPC server is up and not wedged), 503 with the reason otherwise;
-//! any other path answers 404. A request head is read within
-//! [`REQUEST_TIMEOUT_MS`] and [`MAX_REQUEST_BYTES`], and each probe is bounded by its
-//! timeout, so a slow client or a stuck CSI server cannot pile up work here.
+//! any other path answers 404. The shared telemetry endpoint ([`telemetry::http`]) bounds
+//! each request head in size and read time, and each probe is bounded by its timeout, so
+//! a slow client or a stuck CSI server cannot pile up work here.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tonic::transport::Channel;
 
@@ -20,11 +19,6 @@ use crate::csi_proto::ProbeRequest;
 use crate::csi_proto::identity_client::IdentityClient;
 use crate::error::{Error, Result};
 use crate::server::Endpoint;
-
-/// Largest HTTP request head read, in bytes.
-pub const MAX_REQUEST_BYTES: usize = 8 * 1024;
-/// How long a client may take to send its request, in milliseconds.
-pub const REQUEST_TIMEOUT_MS: u64 = 5_000;
 
 /// A channel to the CSI endpoint, connecting on first use.
 fn channel(endpoint: &Endpoint, timeout: Duration) -> Result<Channel> {
@@ -64,64 +58,29 @@ pub async fn probe(endpoint: &Endpoint, timeout: Duration) -> std::result::Resul
     }
 }
 
-/// Reads one request head; `None` when it does not arrive in time or in bounds.
-async fn read_head(conn: &mut tokio::net::TcpStream) -> Option<String> {
-    let mut buf = vec![0u8; MAX_REQUEST_BYTES];
-    let mut len = 0;
-    let read = tokio::time::timeout(Duration::from_millis(REQUEST_TIMEOUT_MS), async {
-        while len < buf.len() {
-            let n = conn.read(&mut buf[len..]).await?;
-            if n == 0 {
-                break;
-            }
-            len += n;
-            if buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
-                break;
-            }
-        }
-        Ok::<_, std::io::Error>(())
-    })
-    .await;
-    matches!(read, Ok(Ok(()))).then(|| String::from_utf8_lossy(&buf[..len]).into_owned())
-}
-
-/// Serves `/healthz` on `listener` until the task is dropped.
-pub async fn serve(
-    listener: TcpListener,
+/// What `blockvol-csi` answers on its health endpoint: `/healthz` probes the CSI
+/// endpoint; it serves no metrics and no readiness.
+pub struct CsiHealth {
     endpoint: Endpoint,
     probe_timeout: Duration,
-) -> Result<()> {
-    loop {
-        let (mut conn, peer) = listener
-            .accept()
-            .await
-            .map_err(|e| Error::io("accepting on the health endpoint", e))?;
-        let endpoint = endpoint.clone();
-        tokio::spawn(async move {
-            let Some(head) = read_head(&mut conn).await else {
-                tracing::debug!(%peer, "health request not read in time");
-                return;
-            };
-            let mut words = head.split_whitespace();
-            let method = words.next().unwrap_or("");
-            let path = words.next().unwrap_or("").split('?').next().unwrap_or("");
-            let (code, body) = match (method, path) {
-                ("GET", "/healthz") => match probe(&endpoint, probe_timeout).await {
-                    Ok(()) => ("200 OK", "ok\n".to_string()),
-                    Err(why) => {
-                        tracing::warn!(reason = %why, "health check failed");
-                        ("503 Service Unavailable", format!("{why}\n"))
-                    }
-                },
-                _ => ("404 Not Found", "not found\n".to_string()),
-            };
-            let resp = format!(
-                "HTTP/1.1 {code}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = conn.write_all(resp.as_bytes()).await;
-            let _ = conn.shutdown().await;
-        });
+}
+
+impl CsiHealth {
+    pub fn new(endpoint: Endpoint, probe_timeout: Duration) -> Self {
+        CsiHealth {
+            endpoint,
+            probe_timeout,
+        }
+    }
+}
+
+impl telemetry::http::Probes for CsiHealth {
+    async fn healthz(&self) -> std::result::Result<(), String> {
+        let r = probe(&self.endpoint, self.probe_timeout).await;
+        if let Err(why) = &r {
+            tracing::warn!(reason = %why, "health check failed");
+        }
+        r
     }
 }
 
@@ -137,6 +96,7 @@ mod tests {
     use super::*;
     use crate::identity::IdentityService;
     use crate::server::Services;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     async fn get(addr: SocketAddr, path: &str) -> String {
         let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
@@ -148,14 +108,13 @@ mod tests {
         out
     }
 
-    async fn health_server(
-        endpoint: Endpoint,
-    ) -> (SocketAddr, tokio::task::JoinHandle<Result<()>>) {
+    async fn health_server(endpoint: Endpoint) -> (SocketAddr, tokio::task::JoinHandle<()>) {
         let l = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
         let addr = l.local_addr().unwrap();
+        let health = CsiHealth::new(endpoint, Duration::from_millis(500));
         (
             addr,
-            tokio::spawn(serve(l, endpoint, Duration::from_millis(500))),
+            tokio::spawn(telemetry::http::serve(l, std::sync::Arc::new(health))),
         )
     }
 

@@ -33,7 +33,6 @@ pub mod error;
 pub mod guard;
 pub mod health;
 pub mod identity;
-pub mod logging;
 pub mod mount;
 pub mod names;
 pub mod node;

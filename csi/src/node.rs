@@ -24,7 +24,7 @@ use crate::error::{Error, Result};
 use crate::guard::InFlight;
 use crate::mount::{self, CommandSettings, DeviceContent, check_path, mount_at};
 use crate::params::{Access, CTX_FS_TYPE, DEFAULT_FS_TYPE, FS_TYPES, check_capability};
-use crate::rpc::{required, run};
+use crate::rpc::{required, required_capability, run};
 
 /// Name of the file inside the staging directory onto which a raw block volume's
 /// device is bind-mounted: the record that the volume is staged, and the source
@@ -99,12 +99,6 @@ impl NodeService {
     }
 }
 
-fn capability(cap: Option<&VolumeCapability>) -> Result<crate::params::Capability> {
-    check_capability(
-        cap.ok_or_else(|| Error::InvalidArgument("volume_capability is required".into()))?,
-    )
-}
-
 fn create_dir(path: &Path) -> Result<()> {
     std::fs::create_dir_all(path).map_err(|e| Error::io(format!("creating {}", path.display()), e))
 }
@@ -158,7 +152,7 @@ impl NodeService {
     async fn stage(&self, req: NodeStageVolumeRequest) -> Result<NodeStageVolumeResponse> {
         let volume_id = required("volume_id", &req.volume_id)?;
         self.check_kubelet_path("staging_target_path", &req.staging_target_path)?;
-        let cap = capability(req.volume_capability.as_ref())?;
+        let cap = required_capability(req.volume_capability.as_ref())?;
         let _guard = self.inflight.try_acquire(volume_id)?;
         let staging = PathBuf::from(&req.staging_target_path);
         let readonly = cap.is_read_only();
@@ -277,7 +271,7 @@ impl NodeService {
         let volume_id = required("volume_id", &req.volume_id)?;
         self.check_kubelet_path("staging_target_path", &req.staging_target_path)?;
         self.check_kubelet_path("target_path", &req.target_path)?;
-        let cap = capability(req.volume_capability.as_ref())?;
+        let cap = required_capability(req.volume_capability.as_ref())?;
         let _guard = self.inflight.try_acquire(volume_id)?;
         let staging = PathBuf::from(&req.staging_target_path);
         let target = PathBuf::from(&req.target_path);

@@ -45,3 +45,14 @@ pub fn required<'a>(field: &str, value: &'a str) -> Result<&'a str> {
     }
     Ok(value)
 }
+
+/// Fails with InvalidArgument when the request carries no `volume_capability`, and
+/// checks the one it carries ([`crate::params::check_capability`]).
+pub fn required_capability(
+    cap: Option<&crate::csi_proto::VolumeCapability>,
+) -> Result<crate::params::Capability> {
+    let cap = cap.ok_or_else(|| {
+        crate::error::Error::InvalidArgument("volume_capability is required".into())
+    })?;
+    crate::params::check_capability(cap)
+}

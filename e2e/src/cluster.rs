@@ -399,7 +399,7 @@ impl OperatorProcess {
         let mut args = vec![
             format!("--namespace={NAMESPACE}"),
             format!("--identity={identity}"),
-            format!("--lease-duration-s={}", opts.lease_duration_s),
+            format!("--lease-duration-seconds={}", opts.lease_duration_s),
             format!("--renew-interval-ms={}", opts.renew_interval_ms),
             format!("--metrics-addr={metrics_address}"),
             format!("--resync-interval-ms={}", opts.resync_interval_ms),

@@ -15,8 +15,8 @@ use e2e::devices::{
     AttachmentGuard, attach_dir, leftovers, mounts_under, processes_mentioning, run,
 };
 use kube::api::{Api, DeleteParams};
-use node_agent::nbd::client::Connection;
-use node_agent::nbd::proto::{CMD_READ, CMD_WRITE};
+use node_agent::frontend::nbd::client::Connection;
+use node_agent::frontend::nbd::proto::{CMD_READ, CMD_WRITE};
 
 const TIMEOUT: Duration = Duration::from_secs(90);
 const CALL_TIMEOUT_MS: u64 = 60_000;
@@ -182,7 +182,7 @@ async fn rf3_filesystem_survives_detach_and_reattach_and_delete_frees_replicas()
             .expect("replica's agent");
         let dir = node_agent::k8s::replica_dir(&a.data_dir, VOLUME, &r.spec.replica_id)
             .expect("replica dir");
-        let file = dir.join(node_agent::runtime::VOLUME_FILE_NAME);
+        let file = dir.join(node_agent::replicas::VOLUME_FILE_NAME);
         let allocated = std::fs::metadata(&file).expect("volume file").blocks() * 512;
         assert!(allocated > 0, "{} holds data", file.display());
         replica_files.push((dir, allocated));

@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use e2e::cluster::{AgentProcess, TestCluster, TestClusterOptions, wait_for};
 use e2e::openmetrics::{self, Exposition};
-use node_agent::nbd::client::Connection;
-use node_agent::nbd::proto::{
+use node_agent::frontend::nbd::client::Connection;
+use node_agent::frontend::nbd::proto::{
     CMD_FLAG_FUA, CMD_FLUSH, CMD_READ, CMD_TRIM, CMD_WRITE, CMD_WRITE_ZEROES,
 };
 

@@ -1699,7 +1699,7 @@ fn replica_blocks(c: &Cluster, node: &str, volume: &str, replica: &str) -> Vec<u
         .data_dir
         .join(volume)
         .join(replica)
-        .join(node_agent::runtime::VOLUME_FILE_NAME);
+        .join(node_agent::replicas::VOLUME_FILE_NAME);
     let v = engine::Volume::open_file(&path, engine::VolumeConfig::default())
         .unwrap_or_else(|e| panic!("opening {}: {e}", path.display()));
     let mut buf = vec![0u8; (CHECK_LBAS * 4096) as usize];

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use e2e::checker::{Checker, CheckerConfig, Finding, Ledger, NbdClient, Target, verify_ledger};
 use engine::{CreateOptions, Volume, VolumeConfig};
-use node_agent::nbd::{
+use node_agent::frontend::nbd::{
     BackendError, BlockBackend, ExportRegistry, MemBackend, NbdServer, ServerConfig,
 };
 

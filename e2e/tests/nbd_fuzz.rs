@@ -10,7 +10,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use e2e::checker::{NbdClient, Target};
-use node_agent::nbd::{BlockBackend, ExportRegistry, MemBackend, NbdServer, ServerConfig};
+use node_agent::frontend::nbd::{
+    BlockBackend, ExportRegistry, MemBackend, NbdServer, ServerConfig,
+};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -20,7 +20,9 @@ use engine::replication::{
     Endpoint, Generation, Peer, PrimaryConfig, ReceiverConfig, ReplicaId, ReplicaState, VolumeId,
 };
 use engine::{CreateOptions, Epoch, Volume, VolumeConfig};
-use node_agent::nbd::{BackendError, BlockBackend, ExportRegistry, NbdServer, ServerConfig};
+use node_agent::frontend::nbd::{
+    BackendError, BlockBackend, ExportRegistry, NbdServer, ServerConfig,
+};
 
 const BS: u32 = 4096;
 const EXPORT: &str = "vol";

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use engine::net::{NetConfig, ReceiverServer};
 use engine::replication::wire::{ClientAuth, FrameDecoder, Message, NONCE_BYTES, encode_frame};
-use node_agent::nbd::{DEFAULT_TCP_ADDR, ExportRegistry, NbdServer, ServerConfig};
+use node_agent::frontend::nbd::{DEFAULT_TCP_ADDR, ExportRegistry, NbdServer, ServerConfig};
 use proptest::prelude::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;

@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, ValueEnum};
-use node_agent::nbd::{
+use node_agent::frontend::nbd::{
     BackendError, BlockBackend, DEFAULT_TCP_ADDR, ExportRegistry, NbdServer, ServerConfig,
 };
 
@@ -143,11 +143,7 @@ fn open_backend(args: &Args) -> anyhow::Result<Arc<dyn BlockBackend>> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
+    telemetry::logging::init(telemetry::logging::LogFormat::Text);
     let args = Args::parse();
     let backend = open_backend(&args)?;
     let registry = ExportRegistry::new();

@@ -15,17 +15,18 @@ use tokio_stream::wrappers::UnixListenerStream;
 
 use crate::attach::{Attacher, LauncherClient, LocalProxies, ProxyCommand, ProxyHost};
 use crate::attach_service::{AttachService, Forwarding};
-use crate::forward::{
+use crate::frontend::forwarding::{
     Attachments, ForwardSettings, KubeResolver, LocalPath, kube_attachment_lookup,
     watch_attachments,
 };
+use crate::frontend::metered::NbdMetrics;
+use crate::frontend::nbd::{ExportRegistry, NbdServer, ServerConfig};
 use crate::k8s::{
     AgentContext, LeaseRenewer, LeaseSettings, NodeRegistration, ReplicaSettings, keep_registered,
     run_replicas, validate_data_address,
 };
-use crate::metrics::{self, AgentMetrics, NbdMetrics, Readiness};
-use crate::nbd::{ExportRegistry, NbdServer, ServerConfig};
-use crate::runtime::{EngineRuntime, EngineSettings};
+use crate::metrics::{AgentMetrics, Readiness};
+use crate::replicas::{EngineRuntime, EngineSettings};
 
 /// Name of the NBD server's unix socket inside `--nbd-socket-dir`.
 pub const NBD_SOCKET_NAME: &str = "nbd.sock";
@@ -155,7 +156,7 @@ pub enum Error {
         source: std::io::Error,
     },
     #[error("NBD server: {0}")]
-    Nbd(#[from] crate::nbd::Error),
+    Nbd(#[from] crate::frontend::nbd::Error),
     #[error("attach: {0}")]
     Attach(#[from] crate::attach::Error),
     #[error("attach service: {0}")]
@@ -405,16 +406,15 @@ impl Drop for Agent {
 }
 
 impl Agent {
-    /// Starts every part of the agent and returns once all listeners are bound.
+    /// Starts every part of the agent and returns once all listeners are bound. The
+    /// steps run in this order: settings, secret, data directory and API client; the
+    /// data port; the NBD sockets; the engine runtime behind the node Lease's fence;
+    /// the attachment fence of forwarded IO; the telemetry endpoint; the attach
+    /// service; then the loops (Lease, lapse confirmation, registration, replicas).
     pub async fn start(settings: Settings) -> Result<Agent> {
         let data_address = settings.validate()?;
         let secret = read_peer_secret(&settings.peer_secret_file)?;
-        create_dir("creating the data directory", &settings.data_dir)?;
-        let data_dir = std::fs::canonicalize(&settings.data_dir).map_err(|source| Error::Io {
-            what: "resolving the data directory",
-            path: settings.data_dir.clone(),
-            source,
-        })?;
+        let data_dir = data_dir(&settings)?;
         let client = client(&settings).await?;
 
         let net = NetConfig::new(&settings.node_name, &secret);
@@ -427,181 +427,73 @@ impl Agent {
                 })?,
         );
         let transport = Transport::new(net.clone());
+        let frontends = Frontends::bind(&settings).await?;
 
-        let exports = ExportRegistry::new();
-        let nbd = NbdServer::new(exports.clone(), ServerConfig::default())?;
-        let nbd_socket = settings.nbd_socket();
-        if let Some(dir) = nbd_socket.parent() {
-            create_dir("creating the NBD socket directory", dir)?;
-        }
-        nbd.listen_unix(&nbd_socket).await?;
-        let nbd_tcp = match settings.nbd_tcp_addr {
-            Some(a) => Some(nbd.listen_tcp(a).await?),
-            None => None,
-        };
-        let forward_exports = ExportRegistry::new();
-        let forward_nbd = NbdServer::new(forward_exports.clone(), ServerConfig::default())?;
-        let forward_socket = settings.forward_socket();
-        forward_nbd.listen_unix(&forward_socket).await?;
-
-        let lease = Arc::new(LeaseRenewer::new(
-            client.clone(),
-            LeaseSettings {
-                lease_duration_s: settings.lease_duration_s,
-                renew_interval_ms: (u64::from(settings.lease_duration_s) * 1000 / 4).max(250),
-                ..LeaseSettings::new(settings.namespace.clone(), settings.node_name.clone())
-            },
-        ));
-        let fence = {
-            let lease = lease.clone();
-            Arc::new(move || lease.is_fresh())
-        };
+        let lease = node_lease(&settings, &client);
         let nbd_metrics = NbdMetrics::default();
-        let mut engine_settings = EngineSettings::default();
-        engine_settings.primary.wal_retention_timeout_ms = settings.wal_retention_timeout_ms;
-        engine_settings.primary.background_barrier_interval_ms =
-            settings.background_barrier_interval_ms;
-        engine_settings.volume.wal_full_timeout_ms = settings.wal_full_timeout_ms;
-        engine_settings.member_proof_window_ms = settings.member_proof_window_ms;
-        let runtime = Arc::new(
-            EngineRuntime::new(
-                engine_settings,
-                receiver.clone(),
-                transport,
-                exports.clone(),
-                fence,
-            )
-            .with_nbd_metrics(nbd_metrics.clone()),
+        let runtime = engine_runtime(
+            &settings,
+            receiver.clone(),
+            transport,
+            frontends.exports.clone(),
+            &lease,
+            &nbd_metrics,
         );
         let readiness = Arc::new(Readiness::default());
         readiness.set_data_port(receiver.local_addr());
         receiver.set_forward_handler(Arc::new(runtime.local_primaries()));
 
-        let mut tasks = Vec::new();
-        // Forwarded IO is accepted only from the node a volume is attached to: the view
-        // follows the BlockVolumes' attachment annotations and re-reads a volume from
-        // the API server before refusing a node.
-        let attachments = Arc::new(Attachments::new(kube_attachment_lookup(
-            client.clone(),
-            tokio::runtime::Handle::current(),
-            ATTACHMENT_LOOKUP_TIMEOUT_MS,
-        )));
-        runtime
-            .local_primaries()
-            .fence_by_attachment(attachments.clone());
-        tasks.push(tokio::spawn(watch_attachments(client.clone(), attachments)));
+        let mut tasks = vec![fence_forwarded_io(&client, &runtime)];
         let mut metrics_addr = None;
         if !settings.metrics_addr.is_empty() {
-            let bind_err = |source| Error::Metrics {
-                address: settings.metrics_addr.clone(),
-                source,
-            };
-            let l = tokio::net::TcpListener::bind(&settings.metrics_addr)
-                .await
-                .map_err(bind_err)?;
-            metrics_addr = Some(l.local_addr().map_err(bind_err)?);
-            let metrics = Arc::new(AgentMetrics::new(
+            let metrics = AgentMetrics::new(
                 nbd_metrics.clone(),
                 runtime.clone(),
                 lease.clone(),
                 readiness.clone(),
                 data_dir.clone(),
-            ));
-            tasks.push(tokio::spawn(metrics::serve(l, metrics)));
-        }
-
-        let proxies: Arc<dyn ProxyHost> = match &settings.attach_launcher_socket {
-            Some(socket) => Arc::new(LauncherClient::new(socket)),
-            None => {
-                let mut proxy = ProxyCommand::current_exe().map_err(|source| Error::Io {
-                    what: "locating the agent binary for the attach proxy",
-                    path: PathBuf::from("/proc/self/exe"),
-                    source,
-                })?;
-                if !settings.attach_proxy {
-                    proxy.args.push("--reconnect-timeout-ms=0".into());
-                }
-                Arc::new(LocalProxies::new(proxy))
-            }
-        };
-        let opened = crate::attach::open_attacher(settings.attacher, &data_dir, proxies)?;
-        let attacher: Arc<dyn Attacher> = opened.attacher;
-        let local = {
-            let runtime = runtime.clone();
-            Arc::new(move |volume: &str| runtime.local_role(volume).is_some())
-        };
-        let service = AttachService::new(exports, nbd_socket.clone(), attacher, local)
-            .with_forwarding(Forwarding {
-                exports: forward_exports,
-                nbd_socket: forward_socket.clone(),
-                net,
-                settings: ForwardSettings {
-                    replay_bytes_max: settings.forward_replay_bytes_max,
-                    failover_wait_ms: settings.forward_failover_wait_ms,
-                    ..ForwardSettings::default()
-                },
-                resolver: Arc::new(KubeResolver::new(client.clone())),
-                remove_wait_ms: EngineSettings::default().export_remove_wait_ms,
-                local: Some(LocalPath {
-                    node: settings.node_name.clone(),
-                    primaries: Arc::new(runtime.local_primaries()),
-                }),
-                metrics: Some(nbd_metrics),
-            })
-            .with_member_sizes(
-                Arc::new(crate::attach_service::KubeMemberSizes::new(client.clone())),
-                crate::attach_service::EXPAND_WAIT_DEFAULT,
             );
-        let service = Arc::new(service);
-        {
-            // Devices attached before a restart are kept by their attach proxies, which
-            // re-dial the forwarding socket: give them their exports back.
-            let service = service.clone();
-            tasks.push(tokio::spawn(async move {
-                let restored = service.restore_forwarding().await;
-                tracing::info!(restored, "forwarding exports of attached devices restored");
-            }));
+            let (addr, task) = serve_metrics(&settings.metrics_addr, metrics).await?;
+            metrics_addr = Some(addr);
+            tasks.push(task);
         }
-        if let Some(kernel) = opened.kernel {
-            // Kernel nbd devices outlive the agent with dead sockets: give them new ones.
-            tasks.push(tokio::task::spawn_blocking(move || {
-                kernel.reconnect_all();
-            }));
-        }
-        let incoming = bind_unix(&settings.agent_socket)?;
-        tasks.push(tokio::spawn(async move {
-            let r = tonic::transport::Server::builder()
-                .add_service(
-                    csi::agent_proto::node_agent_server::NodeAgentServer::from_arc(service),
-                )
-                .serve_with_incoming(incoming)
-                .await;
-            if let Err(e) = r {
-                tracing::error!(error = %e, "attach service stopped");
-            }
-        }));
-
-        {
-            let lease = lease.clone();
-            tasks.push(tokio::spawn(async move { lease.run().await }));
-        }
-        tasks.push(tokio::spawn(confirm_after_lapses(
-            client.clone(),
-            settings.node_name.clone(),
-            lease.clone(),
-            runtime.clone(),
-        )));
-
-        let ctx = Arc::new(AgentContext::new(
-            client.clone(),
-            ReplicaSettings {
-                node_name: settings.node_name.clone(),
-                data_dir: data_dir.clone(),
-                status_interval_ms: settings.status_interval_ms,
-                error_retry_ms: 1_000,
+        let Frontends {
+            exports,
+            nbd,
+            nbd_socket,
+            nbd_tcp,
+            forward_exports,
+            forward_nbd,
+            forward_socket,
+        } = frontends;
+        let forwarding = Forwarding {
+            exports: forward_exports,
+            nbd_socket: forward_socket.clone(),
+            net,
+            settings: ForwardSettings {
+                replay_bytes_max: settings.forward_replay_bytes_max,
+                failover_wait_ms: settings.forward_failover_wait_ms,
+                ..ForwardSettings::default()
             },
-            runtime.clone(),
-        ));
+            resolver: Arc::new(KubeResolver::new(client.clone())),
+            remove_wait_ms: EngineSettings::default().export_remove_wait_ms,
+            local: Some(LocalPath {
+                node: settings.node_name.clone(),
+                primaries: Arc::new(runtime.local_primaries()),
+            }),
+            metrics: Some(nbd_metrics),
+        };
+        tasks.extend(serve_attach(
+            &settings,
+            &client,
+            &data_dir,
+            &runtime,
+            exports,
+            nbd_socket.clone(),
+            forwarding,
+        )?);
+
+        tasks.extend(keep_lease(&client, &settings.node_name, &lease, &runtime));
         let registration = NodeRegistration {
             node_name: settings.node_name.clone(),
             data_address: if settings.advertise_data_address.is_empty() {
@@ -613,21 +505,14 @@ impl Agent {
             topology: topology(&client, &settings.node_name).await,
             agent_version: env!("CARGO_PKG_VERSION").to_string(),
         };
-        {
-            let ctx = ctx.clone();
-            let client = client.clone();
-            let interval = settings.registration_interval_ms;
-            let readiness = readiness.clone();
-            tasks.push(tokio::spawn(async move {
-                register_once(&registration, &client, &ctx, interval).await;
-                readiness.set_registered();
-                let c = ctx.clone();
-                keep_registered(registration, client, move || c.promised_bytes(), interval).await
-            }));
-        }
-        tasks.push(tokio::spawn(async move {
-            run_replicas(ctx, std::future::pending()).await
-        }));
+        tasks.extend(run_kubernetes_side(
+            &settings,
+            client,
+            data_dir,
+            runtime.clone(),
+            registration,
+            readiness,
+        ));
         tracing::info!(node = %settings.node_name, data_address = %data_address, nbd_socket = %nbd_socket.display(), "agent started");
         Ok(Agent {
             runtime,
@@ -649,6 +534,254 @@ impl Agent {
         }
         self.runtime.close_all().await;
     }
+}
+
+/// Creates the data directory and resolves it, so every path under it is absolute.
+fn data_dir(settings: &Settings) -> Result<PathBuf> {
+    create_dir("creating the data directory", &settings.data_dir)?;
+    std::fs::canonicalize(&settings.data_dir).map_err(|source| Error::Io {
+        what: "resolving the data directory",
+        path: settings.data_dir.clone(),
+        source,
+    })
+}
+
+/// The two NBD servers: the replicas' own exports, and the forwarding exports every
+/// attached device goes through.
+struct Frontends {
+    exports: ExportRegistry,
+    nbd: NbdServer,
+    nbd_socket: PathBuf,
+    nbd_tcp: Option<SocketAddr>,
+    forward_exports: ExportRegistry,
+    forward_nbd: NbdServer,
+    forward_socket: PathBuf,
+}
+
+impl Frontends {
+    async fn bind(settings: &Settings) -> Result<Frontends> {
+        let exports = ExportRegistry::new();
+        let nbd = NbdServer::new(exports.clone(), ServerConfig::default())?;
+        let nbd_socket = settings.nbd_socket();
+        if let Some(dir) = nbd_socket.parent() {
+            create_dir("creating the NBD socket directory", dir)?;
+        }
+        nbd.listen_unix(&nbd_socket).await?;
+        let nbd_tcp = match settings.nbd_tcp_addr {
+            Some(a) => Some(nbd.listen_tcp(a).await?),
+            None => None,
+        };
+        let forward_exports = ExportRegistry::new();
+        let forward_nbd = NbdServer::new(forward_exports.clone(), ServerConfig::default())?;
+        let forward_socket = settings.forward_socket();
+        forward_nbd.listen_unix(&forward_socket).await?;
+        Ok(Frontends {
+            exports,
+            nbd,
+            nbd_socket,
+            nbd_tcp,
+            forward_exports,
+            forward_nbd,
+            forward_socket,
+        })
+    }
+}
+
+/// The node Lease's renewer, renewing four times per duration (at least every 250 ms).
+fn node_lease(settings: &Settings, client: &Client) -> Arc<LeaseRenewer> {
+    Arc::new(LeaseRenewer::new(
+        client.clone(),
+        LeaseSettings {
+            lease_duration_s: settings.lease_duration_s,
+            renew_interval_ms: (u64::from(settings.lease_duration_s) * 1000 / 4).max(250),
+            ..LeaseSettings::new(settings.namespace.clone(), settings.node_name.clone())
+        },
+    ))
+}
+
+/// The engine runtime, its IO fenced while the node Lease is not fresh.
+fn engine_runtime(
+    settings: &Settings,
+    receiver: Arc<ReceiverServer>,
+    transport: Arc<Transport>,
+    exports: ExportRegistry,
+    lease: &Arc<LeaseRenewer>,
+    nbd_metrics: &NbdMetrics,
+) -> Arc<EngineRuntime> {
+    let fence = {
+        let lease = lease.clone();
+        Arc::new(move || lease.is_fresh())
+    };
+    let mut engine_settings = EngineSettings::default();
+    engine_settings.primary.wal_retention_timeout_ms = settings.wal_retention_timeout_ms;
+    engine_settings.primary.background_barrier_interval_ms =
+        settings.background_barrier_interval_ms;
+    engine_settings.volume.wal_full_timeout_ms = settings.wal_full_timeout_ms;
+    engine_settings.member_proof_window_ms = settings.member_proof_window_ms;
+    Arc::new(
+        EngineRuntime::new(engine_settings, receiver, transport, exports, fence)
+            .with_nbd_metrics(nbd_metrics.clone()),
+    )
+}
+
+/// Forwarded IO is accepted only from the node a volume is attached to: the view
+/// follows the BlockVolumes' attachment annotations and re-reads a volume from the API
+/// server before refusing a node. Returns the watch's task.
+fn fence_forwarded_io(
+    client: &Client,
+    runtime: &Arc<EngineRuntime>,
+) -> tokio::task::JoinHandle<()> {
+    let attachments = Arc::new(Attachments::new(kube_attachment_lookup(
+        client.clone(),
+        tokio::runtime::Handle::current(),
+        ATTACHMENT_LOOKUP_TIMEOUT_MS,
+    )));
+    runtime
+        .local_primaries()
+        .fence_by_attachment(attachments.clone());
+    tokio::spawn(watch_attachments(client.clone(), attachments))
+}
+
+/// Binds the telemetry endpoint at `address` and serves `metrics` there.
+async fn serve_metrics(
+    address: &str,
+    metrics: AgentMetrics,
+) -> Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    let bind_err = |source| Error::Metrics {
+        address: address.to_string(),
+        source,
+    };
+    let l = tokio::net::TcpListener::bind(address)
+        .await
+        .map_err(bind_err)?;
+    let addr = l.local_addr().map_err(bind_err)?;
+    Ok((
+        addr,
+        tokio::spawn(telemetry::http::serve(l, Arc::new(metrics))),
+    ))
+}
+
+/// Opens the attacher and serves the local attach service on the agent socket;
+/// devices attached before a restart get their exports and sockets back. Returns the
+/// tasks.
+fn serve_attach(
+    settings: &Settings,
+    client: &Client,
+    data_dir: &Path,
+    runtime: &Arc<EngineRuntime>,
+    exports: ExportRegistry,
+    nbd_socket: PathBuf,
+    forwarding: Forwarding,
+) -> Result<Vec<tokio::task::JoinHandle<()>>> {
+    let proxies: Arc<dyn ProxyHost> = match &settings.attach_launcher_socket {
+        Some(socket) => Arc::new(LauncherClient::new(socket)),
+        None => {
+            let mut proxy = ProxyCommand::current_exe().map_err(|source| Error::Io {
+                what: "locating the agent binary for the attach proxy",
+                path: PathBuf::from("/proc/self/exe"),
+                source,
+            })?;
+            if !settings.attach_proxy {
+                proxy.args.push("--reconnect-timeout-ms=0".into());
+            }
+            Arc::new(LocalProxies::new(proxy))
+        }
+    };
+    let opened = crate::attach::open_attacher(settings.attacher, data_dir, proxies)?;
+    let attacher: Arc<dyn Attacher> = opened.attacher;
+    let local = {
+        let runtime = runtime.clone();
+        Arc::new(move |volume: &str| runtime.local_role(volume).is_some())
+    };
+    let service = AttachService::new(exports, nbd_socket, attacher, local)
+        .with_forwarding(forwarding)
+        .with_member_sizes(
+            Arc::new(crate::attach_service::KubeMemberSizes::new(client.clone())),
+            crate::attach_service::EXPAND_WAIT_DEFAULT,
+        );
+    let service = Arc::new(service);
+    let mut tasks = Vec::new();
+    {
+        // Devices attached before a restart are kept by their attach proxies, which
+        // re-dial the forwarding socket: give them their exports back.
+        let service = service.clone();
+        tasks.push(tokio::spawn(async move {
+            let restored = service.restore_forwarding().await;
+            tracing::info!(restored, "forwarding exports of attached devices restored");
+        }));
+    }
+    if let Some(kernel) = opened.kernel {
+        // Kernel nbd devices outlive the agent with dead sockets: give them new ones.
+        tasks.push(tokio::task::spawn_blocking(move || {
+            kernel.reconnect_all();
+        }));
+    }
+    let incoming = bind_unix(&settings.agent_socket)?;
+    tasks.push(tokio::spawn(async move {
+        let r = tonic::transport::Server::builder()
+            .add_service(csi::agent_proto::node_agent_server::NodeAgentServer::from_arc(service))
+            .serve_with_incoming(incoming)
+            .await;
+        if let Err(e) = r {
+            tracing::error!(error = %e, "attach service stopped");
+        }
+    }));
+    Ok(tasks)
+}
+
+/// Renews the node Lease and re-opens the IO fence after each lapse once the
+/// assignments are confirmed. Returns the tasks.
+fn keep_lease(
+    client: &Client,
+    node_name: &str,
+    lease: &Arc<LeaseRenewer>,
+    runtime: &Arc<EngineRuntime>,
+) -> [tokio::task::JoinHandle<()>; 2] {
+    let renew = {
+        let lease = lease.clone();
+        tokio::spawn(async move { lease.run().await })
+    };
+    let confirm = tokio::spawn(confirm_after_lapses(
+        client.clone(),
+        node_name.to_string(),
+        lease.clone(),
+        runtime.clone(),
+    ));
+    [renew, confirm]
+}
+
+/// Registers the `BlockNode` (readiness waits for the first time) and keeps it
+/// registered, and drives the replicas from their `BlockReplica`s. Returns the tasks.
+fn run_kubernetes_side(
+    settings: &Settings,
+    client: Client,
+    data_dir: PathBuf,
+    runtime: Arc<EngineRuntime>,
+    registration: NodeRegistration,
+    readiness: Arc<Readiness>,
+) -> [tokio::task::JoinHandle<()>; 2] {
+    let ctx = Arc::new(AgentContext::new(
+        client.clone(),
+        ReplicaSettings {
+            node_name: settings.node_name.clone(),
+            data_dir,
+            status_interval_ms: settings.status_interval_ms,
+            error_retry_ms: 1_000,
+        },
+        runtime,
+    ));
+    let register = {
+        let ctx = ctx.clone();
+        let interval = settings.registration_interval_ms;
+        tokio::spawn(async move {
+            register_once(&registration, &client, &ctx, interval).await;
+            readiness.set_registered();
+            let c = ctx.clone();
+            keep_registered(registration, client, move || c.promised_bytes(), interval).await
+        })
+    };
+    let replicas = tokio::spawn(async move { run_replicas(ctx, std::future::pending()).await });
+    [register, replicas]
 }
 
 /// Keeps the Lease fence shut after each lapse until this node's `BlockReplica`s have

@@ -39,11 +39,11 @@ use engine::replication::AttachmentGeneration;
 use tonic::{Request, Response, Status};
 
 use crate::attach::{self, Attacher, validate_volume_name};
-use crate::forward::{
+use crate::frontend::forwarding::{
     ForwardSettings, ForwardingBackend, LocalPath, PrimaryResolver, ResolveError,
 };
-use crate::metrics::NbdMetrics;
-use crate::nbd::{BlockBackend, ExportRegistry};
+use crate::frontend::metered::NbdMetrics;
+use crate::frontend::nbd::{BlockBackend, ExportRegistry};
 
 /// Which volumes have a local replica at all (to tell NOT_FOUND from
 /// FAILED_PRECONDITION when there is no export here).
@@ -300,7 +300,7 @@ impl AttachService {
                     .insert(volume.to_string(), typed.clone());
             }
             // A concurrent Attach made it first; use that one.
-            Err(crate::nbd::Error::ExportExists(_)) => {}
+            Err(crate::frontend::nbd::Error::ExportExists(_)) => {}
             Err(e) => return Err(Status::internal(format!("forwarding export: {e}"))),
         }
         let in_process = typed.is_local().await;
@@ -341,7 +341,7 @@ impl AttachService {
                 tracing::info!(volume, "forwarding export removed");
                 Ok(())
             }
-            Err(crate::nbd::Error::ExportNotFound(_)) => Ok(()),
+            Err(crate::frontend::nbd::Error::ExportNotFound(_)) => Ok(()),
             Err(e) => Err(Status::unavailable(format!(
                 "removing the forwarding export: {e}"
             ))),
@@ -730,7 +730,7 @@ mod tests {
     /// generation (a re-attach to this node) replaces it.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_attach_of_a_new_generation_replaces_the_forwarding_export() {
-        use crate::forward::PrimaryTarget;
+        use crate::frontend::forwarding::PrimaryTarget;
         use engine::forward::{ForwardHandler, ForwardOutcome, ForwardSource};
         use engine::net::NetConfig;
         use engine::replication::{Epoch, ForwardOp, ForwardPayload, VolumeId};
@@ -761,7 +761,7 @@ mod tests {
                 ForwardOutcome::ok(epoch, payload)
             }
         }
-        impl crate::forward::LocalExecutor for Primary {
+        impl crate::frontend::forwarding::LocalExecutor for Primary {
             fn serves(&self, _volume: &str) -> bool {
                 true
             }

@@ -4,8 +4,7 @@
 pub mod agent;
 pub mod attach;
 pub mod attach_service;
-pub mod forward;
+pub mod frontend;
 pub mod k8s;
 pub mod metrics;
-pub mod nbd;
-pub mod runtime;
+pub mod replicas;

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use common::{TestServer, path_str, read_backend, run, run_ok, wait_until};
 use node_agent::attach::{Attacher, Error, FuseLoopAttacher};
-use node_agent::nbd::BlockBackend;
+use node_agent::frontend::nbd::BlockBackend;
 
 /// Best-effort cleanup of everything the test may have left behind, in teardown
 /// order, even when an assertion failed half-way.

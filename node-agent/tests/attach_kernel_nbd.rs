@@ -16,8 +16,8 @@ use node_agent::attach::kernel::{self, KernelNbdAttacher, KernelNbdConfig};
 use node_agent::attach::nbd_genl::{self, NbdNetlink};
 use node_agent::attach::select::{self, AttachMode, Choice};
 use node_agent::attach::{Attacher, Error, LocalProxies, ProxyCommand, ProxyHost};
-use node_agent::nbd::proto::{CMD_READ, CMD_WRITE, RequestHeader, SIMPLE_REPLY_MAGIC};
-use node_agent::nbd::{BackendError, BlockBackend, MemBackend};
+use node_agent::frontend::nbd::proto::{CMD_READ, CMD_WRITE, RequestHeader, SIMPLE_REPLY_MAGIC};
+use node_agent::frontend::nbd::{BackendError, BlockBackend, MemBackend};
 
 const TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -266,8 +266,14 @@ fn handshake_leaves_every_socket_ready_for_the_kernel_to_send_requests() {
     assert_eq!(neg.info.size_bytes, 16 << 20);
     assert_eq!(neg.info.block_size, 512);
     let flags = neg.info.transmission_flags;
-    assert_ne!(flags & node_agent::nbd::proto::TFLAG_CAN_MULTI_CONN, 0);
-    assert_ne!(flags & node_agent::nbd::proto::TFLAG_SEND_FLUSH, 0);
+    assert_ne!(
+        flags & node_agent::frontend::nbd::proto::TFLAG_CAN_MULTI_CONN,
+        0
+    );
+    assert_ne!(
+        flags & node_agent::frontend::nbd::proto::TFLAG_SEND_FLUSH,
+        0
+    );
     assert_eq!(neg.streams.len(), 3, "multi-conn export: all connections");
     let fds = neg.fds();
     assert_eq!(fds.len(), 3);
@@ -565,8 +571,14 @@ fn attach_hands_negotiated_sockets_to_the_driver_and_io_flows_through_them() {
             "the device must outlive a dead connection"
         );
         let flags = req.server_flags as u16;
-        assert_ne!(flags & node_agent::nbd::proto::TFLAG_SEND_FLUSH, 0);
-        assert_ne!(flags & node_agent::nbd::proto::TFLAG_CAN_MULTI_CONN, 0);
+        assert_ne!(
+            flags & node_agent::frontend::nbd::proto::TFLAG_SEND_FLUSH,
+            0
+        );
+        assert_ne!(
+            flags & node_agent::frontend::nbd::proto::TFLAG_CAN_MULTI_CONN,
+            0
+        );
         assert_eq!(req.socket_fds.len(), 2);
         assert_eq!(req.backend_identifier.as_deref(), Some("blockvol/vol-a"));
     }

@@ -12,7 +12,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use node_agent::attach::proxy::{Proxy, ProxyBackend, ProxySettings, request_resize};
-use node_agent::nbd::{
+use node_agent::frontend::nbd::{
     BackendError, BlockBackend, ExportRegistry, MemBackend, NbdServer, ServerConfig,
 };
 

@@ -21,9 +21,9 @@ use engine::net::{NetConfig, ReceiverServer, Transport};
 use futures::future::BoxFuture;
 use node_agent::attach::{Attacher, FuseLoopAttacher};
 use node_agent::attach_service::{AttachService, MemberSizes, ShortMembers};
-use node_agent::k8s::{Assignment, ReplicaRuntime};
-use node_agent::nbd::{ExportRegistry, NbdServer, ServerConfig};
-use node_agent::runtime::{EngineRuntime, EngineSettings};
+use node_agent::frontend::nbd::{ExportRegistry, NbdServer, ServerConfig};
+use node_agent::replicas::{Assignment, ReplicaRuntime};
+use node_agent::replicas::{EngineRuntime, EngineSettings};
 use tokio_stream::wrappers::UnixListenerStream;
 
 const CALL_TIMEOUT_MS: u64 = 30_000;

@@ -10,9 +10,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use api::{Durability, ReplicaRole, ReplicaState};
 use engine::net::{NetConfig, ReceiverServer, Transport};
-use node_agent::k8s::{Assignment, Peer, ReplicaRuntime, RuntimeError};
-use node_agent::nbd::{BlockBackend, ExportRegistry};
-use node_agent::runtime::{EngineRuntime, EngineSettings, VOLUME_FILE_NAME};
+use node_agent::frontend::nbd::{BlockBackend, ExportRegistry};
+use node_agent::replicas::{Assignment, Peer, ReplicaRuntime, RuntimeError};
+use node_agent::replicas::{EngineRuntime, EngineSettings, VOLUME_FILE_NAME};
 
 const SECRET: &[u8] = b"runtime-test-secret";
 const SIZE: u64 = 8 << 20;
@@ -116,15 +116,18 @@ async fn primary_with_replica(dir: &Path, a: &Node, b: &Node) -> (Assignment, As
 }
 
 /// A resolver that always names one primary.
-struct Fixed(node_agent::forward::PrimaryTarget);
+struct Fixed(node_agent::frontend::forwarding::PrimaryTarget);
 
-impl node_agent::forward::PrimaryResolver for Fixed {
+impl node_agent::frontend::forwarding::PrimaryResolver for Fixed {
     fn resolve<'a>(
         &'a self,
         _volume: &'a str,
     ) -> futures::future::BoxFuture<
         'a,
-        Result<node_agent::forward::PrimaryTarget, node_agent::forward::ResolveError>,
+        Result<
+            node_agent::frontend::forwarding::PrimaryTarget,
+            node_agent::frontend::forwarding::ResolveError,
+        >,
     > {
         let t = self.0.clone();
         Box::pin(async move { Ok(t) })
@@ -138,7 +141,7 @@ async fn forwarding_primary(
 ) -> (
     Node,
     Arc<dyn BlockBackend>,
-    node_agent::runtime::LocalPrimaries,
+    node_agent::replicas::LocalPrimaries,
 ) {
     let a = node("a").await;
     let ra = assignment(dir, "r1", ReplicaRole::Primary, 1, None);
@@ -760,10 +763,10 @@ async fn forwarded_io_is_accepted_only_from_the_attached_node() {
     use engine::forward::{ForwardClient, ForwardSource};
     use engine::replication::{Epoch, ForwardOp, ForwardStatus};
     use engine::replication::{ForwardPayload, VolumeId};
-    use node_agent::forward::{
+    use node_agent::frontend::forwarding::{
         Attachment, Attachments, ForwardSettings, ForwardingBackend, PrimaryTarget,
     };
-    use node_agent::nbd::BackendError;
+    use node_agent::frontend::nbd::BackendError;
     use std::sync::Mutex;
 
     let dir = tempfile::tempdir().unwrap();
@@ -882,10 +885,10 @@ async fn forwarded_io_is_accepted_only_from_the_attached_node() {
 async fn an_export_of_an_older_attachment_to_the_same_node_is_fenced() {
     use engine::forward::{ForwardClient, ForwardHandler, ForwardSource};
     use engine::replication::{AttachmentGeneration, Epoch, ForwardOp, ForwardStatus, VolumeId};
-    use node_agent::forward::{
+    use node_agent::frontend::forwarding::{
         Attachment, Attachments, ForwardSettings, ForwardingBackend, PrimaryTarget,
     };
-    use node_agent::nbd::BackendError;
+    use node_agent::frontend::nbd::BackendError;
     use std::sync::Mutex;
 
     let dir = tempfile::tempdir().unwrap();

@@ -17,11 +17,11 @@ use engine::replication::wire::{
 };
 use engine::replication::{ForwardMsg, ForwardOp, ForwardPayload, ForwardStatus, VolumeId};
 use futures::future::BoxFuture;
-use node_agent::forward::{
+use node_agent::frontend::forwarding::{
     ForwardSettings, ForwardingBackend, LocalExecutor, LocalPath, PrimaryResolver, PrimaryTarget,
     ResolveError, execute_on,
 };
-use node_agent::nbd::{BlockBackend, MemBackend};
+use node_agent::frontend::nbd::{BlockBackend, MemBackend};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const SECRET: &[u8] = b"forward-test-secret";

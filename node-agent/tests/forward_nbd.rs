@@ -22,12 +22,12 @@ use engine::replication::wire::{
 };
 use engine::replication::{ForwardMsg, ForwardOp, ForwardStatus, VolumeId};
 use futures::future::BoxFuture;
-use node_agent::forward::{
+use node_agent::frontend::forwarding::{
     ForwardSettings, ForwardingBackend, PrimaryResolver, PrimaryTarget, ResolveError,
 };
-use node_agent::k8s::{Assignment, Peer, ReplicaRuntime};
-use node_agent::nbd::{BlockBackend, ExportRegistry, ServerConfig};
-use node_agent::runtime::{EngineRuntime, EngineSettings};
+use node_agent::frontend::nbd::{BlockBackend, ExportRegistry, ServerConfig};
+use node_agent::replicas::{Assignment, Peer, ReplicaRuntime};
+use node_agent::replicas::{EngineRuntime, EngineSettings};
 
 const SECRET: &[u8] = b"forward-nbd-secret";
 const SIZE: u64 = 16 << 20;

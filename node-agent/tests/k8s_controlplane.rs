@@ -14,9 +14,9 @@ use k8s_openapi::api::core::v1::Namespace;
 use kube::api::{Api, DeleteParams, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use node_agent::k8s::{
-    AgentContext, InMemoryRuntime, LeaseRenewer, LeaseSettings, NodeRegistration, ReplicaSettings,
-    run_replicas,
+    AgentContext, LeaseRenewer, LeaseSettings, NodeRegistration, ReplicaSettings, run_replicas,
 };
+use node_agent::replicas::InMemoryRuntime;
 use serde_json::json;
 
 const NS: &str = "blockvol-system";

@@ -3,7 +3,7 @@
 mod common;
 
 use common::{TestServer, path_str, pattern, read_backend, run, run_ok};
-use node_agent::nbd::BlockBackend;
+use node_agent::frontend::nbd::BlockBackend;
 
 #[test]
 fn nbdinfo_reports_size_flags_and_block_sizes() {

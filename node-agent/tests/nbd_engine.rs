@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use common::{TestServer, path_str, pattern, run_ok};
 use engine::{CreateOptions, Volume, VolumeConfig};
-use node_agent::nbd::{BlockBackend, ServerConfig};
+use node_agent::frontend::nbd::{BlockBackend, ServerConfig};
 
 fn engine_server(file: &Path, size: u64) -> (TestServer, Arc<Volume>) {
     let s = TestServer::start(ServerConfig::default());

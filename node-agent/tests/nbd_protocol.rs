@@ -10,8 +10,8 @@ use std::net::TcpStream;
 use std::time::Duration;
 
 use common::{TestServer, pattern, read_backend, wait_until};
-use node_agent::nbd::proto::*;
-use node_agent::nbd::{BlockBackend, ServerConfig};
+use node_agent::frontend::nbd::proto::*;
+use node_agent::frontend::nbd::{BlockBackend, ServerConfig};
 
 struct Raw {
     s: TcpStream,
@@ -591,7 +591,7 @@ fn writes_acknowledged_on_several_connections_are_visible_on_all() {
 
 /// Holds every read inside the backend until released, counting how many are inside.
 struct GatedBackend {
-    inner: node_agent::nbd::MemBackend,
+    inner: node_agent::frontend::nbd::MemBackend,
     state: std::sync::Mutex<(usize, usize, bool)>, // (inside now, most inside, open)
     cv: std::sync::Condvar,
 }
@@ -603,7 +603,11 @@ impl BlockBackend for GatedBackend {
     fn block_size(&self) -> u32 {
         self.inner.block_size()
     }
-    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), node_agent::nbd::BackendError> {
+    fn read(
+        &self,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<(), node_agent::frontend::nbd::BackendError> {
         let mut st = self.state.lock().expect("lock");
         st.0 += 1;
         st.1 = st.1.max(st.0);
@@ -615,19 +619,19 @@ impl BlockBackend for GatedBackend {
         drop(st);
         self.inner.read(offset, buf)
     }
-    fn write(&self, o: u64, d: &[u8]) -> Result<(), node_agent::nbd::BackendError> {
+    fn write(&self, o: u64, d: &[u8]) -> Result<(), node_agent::frontend::nbd::BackendError> {
         self.inner.write(o, d)
     }
-    fn write_fua(&self, o: u64, d: &[u8]) -> Result<(), node_agent::nbd::BackendError> {
+    fn write_fua(&self, o: u64, d: &[u8]) -> Result<(), node_agent::frontend::nbd::BackendError> {
         self.inner.write_fua(o, d)
     }
-    fn flush(&self) -> Result<(), node_agent::nbd::BackendError> {
+    fn flush(&self) -> Result<(), node_agent::frontend::nbd::BackendError> {
         self.inner.flush()
     }
-    fn trim(&self, o: u64, l: u64) -> Result<(), node_agent::nbd::BackendError> {
+    fn trim(&self, o: u64, l: u64) -> Result<(), node_agent::frontend::nbd::BackendError> {
         self.inner.trim(o, l)
     }
-    fn write_zeroes(&self, o: u64, l: u64) -> Result<(), node_agent::nbd::BackendError> {
+    fn write_zeroes(&self, o: u64, l: u64) -> Result<(), node_agent::frontend::nbd::BackendError> {
         self.inner.write_zeroes(o, l)
     }
     fn flush_is_volume_wide(&self) -> bool {
@@ -643,7 +647,7 @@ fn requests_in_flight_per_connection_are_bounded() {
     };
     let s = TestServer::start(config);
     let gate = std::sync::Arc::new(GatedBackend {
-        inner: node_agent::nbd::MemBackend::new(1 << 20, 512).expect("mem"),
+        inner: node_agent::frontend::nbd::MemBackend::new(1 << 20, 512).expect("mem"),
         state: std::sync::Mutex::new((0, 0, false)),
         cv: std::sync::Condvar::new(),
     });
@@ -689,7 +693,7 @@ fn requests_in_flight_per_connection_are_bounded() {
 
 /// Fails reads at block 0 with an I/O error, panics on reads at block 1, and reports
 /// writes at block 2 as out of space; everything else goes to memory.
-struct FaultyBackend(node_agent::nbd::MemBackend);
+struct FaultyBackend(node_agent::frontend::nbd::MemBackend);
 
 impl BlockBackend for FaultyBackend {
     fn size_bytes(&self) -> u64 {
@@ -698,31 +702,37 @@ impl BlockBackend for FaultyBackend {
     fn block_size(&self) -> u32 {
         4096
     }
-    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), node_agent::nbd::BackendError> {
+    fn read(
+        &self,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<(), node_agent::frontend::nbd::BackendError> {
         match offset {
-            0 => Err(node_agent::nbd::BackendError::Io(
+            0 => Err(node_agent::frontend::nbd::BackendError::Io(
                 "injected read error".into(),
             )),
             4096 => panic!("injected backend panic"),
             _ => self.0.read(offset, buf),
         }
     }
-    fn write(&self, o: u64, d: &[u8]) -> Result<(), node_agent::nbd::BackendError> {
+    fn write(&self, o: u64, d: &[u8]) -> Result<(), node_agent::frontend::nbd::BackendError> {
         if o == 8192 {
-            return Err(node_agent::nbd::BackendError::NoSpace("injected".into()));
+            return Err(node_agent::frontend::nbd::BackendError::NoSpace(
+                "injected".into(),
+            ));
         }
         self.0.write(o, d)
     }
-    fn write_fua(&self, o: u64, d: &[u8]) -> Result<(), node_agent::nbd::BackendError> {
+    fn write_fua(&self, o: u64, d: &[u8]) -> Result<(), node_agent::frontend::nbd::BackendError> {
         self.write(o, d)
     }
-    fn flush(&self) -> Result<(), node_agent::nbd::BackendError> {
+    fn flush(&self) -> Result<(), node_agent::frontend::nbd::BackendError> {
         self.0.flush()
     }
-    fn trim(&self, o: u64, l: u64) -> Result<(), node_agent::nbd::BackendError> {
+    fn trim(&self, o: u64, l: u64) -> Result<(), node_agent::frontend::nbd::BackendError> {
         self.0.trim(o, l)
     }
-    fn write_zeroes(&self, o: u64, l: u64) -> Result<(), node_agent::nbd::BackendError> {
+    fn write_zeroes(&self, o: u64, l: u64) -> Result<(), node_agent::frontend::nbd::BackendError> {
         self.0.write_zeroes(o, l)
     }
     fn flush_is_volume_wide(&self) -> bool {
@@ -733,7 +743,7 @@ impl BlockBackend for FaultyBackend {
 #[test]
 fn backend_errors_and_panics_become_error_replies() {
     let s = TestServer::start(ServerConfig::default());
-    let b = FaultyBackend(node_agent::nbd::MemBackend::new(1 << 20, 4096).expect("mem"));
+    let b = FaultyBackend(node_agent::frontend::nbd::MemBackend::new(1 << 20, 4096).expect("mem"));
     s.registry
         .add(
             "v",
@@ -753,7 +763,7 @@ fn backend_errors_and_panics_become_error_replies() {
 /// A memory image whose `try_write` declines every other call (as an engine volume does
 /// when its WAL is full), counting where each write ran.
 struct Declining {
-    mem: node_agent::nbd::MemBackend,
+    mem: node_agent::frontend::nbd::MemBackend,
     tries: std::sync::atomic::AtomicU64,
     pooled_writes: std::sync::atomic::AtomicU64,
 }
@@ -765,10 +775,18 @@ impl BlockBackend for Declining {
     fn block_size(&self) -> u32 {
         self.mem.block_size()
     }
-    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), node_agent::nbd::BackendError> {
+    fn read(
+        &self,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<(), node_agent::frontend::nbd::BackendError> {
         self.mem.read(offset, buf)
     }
-    fn write(&self, offset: u64, data: &[u8]) -> Result<(), node_agent::nbd::BackendError> {
+    fn write(
+        &self,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<(), node_agent::frontend::nbd::BackendError> {
         self.pooled_writes
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         self.mem.write(offset, data)
@@ -777,23 +795,35 @@ impl BlockBackend for Declining {
         &self,
         offset: u64,
         data: &[u8],
-    ) -> Option<Result<(), node_agent::nbd::BackendError>> {
+    ) -> Option<Result<(), node_agent::frontend::nbd::BackendError>> {
         let n = self.tries.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         n.is_multiple_of(2).then(|| self.mem.write(offset, data))
     }
     fn runs_inline(&self) -> bool {
         true
     }
-    fn write_fua(&self, offset: u64, data: &[u8]) -> Result<(), node_agent::nbd::BackendError> {
+    fn write_fua(
+        &self,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<(), node_agent::frontend::nbd::BackendError> {
         self.write(offset, data)
     }
-    fn flush(&self) -> Result<(), node_agent::nbd::BackendError> {
+    fn flush(&self) -> Result<(), node_agent::frontend::nbd::BackendError> {
         Ok(())
     }
-    fn trim(&self, offset: u64, length: u64) -> Result<(), node_agent::nbd::BackendError> {
+    fn trim(
+        &self,
+        offset: u64,
+        length: u64,
+    ) -> Result<(), node_agent::frontend::nbd::BackendError> {
         self.mem.trim(offset, length)
     }
-    fn write_zeroes(&self, offset: u64, length: u64) -> Result<(), node_agent::nbd::BackendError> {
+    fn write_zeroes(
+        &self,
+        offset: u64,
+        length: u64,
+    ) -> Result<(), node_agent::frontend::nbd::BackendError> {
         self.mem.write_zeroes(offset, length)
     }
     fn flush_is_volume_wide(&self) -> bool {
@@ -805,7 +835,7 @@ impl BlockBackend for Declining {
 fn writes_declined_on_the_connection_task_still_land_through_the_pool() {
     let s = TestServer::start(ServerConfig::default());
     let b = std::sync::Arc::new(Declining {
-        mem: node_agent::nbd::MemBackend::new(1 << 20, 4096).expect("mem"),
+        mem: node_agent::frontend::nbd::MemBackend::new(1 << 20, 4096).expect("mem"),
         tries: Default::default(),
         pooled_writes: Default::default(),
     });
@@ -836,7 +866,7 @@ fn writes_declined_on_the_connection_task_still_land_through_the_pool() {
 /// A backend that, like a forwarding one, drives the runtime from `read`: legal on the
 /// blocking pool, a panic on a runtime worker.
 struct BlocksOnRuntime {
-    mem: node_agent::nbd::MemBackend,
+    mem: node_agent::frontend::nbd::MemBackend,
     rt: tokio::runtime::Handle,
 }
 
@@ -847,22 +877,42 @@ impl BlockBackend for BlocksOnRuntime {
     fn block_size(&self) -> u32 {
         self.mem.block_size()
     }
-    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), node_agent::nbd::BackendError> {
+    fn read(
+        &self,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<(), node_agent::frontend::nbd::BackendError> {
         self.rt.block_on(async { self.mem.read(offset, buf) })
     }
-    fn write(&self, offset: u64, data: &[u8]) -> Result<(), node_agent::nbd::BackendError> {
+    fn write(
+        &self,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<(), node_agent::frontend::nbd::BackendError> {
         self.rt.block_on(async { self.mem.write(offset, data) })
     }
-    fn write_fua(&self, offset: u64, data: &[u8]) -> Result<(), node_agent::nbd::BackendError> {
+    fn write_fua(
+        &self,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<(), node_agent::frontend::nbd::BackendError> {
         self.write(offset, data)
     }
-    fn flush(&self) -> Result<(), node_agent::nbd::BackendError> {
+    fn flush(&self) -> Result<(), node_agent::frontend::nbd::BackendError> {
         self.rt.block_on(async { Ok(()) })
     }
-    fn trim(&self, offset: u64, length: u64) -> Result<(), node_agent::nbd::BackendError> {
+    fn trim(
+        &self,
+        offset: u64,
+        length: u64,
+    ) -> Result<(), node_agent::frontend::nbd::BackendError> {
         self.mem.trim(offset, length)
     }
-    fn write_zeroes(&self, offset: u64, length: u64) -> Result<(), node_agent::nbd::BackendError> {
+    fn write_zeroes(
+        &self,
+        offset: u64,
+        length: u64,
+    ) -> Result<(), node_agent::frontend::nbd::BackendError> {
         self.mem.write_zeroes(offset, length)
     }
     fn flush_is_volume_wide(&self) -> bool {
@@ -875,7 +925,7 @@ fn backends_that_block_on_the_runtime_are_never_called_on_the_connection_task() 
     let s = TestServer::start(ServerConfig::default());
     let rt = s.rt.as_ref().expect("runtime").handle().clone();
     let b = BlocksOnRuntime {
-        mem: node_agent::nbd::MemBackend::new(1 << 20, 4096).expect("mem"),
+        mem: node_agent::frontend::nbd::MemBackend::new(1 << 20, 4096).expect("mem"),
         rt,
     };
     s.registry

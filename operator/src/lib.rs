@@ -8,7 +8,6 @@ pub mod drain;
 pub mod expansion;
 pub mod in_sync;
 pub mod leader;
-pub mod logging;
 pub mod metrics;
 pub mod model;
 pub mod placement;

@@ -1,7 +1,5 @@
-//! Prometheus metrics of the operator and the HTTP endpoint that serves them. The
-//! endpoint is deliberately tiny (GET /metrics and /healthz, bounded request size and
-//! read time) so the operator needs no web framework; it answers in the OpenMetrics
-//! text format with its content type.
+//! Prometheus metrics of the operator, served by the shared telemetry endpoint
+//! ([`telemetry::http`]) in the OpenMetrics text format with its content type.
 //!
 //! Besides reconcile counters it exports each volume's health as the leader last wrote
 //! it to the volume's status (phase, desired and in-sync replicas, whether a primary is
@@ -12,7 +10,6 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Mutex;
-use std::time::Duration;
 
 use api::{BlockVolumeStatus, VolumePhase};
 use prometheus_client::encoding::text::encode;
@@ -21,15 +18,9 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 use crate::{Error, Result};
-
-/// Largest HTTP request head the endpoint reads, in bytes.
-pub const MAX_REQUEST_BYTES: usize = 8 * 1024;
-/// How long a client may take to send its request, in milliseconds.
-pub const REQUEST_TIMEOUT_MS: u64 = 5_000;
 
 type Labels = Vec<(String, String)>;
 
@@ -45,10 +36,6 @@ pub const RECONCILE_ERROR_REASONS: [&str; 6] = [
     "LostLeadership",
     "Metrics",
 ];
-
-/// Content type of `/metrics`: the exposition is OpenMetrics text (it ends in `# EOF`).
-pub const OPENMETRICS_CONTENT_TYPE: &str =
-    "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 pub struct Metrics {
     registry: Registry,
@@ -263,47 +250,15 @@ impl Metrics {
     }
 }
 
-/// Serves `/metrics` and `/healthz` on `listener` until the task is dropped.
-pub async fn serve(listener: TcpListener, metrics: std::sync::Arc<Metrics>) -> Result<()> {
-    loop {
-        let (mut conn, peer) = listener.accept().await.map_err(Error::Metrics)?;
-        let metrics = metrics.clone();
-        tokio::spawn(async move {
-            let mut buf = vec![0u8; MAX_REQUEST_BYTES];
-            let mut len = 0;
-            let read = tokio::time::timeout(Duration::from_millis(REQUEST_TIMEOUT_MS), async {
-                while len < buf.len() {
-                    let n = conn.read(&mut buf[len..]).await?;
-                    if n == 0 {
-                        break;
-                    }
-                    len += n;
-                    if buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
-                        break;
-                    }
-                }
-                Ok::<_, std::io::Error>(())
-            })
-            .await;
-            if !matches!(read, Ok(Ok(()))) {
-                tracing::debug!(%peer, "metrics request not read in time");
-                return;
-            }
-            let head = String::from_utf8_lossy(&buf[..len]);
-            let path = head.split_whitespace().nth(1).unwrap_or("");
-            const TEXT: &str = "text/plain; charset=utf-8";
-            let (code, ctype, body) = match path {
-                "/metrics" => ("200 OK", OPENMETRICS_CONTENT_TYPE, metrics.render()),
-                "/healthz" | "/readyz" => ("200 OK", TEXT, "ok\n".to_string()),
-                _ => ("404 Not Found", TEXT, "not found\n".to_string()),
-            };
-            let resp = format!(
-                "HTTP/1.1 {code}\r\ncontent-type: {ctype}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = conn.write_all(resp.as_bytes()).await;
-            let _ = conn.shutdown().await;
-        });
+/// `/metrics` is the exposition; `/healthz` and `/readyz` answer 200 whenever the process
+/// can answer at all (a follower is ready too: it takes over when the leader goes).
+impl telemetry::http::Probes for Metrics {
+    async fn metrics(&self) -> Option<String> {
+        Some(self.render())
+    }
+
+    async fn readyz(&self) -> Option<Result<(), String>> {
+        Some(Ok(()))
     }
 }
 
@@ -421,6 +376,8 @@ mod tests {
 
     #[tokio::test]
     async fn endpoint_serves_metrics_and_404s_other_paths() {
+        use telemetry::http::{OPENMETRICS_CONTENT_TYPE, serve};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let m = std::sync::Arc::new(Metrics::default());
         m.set_leader(true);
         let l = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();

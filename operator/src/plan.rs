@@ -10,16 +10,16 @@
 //! conditional on the volume's resourceVersion, which fences a second plan made from
 //! the same view; recovery trusts the status's primary at its epoch as well.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use api::{BlockReplicaSpec, BlockVolumeSpec, BlockVolumeStatus, PeerAssignment, ReplicaRole};
 use k8s_openapi::jiff::Timestamp;
 
 use crate::drain::{DrainInput, DrainStep, evacuating_nodes};
 use crate::expansion::{reached_size, replicas_to_expand};
-use crate::in_sync::{InSyncSet, next_in_sync_set};
+use crate::in_sync::{InSyncChange, InSyncSet, next_in_sync_set};
 use crate::model::ReplicaView;
-use crate::placement::{NodeCandidate, PlacementRequest, place};
+use crate::placement::{InsufficientNodes, NodeCandidate, PlacementRequest, place};
 use crate::primary_move::{MoveInput, MoveOutcome, MoveRequest, MoveSettings, MoveStep};
 use crate::promotion::{
     PrimaryLease, PrimaryStanding, PromotionDecision, choose_promotion, choose_repromotion,
@@ -150,7 +150,51 @@ fn new_view(volume: &str, node: &str, nodes: &[NodeCandidate]) -> ReplicaView {
     }
 }
 
-fn status_only(obs: &Observed<'_>, blocked: Blocked, event: PlannedEvent) -> Plan {
+impl Observed<'_> {
+    /// The status a plan writes for this volume: `state` and `replicas` as the plan
+    /// leaves them.
+    fn status_of(
+        &self,
+        state: &crate::recovery::VolumeState,
+        replicas: &[ReplicaView],
+        blocked: Option<&Blocked>,
+        size_bytes: Option<u64>,
+        primary_move: Option<&api::PrimaryMove>,
+    ) -> BlockVolumeStatus {
+        volume_status(&StatusInput {
+            generation: self.generation,
+            deleting: false,
+            attached_to: self.attached_to,
+            desired_replicas: self.spec.replicas,
+            state,
+            replicas,
+            blocked,
+            size_bytes,
+            primary_move,
+            previous: self.status,
+            now: self.now,
+        })
+    }
+}
+
+/// `views` with each replica that `specs` names assigned its spec there.
+fn with_specs(views: &[ReplicaView], specs: &[BlockReplicaSpec]) -> Vec<ReplicaView> {
+    views
+        .iter()
+        .map(|r| {
+            let mut r = r.clone();
+            if let Some(s) = specs.iter().find(|s| s.replica_id == r.id) {
+                r.spec = s.clone();
+            }
+            r
+        })
+        .collect()
+}
+
+/// The plan of a volume that cannot be reconciled: its status says why, and so does a
+/// warning Event with the `Ready` condition's reason.
+fn status_only(obs: &Observed<'_>, blocked: Blocked) -> Box<Plan> {
+    let event = warning(blocked.reason(), blocked.message().to_string());
     let state = crate::recovery::VolumeState {
         epoch: obs.status.map(|s| s.epoch).unwrap_or(0),
         primary: obs.status.and_then(|s| s.primary.clone()),
@@ -159,26 +203,20 @@ fn status_only(obs: &Observed<'_>, blocked: Blocked, event: PlannedEvent) -> Pla
             .map(|s| InSyncSet::new(s.in_sync_set.clone(), s.in_sync_set_generation))
             .unwrap_or_default(),
     };
-    let status = volume_status(&StatusInput {
-        generation: obs.generation,
-        deleting: false,
-        attached_to: obs.attached_to,
-        desired_replicas: obs.spec.replicas,
-        state: &state,
-        replicas: obs.replicas,
-        blocked: Some(&blocked),
-        size_bytes: obs.status.and_then(|s| s.size_bytes),
-        primary_move: obs.status.and_then(|s| s.primary_move.as_ref()),
-        previous: obs.status,
-        now: obs.now,
-    });
-    Plan {
+    let status = obs.status_of(
+        &state,
+        obs.replicas,
+        Some(&blocked),
+        obs.status.and_then(|s| s.size_bytes),
+        obs.status.and_then(|s| s.primary_move.as_ref()),
+    );
+    Box::new(Plan {
         apply: vec![],
         delete: vec![],
         status,
         events: vec![event],
         drain: DrainStep::Idle,
-    }
+    })
 }
 
 /// The plan while a move waits or demotes the old primary: no primary exists at the
@@ -191,35 +229,19 @@ fn moving_plan(
     demote: Option<BlockReplicaSpec>,
     events: Vec<PlannedEvent>,
 ) -> Plan {
-    let views: Vec<ReplicaView> = obs
-        .replicas
-        .iter()
-        .map(|r| {
-            let mut r = r.clone();
-            if let Some(s) = demote.as_ref().filter(|s| s.replica_id == r.id) {
-                r.spec = s.clone();
-            }
-            r
-        })
-        .collect();
+    let views = with_specs(obs.replicas, demote.as_slice());
     let state = crate::recovery::VolumeState {
         epoch: state.epoch.max(current.epoch),
         primary: None,
         in_sync: state.in_sync.clone(),
     };
-    let status = volume_status(&StatusInput {
-        generation: obs.generation,
-        deleting: false,
-        attached_to: obs.attached_to,
-        desired_replicas: obs.spec.replicas,
-        state: &state,
-        replicas: &views,
-        blocked: None,
-        size_bytes: obs.status.and_then(|s| s.size_bytes),
-        primary_move: Some(current),
-        previous: obs.status,
-        now: obs.now,
-    });
+    let status = obs.status_of(
+        &state,
+        &views,
+        None,
+        obs.status.and_then(|s| s.size_bytes),
+        Some(current),
+    );
     Plan {
         apply: demote.into_iter().collect(),
         delete: vec![],
@@ -254,148 +276,247 @@ fn unconfirmed_demotion(views: &[ReplicaView]) -> Option<&ReplicaView> {
     })
 }
 
-/// Plans one reconcile of a volume that is not being deleted.
+/// Plans one reconcile of a volume that is not being deleted. The steps run in this
+/// order, each on the state the previous ones left: validate the spec and recover the
+/// volume's state; then either place a new volume, or advance a primary move, keep or
+/// promote the primary (committing in-sync set changes), replace unusable replicas,
+/// fill up to `spec.replicas`, take a drain's next step and remove excess replicas;
+/// finally the replica specs to write and the status.
 pub fn plan(obs: &Observed<'_>, settings: &ReplacementSettings, moves: &MoveSettings) -> Plan {
+    let (size, state) = match validated(obs) {
+        Ok(v) => v,
+        Err(blocked) => return *blocked,
+    };
+    let mut p = Planner::new(obs, settings, size, state);
+    let initial = p.state.primary.is_none() && p.active() == 0;
+    if initial {
+        p.place_new_volume();
+    } else if let Some(moving) = p.reconcile_existing(moves) {
+        return moving;
+    }
+    p.mark_deleted();
+    if !initial {
+        p.expansion_event();
+    }
+    p.finish()
+}
+
+/// The size the spec asks for and the volume's recovered state, or the plan that only
+/// reports why the volume cannot be reconciled.
+fn validated(obs: &Observed<'_>) -> Result<(u64, crate::recovery::VolumeState), Box<Plan>> {
     if obs.name.len() > MAX_VOLUME_NAME_LEN {
         let m = format!(
             "volume name is {} characters; at most {MAX_VOLUME_NAME_LEN} fit the replicas' {} label",
             obs.name.len(),
             api::LABEL_VOLUME
         );
-        return status_only(
-            obs,
-            Blocked::InvalidSpec(m.clone()),
-            warning(reason::INVALID_SPEC, m),
-        );
+        return Err(status_only(obs, Blocked::InvalidSpec(m)));
     }
-    let size = match obs.spec.validate().and_then(|()| obs.spec.size_bytes()) {
-        Ok(s) => s,
-        Err(e) => {
-            let m = e.to_string();
-            return status_only(
-                obs,
-                Blocked::InvalidSpec(m.clone()),
-                warning(reason::INVALID_SPEC, m),
-            );
+    let size = obs
+        .spec
+        .validate()
+        .and_then(|()| obs.spec.size_bytes())
+        .map_err(|e| status_only(obs, Blocked::InvalidSpec(e.to_string())))?;
+    let state = recover_state(obs.status, obs.replicas)
+        .map_err(|e| status_only(obs, Blocked::ConflictingPrimaries(e.to_string())))?;
+    Ok((size, state))
+}
+
+/// The working state of one [`plan`]: what the steps decided so far.
+struct Planner<'o, 'a> {
+    obs: &'o Observed<'a>,
+    settings: &'o ReplacementSettings,
+    size: u64,
+    desired: usize,
+    state: crate::recovery::VolumeState,
+    /// Every replica, the ones placed by this reconcile included.
+    views: Vec<ReplicaView>,
+    delete: Vec<String>,
+    events: Vec<PlannedEvent>,
+    blocked: Option<Blocked>,
+    /// The replica this reconcile promoted: its assignment is written first.
+    promoted: Option<String>,
+    /// The primary move recorded in the status after this reconcile.
+    recorded_move: Option<api::PrimaryMove>,
+    evacuating: BTreeSet<&'a str>,
+    drain: DrainStep,
+    /// Rebuilding replicas per node, the ones this reconcile starts included.
+    rebuilding: BTreeMap<String, u32>,
+}
+
+impl<'o, 'a> Planner<'o, 'a> {
+    fn new(
+        obs: &'o Observed<'a>,
+        settings: &'o ReplacementSettings,
+        size: u64,
+        state: crate::recovery::VolumeState,
+    ) -> Self {
+        Planner {
+            obs,
+            settings,
+            size,
+            desired: usize::from(obs.spec.replicas),
+            state,
+            views: obs.replicas.to_vec(),
+            delete: Vec::new(),
+            events: Vec::new(),
+            blocked: None,
+            promoted: None,
+            recorded_move: None,
+            evacuating: evacuating_nodes(obs.nodes),
+            drain: DrainStep::Idle,
+            rebuilding: obs.rebuilding_per_node.clone(),
         }
-    };
-    let mut state = match recover_state(obs.status, obs.replicas) {
-        Ok(s) => s,
-        Err(e) => {
-            let m = e.to_string();
-            return status_only(
-                obs,
-                Blocked::ConflictingPrimaries(m.clone()),
-                warning(reason::CONFLICTING_PRIMARIES, m),
-            );
-        }
-    };
-    let desired = usize::from(obs.spec.replicas);
-    let mut events = Vec::new();
-    let mut blocked = None;
-    let mut views: Vec<ReplicaView> = obs.replicas.to_vec();
-    let mut delete: Vec<String> = Vec::new();
-    let mut promoted: Option<String> = None;
-    // The primary move recorded in the status after this reconcile.
-    let mut recorded_move: Option<api::PrimaryMove> = None;
-    let placement = |count: usize, existing: &[String], excluded: &[String]| {
+    }
+
+    /// Nodes for `count` new replicas, away from every node holding one already.
+    fn placement(
+        &self,
+        count: usize,
+        excluded: &[String],
+    ) -> Result<Vec<String>, InsufficientNodes> {
+        let existing: Vec<String> = self.views.iter().map(|r| r.node().to_string()).collect();
         place(
-            obs.nodes,
+            self.obs.nodes,
             &PlacementRequest {
                 count,
-                size_bytes: size,
-                node_selector: obs.spec.node_selector.as_ref(),
-                topology_key: obs.spec.topology_key.as_deref(),
-                existing_nodes: existing,
+                size_bytes: self.size,
+                node_selector: self.obs.spec.node_selector.as_ref(),
+                topology_key: self.obs.spec.topology_key.as_deref(),
+                existing_nodes: &existing,
                 excluded_nodes: excluded,
             },
         )
-    };
-    let holding_nodes = |views: &[ReplicaView]| -> Vec<String> {
-        views.iter().map(|r| r.node().to_string()).collect()
-    };
-    let active = |views: &[ReplicaView], delete: &[String]| -> usize {
-        views
+    }
+
+    /// Replicas neither being deleted nor deleted by this plan.
+    fn active(&self) -> usize {
+        self.views
             .iter()
-            .filter(|r| !r.deleting && !delete.contains(&r.id))
+            .filter(|r| !r.deleting && !self.delete.contains(&r.id))
             .count()
-    };
+    }
 
-    let evacuating = evacuating_nodes(obs.nodes);
-    let mut drain = DrainStep::Idle;
+    fn new_view(&self, node: &str) -> ReplicaView {
+        new_view(self.obs.name, node, self.obs.nodes)
+    }
 
-    let initial = state.primary.is_none() && active(&views, &delete) == 0;
-    if initial {
-        match placement(desired, &holding_nodes(&views), &[]) {
+    /// Nodes at their rebuild limit, counting the rebuilds in `rebuilding`.
+    fn rebuild_limited(&self, rebuilding: &BTreeMap<String, u32>) -> Vec<String> {
+        nodes_at_rebuild_limit(rebuilding, self.settings.max_rebuilds_per_node)
+    }
+
+    /// Commits `members` as the next in-sync set generation.
+    fn commit_in_sync(&mut self, members: Vec<String>) {
+        self.state.in_sync =
+            InSyncSet::new(members, self.state.in_sync.generation.saturating_add(1));
+    }
+
+    /// A new volume: every replica placed at once, the first one primary at the next
+    /// epoch.
+    fn place_new_volume(&mut self) {
+        match self.placement(self.desired, &[]) {
             Ok(chosen) => {
-                let new: Vec<ReplicaView> = chosen
-                    .iter()
-                    .map(|n| new_view(obs.name, n, obs.nodes))
-                    .collect();
-                state.epoch = state.epoch.saturating_add(1);
-                state.primary = new.first().map(|v| v.id.clone());
+                let new: Vec<ReplicaView> = chosen.iter().map(|n| self.new_view(n)).collect();
+                self.state.epoch = self.state.epoch.saturating_add(1);
+                self.state.primary = new.first().map(|v| v.id.clone());
                 // A fresh volume holds no acknowledged write, so every replica starts in
                 // the committed set: none can have missed an ack.
-                state.in_sync = InSyncSet::new(
-                    new.iter().map(|v| v.id.clone()).collect(),
-                    state.in_sync.generation.saturating_add(1),
-                );
-                events.push(normal(
+                self.commit_in_sync(new.iter().map(|v| v.id.clone()).collect());
+                self.events.push(normal(
                     reason::PLACED,
                     format!(
                         "placed {} replica(s) on node(s) {}; primary {} at epoch {}",
                         new.len(),
                         chosen.join(", "),
-                        state.primary.as_deref().unwrap_or_default(),
-                        state.epoch
+                        self.state.primary.as_deref().unwrap_or_default(),
+                        self.state.epoch
                     ),
                 ));
-                views.extend(new);
+                self.views.extend(new);
             }
             Err(e) => {
-                events.push(warning(reason::INSUFFICIENT_NODES, e.to_string()));
-                blocked = Some(Blocked::InsufficientNodes(e.to_string()));
+                self.events
+                    .push(warning(reason::INSUFFICIENT_NODES, e.to_string()));
+                self.blocked = Some(Blocked::InsufficientNodes(e.to_string()));
             }
         }
-    } else {
-        let drain_input = |state: &crate::recovery::VolumeState, views: &[ReplicaView]| {
-            let drain_move = obs
-                .status
-                .and_then(|s| s.primary_move.as_ref())
-                .is_some_and(|m| m.reason == api::MoveReason::Drain);
-            DrainStepInputs {
-                slot: obs.drain_slot
-                    || crate::drain::started(views, desired, &evacuating, drain_move),
-                state: state.clone(),
-            }
+    }
+
+    /// Every step for a volume that exists. Returns the whole plan instead when a
+    /// primary move holds everything else still.
+    fn reconcile_existing(&mut self, moves: &MoveSettings) -> Option<Plan> {
+        let pre_slot = self.drain_slot();
+        self.drain = self.drain_step(pre_slot);
+        let move_promotion = match self.advance_move(moves) {
+            Ok(p) => p,
+            Err(moving) => return Some(*moving),
         };
-        let pre = drain_input(&state, &views);
-        drain = crate::drain::step(&DrainInput {
-            state: &pre.state,
-            replicas: &views,
-            desired,
-            evacuating: &evacuating,
-            slot: pre.slot,
-        });
+        self.settle_primary(move_promotion);
+        self.replace_unusable();
+        // The drain's add/remove step, from the state as this reconcile leaves it. Not
+        // in a reconcile that promoted, started a move or replaced a replica: one change
+        // at a time, each on a fresh observation.
+        let settled =
+            self.promoted.is_none() && self.recorded_move.is_none() && self.delete.is_empty();
+        if settled {
+            let post_slot = self.drain_slot();
+            self.drain = self.drain_step(pre_slot || post_slot);
+        }
+        self.fill_up(settled);
+        if settled {
+            self.remove_drained();
+        }
+        self.remove_excess();
+        None
+    }
+
+    /// This volume may take or keep a drain slot.
+    fn drain_slot(&self) -> bool {
+        let drain_move = self
+            .obs
+            .status
+            .and_then(|s| s.primary_move.as_ref())
+            .is_some_and(|m| m.reason == api::MoveReason::Drain);
+        self.obs.drain_slot
+            || crate::drain::started(&self.views, self.desired, &self.evacuating, drain_move)
+    }
+
+    fn drain_step(&self, slot: bool) -> DrainStep {
+        crate::drain::step(&DrainInput {
+            state: &self.state,
+            replicas: &self.views,
+            desired: self.desired,
+            evacuating: &self.evacuating,
+            slot,
+        })
+    }
+
+    /// Advances a primary move (a drain's, a request's or data locality's). `Ok` carries
+    /// the replica the move promotes now, at its epoch; `Err` the plan of a move that
+    /// waits or demotes the old primary.
+    fn advance_move(&mut self, moves: &MoveSettings) -> Result<Option<(String, u64)>, Box<Plan>> {
+        let obs = self.obs;
         // A drain moves the primary off its node first; a standing request (annotation,
         // data locality) for a draining node waits until the drain is over.
-        let request = match &drain {
+        let request = match &self.drain {
             DrainStep::MovePrimary { to_node } => Some(MoveRequest {
                 node: to_node.as_str(),
                 reason: api::MoveReason::Drain,
             }),
             DrainStep::Idle => obs.move_request,
-            _ => obs.move_request.filter(|r| !evacuating.contains(r.node)),
+            _ => obs
+                .move_request
+                .filter(|r| !self.evacuating.contains(r.node)),
         };
         let step = crate::primary_move::step(&MoveInput {
             current: obs.status.and_then(|s| s.primary_move.as_ref()),
             request,
-            state: &state,
-            replicas: &views,
+            state: &self.state,
+            replicas: &self.views,
             now: obs.now,
             settings: moves,
         });
-        let mut move_promotion: Option<(String, u64)> = None;
         match step {
             MoveStep::Idle => {}
             MoveStep::Rejected {
@@ -405,7 +526,7 @@ pub fn plan(obs: &Observed<'_>, settings: &ReplacementSettings, moves: &MoveSett
                 // Data locality is best effort: only an explicit request is worth a
                 // warning every time it cannot be honoured.
                 if why_kind == api::MoveReason::Requested {
-                    events.push(warning(
+                    self.events.push(warning(
                         reason::MOVE_REJECTED,
                         format!("cannot move the primary: {why}"),
                     ));
@@ -414,14 +535,14 @@ pub fn plan(obs: &Observed<'_>, settings: &ReplacementSettings, moves: &MoveSett
                 }
             }
             MoveStep::Record(m) => {
-                events.push(normal(
+                self.events.push(normal(
                     reason::MOVE_STARTED,
                     format!(
                         "moving primary {} to replica {} on node {} at epoch {} ({:?})",
                         m.from, m.to, m.to_node, m.epoch, m.reason
                     ),
                 ));
-                recorded_move = Some(m);
+                self.recorded_move = Some(m);
             }
             MoveStep::Demote(m) => {
                 let event = normal(
@@ -432,69 +553,110 @@ pub fn plan(obs: &Observed<'_>, settings: &ReplacementSettings, moves: &MoveSett
                     ),
                 );
                 let spec = demoted_spec(obs, &m);
-                return moving_plan(obs, &state, &m, spec, vec![event]);
+                return Err(Box::new(moving_plan(
+                    obs,
+                    &self.state,
+                    &m,
+                    spec,
+                    vec![event],
+                )));
             }
             MoveStep::Wait { current, why } => {
                 tracing::debug!(volume = obs.name, why = %why, "primary move waiting");
-                return moving_plan(obs, &state, &current, None, vec![]);
+                return Err(Box::new(moving_plan(
+                    obs,
+                    &self.state,
+                    &current,
+                    None,
+                    vec![],
+                )));
             }
             MoveStep::Promote {
                 replica_id,
                 epoch,
                 outcome,
             } => {
-                let from = obs
-                    .status
-                    .and_then(|s| s.primary_move.as_ref())
-                    .map(|m| m.from.clone())
-                    .unwrap_or_default();
-                let node = views
-                    .iter()
-                    .find(|r| r.id == replica_id)
-                    .map(|r| r.node().to_string())
-                    .unwrap_or_default();
-                match outcome {
-                    MoveOutcome::Completed => events.push(normal(
-                        reason::PRIMARY_MOVED,
-                        format!(
-                            "replica {replica_id} on node {node} is primary at epoch {epoch}; {from} rejoins as a replica"
-                        ),
-                    )),
-                    MoveOutcome::Abandoned { why, deposed } => {
-                        events.push(warning(
-                            reason::MOVE_ABANDONED,
-                            format!(
-                                "primary move abandoned: {why}; replica {replica_id} on node {node} is primary at epoch {epoch}"
-                            ),
-                        ));
-                        if deposed && state.in_sync.contains(&from) && state.in_sync.members.len() > 1 {
-                            let members: Vec<String> = state
-                                .in_sync
-                                .members
-                                .iter()
-                                .filter(|m| **m != from)
-                                .cloned()
-                                .collect();
-                            state.in_sync =
-                                InSyncSet::new(members, state.in_sync.generation.saturating_add(1));
-                        }
-                    }
-                }
-                move_promotion = Some((replica_id, epoch));
+                self.move_promoted(&replica_id, epoch, outcome);
+                return Ok(Some((replica_id, epoch)));
             }
             MoveStep::Clear { why } => {
                 tracing::info!(volume = obs.name, why = %why, "primary move record cleared");
             }
         }
-        let primary_id = state.primary.clone().unwrap_or_default();
-        let primary_view = views.iter().find(|r| r.id == primary_id && !r.deleting);
+        Ok(None)
+    }
+
+    /// The events of a move that ends by promoting `replica_id`; an abandoned move whose
+    /// old primary was deposed takes it out of the in-sync set.
+    fn move_promoted(&mut self, replica_id: &str, epoch: u64, outcome: MoveOutcome) {
+        let from = self
+            .obs
+            .status
+            .and_then(|s| s.primary_move.as_ref())
+            .map(|m| m.from.clone())
+            .unwrap_or_default();
+        let node = self.node_of(replica_id);
+        match outcome {
+            MoveOutcome::Completed => self.events.push(normal(
+                reason::PRIMARY_MOVED,
+                format!(
+                    "replica {replica_id} on node {node} is primary at epoch {epoch}; {from} rejoins as a replica"
+                ),
+            )),
+            MoveOutcome::Abandoned { why, deposed } => {
+                self.events.push(warning(
+                    reason::MOVE_ABANDONED,
+                    format!(
+                        "primary move abandoned: {why}; replica {replica_id} on node {node} is primary at epoch {epoch}"
+                    ),
+                ));
+                if deposed
+                    && self.state.in_sync.contains(&from)
+                    && self.state.in_sync.members.len() > 1
+                {
+                    let members = self.in_sync_without(|m| *m == from);
+                    self.commit_in_sync(members);
+                }
+            }
+        }
+    }
+
+    /// The node of replica `id`, empty when it is unknown.
+    fn node_of(&self, id: &str) -> String {
+        self.views
+            .iter()
+            .find(|r| r.id == id)
+            .map(|r| r.node().to_string())
+            .unwrap_or_default()
+    }
+
+    /// The in-sync members for which `leaves` is false.
+    fn in_sync_without(&self, leaves: impl Fn(&String) -> bool) -> Vec<String> {
+        self.state
+            .in_sync
+            .members
+            .iter()
+            .filter(|m| !leaves(m))
+            .cloned()
+            .collect()
+    }
+
+    /// Keeps the primary (committing the next in-sync set it earned) or promotes
+    /// another member. `move_promotion` is the replica a move just promoted.
+    fn settle_primary(&mut self, move_promotion: Option<(String, u64)>) {
+        let obs = self.obs;
+        let primary_id = self.state.primary.clone().unwrap_or_default();
+        let primary_view = self
+            .views
+            .iter()
+            .find(|r| r.id == primary_id && !r.deleting);
         let since = unhealthy_since(obs.status);
         let standing = primary_standing(
             primary_view,
-            state.epoch,
+            self.state.epoch,
             since.get(&primary_id).copied(),
             obs.now,
-            settings.primary_failure_grace_ms,
+            self.settings.primary_failure_grace_ms,
         );
         let lease = match standing {
             PrimaryStanding::Serving => PrimaryLease::Current,
@@ -502,19 +664,19 @@ pub fn plan(obs: &Observed<'_>, settings: &ReplacementSettings, moves: &MoveSett
         };
         let decision = match move_promotion {
             Some((replica_id, epoch)) => {
-                state.epoch = epoch;
-                state.primary = Some(replica_id.clone());
-                promoted = Some(replica_id);
+                self.state.epoch = epoch;
+                self.state.primary = Some(replica_id.clone());
+                self.promoted = Some(replica_id);
                 // Already promoted: the rest of this reconcile runs as KeepPrimary.
                 PromotionDecision::KeepPrimary
             }
-            None if recorded_move.is_some() => PromotionDecision::KeepPrimary,
+            None if self.recorded_move.is_some() => PromotionDecision::KeepPrimary,
             // No primary is assigned at the current epoch, yet a live replica still
             // reports serving as one (a demotion whose move record was lost): promoting
             // now could leave it acknowledging, so wait for its demotion report or for
             // its Lease to expire.
-            None if state.primary.is_none() && unconfirmed_demotion(&views).is_some() => {
-                let r = unconfirmed_demotion(&views)
+            None if self.state.primary.is_none() && unconfirmed_demotion(&self.views).is_some() => {
+                let r = unconfirmed_demotion(&self.views)
                     .map(|r| r.id.clone())
                     .unwrap_or_default();
                 tracing::info!(volume = obs.name, replica = %r, "waiting for a demoted primary to confirm");
@@ -526,116 +688,125 @@ pub fn plan(obs: &Observed<'_>, settings: &ReplacementSettings, moves: &MoveSett
                         candidate: true, ..
                     },
                     Some(p),
-                ) => choose_repromotion(state.epoch, p, &state.in_sync.members, &views),
+                ) => choose_repromotion(
+                    self.state.epoch,
+                    p,
+                    &self.state.in_sync.members,
+                    &self.views,
+                ),
                 _ => choose_promotion(
-                    state.epoch,
+                    self.state.epoch,
                     &primary_id,
                     lease,
-                    &state.in_sync.members,
-                    &views,
+                    &self.state.in_sync.members,
+                    &self.views,
                 ),
             },
         };
         match decision {
             PromotionDecision::KeepPrimary => {
-                if let Some(change) = primary_view
-                    .and_then(|p| next_in_sync_set(&state.in_sync, state.epoch, p, &views))
-                {
-                    let mut note =
-                        format!("committed in-sync set generation {}", change.set.generation);
-                    if !change.removed.is_empty() {
-                        note += &format!(
-                            "; removed {} (unreachable from primary {primary_id})",
-                            change.removed.join(", ")
-                        );
-                    }
-                    if !change.added.is_empty() {
-                        note += &format!(
-                            "; added {} (in sync with primary {primary_id})",
-                            change.added.join(", ")
-                        );
-                    }
-                    events.push(normal(reason::IN_SYNC_SET_CHANGED, note));
-                    for id in &change.added {
-                        events.push(normal(
-                            reason::REBUILD_COMPLETED,
-                            format!("replica {id} caught up and joined the in-sync set"),
-                        ));
-                    }
-                    state.in_sync = change.set;
+                let change = primary_view.and_then(|p| {
+                    next_in_sync_set(&self.state.in_sync, self.state.epoch, p, &self.views)
+                });
+                if let Some(change) = change {
+                    self.commit_in_sync_change(change, &primary_id);
                 }
             }
             PromotionDecision::Promote { replica_id, epoch } => {
-                let flushed = views
-                    .iter()
-                    .find(|r| r.id == replica_id)
-                    .map(|r| r.flushed_lsn())
-                    .unwrap_or(0);
-                let node = views
-                    .iter()
-                    .find(|r| r.id == replica_id)
-                    .map(|r| r.node().to_string())
-                    .unwrap_or_default();
                 let why = match &standing {
-                    PrimaryStanding::Gone { why, .. } => why.as_str(),
-                    PrimaryStanding::Serving => "the primary serves no IO",
+                    PrimaryStanding::Gone { why, .. } => why.clone(),
+                    PrimaryStanding::Serving => "the primary serves no IO".to_string(),
                 };
-                events.push(normal(
-                    reason::PROMOTED,
-                    format!(
-                        "promoted replica {replica_id} on node {node} (flushed LSN {flushed}) to primary at epoch {epoch}; {why}"
-                    ),
-                ));
-                // The deposed primary is fenced by the new epoch; it leaves the set now
-                // so the new primary need not wait for it. A primary promoted again at
-                // the new epoch stays.
-                let members: Vec<String> = state
-                    .in_sync
-                    .members
-                    .iter()
-                    .filter(|m| **m != primary_id || **m == replica_id)
-                    .cloned()
-                    .collect();
-                if members.len() != state.in_sync.members.len() {
-                    events.push(normal(
-                        reason::IN_SYNC_SET_CHANGED,
-                        format!(
-                            "committed in-sync set generation {}; removed deposed primary {primary_id}",
-                            state.in_sync.generation.saturating_add(1)
-                        ),
-                    ));
-                    state.in_sync =
-                        InSyncSet::new(members, state.in_sync.generation.saturating_add(1));
-                }
-                state.epoch = epoch;
-                state.primary = Some(replica_id.clone());
-                promoted = Some(replica_id);
+                self.promote(&primary_id, replica_id, epoch, &why);
             }
             PromotionDecision::NoEligibleMember { reason: why } => {
-                events.push(warning(reason::NO_ELIGIBLE_PRIMARY, why.clone()));
-                blocked = Some(Blocked::NoEligiblePrimary(why));
+                self.events
+                    .push(warning(reason::NO_ELIGIBLE_PRIMARY, why.clone()));
+                self.blocked = Some(Blocked::NoEligiblePrimary(why));
             }
         }
+    }
 
-        // Replace replicas unusable past their grace, then fill up to spec.replicas.
-        let mut rebuilding = obs.rebuilding_per_node.clone();
+    /// Commits the in-sync set the primary `primary_id` earned, with its events.
+    fn commit_in_sync_change(&mut self, change: InSyncChange, primary_id: &str) {
+        let mut note = format!("committed in-sync set generation {}", change.set.generation);
+        if !change.removed.is_empty() {
+            note += &format!(
+                "; removed {} (unreachable from primary {primary_id})",
+                change.removed.join(", ")
+            );
+        }
+        if !change.added.is_empty() {
+            note += &format!(
+                "; added {} (in sync with primary {primary_id})",
+                change.added.join(", ")
+            );
+        }
+        self.events.push(normal(reason::IN_SYNC_SET_CHANGED, note));
+        for id in &change.added {
+            self.events.push(normal(
+                reason::REBUILD_COMPLETED,
+                format!("replica {id} caught up and joined the in-sync set"),
+            ));
+        }
+        self.state.in_sync = change.set;
+    }
+
+    /// Promotes `replica_id` at `epoch` in place of `deposed`, which `why` says is gone.
+    fn promote(&mut self, deposed: &str, replica_id: String, epoch: u64, why: &str) {
+        let flushed = self
+            .views
+            .iter()
+            .find(|r| r.id == replica_id)
+            .map(|r| r.flushed_lsn())
+            .unwrap_or(0);
+        let node = self.node_of(&replica_id);
+        self.events.push(normal(
+            reason::PROMOTED,
+            format!(
+                "promoted replica {replica_id} on node {node} (flushed LSN {flushed}) to primary at epoch {epoch}; {why}"
+            ),
+        ));
+        // The deposed primary is fenced by the new epoch; it leaves the set now so the
+        // new primary need not wait for it. A primary promoted again at the new epoch
+        // stays.
+        let members = self.in_sync_without(|m| *m == deposed && *m != replica_id);
+        if members.len() != self.state.in_sync.members.len() {
+            self.events.push(normal(
+                reason::IN_SYNC_SET_CHANGED,
+                format!(
+                    "committed in-sync set generation {}; removed deposed primary {deposed}",
+                    self.state.in_sync.generation.saturating_add(1)
+                ),
+            ));
+            self.commit_in_sync(members);
+        }
+        self.state.epoch = epoch;
+        self.state.primary = Some(replica_id.clone());
+        self.promoted = Some(replica_id);
+    }
+
+    /// Replaces replicas unusable past their grace, within each node's rebuild limit.
+    fn replace_unusable(&mut self) {
+        let obs = self.obs;
+        let since = unhealthy_since(obs.status);
         for rep in replacements(
-            &views,
-            state.primary.as_deref(),
-            &state.in_sync,
+            &self.views,
+            self.state.primary.as_deref(),
+            &self.state.in_sync,
             &since,
             obs.now,
-            settings,
+            self.settings,
         ) {
-            let Some(old) = views.iter().find(|r| r.id == rep.replica_id).cloned() else {
+            let Some(old) = self.views.iter().find(|r| r.id == rep.replica_id).cloned() else {
                 continue;
             };
-            let excluded = nodes_at_rebuild_limit(&rebuilding, settings.max_rebuilds_per_node);
-            match placement(1, &holding_nodes(&views), &excluded) {
+            let excluded = self.rebuild_limited(&self.rebuilding);
+            match self.placement(1, &excluded) {
                 Ok(chosen) => {
                     for node in chosen {
-                        let v = new_view(obs.name, &node, obs.nodes);
-                        events.push(warning(
+                        let v = self.new_view(&node);
+                        self.events.push(warning(
                             reason::REPLICA_FAILED,
                             format!(
                                 "replica {} on node {} is replaced: {} for longer than the grace period",
@@ -644,16 +815,16 @@ pub fn plan(obs: &Observed<'_>, settings: &ReplacementSettings, moves: &MoveSett
                                 rep.reason.describe()
                             ),
                         ));
-                        events.push(normal(
+                        self.events.push(normal(
                             reason::REBUILD_STARTED,
                             format!("new replica {} on node {node} replaces {}", v.id, old.id),
                         ));
-                        *rebuilding.entry(node).or_default() += 1;
-                        views.push(v);
-                        delete.push(old.id.clone());
+                        *self.rebuilding.entry(node).or_default() += 1;
+                        self.views.push(v);
+                        self.delete.push(old.id.clone());
                     }
                 }
-                Err(e) => events.push(warning(
+                Err(e) => self.events.push(warning(
                     reason::INSUFFICIENT_NODES,
                     format!(
                         "cannot replace replica {} ({}): {e}",
@@ -663,183 +834,182 @@ pub fn plan(obs: &Observed<'_>, settings: &ReplacementSettings, moves: &MoveSett
                 )),
             }
         }
-        // The drain's add/remove step, from the state as this reconcile leaves it. Not
-        // in a reconcile that promoted, started a move or replaced a replica: one change
-        // at a time, each on a fresh observation.
-        let settled = promoted.is_none() && recorded_move.is_none() && delete.is_empty();
-        if settled {
-            let post = drain_input(&state, &views);
-            drain = crate::drain::step(&DrainInput {
-                state: &post.state,
-                replicas: &views,
-                desired,
-                evacuating: &evacuating,
-                slot: pre.slot || post.slot,
-            });
-        }
-        let mut missing = desired.saturating_sub(active(&views, &delete));
-        if settled && drain == DrainStep::AddReplica {
+    }
+
+    /// Places replicas up to `spec.replicas`, and one more for a drain that adds one.
+    fn fill_up(&mut self, settled: bool) {
+        let mut missing = self.desired.saturating_sub(self.active());
+        if settled && self.drain == DrainStep::AddReplica {
             missing = missing.max(1);
         }
-        if missing > 0 && state.primary.is_some() {
-            let excluded = nodes_at_rebuild_limit(&rebuilding, settings.max_rebuilds_per_node);
-            match placement(missing, &holding_nodes(&views), &excluded) {
-                Ok(chosen) if drain == DrainStep::AddReplica => {
-                    let leaving: Vec<&str> = views
-                        .iter()
-                        .filter(|r| !r.deleting && evacuating.contains(r.node()))
-                        .map(|r| r.id.as_str())
-                        .collect();
-                    events.push(normal(
-                        reason::DRAIN_REPLICA_PLACED,
-                        format!(
-                            "draining: placed new replica(s) on node(s) {}; replica(s) {} on draining node(s) are removed once it is committed to the in-sync set",
-                            chosen.join(", "),
-                            leaving.join(", ")
-                        ),
-                    ));
-                    views.extend(chosen.iter().map(|n| new_view(obs.name, n, obs.nodes)));
-                }
-                Ok(chosen) => {
-                    events.push(normal(
-                        reason::PLACED,
-                        format!(
-                            "placed {} new replica(s) on node(s) {}",
-                            chosen.len(),
-                            chosen.join(", ")
-                        ),
-                    ));
-                    views.extend(chosen.iter().map(|n| new_view(obs.name, n, obs.nodes)));
-                }
-                Err(e) => {
-                    if drain == DrainStep::AddReplica {
-                        // Nowhere to move to: give the drain slot to a volume that can.
-                        drain = DrainStep::Blocked {
-                            why: format!("draining: no node can take a new replica: {e}"),
-                        };
-                    }
-                    events.push(warning(reason::INSUFFICIENT_NODES, e.to_string()))
-                }
-            }
+        if missing == 0 || self.state.primary.is_none() {
+            return;
         }
-        // A drain's replacement is committed: the replica on the draining node leaves
-        // the set in the same commit, written (with the primary's assignment) before the
-        // replica is deleted.
-        if let (true, DrainStep::Remove { replica_id }) = (settled, &drain) {
-            let node = views
-                .iter()
-                .find(|r| &r.id == replica_id)
-                .map(|r| r.node().to_string())
-                .unwrap_or_default();
-            if state.in_sync.contains(replica_id) {
-                let members: Vec<String> = state
-                    .in_sync
-                    .members
+        let excluded = self.rebuild_limited(&self.rebuilding);
+        match self.placement(missing, &excluded) {
+            Ok(chosen) if self.drain == DrainStep::AddReplica => {
+                let leaving: Vec<&str> = self
+                    .views
                     .iter()
-                    .filter(|m| *m != replica_id)
-                    .cloned()
+                    .filter(|r| !r.deleting && self.evacuating.contains(r.node()))
+                    .map(|r| r.id.as_str())
                     .collect();
-                state.in_sync = InSyncSet::new(members, state.in_sync.generation.saturating_add(1));
-                events.push(normal(
-                    reason::IN_SYNC_SET_CHANGED,
+                let event = normal(
+                    reason::DRAIN_REPLICA_PLACED,
                     format!(
-                        "committed in-sync set generation {}; removed {replica_id} (its node {node} is draining)",
-                        state.in_sync.generation
+                        "draining: placed new replica(s) on node(s) {}; replica(s) {} on draining node(s) are removed once it is committed to the in-sync set",
+                        chosen.join(", "),
+                        leaving.join(", ")
+                    ),
+                );
+                self.events.push(event);
+                let new: Vec<ReplicaView> = chosen.iter().map(|n| self.new_view(n)).collect();
+                self.views.extend(new);
+            }
+            Ok(chosen) => {
+                self.events.push(normal(
+                    reason::PLACED,
+                    format!(
+                        "placed {} new replica(s) on node(s) {}",
+                        chosen.len(),
+                        chosen.join(", ")
                     ),
                 ));
+                let new: Vec<ReplicaView> = chosen.iter().map(|n| self.new_view(n)).collect();
+                self.views.extend(new);
             }
-            events.push(normal(
-                reason::DRAIN_REPLICA_REMOVED,
-                format!(
-                    "draining: removing replica {replica_id} from node {node}; its replacement is committed to the in-sync set"
-                ),
-            ));
-            delete.push(replica_id.clone());
-        }
-        // spec.replicas went down: remove the least useful non-primary replicas. A
-        // committed member leaves the set in the same commit, written (with the
-        // primary's assignment) before the replica is deleted. This waits for a drain
-        // to finish: the drain keeps one extra replica while it moves one.
-        let excess = active(&views, &delete).saturating_sub(desired);
-        if excess > 0 && state.primary.is_some() && drain == DrainStep::Idle {
-            let mut victims: Vec<&ReplicaView> = views
-                .iter()
-                .filter(|r| !r.deleting && !delete.contains(&r.id))
-                .filter(|r| Some(r.id.as_str()) != state.primary.as_deref())
-                .collect();
-            victims.sort_by_key(|r| {
-                (
-                    state.in_sync.contains(&r.id),
-                    crate::replacement::unhealthy(r).is_none(),
-                    r.flushed_lsn(),
-                    r.id.clone(),
-                )
-            });
-            let victims: Vec<String> = victims
-                .into_iter()
-                .take(excess)
-                .map(|r| r.id.clone())
-                .collect();
-            let members: Vec<String> = state
-                .in_sync
-                .members
-                .iter()
-                .filter(|m| !victims.contains(m))
-                .cloned()
-                .collect();
-            if members.len() != state.in_sync.members.len() && !members.is_empty() {
-                state.in_sync = InSyncSet::new(members, state.in_sync.generation.saturating_add(1));
-                events.push(normal(
-                    reason::IN_SYNC_SET_CHANGED,
-                    format!(
-                        "committed in-sync set generation {}; removed {} (spec.replicas is {desired})",
-                        state.in_sync.generation,
-                        victims.join(", ")
-                    ),
-                ));
-            }
-            for v in victims {
-                events.push(normal(
-                    reason::REPLICA_REMOVED,
-                    format!("removing replica {v}: spec.replicas is {desired}"),
-                ));
-                delete.push(v);
+            Err(e) => {
+                if self.drain == DrainStep::AddReplica {
+                    // Nowhere to move to: give the drain slot to a volume that can.
+                    self.drain = DrainStep::Blocked {
+                        why: format!("draining: no node can take a new replica: {e}"),
+                    };
+                }
+                self.events
+                    .push(warning(reason::INSUFFICIENT_NODES, e.to_string()))
             }
         }
     }
 
-    for v in views.iter_mut() {
-        if delete.contains(&v.id) {
-            v.deleting = true;
+    /// A drain's replacement is committed: the replica on the draining node leaves the
+    /// set in the same commit, written (with the primary's assignment) before the
+    /// replica is deleted.
+    fn remove_drained(&mut self) {
+        let DrainStep::Remove { replica_id } = &self.drain else {
+            return;
+        };
+        let replica_id = replica_id.clone();
+        let node = self.node_of(&replica_id);
+        if self.state.in_sync.contains(&replica_id) {
+            let members = self.in_sync_without(|m| *m == replica_id);
+            self.commit_in_sync(members);
+            self.events.push(normal(
+                reason::IN_SYNC_SET_CHANGED,
+                format!(
+                    "committed in-sync set generation {}; removed {replica_id} (its node {node} is draining)",
+                    self.state.in_sync.generation
+                ),
+            ));
+        }
+        self.events.push(normal(
+            reason::DRAIN_REPLICA_REMOVED,
+            format!(
+                "draining: removing replica {replica_id} from node {node}; its replacement is committed to the in-sync set"
+            ),
+        ));
+        self.delete.push(replica_id);
+    }
+
+    /// spec.replicas went down: remove the least useful non-primary replicas. A
+    /// committed member leaves the set in the same commit, written (with the primary's
+    /// assignment) before the replica is deleted. This waits for a drain to finish: the
+    /// drain keeps one extra replica while it moves one.
+    fn remove_excess(&mut self) {
+        let desired = self.desired;
+        let excess = self.active().saturating_sub(desired);
+        if excess == 0 || self.state.primary.is_none() || self.drain != DrainStep::Idle {
+            return;
+        }
+        let mut victims: Vec<&ReplicaView> = self
+            .views
+            .iter()
+            .filter(|r| !r.deleting && !self.delete.contains(&r.id))
+            .filter(|r| Some(r.id.as_str()) != self.state.primary.as_deref())
+            .collect();
+        victims.sort_by_key(|r| {
+            (
+                self.state.in_sync.contains(&r.id),
+                crate::replacement::unhealthy(r).is_none(),
+                r.flushed_lsn(),
+                r.id.clone(),
+            )
+        });
+        let victims: Vec<String> = victims
+            .into_iter()
+            .take(excess)
+            .map(|r| r.id.clone())
+            .collect();
+        let members = self.in_sync_without(|m| victims.contains(m));
+        if members.len() != self.state.in_sync.members.len() && !members.is_empty() {
+            self.commit_in_sync(members);
+            self.events.push(normal(
+                reason::IN_SYNC_SET_CHANGED,
+                format!(
+                    "committed in-sync set generation {}; removed {} (spec.replicas is {desired})",
+                    self.state.in_sync.generation,
+                    victims.join(", ")
+                ),
+            ));
+        }
+        for v in victims {
+            self.events.push(normal(
+                reason::REPLICA_REMOVED,
+                format!("removing replica {v}: spec.replicas is {desired}"),
+            ));
+            self.delete.push(v);
         }
     }
-    let grow = replicas_to_expand(size, &views);
-    if !grow.is_empty() && !initial {
-        let existing: Vec<&String> = grow
+
+    fn mark_deleted(&mut self) {
+        for v in self.views.iter_mut() {
+            if self.delete.contains(&v.id) {
+                v.deleting = true;
+            }
+        }
+    }
+
+    /// The event of replicas that exist and grow to the spec's size.
+    fn expansion_event(&mut self) {
+        let grow = replicas_to_expand(self.size, &self.views);
+        let existing: Vec<&str> = grow
             .iter()
-            .filter(|id| obs.replicas.iter().any(|r| &r.id == *id))
+            .filter(|id| self.obs.replicas.iter().any(|r| &r.id == *id))
+            .map(|s| s.as_str())
             .collect();
         if !existing.is_empty() {
-            events.push(normal(
+            self.events.push(normal(
                 reason::EXPANDED,
                 format!(
-                    "expanding replica(s) {} to {size} bytes",
-                    existing
-                        .iter()
-                        .map(|s| s.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", ")
+                    "expanding replica(s) {} to {} bytes",
+                    existing.join(", "),
+                    self.size
                 ),
             ));
         }
     }
 
-    // Desired spec of every kept replica.
-    let kept: Vec<&ReplicaView> = views.iter().filter(|r| !r.deleting).collect();
-    let mut apply = Vec::new();
-    if state.primary.is_some() {
+    /// The desired spec of every kept replica that differs from its current one, a
+    /// promoted primary's first: if the operator stops after it, recovery finds the new
+    /// primary at the new epoch.
+    fn replica_specs(&self) -> Vec<BlockReplicaSpec> {
+        let Some(primary) = self.state.primary.as_deref() else {
+            return vec![];
+        };
+        let obs = self.obs;
+        let kept: Vec<&ReplicaView> = self.views.iter().filter(|r| !r.deleting).collect();
+        let mut apply = Vec::new();
         for r in &kept {
-            let is_primary = state.primary.as_deref() == Some(r.id.as_str());
+            let is_primary = primary == r.id.as_str();
             let mut peers: Vec<PeerAssignment> = if is_primary {
                 kept.iter()
                     .filter(|o| o.id != r.id)
@@ -861,65 +1031,48 @@ pub fn plan(obs: &Observed<'_>, settings: &ReplacementSettings, moves: &MoveSett
                 } else {
                     ReplicaRole::Replica
                 },
-                epoch: state.epoch.max(r.spec.epoch),
-                size_bytes: size.max(r.spec.size_bytes),
+                epoch: self.state.epoch.max(r.spec.epoch),
+                size_bytes: self.size.max(r.spec.size_bytes),
                 block_size: obs.spec.block_size,
                 durability: obs.spec.durability,
                 peers,
-                in_sync_set: state.in_sync.members.clone(),
-                in_sync_set_generation: state.in_sync.generation,
+                in_sync_set: self.state.in_sync.members.clone(),
+                in_sync_set_generation: self.state.in_sync.generation,
             };
             if want != r.spec {
                 apply.push(want);
             }
         }
+        apply.sort_by_key(|s| {
+            (
+                Some(&s.replica_id) != self.promoted.as_ref(),
+                s.role != ReplicaRole::Primary,
+                s.replica_id.clone(),
+            )
+        });
+        apply
     }
-    // A promoted primary's assignment is written first: if the operator stops after it,
-    // recovery finds the new primary at the new epoch.
-    apply.sort_by_key(|s| {
-        (
-            Some(&s.replica_id) != promoted.as_ref(),
-            s.role != ReplicaRole::Primary,
-            s.replica_id.clone(),
-        )
-    });
 
-    let status_views: Vec<ReplicaView> = views
-        .iter()
-        .map(|r| {
-            let mut r = r.clone();
-            if let Some(s) = apply.iter().find(|s| s.replica_id == r.id) {
-                r.spec = s.clone();
-            }
-            r
-        })
-        .collect();
-    let status = volume_status(&StatusInput {
-        generation: obs.generation,
-        deleting: false,
-        attached_to: obs.attached_to,
-        desired_replicas: obs.spec.replicas,
-        state: &state,
-        replicas: &status_views,
-        blocked: blocked.as_ref(),
-        size_bytes: reached_size(&status_views),
-        primary_move: recorded_move.as_ref(),
-        previous: obs.status,
-        now: obs.now,
-    });
-    Plan {
-        apply,
-        delete,
-        status,
-        events,
-        drain,
+    /// The plan: the specs to write and the status they lead to.
+    fn finish(self) -> Plan {
+        let obs = self.obs;
+        let apply = self.replica_specs();
+        let status_views = with_specs(&self.views, &apply);
+        let status = obs.status_of(
+            &self.state,
+            &status_views,
+            self.blocked.as_ref(),
+            reached_size(&status_views),
+            self.recorded_move.as_ref(),
+        );
+        Plan {
+            apply,
+            delete: self.delete,
+            status,
+            events: self.events,
+            drain: self.drain,
+        }
     }
-}
-
-/// What the drain step depends on besides the replicas.
-struct DrainStepInputs {
-    slot: bool,
-    state: crate::recovery::VolumeState,
 }
 
 /// What deleting a volume takes right now.
@@ -1030,6 +1183,15 @@ mod tests {
             )
         }
 
+        /// A volume placed on `n` nodes whose replicas all report healthy: Ready.
+        fn ready(n: usize) -> Self {
+            let mut w = World::new(n);
+            w.step();
+            w.all_report_healthy(10);
+            w.step();
+            w
+        }
+
         fn step(&mut self) -> Plan {
             let p = self.plan();
             for s in &p.apply {
@@ -1123,6 +1285,44 @@ mod tests {
     }
 
     #[test]
+    fn a_volume_that_cannot_be_reconciled_only_reports_why_with_the_ready_reason() {
+        let mut w = World::new(3);
+        w.spec = BlockVolumeSpec::with_size("a lot");
+        let p = w.step();
+        assert!(p.apply.is_empty() && p.delete.is_empty(), "{p:?}");
+        assert_eq!(p.status.phase, VolumePhase::Failed);
+        let e = &p.events[..];
+        assert!(
+            e.len() == 1 && e[0].warning && e[0].reason == reason::INVALID_SPEC,
+            "{e:?}"
+        );
+        let ready = &p.status.conditions[0];
+        assert_eq!(
+            (ready.reason.as_str(), &ready.message),
+            (reason::INVALID_SPEC, &e[0].note)
+        );
+
+        let mut w = World::new(3);
+        w.step();
+        let second = w
+            .replicas
+            .iter_mut()
+            .find(|r| r.spec.role == ReplicaRole::Replica)
+            .unwrap();
+        second.spec.role = ReplicaRole::Primary;
+        w.status = None;
+        let p = w.step();
+        assert!(p.apply.is_empty() && p.delete.is_empty(), "{p:?}");
+        assert_eq!(p.status.phase, VolumePhase::Failed);
+        assert!(
+            p.events.len() == 1 && p.events[0].reason == reason::CONFLICTING_PRIMARIES,
+            "{:?}",
+            p.events
+        );
+        assert_eq!(p.status.conditions[0].reason, reason::CONFLICTING_PRIMARIES);
+    }
+
+    #[test]
     fn reconcile_is_idempotent_once_converged() {
         let mut w = World::new(3);
         w.step();
@@ -1168,10 +1368,7 @@ mod tests {
 
     #[test]
     fn unreachable_member_is_dropped_then_added_back() {
-        let mut w = World::new(3);
-        w.step();
-        w.all_report_healthy(10);
-        w.step();
+        let mut w = World::ready(3);
         let pid = w.primary().id.clone();
         let other = w.replicas.iter().find(|r| r.id != pid).unwrap().id.clone();
         let prim = w.replicas.iter_mut().find(|r| r.id == pid).unwrap();
@@ -1203,10 +1400,7 @@ mod tests {
 
     #[test]
     fn expired_primary_lease_promotes_highest_flushed_member_at_next_epoch() {
-        let mut w = World::new(3);
-        w.step();
-        w.all_report_healthy(10);
-        w.step();
+        let mut w = World::ready(3);
         let old = w.primary().clone();
         let others: Vec<String> = w
             .replicas
@@ -1242,10 +1436,7 @@ mod tests {
 
     #[test]
     fn needs_rebuild_replica_is_replaced_on_another_node_after_grace() {
-        let mut w = World::new(4);
-        w.step();
-        w.all_report_healthy(10);
-        w.step();
+        let mut w = World::ready(4);
         let pid = w.primary().id.clone();
         let bad = w.replicas.iter().find(|r| r.id != pid).unwrap().clone();
         w.replicas
@@ -1292,10 +1483,7 @@ mod tests {
 
     #[test]
     fn growing_the_size_expands_every_replica() {
-        let mut w = World::new(3);
-        w.step();
-        w.all_report_healthy(10);
-        w.step();
+        let mut w = World::ready(3);
         w.spec.size =
             k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String("2Gi".into());
         let p = w.step();
@@ -1309,10 +1497,7 @@ mod tests {
 
     #[test]
     fn lowering_replicas_removes_non_primary_members_after_committing_the_smaller_set() {
-        let mut w = World::new(3);
-        w.step();
-        w.all_report_healthy(10);
-        w.step();
+        let mut w = World::ready(3);
         let pid = w.primary().id.clone();
         w.spec.replicas = 1;
         let p = w.step();
@@ -1348,10 +1533,7 @@ mod tests {
 
     /// Converged RF3 volume whose primary reports both peers in sync.
     fn converged() -> World {
-        let mut w = World::new(3);
-        w.step();
-        w.all_report_healthy(10);
-        w.step();
+        let mut w = World::ready(3);
         let pid = w.primary().id.clone();
         let others: Vec<String> = w
             .replicas
@@ -1405,6 +1587,25 @@ mod tests {
         }
     }
 
+    /// Places the volume and lets every replica catch up and join the in-sync set.
+    fn settle(w: &mut World) {
+        w.step();
+        agents_catch_up(w, 10);
+        w.step();
+        agents_catch_up(w, 10);
+        w.step();
+    }
+
+    /// The node of some replica that is not the primary.
+    fn a_replica_node(w: &World) -> String {
+        w.replicas
+            .iter()
+            .find(|r| r.spec.role == ReplicaRole::Replica)
+            .unwrap()
+            .node()
+            .to_string()
+    }
+
     fn drain(w: &mut World, node: &str) {
         for n in &mut w.nodes {
             if n.name == node {
@@ -1417,11 +1618,7 @@ mod tests {
     fn draining_the_primarys_node_moves_every_replica_off_without_shrinking_the_set() {
         let mut w = World::new(5);
         w.spec.replicas = 3;
-        w.step();
-        agents_catch_up(&mut w, 10);
-        w.step();
-        agents_catch_up(&mut w, 10);
-        w.step();
+        settle(&mut w);
         let victim_node = w.primary().node().to_string();
         drain(&mut w, &victim_node);
         let mut max_total = 0;
@@ -1480,18 +1677,8 @@ mod tests {
     #[test]
     fn a_drain_with_nowhere_to_go_gives_up_its_slot_and_keeps_every_replica() {
         let mut w = World::new(3);
-        w.step();
-        agents_catch_up(&mut w, 10);
-        w.step();
-        agents_catch_up(&mut w, 10);
-        w.step();
-        let node = w
-            .replicas
-            .iter()
-            .find(|r| r.spec.role == ReplicaRole::Replica)
-            .unwrap()
-            .node()
-            .to_string();
+        settle(&mut w);
+        let node = a_replica_node(&w);
         drain(&mut w, &node);
         let p = w.step();
         assert!(p.apply.is_empty() && p.delete.is_empty(), "{p:?}");
@@ -1512,18 +1699,8 @@ mod tests {
     #[test]
     fn calling_a_drain_off_removes_the_uncommitted_replacement_and_keeps_the_set() {
         let mut w = World::new(4);
-        w.step();
-        agents_catch_up(&mut w, 10);
-        w.step();
-        agents_catch_up(&mut w, 10);
-        w.step();
-        let node = w
-            .replicas
-            .iter()
-            .find(|r| r.spec.role == ReplicaRole::Replica)
-            .unwrap()
-            .node()
-            .to_string();
+        settle(&mut w);
+        let node = a_replica_node(&w);
         let before: Vec<String> = w.replicas.iter().map(|r| r.id.clone()).collect();
         drain(&mut w, &node);
         w.step();
@@ -1551,18 +1728,8 @@ mod tests {
     #[test]
     fn a_drain_without_a_slot_changes_nothing() {
         let mut w = World::new(5);
-        w.step();
-        agents_catch_up(&mut w, 10);
-        w.step();
-        agents_catch_up(&mut w, 10);
-        w.step();
-        let node = w
-            .replicas
-            .iter()
-            .find(|r| r.spec.role == ReplicaRole::Replica)
-            .unwrap()
-            .node()
-            .to_string();
+        settle(&mut w);
+        let node = a_replica_node(&w);
         drain(&mut w, &node);
         w.drain_slot = false;
         agents_catch_up(&mut w, 11);

@@ -70,59 +70,137 @@ pub fn stamp(
     c
 }
 
+/// What the conditions and the phase are derived from: the replicas that are not being
+/// deleted and how the primary and the in-sync members stand among them.
+struct Health<'a> {
+    epoch: u64,
+    live: Vec<&'a ReplicaView>,
+    primary: Option<&'a ReplicaView>,
+    /// The primary's node is live and it reports serving at the epoch.
+    primary_serving: bool,
+    /// In-sync members whose node is live and that report healthy at the epoch.
+    healthy_members: Vec<&'a str>,
+    desired: usize,
+    /// Replicas outside the in-sync set that are rebuilding or catching up.
+    rebuilding: Vec<&'a str>,
+}
+
+impl<'a> Health<'a> {
+    fn of(input: &StatusInput<'a>) -> Self {
+        let st = input.state;
+        let epoch = st.epoch;
+        let live: Vec<&ReplicaView> = input.replicas.iter().filter(|r| !r.deleting).collect();
+        let primary = st
+            .primary
+            .as_deref()
+            .and_then(|p| live.iter().copied().find(|r| r.id == p));
+        let primary_serving = primary.is_some_and(|p| p.node_live && p.healthy_at(epoch));
+        let healthy_members: Vec<&str> = st
+            .in_sync
+            .members
+            .iter()
+            .filter(|m| {
+                live.iter()
+                    .any(|r| &r.id == *m && r.node_live && r.healthy_at(epoch))
+            })
+            .map(|m| m.as_str())
+            .collect();
+        let rebuilding: Vec<&str> = live
+            .iter()
+            .filter(|r| !st.in_sync.contains(&r.id) && is_rebuilding(r))
+            .map(|r| r.id.as_str())
+            .collect();
+        Health {
+            epoch,
+            live,
+            primary,
+            primary_serving,
+            healthy_members,
+            desired: usize::from(input.desired_replicas),
+            rebuilding,
+        }
+    }
+
+    fn in_sync_count(&self) -> usize {
+        self.healthy_members.len()
+    }
+}
+
+impl Blocked {
+    /// The `Ready` condition's reason while the volume is blocked (also the reason of
+    /// the warning Event the plan emits).
+    pub(crate) fn reason(&self) -> &'static str {
+        match self {
+            Blocked::InsufficientNodes(_) => "InsufficientNodes",
+            Blocked::NoEligiblePrimary(_) => "NoEligiblePrimary",
+            Blocked::ConflictingPrimaries(_) => "ConflictingPrimaries",
+            Blocked::InvalidSpec(_) => "InvalidSpec",
+        }
+    }
+
+    pub(crate) fn message(&self) -> &str {
+        match self {
+            Blocked::InsufficientNodes(m)
+            | Blocked::NoEligiblePrimary(m)
+            | Blocked::ConflictingPrimaries(m)
+            | Blocked::InvalidSpec(m) => m,
+        }
+    }
+}
+
 /// The volume status the operator writes.
 pub fn volume_status(input: &StatusInput<'_>) -> BlockVolumeStatus {
+    let health = Health::of(input);
+    let previous_conditions = input
+        .previous
+        .map(|p| p.conditions.as_slice())
+        .unwrap_or_default();
+    let conditions = [
+        ready_condition(input, &health),
+        degraded_condition(&health),
+        rebuilding_condition(&health),
+        attached_condition(input),
+    ]
+    .into_iter()
+    .map(|c| stamp(c, previous_conditions, input.now, input.generation))
+    .collect();
     let st = input.state;
-    let epoch = st.epoch;
-    let live: Vec<&ReplicaView> = input.replicas.iter().filter(|r| !r.deleting).collect();
-    let primary = st
-        .primary
-        .as_deref()
-        .and_then(|p| live.iter().copied().find(|r| r.id == p));
-    let primary_serving = primary.is_some_and(|p| p.node_live && p.healthy_at(epoch));
-    let healthy_members: Vec<&str> = st
-        .in_sync
-        .members
-        .iter()
-        .filter(|m| {
-            live.iter()
-                .any(|r| &r.id == *m && r.node_live && r.healthy_at(epoch))
-        })
-        .map(|m| m.as_str())
-        .collect();
-    let in_sync_count = healthy_members.len();
-    let desired = usize::from(input.desired_replicas);
-    let rebuilding: Vec<&str> = live
-        .iter()
-        .filter(|r| !st.in_sync.contains(&r.id) && is_rebuilding(r))
-        .map(|r| r.id.as_str())
-        .collect();
+    BlockVolumeStatus {
+        phase: phase(input, &health),
+        conditions,
+        epoch: health.epoch,
+        primary: health.primary.map(|p| p.id.clone()),
+        primary_node: health.primary.map(|p| p.node().to_string()),
+        in_sync_set: st.in_sync.members.clone(),
+        in_sync_set_generation: st.in_sync.generation,
+        in_sync_count: u32::try_from(st.in_sync.members.len()).unwrap_or(u32::MAX),
+        replicas: replica_summaries(input, &health.live),
+        attached_to: input.attached_to.map(String::from),
+        size_bytes: input.size_bytes,
+        observed_generation: input.generation,
+        primary_move: input.primary_move.cloned(),
+    }
+}
 
-    let ready = if input.deleting {
-        cond(
+/// `Ready`: the primary serves IO, or why it does not.
+fn ready_condition(input: &StatusInput<'_>, h: &Health<'_>) -> Condition {
+    let epoch = h.epoch;
+    if input.deleting {
+        return cond(
             condition::READY,
             false,
             "Deleting",
             "the volume is being deleted".into(),
-        )
-    } else if let Some(b) = input.blocked {
-        match b {
-            Blocked::InsufficientNodes(m) => {
-                cond(condition::READY, false, "InsufficientNodes", m.clone())
-            }
-            Blocked::NoEligiblePrimary(m) => {
-                cond(condition::READY, false, "NoEligiblePrimary", m.clone())
-            }
-            Blocked::ConflictingPrimaries(m) => {
-                cond(condition::READY, false, "ConflictingPrimaries", m.clone())
-            }
-            Blocked::InvalidSpec(m) => cond(condition::READY, false, "InvalidSpec", m.clone()),
-        }
-    } else if let Some(m) = input
+        );
+    }
+    if let Some(b) = input.blocked {
+        return cond(condition::READY, false, b.reason(), b.message().to_string());
+    }
+    if let Some(m) = input
         .primary_move
         .filter(|m| m.phase == MovePhase::Demoting)
     {
-        cond(
+        return cond(
             condition::READY,
             false,
             "PrimaryMoving",
@@ -130,64 +208,77 @@ pub fn volume_status(input: &StatusInput<'_>) -> BlockVolumeStatus {
                 "primary {} is being demoted so that replica {} on node {} takes over at epoch {}; IO pauses until it does",
                 m.from, m.to, m.to_node, m.epoch
             ),
-        )
-    } else if primary_serving {
-        let p = primary
+        );
+    }
+    if h.primary_serving {
+        let p = h
+            .primary
             .map(|p| (p.id.as_str(), p.node()))
             .unwrap_or_default();
-        cond(
+        return cond(
             condition::READY,
             true,
             "PrimaryServing",
             format!(
-                "primary {} on node {} serves IO at epoch {epoch}; {in_sync_count} of {desired} replicas in sync",
-                p.0, p.1
+                "primary {} on node {} serves IO at epoch {epoch}; {} of {} replicas in sync",
+                p.0,
+                p.1,
+                h.in_sync_count(),
+                h.desired
             ),
-        )
-    } else {
-        let msg = match primary {
-            None => "no primary is assigned yet".to_string(),
-            Some(p) if !p.node_live => format!(
-                "the node agent of primary {} on node {} is not renewing its lease",
-                p.id,
-                p.node()
-            ),
-            Some(p) => format!(
-                "waiting for primary {} on node {} to report serving at epoch {epoch}",
-                p.id,
-                p.node()
-            ),
-        };
-        cond(condition::READY, false, "PrimaryNotReady", msg)
+        );
+    }
+    let msg = match h.primary {
+        None => "no primary is assigned yet".to_string(),
+        Some(p) if !p.node_live => format!(
+            "the node agent of primary {} on node {} is not renewing its lease",
+            p.id,
+            p.node()
+        ),
+        Some(p) => format!(
+            "waiting for primary {} on node {} to report serving at epoch {epoch}",
+            p.id,
+            p.node()
+        ),
     };
-    let degraded = if in_sync_count < desired {
-        let out: Vec<&str> = live
-            .iter()
-            .map(|r| r.id.as_str())
-            .filter(|id| !healthy_members.contains(id))
-            .collect();
-        cond(
-            condition::DEGRADED,
-            true,
-            "ReplicasNotInSync",
-            format!(
-                "{in_sync_count} of {desired} replicas in sync; not in sync: {}",
-                if out.is_empty() {
-                    "(replicas not yet placed)".to_string()
-                } else {
-                    out.join(", ")
-                }
-            ),
-        )
-    } else {
-        cond(
+    cond(condition::READY, false, "PrimaryNotReady", msg)
+}
+
+/// `Degraded`: fewer healthy in-sync members than `spec.replicas`, naming the others.
+fn degraded_condition(h: &Health<'_>) -> Condition {
+    let (in_sync_count, desired) = (h.in_sync_count(), h.desired);
+    if in_sync_count >= desired {
+        return cond(
             condition::DEGRADED,
             false,
             "AllReplicasInSync",
             format!("all {desired} replicas in sync"),
-        )
-    };
-    let rebuilding_c = if rebuilding.is_empty() {
+        );
+    }
+    let out: Vec<&str> = h
+        .live
+        .iter()
+        .map(|r| r.id.as_str())
+        .filter(|id| !h.healthy_members.contains(id))
+        .collect();
+    cond(
+        condition::DEGRADED,
+        true,
+        "ReplicasNotInSync",
+        format!(
+            "{in_sync_count} of {desired} replicas in sync; not in sync: {}",
+            if out.is_empty() {
+                "(replicas not yet placed)".to_string()
+            } else {
+                out.join(", ")
+            }
+        ),
+    )
+}
+
+/// `Rebuilding`: replicas outside the in-sync set that rebuild or catch up.
+fn rebuilding_condition(h: &Health<'_>) -> Condition {
+    if h.rebuilding.is_empty() {
         cond(
             condition::REBUILDING,
             false,
@@ -199,10 +290,14 @@ pub fn volume_status(input: &StatusInput<'_>) -> BlockVolumeStatus {
             condition::REBUILDING,
             true,
             "ReplicasRebuilding",
-            format!("rebuilding or catching up: {}", rebuilding.join(", ")),
+            format!("rebuilding or catching up: {}", h.rebuilding.join(", ")),
         )
-    };
-    let attached = match (input.attached_to, input.deleting) {
+    }
+}
+
+/// `Attached`: the node the volume is attached to, and whether deletion waits for it.
+fn attached_condition(input: &StatusInput<'_>) -> Condition {
+    match (input.attached_to, input.deleting) {
         (Some(n), true) => cond(
             condition::ATTACHED,
             true,
@@ -221,48 +316,45 @@ pub fn volume_status(input: &StatusInput<'_>) -> BlockVolumeStatus {
             "NotAttached",
             "not attached to any node".into(),
         ),
-    };
+    }
+}
 
+fn phase(input: &StatusInput<'_>, h: &Health<'_>) -> VolumePhase {
+    if input.deleting {
+        return VolumePhase::Deleting;
+    }
     let previous_phase = input.previous.map(|p| p.phase).unwrap_or_default();
-    let phase = if input.deleting {
-        VolumePhase::Deleting
-    } else {
-        match input.blocked {
-            Some(Blocked::InsufficientNodes(_)) if primary.is_none() => VolumePhase::Pending,
-            Some(
-                Blocked::NoEligiblePrimary(_)
-                | Blocked::ConflictingPrimaries(_)
-                | Blocked::InvalidSpec(_),
-            ) => VolumePhase::Failed,
-            // A planned switchover is a pause, not a failure: keep the phase.
-            _ if input
-                .primary_move
-                .is_some_and(|m| m.phase == MovePhase::Demoting) =>
-            {
-                previous_phase
-            }
-            _ if primary_serving && in_sync_count >= desired => VolumePhase::Ready,
-            _ if primary_serving => VolumePhase::Degraded,
-            _ if matches!(
-                previous_phase,
-                VolumePhase::Ready | VolumePhase::Degraded | VolumePhase::Failed
-            ) =>
-            {
-                VolumePhase::Degraded
-            }
-            _ => VolumePhase::Creating,
+    match input.blocked {
+        Some(Blocked::InsufficientNodes(_)) if h.primary.is_none() => VolumePhase::Pending,
+        Some(
+            Blocked::NoEligiblePrimary(_)
+            | Blocked::ConflictingPrimaries(_)
+            | Blocked::InvalidSpec(_),
+        ) => VolumePhase::Failed,
+        // A planned switchover is a pause, not a failure: keep the phase.
+        _ if input
+            .primary_move
+            .is_some_and(|m| m.phase == MovePhase::Demoting) =>
+        {
+            previous_phase
         }
-    };
+        _ if h.primary_serving && h.in_sync_count() >= h.desired => VolumePhase::Ready,
+        _ if h.primary_serving => VolumePhase::Degraded,
+        _ if matches!(
+            previous_phase,
+            VolumePhase::Ready | VolumePhase::Degraded | VolumePhase::Failed
+        ) =>
+        {
+            VolumePhase::Degraded
+        }
+        _ => VolumePhase::Creating,
+    }
+}
 
-    let previous_conditions = input
-        .previous
-        .map(|p| p.conditions.as_slice())
-        .unwrap_or_default();
-    let conditions = [ready, degraded, rebuilding_c, attached]
-        .into_iter()
-        .map(|c| stamp(c, previous_conditions, input.now, input.generation))
-        .collect();
-
+/// One summary per replica not being deleted, sorted by ReplicaID. An unhealthy
+/// replica keeps the `unhealthySince` of the previous status, so its grace runs from
+/// when it first became unhealthy.
+fn replica_summaries(input: &StatusInput<'_>, live: &[&ReplicaView]) -> Vec<ReplicaSummary> {
     let previous_since: BTreeMap<&str, &Time> = input
         .previous
         .map(|p| {
@@ -297,22 +389,7 @@ pub fn volume_status(input: &StatusInput<'_>) -> BlockVolumeStatus {
         })
         .collect();
     replicas.sort_by(|a, b| a.replica_id.cmp(&b.replica_id));
-
-    BlockVolumeStatus {
-        phase,
-        conditions,
-        epoch,
-        primary: primary.map(|p| p.id.clone()),
-        primary_node: primary.map(|p| p.node().to_string()),
-        in_sync_set: st.in_sync.members.clone(),
-        in_sync_set_generation: st.in_sync.generation,
-        in_sync_count: u32::try_from(st.in_sync.members.len()).unwrap_or(u32::MAX),
-        replicas,
-        attached_to: input.attached_to.map(String::from),
-        size_bytes: input.size_bytes,
-        observed_generation: input.generation,
-        primary_move: input.primary_move.cloned(),
-    }
+    replicas
 }
 
 /// The previous status's `unhealthySince` per replica, for [`crate::replacement`].

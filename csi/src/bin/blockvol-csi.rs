@@ -80,7 +80,7 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    csi::logging::init_logging()?;
+    telemetry::logging::init_from_env()?;
     let endpoint = Endpoint::parse(&args.endpoint)?;
     let with_controller = matches!(args.mode, Mode::Controller | Mode::All);
     let with_node = matches!(args.mode, Mode::Node | Mode::All);
@@ -146,12 +146,11 @@ async fn main() -> anyhow::Result<()> {
         let listener = csi::health::bind(addr).await?;
         tracing::info!(%addr, "serving /healthz");
         let timeout = std::time::Duration::from_millis(args.health_probe_timeout_ms.max(1));
-        let endpoint = endpoint.clone();
-        tokio::spawn(async move {
-            if let Err(e) = csi::health::serve(listener, endpoint, timeout).await {
-                tracing::error!(error = %e, "health endpoint stopped");
-            }
-        });
+        let health = csi::health::CsiHealth::new(endpoint.clone(), timeout);
+        tokio::spawn(telemetry::http::serve(
+            listener,
+            std::sync::Arc::new(health),
+        ));
     }
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {

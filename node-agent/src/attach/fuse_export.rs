@@ -27,7 +27,7 @@ use fuser::{
     SessionACL, SessionUnmounter, WriteFlags,
 };
 
-use crate::nbd::{BackendError, BlockBackend};
+use crate::frontend::nbd::{BackendError, BlockBackend};
 
 /// Name of the file that is the volume, in the mount's root directory.
 pub const DISK_FILE: &str = "disk";

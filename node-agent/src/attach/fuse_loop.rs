@@ -15,6 +15,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use rustix::process::Signal;
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
@@ -241,12 +242,12 @@ impl FuseLoopAttacher {
             .filter(|&p| self.nbdfuse_alive(volume, p))
             .or_else(|| sys::find_process(&["nbdfuse", &mnt.to_string_lossy()]));
         let Some(pid) = pid else { return };
-        sys::signal(pid, libc::SIGTERM);
+        sys::signal(pid, Signal::TERM);
         if !sys::wait_until(self.config.stop_timeout_ms, || {
             !self.nbdfuse_alive(volume, pid)
         }) {
             warn!(volume, pid, "attach: nbdfuse ignored SIGTERM, killing");
-            sys::signal(pid, libc::SIGKILL);
+            sys::signal(pid, Signal::KILL);
             sys::wait_until(self.config.stop_timeout_ms, || {
                 !self.nbdfuse_alive(volume, pid)
             });

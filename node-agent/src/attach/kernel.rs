@@ -26,8 +26,8 @@ use super::genl::GenlError;
 use super::nbd_genl::{ConnectRequest, NbdControl, NbdNetlink, ReconfigureRequest};
 use super::sys;
 use super::{Attacher, Attachment, Error, Result, validate_volume_name};
-use crate::nbd::client::{Connection, ExportInfo};
-use crate::nbd::proto::TFLAG_CAN_MULTI_CONN;
+use crate::frontend::nbd::client::{Connection, ExportInfo};
+use crate::frontend::nbd::proto::TFLAG_CAN_MULTI_CONN;
 
 /// Whether the kernel NBD driver is loaded (module present or a device node exists).
 pub fn kernel_nbd_available() -> bool {

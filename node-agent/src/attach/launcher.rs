@@ -27,6 +27,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use rustix::process::Signal;
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
@@ -146,7 +147,7 @@ impl ProxyHost for LocalProxies {
 
     fn stop(&self, volume: &str, pid: Option<u32>, identities: &Identities, timeout_ms: u64) {
         if let Some(mut child) = self.children().remove(volume) {
-            sys::signal(child.id(), libc::SIGTERM);
+            sys::signal(child.id(), Signal::TERM);
             if !sys::wait_until(timeout_ms, || {
                 matches!(child.try_wait(), Ok(Some(_)) | Err(_))
             }) {
@@ -167,10 +168,10 @@ impl ProxyHost for LocalProxies {
         else {
             return;
         };
-        sys::signal(pid, libc::SIGTERM);
+        sys::signal(pid, Signal::TERM);
         if !sys::wait_until(timeout_ms, || !matches_any(pid, identities)) {
             warn!(volume, pid, "attach: proxy ignored SIGTERM, killing");
-            sys::signal(pid, libc::SIGKILL);
+            sys::signal(pid, Signal::KILL);
             sys::wait_until(timeout_ms, || !matches_any(pid, identities));
         }
     }

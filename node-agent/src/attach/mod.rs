@@ -69,7 +69,7 @@ pub enum Error {
         volume: String,
         socket: PathBuf,
         #[source]
-        source: crate::nbd::client::ClientError,
+        source: crate::frontend::nbd::client::ClientError,
     },
     #[error("volume {volume} has no attached device on this node")]
     NotAttached { volume: String },

@@ -66,12 +66,12 @@ use std::time::{Duration, Instant};
 
 use super::fuse_export::{FuseExport, FuseExportConfig, SizeNotifier};
 
-use crate::nbd::client::{ClientError, Connection, ExportInfo};
-use crate::nbd::proto::{
+use crate::frontend::nbd::client::{ClientError, Connection, ExportInfo};
+use crate::frontend::nbd::proto::{
     CMD_FLAG_FUA, CMD_FLUSH, CMD_READ, CMD_TRIM, CMD_WRITE, CMD_WRITE_ZEROES, EINVAL, EIO, ENOSPC,
     EPERM, ESHUTDOWN, TFLAG_CAN_MULTI_CONN,
 };
-use crate::nbd::{BackendError, BlockBackend};
+use crate::frontend::nbd::{BackendError, BlockBackend};
 
 /// Command-line settings of `blockvol-agent attach-proxy`.
 #[derive(clap::Parser, Debug, Clone)]

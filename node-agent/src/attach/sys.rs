@@ -5,6 +5,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use rustix::process::{Pid, Signal};
+
 use super::{Error, Result};
 
 /// Runs a program to completion; a non-zero exit becomes `Error::Command` with stderr.
@@ -162,17 +164,13 @@ pub fn block_device_size(device: &Path) -> std::io::Result<u64> {
     Ok(size)
 }
 
-pub fn signal(pid: u32, sig: libc::c_int) {
-    let Ok(pid) = libc::pid_t::try_from(pid) else {
+/// Sends `sig` to process `pid`; a stale PID (ESRCH: the process is gone) and PID 0
+/// (which would mean the whole process group) are ignored.
+pub fn signal(pid: u32, sig: Signal) {
+    let Some(pid) = i32::try_from(pid).ok().and_then(Pid::from_raw) else {
         return;
     };
-    if pid <= 0 {
-        return;
-    }
-    // SAFETY: kill(2) has no memory-safety preconditions; a stale PID yields ESRCH.
-    unsafe {
-        libc::kill(pid, sig);
-    }
+    let _ = rustix::process::kill_process(pid, sig);
 }
 
 /// Polls `done` every few milliseconds until it returns true or `timeout_ms` passes.

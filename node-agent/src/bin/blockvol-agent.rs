@@ -12,7 +12,7 @@ const ATTACH_LAUNCHER: &str = "attach-launcher";
 fn main() -> anyhow::Result<()> {
     if std::env::args().nth(1).is_some_and(|a| a == ATTACH_PROXY) {
         let settings = ProxySettings::parse_from(std::env::args().skip(1));
-        csi::logging::init_logging()?;
+        telemetry::logging::init_from_env()?;
         tokio::runtime::Runtime::new()?.block_on(proxy::run(settings))?;
         return Ok(());
     }
@@ -21,11 +21,11 @@ fn main() -> anyhow::Result<()> {
         .is_some_and(|a| a == ATTACH_LAUNCHER)
     {
         let settings = LauncherSettings::parse_from(std::env::args().skip(1));
-        csi::logging::init_logging()?;
+        telemetry::logging::init_from_env()?;
         return launcher::run(settings);
     }
     let settings = node_agent::agent::Settings::parse();
-    csi::logging::init_logging()?;
+    telemetry::logging::init_from_env()?;
     tokio::runtime::Runtime::new()?.block_on(node_agent::agent::run(settings))?;
     Ok(())
 }

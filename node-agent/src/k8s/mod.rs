@@ -1,19 +1,19 @@
 //! The node agent's Kubernetes side: registers this node's `BlockNode`, renews its
 //! Lease (the agent's liveness, which the operator waits out before promoting), and
-//! drives a [`ReplicaRuntime`] from the `BlockReplica`s assigned to this node, writing
+//! drives a [`ReplicaRuntime`](crate::replicas::ReplicaRuntime) from the `BlockReplica`s assigned to this node, writing
 //! their status as `blockvol-agent` (the only writer of replica status).
 
 pub mod lease;
 pub mod paths;
+pub mod reconciler;
 pub mod registration;
-pub mod replicas;
-pub mod runtime;
 
 pub use lease::{LeaseRenewer, LeaseSettings};
 pub use paths::replica_dir;
+pub use reconciler::{AgentContext, ReplicaSettings, run_replicas};
 pub use registration::{NodeRegistration, disk_usage, keep_registered, validate_data_address};
-pub use replicas::{AgentContext, ReplicaSettings, run_replicas};
-pub use runtime::{Assignment, InMemoryRuntime, Peer, ReplicaRuntime, RuntimeError};
+
+use crate::replicas::RuntimeError;
 
 /// Errors of the Kubernetes side of the agent.
 #[derive(Debug, thiserror::Error)]

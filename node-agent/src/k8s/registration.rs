@@ -4,7 +4,6 @@
 //! status carries the `DiskPressure` condition ([`node_conditions`]).
 
 use std::collections::BTreeMap;
-use std::ffi::CString;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -51,17 +50,7 @@ pub fn disk_usage(dir: &Path) -> Result<(u64, u64)> {
         path: dir.display().to_string(),
         source,
     };
-    let c = CString::new(dir.as_os_str().as_encoded_bytes())
-        .map_err(|_| err(std::io::Error::from(std::io::ErrorKind::InvalidInput)))?;
-    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
-    // SAFETY: `c` is a valid NUL-terminated path and `st` points to writable memory of
-    // the right type; statvfs fills it completely when it returns 0.
-    let rc = unsafe { libc::statvfs(c.as_ptr(), st.as_mut_ptr()) };
-    if rc != 0 {
-        return Err(err(std::io::Error::last_os_error()));
-    }
-    // SAFETY: statvfs returned 0, so the struct is initialised.
-    let st = unsafe { st.assume_init() };
+    let st = rustix::fs::statvfs(dir).map_err(|e| err(e.into()))?;
     let frsize = st.f_frsize;
     Ok((
         st.f_blocks.saturating_mul(frsize),

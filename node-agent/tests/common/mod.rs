@@ -8,7 +8,9 @@ use std::process::{Command, Output};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use node_agent::nbd::{BlockBackend, ExportRegistry, MemBackend, NbdServer, ServerConfig};
+use node_agent::frontend::nbd::{
+    BlockBackend, ExportRegistry, MemBackend, NbdServer, ServerConfig,
+};
 
 /// An NBD server with a TCP listener on 127.0.0.1 (random port) and a unix socket in a
 /// private temp dir. Dropping it stops the server before its runtime.

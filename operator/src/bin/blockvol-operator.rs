@@ -8,6 +8,7 @@ use clap::Parser;
 use operator::primary_move::MoveSettings;
 use operator::replacement::ReplacementSettings;
 use operator::{Context, ControllerSettings, LeaderElector, LeaderSettings, Metrics};
+use telemetry::logging::LogFormat;
 
 /// blockvol operator: placement, epochs, in-sync set, failover, rebuild.
 #[derive(Parser, Debug)]
@@ -22,8 +23,14 @@ struct Args {
     /// This operator's identity in the leader Lease.
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
-    /// Seconds a leader's claim lasts without renewal.
-    #[arg(long, default_value_t = 15)]
+    /// Seconds a leader's claim lasts without renewal (the node agent's flag has the
+    /// same spelling; `--lease-duration-s` is still accepted, so old arguments keep
+    /// working across an upgrade).
+    #[arg(
+        long = "lease-duration-seconds",
+        alias = "lease-duration-s",
+        default_value_t = 15
+    )]
     lease_duration_s: u32,
     /// Milliseconds between leader Lease renewals.
     #[arg(long, default_value_t = 2_000)]
@@ -68,12 +75,12 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let format = match operator::logging::LogFormat::from_env() {
-        _ if args.log_json => operator::logging::LogFormat::Json,
+    let format = match LogFormat::from_env() {
+        _ if args.log_json => LogFormat::Json,
         Ok(f) => f,
-        Err(e) => anyhow::bail!(e),
+        Err(e) => return Err(e.into()),
     };
-    operator::logging::init(format);
+    telemetry::logging::init(format);
     let client = kube::Client::try_default()
         .await
         .context("connecting to the Kubernetes API")?;
@@ -85,7 +92,7 @@ async fn main() -> anyhow::Result<()> {
     };
     let metrics = Arc::new(Metrics::default());
     let listener = operator::metrics::bind(args.metrics_addr).await?;
-    tokio::spawn(operator::metrics::serve(listener, metrics.clone()));
+    tokio::spawn(telemetry::http::serve(listener, metrics.clone()));
     let settings = ControllerSettings {
         node_lease_namespace: args.namespace.clone(),
         replacement: ReplacementSettings {
@@ -129,4 +136,26 @@ async fn main() -> anyhow::Result<()> {
     };
     operator::run(ctx, elector, shutdown).await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn lease_duration_takes_the_agents_spelling_and_still_accepts_the_old_one() {
+        let new = Args::try_parse_from(["blockvol-operator", "--lease-duration-seconds=9"])
+            .expect("new spelling");
+        assert_eq!(new.lease_duration_s, 9);
+        let old = Args::try_parse_from(["blockvol-operator", "--lease-duration-s=7"])
+            .expect("old spelling, as an upgrade from older arguments passes it");
+        assert_eq!(old.lease_duration_s, 7);
+        let help = Args::command().render_long_help().to_string();
+        assert!(help.contains("--lease-duration-seconds"), "{help}");
+        assert!(
+            !help.contains("--lease-duration-s "),
+            "the old spelling is hidden: {help}"
+        );
+    }
 }

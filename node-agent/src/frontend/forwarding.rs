@@ -58,7 +58,7 @@ use engine::replication::{
 };
 use futures::future::BoxFuture;
 
-use crate::nbd::{BackendError, BlockBackend};
+use crate::frontend::nbd::{BackendError, BlockBackend};
 
 /// Settings of a forwarding export (units last).
 #[derive(Clone, Debug)]

@@ -21,9 +21,9 @@ use engine::replication::{
 use engine::{CreateOptions, DurabilityMode, Epoch, Lsn, Volume, VolumeConfig};
 use tokio::task::JoinHandle;
 
-use crate::k8s::{Assignment, ReplicaRuntime, RuntimeError};
-use crate::metrics::NbdMetrics;
-use crate::nbd::{BackendError, BlockBackend, ExportRegistry};
+use crate::frontend::metered::NbdMetrics;
+use crate::frontend::nbd::{BackendError, BlockBackend, ExportRegistry};
+use crate::replicas::{Assignment, ReplicaRuntime, RuntimeError};
 
 /// Name of the engine volume file inside a replica's directory.
 pub const VOLUME_FILE_NAME: &str = "volume.img";
@@ -143,14 +143,14 @@ pub struct ReplicaSample {
 pub struct LocalPrimaries {
     map: Arc<Mutex<BTreeMap<String, Arc<ReplicatedBackend>>>>,
     /// Where volumes are attached; once set, only the attached node (or anyone, for a
-    /// volume attached nowhere) may run IO here (see `forward::Attachments`).
-    attachments: Arc<std::sync::OnceLock<Arc<crate::forward::Attachments>>>,
+    /// volume attached nowhere) may run IO here (see `frontend::forwarding::Attachments`).
+    attachments: Arc<std::sync::OnceLock<Arc<crate::frontend::forwarding::Attachments>>>,
 }
 
 impl LocalPrimaries {
     /// Accepts forwarded IO, in process too, only from the node `view` says the volume
     /// is attached to. Set once, for every clone.
-    pub fn fence_by_attachment(&self, view: Arc<crate::forward::Attachments>) {
+    pub fn fence_by_attachment(&self, view: Arc<crate::frontend::forwarding::Attachments>) {
         let _ = self.attachments.set(view);
     }
 
@@ -171,7 +171,7 @@ impl LocalPrimaries {
     }
 }
 
-impl crate::forward::LocalExecutor for LocalPrimaries {
+impl crate::frontend::forwarding::LocalExecutor for LocalPrimaries {
     /// A primary that is here but not writable (fenced, deposed) does not count: the
     /// forwarder then asks the data port, which answers with the routing status.
     fn serves(&self, volume: &str) -> bool {
@@ -227,12 +227,12 @@ impl ForwardHandler for LocalPrimaries {
         }
         if let Some(view) = self.attachments.get() {
             match view.check(volume.as_str(), from.node(), from.attachment()) {
-                crate::forward::AttachmentCheck::Allowed => {}
-                crate::forward::AttachmentCheck::Fenced(detail) => {
+                crate::frontend::forwarding::AttachmentCheck::Allowed => {}
+                crate::frontend::forwarding::AttachmentCheck::Fenced(detail) => {
                     tracing::warn!(volume = %volume, node = from.node(), %detail, "forwarded IO refused");
                     return refuse(ForwardStatus::Io, detail);
                 }
-                crate::forward::AttachmentCheck::Unknown(detail) => {
+                crate::frontend::forwarding::AttachmentCheck::Unknown(detail) => {
                     return refuse(ForwardStatus::NotPrimary, detail);
                 }
             }
@@ -243,7 +243,7 @@ impl ForwardHandler for LocalPrimaries {
             Ok(g) => g,
             Err(reason) => return refuse(ForwardStatus::Io, reason),
         };
-        match crate::forward::execute_on(&*b, op) {
+        match crate::frontend::forwarding::execute_on(&*b, op) {
             Ok(payload) => ForwardOutcome::ok(mine, payload),
             // A failure because this primary was deposed meanwhile is a routing answer,
             // not a medium error: the forwarder retries on the new primary.

@@ -144,7 +144,7 @@ fn validate_name(name: &str) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::nbd::MemBackend;
+    use crate::frontend::nbd::MemBackend;
 
     fn mem() -> Arc<dyn BlockBackend> {
         Arc::new(MemBackend::new(4096, 512).expect("backend"))

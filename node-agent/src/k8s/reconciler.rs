@@ -25,8 +25,8 @@ use kube::{Client, ResourceExt};
 use serde_json::json;
 
 use super::paths::replica_dir;
-use super::runtime::{Assignment, Peer, ReplicaRuntime};
 use super::{Error, Result};
+use crate::replicas::{Assignment, Peer, ReplicaRuntime};
 
 #[derive(Clone, Debug)]
 pub struct ReplicaSettings {
