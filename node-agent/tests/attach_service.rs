@@ -24,6 +24,7 @@ use node_agent::attach_service::{AttachService, MemberSizes, ShortMembers};
 use node_agent::k8s::{Assignment, ReplicaRuntime};
 use node_agent::nbd::{ExportRegistry, NbdServer, ServerConfig};
 use node_agent::runtime::{EngineRuntime, EngineSettings};
+use testkit::Task;
 use tokio_stream::wrappers::UnixListenerStream;
 
 const CALL_TIMEOUT_MS: u64 = 30_000;
@@ -67,14 +68,6 @@ impl Drop for Cleanup {
                 let _ = a.detach(&x.volume);
             }
         }
-    }
-}
-
-struct Task(tokio::task::JoinHandle<()>);
-
-impl Drop for Task {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
 
