@@ -337,7 +337,14 @@ async fn volume_lifecycle_placement_in_sync_promotion_expansion_deletion() {
         !st.in_sync_set.contains(&primary.name_any()),
         "deposed primary leaves the set"
     );
-    let rs = replicas_of(&client, "vol1").await;
+    // A promotion stores its claim in the volume status first and writes the replica
+    // specs after it (operator::controller::perform), so the specs follow shortly.
+    let rs = WAIT
+        .expect("every replica assigned the new epoch", || async {
+            let rs = replicas_of(&client, "vol1").await;
+            (!rs.is_empty() && rs.iter().all(|r| r.spec.epoch == 2)).then_some(rs)
+        })
+        .await;
     for r in &rs {
         assert_eq!(r.spec.epoch, 2, "{} carries the new epoch", r.name_any());
         let want = if r.name_any() == high.name_any() {
