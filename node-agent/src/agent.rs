@@ -572,7 +572,7 @@ impl Agent {
         tasks.push(tokio::spawn(async move {
             let r = tonic::transport::Server::builder()
                 .add_service(
-                    csi::agent_proto::node_agent_server::NodeAgentServer::from_arc(service),
+                    blockvol_proto::agent::node_agent_server::NodeAgentServer::from_arc(service),
                 )
                 .serve_with_incoming(incoming)
                 .await;

@@ -1,4 +1,4 @@
-//! The attach gRPC service (csi/proto/agent.proto) over its unix socket, with a real
+//! The attach gRPC service (proto/proto/agent.proto) over its unix socket, with a real
 //! engine primary exported over NBD and the FUSE + loop attacher: Attach gives a block
 //! device whose writes land in the volume, calls are idempotent, and the documented
 //! error codes come back; Expand grows the device only after every in-sync replica has
@@ -13,10 +13,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use api::{Durability, ReplicaRole};
+use blockvol_proto::agent::node_agent_client::NodeAgentClient;
+use blockvol_proto::agent::node_agent_server::NodeAgentServer;
+use blockvol_proto::agent::{AttachRequest, DetachRequest, ExpandRequest, StatsRequest};
 use csi::agent::unix_channel;
-use csi::agent_proto::node_agent_client::NodeAgentClient;
-use csi::agent_proto::node_agent_server::NodeAgentServer;
-use csi::agent_proto::{AttachRequest, DetachRequest, ExpandRequest, StatsRequest};
 use engine::replication::{NetConfig, ReceiverServer, Transport};
 use futures::future::BoxFuture;
 use node_agent::attach::{Attacher, FuseLoopAttacher};
