@@ -111,13 +111,7 @@ impl Cluster {
 
     /// Like [`start`](Self::start), every agent set up as `setup` says.
     async fn start_with(agent_args: &[String], setup: NodeSetup) -> Cluster {
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(
-                tracing_subscriber::EnvFilter::try_from_default_env()
-                    .unwrap_or_else(|_| "e2e=info".into()),
-            )
-            .with_test_writer()
-            .try_init();
+        testkit::init_tracing("e2e=info,testkit=info");
         let mut opts = TestClusterOptions::nodes(0);
         opts.operators = 0;
         opts.agent = AgentOptions {
