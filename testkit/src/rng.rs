@@ -28,6 +28,14 @@ impl SeededRng {
         }
     }
 
+    /// The next `len` bytes of the sequence ([`SeededRng::fill_bytes`]): deterministic
+    /// data a test writes and recomputes to check what it reads back.
+    pub fn bytes(&mut self, len: usize) -> Vec<u8> {
+        let mut buf = vec![0u8; len];
+        self.fill_bytes(&mut buf);
+        buf
+    }
+
     /// A value in `lo..=hi` (`lo` when the range is empty).
     pub fn range(&mut self, lo: u64, hi: u64) -> u64 {
         if hi <= lo {
@@ -77,5 +85,6 @@ mod tests {
         let mut buf = [0u8; 13];
         SeededRng::new(3).fill_bytes(&mut buf);
         assert_eq!(buf.to_vec(), want);
+        assert_eq!(SeededRng::new(3).bytes(13), want);
     }
 }
