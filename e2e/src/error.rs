@@ -1,5 +1,6 @@
-//! Errors the harness reports; each names the step and, for a daemon that died, the tail
-//! of its log so a failed start explains itself.
+//! Errors the harness reports; each names the step. The control plane's own errors
+//! (`testkit::Error`: a missing tool, a daemon that died with the tail of its log) pass
+//! through unchanged.
 
 use std::path::PathBuf;
 
