@@ -34,7 +34,7 @@ fi
 # the same `blockvol-agent` binary users run, only built with these settings.
 AGENT_BUILD="dev profile, engine and node-agent at opt-level 3, dependencies at opt-level 1"
 export CARGO_PROFILE_DEV_DEBUG=line-tables-only
-cargo build --locked -q -p node-agent -p operator -p e2e \
+cargo build --locked -q -p node-agent -p operator -p tools \
   --bin blockvol-agent --bin blockvol-operator --bin blockvol-bench \
   --config 'profile.dev.package.engine.opt-level=3' \
   --config 'profile.dev.package.node-agent.opt-level=3'

@@ -49,7 +49,7 @@ env -u KUBECONFIG -u BLOCKVOL_REAL_CLUSTER_KUBECONFIG BLOCKVOL_K8S_E2E_PROCS=6 \
   '\] (provisioning|volumes|volumeMode|volumeIO|subPath|fsgroupchangepolicy|multiVolume|volume-expand|volumeLimits) '
 
 step "benchmark suite, smoke mode (about a minute; bench/run.sh runs the real thing)"
-cargo build --locked -q -p node-agent -p operator -p e2e \
+cargo build --locked -q -p node-agent -p operator -p tools \
   --bin blockvol-agent --bin blockvol-operator --bin blockvol-bench
 target/debug/blockvol-bench --mode smoke --out target/bench-smoke --agent-build "dev profile"
 

@@ -87,7 +87,7 @@ step "building blockvol (debug, incremental)"
 # Line tables only: full debug info makes each Kubernetes-client binary ~250 MB.
 # Unchanged crates are reused; incremental data inside a crate is not kept (disk).
 export CARGO_PROFILE_DEV_DEBUG=line-tables-only CARGO_INCREMENTAL=0
-cargo build --bins --locked -p api -p operator -p node-agent -p csi -p e2e -p kubectl-blockvol 2>&1 \
+cargo build --bins --locked -p api -p operator -p node-agent -p csi -p tools -p kubectl-blockvol 2>&1 \
   | { grep -Ev '^\s+(Compiling|Checking)' || true; } \
   || die "the build failed"
 for b in blockvol-local blockvol-operator blockvol-agent blockvol-csi crdgen kubectl-blockvol; do

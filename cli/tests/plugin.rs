@@ -22,7 +22,7 @@ use serde_json::json;
 use tokio::io::{AsyncBufReadExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdout, Command};
 
-use e2e::{ControlPlane, ControlPlaneOptions};
+use testkit::{ControlPlane, ControlPlaneOptions};
 
 /// Bound on the PV controller binding the printed claim.
 const BIND_TIMEOUT_MS: u64 = 60_000;
@@ -325,7 +325,7 @@ async fn plugin_reads_and_steers_blockvol_objects_on_a_real_api_server() {
             "{err}"
         );
     }
-    cp.apply_crds(&e2e::crds_dir())
+    cp.apply_crds(&testkit::crds_dir())
         .await
         .unwrap_or_else(|e| panic!("applying CRDs: {e}"));
     write_objects(&cp).await;

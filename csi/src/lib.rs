@@ -6,26 +6,11 @@
 //! to the operator; the node plugin asks the local node agent for a block device and
 //! formats, mounts and bind-mounts it. Neither holds replication state.
 
-/// Generated CSI v1 types and services (`csi.v1`, spec v1.12.0).
-#[allow(clippy::all, clippy::pedantic, missing_docs)]
-pub mod csi_proto {
-    tonic::include_proto!("csi.v1");
-}
-
-/// Generated node-agent service (`blockvol.agent.v1`, `proto/agent.proto`): the client
-/// the CSI node plugin uses and the server trait (`node_agent_server::NodeAgent`) the
-/// node agent implements.
-#[allow(clippy::all, clippy::pedantic, missing_docs)]
-pub mod agent_proto {
-    tonic::include_proto!("blockvol.agent.v1");
-}
-
-/// Generated kubelet plugin-registration service (`pluginregistration`, the kubelet's
-/// `pluginregistration.v1` API, `proto/pluginregistration.proto`).
-#[allow(clippy::all, clippy::pedantic, missing_docs)]
-pub mod registration_proto {
-    tonic::include_proto!("pluginregistration");
-}
+/// The generated protocols, from the `blockvol-proto` crate, under the names this
+/// crate's modules and its users know them by.
+pub use blockvol_proto::agent as agent_proto;
+pub use blockvol_proto::csi as csi_proto;
+pub use blockvol_proto::registration as registration_proto;
 
 pub mod agent;
 pub mod controller;

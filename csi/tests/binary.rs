@@ -13,6 +13,7 @@ use csi::csi_proto::{
     GetPluginCapabilitiesRequest, GetPluginInfoRequest, NodeGetInfoRequest, ProbeRequest,
     plugin_capability,
 };
+use testkit::Wait;
 
 /// Kills the child if the test fails before it is stopped.
 struct Child(Option<tokio::process::Child>);
@@ -26,14 +27,8 @@ impl Drop for Child {
 }
 
 async fn wait_for_socket(path: &Path) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while tokio::net::UnixStream::connect(path).await.is_err() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no socket at {}",
-            path.display()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    if let Err(e) = Wait::millis(30_000, 20).socket(path).await {
+        panic!("{e}");
     }
 }
 

@@ -20,9 +20,9 @@ use csi::csi_proto::volume_capability::{AccessMode, AccessType, MountVolume};
 use csi::csi_proto::*;
 use csi::identity::IdentityService;
 use csi::server::Services;
-use e2e::{ControlPlane, ControlPlaneOptions};
 use kube::ResourceExt;
 use kube::api::{Api, ListParams, Patch, PatchParams};
+use testkit::{ControlPlane, ControlPlaneOptions};
 use tonic::Code;
 use tonic::transport::Channel;
 
@@ -626,7 +626,9 @@ async fn controller_against_a_real_api_server() {
     let cp = ControlPlane::start(ControlPlaneOptions::default())
         .await
         .expect("control plane starts");
-    cp.apply_crds(&e2e::crds_dir()).await.expect("CRDs applied");
+    cp.apply_crds(&testkit::crds_dir())
+        .await
+        .expect("CRDs applied");
     let client = cp.client();
     create_block_node(&client, "node-a", 3000).await;
     create_block_node(&client, "node-b", 1000).await;

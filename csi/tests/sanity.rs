@@ -18,8 +18,8 @@ use csi::mount::CommandSettings;
 use csi::node::{NodeService, NodeSettings};
 use csi::server::Services;
 use e2e::cluster::{TestCluster, TestClusterOptions};
-use e2e::{ControlPlane, ControlPlaneOptions};
 use kube::Api;
+use testkit::{ControlPlane, ControlPlaneOptions};
 
 const NODE: &str = "sanity-node";
 /// Test volume size: xfs (whose online grow works without CAP_SYS_RESOURCE) needs
@@ -43,11 +43,13 @@ impl Drop for Teardown {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn csi_sanity_passes_against_mode_all() {
-    let sanity = e2e::tool("csi-sanity").expect("csi-sanity is built by hack/tools/build.sh");
+    let sanity = testkit::tool("csi-sanity").expect("csi-sanity is built by hack/tools/build.sh");
     let cp = ControlPlane::start(ControlPlaneOptions::default())
         .await
         .expect("control plane starts");
-    cp.apply_crds(&e2e::crds_dir()).await.expect("CRDs applied");
+    cp.apply_crds(&testkit::crds_dir())
+        .await
+        .expect("CRDs applied");
     let client = cp.client();
     create_block_node(&client, NODE, 100 << 30).await;
     let operator = play_operator(client.clone());
@@ -107,7 +109,7 @@ async fn csi_sanity_passes_against_mode_all() {
 /// `blockvol-operator` process on the control plane; one node, so `replicas: "1"`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn csi_sanity_passes_against_a_real_agent_and_operator() {
-    let sanity = e2e::tool("csi-sanity").expect("csi-sanity is built by hack/tools/build.sh");
+    let sanity = testkit::tool("csi-sanity").expect("csi-sanity is built by hack/tools/build.sh");
     let cluster = TestCluster::start(TestClusterOptions::nodes(1))
         .await
         .expect("cluster with one agent and the operator starts");

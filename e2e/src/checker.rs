@@ -17,6 +17,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
+use testkit::SeededRng;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// Errors of the checker (connection, protocol and ledger problems; lost writes are not
@@ -341,14 +342,6 @@ fn volume_tag(volume_id: &str) -> [u8; TAG_BYTES] {
     t
 }
 
-fn splitmix(state: &mut u64) -> u64 {
-    *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    let mut z = *state;
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
-
 /// Builds the block for (`volume_id`, `lba`, `seq`): header, seeded filler, CRC32C of the
 /// whole block computed with the CRC field zeroed.
 pub fn make_block(volume_id: &str, block_size: usize, lba: u64, seq: u64) -> Vec<u8> {
@@ -357,11 +350,7 @@ pub fn make_block(volume_id: &str, block_size: usize, lba: u64, seq: u64) -> Vec
     b[8..8 + TAG_BYTES].copy_from_slice(&volume_tag(volume_id));
     b[32..40].copy_from_slice(&lba.to_be_bytes());
     b[40..48].copy_from_slice(&seq.to_be_bytes());
-    let mut st = lba.rotate_left(32) ^ seq;
-    for chunk in b[BLOCK_HEADER_BYTES..].chunks_mut(8) {
-        let v = splitmix(&mut st).to_le_bytes();
-        chunk.copy_from_slice(&v[..chunk.len()]);
-    }
+    SeededRng::new(lba.rotate_left(32) ^ seq).fill_bytes(&mut b[BLOCK_HEADER_BYTES..]);
     let crc = crc32c::crc32c(&b);
     b[48..52].copy_from_slice(&crc.to_be_bytes());
     b
@@ -513,10 +502,12 @@ impl Checker {
         let workers = cfg.workers as u64;
         // LBAs owned by this worker: lba_start + w + k*workers.
         let owned = (cfg.lba_count - w as u64).div_ceil(workers);
-        let mut rng = cfg.seed ^ (w as u64).wrapping_mul(0x1000_0000_01b3) ^ round.rotate_left(40);
+        let mut rng = SeededRng::new(
+            cfg.seed ^ (w as u64).wrapping_mul(0x1000_0000_01b3) ^ round.rotate_left(40),
+        );
         let mut unflushed: Vec<(u64, u64)> = Vec::new();
         for i in 0..writes {
-            let lba = cfg.lba_start + w as u64 + (splitmix(&mut rng) % owned) * workers;
+            let lba = cfg.lba_start + w as u64 + (rng.next_u64() % owned) * workers;
             let seq = {
                 let mut l = lock(&self.ledger);
                 let s = l.next_seq;

@@ -28,15 +28,15 @@ use kube::api::{Api, ListParams, ObjectMeta, PostParams};
 
 use crate::error::{Error, Result};
 use crate::kubelet::{Kubelet, KubeletSettings};
-use crate::process::LOG_TAIL_LINES;
 use crate::{ControlPlane, ControlPlaneOptions};
+use testkit::process::LOG_TAIL_LINES;
 
 /// Namespace of the agents' and the operator's Leases.
 pub const NAMESPACE: &str = "blockvol-system";
 /// Name of the agent's NBD unix socket inside its socket directory.
 pub const NBD_SOCKET_NAME: &str = "nbd.sock";
-/// How often [`wait_for`] re-checks its condition.
-pub const POLL_INTERVAL: Duration = Duration::from_millis(200);
+pub use testkit::POLL_INTERVAL;
+use testkit::Wait;
 /// How long a CSI process may take to serve its socket.
 const SOCKET_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -69,26 +69,14 @@ pub fn free_port() -> u16 {
         .unwrap_or(0)
 }
 
-/// Polls `f` every [`POLL_INTERVAL`] until it returns `Some`, or fails after `timeout`
-/// with an error naming `what`.
-pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> Result<T>
+/// [`testkit::wait_for`] with the harness's error: polls `f` every [`POLL_INTERVAL`]
+/// until it returns `Some`, or fails after `timeout` naming `what`.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, f: F) -> Result<T>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Option<T>>,
 {
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        if let Some(v) = f().await {
-            return Ok(v);
-        }
-        if tokio::time::Instant::now() >= deadline {
-            return Err(Error::Timeout {
-                what: what.to_string(),
-                waited_ms: timeout.as_millis() as u64,
-            });
-        }
-        tokio::time::sleep(POLL_INTERVAL).await;
-    }
+    Ok(testkit::wait_for(what, timeout, f).await?)
 }
 
 /// A restartable daemon: the command line is kept so a restart reuses every path/port.
@@ -507,14 +495,12 @@ impl CsiProcess {
 
 /// Waits until a unix socket accepts connections (the CSI server is up).
 async fn wait_for_socket(socket: &Path, timeout: Duration) -> Result<()> {
-    let what = format!("{} to accept connections", socket.display());
-    wait_for(&what, timeout, || async {
-        tokio::net::UnixStream::connect(socket)
-            .await
-            .ok()
-            .map(|_| ())
-    })
-    .await
+    Ok(Wait {
+        timeout,
+        poll: POLL_INTERVAL,
+    }
+    .socket(socket)
+    .await?)
 }
 
 /// Settings of a [`TestCluster`].

@@ -1,23 +1,12 @@
-//! Errors the harness reports; each names the step and, for a daemon that died, the tail
-//! of its log so a failed start explains itself.
+//! Errors the harness reports; each names the step. The control plane's own errors
+//! (`testkit::Error`: a missing tool, a daemon that died with the tail of its log) pass
+//! through unchanged.
 
 use std::path::PathBuf;
 
-/// Everything that can go wrong while starting, using or stopping a control plane.
+/// Everything that can go wrong while starting, using or stopping the harness's daemons.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error(
-        "{binary} not found in {dir}: build the pinned Kubernetes tools with `hack/tools/build.sh` \
-         and `source hack/tools/env.sh` (or set BLOCKVOL_TOOLS_BIN to their directory)"
-    )]
-    ToolMissing { binary: String, dir: PathBuf },
-
-    #[error(
-        "no Kubernetes tools found: BLOCKVOL_TOOLS_BIN is not set and `{script} --print-bin` \
-         did not name a directory; run `hack/tools/build.sh` and `source hack/tools/env.sh`"
-    )]
-    ToolsNotLocated { script: PathBuf },
-
     #[error(
         "{path} is not built: run `cargo build --workspace --bins` (or `cargo test --workspace`, \
          which builds it) first"
@@ -31,34 +20,17 @@ pub enum Error {
         source: std::io::Error,
     },
 
-    #[error("generating certificates: {0}")]
-    Certificate(#[from] rcgen::Error),
-
-    #[error("{name} exited during start-up ({status}); last lines of {log}:\n{tail}")]
-    DaemonExited {
-        name: &'static str,
-        status: String,
-        log: PathBuf,
-        tail: String,
-    },
-
     #[error("timed out after {waited_ms} ms waiting for {what}")]
     Timeout { what: String, waited_ms: u64 },
 
-    #[error("reading kubeconfig {path}: {message}")]
-    Kubeconfig { path: PathBuf, message: String },
+    #[error(transparent)]
+    ControlPlane(#[from] testkit::Error),
 
     #[error("Kubernetes API: {0}")]
     Kube(#[from] kube::Error),
 
-    #[error("parsing {path}: {message}")]
-    Manifest { path: PathBuf, message: String },
-
     #[error("{0}")]
     Volume(String),
-
-    #[error("benchmark: {0}")]
-    Bench(String),
 
     #[error("{call} on node {node}: {message}")]
     Csi {
@@ -73,13 +45,6 @@ pub enum Error {
         status: String,
         stderr: String,
     },
-
-    #[error("`kubectl {args}` failed ({status}): {stderr}")]
-    Kubectl {
-        args: String,
-        status: String,
-        stderr: String,
-    },
 }
 
 impl Error {
@@ -87,6 +52,15 @@ impl Error {
         Error::Io {
             context: context.into(),
             source,
+        }
+    }
+}
+
+impl From<testkit::Timeout> for Error {
+    fn from(t: testkit::Timeout) -> Self {
+        Error::Timeout {
+            what: t.what,
+            waited_ms: t.waited_ms,
         }
     }
 }

@@ -49,41 +49,7 @@ pub fn env_u64(var: &str, default: u64) -> Result<u64> {
     }
 }
 
-/// A small deterministic generator (splitmix64): the same seed gives the same faults,
-/// so a failing trial is rerun by setting the seed it printed.
-#[derive(Debug, Clone)]
-pub struct SeededRng(u64);
-
-impl SeededRng {
-    pub fn new(seed: u64) -> Self {
-        SeededRng(seed)
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// A value in `lo..=hi` (`lo` when the range is empty).
-    pub fn range(&mut self, lo: u64, hi: u64) -> u64 {
-        if hi <= lo {
-            return lo;
-        }
-        lo + self.next_u64() % (hi - lo + 1)
-    }
-
-    /// One element of a non-empty slice.
-    pub fn pick<'a, T>(&mut self, items: &'a [T]) -> Option<&'a T> {
-        if items.is_empty() {
-            return None;
-        }
-        let i = self.next_u64() % items.len() as u64;
-        items.get(i as usize)
-    }
-}
+use testkit::Task;
 
 fn iptables(args: &[String]) -> Result<String> {
     let out = Command::new("iptables")
@@ -304,13 +270,13 @@ async fn bind_loopback() -> Result<(TcpListener, SocketAddr)> {
 
 pub struct TcpRelay {
     addr: SocketAddr,
-    task: tokio::task::JoinHandle<()>,
+    _task: Task,
 }
 
 impl TcpRelay {
     pub async fn start(target: SocketAddr) -> Result<TcpRelay> {
         let (listener, addr) = bind_loopback().await?;
-        let task = tokio::spawn(async move {
+        let task = Task::spawn(async move {
             let mut conns = tokio::task::JoinSet::new();
             loop {
                 let Ok((mut inbound, _)) = listener.accept().await else {
@@ -324,17 +290,11 @@ impl TcpRelay {
                 while conns.try_join_next().is_some() {}
             }
         });
-        Ok(TcpRelay { addr, task })
+        Ok(TcpRelay { addr, _task: task })
     }
 
     pub fn addr(&self) -> SocketAddr {
         self.addr
-    }
-}
-
-impl Drop for TcpRelay {
-    fn drop(&mut self) {
-        self.task.abort();
     }
 }
 
@@ -375,7 +335,7 @@ pub struct ShapedProxy {
     addr: SocketAddr,
     state: Arc<std::sync::Mutex<ProxyState>>,
     cut_tx: tokio::sync::watch::Sender<u64>,
-    task: tokio::task::JoinHandle<()>,
+    _task: Task,
 }
 
 impl ShapedProxy {
@@ -389,7 +349,7 @@ impl ShapedProxy {
         }));
         let (cut_tx, cut_rx) = tokio::sync::watch::channel(0u64);
         let st = state.clone();
-        let task = tokio::spawn(async move {
+        let task = Task::spawn(async move {
             let mut conns = tokio::task::JoinSet::new();
             loop {
                 let Ok((inbound, _)) = listener.accept().await else {
@@ -428,7 +388,7 @@ impl ShapedProxy {
             addr,
             state,
             cut_tx,
-            task,
+            _task: task,
         })
     }
 
@@ -463,12 +423,6 @@ impl ShapedProxy {
     pub fn restore(&self) {
         self.with(|s| s.cut = false);
         tracing::info!(addr = %self.addr, "proxy link restored");
-    }
-}
-
-impl Drop for ShapedProxy {
-    fn drop(&mut self) {
-        self.task.abort();
     }
 }
 
@@ -525,23 +479,6 @@ async fn shaped_copy(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn seeded_rng_repeats_and_stays_in_range() {
-        let a: Vec<u64> = {
-            let mut r = SeededRng::new(7);
-            (0..100).map(|_| r.range(3, 9)).collect()
-        };
-        let b: Vec<u64> = {
-            let mut r = SeededRng::new(7);
-            (0..100).map(|_| r.range(3, 9)).collect()
-        };
-        assert_eq!(a, b);
-        assert!(a.iter().all(|v| (3..=9).contains(v)));
-        assert!(a.iter().any(|v| *v != a[0]), "not constant");
-        assert_eq!(SeededRng::new(1).range(5, 5), 5);
-        assert_eq!(SeededRng::new(1).pick::<u8>(&[]), None);
-    }
 
     #[test]
     fn env_u64_names_the_variable_on_bad_input() {

@@ -10,9 +10,9 @@ use std::path::{Path, PathBuf};
 use k8s_openapi::api::core::v1::Namespace;
 use kube::api::{Api, ObjectMeta, PostParams};
 
-use crate::controlplane::{ControlPlane, ControlPlaneOptions};
 use crate::error::{Error, Result};
 use crate::kubelet::{Kubelet, KubeletSettings};
+use crate::{ControlPlane, ControlPlaneOptions};
 
 /// Namespace the operator, node agents and CSI driver run in.
 pub const SYSTEM_NAMESPACE: &str = "blockvol-system";

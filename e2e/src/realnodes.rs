@@ -11,7 +11,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use crate::controlplane::ControlPlane;
+use crate::ControlPlane;
 use crate::error::{Error, Result};
 
 /// Environment variable naming the kubeconfig of a running `hack/cluster.sh` cluster to
@@ -90,7 +90,7 @@ impl RealCluster {
             Ok(api) => api,
             Err(e) => {
                 let _ = tokio::task::spawn_blocking(|| run_script(&["down"])).await;
-                return Err(e);
+                return Err(e.into());
             }
         };
         Ok(RealCluster {
@@ -156,7 +156,7 @@ impl RealCluster {
     /// directory (so `charts/blockvol` names the chart) and helm's own state in a
     /// directory of the cluster's.
     pub async fn helm(&self, args: &[&str]) -> Result<String> {
-        let helm = crate::tools::tool("helm")?;
+        let helm = crate::tool("helm")?;
         let state = cluster_dir().join("helm");
         let out = tokio::process::Command::new(&helm)
             .arg(format!("--kubeconfig={}", self.kubeconfig.display()))

@@ -26,17 +26,9 @@ const FS_SIZE: &str = "48M";
 const RAW_OFFSET: u64 = 56 << 20;
 const RAW_BYTES: u32 = 64 << 10;
 
-/// Deterministic file contents: a xorshift stream seeded per file.
+/// Deterministic file contents: a stream seeded per file.
 fn contents(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+    testkit::SeededRng::new(seed).bytes(len)
 }
 
 fn write_synced(path: &Path, data: &[u8]) {

@@ -9,7 +9,6 @@
 //! `BLOCKVOL_CHAOS_TRIALS`, the seed from `BLOCKVOL_CHAOS_SEED`.
 
 use std::collections::BTreeMap;
-use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -21,12 +20,11 @@ use api::{
 use e2e::checker::{Checker, CheckerConfig, Ledger, NbdClient, Target, WriteSummary};
 use e2e::cluster::{AgentOptions, AgentProcess, TestCluster, TestClusterOptions};
 use e2e::faultfs::{FaultFs, FaultSwitch};
-use e2e::faults::{
-    LinkShape, LoopFs, PortPartition, SeededRng, ShapedProxy, TcpRelay, env_u64, rules_tagged,
-};
+use e2e::faults::{LinkShape, LoopFs, PortPartition, ShapedProxy, TcpRelay, env_u64, rules_tagged};
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::api::{Api, PostParams};
 use kube::{Client, ResourceExt};
+use testkit::{SeededRng, Task, Wait};
 
 const VOLUME: &str = "chaos1";
 const NODES: [&str; 3] = ["n1", "n2", "n3"];
@@ -73,16 +71,11 @@ fn allocated_bytes(dir: &Path) -> u64 {
     total
 }
 
-/// A bounded poll; a timeout fails the test with `what`.
-async fn wait_for<T, F, Fut>(what: &str, f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    e2e::cluster::wait_for(what, Duration::from_millis(WAIT_TIMEOUT_MS), f)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"))
-}
+/// A bounded poll; a timeout fails the test with what it waited for.
+const WAIT: Wait = Wait {
+    timeout: Duration::from_millis(WAIT_TIMEOUT_MS),
+    poll: e2e::cluster::POLL_INTERVAL,
+};
 
 /// The cluster under test: `e2e::cluster` processes, plus one API relay per agent so a
 /// single agent's API traffic can be partitioned (all agents reach the API server from
@@ -118,13 +111,7 @@ impl Cluster {
 
     /// Like [`start`](Self::start), every agent set up as `setup` says.
     async fn start_with(agent_args: &[String], setup: NodeSetup) -> Cluster {
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(
-                tracing_subscriber::EnvFilter::try_from_default_env()
-                    .unwrap_or_else(|_| "e2e=info".into()),
-            )
-            .with_test_writer()
-            .try_init();
+        testkit::init_tracing("e2e=info,testkit=info");
         let mut opts = TestClusterOptions::nodes(0);
         opts.operators = 0;
         opts.agent = AgentOptions {
@@ -322,7 +309,7 @@ impl Cluster {
     /// Ready with all three members committed in sync at one epoch (at least
     /// `min_epoch`), the primary Serving and seeing both peers InSync.
     async fn healthy(&self, min_epoch: u64) -> BlockVolumeStatus {
-        wait_for(
+        WAIT.expect(
             &format!("three in-sync members at epoch >= {min_epoch}"),
             || async {
                 let st = self.volume().await?;
@@ -388,7 +375,7 @@ impl Cluster {
 
     /// A primary other than `old` Serving at an epoch above `epoch`.
     async fn promoted(&self, old_primary: &str, epoch: u64) -> BlockVolumeStatus {
-        wait_for(
+        WAIT.expect(
             &format!("a new primary (not {old_primary}) serving above epoch {epoch}"),
             || async {
                 let st = self.volume().await?;
@@ -420,7 +407,7 @@ impl Cluster {
 
     /// Waits until the primary reports `replica` in one of `states`.
     async fn peer_state_in(&self, replica: &str, states: &[ReplicaState]) {
-        wait_for(
+        WAIT.expect(
             &format!("the primary reporting {replica} as one of {states:?}"),
             || async {
                 let st = self.volume().await?;
@@ -536,7 +523,7 @@ async fn flushes_reach(checker: &Checker, n: u64) {
 /// Reads the whole ledger back through `target`; every durable write must be there.
 async fn verify_clean(checker: &Checker, target: &Target, tally: &mut Tally, what: &str) {
     // The status can report Serving a moment before the export is registered.
-    wait_for(&format!("{target:?} accepting NBD clients"), || async {
+    WAIT.expect(&format!("{target:?} accepting NBD clients"), || async {
         let c = e2e::checker::NbdClient::connect(target).await.ok()?;
         c.disconnect().await;
         Some(())
@@ -627,7 +614,7 @@ async fn primary_agent_sigkill_under_load_loses_no_acknowledged_write() {
 /// Observation lags the ack by a scheduling delay, never leads it.
 struct AckClock {
     acks: Arc<std::sync::Mutex<Vec<SystemTime>>>,
-    task: tokio::task::JoinHandle<()>,
+    _task: Task,
 }
 
 impl AckClock {
@@ -635,14 +622,14 @@ impl AckClock {
         let acks: Arc<std::sync::Mutex<Vec<SystemTime>>> = Arc::default();
         let mut rx = checker.flush_progress();
         let a = acks.clone();
-        let task = tokio::spawn(async move {
+        let task = Task::spawn(async move {
             while rx.changed().await.is_ok() {
                 a.lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .push(SystemTime::now());
             }
         });
-        AckClock { acks, task }
+        AckClock { acks, _task: task }
     }
 
     fn last_ack(&self) -> Option<SystemTime> {
@@ -666,17 +653,11 @@ impl AckClock {
     }
 }
 
-impl Drop for AckClock {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
 /// Records every epoch the volume status shows, polled faster than a failover, so a
 /// test can tell one bump from two.
 struct EpochLog {
     seen: Arc<std::sync::Mutex<Vec<u64>>>,
-    task: tokio::task::JoinHandle<()>,
+    _task: Task,
 }
 
 impl EpochLog {
@@ -684,7 +665,7 @@ impl EpochLog {
         let seen: Arc<std::sync::Mutex<Vec<u64>>> = Arc::default();
         let s = seen.clone();
         let api = Api::<BlockVolume>::all(client.clone());
-        let task = tokio::spawn(async move {
+        let task = Task::spawn(async move {
             loop {
                 if let Ok(Some(v)) = api.get_opt(VOLUME).await
                     && let Some(e) = v.status.map(|s| s.epoch)
@@ -697,17 +678,11 @@ impl EpochLog {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         });
-        EpochLog { seen, task }
+        EpochLog { seen, _task: task }
     }
 
     fn seen(&self) -> Vec<u64> {
         self.seen.lock().unwrap_or_else(|e| e.into_inner()).clone()
-    }
-}
-
-impl Drop for EpochLog {
-    fn drop(&mut self) {
-        self.task.abort();
     }
 }
 
@@ -758,7 +733,7 @@ async fn whole_cluster_sigkill_and_restart_loses_no_acknowledged_write() {
         );
         // The statuses still say healthy until the operator sees the Leases expire; a
         // health check before that would read the dead agents' last reports.
-        wait_for("the operator noticing every agent gone", || async {
+        WAIT.expect("the operator noticing every agent gone", || async {
             c.volume()
                 .await
                 .filter(|v| v.phase != VolumePhase::Ready || v.in_sync_count < 3)
@@ -1441,17 +1416,18 @@ async fn replica_storage_fault_is_reported_dropped_and_replaced(
                 );
             }
 
-            let failed = wait_for(
-                "the faulty replica reporting its storage failure",
-                || async {
-                    let rs = c.replicas().await;
-                    let r = rs.iter().find(|r| r.name_any() == victim_id)?;
-                    let s = r.status.as_ref()?;
-                    (s.state == ReplicaState::Failed)
-                        .then(|| s.last_error.clone().unwrap_or_default())
-                },
-            )
-            .await;
+            let failed = WAIT
+                .expect(
+                    "the faulty replica reporting its storage failure",
+                    || async {
+                        let rs = c.replicas().await;
+                        let r = rs.iter().find(|r| r.name_any() == victim_id)?;
+                        let s = r.status.as_ref()?;
+                        (s.state == ReplicaState::Failed)
+                            .then(|| s.last_error.clone().unwrap_or_default())
+                    },
+                )
+                .await;
             assert!(
                 failed.contains("storage failed"),
                 "the status names the failure: {failed}"
@@ -1617,16 +1593,17 @@ async fn primary_disk_eio_acks_nothing_more_and_fails_over(fault: PrimaryDiskFau
         let new = c.promoted(&old_primary, st.epoch).await;
         assert_eq!(new.epoch, st.epoch + 1, "one failover, one epoch bump");
         let new_node = new.primary_node.clone().expect("new primary node");
-        let old_status = wait_for("the old primary reporting its failed disk", || async {
-            let rs = c.replicas().await;
-            let s = rs
-                .iter()
-                .find(|r| r.name_any() == old_primary)?
-                .status
-                .clone()?;
-            (s.state == ReplicaState::Failed).then(|| s.last_error.unwrap_or_default())
-        })
-        .await;
+        let old_status = WAIT
+            .expect("the old primary reporting its failed disk", || async {
+                let rs = c.replicas().await;
+                let s = rs
+                    .iter()
+                    .find(|r| r.name_any() == old_primary)?
+                    .status
+                    .clone()?;
+                (s.state == ReplicaState::Failed).then(|| s.last_error.unwrap_or_default())
+            })
+            .await;
         println!(
             "trial {trial}: primary {old_primary} on {old_node}: {fault:?} EIO after {} acked flushes ({} injected errors); load stopped by {:?}; last ack {} ms before the first error; promoted on {new_node}; old primary reports {old_status:?}",
             sum.flushes_acked,
@@ -1747,11 +1724,12 @@ async fn replica_behind_a_slow_link_holds_only_sync_flushes_and_rebuilds_through
     let mut tally = Tally::default();
     let mut st = c.healthy(1).await;
     let primary_node = st.primary_node.clone().expect("primary node");
-    let async_st = wait_for("the async volume Ready with three in sync", || async {
-        let st = c.tc.volume(ASYNC_VOLUME).await?.status?;
-        (st.phase == VolumePhase::Ready && st.in_sync_count == 3).then_some(st)
-    })
-    .await;
+    let async_st = WAIT
+        .expect("the async volume Ready with three in sync", || async {
+            let st = c.tc.volume(ASYNC_VOLUME).await?.status?;
+            (st.phase == VolumePhase::Ready && st.in_sync_count == 3).then_some(st)
+        })
+        .await;
     let (fwd, bwd) = slow_link();
 
     for trial in 0..trials(1) {
@@ -1830,24 +1808,25 @@ async fn replica_behind_a_slow_link_holds_only_sync_flushes_and_rebuilds_through
             "async flushes waited for the slow replica: {} writes took {async_took:?}, their data needs {async_crossed:?} to cross",
             asum.writes_made_durable
         );
-        let (head, behind) = wait_for(
-            "the async primary reporting its slow replica behind",
-            || async {
-                let rs = c.tc.replicas(ASYNC_VOLUME).await;
-                let p = rs
-                    .iter()
-                    .find(|r| r.spec.node == async_primary)?
-                    .status
-                    .clone()?;
-                let slow_id = rs.iter().find(|r| r.spec.node == async_slow)?.name_any();
-                let peer = p.peers.iter().find(|x| x.replica_id == slow_id)?;
-                (peer.flushed_lsn < p.head_lsn).then_some((p.head_lsn, peer.flushed_lsn))
-            },
-        )
-        .await;
+        let (head, behind) = WAIT
+            .expect(
+                "the async primary reporting its slow replica behind",
+                || async {
+                    let rs = c.tc.replicas(ASYNC_VOLUME).await;
+                    let p = rs
+                        .iter()
+                        .find(|r| r.spec.node == async_primary)?
+                        .status
+                        .clone()?;
+                    let slow_id = rs.iter().find(|r| r.spec.node == async_slow)?.name_any();
+                    let peer = p.peers.iter().find(|x| x.replica_id == slow_id)?;
+                    (peer.flushed_lsn < p.head_lsn).then_some((p.head_lsn, peer.flushed_lsn))
+                },
+            )
+            .await;
         c.proxy(async_slow)
             .shape(LinkShape::default(), LinkShape::default());
-        wait_for("the async replica caught up", || async {
+        WAIT.expect("the async replica caught up", || async {
             let rs = c.tc.replicas(ASYNC_VOLUME).await;
             let p = rs
                 .iter()

@@ -369,7 +369,9 @@ async fn sigkilled_server_loses_no_acknowledged_flushed_write() {
 }
 
 async fn cli(args: &[&str]) -> (Option<i32>, String) {
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_blockvol-check"))
+    // Built by `cargo test --workspace` (alone: `cargo build -p tools --bins`).
+    let bin = e2e::cluster::workspace_binary("blockvol-check").expect("blockvol-check is built");
+    let out = tokio::process::Command::new(bin)
         .args(args)
         .output()
         .await

@@ -64,7 +64,7 @@ async fn full_control_plane_serves_kubectl_nodes_and_controllers_then_cleans_up(
         .kubectl(["auth", "can-i", "list", "secrets", "--as=someone"])
         .await;
     assert!(
-        matches!(&anonymous, Err(e2e::Error::Kubectl { .. })),
+        matches!(&anonymous, Err(testkit::Error::Kubectl { .. })),
         "an unbound user must be denied: {anonymous:?}"
     );
 

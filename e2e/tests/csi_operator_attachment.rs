@@ -7,7 +7,7 @@
 mod common;
 
 use api::{BlockReplica, BlockVolume, VolumePhase};
-use common::{MIB, WAIT_TIMEOUT_MS, agent, operator, wait_for};
+use common::{MIB, WAIT, WAIT_TIMEOUT_MS, agent, operator};
 use csi::controller::{ControllerService, ControllerSettings as CsiSettings};
 use csi::csi_proto::controller_server::Controller;
 use csi::csi_proto::volume_capability::access_mode::Mode;
@@ -73,14 +73,15 @@ async fn operator_reports_and_guards_a_csi_published_attachment() {
         .into_inner();
     let id = created.volume.expect("volume").volume_id;
     // Ready=True may come while the last replica still catches up; then all three.
-    let v = wait_for("volume Ready with 3 in sync", || async {
-        vols.get(&id).await.ok().filter(|v| {
-            v.status
-                .as_ref()
-                .is_some_and(|s| s.phase == VolumePhase::Ready && s.in_sync_count == 3)
+    let v = WAIT
+        .expect("volume Ready with 3 in sync", || async {
+            vols.get(&id).await.ok().filter(|v| {
+                v.status
+                    .as_ref()
+                    .is_some_and(|s| s.phase == VolumePhase::Ready && s.in_sync_count == 3)
+            })
         })
-    })
-    .await;
+        .await;
     assert_eq!(v.status.as_ref().and_then(|s| s.attached_to.clone()), None);
 
     csi.controller_publish_volume(Request::new(ControllerPublishVolumeRequest {
@@ -91,13 +92,13 @@ async fn operator_reports_and_guards_a_csi_published_attachment() {
     }))
     .await
     .expect("ControllerPublishVolume");
-    let v = wait_for("operator mirrors the attachment", || async {
-        vols.get(&id)
-            .await
-            .ok()
-            .filter(|v| v.status.as_ref().and_then(|s| s.attached_to.as_deref()) == Some("node-b"))
-    })
-    .await;
+    let v = WAIT
+        .expect("operator mirrors the attachment", || async {
+            vols.get(&id).await.ok().filter(|v| {
+                v.status.as_ref().and_then(|s| s.attached_to.as_deref()) == Some("node-b")
+            })
+        })
+        .await;
     assert_eq!(
         attached_condition(&v).map(|c| c.0),
         Some("True".to_string()),
@@ -117,7 +118,7 @@ async fn operator_reports_and_guards_a_csi_published_attachment() {
     vols.delete(&id, &DeleteParams::default())
         .await
         .expect("delete request");
-    wait_for("deletion waits for detach", || async {
+    WAIT.expect("deletion waits for detach", || async {
         vols.get(&id)
             .await
             .ok()
@@ -138,7 +139,7 @@ async fn operator_reports_and_guards_a_csi_published_attachment() {
     }))
     .await
     .expect("ControllerUnpublishVolume");
-    wait_for("volume gone after detach", || async {
+    WAIT.expect("volume gone after detach", || async {
         vols.get_opt(&id)
             .await
             .ok()

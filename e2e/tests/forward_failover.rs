@@ -72,17 +72,9 @@ impl Drop for Mounted {
     }
 }
 
-/// Deterministic file content: a seeded xorshift stream.
+/// Deterministic file content: a seeded stream.
 fn content(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+    testkit::SeededRng::new(seed).bytes(len)
 }
 
 /// Writes files `first..first+n` into `dir` and syncs; returns name → content.

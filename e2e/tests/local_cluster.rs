@@ -114,11 +114,14 @@ impl Drop for Runner {
 async fn local_runner_serves_until_sigterm_then_stops_its_control_plane() {
     let state = tempfile::tempdir().expect("state dir");
     let mut runner = Runner(
-        Command::new(env!("CARGO_BIN_EXE_blockvol-local"))
-            .arg(state.path())
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("runner spawns"),
+        // Built by `cargo test --workspace` (alone: `cargo build -p tools --bins`).
+        Command::new(
+            e2e::cluster::workspace_binary("blockvol-local").expect("blockvol-local is built"),
+        )
+        .arg(state.path())
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("runner spawns"),
     );
     let ready = state.path().join("ready");
     let deadline = Instant::now() + Duration::from_millis(READY_TIMEOUT_MS);

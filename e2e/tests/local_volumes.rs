@@ -126,17 +126,9 @@ async fn io<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'stati
     }
 }
 
-/// Deterministic content for file `name` (seeded xorshift), so a reader can recompute it.
+/// Deterministic content for file `name` (seeded), so a reader can recompute it.
 fn content(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+    testkit::SeededRng::new(seed).bytes(len)
 }
 
 /// Writes a file and a `.crc` next to it, both fsynced, and fsyncs the directory.

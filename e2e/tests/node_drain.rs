@@ -74,13 +74,7 @@ fn nbd_target(tc: &TestCluster, node: &str) -> Target {
 }
 
 async fn drain_under_load(drain_primary: bool) {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "e2e=info".into()),
-        )
-        .with_test_writer()
-        .try_init();
+    testkit::init_tracing("e2e=info,testkit=info");
     let started = Instant::now();
     let mut opts = TestClusterOptions::nodes(4);
     opts.agent = AgentOptions {

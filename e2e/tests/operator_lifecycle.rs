@@ -26,13 +26,7 @@ const CHUNK: usize = 64 << 10;
 const FLUSH_EVERY: usize = 32;
 
 async fn cluster(nodes: usize, tune: impl FnOnce(&mut TestClusterOptions)) -> TestCluster {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "e2e=info".into()),
-        )
-        .with_test_writer()
-        .try_init();
+    testkit::init_tracing("e2e=info,testkit=info");
     let mut opts = TestClusterOptions::nodes(nodes);
     tune(&mut opts);
     TestCluster::start(opts).await.expect("cluster starts")

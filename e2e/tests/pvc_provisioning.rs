@@ -12,7 +12,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use api::{BlockReplica, BlockVolume, VolumePhase};
-use common::{MIB, Task, WAIT_TIMEOUT_MS, agent, operator, wait_for};
+use common::{MIB, Task, WAIT, WAIT_TIMEOUT_MS, agent, operator};
 use csi::controller::{ControllerService, ControllerSettings as CsiSettings};
 use csi::identity::IdentityService;
 use csi::server::{Endpoint, Services};
@@ -211,13 +211,14 @@ async fn pvc_is_provisioned_attached_expanded_and_deleted_through_the_sidecars()
     .expect("create PVC");
 
     // Provisioned and bound; the BlockVolume is Ready with three replicas.
-    let pvc = wait_for("PVC bound", || async {
-        pvcs.get("data")
-            .await
-            .ok()
-            .filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Bound"))
-    })
-    .await;
+    let pvc = WAIT
+        .expect("PVC bound", || async {
+            pvcs.get("data")
+                .await
+                .ok()
+                .filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Bound"))
+        })
+        .await;
     let pv_name = pvc
         .spec
         .as_ref()
@@ -234,14 +235,15 @@ async fn pvc_is_provisioned_attached_expanded_and_deleted_through_the_sidecars()
     assert_eq!(handle.0, DRIVER);
     let vols: Api<BlockVolume> = Api::all(client.clone());
     // Bound once CreateVolume saw Ready=True; all three replicas in sync follows.
-    let bv = wait_for("BlockVolume Ready with 3 in sync", || async {
-        vols.get(&handle.1).await.ok().filter(|v| {
-            v.status
-                .as_ref()
-                .is_some_and(|s| s.phase == VolumePhase::Ready && s.in_sync_count == 3)
+    let bv = WAIT
+        .expect("BlockVolume Ready with 3 in sync", || async {
+            vols.get(&handle.1).await.ok().filter(|v| {
+                v.status
+                    .as_ref()
+                    .is_some_and(|s| s.phase == VolumePhase::Ready && s.in_sync_count == 3)
+            })
         })
-    })
-    .await;
+        .await;
     assert_eq!(bv.spec.replicas, 3);
     assert_eq!(bv.spec.size_bytes(), Ok(64 * MIB as u64));
     let replicas: Api<BlockReplica> = Api::all(client.clone());
@@ -272,20 +274,20 @@ async fn pvc_is_provisioned_attached_expanded_and_deleted_through_the_sidecars()
     )
     .await
     .expect("create VolumeAttachment");
-    wait_for("csi-attacher publishes to node-b", || async {
+    WAIT.expect("csi-attacher publishes to node-b", || async {
         vas.get("va-data")
             .await
             .ok()
             .filter(|v| v.status.as_ref().is_some_and(|s| s.attached))
     })
     .await;
-    let bv = wait_for("operator reports the attachment", || async {
-        vols.get(&handle.1)
-            .await
-            .ok()
-            .filter(|v| v.status.as_ref().and_then(|s| s.attached_to.as_deref()) == Some("node-b"))
-    })
-    .await;
+    let bv = WAIT
+        .expect("operator reports the attachment", || async {
+            vols.get(&handle.1).await.ok().filter(|v| {
+                v.status.as_ref().and_then(|s| s.attached_to.as_deref()) == Some("node-b")
+            })
+        })
+        .await;
     assert_eq!(
         bv.annotations()
             .get(api::ANNOTATION_ATTACHED_NODE)
@@ -301,7 +303,7 @@ async fn pvc_is_provisioned_attached_expanded_and_deleted_through_the_sidecars()
     )
     .await
     .expect("resize PVC");
-    wait_for("BlockVolume and PV grown to 128Mi", || async {
+    WAIT.expect("BlockVolume and PV grown to 128Mi", || async {
         let bv_grown = vols
             .get(&handle.1)
             .await
@@ -322,7 +324,7 @@ async fn pvc_is_provisioned_attached_expanded_and_deleted_through_the_sidecars()
     vas.delete("va-data", &DeleteParams::default())
         .await
         .expect("delete VolumeAttachment");
-    wait_for("csi-attacher unpublishes", || async {
+    WAIT.expect("csi-attacher unpublishes", || async {
         let va_gone = vas
             .get_opt("va-data")
             .await
@@ -339,7 +341,7 @@ async fn pvc_is_provisioned_attached_expanded_and_deleted_through_the_sidecars()
     pvcs.delete("data", &DeleteParams::default())
         .await
         .expect("delete PVC");
-    wait_for("PVC, PV and BlockVolume deleted", || async {
+    WAIT.expect("PVC, PV and BlockVolume deleted", || async {
         let pvc_gone = pvcs.get_opt("data").await.ok().is_some_and(|o| o.is_none());
         let pv_gone = pvs
             .get_opt(&pv_name)

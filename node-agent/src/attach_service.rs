@@ -1,5 +1,5 @@
 //! The agent's local gRPC service for the CSI node plugin (`blockvol.agent.v1.NodeAgent`,
-//! defined in csi/proto/agent.proto): Attach turns the volume's NBD export on this node
+//! defined in proto/proto/agent.proto): Attach turns the volume's NBD export on this node
 //! into a kernel block device through an [`Attacher`]; Expand grows an attached device
 //! to the volume's new size while it stays in use. Every call is idempotent and errors
 //! carry the gRPC codes the proto documents.
@@ -30,8 +30,8 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 
-use csi::agent_proto::node_agent_server::NodeAgent;
-use csi::agent_proto::{
+use blockvol_proto::agent::node_agent_server::NodeAgent;
+use blockvol_proto::agent::{
     AttachRequest, AttachResponse, DetachRequest, DetachResponse, ExpandRequest, ExpandResponse,
     StatsRequest, StatsResponse,
 };

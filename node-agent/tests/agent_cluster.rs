@@ -5,19 +5,14 @@
 //! Every wait is a bounded poll of a condition.
 
 use std::collections::BTreeMap;
-use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
-use std::time::Duration;
 
 use api::{BlockReplica, BlockVolume, BlockVolumeSpec, ReplicaRole, ReplicaState, VolumePhase};
-use e2e::{ControlPlane, ControlPlaneOptions};
-use k8s_openapi::api::core::v1::Namespace;
-use kube::api::{Api, ListParams, ObjectMeta, PostParams};
+use e2e::in_process::InProcessOperator;
+use kube::api::{Api, ListParams, PostParams};
 use kube::{Client, ResourceExt};
-use operator::replacement::ReplacementSettings;
-use operator::{Context, ControllerSettings, LeaderElector, LeaderSettings, Metrics};
+use testkit::{ControlPlane, ControlPlaneOptions, Task, Wait};
 
 const NS: &str = "blockvol-system";
 const WAIT_TIMEOUT_MS: u64 = 90_000;
@@ -28,31 +23,7 @@ const VOLUME_BYTES: u64 = 32 << 20;
 /// WAL entries the pattern writes make at least (64 chunks and one block).
 const WRITES: u64 = 65;
 
-async fn wait_for<T, F, Fut>(what: &str, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = tokio::time::Instant::now() + Duration::from_millis(WAIT_TIMEOUT_MS);
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out after {WAIT_TIMEOUT_MS} ms waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(POLL_MS)).await;
-    }
-}
-
-struct Task(tokio::task::JoinHandle<()>);
-
-impl Drop for Task {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
+const WAIT: Wait = Wait::millis(WAIT_TIMEOUT_MS, POLL_MS);
 
 /// One agent process; killed (SIGKILL, like a crash) and reaped when dropped. Its log
 /// is printed when the test fails.
@@ -137,69 +108,16 @@ fn spawn_agent(node: &str, root: &Path, kubeconfig: &Path, secret: &Path) -> Age
 }
 
 async fn start() -> (ControlPlane, Client) {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "operator=info".into()),
-        )
-        .with_test_writer()
-        .try_init();
-    let cp = ControlPlane::start(ControlPlaneOptions::default())
+    testkit::init_tracing("operator=info");
+    let cp = ControlPlane::start_with_crds(ControlPlaneOptions::default(), NS)
         .await
-        .expect("control plane starts");
-    cp.apply_crds(&e2e::crds_dir()).await.expect("CRDs apply");
+        .expect("control plane with the CRDs starts");
     let client = cp.client();
-    let ns = Namespace {
-        metadata: ObjectMeta {
-            name: Some(NS.into()),
-            ..Default::default()
-        },
-        ..Default::default()
-    };
-    Api::<Namespace>::all(client.clone())
-        .create(&PostParams::default(), &ns)
-        .await
-        .expect("namespace");
     (cp, client)
 }
 
 fn operator(client: &Client) -> Task {
-    let settings = ControllerSettings {
-        node_lease_namespace: NS.into(),
-        replacement: ReplacementSettings {
-            replica_failure_grace_ms: 600_000,
-            node_gone_grace_ms: 600_000,
-            max_rebuilds_per_node: 2,
-            ..ReplacementSettings::default()
-        },
-        resync_interval_ms: 1_000,
-        error_backoff_initial_ms: 100,
-        error_backoff_max_ms: 2_000,
-        deletion_poll_ms: 200,
-        concurrency: 2,
-        moves: Default::default(),
-        ..Default::default()
-    };
-    let ctx = Arc::new(Context::new(
-        client.clone(),
-        settings,
-        Arc::new(Metrics::default()),
-        Some("op-1".into()),
-    ));
-    let elector = LeaderElector::new(
-        Api::namespaced(client.clone(), NS),
-        LeaderSettings {
-            lease_name: "blockvol-operator".into(),
-            identity: "op-1".into(),
-            lease_duration_s: 3,
-            renew_interval_ms: 500,
-        },
-    );
-    Task(tokio::spawn(async move {
-        if let Err(e) = operator::run(ctx, elector, std::future::pending()).await {
-            tracing::warn!(error = %e, "operator stopped");
-        }
-    }))
+    InProcessOperator::new("op-1", NS).start(client).0
 }
 
 async fn replicas(client: &Client) -> Vec<BlockReplica> {
@@ -301,14 +219,15 @@ async fn rf3_volume_survives_killing_the_primary_agent() {
         .await
         .expect("create volume");
 
-    let v = wait_for("the RF3 volume Ready", || async {
-        volume(&client).await.filter(|v| {
-            v.status
-                .as_ref()
-                .is_some_and(|s| s.phase == VolumePhase::Ready && s.in_sync_count == 3)
+    let v = WAIT
+        .expect("the RF3 volume Ready", || async {
+            volume(&client).await.filter(|v| {
+                v.status
+                    .as_ref()
+                    .is_some_and(|s| s.phase == VolumePhase::Ready && s.in_sync_count == 3)
+            })
         })
-    })
-    .await;
+        .await;
     let st = v.status.expect("status");
     let first_primary = st.primary.clone().expect("primary");
     let first_node = st.primary_node.clone().expect("primary node");
@@ -322,39 +241,41 @@ async fn rf3_volume_survives_killing_the_primary_agent() {
     let want = expected_image();
 
     // Every replica reports the flushed data durable.
-    let head = wait_for(
-        "all three replicas flushed to the primary's head",
-        || async {
-            let rs = replicas(&client).await;
-            let primary = rs.iter().find(|r| r.name_any() == first_primary)?;
-            let head = primary.status.as_ref()?.flushed_lsn;
-            // The primary's report may predate the writes: wait for all of them.
-            let all = rs.len() == 3
-                && head >= WRITES
-                && rs
-                    .iter()
-                    .all(|r| r.status.as_ref().is_some_and(|s| s.flushed_lsn >= head));
-            all.then_some(head)
-        },
-    )
-    .await;
+    let head = WAIT
+        .expect(
+            "all three replicas flushed to the primary's head",
+            || async {
+                let rs = replicas(&client).await;
+                let primary = rs.iter().find(|r| r.name_any() == first_primary)?;
+                let head = primary.status.as_ref()?.flushed_lsn;
+                // The primary's report may predate the writes: wait for all of them.
+                let all = rs.len() == 3
+                    && head >= WRITES
+                    && rs
+                        .iter()
+                        .all(|r| r.status.as_ref().is_some_and(|s| s.flushed_lsn >= head));
+                all.then_some(head)
+            },
+        )
+        .await;
     assert!(head >= WRITES);
 
     // Crash the primary's agent.
     agents.get_mut(&first_node).expect("primary agent").kill();
-    let v = wait_for("another member promoted at epoch 2", || async {
-        volume(&client).await.filter(|v| {
-            v.status.as_ref().is_some_and(|s| {
-                s.epoch >= 2 && s.primary.as_deref().is_some_and(|p| p != first_primary)
+    let v = WAIT
+        .expect("another member promoted at epoch 2", || async {
+            volume(&client).await.filter(|v| {
+                v.status.as_ref().is_some_and(|s| {
+                    s.epoch >= 2 && s.primary.as_deref().is_some_and(|p| p != first_primary)
+                })
             })
         })
-    })
-    .await;
+        .await;
     let st = v.status.expect("status");
     let new_primary = st.primary.clone().expect("new primary");
     let new_node = st.primary_node.clone().expect("new primary node");
     assert_ne!(new_node, first_node);
-    wait_for("the new primary serving at the new epoch", || async {
+    WAIT.expect("the new primary serving at the new epoch", || async {
         let rs = replicas(&client).await;
         rs.iter()
             .find(|r| r.name_any() == new_primary)
@@ -413,7 +334,7 @@ async fn rf3_volume_survives_killing_the_primary_agent() {
         first_node.clone(),
         spawn_agent(&first_node, root.path(), cp.kubeconfig(), &secret),
     );
-    wait_for(
+    WAIT.expect(
         "the old primary rebuilt and in sync with the new primary",
         || async {
             let rs = replicas(&client).await;
@@ -434,7 +355,7 @@ async fn rf3_volume_survives_killing_the_primary_agent() {
     // The surviving replica and the rejoined one are both back in the committed set:
     // the volume counts three in-sync members and the new primary sees both peers
     // InSync and none unreachable.
-    wait_for("all three members in sync at the new epoch", || async {
+    WAIT.expect("all three members in sync at the new epoch", || async {
         let v = volume(&client).await?;
         let vs = v.status.as_ref()?;
         let rs = replicas(&client).await;

@@ -1,4 +1,4 @@
-//! The attach gRPC service (csi/proto/agent.proto) over its unix socket, with a real
+//! The attach gRPC service (proto/proto/agent.proto) over its unix socket, with a real
 //! engine primary exported over NBD and the FUSE + loop attacher: Attach gives a block
 //! device whose writes land in the volume, calls are idempotent, and the documented
 //! error codes come back; Expand grows the device only after every in-sync replica has
@@ -13,10 +13,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use api::{Durability, ReplicaRole};
+use blockvol_proto::agent::node_agent_client::NodeAgentClient;
+use blockvol_proto::agent::node_agent_server::NodeAgentServer;
+use blockvol_proto::agent::{AttachRequest, DetachRequest, ExpandRequest, StatsRequest};
 use csi::agent::unix_channel;
-use csi::agent_proto::node_agent_client::NodeAgentClient;
-use csi::agent_proto::node_agent_server::NodeAgentServer;
-use csi::agent_proto::{AttachRequest, DetachRequest, ExpandRequest, StatsRequest};
 use engine::net::{NetConfig, ReceiverServer, Transport};
 use futures::future::BoxFuture;
 use node_agent::attach::{Attacher, FuseLoopAttacher};
@@ -24,6 +24,7 @@ use node_agent::attach_service::{AttachService, MemberSizes, ShortMembers};
 use node_agent::frontend::nbd::{ExportRegistry, NbdServer, ServerConfig};
 use node_agent::replicas::{Assignment, ReplicaRuntime};
 use node_agent::replicas::{EngineRuntime, EngineSettings};
+use testkit::Task;
 use tokio_stream::wrappers::UnixListenerStream;
 
 const CALL_TIMEOUT_MS: u64 = 30_000;
@@ -67,14 +68,6 @@ impl Drop for Cleanup {
                 let _ = a.detach(&x.volume);
             }
         }
-    }
-}
-
-struct Task(tokio::task::JoinHandle<()>);
-
-impl Drop for Task {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
 

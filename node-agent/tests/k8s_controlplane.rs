@@ -3,69 +3,30 @@
 //! loop (status, finalizer, refusal of unsafe names) and deletion. Every wait is a
 //! bounded poll of a condition.
 
-use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
 
 use api::{BlockNode, BlockReplica, BlockReplicaSpec, Durability, ReplicaRole, ReplicaState};
-use e2e::{ControlPlane, ControlPlaneOptions};
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::Namespace;
-use kube::api::{Api, DeleteParams, ObjectMeta, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use kube::{Client, ResourceExt};
 use node_agent::k8s::{
     AgentContext, LeaseRenewer, LeaseSettings, NodeRegistration, ReplicaSettings, run_replicas,
 };
 use node_agent::replicas::InMemoryRuntime;
 use serde_json::json;
+use testkit::{ControlPlane, ControlPlaneOptions, Task, Wait};
 
 const NS: &str = "blockvol-system";
 const WAIT_TIMEOUT_MS: u64 = 60_000;
 const POLL_MS: u64 = 100;
 
-async fn wait_for<T, F, Fut>(what: &str, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = tokio::time::Instant::now() + Duration::from_millis(WAIT_TIMEOUT_MS);
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out after {WAIT_TIMEOUT_MS} ms waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(POLL_MS)).await;
-    }
-}
-
-struct Task(tokio::task::JoinHandle<()>);
-
-impl Drop for Task {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
+const WAIT: Wait = Wait::millis(WAIT_TIMEOUT_MS, POLL_MS);
 
 async fn start() -> (ControlPlane, Client) {
-    let cp = ControlPlane::start(ControlPlaneOptions::default())
+    let cp = ControlPlane::start_with_crds(ControlPlaneOptions::default(), NS)
         .await
-        .expect("control plane starts");
-    cp.apply_crds(&e2e::crds_dir()).await.expect("CRDs apply");
+        .expect("control plane with the CRDs starts");
     let client = cp.client();
-    let ns = Namespace {
-        metadata: ObjectMeta {
-            name: Some(NS.into()),
-            ..Default::default()
-        },
-        ..Default::default()
-    };
-    Api::<Namespace>::all(client.clone())
-        .create(&PostParams::default(), &ns)
-        .await
-        .expect("namespace");
     (cp, client)
 }
 
@@ -152,16 +113,17 @@ async fn agent_registers_renews_runs_and_deletes_replicas() {
     let r2 = renewer.clone();
     let _lease = Task(tokio::spawn(async move { r2.run().await }));
     let leases: Api<Lease> = Api::namespaced(client.clone(), NS);
-    let first = wait_for("lease created", || async {
-        leases
-            .get_opt("n1")
-            .await
-            .ok()
-            .flatten()
-            .and_then(|l| l.spec?.renew_time)
-    })
-    .await;
-    wait_for("lease renewed", || async {
+    let first = WAIT
+        .expect("lease created", || async {
+            leases
+                .get_opt("n1")
+                .await
+                .ok()
+                .flatten()
+                .and_then(|l| l.spec?.renew_time)
+        })
+        .await;
+    WAIT.expect("lease renewed", || async {
         let t = leases
             .get_opt("n1")
             .await
@@ -208,14 +170,15 @@ async fn agent_registers_renews_runs_and_deletes_replicas() {
         replica("vol1-other", "vol1", "n2", ReplicaRole::Replica, 1),
     )
     .await;
-    let r = wait_for("status reported", || async {
-        let r = replicas.get("vol1-r1").await.ok()?;
-        r.status
-            .as_ref()
-            .filter(|s| s.state == ReplicaState::Serving && s.epoch == 1)
-            .map(|_| r.clone())
-    })
-    .await;
+    let r = WAIT
+        .expect("status reported", || async {
+            let r = replicas.get("vol1-r1").await.ok()?;
+            r.status
+                .as_ref()
+                .filter(|s| s.state == ReplicaState::Serving && s.epoch == 1)
+                .map(|_| r.clone())
+        })
+        .await;
     assert!(r.finalizers().iter().any(|f| f == api::FINALIZER_REPLICA));
     let st = r.status.unwrap();
     assert_eq!(
@@ -241,7 +204,7 @@ async fn agent_registers_renews_runs_and_deletes_replicas() {
         replica("vol1-r1", "vol1", "n1", ReplicaRole::Replica, 2),
     )
     .await;
-    wait_for("epoch 2 applied and reported", || async {
+    WAIT.expect("epoch 2 applied and reported", || async {
         let s = replicas.get("vol1-r1").await.ok()?.status?;
         (s.epoch == 2 && s.role == Some(ReplicaRole::Replica) && s.state == ReplicaState::InSync)
             .then_some(())
@@ -254,15 +217,16 @@ async fn agent_registers_renews_runs_and_deletes_replicas() {
         replica("evil", "../../etc", "n1", ReplicaRole::Replica, 1),
     )
     .await;
-    let st = wait_for("unsafe replica refused", || async {
-        replicas
-            .get("evil")
-            .await
-            .ok()?
-            .status
-            .filter(|s| s.state == ReplicaState::Failed)
-    })
-    .await;
+    let st = WAIT
+        .expect("unsafe replica refused", || async {
+            replicas
+                .get("evil")
+                .await
+                .ok()?
+                .status
+                .filter(|s| s.state == ReplicaState::Failed)
+        })
+        .await;
     let msg = st.last_error.unwrap_or_default();
     assert!(
         msg.contains("spec.volume") && msg.contains("../../etc"),
@@ -283,7 +247,7 @@ async fn agent_registers_renews_runs_and_deletes_replicas() {
         .delete("evil", &DeleteParams::default())
         .await
         .unwrap();
-    wait_for("replicas gone", || async {
+    WAIT.expect("replicas gone", || async {
         let a = replicas.get_opt("vol1-r1").await.ok()?;
         let b = replicas.get_opt("evil").await.ok()?;
         (a.is_none() && b.is_none()).then_some(())

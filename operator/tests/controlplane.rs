@@ -4,25 +4,20 @@
 //! election through the API only. Every wait is a bounded poll of a condition.
 
 use std::collections::BTreeMap;
-use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
 
 use api::{
-    BlockNode, BlockNodeSpec, BlockNodeStatus, BlockReplica, BlockReplicaStatus, BlockVolume,
-    BlockVolumeSpec, PeerStatus, ReplicaRole, ReplicaState, VolumePhase,
+    BlockReplica, BlockReplicaStatus, BlockVolume, BlockVolumeSpec, PeerStatus, ReplicaRole,
+    ReplicaState, VolumePhase,
 };
-use e2e::{ControlPlane, ControlPlaneOptions};
-use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
-use k8s_openapi::api::core::v1::Namespace;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
-use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
+use e2e::in_process::{InProcessOperator, test_settings};
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
-use operator::replacement::ReplacementSettings;
-use operator::{Context, ControllerSettings, LeaderElector, LeaderSettings, Metrics};
+use operator::{Context, ControllerSettings, Metrics};
 use serde_json::json;
-use tokio::task::JoinHandle;
+use testkit::agent::FakeAgent;
+use testkit::{ControlPlane, ControlPlaneOptions, Task, Wait};
 
 const NS: &str = "blockvol-system";
 /// Longest any single expectation may take.
@@ -30,144 +25,38 @@ const WAIT_TIMEOUT_MS: u64 = 60_000;
 const POLL_MS: u64 = 100;
 /// Node agent Lease duration the simulated agents use.
 const NODE_LEASE_S: i32 = 2;
+/// How often the simulated agents renew their Leases.
+const LEASE_RENEW_MS: u64 = 300;
 const MI: u64 = 1 << 20;
 
-async fn wait_for<T, F, Fut>(what: &str, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = tokio::time::Instant::now() + Duration::from_millis(WAIT_TIMEOUT_MS);
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out after {WAIT_TIMEOUT_MS} ms waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(POLL_MS)).await;
-    }
-}
-
-/// Aborts its task when dropped, so a failing test leaves nothing running.
-struct Task(JoinHandle<()>);
-
-impl Drop for Task {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
+const WAIT: Wait = Wait::millis(WAIT_TIMEOUT_MS, POLL_MS);
 
 async fn start() -> (ControlPlane, Client) {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "operator=info".into()),
-        )
-        .with_test_writer()
-        .try_init();
-    let cp = ControlPlane::start(ControlPlaneOptions::default())
+    testkit::init_tracing("operator=info");
+    let cp = ControlPlane::start_with_crds(ControlPlaneOptions::default(), NS)
         .await
-        .expect("control plane starts");
-    cp.apply_crds(&e2e::crds_dir()).await.expect("CRDs apply");
+        .expect("control plane with the CRDs starts");
     let client = cp.client();
-    let ns = Namespace {
-        metadata: ObjectMeta {
-            name: Some(NS.into()),
-            ..Default::default()
-        },
-        ..Default::default()
-    };
-    Api::<Namespace>::all(client.clone())
-        .create(&PostParams::default(), &ns)
-        .await
-        .expect("namespace");
     (cp, client)
 }
 
 /// A simulated node agent: a registered BlockNode and a Lease renewed until dropped.
 async fn agent(client: &Client, name: &str, zone: &str) -> Task {
-    let nodes: Api<BlockNode> = Api::all(client.clone());
-    let mut topology = BTreeMap::new();
-    topology.insert("topology.kubernetes.io/zone".to_string(), zone.to_string());
-    let node = BlockNode::new(
-        name,
-        BlockNodeSpec {
-            node_name: name.into(),
-            data_address: format!("10.1.0.{}:7400", name.trim_start_matches('n')),
-            data_dir: "/var/lib/blockvol".into(),
-            topology,
-            ..Default::default()
-        },
-    );
-    nodes
-        .create(&PostParams::default(), &node)
+    FakeAgent::new(name, NS)
+        .data_address(format!("10.1.0.{}:7400", name.trim_start_matches('n')))
+        .zone(zone)
+        .lease(NODE_LEASE_S, LEASE_RENEW_MS)
+        .start(client)
         .await
-        .expect("BlockNode");
-    let status = BlockNodeStatus {
-        capacity_bytes: 1 << 34,
-        allocatable_bytes: 1 << 34,
-        ..Default::default()
-    };
-    nodes
-        .patch_status(
-            name,
-            &PatchParams::apply(api::FIELD_MANAGER_AGENT).force(),
-            &Patch::Apply(json!({"apiVersion": "blockvol.io/v1alpha1", "kind": "BlockNode", "status": status})),
-        )
-        .await
-        .expect("BlockNode status");
-    let leases: Api<Lease> = Api::namespaced(client.clone(), NS);
-    let name = name.to_string();
-    Task(tokio::spawn(async move {
-        loop {
-            let lease = Lease {
-                metadata: ObjectMeta {
-                    name: Some(name.clone()),
-                    ..Default::default()
-                },
-                spec: Some(LeaseSpec {
-                    holder_identity: Some(name.clone()),
-                    lease_duration_seconds: Some(NODE_LEASE_S),
-                    renew_time: Some(MicroTime(Timestamp::now())),
-                    ..Default::default()
-                }),
-            };
-            let _ = leases
-                .patch(
-                    &name,
-                    &PatchParams::apply("test-agent").force(),
-                    &Patch::Apply(&lease),
-                )
-                .await;
-            tokio::time::sleep(Duration::from_millis(300)).await;
-        }
-    }))
 }
 
 fn settings() -> ControllerSettings {
-    ControllerSettings {
-        node_lease_namespace: NS.into(),
-        replacement: ReplacementSettings {
-            replica_failure_grace_ms: 600_000,
-            node_gone_grace_ms: 600_000,
-            max_rebuilds_per_node: 2,
-            ..ReplacementSettings::default()
-        },
-        resync_interval_ms: 1_000,
-        error_backoff_initial_ms: 100,
-        error_backoff_max_ms: 2_000,
-        deletion_poll_ms: 200,
-        concurrency: 2,
-        moves: Default::default(),
-        ..Default::default()
-    }
+    test_settings(NS)
 }
 
 /// An operator running in this process, stopped (Lease kept, like a crash) when dropped.
 fn operator(client: &Client, identity: &str) -> (Task, Arc<Metrics>) {
-    operator_with(client, identity, settings())
+    InProcessOperator::new(identity, NS).start(client)
 }
 
 fn operator_with(
@@ -175,29 +64,9 @@ fn operator_with(
     identity: &str,
     settings: ControllerSettings,
 ) -> (Task, Arc<Metrics>) {
-    let metrics = Arc::new(Metrics::default());
-    let ctx = Arc::new(Context::new(
-        client.clone(),
-        settings,
-        metrics.clone(),
-        Some(identity.into()),
-    ));
-    let elector = LeaderElector::new(
-        Api::namespaced(client.clone(), NS),
-        LeaderSettings {
-            lease_name: "blockvol-operator".into(),
-            identity: identity.into(),
-            lease_duration_s: 3,
-            renew_interval_ms: 500,
-        },
-    );
-    let task = tokio::spawn(async move {
-        let r = operator::run(ctx, elector, std::future::pending()).await;
-        if let Err(e) = r {
-            tracing::warn!(error = %e, "operator stopped");
-        }
-    });
-    (Task(task), metrics)
+    InProcessOperator::new(identity, NS)
+        .settings(settings)
+        .start(client)
 }
 
 async fn replicas_of(client: &Client, volume: &str) -> Vec<BlockReplica> {
@@ -229,18 +98,9 @@ async fn report(client: &Client, replica: &str, status: &BlockReplicaStatus) {
 }
 
 fn healthy(r: &BlockReplica, flushed: u64) -> BlockReplicaStatus {
-    let primary = r.spec.role == ReplicaRole::Primary;
     BlockReplicaStatus {
-        state: if primary {
-            ReplicaState::Serving
-        } else {
-            ReplicaState::InSync
-        },
-        role: Some(r.spec.role),
-        epoch: r.spec.epoch,
         flushed_lsn: flushed,
-        size_bytes: Some(r.spec.size_bytes),
-        ..Default::default()
+        ..testkit::agent::healthy(r)
     }
 }
 
@@ -261,7 +121,7 @@ async fn events_with_reason(client: &Client, reason: &str) -> usize {
 /// Events after that reconcile's status write, so a test that has just seen the status
 /// must wait for them rather than list once.
 async fn event_published(client: &Client, reason: &str) {
-    wait_for(&format!("an Event with reason {reason}"), || async {
+    WAIT.expect(&format!("an Event with reason {reason}"), || async {
         (events_with_reason(client, reason).await >= 1).then_some(())
     })
     .await
@@ -284,11 +144,12 @@ async fn volume_lifecycle_placement_in_sync_promotion_expansion_deletion() {
     .expect("create volume");
 
     // Placement: three replicas on three distinct nodes, one primary, epoch 1.
-    let placed = wait_for("3 replicas placed", || async {
-        let rs = replicas_of(&client, "vol1").await;
-        (rs.len() == 3).then_some(rs)
-    })
-    .await;
+    let placed = WAIT
+        .expect("3 replicas placed", || async {
+            let rs = replicas_of(&client, "vol1").await;
+            (rs.len() == 3).then_some(rs)
+        })
+        .await;
     let nodes: std::collections::BTreeSet<_> = placed.iter().map(|r| r.spec.node.clone()).collect();
     assert_eq!(nodes.len(), 3, "distinct nodes");
     assert_eq!(
@@ -313,14 +174,15 @@ async fn volume_lifecycle_placement_in_sync_promotion_expansion_deletion() {
     for r in &placed {
         report(&client, &r.name_any(), &healthy(r, 10)).await;
     }
-    let v = wait_for("volume Ready", || async {
-        volume(&client, "vol1").await.filter(|v| {
-            v.status
-                .as_ref()
-                .is_some_and(|s| s.phase == VolumePhase::Ready)
+    let v = WAIT
+        .expect("volume Ready", || async {
+            volume(&client, "vol1").await.filter(|v| {
+                v.status
+                    .as_ref()
+                    .is_some_and(|s| s.phase == VolumePhase::Ready)
+            })
         })
-    })
-    .await;
+        .await;
     let st = v.status.clone().unwrap();
     assert_eq!(
         (st.in_sync_count, st.in_sync_set_generation, st.epoch),
@@ -347,14 +209,15 @@ async fn volume_lifecycle_placement_in_sync_promotion_expansion_deletion() {
     .expect("wipe status");
     assert!(volume(&client, "vol1").await.unwrap().status.is_none());
     let (_op, metrics) = operator(&client, "op-b");
-    let v = wait_for("status recovered by the new operator", || async {
-        volume(&client, "vol1").await.filter(|v| {
-            v.status
-                .as_ref()
-                .is_some_and(|s| s.phase == VolumePhase::Ready)
+    let v = WAIT
+        .expect("status recovered by the new operator", || async {
+            volume(&client, "vol1").await.filter(|v| {
+                v.status
+                    .as_ref()
+                    .is_some_and(|s| s.phase == VolumePhase::Ready)
+            })
         })
-    })
-    .await;
+        .await;
     let st = v.status.unwrap();
     assert_eq!(
         (st.epoch, st.in_sync_set_generation, st.in_sync_count),
@@ -393,14 +256,15 @@ async fn volume_lifecycle_placement_in_sync_promotion_expansion_deletion() {
     let mut pst = healthy(&primary, 10);
     pst.unreachable = vec![dropped.clone()];
     report(&client, &primary.name_any(), &pst).await;
-    let v = wait_for("set without the unreachable member", || async {
-        volume(&client, "vol1").await.filter(|v| {
-            v.status
-                .as_ref()
-                .is_some_and(|s| s.in_sync_set_generation == 2)
+    let v = WAIT
+        .expect("set without the unreachable member", || async {
+            volume(&client, "vol1").await.filter(|v| {
+                v.status
+                    .as_ref()
+                    .is_some_and(|s| s.in_sync_set_generation == 2)
+            })
         })
-    })
-    .await;
+        .await;
     let st = v.status.unwrap();
     assert_eq!(st.in_sync_set.len(), 2);
     assert!(!st.in_sync_set.contains(&dropped));
@@ -427,7 +291,7 @@ async fn volume_lifecycle_placement_in_sync_promotion_expansion_deletion() {
         })
         .collect();
     report(&client, &primary.name_any(), &pst).await;
-    wait_for("member added back", || async {
+    WAIT.expect("member added back", || async {
         volume(&client, "vol1").await.filter(|v| {
             v.status
                 .as_ref()
@@ -440,7 +304,7 @@ async fn volume_lifecycle_placement_in_sync_promotion_expansion_deletion() {
     let (low, high) = (&others[0], &others[1]);
     report(&client, &low.name_any(), &healthy(low, 15)).await;
     report(&client, &high.name_any(), &healthy(high, 20)).await;
-    wait_for("flushed LSNs visible in the volume status", || async {
+    WAIT.expect("flushed LSNs visible in the volume status", || async {
         volume(&client, "vol1").await.filter(|v| {
             v.status.as_ref().is_some_and(|s| {
                 s.replicas
@@ -456,12 +320,13 @@ async fn volume_lifecycle_placement_in_sync_promotion_expansion_deletion() {
         "no promotion while the lease is current"
     );
     drop(agents.remove(&primary.spec.node));
-    let v = wait_for("promotion after the primary's lease expired", || async {
-        volume(&client, "vol1")
-            .await
-            .filter(|v| v.status.as_ref().is_some_and(|s| s.epoch == 2))
-    })
-    .await;
+    let v = WAIT
+        .expect("promotion after the primary's lease expired", || async {
+            volume(&client, "vol1")
+                .await
+                .filter(|v| v.status.as_ref().is_some_and(|s| s.epoch == 2))
+        })
+        .await;
     let st = v.status.unwrap();
     assert_eq!(
         st.primary.as_deref(),
@@ -472,7 +337,14 @@ async fn volume_lifecycle_placement_in_sync_promotion_expansion_deletion() {
         !st.in_sync_set.contains(&primary.name_any()),
         "deposed primary leaves the set"
     );
-    let rs = replicas_of(&client, "vol1").await;
+    // A promotion stores its claim in the volume status first and writes the replica
+    // specs after it (operator::controller::perform), so the specs follow shortly.
+    let rs = WAIT
+        .expect("every replica assigned the new epoch", || async {
+            let rs = replicas_of(&client, "vol1").await;
+            (!rs.is_empty() && rs.iter().all(|r| r.spec.epoch == 2)).then_some(rs)
+        })
+        .await;
     for r in &rs {
         assert_eq!(r.spec.epoch, 2, "{} carries the new epoch", r.name_any());
         let want = if r.name_any() == high.name_any() {
@@ -492,7 +364,7 @@ async fn volume_lifecycle_placement_in_sync_promotion_expansion_deletion() {
     )
     .await
     .expect("expand");
-    wait_for("every replica expanded", || async {
+    WAIT.expect("every replica expanded", || async {
         let rs = replicas_of(&client, "vol1").await;
         (rs.len() == 3 && rs.iter().all(|r| r.spec.size_bytes == 128 * MI)).then_some(())
     })
@@ -509,7 +381,7 @@ async fn volume_lifecycle_placement_in_sync_promotion_expansion_deletion() {
     vols.delete("vol1", &DeleteParams::default())
         .await
         .expect("delete");
-    wait_for("deletion waits for detach", || async {
+    WAIT.expect("deletion waits for detach", || async {
         volume(&client, "vol1").await.filter(|v| {
             v.status.as_ref().is_some_and(|s| {
                 s.conditions
@@ -531,7 +403,7 @@ async fn volume_lifecycle_placement_in_sync_promotion_expansion_deletion() {
     )
     .await
     .unwrap();
-    wait_for("volume and replicas gone", || async {
+    WAIT.expect("volume and replicas gone", || async {
         let gone = volume(&client, "vol1").await.is_none()
             && replicas_of(&client, "vol1").await.is_empty();
         gone.then_some(())
@@ -557,14 +429,15 @@ async fn too_few_nodes_reports_insufficient_nodes_then_places_when_one_joins() {
         )
         .await
         .unwrap();
-    let v = wait_for("Pending with InsufficientNodes", || async {
-        volume(&client, "vol2").await.filter(|v| {
-            v.status
-                .as_ref()
-                .is_some_and(|s| s.phase == VolumePhase::Pending)
+    let v = WAIT
+        .expect("Pending with InsufficientNodes", || async {
+            volume(&client, "vol2").await.filter(|v| {
+                v.status
+                    .as_ref()
+                    .is_some_and(|s| s.phase == VolumePhase::Pending)
+            })
         })
-    })
-    .await;
+        .await;
     let ready = v
         .status
         .unwrap()
@@ -580,7 +453,7 @@ async fn too_few_nodes_reports_insufficient_nodes_then_places_when_one_joins() {
     );
     assert!(replicas_of(&client, "vol2").await.is_empty());
     let _a3 = agent(&client, "n3", "z3").await;
-    wait_for("placed once a third node joins", || async {
+    WAIT.expect("placed once a third node joins", || async {
         (replicas_of(&client, "vol2").await.len() == 3).then_some(())
     })
     .await;
@@ -592,21 +465,22 @@ async fn two_operators_one_leader_and_failover_of_leadership() {
     let (op_a, m_a) = operator(&client, "op-a");
     let (op_b, m_b) = operator(&client, "op-b");
     let leases: Api<Lease> = Api::namespaced(client.clone(), NS);
-    let holder = wait_for("a leader", || async {
-        leases
-            .get_opt("blockvol-operator")
-            .await
-            .ok()
-            .flatten()
-            .and_then(|l| l.spec.and_then(|s| s.holder_identity))
-    })
-    .await;
+    let holder = WAIT
+        .expect("a leader", || async {
+            leases
+                .get_opt("blockvol-operator")
+                .await
+                .ok()
+                .flatten()
+                .and_then(|l| l.spec.and_then(|s| s.holder_identity))
+        })
+        .await;
     let leading = |m: &Metrics| {
         m.render()
             .lines()
             .any(|l| l == "blockvol_operator_leader 1")
     };
-    wait_for("the holder reports leading", || async {
+    WAIT.expect("the holder reports leading", || async {
         let (a, b) = (leading(&m_a), leading(&m_b));
         (a != b).then_some(())
     })
@@ -620,7 +494,7 @@ async fn two_operators_one_leader_and_failover_of_leadership() {
         drop(op_b);
         ("op-a", m_a, op_a)
     };
-    wait_for("the other operator takes over", || async {
+    WAIT.expect("the other operator takes over", || async {
         let h = leases
             .get_opt("blockvol-operator")
             .await
@@ -650,11 +524,12 @@ async fn replica_needing_rebuild_is_replaced_on_another_node_and_rejoins() {
         )
         .await
         .unwrap();
-    let placed = wait_for("3 replicas placed", || async {
-        let rs = replicas_of(&client, "vol3").await;
-        (rs.len() == 3).then_some(rs)
-    })
-    .await;
+    let placed = WAIT
+        .expect("3 replicas placed", || async {
+            let rs = replicas_of(&client, "vol3").await;
+            (rs.len() == 3).then_some(rs)
+        })
+        .await;
     // A fourth node joins only now, so it is the only place for a replacement.
     _agents.push(agent(&client, "n4", "z4").await);
     for r in &placed {
@@ -677,13 +552,14 @@ async fn replica_needing_rebuild_is_replaced_on_another_node_and_rejoins() {
     bst.state = ReplicaState::NeedsRebuild;
     report(&client, &bad.name_any(), &bst).await;
 
-    let new = wait_for("replacement on the fourth node", || async {
-        let rs = replicas_of(&client, "vol3").await;
-        let gone = !rs.iter().any(|r| r.name_any() == bad.name_any());
-        let new = rs.into_iter().find(|r| r.spec.node == "n4")?;
-        gone.then_some(new)
-    })
-    .await;
+    let new = WAIT
+        .expect("replacement on the fourth node", || async {
+            let rs = replicas_of(&client, "vol3").await;
+            let gone = !rs.iter().any(|r| r.name_any() == bad.name_any());
+            let new = rs.into_iter().find(|r| r.spec.node == "n4")?;
+            gone.then_some(new)
+        })
+        .await;
     assert_eq!(new.spec.epoch, 1);
     let p = Api::<BlockReplica>::all(client.clone())
         .get(&primary.name_any())
@@ -715,7 +591,7 @@ async fn replica_needing_rebuild_is_replaced_on_another_node_and_rejoins() {
         })
         .collect();
     report(&client, &primary.name_any(), &pst).await;
-    wait_for(
+    WAIT.expect(
         "rebuilt replica in the set and the volume Ready",
         || async {
             volume(&client, "vol3").await.filter(|v| {
@@ -738,7 +614,7 @@ async fn promotion_planned(
     name: &str,
     epoch: u64,
 ) -> operator::controller::Prepared {
-    wait_for(
+    WAIT.expect(
         &format!("a plan promoting {name} to epoch {epoch}"),
         || async {
             let p = operator::controller::prepare(ctx, name).await.ok()??;
@@ -770,15 +646,16 @@ async fn two_reconciles_racing_to_promote_never_assign_two_primaries_at_one_epoc
         )
         .await
         .expect("create volume");
-    let placed = wait_for("3 replicas placed", || async {
-        let rs = replicas_of(&client, "race").await;
-        (rs.len() == 3).then_some(rs)
-    })
-    .await;
+    let placed = WAIT
+        .expect("3 replicas placed", || async {
+            let rs = replicas_of(&client, "race").await;
+            (rs.len() == 3).then_some(rs)
+        })
+        .await;
     for r in &placed {
         report(&client, &r.name_any(), &healthy(r, 10)).await;
     }
-    wait_for("volume Ready with 3 in sync", || async {
+    WAIT.expect("volume Ready with 3 in sync", || async {
         volume(&client, "race").await.filter(|v| {
             v.status
                 .as_ref()

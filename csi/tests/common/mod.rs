@@ -11,11 +11,11 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use csi::agent_proto::node_agent_server::{NodeAgent, NodeAgentServer};
 use csi::agent_proto::*;
 use csi::names::volume_name_for;
+use testkit::Wait;
 use tokio::sync::{Notify, oneshot};
 use tonic::{Request, Response, Status};
 
@@ -315,14 +315,8 @@ pub fn serve_csi(services: csi::server::Services, socket: &Path) -> Served {
 
 /// Waits (bounded) until a unix socket accepts connections.
 pub async fn wait_for_socket(path: &Path) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while tokio::net::UnixStream::connect(path).await.is_err() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{} never accepted connections",
-            path.display()
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
+    if let Err(e) = Wait::millis(10_000, 10).socket(path).await {
+        panic!("{e}");
     }
 }
 

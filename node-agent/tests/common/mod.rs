@@ -111,18 +111,9 @@ pub fn run_ok(program: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// Deterministic pseudo-random bytes (xorshift64*), so failures reproduce from the seed.
+/// Deterministic pseudo-random bytes, so failures reproduce from the seed.
 pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        out.extend_from_slice(&x.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes());
-    }
-    out.truncate(len);
-    out
+    testkit::SeededRng::new(seed).bytes(len)
 }
 
 /// Polls `done` until it is true or `timeout` passes; returns whether it became true.

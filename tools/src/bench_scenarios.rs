@@ -23,11 +23,11 @@ use crate::bench::{
     self, EXT4_JOBS, Ext4Rows, FailoverRows, FailoverTrial, FioResult, Profile, RebuildRows,
     RebuildRun, Sample,
 };
-use crate::checker::{CheckerConfig, Ledger, NbdClient, Target, make_block, verify_ledger};
-use crate::cluster::{TestCluster, wait_for};
-use crate::devices::{AttachmentGuard, run};
 use crate::error::{Error, Result};
-use crate::faults::SeededRng;
+use e2e::checker::{CheckerConfig, Ledger, NbdClient, Target, make_block, verify_ledger};
+use e2e::cluster::{TestCluster, wait_for};
+use e2e::devices::{AttachmentGuard, run};
+use testkit::SeededRng;
 
 /// Bound on a volume becoming Ready with every replica in sync.
 pub const VOLUME_READY_TIMEOUT: Duration = Duration::from_secs(300);
@@ -100,7 +100,7 @@ pub async fn ready_primary(
     replicas: u32,
     min_epoch: u64,
 ) -> Result<(String, u64)> {
-    wait_for(
+    Ok(wait_for(
         &format!("{volume} Ready with {replicas} in sync and its primary serving"),
         VOLUME_READY_TIMEOUT,
         || async {
@@ -120,7 +120,7 @@ pub async fn ready_primary(
             Some((s.primary_node?, s.epoch))
         },
     )
-    .await
+    .await?)
 }
 
 /// Deletes `volume` and waits until the object is gone (its agents then delete the
@@ -134,7 +134,8 @@ async fn delete_volume(cluster: &TestCluster, volume: &str) -> Result<()> {
         VOLUME_READY_TIMEOUT,
         || async { cluster.volume(volume).await.is_none().then_some(()) },
     )
-    .await
+    .await?;
+    Ok(())
 }
 
 /// Settings of the ext4 rows.
@@ -209,7 +210,8 @@ impl Drop for LocalExt4 {
 fn mount_at(device: &str, dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir)
         .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
-    run("mount", &[device, &dir.display().to_string()]).map(|_| ())
+    run("mount", &[device, &dir.display().to_string()])?;
+    Ok(())
 }
 
 fn psync_args(file: &Path, size_mib: u64) -> Vec<String> {
@@ -441,7 +443,7 @@ pub async fn ensure_writer_node(cluster: &mut TestCluster) -> Result<()> {
         .create_node(WRITER_NODE, &BTreeMap::new())
         .await?;
     cluster.add_agent(WRITER_NODE)?;
-    cluster.wait_registered(VOLUME_READY_TIMEOUT).await
+    Ok(cluster.wait_registered(VOLUME_READY_TIMEOUT).await?)
 }
 
 /// One connection writing checker blocks (see `checker`), each write followed by a

@@ -9,7 +9,7 @@ use std::net::{Ipv4Addr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::{Node, NodeCondition, NodeStatus, ServiceAccount};
+use k8s_openapi::api::core::v1::{Namespace, Node, NodeCondition, NodeStatus, ServiceAccount};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
@@ -126,6 +126,27 @@ impl ControlPlane {
                 other => return other,
             }
         }
+    }
+
+    /// [`ControlPlane::start`], then blockvol's CRDs applied and `namespace` created:
+    /// where a test of the operator or an agent against a real API server begins.
+    pub async fn start_with_crds(
+        opts: ControlPlaneOptions,
+        namespace: &str,
+    ) -> Result<ControlPlane> {
+        let cp = ControlPlane::start(opts).await?;
+        cp.apply_crds(&crate::crds_dir()).await?;
+        let ns = Namespace {
+            metadata: ObjectMeta {
+                name: Some(namespace.into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        Api::<Namespace>::all(cp.client())
+            .create(&PostParams::default(), &ns)
+            .await?;
+        Ok(cp)
     }
 
     async fn start_once(opts: &ControlPlaneOptions) -> Result<ControlPlane> {

@@ -11,7 +11,7 @@ use std::os::unix::process::CommandExt;
 use crate::error::{Error, Result};
 
 /// How many trailing log lines an error or a failing test shows.
-pub(crate) const LOG_TAIL_LINES: usize = 40;
+pub const LOG_TAIL_LINES: usize = 40;
 
 pub(crate) struct Daemon {
     name: &'static str,

@@ -6,7 +6,7 @@
 //! ratios and the agents' CPU time per I/O. Further rows (`--rows`): fio on ext4 through
 //! an attached RF3 device against ext4 on a local loop device, failover time under a
 //! lost-write checker, replica rebuild rate against the disk, and optionally a CPU
-//! profile of the agents (`e2e::bench_scenarios`).
+//! profile of the agents (`tools::bench_scenarios`).
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -15,10 +15,10 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use api::{BlockVolume, BlockVolumeSpec, Durability, VolumePhase};
 use clap::{Parser, ValueEnum};
-use e2e::bench::{self, FioResult, Machine, PATTERNS, Pattern, Report, RunSettings, Sample};
-use e2e::bench_scenarios::{self as scenarios, Ext4Settings, ProfileSettings, RebuildSettings};
 use e2e::cluster::{TestCluster, TestClusterOptions, free_port, wait_for};
 use kube::api::{Api, PostParams};
+use tools::bench::{self, FioResult, Machine, PATTERNS, Pattern, Report, RunSettings, Sample};
+use tools::bench_scenarios::{self as scenarios, Ext4Settings, ProfileSettings, RebuildSettings};
 
 /// Every target, in the order a repetition starts with.
 const TARGETS: &[&str] = &[
@@ -29,7 +29,7 @@ const TARGETS: &[&str] = &[
     "rf3-sync",
     "rf3-async",
 ];
-/// Row groups: the fio matrix over the targets, then the rows of `e2e::bench_scenarios`.
+/// Row groups: the fio matrix over the targets, then the rows of `tools::bench_scenarios`.
 const ROWS: &[&str] = &["fio", "ext4", "failover", "rebuild"];
 /// WAL retention budget of the agents of the scenario rows: the rebuild rows wait for
 /// the primary to give a dead replica up, so the budget bounds their set-up time.
@@ -665,7 +665,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
 /// socket path limit (checked before anything runs).
 fn check_work_dir(work_dir: &Path) -> anyhow::Result<()> {
     // The cluster directory's name, the node, the attach directory of the longest
-    // volume name and the socket (see `e2e::bench_scenarios`).
+    // volume name and the socket (see `tools::bench_scenarios`).
     let longest = work_dir.join(format!(
         "blockvol-cluster-XXXXXX/{}/data/attach/bench-failover/proxy.sock",
         scenarios::WRITER_NODE
