@@ -719,7 +719,9 @@ fn serve_attach(
     let incoming = bind_unix(&settings.agent_socket)?;
     tasks.push(tokio::spawn(async move {
         let r = tonic::transport::Server::builder()
-            .add_service(blockvol_proto::agent::node_agent_server::NodeAgentServer::from_arc(service))
+            .add_service(
+                blockvol_proto::agent::node_agent_server::NodeAgentServer::from_arc(service),
+            )
             .serve_with_incoming(incoming)
             .await;
         if let Err(e) = r {
