@@ -13,8 +13,8 @@ pub mod volume;
 pub use node::{BlockNode, BlockNodeSpec, BlockNodeStatus, EvacuationStatus};
 pub use quantity::{QuantityError, parse_quantity_bytes};
 pub use replica::{
-    BlockReplica, BlockReplicaSpec, BlockReplicaStatus, PeerAssignment, PeerStatus, ReplicaRole,
-    ReplicaState,
+    BlockReplica, BlockReplicaSpec, BlockReplicaStatus, PeerAssignment, PeerStatus, RebuildStatus,
+    ReplicaRole, ReplicaState,
 };
 pub use volume::{
     BlockVolume, BlockVolumeSpec, BlockVolumeStatus, DataLocality, Durability, MovePhase,

@@ -24,6 +24,7 @@ use crate::volume::Durability;
     printcolumn = r#"{"name":"State","type":"string","jsonPath":".status.state"}"#,
     printcolumn = r#"{"name":"Epoch","type":"integer","jsonPath":".spec.epoch"}"#,
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Rebuild","type":"integer","description":"Percent of the rebuild's base copied","jsonPath":".status.rebuild.percent"}"#,
     printcolumn = r#"{"name":"Acting","type":"string","jsonPath":".status.role","priority":1}"#,
     printcolumn = r#"{"name":"Flushed","type":"integer","jsonPath":".status.flushedLsn","priority":1}"#,
     printcolumn = r#"{"name":"Error","type":"string","jsonPath":".status.lastError","priority":1}"#,
@@ -141,6 +142,22 @@ pub struct BlockReplicaStatus {
     pub conditions: Vec<Condition>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+    /// While this replica is being rebuilt: how far the copy of the primary's base image
+    /// is (absent otherwise, and while the WAL tail after the base is replayed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rebuild: Option<RebuildStatus>,
+}
+
+/// Progress of a replica's rebuild, as its receiver counts the base blocks installed.
+/// Only blocks the primary holds data for are copied, so `bytesTotal` is the primary's
+/// allocated size, not the volume size.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RebuildStatus {
+    pub bytes_total: u64,
+    pub bytes_done: u64,
+    /// `bytesDone` in whole percent of `bytesTotal` (100 when there is nothing to copy).
+    pub percent: u8,
 }
 
 /// Condition types a `BlockReplica` reports (set by its node agent). Each condition's

@@ -192,7 +192,9 @@ fn default_columns_show_attachment_and_wide_ones_the_details() {
         .collect();
     assert_eq!(
         default,
-        ["Volume", "Node", "Role", "State", "Epoch", "Ready", "Age"]
+        [
+            "Volume", "Node", "Role", "State", "Epoch", "Ready", "Rebuild", "Age"
+        ]
     );
     for crd in [
         bv,

@@ -210,6 +210,7 @@ pub fn render(d: &Described<'_>) -> String {
         "LAG",
         "IN-SET",
         "REPLICA",
+        "REBUILD",
     ]);
     let mut replicas: Vec<&BlockReplica> = d.replicas.iter().collect();
     replicas.sort_by(|a, b| {
@@ -233,6 +234,9 @@ pub fn render(d: &Described<'_>) -> String {
             }
             .into(),
             r.spec.replica_id.clone(),
+            s.rebuild
+                .as_ref()
+                .map_or_else(|| "-".to_string(), |p| format!("{}%", p.percent)),
         ]);
         if let Some(e) = &s.last_error {
             errors.push(format!("  {} on {}: {e}\n", r.spec.replica_id, r.spec.node));
@@ -360,6 +364,11 @@ mod tests {
             40,
         );
         failed.status.as_mut().unwrap().last_error = Some("disk full".into());
+        failed.status.as_mut().unwrap().rebuild = Some(api::RebuildStatus {
+            bytes_total: 4 << 20,
+            bytes_done: 1 << 20,
+            percent: 25,
+        });
         let replicas = vec![snap.replicas[1].clone(), failed, snap.replicas[0].clone()];
         let events = vec![Event {
             metadata: ObjectMeta::default(),
@@ -412,6 +421,9 @@ mod tests {
             rows[2][..7],
             ["node-3", "Replica", "Rebuilding", "3", "40", "80", "no"]
         );
+        // Rebuild progress is the last column, shown only for the replica being rebuilt.
+        assert_eq!(rows[2].last(), Some(&"25%"));
+        assert_eq!(rows[0].last(), Some(&"-"));
         // One line of what to do per unhealthy condition, none for the healthy ones.
         let todo: Vec<&str> = text
             .lines()

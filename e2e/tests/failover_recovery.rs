@@ -386,8 +386,8 @@ async fn failover_member_back_within_the_retention_budget_is_caught_up_not_rebui
 }
 
 /// The same failover with a retention time budget shorter than the time the member is
-/// away, for comparison: the returning member is rebuilt (the whole volume is sent),
-/// the surviving one still is not. A measurement, run on demand:
+/// away, for comparison: the returning member is rebuilt (the blocks the new primary
+/// holds data for are sent, not the whole volume), the surviving one still is not. A measurement, run on demand:
 /// `cargo test -p e2e --test failover_recovery -- --ignored --nocapture`.
 #[ignore = "measurement for docs/benchmarks.md; the rebuild path is covered by chaos.rs"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -396,8 +396,14 @@ async fn measure_failover_member_back_beyond_the_retention_budget_is_rebuilt() {
     let m = failover_and_restart(&[format!("--wal-retention-timeout-ms={BUDGET_MS}")]).await;
     let (_, rebuild) = m.returning.expect("the returning member was recovered");
     assert!(
-        rebuild >= VOLUME_BYTES,
-        "the member away longer than the budget was rebuilt: {rebuild} bytes"
+        rebuild > 0,
+        "the member away longer than the budget was not rebuilt"
+    );
+    // The writer touched a small part of the volume; a rebuild skips what was never
+    // written.
+    assert!(
+        rebuild < VOLUME_BYTES / 4,
+        "the rebuild sent {rebuild} bytes of a {VOLUME_BYTES}-byte volume"
     );
     assert_eq!(m.surviving.1, 0, "the surviving member was rebuilt");
 }

@@ -42,6 +42,52 @@ fn conformance(disk: &dyn Disk) {
         disk.write_zeroes(32 * 1024 - 10, 20).is_err(),
         "zeroes past end"
     );
+    // next_data: every byte it does not report reads as zeros, and it reports every
+    // byte written (a disk that cannot tell reports everything).
+    let len = disk.len().unwrap();
+    let mut all = vec![1u8; len as usize];
+    disk.read_at(&mut all, 0).unwrap();
+    let mut reported = vec![false; len as usize];
+    let mut at = 0;
+    while let Some((a, b)) = disk.next_data(at, len).unwrap() {
+        assert!(
+            at <= a && a < b && b <= len,
+            "run {a}..{b} outside {at}..{len}"
+        );
+        reported[a as usize..b as usize].fill(true);
+        at = b;
+    }
+    for (i, (&byte, &data)) in all.iter().zip(&reported).enumerate() {
+        assert!(
+            data || byte == 0,
+            "byte {i} holds {byte} but lies in no data run"
+        );
+    }
+    assert_eq!(disk.next_data(len, len).unwrap(), None);
+}
+
+#[test]
+fn file_disk_reports_only_written_regions_as_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = FileDisk::create(&dir.path().join("sparse.img")).unwrap();
+    disk.set_len(1 << 20).unwrap();
+    assert_eq!(
+        disk.next_data(0, 1 << 20).unwrap(),
+        None,
+        "a new file is a hole"
+    );
+    disk.write_at(&[9u8; 4096], 256 * 1024).unwrap();
+    let (a, b) = disk
+        .next_data(0, 1 << 20)
+        .unwrap()
+        .expect("the written block");
+    assert!(a <= 256 * 1024 && b >= 260 * 1024, "run {a}..{b}");
+    assert!(
+        b - a < 512 * 1024,
+        "a run of {} bytes for one written block",
+        b - a
+    );
+    assert_eq!(disk.next_data(b, 1 << 20).unwrap(), None);
 }
 
 #[test]

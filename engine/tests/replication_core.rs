@@ -888,6 +888,7 @@ fn rebuild_installs_the_base_before_the_tail_so_newer_wal_wins() {
         base_epoch: Epoch(1),
         target: Lsn(11),
         primary: None,
+        base_bytes: Some(16),
     });
     // Entries before the base is complete are refused, never mixed under the base.
     let early = engine::replication::WalEntry {
@@ -899,18 +900,27 @@ fn rebuild_installs_the_base_before_the_tail_so_newer_wal_wins() {
         data: vec![0xAA; 8],
     };
     assert!(!errors(&rx.send(Body::Entry(early.clone()))).is_empty());
+    let mut done = 0;
     for (lba, byte) in [(3, 0x11), (4, 0x22)] {
         rx.send(Body::BaseBlock {
             session: 4,
             lba: Lba(lba),
             data: vec![byte; 8],
         });
+        // The progress the replica reports counts the announced base bytes installed.
+        done += 8;
+        let p = rx
+            .core
+            .rebuild_progress()
+            .expect("progress during the base copy");
+        assert_eq!((p.bytes_done, p.bytes_total), (done, 16));
     }
     rx.send(Body::BaseDone {
         session: 4,
         blocks: 2,
     });
     assert!(!rx.log.rebuilding());
+    assert_eq!(rx.core.rebuild_progress(), None);
     assert_eq!(rx.log.durable_lsn(), Lsn(10));
     rx.send(Body::Entry(early));
     let s = rx.log.state_at(Lsn(11));
@@ -927,6 +937,7 @@ fn base_done_with_a_missing_block_fails_the_rebuild() {
         base_epoch: Epoch(1),
         target: Lsn(10),
         primary: None,
+        base_bytes: None,
     });
     rx.send(Body::BaseBlock {
         session: 4,
@@ -953,6 +964,7 @@ fn interrupted_rebuild_answers_handshake_with_needs_rebuild() {
         base_epoch: Epoch(1),
         target: Lsn(11),
         primary: None,
+        base_bytes: None,
     });
     let out = rx.send_on(
         2,

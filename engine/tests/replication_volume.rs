@@ -7,7 +7,7 @@ use engine::replication::{
     BaseKind, Epoch, Generation, Input, Lsn, MemLog, PrimaryConfig, ReplicaLog, ReplicaState,
     Report, VolumeLog,
 };
-use engine::{CreateOptions, EntryKind, Lba, SimDisk, Volume, VolumeConfig, WalEntry};
+use engine::{CreateOptions, EntryKind, FileDisk, Lba, SimDisk, Volume, VolumeConfig, WalEntry};
 
 mod common;
 
@@ -152,15 +152,19 @@ impl std::ops::DerefMut for VolumeCluster {
 impl VolumeCluster {
     /// A primary and `n` replicas on fresh volumes; the replicas are the committed set.
     fn new(n: usize, cfg: PrimaryConfig) -> Self {
-        let pvol = new_volume("primary");
+        let replicas = (0..n).map(|i| new_volume(&format!("r{i}"))).collect();
+        Self::on_volumes(new_volume("primary"), replicas, cfg)
+    }
+
+    /// A primary on `pvol` and one replica on each of `replicas` (the committed set).
+    fn on_volumes(pvol: Arc<Volume>, replicas: Vec<Arc<Volume>>, cfg: PrimaryConfig) -> Self {
+        let n = replicas.len();
         let appended = Arc::new(Mutex::new(Vec::new()));
         let sink = appended.clone();
         pvol.set_append_observer(Some(Arc::new(move |e: &WalEntry| {
             sink.lock().unwrap().push(e.clone());
         })));
-        let logs = (0..n)
-            .map(|i| VolumeLog::new(new_volume(&format!("r{i}"))))
-            .collect();
+        let logs = replicas.into_iter().map(VolumeLog::new).collect();
         let members: Vec<String> = (0..n).map(|i| format!("r{i}")).collect();
         let members: Vec<&str> = members.iter().map(String::as_str).collect();
         let net = Cluster::on_logs(VolumeLog::new(pvol.clone()), logs, cfg, &members);
@@ -274,6 +278,76 @@ fn volume_replica_is_rebuilt_after_its_wal_was_released() {
         c.reports
             .iter()
             .any(|r| matches!(r, Report::MemberInSync { .. }))
+    );
+}
+
+/// A volume of `blocks` blocks in a file under `dir` (a sparse file: the extent holds
+/// data only where something was written).
+fn file_volume(dir: &std::path::Path, name: &str, blocks: u64) -> Arc<Volume> {
+    let opts = CreateOptions {
+        size_bytes: blocks * BS as u64,
+        ..small_volume()
+    };
+    let cfg = VolumeConfig {
+        flush_interval_ms: 5,
+        ..VolumeConfig::default()
+    };
+    let disk = FileDisk::create(&dir.join(name)).unwrap();
+    Arc::new(Volume::create(Box::new(disk), opts, cfg).unwrap())
+}
+
+#[test]
+fn rebuild_ships_only_written_blocks_and_zeroes_the_rest_of_a_stale_replica() {
+    const BLOCKS: u64 = 1024;
+    let dir = tempfile::tempdir().unwrap();
+    let pvol = file_volume(dir.path(), "primary", BLOCKS);
+    let rvol = file_volume(dir.path(), "r0", BLOCKS);
+    let c0 = PrimaryConfig {
+        wal_retention_bytes_max: 64 * 1024,
+        ..cfg()
+    };
+    let mut c = VolumeCluster::on_volumes(pvol, vec![rvol.clone()], c0);
+    c.tick(1);
+    c.write(0, 1);
+    c.cut(0);
+    // One block in every 16 written on the primary while the replica is away.
+    for i in 0..BLOCKS / 16 {
+        c.write(i * 16, 100 + (i % 100) as u8);
+    }
+    // The replica meanwhile holds data of its own everywhere (a stale, diverged copy).
+    for lba in 0..BLOCKS {
+        rvol.write(Lba(lba), &vec![0xEE; BS]).unwrap();
+    }
+    rvol.flush().unwrap();
+    rvol.checkpoint().unwrap();
+    c.tick(5);
+    assert_eq!(c.state("r0"), ReplicaState::NeedsRebuild);
+    c.pvol.flush().unwrap();
+    c.pvol.checkpoint().unwrap();
+    c.input(Input::InSyncSetCommitted {
+        generation: Generation(2),
+        members: vec![rid("p")],
+    });
+    c.replicas[0].reachable = true;
+    c.input(Input::RebuildRequested(rid("r0")));
+    for _ in 0..20 {
+        c.tick(20);
+    }
+    assert_eq!(c.state("r0"), ReplicaState::InSync);
+    // Block by block identical, the unwritten ones zeros on both.
+    let (mut a, mut b) = (vec![0u8; BS], vec![0u8; BS]);
+    for lba in 0..BLOCKS {
+        c.pvol.read(Lba(lba), &mut a).unwrap();
+        rvol.read(Lba(lba), &mut b).unwrap();
+        assert!(a == b, "replica differs from the primary at LBA {lba}");
+    }
+    // About 1/16 of the volume crossed the wire, not all of it.
+    let written = BLOCKS / 16 * BS as u64;
+    let sent = c.primary.recovery_bytes()[&rid("r0")].rebuild;
+    assert!(
+        (written..written + written / 4).contains(&sent),
+        "rebuild sent {sent} bytes for {written} written of {}",
+        BLOCKS * BS as u64
     );
 }
 

@@ -97,6 +97,7 @@ fn all_messages() -> Vec<Message> {
             base_epoch: Epoch(4),
             target: Lsn(100),
             primary: None,
+            base_bytes: None,
         }),
         vm(Body::RebuildStart {
             session: 3,
@@ -104,6 +105,23 @@ fn all_messages() -> Vec<Message> {
             base_epoch: Epoch(4),
             target: Lsn(100),
             primary: Some(ReplicaId::new("pvc-1234-r2").unwrap()),
+            base_bytes: None,
+        }),
+        vm(Body::RebuildStart {
+            session: 3,
+            base_lsn: Lsn(40),
+            base_epoch: Epoch(4),
+            target: Lsn(100),
+            primary: Some(ReplicaId::new("pvc-1234-r2").unwrap()),
+            base_bytes: Some(64 << 20),
+        }),
+        vm(Body::RebuildStart {
+            session: 3,
+            base_lsn: Lsn(40),
+            base_epoch: Epoch(4),
+            target: Lsn(100),
+            primary: None,
+            base_bytes: Some(0),
         }),
         vm(Body::BaseBlock {
             session: 3,
@@ -634,4 +652,38 @@ fn long_error_detail_is_cut_to_the_bound_and_still_decodes() {
         }) => assert!(detail.len() <= engine::replication::wire::ERROR_DETAIL_BYTES_MAX),
         other => panic!("unexpected {other:?}"),
     }
+}
+
+#[test]
+fn sparse_rebuild_start_has_a_type_of_its_own_so_older_replicas_refuse_it() {
+    let start = |primary: Option<ReplicaId>, base_bytes: Option<u64>| {
+        encode_frame(&vm(Body::RebuildStart {
+            session: 3,
+            base_lsn: Lsn(40),
+            base_epoch: Epoch(4),
+            target: Lsn(100),
+            primary,
+            base_bytes,
+        }))
+    };
+    let named = || Some(ReplicaId::new("pvc-1234-r2").unwrap());
+    // The frame type byte follows magic and version. Full-image rebuilds keep the types
+    // every build understands; a base that skips unwritten blocks uses a new one, which
+    // a replica that would keep stale data in those blocks cannot decode.
+    assert_eq!(start(None, None)[5], 0x17);
+    assert_eq!(start(named(), None)[5], 0x1d);
+    assert_eq!(start(None, Some(4096))[5], 0x1e);
+    assert_eq!(start(named(), Some(4096))[5], 0x1e);
+
+    // The presence byte before the primary's ID is 0 or 1, nothing else.
+    let good = start(None, Some(4096));
+    let mut payload = good[FRAME_HEADER_BYTES..good.len() - 4].to_vec();
+    *payload.last_mut().unwrap() = 2;
+    assert!(matches!(
+        decode_frame(&reframe(0x1e, &payload), &WireConfig::default()),
+        Err(WireError::InvalidField {
+            field: "rebuild.has_primary",
+            ..
+        })
+    ));
 }

@@ -249,6 +249,7 @@ fn replica_gauges(r: &mut Registry, samples: &[ReplicaSample]) {
     let peer_state = Family::<PeerStateLabels, Gauge>::default();
     let peer_catch_up = Family::<PeerLabels, Counter>::default();
     let peer_rebuild = Family::<PeerLabels, Counter>::default();
+    let peer_rebuild_remaining = Family::<PeerLabels, Gauge>::default();
     for s in samples {
         let st = &s.status;
         let l = VolumeLabels {
@@ -289,6 +290,16 @@ fn replica_gauges(r: &mut Registry, samples: &[ReplicaSample]) {
             };
             peer_catch_up.get_or_create(&pl).inc_by(bytes.catch_up);
             peer_rebuild.get_or_create(&pl).inc_by(bytes.rebuild);
+        }
+        for (peer, progress) in &s.peer_rebuild_progress {
+            let pl = PeerLabels {
+                volume: l.volume.clone(),
+                replica: l.replica.clone(),
+                peer: peer.clone(),
+            };
+            peer_rebuild_remaining
+                .get_or_create(&pl)
+                .set(gauge_i64(progress.remaining()));
         }
         for p in &st.peers {
             let pl = PeerLabels {
@@ -379,6 +390,11 @@ fn replica_gauges(r: &mut Registry, samples: &[ReplicaSample]) {
         "Bytes of base blocks and WAL entries the local primary sent the peer to rebuild it",
         peer_rebuild,
     );
+    r.register(
+        "peer_rebuild_remaining_bytes",
+        "Base bytes the local primary still has to send the peer it is rebuilding (only blocks holding data are sent; absent when no rebuild runs)",
+        peer_rebuild_remaining,
+    );
 }
 
 #[cfg(test)]
@@ -432,6 +448,14 @@ mod tests {
                 },
             )]
             .into(),
+            peer_rebuild_progress: [(
+                "v-r2".to_string(),
+                engine::replication::RebuildProgress {
+                    bytes_done: 1 << 20,
+                    bytes_total: 4 << 20,
+                },
+            )]
+            .into(),
         }];
         let mut r = Registry::with_prefix(METRIC_PREFIX);
         replica_gauges(&mut r, &samples);
@@ -451,6 +475,8 @@ mod tests {
             // A peer never recovered has its counters at zero.
             r#"blockvol_agent_peer_catch_up_bytes_total{volume="v",replica="v-r0",peer="v-r2"} 0"#.into(),
             r#"blockvol_agent_peer_rebuild_bytes_total{volume="v",replica="v-r0",peer="v-r2"} 0"#.into(),
+            // The peer being rebuilt has 3 of its 4 MiB of base still to come.
+            r#"blockvol_agent_peer_rebuild_remaining_bytes{volume="v",replica="v-r0",peer="v-r2"} 3145728"#.into(),
         ] {
             assert!(text.lines().any(|t| t == line), "missing {line}\n{text}");
         }

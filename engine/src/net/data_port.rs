@@ -21,13 +21,13 @@ use super::framing::{NetError, spawn_writer};
 use super::lock;
 use crate::forward::fence::{ForwardConn, ForwardFences, ForwardSource};
 use crate::forward::protocol::{FORWARD_IN_FLIGHT_MAX, ForwardHandler, ForwardOutcome};
-use crate::replication::ConnId;
 use crate::replication::receiver::{
     ReceiverAction, ReceiverConfig, ReceiverCore, ReceiverInput, step_blocking,
 };
 use crate::replication::types::{Epoch, VolumeId};
 use crate::replication::volume_log::VolumeLog;
 use crate::replication::wire::{Body, ErrorCode, ForwardMsg, ForwardStatus, Message, VolumeMsg};
+use crate::replication::{ConnId, RebuildProgress};
 use crate::storage::volume::Volume;
 
 /// How long `ReceiverServer::shutdown` waits for connection tasks to finish.
@@ -50,6 +50,9 @@ struct ServerShared {
     cfg: NetConfig,
     start: Instant,
     volumes: Mutex<HashMap<VolumeId, Arc<Mutex<Hosted>>>>,
+    /// Each hosted volume's rebuild progress after its last step, readable without
+    /// waiting for a core busy on the disk.
+    rebuilds: Mutex<HashMap<VolumeId, RebuildProgress>>,
     conns: Mutex<HashMap<ConnId, ConnEntry>>,
     next_conn: AtomicU64,
     rejected: Mutex<VecDeque<String>>,
@@ -163,17 +166,24 @@ impl ServerShared {
             },
             _ => false,
         };
-        let actions = if inline {
-            let Hosted { core, log, .. } = &mut *h;
-            step_blocking(core, now, input, log)
+        let step = |h: &mut Hosted| {
+            let Hosted { core, log, .. } = h;
+            let actions = step_blocking(core, now, input, log);
+            (actions, core.volume().clone(), core.rebuild_progress())
+        };
+        let (actions, volume, progress) = if inline {
+            step(&mut h)
         } else {
             drop(h);
-            tokio::task::block_in_place(|| {
-                let mut h = lock(hosted);
-                let Hosted { core, log, .. } = &mut *h;
-                step_blocking(core, now, input, log)
-            })
+            tokio::task::block_in_place(|| step(&mut lock(hosted)))
         };
+        {
+            let mut rebuilds = lock(&self.rebuilds);
+            match progress {
+                Some(p) => rebuilds.insert(volume, p),
+                None => rebuilds.remove(&volume),
+            };
+        }
         self.route(actions);
     }
 }
@@ -195,6 +205,7 @@ impl ReceiverServer {
             cfg,
             start: Instant::now(),
             volumes: Mutex::new(HashMap::new()),
+            rebuilds: Mutex::new(HashMap::new()),
             conns: Mutex::new(HashMap::new()),
             next_conn: AtomicU64::new(0),
             rejected: Mutex::new(VecDeque::new()),
@@ -247,6 +258,7 @@ impl ReceiverServer {
     /// that arrive later are answered like those for any unknown volume (`UnknownVolume`,
     /// connection kept). Returns whether it was hosted.
     pub fn unhost(&self, id: &VolumeId) -> bool {
+        lock(&self.shared.rebuilds).remove(id);
         lock(&self.shared.volumes).remove(id).is_some()
     }
 
@@ -280,6 +292,15 @@ impl ReceiverServer {
             Err(std::sync::TryLockError::WouldBlock) => return None,
         };
         h.core.failed().map(str::to_string)
+    }
+
+    /// How far the base copy of a rebuild of volume `id` is, as of the last message
+    /// handled (see `ReceiverCore::rebuild_progress`).
+    pub fn rebuild_progress(&self, id: &VolumeId) -> Option<RebuildProgress> {
+        if !lock(&self.shared.volumes).contains_key(id) {
+            return None;
+        }
+        lock(&self.shared.rebuilds).get(id).copied()
     }
 
     /// Reasons connections were closed for (most recent last).

@@ -20,7 +20,7 @@ use tokio::task::JoinHandle;
 use super::config::NetConfig;
 use super::link::{Inbox, SharedLink, Transport};
 use crate::replication::ConnId;
-use crate::replication::plan::RecoveryEvent;
+use crate::replication::plan::{RebuildProgress, RecoveryEvent};
 use crate::replication::primary::{
     Action, FlushId, Input, Peer, PrimaryConfig, PrimaryCore, RecoveryBytes, ReplicaState, Report,
 };
@@ -49,6 +49,8 @@ pub struct PrimarySnapshot {
     pub reports: Vec<Report>,
     /// Bytes each replica was sent by catch-ups and rebuilds since this primary started.
     pub recovery_bytes: BTreeMap<ReplicaId, RecoveryBytes>,
+    /// Base-copy progress of each replica being rebuilt.
+    pub rebuild_progress: BTreeMap<ReplicaId, RebuildProgress>,
 }
 
 /// Lets a flush skip the driver while the gate needs only the local fsync (no peers):
@@ -371,6 +373,7 @@ impl Driver {
                     events: self.events.iter().cloned().collect(),
                     reports: self.reports.iter().cloned().collect(),
                     recovery_bytes: self.core.recovery_bytes().clone(),
+                    rebuild_progress: self.core.rebuild_progress(),
                     ..PrimarySnapshot::default()
                 };
                 for (id, st, fl) in self.core.replicas() {

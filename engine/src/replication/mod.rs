@@ -14,8 +14,8 @@ pub mod volume_log;
 pub mod wire;
 
 pub use plan::{
-    EventKind, HandshakeReply, Outcome, RecoveryEvent, RecoveryPlan, RetainedHistory,
-    classify_handshake,
+    EventKind, HandshakeReply, Outcome, RebuildProgress, RecoveryEvent, RecoveryPlan,
+    RetainedHistory, classify_handshake,
 };
 pub use primary::{
     Action, Durability, FlushId, Input, Peer, PrimaryConfig, PrimaryCore, RecoveryBytes,

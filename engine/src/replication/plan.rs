@@ -495,6 +495,26 @@ impl CatchUpExec {
     }
 }
 
+/// How far a rebuild's base copy is, in bytes of base blocks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RebuildProgress {
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+}
+
+impl RebuildProgress {
+    pub fn remaining(&self) -> u64 {
+        self.bytes_total.saturating_sub(self.bytes_done)
+    }
+    /// Whole percent done (100 when there is nothing to copy).
+    pub fn percent(&self) -> u8 {
+        if self.bytes_total == 0 {
+            return 100;
+        }
+        (self.bytes_done.min(self.bytes_total) * 100 / self.bytes_total) as u8
+    }
+}
+
 /// Executes a rebuild plan: RebuildStart, base blocks, BaseDone, then the WAL tail
 /// (base_lsn, target]; a barrier after every step paces it and proves progress.
 #[derive(Debug)]
@@ -505,6 +525,9 @@ pub struct RebuildExec {
     started: bool,
     base_cursor: Option<u64>,
     base_blocks_sent: u64,
+    /// Bytes of base blocks to ship (known once the transfer started) and shipped.
+    base_bytes_total: u64,
+    base_bytes_sent: u64,
     tail_next: Lsn,
     done_sent: bool,
     started_ms: u64,
@@ -526,6 +549,8 @@ impl RebuildExec {
             started: false,
             base_cursor: Some(0),
             base_blocks_sent: 0,
+            base_bytes_total: 0,
+            base_bytes_sent: 0,
             done_sent: false,
             started_ms: now_ms,
             last_progress_ms: now_ms,
@@ -545,6 +570,7 @@ impl RebuildExec {
         self.started = false;
         self.base_cursor = Some(0);
         self.base_blocks_sent = 0;
+        self.base_bytes_sent = 0;
         self.tail_next = self.base.base_lsn.next();
         self.done_sent = false;
         self.last_progress_ms = now_ms;
@@ -561,6 +587,7 @@ impl RebuildExec {
         let session = self.plan.session;
         let mut out = Vec::new();
         if !self.started {
+            self.base_bytes_total = log.base_bytes(&self.base)?;
             self.started = true;
             out.push(Body::RebuildStart {
                 session,
@@ -569,11 +596,14 @@ impl RebuildExec {
                 target: self.target,
                 // Stamped with the primary's ReplicaID when the core sends it.
                 primary: None,
+                // The base skips blocks never written; the replica zeroes them.
+                base_bytes: Some(self.base_bytes_total),
             });
         }
         if let Some(cursor) = self.base_cursor {
             let (blocks, next) = log.read_base(&self.base, cursor, blocks_max.max(1))?;
             self.base_blocks_sent += blocks.len() as u64;
+            self.base_bytes_sent += blocks.iter().map(|(_, d)| d.len() as u64).sum::<u64>();
             for (lba, data) in blocks {
                 out.push(Body::BaseBlock { session, lba, data });
             }
@@ -608,6 +638,14 @@ impl RebuildExec {
             out,
             Lsn(self.tail_next.0.saturating_sub(1)).max(self.base.base_lsn),
         ))
+    }
+    /// Base bytes shipped so far and in all (0 of 0 until the transfer started; a
+    /// reconnect starts the count over, as the replica starts the base over).
+    pub fn progress(&self) -> RebuildProgress {
+        RebuildProgress {
+            bytes_done: self.base_bytes_sent,
+            bytes_total: self.base_bytes_total.max(self.base_bytes_sent),
+        }
     }
     /// Base installed and the tail up to the target sent.
     pub fn finished(&self) -> bool {

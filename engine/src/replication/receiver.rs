@@ -26,6 +26,7 @@
 use std::collections::BTreeMap;
 
 use super::ConnId;
+use super::plan::RebuildProgress;
 use super::storage::{AppendOutcome, ReplicaLog};
 use super::types::{Epoch, Lba, Lsn, ReplicaId, VolumeId, WalEntry};
 use super::wire::{BarrierStatus, Body, ErrorCode, ResumeStatus, VolumeMsg};
@@ -146,6 +147,10 @@ struct RebuildRecv {
     base_lsn: Lsn,
     base_epoch: Epoch,
     blocks: u64,
+    /// Base bytes the primary announced (None: a primary that does not announce them)
+    /// and bytes installed so far.
+    bytes_total: Option<u64>,
+    bytes_done: u64,
 }
 
 /// The session's owner at `session_epoch` and the connections it was accepted on.
@@ -168,7 +173,7 @@ pub struct ReceiverCore {
     /// Which primary owns the session and on which connections (boxed: rarely touched,
     /// and it keeps the core small).
     binding: Box<Binding>,
-    rebuild: Option<RebuildRecv>,
+    rebuild: Option<Box<RebuildRecv>>,
     pending: Vec<PendingBarrier>,
     /// The sync in flight: the head it was issued at. Barriers at or below it are
     /// answered when it is done (lowered by a truncation, which removes what it covered).
@@ -333,6 +338,7 @@ impl ReceiverCore {
                 session,
                 base_lsn,
                 base_epoch,
+                base_bytes,
                 ..
             } => {
                 let rebuild = RebuildRecv {
@@ -340,6 +346,8 @@ impl ReceiverCore {
                     base_lsn,
                     base_epoch,
                     blocks: 0,
+                    bytes_total: base_bytes,
+                    bytes_done: 0,
                 };
                 self.on_rebuild_start(conn, epoch, rebuild, log, out)
             }
@@ -599,6 +607,22 @@ impl ReceiverCore {
         }
     }
 
+    /// The volume this core receives for.
+    pub fn volume(&self) -> &VolumeId {
+        &self.volume
+    }
+
+    /// How far the base copy of the rebuild in progress is, when its primary announced
+    /// the base's size; `None` outside a rebuild's base copy.
+    pub fn rebuild_progress(&self) -> Option<RebuildProgress> {
+        let rb = self.rebuild.as_ref()?;
+        let total = rb.bytes_total?;
+        Some(RebuildProgress {
+            bytes_done: rb.bytes_done,
+            bytes_total: total.max(rb.bytes_done),
+        })
+    }
+
     /// The rebuild handshake: the log starts over from a base the primary streams.
     fn on_rebuild_start(
         &mut self,
@@ -618,7 +642,7 @@ impl ReceiverCore {
         self.session_epoch = Some(epoch);
         self.flushed_reported = Lsn(0);
         self.syncing = self.syncing.map(|_| Lsn(0));
-        self.rebuild = Some(rebuild);
+        self.rebuild = Some(Box::new(rebuild));
     }
 
     /// One block of the rebuild's base, accepted only inside that rebuild's session.
@@ -643,6 +667,7 @@ impl ReceiverCore {
             return;
         };
         rb.blocks += 1;
+        rb.bytes_done += data.len() as u64;
         if let Err(e) = log.install_base_block(lba, data) {
             self.rebuild = None;
             let code = match e {

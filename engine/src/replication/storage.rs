@@ -76,6 +76,9 @@ pub trait ReplicaLog {
     fn pin_base(&mut self, kind: BaseKind) -> Result<BasePin>;
     /// Reads base blocks from `cursor`; returns the blocks and the next cursor (None = done).
     fn read_base(&self, pin: &BasePin, cursor: u64, max: usize) -> Result<BaseChunk>;
+    /// Bytes of the blocks `read_base` will return for `pin` in total (blocks that
+    /// read as zeros because nothing was ever written there are not shipped).
+    fn base_bytes(&self, pin: &BasePin) -> Result<u64>;
     fn release_base(&mut self, pin: &BasePin);
     /// Discards all content and starts a rebuild; appends are refused until it finishes
     /// and a crash leaves an empty log marked as rebuilding.
@@ -553,6 +556,13 @@ impl ReplicaLog for MemLog {
                 None
             },
         ))
+    }
+    fn base_bytes(&self, pin: &BasePin) -> Result<u64> {
+        let (_, blocks) = self
+            .pins
+            .get(&pin.id)
+            .ok_or(Error::UnknownBasePin(pin.id))?;
+        Ok(blocks.iter().map(|(_, d)| d.len() as u64).sum())
     }
     fn release_base(&mut self, pin: &BasePin) {
         self.pins.remove(&pin.id);

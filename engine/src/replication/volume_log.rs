@@ -168,15 +168,33 @@ impl ReplicaLog for VolumeLog {
             .get(&pin.id)
             .ok_or(Error::UnknownBasePin(pin.id))?;
         let bs = self.vol.block_size() as usize;
-        let total = self.block_count();
-        let end = cursor.saturating_add(max as u64).min(total);
-        let mut out = Vec::with_capacity(end.saturating_sub(cursor) as usize);
-        for lba in cursor..end {
-            let mut buf = vec![0u8; bs];
-            img.read(Lba(lba), &mut buf).map_err(map)?;
-            out.push((Lba(lba), buf));
+        let total = Lba(self.block_count());
+        let max = max.max(1);
+        let mut out = Vec::with_capacity(max.min(4096));
+        let mut at = Lba(cursor);
+        // Only the runs the extent holds data for: the replica cleared its extent when
+        // the rebuild started, so every block skipped reads as zeros there too.
+        while out.len() < max {
+            let Some((start, stop)) = img.next_allocated(at, total).map_err(map)? else {
+                return Ok((out, None));
+            };
+            let stop = Lba(stop.0.min(start.0 + (max - out.len()) as u64));
+            let mut buf = vec![0u8; (stop.0 - start.0) as usize * bs];
+            img.read(start, &mut buf).map_err(map)?;
+            for (k, chunk) in buf.chunks_exact(bs).enumerate() {
+                out.push((Lba(start.0 + k as u64), chunk.to_vec()));
+            }
+            at = stop;
         }
-        Ok((out, (end < total).then_some(end)))
+        // More may follow; the next call finds out.
+        Ok((out, (at < total).then_some(at.0)))
+    }
+    fn base_bytes(&self, pin: &BasePin) -> Result<u64> {
+        let img = self
+            .pins
+            .get(&pin.id)
+            .ok_or(Error::UnknownBasePin(pin.id))?;
+        img.allocated_bytes().map_err(map)
     }
     fn release_base(&mut self, pin: &BasePin) {
         self.pins.remove(&pin.id);

@@ -11,6 +11,10 @@
 //! (error code 8), `BeyondSize` (9) and `SessionOwned` (10) are such additions, and so are
 //! `RESUME_REQ_FROM` and `REBUILD_START_FROM`: the handshakes followed by the primary's
 //! ReplicaID. Frames of the older handshake types still decode (identity None).
+//! `REBUILD_START_SPARSE` is such an addition too: a rebuild whose base skips the blocks
+//! never written, which only a replica that zeroes its extent first may accept; an
+//! older replica refuses the frame, so that rebuild waits until the replica is upgraded
+//! instead of leaving stale blocks behind.
 //! `FORWARD_REQ_ATTACHED` is `FORWARD_REQ` followed by the forwarder's attachment
 //! generation (u64); a request without one is still sent and decoded as `FORWARD_REQ`.
 
@@ -169,13 +173,17 @@ pub enum Body {
         last: Lsn,
     },
     /// Start of a rebuild: the replica discards its content and takes a base at `base_lsn`.
-    /// `primary` as in `ResumeRequest`.
+    /// `primary` as in `ResumeRequest`. `base_bytes`, when set, says the base ships only
+    /// the blocks the primary's extent holds data for, this many bytes in all: every
+    /// block not sent must read as zeros on the replica (sent as `REBUILD_START_SPARSE`,
+    /// which a replica built before it refuses, so it is never left with stale blocks).
     RebuildStart {
         session: u64,
         base_lsn: Lsn,
         base_epoch: Epoch,
         target: Lsn,
         primary: Option<ReplicaId>,
+        base_bytes: Option<u64>,
     },
     /// One base block (skipped by the replica if a live WAL entry already wrote that LBA).
     BaseBlock {
@@ -368,6 +376,9 @@ mod ty {
     pub const RESUME_REQ_FROM: u8 = 0x1c;
     /// REBUILD_START followed by the primary's ReplicaID.
     pub const REBUILD_START_FROM: u8 = 0x1d;
+    /// REBUILD_START followed by the base's byte count and, after a presence byte, the
+    /// primary's ReplicaID: a base of only the allocated blocks.
+    pub const REBUILD_START_SPARSE: u8 = 0x1e;
     pub const ERROR: u8 = 0x1f;
     pub const FORWARD_REQ: u8 = 0x30;
     pub const FORWARD_REPLY: u8 = 0x31;
@@ -500,6 +511,10 @@ fn type_of(msg: &Message) -> u8 {
             Body::ResumeResponse { .. } => ty::RESUME_RESP,
             Body::Truncate { .. } => ty::TRUNCATE,
             Body::CatchUpDone { .. } => ty::CATCHUP_DONE,
+            Body::RebuildStart {
+                base_bytes: Some(_),
+                ..
+            } => ty::REBUILD_START_SPARSE,
             Body::RebuildStart { primary: None, .. } => ty::REBUILD_START,
             Body::RebuildStart {
                 primary: Some(_), ..
@@ -848,11 +863,16 @@ fn encode_payload(msg: &Message, w: &mut W) {
                     base_epoch,
                     target,
                     primary,
+                    base_bytes,
                 } => {
                     w.u64(*session);
                     w.u64(base_lsn.0);
                     w.u64(base_epoch.0);
                     w.u64(target.0);
+                    if let Some(bytes) = base_bytes {
+                        w.u64(*bytes);
+                        w.u8(u8::from(primary.is_some()));
+                    }
                     if let Some(p) = primary {
                         w.str(p.as_str());
                     }
@@ -967,7 +987,7 @@ fn decode_payload(t: u8, p: &[u8], max: usize) -> Result<Message, WireError> {
             proof: r.arr("proof.mac")?,
         }),
         ty::ACCEPTED => Message::Auth(Auth::Accepted),
-        ty::ENTRY..=ty::REBUILD_START_FROM | ty::ERROR => {
+        ty::ENTRY..=ty::REBUILD_START_SPARSE | ty::ERROR => {
             let vol = r.string("volume", super::types::IDENT_LEN_MAX)?;
             let volume = VolumeId::new(vol).map_err(|e| WireError::InvalidField {
                 field: "volume",
@@ -1013,17 +1033,43 @@ fn decode_payload(t: u8, p: &[u8], max: usize) -> Result<Message, WireError> {
                     session: r.u64("catchup.session")?,
                     last: r.lsn("catchup.last")?,
                 },
-                ty::REBUILD_START | ty::REBUILD_START_FROM => Body::RebuildStart {
-                    session: r.u64("rebuild.session")?,
-                    base_lsn: r.lsn("rebuild.base_lsn")?,
-                    base_epoch: r.epoch("rebuild.base_epoch")?,
-                    target: r.lsn("rebuild.target")?,
-                    primary: if t == ty::REBUILD_START_FROM {
-                        Some(r.replica_id("rebuild.primary")?)
+                ty::REBUILD_START | ty::REBUILD_START_FROM | ty::REBUILD_START_SPARSE => {
+                    let session = r.u64("rebuild.session")?;
+                    let base_lsn = r.lsn("rebuild.base_lsn")?;
+                    let base_epoch = r.epoch("rebuild.base_epoch")?;
+                    let target = r.lsn("rebuild.target")?;
+                    let base_bytes = if t == ty::REBUILD_START_SPARSE {
+                        Some(r.u64("rebuild.base_bytes")?)
                     } else {
                         None
-                    },
-                },
+                    };
+                    let named = match t {
+                        ty::REBUILD_START_FROM => true,
+                        ty::REBUILD_START_SPARSE => match r.u8("rebuild.has_primary")? {
+                            0 => false,
+                            1 => true,
+                            v => {
+                                return Err(WireError::InvalidField {
+                                    field: "rebuild.has_primary",
+                                    reason: format!("{v} is neither 0 nor 1"),
+                                });
+                            }
+                        },
+                        _ => false,
+                    };
+                    Body::RebuildStart {
+                        session,
+                        base_lsn,
+                        base_epoch,
+                        target,
+                        primary: if named {
+                            Some(r.replica_id("rebuild.primary")?)
+                        } else {
+                            None
+                        },
+                        base_bytes,
+                    }
+                }
                 ty::BASE_BLOCK => Body::BaseBlock {
                     session: r.u64("base.session")?,
                     lba: Lba(r.u64("base.lba")?),

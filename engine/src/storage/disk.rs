@@ -52,6 +52,13 @@ pub trait Disk: Send + Sync {
     fn copy_within(&self, src: u64, dst: u64, len: u64) -> io::Result<()> {
         copy_by_reading(self, src, dst, len)
     }
+    /// The first range `[start, stop)` within `[offset, end)` that may hold data, or
+    /// `None` when all of it reads as zeros because nothing is allocated there. A range
+    /// not reported reads as zeros; a reported one may still read as zeros. Files ask
+    /// the filesystem (`SEEK_DATA`/`SEEK_HOLE`); others report the whole range.
+    fn next_data(&self, offset: u64, end: u64) -> io::Result<Option<(u64, u64)>> {
+        Ok((offset < end).then_some((offset, end)))
+    }
     /// Grows or shrinks the disk; new bytes read as zeros. Durable on return.
     fn set_len(&self, len: u64) -> io::Result<()>;
     /// Current size in bytes.
@@ -296,6 +303,41 @@ impl Disk for FileDisk {
             }
             _ => Err(err),
         }
+    }
+
+    fn next_data(&self, offset: u64, end: u64) -> io::Result<Option<(u64, u64)>> {
+        use std::os::fd::AsRawFd;
+        if offset >= end {
+            return Ok(None);
+        }
+        let Ok(off) = libc::off_t::try_from(offset) else {
+            return Ok(Some((offset, end)));
+        };
+        let fd = self.file.as_raw_fd();
+        // SAFETY: lseek only reads its integer arguments; the descriptor is owned by
+        // `self.file` and open for the duration of the call. The file offset it moves
+        // is unused: every read and write here is positional.
+        let start = unsafe { libc::lseek(fd, off, libc::SEEK_DATA) };
+        if start < 0 {
+            let err = io::Error::last_os_error();
+            return match err.raw_os_error() {
+                // No data at or after `offset`.
+                Some(libc::ENXIO) => Ok(None),
+                // Filesystems that cannot tell: everything may hold data.
+                Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) => Ok(Some((offset, end))),
+                _ => Err(err),
+            };
+        }
+        let start = start as u64;
+        if start >= end {
+            return Ok(None);
+        }
+        // SAFETY: as above.
+        let stop = unsafe { libc::lseek(fd, start as libc::off_t, libc::SEEK_HOLE) };
+        if stop < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Some((start, (stop as u64).min(end))))
     }
 
     fn preallocate(&self, offset: u64, len: u64) -> io::Result<()> {

@@ -1008,6 +1008,38 @@ impl BaseImage {
         self.inner.size_bytes.load(Ordering::Acquire)
     }
 
+    /// The first run of blocks `[start, stop)` at or after `from` and before `end` that
+    /// may hold data, or `None` when every block there reads as zeros (never written,
+    /// or trimmed). Blocks outside the runs read as zeros; a run may include some.
+    pub fn next_allocated(&self, from: Lba, end: Lba) -> Result<Option<(Lba, Lba)>> {
+        let i = &self.inner;
+        let bs = i.layout.bs();
+        let (lo, hi) = (i.layout.extent_off(from.0), i.layout.extent_off(end.0));
+        let run = i
+            .disk
+            .next_data(lo, hi)
+            .map_err(|e| Error::io(i.disk.describe(), e))?;
+        Ok(run.map(|(a, b)| {
+            // Whole blocks that overlap the range: a partly allocated block may hold data.
+            let start = (a - i.layout.extent_offset) / bs;
+            let stop = (b - i.layout.extent_offset).div_ceil(bs);
+            (Lba(start.max(from.0)), Lba(stop.min(end.0).max(start + 1)))
+        }))
+    }
+
+    /// Bytes of the runs `next_allocated` reports over the whole volume: what a rebuild
+    /// from this image ships.
+    pub fn allocated_bytes(&self) -> Result<u64> {
+        let bs = self.inner.layout.bs();
+        let end = Lba(self.size_bytes() / bs);
+        let (mut at, mut total) = (Lba(0), 0u64);
+        while let Some((a, b)) = self.next_allocated(at, end)? {
+            total += (b.0 - a.0) * bs;
+            at = b;
+        }
+        Ok(total)
+    }
+
     /// Reads whole blocks of the pinned extent.
     pub fn read(&self, lba: Lba, buf: &mut [u8]) -> Result<()> {
         let i = &self.inner;
@@ -1523,6 +1555,14 @@ impl Inner {
         self.gc.reset_durable(0);
         lock(&self.history_marks).clear();
         self.extent_limit.store(0, Ordering::Release);
+        // A rebuild ships only the blocks the source's extent holds data for: every other
+        // block must read as zeros here, whatever this (possibly stale) replica held.
+        // The volume is marked rebuilding already (a failure here leaves it so); durable
+        // with the sync `finish_rebuild` does before it clears the flag.
+        let extent_bytes = self.size_bytes.load(Ordering::Acquire);
+        self.disk
+            .write_zeroes(self.layout.extent_offset, extent_bytes)
+            .map_err(|e| self.io_err(e))?;
         tracing::info!(file = %self.disk.describe(), "rebuild started");
         Ok(())
     }

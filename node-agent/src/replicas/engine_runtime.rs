@@ -134,6 +134,9 @@ pub struct ReplicaSample {
     /// For a local primary: peer replica ID → bytes its catch-ups and rebuilds were
     /// sent since this primary term started here (peers never recovered are absent).
     pub peer_recovery_bytes: BTreeMap<String, repl::RecoveryBytes>,
+    /// For a local primary: peer replica ID → progress of its rebuild's base copy, for
+    /// peers being rebuilt.
+    pub peer_rebuild_progress: BTreeMap<String, repl::RebuildProgress>,
 }
 
 /// The backends of this node's serving primaries by volume name: what forwarded IO from
@@ -340,19 +343,25 @@ impl EngineRuntime {
             let Some(status) = self.status(&replica_id).await else {
                 continue;
             };
-            let peer_recovery_bytes = match primary {
-                Some(h) => h
-                    .snapshot()
-                    .await
-                    .map(|snap| {
+            let snap = match primary {
+                Some(h) => h.snapshot().await,
+                None => None,
+            };
+            let (peer_recovery_bytes, peer_rebuild_progress) = snap
+                .map(|snap| {
+                    let named = |id: repl::ReplicaId| id.as_str().to_string();
+                    (
                         snap.recovery_bytes
                             .into_iter()
-                            .map(|(id, b)| (id.as_str().to_string(), b))
-                            .collect()
-                    })
-                    .unwrap_or_default(),
-                None => BTreeMap::new(),
-            };
+                            .map(|(id, b)| (named(id), b))
+                            .collect(),
+                        snap.rebuild_progress
+                            .into_iter()
+                            .map(|(id, p)| (named(id), p))
+                            .collect(),
+                    )
+                })
+                .unwrap_or_default();
             let stats = vol.stats();
             let peer_lag_bytes = status
                 .peers
@@ -370,6 +379,7 @@ impl EngineRuntime {
                 wal_size_bytes: stats.wal_size_bytes,
                 peer_lag_bytes,
                 peer_recovery_bytes,
+                peer_rebuild_progress,
             });
         }
         out
@@ -897,6 +907,17 @@ impl ReplicaRuntime for EngineRuntime {
                     st.state = ReplicaState::Failed;
                     st.last_error = Some(format!("replica storage failed: {reason}"));
                 }
+                // The receiver learns the base's size from the primary's rebuild start
+                // and counts what it installed; written with the rest of this status, so
+                // at most once per status interval and only when it moved.
+                st.rebuild = Self::ids(&a)
+                    .ok()
+                    .and_then(|(vid, _)| self.receiver.rebuild_progress(&vid))
+                    .map(|p| api::RebuildStatus {
+                        bytes_total: p.bytes_total,
+                        bytes_done: p.bytes_done,
+                        percent: p.percent(),
+                    });
             }
         }
         Some(st)

@@ -8,7 +8,7 @@ use super::{Action, Input, Peer, PrimaryConfig, PrimaryCore, RecoveryBytes, Repl
 use crate::replication::ConnId;
 use crate::replication::plan::{
     self, CatchUpBudget, CatchUpExec, EventKind, HandshakeReply, Outcome, RebuildExec,
-    RecoveryEvent, RetainedHistory,
+    RebuildProgress, RecoveryEvent, RetainedHistory,
 };
 use crate::replication::retention::Pinner;
 use crate::replication::storage::ReplicaLog;
@@ -128,6 +128,18 @@ impl PrimaryCore {
     /// created; replicas never recovered by it are absent.
     pub fn recovery_bytes(&self) -> &BTreeMap<ReplicaId, RecoveryBytes> {
         &self.recovery_sent
+    }
+    /// The base-copy progress of every replica being rebuilt.
+    pub fn rebuild_progress(&self) -> BTreeMap<ReplicaId, RebuildProgress> {
+        self.senders
+            .values()
+            .filter_map(|s| match &s.exec {
+                Some(Exec::Rebuild(r)) if s.state == ReplicaState::Rebuilding => {
+                    Some((s.id.clone(), r.progress()))
+                }
+                _ => None,
+            })
+            .collect()
     }
     pub fn is_counted(&self, id: &ReplicaId) -> bool {
         self.committed.contains(id) || self.senders.get(id).is_some_and(|s| s.counting)
