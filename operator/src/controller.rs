@@ -300,10 +300,22 @@ fn owned<K: Clone>(objects: Vec<Arc<K>>) -> Vec<K> {
     objects.into_iter().map(|o| (*o).clone()).collect()
 }
 
+/// A read of the API server taking at least `api_gap_ms` counts as a gap in this
+/// process's view of it (see [`LeaseObserver::api_gap`]).
+fn slow_read(ctx: &Context, started: Instant) {
+    if started.elapsed() >= Duration::from_millis(ctx.settings.api_gap_ms) {
+        tracing::warn!(
+            took_ms = started.elapsed().as_millis() as u64,
+            "reading the API server was slow; node Lease expiry counts from now"
+        );
+        ctx.lease_observer.api_gap(std::time::Instant::now());
+    }
+}
+
 /// The observation from the caches; only the Leases of this volume's nodes that the
 /// cache shows expired (or lacks) are read from the API server.
 async fn observe_cached(ctx: &Context, cache: &Cache, volume: &str) -> Result<Observation> {
-    let now = now_seconds();
+    let started = Instant::now();
     let own = |r: &BlockReplica| {
         r.labels().get(api::LABEL_VOLUME).map(String::as_str) == Some(volume)
             && r.spec.volume == volume
@@ -330,6 +342,7 @@ async fn observe_cached(ctx: &Context, cache: &Cache, volume: &str) -> Result<Ob
         ctx.seen.replicas_read(volume, &fresh, &cached);
         fresh
     };
+    let now = now_seconds();
     let leases_api: Api<Lease> =
         Api::namespaced(ctx.client.clone(), &ctx.settings.node_lease_namespace);
     let leases = cache
@@ -347,6 +360,7 @@ async fn observe_cached(ctx: &Context, cache: &Cache, volume: &str) -> Result<Ob
             ctx.lease_observer.api_gap(std::time::Instant::now());
             Error::Kube(e)
         })?;
+    slow_read(ctx, started);
     Ok(Observation {
         all_replicas: owned(cache.replicas.state()),
         replicas,
@@ -396,13 +410,7 @@ async fn observe_listed(ctx: &Context, volume: &str) -> Result<Observation> {
         .await
         .map_err(gap)?
         .items;
-    if started.elapsed() >= Duration::from_millis(ctx.settings.api_gap_ms) {
-        tracing::warn!(
-            took_ms = started.elapsed().as_millis() as u64,
-            "reading the API server was slow; node Lease expiry counts from now"
-        );
-        ctx.lease_observer.api_gap(std::time::Instant::now());
-    }
+    slow_read(ctx, started);
     let now = now_seconds();
     let replicas = all_replicas
         .iter()
