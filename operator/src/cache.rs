@@ -264,3 +264,65 @@ impl SeenVersions {
         lock(&self.replicas).insert(volume.to_string(), known);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn replica(name: &str, version: &str) -> BlockReplica {
+        let mut spec = crate::model::test_support::replica(name, "n1").spec;
+        spec.volume = "v".into();
+        let mut r = BlockReplica::new(name, spec);
+        r.metadata.resource_version = Some(version.into());
+        r
+    }
+
+    #[test]
+    fn a_cache_behind_this_process_own_replica_writes_is_not_current() {
+        let seen = SeenVersions::default();
+        let a1 = replica("a", "1");
+        // Nothing written yet: the cache is trusted.
+        assert!(seen.replicas_current("v", std::slice::from_ref(&a1)));
+        // Written at 2, cache still at 1: read afresh.
+        seen.replica("v", "a", Some("2".into()));
+        assert!(!seen.replicas_current("v", std::slice::from_ref(&a1)));
+        assert!(seen.replicas_current("v", &[replica("a", "2")]));
+        // Created here, not in the cache yet.
+        seen.replica("v", "b", Some("7".into()));
+        assert!(!seen.replicas_current("v", &[replica("a", "2")]));
+        // Deleted here, still in the cache.
+        seen.replica("v", "b", None);
+        assert!(!seen.replicas_current("v", &[replica("a", "2"), replica("b", "7")]));
+        assert!(seen.replicas_current("v", &[replica("a", "2")]));
+        // A fresh read settles it; what the cache holds beyond it counts as deleted.
+        seen.replicas_read(
+            "v",
+            &[replica("a", "3")],
+            &[replica("a", "2"), replica("c", "4")],
+        );
+        assert!(!seen.replicas_current("v", &[replica("a", "3"), replica("c", "4")]));
+        assert!(!seen.replicas_current("v", &[replica("a", "2"), replica("c", "4")]));
+        assert!(seen.replicas_current("v", &[replica("a", "3")]));
+        // Forgetting the volume forgets its replicas.
+        seen.forget_volume("v");
+        assert!(seen.replicas_current("v", &[replica("a", "1")]));
+    }
+
+    #[test]
+    fn a_cached_volume_is_used_only_at_the_newest_version_seen() {
+        let seen = SeenVersions::default();
+        let mut vol = BlockVolume::new("v", api::BlockVolumeSpec::with_size("1Gi"));
+        vol.metadata.resource_version = Some("5".into());
+        assert!(!seen.volume_is_newest(&vol), "never read: read it");
+        seen.volume(&vol);
+        assert!(seen.volume_is_newest(&vol));
+        let mut written = vol.clone();
+        written.metadata.resource_version = Some("6".into());
+        seen.volume(&written);
+        assert!(
+            !seen.volume_is_newest(&vol),
+            "predates this process's write"
+        );
+        assert!(seen.volume_is_newest(&written));
+    }
+}
