@@ -35,12 +35,9 @@ type Counts = BTreeMap<(String, String), f64>;
 /// `apiserver_request_total` summed by (verb, resource/subresource); requests that name
 /// no resource (`/metrics`, `/healthz`, discovery) are left out.
 async fn request_counts(c: &TestCluster) -> Counts {
-    let req = http::Request::get("/metrics")
-        .body(Vec::new())
-        .expect("metrics request");
     let text = c
-        .client
-        .request_text(req)
+        .control_plane
+        .kubectl(["get", "--raw", "/metrics"])
         .await
         .expect("apiserver /metrics");
     let mut out = Counts::new();
