@@ -266,6 +266,10 @@ fn allowed() -> Vec<Can> {
     // Node agent: its BlockNode, its replicas' status, its Lease (renewed by
     // server-side apply, a PATCH).
     v.push(can("node", "create", BN));
+    // Peers' data addresses come from a watch of every BlockNode.
+    for verb in ["list", "watch"] {
+        v.push(can("node", verb, BN));
+    }
     v.push(can("node", "patch", BR).status());
     v.push(can("node", "update", LEASES).in_ns(NS));
     v.push(can("node", "patch", LEASES).in_ns(NS));

@@ -3,9 +3,13 @@
 //! status by server-side apply as `blockvol-operator`, Events, finalizer). Every step is
 //! idempotent, so a retry or a restarted operator converges to the same objects.
 //!
-//! Reads that a decision's safety rests on (replicas, Leases) come straight from the API
-//! server at the start of each reconcile, never from a possibly stale cache: a stale
-//! Lease would make a live primary look expired.
+//! While leading, reconciles read from watch-fed caches ([`crate::cache`]), so the API
+//! server's load does not grow with the number of volumes; a change of a replica or a
+//! node agent Lease requeues only the volumes it concerns. A stale cache cannot do harm:
+//! a node Lease that looks expired is read afresh before a decision rests on it (a stale
+//! Lease would make a live primary look expired), and the volume is read afresh unless
+//! the cached copy is the newest this process has seen (so a plan never starts from a
+//! copy older than this operator's own last status write).
 //!
 //! Every write is conditional on the view the plan was made from ([`perform`]), so two
 //! reconciles of one volume (overlapping leaders, a deposed leader's reconcile still in
@@ -38,6 +42,7 @@ use kube::runtime::{Controller, watcher};
 use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 
+use crate::cache::{Cache, SeenVersions};
 use crate::drain::DrainSettings;
 use crate::leader::LeaseObserver;
 use crate::metrics::Metrics;
@@ -103,7 +108,13 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     pub recorder: Recorder,
     /// Node agent Leases as this process saw them change (see [`LeaseObserver`]).
-    lease_observer: LeaseObserver,
+    lease_observer: Arc<LeaseObserver>,
+    /// The watch-fed caches while [`run`] keeps them fed; reads go to the API server
+    /// otherwise.
+    cache: std::sync::RwLock<Option<Cache>>,
+    /// What this process last read or wrote of each volume and replica, against which
+    /// cached copies are checked.
+    seen: SeenVersions,
     failures: std::sync::Mutex<BTreeMap<String, u32>>,
     /// Volumes this process let start a drain step, until their drain is over (see
     /// [`drain_slot`]); bounds `drain.drain_concurrency` across concurrent reconciles.
@@ -129,9 +140,25 @@ impl Context {
             settings,
             metrics,
             recorder,
-            lease_observer: LeaseObserver::default(),
+            lease_observer: Arc::default(),
+            cache: Default::default(),
+            seen: SeenVersions::default(),
             failures: Default::default(),
             drain_slots: Default::default(),
+        }
+    }
+
+    fn cache(&self) -> Option<Cache> {
+        match self.cache.read() {
+            Ok(c) => c.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    fn set_cache(&self, cache: Option<Cache>) {
+        match self.cache.write() {
+            Ok(mut c) => *c = cache,
+            Err(p) => *p.into_inner() = cache,
         }
     }
 }
@@ -255,6 +282,98 @@ struct Observation {
 }
 
 async fn observe(ctx: &Context, volume: &str) -> Result<Observation> {
+    match ctx.cache() {
+        Some(cache) => observe_cached(ctx, &cache, volume).await,
+        None => observe_listed(ctx, volume).await,
+    }
+}
+
+/// The nodes whose Lease decides about a volume with replicas `replicas`.
+fn replica_nodes(replicas: &[BlockReplica]) -> Vec<String> {
+    let mut nodes: Vec<String> = replicas.iter().map(|r| r.spec.node.clone()).collect();
+    nodes.sort();
+    nodes.dedup();
+    nodes
+}
+
+fn owned<K: Clone>(objects: Vec<Arc<K>>) -> Vec<K> {
+    objects.into_iter().map(|o| (*o).clone()).collect()
+}
+
+/// A read of the API server taking at least `api_gap_ms` counts as a gap in this
+/// process's view of it (see [`LeaseObserver::api_gap`]).
+fn slow_read(ctx: &Context, started: Instant) {
+    if started.elapsed() >= Duration::from_millis(ctx.settings.api_gap_ms) {
+        tracing::warn!(
+            took_ms = started.elapsed().as_millis() as u64,
+            "reading the API server was slow; node Lease expiry counts from now"
+        );
+        ctx.lease_observer.api_gap(std::time::Instant::now());
+    }
+}
+
+/// The observation from the caches; only the Leases of this volume's nodes that the
+/// cache shows expired (or lacks) are read from the API server.
+async fn observe_cached(ctx: &Context, cache: &Cache, volume: &str) -> Result<Observation> {
+    let started = Instant::now();
+    let own = |r: &BlockReplica| {
+        r.labels().get(api::LABEL_VOLUME).map(String::as_str) == Some(volume)
+            && r.spec.volume == volume
+    };
+    let cached: Vec<BlockReplica> = owned(cache.volume_replicas(volume))
+        .into_iter()
+        .filter(|r| own(r))
+        .collect();
+    let replicas = if ctx.seen.replicas_current(volume, &cached) {
+        cached
+    } else {
+        // The cache has not caught up with this process's own last writes.
+        let fresh: Vec<BlockReplica> = Api::<BlockReplica>::all(ctx.client.clone())
+            .list(&ListParams::default().labels(&format!("{}={volume}", api::LABEL_VOLUME)))
+            .await
+            .map_err(|e| {
+                ctx.lease_observer.api_gap(std::time::Instant::now());
+                Error::Kube(e)
+            })?
+            .items
+            .into_iter()
+            .filter(|r| own(r))
+            .collect();
+        ctx.seen.replicas_read(volume, &fresh, &cached);
+        fresh
+    };
+    let now = now_seconds();
+    let leases_api: Api<Lease> =
+        Api::namespaced(ctx.client.clone(), &ctx.settings.node_lease_namespace);
+    let leases = cache
+        .fresh_leases(
+            &leases_api,
+            |l| {
+                !node_leases(std::slice::from_ref(l), now, &ctx.lease_observer)
+                    .values()
+                    .all(|l| l.live)
+            },
+            &replica_nodes(&replicas),
+        )
+        .await
+        .map_err(|e| {
+            ctx.lease_observer.api_gap(std::time::Instant::now());
+            Error::Kube(e)
+        })?;
+    slow_read(ctx, started);
+    Ok(Observation {
+        all_replicas: owned(cache.replicas.state()),
+        replicas,
+        nodes: owned(cache.nodes.state()),
+        k8s_nodes: owned(cache.k8s_nodes.state()),
+        volumes: owned(cache.volumes.state()),
+        leases: node_leases(&leases, now, &ctx.lease_observer),
+        now,
+    })
+}
+
+/// The observation listed from the API server (a reconcile outside [`run`]).
+async fn observe_listed(ctx: &Context, volume: &str) -> Result<Observation> {
     let replicas_api: Api<BlockReplica> = Api::all(ctx.client.clone());
     let nodes_api: Api<BlockNode> = Api::all(ctx.client.clone());
     let leases_api: Api<Lease> =
@@ -291,13 +410,7 @@ async fn observe(ctx: &Context, volume: &str) -> Result<Observation> {
         .await
         .map_err(gap)?
         .items;
-    if started.elapsed() >= Duration::from_millis(ctx.settings.api_gap_ms) {
-        tracing::warn!(
-            took_ms = started.elapsed().as_millis() as u64,
-            "reading the API server was slow; node Lease expiry counts from now"
-        );
-        ctx.lease_observer.api_gap(std::time::Instant::now());
-    }
+    slow_read(ctx, started);
     let now = now_seconds();
     let replicas = all_replicas
         .iter()
@@ -382,6 +495,7 @@ async fn write_status(
         )),
         e => Error::Kube(e),
     })
+    .inspect(|stored| ctx.seen.volume(stored))
 }
 
 /// Creates or updates a replica's spec, provided the replica is as the plan saw it
@@ -433,23 +547,32 @@ async fn apply_replica(
         "metadata": metadata,
         "spec": spec,
     });
-    api.patch(
-        &spec.replica_id,
-        &PatchParams::apply(api::FIELD_MANAGER_OPERATOR).force(),
-        &Patch::Apply(&patch),
-    )
-    .await
-    .map_err(|e| match e {
-        kube::Error::Api(ae) if ae.code == 409 => stale(),
-        e => Error::Kube(e),
-    })?;
+    let stored = api
+        .patch(
+            &spec.replica_id,
+            &PatchParams::apply(api::FIELD_MANAGER_OPERATOR).force(),
+            &Patch::Apply(&patch),
+        )
+        .await
+        .map_err(|e| match e {
+            kube::Error::Api(ae) if ae.code == 409 => stale(),
+            e => Error::Kube(e),
+        })?;
+    ctx.seen
+        .replica(&spec.volume, &spec.replica_id, stored.resource_version());
     Ok(())
 }
 
-async fn delete_replica(ctx: &Context, name: &str) -> Result<()> {
+async fn delete_replica(ctx: &Context, volume: &str, name: &str) -> Result<()> {
     let api: Api<BlockReplica> = Api::all(ctx.client.clone());
     match api.delete(name, &DeleteParams::default()).await {
-        Ok(_) => Ok(()),
+        Ok(deleted) => {
+            // Left: the deletion waits for the agent's finalizer, so the replica stays,
+            // changed; right: it is gone.
+            let version = deleted.left().and_then(|r| r.resource_version());
+            ctx.seen.replica(volume, name, version);
+            Ok(())
+        }
         Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
         Err(e) => Err(Error::Kube(e)),
     }
@@ -475,7 +598,11 @@ async fn release_orphan(ctx: &Context, r: &BlockReplica) -> Result<()> {
         )
         .await
     {
-        Ok(_) => Ok(()),
+        Ok(stored) => {
+            ctx.seen
+                .replica(&r.spec.volume, &r.name_any(), stored.resource_version());
+            Ok(())
+        }
         Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
         Err(e) => Err(Error::Kube(e)),
     }
@@ -503,11 +630,29 @@ impl Prepared {
 /// Reads a volume, its replicas, the nodes and their Leases fresh from the API server
 /// and plans the volume's next step (`None`: no such volume).
 pub async fn prepare(ctx: &Context, name: &str) -> Result<Option<Prepared>> {
-    // Decide from the stored object, not the watch cache: the cache may predate this
-    // operator's own last status write, and a plan made from it would undo that write.
-    let api: Api<BlockVolume> = Api::all(ctx.client.clone());
-    let Some(vol) = api.get_opt(name).await.map_err(Error::Kube)? else {
-        return Ok(None);
+    prepare_from(ctx, name, None).await
+}
+
+/// [`prepare`], starting from `cached` when it is the newest version of the volume this
+/// process has seen.
+async fn prepare_from(
+    ctx: &Context,
+    name: &str,
+    cached: Option<&BlockVolume>,
+) -> Result<Option<Prepared>> {
+    // A cached copy may predate this operator's own last status write, and a plan made
+    // from it would undo that write: unless it is the newest version this process read
+    // or wrote, decide from the stored object.
+    let vol = match cached.filter(|v| ctx.seen.volume_is_newest(v)) {
+        Some(v) => v.clone(),
+        None => {
+            let api: Api<BlockVolume> = Api::all(ctx.client.clone());
+            let Some(vol) = api.get_opt(name).await.map_err(Error::Kube)? else {
+                return Ok(None);
+            };
+            ctx.seen.volume(&vol);
+            vol
+        }
     };
     let obs = observe(ctx, name).await?;
     let views: Vec<ReplicaView> = obs
@@ -604,7 +749,7 @@ pub async fn perform(ctx: &Context, prepared: &Prepared) -> Result<()> {
         apply_replica(ctx, &vol, spec, observed).await?;
     }
     for d in &p.delete {
-        delete_replica(ctx, d).await?;
+        delete_replica(ctx, &name, d).await?;
     }
     write_status(ctx, &vol, &p.status).await?;
     for e in &p.events {
@@ -616,7 +761,7 @@ pub async fn perform(ctx: &Context, prepared: &Prepared) -> Result<()> {
 }
 
 async fn apply_volume(cached: Arc<BlockVolume>, ctx: &Context) -> Result<Action> {
-    let Some(prepared) = prepare(ctx, &cached.name_any()).await? else {
+    let Some(prepared) = prepare_from(ctx, &cached.name_any(), Some(&cached)).await? else {
         return Ok(Action::await_change());
     };
     perform(ctx, &prepared).await?;
@@ -774,28 +919,29 @@ pub fn drain_events(
 /// Writes `status.evacuation` of every draining `BlockNode` (and clears it once the
 /// drain is called off), publishing an Event when a drain starts, when its count of
 /// replicas left changes, and when it completes.
-async fn report_drains(ctx: &Context) -> Result<()> {
+///
+/// `written` holds what this loop last wrote per node: the cache may not show that
+/// write yet, and comparing with the cached status would repeat its Events.
+async fn report_drains(
+    ctx: &Context,
+    cache: &Cache,
+    written: &mut BTreeMap<String, Option<EvacuationStatus>>,
+) -> Result<()> {
     let nodes_api: Api<BlockNode> = Api::all(ctx.client.clone());
-    let replicas_api: Api<BlockReplica> = Api::all(ctx.client.clone());
-    let nodes = nodes_api
-        .list(&ListParams::default())
-        .await
-        .map_err(Error::Kube)?
-        .items;
+    let nodes = cache.nodes.state();
     if !nodes
         .iter()
         .any(|n| n.spec.evacuate || n.status.as_ref().is_some_and(|s| s.evacuation.is_some()))
     {
         return Ok(());
     }
-    let replicas = replicas_api
-        .list(&ListParams::default())
-        .await
-        .map_err(Error::Kube)?
-        .items;
+    let replicas = owned(cache.replicas.state());
     for n in &nodes {
         let name = n.name_any();
-        let previous = n.status.as_ref().and_then(|s| s.evacuation.clone());
+        let previous = match written.get(&name) {
+            Some(w) => w.clone(),
+            None => n.status.as_ref().and_then(|s| s.evacuation.clone()),
+        };
         let next = n.spec.evacuate.then(|| evacuation_status(&name, &replicas));
         if previous == next {
             continue;
@@ -813,6 +959,7 @@ async fn report_drains(ctx: &Context) -> Result<()> {
             )
             .await
             .map_err(Error::Kube)?;
+        written.insert(name.clone(), next.clone());
         for (reason, note) in drain_events(previous.as_ref(), next.as_ref()) {
             tracing::info!(node = %name, reason, note = %note, "event");
             let ev = Event {
@@ -831,10 +978,11 @@ async fn report_drains(ctx: &Context) -> Result<()> {
 }
 
 /// Runs [`report_drains`] every `node_status_interval_ms` until dropped.
-async fn drain_reporter(ctx: Arc<Context>) {
+async fn drain_reporter(ctx: Arc<Context>, cache: Cache) {
     let every = Duration::from_millis(ctx.settings.node_status_interval_ms.max(100));
+    let mut written = BTreeMap::new();
     loop {
-        if let Err(e) = report_drains(&ctx).await {
+        if let Err(e) = report_drains(&ctx, &cache, &mut written).await {
             tracing::warn!(error = %e, "reporting drain progress failed");
         }
         tokio::time::sleep(every).await;
@@ -876,7 +1024,7 @@ async fn cleanup_volume(vol: Arc<BlockVolume>, ctx: &Context) -> Result<Action> 
             write_status(ctx, &vol, &status).await?;
             ctx.metrics.set_phase(&name, Some(status.phase));
             for d in &delete {
-                delete_replica(ctx, d).await?;
+                delete_replica(ctx, &name, d).await?;
             }
             for o in &orphaned {
                 if let Some(r) = obs.replicas.iter().find(|r| &r.name_any() == o) {
@@ -890,6 +1038,7 @@ async fn cleanup_volume(vol: Arc<BlockVolume>, ctx: &Context) -> Result<Action> 
         }
         Cleanup::Done => {
             ctx.metrics.set_phase(&name, None);
+            ctx.seen.forget_volume(&name);
             tracing::info!(volume = %name, "all replicas removed; releasing the volume");
             Ok(Action::await_change())
         }
@@ -952,8 +1101,38 @@ pub fn error_policy(vol: Arc<BlockVolume>, err: &Error, ctx: Arc<Context>) -> Ac
 }
 
 /// Runs the volume controller until `shutdown` resolves.
+///
+/// Reconciles start once the caches hold a first complete listing, and read from them
+/// until this returns. A change of a replica requeues its volume; of a node agent Lease,
+/// the volumes with a replica on that node (every volume when the Lease is new, as a new
+/// node may take replicas); of a `BlockNode`, every volume (placement may change). Every
+/// volume is also requeued at least every `resync_interval_ms` as a safety net.
 pub async fn run(
     ctx: Arc<Context>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    let client = ctx.client.clone();
+    let (cache, feeds) = Cache::start(
+        &client,
+        &ctx.settings.node_lease_namespace,
+        ctx.lease_observer.clone(),
+    );
+    let controller = async {
+        cache.ready().await;
+        ctx.set_cache(Some(cache.clone()));
+        run_controller(ctx.clone(), cache.clone(), shutdown).await;
+    };
+    // The feeds never end; they stop with the controller.
+    tokio::select! {
+        () = controller => {}
+        () = feeds => {}
+    }
+    ctx.set_cache(None);
+}
+
+async fn run_controller(
+    ctx: Arc<Context>,
+    cache: Cache,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
     let client = ctx.client.clone();
@@ -974,6 +1153,7 @@ pub async fn run(
     // Lease renewals change only renewTime; react to new holders and new Leases, and
     // let the per-volume requeue (timed to the primary's lease expiry) catch expiries.
     let seen = std::sync::Mutex::new(BTreeMap::<String, u64>::new());
+    let lease_cache = cache.clone();
     let lease_mapper = move |l: Lease| {
         use std::hash::{Hash, Hasher};
         let mut h = std::collections::hash_map::DefaultHasher::new();
@@ -981,14 +1161,23 @@ pub async fn run(
         spec.and_then(|s| s.holder_identity.clone()).hash(&mut h);
         spec.and_then(|s| s.lease_transitions).hash(&mut h);
         spec.and_then(|s| s.lease_duration_seconds).hash(&mut h);
-        let changed = seen
+        let previous = seen
             .lock()
-            .map(|mut m| m.insert(l.name_any(), h.finish()) != Some(h.finish()))
-            .unwrap_or(true);
-        if changed { all_volumes() } else { Vec::new() }
+            .map(|mut m| m.insert(l.name_any(), h.finish()))
+            .unwrap_or(None);
+        match previous {
+            // A node new to this process may take replicas of any volume.
+            None => all_volumes(),
+            Some(p) if p != h.finish() => lease_cache
+                .volumes_on(&l.name_any())
+                .into_iter()
+                .map(|v| ObjectRef::new(&v))
+                .collect(),
+            Some(_) => Vec::new(),
+        }
     };
     let settings = &ctx.settings;
-    let reporter = drain_reporter(ctx.clone());
+    let reporter = drain_reporter(ctx.clone(), cache);
     let controller = controller
         .with_config(kube::runtime::Config::default().concurrency(settings.concurrency))
         .owns(replicas, watcher::Config::default().any_semantic())

@@ -3,6 +3,7 @@
 //! table-tested); [`controller`] observes the API, runs [`plan`] and performs it, and
 //! [`run`] does so only while this process holds the leader Lease.
 
+pub mod cache;
 pub mod controller;
 pub mod drain;
 pub mod expansion;

@@ -20,7 +20,8 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
-use kube::runtime::{Controller, watcher};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{Controller, WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
 use serde_json::json;
 
@@ -43,6 +44,9 @@ pub struct AgentContext<R> {
     pub settings: ReplicaSettings,
     pub runtime: Arc<R>,
     promised: Mutex<BTreeMap<String, u64>>,
+    /// Every `BlockNode`, fed by a watch while [`run_replicas`] runs (`None` otherwise):
+    /// resolving the peers of each replica on every requeue costs the API server nothing.
+    nodes: Mutex<Option<Store<BlockNode>>>,
 }
 
 impl<R: ReplicaRuntime> AgentContext<R> {
@@ -52,12 +56,23 @@ impl<R: ReplicaRuntime> AgentContext<R> {
             settings,
             runtime,
             promised: Mutex::new(BTreeMap::new()),
+            nodes: Mutex::new(None),
         }
     }
 
     /// Bytes assigned to this node's replicas (for `BlockNode` allocatable).
     pub fn promised_bytes(&self) -> u64 {
         self.promised.lock().map(|m| m.values().sum()).unwrap_or(0)
+    }
+
+    fn nodes(&self) -> Option<Store<BlockNode>> {
+        self.nodes.lock().ok().and_then(|n| n.clone())
+    }
+
+    fn set_nodes(&self, nodes: Option<Store<BlockNode>>) {
+        if let Ok(mut n) = self.nodes.lock() {
+            *n = nodes;
+        }
     }
 
     fn promise(&self, replica: &str, bytes: Option<u64>) {
@@ -170,18 +185,28 @@ async fn report_failure(client: &Client, r: &BlockReplica, err: &Error) -> Resul
     write_status(client, &r.name_any(), &status).await
 }
 
-async fn peers(client: &Client, r: &BlockReplica) -> Result<Vec<Peer>> {
+/// The peers of `r` with their data addresses, from the `BlockNode` cache; a node the
+/// cache does not hold (no cache, not yet listed, or just registered) is read from the
+/// API server, and a node that does not exist has no known address.
+async fn peers(
+    client: &Client,
+    nodes: Option<&Store<BlockNode>>,
+    r: &BlockReplica,
+) -> Result<Vec<Peer>> {
     if r.spec.peers.is_empty() {
         return Ok(vec![]);
     }
-    let nodes: Api<BlockNode> = Api::all(client.clone());
+    let api: Api<BlockNode> = Api::all(client.clone());
     let mut out = Vec::with_capacity(r.spec.peers.len());
     for p in &r.spec.peers {
-        let address = nodes
-            .get_opt(&p.node)
-            .await
-            .map_err(Error::Kube)?
-            .map(|n| n.spec.data_address);
+        let address = match nodes.and_then(|n| n.get(&ObjectRef::new(&p.node))) {
+            Some(n) => Some(n.spec.data_address.clone()),
+            None => api
+                .get_opt(&p.node)
+                .await
+                .map_err(Error::Kube)?
+                .map(|n| n.spec.data_address),
+        };
         out.push(Peer {
             replica_id: p.replica_id.clone(),
             node: p.node.clone(),
@@ -226,7 +251,7 @@ async fn apply<R: ReplicaRuntime>(r: Arc<BlockReplica>, ctx: &AgentContext<R>) -
         size_bytes: r.spec.size_bytes,
         block_size: r.spec.block_size,
         durability: r.spec.durability,
-        peers: peers(&ctx.client, &r).await?,
+        peers: peers(&ctx.client, ctx.nodes().as_ref(), &r).await?,
         in_sync_set: r.spec.in_sync_set.clone(),
         in_sync_set_generation: r.spec.in_sync_set_generation,
     };
@@ -296,15 +321,33 @@ pub async fn run_replicas<R: ReplicaRuntime>(
 ) {
     let api: Api<BlockReplica> = Api::all(ctx.client.clone());
     let selector = format!("{}={}", api::LABEL_NODE, ctx.settings.node_name);
-    Controller::new(api, watcher::Config::default().labels(&selector))
+    let (nodes, writer) = reflector::store();
+    ctx.set_nodes(Some(nodes));
+    let nodes_feed = watcher(
+        Api::<BlockNode>::all(ctx.client.clone()),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .reflect(writer)
+    .for_each(|ev| async move {
+        if let Err(e) = ev {
+            tracing::debug!(error = %e, "BlockNode watch failed; retrying");
+        }
+    });
+    let replicas = Controller::new(api, watcher::Config::default().labels(&selector))
         .graceful_shutdown_on(shutdown)
-        .run(reconcile, error_policy, ctx)
+        .run(reconcile, error_policy, ctx.clone())
         .for_each(|res| async move {
             if let Err(e) = res {
                 tracing::debug!(error = %e, "replica reconcile did not finish");
             }
-        })
-        .await;
+        });
+    // The feed never ends; it stops with the replica loop.
+    tokio::select! {
+        () = replicas => {}
+        () = nodes_feed => {}
+    }
+    ctx.set_nodes(None);
 }
 
 #[cfg(test)]
