@@ -6,6 +6,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 helm=${HELM:-helm}
+command -v "$helm" >/dev/null || {
+  echo "render: $helm not found; run hack/tools/build.sh helm and put its bin dir on PATH" >&2
+  echo "        (or: source hack/tools/env.sh), or set HELM" >&2
+  exit 1
+}
 out=deploy/blockvol.yaml
 # helm template assumes an old Kubernetes; render for the one the chart requires.
 kube_version=1.34.0
@@ -50,6 +55,10 @@ if [ "${1:-}" = "--check" ]; then
   echo "$out matches the chart"
   check_overrides
 else
-  render > "$out"
+  # Written to a temporary file first, so a failed render never leaves a partial file.
+  tmp="$(mktemp "$out.XXXXXX")"
+  trap 'rm -f "$tmp"' EXIT
+  render > "$tmp"
+  mv "$tmp" "$out"
   echo "wrote $out"
 fi
