@@ -4,56 +4,35 @@
 //! IO is accepted only from the node the volume is attached to, and deletion removes the
 //! replica's files.
 
-use std::path::Path;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+mod common;
 
-use api::{Durability, ReplicaRole, ReplicaState};
-use engine::net::{NetConfig, ReceiverServer, Transport};
-use node_agent::frontend::nbd::{BlockBackend, ExportRegistry};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+
+use api::{ReplicaRole, ReplicaState};
+use common::replicas::{Fixed, Node};
+use engine::net::NetConfig;
+use engine::replication::{AttachmentGeneration, Epoch, ForwardOp};
+use node_agent::frontend::forwarding::{
+    Attachment, Attachments, ForwardSettings, ForwardingBackend, PrimaryTarget,
+};
+use node_agent::frontend::nbd::BlockBackend;
 use node_agent::replicas::{Assignment, Peer, ReplicaRuntime, RuntimeError};
-use node_agent::replicas::{EngineRuntime, EngineSettings, VOLUME_FILE_NAME};
+use node_agent::replicas::{EngineSettings, VOLUME_FILE_NAME};
 
 const SECRET: &[u8] = b"runtime-test-secret";
 const SIZE: u64 = 8 << 20;
 /// Above the 1 s heartbeat interval plus a round trip, short enough for tests.
 const PROOF_WINDOW_MS: u64 = 1_500;
 
-struct Node {
-    runtime: EngineRuntime,
-    receiver: Arc<ReceiverServer>,
-    address: String,
-    live: Arc<AtomicBool>,
-}
-
 async fn node(name: &str) -> Node {
-    let net = NetConfig::new(name, SECRET);
-    let receiver = Arc::new(
-        ReceiverServer::bind("127.0.0.1:0".parse().unwrap(), net.clone())
-            .await
-            .expect("data port"),
-    );
-    let address = receiver.local_addr().to_string();
-    let live = Arc::new(AtomicBool::new(true));
-    let l = live.clone();
     let settings = EngineSettings {
-        wal_size_bytes: 4 << 20,
         member_proof_window_ms: PROOF_WINDOW_MS,
         ..EngineSettings::default()
     };
-    let runtime = EngineRuntime::new(
-        settings,
-        receiver.clone(),
-        Transport::new(net),
-        ExportRegistry::new(),
-        Arc::new(move || l.load(Ordering::Acquire)),
-    );
-    Node {
-        runtime,
-        receiver,
-        address,
-        live,
-    }
+    Node::start(name, SECRET, settings).await
 }
 
 fn assignment(
@@ -63,46 +42,13 @@ fn assignment(
     epoch: u64,
     peer: Option<(&str, &str)>,
 ) -> Assignment {
-    Assignment {
-        volume: "vol".into(),
-        replica_id: id.into(),
-        dir: dir.join("vol").join(id),
-        role,
-        epoch,
-        size_bytes: SIZE,
-        block_size: 4096,
-        durability: Durability::SyncAll,
-        peers: peer
-            .map(|(pid, addr)| Peer {
-                replica_id: pid.into(),
-                node: "b".into(),
-                address: Some(addr.into()),
-            })
-            .into_iter()
-            .collect(),
-        in_sync_set: match peer {
-            Some((pid, _)) => vec![id.into(), pid.into()],
-            None => vec![id.into()],
-        },
-        in_sync_set_generation: 1,
-    }
-}
-
-/// The primary's export on node `n`.
-fn export_of(n: &Node) -> Arc<dyn BlockBackend> {
-    n.runtime
-        .exports()
-        .get("vol")
-        .expect("export of the primary")
-        .backend()
-        .clone()
+    common::replicas::assignment(dir, id, role, epoch, SIZE, peer)
 }
 
 /// Replica r2 on `b` and primary r1 on `a` (shipping to r2), both applied at epoch 1.
 async fn primary_with_replica(dir: &Path, a: &Node, b: &Node) -> (Assignment, Assignment) {
     let rb = assignment(&dir.join("b"), "r2", ReplicaRole::Replica, 1, None);
-    b.runtime.open(&rb).await.unwrap();
-    b.runtime.apply(&rb).await.unwrap();
+    b.assign(&rb).await;
     let ra = assignment(
         &dir.join("a"),
         "r1",
@@ -110,28 +56,44 @@ async fn primary_with_replica(dir: &Path, a: &Node, b: &Node) -> (Assignment, As
         1,
         Some(("r2", &b.address)),
     );
-    a.runtime.open(&ra).await.unwrap();
-    a.runtime.apply(&ra).await.unwrap();
+    a.assign(&ra).await;
     (ra, rb)
 }
 
-/// A resolver that always names one primary.
-struct Fixed(node_agent::frontend::forwarding::PrimaryTarget);
-
-impl node_agent::frontend::forwarding::PrimaryResolver for Fixed {
-    fn resolve<'a>(
-        &'a self,
-        _volume: &'a str,
-    ) -> futures::future::BoxFuture<
-        'a,
-        Result<
-            node_agent::frontend::forwarding::PrimaryTarget,
-            node_agent::frontend::forwarding::ResolveError,
-        >,
-    > {
-        let t = self.0.clone();
-        Box::pin(async move { Ok(t) })
+/// `primary` demoted to a replica at epoch 2, shipping to nobody.
+fn demoted(primary: &Assignment) -> Assignment {
+    Assignment {
+        role: ReplicaRole::Replica,
+        epoch: 2,
+        peers: vec![],
+        ..primary.clone()
     }
+}
+
+/// Promotes replica r2 on `b` to primary at epoch 2, shipping to r1 on `a`, and waits
+/// until its export serves.
+async fn promote_r2(dir: &Path, a: &Node, b: &Node) -> Arc<dyn BlockBackend> {
+    let promoted = assignment(
+        &dir.join("b"),
+        "r2",
+        ReplicaRole::Primary,
+        2,
+        Some(("r1", &a.address)),
+    );
+    b.runtime.apply(&promoted).await.unwrap();
+    let nb = b.export();
+    until_serving(&nb).await;
+    nb
+}
+
+/// Node a with primary r1 of "vol" (no replicas) at epoch 1: the node, its assignment
+/// and its export's backend.
+async fn lone_primary(dir: &Path) -> (Node, Assignment, Arc<dyn BlockBackend>) {
+    let a = node("a").await;
+    let ra = assignment(dir, "r1", ReplicaRole::Primary, 1, None);
+    a.assign(&ra).await;
+    let backend = a.export();
+    (a, ra, backend)
 }
 
 /// Node a serving primary r1 (no replicas) at epoch 1, executing forwarded IO on its
@@ -143,15 +105,85 @@ async fn forwarding_primary(
     Arc<dyn BlockBackend>,
     node_agent::replicas::LocalPrimaries,
 ) {
-    let a = node("a").await;
-    let ra = assignment(dir, "r1", ReplicaRole::Primary, 1, None);
-    a.runtime.open(&ra).await.unwrap();
-    a.runtime.apply(&ra).await.unwrap();
-    let backend = export_of(&a);
+    let (a, _, backend) = lone_primary(dir).await;
     until_serving(&backend).await;
     let primaries = a.runtime.local_primaries();
     a.receiver.set_forward_handler(Arc::new(primaries.clone()));
     (a, backend, primaries)
+}
+
+/// Fences `primaries` by attachment as the agent does: the returned cell is the API
+/// server's word on the attachment of "vol" (the test changes it), and the watch's view
+/// starts out listing `attached`.
+fn fence_by_api(
+    primaries: &node_agent::replicas::LocalPrimaries,
+    attached: Attachment,
+) -> Arc<Mutex<Option<Attachment>>> {
+    let api_says = Arc::new(Mutex::new(Some(attached.clone())));
+    let view = {
+        let api_says = api_says.clone();
+        Arc::new(Attachments::new(Box::new(move |_v: &str| {
+            Ok(api_says.lock().unwrap().clone())
+        })))
+    };
+    view.begin_list();
+    view.listed("vol", Some(attached));
+    view.end_list();
+    primaries.fence_by_attachment(view);
+    api_says
+}
+
+/// Node b's forwarding export of "vol" to the primary on node a at `addr` (epoch 1), for
+/// the attachment of `generation` when given.
+async fn b_export(
+    addr: SocketAddr,
+    generation: Option<u64>,
+) -> Result<ForwardingBackend, node_agent::frontend::nbd::BackendError> {
+    ForwardingBackend::open_attached(
+        "vol",
+        NetConfig::new("b", SECRET),
+        ForwardSettings {
+            failover_wait_ms: 60_000,
+            reconnect_backoff_initial_ms: 10,
+            reconnect_backoff_max_ms: 50,
+            ..ForwardSettings::default()
+        },
+        Arc::new(Fixed(PrimaryTarget {
+            node: "a".into(),
+            addr,
+            epoch: Epoch(1),
+        })),
+        None,
+        generation.map(AttachmentGeneration),
+    )
+    .await
+}
+
+/// A forwarded write of `byte` over the first block.
+fn write_block0(byte: u8) -> ForwardOp {
+    ForwardOp::Write {
+        offset: 0,
+        data: vec![byte; 4096],
+    }
+}
+
+/// The first block of `backend`, read on a blocking thread.
+async fn block0(backend: &Arc<dyn BlockBackend>) -> Vec<u8> {
+    let be = backend.clone();
+    blocking(move || {
+        let mut buf = vec![0u8; 4096];
+        be.read(0, &mut buf).map(|_| buf)
+    })
+    .await
+    .expect("read on the primary")
+}
+
+/// Writes `len` bytes of `byte` at offset 0 through `backend` and flushes them; `when`
+/// names the step in a failure.
+async fn write_flushed(backend: &Arc<dyn BlockBackend>, byte: u8, len: usize, when: &str) {
+    let be = backend.clone();
+    let done = blocking(move || be.write(0, &vec![byte; len]).and_then(|()| be.flush())).await;
+    done.unwrap_or_else(|e| panic!("write and flush {when}: {e}"));
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
@@ -195,12 +227,7 @@ async fn primary_flush_reaches_the_replica_and_demotion_fences_the_export() {
         .get("vol")
         .expect("export of the primary");
     let backend: Arc<dyn BlockBackend> = export.backend().clone();
-    let be = backend.clone();
-    blocking(move || {
-        be.write(0, &[7u8; 8192]).expect("write");
-        be.flush().expect("replicated flush");
-    })
-    .await;
+    write_flushed(&backend, 7, 8192, "replicated").await;
     let head = a.runtime.status("r1").await.unwrap().head_lsn;
     assert!(head >= 1);
     let sb = b.runtime.status("r2").await.unwrap();
@@ -223,13 +250,7 @@ async fn primary_flush_reaches_the_replica_and_demotion_fences_the_export() {
     // heartbeats (an API-server outage alone does not stop IO).
     a.live.store(false, Ordering::Release);
     until_serving(&backend).await;
-    let be = backend.clone();
-    blocking(move || {
-        be.write(0, &[1u8; 4096])
-            .expect("write on the member proof alone");
-        be.flush().expect("flush on the member proof alone");
-    })
-    .await;
+    write_flushed(&backend, 1, 4096, "on the member proof alone").await;
     assert_eq!(
         a.runtime.status("r1").await.unwrap().state,
         ReplicaState::Serving
@@ -237,12 +258,7 @@ async fn primary_flush_reaches_the_replica_and_demotion_fences_the_export() {
     a.live.store(true, Ordering::Release);
 
     // Demotion at a newer epoch: the export goes and the old handle refuses writes.
-    let demoted = Assignment {
-        role: ReplicaRole::Replica,
-        epoch: 2,
-        peers: vec![],
-        ..ra.clone()
-    };
+    let demoted = demoted(&ra);
     a.runtime.apply(&demoted).await.unwrap();
     assert!(a.runtime.exports().get("vol").is_none());
     let be = backend.clone();
@@ -287,7 +303,7 @@ async fn graceful_demotion_drains_unflushed_writes_to_the_replica_before_stoppin
     let dir = tempfile::tempdir().unwrap();
     let (a, b) = (node("a").await, node("b").await);
     let (ra, _) = primary_with_replica(dir.path(), &a, &b).await;
-    let backend: Arc<dyn BlockBackend> = a.runtime.exports().get("vol").unwrap().backend().clone();
+    let backend = a.export();
     let be = backend.clone();
     blocking(move || {
         be.write(0, &[3u8; 4096]).expect("write");
@@ -301,12 +317,7 @@ async fn graceful_demotion_drains_unflushed_writes_to_the_replica_before_stoppin
     let head = a.runtime.status("r1").await.unwrap().head_lsn;
     assert!(head >= 32, "head {head}");
 
-    let demoted = Assignment {
-        role: ReplicaRole::Replica,
-        epoch: 2,
-        peers: vec![],
-        ..ra.clone()
-    };
+    let demoted = demoted(&ra);
     a.runtime.apply(&demoted).await.unwrap();
     let sa = a.runtime.status("r1").await.unwrap();
     let sb = b.runtime.status("r2").await.unwrap();
@@ -319,16 +330,7 @@ async fn graceful_demotion_drains_unflushed_writes_to_the_replica_before_stoppin
     );
 
     // Promote the replica at the same new epoch, shipping to the demoted primary.
-    let promoted = assignment(
-        &dir.path().join("b"),
-        "r2",
-        ReplicaRole::Primary,
-        2,
-        Some(("r1", &a.address)),
-    );
-    b.runtime.apply(&promoted).await.unwrap();
-    let nb: Arc<dyn BlockBackend> = b.runtime.exports().get("vol").unwrap().backend().clone();
-    until_serving(&nb).await;
+    let nb = promote_r2(dir.path(), &a, &b).await;
     let got = blocking(move || {
         let mut buf = vec![0u8; 32 * 4096];
         nb.read(0, &mut buf).expect("read");
@@ -375,8 +377,7 @@ async fn shrinking_a_replica_is_refused() {
         size_bytes: SIZE * 2,
         ..a.clone()
     };
-    n.runtime.open(&bigger).await.unwrap();
-    n.runtime.apply(&bigger).await.unwrap();
+    n.assign(&bigger).await;
     assert_eq!(
         n.runtime.status("r1").await.unwrap().size_bytes,
         Some(SIZE * 2)
@@ -403,9 +404,8 @@ async fn a_flush_outliving_the_lease_is_acknowledged_only_on_a_proof() {
         1,
         Some(("r2", &dead_addr)),
     );
-    a.runtime.open(&ra).await.unwrap();
-    a.runtime.apply(&ra).await.unwrap();
-    let backend = export_of(&a);
+    a.assign(&ra).await;
+    let backend = a.export();
     let flush = tokio::task::spawn_blocking(move || {
         backend.write(0, &[9u8; 4096]).expect("write");
         backend.flush()
@@ -429,13 +429,7 @@ async fn a_flush_outliving_the_lease_is_acknowledged_only_on_a_proof() {
         !flush.is_finished(),
         "the flush must still be waiting for r2"
     );
-    let probe: Arc<dyn BlockBackend> = a
-        .runtime
-        .exports()
-        .get("vol")
-        .expect("export of the primary")
-        .backend()
-        .clone();
+    let probe = a.export();
     let e = blocking(move || probe.write(8192, &[1u8; 4096]))
         .await
         .expect_err("a write was accepted without a Lease or a member proof");
@@ -463,13 +457,8 @@ async fn without_lease_or_member_answers_the_primary_stops_and_the_promoted_one_
     let dir = tempfile::tempdir().unwrap();
     let (a, b) = (node("a").await, node("b").await);
     let (_, rb) = primary_with_replica(dir.path(), &a, &b).await;
-    let old = export_of(&a);
-    let be = old.clone();
-    blocking(move || {
-        be.write(0, &[6u8; 4096]).expect("write");
-        be.flush().expect("flush");
-    })
-    .await;
+    let old = a.export();
+    write_flushed(&old, 6, 4096, "with the replica").await;
     // Give r2 a heartbeat to answer, so its promotion below must wait.
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
     a.live.store(false, Ordering::Release);
@@ -496,13 +485,7 @@ async fn without_lease_or_member_answers_the_primary_stops_and_the_promoted_one_
     };
     let t0 = std::time::Instant::now();
     b.runtime.apply(&promoted).await.unwrap();
-    let new: Arc<dyn BlockBackend> = b
-        .runtime
-        .exports()
-        .get("vol")
-        .expect("export of the promoted primary")
-        .backend()
-        .clone();
+    let new = b.export();
     let be = new.clone();
     let early = blocking(move || be.write(4096, &[7u8; 4096])).await;
     let early_err = early.expect_err("the promoted primary served before the old proof ran out");
@@ -552,17 +535,8 @@ async fn a_primary_the_api_no_longer_names_serves_no_reads() {
     use std::collections::BTreeMap;
 
     let dir = tempfile::tempdir().unwrap();
-    let a = node("a").await;
-    let ra = assignment(dir.path(), "r1", ReplicaRole::Primary, 1, None);
-    a.runtime.open(&ra).await.unwrap();
-    a.runtime.apply(&ra).await.unwrap();
-    let backend = export_of(&a);
-    let be = backend.clone();
-    blocking(move || {
-        be.write(0, &[5u8; 4096]).expect("write");
-        be.flush().expect("flush");
-    })
-    .await;
+    let (a, _, backend) = lone_primary(dir.path()).await;
+    write_flushed(&backend, 5, 4096, "on the lone primary").await;
     let read = |be: Arc<dyn BlockBackend>| {
         blocking(move || {
             let mut buf = vec![0u8; 4096];
@@ -602,11 +576,7 @@ async fn a_primary_assigned_a_newer_epoch_serves_once_it_applied_it() {
     use std::collections::BTreeMap;
 
     let dir = tempfile::tempdir().unwrap();
-    let a = node("a").await;
-    let ra = assignment(dir.path(), "r1", ReplicaRole::Primary, 1, None);
-    a.runtime.open(&ra).await.unwrap();
-    a.runtime.apply(&ra).await.unwrap();
-    let backend = export_of(&a);
+    let (a, ra, backend) = lone_primary(dir.path()).await;
     let newer = BTreeMap::from([("r1".to_string(), (ReplicaRole::Primary, 3))]);
     assert_eq!(a.runtime.fence_unassigned_primaries(&newer).await, 1);
     let be = backend.clone();
@@ -615,13 +585,7 @@ async fn a_primary_assigned_a_newer_epoch_serves_once_it_applied_it() {
         .apply(&Assignment { epoch: 3, ..ra })
         .await
         .unwrap();
-    let be = backend.clone();
-    blocking(move || {
-        be.write(0, &[1u8; 4096])
-            .expect("write at the applied epoch");
-        be.flush().expect("flush at the applied epoch");
-    })
-    .await;
+    write_flushed(&backend, 1, 4096, "at the applied epoch").await;
 }
 
 /// A primary whose replica answers with a newer epoch (another primary was promoted)
@@ -631,13 +595,8 @@ async fn a_primary_fenced_by_a_peer_serves_no_reads() {
     let dir = tempfile::tempdir().unwrap();
     let (a, b) = (node("a").await, node("b").await);
     let (_, rb) = primary_with_replica(dir.path(), &a, &b).await;
-    let backend = export_of(&a);
-    let be = backend.clone();
-    blocking(move || {
-        be.write(0, &[3u8; 4096]).expect("write");
-        be.flush().expect("replicated flush");
-    })
-    .await;
+    let backend = a.export();
+    write_flushed(&backend, 3, 4096, "replicated").await;
 
     // The replica learns epoch 2 (it was promoted, or follows a new primary).
     b.runtime
@@ -684,17 +643,7 @@ async fn a_primary_fenced_by_a_peer_serves_no_reads() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_primary_reopened_at_its_epoch_serves_only_at_a_new_one() {
     let dir = tempfile::tempdir().unwrap();
-    let first = node("a").await;
-    let at1 = assignment(dir.path(), "r1", ReplicaRole::Primary, 1, None);
-    first.runtime.open(&at1).await.unwrap();
-    first.runtime.apply(&at1).await.unwrap();
-    let backend: Arc<dyn BlockBackend> = first
-        .runtime
-        .exports()
-        .get("vol")
-        .expect("export of the primary")
-        .backend()
-        .clone();
+    let (first, at1, backend) = lone_primary(dir.path()).await;
     blocking(move || {
         backend.write(0, &[5u8; 4096]).expect("write");
         backend.flush().expect("flush");
@@ -735,13 +684,7 @@ async fn a_primary_reopened_at_its_epoch_serves_only_at_a_new_one() {
         (st.state, st.epoch, st.last_error),
         (ReplicaState::Serving, 2, None)
     );
-    let backend: Arc<dyn BlockBackend> = again
-        .runtime
-        .exports()
-        .get("vol")
-        .expect("export at the new epoch")
-        .backend()
-        .clone();
+    let backend = again.export();
     let got = blocking(move || {
         let mut buf = vec![0u8; 4096];
         backend.read(0, &mut buf).expect("read");
@@ -761,35 +704,16 @@ async fn a_primary_reopened_at_its_epoch_serves_only_at_a_new_one() {
 async fn forwarded_io_is_accepted_only_from_the_attached_node() {
     use engine::forward::ForwardHandler;
     use engine::forward::{ForwardClient, ForwardSource};
-    use engine::replication::{Epoch, ForwardOp, ForwardStatus};
-    use engine::replication::{ForwardPayload, VolumeId};
-    use node_agent::frontend::forwarding::{
-        Attachment, Attachments, ForwardSettings, ForwardingBackend, PrimaryTarget,
-    };
+    use engine::replication::{ForwardPayload, ForwardStatus, VolumeId};
     use node_agent::frontend::nbd::BackendError;
-    use std::sync::Mutex;
 
     let dir = tempfile::tempdir().unwrap();
     let (a, backend, primaries) = forwarding_primary(dir.path()).await;
-    // The API server's word on the attachment, and the watch's view of it.
-    let api_says = Arc::new(Mutex::new(Some(Attachment::on("b"))));
-    let view = {
-        let api_says = api_says.clone();
-        Arc::new(Attachments::new(Box::new(move |_v: &str| {
-            Ok(api_says.lock().unwrap().clone())
-        })))
-    };
-    view.begin_list();
-    view.listed("vol", Some(Attachment::on("b")));
-    view.end_list();
-    primaries.fence_by_attachment(view.clone());
+    let api_says = fence_by_api(&primaries, Attachment::on("b"));
 
     let addr = a.address.parse().unwrap();
     let vol = VolumeId::new("vol".to_string()).unwrap();
-    let write = |byte: u8| ForwardOp::Write {
-        offset: 0,
-        data: vec![byte; 4096],
-    };
+    let write = write_block0;
     let from_b = ForwardClient::connect(addr, &NetConfig::new("b", SECRET), 10_000)
         .await
         .expect("b connects");
@@ -829,25 +753,7 @@ async fn forwarded_io_is_accepted_only_from_the_attached_node() {
     }
 
     // b's forwarding export, as on b's node.
-    let b_export = Arc::new(
-        ForwardingBackend::open(
-            "vol",
-            NetConfig::new("b", SECRET),
-            ForwardSettings {
-                failover_wait_ms: 60_000,
-                reconnect_backoff_initial_ms: 10,
-                reconnect_backoff_max_ms: 50,
-                ..ForwardSettings::default()
-            },
-            Arc::new(Fixed(PrimaryTarget {
-                node: "a".into(),
-                addr,
-                epoch: Epoch(1),
-            })),
-        )
-        .await
-        .expect("b's export opens"),
-    );
+    let b_export = Arc::new(b_export(addr, None).await.expect("b's export opens"));
     // Force-detached from b, attached to c: the API server says so, the watch lags.
     *api_says.lock().unwrap() = Some(Attachment::on("c"));
     let ok = from_c.call(&vol, Epoch(1), write(0xc2)).await.unwrap();
@@ -866,11 +772,7 @@ async fn forwarded_io_is_accepted_only_from_the_attached_node() {
         switches,
         "a fenced request was re-routed"
     );
-    let mut buf = vec![0u8; 4096];
-    let be = backend.clone();
-    let buf = blocking(move || be.read(0, &mut buf).map(|_| buf))
-        .await
-        .expect("read on the primary");
+    let buf = block0(&backend).await;
     assert!(buf.iter().all(|&x| x == 0xc2), "block holds {:#x}", buf[0]);
 }
 
@@ -884,47 +786,15 @@ async fn forwarded_io_is_accepted_only_from_the_attached_node() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_export_of_an_older_attachment_to_the_same_node_is_fenced() {
     use engine::forward::{ForwardClient, ForwardHandler, ForwardSource};
-    use engine::replication::{AttachmentGeneration, Epoch, ForwardOp, ForwardStatus, VolumeId};
-    use node_agent::frontend::forwarding::{
-        Attachment, Attachments, ForwardSettings, ForwardingBackend, PrimaryTarget,
-    };
+    use engine::replication::{ForwardStatus, VolumeId};
     use node_agent::frontend::nbd::BackendError;
-    use std::sync::Mutex;
 
     let dir = tempfile::tempdir().unwrap();
     let (a, backend, primaries) = forwarding_primary(dir.path()).await;
-    let api_says = Arc::new(Mutex::new(Some(Attachment::on("b").at(1))));
-    let view = {
-        let api_says = api_says.clone();
-        Arc::new(Attachments::new(Box::new(move |_v: &str| {
-            Ok(api_says.lock().unwrap().clone())
-        })))
-    };
-    view.begin_list();
-    view.listed("vol", Some(Attachment::on("b").at(1)));
-    view.end_list();
-    primaries.fence_by_attachment(view.clone());
+    let api_says = fence_by_api(&primaries, Attachment::on("b").at(1));
 
     let addr = a.address.parse().unwrap();
-    let export = |generation: u64| {
-        ForwardingBackend::open_attached(
-            "vol",
-            NetConfig::new("b", SECRET),
-            ForwardSettings {
-                failover_wait_ms: 60_000,
-                reconnect_backoff_initial_ms: 10,
-                reconnect_backoff_max_ms: 50,
-                ..ForwardSettings::default()
-            },
-            Arc::new(Fixed(PrimaryTarget {
-                node: "a".into(),
-                addr,
-                epoch: Epoch(1),
-            })),
-            None,
-            Some(AttachmentGeneration(generation)),
-        )
-    };
+    let export = |generation: u64| b_export(addr, Some(generation));
     let old = Arc::new(export(1).await.expect("b's export of attachment 1 opens"));
     let o = old.clone();
     blocking(move || o.write(0, &[0xb1; 4096]))
@@ -944,10 +814,7 @@ async fn an_export_of_an_older_attachment_to_the_same_node_is_fenced() {
     // anew, as it does before every retry: a connection newer than the new export's,
     // sending for generation 1.
     let vol = VolumeId::new("vol".to_string()).unwrap();
-    let write = |byte: u8| ForwardOp::Write {
-        offset: 0,
-        data: vec![byte; 4096],
-    };
+    let write = write_block0;
     let redial = ForwardClient::connect(addr, &NetConfig::new("b", SECRET), 10_000)
         .await
         .expect("b connects")
@@ -1005,11 +872,7 @@ async fn an_export_of_an_older_attachment_to_the_same_node_is_fenced() {
         stale.detail
     );
 
-    let mut buf = vec![0u8; 4096];
-    let be = backend.clone();
-    let buf = blocking(move || be.read(0, &mut buf).map(|_| buf))
-        .await
-        .expect("read on the primary");
+    let buf = block0(&backend).await;
     assert!(buf.iter().all(|&x| x == 0xb3), "block holds {:#x}", buf[0]);
 
     // The current export keeps working.
@@ -1028,8 +891,7 @@ async fn a_demoted_primary_frees_its_wal_as_a_replica() {
     let dir = tempfile::tempdir().unwrap();
     let (a, b) = (node("a").await, node("b").await);
     let rb = assignment(&dir.path().join("b"), "r2", ReplicaRole::Replica, 1, None);
-    b.runtime.open(&rb).await.unwrap();
-    b.runtime.apply(&rb).await.unwrap();
+    b.assign(&rb).await;
     // r1 ships to r2 (in sync) and to r3, a peer out of the in-sync set that never
     // answers: the primary keeps WAL for it from its first entry on.
     let mut ra = assignment(
@@ -1044,9 +906,8 @@ async fn a_demoted_primary_frees_its_wal_as_a_replica() {
         node: "c".into(),
         address: Some("127.0.0.1:1".into()),
     });
-    a.runtime.open(&ra).await.unwrap();
-    a.runtime.apply(&ra).await.unwrap();
-    let backend = export_of(&a);
+    a.assign(&ra).await;
+    let backend = a.export();
     until_serving(&backend).await;
     blocking(move || {
         for i in 0..64u64 {
@@ -1057,23 +918,9 @@ async fn a_demoted_primary_frees_its_wal_as_a_replica() {
     .await;
 
     // r1 is demoted, r2 promoted at epoch 2 shipping to r1.
-    let demoted = Assignment {
-        role: ReplicaRole::Replica,
-        epoch: 2,
-        peers: vec![],
-        ..ra.clone()
-    };
+    let demoted = demoted(&ra);
     a.runtime.apply(&demoted).await.unwrap();
-    let promoted = assignment(
-        &dir.path().join("b"),
-        "r2",
-        ReplicaRole::Primary,
-        2,
-        Some(("r1", &a.address)),
-    );
-    b.runtime.apply(&promoted).await.unwrap();
-    let nb = export_of(&b);
-    until_serving(&nb).await;
+    let nb = promote_r2(dir.path(), &a, &b).await;
     // Three WALs' worth (the WAL is 4 MiB), each MiB flushed with r1 in the set.
     let written = blocking(move || {
         for round in 0..12u64 {

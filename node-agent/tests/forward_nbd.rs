@@ -9,91 +9,66 @@
 mod common;
 
 use std::io::{Read, Write};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 
-use api::{Durability, ReplicaRole};
+use api::ReplicaRole;
+use common::replicas::{Fixed, Node};
 use common::{TestServer, run_ok};
 use engine::Epoch;
-use engine::forward::ForwardClient;
-use engine::net::{NetConfig, ReceiverServer, Transport};
+use engine::forward::{ForwardClient, ForwardOutcome};
+use engine::net::NetConfig;
 use engine::replication::wire::{
     ClientAuth, FRAME_HEADER_BYTES, FrameDecoder, Message, NONCE_BYTES, WireConfig, encode_frame,
 };
 use engine::replication::{ForwardMsg, ForwardOp, ForwardStatus, VolumeId};
-use futures::future::BoxFuture;
-use node_agent::frontend::forwarding::{
-    ForwardSettings, ForwardingBackend, PrimaryResolver, PrimaryTarget, ResolveError,
-};
-use node_agent::frontend::nbd::{BlockBackend, ExportRegistry, ServerConfig};
-use node_agent::replicas::{Assignment, Peer, ReplicaRuntime};
-use node_agent::replicas::{EngineRuntime, EngineSettings};
+use node_agent::frontend::forwarding::{ForwardSettings, ForwardingBackend, PrimaryTarget};
+use node_agent::frontend::nbd::{BlockBackend, ServerConfig};
+use node_agent::replicas::{Assignment, EngineSettings, ReplicaRuntime};
 
 const SECRET: &[u8] = b"forward-nbd-secret";
 const SIZE: u64 = 16 << 20;
 
-struct Node {
-    runtime: EngineRuntime,
-    receiver: Arc<ReceiverServer>,
-}
-
+/// A node whose data port executes forwarded IO for its primaries.
 async fn node(name: &str) -> Node {
-    let net = NetConfig::new(name, SECRET);
-    let receiver = Arc::new(
-        ReceiverServer::bind("127.0.0.1:0".parse().unwrap(), net.clone())
+    let n = Node::start(name, SECRET, EngineSettings::default()).await;
+    n.receiver
+        .set_forward_handler(Arc::new(n.runtime.local_primaries()));
+    n
+}
+
+fn assignment(dir: &Path, id: &str, role: ReplicaRole, peer: Option<(&str, &str)>) -> Assignment {
+    common::replicas::assignment(dir, id, role, 1, SIZE, peer)
+}
+
+/// Node a serving primary r1 of "vol" alone, on `rt`'s runtime.
+fn lone_primary(rt: &TestServer, dir: &Path) -> Node {
+    rt.block_on(async {
+        let a = node("a").await;
+        a.assign(&assignment(dir, "r1", ReplicaRole::Primary, None))
+            .await;
+        a
+    })
+}
+
+/// A forwarded FLUSH of "vol" at `epoch` from node c to the data port at `addr`.
+fn forwarded_flush(rt: &TestServer, addr: SocketAddr, epoch: Epoch) -> ForwardOutcome {
+    rt.block_on(async {
+        let c = ForwardClient::connect(addr, &NetConfig::new("c", SECRET), 5_000)
             .await
-            .expect("data port"),
-    );
-    let runtime = EngineRuntime::new(
-        EngineSettings {
-            wal_size_bytes: 4 << 20,
-            ..EngineSettings::default()
-        },
-        receiver.clone(),
-        Transport::new(net),
-        ExportRegistry::new(),
-        Arc::new(|| true),
-    );
-    receiver.set_forward_handler(Arc::new(runtime.local_primaries()));
-    Node { runtime, receiver }
+            .expect("connect to the data port");
+        let vol = VolumeId::new("vol".to_string()).unwrap();
+        c.call(&vol, epoch, ForwardOp::Flush).await.expect("reply")
+    })
 }
 
-fn assignment(dir: &Path, id: &str, role: ReplicaRole, peer: Option<(&str, String)>) -> Assignment {
-    Assignment {
-        volume: "vol".into(),
-        replica_id: id.into(),
-        dir: dir.join(id),
-        role,
-        epoch: 1,
-        size_bytes: SIZE,
-        block_size: 4096,
-        durability: Durability::SyncAll,
-        in_sync_set: match &peer {
-            Some((p, _)) => vec![id.into(), p.to_string()],
-            None => vec![id.into()],
-        },
-        peers: peer
-            .map(|(p, addr)| Peer {
-                replica_id: p.into(),
-                node: "b".into(),
-                address: Some(addr),
-            })
-            .into_iter()
-            .collect(),
-        in_sync_set_generation: 1,
-    }
-}
-
-struct Fixed(PrimaryTarget);
-
-impl PrimaryResolver for Fixed {
-    fn resolve<'a>(
-        &'a self,
-        _volume: &'a str,
-    ) -> BoxFuture<'a, Result<PrimaryTarget, ResolveError>> {
-        let t = self.0.clone();
-        Box::pin(async move { Ok(t) })
-    }
+/// Waits for the data port of `a` to record a rejection containing `reason`.
+fn assert_rejection_logged(a: &Node, reason: &str) {
+    let logged = common::wait_until(std::time::Duration::from_secs(10), || {
+        a.receiver.rejections().iter().any(|r| r.contains(reason))
+    });
+    assert!(logged, "{:?}", a.receiver.rejections());
 }
 
 #[test]
@@ -102,17 +77,15 @@ fn qemu_io_through_a_forwarding_export_reaches_the_primary_and_its_replica() {
     let fwd = TestServer::start(ServerConfig::default());
     let (a, b) = fwd.block_on(async {
         let (a, b) = (node("a").await, node("b").await);
-        let rb = assignment(dir.path(), "r2", ReplicaRole::Replica, None);
-        b.runtime.open(&rb).await.unwrap();
-        b.runtime.apply(&rb).await.unwrap();
-        let ra = assignment(
+        b.assign(&assignment(dir.path(), "r2", ReplicaRole::Replica, None))
+            .await;
+        a.assign(&assignment(
             dir.path(),
             "r1",
             ReplicaRole::Primary,
-            Some(("r2", b.receiver.local_addr().to_string())),
-        );
-        a.runtime.open(&ra).await.unwrap();
-        a.runtime.apply(&ra).await.unwrap();
+            Some(("r2", &b.address)),
+        ))
+        .await;
         (a, b)
     });
     let target = PrimaryTarget {
@@ -184,33 +157,12 @@ fn qemu_io_through_a_forwarding_export_reaches_the_primary_and_its_replica() {
     );
 
     // The replica's agent refuses forwarded IO: it is not primary.
-    let vol = VolumeId::new("vol".to_string()).unwrap();
-    let reply = fwd.block_on(async {
-        let c =
-            ForwardClient::connect(b.receiver.local_addr(), &NetConfig::new("c", SECRET), 5_000)
-                .await
-                .expect("connect to the replica's data port");
-        c.call(&vol, Epoch(1), ForwardOp::Flush)
-            .await
-            .expect("reply")
-    });
+    let reply = forwarded_flush(&fwd, b.receiver.local_addr(), Epoch(1));
     assert_eq!(reply.status, ForwardStatus::NotPrimary, "{reply:?}");
     // A request at an older epoch than the primary's is refused as stale... and a newer
     // one as not primary (this primary would be the stale one).
-    let (older, newer) = fwd.block_on(async {
-        let c =
-            ForwardClient::connect(a.receiver.local_addr(), &NetConfig::new("c", SECRET), 5_000)
-                .await
-                .expect("connect");
-        (
-            c.call(&vol, Epoch(0), ForwardOp::Flush)
-                .await
-                .expect("reply"),
-            c.call(&vol, Epoch(2), ForwardOp::Flush)
-                .await
-                .expect("reply"),
-        )
-    });
+    let older = forwarded_flush(&fwd, a.receiver.local_addr(), Epoch(0));
+    let newer = forwarded_flush(&fwd, a.receiver.local_addr(), Epoch(2));
     assert_eq!(older.status, ForwardStatus::StaleEpoch, "{older:?}");
     assert_eq!(older.epoch, Epoch(1));
     assert_eq!(newer.status, ForwardStatus::NotPrimary, "{newer:?}");
@@ -220,13 +172,7 @@ fn qemu_io_through_a_forwarding_export_reaches_the_primary_and_its_replica() {
 fn unauthenticated_forwarders_are_refused_before_any_io() {
     let rt = TestServer::start(ServerConfig::default());
     let dir = tempfile::tempdir().unwrap();
-    let a = rt.block_on(async {
-        let a = node("a").await;
-        let ra = assignment(dir.path(), "r1", ReplicaRole::Primary, None);
-        a.runtime.open(&ra).await.unwrap();
-        a.runtime.apply(&ra).await.unwrap();
-        a
-    });
+    let a = lone_primary(&rt, dir.path());
     let addr = a.receiver.local_addr();
 
     // Wrong secret: the handshake fails.
@@ -268,26 +214,7 @@ fn unauthenticated_forwarders_are_refused_before_any_io() {
         "the unauthenticated write was not applied"
     );
     // The connection is closed before the reason is recorded: poll for it.
-    let logged = common::wait_until(std::time::Duration::from_secs(10), || {
-        a.receiver
-            .rejections()
-            .iter()
-            .any(|r| r.contains("authentication"))
-    });
-    assert!(logged, "{:?}", a.receiver.rejections());
-}
-
-/// CRC32C (Castagnoli), bitwise: frames with a valid checksum but a bad body.
-fn crc32c(b: &[u8]) -> u32 {
-    let mut crc = !0u32;
-    for &byte in b {
-        crc ^= u32::from(byte);
-        for _ in 0..8 {
-            let mask = (crc & 1).wrapping_neg();
-            crc = (crc >> 1) ^ (0x82F6_3B78 & mask);
-        }
-    }
-    !crc
+    assert_rejection_logged(&a, "authentication");
 }
 
 /// Reads frames from a blocking stream until one decodes.
@@ -307,13 +234,7 @@ fn next_message(s: &mut std::net::TcpStream, dec: &mut FrameDecoder) -> Message 
 fn a_malformed_forward_request_closes_only_that_connection() {
     let rt = TestServer::start(ServerConfig::default());
     let dir = tempfile::tempdir().unwrap();
-    let a = rt.block_on(async {
-        let a = node("a").await;
-        let ra = assignment(dir.path(), "r1", ReplicaRole::Primary, None);
-        a.runtime.open(&ra).await.unwrap();
-        a.runtime.apply(&ra).await.unwrap();
-        a
-    });
+    let a = lone_primary(&rt, dir.path());
     let addr = a.receiver.local_addr();
 
     // Authenticate properly, then send a forward request with an unknown operation.
@@ -342,28 +263,14 @@ fn a_malformed_forward_request_closes_only_that_connection() {
     payload[last] = 0x7f;
     let mut bad = good[..FRAME_HEADER_BYTES].to_vec();
     bad.extend_from_slice(&payload);
-    bad.extend_from_slice(&crc32c(&bad).to_le_bytes());
+    bad.extend_from_slice(&crc32c::crc32c(&bad).to_le_bytes());
     s.write_all(&bad).unwrap();
     let mut rest = Vec::new();
     let _ = s.read_to_end(&mut rest);
     assert!(rest.is_empty(), "no reply to a malformed request");
-    let logged = common::wait_until(std::time::Duration::from_secs(10), || {
-        a.receiver
-            .rejections()
-            .iter()
-            .any(|r| r.contains("forward.op"))
-    });
-    assert!(logged, "{:?}", a.receiver.rejections());
+    assert_rejection_logged(&a, "forward.op");
 
     // The data port keeps serving well-formed forwarded IO.
-    let vol = VolumeId::new("vol".to_string()).unwrap();
-    let reply = rt.block_on(async {
-        let c = ForwardClient::connect(addr, &NetConfig::new("c", SECRET), 5_000)
-            .await
-            .expect("connect");
-        c.call(&vol, Epoch(1), ForwardOp::Flush)
-            .await
-            .expect("reply")
-    });
+    let reply = forwarded_flush(&rt, addr, Epoch(1));
     assert_eq!(reply.status, ForwardStatus::Ok, "{reply:?}");
 }

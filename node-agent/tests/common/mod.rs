@@ -1,6 +1,9 @@
 //! Shared fixtures for the NBD and attach tests: a server on its own runtime, unique
-//! temp paths, and process guards that clean up even when a test fails.
+//! temp paths, and process guards that clean up even when a test fails; `replicas` holds
+//! engine runtimes on real data ports.
 #![allow(dead_code)]
+
+pub mod replicas;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
