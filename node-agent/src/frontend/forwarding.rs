@@ -595,6 +595,20 @@ impl ForwardingBackend {
             .step_by(FORWARD_DATA_BYTES_MAX)
             .map(move |s| (offset + s as u64, s..(s + FORWARD_DATA_BYTES_MAX).min(len)))
     }
+
+    /// Forwards `data` at `offset` piece by piece, each piece as the write `op` makes of
+    /// its offset and bytes; stops at the first piece that fails.
+    fn write_pieces(
+        &self,
+        offset: u64,
+        data: &[u8],
+        op: fn(u64, Vec<u8>) -> ForwardOp,
+    ) -> Result<(), BackendError> {
+        for (off, range) in Self::pieces(offset, data.len()) {
+            self.block_on(self.inner.write_op(op(off, data[range].to_vec())))?;
+        }
+        Ok(())
+    }
 }
 
 async fn geometry(inner: &Inner) -> Result<(u64, u32), BackendError> {
@@ -640,22 +654,16 @@ impl BlockBackend for ForwardingBackend {
         Ok(())
     }
     fn write(&self, offset: u64, data: &[u8]) -> Result<(), BackendError> {
-        for (off, range) in Self::pieces(offset, data.len()) {
-            self.block_on(self.inner.write_op(ForwardOp::Write {
-                offset: off,
-                data: data[range].to_vec(),
-            }))?;
-        }
-        Ok(())
+        self.write_pieces(offset, data, |offset, data| ForwardOp::Write {
+            offset,
+            data,
+        })
     }
     fn write_fua(&self, offset: u64, data: &[u8]) -> Result<(), BackendError> {
-        for (off, range) in Self::pieces(offset, data.len()) {
-            self.block_on(self.inner.write_op(ForwardOp::WriteFua {
-                offset: off,
-                data: data[range].to_vec(),
-            }))?;
-        }
-        Ok(())
+        self.write_pieces(offset, data, |offset, data| ForwardOp::WriteFua {
+            offset,
+            data,
+        })
     }
     fn flush(&self) -> Result<(), BackendError> {
         self.block_on(self.inner.execute(ForwardOp::Flush))

@@ -258,6 +258,25 @@ impl ForwardHandler for LocalPrimaries {
     }
 }
 
+/// Grows `vol` to the size `a` assigns and says whether it grew; a smaller size is
+/// refused, since a volume never shrinks under its data.
+fn grow_to_assigned(vol: &Volume, a: &Assignment) -> Result<bool, RuntimeError> {
+    let current = vol.size_bytes();
+    if a.size_bytes < current {
+        return Err(RuntimeError::Shrink {
+            replica: a.replica_id.clone(),
+            current,
+            offered: a.size_bytes,
+        });
+    }
+    if a.size_bytes == current {
+        return Ok(false);
+    }
+    vol.expand(a.size_bytes)
+        .map_err(|e| failed(&a.replica_id, format!("expand: {e}")))?;
+    Ok(true)
+}
+
 fn failed(replica: &str, message: impl std::fmt::Display) -> RuntimeError {
     RuntimeError::Failed {
         replica: replica.to_string(),
@@ -662,35 +681,13 @@ impl ReplicaRuntime for EngineRuntime {
     async fn open(&self, a: &Assignment) -> Result<(), RuntimeError> {
         let mut m = self.replicas.lock().await;
         if let Some(l) = m.get(&a.replica_id) {
-            let current = l.vol.size_bytes();
-            if a.size_bytes < current {
-                return Err(RuntimeError::Shrink {
-                    replica: a.replica_id.clone(),
-                    current,
-                    offered: a.size_bytes,
-                });
-            }
-            if a.size_bytes > current {
-                l.vol
-                    .expand(a.size_bytes)
-                    .map_err(|e| failed(&a.replica_id, format!("expand: {e}")))?;
+            if grow_to_assigned(&l.vol, a)? {
                 tracing::info!(replica = %a.replica_id, size_bytes = a.size_bytes, "volume grown");
             }
             return Ok(());
         }
         let (vol, path) = self.open_volume(a)?;
-        let current = vol.size_bytes();
-        if a.size_bytes < current {
-            return Err(RuntimeError::Shrink {
-                replica: a.replica_id.clone(),
-                current,
-                offered: a.size_bytes,
-            });
-        }
-        if a.size_bytes > current {
-            vol.expand(a.size_bytes)
-                .map_err(|e| failed(&a.replica_id, format!("expand: {e}")))?;
-        }
+        grow_to_assigned(&vol, a)?;
         m.insert(
             a.replica_id.clone(),
             Local {

@@ -154,27 +154,15 @@ impl NbdServer {
         };
         let listener = TcpListener::bind(addr).await.map_err(listen_err)?;
         let local = listener.local_addr().map_err(listen_err)?;
-        let shared = self.shared.clone();
-        tokio::spawn(async move {
-            let mut shutdown = shared.shutdown.subscribe();
-            loop {
-                let accepted = tokio::select! {
-                    a = listener.accept() => a,
-                    _ = shutdown.wait_for(|s| *s) => break,
-                };
-                match accepted {
-                    Ok((stream, peer)) => {
-                        // Small replies (flush, write acks) must not wait for Nagle.
-                        let _ = stream.set_nodelay(true);
-                        spawn_connection(shared.clone(), stream, peer.to_string());
-                    }
-                    Err(e) => {
-                        warn!(error = %e, "nbd: tcp accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
-                }
+        let listener = Arc::new(listener);
+        spawn_accept_loop(self.shared.clone(), "tcp", local.to_string(), move || {
+            let listener = listener.clone();
+            async move {
+                let (stream, peer) = listener.accept().await?;
+                // Small replies (flush, write acks) must not wait for Nagle.
+                let _ = stream.set_nodelay(true);
+                Ok((stream, peer.to_string()))
             }
-            debug!(%local, "nbd: tcp listener stopped");
         });
         info!(%local, "nbd: listening on tcp");
         Ok(local)
@@ -203,24 +191,12 @@ impl NbdServer {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .push(path.to_path_buf());
-        let shared = self.shared.clone();
         let shown = path.display().to_string();
-        tokio::spawn(async move {
-            let mut shutdown = shared.shutdown.subscribe();
-            loop {
-                let accepted = tokio::select! {
-                    a = listener.accept() => a,
-                    _ = shutdown.wait_for(|s| *s) => break,
-                };
-                match accepted {
-                    Ok((stream, _)) => spawn_connection(shared.clone(), stream, shown.clone()),
-                    Err(e) => {
-                        warn!(error = %e, "nbd: unix accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
-                }
-            }
-            debug!(path = %shown, "nbd: unix listener stopped");
+        let listener = Arc::new(listener);
+        spawn_accept_loop(self.shared.clone(), "unix", shown.clone(), move || {
+            let listener = listener.clone();
+            let shown = shown.clone();
+            async move { Ok((listener.accept().await?.0, shown)) }
         });
         info!(path = %path.display(), "nbd: listening on unix socket");
         Ok(())
@@ -245,6 +221,37 @@ impl Drop for NbdServer {
     fn drop(&mut self) {
         self.shutdown();
     }
+}
+
+/// Accepts connections with `accept` (a stream and the peer's name) until the server
+/// shuts down; a failed accept is logged and retried after a short pause.
+fn spawn_accept_loop<S, F, Fut>(
+    shared: Arc<Shared>,
+    kind: &'static str,
+    listener: String,
+    mut accept: F,
+) where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+    F: FnMut() -> Fut + Send + 'static,
+    Fut: Future<Output = std::io::Result<(S, String)>> + Send,
+{
+    tokio::spawn(async move {
+        let mut shutdown = shared.shutdown.subscribe();
+        loop {
+            let accepted = tokio::select! {
+                a = accept() => a,
+                _ = shutdown.wait_for(|s| *s) => break,
+            };
+            match accepted {
+                Ok((stream, peer)) => spawn_connection(shared.clone(), stream, peer),
+                Err(e) => {
+                    warn!(error = %e, "nbd: {kind} accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+        debug!(%listener, "nbd: {kind} listener stopped");
+    });
 }
 
 fn spawn_connection<S>(shared: Arc<Shared>, stream: S, peer: String)
