@@ -96,17 +96,7 @@ mod tests {
     use super::*;
     use crate::identity::IdentityService;
     use crate::server::Services;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-    async fn get(addr: SocketAddr, path: &str) -> String {
-        let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
-        c.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes())
-            .await
-            .unwrap();
-        let mut out = String::new();
-        c.read_to_string(&mut out).await.unwrap();
-        out
-    }
+    use testkit::http::get;
 
     async fn health_server(endpoint: Endpoint) -> (SocketAddr, tokio::task::JoinHandle<()>) {
         let l = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();

@@ -8,11 +8,11 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
-use api::{BlockReplica, BlockVolume, BlockVolumeSpec, ReplicaRole, ReplicaState, VolumePhase};
+use api::{BlockReplica, BlockVolume, ReplicaRole, ReplicaState, VolumePhase};
 use e2e::in_process::InProcessOperator;
-use kube::api::{Api, ListParams, PostParams};
+use kube::api::{Api, ListParams};
 use kube::{Client, ResourceExt};
-use testkit::{ControlPlane, ControlPlaneOptions, Task, Wait};
+use testkit::{ControlPlane, Task, Wait};
 
 const NS: &str = "blockvol-system";
 const WAIT_TIMEOUT_MS: u64 = 90_000;
@@ -109,11 +109,7 @@ fn spawn_agent(node: &str, root: &Path, kubeconfig: &Path, secret: &Path) -> Age
 
 async fn start() -> (ControlPlane, Client) {
     testkit::init_tracing("operator=info");
-    let cp = ControlPlane::start_with_crds(ControlPlaneOptions::default(), NS)
-        .await
-        .expect("control plane with the CRDs starts");
-    let client = cp.client();
-    (cp, client)
+    testkit::apiserver::start(NS).await
 }
 
 fn operator(client: &Client) -> Task {
@@ -211,13 +207,7 @@ async fn rf3_volume_survives_killing_the_primary_agent() {
         .collect();
     let _operator = operator(&client);
 
-    Api::<BlockVolume>::all(client.clone())
-        .create(
-            &PostParams::default(),
-            &BlockVolume::new(VOLUME, BlockVolumeSpec::with_size("32Mi")),
-        )
-        .await
-        .expect("create volume");
+    testkit::apiserver::create_volume(&client, VOLUME, "32Mi").await;
 
     let v = WAIT
         .expect("the RF3 volume Ready", || async {

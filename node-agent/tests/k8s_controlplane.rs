@@ -14,7 +14,7 @@ use node_agent::k8s::{
 };
 use node_agent::replicas::InMemoryRuntime;
 use serde_json::json;
-use testkit::{ControlPlane, ControlPlaneOptions, Task, Wait};
+use testkit::{ControlPlane, Task, Wait};
 
 const NS: &str = "blockvol-system";
 const WAIT_TIMEOUT_MS: u64 = 60_000;
@@ -23,11 +23,7 @@ const POLL_MS: u64 = 100;
 const WAIT: Wait = Wait::millis(WAIT_TIMEOUT_MS, POLL_MS);
 
 async fn start() -> (ControlPlane, Client) {
-    let cp = ControlPlane::start_with_crds(ControlPlaneOptions::default(), NS)
-        .await
-        .expect("control plane with the CRDs starts");
-    let client = cp.client();
-    (cp, client)
+    testkit::apiserver::start(NS).await
 }
 
 fn replica(

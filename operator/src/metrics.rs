@@ -377,21 +377,12 @@ mod tests {
     #[tokio::test]
     async fn endpoint_serves_metrics_and_404s_other_paths() {
         use telemetry::http::{OPENMETRICS_CONTENT_TYPE, serve};
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let m = std::sync::Arc::new(Metrics::default());
         m.set_leader(true);
         let l = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
         let addr = l.local_addr().unwrap();
         let server = tokio::spawn(serve(l, m));
-        let get = |path: &'static str| async move {
-            let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
-            c.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes())
-                .await
-                .unwrap();
-            let mut out = String::new();
-            c.read_to_string(&mut out).await.unwrap();
-            out
-        };
+        let get = |path| testkit::http::get(addr, path);
         let body = get("/metrics").await;
         assert!(
             body.starts_with("HTTP/1.1 200") && body.contains("blockvol_operator_leader 1"),

@@ -7,17 +7,17 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use api::{
-    BlockReplica, BlockReplicaStatus, BlockVolume, BlockVolumeSpec, PeerStatus, ReplicaRole,
-    ReplicaState, VolumePhase,
+    BlockReplica, BlockReplicaStatus, BlockVolume, PeerStatus, ReplicaRole, ReplicaState,
+    VolumePhase,
 };
 use e2e::in_process::{InProcessOperator, test_settings};
 use k8s_openapi::api::coordination::v1::Lease;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::{Client, ResourceExt};
 use operator::{Context, ControllerSettings, Metrics};
 use serde_json::json;
 use testkit::agent::FakeAgent;
-use testkit::{ControlPlane, ControlPlaneOptions, Task, Wait};
+use testkit::{ControlPlane, Task, Wait};
 
 const NS: &str = "blockvol-system";
 /// Longest any single expectation may take.
@@ -33,11 +33,7 @@ const WAIT: Wait = Wait::millis(WAIT_TIMEOUT_MS, POLL_MS);
 
 async fn start() -> (ControlPlane, Client) {
     testkit::init_tracing("operator=info");
-    let cp = ControlPlane::start_with_crds(ControlPlaneOptions::default(), NS)
-        .await
-        .expect("control plane with the CRDs starts");
-    let client = cp.client();
-    (cp, client)
+    testkit::apiserver::start(NS).await
 }
 
 /// A simulated node agent: a registered BlockNode and a Lease renewed until dropped.
@@ -135,13 +131,8 @@ async fn volume_lifecycle_placement_in_sync_promotion_expansion_deletion() {
         agents.insert(n.to_string(), agent(&client, n, z).await);
     }
     let (op, _) = operator(&client, "op-a");
+    testkit::apiserver::create_volume(&client, "vol1", "64Mi").await;
     let vols: Api<BlockVolume> = Api::all(client.clone());
-    vols.create(
-        &PostParams::default(),
-        &BlockVolume::new("vol1", BlockVolumeSpec::with_size("64Mi")),
-    )
-    .await
-    .expect("create volume");
 
     // Placement: three replicas on three distinct nodes, one primary, epoch 1.
     let placed = WAIT
@@ -422,13 +413,7 @@ async fn too_few_nodes_reports_insufficient_nodes_then_places_when_one_joins() {
     let _a1 = agent(&client, "n1", "z1").await;
     let _a2 = agent(&client, "n2", "z2").await;
     let (_op, _m) = operator(&client, "op-a");
-    Api::<BlockVolume>::all(client.clone())
-        .create(
-            &PostParams::default(),
-            &BlockVolume::new("vol2", BlockVolumeSpec::with_size("16Mi")),
-        )
-        .await
-        .unwrap();
+    testkit::apiserver::create_volume(&client, "vol2", "16Mi").await;
     let v = WAIT
         .expect("Pending with InsufficientNodes", || async {
             volume(&client, "vol2").await.filter(|v| {
@@ -517,13 +502,7 @@ async fn replica_needing_rebuild_is_replaced_on_another_node_and_rejoins() {
     let mut s = settings();
     s.replacement.replica_failure_grace_ms = 1_000;
     let (_op, _m) = operator_with(&client, "op-a", s);
-    Api::<BlockVolume>::all(client.clone())
-        .create(
-            &PostParams::default(),
-            &BlockVolume::new("vol3", BlockVolumeSpec::with_size("16Mi")),
-        )
-        .await
-        .unwrap();
+    testkit::apiserver::create_volume(&client, "vol3", "16Mi").await;
     let placed = WAIT
         .expect("3 replicas placed", || async {
             let rs = replicas_of(&client, "vol3").await;
@@ -639,13 +618,7 @@ async fn two_reconciles_racing_to_promote_never_assign_two_primaries_at_one_epoc
         agents.insert(n.to_string(), agent(&client, n, z).await);
     }
     let (op, _) = operator(&client, "op-a");
-    Api::<BlockVolume>::all(client.clone())
-        .create(
-            &PostParams::default(),
-            &BlockVolume::new("race", BlockVolumeSpec::with_size("64Mi")),
-        )
-        .await
-        .expect("create volume");
+    testkit::apiserver::create_volume(&client, "race", "64Mi").await;
     let placed = WAIT
         .expect("3 replicas placed", || async {
             let rs = replicas_of(&client, "race").await;

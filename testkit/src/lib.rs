@@ -4,12 +4,15 @@
 //! the test plays itself. It depends on no blockvol crate but `api`, so every crate's
 //! tests can use it.
 
+pub mod http;
 pub mod rng;
 pub mod task;
 pub mod wait;
 
 #[cfg(feature = "kube")]
 pub mod agent;
+#[cfg(feature = "kube")]
+pub mod apiserver;
 #[cfg(feature = "kube")]
 pub mod controlplane;
 #[cfg(feature = "kube")]
