@@ -292,13 +292,22 @@ mod tests {
         }
     }
 
+    /// A fresh observer, the API server's clock `now`, this process's clock `t0`, and a
+    /// 10 s Lease last renewed 100 s before `now`.
+    fn observing_a_stale_lease() -> (LeaseObserver, Timestamp, Instant, LeaseSpec) {
+        let now = Timestamp::from_second(1_800_000_000).unwrap();
+        (
+            LeaseObserver::default(),
+            now,
+            Instant::now(),
+            spec(Some(100), 10, now),
+        )
+    }
+
     #[test]
     fn observer_needs_both_clocks_to_agree_before_expiry() {
-        let now = Timestamp::from_second(1_800_000_000).unwrap();
-        let t0 = Instant::now();
+        let (o, now, t0, stale) = observing_a_stale_lease();
         let later = |s| t0 + Duration::from_secs(s);
-        let o = LeaseObserver::default();
-        let stale = spec(Some(100), 10, now);
         // The holder's renewTime is long past, but this process only just saw it.
         assert!(!o.expired_at("l", &stale, "1", now, t0));
         assert!(!o.expired_at("l", &stale, "1", now, later(9)));
@@ -320,11 +329,8 @@ mod tests {
     /// of the gap, so the agents get a whole duration to renew before any promotion.
     #[test]
     fn an_api_gap_restarts_every_expiry_clock() {
-        let now = Timestamp::from_second(1_800_000_000).unwrap();
-        let t0 = Instant::now();
+        let (o, now, t0, stale) = observing_a_stale_lease();
         let later = |s| t0 + Duration::from_secs(s);
-        let o = LeaseObserver::default();
-        let stale = spec(Some(100), 10, now);
         assert!(!o.expired_at("l", &stale, "1", now, t0));
         // Unchanged for a whole duration, but the server was unreachable until 30 s.
         o.api_gap(later(30));
