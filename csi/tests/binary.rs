@@ -26,6 +26,38 @@ impl Drop for Child {
     }
 }
 
+/// `blockvol-csi` in node mode as node "worker-1", serving CSI on `socket` and reaching
+/// its agent through `agent.sock` in `dir`, its output discarded; the caller adds flags.
+fn node_plugin(dir: &Path, socket: &Path) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_blockvol-csi"));
+    cmd.args(["--mode", "node", "--node-id", "worker-1"])
+        .arg(format!("--endpoint=unix://{}", socket.display()))
+        .arg(format!(
+            "--agent-socket={}",
+            dir.join("agent.sock").display()
+        ))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true);
+    cmd
+}
+
+/// Sends SIGTERM to the plugin and asserts that it exits cleanly within 10 s.
+async fn stop_with_sigterm(child: &mut Child) {
+    let mut c = child.0.take().unwrap();
+    let pid = c.id().expect("running");
+    let sent = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let status = tokio::time::timeout(Duration::from_secs(10), c.wait())
+        .await
+        .expect("exits within 10 s of SIGTERM")
+        .unwrap();
+    assert!(status.success(), "clean exit, got {status}");
+}
+
 async fn wait_for_socket(path: &Path) {
     if let Err(e) = Wait::millis(30_000, 20).socket(path).await {
         panic!("{e}");
@@ -36,16 +68,7 @@ async fn wait_for_socket(path: &Path) {
 async fn node_mode_serves_identity_and_node_and_stops_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("csi.sock");
-    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_blockvol-csi"))
-        .args(["--mode", "node", "--node-id", "worker-1"])
-        .arg(format!("--endpoint=unix://{}", socket.display()))
-        .arg(format!(
-            "--agent-socket={}",
-            dir.path().join("agent.sock").display()
-        ))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
+    let child = node_plugin(dir.path(), &socket)
         .spawn()
         .expect("binary starts");
     let mut child = Child(Some(child));
@@ -103,18 +126,7 @@ async fn node_mode_serves_identity_and_node_and_stops_on_sigterm() {
         .into_inner();
     assert_eq!(node_info.node_id, "worker-1");
 
-    let mut c = child.0.take().unwrap();
-    let pid = c.id().expect("running");
-    let sent = std::process::Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()
-        .unwrap();
-    assert!(sent.success());
-    let status = tokio::time::timeout(Duration::from_secs(10), c.wait())
-        .await
-        .expect("exits within 10 s of SIGTERM")
-        .unwrap();
-    assert!(status.success(), "clean exit, got {status}");
+    stop_with_sigterm(&mut child).await;
 }
 
 /// With --registration-dir the node plugin registers itself the way the kubelet's plugin
@@ -130,17 +142,8 @@ async fn node_mode_registers_itself_with_the_kubelet_plugin_watcher() {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("csi.sock");
     let registry = dir.path().join("plugins_registry");
-    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_blockvol-csi"))
-        .args(["--mode", "node", "--node-id", "worker-1"])
-        .arg(format!("--endpoint=unix://{}", socket.display()))
-        .arg(format!(
-            "--agent-socket={}",
-            dir.path().join("agent.sock").display()
-        ))
+    let child = node_plugin(dir.path(), &socket)
         .arg(format!("--registration-dir={}", registry.display()))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
         .spawn()
         .expect("binary starts");
     let mut child = Child(Some(child));
@@ -172,18 +175,7 @@ async fn node_mode_registers_itself_with_the_kubelet_plugin_watcher() {
         .await
         .unwrap();
 
-    let mut c = child.0.take().unwrap();
-    let pid = c.id().expect("running");
-    let sent = std::process::Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()
-        .unwrap();
-    assert!(sent.success());
-    let status = tokio::time::timeout(Duration::from_secs(10), c.wait())
-        .await
-        .expect("exits within 10 s of SIGTERM")
-        .unwrap();
-    assert!(status.success(), "clean exit, got {status}");
+    stop_with_sigterm(&mut child).await;
     assert!(
         !reg_socket.exists(),
         "the registration socket outlived the plugin"
@@ -195,22 +187,12 @@ async fn log_format_env_selects_json_lines_and_refuses_unknown_values() {
     use tokio::io::AsyncBufReadExt;
     let dir = tempfile::tempdir().unwrap();
     let start = |format: &str| {
-        tokio::process::Command::new(env!("CARGO_BIN_EXE_blockvol-csi"))
-            .args(["--mode", "node", "--node-id", "worker-1"])
-            .arg(format!(
-                "--endpoint=unix://{}",
-                dir.path().join(format!("{format}.sock")).display()
-            ))
-            .arg(format!(
-                "--agent-socket={}",
-                dir.path().join("agent.sock").display()
-            ))
+        node_plugin(dir.path(), &dir.path().join(format!("{format}.sock")))
             .arg("--health-addr=127.0.0.1:0")
             .env("RUST_LOG", "info")
             .env("BLOCKVOL_LOG_FORMAT", format)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
-            .kill_on_drop(true)
             .spawn()
             .expect("binary starts")
     };

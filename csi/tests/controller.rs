@@ -10,19 +10,16 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use api::BlockVolume;
-use common::operator::{create_block_node, play_operator, set_conditions};
-use common::{Served, serve_csi, wait_for_socket};
+use common::operator::{api_server, create_block_node, play_operator, set_conditions};
+use common::{Served, controller_services, serve_csi, wait_for_socket};
 use csi::agent::unix_channel;
-use csi::controller::{ControllerService, ControllerSettings};
+use csi::controller::ControllerSettings;
 use csi::csi_proto::controller_client::ControllerClient;
 use csi::csi_proto::volume_capability::access_mode::Mode;
 use csi::csi_proto::volume_capability::{AccessMode, AccessType, MountVolume};
 use csi::csi_proto::*;
-use csi::identity::IdentityService;
-use csi::server::Services;
 use kube::ResourceExt;
 use kube::api::{Api, ListParams, Patch, PatchParams};
-use testkit::{ControlPlane, ControlPlaneOptions};
 use tonic::Code;
 use tonic::transport::Channel;
 
@@ -623,34 +620,19 @@ async fn capacity_sums_allocatable_bytes_by_topology(env: &mut Env) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn controller_against_a_real_api_server() {
-    let cp = ControlPlane::start(ControlPlaneOptions::default())
-        .await
-        .expect("control plane starts");
-    cp.apply_crds(&testkit::crds_dir())
-        .await
-        .expect("CRDs applied");
-    let client = cp.client();
+    let (_cp, client) = api_server().await;
     create_block_node(&client, "node-a", 3000).await;
     create_block_node(&client, "node-b", 1000).await;
     let operator = play_operator(client.clone());
 
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("csi.sock");
-    let _served: Served = serve_csi(
-        Services {
-            identity: IdentityService::new(true),
-            controller: Some(ControllerService::new(
-                client.clone(),
-                ControllerSettings {
-                    create_ready_timeout_ms: 2_000,
-                    ready_poll_interval_ms: 50,
-                    ..ControllerSettings::default()
-                },
-            )),
-            node: None,
-        },
-        &socket,
-    );
+    let settings = ControllerSettings {
+        create_ready_timeout_ms: 2_000,
+        ready_poll_interval_ms: 50,
+        ..ControllerSettings::default()
+    };
+    let _served: Served = serve_csi(controller_services(&client, settings, None), &socket);
     wait_for_socket(&socket).await;
     let mut env = Env {
         c: ControllerClient::new(unix_channel(&socket, Duration::from_secs(30)).unwrap()),

@@ -9,8 +9,11 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::operator::{create_block_node, play_operator};
-use common::{LoopAgent, Served, serve_agent_for, serve_csi, unmount_all_under, wait_for_socket};
+use common::operator::{api_server, create_block_node, play_operator};
+use common::{
+    LoopAgent, Served, controller_services, serve_agent_for, serve_csi, unmount_all_under,
+    wait_for_socket,
+};
 use csi::agent::AgentSettings;
 use csi::controller::{ControllerService, ControllerSettings};
 use csi::identity::IdentityService;
@@ -19,7 +22,6 @@ use csi::node::{NodeService, NodeSettings};
 use csi::server::Services;
 use e2e::cluster::{TestCluster, TestClusterOptions};
 use kube::Api;
-use testkit::{ControlPlane, ControlPlaneOptions};
 
 const NODE: &str = "sanity-node";
 /// Test volume size: xfs (whose online grow works without CAP_SYS_RESOURCE) needs
@@ -44,13 +46,7 @@ impl Drop for Teardown {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn csi_sanity_passes_against_mode_all() {
     let sanity = testkit::tool("csi-sanity").expect("csi-sanity is built by hack/tools/build.sh");
-    let cp = ControlPlane::start(ControlPlaneOptions::default())
-        .await
-        .expect("control plane starts");
-    cp.apply_crds(&testkit::crds_dir())
-        .await
-        .expect("CRDs applied");
-    let client = cp.client();
+    let (_cp, client) = api_server().await;
     create_block_node(&client, NODE, 100 << 30).await;
     let operator = play_operator(client.clone());
 
@@ -67,31 +63,24 @@ async fn csi_sanity_passes_against_mode_all() {
         &agent_socket,
     );
     let csi_socket = dir.path().join("csi.sock");
-    let _csi: Served = serve_csi(
-        Services {
-            identity: IdentityService::new(true),
-            controller: Some(ControllerService::new(
-                client.clone(),
-                ControllerSettings {
-                    create_ready_timeout_ms: 10_000,
-                    ready_poll_interval_ms: 50,
-                    default_volume_size_bytes: VOLUME_BYTES,
-                    ..ControllerSettings::default()
-                },
-            )),
-            node: Some(
-                NodeService::new(NodeSettings {
-                    node_id: NODE.into(),
-                    agent: AgentSettings {
-                        socket_path: agent_socket.clone(),
-                        agent_call_timeout_ms: 60_000,
-                    },
-                    commands: CommandSettings::default(),
-                    kubelet_dir: None,
-                })
-                .unwrap(),
-            ),
+    let settings = ControllerSettings {
+        create_ready_timeout_ms: 10_000,
+        ready_poll_interval_ms: 50,
+        default_volume_size_bytes: VOLUME_BYTES,
+        ..ControllerSettings::default()
+    };
+    let node = NodeService::new(NodeSettings {
+        node_id: NODE.into(),
+        agent: AgentSettings {
+            socket_path: agent_socket.clone(),
+            agent_call_timeout_ms: 60_000,
         },
+        commands: CommandSettings::default(),
+        kubelet_dir: None,
+    })
+    .unwrap();
+    let _csi: Served = serve_csi(
+        controller_services(&client, settings, Some(node)),
         &csi_socket,
     );
     wait_for_socket(&agent_socket).await;

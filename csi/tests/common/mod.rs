@@ -313,6 +313,24 @@ pub fn serve_csi(services: csi::server::Services, socket: &Path) -> Served {
     }
 }
 
+/// The ready Identity service and the Controller service on the API server of `client`
+/// with `settings`, plus `node` when the test serves one: what mode `all` (with a node)
+/// or `controller` (without) serves.
+pub fn controller_services(
+    client: &kube::Client,
+    settings: csi::controller::ControllerSettings,
+    node: Option<csi::node::NodeService>,
+) -> csi::server::Services {
+    csi::server::Services {
+        identity: csi::identity::IdentityService::new(true),
+        controller: Some(csi::controller::ControllerService::new(
+            client.clone(),
+            settings,
+        )),
+        node,
+    }
+}
+
 /// Waits (bounded) until a unix socket accepts connections.
 pub async fn wait_for_socket(path: &Path) {
     if let Err(e) = Wait::millis(10_000, 10).socket(path).await {

@@ -8,6 +8,20 @@ use api::{BlockNode, BlockNodeSpec, BlockVolume};
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use serde_json::json;
+use testkit::{ControlPlane, ControlPlaneOptions};
+
+/// A control plane with blockvol's CRDs applied, and a client for it: the API server the
+/// driver and the played operator share.
+pub async fn api_server() -> (ControlPlane, Client) {
+    let cp = ControlPlane::start(ControlPlaneOptions::default())
+        .await
+        .expect("control plane starts");
+    cp.apply_crds(&testkit::crds_dir())
+        .await
+        .expect("CRDs applied");
+    let client = cp.client();
+    (cp, client)
+}
 
 /// Marks every BlockVolume not named `pending-*` Ready, the operator's job.
 pub fn play_operator(client: Client) -> tokio::task::JoinHandle<()> {
