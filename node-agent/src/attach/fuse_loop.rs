@@ -21,7 +21,10 @@ use tracing::{info, warn};
 
 use super::launcher::{Identities, ProxyHost};
 use super::sys;
-use super::{Attacher, Attachment, Error, Result, validate_volume_name};
+use super::{
+    Attacher, Attachment, Error, Result, create_state_dir, recorded_attachments,
+    validate_volume_name,
+};
 
 /// Settings of the FUSE + loop attacher. Timeouts bound every wait on an external
 /// process.
@@ -83,10 +86,7 @@ pub struct FuseLoopAttacher {
 
 impl FuseLoopAttacher {
     pub fn new(config: FuseLoopConfig) -> Result<Self> {
-        fs::create_dir_all(&config.state_dir).map_err(|source| Error::Io {
-            path: config.state_dir.clone(),
-            source,
-        })?;
+        create_state_dir(&config.state_dir)?;
         Ok(Self {
             config,
             ops: Mutex::new(()),
@@ -401,22 +401,13 @@ impl Attacher for FuseLoopAttacher {
             path: dir.clone(),
             source,
         })?;
-        let mut out = Vec::new();
-        for entry in entries.flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if validate_volume_name(&name).is_err() {
-                continue;
-            }
-            if let Some(s) = self.read_state(&name)? {
-                out.push(Attachment {
-                    volume: s.volume,
-                    socket: s.socket,
-                    device: s.loop_device,
-                });
-            }
-        }
-        out.sort_by(|a, b| a.volume.cmp(&b.volume));
-        Ok(out)
+        recorded_attachments(entries, |name| {
+            Ok(self.read_state(name)?.map(|s| Attachment {
+                volume: s.volume,
+                socket: s.socket,
+                device: s.loop_device,
+            }))
+        })
     }
 
     /// Asks the proxy to re-read the export's size (its control socket), checks the

@@ -25,7 +25,10 @@ use tracing::{info, warn};
 use super::genl::GenlError;
 use super::nbd_genl::{ConnectRequest, NbdControl, NbdNetlink, ReconfigureRequest};
 use super::sys;
-use super::{Attacher, Attachment, Error, Result, validate_volume_name};
+use super::{
+    Attacher, Attachment, Error, Result, create_state_dir, recorded_attachments,
+    validate_volume_name,
+};
 use crate::frontend::nbd::client::{Connection, ExportInfo};
 use crate::frontend::nbd::proto::TFLAG_CAN_MULTI_CONN;
 
@@ -215,10 +218,7 @@ impl KernelNbdAttacher {
     /// The attacher over another implementation of the driver's operations.
     pub fn with_control(config: KernelNbdConfig, open_control: OpenControl) -> Result<Self> {
         config.validate()?;
-        fs::create_dir_all(&config.state_dir).map_err(|source| Error::Io {
-            path: config.state_dir.clone(),
-            source,
-        })?;
+        create_state_dir(&config.state_dir)?;
         Ok(Self {
             config,
             ops: Mutex::new(()),
@@ -595,22 +595,13 @@ impl Attacher for KernelNbdAttacher {
                 });
             }
         };
-        let mut out = Vec::new();
-        for e in entries.flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            if validate_volume_name(&name).is_err() {
-                continue;
-            }
-            if let Some(s) = self.read_state(&name)? {
-                out.push(Attachment {
-                    volume: s.volume,
-                    socket: s.socket,
-                    device: s.index.map(|i| self.device_path(i)),
-                });
-            }
-        }
-        out.sort_by(|a, b| a.volume.cmp(&b.volume));
-        Ok(out)
+        recorded_attachments(entries, |name| {
+            Ok(self.read_state(name)?.map(|s| Attachment {
+                volume: s.volume,
+                socket: s.socket,
+                device: s.index.map(|i| self.device_path(i)),
+            }))
+        })
     }
 }
 

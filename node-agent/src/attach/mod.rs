@@ -151,6 +151,32 @@ fn write_state_file<T: serde::Serialize>(path: &Path, state: &T) -> Result<()> {
     std::fs::rename(&tmp, path).map_err(|e| io(e, path))
 }
 
+/// Creates an attacher's state directory (and its parents) if it is missing.
+fn create_state_dir(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|source| Error::Io {
+        path: dir.to_path_buf(),
+        source,
+    })
+}
+
+/// The attachments recorded in a state directory listed as `entries`: one for each entry
+/// named like a volume for which `recorded` finds a record, sorted by volume.
+fn recorded_attachments(
+    entries: std::fs::ReadDir,
+    mut recorded: impl FnMut(&str) -> Result<Option<Attachment>>,
+) -> Result<Vec<Attachment>> {
+    let mut out = Vec::new();
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if validate_volume_name(&name).is_err() {
+            continue;
+        }
+        out.extend(recorded(&name)?);
+    }
+    out.sort_by(|a, b| a.volume.cmp(&b.volume));
+    Ok(out)
+}
+
 /// Volume names become directory names and NBD URI paths, so only a safe alphabet is
 /// accepted: ASCII letters, digits, `-`, `_`, `.`; not starting with `.`; ≤ 253 bytes.
 pub fn validate_volume_name(name: &str) -> Result<()> {
