@@ -11,12 +11,24 @@ use std::time::Duration;
 use common::{TestServer, path_str, read_backend, run, run_ok, wait_until};
 use node_agent::attach::{Attacher, Error, FuseLoopAttacher};
 use node_agent::frontend::nbd::BlockBackend;
+use testkit::child::ChildGuard;
 
 /// Best-effort cleanup of everything the test may have left behind, in teardown
 /// order, even when an assertion failed half-way.
 struct Cleanup {
     mounts: Vec<PathBuf>,
     state_dir: PathBuf,
+}
+
+impl Cleanup {
+    /// Cleans up the attach state directory `attach-state` under `s`'s temp dir (its
+    /// `state_dir`) and unmounts `mounts`.
+    fn under(s: &TestServer, mounts: Vec<PathBuf>) -> Cleanup {
+        Cleanup {
+            mounts,
+            state_dir: s.dir.path().join("attach-state"),
+        }
+    }
 }
 
 impl Drop for Cleanup {
@@ -45,13 +57,55 @@ fn running_for(program: &str, mount_dir: &Path) -> bool {
                 let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
                 let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
                 let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
-                let zombie = stat
-                    .rsplit_once(')')
-                    .is_some_and(|(_, r)| r.trim_start().starts_with('Z'));
-                cmd.contains(program) && cmd.contains(&needle) && !zombie
+                cmd.contains(program) && cmd.contains(&needle) && !zombie(&stat)
             })
         })
         .unwrap_or(false)
+}
+
+/// Whether `/proc/PID/stat` text `stat` is a zombie's.
+fn zombie(stat: &str) -> bool {
+    stat.rsplit_once(')')
+        .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
+}
+
+/// Whether process `pid` exists and is not a zombie.
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|st| !zombie(&st))
+}
+
+/// Asserts that nothing of the attachment mounted at `mount_dir` is left: no loop
+/// device backed by its file, and (within 5 s) no attach proxy serving it.
+fn assert_detached(mount_dir: &Path) {
+    assert!(
+        !loop_backing_files()
+            .iter()
+            .any(|f| f.contains(path_str(mount_dir)))
+    );
+    assert!(wait_until(Duration::from_secs(5), || !proxy_running_for(
+        mount_dir
+    )));
+}
+
+/// A directory `fs` under `s`'s temp dir to mount filesystems on.
+fn mount_point(s: &TestServer) -> PathBuf {
+    let mnt = s.dir.path().join("fs");
+    std::fs::create_dir_all(&mnt).expect("mkdir");
+    mnt
+}
+
+/// Zeroes the first 16 blocks of `dev` with direct IO: the device works end to end.
+fn zero_first_blocks(dev: &Path) {
+    run_ok(
+        "dd",
+        &[
+            "if=/dev/zero",
+            &format!("of={}", dev.display()),
+            "bs=4096",
+            "count=16",
+            "oflag=direct",
+        ],
+    );
 }
 
 fn proxy_running_for(mount_dir: &Path) -> bool {
@@ -76,13 +130,9 @@ fn loop_backing_files() -> Vec<String> {
 fn ext4_on_attached_volume_survives_detach_restart_and_reattach() {
     let size = 64u64 << 20;
     let (s, backend) = TestServer::with_mem_export("vol-fs", size, 4096);
-    let state_dir = s.dir.path().join("attach-state");
-    let mnt = s.dir.path().join("fs");
-    std::fs::create_dir_all(&mnt).expect("mkdir");
-    let _cleanup = Cleanup {
-        mounts: vec![mnt.clone()],
-        state_dir: state_dir.clone(),
-    };
+    let mnt = mount_point(&s);
+    let cleanup = Cleanup::under(&s, vec![mnt.clone()]);
+    let state_dir = cleanup.state_dir.clone();
     let mount_dir = state_dir.join("vol-fs/mnt");
 
     let a = FuseLoopAttacher::new(common::attach_config(&state_dir)).expect("attacher");
@@ -128,14 +178,7 @@ fn ext4_on_attached_volume_survives_detach_restart_and_reattach() {
 
     a.detach("vol-fs").expect("detach");
     a.detach("vol-fs").expect("detach is idempotent");
-    assert!(
-        !loop_backing_files()
-            .iter()
-            .any(|f| f.contains(path_str(&mount_dir)))
-    );
-    assert!(wait_until(Duration::from_secs(5), || !proxy_running_for(
-        &mount_dir
-    )));
+    assert_detached(&mount_dir);
     assert!(!state_dir.join("vol-fs").exists());
     drop(a);
 
@@ -162,14 +205,7 @@ fn ext4_on_attached_volume_survives_detach_restart_and_reattach() {
     let a = FuseLoopAttacher::new(common::attach_config(&state_dir)).expect("attacher");
     assert_eq!(a.list().expect("list").len(), 1);
     a.detach("vol-fs").expect("detach after restart");
-    assert!(wait_until(Duration::from_secs(5), || !proxy_running_for(
-        &mount_dir
-    )));
-    assert!(
-        !loop_backing_files()
-            .iter()
-            .any(|f| f.contains(path_str(&mount_dir)))
-    );
+    assert_detached(&mount_dir);
     assert_eq!(a.list().expect("list"), Vec::new());
 }
 
@@ -194,13 +230,9 @@ fn device_size(dev: &Path) -> u64 {
 fn filesystem_grows_while_mounted(fs: &str, size: u64, grown: u64) {
     let volume = format!("vol-grow-{fs}");
     let (s, backend) = TestServer::with_mem_export(&volume, size, 4096);
-    let state_dir = s.dir.path().join("attach-state");
-    let mnt = s.dir.path().join("fs");
-    std::fs::create_dir_all(&mnt).expect("mkdir");
-    let _cleanup = Cleanup {
-        mounts: vec![mnt.clone()],
-        state_dir: state_dir.clone(),
-    };
+    let mnt = mount_point(&s);
+    let cleanup = Cleanup::under(&s, vec![mnt.clone()]);
+    let state_dir = cleanup.state_dir.clone();
     let mount_dir = state_dir.join(&volume).join("mnt");
     let a = FuseLoopAttacher::new(common::attach_config(&state_dir)).expect("attacher");
     let dev = a.attach(&volume, &s.socket).expect("attach");
@@ -292,11 +324,8 @@ fn mounted_xfs_grows_online_with_its_files_intact() {
 #[test]
 fn attach_fails_cleanly_when_the_export_does_not_exist() {
     let (s, _b) = TestServer::with_mem_export("present", 8 << 20, 4096);
-    let state_dir = s.dir.path().join("attach-state");
-    let _cleanup = Cleanup {
-        mounts: Vec::new(),
-        state_dir: state_dir.clone(),
-    };
+    let cleanup = Cleanup::under(&s, Vec::new());
+    let state_dir = cleanup.state_dir.clone();
     let mut config = common::attach_config(&state_dir);
     config.ready_timeout_ms = 5_000;
     let a = FuseLoopAttacher::new(config).expect("attacher");
@@ -318,144 +347,85 @@ fn attach_fails_cleanly_when_the_export_does_not_exist() {
     assert_eq!(a.list().expect("list"), Vec::new());
 }
 
-/// Kills and reaps a child process on drop.
-struct ChildGuard(std::process::Child);
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-#[test]
-fn attach_recovers_from_a_crash_between_mount_and_losetup() {
-    let (s, _b) = TestServer::with_mem_export("vol-crash2", 16 << 20, 4096);
-    let state_dir = s.dir.path().join("attach-state");
-    let _cleanup = Cleanup {
-        mounts: Vec::new(),
-        state_dir: state_dir.clone(),
-    };
-    let vol_dir = state_dir.join("vol-crash2");
+/// What a crash right after the mount and before losetup leaves of `volume`: the
+/// process serving the FUSE mount (which `serve` starts, given the server, the mount
+/// point and the volume's state directory) and a state file naming it under `pid_key`.
+/// A fresh attacher attaches over it: the leftover `what` is stopped, the new device
+/// works end to end, and detach (twice) leaves nothing behind.
+fn attach_over_leftovers(
+    volume: &str,
+    what: &str,
+    pid_key: &str,
+    serve: impl FnOnce(&TestServer, &Path, &Path) -> std::process::Child,
+) {
+    let (s, _b) = TestServer::with_mem_export(volume, 16 << 20, 4096);
+    let cleanup = Cleanup::under(&s, Vec::new());
+    let state_dir = cleanup.state_dir.clone();
+    let vol_dir = state_dir.join(volume);
     let mount_dir = vol_dir.join("mnt");
     std::fs::create_dir_all(&mount_dir).expect("mkdir");
-    // What an agent leaves when it dies right after the proxy mounted: a FUSE mount, a
-    // running proxy, and a state file without a loop device.
-    let old = ChildGuard(
-        std::process::Command::new(env!("CARGO_BIN_EXE_blockvol-agent"))
-            .arg("attach-proxy")
-            .arg(format!("--mount={}", mount_dir.display()))
-            .arg(format!(
-                "--control={}",
-                vol_dir.join("control.sock").display()
-            ))
-            .arg(format!("--upstream={}", s.socket.display()))
-            .arg("--export=vol-crash2")
-            .spawn()
-            .expect("spawn attach proxy"),
-    );
-    assert!(wait_until(Duration::from_secs(10), || mount_dir
-        .join("disk")
-        .exists()));
+    let old = ChildGuard(serve(&s, &mount_dir, &vol_dir));
     let state = serde_json::json!({
-        "volume": "vol-crash2",
+        "volume": volume,
         "socket": s.socket,
-        "proxy_pid": old.0.id(),
+        pid_key: old.0.id(),
         "loop_device": null,
     });
     std::fs::write(vol_dir.join("state.json"), state.to_string()).expect("state");
 
     let a = FuseLoopAttacher::new(common::attach_config(&state_dir)).expect("attacher");
-    let dev = a
-        .attach("vol-crash2", &s.socket)
-        .expect("attach over leftovers");
-    let old_pid = old.0.id();
-    let old_alive = std::fs::read_to_string(format!("/proc/{old_pid}/stat"))
-        .map(|st| {
-            !st.rsplit_once(')')
-                .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
-        })
-        .unwrap_or(false);
-    assert!(!old_alive, "the leftover proxy was not stopped");
-    run_ok(
-        "dd",
-        &[
-            "if=/dev/zero",
-            &format!("of={}", dev.display()),
-            "bs=4096",
-            "count=16",
-            "oflag=direct",
-        ],
-    );
-    a.detach("vol-crash2").expect("detach");
-    assert!(wait_until(Duration::from_secs(5), || !proxy_running_for(
-        &mount_dir
-    )));
-    assert!(!vol_dir.exists());
-}
-
-#[test]
-fn attach_replaces_an_earlier_versions_nbdfuse_attachment() {
-    let (s, _b) = TestServer::with_mem_export("vol-crash", 16 << 20, 4096);
-    let state_dir = s.dir.path().join("attach-state");
-    let _cleanup = Cleanup {
-        mounts: Vec::new(),
-        state_dir: state_dir.clone(),
-    };
-    let vol_dir = state_dir.join("vol-crash");
-    let mount_dir = vol_dir.join("mnt");
-    std::fs::create_dir_all(&mount_dir).expect("mkdir");
-    // What an earlier version (nbdfuse serving `mnt/nbd`) leaves when it dies right
-    // after nbdfuse mounted: a FUSE mount, a running nbdfuse, and a state file without
-    // a loop device.
-    let old = ChildGuard(
-        std::process::Command::new("nbdfuse")
-            .arg(&mount_dir)
-            .arg(s.unix_uri("vol-crash"))
-            .spawn()
-            .expect("spawn nbdfuse"),
-    );
-    assert!(wait_until(Duration::from_secs(10), || mount_dir
-        .join("nbd")
-        .exists()));
-    let state = serde_json::json!({
-        "volume": "vol-crash",
-        "socket": s.socket,
-        "nbdfuse_pid": old.0.id(),
-        "loop_device": null,
-    });
-    std::fs::write(vol_dir.join("state.json"), state.to_string()).expect("state");
-
-    let a = FuseLoopAttacher::new(common::attach_config(&state_dir)).expect("attacher");
-    let dev = a
-        .attach("vol-crash", &s.socket)
-        .expect("attach over leftovers");
-    let old_pid = old.0.id();
-    let old_alive = std::fs::read_to_string(format!("/proc/{old_pid}/stat"))
-        .map(|st| {
-            !st.rsplit_once(')')
-                .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
-        })
-        .unwrap_or(false);
-    assert!(!old_alive, "the leftover nbdfuse was not stopped");
-    // The new attachment works end to end.
-    run_ok(
-        "dd",
-        &[
-            "if=/dev/zero",
-            &format!("of={}", dev.display()),
-            "bs=4096",
-            "count=16",
-            "oflag=direct",
-        ],
-    );
-    a.detach("vol-crash").expect("detach");
-    a.detach("vol-crash").expect("detach is idempotent");
+    let dev = a.attach(volume, &s.socket).expect("attach over leftovers");
+    assert!(!alive(old.0.id()), "the leftover {what} was not stopped");
+    zero_first_blocks(&dev);
+    a.detach(volume).expect("detach");
+    a.detach(volume).expect("detach is idempotent");
     assert!(wait_until(Duration::from_secs(5), || !proxy_running_for(
         &mount_dir
     )
         && !nbdfuse_running_for(&mount_dir)));
     assert!(!vol_dir.exists());
+}
+
+#[test]
+fn attach_recovers_from_a_crash_between_mount_and_losetup() {
+    attach_over_leftovers(
+        "vol-crash2",
+        "proxy",
+        "proxy_pid",
+        |s, mount_dir, vol_dir| {
+            let proxy = std::process::Command::new(env!("CARGO_BIN_EXE_blockvol-agent"))
+                .arg("attach-proxy")
+                .arg(format!("--mount={}", mount_dir.display()))
+                .arg(format!(
+                    "--control={}",
+                    vol_dir.join("control.sock").display()
+                ))
+                .arg(format!("--upstream={}", s.socket.display()))
+                .arg("--export=vol-crash2")
+                .spawn()
+                .expect("spawn attach proxy");
+            assert!(wait_until(Duration::from_secs(10), || mount_dir
+                .join("disk")
+                .exists()));
+            proxy
+        },
+    );
+}
+
+/// An earlier version served the volume with nbdfuse (the file `mnt/nbd`).
+#[test]
+fn attach_replaces_an_earlier_versions_nbdfuse_attachment() {
+    attach_over_leftovers("vol-crash", "nbdfuse", "nbdfuse_pid", |s, mount_dir, _| {
+        let nbdfuse = std::process::Command::new("nbdfuse")
+            .arg(mount_dir)
+            .arg(s.unix_uri("vol-crash"))
+            .spawn()
+            .expect("spawn nbdfuse");
+        assert!(wait_until(Duration::from_secs(10), || mount_dir
+            .join("nbd")
+            .exists()));
+        nbdfuse
+    });
 }
 
 /// The parent PID of `pid` (from /proc/PID/stat).
@@ -475,10 +445,7 @@ fn a_device_attached_through_the_launcher_is_served_by_the_launchers_child() {
     let (s, backend) = TestServer::with_mem_export("vol-launched", size, 4096);
     let state_dir = s.dir.path().join("attach-state");
     let socket = s.dir.path().join("launcher.sock");
-    let _cleanup = Cleanup {
-        mounts: Vec::new(),
-        state_dir: state_dir.clone(),
-    };
+    let _cleanup = Cleanup::under(&s, Vec::new());
     // The attach launcher as its own process (as in its own container).
     let launcher = ChildGuard(
         std::process::Command::new(env!("CARGO_BIN_EXE_blockvol-agent"))
@@ -531,12 +498,5 @@ fn a_device_attached_through_the_launcher_is_served_by_the_launchers_child() {
     assert_eq!(a.attach("vol-launched", &s.socket).expect("re-attach"), dev);
     a.detach("vol-launched").expect("detach");
     let mount_dir = state_dir.join("vol-launched/mnt");
-    assert!(wait_until(Duration::from_secs(5), || !proxy_running_for(
-        &mount_dir
-    )));
-    assert!(
-        !loop_backing_files()
-            .iter()
-            .any(|f| f.contains(path_str(&mount_dir)))
-    );
+    assert_detached(&mount_dir);
 }

@@ -4,6 +4,7 @@
 //! the test plays itself. It depends on no blockvol crate but `api`, so every crate's
 //! tests can use it.
 
+pub mod child;
 pub mod http;
 pub mod rng;
 pub mod task;
