@@ -11,13 +11,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::TestServer;
+use common::mem_overlay::{MemOverlay, Overlay};
 use node_agent::attach::genl::{self, GenlError, GenlSocket};
 use node_agent::attach::kernel::{self, KernelNbdAttacher, KernelNbdConfig};
 use node_agent::attach::nbd_genl::{self, NbdNetlink};
 use node_agent::attach::select::{self, AttachMode, Choice};
 use node_agent::attach::{Attacher, Error, LocalProxies, ProxyCommand, ProxyHost};
 use node_agent::frontend::nbd::proto::{CMD_READ, CMD_WRITE, RequestHeader, SIMPLE_REPLY_MAGIC};
-use node_agent::frontend::nbd::{BackendError, BlockBackend, MemBackend};
+use node_agent::frontend::nbd::{BlockBackend, MemBackend};
 
 const TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -298,30 +299,9 @@ fn handshake_leaves_every_socket_ready_for_the_kernel_to_send_requests() {
 /// A MemBackend whose flush is per connection: the server then withholds multi-conn.
 struct SingleConn(MemBackend);
 
-impl BlockBackend for SingleConn {
-    fn size_bytes(&self) -> u64 {
-        self.0.size_bytes()
-    }
-    fn block_size(&self) -> u32 {
-        self.0.block_size()
-    }
-    fn read(&self, o: u64, b: &mut [u8]) -> Result<(), BackendError> {
-        self.0.read(o, b)
-    }
-    fn write(&self, o: u64, d: &[u8]) -> Result<(), BackendError> {
-        self.0.write(o, d)
-    }
-    fn write_fua(&self, o: u64, d: &[u8]) -> Result<(), BackendError> {
-        self.0.write_fua(o, d)
-    }
-    fn flush(&self) -> Result<(), BackendError> {
-        self.0.flush()
-    }
-    fn trim(&self, o: u64, l: u64) -> Result<(), BackendError> {
-        self.0.trim(o, l)
-    }
-    fn write_zeroes(&self, o: u64, l: u64) -> Result<(), BackendError> {
-        self.0.write_zeroes(o, l)
+impl MemOverlay for SingleConn {
+    fn mem(&self) -> &MemBackend {
+        &self.0
     }
     fn flush_is_volume_wide(&self) -> bool {
         false
@@ -331,11 +311,8 @@ impl BlockBackend for SingleConn {
 #[test]
 fn exports_without_multi_conn_get_one_connection_and_unknown_exports_fail() {
     let server = TestServer::start(Default::default());
-    let b = SingleConn(MemBackend::new(4 << 20, 4096).expect("backend"));
-    server
-        .registry
-        .add("vol-one", Arc::new(b) as Arc<dyn BlockBackend>)
-        .expect("add");
+    let b = Overlay(SingleConn(MemBackend::new(4 << 20, 4096).expect("backend")));
+    server.add("vol-one", Arc::new(b));
     let neg = kernel::negotiate(&server.socket, "vol-one", 4, TIMEOUT).expect("negotiate");
     assert_eq!(neg.streams.len(), 1);
     assert_eq!(neg.info.block_size, 4096);

@@ -4,6 +4,8 @@
 //! longer than the reconnect timeout, requests fail with EIO; requests run concurrently;
 //! `resize` on the control socket grows the file. Needs root and FUSE (present in CI).
 
+mod common;
+
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -11,6 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+use common::mem_overlay::{MemOverlay, Overlay};
 use node_agent::attach::proxy::{Proxy, ProxyBackend, ProxySettings, request_resize};
 use node_agent::frontend::nbd::{
     BackendError, BlockBackend, ExportRegistry, MemBackend, NbdServer, ServerConfig,
@@ -242,12 +245,9 @@ struct Gate {
     most: AtomicUsize,
 }
 
-impl BlockBackend for Gate {
-    fn size_bytes(&self) -> u64 {
-        self.inner.size_bytes()
-    }
-    fn block_size(&self) -> u32 {
-        self.inner.block_size()
+impl MemOverlay for Gate {
+    fn mem(&self) -> &MemBackend {
+        &self.inner
     }
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), BackendError> {
         let mut n = self.in_flight.lock().expect("lock");
@@ -266,24 +266,6 @@ impl BlockBackend for Gate {
         drop(n);
         self.inner.read(offset, buf)
     }
-    fn write(&self, offset: u64, data: &[u8]) -> Result<(), BackendError> {
-        self.inner.write(offset, data)
-    }
-    fn write_fua(&self, offset: u64, data: &[u8]) -> Result<(), BackendError> {
-        self.inner.write_fua(offset, data)
-    }
-    fn flush(&self) -> Result<(), BackendError> {
-        self.inner.flush()
-    }
-    fn trim(&self, offset: u64, length: u64) -> Result<(), BackendError> {
-        self.inner.trim(offset, length)
-    }
-    fn write_zeroes(&self, offset: u64, length: u64) -> Result<(), BackendError> {
-        self.inner.write_zeroes(offset, length)
-    }
-    fn flush_is_volume_wide(&self) -> bool {
-        true
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -291,13 +273,13 @@ async fn concurrent_reads_are_in_flight_upstream_together() {
     const READERS: usize = 4;
     let dir = tempfile::tempdir().expect("tempdir");
     let s = settings(dir.path(), 5_000);
-    let gate = Arc::new(Gate {
+    let gate = Arc::new(Overlay(Gate {
         inner: MemBackend::new(SIZE, 512).expect("mem"),
         want: READERS,
         in_flight: Mutex::new(0),
         changed: Condvar::new(),
         most: AtomicUsize::new(0),
-    });
+    }));
     let registry = registry_with(gate.clone());
     let server = serve(&registry, &s.upstream).await;
     let proxy = Proxy::start(s.clone()).await.expect("proxy starts");

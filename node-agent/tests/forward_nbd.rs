@@ -102,9 +102,7 @@ fn qemu_io_through_a_forwarding_export_reaches_the_primary_and_its_replica() {
         ))
         .expect("forwarding backend");
     assert_eq!(backend.size_bytes(), SIZE);
-    fwd.registry
-        .add("vol", Arc::new(backend) as Arc<dyn BlockBackend>)
-        .expect("forwarding export");
+    fwd.add("vol", Arc::new(backend));
     let uri = fwd.unix_uri("vol");
 
     let info = run_ok("nbdinfo", &[&uri]);

@@ -19,9 +19,7 @@ fn engine_server(file: &Path, size: u64) -> (TestServer, Arc<Volume>) {
     };
     let v =
         Arc::new(Volume::create_file(file, opts, VolumeConfig::default()).expect("create volume"));
-    s.registry
-        .add("vol", v.clone() as Arc<dyn BlockBackend>)
-        .expect("add export");
+    s.add("vol", v.clone());
     (s, v)
 }
 

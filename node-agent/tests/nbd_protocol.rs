@@ -9,9 +9,10 @@ use std::io::{ErrorKind, Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
+use common::mem_overlay::{MemOverlay, Overlay};
 use common::{TestServer, pattern, read_backend, wait_until};
 use node_agent::frontend::nbd::proto::*;
-use node_agent::frontend::nbd::{BlockBackend, ServerConfig};
+use node_agent::frontend::nbd::{BackendError, BlockBackend, MemBackend, ServerConfig};
 
 struct Raw {
     s: TcpStream,
@@ -591,23 +592,16 @@ fn writes_acknowledged_on_several_connections_are_visible_on_all() {
 
 /// Holds every read inside the backend until released, counting how many are inside.
 struct GatedBackend {
-    inner: node_agent::frontend::nbd::MemBackend,
+    inner: MemBackend,
     state: std::sync::Mutex<(usize, usize, bool)>, // (inside now, most inside, open)
     cv: std::sync::Condvar,
 }
 
-impl BlockBackend for GatedBackend {
-    fn size_bytes(&self) -> u64 {
-        self.inner.size_bytes()
+impl MemOverlay for GatedBackend {
+    fn mem(&self) -> &MemBackend {
+        &self.inner
     }
-    fn block_size(&self) -> u32 {
-        self.inner.block_size()
-    }
-    fn read(
-        &self,
-        offset: u64,
-        buf: &mut [u8],
-    ) -> Result<(), node_agent::frontend::nbd::BackendError> {
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), BackendError> {
         let mut st = self.state.lock().expect("lock");
         st.0 += 1;
         st.1 = st.1.max(st.0);
@@ -619,24 +613,6 @@ impl BlockBackend for GatedBackend {
         drop(st);
         self.inner.read(offset, buf)
     }
-    fn write(&self, o: u64, d: &[u8]) -> Result<(), node_agent::frontend::nbd::BackendError> {
-        self.inner.write(o, d)
-    }
-    fn write_fua(&self, o: u64, d: &[u8]) -> Result<(), node_agent::frontend::nbd::BackendError> {
-        self.inner.write_fua(o, d)
-    }
-    fn flush(&self) -> Result<(), node_agent::frontend::nbd::BackendError> {
-        self.inner.flush()
-    }
-    fn trim(&self, o: u64, l: u64) -> Result<(), node_agent::frontend::nbd::BackendError> {
-        self.inner.trim(o, l)
-    }
-    fn write_zeroes(&self, o: u64, l: u64) -> Result<(), node_agent::frontend::nbd::BackendError> {
-        self.inner.write_zeroes(o, l)
-    }
-    fn flush_is_volume_wide(&self) -> bool {
-        true
-    }
 }
 
 #[test]
@@ -646,14 +622,12 @@ fn requests_in_flight_per_connection_are_bounded() {
         ..ServerConfig::default()
     };
     let s = TestServer::start(config);
-    let gate = std::sync::Arc::new(GatedBackend {
-        inner: node_agent::frontend::nbd::MemBackend::new(1 << 20, 512).expect("mem"),
+    let gate = std::sync::Arc::new(Overlay(GatedBackend {
+        inner: MemBackend::new(1 << 20, 512).expect("mem"),
         state: std::sync::Mutex::new((0, 0, false)),
         cv: std::sync::Condvar::new(),
-    });
-    s.registry
-        .add("v", gate.clone() as std::sync::Arc<dyn BlockBackend>)
-        .expect("add");
+    }));
+    s.add("v", gate.clone());
     let (mut c, _, _) = Raw::go(&s, "v");
     for i in 0..12u64 {
         c.request(CMD_READ, 0, i, i * 4096, 4096);
@@ -693,47 +667,27 @@ fn requests_in_flight_per_connection_are_bounded() {
 
 /// Fails reads at block 0 with an I/O error, panics on reads at block 1, and reports
 /// writes at block 2 as out of space; everything else goes to memory.
-struct FaultyBackend(node_agent::frontend::nbd::MemBackend);
+struct FaultyBackend(MemBackend);
 
-impl BlockBackend for FaultyBackend {
-    fn size_bytes(&self) -> u64 {
-        self.0.size_bytes()
+impl MemOverlay for FaultyBackend {
+    fn mem(&self) -> &MemBackend {
+        &self.0
     }
-    fn block_size(&self) -> u32 {
-        4096
-    }
-    fn read(
-        &self,
-        offset: u64,
-        buf: &mut [u8],
-    ) -> Result<(), node_agent::frontend::nbd::BackendError> {
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), BackendError> {
         match offset {
-            0 => Err(node_agent::frontend::nbd::BackendError::Io(
-                "injected read error".into(),
-            )),
+            0 => Err(BackendError::Io("injected read error".into())),
             4096 => panic!("injected backend panic"),
             _ => self.0.read(offset, buf),
         }
     }
-    fn write(&self, o: u64, d: &[u8]) -> Result<(), node_agent::frontend::nbd::BackendError> {
+    fn write(&self, o: u64, d: &[u8]) -> Result<(), BackendError> {
         if o == 8192 {
-            return Err(node_agent::frontend::nbd::BackendError::NoSpace(
-                "injected".into(),
-            ));
+            return Err(BackendError::NoSpace("injected".into()));
         }
         self.0.write(o, d)
     }
-    fn write_fua(&self, o: u64, d: &[u8]) -> Result<(), node_agent::frontend::nbd::BackendError> {
+    fn write_fua(&self, o: u64, d: &[u8]) -> Result<(), BackendError> {
         self.write(o, d)
-    }
-    fn flush(&self) -> Result<(), node_agent::frontend::nbd::BackendError> {
-        self.0.flush()
-    }
-    fn trim(&self, o: u64, l: u64) -> Result<(), node_agent::frontend::nbd::BackendError> {
-        self.0.trim(o, l)
-    }
-    fn write_zeroes(&self, o: u64, l: u64) -> Result<(), node_agent::frontend::nbd::BackendError> {
-        self.0.write_zeroes(o, l)
     }
     fn flush_is_volume_wide(&self) -> bool {
         false
@@ -743,13 +697,8 @@ impl BlockBackend for FaultyBackend {
 #[test]
 fn backend_errors_and_panics_become_error_replies() {
     let s = TestServer::start(ServerConfig::default());
-    let b = FaultyBackend(node_agent::frontend::nbd::MemBackend::new(1 << 20, 4096).expect("mem"));
-    s.registry
-        .add(
-            "v",
-            std::sync::Arc::new(b) as std::sync::Arc<dyn BlockBackend>,
-        )
-        .expect("add");
+    let b = Overlay(FaultyBackend(MemBackend::new(1 << 20, 4096).expect("mem")));
+    s.add("v", std::sync::Arc::new(b));
     let (mut c, _, flags) = Raw::go(&s, "v");
     // Flush is not volume-wide here, so multi-conn must not be advertised.
     assert_eq!(flags & TFLAG_CAN_MULTI_CONN, 0);
@@ -763,85 +712,41 @@ fn backend_errors_and_panics_become_error_replies() {
 /// A memory image whose `try_write` declines every other call (as an engine volume does
 /// when its WAL is full), counting where each write ran.
 struct Declining {
-    mem: node_agent::frontend::nbd::MemBackend,
+    mem: MemBackend,
     tries: std::sync::atomic::AtomicU64,
     pooled_writes: std::sync::atomic::AtomicU64,
 }
 
-impl BlockBackend for Declining {
-    fn size_bytes(&self) -> u64 {
-        self.mem.size_bytes()
+impl MemOverlay for Declining {
+    fn mem(&self) -> &MemBackend {
+        &self.mem
     }
-    fn block_size(&self) -> u32 {
-        self.mem.block_size()
-    }
-    fn read(
-        &self,
-        offset: u64,
-        buf: &mut [u8],
-    ) -> Result<(), node_agent::frontend::nbd::BackendError> {
-        self.mem.read(offset, buf)
-    }
-    fn write(
-        &self,
-        offset: u64,
-        data: &[u8],
-    ) -> Result<(), node_agent::frontend::nbd::BackendError> {
+    fn write(&self, offset: u64, data: &[u8]) -> Result<(), BackendError> {
         self.pooled_writes
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         self.mem.write(offset, data)
     }
-    fn try_write(
-        &self,
-        offset: u64,
-        data: &[u8],
-    ) -> Option<Result<(), node_agent::frontend::nbd::BackendError>> {
+    fn try_write(&self, offset: u64, data: &[u8]) -> Option<Result<(), BackendError>> {
         let n = self.tries.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         n.is_multiple_of(2).then(|| self.mem.write(offset, data))
     }
     fn runs_inline(&self) -> bool {
         true
     }
-    fn write_fua(
-        &self,
-        offset: u64,
-        data: &[u8],
-    ) -> Result<(), node_agent::frontend::nbd::BackendError> {
+    fn write_fua(&self, offset: u64, data: &[u8]) -> Result<(), BackendError> {
         self.write(offset, data)
-    }
-    fn flush(&self) -> Result<(), node_agent::frontend::nbd::BackendError> {
-        Ok(())
-    }
-    fn trim(
-        &self,
-        offset: u64,
-        length: u64,
-    ) -> Result<(), node_agent::frontend::nbd::BackendError> {
-        self.mem.trim(offset, length)
-    }
-    fn write_zeroes(
-        &self,
-        offset: u64,
-        length: u64,
-    ) -> Result<(), node_agent::frontend::nbd::BackendError> {
-        self.mem.write_zeroes(offset, length)
-    }
-    fn flush_is_volume_wide(&self) -> bool {
-        true
     }
 }
 
 #[test]
 fn writes_declined_on_the_connection_task_still_land_through_the_pool() {
     let s = TestServer::start(ServerConfig::default());
-    let b = std::sync::Arc::new(Declining {
-        mem: node_agent::frontend::nbd::MemBackend::new(1 << 20, 4096).expect("mem"),
+    let b = std::sync::Arc::new(Overlay(Declining {
+        mem: MemBackend::new(1 << 20, 4096).expect("mem"),
         tries: Default::default(),
         pooled_writes: Default::default(),
-    });
-    s.registry
-        .add("v", b.clone() as std::sync::Arc<dyn BlockBackend>)
-        .expect("export");
+    }));
+    s.add("v", b.clone());
     let (mut c, _, _) = Raw::go(&s, "v");
     for i in 0..8u64 {
         let data = pattern(i + 1, 4096);
@@ -866,57 +771,25 @@ fn writes_declined_on_the_connection_task_still_land_through_the_pool() {
 /// A backend that, like a forwarding one, drives the runtime from `read`: legal on the
 /// blocking pool, a panic on a runtime worker.
 struct BlocksOnRuntime {
-    mem: node_agent::frontend::nbd::MemBackend,
+    mem: MemBackend,
     rt: tokio::runtime::Handle,
 }
 
-impl BlockBackend for BlocksOnRuntime {
-    fn size_bytes(&self) -> u64 {
-        self.mem.size_bytes()
+impl MemOverlay for BlocksOnRuntime {
+    fn mem(&self) -> &MemBackend {
+        &self.mem
     }
-    fn block_size(&self) -> u32 {
-        self.mem.block_size()
-    }
-    fn read(
-        &self,
-        offset: u64,
-        buf: &mut [u8],
-    ) -> Result<(), node_agent::frontend::nbd::BackendError> {
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), BackendError> {
         self.rt.block_on(async { self.mem.read(offset, buf) })
     }
-    fn write(
-        &self,
-        offset: u64,
-        data: &[u8],
-    ) -> Result<(), node_agent::frontend::nbd::BackendError> {
+    fn write(&self, offset: u64, data: &[u8]) -> Result<(), BackendError> {
         self.rt.block_on(async { self.mem.write(offset, data) })
     }
-    fn write_fua(
-        &self,
-        offset: u64,
-        data: &[u8],
-    ) -> Result<(), node_agent::frontend::nbd::BackendError> {
+    fn write_fua(&self, offset: u64, data: &[u8]) -> Result<(), BackendError> {
         self.write(offset, data)
     }
-    fn flush(&self) -> Result<(), node_agent::frontend::nbd::BackendError> {
+    fn flush(&self) -> Result<(), BackendError> {
         self.rt.block_on(async { Ok(()) })
-    }
-    fn trim(
-        &self,
-        offset: u64,
-        length: u64,
-    ) -> Result<(), node_agent::frontend::nbd::BackendError> {
-        self.mem.trim(offset, length)
-    }
-    fn write_zeroes(
-        &self,
-        offset: u64,
-        length: u64,
-    ) -> Result<(), node_agent::frontend::nbd::BackendError> {
-        self.mem.write_zeroes(offset, length)
-    }
-    fn flush_is_volume_wide(&self) -> bool {
-        true
     }
 }
 
@@ -924,16 +797,11 @@ impl BlockBackend for BlocksOnRuntime {
 fn backends_that_block_on_the_runtime_are_never_called_on_the_connection_task() {
     let s = TestServer::start(ServerConfig::default());
     let rt = s.rt.as_ref().expect("runtime").handle().clone();
-    let b = BlocksOnRuntime {
-        mem: node_agent::frontend::nbd::MemBackend::new(1 << 20, 4096).expect("mem"),
+    let b = Overlay(BlocksOnRuntime {
+        mem: MemBackend::new(1 << 20, 4096).expect("mem"),
         rt,
-    };
-    s.registry
-        .add(
-            "v",
-            std::sync::Arc::new(b) as std::sync::Arc<dyn BlockBackend>,
-        )
-        .expect("export");
+    });
+    s.add("v", std::sync::Arc::new(b));
     let (mut c, _, _) = Raw::go(&s, "v");
     assert_eq!(c.write(1, 0, 4096, &pattern(3, 4096)), 0);
     assert_eq!(c.read(2, 4096, 4096).expect("read"), pattern(3, 4096));

@@ -3,6 +3,7 @@
 //! engine runtimes on real data ports.
 #![allow(dead_code)]
 
+pub mod mem_overlay;
 pub mod replicas;
 
 use std::net::SocketAddr;
@@ -65,10 +66,13 @@ impl TestServer {
 
     pub fn add_mem(&self, name: &str, size: u64, block_size: u32) -> Arc<MemBackend> {
         let b = Arc::new(MemBackend::new(size, block_size).expect("mem backend"));
-        self.registry
-            .add(name, b.clone() as Arc<dyn BlockBackend>)
-            .expect("add export");
+        self.add(name, b.clone());
         b
+    }
+
+    /// Exports `backend` as `name`.
+    pub fn add(&self, name: &str, backend: Arc<dyn BlockBackend>) {
+        self.registry.add(name, backend).expect("add export");
     }
 
     pub fn uri(&self, export: &str) -> String {
