@@ -12,18 +12,19 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use api::{Durability, ReplicaRole};
+use api::ReplicaRole;
 use blockvol_proto::agent::node_agent_client::NodeAgentClient;
 use blockvol_proto::agent::node_agent_server::NodeAgentServer;
-use blockvol_proto::agent::{AttachRequest, DetachRequest, ExpandRequest, StatsRequest};
+use blockvol_proto::agent::{
+    AttachRequest, DetachRequest, ExpandRequest, StatsRequest, StatsResponse,
+};
+use common::replicas::Node;
 use csi::agent::unix_channel;
-use engine::net::{NetConfig, ReceiverServer, Transport};
 use futures::future::BoxFuture;
 use node_agent::attach::{Attacher, FuseLoopAttacher};
 use node_agent::attach_service::{AttachService, MemberSizes, ShortMembers};
-use node_agent::frontend::nbd::{ExportRegistry, NbdServer, ServerConfig};
-use node_agent::replicas::{Assignment, ReplicaRuntime};
-use node_agent::replicas::{EngineRuntime, EngineSettings};
+use node_agent::frontend::nbd::{NbdServer, ServerConfig};
+use node_agent::replicas::{Assignment, EngineSettings, ReplicaRuntime};
 use testkit::Task;
 use tokio_stream::wrappers::UnixListenerStream;
 
@@ -71,46 +72,56 @@ impl Drop for Cleanup {
     }
 }
 
-fn assignment(dir: &Path) -> Assignment {
-    Assignment {
-        volume: "vol".into(),
-        replica_id: "r1".into(),
-        dir: dir.join("vol").join("r1"),
-        role: ReplicaRole::Primary,
-        epoch: 1,
-        size_bytes: 16 << 20,
-        block_size: 4096,
-        durability: Durability::SyncAll,
-        peers: vec![],
-        in_sync_set: vec!["r1".into()],
-        in_sync_set_generation: 1,
+/// Primary r1 of "vol" (16 MiB) alone at epoch 1, of `size_bytes`.
+fn assignment(dir: &Path, size_bytes: u64) -> Assignment {
+    common::replicas::assignment(dir, "r1", ReplicaRole::Primary, 1, size_bytes, None)
+}
+
+fn attach_req(volume: &str) -> AttachRequest {
+    AttachRequest {
+        volume_id: volume.into(),
+        readonly: false,
+        ..Default::default()
     }
+}
+
+/// What the service reports of "vol".
+async fn stats(client: &mut NodeAgentClient<tonic::transport::Channel>) -> StatsResponse {
+    client
+        .stats(StatsRequest {
+            volume_id: "vol".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+fn expand_req(size_bytes: u64) -> ExpandRequest {
+    ExpandRequest {
+        volume_id: "vol".into(),
+        size_bytes,
+    }
+}
+
+/// The size of the block device at `device`, as seeking to its end reports it.
+async fn device_size(device: &str) -> u64 {
+    let device = device.to_string();
+    tokio::task::spawn_blocking(move || {
+        use std::io::{Seek, SeekFrom};
+        let mut f = std::fs::File::open(&device).expect("open device");
+        f.seek(SeekFrom::End(0)).expect("device size")
+    })
+    .await
+    .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn attach_gives_a_block_device_whose_writes_reach_the_volume() {
     let dir = tempfile::tempdir().unwrap();
     let state_dir = dir.path().join("attach");
-    let net = NetConfig::new("a", b"secret");
-    let receiver = Arc::new(
-        ReceiverServer::bind("127.0.0.1:0".parse().unwrap(), net.clone())
-            .await
-            .unwrap(),
-    );
-    let exports = ExportRegistry::new();
-    let runtime = Arc::new(EngineRuntime::new(
-        EngineSettings {
-            wal_size_bytes: 4 << 20,
-            ..EngineSettings::default()
-        },
-        receiver,
-        Transport::new(net),
-        exports.clone(),
-        Arc::new(|| true),
-    ));
-    let a = assignment(dir.path());
-    runtime.open(&a).await.unwrap();
-    runtime.apply(&a).await.unwrap();
+    let node = Arc::new(Node::start("a", b"secret", EngineSettings::default()).await);
+    let exports = node.runtime.exports().clone();
+    node.assign(&assignment(dir.path(), 16 << 20)).await;
 
     let nbd = NbdServer::new(exports.clone(), ServerConfig::default()).unwrap();
     let nbd_socket = dir.path().join("nbd.sock");
@@ -121,13 +132,13 @@ async fn attach_gives_a_block_device_whose_writes_reach_the_volume() {
     };
     let attacher: Arc<dyn Attacher> =
         Arc::new(FuseLoopAttacher::new(common::attach_config(&state_dir)).unwrap());
-    let r = runtime.clone();
+    let n = node.clone();
     let replica_grown = Arc::new(AtomicBool::new(false));
     let service = AttachService::new(
         exports.clone(),
         nbd_socket,
         attacher,
-        Arc::new(move |v: &str| r.local_role(v).is_some()),
+        Arc::new(move |v: &str| n.runtime.local_role(v).is_some()),
     )
     .with_member_sizes(
         Arc::new(OneReplica {
@@ -147,42 +158,20 @@ async fn attach_gives_a_block_device_whose_writes_reach_the_volume() {
         unix_channel(&agent_socket, Duration::from_millis(CALL_TIMEOUT_MS)).unwrap(),
     );
 
-    let err = client
-        .attach(AttachRequest {
-            volume_id: "unknown".into(),
-            readonly: false,
-            ..Default::default()
-        })
-        .await
-        .unwrap_err();
+    let err = client.attach(attach_req("unknown")).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::NotFound, "{err}");
-    let err = client
-        .attach(AttachRequest {
-            volume_id: "a/b".into(),
-            readonly: false,
-            ..Default::default()
-        })
-        .await
-        .unwrap_err();
+    let err = client.attach(attach_req("a/b")).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
 
     let att = client
-        .attach(AttachRequest {
-            volume_id: "vol".into(),
-            readonly: false,
-            ..Default::default()
-        })
+        .attach(attach_req("vol"))
         .await
         .expect("attach")
         .into_inner();
     assert!(att.device_path.starts_with("/dev/loop"), "{att:?}");
     assert_eq!(att.size_bytes, 16 << 20);
     let again = client
-        .attach(AttachRequest {
-            volume_id: "vol".into(),
-            readonly: false,
-            ..Default::default()
-        })
+        .attach(attach_req("vol"))
         .await
         .expect("attach again")
         .into_inner();
@@ -214,108 +203,67 @@ async fn attach_gives_a_block_device_whose_writes_reach_the_volume() {
         "device writes reached the volume"
     );
 
-    let st = client
-        .stats(StatsRequest {
-            volume_id: "vol".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let st = stats(&mut client).await;
     assert!(st.attached && st.healthy, "{st:?}");
     assert_eq!(st.device_path, att.device_path);
 
     // Expand before the volume grew names the sizes; after, the attached device grows
     // in place and keeps its data.
-    let err = client
-        .expand(ExpandRequest {
-            volume_id: "vol".into(),
-            size_bytes: 32 << 20,
-        })
-        .await
-        .unwrap_err();
+    let err = client.expand(expand_req(32 << 20)).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err}");
-    let grown_assignment = Assignment {
-        size_bytes: 32 << 20,
-        ..assignment(dir.path())
-    };
-    runtime
-        .open(&grown_assignment)
+    node.runtime
+        .open(&assignment(dir.path(), 32 << 20))
         .await
         .expect("grow the volume");
     // The primary has grown, a replica has not: the device must not grow yet (writes
     // past the replica's end would follow), and the error says who is short.
-    let err = client
-        .expand(ExpandRequest {
-            volume_id: "vol".into(),
-            size_bytes: 32 << 20,
-        })
-        .await
-        .unwrap_err();
+    let err = client.expand(expand_req(32 << 20)).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unavailable, "{err}");
     assert!(err.message().contains("r2 reports 16777216 bytes"), "{err}");
-    let device = att.device_path.clone();
-    let size = tokio::task::spawn_blocking(move || {
-        use std::io::{Seek, SeekFrom};
-        let mut f = std::fs::File::open(&device).expect("open device");
-        f.seek(SeekFrom::End(0)).expect("device size")
-    })
-    .await
-    .unwrap();
     assert_eq!(
-        size,
+        device_size(&att.device_path).await,
         16 << 20,
         "the device keeps its size until every replica grew"
     );
     replica_grown.store(true, Ordering::SeqCst);
     let grown = client
-        .expand(ExpandRequest {
-            volume_id: "vol".into(),
-            size_bytes: 32 << 20,
-        })
+        .expand(expand_req(32 << 20))
         .await
         .expect("expand")
         .into_inner();
     assert_eq!(grown.size_bytes, 32 << 20);
+    assert_eq!(
+        device_size(&att.device_path).await,
+        32 << 20,
+        "the device shows the new size"
+    );
     let device = att.device_path.clone();
-    let (size, kept) = tokio::task::spawn_blocking(move || {
-        use std::io::{Seek, SeekFrom};
-        let mut f = std::fs::OpenOptions::new()
+    let kept = tokio::task::spawn_blocking(move || {
+        let f = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .open(&device)
             .expect("open device");
-        let size = f.seek(SeekFrom::End(0)).expect("device size");
         f.write_all_at(&[0x6bu8; 4096], 30 << 20)
             .expect("write in the grown range");
         f.sync_all().expect("fsync");
         let mut kept = vec![0u8; 8192];
         f.read_exact_at(&mut kept, 1 << 20).expect("read");
-        (size, kept)
+        kept
     })
     .await
     .unwrap();
-    assert_eq!(size, 32 << 20, "the device shows the new size");
     assert!(kept.iter().all(|b| *b == 0x5a), "data before growing kept");
 
-    client
-        .detach(DetachRequest {
-            volume_id: "vol".into(),
-        })
-        .await
-        .expect("detach");
-    client
-        .detach(DetachRequest {
-            volume_id: "vol".into(),
-        })
-        .await
-        .expect("detach is idempotent");
-    let st = client
-        .stats(StatsRequest {
-            volume_id: "vol".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    for what in ["detach", "detach is idempotent"] {
+        client
+            .detach(DetachRequest {
+                volume_id: "vol".into(),
+            })
+            .await
+            .expect(what);
+    }
+    let st = stats(&mut client).await;
     assert!(!st.attached, "{st:?}");
     nbd.shutdown();
 }
