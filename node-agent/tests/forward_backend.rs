@@ -200,6 +200,23 @@ impl Primary {
     }
 }
 
+/// Takes over as primary `name` at `epoch` with an image that holds only one block of
+/// `byte` at `offset` (what reached it before the previous primary went), and points
+/// `resolver` at it.
+async fn take_over(
+    resolver: &TestResolver,
+    name: &str,
+    epoch: u64,
+    offset: u64,
+    byte: u8,
+) -> (Primary, Arc<MemBackend>) {
+    let image = mem();
+    image.write(offset, &[byte; 4096]).unwrap();
+    let p = Primary::start(name, epoch, image.clone()).await;
+    resolver.set(p.target(name));
+    (p, image)
+}
+
 fn mem() -> Arc<MemBackend> {
     Arc::new(MemBackend::new(SIZE, 4096).expect("mem"))
 }
@@ -211,6 +228,13 @@ struct TestResolver {
 }
 
 impl TestResolver {
+    /// A resolver naming `t` until the test says otherwise.
+    fn pointing_at(t: PrimaryTarget) -> Arc<TestResolver> {
+        let r = Arc::new(TestResolver::default());
+        r.set(t);
+        r
+    }
+
     fn set(&self, t: PrimaryTarget) {
         *self.target.lock().unwrap() = Some(t);
     }
@@ -244,6 +268,30 @@ async fn open(resolver: Arc<TestResolver>, s: ForwardSettings) -> Arc<Forwarding
     )
 }
 
+/// Opens a forwarding backend as `net` that waits at most `failover_wait_ms` for a
+/// primary, for a test that expects the open to fail.
+async fn try_open(
+    net: NetConfig,
+    failover_wait_ms: u64,
+    resolver: Arc<TestResolver>,
+) -> Result<ForwardingBackend, node_agent::frontend::nbd::BackendError> {
+    let s = ForwardSettings {
+        failover_wait_ms,
+        ..settings()
+    };
+    ForwardingBackend::open(VOLUME, net, s, resolver).await
+}
+
+/// Primary "a" at epoch 1 over `image`, and a forwarding backend routed to it.
+async fn forwarding_to_a(
+    image: Arc<MemBackend>,
+) -> (Primary, Arc<TestResolver>, Arc<ForwardingBackend>) {
+    let a = Primary::start("a", 1, image).await;
+    let resolver = TestResolver::pointing_at(a.target("a"));
+    let b = open(resolver.clone(), settings()).await;
+    (a, resolver, b)
+}
+
 /// Runs a blocking backend call off the runtime's workers (as the NBD server does).
 async fn blocking<T: Send + 'static>(
     b: &Arc<ForwardingBackend>,
@@ -255,6 +303,13 @@ async fn blocking<T: Send + 'static>(
         .expect("blocking call")
 }
 
+/// Writes `data` at `offset` through `b`, failing the test with `what` if it fails.
+async fn write(b: &Arc<ForwardingBackend>, offset: u64, data: &[u8], what: &str) {
+    let data = data.to_vec();
+    let r = blocking(b, move |b| b.write(offset, &data)).await;
+    r.unwrap_or_else(|e| panic!("{what}: {e}"));
+}
+
 fn read(b: &ForwardingBackend, offset: u64, len: usize) -> Vec<u8> {
     let mut buf = vec![0u8; len];
     b.read(offset, &mut buf).expect("read");
@@ -264,16 +319,11 @@ fn read(b: &ForwardingBackend, offset: u64, len: usize) -> Vec<u8> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn forwarding_reroutes_to_the_new_primary_and_retries() {
     let shared = mem();
-    let mut a = Primary::start("a", 1, shared.clone()).await;
-    let resolver = Arc::new(TestResolver::default());
-    resolver.set(a.target("a"));
-    let b = open(resolver.clone(), settings()).await;
+    let (mut a, resolver, b) = forwarding_to_a(shared.clone()).await;
     assert_eq!(b.size_bytes(), SIZE);
     assert_eq!(b.block_size(), 4096);
 
-    blocking(&b, |b| b.write(8192, &[0xaa; 8192]))
-        .await
-        .expect("write");
+    write(&b, 8192, &[0xaa; 8192], "write").await;
     blocking(&b, |b| b.flush()).await.expect("flush");
     assert_eq!(b.unflushed_bytes(), 0);
 
@@ -291,9 +341,7 @@ async fn forwarding_reroutes_to_the_new_primary_and_retries() {
     let writes_before = c.ops().iter().filter(|o| o.starts_with("WRITE")).count();
     c.fake.epoch.store(3, Ordering::Release);
     resolver.set(c.target("c"));
-    blocking(&b, |b| b.write(0, &[1; 4096]))
-        .await
-        .expect("write after the epoch change");
+    write(&b, 0, &[1; 4096], "write after the epoch change").await;
     assert_eq!(b.current_primary().await.expect("route").epoch, Epoch(3));
     assert_eq!(b.switches(), 3, "one more re-route for the stale epoch");
     let writes_after = c.ops().iter().filter(|o| o.starts_with("WRITE")).count();
@@ -313,31 +361,19 @@ async fn forwarding_reroutes_to_the_new_primary_and_retries() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn acknowledged_unflushed_writes_are_replayed_on_a_new_primary_before_its_flush() {
-    let mut a = Primary::start("a", 1, mem()).await;
-    let resolver = Arc::new(TestResolver::default());
-    resolver.set(a.target("a"));
-    let b = open(resolver.clone(), settings()).await;
+    let (mut a, resolver, b) = forwarding_to_a(mem()).await;
 
     // W0 is flushed (durable everywhere); W1, a trim and W2 are acknowledged only.
-    blocking(&b, |b| b.write(0, &[0x10; 4096]))
-        .await
-        .expect("w0");
+    write(&b, 0, &[0x10; 4096], "w0").await;
     blocking(&b, |b| b.flush()).await.expect("flush w0");
-    blocking(&b, |b| b.write(4096, &[0x11; 8192]))
-        .await
-        .expect("w1");
+    write(&b, 4096, &[0x11; 8192], "w1").await;
     blocking(&b, |b| b.trim(20480, 4096)).await.expect("trim");
-    blocking(&b, |b| b.write(8192, &[0x12; 4096]))
-        .await
-        .expect("w2 overlaps w1");
+    write(&b, 8192, &[0x12; 4096], "w2 overlaps w1").await;
     assert!(b.unflushed_bytes() >= 12288);
 
     // The primary dies and the new one lost everything after W0.
     a.crash().await;
-    let lost = mem();
-    lost.write(0, &[0x10; 4096]).unwrap();
-    let n = Primary::start("n", 2, lost.clone()).await;
-    resolver.set(n.target("n"));
+    let (n, lost) = take_over(&resolver, "n", 2, 0, 0x10).await;
 
     blocking(&b, |b| b.flush())
         .await
@@ -381,24 +417,16 @@ async fn acknowledged_unflushed_writes_are_replayed_on_a_new_primary_before_its_
 /// durable.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_replayed_write_never_overwrites_a_later_fua_write_of_the_same_block() {
-    let mut a = Primary::start("a", 1, mem()).await;
-    let resolver = Arc::new(TestResolver::default());
-    resolver.set(a.target("a"));
-    let b = open(resolver.clone(), settings()).await;
+    let (mut a, resolver, b) = forwarding_to_a(mem()).await;
 
-    blocking(&b, |b| b.write(4096, &[0x21; 4096]))
-        .await
-        .expect("write");
+    write(&b, 4096, &[0x21; 4096], "write").await;
     blocking(&b, |b| b.write_fua(4096, &[0x22; 4096]))
         .await
         .expect("FUA write of the same block");
 
     // The primary dies; the new one holds the FUA write, not the plain one before it.
     a.crash().await;
-    let survivor = mem();
-    survivor.write(4096, &[0x22; 4096]).unwrap();
-    let n = Primary::start("n", 2, survivor.clone()).await;
-    resolver.set(n.target("n"));
+    let (n, survivor) = take_over(&resolver, "n", 2, 4096, 0x22).await;
 
     blocking(&b, |b| b.flush())
         .await
@@ -438,8 +466,7 @@ async fn a_local_primary_runs_requests_in_process_and_moving_it_away_replays_unf
         gate: Mutex::new(None),
     });
     let (own_port, connections, listener) = counting_listener().await;
-    let resolver = Arc::new(TestResolver::default());
-    resolver.set(PrimaryTarget {
+    let resolver = TestResolver::pointing_at(PrimaryTarget {
         node: "node-here".into(),
         addr: own_port,
         epoch: Epoch(1),
@@ -459,13 +486,9 @@ async fn a_local_primary_runs_requests_in_process_and_moving_it_away_replays_unf
         .expect("open with a local primary"),
     );
     assert!(b.is_local().await, "the route is in process");
-    blocking(&b, |b| b.write(0, &[0x21; 4096]))
-        .await
-        .expect("w0");
+    write(&b, 0, &[0x21; 4096], "w0").await;
     blocking(&b, |b| b.flush()).await.expect("flush w0");
-    blocking(&b, |b| b.write(4096, &[0x22; 4096]))
-        .await
-        .expect("w1, acknowledged only");
+    write(&b, 4096, &[0x22; 4096], "w1, acknowledged only").await;
     let got = blocking(&b, |b| read(b, 0, 8192)).await;
     assert!(got[..4096].iter().all(|&x| x == 0x21) && got[4096..].iter().all(|&x| x == 0x22));
     assert_eq!(
@@ -488,10 +511,7 @@ async fn a_local_primary_runs_requests_in_process_and_moving_it_away_replays_unf
     // A planned move: the local primary is demoted and another node serves at epoch 2
     // with only what was flushed. The acknowledged W1 is replayed there before FLUSH.
     here.serving.store(false, Ordering::Release);
-    let moved = mem();
-    moved.write(0, &[0x21; 4096]).unwrap();
-    let remote = Primary::start("node-there", 2, moved.clone()).await;
-    resolver.set(remote.target("node-there"));
+    let (remote, moved) = take_over(&resolver, "node-there", 2, 0, 0x21).await;
     blocking(&b, |b| b.flush())
         .await
         .expect("flush on the new primary");
@@ -515,8 +535,7 @@ async fn a_local_primary_runs_requests_in_process_and_moving_it_away_replays_unf
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_full_replay_buffer_forces_a_flush_before_more_writes() {
     let a = Primary::start("a", 1, mem()).await;
-    let resolver = Arc::new(TestResolver::default());
-    resolver.set(a.target("a"));
+    let resolver = TestResolver::pointing_at(a.target("a"));
     let max = 64 << 10;
     let b = open(
         resolver,
@@ -598,23 +617,13 @@ async fn garbage_or_short_frames_from_the_server_fail_the_request_without_panick
     ];
     for (what, reply) in cases {
         let (addr, task) = bad_server(reply).await;
-        let resolver = Arc::new(TestResolver::default());
-        resolver.set(PrimaryTarget {
+        let resolver = TestResolver::pointing_at(PrimaryTarget {
             node: "bad".into(),
             addr,
             epoch: Epoch(1),
         });
         let started = std::time::Instant::now();
-        let r = ForwardingBackend::open(
-            VOLUME,
-            NetConfig::new("forwarder", SECRET),
-            ForwardSettings {
-                failover_wait_ms: 1_000,
-                ..settings()
-            },
-            resolver,
-        )
-        .await;
+        let r = try_open(NetConfig::new("forwarder", SECRET), 1_000, resolver).await;
         let e = match r {
             Ok(_) => panic!("{what}: a garbage-answering server was accepted"),
             Err(e) => e.to_string(),
@@ -634,18 +643,8 @@ async fn garbage_or_short_frames_from_the_server_fail_the_request_without_panick
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_forwarder_with_the_wrong_secret_is_refused() {
     let a = Primary::start("a", 1, mem()).await;
-    let resolver = Arc::new(TestResolver::default());
-    resolver.set(a.target("a"));
-    let r = ForwardingBackend::open(
-        VOLUME,
-        NetConfig::new("intruder", b"not-the-secret"),
-        ForwardSettings {
-            failover_wait_ms: 500,
-            ..settings()
-        },
-        resolver,
-    )
-    .await;
+    let resolver = TestResolver::pointing_at(a.target("a"));
+    let r = try_open(NetConfig::new("intruder", b"not-the-secret"), 500, resolver).await;
     let e = r.err().expect("refused").to_string();
     assert!(e.contains("authentication") || e.contains("secret"), "{e}");
     assert!(
@@ -678,8 +677,7 @@ async fn recv<T: Send + 'static>(
 /// never run), or inside the write itself (newer requests of the node then wait for it).
 async fn stale_write_case(before_admit: bool) {
     let a = Primary::start("a", 1, mem()).await;
-    let resolver = Arc::new(TestResolver::default());
-    resolver.set(a.target("a"));
+    let resolver = TestResolver::pointing_at(a.target("a"));
     let b = open(
         resolver.clone(),
         ForwardSettings {
