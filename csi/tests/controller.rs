@@ -57,24 +57,113 @@ fn publish_req(volume: &str, node: &str) -> ControllerPublishVolumeRequest {
     }
 }
 
+/// The attachment generation a ControllerPublish reply carries.
+fn attachment_generation(r: tonic::Response<ControllerPublishVolumeResponse>) -> Option<String> {
+    r.into_inner()
+        .publish_context
+        .get(csi::controller::CTX_ATTACHMENT_GENERATION)
+        .cloned()
+}
+
 struct Env {
     c: ControllerClient<Channel>,
     volumes: Api<BlockVolume>,
 }
 
+type Reply<T> = Result<tonic::Response<T>, tonic::Status>;
+
+impl Env {
+    async fn create(&mut self, req: CreateVolumeRequest) -> Reply<CreateVolumeResponse> {
+        self.c.create_volume(req).await
+    }
+
+    async fn publish(
+        &mut self,
+        volume: &str,
+        node: &str,
+    ) -> Reply<ControllerPublishVolumeResponse> {
+        self.c
+            .controller_publish_volume(publish_req(volume, node))
+            .await
+    }
+
+    async fn unpublish(
+        &mut self,
+        volume: &str,
+        node: &str,
+    ) -> Reply<ControllerUnpublishVolumeResponse> {
+        self.c
+            .controller_unpublish_volume(ControllerUnpublishVolumeRequest {
+                volume_id: volume.into(),
+                node_id: node.into(),
+                ..Default::default()
+            })
+            .await
+    }
+
+    async fn delete(&mut self, volume: &str) -> Reply<DeleteVolumeResponse> {
+        self.c
+            .delete_volume(DeleteVolumeRequest {
+                volume_id: volume.into(),
+                ..Default::default()
+            })
+            .await
+    }
+
+    async fn expand(
+        &mut self,
+        volume: &str,
+        required: i64,
+        capability: Option<VolumeCapability>,
+    ) -> Reply<ControllerExpandVolumeResponse> {
+        self.c
+            .controller_expand_volume(ControllerExpandVolumeRequest {
+                volume_id: volume.into(),
+                capacity_range: Some(CapacityRange {
+                    required_bytes: required,
+                    limit_bytes: 0,
+                }),
+                volume_capability: capability,
+                ..Default::default()
+            })
+            .await
+    }
+
+    /// How many BlockVolumes exist.
+    async fn volume_count(&self) -> usize {
+        self.volumes
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .len()
+    }
+
+    /// Whether BlockVolume `name` carries an attachment annotation.
+    async fn attached(&self, name: &str) -> bool {
+        self.volumes
+            .get(name)
+            .await
+            .unwrap()
+            .annotations()
+            .contains_key(api::ANNOTATION_ATTACHED_NODE)
+    }
+}
+
+/// The StorageClass parameters of "pvc-params".
+const PARAMS: &[(&str, &str)] = &[
+    ("replicas", "2"),
+    ("durability", "async"),
+    ("blockSize", "512"),
+    ("fsType", "xfs"),
+];
+
 async fn create_volume_applies_the_parameters_and_waits_for_ready(env: &mut Env) {
     let resp = env
-        .c
-        .create_volume(create_req(
+        .create(create_req(
             "pvc-params",
             10 * MIB + 1,
-            &[
-                ("replicas", "2"),
-                ("durability", "async"),
-                ("blockSize", "512"),
-                ("fsType", "xfs"),
-                ("csi.storage.k8s.io/pvc/name", "data"),
-            ],
+            &[PARAMS, &[("csi.storage.k8s.io/pvc/name", "data")]].concat(),
         ))
         .await
         .expect("create")
@@ -104,39 +193,18 @@ async fn create_volume_applies_the_parameters_and_waits_for_ready(env: &mut Env)
 
     // Same request again: same volume. Different size: AlreadyExists.
     let again = env
-        .c
-        .create_volume(create_req(
-            "pvc-params",
-            10 * MIB + 1,
-            &[
-                ("replicas", "2"),
-                ("durability", "async"),
-                ("blockSize", "512"),
-                ("fsType", "xfs"),
-            ],
-        ))
+        .create(create_req("pvc-params", 10 * MIB + 1, PARAMS))
         .await
         .expect("idempotent create")
         .into_inner();
     assert_eq!(again.volume.unwrap().volume_id, "pvc-params");
     let err = env
-        .c
-        .create_volume(create_req(
-            "pvc-params",
-            20 * MIB,
-            &[
-                ("replicas", "2"),
-                ("durability", "async"),
-                ("blockSize", "512"),
-                ("fsType", "xfs"),
-            ],
-        ))
+        .create(create_req("pvc-params", 20 * MIB, PARAMS))
         .await
         .expect_err("different size");
     assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
     let err = env
-        .c
-        .create_volume(create_req("pvc-params", 10 * MIB + 1, &[("replicas", "3")]))
+        .create(create_req("pvc-params", 10 * MIB + 1, &[("replicas", "3")]))
         .await
         .expect_err("different params");
     assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
@@ -144,8 +212,7 @@ async fn create_volume_applies_the_parameters_and_waits_for_ready(env: &mut Env)
 
 async fn names_that_are_not_labels_map_to_a_hashed_volume(env: &mut Env) {
     let resp = env
-        .c
-        .create_volume(create_req("Sanity Volume #1", MIB, &[]))
+        .create(create_req("Sanity Volume #1", MIB, &[]))
         .await
         .expect("create")
         .into_inner();
@@ -159,13 +226,7 @@ async fn names_that_are_not_labels_map_to_a_hashed_volume(env: &mut Env) {
 }
 
 async fn bad_parameters_create_nothing(env: &mut Env) {
-    let before = env
-        .volumes
-        .list(&ListParams::default())
-        .await
-        .unwrap()
-        .items
-        .len();
+    let before = env.volume_count().await;
     for (params, name) in [
         (vec![("replicas", "7")], "replicas"),
         (vec![("durability", "quorum")], "durability"),
@@ -174,8 +235,7 @@ async fn bad_parameters_create_nothing(env: &mut Env) {
         (vec![("replicaCount", "3")], "replicaCount"),
     ] {
         let err = env
-            .c
-            .create_volume(create_req("pvc-bad", MIB, &params))
+            .create(create_req("pvc-bad", MIB, &params))
             .await
             .expect_err(name);
         assert_eq!(err.code(), Code::InvalidArgument, "{name}: {err:?}");
@@ -183,11 +243,7 @@ async fn bad_parameters_create_nothing(env: &mut Env) {
     }
     let mut multi = create_req("pvc-bad", MIB, &[]);
     multi.volume_capabilities = vec![mount_cap(Mode::MultiNodeMultiWriter)];
-    let err = env
-        .c
-        .create_volume(multi)
-        .await
-        .expect_err("multi-node writer");
+    let err = env.create(multi).await.expect_err("multi-node writer");
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(
         err.message().contains("MULTI_NODE_MULTI_WRITER"),
@@ -195,8 +251,7 @@ async fn bad_parameters_create_nothing(env: &mut Env) {
         err.message()
     );
     let err = env
-        .c
-        .create_volume(CreateVolumeRequest {
+        .create(CreateVolumeRequest {
             capacity_range: Some(CapacityRange {
                 required_bytes: 4097,
                 limit_bytes: 5000,
@@ -206,13 +261,7 @@ async fn bad_parameters_create_nothing(env: &mut Env) {
         .await
         .expect_err("rounding past the limit");
     assert_eq!(err.code(), Code::OutOfRange);
-    let after = env
-        .volumes
-        .list(&ListParams::default())
-        .await
-        .unwrap()
-        .items
-        .len();
+    let after = env.volume_count().await;
     assert_eq!(
         before, after,
         "no BlockVolume was created for a bad request"
@@ -221,8 +270,7 @@ async fn bad_parameters_create_nothing(env: &mut Env) {
 
 async fn unready_volume_times_out_and_is_kept_for_the_retry(env: &mut Env) {
     let err = env
-        .c
-        .create_volume(create_req("pending-one", MIB, &[]))
+        .create(create_req("pending-one", MIB, &[]))
         .await
         .expect_err("never Ready");
     assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
@@ -234,30 +282,34 @@ async fn unready_volume_times_out_and_is_kept_for_the_retry(env: &mut Env) {
         .await
         .unwrap();
     let resp = env
-        .c
-        .create_volume(create_req("pending-one", MIB, &[]))
+        .create(create_req("pending-one", MIB, &[]))
         .await
         .expect("retry succeeds once Ready");
     assert_eq!(resp.into_inner().volume.unwrap().volume_id, "pending-one");
 }
 
 async fn publish_records_one_attachment_and_blocks_delete(env: &mut Env) {
-    env.c
-        .create_volume(create_req("pvc-pub", MIB, &[]))
+    env.create(create_req("pvc-pub", MIB, &[]))
         .await
         .expect("create");
-    let generation_of = |r: tonic::Response<ControllerPublishVolumeResponse>| {
-        r.into_inner()
-            .publish_context
-            .get(csi::controller::CTX_ATTACHMENT_GENERATION)
-            .cloned()
-    };
-    let first = env
-        .c
-        .controller_publish_volume(publish_req("pvc-pub", "node-a"))
-        .await
-        .expect("publish");
-    assert_eq!(generation_of(first).as_deref(), Some("1"));
+    // Each publish that succeeds, with the attachment generation it reports.
+    let published = [
+        ("node-a", "publish", "1", "the first attachment"),
+        (
+            "node-a",
+            "publish again to the same node",
+            "1",
+            "a repeated publish of the same attachment keeps its generation",
+        ),
+    ];
+    for (node, what, generation, why) in published {
+        let r = env.publish("pvc-pub", node).await.expect(what);
+        assert_eq!(
+            attachment_generation(r).as_deref(),
+            Some(generation),
+            "{why}"
+        );
+    }
     let bv = env.volumes.get("pvc-pub").await.unwrap();
     assert_eq!(
         bv.annotations()
@@ -271,41 +323,17 @@ async fn publish_records_one_attachment_and_blocks_delete(env: &mut Env) {
             .map(String::as_str),
         Some("1")
     );
-    let again = env
-        .c
-        .controller_publish_volume(publish_req("pvc-pub", "node-a"))
-        .await
-        .expect("publish again to the same node");
-    assert_eq!(
-        generation_of(again).as_deref(),
-        Some("1"),
-        "a repeated publish of the same attachment keeps its generation"
-    );
-    let err = env
-        .c
-        .controller_publish_volume(publish_req("pvc-pub", "node-b"))
-        .await
-        .expect_err("second node");
-    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
-    let err = env
-        .c
-        .controller_publish_volume(publish_req("pvc-pub", "no-such-node"))
-        .await
-        .expect_err("unknown node");
-    assert_eq!(err.code(), Code::NotFound);
-    let err = env
-        .c
-        .controller_publish_volume(publish_req("no-such-volume", "node-a"))
-        .await
-        .expect_err("unknown volume");
-    assert_eq!(err.code(), Code::NotFound);
+    for (volume, node, code, what) in [
+        ("pvc-pub", "node-b", Code::FailedPrecondition, "second node"),
+        ("pvc-pub", "no-such-node", Code::NotFound, "unknown node"),
+        ("no-such-volume", "node-a", Code::NotFound, "unknown volume"),
+    ] {
+        let err = env.publish(volume, node).await.expect_err(what);
+        assert_eq!(err.code(), code, "{what}: {err:?}");
+    }
 
     let err = env
-        .c
-        .delete_volume(DeleteVolumeRequest {
-            volume_id: "pvc-pub".into(),
-            ..Default::default()
-        })
+        .delete("pvc-pub")
         .await
         .expect_err("delete while attached");
     assert_eq!(err.code(), Code::FailedPrecondition);
@@ -324,66 +352,26 @@ async fn publish_records_one_attachment_and_blocks_delete(env: &mut Env) {
     );
 
     // Unpublish from another node changes nothing; from node-a it detaches.
-    env.c
-        .controller_unpublish_volume(ControllerUnpublishVolumeRequest {
-            volume_id: "pvc-pub".into(),
-            node_id: "node-b".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    assert!(
-        env.volumes
-            .get("pvc-pub")
-            .await
-            .unwrap()
-            .annotations()
-            .contains_key(api::ANNOTATION_ATTACHED_NODE)
-    );
+    env.unpublish("pvc-pub", "node-b").await.unwrap();
+    assert!(env.attached("pvc-pub").await);
     for _ in 0..2 {
-        env.c
-            .controller_unpublish_volume(ControllerUnpublishVolumeRequest {
-                volume_id: "pvc-pub".into(),
-                node_id: "node-a".into(),
-                ..Default::default()
-            })
+        env.unpublish("pvc-pub", "node-a")
             .await
             .expect("unpublish (twice)");
     }
-    assert!(
-        !env.volumes
-            .get("pvc-pub")
-            .await
-            .unwrap()
-            .annotations()
-            .contains_key(api::ANNOTATION_ATTACHED_NODE)
-    );
+    assert!(!env.attached("pvc-pub").await);
     let moved = env
-        .c
-        .controller_publish_volume(publish_req("pvc-pub", "node-b"))
+        .publish("pvc-pub", "node-b")
         .await
         .expect("free to move after unpublish");
     assert_eq!(
-        generation_of(moved).as_deref(),
+        attachment_generation(moved).as_deref(),
         Some("2"),
         "every new attachment gets a higher generation, also after an unpublish"
     );
-    env.c
-        .controller_unpublish_volume(ControllerUnpublishVolumeRequest {
-            volume_id: "pvc-pub".into(),
-            node_id: "node-b".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    env.unpublish("pvc-pub", "node-b").await.unwrap();
     for _ in 0..2 {
-        env.c
-            .delete_volume(DeleteVolumeRequest {
-                volume_id: "pvc-pub".into(),
-                ..Default::default()
-            })
-            .await
-            .expect("delete (twice)");
+        env.delete("pvc-pub").await.expect("delete (twice)");
     }
     assert!(env.volumes.get_opt("pvc-pub").await.unwrap().is_none());
 }
@@ -392,8 +380,7 @@ async fn publish_records_one_attachment_and_blocks_delete(env: &mut Env) {
 /// `status.attachedTo` (the operator mirrors the annotation later) must not block
 /// DeleteVolume, and a volume whose deletion waits on a finalizer is no longer listed.
 async fn stale_status_and_pending_deletion_do_not_mislead_the_co(env: &mut Env) {
-    env.c
-        .create_volume(create_req("pvc-stale", MIB, &[]))
+    env.create(create_req("pvc-stale", MIB, &[]))
         .await
         .expect("create");
     let held = serde_json::json!({
@@ -409,11 +396,7 @@ async fn stale_status_and_pending_deletion_do_not_mislead_the_co(env: &mut Env) 
         .await
         .expect("a status that still names node-a");
 
-    env.c
-        .delete_volume(DeleteVolumeRequest {
-            volume_id: "pvc-stale".into(),
-            ..Default::default()
-        })
+    env.delete("pvc-stale")
         .await
         .expect("unpublished volume deletes despite a stale status.attachedTo");
     let bv = env
@@ -449,21 +432,15 @@ async fn stale_status_and_pending_deletion_do_not_mislead_the_co(env: &mut Env) 
 }
 
 async fn expand_grows_the_spec_size_and_never_shrinks(env: &mut Env) {
-    env.c
-        .create_volume(create_req("pvc-grow", 8 * MIB, &[]))
+    env.create(create_req("pvc-grow", 8 * MIB, &[]))
         .await
         .expect("create");
     let resp = env
-        .c
-        .controller_expand_volume(ControllerExpandVolumeRequest {
-            volume_id: "pvc-grow".into(),
-            capacity_range: Some(CapacityRange {
-                required_bytes: 16 * MIB + 1,
-                limit_bytes: 0,
-            }),
-            volume_capability: Some(mount_cap(Mode::SingleNodeWriter)),
-            ..Default::default()
-        })
+        .expand(
+            "pvc-grow",
+            16 * MIB + 1,
+            Some(mount_cap(Mode::SingleNodeWriter)),
+        )
         .await
         .expect("expand")
         .into_inner();
@@ -472,37 +449,20 @@ async fn expand_grows_the_spec_size_and_never_shrinks(env: &mut Env) {
     let bv = env.volumes.get("pvc-grow").await.unwrap();
     assert_eq!(bv.spec.size_bytes(), Ok((16 * MIB + 4096) as u64));
     let resp = env
-        .c
-        .controller_expand_volume(ControllerExpandVolumeRequest {
-            volume_id: "pvc-grow".into(),
-            capacity_range: Some(CapacityRange {
-                required_bytes: 4 * MIB,
-                limit_bytes: 0,
-            }),
-            ..Default::default()
-        })
+        .expand("pvc-grow", 4 * MIB, None)
         .await
         .expect("smaller request is a no-op")
         .into_inner();
     assert_eq!(resp.capacity_bytes, 16 * MIB + 4096);
     let err = env
-        .c
-        .controller_expand_volume(ControllerExpandVolumeRequest {
-            volume_id: "no-such-volume".into(),
-            capacity_range: Some(CapacityRange {
-                required_bytes: MIB,
-                limit_bytes: 0,
-            }),
-            ..Default::default()
-        })
+        .expand("no-such-volume", MIB, None)
         .await
         .expect_err("unknown volume");
     assert_eq!(err.code(), Code::NotFound);
 }
 
 async fn degraded_volume_reports_an_abnormal_condition(env: &mut Env) {
-    env.c
-        .create_volume(create_req("pvc-health", MIB, &[]))
+    env.create(create_req("pvc-health", MIB, &[]))
         .await
         .expect("create");
     let get = |c: &mut ControllerClient<Channel>| {
