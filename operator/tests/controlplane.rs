@@ -93,6 +93,52 @@ async fn report(client: &Client, replica: &str, status: &BlockReplicaStatus) {
         .expect("replica status");
 }
 
+/// Waits until BlockVolume `name` reports `phase` (`what` names the wait).
+async fn in_phase(client: &Client, name: &str, phase: VolumePhase, what: &str) -> BlockVolume {
+    WAIT.expect(what, || async {
+        volume(client, name)
+            .await
+            .filter(|v| v.status.as_ref().is_some_and(|s| s.phase == phase))
+    })
+    .await
+}
+
+/// Waits until `n` replicas of `volume` exist.
+async fn placed(client: &Client, volume: &str, n: usize) -> Vec<BlockReplica> {
+    WAIT.expect(&format!("{n} replicas placed"), || async {
+        let rs = replicas_of(client, volume).await;
+        (rs.len() == n).then_some(rs)
+    })
+    .await
+}
+
+/// Agents on nodes n1, n2 and n3, one per zone z1..z3, by node.
+async fn three_agents(client: &Client) -> BTreeMap<String, Task> {
+    let mut agents = BTreeMap::new();
+    for (n, z) in [("n1", "z1"), ("n2", "z2"), ("n3", "z3")] {
+        agents.insert(n.to_string(), agent(client, n, z).await);
+    }
+    agents
+}
+
+/// Sets (or, with null, removes) the attachment annotation of BlockVolume `name`.
+async fn set_attached_node(vols: &Api<BlockVolume>, name: &str, node: serde_json::Value) {
+    let patch = json!({"metadata": {"annotations": {api::ANNOTATION_ATTACHED_NODE: node}}});
+    vols.patch(name, &PatchParams::default(), &Patch::Merge(patch))
+        .await
+        .unwrap();
+}
+
+/// How a primary reports replica `r` when it is in sync up to `flushed`.
+fn in_sync_peer(r: &BlockReplica, flushed: u64) -> PeerStatus {
+    PeerStatus {
+        replica_id: r.name_any(),
+        state: ReplicaState::InSync,
+        flushed_lsn: flushed,
+        last_error: None,
+    }
+}
+
 fn healthy(r: &BlockReplica, flushed: u64) -> BlockReplicaStatus {
     BlockReplicaStatus {
         flushed_lsn: flushed,
@@ -126,21 +172,13 @@ async fn event_published(client: &Client, reason: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn volume_lifecycle_placement_in_sync_promotion_expansion_deletion() {
     let (_cp, client) = start().await;
-    let mut agents: BTreeMap<String, Task> = BTreeMap::new();
-    for (n, z) in [("n1", "z1"), ("n2", "z2"), ("n3", "z3")] {
-        agents.insert(n.to_string(), agent(&client, n, z).await);
-    }
+    let mut agents = three_agents(&client).await;
     let (op, _) = operator(&client, "op-a");
     testkit::apiserver::create_volume(&client, "vol1", "64Mi").await;
     let vols: Api<BlockVolume> = Api::all(client.clone());
 
     // Placement: three replicas on three distinct nodes, one primary, epoch 1.
-    let placed = WAIT
-        .expect("3 replicas placed", || async {
-            let rs = replicas_of(&client, "vol1").await;
-            (rs.len() == 3).then_some(rs)
-        })
-        .await;
+    let placed = placed(&client, "vol1", 3).await;
     let nodes: std::collections::BTreeSet<_> = placed.iter().map(|r| r.spec.node.clone()).collect();
     assert_eq!(nodes.len(), 3, "distinct nodes");
     assert_eq!(
@@ -165,15 +203,7 @@ async fn volume_lifecycle_placement_in_sync_promotion_expansion_deletion() {
     for r in &placed {
         report(&client, &r.name_any(), &healthy(r, 10)).await;
     }
-    let v = WAIT
-        .expect("volume Ready", || async {
-            volume(&client, "vol1").await.filter(|v| {
-                v.status
-                    .as_ref()
-                    .is_some_and(|s| s.phase == VolumePhase::Ready)
-            })
-        })
-        .await;
+    let v = in_phase(&client, "vol1", VolumePhase::Ready, "volume Ready").await;
     let st = v.status.clone().unwrap();
     assert_eq!(
         (st.in_sync_count, st.in_sync_set_generation, st.epoch),
@@ -200,15 +230,13 @@ async fn volume_lifecycle_placement_in_sync_promotion_expansion_deletion() {
     .expect("wipe status");
     assert!(volume(&client, "vol1").await.unwrap().status.is_none());
     let (_op, metrics) = operator(&client, "op-b");
-    let v = WAIT
-        .expect("status recovered by the new operator", || async {
-            volume(&client, "vol1").await.filter(|v| {
-                v.status
-                    .as_ref()
-                    .is_some_and(|s| s.phase == VolumePhase::Ready)
-            })
-        })
-        .await;
+    let v = in_phase(
+        &client,
+        "vol1",
+        VolumePhase::Ready,
+        "status recovered by the new operator",
+    )
+    .await;
     let st = v.status.unwrap();
     assert_eq!(
         (st.epoch, st.in_sync_set_generation, st.in_sync_count),
@@ -272,15 +300,7 @@ async fn volume_lifecycle_placement_in_sync_promotion_expansion_deletion() {
 
     // It catches up and the primary reports it InSync: it joins again (generation 3).
     pst.unreachable.clear();
-    pst.peers = others
-        .iter()
-        .map(|o| PeerStatus {
-            replica_id: o.name_any(),
-            state: ReplicaState::InSync,
-            flushed_lsn: 10,
-            last_error: None,
-        })
-        .collect();
+    pst.peers = others.iter().map(|o| in_sync_peer(o, 10)).collect();
     report(&client, &primary.name_any(), &pst).await;
     WAIT.expect("member added back", || async {
         volume(&client, "vol1").await.filter(|v| {
@@ -362,13 +382,7 @@ async fn volume_lifecycle_placement_in_sync_promotion_expansion_deletion() {
     .await;
 
     // An attached volume waits for detach before it is deleted, and says so.
-    vols.patch(
-        "vol1",
-        &PatchParams::default(),
-        &Patch::Merge(json!({"metadata": {"annotations": {api::ANNOTATION_ATTACHED_NODE: "n2"}}})),
-    )
-    .await
-    .unwrap();
+    set_attached_node(&vols, "vol1", json!("n2")).await;
     vols.delete("vol1", &DeleteParams::default())
         .await
         .expect("delete");
@@ -387,13 +401,7 @@ async fn volume_lifecycle_placement_in_sync_promotion_expansion_deletion() {
         3,
         "nothing deleted while attached"
     );
-    vols.patch(
-        "vol1",
-        &PatchParams::default(),
-        &Patch::Merge(json!({"metadata": {"annotations": {api::ANNOTATION_ATTACHED_NODE: null}}})),
-    )
-    .await
-    .unwrap();
+    set_attached_node(&vols, "vol1", json!(null)).await;
     WAIT.expect("volume and replicas gone", || async {
         let gone = volume(&client, "vol1").await.is_none()
             && replicas_of(&client, "vol1").await.is_empty();
@@ -414,15 +422,13 @@ async fn too_few_nodes_reports_insufficient_nodes_then_places_when_one_joins() {
     let _a2 = agent(&client, "n2", "z2").await;
     let (_op, _m) = operator(&client, "op-a");
     testkit::apiserver::create_volume(&client, "vol2", "16Mi").await;
-    let v = WAIT
-        .expect("Pending with InsufficientNodes", || async {
-            volume(&client, "vol2").await.filter(|v| {
-                v.status
-                    .as_ref()
-                    .is_some_and(|s| s.phase == VolumePhase::Pending)
-            })
-        })
-        .await;
+    let v = in_phase(
+        &client,
+        "vol2",
+        VolumePhase::Pending,
+        "Pending with InsufficientNodes",
+    )
+    .await;
     let ready = v
         .status
         .unwrap()
@@ -503,12 +509,7 @@ async fn replica_needing_rebuild_is_replaced_on_another_node_and_rejoins() {
     s.replacement.replica_failure_grace_ms = 1_000;
     let (_op, _m) = operator_with(&client, "op-a", s);
     testkit::apiserver::create_volume(&client, "vol3", "16Mi").await;
-    let placed = WAIT
-        .expect("3 replicas placed", || async {
-            let rs = replicas_of(&client, "vol3").await;
-            (rs.len() == 3).then_some(rs)
-        })
-        .await;
+    let placed = placed(&client, "vol3", 3).await;
     // A fourth node joins only now, so it is the only place for a replacement.
     _agents.push(agent(&client, "n4", "z4").await);
     for r in &placed {
@@ -562,12 +563,7 @@ async fn replica_needing_rebuild_is_replaced_on_another_node_and_rejoins() {
         .await
         .iter()
         .filter(|r| r.name_any() != primary.name_any())
-        .map(|r| PeerStatus {
-            replica_id: r.name_any(),
-            state: ReplicaState::InSync,
-            flushed_lsn: 5,
-            last_error: None,
-        })
+        .map(|r| in_sync_peer(r, 5))
         .collect();
     report(&client, &primary.name_any(), &pst).await;
     WAIT.expect(
@@ -613,18 +609,10 @@ async fn promotion_planned(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_reconciles_racing_to_promote_never_assign_two_primaries_at_one_epoch() {
     let (_cp, client) = start().await;
-    let mut agents: BTreeMap<String, Task> = BTreeMap::new();
-    for (n, z) in [("n1", "z1"), ("n2", "z2"), ("n3", "z3")] {
-        agents.insert(n.to_string(), agent(&client, n, z).await);
-    }
+    let mut agents = three_agents(&client).await;
     let (op, _) = operator(&client, "op-a");
     testkit::apiserver::create_volume(&client, "race", "64Mi").await;
-    let placed = WAIT
-        .expect("3 replicas placed", || async {
-            let rs = replicas_of(&client, "race").await;
-            (rs.len() == 3).then_some(rs)
-        })
-        .await;
+    let placed = placed(&client, "race", 3).await;
     for r in &placed {
         report(&client, &r.name_any(), &healthy(r, 10)).await;
     }
