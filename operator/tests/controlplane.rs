@@ -284,6 +284,7 @@ async fn volume_lifecycle_placement_in_sync_promotion_expansion_deletion() {
     pst.peers = others
         .iter()
         .map(|o| PeerStatus {
+            lag: None,
             replica_id: o.name_any(),
             state: ReplicaState::InSync,
             flushed_lsn: 10,
@@ -584,6 +585,7 @@ async fn replica_needing_rebuild_is_replaced_on_another_node_and_rejoins() {
         .iter()
         .filter(|r| r.name_any() != primary.name_any())
         .map(|r| PeerStatus {
+            lag: None,
             replica_id: r.name_any(),
             state: ReplicaState::InSync,
             flushed_lsn: 5,
