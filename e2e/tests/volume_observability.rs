@@ -232,9 +232,16 @@ async fn a_claims_volume_is_labelled_lag_is_reported_and_events_reach_the_claim(
     )
     .await;
 
-    // The volume loses a replica: the claim's Events say so.
+    // The volume loses a replica: the claim's Events say so, under the claim's UID
+    // (what `kubectl describe pvc` selects by).
+    let uid = Api::<PersistentVolumeClaim>::namespaced(client.clone(), NS)
+        .get(CLAIM)
+        .await
+        .expect("PVC")
+        .uid()
+        .expect("PVC uid");
     let events: Api<Event> = Api::namespaced(client.clone(), NS);
-    let reasons = wait_for("a health Event on the claim", WAIT, || async {
+    let reasons = wait_for("VolumeDegraded on the claim", WAIT, || async {
         let list = events.list(&ListParams::default()).await.ok()?;
         let on_claim: Vec<String> = list
             .items
@@ -243,13 +250,14 @@ async fn a_claims_volume_is_labelled_lag_is_reported_and_events_reach_the_claim(
                 e.regarding.as_ref().is_some_and(|r| {
                     r.kind.as_deref() == Some("PersistentVolumeClaim")
                         && r.name.as_deref() == Some(CLAIM)
+                        && r.uid.as_deref() == Some(uid.as_str())
                 })
             })
             .filter_map(|e| e.reason)
             .collect();
         on_claim
             .iter()
-            .any(|r| r == "VolumeDegraded" || r == "ReplicaFailed")
+            .any(|r| r == "VolumeDegraded")
             .then_some(on_claim)
     })
     .await
