@@ -14,11 +14,11 @@ pub use node::{BlockNode, BlockNodeSpec, BlockNodeStatus, EvacuationStatus};
 pub use quantity::{QuantityError, parse_quantity_bytes};
 pub use replica::{
     BlockReplica, BlockReplicaSpec, BlockReplicaStatus, PeerAssignment, PeerStatus, RebuildStatus,
-    ReplicaRole, ReplicaState,
+    ReplicaLag, ReplicaRole, ReplicaState,
 };
 pub use volume::{
     BlockVolume, BlockVolumeSpec, BlockVolumeStatus, DataLocality, Durability, MovePhase,
-    MoveReason, PrimaryMove, ReplicaSummary, ValidationError, VolumePhase,
+    MoveReason, PrimaryMove, PvcReference, ReplicaSummary, ValidationError, VolumePhase,
 };
 
 /// API group of every blockvol resource.

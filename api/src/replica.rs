@@ -24,6 +24,7 @@ use crate::volume::Durability;
     printcolumn = r#"{"name":"State","type":"string","jsonPath":".status.state"}"#,
     printcolumn = r#"{"name":"Epoch","type":"integer","jsonPath":".spec.epoch"}"#,
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Lag","type":"integer","description":"LSNs this replica's disk is behind its primary's head, as the primary last reported","jsonPath":".status.lag.lsn"}"#,
     printcolumn = r#"{"name":"Rebuild","type":"integer","description":"Percent of the rebuild's base copied","jsonPath":".status.rebuild.percent"}"#,
     printcolumn = r#"{"name":"Acting","type":"string","jsonPath":".status.role","priority":1}"#,
     printcolumn = r#"{"name":"Flushed","type":"integer","jsonPath":".status.flushedLsn","priority":1}"#,
@@ -68,6 +69,10 @@ pub struct BlockReplicaSpec {
     pub in_sync_set: Vec<String>,
     #[serde(default)]
     pub in_sync_set_generation: u64,
+    /// The claim the volume serves (copied from the volume's `spec.pvc`), for the labels
+    /// of the agent's per-volume metrics.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pvc: Option<crate::volume::PvcReference>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
@@ -146,6 +151,37 @@ pub struct BlockReplicaStatus {
     /// is (absent otherwise, and while the WAL tail after the base is replayed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rebuild: Option<RebuildStatus>,
+    /// For a replica: how far it is behind its primary, copied by the operator from the
+    /// primary's `peers` report (the one field of this status the operator writes: a
+    /// stopped replica's agent cannot say how far behind it falls). Absent on the
+    /// primary and while the primary does not report this replica.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lag: Option<ReplicaLag>,
+}
+
+/// How far a replica's disk is behind its primary.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ReplicaLag {
+    /// The primary's head LSN minus the replica's flushed LSN.
+    pub lsn: u64,
+    /// Bytes of the primary's WAL entries after the replica's flushed LSN; absent once
+    /// those entries left the primary's WAL (the replica then needs a rebuild).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes: Option<u64>,
+}
+
+impl ReplicaLag {
+    /// The lag of a replica whose flushed LSN is `peer_flushed` behind a primary whose
+    /// head is `head`, with `bytes` of WAL between them when the primary still holds it.
+    pub fn behind(head: u64, peer_flushed: u64, bytes: Option<u64>) -> Self {
+        let lsn = head.saturating_sub(peer_flushed);
+        ReplicaLag {
+            lsn,
+            // Nothing missing is no bytes missing, whatever the WAL says.
+            bytes: if lsn == 0 { Some(0) } else { bytes },
+        }
+    }
 }
 
 /// Progress of a replica's rebuild, as its receiver counts the base blocks installed.
@@ -177,6 +213,37 @@ pub struct PeerStatus {
     pub state: ReplicaState,
     #[serde(default)]
     pub flushed_lsn: u64,
+    /// How far the peer is behind this primary's head, as the primary counts it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lag: Option<ReplicaLag>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lag_is_head_minus_peer_flushed_and_never_negative() {
+        assert_eq!(
+            ReplicaLag::behind(100, 70, Some(120)),
+            ReplicaLag {
+                lsn: 30,
+                bytes: Some(120)
+            }
+        );
+        // Caught up: zero bytes even when the WAL no longer holds the entries.
+        assert_eq!(
+            ReplicaLag::behind(100, 100, None),
+            ReplicaLag {
+                lsn: 0,
+                bytes: Some(0)
+            }
+        );
+        // A peer reporting more than the primary's head (just after a promotion).
+        assert_eq!(ReplicaLag::behind(90, 100, None).lsn, 0);
+        // Entries gone from the WAL: LSNs only.
+        assert_eq!(ReplicaLag::behind(500, 10, None).bytes, None);
+    }
 }

@@ -104,6 +104,65 @@ pub struct BlockVolumeSpec {
     /// Whether to keep a replica (and so the primary) on the node that uses the volume.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub data_locality: Option<DataLocality>,
+    /// The PersistentVolumeClaim the volume serves, if any: the CSI driver records it
+    /// at provisioning; set it by hand for a hand-made volume. It labels the volume's
+    /// metrics (`pvc`, `pvc_namespace`) and receives copies of its important Events.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pvc: Option<PvcReference>,
+}
+
+/// Longest PersistentVolumeClaim name (a DNS-1123 subdomain).
+pub const PVC_NAME_MAX_LEN: usize = 253;
+/// Longest namespace name (a DNS-1123 label).
+pub const NAMESPACE_MAX_LEN: usize = 63;
+
+/// A PersistentVolumeClaim, by namespace and name.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Hash, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PvcReference {
+    /// Name of the claim: a DNS-1123 subdomain (lowercase alphanumerics, `-` and `.`).
+    #[schemars(length(min = 1, max = 253))]
+    #[schemars(regex(
+        pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+    ))]
+    pub name: String,
+    /// Namespace of the claim: a DNS-1123 label (lowercase alphanumerics and `-`).
+    #[schemars(length(min = 1, max = 63))]
+    #[schemars(regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
+    pub namespace: String,
+}
+
+impl PvcReference {
+    /// Why this reference could not name a claim, if it could not.
+    pub fn validate(&self) -> Result<(), ValidationError> {
+        fn label(s: &str) -> bool {
+            !s.is_empty()
+                && s.len() <= NAMESPACE_MAX_LEN
+                && s.chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+                && !s.starts_with('-')
+                && !s.ends_with('-')
+        }
+        if self.name.len() > PVC_NAME_MAX_LEN || !self.name.split('.').all(label) {
+            return Err(ValidationError::new(
+                "spec.pvc.name",
+                format!(
+                    "{:?} is not a DNS-1123 subdomain (at most {PVC_NAME_MAX_LEN} lowercase alphanumerics, '-' and '.')",
+                    self.name
+                ),
+            ));
+        }
+        if !label(&self.namespace) {
+            return Err(ValidationError::new(
+                "spec.pvc.namespace",
+                format!(
+                    "{:?} is not a DNS-1123 label (at most {NAMESPACE_MAX_LEN} lowercase alphanumerics and '-')",
+                    self.namespace
+                ),
+            ));
+        }
+        Ok(())
+    }
 }
 
 fn default_replicas() -> u8 {
@@ -309,6 +368,7 @@ impl BlockVolumeSpec {
             node_selector: None,
             topology_key: None,
             data_locality: None,
+            pvc: None,
         }
     }
 
@@ -369,6 +429,9 @@ impl BlockVolumeSpec {
                 "spec.topologyKey",
                 format!("{k:?} is not a valid label key"),
             ));
+        }
+        if let Some(pvc) = &self.pvc {
+            pvc.validate()?;
         }
         let size = self.size_bytes()?;
         if size % u64::from(self.block_size) != 0 {
@@ -509,5 +572,32 @@ mod tests {
         assert_eq!(s.block_size, DEFAULT_BLOCK_SIZE);
         assert_eq!(s.durability, Durability::SyncAll);
         assert_eq!(s.size_bytes(), Ok(1 << 30));
+    }
+
+    #[test]
+    fn pvc_reference_must_name_a_claim() {
+        let with = |name: &str, namespace: &str| BlockVolumeSpec {
+            pvc: Some(PvcReference {
+                name: name.into(),
+                namespace: namespace.into(),
+            }),
+            ..spec("1Gi")
+        };
+        assert_eq!(with("data-db-0", "prod").validate(), Ok(()));
+        assert_eq!(with("a.b-c", "x").validate(), Ok(()));
+        for bad in ["", "Data", "-a", "a-", "a..b", "a_b", &"n".repeat(254)] {
+            assert_eq!(
+                field_of(with(bad, "prod").validate()),
+                "spec.pvc.name",
+                "{bad:?}"
+            );
+        }
+        for bad in ["", "Prod", "a.b", "-a", &"n".repeat(64)] {
+            assert_eq!(
+                field_of(with("data", bad).validate()),
+                "spec.pvc.namespace",
+                "{bad:?}"
+            );
+        }
     }
 }

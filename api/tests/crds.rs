@@ -193,7 +193,7 @@ fn default_columns_show_attachment_and_wide_ones_the_details() {
     assert_eq!(
         default,
         [
-            "Volume", "Node", "Role", "State", "Epoch", "Ready", "Rebuild", "Age"
+            "Volume", "Node", "Role", "State", "Epoch", "Ready", "Lag", "Rebuild", "Age"
         ]
     );
     for crd in [

@@ -12,7 +12,7 @@ use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 
 use crate::cluster::event_time;
-use crate::format::{Table, age, exact_quantity, human_bytes, lag_cell, lag_lsn};
+use crate::format::{Table, age, exact_quantity, human_bytes, lag_cell};
 use crate::views::{Claim, primary_flushed, role_cell, size_spec};
 
 /// What `describe volume` shows.
@@ -226,7 +226,7 @@ pub fn render(d: &Described<'_>) -> String {
             format!("{:?}", s.state),
             s.epoch.to_string(),
             s.flushed_lsn.to_string(),
-            lag_cell(lag_lsn(primary, s.flushed_lsn)),
+            lag_cell(crate::views::replica_lag(r, primary)),
             if status.in_sync_set.contains(&r.spec.replica_id) {
                 "yes"
             } else {

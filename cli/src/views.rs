@@ -3,9 +3,11 @@
 //! the claim), and the agents' Leases (for node readiness). Pure functions of the
 //! snapshot, so every column is tested without a cluster.
 //!
-//! Lag is the primary's flushed LSN minus the replica's, both as the agents last
-//! reported them in `BlockReplica` status; it is 0 for the primary and unknown (`-`)
-//! when the volume has no primary reporting.
+//! Lag is the replica's `status.lag` (the primary's head LSN minus the replica's flushed
+//! LSN, as the primary last reported it, so a stopped replica's lag still grows); for a
+//! replica without one, the primary's flushed LSN minus the replica's, both as the
+//! agents last reported them. It is 0 for the primary and unknown (`-`) when the volume
+//! has no primary reporting.
 
 use std::collections::BTreeMap;
 
@@ -101,6 +103,16 @@ pub fn lease_fresh(lease: &Lease, now: Timestamp) -> bool {
     };
     let duration = i64::from(spec.lease_duration_seconds.unwrap_or(0));
     renewed.0 + SignedDuration::from_secs(duration) > now
+}
+
+/// How many LSNs `r` is behind: its `status.lag` when the operator wrote one, else
+/// `primary_flushed` (the primary's flushed LSN) minus its own flushed LSN.
+pub fn replica_lag(r: &BlockReplica, primary_flushed: Option<u64>) -> Option<u64> {
+    let status = r.status.as_ref();
+    status
+        .and_then(|s| s.lag.as_ref())
+        .map(|l| l.lsn)
+        .or_else(|| lag_lsn(primary_flushed, status.map_or(0, |s| s.flushed_lsn)))
 }
 
 /// The flushed LSN of the volume's current primary among `replicas`: the replica the
@@ -251,7 +263,7 @@ pub fn volume_rows(snap: &Snapshot) -> Vec<VolumeRow> {
             let max_lag = snap
                 .replicas_of(&name)
                 .iter()
-                .filter_map(|r| lag_lsn(primary, r.status.as_ref().map_or(0, |s| s.flushed_lsn)))
+                .filter_map(|r| replica_lag(r, primary))
                 .max();
             VolumeRow {
                 size: size_bytes.map_or_else(|| size_spec(v), human_bytes),
@@ -309,7 +321,7 @@ pub fn replica_rows(snap: &Snapshot, volume: Option<&str>) -> Vec<ReplicaRow> {
                 state: format!("{:?}", status.state),
                 epoch: status.epoch,
                 flushed_lsn: status.flushed_lsn,
-                lag_lsn: lag_lsn(primary, status.flushed_lsn),
+                lag_lsn: replica_lag(r, primary),
                 in_sync_set: in_set,
                 last_error: status.last_error.clone(),
                 age: created_age(&r.metadata, now),
@@ -531,6 +543,7 @@ pub(crate) mod tests {
         let mut r = BlockReplica::new(
             &format!("{volume}-{id}"),
             BlockReplicaSpec {
+                pvc: None,
                 volume: volume.into(),
                 replica_id: format!("{volume}-{id}"),
                 node: node.into(),
@@ -674,6 +687,27 @@ pub(crate) mod tests {
                 ("node-3", Some(80), false)
             ]
         );
+    }
+
+    #[test]
+    fn the_lag_the_primary_reports_wins_over_the_replica_own_report() {
+        let mut snap = snapshot();
+        // node-3's agent is stopped: its own flushed LSN is stale, the primary's count
+        // of what it misses is not.
+        let r = snap
+            .replicas
+            .iter_mut()
+            .find(|r| r.spec.node == "node-3")
+            .unwrap();
+        r.status.as_mut().unwrap().lag = Some(api::ReplicaLag {
+            lsn: 250,
+            bytes: Some(1 << 20),
+        });
+        let rows = replica_rows(&snap, Some("vol-1"));
+        let lag = rows.iter().find(|r| r.node == "node-3").unwrap().lag_lsn;
+        assert_eq!(lag, Some(250));
+        let vols = volume_rows(&snap);
+        assert_eq!(vols[0].max_lag_lsn, Some(250));
     }
 
     #[test]

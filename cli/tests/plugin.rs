@@ -230,6 +230,7 @@ async fn write_objects(cp: &ControlPlane) {
         let mut r = BlockReplica::new(
             id,
             BlockReplicaSpec {
+                pvc: None,
                 volume: VOLUME.into(),
                 replica_id: id.into(),
                 node: node.into(),

@@ -266,6 +266,7 @@ pub fn desired_spec(
         node_selector,
         topology_key: p.topology_key.clone(),
         data_locality: p.data_locality,
+        pvc: p.pvc.clone(),
     }
 }
 
@@ -1038,6 +1039,7 @@ mod tests {
     #[test]
     fn desired_spec_carries_the_parameters() {
         let p = VolumeParams {
+            pvc: None,
             replicas: 2,
             durability: Durability::Async,
             block_size: 512,

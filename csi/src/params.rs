@@ -8,6 +8,7 @@ use std::collections::{BTreeMap, HashMap};
 use api::volume::DataLocality;
 use api::{
     BLOCK_SIZES, DEFAULT_BLOCK_SIZE, DEFAULT_REPLICAS, Durability, MAX_REPLICAS, MIN_REPLICAS,
+    PvcReference,
 };
 
 use crate::csi_proto::volume_capability::AccessType;
@@ -43,6 +44,10 @@ pub const PARAMS: [&str; 7] = [
 ];
 /// Parameters the Kubernetes sidecars add themselves; they carry no volume intent.
 pub const SIDECAR_PARAM_PREFIX: &str = "csi.storage.k8s.io/";
+/// Sidecar parameter (csi-provisioner `--extra-create-metadata`): the claim's name.
+pub const SIDECAR_PVC_NAME: &str = "csi.storage.k8s.io/pvc/name";
+/// Sidecar parameter (csi-provisioner `--extra-create-metadata`): the claim's namespace.
+pub const SIDECAR_PVC_NAMESPACE: &str = "csi.storage.k8s.io/pvc/namespace";
 
 /// Filesystems the node plugin can make and grow.
 pub const FS_TYPES: [&str; 2] = ["ext4", "xfs"];
@@ -66,6 +71,9 @@ pub struct VolumeParams {
     pub data_locality: Option<DataLocality>,
     pub node_selector: Option<BTreeMap<String, String>>,
     pub topology_key: Option<String>,
+    /// The claim being provisioned, when the provisioner passes it (both its name and
+    /// namespace); recorded as the volume's `spec.pvc`.
+    pub pvc: Option<PvcReference>,
 }
 
 impl Default for VolumeParams {
@@ -78,6 +86,7 @@ impl Default for VolumeParams {
             data_locality: None,
             node_selector: None,
             topology_key: None,
+            pvc: None,
         }
     }
 }
@@ -195,8 +204,33 @@ impl VolumeParams {
                 }
             }
         }
+        params.pvc = pvc_of(parameters)?;
         Ok(params)
     }
+}
+
+/// The claim the provisioner names in the sidecar parameters: `None` unless it passes
+/// both the name and the namespace; a value no claim could have is refused.
+fn pvc_of(parameters: &HashMap<String, String>) -> Result<Option<PvcReference>> {
+    let (Some(name), Some(namespace)) = (
+        parameters.get(SIDECAR_PVC_NAME),
+        parameters.get(SIDECAR_PVC_NAMESPACE),
+    ) else {
+        return Ok(None);
+    };
+    let pvc = PvcReference {
+        name: name.clone(),
+        namespace: namespace.clone(),
+    };
+    pvc.validate().map_err(|e| {
+        let param = if e.field.ends_with("namespace") {
+            SIDECAR_PVC_NAMESPACE
+        } else {
+            SIDECAR_PVC_NAME
+        };
+        Error::InvalidArgument(format!("parameter {param:?}: {}", e.message))
+    })?;
+    Ok(Some(pvc))
 }
 
 /// The volume size for a capacity range: the required bytes (or `default_bytes` when
@@ -399,6 +433,34 @@ mod tests {
         assert_eq!(p.block_size, 512);
         assert_eq!(p.fs_type.as_deref(), Some("xfs"));
         assert_eq!(p.data_locality, Some(DataLocality::BestEffort));
+    }
+
+    #[test]
+    fn the_claim_is_taken_from_the_provisioner_metadata() {
+        let p = VolumeParams::parse(&params(&[
+            (SIDECAR_PVC_NAME, "data-db-0"),
+            (SIDECAR_PVC_NAMESPACE, "prod"),
+            ("csi.storage.k8s.io/pv/name", "pvc-1234"),
+        ]))
+        .unwrap();
+        assert_eq!(
+            p.pvc,
+            Some(PvcReference {
+                name: "data-db-0".into(),
+                namespace: "prod".into()
+            })
+        );
+        // A name without a namespace names no claim.
+        let p = VolumeParams::parse(&params(&[(SIDECAR_PVC_NAME, "data")])).unwrap();
+        assert_eq!(p.pvc, None);
+        invalid_naming(
+            &[(SIDECAR_PVC_NAME, "Data"), (SIDECAR_PVC_NAMESPACE, "prod")],
+            SIDECAR_PVC_NAME,
+        );
+        invalid_naming(
+            &[(SIDECAR_PVC_NAME, "data"), (SIDECAR_PVC_NAMESPACE, "a.b")],
+            SIDECAR_PVC_NAMESPACE,
+        );
     }
 
     #[test]

@@ -455,6 +455,7 @@ async fn helm_upgrade_serves_the_new_crd_schema_and_uninstall_keeps_crds_and_vol
     let bv = BlockVolume::new(
         "kept-volume",
         BlockVolumeSpec {
+            pvc: None,
             size: IntOrString::String("1Gi".into()),
             replicas: 3,
             durability: Default::default(),

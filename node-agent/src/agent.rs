@@ -19,7 +19,7 @@ use crate::frontend::forwarding::{
     Attachments, ForwardSettings, KubeResolver, LocalPath, kube_attachment_lookup,
     watch_attachments,
 };
-use crate::frontend::metered::NbdMetrics;
+use crate::frontend::metered::{NbdMetrics, VolumeClaims};
 use crate::frontend::nbd::{ExportRegistry, NbdServer, ServerConfig};
 use crate::k8s::{
     AgentContext, LeaseRenewer, LeaseSettings, NodeRegistration, ReplicaSettings, keep_registered,
@@ -431,6 +431,7 @@ impl Agent {
 
         let lease = node_lease(&settings, &client);
         let nbd_metrics = NbdMetrics::default();
+        let claims = nbd_metrics.claims().clone();
         let runtime = engine_runtime(
             &settings,
             receiver.clone(),
@@ -512,6 +513,7 @@ impl Agent {
             runtime.clone(),
             registration,
             readiness,
+            claims,
         ));
         tracing::info!(node = %settings.node_name, data_address = %data_address, nbd_socket = %nbd_socket.display(), "agent started");
         Ok(Agent {
@@ -761,17 +763,21 @@ fn run_kubernetes_side(
     runtime: Arc<EngineRuntime>,
     registration: NodeRegistration,
     readiness: Arc<Readiness>,
+    claims: VolumeClaims,
 ) -> [tokio::task::JoinHandle<()>; 2] {
-    let ctx = Arc::new(AgentContext::new(
-        client.clone(),
-        ReplicaSettings {
-            node_name: settings.node_name.clone(),
-            data_dir,
-            status_interval_ms: settings.status_interval_ms,
-            error_retry_ms: 1_000,
-        },
-        runtime,
-    ));
+    let ctx = Arc::new(
+        AgentContext::new(
+            client.clone(),
+            ReplicaSettings {
+                node_name: settings.node_name.clone(),
+                data_dir,
+                status_interval_ms: settings.status_interval_ms,
+                error_retry_ms: 1_000,
+            },
+            runtime,
+        )
+        .with_claims(claims),
+    );
     let register = {
         let ctx = ctx.clone();
         let interval = settings.registration_interval_ms;

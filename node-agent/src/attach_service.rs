@@ -616,6 +616,7 @@ mod tests {
         let mut r = api::BlockReplica::new(
             &format!("vol-{id}"),
             api::BlockReplicaSpec {
+                pvc: None,
                 volume: "vol".into(),
                 replica_id: id.into(),
                 node: format!("node-{id}"),

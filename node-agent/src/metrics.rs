@@ -17,7 +17,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
-use crate::frontend::metered::{NbdMetrics, VolumeLabels, role_label};
+use crate::frontend::metered::{NbdMetrics, VolumeClaims, VolumeLabels, role_label};
 use crate::k8s::{LeaseRenewer, disk_usage};
 use crate::replicas::{EngineRuntime, ReplicaSample};
 
@@ -27,6 +27,8 @@ pub const METRIC_PREFIX: &str = "blockvol_agent";
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StateLabels {
     volume: String,
+    pvc: String,
+    pvc_namespace: String,
     replica: String,
     role: String,
     state: String,
@@ -35,6 +37,8 @@ struct StateLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PeerLabels {
     volume: String,
+    pvc: String,
+    pvc_namespace: String,
     replica: String,
     peer: String,
 }
@@ -42,6 +46,8 @@ struct PeerLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PeerStateLabels {
     volume: String,
+    pvc: String,
+    pvc_namespace: String,
     replica: String,
     peer: String,
     state: String,
@@ -163,7 +169,7 @@ impl AgentMetrics {
     fn sampled_registry(&self, samples: &[ReplicaSample]) -> Registry {
         let mut r = Registry::with_prefix(METRIC_PREFIX);
         self.agent_gauges(&mut r);
-        replica_gauges(&mut r, samples);
+        replica_gauges(&mut r, samples, self.nbd.claims());
         r
     }
 
@@ -234,7 +240,7 @@ fn gauge_i64(v: u64) -> i64 {
 /// Per-replica and per-peer gauges from one sample of every local replica, and the
 /// recovery byte counters each local primary keeps per peer (they count from the start
 /// of its primary term on this node, so they reset when the term or the process does).
-fn replica_gauges(r: &mut Registry, samples: &[ReplicaSample]) {
+fn replica_gauges(r: &mut Registry, samples: &[ReplicaSample], claims: &VolumeClaims) {
     let epoch = Family::<VolumeLabels, Gauge>::default();
     let head = Family::<VolumeLabels, Gauge>::default();
     let flushed = Family::<VolumeLabels, Gauge>::default();
@@ -252,11 +258,11 @@ fn replica_gauges(r: &mut Registry, samples: &[ReplicaSample]) {
     let peer_rebuild_remaining = Family::<PeerLabels, Gauge>::default();
     for s in samples {
         let st = &s.status;
-        let l = VolumeLabels {
-            volume: s.volume.clone(),
-            replica: s.replica_id.clone(),
-            role: role_label(st.role.unwrap_or_default()).to_string(),
-        };
+        let l = claims.volume_labels(
+            &s.volume,
+            &s.replica_id,
+            role_label(st.role.unwrap_or_default()),
+        );
         epoch.get_or_create(&l).set(gauge_i64(st.epoch));
         head.get_or_create(&l).set(gauge_i64(st.head_lsn));
         flushed.get_or_create(&l).set(gauge_i64(st.flushed_lsn));
@@ -276,6 +282,8 @@ fn replica_gauges(r: &mut Registry, samples: &[ReplicaSample]) {
             state
                 .get_or_create(&StateLabels {
                     volume: l.volume.clone(),
+                    pvc: l.pvc.clone(),
+                    pvc_namespace: l.pvc_namespace.clone(),
                     replica: l.replica.clone(),
                     role: l.role.clone(),
                     state: state_label(candidate),
@@ -285,6 +293,8 @@ fn replica_gauges(r: &mut Registry, samples: &[ReplicaSample]) {
         for (peer, bytes) in &s.peer_recovery_bytes {
             let pl = PeerLabels {
                 volume: l.volume.clone(),
+                pvc: l.pvc.clone(),
+                pvc_namespace: l.pvc_namespace.clone(),
                 replica: l.replica.clone(),
                 peer: peer.clone(),
             };
@@ -294,6 +304,8 @@ fn replica_gauges(r: &mut Registry, samples: &[ReplicaSample]) {
         for (peer, progress) in &s.peer_rebuild_progress {
             let pl = PeerLabels {
                 volume: l.volume.clone(),
+                pvc: l.pvc.clone(),
+                pvc_namespace: l.pvc_namespace.clone(),
                 replica: l.replica.clone(),
                 peer: peer.clone(),
             };
@@ -304,6 +316,8 @@ fn replica_gauges(r: &mut Registry, samples: &[ReplicaSample]) {
         for p in &st.peers {
             let pl = PeerLabels {
                 volume: l.volume.clone(),
+                pvc: l.pvc.clone(),
+                pvc_namespace: l.pvc_namespace.clone(),
                 replica: l.replica.clone(),
                 peer: p.replica_id.clone(),
             };
@@ -324,6 +338,8 @@ fn replica_gauges(r: &mut Registry, samples: &[ReplicaSample]) {
                 peer_state
                     .get_or_create(&PeerStateLabels {
                         volume: pl.volume.clone(),
+                        pvc: pl.pvc.clone(),
+                        pvc_namespace: pl.pvc_namespace.clone(),
                         replica: pl.replica.clone(),
                         peer: pl.peer.clone(),
                         state: state_label(candidate),
@@ -419,12 +435,14 @@ mod tests {
             checkpoint_lsn: 50,
             peers: vec![
                 api::PeerStatus {
+                    lag: None,
                     replica_id: "v-r1".into(),
                     state: ReplicaState::CatchingUp,
                     flushed_lsn: 70,
                     last_error: None,
                 },
                 api::PeerStatus {
+                    lag: None,
                     replica_id: "v-r2".into(),
                     state: ReplicaState::InSync,
                     flushed_lsn: 100,
@@ -457,26 +475,34 @@ mod tests {
             )]
             .into(),
         }];
+        let claims = VolumeClaims::default();
+        claims.set(
+            "v",
+            Some(&api::PvcReference {
+                name: "data".into(),
+                namespace: "prod".into(),
+            }),
+        );
         let mut r = Registry::with_prefix(METRIC_PREFIX);
-        replica_gauges(&mut r, &samples);
+        replica_gauges(&mut r, &samples, &claims);
         let text = render(&r);
-        let l = r#"volume="v",replica="v-r0",role="primary""#;
+        let l = r#"volume="v",pvc="data",pvc_namespace="prod",replica="v-r0",role="primary""#;
         for line in [
             format!(r#"blockvol_agent_replica_epoch{{{l}}} 4"#),
             format!(r#"blockvol_agent_replica_flushed_lsn{{{l}}} 90"#),
             format!(r#"blockvol_agent_wal_fill_ratio{{{l}}} 0.25"#),
             format!(r#"blockvol_agent_replica_state{{{l},state="Serving"}} 1"#),
             format!(r#"blockvol_agent_replica_state{{{l},state="InSync"}} 0"#),
-            r#"blockvol_agent_peer_lag_lsn{volume="v",replica="v-r0",peer="v-r1"} 30"#.into(),
-            r#"blockvol_agent_peer_lag_bytes{volume="v",replica="v-r0",peer="v-r1"} 120"#.into(),
-            r#"blockvol_agent_peer_state{volume="v",replica="v-r0",peer="v-r1",state="CatchingUp"} 1"#.into(),
-            r#"blockvol_agent_peer_catch_up_bytes_total{volume="v",replica="v-r0",peer="v-r1"} 4160"#.into(),
-            r#"blockvol_agent_peer_rebuild_bytes_total{volume="v",replica="v-r0",peer="v-r1"} 0"#.into(),
+            r#"blockvol_agent_peer_lag_lsn{volume="v",pvc="data",pvc_namespace="prod",replica="v-r0",peer="v-r1"} 30"#.into(),
+            r#"blockvol_agent_peer_lag_bytes{volume="v",pvc="data",pvc_namespace="prod",replica="v-r0",peer="v-r1"} 120"#.into(),
+            r#"blockvol_agent_peer_state{volume="v",pvc="data",pvc_namespace="prod",replica="v-r0",peer="v-r1",state="CatchingUp"} 1"#.into(),
+            r#"blockvol_agent_peer_catch_up_bytes_total{volume="v",pvc="data",pvc_namespace="prod",replica="v-r0",peer="v-r1"} 4160"#.into(),
+            r#"blockvol_agent_peer_rebuild_bytes_total{volume="v",pvc="data",pvc_namespace="prod",replica="v-r0",peer="v-r1"} 0"#.into(),
             // A peer never recovered has its counters at zero.
-            r#"blockvol_agent_peer_catch_up_bytes_total{volume="v",replica="v-r0",peer="v-r2"} 0"#.into(),
-            r#"blockvol_agent_peer_rebuild_bytes_total{volume="v",replica="v-r0",peer="v-r2"} 0"#.into(),
+            r#"blockvol_agent_peer_catch_up_bytes_total{volume="v",pvc="data",pvc_namespace="prod",replica="v-r0",peer="v-r2"} 0"#.into(),
+            r#"blockvol_agent_peer_rebuild_bytes_total{volume="v",pvc="data",pvc_namespace="prod",replica="v-r0",peer="v-r2"} 0"#.into(),
             // The peer being rebuilt has 3 of its 4 MiB of base still to come.
-            r#"blockvol_agent_peer_rebuild_remaining_bytes{volume="v",replica="v-r0",peer="v-r2"} 3145728"#.into(),
+            r#"blockvol_agent_peer_rebuild_remaining_bytes{volume="v",pvc="data",pvc_namespace="prod",replica="v-r0",peer="v-r2"} 3145728"#.into(),
         ] {
             assert!(text.lines().any(|t| t == line), "missing {line}\n{text}");
         }

@@ -34,6 +34,7 @@ fn replica(
     epoch: u64,
 ) -> serde_json::Value {
     let spec = BlockReplicaSpec {
+        pvc: None,
         volume: volume.into(),
         replica_id: name.into(),
         node: node.into(),

@@ -28,10 +28,11 @@ use std::time::{Duration, Instant};
 
 use api::{
     BlockNode, BlockReplica, BlockReplicaSpec, BlockVolume, BlockVolumeStatus, EvacuationStatus,
+    PvcReference, ReplicaLag, VolumePhase,
 };
 use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::core::v1::{Node, PersistentVolumeClaim};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
@@ -48,7 +49,7 @@ use crate::leader::LeaseObserver;
 use crate::metrics::Metrics;
 use crate::model::ReplicaView;
 use crate::placement::{NodeCandidate, StorageNodeSelector};
-use crate::plan::{Cleanup, Observed, Plan, plan, plan_cleanup};
+use crate::plan::{Cleanup, Observed, Plan, plan, plan_cleanup, reason};
 use crate::primary_move::{MoveSettings, wanted_move};
 use crate::replacement::{ReplacementSettings, is_rebuilding};
 use crate::{Error, Result};
@@ -445,6 +446,51 @@ fn attached_to(vol: &BlockVolume) -> Option<&str> {
         .filter(|s| !s.is_empty())
 }
 
+/// Event reasons also recorded on the volume's PersistentVolumeClaim, where application
+/// owners look (`kubectl describe pvc`): what changes the volume's health or where it
+/// runs. Routine bookkeeping (placement, in-sync set changes, rebuild starts, expansion,
+/// move steps) stays on the `BlockVolume` only.
+pub const PVC_EVENT_REASONS: [&str; 11] = [
+    reason::PROMOTED,
+    reason::PRIMARY_MOVED,
+    reason::REPLICA_FAILED,
+    reason::REBUILD_COMPLETED,
+    reason::DRAIN_REPLICA_PLACED,
+    reason::DRAIN_REPLICA_REMOVED,
+    reason::NO_ELIGIBLE_PRIMARY,
+    reason::INSUFFICIENT_NODES,
+    reason::VOLUME_DEGRADED,
+    reason::VOLUME_FAILED,
+    reason::VOLUME_RECOVERED,
+];
+
+/// The Event a status write that moves a volume from phase `from` to `to` publishes:
+/// entering `Degraded` or `Failed`, or `Ready` again after either.
+pub fn phase_event(from: VolumePhase, to: VolumePhase) -> Option<(bool, &'static str, String)> {
+    use VolumePhase::*;
+    match (from, to) {
+        (f, t) if f == t => None,
+        (_, Degraded) => Some((
+            true,
+            reason::VOLUME_DEGRADED,
+            "fewer replicas than asked for are in sync; the volume serves IO with less redundancy"
+                .into(),
+        )),
+        (_, Failed) => Some((
+            true,
+            reason::VOLUME_FAILED,
+            "the volume cannot serve IO; kubectl describe bv tells why".into(),
+        )),
+        (Degraded | Failed, Ready) => Some((
+            false,
+            reason::VOLUME_RECOVERED,
+            "every replica asked for is in sync again".into(),
+        )),
+        _ => None,
+    }
+}
+
+/// Publishes an Event on the volume and, for [`PVC_EVENT_REASONS`], on its claim.
 async fn publish(ctx: &Context, vol: &BlockVolume, warning: bool, reason: &str, note: String) {
     let ev = Event {
         type_: if warning {
@@ -459,6 +505,92 @@ async fn publish(ctx: &Context, vol: &BlockVolume, warning: bool, reason: &str, 
     };
     if let Err(e) = ctx.recorder.publish(&ev, &vol.object_ref(&())).await {
         tracing::warn!(volume = %vol.name_any(), reason, error = %e, "publishing event failed");
+    }
+    if let Some(pvc) = &vol.spec.pvc
+        && PVC_EVENT_REASONS.contains(&reason)
+    {
+        publish_on_claim(ctx, vol, pvc, &ev).await;
+    }
+}
+
+/// Records `ev` on the claim `pvc` too. The claim is read for its UID (`kubectl describe
+/// pvc` selects Events by it); a claim that is gone, unreadable or refuses the Event
+/// never fails the reconcile that published it.
+async fn publish_on_claim(ctx: &Context, vol: &BlockVolume, pvc: &PvcReference, ev: &Event) {
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &pvc.namespace);
+    let claim = match claims.get_opt(&pvc.name).await {
+        Ok(Some(c)) => c,
+        Ok(None) => {
+            tracing::debug!(volume = %vol.name_any(), namespace = %pvc.namespace, claim = %pvc.name, "claim gone; event kept on the volume only");
+            return;
+        }
+        Err(e) => {
+            tracing::debug!(volume = %vol.name_any(), namespace = %pvc.namespace, claim = %pvc.name, error = %e, "reading the claim failed; event kept on the volume only");
+            return;
+        }
+    };
+    if let Err(e) = ctx.recorder.publish(ev, &claim.object_ref(&())).await {
+        tracing::debug!(volume = %vol.name_any(), namespace = %pvc.namespace, claim = %pvc.name, error = %e, "publishing event on the claim failed");
+    }
+}
+
+/// The lag each replica of a volume should show (`status.lag`): what the primary
+/// `primary` (a ReplicaID) reports of it in `status.peers`, `None` for the primary
+/// itself and for replicas it does not report. Returns only the replicas whose stored
+/// lag differs.
+pub fn lag_updates(
+    replicas: &[BlockReplica],
+    primary: Option<&str>,
+) -> Vec<(String, Option<ReplicaLag>)> {
+    let peers = replicas
+        .iter()
+        .find(|r| Some(r.spec.replica_id.as_str()) == primary)
+        .and_then(|r| r.status.as_ref())
+        .map(|s| s.peers.as_slice())
+        .unwrap_or_default();
+    replicas
+        .iter()
+        .filter(|r| r.metadata.deletion_timestamp.is_none())
+        .filter_map(|r| {
+            let want = peers
+                .iter()
+                .find(|p| p.replica_id == r.spec.replica_id)
+                .and_then(|p| p.lag.clone());
+            let have = r.status.as_ref().and_then(|s| s.lag.clone());
+            (want != have).then(|| (r.name_any(), want))
+        })
+        .collect()
+}
+
+/// Writes `status.lag` of the volume's replicas as their primary reports it, under the
+/// operator's field manager (the agent writes the rest of the status and never this
+/// field). A failed write is logged: the next report retries it.
+async fn report_lag(ctx: &Context, volume: &str, replicas: &[BlockReplica], primary: Option<&str>) {
+    let api: Api<BlockReplica> = Api::all(ctx.client.clone());
+    for (name, lag) in lag_updates(replicas, primary) {
+        // Applying no `lag` gives the field up, which removes it.
+        let status = match &lag {
+            Some(l) => json!({ "lag": l }),
+            None => json!({}),
+        };
+        let patch = json!({
+            "apiVersion": format!("{}/{}", api::GROUP, api::VERSION),
+            "kind": "BlockReplica",
+            "status": status,
+        });
+        match api
+            .patch_status(
+                &name,
+                &PatchParams::apply(api::FIELD_MANAGER_OPERATOR).force(),
+                &Patch::Apply(&patch),
+            )
+            .await
+        {
+            Ok(stored) => ctx.seen.replica(volume, &name, stored.resource_version()),
+            Err(e) => {
+                tracing::debug!(volume, replica = %name, error = %e, "writing replica lag failed")
+            }
+        }
     }
 }
 
@@ -751,11 +883,25 @@ pub async fn perform(ctx: &Context, prepared: &Prepared) -> Result<()> {
     for d in &p.delete {
         delete_replica(ctx, &name, d).await?;
     }
-    write_status(ctx, &vol, &p.status).await?;
+    let before = (prepared.volume.status.as_ref())
+        .map(|s| s.phase)
+        .unwrap_or_default();
+    vol = write_status(ctx, &vol, &p.status).await?;
     for e in &p.events {
         tracing::info!(volume = %name, reason = e.reason, note = %e.note, "event");
         publish(ctx, &vol, e.warning, e.reason, e.note.clone()).await;
     }
+    if let Some((warning, reason, note)) = phase_event(before, p.status.phase) {
+        tracing::info!(volume = %name, reason, note = %note, "event");
+        publish(ctx, &vol, warning, reason, note).await;
+    }
+    report_lag(
+        ctx,
+        &name,
+        &prepared.obs.replicas,
+        p.status.primary.as_deref(),
+    )
+    .await;
     ctx.metrics.set_volume(&name, vol.spec.replicas, &p.status);
     Ok(())
 }
@@ -1250,6 +1396,98 @@ mod tests {
             .into_iter()
             .map(|(r, _)| r)
             .collect()
+    }
+
+    fn lag_replica(id: &str, peers: Vec<api::PeerStatus>, lag: Option<ReplicaLag>) -> BlockReplica {
+        let mut r = BlockReplica::new(
+            id,
+            BlockReplicaSpec {
+                volume: "v".into(),
+                replica_id: id.into(),
+                node: format!("node-{id}"),
+                role: api::ReplicaRole::Replica,
+                epoch: 1,
+                size_bytes: 4096,
+                block_size: 4096,
+                durability: Default::default(),
+                peers: vec![],
+                in_sync_set: vec![],
+                in_sync_set_generation: 0,
+                pvc: None,
+            },
+        );
+        r.status = Some(api::BlockReplicaStatus {
+            peers,
+            lag,
+            ..Default::default()
+        });
+        r
+    }
+
+    #[test]
+    fn replica_lag_follows_the_primary_report_and_is_written_only_when_it_changes() {
+        let lag = |lsn, bytes| ReplicaLag {
+            lsn,
+            bytes: Some(bytes),
+        };
+        let peer = |id: &str, l: Option<ReplicaLag>| api::PeerStatus {
+            replica_id: id.into(),
+            lag: l,
+            ..Default::default()
+        };
+        let replicas = vec![
+            lag_replica(
+                "p",
+                vec![peer("a", Some(lag(0, 0))), peer("b", Some(lag(7, 700)))],
+                None,
+            ),
+            // Unchanged: not written again.
+            lag_replica("a", vec![], Some(lag(0, 0))),
+            lag_replica("b", vec![], Some(lag(3, 300))),
+            // Not reported by the primary (just placed): its old lag goes.
+            lag_replica("c", vec![], Some(lag(1, 100))),
+        ];
+        assert_eq!(
+            lag_updates(&replicas, Some("p")),
+            vec![
+                ("b".to_string(), Some(lag(7, 700))),
+                ("c".to_string(), None)
+            ]
+        );
+        // No primary: nobody knows any lag.
+        assert_eq!(
+            lag_updates(&replicas, None),
+            vec![
+                ("a".to_string(), None),
+                ("b".to_string(), None),
+                ("c".to_string(), None)
+            ]
+        );
+    }
+
+    #[test]
+    fn phase_changes_into_and_out_of_trouble_make_events() {
+        use VolumePhase::*;
+        let r = |from, to| phase_event(from, to).map(|(w, reason, _)| (w, reason));
+        assert_eq!(r(Ready, Degraded), Some((true, reason::VOLUME_DEGRADED)));
+        assert_eq!(r(Degraded, Failed), Some((true, reason::VOLUME_FAILED)));
+        assert_eq!(r(Degraded, Ready), Some((false, reason::VOLUME_RECOVERED)));
+        assert_eq!(r(Failed, Ready), Some((false, reason::VOLUME_RECOVERED)));
+        for (from, to) in [
+            (Creating, Ready),
+            (Ready, Ready),
+            (Degraded, Degraded),
+            (Ready, Deleting),
+        ] {
+            assert_eq!(r(from, to), None, "{from:?} → {to:?}");
+        }
+        for reason in [
+            reason::VOLUME_DEGRADED,
+            reason::VOLUME_FAILED,
+            reason::VOLUME_RECOVERED,
+        ] {
+            assert!(PVC_EVENT_REASONS.contains(&reason));
+        }
     }
 
     #[test]

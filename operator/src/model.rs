@@ -60,6 +60,7 @@ pub(crate) mod test_support {
         ReplicaView {
             id: id.into(),
             spec: BlockReplicaSpec {
+                pvc: None,
                 volume: "vol".into(),
                 replica_id: id.into(),
                 node: node.into(),
@@ -130,6 +131,7 @@ pub(crate) mod test_support {
                 .get_or_insert_with(Default::default)
                 .peers
                 .push(PeerStatus {
+                    lag: None,
                     replica_id: id.into(),
                     state,
                     flushed_lsn: 0,

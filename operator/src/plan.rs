@@ -50,6 +50,11 @@ pub mod reason {
     pub const MOVE_REJECTED: &str = "PrimaryMoveRejected";
     pub const DRAIN_REPLICA_PLACED: &str = "DrainReplicaPlaced";
     pub const DRAIN_REPLICA_REMOVED: &str = "DrainReplicaRemoved";
+    /// Phase changes, published by the controller when the status it writes moves the
+    /// volume into `Degraded` or `Failed`, or back to `Ready` from either.
+    pub const VOLUME_DEGRADED: &str = "VolumeDegraded";
+    pub const VOLUME_FAILED: &str = "VolumeFailed";
+    pub const VOLUME_RECOVERED: &str = "VolumeRecovered";
 }
 
 /// Longest volume name: it is a label value on every replica.
@@ -141,6 +146,7 @@ fn new_view(volume: &str, node: &str, nodes: &[NodeCandidate]) -> ReplicaView {
             peers: vec![],
             in_sync_set: vec![],
             in_sync_set_generation: 0,
+            pvc: None,
         },
         id,
         status: None,
@@ -1038,6 +1044,7 @@ impl<'o, 'a> Planner<'o, 'a> {
                 peers,
                 in_sync_set: self.state.in_sync.members.clone(),
                 in_sync_set_generation: self.state.in_sync.generation,
+                pvc: obs.spec.pvc.clone(),
             };
             if want != r.spec {
                 apply.push(want);
@@ -1385,6 +1392,7 @@ mod tests {
         let st = prim.status.as_mut().unwrap();
         st.unreachable.clear();
         st.peers = vec![api::PeerStatus {
+            lag: None,
             replica_id: other.clone(),
             state: InSync,
             flushed_lsn: 10,
@@ -1545,6 +1553,7 @@ mod tests {
         prim.status.as_mut().unwrap().peers = others
             .iter()
             .map(|id| api::PeerStatus {
+                lag: None,
                 replica_id: id.clone(),
                 state: InSync,
                 flushed_lsn: 10,
@@ -1578,6 +1587,7 @@ mod tests {
             p.status.get_or_insert_with(Default::default).peers = others
                 .iter()
                 .map(|id| api::PeerStatus {
+                    lag: None,
                     replica_id: id.clone(),
                     state: InSync,
                     flushed_lsn: flushed,

@@ -132,6 +132,7 @@ async fn set_attached_node(vols: &Api<BlockVolume>, name: &str, node: serde_json
 /// How a primary reports replica `r` when it is in sync up to `flushed`.
 fn in_sync_peer(r: &BlockReplica, flushed: u64) -> PeerStatus {
     PeerStatus {
+        lag: None,
         replica_id: r.name_any(),
         state: ReplicaState::InSync,
         flushed_lsn: flushed,

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use api::ReplicaRole;
+use api::{PvcReference, ReplicaRole};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -56,6 +56,8 @@ impl NbdOp {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(crate) struct VolumeLabels {
     pub(crate) volume: String,
+    pub(crate) pvc: String,
+    pub(crate) pvc_namespace: String,
     pub(crate) replica: String,
     pub(crate) role: String,
 }
@@ -63,9 +65,53 @@ pub(crate) struct VolumeLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OpLabels {
     volume: String,
+    pvc: String,
+    pvc_namespace: String,
     replica: String,
     role: String,
     op: String,
+}
+
+/// The claim each volume with a replica on this node serves (from its `BlockReplica`
+/// spec), for the `pvc` and `pvc_namespace` labels of its series; both are empty for a
+/// volume without a claim or one this node holds no replica of. Cheap to clone.
+#[derive(Clone, Debug, Default)]
+pub struct VolumeClaims(Arc<std::sync::RwLock<std::collections::BTreeMap<String, PvcReference>>>);
+
+impl VolumeClaims {
+    /// Records the claim of `volume` (`None`: it has none, or no replica here any more).
+    pub fn set(&self, volume: &str, pvc: Option<&PvcReference>) {
+        let mut m = self.0.write().unwrap_or_else(|e| e.into_inner());
+        match pvc {
+            Some(p) => {
+                if m.get(volume) != Some(p) {
+                    m.insert(volume.to_string(), p.clone());
+                }
+            }
+            None => {
+                m.remove(volume);
+            }
+        }
+    }
+
+    /// The `pvc` and `pvc_namespace` label values of `volume`.
+    pub fn labels(&self, volume: &str) -> (String, String) {
+        let m = self.0.read().unwrap_or_else(|e| e.into_inner());
+        m.get(volume)
+            .map(|p| (p.name.clone(), p.namespace.clone()))
+            .unwrap_or_default()
+    }
+
+    pub(crate) fn volume_labels(&self, volume: &str, replica: &str, role: &str) -> VolumeLabels {
+        let (pvc, pvc_namespace) = self.labels(volume);
+        VolumeLabels {
+            volume: volume.to_string(),
+            pvc,
+            pvc_namespace,
+            replica: replica.to_string(),
+            role: role.to_string(),
+        }
+    }
 }
 
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
@@ -89,6 +135,7 @@ pub struct NbdMetrics {
     /// Live wrappers per label set: a volume's series go when its last export does, so
     /// volumes deleted or moved away do not stay in every scrape.
     live: Arc<std::sync::Mutex<std::collections::HashMap<VolumeLabels, usize>>>,
+    claims: VolumeClaims,
 }
 
 impl Default for NbdMetrics {
@@ -100,11 +147,18 @@ impl Default for NbdMetrics {
             read_bytes: Family::default(),
             written_bytes: Family::default(),
             live: Arc::default(),
+            claims: VolumeClaims::default(),
         }
     }
 }
 
 impl NbdMetrics {
+    /// The claims the series of each volume are labelled with (taken when an export is
+    /// wrapped, so a changed claim shows on the volume's next export).
+    pub fn claims(&self) -> &VolumeClaims {
+        &self.claims
+    }
+
     /// Registers the NBD families in `registry` (once, at start).
     pub(crate) fn register(&self, registry: &mut Registry) {
         registry.register(
@@ -143,11 +197,7 @@ impl NbdMetrics {
         role: ReplicaRole,
         inner: Arc<dyn BlockBackend>,
     ) -> Arc<dyn BlockBackend> {
-        let labels = VolumeLabels {
-            volume: volume.to_string(),
-            replica: replica.to_string(),
-            role: role_label(role).to_string(),
-        };
+        let labels = self.claims.volume_labels(volume, replica, role_label(role));
         self.wrap_labels(labels, inner)
     }
 
@@ -159,11 +209,7 @@ impl NbdMetrics {
         volume: &str,
         inner: Arc<dyn BlockBackend>,
     ) -> Arc<dyn BlockBackend> {
-        let labels = VolumeLabels {
-            volume: volume.to_string(),
-            replica: String::new(),
-            role: FORWARDING_ROLE.to_string(),
-        };
+        let labels = self.claims.volume_labels(volume, "", FORWARDING_ROLE);
         self.wrap_labels(labels, inner)
     }
 
@@ -225,6 +271,8 @@ impl NbdMetrics {
 fn op_labels(v: &VolumeLabels, op: NbdOp) -> OpLabels {
     OpLabels {
         volume: v.volume.clone(),
+        pvc: v.pvc.clone(),
+        pvc_namespace: v.pvc_namespace.clone(),
         replica: v.replica.clone(),
         role: v.role.clone(),
         op: op.label().to_string(),
@@ -356,6 +404,13 @@ mod tests {
     #[test]
     fn metered_backend_counts_requests_bytes_and_errors_by_op() {
         let m = NbdMetrics::default();
+        m.claims().set(
+            "v1",
+            Some(&PvcReference {
+                name: "data".into(),
+                namespace: "prod".into(),
+            }),
+        );
         let mut registry = Registry::with_prefix("blockvol_agent");
         m.register(&mut registry);
         let inner = Arc::new(MemBackend::new(8192, 512).expect("backend"));
@@ -369,7 +424,7 @@ mod tests {
         b.write_zeroes(512, 512).expect("zero");
         assert!(b.write(8192, &[0u8; 512]).is_err(), "out of range");
         let text = render(&registry);
-        let l = r#"volume="v1",replica="v1-r0",role="primary""#;
+        let l = r#"volume="v1",pvc="data",pvc_namespace="prod",replica="v1-r0",role="primary""#;
         for line in [
             format!(r#"blockvol_agent_nbd_requests_total{{{l},op="write"}} 3"#),
             format!(r#"blockvol_agent_nbd_request_errors_total{{{l},op="write"}} 1"#),
@@ -412,7 +467,8 @@ mod tests {
         b.write(0, &[1u8; 1024]).expect("write");
         b.flush().expect("flush");
         let text = render(&registry);
-        let l = r#"volume="v1",replica="",role="forwarding""#;
+        // A volume without a claim: both claim labels empty.
+        let l = r#"volume="v1",pvc="",pvc_namespace="",replica="",role="forwarding""#;
         for line in [
             format!(r#"blockvol_agent_nbd_requests_total{{{l},op="write"}} 1"#),
             format!(r#"blockvol_agent_nbd_requests_total{{{l},op="flush"}} 1"#),

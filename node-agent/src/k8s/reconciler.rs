@@ -27,6 +27,7 @@ use serde_json::json;
 
 use super::paths::replica_dir;
 use super::{Error, Result};
+use crate::frontend::metered::VolumeClaims;
 use crate::replicas::{Assignment, Peer, ReplicaRuntime};
 
 #[derive(Clone, Debug)]
@@ -47,6 +48,8 @@ pub struct AgentContext<R> {
     /// Every `BlockNode`, fed by a watch while [`run_replicas`] runs (`None` otherwise):
     /// resolving the peers of each replica on every requeue costs the API server nothing.
     nodes: Mutex<Option<Store<BlockNode>>>,
+    /// Where the claim of each local replica's volume is recorded for metric labels.
+    claims: VolumeClaims,
 }
 
 impl<R: ReplicaRuntime> AgentContext<R> {
@@ -57,7 +60,14 @@ impl<R: ReplicaRuntime> AgentContext<R> {
             runtime,
             promised: Mutex::new(BTreeMap::new()),
             nodes: Mutex::new(None),
+            claims: VolumeClaims::default(),
         }
+    }
+
+    /// Records each replica's claim (`spec.pvc`) in `claims`, which labels its metrics.
+    pub fn with_claims(mut self, claims: VolumeClaims) -> Self {
+        self.claims = claims;
+        self
     }
 
     /// Bytes assigned to this node's replicas (for `BlockNode` allocatable).
@@ -173,13 +183,22 @@ async fn write_status(client: &Client, name: &str, status: &BlockReplicaStatus) 
     Ok(())
 }
 
+/// The part of `r`'s stored status this agent writes: all but `lag`, which the operator
+/// writes (under its own field manager, so the agent's writes never take it over).
+fn written_by_agent(r: &BlockReplica) -> Option<BlockReplicaStatus> {
+    r.status.clone().map(|mut s| {
+        s.lag = None;
+        s
+    })
+}
+
 async fn report_failure(client: &Client, r: &BlockReplica, err: &Error) -> Result<()> {
-    let mut status = r.status.clone().unwrap_or_default();
+    let mut status = written_by_agent(r).unwrap_or_default();
     status.state = ReplicaState::Failed;
     status.last_error = Some(err.to_string());
     status.observed_generation = r.metadata.generation;
     let status = with_conditions(r, status);
-    if r.status.as_ref() == Some(&status) {
+    if written_by_agent(r).as_ref() == Some(&status) {
         return Ok(());
     }
     write_status(client, &r.name_any(), &status).await
@@ -256,6 +275,8 @@ async fn apply<R: ReplicaRuntime>(r: Arc<BlockReplica>, ctx: &AgentContext<R>) -
         in_sync_set_generation: r.spec.in_sync_set_generation,
     };
     ctx.promise(&name, Some(r.spec.size_bytes));
+    // Before the runtime exports the volume: its NBD series take the labels then.
+    ctx.claims.set(&r.spec.volume, r.spec.pvc.as_ref());
     let result = async {
         ctx.runtime.open(&a).await?;
         ctx.runtime.apply(&a).await?;
@@ -270,7 +291,7 @@ async fn apply<R: ReplicaRuntime>(r: Arc<BlockReplica>, ctx: &AgentContext<R>) -
     let mut status = ctx.runtime.status(&name).await.unwrap_or_default();
     status.observed_generation = r.metadata.generation;
     let status = with_conditions(&r, status);
-    if r.status.as_ref() != Some(&status) {
+    if written_by_agent(&r).as_ref() != Some(&status) {
         write_status(&ctx.client, &name, &status).await?;
     }
     Ok(Action::requeue(Duration::from_millis(
@@ -286,6 +307,7 @@ async fn cleanup<R: ReplicaRuntime>(r: Arc<BlockReplica>, ctx: &AgentContext<R>)
         ctx.runtime.delete(&name, &dir).await?;
     }
     ctx.promise(&name, None);
+    ctx.claims.set(&r.spec.volume, None);
     tracing::info!(replica = %name, volume = %r.spec.volume, "replica data deleted");
     Ok(Action::await_change())
 }

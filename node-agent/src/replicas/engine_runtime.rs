@@ -881,6 +881,12 @@ impl ReplicaRuntime for EngineRuntime {
                             replica_id: id.as_str().to_string(),
                             state: map_state(*state),
                             flushed_lsn: flushed.0,
+                            // The WAL knows each entry's position: bytes cost one lookup.
+                            lag: Some(api::ReplicaLag::behind(
+                                st.head_lsn,
+                                flushed.0,
+                                vol.wal_bytes_after(*flushed),
+                            )),
                             last_error: s.errors.get(id.as_str()).cloned(),
                         })
                         .collect();
