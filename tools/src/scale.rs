@@ -439,10 +439,11 @@ impl ScaleRows {
             .collect();
         for q in &requests {
             line(md, &format!("idle API/s: {q}"), &|r| {
-                r.idle
-                    .as_ref()
-                    .and_then(|i| i.api_requests_per_s.get(q))
-                    .map_or_else(|| "0".into(), |v| format!("{v:.2}"))
+                r.idle.as_ref().map_or_else(dash, |i| {
+                    i.api_requests_per_s
+                        .get(q)
+                        .map_or_else(|| "0".into(), |v| format!("{v:.2}"))
+                })
             });
         }
         line(md, "failover: killed node, its primaries", &|r| {
@@ -690,5 +691,25 @@ mod tests {
             15
         );
         assert!(md.contains("MISSED idle API requests/s"), "{md}");
+
+        // A row that never reached its idle window shows no request counts, not zeros.
+        let mut b = row(500, 30.0);
+        b.idle = None;
+        let mut a = row(100, 15.0);
+        a.idle
+            .as_mut()
+            .unwrap()
+            .api_requests_per_s
+            .insert("APPLY leases".into(), 4.0);
+        let rows = ScaleRows {
+            rows: vec![a, b],
+            ..ScaleRows::default()
+        };
+        let mut md = String::new();
+        rows.markdown(&mut md);
+        assert!(
+            md.contains("| idle API/s: APPLY leases | 4.00 | — |"),
+            "{md}"
+        );
     }
 }
