@@ -21,7 +21,7 @@
 #              quick (default): 3 × 5 s, 256 MiB, rebuilds of 256 MiB and 1 GiB;
 #              full: 5 × 10 s, 1 GiB, rebuilds of 1 GiB and 4 GiB
 #   --rows     default: every row group but scale, which runs only when named
-#              (e.g. `--rows scale --scale-volumes 100,500`: about 15 minutes)
+#              (e.g. `--rows scale --scale-volumes 100,500`: about 20 minutes here)
 #   --out      report directory (default bench/results): <UTC timestamp>.json and .md
 #   --work-dir scratch directory on the disk to measure (default /var/tmp/blockvol-bench);
 #              a scale row stops when its disk has less than 5 GiB free
