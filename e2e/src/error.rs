@@ -39,6 +39,9 @@ pub enum Error {
         message: String,
     },
 
+    #[error("API server metrics: {0}")]
+    Metrics(String),
+
     #[error("`{command}` failed ({status}): {stderr}")]
     Command {
         command: String,

@@ -2,6 +2,7 @@
 //! processes against a local Kubernetes control plane (from `testkit`, torn down on drop)
 //! or an existing cluster named by `BLOCKVOL_E2E_KUBECONFIG`.
 
+pub mod api_requests;
 pub mod chart;
 pub mod checker;
 pub mod cluster;

@@ -10,10 +10,10 @@
 //! The daemons are the workspace binaries; build them first:
 //! `cargo build -p node-agent -p operator --bins && cargo test -p e2e --test api_request_rate`.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use api::{BlockVolume, BlockVolumeSpec, VolumePhase};
+use e2e::api_requests::{RequestCounts, growth, request_counts};
 use e2e::cluster::{TestCluster, TestClusterOptions, wait_for};
 use kube::api::{Api, PostParams};
 
@@ -30,59 +30,12 @@ const WINDOW: Duration = Duration::from_secs(10);
 const SLACK_REQUESTS: f64 = 40.0;
 const READY_TIMEOUT: Duration = Duration::from_secs(300);
 
-type Counts = BTreeMap<(String, String), f64>;
-
-/// `apiserver_request_total` summed by (verb, resource/subresource); requests that name
-/// no resource (`/metrics`, `/healthz`, discovery) are left out.
-async fn request_counts(c: &TestCluster) -> Counts {
-    let text = c
-        .control_plane
-        .kubectl(["get", "--raw", "/metrics"])
-        .await
-        .expect("apiserver /metrics");
-    let mut out = Counts::new();
-    for line in text.lines() {
-        let Some(rest) = line.strip_prefix("apiserver_request_total{") else {
-            continue;
-        };
-        let Some((labels, value)) = rest.rsplit_once("} ") else {
-            continue;
-        };
-        let value: f64 = value.trim().parse().expect("sample value");
-        let label = |key: &str| {
-            labels
-                .split("\",")
-                .filter_map(|kv| kv.split_once("=\""))
-                .find(|(k, _)| *k == key)
-                .map(|(_, v)| v.trim_end_matches('"').to_string())
-                .unwrap_or_default()
-        };
-        let resource = label("resource");
-        if resource.is_empty() {
-            continue;
-        }
-        let resource = match label("subresource") {
-            s if s.is_empty() => resource,
-            s => format!("{resource}/{s}"),
-        };
-        *out.entry((label("verb"), resource)).or_default() += value;
-    }
-    out
-}
-
 /// Requests made during an idle `WINDOW`, by (verb, resource).
-async fn idle_requests(c: &TestCluster, label: &str) -> Counts {
-    let before = request_counts(c).await;
+async fn idle_requests(c: &TestCluster, label: &str) -> RequestCounts {
+    let before = request_counts(c).await.expect("apiserver /metrics");
     tokio::time::sleep(WINDOW).await;
-    let after = request_counts(c).await;
-    let delta: Counts = after
-        .into_iter()
-        .map(|(k, v)| {
-            let d = v - before.get(&k).copied().unwrap_or(0.0);
-            (k, d)
-        })
-        .filter(|(_, d)| *d > 0.0)
-        .collect();
+    let after = request_counts(c).await.expect("apiserver /metrics");
+    let delta = growth(&before, &after);
     let total: f64 = delta.values().sum();
     println!("{label}: {total} requests in {} s idle", WINDOW.as_secs());
     for ((verb, resource), n) in &delta {

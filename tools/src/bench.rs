@@ -385,6 +385,9 @@ pub struct Report {
     /// Where the agents spent CPU during one row (`--perf`).
     #[serde(default)]
     pub profile: Option<Profile>,
+    /// Many volumes on one cluster: time to Ready, idle cost, mass failover, deletion.
+    #[serde(default)]
+    pub scale: Option<crate::scale::ScaleRows>,
     /// Rows not run, each with the reason.
     #[serde(default)]
     pub skipped: Vec<String>,
@@ -425,6 +428,9 @@ impl Report {
         }
         if let Some(p) = &self.profile {
             p.markdown(&mut md);
+        }
+        if let Some(s) = &self.scale {
+            s.markdown(&mut md);
         }
         if !self.skipped.is_empty() {
             let _ = writeln!(md, "\nRows not run:\n");
@@ -567,6 +573,9 @@ impl Report {
         }
         if let Some(r) = &self.rebuild {
             missed.extend(r.missed());
+        }
+        if let Some(s) = &self.scale {
+            missed.extend(s.missed());
         }
         self.targets_missed = missed;
     }

@@ -6,7 +6,8 @@
 //! ratios and the agents' CPU time per I/O. Further rows (`--rows`): fio on ext4 through
 //! an attached RF3 device against ext4 on a local loop device, failover time under a
 //! lost-write checker, replica rebuild rate against the disk, and optionally a CPU
-//! profile of the agents (`tools::bench_scenarios`).
+//! profile of the agents (`tools::bench_scenarios`); only when `--rows` names it, the
+//! scale rows: hundreds of volumes per fresh cluster (`tools::scale_rows`).
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -19,6 +20,7 @@ use e2e::cluster::{TestCluster, TestClusterOptions, free_port, wait_for};
 use kube::api::{Api, PostParams};
 use tools::bench::{self, FioResult, Machine, PATTERNS, Pattern, Report, RunSettings, Sample};
 use tools::bench_scenarios::{self as scenarios, Ext4Settings, ProfileSettings, RebuildSettings};
+use tools::scale_rows::ScaleRunSettings;
 
 /// Every target, in the order a repetition starts with.
 const TARGETS: &[&str] = &[
@@ -30,7 +32,9 @@ const TARGETS: &[&str] = &[
     "rf3-async",
 ];
 /// Row groups: the fio matrix over the targets, then the rows of `tools::bench_scenarios`.
-const ROWS: &[&str] = &["fio", "ext4", "failover", "rebuild"];
+const ROWS: &[&str] = &["fio", "ext4", "failover", "rebuild", "scale"];
+/// Row groups that run only when `--rows` names them (they take many minutes).
+const ROWS_ON_REQUEST: &[&str] = &["scale"];
 /// WAL retention budget of the agents of the scenario rows: the rebuild rows wait for
 /// the primary to give a dead replica up, so the budget bounds their set-up time.
 const SCENARIO_WAL_RETENTION_TIMEOUT_MS: u64 = 5_000;
@@ -85,7 +89,8 @@ struct Args {
     #[arg(long, default_value = "debug profile")]
     agent_build: String,
     /// Comma-separated row groups to run: fio (the targets × patterns matrix), ext4,
-    /// failover, rebuild. Default: all (smoke mode: fio only).
+    /// failover, rebuild, scale. Default: all but scale (smoke mode: fio only; smoke
+    /// mode never runs scale).
     #[arg(long, value_delimiter = ',')]
     rows: Option<Vec<String>>,
     /// Comma-separated row groups to leave out.
@@ -102,6 +107,18 @@ struct Args {
     /// 1024,4096).
     #[arg(long, value_delimiter = ',')]
     rebuild_sizes_mib: Option<Vec<u64>>,
+    /// Comma-separated volume counts of the scale rows, one fresh cluster each.
+    #[arg(long, value_delimiter = ',', default_value = "100,500")]
+    scale_volumes: Vec<usize>,
+    /// Seconds of the scale rows' idle measurement.
+    #[arg(long, default_value_t = 30)]
+    scale_idle_s: u64,
+    /// Volumes of the killed agent the lost-write checker writes to in the scale rows.
+    #[arg(long, default_value_t = 3)]
+    scale_checker_sample: usize,
+    /// A scale row stops when the work directory's disk has less free space, GiB.
+    #[arg(long, default_value_t = 5.0)]
+    scale_disk_free_min_gib: f64,
 }
 
 struct Plan {
@@ -164,6 +181,14 @@ impl Plan {
         if plan.rebuild_sizes_mib.iter().any(|s| *s < 16) {
             bail!("--rebuild-sizes-mib: every size must be at least 16");
         }
+        if plan.runs("scale") {
+            if a.scale_volumes.is_empty() || a.scale_volumes.contains(&0) {
+                bail!("--scale-volumes: give at least one count, each at least 1");
+            }
+            if a.scale_checker_sample == 0 || a.scale_idle_s == 0 {
+                bail!("--scale-checker-sample and --scale-idle-s must be at least 1");
+            }
+        }
         let mut plan = plan;
         if !plan.runs("fio") {
             plan.targets.clear();
@@ -202,12 +227,22 @@ fn select_rows(a: &Args) -> anyhow::Result<(Vec<&'static str>, Vec<String>, Vec<
     for &r in ROWS {
         if a.skip_rows.iter().any(|s| s == r) {
             skipped.push(format!("{r}: left out (--skip-rows)"));
+        } else if matches!(a.mode, Mode::Smoke) && ROWS_ON_REQUEST.contains(&r) {
+            skipped.push(format!(
+                "{r}: smoke mode never runs it (fresh clusters with hundreds of volumes, \
+                 many minutes); run --mode quick --rows {r}"
+            ));
         } else if let Some(chosen) = &a.rows {
             if chosen.iter().any(|c| c == r) {
                 rows.push(r);
             } else {
                 skipped.push(format!("{r}: not selected (--rows)"));
             }
+        } else if ROWS_ON_REQUEST.contains(&r) {
+            skipped.push(format!(
+                "{r}: runs only when --rows names it (fresh clusters with hundreds of \
+                 volumes, many minutes)"
+            ));
         } else if matches!(a.mode, Mode::Smoke) && r != "fio" {
             skipped.push(format!(
                 "{r}: smoke mode skips it (it needs a 3-node cluster and minutes); \
@@ -491,7 +526,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             );
         }
     }
-    if plan.runs("ext4") || plan.runs("failover") || plan.runs("rebuild") {
+    if plan.runs("ext4") || plan.runs("failover") || plan.runs("rebuild") || plan.runs("scale") {
         check_work_dir(&args.work_dir)?;
     }
     let started = utc_now("+%Y-%m-%dT%H:%M:%SZ");
@@ -606,6 +641,21 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if plan.runs("ext4") || plan.runs("failover") || plan.runs("rebuild") {
         scenario = run_scenarios(&plan, &args, &scratch, &stamp).await?;
     }
+    // After the scenario rows' cluster stopped: one cluster at a time.
+    let scale = if plan.runs("scale") {
+        Some(
+            tools::scale_rows::scale_rows(&ScaleRunSettings {
+                volumes: args.scale_volumes.clone(),
+                work_dir: args.work_dir.clone(),
+                idle_window_s: args.scale_idle_s,
+                checker_sample: args.scale_checker_sample,
+                disk_free_min_gib: args.scale_disk_free_min_gib,
+            })
+            .await,
+        )
+    } else {
+        None
+    };
 
     let summary = bench::summarize(&samples);
     let ratios = bench::ratios(&summary);
@@ -635,6 +685,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         failover: scenario.failover,
         rebuild: scenario.rebuild,
         profile: scenario.profile,
+        scale,
         skipped,
         targets_missed: Vec::new(),
     };
@@ -657,6 +708,21 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     if !scenario.errors.is_empty() {
         bail!("rows failed: {}", scenario.errors.join("; "));
+    }
+    let scale_errors: Vec<String> = report
+        .scale
+        .iter()
+        .flat_map(|s| &s.rows)
+        .filter_map(|r| {
+            Some(format!(
+                "scale {} volumes: {}",
+                r.volumes,
+                r.error.as_ref()?
+            ))
+        })
+        .collect();
+    if !scale_errors.is_empty() {
+        bail!("rows failed: {}", scale_errors.join("; "));
     }
     Ok(())
 }
