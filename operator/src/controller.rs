@@ -22,6 +22,7 @@
 //! second loop reports each drain's progress in `BlockNode.status.evacuation` and as
 //! Events on the `BlockNode`.
 
+use std::borrow::Borrow;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -51,7 +52,7 @@ use crate::model::ReplicaView;
 use crate::placement::{NodeCandidate, StorageNodeSelector};
 use crate::plan::{Cleanup, Observed, Plan, plan, plan_cleanup, reason};
 use crate::primary_move::{MoveSettings, wanted_move};
-use crate::replacement::{ReplacementSettings, is_rebuilding};
+use crate::replacement::{ReplacementSettings, counts_as_rebuilding};
 use crate::{Error, Result};
 
 /// Settings of the volume controller.
@@ -203,9 +204,9 @@ fn node_leases(
         .collect()
 }
 
-fn view(
+fn view<N: Borrow<BlockNode>>(
     r: &BlockReplica,
-    nodes: &[BlockNode],
+    nodes: &[N],
     leases: &BTreeMap<String, NodeLease>,
 ) -> ReplicaView {
     ReplicaView {
@@ -214,7 +215,9 @@ fn view(
         status: r.status.clone(),
         deleting: r.metadata.deletion_timestamp.is_some(),
         node_live: leases.get(&r.spec.node).is_some_and(|l| l.live),
-        node_registered: nodes.iter().any(|n| n.name_any() == r.spec.node),
+        node_registered: nodes
+            .iter()
+            .any(|n| n.borrow().metadata.name.as_deref() == Some(r.spec.node.as_str())),
     }
 }
 
@@ -223,20 +226,25 @@ fn view(
 /// whose Kubernetes Node is missing (a test cluster, a node being replaced) is judged
 /// by its own labels and cordon alone.
 pub fn candidates(
-    nodes: &[BlockNode],
-    k8s_nodes: &[Node],
-    all_replicas: &[BlockReplica],
+    nodes: &[impl Borrow<BlockNode>],
+    k8s_nodes: &[impl Borrow<Node>],
+    all_replicas: &[impl Borrow<BlockReplica>],
     leases: &BTreeMap<String, NodeLease>,
     storage_nodes: &StorageNodeSelector,
 ) -> Vec<NodeCandidate> {
     nodes
         .iter()
-        .map(|n| {
-            let k8s = k8s_nodes.iter().find(|k| k.name_any() == n.spec.node_name);
+        .map(Borrow::borrow)
+        .map(|n: &BlockNode| {
+            let k8s = k8s_nodes
+                .iter()
+                .map(Borrow::borrow)
+                .find(|k: &&Node| k.metadata.name.as_deref() == Some(n.spec.node_name.as_str()));
             let name = n.name_any();
             let pending: u64 = all_replicas
                 .iter()
-                .filter(|r| {
+                .map(Borrow::borrow)
+                .filter(|r: &&BlockReplica| {
                     r.spec.node == name && r.status.as_ref().and_then(|s| s.size_bytes).is_none()
                 })
                 .map(|r| r.spec.size_bytes)
@@ -272,12 +280,15 @@ fn now_seconds() -> Timestamp {
     Timestamp::from_second(Timestamp::now().as_second()).unwrap_or_else(|_| Timestamp::now())
 }
 
+/// What one reconcile sees. The cluster-wide sets are shared with the caches, not
+/// copied: a reconcile reads them, and copying every object for every reconcile made a
+/// pass over all volumes cost O(volumes²).
 struct Observation {
-    all_replicas: Vec<BlockReplica>,
+    all_replicas: Vec<Arc<BlockReplica>>,
     replicas: Vec<BlockReplica>,
-    nodes: Vec<BlockNode>,
-    k8s_nodes: Vec<Node>,
-    volumes: Vec<BlockVolume>,
+    nodes: Vec<Arc<BlockNode>>,
+    k8s_nodes: Vec<Arc<Node>>,
+    volumes: Vec<Arc<BlockVolume>>,
     leases: BTreeMap<String, NodeLease>,
     now: Timestamp,
 }
@@ -299,6 +310,10 @@ fn replica_nodes(replicas: &[BlockReplica]) -> Vec<String> {
 
 fn owned<K: Clone>(objects: Vec<Arc<K>>) -> Vec<K> {
     objects.into_iter().map(|o| (*o).clone()).collect()
+}
+
+fn shared<K>(objects: Vec<K>) -> Vec<Arc<K>> {
+    objects.into_iter().map(Arc::new).collect()
 }
 
 /// A read of the API server taking at least `api_gap_ms` counts as a gap in this
@@ -363,11 +378,11 @@ async fn observe_cached(ctx: &Context, cache: &Cache, volume: &str) -> Result<Ob
         })?;
     slow_read(ctx, started);
     Ok(Observation {
-        all_replicas: owned(cache.replicas.state()),
+        all_replicas: cache.replicas.state(),
         replicas,
-        nodes: owned(cache.nodes.state()),
-        k8s_nodes: owned(cache.k8s_nodes.state()),
-        volumes: owned(cache.volumes.state()),
+        nodes: cache.nodes.state(),
+        k8s_nodes: cache.k8s_nodes.state(),
+        volumes: cache.volumes.state(),
         leases: node_leases(&leases, now, &ctx.lease_observer),
         now,
     })
@@ -422,11 +437,11 @@ async fn observe_listed(ctx: &Context, volume: &str) -> Result<Observation> {
         .cloned()
         .collect();
     Ok(Observation {
-        all_replicas,
+        all_replicas: shared(all_replicas),
         replicas,
-        nodes,
-        k8s_nodes,
-        volumes,
+        nodes: shared(nodes),
+        k8s_nodes: shared(k8s_nodes),
+        volumes: shared(volumes),
         leases: node_leases(&leases, now, &ctx.lease_observer),
         now,
     })
@@ -802,7 +817,8 @@ async fn prepare_from(
     let drain_slot = drain_slot(ctx, name, &obs, &nodes);
     let mut rebuilding: BTreeMap<String, u32> = BTreeMap::new();
     for r in &obs.all_replicas {
-        if is_rebuilding(&view(r, &obs.nodes, &obs.leases)) {
+        let state = r.status.as_ref().map(|s| s.state).unwrap_or_default();
+        if counts_as_rebuilding(r.metadata.deletion_timestamp.is_some(), state) {
             *rebuilding.entry(r.spec.node.clone()).or_default() += 1;
         }
     }
@@ -1008,10 +1024,14 @@ pub mod node_reason {
 }
 
 /// Drain progress of one node from the replicas assigned to it.
-pub fn evacuation_status(node: &str, all_replicas: &[BlockReplica]) -> EvacuationStatus {
+pub fn evacuation_status(
+    node: &str,
+    all_replicas: &[impl Borrow<BlockReplica>],
+) -> EvacuationStatus {
     let here: Vec<&BlockReplica> = all_replicas
         .iter()
-        .filter(|r| r.spec.node == node)
+        .map(Borrow::borrow)
+        .filter(|r: &&BlockReplica| r.spec.node == node)
         .collect();
     let mut volumes: Vec<String> = here.iter().map(|r| r.spec.volume.clone()).collect();
     volumes.sort();
@@ -1081,7 +1101,7 @@ async fn report_drains(
     {
         return Ok(());
     }
-    let replicas = owned(cache.replicas.state());
+    let replicas = cache.replicas.state();
     for n in &nodes {
         let name = n.name_any();
         let previous = match written.get(&name) {
@@ -1121,6 +1141,50 @@ async fn report_drains(
         }
     }
     Ok(())
+}
+
+/// What of a `BlockNode` the volumes' plans depend on. Agents rewrite their node's
+/// status as its disks fill and empty; such a change concerns only the volumes still
+/// being placed (free space), not every volume (a reconcile of all of them on each
+/// node report made idle cost grow with the square of the volume count).
+#[derive(Clone, PartialEq)]
+struct NodeFacts {
+    /// Everything but free space: a change reconciles every volume.
+    placement: String,
+    /// Free space: a change reconciles the volumes still being placed.
+    allocatable_bytes: u64,
+}
+
+impl NodeFacts {
+    fn of(n: &BlockNode) -> Self {
+        let conditions: Vec<(&str, &str)> = n
+            .status
+            .iter()
+            .flat_map(|s| &s.conditions)
+            .map(|c| (c.type_.as_str(), c.status.as_str()))
+            .collect();
+        let placement = serde_json::to_string(&(
+            n.labels(),
+            &n.spec,
+            conditions,
+            n.status.as_ref().map(|s| s.capacity_bytes),
+            n.metadata.deletion_timestamp.is_some(),
+        ))
+        .unwrap_or_default();
+        NodeFacts {
+            placement,
+            allocatable_bytes: n.status.as_ref().map_or(0, |s| s.allocatable_bytes),
+        }
+    }
+}
+
+/// Whether a volume may still place a replica (it is not Ready with all of its
+/// replicas): free space on a node concerns only such volumes.
+fn volume_needs_placement(v: &BlockVolume) -> bool {
+    v.metadata.deletion_timestamp.is_none()
+        && v.status.as_ref().is_none_or(|s| {
+            s.phase != VolumePhase::Ready || s.in_sync_count < u32::from(v.spec.replicas)
+        })
 }
 
 /// Runs [`report_drains`] every `node_status_interval_ms` until dropped.
@@ -1296,6 +1360,30 @@ async fn run_controller(
             .collect()
     };
     let for_nodes = all_volumes.clone();
+    let volume_store = controller.store();
+    let node_cache = cache.clone();
+    let node_seen = std::sync::Mutex::new(BTreeMap::<String, NodeFacts>::new());
+    let node_mapper = move |n: BlockNode| {
+        let facts = NodeFacts::of(&n);
+        let previous = node_seen
+            .lock()
+            .map(|mut m| m.insert(n.name_any(), facts.clone()))
+            .unwrap_or(None);
+        // A deletion arrives as the last version of the object, which may equal the one
+        // seen before; the cache's own watch has usually dropped it by then. If not, the
+        // periodic resync brings the volumes round.
+        let gone = node_cache.nodes.get(&ObjectRef::from_obj(&n)).is_none();
+        match previous {
+            Some(p) if p == facts && !gone => Vec::new(),
+            Some(p) if p.placement == facts.placement && !gone => volume_store
+                .state_filter(volume_needs_placement)
+                .iter()
+                .map(|v| ObjectRef::from_obj(&**v))
+                .collect(),
+            // A new node, or one whose labels, cordon, drain or readiness changed.
+            _ => for_nodes(),
+        }
+    };
     // Lease renewals change only renewTime; react to new holders and new Leases, and
     // let the per-volume requeue (timed to the primary's lease expiry) catch expiries.
     let seen = std::sync::Mutex::new(BTreeMap::<String, u64>::new());
@@ -1330,7 +1418,7 @@ async fn run_controller(
         .watches(
             nodes,
             watcher::Config::default().any_semantic(),
-            move |_| for_nodes(),
+            node_mapper,
         )
         .watches(
             leases,
@@ -1378,6 +1466,43 @@ mod tests {
             ..Default::default()
         });
         n
+    }
+
+    #[test]
+    fn a_node_report_of_free_space_only_concerns_volumes_still_being_placed() {
+        let base = block_node("n1", false, false);
+        let facts = NodeFacts::of(&base);
+        let mut fuller = base.clone();
+        if let Some(s) = fuller.status.as_mut() {
+            s.allocatable_bytes -= 1 << 20;
+            s.disks.push(api::node::DiskStatus {
+                path: "/d".into(),
+                capacity_bytes: 1 << 30,
+                available_bytes: 1 << 29,
+            });
+        }
+        let f = NodeFacts::of(&fuller);
+        assert!(f != facts && f.placement == facts.placement);
+        let mut cordoned = base.clone();
+        cordoned.spec.cordoned = true;
+        assert!(NodeFacts::of(&cordoned).placement != facts.placement);
+        let mut labelled = base.clone();
+        labelled.labels_mut().insert("zone".into(), "b".into());
+        assert!(NodeFacts::of(&labelled).placement != facts.placement);
+
+        let mut v = BlockVolume::new("v", api::BlockVolumeSpec::with_size("1Gi"));
+        v.spec.replicas = 3;
+        assert!(volume_needs_placement(&v), "no status yet");
+        v.status = Some(BlockVolumeStatus {
+            phase: VolumePhase::Ready,
+            in_sync_count: 3,
+            ..Default::default()
+        });
+        assert!(!volume_needs_placement(&v));
+        v.status.as_mut().unwrap().in_sync_count = 2;
+        assert!(volume_needs_placement(&v));
+        v.status.as_mut().unwrap().phase = VolumePhase::Degraded;
+        assert!(volume_needs_placement(&v));
     }
 
     fn evac(replicas_left: u32) -> EvacuationStatus {
@@ -1561,7 +1686,7 @@ mod tests {
             })
             .collect();
         let sel: StorageNodeSelector = "!node-role.kubernetes.io/control-plane".parse().unwrap();
-        let c = candidates(&bns, &nodes, &[], &leases, &sel);
+        let c = candidates(&bns, &nodes, &[] as &[BlockReplica], &leases, &sel);
         let get = |n: &str| c.iter().find(|c| c.name == n).unwrap();
         let flags = |n: &str| {
             let c = get(n);

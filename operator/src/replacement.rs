@@ -69,9 +69,15 @@ pub fn unhealthy(r: &ReplicaView) -> Option<Unhealthy> {
 
 /// A replica that occupies a rebuild slot on its node: being filled from a primary.
 pub fn is_rebuilding(r: &ReplicaView) -> bool {
-    !r.deleting
+    counts_as_rebuilding(r.deleting, r.state())
+}
+
+/// [`is_rebuilding`] from the two facts it rests on, for counting over many replicas
+/// without building a view of each.
+pub fn counts_as_rebuilding(deleting: bool, state: ReplicaState) -> bool {
+    !deleting
         && matches!(
-            r.state(),
+            state,
             ReplicaState::Pending | ReplicaState::Rebuilding | ReplicaState::CatchingUp
         )
 }
