@@ -94,7 +94,7 @@ impl Default for ControllerSettings {
             error_backoff_initial_ms: 500,
             error_backoff_max_ms: 60_000,
             deletion_poll_ms: 1_000,
-            concurrency: 4,
+            concurrency: 32,
             api_gap_ms: 2_000,
             storage_node_selector: StorageNodeSelector::default(),
             drain: DrainSettings::default(),
@@ -241,6 +241,15 @@ pub fn candidates(
                 .map(Borrow::borrow)
                 .find(|k: &&Node| k.metadata.name.as_deref() == Some(n.spec.node_name.as_str()));
             let name = n.name_any();
+            let primaries = all_replicas
+                .iter()
+                .map(Borrow::borrow)
+                .filter(|r: &&BlockReplica| {
+                    r.spec.node == name
+                        && r.spec.role == api::ReplicaRole::Primary
+                        && r.metadata.deletion_timestamp.is_none()
+                })
+                .count();
             let pending: u64 = all_replicas
                 .iter()
                 .map(Borrow::borrow)
@@ -257,6 +266,7 @@ pub fn candidates(
                 .and_then(|s| s.unschedulable)
                 .unwrap_or(false);
             NodeCandidate {
+                primaries: u32::try_from(primaries).unwrap_or(u32::MAX),
                 name: name.clone(),
                 cordoned: k8s_cordoned || n.spec.storage_cordoned(),
                 evacuating: n.spec.evacuate,

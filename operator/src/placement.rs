@@ -28,6 +28,8 @@ pub struct NodeCandidate {
     pub evacuating: bool,
     /// The node matches the operator's storage node selector (true when none is set).
     pub storage_node: bool,
+    /// Volumes whose primary replica is assigned to this node.
+    pub primaries: u32,
 }
 
 impl NodeCandidate {
@@ -38,6 +40,7 @@ impl NodeCandidate {
             labels: BTreeMap::new(),
             free_bytes,
             live: true,
+            primaries: 0,
             cordoned: false,
             evacuating: false,
             storage_node: true,
@@ -187,6 +190,47 @@ fn domain<'a>(c: &'a NodeCandidate, key: &str) -> &'a str {
     }
 }
 
+/// Which of the nodes `chosen` for a new volume's replicas gets its primary: the one
+/// holding the fewest primaries, so that primaries spread over the nodes and the loss of
+/// one node fails over a share of the volumes, not most of them. Ties go by a hash of
+/// the volume and node names: volumes placed at the same time from the same counts
+/// spread instead of all picking the same node.
+pub fn primary_among(volume: &str, chosen: &[String], nodes: &[NodeCandidate]) -> Option<String> {
+    let primaries = |name: &str| {
+        nodes
+            .iter()
+            .find(|n| n.name == name)
+            .map_or(0, |n| n.primaries)
+    };
+    chosen
+        .iter()
+        .min_by_key(|name| {
+            (
+                primaries(name),
+                stable_hash(&[volume.as_bytes(), name.as_bytes()]),
+            )
+        })
+        .cloned()
+}
+
+/// FNV-1a over `parts` (with a separator), finished with MurmurHash3's 64-bit mix so
+/// that inputs differing in their last byte spread: a hash that is the same in every
+/// process and version, for tie-breaking only.
+fn stable_hash(parts: &[&[u8]]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for part in parts {
+        for b in part.iter().chain(&[0xff]) {
+            h ^= u64::from(*b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    h ^ (h >> 33)
+}
+
 /// Chooses `count` distinct nodes for new replicas, or says how many are missing.
 ///
 /// Order of preference for each pick: fewest replicas of this volume already in the
@@ -278,6 +322,28 @@ mod tests {
             labels,
             ..NodeCandidate::new(name, free)
         }
+    }
+
+    #[test]
+    fn a_new_volume_takes_its_primary_where_fewest_primaries_are_and_ties_spread() {
+        let chosen: Vec<String> = ["a", "b", "c"].map(String::from).to_vec();
+        let mut nodes = vec![node("a", "", GI), node("b", "", GI), node("c", "", GI)];
+        nodes[0].primaries = 5;
+        nodes[1].primaries = 2;
+        nodes[2].primaries = 3;
+        assert_eq!(primary_among("v", &chosen, &nodes).as_deref(), Some("b"));
+        assert_eq!(primary_among("v", &chosen[..1], &nodes).as_deref(), Some("a"));
+        // Placed from the same counts (a burst of creations), volumes still spread.
+        for n in &mut nodes {
+            n.primaries = 0;
+        }
+        let mut per_node: BTreeMap<String, u32> = BTreeMap::new();
+        for i in 0..300 {
+            let p = primary_among(&format!("pvc-{i}"), &chosen, &nodes).unwrap();
+            *per_node.entry(p).or_default() += 1;
+        }
+        assert_eq!(per_node.len(), 3, "{per_node:?}");
+        assert!(per_node.values().all(|&c| (70..=130).contains(&c)), "{per_node:?}");
     }
 
     fn cordoned(mut n: NodeCandidate) -> NodeCandidate {

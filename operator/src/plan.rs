@@ -19,7 +19,7 @@ use crate::drain::{DrainInput, DrainStep, evacuating_nodes};
 use crate::expansion::{reached_size, replicas_to_expand};
 use crate::in_sync::{InSyncChange, InSyncSet, next_in_sync_set};
 use crate::model::ReplicaView;
-use crate::placement::{InsufficientNodes, NodeCandidate, PlacementRequest, place};
+use crate::placement::{InsufficientNodes, NodeCandidate, PlacementRequest, place, primary_among};
 use crate::primary_move::{MoveInput, MoveOutcome, MoveRequest, MoveSettings, MoveStep};
 use crate::promotion::{
     PrimaryLease, PrimaryStanding, PromotionDecision, choose_promotion, choose_repromotion,
@@ -425,7 +425,12 @@ impl<'o, 'a> Planner<'o, 'a> {
             Ok(chosen) => {
                 let new: Vec<ReplicaView> = chosen.iter().map(|n| self.new_view(n)).collect();
                 self.state.epoch = self.state.epoch.saturating_add(1);
-                self.state.primary = new.first().map(|v| v.id.clone());
+                let primary_node = primary_among(self.obs.name, &chosen, self.obs.nodes);
+                self.state.primary = new
+                    .iter()
+                    .find(|v| Some(v.node()) == primary_node.as_deref())
+                    .or(new.first())
+                    .map(|v| v.id.clone());
                 // A fresh volume holds no acknowledged write, so every replica starts in
                 // the committed set: none can have missed an ack.
                 self.commit_in_sync(new.iter().map(|v| v.id.clone()).collect());

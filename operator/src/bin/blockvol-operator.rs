@@ -41,6 +41,11 @@ struct Args {
     /// Milliseconds between periodic re-checks of each volume.
     #[arg(long, default_value_t = 30_000)]
     resync_interval_ms: u64,
+    /// Volumes reconciled at the same time. When a node dies, every volume whose
+    /// primary it held is promoted by a reconcile of its own; each waits on a few API
+    /// round trips, so more in flight shortens a mass failover.
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u16).range(1..))]
+    reconcile_concurrency: u16,
     /// Milliseconds a replica may report NeedsRebuild or Failed before it is replaced.
     #[arg(long, default_value_t = 60_000)]
     replica_failure_grace_ms: u64,
@@ -105,6 +110,7 @@ async fn main() -> anyhow::Result<()> {
             primary_move_timeout_ms: args.primary_move_timeout_ms,
         },
         resync_interval_ms: args.resync_interval_ms,
+        concurrency: args.reconcile_concurrency,
         storage_node_selector: args.storage_node_selector,
         drain: operator::drain::DrainSettings {
             drain_concurrency: args.drain_concurrency,
