@@ -938,6 +938,27 @@ impl AgentProcess {
 }
 
 impl TestCluster {
+    /// Creates the BlockVolume `name` of `size` with `replicas` replicas.
+    pub async fn create_volume(&self, name: &str, size: &str, replicas: u8) -> Result<()> {
+        let spec = api::BlockVolumeSpec {
+            replicas,
+            ..api::BlockVolumeSpec::with_size(size)
+        };
+        Api::<BlockVolume>::all(self.client.clone())
+            .create(&PostParams::default(), &BlockVolume::new(name, spec))
+            .await?;
+        Ok(())
+    }
+
+    /// The `reason` of every Event about the object `name` (empty when listing fails).
+    pub async fn event_reasons(&self, name: &str) -> Vec<String> {
+        Api::<k8s_openapi::api::core::v1::Event>::all(self.client.clone())
+            .list(&ListParams::default().fields(&format!("involvedObject.name={name}")))
+            .await
+            .map(|l| l.items.into_iter().filter_map(|e| e.reason).collect())
+            .unwrap_or_default()
+    }
+
     /// Creates the BlockVolume `name` and waits until it is Ready with all `replicas`
     /// in sync.
     pub async fn create_ready_volume(
@@ -947,13 +968,7 @@ impl TestCluster {
         replicas: u8,
         timeout: Duration,
     ) -> Result<BlockVolume> {
-        let spec = api::BlockVolumeSpec {
-            replicas,
-            ..api::BlockVolumeSpec::with_size(size)
-        };
-        Api::<BlockVolume>::all(self.client.clone())
-            .create(&PostParams::default(), &BlockVolume::new(name, spec))
-            .await?;
+        self.create_volume(name, size, replicas).await?;
         wait_for(
             &format!("volume {name} Ready with {replicas} in sync"),
             timeout,

@@ -24,7 +24,7 @@ use e2e::faults::{LinkShape, LoopFs, PortPartition, ShapedProxy, TcpRelay, env_u
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::api::{Api, PostParams};
 use kube::{Client, ResourceExt};
-use testkit::{SeededRng, Task, Wait};
+use testkit::{Paused, SeededRng, Task, Wait};
 
 const VOLUME: &str = "chaos1";
 const NODES: [&str; 3] = ["n1", "n2", "n3"];
@@ -267,11 +267,7 @@ impl Cluster {
             .arg(&data)
             .output()
             .expect("cp");
-        assert!(
-            out.status.success(),
-            "cp: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        testkit::stdout_of(&out, "cp");
         std::fs::remove_dir_all(&old).expect("removing the old data dir");
         self.small_disks.len() - 1
     }
@@ -289,11 +285,8 @@ impl Cluster {
     }
 
     async fn create_volume(&self) {
-        Api::<BlockVolume>::all(self.client())
-            .create(
-                &PostParams::default(),
-                &BlockVolume::new(VOLUME, BlockVolumeSpec::with_size("32Mi")),
-            )
+        self.tc
+            .create_volume(VOLUME, "32Mi", api::DEFAULT_REPLICAS)
             .await
             .expect("create volume");
     }
@@ -1152,26 +1145,6 @@ async fn primary_cut_from_api_server_acks_nothing_after_its_successor_is_promote
     tally.print("partition-primary-apiserver", seed);
 }
 
-/// Stops a daemon with SIGSTOP (an API server that hangs, as in an etcd stall or a
-/// control-plane upgrade gone slow) and lets it go on when dropped.
-struct Paused(u32);
-
-impl Paused {
-    fn new(pid: u32) -> Paused {
-        // SAFETY: kill(2) with a pid of a child process this test started.
-        let rc = unsafe { libc::kill(pid as libc::pid_t, libc::SIGSTOP) };
-        assert_eq!(rc, 0, "SIGSTOP {pid}: {}", std::io::Error::last_os_error());
-        Paused(pid)
-    }
-}
-
-impl Drop for Paused {
-    fn drop(&mut self) {
-        // SAFETY: as above.
-        unsafe { libc::kill(self.0 as libc::pid_t, libc::SIGCONT) };
-    }
-}
-
 /// How long the API-server outage scenario keeps the API server stopped, in seconds
 /// (default 20: more than six Lease durations).
 const OUTAGE_ENV: &str = "BLOCKVOL_OUTAGE_S";
@@ -1211,12 +1184,9 @@ async fn api_server_outage_keeps_io_going_without_a_failover() {
     let before = load_until(&ck, &target, Instant::now() + window, "before the outage").await;
     let apiserver =
         c.tc.control_plane
-            .daemon_pids()
-            .into_iter()
-            .find(|(name, _)| *name == "kube-apiserver")
-            .map(|(_, pid)| pid)
+            .daemon_pid("kube-apiserver")
             .expect("a local kube-apiserver");
-    let paused = Paused::new(apiserver);
+    let paused = Paused::stop(apiserver);
     tally.faults += 1;
     let start = Instant::now();
     let lease = Duration::from_secs(u64::from(AGENT_LEASE_S));
@@ -1273,13 +1243,10 @@ async fn primary_killed_during_an_api_server_outage_fails_over_once_it_is_back()
     let lease = Duration::from_secs(u64::from(AGENT_LEASE_S));
     let apiserver =
         c.tc.control_plane
-            .daemon_pids()
-            .into_iter()
-            .find(|(name, _)| *name == "kube-apiserver")
-            .map(|(_, pid)| pid)
+            .daemon_pid("kube-apiserver")
             .expect("a local kube-apiserver");
     let target = c.target(&old_node);
-    let paused = Paused::new(apiserver);
+    let paused = Paused::stop(apiserver);
     tally.faults += 1;
     // Serving on the member proof after the Lease ran out...
     load_until(

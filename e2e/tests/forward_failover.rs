@@ -15,13 +15,13 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use api::{BlockReplica, BlockVolume, BlockVolumeSpec, ReplicaRole, ReplicaState, VolumePhase};
+use api::{BlockReplica, BlockVolume, ReplicaRole, ReplicaState, VolumePhase};
 use csi::agent::Agent;
 use e2e::cluster::{TestCluster, TestClusterOptions, wait_for};
 use e2e::devices::LoopDevice;
 use e2e::devices::{AttachmentGuard, leftovers};
 use kube::ResourceExt;
-use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::api::{Api, Patch, PatchParams};
 
 const VOLUME: &str = "fwd-vol";
 const TIMEOUT: Duration = Duration::from_secs(90);
@@ -175,12 +175,8 @@ async fn two_node_volume() -> (TestCluster, String, u64) {
     let cluster = TestCluster::start(TestClusterOptions::nodes(2))
         .await
         .expect("cluster");
-    Api::<BlockVolume>::all(cluster.client.clone())
-        .create(&PostParams::default(), &{
-            let mut spec = BlockVolumeSpec::with_size("64Mi");
-            spec.replicas = 2;
-            BlockVolume::new(VOLUME, spec)
-        })
+    cluster
+        .create_volume(VOLUME, "64Mi", 2)
         .await
         .expect("create volume");
     let (_, node, epoch) = ready(&cluster, 1).await;
@@ -210,12 +206,8 @@ async fn mounted_forwarded_device_survives_killing_the_primary_agent() {
     let mut cluster = TestCluster::start(TestClusterOptions::nodes(2))
         .await
         .expect("cluster");
-    Api::<BlockVolume>::all(cluster.client.clone())
-        .create(&PostParams::default(), &{
-            let mut spec = BlockVolumeSpec::with_size("64Mi");
-            spec.replicas = 2;
-            BlockVolume::new(VOLUME, spec)
-        })
+    cluster
+        .create_volume(VOLUME, "64Mi", 2)
         .await
         .expect("create volume");
     let (_, first_node, epoch1) = ready(&cluster, 1).await;

@@ -19,12 +19,12 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::time::{Duration, Instant};
 
-use api::{BlockReplica, BlockVolume, BlockVolumeSpec, ReplicaRole, ReplicaState, VolumePhase};
+use api::{BlockReplica, BlockVolume, ReplicaRole, ReplicaState, VolumePhase};
 use e2e::cluster::{TestCluster, TestClusterOptions, wait_for};
 use e2e::devices::LoopDevice;
 use e2e::devices::{AttachmentGuard, attach_dir, leftovers};
 use kube::ResourceExt;
-use kube::api::{Api, PostParams};
+use testkit::Paused;
 
 const VOLUME: &str = "proxy-restart-vol";
 const TIMEOUT: Duration = Duration::from_secs(90);
@@ -75,25 +75,6 @@ impl Drop for Aligned {
         let layout = std::alloc::Layout::from_size_align(BLOCK, BLOCK).expect("layout");
         // SAFETY: allocated in `new` with this layout.
         unsafe { std::alloc::dealloc(self.ptr, layout) };
-    }
-}
-
-/// Sends SIGCONT to a stopped process when dropped, so a failing test never leaves an
-/// agent stopped.
-struct Paused(u32);
-
-impl Paused {
-    fn stop(pid: u32) -> Paused {
-        // SAFETY: plain syscall on a child process of this test.
-        unsafe { libc::kill(pid as libc::pid_t, libc::SIGSTOP) };
-        Paused(pid)
-    }
-}
-
-impl Drop for Paused {
-    fn drop(&mut self) {
-        // SAFETY: as above.
-        unsafe { libc::kill(self.0 as libc::pid_t, libc::SIGCONT) };
     }
 }
 
@@ -183,12 +164,8 @@ async fn flush_after_a_restart_across_a_failover(layout: Client) {
     let mut cluster = TestCluster::start(TestClusterOptions::nodes(2))
         .await
         .expect("cluster");
-    Api::<BlockVolume>::all(cluster.client.clone())
-        .create(&PostParams::default(), &{
-            let mut spec = BlockVolumeSpec::with_size("64Mi");
-            spec.replicas = 2;
-            BlockVolume::new(VOLUME, spec)
-        })
+    cluster
+        .create_volume(VOLUME, "64Mi", 2)
         .await
         .expect("create volume");
     let (primary, epoch1) = ready(&cluster).await;

@@ -6,6 +6,7 @@
 
 pub mod child;
 pub mod http;
+pub mod output;
 pub mod rng;
 pub mod task;
 pub mod wait;
@@ -25,6 +26,7 @@ pub mod process;
 #[cfg(feature = "kube")]
 pub mod tools;
 
+pub use output::{stdout_lines, stdout_of};
 pub use rng::SeededRng;
 pub use task::Task;
 pub use wait::{POLL_INTERVAL, Timeout, Wait, wait_for};
@@ -36,6 +38,8 @@ pub use controlplane::{
 };
 #[cfg(feature = "kube")]
 pub use error::{Error, Result};
+#[cfg(feature = "kube")]
+pub use process::Paused;
 #[cfg(feature = "kube")]
 pub use tools::{TOOLS_BIN_ENV, tool, tool_in, tools_bin_dir};
 
