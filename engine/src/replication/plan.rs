@@ -145,19 +145,7 @@ pub fn classify_handshake(
         after: r,
         expect_epoch: h.flushed_epoch,
     });
-    if r == hist.head {
-        return Outcome::ZeroGap { from: r, truncate };
-    }
-    if hist.head.0 - r.0 > catchup_entries_max {
-        return Outcome::NeedsRebuild {
-            reason: "catch-up range exceeds catchup_entries_max",
-        };
-    }
-    Outcome::CatchUp {
-        from: r,
-        target: hist.head,
-        truncate,
-    }
+    resume_from(r, truncate, hist, catchup_entries_max)
 }
 
 /// A replica whose entries at its flushed LSN are older than ours there (typically a
@@ -209,16 +197,28 @@ fn resume_below_divergence(
         after: d,
         expect_epoch,
     });
-    if d == hist.head {
-        return Outcome::ZeroGap { from: d, truncate };
+    resume_from(d, truncate, hist, catchup_entries_max)
+}
+
+/// The outcome for a replica whose log matches ours up to `from` (after dropping what
+/// `truncate` names): nothing to send when `from` is our head, else a catch-up over
+/// (from, head] unless that range exceeds `catchup_entries_max`.
+fn resume_from(
+    from: Lsn,
+    truncate: Option<Truncation>,
+    hist: &RetainedHistory,
+    catchup_entries_max: u64,
+) -> Outcome {
+    if from == hist.head {
+        return Outcome::ZeroGap { from, truncate };
     }
-    if hist.head.0 - d.0 > catchup_entries_max {
+    if hist.head.0 - from.0 > catchup_entries_max {
         return Outcome::NeedsRebuild {
             reason: "catch-up range exceeds catchup_entries_max",
         };
     }
     Outcome::CatchUp {
-        from: d,
+        from,
         target: hist.head,
         truncate,
     }

@@ -756,19 +756,7 @@ impl PrimaryCore {
             Outcome::Fenced { replica_epoch } => self.fence(replica_epoch),
             Outcome::NeedsRebuild { reason } => self.escalate(id, reason, log),
             Outcome::ZeroGap { from, truncate } => {
-                if let Some(t) = truncate {
-                    self.send(
-                        conn,
-                        Body::Truncate {
-                            session,
-                            after: t.after,
-                            expect_epoch: t.expect_epoch,
-                        },
-                    );
-                }
-                if let Some(s) = self.senders.get_mut(id) {
-                    s.flushed = trusted_flushed(s.flushed, from, truncate.as_ref());
-                    s.progress_known = true;
+                if let Some(s) = self.resume_at(id, conn, session, from, truncate) {
                     s.live = true;
                 }
                 self.send_barrier(id, self.head);
@@ -799,25 +787,40 @@ impl PrimaryCore {
                         return;
                     }
                 };
-                if let Some(t) = truncate {
-                    self.send(
-                        conn,
-                        Body::Truncate {
-                            session,
-                            after: t.after,
-                            expect_epoch: t.expect_epoch,
-                        },
-                    );
-                }
-                if let Some(s) = self.senders.get_mut(id) {
-                    s.flushed = trusted_flushed(s.flushed, from, truncate.as_ref());
-                    s.progress_known = true;
+                if let Some(s) = self.resume_at(id, conn, session, from, truncate) {
                     s.exec = Some(Exec::CatchUp(exec));
                 }
                 self.set_state(id, ReplicaState::CatchingUp);
                 self.catchup_step(id, log);
             }
         }
+    }
+
+    /// Starts a resumed session at `from`: tells the replica to drop what `truncate`
+    /// names, and takes the replica's progress as known from there. Returns the
+    /// replica's sender for the caller to set what follows (live, or a catch-up).
+    fn resume_at(
+        &mut self,
+        id: &ReplicaId,
+        conn: ConnId,
+        session: u64,
+        from: Lsn,
+        truncate: Option<plan::Truncation>,
+    ) -> Option<&mut Sender> {
+        if let Some(t) = truncate {
+            self.send(
+                conn,
+                Body::Truncate {
+                    session,
+                    after: t.after,
+                    expect_epoch: t.expect_epoch,
+                },
+            );
+        }
+        let s = self.senders.get_mut(id)?;
+        s.flushed = trusted_flushed(s.flushed, from, truncate.as_ref());
+        s.progress_known = true;
+        Some(s)
     }
 
     fn catchup_step(&mut self, id: &ReplicaId, log: &mut dyn ReplicaLog) {
