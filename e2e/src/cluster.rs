@@ -620,6 +620,15 @@ impl TestCluster {
         Ok(self.agents.last_mut().expect("just pushed"))
     }
 
+    /// Creates the Node `node`, starts its agent and waits until every agent registered.
+    pub async fn add_node(&mut self, node: &str, timeout: Duration) -> Result<()> {
+        self.control_plane
+            .create_node(node, &BTreeMap::new())
+            .await?;
+        self.add_agent(node)?;
+        self.wait_registered(timeout).await
+    }
+
     /// Starts one more operator process.
     pub fn add_operator(&mut self, identity: &str) -> Result<&mut OperatorProcess> {
         let op = OperatorProcess::spawn(
@@ -862,6 +871,36 @@ impl TestCluster {
             .map(|l| l.items)
             .unwrap_or_default()
     }
+}
+
+/// Whether volume status `st` and its `replicas` show `n` members settled: Ready with all
+/// `n` in sync, the primary Serving at the volume's epoch and seeing every peer InSync
+/// and none unreachable, and every replica at that epoch.
+pub fn all_members_in_sync(
+    st: &api::BlockVolumeStatus,
+    replicas: &[BlockReplica],
+    n: usize,
+) -> bool {
+    use api::{ReplicaRole, ReplicaState};
+    use kube::ResourceExt;
+    let Some(primary) = replicas.iter().find(|r| Some(r.name_any()) == st.primary) else {
+        return false;
+    };
+    let Some(ps) = primary.status.as_ref() else {
+        return false;
+    };
+    st.phase == api::VolumePhase::Ready
+        && st.in_sync_count as usize == n
+        && primary.spec.role == ReplicaRole::Primary
+        && ps.state == ReplicaState::Serving
+        && ps.epoch == st.epoch
+        && ps.unreachable.is_empty()
+        && ps.peers.len() == n - 1
+        && ps.peers.iter().all(|p| p.state == ReplicaState::InSync)
+        && replicas.len() == n
+        && replicas
+            .iter()
+            .all(|r| r.status.as_ref().is_some_and(|s| s.epoch == st.epoch))
 }
 
 impl Drop for TestCluster {

@@ -18,7 +18,9 @@ use api::{
     VolumePhase,
 };
 use e2e::checker::{Checker, CheckerConfig, Ledger, NbdClient, Target, WriteSummary};
-use e2e::cluster::{AgentOptions, AgentProcess, TestCluster, TestClusterOptions};
+use e2e::cluster::{
+    AgentOptions, AgentProcess, TestCluster, TestClusterOptions, all_members_in_sync,
+};
 use e2e::faultfs::{FaultFs, FaultSwitch};
 use e2e::faults::{LinkShape, LoopFs, PortPartition, ShapedProxy, TcpRelay, env_u64, rules_tagged};
 use k8s_openapi::api::coordination::v1::Lease;
@@ -307,22 +309,7 @@ impl Cluster {
             || async {
                 let st = self.volume().await?;
                 let rs = self.replicas().await;
-                let primary = rs.iter().find(|r| Some(r.name_any()) == st.primary)?;
-                let ps = primary.status.as_ref()?;
-                let ok = st.phase == VolumePhase::Ready
-                    && st.in_sync_count == 3
-                    && st.epoch >= min_epoch
-                    && primary.spec.role == ReplicaRole::Primary
-                    && ps.state == ReplicaState::Serving
-                    && ps.epoch == st.epoch
-                    && ps.unreachable.is_empty()
-                    && ps.peers.len() == 2
-                    && ps.peers.iter().all(|p| p.state == ReplicaState::InSync)
-                    && rs.len() == 3
-                    && rs
-                        .iter()
-                        .all(|r| r.status.as_ref().is_some_and(|s| s.epoch == st.epoch));
-                ok.then_some(st)
+                (st.epoch >= min_epoch && all_members_in_sync(&st, &rs, 3)).then_some(st)
             },
         )
         .await

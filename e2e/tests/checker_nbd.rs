@@ -231,12 +231,7 @@ fn child_process_serves_an_engine_volume() {
     ) else {
         return;
     };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
-    rt.block_on(async move {
+    testkit::runtime(2).block_on(async move {
         let vol: Arc<dyn BlockBackend> = Arc::new(engine_volume(Path::new(&volume)));
         let registry = ExportRegistry::new();
         registry.add(EXPORT, vol).expect("add export");

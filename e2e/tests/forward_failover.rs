@@ -212,13 +212,7 @@ async fn mounted_forwarded_device_survives_killing_the_primary_agent() {
         .expect("create volume");
     let (_, first_node, epoch1) = ready(&cluster, 1).await;
     cluster
-        .control_plane
-        .create_node("node-3", &BTreeMap::new())
-        .await
-        .expect("node-3");
-    cluster.add_agent("node-3").expect("node-3 agent");
-    cluster
-        .wait_registered(TIMEOUT)
+        .add_node("node-3", TIMEOUT)
         .await
         .expect("node-3 registered");
     let nodes: Vec<String> = cluster
@@ -450,13 +444,7 @@ async fn mounted_device_on_the_primary_node_survives_a_planned_move_away() {
 async fn mounted_forwarded_device_survives_restarting_its_agent() {
     let (mut cluster, _, _) = two_node_volume().await;
     cluster
-        .control_plane
-        .create_node("node-3", &BTreeMap::new())
-        .await
-        .expect("node-3");
-    cluster.add_agent("node-3").expect("node-3 agent");
-    cluster
-        .wait_registered(TIMEOUT)
+        .add_node("node-3", TIMEOUT)
         .await
         .expect("node-3 registered");
     let root = cluster.root.path().to_path_buf();

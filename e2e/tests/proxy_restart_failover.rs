@@ -14,7 +14,6 @@
 //! must read back as last written: the attach proxy's own replay log is what carries
 //! the writes the dead agent acknowledged to the new primary.
 
-use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::time::{Duration, Instant};
@@ -178,13 +177,7 @@ async fn flush_after_a_restart_across_a_failover(layout: Client) {
         Client::OnThePrimarysNode => primary.clone(),
         Client::Elsewhere => {
             cluster
-                .control_plane
-                .create_node("node-3", &BTreeMap::new())
-                .await
-                .expect("node-3");
-            cluster.add_agent("node-3").expect("node-3 agent");
-            cluster
-                .wait_registered(TIMEOUT)
+                .add_node("node-3", TIMEOUT)
                 .await
                 .expect("node-3 registered");
             "node-3".to_string()

@@ -128,12 +128,7 @@ fn child_process_runs_a_replication_member() {
     };
     let volume = PathBuf::from(std::env::var(CHILD_VOLUME_ENV).expect("volume env"));
     let ready = PathBuf::from(std::env::var(CHILD_READY_ENV).expect("ready env"));
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
-    rt.block_on(async move {
+    testkit::runtime(2).block_on(async move {
         let vol = open_or_create(&volume);
         let _keep: Box<dyn std::any::Any> = match mode.as_str() {
             "replica" => {

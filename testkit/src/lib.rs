@@ -48,6 +48,16 @@ pub fn crds_dir() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/crds")
 }
 
+/// A multi-threaded tokio runtime with `worker_threads` workers and every driver on,
+/// for a test (or the child process a test starts) that is not itself async.
+pub fn runtime(worker_threads: usize) -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(worker_threads)
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
 /// Sends the test's tracing output (filtered by `RUST_LOG`, else `default_filter`) to the
 /// test harness's captured output; later calls in the same binary do nothing.
 pub fn init_tracing(default_filter: &str) {
