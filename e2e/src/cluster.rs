@@ -80,7 +80,8 @@ where
 }
 
 /// A restartable daemon: the command line is kept so a restart reuses every path/port.
-struct Restartable {
+/// [`AgentProcess`], [`OperatorProcess`] and [`CsiProcess`] dereference to theirs.
+pub struct Restartable {
     name: String,
     program: PathBuf,
     args: Vec<String>,
@@ -116,12 +117,24 @@ impl Restartable {
         Ok(())
     }
 
-    fn pid(&self) -> Option<u32> {
+    pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
     }
 
+    /// SIGKILL, like a crash (processes it spawned, such as attach proxies, are left
+    /// alone).
+    pub fn kill(&mut self) {
+        self.signal_and_reap(libc::SIGKILL);
+    }
+
+    /// Starts it again with the same command line: the same identity, directories,
+    /// sockets and ports (no-op if running).
+    pub fn restart(&mut self) -> Result<()> {
+        self.start()
+    }
+
     /// Whether the process is running (reaps it if it has exited).
-    fn is_running(&mut self) -> bool {
+    pub fn is_running(&mut self) -> bool {
         match self.child.as_mut().map(Child::try_wait) {
             Some(Ok(None)) => true,
             Some(_) => {
@@ -157,7 +170,7 @@ impl Restartable {
         }
     }
 
-    fn log_tail(&self) -> String {
+    pub fn log_tail(&self) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
         lines[lines.len().saturating_sub(LOG_TAIL_LINES)..].join("\n")
@@ -298,27 +311,9 @@ impl AgentProcess {
         })
     }
 
-    pub fn pid(&self) -> Option<u32> {
-        self.process.pid()
-    }
-
-    pub fn is_running(&mut self) -> bool {
-        self.process.is_running()
-    }
-
-    /// SIGKILL, like a crash of the agent (processes it spawned are left alone).
-    pub fn kill(&mut self) {
-        self.process.signal_and_reap(libc::SIGKILL);
-    }
-
     /// SIGTERM and wait for the agent to exit.
     pub fn terminate(&mut self) {
         self.process.signal_and_reap(libc::SIGTERM);
-    }
-
-    /// Starts the agent again with the same directories and ports (no-op if running).
-    pub fn restart(&mut self) -> Result<()> {
-        self.process.start()
     }
 
     /// The NBD URI of `volume` on this agent's unix socket.
@@ -333,10 +328,6 @@ impl AgentProcess {
             "nbd+unix:///{volume}?socket={}",
             self.nbd_socket.with_file_name("forward.sock").display()
         )
-    }
-
-    pub fn log_tail(&self) -> String {
-        self.process.log_tail()
     }
 }
 
@@ -416,28 +407,6 @@ impl OperatorProcess {
             process,
         })
     }
-
-    pub fn pid(&self) -> Option<u32> {
-        self.process.pid()
-    }
-
-    pub fn is_running(&mut self) -> bool {
-        self.process.is_running()
-    }
-
-    /// SIGKILL, like a crash.
-    pub fn kill(&mut self) {
-        self.process.signal_and_reap(libc::SIGKILL);
-    }
-
-    /// Starts it again with the same identity and settings (no-op if running).
-    pub fn restart(&mut self) -> Result<()> {
-        self.process.start()
-    }
-
-    pub fn log_tail(&self) -> String {
-        self.process.log_tail()
-    }
 }
 
 /// Settings of the CSI driver processes of a [`TestCluster`].
@@ -469,29 +438,26 @@ pub struct CsiProcess {
     process: Restartable,
 }
 
-impl CsiProcess {
-    pub fn pid(&self) -> Option<u32> {
-        self.process.pid()
-    }
+/// Each process handle reaches its daemon's pid, kill, restart and log through
+/// [`Restartable`].
+macro_rules! restartable_handle {
+    ($($t:ty),*) => {$(
+        impl std::ops::Deref for $t {
+            type Target = Restartable;
+            fn deref(&self) -> &Restartable {
+                &self.process
+            }
+        }
 
-    pub fn is_running(&mut self) -> bool {
-        self.process.is_running()
-    }
-
-    /// SIGKILL, like a crash.
-    pub fn kill(&mut self) {
-        self.process.signal_and_reap(libc::SIGKILL);
-    }
-
-    /// Starts it again with the same socket and settings (no-op if running).
-    pub fn restart(&mut self) -> Result<()> {
-        self.process.start()
-    }
-
-    pub fn log_tail(&self) -> String {
-        self.process.log_tail()
-    }
+        impl std::ops::DerefMut for $t {
+            fn deref_mut(&mut self) -> &mut Restartable {
+                &mut self.process
+            }
+        }
+    )*};
 }
+
+restartable_handle!(AgentProcess, OperatorProcess, CsiProcess);
 
 /// Waits until a unix socket accepts connections (the CSI server is up).
 async fn wait_for_socket(socket: &Path, timeout: Duration) -> Result<()> {
@@ -996,6 +962,65 @@ impl TestCluster {
             .await
             .map(|l| l.items.into_iter().filter_map(|e| e.reason).collect())
             .unwrap_or_default()
+    }
+
+    /// Waits until volume `name` is Ready with `in_sync` members in sync at an epoch of
+    /// at least `min_epoch`, its primary Serving at that epoch; returns the primary's
+    /// node and the epoch.
+    pub async fn wait_serving(
+        &self,
+        name: &str,
+        in_sync: u32,
+        min_epoch: u64,
+        timeout: Duration,
+    ) -> Result<(String, u64)> {
+        use api::{ReplicaRole, ReplicaState};
+        wait_for(
+            &format!("volume {name} Ready with {in_sync} in-sync members"),
+            timeout,
+            || async {
+                let s = self.volume(name).await?.status?;
+                let rs = self.replicas(name).await;
+                let serving = rs.iter().any(|r| {
+                    r.spec.role == ReplicaRole::Primary
+                        && r.status
+                            .as_ref()
+                            .is_some_and(|x| x.state == ReplicaState::Serving && x.epoch == s.epoch)
+                });
+                (s.phase == api::VolumePhase::Ready
+                    && s.in_sync_count == in_sync
+                    && s.epoch >= min_epoch
+                    && serving)
+                    .then(|| Some((s.primary_node?, s.epoch)))
+                    .flatten()
+            },
+        )
+        .await
+    }
+
+    /// Waits until a member of volume `name` not on `dead_node` was promoted above
+    /// `old_epoch` and serves; returns its node and epoch.
+    pub async fn wait_promoted_away_from(
+        &self,
+        name: &str,
+        dead_node: &str,
+        old_epoch: u64,
+        timeout: Duration,
+    ) -> Result<(String, u64)> {
+        use kube::ResourceExt;
+        wait_for("another member promoted and serving", timeout, || async {
+            let s = self.volume(name).await?.status?;
+            let node = s.primary_node.clone()?;
+            let rs = self.replicas(name).await;
+            let serving = rs.iter().any(|r| {
+                r.name_any() == s.primary.clone().unwrap_or_default()
+                    && r.status.as_ref().is_some_and(|x| {
+                        x.state == api::ReplicaState::Serving && x.epoch == s.epoch
+                    })
+            });
+            (s.epoch > old_epoch && node != dead_node && serving).then_some((node, s.epoch))
+        })
+        .await
     }
 
     /// Creates the BlockVolume `name` and waits until it is Ready with all `replicas`

@@ -15,12 +15,11 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use api::{BlockReplica, BlockVolume, ReplicaRole, ReplicaState, VolumePhase};
+use api::BlockVolume;
 use csi::agent::Agent;
-use e2e::cluster::{TestCluster, TestClusterOptions, wait_for};
+use e2e::cluster::{TestCluster, TestClusterOptions};
 use e2e::devices::LoopDevice;
 use e2e::devices::{AttachmentGuard, leftovers};
-use kube::ResourceExt;
 use kube::api::{Api, Patch, PatchParams};
 
 const VOLUME: &str = "fwd-vol";
@@ -141,32 +140,12 @@ async fn volume(c: &TestCluster) -> Option<BlockVolume> {
     c.volume(VOLUME).await
 }
 
-/// Waits until the volume is Ready with both members in sync, and returns the primary's
-/// (replica id, node, epoch).
-async fn ready(c: &TestCluster, min_epoch: u64) -> (String, String, u64) {
-    wait_for(
-        "the RF 2 volume Ready with 2 in-sync members",
-        TIMEOUT,
-        || async {
-            let v = volume(c).await?;
-            let s = v.status?;
-            let rs = c.replicas(VOLUME).await;
-            let serving = rs.iter().any(|r: &BlockReplica| {
-                r.spec.role == ReplicaRole::Primary
-                    && r.status
-                        .as_ref()
-                        .is_some_and(|x| x.state == ReplicaState::Serving && x.epoch == s.epoch)
-            });
-            (s.phase == VolumePhase::Ready
-                && s.in_sync_count == 2
-                && s.epoch >= min_epoch
-                && serving)
-                .then(|| Some((s.primary?, s.primary_node?, s.epoch)))
-                .flatten()
-        },
-    )
-    .await
-    .expect("volume ready")
+/// Waits until the volume is Ready with both members in sync at an epoch of at least
+/// `min_epoch`, and returns the primary's node and epoch.
+async fn ready(c: &TestCluster, min_epoch: u64) -> (String, u64) {
+    c.wait_serving(VOLUME, 2, min_epoch, TIMEOUT)
+        .await
+        .expect("volume ready")
 }
 
 /// Starts two agents and the operator and creates the RF 2 volume (on node-1 and
@@ -179,7 +158,7 @@ async fn two_node_volume() -> (TestCluster, String, u64) {
         .create_volume(VOLUME, "64Mi", 2)
         .await
         .expect("create volume");
-    let (_, node, epoch) = ready(&cluster, 1).await;
+    let (node, epoch) = ready(&cluster, 1).await;
     (cluster, node, epoch)
 }
 
@@ -210,7 +189,7 @@ async fn mounted_forwarded_device_survives_killing_the_primary_agent() {
         .create_volume(VOLUME, "64Mi", 2)
         .await
         .expect("create volume");
-    let (_, first_node, epoch1) = ready(&cluster, 1).await;
+    let (first_node, epoch1) = ready(&cluster, 1).await;
     cluster
         .add_node("node-3", TIMEOUT)
         .await
@@ -254,7 +233,7 @@ async fn mounted_forwarded_device_survives_killing_the_primary_agent() {
         "writes + sync across the failover took {:?}",
         started.elapsed()
     );
-    let (_, second_node, epoch2) = ready_without(&cluster, &first_node, epoch1).await;
+    let (second_node, epoch2) = ready_without(&cluster, &first_node, epoch1).await;
     assert_ne!(second_node, first_node);
     let log3 = cluster
         .agent("node-3")
@@ -281,7 +260,7 @@ async fn mounted_forwarded_device_survives_killing_the_primary_agent() {
         .expect("old primary agent")
         .restart()
         .expect("restart");
-    let (_, p, _) = ready(&cluster, epoch2).await;
+    let (p, _) = ready(&cluster, epoch2).await;
     assert_eq!(p, second_node, "the restarted node rejoined as a replica");
     let back = agent_of(&mut cluster, &first_node);
     let dev1 = attach(&back).await;
@@ -297,7 +276,7 @@ async fn mounted_forwarded_device_survives_killing_the_primary_agent() {
         "writes + sync across the failover took {:?}",
         started.elapsed()
     );
-    let (_, third_node, _) = ready_without(&cluster, &second_node, epoch2).await;
+    let (third_node, _) = ready_without(&cluster, &second_node, epoch2).await;
     assert_eq!(third_node, first_node, "the only other member was promoted");
     let log1 = cluster
         .agent(&first_node)
@@ -326,23 +305,10 @@ async fn mounted_forwarded_device_survives_killing_the_primary_agent() {
 
 /// Waits until a member other than the one on `dead_node` was promoted at a higher
 /// epoch and serves. (Only one member is left, so in-sync count is 1.)
-async fn ready_without(c: &TestCluster, dead_node: &str, old_epoch: u64) -> (String, String, u64) {
-    wait_for("another member promoted and serving", TIMEOUT, || async {
-        let s = volume(c).await?.status?;
-        let node = s.primary_node.clone()?;
-        let rs = c.replicas(VOLUME).await;
-        let serving = rs.iter().any(|r| {
-            r.name_any() == s.primary.clone().unwrap_or_default()
-                && r.status
-                    .as_ref()
-                    .is_some_and(|x| x.state == ReplicaState::Serving && x.epoch == s.epoch)
-        });
-        (s.epoch > old_epoch && node != dead_node && serving)
-            .then(|| Some((s.primary?, node, s.epoch)))
-            .flatten()
-    })
-    .await
-    .expect("promotion")
+async fn ready_without(c: &TestCluster, dead_node: &str, old_epoch: u64) -> (String, u64) {
+    c.wait_promoted_away_from(VOLUME, dead_node, old_epoch, TIMEOUT)
+        .await
+        .expect("promotion")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -394,7 +360,7 @@ async fn mounted_device_on_the_primary_node_survives_a_planned_move_away() {
         .await
         .expect("annotate the move");
     files.extend(write_files(&mnt.dir, 16, 8).await);
-    let (_, moved_to, epoch2) = ready(&cluster, epoch1 + 1).await;
+    let (moved_to, epoch2) = ready(&cluster, epoch1 + 1).await;
     assert_eq!(moved_to, other, "the primary moved to the requested node");
     println!(
         "primary moved {first_node} -> {moved_to} (epoch {epoch1} -> {epoch2}) in {:?}",

@@ -18,11 +18,9 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::time::{Duration, Instant};
 
-use api::{BlockReplica, BlockVolume, ReplicaRole, ReplicaState, VolumePhase};
-use e2e::cluster::{TestCluster, TestClusterOptions, wait_for};
+use e2e::cluster::{TestCluster, TestClusterOptions};
 use e2e::devices::LoopDevice;
 use e2e::devices::{AttachmentGuard, attach_dir, leftovers};
-use kube::ResourceExt;
 use testkit::Paused;
 
 const VOLUME: &str = "proxy-restart-vol";
@@ -91,50 +89,19 @@ fn without_colours(line: &str) -> String {
     out
 }
 
-async fn volume(c: &TestCluster) -> Option<BlockVolume> {
-    c.volume(VOLUME).await
-}
-
 /// Waits until the volume is Ready with both members in sync; returns the primary's
 /// node and epoch.
 async fn ready(c: &TestCluster) -> (String, u64) {
-    wait_for(
-        "the RF 2 volume Ready with 2 in-sync members",
-        TIMEOUT,
-        || async {
-            let s = volume(c).await?.status?;
-            let rs = c.replicas(VOLUME).await;
-            let serving = rs.iter().any(|r: &BlockReplica| {
-                r.spec.role == ReplicaRole::Primary
-                    && r.status
-                        .as_ref()
-                        .is_some_and(|x| x.state == ReplicaState::Serving && x.epoch == s.epoch)
-            });
-            (s.phase == VolumePhase::Ready && s.in_sync_count == 2 && serving)
-                .then(|| Some((s.primary_node?, s.epoch)))
-                .flatten()
-        },
-    )
-    .await
-    .expect("volume ready")
+    c.wait_serving(VOLUME, 2, 0, TIMEOUT)
+        .await
+        .expect("volume ready")
 }
 
 /// Waits until a member not on `dead_node` was promoted above `old_epoch` and serves.
 async fn promoted_away_from(c: &TestCluster, dead_node: &str, old_epoch: u64) -> (String, u64) {
-    wait_for("another member promoted and serving", TIMEOUT, || async {
-        let s = volume(c).await?.status?;
-        let node = s.primary_node.clone()?;
-        let rs = c.replicas(VOLUME).await;
-        let serving = rs.iter().any(|r| {
-            r.name_any() == s.primary.clone().unwrap_or_default()
-                && r.status
-                    .as_ref()
-                    .is_some_and(|x| x.state == ReplicaState::Serving && x.epoch == s.epoch)
-        });
-        (s.epoch > old_epoch && node != dead_node && serving).then_some((node, s.epoch))
-    })
-    .await
-    .expect("promotion")
+    c.wait_promoted_away_from(VOLUME, dead_node, old_epoch, TIMEOUT)
+        .await
+        .expect("promotion")
 }
 
 /// Where the device is attached.
