@@ -627,56 +627,40 @@ async fn cordon_and_drain_survive_agent_registration(cp: &ControlPlane, plugin: 
     let err = plugin.fails(&["cordon", "no-such-node"]).await;
     assert!(err.contains("BlockNode no-such-node not found"), "{err}");
 
-    let out = plugin.ok(&["cordon", "node-2"]).await;
-    assert!(out.contains("cordoned"), "{out}");
-    register().await;
-    assert_eq!(
-        flags().await,
-        (true, false),
-        "re-registration kept the cordon"
-    );
-    let table = plugin.ok(&["get", "bn"]).await;
-    assert_eq!(row(&table, "node-2")[7], "Cordoned", "{table}");
-
-    let out = plugin.ok(&["drain", "node-2"]).await;
-    assert!(out.contains("draining"), "{out}");
-    register().await;
-    assert_eq!(
-        flags().await,
-        (true, true),
-        "re-registration kept the drain"
-    );
-    let table = plugin.ok(&["get", "bn"]).await;
-    assert_eq!(row(&table, "node-2")[7], "Draining", "{table}");
+    // (command, what it says, (cordoned, evacuate) after a re-registration, the column)
+    for (command, said, kept, column) in [
+        ("cordon", "cordoned", (true, false), "Cordoned"),
+        ("drain", "draining", (true, true), "Draining"),
+    ] {
+        let out = plugin.ok(&[command, "node-2"]).await;
+        assert!(out.contains(said), "{out}");
+        register().await;
+        assert_eq!(flags().await, kept, "re-registration kept the {command}");
+        let table = plugin.ok(&["get", "bn"]).await;
+        assert_eq!(row(&table, "node-2")[7], column, "{table}");
+    }
 
     // The operator's report, then `drain --wait` following it to the end.
-    let evacuation = |left: u32| {
-        json!({"evacuation": {
+    let report_left = |left: u32| {
+        let evacuation = json!({"evacuation": {
             "replicasLeft": left,
             "volumesLeft": if left > 0 { vec![VOLUME] } else { vec![] },
             "complete": left == 0,
-        }})
+        }});
+        let nodes = &nodes;
+        async move {
+            nodes
+                .patch_status("node-2", &PatchParams::default(), &status_patch(evacuation))
+                .await
+                .expect("evacuation status");
+        }
     };
-    nodes
-        .patch_status(
-            "node-2",
-            &PatchParams::default(),
-            &status_patch(evacuation(2)),
-        )
-        .await
-        .expect("evacuation status");
+    report_left(2).await;
     let (mut child, mut lines) = plugin.spawn(&["drain", "node-2", "--wait", "--timeout", "60s"]);
     assert!(next_line(&mut lines).await.contains("draining"));
     let line = next_line(&mut lines).await;
     assert!(line.contains("2 replica(s) left (volumes vol-a)"), "{line}");
-    nodes
-        .patch_status(
-            "node-2",
-            &PatchParams::default(),
-            &status_patch(evacuation(0)),
-        )
-        .await
-        .expect("evacuation status");
+    report_left(0).await;
     let line = next_line(&mut lines).await;
     assert!(line.contains("drained: no replica is left"), "{line}");
     let status = tokio::time::timeout(Duration::from_millis(LINE_TIMEOUT_MS), child.wait())

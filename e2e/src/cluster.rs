@@ -964,9 +964,9 @@ impl TestCluster {
             .unwrap_or_default()
     }
 
-    /// Waits until volume `name` is Ready with `in_sync` members in sync at an epoch of
-    /// at least `min_epoch`, its primary Serving at that epoch; returns the primary's
-    /// node and the epoch.
+    /// Waits until volume `name` is Ready with at least `in_sync` members in sync at an
+    /// epoch of at least `min_epoch`, its primary Serving at that epoch; returns the
+    /// primary's node and the epoch.
     pub async fn wait_serving(
         &self,
         name: &str,
@@ -976,7 +976,7 @@ impl TestCluster {
     ) -> Result<(String, u64)> {
         use api::{ReplicaRole, ReplicaState};
         wait_for(
-            &format!("volume {name} Ready with {in_sync} in-sync members"),
+            &format!("volume {name} Ready with {in_sync} in sync and its primary serving"),
             timeout,
             || async {
                 let s = self.volume(name).await?.status?;
@@ -988,7 +988,7 @@ impl TestCluster {
                             .is_some_and(|x| x.state == ReplicaState::Serving && x.epoch == s.epoch)
                 });
                 (s.phase == api::VolumePhase::Ready
-                    && s.in_sync_count == in_sync
+                    && s.in_sync_count >= in_sync
                     && s.epoch >= min_epoch
                     && serving)
                     .then(|| Some((s.primary_node?, s.epoch)))
