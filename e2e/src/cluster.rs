@@ -839,6 +839,24 @@ impl TestCluster {
     }
 }
 
+/// Whether the replica `st` names as primary is among `replicas`, in the Primary role
+/// and Serving at the volume's epoch.
+pub fn primary_serving(st: &api::BlockVolumeStatus, replicas: &[BlockReplica]) -> bool {
+    use kube::ResourceExt;
+    let Some(p) = st.primary.as_deref() else {
+        return false;
+    };
+    replicas
+        .iter()
+        .find(|r| r.name_any() == p)
+        .is_some_and(|r| {
+            r.spec.role == api::ReplicaRole::Primary
+                && r.status
+                    .as_ref()
+                    .is_some_and(|s| s.state == api::ReplicaState::Serving && s.epoch == st.epoch)
+        })
+}
+
 /// Whether volume status `st` and its `replicas` show `n` members settled: Ready with all
 /// `n` in sync, the primary Serving at the volume's epoch and seeing every peer InSync
 /// and none unreachable, and every replica at that epoch.

@@ -14,12 +14,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use api::{
-    BlockReplica, BlockVolume, BlockVolumeSpec, BlockVolumeStatus, ReplicaRole, ReplicaState,
-    VolumePhase,
+    BlockReplica, BlockVolume, BlockVolumeSpec, BlockVolumeStatus, ReplicaState, VolumePhase,
 };
 use e2e::checker::{Checker, CheckerConfig, Ledger, NbdClient, Target, WriteSummary};
 use e2e::cluster::{
     AgentOptions, AgentProcess, TestCluster, TestClusterOptions, all_members_in_sync,
+    primary_serving,
 };
 use e2e::faultfs::{FaultFs, FaultSwitch};
 use e2e::faults::{LinkShape, LoopFs, PortPartition, ShapedProxy, TcpRelay, env_u64, rules_tagged};
@@ -364,12 +364,7 @@ impl Cluster {
                     return None;
                 }
                 let rs = self.replicas().await;
-                let r = rs.iter().find(|r| r.name_any() == p)?;
-                let serving = r.spec.role == ReplicaRole::Primary
-                    && r.status
-                        .as_ref()
-                        .is_some_and(|s| s.state == ReplicaState::Serving && s.epoch == st.epoch);
-                serving.then_some(st)
+                primary_serving(&st, &rs).then_some(st)
             },
         )
         .await

@@ -19,9 +19,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use api::{BlockReplica, BlockVolumeStatus, ReplicaRole, ReplicaState};
+use api::{BlockReplica, BlockVolumeStatus};
 use e2e::checker::{NbdClient, Target};
-use e2e::cluster::{AgentProcess, TestCluster, TestClusterOptions, all_members_in_sync, wait_for};
+use e2e::cluster::{
+    AgentProcess, TestCluster, TestClusterOptions, all_members_in_sync, primary_serving, wait_for,
+};
 use e2e::openmetrics::{self, Exposition};
 use kube::ResourceExt;
 
@@ -147,12 +149,7 @@ async fn promoted(c: &TestCluster, old: &str, epoch: u64) -> Option<BlockVolumeS
         return None;
     }
     let rs = c.replicas(VOLUME).await;
-    let r = rs.iter().find(|r| r.name_any() == p)?;
-    let serving = r.spec.role == ReplicaRole::Primary
-        && r.status
-            .as_ref()
-            .is_some_and(|s| s.state == ReplicaState::Serving && s.epoch == st.epoch);
-    serving.then_some(st)
+    primary_serving(&st, &rs).then_some(st)
 }
 
 async fn scrape(agent: &AgentProcess) -> Exposition {
