@@ -332,30 +332,21 @@ pub fn plan_rebuild(
         && checkpoint > Lsn(0)
         && log.retained_start() <= checkpoint.next();
     let target = log.head_lsn();
-    if snapshot_ok {
+    let (base, h, target) = if snapshot_ok {
         let base = log.pin_base(BaseKind::Snapshot)?;
         match pinner.hold_snapshot(replica, base.base_lsn, log.retained_start()) {
-            Ok(h) => {
-                return Ok(RecoveryPlan {
-                    replica: replica.clone(),
-                    session,
-                    kind: PlanKind::Rebuild {
-                        base: base.clone(),
-                        target,
-                    },
-                    holds: vec![h],
-                    base_pin: Some(base),
-                });
-            }
+            Ok(h) => (base, h, target),
             Err(e) => {
                 log.release_base(&base);
                 return Err(e);
             }
         }
-    }
-    let base = log.pin_base(BaseKind::FullBase)?;
-    let h = pinner.hold_full_base(replica);
-    let target = target.max(base.base_lsn);
+    } else {
+        let base = log.pin_base(BaseKind::FullBase)?;
+        let h = pinner.hold_full_base(replica);
+        let target = target.max(base.base_lsn);
+        (base, h, target)
+    };
     Ok(RecoveryPlan {
         replica: replica.clone(),
         session,

@@ -829,19 +829,14 @@ impl PrimaryCore {
             Some(Exec::CatchUp(c)) => c.next_batch(log, batch),
             _ => return,
         };
-        let conn = self.senders.get(id).and_then(|s| s.conn);
-        match (res, conn) {
-            (Ok((bodies, barrier_lsn)), Some(conn)) => {
-                for b in bodies {
-                    self.send_recovery(id, RecoveryKind::CatchUp, conn, b);
-                }
-                self.send_barrier(id, barrier_lsn);
+        match res {
+            Ok((bodies, barrier_lsn)) => {
+                self.send_batch(id, RecoveryKind::CatchUp, bodies, barrier_lsn);
             }
-            (Err(e), _) => {
+            Err(e) => {
                 let reason = format!("catch-up source unavailable: {e}");
                 self.escalate(id, &reason, log);
             }
-            (Ok(_), None) => {}
         }
     }
 
@@ -854,21 +849,34 @@ impl PrimaryCore {
             Some(Exec::Rebuild(r)) => r.next_batch(log, blocks, entries),
             _ => return,
         };
-        let conn = self.senders.get(id).and_then(|s| s.conn);
-        match (res, conn) {
-            (Ok((bodies, barrier_lsn)), Some(conn)) => {
-                for b in bodies {
-                    self.send_recovery(id, RecoveryKind::Rebuild, conn, b);
-                }
-                self.send_barrier(id, barrier_lsn);
+        match res {
+            Ok((bodies, barrier_lsn)) => {
+                self.send_batch(id, RecoveryKind::Rebuild, bodies, barrier_lsn);
             }
-            (Err(e), _) => {
+            Err(e) => {
                 let reason = format!("rebuild source unavailable: {e}");
                 self.invalidate_session(id, &reason, log);
                 self.escalate(id, &reason, log);
             }
-            (Ok(_), None) => {}
         }
+    }
+
+    /// Sends a recovery batch on the replica's connection, then a barrier at
+    /// `barrier_lsn`; nothing while the replica has no connection.
+    fn send_batch(
+        &mut self,
+        id: &ReplicaId,
+        kind: RecoveryKind,
+        bodies: Vec<Body>,
+        barrier_lsn: Lsn,
+    ) {
+        let Some(conn) = self.senders.get(id).and_then(|s| s.conn) else {
+            return;
+        };
+        for b in bodies {
+            self.send_recovery(id, kind, conn, b);
+        }
+        self.send_barrier(id, barrier_lsn);
     }
 
     /// Ends a recovery executor (target reached): ship the live tail past the frozen
