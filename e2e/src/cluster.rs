@@ -961,6 +961,19 @@ impl AgentProcess {
 }
 
 impl TestCluster {
+    /// Starts a cluster with `options` and creates the BlockVolume `name` of `size` with
+    /// `replicas` replicas in it (placed on the agents started so far).
+    pub async fn start_with_volume(
+        options: TestClusterOptions,
+        name: &str,
+        size: &str,
+        replicas: u8,
+    ) -> Result<TestCluster> {
+        let cluster = TestCluster::start(options).await?;
+        cluster.create_volume(name, size, replicas).await?;
+        Ok(cluster)
+    }
+
     /// Creates the BlockVolume `name` of `size` with `replicas` replicas.
     pub async fn create_volume(&self, name: &str, size: &str, replicas: u8) -> Result<()> {
         let spec = api::BlockVolumeSpec {

@@ -61,6 +61,14 @@ impl Mounted {
             self.mounted = false;
         }
     }
+
+    /// Mounts `device` here afresh (what is read then comes from the device, not the
+    /// page cache) and checks every one of `files` reads back.
+    fn remount_and_verify(&mut self, device: &str, files: &BTreeMap<String, Vec<u8>>) {
+        self.unmount();
+        *self = Mounted::mount(device, &self.dir.clone());
+        verify(&self.dir, files);
+    }
 }
 
 impl Drop for Mounted {
@@ -113,6 +121,18 @@ fn plain_log(log: &Path) -> String {
 
 /// The `forwarding re-routed` events in an agent's log that moved to `new_primary`,
 /// as their `pause_ms` values.
+/// Writes and syncs `n` files from `first` while the primary fails over; prints how
+/// long that took.
+async fn write_across_failover(dir: &Path, first: u64, n: u64) -> BTreeMap<String, Vec<u8>> {
+    let started = std::time::Instant::now();
+    let files = write_files(dir, first, n).await;
+    println!(
+        "writes + sync across the failover took {:?}",
+        started.elapsed()
+    );
+    files
+}
+
 fn reroute_pauses(log: &Path, new_primary: &str) -> Vec<u64> {
     plain_log(log)
         .lines()
@@ -151,13 +171,9 @@ async fn ready(c: &TestCluster, min_epoch: u64) -> (String, u64) {
 /// Starts two agents and the operator and creates the RF 2 volume (on node-1 and
 /// node-2); returns the cluster, the primary's node and its epoch once Ready.
 async fn two_node_volume() -> (TestCluster, String, u64) {
-    let cluster = TestCluster::start(TestClusterOptions::nodes(2))
+    let cluster = TestCluster::start_with_volume(TestClusterOptions::nodes(2), VOLUME, "64Mi", 2)
         .await
-        .expect("cluster");
-    cluster
-        .create_volume(VOLUME, "64Mi", 2)
-        .await
-        .expect("create volume");
+        .expect("cluster with the RF 2 volume");
     let (node, epoch) = ready(&cluster, 1).await;
     (cluster, node, epoch)
 }
@@ -182,14 +198,7 @@ async fn attach(agent: &Agent) -> LoopDevice {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn mounted_forwarded_device_survives_killing_the_primary_agent() {
     // Two agents first, so the RF 2 volume is placed on node-1 and node-2.
-    let mut cluster = TestCluster::start(TestClusterOptions::nodes(2))
-        .await
-        .expect("cluster");
-    cluster
-        .create_volume(VOLUME, "64Mi", 2)
-        .await
-        .expect("create volume");
-    let (first_node, epoch1) = ready(&cluster, 1).await;
+    let (mut cluster, first_node, epoch1) = two_node_volume().await;
     cluster
         .add_node("node-3", TIMEOUT)
         .await
@@ -227,12 +236,7 @@ async fn mounted_forwarded_device_survives_killing_the_primary_agent() {
     cluster.agent(&first_node).expect("primary agent").kill();
     // Write and sync right away: the sync is in flight while there is no primary, and
     // completes through the same mounted device once the new primary serves.
-    let started = std::time::Instant::now();
-    files.extend(write_files(&mnt.dir, 16, 8).await);
-    println!(
-        "writes + sync across the failover took {:?}",
-        started.elapsed()
-    );
+    files.extend(write_across_failover(&mnt.dir, 16, 8).await);
     let (second_node, epoch2) = ready_without(&cluster, &first_node, epoch1).await;
     assert_ne!(second_node, first_node);
     let log3 = cluster
@@ -246,9 +250,7 @@ async fn mounted_forwarded_device_survives_killing_the_primary_agent() {
         "node-3 never re-routed its forwarded IO to {second_node}"
     );
     println!("node-3 re-routed to {second_node}: pause_ms {pauses:?}");
-    mnt.unmount();
-    let mut mnt = Mounted::mount(&device, &mnt.dir.clone());
-    verify(&mnt.dir, &files);
+    mnt.remount_and_verify(&device, &files);
     mnt.unmount();
     node3.detach(VOLUME).await.expect("detach on node-3");
 
@@ -270,12 +272,7 @@ async fn mounted_forwarded_device_survives_killing_the_primary_agent() {
     files.extend(write_files(&mnt.dir, 24, 8).await);
 
     cluster.agent(&second_node).expect("second primary").kill();
-    let started = std::time::Instant::now();
-    files.extend(write_files(&mnt.dir, 32, 8).await);
-    println!(
-        "writes + sync across the failover took {:?}",
-        started.elapsed()
-    );
+    files.extend(write_across_failover(&mnt.dir, 32, 8).await);
     let (third_node, _) = ready_without(&cluster, &second_node, epoch2).await;
     assert_eq!(third_node, first_node, "the only other member was promoted");
     let log1 = cluster
@@ -289,9 +286,7 @@ async fn mounted_forwarded_device_survives_killing_the_primary_agent() {
         "{first_node} never re-routed its forwarded IO to its own new primary"
     );
     println!("{first_node} re-routed to itself: pause_ms {pauses:?}");
-    mnt.unmount();
-    let mut mnt = Mounted::mount(&device, &mnt.dir.clone());
-    verify(&mnt.dir, &files);
+    mnt.remount_and_verify(&device, &files);
     assert_eq!(files.len(), 40);
     mnt.unmount();
     back.detach(VOLUME).await.expect("detach");

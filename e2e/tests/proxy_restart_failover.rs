@@ -127,13 +127,10 @@ async fn a_flush_after_the_client_nodes_agent_restarted_while_the_primary_failed
 }
 
 async fn flush_after_a_restart_across_a_failover(layout: Client) {
-    let mut cluster = TestCluster::start(TestClusterOptions::nodes(2))
-        .await
-        .expect("cluster");
-    cluster
-        .create_volume(VOLUME, "64Mi", 2)
-        .await
-        .expect("create volume");
+    let mut cluster =
+        TestCluster::start_with_volume(TestClusterOptions::nodes(2), VOLUME, "64Mi", 2)
+            .await
+            .expect("cluster with the RF 2 volume");
     let (primary, epoch1) = ready(&cluster).await;
     let other = if primary == "node-1" {
         "node-2"
