@@ -113,6 +113,20 @@ fn status_patch(value: serde_json::Value) -> Patch<serde_json::Value> {
     Patch::Merge(json!({ "status": value }))
 }
 
+/// Creates `obj` (a `kind`), then writes `status` as its agent or the operator would.
+async fn create_with_status<K>(api: &Api<K>, kind: &str, obj: &K, status: serde_json::Value)
+where
+    K: kube::Resource + Clone + std::fmt::Debug + serde::Serialize + serde::de::DeserializeOwned,
+{
+    let name = kube::ResourceExt::name_any(obj);
+    api.create(&PostParams::default(), obj)
+        .await
+        .unwrap_or_else(|e| panic!("{kind}: {e}"));
+    api.patch_status(&name, &PatchParams::default(), &status_patch(status))
+        .await
+        .unwrap_or_else(|e| panic!("{kind} status: {e}"));
+}
+
 async fn write_objects(cp: &ControlPlane) {
     let client = cp.client();
     for ns in [BV_NS, "apps"] {
@@ -142,22 +156,12 @@ async fn write_objects(cp: &ControlPlane) {
                 ..Default::default()
             },
         );
-        nodes
-            .create(&PostParams::default(), &node)
-            .await
-            .expect("BlockNode");
-        nodes
-            .patch_status(
-                name,
-                &PatchParams::default(),
-                &status_patch(json!({
-                    "capacityBytes": 100u64 << 30,
-                    "allocatableBytes": 90u64 << 30,
-                    "agentVersion": "0.1.0",
-                })),
-            )
-            .await
-            .expect("BlockNode status");
+        let status = json!({
+            "capacityBytes": 100u64 << 30,
+            "allocatableBytes": 90u64 << 30,
+            "agentVersion": "0.1.0",
+        });
+        create_with_status(&nodes, "BlockNode", &node, status).await;
     }
     // node-1's agent renewed a moment ago; node-2's Lease expired an hour ago; node-3
     // has none.
@@ -185,36 +189,28 @@ async fn write_objects(cp: &ControlPlane) {
     }
 
     let volumes: Api<BlockVolume> = Api::all(client.clone());
-    volumes
-        .create(
-            &PostParams::default(),
-            &BlockVolume::new(VOLUME, BlockVolumeSpec::with_size("1Gi")),
-        )
-        .await
-        .expect("BlockVolume");
     let since = Time(Timestamp::now() - SignedDuration::from_secs(60));
-    volumes
-        .patch_status(
-            VOLUME,
-            &PatchParams::default(),
-            &status_patch(json!({
-                "phase": "Degraded",
-                "epoch": 3,
-                "primary": "vol-a-r1",
-                "primaryNode": "node-1",
-                "inSyncSet": ["vol-a-r1", "vol-a-r2"],
-                "inSyncSetGeneration": 5,
-                "inSyncCount": 2,
-                "conditions": [
-                    {"type": "Ready", "status": "True", "reason": "PrimaryServing",
-                     "message": "serving", "lastTransitionTime": since},
-                    {"type": "Degraded", "status": "True", "reason": "ReplicasNotInSync",
-                     "message": "vol-a-r3 is not in sync", "lastTransitionTime": since},
-                ],
-            })),
-        )
-        .await
-        .expect("BlockVolume status");
+    create_with_status(
+        &volumes,
+        "BlockVolume",
+        &BlockVolume::new(VOLUME, BlockVolumeSpec::with_size("1Gi")),
+        json!({
+            "phase": "Degraded",
+            "epoch": 3,
+            "primary": "vol-a-r1",
+            "primaryNode": "node-1",
+            "inSyncSet": ["vol-a-r1", "vol-a-r2"],
+            "inSyncSetGeneration": 5,
+            "inSyncCount": 2,
+            "conditions": [
+                {"type": "Ready", "status": "True", "reason": "PrimaryServing",
+                 "message": "serving", "lastTransitionTime": since},
+                {"type": "Degraded", "status": "True", "reason": "ReplicasNotInSync",
+                 "message": "vol-a-r3 is not in sync", "lastTransitionTime": since},
+            ],
+        }),
+    )
+    .await;
     let replicas: Api<BlockReplica> = Api::all(client.clone());
     for (id, node, role, state, flushed) in [
         (
@@ -251,18 +247,8 @@ async fn write_objects(cp: &ControlPlane) {
             ]
             .into(),
         );
-        replicas
-            .create(&PostParams::default(), &r)
-            .await
-            .expect("BlockReplica");
-        replicas
-            .patch_status(
-                id,
-                &PatchParams::default(),
-                &status_patch(json!({"state": state, "epoch": 3, "flushedLsn": flushed})),
-            )
-            .await
-            .expect("BlockReplica status");
+        let status = json!({"state": state, "epoch": 3, "flushedLsn": flushed});
+        create_with_status(&replicas, "BlockReplica", &r, status).await;
     }
     volume_event(
         cp,
