@@ -48,6 +48,15 @@ pub fn crds_dir() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/crds")
 }
 
+/// A command that runs the test `test` of this test binary alone (output shown), for a
+/// test whose child process is another test of the same binary.
+pub fn this_binarys_test(test: &str) -> std::process::Command {
+    let exe = std::env::current_exe().expect("the running test binary");
+    let mut cmd = std::process::Command::new(exe);
+    cmd.args(["--exact", test, "--nocapture", "--test-threads=1"]);
+    cmd
+}
+
 /// A multi-threaded tokio runtime with `worker_threads` workers and every driver on,
 /// for a test (or the child process a test starts) that is not itself async.
 pub fn runtime(worker_threads: usize) -> tokio::runtime::Runtime {
