@@ -170,6 +170,11 @@ impl Restartable {
         }
     }
 
+    /// The file the process logs to.
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+
     pub fn log_tail(&self) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();

@@ -133,6 +133,14 @@ async fn write_across_failover(dir: &Path, first: u64, n: u64) -> BTreeMap<Strin
     files
 }
 
+/// The re-route pauses `log` records towards `new_primary`; fails with `failure` when
+/// there is none.
+fn expect_rerouted(log: &Path, new_primary: &str, failure: &str) -> Vec<u64> {
+    let pauses = reroute_pauses(log, new_primary);
+    assert!(!pauses.is_empty(), "{failure}");
+    pauses
+}
+
 fn reroute_pauses(log: &Path, new_primary: &str) -> Vec<u64> {
     plain_log(log)
         .lines()
@@ -242,12 +250,12 @@ async fn mounted_forwarded_device_survives_killing_the_primary_agent() {
     let log3 = cluster
         .agent("node-3")
         .expect("node-3")
-        .dir
-        .join("agent.log");
-    let pauses = reroute_pauses(&log3, &second_node);
-    assert!(
-        !pauses.is_empty(),
-        "node-3 never re-routed its forwarded IO to {second_node}"
+        .log_path()
+        .to_owned();
+    let pauses = expect_rerouted(
+        &log3,
+        &second_node,
+        &format!("node-3 never re-routed its forwarded IO to {second_node}"),
     );
     println!("node-3 re-routed to {second_node}: pause_ms {pauses:?}");
     mnt.remount_and_verify(&device, &files);
@@ -278,12 +286,12 @@ async fn mounted_forwarded_device_survives_killing_the_primary_agent() {
     let log1 = cluster
         .agent(&first_node)
         .expect("agent")
-        .dir
-        .join("agent.log");
-    let pauses = reroute_pauses(&log1, &first_node);
-    assert!(
-        !pauses.is_empty(),
-        "{first_node} never re-routed its forwarded IO to its own new primary"
+        .log_path()
+        .to_owned();
+    let pauses = expect_rerouted(
+        &log1,
+        &first_node,
+        &format!("{first_node} never re-routed its forwarded IO to its own new primary"),
     );
     println!("{first_node} re-routed to itself: pause_ms {pauses:?}");
     mnt.remount_and_verify(&device, &files);
@@ -320,8 +328,8 @@ async fn mounted_device_on_the_primary_node_survives_a_planned_move_away() {
     let log = cluster
         .agent(&first_node)
         .expect("agent")
-        .dir
-        .join("agent.log");
+        .log_path()
+        .to_owned();
     let data_dir = cluster.agent(&first_node).expect("agent").data_dir.clone();
     // Tears the attachment down from /proc and /sys if the test fails half-way.
     let _guard = AttachmentGuard {
@@ -363,10 +371,10 @@ async fn mounted_device_on_the_primary_node_survives_a_planned_move_away() {
     );
     // IO after the move goes through the same mounted device, now over the data port.
     files.extend(write_files(&mnt.dir, 24, 8).await);
-    let pauses = reroute_pauses(&log, &other);
-    assert!(
-        !pauses.is_empty(),
-        "{first_node} never re-routed the device's IO to {other}"
+    let pauses = expect_rerouted(
+        &log,
+        &other,
+        &format!("{first_node} never re-routed the device's IO to {other}"),
     );
     assert!(
         log_has(
@@ -412,8 +420,8 @@ async fn mounted_forwarded_device_survives_restarting_its_agent() {
     let log = cluster
         .agent("node-3")
         .expect("agent")
-        .dir
-        .join("agent.log");
+        .log_path()
+        .to_owned();
     let data_dir = cluster.agent("node-3").expect("agent").data_dir.clone();
     let _guard = AttachmentGuard {
         data_dir: data_dir.clone(),
