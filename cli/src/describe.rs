@@ -307,8 +307,8 @@ pub fn render(d: &Described<'_>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::views::tests::{now, replica, snapshot, volume};
-    use api::{MovePhase, MoveReason, PrimaryMove, ReplicaRole, ReplicaState};
+    use crate::views::tests::{now, snapshot, volume};
+    use api::{MovePhase, MoveReason, PrimaryMove};
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
     use k8s_openapi::jiff::SignedDuration;
 
@@ -355,14 +355,8 @@ mod tests {
             )]
             .into(),
         );
-        let mut failed = replica(
-            "vol-1",
-            "c",
-            "node-3",
-            ReplicaRole::Replica,
-            ReplicaState::Rebuilding,
-            40,
-        );
+        // The snapshot's rebuilding replica vol-1-c on node-3, which has also failed.
+        let mut failed = snap.replicas[2].clone();
         failed.status.as_mut().unwrap().last_error = Some("disk full".into());
         failed.status.as_mut().unwrap().rebuild = Some(api::RebuildStatus {
             bytes_total: 4 << 20,

@@ -16,6 +16,7 @@ pub mod error;
 pub mod format;
 pub mod maintenance;
 pub mod move_primary;
+pub mod progress;
 pub mod pv;
 pub mod tar;
 pub mod views;

@@ -5,13 +5,14 @@
 //! `status.evacuation` until no replica is left on the node.
 
 use std::io::Write;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use api::{BlockNode, EvacuationStatus};
 use kube::api::{Api, Patch, PatchParams};
 
 use crate::cluster::Cluster;
 use crate::error::{Error, Result, is_not_found};
+use crate::progress::Progress;
 
 /// Field manager of the `BlockNode` patches.
 const FIELD_MANAGER: &str = "kubectl-blockvol";
@@ -108,27 +109,22 @@ pub async fn run(
         }
         return Ok(());
     };
-    let started = Instant::now();
-    let mut last = String::new();
+    let mut progress = Progress::start();
     loop {
         let n = api
             .get(node)
             .await
             .map_err(|e| Error::kube(format!("reading BlockNode {node}"), e))?;
         let (done, line) = drain_progress(n.status.as_ref().and_then(|s| s.evacuation.as_ref()));
-        if line != last {
-            writeln!(out, "  [{:>5.1}s] {line}", started.elapsed().as_secs_f64()).ok();
-            out.flush().ok();
-            last = line;
-        }
+        progress.show(out, line);
         if done {
             return Ok(());
         }
-        if started.elapsed() >= timeout {
+        if progress.elapsed() >= timeout {
             return Err(Error::DrainTimedOut {
                 node: node.into(),
                 waited_s: timeout.as_secs(),
-                last,
+                last: progress.last(),
             });
         }
         tokio::time::sleep(Duration::from_millis(DRAIN_POLL_INTERVAL_MS)).await;

@@ -10,7 +10,7 @@
 
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use api::BlockVolume;
 use k8s_openapi::api::core::v1::Event;
@@ -19,6 +19,7 @@ use kube::api::{Patch, PatchParams};
 
 use crate::cluster::Cluster;
 use crate::error::{Error, Result};
+use crate::progress::Progress;
 
 /// How often the wait re-reads the volume and its Events.
 pub const MOVE_POLL_INTERVAL_MS: u64 = 250;
@@ -171,16 +172,11 @@ pub async fn run(
         .ok();
         return Ok(());
     };
-    let started = Instant::now();
-    let mut last = String::new();
+    let mut shown = Progress::start();
     loop {
         let v = cluster.volume(volume).await?;
         let (done, line) = progress(&v, node);
-        if line != last {
-            writeln!(out, "  [{:>5.1}s] {line}", started.elapsed().as_secs_f64()).ok();
-            out.flush().ok();
-            last = line;
-        }
+        shown.show(out, line);
         if done {
             return Ok(());
         }
@@ -198,12 +194,12 @@ pub async fn run(
                 ),
             });
         }
-        if started.elapsed() >= timeout {
+        if shown.elapsed() >= timeout {
             return Err(Error::MoveTimedOut {
                 volume: volume.into(),
                 node: node.into(),
                 waited_s: timeout.as_secs(),
-                last,
+                last: shown.last(),
             });
         }
         tokio::time::sleep(Duration::from_millis(MOVE_POLL_INTERVAL_MS)).await;

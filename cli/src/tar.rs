@@ -115,15 +115,7 @@ mod tests {
             .arg(dir.path())
             .output()
             .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let listed: Vec<String> = String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .map(str::to_owned)
-            .collect();
+        let listed = testkit::stdout_lines(&out, "tar -xvf");
         assert_eq!(listed, ["bundle/a.yaml", "bundle/empty.txt", long.as_str()]);
         assert_eq!(
             std::fs::read(dir.path().join("bundle/a.yaml")).unwrap(),

@@ -113,6 +113,20 @@ fn status_patch(value: serde_json::Value) -> Patch<serde_json::Value> {
     Patch::Merge(json!({ "status": value }))
 }
 
+/// Creates `obj` (a `kind`), then writes `status` as its agent or the operator would.
+async fn create_with_status<K>(api: &Api<K>, kind: &str, obj: &K, status: serde_json::Value)
+where
+    K: kube::Resource + Clone + std::fmt::Debug + serde::Serialize + serde::de::DeserializeOwned,
+{
+    let name = kube::ResourceExt::name_any(obj);
+    api.create(&PostParams::default(), obj)
+        .await
+        .unwrap_or_else(|e| panic!("{kind}: {e}"));
+    api.patch_status(&name, &PatchParams::default(), &status_patch(status))
+        .await
+        .unwrap_or_else(|e| panic!("{kind} status: {e}"));
+}
+
 async fn write_objects(cp: &ControlPlane) {
     let client = cp.client();
     for ns in [BV_NS, "apps"] {
@@ -142,22 +156,12 @@ async fn write_objects(cp: &ControlPlane) {
                 ..Default::default()
             },
         );
-        nodes
-            .create(&PostParams::default(), &node)
-            .await
-            .expect("BlockNode");
-        nodes
-            .patch_status(
-                name,
-                &PatchParams::default(),
-                &status_patch(json!({
-                    "capacityBytes": 100u64 << 30,
-                    "allocatableBytes": 90u64 << 30,
-                    "agentVersion": "0.1.0",
-                })),
-            )
-            .await
-            .expect("BlockNode status");
+        let status = json!({
+            "capacityBytes": 100u64 << 30,
+            "allocatableBytes": 90u64 << 30,
+            "agentVersion": "0.1.0",
+        });
+        create_with_status(&nodes, "BlockNode", &node, status).await;
     }
     // node-1's agent renewed a moment ago; node-2's Lease expired an hour ago; node-3
     // has none.
@@ -185,36 +189,28 @@ async fn write_objects(cp: &ControlPlane) {
     }
 
     let volumes: Api<BlockVolume> = Api::all(client.clone());
-    volumes
-        .create(
-            &PostParams::default(),
-            &BlockVolume::new(VOLUME, BlockVolumeSpec::with_size("1Gi")),
-        )
-        .await
-        .expect("BlockVolume");
     let since = Time(Timestamp::now() - SignedDuration::from_secs(60));
-    volumes
-        .patch_status(
-            VOLUME,
-            &PatchParams::default(),
-            &status_patch(json!({
-                "phase": "Degraded",
-                "epoch": 3,
-                "primary": "vol-a-r1",
-                "primaryNode": "node-1",
-                "inSyncSet": ["vol-a-r1", "vol-a-r2"],
-                "inSyncSetGeneration": 5,
-                "inSyncCount": 2,
-                "conditions": [
-                    {"type": "Ready", "status": "True", "reason": "PrimaryServing",
-                     "message": "serving", "lastTransitionTime": since},
-                    {"type": "Degraded", "status": "True", "reason": "ReplicasNotInSync",
-                     "message": "vol-a-r3 is not in sync", "lastTransitionTime": since},
-                ],
-            })),
-        )
-        .await
-        .expect("BlockVolume status");
+    create_with_status(
+        &volumes,
+        "BlockVolume",
+        &BlockVolume::new(VOLUME, BlockVolumeSpec::with_size("1Gi")),
+        json!({
+            "phase": "Degraded",
+            "epoch": 3,
+            "primary": "vol-a-r1",
+            "primaryNode": "node-1",
+            "inSyncSet": ["vol-a-r1", "vol-a-r2"],
+            "inSyncSetGeneration": 5,
+            "inSyncCount": 2,
+            "conditions": [
+                {"type": "Ready", "status": "True", "reason": "PrimaryServing",
+                 "message": "serving", "lastTransitionTime": since},
+                {"type": "Degraded", "status": "True", "reason": "ReplicasNotInSync",
+                 "message": "vol-a-r3 is not in sync", "lastTransitionTime": since},
+            ],
+        }),
+    )
+    .await;
     let replicas: Api<BlockReplica> = Api::all(client.clone());
     for (id, node, role, state, flushed) in [
         (
@@ -251,18 +247,8 @@ async fn write_objects(cp: &ControlPlane) {
             ]
             .into(),
         );
-        replicas
-            .create(&PostParams::default(), &r)
-            .await
-            .expect("BlockReplica");
-        replicas
-            .patch_status(
-                id,
-                &PatchParams::default(),
-                &status_patch(json!({"state": state, "epoch": 3, "flushedLsn": flushed})),
-            )
-            .await
-            .expect("BlockReplica status");
+        let status = json!({"state": state, "epoch": 3, "flushedLsn": flushed});
+        create_with_status(&replicas, "BlockReplica", &r, status).await;
     }
     volume_event(
         cp,
@@ -546,15 +532,7 @@ async fn plugin_reads_and_steers_blockvol_objects_on_a_real_api_server() {
         .output()
         .await
         .expect("tar");
-    assert!(
-        listed.status.success(),
-        "{}",
-        String::from_utf8_lossy(&listed.stderr)
-    );
-    let files: Vec<String> = String::from_utf8_lossy(&listed.stdout)
-        .lines()
-        .map(str::to_owned)
-        .collect();
+    let files = testkit::stdout_lines(&listed, "tar -tzf");
     for want in [
         "support/blockvolumes/vol-a.yaml",
         "support/blockreplicas/vol-a-r1.yaml",
@@ -635,56 +613,40 @@ async fn cordon_and_drain_survive_agent_registration(cp: &ControlPlane, plugin: 
     let err = plugin.fails(&["cordon", "no-such-node"]).await;
     assert!(err.contains("BlockNode no-such-node not found"), "{err}");
 
-    let out = plugin.ok(&["cordon", "node-2"]).await;
-    assert!(out.contains("cordoned"), "{out}");
-    register().await;
-    assert_eq!(
-        flags().await,
-        (true, false),
-        "re-registration kept the cordon"
-    );
-    let table = plugin.ok(&["get", "bn"]).await;
-    assert_eq!(row(&table, "node-2")[7], "Cordoned", "{table}");
-
-    let out = plugin.ok(&["drain", "node-2"]).await;
-    assert!(out.contains("draining"), "{out}");
-    register().await;
-    assert_eq!(
-        flags().await,
-        (true, true),
-        "re-registration kept the drain"
-    );
-    let table = plugin.ok(&["get", "bn"]).await;
-    assert_eq!(row(&table, "node-2")[7], "Draining", "{table}");
+    // (command, what it says, (cordoned, evacuate) after a re-registration, the column)
+    for (command, said, kept, column) in [
+        ("cordon", "cordoned", (true, false), "Cordoned"),
+        ("drain", "draining", (true, true), "Draining"),
+    ] {
+        let out = plugin.ok(&[command, "node-2"]).await;
+        assert!(out.contains(said), "{out}");
+        register().await;
+        assert_eq!(flags().await, kept, "re-registration kept the {command}");
+        let table = plugin.ok(&["get", "bn"]).await;
+        assert_eq!(row(&table, "node-2")[7], column, "{table}");
+    }
 
     // The operator's report, then `drain --wait` following it to the end.
-    let evacuation = |left: u32| {
-        json!({"evacuation": {
+    let report_left = |left: u32| {
+        let evacuation = json!({"evacuation": {
             "replicasLeft": left,
             "volumesLeft": if left > 0 { vec![VOLUME] } else { vec![] },
             "complete": left == 0,
-        }})
+        }});
+        let nodes = &nodes;
+        async move {
+            nodes
+                .patch_status("node-2", &PatchParams::default(), &status_patch(evacuation))
+                .await
+                .expect("evacuation status");
+        }
     };
-    nodes
-        .patch_status(
-            "node-2",
-            &PatchParams::default(),
-            &status_patch(evacuation(2)),
-        )
-        .await
-        .expect("evacuation status");
+    report_left(2).await;
     let (mut child, mut lines) = plugin.spawn(&["drain", "node-2", "--wait", "--timeout", "60s"]);
     assert!(next_line(&mut lines).await.contains("draining"));
     let line = next_line(&mut lines).await;
     assert!(line.contains("2 replica(s) left (volumes vol-a)"), "{line}");
-    nodes
-        .patch_status(
-            "node-2",
-            &PatchParams::default(),
-            &status_patch(evacuation(0)),
-        )
-        .await
-        .expect("evacuation status");
+    report_left(0).await;
     let line = next_line(&mut lines).await;
     assert!(line.contains("drained: no replica is left"), "{line}");
     let status = tokio::time::timeout(Duration::from_millis(LINE_TIMEOUT_MS), child.wait())

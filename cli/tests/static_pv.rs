@@ -33,12 +33,7 @@ async fn plugin(cluster: &TestCluster, args: &[&str]) -> String {
         .output()
         .await
         .expect("running kubectl-blockvol");
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    testkit::stdout_of(&out, &format!("kubectl-blockvol {args:?}"))
 }
 
 async fn apply(cluster: &TestCluster, dir: &std::path::Path, name: &str, yaml: &str) {

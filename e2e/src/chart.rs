@@ -37,12 +37,7 @@ pub fn render_chart_with(repo: &Path, extra: &[&str]) -> String {
         .current_dir(repo)
         .output()
         .expect("running helm");
-    assert!(
-        out.status.success(),
-        "helm template: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    testkit::stdout_of(&out, "helm template")
 }
 
 /// The `args:` list of every container whose command is `[binary]`.

@@ -683,24 +683,20 @@ mod tests {
             durable_seq: 5,
             sent_seq: 6,
         };
-        assert_eq!(judge("v", 3, rec, &make_block("v", 512, 3, 5)), Ok(true));
-        assert_eq!(judge("v", 3, rec, &make_block("v", 512, 3, 6)), Ok(true));
+        // Volume v's LBA 3 judged holding the block `volume` wrote at `lba` with `seq`.
+        let found = |volume: &str, lba, seq| judge("v", 3, rec, &make_block(volume, 512, lba, seq));
+        assert_eq!(found("v", 3, 5), Ok(true));
+        assert_eq!(found("v", 3, 6), Ok(true));
         assert!(matches!(
-            judge("v", 3, rec, &make_block("v", 512, 3, 4)),
+            found("v", 3, 4),
             Err(Finding::Stale { found_seq: 4, .. })
         ));
+        assert!(matches!(found("v", 3, 7), Err(Finding::Phantom { .. })));
         assert!(matches!(
-            judge("v", 3, rec, &make_block("v", 512, 3, 7)),
-            Err(Finding::Phantom { .. })
-        ));
-        assert!(matches!(
-            judge("v", 3, rec, &make_block("v", 512, 4, 5)),
+            found("v", 4, 5),
             Err(Finding::Misplaced { found_lba: 4, .. })
         ));
-        assert!(matches!(
-            judge("v", 3, rec, &make_block("w", 512, 3, 5)),
-            Err(Finding::Misplaced { .. })
-        ));
+        assert!(matches!(found("w", 3, 5), Err(Finding::Misplaced { .. })));
         assert!(matches!(
             judge("v", 3, rec, &[0u8; 512]),
             Err(Finding::Missing { durable_seq: 5, .. })

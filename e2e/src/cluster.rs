@@ -80,7 +80,8 @@ where
 }
 
 /// A restartable daemon: the command line is kept so a restart reuses every path/port.
-struct Restartable {
+/// [`AgentProcess`], [`OperatorProcess`] and [`CsiProcess`] dereference to theirs.
+pub struct Restartable {
     name: String,
     program: PathBuf,
     args: Vec<String>,
@@ -116,12 +117,24 @@ impl Restartable {
         Ok(())
     }
 
-    fn pid(&self) -> Option<u32> {
+    pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
     }
 
+    /// SIGKILL, like a crash (processes it spawned, such as attach proxies, are left
+    /// alone).
+    pub fn kill(&mut self) {
+        self.signal_and_reap(libc::SIGKILL);
+    }
+
+    /// Starts it again with the same command line: the same identity, directories,
+    /// sockets and ports (no-op if running).
+    pub fn restart(&mut self) -> Result<()> {
+        self.start()
+    }
+
     /// Whether the process is running (reaps it if it has exited).
-    fn is_running(&mut self) -> bool {
+    pub fn is_running(&mut self) -> bool {
         match self.child.as_mut().map(Child::try_wait) {
             Some(Ok(None)) => true,
             Some(_) => {
@@ -157,7 +170,12 @@ impl Restartable {
         }
     }
 
-    fn log_tail(&self) -> String {
+    /// The file the process logs to.
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+
+    pub fn log_tail(&self) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
         lines[lines.len().saturating_sub(LOG_TAIL_LINES)..].join("\n")
@@ -298,27 +316,9 @@ impl AgentProcess {
         })
     }
 
-    pub fn pid(&self) -> Option<u32> {
-        self.process.pid()
-    }
-
-    pub fn is_running(&mut self) -> bool {
-        self.process.is_running()
-    }
-
-    /// SIGKILL, like a crash of the agent (processes it spawned are left alone).
-    pub fn kill(&mut self) {
-        self.process.signal_and_reap(libc::SIGKILL);
-    }
-
     /// SIGTERM and wait for the agent to exit.
     pub fn terminate(&mut self) {
         self.process.signal_and_reap(libc::SIGTERM);
-    }
-
-    /// Starts the agent again with the same directories and ports (no-op if running).
-    pub fn restart(&mut self) -> Result<()> {
-        self.process.start()
     }
 
     /// The NBD URI of `volume` on this agent's unix socket.
@@ -333,10 +333,6 @@ impl AgentProcess {
             "nbd+unix:///{volume}?socket={}",
             self.nbd_socket.with_file_name("forward.sock").display()
         )
-    }
-
-    pub fn log_tail(&self) -> String {
-        self.process.log_tail()
     }
 }
 
@@ -416,28 +412,6 @@ impl OperatorProcess {
             process,
         })
     }
-
-    pub fn pid(&self) -> Option<u32> {
-        self.process.pid()
-    }
-
-    pub fn is_running(&mut self) -> bool {
-        self.process.is_running()
-    }
-
-    /// SIGKILL, like a crash.
-    pub fn kill(&mut self) {
-        self.process.signal_and_reap(libc::SIGKILL);
-    }
-
-    /// Starts it again with the same identity and settings (no-op if running).
-    pub fn restart(&mut self) -> Result<()> {
-        self.process.start()
-    }
-
-    pub fn log_tail(&self) -> String {
-        self.process.log_tail()
-    }
 }
 
 /// Settings of the CSI driver processes of a [`TestCluster`].
@@ -469,29 +443,26 @@ pub struct CsiProcess {
     process: Restartable,
 }
 
-impl CsiProcess {
-    pub fn pid(&self) -> Option<u32> {
-        self.process.pid()
-    }
+/// Each process handle reaches its daemon's pid, kill, restart and log through
+/// [`Restartable`].
+macro_rules! restartable_handle {
+    ($($t:ty),*) => {$(
+        impl std::ops::Deref for $t {
+            type Target = Restartable;
+            fn deref(&self) -> &Restartable {
+                &self.process
+            }
+        }
 
-    pub fn is_running(&mut self) -> bool {
-        self.process.is_running()
-    }
-
-    /// SIGKILL, like a crash.
-    pub fn kill(&mut self) {
-        self.process.signal_and_reap(libc::SIGKILL);
-    }
-
-    /// Starts it again with the same socket and settings (no-op if running).
-    pub fn restart(&mut self) -> Result<()> {
-        self.process.start()
-    }
-
-    pub fn log_tail(&self) -> String {
-        self.process.log_tail()
-    }
+        impl std::ops::DerefMut for $t {
+            fn deref_mut(&mut self) -> &mut Restartable {
+                &mut self.process
+            }
+        }
+    )*};
 }
+
+restartable_handle!(AgentProcess, OperatorProcess, CsiProcess);
 
 /// Waits until a unix socket accepts connections (the CSI server is up).
 async fn wait_for_socket(socket: &Path, timeout: Duration) -> Result<()> {
@@ -618,6 +589,15 @@ impl TestCluster {
         )?;
         self.agents.push(agent);
         Ok(self.agents.last_mut().expect("just pushed"))
+    }
+
+    /// Creates the Node `node`, starts its agent and waits until every agent registered.
+    pub async fn add_node(&mut self, node: &str, timeout: Duration) -> Result<()> {
+        self.control_plane
+            .create_node(node, &BTreeMap::new())
+            .await?;
+        self.add_agent(node)?;
+        self.wait_registered(timeout).await
     }
 
     /// Starts one more operator process.
@@ -864,6 +844,54 @@ impl TestCluster {
     }
 }
 
+/// Whether the replica `st` names as primary is among `replicas`, in the Primary role
+/// and Serving at the volume's epoch.
+pub fn primary_serving(st: &api::BlockVolumeStatus, replicas: &[BlockReplica]) -> bool {
+    use kube::ResourceExt;
+    let Some(p) = st.primary.as_deref() else {
+        return false;
+    };
+    replicas
+        .iter()
+        .find(|r| r.name_any() == p)
+        .is_some_and(|r| {
+            r.spec.role == api::ReplicaRole::Primary
+                && r.status
+                    .as_ref()
+                    .is_some_and(|s| s.state == api::ReplicaState::Serving && s.epoch == st.epoch)
+        })
+}
+
+/// Whether volume status `st` and its `replicas` show `n` members settled: Ready with all
+/// `n` in sync, the primary Serving at the volume's epoch and seeing every peer InSync
+/// and none unreachable, and every replica at that epoch.
+pub fn all_members_in_sync(
+    st: &api::BlockVolumeStatus,
+    replicas: &[BlockReplica],
+    n: usize,
+) -> bool {
+    use api::{ReplicaRole, ReplicaState};
+    use kube::ResourceExt;
+    let Some(primary) = replicas.iter().find(|r| Some(r.name_any()) == st.primary) else {
+        return false;
+    };
+    let Some(ps) = primary.status.as_ref() else {
+        return false;
+    };
+    st.phase == api::VolumePhase::Ready
+        && st.in_sync_count as usize == n
+        && primary.spec.role == ReplicaRole::Primary
+        && ps.state == ReplicaState::Serving
+        && ps.epoch == st.epoch
+        && ps.unreachable.is_empty()
+        && ps.peers.len() == n - 1
+        && ps.peers.iter().all(|p| p.state == ReplicaState::InSync)
+        && replicas.len() == n
+        && replicas
+            .iter()
+            .all(|r| r.status.as_ref().is_some_and(|s| s.epoch == st.epoch))
+}
+
 impl Drop for TestCluster {
     fn drop(&mut self) {
         self.release_host_resources();
@@ -938,6 +966,99 @@ impl AgentProcess {
 }
 
 impl TestCluster {
+    /// Starts a cluster with `options` and creates the BlockVolume `name` of `size` with
+    /// `replicas` replicas in it (placed on the agents started so far).
+    pub async fn start_with_volume(
+        options: TestClusterOptions,
+        name: &str,
+        size: &str,
+        replicas: u8,
+    ) -> Result<TestCluster> {
+        let cluster = TestCluster::start(options).await?;
+        cluster.create_volume(name, size, replicas).await?;
+        Ok(cluster)
+    }
+
+    /// Creates the BlockVolume `name` of `size` with `replicas` replicas.
+    pub async fn create_volume(&self, name: &str, size: &str, replicas: u8) -> Result<()> {
+        let spec = api::BlockVolumeSpec {
+            replicas,
+            ..api::BlockVolumeSpec::with_size(size)
+        };
+        Api::<BlockVolume>::all(self.client.clone())
+            .create(&PostParams::default(), &BlockVolume::new(name, spec))
+            .await?;
+        Ok(())
+    }
+
+    /// The `reason` of every Event about the object `name` (empty when listing fails).
+    pub async fn event_reasons(&self, name: &str) -> Vec<String> {
+        Api::<k8s_openapi::api::core::v1::Event>::all(self.client.clone())
+            .list(&ListParams::default().fields(&format!("involvedObject.name={name}")))
+            .await
+            .map(|l| l.items.into_iter().filter_map(|e| e.reason).collect())
+            .unwrap_or_default()
+    }
+
+    /// Waits until volume `name` is Ready with at least `in_sync` members in sync at an
+    /// epoch of at least `min_epoch`, its primary Serving at that epoch; returns the
+    /// primary's node and the epoch.
+    pub async fn wait_serving(
+        &self,
+        name: &str,
+        in_sync: u32,
+        min_epoch: u64,
+        timeout: Duration,
+    ) -> Result<(String, u64)> {
+        use api::{ReplicaRole, ReplicaState};
+        wait_for(
+            &format!("volume {name} Ready with {in_sync} in sync and its primary serving"),
+            timeout,
+            || async {
+                let s = self.volume(name).await?.status?;
+                let rs = self.replicas(name).await;
+                let serving = rs.iter().any(|r| {
+                    r.spec.role == ReplicaRole::Primary
+                        && r.status
+                            .as_ref()
+                            .is_some_and(|x| x.state == ReplicaState::Serving && x.epoch == s.epoch)
+                });
+                (s.phase == api::VolumePhase::Ready
+                    && s.in_sync_count >= in_sync
+                    && s.epoch >= min_epoch
+                    && serving)
+                    .then(|| Some((s.primary_node?, s.epoch)))
+                    .flatten()
+            },
+        )
+        .await
+    }
+
+    /// Waits until a member of volume `name` not on `dead_node` was promoted above
+    /// `old_epoch` and serves; returns its node and epoch.
+    pub async fn wait_promoted_away_from(
+        &self,
+        name: &str,
+        dead_node: &str,
+        old_epoch: u64,
+        timeout: Duration,
+    ) -> Result<(String, u64)> {
+        use kube::ResourceExt;
+        wait_for("another member promoted and serving", timeout, || async {
+            let s = self.volume(name).await?.status?;
+            let node = s.primary_node.clone()?;
+            let rs = self.replicas(name).await;
+            let serving = rs.iter().any(|r| {
+                r.name_any() == s.primary.clone().unwrap_or_default()
+                    && r.status.as_ref().is_some_and(|x| {
+                        x.state == api::ReplicaState::Serving && x.epoch == s.epoch
+                    })
+            });
+            (s.epoch > old_epoch && node != dead_node && serving).then_some((node, s.epoch))
+        })
+        .await
+    }
+
     /// Creates the BlockVolume `name` and waits until it is Ready with all `replicas`
     /// in sync.
     pub async fn create_ready_volume(
@@ -947,13 +1068,7 @@ impl TestCluster {
         replicas: u8,
         timeout: Duration,
     ) -> Result<BlockVolume> {
-        let spec = api::BlockVolumeSpec {
-            replicas,
-            ..api::BlockVolumeSpec::with_size(size)
-        };
-        Api::<BlockVolume>::all(self.client.clone())
-            .create(&PostParams::default(), &BlockVolume::new(name, spec))
-            .await?;
+        self.create_volume(name, size, replicas).await?;
         wait_for(
             &format!("volume {name} Ready with {replicas} in sync"),
             timeout,

@@ -15,14 +15,7 @@ pub fn run(program: &str, args: &[&str]) -> Result<String> {
         .args(args)
         .output()
         .map_err(|e| Error::io(format!("starting {program}"), e))?;
-    if !out.status.success() {
-        return Err(Error::Command {
-            command: format!("{program} {}", args.join(" ")),
-            status: out.status.to_string(),
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        });
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    Error::stdout_of(format!("{program} {}", args.join(" ")), &out)
 }
 
 /// Where the FUSE + loop attacher of an agent with data directory `data_dir` keeps

@@ -51,6 +51,19 @@ pub enum Error {
 }
 
 impl Error {
+    /// The stdout of a finished command; [`Error::Command`] with its stderr when it did
+    /// not exit successfully (`command` names it in the error).
+    pub(crate) fn stdout_of(command: String, out: &std::process::Output) -> Result<String> {
+        if !out.status.success() {
+            return Err(Error::Command {
+                command,
+                status: out.status.to_string(),
+                stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+            });
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
     pub(crate) fn io(context: impl Into<String>, source: std::io::Error) -> Self {
         Error::Io {
             context: context.into(),

@@ -142,14 +142,7 @@ impl RealCluster {
             .output()
             .await
             .map_err(|e| Error::io("running ctr", e))?;
-        if !out.status.success() {
-            return Err(Error::Command {
-                command: format!("ctr {}", args.join(" ")),
-                status: out.status.to_string(),
-                stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-            });
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        Error::stdout_of(format!("ctr {}", args.join(" ")), &out)
     }
 
     /// Runs the pinned helm against the cluster, with the repository as the working
@@ -170,14 +163,7 @@ impl RealCluster {
             .output()
             .await
             .map_err(|e| Error::io(format!("running {}", helm.display()), e))?;
-        if !out.status.success() {
-            return Err(Error::Command {
-                command: format!("helm {}", args.join(" ")),
-                status: out.status.to_string(),
-                stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-            });
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        Error::stdout_of(format!("helm {}", args.join(" ")), &out)
     }
 
     /// Takes the cluster down now (`hack/cluster.sh down`); a cluster not started here

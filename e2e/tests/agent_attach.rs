@@ -102,6 +102,41 @@ fn primary<'a>(cluster: &'a mut TestCluster, v: &BlockVolume) -> &'a mut AgentPr
     cluster.agent(&node).expect("primary agent")
 }
 
+/// A volume attached through its primary's agent, with a mount point made for it and a
+/// guard that tears the attachment down when the test ends.
+struct Attached {
+    client: Agent,
+    data_dir: PathBuf,
+    mnt: PathBuf,
+    dev: String,
+    _guard: AttachmentGuard,
+}
+
+async fn attach_on_primary(cluster: &mut TestCluster, v: &BlockVolume, volume: &str) -> Attached {
+    let mnt = cluster.root.path().join("mnt");
+    std::fs::create_dir_all(&mnt).expect("mount point");
+    let p = primary(cluster, v);
+    let data_dir = p.data_dir.clone();
+    let client = agent_client(p);
+    let guard = AttachmentGuard {
+        data_dir: data_dir.clone(),
+        volume: volume.into(),
+        mount_point: mnt.clone(),
+    };
+    let dev = client
+        .attach(volume, false)
+        .await
+        .expect("attach")
+        .device_path;
+    Attached {
+        client,
+        data_dir,
+        mnt,
+        dev,
+        _guard: guard,
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rf3_filesystem_survives_detach_and_reattach_and_delete_frees_replicas() {
     const VOLUME: &str = "vol-fs";
@@ -112,22 +147,13 @@ async fn rf3_filesystem_survives_detach_and_reattach_and_delete_frees_replicas()
         .create_ready_volume(VOLUME, "64Mi", 3, TIMEOUT)
         .await
         .expect("volume Ready");
-    let mnt = cluster.root.path().join("mnt");
-    std::fs::create_dir_all(&mnt).expect("mount point");
-    let p = primary(&mut cluster, &v);
-    let data_dir = p.data_dir.clone();
-    let client = agent_client(p);
-    let _guard = AttachmentGuard {
-        data_dir: data_dir.clone(),
-        volume: VOLUME.into(),
-        mount_point: mnt.clone(),
-    };
-
-    let dev = client
-        .attach(VOLUME, false)
-        .await
-        .expect("attach")
-        .device_path;
+    let Attached {
+        client,
+        data_dir,
+        mnt,
+        dev,
+        _guard,
+    } = attach_on_primary(&mut cluster, &v, VOLUME).await;
     run("mkfs.ext4", &["-q", "-F", &dev]).expect("mkfs.ext4");
     mount(&dev, &mnt);
     let files: Vec<(PathBuf, Vec<u8>)> = (0..6u64)
@@ -214,21 +240,13 @@ async fn attached_device_survives_primary_agent_restarts_and_detaches_cleanly() 
         .await
         .expect("volume Ready");
     let st = v.status.clone().expect("status");
-    let mnt = cluster.root.path().join("mnt");
-    std::fs::create_dir_all(&mnt).expect("mount point");
-    let p = primary(&mut cluster, &v);
-    let data_dir = p.data_dir.clone();
-    let client = agent_client(p);
-    let _guard = AttachmentGuard {
-        data_dir: data_dir.clone(),
-        volume: VOLUME.into(),
-        mount_point: mnt.clone(),
-    };
-    let dev = client
-        .attach(VOLUME, false)
-        .await
-        .expect("attach")
-        .device_path;
+    let Attached {
+        client: _client,
+        data_dir,
+        mnt,
+        dev,
+        _guard,
+    } = attach_on_primary(&mut cluster, &v, VOLUME).await;
     run("mkfs.ext4", &["-q", "-F", &dev, FS_SIZE]).expect("mkfs.ext4");
     mount(&dev, &mnt);
     let proxy = proxies(&data_dir, VOLUME);

@@ -14,29 +14,11 @@ use node_agent::frontend::nbd::client::Connection;
 use node_agent::frontend::nbd::proto::{
     CMD_FLAG_FUA, CMD_FLUSH, CMD_READ, CMD_TRIM, CMD_WRITE, CMD_WRITE_ZEROES,
 };
+use testkit::Paused;
 
 const TIMEOUT: Duration = Duration::from_secs(90);
 const VOLUME: &str = "vol-metrics";
 const OPS: [&str; 5] = ["read", "write", "flush", "trim", "write_zeroes"];
-
-/// Sends SIGCONT to a stopped process when dropped, so a failing test never leaves
-/// the apiserver frozen.
-struct Stopped(u32);
-
-impl Stopped {
-    fn stop(pid: u32) -> Stopped {
-        // SAFETY: kill(2) has no memory-safety preconditions.
-        unsafe { libc::kill(pid as libc::pid_t, libc::SIGSTOP) };
-        Stopped(pid)
-    }
-}
-
-impl Drop for Stopped {
-    fn drop(&mut self) {
-        // SAFETY: as above.
-        unsafe { libc::kill(self.0 as libc::pid_t, libc::SIGCONT) };
-    }
-}
 
 async fn scrape(agent: &AgentProcess) -> Exposition {
     let (code, body) = agent.http_get("/metrics").await.expect("GET /metrics");
@@ -268,12 +250,9 @@ async fn agent_metrics_count_nbd_io_exactly_and_readyz_follows_the_lease() {
     // Readiness follows the Lease: freeze the apiserver so renewals cannot succeed.
     let apiserver = cluster
         .control_plane
-        .daemon_pids()
-        .into_iter()
-        .find(|(name, _)| *name == "kube-apiserver")
-        .map(|(_, pid)| pid)
+        .daemon_pid("kube-apiserver")
         .expect("local apiserver");
-    let frozen = Stopped::stop(apiserver);
+    let frozen = Paused::stop(apiserver);
     let reason = wait_for("/readyz 503 while the Lease is stale", TIMEOUT, || async {
         let (code, body) = primary.http_get("/readyz").await.ok()?;
         (code == 503).then_some(body)

@@ -14,17 +14,19 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use api::{
-    BlockReplica, BlockVolume, BlockVolumeSpec, BlockVolumeStatus, ReplicaRole, ReplicaState,
-    VolumePhase,
+    BlockReplica, BlockVolume, BlockVolumeSpec, BlockVolumeStatus, ReplicaState, VolumePhase,
 };
 use e2e::checker::{Checker, CheckerConfig, Ledger, NbdClient, Target, WriteSummary};
-use e2e::cluster::{AgentOptions, AgentProcess, TestCluster, TestClusterOptions};
+use e2e::cluster::{
+    AgentOptions, AgentProcess, TestCluster, TestClusterOptions, all_members_in_sync,
+    primary_serving,
+};
 use e2e::faultfs::{FaultFs, FaultSwitch};
 use e2e::faults::{LinkShape, LoopFs, PortPartition, ShapedProxy, TcpRelay, env_u64, rules_tagged};
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::api::{Api, PostParams};
 use kube::{Client, ResourceExt};
-use testkit::{SeededRng, Task, Wait};
+use testkit::{Paused, SeededRng, Task, Wait};
 
 const VOLUME: &str = "chaos1";
 const NODES: [&str; 3] = ["n1", "n2", "n3"];
@@ -267,11 +269,7 @@ impl Cluster {
             .arg(&data)
             .output()
             .expect("cp");
-        assert!(
-            out.status.success(),
-            "cp: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        testkit::stdout_of(&out, "cp");
         std::fs::remove_dir_all(&old).expect("removing the old data dir");
         self.small_disks.len() - 1
     }
@@ -289,11 +287,8 @@ impl Cluster {
     }
 
     async fn create_volume(&self) {
-        Api::<BlockVolume>::all(self.client())
-            .create(
-                &PostParams::default(),
-                &BlockVolume::new(VOLUME, BlockVolumeSpec::with_size("32Mi")),
-            )
+        self.tc
+            .create_volume(VOLUME, "32Mi", api::DEFAULT_REPLICAS)
             .await
             .expect("create volume");
     }
@@ -314,22 +309,7 @@ impl Cluster {
             || async {
                 let st = self.volume().await?;
                 let rs = self.replicas().await;
-                let primary = rs.iter().find(|r| Some(r.name_any()) == st.primary)?;
-                let ps = primary.status.as_ref()?;
-                let ok = st.phase == VolumePhase::Ready
-                    && st.in_sync_count == 3
-                    && st.epoch >= min_epoch
-                    && primary.spec.role == ReplicaRole::Primary
-                    && ps.state == ReplicaState::Serving
-                    && ps.epoch == st.epoch
-                    && ps.unreachable.is_empty()
-                    && ps.peers.len() == 2
-                    && ps.peers.iter().all(|p| p.state == ReplicaState::InSync)
-                    && rs.len() == 3
-                    && rs
-                        .iter()
-                        .all(|r| r.status.as_ref().is_some_and(|s| s.epoch == st.epoch));
-                ok.then_some(st)
+                (st.epoch >= min_epoch && all_members_in_sync(&st, &rs, 3)).then_some(st)
             },
         )
         .await
@@ -384,12 +364,7 @@ impl Cluster {
                     return None;
                 }
                 let rs = self.replicas().await;
-                let r = rs.iter().find(|r| r.name_any() == p)?;
-                let serving = r.spec.role == ReplicaRole::Primary
-                    && r.status
-                        .as_ref()
-                        .is_some_and(|s| s.state == ReplicaState::Serving && s.epoch == st.epoch);
-                serving.then_some(st)
+                primary_serving(&st, &rs).then_some(st)
             },
         )
         .await
@@ -1152,26 +1127,6 @@ async fn primary_cut_from_api_server_acks_nothing_after_its_successor_is_promote
     tally.print("partition-primary-apiserver", seed);
 }
 
-/// Stops a daemon with SIGSTOP (an API server that hangs, as in an etcd stall or a
-/// control-plane upgrade gone slow) and lets it go on when dropped.
-struct Paused(u32);
-
-impl Paused {
-    fn new(pid: u32) -> Paused {
-        // SAFETY: kill(2) with a pid of a child process this test started.
-        let rc = unsafe { libc::kill(pid as libc::pid_t, libc::SIGSTOP) };
-        assert_eq!(rc, 0, "SIGSTOP {pid}: {}", std::io::Error::last_os_error());
-        Paused(pid)
-    }
-}
-
-impl Drop for Paused {
-    fn drop(&mut self) {
-        // SAFETY: as above.
-        unsafe { libc::kill(self.0 as libc::pid_t, libc::SIGCONT) };
-    }
-}
-
 /// How long the API-server outage scenario keeps the API server stopped, in seconds
 /// (default 20: more than six Lease durations).
 const OUTAGE_ENV: &str = "BLOCKVOL_OUTAGE_S";
@@ -1211,12 +1166,9 @@ async fn api_server_outage_keeps_io_going_without_a_failover() {
     let before = load_until(&ck, &target, Instant::now() + window, "before the outage").await;
     let apiserver =
         c.tc.control_plane
-            .daemon_pids()
-            .into_iter()
-            .find(|(name, _)| *name == "kube-apiserver")
-            .map(|(_, pid)| pid)
+            .daemon_pid("kube-apiserver")
             .expect("a local kube-apiserver");
-    let paused = Paused::new(apiserver);
+    let paused = Paused::stop(apiserver);
     tally.faults += 1;
     let start = Instant::now();
     let lease = Duration::from_secs(u64::from(AGENT_LEASE_S));
@@ -1273,13 +1225,10 @@ async fn primary_killed_during_an_api_server_outage_fails_over_once_it_is_back()
     let lease = Duration::from_secs(u64::from(AGENT_LEASE_S));
     let apiserver =
         c.tc.control_plane
-            .daemon_pids()
-            .into_iter()
-            .find(|(name, _)| *name == "kube-apiserver")
-            .map(|(_, pid)| pid)
+            .daemon_pid("kube-apiserver")
             .expect("a local kube-apiserver");
     let target = c.target(&old_node);
-    let paused = Paused::new(apiserver);
+    let paused = Paused::stop(apiserver);
     tally.faults += 1;
     // Serving on the member proof after the Lease ran out...
     load_until(

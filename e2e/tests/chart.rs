@@ -45,12 +45,7 @@ async fn helm_in(cp: &ControlPlane, home: &Path, cwd: &Path, args: &[&str]) -> S
         .output()
         .await
         .expect("running helm");
-    assert!(
-        out.status.success(),
-        "helm {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    testkit::stdout_of(&out, &format!("helm {args:?}"))
 }
 
 async fn create_namespace(cp: &ControlPlane) {

@@ -4,7 +4,7 @@
 //! loses no acknowledged-and-flushed write.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::process::Child;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -231,12 +231,7 @@ fn child_process_serves_an_engine_volume() {
     ) else {
         return;
     };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
-    rt.block_on(async move {
+    testkit::runtime(2).block_on(async move {
         let vol: Arc<dyn BlockBackend> = Arc::new(engine_volume(Path::new(&volume)));
         let registry = ExportRegistry::new();
         registry.add(EXPORT, vol).expect("add export");
@@ -255,14 +250,7 @@ struct ChildServer(Child);
 
 impl ChildServer {
     fn start(volume: &Path, socket: &Path) -> Self {
-        let exe = std::env::current_exe().expect("current exe");
-        let child = Command::new(exe)
-            .args([
-                "--exact",
-                "child_process_serves_an_engine_volume",
-                "--nocapture",
-                "--test-threads=1",
-            ])
+        let child = testkit::this_binarys_test("child_process_serves_an_engine_volume")
             .env(CHILD_VOLUME_ENV, volume)
             .env(CHILD_SOCKET_ENV, socket)
             .stdout(std::process::Stdio::null())

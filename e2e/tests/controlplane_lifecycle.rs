@@ -33,6 +33,16 @@ fn assert_all_gone(pids: &[(&str, u32)], dir: &Path) {
     assert!(!dir.exists(), "{} still exists after drop", dir.display());
 }
 
+/// Every daemon in `pids` still runs and the API server answers /readyz with ok.
+async fn assert_running_and_ready(cp: &ControlPlane, pids: &[(&'static str, u32)]) {
+    assert!(pids.iter().all(|(_, pid)| exists(*pid as i32)));
+    let readyz = cp
+        .kubectl(["get", "--raw", "/readyz"])
+        .await
+        .expect("kubectl");
+    assert_eq!(readyz.trim(), "ok");
+}
+
 #[tokio::test]
 async fn full_control_plane_serves_kubectl_nodes_and_controllers_then_cleans_up() {
     let opts = ControlPlaneOptions {
@@ -47,13 +57,7 @@ async fn full_control_plane_serves_kubectl_nodes_and_controllers_then_cleans_up(
         .dir()
         .expect("a local control plane has a dir")
         .to_owned();
-    assert!(pids.iter().all(|(_, pid)| exists(*pid as i32)));
-
-    let readyz = cp
-        .kubectl(["get", "--raw", "/readyz"])
-        .await
-        .expect("kubectl");
-    assert_eq!(readyz.trim(), "ok");
+    assert_running_and_ready(&cp, &pids).await;
     // The admin client is in system:masters and RBAC is on.
     let can = cp
         .kubectl(["auth", "can-i", "create", "nodes"])
@@ -106,12 +110,7 @@ async fn full_control_plane_serves_kubectl_nodes_and_controllers_then_cleans_up(
     let nodes: kube::Api<k8s_openapi::api::core::v1::Node> = kube::Api::all(external.client());
     assert!(nodes.get_opt("worker-1").await.expect("get node").is_some());
     drop(external);
-    assert!(pids.iter().all(|(_, pid)| exists(*pid as i32)));
-    let readyz = cp
-        .kubectl(["get", "--raw", "/readyz"])
-        .await
-        .expect("kubectl");
-    assert_eq!(readyz.trim(), "ok");
+    assert_running_and_ready(&cp, &pids).await;
 
     drop(cp);
     assert_all_gone(&pids, &dir);

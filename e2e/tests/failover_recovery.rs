@@ -19,9 +19,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use api::{BlockReplica, BlockVolumeStatus, ReplicaRole, ReplicaState, VolumePhase};
+use api::{BlockReplica, BlockVolumeStatus};
 use e2e::checker::{NbdClient, Target};
-use e2e::cluster::{AgentProcess, TestCluster, TestClusterOptions, wait_for};
+use e2e::cluster::{
+    AgentProcess, TestCluster, TestClusterOptions, all_members_in_sync, primary_serving, wait_for,
+};
 use e2e::openmetrics::{self, Exposition};
 use kube::ResourceExt;
 
@@ -136,22 +138,7 @@ async fn status(c: &TestCluster) -> Option<BlockVolumeStatus> {
 async fn all_in_sync(c: &TestCluster, epoch: u64) -> Option<BlockVolumeStatus> {
     let st = status(c).await?;
     let rs: Vec<BlockReplica> = c.replicas(VOLUME).await;
-    let primary = rs.iter().find(|r| Some(r.name_any()) == st.primary)?;
-    let ps = primary.status.as_ref()?;
-    let ok = st.phase == VolumePhase::Ready
-        && st.in_sync_count == 3
-        && st.epoch == epoch
-        && primary.spec.role == ReplicaRole::Primary
-        && ps.state == ReplicaState::Serving
-        && ps.epoch == epoch
-        && ps.unreachable.is_empty()
-        && ps.peers.len() == 2
-        && ps.peers.iter().all(|p| p.state == ReplicaState::InSync)
-        && rs.len() == 3
-        && rs
-            .iter()
-            .all(|r| r.status.as_ref().is_some_and(|s| s.epoch == epoch));
-    ok.then_some(st)
+    (st.epoch == epoch && all_members_in_sync(&st, &rs, 3)).then_some(st)
 }
 
 /// A primary other than `old` Serving above `epoch`.
@@ -162,12 +149,7 @@ async fn promoted(c: &TestCluster, old: &str, epoch: u64) -> Option<BlockVolumeS
         return None;
     }
     let rs = c.replicas(VOLUME).await;
-    let r = rs.iter().find(|r| r.name_any() == p)?;
-    let serving = r.spec.role == ReplicaRole::Primary
-        && r.status
-            .as_ref()
-            .is_some_and(|s| s.state == ReplicaState::Serving && s.epoch == st.epoch);
-    serving.then_some(st)
+    primary_serving(&st, &rs).then_some(st)
 }
 
 async fn scrape(agent: &AgentProcess) -> Exposition {

@@ -15,13 +15,12 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use api::{BlockReplica, BlockVolume, BlockVolumeSpec, ReplicaRole, ReplicaState, VolumePhase};
+use api::BlockVolume;
 use csi::agent::Agent;
-use e2e::cluster::{TestCluster, TestClusterOptions, wait_for};
+use e2e::cluster::{TestCluster, TestClusterOptions};
 use e2e::devices::LoopDevice;
 use e2e::devices::{AttachmentGuard, leftovers};
-use kube::ResourceExt;
-use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::api::{Api, Patch, PatchParams};
 
 const VOLUME: &str = "fwd-vol";
 const TIMEOUT: Duration = Duration::from_secs(90);
@@ -61,6 +60,14 @@ impl Mounted {
             run("umount", &[&self.dir.display().to_string()]);
             self.mounted = false;
         }
+    }
+
+    /// Mounts `device` here afresh (what is read then comes from the device, not the
+    /// page cache) and checks every one of `files` reads back.
+    fn remount_and_verify(&mut self, device: &str, files: &BTreeMap<String, Vec<u8>>) {
+        self.unmount();
+        *self = Mounted::mount(device, &self.dir.clone());
+        verify(&self.dir, files);
     }
 }
 
@@ -114,6 +121,26 @@ fn plain_log(log: &Path) -> String {
 
 /// The `forwarding re-routed` events in an agent's log that moved to `new_primary`,
 /// as their `pause_ms` values.
+/// Writes and syncs `n` files from `first` while the primary fails over; prints how
+/// long that took.
+async fn write_across_failover(dir: &Path, first: u64, n: u64) -> BTreeMap<String, Vec<u8>> {
+    let started = std::time::Instant::now();
+    let files = write_files(dir, first, n).await;
+    println!(
+        "writes + sync across the failover took {:?}",
+        started.elapsed()
+    );
+    files
+}
+
+/// The re-route pauses `log` records towards `new_primary`; fails with `failure` when
+/// there is none.
+fn expect_rerouted(log: &Path, new_primary: &str, failure: &str) -> Vec<u64> {
+    let pauses = reroute_pauses(log, new_primary);
+    assert!(!pauses.is_empty(), "{failure}");
+    pauses
+}
+
 fn reroute_pauses(log: &Path, new_primary: &str) -> Vec<u64> {
     plain_log(log)
         .lines()
@@ -141,49 +168,21 @@ async fn volume(c: &TestCluster) -> Option<BlockVolume> {
     c.volume(VOLUME).await
 }
 
-/// Waits until the volume is Ready with both members in sync, and returns the primary's
-/// (replica id, node, epoch).
-async fn ready(c: &TestCluster, min_epoch: u64) -> (String, String, u64) {
-    wait_for(
-        "the RF 2 volume Ready with 2 in-sync members",
-        TIMEOUT,
-        || async {
-            let v = volume(c).await?;
-            let s = v.status?;
-            let rs = c.replicas(VOLUME).await;
-            let serving = rs.iter().any(|r: &BlockReplica| {
-                r.spec.role == ReplicaRole::Primary
-                    && r.status
-                        .as_ref()
-                        .is_some_and(|x| x.state == ReplicaState::Serving && x.epoch == s.epoch)
-            });
-            (s.phase == VolumePhase::Ready
-                && s.in_sync_count == 2
-                && s.epoch >= min_epoch
-                && serving)
-                .then(|| Some((s.primary?, s.primary_node?, s.epoch)))
-                .flatten()
-        },
-    )
-    .await
-    .expect("volume ready")
+/// Waits until the volume is Ready with both members in sync at an epoch of at least
+/// `min_epoch`, and returns the primary's node and epoch.
+async fn ready(c: &TestCluster, min_epoch: u64) -> (String, u64) {
+    c.wait_serving(VOLUME, 2, min_epoch, TIMEOUT)
+        .await
+        .expect("volume ready")
 }
 
 /// Starts two agents and the operator and creates the RF 2 volume (on node-1 and
 /// node-2); returns the cluster, the primary's node and its epoch once Ready.
 async fn two_node_volume() -> (TestCluster, String, u64) {
-    let cluster = TestCluster::start(TestClusterOptions::nodes(2))
+    let cluster = TestCluster::start_with_volume(TestClusterOptions::nodes(2), VOLUME, "64Mi", 2)
         .await
-        .expect("cluster");
-    Api::<BlockVolume>::all(cluster.client.clone())
-        .create(&PostParams::default(), &{
-            let mut spec = BlockVolumeSpec::with_size("64Mi");
-            spec.replicas = 2;
-            BlockVolume::new(VOLUME, spec)
-        })
-        .await
-        .expect("create volume");
-    let (_, node, epoch) = ready(&cluster, 1).await;
+        .expect("cluster with the RF 2 volume");
+    let (node, epoch) = ready(&cluster, 1).await;
     (cluster, node, epoch)
 }
 
@@ -207,26 +206,9 @@ async fn attach(agent: &Agent) -> LoopDevice {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn mounted_forwarded_device_survives_killing_the_primary_agent() {
     // Two agents first, so the RF 2 volume is placed on node-1 and node-2.
-    let mut cluster = TestCluster::start(TestClusterOptions::nodes(2))
-        .await
-        .expect("cluster");
-    Api::<BlockVolume>::all(cluster.client.clone())
-        .create(&PostParams::default(), &{
-            let mut spec = BlockVolumeSpec::with_size("64Mi");
-            spec.replicas = 2;
-            BlockVolume::new(VOLUME, spec)
-        })
-        .await
-        .expect("create volume");
-    let (_, first_node, epoch1) = ready(&cluster, 1).await;
+    let (mut cluster, first_node, epoch1) = two_node_volume().await;
     cluster
-        .control_plane
-        .create_node("node-3", &BTreeMap::new())
-        .await
-        .expect("node-3");
-    cluster.add_agent("node-3").expect("node-3 agent");
-    cluster
-        .wait_registered(TIMEOUT)
+        .add_node("node-3", TIMEOUT)
         .await
         .expect("node-3 registered");
     let nodes: Vec<String> = cluster
@@ -262,28 +244,21 @@ async fn mounted_forwarded_device_survives_killing_the_primary_agent() {
     cluster.agent(&first_node).expect("primary agent").kill();
     // Write and sync right away: the sync is in flight while there is no primary, and
     // completes through the same mounted device once the new primary serves.
-    let started = std::time::Instant::now();
-    files.extend(write_files(&mnt.dir, 16, 8).await);
-    println!(
-        "writes + sync across the failover took {:?}",
-        started.elapsed()
-    );
-    let (_, second_node, epoch2) = ready_without(&cluster, &first_node, epoch1).await;
+    files.extend(write_across_failover(&mnt.dir, 16, 8).await);
+    let (second_node, epoch2) = ready_without(&cluster, &first_node, epoch1).await;
     assert_ne!(second_node, first_node);
     let log3 = cluster
         .agent("node-3")
         .expect("node-3")
-        .dir
-        .join("agent.log");
-    let pauses = reroute_pauses(&log3, &second_node);
-    assert!(
-        !pauses.is_empty(),
-        "node-3 never re-routed its forwarded IO to {second_node}"
+        .log_path()
+        .to_owned();
+    let pauses = expect_rerouted(
+        &log3,
+        &second_node,
+        &format!("node-3 never re-routed its forwarded IO to {second_node}"),
     );
     println!("node-3 re-routed to {second_node}: pause_ms {pauses:?}");
-    mnt.unmount();
-    let mut mnt = Mounted::mount(&device, &mnt.dir.clone());
-    verify(&mnt.dir, &files);
+    mnt.remount_and_verify(&device, &files);
     mnt.unmount();
     node3.detach(VOLUME).await.expect("detach on node-3");
 
@@ -295,7 +270,7 @@ async fn mounted_forwarded_device_survives_killing_the_primary_agent() {
         .expect("old primary agent")
         .restart()
         .expect("restart");
-    let (_, p, _) = ready(&cluster, epoch2).await;
+    let (p, _) = ready(&cluster, epoch2).await;
     assert_eq!(p, second_node, "the restarted node rejoined as a replica");
     let back = agent_of(&mut cluster, &first_node);
     let dev1 = attach(&back).await;
@@ -305,28 +280,21 @@ async fn mounted_forwarded_device_survives_killing_the_primary_agent() {
     files.extend(write_files(&mnt.dir, 24, 8).await);
 
     cluster.agent(&second_node).expect("second primary").kill();
-    let started = std::time::Instant::now();
-    files.extend(write_files(&mnt.dir, 32, 8).await);
-    println!(
-        "writes + sync across the failover took {:?}",
-        started.elapsed()
-    );
-    let (_, third_node, _) = ready_without(&cluster, &second_node, epoch2).await;
+    files.extend(write_across_failover(&mnt.dir, 32, 8).await);
+    let (third_node, _) = ready_without(&cluster, &second_node, epoch2).await;
     assert_eq!(third_node, first_node, "the only other member was promoted");
     let log1 = cluster
         .agent(&first_node)
         .expect("agent")
-        .dir
-        .join("agent.log");
-    let pauses = reroute_pauses(&log1, &first_node);
-    assert!(
-        !pauses.is_empty(),
-        "{first_node} never re-routed its forwarded IO to its own new primary"
+        .log_path()
+        .to_owned();
+    let pauses = expect_rerouted(
+        &log1,
+        &first_node,
+        &format!("{first_node} never re-routed its forwarded IO to its own new primary"),
     );
     println!("{first_node} re-routed to itself: pause_ms {pauses:?}");
-    mnt.unmount();
-    let mut mnt = Mounted::mount(&device, &mnt.dir.clone());
-    verify(&mnt.dir, &files);
+    mnt.remount_and_verify(&device, &files);
     assert_eq!(files.len(), 40);
     mnt.unmount();
     back.detach(VOLUME).await.expect("detach");
@@ -340,23 +308,10 @@ async fn mounted_forwarded_device_survives_killing_the_primary_agent() {
 
 /// Waits until a member other than the one on `dead_node` was promoted at a higher
 /// epoch and serves. (Only one member is left, so in-sync count is 1.)
-async fn ready_without(c: &TestCluster, dead_node: &str, old_epoch: u64) -> (String, String, u64) {
-    wait_for("another member promoted and serving", TIMEOUT, || async {
-        let s = volume(c).await?.status?;
-        let node = s.primary_node.clone()?;
-        let rs = c.replicas(VOLUME).await;
-        let serving = rs.iter().any(|r| {
-            r.name_any() == s.primary.clone().unwrap_or_default()
-                && r.status
-                    .as_ref()
-                    .is_some_and(|x| x.state == ReplicaState::Serving && x.epoch == s.epoch)
-        });
-        (s.epoch > old_epoch && node != dead_node && serving)
-            .then(|| Some((s.primary?, node, s.epoch)))
-            .flatten()
-    })
-    .await
-    .expect("promotion")
+async fn ready_without(c: &TestCluster, dead_node: &str, old_epoch: u64) -> (String, u64) {
+    c.wait_promoted_away_from(VOLUME, dead_node, old_epoch, TIMEOUT)
+        .await
+        .expect("promotion")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -373,8 +328,8 @@ async fn mounted_device_on_the_primary_node_survives_a_planned_move_away() {
     let log = cluster
         .agent(&first_node)
         .expect("agent")
-        .dir
-        .join("agent.log");
+        .log_path()
+        .to_owned();
     let data_dir = cluster.agent(&first_node).expect("agent").data_dir.clone();
     // Tears the attachment down from /proc and /sys if the test fails half-way.
     let _guard = AttachmentGuard {
@@ -408,7 +363,7 @@ async fn mounted_device_on_the_primary_node_survives_a_planned_move_away() {
         .await
         .expect("annotate the move");
     files.extend(write_files(&mnt.dir, 16, 8).await);
-    let (_, moved_to, epoch2) = ready(&cluster, epoch1 + 1).await;
+    let (moved_to, epoch2) = ready(&cluster, epoch1 + 1).await;
     assert_eq!(moved_to, other, "the primary moved to the requested node");
     println!(
         "primary moved {first_node} -> {moved_to} (epoch {epoch1} -> {epoch2}) in {:?}",
@@ -416,10 +371,10 @@ async fn mounted_device_on_the_primary_node_survives_a_planned_move_away() {
     );
     // IO after the move goes through the same mounted device, now over the data port.
     files.extend(write_files(&mnt.dir, 24, 8).await);
-    let pauses = reroute_pauses(&log, &other);
-    assert!(
-        !pauses.is_empty(),
-        "{first_node} never re-routed the device's IO to {other}"
+    let pauses = expect_rerouted(
+        &log,
+        &other,
+        &format!("{first_node} never re-routed the device's IO to {other}"),
     );
     assert!(
         log_has(
@@ -458,21 +413,15 @@ async fn mounted_device_on_the_primary_node_survives_a_planned_move_away() {
 async fn mounted_forwarded_device_survives_restarting_its_agent() {
     let (mut cluster, _, _) = two_node_volume().await;
     cluster
-        .control_plane
-        .create_node("node-3", &BTreeMap::new())
-        .await
-        .expect("node-3");
-    cluster.add_agent("node-3").expect("node-3 agent");
-    cluster
-        .wait_registered(TIMEOUT)
+        .add_node("node-3", TIMEOUT)
         .await
         .expect("node-3 registered");
     let root = cluster.root.path().to_path_buf();
     let log = cluster
         .agent("node-3")
         .expect("agent")
-        .dir
-        .join("agent.log");
+        .log_path()
+        .to_owned();
     let data_dir = cluster.agent("node-3").expect("agent").data_dir.clone();
     let _guard = AttachmentGuard {
         data_dir: data_dir.clone(),

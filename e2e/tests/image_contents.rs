@@ -78,14 +78,8 @@ fn the_daemonless_image_has_every_listed_program_from_the_listed_package() {
         .arg("--tool-files")
         .output()
         .expect("hack/images.sh --tool-files");
-    assert!(
-        out.status.success(),
-        "hack/images.sh --tool-files failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let files: BTreeSet<String> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(str::to_owned)
+    let files: BTreeSet<String> = testkit::stdout_lines(&out, "hack/images.sh --tool-files")
+        .into_iter()
         .collect();
     let tools = image_tools();
     assert!(!tools.is_empty());

@@ -166,11 +166,7 @@ fn fuzz_cases() -> u32 {
 
 #[test]
 fn random_streams_never_break_the_nbd_server() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = testkit::runtime(2);
     let registry = ExportRegistry::new();
     for name in [FUZZ_EXPORT, HEALTH_EXPORT] {
         let b: Arc<dyn BlockBackend> = Arc::new(MemBackend::new(1 << 20, 512).expect("mem"));

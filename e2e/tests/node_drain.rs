@@ -15,12 +15,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use api::{BlockNode, BlockVolume, BlockVolumeSpec, ReplicaRole, ReplicaState, VolumePhase};
+use api::{BlockNode, BlockVolume, ReplicaRole, ReplicaState, VolumePhase};
 use e2e::checker::{Checker, CheckerConfig, Ledger, Target};
 use e2e::cluster::{AgentOptions, TestCluster, TestClusterOptions};
-use k8s_openapi::api::core::v1::Event;
 use kube::ResourceExt;
-use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, Patch, PatchParams};
 
 const VOLUME: &str = "drain1";
 /// Bound on the whole drain on a busy 2-core host.
@@ -51,15 +50,6 @@ async fn draining_the_primarys_node_moves_the_primary_first_losing_nothing() {
     drain_under_load(true).await;
 }
 
-/// Reasons of the Events about the object named `name`.
-async fn event_reasons(tc: &TestCluster, name: &str) -> Vec<String> {
-    Api::<Event>::all(tc.client.clone())
-        .list(&ListParams::default().fields(&format!("involvedObject.name={name}")))
-        .await
-        .map(|l| l.items.into_iter().filter_map(|e| e.reason).collect())
-        .unwrap_or_default()
-}
-
 fn nbd_target(tc: &TestCluster, node: &str) -> Target {
     Target::Unix {
         path: tc
@@ -86,11 +76,7 @@ async fn drain_under_load(drain_primary: bool) {
         .await
         .expect("agents register");
     let client = tc.client.clone();
-    Api::<BlockVolume>::all(client.clone())
-        .create(
-            &PostParams::default(),
-            &BlockVolume::new(VOLUME, BlockVolumeSpec::with_size("32Mi")),
-        )
+    tc.create_volume(VOLUME, "32Mi", api::DEFAULT_REPLICAS)
         .await
         .expect("create volume");
     let desired = 3u32;
@@ -281,7 +267,7 @@ async fn drain_under_load(drain_primary: bool) {
             &format!("Events {want:?} about {object}"),
             Duration::from_millis(READY_TIMEOUT_MS),
             || async {
-                let got = event_reasons(&tc, object).await;
+                let got = tc.event_reasons(object).await;
                 want.iter()
                     .all(|w| got.iter().any(|g| g == w))
                     .then_some(())

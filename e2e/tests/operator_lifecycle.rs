@@ -8,16 +8,14 @@
 
 use std::time::{Duration, Instant};
 
-use api::{
-    BlockVolume, BlockVolumeSpec, BlockVolumeStatus, ReplicaRole, ReplicaState, VolumePhase,
-};
+use api::{BlockVolume, BlockVolumeStatus, ReplicaRole, ReplicaState, VolumePhase};
 use e2e::checker::{NbdClient, Target};
 use e2e::cluster::{AgentProcess, NAMESPACE, TestCluster, TestClusterOptions, wait_for};
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::Event;
 use kube::ResourceExt;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use serde_json::json;
+use testkit::Paused;
 
 const TIMEOUT: Duration = Duration::from_secs(120);
 const VOLUME_BYTES: usize = 32 << 20;
@@ -33,11 +31,7 @@ async fn cluster(nodes: usize, tune: impl FnOnce(&mut TestClusterOptions)) -> Te
 }
 
 async fn create_volume(c: &TestCluster, name: &str, size: &str) {
-    Api::<BlockVolume>::all(c.client.clone())
-        .create(
-            &PostParams::default(),
-            &BlockVolume::new(name, BlockVolumeSpec::with_size(size)),
-        )
+    c.create_volume(name, size, api::DEFAULT_REPLICAS)
         .await
         .expect("create volume");
 }
@@ -149,14 +143,6 @@ fn assert_same(got: &[u8], want: &[u8], what: &str) {
     }
 }
 
-async fn event_reasons(c: &TestCluster, volume: &str) -> Vec<String> {
-    Api::<Event>::all(c.client.clone())
-        .list(&ListParams::default().fields(&format!("involvedObject.name={volume}")))
-        .await
-        .map(|l| l.items.into_iter().filter_map(|e| e.reason).collect())
-        .unwrap_or_default()
-}
-
 /// Planned moves: by the admin's annotation, then by data locality. Each bumps the
 /// epoch by one, the new primary serves every flushed byte, the old primary's export is
 /// gone and it rejoins (three in sync again), and a write through the new primary
@@ -194,7 +180,7 @@ async fn planned_primary_moves_keep_every_flushed_byte() {
         st.epoch,
         started.elapsed().as_millis()
     );
-    let reasons = event_reasons(&c, vol).await;
+    let reasons = c.event_reasons(vol).await;
     for want in ["PrimaryMoveStarted", "PrimaryDemoted", "PrimaryMoved"] {
         assert!(
             reasons.iter().any(|r| r == want),
@@ -259,7 +245,7 @@ async fn planned_primary_moves_keep_every_flushed_byte() {
     )
     .await;
     wait_for("a PrimaryMoveRejected event", TIMEOUT, || async {
-        event_reasons(&c, vol)
+        c.event_reasons(vol)
             .await
             .iter()
             .any(|r| r == "PrimaryMoveRejected")
@@ -388,7 +374,7 @@ async fn lost_replica_is_replaced_and_rebuilt_then_deletion_frees_every_disk() {
         "replica on {victim_node} replaced by one on {spare}, rebuilt and in sync {} ms after its agent died",
         lost_at.elapsed().as_millis()
     );
-    let reasons = event_reasons(&c, vol).await;
+    let reasons = c.event_reasons(vol).await;
     for want in ["ReplicaFailed", "RebuildStarted"] {
         assert!(
             reasons.iter().any(|r| r == want),
@@ -726,7 +712,7 @@ async fn expansion_while_attached_grows_every_replica_and_the_export() {
     })
     .await
     .expect("grown");
-    let reasons = event_reasons(&c, vol).await;
+    let reasons = c.event_reasons(vol).await;
     assert!(reasons.iter().any(|r| r == "Expanded"), "{reasons:?}");
     assert_eq!(
         grpc.expand(vol, grown).await.expect("Expand").size_bytes,
@@ -761,26 +747,6 @@ async fn expansion_while_attached_grows_every_replica_and_the_export() {
         !mounts.contains(&a.dir.display().to_string()),
         "a FUSE mount is left: {mounts}"
     );
-}
-
-/// Sends SIGCONT to a stopped process when dropped, so a failing test never leaves an
-/// agent stopped.
-struct Paused(u32);
-
-impl Paused {
-    fn stop(pid: u32) -> Paused {
-        // SAFETY: plain syscall on a child process of this test.
-        let rc = unsafe { libc::kill(pid as libc::pid_t, libc::SIGSTOP) };
-        assert_eq!(rc, 0, "SIGSTOP {pid}: {}", std::io::Error::last_os_error());
-        Paused(pid)
-    }
-}
-
-impl Drop for Paused {
-    fn drop(&mut self) {
-        // SAFETY: as above.
-        unsafe { libc::kill(self.0 as libc::pid_t, libc::SIGCONT) };
-    }
 }
 
 /// Growing `spec.size` while one replica's agent is paused (SIGSTOP) and cannot apply

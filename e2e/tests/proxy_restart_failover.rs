@@ -14,17 +14,14 @@
 //! must read back as last written: the attach proxy's own replay log is what carries
 //! the writes the dead agent acknowledged to the new primary.
 
-use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::time::{Duration, Instant};
 
-use api::{BlockReplica, BlockVolume, BlockVolumeSpec, ReplicaRole, ReplicaState, VolumePhase};
-use e2e::cluster::{TestCluster, TestClusterOptions, wait_for};
+use e2e::cluster::{TestCluster, TestClusterOptions};
 use e2e::devices::LoopDevice;
 use e2e::devices::{AttachmentGuard, attach_dir, leftovers};
-use kube::ResourceExt;
-use kube::api::{Api, PostParams};
+use testkit::Paused;
 
 const VOLUME: &str = "proxy-restart-vol";
 const TIMEOUT: Duration = Duration::from_secs(90);
@@ -78,25 +75,6 @@ impl Drop for Aligned {
     }
 }
 
-/// Sends SIGCONT to a stopped process when dropped, so a failing test never leaves an
-/// agent stopped.
-struct Paused(u32);
-
-impl Paused {
-    fn stop(pid: u32) -> Paused {
-        // SAFETY: plain syscall on a child process of this test.
-        unsafe { libc::kill(pid as libc::pid_t, libc::SIGSTOP) };
-        Paused(pid)
-    }
-}
-
-impl Drop for Paused {
-    fn drop(&mut self) {
-        // SAFETY: as above.
-        unsafe { libc::kill(self.0 as libc::pid_t, libc::SIGCONT) };
-    }
-}
-
 /// `line` without its terminal colour sequences (`ESC [ ... m`).
 fn without_colours(line: &str) -> String {
     let mut out = String::with_capacity(line.len());
@@ -111,50 +89,19 @@ fn without_colours(line: &str) -> String {
     out
 }
 
-async fn volume(c: &TestCluster) -> Option<BlockVolume> {
-    c.volume(VOLUME).await
-}
-
 /// Waits until the volume is Ready with both members in sync; returns the primary's
 /// node and epoch.
 async fn ready(c: &TestCluster) -> (String, u64) {
-    wait_for(
-        "the RF 2 volume Ready with 2 in-sync members",
-        TIMEOUT,
-        || async {
-            let s = volume(c).await?.status?;
-            let rs = c.replicas(VOLUME).await;
-            let serving = rs.iter().any(|r: &BlockReplica| {
-                r.spec.role == ReplicaRole::Primary
-                    && r.status
-                        .as_ref()
-                        .is_some_and(|x| x.state == ReplicaState::Serving && x.epoch == s.epoch)
-            });
-            (s.phase == VolumePhase::Ready && s.in_sync_count == 2 && serving)
-                .then(|| Some((s.primary_node?, s.epoch)))
-                .flatten()
-        },
-    )
-    .await
-    .expect("volume ready")
+    c.wait_serving(VOLUME, 2, 0, TIMEOUT)
+        .await
+        .expect("volume ready")
 }
 
 /// Waits until a member not on `dead_node` was promoted above `old_epoch` and serves.
 async fn promoted_away_from(c: &TestCluster, dead_node: &str, old_epoch: u64) -> (String, u64) {
-    wait_for("another member promoted and serving", TIMEOUT, || async {
-        let s = volume(c).await?.status?;
-        let node = s.primary_node.clone()?;
-        let rs = c.replicas(VOLUME).await;
-        let serving = rs.iter().any(|r| {
-            r.name_any() == s.primary.clone().unwrap_or_default()
-                && r.status
-                    .as_ref()
-                    .is_some_and(|x| x.state == ReplicaState::Serving && x.epoch == s.epoch)
-        });
-        (s.epoch > old_epoch && node != dead_node && serving).then_some((node, s.epoch))
-    })
-    .await
-    .expect("promotion")
+    c.wait_promoted_away_from(VOLUME, dead_node, old_epoch, TIMEOUT)
+        .await
+        .expect("promotion")
 }
 
 /// Where the device is attached.
@@ -180,17 +127,10 @@ async fn a_flush_after_the_client_nodes_agent_restarted_while_the_primary_failed
 }
 
 async fn flush_after_a_restart_across_a_failover(layout: Client) {
-    let mut cluster = TestCluster::start(TestClusterOptions::nodes(2))
-        .await
-        .expect("cluster");
-    Api::<BlockVolume>::all(cluster.client.clone())
-        .create(&PostParams::default(), &{
-            let mut spec = BlockVolumeSpec::with_size("64Mi");
-            spec.replicas = 2;
-            BlockVolume::new(VOLUME, spec)
-        })
-        .await
-        .expect("create volume");
+    let mut cluster =
+        TestCluster::start_with_volume(TestClusterOptions::nodes(2), VOLUME, "64Mi", 2)
+            .await
+            .expect("cluster with the RF 2 volume");
     let (primary, epoch1) = ready(&cluster).await;
     let other = if primary == "node-1" {
         "node-2"
@@ -201,13 +141,7 @@ async fn flush_after_a_restart_across_a_failover(layout: Client) {
         Client::OnThePrimarysNode => primary.clone(),
         Client::Elsewhere => {
             cluster
-                .control_plane
-                .create_node("node-3", &BTreeMap::new())
-                .await
-                .expect("node-3");
-            cluster.add_agent("node-3").expect("node-3 agent");
-            cluster
-                .wait_registered(TIMEOUT)
+                .add_node("node-3", TIMEOUT)
                 .await
                 .expect("node-3 registered");
             "node-3".to_string()

@@ -10,7 +10,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -128,12 +128,7 @@ fn child_process_runs_a_replication_member() {
     };
     let volume = PathBuf::from(std::env::var(CHILD_VOLUME_ENV).expect("volume env"));
     let ready = PathBuf::from(std::env::var(CHILD_READY_ENV).expect("ready env"));
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
-    rt.block_on(async move {
+    testkit::runtime(2).block_on(async move {
         let vol = open_or_create(&volume);
         let _keep: Box<dyn std::any::Any> = match mode.as_str() {
             "replica" => {
@@ -220,14 +215,7 @@ struct Member(Child);
 
 impl Member {
     fn start(mode: &str, volume: &Path, ready: &Path, peers: &str) -> Self {
-        let exe = std::env::current_exe().expect("current exe");
-        let child = Command::new(exe)
-            .args([
-                "--exact",
-                "child_process_runs_a_replication_member",
-                "--nocapture",
-                "--test-threads=1",
-            ])
+        let child = testkit::this_binarys_test("child_process_runs_a_replication_member")
             .env(CHILD_MODE_ENV, mode)
             .env(CHILD_VOLUME_ENV, volume)
             .env(CHILD_READY_ENV, ready)

@@ -40,6 +40,7 @@
 pub mod error;
 pub mod forward;
 pub mod net;
+mod random;
 pub mod replication;
 pub mod storage;
 pub mod types;

@@ -26,10 +26,7 @@ fn cfg() -> VolumeConfig {
 
 #[test]
 fn power_loss_under_concurrent_writers_and_flusher_keeps_a_log_prefix_with_every_flush() {
-    let rounds: u64 = std::env::var("BLOCKVOL_CONCURRENT_ROUNDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(12);
+    let rounds = env_u64("BLOCKVOL_CONCURRENT_ROUNDS", 12);
     let mut rng = Rng(seed("power_loss_under_concurrent_writers"));
     for round in 0..rounds {
         let disk = SimDisk::new("concurrent");

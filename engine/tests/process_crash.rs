@@ -65,10 +65,7 @@ impl Drop for ChildGuard {
 
 #[test]
 fn acknowledged_flushes_survive_kill_9_at_random_moments() {
-    let rounds: u64 = std::env::var("BLOCKVOL_CRASH_ROUNDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(20);
+    let rounds = env_u64("BLOCKVOL_CRASH_ROUNDS", 20);
     let mut rng = Rng(seed(
         "acknowledged_flushes_survive_kill_9_at_random_moments",
     ));

@@ -2640,14 +2640,8 @@ fn seeds_from_env(default_count: u64) -> Vec<u64> {
     if let Ok(s) = std::env::var("SIM_SEED") {
         return vec![s.parse().expect("SIM_SEED must be a u64")];
     }
-    let count = std::env::var("SIM_SEEDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(default_count);
-    let base = std::env::var("SIM_SEED_BASE")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(1u64);
+    let count = common::env_u64("SIM_SEEDS", default_count);
+    let base = common::env_u64("SIM_SEED_BASE", 1);
     (base..base + count).collect()
 }
 
@@ -2721,10 +2715,7 @@ fn simulation_holds_durability_ordering_and_fencing_invariants() {
 /// How many of the seeds `1..=count` (`SIM_KNOB_SEEDS` overrides `count`) show a
 /// violation that `caught` recognises, printed for the record.
 fn seeds_caught(what: &str, knobs: Knobs, count: u64, caught: fn(&str) -> bool) -> u64 {
-    let count = std::env::var("SIM_KNOB_SEEDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(count);
+    let count = common::env_u64("SIM_KNOB_SEEDS", count);
     let n = (1..=count)
         .filter(|&s| run_seed(s, knobs).violations.iter().any(|v| caught(v)))
         .count() as u64;

@@ -183,6 +183,23 @@ impl VolumeCluster {
         }
     }
 
+    /// Checkpoints the primary (recycling the WAL the flusher may drop), commits the
+    /// in-sync set down to the primary alone, reconnects r0 and asks for its rebuild,
+    /// then lets `ticks` ticks of 20 ms pass.
+    fn rebuild_r0_from_a_checkpoint(&mut self, ticks: usize) {
+        self.pvol.flush().unwrap();
+        self.pvol.checkpoint().unwrap();
+        self.input(Input::InSyncSetCommitted {
+            generation: Generation(2),
+            members: vec![rid("p")],
+        });
+        self.replicas[0].reachable = true;
+        self.input(Input::RebuildRequested(rid("r0")));
+        for _ in 0..ticks {
+            self.tick(20);
+        }
+    }
+
     fn assert_same_content(&self, r: usize, lbas: std::ops::Range<u64>) {
         let rv = self.replicas[r].log.volume();
         for lba in lbas {
@@ -261,17 +278,7 @@ fn volume_replica_is_rebuilt_after_its_wal_was_released() {
         "byte budget did not escalate"
     );
     // Let the flusher recycle what the replica would have needed.
-    c.pvol.flush().unwrap();
-    c.pvol.checkpoint().unwrap();
-    c.input(Input::InSyncSetCommitted {
-        generation: Generation(2),
-        members: vec![rid("p")],
-    });
-    c.replicas[0].reachable = true;
-    c.input(Input::RebuildRequested(rid("r0")));
-    for _ in 0..10 {
-        c.tick(20);
-    }
+    c.rebuild_r0_from_a_checkpoint(10);
     assert_eq!(c.state("r0"), ReplicaState::InSync);
     c.assert_same_content(0, 0..32);
     assert!(
@@ -322,17 +329,7 @@ fn rebuild_ships_only_written_blocks_and_zeroes_the_rest_of_a_stale_replica() {
     rvol.checkpoint().unwrap();
     c.tick(5);
     assert_eq!(c.state("r0"), ReplicaState::NeedsRebuild);
-    c.pvol.flush().unwrap();
-    c.pvol.checkpoint().unwrap();
-    c.input(Input::InSyncSetCommitted {
-        generation: Generation(2),
-        members: vec![rid("p")],
-    });
-    c.replicas[0].reachable = true;
-    c.input(Input::RebuildRequested(rid("r0")));
-    for _ in 0..20 {
-        c.tick(20);
-    }
+    c.rebuild_r0_from_a_checkpoint(20);
     assert_eq!(c.state("r0"), ReplicaState::InSync);
     // Block by block identical, the unwritten ones zeros on both.
     let (mut a, mut b) = (vec![0u8; BS], vec![0u8; BS]);

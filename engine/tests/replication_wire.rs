@@ -2,6 +2,8 @@
 //! refused with an error naming the problem, the decoder never panics on arbitrary bytes, and
 //! no volume message is accepted before authentication.
 
+mod common;
+
 use engine::replication::wire::FORWARD_DATA_BYTES_MAX;
 use engine::replication::wire::{
     Auth, BarrierStatus, ClientAuth, ErrorCode, FRAME_HEADER_BYTES, FrameDecoder, NONCE_BYTES,
@@ -511,10 +513,7 @@ fn entry_with_lsn_zero_is_refused() {
 
 #[test]
 fn decoder_never_panics_on_random_or_mutated_input() {
-    let count: u64 = std::env::var("WIRE_FUZZ_ITERS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(20_000);
+    let count = common::env_u64("WIRE_FUZZ_ITERS", 20_000);
     let mut x: u64 = 0x1234_5678_9abc_def0;
     let mut next = move || {
         x ^= x << 13;

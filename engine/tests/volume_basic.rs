@@ -31,24 +31,20 @@ fn trim_and_write_zeroes_read_as_zeros_also_after_checkpoint() {
     vol.checkpoint().unwrap();
     vol.trim(Lba(1), 2).unwrap();
     vol.write_zeroes(Lba(5), 1).unwrap();
-    for l in 0..8 {
-        let expect = if (1..3).contains(&l) || l == 5 {
-            vec![0u8; BS]
-        } else {
-            block(l + 100)
-        };
-        assert_eq!(read_block(&vol, l), expect, "lba {l} before checkpoint");
-    }
+    let check = |when: &str| {
+        for l in 0..8 {
+            let expect = if (1..3).contains(&l) || l == 5 {
+                vec![0u8; BS]
+            } else {
+                block(l + 100)
+            };
+            assert_eq!(read_block(&vol, l), expect, "lba {l} {when}");
+        }
+    };
+    check("before checkpoint");
     vol.flush().unwrap();
     assert_eq!(vol.checkpoint().unwrap(), vol.head_lsn());
-    for l in 0..8 {
-        let expect = if (1..3).contains(&l) || l == 5 {
-            vec![0u8; BS]
-        } else {
-            block(l + 100)
-        };
-        assert_eq!(read_block(&vol, l), expect, "lba {l} after checkpoint");
-    }
+    check("after checkpoint");
 }
 
 #[test]

@@ -339,6 +339,14 @@ impl ControlPlane {
             .collect()
     }
 
+    /// Process id of the local control plane's daemon `name` (e.g. "kube-apiserver").
+    pub fn daemon_pid(&self, name: &str) -> Option<u32> {
+        self.daemon_pids()
+            .into_iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, pid)| pid)
+    }
+
     /// Runs the pinned kubectl against this cluster and returns its stdout.
     pub async fn kubectl<I, S>(&self, args: I) -> Result<String>
     where

@@ -1,6 +1,7 @@
 //! A daemon child process (etcd, kube-apiserver, ...) in its own process group, logging
 //! to a file. Dropping it kills the whole group and reaps the child, so nothing outlives
-//! the test that started it, also when that test panics.
+//! the test that started it, also when that test panics. And [`Paused`], a process a test
+//! has stopped and that goes on when the test is done with it.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -110,5 +111,26 @@ impl Daemon {
 impl Drop for Daemon {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// A process stopped with SIGSTOP (a daemon that hangs, as in an etcd stall or a node
+/// that stops answering); it gets SIGCONT when dropped, also when the test panics.
+pub struct Paused(u32);
+
+impl Paused {
+    /// Stops `pid`, a child process the test started. Panics when the signal fails.
+    pub fn stop(pid: u32) -> Paused {
+        // SAFETY: kill(2) takes no pointers; it only signals the process `pid`.
+        let rc = unsafe { libc::kill(pid as libc::pid_t, libc::SIGSTOP) };
+        assert_eq!(rc, 0, "SIGSTOP {pid}: {}", std::io::Error::last_os_error());
+        Paused(pid)
+    }
+}
+
+impl Drop for Paused {
+    fn drop(&mut self) {
+        // SAFETY: as above.
+        unsafe { libc::kill(self.0 as libc::pid_t, libc::SIGCONT) };
     }
 }

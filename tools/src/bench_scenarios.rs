@@ -14,7 +14,7 @@ use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use api::{BlockVolume, ReplicaRole, ReplicaState, VolumePhase};
+use api::{BlockVolume, ReplicaState};
 use csi::agent::{Agent, AgentSettings};
 use kube::ResourceExt;
 use kube::api::{Api, DeleteParams};
@@ -100,27 +100,9 @@ pub async fn ready_primary(
     replicas: u32,
     min_epoch: u64,
 ) -> Result<(String, u64)> {
-    Ok(wait_for(
-        &format!("{volume} Ready with {replicas} in sync and its primary serving"),
-        VOLUME_READY_TIMEOUT,
-        || async {
-            let s = cluster.volume(volume).await?.status?;
-            let rs = cluster.replicas(volume).await;
-            let serving = rs.iter().any(|r| {
-                r.spec.role == ReplicaRole::Primary
-                    && r.status
-                        .as_ref()
-                        .is_some_and(|x| x.state == ReplicaState::Serving && x.epoch == s.epoch)
-            });
-            (s.phase == VolumePhase::Ready
-                && s.in_sync_count >= replicas
-                && s.epoch >= min_epoch
-                && serving)
-                .then_some(())?;
-            Some((s.primary_node?, s.epoch))
-        },
-    )
-    .await?)
+    Ok(cluster
+        .wait_serving(volume, replicas, min_epoch, VOLUME_READY_TIMEOUT)
+        .await?)
 }
 
 /// Deletes `volume` and waits until the object is gone (its agents then delete the

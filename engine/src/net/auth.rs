@@ -2,7 +2,6 @@
 //! (HMAC challenge-response, `wire::ClientAuth`/`wire::ServerAuth`) before any other message
 //! is read, within `auth_timeout_ms`.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::net::TcpStream;
@@ -12,24 +11,9 @@ use super::config::NetConfig;
 use super::framing::{FrameReader, NetError, write_msg};
 use crate::replication::wire::{ClientAuth, NONCE_BYTES, ServerAuth};
 
+/// Uniqueness is what matters for a nonce.
 fn nonce() -> [u8; NONCE_BYTES] {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let mut out = [0u8; NONCE_BYTES];
-    let ok = std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut out))
-        .is_ok();
-    if !ok {
-        // Uniqueness is what matters for a nonce; mix time, pid and a counter.
-        let t = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
-        let c = COUNTER.fetch_add(1, Ordering::Relaxed);
-        out[..16].copy_from_slice(&t.to_le_bytes());
-        out[16..24].copy_from_slice(&c.to_le_bytes());
-        out[24..28].copy_from_slice(&std::process::id().to_le_bytes());
-    }
-    out
+    crate::random::unique_bytes()
 }
 
 pub(crate) async fn client_handshake(

@@ -145,19 +145,7 @@ pub fn classify_handshake(
         after: r,
         expect_epoch: h.flushed_epoch,
     });
-    if r == hist.head {
-        return Outcome::ZeroGap { from: r, truncate };
-    }
-    if hist.head.0 - r.0 > catchup_entries_max {
-        return Outcome::NeedsRebuild {
-            reason: "catch-up range exceeds catchup_entries_max",
-        };
-    }
-    Outcome::CatchUp {
-        from: r,
-        target: hist.head,
-        truncate,
-    }
+    resume_from(r, truncate, hist, catchup_entries_max)
 }
 
 /// A replica whose entries at its flushed LSN are older than ours there (typically a
@@ -209,16 +197,28 @@ fn resume_below_divergence(
         after: d,
         expect_epoch,
     });
-    if d == hist.head {
-        return Outcome::ZeroGap { from: d, truncate };
+    resume_from(d, truncate, hist, catchup_entries_max)
+}
+
+/// The outcome for a replica whose log matches ours up to `from` (after dropping what
+/// `truncate` names): nothing to send when `from` is our head, else a catch-up over
+/// (from, head] unless that range exceeds `catchup_entries_max`.
+fn resume_from(
+    from: Lsn,
+    truncate: Option<Truncation>,
+    hist: &RetainedHistory,
+    catchup_entries_max: u64,
+) -> Outcome {
+    if from == hist.head {
+        return Outcome::ZeroGap { from, truncate };
     }
-    if hist.head.0 - d.0 > catchup_entries_max {
+    if hist.head.0 - from.0 > catchup_entries_max {
         return Outcome::NeedsRebuild {
             reason: "catch-up range exceeds catchup_entries_max",
         };
     }
     Outcome::CatchUp {
-        from: d,
+        from,
         target: hist.head,
         truncate,
     }
@@ -332,30 +332,21 @@ pub fn plan_rebuild(
         && checkpoint > Lsn(0)
         && log.retained_start() <= checkpoint.next();
     let target = log.head_lsn();
-    if snapshot_ok {
+    let (base, h, target) = if snapshot_ok {
         let base = log.pin_base(BaseKind::Snapshot)?;
         match pinner.hold_snapshot(replica, base.base_lsn, log.retained_start()) {
-            Ok(h) => {
-                return Ok(RecoveryPlan {
-                    replica: replica.clone(),
-                    session,
-                    kind: PlanKind::Rebuild {
-                        base: base.clone(),
-                        target,
-                    },
-                    holds: vec![h],
-                    base_pin: Some(base),
-                });
-            }
+            Ok(h) => (base, h, target),
             Err(e) => {
                 log.release_base(&base);
                 return Err(e);
             }
         }
-    }
-    let base = log.pin_base(BaseKind::FullBase)?;
-    let h = pinner.hold_full_base(replica);
-    let target = target.max(base.base_lsn);
+    } else {
+        let base = log.pin_base(BaseKind::FullBase)?;
+        let h = pinner.hold_full_base(replica);
+        let target = target.max(base.base_lsn);
+        (base, h, target)
+    };
     Ok(RecoveryPlan {
         replica: replica.clone(),
         session,

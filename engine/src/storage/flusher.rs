@@ -27,7 +27,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use crate::error::Result;
-use crate::storage::dirty_map::{DirtyMap, Source};
+use crate::storage::dirty_map::DirtyMap;
 use crate::storage::volume::{Inner, WalState, lock, read, write};
 use crate::types::{Epoch, Lsn, WalPos};
 
@@ -141,22 +141,8 @@ impl Inner {
                 runs.iter().all(|r| r.lsn <= h),
                 "a cycle copies only entries up to H"
             );
-            let layout = self.layout;
-            let disk = &*self.disk;
-            let copy = || -> std::io::Result<()> {
-                for run in &runs {
-                    let dst = layout.extent_off(run.start);
-                    let len = (run.end - run.start) * layout.bs();
-                    match run.src {
-                        Source::Wal { data_pos } => {
-                            disk.copy_within(layout.wal_phys(data_pos), dst, len)?
-                        }
-                        Source::Zero => disk.write_zeroes(dst, len)?,
-                    }
-                }
-                disk.sync()
-            };
-            if let Err(e) = copy() {
+            let copied = self.write_extent_runs(runs.iter().map(|r| (r.start, r.end, r.src)));
+            if let Err(e) = copied {
                 let err = self.io_err(e);
                 self.gc
                     .poison(format!("flusher failed to write the extent: {err}"));

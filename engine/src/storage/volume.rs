@@ -261,22 +261,6 @@ pub struct BaseImage {
     checkpoint: Lsn,
 }
 
-fn random_uuid() -> [u8; 16] {
-    let mut out = [0u8; 16];
-    let ok = std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut out))
-        .is_ok();
-    if !ok {
-        let t = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
-        let mix = t ^ (u128::from(std::process::id()) << 64);
-        out = mix.to_le_bytes();
-    }
-    out
-}
-
 impl Volume {
     /// Formats `disk` as a new volume and opens it.
     pub fn create(disk: Box<dyn Disk>, opts: CreateOptions, cfg: VolumeConfig) -> Result<Volume> {
@@ -301,7 +285,7 @@ impl Volume {
         let mut sb = Superblock {
             flags: 0,
             seq: 0,
-            uuid: random_uuid(),
+            uuid: crate::random::unique_bytes(),
             volume_size: opts.size_bytes,
             block_size: opts.block_size,
             durability: opts.durability,
@@ -1090,6 +1074,26 @@ impl Inner {
         Error::io(self.disk.describe(), e)
     }
 
+    /// Writes each run `[start, end)` of blocks to the extent from its source (copied
+    /// from the WAL, or zeros), then syncs the disk.
+    pub(crate) fn write_extent_runs(
+        &self,
+        runs: impl IntoIterator<Item = (u64, u64, Source)>,
+    ) -> std::io::Result<()> {
+        let layout = self.layout;
+        for (start, end, src) in runs {
+            let dst = layout.extent_off(start);
+            let len = (end - start) * layout.bs();
+            match src {
+                Source::Wal { data_pos } => {
+                    self.disk.copy_within(layout.wal_phys(data_pos), dst, len)?
+                }
+                Source::Zero => self.disk.write_zeroes(dst, len)?,
+            }
+        }
+        self.disk.sync()
+    }
+
     /// A WAL append's disk write failed (EIO, ENOSPC on a thin device, a dying disk):
     /// fail-stop, like a failed fsync. The disk may have refused this record only, but
     /// a volume that keeps serving on a disk that refuses writes fails every client
@@ -1491,22 +1495,7 @@ impl Inner {
                 fill(at, d.end)?;
             }
         }
-        let layout = self.layout;
-        let disk = &*self.disk;
-        let restore = || -> std::io::Result<()> {
-            for &(start, end, src) in &plan {
-                let dst = layout.extent_off(start);
-                let len = (end - start) * layout.bs();
-                match src {
-                    Source::Wal { data_pos } => {
-                        disk.copy_within(layout.wal_phys(data_pos), dst, len)?
-                    }
-                    Source::Zero => disk.write_zeroes(dst, len)?,
-                }
-            }
-            disk.sync()
-        };
-        if let Err(e) = restore() {
+        if let Err(e) = self.write_extent_runs(plan.iter().copied()) {
             let err = self.io_err(e);
             self.gc.poison(format!(
                 "restoring the extent for a truncation failed: {err}"

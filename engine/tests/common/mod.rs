@@ -38,27 +38,22 @@ pub fn no_history_cfg() -> VolumeConfig {
     }
 }
 
-/// A volume on a SimDisk that keeps no WAL history.
-pub fn sim_volume_without_history(name: &str, blocks: u64, wal: u64) -> (SimDisk, Volume) {
+/// A volume of `blocks` blocks and a `wal`-byte WAL on a fresh SimDisk, with `cfg`.
+pub fn sim_volume_with(name: &str, blocks: u64, wal: u64, cfg: VolumeConfig) -> (SimDisk, Volume) {
     let disk = SimDisk::new(name);
-    let vol = Volume::create(
-        Box::new(disk.clone()),
-        small_opts(blocks, wal),
-        no_history_cfg(),
-    )
-    .expect("create volume");
+    let vol = Volume::create(Box::new(disk.clone()), small_opts(blocks, wal), cfg)
+        .expect("create volume");
     (disk, vol)
 }
 
+/// A volume on a SimDisk that keeps no WAL history.
+pub fn sim_volume_without_history(name: &str, blocks: u64, wal: u64) -> (SimDisk, Volume) {
+    sim_volume_with(name, blocks, wal, no_history_cfg())
+}
+
+/// A volume on a SimDisk whose checkpoints the test decides ([`manual_cfg`]).
 pub fn sim_volume(name: &str, blocks: u64, wal: u64) -> (SimDisk, Volume) {
-    let disk = SimDisk::new(name);
-    let vol = Volume::create(
-        Box::new(disk.clone()),
-        small_opts(blocks, wal),
-        manual_cfg(),
-    )
-    .expect("create volume");
-    (disk, vol)
+    sim_volume_with(name, blocks, wal, manual_cfg())
 }
 
 /// A block filled with a pattern derived from `tag`.
@@ -74,6 +69,15 @@ pub fn read_block(vol: &Volume, lba: u64) -> Vec<u8> {
     let mut b = vec![0u8; BS];
     vol.read(engine::Lba(lba), &mut b).expect("read");
     b
+}
+
+/// The number in environment variable `name`, or `default` when it is unset or not a
+/// number.
+pub fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 /// Seed from BLOCKVOL_TEST_SEED or the clock; printed so a failure can be replayed.

@@ -756,19 +756,7 @@ impl PrimaryCore {
             Outcome::Fenced { replica_epoch } => self.fence(replica_epoch),
             Outcome::NeedsRebuild { reason } => self.escalate(id, reason, log),
             Outcome::ZeroGap { from, truncate } => {
-                if let Some(t) = truncate {
-                    self.send(
-                        conn,
-                        Body::Truncate {
-                            session,
-                            after: t.after,
-                            expect_epoch: t.expect_epoch,
-                        },
-                    );
-                }
-                if let Some(s) = self.senders.get_mut(id) {
-                    s.flushed = trusted_flushed(s.flushed, from, truncate.as_ref());
-                    s.progress_known = true;
+                if let Some(s) = self.resume_at(id, conn, session, from, truncate) {
                     s.live = true;
                 }
                 self.send_barrier(id, self.head);
@@ -799,19 +787,7 @@ impl PrimaryCore {
                         return;
                     }
                 };
-                if let Some(t) = truncate {
-                    self.send(
-                        conn,
-                        Body::Truncate {
-                            session,
-                            after: t.after,
-                            expect_epoch: t.expect_epoch,
-                        },
-                    );
-                }
-                if let Some(s) = self.senders.get_mut(id) {
-                    s.flushed = trusted_flushed(s.flushed, from, truncate.as_ref());
-                    s.progress_known = true;
+                if let Some(s) = self.resume_at(id, conn, session, from, truncate) {
                     s.exec = Some(Exec::CatchUp(exec));
                 }
                 self.set_state(id, ReplicaState::CatchingUp);
@@ -820,25 +796,47 @@ impl PrimaryCore {
         }
     }
 
+    /// Starts a resumed session at `from`: tells the replica to drop what `truncate`
+    /// names, and takes the replica's progress as known from there. Returns the
+    /// replica's sender for the caller to set what follows (live, or a catch-up).
+    fn resume_at(
+        &mut self,
+        id: &ReplicaId,
+        conn: ConnId,
+        session: u64,
+        from: Lsn,
+        truncate: Option<plan::Truncation>,
+    ) -> Option<&mut Sender> {
+        if let Some(t) = truncate {
+            self.send(
+                conn,
+                Body::Truncate {
+                    session,
+                    after: t.after,
+                    expect_epoch: t.expect_epoch,
+                },
+            );
+        }
+        let s = self.senders.get_mut(id)?;
+        s.flushed = trusted_flushed(s.flushed, from, truncate.as_ref());
+        s.progress_known = true;
+        Some(s)
+    }
+
     fn catchup_step(&mut self, id: &ReplicaId, log: &mut dyn ReplicaLog) {
         let batch = self.cfg.catchup_batch_entries;
         let res = match self.senders.get_mut(id).and_then(|s| s.exec.as_mut()) {
             Some(Exec::CatchUp(c)) => c.next_batch(log, batch),
             _ => return,
         };
-        let conn = self.senders.get(id).and_then(|s| s.conn);
-        match (res, conn) {
-            (Ok((bodies, barrier_lsn)), Some(conn)) => {
-                for b in bodies {
-                    self.send_recovery(id, RecoveryKind::CatchUp, conn, b);
-                }
-                self.send_barrier(id, barrier_lsn);
+        match res {
+            Ok((bodies, barrier_lsn)) => {
+                self.send_batch(id, RecoveryKind::CatchUp, bodies, barrier_lsn);
             }
-            (Err(e), _) => {
+            Err(e) => {
                 let reason = format!("catch-up source unavailable: {e}");
                 self.escalate(id, &reason, log);
             }
-            (Ok(_), None) => {}
         }
     }
 
@@ -851,21 +849,34 @@ impl PrimaryCore {
             Some(Exec::Rebuild(r)) => r.next_batch(log, blocks, entries),
             _ => return,
         };
-        let conn = self.senders.get(id).and_then(|s| s.conn);
-        match (res, conn) {
-            (Ok((bodies, barrier_lsn)), Some(conn)) => {
-                for b in bodies {
-                    self.send_recovery(id, RecoveryKind::Rebuild, conn, b);
-                }
-                self.send_barrier(id, barrier_lsn);
+        match res {
+            Ok((bodies, barrier_lsn)) => {
+                self.send_batch(id, RecoveryKind::Rebuild, bodies, barrier_lsn);
             }
-            (Err(e), _) => {
+            Err(e) => {
                 let reason = format!("rebuild source unavailable: {e}");
                 self.invalidate_session(id, &reason, log);
                 self.escalate(id, &reason, log);
             }
-            (Ok(_), None) => {}
         }
+    }
+
+    /// Sends a recovery batch on the replica's connection, then a barrier at
+    /// `barrier_lsn`; nothing while the replica has no connection.
+    fn send_batch(
+        &mut self,
+        id: &ReplicaId,
+        kind: RecoveryKind,
+        bodies: Vec<Body>,
+        barrier_lsn: Lsn,
+    ) {
+        let Some(conn) = self.senders.get(id).and_then(|s| s.conn) else {
+            return;
+        };
+        for b in bodies {
+            self.send_recovery(id, kind, conn, b);
+        }
+        self.send_barrier(id, barrier_lsn);
     }
 
     /// Ends a recovery executor (target reached): ship the live tail past the frozen
