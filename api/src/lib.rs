@@ -11,7 +11,7 @@ pub mod replica;
 pub mod volume;
 
 pub use node::{BlockNode, BlockNodeSpec, BlockNodeStatus, EvacuationStatus};
-pub use quantity::{QuantityError, parse_quantity_bytes};
+pub use quantity::{QuantityError, format_bytes_binary, parse_quantity_bytes};
 pub use replica::{
     BlockReplica, BlockReplicaSpec, BlockReplicaStatus, PeerAssignment, PeerStatus, RebuildStatus,
     ReplicaLag, ReplicaRole, ReplicaState,

@@ -21,11 +21,15 @@ use serde::{Deserialize, Serialize};
     status = "BlockNodeStatus",
     category = "blockvol",
     doc = "One blockvol node agent: where its replicas live and how to reach it (written by the agent); liveness is the agent's Lease, named after the node.",
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Replicas","type":"integer","jsonPath":".status.replicas"}"#,
+    printcolumn = r#"{"name":"Capacity","type":"string","jsonPath":".status.capacity"}"#,
+    printcolumn = r#"{"name":"Free","type":"string","jsonPath":".status.free"}"#,
     printcolumn = r#"{"name":"Cordoned","type":"boolean","jsonPath":".spec.cordoned"}"#,
     printcolumn = r#"{"name":"Evacuate","type":"boolean","jsonPath":".spec.evacuate"}"#,
     printcolumn = r#"{"name":"Left","type":"integer","jsonPath":".status.evacuation.replicasLeft"}"#,
-    printcolumn = r#"{"name":"Capacity","type":"integer","jsonPath":".status.capacityBytes"}"#,
-    printcolumn = r#"{"name":"Allocatable","type":"integer","jsonPath":".status.allocatableBytes"}"#,
+    printcolumn = r#"{"name":"CapacityBytes","type":"integer","jsonPath":".status.capacityBytes","priority":1}"#,
+    printcolumn = r#"{"name":"AllocatableBytes","type":"integer","jsonPath":".status.allocatableBytes","priority":1}"#,
     printcolumn = r#"{"name":"Address","type":"string","jsonPath":".spec.dataAddress","priority":1}"#,
     printcolumn = r#"{"name":"Version","type":"string","jsonPath":".status.agentVersion","priority":1}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
@@ -74,10 +78,22 @@ pub struct BlockNodeStatus {
     /// Capacity not yet promised to replicas.
     #[serde(default)]
     pub allocatable_bytes: u64,
+    /// `capacityBytes` for people, in binary units (`20Gi`, `1.5Ti`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capacity: Option<String>,
+    /// `allocatableBytes` for people, in binary units: the space new replicas can still
+    /// get here (rounded down).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub free: Option<String>,
+    /// Replicas hosted on this node, as the agent counts them.
+    #[serde(default)]
+    pub replicas: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent_version: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub disks: Vec<DiskStatus>,
+    /// `Ready` (the agent is registered, its Lease is renewing and its data directory
+    /// is usable) and `DiskPressure` (little free space left), written by the agent.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
     /// Progress of a drain (`spec.evacuate`), written by the operator only.

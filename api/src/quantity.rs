@@ -1,6 +1,7 @@
 //! Parsing of Kubernetes resource quantities (`1Gi`, `500M`, `1e9`, `4096`) into an
 //! exact byte count. Only quantities that name a whole number of bytes are accepted,
-//! because a volume size that is not an integer has no meaning.
+//! because a volume size that is not an integer has no meaning. And the reverse for
+//! people: a byte count in binary units (`20Gi`, `12.5Gi`), for status and columns.
 
 use thiserror::Error;
 
@@ -91,6 +92,27 @@ pub fn parse_quantity_bytes(input: &str) -> Result<u64, QuantityError> {
     Ok(value as u64)
 }
 
+/// A byte count in binary units for people: the largest unit (Ki to Ei) it reaches, with
+/// at most one decimal, rounded down so free space is never overstated (`20Gi`,
+/// `12.5Gi`, `1023.9Mi`); counts below 1 KiB stay plain bytes (`512`).
+pub fn format_bytes_binary(bytes: u64) -> String {
+    const UNITS: [&str; 6] = ["Ki", "Mi", "Gi", "Ti", "Pi", "Ei"];
+    let Some((power, unit)) = UNITS
+        .iter()
+        .enumerate()
+        .rev()
+        .map(|(i, u)| (10 * (i as u32 + 1), u))
+        .find(|(power, _)| bytes >> power > 0)
+    else {
+        return bytes.to_string();
+    };
+    let tenths = (u128::from(bytes) * 10) >> power;
+    match tenths % 10 {
+        0 => format!("{}{unit}", tenths / 10),
+        d => format!("{}.{d}{unit}", tenths / 10),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -145,6 +167,30 @@ mod tests {
         #[test]
         fn integers_round_trip(n in 0u64..(i64::MAX as u64)) {
             proptest::prop_assert_eq!(parse_quantity_bytes(&n.to_string()), Ok(n));
+        }
+    }
+
+    #[test]
+    fn byte_counts_format_in_binary_units_rounded_down() {
+        for (bytes, want) in [
+            (0, "0"),
+            (512, "512"),
+            (1023, "1023"),
+            (1024, "1Ki"),
+            (1536, "1.5Ki"),
+            (20 << 30, "20Gi"),
+            ((25 << 30) / 2, "12.5Gi"),
+            ((1 << 30) - 1, "1023.9Mi"),
+            ((12 << 30) + (1 << 30) / 20, "12Gi"),
+            ((3 << 40) / 2, "1.5Ti"),
+            (u64::MAX, "15.9Ei"),
+        ] {
+            assert_eq!(format_bytes_binary(bytes), want, "{bytes}");
+        }
+        // What it prints parses back, never above the count it came from.
+        for bytes in [1536, 20 << 30, (25 << 30) / 2, (1 << 40) + 12345] {
+            let text = format_bytes_binary(bytes);
+            assert!(parse_quantity_bytes(&text).unwrap() <= bytes, "{text}");
         }
     }
 }

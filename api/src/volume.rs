@@ -30,6 +30,8 @@ use crate::{BLOCK_SIZES, DEFAULT_BLOCK_SIZE, DEFAULT_REPLICAS, MAX_REPLICAS, MIN
     printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
     printcolumn = r#"{"name":"Primary","type":"string","jsonPath":".status.primaryNode"}"#,
     printcolumn = r#"{"name":"Attached","type":"string","jsonPath":".status.attachedTo"}"#,
+    printcolumn = r#"{"name":"PVC","type":"string","jsonPath":".spec.pvc.name"}"#,
+    printcolumn = r#"{"name":"PVC-Namespace","type":"string","jsonPath":".spec.pvc.namespace","priority":1}"#,
     printcolumn = r#"{"name":"Durability","type":"string","jsonPath":".spec.durability","priority":1}"#,
     printcolumn = r#"{"name":"Epoch","type":"integer","jsonPath":".status.epoch","priority":1}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#

@@ -99,6 +99,8 @@ fn volume_crd_is_cluster_scoped_with_short_name_bv() {
             "Phase",
             "Primary",
             "Attached",
+            "PVC",
+            "PVC-Namespace",
             "Durability",
             "Epoch",
             "Age"
@@ -184,6 +186,8 @@ fn default_columns_show_attachment_and_wide_ones_the_details() {
     let columns = printer_columns(&bv);
     assert!(columns.contains(&("Attached".into(), ".status.attachedTo".into(), 0)));
     assert!(columns.contains(&("Durability".into(), ".spec.durability".into(), 1)));
+    assert!(columns.contains(&("PVC".into(), ".spec.pvc.name".into(), 0)));
+    assert!(columns.contains(&("PVC-Namespace".into(), ".spec.pvc.namespace".into(), 1)));
     let br = serde_json::to_value(<api::BlockReplica as kube::CustomResourceExt>::crd()).unwrap();
     let default: Vec<String> = printer_columns(&br)
         .into_iter()
@@ -214,6 +218,40 @@ fn default_columns_show_attachment_and_wide_ones_the_details() {
             !description.is_empty() && !description.contains("Auto-generated"),
             "{description}"
         );
+    }
+}
+
+/// `kubectl get bn` tells whether each node is usable and how full it is, in units
+/// people read; the raw byte counts stay for `-o wide`.
+#[test]
+fn node_columns_show_readiness_replicas_and_human_space() {
+    let bn = serde_json::to_value(<api::BlockNode as kube::CustomResourceExt>::crd()).unwrap();
+    let columns = printer_columns(&bn);
+    let default: Vec<&str> = columns
+        .iter()
+        .filter(|c| c.2 == 0)
+        .map(|c| c.0.as_str())
+        .collect();
+    assert_eq!(
+        default,
+        [
+            "Ready", "Replicas", "Capacity", "Free", "Cordoned", "Evacuate", "Left", "Age"
+        ]
+    );
+    for want in [
+        (
+            "Ready",
+            r#".status.conditions[?(@.type=="Ready")].status"#,
+            0,
+        ),
+        ("Replicas", ".status.replicas", 0),
+        ("Capacity", ".status.capacity", 0),
+        ("Free", ".status.free", 0),
+        ("CapacityBytes", ".status.capacityBytes", 1),
+        ("AllocatableBytes", ".status.allocatableBytes", 1),
+    ] {
+        let want = (want.0.to_owned(), want.1.to_owned(), want.2);
+        assert!(columns.contains(&want), "{want:?} in {columns:?}");
     }
 }
 

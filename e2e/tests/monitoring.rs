@@ -2,8 +2,8 @@
 //! in hack/monitoring/rules.test.yaml (`promtool test rules` on recorded series), and
 //! every metric the rules and the Grafana dashboard query is one that real agent and
 //! operator processes export, scraped over HTTP with the OpenMetrics content type. Real
-//! agents also set the BlockReplica (Ready, Recovering) and BlockNode (DiskPressure)
-//! conditions.
+//! agents also set the BlockReplica (Ready, Recovering) and BlockNode (Ready,
+//! DiskPressure) conditions, and the BlockNode's replica count and space in binary units.
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
@@ -325,5 +325,40 @@ async fn real_agents_report_replica_and_node_conditions() {
             ["True", "False"].contains(&c.status.as_str()) && !c.reason.is_empty(),
             "{c:?}"
         );
+    }
+    // What `kubectl get bn` shows: each node Ready, hosting one of the two replicas,
+    // with its space in binary units.
+    let shown = e2e::cluster::wait_for(
+        "BlockNodes Ready with one replica each",
+        TIMEOUT,
+        || async {
+            let items = nodes.list(&Default::default()).await.ok()?.items;
+            let rows: Vec<_> = items
+                .iter()
+                .filter_map(|n| {
+                    let s = n.status.as_ref()?;
+                    let ready = s.conditions.iter().find(|c| c.type_ == "Ready")?;
+                    Some((
+                        ready.status.clone(),
+                        ready.reason.clone(),
+                        s.replicas,
+                        s.capacity.clone()?,
+                        s.free.clone()?,
+                        s.capacity_bytes,
+                        s.allocatable_bytes,
+                    ))
+                })
+                .collect();
+            let done = rows.len() == 2 && rows.iter().all(|r| r.0 == "True" && r.2 == 1);
+            done.then_some(rows)
+        },
+    )
+    .await
+    .expect("BlockNode Ready and replica count");
+    for (ready, reason, _, capacity, free, capacity_bytes, allocatable_bytes) in shown {
+        assert_eq!((ready.as_str(), reason.as_str()), ("True", "AgentReady"));
+        assert_eq!(capacity, api::format_bytes_binary(capacity_bytes));
+        assert_eq!(free, api::format_bytes_binary(allocatable_bytes));
+        assert!(capacity.ends_with('i'), "{capacity} is in binary units");
     }
 }

@@ -22,8 +22,8 @@ use crate::frontend::forwarding::{
 use crate::frontend::metered::{NbdMetrics, VolumeClaims};
 use crate::frontend::nbd::{ExportRegistry, NbdServer, ServerConfig};
 use crate::k8s::{
-    AgentContext, LeaseRenewer, LeaseSettings, NodeRegistration, ReplicaSettings, keep_registered,
-    run_replicas, validate_data_address,
+    AgentContext, LeaseRenewer, LeaseSettings, NodeHealth, NodeRegistration, ReplicaSettings,
+    keep_registered, run_replicas, validate_data_address,
 };
 use crate::metrics::{AgentMetrics, Readiness};
 use crate::replicas::{EngineRuntime, EngineSettings};
@@ -366,11 +366,11 @@ fn bind_unix(path: &Path) -> Result<UnixListenerStream> {
 async fn register_once(
     registration: &NodeRegistration,
     client: &Client,
-    ctx: &AgentContext<EngineRuntime>,
+    health: &impl Fn() -> NodeHealth,
     interval_ms: u64,
 ) {
     loop {
-        match registration.apply(client, ctx.promised_bytes()).await {
+        match registration.apply(client, health()).await {
             Ok(_) => return,
             Err(e) => {
                 tracing::warn!(node = %registration.node_name, error = %e, "BlockNode registration failed")
@@ -509,9 +509,9 @@ impl Agent {
         tasks.extend(run_kubernetes_side(
             &settings,
             client,
-            data_dir,
             runtime.clone(),
             registration,
+            lease.clone(),
             readiness,
             claims,
         ));
@@ -759,9 +759,9 @@ fn keep_lease(
 fn run_kubernetes_side(
     settings: &Settings,
     client: Client,
-    data_dir: PathBuf,
     runtime: Arc<EngineRuntime>,
     registration: NodeRegistration,
+    lease: Arc<LeaseRenewer>,
     readiness: Arc<Readiness>,
     claims: VolumeClaims,
 ) -> [tokio::task::JoinHandle<()>; 2] {
@@ -770,7 +770,7 @@ fn run_kubernetes_side(
             client.clone(),
             ReplicaSettings {
                 node_name: settings.node_name.clone(),
-                data_dir,
+                data_dir: registration.data_dir.clone(),
                 status_interval_ms: settings.status_interval_ms,
                 error_retry_ms: 1_000,
             },
@@ -781,11 +781,15 @@ fn run_kubernetes_side(
     let register = {
         let ctx = ctx.clone();
         let interval = settings.registration_interval_ms;
+        let health = move || NodeHealth {
+            promised_bytes: ctx.promised_bytes(),
+            replicas: ctx.replica_count(),
+            lease_renewing: lease.is_fresh(),
+        };
         tokio::spawn(async move {
-            register_once(&registration, &client, &ctx, interval).await;
+            register_once(&registration, &client, &health, interval).await;
             readiness.set_registered();
-            let c = ctx.clone();
-            keep_registered(registration, client, move || c.promised_bytes(), interval).await
+            keep_registered(registration, client, health, interval).await
         })
     };
     let replicas = tokio::spawn(async move { run_replicas(ctx, std::future::pending()).await });

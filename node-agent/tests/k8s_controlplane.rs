@@ -10,7 +10,8 @@ use k8s_openapi::api::coordination::v1::Lease;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use kube::{Client, ResourceExt};
 use node_agent::k8s::{
-    AgentContext, LeaseRenewer, LeaseSettings, NodeRegistration, ReplicaSettings, run_replicas,
+    AgentContext, LeaseRenewer, LeaseSettings, NodeHealth, NodeRegistration, ReplicaSettings,
+    run_replicas,
 };
 use node_agent::replicas::InMemoryRuntime;
 use serde_json::json;
@@ -86,8 +87,27 @@ async fn agent_registers_renews_runs_and_deletes_replicas() {
         topology: [("topology.kubernetes.io/zone".to_string(), "z1".to_string())].into(),
         agent_version: "test".into(),
     };
-    let st = reg.apply(&client, 1 << 20).await.expect("register");
+    let health = NodeHealth {
+        promised_bytes: 1 << 20,
+        replicas: 3,
+        lease_renewing: true,
+    };
+    let st = reg.apply(&client, health).await.expect("register");
     assert!(st.capacity_bytes > 0 && st.allocatable_bytes <= st.capacity_bytes - (1 << 20));
+    assert_eq!(st.replicas, 3);
+    assert_eq!(
+        st.capacity.as_deref(),
+        Some(api::format_bytes_binary(st.capacity_bytes).as_str())
+    );
+    assert_eq!(
+        st.free.as_deref(),
+        Some(api::format_bytes_binary(st.allocatable_bytes).as_str())
+    );
+    let ready = st.conditions.iter().find(|c| c.type_ == "Ready").unwrap();
+    assert_eq!(
+        (ready.status.as_str(), ready.reason.as_str()),
+        ("True", "AgentReady")
+    );
     let node = Api::<BlockNode>::all(client.clone())
         .get("n1")
         .await
@@ -99,7 +119,10 @@ async fn agent_registers_renews_runs_and_deletes_replicas() {
         ..reg.clone()
     };
     assert!(
-        wildcard.apply(&client, 0).await.is_err(),
+        wildcard
+            .apply(&client, NodeHealth::default())
+            .await
+            .is_err(),
         "a wildcard address is refused before any write"
     );
 

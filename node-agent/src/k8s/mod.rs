@@ -11,7 +11,9 @@ pub mod registration;
 pub use lease::{LeaseRenewer, LeaseSettings};
 pub use paths::replica_dir;
 pub use reconciler::{AgentContext, ReplicaSettings, run_replicas};
-pub use registration::{NodeRegistration, disk_usage, keep_registered, validate_data_address};
+pub use registration::{
+    NodeHealth, NodeRegistration, NodeState, disk_usage, keep_registered, validate_data_address,
+};
 
 use crate::replicas::RuntimeError;
 

@@ -75,6 +75,14 @@ impl<R: ReplicaRuntime> AgentContext<R> {
         self.promised.lock().map(|m| m.values().sum()).unwrap_or(0)
     }
 
+    /// Replicas hosted on this node (those assigned and not yet deleted).
+    pub fn replica_count(&self) -> u32 {
+        self.promised
+            .lock()
+            .map(|m| u32::try_from(m.len()).unwrap_or(u32::MAX))
+            .unwrap_or(0)
+    }
+
     fn nodes(&self) -> Option<Store<BlockNode>> {
         self.nodes.lock().ok().and_then(|n| n.clone())
     }

@@ -1,7 +1,10 @@
 //! Registration of this node's `BlockNode`: the data address (canonical `ip:port`,
 //! never a wildcard or `:port`, because peers dial it), the data directory, topology
-//! labels, capacity and allocatable space from statvfs, and the agent version. Its
-//! status carries the `DiskPressure` condition ([`node_conditions`]).
+//! labels, capacity and allocatable space from statvfs (also in binary units for
+//! `kubectl get bn`), the count of hosted replicas, and the agent version. Its status
+//! carries the `Ready` and `DiskPressure` conditions ([`node_conditions`]), whose
+//! transition times move only when their status does, so an idle agent's writes change
+//! nothing.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -69,13 +72,26 @@ pub struct NodeRegistration {
     pub agent_version: String,
 }
 
+/// What the agent knows of itself when it registers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NodeHealth {
+    /// Space already assigned to this node's replicas.
+    pub promised_bytes: u64,
+    /// Replicas hosted on this node.
+    pub replicas: u32,
+    /// The agent's Lease was renewed within its duration and no lapse awaits
+    /// confirmation (see `LeaseRenewer::is_fresh`).
+    pub lease_renewing: bool,
+}
+
 impl NodeRegistration {
-    /// Applies the `BlockNode` spec and status. `promised_bytes` is the space already
-    /// assigned to this node's replicas; allocatable is what is left of the capacity,
-    /// bounded by what the filesystem really has free.
-    pub async fn apply(&self, client: &Client, promised_bytes: u64) -> Result<BlockNodeStatus> {
+    /// Applies the `BlockNode` spec and status. Allocatable is what is left of the
+    /// capacity after `health.promised_bytes`, bounded by what the filesystem really has
+    /// free. When the data directory cannot be measured, the status says so (`Ready`
+    /// False, `DiskUnusable`) and the error is returned.
+    pub async fn apply(&self, client: &Client, health: NodeHealth) -> Result<BlockNodeStatus> {
         validate_data_address(&self.data_address)?;
-        let (capacity, available) = disk_usage(&self.data_dir)?;
+        let usage = disk_usage(&self.data_dir);
         let api: Api<BlockNode> = Api::all(client.clone());
         let pp = PatchParams::apply(api::FIELD_MANAGER_AGENT).force();
         let spec = BlockNodeSpec {
@@ -102,13 +118,25 @@ impl NodeRegistration {
             .await
             .map_err(Error::Kube)?;
         let previous = current.status.map(|s| s.conditions).unwrap_or_default();
+        let (capacity, available) = *usage.as_ref().unwrap_or(&(0, 0));
+        let allocatable = capacity
+            .saturating_sub(health.promised_bytes)
+            .min(available);
+        let disk = usage.as_ref().err().map(|e| e.to_string());
         let status = BlockNodeStatus {
             capacity_bytes: capacity,
-            allocatable_bytes: capacity.saturating_sub(promised_bytes).min(available),
+            allocatable_bytes: allocatable,
+            capacity: Some(api::format_bytes_binary(capacity)),
+            free: Some(api::format_bytes_binary(allocatable)),
+            replicas: health.replicas,
             agent_version: Some(self.agent_version.clone()),
             conditions: node_conditions(
-                capacity,
-                available,
+                &NodeState {
+                    capacity,
+                    available,
+                    disk_error: disk,
+                    lease_renewing: health.lease_renewing,
+                },
                 &previous,
                 k8s_openapi::jiff::Timestamp::now(),
             ),
@@ -122,24 +150,41 @@ impl NodeRegistration {
         api.patch_status(&self.node_name, &pp, &Patch::Apply(&body))
             .await
             .map_err(Error::Kube)?;
+        usage?;
         Ok(status)
     }
 }
 
+/// `BlockNode` condition type: True while the agent is registered, its Lease is
+/// renewing and its data directory's filesystem can be measured.
+pub const READY: &str = "Ready";
 /// `BlockNode` condition type: True while less than [`DISK_PRESSURE_FREE_PERCENT`] of
 /// the data directory's filesystem is free.
 pub const DISK_PRESSURE: &str = "DiskPressure";
 pub const DISK_PRESSURE_FREE_PERCENT: u64 = 10;
 
-/// The conditions of a node whose data directory's filesystem has `capacity` bytes,
-/// `available` of them free. A condition whose status is unchanged keeps its
-/// transition time from `previous`.
+/// What the node's conditions are computed from.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeState {
+    /// Bytes of the data directory's filesystem, and how many of them are free.
+    pub capacity: u64,
+    pub available: u64,
+    /// Why the data directory's filesystem could not be measured, if it could not.
+    pub disk_error: Option<String>,
+    /// The agent's Lease is being renewed.
+    pub lease_renewing: bool,
+}
+
+/// The conditions of a node in `state`: `Ready` and `DiskPressure`. A condition whose
+/// status is unchanged keeps its transition time from `previous`. Messages name no
+/// quantity that moves while the status stays (only `DiskPressure`'s free bytes, which
+/// the space columns carry anyway).
 pub fn node_conditions(
-    capacity: u64,
-    available: u64,
+    state: &NodeState,
     previous: &[Condition],
     now: k8s_openapi::jiff::Timestamp,
 ) -> Vec<Condition> {
+    let (capacity, available) = (state.capacity, state.available);
     let pressure =
         u128::from(available) * 100 < u128::from(capacity) * u128::from(DISK_PRESSURE_FREE_PERCENT);
     let (status, reason) = if pressure {
@@ -147,34 +192,66 @@ pub fn node_conditions(
     } else {
         ("False", "EnoughDiskSpace")
     };
-    let since = previous
-        .iter()
-        .find(|c| c.type_ == DISK_PRESSURE && c.status == status)
-        .map(|c| c.last_transition_time.clone())
-        .unwrap_or(Time(now));
-    vec![Condition {
-        type_: DISK_PRESSURE.to_string(),
-        status: status.to_string(),
-        reason: reason.to_string(),
-        message: format!(
-            "{available} of {capacity} bytes of the data directory's filesystem are free \
-             (pressure below {DISK_PRESSURE_FREE_PERCENT}%)"
+    let (ready, ready_reason, ready_message) = match (&state.disk_error, state.lease_renewing) {
+        (Some(e), _) => (
+            "False",
+            "DiskUnusable",
+            format!("the data directory's filesystem cannot be measured: {e}"),
         ),
-        last_transition_time: since,
-        observed_generation: None,
-    }]
+        (None, false) => (
+            "False",
+            "LeaseNotRenewing",
+            "the agent's Lease is not being renewed (API server unreachable, or a lapse \
+             not yet confirmed); its replicas are fenced and the operator may replace them"
+                .to_string(),
+        ),
+        (None, true) => (
+            "True",
+            "AgentReady",
+            "the agent is registered, its Lease is renewing and its data directory is usable"
+                .to_string(),
+        ),
+    };
+    let since = |type_: &str, status: &str| {
+        previous
+            .iter()
+            .find(|c| c.type_ == type_ && c.status == status)
+            .map(|c| c.last_transition_time.clone())
+            .unwrap_or(Time(now))
+    };
+    vec![
+        Condition {
+            type_: READY.to_string(),
+            status: ready.to_string(),
+            reason: ready_reason.to_string(),
+            message: ready_message,
+            last_transition_time: since(READY, ready),
+            observed_generation: None,
+        },
+        Condition {
+            type_: DISK_PRESSURE.to_string(),
+            status: status.to_string(),
+            reason: reason.to_string(),
+            message: format!(
+                "{available} of {capacity} bytes of the data directory's filesystem are free \
+                 (pressure below {DISK_PRESSURE_FREE_PERCENT}%)"
+            ),
+            last_transition_time: since(DISK_PRESSURE, status),
+            observed_generation: None,
+        },
+    ]
 }
 
-/// Keeps the `BlockNode` current: re-applies it every `interval_ms` with the space
-/// promised to replicas as `promised_bytes()` reports it. Runs until dropped.
+/// Keeps the `BlockNode` current: re-applies it every `interval_ms` with what
+/// `health()` reports. Runs until dropped.
 pub async fn keep_registered(
     registration: NodeRegistration,
     client: Client,
-    promised_bytes: impl Fn() -> u64 + Send,
+    health: impl Fn() -> NodeHealth + Send,
     interval_ms: u64,
 ) {
     loop {
-        if let Err(e) = registration.apply(&client, promised_bytes()).await {
+        if let Err(e) = registration.apply(&client, health()).await {
             tracing::warn!(node = %registration.node_name, error = %e, "BlockNode update failed");
         }
         tokio::time::sleep(std::time::Duration::from_millis(interval_ms)).await;
@@ -212,34 +289,95 @@ mod tests {
         }
     }
 
+    fn healthy(capacity: u64, available: u64) -> NodeState {
+        NodeState {
+            capacity,
+            available,
+            disk_error: None,
+            lease_renewing: true,
+        }
+    }
+
+    fn condition<'a>(conditions: &'a [Condition], type_: &str) -> &'a Condition {
+        conditions.iter().find(|c| c.type_ == type_).unwrap()
+    }
+
     #[test]
     fn disk_pressure_below_ten_percent_free_with_a_stable_transition_time() {
         let t = |s: i64| k8s_openapi::jiff::Timestamp::from_second(1_800_000_000 + s).unwrap();
-        let c0 = node_conditions(1000, 500, &[], t(0));
+        let c0 = node_conditions(&healthy(1000, 500), &[], t(0));
+        let p0 = condition(&c0, DISK_PRESSURE);
         assert_eq!(
-            (
-                c0[0].type_.as_str(),
-                c0[0].status.as_str(),
-                c0[0].reason.as_str()
-            ),
+            (p0.type_.as_str(), p0.status.as_str(), p0.reason.as_str()),
             (DISK_PRESSURE, "False", "EnoughDiskSpace")
         );
-        let at_ten = node_conditions(1000, 100, &c0, t(60));
-        assert_eq!(at_ten[0].status, "False", "10% free is enough");
-        assert_eq!(at_ten[0].last_transition_time, Time(t(0)));
-        let c1 = node_conditions(1000, 99, &c0, t(120));
+        let at_ten = node_conditions(&healthy(1000, 100), &c0, t(60));
+        let at_ten = condition(&at_ten, DISK_PRESSURE);
+        assert_eq!(at_ten.status, "False", "10% free is enough");
+        assert_eq!(at_ten.last_transition_time, Time(t(0)));
+        let c1 = node_conditions(&healthy(1000, 99), &c0, t(120));
+        let p1 = condition(&c1, DISK_PRESSURE);
         assert_eq!(
-            (c1[0].status.as_str(), c1[0].reason.as_str()),
+            (p1.status.as_str(), p1.reason.as_str()),
             ("True", "LowDiskSpace")
         );
-        assert_eq!(c1[0].last_transition_time, Time(t(120)));
-        let c2 = node_conditions(1000, 0, &c1, t(180));
+        assert_eq!(p1.last_transition_time, Time(t(120)));
+        let c2 = node_conditions(&healthy(1000, 0), &c1, t(180));
         assert_eq!(
-            c2[0].last_transition_time,
+            condition(&c2, DISK_PRESSURE).last_transition_time,
             Time(t(120)),
             "still True since 120"
         );
-        assert_eq!(node_conditions(0, 0, &[], t(0))[0].status, "False");
+        assert_eq!(
+            condition(&node_conditions(&healthy(0, 0), &[], t(0)), DISK_PRESSURE).status,
+            "False"
+        );
+    }
+
+    #[test]
+    fn ready_follows_lease_and_disk_and_an_unchanged_state_rewrites_nothing() {
+        let t = |s: i64| k8s_openapi::jiff::Timestamp::from_second(1_800_000_000 + s).unwrap();
+        let starting = NodeState {
+            lease_renewing: false,
+            ..healthy(1000, 500)
+        };
+        let c0 = node_conditions(&starting, &[], t(0));
+        let r0 = condition(&c0, READY);
+        assert_eq!(
+            (r0.status.as_str(), r0.reason.as_str()),
+            ("False", "LeaseNotRenewing")
+        );
+        let c1 = node_conditions(&healthy(1000, 500), &c0, t(30));
+        let r1 = condition(&c1, READY);
+        assert_eq!(
+            (r1.status.as_str(), r1.reason.as_str()),
+            ("True", "AgentReady")
+        );
+        assert_eq!(r1.last_transition_time, Time(t(30)));
+        // The same state a period later: the very same conditions, so the status the
+        // agent applies is unchanged and the write is a no-op.
+        assert_eq!(node_conditions(&healthy(1000, 500), &c1, t(60)), c1);
+        let broken = NodeState {
+            disk_error: Some("EIO".into()),
+            ..Default::default()
+        };
+        let c2 = node_conditions(&broken, &c1, t(90));
+        let r2 = condition(&c2, READY);
+        assert_eq!(
+            (r2.status.as_str(), r2.reason.as_str()),
+            ("False", "DiskUnusable")
+        );
+        assert!(r2.message.contains("EIO"), "{}", r2.message);
+        assert_eq!(r2.last_transition_time, Time(t(90)));
+        // The disk error wins over a lapsed Lease: it is what the admin must fix.
+        let both = NodeState {
+            lease_renewing: false,
+            ..broken
+        };
+        assert_eq!(
+            condition(&node_conditions(&both, &c2, t(120)), READY).reason,
+            "DiskUnusable"
+        );
     }
 
     #[test]
