@@ -332,7 +332,10 @@ mod tests {
         nodes[1].primaries = 2;
         nodes[2].primaries = 3;
         assert_eq!(primary_among("v", &chosen, &nodes).as_deref(), Some("b"));
-        assert_eq!(primary_among("v", &chosen[..1], &nodes).as_deref(), Some("a"));
+        assert_eq!(
+            primary_among("v", &chosen[..1], &nodes).as_deref(),
+            Some("a")
+        );
         // Placed from the same counts (a burst of creations), volumes still spread.
         for n in &mut nodes {
             n.primaries = 0;
@@ -343,7 +346,10 @@ mod tests {
             *per_node.entry(p).or_default() += 1;
         }
         assert_eq!(per_node.len(), 3, "{per_node:?}");
-        assert!(per_node.values().all(|&c| (70..=130).contains(&c)), "{per_node:?}");
+        assert!(
+            per_node.values().all(|&c| (70..=130).contains(&c)),
+            "{per_node:?}"
+        );
     }
 
     fn cordoned(mut n: NodeCandidate) -> NodeCandidate {

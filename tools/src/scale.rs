@@ -272,6 +272,22 @@ pub struct ScaleRows {
 }
 
 impl ScaleRows {
+    /// The keys of one idle map over every row that reached its idle window, each
+    /// once, in order: the table's lines for per-component figures.
+    fn idle_keys<'a, K>(&'a self, keys: impl Fn(&'a IdleCost) -> K) -> Vec<String>
+    where
+        K: Iterator<Item = &'a String>,
+    {
+        self.rows
+            .iter()
+            .filter_map(|r| r.idle.as_ref())
+            .flat_map(keys)
+            .cloned()
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect()
+    }
+
     /// Every target, met or missed: each row's, then the idle API rate of the largest
     /// count against the smallest (it must not grow with the volume count).
     pub fn verdicts(&self) -> Vec<Verdict> {
@@ -373,14 +389,7 @@ impl ScaleRows {
                 None => format!("{} Ready, then stopped", t.ready),
             })
         });
-        let components: Vec<String> = self
-            .rows
-            .iter()
-            .filter_map(|r| r.idle.as_ref())
-            .flat_map(|i| i.cpu_ms_per_s.keys().cloned())
-            .collect::<std::collections::BTreeSet<_>>()
-            .into_iter()
-            .collect();
+        let components = self.idle_keys(|i| i.cpu_ms_per_s.keys());
         for c in &components {
             line(md, &format!("idle CPU ms/s: {c}"), &|r| {
                 r.idle
@@ -394,14 +403,7 @@ impl ScaleRows {
                 .as_ref()
                 .map_or_else(dash, |i| format!("{:.1}", i.judged_cpu_ms_per_s))
         });
-        let nodes: Vec<String> = self
-            .rows
-            .iter()
-            .filter_map(|r| r.idle.as_ref())
-            .flat_map(|i| i.agent_rss_mib.keys().cloned())
-            .collect::<std::collections::BTreeSet<_>>()
-            .into_iter()
-            .collect();
+        let nodes = self.idle_keys(|i| i.agent_rss_mib.keys());
         for n in &nodes {
             line(
                 md,
@@ -429,14 +431,7 @@ impl ScaleRows {
                 .as_ref()
                 .map_or_else(dash, |i| format!("{:.2}", i.api_total_per_s))
         });
-        let requests: Vec<String> = self
-            .rows
-            .iter()
-            .filter_map(|r| r.idle.as_ref())
-            .flat_map(|i| i.api_requests_per_s.keys().cloned())
-            .collect::<std::collections::BTreeSet<_>>()
-            .into_iter()
-            .collect();
+        let requests = self.idle_keys(|i| i.api_requests_per_s.keys());
         for q in &requests {
             line(md, &format!("idle API/s: {q}"), &|r| {
                 r.idle.as_ref().map_or_else(dash, |i| {
