@@ -143,8 +143,14 @@ pub struct LocalState {
 }
 
 impl LocalState {
+    /// The state directory `dir`, made absolute against the current directory: the
+    /// kubelet paths built from it go to the CSI driver, which accepts only absolute
+    /// ones (`--state-dir .local-cluster` works as the README writes it).
     pub fn new(dir: impl Into<PathBuf>) -> Self {
-        LocalState { dir: dir.into() }
+        let dir = dir.into();
+        LocalState {
+            dir: std::path::absolute(&dir).unwrap_or(dir),
+        }
     }
 
     pub fn kubeconfig(&self) -> PathBuf {
@@ -203,5 +209,23 @@ impl LocalState {
             &self.kubelet_dir(node),
             KubeletSettings::default(),
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_relative_state_dir_gives_absolute_kubelet_paths() {
+        let state = LocalState::new(".local-cluster");
+        let kubelet = state.kubelet_dir("node-1");
+        assert!(kubelet.is_absolute(), "{}", kubelet.display());
+        assert!(
+            kubelet.starts_with(std::env::current_dir().unwrap().join(".local-cluster")),
+            "{}",
+            kubelet.display()
+        );
+        assert!(state.csi_socket("node-1").is_absolute());
     }
 }
