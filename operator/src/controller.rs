@@ -228,7 +228,7 @@ fn view<N: Borrow<BlockNode>>(
 pub fn candidates(
     nodes: &[impl Borrow<BlockNode>],
     k8s_nodes: &[impl Borrow<Node>],
-    all_replicas: &[impl Borrow<BlockReplica>],
+    loads: &BTreeMap<String, NodeLoad>,
     leases: &BTreeMap<String, NodeLease>,
     storage_nodes: &StorageNodeSelector,
 ) -> Vec<NodeCandidate> {
@@ -241,23 +241,7 @@ pub fn candidates(
                 .map(Borrow::borrow)
                 .find(|k: &&Node| k.metadata.name.as_deref() == Some(n.spec.node_name.as_str()));
             let name = n.name_any();
-            let primaries = all_replicas
-                .iter()
-                .map(Borrow::borrow)
-                .filter(|r: &&BlockReplica| {
-                    r.spec.node == name
-                        && r.spec.role == api::ReplicaRole::Primary
-                        && r.metadata.deletion_timestamp.is_none()
-                })
-                .count();
-            let pending: u64 = all_replicas
-                .iter()
-                .map(Borrow::borrow)
-                .filter(|r: &&BlockReplica| {
-                    r.spec.node == name && r.status.as_ref().and_then(|s| s.size_bytes).is_none()
-                })
-                .map(|r| r.spec.size_bytes)
-                .sum();
+            let load = loads.get(&name).copied().unwrap_or_default();
             let mut labels = k8s.map(|k| k.labels().clone()).unwrap_or_default();
             labels.extend(n.labels().clone());
             labels.extend(n.spec.topology.clone());
@@ -266,7 +250,7 @@ pub fn candidates(
                 .and_then(|s| s.unschedulable)
                 .unwrap_or(false);
             NodeCandidate {
-                primaries: u32::try_from(primaries).unwrap_or(u32::MAX),
+                primaries: load.primaries,
                 name: name.clone(),
                 cordoned: k8s_cordoned || n.spec.storage_cordoned(),
                 evacuating: n.spec.evacuate,
@@ -277,11 +261,43 @@ pub fn candidates(
                     .as_ref()
                     .map(|s| s.allocatable_bytes)
                     .unwrap_or(0)
-                    .saturating_sub(pending),
+                    .saturating_sub(load.pending_bytes),
                 live: leases.get(&name).is_some_and(|l| l.live),
             }
         })
         .collect()
+}
+
+/// What the replicas assigned to one node add up to, for placement.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NodeLoad {
+    /// Size of the replicas whose agent has not yet accounted for them (no reported
+    /// size): space the node's reported allocatable does not yet subtract.
+    pub pending_bytes: u64,
+    /// Replicas assigned Primary, not being deleted.
+    pub primaries: u32,
+    /// Replicas being built or caught up (see [`counts_as_rebuilding`]).
+    pub rebuilding: u32,
+}
+
+/// [`NodeLoad`] per node, in one pass over every replica.
+pub fn node_loads(all_replicas: &[impl Borrow<BlockReplica>]) -> BTreeMap<String, NodeLoad> {
+    let mut loads: BTreeMap<String, NodeLoad> = BTreeMap::new();
+    for r in all_replicas.iter().map(Borrow::borrow) {
+        let deleting = r.metadata.deletion_timestamp.is_some();
+        let status = r.status.as_ref();
+        let load = loads.entry(r.spec.node.clone()).or_default();
+        if status.and_then(|s| s.size_bytes).is_none() {
+            load.pending_bytes = load.pending_bytes.saturating_add(r.spec.size_bytes);
+        }
+        if r.spec.role == api::ReplicaRole::Primary && !deleting {
+            load.primaries = load.primaries.saturating_add(1);
+        }
+        if counts_as_rebuilding(deleting, status.map(|s| s.state).unwrap_or_default()) {
+            load.rebuilding = load.rebuilding.saturating_add(1);
+        }
+    }
+    loads
 }
 
 fn now_seconds() -> Timestamp {
@@ -817,21 +833,20 @@ async fn prepare_from(
         .iter()
         .map(|r| view(r, &obs.nodes, &obs.leases))
         .collect();
+    let loads = node_loads(&obs.all_replicas);
     let nodes = candidates(
         &obs.nodes,
         &obs.k8s_nodes,
-        &obs.all_replicas,
+        &loads,
         &obs.leases,
         &ctx.settings.storage_node_selector,
     );
     let drain_slot = drain_slot(ctx, name, &obs, &nodes);
-    let mut rebuilding: BTreeMap<String, u32> = BTreeMap::new();
-    for r in &obs.all_replicas {
-        let state = r.status.as_ref().map(|s| s.state).unwrap_or_default();
-        if counts_as_rebuilding(r.metadata.deletion_timestamp.is_some(), state) {
-            *rebuilding.entry(r.spec.node.clone()).or_default() += 1;
-        }
-    }
+    let rebuilding: BTreeMap<String, u32> = loads
+        .iter()
+        .filter(|(_, l)| l.rebuilding > 0)
+        .map(|(node, l)| (node.clone(), l.rebuilding))
+        .collect();
     let p: Plan = plan(
         &Observed {
             name,
@@ -983,15 +998,18 @@ fn drain_slot(ctx: &Context, name: &str, obs: &Observation, nodes: &[NodeCandida
     if evacuating.is_empty() {
         return false;
     }
+    let mut by_volume: BTreeMap<&str, Vec<&BlockReplica>> = BTreeMap::new();
+    for r in &obs.all_replicas {
+        by_volume.entry(r.spec.volume.as_str()).or_default().push(r);
+    }
     let mut holders: std::collections::BTreeSet<String> = obs
         .volumes
         .iter()
         .filter(|v| {
-            let vname = v.name_any();
-            let views: Vec<ReplicaView> = obs
-                .all_replicas
-                .iter()
-                .filter(|r| r.spec.volume == vname)
+            let views: Vec<ReplicaView> = by_volume
+                .get(v.name_any().as_str())
+                .into_iter()
+                .flatten()
                 .map(|r| view(r, &obs.nodes, &obs.leases))
                 .collect();
             let drain_move = v
@@ -1479,6 +1497,54 @@ mod tests {
     }
 
     #[test]
+    fn node_loads_count_unaccounted_bytes_live_primaries_and_rebuilds_per_node() {
+        let replica = |name: &str, node: &str, role, state, size: Option<u64>, deleting| {
+            let mut spec = crate::model::test_support::replica(name, node).spec;
+            spec.role = role;
+            spec.size_bytes = 100;
+            let mut r = BlockReplica::new(name, spec);
+            r.status = Some(api::BlockReplicaStatus {
+                state,
+                size_bytes: size,
+                ..Default::default()
+            });
+            if deleting {
+                r.metadata.deletion_timestamp = Some(
+                    k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(Timestamp::now()),
+                );
+            }
+            r
+        };
+        use api::{ReplicaRole::*, ReplicaState::*};
+        let replicas = [
+            replica("a", "n1", Primary, InSync, Some(100), false),
+            replica("b", "n1", Replica, Rebuilding, None, false),
+            replica("c", "n1", Primary, InSync, None, true),
+            replica("d", "n2", Replica, CatchingUp, Some(100), false),
+            replica("e", "n2", Replica, Pending, None, true),
+        ];
+        let loads = node_loads(&replicas);
+        let load = |n: &str| loads.get(n).copied().unwrap_or_default();
+        assert_eq!(
+            load("n1"),
+            NodeLoad {
+                pending_bytes: 200,
+                primaries: 1,
+                rebuilding: 1
+            }
+        );
+        assert_eq!(
+            load("n2"),
+            NodeLoad {
+                pending_bytes: 100,
+                primaries: 0,
+                rebuilding: 1
+            }
+        );
+        assert_eq!(load("n3"), NodeLoad::default());
+    }
+
+    #[test]
     fn a_node_report_of_free_space_only_concerns_volumes_still_being_placed() {
         let base = block_node("n1", false, false);
         let facts = NodeFacts::of(&base);
@@ -1696,7 +1762,7 @@ mod tests {
             })
             .collect();
         let sel: StorageNodeSelector = "!node-role.kubernetes.io/control-plane".parse().unwrap();
-        let c = candidates(&bns, &nodes, &[] as &[BlockReplica], &leases, &sel);
+        let c = candidates(&bns, &nodes, &BTreeMap::new(), &leases, &sel);
         let get = |n: &str| c.iter().find(|c| c.name == n).unwrap();
         let flags = |n: &str| {
             let c = get(n);
